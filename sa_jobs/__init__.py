@@ -1,0 +1,59 @@
+"""sa-jobs: durable background jobs on PostgreSQL, as SQLAlchemy mapped models.
+
+Declare a kind, enqueue it in your own transaction, run a worker::
+
+    class SendReceipt(Job, kind="send_receipt", queue="emails"):
+        pass
+
+    @SendReceipt.handler
+    async def send_receipt(ctx: JobContext, order_id: int) -> None: ...
+
+    with Session(engine) as session, session.begin():
+        session.add(SendReceipt(order_id=42))
+"""
+
+from .admin import retry, retry_many
+from .enqueue import enqueue_many
+from .errors import (
+    ConfigurationError,
+    Discard,
+    InvalidArgsError,
+    InvalidIdentifierError,
+    JobNotFoundError,
+    LeaseLostError,
+    SaJobsError,
+    SchemaVersionError,
+    UnknownKindError,
+)
+from .model import Job, KindOptions, registered_kinds
+from .retry import constant_backoff, exponential_backoff
+from .schema import install
+from .states import JobState
+from .worker import JobContext, Worker, WorkerObserver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "Discard",
+    "InvalidArgsError",
+    "InvalidIdentifierError",
+    "Job",
+    "JobContext",
+    "JobNotFoundError",
+    "JobState",
+    "KindOptions",
+    "LeaseLostError",
+    "SaJobsError",
+    "SchemaVersionError",
+    "UnknownKindError",
+    "Worker",
+    "WorkerObserver",
+    "constant_backoff",
+    "enqueue_many",
+    "exponential_backoff",
+    "install",
+    "registered_kinds",
+    "retry",
+    "retry_many",
+]

@@ -1,0 +1,56 @@
+"""Database URL handling: one place turns what users pass into what each driver needs."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigurationError
+
+ENV_VAR = "SA_JOBS_DATABASE_URL"
+_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg_async")
+
+
+def _parse(target: object):
+    from sqlalchemy.engine import URL, Engine, make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if isinstance(target, Engine):
+        return target.url
+    if hasattr(target, "sync_engine"):  # AsyncEngine
+        return target.sync_engine.url  # type: ignore[attr-defined]
+    if isinstance(target, URL):
+        return target
+    if not isinstance(target, str) or not target.strip():
+        raise ConfigurationError(f"expected a PostgreSQL URL, an Engine or an AsyncEngine, got {target!r}")
+    try:
+        url = make_url(target.strip())
+    except ArgumentError as exc:
+        raise ConfigurationError(f"not a database URL: {target!r} ({exc})") from None
+    return url
+
+
+def sqlalchemy_url(target: object, *, async_: bool = False) -> str:
+    """The URL for ``create_engine``/``create_async_engine`` with the psycopg 3 driver."""
+    url = _parse(target)
+    if url.drivername not in _POSTGRES_SCHEMES:
+        raise ConfigurationError(
+            f"sa-jobs needs PostgreSQL through psycopg 3; got a {url.drivername!r} URL"
+            " (use postgresql:// or postgresql+psycopg://)"
+        )
+    url = url.set(drivername="postgresql+psycopg_async" if async_ else "postgresql+psycopg")
+    return url.render_as_string(hide_password=False)
+
+
+def to_conninfo(target: object) -> str:
+    """A libpq connection string for raw psycopg connections (the worker's hot path)."""
+    url = _parse(target)
+    if url.drivername not in _POSTGRES_SCHEMES:
+        raise ConfigurationError(
+            f"sa-jobs needs PostgreSQL; got a {url.drivername!r} URL (use postgresql://)"
+        )
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def database_url_from_env() -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip()
+    return value or None

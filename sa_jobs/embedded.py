@@ -1,0 +1,32 @@
+"""The zero-setup default: a real PostgreSQL started from the ``pgserver`` wheel.
+
+Used by ``sa-jobs demo`` and the test-suite when no database URL is given. The server
+listens on a Unix socket inside its data directory's runtime path, never on a TCP port.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigurationError
+
+
+def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "stop") -> str:
+    """Start (or reuse) an embedded server and return its SQLAlchemy/libpq URL.
+
+    ``cleanup`` is ``"stop"`` (stop at interpreter exit), ``"delete"`` (stop and remove the
+    data directory) or ``"none"`` (leave it running).
+    """
+    try:
+        import pgserver
+    except ImportError:  # pragma: no cover - depends on the extra being installed
+        raise ConfigurationError(
+            "no database URL was given and the embedded server is not installed:"
+            " pip install 'sa-jobs[embedded]' or set SA_JOBS_DATABASE_URL"
+        ) from None
+    path = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="sa_jobs_pg_"))
+    path.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(path, cleanup_mode=None if cleanup == "none" else cleanup)
+    return server.get_uri()

@@ -1,0 +1,50 @@
+"""Typed errors, rooted at :class:`SaJobsError`, plus control-flow signals for handlers."""
+
+from __future__ import annotations
+
+
+class SaJobsError(Exception):
+    """Root of every error sa-jobs raises."""
+
+
+class ConfigurationError(SaJobsError, ValueError):
+    """Bad option, URL, schema or queue name, given by the caller."""
+
+
+class InvalidIdentifierError(ConfigurationError):
+    """A name that would reach SQL (schema, queue, kind, channel) is not acceptable."""
+
+
+class InvalidArgsError(SaJobsError, TypeError):
+    """Job args are not plain JSON (or exceed the size cap). Raised at construction."""
+
+
+class UnknownKindError(SaJobsError, LookupError):
+    """No handler is registered for a job kind."""
+
+
+class SchemaVersionError(SaJobsError):
+    """The installed queue schema is older or newer than this sa-jobs needs."""
+
+
+class JobNotFoundError(SaJobsError, LookupError):
+    """No job row has the given id (or it is not in a state the operation accepts)."""
+
+
+class LeaseLostError(SaJobsError):
+    """This worker no longer holds the job: its lease expired and it may run elsewhere.
+
+    Raised inside a handler's transactional session at commit, and the reason a
+    handler's cancel scope is cancelled when heartbeats fail for longer than the lease.
+    """
+
+
+# ---- control flow a handler may raise -------------------------------------------
+
+
+class JobControl(SaJobsError):
+    """Base for signals a handler raises to steer its job rather than report a bug."""
+
+
+class Discard(JobControl):
+    """Fail the job permanently: it goes to ``dead`` without further attempts."""

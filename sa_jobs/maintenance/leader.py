@@ -1,0 +1,73 @@
+"""Leader election by a session advisory lock, and the loop that runs maintenance on it.
+
+The lock lives as long as the maintainer's connection: a leader that dies or is cut off
+loses it with its backend, and the next worker to try takes over within one interval.
+Maintenance grows by adding a :class:`MaintenanceService`, not by editing this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol, Sequence
+
+import anyio
+
+from ..queries import Queries
+from ..worker._connection import TRANSIENT_ERRORS, ManagedConnection
+from ..worker.events import WorkerObserver
+
+log = logging.getLogger("sa_jobs.maintenance")
+
+
+class MaintenanceService(Protocol):
+    name: str
+
+    async def run_once(self, conn: Any, queries: Queries) -> None: ...
+
+
+class Maintainer:
+    def __init__(
+        self,
+        conninfo: str,
+        queries: Queries,
+        observer: WorkerObserver,
+        services: Sequence[MaintenanceService],
+        *,
+        interval: float = 1.0,
+    ) -> None:
+        self._conn = ManagedConnection(conninfo, "maintainer")
+        self._q = queries
+        self._observer = observer
+        self._services = services
+        self._interval = interval
+        self.is_leader = False
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self.tick()
+                await anyio.sleep(self._interval)
+        finally:
+            self._set_leader(False)
+            await self._conn.close()
+
+    async def tick(self) -> None:
+        try:
+            conn = await self._conn.get()
+            if not self.is_leader:
+                cur = await conn.execute(self._q.try_leader_lock)
+                self._set_leader(bool((await cur.fetchone())[0]))
+            if self.is_leader:
+                for service in self._services:
+                    await service.run_once(conn, self._q)
+        except TRANSIENT_ERRORS as exc:
+            self._observer.loop_error("maintenance")
+            log.warning("maintenance failed (%s); leadership dropped until reconnected", exc)
+            self._set_leader(False)
+            await self._conn.discard()
+
+    def _set_leader(self, value: bool) -> None:
+        if value != self.is_leader:
+            log.info("this worker is %s the leader", "now" if value else "no longer")
+        self.is_leader = value
+        self._observer.leader(value)

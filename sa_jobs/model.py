@@ -1,0 +1,238 @@
+"""The mapped ``Job`` class: every job kind is a single-table-inheritance subclass.
+
+A kind is declared once, with its defaults as class keywords::
+
+    class SendReceipt(Job, kind="send_receipt", queue="emails", max_attempts=5):
+        pass
+
+    @SendReceipt.handler
+    async def send_receipt(ctx: JobContext, order_id: int) -> None: ...
+
+``SendReceipt(order_id=7)`` is a row for the caller's own ``session.add()``; it commits or
+rolls back with the business rows of that transaction, and ``select(SendReceipt)`` reads
+the kind's history.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
+
+from sqlalchemy import BigInteger, DateTime, Identity, Integer, SmallInteger, Text, func, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from . import _validate
+from .errors import ConfigurationError, InvalidArgsError
+from .retry import BackoffPolicy, exponential_backoff
+from .schema import DEFAULT_SCHEMA, JOBS_TABLE
+
+Handler = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class KindOptions:
+    """Per-kind defaults, set once in the class statement."""
+
+    kind: str
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 20
+    timeout: Optional[float] = None
+    backoff: BackoffPolicy = field(default=exponential_backoff)
+    tags: tuple[str, ...] = ()
+    max_args_bytes: int = _validate.DEFAULT_MAX_ARGS_BYTES
+
+    def __post_init__(self) -> None:
+        _validate.kind_name(self.kind)
+        _validate.queue_name(self.queue)
+        _check_priority(self.priority)
+        _check_attempts(self.max_attempts)
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigurationError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
+        if not callable(self.backoff):
+            raise ConfigurationError("backoff must be a callable (attempt) -> seconds")
+
+
+def _check_priority(priority: object) -> int:
+    if type(priority) is not int or not -32768 <= priority <= 32767:
+        raise ConfigurationError(f"priority must be an int in -32768..32767 (lower runs first), not {priority!r}")
+    return priority
+
+
+def _check_attempts(max_attempts: object) -> int:
+    if type(max_attempts) is not int or not 1 <= max_attempts <= 1_000_000:
+        raise ConfigurationError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
+    return max_attempts
+
+
+class Base(DeclarativeBase):
+    """sa-jobs' own declarative base; the app's Base and Session need not know it."""
+
+
+class Job(Base):
+    """A durable job: one row of ``sa_jobs.jobs``. Subclass it once per kind.
+
+    The table's schema is ``sa_jobs``; an app that keeps the queue in another schema maps
+    it with ``engine.execution_options(schema_translate_map={"sa_jobs": "other"})``.
+    """
+
+    __tablename__ = JOBS_TABLE
+    __table_args__ = {"schema": DEFAULT_SCHEMA}
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    queue: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'default'"))
+    args: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    state: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'available'"))
+    priority: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default=text("0"))
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("20"))
+    scheduled_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    attempted_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    lease_owner: Mapped[Optional[str]] = mapped_column(Text)
+    claim_token: Mapped[Optional[uuid.UUID]] = mapped_column(UUID(as_uuid=True))
+    lease_expires_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime(timezone=True))
+    errors: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, nullable=False, server_default=text("'[]'::jsonb"))
+    result: Mapped[Optional[Any]] = mapped_column(JSONB)
+    tags: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default=text("'{}'"))
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_abstract": True}
+
+    # Set on each kind by __init_subclass__; None on Job itself.
+    __sa_jobs_options__: ClassVar[Optional[KindOptions]] = None
+    __sa_jobs_handler__: ClassVar[Optional[Handler]] = None
+
+    def __init_subclass__(
+        cls,
+        *,
+        kind: Optional[str] = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int = 20,
+        timeout: Optional[float] = None,
+        backoff: BackoffPolicy = exponential_backoff,
+        tags: Sequence[str] = (),
+        max_args_bytes: int = _validate.DEFAULT_MAX_ARGS_BYTES,
+        **kw: Any,
+    ) -> None:
+        options = KindOptions(
+            kind=kind or cls.__name__,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            backoff=backoff,
+            tags=tuple(tags),
+            max_args_bytes=max_args_bytes,
+        )
+        cls.__sa_jobs_options__ = options
+        cls.__sa_jobs_handler__ = None
+        mapper_args = dict(cls.__dict__.get("__mapper_args__", {}))
+        mapper_args.setdefault("polymorphic_identity", options.kind)
+        cls.__mapper_args__ = mapper_args
+        super().__init_subclass__(**kw)
+
+    def __init__(self, **args: Any) -> None:
+        """Build a row for ``session.add()``; every keyword is a JSON argument of the job."""
+        options = type(self).__sa_jobs_options__
+        if options is None:  # pragma: no cover - polymorphic_abstract already forbids this
+            raise ConfigurationError("Job is abstract: subclass it once per kind")
+        self.args = _validate.json_payload(args, max_bytes=options.max_args_bytes)
+        # Every column an INSERT needs is set here, so add_all() of many rows shares one
+        # parameter shape and SQLAlchemy batches them into multi-row INSERTs.
+        self.queue = options.queue
+        self.priority = options.priority
+        self.max_attempts = options.max_attempts
+        self.state = "available"
+        self.attempt = 0
+        self.tags = list(options.tags)
+        self.meta = {}
+        self.errors = []
+
+    # ---- per-row options ---------------------------------------------------------
+
+    def options(
+        self,
+        *,
+        queue: Optional[str] = None,
+        priority: Optional[int] = None,
+        max_attempts: Optional[int] = None,
+        delay: Optional[dt.timedelta | float] = None,
+        run_at: Optional[dt.datetime] = None,
+        tags: Optional[Sequence[str]] = None,
+        meta: Optional[Mapping[str, Any]] = None,
+    ) -> "Job":
+        """Override this row's defaults; returns the row so it chains into ``session.add``.
+
+        ``delay`` is measured on the database clock (``now() + delay`` at INSERT).
+        """
+        if queue is not None:
+            self.queue = _validate.queue_name(queue)
+        if priority is not None:
+            self.priority = _check_priority(priority)
+        if max_attempts is not None:
+            self.max_attempts = _check_attempts(max_attempts)
+        if delay is not None and run_at is not None:
+            raise ConfigurationError("give delay or run_at, not both")
+        if delay is not None:
+            seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
+            if not seconds >= 0:
+                raise ConfigurationError(f"delay must be >= 0 seconds, not {delay!r}")
+            self.scheduled_at = func.now() + dt.timedelta(seconds=seconds)  # type: ignore[assignment]
+            self.state = "scheduled"
+        if run_at is not None:
+            if not isinstance(run_at, dt.datetime) or run_at.tzinfo is None:
+                raise ConfigurationError("run_at must be a timezone-aware datetime")
+            self.scheduled_at = run_at
+            self.state = "scheduled"
+        if tags is not None:
+            if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+                raise ConfigurationError("tags must be a sequence of strings")
+            self.tags = list(tags)
+        if meta is not None:
+            self.meta = _validate.json_payload(meta, what="meta")
+        return self
+
+    # ---- handlers ----------------------------------------------------------------
+
+    @classmethod
+    def handler(cls, fn: Handler) -> Handler:
+        """Register ``fn(ctx, **args)`` as this kind's handler (async or sync); returns ``fn``."""
+        if cls.__sa_jobs_options__ is None:
+            raise ConfigurationError("register handlers on a job kind, not on Job itself")
+        if not callable(fn):
+            raise ConfigurationError(f"a handler must be callable, not {fn!r}")
+        params = list(inspect.signature(fn).parameters.values())
+        if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+            raise ConfigurationError(f"handler {fn.__qualname__} must take the JobContext as its first argument")
+        cls.__sa_jobs_handler__ = fn
+        return fn
+
+    @classmethod
+    def kind_options(cls) -> KindOptions:
+        if cls.__sa_jobs_options__ is None:
+            raise ConfigurationError("Job itself has no kind options")
+        return cls.__sa_jobs_options__
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self.id} state={self.state} attempt={self.attempt}>"
+
+
+def registered_kinds() -> dict[str, type[Job]]:
+    """Every job kind mapped in this process, by kind name."""
+    return {
+        identity: m.class_
+        for identity, m in Job.__mapper__.polymorphic_map.items()
+        if m.class_ is not Job
+    }
+
+
+def kind_with_options(kind_cls: type[Job], **changes: Any) -> KindOptions:
+    return replace(kind_cls.kind_options(), **changes)

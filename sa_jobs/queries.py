@@ -1,0 +1,136 @@
+"""Every statement the worker and maintenance services run, named once per schema.
+
+The schema reaches SQL only through :class:`psycopg.sql.Identifier`; every value is a
+bound parameter. Statements are rendered to text once per :class:`Queries` so psycopg
+can prepare them server-side (``prepare=True``) on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from . import _validate
+from .schema import DEFAULT_SCHEMA, JOBS_TABLE, channel_name
+
+# Column list every claim returns, in the order ClaimedJob reads it.
+CLAIM_COLUMNS = (
+    "id, kind, queue, args, attempt, max_attempts, priority,"
+    " extract(epoch FROM (attempted_at - scheduled_at))::float8 AS wait_seconds,"
+    " extract(epoch FROM created_at)::float8 AS created_epoch"
+)
+
+
+def _render(template: str, schema: str) -> str:
+    return sql.SQL(template).format(
+        jobs=sql.Identifier(schema, JOBS_TABLE),
+        channel=sql.Literal(channel_name(schema)),
+    ).as_string()
+
+
+@dataclass(frozen=True)
+class Queries:
+    schema: str
+    channel: str
+    claim: str
+    complete_many: str
+    fail_many: str
+    release_many: str
+    heartbeat_many: str
+    rescue_expired: str
+    promote_due: str
+    notify: str
+    try_leader_lock: str
+    listen: str
+
+    @classmethod
+    def for_schema(cls, schema: str = DEFAULT_SCHEMA) -> "Queries":
+        schema = _validate.schema_name(schema)
+        r = lambda t: _render(t, schema)  # noqa: E731
+        return cls(
+            schema=schema,
+            channel=channel_name(schema),
+            # Claim up to %(limit)s jobs of one queue in one statement. The CTE is
+            # MATERIALIZED so the locked id list is computed exactly once: a join that
+            # re-scans an inlined subquery could lock and return more rows than LIMIT.
+            # ORDER BY matches jobs_claim_idx column for column: an index scan, no sort.
+            claim=r(
+                "WITH picked AS MATERIALIZED ("
+                " SELECT id FROM {jobs}"
+                " WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+                " ORDER BY queue, priority, scheduled_at, id"
+                " LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                " UPDATE {jobs} AS j SET state = 'running', attempt = j.attempt + 1,"
+                " attempted_at = now(), claim_token = %(token)s, lease_owner = %(owner)s,"
+                " lease_expires_at = now() + make_interval(secs => %(lease)s)"
+                " FROM picked WHERE j.id = picked.id"
+                " RETURNING " + CLAIM_COLUMNS.replace("id,", "j.id,", 1)
+            ),
+            # Outcomes are fenced by (id, claim_token, state): a worker whose lease was
+            # taken over changes nothing. Each runs for a whole batch via unnest.
+            complete_many=r(
+                "UPDATE {jobs} AS j SET state = 'completed', finished_at = now(),"
+                " lease_expires_at = NULL, result = u.result::jsonb"
+                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(results)s::text[])"
+                " AS u(id, token, result)"
+                " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+                " RETURNING j.id"
+            ),
+            fail_many=r(
+                "UPDATE {jobs} AS j SET"
+                " state = CASE WHEN u.dead THEN 'dead' ELSE 'retryable' END,"
+                " finished_at = CASE WHEN u.dead THEN now() END,"
+                " scheduled_at = CASE WHEN u.dead THEN j.scheduled_at"
+                "  ELSE now() + make_interval(secs => u.delay) END,"
+                " lease_expires_at = NULL,"
+                " errors = j.errors || jsonb_build_array(u.error::jsonb"
+                "  || jsonb_build_object('at', now()))"
+                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(errors)s::text[],"
+                "  %(delays)s::float8[], %(dead)s::bool[]) AS u(id, token, error, delay, dead)"
+                " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+                " RETURNING j.id"
+            ),
+            # Shutdown gives claimed-but-unfinished jobs back at once; the interrupted
+            # attempt is not the job's fault, so it is not counted.
+            release_many=r(
+                "UPDATE {jobs} AS j SET state = 'available', attempt = greatest(j.attempt - 1, 0),"
+                " scheduled_at = now(), lease_expires_at = NULL"
+                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS u(id, token)"
+                " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+                " RETURNING j.id"
+            ),
+            heartbeat_many=r(
+                "UPDATE {jobs} AS j SET lease_expires_at = now() + make_interval(secs => %(lease)s)"
+                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS u(id, token)"
+                " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+                " RETURNING j.id"
+            ),
+            # Leader only: jobs whose lease ran out belong to a worker presumed dead.
+            # The lost attempt counts; exhausted jobs go dead with the reason recorded.
+            rescue_expired=r(
+                "WITH expired AS MATERIALIZED ("
+                " SELECT id FROM {jobs} WHERE state = 'running' AND lease_expires_at < now()"
+                " ORDER BY lease_expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                " UPDATE {jobs} AS j SET"
+                " state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'retryable' END,"
+                " finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,"
+                " scheduled_at = now(), lease_expires_at = NULL,"
+                " errors = j.errors || jsonb_build_array(jsonb_build_object("
+                "  'attempt', j.attempt, 'at', now(), 'worker', j.lease_owner,"
+                "  'error', 'LeaseExpired: the worker stopped heartbeating (crashed, killed"
+                " or partitioned); the attempt is counted'))"
+                " FROM expired WHERE j.id = expired.id"
+                " RETURNING j.id, j.state"
+            ),
+            promote_due=r(
+                "WITH due AS MATERIALIZED ("
+                " SELECT id FROM {jobs} WHERE state IN ('scheduled', 'retryable')"
+                " AND scheduled_at <= now() ORDER BY scheduled_at LIMIT %(limit)s"
+                " FOR UPDATE SKIP LOCKED)"
+                " UPDATE {jobs} AS j SET state = 'available' FROM due WHERE j.id = due.id"
+            ),
+            notify=r("SELECT pg_notify({channel}, '')"),
+            try_leader_lock=r("SELECT pg_try_advisory_lock(hashtext('sa_jobs.leader'), hashtext({channel}))"),
+            listen=sql.SQL("LISTEN {}").format(sql.Identifier(channel_name(schema))).as_string(),
+        )

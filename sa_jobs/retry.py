@@ -1,0 +1,51 @@
+"""Backoff as pure functions: ``(attempt) -> seconds`` until the next try.
+
+The worker turns the seconds into ``now() + interval`` in SQL, so the schedule always
+follows the database clock, never the worker's.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+BackoffPolicy = Callable[[int], float]
+
+MAX_BACKOFF_SECONDS = 24 * 3600.0
+
+
+def exponential_backoff(
+    attempt: int,
+    *,
+    base: float = 1.0,
+    factor: float = 2.0,
+    cap: float = MAX_BACKOFF_SECONDS,
+    jitter: float = 0.1,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """``base * factor**(attempt-1)`` seconds, capped, then scaled by ``1 ± jitter``.
+
+    ``attempt`` is the attempt that just failed (1 for the first). The exponent is capped
+    before it is computed, so a huge attempt number never overflows.
+    """
+    if attempt < 1:
+        attempt = 1
+    exponent = min(attempt - 1, 64)
+    raw = min(cap, base * factor**exponent)
+    spread = raw * jitter
+    return max(0.0, raw - spread + 2.0 * spread * rng())
+
+
+def backoff_bounds(attempt: int, *, base: float = 1.0, factor: float = 2.0, cap: float = MAX_BACKOFF_SECONDS, jitter: float = 0.1) -> tuple[float, float]:
+    """The interval :func:`exponential_backoff` draws from, for tests and docs."""
+    raw = min(cap, base * factor ** min(max(attempt, 1) - 1, 64))
+    return max(0.0, raw * (1 - jitter)), raw * (1 + jitter)
+
+
+def constant_backoff(seconds: float) -> BackoffPolicy:
+    """A policy that always waits ``seconds`` (handy for tests and rate-limited APIs)."""
+
+    def policy(attempt: int) -> float:
+        return seconds
+
+    return policy

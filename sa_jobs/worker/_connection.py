@@ -1,0 +1,81 @@
+"""A reconnecting psycopg connection, one per worker service.
+
+Each service owns its connection, so a slow or broken statement in one (a completion
+batch, say) never blocks another (the heartbeat). A dropped connection is replaced with
+capped exponential backoff; the service retries its own work.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import anyio
+import psycopg
+
+log = logging.getLogger("sa_jobs.worker")
+
+# Errors that mean "the connection or server is gone or going": reconnect and retry.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    OSError,
+)
+
+
+class ManagedConnection:
+    def __init__(
+        self,
+        conninfo: str,
+        name: str,
+        *,
+        on_connect: Optional[Callable[[psycopg.AsyncConnection[Any]], Any]] = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._conninfo = conninfo
+        self._name = name
+        self._on_connect = on_connect
+        self._connect_timeout = connect_timeout
+        self._conn: Optional[psycopg.AsyncConnection[Any]] = None
+        self._failures = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    async def get(self) -> psycopg.AsyncConnection[Any]:
+        """The live connection, (re)connecting with backoff until it succeeds."""
+        while self._conn is None or self._conn.closed:
+            try:
+                with anyio.fail_after(self._connect_timeout + 1):
+                    conn = await psycopg.AsyncConnection.connect(
+                        self._conninfo,
+                        autocommit=True,
+                        connect_timeout=int(self._connect_timeout),
+                        application_name=f"sa_jobs:{self._name}",
+                    )
+                if self._on_connect is not None:
+                    await self._on_connect(conn)
+                self._conn = conn
+                if self._failures:
+                    log.info("%s: reconnected after %d failed attempt(s)", self._name, self._failures)
+                self._failures = 0
+            except (*TRANSIENT_ERRORS, TimeoutError) as exc:
+                self._failures += 1
+                delay = min(5.0, 0.05 * 2 ** min(self._failures, 10))
+                log.warning("%s: cannot connect (%s); retrying in %.2fs", self._name, exc, delay)
+                await anyio.sleep(delay)
+        return self._conn
+
+    async def discard(self) -> None:
+        """Drop the connection after an error so the next ``get()`` opens a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                try:
+                    await conn.close()
+                except Exception:  # noqa: BLE001 - it is already broken
+                    pass
+
+    async def close(self) -> None:
+        await self.discard()

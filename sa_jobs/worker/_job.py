@@ -1,0 +1,55 @@
+"""The worker's in-memory record of one claimed job, and the outcome it ends with."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import anyio
+
+
+@dataclass(eq=False)
+class ClaimedJob:
+    id: int
+    token: uuid.UUID
+    kind: str
+    queue: str
+    args: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    priority: int
+    wait_seconds: float
+    created_epoch: float
+    claimed_at: float  # monotonic, when the claim returned
+    last_lease_ok: float  # monotonic, last time the lease was known to be ours
+    scope: Optional[anyio.CancelScope] = None
+    lease_lost: bool = False
+    releasing: bool = False
+    completing: bool = False  # a transactional completion is writing (or wrote) the row
+    completed_in_tx: bool = False
+    cancel_reason: Optional[str] = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_reason is not None
+
+    def cancel(self, reason: str) -> None:
+        """Ask the handler to stop; async handlers are cancelled, sync ones see ``ctx.cancelled``."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+@dataclass(eq=False)
+class Outcome:
+    """What the completer writes for a job: exactly one of complete, fail or release."""
+
+    job: ClaimedJob
+    action: str  # "complete" | "fail" | "release"
+    result_json: Optional[str] = None
+    error_json: Optional[str] = None
+    delay: float = 0.0
+    dead: bool = False
+    attempts_left: int = field(default=0)

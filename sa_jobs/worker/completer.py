@@ -1,0 +1,128 @@
+"""Batches outcomes: one UPDATE per action per flush, never one round trip per job.
+
+Runners hand outcomes over without waiting; the completer writes whatever accumulated
+after a short interval (or at once when the batch is full). A failed write keeps the
+outcomes and retries with backoff: a completion that never lands leaves the job running
+until its lease expires, when it is rescued and re-run (at-least-once, never stuck).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+
+from ..queries import Queries
+from ._connection import TRANSIENT_ERRORS, ManagedConnection
+from ._job import Outcome
+from .events import WorkerObserver
+
+log = logging.getLogger("sa_jobs.worker")
+
+
+class Completer:
+    def __init__(
+        self,
+        conn: ManagedConnection,
+        queries: Queries,
+        observer: WorkerObserver,
+        *,
+        interval: float = 0.005,
+        max_batch: int = 2000,
+    ) -> None:
+        self._conn = conn
+        self._q = queries
+        self._observer = observer
+        self._interval = interval
+        self._max_batch = max_batch
+        self._pending: list[Outcome] = []
+        self._wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._failures = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, outcome: Outcome) -> None:
+        self._pending.append(outcome)
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            if len(self._pending) < self._max_batch:
+                await anyio.sleep(self._interval)
+            self._wake = anyio.Event()
+            await self.flush()
+            if self._pending:
+                self._wake.set()
+
+    async def flush(self) -> bool:
+        """Write every pending outcome; False (outcomes kept) if the database failed."""
+        if not self._pending:
+            self._idle.set()
+            return True
+        batch, self._pending = self._pending, []
+        try:
+            conn = await self._conn.get()
+            await self._write(conn, batch)
+        except TRANSIENT_ERRORS as exc:
+            self._pending[:0] = batch
+            self._failures += 1
+            self._observer.loop_error("completer")
+            log.warning("completer: writing %d outcome(s) failed (%s); retrying", len(batch), exc)
+            await self._conn.discard()
+            await anyio.sleep(min(2.0, 0.05 * 2 ** min(self._failures, 6)))
+            return False
+        self._failures = 0
+        if not self._pending:
+            self._idle.set()
+        return True
+
+    async def drain(self, timeout: float) -> bool:
+        """Flush until nothing is pending or ``timeout`` passes; True if all landed."""
+        with anyio.move_on_after(timeout):
+            while self._pending:
+                await self.flush()
+            return True
+        return not self._pending
+
+    async def _write(self, conn: Any, batch: list[Outcome]) -> None:
+        complete = [o for o in batch if o.action == "complete"]
+        fail = [o for o in batch if o.action == "fail"]
+        release = [o for o in batch if o.action == "release"]
+        # One transaction for the whole flush: the batch lands or is retried as a unit.
+        async with conn.transaction():
+            if complete:
+                await conn.execute(
+                    self._q.complete_many,
+                    {
+                        "ids": [o.job.id for o in complete],
+                        "tokens": [o.job.token for o in complete],
+                        "results": [o.result_json for o in complete],
+                    },
+                    prepare=True,
+                )
+            if fail:
+                await conn.execute(
+                    self._q.fail_many,
+                    {
+                        "ids": [o.job.id for o in fail],
+                        "tokens": [o.job.token for o in fail],
+                        "errors": [o.error_json for o in fail],
+                        "delays": [o.delay for o in fail],
+                        "dead": [o.dead for o in fail],
+                    },
+                    prepare=True,
+                )
+            if release:
+                await conn.execute(
+                    self._q.release_many,
+                    {"ids": [o.job.id for o in release], "tokens": [o.job.token for o in release]},
+                    prepare=True,
+                )

@@ -1,0 +1,160 @@
+"""``JobContext``: what a handler receives besides its args."""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional
+
+from sqlalchemy import func, update
+
+from .. import _validate
+from ..errors import LeaseLostError
+from ..model import Job
+from ..schema import DEFAULT_SCHEMA
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
+
+    from ._job import ClaimedJob
+    from .worker import Worker
+
+_jobs = Job.__table__
+
+
+class JobContext:
+    """A handler's view of its job: identity, attempt, cancellation and a transactional Session."""
+
+    __slots__ = ("_job", "_worker")
+
+    def __init__(self, job: "ClaimedJob", worker: "Worker") -> None:
+        self._job = job
+        self._worker = worker
+
+    @property
+    def id(self) -> int:
+        return self._job.id
+
+    @property
+    def kind(self) -> str:
+        return self._job.kind
+
+    @property
+    def queue(self) -> str:
+        return self._job.queue
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first run; a retry, rescue or replay increments it."""
+        return self._job.attempt
+
+    @property
+    def max_attempts(self) -> int:
+        return self._job.max_attempts
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return self._job.args
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker.worker_id
+
+    @property
+    def idempotency_key(self) -> str:
+        """A key stable across retries of this job, for effects outside the database."""
+        return f"sa_jobs:{self._worker.schema}:{self._job.id}"
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job should stop: lease lost, timed out, shutting down or cancelled.
+
+        Async handlers are cancelled for them; a sync handler (running in a thread, which
+        cannot be interrupted) should check this, or call :meth:`raise_if_cancelled`.
+        """
+        return self._job.cancelled
+
+    @property
+    def lease_lost(self) -> bool:
+        return self._job.lease_lost
+
+    def raise_if_cancelled(self) -> None:
+        if self._job.lease_lost:
+            raise LeaseLostError(f"job {self.id}: this worker lost its lease; another may be running it")
+        if self._job.cancelled:
+            raise _Cancelled(self._job.cancel_reason or "cancelled")
+
+    # ---- transactional completion ------------------------------------------------
+
+    def _completion(self, result: Any):
+        result_value = None if result is None else _validate.json_value(result)
+        stmt = (
+            update(_jobs)
+            .where(_jobs.c.id == self._job.id, _jobs.c.claim_token == self._job.token, _jobs.c.state == "running")
+            .values(state="completed", finished_at=func.now(), lease_expires_at=None, result=result_value)
+        )
+        options: dict[str, Any] = {}
+        if self._worker.schema != DEFAULT_SCHEMA:
+            options["schema_translate_map"] = {DEFAULT_SCHEMA: self._worker.schema}
+        return stmt, options
+
+    def _check_lease(self, rowcount: int) -> None:
+        if rowcount != 1:
+            self._job.lease_lost = True
+            raise LeaseLostError(
+                f"job {self.id}: lease lost before commit; the transaction was rolled back"
+            )
+
+    @contextmanager
+    def transaction(self, result: Any = None) -> Iterator["Session"]:
+        """A Session whose commit also completes this job, fenced by the claim token.
+
+        Database effects written through it happen exactly once: either they commit with
+        the job's completion, or (lease lost, error, crash) neither does. Use it last in a
+        sync handler; the handler's return value is not stored (pass ``result=``).
+        """
+        from sqlalchemy.orm import Session
+
+        stmt, options = self._completion(result)
+        with Session(self._worker.sync_engine()) as session:
+            with session.begin():
+                yield session
+                session.flush()
+                self._job.completing = True
+                try:
+                    self._check_lease(session.execute(stmt, execution_options=options).rowcount)
+                except BaseException:
+                    self._job.completing = False
+                    raise
+            self._job.completed_in_tx = True
+
+    @asynccontextmanager
+    async def async_transaction(self, result: Any = None) -> AsyncIterator["AsyncSession"]:
+        """The ``AsyncSession`` twin of :meth:`transaction`, for async handlers."""
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        stmt, options = self._completion(result)
+        async with AsyncSession(self._worker.async_engine()) as session:
+            async with session.begin():
+                yield session
+                await session.flush()
+                self._job.completing = True
+                try:
+                    res = await session.execute(stmt, execution_options=options)
+                    self._check_lease(res.rowcount)
+                except BaseException:
+                    self._job.completing = False
+                    raise
+            self._job.completed_in_tx = True
+
+    def __repr__(self) -> str:
+        return f"<JobContext id={self.id} kind={self.kind} attempt={self.attempt}/{self.max_attempts}>"
+
+
+class _Cancelled(Exception):
+    """Raised by ``raise_if_cancelled`` for timeouts, shutdown and cancellation."""
+
+
+def dumps(value: Optional[Any]) -> Optional[str]:
+    return None if value is None else json.dumps(value, separators=(",", ":"))

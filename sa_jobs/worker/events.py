@@ -1,0 +1,51 @@
+"""What the worker reports as it runs: the seam between the hot path and metrics.
+
+The worker calls these hooks; :mod:`sa_jobs.metrics` implements them with
+prometheus-client. The default does nothing, so a worker without metrics pays a call.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+# Run outcomes, as reported to observers (a bounded set: safe as a metric label).
+OUTCOMES = ("completed", "retried", "dead", "cancelled", "timed_out", "released", "lease_lost")
+
+
+class WorkerObserver(Protocol):
+    def claimed(self, queue: str, count: int, seconds: float) -> None: ...
+    def job_started(self, queue: str, kind: str, wait_seconds: float) -> None: ...
+    def job_finished(self, queue: str, kind: str, outcome: str, run_seconds: float, since_enqueue_seconds: float) -> None: ...
+    def slots(self, queue: str, in_flight: int, limit: int) -> None: ...
+    def rescued(self, count: int) -> None: ...
+    def loop_error(self, component: str) -> None: ...
+    def heartbeat_ok(self) -> None: ...
+    def leader(self, is_leader: bool) -> None: ...
+
+
+class NullObserver:
+    """Does nothing: the worker's default when metrics are off."""
+
+    def claimed(self, queue: str, count: int, seconds: float) -> None:
+        pass
+
+    def job_started(self, queue: str, kind: str, wait_seconds: float) -> None:
+        pass
+
+    def job_finished(self, queue: str, kind: str, outcome: str, run_seconds: float, since_enqueue_seconds: float) -> None:
+        pass
+
+    def slots(self, queue: str, in_flight: int, limit: int) -> None:
+        pass
+
+    def rescued(self, count: int) -> None:
+        pass
+
+    def loop_error(self, component: str) -> None:
+        pass
+
+    def heartbeat_ok(self) -> None:
+        pass
+
+    def leader(self, is_leader: bool) -> None:
+        pass

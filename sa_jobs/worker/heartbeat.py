@@ -1,0 +1,85 @@
+"""Extends the leases of running jobs, and cancels the ones this worker has lost.
+
+One fenced UPDATE per beat covers every running job. A job missing from its result was
+taken over (its lease expired and another worker claimed it): its handler is cancelled
+and told the lease is lost. If beats fail for longer than the lease, the jobs are
+presumed lost the same way, because the rescuer may already have re-driven them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable
+
+import anyio
+
+from ..queries import Queries
+from ._connection import TRANSIENT_ERRORS, ManagedConnection
+from ._job import ClaimedJob
+from .events import WorkerObserver
+
+log = logging.getLogger("sa_jobs.worker")
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        conn: ManagedConnection,
+        queries: Queries,
+        observer: WorkerObserver,
+        running: Callable[[], Iterable[ClaimedJob]],
+        *,
+        lease: float,
+        interval: float,
+    ) -> None:
+        self._conn = conn
+        self._q = queries
+        self._observer = observer
+        self._running = running
+        self._lease = lease
+        self._interval = interval
+
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(self._interval)
+            await self.beat()
+
+    async def beat(self) -> None:
+        jobs = [j for j in self._running() if not j.completing and not j.lease_lost]
+        if not jobs:
+            self._observer.heartbeat_ok()
+            return
+        try:
+            conn = await self._conn.get()
+            # A beat that hangs (half-open socket) must not outlive the lease it protects.
+            with anyio.fail_after(max(self._interval, 1.0)):
+                cur = await conn.execute(
+                    self._q.heartbeat_many,
+                    {"ids": [j.id for j in jobs], "tokens": [j.token for j in jobs], "lease": self._lease},
+                    prepare=True,
+                )
+                alive = {row[0] for row in await cur.fetchall()}
+        except (*TRANSIENT_ERRORS, TimeoutError) as exc:
+            self._observer.loop_error("heartbeat")
+            log.warning("heartbeat failed (%s)", exc)
+            await self._conn.discard()
+            now = time.monotonic()
+            for job in jobs:
+                if now - job.last_lease_ok > self._lease:
+                    self._lose(job, "heartbeats failed for longer than the lease")
+            return
+        now = time.monotonic()
+        self._observer.heartbeat_ok()
+        for job in jobs:
+            if job.id in alive:
+                job.last_lease_ok = now
+            elif not job.completing:
+                self._lose(job, "the lease was taken over by another worker")
+
+    def _lose(self, job: ClaimedJob, why: str) -> None:
+        if job.lease_lost:
+            return
+        log.warning("job %s: lease lost (%s); cancelling its handler", job.id, why)
+        job.lease_lost = True
+        job.cancel("lease lost: " + why)

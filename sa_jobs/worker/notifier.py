@@ -1,0 +1,63 @@
+"""LISTENs on the schema's insert channel and wakes the producers.
+
+Polling stays the fallback, so a lost notification only costs latency. The connection is
+checked with a bounded ``SELECT 1`` between waits; a half-open socket fails that check
+and is replaced, and every (re)connect wakes the producers once, for whatever was
+inserted while nobody listened.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import anyio
+
+from ..queries import Queries
+from ._connection import TRANSIENT_ERRORS, ManagedConnection
+from .events import WorkerObserver
+
+log = logging.getLogger("sa_jobs.worker")
+
+
+class Notifier:
+    def __init__(
+        self,
+        conninfo: str,
+        queries: Queries,
+        observer: WorkerObserver,
+        wake: Callable[[], None],
+        *,
+        health_interval: float = 5.0,
+    ) -> None:
+        self._q = queries
+        self._observer = observer
+        self._wake = wake
+        self._health_interval = health_interval
+        self._conn = ManagedConnection(conninfo, "listener", on_connect=self._listen)
+        self.listening = False
+
+    async def _listen(self, conn) -> None:  # type: ignore[no-untyped-def]
+        await conn.execute(self._q.listen)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    conn = await self._conn.get()
+                    self.listening = True
+                    self._wake()
+                    while True:
+                        async for _ in conn.notifies(timeout=self._health_interval):
+                            self._wake()
+                        with anyio.fail_after(max(1.0, self._health_interval / 2)):
+                            await conn.execute("SELECT 1")
+                except (*TRANSIENT_ERRORS, TimeoutError) as exc:
+                    self.listening = False
+                    self._observer.loop_error("notifier")
+                    log.warning("listener connection lost (%s); reconnecting", exc)
+                    await self._conn.discard()
+                    await anyio.sleep(0.1)
+        finally:
+            self.listening = False
+            await self._conn.close()

@@ -1,0 +1,491 @@
+"""The worker: claims jobs in batches, runs them on anyio, and reports their outcomes.
+
+Structure (every task belongs to a task group the worker owns)::
+
+    services: notifier, heartbeat, completer, maintainer (leader only work)
+      runners: `concurrency` long-lived tasks per queue, fed by a memory stream
+        producers: one per queue; claims up to its free slots in ONE statement
+
+Shutdown cancels the producers first (no claims after the signal), lets runners finish
+within the grace period, then cancels what is left and releases those jobs, flushes the
+completer, and only then stops the services.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .. import _validate, schema as schema_mod
+from .._url import database_url_from_env, sqlalchemy_url, to_conninfo
+from ..errors import ConfigurationError, Discard, InvalidArgsError, UnknownKindError
+from ..maintenance.leader import Maintainer
+from ..maintenance.rescuer import Rescuer
+from ..maintenance.scheduler import Scheduler
+from ..model import Job, KindOptions, registered_kinds
+from ..queries import Queries
+from ..retry import exponential_backoff
+from ._connection import TRANSIENT_ERRORS, ManagedConnection
+from ._job import ClaimedJob, Outcome
+from .completer import Completer
+from .context import JobContext, _Cancelled, dumps
+from .events import NullObserver, WorkerObserver
+from .heartbeat import Heartbeat
+from .notifier import Notifier
+
+log = logging.getLogger("sa_jobs.worker")
+
+MAX_TRACEBACK_CHARS = 16_000
+
+
+@dataclass(frozen=True)
+class _KindRuntime:
+    cls: type[Job]
+    options: KindOptions
+    handler: Any
+    is_async: bool
+    signature: inspect.Signature
+
+
+@dataclass(eq=False)
+class _Queue:
+    name: str
+    limit: int
+    send: MemoryObjectSendStream[ClaimedJob]
+    receive: MemoryObjectReceiveStream[ClaimedJob]
+    limiter: anyio.CapacityLimiter
+    busy: int = 0  # claimed and not yet finished (running or waiting in the stream)
+    running: dict[int, ClaimedJob] = field(default_factory=dict)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    slot_freed: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Worker:
+    """Runs job handlers for a set of kinds and queues.
+
+    Embed it (``async with Worker(url, kinds=[...]):``) or run it until stopped
+    (``await worker.run()``, or ``sa-jobs worker``). Times are in seconds; every
+    comparison against a job's timestamps happens in SQL on the database clock.
+    """
+
+    def __init__(
+        self,
+        database_url: Optional[str] = None,
+        *,
+        kinds: Optional[Iterable[type[Job]]] = None,
+        queues: Union[Mapping[str, int], Sequence[str], None] = None,
+        concurrency: int = 10,
+        schema: str = schema_mod.DEFAULT_SCHEMA,
+        lease: float = 30.0,
+        heartbeat_interval: Optional[float] = None,
+        poll_interval: float = 1.0,
+        maintenance_interval: float = 1.0,
+        completion_interval: float = 0.005,
+        max_claim: int = 500,
+        shutdown_grace: float = 30.0,
+        observer: Optional[WorkerObserver] = None,
+        engine: Any = None,
+        async_engine: Any = None,
+        worker_id: Optional[str] = None,
+        check_schema: bool = True,
+    ) -> None:
+        url = database_url or database_url_from_env()
+        if url is None:
+            raise ConfigurationError(
+                "no database URL: pass one, or set SA_JOBS_DATABASE_URL (sa-jobs demo starts an embedded server)"
+            )
+        self._url = url
+        self._conninfo = to_conninfo(url)
+        self.schema = _validate.schema_name(schema)
+        self._queries = Queries.for_schema(self.schema)
+        if not lease > 0 or not poll_interval > 0 or not maintenance_interval > 0:
+            raise ConfigurationError("lease, poll_interval and maintenance_interval must be positive")
+        if type(concurrency) is not int or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be a positive int, not {concurrency!r}")
+        self.lease = float(lease)
+        self._heartbeat_interval = heartbeat_interval or self.lease / 4
+        if self._heartbeat_interval >= self.lease:
+            raise ConfigurationError("heartbeat_interval must be shorter than the lease")
+        self._poll_interval = poll_interval
+        self._maintenance_interval = maintenance_interval
+        self._completion_interval = completion_interval
+        self._max_claim = max_claim
+        self.shutdown_grace = shutdown_grace
+        self._observer: WorkerObserver = observer or NullObserver()
+        self._engine = engine
+        self._async_engine = async_engine
+        self._owns_engines: list[Any] = []
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._check_schema = check_schema
+
+        self._kinds = self._resolve_kinds(kinds)
+        self._queue_limits = self._resolve_queues(queues, concurrency)
+        self._queues: dict[str, _Queue] = {}
+        self._tg: Optional[anyio.abc.TaskGroup] = None
+        self._producers_scope: Optional[anyio.CancelScope] = None
+        self._started = anyio.Event()
+        self._runners_done = anyio.Event()
+        self._done = anyio.Event()
+        self._stop_requested = anyio.Event()
+        self._stopping = False
+        self._releasing = False
+        self.completer: Optional[Completer] = None
+        self.maintainer: Optional[Maintainer] = None
+        self.notifier: Optional[Notifier] = None
+
+    # ---- configuration -----------------------------------------------------------
+
+    @staticmethod
+    def _resolve_kinds(kinds: Optional[Iterable[type[Job]]]) -> dict[str, _KindRuntime]:
+        if kinds is None:
+            candidates = [c for c in registered_kinds().values() if c.__sa_jobs_handler__ is not None]
+        else:
+            candidates = list(kinds)
+        resolved: dict[str, _KindRuntime] = {}
+        for cls in candidates:
+            if not (isinstance(cls, type) and issubclass(cls, Job)) or cls.__sa_jobs_options__ is None:
+                raise ConfigurationError(f"{cls!r} is not a job kind (a subclass of sa_jobs.Job)")
+            handler = cls.__sa_jobs_handler__
+            if handler is None:
+                raise UnknownKindError(f"job kind {cls.__sa_jobs_options__.kind!r} has no handler; decorate one with @{cls.__name__}.handler")
+            resolved[cls.__sa_jobs_options__.kind] = _KindRuntime(
+                cls=cls,
+                options=cls.__sa_jobs_options__,
+                handler=handler,
+                is_async=inspect.iscoroutinefunction(handler),
+                signature=inspect.signature(handler),
+            )
+        if not resolved:
+            raise ConfigurationError("the worker has no job kinds with handlers; import the module that declares them")
+        return resolved
+
+    def _resolve_queues(self, queues: Union[Mapping[str, int], Sequence[str], None], concurrency: int) -> dict[str, int]:
+        if queues is None:
+            names = sorted({k.options.queue for k in self._kinds.values()})
+            return {n: concurrency for n in names}
+        if isinstance(queues, str):
+            raise ConfigurationError("queues must be a list of names or a mapping of name to concurrency")
+        if isinstance(queues, Mapping):
+            items = list(queues.items())
+        else:
+            items = [(q, concurrency) for q in queues]
+        result: dict[str, int] = {}
+        for name, limit in items:
+            _validate.queue_name(name)
+            if type(limit) is not int or limit < 1:
+                raise ConfigurationError(f"queue {name!r}: concurrency must be a positive int, not {limit!r}")
+            result[name] = limit
+        if not result:
+            raise ConfigurationError("the worker has no queues")
+        return result
+
+    @property
+    def queues(self) -> dict[str, int]:
+        return dict(self._queue_limits)
+
+    def sync_engine(self) -> Any:
+        """The SQLAlchemy Engine behind ``ctx.transaction()`` (created on first use)."""
+        if self._engine is None:
+            from sqlalchemy import create_engine
+
+            self._engine = create_engine(sqlalchemy_url(self._url), pool_pre_ping=True)
+            self._owns_engines.append(self._engine)
+        return self._engine
+
+    def async_engine(self) -> Any:
+        """The AsyncEngine behind ``ctx.async_transaction()`` (created on first use)."""
+        if self._async_engine is None:
+            from sqlalchemy.ext.asyncio import create_async_engine
+
+            self._async_engine = create_async_engine(sqlalchemy_url(self._url, async_=True), pool_pre_ping=True)
+            self._owns_engines.append(self._async_engine)
+        return self._async_engine
+
+    def running_jobs(self) -> list[ClaimedJob]:
+        return [j for q in self._queues.values() for j in q.running.values()]
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> "Worker":
+        if self._check_schema:
+            await anyio.to_thread.run_sync(schema_mod.check_version, self._conninfo, self.schema)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._tg.start(self._serve)
+        except BaseException:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> Optional[bool]:
+        assert self._tg is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.shutdown()
+        finally:
+            return await self._tg.__aexit__(*exc_info)
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop` (or a cancellation), then shut down gracefully."""
+        async with self:
+            await self._stop_requested.wait()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def shutdown(self, grace: Optional[float] = None) -> None:
+        """Stop claiming, let running jobs finish within ``grace``, release the rest."""
+        grace = self.shutdown_grace if grace is None else grace
+        self._stop_requested.set()
+        if not self._stopping:
+            self._stopping = True
+            log.info("worker %s: shutting down (grace %.1fs)", self.worker_id, grace)
+            if self._producers_scope is not None:
+                self._producers_scope.cancel()
+        with anyio.move_on_after(grace):
+            await self._runners_done.wait()
+        if not self._runners_done.is_set():
+            self.release_running()
+        await self._done.wait()
+
+    def release_running(self) -> None:
+        """Cancel every running handler and give its job back to the queue at once."""
+        self._releasing = True
+        for job in self.running_jobs():
+            job.releasing = True
+            job.cancel("worker shutting down")
+
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        claim_conn = ManagedConnection(self._conninfo, "producer")
+        complete_conn = ManagedConnection(self._conninfo, "completer")
+        beat_conn = ManagedConnection(self._conninfo, "heartbeat")
+        self.completer = Completer(complete_conn, self._queries, self._observer, interval=self._completion_interval)
+        heartbeat = Heartbeat(
+            beat_conn, self._queries, self._observer, self.running_jobs,
+            lease=self.lease, interval=self._heartbeat_interval,
+        )
+        self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all)
+        self.maintainer = Maintainer(
+            self._conninfo, self._queries, self._observer,
+            [Rescuer(self._observer), Scheduler()], interval=self._maintenance_interval,
+        )
+        for name, limit in self._queue_limits.items():
+            send, receive = anyio.create_memory_object_stream[ClaimedJob](math.inf)
+            self._queues[name] = _Queue(name, limit, send, receive, anyio.CapacityLimiter(limit))
+        claim_lock = anyio.Lock()
+        try:
+            async with anyio.create_task_group() as services:
+                services.start_soon(self.notifier.run)
+                services.start_soon(heartbeat.run)
+                services.start_soon(self.completer.run)
+                services.start_soon(self.maintainer.run)
+                async with anyio.create_task_group() as runners:
+                    for q in self._queues.values():
+                        for _ in range(q.limit):
+                            runners.start_soon(self._runner, q)
+                    async with anyio.create_task_group() as producers:
+                        self._producers_scope = producers.cancel_scope
+                        if self._stopping:
+                            producers.cancel_scope.cancel()
+                        for q in self._queues.values():
+                            producers.start_soon(self._producer, q, claim_conn, claim_lock)
+                        task_status.started()
+                        self._started.set()
+                    for q in self._queues.values():
+                        q.send.close()
+                self._runners_done.set()
+                with anyio.CancelScope(shield=True):
+                    if not await self.completer.drain(timeout=max(2.0, self.lease / 2)):
+                        log.error("worker %s: %d outcome(s) could not be written; their jobs will be rescued after the lease",
+                                  self.worker_id, self.completer.pending)
+                services.cancel_scope.cancel()
+        finally:
+            self._runners_done.set()
+            with anyio.CancelScope(shield=True):
+                for conn in (claim_conn, complete_conn, beat_conn):
+                    await conn.close()
+                for engine in self._owns_engines:
+                    result = engine.dispose()
+                    if inspect.isawaitable(result):
+                        await result
+            self._done.set()
+            log.info("worker %s: stopped", self.worker_id)
+
+    def _wake_all(self) -> None:
+        for q in self._queues.values():
+            q.wake.set()
+
+    # ---- claiming ----------------------------------------------------------------
+
+    async def _producer(self, q: _Queue, conn: ManagedConnection, lock: anyio.Lock) -> None:
+        failures = 0
+        while True:
+            free = q.limit - q.busy
+            if free <= 0:
+                await q.slot_freed.wait()
+                q.slot_freed = anyio.Event()
+                continue
+            want = min(free, self._max_claim)
+            q.wake = anyio.Event()  # a NOTIFY during the claim must wake the next wait
+            try:
+                async with lock:
+                    # Shielded: a claim the server executed must reach us, or its jobs
+                    # would sit running until their lease expired.
+                    with anyio.CancelScope(shield=True):
+                        jobs = await self._claim(q, await conn.get(), want)
+                failures = 0
+            except TRANSIENT_ERRORS as exc:
+                failures += 1
+                self._observer.loop_error("producer")
+                log.warning("claim on queue %r failed (%s); reconnecting", q.name, exc)
+                await conn.discard()
+                await anyio.sleep(min(5.0, 0.05 * 2 ** min(failures, 7)))
+                continue
+            for job in jobs:
+                q.busy += 1
+                q.send.send_nowait(job)
+            self._observer.slots(q.name, q.busy, q.limit)
+            if self._stopping:
+                return
+            if len(jobs) < want:
+                with anyio.move_on_after(self._poll_interval):
+                    await q.wake.wait()
+
+    async def _claim(self, q: _Queue, conn: Any, limit: int) -> list[ClaimedJob]:
+        token = uuid.uuid4()
+        started = time.perf_counter()
+        cur = await conn.execute(
+            self._queries.claim,
+            {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id, "lease": self.lease},
+            prepare=True,
+        )
+        rows = await cur.fetchall()
+        elapsed = time.perf_counter() - started
+        self._observer.claimed(q.name, len(rows), elapsed)
+        now = time.monotonic()
+        return [
+            ClaimedJob(
+                id=r[0], token=token, kind=r[1], queue=r[2], args=r[3], attempt=r[4],
+                max_attempts=r[5], priority=r[6], wait_seconds=r[7] or 0.0, created_epoch=r[8] or 0.0,
+                claimed_at=now, last_lease_ok=now,
+            )
+            for r in rows
+        ]
+
+    # ---- running -----------------------------------------------------------------
+
+    async def _runner(self, q: _Queue) -> None:
+        async for job in q.receive:
+            q.running[job.id] = job
+            try:
+                outcome, label = await self._execute(q, job)
+            finally:
+                q.running.pop(job.id, None)
+                q.busy -= 1
+                q.slot_freed.set()
+            if outcome is not None:
+                assert self.completer is not None
+                self.completer.submit(outcome)
+            self._observer.job_finished(
+                q.name, job.kind, label, time.monotonic() - job.claimed_at,
+                max(0.0, time.time() - job.created_epoch) if job.created_epoch else 0.0,
+            )
+
+    async def _execute(self, q: _Queue, job: ClaimedJob) -> tuple[Optional[Outcome], str]:
+        if self._releasing:
+            return Outcome(job, "release"), "released"
+        runtime = self._kinds.get(job.kind)
+        if runtime is None:
+            exc = UnknownKindError(
+                f"no handler for kind {job.kind!r} in worker {self.worker_id}; known kinds: {sorted(self._kinds)}"
+            )
+            return self._failure(job, exc, None, permanent=True), "dead"
+        self._observer.job_started(q.name, job.kind, job.wait_seconds)
+        ctx = JobContext(job, self)
+        result: Any = None
+        error: Optional[BaseException] = None
+        with anyio.CancelScope() as scope:
+            job.scope = scope
+            if runtime.options.timeout is not None:
+                scope.deadline = anyio.current_time() + runtime.options.timeout
+            try:
+                if runtime.is_async:
+                    result = await runtime.handler(ctx, **job.args)
+                else:
+                    call = functools.partial(runtime.handler, ctx, **job.args)
+                    result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=q.limiter)
+            except Exception as exc:  # noqa: BLE001 - a handler's failure is data
+                error = exc
+        job.scope = None
+        if job.completed_in_tx:
+            return None, "completed"
+        if job.lease_lost:
+            return None, "lease_lost"  # the job belongs to another attempt now
+        if job.releasing:
+            return Outcome(job, "release"), "released"
+        if scope.cancelled_caught and not job.cancelled:
+            job.cancel("timed out")
+            exc = TimeoutError(f"job {job.id} ({job.kind}) ran longer than its timeout of {runtime.options.timeout}s")
+            return self._failure(job, exc, runtime.options), "timed_out"
+        if error is not None:
+            if isinstance(error, _Cancelled) and job.cancel_reason == "timed out":
+                return self._failure(job, TimeoutError(str(error)), runtime.options), "timed_out"
+            permanent = isinstance(error, Discard) or (
+                isinstance(error, TypeError) and not _binds(runtime.signature, ctx, job.args)
+            )
+            if isinstance(error, TypeError) and permanent:
+                error = TypeError(f"args {sorted(job.args)} do not match handler signature {runtime.signature}: {error}")
+            outcome = self._failure(job, error, runtime.options, permanent=permanent)
+            return outcome, "dead" if outcome.dead else "retried"
+        try:
+            result_json = dumps(None if result is None else _validate.json_value(result))
+        except InvalidArgsError as exc:
+            return self._failure(job, exc, runtime.options, permanent=True), "dead"
+        return Outcome(job, "complete", result_json=result_json), "completed"
+
+    def _failure(
+        self, job: ClaimedJob, exc: BaseException, options: Optional[KindOptions], *, permanent: bool = False
+    ) -> Outcome:
+        dead = permanent or job.attempt >= job.max_attempts
+        delay = 0.0
+        if not dead:
+            policy = options.backoff if options is not None else exponential_backoff
+            try:
+                delay = float(policy(job.attempt))
+                if not math.isfinite(delay) or delay < 0:
+                    raise ValueError(delay)
+            except Exception:  # noqa: BLE001 - a broken policy must not lose the job
+                log.exception("backoff policy of %s failed; using the default", job.kind)
+                delay = exponential_backoff(job.attempt)
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        if len(tb) > MAX_TRACEBACK_CHARS:
+            tb = tb[: MAX_TRACEBACK_CHARS // 2] + "\n...\n" + tb[-MAX_TRACEBACK_CHARS // 2 :]
+        message = f"{type(exc).__name__}: {exc}"
+        error = {"attempt": job.attempt, "error": message[:4000], "traceback": tb, "worker": self.worker_id}
+        # Logged without the message: exception text may carry secrets; it is on the row.
+        log.info("job %s (%s) attempt %d/%d failed with %s%s", job.id, job.kind, job.attempt,
+                 job.max_attempts, type(exc).__name__, "; dead" if dead else "")
+        return Outcome(job, "fail", error_json=json.dumps(error), delay=delay, dead=dead)
+
+
+def _binds(signature: inspect.Signature, ctx: JobContext, args: Mapping[str, Any]) -> bool:
+    try:
+        signature.bind(ctx, **args)
+    except TypeError:
+        return False
+    return True
