@@ -105,8 +105,36 @@ def _v1_down(schema: str) -> list[sql.Composable]:
     ]
 
 
+FINISHED_INDEX = "jobs_finished_idx"
+
+
+def _v2_up(schema: str) -> list[sql.Composable]:
+    # Nullable without a default: a catalog-only change, no table rewrite.
+    return [sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS progress jsonb").format(sql.Identifier(schema, JOBS_TABLE))]
+
+
+def _v2_up_concurrently(schema: str) -> list[sql.Composable]:
+    # Retention pruning scans finished rows by age. Built CONCURRENTLY because by v2 the
+    # table may hold millions of rows that workers are updating; IF NOT EXISTS lets a
+    # re-run heal a crash between the transactional and the concurrent phase.
+    return [
+        sql.SQL(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {idx} ON {jobs} (finished_at)"
+            " WHERE state IN ('completed', 'cancelled', 'dead')"
+        ).format(idx=sql.Identifier(FINISHED_INDEX), jobs=sql.Identifier(schema, JOBS_TABLE))
+    ]
+
+
+def _v2_down(schema: str) -> list[sql.Composable]:
+    return [
+        sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, FINISHED_INDEX)),
+        sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS progress").format(sql.Identifier(schema, JOBS_TABLE)),
+    ]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs table, claim/due/lease indexes, insert NOTIFY trigger", _v1_up, _v1_down),
+    Migration(2, "jobs.progress column, finished-jobs index for retention", _v2_up, _v2_down, _v2_up_concurrently),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -131,6 +159,26 @@ def _unrecord_version(schema: str, migration: Migration) -> sql.Composable:
     return sql.SQL("DELETE FROM {} WHERE version = {}").format(
         sql.Identifier(schema, VERSION_TABLE), sql.Literal(migration.version)
     )
+
+
+def _drop_schema_if_empty(schema: str) -> list[sql.Composable]:
+    # The queue may share a schema with the app's own tables (or be ``public``): drop the
+    # schema only when nothing else lives in it, instead of failing the downgrade.
+    if schema == "public":
+        return []
+    return [
+        sql.SQL(
+            "DO $sa_jobs$ BEGIN DROP SCHEMA IF EXISTS {} RESTRICT;"
+            " EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END $sa_jobs$"
+        ).format(sql.Identifier(schema))
+    ]
+
+
+def lock_statement(schema: str = DEFAULT_SCHEMA) -> str:
+    """The transaction-scoped advisory lock every installer (migrate, Alembic) takes first."""
+    return sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(
+        sql.Literal(_advisory_key(_validate.schema_name(schema)))
+    ).as_string()
 
 
 def migration(version: int) -> Migration:
@@ -161,7 +209,7 @@ def downgrade_statements(version: int, schema: str = DEFAULT_SCHEMA) -> list[str
     stmts: list[sql.Composable] = [*m.down(schema)]
     if version == MIGRATIONS[0].version:
         stmts.append(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, VERSION_TABLE)))
-        stmts.append(sql.SQL("DROP SCHEMA IF EXISTS {} RESTRICT").format(sql.Identifier(schema)))
+        stmts.extend(_drop_schema_if_empty(schema))
     else:
         stmts.append(_unrecord_version(schema, m))
     return [s.as_string() for s in stmts]
@@ -227,7 +275,7 @@ def install(target: object, schema: str = DEFAULT_SCHEMA, *, to_version: int | N
     concurrent: list[str] = []
     with psycopg.connect(conninfo, autocommit=True) as conn:
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_advisory_key(schema),))
+            conn.execute(lock_statement(schema))
             current = read_version(conn, schema)
             if current > LATEST_VERSION:
                 raise SchemaVersionError(
@@ -238,9 +286,11 @@ def install(target: object, schema: str = DEFAULT_SCHEMA, *, to_version: int | N
                 if current < m.version <= to_version:
                     for stmt in upgrade_statements(m.version, schema):
                         conn.execute(stmt)
+                if m.version <= max(current, to_version):
                     concurrent.extend(concurrent_statements(m.version, schema))
-        # CONCURRENTLY cannot run in a transaction block; every such statement is written
-        # IF NOT EXISTS, so a crash between the two phases heals on the next run.
+        # CONCURRENTLY cannot run in a transaction block. Every such statement is written
+        # IF NOT EXISTS and re-run for every installed version, so a crash between the two
+        # phases (version recorded, index not yet built) heals on the next run.
         for stmt in concurrent:
             conn.execute(stmt)
         return read_version(conn, schema)
@@ -291,6 +341,7 @@ __all__: Sequence[str] = (
     "install",
     "install_sql",
     "installed_version",
+    "lock_statement",
     "uninstall",
     "upgrade_statements",
 )

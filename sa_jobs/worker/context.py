@@ -58,6 +58,11 @@ class JobContext:
         return self._job.args
 
     @property
+    def schema(self) -> str:
+        """The Postgres schema of the queue this job came from."""
+        return self._worker.schema
+
+    @property
     def worker_id(self) -> str:
         return self._worker.worker_id
 

@@ -1,0 +1,62 @@
+"""Shared test helpers: run an in-process worker until the database says we are done."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+import anyio
+import psycopg
+from psycopg import sql
+
+from sa_jobs import Job, Worker
+from sa_jobs._url import to_conninfo
+
+FAST = dict(lease=2.0, poll_interval=0.2, maintenance_interval=0.1)
+
+
+def q(database_url: str, query: str | sql.Composable, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+def jobs_sql(schema: str, rest: str) -> sql.Composed:
+    """``SELECT ... FROM <schema>.jobs ...`` with the schema quoted."""
+    return sql.SQL(rest).format(jobs=sql.Identifier(schema, "jobs"), effects=sql.Identifier(schema, "effects"))
+
+
+def states(database_url: str, schema: str) -> dict[str, int]:
+    rows = q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY state"))
+    return {state: n for state, n in rows}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def run_worker_until(
+    database_url: str,
+    schema: str,
+    kinds: Iterable[type[Job]],
+    done: Callable[[], bool],
+    *,
+    timeout: float = 30.0,
+    **options: Any,
+) -> Worker:
+    """Run a Worker in this process until ``done()`` (checked in a thread) or ``timeout``."""
+    settings = {**FAST, **options}
+
+    async def main() -> Worker:
+        async with Worker(database_url, kinds=list(kinds), schema=schema, **settings) as worker:
+            with anyio.move_on_after(timeout):
+                while not await anyio.to_thread.run_sync(done):
+                    await anyio.sleep(0.05)
+        return worker
+
+    return anyio.run(main)

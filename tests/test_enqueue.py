@@ -1,0 +1,214 @@
+"""Enqueue through the caller's own Session: atomic with business rows, batched, typed errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import pytest
+from sqlalchemy import Integer, String, event, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sa_jobs import (
+    ConfigurationError,
+    InvalidArgsError,
+    InvalidIdentifierError,
+    Job,
+    enqueue_many,
+    schema as _unused,  # noqa: F401 - the module must import
+)
+from sa_jobs._url import sqlalchemy_url
+from sa_jobs.schema import DEFAULT_SCHEMA
+
+from .helpers import jobs_sql, q
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Order(_Base):
+    # Lives beside the queue so the test schema's translate map applies to it too.
+    __tablename__ = "test_orders"
+    __table_args__ = {"schema": DEFAULT_SCHEMA}
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    total: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str] = mapped_column(String(50), default="")
+
+
+class EnqSendReceipt(Job, kind="enq_send_receipt", queue="emails", max_attempts=5, priority=3):
+    pass
+
+
+@pytest.fixture
+def orders(engine):
+    _Base.metadata.create_all(engine)
+    yield
+    _Base.metadata.drop_all(engine)
+
+
+def test_job_commits_with_business_row(engine, orders, database_url, schema):
+    with Session(engine) as session, session.begin():
+        order = Order(total=42)
+        session.add(order)
+        session.flush()
+        session.add(EnqSendReceipt(order_id=order.id))
+    with Session(engine) as session:
+        job = session.scalars(select(EnqSendReceipt)).one()
+        assert job.args == {"order_id": session.scalars(select(Order.id)).one()}
+        assert (job.kind, job.queue, job.state, job.priority, job.max_attempts, job.attempt) == (
+            "enq_send_receipt", "emails", "available", 3, 5, 0,
+        )
+        assert job.created_at is not None and job.scheduled_at is not None
+
+
+def test_rollback_leaves_neither_row(engine, orders):
+    with Session(engine) as session:
+        with session.begin():
+            order = Order(total=1)
+            session.add(order)
+            session.flush()
+            session.add(EnqSendReceipt(order_id=order.id))
+            session.flush()
+            session.rollback()
+    with pytest.raises(RuntimeError):
+        with Session(engine) as session, session.begin():
+            session.add(Order(total=2))
+            session.add(EnqSendReceipt(order_id=2))
+            raise RuntimeError("business logic failed")
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Order)) == 0
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_savepoint_rollback_drops_only_its_job(engine, orders):
+    with Session(engine) as session, session.begin():
+        session.add(EnqSendReceipt(order_id=1))
+        with pytest.raises(ValueError):
+            with session.begin_nested():
+                session.add(EnqSendReceipt(order_id=2))
+                session.flush()
+                raise ValueError
+    with Session(engine) as session:
+        assert [j.args["order_id"] for j in session.scalars(select(EnqSendReceipt))] == [1]
+
+
+def test_add_all_of_10k_is_batched(engine):
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if statement.lstrip().upper().startswith("INSERT"):
+            statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with Session(engine) as session, session.begin():
+            jobs = [EnqSendReceipt(order_id=i) for i in range(10_000)]
+            session.add_all(jobs)
+            session.flush()
+            assert all(job.id is not None for job in jobs)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    # insertmanyvalues sends ~1000 rows per statement; one INSERT per row would be 10k.
+    assert 1 <= len(statements) <= 20, len(statements)
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(EnqSendReceipt)) == 10_000
+
+
+def test_enqueue_many_bulk_path(engine):
+    with Session(engine) as session, session.begin():
+        n = enqueue_many(session, (EnqSendReceipt(order_id=i) for i in range(20_000)))
+    assert n == 20_000
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).where(EnqSendReceipt.state == "available")) == 20_000
+
+
+def test_async_session_path(database_url, schema):
+    import anyio
+
+    async def main() -> list[dict]:
+        engine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: schema}
+        )
+        try:
+            async with AsyncSession(engine) as session, session.begin():
+                session.add_all([EnqSendReceipt(order_id=1), EnqSendReceipt(order_id=2)])
+            async with AsyncSession(engine) as session:
+                rows = (await session.scalars(select(EnqSendReceipt).order_by(EnqSendReceipt.id))).all()
+                return [r.args for r in rows]
+        finally:
+            await engine.dispose()
+
+    assert anyio.run(main) == [{"order_id": 1}, {"order_id": 2}]
+
+
+def test_delay_is_measured_on_the_database_clock(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        session.add(EnqSendReceipt(order_id=1).options(delay=dt.timedelta(minutes=5)))
+    (state, seconds), = q(database_url, jobs_sql(schema, "SELECT state, extract(epoch FROM scheduled_at - created_at) FROM {jobs}"))
+    assert state == "scheduled"
+    assert 299.9 <= float(seconds) <= 300.1
+
+
+def test_options_override_defaults(engine):
+    with Session(engine) as session, session.begin():
+        session.add(EnqSendReceipt(order_id=1).options(queue="vip", priority=-5, max_attempts=2, tags=["a"], meta={"k": 1}))
+    with Session(engine) as session:
+        job = session.scalars(select(EnqSendReceipt)).one()
+        assert (job.queue, job.priority, job.max_attempts, job.tags, job.meta) == ("vip", -5, 2, ["a"], {"k": 1})
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"when": dt.datetime.now()},
+        {"blob": b"\x80\x04pickle"},
+        {"s": {1, 2}},
+        {"x": math.nan},
+        {"x": math.inf},
+        {"nested": {1: "int key"}},
+        {"obj": object()},
+    ],
+)
+def test_unserialisable_args_fail_at_construction(engine, args):
+    with pytest.raises(InvalidArgsError):
+        EnqSendReceipt(**args)
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_args_over_cap_rejected():
+    class Small(Job, kind="enq_small", max_args_bytes=100):
+        pass
+
+    Small(x="a" * 50)
+    with pytest.raises(InvalidArgsError, match="over the cap"):
+        Small(x="a" * 200)
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "semi;colon", "quote'", 'dq"', "x" * 64, "%s", "$1", "é", "a\x00b"])
+def test_bad_queue_names(bad):
+    with pytest.raises(InvalidIdentifierError):
+        EnqSendReceipt(order_id=1).options(queue=bad)
+
+
+def test_bad_kind_declarations():
+    with pytest.raises(InvalidIdentifierError):
+        class Bad(Job, kind="os.system; drop"):  # noqa: F841
+            pass
+    with pytest.raises(ConfigurationError):
+        class BadAttempts(Job, kind="enq_bad_attempts", max_attempts=0):  # noqa: F841
+            pass
+
+
+def test_bad_options():
+    job = EnqSendReceipt(order_id=1)
+    with pytest.raises(ConfigurationError):
+        job.options(priority=10**6)
+    with pytest.raises(ConfigurationError):
+        job.options(delay=-1)
+    with pytest.raises(ConfigurationError):
+        job.options(run_at=dt.datetime(2030, 1, 1))  # naive
+    with pytest.raises(ConfigurationError):
+        job.options(delay=1, run_at=dt.datetime.now(dt.timezone.utc))

@@ -1,0 +1,307 @@
+"""The worker, in-process against real PostgreSQL: run, retry, dead, replay, timeout, fencing."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import anyio
+import psycopg
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sa_jobs import (
+    ConfigurationError,
+    Discard,
+    Job,
+    JobContext,
+    JobNotFoundError,
+    SchemaVersionError,
+    Worker,
+    constant_backoff,
+    retry,
+)
+from sa_jobs._url import to_conninfo
+from sa_jobs.queries import Queries
+from sa_jobs.retry import backoff_bounds, exponential_backoff
+
+from .helpers import jobs_sql, q, run_worker_until, states
+
+CALLS: dict[str, list[int]] = {}
+
+
+class WFlaky(Job, kind="w_flaky", queue="w", max_attempts=3, backoff=constant_backoff(0.05)):
+    pass
+
+
+@WFlaky.handler
+async def w_flaky(ctx: JobContext, fail_times: int) -> dict:
+    CALLS.setdefault("flaky", []).append(ctx.attempt)
+    if ctx.attempt <= fail_times:
+        raise RuntimeError(f"failure {ctx.attempt} with secret-ish detail")
+    return {"ok": True, "attempt": ctx.attempt}
+
+
+class WSync(Job, kind="w_sync", queue="w"):
+    pass
+
+
+@WSync.handler
+def w_sync(ctx: JobContext, a: int, b: int) -> int:
+    return a + b
+
+
+class WTimeout(Job, kind="w_timeout", queue="w", timeout=0.3, max_attempts=2, backoff=constant_backoff(0.05)):
+    pass
+
+
+@WTimeout.handler
+async def w_timeout(ctx: JobContext, seconds: float) -> None:
+    await anyio.sleep(seconds)
+
+
+class WSyncTimeout(Job, kind="w_sync_timeout", queue="w", timeout=0.3, max_attempts=1):
+    pass
+
+
+@WSyncTimeout.handler
+def w_sync_timeout(ctx: JobContext) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        ctx.raise_if_cancelled()
+        time.sleep(0.01)
+
+
+class WDiscard(Job, kind="w_discard", queue="w", max_attempts=10):
+    pass
+
+
+@WDiscard.handler
+async def w_discard(ctx: JobContext) -> None:
+    raise Discard("the input can never succeed")
+
+
+class WBackoff(Job, kind="w_backoff", queue="w", max_attempts=5, backoff=constant_backoff(30)):
+    pass
+
+
+@WBackoff.handler
+async def w_backoff(ctx: JobContext) -> None:
+    raise ValueError("try later")
+
+
+class WBadResult(Job, kind="w_bad_result", queue="w", max_attempts=3):
+    pass
+
+
+@WBadResult.handler
+async def w_bad_result(ctx: JobContext) -> object:
+    return object()
+
+
+ALL = [WFlaky, WSync, WTimeout, WSyncTimeout, WDiscard, WBackoff, WBadResult]
+
+
+def add(engine, *jobs: Job) -> list[int]:
+    with Session(engine) as session, session.begin():
+        session.add_all(jobs)
+        session.flush()
+        return [j.id for j in jobs]
+
+
+def job_row(engine, job_id: int) -> Job:
+    with Session(engine) as session:
+        return session.get(Job, job_id)
+
+
+def finished(engine, ids: list[int], states_=("completed", "dead")):
+    def check() -> bool:
+        with Session(engine) as session:
+            rows = session.execute(select(Job.state).where(Job.id.in_(ids))).scalars().all()
+            return len(rows) == len(ids) and all(s in states_ for s in rows)
+
+    return check
+
+
+def test_runs_once_and_stores_result(engine, database_url, schema):
+    ids = add(engine, WSync(a=2, b=3), WFlaky(fail_times=0))
+    run_worker_until(database_url, schema, ALL, finished(engine, ids))
+    sync_job, flaky = job_row(engine, ids[0]), job_row(engine, ids[1])
+    assert (sync_job.state, sync_job.attempt, sync_job.result) == ("completed", 1, 5)
+    assert (flaky.state, flaky.attempt, flaky.result) == ("completed", 1, {"ok": True, "attempt": 1})
+    assert sync_job.finished_at is not None and sync_job.lease_owner is not None
+
+
+def test_retry_then_success_records_each_error(engine, database_url, schema):
+    (job_id,) = add(engine, WFlaky(fail_times=2))
+    run_worker_until(database_url, schema, ALL, finished(engine, [job_id]))
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt) == ("completed", 3)
+    assert [e["attempt"] for e in job.errors] == [1, 2]
+    assert all("RuntimeError: failure" in e["error"] and "Traceback" in e["traceback"] and e["at"] for e in job.errors)
+
+
+def test_dead_after_max_attempts_then_replay_adds_one_attempt(engine, database_url, schema):
+    (job_id,) = add(engine, WFlaky(fail_times=99))
+    run_worker_until(database_url, schema, ALL, finished(engine, [job_id]))
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt, job.max_attempts) == ("dead", 3, 3)
+    assert len(job.errors) == 3 and job.finished_at is not None
+
+    with Session(engine) as session, session.begin():
+        assert retry(session, job_id) == job_id
+    job = job_row(engine, job_id)
+    assert (job.state, job.max_attempts, job.finished_at) == ("available", 4, None)
+    run_worker_until(database_url, schema, ALL, finished(engine, [job_id]))
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt, len(job.errors)) == ("dead", 4, 4)
+
+    with Session(engine) as session, session.begin():
+        with pytest.raises(JobNotFoundError):
+            retry(session, 10**12)
+
+
+def test_backoff_is_scheduled_on_database_clock(engine, database_url, schema):
+    (job_id,) = add(engine, WBackoff())
+    run_worker_until(
+        database_url, schema, ALL,
+        lambda: job_row(engine, job_id).state == "retryable",
+    )
+    (delay,) = q(database_url, jobs_sql(schema, "SELECT extract(epoch FROM scheduled_at - attempted_at) FROM {jobs} WHERE id = %s"), (job_id,))[0]
+    assert 29.9 <= float(delay) <= 30.5
+    assert job_row(engine, job_id).attempt == 1
+
+
+def test_exponential_backoff_bounds():
+    for attempt in (1, 2, 5, 10, 100, 10**6):
+        low, high = backoff_bounds(attempt)
+        for _ in range(50):
+            assert low <= exponential_backoff(attempt) <= high
+    assert backoff_bounds(1) == (0.9, 1.1)
+    assert backoff_bounds(10**6)[1] <= 24 * 3600 * 1.1
+
+
+def test_timeout_async_and_sync(engine, database_url, schema):
+    ids = add(engine, WTimeout(seconds=10), WSyncTimeout())
+    started = time.monotonic()
+    run_worker_until(database_url, schema, ALL, finished(engine, ids))
+    assert time.monotonic() - started < 8
+    async_job, sync_job = job_row(engine, ids[0]), job_row(engine, ids[1])
+    assert (async_job.state, async_job.attempt) == ("dead", 2)
+    assert all(e["error"].startswith("TimeoutError") for e in async_job.errors)
+    assert sync_job.state == "dead" and sync_job.errors[0]["error"].startswith("TimeoutError")
+
+
+def test_discard_and_bad_result_go_dead_without_retries(engine, database_url, schema):
+    ids = add(engine, WDiscard(), WBadResult())
+    run_worker_until(database_url, schema, ALL, finished(engine, ids))
+    discard, bad = job_row(engine, ids[0]), job_row(engine, ids[1])
+    assert (discard.state, discard.attempt) == ("dead", 1)
+    assert discard.errors[0]["error"] == "Discard: the input can never succeed"
+    assert (bad.state, bad.attempt) == ("dead", 1)
+    assert "InvalidArgsError" in bad.errors[0]["error"]
+
+
+def test_args_not_matching_signature_go_dead(engine, database_url, schema):
+    (job_id,) = add(engine, WSync(a=1, c=2))
+    run_worker_until(database_url, schema, ALL, finished(engine, [job_id]))
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt) == ("dead", 1)
+    assert "do not match handler signature" in job.errors[0]["error"]
+
+
+def test_unknown_kind_goes_dead_and_worker_keeps_running(engine, database_url, schema):
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, args) VALUES ('os.system', 'w', '{{\"cmd\": \"rm -rf /\"}}')"))
+    (good,) = add(engine, WSync(a=1, b=1))
+    (bad_id,) = q(database_url, jobs_sql(schema, "SELECT id FROM {jobs} WHERE kind = 'os.system'"))[0]
+    run_worker_until(database_url, schema, ALL, finished(engine, [good]))
+    rows = dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}")))
+    assert rows == {bad_id: "dead", good: "completed"}
+    (errors,) = q(database_url, jobs_sql(schema, "SELECT errors FROM {jobs} WHERE id = %s"), (bad_id,))[0]
+    assert "UnknownKindError" in errors[0]["error"] and "os.system" in errors[0]["error"]
+
+
+def test_heartbeat_keeps_a_long_job_from_being_rescued(engine, database_url, schema):
+    from .jobs_core import CoreSlow, effects_ddl
+
+    q(database_url, effects_ddl(schema))
+    import os
+
+    os.environ["SA_JOBS_DATABASE_URL"] = database_url
+    (job_id,) = add(engine, CoreSlow(seconds=3.5))
+    run_worker_until(database_url, schema, [CoreSlow], finished(engine, [job_id]), lease=1.0, timeout=20)
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt, job.errors) == ("completed", 1, [])
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {effects}"))[0][0] == 1
+
+
+def test_scheduled_job_waits_for_its_time(engine, database_url, schema):
+    (job_id,) = add(engine, WSync(a=1, b=2).options(delay=1.0))
+    started = time.monotonic()
+    run_worker_until(database_url, schema, ALL, finished(engine, [job_id]))
+    assert time.monotonic() - started >= 0.9
+    assert job_row(engine, job_id).state == "completed"
+
+
+def test_stale_token_changes_nothing(engine, database_url, schema):
+    """Fencing: once a lease is taken over, the old claim's complete/fail/heartbeat are no-ops."""
+    (job_id,) = add(engine, WSync(a=1, b=1).options(queue="fence"))
+    queries = Queries.for_schema(schema)
+    old, new = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        claim = {"queue": "fence", "limit": 10, "owner": "A", "lease": 0.2}
+        assert len(conn.execute(queries.claim, {**claim, "token": old}).fetchall()) == 1
+        time.sleep(0.3)
+        assert conn.execute(queries.rescue_expired, {"limit": 10}).fetchall() == [(job_id, "retryable")]
+        conn.execute(queries.promote_due, {"limit": 10})
+        assert len(conn.execute(queries.claim, {**claim, "token": new, "owner": "B", "lease": 30}).fetchall()) == 1
+        ids_old = {"ids": [job_id], "tokens": [old]}
+        assert conn.execute(queries.heartbeat_many, {**ids_old, "lease": 30}).fetchall() == []
+        assert conn.execute(queries.complete_many, {**ids_old, "results": ["1"]}).fetchall() == []
+        err = json.dumps({"error": "stale"})
+        assert conn.execute(queries.fail_many, {**ids_old, "errors": [err], "delays": [0.0], "dead": [True]}).fetchall() == []
+        assert conn.execute(queries.release_many, ids_old).fetchall() == []
+        assert conn.execute(queries.complete_many, {"ids": [job_id], "tokens": [new], "results": ["2"]}).fetchall() == [(job_id,)]
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt, job.result, job.lease_owner) == ("completed", 2, 2, "B")
+    assert [e["error"].split(":")[0] for e in job.errors] == ["LeaseExpired"]
+
+
+def test_claim_never_returns_more_than_limit_and_orders_by_priority(engine, database_url, schema):
+    add(engine, *[WSync(a=i, b=0).options(queue="order", priority=p) for i, p in enumerate([5, 1, 3, 1, 0, 9])])
+    queries = Queries.for_schema(schema)
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        rows = conn.execute(queries.claim, {"queue": "order", "limit": 3, "token": uuid.uuid4(), "owner": "x", "lease": 30}).fetchall()
+    assert len(rows) == 3
+    assert sorted(r[6] for r in rows) == [0, 1, 1]
+
+
+def test_worker_refuses_missing_or_newer_schema(database_url):
+    class Dummy(Job, kind="w_dummy"):
+        pass
+
+    Dummy.handler(lambda ctx: None)
+
+    async def start(schema_name: str) -> None:
+        async with Worker(database_url, kinds=[Dummy], schema=schema_name):
+            pass
+
+    with pytest.raises(SchemaVersionError, match="sa-jobs migrate"):
+        anyio.run(start, "t_never_installed")
+
+
+def test_worker_configuration_errors(database_url):
+    with pytest.raises(ConfigurationError):
+        Worker("mysql://root@localhost/test", kinds=[WSync])
+    with pytest.raises(ConfigurationError):
+        Worker("not a url at all", kinds=[WSync])
+    with pytest.raises(ConfigurationError):
+        Worker(database_url, kinds=[WSync], queues={"bad queue": 1})
+    with pytest.raises(ConfigurationError):
+        Worker(database_url, kinds=[WSync], concurrency=0)
+    with pytest.raises(ConfigurationError):
+        Worker(database_url, kinds=[WSync], schema="Robert'); DROP TABLE students;--")
+    with pytest.raises(ConfigurationError):
+        Worker(database_url, kinds=[object])  # type: ignore[list-item]
