@@ -19,7 +19,8 @@ from sqlalchemy import text
 from sa_jobs import Job, JobContext, constant_backoff
 from sa_jobs._url import to_conninfo
 
-_local = threading.local()
+_lock = threading.Lock()
+_shared: dict[str, psycopg.Connection[Any]] = {}
 
 
 def effects_ddl(schema: str) -> str:
@@ -30,11 +31,14 @@ def effects_ddl(schema: str) -> str:
 
 
 def _conn() -> psycopg.Connection[Any]:
-    conn = getattr(_local, "conn", None)
-    if conn is None or conn.closed:
-        conn = psycopg.connect(to_conninfo(os.environ["SA_JOBS_DATABASE_URL"]), autocommit=True)
-        _local.conn = conn
-    return conn
+    # One connection per process (psycopg serialises threads on it): eight worker
+    # processes must not exhaust the server's max_connections.
+    with _lock:
+        conn = _shared.get("conn")
+        if conn is None or conn.closed:
+            conn = psycopg.connect(to_conninfo(os.environ["SA_JOBS_DATABASE_URL"]), autocommit=True)
+            _shared["conn"] = conn
+        return conn
 
 
 def record_effect(ctx: JobContext, note: str | None = None) -> None:

@@ -1,0 +1,169 @@
+"""Workers as real OS processes: claim races, SIGKILL mid-job, exactly-once effects, SIGTERM drain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from sqlalchemy.orm import Session
+
+from sa_jobs import enqueue_many
+
+from .conftest import start_worker_process
+from .helpers import jobs_sql, q, states, wait_for
+from .jobs_core import CoreNoop, CoreSlow, CoreTransactional, effects_ddl
+
+FAST = ["--lease", "2", "--maintenance-interval", "0.2", "--poll-interval", "0.2"]
+
+
+@pytest.fixture
+def effects(database_url, schema):
+    q(database_url, effects_ddl(schema))
+    os.environ["SA_JOBS_DATABASE_URL"] = database_url
+
+
+def stop(procs: list[subprocess.Popen[bytes]], sig: int = signal.SIGTERM, timeout: float = 20) -> list[int]:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes
+
+
+def output(p: subprocess.Popen[bytes]) -> str:
+    return p.stdout.read().decode(errors="replace") if p.stdout else ""
+
+
+def wait_running(database_url: str, schema: str, n: int, timeout: float = 20) -> bool:
+    return wait_for(lambda: states(database_url, schema).get("running", 0) >= n, timeout)
+
+
+def test_eight_processes_claim_each_job_once(engine, database_url, schema, effects):
+    with Session(engine) as session, session.begin():
+        enqueue_many(session, (CoreNoop(n=i) for i in range(10_000)))
+    procs = [start_worker_process(database_url, schema, "tests.jobs_core", "--concurrency", "8", *FAST) for _ in range(8)]
+    try:
+        assert wait_for(lambda: states(database_url, schema) == {"completed": 10_000}, 120, 0.25), states(database_url, schema)
+    finally:
+        codes = stop(procs)
+    assert codes == [0] * 8, [output(p) for p in procs]
+    # From the table: every job ran exactly one attempt.
+    assert q(database_url, jobs_sql(schema, "SELECT min(attempt), max(attempt), count(*) FROM {jobs}")) == [(1, 1, 10_000)]
+    # From the handlers' side effects: one per job, none twice, spread over processes.
+    total, distinct, pids = q(database_url, jobs_sql(schema, "SELECT count(*), count(DISTINCT job_id), count(DISTINCT worker_pid) FROM {effects}"))[0]
+    assert (total, distinct) == (10_000, 10_000)
+    assert pids >= 2
+
+
+def test_sigkill_mid_job_is_rescued_after_lease_and_completed(engine, database_url, schema, effects):
+    with Session(engine) as session, session.begin():
+        session.add_all([CoreSlow(seconds=1.5) for _ in range(4)])
+    victim = start_worker_process(database_url, schema, "tests.jobs_core", *FAST)
+    try:
+        assert wait_running(database_url, schema, 4)
+        victim.kill()
+        victim.wait(10)
+        killed_at = time.monotonic()
+        assert states(database_url, schema) == {"running": 4}
+        rescuer = start_worker_process(database_url, schema, "tests.jobs_core", *FAST)
+        try:
+            assert wait_for(lambda: states(database_url, schema) == {"completed": 4}, 30), states(database_url, schema)
+            # Lease 2 s + rescue within 0.2 s + 1.5 s run, with slack for process start.
+            assert time.monotonic() - killed_at < 15
+        finally:
+            assert stop([rescuer]) == [0]
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    rows = q(database_url, jobs_sql(schema, "SELECT attempt, errors->0->>'error' FROM {jobs}"))
+    assert all(attempt == 2 and err.startswith("LeaseExpired") for attempt, err in rows), rows
+    # The killed attempt never reached its effect (it sleeps first); the rescue did.
+    assert q(database_url, jobs_sql(schema, "SELECT count(*), count(DISTINCT job_id) FROM {effects}")) == [(4, 4)]
+
+
+def test_transactional_completion_effect_exactly_once_across_sigkill(engine, database_url, schema, effects):
+    with Session(engine) as session, session.begin():
+        session.add_all([CoreTransactional(seconds=3.0) for _ in range(3)])
+        session.add_all([CoreTransactional() for _ in range(50)])
+    victim = start_worker_process(database_url, schema, "tests.jobs_core", *FAST)
+    try:
+        # Kill while the slow jobs are inside their transaction, effects written but uncommitted.
+        assert wait_for(lambda: q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'running' AND args ? 'seconds'"))[0][0] == 3, 20)
+        time.sleep(0.5)
+        victim.kill()
+        victim.wait(10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    survivor = start_worker_process(database_url, schema, "tests.jobs_core", *FAST)
+    try:
+        assert wait_for(lambda: states(database_url, schema) == {"completed": 53}, 40), states(database_url, schema)
+    finally:
+        assert stop([survivor]) == [0]
+    assert q(database_url, jobs_sql(schema, "SELECT count(*), count(DISTINCT job_id) FROM {effects}")) == [(53, 53)]
+    retried = q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE attempt = 2"))[0][0]
+    assert retried == 3
+
+
+def test_sigterm_drains_running_jobs_and_stops_claiming(engine, database_url, schema, effects):
+    with Session(engine) as session, session.begin():
+        session.add_all([CoreSlow(seconds=1.0) for _ in range(3)])
+    worker = start_worker_process(database_url, schema, "tests.jobs_core", "--concurrency", "3", *FAST)
+    try:
+        assert wait_running(database_url, schema, 3)
+        with Session(engine) as session, session.begin():
+            session.add_all([CoreSlow(seconds=0.1) for _ in range(5)])
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, output(worker)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    # The three running jobs finished inside the grace period; nothing was claimed after it.
+    assert states(database_url, schema) == {"completed": 3, "available": 5}
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {effects}"))[0][0] == 3
+
+
+def test_sigterm_past_grace_releases_jobs_at_once(engine, database_url, schema, effects):
+    with Session(engine) as session, session.begin():
+        session.add_all([CoreSlow(seconds=30) for _ in range(2)])
+    worker = start_worker_process(
+        database_url, schema, "tests.jobs_core", "--shutdown-grace", "0.5", "--lease", "30",
+        "--maintenance-interval", "0.2", "--poll-interval", "0.2",
+    )
+    try:
+        assert wait_running(database_url, schema, 2)
+        signalled = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0, output(worker)
+        assert time.monotonic() - signalled < 0.5 + 1.5
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    # Released, not left running until the 30 s lease expires; the attempt is refunded.
+    assert q(database_url, jobs_sql(schema, "SELECT state, attempt, lease_expires_at FROM {jobs}")) == [("available", 0, None)] * 2
+
+
+def test_second_signal_exits_now(engine, database_url, schema, effects):
+    with Session(engine) as session, session.begin():
+        session.add(CoreSlow(seconds=30))
+    worker = start_worker_process(database_url, schema, "tests.jobs_core", "--shutdown-grace", "60", *FAST)
+    try:
+        assert wait_running(database_url, schema, 1)
+        worker.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert worker.poll() is None  # still draining
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(5) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert states(database_url, schema) == {"available": 1}

@@ -1,0 +1,174 @@
+"""The schema and the SQL the worker runs: plans, NOTIFY, quoting, idempotent install."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import select as select_mod
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from sa_jobs import InvalidIdentifierError, schema as schema_mod
+from sa_jobs._url import to_conninfo
+from sa_jobs.queries import Queries
+
+from .conftest import new_schema_name, pg_bin
+from .helpers import jobs_sql, q
+
+PACKAGE = Path(__file__).resolve().parent.parent / "sa_jobs"
+
+
+def _nodes(plan: dict) -> list[dict]:
+    found = [plan]
+    for child in plan.get("Plans", []):
+        found.extend(_nodes(child))
+    return found
+
+
+def test_claim_plan_is_an_index_scan_without_sort_at_100k_backlog(database_url, schema):
+    q(database_url, jobs_sql(schema,
+        "INSERT INTO {jobs} (kind, queue, args, priority, state, finished_at)"
+        " SELECT 'k', CASE WHEN g % 10 = 0 THEN 'other' ELSE 'default' END, '{{}}', g % 3,"
+        "  CASE WHEN g > 100000 THEN 'completed' ELSE 'available' END,"
+        "  CASE WHEN g > 100000 THEN now() END"
+        " FROM generate_series(1, 150000) g"))
+    q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
+    queries = Queries.for_schema(schema)
+    with psycopg.connect(to_conninfo(database_url)) as conn:  # a transaction, rolled back
+        (plan_json,) = conn.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queries.claim,
+            {"queue": "default", "limit": 100, "token": uuid.uuid4(), "owner": "x", "lease": 30},
+        ).fetchone()
+        conn.rollback()
+    nodes = _nodes(plan_json[0]["Plan"])
+    types = [n["Node Type"] for n in nodes]
+    assert "Seq Scan" not in types and "Sort" not in types, types
+    scans = [n for n in nodes if n.get("Index Name") == "jobs_claim_idx"]
+    assert scans and scans[0]["Node Type"] in ("Index Scan", "Index Only Scan"), types
+    # It stops after the batch: it reads a small multiple of LIMIT, not the backlog.
+    assert scans[0]["Actual Rows"] <= 300, scans[0]["Actual Rows"]
+    assert plan_json[0]["Plan"]["Actual Rows"] == 100
+
+
+def _notifications(conn: psycopg.Connection, wait: float = 0.3) -> list[psycopg.Notify]:
+    return list(conn.notifies(timeout=wait))
+
+
+def test_insert_trigger_notifies_once_per_statement_without_payload(database_url, schema):
+    channel = schema_mod.channel_name(schema)
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as listener, psycopg.connect(
+        to_conninfo(database_url), autocommit=True
+    ) as writer:
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        insert = jobs_sql(schema, "INSERT INTO {jobs} (kind, args) SELECT 'k', jsonb_build_object('secret', 's3cr3t') FROM generate_series(1, %s)")
+        writer.execute(insert, (500,))
+        got = _notifications(listener)
+        assert [(n.channel, n.payload) for n in got] == [(channel, "")]
+        writer.execute(insert, (1,))
+        writer.execute(insert, (1,))
+        assert len(_notifications(listener)) == 2
+        with writer.transaction():
+            writer.execute(insert, (3,))
+            writer.execute(insert, (3,))
+        # Equal notifications collapse within a transaction: one wake-up at commit.
+        assert len(_notifications(listener)) == 1
+        with pytest.raises(RuntimeError):
+            with writer.transaction():
+                writer.execute(insert, (1,))
+                raise RuntimeError
+        assert _notifications(listener) == []
+
+
+def test_install_is_idempotent_and_concurrent_safe(database_url):
+    import threading
+
+    name = new_schema_name()
+    errors: list[BaseException] = []
+
+    def install() -> None:
+        try:
+            schema_mod.install(database_url, name)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=install) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        assert schema_mod.install(database_url, name) == schema_mod.LATEST_VERSION
+        assert schema_mod.installed_version(to_conninfo(database_url), name) == schema_mod.LATEST_VERSION
+    finally:
+        schema_mod.uninstall(database_url, name)
+    assert schema_mod.installed_version(to_conninfo(database_url), name) == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ['a"b', "a;drop table x", "A", "1abc", "", "a b", "%s", "$1", "é", "a\x00b", "x" * 41, "a-b", None, 5],
+)
+def test_schema_names_are_validated_before_any_sql(database_url, bad):
+    with pytest.raises(InvalidIdentifierError):
+        schema_mod.install(database_url, bad)
+    with pytest.raises(InvalidIdentifierError):
+        Queries.for_schema(bad)
+    with pytest.raises(InvalidIdentifierError):
+        schema_mod.install_sql(bad)
+
+
+def test_state_check_constraint_rejects_unknown_states(database_url, schema):
+    with pytest.raises(psycopg.errors.CheckViolation):
+        q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state) VALUES ('k', 'pending')"))
+
+
+def test_migrate_sql_is_complete_ddl(database_url):
+    name = new_schema_name()
+    script = schema_mod.install_sql(name)
+    # As a team applying SQL by hand would: psql, statement by statement, stop on error.
+    import subprocess
+
+    subprocess.run(
+        [pg_bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", to_conninfo(database_url)],
+        input=script.encode(), check=True, capture_output=True,
+    )
+    try:
+        assert schema_mod.installed_version(to_conninfo(database_url), name) == schema_mod.LATEST_VERSION
+        assert schema_mod.install(database_url, name) == schema_mod.LATEST_VERSION  # nothing left to do
+    finally:
+        schema_mod.uninstall(database_url, name)
+
+
+def test_package_builds_no_sql_from_python_string_formatting():
+    """SQL text in the package is composed with psycopg.sql/SQLAlchemy, never f-strings or %."""
+    sql_words = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|LISTEN|NOTIFY)\b")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str))
+                if sql_words.search(text):
+                    offenders.append(f"{path.name}:{node.lineno} f-string")
+            elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod) and isinstance(node.left, ast.Constant):
+                if isinstance(node.left.value, str) and sql_words.search(node.left.value):
+                    offenders.append(f"{path.name}:{node.lineno} % formatting")
+            elif (
+                isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format"
+                and isinstance(node.func.value, ast.Constant) and isinstance(node.func.value.value, str)
+                and sql_words.search(node.func.value.value)
+            ):
+                offenders.append(f"{path.name}:{node.lineno} str.format")
+    assert offenders == []
+
+
+def test_package_has_no_pickle_marshal_or_eval():
+    banned = re.compile(r"\b(pickle|marshal|eval|exec)\s*[\.(]|import (pickle|marshal)")
+    hits = [f"{p.name}" for p in PACKAGE.rglob("*.py") if banned.search(p.read_text())]
+    assert hits == []
