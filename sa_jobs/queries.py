@@ -106,7 +106,8 @@ class Queries:
                 " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
                 " RETURNING j.id"
             ),
-            # Leader only: jobs whose lease ran out belong to a worker presumed dead.
+            # Run by every worker (SKIP LOCKED makes concurrent rescuers safe): jobs whose
+            # lease ran out belong to a worker presumed dead.
             # The lost attempt counts; exhausted jobs go dead with the reason recorded.
             rescue_expired=r(
                 "WITH expired AS MATERIALIZED ("

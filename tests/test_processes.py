@@ -167,3 +167,48 @@ def test_second_signal_exits_now(engine, database_url, schema, effects):
         if worker.poll() is None:
             worker.kill()
     assert states(database_url, schema) == {"available": 1}
+
+
+def test_stale_worker_cannot_complete_and_its_session_effects_roll_back(engine, database_url, schema, effects):
+    """SIGSTOP a worker inside a transactional job past its lease; another completes it."""
+    with Session(engine) as session, session.begin():
+        session.add(CoreTransactional(seconds=2.0))
+    stale = start_worker_process(database_url, schema, "tests.jobs_core", "--lease", "1", "--maintenance-interval", "0.1")
+    fresh = None
+    try:
+        assert wait_running(database_url, schema, 1)
+        time.sleep(0.3)  # inside the handler's transaction now: effect inserted, not committed
+        stale.send_signal(signal.SIGSTOP)
+        fresh = start_worker_process(database_url, schema, "tests.jobs_core", "--lease", "1", "--maintenance-interval", "0.1")
+        assert wait_for(lambda: states(database_url, schema) == {"completed": 1}, 30), states(database_url, schema)
+        stale.send_signal(signal.SIGCONT)
+        time.sleep(3.0)  # the stale handler wakes, tries to commit its completion, and is fenced off
+        assert stale.poll() is None, "a fenced-off worker must keep running"
+    finally:
+        stale.send_signal(signal.SIGCONT)
+        stop([p for p in (stale, fresh) if p is not None])
+    rows = q(database_url, jobs_sql(schema, "SELECT worker_pid FROM {effects}"))
+    assert rows == [(fresh.pid,)]
+    assert q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs}")) == [("completed", 2)]
+
+
+def test_terminated_backends_are_replaced_and_nothing_is_lost(engine, database_url, schema, effects):
+    with Session(engine) as session, session.begin():
+        enqueue_many(session, (CoreNoop(n=i, sleep=0.002) for i in range(3000)))
+    worker = start_worker_process(database_url, schema, "tests.jobs_core", "--concurrency", "20", *FAST)
+    try:
+        kills = 0
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and states(database_url, schema) != {"completed": 3000}:
+            if kills < 4:
+                killed = q(database_url, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                           " WHERE application_name LIKE 'sa_jobs:%%' AND pid <> pg_backend_pid()")[0][0]
+                kills += 1 if killed else 0
+            time.sleep(0.7)
+        assert kills == 4
+        assert states(database_url, schema) == {"completed": 3000}
+        assert worker.poll() is None, output(worker)
+    finally:
+        assert stop([worker]) == [0]
+    distinct = q(database_url, jobs_sql(schema, "SELECT count(DISTINCT job_id) FROM {effects}"))[0][0]
+    assert distinct == 3000

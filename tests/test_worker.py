@@ -305,3 +305,24 @@ def test_worker_configuration_errors(database_url):
         Worker(database_url, kinds=[WSync], schema="Robert'); DROP TABLE students;--")
     with pytest.raises(ConfigurationError):
         Worker(database_url, kinds=[object])  # type: ignore[list-item]
+
+
+class WHog(Job, kind="w_hog", queue="w"):
+    pass
+
+
+@WHog.handler
+def w_hog(ctx: JobContext, seconds: float) -> int:
+    # Pure-Python CPU work holding the GIL as much as the interpreter lets it.
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        n += sum(range(1000))
+    return 1
+
+
+def test_cpu_bound_sync_handler_does_not_starve_heartbeats(engine, database_url, schema):
+    (job_id,) = add(engine, WHog(seconds=3.5))
+    run_worker_until(database_url, schema, [WHog], finished(engine, [job_id]), lease=1.0, timeout=20)
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt, job.errors) == ("completed", 1, [])

@@ -1,4 +1,4 @@
-"""Services that run on the elected leader only: rescue expired leases, promote due jobs."""
+"""Maintenance beside the worker: rescue expired leases, promote due jobs, leader election."""
 
 from .leader import Maintainer, MaintenanceService
 

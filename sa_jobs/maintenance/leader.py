@@ -1,5 +1,10 @@
-"""Leader election by a session advisory lock, and the loop that runs maintenance on it.
+"""The maintenance loop, and leader election by a session advisory lock.
 
+Services that are safe to run concurrently (rescuing expired leases, promoting due jobs:
+both claim their rows with SKIP LOCKED and re-check state) run on EVERY worker. A leader
+that is frozen (SIGSTOP, a long GC pause, a partition that keeps its socket open) still
+holds its advisory lock, so nothing that re-drives jobs may depend on it. Services that
+must run once per cluster set ``leader_only`` and run on the lock holder.
 The lock lives as long as the maintainer's connection: a leader that dies or is cut off
 loses it with its backend, and the next worker to try takes over within one interval.
 Maintenance grows by adding a :class:`MaintenanceService`, not by editing this loop.
@@ -21,6 +26,7 @@ log = logging.getLogger("sa_jobs.maintenance")
 
 class MaintenanceService(Protocol):
     name: str
+    leader_only: bool
 
     async def run_once(self, conn: Any, queries: Queries) -> None: ...
 
@@ -57,8 +63,8 @@ class Maintainer:
             if not self.is_leader:
                 cur = await conn.execute(self._q.try_leader_lock)
                 self._set_leader(bool((await cur.fetchone())[0]))
-            if self.is_leader:
-                for service in self._services:
+            for service in self._services:
+                if self.is_leader or not service.leader_only:
                     await service.run_once(conn, self._q)
         except TRANSIENT_ERRORS as exc:
             self._observer.loop_error("maintenance")

@@ -10,6 +10,7 @@ from ..worker.events import WorkerObserver
 
 class Rescuer:
     name = "rescuer"
+    leader_only = False  # concurrent-safe: must not wait on a leader that may be frozen
 
     def __init__(self, observer: WorkerObserver, *, batch: int = 1000) -> None:
         self._observer = observer

@@ -9,6 +9,7 @@ from ..queries import Queries
 
 class Scheduler:
     name = "scheduler"
+    leader_only = False  # concurrent-safe: must not wait on a leader that may be frozen
 
     def __init__(self, *, batch: int = 5000) -> None:
         self._batch = batch
