@@ -65,15 +65,20 @@ def _walk(value: Any, path: str) -> None:
     )
 
 
-def json_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_BYTES, what: str = "args") -> dict[str, Any]:
-    """Return ``value`` as a plain dict after proving it is JSON and under ``max_bytes``."""
+def encode_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_BYTES, what: str = "args") -> tuple[dict[str, Any], str]:
+    """Prove ``value`` is plain JSON under ``max_bytes``; return it as a dict and as JSON text."""
     if type(value) is not dict:
         value = dict(value)
     _walk(value, "")
-    size = len(json.dumps(value, separators=(",", ":")).encode())
-    if size > max_bytes:
-        raise InvalidArgsError(f"{what} are {size} bytes of JSON, over the cap of {max_bytes}")
-    return value
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:  # encode only when it may matter
+        raise InvalidArgsError(f"{what} are {len(text.encode())} bytes of JSON, over the cap of {max_bytes}")
+    return value, text
+
+
+def json_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_BYTES, what: str = "args") -> dict[str, Any]:
+    """Return ``value`` as a plain dict after proving it is JSON and under ``max_bytes``."""
+    return encode_payload(value, max_bytes=max_bytes, what=what)[0]
 
 
 def json_value(value: Any, what: str = "result") -> Any:

@@ -32,6 +32,8 @@ from .schema import DEFAULT_SCHEMA, JOBS_TABLE
 
 Handler = Callable[..., Any]
 
+_SERVER_DEFAULT_MAX_ATTEMPTS = 20  # the jobs table's DEFAULT for max_attempts
+
 
 @dataclass(frozen=True)
 class KindOptions:
@@ -40,7 +42,7 @@ class KindOptions:
     kind: str
     queue: str = "default"
     priority: int = 0
-    max_attempts: int = 20
+    max_attempts: int = _SERVER_DEFAULT_MAX_ATTEMPTS
     timeout: Optional[float] = None
     backoff: BackoffPolicy = field(default=exponential_backoff)
     tags: tuple[str, ...] = ()
@@ -103,7 +105,7 @@ class Job(Base):
     tags: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default=text("'{}'"))
     meta: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
 
-    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_abstract": True}
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_abstract": True, "eager_defaults": True}
 
     # Set on each kind by __init_subclass__; None on Job itself.
     __sa_jobs_options__: ClassVar[Optional[KindOptions]] = None
@@ -115,7 +117,7 @@ class Job(Base):
         kind: Optional[str] = None,
         queue: str = "default",
         priority: int = 0,
-        max_attempts: int = 20,
+        max_attempts: int = _SERVER_DEFAULT_MAX_ATTEMPTS,
         timeout: Optional[float] = None,
         backoff: BackoffPolicy = exponential_backoff,
         tags: Sequence[str] = (),
@@ -145,16 +147,18 @@ class Job(Base):
         if options is None:  # pragma: no cover - polymorphic_abstract already forbids this
             raise ConfigurationError("Job is abstract: subclass it once per kind")
         self.args = _validate.json_payload(args, max_bytes=options.max_args_bytes)
-        # Every column an INSERT needs is set here, so add_all() of many rows shares one
-        # parameter shape and SQLAlchemy batches them into multi-row INSERTs.
-        self.queue = options.queue
-        self.priority = options.priority
-        self.max_attempts = options.max_attempts
-        self.state = "available"
-        self.attempt = 0
-        self.tags = list(options.tags)
-        self.meta = {}
-        self.errors = []
+        # Only columns that differ from the table's server defaults are set: every row of
+        # a kind still shares one parameter shape (so add_all() batches into multi-row
+        # INSERTs), and each row carries fewer placeholders for the driver to parse.
+        # The defaults come back through RETURNING at flush (eager defaults).
+        if options.queue != "default":
+            self.queue = options.queue
+        if options.priority != 0:
+            self.priority = options.priority
+        if options.max_attempts != _SERVER_DEFAULT_MAX_ATTEMPTS:
+            self.max_attempts = options.max_attempts
+        if options.tags:
+            self.tags = list(options.tags)
 
     # ---- per-row options ---------------------------------------------------------
 

@@ -212,3 +212,31 @@ def test_bad_options():
         job.options(run_at=dt.datetime(2030, 1, 1))  # naive
     with pytest.raises(ConfigurationError):
         job.options(delay=1, run_at=dt.datetime.now(dt.timezone.utc))
+
+
+def test_enqueue_many_from_plain_args_with_options(engine):
+    run_at = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    with Session(engine) as session, session.begin():
+        assert enqueue_many(session, EnqSendReceipt, ({"order_id": i} for i in range(1000))) == 1000
+        assert enqueue_many(session, EnqSendReceipt, [{"order_id": -1}], queue="later", priority=7, run_at=run_at) == 1
+        assert enqueue_many(session, [EnqSendReceipt(order_id=-2).options(run_at=run_at, queue="later")]) == 1
+    with Session(engine) as session:
+        rows = session.execute(
+            select(EnqSendReceipt.queue, EnqSendReceipt.state, EnqSendReceipt.priority, EnqSendReceipt.max_attempts,
+                   func.count()).group_by(EnqSendReceipt.queue, EnqSendReceipt.state, EnqSendReceipt.priority,
+                                          EnqSendReceipt.max_attempts).order_by(EnqSendReceipt.queue)
+        ).all()
+        assert rows == [("emails", "available", 3, 5, 1000), ("later", "scheduled", 3, 5, 1), ("later", "scheduled", 7, 5, 1)]
+        assert {j.scheduled_at for j in session.scalars(select(EnqSendReceipt).where(EnqSendReceipt.queue == "later"))} == {run_at}
+
+
+def test_enqueue_many_bad_row_keeps_nothing(engine):
+    def rows():
+        yield {"order_id": 1}
+        yield {"order_id": object()}
+
+    with pytest.raises(InvalidArgsError):
+        with Session(engine) as session, session.begin():
+            enqueue_many(session, EnqSendReceipt, rows())
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
