@@ -18,7 +18,7 @@ from typing import Any, Protocol, Sequence
 import anyio
 
 from ..queries import Queries
-from ..worker._connection import TRANSIENT_ERRORS, ManagedConnection
+from ..worker._connection import ManagedConnection, describe, is_transient
 from ..worker.events import WorkerObserver
 
 log = logging.getLogger("sa_jobs.maintenance")
@@ -66,9 +66,10 @@ class Maintainer:
             for service in self._services:
                 if self.is_leader or not service.leader_only:
                     await service.run_once(conn, self._q)
-        except TRANSIENT_ERRORS as exc:
+        except Exception as exc:  # noqa: BLE001 - retried next tick on a fresh connection
             self._observer.loop_error("maintenance")
-            log.warning("maintenance failed (%s); leadership dropped until reconnected", exc)
+            log.warning("maintenance failed (%s); leadership dropped until reconnected", describe(exc),
+                        exc_info=not is_transient(exc))
             self._set_leader(False)
             await self._conn.discard()
 

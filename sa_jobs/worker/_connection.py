@@ -23,6 +23,17 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def describe(exc: BaseException) -> str:
+    """Log text for an error: its type and, for driver errors, the SQLSTATE, not the
+    message (messages can echo job data, and logs must not carry args or secrets)."""
+    state = getattr(getattr(exc, "diag", None), "sqlstate", None)
+    return f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, (*TRANSIENT_ERRORS, TimeoutError))
+
+
 class ManagedConnection:
     def __init__(
         self,

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 from ..queries import Queries
-from ._connection import TRANSIENT_ERRORS, ManagedConnection
+from ._connection import ManagedConnection, describe, is_transient
 from ._job import Outcome
 from .events import WorkerObserver
 
@@ -71,18 +71,35 @@ class Completer:
         try:
             conn = await self._conn.get()
             await self._write(conn, batch)
-        except TRANSIENT_ERRORS as exc:
-            self._pending[:0] = batch
-            self._failures += 1
+        except Exception as exc:  # noqa: BLE001
             self._observer.loop_error("completer")
-            log.warning("completer: writing %d outcome(s) failed (%s); retrying", len(batch), exc)
             await self._conn.discard()
-            await anyio.sleep(min(2.0, 0.05 * 2 ** min(self._failures, 6)))
-            return False
+            if is_transient(exc):
+                self._pending[:0] = batch
+                self._failures += 1
+                log.warning("completer: writing %d outcome(s) failed (%s); retrying", len(batch), describe(exc))
+                await anyio.sleep(min(2.0, 0.05 * 2 ** min(self._failures, 6)))
+                return False
+            # The database refused the batch itself: write outcomes one by one so one bad
+            # row cannot hold back the rest. One that still fails is dropped and logged;
+            # its job stays running until its lease expires and is then rescued.
+            log.error("completer: batch of %d refused (%s); writing one by one", len(batch), describe(exc))
+            await self._write_singly(batch)
         self._failures = 0
         if not self._pending:
             self._idle.set()
         return True
+
+    async def _write_singly(self, batch: list[Outcome]) -> None:
+        for i, outcome in enumerate(batch):
+            try:
+                await self._write(await self._conn.get(), [outcome])
+            except Exception as exc:  # noqa: BLE001
+                if is_transient(exc):
+                    self._pending[:0] = batch[i:]
+                    await self._conn.discard()
+                    return
+                log.error("completer: dropping the %s outcome of job %s (%s)", outcome.action, outcome.job.id, describe(exc))
 
     async def drain(self, timeout: float) -> bool:
         """Flush until nothing is pending or ``timeout`` passes; True if all landed."""

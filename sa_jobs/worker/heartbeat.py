@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import anyio
 
 from ..queries import Queries
-from ._connection import TRANSIENT_ERRORS, ManagedConnection
+from ._connection import ManagedConnection, describe, is_transient
 from ._job import ClaimedJob
 from .events import WorkerObserver
 
@@ -60,9 +60,9 @@ class Heartbeat:
                     prepare=True,
                 )
                 alive = {row[0] for row in await cur.fetchall()}
-        except (*TRANSIENT_ERRORS, TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure: treat the beat as missed
             self._observer.loop_error("heartbeat")
-            log.warning("heartbeat failed (%s)", exc)
+            log.warning("heartbeat failed (%s)", describe(exc), exc_info=not is_transient(exc))
             await self._conn.discard()
             now = time.monotonic()
             for job in jobs:

@@ -14,7 +14,7 @@ from typing import Callable
 import anyio
 
 from ..queries import Queries
-from ._connection import TRANSIENT_ERRORS, ManagedConnection
+from ._connection import ManagedConnection, describe, is_transient
 from .events import WorkerObserver
 
 log = logging.getLogger("sa_jobs.worker")
@@ -52,10 +52,10 @@ class Notifier:
                             self._wake()
                         with anyio.fail_after(max(1.0, self._health_interval / 2)):
                             await conn.execute("SELECT 1")
-                except (*TRANSIENT_ERRORS, TimeoutError) as exc:
+                except Exception as exc:  # noqa: BLE001 - polling covers for us meanwhile
                     self.listening = False
                     self._observer.loop_error("notifier")
-                    log.warning("listener connection lost (%s); reconnecting", exc)
+                    log.warning("listener connection lost (%s); reconnecting", describe(exc), exc_info=not is_transient(exc))
                     await self._conn.discard()
                     await anyio.sleep(0.1)
         finally:

@@ -38,7 +38,7 @@ from ..maintenance.scheduler import Scheduler
 from ..model import Job, KindOptions, registered_kinds
 from ..queries import Queries
 from ..retry import exponential_backoff
-from ._connection import TRANSIENT_ERRORS, ManagedConnection
+from ._connection import ManagedConnection, describe, is_transient
 from ._job import ClaimedJob, Outcome
 from .completer import Completer
 from .context import JobContext, _Cancelled, dumps
@@ -349,10 +349,11 @@ class Worker:
                     with anyio.CancelScope(shield=True):
                         jobs = await self._claim(q, await conn.get(), want)
                 failures = 0
-            except TRANSIENT_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - back off and retry; never exit the worker
                 failures += 1
                 self._observer.loop_error("producer")
-                log.warning("claim on queue %r failed (%s); reconnecting", q.name, exc)
+                log.warning("claim on queue %r failed (%s); reconnecting", q.name, describe(exc),
+                            exc_info=not is_transient(exc))
                 await conn.discard()
                 await anyio.sleep(min(5.0, 0.05 * 2 ** min(failures, 7)))
                 continue
@@ -394,6 +395,9 @@ class Worker:
             q.running[job.id] = job
             try:
                 outcome, label = await self._execute(q, job)
+            except Exception as exc:  # noqa: BLE001 - a bug here must cost one attempt, not the worker
+                log.exception("job %s: the worker failed around its handler", job.id)
+                outcome, label = self._failure(job, exc, None), "retried"
             finally:
                 q.running.pop(job.id, None)
                 q.busy -= 1
