@@ -9,8 +9,9 @@ is a no-op; Alembic revisions call :func:`upgrade_statements` for the same text.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from psycopg import sql
 
@@ -30,6 +31,17 @@ def channel_name(schema: str = DEFAULT_SCHEMA) -> str:
     return f"{_validate.schema_name(schema)}_jobs_inserted"
 
 
+class ConcurrentDDL(Protocol):
+    """Builds the statements of ``Migration.up_concurrently``; ``concurrently=False`` gives
+    the same DDL for a transaction (a table created in it, or a scratch copy)."""
+
+    def __call__(self, schema: str, *, concurrently: bool = True) -> list[sql.Composable]: ...
+
+
+def _no_statements(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
+    return []
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -38,7 +50,11 @@ class Migration:
     down: Callable[[str], list[sql.Composable]]
     # Statements that must run outside a transaction (CREATE INDEX CONCURRENTLY) on a
     # populated table; applied after ``up`` by migrate and by the Alembic revision.
-    up_concurrently: Callable[[str], list[sql.Composable]] = lambda schema: []
+    up_concurrently: ConcurrentDDL = _no_statements
+    # Names of the indexes ``up_concurrently`` builds: a later install() re-runs those
+    # statements only when one is missing (a crash between the two phases), so routine
+    # installs never take the table's ShareUpdateExclusiveLock. Empty means always re-run.
+    concurrent_indexes: tuple[str, ...] = ()
 
 
 def _v1_up(schema: str) -> list[sql.Composable]:
@@ -113,15 +129,19 @@ def _v2_up(schema: str) -> list[sql.Composable]:
     return [sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS progress jsonb").format(sql.Identifier(schema, JOBS_TABLE))]
 
 
-def _v2_up_concurrently(schema: str) -> list[sql.Composable]:
+def _v2_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
     # Retention pruning scans finished rows by age. Built CONCURRENTLY because by v2 the
     # table may hold millions of rows that workers are updating; IF NOT EXISTS lets a
     # re-run heal a crash between the transactional and the concurrent phase.
     return [
         sql.SQL(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {idx} ON {jobs} (finished_at)"
+            "CREATE INDEX {how}IF NOT EXISTS {idx} ON {jobs} (finished_at)"
             " WHERE state IN ('completed', 'cancelled', 'dead')"
-        ).format(idx=sql.Identifier(FINISHED_INDEX), jobs=sql.Identifier(schema, JOBS_TABLE))
+        ).format(
+            how=sql.SQL("CONCURRENTLY " if concurrently else ""),
+            idx=sql.Identifier(FINISHED_INDEX),
+            jobs=sql.Identifier(schema, JOBS_TABLE),
+        )
     ]
 
 
@@ -134,7 +154,10 @@ def _v2_down(schema: str) -> list[sql.Composable]:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs table, claim/due/lease indexes, insert NOTIFY trigger", _v1_up, _v1_down),
-    Migration(2, "jobs.progress column, finished-jobs index for retention", _v2_up, _v2_down, _v2_up_concurrently),
+    Migration(
+        2, "jobs.progress column, finished-jobs index for retention", _v2_up, _v2_down, _v2_up_concurrently,
+        concurrent_indexes=(FINISHED_INDEX,),
+    ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -197,9 +220,14 @@ def upgrade_statements(version: int, schema: str = DEFAULT_SCHEMA) -> list[str]:
     return [s.as_string() for s in stmts]
 
 
-def concurrent_statements(version: int, schema: str = DEFAULT_SCHEMA) -> list[str]:
-    """Statements of ``version`` that run outside a transaction (CONCURRENTLY)."""
-    return [s.as_string() for s in migration(version).up_concurrently(_validate.schema_name(schema))]
+def concurrent_statements(version: int, schema: str = DEFAULT_SCHEMA, *, concurrently: bool = True) -> list[str]:
+    """Statements of ``version`` that run outside a transaction (CONCURRENTLY).
+
+    ``concurrently=False`` gives their in-transaction form, for a table nobody else can
+    see yet (a fresh install) where CONCURRENTLY would only wait for unrelated transactions.
+    """
+    m = migration(version)
+    return [s.as_string() for s in m.up_concurrently(_validate.schema_name(schema), concurrently=concurrently)]
 
 
 def downgrade_statements(version: int, schema: str = DEFAULT_SCHEMA) -> list[str]:
@@ -272,7 +300,6 @@ def install(target: object, schema: str = DEFAULT_SCHEMA, *, to_version: int | N
     if to_version > LATEST_VERSION:
         raise SchemaVersionError(f"sa-jobs knows schema versions up to {LATEST_VERSION}, not {to_version}")
     conninfo = _conninfo_of(target)
-    concurrent: list[str] = []
     with psycopg.connect(conninfo, autocommit=True) as conn:
         with conn.transaction():
             conn.execute(lock_statement(schema))
@@ -286,14 +313,45 @@ def install(target: object, schema: str = DEFAULT_SCHEMA, *, to_version: int | N
                 if current < m.version <= to_version:
                     for stmt in upgrade_statements(m.version, schema):
                         conn.execute(stmt)
-                if m.version <= max(current, to_version):
-                    concurrent.extend(concurrent_statements(m.version, schema))
-        # CONCURRENTLY cannot run in a transaction block. Every such statement is written
-        # IF NOT EXISTS and re-run for every installed version, so a crash between the two
-        # phases (version recorded, index not yet built) heals on the next run.
-        for stmt in concurrent:
-            conn.execute(stmt)
+                    if current == 0:  # the table is new and invisible: no need to wait
+                        for stmt in concurrent_statements(m.version, schema, concurrently=False):
+                            conn.execute(stmt)
+        _build_concurrently(conn, schema, max(current, to_version))
         return read_version(conn, schema)
+
+
+def _wait_for_session_lock(conn, key: str) -> None:  # type: ignore[no-untyped-def]
+    # Polled, not blocking: a session blocked in pg_advisory_lock() holds a snapshot, which
+    # the other session's CREATE INDEX CONCURRENTLY waits out, and they would deadlock.
+    while not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()[0]:
+        time.sleep(0.05)
+
+
+def _index_missing(conn, schema: str, name: str) -> bool:  # type: ignore[no-untyped-def]
+    index = sql.Identifier(schema, name).as_string()
+    return bool(conn.execute("SELECT to_regclass(%s) IS NULL", (index,)).fetchone()[0])
+
+
+def _build_concurrently(conn, schema: str, upto: int) -> None:  # type: ignore[no-untyped-def]
+    """Run the CONCURRENTLY statements of versions <= ``upto`` whose indexes are missing.
+
+    Outside any transaction (CONCURRENTLY requires it) and one installer at a time, under a
+    session lock distinct from the DDL lock; every statement is IF NOT EXISTS, so this also
+    heals a crash between the version being recorded and the index being built.
+    """
+    pending = [m for m in MIGRATIONS if m.version <= upto and concurrent_statements(m.version, schema)]
+    if not pending:
+        return
+    key = _advisory_key(schema) + ".concurrently"
+    _wait_for_session_lock(conn, key)
+    try:
+        for m in pending:
+            names = m.concurrent_indexes
+            if not names or any(_index_missing(conn, schema, n) for n in names):
+                for stmt in concurrent_statements(m.version, schema):
+                    conn.execute(stmt)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
 
 
 def uninstall(target: object, schema: str = DEFAULT_SCHEMA) -> None:

@@ -1,0 +1,57 @@
+"""Which Postgres schema the revisions target, read from the running Alembic config."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from sa_jobs import _validate
+from sa_jobs.schema import DEFAULT_SCHEMA
+
+# ``alembic -x sa_jobs_schema=NAME``; wins so a one-off command can name the schema.
+SCHEMA_X_ARG = "sa_jobs_schema"
+# ``config.attributes["sa_jobs_schema"] = NAME`` in env.py or programmatic Config use.
+SCHEMA_ATTRIBUTE = "sa_jobs_schema"
+# ``sa_jobs_schema = NAME`` in the ``[alembic]`` section of alembic.ini.
+SCHEMA_OPTION = "sa_jobs_schema"
+
+
+def _alembic_context() -> Optional[Any]:
+    """The EnvironmentContext while env.py runs, else None (the proxy raises outside it)."""
+    from alembic import context
+
+    try:
+        context.config  # noqa: B018 - probe the proxy
+    except (NameError, AttributeError):  # proxy not installed (yet) in this process
+        return None
+    return context
+
+
+def configured_schema() -> str:
+    """The queue's schema for this Alembic run, validated so it reaches SQL only quoted.
+
+    Order: ``-x sa_jobs_schema=``, ``config.attributes``, alembic.ini, then ``sa_jobs``.
+    Outside an Alembic run it is the default schema.
+    """
+    ctx = _alembic_context()
+    if ctx is None:
+        return DEFAULT_SCHEMA
+    config = ctx.config
+    value = (
+        ctx.get_x_argument(as_dictionary=True).get(SCHEMA_X_ARG)
+        or config.attributes.get(SCHEMA_ATTRIBUTE)
+        or config.get_main_option(SCHEMA_OPTION)
+        or DEFAULT_SCHEMA
+    )
+    return _validate.schema_name(value)
+
+
+def default_schema_name() -> Optional[str]:
+    """The connection's default schema, which reflection reports as ``None``."""
+    ctx = _alembic_context()
+    if ctx is None:
+        return None
+    try:
+        dialect = ctx.get_context().dialect
+    except Exception:  # no MigrationContext configured yet
+        return None
+    return getattr(dialect, "default_schema_name", None)

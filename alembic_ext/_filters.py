@@ -1,0 +1,49 @@
+"""Autogenerate filters: the queue's tables are the sa_jobs branch's business, not the app's.
+
+They hide the queue both ways: reflected objects (so ``include_schemas=True`` does not see
+tables to drop) and metadata objects (so an app that puts ``sa_jobs.model.Base.metadata``
+in ``target_metadata`` gets no "add table"). Chain them with the app's own filters with
+``and``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from sa_jobs.schema import JOBS_TABLE, VERSION_TABLE
+
+from ._config import configured_schema, default_schema_name
+
+QUEUE_TABLES = frozenset({JOBS_TABLE, VERSION_TABLE})
+
+
+def _is_queue_schema(schema: Optional[str], queue_schema: str) -> bool:
+    if schema is None:  # reflection's spelling of the default schema
+        return queue_schema == (default_schema_name() or "public")
+    return schema == queue_schema
+
+
+def _is_queue_table(schema: Optional[str], name: Optional[str], queue_schema: str) -> bool:
+    return name in QUEUE_TABLES and _is_queue_schema(schema, queue_schema)
+
+
+def include_name(name: Optional[str], type_: str, parent_names: Mapping[str, Optional[str]]) -> bool:
+    """``include_name`` hook: skip reflecting the queue's schema (or its tables in a shared one)."""
+    queue_schema = configured_schema()
+    if type_ == "schema":
+        # A dedicated queue schema is skipped whole; a shared/default one only by table.
+        return name is None or name != queue_schema or _is_queue_schema(None, queue_schema)
+    if type_ == "table":
+        return not _is_queue_table(parent_names.get("schema_name"), name, queue_schema)
+    return True
+
+
+def include_object(object_: Any, name: Optional[str], type_: str, reflected: bool, compare_to: Any) -> bool:
+    """``include_object`` hook: no autogenerate operations for any sa-jobs table."""
+    if type_ != "table":
+        return True  # columns, indexes, constraints follow their table's verdict
+    from sa_jobs.model import Base
+
+    if getattr(object_, "metadata", None) is Base.metadata:
+        return False
+    return not _is_queue_table(getattr(object_, "schema", None), name, configured_schema())

@@ -1,0 +1,92 @@
+"""The bodies of the branch's ``upgrade()``/``downgrade()``: sa_jobs.schema's SQL via ``op``.
+
+Online, each step takes the installer's advisory lock and reads
+``<schema>.schema_version`` first, so a schema installed by ``sa-jobs migrate`` is adopted
+rather than created twice, and both tools keep recording the same versions. Offline
+(``alembic upgrade --sql``) the statements are emitted as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from sa_jobs import schema as schema_mod
+from sa_jobs.errors import SchemaVersionError
+
+from ._config import configured_schema
+
+# Under "alembic" so the logging section of a stock alembic.ini shows these lines.
+log = logging.getLogger("alembic.sa_jobs")
+
+
+def _execute(stmt: str) -> None:
+    from alembic import op
+
+    # op.execute wraps strings in text(), which would read ":name" as a bind parameter;
+    # escaping every colon keeps casts (::jsonb) and any literal exactly as written.
+    op.execute(text(stmt.replace(":", "\\:")))
+
+
+def _recorded_version(bind: Connection, schema: str) -> int:
+    from psycopg import sql
+
+    table = sql.Identifier(schema, schema_mod.VERSION_TABLE).as_string()
+    if not bind.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}).scalar():
+        return 0
+    return int(bind.execute(text(f"SELECT coalesce(max(version), 0) FROM {table}")).scalar() or 0)
+
+
+def _online_version(version: int, schema: str) -> tuple[bool, int]:
+    """(is_online, recorded version) after taking the installer lock when online."""
+    from alembic import op
+
+    if op.get_context().as_sql:
+        return False, 0
+    _execute(schema_mod.lock_statement(schema))
+    return True, _recorded_version(op.get_bind(), schema)
+
+
+def upgrade_version(version: int) -> None:
+    """Apply schema ``version`` to the configured schema, then its CONCURRENTLY statements."""
+    from alembic import op
+
+    schema = configured_schema()
+    online, current = _online_version(version, schema)
+    if online and current < version - 1:
+        raise SchemaVersionError(
+            f"schema {schema!r} is at sa-jobs version {current}, but Alembic records version"
+            f" {version - 1} as applied; was the queue's schema name (-x sa_jobs_schema,"
+            " sa_jobs_schema in alembic.ini) changed since the last upgrade?"
+        )
+    if online and current >= version:
+        log.info("sa-jobs schema %r already at version %d; adopting it", schema, current)
+    else:
+        for stmt in schema_mod.upgrade_statements(version, schema):
+            _execute(stmt)
+    concurrent = schema_mod.concurrent_statements(version, schema)
+    if concurrent:
+        # CREATE INDEX CONCURRENTLY cannot run inside a transaction: this commits what ran
+        # so far (the version is recorded) and builds the index without blocking writers.
+        # The statements are IF NOT EXISTS, so re-running the revision heals a failed build.
+        with op.get_context().autocommit_block():
+            for stmt in concurrent:
+                _execute(stmt)
+
+
+def downgrade_version(version: int) -> None:
+    """Revert schema ``version`` in the configured schema (version 1 removes the queue)."""
+    schema = configured_schema()
+    online, current = _online_version(version, schema)
+    if online and current > version:
+        raise SchemaVersionError(
+            f"schema {schema!r} is at sa-jobs version {current}, newer than revision {version}"
+            " being downgraded; downgrade with the sa-jobs release that installed it"
+        )
+    if online and current < version:
+        log.info("sa-jobs schema %r is at version %d; nothing to remove for %d", schema, current, version)
+        return
+    for stmt in schema_mod.downgrade_statements(version, schema):
+        _execute(stmt)

@@ -1,0 +1,237 @@
+"""Schema versions against a real Postgres: guard at worker start, v1 -> v2 upgrade, drift."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from typing import Any, Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from sa_jobs import schema as schema_mod
+from sa_jobs.drift import check_drift
+from sa_jobs.errors import InvalidIdentifierError, SchemaVersionError
+
+from .conftest import REPO_ROOT, new_schema_name, worker_command
+
+EXAMPLE_APP = REPO_ROOT / "examples" / "alembic_app"
+
+
+def run_sql(url: str, query: str | sql.Composable, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture(scope="module")
+def db(database_url: str) -> Iterator[str]:
+    """A throwaway database for this module: CREATE INDEX CONCURRENTLY waits out every older
+    transaction in its database, so other suites' long transactions must not be in ours."""
+    name = "sa_jobs_t_" + uuid.uuid4().hex[:12]
+    run_sql(database_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    run_sql(database_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def fresh_schema(db: str) -> Iterator[str]:
+    """A schema name with nothing installed yet; whatever the test installs is dropped."""
+    name = new_schema_name()
+    yield name
+    run_sql(db, sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def installed(db: str, fresh_schema: str) -> str:
+    schema_mod.install(db, fresh_schema)
+    return fresh_schema
+
+
+def insert_jobs(url: str, schema: str, n: int = 300) -> None:
+    """Jobs in every state, through plain SQL so the test does not depend on the model."""
+    jobs = sql.Identifier(schema, "jobs")
+    run_sql(url, sql.SQL(
+        "INSERT INTO {} (kind, queue, args, state, attempt, finished_at, claim_token, lease_expires_at, tags)"
+        " SELECT 'k' || (mod(i, 3)), 'q' || (mod(i, 2)), jsonb_build_object('i', i),"
+        "  (ARRAY['available','scheduled','running','completed','retryable','dead','cancelled'])[1 + mod(i, 7)],"
+        "  mod(i, 4),"
+        "  CASE WHEN mod(i, 7) IN (3, 5, 6) THEN now() - make_interval(secs => i) END,"
+        "  CASE WHEN mod(i, 7) = 2 THEN gen_random_uuid() END,"
+        "  CASE WHEN mod(i, 7) = 2 THEN now() + interval '30 seconds' END,"
+        "  ARRAY['t' || i]"
+        " FROM generate_series(1, %s) AS i"
+    ).format(jobs), (n,))
+
+
+def job_rows(url: str, schema: str) -> list[dict[str, Any]]:
+    rows = run_sql(url, sql.SQL("SELECT to_jsonb(j) - 'progress' FROM {} j ORDER BY id").format(sql.Identifier(schema, "jobs")))
+    return [r[0] for r in rows]
+
+
+def run_worker(url: str, schema: str) -> subprocess.CompletedProcess[str]:
+    """The real ``sa-jobs worker`` start-up, with the example shop's job kind."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(EXAMPLE_APP)])}
+    return subprocess.run(
+        worker_command(url, schema, "shop.models"), cwd=REPO_ROOT, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+# ---- the version guard -------------------------------------------------------------
+
+
+def test_worker_refuses_an_older_schema_and_names_the_command(db: str, fresh_schema: str) -> None:
+    schema_mod.install(db, fresh_schema, to_version=1)
+    with pytest.raises(SchemaVersionError, match=f"sa-jobs migrate --schema {fresh_schema}"):
+        schema_mod.check_version(db, fresh_schema)
+    proc = run_worker(db, fresh_schema)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert f"run `sa-jobs migrate --schema {fresh_schema}` or `alembic upgrade heads`" in proc.stderr
+
+
+def test_worker_refuses_a_newer_schema(db: str, fresh_schema: str) -> None:
+    schema_mod.install(db, fresh_schema)
+    run_sql(db, sql.SQL("INSERT INTO {} (version, description) VALUES (%s, 'from the future')").format(
+        sql.Identifier(fresh_schema, "schema_version")), (schema_mod.LATEST_VERSION + 1,))
+    proc = run_worker(db, fresh_schema)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "newer than this sa-jobs knows" in proc.stderr and "refusing to start" in proc.stderr
+    with pytest.raises(SchemaVersionError, match="newer"):
+        schema_mod.install(db, fresh_schema)
+    assert "newer than this sa-jobs knows" in check_drift(db, fresh_schema)[0]
+
+
+# ---- upgrades ----------------------------------------------------------------------
+
+
+def test_every_concurrent_statement_can_be_rerun() -> None:
+    for m in schema_mod.MIGRATIONS:
+        for stmt in schema_mod.concurrent_statements(m.version, "q"):
+            assert "CONCURRENTLY IF NOT EXISTS" in stmt, stmt
+
+
+def test_fresh_install_reaches_latest_without_drift(db: str, fresh_schema: str) -> None:
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION == 2
+    assert check_drift(db, fresh_schema) == []
+    assert schema_mod.install(db, fresh_schema) == 2  # idempotent
+
+
+def test_upgrade_from_v1_with_jobs_loses_nothing(db: str, fresh_schema: str) -> None:
+    schema_mod.install(db, fresh_schema, to_version=1)
+    insert_jobs(db, fresh_schema)
+    before = job_rows(db, fresh_schema)
+    assert len(before) == 300
+
+    assert schema_mod.install(db, fresh_schema) == 2
+
+    assert job_rows(db, fresh_schema) == before
+    valid = run_sql(db, "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                    (f"{fresh_schema}.{schema_mod.FINISHED_INDEX}",))
+    assert valid == [(True,)]
+    assert check_drift(db, fresh_schema) == []
+    # The identity sequence carried over: a new job gets the next id, not a duplicate.
+    insert_jobs(db, fresh_schema, 1)
+    assert job_rows(db, fresh_schema)[-1]["id"] == before[-1]["id"] + 1
+
+
+def test_install_heals_a_crash_between_the_two_phases(db: str, fresh_schema: str) -> None:
+    schema_mod.install(db, fresh_schema)
+    # Version 2 recorded, index never built: what a crash before CONCURRENTLY leaves.
+    run_sql(db, sql.SQL("DROP INDEX {}").format(sql.Identifier(fresh_schema, schema_mod.FINISHED_INDEX)))
+    assert any(schema_mod.FINISHED_INDEX in line and "missing" in line for line in check_drift(db, fresh_schema))
+    schema_mod.install(db, fresh_schema)
+    assert check_drift(db, fresh_schema) == []
+
+
+def test_migrate_sql_output_applies_to_the_same_schema(db: str, fresh_schema: str) -> None:
+    script = schema_mod.install_sql(fresh_schema)
+    assert script.index("COMMIT;") < script.index("CREATE INDEX CONCURRENTLY")
+    with psycopg.connect(db, autocommit=True) as conn:
+        # One statement per call: CONCURRENTLY refuses the implicit transaction of a
+        # multi-statement string, just as it would in psql's single-transaction mode.
+        for stmt in script.split(";\n"):
+            if stmt.strip():
+                conn.execute(stmt)
+    assert schema_mod.installed_version(db, fresh_schema) == 2
+    assert check_drift(db, fresh_schema) == []
+
+
+def test_downgrade_steps_back_cleanly(db: str, fresh_schema: str) -> None:
+    schema_mod.install(db, fresh_schema)
+    with psycopg.connect(db, autocommit=True) as conn, conn.transaction():
+        for stmt in schema_mod.downgrade_statements(2, fresh_schema):
+            conn.execute(stmt)
+    assert schema_mod.installed_version(db, fresh_schema) == 1
+    assert check_drift(db, fresh_schema) == [
+        f"schema {fresh_schema!r} is at sa-jobs version 1, this sa-jobs expects 2;"
+        f" run `sa-jobs migrate --schema {fresh_schema}` or `alembic upgrade heads`"
+    ]
+    schema_mod.uninstall(db, fresh_schema)
+    assert run_sql(db, "SELECT 1 FROM pg_namespace WHERE nspname = %s", (fresh_schema,)) == []
+
+
+def test_uninstall_keeps_a_schema_shared_with_app_tables(db: str, fresh_schema: str) -> None:
+    schema_mod.install(db, fresh_schema)
+    run_sql(db, sql.SQL("CREATE TABLE {} (id int)").format(sql.Identifier(fresh_schema, "orders")))
+    schema_mod.uninstall(db, fresh_schema)
+    tables = run_sql(db, "SELECT tablename FROM pg_tables WHERE schemaname = %s", (fresh_schema,))
+    assert tables == [("orders",)]
+
+
+# ---- drift -------------------------------------------------------------------------
+
+
+HAND_CHANGES: dict[str, tuple[str, str]] = {
+    # name: (SQL with {s} for the quoted schema, the object the drift line must name)
+    "dropped index": ("DROP INDEX {s}.jobs_claim_idx", "index jobs_claim_idx is missing"),
+    "changed predicate": (
+        "DROP INDEX {s}.jobs_lease_idx; CREATE INDEX jobs_lease_idx ON {s}.jobs (lease_expires_at)",
+        "index jobs_lease_idx differs",
+    ),
+    "extra index": ("CREATE INDEX mine ON {s}.jobs (kind)", "index mine is not part of the sa-jobs schema"),
+    "disabled trigger": ("ALTER TABLE {s}.jobs DISABLE TRIGGER jobs_notify_inserted", "trigger jobs_notify_inserted differs"),
+    "retyped column": ("ALTER TABLE {s}.jobs ALTER COLUMN priority TYPE integer", "column jobs.priority differs"),
+    "dropped column": ("ALTER TABLE {s}.jobs DROP COLUMN progress", "column jobs.progress is missing"),
+    "dropped check": ("ALTER TABLE {s}.jobs DROP CONSTRAINT jobs_state_check", "constraint jobs_state_check is missing"),
+    "silenced function": (
+        "CREATE OR REPLACE FUNCTION {s}.notify_jobs_inserted() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$ BEGIN RETURN NULL; END $$",
+        "function notify_jobs_inserted() differs",
+    ),
+}
+
+
+@pytest.mark.parametrize("change", sorted(HAND_CHANGES))
+def test_drift_names_each_hand_made_change(db: str, installed: str, change: str) -> None:
+    assert check_drift(db, installed) == []
+    statement, expected = HAND_CHANGES[change]
+    run_sql(db, statement.format(s=sql.Identifier(installed).as_string()))
+    lines = check_drift(db, installed)
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def test_drift_reports_a_missing_schema_and_rejects_bad_names(db: str, fresh_schema: str) -> None:
+    assert check_drift(db, fresh_schema) == [
+        f"schema {fresh_schema!r} has no sa-jobs schema installed;"
+        f" run `sa-jobs migrate --schema {fresh_schema}` or `alembic upgrade heads`"
+    ]
+    with pytest.raises(InvalidIdentifierError):
+        check_drift(db, 'x"; DROP SCHEMA public; --')
+
+
+def test_drift_leaves_no_scratch_schema_behind(db: str, installed: str) -> None:
+    check_drift(db, installed)
+    assert run_sql(db, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'sa\\_jobs\\_drift\\_%'") == []
+
+
+def test_a_reserved_word_schema_is_quoted_everywhere(db: str) -> None:
+    """``user`` only works if every statement quotes it; drift must agree with itself too."""
+    assert schema_mod.install(db, "user") == 2
+    insert_jobs(db, "user", 5)
+    assert check_drift(db, "user") == []
+    schema_mod.uninstall(db, "user")
+    assert schema_mod.installed_version(db, "user") == 0
