@@ -12,9 +12,10 @@ Declare a kind, enqueue it in your own transaction, run a worker::
         session.add(SendReceipt(order_id=42))
 """
 
-from .admin import retry, retry_many
+from .admin import JobStatus, cancel, cancel_many, job_status, retry, retry_many
 from .enqueue import enqueue_many
 from .errors import (
+    Cancel,
     ConfigurationError,
     Discard,
     InvalidArgsError,
@@ -23,6 +24,7 @@ from .errors import (
     LeaseLostError,
     SaJobsError,
     SchemaVersionError,
+    Snooze,
     UnknownKindError,
 )
 from .model import Job, KindOptions, registered_kinds
@@ -34,6 +36,7 @@ from .worker import JobContext, Worker, WorkerObserver
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cancel",
     "ConfigurationError",
     "Discard",
     "InvalidArgsError",
@@ -41,18 +44,23 @@ __all__ = [
     "Job",
     "JobContext",
     "JobNotFoundError",
+    "JobStatus",
     "JobState",
     "KindOptions",
     "LeaseLostError",
     "SaJobsError",
     "SchemaVersionError",
+    "Snooze",
     "UnknownKindError",
     "Worker",
     "WorkerObserver",
+    "cancel",
+    "cancel_many",
     "constant_backoff",
     "enqueue_many",
     "exponential_backoff",
     "install",
+    "job_status",
     "registered_kinds",
     "retry",
     "retry_many",

@@ -5,12 +5,14 @@ Async users call them with ``await session.run_sync(lambda s: retry(s, job_id))`
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
 
-from sqlalchemy import func, literal, select, text, update
+from sqlalchemy import func, literal, select, update
 
 from .errors import JobNotFoundError
 from .model import Job
+from .states import PENDING_STATES, STATUS_WORDS
 
 _jobs = Job.__table__
 
@@ -55,9 +57,94 @@ def retry_many(session: Any, job_ids: Iterable[int]) -> Sequence[int]:
     return replayed
 
 
-def _channel(session: Any) -> str:
-    from .schema import DEFAULT_SCHEMA, channel_name
+def _schema(session: Any) -> str:
+    from .schema import DEFAULT_SCHEMA
 
     bind = session.get_bind() if hasattr(session, "get_bind") else session
     translate = (bind.get_execution_options() or {}).get("schema_translate_map") or {}
-    return channel_name(translate.get(DEFAULT_SCHEMA, DEFAULT_SCHEMA))
+    return translate.get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
+
+
+def _channel(session: Any) -> str:
+    from .schema import channel_name
+
+    return channel_name(_schema(session))
+
+
+CANCELLABLE_STATES = (*PENDING_STATES, "running")
+
+
+def cancel(session: Any, job_id: int) -> str:
+    """Cancel a queued or running job; returns the state it was in.
+
+    A queued job simply becomes ``cancelled``. A running job becomes ``cancelled`` at once
+    too (its worker's later writes are fenced off), and its worker is told through
+    NOTIFY (or at its next heartbeat) to cancel the handler: async handlers are
+    cancelled, sync handlers see ``ctx.cancelled``. Raises :class:`JobNotFoundError` if
+    the job does not exist or has already finished.
+    """
+    if type(job_id) is not int or job_id < 1:
+        raise JobNotFoundError(f"job ids are positive integers, not {job_id!r}")
+    done = cancel_many(session, [job_id])
+    if not done:
+        raise JobNotFoundError(f"no job {job_id} in a cancellable state ({', '.join(CANCELLABLE_STATES)})")
+    return done[job_id]
+
+
+def cancel_many(session: Any, job_ids: Iterable[int]) -> dict[int, str]:
+    """:func:`cancel` for many ids in one statement; returns {id: previous state}."""
+    from .queries import cancel_channel_name
+
+    ids = [int(i) for i in job_ids]
+    if not ids:
+        return {}
+    target = (
+        select(_jobs.c.id, _jobs.c.state)
+        .where(_jobs.c.id.in_(ids), _jobs.c.state.in_(CANCELLABLE_STATES))
+        .with_for_update()
+        .cte("target")
+    )
+    stmt = (
+        update(_jobs)
+        .where(_jobs.c.id == target.c.id)
+        .values(state="cancelled", finished_at=func.now(), lease_expires_at=None)
+        .returning(_jobs.c.id, target.c.state)
+    )
+    previous = {row[0]: row[1] for row in session.execute(stmt)}
+    channel = cancel_channel_name(_schema(session))
+    for job_id, state in previous.items():
+        if state == "running":
+            session.execute(select(func.pg_notify(literal(channel), literal(str(job_id)))))
+    return previous
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What a user-facing status page shows about one job."""
+
+    id: int
+    status: str  # queued | running | done | failed | cancelled
+    state: str  # the row's exact state
+    attempt: int
+    max_attempts: int
+    error: Optional[str]  # the last error's first line, at most 200 characters
+    can_retry: bool  # whether retry() would accept it (dead or cancelled)
+    result: Any
+    progress: Any = None
+
+
+def job_status(session: Any, job_id: int) -> JobStatus:
+    """The status of job ``job_id`` in a status page's words (seed 002)."""
+    row = session.execute(
+        select(_jobs.c.id, _jobs.c.state, _jobs.c.attempt, _jobs.c.max_attempts, _jobs.c.errors, _jobs.c.result)
+        .where(_jobs.c.id == job_id)
+    ).one_or_none()
+    if row is None:
+        raise JobNotFoundError(f"no job {job_id}")
+    error = None
+    if row.errors and row.state in ("dead", "retryable", "cancelled"):
+        error = str(row.errors[-1].get("error", "")).splitlines()[0][:200] if row.errors[-1].get("error") else None
+    return JobStatus(
+        id=row.id, status=STATUS_WORDS[row.state], state=row.state, attempt=row.attempt,
+        max_attempts=row.max_attempts, error=error, can_retry=row.state in ("dead", "cancelled"), result=row.result,
+    )

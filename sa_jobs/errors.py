@@ -48,3 +48,18 @@ class JobControl(SaJobsError):
 
 class Discard(JobControl):
     """Fail the job permanently: it goes to ``dead`` without further attempts."""
+
+
+class Cancel(JobControl):
+    """Stop the job for good: it goes to ``cancelled`` (not an error, not retried)."""
+
+
+class Snooze(JobControl):
+    """Run the job again after ``seconds`` without spending an attempt."""
+
+    def __init__(self, seconds: float) -> None:
+        seconds = float(seconds)
+        if not 0 <= seconds <= 366 * 24 * 3600:
+            raise ConfigurationError(f"snooze for 0 seconds to a year, not {seconds!r}")
+        super().__init__(f"snoozed for {seconds}s")
+        self.seconds = seconds

@@ -22,6 +22,11 @@ CLAIM_COLUMNS = (
 )
 
 
+def cancel_channel_name(schema: str = DEFAULT_SCHEMA) -> str:
+    """Channel on which cancelling a running job is announced; the payload is the job id."""
+    return f"{_validate.schema_name(schema)}_jobs_cancelled"
+
+
 def _render(template: str, schema: str) -> str:
     return sql.SQL(template).format(
         jobs=sql.Identifier(schema, JOBS_TABLE),
@@ -34,8 +39,9 @@ class Queries:
     schema: str
     channel: str
     claim: str
+    cancel_channel: str
     complete_many: str
-    fail_many: str
+    finish_many: str
     release_many: str
     heartbeat_many: str
     rescue_expired: str
@@ -43,6 +49,8 @@ class Queries:
     notify: str
     try_leader_lock: str
     listen: str
+    listen_cancel: str
+    states_of: str
 
     @classmethod
     def for_schema(cls, schema: str = DEFAULT_SCHEMA) -> "Queries":
@@ -51,6 +59,7 @@ class Queries:
         return cls(
             schema=schema,
             channel=channel_name(schema),
+            cancel_channel=cancel_channel_name(schema),
             # Claim up to %(limit)s jobs of one queue in one statement. The CTE is
             # MATERIALIZED so the locked id list is computed exactly once: a join that
             # re-scans an inlined subquery could lock and return more rows than LIMIT.
@@ -77,17 +86,20 @@ class Queries:
                 " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
                 " RETURNING j.id"
             ),
-            fail_many=r(
-                "UPDATE {jobs} AS j SET"
-                " state = CASE WHEN u.dead THEN 'dead' ELSE 'retryable' END,"
-                " finished_at = CASE WHEN u.dead THEN now() END,"
-                " scheduled_at = CASE WHEN u.dead THEN j.scheduled_at"
-                "  ELSE now() + make_interval(secs => u.delay) END,"
+            # Every unsuccessful end in one statement, by target state per row:
+            # retryable (backoff), dead, cancelled (by the handler), or scheduled (a
+            # snooze, which refunds the attempt). Errors are appended only when given.
+            finish_many=r(
+                "UPDATE {jobs} AS j SET state = u.target,"
+                " finished_at = CASE WHEN u.target IN ('dead', 'cancelled') THEN now() END,"
+                " scheduled_at = CASE WHEN u.target IN ('retryable', 'scheduled')"
+                "  THEN now() + make_interval(secs => u.delay) ELSE j.scheduled_at END,"
+                " attempt = CASE WHEN u.target = 'scheduled' THEN greatest(j.attempt - 1, 0) ELSE j.attempt END,"
                 " lease_expires_at = NULL,"
-                " errors = j.errors || jsonb_build_array(u.error::jsonb"
-                "  || jsonb_build_object('at', now()))"
-                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(errors)s::text[],"
-                "  %(delays)s::float8[], %(dead)s::bool[]) AS u(id, token, error, delay, dead)"
+                " errors = CASE WHEN u.error IS NULL THEN j.errors"
+                "  ELSE j.errors || jsonb_build_array(u.error::jsonb || jsonb_build_object('at', now())) END"
+                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(targets)s::text[],"
+                "  %(errors)s::text[], %(delays)s::float8[]) AS u(id, token, target, error, delay)"
                 " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
                 " RETURNING j.id"
             ),
@@ -134,4 +146,6 @@ class Queries:
             notify=r("SELECT pg_notify({channel}, '')"),
             try_leader_lock=r("SELECT pg_try_advisory_lock(hashtext('sa_jobs.leader'), hashtext({channel}))"),
             listen=sql.SQL("LISTEN {}").format(sql.Identifier(channel_name(schema))).as_string(),
+            listen_cancel=sql.SQL("LISTEN {}").format(sql.Identifier(cancel_channel_name(schema))).as_string(),
+            states_of=r("SELECT id, state FROM {jobs} WHERE id = ANY(%(ids)s::bigint[])"),
         )

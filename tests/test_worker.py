@@ -261,7 +261,9 @@ def test_stale_token_changes_nothing(engine, database_url, schema):
         assert conn.execute(queries.heartbeat_many, {**ids_old, "lease": 30}).fetchall() == []
         assert conn.execute(queries.complete_many, {**ids_old, "results": ["1"]}).fetchall() == []
         err = json.dumps({"error": "stale"})
-        assert conn.execute(queries.fail_many, {**ids_old, "errors": [err], "delays": [0.0], "dead": [True]}).fetchall() == []
+        for target in ("dead", "retryable", "cancelled", "scheduled"):
+            finish = {**ids_old, "targets": [target], "errors": [err], "delays": [0.0]}
+            assert conn.execute(queries.finish_many, finish).fetchall() == []
         assert conn.execute(queries.release_many, ids_old).fetchall() == []
         assert conn.execute(queries.complete_many, {"ids": [job_id], "tokens": [new], "results": ["2"]}).fetchall() == [(job_id,)]
     job = job_row(engine, job_id)

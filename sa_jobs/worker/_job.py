@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import anyio
@@ -29,6 +29,7 @@ class ClaimedJob:
     completing: bool = False  # a transactional completion is writing (or wrote) the row
     completed_in_tx: bool = False
     cancel_reason: Optional[str] = None
+    cancelled_by_user: bool = False  # cancelled through cancel(): the row already says so
 
     @property
     def cancelled(self) -> bool:
@@ -44,12 +45,15 @@ class ClaimedJob:
 
 @dataclass(eq=False)
 class Outcome:
-    """What the completer writes for a job: exactly one of complete, fail or release."""
+    """What the completer writes for a job: complete, finish (in ``target``) or release."""
 
     job: ClaimedJob
-    action: str  # "complete" | "fail" | "release"
+    action: str  # "complete" | "finish" | "release"
     result_json: Optional[str] = None
+    target: str = ""  # for "finish": retryable | dead | cancelled | scheduled (snooze)
     error_json: Optional[str] = None
     delay: float = 0.0
-    dead: bool = False
-    attempts_left: int = field(default=0)
+
+    @property
+    def dead(self) -> bool:
+        return self.target == "dead"

@@ -111,7 +111,7 @@ class Completer:
 
     async def _write(self, conn: Any, batch: list[Outcome]) -> None:
         complete = [o for o in batch if o.action == "complete"]
-        fail = [o for o in batch if o.action == "fail"]
+        finish = [o for o in batch if o.action == "finish"]
         release = [o for o in batch if o.action == "release"]
         # One transaction for the whole flush: the batch lands or is retried as a unit.
         async with conn.transaction():
@@ -125,15 +125,15 @@ class Completer:
                     },
                     prepare=True,
                 )
-            if fail:
+            if finish:
                 await conn.execute(
-                    self._q.fail_many,
+                    self._q.finish_many,
                     {
-                        "ids": [o.job.id for o in fail],
-                        "tokens": [o.job.token for o in fail],
-                        "errors": [o.error_json for o in fail],
-                        "delays": [o.delay for o in fail],
-                        "dead": [o.dead for o in fail],
+                        "ids": [o.job.id for o in finish],
+                        "tokens": [o.job.token for o in finish],
+                        "targets": [o.target for o in finish],
+                        "errors": [o.error_json for o in finish],
+                        "delays": [o.delay for o in finish],
                     },
                     prepare=True,
                 )

@@ -71,10 +71,25 @@ class Heartbeat:
             return
         now = time.monotonic()
         self._observer.heartbeat_ok()
+        missing = [j for j in jobs if j.id not in alive and not j.completing]
         for job in jobs:
             if job.id in alive:
                 job.last_lease_ok = now
-            elif not job.completing:
+        if missing:
+            await self._settle_missing(conn, missing)
+
+    async def _settle_missing(self, conn, missing: list[ClaimedJob]) -> None:  # type: ignore[no-untyped-def]
+        """A job whose lease could not be extended was cancelled, or taken over."""
+        try:
+            cur = await conn.execute(self._q.states_of, {"ids": [j.id for j in missing]})
+            states = dict(await cur.fetchall())
+        except Exception:  # noqa: BLE001 - unknown: the safe reading is "lost"
+            states = {}
+        for job in missing:
+            if states.get(job.id) == "cancelled":
+                job.cancelled_by_user = True
+                job.cancel("cancelled")
+            else:
                 self._lose(job, "the lease was taken over by another worker")
 
     def _lose(self, job: ClaimedJob, why: str) -> None:

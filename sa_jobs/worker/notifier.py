@@ -27,18 +27,21 @@ class Notifier:
         queries: Queries,
         observer: WorkerObserver,
         wake: Callable[[], None],
+        cancel: Callable[[int], None],
         *,
         health_interval: float = 5.0,
     ) -> None:
         self._q = queries
         self._observer = observer
         self._wake = wake
+        self._cancel = cancel
         self._health_interval = health_interval
         self._conn = ManagedConnection(conninfo, "listener", on_connect=self._listen)
         self.listening = False
 
     async def _listen(self, conn) -> None:  # type: ignore[no-untyped-def]
         await conn.execute(self._q.listen)
+        await conn.execute(self._q.listen_cancel)
 
     async def run(self) -> None:
         try:
@@ -48,8 +51,12 @@ class Notifier:
                     self.listening = True
                     self._wake()
                     while True:
-                        async for _ in conn.notifies(timeout=self._health_interval):
-                            self._wake()
+                        async for note in conn.notifies(timeout=self._health_interval):
+                            if note.channel == self._q.cancel_channel:
+                                if note.payload.isdigit():
+                                    self._cancel(int(note.payload))
+                            else:
+                                self._wake()
                         with anyio.fail_after(max(1.0, self._health_interval / 2)):
                             await conn.execute("SELECT 1")
                 except Exception as exc:  # noqa: BLE001 - polling covers for us meanwhile

@@ -31,7 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .. import _validate, schema as schema_mod
 from .._url import database_url_from_env, sqlalchemy_url, to_conninfo
-from ..errors import ConfigurationError, Discard, InvalidArgsError, UnknownKindError
+from ..errors import Cancel, ConfigurationError, Discard, InvalidArgsError, Snooze, UnknownKindError
 from ..maintenance.leader import Maintainer
 from ..maintenance.rescuer import Rescuer
 from ..maintenance.scheduler import Scheduler
@@ -279,7 +279,7 @@ class Worker:
             beat_conn, self._queries, self._observer, self.running_jobs,
             lease=self.lease, interval=self._heartbeat_interval,
         )
-        self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all)
+        self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self.cancel_local)
         self.maintainer = Maintainer(
             self._conninfo, self._queries, self._observer,
             [Rescuer(self._observer), Scheduler()], interval=self._maintenance_interval,
@@ -438,6 +438,8 @@ class Worker:
         job.scope = None
         if job.completed_in_tx:
             return None, "completed"
+        if job.cancelled_by_user:
+            return None, "cancelled"  # cancel() already wrote the row's final state
         if job.lease_lost:
             return None, "lease_lost"  # the job belongs to another attempt now
         if job.releasing:
@@ -449,6 +451,10 @@ class Worker:
         if error is not None:
             if isinstance(error, _Cancelled) and job.cancel_reason == "timed out":
                 return self._failure(job, TimeoutError(str(error)), runtime.options), "timed_out"
+            if isinstance(error, Snooze):
+                return Outcome(job, "finish", target="scheduled", delay=error.seconds), "snoozed"
+            if isinstance(error, Cancel):
+                return Outcome(job, "finish", target="cancelled", error_json=self._error_json(job, error)), "cancelled"
             permanent = isinstance(error, Discard) or (
                 isinstance(error, TypeError) and not _binds(runtime.signature, ctx, job.args)
             )
@@ -476,15 +482,26 @@ class Worker:
             except Exception:  # noqa: BLE001 - a broken policy must not lose the job
                 log.exception("backoff policy of %s failed; using the default", job.kind)
                 delay = exponential_backoff(job.attempt)
+        # Logged without the message: exception text may carry secrets; it is on the row.
+        log.info("job %s (%s) attempt %d/%d failed with %s%s", job.id, job.kind, job.attempt,
+                 job.max_attempts, type(exc).__name__, "; dead" if dead else "")
+        return Outcome(job, "finish", target="dead" if dead else "retryable",
+                       error_json=self._error_json(job, exc), delay=delay)
+
+    def _error_json(self, job: ClaimedJob, exc: BaseException) -> str:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         if len(tb) > MAX_TRACEBACK_CHARS:
             tb = tb[: MAX_TRACEBACK_CHARS // 2] + "\n...\n" + tb[-MAX_TRACEBACK_CHARS // 2 :]
         message = f"{type(exc).__name__}: {exc}"
-        error = {"attempt": job.attempt, "error": message[:4000], "traceback": tb, "worker": self.worker_id}
-        # Logged without the message: exception text may carry secrets; it is on the row.
-        log.info("job %s (%s) attempt %d/%d failed with %s%s", job.id, job.kind, job.attempt,
-                 job.max_attempts, type(exc).__name__, "; dead" if dead else "")
-        return Outcome(job, "fail", error_json=json.dumps(error), delay=delay, dead=dead)
+        return json.dumps({"attempt": job.attempt, "error": message[:4000], "traceback": tb, "worker": self.worker_id})
+
+    def cancel_local(self, job_id: int) -> None:
+        """A cancel() of a job this worker runs: stop its handler (the row is already final)."""
+        for q in self._queues.values():
+            job = q.running.get(job_id)
+            if job is not None:
+                job.cancelled_by_user = True
+                job.cancel("cancelled")
 
 
 def _binds(signature: inspect.Signature, ctx: JobContext, args: Mapping[str, Any]) -> bool:

@@ -1,0 +1,514 @@
+"""Prometheus metrics for sa-jobs workers and queues.
+
+Two sources, kept apart on purpose:
+
+* :class:`PrometheusObserver` implements the worker's :class:`~sa_jobs.worker.events.WorkerObserver`
+  hooks. It only touches in-memory counters, so it is cheap on the claim/complete hot path
+  and never talks to the database.
+* :class:`QueueDepthCollector` reads queue depth from PostgreSQL at scrape time, at most
+  once per TTL, from the partial indexes of *live* jobs only (never the finished history),
+  so its cost does not grow with the number of completed rows kept in the table.
+
+Every label comes from a bounded set: queue names (configured), kind names (declared in
+code; anything else is reported as ``other``), outcomes (:data:`OUTCOMES`), states and
+worker loop names. Job ids, args and error text never reach a label.
+
+Serving: :func:`start_metrics_server` (a daemon HTTP thread, loopback by default),
+:func:`make_asgi_app` (mount in FastAPI/Starlette), or register into your own registry.
+See ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import make_asgi_app as _prometheus_asgi_app
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from psycopg import sql
+
+from . import _validate
+from .schema import DEFAULT_SCHEMA, JOBS_TABLE
+from .worker.events import OUTCOMES
+
+log = logging.getLogger("sa_jobs.metrics")
+
+PREFIX = "sa_jobs"
+
+# Outcomes after which the job will not run again: the end-to-end latency is observed there.
+TERMINAL_OUTCOMES = ("completed", "dead", "cancelled")
+# Outcomes of an attempt that actually ran to a verdict: the run duration is observed there.
+# (released = shutdown gave the job back; lease_lost = another worker owns it now.)
+RUN_OUTCOMES = ("completed", "retried", "dead", "cancelled", "timed_out")
+# The worker's own loops that report errors (WorkerObserver.loop_error).
+LOOP_COMPONENTS = ("producer", "completer", "heartbeat", "notifier", "maintenance")
+# States the depth collector reports: the live ones, each served by a partial index, plus
+# dead (the dead-letter backlog), reached through jobs_kind_state_idx.
+DEPTH_STATES = ("available", "scheduled", "retryable", "running", "dead")
+OTHER = "other"
+
+# Jobs run from milliseconds to an hour; waits can reach hours during an outage.
+RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+CLAIM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# le="0" counts empty polls: a claim that found nothing.
+BATCH_BUCKETS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+
+
+class PrometheusObserver:
+    """The worker's observer, backed by prometheus-client metrics in ``registry``.
+
+    Children are cached per label tuple so the hot path is a dict lookup plus an
+    increment (``.labels()`` costs several times more). One observer per registry; all
+    Workers of a process may share it, but the per-queue gauges then mix them.
+    """
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        reg = REGISTRY if registry is None else registry
+        self.registry = reg
+        p = PREFIX
+        self.jobs_finished = Counter(
+            f"{p}_jobs_finished", "Job attempts finished by this worker, by outcome.",
+            ["queue", "kind", "outcome"], registry=reg,
+        )
+        self.jobs_claimed = Counter(f"{p}_jobs_claimed", "Jobs claimed by this worker.", ["queue"], registry=reg)
+        self.claims = Counter(f"{p}_claims", "Claim statements run (including empty polls).", ["queue"], registry=reg)
+        self.jobs_rescued = Counter(
+            f"{p}_jobs_rescued", "Jobs with an expired lease returned to the queue by this worker as leader.",
+            registry=reg,
+        )
+        self.loop_errors = Counter(
+            f"{p}_worker_loop_errors", "Errors in the worker's own loops (database unreachable, timeouts).",
+            ["component"], registry=reg,
+        )
+        self.run_duration = Histogram(
+            f"{p}_job_run_duration_seconds", "From claim to the handler's verdict, per attempt.",
+            ["queue", "kind"], buckets=RUN_BUCKETS, registry=reg,
+        )
+        self.queue_wait = Histogram(
+            f"{p}_job_queue_wait_seconds", "From the job becoming due (scheduled_at) to its attempt starting.",
+            ["queue"], buckets=WAIT_BUCKETS, registry=reg,
+        )
+        self.end_to_end = Histogram(
+            f"{p}_job_end_to_end_seconds", "From enqueue (created_at) to the final outcome.",
+            ["queue", "outcome"], buckets=WAIT_BUCKETS, registry=reg,
+        )
+        self.claim_duration = Histogram(
+            f"{p}_claim_duration_seconds", "Duration of one claim statement.",
+            ["queue"], buckets=CLAIM_BUCKETS, registry=reg,
+        )
+        self.claim_batch = Histogram(
+            f"{p}_claim_batch_size", "Jobs returned by one claim statement.",
+            ["queue"], buckets=BATCH_BUCKETS, registry=reg,
+        )
+        self.in_flight = Gauge(f"{p}_jobs_in_flight", "Jobs claimed and not yet finished.", ["queue"], registry=reg)
+        self.slots_total = Gauge(f"{p}_worker_slots", "Concurrency limit of this worker, per queue.", ["queue"], registry=reg)
+        self.slots_free = Gauge(f"{p}_worker_slots_free", "Free slots of this worker, per queue.", ["queue"], registry=reg)
+        self.is_leader = Gauge(f"{p}_worker_is_leader", "1 while this worker holds the maintenance leadership.", registry=reg)
+        self.last_heartbeat = Gauge(
+            f"{p}_worker_last_heartbeat_timestamp_seconds", "Unix time of the last successful heartbeat.", registry=reg,
+        )
+        self.heartbeat_age = Gauge(
+            f"{p}_worker_heartbeat_age_seconds",
+            "Seconds since the last successful heartbeat (since start if none yet); computed at scrape.",
+            registry=reg,
+        )
+        self._last_beat = time.monotonic()
+        self.heartbeat_age.set_function(lambda: time.monotonic() - self._last_beat)
+
+        self._known_kinds: set[str] = set()
+        self._finished: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._started: dict[str, Any] = {}
+        self._claim: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._slots: dict[str, tuple[Any, Any, Any]] = {}
+        self._in_flight_n: dict[str, int] = {}
+        self._limits: dict[str, int] = {}
+        self._errors: dict[str, Any] = {}
+        # Zero-initialised so rate() and increase() see the first error, not a new series.
+        for component in (*LOOP_COMPONENTS, OTHER):
+            self._errors[component] = self.loop_errors.labels(component)
+        self.jobs_rescued.inc(0)
+        self.is_leader.set(0)
+
+    # ---- bounded labels ----------------------------------------------------------
+
+    def _kind_label(self, kind: str) -> str:
+        """A declared kind, or ``other``: a row's kind column must not mint series."""
+        if kind in self._known_kinds:
+            return kind
+        from .model import registered_kinds
+
+        self._known_kinds = set(registered_kinds())
+        return kind if kind in self._known_kinds else OTHER
+
+    def _finished_children(self, queue: str, kind: str, outcome: str) -> tuple[Any, Any, Any]:
+        label = self._kind_label(kind)
+        out = outcome if outcome in OUTCOMES else OTHER
+        children = (
+            self.jobs_finished.labels(queue, label, out),
+            self.run_duration.labels(queue, label) if out in RUN_OUTCOMES else None,
+            self.end_to_end.labels(queue, out) if out in TERMINAL_OUTCOMES else None,
+        )
+        if label == kind and out == outcome:  # cache only what maps to itself
+            self._finished[(queue, kind, outcome)] = children
+        return children
+
+    # ---- WorkerObserver ----------------------------------------------------------
+
+    def claimed(self, queue: str, count: int, seconds: float) -> None:
+        c = self._claim.get(queue)
+        if c is None:
+            c = self._claim[queue] = (
+                self.claims.labels(queue), self.jobs_claimed.labels(queue),
+                self.claim_duration.labels(queue), self.claim_batch.labels(queue),
+            )
+        c[0].inc()
+        if count:
+            c[1].inc(count)
+            self._set_in_flight(queue, self._in_flight_n.get(queue, 0) + count)
+        c[2].observe(seconds)
+        c[3].observe(count)
+
+    def job_started(self, queue: str, kind: str, wait_seconds: float) -> None:
+        h = self._started.get(queue)
+        if h is None:
+            h = self._started[queue] = self.queue_wait.labels(queue)
+        h.observe(wait_seconds if wait_seconds > 0 else 0.0)
+
+    def job_finished(self, queue: str, kind: str, outcome: str, run_seconds: float, since_enqueue_seconds: float) -> None:
+        c = self._finished.get((queue, kind, outcome))
+        if c is None:
+            c = self._finished_children(queue, kind, outcome)
+        c[0].inc()
+        if c[1] is not None:
+            c[1].observe(run_seconds)
+        if c[2] is not None and since_enqueue_seconds > 0:
+            c[2].observe(since_enqueue_seconds)
+        self._set_in_flight(queue, self._in_flight_n.get(queue, 1) - 1)
+
+    def slots(self, queue: str, in_flight: int, limit: int) -> None:
+        # The worker's own count, after each claim: it re-syncs the running tally that
+        # claimed()/job_finished() keep between claims (the producer may sleep a while).
+        self._limits[queue] = limit
+        self._slot_gauges(queue)[1].set(limit)
+        self._set_in_flight(queue, in_flight)
+
+    def _slot_gauges(self, queue: str) -> tuple[Any, Any, Any]:
+        g = self._slots.get(queue)
+        if g is None:
+            g = self._slots[queue] = (
+                self.in_flight.labels(queue), self.slots_total.labels(queue), self.slots_free.labels(queue),
+            )
+        return g
+
+    def _set_in_flight(self, queue: str, n: int) -> None:
+        n = max(0, n)
+        self._in_flight_n[queue] = n
+        g = self._slots.get(queue) or self._slot_gauges(queue)
+        g[0].set(n)
+        limit = self._limits.get(queue)
+        if limit is not None:
+            g[2].set(max(0, limit - n))
+
+    def rescued(self, count: int) -> None:
+        self.jobs_rescued.inc(count)
+
+    def loop_error(self, component: str) -> None:
+        self._errors.get(component, self._errors[OTHER]).inc()
+
+    def heartbeat_ok(self) -> None:
+        self._last_beat = time.monotonic()
+        self.last_heartbeat.set(time.time())
+
+    def leader(self, is_leader: bool) -> None:
+        self.is_leader.set(1 if is_leader else 0)
+
+
+# ---- queue depth ---------------------------------------------------------------------
+
+# One statement, each branch bounded by a partial index of live rows or by the number of
+# kinds; none reads completed/cancelled history. See docs/metrics.md for the plan and cost.
+_DEPTH_SQL = """
+SELECT 'available', queue, count(*), extract(epoch FROM now() - min(scheduled_at))::float8
+  FROM {jobs} WHERE state = 'available' GROUP BY queue
+UNION ALL
+SELECT state, queue, count(*), NULL FROM {jobs}
+  WHERE state IN ('scheduled', 'retryable') AND scheduled_at > '-infinity' GROUP BY state, queue
+UNION ALL
+SELECT 'running', queue, count(*), NULL FROM {jobs}
+  WHERE state = 'running' AND lease_expires_at > '-infinity' GROUP BY queue
+UNION ALL
+SELECT 'dead', d.queue, count(*), NULL FROM (
+  WITH RECURSIVE kinds(kind) AS (
+    (SELECT kind FROM {jobs} ORDER BY kind LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.kind FROM {jobs} j WHERE j.kind > k.kind ORDER BY j.kind LIMIT 1)
+      FROM kinds k WHERE k.kind IS NOT NULL
+  )
+  SELECT j.queue FROM kinds k JOIN {jobs} j ON j.kind = k.kind AND j.state = 'dead'
+) d GROUP BY d.queue
+"""
+
+
+def depth_query(schema: str = DEFAULT_SCHEMA) -> str:
+    """The SQL the depth collector runs (exposed for EXPLAIN and the benchmark)."""
+    return sql.SQL(_DEPTH_SQL).format(jobs=sql.Identifier(_validate.schema_name(schema), JOBS_TABLE)).as_string()
+
+
+@dataclass
+class _Snapshot:
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    oldest: dict[str, float] = field(default_factory=dict)
+    fetched_at: float = float("-inf")  # monotonic
+    duration: float = 0.0
+    ok: bool = False
+
+
+class QueueDepthCollector(Collector):
+    """Jobs per queue and state, and the oldest available job's age, read at scrape time.
+
+    The query runs at most once per ``ttl`` seconds (scrapes in between get the cached
+    snapshot), on the scrape thread, under ``statement_timeout``. It counts only live
+    states (available, scheduled, retryable, running: each has a partial index, so the
+    cost is O(live rows), independent of the completed history) plus dead rows, reached
+    per kind through ``jobs_kind_state_idx``. Completed and cancelled are not counted:
+    use the ``sa_jobs_jobs_finished_total`` counters. A failed query keeps the last
+    snapshot; ``sa_jobs_queue_depth_snapshot_age_seconds`` shows how stale it is.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        schema: str = DEFAULT_SCHEMA,
+        *,
+        ttl: float = 10.0,
+        statement_timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from ._url import to_conninfo
+
+        self._conninfo = to_conninfo(database_url)
+        self.schema = _validate.schema_name(schema)
+        self.ttl = ttl
+        self.statement_timeout = statement_timeout
+        self._clock = clock
+        self._query = depth_query(self.schema)
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._snapshot = _Snapshot()
+        self._queues: set[str] = set()  # every queue seen: a drained queue reports 0, not nothing
+        self.errors = 0
+        self.queries = 0
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(
+                self._conninfo, autocommit=True, connect_timeout=max(1, int(self.statement_timeout + 0.999)),
+                application_name="sa_jobs_metrics",
+            )
+            ms = int(self.statement_timeout * 1000)
+            self._conn.execute(f"SET statement_timeout = {ms}")
+            self._conn.execute(f"SET lock_timeout = {ms}")
+            self._conn.execute("SET default_transaction_read_only = on")
+        return self._conn
+
+    def refresh(self) -> _Snapshot:
+        """Run the depth query now (callers hold no lock); keeps the old snapshot on failure."""
+        started = time.perf_counter()
+        self.queries += 1
+        try:
+            rows = self._connect().execute(self._query).fetchall()
+        except Exception as exc:  # noqa: BLE001 - a scrape must answer even if the database does not
+            self.errors += 1
+            log.warning("queue depth query failed (%s); serving the previous snapshot", type(exc).__name__)
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                finally:
+                    self._conn = None
+            self._snapshot.fetched_at = self._clock()  # back off for one TTL, do not hammer
+            return self._snapshot
+        snap = _Snapshot(fetched_at=self._clock(), duration=time.perf_counter() - started, ok=True)
+        for state, queue, count, oldest in rows:
+            self._queues.add(queue)
+            snap.counts[(queue, state)] = int(count)
+            if oldest is not None:
+                snap.oldest[queue] = max(0.0, float(oldest))
+        self._snapshot = snap
+        return snap
+
+    def snapshot(self) -> _Snapshot:
+        with self._lock:
+            if self._clock() - self._snapshot.fetched_at >= self.ttl:
+                self.refresh()
+            return self._snapshot
+
+    def describe(self) -> Iterable[Metric]:
+        # Registering must not query the database: describe without samples.
+        return list(self._families(None))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self.snapshot()))
+
+    def _families(self, snap: Optional[_Snapshot]) -> Iterator[Metric]:
+        p = PREFIX
+        depth = GaugeMetricFamily(f"{p}_queue_jobs", "Jobs in the table per queue and live state (cached, see TTL).",
+                                  labels=["queue", "state"])
+        oldest = GaugeMetricFamily(f"{p}_queue_oldest_available_age_seconds",
+                                   "Age of the oldest available job per queue (since it became due); 0 when none.",
+                                   labels=["queue"])
+        age = GaugeMetricFamily(f"{p}_queue_depth_snapshot_age_seconds",
+                                "Seconds since the depth snapshot was taken successfully.")
+        took = GaugeMetricFamily(f"{p}_queue_depth_query_duration_seconds", "Duration of the last depth query.")
+        errors = CounterMetricFamily(f"{p}_queue_depth_query_errors", "Depth queries that failed or timed out.")
+        if snap is not None:
+            for queue in sorted(self._queues):
+                for state in DEPTH_STATES:
+                    depth.add_metric([queue, state], snap.counts.get((queue, state), 0))
+                oldest.add_metric([queue], snap.oldest.get(queue, 0.0))
+            if snap.ok:
+                age.add_metric([], max(0.0, self._clock() - snap.fetched_at))
+            took.add_metric([], snap.duration)
+            errors.add_metric([], self.errors)
+        yield from (depth, oldest, age, took, errors)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+# ---- serving -------------------------------------------------------------------------
+
+def _default_registry() -> CollectorRegistry:
+    """A private registry with the process/platform/GC collectors operators expect."""
+    from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+    reg = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=reg)
+    PlatformCollector(registry=reg)
+    GCCollector(registry=reg)
+    return reg
+
+
+@dataclass
+class MetricsServer:
+    """A running ``/metrics`` endpoint: ``observer`` goes to ``Worker(observer=...)``."""
+
+    observer: PrometheusObserver
+    registry: CollectorRegistry
+    host: str
+    port: int
+    depth: Optional[QueueDepthCollector]
+    _server: Any = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        if self.depth is not None:
+            self.depth.close()
+
+
+def start_metrics_server(
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    database_url: Optional[str] = None,
+    schema: str = DEFAULT_SCHEMA,
+    registry: Optional[CollectorRegistry] = None,
+    depth_ttl: float = 10.0,
+) -> MetricsServer:
+    """Serve ``/metrics`` from a daemon thread; ``port=0`` picks a free port.
+
+    Binds loopback unless told otherwise: metrics reveal queue names and load, so
+    exposing them (``host="0.0.0.0"``) is a deliberate choice. Without ``registry`` a
+    private one (with process metrics) is created; with ``database_url`` the queue depth
+    collector is registered too.
+    """
+    reg = registry if registry is not None else _default_registry()
+    observer = PrometheusObserver(reg)
+    depth = None
+    if database_url is not None:
+        depth = QueueDepthCollector(database_url, schema, ttl=depth_ttl)
+        reg.register(depth)
+    server, thread = start_http_server(port, addr=host, registry=reg)
+    return MetricsServer(observer, reg, host, int(server.server_port), depth, server, thread)
+
+
+_SERVERS: list[MetricsServer] = []  # the CLI's server lives as long as the process
+
+
+DEPTH_TTL_ENV = "SA_JOBS_METRICS_DEPTH_TTL"
+
+
+def _depth_ttl_from_env() -> Optional[float]:
+    """``SA_JOBS_METRICS_DEPTH_TTL``: seconds between depth queries; ``0``/``off`` disables them."""
+    raw = os.environ.get(DEPTH_TTL_ENV, "").strip().lower()
+    if not raw:
+        return 10.0
+    if raw in ("0", "off", "false", "no"):
+        return None
+    ttl = float(raw)
+    if not ttl > 0:
+        raise ValueError(f"{DEPTH_TTL_ENV} must be a positive number of seconds or 'off', not {raw!r}")
+    return ttl
+
+
+def serve_worker_metrics(port: int, host: str = "127.0.0.1", *, schema: str, database_url: str) -> PrometheusObserver:
+    """What ``sa-jobs worker --metrics-port`` runs: serve until the process exits.
+
+    With many worker processes, let one (or a few) run the depth query: set
+    ``SA_JOBS_METRICS_DEPTH_TTL=off`` on the others.
+    """
+    ttl = _depth_ttl_from_env()
+    server = start_metrics_server(port, host, database_url=database_url if ttl else None, schema=schema,
+                                  depth_ttl=ttl or 10.0)
+    _SERVERS.append(server)
+    log.info("serving Prometheus metrics on %s", server.url)
+    return server.observer
+
+
+def make_asgi_app(
+    registry: Optional[CollectorRegistry] = None,
+    *,
+    database_url: Optional[str] = None,
+    schema: str = DEFAULT_SCHEMA,
+    depth_ttl: float = 10.0,
+) -> Callable[..., Any]:
+    """An ASGI app serving ``registry`` (default: the global one), to mount at ``/metrics``.
+
+    Pass the same registry to :class:`PrometheusObserver` for the Worker you embed. With
+    ``database_url`` the queue depth collector is registered into ``registry`` as well.
+    """
+    reg = REGISTRY if registry is None else registry
+    if database_url is not None:
+        reg.register(QueueDepthCollector(database_url, schema, ttl=depth_ttl))
+    return _prometheus_asgi_app(reg)
+
+
+__all__ = [
+    "MetricsServer",
+    "PrometheusObserver",
+    "QueueDepthCollector",
+    "depth_query",
+    "make_asgi_app",
+    "serve_worker_metrics",
+    "start_metrics_server",
+]

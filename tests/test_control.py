@@ -1,0 +1,186 @@
+"""Handler control flow and operator actions: snooze, cancel (queued and running), status."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+from sqlalchemy.orm import Session
+
+from sa_jobs import (
+    Cancel,
+    ConfigurationError,
+    Job,
+    JobContext,
+    JobNotFoundError,
+    Snooze,
+    cancel,
+    constant_backoff,
+    job_status,
+    retry,
+)
+
+from .helpers import jobs_sql, q, run_worker_until, states
+
+STARTED: dict[int, float] = {}
+
+
+class CSnooze(Job, kind="c_snooze", queue="c", max_attempts=1):
+    pass
+
+
+@CSnooze.handler
+async def c_snooze(ctx: JobContext, times: int) -> int:
+    if ctx.attempt == 1 and STARTED.setdefault(ctx.id, 0) < times:
+        STARTED[ctx.id] += 1
+        raise Snooze(0.2)
+    return int(STARTED[ctx.id])
+
+
+class CCancelSelf(Job, kind="c_cancel_self", queue="c"):
+    pass
+
+
+@CCancelSelf.handler
+async def c_cancel_self(ctx: JobContext) -> None:
+    raise Cancel("the order was refunded meanwhile")
+
+
+class CLongAsync(Job, kind="c_long_async", queue="c"):
+    pass
+
+
+@CLongAsync.handler
+async def c_long_async(ctx: JobContext) -> None:
+    STARTED[ctx.id] = time.monotonic()
+    await anyio.sleep(60)
+
+
+class CLongSync(Job, kind="c_long_sync", queue="c"):
+    pass
+
+
+SYNC_SAW_CANCEL = threading.Event()
+
+
+@CLongSync.handler
+def c_long_sync(ctx: JobContext) -> None:
+    STARTED[ctx.id] = time.monotonic()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if ctx.cancelled:
+            SYNC_SAW_CANCEL.set()
+            return
+        time.sleep(0.01)
+
+
+class CFail(Job, kind="c_fail", queue="c", max_attempts=2, backoff=constant_backoff(0.01)):
+    pass
+
+
+@CFail.handler
+async def c_fail(ctx: JobContext) -> None:
+    raise ValueError("card declined: insufficient funds\nsecond line with internals")
+
+
+ALL = [CSnooze, CCancelSelf, CLongAsync, CLongSync, CFail]
+
+
+def add(engine, *jobs: Job) -> list[int]:
+    with Session(engine) as session, session.begin():
+        session.add_all(jobs)
+        session.flush()
+        return [j.id for j in jobs]
+
+
+def row(database_url, schema, job_id, cols="state, attempt, max_attempts"):
+    return q(database_url, jobs_sql(schema, "SELECT " + cols + " FROM {jobs} WHERE id = %s"), (job_id,))[0]
+
+
+def test_snooze_reschedules_without_spending_an_attempt(engine, database_url, schema):
+    (job_id,) = add(engine, CSnooze(times=2))
+    started = time.monotonic()
+    run_worker_until(database_url, schema, ALL, lambda: row(database_url, schema, job_id)[0] == "completed")
+    assert time.monotonic() - started >= 0.4  # two snoozes of 0.2 s
+    assert row(database_url, schema, job_id, "state, attempt, result, errors") == ("completed", 1, 2, [])
+
+
+def test_handler_cancel_ends_cancelled_without_retry(engine, database_url, schema):
+    (job_id,) = add(engine, CCancelSelf())
+    run_worker_until(database_url, schema, ALL, lambda: row(database_url, schema, job_id)[0] == "cancelled")
+    state, attempt, errors = row(database_url, schema, job_id, "state, attempt, errors")
+    assert (state, attempt) == ("cancelled", 1)
+    assert errors[0]["error"] == "Cancel: the order was refunded meanwhile"
+
+
+def test_cancel_queued_job(engine, database_url, schema):
+    (job_id,) = add(engine, CLongAsync())
+    with Session(engine) as session, session.begin():
+        assert cancel(session, job_id) == "available"
+    assert row(database_url, schema, job_id)[0] == "cancelled"
+    with Session(engine) as session, session.begin():
+        with pytest.raises(JobNotFoundError):
+            cancel(session, job_id)  # already finished
+        with pytest.raises(JobNotFoundError):
+            cancel(session, 10**12)
+        assert retry(session, job_id) == job_id  # a cancelled job can be replayed
+    assert row(database_url, schema, job_id)[0] == "available"
+
+
+@pytest.mark.parametrize("kind", [CLongAsync, CLongSync], ids=["async", "sync"])
+def test_cancel_running_job_stops_its_handler(engine, database_url, schema, kind):
+    (job_id,) = add(engine, kind())
+    cancelled_at: list[float] = []
+
+    def done() -> bool:
+        state = row(database_url, schema, job_id)[0]
+        if state == "running" and job_id in STARTED and not cancelled_at:
+            with Session(engine) as session, session.begin():
+                assert cancel(session, job_id) == "running"
+            cancelled_at.append(time.monotonic())
+        return bool(cancelled_at) and states(database_url, schema) == {"cancelled": 1} and not _running_in(worker_ref)
+
+    worker_ref: list = []
+
+    async def main() -> None:
+        from sa_jobs import Worker
+
+        from .helpers import FAST
+
+        async with Worker(database_url, kinds=ALL, schema=schema, **{**FAST, "lease": 30.0}) as worker:
+            worker_ref.append(worker)
+            with anyio.fail_after(20):
+                while not await anyio.to_thread.run_sync(done):
+                    await anyio.sleep(0.05)
+            stopped = time.monotonic()
+        assert stopped - cancelled_at[0] < 5  # via NOTIFY, long before the 30 s lease
+
+    anyio.run(main)
+    assert row(database_url, schema, job_id, "state, attempt, lease_expires_at") == ("cancelled", 1, None)
+    if kind is CLongSync:
+        assert SYNC_SAW_CANCEL.is_set()
+
+
+def _running_in(worker_ref: list) -> bool:
+    return bool(worker_ref) and bool(worker_ref[0].running_jobs())
+
+
+def test_job_status_speaks_the_status_page_words(engine, database_url, schema):
+    queued, failing = add(engine, CLongAsync().options(queue="nobody"), CFail())
+    with Session(engine) as session:
+        status = job_status(session, queued)
+        assert (status.status, status.error, status.can_retry) == ("queued", None, False)
+    run_worker_until(database_url, schema, ALL, lambda: row(database_url, schema, failing)[0] == "dead")
+    with Session(engine) as session:
+        status = job_status(session, failing)
+        assert (status.status, status.state, status.attempt, status.can_retry) == ("failed", "dead", 2, True)
+        assert status.error == "ValueError: card declined: insufficient funds"
+        with pytest.raises(JobNotFoundError):
+            job_status(session, 10**12)
+
+
+def test_snooze_bounds():
+    with pytest.raises(ConfigurationError):
+        Snooze(-1)
