@@ -117,6 +117,17 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .drift import check_drift
+
+    differences = check_drift(_database_url(args), args.schema)
+    for line in differences:
+        print(line)
+    if not differences:
+        print(f"sa-jobs schema {args.schema!r}: no drift")
+    return 1 if differences else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -162,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("ids", nargs="+", type=int, metavar="JOB_ID")
     r.set_defaults(func=_cmd_retry)
 
+    c = sub.add_parser("check", help="report drift between the installed schema and the expected one")
+    common(c)
+    c.set_defaults(func=_cmd_check)
+
     d = sub.add_parser("demo", help="enqueue in a transaction and run a worker (embedded Postgres by default)")
     d.add_argument("--database-url", help="use this server instead of an embedded one")
     d.add_argument("--metrics-port", type=int, default=0, help="metrics port (0 picks a free one)")
@@ -174,9 +189,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except SaJobsError as exc:
-        print(f"sa-jobs: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - typed errors become one line and exit 2
+        error = _typed_error(exc)
+        if error is None:
+            raise
+        print(f"sa-jobs: {error}", file=sys.stderr)
         return 2
+
+
+def _typed_error(exc: BaseException) -> Optional[SaJobsError]:
+    """The SaJobsError in ``exc``, also when a task group wrapped it in an exception group."""
+    if isinstance(exc, SaJobsError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _typed_error(inner)
+        if found is not None:
+            return found
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

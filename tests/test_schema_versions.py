@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 from typing import Any, Iterator
 
@@ -89,7 +90,7 @@ def test_worker_refuses_an_older_schema_and_names_the_command(db: str, fresh_sch
     with pytest.raises(SchemaVersionError, match=f"sa-jobs migrate --schema {fresh_schema}"):
         schema_mod.check_version(db, fresh_schema)
     proc = run_worker(db, fresh_schema)
-    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     assert f"run `sa-jobs migrate --schema {fresh_schema}` or `alembic upgrade heads`" in proc.stderr
 
 
@@ -98,7 +99,7 @@ def test_worker_refuses_a_newer_schema(db: str, fresh_schema: str) -> None:
     run_sql(db, sql.SQL("INSERT INTO {} (version, description) VALUES (%s, 'from the future')").format(
         sql.Identifier(fresh_schema, "schema_version")), (schema_mod.LATEST_VERSION + 1,))
     proc = run_worker(db, fresh_schema)
-    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     assert "newer than this sa-jobs knows" in proc.stderr and "refusing to start" in proc.stderr
     with pytest.raises(SchemaVersionError, match="newer"):
         schema_mod.install(db, fresh_schema)
@@ -235,3 +236,19 @@ def test_a_reserved_word_schema_is_quoted_everywhere(db: str) -> None:
     assert check_drift(db, "user") == []
     schema_mod.uninstall(db, "user")
     assert schema_mod.installed_version(db, "user") == 0
+
+
+def test_check_command_exits_1_on_drift_and_0_without(db: str, fresh_schema: str) -> None:
+    schema_mod.install(db, fresh_schema)
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sa_jobs", "check", "--database-url", db, "--schema", fresh_schema],
+            capture_output=True, text=True, timeout=60,
+        )
+
+    clean = check()
+    assert clean.returncode == 0 and "no drift" in clean.stdout, clean.stdout + clean.stderr
+    run_sql(db, sql.SQL("DROP INDEX {}").format(sql.Identifier(fresh_schema, "jobs_claim_idx")))
+    drifted = check()
+    assert drifted.returncode == 1 and "jobs_claim_idx" in drifted.stdout, drifted.stdout + drifted.stderr
