@@ -179,17 +179,17 @@ class Sampler(threading.Thread):
         self.every = every
         self.samples: list[Any] = []
         self.errors: list[BaseException] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self.samples.append(self.probe())
             except Exception as exc:  # noqa: BLE001 - a sample lost to a fault is recorded
                 self.errors.append(exc)
-            self._stop.wait(self.every)
+            self._halt.wait(self.every)
 
     def stop(self) -> list[Any]:
-        self._stop.set()
+        self._halt.set()
         self.join(10)
         return self.samples

@@ -93,7 +93,7 @@ def test_half_open_completer_connection_is_replaced(db, cluster, rel_url, rel_sc
             session.add_all([RelWork(ms=10).options(max_attempts=50) for _ in range(20)])
         # A alone: the new jobs must complete (on attempt 1, or after a rescue), within a
         # bound that allows the lease, a rescue and a reconnect.
-        done = wait_for(lambda: db.states() == {"completed": 24}, 3 * LEASE + 15)
+        done = wait_for(lambda: db.states() == {"completed": 24}, 2 * LEASE + 8)
         assert done, (db.states(), db.q("SELECT max(attempt) FROM {jobs}"))
     finally:
         proxy.close()
