@@ -60,6 +60,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
         maintenance_interval=args.maintenance_interval,
         shutdown_grace=args.shutdown_grace,
+        statement_timeout=args.statement_timeout,
         observer=observer,
     )
 
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--poll-interval", type=_positive_float, default=1.0)
     w.add_argument("--maintenance-interval", type=_positive_float, default=1.0)
     w.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish running jobs on SIGTERM")
+    w.add_argument("--statement-timeout", type=_positive_float, help="bound on every worker statement (default: lease/2, 2-30 s)")
     w.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     w.add_argument("--metrics-host", default="127.0.0.1", help="metrics bind address (0.0.0.0 to expose)")
     w.set_defaults(func=_cmd_worker)

@@ -40,8 +40,9 @@ class Maintainer:
         services: Sequence[MaintenanceService],
         *,
         interval: float = 1.0,
+        timeout: float = 10.0,
     ) -> None:
-        self._conn = ManagedConnection(conninfo, "maintainer")
+        self._conn = ManagedConnection(conninfo, "maintainer", timeout=timeout)
         self._q = queries
         self._observer = observer
         self._services = services
@@ -60,18 +61,22 @@ class Maintainer:
     async def tick(self) -> None:
         try:
             conn = await self._conn.get()
-            if not self.is_leader:
-                cur = await conn.execute(self._q.try_leader_lock)
-                self._set_leader(bool((await cur.fetchone())[0]))
-            for service in self._services:
-                if self.is_leader or not service.leader_only:
-                    await service.run_once(conn, self._q)
+            with self._conn.deadline():
+                await self._tick(conn)
         except Exception as exc:  # noqa: BLE001 - retried next tick on a fresh connection
             self._observer.loop_error("maintenance")
             log.warning("maintenance failed (%s); leadership dropped until reconnected", describe(exc),
                         exc_info=not is_transient(exc))
             self._set_leader(False)
             await self._conn.discard()
+
+    async def _tick(self, conn: Any) -> None:
+        if not self.is_leader:
+            cur = await conn.execute(self._q.try_leader_lock)
+            self._set_leader(bool((await cur.fetchone())[0]))
+        for service in self._services:
+            if self.is_leader or not service.leader_only:
+                await service.run_once(conn, self._q)
 
     def _set_leader(self, value: bool) -> None:
         if value != self.is_leader:

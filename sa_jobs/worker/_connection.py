@@ -35,6 +35,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class ManagedConnection:
+    """``timeout`` bounds every statement a service runs (see :meth:`deadline`): a socket
+    that went half-open (peer gone, no RST) would otherwise block that service forever.
+    The server enforces the same bound with ``statement_timeout``."""
+
     def __init__(
         self,
         conninfo: str,
@@ -42,11 +46,13 @@ class ManagedConnection:
         *,
         on_connect: Optional[Callable[[psycopg.AsyncConnection[Any]], Any]] = None,
         connect_timeout: float = 5.0,
+        timeout: float = 10.0,
     ) -> None:
         self._conninfo = conninfo
         self._name = name
         self._on_connect = on_connect
         self._connect_timeout = connect_timeout
+        self.timeout = timeout
         self._conn: Optional[psycopg.AsyncConnection[Any]] = None
         self._failures = 0
 
@@ -62,8 +68,12 @@ class ManagedConnection:
                     conn = await psycopg.AsyncConnection.connect(
                         self._conninfo,
                         autocommit=True,
-                        connect_timeout=int(self._connect_timeout),
+                        connect_timeout=max(1, int(self._connect_timeout)),
                         application_name=f"sa_jobs:{self._name}",
+                        options=f"-c statement_timeout={int(self.timeout * 1000)}",
+                        # TCP keepalives find a dead peer on a real network; the client
+                        # deadline covers what they cannot (a proxy that still ACKs).
+                        keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
                     )
                 if self._on_connect is not None:
                     await self._on_connect(conn)
@@ -77,6 +87,10 @@ class ManagedConnection:
                 log.warning("%s: cannot connect (%s); retrying in %.2fs", self._name, exc, delay)
                 await anyio.sleep(delay)
         return self._conn
+
+    def deadline(self) -> anyio.CancelScope:
+        """``with conn.deadline():`` around a statement: TimeoutError past ``timeout``."""
+        return anyio.fail_after(self.timeout)
 
     async def discard(self) -> None:
         """Drop the connection after an error so the next ``get()`` opens a new one."""

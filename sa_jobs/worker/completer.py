@@ -70,7 +70,8 @@ class Completer:
         batch, self._pending = self._pending, []
         try:
             conn = await self._conn.get()
-            await self._write(conn, batch)
+            with self._conn.deadline():
+                await self._write(conn, batch)
         except Exception as exc:  # noqa: BLE001
             self._observer.loop_error("completer")
             await self._conn.discard()
@@ -93,7 +94,9 @@ class Completer:
     async def _write_singly(self, batch: list[Outcome]) -> None:
         for i, outcome in enumerate(batch):
             try:
-                await self._write(await self._conn.get(), [outcome])
+                conn = await self._conn.get()
+                with self._conn.deadline():
+                    await self._write(conn, [outcome])
             except Exception as exc:  # noqa: BLE001
                 if is_transient(exc):
                     self._pending[:0] = batch[i:]

@@ -53,7 +53,7 @@ class Heartbeat:
         try:
             conn = await self._conn.get()
             # A beat that hangs (half-open socket) must not outlive the lease it protects.
-            with anyio.fail_after(max(self._interval, 1.0)):
+            with anyio.fail_after(min(self._conn.timeout, max(self._interval, 1.0))):
                 cur = await conn.execute(
                     self._q.heartbeat_many,
                     {"ids": [j.id for j in jobs], "tokens": [j.token for j in jobs], "lease": self._lease},

@@ -96,6 +96,7 @@ class Worker:
         completion_interval: float = 0.005,
         max_claim: int = 500,
         shutdown_grace: float = 30.0,
+        statement_timeout: Optional[float] = None,
         observer: Optional[WorkerObserver] = None,
         engine: Any = None,
         async_engine: Any = None,
@@ -124,6 +125,9 @@ class Worker:
         self._completion_interval = completion_interval
         self._max_claim = max_claim
         self.shutdown_grace = shutdown_grace
+        # Every service statement is bounded; well inside the lease so that a stuck
+        # connection is replaced before the jobs it serves are presumed lost.
+        self.statement_timeout = statement_timeout or max(2.0, min(30.0, self.lease / 2))
         self._observer: WorkerObserver = observer or NullObserver()
         self._engine = engine
         self._async_engine = async_engine
@@ -271,9 +275,9 @@ class Worker:
             job.cancel("worker shutting down")
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        claim_conn = ManagedConnection(self._conninfo, "producer")
-        complete_conn = ManagedConnection(self._conninfo, "completer")
-        beat_conn = ManagedConnection(self._conninfo, "heartbeat")
+        claim_conn = ManagedConnection(self._conninfo, "producer", timeout=self.statement_timeout)
+        complete_conn = ManagedConnection(self._conninfo, "completer", timeout=self.statement_timeout)
+        beat_conn = ManagedConnection(self._conninfo, "heartbeat", timeout=self.statement_timeout)
         self.completer = Completer(complete_conn, self._queries, self._observer, interval=self._completion_interval)
         heartbeat = Heartbeat(
             beat_conn, self._queries, self._observer, self.running_jobs,
@@ -283,6 +287,7 @@ class Worker:
         self.maintainer = Maintainer(
             self._conninfo, self._queries, self._observer,
             [Rescuer(self._observer), Scheduler()], interval=self._maintenance_interval,
+            timeout=self.statement_timeout,
         )
         for name, limit in self._queue_limits.items():
             send, receive = anyio.create_memory_object_stream[ClaimedJob](math.inf)
@@ -347,7 +352,9 @@ class Worker:
                     # Shielded: a claim the server executed must reach us, or its jobs
                     # would sit running until their lease expired.
                     with anyio.CancelScope(shield=True):
-                        jobs = await self._claim(q, await conn.get(), want)
+                        live = await conn.get()
+                        with conn.deadline():
+                            jobs = await self._claim(q, live, want)
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - back off and retry; never exit the worker
                 failures += 1
