@@ -132,6 +132,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    # The demo prints its own story; the worker's routine INFO lines would bury it.
+    if args.log_level.upper() == "INFO":
+        logging.getLogger("sa_jobs").setLevel(logging.WARNING)
+
     return run_demo(args.database_url or database_url_from_env(), metrics_port=args.metrics_port)
 
 

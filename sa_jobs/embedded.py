@@ -6,6 +6,7 @@ listens on a Unix socket inside its data directory's runtime path, never on a TC
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +20,12 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
     ``cleanup`` is ``"stop"`` (stop at interpreter exit), ``"delete"`` (stop and remove the
     data directory) or ``"none"`` (leave it running).
     """
+    import warnings
+
+    # pgserver logs every initdb/pg_ctl run at INFO, and platformdirs warns about a
+    # missing XDG_RUNTIME_DIR on servers: neither is news to a sa-jobs user.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         import pgserver
     except ImportError:  # pragma: no cover - depends on the extra being installed
