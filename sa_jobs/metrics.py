@@ -197,25 +197,24 @@ class PrometheusObserver:
         # The worker's own count, after each claim: it re-syncs the running tally that
         # claimed()/job_finished() keep between claims (the producer may sleep a while).
         self._limits[queue] = limit
-        self._slot_gauges(queue)[1].set(limit)
+        self._slot_gauges(queue)
         self._set_in_flight(queue, in_flight)
 
-    def _slot_gauges(self, queue: str) -> tuple[Any, Any, Any]:
-        g = self._slots.get(queue)
-        if g is None:
-            g = self._slots[queue] = (
-                self.in_flight.labels(queue), self.slots_total.labels(queue), self.slots_free.labels(queue),
-            )
-        return g
+    def _slot_gauges(self, queue: str) -> None:
+        """Gauges read at scrape time: the hot path only updates two ints."""
+        if queue in self._slots:
+            return
+        self._slots[queue] = (self.in_flight.labels(queue), self.slots_total.labels(queue), self.slots_free.labels(queue))
+        self._in_flight_n.setdefault(queue, 0)
+        self.in_flight.labels(queue).set_function(lambda: self._in_flight_n.get(queue, 0))
+        self.slots_total.labels(queue).set_function(lambda: self._limits.get(queue, 0))
+        self.slots_free.labels(queue).set_function(
+            lambda: max(0, self._limits.get(queue, 0) - self._in_flight_n.get(queue, 0)))
 
     def _set_in_flight(self, queue: str, n: int) -> None:
-        n = max(0, n)
-        self._in_flight_n[queue] = n
-        g = self._slots.get(queue) or self._slot_gauges(queue)
-        g[0].set(n)
-        limit = self._limits.get(queue)
-        if limit is not None:
-            g[2].set(max(0, limit - n))
+        self._in_flight_n[queue] = n if n > 0 else 0
+        if queue not in self._slots:
+            self._slot_gauges(queue)
 
     def rescued(self, count: int) -> None:
         self.jobs_rescued.inc(count)

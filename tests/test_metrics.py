@@ -1,0 +1,429 @@
+"""Metrics against real PostgreSQL and real workers: exact counts, bounded labels, depth.
+
+The promtool checks (metrics lint, alert rules and their unit tests, dashboard PromQL)
+skip only when the Debian ``prometheus`` package is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import anyio
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sa_jobs._url import to_conninfo
+from sa_jobs.metrics import (
+    DEPTH_STATES,
+    PrometheusObserver,
+    QueueDepthCollector,
+    depth_query,
+    make_asgi_app,
+    start_metrics_server,
+)
+
+from .helpers import jobs_sql, q, run_worker_until
+from .metrics_jobs import QUEUE, SECRET, MetricsDoomed, MetricsFlaky, MetricsOk, MetricsSlow
+
+REPO = Path(__file__).resolve().parent.parent
+ALERTS = REPO / "examples" / "prometheus" / "alerts.yml"
+DASHBOARD = REPO / "examples" / "grafana" / "sa-jobs-dashboard.json"
+KINDS = [MetricsOk, MetricsFlaky, MetricsDoomed, MetricsSlow]
+
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
+
+
+def _unfinished(database_url: str, schema: str) -> int:
+    return q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state NOT IN ('completed', 'dead')"))[0][0]
+
+
+def _value(reg: CollectorRegistry, name: str, **labels: str) -> float:
+    v = reg.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def _run_mix(database_url: str, schema: str, engine: Engine, observer: PrometheusObserver) -> None:
+    """5 ok, 3 flaky (1 retry each), 2 doomed, 1 timed out; run until all are final."""
+    with Session(engine) as s, s.begin():
+        s.add_all([MetricsOk() for _ in range(5)] + [MetricsFlaky(fail_times=1) for _ in range(3)]
+                  + [MetricsDoomed() for _ in range(2)] + [MetricsSlow()])
+    run_worker_until(database_url, schema, KINDS, lambda: _unfinished(database_url, schema) == 0,
+                     observer=observer, concurrency=4, heartbeat_interval=0.2)
+    assert _unfinished(database_url, schema) == 0
+
+
+def test_worker_run_moves_each_metric_by_the_exact_amount(database_url: str, schema: str, engine: Engine) -> None:
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    _run_mix(database_url, schema, engine, observer)
+    fin = "sa_jobs_jobs_finished_total"
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_ok", outcome="completed") == 5
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_flaky", outcome="retried") == 3
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_flaky", outcome="completed") == 3
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_doomed", outcome="dead") == 2
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_slow", outcome="timed_out") == 1
+    total = sum(s.value for f in reg.collect() if f.name == "sa_jobs_jobs_finished" for s in f.samples
+                if s.name == fin)
+    assert total == 14  # 11 jobs, 3 of them ran twice: nothing else was counted
+    # One claim per attempt, one wait observation per started attempt.
+    assert _value(reg, "sa_jobs_jobs_claimed_total", queue=QUEUE) == 14
+    assert _value(reg, "sa_jobs_claim_batch_size_sum", queue=QUEUE) == 14
+    assert _value(reg, "sa_jobs_claims_total", queue=QUEUE) == _value(reg, "sa_jobs_claim_duration_seconds_count", queue=QUEUE) >= 1
+    assert _value(reg, "sa_jobs_job_queue_wait_seconds_count", queue=QUEUE) == 14
+    # Run duration per kind; the timed-out attempt ran at least its 0.2 s timeout.
+    assert _value(reg, "sa_jobs_job_run_duration_seconds_count", queue=QUEUE, kind="metrics_flaky") == 6
+    assert _value(reg, "sa_jobs_job_run_duration_seconds_count", queue=QUEUE, kind="metrics_slow") == 1
+    assert _value(reg, "sa_jobs_job_run_duration_seconds_sum", queue=QUEUE, kind="metrics_slow") >= 0.2
+    assert _value(reg, "sa_jobs_job_run_duration_seconds_bucket", queue=QUEUE, kind="metrics_slow", le="0.1") == 0
+    # End to end only for final outcomes: 8 completed, 2 dead (retries are not the end).
+    assert _value(reg, "sa_jobs_job_end_to_end_seconds_count", queue=QUEUE, outcome="completed") == 8
+    assert _value(reg, "sa_jobs_job_end_to_end_seconds_count", queue=QUEUE, outcome="dead") == 2
+    assert _value(reg, "sa_jobs_job_end_to_end_seconds_count", queue=QUEUE, outcome="retried") == 0
+    # Gauges after the drain: nothing in flight, all 4 slots free, this worker led.
+    assert _value(reg, "sa_jobs_jobs_in_flight", queue=QUEUE) == 0
+    assert _value(reg, "sa_jobs_worker_slots", queue=QUEUE) == 4
+    assert _value(reg, "sa_jobs_worker_slots_free", queue=QUEUE) == 4
+    assert _value(reg, "sa_jobs_worker_last_heartbeat_timestamp_seconds") > time.time() - 60
+    assert _value(reg, "sa_jobs_jobs_rescued_total") == 0
+    assert _value(reg, "sa_jobs_worker_loop_errors_total", component="producer") == 0
+
+
+def test_labels_stay_bounded_and_error_text_never_leaks(database_url: str, schema: str, engine: Engine) -> None:
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    stray = "metrics_undeclared_" + uuid.uuid4().hex[:8]  # a row whose kind no code declares
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, max_attempts) VALUES (%s, %s, 1)"), (stray, QUEUE))
+    _run_mix(database_url, schema, engine, observer)
+    text = generate_latest(reg).decode()
+    assert stray not in text and SECRET not in text
+    assert _value(reg, "sa_jobs_jobs_finished_total", queue=QUEUE, kind="other", outcome="dead") == 1
+    ids = {str(r[0]) for r in q(database_url, jobs_sql(schema, "SELECT id FROM {jobs}"))}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            assert set(sample.labels) <= {"queue", "kind", "outcome", "component", "le"}, sample
+            assert sample.labels.get("kind", "other") in {"other", "metrics_ok", "metrics_flaky", "metrics_doomed", "metrics_slow"}
+            assert not ids & set(sample.labels.values())
+
+
+def test_observer_unknown_outcome_and_component_map_to_other() -> None:
+    reg = CollectorRegistry()
+    obs = PrometheusObserver(reg)
+    obs.job_finished("q", "metrics_ok", "exploded", 0.1, 1.0)
+    obs.loop_error("something-new")
+    assert _value(reg, "sa_jobs_jobs_finished_total", queue="q", kind="metrics_ok", outcome="other") == 1
+    assert _value(reg, "sa_jobs_worker_loop_errors_total", component="other") == 1
+    obs.leader(True)
+    assert _value(reg, "sa_jobs_worker_is_leader") == 1
+    obs.leader(False)
+    assert _value(reg, "sa_jobs_worker_is_leader") == 0
+
+
+# ---- queue depth ---------------------------------------------------------------------
+
+def _seed_depth(database_url: str, schema: str) -> None:
+    sql_rows = [
+        "INSERT INTO {jobs} (kind, queue, scheduled_at) VALUES ('k1', 'q1', now() - interval '100 seconds'),"
+        " ('k1', 'q1', now()), ('k2', 'q1', now())",
+        "INSERT INTO {jobs} (kind, queue, state, scheduled_at) VALUES ('k1', 'q2', 'scheduled', now() + interval '1 hour'),"
+        " ('k1', 'q2', 'scheduled', now() + interval '1 hour'), ('k2', 'q2', 'retryable', now() + interval '1 hour')",
+        "INSERT INTO {jobs} (kind, queue, state, claim_token, lease_expires_at, attempt)"
+        " VALUES ('k1', 'q1', 'running', gen_random_uuid(), now() + interval '1 minute', 1)",
+        "INSERT INTO {jobs} (kind, queue, state, finished_at) SELECT 'k' || (i %% 3), 'q2', 'dead', now()"
+        " FROM generate_series(1, 4) i",
+        "INSERT INTO {jobs} (kind, queue, state, finished_at) SELECT 'k1', 'q1', 'completed', now()"
+        " FROM generate_series(1, 5) i",
+    ]
+    for stmt in sql_rows:
+        q(database_url, jobs_sql(schema, stmt), ())
+
+
+def _depth(collector: QueueDepthCollector) -> dict[tuple[str, ...], float]:
+    out: dict[tuple[str, ...], float] = {}
+    for family in collector.collect():
+        for s in family.samples:
+            out[(s.name, *(s.labels[k] for k in sorted(s.labels)))] = s.value
+    return out
+
+
+def test_depth_counts_live_states_and_oldest_age_with_ttl(database_url: str, schema: str) -> None:
+    _seed_depth(database_url, schema)
+    now = [1000.0]
+    collector = QueueDepthCollector(database_url, schema, ttl=30, clock=lambda: now[0])
+    try:
+        d = _depth(collector)
+        n = "sa_jobs_queue_jobs"
+        assert d[(n, "q1", "available")] == 3
+        assert d[(n, "q1", "running")] == 1
+        assert d[(n, "q2", "scheduled")] == 2
+        assert d[(n, "q2", "retryable")] == 1
+        assert d[(n, "q2", "dead")] == 4
+        assert d[(n, "q2", "available")] == 0  # every (known queue, state) pair is present
+        assert not any(k[0] == n and k[2] in ("completed", "cancelled") for k in d)
+        assert 99 <= d[("sa_jobs_queue_oldest_available_age_seconds", "q1")] < 130
+        assert d[("sa_jobs_queue_oldest_available_age_seconds", "q2")] == 0
+        assert collector.queries == 1
+        # Within the TTL a scrape is served from the snapshot, without a query.
+        q(database_url, jobs_sql(schema, "DELETE FROM {jobs} WHERE queue = 'q1'"))
+        now[0] += 29
+        assert _depth(collector)[(n, "q1", "available")] == 3 and collector.queries == 1
+        assert _depth(collector)[("sa_jobs_queue_depth_snapshot_age_seconds",)] == 29
+        # After it, a drained queue reports zeros rather than vanishing.
+        now[0] += 2
+        d = _depth(collector)
+        assert collector.queries == 2
+        assert all(d[(n, "q1", state)] == 0 for state in DEPTH_STATES)
+        assert d[("sa_jobs_queue_oldest_available_age_seconds", "q1")] == 0
+    finally:
+        collector.close()
+
+
+def test_depth_query_reads_indexes_not_history(database_url: str, schema: str) -> None:
+    """50k completed rows must not be visited: no sequential scan, few buffers."""
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, finished_at)"
+                                     " SELECT 'k' || (i %% 7), 'q', 'completed', now() FROM generate_series(1, 50000) i"), ())
+    _seed_depth(database_url, schema)
+    q(database_url, jobs_sql(schema, "VACUUM ANALYZE {jobs}"))
+    plan = q(database_url, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + depth_query(schema))[0][0][0]
+
+    def nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        yield node
+        for child in node.get("Plans", []):
+            yield from nodes(child)
+
+    all_nodes = list(nodes(plan["Plan"]))
+    assert not [n for n in all_nodes if n["Node Type"] == "Seq Scan"], json.dumps(plan)[:2000]
+    table_pages = q(database_url, "SELECT relpages FROM pg_class WHERE oid = %s::regclass",
+                    (f'"{schema}".jobs',))[0][0]
+    touched = plan["Plan"]["Shared Hit Blocks"] + plan["Plan"]["Shared Read Blocks"]
+    assert touched < 150 < table_pages, (touched, table_pages)
+
+
+def test_depth_scrape_answers_when_the_database_does_not(database_url: str, schema: str) -> None:
+    _seed_depth(database_url, schema)
+    now = [0.0]
+    collector = QueueDepthCollector(database_url, schema, ttl=5, statement_timeout=0.3, clock=lambda: now[0])
+    try:
+        assert _depth(collector)[("sa_jobs_queue_jobs", "q1", "available")] == 3
+        with psycopg.connect(to_conninfo(database_url)) as locker:
+            locker.execute(jobs_sql(schema, "LOCK TABLE {jobs} IN ACCESS EXCLUSIVE MODE"))
+            now[0] += 10
+            started = time.monotonic()
+            d = _depth(collector)
+            assert time.monotonic() - started < 2.0
+            locker.rollback()
+        assert d[("sa_jobs_queue_jobs", "q1", "available")] == 3  # the previous snapshot
+        assert d[("sa_jobs_queue_depth_query_errors_total",)] == 1
+        now[0] += 10
+        d = _depth(collector)  # reconnects and recovers
+        assert d[("sa_jobs_queue_depth_query_errors_total",)] == 1
+        assert d[("sa_jobs_queue_depth_snapshot_age_seconds",)] == 0
+    finally:
+        collector.close()
+
+
+# ---- serving -------------------------------------------------------------------------
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.status == 200
+        return resp.read().decode()
+
+
+def test_metrics_server_serves_worker_and_depth_on_loopback(database_url: str, schema: str, engine: Engine) -> None:
+    server = start_metrics_server(0, database_url=database_url, schema=schema, depth_ttl=0.01)
+    try:
+        assert server.port > 0 and server._server.server_address[0] == "127.0.0.1"
+        assert server.url == f"http://127.0.0.1:{server.port}/metrics"
+        _run_mix(database_url, schema, engine, server.observer)
+        text = _get(server.url)
+        assert 'sa_jobs_jobs_finished_total{kind="metrics_ok",outcome="completed",queue="metrics"} 5.0' in text
+        assert 'sa_jobs_queue_jobs{queue="metrics",state="dead"} 3.0' in text  # 2 doomed + 1 timed out
+        assert "process_resident_memory_bytes" in text
+        _promtool_lint(text)
+    finally:
+        server.close()
+    with pytest.raises(OSError):
+        _get(server.url)
+
+
+def test_user_registry_and_asgi_app(database_url: str, schema: str) -> None:
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    observer.job_finished(QUEUE, "metrics_ok", "completed", 0.01, 0.02)
+    app = make_asgi_app(reg, database_url=database_url, schema=schema)
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue) VALUES ('metrics_ok', 'asgi_q')"))
+    sent: list[dict[str, Any]] = []
+
+    async def call() -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}
+        await app(scope, receive, send)
+
+    anyio.run(call)
+    assert sent[0]["status"] == 200
+    body = b"".join(m.get("body", b"") for m in sent[1:]).decode()
+    assert 'sa_jobs_jobs_finished_total{kind="metrics_ok",outcome="completed",queue="metrics"} 1.0' in body
+    assert 'sa_jobs_queue_jobs{queue="asgi_q",state="available"} 1.0' in body
+    assert "process_cpu_seconds_total" not in body  # only what the user's registry holds
+
+
+def test_scrapes_are_thread_safe_under_concurrency(database_url: str, schema: str) -> None:
+    """Prometheus HTTP handlers run in threads; concurrent scrapes share one query per TTL."""
+    collector = QueueDepthCollector(database_url, schema, ttl=60)
+    errors: list[BaseException] = []
+
+    def scrape() -> None:
+        try:
+            for _ in range(20):
+                list(collector.collect())
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=scrape) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    collector.close()
+    assert not errors and collector.queries == 1
+
+
+# ---- promtool: metrics lint, alert rules, dashboard PromQL ------------------------------
+
+def _promtool_lint(text: str) -> None:
+    if shutil.which("promtool") is None:
+        return
+    proc = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (proc.stdout, proc.stderr)
+
+
+@needs_promtool
+def test_alert_rules_are_valid(tmp_path: Path) -> None:
+    proc = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _strip_annotations(text: str) -> str:
+    """promtool compares annotations exactly; the tests are about when alerts fire."""
+    out: list[str] = []
+    skip_deeper_than: int | None = None
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if skip_deeper_than is not None and (not line.strip() or indent > skip_deeper_than):
+            continue
+        skip_deeper_than = None
+        if line.strip() == "annotations:":
+            skip_deeper_than = indent
+            continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+@needs_promtool
+def test_alert_rules_fire_on_the_conditions_they_describe(tmp_path: Path) -> None:
+    """promtool's rule unit tests: each alert fires on a synthetic series and not before."""
+    rules = tmp_path / "alerts_without_annotations.yml"
+    rules.write_text(_strip_annotations(ALERTS.read_text()))
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": 'sa_jobs_jobs_finished_total{job="w",instance="a",queue="q",kind="k",outcome="dead"}',
+                 "values": "0 0 0 0 0 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20"},
+                {"series": 'sa_jobs_queue_oldest_available_age_seconds{job="w",instance="a",queue="q"}',
+                 "values": "0x10 900x20"},
+                {"series": 'sa_jobs_worker_heartbeat_age_seconds{job="w",instance="a"}', "values": "1x10 200x20"},
+                {"series": 'sa_jobs_worker_is_leader{job="w",instance="a"}', "values": "1x10 0x20"},
+                {"series": 'sa_jobs_queue_jobs{job="w",instance="a",queue="q",state="dead"}',
+                 "values": "0 0 0 0 0 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20"},
+                {"series": 'up{job="sa-jobs",instance="a"}', "values": "1x30"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "SaJobsDeadJobsRising", "exp_alerts": []},
+                {"eval_time": "20m", "alertname": "SaJobsDeadJobsRising",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning", "queue": "q", "kind": "k"}}]},
+                {"eval_time": "5m", "alertname": "SaJobsOldestAvailableJobTooOld", "exp_alerts": []},
+                {"eval_time": "25m", "alertname": "SaJobsOldestAvailableJobTooOld",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning", "queue": "q"}}]},
+                {"eval_time": "5m", "alertname": "SaJobsNoHeartbeat", "exp_alerts": []},
+                {"eval_time": "25m", "alertname": "SaJobsNoHeartbeat",
+                 "exp_alerts": [{"exp_labels": {"severity": "critical", "job": "w", "instance": "a"}}]},
+                {"eval_time": "5m", "alertname": "SaJobsNoLeader", "exp_alerts": []},
+                {"eval_time": "25m", "alertname": "SaJobsNoLeader",
+                 "exp_alerts": [{"exp_labels": {"severity": "critical", "job": "w"}}]},
+                {"eval_time": "5m", "alertname": "SaJobsDeadLetterGrowing", "exp_alerts": []},
+                {"eval_time": "20m", "alertname": "SaJobsDeadLetterGrowing",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning", "queue": "q"}}]},
+                {"eval_time": "25m", "alertname": "SaJobsWorkerDown", "exp_alerts": []},
+            ],
+        }],
+    }
+    path = tmp_path / "alerts_test.yml"
+    path.write_text(json.dumps(tests))  # JSON is YAML
+    proc = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _dashboard_exprs() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", []) if t.get("expr")]
+    for var in board.get("templating", {}).get("list", []):
+        if var.get("query") and isinstance(var["query"], str):
+            inner = re.search(r"label_values\((.*),\s*\w+\)$", var["query"])
+            if inner:
+                exprs.append(inner.group(1))
+    return exprs
+
+
+def _exposed_names(database_url: str, schema: str) -> set[str]:
+    reg = CollectorRegistry()
+    obs = PrometheusObserver(reg)
+    reg.register(QueueDepthCollector(database_url, schema))
+    obs.claimed("q", 1, 0.01)
+    obs.job_started("q", "metrics_ok", 0.1)
+    for outcome in ("completed", "dead", "retried"):
+        obs.job_finished("q", "metrics_ok", outcome, 0.1, 0.2)
+    obs.slots("q", 1, 2)
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue) VALUES ('k', 'q')"))
+    return {s.name for f in reg.collect() for s in f.samples}
+
+
+@needs_promtool
+def test_dashboard_queries_parse_and_use_only_real_metrics(database_url: str, schema: str, tmp_path: Path) -> None:
+    exprs = _dashboard_exprs()
+    assert len(exprs) >= 6
+    names = _exposed_names(database_url, schema)
+    for expr in exprs:
+        used = set(re.findall(r"\bsa_jobs_[a-z_]+", expr))
+        assert used and used <= names, (expr, used - names)
+    # Grafana variables replaced by valid PromQL, then parsed by promtool as recording rules.
+    concrete = [e.replace("$__rate_interval", "1m").replace("$__interval", "1m").replace("$queue", ".*")
+                .replace("$kind", ".*") for e in exprs]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:expr{i}", "expr": e} for i, e in enumerate(concrete)]}]}
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(json.dumps(rules))
+    proc = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
