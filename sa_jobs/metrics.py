@@ -46,7 +46,9 @@ PREFIX = "sa_jobs"
 TERMINAL_OUTCOMES = ("completed", "dead", "cancelled")
 # Outcomes of an attempt that actually ran to a verdict: the run duration is observed there.
 # (released = shutdown gave the job back; lease_lost = another worker owns it now.)
-RUN_OUTCOMES = ("completed", "retried", "dead", "cancelled", "timed_out")
+RUN_OUTCOMES = ("completed", "retried", "dead", "cancelled", "timed_out", "snoozed")
+# Every outcome label we accept; the worker reports "snoozed" (Snooze) beyond events.OUTCOMES.
+LABEL_OUTCOMES = frozenset((*OUTCOMES, "snoozed"))
 # The worker's own loops that report errors (WorkerObserver.loop_error).
 LOOP_COMPONENTS = ("producer", "completer", "heartbeat", "notifier", "maintenance")
 # States the depth collector reports: the live ones, each served by a partial index, plus
@@ -150,7 +152,7 @@ class PrometheusObserver:
 
     def _finished_children(self, queue: str, kind: str, outcome: str) -> tuple[Any, Any, Any]:
         label = self._kind_label(kind)
-        out = outcome if outcome in OUTCOMES else OTHER
+        out = outcome if outcome in LABEL_OUTCOMES else OTHER
         children = (
             self.jobs_finished.labels(queue, label, out),
             self.run_duration.labels(queue, label) if out in RUN_OUTCOMES else None,
