@@ -12,7 +12,7 @@ Declare a kind, enqueue it in your own transaction, run a worker::
         session.add(SendReceipt(order_id=42))
 """
 
-from .admin import JobStatus, cancel, cancel_many, job_status, retry, retry_many
+from .admin import JobStatus, cancel, cancel_many, job_status, retry, retry_many, wait_for, wait_for_async
 from .enqueue import enqueue_many
 from .errors import (
     Cancel,
@@ -64,4 +64,6 @@ __all__ = [
     "registered_kinds",
     "retry",
     "retry_many",
+    "wait_for",
+    "wait_for_async",
 ]

@@ -136,7 +136,8 @@ class JobStatus:
 def job_status(session: Any, job_id: int) -> JobStatus:
     """The status of job ``job_id`` in a status page's words (seed 002)."""
     row = session.execute(
-        select(_jobs.c.id, _jobs.c.state, _jobs.c.attempt, _jobs.c.max_attempts, _jobs.c.errors, _jobs.c.result)
+        select(_jobs.c.id, _jobs.c.state, _jobs.c.attempt, _jobs.c.max_attempts, _jobs.c.errors, _jobs.c.result,
+               _jobs.c.progress)
         .where(_jobs.c.id == job_id)
     ).one_or_none()
     if row is None:
@@ -147,4 +148,46 @@ def job_status(session: Any, job_id: int) -> JobStatus:
     return JobStatus(
         id=row.id, status=STATUS_WORDS[row.state], state=row.state, attempt=row.attempt,
         max_attempts=row.max_attempts, error=error, can_retry=row.state in ("dead", "cancelled"), result=row.result,
+        progress=row.progress,
     )
+
+
+FINAL_STATUSES = ("done", "failed", "cancelled")
+
+
+def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
+    """Block until job ``job_id`` is done, failed (dead) or cancelled; its final status.
+
+    Polls with a gentle backoff (20 ms growing to 500 ms). Raises ``TimeoutError``.
+    """
+    import time
+
+    from sqlalchemy.orm import Session
+
+    deadline = time.monotonic() + timeout
+    pause = 0.02
+    while True:
+        with Session(engine) as session:
+            status = job_status(session, job_id)
+        if status.status in FINAL_STATUSES:
+            return status
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"job {job_id} is still {status.state} after {timeout}s")
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(0.5, pause * 1.5)
+
+
+async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
+    """:func:`wait_for` for an ``AsyncEngine``, without blocking the event loop."""
+    import anyio
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    pause = 0.02
+    with anyio.fail_after(timeout):
+        while True:
+            async with AsyncSession(engine) as session:
+                status = await session.run_sync(job_status, job_id)
+            if status.status in FINAL_STATUSES:
+                return status
+            await anyio.sleep(pause)
+            pause = min(0.5, pause * 1.5)

@@ -104,6 +104,8 @@ class Job(Base):
     result: Mapped[Optional[Any]] = mapped_column(JSONB)
     tags: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default=text("'{}'"))
     meta: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    # Schema v2: the handler's last progress report, {"percent": 0-100, "message": str}.
+    progress: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONB)
 
     __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_abstract": True, "eager_defaults": True}
 

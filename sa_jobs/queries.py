@@ -112,9 +112,12 @@ class Queries:
                 " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
                 " RETURNING j.id"
             ),
+            # Progress rides along: a handler's progress report costs no round trip.
             heartbeat_many=r(
-                "UPDATE {jobs} AS j SET lease_expires_at = now() + make_interval(secs => %(lease)s)"
-                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS u(id, token)"
+                "UPDATE {jobs} AS j SET lease_expires_at = now() + make_interval(secs => %(lease)s),"
+                " progress = coalesce(u.progress::jsonb, j.progress)"
+                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(progress)s::text[])"
+                " AS u(id, token, progress)"
                 " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
                 " RETURNING j.id"
             ),

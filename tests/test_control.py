@@ -184,3 +184,45 @@ def test_job_status_speaks_the_status_page_words(engine, database_url, schema):
 def test_snooze_bounds():
     with pytest.raises(ConfigurationError):
         Snooze(-1)
+
+
+class CProgress(Job, kind="c_progress", queue="c"):
+    pass
+
+
+@CProgress.handler
+async def c_progress(ctx: JobContext, steps: int) -> str:
+    for i in range(1, steps + 1):
+        ctx.set_progress(100 * i / steps, f"step {i} of {steps}")
+        await anyio.sleep(0.4)
+    return "exported"
+
+
+def test_progress_is_visible_while_running_and_wait_for_returns_the_result(engine, database_url, schema):
+    from sa_jobs import wait_for
+
+    (job_id,) = add(engine, CProgress(steps=5))
+    seen: list = []
+
+    def done() -> bool:
+        with Session(engine) as session:
+            status = job_status(session, job_id)
+        if status.status == "running" and status.progress:
+            seen.append(status.progress["percent"])
+        return status.status == "done"
+
+    run_worker_until(database_url, schema, ALL + [CProgress], done, lease=30.0)
+    # Written by heartbeats (within ~1 s of each report), so intermediate values show up.
+    assert seen and 0 < min(seen) < 100, seen
+    final = wait_for(engine, job_id, timeout=5)
+    assert (final.status, final.result) == ("done", "exported")
+
+
+def test_wait_for_times_out_on_a_job_nobody_runs(engine):
+    from sa_jobs import wait_for
+
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        wait_for(engine, job_id, timeout=0.5)
+    assert time.monotonic() - started < 2

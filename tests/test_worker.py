@@ -258,7 +258,7 @@ def test_stale_token_changes_nothing(engine, database_url, schema):
         conn.execute(queries.promote_due, {"limit": 10})
         assert len(conn.execute(queries.claim, {**claim, "token": new, "owner": "B", "lease": 30}).fetchall()) == 1
         ids_old = {"ids": [job_id], "tokens": [old]}
-        assert conn.execute(queries.heartbeat_many, {**ids_old, "lease": 30}).fetchall() == []
+        assert conn.execute(queries.heartbeat_many, {**ids_old, "progress": [None], "lease": 30}).fetchall() == []
         assert conn.execute(queries.complete_many, {**ids_old, "results": ["1"]}).fetchall() == []
         err = json.dumps({"error": "stale"})
         for target in ("dead", "retryable", "cancelled", "scheduled"):

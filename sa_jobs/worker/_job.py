@@ -30,6 +30,7 @@ class ClaimedJob:
     completed_in_tx: bool = False
     cancel_reason: Optional[str] = None
     cancelled_by_user: bool = False  # cancelled through cancel(): the row already says so
+    progress_json: Optional[str] = None  # reported, not yet written by a heartbeat
 
     @property
     def cancelled(self) -> bool:

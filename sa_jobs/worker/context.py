@@ -84,6 +84,20 @@ class JobContext:
     def lease_lost(self) -> bool:
         return self._job.lease_lost
 
+    def set_progress(self, percent: float, message: str = "") -> None:
+        """Report progress (0-100 and a short message) for status pages.
+
+        Cheap: it is kept in memory and written by the worker's next heartbeat (at most
+        about a second later), never one statement per call. Thread-safe enough for sync
+        handlers: the last report wins.
+        """
+        if not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
+            raise ValueError(f"progress percent must be within 0..100, not {percent!r}")
+        if not isinstance(message, str):
+            raise TypeError("progress message must be a string")
+        self._job.progress_json = json.dumps({"percent": percent, "message": message[:200]})
+        self._worker.nudge_heartbeat()
+
     def raise_if_cancelled(self) -> None:
         if self._job.lease_lost:
             raise LeaseLostError(f"job {self.id}: this worker lost its lease; another may be running it")

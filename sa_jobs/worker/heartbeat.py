@@ -39,14 +39,24 @@ class Heartbeat:
         self._running = running
         self._lease = lease
         self._interval = interval
+        self._nudged = anyio.Event()
+        self._min_gap = min(1.0, interval)
+
+    def nudge(self) -> None:
+        """Beat early (within ~1 s) because there is progress to write."""
+        self._nudged.set()
 
     async def run(self) -> None:
         while True:
-            await anyio.sleep(self._interval)
+            with anyio.move_on_after(self._interval):
+                await self._nudged.wait()
+                await anyio.sleep(self._min_gap)  # coalesce a burst of progress reports
+            self._nudged = anyio.Event()
             await self.beat()
 
     async def beat(self) -> None:
         jobs = [j for j in self._running() if not j.completing and not j.lease_lost]
+        sent = [j.progress_json for j in jobs]
         if not jobs:
             self._observer.heartbeat_ok()
             return
@@ -56,7 +66,12 @@ class Heartbeat:
             with anyio.fail_after(min(self._conn.timeout, max(self._interval, 1.0))):
                 cur = await conn.execute(
                     self._q.heartbeat_many,
-                    {"ids": [j.id for j in jobs], "tokens": [j.token for j in jobs], "lease": self._lease},
+                    {
+                        "ids": [j.id for j in jobs],
+                        "tokens": [j.token for j in jobs],
+                        "progress": sent,
+                        "lease": self._lease,
+                    },
                     prepare=True,
                 )
                 alive = {row[0] for row in await cur.fetchall()}
@@ -72,9 +87,11 @@ class Heartbeat:
         now = time.monotonic()
         self._observer.heartbeat_ok()
         missing = [j for j in jobs if j.id not in alive and not j.completing]
-        for job in jobs:
+        for job, progress in zip(jobs, sent):
             if job.id in alive:
                 job.last_lease_ok = now
+                if job.progress_json is progress:  # not replaced by a newer report meanwhile
+                    job.progress_json = None
         if missing:
             await self._settle_missing(conn, missing)
 

@@ -149,6 +149,7 @@ class Worker:
         self.completer: Optional[Completer] = None
         self.maintainer: Optional[Maintainer] = None
         self.notifier: Optional[Notifier] = None
+        self._heartbeat: Optional[Heartbeat] = None
 
     # ---- configuration -----------------------------------------------------------
 
@@ -218,6 +219,10 @@ class Worker:
             self._owns_engines.append(self._async_engine)
         return self._async_engine
 
+    def nudge_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.nudge()
+
     def running_jobs(self) -> list[ClaimedJob]:
         return [j for q in self._queues.values() for j in q.running.values()]
 
@@ -279,7 +284,7 @@ class Worker:
         complete_conn = ManagedConnection(self._conninfo, "completer", timeout=self.statement_timeout)
         beat_conn = ManagedConnection(self._conninfo, "heartbeat", timeout=self.statement_timeout)
         self.completer = Completer(complete_conn, self._queries, self._observer, interval=self._completion_interval)
-        heartbeat = Heartbeat(
+        heartbeat = self._heartbeat = Heartbeat(
             beat_conn, self._queries, self._observer, self.running_jobs,
             lease=self.lease, interval=self._heartbeat_interval,
         )
