@@ -77,7 +77,7 @@ class PrivateCluster:
         return " ".join([
             f"-p {self.port}", "-c listen_addresses=127.0.0.1", f"-k {self.sock}",
             f"-c max_connections={self.max_connections}", "-c fsync=off", "-c full_page_writes=off",
-            "-c synchronous_commit=off", "-c shared_buffers=128MB", "-c log_min_messages=warning",
+            "-c shared_buffers=128MB", "-c log_min_messages=warning",
         ])
 
     def start(self) -> "PrivateCluster":

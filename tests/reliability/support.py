@@ -132,6 +132,8 @@ class WorkerProc:
         self.proc.wait(10)
 
     def stop(self, timeout: float = 30) -> Optional[int]:
+        # A worker still importing has no signal handler yet: let it come up first.
+        wait_for(lambda: not self.alive() or len(self.ports()) >= 2, 30)
         if self.alive():
             self.proc.send_signal(signal.SIGCONT)
             self.proc.send_signal(signal.SIGTERM)

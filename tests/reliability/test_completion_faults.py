@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy.orm import Session
 
 from sa_jobs import enqueue_many
@@ -77,8 +76,6 @@ def test_completion_that_never_lands_is_reclaimable_after_lease(db, cluster, rel
         proxy.close()
 
 
-@pytest.mark.xfail(strict=True, reason="completer has no statement timeout: a half-open completer connection "
-                   "blocks every later completion of the worker forever (see docs/reliability.md, R11)")
 def test_half_open_completer_connection_is_replaced(db, cluster, rel_url, rel_schema, rel_engine, workers):
     proxy = Proxy(cluster.port)
     try:

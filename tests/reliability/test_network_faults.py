@@ -13,7 +13,6 @@ import random
 import statistics
 import time
 
-import pytest
 from sqlalchemy.orm import Session
 
 from sa_jobs import enqueue_many
@@ -23,7 +22,8 @@ from .rel_jobs import RelWork
 from .support import Sampler, WorkerProc, scale, wait_for
 
 R = 0.2
-SLACK = 3.0  # scheduling slack on a shared 2-core machine
+SLACK = 3.0
+RETRIED_ERRORS = "SELECT left(errors->-1->>'error', 60), count(*) FROM {jobs} WHERE attempt > 1 GROUP BY 1"  # scheduling slack on a shared 2-core machine
 
 
 def _enqueue(engine, n: int, ms: int = 5) -> None:
@@ -135,13 +135,13 @@ def test_added_latency(db, cluster, rel_url, rel_schema, rel_engine, workers):
         assert db.q("SELECT count(*), count(DISTINCT job_id) FROM {effects}")[0][1] == n
         assert max(s[0] for s in samples) == 0 and max(s[1] for s in samples) == 0, samples
         print(f"R9c: +500 ms RTT: {n} jobs in {elapsed:.1f}s ({n/elapsed:.0f} jobs/s incl. start-up),"
-              f" max attempt {db.one('SELECT max(attempt) FROM {jobs}')}")
+              f" max attempt {db.one('SELECT max(attempt) FROM {jobs}')}, retried"
+              f" {db.q(RETRIED_ERRORS)},"
+              f" worker warnings: {sorted(set(l.split(': ', 1)[-1][:60] for l in w.output().splitlines()))[:8]}")
     finally:
         proxy.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the claim has no timeout: a half-open producer connection stops the "
-                   "worker claiming for good (see docs/reliability.md, R9)")
 def test_half_open_producer_connection_is_replaced(db, cluster, rel_url, rel_schema, rel_engine, workers):
     proxy = Proxy(cluster.port)
     try:

@@ -1,0 +1,167 @@
+"""R1/R2 SIGKILL chaos, R8 server crash-restarts, R14 poison job: real processes, real server.
+
+The default run is shortened (counts below); ``REL_FULL=1 python -m pytest -m slow
+tests/reliability`` runs the issue's sizes (20,000 jobs for R1/R2, 10,000 for R8).
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import statistics
+import time
+
+import pytest
+from sqlalchemy.orm import Session
+
+from sa_jobs import enqueue_many
+
+from .rel_jobs import RelPoison, RelTx, RelWork
+from .support import Sampler, WorkerProc, scale, wait_for
+
+LEASE = 2.0
+R = 0.5
+SLACK = 2.0
+CHAOS_ARGS = ["--concurrency", "10", "--lease", str(LEASE), "--maintenance-interval", str(R), "--poll-interval", "0.2"]
+
+
+def _lease_probe(db):
+    def probe() -> int:
+        # Rows still running although their lease ran out more than R (+ slack) ago.
+        return db.one("SELECT count(*) FROM {jobs} WHERE state = 'running'"
+                      " AND lease_expires_at < now() - make_interval(secs => %s)", (R + SLACK,))
+    return probe
+
+
+def _chaos(db, rel_url, rel_schema, rel_engine, workers, kind, n: int, kills_per_round: int = 2):
+    rng = random.Random(1)
+    with Session(rel_engine) as session, session.begin():
+        enqueue_many(session, kind, [{"ms": rng.randint(5, 50)} for _ in range(n)])
+    alive = [WorkerProc(rel_url, rel_schema, *CHAOS_ARGS) for _ in range(4)]
+    workers += alive
+    sampler = Sampler(_lease_probe(db), every=0.5)
+    sampler.start()
+    started = time.monotonic()
+    in_flight_killed = kills = 0
+    try:
+        while db.states() != {"completed": n} and time.monotonic() - started < 600:
+            time.sleep(2)
+            if db.states().get("completed", 0) == n:
+                break
+            for victim in rng.sample(alive, kills_per_round):
+                victim.kill()
+                kills += 1
+                alive.remove(victim)
+                # What the victim held is frozen now (only a rescue changes it, after L).
+                in_flight_killed += db.one("SELECT count(*) FROM {jobs} WHERE state = 'running'"
+                                           " AND lease_owner LIKE %s", (f"%:{victim.pid}:%",))
+                fresh = WorkerProc(rel_url, rel_schema, *CHAOS_ARGS)
+                workers.append(fresh)
+                alive.append(fresh)
+    finally:
+        stuck = sampler.stop()
+    elapsed = time.monotonic() - started
+    assert db.states() == {"completed": n}, db.states()
+    assert stuck and max(stuck) == 0, [s for s in stuck if s]
+    assert db.one("SELECT count(DISTINCT job_id) FROM {effects}") == n
+    # No attempt ran twice; every repeated execution is a later attempt.
+    assert db.one("SELECT count(*) FROM (SELECT job_id, attempt FROM {effects} GROUP BY 1, 2 HAVING count(*) > 1) x") == 0
+    dups = db.one("SELECT count(*) - count(DISTINCT job_id) FROM {effects}")
+    assert db.one("SELECT count(*) FROM {effects} e WHERE attempt < 2 AND EXISTS"
+                  " (SELECT 1 FROM {effects} f WHERE f.job_id = e.job_id AND f.attempt < e.attempt)") == 0
+    retried = db.one("SELECT count(*) FROM {jobs} WHERE attempt > 1")
+    assert retried <= in_flight_killed
+    for w in alive:
+        assert w.stop() == 0, w.output()
+    return dict(n=n, kills=kills, in_flight_killed=in_flight_killed, dups=dups, retried=retried,
+                seconds=round(elapsed, 1), rate=round(n / elapsed))
+
+
+def test_r1_sigkill_chaos_at_least_once(db, rel_url, rel_schema, rel_engine, workers):
+    stats = _chaos(db, rel_url, rel_schema, rel_engine, workers, RelWork, scale(2000, 20_000))
+    assert stats["dups"] <= stats["in_flight_killed"], stats
+    print("R1:", stats)
+
+
+def test_r2_sigkill_chaos_transactional_effects_exactly_once(db, rel_url, rel_schema, rel_engine, workers):
+    stats = _chaos(db, rel_url, rel_schema, rel_engine, workers, RelTx, scale(2000, 20_000))
+    assert stats["dups"] == 0, stats
+    assert db.one("SELECT count(*) FROM {effects}") == stats["n"]
+    print("R2:", stats)
+
+
+@pytest.mark.slow
+def test_r1_r2_full_size(db, rel_url, rel_schema, rel_engine, workers):
+    stats = _chaos(db, rel_url, rel_schema, rel_engine, workers, RelWork, 20_000)
+    assert stats["dups"] <= stats["in_flight_killed"], stats
+    print("R1 full:", stats)
+
+
+def test_r8_server_restart_immediate_twice(db, cluster, rel_url, rel_schema, rel_engine, workers):
+    n = scale(3000, 10_000)
+    rng = random.Random(8)
+    with Session(rel_engine) as session, session.begin():
+        enqueue_many(session, RelWork, [{"ms": rng.randint(5, 30)} for _ in range(n)])
+    poll = 3.0
+    ws = [WorkerProc(rel_url, rel_schema, "--concurrency", "8", "--lease", "3", "--maintenance-interval", "0.3",
+                     "--poll-interval", str(poll)) for _ in range(2)]
+    workers += ws
+    resumes = []
+    for fraction in (0.2, 0.5):
+        assert wait_for(lambda: db.states().get("completed", 0) >= n * fraction, 120), db.states()
+        accepting = cluster.restart_immediate()
+        started = db.one("SELECT pg_postmaster_start_time()")
+        assert wait_for(lambda: db.one("SELECT count(*) FROM {jobs} WHERE finished_at > %s", (started,)) > 0, 30)
+        resumes.append(round(time.monotonic() - accepting, 2))
+    assert wait_for(lambda: db.states() == {"completed": n}, 180), db.states()
+    assert all(w.alive() for w in ws), [w.output()[-2000:] for w in ws]
+    assert max(resumes) < 5.0, resumes
+    assert db.one("SELECT count(DISTINCT job_id) FROM {effects}") == n
+    rel_engine.dispose()  # the test's own pool still holds connections from before the crashes
+    # LISTEN is back on both workers: single jobs are picked up well inside the 3 s poll.
+    latencies = []
+    for _ in range(5):
+        with Session(rel_engine) as session, session.begin():
+            job = RelWork(ms=1)
+            session.add(job)
+            session.flush()
+            job_id = job.id
+        assert wait_for(lambda: db.one("SELECT state FROM {jobs} WHERE id = %s", (job_id,)) == "completed", 10)
+        latencies.append(float(db.one("SELECT extract(epoch FROM attempted_at - created_at) FROM {jobs} WHERE id = %s", (job_id,))))
+    assert statistics.median(latencies) < 0.5, latencies
+    print(f"R8: {n} jobs, work resumed {resumes} s after the server accepted connections;"
+          f" retried {db.one('SELECT count(*) FROM {jobs} WHERE attempt > 1')},"
+          f" duplicate effects {db.one('SELECT count(*) - count(DISTINCT job_id) FROM {effects}')};"
+          f" pickup after restarts median {statistics.median(latencies)*1000:.0f} ms")
+
+
+def test_r14_poison_job_ends_dead_while_others_flow(db, rel_url, rel_schema, rel_engine, workers):
+    n = scale(400, 5000)
+    with Session(rel_engine) as session, session.begin():
+        enqueue_many(session, RelWork, [{"ms": 20} for _ in range(n)])
+        session.add(RelPoison())
+    args = ["--concurrency", "4", "--lease", str(LEASE), "--maintenance-interval", "0.2", "--poll-interval", "0.2"]
+    alive = [WorkerProc(rel_url, rel_schema, *args) for _ in range(2)]
+    workers += alive
+    deaths = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for w in list(alive):
+            if not w.alive():  # a supervisor's job: replace the dead worker
+                deaths.append(w.proc.returncode)
+                alive.remove(w)
+                fresh = WorkerProc(rel_url, rel_schema, *args)
+                workers.append(fresh)
+                alive.append(fresh)
+        if db.states() == {"completed": n, "dead": 1}:
+            break
+        time.sleep(0.2)
+    assert db.states() == {"completed": n, "dead": 1}, db.states()
+    attempt, errors = db.q("SELECT attempt, errors FROM {jobs} WHERE kind = 'rel_poison'")[0]
+    assert attempt == 3 and len(errors) == 3
+    assert all(e["error"].startswith("LeaseExpired") for e in errors)
+    assert deaths == [17, 17, 17], deaths
+    assert db.one("SELECT count(DISTINCT job_id) FROM {effects} WHERE note IS NULL") == n
+    for w in alive:
+        assert w.stop() == 0
+    print(f"R14 poison: dead after {attempt} attempts, {len(deaths)} worker deaths, {n} other jobs completed")
