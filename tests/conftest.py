@@ -26,6 +26,9 @@ from sa_jobs._url import sqlalchemy_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# The plugin users load; its fixtures (sa_jobs_schema, sa_jobs_engine) are tested here too.
+pytest_plugins = ["sa_jobs.testing"]
+
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:

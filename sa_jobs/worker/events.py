@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 # Run outcomes, as reported to observers (a bounded set: safe as a metric label).
-OUTCOMES = ("completed", "retried", "dead", "cancelled", "timed_out", "released", "lease_lost")
+OUTCOMES = ("completed", "retried", "dead", "cancelled", "snoozed", "timed_out", "released", "lease_lost")
 
 
 class WorkerObserver(Protocol):

@@ -206,7 +206,7 @@ class Worker:
         if self._engine is None:
             from sqlalchemy import create_engine
 
-            self._engine = create_engine(sqlalchemy_url(self._url), pool_pre_ping=True)
+            self._engine = self._in_schema(create_engine(sqlalchemy_url(self._url), pool_pre_ping=True))
             self._owns_engines.append(self._engine)
         return self._engine
 
@@ -215,13 +215,21 @@ class Worker:
         if self._async_engine is None:
             from sqlalchemy.ext.asyncio import create_async_engine
 
-            self._async_engine = create_async_engine(sqlalchemy_url(self._url, async_=True), pool_pre_ping=True)
+            self._async_engine = self._in_schema(
+                create_async_engine(sqlalchemy_url(self._url, async_=True), pool_pre_ping=True)
+            )
             self._owns_engines.append(self._async_engine)
         return self._async_engine
 
     def nudge_heartbeat(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.nudge()
+
+    def _in_schema(self, engine: Any) -> Any:
+        """Map the ``sa_jobs`` schema of mapped tables to this worker's schema, as apps do."""
+        if self.schema == schema_mod.DEFAULT_SCHEMA:
+            return engine
+        return engine.execution_options(schema_translate_map={schema_mod.DEFAULT_SCHEMA: self.schema})
 
     def running_jobs(self) -> list[ClaimedJob]:
         return [j for q in self._queues.values() for j in q.running.values()]
@@ -330,7 +338,7 @@ class Worker:
                 for conn in (claim_conn, complete_conn, beat_conn):
                     await conn.close()
                 for engine in self._owns_engines:
-                    result = engine.dispose()
+                    result = getattr(engine, "engine", engine).dispose()
                     if inspect.isawaitable(result):
                         await result
             self._done.set()
@@ -459,10 +467,12 @@ class Worker:
         if scope.cancelled_caught and not job.cancelled:
             job.cancel("timed out")
             exc = TimeoutError(f"job {job.id} ({job.kind}) ran longer than its timeout of {runtime.options.timeout}s")
-            return self._failure(job, exc, runtime.options), "timed_out"
+            outcome = self._failure(job, exc, runtime.options)
+            return outcome, "dead" if outcome.dead else "timed_out"
         if error is not None:
             if isinstance(error, _Cancelled) and job.cancel_reason == "timed out":
-                return self._failure(job, TimeoutError(str(error)), runtime.options), "timed_out"
+                outcome = self._failure(job, TimeoutError(str(error)), runtime.options)
+                return outcome, "dead" if outcome.dead else "timed_out"
             if isinstance(error, Snooze):
                 return Outcome(job, "finish", target="scheduled", delay=error.seconds), "snoozed"
             if isinstance(error, Cancel):

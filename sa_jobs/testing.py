@@ -1,0 +1,278 @@
+"""Helpers for testing code that enqueues and handles jobs, and a pytest plugin.
+
+Use it from a conftest: ``pytest_plugins = ["sa_jobs.testing"]``. The fixtures give each
+test the queue in a Postgres schema of its own, on ``SA_JOBS_TEST_DATABASE_URL`` or an
+embedded server:
+
+- ``sa_jobs_database_url``: the server (session scope);
+- ``sa_jobs_schema``: a fresh installed schema, dropped after the test;
+- ``sa_jobs_engine``: an Engine mapping ``sa_jobs`` to that schema.
+
+Helpers: :func:`perform` (run a handler now, no worker), :func:`drain` (a real worker until
+nothing is claimable), :func:`enqueued` / :func:`assert_enqueued` / :func:`refute_enqueued`,
+and :func:`inline` (jobs run right after each commit, by a real worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import uuid
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import anyio
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
+
+from . import schema as schema_mod
+from ._url import sqlalchemy_url
+from .errors import ConfigurationError
+from .model import Job
+from .schema import DEFAULT_SCHEMA
+
+__all__ = ["assert_enqueued", "drain", "enqueued", "inline", "perform", "refute_enqueued"]
+
+
+# ---- perform: the handler alone -----------------------------------------------------
+
+
+class _TestJob:
+    """Stands in for the worker's claim record: enough for a JobContext."""
+
+    def __init__(self, kind: str, queue: str, args: dict[str, Any], attempt: int, max_attempts: int, job_id: int) -> None:
+        self.id, self.kind, self.queue, self.args = job_id, kind, queue, args
+        self.attempt, self.max_attempts = attempt, max_attempts
+        self.token = uuid.uuid4()
+        self.lease_lost = self.completing = self.completed_in_tx = False
+        self.cancel_reason: Optional[str] = None
+        self.progress_json: Optional[str] = None
+        self.progress: list[str] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_reason is not None
+
+
+class _TestRuntime:
+    """The worker as a JobContext sees it, with transactions that simply commit."""
+
+    def __init__(self, engine: Any, schema: str) -> None:
+        self._engine, self.schema, self.worker_id = engine, schema, "sa_jobs.testing"
+
+    def sync_engine(self) -> Any:
+        if self._engine is None:
+            raise ConfigurationError("perform(..., engine=...) is needed for ctx.transaction()")
+        return self._engine
+
+    def async_engine(self) -> Any:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = self.sync_engine()
+        return create_async_engine(sqlalchemy_url(engine.url, async_=True)).execution_options(
+            **engine.get_execution_options()
+        )
+
+    def nudge_heartbeat(self) -> None:
+        pass
+
+
+class _TestContext:
+    """A JobContext whose transaction() commits without fencing (there is no claim)."""
+
+    def __new__(cls, job: _TestJob, runtime: _TestRuntime) -> Any:
+        from .worker.context import JobContext
+
+        class Context(JobContext):
+            __slots__ = ()
+
+            @contextlib.contextmanager
+            def transaction(self, result: Any = None):  # type: ignore[override]
+                with Session(runtime.sync_engine()) as session, session.begin():
+                    yield session
+
+            @contextlib.asynccontextmanager
+            async def async_transaction(self, result: Any = None):  # type: ignore[override]
+                from sqlalchemy.ext.asyncio import AsyncSession
+
+                engine = runtime.async_engine()
+                try:
+                    async with AsyncSession(engine) as session, session.begin():
+                        yield session
+                finally:
+                    await engine.dispose()
+
+        return Context(job, runtime)  # type: ignore[arg-type]
+
+
+def perform(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
+    """Run ``job``'s handler now, in this thread, and return its result.
+
+    No worker and no claim: a unit test of the handler's logic. Exceptions propagate.
+    ``ctx.transaction()`` commits on ``engine`` (required only if the handler uses it).
+    Async handlers run on a fresh event loop; call :func:`perform_async` from async tests.
+    """
+    handler, ctx, args = _prepare(job, engine, attempt)
+    if inspect.iscoroutinefunction(handler):
+        return anyio.run(lambda: handler(ctx, **args))
+    return handler(ctx, **args)
+
+
+async def perform_async(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
+    """:func:`perform` from inside an event loop."""
+    handler, ctx, args = _prepare(job, engine, attempt)
+    if inspect.iscoroutinefunction(handler):
+        return await handler(ctx, **args)
+    return await anyio.to_thread.run_sync(lambda: handler(ctx, **args))
+
+
+def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, Any]]:
+    cls = type(job)
+    options = cls.__sa_jobs_options__
+    if options is None or cls.__sa_jobs_handler__ is None:
+        raise ConfigurationError(f"{cls.__name__} has no handler registered")
+    schema = DEFAULT_SCHEMA
+    if engine is not None:
+        schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
+    record = _TestJob(options.kind, job.__dict__.get("queue") or options.queue, dict(job.args), attempt,
+                      job.__dict__.get("max_attempts") or options.max_attempts, job.__dict__.get("id") or 0)
+    return cls.__sa_jobs_handler__, _TestContext(record, _TestRuntime(engine, schema)), dict(job.args)
+
+
+# ---- what is in the queue ------------------------------------------------------------
+
+
+def enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[Mapping[str, Any]] = None,
+             queue: Optional[str] = None, states: Sequence[str] = ("available", "scheduled")) -> list[Job]:
+    """Jobs waiting in the queue, optionally of ``kind``, whose args contain ``args``."""
+    target = kind or Job
+    stmt = select(target).where(target.state.in_(states)).order_by(target.id)
+    if queue is not None:
+        stmt = stmt.where(target.queue == queue)
+    if args is not None:
+        stmt = stmt.where(target.args.contains(dict(args)))
+    return list(session.scalars(stmt))
+
+
+def assert_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[Mapping[str, Any]] = None,
+                    queue: Optional[str] = None, count: Optional[int] = None) -> list[Job]:
+    """Fail unless matching jobs are waiting (exactly ``count`` of them, if given)."""
+    found = enqueued(session, kind, args=args, queue=queue)
+    what = f"{kind.__name__ if kind else 'job'}(args ⊇ {dict(args or {})!r}, queue={queue!r})"
+    if count is None:
+        assert found, f"expected {what} to be enqueued; the queue holds {_summary(session)}"
+    else:
+        assert len(found) == count, f"expected {count} × {what}, found {len(found)}; the queue holds {_summary(session)}"
+    return found
+
+
+def refute_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[Mapping[str, Any]] = None,
+                    queue: Optional[str] = None) -> None:
+    found = enqueued(session, kind, args=args, queue=queue)
+    assert not found, f"expected no such job, found {[(j.kind, j.args) for j in found]}"
+
+
+def _summary(session: Any) -> dict[str, int]:
+    rows = session.execute(select(Job.kind, func.count()).where(Job.state.in_(("available", "scheduled"))).group_by(Job.kind))
+    return {kind: n for kind, n in rows}
+
+
+# ---- drain and inline: the real worker -------------------------------------------------
+
+
+def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: Optional[Sequence[str]] = None,
+          timeout: float = 30.0, with_scheduled: bool = False) -> dict[str, int]:
+    """Run a real worker on ``engine``'s database until nothing is claimable; job counts by state.
+
+    Retries whose backoff has not elapsed stay retryable (pass a short ``backoff`` in
+    tests); ``with_scheduled=True`` makes future scheduled jobs due first.
+    """
+    from .worker import Worker
+
+    schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
+    url = engine.url.render_as_string(hide_password=False)
+    if with_scheduled:
+        with Session(engine) as session, session.begin():
+            session.execute(Job.__table__.update().where(Job.state == "scheduled").values(scheduled_at=func.now()))
+
+    def busy() -> bool:
+        with Session(engine) as session:
+            return bool(session.scalar(
+                select(func.count()).select_from(Job).where(
+                    (Job.state.in_(("available", "running")))
+                    | ((Job.state.in_(("scheduled", "retryable"))) & (Job.scheduled_at <= func.now()))
+                )
+            ))
+
+    async def run() -> None:
+        async with Worker(url, kinds=kinds, queues=queues, schema=schema, lease=10.0, poll_interval=0.05,
+                          maintenance_interval=0.05, shutdown_grace=5.0, engine=engine) as worker:
+            with anyio.fail_after(timeout):
+                while await anyio.to_thread.run_sync(busy) or worker.running_jobs():
+                    await anyio.sleep(0.02)
+
+    anyio.run(run)
+    with Session(engine) as session:
+        return {state: n for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+
+@contextlib.contextmanager
+def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
+    """Inside the block, every commit of a Session bound to ``engine`` that added jobs is
+    followed by a :func:`drain`, so tests see the jobs' effects right after the commit."""
+    added_key = "sa_jobs.testing.added"
+
+    def after_flush(session: Session, flush_context: Any) -> None:
+        if session.get_bind() is engine or getattr(session.get_bind(), "engine", None) is engine.engine:
+            if any(isinstance(o, Job) for o in session.new):
+                session.info[added_key] = True
+
+    def after_commit(session: Session) -> None:
+        if session.info.pop(added_key, False):
+            drain(engine, **drain_options)
+
+    event.listen(Session, "after_flush", after_flush)
+    event.listen(Session, "after_commit", after_commit)
+    try:
+        yield
+    finally:
+        event.remove(Session, "after_flush", after_flush)
+        event.remove(Session, "after_commit", after_commit)
+
+
+# ---- pytest fixtures -------------------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - the plugin is only loaded by pytest
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+
+    @pytest.fixture(scope="session")
+    def sa_jobs_database_url(tmp_path_factory: Any) -> Iterator[str]:
+        url = os.environ.get("SA_JOBS_TEST_DATABASE_URL", "").strip()
+        if url:
+            yield url
+            return
+        from . import embedded
+
+        yield embedded.start(tmp_path_factory.mktemp("sa_jobs_pg"), cleanup="delete")
+
+    @pytest.fixture
+    def sa_jobs_schema(sa_jobs_database_url: str) -> Iterator[str]:
+        name = "t_" + uuid.uuid4().hex[:12]
+        schema_mod.install(sa_jobs_database_url, name)
+        yield name
+        schema_mod.uninstall(sa_jobs_database_url, name)
+
+    @pytest.fixture
+    def sa_jobs_engine(sa_jobs_database_url: str, sa_jobs_schema: str) -> Iterator[Any]:
+        from sqlalchemy import create_engine
+
+        engine = create_engine(sqlalchemy_url(sa_jobs_database_url)).execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema}
+        )
+        yield engine
+        engine.dispose()
+

@@ -1,0 +1,109 @@
+"""sa_jobs.testing: perform, drain, assert_enqueued, inline, and the pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Integer, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sa_jobs import ConfigurationError, Job, JobContext, constant_backoff
+from sa_jobs.schema import DEFAULT_SCHEMA
+from sa_jobs.testing import assert_enqueued, drain, enqueued, inline, perform, refute_enqueued
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Credit(_Base):
+    __tablename__ = "testing_credits"
+    __table_args__ = {"schema": DEFAULT_SCHEMA}
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account: Mapped[int] = mapped_column(Integer)
+    amount: Mapped[int] = mapped_column(Integer)
+
+
+class GrantCredit(Job, kind="th_grant_credit", queue="th", max_attempts=2, backoff=constant_backoff(0.01)):
+    pass
+
+
+@GrantCredit.handler
+def grant_credit(ctx: JobContext, account: int, amount: int) -> int:
+    if amount < 0:
+        raise ValueError("negative credit")
+    with ctx.transaction() as session:
+        session.add(Credit(account=account, amount=amount))
+    return amount
+
+
+class Double(Job, kind="th_double", queue="th"):
+    pass
+
+
+@Double.handler
+async def double(ctx: JobContext, x: int) -> int:
+    return 2 * x
+
+
+class NoHandler(Job, kind="th_no_handler", queue="th"):
+    pass
+
+
+@pytest.fixture
+def credits(sa_jobs_engine):
+    _Base.metadata.create_all(sa_jobs_engine)
+    yield
+    _Base.metadata.drop_all(sa_jobs_engine)
+
+
+def test_plugin_fixtures_give_an_installed_isolated_schema(sa_jobs_engine, sa_jobs_schema):
+    assert sa_jobs_engine.get_execution_options()["schema_translate_map"] == {DEFAULT_SCHEMA: sa_jobs_schema}
+    with Session(sa_jobs_engine) as session:
+        assert session.scalars(select(Job)).all() == []
+
+
+def test_perform_runs_the_handler_without_a_worker(sa_jobs_engine, credits):
+    assert perform(Double(x=21)) == 42
+    assert perform(GrantCredit(account=1, amount=5), engine=sa_jobs_engine) == 5
+    with Session(sa_jobs_engine) as session:
+        assert session.scalars(select(Credit.amount)).all() == [5]
+    with pytest.raises(ValueError, match="negative credit"):
+        perform(GrantCredit(account=1, amount=-1), engine=sa_jobs_engine)
+    with pytest.raises(ConfigurationError):
+        perform(NoHandler())
+
+
+def test_assert_enqueued_and_refute(sa_jobs_engine):
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add_all([GrantCredit(account=1, amount=5), GrantCredit(account=2, amount=7), Double(x=1)])
+    with Session(sa_jobs_engine) as session:
+        assert len(assert_enqueued(session, GrantCredit, count=2)) == 2
+        assert_enqueued(session, GrantCredit, args={"account": 2})
+        refute_enqueued(session, GrantCredit, args={"account": 3})
+        assert [j.kind for j in enqueued(session)] == ["th_grant_credit", "th_grant_credit", "th_double"]
+        with pytest.raises(AssertionError, match="expected GrantCredit"):
+            assert_enqueued(session, GrantCredit, args={"account": 3})
+        with pytest.raises(AssertionError):
+            assert_enqueued(session, Double, count=2)
+
+
+def test_drain_runs_everything_with_a_real_worker(sa_jobs_engine, credits):
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add_all([GrantCredit(account=i, amount=i) for i in range(1, 6)] + [GrantCredit(account=9, amount=-1)])
+    counts = drain(sa_jobs_engine, kinds=[GrantCredit])
+    assert counts == {"completed": 5, "dead": 1}
+    with Session(sa_jobs_engine) as session:
+        assert sorted(session.scalars(select(Credit.amount))) == [1, 2, 3, 4, 5]
+
+
+def test_inline_runs_jobs_right_after_commit(sa_jobs_engine, credits):
+    with inline(sa_jobs_engine, kinds=[GrantCredit]):
+        with Session(sa_jobs_engine) as session, session.begin():
+            session.add(GrantCredit(account=3, amount=30))
+        with Session(sa_jobs_engine) as session:
+            assert session.scalars(select(Credit.amount)).all() == [30]
+            refute_enqueued(session, GrantCredit)
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(GrantCredit(account=4, amount=40))  # outside the block: stays queued
+    with Session(sa_jobs_engine) as session:
+        assert_enqueued(session, GrantCredit, args={"account": 4}, count=1)
