@@ -12,7 +12,19 @@ Declare a kind, enqueue it in your own transaction, run a worker::
         session.add(SendReceipt(order_id=42))
 """
 
-from .admin import JobStatus, cancel, cancel_many, job_status, retry, retry_many, wait_for, wait_for_async
+from .admin import (
+    JobStatus,
+    cancel,
+    cancel_many,
+    job_status,
+    pause_queue,
+    paused_queues,
+    resume_queue,
+    retry,
+    retry_many,
+    wait_for,
+    wait_for_async,
+)
 from .enqueue import enqueue_many
 from .errors import (
     Cancel,
@@ -61,7 +73,10 @@ __all__ = [
     "exponential_backoff",
     "install",
     "job_status",
+    "pause_queue",
+    "paused_queues",
     "registered_kinds",
+    "resume_queue",
     "retry",
     "retry_many",
     "wait_for",

@@ -191,3 +191,44 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
                 return status
             await anyio.sleep(pause)
             pause = min(0.5, pause * 1.5)
+
+
+def _queues_table(session: Any) -> Any:
+    from sqlalchemy import Boolean, Column, DateTime, MetaData, Table, Text
+
+    from .schema import DEFAULT_SCHEMA, QUEUES_TABLE
+
+    return Table(
+        QUEUES_TABLE, MetaData(), Column("name", Text, primary_key=True), Column("paused", Boolean),
+        Column("updated_at", DateTime(timezone=True)), schema=DEFAULT_SCHEMA,
+    )
+
+
+def set_queue_paused(session: Any, queue: str, paused: bool) -> None:
+    """Pause (or resume) ``queue`` for every worker of the cluster; persisted in the queues table.
+
+    Paused workers finish what they run and claim nothing more from it until resumed.
+    """
+    from sqlalchemy.dialects.postgresql import insert
+
+    from . import _validate
+
+    _validate.queue_name(queue)
+    table = _queues_table(session)
+    stmt = insert(table).values(name=queue, paused=paused, updated_at=func.now())
+    session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"paused": paused, "updated_at": func.now()}))
+    if not paused:
+        session.execute(select(func.pg_notify(literal(_channel(session)), "")))
+
+
+def pause_queue(session: Any, queue: str) -> None:
+    set_queue_paused(session, queue, True)
+
+
+def resume_queue(session: Any, queue: str) -> None:
+    set_queue_paused(session, queue, False)
+
+
+def paused_queues(session: Any) -> list[str]:
+    table = _queues_table(session)
+    return list(session.scalars(select(table.c.name).where(table.c.paused).order_by(table.c.name)))

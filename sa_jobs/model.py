@@ -106,6 +106,9 @@ class Job(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
     # Schema v2: the handler's last progress report, {"percent": 0-100, "message": str}.
     progress: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONB)
+    # Schema v3: a unique job holds its key only while its state is in unique_states.
+    unique_key: Mapped[Optional[str]] = mapped_column(Text)
+    unique_states: Mapped[Optional[list[str]]] = mapped_column(ARRAY(Text))
 
     __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_abstract": True, "eager_defaults": True}
 

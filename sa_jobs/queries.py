@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from . import _validate
-from .schema import DEFAULT_SCHEMA, JOBS_TABLE, channel_name
+from .schema import DEFAULT_SCHEMA, JOBS_TABLE, QUEUES_TABLE, channel_name
 
 # Column list every claim returns, in the order ClaimedJob reads it.
 CLAIM_COLUMNS = (
@@ -30,6 +30,7 @@ def cancel_channel_name(schema: str = DEFAULT_SCHEMA) -> str:
 def _render(template: str, schema: str) -> str:
     return sql.SQL(template).format(
         jobs=sql.Identifier(schema, JOBS_TABLE),
+        queues=sql.Identifier(schema, QUEUES_TABLE),
         channel=sql.Literal(channel_name(schema)),
     ).as_string()
 
@@ -68,6 +69,8 @@ class Queries:
                 "WITH picked AS MATERIALIZED ("
                 " SELECT id FROM {jobs}"
                 " WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+                # A paused queue claims nothing; uncorrelated, so evaluated once per claim.
+                "  AND NOT EXISTS (SELECT 1 FROM {queues} WHERE name = %(queue)s AND paused)"
                 " ORDER BY queue, priority, scheduled_at, id"
                 " LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 " UPDATE {jobs} AS j SET state = 'running', attempt = j.attempt + 1,"

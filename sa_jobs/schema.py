@@ -152,11 +152,63 @@ def _v2_down(schema: str) -> list[sql.Composable]:
     ]
 
 
+UNIQUE_INDEX = "jobs_unique_idx"
+QUEUES_TABLE = "queues"
+PERIODIC_TABLE = "periodic"
+
+# The predicate of the unique index, also the ON CONFLICT target's WHERE: a row counts
+# for uniqueness only while its state is one of the states its kind asked for.
+UNIQUE_PREDICATE = "unique_key IS NOT NULL AND state = ANY (unique_states)"
+
+
+def _v3_up(schema: str) -> list[sql.Composable]:
+    jobs = sql.Identifier(schema, JOBS_TABLE)
+    return [
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS unique_key text,"
+                " ADD COLUMN IF NOT EXISTS unique_states text[]").format(jobs),
+        # Cluster-wide queue settings (pause now; limits later), read by the claim.
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, paused boolean NOT NULL DEFAULT false,"
+            " updated_at timestamptz NOT NULL DEFAULT now())"
+        ).format(sql.Identifier(schema, QUEUES_TABLE)),
+        # The last slot each periodic (cron) job fired, for catch-up after downtime.
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, last_slot timestamptz NOT NULL,"
+            " updated_at timestamptz NOT NULL DEFAULT now())"
+        ).format(sql.Identifier(schema, PERIODIC_TABLE)),
+    ]
+
+
+def _v3_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
+    return [
+        sql.SQL("CREATE UNIQUE INDEX {how}IF NOT EXISTS {idx} ON {jobs} (kind, unique_key) WHERE " + UNIQUE_PREDICATE).format(
+            how=sql.SQL("CONCURRENTLY " if concurrently else ""),
+            idx=sql.Identifier(UNIQUE_INDEX),
+            jobs=sql.Identifier(schema, JOBS_TABLE),
+        )
+    ]
+
+
+def _v3_down(schema: str) -> list[sql.Composable]:
+    return [
+        sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, UNIQUE_INDEX)),
+        sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, PERIODIC_TABLE)),
+        sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, QUEUES_TABLE)),
+        sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS unique_states, DROP COLUMN IF EXISTS unique_key").format(
+            sql.Identifier(schema, JOBS_TABLE)
+        ),
+    ]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs table, claim/due/lease indexes, insert NOTIFY trigger", _v1_up, _v1_down),
     Migration(
         2, "jobs.progress column, finished-jobs index for retention", _v2_up, _v2_down, _v2_up_concurrently,
         concurrent_indexes=(FINISHED_INDEX,),
+    ),
+    Migration(
+        3, "unique jobs (unique_key, unique_states, unique index), queues and periodic tables",
+        _v3_up, _v3_down, _v3_up_concurrently, concurrent_indexes=(UNIQUE_INDEX,),
     ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version

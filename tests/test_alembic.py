@@ -26,6 +26,8 @@ import alembic_ext
 from sa_jobs import schema as schema_mod
 from sa_jobs.drift import check_drift
 
+SA_JOBS_HEAD = f"sa_jobs_{schema_mod.LATEST_VERSION:04d}"
+
 from .conftest import REPO_ROOT, pg_bin
 
 EXAMPLE_APP = REPO_ROOT / "examples" / "alembic_app"
@@ -107,7 +109,7 @@ def insert_jobs(url: str, schema: str, n: int) -> None:
 
 
 def job_rows(url: str, schema: str) -> list[Any]:
-    query = sql.SQL("SELECT to_jsonb(j) - 'progress' FROM {} j ORDER BY id").format(sql.Identifier(schema, "jobs"))
+    query = sql.SQL("SELECT to_jsonb(j) - 'progress' - 'unique_key' - 'unique_states' FROM {} j ORDER BY id").format(sql.Identifier(schema, "jobs"))
     return [r[0] for r in run_sql(url, query)]
 
 
@@ -151,11 +153,11 @@ def test_filters_outside_an_alembic_run_hide_only_queue_tables() -> None:
 
 def test_upgrade_heads_installs_the_branch_and_autogenerate_stays_silent(app: App) -> None:
     heads = app.alembic("heads").stdout
-    assert f"{APP_HEAD} (shop) (head)" in heads and "sa_jobs_0002 (sa_jobs) (head)" in heads
+    assert f"{APP_HEAD} (shop) (head)" in heads and f"{SA_JOBS_HEAD} (sa_jobs) (head)" in heads
 
     app.alembic("upgrade", "heads")
 
-    assert app.heads() == {APP_HEAD, "sa_jobs_0002"}
+    assert app.heads() == {APP_HEAD, SA_JOBS_HEAD}
     assert schema_mod.installed_version(app.url, "sa_jobs") == schema_mod.LATEST_VERSION
     assert check_drift(app.url, "sa_jobs") == []
     assert {"customers", "orders", "alembic_version"} <= table_names(app.url, "public")
@@ -208,14 +210,15 @@ def test_upgrade_across_versions_keeps_every_job(app: App) -> None:
 
     app.alembic("upgrade", "heads")
 
-    assert app.heads() == {APP_HEAD, "sa_jobs_0002"}
+    assert app.heads() == {APP_HEAD, SA_JOBS_HEAD}
     assert job_rows(app.url, "sa_jobs") == before
     assert check_drift(app.url, "sa_jobs") == []
 
-    app.alembic("downgrade", "sa_jobs@-1")
+    app.alembic("downgrade", "sa_jobs_0001")
     assert schema_mod.installed_version(app.url, "sa_jobs") == 1
     assert job_rows(app.url, "sa_jobs") == before
     assert run_sql(app.url, "SELECT to_regclass('sa_jobs.jobs_finished_idx')") == [(None,)]
+    assert run_sql(app.url, "SELECT to_regclass('sa_jobs.jobs_unique_idx')") == [(None,)]
 
 
 def test_schema_option_reaches_sql_validated_and_quoted(app: App) -> None:
@@ -251,10 +254,10 @@ def test_sa_jobs_migrate_first_then_alembic_adopts_it(app: App) -> None:
     proc = app.alembic("upgrade", "heads")
 
     assert "already at version 1; adopting it" in proc.stderr
-    assert schema_mod.installed_version(app.url, "sa_jobs") == 2
+    assert schema_mod.installed_version(app.url, "sa_jobs") == schema_mod.LATEST_VERSION
     assert job_rows(app.url, "sa_jobs") == before
     assert check_drift(app.url, "sa_jobs") == []
-    assert schema_mod.install(app.url, "sa_jobs") == 2  # and back: migrate sees nothing to do
+    assert schema_mod.install(app.url, "sa_jobs") == schema_mod.LATEST_VERSION  # and back: migrate sees nothing to do
 
 
 def test_offline_sql_applies_with_psql_and_builds_concurrently_outside_a_transaction(app: App) -> None:
@@ -267,5 +270,5 @@ def test_offline_sql_applies_with_psql_and_builds_concurrently_outside_a_transac
         input=script, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert app.heads() == {"sa_jobs_0002"}
+    assert app.heads() == {SA_JOBS_HEAD}
     assert check_drift(app.url, "sa_jobs") == []

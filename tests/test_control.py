@@ -226,3 +226,22 @@ def test_wait_for_times_out_on_a_job_nobody_runs(engine):
     with pytest.raises(TimeoutError):
         wait_for(engine, job_id, timeout=0.5)
     assert time.monotonic() - started < 2
+
+
+def test_pause_is_cluster_wide_and_resume_wakes_workers(engine, database_url, schema):
+    from sa_jobs import pause_queue, paused_queues, resume_queue
+
+    with Session(engine) as session, session.begin():
+        pause_queue(session, "c")
+    ids = add(engine, *[CFail().options(max_attempts=1) for _ in range(3)])
+    run_worker_until(database_url, schema, ALL, lambda: False, timeout=1.5)
+    assert states(database_url, schema) == {"available": 3}  # a paused queue claims nothing
+    with Session(engine) as session:
+        assert paused_queues(session) == ["c"]
+    with Session(engine) as session, session.begin():
+        resume_queue(session, "c")
+    run_worker_until(database_url, schema, ALL, lambda: states(database_url, schema) == {"dead": 3})
+    assert states(database_url, schema) == {"dead": 3}
+    with Session(engine) as session:
+        assert paused_queues(session) == []
+    assert len(ids) == 3

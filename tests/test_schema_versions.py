@@ -69,7 +69,7 @@ def insert_jobs(url: str, schema: str, n: int = 300) -> None:
 
 
 def job_rows(url: str, schema: str) -> list[dict[str, Any]]:
-    rows = run_sql(url, sql.SQL("SELECT to_jsonb(j) - 'progress' FROM {} j ORDER BY id").format(sql.Identifier(schema, "jobs")))
+    rows = run_sql(url, sql.SQL("SELECT to_jsonb(j) - 'progress' - 'unique_key' - 'unique_states' FROM {} j ORDER BY id").format(sql.Identifier(schema, "jobs")))
     return [r[0] for r in rows]
 
 
@@ -116,9 +116,9 @@ def test_every_concurrent_statement_can_be_rerun() -> None:
 
 
 def test_fresh_install_reaches_latest_without_drift(db: str, fresh_schema: str) -> None:
-    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION == 2
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
     assert check_drift(db, fresh_schema) == []
-    assert schema_mod.install(db, fresh_schema) == 2  # idempotent
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION  # idempotent
 
 
 def test_upgrade_from_v1_with_jobs_loses_nothing(db: str, fresh_schema: str) -> None:
@@ -127,7 +127,7 @@ def test_upgrade_from_v1_with_jobs_loses_nothing(db: str, fresh_schema: str) -> 
     before = job_rows(db, fresh_schema)
     assert len(before) == 300
 
-    assert schema_mod.install(db, fresh_schema) == 2
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
 
     assert job_rows(db, fresh_schema) == before
     valid = run_sql(db, "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
@@ -157,18 +157,19 @@ def test_migrate_sql_output_applies_to_the_same_schema(db: str, fresh_schema: st
         for stmt in script.split(";\n"):
             if stmt.strip():
                 conn.execute(stmt)
-    assert schema_mod.installed_version(db, fresh_schema) == 2
+    assert schema_mod.installed_version(db, fresh_schema) == schema_mod.LATEST_VERSION
     assert check_drift(db, fresh_schema) == []
 
 
 def test_downgrade_steps_back_cleanly(db: str, fresh_schema: str) -> None:
     schema_mod.install(db, fresh_schema)
     with psycopg.connect(db, autocommit=True) as conn, conn.transaction():
-        for stmt in schema_mod.downgrade_statements(2, fresh_schema):
+        for stmt in schema_mod.downgrade_statements(schema_mod.LATEST_VERSION, fresh_schema):
             conn.execute(stmt)
-    assert schema_mod.installed_version(db, fresh_schema) == 1
+    below = schema_mod.LATEST_VERSION - 1
+    assert schema_mod.installed_version(db, fresh_schema) == below
     assert check_drift(db, fresh_schema) == [
-        f"schema {fresh_schema!r} is at sa-jobs version 1, this sa-jobs expects 2;"
+        f"schema {fresh_schema!r} is at sa-jobs version {below}, this sa-jobs expects {schema_mod.LATEST_VERSION};"
         f" run `sa-jobs migrate --schema {fresh_schema}` or `alembic upgrade heads`"
     ]
     schema_mod.uninstall(db, fresh_schema)
@@ -231,7 +232,7 @@ def test_drift_leaves_no_scratch_schema_behind(db: str, installed: str) -> None:
 
 def test_a_reserved_word_schema_is_quoted_everywhere(db: str) -> None:
     """``user`` only works if every statement quotes it; drift must agree with itself too."""
-    assert schema_mod.install(db, "user") == 2
+    assert schema_mod.install(db, "user") == schema_mod.LATEST_VERSION
     insert_jobs(db, "user", 5)
     assert check_drift(db, "user") == []
     schema_mod.uninstall(db, "user")
