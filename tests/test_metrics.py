@@ -58,7 +58,7 @@ def _value(reg: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 def _run_mix(database_url: str, schema: str, engine: Engine, observer: PrometheusObserver) -> None:
-    """5 ok, 3 flaky (1 retry each), 2 doomed, 1 timed out; run until all are final."""
+    """5 ok, 3 flaky (1 retry each), 2 doomed, 1 timed out (its only attempt: dead); run until all are final."""
     with Session(engine) as s, s.begin():
         s.add_all([MetricsOk() for _ in range(5)] + [MetricsFlaky(fail_times=1) for _ in range(3)]
                   + [MetricsDoomed() for _ in range(2)] + [MetricsSlow()])
@@ -76,7 +76,9 @@ def test_worker_run_moves_each_metric_by_the_exact_amount(database_url: str, sch
     assert _value(reg, fin, queue=QUEUE, kind="metrics_flaky", outcome="retried") == 3
     assert _value(reg, fin, queue=QUEUE, kind="metrics_flaky", outcome="completed") == 3
     assert _value(reg, fin, queue=QUEUE, kind="metrics_doomed", outcome="dead") == 2
-    assert _value(reg, fin, queue=QUEUE, kind="metrics_slow", outcome="timed_out") == 1
+    # Its only attempt timed out, so the job is dead: counted as dead, not as timed_out.
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_slow", outcome="dead") == 1
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_slow", outcome="timed_out") == 0
     total = sum(s.value for f in reg.collect() if f.name == "sa_jobs_jobs_finished" for s in f.samples
                 if s.name == fin)
     assert total == 14  # 11 jobs, 3 of them ran twice: nothing else was counted
@@ -90,9 +92,9 @@ def test_worker_run_moves_each_metric_by_the_exact_amount(database_url: str, sch
     assert _value(reg, "sa_jobs_job_run_duration_seconds_count", queue=QUEUE, kind="metrics_slow") == 1
     assert _value(reg, "sa_jobs_job_run_duration_seconds_sum", queue=QUEUE, kind="metrics_slow") >= 0.2
     assert _value(reg, "sa_jobs_job_run_duration_seconds_bucket", queue=QUEUE, kind="metrics_slow", le="0.1") == 0
-    # End to end only for final outcomes: 8 completed, 2 dead (retries are not the end).
+    # End to end only for final outcomes: 8 completed, 3 dead (retries are not the end).
     assert _value(reg, "sa_jobs_job_end_to_end_seconds_count", queue=QUEUE, outcome="completed") == 8
-    assert _value(reg, "sa_jobs_job_end_to_end_seconds_count", queue=QUEUE, outcome="dead") == 2
+    assert _value(reg, "sa_jobs_job_end_to_end_seconds_count", queue=QUEUE, outcome="dead") == 3
     assert _value(reg, "sa_jobs_job_end_to_end_seconds_count", queue=QUEUE, outcome="retried") == 0
     # Gauges after the drain: nothing in flight, all 4 slots free, this worker led.
     assert _value(reg, "sa_jobs_jobs_in_flight", queue=QUEUE) == 0
