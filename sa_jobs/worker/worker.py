@@ -97,6 +97,7 @@ class Worker:
         max_claim: int = 500,
         shutdown_grace: float = 30.0,
         statement_timeout: Optional[float] = None,
+        maintenance: Sequence[Any] = (),
         observer: Optional[WorkerObserver] = None,
         engine: Any = None,
         async_engine: Any = None,
@@ -134,6 +135,9 @@ class Worker:
         self._owns_engines: list[Any] = []
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._check_schema = check_schema
+        # Extra maintenance services (plugins: periodic jobs, pruning, ...), each with
+        # ``name``, ``leader_only`` and ``async run_once(conn, queries)``.
+        self._extra_maintenance = list(maintenance)
 
         self._kinds = self._resolve_kinds(kinds)
         self._queue_limits = self._resolve_queues(queues, concurrency)
@@ -299,7 +303,7 @@ class Worker:
         self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self.cancel_local)
         self.maintainer = Maintainer(
             self._conninfo, self._queries, self._observer,
-            [Rescuer(self._observer), Scheduler()], interval=self._maintenance_interval,
+            [Rescuer(self._observer), Scheduler(), *self._extra_maintenance], interval=self._maintenance_interval,
             timeout=self.statement_timeout,
         )
         for name, limit in self._queue_limits.items():
