@@ -43,6 +43,7 @@ from .model import Job, KindOptions, registered_kinds
 from .retry import constant_backoff, exponential_backoff
 from .schema import install
 from .states import JobState
+from .unique import Unique
 from .worker import JobContext, Worker, WorkerObserver
 
 __version__ = "0.1.0"
@@ -64,6 +65,7 @@ __all__ = [
     "SchemaVersionError",
     "Snooze",
     "UnknownKindError",
+    "Unique",
     "Worker",
     "WorkerObserver",
     "cancel",

@@ -40,6 +40,13 @@ def _driver_connection(session: Any) -> Any:
     return driver
 
 
+def _kind_of_row(job: Job) -> KindOptions:
+    options = type(job).__sa_jobs_options__
+    if options is None:
+        raise ConfigurationError(f"{job!r} is not an instance of a job kind")
+    return options
+
+
 def _row_of(job: Job) -> tuple[Any, ...]:
     options = type(job).__sa_jobs_options__
     if options is None:
@@ -104,24 +111,30 @@ def enqueue_many(
     one raises and, since the COPY runs in the caller's transaction, nothing is kept
     once that transaction rolls back. Returns the number of rows written.
     """
+    unique_rows: list[tuple[KindOptions, tuple[Any, ...]]] = []
     if isinstance(jobs, type):
         if not issubclass(jobs, Job) or jobs.__sa_jobs_options__ is None:
             raise ConfigurationError(f"{jobs!r} is not a job kind")
         if args is None:
             raise ConfigurationError("enqueue_many(session, Kind, args): args is missing")
-        rows: Iterable[tuple[Any, ...]] = _rows_of_args(
-            jobs.__sa_jobs_options__, args, queue, priority, max_attempts, run_at, tags
-        )
+        options = jobs.__sa_jobs_options__
+        rows: Iterable[tuple[Any, ...]] = _rows_of_args(options, args, queue, priority, max_attempts, run_at, tags)
+        if options.unique is not None:
+            unique_rows = [(options, row) for row in rows]
+            rows = ()
     else:
         if args is not None or any(v is not None for v in (queue, priority, max_attempts, run_at, tags)):
             raise ConfigurationError("options and args go with enqueue_many(session, Kind, args, ...)")
-        rows = (_row_of(job) for job in jobs)
+        # Job objects are in memory already; splitting them first costs a list.
+        rows = list(_split_unique(jobs, unique_rows))
     driver = _driver_connection(session)
     table = sql.Identifier(_schema_of(session), JOBS_TABLE)
+    count = 0
+    if unique_rows:
+        count += _insert_unique(driver, table, unique_rows)
     # Rows without a schedule leave scheduled_at to its DEFAULT now() (the database
     # clock); COPY cannot say DEFAULT per row, so scheduled rows go in a second COPY.
     scheduled: list[tuple[Any, ...]] = []
-    count = 0
     with driver.cursor() as cur:
         with cur.copy(_copy_statement(table, _COLUMNS[:-1])) as copy:
             for row in rows:
@@ -140,3 +153,81 @@ def enqueue_many(
 
 def _copy_statement(table: sql.Identifier, columns: Sequence[str]) -> sql.Composed:
     return sql.SQL("COPY {} ({}) FROM STDIN").format(table, sql.SQL(", ").join(map(sql.Identifier, columns)))
+
+
+def _split_unique(jobs: Iterable[Job], unique_rows: list[tuple[KindOptions, tuple[Any, ...]]]) -> Iterable[tuple[Any, ...]]:
+    """Yield the plain rows for COPY; collect the rows of unique kinds into ``unique_rows``."""
+    for job in jobs:
+        options = _kind_of_row(job)
+        row = _row_of(job)
+        if options.unique is None:
+            yield row
+        else:
+            unique_rows.append((options, row))
+
+
+# COPY cannot skip conflicts, so rows of unique kinds go in one INSERT ... SELECT FROM
+# unnest(...) ON CONFLICT on the unique index, with the key's period bucket computed on
+# the database clock as in the ORM path.
+_UNIQUE_INSERT = (
+    "INSERT INTO {jobs} (kind, queue, args, state, priority, max_attempts, tags, meta, scheduled_at,"
+    " unique_key, unique_states)"
+    " SELECT u.kind, u.queue, u.args::jsonb, u.state, u.priority, u.max_attempts,"
+    " ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)), u.meta::jsonb, coalesce(u.scheduled_at, now()),"
+    " CASE WHEN u.period IS NULL THEN u.base"
+    "  ELSE u.base || ':' || floor(extract(epoch FROM now()) / u.period)::bigint END,"
+    " ARRAY(SELECT jsonb_array_elements_text(u.states::jsonb))"
+    " FROM unnest(%(kind)s::text[], %(queue)s::text[], %(args)s::text[], %(state)s::text[],"
+    "  %(priority)s::smallint[], %(max_attempts)s::int[], %(tags)s::text[], %(meta)s::text[],"
+    "  %(scheduled_at)s::timestamptz[], %(base)s::text[], %(period)s::bigint[], %(states)s::text[])"
+    " WITH ORDINALITY AS u(kind, queue, args, state, priority, max_attempts, tags, meta, scheduled_at,"
+    "  base, period, states, ord)"
+    " ORDER BY u.ord"
+    " ON CONFLICT (kind, unique_key) WHERE {predicate} "
+)
+_ON_CONFLICT_NOTHING = "DO NOTHING"
+_ON_CONFLICT_REPLACE = (
+    "DO UPDATE SET args = EXCLUDED.args, queue = EXCLUDED.queue, priority = EXCLUDED.priority,"
+    " max_attempts = EXCLUDED.max_attempts, scheduled_at = EXCLUDED.scheduled_at, state = EXCLUDED.state,"
+    " tags = EXCLUDED.tags, meta = EXCLUDED.meta"
+    " WHERE {jobs}.state IN ('scheduled', 'available', 'retryable')"
+)
+
+
+def _insert_unique(driver: Any, table: sql.Identifier, unique_rows: list[tuple[KindOptions, tuple[Any, ...]]]) -> int:
+    """Insert rows of unique kinds, skipping (or replacing) held keys; the rows written."""
+    from .schema import UNIQUE_PREDICATE
+
+    by_mode: dict[str, dict[tuple[str, str], tuple[Any, ...]]] = {"return": {}, "replace": {}}
+    for options, row in unique_rows:
+        unique = options.unique
+        assert unique is not None
+        args = json.loads(row[2])
+        base = unique.base_key(options.kind, row[1], args)
+        full = (*row, base, unique.period_seconds, json.dumps(list(unique.states)))
+        slot = by_mode[unique.on_conflict]
+        key = (options.kind, base)
+        if unique.on_conflict == "replace":
+            slot[key] = full  # one statement cannot update a row twice: the last one wins
+        else:
+            slot.setdefault(key, full)  # the first one wins, as in the ORM path
+    written = 0
+    for mode, keyed in by_mode.items():
+        if not keyed:
+            continue
+        # Sorted by key: concurrent loads of overlapping keys take their index locks in
+        # one order, so they wait for each other instead of deadlocking.
+        ordered = [keyed[k] for k in sorted(keyed)]
+        cols = list(zip(*ordered))
+        params = {
+            "kind": list(cols[0]), "queue": list(cols[1]), "args": list(cols[2]), "state": list(cols[3]),
+            "priority": list(cols[4]), "max_attempts": list(cols[5]),
+            "tags": [json.dumps(list(t)) for t in cols[6]], "meta": list(cols[7]), "scheduled_at": list(cols[8]),
+            "base": list(cols[9]), "period": list(cols[10]), "states": list(cols[11]),
+        }
+        tail = _ON_CONFLICT_REPLACE if mode == "replace" else _ON_CONFLICT_NOTHING
+        stmt = sql.SQL(_UNIQUE_INSERT + tail).format(jobs=table, predicate=sql.SQL(UNIQUE_PREDICATE))
+        with driver.cursor() as cur:
+            cur.execute(stmt, params)
+            written += cur.rowcount
+    return written

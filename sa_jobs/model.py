@@ -29,6 +29,7 @@ from . import _validate
 from .errors import ConfigurationError, InvalidArgsError
 from .retry import BackoffPolicy, exponential_backoff
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
+from .unique import Unique, register_session_hook
 
 Handler = Callable[..., Any]
 
@@ -47,6 +48,7 @@ class KindOptions:
     backoff: BackoffPolicy = field(default=exponential_backoff)
     tags: tuple[str, ...] = ()
     max_args_bytes: int = _validate.DEFAULT_MAX_ARGS_BYTES
+    unique: Optional[Unique] = None
 
     def __post_init__(self) -> None:
         _validate.kind_name(self.kind)
@@ -57,6 +59,8 @@ class KindOptions:
             raise ConfigurationError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
         if not callable(self.backoff):
             raise ConfigurationError("backoff must be a callable (attempt) -> seconds")
+        if self.unique is not None and not isinstance(self.unique, Unique):
+            raise ConfigurationError(f"unique= takes a sa_jobs.Unique(...), not {self.unique!r}")
 
 
 def _check_priority(priority: object) -> int:
@@ -127,6 +131,7 @@ class Job(Base):
         backoff: BackoffPolicy = exponential_backoff,
         tags: Sequence[str] = (),
         max_args_bytes: int = _validate.DEFAULT_MAX_ARGS_BYTES,
+        unique: Optional[Unique] = None,
         **kw: Any,
     ) -> None:
         options = KindOptions(
@@ -138,6 +143,7 @@ class Job(Base):
             backoff=backoff,
             tags=tuple(tags),
             max_args_bytes=max_args_bytes,
+            unique=unique,
         )
         cls.__sa_jobs_options__ = options
         cls.__sa_jobs_handler__ = None
@@ -164,6 +170,27 @@ class Job(Base):
             self.max_attempts = options.max_attempts
         if options.tags:
             self.tags = list(options.tags)
+        if options.unique is not None:
+            self._set_unique_key()
+
+    def _set_unique_key(self) -> None:
+        # The base key (no period bucket: that is computed by the database at INSERT, on
+        # its clock); recomputed at flush from the row's final args and queue.
+        options = type(self).__sa_jobs_options__
+        unique = options.unique
+        self.unique_key = unique.base_key(options.kind, self.__dict__.get("queue") or options.queue, self.args)
+        self.unique_states = list(unique.states)
+
+    @property
+    def was_duplicate(self) -> bool:
+        """True once flushed if this unique job's key was already held: the object now
+        carries the existing job (id, state, ...) and no new row was written."""
+        return bool(self.__dict__.get("_sa_jobs_duplicate", False))
+
+    @property
+    def was_replaced(self) -> bool:
+        """True once flushed if ``on_conflict="replace"`` rewrote the existing waiting job."""
+        return bool(self.__dict__.get("_sa_jobs_replaced", False))
 
     # ---- per-row options ---------------------------------------------------------
 
@@ -184,6 +211,8 @@ class Job(Base):
         """
         if queue is not None:
             self.queue = _validate.queue_name(queue)
+            if type(self).__sa_jobs_options__.unique is not None:
+                self._set_unique_key()
         if priority is not None:
             self.priority = _check_priority(priority)
         if max_attempts is not None:
@@ -241,6 +270,10 @@ def registered_kinds() -> dict[str, type[Job]]:
         for identity, m in Job.__mapper__.polymorphic_map.items()
         if m.class_ is not Job
     }
+
+
+# Unique kinds' rows are inserted ON CONFLICT by a before_flush hook on every Session.
+register_session_hook()
 
 
 def kind_with_options(kind_cls: type[Job], **changes: Any) -> KindOptions:

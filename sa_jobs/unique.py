@@ -1,0 +1,230 @@
+"""Unique jobs: at most one row per key among a kind's rows in chosen states, enforced by
+the database's unique partial index ``jobs_unique_idx``, never by a racy SELECT.
+
+A kind opts in with ``unique=Unique(...)``::
+
+    class SendDigest(Job, kind="send_digest",
+                     unique=Unique(by=("user_id",), period=timedelta(hours=1))):
+        pass
+
+Every row of the kind carries ``unique_key`` (a digest of the kind, the queue if chosen,
+the chosen args as canonical JSON and, with a period, the period's bucket on the database
+clock) and ``unique_states``. The index covers a row only while ``state = ANY
+(unique_states)``, so a completed job frees its key unless ``completed`` is one of the states.
+
+``session.add()`` of a duplicate must neither raise inside the caller's transaction nor
+block other enqueues. A ``before_flush`` hook on every Session inserts new unique rows
+itself with ``INSERT ... ON CONFLICT (kind, unique_key) WHERE <predicate> DO NOTHING
+RETURNING *``; on a conflict it loads the existing job into the caller's object (or
+replaces the existing job's args and schedule, with ``on_conflict="replace"``) and
+attaches it as persistent, so no INSERT is flushed for it. ``job.was_duplicate`` says
+which happened.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+from .errors import ConfigurationError
+from .states import ALL_STATES, PENDING_STATES
+
+DEFAULT_UNIQUE_STATES: tuple[str, ...] = ("scheduled", "available", "running", "retryable")
+ON_CONFLICT = ("return", "replace")
+# A replace never rewrites a job a worker holds, nor a finished one: only waiting rows.
+REPLACEABLE_STATES: tuple[str, ...] = PENDING_STATES
+# A conflicting row can leave the unique states between our INSERT and our SELECT (it
+# completed); the INSERT is then retried. Bounded, since each round sees newer data.
+_MAX_ROUNDS = 8
+
+
+@dataclass(frozen=True)
+class Unique:
+    """How a kind's jobs are made unique.
+
+    ``by``: the arg names that make up the key (``None``: all args; ``()``: none, one job
+    per kind). ``by_queue``: include the row's queue. ``period``: a duration; the key
+    holds within one bucket of that length (buckets start at multiples of ``period``
+    since the Unix epoch, on the database clock at INSERT: ``now()``, the transaction's
+    start). ``states``: the states in which a row holds its key. ``on_conflict``:
+    ``"return"`` (the caller's object becomes the existing job) or ``"replace"`` (the
+    existing job, if still waiting, takes the new args, priority, tags, meta and schedule).
+    """
+
+    by: Optional[Sequence[str]] = None
+    by_queue: bool = False
+    period: Optional[dt.timedelta] = None
+    states: Sequence[str] = DEFAULT_UNIQUE_STATES
+    on_conflict: str = "return"
+
+    def __post_init__(self) -> None:
+        if self.by is not None:
+            if isinstance(self.by, str) or not all(isinstance(a, str) and a for a in self.by):
+                raise ConfigurationError(f"Unique(by=...) takes a sequence of arg names, not {self.by!r}")
+            object.__setattr__(self, "by", tuple(self.by))
+        if self.period is not None:
+            if not isinstance(self.period, dt.timedelta) or self.period.total_seconds() < 1:
+                raise ConfigurationError(f"Unique(period=...) must be a timedelta of at least 1 second, not {self.period!r}")
+        if isinstance(self.states, str) or not self.states:
+            raise ConfigurationError("Unique(states=...) takes a non-empty sequence of states")
+        bad = [s for s in self.states if s not in ALL_STATES]
+        if bad:
+            raise ConfigurationError(f"Unique(states=...): unknown state(s) {bad}; use {', '.join(ALL_STATES)}")
+        # Canonical order, so equal sets give equal rows.
+        object.__setattr__(self, "states", tuple(s for s in ALL_STATES if s in self.states))
+        if self.on_conflict not in ON_CONFLICT:
+            raise ConfigurationError(f"Unique(on_conflict=...) must be one of {ON_CONFLICT}, not {self.on_conflict!r}")
+        if type(self.by_queue) is not bool:
+            raise ConfigurationError("Unique(by_queue=...) must be a bool")
+
+    @property
+    def period_seconds(self) -> Optional[int]:
+        return None if self.period is None else int(self.period.total_seconds())
+
+    def base_key(self, kind: str, queue: str, args: Mapping[str, Any]) -> str:
+        """The key without its period bucket: sha256 of canonical JSON, 32 hex characters."""
+        chosen = dict(args) if self.by is None else {a: args[a] for a in self.by if a in args}
+        material = {"kind": kind, "queue": queue if self.by_queue else None, "args": chosen}
+        text = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# ---- SQLAlchemy: the key as an INSERT value, the ON CONFLICT statement ------------------
+
+
+def key_expression(base: str, period_seconds: Optional[int]) -> Any:
+    """``unique_key`` as SQL: the base, plus ``:<bucket>`` of ``now()`` with a period."""
+    from sqlalchemy import BigInteger, cast, func, literal
+
+    if period_seconds is None:
+        return literal(base)
+    bucket = cast(func.floor(func.extract("epoch", func.now()) / period_seconds), BigInteger)
+    return func.concat(literal(base), literal(":"), bucket)
+
+
+def _predicate() -> Any:
+    from sqlalchemy import text
+
+    from .schema import UNIQUE_PREDICATE
+
+    return text(UNIQUE_PREDICATE)
+
+
+def insert_statement(table: Any, values: Mapping[str, Any], on_conflict: str) -> Any:
+    """INSERT ``values`` ON CONFLICT on the unique index; RETURNING the row and whether it
+    was inserted (``xmax = 0``) rather than replaced. No row comes back on a kept conflict."""
+    from sqlalchemy import literal_column
+    from sqlalchemy.dialects.postgresql import insert
+
+    stmt = insert(table).values(**values)
+    target = dict(index_elements=[table.c.kind, table.c.unique_key], index_where=_predicate())
+    if on_conflict == "replace":
+        excluded = stmt.excluded
+        replaced = ("args", "queue", "priority", "max_attempts", "scheduled_at", "state", "tags", "meta")
+        stmt = stmt.on_conflict_do_update(
+            **target,
+            set_={c: excluded[c] for c in replaced},
+            where=table.c.state.in_(REPLACEABLE_STATES),
+        )
+    else:
+        stmt = stmt.on_conflict_do_nothing(**target)
+    return stmt.returning(*table.c, literal_column("(xmax = 0)").label("sa_jobs_inserted"))
+
+
+def existing_statement(table: Any, kind: str, key: Any) -> Any:
+    from sqlalchemy import select
+
+    return select(*table.c).where(table.c.kind == kind, table.c.unique_key == key, _predicate())
+
+
+# ---- the Session hook ------------------------------------------------------------------
+
+_INSERTABLE = ("queue", "args", "state", "priority", "max_attempts", "scheduled_at", "tags", "meta")
+
+
+def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
+    from .model import Job
+
+    new = [o for o in session.new if isinstance(o, Job) and _unique_of(o) is not None]
+    if not new:
+        return
+    from sqlalchemy import inspect
+
+    # Keyed order (then add order): two transactions enqueueing the same keys lock them in
+    # the same order and cannot deadlock on each other's uncommitted rows.
+    new.sort(key=lambda o: (type(o).__sa_jobs_options__.kind, o.unique_key or "", inspect(o).insert_order or 0))
+    for obj in new:
+        _insert_unique(session, obj)
+
+
+def _unique_of(obj: Any) -> Optional[Unique]:
+    options = type(obj).__sa_jobs_options__
+    return None if options is None else options.unique
+
+
+def _insert_unique(session: Any, obj: Any) -> None:
+    from sqlalchemy.orm import make_transient_to_detached
+
+    from .model import Job
+
+    options = type(obj).__sa_jobs_options__
+    unique = options.unique
+    table = Job.__table__
+    d = obj.__dict__
+    queue = d.get("queue") or options.queue
+    base = unique.base_key(options.kind, queue, d["args"])
+    key = key_expression(base, unique.period_seconds)
+    values: dict[str, Any] = {c: d[c] for c in _INSERTABLE if c in d and d[c] is not None}
+    values.update(kind=options.kind, unique_key=key, unique_states=list(unique.states))
+    if unique.on_conflict == "replace":
+        # A replace must write every replaced column, defaults included.
+        values.setdefault("queue", queue)
+        values.setdefault("state", "available")
+        values.setdefault("priority", options.priority)
+        values.setdefault("max_attempts", options.max_attempts)
+        values.setdefault("tags", list(options.tags))
+        values.setdefault("meta", {})
+        from sqlalchemy import func
+
+        values.setdefault("scheduled_at", func.now())
+    row = None
+    duplicate = replaced = False
+    for _ in range(_MAX_ROUNDS):
+        row = session.execute(insert_statement(table, values, unique.on_conflict)).mappings().first()
+        if row is not None:
+            # Inserted, or (replace) an existing waiting job was rewritten.
+            duplicate = replaced = not row["sa_jobs_inserted"]
+            break
+        row = session.execute(existing_statement(table, options.kind, key)).mappings().first()
+        if row is not None:
+            duplicate = True
+            break
+    if row is None:  # pragma: no cover - the key flapped in and out of its states 8 times
+        raise ConfigurationError(f"could not enqueue unique job {options.kind!r}: its key kept changing state")
+    session.expunge(obj)
+    for column in table.c:
+        setattr(obj, column.key, row[column.key])
+    make_transient_to_detached(obj)
+    obj._sa_jobs_duplicate = duplicate
+    obj._sa_jobs_replaced = replaced
+    identity = session.identity_map.get(make_key(obj))
+    if identity is None:
+        session.add(obj)  # persistent: its row exists, nothing more to INSERT
+
+
+def make_key(obj: Any) -> Any:
+    from sqlalchemy import inspect
+
+    return inspect(obj).key
+
+
+def register_session_hook() -> None:
+    """Listen on every Session (sync, and the one inside each AsyncSession), once."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    if not event.contains(Session, "before_flush", _before_flush):
+        event.listen(Session, "before_flush", _before_flush)

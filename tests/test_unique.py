@@ -1,0 +1,278 @@
+"""Unique jobs: enforced by the unique partial index, safe in the caller's transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import anyio
+import psycopg
+import pytest
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from sa_jobs import ConfigurationError, Job, Unique, enqueue_many
+from sa_jobs._url import sqlalchemy_url, to_conninfo
+from sa_jobs.schema import DEFAULT_SCHEMA
+
+from .helpers import jobs_sql, q
+
+
+class UqDigest(Job, kind="uq_digest", queue="uq", unique=Unique(by=("user_id",))):
+    pass
+
+
+class UqHourly(Job, kind="uq_hourly", unique=Unique(by=("user_id",), period=dt.timedelta(hours=1))):
+    pass
+
+
+class UqReplace(Job, kind="uq_replace", unique=Unique(by=("user_id",), on_conflict="replace")):
+    pass
+
+
+class UqByQueue(Job, kind="uq_by_queue", unique=Unique(by=(), by_queue=True)):
+    pass
+
+
+class UqPlain(Job, kind="uq_plain"):
+    pass
+
+
+def _rows(database_url, schema, kind):
+    return q(database_url, jobs_sql(schema, "SELECT id, args, state, unique_key FROM {jobs} WHERE kind = %s ORDER BY id"), (kind,))
+
+
+def test_duplicate_returns_existing_job_without_poisoning_the_transaction(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        first = UqDigest(user_id=1, note="a")
+        session.add(first)
+        session.flush()
+        assert first.id is not None and not first.was_duplicate
+        second = UqDigest(user_id=1, note="b")
+        session.add(second)
+        session.flush()  # no IntegrityError: the transaction stays usable
+        assert second.was_duplicate and second.id == first.id and second.args == {"user_id": 1, "note": "a"}
+        other = UqDigest(user_id=2)
+        session.add(other)
+        session.flush()
+        assert not other.was_duplicate and other.id != first.id
+        assert session.scalar(select(func.count()).select_from(UqDigest)) == 2
+    rows = _rows(database_url, schema, "uq_digest")
+    assert [r[1]["user_id"] for r in rows] == [1, 2]
+    # A later transaction sees the committed key too.
+    with Session(engine) as session, session.begin():
+        again = UqDigest(user_id=1)
+        session.add(again)
+        session.flush()
+        assert again.was_duplicate and again.state == "available"
+    assert len(_rows(database_url, schema, "uq_digest")) == 2
+
+
+def test_key_frees_when_the_job_leaves_its_states(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        session.add(UqDigest(user_id=5))
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now() WHERE kind = 'uq_digest'"))
+    with Session(engine) as session, session.begin():
+        job = UqDigest(user_id=5)
+        session.add(job)
+    assert not job.was_duplicate
+    assert [r[2] for r in _rows(database_url, schema, "uq_digest")] == ["completed", "available"]
+
+
+def test_add_all_mixes_unique_and_plain_rows(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        session.add(UqDigest(user_id=1))
+        session.flush()
+        batch = [UqPlain(n=1), UqDigest(user_id=1), UqDigest(user_id=2), UqPlain(n=2), UqDigest(user_id=2)]
+        session.add_all(batch)
+        session.flush()
+        assert [j.was_duplicate for j in batch] == [False, True, False, False, True]
+        assert batch[2].id == batch[4].id
+    assert len(_rows(database_url, schema, "uq_digest")) == 2
+    assert len(_rows(database_url, schema, "uq_plain")) == 2
+
+
+def test_rollback_discards_the_unique_row(engine, database_url, schema):
+    with Session(engine) as session:
+        with session.begin():
+            session.add(UqDigest(user_id=9))
+            session.flush()
+            session.rollback()
+    assert _rows(database_url, schema, "uq_digest") == []
+    with Session(engine) as session, session.begin():
+        job = UqDigest(user_id=9)
+        session.add(job)
+    assert not job.was_duplicate
+
+
+def test_period_bucket_uses_the_database_clock(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        a, b = UqHourly(user_id=1), UqHourly(user_id=1)
+        session.add_all([a, b])
+        session.flush()
+        assert b.was_duplicate and a.id == b.id
+        bucket = session.scalar(select(func.floor(func.extract("epoch", func.now()) / 3600)))
+        assert a.unique_key.endswith(":" + str(int(bucket)))
+    # A row from an earlier hour does not hold this hour's key.
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET unique_key = split_part(unique_key, ':', 1) || ':1' WHERE kind = 'uq_hourly'"))
+    with Session(engine) as session, session.begin():
+        c = UqHourly(user_id=1)
+        session.add(c)
+    assert not c.was_duplicate
+
+
+def test_replace_rewrites_a_waiting_job_but_not_a_running_one(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        session.add(UqReplace(user_id=1, v=1))
+    with Session(engine) as session, session.begin():
+        job = UqReplace(user_id=1, v=2).options(priority=5, delay=dt.timedelta(minutes=10))
+        session.add(job)
+        session.flush()
+        assert job.was_duplicate and job.was_replaced
+        assert (job.args, job.priority, job.state) == ({"user_id": 1, "v": 2}, 5, "scheduled")
+    rows = _rows(database_url, schema, "uq_replace")
+    assert len(rows) == 1 and rows[0][1] == {"user_id": 1, "v": 2}
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'running', claim_token = gen_random_uuid(),"
+                                      " lease_expires_at = now() + interval '1 minute'"))
+    with Session(engine) as session, session.begin():
+        job = UqReplace(user_id=1, v=3)
+        session.add(job)
+        session.flush()
+        assert job.was_duplicate and not job.was_replaced and job.args["v"] == 2 and job.state == "running"
+
+
+def test_by_queue_keys_per_queue(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        jobs = [UqByQueue(x=1), UqByQueue(x=2).options(queue="b"), UqByQueue(x=3), UqByQueue(x=4).options(queue="b")]
+        session.add_all(jobs)
+    assert [j.was_duplicate for j in jobs] == [False, False, True, True]
+
+
+def test_async_session(database_url, schema):
+    async def main() -> tuple[bool, bool, int, int]:
+        engine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: schema}
+        )
+        try:
+            async with AsyncSession(engine) as session, session.begin():
+                a, b = UqDigest(user_id=3), UqDigest(user_id=3)
+                session.add(a)
+                await session.flush()
+                session.add(b)
+                await session.flush()
+                return a.was_duplicate, b.was_duplicate, a.id, b.id
+        finally:
+            await engine.dispose()
+
+    a_dup, b_dup, a_id, b_id = anyio.run(main)
+    assert (a_dup, b_dup) == (False, True) and a_id == b_id
+    assert len(_rows(database_url, schema, "uq_digest")) == 1
+
+
+def test_enqueue_many_skips_duplicates_in_bulk(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        session.add(UqDigest(user_id=0))
+        session.flush()
+        written = enqueue_many(session, UqDigest, [{"user_id": i % 50} for i in range(200)])
+        assert written == 49  # user 0 existed; each other user once
+        written = enqueue_many(session, [UqDigest(user_id=100), UqPlain(n=1), UqDigest(user_id=100), UqPlain(n=2)])
+        assert written == 3
+    assert len(_rows(database_url, schema, "uq_digest")) == 51
+    assert len(_rows(database_url, schema, "uq_plain")) == 2
+
+
+def test_enqueue_many_replace_bulk(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        enqueue_many(session, UqReplace, [{"user_id": 1, "v": 1}])
+        written = enqueue_many(session, UqReplace, [{"user_id": 1, "v": 2}, {"user_id": 1, "v": 3}, {"user_id": 2, "v": 1}])
+        assert written == 2  # one replaced, one inserted
+    rows = _rows(database_url, schema, "uq_replace")
+    assert sorted((r[1]["user_id"], r[1]["v"]) for r in rows) == [(1, 3), (2, 1)]
+
+
+def test_invalid_unique_declarations():
+    with pytest.raises(ConfigurationError):
+        Unique(states=("done",))
+    with pytest.raises(ConfigurationError):
+        Unique(by="user_id")
+    with pytest.raises(ConfigurationError):
+        Unique(on_conflict="ignore")
+    with pytest.raises(ConfigurationError):
+        Unique(period=dt.timedelta(milliseconds=5))
+
+
+def _deadlocks(database_url: str) -> int:
+    return q(database_url, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")[0][0]
+
+
+def test_64_concurrent_sessions_insert_one_row(database_url, schema):
+    """64 threads, 64 connections, 64 transactions enqueue the same key at the same time."""
+    n = 64
+    engine = create_engine(sqlalchemy_url(database_url), poolclass=NullPool).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: schema}
+    )
+    barrier = threading.Barrier(n, timeout=60)
+    results: list[tuple[bool, int]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    before = _deadlocks(database_url)
+
+    def enqueue_one(i: int) -> None:
+        try:
+            with Session(engine) as session:
+                session.connection()  # connect (and BEGIN) before the race starts
+                barrier.wait()
+                job = UqDigest(user_id=42, thread=i)
+                session.add(job)
+                session.flush()
+                session.commit()
+                with lock:
+                    results.append((job.was_duplicate, job.id))
+        except BaseException as exc:  # pragma: no cover - reported below
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=enqueue_one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    engine.dispose()
+    assert errors == []
+    assert len(results) == n
+    assert sum(1 for dup, _ in results if not dup) == 1
+    assert len({job_id for _, job_id in results}) == 1
+    assert len(_rows(database_url, schema, "uq_digest")) == 1
+    assert _deadlocks(database_url) == before
+
+
+def test_concurrent_bulk_enqueues_in_opposite_orders_do_not_deadlock(database_url, schema):
+    """enqueue_many sorts by key, so overlapping batches lock keys in one order."""
+    engine = create_engine(sqlalchemy_url(database_url), poolclass=NullPool).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: schema}
+    )
+    keys = list(range(300))
+    barrier = threading.Barrier(4, timeout=30)
+    errors: list[BaseException] = []
+    before = _deadlocks(database_url)
+
+    def load(order: list[int]) -> None:
+        try:
+            with Session(engine) as session, session.begin():
+                session.connection()
+                barrier.wait()
+                enqueue_many(session, UqDigest, [{"user_id": k} for k in order])
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(o,)) for o in (keys, keys[::-1], keys[::2] + keys[1::2], keys[::-1])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    engine.dispose()
+    assert errors == []
+    assert len(_rows(database_url, schema, "uq_digest")) == 300
+    assert _deadlocks(database_url) == before
