@@ -13,7 +13,7 @@ import anyio
 
 from . import schema as schema_mod
 from ._url import ENV_VAR, database_url_from_env
-from .errors import SaJobsError
+from .errors import ConfigurationError, SaJobsError
 
 
 def _database_url(args: argparse.Namespace) -> str:
@@ -40,11 +40,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from .worker import Worker
 
     sys.path.insert(0, ".")
+    modules = []
     for module in args.modules:
         try:
-            importlib.import_module(module)
+            modules.append(importlib.import_module(module))
         except ImportError as exc:
             raise SystemExit(f"sa-jobs: cannot import {module!r}: {exc}") from None
+    maintenance = _maintenance_of(modules)
     observer = None
     if args.metrics_port is not None:
         from . import metrics
@@ -62,6 +64,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         statement_timeout=args.statement_timeout,
         observer=observer,
+        maintenance=maintenance,
     )
 
     async def main() -> None:
@@ -87,6 +90,28 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     anyio.run(main)
     return 0
+
+
+def _maintenance_of(modules: Sequence[object]) -> list[object]:
+    """Extra maintenance services declared by the worker's modules: ``SA_JOBS_PERIODIC``
+    (Periodic declarations, fired by one PeriodicJobs service) and ``SA_JOBS_MAINTENANCE``
+    (services such as ``Pruner(...)``)."""
+    from .periodic import PeriodicJobs, collect
+
+    services: list[object] = []
+    periodics = collect(modules)
+    if periodics:
+        services.append(PeriodicJobs(periodics))
+    for module in modules:
+        extra = getattr(module, "SA_JOBS_MAINTENANCE", None) or ()
+        for service in extra:
+            if not (hasattr(service, "run_once") and hasattr(service, "name") and hasattr(service, "leader_only")):
+                raise ConfigurationError(
+                    f"{getattr(module, '__name__', module)}.SA_JOBS_MAINTENANCE holds {service!r},"
+                    " which is not a maintenance service (name, leader_only, async run_once)"
+                )
+            services.append(service)
+    return services
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

@@ -1,0 +1,264 @@
+"""Periodic (cron) jobs, declared in code and fired by the elected leader, each slot once.
+
+::
+
+    from sa_jobs.periodic import Periodic, PeriodicJobs
+
+    digest = Periodic("0 9 * * *", SendDigest, args={"scope": "daily"}, timezone="Europe/Paris")
+    async with Worker(url, kinds=[SendDigest], maintenance=[PeriodicJobs([digest])]):
+        ...
+
+or, for ``sa-jobs worker myapp.jobs``, a module attribute ``SA_JOBS_PERIODIC = [digest]``.
+
+A *slot* is a time the cron expression names, in the declaration's time zone (croniter
+does the calendar arithmetic, DST included). Every leader tick, in one transaction per
+declaration: lock its row of ``<schema>.periodic`` (``FOR UPDATE``), read the database
+clock, insert one job per due slot, and move ``last_slot`` forward. Two guarantees
+make a slot fire once even across leader changes and a frozen ex-leader: the row lock
+and ``last_slot`` (a slot at or before it is never due again), and the job's
+``unique_key`` (``periodic:<name>:<slot>``, unique in every state) under the unique index.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import psycopg
+from psycopg import sql
+
+from . import _validate
+from .errors import ConfigurationError
+from .model import Job
+from .schema import JOBS_TABLE, PERIODIC_TABLE, UNIQUE_PREDICATE
+from .states import ALL_STATES
+
+log = logging.getLogger("sa_jobs.periodic")
+
+DEFAULT_MAX_CATCH_UP = 100
+
+JobSpec = Union[type[Job], Job, Callable[[], Job]]
+
+
+def _parse_cron(expression: str) -> None:
+    from croniter import croniter
+
+    if not isinstance(expression, str) or not croniter.is_valid(expression):
+        raise ConfigurationError(
+            f"invalid cron expression {expression!r}: use 5 fields (minute hour day month weekday)"
+            " or 6 (with seconds last)"
+        )
+
+
+def _zone(name: str) -> dt.tzinfo:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"invalid time zone {name!r}: use an IANA name such as 'Europe/Paris'")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigurationError(f"unknown time zone {name!r}: use an IANA name such as 'Europe/Paris'") from None
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """A job to enqueue at every slot of a cron expression.
+
+    ``job`` is a kind (with ``args``), a job row to copy, or a callable returning a fresh
+    row. ``name`` identifies the schedule (its row in ``<schema>.periodic`` and its slots'
+    unique keys); it defaults to the kind's name when ``job`` is a kind. ``catch_up``:
+    after downtime, fire every missed slot (at most ``max_catch_up``, the most recent);
+    without it only the most recent missed slot fires, late. A schedule seen for the first
+    time starts at its next slot.
+    """
+
+    cron: str
+    job: JobSpec
+    args: Optional[Mapping[str, Any]] = None
+    name: Optional[str] = None
+    timezone: str = "UTC"
+    catch_up: bool = False
+    max_catch_up: int = DEFAULT_MAX_CATCH_UP
+    _tz: dt.tzinfo = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _parse_cron(self.cron)
+        object.__setattr__(self, "_tz", _zone(self.timezone))
+        job = self.job
+        if isinstance(job, type):
+            if not issubclass(job, Job) or job.__sa_jobs_options__ is None:
+                raise ConfigurationError(f"Periodic job= takes a job kind, a job row or a factory, not {job!r}")
+            # Build one row now: bad args fail at declaration, not at 9 am.
+            job(**dict(self.args or {}))
+            if self.name is None:
+                object.__setattr__(self, "name", job.__sa_jobs_options__.kind)
+        elif isinstance(job, Job):
+            if self.args is not None:
+                raise ConfigurationError("Periodic(args=...) goes with a job kind, not with a job row")
+        elif callable(job):
+            if self.args is not None:
+                raise ConfigurationError("Periodic(args=...) goes with a job kind, not with a factory")
+        else:
+            raise ConfigurationError(f"Periodic job= takes a job kind, a job row or a factory, not {job!r}")
+        if self.name is None:
+            raise ConfigurationError("Periodic(name=...) is required unless job= is a job kind")
+        _validate.kind_name(self.name)
+        if type(self.catch_up) is not bool:
+            raise ConfigurationError("catch_up must be a bool")
+        if type(self.max_catch_up) is not int or not 1 <= self.max_catch_up <= 10_000:
+            raise ConfigurationError(f"max_catch_up must be an int in 1..10000, not {self.max_catch_up!r}")
+
+    def build(self) -> Job:
+        """A fresh job row for one slot."""
+        job = self.job
+        if isinstance(job, type):
+            return job(**dict(self.args or {}))
+        if isinstance(job, Job):
+            return job
+        built = job()
+        if not isinstance(built, Job) or type(built).__sa_jobs_options__ is None:
+            raise ConfigurationError(f"the factory of periodic job {self.name!r} returned {built!r}, not a job row")
+        return built
+
+    def due_slots(self, last_slot: dt.datetime, now: dt.datetime) -> list[dt.datetime]:
+        """Slots in ``(last_slot, now]``, oldest first: all of them (at most
+        ``max_catch_up``, the most recent) with catch-up, else only the most recent."""
+        from croniter import croniter
+
+        limit = self.max_catch_up if self.catch_up else 1
+        # get_prev() is strictly before its start: start a microsecond past now so a slot
+        # exactly at now is due.
+        it = croniter(self.cron, now.astimezone(self._tz) + dt.timedelta(microseconds=1))
+        slots: list[dt.datetime] = []
+        while len(slots) < limit:
+            slot = it.get_prev(dt.datetime)
+            if slot <= last_slot:
+                break
+            slots.append(slot)
+        return slots[::-1]
+
+    def latest_slot(self, now: dt.datetime) -> dt.datetime:
+        from croniter import croniter
+
+        return croniter(self.cron, now.astimezone(self._tz) + dt.timedelta(microseconds=1)).get_prev(dt.datetime)
+
+    def unique_key(self, slot: dt.datetime) -> str:
+        return "periodic:" + self.name + ":" + slot.astimezone(dt.timezone.utc).isoformat()
+
+
+_INSERT_JOB = (
+    "INSERT INTO {jobs} (kind, queue, args, state, priority, max_attempts, tags, meta, scheduled_at,"
+    " unique_key, unique_states)"
+    " VALUES (%(kind)s, %(queue)s, %(args)s::jsonb, %(state)s, %(priority)s, %(max_attempts)s, %(tags)s,"
+    " %(meta)s::jsonb, coalesce(%(scheduled_at)s::timestamptz, now()), %(unique_key)s, %(unique_states)s)"
+    " ON CONFLICT (kind, unique_key) WHERE {predicate} DO NOTHING RETURNING id"
+)
+
+
+class PeriodicJobs:
+    """The leader-only maintenance service that fires :class:`Periodic` declarations:
+    ``Worker(..., maintenance=[PeriodicJobs([...])])``."""
+
+    name = "periodic"
+    leader_only = True
+
+    def __init__(self, periodics: Sequence[Periodic]) -> None:
+        periodics = list(periodics)
+        names: set[str] = set()
+        for p in periodics:
+            if not isinstance(p, Periodic):
+                raise ConfigurationError(f"PeriodicJobs takes Periodic declarations, not {p!r}")
+            if p.name in names:
+                raise ConfigurationError(f"two periodic jobs are named {p.name!r}; names must be unique")
+            names.add(p.name)  # type: ignore[arg-type]
+        self.periodics = periodics
+        self._sql: dict[str, dict[str, sql.Composed]] = {}
+
+    def _statements(self, schema: str) -> dict[str, sql.Composed]:
+        found = self._sql.get(schema)
+        if found is None:
+            jobs = sql.Identifier(schema, JOBS_TABLE)
+            table = sql.Identifier(schema, PERIODIC_TABLE)
+            found = self._sql[schema] = {
+                "now": sql.SQL("SELECT now()"),
+                "register": sql.SQL(
+                    "INSERT INTO {} (name, last_slot) VALUES (%(name)s, %(slot)s)"
+                    " ON CONFLICT (name) DO NOTHING RETURNING name"
+                ).format(table),
+                "lock": sql.SQL("SELECT last_slot FROM {} WHERE name = %(name)s FOR UPDATE").format(table),
+                "advance": sql.SQL(
+                    "UPDATE {} SET last_slot = %(slot)s, updated_at = now() WHERE name = %(name)s"
+                ).format(table),
+                "insert": sql.SQL(_INSERT_JOB).format(jobs=jobs, predicate=sql.SQL(UNIQUE_PREDICATE)),
+            }
+        return found
+
+    async def run_once(self, conn: Any, queries: Any) -> None:
+        statements = self._statements(queries.schema)
+        for periodic in self.periodics:
+            try:
+                await self.fire(conn, statements, periodic)
+            except psycopg.Error:
+                raise  # the maintainer reconnects and retries
+            except Exception:  # noqa: BLE001 - a broken factory is the user's bug
+                # It must not stop the other schedules (or cost leadership); its
+                # transaction rolled back, so its slot stays due and is retried next tick.
+                log.exception("periodic job %r could not be built; retrying next tick", periodic.name)
+
+    async def fire(self, conn: Any, statements: Mapping[str, sql.Composed], periodic: Periodic) -> list[int]:
+        """Enqueue ``periodic``'s due slots in one transaction; the new job ids."""
+        async with conn.transaction():
+            now = (await (await conn.execute(statements["now"])).fetchone())[0]
+            name = {"name": periodic.name}
+            cur = await conn.execute(statements["register"], {**name, "slot": periodic.latest_slot(now)})
+            if await cur.fetchone() is not None:
+                return []  # first sighting: the schedule starts at its next slot
+            last_slot = (await (await conn.execute(statements["lock"], name)).fetchone())[0]
+            slots = periodic.due_slots(last_slot, now)
+            ids: list[int] = []
+            for slot in slots:
+                cur = await conn.execute(statements["insert"], self._params(periodic, slot))
+                row = await cur.fetchone()
+                if row is not None:
+                    ids.append(row[0])
+            if slots:
+                await conn.execute(statements["advance"], {**name, "slot": slots[-1]})
+                skipped = "" if periodic.catch_up else " (missed slots before it skipped)"
+                log.info("periodic %r: enqueued %d job(s) for %d slot(s), last %s%s", periodic.name, len(ids),
+                         len(slots), slots[-1].isoformat(), skipped if len(slots) == 1 else "")
+            return ids
+
+    @staticmethod
+    def _params(periodic: Periodic, slot: dt.datetime) -> dict[str, Any]:
+        from .enqueue import _row_of
+
+        job = periodic.build()
+        kind, queue, args, state, priority, max_attempts, tags, meta, scheduled_at = _row_of(job)
+        meta_dict = json.loads(meta)
+        meta_dict.update(periodic=periodic.name, slot=slot.isoformat())
+        return {
+            "kind": kind, "queue": queue, "args": args, "state": state, "priority": priority,
+            "max_attempts": max_attempts, "tags": tags, "meta": json.dumps(meta_dict),
+            "scheduled_at": scheduled_at, "unique_key": periodic.unique_key(slot),
+            "unique_states": list(ALL_STATES),
+        }
+
+
+def collect(modules: Sequence[Any]) -> list[Periodic]:
+    """The ``SA_JOBS_PERIODIC`` declarations of imported modules (for ``sa-jobs worker``)."""
+    found: list[Periodic] = []
+    for module in modules:
+        declared = getattr(module, "SA_JOBS_PERIODIC", None)
+        if declared is None:
+            continue
+        if isinstance(declared, Periodic):
+            declared = [declared]
+        for p in declared:
+            if not isinstance(p, Periodic):
+                raise ConfigurationError(f"{module.__name__}.SA_JOBS_PERIODIC holds {p!r}, not a Periodic")
+            found.append(p)
+    return found

@@ -1,0 +1,230 @@
+"""Periodic (cron) jobs: validated at declaration, fired by the leader, each slot exactly once.
+
+This module is also imported by the worker subprocesses of the leader-change test
+(``sa-jobs worker tests.test_periodic``), which pick up ``SA_JOBS_PERIODIC`` below.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import time
+from zoneinfo import ZoneInfo
+
+import anyio
+import psycopg
+import pytest
+from psycopg import sql
+
+from sa_jobs import ConfigurationError, InvalidArgsError, Job, JobContext
+from sa_jobs._url import to_conninfo
+from sa_jobs.periodic import Periodic, PeriodicJobs
+from sa_jobs.queries import Queries
+
+from .helpers import jobs_sql, q, wait_for
+
+
+class PerTick(Job, kind="per_tick", queue="periodic_q"):
+    pass
+
+
+@PerTick.handler
+def per_tick(ctx: JobContext, **args: object) -> None:
+    return None
+
+
+# Every second, catching up missed seconds: the worker processes of the leader-change test.
+SA_JOBS_PERIODIC = [Periodic("* * * * * *", PerTick, args={"src": "cron"}, name="every_second", catch_up=True)]
+
+
+UTC = dt.timezone.utc
+
+
+def test_invalid_declarations_fail_at_construction():
+    with pytest.raises(ConfigurationError, match="cron"):
+        Periodic("61 * * * *", PerTick)
+    with pytest.raises(ConfigurationError, match="cron"):
+        Periodic("every day", PerTick)
+    with pytest.raises(ConfigurationError, match="time zone"):
+        Periodic("0 9 * * *", PerTick, timezone="Mars/Olympus")
+    with pytest.raises(ConfigurationError, match="name"):
+        Periodic("0 9 * * *", lambda: PerTick())
+    with pytest.raises(InvalidArgsError):
+        Periodic("0 9 * * *", PerTick, args={"when": dt.datetime.now()})
+    with pytest.raises(ConfigurationError):
+        Periodic("0 9 * * *", PerTick, name="bad name")
+    with pytest.raises(ConfigurationError, match="unique"):
+        PeriodicJobs([Periodic("0 9 * * *", PerTick), Periodic("0 10 * * *", PerTick)])
+
+
+def test_slots_in_a_time_zone_across_dst():
+    p = Periodic("0 9 * * *", PerTick, timezone="Europe/Paris", catch_up=True)
+    paris = ZoneInfo("Europe/Paris")
+    # 9:00 Paris is 08:00 UTC before the spring change (31 March 2024) and 07:00 UTC after.
+    slots = p.due_slots(dt.datetime(2024, 3, 29, 12, tzinfo=UTC), dt.datetime(2024, 4, 1, 12, tzinfo=UTC))
+    assert [s.astimezone(UTC).hour for s in slots] == [8, 7, 7]
+    assert all(s.astimezone(paris).hour == 9 for s in slots)
+    # A slot exactly at now is due; one at last_slot is not.
+    at = dt.datetime(2024, 4, 1, 7, tzinfo=UTC)
+    assert p.due_slots(at - dt.timedelta(days=1), at) == [at.astimezone(paris)]
+    assert p.due_slots(at, at) == []
+    # Without catch-up only the latest missed slot is due; with it, at most max_catch_up.
+    plain = Periodic("*/5 * * * *", PerTick, name="five")
+    start, end = dt.datetime(2024, 1, 1, tzinfo=UTC), dt.datetime(2024, 1, 1, 1, tzinfo=UTC)
+    assert plain.due_slots(start, end) == [end]
+    bounded = Periodic("*/5 * * * *", PerTick, name="five_b", catch_up=True, max_catch_up=3)
+    assert [s.minute for s in bounded.due_slots(start, end)] == [50, 55, 0]
+
+
+def _fire(database_url: str, schema: str, periodic: Periodic, connections: int = 1) -> list[list[int]]:
+    service = PeriodicJobs([periodic])
+    statements = service._statements(schema)
+
+    async def main() -> list[list[int]]:
+        conns = [await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) for _ in range(connections)]
+        results: list[list[int]] = [[] for _ in conns]
+        try:
+            async def one(i: int) -> None:
+                results[i] = await service.fire(conns[i], statements, periodic)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(connections):
+                    tg.start_soon(one, i)
+        finally:
+            for c in conns:
+                await c.close()
+        return results
+
+    return anyio.run(main)
+
+
+def _set_last_slot(database_url: str, schema: str, name: str, ago: str) -> None:
+    q(database_url, sql.SQL("UPDATE {} SET last_slot = date_trunc('minute', now()) - %s::interval WHERE name = %s").format(
+        sql.Identifier(schema, "periodic")), (ago, name))
+
+
+def _periodic_jobs(database_url: str, schema: str) -> list[tuple[int, str, str]]:
+    return q(database_url, jobs_sql(schema, "SELECT id, meta->>'periodic', meta->>'slot' FROM {jobs}"
+                                            " WHERE meta ? 'periodic' ORDER BY (meta->>'slot')::timestamptz"))
+
+
+def test_first_sighting_registers_then_catch_up_is_bounded(database_url, schema):
+    p = Periodic("* * * * *", PerTick, args={"n": 1}, name="minutely", catch_up=True, max_catch_up=5)
+    assert _fire(database_url, schema, p) == [[]]  # registered; starts at the next slot
+    _set_last_slot(database_url, schema, "minutely", "10 minutes")
+    [ids] = _fire(database_url, schema, p)
+    assert len(ids) == 5
+    rows = _periodic_jobs(database_url, schema)
+    slots = [dt.datetime.fromisoformat(r[2]) for r in rows]
+    assert all((b - a) == dt.timedelta(minutes=1) for a, b in zip(slots, slots[1:]))
+    assert _fire(database_url, schema, p) == [[]]  # nothing newly due
+    kinds = q(database_url, jobs_sql(schema, "SELECT DISTINCT kind, args, unique_states FROM {jobs}"))
+    assert kinds == [("per_tick", {"n": 1}, ["scheduled", "available", "running", "completed", "retryable", "dead", "cancelled"])]
+
+
+def test_without_catch_up_only_the_latest_missed_slot_fires(database_url, schema):
+    p = Periodic("* * * * *", PerTick, name="latest_only")
+    _fire(database_url, schema, p)
+    _set_last_slot(database_url, schema, "latest_only", "10 minutes")
+    [ids] = _fire(database_url, schema, p)
+    assert len(ids) == 1
+
+
+def test_the_unique_key_is_a_second_guarantee(database_url, schema):
+    """Even if last_slot is rewound (a restored backup, a bug), a fired slot never fires again."""
+    p = Periodic("* * * * *", PerTick, name="rewound", catch_up=True, max_catch_up=3)
+    _fire(database_url, schema, p)
+    _set_last_slot(database_url, schema, "rewound", "3 minutes")
+    [first] = _fire(database_url, schema, p)
+    assert len(first) == 3
+    # The jobs ran to completion meanwhile: every state keeps a periodic key.
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now()"))
+    _set_last_slot(database_url, schema, "rewound", "3 minutes")
+    assert _fire(database_url, schema, p) == [[]]
+    assert len(_periodic_jobs(database_url, schema)) == 3
+
+
+def test_concurrent_leaders_fire_each_slot_once(database_url, schema):
+    """A frozen ex-leader and the new one fire at the same time: the row lock serialises them."""
+    p = Periodic("* * * * *", PerTick, name="raced", catch_up=True, max_catch_up=20)
+    _fire(database_url, schema, p)
+    _set_last_slot(database_url, schema, "raced", "15 minutes")
+    results = _fire(database_url, schema, p, connections=6)
+    assert sorted(len(r) for r in results)[-1] == 15 and sum(len(r) for r in results) == 15
+    rows = _periodic_jobs(database_url, schema)
+    assert len(rows) == len({r[2] for r in rows}) == 15
+
+
+def test_a_broken_factory_does_not_stop_other_schedules(database_url, schema, caplog):
+    def broken() -> Job:
+        raise RuntimeError("factory bug")
+
+    bad = Periodic("* * * * *", broken, name="broken")
+    good = Periodic("* * * * *", PerTick, name="good")
+    service = PeriodicJobs([bad, good])
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
+            await service.run_once(conn, Queries.for_schema(schema))  # registers both
+            for name in ("broken", "good"):
+                _set_last_slot(database_url, schema, name, "2 minutes")
+            await service.run_once(conn, Queries.for_schema(schema))
+
+    anyio.run(main)
+    rows = _periodic_jobs(database_url, schema)
+    assert [r[1] for r in rows] == ["good"]
+    assert "factory bug" in caplog.text
+
+
+def _maintainer_connected(database_url: str, pid: int) -> bool:
+    """Whether process ``pid`` has its maintainer connection open (matched by client port)."""
+    import psutil
+
+    try:
+        ports = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="inet") if c.raddr}
+    except psutil.Error:
+        return False
+    rows = q(database_url, "SELECT client_port FROM pg_stat_activity WHERE application_name = 'sa_jobs:maintainer'")
+    return any(r[0] in ports for r in rows)
+
+
+def test_two_workers_and_a_leader_change_enqueue_every_slot_exactly_once(database_url, schema):
+    """Worker processes (sa-jobs worker tests.test_periodic) fire an every-second schedule;
+    the leader is SIGKILLed and the other takes over: every slot from the first to the last
+    is enqueued exactly once (catch-up fills the failover gap)."""
+    from .conftest import start_worker_process
+
+    extra = ("--maintenance-interval", "0.2", "--poll-interval", "0.2", "--lease", "4", "--shutdown-grace", "2")
+    env = {"SA_JOBS_DATABASE_URL": database_url}
+    a = start_worker_process(database_url, schema, "tests.test_periodic", *extra, env=env)
+    b = None
+    try:
+        assert wait_for(lambda: len(_periodic_jobs(database_url, schema)) >= 3, 30), "the leader fired nothing"
+        b = start_worker_process(database_url, schema, "tests.test_periodic", *extra, env=env)
+        # b's maintainer is connected: it is running and can take over.
+        assert wait_for(lambda: _maintainer_connected(database_url, b.pid), 30)
+        before_kill = len(_periodic_jobs(database_url, schema))
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        killed_at = q(database_url, "SELECT now()")[0][0]
+
+        def fired_after_kill() -> bool:
+            rows = _periodic_jobs(database_url, schema)
+            return len(rows) > before_kill and dt.datetime.fromisoformat(rows[-1][2]) > killed_at + dt.timedelta(seconds=2)
+
+        assert wait_for(fired_after_kill, 30), "no worker took over the schedule"
+        b.send_signal(signal.SIGTERM)
+        b.wait(20)
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    rows = _periodic_jobs(database_url, schema)
+    slots = [dt.datetime.fromisoformat(r[2]) for r in rows]
+    assert len(slots) == len(set(slots)), "a slot was enqueued twice"
+    gaps = [(x, y) for x, y in zip(slots, slots[1:]) if y - x != dt.timedelta(seconds=1)]
+    assert gaps == [], "a slot was skipped"
+    assert slots[-1] - slots[0] >= dt.timedelta(seconds=4)
