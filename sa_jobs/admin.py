@@ -232,3 +232,166 @@ def resume_queue(session: Any, queue: str) -> None:
 def paused_queues(session: Any) -> list[str]:
     table = _queues_table(session)
     return list(session.scalars(select(table.c.name).where(table.c.paused).order_by(table.c.name)))
+
+
+# ---- operator queries: list, show, delete, queue overview (sa-jobs jobs/queues/dead) -------
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> "dt.timedelta":
+    """``"90s"``, ``"15m"``, ``"12h"``, ``"7d"``, ``"2w"`` (or a plain number of seconds)."""
+    import datetime as dt
+    import re
+
+    from .errors import ConfigurationError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text or "")
+    if match is None:
+        raise ConfigurationError(f"invalid age {text!r}: use a number with a unit, such as 90s, 15m, 12h, 7d or 2w")
+    return dt.timedelta(seconds=float(match.group(1)) * _AGE_UNITS[match.group(2) or "s"])
+
+
+def check_state(state: str) -> str:
+    from .errors import ConfigurationError
+    from .states import ALL_STATES
+
+    if state not in ALL_STATES:
+        raise ConfigurationError(f"invalid state {state!r}: use one of {', '.join(ALL_STATES)}")
+    return state
+
+
+def check_job_id(value: Any) -> int:
+    if type(value) is not int or value < 1:
+        raise JobNotFoundError(f"job ids are positive integers, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs an operator command acts on; every given field must match.
+
+    ``older_than`` / ``newer_than`` compare the job's ``created_at`` with the database clock.
+    """
+
+    ids: Sequence[int] = ()
+    queues: Sequence[str] = ()
+    kinds: Sequence[str] = ()
+    states: Sequence[str] = ()
+    older_than: Optional[Any] = None  # timedelta
+    newer_than: Optional[Any] = None  # timedelta
+
+    def __post_init__(self) -> None:
+        from . import _validate
+
+        for i in self.ids:
+            check_job_id(i)
+        for name in self.queues:
+            _validate.queue_name(name)
+        for name in self.kinds:
+            _validate.kind_name(name)
+        for state in self.states:
+            check_state(state)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.ids or self.queues or self.kinds or self.states or self.older_than or self.newer_than)
+
+    def where(self) -> list[Any]:
+        c = _jobs.c
+        clauses: list[Any] = []
+        if self.ids:
+            clauses.append(c.id.in_(list(self.ids)))
+        if self.queues:
+            clauses.append(c.queue.in_(list(self.queues)))
+        if self.kinds:
+            clauses.append(c.kind.in_(list(self.kinds)))
+        if self.states:
+            clauses.append(c.state.in_(list(self.states)))
+        if self.older_than is not None:
+            clauses.append(c.created_at < func.now() - self.older_than)
+        if self.newer_than is not None:
+            clauses.append(c.created_at >= func.now() - self.newer_than)
+        return clauses
+
+
+LIST_COLUMNS = ("id", "kind", "queue", "state", "attempt", "max_attempts", "priority", "created_at",
+                "scheduled_at", "finished_at")
+
+
+def list_jobs(session: Any, where: JobFilter = JobFilter(), *, limit: int = 50) -> list[dict[str, Any]]:
+    """Jobs matching ``where``, newest first, as plain dicts (plus ``error``: the last error's first line)."""
+    from .errors import ConfigurationError
+
+    if type(limit) is not int or not 1 <= limit <= 100_000:
+        raise ConfigurationError(f"limit must be an int in 1..100000, not {limit!r}")
+    last_error = _jobs.c.errors[-1]["error"].astext
+    stmt = (
+        select(*(_jobs.c[name] for name in LIST_COLUMNS), last_error.label("error"))
+        .where(*where.where())
+        .order_by(_jobs.c.id.desc())
+        .limit(limit)
+    )
+    rows = []
+    for row in session.execute(stmt).mappings():
+        item = dict(row)
+        if item["error"]:
+            item["error"] = item["error"].splitlines()[0][:120]
+        rows.append(item)
+    return rows
+
+
+def show_job(session: Any, job_id: int) -> dict[str, Any]:
+    """Every column of job ``job_id``."""
+    check_job_id(job_id)
+    row = session.execute(select(_jobs).where(_jobs.c.id == job_id)).mappings().one_or_none()
+    if row is None:
+        raise JobNotFoundError(f"no job {job_id}")
+    return dict(row)
+
+
+def matching_ids(session: Any, where: JobFilter, *, limit: Optional[int] = None) -> list[int]:
+    """Ids of the jobs matching ``where``, oldest first."""
+    stmt = select(_jobs.c.id).where(*where.where()).order_by(_jobs.c.id)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(session.scalars(stmt))
+
+
+DELETABLE_STATES = ("scheduled", "available", "retryable", "completed", "dead", "cancelled")
+
+
+def delete_many(session: Any, job_ids: Iterable[int]) -> list[int]:
+    """Delete jobs that are not running (cancel a running job first); returns the ids deleted.
+
+    Rows another transaction holds (a worker claiming them) are skipped, not waited for.
+    """
+    from sqlalchemy import delete
+
+    ids = [check_job_id(int(i)) for i in job_ids]
+    if not ids:
+        return []
+    target = (
+        select(_jobs.c.id).where(_jobs.c.id.in_(ids), _jobs.c.state.in_(DELETABLE_STATES))
+        .with_for_update(skip_locked=True).cte("target")
+    )
+    stmt = delete(_jobs).where(_jobs.c.id == target.c.id).returning(_jobs.c.id)
+    return sorted(row[0] for row in session.execute(stmt))
+
+
+def queue_overview(session: Any) -> list[dict[str, Any]]:
+    """One row per queue (with jobs, or with settings): job count per state and paused."""
+    from .states import ALL_STATES
+
+    table = _queues_table(session)
+    counts: dict[str, dict[str, Any]] = {}
+    for queue, state, n in session.execute(
+        select(_jobs.c.queue, _jobs.c.state, func.count()).group_by(_jobs.c.queue, _jobs.c.state)
+    ):
+        counts.setdefault(queue, {s: 0 for s in ALL_STATES})[state] = n
+    paused = dict(session.execute(select(table.c.name, table.c.paused)).all())
+    rows = []
+    for name in sorted(set(counts) | set(paused)):
+        per_state = counts.get(name, {s: 0 for s in ALL_STATES})
+        rows.append({"queue": name, **per_state, "paused": bool(paused.get(name, False))})
+    return rows

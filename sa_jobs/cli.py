@@ -1,4 +1,10 @@
-"""The ``sa-jobs`` command line: worker, migrate, retry, demo."""
+"""The ``sa-jobs`` command line: worker, migrate, retry, check, demo, and the operator's
+commands: jobs list|show|retry|cancel|delete, queues [pause|resume], dead replay, prune.
+
+Operator commands print a table by default and JSON with ``--json``; bad ids, states,
+queue and kind names and ages are refused with one clear line (exit 2); ids that exist
+but are not in a state the action accepts are reported on stderr (exit 1).
+"""
 
 from __future__ import annotations
 
@@ -123,16 +129,25 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_retry(args: argparse.Namespace) -> int:
+def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from sqlalchemy import create_engine
+
+    from . import _validate
+    from ._url import sqlalchemy_url
+
+    schema = _validate.schema_name(args.schema)
+    engine = create_engine(sqlalchemy_url(_database_url(args)))
+    if schema != schema_mod.DEFAULT_SCHEMA:
+        engine = engine.execution_options(schema_translate_map={schema_mod.DEFAULT_SCHEMA: schema})
+    return engine
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
-    from ._url import sqlalchemy_url
     from .admin import retry_many
 
-    engine = create_engine(sqlalchemy_url(_database_url(args)))
-    if args.schema != schema_mod.DEFAULT_SCHEMA:
-        engine = engine.execution_options(schema_translate_map={schema_mod.DEFAULT_SCHEMA: args.schema})
+    engine = _engine(args)
     with Session(engine) as session, session.begin():
         done = retry_many(session, args.ids)
     missing = sorted(set(args.ids) - set(done))
@@ -162,6 +177,357 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         logging.getLogger("sa_jobs").setLevel(logging.WARNING)
 
     return run_demo(args.database_url or database_url_from_env(), metrics_port=args.metrics_port)
+
+
+# ---- operator commands ---------------------------------------------------------------
+
+
+def _json_default(value: object) -> object:
+    import datetime as dt
+    import uuid
+
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _print_json(value: object) -> None:
+    import json
+
+    print(json.dumps(value, default=_json_default, indent=2, sort_keys=False))
+
+
+def _cell(value: object) -> str:
+    import datetime as dt
+
+    if value is None:
+        return "-"
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """Rows as an aligned text table; numbers right-aligned."""
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(r.get(c), int) and not isinstance(r.get(c), bool) for r in rows) and rows for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line([c.upper() for c in columns]), *(line(row) for row in cells)])
+
+
+class Progress:
+    """A progress bar on stderr for long bulk operations (on a terminal, or when forced)."""
+
+    def __init__(self, label: str, enabled: Optional[bool] = None, width: int = 30) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.width = width
+        self._shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        fraction = 1.0 if total <= 0 else min(1.0, done / total)
+        filled = int(round(fraction * self.width))
+        bar = "#" * filled + "." * (self.width - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} {fraction:4.0%}")
+        sys.stderr.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _filter(args: argparse.Namespace, ids: Sequence[int] = ()):  # type: ignore[no-untyped-def]
+    from .admin import JobFilter
+
+    return JobFilter(
+        ids=tuple(ids), queues=tuple(args.queue or ()), kinds=tuple(args.kind or ()),
+        states=tuple(args.state or ()), older_than=args.older_than, newer_than=args.newer_than,
+    )
+
+
+def _cmd_jobs_list(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from .admin import list_jobs
+
+    with Session(_engine(args)) as session:
+        rows = list_jobs(session, _filter(args), limit=args.limit)
+    if args.json:
+        _print_json(rows)
+    elif rows:
+        print(format_table(rows, ("id", "kind", "queue", "state", "attempt", "max_attempts", "created_at",
+                                  "finished_at", "error")))
+    else:
+        print("no jobs match", file=sys.stderr)
+    return 0
+
+
+def _cmd_jobs_show(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from .admin import show_job
+
+    with Session(_engine(args)) as session:
+        row = show_job(session, args.id)
+    if args.json:
+        _print_json(row)
+        return 0
+    import json
+
+    width = max(len(k) for k in row)
+    for key, value in row.items():
+        if isinstance(value, (dict, list)):
+            text = json.dumps(value, default=_json_default, indent=2)
+            if key == "errors" and value:
+                text = "\n".join(f"#{e.get('attempt')} {e.get('at', '')}: {e.get('error')}" for e in value)
+            text = text.replace("\n", "\n" + " " * (width + 2))
+        else:
+            text = _cell(value)
+        print(f"{key.ljust(width)}  {text}")
+    return 0
+
+
+_BULK = 1000  # ids per transaction in bulk actions
+
+
+def _bulk(args: argparse.Namespace, verb: str, action) -> int:  # type: ignore[no-untyped-def]
+    """Apply ``action(session, ids) -> done ids`` to the given ids or the filter's matches,
+    ``_BULK`` ids per transaction, with a progress bar; report what was not done."""
+    from sqlalchemy.orm import Session
+
+    from .admin import matching_ids
+
+    where = _filter(args, args.ids)
+    if where.empty:
+        raise ConfigurationError(f"jobs {verb}: give job ids or at least one filter (--queue, --kind, --state, --older-than)")
+    engine = _engine(args)
+    with Session(engine) as session:
+        ids = list(args.ids) if args.ids and not (args.queue or args.kind or args.state or args.older_than or args.newer_than) \
+            else matching_ids(session, where, limit=args.limit)
+    requested = list(dict.fromkeys(ids))
+    done: list[int] = []
+    progress = Progress(f"{verb} ", args.progress)
+    progress(0, len(requested))
+    for start in range(0, len(requested), args.batch):
+        chunk = requested[start:start + args.batch]
+        with Session(engine) as session, session.begin():
+            done.extend(action(session, chunk))
+        progress(start + len(chunk), len(requested))
+    progress.close()
+    missing = sorted(set(requested) - set(done))
+    if args.json:
+        _print_json({verb: sorted(done), "not_" + verb: missing})
+    else:
+        print(f"{len(done)} job(s) {verb}")
+        for job_id in missing:
+            print(f"job {job_id}: not {verb} (no such job, or not in a state that allows it)", file=sys.stderr)
+    return 1 if missing and args.ids else 0
+
+
+def _cmd_jobs_retry(args: argparse.Namespace) -> int:
+    from .admin import retry_many
+
+    return _bulk(args, "retried", retry_many)
+
+
+def _cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    from .admin import cancel_many
+
+    return _bulk(args, "cancelled", lambda session, ids: list(cancel_many(session, ids)))
+
+
+def _cmd_jobs_delete(args: argparse.Namespace) -> int:
+    from .admin import delete_many
+
+    return _bulk(args, "deleted", delete_many)
+
+
+def _cmd_dead_replay(args: argparse.Namespace) -> int:
+    if not args.kind and not args.all_kinds:
+        raise ConfigurationError("dead replay: give --kind KIND (repeatable) or --all-kinds")
+    args.state = ["dead"]
+    args.ids = []
+    from .admin import retry_many
+
+    return _bulk(args, "replayed", retry_many)
+
+
+def _cmd_queues(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from .admin import queue_overview
+    from .states import ALL_STATES
+
+    with Session(_engine(args)) as session:
+        rows = queue_overview(session)
+    if args.json:
+        _print_json(rows)
+    elif rows:
+        print(format_table(rows, ("queue", *ALL_STATES, "paused")))
+    else:
+        print("no queues yet", file=sys.stderr)
+    return 0
+
+
+def _cmd_queue_pause(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from .admin import set_queue_paused
+
+    paused = args.queue_action == "pause"
+    with Session(_engine(args)) as session, session.begin():
+        set_queue_paused(session, args.name, paused)
+    if args.json:
+        _print_json({"queue": args.name, "paused": paused})
+    else:
+        print(f"queue {args.name}: {'paused' if paused else 'resumed'}")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from ._url import to_conninfo
+    from .maintenance.pruner import prune
+    from .states import FINISHED_STATES
+
+    states = args.state or list(FINISHED_STATES)
+    ages = {s: args.older_than for s in states}
+    progress = Progress("pruning ", args.progress)
+    result = prune(to_conninfo(_database_url(args)), args.schema, ages, batch=args.batch, progress=progress,
+                   dry_run=args.dry_run)
+    progress.close()
+    verb = "would delete" if args.dry_run else "deleted"
+    if args.json:
+        _print_json({"dry_run": args.dry_run, "deleted": result})
+    else:
+        for state, n in result.items():
+            print(f"{state}: {verb} {n} job(s)")
+    return 0
+
+
+def _arg_type(check):  # type: ignore[no-untyped-def]
+    """An argparse type from a validator that raises SaJobsError: a clear usage error."""
+
+    def convert(value: str):  # type: ignore[no-untyped-def]
+        try:
+            return check(value)
+        except SaJobsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(check, "__name__", "value")
+    return convert
+
+
+def _job_id(value: str) -> int:
+    from .admin import check_job_id
+
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid job id {value!r}: job ids are positive integers") from None
+    try:
+        return check_job_id(number)
+    except SaJobsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value!r}")
+    return number
+
+
+def _add_operator_commands(sub, common) -> None:  # type: ignore[no-untyped-def]
+    from . import _validate
+    from .admin import check_state, parse_age
+    from .states import FINISHED_STATES
+
+    state_t, queue_t, kind_t, age_t = (_arg_type(check_state), _arg_type(_validate.queue_name),
+                                       _arg_type(_validate.kind_name), _arg_type(parse_age))
+
+    def output(p: argparse.ArgumentParser) -> None:
+        common(p)
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def filters(p: argparse.ArgumentParser, *, states: bool = True) -> None:
+        p.add_argument("--queue", action="append", type=queue_t, metavar="NAME", help="only this queue (repeatable)")
+        p.add_argument("--kind", action="append", type=kind_t, metavar="KIND", help="only this kind (repeatable)")
+        if states:
+            p.add_argument("--state", action="append", type=state_t, metavar="STATE", help="only this state (repeatable)")
+        p.add_argument("--older-than", type=age_t, metavar="AGE", help="created longer ago than AGE (90s, 15m, 12h, 7d, 2w)")
+        p.add_argument("--newer-than", type=age_t, metavar="AGE", help="created within AGE")
+
+    def bulk(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--limit", type=_positive_int, help="act on at most N matching jobs (oldest first)")
+        p.add_argument("--batch", type=_positive_int, default=_BULK, help=f"jobs per transaction (default {_BULK})")
+        p.add_argument("--progress", action="store_true", default=None, help="show a progress bar even off a terminal")
+
+    jobs = sub.add_parser("jobs", help="list, show, retry, cancel or delete jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    ls = jsub.add_parser("list", help="jobs matching the filters, newest first")
+    output(ls)
+    filters(ls)
+    ls.add_argument("--limit", type=_positive_int, default=50, help="at most N rows (default 50)")
+    ls.set_defaults(func=_cmd_jobs_list)
+    show = jsub.add_parser("show", help="every column of one job")
+    output(show)
+    show.add_argument("id", type=_job_id, metavar="JOB_ID")
+    show.set_defaults(func=_cmd_jobs_show)
+    for name, func, text in (
+        ("retry", _cmd_jobs_retry, "make jobs available now (dead, cancelled, completed, retryable, scheduled)"),
+        ("cancel", _cmd_jobs_cancel, "cancel queued or running jobs"),
+        ("delete", _cmd_jobs_delete, "delete jobs that are not running"),
+    ):
+        p = jsub.add_parser(name, help=text)
+        output(p)
+        p.add_argument("ids", nargs="*", type=_job_id, metavar="JOB_ID")
+        filters(p)
+        bulk(p)
+        p.set_defaults(func=func)
+
+    queues = sub.add_parser("queues", help="jobs per state and paused, per queue; pause or resume a queue")
+    output(queues)
+    qsub = queues.add_subparsers(dest="queue_action")
+    for action in ("pause", "resume"):
+        p = qsub.add_parser(action, help=f"{action} a queue for every worker")
+        output(p)
+        p.add_argument("name", type=queue_t, metavar="NAME")
+        p.set_defaults(func=_cmd_queue_pause)
+    queues.set_defaults(func=_cmd_queues)
+
+    dead = sub.add_parser("dead", help="dead jobs in bulk")
+    dsub = dead.add_subparsers(dest="dead_command", required=True)
+    replay = dsub.add_parser("replay", help="replay dead jobs of a kind, in batches")
+    output(replay)
+    filters(replay, states=False)
+    replay.add_argument("--all-kinds", action="store_true", help="replay dead jobs of every kind")
+    bulk(replay)
+    replay.set_defaults(func=_cmd_dead_replay, newer_than=None)
+
+    prune = sub.add_parser("prune", help="delete finished jobs older than an age, in batches")
+    output(prune)
+    prune.add_argument("--older-than", type=age_t, required=True, metavar="AGE", help="finished longer ago than AGE")
+    prune.add_argument("--state", action="append", choices=FINISHED_STATES,
+                       help="completed, cancelled or dead (repeatable; default all three)")
+    prune.add_argument("--batch", type=_positive_int, default=5000, help="rows per DELETE (default 5000)")
+    prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    prune.add_argument("--progress", action="store_true", default=None, help="show a progress bar even off a terminal")
+    prune.set_defaults(func=_cmd_prune)
 
 
 def _positive_float(value: str) -> float:
@@ -207,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="report drift between the installed schema and the expected one")
     common(c)
     c.set_defaults(func=_cmd_check)
+
+    _add_operator_commands(sub, common)
 
     d = sub.add_parser("demo", help="enqueue in a transaction and run a worker (embedded Postgres by default)")
     d.add_argument("--database-url", help="use this server instead of an embedded one")

@@ -1,0 +1,170 @@
+"""Retention: delete finished jobs (completed, cancelled, dead) once they are old enough.
+
+``Pruner(completed=timedelta(days=7), dead=timedelta(days=30))`` is a leader-only
+maintenance service (``Worker(maintenance=[Pruner(...)])`` or ``SA_JOBS_MAINTENANCE``);
+:func:`prune` does the same once, for ``sa-jobs prune``.
+
+Each batch is one autocommit statement that locks at most ``batch`` finished rows
+(``FOR UPDATE SKIP LOCKED``, so a row an operator is replaying is skipped, not waited
+for), found oldest first through ``jobs_finished_idx (finished_at) WHERE state IN
+('completed', 'cancelled', 'dead')``; no statement ever holds more than one batch of row
+locks, and unfinished rows are outside its predicate, so they are never touched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any, Callable, Mapping, Optional
+
+from psycopg import sql
+
+from .. import _validate
+from ..errors import ConfigurationError
+from ..schema import JOBS_TABLE
+from ..states import FINISHED_STATES
+
+log = logging.getLogger("sa_jobs.maintenance")
+
+DEFAULT_BATCH = 5000
+
+_DELETE = (
+    "WITH doomed AS MATERIALIZED ("
+    " SELECT id FROM {jobs} WHERE state = %(state)s AND finished_at < now() - make_interval(secs => %(age)s)"
+    " ORDER BY finished_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+    " DELETE FROM {jobs} AS j USING doomed WHERE j.id = doomed.id AND j.state = %(state)s"
+)
+_COUNT = "SELECT count(*) FROM {jobs} WHERE state = %(state)s AND finished_at < now() - make_interval(secs => %(age)s)"
+
+
+def delete_statement(schema: str) -> sql.Composed:
+    return sql.SQL(_DELETE).format(jobs=sql.Identifier(_validate.schema_name(schema), JOBS_TABLE))
+
+
+def count_statement(schema: str) -> sql.Composed:
+    return sql.SQL(_COUNT).format(jobs=sql.Identifier(_validate.schema_name(schema), JOBS_TABLE))
+
+
+def _seconds(value: Any, what: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    elif type(value) in (int, float):
+        seconds = float(value)
+    else:
+        raise ConfigurationError(f"{what} must be a timedelta (or seconds), not {value!r}")
+    if not seconds >= 0:
+        raise ConfigurationError(f"{what} must not be negative, not {value!r}")
+    return seconds
+
+
+def _check_batch(batch: object) -> int:
+    if type(batch) is not int or not 1 <= batch <= 1_000_000:
+        raise ConfigurationError(f"batch must be an int in 1..1000000, not {batch!r}")
+    return batch
+
+
+def retention_ages(ages: Mapping[str, Any]) -> dict[str, float]:
+    """Validate {state: age}; only finished states can be pruned."""
+    result: dict[str, float] = {}
+    for state, age in ages.items():
+        if state not in FINISHED_STATES:
+            raise ConfigurationError(
+                f"cannot prune state {state!r}: only finished states ({', '.join(FINISHED_STATES)}) are pruned"
+            )
+        seconds = _seconds(age, state)
+        if seconds is not None:
+            result[state] = seconds
+    return result
+
+
+class Pruner:
+    """Leader-only retention service. ``None`` keeps a state forever.
+
+    Every ``interval`` seconds it deletes, per state, rows finished longer ago than that
+    state's age, in batches of ``batch``, at most ``max_batches`` per state per run (the
+    rest waits for the next run, so one run never holds the maintenance loop for long).
+    """
+
+    name = "pruner"
+    leader_only = True
+
+    def __init__(
+        self,
+        *,
+        completed: Optional[dt.timedelta] = dt.timedelta(days=7),
+        cancelled: Optional[dt.timedelta] = dt.timedelta(days=7),
+        dead: Optional[dt.timedelta] = dt.timedelta(days=30),
+        batch: int = DEFAULT_BATCH,
+        max_batches: int = 20,
+        interval: float = 60.0,
+    ) -> None:
+        self.ages = retention_ages({"completed": completed, "cancelled": cancelled, "dead": dead})
+        self.batch = _check_batch(batch)
+        if type(max_batches) is not int or max_batches < 1:
+            raise ConfigurationError(f"max_batches must be a positive int, not {max_batches!r}")
+        self.max_batches = max_batches
+        interval_s = _seconds(interval, "interval")
+        assert interval_s is not None
+        self.interval = interval_s
+        self._next_run = 0.0
+        self.deleted: dict[str, int] = {s: 0 for s in self.ages}  # totals since start
+        self._statement: dict[str, str] = {}
+
+    async def run_once(self, conn: Any, queries: Any) -> None:
+        if time.monotonic() < self._next_run:
+            return
+        stmt = self._statement.get(queries.schema)
+        if stmt is None:
+            stmt = self._statement[queries.schema] = delete_statement(queries.schema).as_string()
+        for state, age in self.ages.items():
+            for _ in range(self.max_batches):
+                cur = await conn.execute(stmt, {"state": state, "age": age, "limit": self.batch})
+                self.deleted[state] += cur.rowcount
+                if cur.rowcount:
+                    log.info("pruned %d %s job(s)", cur.rowcount, state)
+                if cur.rowcount < self.batch:
+                    break
+        self._next_run = time.monotonic() + self.interval
+
+
+def prune(
+    conninfo: str,
+    schema: str,
+    ages: Mapping[str, Any],
+    *,
+    batch: int = DEFAULT_BATCH,
+    progress: Optional[Callable[[int, int], None]] = None,
+    dry_run: bool = False,
+) -> dict[str, int]:
+    """Delete finished jobs older than ``ages[state]`` now, batch by batch (each batch its
+    own transaction); returns {state: rows deleted} (or, with ``dry_run``, rows that would be).
+
+    ``progress(done, total)`` is called after each batch.
+    """
+    import psycopg
+
+    checked = retention_ages(ages)
+    _check_batch(batch)
+    delete, count = delete_statement(schema), count_statement(schema)
+    result: dict[str, int] = {}
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        totals = {s: conn.execute(count, {"state": s, "age": a}).fetchone()[0] for s, a in checked.items()}
+        if dry_run:
+            return totals
+        total, done = sum(totals.values()), 0
+        if progress is not None:
+            progress(0, total)
+        for state, age in checked.items():
+            result[state] = 0
+            while True:
+                cur = conn.execute(delete, {"state": state, "age": age, "limit": batch})
+                result[state] += cur.rowcount
+                done += cur.rowcount
+                if progress is not None:
+                    progress(done, max(total, done))
+                if cur.rowcount < batch:
+                    break
+    return result

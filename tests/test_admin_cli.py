@@ -1,0 +1,155 @@
+"""sa-jobs jobs|queues|dead|prune: the operator's commands against a real queue."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sa_jobs import cli
+
+from .conftest import REPO_ROOT
+from .helpers import jobs_sql, q
+
+
+def run(capsys, database_url, schema, *argv):
+    """Run the CLI in-process; (exit code, stdout, stderr). Usage errors exit 2."""
+    try:
+        code = cli.main([*argv, "--database-url", database_url, "--schema", schema])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def seeded(database_url, schema):
+    """Jobs in every interesting state, in two queues and three kinds."""
+    insert = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, args, attempt, created_at, errors, claim_token,"
+                              " lease_expires_at) VALUES (%s, %s, %s, '{{}}', %s, now() - %s::interval, %s::jsonb,"
+                              " CASE WHEN %s = 'running' THEN gen_random_uuid() END,"
+                              " CASE WHEN %s = 'running' THEN now() + interval '1 hour' END)")
+    rows = [
+        ("mail", "emails", "available", 0, "1 minute", None, "[]"),
+        ("mail", "emails", "dead", 3, "3 days", "now", '[{"attempt": 3, "error": "SMTPError: refused\\nmore"}]'),
+        ("mail", "emails", "dead", 3, "1 hour", "now", '[{"attempt": 3, "error": "SMTPError: timeout"}]'),
+        ("report", "default", "completed", 1, "10 days", "old", "[]"),
+        ("report", "default", "running", 1, "1 minute", None, "[]"),
+        ("resize", "media", "dead", 5, "2 days", "now", "[]"),
+    ]
+    for kind, queue, state, attempt, age, finished, errors in rows:
+        finished_sql = {"now": "now()", "old": "now() - interval '9 days'", None: None}[finished]
+        q(database_url, insert, (kind, queue, state, attempt, age, errors, state, state))
+        if finished_sql:
+            q(database_url, jobs_sql(schema, "UPDATE {jobs} SET finished_at = " + finished_sql + " WHERE id = (SELECT max(id) FROM {jobs})"))
+    return [r[0] for r in q(database_url, jobs_sql(schema, "SELECT id FROM {jobs} ORDER BY id"))]
+
+
+def test_jobs_list_table_and_json_with_filters(capsys, database_url, schema, seeded):
+    code, out, _ = run(capsys, database_url, schema, "jobs", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["ID", "KIND", "QUEUE", "STATE"] and len(lines) == 7
+    assert "SMTPError: refused" in out and "more" not in out  # the last error's first line
+    code, out, _ = run(capsys, database_url, schema, "jobs", "list", "--json", "--kind", "mail", "--state", "dead")
+    rows = json.loads(out)
+    assert [r["id"] for r in rows] == [seeded[2], seeded[1]]  # newest first
+    code, out, _ = run(capsys, database_url, schema, "jobs", "list", "--json", "--state", "dead", "--older-than", "1d")
+    assert sorted(r["id"] for r in json.loads(out)) == [seeded[1], seeded[5]]
+    code, out, _ = run(capsys, database_url, schema, "jobs", "list", "--json", "--queue", "media", "--newer-than", "1w")
+    assert [r["kind"] for r in json.loads(out)] == ["resize"]
+
+
+def test_jobs_show(capsys, database_url, schema, seeded):
+    code, out, _ = run(capsys, database_url, schema, "jobs", "show", str(seeded[1]))
+    assert code == 0 and "SMTPError: refused" in out and "emails" in out
+    code, out, _ = run(capsys, database_url, schema, "jobs", "show", str(seeded[1]), "--json")
+    job = json.loads(out)
+    assert job["id"] == seeded[1] and job["state"] == "dead" and job["errors"][0]["attempt"] == 3
+    code, _, err = run(capsys, database_url, schema, "jobs", "show", "999999")
+    assert code == 2 and "no job 999999" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("jobs", "show", "abc"), "invalid job id 'abc'"),
+        (("jobs", "show", "0"), "positive integers"),
+        (("jobs", "list", "--state", "done"), "invalid state 'done'"),
+        (("jobs", "list", "--queue", "bad queue"), "invalid queue name"),
+        (("jobs", "list", "--kind", "1;drop"), "invalid kind name"),
+        (("jobs", "list", "--older-than", "yesterday"), "invalid age 'yesterday'"),
+        (("jobs", "delete",), "give job ids or at least one filter"),
+        (("dead", "replay",), "--kind"),
+        (("queues", "pause", "no spaces"), "invalid queue name"),
+        (("prune", "--older-than", "7d", "--state", "running"), "invalid choice: 'running'"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_error(capsys, database_url, schema, argv, message):
+    code, _, err = run(capsys, database_url, schema, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_retry_cancel_delete_by_id_report_what_was_not_done(capsys, database_url, schema, seeded):
+    available, dead1, dead2, completed, running, dead3 = seeded
+    code, out, err = run(capsys, database_url, schema, "jobs", "retry", str(dead1), str(running))
+    assert code == 1 and "1 job(s) retried" in out and f"job {running}: not retried" in err
+    code, out, _ = run(capsys, database_url, schema, "jobs", "cancel", str(available), "--json")
+    assert code == 0 and json.loads(out) == {"cancelled": [available], "not_cancelled": []}
+    code, out, err = run(capsys, database_url, schema, "jobs", "delete", str(completed), str(running), "999999")
+    assert code == 1 and "1 job(s) deleted" in out and f"job {running}" in err and "job 999999" in err
+    states = dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}")))
+    assert states[dead1] == "available" and states[available] == "cancelled"
+    assert completed not in states and states[running] == "running"
+
+
+def test_delete_by_filter_with_progress_bar(capsys, database_url, schema, seeded):
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, finished_at) SELECT 'bulk', 'b', 'completed', now()"
+                                     " FROM generate_series(1, 250)"))
+    code, out, err = run(capsys, database_url, schema, "jobs", "delete", "--kind", "bulk", "--batch", "100", "--progress")
+    assert code == 0 and "250 job(s) deleted" in out
+    assert "250/250" in err and "100/250" in err and "[" in err
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE kind = 'bulk'")) == [(0,)]
+
+
+def test_dead_replay_in_bulk(capsys, database_url, schema, seeded):
+    code, out, _ = run(capsys, database_url, schema, "dead", "replay", "--kind", "mail", "--json")
+    assert code == 0 and json.loads(out)["replayed"] == [seeded[1], seeded[2]]
+    rows = q(database_url, jobs_sql(schema, "SELECT id, state, max_attempts >= attempt + 1 FROM {jobs} WHERE kind = 'mail' ORDER BY id"))
+    assert [(r[1], r[2]) for r in rows] == [("available", True)] * 3
+    code, out, _ = run(capsys, database_url, schema, "dead", "replay", "--all-kinds", "--older-than", "1d")
+    assert code == 0 and "1 job(s) replayed" in out  # the resize job
+
+
+def test_queues_overview_pause_resume(capsys, database_url, schema, seeded):
+    code, out, _ = run(capsys, database_url, schema, "queues", "pause", "emails")
+    assert code == 0 and "queue emails: paused" in out
+    code, out, _ = run(capsys, database_url, schema, "queues", "--json")
+    rows = {r["queue"]: r for r in json.loads(out)}
+    assert rows["emails"]["paused"] is True and rows["emails"]["dead"] == 2 and rows["emails"]["available"] == 1
+    assert rows["default"]["running"] == 1 and rows["default"]["paused"] is False
+    code, out, _ = run(capsys, database_url, schema, "queues")
+    assert out.splitlines()[0].split()[:3] == ["QUEUE", "SCHEDULED", "AVAILABLE"] and "yes" in out
+    code, out, _ = run(capsys, database_url, schema, "queues", "resume", "emails", "--json")
+    assert json.loads(out) == {"queue": "emails", "paused": False}
+
+
+def test_prune_command(capsys, database_url, schema, seeded):
+    code, out, _ = run(capsys, database_url, schema, "prune", "--older-than", "7d", "--dry-run")
+    assert code == 0 and "completed: would delete 1 job(s)" in out
+    code, out, _ = run(capsys, database_url, schema, "prune", "--older-than", "7d", "--state", "completed", "--json")
+    assert json.loads(out) == {"dry_run": False, "deleted": {"completed": 1}}
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(5,)]
+
+
+def test_the_installed_command_runs(database_url, schema, seeded):
+    """The console entry point end to end, as an operator types it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sa_jobs", "jobs", "list", "--state", "dead", "--json",
+         "--database-url", database_url, "--schema", schema],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 3
