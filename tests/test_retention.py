@@ -1,0 +1,181 @@
+"""Retention: the leader prunes finished rows per state after their age, in bounded batches."""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+import threading
+import time
+
+import anyio
+import psycopg
+import pytest
+
+from sa_jobs import ConfigurationError, Job, JobContext
+from sa_jobs._url import to_conninfo
+from sa_jobs.maintenance.pruner import Pruner, delete_statement, prune, retention_ages
+from sa_jobs.queries import Queries
+
+from .helpers import jobs_sql, q, run_worker_until, wait_for
+
+
+class RetNoop(Job, kind="ret_noop", queue="ret"):
+    pass
+
+
+@RetNoop.handler
+def ret_noop(ctx: JobContext) -> None:
+    return None
+
+
+def _seed(database_url: str, schema: str, state: str, n: int, finished_ago: str | None, created_ago: str = "0") -> None:
+    q(database_url, jobs_sql(
+        schema,
+        "INSERT INTO {jobs} (kind, state, finished_at, created_at)"
+        " SELECT 'ret_seed', %s, now() - %s::interval, now() - %s::interval FROM generate_series(1, %s)"
+        if finished_ago is not None else
+        "INSERT INTO {jobs} (kind, state, created_at) SELECT 'ret_seed', %s, now() - %s::interval FROM generate_series(1, %s)",
+    ), (state, finished_ago, created_ago, n) if finished_ago is not None else (state, created_ago, n))
+
+
+def _counts(database_url: str, schema: str) -> dict[str, int]:
+    return dict(q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY state")))
+
+
+def test_worker_prunes_each_state_after_its_age_and_never_unfinished_rows(database_url, schema):
+    _seed(database_url, schema, "completed", 450, "2 hours")
+    _seed(database_url, schema, "completed", 7, "10 minutes")
+    _seed(database_url, schema, "cancelled", 30, "2 hours")
+    _seed(database_url, schema, "dead", 40, "2 hours")  # dead is kept for a day
+    _seed(database_url, schema, "dead", 5, "3 days")
+    _seed(database_url, schema, "available", 20, None, "30 days")
+    _seed(database_url, schema, "scheduled", 10, None, "30 days")
+    # Old unfinished rows, even with a stale finished_at, are outside the prune predicate.
+    _seed(database_url, schema, "retryable", 3, "30 days", "30 days")
+    # Not due, so the scheduler leaves them where they are.
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET scheduled_at = now() + interval '1 day'"
+                                     " WHERE state IN ('scheduled', 'retryable')"))
+    pruner = Pruner(completed=dt.timedelta(hours=1), cancelled=dt.timedelta(hours=1), dead=dt.timedelta(days=1),
+                    batch=100, interval=0.1)
+    expected = {"completed": 7, "dead": 40, "available": 20, "scheduled": 10, "retryable": 3}
+    run_worker_until(database_url, schema, [RetNoop], lambda: _counts(database_url, schema) == expected,
+                     timeout=30, maintenance=[pruner])
+    assert _counts(database_url, schema) == expected
+    assert pruner.deleted == {"completed": 450, "cancelled": 30, "dead": 5}
+
+
+def test_one_run_is_bounded_and_skips_locked_rows(database_url, schema):
+    _seed(database_url, schema, "completed", 100, "2 days")
+    pruner = Pruner(completed=dt.timedelta(days=1), cancelled=None, dead=None, batch=10, max_batches=3, interval=0)
+    holder = psycopg.connect(to_conninfo(database_url))
+    try:
+        # An operator's transaction holds the oldest row: pruning skips it instead of waiting.
+        held = holder.execute(jobs_sql(schema, "SELECT id FROM {jobs} ORDER BY finished_at, id LIMIT 1 FOR UPDATE")).fetchone()[0]
+
+        async def main() -> float:
+            async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
+                started = time.monotonic()
+                with anyio.fail_after(10):
+                    await pruner.run_once(conn, Queries.for_schema(schema))
+                return time.monotonic() - started
+
+        elapsed = anyio.run(main)
+        assert pruner.deleted == {"completed": 30} and elapsed < 5
+        assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE id = %s"), (held,)) == [(1,)]
+    finally:
+        holder.rollback()
+        holder.close()
+    assert _counts(database_url, schema) == {"completed": 70}
+
+
+def test_prune_function_reports_progress(database_url, schema):
+    _seed(database_url, schema, "dead", 25, "40 days")
+    _seed(database_url, schema, "completed", 12, "8 days")
+    _seed(database_url, schema, "completed", 4, "1 day")
+    calls: list[tuple[int, int]] = []
+    conninfo = to_conninfo(database_url)
+    ages = {"completed": dt.timedelta(days=7), "dead": dt.timedelta(days=30)}
+    assert prune(conninfo, schema, ages, dry_run=True) == {"completed": 12, "dead": 25}
+    result = prune(conninfo, schema, ages, batch=10, progress=lambda d, t: calls.append((d, t)))
+    assert result == {"completed": 12, "dead": 25}
+    assert calls[0] == (0, 37) and calls[-1] == (37, 37) and len(calls) >= 5
+    assert _counts(database_url, schema) == {"completed": 4}
+
+
+def test_prune_uses_the_finished_index(database_url, schema):
+    _seed(database_url, schema, "available", 2000, None)
+    _seed(database_url, schema, "completed", 2000, "10 days")
+    q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        stmt = delete_statement(schema).as_string()
+        plan = conn.execute("EXPLAIN " + stmt, {"state": "completed", "age": 86400.0, "limit": 100}).fetchall()
+    assert "jobs_finished_idx" in "\n".join(r[0] for r in plan)
+
+
+def test_invalid_retention_settings():
+    with pytest.raises(ConfigurationError, match="only finished states"):
+        retention_ages({"running": dt.timedelta(days=1)})
+    with pytest.raises(ConfigurationError):
+        Pruner(completed=dt.timedelta(days=-1))
+    with pytest.raises(ConfigurationError):
+        Pruner(completed="7d")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        Pruner(batch=0)
+    assert Pruner.leader_only is True
+
+
+@pytest.mark.slow
+def test_prune_one_million_rows(database_url, schema):
+    """Measurement for docs/queue-control.md: 1M rows (900k completed + 50k dead to prune,
+    50k available to keep) pruned in batches of 5000 while a claimer keeps claiming."""
+    t0 = time.monotonic()
+    _seed(database_url, schema, "completed", 900_000, "10 days")
+    _seed(database_url, schema, "dead", 50_000, "40 days")
+    _seed(database_url, schema, "available", 50_000, None)
+    q(database_url, jobs_sql(schema, "VACUUM ANALYZE {jobs}"))
+    seeded = time.monotonic() - t0
+    conninfo = to_conninfo(database_url)
+    stop = threading.Event()
+    claim_latencies: list[float] = []
+
+    def claimer() -> None:
+        # The claim's shape (SKIP LOCKED on available rows), rolled back each time.
+        with psycopg.connect(conninfo) as conn:
+            stmt = jobs_sql(schema, "SELECT id FROM {jobs} WHERE state = 'available' ORDER BY queue, priority,"
+                                    " scheduled_at, id LIMIT 10 FOR UPDATE SKIP LOCKED")
+            while not stop.is_set():
+                started = time.perf_counter()
+                conn.execute(stmt).fetchall()
+                conn.rollback()
+                claim_latencies.append(time.perf_counter() - started)
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=claimer)
+    thread.start()
+    batch_times: list[float] = []
+    started = time.monotonic()
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            stmt = delete_statement(schema)
+            for state, age in (("completed", 7 * 86400.0), ("dead", 30 * 86400.0)):
+                while True:
+                    t = time.perf_counter()
+                    n = conn.execute(stmt, {"state": state, "age": age, "limit": 5000}).rowcount
+                    batch_times.append(time.perf_counter() - t)
+                    if n < 5000:
+                        break
+    finally:
+        total = time.monotonic() - started
+        stop.set()
+        thread.join(30)
+    assert _counts(database_url, schema) == {"available": 50_000}
+    batch_times.sort()
+    claim_latencies.sort()
+    print(
+        f"\nseed 1M rows: {seeded:.1f}s; pruned 950000 rows in {len(batch_times)} batches of 5000:"
+        f" total {total:.1f}s, {950_000 / total:.0f} rows/s;"
+        f" batch p50 {statistics.median(batch_times) * 1000:.0f} ms,"
+        f" p95 {batch_times[int(len(batch_times) * 0.95)] * 1000:.0f} ms, max {batch_times[-1] * 1000:.0f} ms;"
+        f" concurrent claims: {len(claim_latencies)}, p50 {statistics.median(claim_latencies) * 1000:.1f} ms,"
+        f" max {claim_latencies[-1] * 1000:.1f} ms"
+    )
