@@ -44,7 +44,11 @@ def _walk(value: Any, path: str) -> None:
     # Exact types only: subclasses (enums, numpy scalars, bool-likes) would round-trip as
     # something else, and the job would run with args its caller never wrote.
     t = type(value)
-    if value is None or t is str or t is bool or t is int:
+    if t is str:
+        if "\x00" in value:
+            raise InvalidArgsError(f"args{path} contains a NUL character, which PostgreSQL text cannot hold")
+        return
+    if value is None or t is bool or t is int:
         return
     if t is float:
         if not math.isfinite(value):
@@ -54,6 +58,8 @@ def _walk(value: Any, path: str) -> None:
         for key, item in value.items():
             if type(key) is not str:
                 raise InvalidArgsError(f"args{path} has a key {key!r} that is not a string")
+            if "\x00" in key:
+                raise InvalidArgsError(f"args{path} has a key with a NUL character")
             _walk(item, f"{path}[{key!r}]")
         return
     if t is list or t is tuple:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
-from sqlalchemy import func, literal, select, update
+from sqlalchemy import case, func, literal, select, update
 
 from .errors import JobNotFoundError
 from .model import Job
@@ -22,8 +22,8 @@ REPLAYABLE_STATES = ("dead", "cancelled", "completed", "retryable", "scheduled")
 def retry(session: Any, job_id: int) -> int:
     """Make a finished (dead, cancelled, completed) or waiting job available now.
 
-    A replay grants exactly one more attempt: ``max_attempts`` becomes at least
-    ``attempt + 1``. Returns the job's id; raises :class:`JobNotFoundError` if no job
+    A replay of a dead job grants exactly one more attempt (``max_attempts`` becomes
+    ``attempt + 1``); other states keep their budget, with at least one attempt left. Returns the job's id; raises :class:`JobNotFoundError` if no job
     with that id is in a replayable state (a running job cannot be retried).
     """
     if type(job_id) is not int or job_id < 1:
@@ -46,7 +46,12 @@ def retry_many(session: Any, job_ids: Iterable[int]) -> Sequence[int]:
             state="available",
             scheduled_at=func.now(),
             finished_at=None,
-            max_attempts=func.greatest(_jobs.c.max_attempts, _jobs.c.attempt + 1),
+            # A dead job gets exactly one more attempt (also one discarded early); others
+            # keep their budget, raised if needed so that at least one attempt is left.
+            max_attempts=case(
+                (_jobs.c.state == "dead", _jobs.c.attempt + 1),
+                else_=func.greatest(_jobs.c.max_attempts, _jobs.c.attempt + 1),
+            ),
         )
         .returning(_jobs.c.id)
     )

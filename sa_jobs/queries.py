@@ -22,6 +22,41 @@ CLAIM_COLUMNS = (
 )
 
 
+# Outcome statements, with ``{p}`` as the prefix of their parameter names so that the
+# completer can join all three into one statement (see ``flush_outcomes``).
+_COMPLETE = (
+    "UPDATE {{jobs}} AS j SET state = 'completed', finished_at = now(),"
+    " lease_expires_at = NULL, result = u.result::jsonb"
+    " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[], %({p}results)s::text[])"
+    " AS u(id, token, result)"
+    " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+)
+# Every unsuccessful end, by target state per row: retryable (backoff), dead, cancelled
+# (by the handler), or scheduled (a snooze, which refunds the attempt). Errors are
+# appended only when given.
+_FINISH = (
+    "UPDATE {{jobs}} AS j SET state = u.target,"
+    " finished_at = CASE WHEN u.target IN ('dead', 'cancelled') THEN now() END,"
+    " scheduled_at = CASE WHEN u.target IN ('retryable', 'scheduled')"
+    "  THEN now() + make_interval(secs => u.delay) ELSE j.scheduled_at END,"
+    " attempt = CASE WHEN u.target = 'scheduled' THEN greatest(j.attempt - 1, 0) ELSE j.attempt END,"
+    " lease_expires_at = NULL,"
+    " errors = CASE WHEN u.error IS NULL THEN j.errors"
+    "  ELSE j.errors || jsonb_build_array(u.error::jsonb || jsonb_build_object('at', now())) END"
+    " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[], %({p}targets)s::text[],"
+    "  %({p}errors)s::text[], %({p}delays)s::float8[]) AS u(id, token, target, error, delay)"
+    " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+)
+# Shutdown gives claimed-but-unfinished jobs back at once; the interrupted attempt is
+# not the job's fault, so it is not counted.
+_RELEASE = (
+    "UPDATE {{jobs}} AS j SET state = 'available', attempt = greatest(j.attempt - 1, 0),"
+    " scheduled_at = now(), lease_expires_at = NULL"
+    " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[]) AS u(id, token)"
+    " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+)
+
+
 def cancel_channel_name(schema: str = DEFAULT_SCHEMA) -> str:
     """Channel on which cancelling a running job is announced; the payload is the job id."""
     return f"{_validate.schema_name(schema)}_jobs_cancelled"
@@ -44,6 +79,7 @@ class Queries:
     complete_many: str
     finish_many: str
     release_many: str
+    flush_outcomes: str
     heartbeat_many: str
     rescue_expired: str
     promote_due: str
@@ -81,39 +117,17 @@ class Queries:
             ),
             # Outcomes are fenced by (id, claim_token, state): a worker whose lease was
             # taken over changes nothing. Each runs for a whole batch via unnest.
-            complete_many=r(
-                "UPDATE {jobs} AS j SET state = 'completed', finished_at = now(),"
-                " lease_expires_at = NULL, result = u.result::jsonb"
-                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(results)s::text[])"
-                " AS u(id, token, result)"
-                " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
-                " RETURNING j.id"
-            ),
-            # Every unsuccessful end in one statement, by target state per row:
-            # retryable (backoff), dead, cancelled (by the handler), or scheduled (a
-            # snooze, which refunds the attempt). Errors are appended only when given.
-            finish_many=r(
-                "UPDATE {jobs} AS j SET state = u.target,"
-                " finished_at = CASE WHEN u.target IN ('dead', 'cancelled') THEN now() END,"
-                " scheduled_at = CASE WHEN u.target IN ('retryable', 'scheduled')"
-                "  THEN now() + make_interval(secs => u.delay) ELSE j.scheduled_at END,"
-                " attempt = CASE WHEN u.target = 'scheduled' THEN greatest(j.attempt - 1, 0) ELSE j.attempt END,"
-                " lease_expires_at = NULL,"
-                " errors = CASE WHEN u.error IS NULL THEN j.errors"
-                "  ELSE j.errors || jsonb_build_array(u.error::jsonb || jsonb_build_object('at', now())) END"
-                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(targets)s::text[],"
-                "  %(errors)s::text[], %(delays)s::float8[]) AS u(id, token, target, error, delay)"
-                " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
-                " RETURNING j.id"
-            ),
-            # Shutdown gives claimed-but-unfinished jobs back at once; the interrupted
-            # attempt is not the job's fault, so it is not counted.
-            release_many=r(
-                "UPDATE {jobs} AS j SET state = 'available', attempt = greatest(j.attempt - 1, 0),"
-                " scheduled_at = now(), lease_expires_at = NULL"
-                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS u(id, token)"
-                " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
-                " RETURNING j.id"
+            complete_many=r(_COMPLETE.format(p="") + " RETURNING j.id"),
+            finish_many=r(_FINISH.format(p="") + " RETURNING j.id"),
+            release_many=r(_RELEASE.format(p="") + " RETURNING j.id"),
+            # The completer's flush: all three as data-modifying CTEs of ONE statement,
+            # so a batch costs one round trip and lands (or fails) as a unit. A job has
+            # one outcome, so no row is touched by two of them.
+            flush_outcomes=r(
+                "WITH c AS (" + _COMPLETE.format(p="c_") + " RETURNING 1),"
+                " f AS (" + _FINISH.format(p="f_") + " RETURNING 1),"
+                " r AS (" + _RELEASE.format(p="r_") + " RETURNING 1)"
+                " SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM f), (SELECT count(*) FROM r)"
             ),
             # Progress rides along: a handler's progress report costs no round trip.
             heartbeat_many=r(

@@ -169,6 +169,8 @@ def test_options_override_defaults(engine):
         {"x": math.inf},
         {"nested": {1: "int key"}},
         {"obj": object()},
+        {"text": "nul \x00 inside"},
+        {"nested": {"key\x00": 1}},
     ],
 )
 def test_unserialisable_args_fail_at_construction(engine, args):

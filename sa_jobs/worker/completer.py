@@ -116,33 +116,20 @@ class Completer:
         complete = [o for o in batch if o.action == "complete"]
         finish = [o for o in batch if o.action == "finish"]
         release = [o for o in batch if o.action == "release"]
-        # One transaction for the whole flush: the batch lands or is retried as a unit.
-        async with conn.transaction():
-            if complete:
-                await conn.execute(
-                    self._q.complete_many,
-                    {
-                        "ids": [o.job.id for o in complete],
-                        "tokens": [o.job.token for o in complete],
-                        "results": [o.result_json for o in complete],
-                    },
-                    prepare=True,
-                )
-            if finish:
-                await conn.execute(
-                    self._q.finish_many,
-                    {
-                        "ids": [o.job.id for o in finish],
-                        "tokens": [o.job.token for o in finish],
-                        "targets": [o.target for o in finish],
-                        "errors": [o.error_json for o in finish],
-                        "delays": [o.delay for o in finish],
-                    },
-                    prepare=True,
-                )
-            if release:
-                await conn.execute(
-                    self._q.release_many,
-                    {"ids": [o.job.id for o in release], "tokens": [o.job.token for o in release]},
-                    prepare=True,
-                )
+        # One statement, one round trip, atomic: the batch lands or is retried as a unit.
+        await conn.execute(
+            self._q.flush_outcomes,
+            {
+                "c_ids": [o.job.id for o in complete],
+                "c_tokens": [o.job.token for o in complete],
+                "c_results": [o.result_json for o in complete],
+                "f_ids": [o.job.id for o in finish],
+                "f_tokens": [o.job.token for o in finish],
+                "f_targets": [o.target for o in finish],
+                "f_errors": [o.error_json for o in finish],
+                "f_delays": [o.delay for o in finish],
+                "r_ids": [o.job.id for o in release],
+                "r_tokens": [o.job.token for o in release],
+            },
+            prepare=True,
+        )

@@ -61,9 +61,10 @@ class Heartbeat:
             self._observer.heartbeat_ok()
             return
         try:
-            conn = await self._conn.get()
-            # A beat that hangs (half-open socket) must not outlive the lease it protects.
+            # A beat that hangs (half-open socket, or a server that cannot be reached) must
+            # not outlive the lease it protects: the reconnect is inside the deadline too.
             with anyio.fail_after(min(self._conn.timeout, max(self._interval, 1.0))):
+                conn = await self._conn.get()
                 cur = await conn.execute(
                     self._q.heartbeat_many,
                     {

@@ -66,7 +66,7 @@ def test_failure_sequences(db, rel_url, rel_schema, rel_engine):
             assert low - 1e-3 <= delay <= high + 1e-3, (attempt, delay, low, high)
         # Replay every dead job once: exactly one more attempt.
         # Replay the jobs that died of exhaustion (attempt == max_attempts); early deaths
-        # (Discard) are covered by the xfail test below.
+        # (Discard) are covered by the test below.
         dead = {i: (rows[i][1], plan) for i, (plan, _) in zip(ids, specs)
                 if rows[i][0] == "dead" and rows[i][1] == rows[i][2]}
         if dead:
@@ -83,9 +83,6 @@ def test_failure_sequences(db, rel_url, rel_schema, rel_engine):
     scenario()
 
 
-@pytest.mark.xfail(strict=True, reason="replay of a job that died before max_attempts (Discard, unknown kind) grants "
-                   "max_attempts - attempt more attempts, not exactly one: admin.retry_many uses "
-                   "greatest(max_attempts, attempt + 1)")
 def test_replay_of_discarded_job_adds_exactly_one_attempt(db, rel_url, rel_schema, rel_engine):
     with Session(rel_engine) as session, session.begin():
         job = RelPlan(plan=["discard"]).options(max_attempts=3)
