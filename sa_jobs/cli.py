@@ -505,7 +505,10 @@ def _add_operator_commands(sub, common) -> None:  # type: ignore[no-untyped-def]
     qsub = queues.add_subparsers(dest="queue_action")
     for action in ("pause", "resume"):
         p = qsub.add_parser(action, help=f"{action} a queue for every worker")
-        output(p)
+        # SUPPRESS: options given before the action (`queues --json pause X`) must survive.
+        p.add_argument("--database-url", default=argparse.SUPPRESS, help=f"PostgreSQL URL (default: ${ENV_VAR})")
+        p.add_argument("--schema", default=argparse.SUPPRESS, help="Postgres schema of the queue")
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
         p.add_argument("name", type=queue_t, metavar="NAME")
         p.set_defaults(func=_cmd_queue_pause)
     queues.set_defaults(func=_cmd_queues)

@@ -132,7 +132,7 @@ def test_queues_overview_pause_resume(capsys, database_url, schema, seeded):
     assert rows["default"]["running"] == 1 and rows["default"]["paused"] is False
     code, out, _ = run(capsys, database_url, schema, "queues")
     assert out.splitlines()[0].split()[:3] == ["QUEUE", "SCHEDULED", "AVAILABLE"] and "yes" in out
-    code, out, _ = run(capsys, database_url, schema, "queues", "resume", "emails", "--json")
+    code, out, _ = run(capsys, database_url, schema, "queues", "--json", "resume", "emails")
     assert json.loads(out) == {"queue": "emails", "paused": False}
 
 
