@@ -38,7 +38,7 @@ PEER_PINS = {
     "chancy": ["chancy==0.26.0"],
 }
 OBAN_PIN = ["oban==0.7.0", "psycopg[binary]"]
-ALL_PEERS = ("pgqueuer", "procrastinate", "chancy", "oban")
+ALL_PEERS = ("pgqueuer", "procrastinate", "chancy", "oban", "plain")
 
 TARGETS = {
     "drain_4_procs_jobs_per_s": 16_000, "drain_1_proc_jobs_per_s": 12_000,
@@ -113,13 +113,17 @@ def make_venv(base_python: str, path: Path, packages: list[str]) -> str:
 def peer_systems(peers: list[str], tmp: Path, peer_python: Optional[str], oban_python: Optional[str],
                  skipped: dict[str, str]) -> list[System]:
     systems = []
-    wanted = [p for p in peers if p != "oban"]
+    wanted = [p for p in peers if p not in ("oban", "plain")]
     if wanted:
         py = peer_python or make_venv(sys.executable, tmp / "peers-venv", [x for p in wanted for x in PEER_PINS[p]])
         for p in wanted:
             if p == "pgqueuer":
                 systems += [System("pgqueuer (asyncpg)", "peer_pgqueuer", py, variant="asyncpg"),
                             System("pgqueuer (psycopg)", "peer_pgqueuer", py, variant="psycopg")]
+            elif p == "chancy":
+                # chancy fetches once per queue polling_interval (an int, >= 1 s) while a backlog
+                # waits: a drain runs at most C jobs per worker per second, so it drains a quarter.
+                systems.append(System(p, f"peer_{p}", py, drain_scale=0.25))
             else:
                 systems.append(System(p, f"peer_{p}", py))
     if "oban" in peers:
@@ -130,6 +134,9 @@ def peer_systems(peers: list[str], tmp: Path, peer_python: Optional[str], oban_p
             if not oban_python:
                 py312 = make_venv(py312, tmp / "oban-venv", OBAN_PIN)
             systems.append(System("oban", "peer_oban", py312))
+    if "plain" in peers:  # our own ~60-line baseline on psycopg, in this environment
+        systems.append(System("plain psycopg, claim 100 + batched ack (the limit)", "plain", sys.executable,
+                              skip=("latency",)))
     return systems
 
 
@@ -155,6 +162,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--peer-python", help="reuse a Python that already has the 3.11 peers installed")
     ap.add_argument("--oban-python", help="reuse a Python >= 3.12 that already has oban installed")
     a = ap.parse_args(argv)
+    import signal
+
+    def _term(signum, frame):  # SIGTERM: stop the private cluster and the workers on the way out
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _term)
     mode = a.mode or "quick"
     cfg = dict(MODES[mode])
     if a.runs:
@@ -213,6 +226,7 @@ def _write(path: Path, result: dict) -> None:
 
 def run_system(cluster: Cluster, s: System, res: dict, cfg: dict, only: set[str], peer: bool) -> None:
     runs = cfg["runs"]
+    only = only - set(s.skip)
     if "enqueue" in only:
         res["enqueue"] = {}
         for mode, key in (("single", "enq_single"), ("batch", "enq_batch"), ("bulk", "enq_bulk")):
@@ -222,7 +236,7 @@ def run_system(cluster: Cluster, s: System, res: dict, cfg: dict, only: set[str]
                                           ("jobs_per_s", "server_cpu_us_per_job", "client_cpu_us_per_job"))
     if "drain" in only:
         res["drain"] = {}
-        n = cfg["peer_drain_n"] if peer else cfg["drain_n"]
+        n = int((cfg["peer_drain_n"] if peer else cfg["drain_n"]) * s.drain_scale)
         for c in cfg["peer_concurrency"] if peer else cfg["concurrency"]:
             for w in cfg["workers"]:
                 log(f"{s.name}: drain {n} jobs, W={w} C={c}")

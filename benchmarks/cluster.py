@@ -66,6 +66,7 @@ class Cluster:
     data_dir: Optional[Path] = None
     run_as: Optional[str] = None
     _tmp: Optional[str] = None
+    extra_settings: tuple[str, ...] = ()  # e.g. ("shared_preload_libraries=pg_stat_statements",) for profiling
 
     def _cmd(self, *argv: str) -> list[str]:
         if self.run_as:
@@ -93,7 +94,7 @@ class Cluster:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={sock}"
-                f" -c max_connections={self.max_connections}")
+                f" -c max_connections={self.max_connections}" + "".join(f" -c {x}" for x in self.extra_settings))
         subprocess.run(
             self._cmd(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60",
                       "-l", str(Path(self._tmp) / "server.log"), "-o", opts, "start"),
@@ -141,6 +142,19 @@ class Cluster:
                 pass
         return total
 
+    def settle(self, baseline: set[int], timeout: float = 3.0) -> None:
+        """Wait until backends that are not in ``baseline`` have exited and been reaped, so
+        their CPU shows in the postmaster's children times (else cpu_seconds misses it)."""
+        deadline = time.time() + timeout
+        pm = self.postmaster()
+        while time.time() < deadline:
+            if not {c.pid for c in pm.children()} - baseline:
+                return
+            time.sleep(0.01)
+
+    def backend_pids(self) -> set[int]:
+        return {c.pid for c in self.postmaster().children()}
+
     def describe(self) -> dict[str, Any]:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             version = conn.execute("SELECT version()").fetchone()[0]
@@ -154,5 +168,6 @@ class Cluster:
             "port": self.port,
             "settings": {name: (f"{setting} {unit}" if unit else setting) for name, setting, unit in rows},
             "non_default_settings": ["listen_addresses=127.0.0.1", f"port={self.port}",
-                                     "unix_socket_directories=<tmp>", f"max_connections={self.max_connections}"],
+                                     "unix_socket_directories=<tmp>", f"max_connections={self.max_connections}",
+                                     *self.extra_settings],
         }

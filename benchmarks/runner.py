@@ -38,6 +38,8 @@ class System:
     variant: str = ""    # passed as --variant (e.g. the pgqueuer driver)
     info: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
+    skip: tuple = ()     # scenarios this system does not take part in
+    drain_scale: float = 1.0  # fraction of the mode's drain size (a poll-bound peer, to bound runtime)
 
     def argv(self, command: str, **opts: Any) -> list[str]:
         argv = [self.python, str(DRIVERS / f"{self.driver}.py"), command, "--dsn", self.dsn]
@@ -327,8 +329,10 @@ def latency_once(cluster: Cluster, system: System, *, rate: float, seconds: floa
 def enqueue_once(cluster: Cluster, system: System, *, mode: str, n: int, batch: int = 1000) -> dict[str, Any]:
     system.run("setup")
     la0 = loadavg()
+    baseline = cluster.backend_pids()
     s0 = cluster.cpu_seconds()
     r = system.run_json("enqueue", mode=mode, n=n, batch=batch)
+    cluster.settle(baseline)  # the enqueuer's backends must be reaped for their CPU to count
     s1 = cluster.cpu_seconds()
     r.update({"jobs_per_s": n / r["seconds"], "server_cpu_us_per_job": (s1 - s0) / n * 1e6,
               "loadavg_before": la0, "loadavg_after": loadavg()})
