@@ -96,8 +96,9 @@ def render(res: dict[str, Any]) -> str:
                    f" {b['ratio_large_completed']:.2f} (target ≥ 0.90).")
     s = res.get("sa_jobs_soak")
     if s:
-        out.append(f"\nsa-jobs soak: {s['jobs']} jobs at {s['jobs_per_s']:,.0f} jobs/s; RSS growth after the first"
-                   f" tenth {s['rss_growth_after_first_tenth']:.1%}.")
+        g = s["rss_growth_after_first_tenth"]
+        out.append(f"\nsa-jobs soak: {s['jobs']} jobs at {s['jobs_per_s']:,.0f} jobs/s; RSS (all workers) after the first"
+                   f" tenth {s.get('rss_warm_mb')} MB, growth to the end {'n/a' if g is None else f'{g:.1%}'}.")
     return "\n".join(out)
 
 
