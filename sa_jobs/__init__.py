@@ -40,11 +40,13 @@ from .errors import (
     UnknownKindError,
 )
 from .model import Job, KindOptions, registered_kinds
+from .periodic import Periodic, PeriodicJobs
 from .retry import constant_backoff, exponential_backoff
 from .schema import install
 from .states import JobState
 from .unique import Unique
 from .worker import JobContext, Worker, WorkerObserver
+from .maintenance.pruner import Pruner  # after .worker: maintenance imports worker pieces
 
 __version__ = "0.1.0"
 
@@ -61,6 +63,9 @@ __all__ = [
     "JobState",
     "KindOptions",
     "LeaseLostError",
+    "Periodic",
+    "PeriodicJobs",
+    "Pruner",
     "SaJobsError",
     "SchemaVersionError",
     "Snooze",
