@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -245,6 +246,7 @@ def drain_once(cluster: Cluster, system: System, *, workers: int, concurrency: i
     finally:
         for p in procs:
             p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
     starts = sorted(t for _, t in handled)
     if target is None:
         elapsed = t_end - t0
@@ -301,11 +303,14 @@ def latency_once(cluster: Cluster, system: System, *, rate: float, seconds: floa
     finally:
         for p in procs:
             p.kill()
-    produced = {}
-    with open(produced_path) as f:
-        for line in f:
-            n, a, b = line.split("\t")
-            produced[int(n)] = (float(a), float(b))
+    try:
+        produced = {}
+        with open(produced_path) as f:
+            for line in f:
+                n, a, b = line.split("\t")
+                produced[int(n)] = (float(a), float(b))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     with psycopg.connect(system.dsn, autocommit=True) as conn:
         pending = conn.execute(system.info["pending_sql"]).fetchone()[0]
     handled = [(n, t) for n, t in handled if n >= 0]  # drop the warm-up job (n = -1)
