@@ -29,7 +29,7 @@ from psycopg import sql
 from sa_jobs import Job, JobContext, Worker, schema as schema_mod
 from sa_jobs._url import to_conninfo
 from sa_jobs.metrics import PrometheusObserver, QueueDepthCollector, depth_query
-from sa_jobs.worker.events import NullObserver
+from sa_jobs.events import NullObserver
 
 
 class BenchMetricsNoop(Job, kind="bench_metrics_noop", queue="bench_metrics"):

@@ -2,7 +2,7 @@
 
 Two sources, kept apart on purpose:
 
-* :class:`PrometheusObserver` implements the worker's :class:`~sa_jobs.worker.events.WorkerObserver`
+* :class:`PrometheusObserver` implements the worker's :class:`~sa_jobs.events.WorkerObserver`
   hooks. It only touches in-memory counters, so it is cheap on the claim/complete hot path
   and never talks to the database.
 * :class:`QueueDepthCollector` reads queue depth from PostgreSQL at scrape time, at most
@@ -36,7 +36,7 @@ from psycopg import sql
 
 from . import _validate
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
-from .worker.events import OUTCOMES
+from .events import OUTCOMES
 
 log = logging.getLogger("sa_jobs.metrics")
 

@@ -22,6 +22,12 @@ CLAIM_COLUMNS = (
 )
 
 
+# The fence's state test, written so that it cannot match the predicate of the partial
+# jobs_lease_idx (WHERE state = 'running'): when it could, the planner scanned that whole
+# index (dead entries included, under churn) for every batch instead of looking the
+# batch's ids up in the primary key, costing 10x the server CPU per job.
+RUNNING_FENCE = "(j.state || '') = 'running'"
+
 # Outcome statements, with ``{p}`` as the prefix of their parameter names so that the
 # completer can join all three into one statement (see ``flush_outcomes``).
 _COMPLETE = (
@@ -29,7 +35,7 @@ _COMPLETE = (
     " lease_expires_at = NULL, result = u.result::jsonb"
     " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[], %({p}results)s::text[])"
     " AS u(id, token, result)"
-    " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+    " WHERE j.id = u.id AND j.claim_token = u.token AND {{running}}"
 )
 # Every unsuccessful end, by target state per row: retryable (backoff), dead, cancelled
 # (by the handler), or scheduled (a snooze, which refunds the attempt). Errors are
@@ -45,7 +51,7 @@ _FINISH = (
     "  ELSE j.errors || jsonb_build_array(u.error::jsonb || jsonb_build_object('at', now())) END"
     " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[], %({p}targets)s::text[],"
     "  %({p}errors)s::text[], %({p}delays)s::float8[]) AS u(id, token, target, error, delay)"
-    " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+    " WHERE j.id = u.id AND j.claim_token = u.token AND {{running}}"
 )
 # Shutdown gives claimed-but-unfinished jobs back at once; the interrupted attempt is
 # not the job's fault, so it is not counted.
@@ -53,7 +59,7 @@ _RELEASE = (
     "UPDATE {{jobs}} AS j SET state = 'available', attempt = greatest(j.attempt - 1, 0),"
     " scheduled_at = now(), lease_expires_at = NULL"
     " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[]) AS u(id, token)"
-    " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+    " WHERE j.id = u.id AND j.claim_token = u.token AND {{running}}"
 )
 
 
@@ -66,6 +72,7 @@ def _render(template: str, schema: str) -> str:
     return sql.SQL(template).format(
         jobs=sql.Identifier(schema, JOBS_TABLE),
         queues=sql.Identifier(schema, QUEUES_TABLE),
+        running=sql.SQL(RUNNING_FENCE),
         channel=sql.Literal(channel_name(schema)),
     ).as_string()
 
@@ -135,7 +142,7 @@ class Queries:
                 " progress = coalesce(u.progress::jsonb, j.progress)"
                 " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(progress)s::text[])"
                 " AS u(id, token, progress)"
-                " WHERE j.id = u.id AND j.claim_token = u.token AND j.state = 'running'"
+                " WHERE j.id = u.id AND j.claim_token = u.token AND {running}"
                 " RETURNING j.id"
             ),
             # Run by every worker (SKIP LOCKED makes concurrent rescuers safe): jobs whose

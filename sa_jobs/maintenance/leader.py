@@ -18,8 +18,8 @@ from typing import Any, Protocol, Sequence
 import anyio
 
 from ..queries import Queries
-from ..worker._connection import ManagedConnection, describe, is_transient
-from ..worker.events import WorkerObserver
+from .._connection import ManagedConnection, describe, is_transient
+from ..events import WorkerObserver
 
 log = logging.getLogger("sa_jobs.maintenance")
 

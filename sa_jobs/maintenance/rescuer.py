@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..queries import Queries
-from ..worker.events import WorkerObserver
+from ..events import WorkerObserver
 
 
 class Rescuer:

@@ -14,9 +14,9 @@ from typing import Any
 import anyio
 
 from ..queries import Queries
-from ._connection import ManagedConnection, describe, is_transient
+from .._connection import ManagedConnection, describe, is_transient
 from ._job import Outcome
-from .events import WorkerObserver
+from ..events import WorkerObserver
 
 log = logging.getLogger("sa_jobs.worker")
 
@@ -41,6 +41,9 @@ class Completer:
         self._idle = anyio.Event()
         self._idle.set()
         self._failures = 0
+        # One flush at a time: drain() at shutdown must wait for a batch that run() is
+        # writing, or it would return while that batch could still be lost.
+        self._flushing = anyio.Lock()
 
     @property
     def pending(self) -> int:
@@ -64,6 +67,10 @@ class Completer:
 
     async def flush(self) -> bool:
         """Write every pending outcome; False (outcomes kept) if the database failed."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         if not self._pending:
             self._idle.set()
             return True
@@ -72,7 +79,10 @@ class Completer:
             conn = await self._conn.get()
             with self._conn.deadline():
                 await self._write(conn, batch)
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled mid-write: keep the batch
+                self._pending[:0] = batch
+                raise
             self._observer.loop_error("completer")
             await self._conn.discard()
             if is_transient(exc):

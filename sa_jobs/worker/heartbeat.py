@@ -15,9 +15,9 @@ from typing import Callable, Iterable
 import anyio
 
 from ..queries import Queries
-from ._connection import ManagedConnection, describe, is_transient
+from .._connection import ManagedConnection, describe, is_transient
 from ._job import ClaimedJob
-from .events import WorkerObserver
+from ..events import WorkerObserver
 
 log = logging.getLogger("sa_jobs.worker")
 

@@ -14,8 +14,8 @@ from typing import Callable
 import anyio
 
 from ..queries import Queries
-from ._connection import ManagedConnection, describe, is_transient
-from .events import WorkerObserver
+from .._connection import ManagedConnection, describe, is_transient
+from ..events import WorkerObserver
 
 log = logging.getLogger("sa_jobs.worker")
 

@@ -38,11 +38,11 @@ from ..maintenance.scheduler import Scheduler
 from ..model import Job, KindOptions, registered_kinds
 from ..queries import Queries
 from ..retry import exponential_backoff
-from ._connection import ManagedConnection, describe, is_transient
+from .._connection import ManagedConnection, describe, is_transient
 from ._job import ClaimedJob, Outcome
 from .completer import Completer
 from .context import JobContext, _Cancelled, dumps
-from .events import NullObserver, WorkerObserver
+from ..events import NullObserver, WorkerObserver
 from .heartbeat import Heartbeat
 from .notifier import Notifier
 
