@@ -210,8 +210,9 @@ class Worker:
         if self._engine is None:
             from sqlalchemy import create_engine
 
-            self._engine = self._in_schema(create_engine(sqlalchemy_url(self._url), pool_pre_ping=True))
-            self._owns_engines.append(self._engine)
+            root = create_engine(sqlalchemy_url(self._url), pool_pre_ping=True)
+            self._owns_engines.append(root)
+            self._engine = self._in_schema(root)
         return self._engine
 
     def async_engine(self) -> Any:
@@ -219,10 +220,9 @@ class Worker:
         if self._async_engine is None:
             from sqlalchemy.ext.asyncio import create_async_engine
 
-            self._async_engine = self._in_schema(
-                create_async_engine(sqlalchemy_url(self._url, async_=True), pool_pre_ping=True)
-            )
-            self._owns_engines.append(self._async_engine)
+            root = create_async_engine(sqlalchemy_url(self._url, async_=True), pool_pre_ping=True)
+            self._owns_engines.append(root)
+            self._async_engine = self._in_schema(root)
         return self._async_engine
 
     def nudge_heartbeat(self) -> None:
@@ -341,8 +341,8 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 for conn in (claim_conn, complete_conn, beat_conn):
                     await conn.close()
-                for engine in self._owns_engines:
-                    result = getattr(engine, "engine", engine).dispose()
+                for engine in self._owns_engines:  # the root engines this worker created
+                    result = engine.dispose()
                     if inspect.isawaitable(result):
                         await result
             self._done.set()
