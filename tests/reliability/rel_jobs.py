@@ -178,13 +178,15 @@ def rel_poison(ctx: JobContext) -> None:
 # ---- R6: long jobs, lost leases ------------------------------------------------------------
 
 class RelLong(Job, kind="rel_long", queue="rel", max_attempts=5, backoff=FAST_RETRY):
-    """Runs ``seconds`` (async sleep, or a CPU-bound sync loop in a thread) and records
-    whether it was told its lease was lost."""
+    """Runs ``seconds`` (async sleep, or a CPU-bound loop in a thread) and records whether
+    it was told its lease was lost. Attempts after the first run ``later`` seconds."""
 
 
 @RelLong.handler
-async def rel_long(ctx: JobContext, seconds: float, cpu: bool = False) -> None:
+async def rel_long(ctx: JobContext, seconds: float, cpu: bool = False, later: float | None = None) -> None:
     started = time.monotonic()
+    if ctx.attempt > 1 and later is not None:
+        seconds = later
     try:
         if cpu:
             await anyio.to_thread.run_sync(_burn, ctx, seconds, abandon_on_cancel=True)
@@ -192,7 +194,11 @@ async def rel_long(ctx: JobContext, seconds: float, cpu: bool = False) -> None:
             await anyio.sleep(seconds)
     finally:
         with anyio.CancelScope(shield=True):
-            await arecord_effect(ctx, f"lease_lost={ctx.lease_lost} cancelled={ctx.cancelled} ran={time.monotonic() - started:.2f}")
+            await arecord_effect(ctx, _long_note(ctx, started))
+
+
+def _long_note(ctx: JobContext, started: float) -> str:
+    return f"lease_lost={ctx.lease_lost} cancelled={ctx.cancelled} ran={time.monotonic() - started:.2f}"
 
 
 def _burn(ctx: JobContext, seconds: float) -> int:
@@ -204,6 +210,30 @@ def _burn(ctx: JobContext, seconds: float) -> int:
         if ctx.cancelled:
             break
     return x
+
+
+class RelLongSync(Job, kind="rel_long_sync", queue="rel", max_attempts=5, backoff=FAST_RETRY):
+    """A plain (sync) CPU-bound handler: burns ``seconds`` in pure Python, checking
+    ``ctx.cancelled`` between slices, and records what it was told when it stops."""
+
+
+@RelLongSync.handler
+def rel_long_sync(ctx: JobContext, seconds: float, later: float | None = None) -> None:
+    started = time.monotonic()
+    if ctx.attempt > 1 and later is not None:
+        seconds = later
+    _burn(ctx, seconds)
+    record_effect(ctx, _long_note(ctx, started))
+
+
+class RelNoop(Job, kind="rel_noop", queue="rel", backoff=FAST_RETRY):
+    """Does nothing (steady load without side writes: R16, S3, S4)."""
+
+
+@RelNoop.handler
+async def rel_noop(ctx: JobContext, ms: int = 0) -> None:
+    if ms:
+        await anyio.sleep(ms / 1000)
 
 
 # ---- S2 / S4 -------------------------------------------------------------------------------
