@@ -108,10 +108,10 @@ class WorkerProc:
     """A worker as a real OS process, its output in a file (a pipe could fill and block it)."""
 
     def __init__(self, url: str, schema: str, *args: str, effects_url: Optional[str] = None,
-                 log_level: str = "WARNING", env: Optional[dict[str, str]] = None) -> None:
+                 log_level: str = "WARNING", env: Optional[dict[str, str]] = None, module: str = MODULE) -> None:
         self.log_path = Path(tempfile.mkstemp(prefix="rel_worker_", suffix=".log")[1])
         self._log = open(self.log_path, "wb")
-        cmd = worker_command(url, schema, MODULE, *args)
+        cmd = worker_command(url, schema, module, *args)
         cmd[cmd.index("--log-level") + 1] = log_level
         full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "REL_EFFECTS_URL": effects_url or url,
                     "SA_JOBS_DATABASE_URL": effects_url or url, **(env or {})}
