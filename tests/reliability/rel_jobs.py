@@ -252,7 +252,9 @@ class RelSecret(Job, kind="rel_secret", queue="rel", max_attempts=2, backoff=FAS
 
 
 @RelSecret.handler
-async def rel_secret(ctx: JobContext, token: str, ok: bool = False) -> None:
+async def rel_secret(ctx: JobContext, token: str, ok: bool = False, wait: float = 0) -> None:
+    if wait:
+        await anyio.sleep(wait)
     if ok:
         return None
     raise PermissionError(f"upstream rejected credentials {token}")
