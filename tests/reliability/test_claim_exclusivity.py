@@ -31,7 +31,7 @@ from .support import scale
 PROCS = 8
 CONNS = 8
 # Jobs per batch size: the default run is shortened; REL_FULL=1 (or -m slow) runs 100,000.
-SIZES = {1: scale(3_000, 100_000), 10: scale(10_000, 100_000), 100: scale(30_000, 100_000)}
+SIZES = {1: scale(2_000, 100_000), 10: scale(10_000, 100_000), 100: scale(20_000, 100_000)}
 
 
 def _plan_joins(url: str, schema: str, limit: int, no_hash_merge: bool) -> str:
