@@ -7,9 +7,14 @@ transaction, reads, and holds its snapshot (20 s by default, 2 minutes under
 dead version behind, and the claim index keeps an entry for it that no one may remove.
 Sampled every ~2 s with ``EXPLAIN (ANALYZE, BUFFERS)`` of the library's claim statement
 (batch 10, in a transaction rolled back): the scan stays an Index Scan on
-``jobs_claim_idx`` and the pages it touches stay a small multiple of the batch. After the
-snapshot is released the backlog recovers, and ``pg_stat_database.deadlocks`` is
-unchanged over the whole run.
+``jobs_claim_idx``; the finished rows cost nothing; the workers keep up (no backlog, and
+it recovers after release); ``pg_stat_database.deadlocks`` is unchanged over the run.
+
+The pages one claim touches do NOT stay a small multiple of the batch while pinned: the
+claim index keeps an entry for every job claimed since the pin (their old versions may
+not be removed), and each claim walks past them. That is PostgreSQL MVCC, not the claim
+statement (strict xfail below; docs/reliability.md, Finding 6); the passing test asserts
+the bound that does hold: proportional to the jobs claimed during the pin, not the table.
 """
 
 from __future__ import annotations
