@@ -68,7 +68,10 @@ class _Queue:
     receive: MemoryObjectReceiveStream[ClaimedJob]
     limiter: anyio.CapacityLimiter
     busy: int = 0  # claimed and not yet finished (running or waiting in the stream)
-    running: dict[int, ClaimedJob] = field(default_factory=dict)
+    # Keyed by claim, not by job id: after a lost lease the same job can be claimed again
+    # by this very worker while the stale attempt is still winding down, and the two
+    # records must not overwrite each other.
+    running: dict[tuple[int, uuid.UUID], ClaimedJob] = field(default_factory=dict)
     wake: anyio.Event = field(default_factory=anyio.Event)
     slot_freed: anyio.Event = field(default_factory=anyio.Event)
 
@@ -441,14 +444,14 @@ class Worker:
             if job is None:
                 return
             streak += 1
-            q.running[job.id] = job
+            q.running[job.id, job.token] = job
             try:
                 outcome, label = await self._execute(q, job)
             except Exception as exc:  # noqa: BLE001 - a bug here must cost one attempt, not the worker
                 log.exception("job %s: the worker failed around its handler", job.id)
                 outcome, label = self._failure(job, exc, None), "retried"
             finally:
-                q.running.pop(job.id, None)
+                q.running.pop((job.id, job.token), None)
                 q.busy -= 1
                 q.slot_freed.set()
             if outcome is not None:
@@ -548,9 +551,8 @@ class Worker:
 
     def cancel_local(self, job_id: int) -> None:
         """A cancel() of a job this worker runs: stop its handler (the row is already final)."""
-        for q in self._queues.values():
-            job = q.running.get(job_id)
-            if job is not None:
+        for job in self.running_jobs():
+            if job.id == job_id:
                 job.cancelled_by_user = True
                 job.cancel("cancelled")
 

@@ -13,12 +13,10 @@
   cancelled, its ``finally`` records ``lease_lost=True cancelled=True``; the sync handler
   sees ``ctx.cancelled`` and stops); the rescuer re-drives the job once, attempt 2
   completes, and nothing the lost attempt did after the loss reached the row.
-  **xfail (library bug)**: the rescuer re-drives the job at L, and the same worker
-  re-claims it (its producer connection is healthy) before its failing heartbeat has
-  noticed the loss (first failed beat < L, the next one ~L + 1 s); the worker keeps
-  running jobs in a dict keyed by job id only, so attempt 2 replaces attempt 1 there and
-  attempt 1 is never heartbeated, never told and never cancelled: it runs to its end
-  next to attempt 2. See docs/reliability.md, Findings.
+  The same worker may re-claim the job (its producer connection is healthy) before its
+  failing heartbeat notices the loss; the worker keys running jobs by claim (id, token),
+  so both attempts are tracked and attempt 1 is still told and cancelled (this was a
+  library bug found by this test: runs were keyed by job id only).
 """
 
 from __future__ import annotations
@@ -90,9 +88,6 @@ def test_r6_long_jobs_are_never_reclaimed(db, rel_url, rel_schema, rel_engine, w
           f" {_beats(db, ids)} lease extensions, 1 claim each, 0 expired leases in {len(samples)} samples")
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: a worker that re-claims a job it still runs (lease lost,"
-                   " not yet noticed) overwrites the old attempt in Worker._queues[q].running (keyed by job id):"
-                   " the old handler is never told lease_lost nor cancelled")
 def test_r6_failed_heartbeats_cancel_the_handler(db, cluster, rel_url, rel_schema, rel_engine, workers):
     lease = 1.5
     enable_audit(rel_url, rel_schema)
