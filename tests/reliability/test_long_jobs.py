@@ -17,6 +17,9 @@
   failing heartbeat notices the loss; the worker keys running jobs by claim (id, token),
   so both attempts are tracked and attempt 1 is still told and cancelled (this was a
   library bug found by this test: runs were keyed by job id only).
+- ``test_r6_heartbeat_tells_a_stale_attempt_beside_its_reclaim`` (strict xfail, library
+  bug): the heartbeat half of the same situation, driven directly. The heartbeat answers
+  by job id, so a stale attempt beside its re-claim is counted alive when a beat succeeds.
 """
 
 from __future__ import annotations
@@ -139,3 +142,53 @@ def test_r6_failed_heartbeats_cancel_the_handler(db, cluster, rel_url, rel_schem
               f" after the last landed beat, lease_lost=True cancelled=True, re-driven once, attempt 2 completed")
     finally:
         proxy.close()
+
+
+@pytest.mark.xfail(strict=True, reason="library bug: heartbeat_many returns ids only and Heartbeat.beat tests"
+                   " `job.id in alive`, so a stale attempt whose job id is alive under another claim token (the"
+                   " same worker's re-claim) is counted alive: its lease clock is refreshed and it is never told")
+def test_r6_heartbeat_tells_a_stale_attempt_beside_its_reclaim(db, rel_url, rel_schema):
+    """The heartbeat half of the same situation, driven directly and deterministically: one
+    job row held by claim t2 (attempt 2), and this worker still running attempt 1 (claim
+    t1) of the same job beside it. A successful beat must extend attempt 2 and tell
+    attempt 1 its lease is lost; the row answers by (id, token), not by id."""
+    import time as _time
+    import uuid as _uuid
+
+    import anyio
+
+    from sa_jobs.queries import Queries
+    from sa_jobs.worker import heartbeat as hb_mod
+    from sa_jobs.worker._job import ClaimedJob
+
+    try:  # the observer protocol's home moved between releases
+        from sa_jobs.events import NullObserver
+    except ImportError:
+        from sa_jobs.worker.events import NullObserver
+    ManagedConnection, Heartbeat = hb_mod.ManagedConnection, hb_mod.Heartbeat
+
+    q = Queries.for_schema(rel_schema)
+    job_id = db.one("INSERT INTO {jobs} (kind, queue, attempt) VALUES ('rel_long', 'rel', 1) RETURNING id")
+    t1, t2 = _uuid.uuid4(), _uuid.uuid4()
+    import psycopg
+
+    with psycopg.connect(rel_url, autocommit=True) as conn:
+        assert len(conn.execute(q.claim, {"queue": "rel", "limit": 1, "token": t2, "owner": "w", "lease": 30}).fetchall()) == 1
+    now = _time.monotonic()
+
+    def attempt(token, n: int) -> ClaimedJob:
+        return ClaimedJob(id=job_id, token=token, kind="rel_long", queue="rel", args={}, attempt=n, max_attempts=5,
+                          priority=0, wait_seconds=0.0, created_epoch=0.0, claimed_at=now, last_lease_ok=now)
+
+    stale, current = attempt(t1, 1), attempt(t2, 2)
+
+    async def beat() -> None:
+        conn = ManagedConnection(rel_url, "heartbeat", timeout=5)
+        try:
+            await Heartbeat(conn, q, NullObserver(), lambda: [stale, current], lease=30, interval=1).beat()
+        finally:
+            await conn.close()
+
+    anyio.run(beat)
+    assert not current.lease_lost and not current.cancelled
+    assert stale.lease_lost and stale.cancelled, "the stale attempt was counted alive by its job id"
