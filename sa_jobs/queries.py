@@ -143,7 +143,7 @@ class Queries:
                 " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(progress)s::text[])"
                 " AS u(id, token, progress)"
                 " WHERE j.id = u.id AND j.claim_token = u.token AND {running}"
-                " RETURNING j.id"
+                " RETURNING j.id, j.claim_token"
             ),
             # Run by every worker (SKIP LOCKED makes concurrent rescuers safe): jobs whose
             # lease ran out belong to a worker presumed dead.

@@ -75,7 +75,9 @@ class Heartbeat:
                     },
                     prepare=True,
                 )
-                alive = {row[0] for row in await cur.fetchall()}
+                # By claim, not by id: this worker may hold a newer claim of the same job
+                # while a stale attempt winds down; only the claim that matches is alive.
+                alive = {(row[0], row[1]) for row in await cur.fetchall()}
         except Exception as exc:  # noqa: BLE001 - any failure: treat the beat as missed
             self._observer.loop_error("heartbeat")
             log.warning("heartbeat failed (%s)", describe(exc), exc_info=not is_transient(exc))
@@ -87,9 +89,9 @@ class Heartbeat:
             return
         now = time.monotonic()
         self._observer.heartbeat_ok()
-        missing = [j for j in jobs if j.id not in alive and not j.completing]
+        missing = [j for j in jobs if (j.id, j.token) not in alive and not j.completing]
         for job, progress in zip(jobs, sent):
-            if job.id in alive:
+            if (job.id, job.token) in alive:
                 job.last_lease_ok = now
                 if job.progress_json is progress:  # not replaced by a newer report meanwhile
                     job.progress_json = None

@@ -17,9 +17,10 @@
   failing heartbeat notices the loss; the worker keys running jobs by claim (id, token),
   so both attempts are tracked and attempt 1 is still told and cancelled (this was a
   library bug found by this test: runs were keyed by job id only).
-- ``test_r6_heartbeat_tells_a_stale_attempt_beside_its_reclaim`` (strict xfail, library
-  bug): the heartbeat half of the same situation, driven directly. The heartbeat answers
-  by job id, so a stale attempt beside its re-claim is counted alive when a beat succeeds.
+- ``test_r6_heartbeat_tells_a_stale_attempt_beside_its_reclaim``: the heartbeat half of the
+  same situation, driven directly. The heartbeat now answers by claim (id, token); it
+  answered by job id, which counted a stale attempt alive beside its re-claim (a library
+  bug this test found).
 """
 
 from __future__ import annotations
@@ -144,9 +145,6 @@ def test_r6_failed_heartbeats_cancel_the_handler(db, cluster, rel_url, rel_schem
         proxy.close()
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: heartbeat_many returns ids only and Heartbeat.beat tests"
-                   " `job.id in alive`, so a stale attempt whose job id is alive under another claim token (the"
-                   " same worker's re-claim) is counted alive: its lease clock is refreshed and it is never told")
 def test_r6_heartbeat_tells_a_stale_attempt_beside_its_reclaim(db, rel_url, rel_schema):
     """The heartbeat half of the same situation, driven directly and deterministically: one
     job row held by claim t2 (attempt 2), and this worker still running attempt 1 (claim
