@@ -13,7 +13,7 @@ import urllib.request
 from typing import Optional
 
 import anyio
-from sqlalchemy import ForeignKey, Integer, String, create_engine, select
+from sqlalchemy import Integer, String, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from . import schema as schema_mod

@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from . import _validate
-from .errors import ConfigurationError, InvalidArgsError
+from .errors import ConfigurationError
 from .retry import BackoffPolicy, exponential_backoff
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
 from .unique import Unique, register_session_hook

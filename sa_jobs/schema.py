@@ -133,16 +133,18 @@ def _v2_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.C
     # Retention pruning scans finished rows by age. Built CONCURRENTLY because by v2 the
     # table may hold millions of rows that workers are updating; IF NOT EXISTS lets a
     # re-run heal a crash between the transactional and the concurrent phase.
-    return [
-        sql.SQL(
-            "CREATE INDEX {how}IF NOT EXISTS {idx} ON {jobs} (finished_at)"
-            " WHERE state IN ('completed', 'cancelled', 'dead')"
-        ).format(
-            how=sql.SQL("CONCURRENTLY " if concurrently else ""),
-            idx=sql.Identifier(FINISHED_INDEX),
-            jobs=sql.Identifier(schema, JOBS_TABLE),
-        )
-    ]
+    return [_jobs_index(schema, FINISHED_INDEX, "(finished_at) WHERE state IN ('completed', 'cancelled', 'dead')",
+                        concurrently=concurrently)]
+
+
+def _jobs_index(schema: str, name: str, definition: str, *, concurrently: bool, unique: bool = False) -> sql.Composable:
+    """``CREATE [UNIQUE] INDEX [CONCURRENTLY] IF NOT EXISTS name ON schema.jobs definition``."""
+    return sql.SQL("CREATE {unique}INDEX {how}IF NOT EXISTS {idx} ON {jobs} " + definition).format(
+        unique=sql.SQL("UNIQUE " if unique else ""),
+        how=sql.SQL("CONCURRENTLY " if concurrently else ""),
+        idx=sql.Identifier(name),
+        jobs=sql.Identifier(schema, JOBS_TABLE),
+    )
 
 
 def _v2_down(schema: str) -> list[sql.Composable]:
@@ -180,13 +182,8 @@ def _v3_up(schema: str) -> list[sql.Composable]:
 
 
 def _v3_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
-    return [
-        sql.SQL("CREATE UNIQUE INDEX {how}IF NOT EXISTS {idx} ON {jobs} (kind, unique_key) WHERE " + UNIQUE_PREDICATE).format(
-            how=sql.SQL("CONCURRENTLY " if concurrently else ""),
-            idx=sql.Identifier(UNIQUE_INDEX),
-            jobs=sql.Identifier(schema, JOBS_TABLE),
-        )
-    ]
+    return [_jobs_index(schema, UNIQUE_INDEX, "(kind, unique_key) WHERE " + UNIQUE_PREDICATE,
+                        concurrently=concurrently, unique=True)]
 
 
 def _v3_down(schema: str) -> list[sql.Composable]:

@@ -250,14 +250,18 @@ except ImportError:  # pragma: no cover - the plugin is only loaded by pytest
 if pytest is not None:
 
     @pytest.fixture(scope="session")
-    def sa_jobs_database_url(tmp_path_factory: Any) -> Iterator[str]:
+    def sa_jobs_database_url() -> Iterator[str]:
         url = os.environ.get("SA_JOBS_TEST_DATABASE_URL", "").strip()
         if url:
             yield url
             return
+        import tempfile
+
         from . import embedded
 
-        yield embedded.start(tmp_path_factory.mktemp("sa_jobs_pg"), cleanup="delete")
+        # Not under pytest's tmp_path: that is private to this user (0700), and as root the
+        # embedded server runs as the unprivileged `pgserver` user, which must reach it.
+        yield embedded.start(tempfile.mkdtemp(prefix="sa_jobs_test_pg_"), cleanup="delete")
 
     @pytest.fixture
     def sa_jobs_schema(sa_jobs_database_url: str) -> Iterator[str]:

@@ -12,17 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
-from sa_jobs import schema as schema_mod
-from sa_jobs._url import sqlalchemy_url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,16 +25,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 pytest_plugins = ["sa_jobs.testing"]
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    url = os.environ.get("SA_JOBS_TEST_DATABASE_URL", "").strip()
-    if url:
-        yield url
-        return
-    from sa_jobs import embedded
+# The suite dogfoods the plugin's fixtures under the short names its tests use.
 
-    data_dir = tempfile.mkdtemp(prefix="sa_jobs_test_pg_")
-    yield embedded.start(data_dir, cleanup="delete")
+
+@pytest.fixture(scope="session")
+def database_url(sa_jobs_database_url: str) -> str:
+    return sa_jobs_database_url
 
 
 def new_schema_name() -> str:
@@ -47,21 +38,14 @@ def new_schema_name() -> str:
 
 
 @pytest.fixture
-def schema(database_url: str) -> Iterator[str]:
-    name = new_schema_name()
-    schema_mod.install(database_url, name)
-    yield name
-    schema_mod.uninstall(database_url, name)
+def schema(sa_jobs_schema: str) -> str:
+    return sa_jobs_schema
 
 
 @pytest.fixture
-def engine(database_url: str, schema: str) -> Iterator[Engine]:
+def engine(sa_jobs_engine: Engine) -> Engine:
     """A sync Engine whose ``sa_jobs`` tables resolve to this test's schema."""
-    eng = create_engine(sqlalchemy_url(database_url)).execution_options(
-        schema_translate_map={schema_mod.DEFAULT_SCHEMA: schema}
-    )
-    yield eng
-    eng.dispose()
+    return sa_jobs_engine
 
 
 def worker_command(database_url: str, schema: str, module: str, *extra: str) -> list[str]:
