@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from psycopg import sql
@@ -92,6 +93,52 @@ def _rows_of_args(
         )
 
 
+_SIMPLE_TAG = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def _copy_args_as_text(
+    session: Any,
+    options: KindOptions,
+    args: Iterable[Mapping[str, Any]],
+    queue: Optional[str],
+    priority: Optional[int],
+    max_attempts: Optional[int],
+    tags: Optional[Sequence[str]],
+) -> Optional[int]:
+    """The bulk path's fast lane: COPY text lines rendered here, in chunks.
+
+    Every column but the args is the same for the whole call, so each line is a constant
+    prefix and suffix around the args' JSON; psycopg's per-row adaptation (half of the
+    client's time per row) is skipped. Kind and queue are validated names (no tab,
+    newline or backslash), JSON text never holds a raw control character, so the only
+    escaping COPY's text format needs is doubling backslashes. Returns None (use the
+    general path) when a tag would need array quoting.
+    """
+    queue = _validate.queue_name(queue) if queue is not None else options.queue
+    priority = _check_priority(priority) if priority is not None else options.priority
+    max_attempts = _check_attempts(max_attempts) if max_attempts is not None else options.max_attempts
+    tag_list = list(tags if tags is not None else options.tags)
+    if any(_SIMPLE_TAG.fullmatch(t) is None or t.upper() == "NULL" for t in tag_list):
+        return None
+    prefix = "\t".join((options.kind, queue)) + "\t"
+    suffix = "\t" + "\t".join(("available", str(priority), str(max_attempts), "{" + ",".join(tag_list) + "}", "{}")) + "\n"
+    table = sql.Identifier(_schema_of(session), JOBS_TABLE)
+    count = 0
+    chunk: list[str] = []
+    with _driver_connection(session).cursor() as cur, cur.copy(_copy_statement(table, _COLUMNS[:-1])) as copy:
+        for item in args:
+            text = _validate.encode_payload(item, max_bytes=options.max_args_bytes)[1]
+            chunk.append(prefix + text.replace("\\", "\\\\") + suffix)
+            if len(chunk) == 2000:
+                copy.write("".join(chunk))
+                count += len(chunk)
+                chunk.clear()
+        if chunk:
+            copy.write("".join(chunk))
+            count += len(chunk)
+    return count
+
+
 def enqueue_many(
     session: Any,
     jobs: Union[Iterable[Job], type[Job]],
@@ -118,6 +165,10 @@ def enqueue_many(
         if args is None:
             raise ConfigurationError("enqueue_many(session, Kind, args): args is missing")
         options = jobs.__sa_jobs_options__
+        if options.unique is None and run_at is None:
+            fast = _copy_args_as_text(session, options, args, queue, priority, max_attempts, tags)
+            if fast is not None:
+                return fast
         rows: Iterable[tuple[Any, ...]] = _rows_of_args(options, args, queue, priority, max_attempts, run_at, tags)
         if options.unique is not None:
             unique_rows = [(options, row) for row in rows]

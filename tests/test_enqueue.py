@@ -242,3 +242,26 @@ def test_enqueue_many_bad_row_keeps_nothing(engine):
             enqueue_many(session, EnqSendReceipt, rows())
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_enqueue_many_text_lane_round_trips_awkward_strings(engine):
+    awkward = [
+        {"s": 'back\\slash "quoted" \\n not a newline'},
+        {"s": "tab\there\nnewline\r\nand \\. alone", "list": [1, 2.5, None, True, "é✓"]},
+        {"s": "\\", "nested": {"k\\": ["\\\\", "\t"]}},
+        {"s": "\u2028 line separator, emoji 🎉, zero-width \u200b"},
+    ]
+    with Session(engine) as session, session.begin():
+        assert enqueue_many(session, EnqSendReceipt, awkward, tags=["bulk", "v1.2:x-y"], priority=2) == len(awkward)
+    with Session(engine) as session:
+        rows = session.execute(select(EnqSendReceipt.args, EnqSendReceipt.tags, EnqSendReceipt.priority,
+                                      EnqSendReceipt.state).order_by(EnqSendReceipt.id)).all()
+    assert [r.args for r in rows] == awkward
+    assert {(tuple(r.tags), r.priority, r.state) for r in rows} == {(("bulk", "v1.2:x-y"), 2, "available")}
+
+
+def test_enqueue_many_tags_needing_quotes_take_the_general_path(engine):
+    with Session(engine) as session, session.begin():
+        enqueue_many(session, EnqSendReceipt, [{"n": 1}], tags=["has space", "NULL", 'q"uote'])
+    with Session(engine) as session:
+        assert session.scalars(select(EnqSendReceipt.tags)).one() == ["has space", "NULL", 'q"uote']
