@@ -5,6 +5,8 @@ Async users call them with ``await session.run_sync(lambda s: retry(s, job_id))`
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -244,10 +246,8 @@ def paused_queues(session: Any) -> list[str]:
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_age(text: str) -> "dt.timedelta":
+def parse_age(text: str) -> dt.timedelta:
     """``"90s"``, ``"15m"``, ``"12h"``, ``"7d"``, ``"2w"`` (or a plain number of seconds)."""
-    import datetime as dt
-    import re
 
     from .errors import ConfigurationError
 

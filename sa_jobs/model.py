@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 from sqlalchemy import BigInteger, DateTime, Identity, Integer, SmallInteger, Text, func, text
@@ -275,6 +275,3 @@ def registered_kinds() -> dict[str, type[Job]]:
 # Unique kinds' rows are inserted ON CONFLICT by a before_flush hook on every Session.
 register_session_hook()
 
-
-def kind_with_options(kind_cls: type[Job], **changes: Any) -> KindOptions:
-    return replace(kind_cls.kind_options(), **changes)

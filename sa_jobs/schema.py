@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from psycopg import sql
 
@@ -430,10 +430,6 @@ def check_version(conninfo: str, schema: str = DEFAULT_SCHEMA, *, required: int 
             f" ({LATEST_VERSION}); refusing to start so an older deploy cannot corrupt newer tables"
         )
     return current
-
-
-def iter_versions() -> Iterable[int]:
-    return (m.version for m in MIGRATIONS)
 
 
 __all__: Sequence[str] = (

@@ -17,6 +17,7 @@ from psycopg import sql
 from sa_jobs._url import to_conninfo
 
 from ..conftest import REPO_ROOT, worker_command
+from ..helpers import wait_for  # noqa: F401 - re-exported for the reliability tests
 
 MODULE = "tests.reliability.rel_jobs"
 
@@ -161,15 +162,6 @@ class WorkerProc:
             self.kill()
         self._log.close()
         self.log_path.unlink(missing_ok=True)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 class Sampler(threading.Thread):
