@@ -269,17 +269,23 @@ class Worker:
             await self._stop_requested.wait()
 
     def request_stop(self) -> None:
+        """Stop claiming now (synchronously: no claim starts after this returns), then let
+        :meth:`run` drain and shut down."""
+        self._stop_claiming()
         self._stop_requested.set()
+
+    def _stop_claiming(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            log.info("worker %s: shutting down (grace %.1fs)", self.worker_id, self.shutdown_grace)
+            if self._producers_scope is not None:
+                self._producers_scope.cancel()
 
     async def shutdown(self, grace: Optional[float] = None) -> None:
         """Stop claiming, let running jobs finish within ``grace``, release the rest."""
         grace = self.shutdown_grace if grace is None else grace
         self._stop_requested.set()
-        if not self._stopping:
-            self._stopping = True
-            log.info("worker %s: shutting down (grace %.1fs)", self.worker_id, grace)
-            if self._producers_scope is not None:
-                self._producers_scope.cancel()
+        self._stop_claiming()
         with anyio.move_on_after(grace):
             await self._runners_done.wait()
         if not self._runners_done.is_set():
@@ -367,6 +373,8 @@ class Worker:
             q.wake = anyio.Event()  # a NOTIFY during the claim must wake the next wait
             try:
                 async with lock:
+                    if self._stopping:  # decided while we waited for the lock or a slot
+                        return
                     # Shielded: a claim the server executed must reach us, or its jobs
                     # would sit running until their lease expired.
                     with anyio.CancelScope(shield=True):
