@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .. import _validate, schema as schema_mod
 from .._url import database_url_from_env, sqlalchemy_url, to_conninfo
@@ -43,6 +42,7 @@ from ._job import ClaimedJob, Outcome
 from .completer import Completer
 from .context import JobContext, _Cancelled, dumps
 from ..events import NullObserver, WorkerObserver
+from ._inbox import JobInbox
 from .heartbeat import Heartbeat
 from .notifier import Notifier
 
@@ -64,8 +64,7 @@ class _KindRuntime:
 class _Queue:
     name: str
     limit: int
-    send: MemoryObjectSendStream[ClaimedJob]
-    receive: MemoryObjectReceiveStream[ClaimedJob]
+    inbox: JobInbox
     limiter: anyio.CapacityLimiter
     busy: int = 0  # claimed and not yet finished (running or waiting in the stream)
     # Keyed by claim, not by job id: after a lost lease the same job can be claimed again
@@ -316,8 +315,7 @@ class Worker:
             timeout=self.statement_timeout,
         )
         for name, limit in self._queue_limits.items():
-            send, receive = anyio.create_memory_object_stream[ClaimedJob](math.inf)
-            self._queues[name] = _Queue(name, limit, send, receive, anyio.CapacityLimiter(limit))
+            self._queues[name] = _Queue(name, limit, JobInbox(), anyio.CapacityLimiter(limit))
         claim_lock = anyio.Lock()
         try:
             async with anyio.create_task_group() as services:
@@ -338,7 +336,7 @@ class Worker:
                         task_status.started()
                         self._started.set()
                     for q in self._queues.values():
-                        q.send.close()
+                        q.inbox.close()
                 self._runners_done.set()
                 with anyio.CancelScope(shield=True):
                     if not await self.completer.drain(timeout=max(2.0, self.lease / 2)):
@@ -392,9 +390,8 @@ class Worker:
                 await conn.discard()
                 await anyio.sleep(min(5.0, 0.05 * 2 ** min(failures, 7)))
                 continue
-            for job in jobs:
-                q.busy += 1
-                q.send.send_nowait(job)
+            q.busy += len(jobs)
+            q.inbox.put_many(jobs)
             self._observer.slots(q.name, q.busy, q.limit)
             if self._stopping:
                 return
@@ -425,33 +422,19 @@ class Worker:
 
     # ---- running -----------------------------------------------------------------
 
-    async def _next_job(self, q: _Queue, streak: int) -> Optional[ClaimedJob]:
-        """The next claimed job, or None when the producer is done.
-
-        A claimed batch waits in the stream's buffer; taking it with ``receive_nowait``
-        skips the event-loop pass that ``receive()`` makes per item. Every 32 jobs in a
-        row the runner yields anyway, so handlers that never await cannot starve the
-        heartbeat and completer.
-        """
-        if streak % 32 != 31:
-            try:
-                return q.receive.receive_nowait()
-            except anyio.WouldBlock:
-                pass
-            except anyio.EndOfStream:
-                return None
-        try:
-            return await q.receive.receive()
-        except anyio.EndOfStream:
-            return None
-
     async def _runner(self, q: _Queue) -> None:
         streak = 0
         while True:
-            job = await self._next_job(q, streak)
-            if job is None:
-                return
             streak += 1
+            if streak % 32 == 0:
+                # Handlers that never await would otherwise keep heartbeat and completer
+                # off the loop for a whole batch. Before taking a job, never while holding one.
+                await anyio.lowlevel.checkpoint()
+            job = q.inbox.take_nowait()
+            if job is None:
+                job = await q.inbox.take()
+                if job is None:
+                    return
             q.running[job.id, job.token] = job
             try:
                 outcome, label = await self._execute(q, job)
