@@ -40,6 +40,17 @@ def kind_name(value: object) -> str:
     )
 
 
+MAX_PARTITION_KEY_CHARS = 512
+
+
+def partition_key(value: object) -> str:
+    """A partition key is a bound value, never SQL; bounded so the index entry stays small."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_PARTITION_KEY_CHARS or "\x00" in value:
+        raise InvalidArgsError(
+            f"invalid partition key {value!r}: use a string of 1-{MAX_PARTITION_KEY_CHARS} characters without NUL")
+    return value
+
+
 def _walk(value: Any, path: str) -> None:
     # Exact types only: subclasses (enums, numpy scalars, bool-likes) would round-trip as
     # something else, and the job would run with args its caller never wrote.

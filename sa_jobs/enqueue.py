@@ -21,7 +21,7 @@ from .errors import ConfigurationError
 from .model import Job, KindOptions, _check_attempts, _check_priority
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
 
-_COLUMNS = ("kind", "queue", "args", "state", "priority", "max_attempts", "tags", "meta", "scheduled_at")
+_COLUMNS = ("kind", "queue", "args", "state", "priority", "max_attempts", "tags", "meta", "partition_key", "scheduled_at")
 
 
 def _schema_of(session: Any) -> str:
@@ -65,6 +65,7 @@ def _row_of(job: Job) -> tuple[Any, ...]:
         d.get("max_attempts", options.max_attempts),
         list(d.get("tags") or options.tags),
         json.dumps(d.get("meta") or {}),
+        d.get("partition_key"),
         scheduled,
     )
 
@@ -86,10 +87,10 @@ def _rows_of_args(
     state = "scheduled" if run_at is not None else "available"
     tag_list = list(tags if tags is not None else options.tags)
     for item in args:
-        text = _validate.encode_payload(item, max_bytes=options.max_args_bytes)[1]
+        value, text = _validate.encode_payload(item, max_bytes=options.max_args_bytes)
         yield (
             options.kind, queue, text, state,
-            priority, max_attempts, tag_list, "{}", run_at,
+            priority, max_attempts, tag_list, "{}", options.partition_key_of(value), run_at,
         )
 
 
@@ -121,14 +122,16 @@ def _copy_args_as_text(
     if any(_SIMPLE_TAG.fullmatch(t) is None or t.upper() == "NULL" for t in tag_list):
         return None
     prefix = "\t".join((options.kind, queue)) + "\t"
-    suffix = "\t" + "\t".join(("available", str(priority), str(max_attempts), "{" + ",".join(tag_list) + "}", "{}")) + "\n"
+    suffix = "\t" + "\t".join(("available", str(priority), str(max_attempts), "{" + ",".join(tag_list) + "}", "{}")) + "\t"
     table = sql.Identifier(_schema_of(session), JOBS_TABLE)
     count = 0
     chunk: list[str] = []
     with _driver_connection(session).cursor() as cur, cur.copy(_copy_statement(table, _COLUMNS[:-1])) as copy:
         for item in args:
-            text = _validate.encode_payload(item, max_bytes=options.max_args_bytes)[1]
-            chunk.append(prefix + text.replace("\\", "\\\\") + suffix)
+            value, text = _validate.encode_payload(item, max_bytes=options.max_args_bytes)
+            key = options.partition_key_of(value)
+            chunk.append(prefix + text.replace("\\", "\\\\") + suffix
+                         + ("\\N" if key is None else _copy_text(key)) + "\n")
             if len(chunk) == 2000:
                 copy.write("".join(chunk))
                 count += len(chunk)
@@ -137,6 +140,14 @@ def _copy_args_as_text(
             copy.write("".join(chunk))
             count += len(chunk)
     return count
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(value: str) -> str:
+    """One field in COPY's text format (a partition key is any string without NUL)."""
+    return value.translate(_COPY_ESCAPES)
 
 
 def enqueue_many(
@@ -221,17 +232,19 @@ def _split_unique(jobs: Iterable[Job], unique_rows: list[tuple[KindOptions, tupl
 # unnest(...) ON CONFLICT on the unique index, with the key's period bucket computed on
 # the database clock as in the ORM path.
 _UNIQUE_INSERT = (
-    "INSERT INTO {jobs} (kind, queue, args, state, priority, max_attempts, tags, meta, scheduled_at,"
-    " unique_key, unique_states)"
+    "INSERT INTO {jobs} (kind, queue, args, state, priority, max_attempts, tags, meta, partition_key,"
+    " scheduled_at, unique_key, unique_states)"
     " SELECT u.kind, u.queue, u.args::jsonb, u.state, u.priority, u.max_attempts,"
-    " ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)), u.meta::jsonb, coalesce(u.scheduled_at, now()),"
+    " ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)), u.meta::jsonb, u.partition_key,"
+    " coalesce(u.scheduled_at, now()),"
     " CASE WHEN u.period IS NULL THEN u.base"
     "  ELSE u.base || ':' || floor(extract(epoch FROM now()) / u.period)::bigint END,"
     " ARRAY(SELECT jsonb_array_elements_text(u.states::jsonb))"
     " FROM unnest(%(kind)s::text[], %(queue)s::text[], %(args)s::text[], %(state)s::text[],"
     "  %(priority)s::smallint[], %(max_attempts)s::int[], %(tags)s::text[], %(meta)s::text[],"
-    "  %(scheduled_at)s::timestamptz[], %(base)s::text[], %(period)s::bigint[], %(states)s::text[])"
-    " WITH ORDINALITY AS u(kind, queue, args, state, priority, max_attempts, tags, meta, scheduled_at,"
+    "  %(partition_key)s::text[], %(scheduled_at)s::timestamptz[], %(base)s::text[], %(period)s::bigint[],"
+    "  %(states)s::text[])"
+    " WITH ORDINALITY AS u(kind, queue, args, state, priority, max_attempts, tags, meta, partition_key, scheduled_at,"
     "  base, period, states, ord)"
     " ORDER BY u.ord"
     " ON CONFLICT (kind, unique_key) WHERE {predicate} "
@@ -240,7 +253,7 @@ _ON_CONFLICT_NOTHING = "DO NOTHING"
 _ON_CONFLICT_REPLACE = (
     "DO UPDATE SET args = EXCLUDED.args, queue = EXCLUDED.queue, priority = EXCLUDED.priority,"
     " max_attempts = EXCLUDED.max_attempts, scheduled_at = EXCLUDED.scheduled_at, state = EXCLUDED.state,"
-    " tags = EXCLUDED.tags, meta = EXCLUDED.meta"
+    " tags = EXCLUDED.tags, meta = EXCLUDED.meta, partition_key = EXCLUDED.partition_key"
     " WHERE {jobs}.state IN ('scheduled', 'available', 'retryable')"
 )
 
@@ -273,8 +286,8 @@ def _insert_unique(driver: Any, table: sql.Identifier, unique_rows: list[tuple[K
         params = {
             "kind": list(cols[0]), "queue": list(cols[1]), "args": list(cols[2]), "state": list(cols[3]),
             "priority": list(cols[4]), "max_attempts": list(cols[5]),
-            "tags": [json.dumps(list(t)) for t in cols[6]], "meta": list(cols[7]), "scheduled_at": list(cols[8]),
-            "base": list(cols[9]), "period": list(cols[10]), "states": list(cols[11]),
+            "tags": [json.dumps(list(t)) for t in cols[6]], "meta": list(cols[7]), "partition_key": list(cols[8]),
+            "scheduled_at": list(cols[9]), "base": list(cols[10]), "period": list(cols[11]), "states": list(cols[12]),
         }
         tail = _ON_CONFLICT_REPLACE if mode == "replace" else _ON_CONFLICT_NOTHING
         stmt = sql.SQL(_UNIQUE_INSERT + tail).format(jobs=table, predicate=sql.SQL(UNIQUE_PREDICATE))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
@@ -49,6 +50,9 @@ class KindOptions:
     tags: tuple[str, ...] = ()
     max_args_bytes: int = _validate.DEFAULT_MAX_ARGS_BYTES
     unique: Optional[Unique] = None
+    # Args whose values form the job's partition key (e.g. ("customer_id",)): a queue's
+    # partition_concurrency limit counts running jobs per key.
+    partition_by: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _validate.kind_name(self.kind)
@@ -61,6 +65,21 @@ class KindOptions:
             raise ConfigurationError("backoff must be a callable (attempt) -> seconds")
         if self.unique is not None and not isinstance(self.unique, Unique):
             raise ConfigurationError(f"unique= takes a sa_jobs.Unique(...), not {self.unique!r}")
+        if isinstance(self.partition_by, str) or not all(isinstance(a, str) and a for a in self.partition_by):
+            raise ConfigurationError(f"partition_by must be a tuple of argument names, not {self.partition_by!r}")
+
+    def partition_key_of(self, args: Mapping[str, Any]) -> Optional[str]:
+        """The partition key of a job with ``args``: the named args' values as compact JSON
+        (one value alone as its JSON text, so ``customer_id=7`` gives ``7``)."""
+        if not self.partition_by:
+            return None
+        missing = [a for a in self.partition_by if a not in args]
+        if missing:
+            raise ConfigurationError(
+                f"kind {self.kind!r} is partitioned by {list(self.partition_by)}, but args lack {missing}")
+        values = [args[a] for a in self.partition_by]
+        return _validate.partition_key(
+            json.dumps(values[0] if len(values) == 1 else values, separators=(",", ":"), sort_keys=True))
 
 
 def _check_priority(priority: object) -> int:
@@ -113,6 +132,8 @@ class Job(Base):
     # Schema v3: a unique job holds its key only while its state is in unique_states.
     unique_key: Mapped[Optional[str]] = mapped_column(Text)
     unique_states: Mapped[Optional[list[str]]] = mapped_column(ARRAY(Text))
+    # Schema v4: the key a queue's partition_concurrency limit counts by (e.g. a customer).
+    partition_key: Mapped[Optional[str]] = mapped_column(Text)
 
     __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_abstract": True, "eager_defaults": True}
 
@@ -132,6 +153,7 @@ class Job(Base):
         tags: Sequence[str] = (),
         max_args_bytes: int = _validate.DEFAULT_MAX_ARGS_BYTES,
         unique: Optional[Unique] = None,
+        partition_by: Sequence[str] = (),
         **kw: Any,
     ) -> None:
         options = KindOptions(
@@ -144,6 +166,7 @@ class Job(Base):
             tags=tuple(tags),
             max_args_bytes=max_args_bytes,
             unique=unique,
+            partition_by=(partition_by,) if isinstance(partition_by, str) else tuple(partition_by),
         )
         cls.__sa_jobs_options__ = options
         cls.__sa_jobs_handler__ = None
@@ -170,6 +193,8 @@ class Job(Base):
             self.max_attempts = options.max_attempts
         if options.tags:
             self.tags = list(options.tags)
+        if options.partition_by:
+            self.partition_key = options.partition_key_of(self.args)
         if options.unique is not None:
             self._set_unique_key()
 
@@ -204,10 +229,12 @@ class Job(Base):
         run_at: Optional[dt.datetime] = None,
         tags: Optional[Sequence[str]] = None,
         meta: Optional[Mapping[str, Any]] = None,
+        partition_key: Optional[str] = None,
     ) -> "Job":
         """Override this row's defaults; returns the row so it chains into ``session.add``.
 
         ``delay`` is measured on the database clock (``now() + delay`` at INSERT).
+        ``partition_key`` sets the key a queue's partition_concurrency limit counts by.
         """
         if queue is not None:
             self.queue = _validate.queue_name(queue)
@@ -236,6 +263,8 @@ class Job(Base):
             self.tags = list(tags)
         if meta is not None:
             self.meta = _validate.json_payload(meta, what="meta")
+        if partition_key is not None:
+            self.partition_key = _validate.partition_key(partition_key)
         return self
 
     # ---- handlers ----------------------------------------------------------------

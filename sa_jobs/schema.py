@@ -197,6 +197,50 @@ def _v3_down(schema: str) -> list[sql.Composable]:
     ]
 
 
+PARTITION_INDEX = "jobs_partition_idx"
+
+
+def _v4_up(schema: str) -> list[sql.Composable]:
+    # Nullable columns and a constant default: catalog-only changes, no table rewrite.
+    return [
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS partition_key text").format(sql.Identifier(schema, JOBS_TABLE)),
+        # Cluster-wide limits, enforced by the claim under this row's lock. The rate
+        # window is a fixed window aligned to the epoch: at most rate_limit claims start
+        # in each rate_period.
+        sql.SQL(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS concurrency integer CHECK (concurrency > 0),"
+            " ADD COLUMN IF NOT EXISTS partition_concurrency integer CHECK (partition_concurrency > 0),"
+            " ADD COLUMN IF NOT EXISTS rate_limit integer CHECK (rate_limit > 0),"
+            " ADD COLUMN IF NOT EXISTS rate_period interval CHECK (rate_period > interval '0'),"
+            " ADD COLUMN IF NOT EXISTS rate_window_start timestamptz,"
+            " ADD COLUMN IF NOT EXISTS rate_window_count integer NOT NULL DEFAULT 0,"
+            " ADD CONSTRAINT queues_rate_pair CHECK ((rate_limit IS NULL) = (rate_period IS NULL))"
+        ).format(sql.Identifier(schema, QUEUES_TABLE)),
+    ]
+
+
+def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
+    # Only keyed, waiting rows: queues without partitions pay nothing for it. The claim of
+    # a partition-limited queue walks the distinct keys of this index (a skip scan).
+    return [_jobs_index(schema, PARTITION_INDEX,
+                        "(queue, partition_key, priority, scheduled_at, id)"
+                        " WHERE state = 'available' AND partition_key IS NOT NULL",
+                        concurrently=concurrently)]
+
+
+def _v4_down(schema: str) -> list[sql.Composable]:
+    return [
+        sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, PARTITION_INDEX)),
+        sql.SQL(
+            "ALTER TABLE {} DROP CONSTRAINT IF EXISTS queues_rate_pair,"
+            " DROP COLUMN IF EXISTS rate_window_count, DROP COLUMN IF EXISTS rate_window_start,"
+            " DROP COLUMN IF EXISTS rate_period, DROP COLUMN IF EXISTS rate_limit,"
+            " DROP COLUMN IF EXISTS partition_concurrency, DROP COLUMN IF EXISTS concurrency"
+        ).format(sql.Identifier(schema, QUEUES_TABLE)),
+        sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS partition_key").format(sql.Identifier(schema, JOBS_TABLE)),
+    ]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs table, claim/due/lease indexes, insert NOTIFY trigger", _v1_up, _v1_down),
     Migration(
@@ -206,6 +250,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         3, "unique jobs (unique_key, unique_states, unique index), queues and periodic tables",
         _v3_up, _v3_down, _v3_up_concurrently, concurrent_indexes=(UNIQUE_INDEX,),
+    ),
+    Migration(
+        4, "queue limits (concurrency, partition concurrency, rate), jobs.partition_key and its index",
+        _v4_up, _v4_down, _v4_up_concurrently, concurrent_indexes=(PARTITION_INDEX,),
     ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -142,7 +142,7 @@ def existing_statement(table: Any, kind: str, key: Any) -> Any:
 
 # ---- the Session hook ------------------------------------------------------------------
 
-_INSERTABLE = ("queue", "args", "state", "priority", "max_attempts", "scheduled_at", "tags", "meta")
+_INSERTABLE = ("queue", "args", "state", "priority", "max_attempts", "scheduled_at", "tags", "meta", "partition_key")
 
 
 def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:

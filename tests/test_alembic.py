@@ -109,7 +109,7 @@ def insert_jobs(url: str, schema: str, n: int) -> None:
 
 
 def job_rows(url: str, schema: str) -> list[Any]:
-    query = sql.SQL("SELECT to_jsonb(j) - 'progress' - 'unique_key' - 'unique_states' FROM {} j ORDER BY id").format(sql.Identifier(schema, "jobs"))
+    query = sql.SQL("SELECT to_jsonb(j) - 'progress' - 'unique_key' - 'unique_states' - 'partition_key' FROM {} j ORDER BY id").format(sql.Identifier(schema, "jobs"))
     return [r[0] for r in run_sql(url, query)]
 
 

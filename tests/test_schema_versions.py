@@ -69,7 +69,7 @@ def insert_jobs(url: str, schema: str, n: int = 300) -> None:
 
 
 def job_rows(url: str, schema: str) -> list[dict[str, Any]]:
-    rows = run_sql(url, sql.SQL("SELECT to_jsonb(j) - 'progress' - 'unique_key' - 'unique_states' FROM {} j ORDER BY id").format(sql.Identifier(schema, "jobs")))
+    rows = run_sql(url, sql.SQL("SELECT to_jsonb(j) - 'progress' - 'unique_key' - 'unique_states' - 'partition_key' FROM {} j ORDER BY id").format(sql.Identifier(schema, "jobs")))
     return [r[0] for r in rows]
 
 
