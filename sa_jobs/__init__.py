@@ -14,14 +14,17 @@ Declare a kind, enqueue it in your own transaction, run a worker::
 
 from .admin import (
     JobStatus,
+    QueueLimits,
     cancel,
     cancel_many,
     job_status,
     pause_queue,
     paused_queues,
+    queue_limits,
     resume_queue,
     retry,
     retry_many,
+    set_queue_limits,
     wait_for,
     wait_for_async,
 )
@@ -66,6 +69,7 @@ __all__ = [
     "Periodic",
     "PeriodicJobs",
     "Pruner",
+    "QueueLimits",
     "SaJobsError",
     "SchemaVersionError",
     "Snooze",
@@ -82,10 +86,12 @@ __all__ = [
     "job_status",
     "pause_queue",
     "paused_queues",
+    "queue_limits",
     "registered_kinds",
     "resume_queue",
     "retry",
     "retry_many",
+    "set_queue_limits",
     "wait_for",
     "wait_for_async",
 ]

@@ -201,13 +201,15 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
 
 
 def _queues_table(session: Any) -> Any:
-    from sqlalchemy import Boolean, Column, DateTime, MetaData, Table, Text
+    from sqlalchemy import Boolean, Column, DateTime, Integer, Interval, MetaData, Table, Text
 
     from .schema import DEFAULT_SCHEMA, QUEUES_TABLE
 
     return Table(
         QUEUES_TABLE, MetaData(), Column("name", Text, primary_key=True), Column("paused", Boolean),
-        Column("updated_at", DateTime(timezone=True)), schema=DEFAULT_SCHEMA,
+        Column("updated_at", DateTime(timezone=True)), Column("concurrency", Integer),
+        Column("partition_concurrency", Integer), Column("rate_limit", Integer), Column("rate_period", Interval),
+        schema=DEFAULT_SCHEMA,
     )
 
 
@@ -234,6 +236,93 @@ def pause_queue(session: Any, queue: str) -> None:
 
 def resume_queue(session: Any, queue: str) -> None:
     set_queue_paused(session, queue, False)
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """Cluster-wide limits of one queue, enforced by every worker's claim.
+
+    ``concurrency``: jobs of the queue running at once across all workers;
+    ``partition_concurrency``: jobs running at once per partition key (a kind's
+    ``partition_by`` args, or ``.options(partition_key=...)``); ``rate``: at most
+    ``rate[0]`` jobs started per ``rate[1]`` (a fixed window aligned to the epoch).
+    ``None`` leaves that dimension unlimited. Per-worker ``concurrency`` still applies.
+    """
+
+    concurrency: Optional[int] = None
+    partition_concurrency: Optional[int] = None
+    rate: Optional[tuple[int, dt.timedelta]] = None
+
+    def __post_init__(self) -> None:
+        from .errors import ConfigurationError
+
+        for name in ("concurrency", "partition_concurrency"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or not 1 <= value <= 2**31 - 1):
+                raise ConfigurationError(f"{name} must be a positive int or None, not {value!r}")
+        if self.rate is not None:
+            if not isinstance(self.rate, tuple) or len(self.rate) != 2:
+                raise ConfigurationError(f"rate must be (count, period), not {self.rate!r}")
+            count, period = self.rate
+            if type(count) is not int or not 1 <= count <= 2**31 - 1:
+                raise ConfigurationError(f"rate count must be a positive int, not {count!r}")
+            if not isinstance(period, dt.timedelta) or period.total_seconds() < 0.001:
+                raise ConfigurationError(f"rate period must be a timedelta of at least 1 ms, not {period!r}")
+
+    @property
+    def limited(self) -> bool:
+        return self.concurrency is not None or self.partition_concurrency is not None or self.rate is not None
+
+
+def parse_rate(text: str) -> tuple[int, dt.timedelta]:
+    """``"10/1s"``, ``"100/m"``, ``"5000/1h"``: a count per period (see :func:`parse_age`)."""
+    from .errors import ConfigurationError
+
+    count, sep, period = (text or "").partition("/")
+    if not sep or not count.strip().isdigit() or not period.strip():
+        raise ConfigurationError(f"invalid rate {text!r}: use COUNT/PERIOD, such as 10/1s, 100/m or 5000/1h")
+    period = period.strip()
+    return int(count), parse_age(period if period[:1].isdigit() else "1" + period)
+
+
+def set_queue_limits(session: Any, queue: str, limits: QueueLimits) -> None:
+    """Set (replace) ``queue``'s cluster-wide limits; ``QueueLimits()`` removes them.
+
+    Takes effect at every worker's next claim of the queue, in the caller's transaction.
+    """
+    from sqlalchemy.dialects.postgresql import insert
+
+    from . import _validate
+
+    _validate.queue_name(queue)
+    if not isinstance(limits, QueueLimits):
+        raise TypeError(f"limits must be a QueueLimits, not {limits!r}")
+    table = _queues_table(session)
+    values = {
+        "concurrency": limits.concurrency,
+        "partition_concurrency": limits.partition_concurrency,
+        "rate_limit": limits.rate[0] if limits.rate else None,
+        "rate_period": limits.rate[1] if limits.rate else None,
+        "updated_at": func.now(),
+    }
+    stmt = insert(table).values(name=queue, paused=False, **values)
+    session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=values))
+    # Workers waiting on a queue that was limited look again at once.
+    session.execute(select(func.pg_notify(literal(_channel(session)), "")))
+
+
+def queue_limits(session: Any, queue: str) -> QueueLimits:
+    """The limits ``queue`` has now (``QueueLimits()`` when none)."""
+    from . import _validate
+
+    table = _queues_table(session)
+    row = session.execute(
+        select(table.c.concurrency, table.c.partition_concurrency, table.c.rate_limit, table.c.rate_period)
+        .where(table.c.name == _validate.queue_name(queue))
+    ).first()
+    if row is None:
+        return QueueLimits()
+    return QueueLimits(row[0], row[1], (row[2], row[3]) if row[2] is not None else None)
 
 
 def paused_queues(session: Any) -> list[str]:
@@ -394,9 +483,28 @@ def queue_overview(session: Any) -> list[dict[str, Any]]:
         select(_jobs.c.queue, _jobs.c.state, func.count()).group_by(_jobs.c.queue, _jobs.c.state)
     ):
         counts.setdefault(queue, {s: 0 for s in ALL_STATES})[state] = n
-    paused = dict(session.execute(select(table.c.name, table.c.paused)).all())
+    settings = {
+        r.name: r for r in session.execute(
+            select(table.c.name, table.c.paused, table.c.concurrency, table.c.partition_concurrency,
+                   table.c.rate_limit, table.c.rate_period))
+    }
     rows = []
-    for name in sorted(set(counts) | set(paused)):
+    for name in sorted(set(counts) | set(settings)):
         per_state = counts.get(name, {s: 0 for s in ALL_STATES})
-        rows.append({"queue": name, **per_state, "paused": bool(paused.get(name, False))})
+        s = settings.get(name)
+        rows.append({
+            "queue": name, **per_state, "paused": bool(s and s.paused),
+            "concurrency": s.concurrency if s else None,
+            "partition_concurrency": s.partition_concurrency if s else None,
+            "rate": f"{s.rate_limit}/{_format_period(s.rate_period)}" if s and s.rate_limit is not None else None,
+        })
     return rows
+
+
+def _format_period(period: dt.timedelta) -> str:
+    seconds = period.total_seconds()
+    for unit in ("w", "d", "h", "m"):
+        size = _AGE_UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

@@ -375,7 +375,7 @@ def _cmd_queues(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     elif rows:
-        print(format_table(rows, ("queue", *ALL_STATES, "paused")))
+        print(format_table(rows, ("queue", *ALL_STATES, "paused", "concurrency", "partition_concurrency", "rate")))
     else:
         print("no queues yet", file=sys.stderr)
     return 0
@@ -394,6 +394,45 @@ def _cmd_queue_pause(args: argparse.Namespace) -> int:
     else:
         print(f"queue {args.name}: {'paused' if paused else 'resumed'}")
     return 0
+
+
+def _cmd_queue_limit(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from .admin import QueueLimits, parse_rate, queue_limits, set_queue_limits
+
+    with Session(_engine(args)) as session, session.begin():
+        if args.clear:
+            limits = QueueLimits()
+        else:
+            current = queue_limits(session, args.name)
+            limits = QueueLimits(
+                concurrency=_keep_or_set(current.concurrency, args.concurrency),
+                partition_concurrency=_keep_or_set(current.partition_concurrency, args.partition_concurrency),
+                rate=current.rate if args.rate is None else (None if args.rate == "none" else parse_rate(args.rate)),
+            )
+        set_queue_limits(session, args.name, limits)
+    shown = {
+        "queue": args.name, "concurrency": limits.concurrency, "partition_concurrency": limits.partition_concurrency,
+        "rate": None if limits.rate is None else [limits.rate[0], limits.rate[1].total_seconds()],
+    }
+    if args.json:
+        _print_json(shown)
+    else:
+        print(f"queue {args.name}: " + ", ".join(f"{k}={v if v is not None else 'unlimited'}"
+                                                for k, v in shown.items() if k != "queue"))
+    return 0
+
+
+def _keep_or_set(current: Optional[int], given: Optional[str]) -> Optional[int]:
+    """CLI limit values: absent keeps the current one, ``none`` removes it, else a positive int."""
+    if given is None:
+        return current
+    if given == "none":
+        return None
+    if not given.isdigit() or int(given) < 1:
+        raise ConfigurationError(f"invalid limit {given!r}: use a positive integer or none")
+    return int(given)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -511,6 +550,16 @@ def _add_operator_commands(sub, common) -> None:  # type: ignore[no-untyped-def]
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
         p.add_argument("name", type=queue_t, metavar="NAME")
         p.set_defaults(func=_cmd_queue_pause)
+    p = qsub.add_parser("limit", help="set a queue's cluster-wide limits (given ones change; none removes one)")
+    p.add_argument("--database-url", default=argparse.SUPPRESS, help=f"PostgreSQL URL (default: ${ENV_VAR})")
+    p.add_argument("--schema", default=argparse.SUPPRESS, help="Postgres schema of the queue")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    p.add_argument("name", type=queue_t, metavar="NAME")
+    p.add_argument("--concurrency", metavar="N|none", help="jobs of the queue running at once, cluster-wide")
+    p.add_argument("--partition-concurrency", metavar="N|none", help="jobs running at once per partition key")
+    p.add_argument("--rate", metavar="COUNT/PERIOD|none", help="jobs started per period, e.g. 10/1s, 600/m")
+    p.add_argument("--clear", action="store_true", help="remove every limit of the queue")
+    p.set_defaults(func=_cmd_queue_limit)
     queues.set_defaults(func=_cmd_queues)
 
     dead = sub.add_parser("dead", help="dead jobs in bulk")

@@ -9,7 +9,7 @@ until its lease expires, when it is rescued and re-run (at-least-once, never stu
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable, Optional
 
 import anyio
 
@@ -30,12 +30,14 @@ class Completer:
         *,
         interval: float = 0.005,
         max_batch: int = 2000,
+        on_written: Optional[Callable[[], None]] = None,
     ) -> None:
         self._conn = conn
         self._q = queries
         self._observer = observer
         self._interval = interval
         self._max_batch = max_batch
+        self._on_written = on_written
         self._pending: list[Outcome] = []
         self._wake = anyio.Event()
         self._idle = anyio.Event()
@@ -97,6 +99,8 @@ class Completer:
             log.error("completer: batch of %d refused (%s); writing one by one", len(batch), describe(exc))
             await self._write_singly(batch)
         self._failures = 0
+        if self._on_written is not None:
+            self._on_written()
         if not self._pending:
             self._idle.set()
         return True

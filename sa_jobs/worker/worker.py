@@ -73,6 +73,13 @@ class _Queue:
     running: dict[tuple[int, uuid.UUID], ClaimedJob] = field(default_factory=dict)
     wake: anyio.Event = field(default_factory=anyio.Event)
     slot_freed: anyio.Event = field(default_factory=anyio.Event)
+    # Cluster-wide limits, as last read from the queues table: a limited queue is claimed
+    # through the serialized claim (the plain claim refuses it, so a stale view here can
+    # delay a claim but never exceed a limit).
+    limited: bool = False
+    rate_period: Optional[float] = None
+    # Set while this worker alone is told not to claim from the queue; set on resume.
+    local_pause: Optional[anyio.Event] = None
 
 
 class Worker:
@@ -303,7 +310,8 @@ class Worker:
         claim_conn = ManagedConnection(self._conninfo, "producer", timeout=self.statement_timeout)
         complete_conn = ManagedConnection(self._conninfo, "completer", timeout=self.statement_timeout)
         beat_conn = ManagedConnection(self._conninfo, "heartbeat", timeout=self.statement_timeout)
-        self.completer = Completer(complete_conn, self._queries, self._observer, interval=self._completion_interval)
+        self.completer = Completer(complete_conn, self._queries, self._observer, interval=self._completion_interval,
+                                   on_written=self._completions_written)
         heartbeat = self._heartbeat = Heartbeat(
             beat_conn, self._queries, self._observer, self.running_jobs,
             lease=self.lease, interval=self._heartbeat_interval,
@@ -364,6 +372,9 @@ class Worker:
     async def _producer(self, q: _Queue, conn: ManagedConnection, lock: anyio.Lock) -> None:
         failures = 0
         while True:
+            if q.local_pause is not None:
+                await q.local_pause.wait()
+                continue
             free = q.limit - q.busy
             if free <= 0:
                 await q.slot_freed.wait()
@@ -379,6 +390,9 @@ class Worker:
                     # would sit running until their lease expired.
                     with anyio.CancelScope(shield=True):
                         live = await conn.get()
+                        # Paused while we connected: no claim starts after pause() returns.
+                        if q.local_pause is not None:
+                            continue
                         with conn.deadline():
                             jobs = await self._claim(q, live, want)
                 failures = 0
@@ -396,18 +410,26 @@ class Worker:
             if self._stopping:
                 return
             if len(jobs) < want:
-                with anyio.move_on_after(self._poll_interval):
+                with anyio.move_on_after(self._idle_wait(q)):
                     await q.wake.wait()
+
+    def _idle_wait(self, q: _Queue) -> float:
+        """How long a producer that got less than it asked for waits for a wake-up."""
+        if q.rate_period:  # a rate window may be spent: look again when the next one opens
+            return min(self._poll_interval, q.rate_period - time.time() % q.rate_period + 0.001)
+        return self._poll_interval
 
     async def _claim(self, q: _Queue, conn: Any, limit: int) -> list[ClaimedJob]:
         token = uuid.uuid4()
         started = time.perf_counter()
-        cur = await conn.execute(
-            self._queries.claim,
-            {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id, "lease": self.lease},
-            prepare=True,
-        )
-        rows = await cur.fetchall()
+        params = {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id, "lease": self.lease}
+        if q.limited:
+            rows = await self._claim_limited(q, conn, params)
+        else:
+            cur = await conn.execute(self._queries.claim, params, prepare=True)
+            rows = await cur.fetchall()
+            if not rows:  # empty, paused, or limited since we last looked
+                await self._read_settings(q, conn)
         elapsed = time.perf_counter() - started
         self._observer.claimed(q.name, len(rows), elapsed)
         now = time.monotonic()
@@ -419,6 +441,73 @@ class Worker:
             )
             for r in rows
         ]
+
+    async def _read_settings(self, q: _Queue, conn: Any) -> None:
+        row = await (await conn.execute(self._queries.queue_settings, {"queue": q.name}, prepare=True)).fetchone()
+        limited = bool(row and row[1])
+        if limited != q.limited:
+            log.info("worker %s: queue %r is %s", self.worker_id, q.name, "limited" if limited else "no longer limited")
+            q.wake.set()  # claim again at once, through the other path
+        q.limited = limited
+        q.rate_period = row[3] if limited and row else None
+
+    async def _claim_limited(self, q: _Queue, conn: Any, params: dict[str, Any]) -> list[Any]:
+        """Claim within the queue's cluster-wide limits: lock its row, then count and claim
+        in a second statement, whose snapshot sees what the previous lock holder claimed.
+        Two statements per batch, never one per job; claimers of other queues never wait."""
+        async with conn.transaction():
+            cur = await conn.execute(self._queries.lock_queue, {"queue": q.name}, prepare=True)
+            row = await cur.fetchone()
+            if row is None or not row[0]:
+                q.limited, q.rate_period = False, None
+                q.wake.set()
+                return []
+            q.rate_period = row[2]
+            if row[1]:
+                statement = self._queries.claim_partitioned
+                params["scan"] = max(100, 4 * params["limit"])
+            else:
+                statement = self._queries.claim_limited
+            cur = await conn.execute(statement, params, prepare=True)
+            return await cur.fetchall()
+
+    def _completions_written(self) -> None:
+        # A limited queue's room is counted from running rows: a batch of completions
+        # just landed, so limited producers may find room again.
+        for q in self._queues.values():
+            if q.limited:
+                q.wake.set()
+
+    # ---- local pause ---------------------------------------------------------------
+
+    def pause(self, queue: str) -> None:
+        """Stop claiming from ``queue`` in this worker only (running jobs finish); see
+        :func:`sa_jobs.pause_queue` for every worker of the cluster."""
+        q = self._local_queue(queue)
+        if q.local_pause is None:
+            q.local_pause = anyio.Event()
+            log.info("worker %s: queue %r paused locally", self.worker_id, queue)
+
+    def resume(self, queue: str) -> None:
+        """Claim from ``queue`` again after :meth:`pause`."""
+        q = self._local_queue(queue)
+        event, q.local_pause = q.local_pause, None
+        if event is not None:
+            event.set()
+            log.info("worker %s: queue %r resumed locally", self.worker_id, queue)
+
+    def paused(self) -> list[str]:
+        """The queues this worker has paused locally."""
+        return sorted(name for name, q in self._queues.items() if q.local_pause is not None)
+
+    def _local_queue(self, queue: str) -> _Queue:
+        _validate.queue_name(queue)
+        if queue not in self._queue_limits:
+            raise ConfigurationError(f"worker {self.worker_id} does not serve queue {queue!r}: {sorted(self._queue_limits)}")
+        q = self._queues.get(queue)
+        if q is None:
+            raise ConfigurationError("the worker is not started yet: pause queues once it runs")
+        return q
 
     # ---- running -----------------------------------------------------------------
 

@@ -1,0 +1,224 @@
+"""Cluster-wide queue limits: concurrency, per-partition concurrency and rate, enforced
+by the claim of every worker process; local pause of one worker.
+
+Handlers keep a gauge (tests/jobs_limits.py) of how many of them run at once, so the
+peaks checked here are what really ran concurrently across processes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+
+import anyio
+import pytest
+from sqlalchemy.orm import Session
+
+from sa_jobs import ConfigurationError, QueueLimits, Worker, enqueue_many, queue_limits, set_queue_limits
+from sa_jobs.admin import parse_rate, queue_overview
+from sa_jobs.errors import InvalidArgsError
+
+from .conftest import REPO_ROOT, start_worker_process
+from .helpers import FAST, jobs_sql, q, states, wait_for
+from .jobs_limits import CustomerWork, LimitedWork, RatedWork, gauge_ddl
+from .test_processes import output, stop
+
+PROCESS_FAST = ["--lease", "5", "--maintenance-interval", "0.2", "--poll-interval", "0.2"]
+
+
+@pytest.fixture
+def gauge(database_url, schema):
+    q(database_url, gauge_ddl(schema))
+    os.environ["SA_JOBS_DATABASE_URL"] = database_url
+
+
+def peaks(database_url: str, schema: str) -> dict[str, int]:
+    return dict(q(database_url, jobs_sql(schema, "SELECT key, peak FROM {jobs}").as_string().replace(
+        f'"{schema}"."jobs"', f'"{schema}"."gauge"')))
+
+
+def limit(engine, queue: str, limits: QueueLimits) -> None:
+    with Session(engine) as session, session.begin():
+        set_queue_limits(session, queue, limits)
+
+
+def drain_with_processes(database_url: str, schema: str, total: int, processes: int, concurrency: int, timeout: float = 90) -> None:
+    procs = [start_worker_process(database_url, schema, "tests.jobs_limits", "--concurrency", str(concurrency), *PROCESS_FAST)
+             for _ in range(processes)]
+    try:
+        assert wait_for(lambda: states(database_url, schema) == {"completed": total}, timeout, 0.2), states(database_url, schema)
+    finally:
+        codes = stop(procs)
+    assert codes == [0] * processes, [output(p) for p in procs]
+
+
+def test_queue_concurrency_holds_across_worker_processes(engine, database_url, schema, gauge):
+    limit(engine, "lim", QueueLimits(concurrency=3))
+    with Session(engine) as session, session.begin():
+        session.add_all([LimitedWork(seconds=0.15, i=i) for i in range(30)])
+    drain_with_processes(database_url, schema, 30, processes=3, concurrency=4)  # 12 local slots
+    # Never above the limit, and the limit is used, not undercut.
+    assert peaks(database_url, schema)["*"] == 3
+    assert q(database_url, jobs_sql(schema, "SELECT max(attempt) FROM {jobs}")) == [(1,)]
+
+
+def test_partition_concurrency_limits_each_key_and_does_not_starve_other_keys(engine, database_url, schema, gauge):
+    limit(engine, "limp", QueueLimits(partition_concurrency=2))
+    with Session(engine) as session, session.begin():
+        # One customer floods the queue first; four others come after it.
+        enqueue_many(session, CustomerWork, [{"customer": "flood", "seconds": 0.05, "i": i} for i in range(120)])
+        enqueue_many(session, CustomerWork, [{"customer": f"c{k}", "seconds": 0.05, "i": i}
+                                             for i in range(6) for k in range(4)])
+    procs = [start_worker_process(database_url, schema, "tests.jobs_limits", "--concurrency", "8", *PROCESS_FAST)
+             for _ in range(2)]
+    others_done = ("SELECT count(*) FILTER (WHERE state = 'completed' AND partition_key <> '\"flood\"'),"
+                   " count(*) FILTER (WHERE state = 'completed' AND partition_key = '\"flood\"') FROM {jobs}")
+    try:
+        assert wait_for(lambda: q(database_url, jobs_sql(schema, others_done))[0][0] == 24, 60, 0.05)
+        flood_done = q(database_url, jobs_sql(schema, others_done))[0][1]
+        assert wait_for(lambda: states(database_url, schema) == {"completed": 144}, 90, 0.2), states(database_url, schema)
+    finally:
+        codes = stop(procs)
+    assert codes == [0, 0], [output(p) for p in procs]
+    # The flood's 120 jobs at 2 at a time take >= 3 s; the other customers were served
+    # beside it, not after it.
+    assert flood_done < 80, flood_done
+    seen = peaks(database_url, schema)
+    assert max(v for k, v in seen.items() if k != "limp") == 2, seen
+    assert seen["limp"] > 2, seen  # different keys ran side by side
+
+
+def test_rate_limit_caps_claims_per_window(engine, database_url, schema, gauge):
+    limit(engine, "limr", QueueLimits(rate=(5, dt.timedelta(seconds=1))))
+    with Session(engine) as session, session.begin():
+        session.add_all([RatedWork(i=i) for i in range(23)])
+    drain_with_processes(database_url, schema, 23, processes=2, concurrency=10)
+    # attempted_at is the claim transaction's now(), the clock the window is taken from.
+    per_window = q(database_url, jobs_sql(
+        schema, "SELECT floor(extract(epoch FROM attempted_at))::bigint AS w, count(*) FROM {jobs} GROUP BY w ORDER BY w"))
+    assert max(n for _, n in per_window) == 5, per_window
+    assert len(per_window) >= 5, per_window  # 23 jobs at 5 per second need five windows
+
+
+def test_limits_apply_and_lift_while_a_worker_runs(engine, database_url, schema, gauge):
+    async def main() -> tuple[int, int]:
+        async with Worker(database_url, kinds=[LimitedWork], schema=schema, concurrency=8, **FAST):
+            limit(engine, "lim", QueueLimits(concurrency=1))
+            with Session(engine) as session, session.begin():
+                session.add_all([LimitedWork(seconds=0.05, i=i) for i in range(10)])
+            await anyio.to_thread.run_sync(lambda: wait_for(lambda: states(database_url, schema) == {"completed": 10}, 30))
+            limited_peak = peaks(database_url, schema)["*"]
+            q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = state").as_string().replace(
+                f'"{schema}"."jobs"', f'"{schema}"."gauge"').replace("state = state", "peak = 0"))
+            limit(engine, "lim", QueueLimits())  # lifted
+            with Session(engine) as session, session.begin():
+                session.add_all([LimitedWork(seconds=0.3, i=i) for i in range(8)])
+            await anyio.to_thread.run_sync(lambda: wait_for(lambda: states(database_url, schema) == {"completed": 18}, 30))
+            return limited_peak, peaks(database_url, schema)["*"]
+
+    limited_peak, free_peak = anyio.run(main)
+    assert limited_peak == 1
+    assert free_peak > 1
+
+
+def test_local_pause_stops_one_worker_only(engine, database_url, schema, gauge):
+    async def main() -> None:
+        async with Worker(database_url, kinds=[LimitedWork], schema=schema, **FAST) as worker:
+            with pytest.raises(ConfigurationError):
+                worker.pause("not_served")
+            worker.pause("lim")
+            assert worker.paused() == ["lim"]
+            with Session(engine) as session, session.begin():
+                session.add_all([LimitedWork(seconds=0.0, i=i) for i in range(5)])
+            await anyio.sleep(1.0)  # five poll intervals: a claiming worker would have run them
+            assert states(database_url, schema) == {"available": 5}
+            worker.resume("lim")
+            assert worker.paused() == []
+            assert await anyio.to_thread.run_sync(
+                lambda: wait_for(lambda: states(database_url, schema) == {"completed": 5}, 20))
+
+    anyio.run(main)
+
+
+# ---- API, CLI and validation ----------------------------------------------------------
+
+
+def test_limits_round_trip_and_show_in_the_overview(engine):
+    with Session(engine) as session, session.begin():
+        set_queue_limits(session, "emails", QueueLimits(concurrency=4, partition_concurrency=1,
+                                                        rate=(600, dt.timedelta(minutes=1))))
+    with Session(engine) as session:
+        assert queue_limits(session, "emails") == QueueLimits(4, 1, (600, dt.timedelta(minutes=1)))
+        assert queue_limits(session, "other") == QueueLimits()
+        row = next(r for r in queue_overview(session) if r["queue"] == "emails")
+    assert (row["concurrency"], row["partition_concurrency"], row["rate"]) == (4, 1, "600/1m")
+
+
+@pytest.mark.parametrize("bad", [
+    dict(concurrency=0), dict(concurrency=True), dict(partition_concurrency=-1),
+    dict(rate=(0, dt.timedelta(seconds=1))), dict(rate=(5, dt.timedelta(0))), dict(rate=(5, 1.0)), dict(rate=5),
+])
+def test_bad_limits_are_refused(bad):
+    with pytest.raises(ConfigurationError):
+        QueueLimits(**bad)
+
+
+def test_parse_rate():
+    assert parse_rate("10/1s") == (10, dt.timedelta(seconds=1))
+    assert parse_rate("600/m") == (600, dt.timedelta(minutes=1))
+    assert parse_rate("5000/1h") == (5000, dt.timedelta(hours=1))
+    for bad in ("", "10", "x/1s", "10/", "10/1y", "-1/s"):
+        with pytest.raises(ConfigurationError):
+            parse_rate(bad)
+
+
+def test_partition_key_from_kind_args_and_options():
+    assert CustomerWork(customer="acme").partition_key == '"acme"'
+    assert CustomerWork(customer="acme").options(partition_key="k1").partition_key == "k1"
+    with pytest.raises(ConfigurationError, match="partitioned by"):
+        CustomerWork(seconds=1)
+    with pytest.raises(InvalidArgsError):
+        LimitedWork().options(partition_key="a\x00b")
+    with pytest.raises(InvalidArgsError):
+        LimitedWork().options(partition_key="x" * 513)
+
+
+def test_partition_keys_survive_every_enqueue_path(engine, database_url, schema):
+    awkward = "tab\there\\back\nline"
+    with Session(engine) as session, session.begin():
+        session.add(CustomerWork(customer=awkward, i=1))
+        enqueue_many(session, [CustomerWork(customer=awkward, i=2)])
+        enqueue_many(session, CustomerWork, [{"customer": awkward, "i": 3}])
+        enqueue_many(session, [LimitedWork(i=4).options(partition_key=awkward)])
+    keys = q(database_url, jobs_sql(schema, "SELECT args->>'i', partition_key FROM {jobs} ORDER BY 1"))
+    assert keys == [("1", json.dumps(awkward)), ("2", json.dumps(awkward)), ("3", json.dumps(awkward)), ("4", awkward)]
+
+
+def run_cli(database_url: str, schema: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sa_jobs", *args, "--database-url", database_url, "--schema", schema],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_cli_sets_shows_and_clears_limits(database_url, schema):
+    done = run_cli(database_url, schema, "queues", "limit", "emails", "--concurrency", "5", "--rate", "10/1s", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"queue": "emails", "concurrency": 5, "partition_concurrency": None, "rate": [10, 1.0]}
+    # Only the given limit changes.
+    assert run_cli(database_url, schema, "queues", "limit", "emails", "--partition-concurrency", "2").returncode == 0
+    shown = json.loads(run_cli(database_url, schema, "queues", "--json").stdout)
+    row = next(r for r in shown if r["queue"] == "emails")
+    assert (row["concurrency"], row["partition_concurrency"], row["rate"]) == (5, 2, "10/1s")
+    assert run_cli(database_url, schema, "queues", "limit", "emails", "--rate", "none").returncode == 0
+    assert run_cli(database_url, schema, "queues", "limit", "emails", "--clear").returncode == 0
+    row = next(r for r in json.loads(run_cli(database_url, schema, "queues", "--json").stdout) if r["queue"] == "emails")
+    assert (row["concurrency"], row["partition_concurrency"], row["rate"]) == (None, None, None)
+    for bad in (["--concurrency", "0"], ["--concurrency", "many"], ["--rate", "fast"]):
+        refused = run_cli(database_url, schema, "queues", "limit", "emails", *bad)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    refused = run_cli(database_url, schema, "queues", "limit", "bad name", "--concurrency", "1")
+    assert refused.returncode == 2, refused.stderr
