@@ -151,10 +151,11 @@ class Periodic:
 
 
 _INSERT_JOB = (
-    "INSERT INTO {jobs} (kind, queue, args, state, priority, max_attempts, tags, meta, scheduled_at,"
-    " unique_key, unique_states)"
+    "INSERT INTO {jobs} (kind, queue, args, state, priority, max_attempts, tags, meta, partition_key,"
+    " scheduled_at, unique_key, unique_states)"
     " VALUES (%(kind)s, %(queue)s, %(args)s::jsonb, %(state)s, %(priority)s, %(max_attempts)s, %(tags)s,"
-    " %(meta)s::jsonb, coalesce(%(scheduled_at)s::timestamptz, now()), %(unique_key)s, %(unique_states)s)"
+    " %(meta)s::jsonb, %(partition_key)s, coalesce(%(scheduled_at)s::timestamptz, now()), %(unique_key)s,"
+    " %(unique_states)s)"
     " ON CONFLICT (kind, unique_key) WHERE {predicate} DO NOTHING RETURNING id"
 )
 
@@ -237,12 +238,12 @@ class PeriodicJobs:
         from .enqueue import _row_of
 
         job = periodic.build()
-        kind, queue, args, state, priority, max_attempts, tags, meta, scheduled_at = _row_of(job)
+        kind, queue, args, state, priority, max_attempts, tags, meta, partition_key, scheduled_at = _row_of(job)
         meta_dict = json.loads(meta)
         meta_dict.update(periodic=periodic.name, slot=slot.isoformat())
         return {
             "kind": kind, "queue": queue, "args": args, "state": state, "priority": priority,
-            "max_attempts": max_attempts, "tags": tags, "meta": json.dumps(meta_dict),
+            "max_attempts": max_attempts, "tags": tags, "meta": json.dumps(meta_dict), "partition_key": partition_key,
             "scheduled_at": scheduled_at, "unique_key": periodic.unique_key(slot),
             "unique_states": list(ALL_STATES),
         }

@@ -35,6 +35,10 @@ def per_tick(ctx: JobContext, **args: object) -> None:
     return None
 
 
+class PerCustomer(Job, kind="per_customer", queue="periodic_q", partition_by=("customer",)):
+    pass
+
+
 # Every second, catching up missed seconds: the worker processes of the leader-change test.
 SA_JOBS_PERIODIC = [Periodic("* * * * * *", PerTick, args={"src": "cron"}, name="every_second", catch_up=True)]
 
@@ -130,6 +134,16 @@ def test_without_catch_up_only_the_latest_missed_slot_fires(database_url, schema
     _set_last_slot(database_url, schema, "latest_only", "10 minutes")
     [ids] = _fire(database_url, schema, p)
     assert len(ids) == 1
+
+
+def test_a_partitioned_kind_keeps_its_partition_key(database_url, schema):
+    p = Periodic("* * * * *", PerCustomer, args={"customer": 7}, name="per_customer", catch_up=True, max_catch_up=2)
+    _fire(database_url, schema, p)
+    _set_last_slot(database_url, schema, "per_customer", "2 minutes")
+    [ids] = _fire(database_url, schema, p)
+    assert len(ids) == 2
+    rows = q(database_url, jobs_sql(schema, "SELECT kind, args, partition_key FROM {jobs} ORDER BY id"))
+    assert rows == [("per_customer", {"customer": 7}, "7")] * 2
 
 
 def test_the_unique_key_is_a_second_guarantee(database_url, schema):
