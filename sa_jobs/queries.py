@@ -77,7 +77,7 @@ _ROOM = (
     "   - (SELECT count(*) FROM {jobs} r WHERE r.state = 'running' AND r.queue = %(queue)s) END,"
     "  CASE WHEN q.rate_limit IS NULL THEN %(limit)s ELSE q.rate_limit"
     "   - CASE WHEN q.rate_window_start = w.start THEN q.rate_window_count ELSE 0 END END)) END AS room,"
-    " w.start AS window_start"
+    " w.start AS window_start, q.partition_concurrency IS NOT NULL AS partitioned"
     " FROM {queues} q CROSS JOIN LATERAL (SELECT to_timestamp(floor(extract(epoch FROM now())"
     "  / extract(epoch FROM q.rate_period)) * extract(epoch FROM q.rate_period)) AS start) w"
     " WHERE q.name = %(queue)s)"
@@ -87,7 +87,9 @@ _CLAIM_AND_COUNT = (
     " claimed AS (UPDATE {jobs} AS j SET state = 'running', attempt = j.attempt + 1,"
     " attempted_at = now(), claim_token = %(token)s, lease_owner = %(owner)s,"
     " lease_expires_at = now() + make_interval(secs => %(lease)s)"
-    " FROM picked WHERE j.id = picked.id AND j.state = 'available'"
+    # An id array, not a join: the planner cannot know how many rows ``picked`` holds
+    # (its LIMIT is computed) and would otherwise hash-join against a scan of the table.
+    " WHERE j.id = ANY(ARRAY(SELECT id FROM picked))"
     " RETURNING " + CLAIM_COLUMNS.replace("id,", "j.id,", 1) + "),"
     " counted AS (UPDATE {queues} AS q SET rate_window_start = qc.window_start,"
     " rate_window_count = CASE WHEN q.rate_window_start = qc.window_start THEN q.rate_window_count ELSE 0 END"
@@ -133,6 +135,7 @@ class Queries:
     lock_queue: str
     claim_limited: str
     claim_partitioned: str
+    async_commit: str
 
     @classmethod
     def for_schema(cls, schema: str = DEFAULT_SCHEMA) -> "Queries":
@@ -230,7 +233,8 @@ class Queries:
                 " SELECT id FROM {jobs}"
                 " WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
                 " ORDER BY queue, priority, scheduled_at, id"
-                " LIMIT coalesce((SELECT room FROM qc), 0) FOR UPDATE SKIP LOCKED),"
+                # Partitioned since the worker looked: nothing (it retries with the other claim).
+                " LIMIT coalesce((SELECT room FROM qc WHERE NOT qc.partitioned), 0) FOR UPDATE SKIP LOCKED),"
                 + _CLAIM_AND_COUNT
             ),
             # Per-key room: the distinct keys with waiting jobs come from a skip scan of
@@ -238,6 +242,7 @@ class Queries:
             # partition_concurrency minus its running jobs, best first across keys.
             # Unkeyed jobs are limited by the queue only; they are looked for among the
             # first %(scan)s waiting jobs of the queue.
+            async_commit="SET LOCAL synchronous_commit = off",
             claim_partitioned=r(
                 "WITH RECURSIVE keys(key) AS ("
                 " (SELECT partition_key FROM {jobs} WHERE state = 'available' AND queue = %(queue)s"
@@ -247,25 +252,31 @@ class Queries:
                 "  AND k.partition_key > keys.key ORDER BY k.queue, k.partition_key LIMIT 1)"
                 " FROM keys WHERE keys.key IS NOT NULL),"
                 " " + _ROOM + ","
-                " busy AS (SELECT partition_key AS key, count(*) AS n FROM {jobs}"
+                " busy AS MATERIALIZED (SELECT partition_key AS key, count(*) AS n FROM {jobs}"
                 "  WHERE state = 'running' AND queue = %(queue)s AND partition_key IS NOT NULL GROUP BY partition_key),"
+                " free AS MATERIALIZED (SELECT keys.key,"
+                "  greatest(0, coalesce(q.partition_concurrency, %(limit)s) - coalesce(busy.n, 0)) AS free"
+                "  FROM keys CROSS JOIN {queues} q LEFT JOIN busy ON busy.key = keys.key"
+                "  WHERE keys.key IS NOT NULL AND q.name = %(queue)s),"
+                # Each key with room offers a fair share of the batch (or its room, if
+                # smaller): candidates stay near the batch size however many keys wait.
+                " offer AS MATERIALIZED (SELECT key, least(free, ceil(coalesce((SELECT room FROM qc), 0)::numeric"
+                "  / greatest(1, count(*) FILTER (WHERE free > 0) OVER ()))::int) AS room FROM free),"
                 " candidates AS ("
-                " SELECT c.id, c.priority, c.scheduled_at FROM keys"
-                " CROSS JOIN {queues} q"
+                " SELECT c.id, c.priority, c.scheduled_at FROM offer"
                 " CROSS JOIN LATERAL (SELECT j.id, j.priority, j.scheduled_at FROM {jobs} j"
-                "  WHERE j.state = 'available' AND j.queue = %(queue)s AND j.partition_key = keys.key"
+                "  WHERE j.state = 'available' AND j.queue = %(queue)s AND j.partition_key = offer.key"
                 "  AND j.scheduled_at <= now() ORDER BY j.queue, j.partition_key, j.priority, j.scheduled_at, j.id"
-                "  LIMIT greatest(0, coalesce(q.partition_concurrency, %(limit)s)"
-                "   - coalesce((SELECT n FROM busy WHERE busy.key = keys.key), 0))) c"
-                " WHERE keys.key IS NOT NULL AND q.name = %(queue)s"
+                "  LIMIT offer.room) c"
+                " WHERE offer.room > 0"
                 " UNION ALL"
                 " SELECT h.id, h.priority, h.scheduled_at FROM (SELECT id, priority, scheduled_at, partition_key"
                 "  FROM {jobs} WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
                 "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s) h WHERE h.partition_key IS NULL),"
                 " picked AS MATERIALIZED ("
-                " SELECT id FROM {jobs} WHERE id IN ("
+                " SELECT id FROM {jobs} WHERE id = ANY(ARRAY("
                 "  SELECT id FROM candidates ORDER BY priority, scheduled_at, id"
-                "  LIMIT coalesce((SELECT room FROM qc), 0))"
+                "  LIMIT coalesce((SELECT room FROM qc), 0)))"
                 " AND state = 'available' FOR UPDATE SKIP LOCKED),"
                 + _CLAIM_AND_COUNT
             ),

@@ -1,0 +1,79 @@
+"""Benchmark driver for sa-jobs with cluster-wide queue limits set (see _proto.py).
+
+``--variant`` picks the limits set on the benchmark queue at setup:
+
+- ``none``: no limits (the plain claim; the baseline).
+- ``concurrency``: a queue concurrency limit far above what the workers can run.
+- ``rate``: a rate limit far above the drain rate.
+- ``partition``: a per-partition limit above what a key can use; jobs spread over 100 keys.
+- ``all``: the three together.
+- ``concurrency-binding``: a queue concurrency limit of 50 that does bind (informative).
+
+Only the limit machinery's cost is measured by the non-binding variants: the claim takes
+the queue row's lock, counts, and claims in a second statement.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+from sqlalchemy import create_engine  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from benchmarks.drivers import _proto, sajobs  # noqa: E402
+from sa_jobs import QueueLimits, set_queue_limits  # noqa: E402
+from sa_jobs._url import sqlalchemy_url  # noqa: E402
+
+KEYS = 100
+VARIANTS = {
+    "none": QueueLimits(),
+    "concurrency": QueueLimits(concurrency=100_000),
+    "rate": QueueLimits(rate=(10_000_000, dt.timedelta(seconds=1))),
+    "partition": QueueLimits(partition_concurrency=10_000),
+    "all": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
+    "concurrency-binding": QueueLimits(concurrency=50),
+}
+
+
+def setup(dsn: str, variant: str) -> None:
+    sajobs.setup(dsn)
+    engine = create_engine(sqlalchemy_url(dsn))
+    with Session(engine) as session, session.begin():
+        set_queue_limits(session, "bench", VARIANTS[variant])
+    engine.dispose()
+
+
+def load(dsn: str, n: int, completed: int, variant: str) -> None:
+    sajobs.load(dsn, n, completed)
+    if variant in ("partition", "all"):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"UPDATE {sajobs.JOBS} SET partition_key = 'k' || ((args->>'n')::int % {KEYS})"
+                         " WHERE state = 'available'")
+            conn.execute(f"VACUUM ANALYZE {sajobs.JOBS}")
+
+
+def main() -> None:
+    a = _proto.parser().parse_args()
+    variant = a.variant or "none"
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}: {sorted(VARIANTS)}")
+    if a.command == "setup":
+        setup(a.dsn, variant)
+    elif a.command == "load":
+        load(a.dsn, a.n, a.completed, variant)
+    elif a.command == "worker":
+        sajobs.worker(a.dsn, a.concurrency, a.max_claim, a.out)
+    elif a.command == "info":
+        _proto.emit({**sajobs.info(), "limits": repr(VARIANTS[variant])})
+    else:
+        raise SystemExit(f"{a.command} is not measured with limits")
+
+
+if __name__ == "__main__":
+    main()
