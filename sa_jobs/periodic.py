@@ -53,6 +53,18 @@ def _parse_cron(expression: str) -> None:
         )
 
 
+def _seconds_first_suspect(expression: str) -> Optional[str]:
+    """A warning for a 6-field expression that reads as "seconds first" (Quartz, Spring)
+    but fires every second of some minutes, because croniter takes the seconds LAST:
+    ``"*/2 * * * * *"`` is every second of every even minute, not every 2 seconds."""
+    fields = expression.split()
+    if len(fields) != 6 or fields[5] != "*" or fields[0] == "*":
+        return None
+    return (f"cron {expression!r} fires every second of the minutes {fields[0]!r} (60 slots, then none"
+            f" until the next such minute): with 6 fields the seconds are the LAST field; every N"
+            f" seconds is '* * * * * */N'")
+
+
 def _zone(name: str) -> dt.tzinfo:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -74,6 +86,10 @@ class Periodic:
     after downtime, fire every missed slot (at most ``max_catch_up``, the most recent);
     without it only the most recent missed slot fires, late. A schedule seen for the first
     time starts at its next slot.
+
+    ``cron`` has 5 fields (minute hour day month weekday) or 6 with the **seconds last**
+    (croniter's order): every 10 seconds is ``"* * * * * */10"``; ``"*/10 * * * * *"`` is
+    every second of every tenth minute, and is logged as a likely mistake.
     """
 
     cron: str
@@ -111,6 +127,9 @@ class Periodic:
             raise ConfigurationError("catch_up must be a bool")
         if type(self.max_catch_up) is not int or not 1 <= self.max_catch_up <= 10_000:
             raise ConfigurationError(f"max_catch_up must be an int in 1..10000, not {self.max_catch_up!r}")
+        suspect = _seconds_first_suspect(self.cron)
+        if suspect is not None:
+            log.warning("periodic %r: %s", self.name, suspect)
 
     def build(self) -> Job:
         """A fresh job row for one slot."""
@@ -145,6 +164,12 @@ class Periodic:
         from croniter import croniter
 
         return croniter(self.cron, now.astimezone(self._tz) + dt.timedelta(microseconds=1)).get_prev(dt.datetime)
+
+    def next_slot(self, now: dt.datetime) -> dt.datetime:
+        """The first slot strictly after ``now``."""
+        from croniter import croniter
+
+        return croniter(self.cron, now.astimezone(self._tz)).get_next(dt.datetime)
 
     def unique_key(self, slot: dt.datetime) -> str:
         return "periodic:" + self.name + ":" + slot.astimezone(dt.timezone.utc).isoformat()
@@ -217,7 +242,11 @@ class PeriodicJobs:
             name = {"name": periodic.name}
             cur = await conn.execute(statements["register"], {**name, "slot": periodic.latest_slot(now)})
             if await cur.fetchone() is not None:
-                return []  # first sighting: the schedule starts at its next slot
+                # First sighting: the schedule starts at its next slot (logged, so a slot
+                # far later than the author expected is visible at once).
+                log.info("periodic %r registered; its first slot is %s", periodic.name,
+                         periodic.next_slot(now).isoformat())
+                return []
             last_slot = (await (await conn.execute(statements["lock"], name)).fetchone())[0]
             slots = periodic.due_slots(last_slot, now)
             ids: list[int] = []

@@ -82,6 +82,33 @@ def test_slots_in_a_time_zone_across_dst():
     assert [s.minute for s in bounded.due_slots(start, end)] == [50, 55, 0]
 
 
+def test_six_fields_put_the_seconds_last(caplog):
+    """croniter's order: "* * * * * */2" is every 2 seconds; "*/2 * * * * *" (seconds first,
+    as in Quartz) is every second of every even minute, then nothing for a minute. That
+    misreading made the S3 reliability test intermittent (docs/reliability.md, Finding 7)."""
+    start = dt.datetime(2024, 1, 1, 16, 14, 50, tzinfo=UTC)
+    caplog.set_level("WARNING", logger="sa_jobs.periodic")
+    every_2s = Periodic("* * * * * */2", PerTick, name="every_2s", catch_up=True)
+    assert caplog.records == []
+    slots = every_2s.due_slots(start, start + dt.timedelta(seconds=20))
+    assert [s.strftime("%M:%S") for s in slots] == ["14:52", "14:54", "14:56", "14:58", "15:00", "15:02", "15:04",
+                                                     "15:06", "15:08", "15:10"]
+    assert every_2s.next_slot(start) == start + dt.timedelta(seconds=2)
+    seconds_first = Periodic("*/2 * * * * *", PerTick, name="seconds_first", catch_up=True)
+    [record] = caplog.records
+    assert "seconds_first" in record.getMessage() and "'* * * * * */N'" in record.getMessage()
+    slots = seconds_first.due_slots(start, start + dt.timedelta(seconds=20))
+    assert [s.strftime("%M:%S") for s in slots] == ["14:51", "14:52", "14:53", "14:54", "14:55", "14:56", "14:57",
+                                                     "14:58", "14:59"]
+    # Registered at 16:15:10, its first slot is 50 s away: the S3 test's wait timed out.
+    assert seconds_first.next_slot(start + dt.timedelta(seconds=20)) == dt.datetime(2024, 1, 1, 16, 16, tzinfo=UTC)
+    Periodic("*/5 * * * *", PerTick, name="five_fields")
+    Periodic("* * * * * *", PerTick, name="every_second")
+    Periodic("30 9 * * * 15", PerTick, name="at_9_30_15")
+    Periodic("0 * * * * *", PerTick, name="meant_top_of_every_minute")  # every second of minute 0
+    assert [r.getMessage().split("'")[1] for r in caplog.records] == ["seconds_first", "meant_top_of_every_minute"]
+
+
 def _fire(database_url: str, schema: str, periodic: Periodic, connections: int = 1) -> list[list[int]]:
     service = PeriodicJobs([periodic])
     statements = service._statements(schema)
