@@ -77,7 +77,6 @@ class _Queue:
     # through the serialized claim (the plain claim refuses it, so a stale view here can
     # delay a claim but never exceed a limit).
     limited: bool = False
-    partitioned: bool = False
     rate_period: Optional[float] = None
     # Set while this worker alone is told not to claim from the queue; set on resume.
     local_pause: Optional[anyio.Event] = None
@@ -425,12 +424,13 @@ class Worker:
         started = time.perf_counter()
         params = {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id, "lease": self.lease}
         if q.limited:
-            rows = await self._claim_limited(q, conn, params)
+            params["scan"] = max(100, 4 * limit)
+            cur = await conn.execute(self._queries.claim_limited, params, prepare=True)
         else:
             cur = await conn.execute(self._queries.claim, params, prepare=True)
-            rows = await cur.fetchall()
-            if not rows:  # empty, paused, or limited since we last looked
-                await self._read_settings(q, conn)
+        rows = await cur.fetchall()
+        if not rows:  # empty, paused, at a limit, or its limits changed since we looked
+            await self._read_settings(q, conn)
         elapsed = time.perf_counter() - started
         self._observer.claimed(q.name, len(rows), elapsed)
         now = time.monotonic()
@@ -450,40 +450,7 @@ class Worker:
             log.info("worker %s: queue %r is %s", self.worker_id, q.name, "limited" if limited else "no longer limited")
             q.wake.set()  # claim again at once, through the other path
         q.limited = limited
-        q.partitioned = bool(limited and row and row[2])
         q.rate_period = row[3] if limited and row else None
-
-    async def _claim_limited(self, q: _Queue, conn: Any, params: dict[str, Any]) -> list[Any]:
-        """Claim within the queue's cluster-wide limits: lock its row, then count and claim
-        in a second statement, whose snapshot sees what the previous lock holder claimed.
-
-        One round trip per batch (a pipeline), never one per job; claimers of other queues
-        never wait. The lock is held until COMMIT, so the commit does not wait for the WAL
-        flush (synchronous_commit off for this transaction only): claimers of the queue
-        would otherwise queue behind one fsync each. A claim lost in a server crash leaves
-        its jobs available, and the stale claim's outcomes are fenced off by their token:
-        a re-run, as at-least-once allows, never a lost job.
-        """
-        partitioned = q.partitioned
-        if partitioned:
-            params["scan"] = max(100, 4 * params["limit"])
-        async with conn.pipeline():
-            async with conn.transaction():
-                await conn.execute(self._queries.async_commit)
-                lock = await conn.execute(self._queries.lock_queue, {"queue": q.name}, prepare=True)
-                claim = await conn.execute(
-                    self._queries.claim_partitioned if partitioned else self._queries.claim_limited, params, prepare=True)
-        row = await lock.fetchone()
-        rows = await claim.fetchall()
-        if row is None or not row[0]:
-            q.limited, q.partitioned, q.rate_period = False, False, None
-            q.wake.set()  # claim again at once, through the plain path
-        else:
-            q.rate_period = row[2]
-            if row[1] != partitioned:  # the limits changed: the claim took nothing, retry
-                q.partitioned = row[1]
-                q.wake.set()
-        return rows
 
     def _completions_written(self) -> None:
         # A limited queue's room is counted from running rows: a batch of completions

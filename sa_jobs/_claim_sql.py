@@ -1,0 +1,112 @@
+"""The SQL of the limited claim, shared by the worker's statements and the schema's
+claim function (``<schema>.claim_limited``), so both are one text.
+
+Templates use ``{jobs}``/``{queues}`` for the tables and ``%(name)s`` for the values;
+:func:`function_body` turns the latter into the function's ``p_name`` arguments.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Column list every claim returns, in the order ClaimedJob reads it.
+CLAIM_COLUMNS = (
+    "id, kind, queue, args, attempt, max_attempts, priority,"
+    " extract(epoch FROM (attempted_at - scheduled_at))::float8 AS wait_seconds,"
+    " extract(epoch FROM created_at)::float8 AS created_epoch"
+)
+
+
+# A queue whose row sets any limit is claimed only through the limited path below.
+LIMITED = "(concurrency IS NOT NULL OR partition_concurrency IS NOT NULL OR rate_limit IS NOT NULL)"
+
+# How many jobs a limited claim may take, computed under the queue row's lock (taken by
+# an earlier statement of the claim function, so this statement's snapshot already sees
+# every claim committed by the claimer before us).
+_ROOM = (
+    "qc AS ("
+    " SELECT CASE WHEN q.paused THEN 0 ELSE greatest(0, least(%(limit)s,"
+    "  CASE WHEN q.concurrency IS NULL THEN %(limit)s ELSE q.concurrency"
+    "   - (SELECT count(*) FROM {jobs} r WHERE r.state = 'running' AND r.queue = %(queue)s) END,"
+    "  CASE WHEN q.rate_limit IS NULL THEN %(limit)s ELSE q.rate_limit"
+    "   - CASE WHEN q.rate_window_start = w.start THEN q.rate_window_count ELSE 0 END END)) END AS room,"
+    " w.start AS window_start"
+    " FROM {queues} q CROSS JOIN LATERAL (SELECT to_timestamp(floor(extract(epoch FROM now())"
+    "  / extract(epoch FROM q.rate_period)) * extract(epoch FROM q.rate_period)) AS start) w"
+    " WHERE q.name = %(queue)s)"
+)
+# The claim proper and the rate window's bookkeeping, shared by both limited claims.
+_CLAIM_AND_COUNT = (
+    " claimed AS (UPDATE {jobs} AS j SET state = 'running', attempt = j.attempt + 1,"
+    " attempted_at = now(), claim_token = %(token)s, lease_owner = %(owner)s,"
+    " lease_expires_at = now() + make_interval(secs => %(lease)s)"
+    # An id array, not a join: the planner cannot know how many rows ``picked`` holds
+    # (its LIMIT is computed) and would otherwise hash-join against a scan of the table.
+    " WHERE j.id = ANY(ARRAY(SELECT id FROM picked))"
+    " RETURNING " + CLAIM_COLUMNS.replace("id,", "j.id,", 1) + "),"
+    " counted AS (UPDATE {queues} AS q SET rate_window_start = qc.window_start,"
+    " rate_window_count = CASE WHEN q.rate_window_start = qc.window_start THEN q.rate_window_count ELSE 0 END"
+    "  + (SELECT count(*) FROM claimed)"
+    " FROM qc WHERE q.name = %(queue)s AND q.rate_limit IS NOT NULL)"
+    " SELECT * FROM claimed"
+)
+
+
+CLAIM_LIMITED = (
+    "WITH " + _ROOM + ","
+    " picked AS MATERIALIZED ("
+    " SELECT id FROM {jobs}"
+    " WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+    " ORDER BY queue, priority, scheduled_at, id"
+    " LIMIT coalesce((SELECT room FROM qc), 0) FOR UPDATE SKIP LOCKED),"
+    + _CLAIM_AND_COUNT
+)
+
+# Per-key room: the distinct keys with waiting jobs come from a skip scan of
+# jobs_partition_idx (one index probe per key); each key with room offers a fair share of
+# the batch, best first across keys. Unkeyed jobs are limited by the queue only; they are
+# looked for among the first %(scan)s waiting jobs of the queue.
+CLAIM_PARTITIONED = (
+    "WITH RECURSIVE keys(key) AS ("
+    " (SELECT partition_key FROM {jobs} WHERE state = 'available' AND queue = %(queue)s"
+    "  AND partition_key IS NOT NULL ORDER BY queue, partition_key LIMIT 1)"
+    " UNION ALL"
+    " SELECT (SELECT k.partition_key FROM {jobs} k WHERE k.state = 'available' AND k.queue = %(queue)s"
+    "  AND k.partition_key > keys.key ORDER BY k.queue, k.partition_key LIMIT 1)"
+    " FROM keys WHERE keys.key IS NOT NULL),"
+    " " + _ROOM + ","
+    " busy AS MATERIALIZED (SELECT partition_key AS key, count(*) AS n FROM {jobs}"
+    "  WHERE state = 'running' AND queue = %(queue)s AND partition_key IS NOT NULL GROUP BY partition_key),"
+    " free AS MATERIALIZED (SELECT keys.key,"
+    "  greatest(0, coalesce(q.partition_concurrency, %(limit)s) - coalesce(busy.n, 0)) AS free"
+    "  FROM keys CROSS JOIN {queues} q LEFT JOIN busy ON busy.key = keys.key"
+    "  WHERE keys.key IS NOT NULL AND q.name = %(queue)s),"
+    # Each key with room offers a fair share of the batch (or its room, if
+    # smaller): candidates stay near the batch size however many keys wait.
+    " offer AS MATERIALIZED (SELECT key, least(free, ceil(coalesce((SELECT room FROM qc), 0)::numeric"
+    "  / greatest(1, count(*) FILTER (WHERE free > 0) OVER ()))::int) AS room FROM free),"
+    " candidates AS ("
+    " SELECT c.id, c.priority, c.scheduled_at FROM offer"
+    " CROSS JOIN LATERAL (SELECT j.id, j.priority, j.scheduled_at FROM {jobs} j"
+    "  WHERE j.state = 'available' AND j.queue = %(queue)s AND j.partition_key = offer.key"
+    "  AND j.scheduled_at <= now() ORDER BY j.queue, j.partition_key, j.priority, j.scheduled_at, j.id"
+    "  LIMIT offer.room) c"
+    " WHERE offer.room > 0"
+    " UNION ALL"
+    " SELECT h.id, h.priority, h.scheduled_at FROM (SELECT id, priority, scheduled_at, partition_key"
+    "  FROM {jobs} WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+    "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s) h WHERE h.partition_key IS NULL),"
+    " picked AS MATERIALIZED ("
+    " SELECT id FROM {jobs} WHERE id = ANY(ARRAY("
+    "  SELECT id FROM candidates ORDER BY priority, scheduled_at, id"
+    "  LIMIT coalesce((SELECT room FROM qc), 0)))"
+    " AND state = 'available' FOR UPDATE SKIP LOCKED),"
+    + _CLAIM_AND_COUNT
+)
+
+_PARAM = re.compile(r"%\((\w+)\)s")
+
+
+def function_body(template: str) -> str:
+    """The template with each ``%(name)s`` replaced by the function argument ``p_name``."""
+    return _PARAM.sub(lambda m: "p_" + m.group(1), template)
