@@ -62,6 +62,40 @@ CLAIM_LIMITED = (
     + _CLAIM_AND_COUNT
 )
 
+# A partition-limited claim looks first at the queue's next %(scan)s waiting jobs in claim
+# order (one index range): each key may take its partition_concurrency minus its running
+# jobs, unkeyed jobs only the queue's room. When that leaves the batch short and more jobs
+# wait beyond the window (busy keys crowd its head), the skip scan below looks at every key.
+CLAIM_PARTITIONED_HEAD = (
+    "WITH " + _ROOM + ","
+    " head AS MATERIALIZED (SELECT id, partition_key, priority, scheduled_at FROM {jobs}"
+    "  WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+    "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s),"
+    # Running jobs of the window's keys only, each counted in jobs_running_partition_idx.
+    " busy AS MATERIALIZED (SELECT k.key, (SELECT count(*) FROM {jobs} b WHERE b.state = 'running'"
+    "  AND b.queue = %(queue)s AND b.partition_key = k.key) AS n"
+    "  FROM (SELECT DISTINCT partition_key AS key FROM head WHERE partition_key IS NOT NULL) k),"
+    " ranked AS (SELECT h.id, h.priority, h.scheduled_at, h.partition_key,"
+    "  row_number() OVER (PARTITION BY h.partition_key ORDER BY h.priority, h.scheduled_at, h.id) AS rn"
+    "  FROM head h),"
+    " candidates AS (SELECT r.id, r.priority, r.scheduled_at FROM ranked r"
+    "  CROSS JOIN {queues} q LEFT JOIN busy ON busy.key = r.partition_key"
+    "  WHERE q.name = %(queue)s AND (r.partition_key IS NULL"
+    "   OR r.rn + coalesce(busy.n, 0) <= coalesce(q.partition_concurrency, %(limit)s))),"
+    " picked AS MATERIALIZED ("
+    " SELECT id FROM {jobs} WHERE id = ANY(ARRAY("
+    "  SELECT id FROM candidates ORDER BY priority, scheduled_at, id"
+    "  LIMIT coalesce((SELECT room FROM qc), 0)))"
+    " AND state = 'available' FOR UPDATE SKIP LOCKED),"
+    + _CLAIM_AND_COUNT
+)
+
+# More waiting jobs than the head window holds (the skip scan's cue).
+BEYOND_HEAD = (
+    "SELECT 1 FROM {jobs} WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+    " ORDER BY queue, priority, scheduled_at, id OFFSET %(scan)s LIMIT 1"
+)
+
 # Per-key room: the distinct keys with waiting jobs come from a skip scan of
 # jobs_partition_idx (one index probe per key); each key with room offers a fair share of
 # the batch, best first across keys. Unkeyed jobs are limited by the queue only; they are

@@ -198,6 +198,7 @@ def _v3_down(schema: str) -> list[sql.Composable]:
 
 
 PARTITION_INDEX = "jobs_partition_idx"
+RUNNING_PARTITION_INDEX = "jobs_running_partition_idx"
 
 
 def _v4_up(schema: str) -> list[sql.Composable]:
@@ -245,17 +246,23 @@ def _claim_function(schema: str) -> sql.Composable:
         " priority smallint, wait_seconds double precision, created_epoch double precision)"
         " LANGUAGE plpgsql VOLATILE AS $claim$\n"
         "#variable_conflict use_column\n"
-        "DECLARE v_limited boolean; v_partitioned boolean;"
+        "DECLARE v_limited boolean; v_partitioned boolean; v_claimed integer;"
         " BEGIN"
         " SELECT " + c.LIMITED + ", partition_concurrency IS NOT NULL INTO v_limited, v_partitioned"
         " FROM {queues} WHERE name = p_queue FOR NO KEY UPDATE;"
         " IF NOT FOUND OR NOT v_limited THEN RETURN; END IF;"
         " PERFORM set_config('synchronous_commit', 'off', true);"
-        " IF v_partitioned THEN RETURN QUERY {partitioned};"
-        " ELSE RETURN QUERY {limited}; END IF;"
+        " IF NOT v_partitioned THEN RETURN QUERY {limited}; RETURN; END IF;"
+        " RETURN QUERY {head};"
+        " GET DIAGNOSTICS v_claimed = ROW_COUNT;"
+        " IF v_claimed < p_limit AND EXISTS ({beyond}) THEN"
+        "  p_limit := p_limit - v_claimed;"
+        "  RETURN QUERY {partitioned};"
+        " END IF;"
         " END $claim$"
     ).format(fn=sql.Identifier(schema, CLAIM_FUNCTION), queues=queues,
-             partitioned=body(c.CLAIM_PARTITIONED), limited=body(c.CLAIM_LIMITED))
+             partitioned=body(c.CLAIM_PARTITIONED), limited=body(c.CLAIM_LIMITED),
+             head=body(c.CLAIM_PARTITIONED_HEAD), beyond=body(c.BEYOND_HEAD))
 
 
 def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
@@ -264,12 +271,18 @@ def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.C
     return [_jobs_index(schema, PARTITION_INDEX,
                         "(queue, partition_key, priority, scheduled_at, id)"
                         " WHERE state = 'available' AND partition_key IS NOT NULL",
+                        concurrently=concurrently),
+            # The running jobs per key that a partition limit counts, without reading
+            # every running row of the queue.
+            _jobs_index(schema, RUNNING_PARTITION_INDEX,
+                        "(queue, partition_key) WHERE state = 'running' AND partition_key IS NOT NULL",
                         concurrently=concurrently)]
 
 
 def _v4_down(schema: str) -> list[sql.Composable]:
     return [
         sql.SQL("DROP FUNCTION IF EXISTS {}(" + _CLAIM_FUNCTION_ARGS + ")").format(sql.Identifier(schema, CLAIM_FUNCTION)),
+        sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, RUNNING_PARTITION_INDEX)),
         sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, PARTITION_INDEX)),
         sql.SQL(
             "ALTER TABLE {} DROP CONSTRAINT IF EXISTS queues_rate_pair,"
@@ -294,7 +307,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4, "queue limits (concurrency, partition concurrency, rate) and their claim function,"
         " jobs.partition_key and its index",
-        _v4_up, _v4_down, _v4_up_concurrently, concurrent_indexes=(PARTITION_INDEX,),
+        _v4_up, _v4_down, _v4_up_concurrently, concurrent_indexes=(PARTITION_INDEX, RUNNING_PARTITION_INDEX),
     ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version

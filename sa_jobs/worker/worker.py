@@ -424,7 +424,7 @@ class Worker:
         started = time.perf_counter()
         params = {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id, "lease": self.lease}
         if q.limited:
-            params["scan"] = max(100, 4 * limit)
+            params["scan"] = max(16, 2 * limit)  # the partitioned claim's head window
             cur = await conn.execute(self._queries.claim_limited, params, prepare=True)
         else:
             cur = await conn.execute(self._queries.claim, params, prepare=True)
