@@ -328,3 +328,51 @@ def test_cpu_bound_sync_handler_does_not_starve_heartbeats(engine, database_url,
     run_worker_until(database_url, schema, [WHog], finished(engine, [job_id]), lease=1.0, timeout=20)
     job = job_row(engine, job_id)
     assert (job.state, job.attempt, job.errors) == ("completed", 1, [])
+
+
+def test_a_job_that_finishes_during_a_beat_is_not_called_lost(database_url, schema):
+    """The beat's UPDATE misses a job whose completion landed meanwhile; that job is done,
+    not taken over, and must not be reported (or cancelled) as a lost lease. A job still
+    running when the beat answers without it is lost: the control case."""
+    import time as _time
+    import uuid as _uuid
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.events import NullObserver
+    from sa_jobs.queries import Queries
+    from sa_jobs.worker._job import ClaimedJob
+    from sa_jobs.worker.heartbeat import Heartbeat, ManagedConnection
+
+    queries = Queries.for_schema(schema)
+    conninfo = to_conninfo(database_url)
+    token = _uuid.uuid4()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(jobs_sql(schema, "INSERT INTO {jobs} (kind, queue) VALUES ('k', 'hb'), ('k', 'hb')"))
+        ids = [r[0] for r in conn.execute(queries.claim, {"queue": "hb", "limit": 2, "token": token, "owner": "w",
+                                                          "lease": 30}).fetchall()]
+        # Both complete (as the completer would) before the beat's UPDATE reaches them.
+        conn.execute(jobs_sql(schema, "UPDATE {jobs} SET state = 'completed' WHERE id = ANY(%s)"), (ids,))
+    now = _time.monotonic()
+    finished, running = (
+        ClaimedJob(id=i, token=token, kind="k", queue="hb", args={}, attempt=1, max_attempts=5, priority=0,
+                   wait_seconds=0.0, created_epoch=0.0, claimed_at=now, last_lease_ok=now)
+        for i in ids
+    )
+    calls = []
+
+    def running_jobs():
+        calls.append(1)
+        return [finished, running] if len(calls) == 1 else [running]  # `finished` left meanwhile
+
+    async def beat() -> None:
+        conn = ManagedConnection(conninfo, "heartbeat", timeout=5)
+        try:
+            await Heartbeat(conn, queries, NullObserver(), running_jobs, lease=30, interval=1).beat()
+        finally:
+            await conn.close()
+
+    anyio.run(beat)
+    assert not finished.lease_lost and not finished.cancelled
+    assert running.lease_lost and running.cancelled

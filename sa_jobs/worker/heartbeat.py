@@ -89,7 +89,10 @@ class Heartbeat:
             return
         now = time.monotonic()
         self._observer.heartbeat_ok()
-        missing = [j for j in jobs if (j.id, j.token) not in alive and not j.completing]
+        # A job that finished while the beat was in flight had its outcome written (and
+        # its row leave 'running') meanwhile: only jobs still running here can be lost.
+        still_running = {id(j) for j in self._running()}
+        missing = [j for j in jobs if (j.id, j.token) not in alive and not j.completing and id(j) in still_running]
         for job, progress in zip(jobs, sent):
             if (job.id, job.token) in alive:
                 job.last_lease_ok = now
