@@ -144,8 +144,19 @@ def existing_statement(table: Any, kind: str, key: Any) -> Any:
 
 _INSERTABLE = ("queue", "args", "state", "priority", "max_attempts", "scheduled_at", "tags", "meta", "partition_key")
 
+# Set once a kind with unique= is declared (see model.Job.__init_subclass__): until then
+# the hook, which runs on every flush of every Session, has nothing to look for.
+_unique_kinds_declared = False
+
+
+def note_unique_kind() -> None:
+    global _unique_kinds_declared
+    _unique_kinds_declared = True
+
 
 def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
+    if not _unique_kinds_declared:
+        return
     from .model import Job
 
     new = [o for o in session.new if isinstance(o, Job) and _unique_of(o) is not None]

@@ -41,6 +41,14 @@ class EnqSendReceipt(Job, kind="enq_send_receipt", queue="emails", max_attempts=
     pass
 
 
+class EnqPlain(Job, kind="enq_plain"):  # every option at the table's default
+    pass
+
+
+class EnqByCustomer(Job, kind="enq_by_customer", partition_by=("customer",)):
+    pass
+
+
 @pytest.fixture
 def orders(engine):
     _Base.metadata.create_all(engine)
@@ -114,6 +122,82 @@ def test_add_all_of_10k_is_batched(engine):
     assert 1 <= len(statements) <= 20, len(statements)
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(EnqSendReceipt)) == 10_000
+
+
+def _inserts_during(engine, fn) -> list[str]:  # noqa: ANN001
+    statements: list[str] = []
+
+    def grab(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if statement.lstrip().upper().startswith("INSERT"):
+            statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", grab)
+    try:
+        fn()
+    finally:
+        event.remove(engine, "before_cursor_execute", grab)
+    return statements
+
+
+def _insert_columns(statement: str) -> list[str]:
+    return [c.strip() for c in statement.split("(", 1)[1].split(")", 1)[0].split(",")]
+
+
+def test_insert_carries_only_the_columns_a_row_sets(engine):
+    def enqueue() -> None:
+        with Session(engine) as session, session.begin():
+            session.add(EnqPlain(n=1))
+            session.flush()
+            session.add_all([EnqPlain(n=i) for i in range(3)])
+            session.flush()
+            session.add(EnqSendReceipt(order_id=1))
+            session.flush()
+            session.add(EnqByCustomer(customer="acme"))
+
+    inserts = _inserts_during(engine, enqueue)
+    # No explicit NULLs for the lease, unique and partition columns, no defaults sent.
+    assert [_insert_columns(s) for s in inserts] == [
+        ["kind", "args"], ["kind", "args"], ["kind", "queue", "args", "priority", "max_attempts"],
+        ["kind", "args", "partition_key"],
+    ]
+
+
+def test_unset_columns_take_the_table_defaults_and_set_ones_are_written(engine):
+    with Session(engine) as session, session.begin():
+        explicit_none = EnqPlain(n=3)
+        explicit_none.lease_owner = None  # an explicit None is still written, as NULL
+        session.add_all([EnqPlain(n=1), EnqPlain(n=2).options(partition_key="k"), explicit_none,
+                         EnqByCustomer(customer=7)])
+    with Session(engine) as session:
+        rows = session.execute(
+            select(Job.kind, Job.partition_key, Job.lease_owner, Job.claim_token, Job.unique_key, Job.unique_states,
+                   Job.state, Job.queue, Job.priority, Job.max_attempts, Job.attempt, Job.tags, Job.meta, Job.errors)
+            .order_by(Job.id)
+        ).all()
+    defaults = (None, None, None, None, "available", "default", 0, 20, 0, [], {}, [])
+    assert rows == [
+        ("enq_plain", None, *defaults), ("enq_plain", "k", *defaults), ("enq_plain", None, *defaults),
+        ("enq_by_customer", "7", *defaults),
+    ]
+
+
+def test_flush_fetches_ids_and_leaves_the_rest_to_the_database(engine):
+    with Session(engine) as session, session.begin():
+        jobs = [EnqSendReceipt(order_id=i) for i in range(3)]
+        session.add_all(jobs)
+        session.add(single := EnqPlain(n=1))
+        session.flush()
+        assert all(type(j.id) is int for j in [*jobs, single])
+        # repr shows only what is loaded: it never queries (an AsyncSession could not).
+        assert _inserts_during(engine, lambda: repr(jobs[0])) == []
+        assert repr(jobs[0]) == f"<EnqSendReceipt id={jobs[0].id} state=? attempt=?>"
+        # The database's values load on first access (or with session.refresh).
+        assert (jobs[0].state, jobs[0].attempt, jobs[0].queue, jobs[0].priority, jobs[0].tags) == (
+            "available", 0, "emails", 3, [])
+        session.refresh(single)
+        assert (single.state, single.queue, single.max_attempts) == ("available", "default", 20)
+        assert single.created_at is not None and single.scheduled_at is not None
+        assert repr(single) == f"<EnqPlain id={single.id} state=available attempt=0>"
 
 
 def test_enqueue_many_bulk_path(engine):
