@@ -51,57 +51,103 @@ def partition_key(value: object) -> str:
     return value
 
 
-def _walk(value: Any, path: str) -> None:
+# One encoder for every payload: ``json.dumps`` with non-default options builds a new
+# JSONEncoder per call. Output is the same as json.dumps(separators=(",", ":"), ensure_ascii=False).
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+# A JSON string's text is at most 6 bytes per character (``\u001f``; UTF-8 needs at most 4).
+_STR_BYTES = 6
+# float.__repr__ is at most 24 characters ("-2.2250738585072014e-308").
+_FLOAT_BYTES = 24
+# Ints up to this many bits are bounded by bits // 3 + 2 characters (log10(2) < 1/3, plus a
+# sign); larger ones are measured (repr raises past Python's int-to-str digit limit, as
+# json.dumps would).
+_INT_BOUND_BITS = 4096
+
+
+def _where(path: Any) -> str:
+    """``path`` is None (the top) or (parent path, key or index), built only on error."""
+    parts = []
+    while path is not None:
+        path, key = path
+        parts.append(f"[{key!r}]")
+    return "".join(reversed(parts))
+
+
+def _walk(value: Any, path: Any) -> int:
+    """Raise InvalidArgsError unless ``value`` is plain JSON; return an upper bound on
+    the size in bytes of its compact UTF-8 JSON text."""
     # Exact types only: subclasses (enums, numpy scalars, bool-likes) would round-trip as
     # something else, and the job would run with args its caller never wrote.
     t = type(value)
     if t is str:
         if "\x00" in value:
-            raise InvalidArgsError(f"args{path} contains a NUL character, which PostgreSQL text cannot hold")
-        return
-    if value is None or t is bool or t is int:
-        return
+            raise InvalidArgsError(f"args{_where(path)} contains a NUL character, which PostgreSQL text cannot hold")
+        return _STR_BYTES * len(value) + 2
+    if value is None or t is bool:
+        return 5
+    if t is int:
+        bits = value.bit_length()
+        return bits // 3 + 2 if bits <= _INT_BOUND_BITS else len(repr(value))
     if t is float:
         if not math.isfinite(value):
-            raise InvalidArgsError(f"args{path} is {value!r}: JSON has no NaN or Infinity")
-        return
+            raise InvalidArgsError(f"args{_where(path)} is {value!r}: JSON has no NaN or Infinity")
+        return _FLOAT_BYTES
     if t is dict:
+        size = 2
         for key, item in value.items():
             if type(key) is not str:
-                raise InvalidArgsError(f"args{path} has a key {key!r} that is not a string")
+                raise InvalidArgsError(f"args{_where(path)} has a key {key!r} that is not a string")
             if "\x00" in key:
-                raise InvalidArgsError(f"args{path} has a key with a NUL character")
-            _walk(item, f"{path}[{key!r}]")
-        return
+                raise InvalidArgsError(f"args{_where(path)} has a key with a NUL character")
+            # "key":item, -- quotes, colon and comma
+            size += _STR_BYTES * len(key) + 4 + _walk(item, (path, key))
+        return size
     if t is list or t is tuple:
+        size = 2
         for i, item in enumerate(value):
-            _walk(item, f"{path}[{i}]")
-        return
+            size += _walk(item, (path, i)) + 1
+        return size
     raise InvalidArgsError(
-        f"args{path} is a {t.__name__}, which is not JSON; pass str, int, float, bool, None, list or dict"
+        f"args{_where(path)} is a {t.__name__}, which is not JSON; pass str, int, float, bool, None, list or dict"
     )
+
+
+def _over_cap(what: str, size: int, max_bytes: int) -> InvalidArgsError:
+    return InvalidArgsError(f"{what} are {size} bytes of JSON, over the cap of {max_bytes}")
 
 
 def encode_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_BYTES, what: str = "args") -> tuple[dict[str, Any], str]:
     """Prove ``value`` is plain JSON under ``max_bytes``; return it as a dict and as JSON text."""
     if type(value) is not dict:
         value = dict(value)
-    _walk(value, "")
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    _walk(value, None)
+    text = _encode(value)
     if len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:  # encode only when it may matter
-        raise InvalidArgsError(f"{what} are {len(text.encode())} bytes of JSON, over the cap of {max_bytes}")
+        raise _over_cap(what, len(text.encode()), max_bytes)
     return value, text
 
 
 def json_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_BYTES, what: str = "args") -> dict[str, Any]:
-    """Return ``value`` as a plain dict after proving it is JSON and under ``max_bytes``."""
-    return encode_payload(value, max_bytes=max_bytes, what=what)[0]
+    """Return ``value`` as a plain dict after proving it is JSON and under ``max_bytes``.
+
+    The JSON text is only built when the size bound from the walk exceeds the cap (the
+    driver encodes the dict again when it sends it): for the usual small args, the check
+    costs one walk and no encoding.
+    """
+    if type(value) is not dict:
+        value = dict(value)
+    if _walk(value, None) > max_bytes:
+        size = len(_encode(value).encode())
+        if size > max_bytes:
+            raise _over_cap(what, size, max_bytes)
+    return value
 
 
 def json_value(value: Any, what: str = "result") -> Any:
     """Check a handler's return value (or meta) is plain JSON."""
     try:
-        _walk(value, "")
+        _walk(value, None)
     except InvalidArgsError as exc:
         raise InvalidArgsError(str(exc).replace("args", what, 1)) from None
     return value

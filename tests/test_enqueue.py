@@ -18,6 +18,7 @@ from sa_jobs import (
     enqueue_many,
     schema as _unused,  # noqa: F401 - the module must import
 )
+from sa_jobs import _validate
 from sa_jobs._url import sqlalchemy_url
 from sa_jobs.schema import DEFAULT_SCHEMA
 
@@ -342,6 +343,35 @@ def test_enqueue_many_text_lane_round_trips_awkward_strings(engine):
                                       EnqSendReceipt.state).order_by(EnqSendReceipt.id)).all()
     assert [r.args for r in rows] == awkward
     assert {(tuple(r.tags), r.priority, r.state) for r in rows} == {(("bulk", "v1.2:x-y"), 2, "available")}
+
+
+def test_args_size_cap_is_exact_in_bytes():
+    class Capped(Job, kind="enq_capped", max_args_bytes=40):
+        pass
+
+    # {"s":"..."} is 8 bytes around the string; the cap counts UTF-8 bytes of compact JSON.
+    Capped(s="a" * 32)
+    with pytest.raises(InvalidArgsError, match="41 bytes of JSON, over the cap of 40"):
+        Capped(s="a" * 33)
+    Capped(s="é" * 16)  # 2 bytes each
+    with pytest.raises(InvalidArgsError, match="over the cap"):
+        Capped(s="€" * 11)  # 3 bytes each: 41
+    Capped(s="\n" * 16)  # escaped as 2 characters each
+    with pytest.raises(InvalidArgsError, match="over the cap"):
+        Capped(s="\x01" * 6)  # \u0001: 6 each, 44
+    # The bulk path's check (it encodes every row anyway) agrees.
+    assert _validate.encode_payload({"s": "é" * 16}, max_bytes=40)[1] == '{"s":"' + "é" * 16 + '"}'
+    with pytest.raises(InvalidArgsError, match="41 bytes of JSON, over the cap of 40"):
+        _validate.encode_payload({"s": "€" * 11}, max_bytes=40)
+
+
+def test_invalid_args_name_their_path():
+    with pytest.raises(InvalidArgsError, match=r"args\['a'\]\[1\]\['b'\] is nan"):
+        EnqPlain(a=[0, {"b": math.nan}])
+    with pytest.raises(InvalidArgsError, match=r"args\['a'\] has a key 1 that is not a string"):
+        EnqPlain(a={1: 2})
+    with pytest.raises(InvalidArgsError, match=r"args\['s'\]\[2\] is a set"):
+        EnqPlain(s=[1, 2, {3}])
 
 
 def test_enqueue_many_tags_needing_quotes_take_the_general_path(engine):
