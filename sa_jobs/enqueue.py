@@ -18,7 +18,7 @@ from psycopg import sql
 
 from . import _validate
 from .errors import ConfigurationError
-from .model import Job, KindOptions, _check_attempts, _check_priority
+from .model import _SERVER_DEFAULT_MAX_ATTEMPTS, Job, KindOptions, _check_attempts, _check_priority
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
 
 _COLUMNS = ("kind", "queue", "args", "state", "priority", "max_attempts", "tags", "meta", "partition_key", "scheduled_at")
@@ -95,6 +95,10 @@ def _rows_of_args(
 
 
 _SIMPLE_TAG = re.compile(r"[A-Za-z0-9_.:-]+")
+# The table's column defaults (sa_jobs/schema.py), as the fast lane compares them.
+_DEFAULT_QUEUE = "default"
+_DEFAULT_PRIORITY = 0
+_DEFAULT_MAX_ATTEMPTS = _SERVER_DEFAULT_MAX_ATTEMPTS
 
 
 def _copy_args_as_text(
@@ -108,12 +112,15 @@ def _copy_args_as_text(
 ) -> Optional[int]:
     """The bulk path's fast lane: COPY text lines rendered here, in chunks.
 
-    Every column but the args is the same for the whole call, so each line is a constant
-    prefix and suffix around the args' JSON; psycopg's per-row adaptation (half of the
-    client's time per row) is skipped. Kind and queue are validated names (no tab,
-    newline or backslash), JSON text never holds a raw control character, so the only
-    escaping COPY's text format needs is doubling backslashes. Returns None (use the
-    general path) when a tag would need array quoting.
+    Every column but the args (and a partition key) is the same for the whole call, so
+    each line is a constant prefix and suffix around the args' JSON; psycopg's per-row
+    adaptation (half of the client's time per row) is skipped. Columns whose value is
+    the table's default for the whole call (state, priority, max_attempts, tags, meta,
+    partition_key) are left out of the COPY, so the server does not parse them per row.
+    Kind and queue are validated names (no tab, newline or backslash), JSON text never
+    holds a raw control character, so the only escaping COPY's text format needs is
+    doubling backslashes. Returns None (use the general path) when a tag would need
+    array quoting.
     """
     queue = _validate.queue_name(queue) if queue is not None else options.queue
     priority = _check_priority(priority) if priority is not None else options.priority
@@ -121,17 +128,39 @@ def _copy_args_as_text(
     tag_list = list(tags if tags is not None else options.tags)
     if any(_SIMPLE_TAG.fullmatch(t) is None or t.upper() == "NULL" for t in tag_list):
         return None
-    prefix = "\t".join((options.kind, queue)) + "\t"
-    suffix = "\t" + "\t".join(("available", str(priority), str(max_attempts), "{" + ",".join(tag_list) + "}", "{}")) + "\t"
+    # (column, its text) for the columns before args, and for those after it.
+    head = [("kind", options.kind)]
+    if queue != _DEFAULT_QUEUE:
+        head.append(("queue", queue))
+    tail = []
+    if priority != _DEFAULT_PRIORITY:
+        tail.append(("priority", str(priority)))
+    if max_attempts != _DEFAULT_MAX_ATTEMPTS:
+        tail.append(("max_attempts", str(max_attempts)))
+    if tag_list:
+        tail.append(("tags", "{" + ",".join(tag_list) + "}"))
+    columns = [c for c, _ in head] + ["args"] + [c for c, _ in tail]
+    prefix = "".join(v + "\t" for _, v in head)
+    suffix = "".join("\t" + v for _, v in tail)
+    partitioned = bool(options.partition_by)
+    if partitioned:
+        columns.append("partition_key")
+    else:
+        suffix += "\n"
     table = sql.Identifier(_schema_of(session), JOBS_TABLE)
+    encode = _validate.encode_payload
+    max_bytes = options.max_args_bytes
     count = 0
     chunk: list[str] = []
-    with _driver_connection(session).cursor() as cur, cur.copy(_copy_statement(table, _COLUMNS[:-1])) as copy:
+    with _driver_connection(session).cursor() as cur, cur.copy(_copy_statement(table, columns)) as copy:
         for item in args:
-            value, text = _validate.encode_payload(item, max_bytes=options.max_args_bytes)
-            key = options.partition_key_of(value)
-            chunk.append(prefix + text.replace("\\", "\\\\") + suffix
-                         + ("\\N" if key is None else _copy_text(key)) + "\n")
+            value, text = encode(item, max_bytes=max_bytes)
+            if "\\" in text:
+                text = text.replace("\\", "\\\\")
+            if partitioned:
+                chunk.append(prefix + text + suffix + "\t" + _copy_text(options.partition_key_of(value)) + "\n")
+            else:
+                chunk.append(prefix + text + suffix)
             if len(chunk) == 2000:
                 copy.write("".join(chunk))
                 count += len(chunk)

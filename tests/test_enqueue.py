@@ -345,6 +345,37 @@ def test_enqueue_many_text_lane_round_trips_awkward_strings(engine):
     assert {(tuple(r.tags), r.priority, r.state) for r in rows} == {(("bulk", "v1.2:x-y"), 2, "available")}
 
 
+def test_enqueue_many_text_lane_sends_only_non_default_columns(engine, database_url, schema, monkeypatch):
+    import psycopg
+
+    copies: list[str] = []
+    original = psycopg.Cursor.copy
+
+    def spy(self, statement, *a, **kw):  # noqa: ANN001 - records the COPY statements the lane sends
+        copies.append(statement.as_string(self.connection))
+        return original(self, statement, *a, **kw)
+
+    monkeypatch.setattr(psycopg.Cursor, "copy", spy)
+    with Session(engine) as session, session.begin():
+        enqueue_many(session, EnqPlain, [{"n": 1}])
+        enqueue_many(session, EnqPlain, [{"n": 2}], queue="q2", priority=-1, max_attempts=3, tags=["t"])
+        enqueue_many(session, EnqByCustomer, [{"customer": "a\tb"}])
+        enqueue_many(session, EnqSendReceipt, [{"order_id": 1}])
+    monkeypatch.undo()
+    assert [c.split("(", 1)[1].split(")", 1)[0].replace('"', "") for c in copies] == [
+        "kind, args", "kind, queue, args, priority, max_attempts, tags", "kind, args, partition_key",
+        "kind, queue, args, priority, max_attempts",
+    ]
+    rows = q(database_url, jobs_sql(schema, "SELECT kind, queue, args, state, priority, max_attempts, tags, meta,"
+                                            " partition_key, errors, attempt FROM {jobs} ORDER BY id"))
+    assert rows == [
+        ("enq_plain", "default", {"n": 1}, "available", 0, 20, [], {}, None, [], 0),
+        ("enq_plain", "q2", {"n": 2}, "available", -1, 3, ["t"], {}, None, [], 0),
+        ("enq_by_customer", "default", {"customer": "a\tb"}, "available", 0, 20, [], {}, '"a\\tb"', [], 0),
+        ("enq_send_receipt", "emails", {"order_id": 1}, "available", 3, 5, [], {}, None, [], 0),
+    ]
+
+
 def test_args_size_cap_is_exact_in_bytes():
     class Capped(Job, kind="enq_capped", max_args_bytes=40):
         pass
