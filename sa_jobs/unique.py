@@ -123,7 +123,8 @@ def insert_statement(table: Any, values: Mapping[str, Any], on_conflict: str) ->
     target = dict(index_elements=[table.c.kind, table.c.unique_key], index_where=_predicate())
     if on_conflict == "replace":
         excluded = stmt.excluded
-        replaced = ("args", "queue", "priority", "max_attempts", "scheduled_at", "state", "tags", "meta")
+        # partition_key too: it derives from the args (partition_by), as in enqueue_many.
+        replaced = ("args", "queue", "priority", "max_attempts", "scheduled_at", "state", "tags", "meta", "partition_key")
         stmt = stmt.on_conflict_do_update(
             **target,
             set_={c: excluded[c] for c in replaced},

@@ -32,6 +32,11 @@ class UqReplace(Job, kind="uq_replace", unique=Unique(by=("user_id",), on_confli
     pass
 
 
+class UqReplaceByCustomer(Job, kind="uq_replace_customer", partition_by=("customer",),
+                          unique=Unique(by=("order",), on_conflict="replace")):
+    pass
+
+
 class UqByQueue(Job, kind="uq_by_queue", unique=Unique(by=(), by_queue=True)):
     pass
 
@@ -141,6 +146,21 @@ def test_replace_rewrites_a_waiting_job_but_not_a_running_one(engine, database_u
         session.add(job)
         session.flush()
         assert job.was_duplicate and not job.was_replaced and job.args["v"] == 2 and job.state == "running"
+
+
+def test_replace_moves_the_partition_key_with_the_args(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        session.add(UqReplaceByCustomer(order=1, customer="a"))
+    with Session(engine) as session, session.begin():
+        job = UqReplaceByCustomer(order=1, customer="b")
+        session.add(job)
+        session.flush()
+        assert job.was_replaced and job.partition_key == '"b"'
+    with Session(engine) as session, session.begin():
+        assert enqueue_many(session, UqReplaceByCustomer, [{"order": 1, "customer": "c"}]) == 1
+    rows = q(database_url, jobs_sql(schema, "SELECT args->>'customer', partition_key FROM {jobs} WHERE kind = %s"),
+             ("uq_replace_customer",))
+    assert rows == [("c", '"c"')]
 
 
 def test_by_queue_keys_per_queue(engine, database_url, schema):
