@@ -8,6 +8,7 @@ The default run is shortened (counts below); the ``slow`` variants ``test_r1_ful
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -26,33 +27,56 @@ SLACK = 2.0
 CHAOS_ARGS = ["--concurrency", "10", "--lease", str(LEASE), "--maintenance-interval", str(R), "--poll-interval", "0.2"]
 
 
-def _lease_probe(db):
+def _lease_probe(db, seen: list):
+    t0 = time.monotonic()
+
     def probe() -> int:
         # Rows still running although their lease ran out more than R (+ slack) ago.
-        return db.one("SELECT count(*) FROM {jobs} WHERE state = 'running'"
-                      " AND lease_expires_at < now() - make_interval(secs => %s)", (R + SLACK,))
+        stuck = db.one("SELECT count(*) FROM {jobs} WHERE state = 'running'"
+                       " AND lease_expires_at < now() - make_interval(secs => %s)", (R + SLACK,))
+        if stuck:
+            seen.append((round(time.monotonic() - t0, 1), stuck))
+        return stuck
     return probe
 
 
-def _chaos(db, rel_url, rel_schema, rel_engine, workers, kind, n: int, kills_per_round: int = 2):
+def _maintaining(db, ws: list) -> list:
+    """The workers whose maintainer (the rescuer runs there) is connected."""
+    ports = {r[0] for r in db.q("SELECT client_port FROM pg_stat_activity WHERE application_name = 'sa_jobs:maintainer'",
+                                raw=True)}
+    return [w for w in ws if w.ports() & ports]
+
+
+def _chaos(db, rel_url, rel_schema, rel_engine, workers, kind, n: int, kills_per_round: int = 2,
+           budget: float = 600):
     rng = random.Random(1)
     with Session(rel_engine) as session, session.begin():
         enqueue_many(session, kind, [{"ms": rng.randint(5, 50)} for _ in range(n)])
     alive = [WorkerProc(rel_url, rel_schema, *CHAOS_ARGS) for _ in range(4)]
     workers += alive
-    sampler = Sampler(_lease_probe(db), every=0.5)
+    stuck_at: list = []
+    sampler = Sampler(_lease_probe(db, stuck_at), every=0.5)
     sampler.start()
     started = time.monotonic()
-    in_flight_killed = kills = 0
+    in_flight_killed = kills = spared = 0
     try:
-        while db.states() != {"completed": n} and time.monotonic() - started < 600:
+        while db.states() != {"completed": n} and time.monotonic() - started < budget:
             time.sleep(2)
             if db.states().get("completed", 0) == n:
                 break
             # Kill only workers that are up (connected): on a loaded 2-core machine a
             # worker can take over 2 s to import, and killing it then tests nothing.
             ready = [w for w in alive if len(w.ports()) >= 3]
-            for victim in rng.sample(ready, min(kills_per_round, len(ready))):
+            victims = rng.sample(ready, min(kills_per_round, len(ready)))
+            # The lease bound below needs a live rescuer: never kill the last worker whose
+            # maintainer is connected. (Without this, under load the fresh workers were all
+            # still starting when the last maintainers were killed, and nothing could rescue
+            # for seconds: a test artefact, not a library fault.)
+            maintaining = _maintaining(db, alive)
+            if maintaining and all(m in victims for m in maintaining):
+                victims.remove(maintaining[0])
+                spared += 1
+            for victim in victims:
                 victim.kill()
                 kills += 1
                 alive.remove(victim)
@@ -66,7 +90,7 @@ def _chaos(db, rel_url, rel_schema, rel_engine, workers, kind, n: int, kills_per
         stuck = sampler.stop()
     elapsed = time.monotonic() - started
     assert db.states() == {"completed": n}, db.states()
-    assert stuck and max(stuck) == 0, [s for s in stuck if s]
+    assert stuck and max(stuck) == 0, (stuck_at, f"{elapsed:.0f} s, {kills} kills, {spared} spared")
     assert db.one("SELECT count(DISTINCT job_id) FROM {effects}") == n
     # No attempt ran twice; every repeated execution is a later attempt.
     assert db.one("SELECT count(*) FROM (SELECT job_id, attempt FROM {effects} GROUP BY 1, 2 HAVING count(*) > 1) x") == 0
@@ -77,18 +101,25 @@ def _chaos(db, rel_url, rel_schema, rel_engine, workers, kind, n: int, kills_per
     assert retried <= in_flight_killed
     for w in alive:
         assert w.stop() == 0, w.output()
-    return dict(n=n, kills=kills, in_flight_killed=in_flight_killed, dups=dups, retried=retried,
-                seconds=round(elapsed, 1), rate=round(n / elapsed))
+    return dict(n=n, kills=kills, spared=spared, in_flight_killed=in_flight_killed, dups=dups, retried=retried,
+                seconds=round(elapsed, 1), rate=round(n / elapsed), load=round(os.getloadavg()[0], 1))
 
 
-def _r1(db, rel_url, rel_schema, rel_engine, workers, n: int) -> dict:
-    stats = _chaos(db, rel_url, rel_schema, rel_engine, workers, RelWork, n)
+# The kill cadence is fixed (2 of 4 workers every 2 s), so throughput is bound by how fast a
+# fresh worker starts: 80-330 jobs/s at load average 2-3, ~20 jobs/s at 5-7 on the 2-core
+# machine (the same at fb19adf, where the first figures were taken). The full sizes get the
+# time that needs.
+FULL_BUDGET = 2400
+
+
+def _r1(db, rel_url, rel_schema, rel_engine, workers, n: int, budget: float = 600) -> dict:
+    stats = _chaos(db, rel_url, rel_schema, rel_engine, workers, RelWork, n, budget=budget)
     assert stats["dups"] <= stats["in_flight_killed"], stats
     return stats
 
 
-def _r2(db, rel_url, rel_schema, rel_engine, workers, n: int) -> dict:
-    stats = _chaos(db, rel_url, rel_schema, rel_engine, workers, RelTx, n)
+def _r2(db, rel_url, rel_schema, rel_engine, workers, n: int, budget: float = 600) -> dict:
+    stats = _chaos(db, rel_url, rel_schema, rel_engine, workers, RelTx, n, budget=budget)
     assert stats["dups"] == 0, stats
     assert db.one("SELECT count(*) FROM {effects}") == stats["n"] == n
     return stats
@@ -104,12 +135,12 @@ def test_r2_sigkill_chaos_transactional_effects_exactly_once(db, rel_url, rel_sc
 
 @pytest.mark.slow
 def test_r1_full_size(db, rel_url, rel_schema, rel_engine, workers):
-    print("R1 full:", _r1(db, rel_url, rel_schema, rel_engine, workers, 20_000))
+    print("R1 full:", _r1(db, rel_url, rel_schema, rel_engine, workers, 20_000, FULL_BUDGET))
 
 
 @pytest.mark.slow
 def test_r2_full_size(db, rel_url, rel_schema, rel_engine, workers):
-    print("R2 full:", _r2(db, rel_url, rel_schema, rel_engine, workers, 20_000))
+    print("R2 full:", _r2(db, rel_url, rel_schema, rel_engine, workers, 20_000, FULL_BUDGET))
 
 
 def test_r8_server_restart_immediate_twice(db, cluster, rel_url, rel_schema, rel_engine, workers):
