@@ -48,6 +48,8 @@ def _counting_wait(self, gen, *a, **kw):  # noqa: ANN001
 
 
 def run(engine, mode: str, n: int, batch: int) -> None:
+    if mode.startswith("raw_"):
+        return run_raw(engine, mode, n, batch)
     if mode == "single":
         for i in range(n):
             with Session(engine) as s, s.begin():
@@ -61,10 +63,40 @@ def run(engine, mode: str, n: int, batch: int) -> None:
             enqueue_many(s, BenchNoop, ({"n": i} for i in range(n)))
 
 
+# The same table through plain psycopg, for what the table and the machine allow without
+# SQLAlchemy: one connection from the engine's pool, the same transactions per job.
+_RAW_INSERT = "INSERT INTO sa_jobs.jobs (kind, queue, args) VALUES ('bench_noop', 'bench', %s::jsonb) RETURNING id"
+_RAW_BATCH = ("INSERT INTO sa_jobs.jobs (kind, queue, args) SELECT 'bench_noop', 'bench', a"
+              " FROM unnest(%s::jsonb[]) WITH ORDINALITY AS u(a, o) ORDER BY o RETURNING id")
+
+
+def run_raw(engine, mode: str, n: int, batch: int) -> None:  # noqa: ANN001
+    raw = engine.raw_connection()
+    try:
+        conn = raw.driver_connection
+        if mode == "raw_single":  # BEGIN, INSERT ... RETURNING id, COMMIT: as a Session does
+            for i in range(n):
+                conn.execute(_RAW_INSERT, (f'{{"n":{i}}}',)).fetchone()
+                conn.commit()
+        elif mode == "raw_batch":  # one INSERT of `batch` rows from arrays, ids back in order
+            for lo in range(0, n, batch):
+                conn.execute(_RAW_BATCH, ([f'{{"n":{i}}}' for i in range(lo, min(n, lo + batch))],)).fetchall()
+                conn.commit()
+        elif mode == "raw_bulk":  # COPY of the three columns, one transaction
+            with conn.cursor() as cur, cur.copy("COPY sa_jobs.jobs (kind, queue, args) FROM STDIN") as copy:
+                for lo in range(0, n, 2000):
+                    copy.write("".join(f'bench_noop\tbench\t{{"n":{i}}}\n' for i in range(lo, min(n, lo + 2000))))
+            conn.commit()
+    finally:
+        raw.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dsn", help="use this database (its sa_jobs schema is reinstalled!) instead of a private cluster")
-    ap.add_argument("--mode", default="single,batch,bulk")
+    ap.add_argument("--mode", default="single,batch,bulk",
+                    help="comma list of single, batch, bulk (the driver's loops) and raw_single, raw_batch,"
+                         " raw_bulk (the same table through plain psycopg)")
     ap.add_argument("--n", type=int, default=0, help="jobs per run (default: 500 single, 10000 batch, 50000 bulk)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile", type=int, default=0, help="print the top N cProfile lines of one extra run")
@@ -83,7 +115,7 @@ def main() -> None:
         with Session(engine) as s, s.begin():  # warm the pool and the mapper, as the driver does
             s.add(BenchNoop(n=-1))
         for mode in a.mode.split(","):
-            n = a.n or {"single": 500, "batch": 10_000, "bulk": 50_000}[mode]
+            n = a.n or {"single": 500, "batch": 10_000, "bulk": 50_000}[mode.removeprefix("raw_")]
             # Round trips, counted client side on one run.
             psycopg.Connection.wait = _counting_wait
             WAITS.clear()
