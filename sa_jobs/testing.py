@@ -30,6 +30,7 @@ from ._url import sqlalchemy_url
 from .errors import ConfigurationError
 from .model import Job
 from .schema import DEFAULT_SCHEMA
+from .unique import ENQUEUED_INFO_KEY
 
 __all__ = ["assert_enqueued", "drain", "enqueued", "inline", "perform", "refute_enqueued"]
 
@@ -219,25 +220,37 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
 @contextlib.contextmanager
 def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
     """Inside the block, every commit of a Session bound to ``engine`` that added jobs is
-    followed by a :func:`drain`, so tests see the jobs' effects right after the commit."""
-    added_key = "sa_jobs.testing.added"
+    followed by a :func:`drain`, so tests see the jobs' effects right after the commit.
 
-    def after_flush(session: Session, flush_context: Any) -> None:
-        if session.get_bind() is engine or getattr(session.get_bind(), "engine", None) is engine.engine:
-            if any(isinstance(o, Job) for o in session.new):
-                session.info[added_key] = True
+    "Added jobs" covers ``session.add``, unique kinds (inserted by their own hook, outside
+    the unit of work) and :func:`~sa_jobs.enqueue_many` through the Session.
+    """
+
+    def ours(session: Session) -> bool:
+        bind = session.get_bind()
+        return bind is engine or getattr(bind, "engine", None) is engine.engine
+
+    def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+        if ours(session) and any(isinstance(o, Job) for o in session.new):
+            session.info[ENQUEUED_INFO_KEY] = True
 
     def after_commit(session: Session) -> None:
-        if session.info.pop(added_key, False):
+        if session.info.pop(ENQUEUED_INFO_KEY, False) and ours(session):
             drain(engine, **drain_options)
 
-    event.listen(Session, "after_flush", after_flush)
+    def after_rollback(session: Session) -> None:
+        session.info.pop(ENQUEUED_INFO_KEY, None)
+
+    # insert=True: look at session.new before the unique hook takes its rows out of it.
+    event.listen(Session, "before_flush", before_flush, insert=True)
     event.listen(Session, "after_commit", after_commit)
+    event.listen(Session, "after_rollback", after_rollback)
     try:
         yield
     finally:
-        event.remove(Session, "after_flush", after_flush)
+        event.remove(Session, "before_flush", before_flush)
         event.remove(Session, "after_commit", after_commit)
+        event.remove(Session, "after_rollback", after_rollback)
 
 
 # ---- pytest fixtures -------------------------------------------------------------------

@@ -143,6 +143,10 @@ def existing_statement(table: Any, kind: str, key: Any) -> Any:
 
 # ---- the Session hook ------------------------------------------------------------------
 
+# Set in ``Session.info`` by enqueue paths that write job rows outside the unit of work
+# (this hook, ``enqueue_many``), so commit watchers such as ``testing.inline`` see them.
+ENQUEUED_INFO_KEY = "sa_jobs.enqueued"
+
 _INSERTABLE = ("queue", "args", "state", "priority", "max_attempts", "scheduled_at", "tags", "meta", "partition_key")
 
 # Set once a kind with unique= is declared (see model.Job.__init_subclass__): until then
@@ -170,6 +174,8 @@ def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
     new.sort(key=lambda o: (type(o).__sa_jobs_options__.kind, o.unique_key or "", inspect(o).insert_order or 0))
     for obj in new:
         _insert_unique(session, obj)
+    # The rows left session.new: say so for whoever watches this transaction's commit.
+    session.info[ENQUEUED_INFO_KEY] = True
 
 
 def _unique_of(obj: Any) -> Optional[Unique]:

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import Integer, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sa_jobs import ConfigurationError, Job, JobContext, constant_backoff
+from sa_jobs import ConfigurationError, Job, JobContext, Unique, constant_backoff, enqueue_many
 from sa_jobs.schema import DEFAULT_SCHEMA
 from sa_jobs.testing import assert_enqueued, drain, enqueued, inline, perform, refute_enqueued
 
@@ -34,6 +34,15 @@ def grant_credit(ctx: JobContext, account: int, amount: int) -> int:
     with ctx.transaction() as session:
         session.add(Credit(account=account, amount=amount))
     return amount
+
+
+class GrantOnce(Job, kind="th_grant_once", queue="th", unique=Unique(by=("account",))):
+    pass
+
+
+@GrantOnce.handler
+def grant_once(ctx: JobContext, account: int, amount: int) -> int:
+    return grant_credit(ctx, account, amount)
 
 
 class Double(Job, kind="th_double", queue="th"):
@@ -107,3 +116,28 @@ def test_inline_runs_jobs_right_after_commit(sa_jobs_engine, credits):
         session.add(GrantCredit(account=4, amount=40))  # outside the block: stays queued
     with Session(sa_jobs_engine) as session:
         assert_enqueued(session, GrantCredit, args={"account": 4}, count=1)
+
+
+def test_inline_sees_unique_jobs_and_bulk_enqueues(sa_jobs_engine, credits):
+    # Unique rows are inserted by their own flush hook and leave session.new; enqueue_many
+    # COPYs past the unit of work. A commit with only those still runs them inline.
+    with inline(sa_jobs_engine, kinds=[GrantCredit, GrantOnce]):
+        with Session(sa_jobs_engine) as session, session.begin():
+            session.add(GrantOnce(account=5, amount=50))
+        with Session(sa_jobs_engine) as session:
+            assert session.scalars(select(Credit.amount)).all() == [50]
+            refute_enqueued(session, GrantOnce)
+        with Session(sa_jobs_engine) as session, session.begin():
+            enqueue_many(session, GrantCredit, [{"account": 6, "amount": 60}, {"account": 7, "amount": 70}])
+        with Session(sa_jobs_engine) as session:
+            assert sorted(session.scalars(select(Credit.amount))) == [50, 60, 70]
+            refute_enqueued(session, GrantCredit)
+        # A rolled-back enqueue leaves no mark behind for the session's next commit.
+        with Session(sa_jobs_engine) as session:
+            with session.begin():
+                session.add(GrantOnce(account=8, amount=80))
+                session.flush()
+                session.rollback()
+            with session.begin():
+                pass
+            assert "sa_jobs.enqueued" not in session.info
