@@ -22,7 +22,7 @@ from .cluster import Cluster
 from .runner import System, drain_once, loadavg, repeat
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding")
+VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
