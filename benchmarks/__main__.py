@@ -183,8 +183,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {
         "meta": {"date": stamp, "mode": mode, "command": "python -m benchmarks " + " ".join(argv or sys.argv[1:]),
                  "config": cfg, "machine": machine(), "loadavg_start": loadavg(),
-                 "note": "other test suites were running on this machine: figures are depressed and noisy;"
-                         " see loadavg_before/after on every figure"},
+                 # Whether the machine was shared is read from the load averages recorded
+                 # here and on every figure, not asserted by the harness.
+                 "note": "load averages before/after every figure show what else ran on the machine"},
         "targets": TARGETS, "systems": {}, "skipped": skipped,
     }
     try:

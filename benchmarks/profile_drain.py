@@ -1,6 +1,6 @@
 """Where sa-jobs' drain spends its time: one in-process Worker under cProfile on a private cluster.
 
-    python -m benchmarks.profile_drain --n 20000 --concurrency 100 [--top 30]
+    python -m benchmarks.profile_drain --n 20000 --concurrency 100 [--completed 100000] [--top 30]
 
 Prints server vs client CPU per job and the top client functions (tottime and cumulative).
 """
@@ -25,6 +25,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--concurrency", type=int, default=100)
+    ap.add_argument("--completed", type=int, default=0, help="completed rows in the table before the drain")
     ap.add_argument("--top", type=int, default=30)
     a = ap.parse_args()
     from sa_jobs import Worker
@@ -36,7 +37,7 @@ def main() -> int:
         driver.setup(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION pg_stat_statements")
-        driver.load(dsn, a.n, 0)
+        driver.load(dsn, a.n, a.completed)
         prof = cProfile.Profile()
 
         async def run() -> float:
@@ -44,7 +45,7 @@ def main() -> int:
                 async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                     while True:
                         await anyio.sleep(0.01)
-                        cur = await conn.execute("SELECT count(*) FROM sa_jobs.jobs WHERE state <> 'completed'")
+                        cur = await conn.execute("SELECT count(*) FROM sa_jobs.jobs WHERE state IN ('available', 'running')")
                         if (await cur.fetchone())[0] == 0:
                             cpu.append(cluster.cpu_seconds())  # while the worker's backends live
                             return time.perf_counter()
