@@ -62,7 +62,7 @@ def main() -> int:
                 " FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 8").fetchall()
     print(f"{a.n} jobs, C={a.concurrency}: {a.n / (t1 - t0):,.0f} jobs/s (under cProfile);"
           f" server CPU {(s1 - s0) / a.n * 1e6:.0f} µs/job, client CPU {(c1 - c0) / a.n * 1e6:.0f} µs/job"
-          f" (handled {len(_proto.HANDLED)})")
+          f" (handled {_proto.handled()})")
     print("\nserver statements (pg_stat_statements): calls, rows, total ms, ms/call, buffers/row, query")
     for calls, rows, total, blks, query in stmts:
         print(f"  {calls:6d} {rows:7d} {total:9.1f} {total / max(calls, 1):7.3f} {blks / max(rows, 1):8.1f}  {query}")

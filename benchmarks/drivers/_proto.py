@@ -14,29 +14,52 @@ A driver is a script ``python DRIVER.py COMMAND --dsn DSN [...]``:
 ``info``       prints JSON: version, ``done_sql`` (count of finished jobs), ``verify_sql``
                (finished / not finished / total rows).
 
-Handlers record the job's ``n`` and start time in memory only; the parent checks from SQL
-that every n ran exactly once.
+Handlers record the job's ``n`` and start time in a temporary file as they go (not in memory:
+the soak measures the worker's RSS, which a list of a million records would inflate); the
+parent checks from SQL that every n ran exactly once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import IO, Any, Callable, Optional
 
-HANDLED: list[tuple[int, float]] = []
+_RECORD_LOCK = threading.Lock()
+_records: Optional[IO[str]] = None
+_handled = 0
 
 
 def record(n: int) -> None:
-    HANDLED.append((n, time.time()))
+    global _records, _handled
+    t = time.time()
+    with _RECORD_LOCK:
+        if _records is None:
+            _records = tempfile.NamedTemporaryFile("w", prefix="handled-", suffix=".tsv", delete=False,
+                                                   buffering=1 << 16)
+        _records.write(f"{n}\t{t:.6f}\n")
+        _handled += 1
+
+
+def handled() -> int:
+    """How many jobs this process has recorded so far."""
+    return _handled
 
 
 def write_handled(path: str) -> None:
-    with open(path, "w") as f:
-        f.write("".join(f"{n}\t{t:.6f}\n" for n, t in HANDLED))
+    global _records
+    with _RECORD_LOCK:
+        if _records is None:
+            open(path, "w").close()
+            return
+        _records.close()
+        shutil.move(_records.name, path)
+        _records = None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -117,7 +140,7 @@ def start_progress(interval: float = 0.02) -> None:
         last = -1
         while True:
             time.sleep(interval)
-            n = len(HANDLED)
+            n = _handled
             if n != last:
                 last = n
                 with _OUT_LOCK:
@@ -130,5 +153,5 @@ def start_progress(interval: float = 0.02) -> None:
 def finish_worker(out: str) -> None:
     write_handled(out)
     with _OUT_LOCK:
-        sys.stdout.write(f"stopped {len(HANDLED)}\n")
+        sys.stdout.write(f"stopped {_handled}\n")
         sys.stdout.flush()
