@@ -56,6 +56,35 @@ _RELEASE = (
 )
 
 
+def _claim_statement(*, after: bool) -> str:
+    """Claim up to %(limit)s jobs of one queue in one statement.
+
+    The CTE is MATERIALIZED so the locked id list is computed exactly once: a join that
+    re-scans an inlined subquery could lock and return more rows than LIMIT. ORDER BY
+    matches jobs_claim_idx column for column: an index scan, no sort. With ``after``, the
+    scan starts past the row (priority, scheduled_at, id) given: a row comparison on the
+    index's columns, so the btree descends straight to it. Rows also return their
+    scheduled_at (last column), from which the worker keeps its next starting point.
+    """
+    resume = (" AND (priority, scheduled_at, id) > (%(after_priority)s::smallint,"
+              " %(after_scheduled)s::timestamptz, %(after_id)s::bigint)") if after else ""
+    return (
+        "WITH picked AS MATERIALIZED ("
+        " SELECT id FROM {jobs}"
+        " WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()" + resume +
+        # A paused queue claims nothing, and a limited one nothing through this path;
+        # uncorrelated, so evaluated once per claim.
+        "  AND NOT EXISTS (SELECT 1 FROM {queues} WHERE name = %(queue)s AND (paused OR " + LIMITED + "))"
+        " ORDER BY queue, priority, scheduled_at, id"
+        " LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+        " UPDATE {jobs} AS j SET state = 'running', attempt = j.attempt + 1,"
+        " attempted_at = now(), claim_token = %(token)s, lease_owner = %(owner)s,"
+        " lease_expires_at = now() + make_interval(secs => %(lease)s)"
+        " FROM picked WHERE j.id = picked.id"
+        " RETURNING " + CLAIM_COLUMNS.replace("id,", "j.id,", 1) + ", j.scheduled_at"
+    )
+
+
 def cancel_channel_name(schema: str = DEFAULT_SCHEMA) -> str:
     """Channel on which cancelling a running job is announced; the payload is the job id."""
     return f"{_validate.schema_name(schema)}_jobs_cancelled"
@@ -75,6 +104,7 @@ class Queries:
     schema: str
     channel: str
     claim: str
+    claim_after: str
     cancel_channel: str
     complete_many: str
     finish_many: str
@@ -103,21 +133,12 @@ class Queries:
             # MATERIALIZED so the locked id list is computed exactly once: a join that
             # re-scans an inlined subquery could lock and return more rows than LIMIT.
             # ORDER BY matches jobs_claim_idx column for column: an index scan, no sort.
-            claim=r(
-                "WITH picked AS MATERIALIZED ("
-                " SELECT id FROM {jobs}"
-                " WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
-                # A paused queue claims nothing, and a limited one nothing through this
-                # path; uncorrelated, so evaluated once per claim.
-                "  AND NOT EXISTS (SELECT 1 FROM {queues} WHERE name = %(queue)s AND (paused OR " + LIMITED + "))"
-                " ORDER BY queue, priority, scheduled_at, id"
-                " LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-                " UPDATE {jobs} AS j SET state = 'running', attempt = j.attempt + 1,"
-                " attempted_at = now(), claim_token = %(token)s, lease_owner = %(owner)s,"
-                " lease_expires_at = now() + make_interval(secs => %(lease)s)"
-                " FROM picked WHERE j.id = picked.id"
-                " RETURNING " + CLAIM_COLUMNS.replace("id,", "j.id,", 1)
-            ),
+            claim=r(_claim_statement(after=False)),
+            # The same claim, resuming after the last row of this worker's previous full
+            # batch (see Worker._claim): under a backlog, the rows before it are the jobs
+            # claimed since the last VACUUM, whose dead entries a scan from the start of
+            # jobs_claim_idx would step over one by one.
+            claim_after=r(_claim_statement(after=True)),
             # Outcomes are fenced by (id, claim_token, state): a worker whose lease was
             # taken over changes nothing. Each runs for a whole batch via unnest.
             complete_many=r(_COMPLETE.format(p="") + " RETURNING j.id"),

@@ -55,6 +55,44 @@ def test_claim_plan_is_an_index_scan_without_sort_at_100k_backlog(database_url, 
     assert plan_json[0]["Plan"]["Actual Rows"] == 100
 
 
+def test_a_resumed_claim_skips_the_dead_head_of_the_queue(database_url, schema):
+    # Claimed jobs leave dead entries at the head of jobs_claim_idx until VACUUM; a claim
+    # from the start steps over all of them, a resumed one descends past them.
+    q(database_url, jobs_sql(schema, "ALTER TABLE {jobs} SET (autovacuum_enabled = false)"))
+    q(database_url, jobs_sql(schema,
+        "INSERT INTO {jobs} (kind, queue, args) SELECT 'k', 'default', '{{}}' FROM generate_series(1, 40000)"))
+    q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
+    queries = Queries.for_schema(schema)
+    claim = {"queue": "default", "owner": "x", "lease": 30}
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        for _ in range(40):  # 20,000 claimed and completed, in claim order
+            rows = conn.execute(queries.claim, {**claim, "limit": 500, "token": uuid.uuid4()}).fetchall()
+            conn.execute(jobs_sql(schema, "UPDATE {jobs} SET state = 'completed' WHERE id = ANY(%s)"),
+                         ([r[0] for r in rows],))
+        last = max((r[6], r[9], r[0]) for r in rows)
+        resume = {"after_priority": last[0], "after_scheduled": last[1], "after_id": last[2]}
+
+        def claim_scan(statement: str, params: dict) -> tuple[dict, list[int]]:
+            with conn.transaction(force_rollback=True):
+                (plan_json,) = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement,
+                                            {**claim, **params, "limit": 100, "token": uuid.uuid4()}).fetchone()
+            scan = next(n for n in _nodes(plan_json[0]["Plan"]) if n.get("Index Name") == "jobs_claim_idx")
+            return scan, [n["Node Type"] for n in _nodes(plan_json[0]["Plan"])]
+
+        resumed, types = claim_scan(queries.claim_after, resume)
+        from_start, _ = claim_scan(queries.claim, {})
+        with conn.transaction(force_rollback=True):
+            got = sorted(r[0] for r in conn.execute(queries.claim_after, {**claim, **resume, "limit": 100,
+                                                                            "token": uuid.uuid4()}).fetchall())
+    assert "Seq Scan" not in types and "Sort" not in types, types
+    assert resumed["Actual Rows"] == 100
+    # The next 100 jobs in claim order, read from a handful of pages...
+    assert got == list(range(last[2] + 1, last[2] + 101))
+    assert resumed["Shared Hit Blocks"] + resumed.get("Shared Read Blocks", 0) <= 20, resumed
+    # ...where the claim from the start walks the 20,000 dead entries first.
+    assert from_start["Shared Hit Blocks"] + from_start.get("Shared Read Blocks", 0) >= 50, from_start
+
+
 def _notifications(conn: psycopg.Connection, wait: float = 0.3) -> list[psycopg.Notify]:
     return list(conn.notifies(timeout=wait))
 

@@ -376,3 +376,41 @@ def test_a_job_that_finishes_during_a_beat_is_not_called_lost(database_url, sche
     anyio.run(beat)
     assert not finished.lease_lost and not finished.cancelled
     assert running.lease_lost and running.cancelled
+
+
+class WBacklog(Job, kind="w_backlog", queue="resume"):
+    pass
+
+
+@WBacklog.handler
+async def w_backlog(ctx: JobContext, n: int) -> None:
+    await anyio.sleep(0.005)
+
+
+def test_an_urgent_job_behind_the_resume_point_is_claimed_while_the_backlog_drains(engine, database_url, schema):
+    # Under a backlog, claims resume past the previous batch; a job that sorts before that
+    # point (more urgent here; rescued or released jobs alike) must still be claimed by
+    # the periodic claim from the start, not only once the backlog is gone.
+    from sa_jobs import enqueue_many
+
+    with Session(engine) as session, session.begin():
+        enqueue_many(session, WBacklog, [{"n": i} for i in range(5000)])
+    completed = jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'completed'")
+    pending = jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state IN ('available', 'running')")
+    urgent: list[int] = []
+
+    def done() -> bool:
+        if not urgent and q(database_url, completed)[0][0] >= 300:
+            with Session(engine) as session, session.begin():
+                job = WBacklog(n=-1).options(priority=-5)
+                session.add(job)
+                session.flush()
+                urgent.append(job.id)
+        return bool(urgent) and q(database_url, pending)[0][0] == 0
+
+    run_worker_until(database_url, schema, [WBacklog], done, timeout=60, queues={"resume": 20}, max_claim=20)
+    assert states(database_url, schema) == {"completed": 5001}
+    (later,) = q(database_url, jobs_sql(schema,
+        "SELECT count(*) FROM {jobs} WHERE attempted_at > (SELECT attempted_at FROM {jobs} WHERE id = %s)"),
+        (urgent[0],))[0]
+    assert later >= 500, f"only {later} backlog jobs were claimed after the urgent one"

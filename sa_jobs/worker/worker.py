@@ -49,6 +49,10 @@ from .notifier import Notifier
 log = logging.getLogger("sa_jobs.worker")
 
 MAX_TRACEBACK_CHARS = 16_000
+# Under a backlog, how long a plain claim may resume past its previous batch before one
+# reads the queue from its start again: the longest a job behind that point (a more
+# urgent one, a rescued one) waits for it. See Worker._claim_plain.
+RESCAN_INTERVAL = 0.25
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,11 @@ class _Queue:
     rate_period: Optional[float] = None
     # Set while this worker alone is told not to claim from the queue; set on resume.
     local_pause: Optional[anyio.Event] = None
+    # Where the next plain claim may resume: (priority, scheduled_at, id) of the last row
+    # of this worker's previous claim when that claim was full, and when the last claim
+    # that scanned from the start of the queue ran (monotonic). See Worker._claim.
+    resume_after: Optional[tuple[int, Any, int]] = None
+    scanned_from_start_at: float = 0.0
 
 
 class Worker:
@@ -422,13 +431,14 @@ class Worker:
     async def _claim(self, q: _Queue, conn: Any, limit: int) -> list[ClaimedJob]:
         token = uuid.uuid4()
         started = time.perf_counter()
-        params = {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id, "lease": self.lease}
+        params: dict[str, Any] = {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id,
+                                  "lease": self.lease}
         if q.limited:
             params["scan"] = max(16, 2 * limit)  # the partitioned claim's head window
             cur = await conn.execute(self._queries.claim_limited, params, prepare=True)
+            rows = await cur.fetchall()
         else:
-            cur = await conn.execute(self._queries.claim, params, prepare=True)
-        rows = await cur.fetchall()
+            rows = await self._claim_plain(q, conn, params)
         if not rows:  # empty, paused, at a limit, or its limits changed since we looked
             await self._read_settings(q, conn)
         elapsed = time.perf_counter() - started
@@ -442,6 +452,34 @@ class Worker:
             )
             for r in rows
         ]
+
+    async def _claim_plain(self, q: _Queue, conn: Any, params: dict[str, Any]) -> list[Any]:
+        """The plain claim; under a backlog it resumes where this worker's last one ended.
+
+        Each claimed job leaves a dead entry at the head of jobs_claim_idx until VACUUM
+        (for good while an old snapshot pins them), and a claim from the start of the
+        queue steps over every one: over a long drain the claim would slow down in
+        proportion to the jobs claimed so far. After a full batch, the next claim starts
+        past its last row instead. Rows can appear behind that point (a more urgent job,
+        a rescued or released one, one a rolled-back claim skipped), so a claim scans from
+        the start at least every ``RESCAN_INTERVAL`` seconds, and at once whenever a
+        resumed claim comes back short: a short claim always means the queue was read
+        from its start, and no job waits behind the resume point longer than that.
+        """
+        now = time.monotonic()
+        rows: list[Any] = []
+        after = q.resume_after
+        if after is not None and now - q.scanned_from_start_at < RESCAN_INTERVAL:
+            resumed = {**params, "after_priority": after[0], "after_scheduled": after[1], "after_id": after[2]}
+            rows = await (await conn.execute(self._queries.claim_after, resumed, prepare=True)).fetchall()
+        limit = params["limit"]
+        if len(rows) < limit:
+            q.scanned_from_start_at = now
+            rest = {**params, "limit": limit - len(rows)}
+            rows += await (await conn.execute(self._queries.claim, rest, prepare=True)).fetchall()
+        # Claim order is (priority, scheduled_at, id); RETURNING's order is not.
+        q.resume_after = max((r[6], r[9], r[0]) for r in rows) if len(rows) == limit else None
+        return rows
 
     async def _read_settings(self, q: _Queue, conn: Any) -> None:
         row = await (await conn.execute(self._queries.queue_settings, {"queue": q.name}, prepare=True)).fetchone()
