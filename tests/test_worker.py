@@ -414,3 +414,45 @@ def test_an_urgent_job_behind_the_resume_point_is_claimed_while_the_backlog_drai
         "SELECT count(*) FROM {jobs} WHERE attempted_at > (SELECT attempted_at FROM {jobs} WHERE id = %s)"),
         (urgent[0],))[0]
     assert later >= 500, f"only {later} backlog jobs were claimed after the urgent one"
+
+
+def test_a_failed_claim_from_the_start_keeps_the_resumed_jobs(engine, database_url, schema):
+    # A producer claim can be two statements (resumed, then from the start); when the
+    # second fails, the first one's jobs are already committed as running and must still
+    # reach the runners, not wait out their lease.
+    from sa_jobs.worker.worker import _Queue
+
+    ids = add(engine, *[WBacklog(n=i).options(queue="split") for i in range(5)])
+    worker = Worker(database_url, kinds=[WBacklog], schema=schema, queues={"split": 10})
+    queries = Queries.for_schema(schema)
+
+    class FailsFromTheStart:
+        """The real connection, except that the claim from the start fails."""
+
+        def __init__(self, conn: psycopg.AsyncConnection) -> None:
+            self.conn = conn
+
+        async def execute(self, statement, params=None, **kw):
+            if statement == queries.claim:
+                raise psycopg.OperationalError("connection cut (test)")
+            return await self.conn.execute(statement, params, **kw)
+
+    async def main() -> list:
+        async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
+            q = _Queue("split", 10, None, anyio.CapacityLimiter(10))  # type: ignore[arg-type]
+            q.resume_after, q.scanned_from_start_at = (0, "-infinity", 0), time.monotonic()
+            params = {"queue": "split", "limit": 10, "token": uuid.uuid4(), "owner": "w", "lease": 30}
+            return await worker._claim_plain(q, FailsFromTheStart(conn), params)
+
+    rows = anyio.run(main)
+    assert sorted(r[0] for r in rows) == ids  # 5 of the 10 asked for: short, then the failure
+    assert states(database_url, schema) == {"running": 5}
+
+    async def nothing_resumed() -> None:
+        async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
+            q = _Queue("split", 10, None, anyio.CapacityLimiter(10))  # type: ignore[arg-type]
+            params = {"queue": "split", "limit": 10, "token": uuid.uuid4(), "owner": "w", "lease": 30}
+            await worker._claim_plain(q, FailsFromTheStart(conn), params)
+
+    with pytest.raises(psycopg.OperationalError):  # nothing claimed: the error is the caller's
+        anyio.run(nothing_resumed)

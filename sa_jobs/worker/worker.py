@@ -476,7 +476,17 @@ class Worker:
         if len(rows) < limit:
             q.scanned_from_start_at = now
             rest = {**params, "limit": limit - len(rows)}
-            rows += await (await conn.execute(self._queries.claim, rest, prepare=True)).fetchall()
+            try:
+                rows += await (await conn.execute(self._queries.claim, rest, prepare=True)).fetchall()
+            except Exception as exc:  # noqa: BLE001 - the resumed rows are claimed: run them
+                if not rows:
+                    raise
+                # Raising would strand the committed resumed claim until its lease ran
+                # out; the next claim meets the broken connection and reconnects.
+                log.warning("claim on queue %r failed after %d jobs were claimed (%s)", q.name, len(rows),
+                            describe(exc))
+                q.resume_after = None
+                return rows
         # Claim order is (priority, scheduled_at, id); RETURNING's order is not.
         q.resume_after = max((r[6], r[9], r[0]) for r in rows) if len(rows) == limit else None
         return rows
