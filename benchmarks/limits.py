@@ -22,7 +22,7 @@ from .cluster import Cluster
 from .runner import System, drain_once, loadavg, repeat
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only")
+VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only", "keys-no-running-index")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

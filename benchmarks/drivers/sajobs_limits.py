@@ -10,6 +10,8 @@
 - ``concurrency-binding``: a queue concurrency limit of 50 that does bind (informative).
 - ``keys-only``: jobs spread over 100 partition keys, no limit (what the keys' partial
   indexes cost on their own, without the partitioned claim).
+- ``keys-no-running-index``: keys-only without ``jobs_running_partition_idx`` (diagnostic:
+  what the index each keyed claim inserts into costs).
 
 Only the limit machinery's cost is measured by the non-binding variants: the claim takes
 the queue row's lock, counts, and claims in a second statement.
@@ -41,6 +43,7 @@ VARIANTS = {
     "all": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
     "concurrency-binding": QueueLimits(concurrency=50),
     "keys-only": QueueLimits(),
+    "keys-no-running-index": QueueLimits(),
 }
 
 
@@ -53,7 +56,7 @@ def setup(dsn: str, variant: str) -> None:
 
 
 def load(dsn: str, n: int, completed: int, variant: str) -> None:
-    if variant not in ("partition", "all", "keys-only"):
+    if variant not in ("partition", "all", "keys-only", "keys-no-running-index"):
         sajobs.load(dsn, n, completed)
         return
     # Keyed rows are inserted with their key (an UPDATE afterwards would leave the heap
@@ -64,6 +67,8 @@ def load(dsn: str, n: int, completed: int, variant: str) -> None:
             f"INSERT INTO {sajobs.JOBS} (kind, queue, args, partition_key)"
             " SELECT 'bench_noop', 'bench', jsonb_build_object('n', g), 'k' || (g %% %s)"
             " FROM generate_series(0, %s - 1) g", (KEYS, n))
+        if variant == "keys-no-running-index":
+            conn.execute("DROP INDEX sa_jobs.jobs_running_partition_idx")
         conn.execute(f"VACUUM ANALYZE {sajobs.JOBS}")
 
 
