@@ -21,7 +21,7 @@ from . import _validate
 from .errors import ConfigurationError
 from .model import _SERVER_DEFAULT_MAX_ATTEMPTS, Job, KindOptions, _check_attempts, _check_priority
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
-from .unique import ENQUEUED_INFO_KEY
+from .unique import note_enqueued
 
 _COLUMNS = ("kind", "queue", "args", "state", "priority", "max_attempts", "tags", "meta", "partition_key", "scheduled_at")
 
@@ -41,12 +41,6 @@ def _driver_connection(session: Any) -> Any:
             " `await session.run_sync(lambda s: s.add_all(jobs))`"
         )
     return driver
-
-
-def _note_enqueued(session: Any) -> None:
-    # A COPY bypasses the unit of work; a Session's commit watchers learn of it here.
-    if isinstance(session, Session):
-        session.info[ENQUEUED_INFO_KEY] = True
 
 
 def _kind_of_row(job: Job) -> KindOptions:
@@ -206,7 +200,8 @@ def enqueue_many(
     one raises and, since the COPY runs in the caller's transaction, nothing is kept
     once that transaction rolls back. Returns the number of rows written.
     """
-    _note_enqueued(session)
+    if isinstance(session, Session):  # a COPY bypasses the unit of work: tell commit watchers
+        note_enqueued(session)
     unique_rows: list[tuple[KindOptions, tuple[Any, ...]]] = []
     if isinstance(jobs, type):
         if not issubclass(jobs, Job) or jobs.__sa_jobs_options__ is None:

@@ -129,13 +129,9 @@ class Queries:
             schema=schema,
             channel=channel_name(schema),
             cancel_channel=cancel_channel_name(schema),
-            # Claim up to %(limit)s jobs of one queue in one statement. The CTE is
-            # MATERIALIZED so the locked id list is computed exactly once: a join that
-            # re-scans an inlined subquery could lock and return more rows than LIMIT.
-            # ORDER BY matches jobs_claim_idx column for column: an index scan, no sort.
             claim=r(_claim_statement(after=False)),
             # The same claim, resuming after the last row of this worker's previous full
-            # batch (see Worker._claim): under a backlog, the rows before it are the jobs
+            # batch (see Worker._claim_plain): under a backlog, the rows before it are the jobs
             # claimed since the last VACUUM, whose dead entries a scan from the start of
             # jobs_claim_idx would step over one by one.
             claim_after=r(_claim_statement(after=True)),

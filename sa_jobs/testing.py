@@ -30,7 +30,7 @@ from ._url import sqlalchemy_url
 from .errors import ConfigurationError
 from .model import Job
 from .schema import DEFAULT_SCHEMA
-from .unique import ENQUEUED_INFO_KEY
+from .unique import ENQUEUED_INFO_KEY, note_enqueued
 
 __all__ = ["assert_enqueued", "drain", "enqueued", "inline", "perform", "refute_enqueued"]
 
@@ -232,7 +232,7 @@ def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
 
     def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
         if ours(session) and any(isinstance(o, Job) for o in session.new):
-            session.info[ENQUEUED_INFO_KEY] = True
+            note_enqueued(session)
 
     def after_commit(session: Session) -> None:
         if session.info.pop(ENQUEUED_INFO_KEY, False) and ours(session):

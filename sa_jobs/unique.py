@@ -147,6 +147,11 @@ def existing_statement(table: Any, kind: str, key: Any) -> Any:
 # (this hook, ``enqueue_many``), so commit watchers such as ``testing.inline`` see them.
 ENQUEUED_INFO_KEY = "sa_jobs.enqueued"
 
+
+def note_enqueued(session: Any) -> None:
+    """Mark ``session``'s transaction as having written job rows past the unit of work."""
+    session.info[ENQUEUED_INFO_KEY] = True
+
 _INSERTABLE = ("queue", "args", "state", "priority", "max_attempts", "scheduled_at", "tags", "meta", "partition_key")
 
 # Set once a kind with unique= is declared (see model.Job.__init_subclass__): until then
@@ -175,7 +180,7 @@ def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
     for obj in new:
         _insert_unique(session, obj)
     # The rows left session.new: say so for whoever watches this transaction's commit.
-    session.info[ENQUEUED_INFO_KEY] = True
+    note_enqueued(session)
 
 
 def _unique_of(obj: Any) -> Optional[Unique]:

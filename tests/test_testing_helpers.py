@@ -105,13 +105,18 @@ def test_drain_runs_everything_with_a_real_worker(sa_jobs_engine, credits):
         assert sorted(session.scalars(select(Credit.amount))) == [1, 2, 3, 4, 5]
 
 
+def assert_ran(engine, kind, amounts: list[int]) -> None:
+    """The credits written so far are ``amounts``, and no ``kind`` job is left queued."""
+    with Session(engine) as session:
+        assert sorted(session.scalars(select(Credit.amount))) == amounts
+        refute_enqueued(session, kind)
+
+
 def test_inline_runs_jobs_right_after_commit(sa_jobs_engine, credits):
     with inline(sa_jobs_engine, kinds=[GrantCredit]):
         with Session(sa_jobs_engine) as session, session.begin():
             session.add(GrantCredit(account=3, amount=30))
-        with Session(sa_jobs_engine) as session:
-            assert session.scalars(select(Credit.amount)).all() == [30]
-            refute_enqueued(session, GrantCredit)
+        assert_ran(sa_jobs_engine, GrantCredit, [30])
     with Session(sa_jobs_engine) as session, session.begin():
         session.add(GrantCredit(account=4, amount=40))  # outside the block: stays queued
     with Session(sa_jobs_engine) as session:
@@ -124,14 +129,10 @@ def test_inline_sees_unique_jobs_and_bulk_enqueues(sa_jobs_engine, credits):
     with inline(sa_jobs_engine, kinds=[GrantCredit, GrantOnce]):
         with Session(sa_jobs_engine) as session, session.begin():
             session.add(GrantOnce(account=5, amount=50))
-        with Session(sa_jobs_engine) as session:
-            assert session.scalars(select(Credit.amount)).all() == [50]
-            refute_enqueued(session, GrantOnce)
+        assert_ran(sa_jobs_engine, GrantOnce, [50])
         with Session(sa_jobs_engine) as session, session.begin():
             enqueue_many(session, GrantCredit, [{"account": 6, "amount": 60}, {"account": 7, "amount": 70}])
-        with Session(sa_jobs_engine) as session:
-            assert sorted(session.scalars(select(Credit.amount))) == [50, 60, 70]
-            refute_enqueued(session, GrantCredit)
+        assert_ran(sa_jobs_engine, GrantCredit, [50, 60, 70])
         # A rolled-back enqueue leaves no mark behind for the session's next commit.
         with Session(sa_jobs_engine) as session:
             with session.begin():
