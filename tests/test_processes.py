@@ -194,7 +194,9 @@ def test_stale_worker_cannot_complete_and_its_session_effects_roll_back(engine, 
 
 def test_terminated_backends_are_replaced_and_nothing_is_lost(engine, database_url, schema, effects):
     with Session(engine) as session, session.begin():
-        enqueue_many(session, (CoreNoop(n=i, sleep=0.002) for i in range(3000)))
+        # 3000 x 50 ms over 20 slots: at least 7.5 s of work, so the four rounds of kills
+        # (0.7 s apart, once the worker's backends exist) land mid-drain however fast it claims.
+        enqueue_many(session, (CoreNoop(n=i, sleep=0.05) for i in range(3000)))
     worker = start_worker_process(database_url, schema, "tests.jobs_core", "--concurrency", "20", *FAST)
     try:
         kills = 0
