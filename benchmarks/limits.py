@@ -22,7 +22,8 @@ from .cluster import Cluster
 from .runner import System, drain_once, loadavg, repeat
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only", "keys-no-running-index")
+VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only", "keys-no-running-index",
+            "partition-replanned")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

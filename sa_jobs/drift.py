@@ -55,7 +55,8 @@ _QUERIES: Mapping[str, str] = {
         WHERE n.nspname = %(s)s AND c.relname = ANY(%(tables)s) AND NOT t.tgisinternal""",
     "function": """
         SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')',
-               'RETURNS ' || pg_get_function_result(p.oid) || ' LANGUAGE ' || l.lanname || ' AS ' || p.prosrc
+               'RETURNS ' || pg_get_function_result(p.oid) || ' LANGUAGE ' || l.lanname
+               || coalesce(' SET ' || array_to_string(p.proconfig, ', '), '') || ' AS ' || p.prosrc
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
         WHERE n.nspname = %(s)s AND p.proname = ANY(%(functions)s)""",
 }

@@ -204,6 +204,12 @@ HAND_CHANGES: dict[str, tuple[str, str]] = {
         " AS $$ BEGIN RETURN NULL; END $$",
         "function notify_jobs_inserted() differs",
     ),
+    # v5's setting, which the function's text does not show.
+    "re-planned claim": (
+        "ALTER FUNCTION {s}.claim_limited(text, integer, uuid, text, double precision, integer)"
+        " RESET plan_cache_mode",
+        "function claim_limited(p_queue text",
+    ),
 }
 
 

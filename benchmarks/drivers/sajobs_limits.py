@@ -12,6 +12,8 @@
   indexes cost on their own, without the partitioned claim).
 - ``keys-no-running-index``: keys-only without ``jobs_running_partition_idx`` (diagnostic:
   what the index each keyed claim inserts into costs).
+- ``partition-replanned``: partition with the claim function's ``plan_cache_mode`` reset
+  (diagnostic: the schema-v4 function, which re-planned its statements on every call).
 
 Only the limit machinery's cost is measured by the non-binding variants: the claim takes
 the queue row's lock, counts, and claims in a second statement.
@@ -44,7 +46,9 @@ VARIANTS = {
     "concurrency-binding": QueueLimits(concurrency=50),
     "keys-only": QueueLimits(),
     "keys-no-running-index": QueueLimits(),
+    "partition-replanned": QueueLimits(partition_concurrency=10_000),
 }
+KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "partition-replanned")
 
 
 def setup(dsn: str, variant: str) -> None:
@@ -56,7 +60,7 @@ def setup(dsn: str, variant: str) -> None:
 
 
 def load(dsn: str, n: int, completed: int, variant: str) -> None:
-    if variant not in ("partition", "all", "keys-only", "keys-no-running-index"):
+    if variant not in KEYED:
         sajobs.load(dsn, n, completed)
         return
     # Keyed rows are inserted with their key (an UPDATE afterwards would leave the heap
@@ -69,6 +73,9 @@ def load(dsn: str, n: int, completed: int, variant: str) -> None:
             " FROM generate_series(0, %s - 1) g", (KEYS, n))
         if variant == "keys-no-running-index":
             conn.execute("DROP INDEX sa_jobs.jobs_running_partition_idx")
+        if variant == "partition-replanned":
+            conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
+                         " RESET plan_cache_mode")
         conn.execute(f"VACUUM ANALYZE {sajobs.JOBS}")
 
 
