@@ -217,7 +217,7 @@ def _v4_up(schema: str) -> list[sql.Composable]:
             " ADD COLUMN IF NOT EXISTS rate_window_count integer NOT NULL DEFAULT 0,"
             " ADD CONSTRAINT queues_rate_pair CHECK ((rate_limit IS NULL) = (rate_period IS NULL))"
         ).format(sql.Identifier(schema, QUEUES_TABLE)),
-        _claim_function(schema),
+        _claim_function(schema, 4),
     ]
 
 
@@ -225,15 +225,25 @@ CLAIM_FUNCTION = "claim_limited"
 _CLAIM_FUNCTION_ARGS = "p_queue text, p_limit integer, p_token uuid, p_owner text, p_lease double precision, p_scan integer"
 
 
-def _claim_function(schema: str) -> sql.Composable:
+def _claim_function(schema: str, version: int) -> sql.Composable:
     """The claim of a limited queue, as a function so that it is one statement for the
     client: it locks the queue row (serializing that queue's claimers only), then counts
     and claims in a second statement, whose snapshot (READ COMMITTED, a VOLATILE function)
     already sees what the previous lock holder claimed. The lock lasts until COMMIT, so
     the commit does not wait for its WAL flush: the queue's claimers would otherwise queue
     behind one fsync each. A claim lost in a server crash leaves its jobs available, and
-    its outcomes are fenced off by the claim token: a re-run, never a lost job."""
+    its outcomes are fenced off by the claim token: a re-run, never a lost job.
+
+    ``version`` picks the text of that schema version (4 or 5). Version 5 counts a head
+    window's running jobs in one index scan, and keeps one generic plan per statement:
+    PL/pgSQL otherwise re-plans a statement on every call while the generic plan's
+    estimate looks worse than its custom plans' (LIMIT p_scan is unknown to it), which was
+    ~20% of a partitioned claim's time; every statement here claims from an index in
+    claim order whatever the arguments, so the generic plan is the right one."""
     from . import _claim_sql as c
+
+    head = c.CLAIM_PARTITIONED_HEAD_V4 if version == 4 else c.CLAIM_PARTITIONED_HEAD
+    settings = "" if version == 4 else " SET plan_cache_mode = force_generic_plan"
 
     jobs, queues = sql.Identifier(schema, JOBS_TABLE), sql.Identifier(schema, QUEUES_TABLE)
 
@@ -244,7 +254,7 @@ def _claim_function(schema: str) -> sql.Composable:
         "CREATE OR REPLACE FUNCTION {fn}(" + _CLAIM_FUNCTION_ARGS + ")"
         " RETURNS TABLE (id bigint, kind text, queue text, args jsonb, attempt integer, max_attempts integer,"
         " priority smallint, wait_seconds double precision, created_epoch double precision)"
-        " LANGUAGE plpgsql VOLATILE AS $claim$\n"
+        " LANGUAGE plpgsql VOLATILE" + settings + " AS $claim$\n"
         "#variable_conflict use_column\n"
         "DECLARE v_limited boolean; v_partitioned boolean; v_claimed integer;"
         " BEGIN"
@@ -262,25 +272,16 @@ def _claim_function(schema: str) -> sql.Composable:
         " END $claim$"
     ).format(fn=sql.Identifier(schema, CLAIM_FUNCTION), queues=queues,
              partitioned=body(c.CLAIM_PARTITIONED), limited=body(c.CLAIM_LIMITED),
-             head=body(c.CLAIM_PARTITIONED_HEAD), beyond=body(c.BEYOND_HEAD))
-
-
-def _claim_function_plan_mode(schema: str, setting: str) -> list[sql.Composable]:
-    return [sql.SQL("ALTER FUNCTION {}(" + _CLAIM_FUNCTION_ARGS + ") " + setting).format(
-        sql.Identifier(schema, CLAIM_FUNCTION))]
+             head=body(head), beyond=body(c.BEYOND_HEAD))
 
 
 def _v5_up(schema: str) -> list[sql.Composable]:
-    # PL/pgSQL caches each statement's plan, but keeps re-planning it per call when the
-    # generic plan's estimate looks worse than the custom plans' (LIMIT p_scan is unknown
-    # to it); for the partitioned claim that planning was ~20% of a batch's time. Every
-    # statement of the function claims from an index in claim order whatever the
-    # arguments, so the generic plan is the right one.
-    return _claim_function_plan_mode(schema, "SET plan_cache_mode = force_generic_plan")
+    return [_claim_function(schema, 5)]
 
 
 def _v5_down(schema: str) -> list[sql.Composable]:
-    return _claim_function_plan_mode(schema, "RESET plan_cache_mode")
+    # CREATE OR REPLACE also drops the SET clause that version 5 added.
+    return [_claim_function(schema, 4)]
 
 
 def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
@@ -327,7 +328,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         " jobs.partition_key and its index",
         _v4_up, _v4_down, _v4_up_concurrently, concurrent_indexes=(PARTITION_INDEX, RUNNING_PARTITION_INDEX),
     ),
-    Migration(5, "the limited claim function keeps one generic plan per statement", _v5_up, _v5_down),
+    Migration(5, "the partitioned claim counts running jobs in one scan and keeps one generic plan", _v5_up, _v5_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -13,7 +13,7 @@
 - ``keys-no-running-index``: keys-only without ``jobs_running_partition_idx`` (diagnostic:
   what the index each keyed claim inserts into costs).
 - ``partition-replanned``: partition with the claim function's ``plan_cache_mode`` reset
-  (diagnostic: the schema-v4 function, which re-planned its statements on every call).
+  (diagnostic: what re-planning its statements on every call costs, as schema v4 did).
 
 Only the limit machinery's cost is measured by the non-binding variants: the claim takes
 the queue row's lock, counts, and claims in a second statement.
