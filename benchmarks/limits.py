@@ -23,7 +23,7 @@ from .runner import System, drain_once, loadavg, repeat
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only", "keys-no-running-index",
-            "partition-replanned")
+            "partition-v4")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -242,3 +242,53 @@ def test_outcome_flush_looks_jobs_up_by_primary_key_under_churn(database_url, sc
     assert any(name and name.endswith("_pkey") for name in index_names), index_names
     # Every one of the 100 fenced rows was found and updated.
     assert sum(n["Actual Rows"] for n in nodes if n["Node Type"] == "ModifyTable") == 100
+
+
+
+def test_claims_stay_index_reads_after_the_table_grows_under_a_live_session(database_url, schema):
+    """A worker's session may claim from an empty queue many times, then face 100,000
+    waiting jobs before any ANALYZE. Cached plans made from the empty table must not
+    decide how a claim reads the full one: schema v4's claim function switched to such a
+    generic plan after five calls and then scanned for the jobs it had picked (60-200 ms
+    per claim at 200,000 jobs). Each claim here, limited (queue limit; partition limit,
+    with a busy key at the head so the skip scan runs too) and plain (the worker's
+    prepared statement), must read a small multiple of its batch: the tuples its
+    transaction read from jobs, from pg_stat_xact_user_tables."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    fn = sql.Identifier(schema, "claim_limited")
+    queries = Queries.for_schema(schema)
+    q(database_url, jobs_sql(schema, "ALTER TABLE {jobs} SET (autovacuum_enabled = false)"))
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency) VALUES ('conc', 100000)").format(queues))
+    q(database_url, sql.SQL("INSERT INTO {} (name, partition_concurrency) VALUES ('part', 3)").format(queues))
+
+    def tuples_read(conn: psycopg.Connection) -> int:
+        # Includes counts of earlier transactions not yet reported: take differences.
+        return conn.execute("SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+                            " FROM pg_stat_xact_user_tables WHERE relid = %s::regclass",
+                            (f'"{schema}".jobs',)).fetchone()[0]
+
+    def claim(conn: psycopg.Connection, queue: str) -> tuple[int, int]:
+        with conn.transaction(force_rollback=True):
+            before = tuples_read(conn)
+            if queue == "default":
+                got = len(conn.execute(queries.claim, {"queue": queue, "limit": 50, "token": uuid.uuid4(),
+                                                       "owner": "x", "lease": 30}, prepare=True).fetchall())
+            else:
+                got = conn.execute(sql.SQL("SELECT count(*) FROM {}(%s, 50, %s, 'x', 30, 100)").format(fn),
+                                   (queue, uuid.uuid4()), prepare=True).fetchone()[0]
+            return got, tuples_read(conn) - before
+
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        for _ in range(8):  # past the plan cache's five custom plans
+            for queue in ("conc", "part", "default"):
+                assert claim(conn, queue)[0] == 0
+        # 100,000 waiting jobs per queue, claim order unrelated to table order.
+        conn.execute(sql.SQL(
+            "INSERT INTO {} (kind, queue, args, priority, partition_key)"
+            " SELECT 'k', q, '{{}}', (g::bigint * 7919) % 10,"
+            "  CASE WHEN q <> 'part' THEN NULL WHEN g <= 300 THEN 'hot' ELSE 'key' || ((g::bigint * 104729) % 500) END"
+            " FROM generate_series(1, 100000) g, unnest(ARRAY['conc', 'part', 'default']) q").format(jobs))
+        conn.execute(sql.SQL("UPDATE {} SET priority = -1 WHERE partition_key = 'hot'").format(jobs))
+        for queue in ("conc", "part", "default", "conc", "part", "default"):
+            got, read = claim(conn, queue)
+            assert got == 50 and read <= 5_000, (queue, got, read)

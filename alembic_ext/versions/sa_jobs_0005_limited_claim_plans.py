@@ -1,4 +1,4 @@
-"""sa-jobs schema version 5: the limited claim function keeps one generic plan per statement.
+"""sa-jobs schema version 5: the limited claim plans for the table as it is, and counts running jobs per key in one scan.
 
 Revision ID: sa_jobs_0005
 Revises: sa_jobs_0004
