@@ -2,6 +2,7 @@
 
     python -m benchmarks run --quick                 # a few minutes, peers included
     python -m benchmarks run --quick --peers none    # sa-jobs only
+    python -m benchmarks run --quick --only drain --workers 1,2,4,8 --concurrency 10,100  # the drain grid, quick sizes
     python -m benchmarks run --full                  # 50k-job drains, W=1,2,4,8, 1M backlog (an hour+)
 
 Writes JSON (``--out``, default benchmarks/results/<mode>-<timestamp>.json) and prints a table.
@@ -158,6 +159,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--only", default="enqueue,drain,latency,backlog,soak",
                     help="scenarios to run (comma list of enqueue,drain,latency,backlog,soak)")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3)")
+    ap.add_argument("--workers", help="drain grid: worker processes, e.g. 1,2,4,8 (default: the mode's)")
+    ap.add_argument("--concurrency", help="drain grid: slots per process, for sa-jobs and peers, e.g. 10,100")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<mode>-<timestamp>.json)")
     ap.add_argument("--peer-python", help="reuse a Python that already has the 3.11 peers installed")
     ap.add_argument("--oban-python", help="reuse a Python >= 3.12 that already has oban installed")
@@ -172,6 +175,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = dict(MODES[mode])
     if a.runs:
         cfg["runs"] = a.runs
+    if a.workers:
+        cfg["workers"] = [int(x) for x in a.workers.split(",")]
+    if a.concurrency:
+        cfg["concurrency"] = cfg["peer_concurrency"] = [int(x) for x in a.concurrency.split(",")]
     only = set(a.only.split(","))
     peers = [] if a.peers == "none" else list(ALL_PEERS) if a.peers == "all" else a.peers.split(",")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
