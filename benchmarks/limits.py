@@ -23,7 +23,7 @@ from .runner import System, drain_once, loadavg, repeat
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only", "keys-no-running-index",
-            "partition-v4")
+            "partition-auto-plans", "concurrency-auto-plans")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

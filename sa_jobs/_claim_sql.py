@@ -5,8 +5,8 @@ Templates use ``{jobs}``/``{queues}`` for the tables and ``%(name)s`` for the va
 :func:`function_body` turns the latter into the function's ``p_name`` arguments.
 
 A schema version's function text is frozen once released (``sa-jobs check`` compares
-installs against it): a change to these statements is a new schema version, with the
-older text kept for its install and downgrade.
+installs against it, tests/test_schema_versions.py pins it): a change to these
+statements is a new schema version, with the older text kept for the older version.
 """
 
 from __future__ import annotations
@@ -70,25 +70,15 @@ CLAIM_LIMITED = (
 # order (one index range): each key may take its partition_concurrency minus its running
 # jobs, unkeyed jobs only the queue's room. When that leaves the batch short and more jobs
 # wait beyond the window (busy keys crowd its head), the skip scan below looks at every key.
-_HEAD = (
+CLAIM_PARTITIONED_HEAD = (
+    "WITH " + _ROOM + ","
     " head AS MATERIALIZED (SELECT id, partition_key, priority, scheduled_at FROM {jobs}"
     "  WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
     "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s),"
-)
-# Running jobs of the window's keys only, from jobs_running_partition_idx: one index scan
-# for all the keys (schema v5)...
-_BUSY = (
-    " busy AS MATERIALIZED (SELECT b.partition_key AS key, count(*) AS n FROM {jobs} b"
-    "  WHERE b.state = 'running' AND b.queue = %(queue)s AND b.partition_key = ANY(ARRAY("
-    "  SELECT DISTINCT partition_key FROM head WHERE partition_key IS NOT NULL)) GROUP BY b.partition_key),"
-)
-# ...where schema v4 ran one counting subquery per key (its text, kept for v4).
-_BUSY_V4 = (
+    # Running jobs of the window's keys only, each counted in jobs_running_partition_idx.
     " busy AS MATERIALIZED (SELECT k.key, (SELECT count(*) FROM {jobs} b WHERE b.state = 'running'"
     "  AND b.queue = %(queue)s AND b.partition_key = k.key) AS n"
     "  FROM (SELECT DISTINCT partition_key AS key FROM head WHERE partition_key IS NOT NULL) k),"
-)
-_CHOOSE_FROM_HEAD = (
     " ranked AS (SELECT h.id, h.priority, h.scheduled_at, h.partition_key,"
     "  row_number() OVER (PARTITION BY h.partition_key ORDER BY h.priority, h.scheduled_at, h.id) AS rn"
     "  FROM head h),"
@@ -103,8 +93,6 @@ _CHOOSE_FROM_HEAD = (
     " AND state = 'available' FOR UPDATE SKIP LOCKED),"
     + _CLAIM_AND_COUNT
 )
-CLAIM_PARTITIONED_HEAD = "WITH " + _ROOM + "," + _HEAD + _BUSY + _CHOOSE_FROM_HEAD
-CLAIM_PARTITIONED_HEAD_V4 = "WITH " + _ROOM + "," + _HEAD + _BUSY_V4 + _CHOOSE_FROM_HEAD
 
 # More waiting jobs than the head window holds (the skip scan's cue).
 BEYOND_HEAD = (

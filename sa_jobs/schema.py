@@ -234,18 +234,15 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
     behind one fsync each. A claim lost in a server crash leaves its jobs available, and
     its outcomes are fenced off by the claim token: a re-run, never a lost job.
 
-    ``version`` picks the text of that schema version (4 or 5). Version 5 counts the head
-    window's running jobs per key in one index scan instead of one subquery per key, and
-    plans every statement on every call (``force_custom_plan``): after five calls
-    PL/pgSQL may switch a statement to one generic plan, made from the table as it was
-    then and kept until an ANALYZE. Made while a worker polled an empty queue, that plan
-    looked the picked jobs up by scanning the table: 60-200 ms per claim once 200,000
-    jobs arrived (tests/test_schema_sql.py). A custom plan sees the table's current size.
-    A generic plan would also save the planning (a quarter of an uncontended batch of
-    25), which is why forcing one was measured, and rejected for the same reason."""
+    Version 5 (the same text) plans every statement on every call, ``force_custom_plan``:
+    after five calls PL/pgSQL may switch a statement to one generic plan, made from the
+    table as it was then and kept until an ANALYZE. Made while a worker polled an empty
+    queue, that plan looked the picked jobs up by scanning the table: 60-300 ms per claim
+    once 200,000 jobs arrived (tests/test_schema_sql.py). A custom plan sees the table's
+    current size; planning costs about 0.5 ms per call. Forcing a generic plan was also
+    tried (it saves that) and rejected for the same reason."""
     from . import _claim_sql as c
 
-    head = c.CLAIM_PARTITIONED_HEAD_V4 if version == 4 else c.CLAIM_PARTITIONED_HEAD
     settings = "" if version == 4 else " SET plan_cache_mode = force_custom_plan"
 
     jobs, queues = sql.Identifier(schema, JOBS_TABLE), sql.Identifier(schema, QUEUES_TABLE)
@@ -275,7 +272,7 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
         " END $claim$"
     ).format(fn=sql.Identifier(schema, CLAIM_FUNCTION), queues=queues,
              partitioned=body(c.CLAIM_PARTITIONED), limited=body(c.CLAIM_LIMITED),
-             head=body(head), beyond=body(c.BEYOND_HEAD))
+             head=body(c.CLAIM_PARTITIONED_HEAD), beyond=body(c.BEYOND_HEAD))
 
 
 def _v5_up(schema: str) -> list[sql.Composable]:
@@ -331,7 +328,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         " jobs.partition_key and its index",
         _v4_up, _v4_down, _v4_up_concurrently, concurrent_indexes=(PARTITION_INDEX, RUNNING_PARTITION_INDEX),
     ),
-    Migration(5, "the limited claim plans for the table as it is, and counts running jobs per key in one scan", _v5_up, _v5_down),
+    Migration(5, "the limited claim function plans its statements for the table as it is (force_custom_plan)", _v5_up, _v5_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -1,4 +1,4 @@
-"""sa-jobs schema version 5: the limited claim plans for the table as it is, and counts running jobs per key in one scan.
+"""sa-jobs schema version 5: the limited claim function plans its statements for the table as it is.
 
 Revision ID: sa_jobs_0005
 Revises: sa_jobs_0004

@@ -12,8 +12,9 @@
   indexes cost on their own, without the partitioned claim).
 - ``keys-no-running-index``: keys-only without ``jobs_running_partition_idx`` (diagnostic:
   what the index each keyed claim inserts into costs).
-- ``partition-v4``: partition with schema v4's claim function (diagnostic: v4 counted
-  the running jobs of each key of the head window in its own subquery).
+- ``partition-auto-plans``, ``concurrency-auto-plans``: partition, concurrency with the
+  claim function's ``plan_cache_mode`` reset, as in schema v4 (diagnostic: what planning
+  every call costs; see sa_jobs.schema._claim_function for why v5 does).
 
 Only the limit machinery's cost is measured by the non-binding variants: the claim takes
 the queue row's lock, counts, and claims in a second statement.
@@ -33,7 +34,7 @@ from sqlalchemy import create_engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from benchmarks.drivers import _proto, sajobs  # noqa: E402
-from sa_jobs import QueueLimits, schema as schema_mod, set_queue_limits  # noqa: E402
+from sa_jobs import QueueLimits, set_queue_limits  # noqa: E402
 from sa_jobs._url import sqlalchemy_url  # noqa: E402
 
 KEYS = 100
@@ -46,9 +47,10 @@ VARIANTS = {
     "concurrency-binding": QueueLimits(concurrency=50),
     "keys-only": QueueLimits(),
     "keys-no-running-index": QueueLimits(),
-    "partition-v4": QueueLimits(partition_concurrency=10_000),
+    "partition-auto-plans": QueueLimits(partition_concurrency=10_000),
+    "concurrency-auto-plans": QueueLimits(concurrency=100_000),
 }
-KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "partition-v4")
+KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "partition-auto-plans")
 
 
 def setup(dsn: str, variant: str) -> None:
@@ -57,6 +59,10 @@ def setup(dsn: str, variant: str) -> None:
     with Session(engine) as session, session.begin():
         set_queue_limits(session, "bench", VARIANTS[variant])
     engine.dispose()
+    if variant.endswith("-auto-plans"):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
+                         " RESET plan_cache_mode")
 
 
 def load(dsn: str, n: int, completed: int, variant: str) -> None:
@@ -73,8 +79,6 @@ def load(dsn: str, n: int, completed: int, variant: str) -> None:
             " FROM generate_series(0, %s - 1) g", (KEYS, n))
         if variant == "keys-no-running-index":
             conn.execute("DROP INDEX sa_jobs.jobs_running_partition_idx")
-        if variant == "partition-v4":
-            conn.execute(schema_mod._claim_function(schema_mod.DEFAULT_SCHEMA, 4))
         conn.execute(f"VACUUM ANALYZE {sajobs.JOBS}")
 
 

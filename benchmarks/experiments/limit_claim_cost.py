@@ -26,11 +26,11 @@ import psycopg  # noqa: E402
 from benchmarks.cluster import Cluster  # noqa: E402
 from benchmarks.drivers import sajobs_limits as driver  # noqa: E402
 
-VARIANTS = ("none", "keys-only", "concurrency", "partition", "partition-v4")
+VARIANTS = ("none", "keys-only", "concurrency", "partition", "partition-auto-plans", "concurrency-auto-plans")
 
 
 def drain(dsn: str, variant: str, batch: int) -> tuple[float, int, int]:
-    limited = variant in ("concurrency", "partition", "partition-v4")
+    limited = variant.startswith(("concurrency", "partition"))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SET synchronous_commit = off")
         jobs = batches = 0

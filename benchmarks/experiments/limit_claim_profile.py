@@ -1,7 +1,7 @@
 """Where a limited drain's server time goes: one contended drain per variant, with
 pg_stat_statements (track = all, so the claim function's inner statements show too).
 
-    python benchmarks/experiments/limit_claim_profile.py [--variants none,partition] [--n 20000]
+    python benchmarks/experiments/limit_claim_profile.py [--variants none,partition] [--n 20000] [--completed 0]
 
 On a private cluster (benchmarks/cluster.py) started with pg_stat_statements preloaded,
 runs the limits benchmark's drain (4 worker processes x 100 slots) once per variant and
@@ -36,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="none,partition")
     ap.add_argument("--n", type=int, default=20_000)
+    ap.add_argument("--completed", type=int, default=0, help="finished rows loaded before the drain")
     ap.add_argument("--top", type=int, default=5)
     a = ap.parse_args()
     settings = ("shared_preload_libraries=pg_stat_statements", "pg_stat_statements.track=all")
@@ -46,7 +47,7 @@ def main() -> None:
             with psycopg.connect(system.dsn, autocommit=True) as conn:
                 conn.execute("CREATE EXTENSION pg_stat_statements")
             system.info = system.run_json("info")
-            r = drain_once(cluster, system, workers=4, concurrency=100, n=a.n)
+            r = drain_once(cluster, system, workers=4, concurrency=100, n=a.n, completed=a.completed)
             print(f"\n{v}: {r['jobs_per_s']:,.0f} jobs/s, server CPU {r['server_cpu_us_per_job']:.0f} us/job")
             print("calls | rows | total ms | ms/call | statement")
             with psycopg.connect(system.dsn, autocommit=True) as conn:
