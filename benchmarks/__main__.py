@@ -28,7 +28,6 @@ from typing import Any, Optional
 
 import psutil
 
-from . import runner
 from .cluster import Cluster
 from .runner import System, drain_once, enqueue_once, latency_once, loadavg, repeat
 

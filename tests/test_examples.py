@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from sa_jobs._url import sqlalchemy_url

@@ -7,10 +7,7 @@ This module is also imported by the worker subprocesses of the leader-change tes
 from __future__ import annotations
 
 import datetime as dt
-import os
 import signal
-import subprocess
-import time
 from zoneinfo import ZoneInfo
 
 import anyio

@@ -9,7 +9,6 @@ Prometheus' HTTP API that the counters and histograms moved by exactly the batch
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket

@@ -16,7 +16,7 @@ from sa_jobs._url import to_conninfo
 from sa_jobs.maintenance.pruner import Pruner, delete_statement, prune, retention_ages
 from sa_jobs.queries import Queries
 
-from .helpers import jobs_sql, q, run_worker_until, wait_for
+from .helpers import jobs_sql, q, run_worker_until
 
 
 class RetNoop(Job, kind="ret_noop", queue="ret"):

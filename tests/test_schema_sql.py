@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import ast
-import json
 import re
-import select as select_mod
 import uuid
 from pathlib import Path
 

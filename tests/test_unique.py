@@ -6,7 +6,6 @@ import datetime as dt
 import threading
 
 import anyio
-import psycopg
 import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -14,7 +13,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from sa_jobs import ConfigurationError, Job, Unique, enqueue_many
-from sa_jobs._url import sqlalchemy_url, to_conninfo
+from sa_jobs._url import sqlalchemy_url
 from sa_jobs.schema import DEFAULT_SCHEMA
 
 from .helpers import jobs_sql, q

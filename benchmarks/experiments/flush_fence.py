@@ -7,7 +7,7 @@ import sys, os, time
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 import anyio, psycopg
 from benchmarks.cluster import Cluster
-from benchmarks.drivers import sajobs as driver, _proto
+from benchmarks.drivers import sajobs as driver
 from benchmarks.kinds import BenchNoop
 import sa_jobs.queries as qmod
 from sa_jobs import Worker

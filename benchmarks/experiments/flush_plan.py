@@ -3,7 +3,7 @@ custom and generic plans, on a private cluster: which index reaches the rows.
 
     python benchmarks/experiments/flush_plan.py
 """
-import sys, re, uuid, json
+import sys, re, uuid
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 import psycopg
 from benchmarks.cluster import Cluster

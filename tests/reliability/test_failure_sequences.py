@@ -7,7 +7,6 @@ jobs end dead with every error and a traceback; a replay adds exactly one attemp
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from sqlalchemy.orm import Session
 
 from .proxy import Proxy
