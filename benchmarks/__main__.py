@@ -261,12 +261,20 @@ def run_system(cluster: Cluster, s: System, res: dict, cfg: dict, only: set[str]
 def backlog(cluster: Cluster, s: System, cfg: dict) -> dict[str, Any]:
     """Claim cost vs backlog: time to run the first `target` jobs with 4 procs x C=100."""
     k, small, large = cfg["backlog_target"], cfg["backlog_small"], cfg["backlog_large"]
-    out: dict[str, Any] = {"target_jobs": k, "workers": 4, "concurrency": 100}
-    for label, n, completed in ((f"{small} queued", small, 0), (f"{large} queued", large, 0),
-                                (f"{small} queued + {large} completed", small, large)):
-        log(f"sa-jobs backlog: {label}")
-        out[label] = repeat(cfg["runs"], lambda: drain_once(cluster, s, workers=4, concurrency=100, n=n,
-                                                            completed=completed, target=k),
+    out: dict[str, Any] = {"target_jobs": k, "workers": 4, "concurrency": 100, "interleaved": True}
+    cases = ((f"{small} queued", small, 0), (f"{large} queued", large, 0),
+             (f"{small} queued + {large} completed", small, large))
+    # Interleaved (small, large, completed, small, ...): a drift of the machine's speed
+    # during the run spreads over every case instead of biasing their ratios.
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in cases}
+    for i in range(cfg["runs"]):
+        for label, n, completed in cases:
+            log(f"sa-jobs backlog: {label} (run {i + 1})")
+            runs[label].append(drain_once(cluster, s, workers=4, concurrency=100, n=n, completed=completed,
+                                          target=k))
+    for label, _, _ in cases:
+        it = iter(runs[label])
+        out[label] = repeat(len(runs[label]), lambda: next(it),
                             ("jobs_per_s", "server_cpu_us_per_job", "client_cpu_us_per_job"))
     base = out[f"{small} queued"]["jobs_per_s"]["median"]
     out["ratio_large_queued"] = out[f"{large} queued"]["jobs_per_s"]["median"] / base
