@@ -237,7 +237,7 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
     Version 5 (the same text) plans every statement on every call, ``force_custom_plan``:
     after five calls PL/pgSQL may switch a statement to one generic plan, made from the
     table as it was then and kept until an ANALYZE. Made while a worker polled an empty
-    queue, that plan looked the picked jobs up by scanning the table: 60-300 ms per claim
+    queue, that plan looked the picked jobs up by scanning the table: 60-210 ms per claim
     once 200,000 jobs arrived (tests/test_schema_sql.py). A custom plan sees the table's
     current size; planning costs about 0.5 ms per call. Forcing a generic plan was also
     tried (it saves that) and rejected for the same reason."""

@@ -247,7 +247,7 @@ def test_claims_stay_index_reads_after_the_table_grows_under_a_live_session(data
     """A worker's session may claim from an empty queue many times, then face 100,000
     waiting jobs before any ANALYZE. Cached plans made from the empty table must not
     decide how a claim reads the full one: schema v4's claim function switched to such a
-    generic plan after five calls and then scanned for the jobs it had picked (60-300 ms
+    generic plan after five calls and then scanned for the jobs it had picked (60-210 ms
     per claim at 200,000 jobs). Each claim here, limited (queue limit; partition limit,
     with a busy key at the head so the skip scan runs too) and plain (the worker's
     prepared statement), must read a small multiple of its batch: the tuples its
