@@ -29,7 +29,7 @@ from typing import Any, Optional
 import psutil
 
 from .cluster import Cluster
-from .runner import System, drain_once, enqueue_once, latency_once, loadavg, repeat
+from .runner import System, drain_once, enqueue_once, latency_once, loadavg, repeat, summarize_runs
 
 HERE = Path(__file__).resolve().parent
 PEER_PINS = {
@@ -63,6 +63,16 @@ MODES = {
                  peer_enq_bulk=1_000, latency_rate=100, latency_seconds=1, backlog_small=1_000,
                  backlog_large=5_000, backlog_target=1_000, soak=0),
 }
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return values
 
 
 def log(msg: str) -> None:
@@ -158,8 +168,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--only", default="enqueue,drain,latency,backlog,soak",
                     help="scenarios to run (comma list of enqueue,drain,latency,backlog,soak)")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3)")
-    ap.add_argument("--workers", help="drain grid: worker processes, e.g. 1,2,4,8 (default: the mode's)")
-    ap.add_argument("--concurrency", help="drain grid: slots per process, for sa-jobs and peers, e.g. 10,100")
+    ap.add_argument("--workers", type=_positive_ints, help="drain grid: worker processes, e.g. 1,2,4,8 (default: the mode's)")
+    ap.add_argument("--concurrency", type=_positive_ints,
+                    help="drain grid: slots per process, for sa-jobs and peers, e.g. 10,100")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<mode>-<timestamp>.json)")
     ap.add_argument("--peer-python", help="reuse a Python that already has the 3.11 peers installed")
     ap.add_argument("--oban-python", help="reuse a Python >= 3.12 that already has oban installed")
@@ -175,9 +186,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.runs:
         cfg["runs"] = a.runs
     if a.workers:
-        cfg["workers"] = [int(x) for x in a.workers.split(",")]
+        cfg["workers"] = a.workers
     if a.concurrency:
-        cfg["concurrency"] = cfg["peer_concurrency"] = [int(x) for x in a.concurrency.split(",")]
+        cfg["concurrency"] = cfg["peer_concurrency"] = a.concurrency
     only = set(a.only.split(","))
     peers = [] if a.peers == "none" else list(ALL_PEERS) if a.peers == "all" else a.peers.split(",")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -273,9 +284,7 @@ def backlog(cluster: Cluster, s: System, cfg: dict) -> dict[str, Any]:
             runs[label].append(drain_once(cluster, s, workers=4, concurrency=100, n=n, completed=completed,
                                           target=k))
     for label, _, _ in cases:
-        it = iter(runs[label])
-        out[label] = repeat(len(runs[label]), lambda: next(it),
-                            ("jobs_per_s", "server_cpu_us_per_job", "client_cpu_us_per_job"))
+        out[label] = summarize_runs(runs[label], ("jobs_per_s", "server_cpu_us_per_job", "client_cpu_us_per_job"))
     base = out[f"{small} queued"]["jobs_per_s"]["median"]
     out["ratio_large_queued"] = out[f"{large} queued"]["jobs_per_s"]["median"] / base
     out["ratio_large_completed"] = out[f"{small} queued + {large} completed"]["jobs_per_s"]["median"] / base

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from .__main__ import fmt_rate, machine
 from .cluster import Cluster
-from .runner import System, drain_once, loadavg, repeat
+from .runner import System, drain_once, loadavg, summarize_runs
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only", "keys-no-running-index",
@@ -60,10 +60,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"{v:>20}: {r['jobs_per_s']:,.0f} jobs/s", file=sys.stderr)
                 per_variant[v].append(r)
         for v in variants:
-            runs = iter(per_variant[v])
             result["variants"][v] = {"limits": systems[v].info["limits"],
-                                     **repeat(len(per_variant[v]), lambda: next(runs),
-                                              ("jobs_per_s", "server_cpu_us_per_job", "client_cpu_us_per_job"))}
+                                     **summarize_runs(per_variant[v], ("jobs_per_s", "server_cpu_us_per_job",
+                                                                       "client_cpu_us_per_job"))}
     result["meta"]["loadavg_end"] = loadavg()
     out.write_text(json.dumps(result, indent=1, default=str))
     base = result["variants"].get("none", {}).get("jobs_per_s", {}).get("median")

@@ -346,9 +346,11 @@ def enqueue_once(cluster: Cluster, system: System, *, mode: str, n: int, batch: 
 
 
 def repeat(runs: int, fn: Callable[[], dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
-    results = []
-    for _ in range(runs):
-        results.append(fn())
+    return summarize_runs([fn() for _ in range(runs)], keys)
+
+
+def summarize_runs(results: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Median/min/max of ``keys`` over runs already made (interleaved ones, say)."""
     out: dict[str, Any] = {k: summarize([r[k] for r in results if k in r]) for k in keys
                            if any(k in r for r in results)}
     out["loadavg_before"] = results[0]["loadavg_before"]

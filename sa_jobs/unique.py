@@ -152,6 +152,7 @@ def note_enqueued(session: Any) -> None:
     """Mark ``session``'s transaction as having written job rows past the unit of work."""
     session.info[ENQUEUED_INFO_KEY] = True
 
+
 _INSERTABLE = ("queue", "args", "state", "priority", "max_attempts", "scheduled_at", "tags", "meta", "partition_key")
 
 # Set once a kind with unique= is declared (see model.Job.__init_subclass__): until then
