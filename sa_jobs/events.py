@@ -6,7 +6,7 @@ prometheus-client. The default does nothing, so a worker without metrics pays a 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 # Run outcomes, as reported to observers (a bounded set: safe as a metric label).
 OUTCOMES = ("completed", "retried", "dead", "cancelled", "snoozed", "timed_out", "released", "lease_lost")
@@ -21,6 +21,27 @@ class WorkerObserver(Protocol):
     def loop_error(self, component: str) -> None: ...
     def heartbeat_ok(self) -> None: ...
     def leader(self, is_leader: bool) -> None: ...
+
+
+# Maintenance hooks, added after the ones above: an observer written against the older
+# protocol may lack them, so callers look them up with :func:`hook` (a missing one is a
+# no-op) instead of calling them directly.
+#
+#   promoted(count)                  scheduled/retryable jobs made available
+#   pruned(state, count)             finished rows deleted by retention, per state
+#   periodic_enqueued(name, count)   jobs enqueued for a periodic declaration's slots
+#   maintenance_ran(service, seconds) one run of a maintenance service that succeeded
+MAINTENANCE_HOOKS = ("promoted", "pruned", "periodic_enqueued", "maintenance_ran")
+
+
+def hook(observer: Any, name: str) -> Callable[..., None]:
+    """``observer``'s hook ``name``, or a function that does nothing if it has none."""
+    found = getattr(observer, name, None)
+    return found if callable(found) else _ignore
+
+
+def _ignore(*_args: Any) -> None:
+    return None
 
 
 class NullObserver:

@@ -61,6 +61,8 @@ OTHER = "other"
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 CLAIM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# One run of a maintenance service: a promotion of a few rows up to a pruner run of many batches.
+MAINTENANCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # le="0" counts empty polls: a claim that found nothing.
 BATCH_BUCKETS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 
@@ -85,6 +87,27 @@ class PrometheusObserver:
         self.claims = Counter(f"{p}_claims", "Claim statements run (including empty polls).", ["queue"], registry=reg)
         self.jobs_rescued = Counter(
             f"{p}_jobs_rescued", "Jobs with an expired lease returned to the queue by this worker as leader.",
+            registry=reg,
+        )
+        # Maintenance: labels are the service and periodic names declared in code, and
+        # the finished states retention prunes.
+        self.jobs_promoted = Counter(
+            f"{p}_jobs_promoted", "Scheduled and retryable jobs made available when due, by this worker.", registry=reg,
+        )
+        self.jobs_pruned = Counter(
+            f"{p}_jobs_pruned", "Finished jobs deleted by retention, by this worker as leader.", ["state"], registry=reg,
+        )
+        self.periodic_jobs_enqueued = Counter(
+            f"{p}_periodic_jobs_enqueued", "Jobs enqueued for periodic (cron) slots, by this worker as leader.",
+            ["periodic"], registry=reg,
+        )
+        self.maintenance_duration = Histogram(
+            f"{p}_maintenance_duration_seconds", "Duration of one successful run of a maintenance service.",
+            ["service"], buckets=MAINTENANCE_BUCKETS, registry=reg,
+        )
+        self.maintenance_last_run = Gauge(
+            f"{p}_maintenance_last_run_timestamp_seconds",
+            "Unix time a maintenance service last finished a tick without error on this worker.", ["service"],
             registry=reg,
         )
         self.loop_errors = Counter(
@@ -138,6 +161,7 @@ class PrometheusObserver:
         for component in (*LOOP_COMPONENTS, OTHER):
             self._errors[component] = self.loop_errors.labels(component)
         self.jobs_rescued.inc(0)
+        self.jobs_promoted.inc(0)
         self.is_leader.set(0)
 
     # ---- bounded labels ----------------------------------------------------------
@@ -231,6 +255,19 @@ class PrometheusObserver:
 
     def leader(self, is_leader: bool) -> None:
         self.is_leader.set(1 if is_leader else 0)
+
+    def promoted(self, count: int) -> None:
+        self.jobs_promoted.inc(count)
+
+    def pruned(self, state: str, count: int) -> None:
+        self.jobs_pruned.labels(state).inc(count)
+
+    def periodic_enqueued(self, name: str, count: int) -> None:
+        self.periodic_jobs_enqueued.labels(name).inc(count)
+
+    def maintenance_ran(self, service: str, seconds: float) -> None:
+        self.maintenance_duration.labels(service).observe(seconds)
+        self.maintenance_last_run.labels(service).set(time.time())
 
 
 # ---- per-job families without locks ----------------------------------------------------

@@ -32,6 +32,7 @@ from psycopg import sql
 
 from . import _validate
 from .errors import ConfigurationError
+from .events import hook
 from .model import Job
 from .schema import JOBS_TABLE, PERIODIC_TABLE, UNIQUE_PREDICATE
 from .states import ALL_STATES
@@ -203,6 +204,10 @@ class PeriodicJobs:
             names.add(p.name)  # type: ignore[arg-type]
         self.periodics = periodics
         self._sql: dict[str, dict[str, sql.Composed]] = {}
+        self._enqueued = hook(None, "periodic_enqueued")
+
+    def bind_observer(self, observer: Any) -> None:
+        self._enqueued = hook(observer, "periodic_enqueued")
 
     def _statements(self, schema: str) -> dict[str, sql.Composed]:
         found = self._sql.get(schema)
@@ -227,13 +232,16 @@ class PeriodicJobs:
         statements = self._statements(queries.schema)
         for periodic in self.periodics:
             try:
-                await self.fire(conn, statements, periodic)
+                ids = await self.fire(conn, statements, periodic)
             except psycopg.Error:
                 raise  # the maintainer reconnects and retries
             except Exception:  # noqa: BLE001 - a broken factory is the user's bug
                 # It must not stop the other schedules (or cost leadership); its
                 # transaction rolled back, so its slot stays due and is retried next tick.
                 log.exception("periodic job %r could not be built; retrying next tick", periodic.name)
+            else:
+                if ids:  # counted once committed: fire() returns after its transaction
+                    self._enqueued(periodic.name, len(ids))
 
     async def fire(self, conn: Any, statements: Mapping[str, sql.Composed], periodic: Periodic) -> list[int]:
         """Enqueue ``periodic``'s due slots in one transaction; the new job ids."""

@@ -6,6 +6,7 @@ skip only when the Debian ``prometheus`` package is not installed.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import shutil
@@ -25,7 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from sa_jobs import Periodic, PeriodicJobs, Pruner
 from sa_jobs._url import to_conninfo
+from sa_jobs.events import MAINTENANCE_HOOKS
 from sa_jobs.metrics import (
     DEPTH_STATES,
     PrometheusObserver,
@@ -103,6 +106,11 @@ def test_worker_run_moves_each_metric_by_the_exact_amount(database_url: str, sch
     assert _value(reg, "sa_jobs_worker_last_heartbeat_timestamp_seconds") > time.time() - 60
     assert _value(reg, "sa_jobs_jobs_rescued_total") == 0
     assert _value(reg, "sa_jobs_worker_loop_errors_total", component="producer") == 0
+    # Each flaky failure went to retryable and was made available once by the scheduler.
+    assert _value(reg, "sa_jobs_jobs_promoted_total") == 3
+    for service in ("rescuer", "scheduler"):
+        assert _value(reg, "sa_jobs_maintenance_duration_seconds_count", service=service) >= 1
+        assert _value(reg, "sa_jobs_maintenance_last_run_timestamp_seconds", service=service) > time.time() - 60
 
 
 def test_labels_stay_bounded_and_error_text_never_leaks(database_url: str, schema: str, engine: Engine) -> None:
@@ -117,9 +125,55 @@ def test_labels_stay_bounded_and_error_text_never_leaks(database_url: str, schem
     ids = {str(r[0]) for r in q(database_url, jobs_sql(schema, "SELECT id FROM {jobs}"))}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            assert set(sample.labels) <= {"queue", "kind", "outcome", "component", "le"}, sample
+            assert set(sample.labels) <= {"queue", "kind", "outcome", "component", "service", "le"}, sample
             assert sample.labels.get("kind", "other") in {"other", "metrics_ok", "metrics_flaky", "metrics_doomed", "metrics_slow"}
             assert not ids & set(sample.labels.values())
+
+
+def test_pruner_and_periodic_report_exactly_what_they_wrote(database_url: str, schema: str) -> None:
+    """Retention and cron are leader-only and silent otherwise: their counters must match
+    the rows they deleted and inserted, per state and per declaration."""
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    finished = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, attempt, finished_at)"
+                                " SELECT 'metrics_ok', %s, %s, 1, now() - interval '2 hours' FROM generate_series(1, %s)")
+    q(database_url, finished, (QUEUE, "completed", 7))
+    q(database_url, finished, (QUEUE, "dead", 3))
+    q(database_url, finished, (QUEUE, "cancelled", 2))
+    hour = dt.timedelta(hours=1)
+    pruner = Pruner(completed=hour, dead=hour, cancelled=None, interval=0.2, batch=5)
+    every_second = Periodic("* * * * * *", MetricsOk, name="metrics_tick")
+    periodic_jobs = jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE unique_key IS NOT NULL AND kind = 'metrics_ok'")
+    run_worker_until(database_url, schema, KINDS, lambda: q(database_url, periodic_jobs)[0][0] >= 2,
+                     observer=observer, maintenance=[pruner, PeriodicJobs([every_second])], maintenance_interval=0.1)
+    left = dict(q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} WHERE finished_at < now() - interval '1 hour'"
+                                                 " GROUP BY state")))
+    assert left == {"cancelled": 2}  # completed and dead pruned; cancelled kept (no age)
+    assert _value(reg, "sa_jobs_jobs_pruned_total", state="completed") == 7
+    assert _value(reg, "sa_jobs_jobs_pruned_total", state="dead") == 3
+    assert _value(reg, "sa_jobs_jobs_pruned_total", state="cancelled") == 0
+    fired = q(database_url, periodic_jobs)[0][0]
+    assert fired >= 2 and _value(reg, "sa_jobs_periodic_jobs_enqueued_total", periodic="metrics_tick") == fired
+    for service in ("pruner", "periodic"):
+        assert _value(reg, "sa_jobs_maintenance_duration_seconds_count", service=service) >= 1
+    assert _value(reg, "sa_jobs_worker_is_leader") == 0  # dropped when the worker stopped
+
+
+def test_observer_without_maintenance_hooks_still_runs_maintenance(database_url: str, schema: str, engine: Engine) -> None:
+    """A WorkerObserver written before the maintenance hooks existed keeps working."""
+    calls: list[str] = []
+
+    class OldObserver:
+        def __getattr__(self, name: str) -> Any:
+            if name in MAINTENANCE_HOOKS:
+                raise AttributeError(name)
+            return lambda *args: calls.append(name)
+
+    with Session(engine) as s, s.begin():
+        s.add(MetricsFlaky(fail_times=1))
+    run_worker_until(database_url, schema, KINDS, lambda: _unfinished(database_url, schema) == 0, observer=OldObserver())
+    assert _unfinished(database_url, schema) == 0  # the retry was promoted without a hook
+    assert "claimed" in calls and not set(calls) & set(MAINTENANCE_HOOKS)
 
 
 def test_observer_unknown_outcome_and_component_map_to_other() -> None:

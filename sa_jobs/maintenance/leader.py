@@ -13,18 +13,22 @@ Maintenance grows by adding a :class:`MaintenanceService`, not by editing this l
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Protocol, Sequence
 
 import anyio
 
 from ..queries import Queries
 from .._connection import ManagedConnection, describe, is_transient
-from ..events import WorkerObserver
+from ..events import WorkerObserver, hook
 
 log = logging.getLogger("sa_jobs.maintenance")
 
 
 class MaintenanceService(Protocol):
+    """A task of the maintenance loop. It may also define ``bind_observer(observer)``:
+    the maintainer calls it once, so the service can report what it did (metrics)."""
+
     name: str
     leader_only: bool
 
@@ -48,6 +52,11 @@ class Maintainer:
         self._services = services
         self._interval = interval
         self.is_leader = False
+        self._ran = hook(observer, "maintenance_ran")
+        for service in services:
+            bind = getattr(service, "bind_observer", None)
+            if callable(bind):
+                bind(observer)
 
     async def run(self) -> None:
         try:
@@ -76,7 +85,9 @@ class Maintainer:
             self._set_leader(bool((await cur.fetchone())[0]))
         for service in self._services:
             if self.is_leader or not service.leader_only:
+                started = time.perf_counter()
                 await service.run_once(conn, self._q)
+                self._ran(service.name, time.perf_counter() - started)
 
     def _set_leader(self, value: bool) -> None:
         if value != self.is_leader:

@@ -22,6 +22,7 @@ from psycopg import sql
 
 from .. import _validate
 from ..errors import ConfigurationError
+from ..events import hook
 from ..schema import JOBS_TABLE
 from ..states import FINISHED_STATES
 
@@ -112,6 +113,10 @@ class Pruner:
         self._next_run = 0.0
         self.deleted: dict[str, int] = {s: 0 for s in self.ages}  # totals since start
         self._statement: dict[str, str] = {}
+        self._pruned = hook(None, "pruned")
+
+    def bind_observer(self, observer: Any) -> None:
+        self._pruned = hook(observer, "pruned")
 
     async def run_once(self, conn: Any, queries: Any) -> None:
         if time.monotonic() < self._next_run:
@@ -124,6 +129,7 @@ class Pruner:
                 cur = await conn.execute(stmt, {"state": state, "age": age, "limit": self.batch})
                 self.deleted[state] += cur.rowcount
                 if cur.rowcount:
+                    self._pruned(state, cur.rowcount)
                     log.info("pruned %d %s job(s)", cur.rowcount, state)
                 if cur.rowcount < self.batch:
                     break

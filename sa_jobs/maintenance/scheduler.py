@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..events import hook
 from ..queries import Queries
 
 
@@ -13,6 +14,10 @@ class Scheduler:
 
     def __init__(self, *, batch: int = 5000) -> None:
         self._batch = batch
+        self._promoted = hook(None, "promoted")
+
+    def bind_observer(self, observer: Any) -> None:
+        self._promoted = hook(observer, "promoted")
 
     async def run_once(self, conn: Any, queries: Queries) -> None:
         promoted = 0
@@ -22,4 +27,5 @@ class Scheduler:
             if cur.rowcount < self._batch:
                 break
         if promoted:
+            self._promoted(promoted)
             await conn.execute(queries.notify)
