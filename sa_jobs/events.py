@@ -31,7 +31,8 @@ class WorkerObserver(Protocol):
 #   pruned(state, count)             finished rows deleted by retention, per state
 #   periodic_enqueued(name, count)   jobs enqueued for a periodic declaration's slots
 #   maintenance_ran(service, seconds) one run of a maintenance service that succeeded
-MAINTENANCE_HOOKS = ("promoted", "pruned", "periodic_enqueued", "maintenance_ran")
+#   horizon_held(seconds)            how long the xmin horizon has been held (0: moving)
+MAINTENANCE_HOOKS = ("promoted", "pruned", "periodic_enqueued", "maintenance_ran", "horizon_held")
 
 
 def hook(observer: Any, name: str) -> Callable[..., None]:

@@ -110,6 +110,11 @@ class PrometheusObserver:
             "Unix time a maintenance service last finished a tick without error on this worker.", ["service"],
             registry=reg,
         )
+        self.horizon_held_seconds = Gauge(
+            f"{p}_xmin_horizon_held_seconds",
+            "How long the oldest snapshot (xmin) has held back cleanup of claimed jobs; 0 while it moves.",
+            registry=reg,
+        )
         self.loop_errors = Counter(
             f"{p}_worker_loop_errors", "Errors in the worker's own loops (database unreachable, timeouts).",
             ["component"], registry=reg,
@@ -264,6 +269,9 @@ class PrometheusObserver:
 
     def periodic_enqueued(self, name: str, count: int) -> None:
         self.periodic_jobs_enqueued.labels(name).inc(count)
+
+    def horizon_held(self, seconds: float) -> None:
+        self.horizon_held_seconds.set(seconds)
 
     def maintenance_ran(self, service: str, seconds: float) -> None:
         self.maintenance_duration.labels(service).observe(seconds)

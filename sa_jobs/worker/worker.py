@@ -31,6 +31,7 @@ import anyio
 from .. import _validate, schema as schema_mod
 from .._url import database_url_from_env, sqlalchemy_url, to_conninfo
 from ..errors import Cancel, ConfigurationError, Discard, InvalidArgsError, Snooze, UnknownKindError
+from ..maintenance.horizon import HorizonWatch
 from ..maintenance.leader import Maintainer
 from ..maintenance.rescuer import Rescuer
 from ..maintenance.scheduler import Scheduler
@@ -53,6 +54,12 @@ MAX_TRACEBACK_CHARS = 16_000
 # reads the queue from its start again: the longest a job behind that point (a more
 # urgent one, a rescued one) waits for it. See Worker._claim_plain.
 RESCAN_INTERVAL = 0.25
+# The same while the xmin horizon is held, when every claim also resumes (the claim from
+# the start then costs in proportion to the jobs claimed since the horizon stopped).
+HELD_RESCAN_INTERVAL = 2.0
+# ... or longer: at most this share of the producer's time goes to claims from the start,
+# whose cost grows for as long as the horizon stays held.
+HELD_RESCAN_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ class _Queue:
     # that scanned from the start of the queue ran (monotonic). See Worker._claim_plain.
     resume_after: Optional[tuple[int, Any, int]] = None
     scanned_from_start_at: float = 0.0
+    rescan_seconds: float = 0.0  # how long that last claim from the start took
 
 
 class Worker:
@@ -141,6 +149,7 @@ class Worker:
             raise ConfigurationError("heartbeat_interval must be shorter than the lease")
         self._poll_interval = poll_interval
         self._maintenance_interval = maintenance_interval
+        self.horizon = HorizonWatch()
         self._completion_interval = completion_interval
         self._max_claim = max_claim
         self.shutdown_grace = shutdown_grace
@@ -328,7 +337,8 @@ class Worker:
         self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self.cancel_local)
         self.maintainer = Maintainer(
             self._conninfo, self._queries, self._observer,
-            [Rescuer(self._observer), Scheduler(), *self._extra_maintenance], interval=self._maintenance_interval,
+            [self.horizon, Rescuer(self._observer), Scheduler(), *self._extra_maintenance],
+            interval=self._maintenance_interval,
             timeout=self.statement_timeout,
         )
         for name, limit in self._queue_limits.items():
@@ -465,19 +475,34 @@ class Worker:
         the start at least every ``RESCAN_INTERVAL`` seconds, and at once whenever a
         resumed claim comes back short: a short claim always means the queue was read
         from its start, and no job waits behind the resume point longer than that.
+
+        While the xmin horizon is held (:class:`~sa_jobs.maintenance.horizon.HorizonWatch`)
+        the dead entries cannot go away, and a claim from the start reads every job
+        claimed since. Then the claim resumes after every batch that returned rows, full
+        or short, and reads from the start only every ``HELD_RESCAN_INTERVAL`` seconds, or
+        less often when that claim grows slow (at most ``HELD_RESCAN_SHARE`` of the
+        producer's time): a job that lands behind the resume point waits that long while
+        the horizon is held.
         """
         now = time.monotonic()
+        held = self.horizon.held
+        every = max(HELD_RESCAN_INTERVAL, q.rescan_seconds / HELD_RESCAN_SHARE) if held else RESCAN_INTERVAL
+        rescan_due = now - q.scanned_from_start_at >= every
         rows: list[Any] = []
         after = q.resume_after
-        if after is not None and now - q.scanned_from_start_at < RESCAN_INTERVAL:
-            resumed = {**params, "after_priority": after[0], "after_scheduled": after[1], "after_id": after[2]}
-            rows = await (await conn.execute(self._queries.claim_after, resumed, prepare=True)).fetchall()
+        resumed = after is not None and not rescan_due
+        if resumed:
+            assert after is not None
+            at = {**params, "after_priority": after[0], "after_scheduled": after[1], "after_id": after[2]}
+            rows = await (await conn.execute(self._queries.claim_after, at, prepare=True)).fetchall()
         limit = params["limit"]
-        if len(rows) < limit:
+        if len(rows) < limit and not (resumed and held):
             q.scanned_from_start_at = now
             rest = {**params, "limit": limit - len(rows)}
+            started = time.monotonic()
             try:
                 rows += await (await conn.execute(self._queries.claim, rest, prepare=True)).fetchall()
+                q.rescan_seconds = time.monotonic() - started
             except Exception as exc:  # noqa: BLE001 - the resumed rows are claimed: run them
                 if not rows:
                     raise
@@ -488,7 +513,11 @@ class Worker:
                 q.resume_after = None
                 return rows
         # Claim order is (priority, scheduled_at, id); RETURNING's order is not.
-        q.resume_after = max((r[6], r[9], r[0]) for r in rows) if len(rows) == limit else None
+        last = max((r[6], r[9], r[0]) for r in rows) if rows else None
+        if held:
+            q.resume_after = last or q.resume_after
+        else:
+            q.resume_after = last if len(rows) == limit else None
         return rows
 
     async def _read_settings(self, q: _Queue, conn: Any) -> None:
