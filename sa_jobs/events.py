@@ -6,7 +6,10 @@ prometheus-client. The default does nothing, so a worker without metrics pays a 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Protocol
+
+log = logging.getLogger("sa_jobs.worker")
 
 # Run outcomes, as reported to observers (a bounded set: safe as a metric label).
 OUTCOMES = ("completed", "retried", "dead", "cancelled", "snoozed", "timed_out", "released", "lease_lost")
@@ -36,9 +39,21 @@ MAINTENANCE_HOOKS = ("promoted", "pruned", "periodic_enqueued", "maintenance_ran
 
 
 def hook(observer: Any, name: str) -> Callable[..., None]:
-    """``observer``'s hook ``name``, or a function that does nothing if it has none."""
+    """``observer``'s hook ``name``, or a function that does nothing if it has none.
+
+    A hook that raises is logged and ignored: a broken metric must not stop maintenance
+    (nor cost this worker its leadership)."""
     found = getattr(observer, name, None)
-    return found if callable(found) else _ignore
+    if not callable(found):
+        return _ignore
+
+    def call(*args: Any) -> None:
+        try:
+            found(*args)
+        except Exception:  # noqa: BLE001 - the observer is not the maintainer's business
+            log.exception("observer hook %s failed", name)
+
+    return call
 
 
 def _ignore(*_args: Any) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import psycopg
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sa_jobs import Job, JobContext, Worker
@@ -22,7 +23,16 @@ from sa_jobs._url import to_conninfo
 from sa_jobs.maintenance.horizon import HorizonWatch
 from sa_jobs.metrics import PrometheusObserver
 from sa_jobs.queries import Queries
-from sa_jobs.worker.worker import HELD_RESCAN_INTERVAL
+from sa_jobs.events import NullObserver
+from sa_jobs.maintenance.leader import Maintainer
+from sa_jobs.maintenance.scheduler import Scheduler
+from sa_jobs.worker.worker import (
+    HELD_RESCAN_INTERVAL,
+    HELD_RESCAN_MAX,
+    HELD_RESCAN_SHARE,
+    held_rescan_interval,
+    next_resume_point,
+)
 
 from .helpers import FAST, jobs_sql, q
 
@@ -77,6 +87,50 @@ def test_horizon_watch_sees_a_held_snapshot_and_its_release(database_url: str, s
     seen.clear()
     anyio.run(ticks, 2)
     assert seen == [False, False] and watch.held_for() == 0.0 and gauge() == 0.0
+
+
+def test_a_watch_that_cannot_read_the_horizon_steps_aside_and_maintenance_goes_on(database_url: str, schema: str) -> None:
+    """A server without the views, or a role refused them: the watch disables itself on
+    the error and the services after it in the same tick still run on that connection."""
+    watch = HorizonWatch(held_after=0.0)
+    watch.statement = "SELECT x FROM sa_jobs_no_such_view_for_the_watch"  # UndefinedTable, as on such a server
+    retry = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, attempt, scheduled_at)"
+                             " VALUES ('horizon_noop', 'horizon', 'retryable', 1, now() - interval '1 s') RETURNING id")
+    job_id = q(database_url, retry)[0][0]
+    maintainer = Maintainer(to_conninfo(database_url), Queries.for_schema(schema), NullObserver(), [watch, Scheduler()],
+                            interval=0.05)
+
+    async def a_few_ticks() -> None:
+        with anyio.move_on_after(0.5):
+            await maintainer.run()  # closes its connection when cancelled
+
+    anyio.run(a_few_ticks)
+    assert watch.disabled and not watch.held
+    state = q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"), (job_id,))[0][0]
+    assert state == "available"  # the scheduler ran after the watch failed, in the same ticks
+
+
+def test_held_rescans_come_every_interval_and_back_off_when_slow_up_to_a_cap() -> None:
+    assert held_rescan_interval(0.0) == HELD_RESCAN_INTERVAL
+    assert held_rescan_interval(HELD_RESCAN_INTERVAL * HELD_RESCAN_SHARE / 2) == HELD_RESCAN_INTERVAL
+    assert held_rescan_interval(0.2) == pytest.approx(0.2 / HELD_RESCAN_SHARE)
+    assert held_rescan_interval(15.0) == HELD_RESCAN_MAX  # e.g. one claim that ran into statement_timeout
+
+
+def test_resume_point_rules() -> None:
+    a, b, c = (0, 1.0, 10), (0, 2.0, 20), (0, 3.0, 30)
+    old = (-1, 0.5, 5)  # behind every other key: a more urgent job
+    # Moving horizon: only a full batch moves the point; a short one clears it.
+    assert next_resume_point(held=False, claimed=[a, c, b], limit=3, previous=None, from_start=True) == c
+    assert next_resume_point(held=False, claimed=[a, b], limit=3, previous=c, from_start=False) is None
+    # Held: any batch that took jobs moves it, an empty one keeps it.
+    assert next_resume_point(held=True, claimed=[a, b], limit=3, previous=None, from_start=False) == b
+    assert next_resume_point(held=True, claimed=[], limit=3, previous=b, from_start=True) == b
+    # Held, a short claim from the start that found only a job behind the point: that
+    # claim took everything it could see, so the point stays where it was.
+    assert next_resume_point(held=True, claimed=[old], limit=3, previous=c, from_start=True) == c
+    # ... but a full one may have left jobs between its last row and the old point.
+    assert next_resume_point(held=True, claimed=[old, a, b], limit=3, previous=c, from_start=True) == b
 
 
 def _claim_index_reads(database_url: str, schema: str) -> tuple[int, int]:
@@ -142,6 +196,11 @@ def test_claims_resume_while_the_horizon_is_held_and_nothing_waits_behind(databa
                 with anyio.fail_after(30):
                     while (await aq(jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state <> 'completed'")))[0][0]:
                         await anyio.sleep(0.1)
+                pin.close()
+                with anyio.fail_after(5):  # the worker goes back to claims from the start
+                    q(database_url, insert, (0, 0, 1))  # a new xid: the horizon moves on
+                    while worker.horizon.held:
+                        await anyio.sleep(0.05)
         finally:
             stop.set()
             pin.close()

@@ -22,6 +22,8 @@ import logging
 import time
 from typing import Any, Optional
 
+import psycopg
+
 from ..events import hook
 from ..queries import Queries
 
@@ -30,14 +32,24 @@ log = logging.getLogger("sa_jobs.maintenance")
 # The oldest xid that still holds back cleanup in this database, and how many xids were
 # assigned after it. Sessions of other databases do not hold back this one's tables;
 # backends without a database (walsenders, with hot_standby_feedback) and physical slots do.
+# A session idle in a READ COMMITTED write transaction shows only its backend_xid. Lazy
+# VACUUM shows a backend_xmin the horizon ignores: its backends are left out.
 OLDEST_XMIN = (
     "SELECT h.x::text, age(h.x) FROM ("
-    " SELECT backend_xmin AS x FROM pg_stat_activity WHERE backend_xmin IS NOT NULL"
+    " SELECT unnest(ARRAY[backend_xmin, backend_xid]) AS x FROM pg_stat_activity"
+    "  WHERE (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)"
     "  AND (datname = current_database() OR datname IS NULL)"
+    "  AND pid NOT IN (SELECT pid FROM pg_stat_progress_vacuum)"
     " UNION ALL SELECT xmin FROM pg_replication_slots WHERE xmin IS NOT NULL"
     "  AND (database = current_database() OR database IS NULL)"
     " UNION ALL SELECT transaction FROM pg_prepared_xacts WHERE database = current_database()) h"
-    " ORDER BY age(h.x) DESC LIMIT 1"
+    " WHERE h.x IS NOT NULL ORDER BY age(h.x) DESC LIMIT 1"
+)
+# What makes the watch give up (it then never reports a held horizon): a server without
+# these views, or a role refused them. Maintenance must go on without it.
+UNSUPPORTED = (
+    psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction,
+    psycopg.errors.UndefinedColumn, psycopg.errors.FeatureNotSupported,
 )
 
 HELD_AFTER = 5.0
@@ -54,6 +66,8 @@ class HorizonWatch:
         self._age_at_first_sight = 0
         self._since = 0.0
         self._report = hook(None, "horizon_held")
+        self.disabled = False
+        self.statement = OLDEST_XMIN
 
     def bind_observer(self, observer: Any) -> None:
         self._report = hook(observer, "horizon_held")
@@ -63,7 +77,17 @@ class HorizonWatch:
         return time.monotonic() - self._since if self.held else 0.0
 
     async def run_once(self, conn: Any, queries: Queries) -> None:
-        row = await (await conn.execute(OLDEST_XMIN, prepare=True)).fetchone()
+        if self.disabled:
+            return
+        try:
+            row = await (await conn.execute(self.statement, prepare=True)).fetchone()
+        except UNSUPPORTED as exc:
+            # The connection is in autocommit: the failed statement leaves it usable.
+            self.disabled, self.held = True, False
+            log.warning("cannot read the xmin horizon (%s: %s); claims will not adapt to a held one",
+                        type(exc).__name__, exc.diag.message_primary)
+            self._report(0.0)
+            return
         now = time.monotonic()
         if row is None or row[0] != self._oldest:
             if self.held:

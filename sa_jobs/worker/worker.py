@@ -57,9 +57,37 @@ RESCAN_INTERVAL = 0.25
 # The same while the xmin horizon is held, when every claim also resumes (the claim from
 # the start then costs in proportion to the jobs claimed since the horizon stopped).
 HELD_RESCAN_INTERVAL = 2.0
-# ... or longer: at most this share of the producer's time goes to claims from the start,
-# whose cost grows for as long as the horizon stays held.
+# ... or longer, up to HELD_RESCAN_MAX: claims from the start of one queue take at most
+# this share of its producer's time, since their cost grows as long as the horizon is held.
 HELD_RESCAN_SHARE = 0.02
+HELD_RESCAN_MAX = 30.0
+
+ResumeKey = tuple[int, Any, int]  # (priority, scheduled_at, id): the claim order
+
+
+def held_rescan_interval(rescan_seconds: float) -> float:
+    """Seconds between claims from the start of a queue while the horizon is held."""
+    return min(HELD_RESCAN_MAX, max(HELD_RESCAN_INTERVAL, rescan_seconds / HELD_RESCAN_SHARE))
+
+
+def next_resume_point(
+    *, held: bool, claimed: Sequence[ResumeKey], limit: int, previous: Optional[ResumeKey], from_start: bool,
+) -> Optional[ResumeKey]:
+    """Where the next plain claim of a queue may start, after one that took ``claimed``.
+
+    With a moving horizon, only after a full batch (a short one means the queue was read
+    to its end). While it is held, after any batch that took jobs; a claim from the start
+    that came back short took everything it could see, so it never moves the point back
+    to the older jobs it found behind it.
+    """
+    last = max(claimed) if claimed else None
+    if not held:
+        return last if len(claimed) == limit else None
+    if last is None:
+        return previous
+    if from_start and len(claimed) < limit and previous is not None:
+        return max(last, previous)
+    return last
 
 
 @dataclass(frozen=True)
@@ -337,7 +365,7 @@ class Worker:
         self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self.cancel_local)
         self.maintainer = Maintainer(
             self._conninfo, self._queries, self._observer,
-            [self.horizon, Rescuer(self._observer), Scheduler(), *self._extra_maintenance],
+            [Rescuer(self._observer), Scheduler(), self.horizon, *self._extra_maintenance],
             interval=self._maintenance_interval,
             timeout=self.statement_timeout,
         )
@@ -480,30 +508,32 @@ class Worker:
         the dead entries cannot go away, and a claim from the start reads every job
         claimed since. Then the claim resumes after every batch that returned rows, full
         or short, and reads from the start only every ``HELD_RESCAN_INTERVAL`` seconds, or
-        less often when that claim grows slow (at most ``HELD_RESCAN_SHARE`` of the
-        producer's time): a job that lands behind the resume point waits that long while
-        the horizon is held.
+        less often when that claim grows slow (at most ``HELD_RESCAN_SHARE`` of this
+        queue's producer time, and at least every ``HELD_RESCAN_MAX`` seconds): a job that
+        lands behind the resume point waits that long while the horizon is held.
         """
         now = time.monotonic()
         held = self.horizon.held
-        every = max(HELD_RESCAN_INTERVAL, q.rescan_seconds / HELD_RESCAN_SHARE) if held else RESCAN_INTERVAL
-        rescan_due = now - q.scanned_from_start_at >= every
+        every = held_rescan_interval(q.rescan_seconds) if held else RESCAN_INTERVAL
         rows: list[Any] = []
         after = q.resume_after
-        resumed = after is not None and not rescan_due
-        if resumed:
-            assert after is not None
+        resumed = False
+        if after is not None and now - q.scanned_from_start_at < every:
+            resumed = True
             at = {**params, "after_priority": after[0], "after_scheduled": after[1], "after_id": after[2]}
             rows = await (await conn.execute(self._queries.claim_after, at, prepare=True)).fetchall()
         limit = params["limit"]
-        if len(rows) < limit and not (resumed and held):
+        from_start = len(rows) < limit and not (resumed and held)
+        if from_start:
             q.scanned_from_start_at = now
             rest = {**params, "limit": limit - len(rows)}
             started = time.monotonic()
             try:
                 rows += await (await conn.execute(self._queries.claim, rest, prepare=True)).fetchall()
-                q.rescan_seconds = time.monotonic() - started
             except Exception as exc:  # noqa: BLE001 - the resumed rows are claimed: run them
+                # A claim from the start that times out while the horizon is held must
+                # not be retried every HELD_RESCAN_INTERVAL: its time counts too.
+                q.rescan_seconds = time.monotonic() - started
                 if not rows:
                     raise
                 # Raising would strand the committed resumed claim until its lease ran
@@ -512,12 +542,10 @@ class Worker:
                             describe(exc))
                 q.resume_after = None
                 return rows
+            q.rescan_seconds = time.monotonic() - started
         # Claim order is (priority, scheduled_at, id); RETURNING's order is not.
-        last = max((r[6], r[9], r[0]) for r in rows) if rows else None
-        if held:
-            q.resume_after = last or q.resume_after
-        else:
-            q.resume_after = last if len(rows) == limit else None
+        q.resume_after = next_resume_point(held=held, claimed=[(r[6], r[9], r[0]) for r in rows], limit=limit,
+                                           previous=after, from_start=from_start)
         return rows
 
     async def _read_settings(self, q: _Queue, conn: Any) -> None:

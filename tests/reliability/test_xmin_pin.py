@@ -197,6 +197,10 @@ def _check(r: dict) -> None:
     assert r["noticed"] == 2
     assert max(r["pages"]) <= 5 * BATCH, (r["pages"], r["done_in_pin"])
     assert max(r["ms"]) < 100, r["ms"]
+    # A claim from the start (the workers' rescans) costs in proportion to the jobs
+    # claimed since the pin (their dead index entries), never to the table: about one
+    # page per 20 claimed jobs.
+    assert r["from_start"][1] <= 5 * BATCH + r["done_in_pin"] / 10, (r["from_start"], r["done_in_pin"])
     # Every claim the workers ran, rescans from the start included: before, each read
     # every entry left since the pin (on average over half of what the pin ended with).
     assert r["scans"] > 20 and r["read"] / r["scans"] <= r["done_in_pin"] / 8, (r["scans"], r["read"], r["done_in_pin"])
