@@ -15,6 +15,9 @@
 - ``partition-auto-plans``, ``concurrency-auto-plans``: partition, concurrency with the
   claim function's ``plan_cache_mode`` reset, as in schema v4 (diagnostic: what planning
   every call costs; see sa_jobs.schema._claim_function for why v5 does).
+- ``partition-generic-plans``: partition with the claim function forced to generic plans
+  and sequential scans disabled inside it (diagnostic: a generic plan that cannot turn
+  into the empty-table seq scan v5 fixed).
 
 Only the limit machinery's cost is measured by the non-binding variants: the claim takes
 the queue row's lock, counts, and claims in a second statement.
@@ -48,9 +51,10 @@ VARIANTS = {
     "keys-only": QueueLimits(),
     "keys-no-running-index": QueueLimits(),
     "partition-auto-plans": QueueLimits(partition_concurrency=10_000),
+    "partition-generic-plans": QueueLimits(partition_concurrency=10_000),
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
 }
-KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "partition-auto-plans")
+KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "partition-auto-plans", "partition-generic-plans")
 
 
 def setup(dsn: str, variant: str) -> None:
@@ -63,6 +67,10 @@ def setup(dsn: str, variant: str) -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
                          " RESET plan_cache_mode")
+    if variant.endswith("-generic-plans"):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
+                         " SET plan_cache_mode = force_generic_plan SET enable_seqscan = off")
 
 
 def load(dsn: str, n: int, completed: int, variant: str) -> None:
