@@ -120,17 +120,21 @@ def test_held_rescans_come_every_interval_and_back_off_when_slow_up_to_a_cap() -
 def test_resume_point_rules() -> None:
     a, b, c = (0, 1.0, 10), (0, 2.0, 20), (0, 3.0, 30)
     old = (-1, 0.5, 5)  # behind every other key: a more urgent job
+
+    def after(claimed: list, **kw: object) -> object:
+        return next_resume_point(last=max(claimed) if claimed else None, count=len(claimed), limit=3, **kw)
+
     # Moving horizon: only a full batch moves the point; a short one clears it.
-    assert next_resume_point(held=False, claimed=[a, c, b], limit=3, previous=None, from_start=True) == c
-    assert next_resume_point(held=False, claimed=[a, b], limit=3, previous=c, from_start=False) is None
+    assert after([a, c, b], held=False, previous=None, from_start=True) == c
+    assert after([a, b], held=False, previous=c, from_start=False) is None
     # Held: any batch that took jobs moves it, an empty one keeps it.
-    assert next_resume_point(held=True, claimed=[a, b], limit=3, previous=None, from_start=False) == b
-    assert next_resume_point(held=True, claimed=[], limit=3, previous=b, from_start=True) == b
+    assert after([a, b], held=True, previous=None, from_start=False) == b
+    assert after([], held=True, previous=b, from_start=True) == b
     # Held, a short claim from the start that found only a job behind the point: that
     # claim took everything it could see, so the point stays where it was.
-    assert next_resume_point(held=True, claimed=[old], limit=3, previous=c, from_start=True) == c
+    assert after([old], held=True, previous=c, from_start=True) == c
     # ... but a full one may have left jobs between its last row and the old point.
-    assert next_resume_point(held=True, claimed=[old, a, b], limit=3, previous=c, from_start=True) == b
+    assert after([old, a, b], held=True, previous=c, from_start=True) == b
 
 
 def _claim_index_reads(database_url: str, schema: str) -> tuple[int, int]:

@@ -71,21 +71,22 @@ def held_rescan_interval(rescan_seconds: float) -> float:
 
 
 def next_resume_point(
-    *, held: bool, claimed: Sequence[ResumeKey], limit: int, previous: Optional[ResumeKey], from_start: bool,
+    *, held: bool, last: Optional[ResumeKey], count: int, limit: int, previous: Optional[ResumeKey], from_start: bool,
 ) -> Optional[ResumeKey]:
-    """Where the next plain claim of a queue may start, after one that took ``claimed``.
+    """Where the next plain claim of a queue may start, after one that took ``count`` jobs,
+    the greatest of them ``last`` (the caller may leave it None when ``held`` is false
+    and the batch was short: it is not needed then).
 
     With a moving horizon, only after a full batch (a short one means the queue was read
     to its end). While it is held, after any batch that took jobs; a claim from the start
     that came back short took everything it could see, so it never moves the point back
     to the older jobs it found behind it.
     """
-    last = max(claimed) if claimed else None
     if not held:
-        return last if len(claimed) == limit else None
+        return last if count == limit else None
     if last is None:
         return previous
-    if from_start and len(claimed) < limit and previous is not None:
+    if from_start and count < limit and previous is not None:
         return max(last, previous)
     return last
 
@@ -544,8 +545,10 @@ class Worker:
                 return rows
             q.rescan_seconds = time.monotonic() - started
         # Claim order is (priority, scheduled_at, id); RETURNING's order is not.
-        q.resume_after = next_resume_point(held=held, claimed=[(r[6], r[9], r[0]) for r in rows], limit=limit,
-                                           previous=after, from_start=from_start)
+        count = len(rows)
+        last = max((r[6], r[9], r[0]) for r in rows) if rows and (held or count == limit) else None
+        q.resume_after = next_resume_point(held=held, last=last, count=count, limit=limit, previous=after,
+                                           from_start=from_start)
         return rows
 
     async def _read_settings(self, q: _Queue, conn: Any) -> None:
