@@ -20,12 +20,12 @@ from prometheus_client import CollectorRegistry
 
 from sa_jobs import Job, JobContext, Worker
 from sa_jobs._url import to_conninfo
-from sa_jobs.maintenance.horizon import HorizonWatch
-from sa_jobs.metrics import PrometheusObserver
-from sa_jobs.queries import Queries
 from sa_jobs.events import NullObserver
+from sa_jobs.maintenance.horizon import HorizonWatch
 from sa_jobs.maintenance.leader import Maintainer
 from sa_jobs.maintenance.scheduler import Scheduler
+from sa_jobs.metrics import PrometheusObserver
+from sa_jobs.queries import Queries
 from sa_jobs.worker.worker import (
     HELD_RESCAN_INTERVAL,
     HELD_RESCAN_MAX,
@@ -63,6 +63,7 @@ def test_horizon_watch_sees_a_held_snapshot_and_its_release(database_url: str, s
         value = registry.get_sample_value("sa_jobs_xmin_horizon_held_seconds")
         assert value is not None
         return value
+
     seen: list[bool] = []
     write = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, finished_at) VALUES ('x', 'h', 'completed', now())")
 

@@ -1,4 +1,4 @@
-"""Watches the cluster's xmin horizon, so claims can stop paying for a held one.
+"""Watches the database's xmin horizon, so claims can stop paying for a held one.
 
 While any snapshot stays open (a long transaction, a session idle in transaction, a
 replication slot, a prepared transaction), VACUUM and page pruning may not remove the old
@@ -67,7 +67,7 @@ class HorizonWatch:
         self._since = 0.0
         self._report = hook(None, "horizon_held")
         self.disabled = False
-        self.statement = OLDEST_XMIN
+        self.statement = OLDEST_XMIN  # a seam: tests point it at a missing view
 
     def bind_observer(self, observer: Any) -> None:
         self._report = hook(observer, "horizon_held")

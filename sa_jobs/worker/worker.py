@@ -123,7 +123,7 @@ class _Queue:
     # Where the next plain claim may resume: (priority, scheduled_at, id) of the last row
     # of this worker's previous claim when that claim was full, and when the last claim
     # that scanned from the start of the queue ran (monotonic). See Worker._claim_plain.
-    resume_after: Optional[tuple[int, Any, int]] = None
+    resume_after: Optional[ResumeKey] = None
     scanned_from_start_at: float = 0.0
     rescan_seconds: float = 0.0  # how long that last claim from the start took
 
