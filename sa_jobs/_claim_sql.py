@@ -66,11 +66,11 @@ CLAIM_LIMITED = (
     + _CLAIM_AND_COUNT
 )
 
-# A partition-limited claim looks first at the queue's next %(scan)s waiting jobs in claim
+# Schema versions 4 and 5 (frozen). A partition-limited claim looks first at the queue's next %(scan)s waiting jobs in claim
 # order (one index range): each key may take its partition_concurrency minus its running
 # jobs, unkeyed jobs only the queue's room. When that leaves the batch short and more jobs
 # wait beyond the window (busy keys crowd its head), the skip scan below looks at every key.
-CLAIM_PARTITIONED_HEAD = (
+CLAIM_PARTITIONED_HEAD_V4 = (
     "WITH " + _ROOM + ","
     " head AS MATERIALIZED (SELECT id, partition_key, priority, scheduled_at FROM {jobs}"
     "  WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
@@ -104,7 +104,7 @@ BEYOND_HEAD = (
 # jobs_partition_idx (one index probe per key); each key with room offers a fair share of
 # the batch, best first across keys. Unkeyed jobs are limited by the queue only; they are
 # looked for among the first %(scan)s waiting jobs of the queue.
-CLAIM_PARTITIONED = (
+CLAIM_PARTITIONED_V4 = (
     "WITH RECURSIVE keys(key) AS ("
     " (SELECT partition_key FROM {jobs} WHERE state = 'available' AND queue = %(queue)s"
     "  AND partition_key IS NOT NULL ORDER BY queue, partition_key LIMIT 1)"
@@ -140,6 +140,70 @@ CLAIM_PARTITIONED = (
     "  LIMIT coalesce((SELECT room FROM qc), 0)))"
     " AND state = 'available' FOR UPDATE SKIP LOCKED),"
     + _CLAIM_AND_COUNT
+)
+
+# Schema version 6: the partitioned claims lock the rows they read in claim order, as the
+# plain claim does, and then claim among them by primary key. Versions 4 and 5 read first
+# and locked afterwards by an id lookup that repeated ``state = 'available'`` (needed to
+# lock safely): that lookup matched jobs_claim_idx's predicate, and a plan made while the
+# table was small walked that index for the ids (every waiting job of the queue per claim).
+# That risk is why v5 planned every call; v6's statements have one sensible plan at any
+# table size, so the function keeps one plan per session (tests/test_schema_sql.py).
+_PICK_LOCKED = (
+    " picked AS MATERIALIZED (SELECT id FROM candidates ORDER BY priority, scheduled_at, id"
+    "  LIMIT coalesce((SELECT room FROM qc), 0)),"
+)
+
+CLAIM_PARTITIONED_HEAD = (
+    "WITH " + _ROOM + ","
+    " head AS MATERIALIZED (SELECT id, partition_key, priority, scheduled_at FROM {jobs}"
+    "  WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+    "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s FOR UPDATE SKIP LOCKED),"
+    " busy AS MATERIALIZED (SELECT k.key, (SELECT count(*) FROM {jobs} b WHERE b.state = 'running'"
+    "  AND b.queue = %(queue)s AND b.partition_key = k.key) AS n"
+    "  FROM (SELECT DISTINCT partition_key AS key FROM head WHERE partition_key IS NOT NULL) k),"
+    " ranked AS (SELECT h.id, h.priority, h.scheduled_at, h.partition_key,"
+    "  row_number() OVER (PARTITION BY h.partition_key ORDER BY h.priority, h.scheduled_at, h.id) AS rn"
+    "  FROM head h),"
+    " candidates AS (SELECT r.id, r.priority, r.scheduled_at FROM ranked r"
+    "  CROSS JOIN {queues} q LEFT JOIN busy ON busy.key = r.partition_key"
+    "  WHERE q.name = %(queue)s AND (r.partition_key IS NULL"
+    "   OR r.rn + coalesce(busy.n, 0) <= coalesce(q.partition_concurrency, %(limit)s))),"
+    + _PICK_LOCKED + _CLAIM_AND_COUNT
+)
+
+CLAIM_PARTITIONED = (
+    "WITH RECURSIVE keys(key) AS ("
+    " (SELECT partition_key FROM {jobs} WHERE state = 'available' AND queue = %(queue)s"
+    "  AND partition_key IS NOT NULL ORDER BY queue, partition_key LIMIT 1)"
+    " UNION ALL"
+    " SELECT (SELECT k.partition_key FROM {jobs} k WHERE k.state = 'available' AND k.queue = %(queue)s"
+    "  AND k.partition_key > keys.key ORDER BY k.queue, k.partition_key LIMIT 1)"
+    " FROM keys WHERE keys.key IS NOT NULL),"
+    " " + _ROOM + ","
+    " busy AS MATERIALIZED (SELECT partition_key AS key, count(*) AS n FROM {jobs}"
+    "  WHERE state = 'running' AND queue = %(queue)s AND partition_key IS NOT NULL GROUP BY partition_key),"
+    " free AS MATERIALIZED (SELECT keys.key,"
+    "  greatest(0, coalesce(q.partition_concurrency, %(limit)s) - coalesce(busy.n, 0)) AS free"
+    "  FROM keys CROSS JOIN {queues} q LEFT JOIN busy ON busy.key = keys.key"
+    "  WHERE keys.key IS NOT NULL AND q.name = %(queue)s),"
+    " offer AS MATERIALIZED (SELECT key, least(free, ceil(coalesce((SELECT room FROM qc), 0)::numeric"
+    "  / greatest(1, count(*) FILTER (WHERE free > 0) OVER ()))::int) AS room FROM free),"
+    # Locked as read, per key and among the queue's first waiting jobs for unkeyed ones
+    # (the window also locks the keyed jobs in it, released unclaimed at commit).
+    " candidates AS MATERIALIZED ("
+    " SELECT c.id, c.priority, c.scheduled_at FROM offer"
+    " CROSS JOIN LATERAL (SELECT j.id, j.priority, j.scheduled_at FROM {jobs} j"
+    "  WHERE j.state = 'available' AND j.queue = %(queue)s AND j.partition_key = offer.key"
+    "  AND j.scheduled_at <= now() ORDER BY j.queue, j.partition_key, j.priority, j.scheduled_at, j.id"
+    "  LIMIT offer.room FOR UPDATE SKIP LOCKED) c"
+    " WHERE offer.room > 0"
+    " UNION ALL"
+    " SELECT h.id, h.priority, h.scheduled_at FROM (SELECT id, priority, scheduled_at, partition_key"
+    "  FROM {jobs} WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+    "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s FOR UPDATE SKIP LOCKED) h"
+    "  WHERE h.partition_key IS NULL),"
+    + _PICK_LOCKED + _CLAIM_AND_COUNT
 )
 
 _PARAM = re.compile(r"%\((\w+)\)s")

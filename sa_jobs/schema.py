@@ -240,10 +240,20 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
     queue, that plan looked the picked jobs up by scanning the table: 60-210 ms per claim
     once 200,000 jobs arrived (tests/test_schema_sql.py). A custom plan sees the table's
     current size; planning costs about 0.5 ms per call. Forcing a generic plan was also
-    tried (it saves that) and rejected for the same reason."""
+    tried (it saves that) and rejected for the same reason.
+
+    Version 6 plans each statement once per session (``force_generic_plan``): its
+    partitioned claims lock jobs as they read them in claim order and then update them by
+    primary key (see ``_claim_sql``), so no statement looks jobs up through a scan whose
+    cost depends on the table's size when planned, and ``enable_seqscan = off`` keeps the
+    update on the primary key even for a plan made on an empty table. Planning every call
+    had cost a partition-limited drain about a third of its throughput (benchmarks/RESULTS.md)."""
     from . import _claim_sql as c
 
-    settings = "" if version == 4 else " SET plan_cache_mode = force_custom_plan"
+    settings = {4: "", 5: " SET plan_cache_mode = force_custom_plan"}.get(
+        version, " SET plan_cache_mode = force_generic_plan SET enable_seqscan = off")
+    head, partitioned = ((c.CLAIM_PARTITIONED_HEAD_V4, c.CLAIM_PARTITIONED_V4) if version < 6
+                         else (c.CLAIM_PARTITIONED_HEAD, c.CLAIM_PARTITIONED))
 
     jobs, queues = sql.Identifier(schema, JOBS_TABLE), sql.Identifier(schema, QUEUES_TABLE)
 
@@ -271,8 +281,8 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
         " END IF;"
         " END $claim$"
     ).format(fn=sql.Identifier(schema, CLAIM_FUNCTION), queues=queues,
-             partitioned=body(c.CLAIM_PARTITIONED), limited=body(c.CLAIM_LIMITED),
-             head=body(c.CLAIM_PARTITIONED_HEAD), beyond=body(c.BEYOND_HEAD))
+             partitioned=body(partitioned), limited=body(c.CLAIM_LIMITED),
+             head=body(head), beyond=body(c.BEYOND_HEAD))
 
 
 def _v5_up(schema: str) -> list[sql.Composable]:
@@ -282,6 +292,14 @@ def _v5_up(schema: str) -> list[sql.Composable]:
 def _v5_down(schema: str) -> list[sql.Composable]:
     # CREATE OR REPLACE also drops the SET clause that version 5 added.
     return [_claim_function(schema, 4)]
+
+
+def _v6_up(schema: str) -> list[sql.Composable]:
+    return [_claim_function(schema, 6)]
+
+
+def _v6_down(schema: str) -> list[sql.Composable]:
+    return [_claim_function(schema, 5)]
 
 
 def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
@@ -329,6 +347,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         _v4_up, _v4_down, _v4_up_concurrently, concurrent_indexes=(PARTITION_INDEX, RUNNING_PARTITION_INDEX),
     ),
     Migration(5, "the limited claim function plans its statements for the table as it is (force_custom_plan)", _v5_up, _v5_down),
+    Migration(6, "the partitioned claims lock jobs as they read them; one plan per session (force_generic_plan)",
+              _v6_up, _v6_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

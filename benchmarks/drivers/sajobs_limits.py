@@ -15,9 +15,15 @@
 - ``partition-auto-plans``, ``concurrency-auto-plans``: partition, concurrency with the
   claim function's ``plan_cache_mode`` reset, as in schema v4 (diagnostic: what planning
   every call costs; see sa_jobs.schema._claim_function for why v5 does).
-- ``partition-generic-plans``: partition with the claim function forced to generic plans
-  and sequential scans disabled inside it (diagnostic: a generic plan that cannot turn
-  into the empty-table seq scan v5 fixed).
+- ``keys-running-index-by-id``: keys-only with ``id`` added to the end of
+  ``jobs_running_partition_idx``; ``keys-running-index-nodedup``, ``partition-nodedup``:
+  keys-only, partition with that index's ``deduplicate_items`` off; and
+  ``none-kind-state-nodedup``: none with ``deduplicate_items`` off on
+  ``jobs_kind_state_idx`` (diagnostics: what B-tree deduplication costs the indexes every
+  claim inserts into).
+- ``partition-v5``: partition with schema v5's claim function put back (diagnostic: v5
+  read the head window, then locked by id, and planned every call; v6 locks as it reads
+  and plans once per session).
 
 Only the limit machinery's cost is measured by the non-binding variants: the claim takes
 the queue row's lock, counts, and claims in a second statement.
@@ -50,11 +56,16 @@ VARIANTS = {
     "concurrency-binding": QueueLimits(concurrency=50),
     "keys-only": QueueLimits(),
     "keys-no-running-index": QueueLimits(),
+    "keys-running-index-by-id": QueueLimits(),
+    "keys-running-index-nodedup": QueueLimits(),
+    "partition-nodedup": QueueLimits(partition_concurrency=10_000),
+    "none-kind-state-nodedup": QueueLimits(),
     "partition-auto-plans": QueueLimits(partition_concurrency=10_000),
-    "partition-generic-plans": QueueLimits(partition_concurrency=10_000),
+    "partition-v5": QueueLimits(partition_concurrency=10_000),
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
 }
-KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "partition-auto-plans", "partition-generic-plans")
+KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "keys-running-index-by-id",
+         "keys-running-index-nodedup", "partition-nodedup", "partition-auto-plans", "partition-v5")
 
 
 def setup(dsn: str, variant: str) -> None:
@@ -67,15 +78,18 @@ def setup(dsn: str, variant: str) -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
                          " RESET plan_cache_mode")
-    if variant.endswith("-generic-plans"):
+    if variant.endswith("-v5"):
+        from sa_jobs.schema import _claim_function
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
-                         " SET plan_cache_mode = force_generic_plan SET enable_seqscan = off")
+            conn.execute(_claim_function("sa_jobs", 5))
 
 
 def load(dsn: str, n: int, completed: int, variant: str) -> None:
     if variant not in KEYED:
         sajobs.load(dsn, n, completed)
+        if variant == "none-kind-state-nodedup":
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("ALTER INDEX sa_jobs.jobs_kind_state_idx SET (deduplicate_items = off)")
         return
     # Keyed rows are inserted with their key (an UPDATE afterwards would leave the heap
     # twice the size of the unkeyed variants' and skew the comparison).
@@ -87,6 +101,12 @@ def load(dsn: str, n: int, completed: int, variant: str) -> None:
             " FROM generate_series(0, %s - 1) g", (KEYS, n))
         if variant == "keys-no-running-index":
             conn.execute("DROP INDEX sa_jobs.jobs_running_partition_idx")
+        if variant == "keys-running-index-by-id":
+            conn.execute("DROP INDEX sa_jobs.jobs_running_partition_idx")
+            conn.execute("CREATE INDEX jobs_running_partition_idx ON sa_jobs.jobs (queue, partition_key, id)"
+                         " WHERE state = 'running' AND partition_key IS NOT NULL")
+        if variant in ("keys-running-index-nodedup", "partition-nodedup"):
+            conn.execute("ALTER INDEX sa_jobs.jobs_running_partition_idx SET (deduplicate_items = off)")
         conn.execute(f"VACUUM ANALYZE {sajobs.JOBS}")
 
 
