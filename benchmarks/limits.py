@@ -23,7 +23,7 @@ from .runner import System, drain_once, loadavg, summarize_runs
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only", "keys-no-running-index",
-            "keys-running-index-by-id", "keys-only-dedup", "partition-dedup", "none-kind-state-nodedup",
+            "keys-running-index-by-id", "keys-only-nodedup", "partition-nodedup", "none-kind-state-nodedup",
             "partition-auto-plans", "partition-v5", "concurrency-auto-plans")
 
 

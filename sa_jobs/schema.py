@@ -298,20 +298,8 @@ def _v6_up(schema: str) -> list[sql.Composable]:
     return [_claim_function(schema, 6)]
 
 
-def _v6_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
-    # Every claim of a keyed job inserts into this index and every completion leaves that
-    # entry dead, over a few distinct (queue, key) values: B-tree deduplication kept
-    # rewriting the same posting lists, about 4 us of server CPU per keyed job (benchmarks/
-    # RESULTS.md, "Queue limits, schema v6"). Run after v4's build in every install path,
-    # and again on every install (idempotent; ShareUpdateExclusiveLock on the index only).
-    return [sql.SQL("ALTER INDEX IF EXISTS {} SET (deduplicate_items = off)").format(
-        sql.Identifier(schema, RUNNING_PARTITION_INDEX))]
-
-
 def _v6_down(schema: str) -> list[sql.Composable]:
-    return [_claim_function(schema, 5),
-            sql.SQL("ALTER INDEX IF EXISTS {} RESET (deduplicate_items)").format(
-                sql.Identifier(schema, RUNNING_PARTITION_INDEX))]
+    return [_claim_function(schema, 5)]
 
 
 def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
@@ -359,8 +347,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         _v4_up, _v4_down, _v4_up_concurrently, concurrent_indexes=(PARTITION_INDEX, RUNNING_PARTITION_INDEX),
     ),
     Migration(5, "the limited claim function plans its statements for the table as it is (force_custom_plan)", _v5_up, _v5_down),
-    Migration(6, "the partitioned claims lock jobs as they read them; one plan per session (force_generic_plan);"
-                 " no deduplication in the running-partition index", _v6_up, _v6_down, _v6_up_concurrently),
+    Migration(6, "the partitioned claims lock jobs as they read them; one plan per session (force_generic_plan)",
+              _v6_up, _v6_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

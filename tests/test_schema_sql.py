@@ -243,6 +243,31 @@ def test_outcome_flush_looks_jobs_up_by_primary_key_under_churn(database_url, sc
 
 
 
+def test_a_partitioned_claim_without_room_locks_no_waiting_job(database_url, schema):
+    """Schema v6's partitioned claims lock jobs as they read them. A queue with no room
+    (paused, or at its queue concurrency) is polled by every worker: those polls must not
+    lock its waiting jobs, or an admin's cancel or a priority change would wait on them.
+    (They do not: the window is read only through the LIMIT of the room, which is 0.)"""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    fn = sql.Identifier(schema, "claim_limited")
+    q(database_url, sql.SQL("INSERT INTO {} (name, partition_concurrency, paused) VALUES ('paused', 5, true),"
+                            " ('full', 5, false)").format(queues))
+    q(database_url, sql.SQL("UPDATE {} SET concurrency = 1 WHERE name = 'full'").format(queues))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', q, 'key' || (g % 3)"
+                            " FROM generate_series(1, 20) g, unnest(ARRAY['paused', 'full']) q").format(jobs))
+    call = sql.SQL("SELECT count(*) FROM {}(%s, 50, %s, 'x', 30, 100)").format(fn)
+    lockable = sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} WHERE state = 'available'"
+                       " FOR UPDATE SKIP LOCKED) s").format(jobs)
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as poller, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as other:
+        assert poller.execute(call, ("full", uuid.uuid4())).fetchone()[0] == 1  # 'full' is now at its limit
+        with poller.transaction():
+            for queue in ("full", "paused", "full"):
+                assert poller.execute(call, (queue, uuid.uuid4())).fetchone()[0] == 0
+            with other.transaction():
+                assert other.execute(lockable).fetchone()[0] == 39
+
+
 def test_claims_stay_index_reads_after_the_table_grows_under_a_live_session(database_url, schema):
     """A worker's session may claim from an empty queue many times, then face 100,000
     waiting jobs before any ANALYZE. Cached plans made from the empty table must not

@@ -16,12 +16,12 @@
   claim function's ``plan_cache_mode`` reset, as in schema v4 (diagnostic: what planning
   every call costs; see sa_jobs.schema._claim_function for why v5 does).
 - ``keys-running-index-by-id``: keys-only with ``id`` added to the end of
-  ``jobs_running_partition_idx``; ``keys-only-dedup``, ``partition-dedup``: keys-only,
-  partition with that index's B-tree deduplication back on (schema v5 and before; v6 turns
-  it off); ``none-kind-state-nodedup``: none with deduplication off on
+  ``jobs_running_partition_idx``; ``keys-only-nodedup``, ``partition-nodedup``: keys-only,
+  partition with that index's B-tree deduplication off; ``none-kind-state-nodedup``: none
+  with deduplication off on
   ``jobs_kind_state_idx`` (diagnostics: what deduplication costs the indexes every claim
   inserts into).
-- ``partition-v5``: partition with schema v5's claim function and index put back (diagnostic: v5
+- ``partition-v5``: partition with schema v5's claim function put back (diagnostic: v5
   read the head window, then locked by id, and planned every call; v6 locks as it reads
   and plans once per session).
 
@@ -57,15 +57,15 @@ VARIANTS = {
     "keys-only": QueueLimits(),
     "keys-no-running-index": QueueLimits(),
     "keys-running-index-by-id": QueueLimits(),
-    "keys-only-dedup": QueueLimits(),
-    "partition-dedup": QueueLimits(partition_concurrency=10_000),
+    "keys-only-nodedup": QueueLimits(),
+    "partition-nodedup": QueueLimits(partition_concurrency=10_000),
     "none-kind-state-nodedup": QueueLimits(),
     "partition-auto-plans": QueueLimits(partition_concurrency=10_000),
     "partition-v5": QueueLimits(partition_concurrency=10_000),
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
 }
 KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "keys-running-index-by-id",
-         "keys-only-dedup", "partition-dedup", "partition-auto-plans", "partition-v5")
+         "keys-only-nodedup", "partition-nodedup", "partition-auto-plans", "partition-v5")
 
 
 def setup(dsn: str, variant: str) -> None:
@@ -105,8 +105,8 @@ def load(dsn: str, n: int, completed: int, variant: str) -> None:
             conn.execute("DROP INDEX sa_jobs.jobs_running_partition_idx")
             conn.execute("CREATE INDEX jobs_running_partition_idx ON sa_jobs.jobs (queue, partition_key, id)"
                          " WHERE state = 'running' AND partition_key IS NOT NULL")
-        if variant.endswith("-dedup") or variant == "partition-v5":
-            conn.execute("ALTER INDEX sa_jobs.jobs_running_partition_idx RESET (deduplicate_items)")
+        if variant in ("keys-only-nodedup", "partition-nodedup"):
+            conn.execute("ALTER INDEX sa_jobs.jobs_running_partition_idx SET (deduplicate_items = off)")
         conn.execute(f"VACUUM ANALYZE {sajobs.JOBS}")
 
 
