@@ -21,6 +21,8 @@
   with deduplication off on
   ``jobs_kind_state_idx`` (diagnostics: what deduplication costs the indexes every claim
   inserts into).
+- ``partition-window2x``: partition with the head window of v6's first measurements, twice
+  the batch (``sa_jobs.worker.worker.PARTITION_HEAD_WINDOW = 2``; diagnostic).
 - ``partition-v5``: partition with schema v5's claim function put back (diagnostic: v5
   read the head window, then locked by id, and planned every call; v6 locks as it reads
   and plans once per session).
@@ -62,10 +64,12 @@ VARIANTS = {
     "none-kind-state-nodedup": QueueLimits(),
     "partition-auto-plans": QueueLimits(partition_concurrency=10_000),
     "partition-v5": QueueLimits(partition_concurrency=10_000),
+    "partition-window2x": QueueLimits(partition_concurrency=10_000),
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
 }
 KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "keys-running-index-by-id",
-         "keys-only-nodedup", "partition-nodedup", "partition-auto-plans", "partition-v5")
+         "keys-only-nodedup", "partition-nodedup", "partition-auto-plans", "partition-v5",
+         "partition-window2x")
 
 
 def setup(dsn: str, variant: str) -> None:
@@ -120,6 +124,9 @@ def main() -> None:
     elif a.command == "load":
         load(a.dsn, a.n, a.completed, variant)
     elif a.command == "worker":
+        if variant == "partition-window2x":
+            from sa_jobs.worker import worker as worker_module
+            worker_module.PARTITION_HEAD_WINDOW = 2
         sajobs.worker(a.dsn, a.concurrency, a.max_claim, a.out)
     elif a.command == "info":
         _proto.emit({**sajobs.info(), "limits": repr(VARIANTS[variant])})

@@ -61,6 +61,11 @@ HELD_RESCAN_INTERVAL = 2.0
 # this share of its producer's time, since their cost grows as long as the horizon is held.
 HELD_RESCAN_SHARE = 0.02
 HELD_RESCAN_MAX = 30.0
+# How many waiting jobs a partition-limited claim reads, and locks, before its skip scan,
+# per job it asks for (at least 16). Limits that do not bind need no more than the batch;
+# when busy keys leave the batch short, the skip scan looks at every key. A window of twice
+# the batch cost a non-binding drain about 6 points (benchmarks/RESULTS.md, schema v6).
+PARTITION_HEAD_WINDOW = 1
 
 ResumeKey = tuple[int, Any, int]  # (priority, scheduled_at, id): the claim order
 
@@ -473,7 +478,7 @@ class Worker:
         params: dict[str, Any] = {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id,
                                   "lease": self.lease}
         if q.limited:
-            params["scan"] = max(16, 2 * limit)  # the partitioned claim's head window
+            params["scan"] = max(16, PARTITION_HEAD_WINDOW * limit)
             cur = await conn.execute(self._queries.claim_limited, params, prepare=True)
             rows = await cur.fetchall()
         else:
