@@ -23,6 +23,10 @@
   inserts into).
 - ``partition-window2x``: partition with the head window of v6's first measurements, twice
   the batch (``sa_jobs.worker.worker.PARTITION_HEAD_WINDOW = 2``; diagnostic).
+- ``none-merged-running-index``, ``partition-merged-running-index``: none, partition with
+  ``jobs_lease_idx`` and ``jobs_running_partition_idx`` replaced by one index of running
+  jobs on ``(queue, partition_key, lease_expires_at)`` (diagnostic: one insertion per
+  keyed claim instead of two; the rescuer would read every running job's entry).
 - ``partition-v5``: partition with schema v5's claim function put back (diagnostic: v5
   read the head window, then locked by id, and planned every call; v6 locks as it reads
   and plans once per session).
@@ -65,11 +69,13 @@ VARIANTS = {
     "partition-auto-plans": QueueLimits(partition_concurrency=10_000),
     "partition-v5": QueueLimits(partition_concurrency=10_000),
     "partition-window2x": QueueLimits(partition_concurrency=10_000),
+    "none-merged-running-index": QueueLimits(),
+    "partition-merged-running-index": QueueLimits(partition_concurrency=10_000),
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
 }
 KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "keys-running-index-by-id",
          "keys-only-nodedup", "partition-nodedup", "partition-auto-plans", "partition-v5",
-         "partition-window2x")
+         "partition-window2x", "partition-merged-running-index")
 
 
 def setup(dsn: str, variant: str) -> None:
@@ -89,6 +95,12 @@ def setup(dsn: str, variant: str) -> None:
 
 
 def load(dsn: str, n: int, completed: int, variant: str) -> None:
+    if variant.endswith("-merged-running-index"):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP INDEX sa_jobs.jobs_lease_idx")
+            conn.execute("DROP INDEX sa_jobs.jobs_running_partition_idx")
+            conn.execute("CREATE INDEX jobs_running_idx ON sa_jobs.jobs (queue, partition_key, lease_expires_at)"
+                         " WHERE state = 'running'")
     if variant not in KEYED:
         sajobs.load(dsn, n, completed)
         if variant == "none-kind-state-nodedup":
