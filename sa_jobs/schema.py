@@ -247,13 +247,19 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
     primary key (see ``_claim_sql``), so no statement looks jobs up through a scan whose
     cost depends on the table's size when planned, and ``enable_seqscan = off`` keeps the
     update on the primary key even for a plan made on an empty table. Planning every call
-    had cost a partition-limited drain about a third of its throughput (benchmarks/RESULTS.md)."""
+    had cost a partition-limited drain 13-19 points of throughput (benchmarks/RESULTS.md).
+
+    Version 7 changes the skip scan only: v6 locked one job of every key with room as it
+    read them (20,000 row locks for a claim of 50 when 20,000 keys wait); v7 locks only the
+    jobs it picks, through a lookup by primary key alone, and checks the locked versions."""
     from . import _claim_sql as c
 
     settings = {4: "", 5: " SET plan_cache_mode = force_custom_plan"}.get(
         version, " SET plan_cache_mode = force_generic_plan SET enable_seqscan = off")
-    head, partitioned = ((c.CLAIM_PARTITIONED_HEAD_V4, c.CLAIM_PARTITIONED_V4) if version < 6
-                         else (c.CLAIM_PARTITIONED_HEAD, c.CLAIM_PARTITIONED))
+    head, partitioned = {4: (c.CLAIM_PARTITIONED_HEAD_V4, c.CLAIM_PARTITIONED_V4),
+                         5: (c.CLAIM_PARTITIONED_HEAD_V4, c.CLAIM_PARTITIONED_V4),
+                         6: (c.CLAIM_PARTITIONED_HEAD, c.CLAIM_PARTITIONED_V6)}.get(
+        version, (c.CLAIM_PARTITIONED_HEAD, c.CLAIM_PARTITIONED))
 
     jobs, queues = sql.Identifier(schema, JOBS_TABLE), sql.Identifier(schema, QUEUES_TABLE)
 
@@ -300,6 +306,14 @@ def _v6_up(schema: str) -> list[sql.Composable]:
 
 def _v6_down(schema: str) -> list[sql.Composable]:
     return [_claim_function(schema, 5)]
+
+
+def _v7_up(schema: str) -> list[sql.Composable]:
+    return [_claim_function(schema, 7)]
+
+
+def _v7_down(schema: str) -> list[sql.Composable]:
+    return [_claim_function(schema, 6)]
 
 
 def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
@@ -349,6 +363,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "the limited claim function plans its statements for the table as it is (force_custom_plan)", _v5_up, _v5_down),
     Migration(6, "the partitioned claims lock jobs as they read them; one plan per session (force_generic_plan)",
               _v6_up, _v6_down),
+    Migration(7, "the partitioned skip scan locks only the jobs it picks", _v7_up, _v7_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -268,6 +268,32 @@ def test_a_partitioned_claim_without_room_locks_no_waiting_job(database_url, sch
                 assert other.execute(lockable).fetchone()[0] == 39
 
 
+def test_the_partitioned_skip_scan_locks_only_the_jobs_it_claims(database_url, schema):
+    """When busy keys fill the head window, the skip scan offers one job of every key with
+    room. Schema v6 locked each offer as it read it (here 300 row locks, and WAL records,
+    to claim 50); v7 locks only the jobs it picks."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    fn = sql.Identifier(schema, "claim_limited")
+    q(database_url, sql.SQL("INSERT INTO {} (name, partition_concurrency) VALUES ('p', 1)").format(queues))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key, priority)"
+                            " SELECT 'k', 'p', 'hot', -1 FROM generate_series(1, 100)").format(jobs))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key)"
+                            " SELECT 'k', 'p', 'key' || g FROM generate_series(1, 300) g").format(jobs))
+    call = sql.SQL("SELECT partition_key FROM {fn}(%s, %s, %s, 'x', 30, 16) c JOIN {jobs} USING (id)").format(
+        fn=fn, jobs=jobs)
+    lockable = sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} WHERE state = 'available'"
+                       " FOR UPDATE SKIP LOCKED) s").format(jobs)
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as claimer, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as other:
+        assert claimer.execute(call, ("p", 1, uuid.uuid4())).fetchall() == [("hot",)]  # 'hot' is at its limit
+        with claimer.transaction():
+            keys = [k for (k,) in claimer.execute(call, ("p", 50, uuid.uuid4())).fetchall()]
+            assert len(keys) == len(set(keys)) == 50 and "hot" not in keys
+            with other.transaction():
+                # 399 waiting: the head window's 16 'hot' jobs and the 50 claimed are locked.
+                assert other.execute(lockable).fetchone()[0] == 399 - 16 - 50
+
+
 def test_claims_stay_index_reads_after_the_table_grows_under_a_live_session(database_url, schema):
     """A worker's session may claim from an empty queue many times, then face 100,000
     waiting jobs before any ANALYZE. Cached plans made from the empty table must not
