@@ -16,6 +16,7 @@ and :func:`inline` (jobs run right after each commit, by a real worker).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import inspect
 import os
 import uuid
@@ -181,12 +182,18 @@ def _summary(session: Any) -> dict[str, int]:
 # ---- drain and inline: the real worker -------------------------------------------------
 
 
+# How far ahead drain() looks for retries and scheduled jobs still to run: a job whose
+# backoff ends a moment after its failure is written is not left behind as retryable.
+DRAIN_LOOKAHEAD = 1.0
+
+
 def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: Optional[Sequence[str]] = None,
           timeout: float = 30.0, with_scheduled: bool = False) -> dict[str, int]:
     """Run a real worker on ``engine``'s database until nothing is claimable; job counts by state.
 
-    Retries whose backoff has not elapsed stay retryable (pass a short ``backoff`` in
-    tests); ``with_scheduled=True`` makes future scheduled jobs due first.
+    Retries and scheduled jobs due within ``DRAIN_LOOKAHEAD`` seconds are waited for (a
+    short ``backoff`` in tests), later ones stay as they are; ``with_scheduled=True``
+    makes future scheduled jobs due first.
     """
     from .worker import Worker
 
@@ -201,7 +208,8 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
             return bool(session.scalar(
                 select(func.count()).select_from(Job).where(
                     (Job.state.in_(("available", "running")))
-                    | ((Job.state.in_(("scheduled", "retryable"))) & (Job.scheduled_at <= func.now()))
+                    | ((Job.state.in_(("scheduled", "retryable")))
+                       & (Job.scheduled_at <= func.now() + dt.timedelta(seconds=DRAIN_LOOKAHEAD)))
                 )
             ))
 

@@ -96,6 +96,23 @@ def test_assert_enqueued_and_refute(sa_jobs_engine):
             assert_enqueued(session, Double, count=2)
 
 
+class SlowRetry(Job, kind="th_slow_retry", queue="th", max_attempts=2, backoff=constant_backoff(0.3)):
+    pass
+
+
+@SlowRetry.handler
+def slow_retry(ctx: JobContext) -> None:
+    raise ValueError("always")
+
+
+def test_drain_waits_for_a_retry_due_within_its_lookahead(sa_jobs_engine):
+    """drain() once returned while the first attempt's backoff was still running (CI at
+    4151d1a: a 10 ms backoff left a job retryable instead of dead)."""
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(SlowRetry())
+    assert drain(sa_jobs_engine, kinds=[SlowRetry]) == {"dead": 1}
+
+
 def test_drain_runs_everything_with_a_real_worker(sa_jobs_engine, credits):
     with Session(sa_jobs_engine) as session, session.begin():
         session.add_all([GrantCredit(account=i, amount=i) for i in range(1, 6)] + [GrantCredit(account=9, amount=-1)])
