@@ -154,7 +154,7 @@ _PICK_LOCKED = (
     "  LIMIT coalesce((SELECT room FROM qc), 0)),"
 )
 
-CLAIM_PARTITIONED_HEAD = (
+CLAIM_PARTITIONED_HEAD_V6 = (
     "WITH " + _ROOM + ","
     " head AS MATERIALIZED (SELECT id, partition_key, priority, scheduled_at FROM {jobs}"
     "  WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
@@ -239,6 +239,14 @@ CLAIM_PARTITIONED = (
     "  AND partition_key IS NOT DISTINCT FROM key AND scheduled_at <= now()),"
     + _CLAIM_AND_COUNT
 )
+
+# Version 7's head window: as v6's, but no wider than twice the room (at least 16) when a
+# queue concurrency or rate limit leaves less room than the worker asked for, since every
+# job in the window is locked.
+CLAIM_PARTITIONED_HEAD = CLAIM_PARTITIONED_HEAD_V6.replace(
+    "LIMIT %(scan)s FOR UPDATE SKIP LOCKED),",
+    "LIMIT least(%(scan)s, greatest(16, 2 * coalesce((SELECT room FROM qc), 0))) FOR UPDATE SKIP LOCKED),", 1)
+assert CLAIM_PARTITIONED_HEAD != CLAIM_PARTITIONED_HEAD_V6
 
 _PARAM = re.compile(r"%\((\w+)\)s")
 

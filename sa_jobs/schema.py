@@ -249,16 +249,18 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
     update on the primary key even for a plan made on an empty table. Planning every call
     had cost a partition-limited drain 13-19 points of throughput (benchmarks/RESULTS.md).
 
-    Version 7 changes the skip scan only: v6 locked one job of every key with room as it
-    read them (20,000 row locks for a claim of 50 when 20,000 keys wait); v7 locks only the
-    jobs it picks, through a lookup by primary key alone, and checks the locked versions."""
+    Version 7 changes what the partitioned claims lock: v6's skip scan locked one job of
+    every key with room as it read them (20,000 row locks for a claim of 50 when 20,000
+    keys wait), v7's locks only the jobs it picks, through a lookup by primary key alone,
+    and checks the locked versions; v7's head window is at most twice the room (at least
+    16) when a queue limit leaves less room than the worker asked for."""
     from . import _claim_sql as c
 
     settings = {4: "", 5: " SET plan_cache_mode = force_custom_plan"}.get(
         version, " SET plan_cache_mode = force_generic_plan SET enable_seqscan = off")
     head, partitioned = {4: (c.CLAIM_PARTITIONED_HEAD_V4, c.CLAIM_PARTITIONED_V4),
                          5: (c.CLAIM_PARTITIONED_HEAD_V4, c.CLAIM_PARTITIONED_V4),
-                         6: (c.CLAIM_PARTITIONED_HEAD, c.CLAIM_PARTITIONED_V6)}.get(
+                         6: (c.CLAIM_PARTITIONED_HEAD_V6, c.CLAIM_PARTITIONED_V6)}.get(
         version, (c.CLAIM_PARTITIONED_HEAD, c.CLAIM_PARTITIONED))
 
     jobs, queues = sql.Identifier(schema, JOBS_TABLE), sql.Identifier(schema, QUEUES_TABLE)
@@ -363,7 +365,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "the limited claim function plans its statements for the table as it is (force_custom_plan)", _v5_up, _v5_down),
     Migration(6, "the partitioned claims lock jobs as they read them; one plan per session (force_generic_plan)",
               _v6_up, _v6_down),
-    Migration(7, "the partitioned skip scan locks only the jobs it picks", _v7_up, _v7_down),
+    Migration(7, "the partitioned claims lock only the jobs they pick (skip scan) or about their room (head)",
+              _v7_up, _v7_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

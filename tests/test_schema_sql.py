@@ -294,6 +294,26 @@ def test_the_partitioned_skip_scan_locks_only_the_jobs_it_claims(database_url, s
                 assert other.execute(lockable).fetchone()[0] == 399 - 16 - 50
 
 
+def test_a_partitioned_claim_with_little_room_locks_a_window_near_its_room(database_url, schema):
+    """The head window is locked as it is read. When a queue concurrency limit leaves room
+    for 2 jobs, a claim asking for 50 locks at most max(16, 2 x room) jobs, not 50."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    fn = sql.Identifier(schema, "claim_limited")
+    q(database_url, sql.SQL("INSERT INTO {} (name, partition_concurrency, concurrency) VALUES ('p', 5, 2)").format(queues))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key)"
+                            " SELECT 'k', 'p', 'key' || (g % 10) FROM generate_series(1, 100) g").format(jobs))
+    lockable = sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} WHERE state = 'available'"
+                       " FOR UPDATE SKIP LOCKED) s").format(jobs)
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as claimer, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as other:
+        with claimer.transaction():
+            got = claimer.execute(sql.SQL("SELECT count(*) FROM {}('p', 50, %s, 'x', 30, 50)").format(fn),
+                                  (uuid.uuid4(),)).fetchone()[0]
+            assert got == 2
+            with other.transaction():
+                assert other.execute(lockable).fetchone()[0] == 100 - 16
+
+
 def test_claims_stay_index_reads_after_the_table_grows_under_a_live_session(database_url, schema):
     """A worker's session may claim from an empty queue many times, then face 100,000
     waiting jobs before any ANALYZE. Cached plans made from the empty table must not

@@ -1,4 +1,5 @@
-"""sa-jobs schema version 7: the partitioned skip scan locks only the jobs it picks.
+"""sa-jobs schema version 7: the partitioned claims lock only the jobs they pick (skip scan)
+or a window near their room (head).
 
 Revision ID: sa_jobs_0007
 Revises: sa_jobs_0006
