@@ -66,16 +66,16 @@ CLAIM_LIMITED = (
     + _CLAIM_AND_COUNT
 )
 
-# Schema versions 4 and 5 (frozen). A partition-limited claim looks first at the queue's next %(scan)s waiting jobs in claim
-# order (one index range): each key may take its partition_concurrency minus its running
-# jobs, unkeyed jobs only the queue's room. When that leaves the batch short and more jobs
-# wait beyond the window (busy keys crowd its head), the skip scan below looks at every key.
-CLAIM_PARTITIONED_HEAD_V4 = (
-    "WITH " + _ROOM + ","
-    " head AS MATERIALIZED (SELECT id, partition_key, priority, scheduled_at FROM {jobs}"
-    "  WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
-    "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s),"
-    # Running jobs of the window's keys only, each counted in jobs_running_partition_idx.
+def _head_window(*, limit: str = "%(scan)s", lock: str = "") -> str:
+    """The queue's next ``limit`` waiting jobs in claim order (one index range)."""
+    return (" head AS MATERIALIZED (SELECT id, partition_key, priority, scheduled_at FROM {jobs}"
+            "  WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+            "  ORDER BY queue, priority, scheduled_at, id LIMIT " + limit + lock + "),")
+
+
+# Each key of the window may take its partition_concurrency minus its running jobs (counted
+# in jobs_running_partition_idx, for the window's keys only); unkeyed jobs only the room.
+_HEAD_CANDIDATES = (
     " busy AS MATERIALIZED (SELECT k.key, (SELECT count(*) FROM {jobs} b WHERE b.state = 'running'"
     "  AND b.queue = %(queue)s AND b.partition_key = k.key) AS n"
     "  FROM (SELECT DISTINCT partition_key AS key FROM head WHERE partition_key IS NOT NULL) k),"
@@ -86,13 +86,22 @@ CLAIM_PARTITIONED_HEAD_V4 = (
     "  CROSS JOIN {queues} q LEFT JOIN busy ON busy.key = r.partition_key"
     "  WHERE q.name = %(queue)s AND (r.partition_key IS NULL"
     "   OR r.rn + coalesce(busy.n, 0) <= coalesce(q.partition_concurrency, %(limit)s))),"
+)
+
+# Versions 4 and 5 pick by an id lookup after reading, locking there.
+_PICK_BY_ID = (
     " picked AS MATERIALIZED ("
     " SELECT id FROM {jobs} WHERE id = ANY(ARRAY("
     "  SELECT id FROM candidates ORDER BY priority, scheduled_at, id"
     "  LIMIT coalesce((SELECT room FROM qc), 0)))"
     " AND state = 'available' FOR UPDATE SKIP LOCKED),"
-    + _CLAIM_AND_COUNT
 )
+
+# Schema versions 4 and 5 (frozen). A partition-limited claim looks first at the queue's
+# head window: each key may take its partition_concurrency minus its running jobs, unkeyed
+# jobs only the queue's room. When that leaves the batch short and more jobs wait beyond
+# the window (busy keys crowd its head), the skip scan below looks at every key.
+CLAIM_PARTITIONED_HEAD_V4 = "WITH " + _ROOM + "," + _head_window() + _HEAD_CANDIDATES + _PICK_BY_ID + _CLAIM_AND_COUNT
 
 # More waiting jobs than the head window holds (the skip scan's cue).
 BEYOND_HEAD = (
@@ -104,7 +113,7 @@ BEYOND_HEAD = (
 # jobs_partition_idx (one index probe per key); each key with room offers a fair share of
 # the batch, best first across keys. Unkeyed jobs are limited by the queue only; they are
 # looked for among the first %(scan)s waiting jobs of the queue.
-CLAIM_PARTITIONED_V4 = (
+_KEYS_AND_OFFERS = (
     "WITH RECURSIVE keys(key) AS ("
     " (SELECT partition_key FROM {jobs} WHERE state = 'available' AND queue = %(queue)s"
     "  AND partition_key IS NOT NULL ORDER BY queue, partition_key LIMIT 1)"
@@ -123,6 +132,10 @@ CLAIM_PARTITIONED_V4 = (
     # smaller), and at least one job: one candidate per key when many keys wait.
     " offer AS MATERIALIZED (SELECT key, least(free, ceil(coalesce((SELECT room FROM qc), 0)::numeric"
     "  / greatest(1, count(*) FILTER (WHERE free > 0) OVER ()))::int) AS room FROM free),"
+)
+
+CLAIM_PARTITIONED_V4 = (
+    _KEYS_AND_OFFERS +
     " candidates AS ("
     " SELECT c.id, c.priority, c.scheduled_at FROM offer"
     " CROSS JOIN LATERAL (SELECT j.id, j.priority, j.scheduled_at FROM {jobs} j"
@@ -134,12 +147,7 @@ CLAIM_PARTITIONED_V4 = (
     " SELECT h.id, h.priority, h.scheduled_at FROM (SELECT id, priority, scheduled_at, partition_key"
     "  FROM {jobs} WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
     "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s) h WHERE h.partition_key IS NULL),"
-    " picked AS MATERIALIZED ("
-    " SELECT id FROM {jobs} WHERE id = ANY(ARRAY("
-    "  SELECT id FROM candidates ORDER BY priority, scheduled_at, id"
-    "  LIMIT coalesce((SELECT room FROM qc), 0)))"
-    " AND state = 'available' FOR UPDATE SKIP LOCKED),"
-    + _CLAIM_AND_COUNT
+    + _PICK_BY_ID + _CLAIM_AND_COUNT
 )
 
 # Schema version 6: the partitioned claims lock the rows they read in claim order, as the
@@ -155,40 +163,12 @@ _PICK_LOCKED = (
 )
 
 CLAIM_PARTITIONED_HEAD_V6 = (
-    "WITH " + _ROOM + ","
-    " head AS MATERIALIZED (SELECT id, partition_key, priority, scheduled_at FROM {jobs}"
-    "  WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
-    "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s FOR UPDATE SKIP LOCKED),"
-    " busy AS MATERIALIZED (SELECT k.key, (SELECT count(*) FROM {jobs} b WHERE b.state = 'running'"
-    "  AND b.queue = %(queue)s AND b.partition_key = k.key) AS n"
-    "  FROM (SELECT DISTINCT partition_key AS key FROM head WHERE partition_key IS NOT NULL) k),"
-    " ranked AS (SELECT h.id, h.priority, h.scheduled_at, h.partition_key,"
-    "  row_number() OVER (PARTITION BY h.partition_key ORDER BY h.priority, h.scheduled_at, h.id) AS rn"
-    "  FROM head h),"
-    " candidates AS (SELECT r.id, r.priority, r.scheduled_at FROM ranked r"
-    "  CROSS JOIN {queues} q LEFT JOIN busy ON busy.key = r.partition_key"
-    "  WHERE q.name = %(queue)s AND (r.partition_key IS NULL"
-    "   OR r.rn + coalesce(busy.n, 0) <= coalesce(q.partition_concurrency, %(limit)s))),"
-    + _PICK_LOCKED + _CLAIM_AND_COUNT
+    "WITH " + _ROOM + "," + _head_window(lock=" FOR UPDATE SKIP LOCKED") + _HEAD_CANDIDATES + _PICK_LOCKED
+    + _CLAIM_AND_COUNT
 )
 
 CLAIM_PARTITIONED_V6 = (
-    "WITH RECURSIVE keys(key) AS ("
-    " (SELECT partition_key FROM {jobs} WHERE state = 'available' AND queue = %(queue)s"
-    "  AND partition_key IS NOT NULL ORDER BY queue, partition_key LIMIT 1)"
-    " UNION ALL"
-    " SELECT (SELECT k.partition_key FROM {jobs} k WHERE k.state = 'available' AND k.queue = %(queue)s"
-    "  AND k.partition_key > keys.key ORDER BY k.queue, k.partition_key LIMIT 1)"
-    " FROM keys WHERE keys.key IS NOT NULL),"
-    " " + _ROOM + ","
-    " busy AS MATERIALIZED (SELECT partition_key AS key, count(*) AS n FROM {jobs}"
-    "  WHERE state = 'running' AND queue = %(queue)s AND partition_key IS NOT NULL GROUP BY partition_key),"
-    " free AS MATERIALIZED (SELECT keys.key,"
-    "  greatest(0, coalesce(q.partition_concurrency, %(limit)s) - coalesce(busy.n, 0)) AS free"
-    "  FROM keys CROSS JOIN {queues} q LEFT JOIN busy ON busy.key = keys.key"
-    "  WHERE keys.key IS NOT NULL AND q.name = %(queue)s),"
-    " offer AS MATERIALIZED (SELECT key, least(free, ceil(coalesce((SELECT room FROM qc), 0)::numeric"
-    "  / greatest(1, count(*) FILTER (WHERE free > 0) OVER ()))::int) AS room FROM free),"
+    _KEYS_AND_OFFERS +
     # Locked as read, per key and among the queue's first waiting jobs for unkeyed ones
     # (the window also locks the keyed jobs in it, released unclaimed at commit).
     " candidates AS MATERIALIZED ("
@@ -211,8 +191,6 @@ CLAIM_PARTITIONED_V6 = (
 # (version 6 locked every key's offered jobs as it read them: with 20,000 waiting keys, 20,000
 # row locks and WAL records per claim to take 50). A picked job is claimed only if its
 # locked version still has the queue, key and due time it was picked for.
-_KEYS_AND_OFFERS = CLAIM_PARTITIONED_V6[:CLAIM_PARTITIONED_V6.index(" candidates AS MATERIALIZED (")]
-
 CLAIM_PARTITIONED = (
     _KEYS_AND_OFFERS +
     " candidates AS MATERIALIZED ("
@@ -243,10 +221,12 @@ CLAIM_PARTITIONED = (
 # Version 7's head window: as v6's, but no wider than twice the room (at least 16) when a
 # queue concurrency or rate limit leaves less room than the worker asked for, since every
 # job in the window is locked.
-CLAIM_PARTITIONED_HEAD = CLAIM_PARTITIONED_HEAD_V6.replace(
-    "LIMIT %(scan)s FOR UPDATE SKIP LOCKED),",
-    "LIMIT least(%(scan)s, greatest(16, 2 * coalesce((SELECT room FROM qc), 0))) FOR UPDATE SKIP LOCKED),", 1)
-assert CLAIM_PARTITIONED_HEAD != CLAIM_PARTITIONED_HEAD_V6
+CLAIM_PARTITIONED_HEAD = (
+    "WITH " + _ROOM + ","
+    + _head_window(limit="least(%(scan)s, greatest(16, 2 * coalesce((SELECT room FROM qc), 0)))",
+                   lock=" FOR UPDATE SKIP LOCKED")
+    + _HEAD_CANDIDATES + _PICK_LOCKED + _CLAIM_AND_COUNT
+)
 
 _PARAM = re.compile(r"%\((\w+)\)s")
 
