@@ -22,10 +22,9 @@ from .cluster import Cluster
 from .runner import System, drain_once, loadavg, summarize_runs
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only", "keys-no-running-index",
-            "keys-running-index-by-id", "keys-only-nodedup", "partition-nodedup", "none-kind-state-nodedup",
-            "partition-auto-plans", "partition-v5", "partition-window2x", "concurrency-auto-plans",
-            "none-merged-running-index", "partition-merged-running-index")
+VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only",
+            "none-kind-state-nodedup", "partition-auto-plans", "partition-v5", "partition-window2x",
+            "concurrency-auto-plans", "none-v7-indexes", "partition-v7-indexes", "keys-v7-indexes")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -16,9 +16,10 @@ from ._claim_sql import CLAIM_COLUMNS, LIMITED
 from .schema import CLAIM_FUNCTION, DEFAULT_SCHEMA, JOBS_TABLE, QUEUES_TABLE, channel_name
 
 # The fence's state test, written so that it cannot match the predicate of the partial
-# jobs_lease_idx (WHERE state = 'running'): when it could, the planner scanned that whole
-# index (dead entries included, under churn) for every batch instead of looking the
-# batch's ids up in the primary key, costing 10x the server CPU per job.
+# index of running jobs (jobs_running_idx, WHERE state = 'running'): when it could, the
+# planner scanned that whole index (dead entries included, under churn) for every batch
+# instead of looking the batch's ids up in the primary key, costing 10x the server CPU
+# per job.
 RUNNING_FENCE = "(j.state || '') = 'running'"
 
 # Outcome statements, with ``{p}`` as the prefix of their parameter names so that the

@@ -55,6 +55,11 @@ class Migration:
     # statements only when one is missing (a crash between the two phases), so routine
     # installs never take the table's ShareUpdateExclusiveLock. Empty means always re-run.
     concurrent_indexes: tuple[str, ...] = ()
+    # Indexes ``up_concurrently`` drops (after building their replacement): a later
+    # install() re-runs the statements while one still exists, and an earlier version's
+    # ``concurrent_indexes`` stop counting as missing once a version up to the target
+    # drops them.
+    dropped_indexes: tuple[str, ...] = ()
 
 
 def _v1_up(schema: str) -> list[sql.Composable]:
@@ -145,6 +150,12 @@ def _jobs_index(schema: str, name: str, definition: str, *, concurrently: bool, 
         idx=sql.Identifier(name),
         jobs=sql.Identifier(schema, JOBS_TABLE),
     )
+
+
+def _drop_index(schema: str, name: str, *, concurrently: bool) -> sql.Composable:
+    """``DROP INDEX [CONCURRENTLY] IF EXISTS schema.name``."""
+    return sql.SQL("DROP INDEX {how}IF EXISTS {idx}").format(
+        how=sql.SQL("CONCURRENTLY " if concurrently else ""), idx=sql.Identifier(schema, name))
 
 
 def _v2_down(schema: str) -> list[sql.Composable]:
@@ -293,6 +304,10 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
              head=body(head), beyond=body(c.BEYOND_HEAD))
 
 
+def _no_transactional_statements(schema: str) -> list[sql.Composable]:
+    return []
+
+
 def _v5_up(schema: str) -> list[sql.Composable]:
     return [_claim_function(schema, 5)]
 
@@ -316,6 +331,30 @@ def _v7_up(schema: str) -> list[sql.Composable]:
 
 def _v7_down(schema: str) -> list[sql.Composable]:
     return [_claim_function(schema, 6)]
+
+
+LEASE_INDEX = "jobs_lease_idx"
+RUNNING_INDEX = "jobs_running_idx"
+
+
+def _v8_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
+    # One index of running jobs serves every reader of them: a queue's concurrency limit
+    # counts its own running jobs (a range of the queue, where jobs_lease_idx made it read
+    # the running jobs of every queue), a partition limit counts a key's (a range of the
+    # queue and key), and the rescuer filters expired leases inside the index. A keyed
+    # claim inserts one entry, not two.
+    return [_jobs_index(schema, RUNNING_INDEX, "(queue, partition_key, lease_expires_at) WHERE state = 'running'",
+                        concurrently=concurrently),
+            _drop_index(schema, LEASE_INDEX, concurrently=concurrently),
+            _drop_index(schema, RUNNING_PARTITION_INDEX, concurrently=concurrently)]
+
+
+def _v8_down(schema: str) -> list[sql.Composable]:
+    return [_jobs_index(schema, LEASE_INDEX, "(lease_expires_at) WHERE state = 'running'", concurrently=False),
+            _jobs_index(schema, RUNNING_PARTITION_INDEX,
+                        "(queue, partition_key) WHERE state = 'running' AND partition_key IS NOT NULL",
+                        concurrently=False),
+            sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, RUNNING_INDEX))]
 
 
 def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
@@ -367,6 +406,9 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v6_up, _v6_down),
     Migration(7, "the partitioned claims lock only the jobs they pick (skip scan) or about their room (head)",
               _v7_up, _v7_down),
+    Migration(8, "one index of running jobs by queue, partition key and lease in place of two",
+              _no_transactional_statements, _v8_down, _v8_up_concurrently,
+              concurrent_indexes=(RUNNING_INDEX,), dropped_indexes=(LEASE_INDEX, RUNNING_PARTITION_INDEX)),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -541,6 +583,17 @@ def _index_missing(conn, schema: str, name: str) -> bool:  # type: ignore[no-unt
     return bool(conn.execute("SELECT to_regclass(%s) IS NULL", (index,)).fetchone()[0])
 
 
+def _needs_concurrent_run(conn, schema: str, m: Migration, upto: int) -> bool:  # type: ignore[no-untyped-def]
+    """Whether ``m``'s CONCURRENTLY statements are unfinished: an index it builds is
+    missing (unless a later version up to ``upto`` drops it), or one it drops remains.
+    Run in version order, so that a rebuilt dropped index is dropped again after."""
+    if not m.concurrent_indexes and not m.dropped_indexes:
+        return True
+    dropped_later = {n for later in MIGRATIONS if m.version < later.version <= upto for n in later.dropped_indexes}
+    return (any(_index_missing(conn, schema, n) for n in m.concurrent_indexes if n not in dropped_later)
+            or any(not _index_missing(conn, schema, n) for n in m.dropped_indexes))
+
+
 def _build_concurrently(conn, schema: str, upto: int) -> None:  # type: ignore[no-untyped-def]
     """Run the CONCURRENTLY statements of versions <= ``upto`` whose indexes are missing.
 
@@ -555,8 +608,7 @@ def _build_concurrently(conn, schema: str, upto: int) -> None:  # type: ignore[n
     _wait_for_session_lock(conn, key)
     try:
         for m in pending:
-            names = m.concurrent_indexes
-            if not names or any(_index_missing(conn, schema, n) for n in names):
+            if _needs_concurrent_run(conn, schema, m, upto):
                 for stmt in concurrent_statements(m.version, schema):
                     conn.execute(stmt)
     finally:

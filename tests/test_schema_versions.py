@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sa_jobs import schema as schema_mod
 from sa_jobs.drift import check_drift
 from sa_jobs.errors import InvalidIdentifierError, SchemaVersionError
+from sa_jobs.queries import Queries
 
 from .conftest import REPO_ROOT, new_schema_name, worker_command
 
@@ -112,7 +113,8 @@ def test_worker_refuses_a_newer_schema(db: str, fresh_schema: str) -> None:
 
 # sha256 (first 16 hex digits) of each released version's up, concurrent and down DDL.
 RELEASED_DDL = {1: "e492cd917392231c", 2: "b854f3bd5c7647c0", 3: "873901e8e7d8fc06", 4: "de5862bdcba22fca",
-                5: "f18c6ac3842f7bc4", 6: "4437b63ff3e2a494", 7: "5a6019fbe3810826"}
+                5: "f18c6ac3842f7bc4", 6: "4437b63ff3e2a494", 7: "5a6019fbe3810826",
+                8: "ae8885761b236628"}
 
 
 @pytest.mark.parametrize("version", sorted(RELEASED_DDL))
@@ -128,7 +130,7 @@ def test_a_released_version_keeps_its_ddl(version: int) -> None:
 def test_every_concurrent_statement_can_be_rerun() -> None:
     for m in schema_mod.MIGRATIONS:
         for stmt in schema_mod.concurrent_statements(m.version, "q"):
-            assert "CONCURRENTLY IF NOT EXISTS" in stmt, stmt
+            assert "CONCURRENTLY IF NOT EXISTS" in stmt or stmt.startswith("DROP INDEX CONCURRENTLY IF EXISTS"), stmt
 
 
 def test_fresh_install_reaches_latest_without_drift(db: str, fresh_schema: str) -> None:
@@ -162,6 +164,40 @@ def test_install_heals_a_crash_between_the_two_phases(db: str, fresh_schema: str
     assert any(schema_mod.FINISHED_INDEX in line and "missing" in line for line in check_drift(db, fresh_schema))
     schema_mod.install(db, fresh_schema)
     assert check_drift(db, fresh_schema) == []
+
+
+def test_install_heals_a_version_whose_index_a_later_version_replaced(db: str, fresh_schema: str) -> None:
+    """Version 4 builds jobs_partition_idx and jobs_running_partition_idx; version 8 drops
+    the latter. A missing v4 index re-runs v4's statements, which rebuild the dropped one
+    too: v8's must then run again and drop it, and an install with nothing missing must
+    rebuild neither."""
+    schema_mod.install(db, fresh_schema)
+    index = sql.Identifier(fresh_schema, schema_mod.PARTITION_INDEX)
+    run_sql(db, sql.SQL("DROP INDEX {}").format(index))
+    schema_mod.install(db, fresh_schema)
+    assert check_drift(db, fresh_schema) == []
+    # A leftover of the replaced indexes (a crash between v8's build and its drops).
+    run_sql(db, sql.SQL("CREATE INDEX {} ON {} (lease_expires_at) WHERE state = 'running'").format(
+        sql.Identifier(schema_mod.LEASE_INDEX), sql.Identifier(fresh_schema, "jobs")))
+    assert any(schema_mod.LEASE_INDEX in line for line in check_drift(db, fresh_schema))
+    schema_mod.install(db, fresh_schema)
+    assert check_drift(db, fresh_schema) == []
+
+
+def test_upgrade_from_v7_keeps_running_jobs_counted(db: str, fresh_schema: str) -> None:
+    schema_mod.install(db, fresh_schema, to_version=7)
+    run_sql(db, sql.SQL("INSERT INTO {} (kind, queue, partition_key, state, claim_token, lease_expires_at, attempt)"
+                        " SELECT 'k', 'q', 'key' || (g % 3), 'running', gen_random_uuid(),"
+                        " now() - interval '1 minute', 1 FROM generate_series(1, 30) g"
+                        ).format(sql.Identifier(fresh_schema, "jobs")))
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
+    assert check_drift(db, fresh_schema) == []
+    names = {r[0] for r in run_sql(db, "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (fresh_schema,))}
+    assert schema_mod.RUNNING_INDEX in names
+    assert not names & {schema_mod.LEASE_INDEX, schema_mod.RUNNING_PARTITION_INDEX}
+    # The rescuer reads the new index: the 30 expired leases are found and re-driven.
+    rescued = run_sql(db, Queries.for_schema(fresh_schema).rescue_expired, {"limit": 100})
+    assert len(rescued) == 30
 
 
 def test_migrate_sql_output_applies_to_the_same_schema(db: str, fresh_schema: str) -> None:
@@ -207,8 +243,8 @@ HAND_CHANGES: dict[str, tuple[str, str]] = {
     # name: (SQL with {s} for the quoted schema, the object the drift line must name)
     "dropped index": ("DROP INDEX {s}.jobs_claim_idx", "index jobs_claim_idx is missing"),
     "changed predicate": (
-        "DROP INDEX {s}.jobs_lease_idx; CREATE INDEX jobs_lease_idx ON {s}.jobs (lease_expires_at)",
-        "index jobs_lease_idx differs",
+        "DROP INDEX {s}.jobs_running_idx; CREATE INDEX jobs_running_idx ON {s}.jobs (queue, partition_key, lease_expires_at)",
+        "index jobs_running_idx differs",
     ),
     "extra index": ("CREATE INDEX mine ON {s}.jobs (kind)", "index mine is not part of the sa-jobs schema"),
     "disabled trigger": ("ALTER TABLE {s}.jobs DISABLE TRIGGER jobs_notify_inserted", "trigger jobs_notify_inserted differs"),

@@ -10,23 +10,17 @@
 - ``concurrency-binding``: a queue concurrency limit of 50 that does bind (informative).
 - ``keys-only``: jobs spread over 100 partition keys, no limit (what the keys' partial
   indexes cost on their own, without the partitioned claim).
-- ``keys-no-running-index``: keys-only without ``jobs_running_partition_idx`` (diagnostic:
-  what the index each keyed claim inserts into costs).
 - ``partition-auto-plans``, ``concurrency-auto-plans``: partition, concurrency with the
   claim function's ``plan_cache_mode`` reset, as in schema v4 (diagnostic: what planning
   every call costs; see sa_jobs.schema._claim_function for why v5 does).
-- ``keys-running-index-by-id``: keys-only with ``id`` added to the end of
-  ``jobs_running_partition_idx``; ``keys-only-nodedup``, ``partition-nodedup``: keys-only,
-  partition with that index's B-tree deduplication off; ``none-kind-state-nodedup``: none
-  with deduplication off on
-  ``jobs_kind_state_idx`` (diagnostics: what deduplication costs the indexes every claim
-  inserts into).
+- ``none-kind-state-nodedup``: none with B-tree deduplication off on ``jobs_kind_state_idx``
+  (diagnostic: what deduplication costs an index every claim inserts into).
 - ``partition-window2x``: partition with the head window of v6's first measurements, twice
   the batch (``sa_jobs.worker.worker.PARTITION_HEAD_WINDOW = 2``; diagnostic).
-- ``none-merged-running-index``, ``partition-merged-running-index``: none, partition with
-  ``jobs_lease_idx`` and ``jobs_running_partition_idx`` replaced by one index of running
-  jobs on ``(queue, partition_key, lease_expires_at)`` (diagnostic: one insertion per
-  keyed claim instead of two; the rescuer would read every running job's entry).
+- ``none-v7-indexes``, ``partition-v7-indexes``, ``keys-v7-indexes``: none, partition and
+  keys-only with schema v7's two indexes of running jobs (``jobs_lease_idx`` on the lease,
+  ``jobs_running_partition_idx`` on queue and key for keyed rows) in place of v8's one
+  ``jobs_running_idx`` (diagnostic: a keyed claim inserts into both).
 - ``partition-v5``: partition with schema v5's claim function put back (diagnostic: v5
   read the head window, then locked by id, and planned every call; v6 locks as it reads
   and plans once per session).
@@ -61,21 +55,17 @@ VARIANTS = {
     "all": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
     "concurrency-binding": QueueLimits(concurrency=50),
     "keys-only": QueueLimits(),
-    "keys-no-running-index": QueueLimits(),
-    "keys-running-index-by-id": QueueLimits(),
-    "keys-only-nodedup": QueueLimits(),
-    "partition-nodedup": QueueLimits(partition_concurrency=10_000),
     "none-kind-state-nodedup": QueueLimits(),
     "partition-auto-plans": QueueLimits(partition_concurrency=10_000),
     "partition-v5": QueueLimits(partition_concurrency=10_000),
     "partition-window2x": QueueLimits(partition_concurrency=10_000),
-    "none-merged-running-index": QueueLimits(),
-    "partition-merged-running-index": QueueLimits(partition_concurrency=10_000),
+    "none-v7-indexes": QueueLimits(),
+    "partition-v7-indexes": QueueLimits(partition_concurrency=10_000),
+    "keys-v7-indexes": QueueLimits(),
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
 }
-KEYED = ("partition", "all", "keys-only", "keys-no-running-index", "keys-running-index-by-id",
-         "keys-only-nodedup", "partition-nodedup", "partition-auto-plans", "partition-v5",
-         "partition-window2x", "partition-merged-running-index")
+KEYED = ("partition", "all", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
+         "partition-v7-indexes", "keys-v7-indexes")
 
 
 def setup(dsn: str, variant: str) -> None:
@@ -95,12 +85,12 @@ def setup(dsn: str, variant: str) -> None:
 
 
 def load(dsn: str, n: int, completed: int, variant: str) -> None:
-    if variant.endswith("-merged-running-index"):
+    if variant.endswith("-v7-indexes"):
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("DROP INDEX sa_jobs.jobs_lease_idx")
-            conn.execute("DROP INDEX sa_jobs.jobs_running_partition_idx")
-            conn.execute("CREATE INDEX jobs_running_idx ON sa_jobs.jobs (queue, partition_key, lease_expires_at)"
-                         " WHERE state = 'running'")
+            conn.execute("DROP INDEX IF EXISTS sa_jobs.jobs_running_idx")
+            conn.execute("CREATE INDEX IF NOT EXISTS jobs_lease_idx ON sa_jobs.jobs (lease_expires_at) WHERE state = 'running'")
+            conn.execute("CREATE INDEX IF NOT EXISTS jobs_running_partition_idx ON sa_jobs.jobs (queue, partition_key)"
+                         " WHERE state = 'running' AND partition_key IS NOT NULL")
     if variant not in KEYED:
         sajobs.load(dsn, n, completed)
         if variant == "none-kind-state-nodedup":
@@ -115,14 +105,6 @@ def load(dsn: str, n: int, completed: int, variant: str) -> None:
             f"INSERT INTO {sajobs.JOBS} (kind, queue, args, partition_key)"
             " SELECT 'bench_noop', 'bench', jsonb_build_object('n', g), 'k' || (g %% %s)"
             " FROM generate_series(0, %s - 1) g", (KEYS, n))
-        if variant == "keys-no-running-index":
-            conn.execute("DROP INDEX sa_jobs.jobs_running_partition_idx")
-        if variant == "keys-running-index-by-id":
-            conn.execute("DROP INDEX sa_jobs.jobs_running_partition_idx")
-            conn.execute("CREATE INDEX jobs_running_partition_idx ON sa_jobs.jobs (queue, partition_key, id)"
-                         " WHERE state = 'running' AND partition_key IS NOT NULL")
-        if variant in ("keys-only-nodedup", "partition-nodedup"):
-            conn.execute("ALTER INDEX sa_jobs.jobs_running_partition_idx SET (deduplicate_items = off)")
         conn.execute(f"VACUUM ANALYZE {sajobs.JOBS}")
 
 
