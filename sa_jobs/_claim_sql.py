@@ -74,7 +74,7 @@ def _head_window(*, limit: str = "%(scan)s", lock: str = "") -> str:
 
 
 # Each key of the window may take its partition_concurrency minus its running jobs (counted
-# in jobs_running_partition_idx, for the window's keys only); unkeyed jobs only the room.
+# in the index of running jobs, for the window's keys only); unkeyed jobs only the room.
 _HEAD_CANDIDATES = (
     " busy AS MATERIALIZED (SELECT k.key, (SELECT count(*) FROM {jobs} b WHERE b.state = 'running'"
     "  AND b.queue = %(queue)s AND b.partition_key = k.key) AS n"

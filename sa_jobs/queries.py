@@ -162,10 +162,13 @@ class Queries:
             # Run by every worker (SKIP LOCKED makes concurrent rescuers safe): jobs whose
             # lease ran out belong to a worker presumed dead.
             # The lost attempt counts; exhausted jobs go dead with the reason recorded.
+            # No ORDER BY: jobs_running_idx is ordered by queue first, so ordering by lease
+            # would sort every expired job under LockRows (which keeps the sort unbounded)
+            # on every batch; unordered, the index scan stops after ``limit`` expired jobs.
             rescue_expired=r(
                 "WITH expired AS MATERIALIZED ("
                 " SELECT id FROM {jobs} WHERE state = 'running' AND lease_expires_at < now()"
-                " ORDER BY lease_expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                " LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 " UPDATE {jobs} AS j SET"
                 " state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'retryable' END,"
                 " finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,"

@@ -152,6 +152,17 @@ def _jobs_index(schema: str, name: str, definition: str, *, concurrently: bool, 
     )
 
 
+def _require_valid_index(schema: str, name: str) -> sql.Composable:
+    """A statement that fails unless index ``schema.name`` exists and is valid (a DO block
+    runs outside a transaction too, so it can sit between CONCURRENTLY statements)."""
+    index = sql.Literal(sql.Identifier(schema, name).as_string())
+    return sql.SQL(
+        "DO $sa_jobs$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass({index})"
+        " AND indisvalid) THEN RAISE EXCEPTION USING MESSAGE = 'index ' || {index} || ' is missing or invalid"
+        " (a failed CREATE INDEX CONCURRENTLY); drop it and run the upgrade again'; END IF; END $sa_jobs$"
+    ).format(index=index)
+
+
 def _drop_index(schema: str, name: str, *, concurrently: bool) -> sql.Composable:
     """``DROP INDEX [CONCURRENTLY] IF EXISTS schema.name``."""
     return sql.SQL("DROP INDEX {how}IF EXISTS {idx}").format(
@@ -343,8 +354,11 @@ def _v8_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.C
     # the running jobs of every queue), a partition limit counts a key's (a range of the
     # queue and key), and the rescuer filters expired leases inside the index. A keyed
     # claim inserts one entry, not two.
+    # A failed concurrent build leaves an invalid index, which IF NOT EXISTS then skips:
+    # the check stops a re-run there, before the drops would leave no valid index at all.
     return [_jobs_index(schema, RUNNING_INDEX, "(queue, partition_key, lease_expires_at) WHERE state = 'running'",
                         concurrently=concurrently),
+            _require_valid_index(schema, RUNNING_INDEX),
             _drop_index(schema, LEASE_INDEX, concurrently=concurrently),
             _drop_index(schema, RUNNING_PARTITION_INDEX, concurrently=concurrently)]
 
@@ -625,7 +639,10 @@ def uninstall(target: object, schema: str = DEFAULT_SCHEMA) -> None:
         for m in reversed(MIGRATIONS):
             if m.version <= current:
                 for stmt in downgrade_statements(m.version, schema):
-                    conn.execute(stmt)
+                    # A down step that rebuilds an index (v8's) would read the whole
+                    # table only for the table to be dropped a few steps later.
+                    if not stmt.startswith("CREATE INDEX"):
+                        conn.execute(stmt)
 
 
 def check_version(conninfo: str, schema: str = DEFAULT_SCHEMA, *, required: int = LATEST_VERSION) -> int:

@@ -114,7 +114,7 @@ def test_worker_refuses_a_newer_schema(db: str, fresh_schema: str) -> None:
 # sha256 (first 16 hex digits) of each released version's up, concurrent and down DDL.
 RELEASED_DDL = {1: "e492cd917392231c", 2: "b854f3bd5c7647c0", 3: "873901e8e7d8fc06", 4: "de5862bdcba22fca",
                 5: "f18c6ac3842f7bc4", 6: "4437b63ff3e2a494", 7: "5a6019fbe3810826",
-                8: "ae8885761b236628"}
+                8: "de414af1ca925522"}
 
 
 @pytest.mark.parametrize("version", sorted(RELEASED_DDL))
@@ -130,7 +130,8 @@ def test_a_released_version_keeps_its_ddl(version: int) -> None:
 def test_every_concurrent_statement_can_be_rerun() -> None:
     for m in schema_mod.MIGRATIONS:
         for stmt in schema_mod.concurrent_statements(m.version, "q"):
-            assert "CONCURRENTLY IF NOT EXISTS" in stmt or stmt.startswith("DROP INDEX CONCURRENTLY IF EXISTS"), stmt
+            assert ("CONCURRENTLY IF NOT EXISTS" in stmt or stmt.startswith("DROP INDEX CONCURRENTLY IF EXISTS")
+                    or stmt.startswith("DO $sa_jobs$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_index")), stmt
 
 
 def test_fresh_install_reaches_latest_without_drift(db: str, fresh_schema: str) -> None:
@@ -181,6 +182,28 @@ def test_install_heals_a_version_whose_index_a_later_version_replaced(db: str, f
         sql.Identifier(schema_mod.LEASE_INDEX), sql.Identifier(fresh_schema, "jobs")))
     assert any(schema_mod.LEASE_INDEX in line for line in check_drift(db, fresh_schema))
     schema_mod.install(db, fresh_schema)
+    assert check_drift(db, fresh_schema) == []
+
+
+def test_a_failed_build_of_the_running_index_keeps_the_indexes_it_replaces(db: str, fresh_schema: str) -> None:
+    """A killed CREATE INDEX CONCURRENTLY leaves an invalid index, which IF NOT EXISTS
+    skips on the re-run: version 8 must stop there rather than drop the two indexes it
+    replaces and leave the rescuer and the limit counts with no valid index."""
+    schema_mod.install(db, fresh_schema, to_version=7)
+    jobs = sql.Identifier(fresh_schema, "jobs")
+    run_sql(db, sql.SQL("INSERT INTO {} (kind) VALUES ('k'), ('k')").format(jobs))
+    # What a failed build leaves: an invalid index of that name (here, a unique one that
+    # met a duplicate).
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        run_sql(db, sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} (kind)").format(
+            sql.Identifier(schema_mod.RUNNING_INDEX), jobs))
+    with pytest.raises(psycopg.errors.RaiseException, match="missing or invalid"):
+        schema_mod.install(db, fresh_schema)
+    names = {r[0] for r in run_sql(db, "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (fresh_schema,))}
+    assert {schema_mod.LEASE_INDEX, schema_mod.RUNNING_PARTITION_INDEX} <= names
+    # As the message says: drop it and run the upgrade again.
+    run_sql(db, sql.SQL("DROP INDEX {}").format(sql.Identifier(fresh_schema, schema_mod.RUNNING_INDEX)))
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
     assert check_drift(db, fresh_schema) == []
 
 
