@@ -404,3 +404,27 @@ def test_limited_claims_count_only_their_own_queues_running_jobs(database_url, s
             assert rows == [("conc", None)] * (40 - 25) and read <= 300, (rows, read)
             rows, read = claim("part")
             assert sorted(k for _, k in rows) == ["a"] + ["b"] * 3 and read <= 300, (rows, read)
+
+
+def test_a_rescue_batch_reads_about_its_batch_when_many_leases_expired(database_url, schema):
+    """After a crash of many workers, thousands of leases expire together. Each rescue
+    batch must stop after its limit: with jobs_running_idx ordered by queue first, an
+    ORDER BY lease_expires_at under FOR UPDATE sorted every expired job per batch (LockRows
+    keeps the sort unbounded), so draining them cost batches x expired jobs."""
+    q(database_url, jobs_sql(schema,
+        "INSERT INTO {jobs} (kind, queue, state, claim_token, lease_expires_at, attempt)"
+        " SELECT 'k', 'q' || (g % 7), 'running', gen_random_uuid(), now() - interval '1 minute', 1"
+        " FROM generate_series(1, 20000) g"))
+    q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
+    queries = Queries.for_schema(schema)
+    read = ("SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+            " FROM pg_stat_xact_user_tables WHERE relid = %s::regclass")
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        for _ in range(3):
+            with conn.transaction():
+                before = conn.execute(read, (f'"{schema}".jobs',)).fetchone()[0]
+                rescued = conn.execute(queries.rescue_expired, {"limit": 100}).fetchall()
+                tuples = conn.execute(read, (f'"{schema}".jobs',)).fetchone()[0] - before
+            assert len(rescued) == 100 and tuples <= 1_000, (len(rescued), tuples)
+        left = conn.execute(jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'running'")).fetchone()[0]
+        assert left == 20_000 - 300
