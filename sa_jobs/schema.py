@@ -9,6 +9,7 @@ is a no-op; Alembic revisions call :func:`upgrade_statements` for the same text.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -485,14 +486,30 @@ def upgrade_statements(version: int, schema: str = DEFAULT_SCHEMA) -> list[str]:
     return [s.as_string() for s in stmts]
 
 
-def concurrent_statements(version: int, schema: str = DEFAULT_SCHEMA, *, concurrently: bool = True) -> list[str]:
+_BUILT_INDEX = re.compile(r'CREATE (?:UNIQUE )?INDEX (?:CONCURRENTLY )?IF NOT EXISTS "([^"]+)"')
+
+
+def _dropped_after(version: int, upto: int) -> set[str]:
+    """Indexes that the versions after ``version``, up to ``upto``, drop."""
+    return {n for later in MIGRATIONS if version < later.version <= upto for n in later.dropped_indexes}
+
+
+def concurrent_statements(
+    version: int, schema: str = DEFAULT_SCHEMA, *, concurrently: bool = True, upto: int | None = None,
+) -> list[str]:
     """Statements of ``version`` that run outside a transaction (CONCURRENTLY).
 
     ``concurrently=False`` gives their in-transaction form, for a table nobody else can
     see yet (a fresh install) where CONCURRENTLY would only wait for unrelated transactions.
+    ``upto`` leaves out the builds of indexes that a later version up to ``upto`` drops:
+    an upgrade that goes past that version would read the table to build them for nothing.
     """
     m = migration(version)
-    return [s.as_string() for s in m.up_concurrently(_validate.schema_name(schema), concurrently=concurrently)]
+    statements = [s.as_string() for s in m.up_concurrently(_validate.schema_name(schema), concurrently=concurrently)]
+    if upto is None:
+        return statements
+    dropped = _dropped_after(version, upto)
+    return [s for s in statements if not ((built := _BUILT_INDEX.match(s)) and built.group(1) in dropped)]
 
 
 def downgrade_statements(version: int, schema: str = DEFAULT_SCHEMA) -> list[str]:
@@ -516,7 +533,7 @@ def install_sql(schema: str = DEFAULT_SCHEMA, from_version: int = 0, to_version:
     for m in MIGRATIONS:
         if from_version < m.version <= to_version:
             parts.extend(s + ";" for s in upgrade_statements(m.version, schema))
-            concurrent.extend(s + ";" for s in concurrent_statements(m.version, schema))
+            concurrent.extend(s + ";" for s in concurrent_statements(m.version, schema, upto=to_version))
     parts.append("COMMIT;")
     parts.extend(concurrent)
     return "\n".join(parts) + "\n"
@@ -579,7 +596,7 @@ def install(target: object, schema: str = DEFAULT_SCHEMA, *, to_version: int | N
                     for stmt in upgrade_statements(m.version, schema):
                         conn.execute(stmt)
                     if current == 0:  # the table is new and invisible: no need to wait
-                        for stmt in concurrent_statements(m.version, schema, concurrently=False):
+                        for stmt in concurrent_statements(m.version, schema, concurrently=False, upto=to_version):
                             conn.execute(stmt)
         _build_concurrently(conn, schema, max(current, to_version))
         return read_version(conn, schema)
@@ -603,7 +620,7 @@ def _needs_concurrent_run(conn, schema: str, m: Migration, upto: int) -> bool:  
     Run in version order, so that a rebuilt dropped index is dropped again after."""
     if not m.concurrent_indexes and not m.dropped_indexes:
         return True
-    dropped_later = {n for later in MIGRATIONS if m.version < later.version <= upto for n in later.dropped_indexes}
+    dropped_later = _dropped_after(m.version, upto)
     return (any(_index_missing(conn, schema, n) for n in m.concurrent_indexes if n not in dropped_later)
             or any(not _index_missing(conn, schema, n) for n in m.dropped_indexes))
 
@@ -615,7 +632,7 @@ def _build_concurrently(conn, schema: str, upto: int) -> None:  # type: ignore[n
     session lock distinct from the DDL lock; every statement is IF NOT EXISTS, so this also
     heals a crash between the version being recorded and the index being built.
     """
-    pending = [m for m in MIGRATIONS if m.version <= upto and concurrent_statements(m.version, schema)]
+    pending = [m for m in MIGRATIONS if m.version <= upto and concurrent_statements(m.version, schema, upto=upto)]
     if not pending:
         return
     key = _advisory_key(schema) + ".concurrently"
@@ -623,7 +640,7 @@ def _build_concurrently(conn, schema: str, upto: int) -> None:  # type: ignore[n
     try:
         for m in pending:
             if _needs_concurrent_run(conn, schema, m, upto):
-                for stmt in concurrent_statements(m.version, schema):
+                for stmt in concurrent_statements(m.version, schema, upto=upto):
                     conn.execute(stmt)
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))

@@ -185,6 +185,18 @@ def test_install_heals_a_version_whose_index_a_later_version_replaced(db: str, f
     assert check_drift(db, fresh_schema) == []
 
 
+def test_an_upgrade_past_version_8_does_not_build_the_indexes_it_drops() -> None:
+    """Version 4 builds jobs_running_partition_idx and version 8 drops it: an install
+    that goes from below 4 to 8 must not read the table to build it for nothing."""
+    built = f'IF NOT EXISTS "{schema_mod.RUNNING_PARTITION_INDEX}"'
+    assert built in schema_mod.install_sql(to_version=7)
+    assert built not in schema_mod.install_sql()
+    assert built not in schema_mod.install_sql(from_version=3)
+    assert any(built in s for s in schema_mod.concurrent_statements(4))
+    assert not any(built in s for s in schema_mod.concurrent_statements(4, upto=8))
+    assert any(schema_mod.PARTITION_INDEX in s for s in schema_mod.concurrent_statements(4, upto=8))
+
+
 def test_a_failed_build_of_the_running_index_keeps_the_indexes_it_replaces(db: str, fresh_schema: str) -> None:
     """A killed CREATE INDEX CONCURRENTLY leaves an invalid index, which IF NOT EXISTS
     skips on the re-run: version 8 must stop there rather than drop the two indexes it
