@@ -134,19 +134,30 @@ _KEYS_AND_OFFERS = (
     "  / greatest(1, count(*) FILTER (WHERE free > 0) OVER ()))::int) AS room FROM free),"
 )
 
+def _offers_by_key(*, lock: str = "") -> str:
+    """Each key's best waiting jobs, up to the room it offers (one index range per key),
+    then UNION ALL: the first half of the skip scan's candidates."""
+    return (" CROSS JOIN LATERAL (SELECT j.id, j.priority, j.scheduled_at FROM {jobs} j"
+            "  WHERE j.state = 'available' AND j.queue = %(queue)s AND j.partition_key = offer.key"
+            "  AND j.scheduled_at <= now() ORDER BY j.queue, j.partition_key, j.priority, j.scheduled_at, j.id"
+            "  LIMIT offer.room" + lock + ") c"
+            " WHERE offer.room > 0"
+            " UNION ALL")
+
+
+def _unkeyed_in_head(*, key_column: str = "", lock: str = "", gap: str = " ") -> str:
+    """The unkeyed jobs among the queue's first %(scan)s waiting jobs: the second half of
+    the skip scan's candidates (``gap`` keeps each frozen version's exact text)."""
+    return (" SELECT h.id, h.priority, h.scheduled_at" + key_column + " FROM (SELECT id, priority, scheduled_at,"
+            " partition_key  FROM {jobs} WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+            "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s" + lock + ") h" + gap
+            + "WHERE h.partition_key IS NULL),")
+
+
 CLAIM_PARTITIONED_V4 = (
     _KEYS_AND_OFFERS +
     " candidates AS ("
-    " SELECT c.id, c.priority, c.scheduled_at FROM offer"
-    " CROSS JOIN LATERAL (SELECT j.id, j.priority, j.scheduled_at FROM {jobs} j"
-    "  WHERE j.state = 'available' AND j.queue = %(queue)s AND j.partition_key = offer.key"
-    "  AND j.scheduled_at <= now() ORDER BY j.queue, j.partition_key, j.priority, j.scheduled_at, j.id"
-    "  LIMIT offer.room) c"
-    " WHERE offer.room > 0"
-    " UNION ALL"
-    " SELECT h.id, h.priority, h.scheduled_at FROM (SELECT id, priority, scheduled_at, partition_key"
-    "  FROM {jobs} WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
-    "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s) h WHERE h.partition_key IS NULL),"
+    " SELECT c.id, c.priority, c.scheduled_at FROM offer" + _offers_by_key() + _unkeyed_in_head()
     + _PICK_BY_ID + _CLAIM_AND_COUNT
 )
 
@@ -172,17 +183,8 @@ CLAIM_PARTITIONED_V6 = (
     # Locked as read, per key and among the queue's first waiting jobs for unkeyed ones
     # (the window also locks the keyed jobs in it, released unclaimed at commit).
     " candidates AS MATERIALIZED ("
-    " SELECT c.id, c.priority, c.scheduled_at FROM offer"
-    " CROSS JOIN LATERAL (SELECT j.id, j.priority, j.scheduled_at FROM {jobs} j"
-    "  WHERE j.state = 'available' AND j.queue = %(queue)s AND j.partition_key = offer.key"
-    "  AND j.scheduled_at <= now() ORDER BY j.queue, j.partition_key, j.priority, j.scheduled_at, j.id"
-    "  LIMIT offer.room FOR UPDATE SKIP LOCKED) c"
-    " WHERE offer.room > 0"
-    " UNION ALL"
-    " SELECT h.id, h.priority, h.scheduled_at FROM (SELECT id, priority, scheduled_at, partition_key"
-    "  FROM {jobs} WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
-    "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s FOR UPDATE SKIP LOCKED) h"
-    "  WHERE h.partition_key IS NULL),"
+    " SELECT c.id, c.priority, c.scheduled_at FROM offer" + _offers_by_key(lock=" FOR UPDATE SKIP LOCKED")
+    + _unkeyed_in_head(lock=" FOR UPDATE SKIP LOCKED", gap="  ")
     + _PICK_LOCKED + _CLAIM_AND_COUNT
 )
 
@@ -194,16 +196,8 @@ CLAIM_PARTITIONED_V6 = (
 CLAIM_PARTITIONED = (
     _KEYS_AND_OFFERS +
     " candidates AS MATERIALIZED ("
-    " SELECT c.id, c.priority, c.scheduled_at, offer.key FROM offer"
-    " CROSS JOIN LATERAL (SELECT j.id, j.priority, j.scheduled_at FROM {jobs} j"
-    "  WHERE j.state = 'available' AND j.queue = %(queue)s AND j.partition_key = offer.key"
-    "  AND j.scheduled_at <= now() ORDER BY j.queue, j.partition_key, j.priority, j.scheduled_at, j.id"
-    "  LIMIT offer.room) c"
-    " WHERE offer.room > 0"
-    " UNION ALL"
-    " SELECT h.id, h.priority, h.scheduled_at, NULL FROM (SELECT id, priority, scheduled_at, partition_key"
-    "  FROM {jobs} WHERE state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
-    "  ORDER BY queue, priority, scheduled_at, id LIMIT %(scan)s) h WHERE h.partition_key IS NULL),"
+    " SELECT c.id, c.priority, c.scheduled_at, offer.key FROM offer" + _offers_by_key()
+    + _unkeyed_in_head(key_column=", NULL") +
     " chosen AS MATERIALIZED (SELECT id, key FROM candidates ORDER BY priority, scheduled_at, id"
     "  LIMIT coalesce((SELECT room FROM qc), 0)),"
     # The lookup names nothing but the primary key: with ``state = 'available'`` in it, a

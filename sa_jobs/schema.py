@@ -172,7 +172,7 @@ def _drop_index(schema: str, name: str, *, concurrently: bool) -> sql.Composable
 
 def _v2_down(schema: str) -> list[sql.Composable]:
     return [
-        sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, FINISHED_INDEX)),
+        _drop_index(schema, FINISHED_INDEX, concurrently=False),
         sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS progress").format(sql.Identifier(schema, JOBS_TABLE)),
     ]
 
@@ -211,7 +211,7 @@ def _v3_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.C
 
 def _v3_down(schema: str) -> list[sql.Composable]:
     return [
-        sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, UNIQUE_INDEX)),
+        _drop_index(schema, UNIQUE_INDEX, concurrently=False),
         sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, PERIODIC_TABLE)),
         sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, QUEUES_TABLE)),
         sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS unique_states, DROP COLUMN IF EXISTS unique_key").format(
@@ -316,10 +316,6 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
              head=body(head), beyond=body(c.BEYOND_HEAD))
 
 
-def _no_transactional_statements(schema: str) -> list[sql.Composable]:
-    return []
-
-
 def _v5_up(schema: str) -> list[sql.Composable]:
     return [_claim_function(schema, 5)]
 
@@ -369,7 +365,7 @@ def _v8_down(schema: str) -> list[sql.Composable]:
             _jobs_index(schema, RUNNING_PARTITION_INDEX,
                         "(queue, partition_key) WHERE state = 'running' AND partition_key IS NOT NULL",
                         concurrently=False),
-            sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, RUNNING_INDEX))]
+            _drop_index(schema, RUNNING_INDEX, concurrently=False)]
 
 
 def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
@@ -389,8 +385,8 @@ def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.C
 def _v4_down(schema: str) -> list[sql.Composable]:
     return [
         sql.SQL("DROP FUNCTION IF EXISTS {}(" + _CLAIM_FUNCTION_ARGS + ")").format(sql.Identifier(schema, CLAIM_FUNCTION)),
-        sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, RUNNING_PARTITION_INDEX)),
-        sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, PARTITION_INDEX)),
+        _drop_index(schema, RUNNING_PARTITION_INDEX, concurrently=False),
+        _drop_index(schema, PARTITION_INDEX, concurrently=False),
         sql.SQL(
             "ALTER TABLE {} DROP CONSTRAINT IF EXISTS queues_rate_pair,"
             " DROP COLUMN IF EXISTS rate_window_count, DROP COLUMN IF EXISTS rate_window_start,"
@@ -422,7 +418,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "the partitioned claims lock only the jobs they pick (skip scan) or about their room (head)",
               _v7_up, _v7_down),
     Migration(8, "one index of running jobs by queue, partition key and lease in place of two",
-              _no_transactional_statements, _v8_down, _v8_up_concurrently,
+              _no_statements, _v8_down, _v8_up_concurrently,
               concurrent_indexes=(RUNNING_INDEX,), dropped_indexes=(LEASE_INDEX, RUNNING_PARTITION_INDEX)),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
