@@ -26,19 +26,29 @@ LIMITED = "(concurrency IS NOT NULL OR partition_concurrency IS NOT NULL OR rate
 
 # How many jobs a limited claim may take, computed under the queue row's lock (taken by
 # an earlier statement of the claim function, so this statement's snapshot already sees
-# every claim committed by the claimer before us).
-_ROOM = (
-    "qc AS ("
-    " SELECT CASE WHEN q.paused THEN 0 ELSE greatest(0, least(%(limit)s,"
-    "  CASE WHEN q.concurrency IS NULL THEN %(limit)s ELSE q.concurrency"
-    "   - (SELECT count(*) FROM {jobs} r WHERE r.state = 'running' AND r.queue = %(queue)s) END,"
-    "  CASE WHEN q.rate_limit IS NULL THEN %(limit)s ELSE q.rate_limit"
-    "   - CASE WHEN q.rate_window_start = w.start THEN q.rate_window_count ELSE 0 END END)) END AS room,"
-    " w.start AS window_start"
-    " FROM {queues} q CROSS JOIN LATERAL (SELECT to_timestamp(floor(extract(epoch FROM now())"
-    "  / extract(epoch FROM q.rate_period)) * extract(epoch FROM q.rate_period)) AS start) w"
-    " WHERE q.name = %(queue)s)"
-)
+# every claim committed by the claimer before us). ``running`` counts the queue's running
+# jobs; by default in the queue's range of jobs_running_idx.
+_COUNT_RUNNING = "(SELECT count(*) FROM {jobs} r WHERE r.state = 'running' AND r.queue = %(queue)s)"
+
+
+def _room(running: str = _COUNT_RUNNING) -> str:
+    """The ``qc`` CTE: the room left by the queue's limits, ``running`` its running jobs."""
+    return (
+        "qc AS ("
+        " SELECT CASE WHEN q.paused THEN 0 ELSE greatest(0, least(%(limit)s,"
+        "  CASE WHEN q.concurrency IS NULL THEN %(limit)s ELSE q.concurrency"
+        "   - " + running + " END,"
+        "  CASE WHEN q.rate_limit IS NULL THEN %(limit)s ELSE q.rate_limit"
+        "   - CASE WHEN q.rate_window_start = w.start THEN q.rate_window_count ELSE 0 END END)) END AS room,"
+        " w.start AS window_start"
+        " FROM {queues} q CROSS JOIN LATERAL (SELECT to_timestamp(floor(extract(epoch FROM now())"
+        "  / extract(epoch FROM q.rate_period)) * extract(epoch FROM q.rate_period)) AS start) w"
+        " WHERE q.name = %(queue)s)"
+    )
+
+
+_ROOM = _room()
+
 # The claim proper and the rate window's bookkeeping, shared by both limited claims.
 _CLAIM_AND_COUNT = (
     " claimed AS (UPDATE {jobs} AS j SET state = 'running', attempt = j.attempt + 1,"
@@ -75,10 +85,12 @@ def _head_window(*, limit: str = "%(scan)s", lock: str = "") -> str:
 
 # Each key of the window may take its partition_concurrency minus its running jobs (counted
 # in the index of running jobs, for the window's keys only); unkeyed jobs only the room.
-_HEAD_CANDIDATES = (
+_HEAD_BUSY = (
     " busy AS MATERIALIZED (SELECT k.key, (SELECT count(*) FROM {jobs} b WHERE b.state = 'running'"
     "  AND b.queue = %(queue)s AND b.partition_key = k.key) AS n"
     "  FROM (SELECT DISTINCT partition_key AS key FROM head WHERE partition_key IS NOT NULL) k),"
+)
+_HEAD_RANKED_CANDIDATES = (
     " ranked AS (SELECT h.id, h.priority, h.scheduled_at, h.partition_key,"
     "  row_number() OVER (PARTITION BY h.partition_key ORDER BY h.priority, h.scheduled_at, h.id) AS rn"
     "  FROM head h),"
@@ -87,6 +99,7 @@ _HEAD_CANDIDATES = (
     "  WHERE q.name = %(queue)s AND (r.partition_key IS NULL"
     "   OR r.rn + coalesce(busy.n, 0) <= coalesce(q.partition_concurrency, %(limit)s))),"
 )
+_HEAD_CANDIDATES = _HEAD_BUSY + _HEAD_RANKED_CANDIDATES
 
 # Versions 4 and 5 pick by an id lookup after reading, locking there.
 _PICK_BY_ID = (
@@ -113,7 +126,7 @@ BEYOND_HEAD = (
 # jobs_partition_idx (one index probe per key); each key with room offers a fair share of
 # the batch, best first across keys. Unkeyed jobs are limited by the queue only; they are
 # looked for among the first %(scan)s waiting jobs of the queue.
-_KEYS_AND_OFFERS = (
+_SKIP_SCAN_KEYS = (
     "WITH RECURSIVE keys(key) AS ("
     " (SELECT partition_key FROM {jobs} WHERE state = 'available' AND queue = %(queue)s"
     "  AND partition_key IS NOT NULL ORDER BY queue, partition_key LIMIT 1)"
@@ -121,9 +134,8 @@ _KEYS_AND_OFFERS = (
     " SELECT (SELECT k.partition_key FROM {jobs} k WHERE k.state = 'available' AND k.queue = %(queue)s"
     "  AND k.partition_key > keys.key ORDER BY k.queue, k.partition_key LIMIT 1)"
     " FROM keys WHERE keys.key IS NOT NULL),"
-    " " + _ROOM + ","
-    " busy AS MATERIALIZED (SELECT partition_key AS key, count(*) AS n FROM {jobs}"
-    "  WHERE state = 'running' AND queue = %(queue)s AND partition_key IS NOT NULL GROUP BY partition_key),"
+)
+_FREE_AND_OFFER = (
     " free AS MATERIALIZED (SELECT keys.key,"
     "  greatest(0, coalesce(q.partition_concurrency, %(limit)s) - coalesce(busy.n, 0)) AS free"
     "  FROM keys CROSS JOIN {queues} q LEFT JOIN busy ON busy.key = keys.key"
@@ -132,6 +144,13 @@ _KEYS_AND_OFFERS = (
     # smaller), and at least one job: one candidate per key when many keys wait.
     " offer AS MATERIALIZED (SELECT key, least(free, ceil(coalesce((SELECT room FROM qc), 0)::numeric"
     "  / greatest(1, count(*) FILTER (WHERE free > 0) OVER ()))::int) AS room FROM free),"
+)
+_KEYS_AND_OFFERS = (
+    _SKIP_SCAN_KEYS +
+    " " + _ROOM + ","
+    " busy AS MATERIALIZED (SELECT partition_key AS key, count(*) AS n FROM {jobs}"
+    "  WHERE state = 'running' AND queue = %(queue)s AND partition_key IS NOT NULL GROUP BY partition_key),"
+    + _FREE_AND_OFFER
 )
 
 def _offers_by_key(*, lock: str = "") -> str:
@@ -193,24 +212,29 @@ CLAIM_PARTITIONED_V6 = (
 # (version 6 locked every key's offered jobs as it read them: with 20,000 waiting keys, 20,000
 # row locks and WAL records per claim to take 50). A picked job is claimed only if its
 # locked version still has the queue, key and due time it was picked for.
-CLAIM_PARTITIONED = (
-    _KEYS_AND_OFFERS +
-    " candidates AS MATERIALIZED ("
-    " SELECT c.id, c.priority, c.scheduled_at, offer.key FROM offer" + _offers_by_key()
-    + _unkeyed_in_head(key_column=", NULL") +
-    " chosen AS MATERIALIZED (SELECT id, key FROM candidates ORDER BY priority, scheduled_at, id"
-    "  LIMIT coalesce((SELECT room FROM qc), 0)),"
-    # The lookup names nothing but the primary key: with ``state = 'available'`` in it, a
-    # plan made on a small table walked jobs_claim_idx once per job. The locked version
-    # (the latest, under READ COMMITTED) is checked afterwards, in a materialized CTE so
-    # that those checks are not pushed back into the lookup.
-    " locked AS MATERIALIZED (SELECT l.id, l.state, l.queue, l.partition_key, l.scheduled_at, c.key"
-    "  FROM chosen c CROSS JOIN LATERAL (SELECT j.id, j.state, j.queue, j.partition_key, j.scheduled_at"
-    "   FROM {jobs} j WHERE j.id = c.id FOR UPDATE SKIP LOCKED) l),"
-    " picked AS MATERIALIZED (SELECT id FROM locked WHERE state = 'available' AND queue = %(queue)s"
-    "  AND partition_key IS NOT DISTINCT FROM key AND scheduled_at <= now()),"
-    + _CLAIM_AND_COUNT
-)
+def _skip_scan_pick(keys_and_offers: str) -> str:
+    """Version 7's skip scan after its keys, room, running counts and offers."""
+    return (
+        keys_and_offers +
+        " candidates AS MATERIALIZED ("
+        " SELECT c.id, c.priority, c.scheduled_at, offer.key FROM offer" + _offers_by_key()
+        + _unkeyed_in_head(key_column=", NULL") +
+        " chosen AS MATERIALIZED (SELECT id, key FROM candidates ORDER BY priority, scheduled_at, id"
+        "  LIMIT coalesce((SELECT room FROM qc), 0)),"
+        # The lookup names nothing but the primary key: with ``state = 'available'`` in it, a
+        # plan made on a small table walked jobs_claim_idx once per job. The locked version
+        # (the latest, under READ COMMITTED) is checked afterwards, in a materialized CTE so
+        # that those checks are not pushed back into the lookup.
+        " locked AS MATERIALIZED (SELECT l.id, l.state, l.queue, l.partition_key, l.scheduled_at, c.key"
+        "  FROM chosen c CROSS JOIN LATERAL (SELECT j.id, j.state, j.queue, j.partition_key, j.scheduled_at"
+        "   FROM {jobs} j WHERE j.id = c.id FOR UPDATE SKIP LOCKED) l),"
+        " picked AS MATERIALIZED (SELECT id FROM locked WHERE state = 'available' AND queue = %(queue)s"
+        "  AND partition_key IS NOT DISTINCT FROM key AND scheduled_at <= now()),"
+        + _CLAIM_AND_COUNT
+    )
+
+
+CLAIM_PARTITIONED_V7 = _skip_scan_pick(_KEYS_AND_OFFERS)
 
 # Version 7's head window: as v6's, but no wider than twice the room (at least 16) when a
 # queue concurrency or rate limit leaves less room than the worker asked for, since every
@@ -220,6 +244,30 @@ CLAIM_PARTITIONED_HEAD = (
     + _head_window(limit="least(%(scan)s, greatest(16, 2 * coalesce((SELECT room FROM qc), 0)))",
                    lock=" FOR UPDATE SKIP LOCKED")
     + _HEAD_CANDIDATES + _PICK_LOCKED + _CLAIM_AND_COUNT
+)
+
+# Schema version 9: a queue with both a concurrency and a partition limit reads its running
+# jobs once. Up to v8 its claim counted them twice under the queue row's lock: all of them
+# for the queue's room, then again per key (the head window's keys, or every key for the
+# skip scan), each a heap visit (running rows are recently updated, never all-visible).
+# Now one range of jobs_running_idx, grouped by key (NULL for unkeyed jobs), gives both.
+_RUNNING_BY_KEY = (
+    " busy AS MATERIALIZED (SELECT partition_key AS key, count(*) AS n FROM {jobs}"
+    "  WHERE state = 'running' AND queue = %(queue)s GROUP BY partition_key),"
+)
+_ROOM_FROM_BUSY = _room("(SELECT coalesce(sum(n), 0) FROM busy)")
+
+# The skip scan always reads every key's running jobs, so v9's takes the queue's count from
+# them too (unkeyed ones included, as their own group).
+CLAIM_PARTITIONED = _skip_scan_pick(_SKIP_SCAN_KEYS + _RUNNING_BY_KEY + " " + _ROOM_FROM_BUSY + "," + _FREE_AND_OFFER)
+
+# The head claim of a queue that also has a concurrency limit. Without one, v7's head claim
+# (CLAIM_PARTITIONED_HEAD) counts only the window's keys, fewer than all when many run.
+CLAIM_PARTITIONED_HEAD_COUNTED = (
+    "WITH" + _RUNNING_BY_KEY + " " + _ROOM_FROM_BUSY + ","
+    + _head_window(limit="least(%(scan)s, greatest(16, 2 * coalesce((SELECT room FROM qc), 0)))",
+                   lock=" FOR UPDATE SKIP LOCKED")
+    + _HEAD_RANKED_CANDIDATES + _PICK_LOCKED + _CLAIM_AND_COUNT
 )
 
 _PARAM = re.compile(r"%\((\w+)\)s")

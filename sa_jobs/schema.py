@@ -276,14 +276,19 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
     every key with room as it read them (20,000 row locks for a claim of 50 when 20,000
     keys wait), v7's locks only the jobs it picks, through a lookup by primary key alone,
     and checks the locked versions; v7's head window is at most twice the room (at least
-    16) when a queue limit leaves less room than the worker asked for."""
+    16) when a queue limit leaves less room than the worker asked for.
+
+    Version 9 reads a queue's running jobs once per claim when it has a concurrency limit
+    as well as a partition limit (one grouped range gives the queue's count and each
+    key's), and its skip scan always does; up to v8 they were read twice."""
     from . import _claim_sql as c
 
     settings = {4: "", 5: " SET plan_cache_mode = force_custom_plan"}.get(
         version, " SET plan_cache_mode = force_generic_plan SET enable_seqscan = off")
     head, partitioned = {4: (c.CLAIM_PARTITIONED_HEAD_V4, c.CLAIM_PARTITIONED_V4),
                          5: (c.CLAIM_PARTITIONED_HEAD_V4, c.CLAIM_PARTITIONED_V4),
-                         6: (c.CLAIM_PARTITIONED_HEAD_V6, c.CLAIM_PARTITIONED_V6)}.get(
+                         6: (c.CLAIM_PARTITIONED_HEAD_V6, c.CLAIM_PARTITIONED_V6),
+                         7: (c.CLAIM_PARTITIONED_HEAD, c.CLAIM_PARTITIONED_V7)}.get(
         version, (c.CLAIM_PARTITIONED_HEAD, c.CLAIM_PARTITIONED))
 
     jobs, queues = sql.Identifier(schema, JOBS_TABLE), sql.Identifier(schema, QUEUES_TABLE)
@@ -291,20 +296,31 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
     def body(template: str) -> sql.Composable:
         return sql.SQL(c.function_body(template)).format(jobs=jobs, queues=queues)
 
+    if version >= 9:
+        # A queue with a concurrency limit as well reads its running jobs once (see
+        # _claim_sql.CLAIM_PARTITIONED_HEAD_COUNTED).
+        declare = "DECLARE v_limited boolean; v_partitioned boolean; v_counted boolean; v_claimed integer;"
+        settings_row = (" SELECT " + c.LIMITED + ", partition_concurrency IS NOT NULL, concurrency IS NOT NULL"
+                        " INTO v_limited, v_partitioned, v_counted")
+        run_head = " IF v_counted THEN RETURN QUERY {head_counted}; ELSE RETURN QUERY {head}; END IF;"
+    else:
+        declare = "DECLARE v_limited boolean; v_partitioned boolean; v_claimed integer;"
+        settings_row = " SELECT " + c.LIMITED + ", partition_concurrency IS NOT NULL INTO v_limited, v_partitioned"
+        run_head = " RETURN QUERY {head};"
     return sql.SQL(
         "CREATE OR REPLACE FUNCTION {fn}(" + _CLAIM_FUNCTION_ARGS + ")"
         " RETURNS TABLE (id bigint, kind text, queue text, args jsonb, attempt integer, max_attempts integer,"
         " priority smallint, wait_seconds double precision, created_epoch double precision)"
         " LANGUAGE plpgsql VOLATILE" + settings + " AS $claim$\n"
         "#variable_conflict use_column\n"
-        "DECLARE v_limited boolean; v_partitioned boolean; v_claimed integer;"
+        + declare +
         " BEGIN"
-        " SELECT " + c.LIMITED + ", partition_concurrency IS NOT NULL INTO v_limited, v_partitioned"
+        + settings_row +
         " FROM {queues} WHERE name = p_queue FOR NO KEY UPDATE;"
         " IF NOT FOUND OR NOT v_limited THEN RETURN; END IF;"
         " PERFORM set_config('synchronous_commit', 'off', true);"
         " IF NOT v_partitioned THEN RETURN QUERY {limited}; RETURN; END IF;"
-        " RETURN QUERY {head};"
+        + run_head +
         " GET DIAGNOSTICS v_claimed = ROW_COUNT;"
         " IF v_claimed < p_limit AND EXISTS ({beyond}) THEN"
         "  p_limit := p_limit - v_claimed;"
@@ -313,7 +329,7 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
         " END $claim$"
     ).format(fn=sql.Identifier(schema, CLAIM_FUNCTION), queues=queues,
              partitioned=body(partitioned), limited=body(c.CLAIM_LIMITED),
-             head=body(head), beyond=body(c.BEYOND_HEAD))
+             head=body(head), beyond=body(c.BEYOND_HEAD), head_counted=body(c.CLAIM_PARTITIONED_HEAD_COUNTED))
 
 
 def _v5_up(schema: str) -> list[sql.Composable]:
@@ -339,6 +355,14 @@ def _v7_up(schema: str) -> list[sql.Composable]:
 
 def _v7_down(schema: str) -> list[sql.Composable]:
     return [_claim_function(schema, 6)]
+
+
+def _v9_up(schema: str) -> list[sql.Composable]:
+    return [_claim_function(schema, 9)]
+
+
+def _v9_down(schema: str) -> list[sql.Composable]:
+    return [_claim_function(schema, 7)]  # version 8 changed indexes only
 
 
 LEASE_INDEX = "jobs_lease_idx"
@@ -420,6 +444,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "one index of running jobs by queue, partition key and lease in place of two",
               _no_statements, _v8_down, _v8_up_concurrently,
               concurrent_indexes=(RUNNING_INDEX,), dropped_indexes=(LEASE_INDEX, RUNNING_PARTITION_INDEX)),
+    Migration(9, "a queue with both a concurrency and a partition limit counts its running jobs once per claim",
+              _v9_up, _v9_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

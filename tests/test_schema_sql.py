@@ -406,6 +406,75 @@ def test_limited_claims_count_only_their_own_queues_running_jobs(database_url, s
             assert sorted(k for _, k in rows) == ["a"] + ["b"] * 3 and read <= 300, (rows, read)
 
 
+def _claim_limited(conn: psycopg.Connection, schema: str, queue: str, limit: int, scan: int) -> tuple[list, int]:
+    """Claim through the schema's function and roll back: the (queue, key) of each claimed
+    job, sorted, and the jobs table tuples the claim read from the heap."""
+    read = ("SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+            " FROM pg_stat_xact_user_tables WHERE relid = %s::regclass")
+    fn, jobs = sql.Identifier(schema, "claim_limited"), sql.Identifier(schema, "jobs")
+    with conn.transaction(force_rollback=True):
+        before = conn.execute(read, (f'"{schema}".jobs',)).fetchone()[0]
+        ids = [r[0] for r in conn.execute(sql.SQL("SELECT id FROM {}(%s, %s, %s, 'x', 30, %s)").format(fn),
+                                          (queue, limit, uuid.uuid4(), scan))]
+        tuples = conn.execute(read, (f'"{schema}".jobs',)).fetchone()[0] - before
+        rows = conn.execute(sql.SQL("SELECT queue, partition_key FROM {} WHERE id = ANY(%s)").format(jobs),
+                            (ids,)).fetchall()
+    return sorted(rows, key=lambda r: (r[1] is not None, r[1] or "")), tuples
+
+
+RUNNING = ("INSERT INTO {} (kind, queue, partition_key, state, claim_token, lease_expires_at, attempt)"
+           " SELECT 'k', %s, %s, 'running', gen_random_uuid(), now() + interval '1 hour', 1"
+           " FROM generate_series(1, %s)")
+
+
+def test_a_queue_with_concurrency_and_partition_limits_obeys_both(database_url, schema):
+    """Both limits at once, in the head claim and in the skip scan: a key takes at most its
+    partition_concurrency minus its running jobs, the queue at most its concurrency minus
+    all its running jobs (unkeyed ones included)."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency, partition_concurrency) VALUES"
+                            " ('head', 10, 3), ('skip', 10, 3)").format(queues))
+    for queue in ("head", "skip"):  # 6 running: room 4; key a may take 1, b none, c 3
+        for key, n in (("a", 2), ("b", 3), (None, 1)):
+            q(database_url, sql.SQL(RUNNING).format(jobs), (queue, key, n))
+    # 'head': waiting jobs in claim order a, b, c, unkeyed, a, b, c, unkeyed, ...
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'head',"
+                            " (ARRAY['a', 'b', 'c', NULL])[1 + g % 4] FROM generate_series(0, 11) g").format(jobs))
+    # 'skip': 20 jobs of the full key b fill the head window, so only the skip scan finds more.
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'skip', 'b'"
+                            " FROM generate_series(1, 20)").format(jobs))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'skip', k"
+                            " FROM generate_series(1, 3), unnest(ARRAY['c', 'a']) k").format(jobs))
+    q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        for _ in range(3):  # the function's plans are made on the first call and kept
+            rows, _read = _claim_limited(conn, schema, "head", 50, 16)
+            assert [k for _, k in rows] == [None, "a", "c", "c"], rows
+            # Two keys with room share the room of 4: a offers its 1, c its fair share of 2.
+            rows, _read = _claim_limited(conn, schema, "skip", 50, 16)
+            assert [k for _, k in rows] == ["a", "c", "c"], rows
+
+
+def test_a_queue_with_both_limits_reads_its_running_jobs_once_per_claim(database_url, schema):
+    """With a concurrency and a partition limit, the claim needs the queue's running jobs
+    and each key's. Up to schema v8 it read them twice under the queue row's lock (the
+    queue's count, then each key's), each a heap visit; since v9 one grouped range of
+    jobs_running_idx gives both."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency, partition_concurrency)"
+                            " VALUES ('both', 100000, 1000)").format(queues))
+    for key in range(10):
+        q(database_url, sql.SQL(RUNNING).format(jobs), ("both", f"k{key}", 100))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'both', 'k' || (g % 10)"
+                            " FROM generate_series(1, 200) g").format(jobs))
+    q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        for _ in range(3):
+            rows, read = _claim_limited(conn, schema, "both", 50, 50)
+            # 1,000 running jobs read once, plus the window and the claimed jobs (v8: 2,100).
+            assert len(rows) == 50 and read <= 1_300, (len(rows), read)
+
+
 def test_a_rescue_batch_reads_about_its_batch_when_many_leases_expired(database_url, schema):
     """After a crash of many workers, thousands of leases expire together. Each rescue
     batch must stop after its limit: with jobs_running_idx ordered by queue first, an

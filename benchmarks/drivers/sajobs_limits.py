@@ -24,6 +24,8 @@
 - ``partition-v5``: partition with schema v5's claim function put back (diagnostic: v5
   read the head window, then locked by id, and planned every call; v6 locks as it reads
   and plans once per session).
+- ``all-v8``: all with schema v8's claim function put back (diagnostic: up to v8 a queue
+  with both a concurrency and a partition limit read its running jobs twice per claim).
 
 Only the limit machinery's cost is measured by the non-binding variants: the claim takes
 the queue row's lock, counts, and claims in a second statement.
@@ -58,13 +60,14 @@ VARIANTS = {
     "none-kind-state-nodedup": QueueLimits(),
     "partition-auto-plans": QueueLimits(partition_concurrency=10_000),
     "partition-v5": QueueLimits(partition_concurrency=10_000),
+    "all-v8": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
     "partition-window2x": QueueLimits(partition_concurrency=10_000),
     "none-v7-indexes": QueueLimits(),
     "partition-v7-indexes": QueueLimits(partition_concurrency=10_000),
     "keys-v7-indexes": QueueLimits(),
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
 }
-KEYED = ("partition", "all", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
+KEYED = ("partition", "all", "all-v8", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
          "partition-v7-indexes", "keys-v7-indexes")
 
 
@@ -78,10 +81,11 @@ def setup(dsn: str, variant: str) -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
                          " RESET plan_cache_mode")
-    if variant.endswith("-v5"):
+    old_function = {"-v5": 5, "-v8": 7}.get(variant[-3:])  # v8 kept v7's function
+    if old_function:
         from sa_jobs.schema import _claim_function
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(_claim_function("sa_jobs", 5))
+            conn.execute(_claim_function("sa_jobs", old_function))
 
 
 def load(dsn: str, n: int, completed: int, variant: str) -> None:
