@@ -83,8 +83,9 @@ def _head_window(*, limit: str = "%(scan)s", lock: str = "") -> str:
             "  ORDER BY queue, priority, scheduled_at, id LIMIT " + limit + lock + "),")
 
 
-# Each key of the window may take its partition_concurrency minus its running jobs (counted
-# in the index of running jobs, for the window's keys only); unkeyed jobs only the room.
+# Each key of the window may take its partition_concurrency minus its running jobs (in
+# _HEAD_BUSY counted in the index of running jobs for the window's keys only; v9's counted
+# head claim gives every key's); unkeyed jobs only the room.
 _HEAD_BUSY = (
     " busy AS MATERIALIZED (SELECT k.key, (SELECT count(*) FROM {jobs} b WHERE b.state = 'running'"
     "  AND b.queue = %(queue)s AND b.partition_key = k.key) AS n"
@@ -213,7 +214,7 @@ CLAIM_PARTITIONED_V6 = (
 # row locks and WAL records per claim to take 50). A picked job is claimed only if its
 # locked version still has the queue, key and due time it was picked for.
 def _skip_scan_pick(keys_and_offers: str) -> str:
-    """Version 7's skip scan after its keys, room, running counts and offers."""
+    """The skip scan's pick and claim, after its CTEs keys, qc, busy, free and offer."""
     return (
         keys_and_offers +
         " candidates AS MATERIALIZED ("
@@ -234,7 +235,7 @@ def _skip_scan_pick(keys_and_offers: str) -> str:
     )
 
 
-CLAIM_PARTITIONED_V7 = _skip_scan_pick(_KEYS_AND_OFFERS)
+CLAIM_PARTITIONED = _skip_scan_pick(_KEYS_AND_OFFERS)
 
 # Version 7's head window: as v6's, but no wider than twice the room (at least 16) when a
 # queue concurrency or rate limit leaves less room than the worker asked for, since every
@@ -247,22 +248,21 @@ CLAIM_PARTITIONED_HEAD = (
 )
 
 # Schema version 9: a queue with both a concurrency and a partition limit reads its running
-# jobs once. Up to v8 its claim counted them twice under the queue row's lock: all of them
-# for the queue's room, then again per key (the head window's keys, or every key for the
-# skip scan), each a heap visit (running rows are recently updated, never all-visible).
-# Now one range of jobs_running_idx, grouped by key (NULL for unkeyed jobs), gives both.
+# jobs once per statement. Up to v8 each of its claim statements counted them twice under
+# the queue row's lock: all of them for the queue's room, then again per key (the head
+# window's keys, or every key for the skip scan), each a heap visit (running rows are
+# recently updated, never all-visible). Now one range of jobs_running_idx, grouped by key
+# (NULL for unkeyed jobs), gives both. Queues without a concurrency limit keep v7's
+# statements, which count keyed running jobs only, and for the head only the window's keys.
 _RUNNING_BY_KEY = (
     " busy AS MATERIALIZED (SELECT partition_key AS key, count(*) AS n FROM {jobs}"
     "  WHERE state = 'running' AND queue = %(queue)s GROUP BY partition_key),"
 )
-_ROOM_FROM_BUSY = _room("(SELECT coalesce(sum(n), 0) FROM busy)")
+_ROOM_FROM_BUSY = _room("(SELECT coalesce(sum(n), 0)::bigint FROM busy)")
 
-# The skip scan always reads every key's running jobs, so v9's takes the queue's count from
-# them too (unkeyed ones included, as their own group).
-CLAIM_PARTITIONED = _skip_scan_pick(_SKIP_SCAN_KEYS + _RUNNING_BY_KEY + " " + _ROOM_FROM_BUSY + "," + _FREE_AND_OFFER)
+CLAIM_PARTITIONED_COUNTED = _skip_scan_pick(
+    _SKIP_SCAN_KEYS + _RUNNING_BY_KEY + " " + _ROOM_FROM_BUSY + "," + _FREE_AND_OFFER)
 
-# The head claim of a queue that also has a concurrency limit. Without one, v7's head claim
-# (CLAIM_PARTITIONED_HEAD) counts only the window's keys, fewer than all when many run.
 CLAIM_PARTITIONED_HEAD_COUNTED = (
     "WITH" + _RUNNING_BY_KEY + " " + _ROOM_FROM_BUSY + ","
     + _head_window(limit="least(%(scan)s, greatest(16, 2 * coalesce((SELECT room FROM qc), 0)))",

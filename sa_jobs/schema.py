@@ -278,17 +278,16 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
     and checks the locked versions; v7's head window is at most twice the room (at least
     16) when a queue limit leaves less room than the worker asked for.
 
-    Version 9 reads a queue's running jobs once per claim when it has a concurrency limit
-    as well as a partition limit (one grouped range gives the queue's count and each
-    key's), and its skip scan always does; up to v8 they were read twice."""
+    Version 9: when a queue has a concurrency limit as well as a partition limit, each of
+    its claim statements reads the queue's running jobs once (one grouped range gives the
+    queue's count and each key's); up to v8 each read them twice."""
     from . import _claim_sql as c
 
     settings = {4: "", 5: " SET plan_cache_mode = force_custom_plan"}.get(
         version, " SET plan_cache_mode = force_generic_plan SET enable_seqscan = off")
     head, partitioned = {4: (c.CLAIM_PARTITIONED_HEAD_V4, c.CLAIM_PARTITIONED_V4),
                          5: (c.CLAIM_PARTITIONED_HEAD_V4, c.CLAIM_PARTITIONED_V4),
-                         6: (c.CLAIM_PARTITIONED_HEAD_V6, c.CLAIM_PARTITIONED_V6),
-                         7: (c.CLAIM_PARTITIONED_HEAD, c.CLAIM_PARTITIONED_V7)}.get(
+                         6: (c.CLAIM_PARTITIONED_HEAD_V6, c.CLAIM_PARTITIONED_V6)}.get(
         version, (c.CLAIM_PARTITIONED_HEAD, c.CLAIM_PARTITIONED))
 
     jobs, queues = sql.Identifier(schema, JOBS_TABLE), sql.Identifier(schema, QUEUES_TABLE)
@@ -297,16 +296,19 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
         return sql.SQL(c.function_body(template)).format(jobs=jobs, queues=queues)
 
     if version >= 9:
-        # A queue with a concurrency limit as well reads its running jobs once (see
-        # _claim_sql.CLAIM_PARTITIONED_HEAD_COUNTED).
-        declare = "DECLARE v_limited boolean; v_partitioned boolean; v_counted boolean; v_claimed integer;"
+        # A queue with a concurrency limit as well reads its running jobs once per
+        # statement (see _claim_sql.CLAIM_PARTITIONED_HEAD_COUNTED).
+        declare = "DECLARE v_limited boolean; v_partitioned boolean; v_concurrency boolean; v_claimed integer;"
         settings_row = (" SELECT " + c.LIMITED + ", partition_concurrency IS NOT NULL, concurrency IS NOT NULL"
-                        " INTO v_limited, v_partitioned, v_counted")
-        run_head = " IF v_counted THEN RETURN QUERY {head_counted}; ELSE RETURN QUERY {head}; END IF;"
+                        " INTO v_limited, v_partitioned, v_concurrency")
+        run_head = " IF v_concurrency THEN RETURN QUERY {head_counted}; ELSE RETURN QUERY {head}; END IF;"
+        run_partitioned = ("  IF v_concurrency THEN RETURN QUERY {partitioned_counted};"
+                           " ELSE RETURN QUERY {partitioned}; END IF;")
     else:
         declare = "DECLARE v_limited boolean; v_partitioned boolean; v_claimed integer;"
         settings_row = " SELECT " + c.LIMITED + ", partition_concurrency IS NOT NULL INTO v_limited, v_partitioned"
         run_head = " RETURN QUERY {head};"
+        run_partitioned = "  RETURN QUERY {partitioned};"
     return sql.SQL(
         "CREATE OR REPLACE FUNCTION {fn}(" + _CLAIM_FUNCTION_ARGS + ")"
         " RETURNS TABLE (id bigint, kind text, queue text, args jsonb, attempt integer, max_attempts integer,"
@@ -324,12 +326,13 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
         " GET DIAGNOSTICS v_claimed = ROW_COUNT;"
         " IF v_claimed < p_limit AND EXISTS ({beyond}) THEN"
         "  p_limit := p_limit - v_claimed;"
-        "  RETURN QUERY {partitioned};"
+        + run_partitioned +
         " END IF;"
         " END $claim$"
     ).format(fn=sql.Identifier(schema, CLAIM_FUNCTION), queues=queues,
              partitioned=body(partitioned), limited=body(c.CLAIM_LIMITED),
-             head=body(head), beyond=body(c.BEYOND_HEAD), head_counted=body(c.CLAIM_PARTITIONED_HEAD_COUNTED))
+             head=body(head), beyond=body(c.BEYOND_HEAD), head_counted=body(c.CLAIM_PARTITIONED_HEAD_COUNTED),
+             partitioned_counted=body(c.CLAIM_PARTITIONED_COUNTED))
 
 
 def _v5_up(schema: str) -> list[sql.Composable]:
@@ -444,7 +447,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "one index of running jobs by queue, partition key and lease in place of two",
               _no_statements, _v8_down, _v8_up_concurrently,
               concurrent_indexes=(RUNNING_INDEX,), dropped_indexes=(LEASE_INDEX, RUNNING_PARTITION_INDEX)),
-    Migration(9, "a queue with both a concurrency and a partition limit counts its running jobs once per claim",
+    Migration(9, "a queue with both a concurrency and a partition limit reads its running jobs once per claim statement",
               _v9_up, _v9_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version

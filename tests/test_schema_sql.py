@@ -440,39 +440,61 @@ def test_a_queue_with_concurrency_and_partition_limits_obeys_both(database_url, 
     # 'head': waiting jobs in claim order a, b, c, unkeyed, a, b, c, unkeyed, ...
     q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'head',"
                             " (ARRAY['a', 'b', 'c', NULL])[1 + g % 4] FROM generate_series(0, 11) g").format(jobs))
-    # 'skip': 20 jobs of the full key b fill the head window, so only the skip scan finds more.
+    # 'skip': 20 jobs of the full key b fill the head window, so only the skip scan finds more:
+    # then c, a, d, c, a, d, c, a, d (d has no running job: room 3).
     q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'skip', 'b'"
                             " FROM generate_series(1, 20)").format(jobs))
-    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'skip', k"
-                            " FROM generate_series(1, 3), unnest(ARRAY['c', 'a']) k").format(jobs))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'skip',"
+                            " (ARRAY['c', 'a', 'd'])[1 + g % 3] FROM generate_series(0, 8) g").format(jobs))
     q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
     with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
         for _ in range(3):  # the function's plans are made on the first call and kept
             rows, _read = _claim_limited(conn, schema, "head", 50, 16)
             assert [k for _, k in rows] == [None, "a", "c", "c"], rows
-            # Two keys with room share the room of 4: a offers its 1, c its fair share of 2.
+            # Three keys with room share the queue's room of 4: a offers its 1, c and d their
+            # fair share of 2 each; the best 4 of those 5 by claim order are c, a, d, c.
             rows, _read = _claim_limited(conn, schema, "skip", 50, 16)
-            assert [k for _, k in rows] == ["a", "c", "c"], rows
+            assert [k for _, k in rows] == ["a", "c", "c", "d"], rows
 
 
-def test_a_queue_with_both_limits_reads_its_running_jobs_once_per_claim(database_url, schema):
+def test_a_queue_with_both_limits_reads_its_running_jobs_once_per_statement(database_url, schema):
     """With a concurrency and a partition limit, the claim needs the queue's running jobs
-    and each key's. Up to schema v8 it read them twice under the queue row's lock (the
-    queue's count, then each key's), each a heap visit; since v9 one grouped range of
-    jobs_running_idx gives both."""
+    and each key's. Up to schema v8 each claim statement read them twice under the queue
+    row's lock (the queue's count, then each key's), each a heap visit; since v9 one
+    grouped range of jobs_running_idx gives both. A queue with a partition limit only
+    still counts keyed running jobs only."""
     queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
-    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency, partition_concurrency)"
-                            " VALUES ('both', 100000, 1000)").format(queues))
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency, partition_concurrency) VALUES"
+                            " ('head', 100000, 1000), ('skip', 100000, 100), ('keyed', NULL, 100)").format(queues))
     for key in range(10):
-        q(database_url, sql.SQL(RUNNING).format(jobs), ("both", f"k{key}", 100))
-    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'both', 'k' || (g % 10)"
+        q(database_url, sql.SQL(RUNNING).format(jobs), ("head", f"k{key}", 100))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'head', 'k' || (g % 10)"
                             " FROM generate_series(1, 200) g").format(jobs))
+    # 'skip' and 'keyed': key k0 is full and its 60 waiting jobs fill the head window, so
+    # the claim goes on to the skip scan; k1..k9 have 50 running jobs each and room.
+    # 'keyed' also runs 1,000 unkeyed jobs, which its partition limit does not count.
+    for queue in ("skip", "keyed"):
+        q(database_url, sql.SQL(RUNNING).format(jobs), (queue, "k0", 100))
+        for key in range(1, 10):
+            q(database_url, sql.SQL(RUNNING).format(jobs), (queue, f"k{key}", 50))
+        q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', %s, 'k0'"
+                                " FROM generate_series(1, 60)").format(jobs), (queue,))
+        q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', %s, 'k' || (1 + g %% 9)"
+                                " FROM generate_series(0, 44) g").format(jobs), (queue,))
+    q(database_url, sql.SQL(RUNNING).format(jobs), ("keyed", None, 1_000))
     q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
     with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
         for _ in range(3):
-            rows, read = _claim_limited(conn, schema, "both", 50, 50)
+            rows, read = _claim_limited(conn, schema, "head", 50, 50)
             # 1,000 running jobs read once, plus the window and the claimed jobs (v8: 2,100).
-            assert len(rows) == 50 and read <= 1_300, (len(rows), read)
+            assert len(rows) == 50 and read <= 1_300, ("head", len(rows), read)
+            # 550 running jobs read once by each of the two statements, plus the window,
+            # the keys' offers and the claimed jobs (v9: 1,396; v8: 2,046).
+            rows, read = _claim_limited(conn, schema, "skip", 50, 50)
+            assert len(rows) == 45 and read <= 1_600, ("skip", len(rows), read)
+            # The same without the 1,000 unkeyed running jobs (946; counting them: ~1,950).
+            rows, read = _claim_limited(conn, schema, "keyed", 50, 50)
+            assert len(rows) == 45 and read <= 1_100, ("keyed", len(rows), read)
 
 
 def test_a_rescue_batch_reads_about_its_batch_when_many_leases_expired(database_url, schema):
