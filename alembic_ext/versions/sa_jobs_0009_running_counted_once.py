@@ -1,5 +1,6 @@
-"""sa-jobs schema version 9: each statement of the limited claim function reads a queue's running jobs once
-when the queue has both a concurrency and a partition limit (up to version 8: twice).
+"""sa-jobs schema version 9: each statement of the limited claim function reads a queue's
+running jobs once when the queue has both a concurrency and a partition limit (up to
+version 8: twice).
 
 Revision ID: sa_jobs_0009
 Revises: sa_jobs_0008
