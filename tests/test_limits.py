@@ -91,6 +91,23 @@ def test_partition_concurrency_limits_each_key_and_does_not_starve_other_keys(en
     assert seen["limp"] > 2, seen  # different keys ran side by side
 
 
+def test_queue_and_partition_limits_hold_together_across_worker_processes(engine, database_url, schema, gauge):
+    """A queue with both limits (schema v9 takes both counts from one read): one customer
+    floods the head of the queue, so the claims of two processes go through the head
+    window and the skip scan; neither the queue's 3 nor any key's 2 is ever exceeded, and
+    the queue's limit is used, not undercut."""
+    limit(engine, "limp", QueueLimits(concurrency=3, partition_concurrency=2))
+    with Session(engine) as session, session.begin():
+        enqueue_many(session, CustomerWork, [{"customer": "flood", "seconds": 0.1, "i": i} for i in range(30)])
+        enqueue_many(session, CustomerWork, [{"customer": f"c{k}", "seconds": 0.1, "i": i}
+                                             for i in range(5) for k in range(3)])
+    drain_with_processes(database_url, schema, 45, processes=2, concurrency=8)
+    seen = peaks(database_url, schema)
+    assert seen.pop("limp") == 3, seen
+    assert seen["flood"] == 2 and max(seen.values()) == 2, seen
+    assert q(database_url, jobs_sql(schema, "SELECT max(attempt) FROM {jobs}")) == [(1,)]
+
+
 def test_rate_limit_caps_claims_per_window(engine, database_url, schema, gauge):
     limit(engine, "limr", QueueLimits(rate=(5, dt.timedelta(seconds=1))))
     with Session(engine) as session, session.begin():
