@@ -24,7 +24,7 @@
 - ``partition-v5``: partition with schema v5's claim function put back (diagnostic: v5
   read the head window, then locked by id, and planned every call; v6 locks as it reads
   and plans once per session).
-- ``all-v8``: all with schema v8's claim function put back (diagnostic: up to v8 a queue
+- ``partition-v8``, ``all-v8``: partition, all with schema v8's claim function put back (diagnostic: up to v8 a queue
   with both a concurrency and a partition limit read its running jobs twice per claim).
 
 Only the limit machinery's cost is measured by the non-binding variants: the claim takes
@@ -60,6 +60,7 @@ VARIANTS = {
     "none-kind-state-nodedup": QueueLimits(),
     "partition-auto-plans": QueueLimits(partition_concurrency=10_000),
     "partition-v5": QueueLimits(partition_concurrency=10_000),
+    "partition-v8": QueueLimits(partition_concurrency=10_000),
     "all-v8": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
     "partition-window2x": QueueLimits(partition_concurrency=10_000),
     "none-v7-indexes": QueueLimits(),
@@ -67,7 +68,7 @@ VARIANTS = {
     "keys-v7-indexes": QueueLimits(),
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
 }
-KEYED = ("partition", "all", "all-v8", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
+KEYED = ("partition", "all", "all-v8", "partition-v8", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
          "partition-v7-indexes", "keys-v7-indexes")
 
 
