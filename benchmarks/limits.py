@@ -2,6 +2,7 @@
 
     python -m benchmarks.limits                       # 20k jobs, 4 processes x 100, 3 runs
     python -m benchmarks.limits --n 10000 --runs 1    # a quick look
+    python -m benchmarks.limits --report benchmarks/results/limits-*.json   # rounds pooled over runs
 
 Every drain is verified from SQL (each job ran exactly once). The limits of the measured
 variants do not bind, so the difference to ``none`` is the cost of the limited claim
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -35,7 +37,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", help="JSON path (default benchmarks/results/limits-<timestamp>.json)")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="run nothing: pool the rounds of these result files (each paired with the none drain"
+                         " of its round) and print each variant's median ratio to none")
     a = ap.parse_args(argv)
+    if a.report:
+        print(pooled_report([json.loads(Path(f).read_text()) for f in a.report]))
+        return 0
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(a.out) if a.out else HERE / "results" / f"limits-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,18 +74,48 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                        "client_cpu_us_per_job"))}
     result["meta"]["loadavg_end"] = loadavg()
     out.write_text(json.dumps(result, indent=1, default=str))
-    base = result["variants"].get("none", {}).get("jobs_per_s", {}).get("median")
-    print(f"| limits ({a.workers} procs x {a.concurrency}, {a.n:,} jobs) | jobs/s median (min-max)"
-          " | vs none | server / client CPU µs per job |")
-    print("|---|---|---|---|")
-    for v in variants:
-        r = result["variants"][v]
-        rate = r["jobs_per_s"]["median"]
-        rel = f"{rate / base - 1:+.1%}" if base else "-"
-        print(f"| {v} | {fmt_rate(r['jobs_per_s'])} | {rel} | {r['server_cpu_us_per_job']['median']:.0f} /"
-              f" {r['client_cpu_us_per_job']['median']:.0f} |")
+    print(table(result, variants, a))
     print(f"\nJSON: {out}")
     return 0
+
+
+def paired_ratio(runs: list[float], base_runs: list[float]) -> Optional[float]:
+    """The median over rounds of (variant / none - 1), each round's drains run back to back:
+    on a host whose speed drifts, steadier than the ratio of the two medians."""
+    ratios = sorted(r / b - 1 for r, b in zip(runs, base_runs) if b)
+    return statistics.median(ratios) if ratios else None
+
+
+def pooled_report(results: list[dict[str, Any]]) -> str:
+    """Each variant's ratio to none, round by round, pooled over several result files."""
+    ratios: dict[str, list[float]] = {}
+    for result in results:
+        base = result["variants"].get("none", {}).get("jobs_per_s", {}).get("runs")
+        if not base:
+            continue
+        for v, r in result["variants"].items():
+            if v != "none":
+                ratios.setdefault(v, []).extend(x / b - 1 for x, b in zip(r["jobs_per_s"]["runs"], base) if b)
+    lines = ["| variant | rounds | vs none, median of rounds | middle half of rounds |", "|---|---|---|---|"]
+    for v, xs in ratios.items():
+        xs.sort()
+        q1, q3 = statistics.quantiles(xs, n=4, method="inclusive")[0::2] if len(xs) > 1 else (xs[0], xs[0])
+        lines.append(f"| {v} | {len(xs)} | {statistics.median(xs):+.1%} | {q1:+.1%} to {q3:+.1%} |")
+    return "\n".join(lines)
+
+
+def table(result: dict[str, Any], variants: list[str], a: argparse.Namespace) -> str:
+    none = result["variants"].get("none", {}).get("jobs_per_s", {})
+    lines = [f"| limits ({a.workers} procs x {a.concurrency}, {a.n:,} jobs) | jobs/s median (min-max)"
+             " | vs none (medians) | vs none (median of rounds) | server / client CPU µs per job |",
+             "|---|---|---|---|---|"]
+    for v in variants:
+        r = result["variants"][v]
+        rel = f"{r['jobs_per_s']['median'] / none['median'] - 1:+.1%}" if none else "-"
+        paired = paired_ratio(r["jobs_per_s"]["runs"], none["runs"]) if none and v != "none" else None
+        lines.append(f"| {v} | {fmt_rate(r['jobs_per_s'])} | {rel} | {'-' if paired is None else f'{paired:+.1%}'} |"
+                     f" {r['server_cpu_us_per_job']['median']:.0f} / {r['client_cpu_us_per_job']['median']:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
