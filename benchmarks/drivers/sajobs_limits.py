@@ -24,6 +24,11 @@
 - ``partition-v5``: partition with schema v5's claim function put back (diagnostic: v5
   read the head window, then locked by id, and planned every call; v6 locks as it reads
   and plans once per session).
+- ``partition-keylocks``: partition with an experimental claim function (below, not in
+  the library): claimers of a partition-only queue share the queue row (``FOR SHARE``) and
+  serialize per key instead, with transaction advisory locks on the keys of their head
+  window, so claims of disjoint keys run side by side (diagnostic: what the queue-wide
+  serialization costs a partition limit).
 - ``partition-v8``, ``all-v8``: partition, all with schema v8's claim function put back (diagnostic: up to v8 a queue
   with both a concurrency and a partition limit read its running jobs twice per claim).
 
@@ -61,6 +66,7 @@ VARIANTS = {
     "partition-auto-plans": QueueLimits(partition_concurrency=10_000),
     "partition-v5": QueueLimits(partition_concurrency=10_000),
     "partition-v8": QueueLimits(partition_concurrency=10_000),
+    "partition-keylocks": QueueLimits(partition_concurrency=10_000),
     "all-v8": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
     "partition-window2x": QueueLimits(partition_concurrency=10_000),
     "none-v7-indexes": QueueLimits(),
@@ -68,7 +74,7 @@ VARIANTS = {
     "keys-v7-indexes": QueueLimits(),
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
 }
-KEYED = ("partition", "all", "all-v8", "partition-v8", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
+KEYED = ("partition", "all", "all-v8", "partition-v8", "partition-keylocks", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
          "partition-v7-indexes", "keys-v7-indexes")
 
 
@@ -82,11 +88,58 @@ def setup(dsn: str, variant: str) -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
                          " RESET plan_cache_mode")
+    if variant.endswith("-keylocks"):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(_keylocks_function())
     old_function = {"-v5": 5, "-v8": 7}.get(variant[-3:])  # v8 kept v7's function
     if old_function:
         from sa_jobs.schema import _claim_function
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(_claim_function("sa_jobs", old_function))
+
+
+def _keylocks_function() -> psycopg.sql.Composed:
+    """The experimental claim function of ``partition-keylocks`` (partition-only queues).
+
+    The queue row is locked FOR SHARE (pause and limit changes, which UPDATE it, still wait
+    for claims in flight). The claim locks its head window's rows (SKIP LOCKED), then
+    takes a transaction advisory lock on each of their keys in sorted order (claimers
+    never wait for rows, so sorted key locks cannot deadlock), then counts and claims in a
+    second statement, whose snapshot sees every claim committed by the previous holder of
+    each key. At most 128 keys are locked per claim (the lock table is shared); jobs of
+    other keys wait for the next claim. No skip scan: enough for limits that do not bind.
+    """
+    from psycopg import sql
+
+    from sa_jobs import _claim_sql as c
+    jobs, queues = sql.Identifier("sa_jobs", "jobs"), sql.Identifier("sa_jobs", "queues")
+    head = c.CLAIM_PARTITIONED_HEAD.replace(
+        "   OR r.rn + coalesce(busy.n, 0) <= coalesce(q.partition_concurrency, %(limit)s))),",
+        "   OR (r.partition_key = ANY(%(keys)s) AND r.rn + coalesce(busy.n, 0)"
+        " <= coalesce(q.partition_concurrency, %(limit)s)))),")
+    assert head != c.CLAIM_PARTITIONED_HEAD
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION sa_jobs.claim_limited(p_queue text, p_limit integer, p_token uuid,"
+        " p_owner text, p_lease double precision, p_scan integer)"
+        " RETURNS TABLE (id bigint, kind text, queue text, args jsonb, attempt integer, max_attempts integer,"
+        " priority smallint, wait_seconds double precision, created_epoch double precision)"
+        " LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan SET enable_seqscan = off"
+        " AS $claim$\n#variable_conflict use_column\n"
+        "DECLARE v_keyed_only boolean; p_keys text[];"
+        " BEGIN"
+        " SELECT partition_concurrency IS NOT NULL AND concurrency IS NULL AND rate_limit IS NULL"
+        " INTO v_keyed_only FROM {queues} WHERE name = p_queue FOR SHARE;"
+        " IF NOT FOUND OR NOT v_keyed_only THEN RETURN; END IF;"
+        " PERFORM set_config('synchronous_commit', 'off', true);"
+        " SELECT coalesce(array_agg(k ORDER BY k), '{{}}') INTO p_keys FROM ("
+        "  SELECT k, pg_advisory_xact_lock(hashtext('sa_jobs.partition'), hashtext(p_queue || '/' || k)) FROM ("
+        "   SELECT DISTINCT w.partition_key AS k FROM (SELECT partition_key FROM {jobs}"
+        "    WHERE state = 'available' AND queue = p_queue AND scheduled_at <= now()"
+        "    ORDER BY queue, priority, scheduled_at, id LIMIT p_scan FOR UPDATE SKIP LOCKED) w"
+        "   WHERE w.partition_key IS NOT NULL ORDER BY 1 LIMIT 128) ks) locked;"
+        " RETURN QUERY " + c.function_body(head) + ";"
+        " END $claim$"
+    ).format(jobs=jobs, queues=queues)
 
 
 def load(dsn: str, n: int, completed: int, variant: str) -> None:
