@@ -42,7 +42,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                          " of its round) and print each variant's median ratio to none")
     a = ap.parse_args(argv)
     if a.report:
-        print(pooled_report([json.loads(Path(f).read_text()) for f in a.report]))
+        try:
+            results = [json.loads(Path(f).read_text()) for f in a.report]
+        except (OSError, ValueError) as exc:
+            ap.error(f"--report: {exc}")
+        print(pooled_report(results))
         return 0
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(a.out) if a.out else HERE / "results" / f"limits-{stamp}.json"
@@ -79,11 +83,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def paired_ratio(runs: list[float], base_runs: list[float]) -> Optional[float]:
-    """The median over rounds of (variant / none - 1), each round's drains run back to back:
-    on a host whose speed drifts, steadier than the ratio of the two medians."""
-    ratios = sorted(r / b - 1 for r, b in zip(runs, base_runs) if b)
-    return statistics.median(ratios) if ratios else None
+def round_ratios(runs: list[float], base_runs: list[float]) -> list[float]:
+    """Each round's variant / none - 1 (a round's drains run back to back): on a host whose
+    speed drifts, their median is steadier than the ratio of the two medians."""
+    return [r / b - 1 for r, b in zip(runs, base_runs) if b]
 
 
 def pooled_report(results: list[dict[str, Any]]) -> str:
@@ -95,7 +98,7 @@ def pooled_report(results: list[dict[str, Any]]) -> str:
             continue
         for v, r in result["variants"].items():
             if v != "none":
-                ratios.setdefault(v, []).extend(x / b - 1 for x, b in zip(r["jobs_per_s"]["runs"], base) if b)
+                ratios.setdefault(v, []).extend(round_ratios(r["jobs_per_s"]["runs"], base))
     lines = ["| variant | rounds | vs none, median of rounds | middle half of rounds |", "|---|---|---|---|"]
     for v, xs in ratios.items():
         xs.sort()
@@ -112,7 +115,8 @@ def table(result: dict[str, Any], variants: list[str], a: argparse.Namespace) ->
     for v in variants:
         r = result["variants"][v]
         rel = f"{r['jobs_per_s']['median'] / none['median'] - 1:+.1%}" if none else "-"
-        paired = paired_ratio(r["jobs_per_s"]["runs"], none["runs"]) if none and v != "none" else None
+        ratios = round_ratios(r["jobs_per_s"]["runs"], none["runs"]) if none and v != "none" else []
+        paired = statistics.median(ratios) if ratios else None
         lines.append(f"| {v} | {fmt_rate(r['jobs_per_s'])} | {rel} | {'-' if paired is None else f'{paired:+.1%}'} |"
                      f" {r['server_cpu_us_per_job']['median']:.0f} / {r['client_cpu_us_per_job']['median']:.0f} |")
     return "\n".join(lines)

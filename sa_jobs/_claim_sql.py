@@ -240,10 +240,11 @@ CLAIM_PARTITIONED = _skip_scan_pick(_KEYS_AND_OFFERS)
 # Version 7's head window: as v6's, but no wider than twice the room (at least 16) when a
 # queue concurrency or rate limit leaves less room than the worker asked for, since every
 # job in the window is locked.
+_HEAD_WINDOW_NEAR_ROOM = _head_window(limit="least(%(scan)s, greatest(16, 2 * coalesce((SELECT room FROM qc), 0)))",
+                                      lock=" FOR UPDATE SKIP LOCKED")
 CLAIM_PARTITIONED_HEAD = (
     "WITH " + _ROOM + ","
-    + _head_window(limit="least(%(scan)s, greatest(16, 2 * coalesce((SELECT room FROM qc), 0)))",
-                   lock=" FOR UPDATE SKIP LOCKED")
+    + _HEAD_WINDOW_NEAR_ROOM
     + _HEAD_CANDIDATES + _PICK_LOCKED + _CLAIM_AND_COUNT
 )
 
@@ -265,8 +266,7 @@ CLAIM_PARTITIONED_COUNTED = _skip_scan_pick(
 
 CLAIM_PARTITIONED_HEAD_COUNTED = (
     "WITH" + _RUNNING_BY_KEY + " " + _ROOM_FROM_BUSY + ","
-    + _head_window(limit="least(%(scan)s, greatest(16, 2 * coalesce((SELECT room FROM qc), 0)))",
-                   lock=" FOR UPDATE SKIP LOCKED")
+    + _HEAD_WINDOW_NEAR_ROOM
     + _HEAD_RANKED_CANDIDATES + _PICK_LOCKED + _CLAIM_AND_COUNT
 )
 

@@ -246,6 +246,10 @@ def _v4_up(schema: str) -> list[sql.Composable]:
 
 CLAIM_FUNCTION = "claim_limited"
 _CLAIM_FUNCTION_ARGS = "p_queue text, p_limit integer, p_token uuid, p_owner text, p_lease double precision, p_scan integer"
+_CLAIM_FUNCTION_RETURNS = (
+    " RETURNS TABLE (id bigint, kind text, queue text, args jsonb, attempt integer, max_attempts integer,"
+    " priority smallint, wait_seconds double precision, created_epoch double precision)"
+)
 
 
 def _claim_function(schema: str, version: int) -> sql.Composable:
@@ -310,9 +314,7 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
         run_head = " RETURN QUERY {head};"
         run_partitioned = "  RETURN QUERY {partitioned};"
     return sql.SQL(
-        "CREATE OR REPLACE FUNCTION {fn}(" + _CLAIM_FUNCTION_ARGS + ")"
-        " RETURNS TABLE (id bigint, kind text, queue text, args jsonb, attempt integer, max_attempts integer,"
-        " priority smallint, wait_seconds double precision, created_epoch double precision)"
+        "CREATE OR REPLACE FUNCTION {fn}(" + _CLAIM_FUNCTION_ARGS + ")" + _CLAIM_FUNCTION_RETURNS +
         " LANGUAGE plpgsql VOLATILE" + settings + " AS $claim$\n"
         "#variable_conflict use_column\n"
         + declare +

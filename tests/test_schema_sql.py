@@ -315,6 +315,33 @@ def test_a_partitioned_claim_with_little_room_locks_a_window_near_its_room(datab
                 assert other.execute(lockable).fetchone()[0] == 100 - 16
 
 
+def tuples_read(conn: psycopg.Connection, schema: str) -> int:
+    """Tuples this transaction read from the jobs table's heap (pg_stat_xact_user_tables).
+    Includes counts of earlier transactions not yet reported: take differences."""
+    return conn.execute("SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+                        " FROM pg_stat_xact_user_tables WHERE relid = %s::regclass",
+                        (f'"{schema}".jobs',)).fetchone()[0]
+
+
+def _claim_limited(conn: psycopg.Connection, schema: str, queue: str, limit: int, scan: int) -> tuple[list, int]:
+    """Claim through the schema's function and roll back: the (queue, key) of each claimed
+    job, sorted, and the jobs table tuples the claim read from the heap."""
+    fn, jobs = sql.Identifier(schema, "claim_limited"), sql.Identifier(schema, "jobs")
+    with conn.transaction(force_rollback=True):
+        before = tuples_read(conn, schema)
+        ids = [r[0] for r in conn.execute(sql.SQL("SELECT id FROM {}(%s, %s, %s, 'x', 30, %s)").format(fn),
+                                          (queue, limit, uuid.uuid4(), scan))]
+        tuples = tuples_read(conn, schema) - before
+        rows = conn.execute(sql.SQL("SELECT queue, partition_key FROM {} WHERE id = ANY(%s)").format(jobs),
+                            (ids,)).fetchall()
+    return sorted(rows, key=lambda r: (r[1] is not None, r[1] or "")), tuples
+
+
+RUNNING = ("INSERT INTO {} (kind, queue, partition_key, state, claim_token, lease_expires_at, attempt)"
+           " SELECT 'k', %s, %s, 'running', gen_random_uuid(), now() + interval '1 hour', 1"
+           " FROM generate_series(1, %s)")
+
+
 def test_claims_stay_index_reads_after_the_table_grows_under_a_live_session(database_url, schema):
     """A worker's session may claim from an empty queue many times, then face 100,000
     waiting jobs before any ANALYZE. Cached plans made from the empty table must not
@@ -331,22 +358,16 @@ def test_claims_stay_index_reads_after_the_table_grows_under_a_live_session(data
     q(database_url, sql.SQL("INSERT INTO {} (name, concurrency) VALUES ('conc', 100000)").format(queues))
     q(database_url, sql.SQL("INSERT INTO {} (name, partition_concurrency) VALUES ('part', 3)").format(queues))
 
-    def tuples_read(conn: psycopg.Connection) -> int:
-        # Includes counts of earlier transactions not yet reported: take differences.
-        return conn.execute("SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
-                            " FROM pg_stat_xact_user_tables WHERE relid = %s::regclass",
-                            (f'"{schema}".jobs',)).fetchone()[0]
-
     def claim(conn: psycopg.Connection, queue: str) -> tuple[int, int]:
         with conn.transaction(force_rollback=True):
-            before = tuples_read(conn)
+            before = tuples_read(conn, schema)
             if queue == "default":
                 got = len(conn.execute(queries.claim, {"queue": queue, "limit": 50, "token": uuid.uuid4(),
                                                        "owner": "x", "lease": 30}, prepare=True).fetchall())
             else:
                 got = conn.execute(sql.SQL("SELECT count(*) FROM {}(%s, 50, %s, 'x', 30, 100)").format(fn),
                                    (queue, uuid.uuid4()), prepare=True).fetchone()[0]
-            return got, tuples_read(conn) - before
+            return got, tuples_read(conn, schema) - before
 
     with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
         for _ in range(8):  # past the plan cache's five custom plans
@@ -371,16 +392,12 @@ def test_limited_claims_count_only_their_own_queues_running_jobs(database_url, s
     elsewhere, 5,000 tuples per claim, under the queue row's lock. Since v8 both counts
     read their own range of jobs_running_idx. The counts must also still be right."""
     queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
-    fn = sql.Identifier(schema, "claim_limited")
-    running = ("INSERT INTO {} (kind, queue, partition_key, state, claim_token, lease_expires_at, attempt)"
-               " SELECT 'k', %s, %s, 'running', gen_random_uuid(), now() + interval '1 hour', 1"
-               " FROM generate_series(1, %s)")
     q(database_url, sql.SQL("INSERT INTO {} (name, concurrency) VALUES ('conc', 40)").format(queues))
     q(database_url, sql.SQL("INSERT INTO {} (name, partition_concurrency) VALUES ('part', 3)").format(queues))
-    q(database_url, sql.SQL(running).format(jobs), ("elsewhere", None, 5_000))
-    q(database_url, sql.SQL(running).format(jobs), ("elsewhere", "a", 2_000))
-    q(database_url, sql.SQL(running).format(jobs), ("conc", None, 25))
-    q(database_url, sql.SQL(running).format(jobs), ("part", "a", 2))
+    q(database_url, sql.SQL(RUNNING).format(jobs), ("elsewhere", None, 5_000))
+    q(database_url, sql.SQL(RUNNING).format(jobs), ("elsewhere", "a", 2_000))
+    q(database_url, sql.SQL(RUNNING).format(jobs), ("conc", None, 25))
+    q(database_url, sql.SQL(RUNNING).format(jobs), ("part", "a", 2))
     q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', q, k"
                             " FROM generate_series(1, 30) g, (VALUES ('conc', NULL), ('part', 'a'), ('part', 'b')) v(q, k)"
                             ).format(jobs))
@@ -388,43 +405,13 @@ def test_limited_claims_count_only_their_own_queues_running_jobs(database_url, s
 
     with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
         def claim(queue: str) -> tuple[list[tuple], int]:
-            with conn.transaction(force_rollback=True):
-                read = ("SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
-                        " FROM pg_stat_xact_user_tables WHERE relid = %s::regclass")
-                before = conn.execute(read, (f'"{schema}".jobs',)).fetchone()[0]
-                ids = [r[0] for r in conn.execute(sql.SQL("SELECT id FROM {}(%s, 50, %s, 'x', 30, 100)").format(fn),
-                                                  (queue, uuid.uuid4()))]
-                tuples = conn.execute(read, (f'"{schema}".jobs',)).fetchone()[0] - before
-                rows = conn.execute(sql.SQL("SELECT queue, partition_key FROM {} WHERE id = ANY(%s)").format(jobs),
-                                    (ids,)).fetchall()
-                return rows, tuples
+            return _claim_limited(conn, schema, queue, 50, 100)
 
         for _ in range(3):  # the function's plans are made on the first call and kept
             rows, read = claim("conc")
             assert rows == [("conc", None)] * (40 - 25) and read <= 300, (rows, read)
             rows, read = claim("part")
             assert sorted(k for _, k in rows) == ["a"] + ["b"] * 3 and read <= 300, (rows, read)
-
-
-def _claim_limited(conn: psycopg.Connection, schema: str, queue: str, limit: int, scan: int) -> tuple[list, int]:
-    """Claim through the schema's function and roll back: the (queue, key) of each claimed
-    job, sorted, and the jobs table tuples the claim read from the heap."""
-    read = ("SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
-            " FROM pg_stat_xact_user_tables WHERE relid = %s::regclass")
-    fn, jobs = sql.Identifier(schema, "claim_limited"), sql.Identifier(schema, "jobs")
-    with conn.transaction(force_rollback=True):
-        before = conn.execute(read, (f'"{schema}".jobs',)).fetchone()[0]
-        ids = [r[0] for r in conn.execute(sql.SQL("SELECT id FROM {}(%s, %s, %s, 'x', 30, %s)").format(fn),
-                                          (queue, limit, uuid.uuid4(), scan))]
-        tuples = conn.execute(read, (f'"{schema}".jobs',)).fetchone()[0] - before
-        rows = conn.execute(sql.SQL("SELECT queue, partition_key FROM {} WHERE id = ANY(%s)").format(jobs),
-                            (ids,)).fetchall()
-    return sorted(rows, key=lambda r: (r[1] is not None, r[1] or "")), tuples
-
-
-RUNNING = ("INSERT INTO {} (kind, queue, partition_key, state, claim_token, lease_expires_at, attempt)"
-           " SELECT 'k', %s, %s, 'running', gen_random_uuid(), now() + interval '1 hour', 1"
-           " FROM generate_series(1, %s)")
 
 
 def test_a_queue_with_concurrency_and_partition_limits_obeys_both(database_url, schema):
@@ -508,14 +495,12 @@ def test_a_rescue_batch_reads_about_its_batch_when_many_leases_expired(database_
         " FROM generate_series(1, 20000) g"))
     q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
     queries = Queries.for_schema(schema)
-    read = ("SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
-            " FROM pg_stat_xact_user_tables WHERE relid = %s::regclass")
     with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
         for _ in range(3):
             with conn.transaction():
-                before = conn.execute(read, (f'"{schema}".jobs',)).fetchone()[0]
+                before = tuples_read(conn, schema)
                 rescued = conn.execute(queries.rescue_expired, {"limit": 100}).fetchall()
-                tuples = conn.execute(read, (f'"{schema}".jobs',)).fetchone()[0] - before
+                tuples = tuples_read(conn, schema) - before
             assert len(rescued) == 100 and tuples <= 1_000, (len(rescued), tuples)
         left = conn.execute(jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'running'")).fetchone()[0]
         assert left == 20_000 - 300

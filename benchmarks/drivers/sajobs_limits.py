@@ -112,6 +112,7 @@ def _keylocks_function() -> psycopg.sql.Composed:
     from psycopg import sql
 
     from sa_jobs import _claim_sql as c
+    from sa_jobs.schema import _CLAIM_FUNCTION_ARGS, _CLAIM_FUNCTION_RETURNS
     jobs, queues = sql.Identifier("sa_jobs", "jobs"), sql.Identifier("sa_jobs", "queues")
     head = c.CLAIM_PARTITIONED_HEAD.replace(
         "   OR r.rn + coalesce(busy.n, 0) <= coalesce(q.partition_concurrency, %(limit)s))),",
@@ -119,10 +120,7 @@ def _keylocks_function() -> psycopg.sql.Composed:
         " <= coalesce(q.partition_concurrency, %(limit)s)))),")
     assert head != c.CLAIM_PARTITIONED_HEAD
     return sql.SQL(
-        "CREATE OR REPLACE FUNCTION sa_jobs.claim_limited(p_queue text, p_limit integer, p_token uuid,"
-        " p_owner text, p_lease double precision, p_scan integer)"
-        " RETURNS TABLE (id bigint, kind text, queue text, args jsonb, attempt integer, max_attempts integer,"
-        " priority smallint, wait_seconds double precision, created_epoch double precision)"
+        "CREATE OR REPLACE FUNCTION sa_jobs.claim_limited(" + _CLAIM_FUNCTION_ARGS + ")" + _CLAIM_FUNCTION_RETURNS +
         " LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan SET enable_seqscan = off"
         " AS $claim$\n#variable_conflict use_column\n"
         "DECLARE v_keyed_only boolean; p_keys text[];"

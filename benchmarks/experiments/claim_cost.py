@@ -84,7 +84,7 @@ def main() -> None:
             running: dict[str, list[list[int]]] = {m: [] for m in modes}
             times: dict[str, list[float]] = {m: [] for m in modes}
 
-            def claim(mode: str) -> list[int]:
+            def claim(mode: str) -> tuple[list[int], float]:
                 p = {"queue": mode, "limit": 50, "token": uuid.uuid4(), "owner": "x", "lease": 300.0, "scan": 50}
                 with conn.transaction():
                     if mode in direct:  # as the function runs them
