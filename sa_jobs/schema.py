@@ -9,7 +9,6 @@ is a no-op; Alembic revisions call :func:`upgrade_statements` for the same text.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -34,12 +33,14 @@ def channel_name(schema: str = DEFAULT_SCHEMA) -> str:
 
 class ConcurrentDDL(Protocol):
     """Builds the statements of ``Migration.up_concurrently``; ``concurrently=False`` gives
-    the same DDL for a transaction (a table created in it, or a scratch copy)."""
+    the same DDL for a transaction (a table created in it, or a scratch copy). The indexes
+    named in ``skip`` are not built (a later version of the same upgrade drops them)."""
 
-    def __call__(self, schema: str, *, concurrently: bool = True) -> list[sql.Composable]: ...
+    def __call__(self, schema: str, *, concurrently: bool = True,
+                 skip: frozenset[str] = frozenset()) -> list[sql.Composable]: ...
 
 
-def _no_statements(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
+def _no_statements(schema: str, *, concurrently: bool = True, skip: frozenset[str] = frozenset()) -> list[sql.Composable]:
     return []
 
 
@@ -61,6 +62,9 @@ class Migration:
     # ``concurrent_indexes`` stop counting as missing once a version up to the target
     # drops them.
     dropped_indexes: tuple[str, ...] = ()
+    # The part of ``down`` that rebuilds the indexes ``up_concurrently`` dropped, run
+    # before it; uninstall() leaves it out, since the table is dropped a few steps later.
+    down_rebuild: Callable[[str], list[sql.Composable]] = lambda schema: []
 
 
 def _v1_up(schema: str) -> list[sql.Composable]:
@@ -135,12 +139,13 @@ def _v2_up(schema: str) -> list[sql.Composable]:
     return [sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS progress jsonb").format(sql.Identifier(schema, JOBS_TABLE))]
 
 
-def _v2_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
+def _v2_up_concurrently(schema: str, *, concurrently: bool = True,
+                        skip: frozenset[str] = frozenset()) -> list[sql.Composable]:
     # Retention pruning scans finished rows by age. Built CONCURRENTLY because by v2 the
     # table may hold millions of rows that workers are updating; IF NOT EXISTS lets a
     # re-run heal a crash between the transactional and the concurrent phase.
-    return [_jobs_index(schema, FINISHED_INDEX, "(finished_at) WHERE state IN ('completed', 'cancelled', 'dead')",
-                        concurrently=concurrently)]
+    return _builds(schema, [(FINISHED_INDEX, "(finished_at) WHERE state IN ('completed', 'cancelled', 'dead')")],
+                   concurrently=concurrently, skip=skip)
 
 
 def _jobs_index(schema: str, name: str, definition: str, *, concurrently: bool, unique: bool = False) -> sql.Composable:
@@ -151,6 +156,13 @@ def _jobs_index(schema: str, name: str, definition: str, *, concurrently: bool, 
         idx=sql.Identifier(name),
         jobs=sql.Identifier(schema, JOBS_TABLE),
     )
+
+
+def _builds(schema: str, indexes: list[tuple[str, str]], *, concurrently: bool, skip: frozenset[str],
+            unique: bool = False) -> list[sql.Composable]:
+    """``_jobs_index`` for each (name, definition) whose name is not in ``skip``."""
+    return [_jobs_index(schema, name, definition, concurrently=concurrently, unique=unique)
+            for name, definition in indexes if name not in skip]
 
 
 def _require_valid_index(schema: str, name: str) -> sql.Composable:
@@ -204,9 +216,10 @@ def _v3_up(schema: str) -> list[sql.Composable]:
     ]
 
 
-def _v3_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
-    return [_jobs_index(schema, UNIQUE_INDEX, "(kind, unique_key) WHERE " + UNIQUE_PREDICATE,
-                        concurrently=concurrently, unique=True)]
+def _v3_up_concurrently(schema: str, *, concurrently: bool = True,
+                        skip: frozenset[str] = frozenset()) -> list[sql.Composable]:
+    return _builds(schema, [(UNIQUE_INDEX, "(kind, unique_key) WHERE " + UNIQUE_PREDICATE)],
+                   concurrently=concurrently, skip=skip, unique=True)
 
 
 def _v3_down(schema: str) -> list[sql.Composable]:
@@ -374,7 +387,8 @@ LEASE_INDEX = "jobs_lease_idx"
 RUNNING_INDEX = "jobs_running_idx"
 
 
-def _v8_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
+def _v8_up_concurrently(schema: str, *, concurrently: bool = True,
+                        skip: frozenset[str] = frozenset()) -> list[sql.Composable]:
     # One index of running jobs serves every reader of them: a queue's concurrency limit
     # counts its own running jobs (a range of the queue, where jobs_lease_idx made it read
     # the running jobs of every queue), a partition limit counts a key's (a range of the
@@ -382,6 +396,8 @@ def _v8_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.C
     # claim inserts one entry, not two.
     # A failed concurrent build leaves an invalid index, which IF NOT EXISTS then skips:
     # the check stops a re-run there, before the drops would leave no valid index at all.
+    # ``skip`` is not consulted: no later version drops jobs_running_idx, and the drops
+    # below must run whatever a later version does.
     return [_jobs_index(schema, RUNNING_INDEX, "(queue, partition_key, lease_expires_at) WHERE state = 'running'",
                         concurrently=concurrently),
             _require_valid_index(schema, RUNNING_INDEX),
@@ -389,26 +405,28 @@ def _v8_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.C
             _drop_index(schema, RUNNING_PARTITION_INDEX, concurrently=concurrently)]
 
 
-def _v8_down(schema: str) -> list[sql.Composable]:
+def _v8_down_rebuild(schema: str) -> list[sql.Composable]:
     return [_jobs_index(schema, LEASE_INDEX, "(lease_expires_at) WHERE state = 'running'", concurrently=False),
             _jobs_index(schema, RUNNING_PARTITION_INDEX,
                         "(queue, partition_key) WHERE state = 'running' AND partition_key IS NOT NULL",
-                        concurrently=False),
-            _drop_index(schema, RUNNING_INDEX, concurrently=False)]
+                        concurrently=False)]
 
 
-def _v4_up_concurrently(schema: str, *, concurrently: bool = True) -> list[sql.Composable]:
-    # Only keyed, waiting rows: queues without partitions pay nothing for it. The claim of
-    # a partition-limited queue walks the distinct keys of this index (a skip scan).
-    return [_jobs_index(schema, PARTITION_INDEX,
-                        "(queue, partition_key, priority, scheduled_at, id)"
-                        " WHERE state = 'available' AND partition_key IS NOT NULL",
-                        concurrently=concurrently),
-            # The running jobs per key that a partition limit counts, without reading
-            # every running row of the queue.
-            _jobs_index(schema, RUNNING_PARTITION_INDEX,
-                        "(queue, partition_key) WHERE state = 'running' AND partition_key IS NOT NULL",
-                        concurrently=concurrently)]
+def _v8_down(schema: str) -> list[sql.Composable]:
+    return [_drop_index(schema, RUNNING_INDEX, concurrently=False)]
+
+
+def _v4_up_concurrently(schema: str, *, concurrently: bool = True,
+                        skip: frozenset[str] = frozenset()) -> list[sql.Composable]:
+    return _builds(schema, [
+        # Only keyed, waiting rows: queues without partitions pay nothing for it. The claim of
+        # a partition-limited queue walks the distinct keys of this index (a skip scan).
+        (PARTITION_INDEX, "(queue, partition_key, priority, scheduled_at, id)"
+                          " WHERE state = 'available' AND partition_key IS NOT NULL"),
+        # The running jobs per key that a partition limit counts, without reading every
+        # running row of the queue (replaced by v8's jobs_running_idx).
+        (RUNNING_PARTITION_INDEX, "(queue, partition_key) WHERE state = 'running' AND partition_key IS NOT NULL"),
+    ], concurrently=concurrently, skip=skip)
 
 
 def _v4_down(schema: str) -> list[sql.Composable]:
@@ -448,7 +466,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v7_up, _v7_down),
     Migration(8, "one index of running jobs by queue, partition key and lease in place of two",
               _no_statements, _v8_down, _v8_up_concurrently,
-              concurrent_indexes=(RUNNING_INDEX,), dropped_indexes=(LEASE_INDEX, RUNNING_PARTITION_INDEX)),
+              concurrent_indexes=(RUNNING_INDEX,), dropped_indexes=(LEASE_INDEX, RUNNING_PARTITION_INDEX),
+              down_rebuild=_v8_down_rebuild),
     Migration(9, "a queue with both a concurrency and a partition limit reads its running jobs once per claim statement",
               _v9_up, _v9_down),
 )
@@ -513,9 +532,6 @@ def upgrade_statements(version: int, schema: str = DEFAULT_SCHEMA) -> list[str]:
     return [s.as_string() for s in stmts]
 
 
-_BUILT_INDEX = re.compile(r'CREATE (?:UNIQUE )?INDEX (?:CONCURRENTLY )?IF NOT EXISTS "([^"]+)"')
-
-
 def _dropped_after(version: int, upto: int) -> set[str]:
     """Indexes that the versions after ``version``, up to ``upto``, drop."""
     return {n for later in MIGRATIONS if version < later.version <= upto for n in later.dropped_indexes}
@@ -531,19 +547,19 @@ def concurrent_statements(
     ``upto`` leaves out the builds of indexes that a later version up to ``upto`` drops:
     an upgrade that goes past that version would read the table to build them for nothing.
     """
-    m = migration(version)
-    statements = [s.as_string() for s in m.up_concurrently(_validate.schema_name(schema), concurrently=concurrently)]
-    if upto is None:
-        return statements
-    dropped = _dropped_after(version, upto)
-    return [s for s in statements if not ((built := _BUILT_INDEX.match(s)) and built.group(1) in dropped)]
+    skip = frozenset() if upto is None else frozenset(_dropped_after(version, upto))
+    return [s.as_string() for s in migration(version).up_concurrently(
+        _validate.schema_name(schema), concurrently=concurrently, skip=skip)]
 
 
-def downgrade_statements(version: int, schema: str = DEFAULT_SCHEMA) -> list[str]:
-    """The SQL that takes ``schema`` from ``version`` back to ``version - 1``."""
+def downgrade_statements(version: int, schema: str = DEFAULT_SCHEMA, *, rebuild_indexes: bool = True) -> list[str]:
+    """The SQL that takes ``schema`` from ``version`` back to ``version - 1``.
+
+    ``rebuild_indexes=False`` leaves out the rebuilds of indexes the version dropped (for
+    uninstall, which drops the table anyway)."""
     schema = _validate.schema_name(schema)
     m = migration(version)
-    stmts: list[sql.Composable] = [*m.down(schema)]
+    stmts: list[sql.Composable] = [*(m.down_rebuild(schema) if rebuild_indexes else []), *m.down(schema)]
     if version == MIGRATIONS[0].version:
         stmts.append(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, VERSION_TABLE)))
         stmts.extend(_drop_schema_if_empty(schema))
@@ -682,11 +698,8 @@ def uninstall(target: object, schema: str = DEFAULT_SCHEMA) -> None:
         current = read_version(conn, schema)
         for m in reversed(MIGRATIONS):
             if m.version <= current:
-                for stmt in downgrade_statements(m.version, schema):
-                    # A down step that rebuilds an index (v8's) would read the whole
-                    # table only for the table to be dropped a few steps later.
-                    if not stmt.startswith("CREATE INDEX"):
-                        conn.execute(stmt)
+                for stmt in downgrade_statements(m.version, schema, rebuild_indexes=False):
+                    conn.execute(stmt)
 
 
 def check_version(conninfo: str, schema: str = DEFAULT_SCHEMA, *, required: int = LATEST_VERSION) -> int:
