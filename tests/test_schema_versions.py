@@ -197,6 +197,16 @@ def test_an_upgrade_past_version_8_does_not_build_the_indexes_it_drops() -> None
     assert any(schema_mod.PARTITION_INDEX in s for s in schema_mod.concurrent_statements(4, upto=8))
 
 
+def test_uninstall_leaves_out_the_index_rebuilds_of_a_downgrade() -> None:
+    """Stepping down from 8 rebuilds the two indexes v8 replaced; uninstall, which drops
+    the table a few steps later, must not read the table to build them."""
+    rebuilt = {schema_mod.LEASE_INDEX, schema_mod.RUNNING_PARTITION_INDEX}
+    down = schema_mod.downgrade_statements(8)
+    assert {n for n in rebuilt if any(s.startswith("CREATE INDEX") and f'"{n}"' in s for s in down)} == rebuilt
+    assert not any("CREATE" in s for s in schema_mod.downgrade_statements(8, rebuild_indexes=False))
+    assert [s for s in down if not s.startswith("CREATE")] == schema_mod.downgrade_statements(8, rebuild_indexes=False)
+
+
 def test_a_failed_build_of_the_running_index_keeps_the_indexes_it_replaces(db: str, fresh_schema: str) -> None:
     """A killed CREATE INDEX CONCURRENTLY leaves an invalid index, which IF NOT EXISTS
     skips on the re-run: version 8 must stop there rather than drop the two indexes it
