@@ -135,7 +135,7 @@ class JobStatus:
     attempt: int
     max_attempts: int
     error: Optional[str]  # the last error's first line, at most 200 characters
-    can_retry: bool  # whether retry() would accept it (dead or cancelled)
+    can_retry: bool  # it ended dead or cancelled: what a status page offers a retry for (retry() accepts more)
     result: Any
     progress: Any = None
 
