@@ -86,7 +86,7 @@ class PrometheusObserver:
         self.jobs_claimed = Counter(f"{p}_jobs_claimed", "Jobs claimed by this worker.", ["queue"], registry=reg)
         self.claims = Counter(f"{p}_claims", "Claim statements run (including empty polls).", ["queue"], registry=reg)
         self.jobs_rescued = Counter(
-            f"{p}_jobs_rescued", "Jobs with an expired lease returned to the queue by this worker as leader.",
+            f"{p}_jobs_rescued", "Jobs with an expired lease returned to the queue (or sent to dead) by this worker's rescuer.",
             registry=reg,
         )
         # Maintenance: labels are the service and periodic names declared in code, and
