@@ -35,7 +35,8 @@ class WorkerObserver(Protocol):
 #   periodic_enqueued(name, count)   jobs enqueued for a periodic declaration's slots
 #   maintenance_ran(service, seconds) one run of a maintenance service that succeeded
 #   horizon_held(seconds)            how long the xmin horizon has been held (0: moving)
-MAINTENANCE_HOOKS = ("promoted", "pruned", "periodic_enqueued", "maintenance_ran", "horizon_held")
+#   rescued_dead(queue, kind, count) rescued jobs whose lost attempt was their last: dead
+MAINTENANCE_HOOKS = ("promoted", "pruned", "periodic_enqueued", "maintenance_ran", "horizon_held", "rescued_dead")
 
 
 def hook(observer: Any, name: str) -> Callable[..., None]:

@@ -264,6 +264,10 @@ class PrometheusObserver:
     def promoted(self, count: int) -> None:
         self.jobs_promoted.inc(count)
 
+    def rescued_dead(self, queue: str, kind: str, count: int) -> None:
+        # The counter only: the attempt's run time and end are unknown (its worker died).
+        self._finished_children(queue, kind, "dead")[0].inc(count)
+
     def pruned(self, state: str, count: int) -> None:
         self.jobs_pruned.labels(state).inc(count)
 

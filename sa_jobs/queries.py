@@ -178,7 +178,7 @@ class Queries:
                 "  'error', 'LeaseExpired: the worker stopped heartbeating (crashed, killed"
                 " or partitioned); the attempt is counted'))"
                 " FROM expired WHERE j.id = expired.id"
-                " RETURNING j.id, j.state"
+                " RETURNING j.id, j.state, j.queue, j.kind"
             ),
             promote_due=r(
                 "WITH due AS MATERIALIZED ("

@@ -130,6 +130,32 @@ def test_labels_stay_bounded_and_error_text_never_leaks(database_url: str, schem
             assert not ids & set(sample.labels.values())
 
 
+def test_a_job_whose_last_attempt_lost_its_lease_counts_as_dead(database_url: str, schema: str) -> None:
+    """A job that kills its workers ends dead in the rescuer, not in a worker: it must show
+    in sa_jobs_jobs_finished_total{outcome="dead"} all the same (the dead-jobs alert)."""
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    orphan = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, attempt, max_attempts, claim_token,"
+                              " lease_owner, lease_expires_at, attempted_at)"
+                              " SELECT %s, %s, 'running', %s, 3, gen_random_uuid(), 'gone:1', now() - interval '1 minute',"
+                              " now() - interval '2 minutes' FROM generate_series(1, %s)")
+    q(database_url, orphan, ("metrics_ok", QUEUE, 3, 2))      # last attempt lost: dead
+    q(database_url, orphan, ("no_such_kind", QUEUE, 3, 1))    # likewise, a kind nobody declares
+    q(database_url, orphan, ("metrics_ok", QUEUE, 1, 1))      # attempts left: retried, then completed
+    run_worker_until(database_url, schema, KINDS, lambda: _unfinished(database_url, schema) == 0,
+                     observer=observer, maintenance_interval=0.1)
+    states = q(database_url, jobs_sql(schema, "SELECT kind, state, attempt FROM {jobs} ORDER BY kind, state"))
+    assert states == [("metrics_ok", "completed", 2), ("metrics_ok", "dead", 3), ("metrics_ok", "dead", 3),
+                      ("no_such_kind", "dead", 3)]
+    fin = "sa_jobs_jobs_finished_total"
+    assert _value(reg, "sa_jobs_jobs_rescued_total") == 4
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_ok", outcome="dead") == 2
+    assert _value(reg, fin, queue=QUEUE, kind="other", outcome="dead") == 1  # labels stay bounded
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_ok", outcome="completed") == 1
+    # Run time and end-to-end are observed only for attempts a worker ran to their end.
+    assert _value(reg, "sa_jobs_job_end_to_end_seconds_count", queue=QUEUE, outcome="dead") == 0
+
+
 def test_pruner_and_periodic_report_exactly_what_they_wrote(database_url: str, schema: str) -> None:
     """Retention and cron are leader-only and silent otherwise: their counters must match
     the rows they deleted and inserted, per state and per declaration."""

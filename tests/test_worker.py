@@ -254,7 +254,7 @@ def test_stale_token_changes_nothing(engine, database_url, schema):
         claim = {"queue": "fence", "limit": 10, "owner": "A", "lease": 0.2}
         assert len(conn.execute(queries.claim, {**claim, "token": old}).fetchall()) == 1
         time.sleep(0.3)
-        assert conn.execute(queries.rescue_expired, {"limit": 10}).fetchall() == [(job_id, "retryable")]
+        assert [r[:3] for r in conn.execute(queries.rescue_expired, {"limit": 10})] == [(job_id, "retryable", "fence")]
         conn.execute(queries.promote_due, {"limit": 10})
         assert len(conn.execute(queries.claim, {**claim, "token": new, "owner": "B", "lease": 30}).fetchall()) == 1
         ids_old = {"ids": [job_id], "tokens": [old]}

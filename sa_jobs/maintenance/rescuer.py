@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from ..queries import Queries
-from ..events import WorkerObserver
+from ..events import WorkerObserver, hook
 
 
 class Rescuer:
@@ -14,6 +15,7 @@ class Rescuer:
 
     def __init__(self, observer: WorkerObserver, *, batch: int = 1000) -> None:
         self._observer = observer
+        self._dead = hook(observer, "rescued_dead")
         self._batch = batch
 
     async def run_once(self, conn: Any, queries: Queries) -> None:
@@ -22,5 +24,10 @@ class Rescuer:
             rows = await cur.fetchall()
             if rows:
                 self._observer.rescued(len(rows))
+                # A lost last attempt ends the job here, not in a worker: count it as the
+                # dead outcome a worker would have, so a poison job that kills its
+                # workers shows in the same series as any other job that died.
+                for (queue, kind), n in Counter((r[2], r[3]) for r in rows if r[1] == "dead").items():
+                    self._dead(queue, kind, n)
             if len(rows) < self._batch:
                 return
