@@ -110,7 +110,9 @@ def _p95_pickup(db, ids: list[int]) -> tuple[float, float]:
 
 
 def _flood(db, workers, rel_url, rel_schema, flood_n: int) -> None:
-    small, n, gap = 2_000, 100, 0.03
+    # 200 pickups per phase over ~3 s: a p95 of 100 was one VM scheduling hiccup away from
+    # a 2x swing (docs/reliability.md, S4 flood); of 200 it takes twice as many.
+    small, n, gap = 2_000, 200, 0.015
     db.q("INSERT INTO {jobs} (kind, queue, args) SELECT 'rel_noop', 'flood', jsonb_build_object('ms', 20) FROM generate_series(1, %s)",
          (small,))
     w = WorkerProc(rel_url, rel_schema, "--queue", "flood=4", "--queue", "other=4", "--lease", "10",
