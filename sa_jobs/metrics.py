@@ -9,7 +9,8 @@ Two sources, kept apart on purpose:
   once per TTL, from the partial indexes of *live* jobs only (never the finished history),
   so its cost does not grow with the number of completed rows kept in the table.
 
-Every label comes from a bounded set: queue names (configured), kind names (declared in
+Every label comes from a bounded set: queue names (configured, or validated names in the
+table for depth and rescued dead jobs), kind names (declared in
 code; anything else is reported as ``other``), outcomes (:data:`OUTCOMES`), states and
 worker loop names. Job ids, args and error text never reach a label.
 
@@ -80,7 +81,7 @@ class PrometheusObserver:
         self.registry = reg
         p = PREFIX
         self.jobs_finished = _LoopFamily(
-            f"{p}_jobs_finished", "Job attempts finished by this worker, by outcome.",
+            f"{p}_jobs_finished", "Job attempts finished by this worker (or, outcome dead, whose lost last attempt its rescuer found), by outcome.",
             ["queue", "kind", "outcome"], reg,
         )
         self.jobs_claimed = Counter(f"{p}_jobs_claimed", "Jobs claimed by this worker.", ["queue"], registry=reg)
@@ -265,8 +266,10 @@ class PrometheusObserver:
         self.jobs_promoted.inc(count)
 
     def rescued_dead(self, queue: str, kind: str, count: int) -> None:
-        # The counter only: the attempt's run time and end are unknown (its worker died).
-        self._finished_children(queue, kind, "dead")[0].inc(count)
+        # The counter only (no empty run-time or end-to-end series): the attempt's worker
+        # died with those. ``queue`` is the row's, which this worker may not serve: still
+        # a bounded set (validated names of queues in the table, as the depth gauges').
+        self.jobs_finished.labels(queue, self._kind_label(kind), "dead").inc(count)
 
     def pruned(self, state: str, count: int) -> None:
         self.jobs_pruned.labels(state).inc(count)
@@ -334,7 +337,7 @@ class _LoopFamily(Collector):
     def describe(self) -> Iterable[Metric]:
         return [self._family()]
 
-    def _family(self) -> Metric:
+    def _family(self) -> Any:  # CounterMetricFamily or HistogramMetricFamily: add_metric differs
         if self._buckets is None:
             return CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
         return HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)

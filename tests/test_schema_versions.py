@@ -207,6 +207,27 @@ def test_uninstall_leaves_out_the_index_rebuilds_of_a_downgrade() -> None:
     assert [s for s in down if not s.startswith("CREATE")] == schema_mod.downgrade_statements(8, rebuild_indexes=False)
 
 
+def test_uninstall_builds_no_index(db: str, fresh_schema: str) -> None:
+    """End to end: an event trigger (this module's own database) logs every CREATE INDEX
+    that uninstall() runs; stepping down through v8 must not rebuild anything."""
+    schema_mod.install(db, fresh_schema)
+    run_sql(db, "CREATE TABLE public.index_builds (object text)")
+    run_sql(db, "CREATE FUNCTION public.log_index_builds() RETURNS event_trigger LANGUAGE plpgsql AS $$"
+                " BEGIN INSERT INTO public.index_builds SELECT object_identity FROM pg_event_trigger_ddl_commands();"
+                " END $$")
+    run_sql(db, "CREATE EVENT TRIGGER log_index_builds ON ddl_command_end WHEN TAG IN ('CREATE INDEX')"
+                " EXECUTE FUNCTION public.log_index_builds()")
+    try:
+        run_sql(db, sql.SQL("CREATE INDEX probe_idx ON {} (id)").format(sql.Identifier(fresh_schema, "jobs")))
+        assert run_sql(db, "SELECT count(*) FROM public.index_builds") == [(1,)]  # the trigger sees builds
+        schema_mod.uninstall(db, fresh_schema)
+        assert run_sql(db, "SELECT object FROM public.index_builds") == [(f"{fresh_schema}.probe_idx",)]
+    finally:
+        run_sql(db, "DROP EVENT TRIGGER IF EXISTS log_index_builds")
+        run_sql(db, "DROP FUNCTION IF EXISTS public.log_index_builds()")
+        run_sql(db, "DROP TABLE IF EXISTS public.index_builds")
+
+
 def test_a_failed_build_of_the_running_index_keeps_the_indexes_it_replaces(db: str, fresh_schema: str) -> None:
     """A killed CREATE INDEX CONCURRENTLY leaves an invalid index, which IF NOT EXISTS
     skips on the re-run: version 8 must stop there rather than drop the two indexes it
