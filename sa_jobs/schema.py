@@ -62,8 +62,8 @@ class Migration:
     # ``concurrent_indexes`` stop counting as missing once a version up to the target
     # drops them.
     dropped_indexes: tuple[str, ...] = ()
-    # The part of ``down`` that rebuilds the indexes ``up_concurrently`` dropped, run
-    # before it; uninstall() leaves it out, since the table is dropped a few steps later.
+    # The rebuilds of the indexes ``up_concurrently`` dropped: a downgrade runs them, then
+    # ``down``; uninstall() leaves them out, since the table is dropped a few steps later.
     down_rebuild: Callable[[str], list[sql.Composable]] = lambda schema: []
 
 
