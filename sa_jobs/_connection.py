@@ -8,7 +8,7 @@ capped exponential backoff; the service retries its own work.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import anyio
 import psycopg
@@ -21,6 +21,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.InterfaceError,
     OSError,
 )
+# ... and what a connection attempt may also raise: its own deadline.
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, TimeoutError)
 
 
 def describe(exc: BaseException) -> str:
@@ -31,7 +33,7 @@ def describe(exc: BaseException) -> str:
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, (*TRANSIENT_ERRORS, TimeoutError))
+    return isinstance(exc, _CONNECT_ERRORS)
 
 
 class ManagedConnection:
@@ -81,14 +83,14 @@ class ManagedConnection:
                 if self._failures:
                     log.info("%s: reconnected after %d failed attempt(s)", self._name, self._failures)
                 self._failures = 0
-            except (*TRANSIENT_ERRORS, TimeoutError) as exc:
+            except _CONNECT_ERRORS as exc:
                 self._failures += 1
                 delay = min(5.0, 0.05 * 2 ** min(self._failures, 10))
                 log.warning("%s: cannot connect (%s); retrying in %.2fs", self._name, exc, delay)
                 await anyio.sleep(delay)
         return self._conn
 
-    def deadline(self) -> anyio.CancelScope:
+    def deadline(self) -> ContextManager[anyio.CancelScope]:
         """``with conn.deadline():`` around a statement: TimeoutError past ``timeout``."""
         return anyio.fail_after(self.timeout)
 

@@ -13,10 +13,10 @@ from typing import Any, Iterable, Optional, Sequence
 from sqlalchemy import case, func, literal, select, update
 
 from .errors import JobNotFoundError
-from .model import Job
+from .model import job_table
 from .states import PENDING_STATES, STATUS_WORDS
 
-_jobs = Job.__table__
+_jobs = job_table()
 
 REPLAYABLE_STATES = ("dead", "cancelled", "completed", "retryable", "scheduled")
 

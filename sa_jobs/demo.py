@@ -18,7 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from . import schema as schema_mod
 from .admin import retry
-from .model import Job
+from .model import Job, job_table
 from .retry import constant_backoff
 from .worker import JobContext, Worker
 from ._url import sqlalchemy_url
@@ -84,7 +84,7 @@ def run_demo(database_url: Optional[str], *, metrics_port: int = 0, timeout: flo
     _DemoBase.metadata.drop_all(engine)
     _DemoBase.metadata.create_all(engine)
     with Session(engine) as session:
-        session.execute(Job.__table__.delete().where(Job.kind.like("demo.%")))
+        session.execute(job_table().delete().where(Job.kind.like("demo.%")))
         session.commit()
 
     # 1. Enqueue in the business transaction: both rows commit together.
@@ -132,10 +132,10 @@ def run_demo(database_url: Optional[str], *, metrics_port: int = 0, timeout: flo
 
 
 async def _work(database_url: str, engine, observer, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    def states() -> dict[str, tuple[str, int]]:
+    def states() -> dict[str, tuple[str, int, int]]:
         with Session(engine) as session:
             rows = session.execute(select(Job.kind, Job.state, Job.attempt, Job.id).where(Job.kind.like("demo.%")))
-            return {kind: (state, attempt, job_id) for kind, state, attempt, job_id in rows}  # type: ignore[misc]
+            return {kind: (state, attempt, job_id) for kind, state, attempt, job_id in rows}
 
     async with Worker(
         database_url, kinds=[SendReceipt, FlakyWebhook, DoomedExport], queues={"demo": 5},

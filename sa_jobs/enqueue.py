@@ -160,7 +160,9 @@ def _copy_args_as_text(
             if "\\" in text:
                 text = text.replace("\\", "\\\\")
             if partitioned:
-                chunk.append(prefix + text + suffix + "\t" + _copy_text(options.partition_key_of(value)) + "\n")
+                key = options.partition_key_of(value)
+                assert key is not None  # partitioned: the kind names its partition_by args
+                chunk.append(prefix + text + suffix + "\t" + _copy_text(key) + "\n")
             else:
                 chunk.append(prefix + text + suffix)
             if len(chunk) == 2000:

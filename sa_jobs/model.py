@@ -20,9 +20,9 @@ import inspect
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, cast
 
-from sqlalchemy import BigInteger, DateTime, Identity, Integer, SmallInteger, Text, func, text
+from sqlalchemy import BigInteger, DateTime, Identity, Integer, SmallInteger, Table, Text, func, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -216,8 +216,9 @@ class Job(Base):
     def _set_unique_key(self) -> None:
         # The base key (no period bucket: that is computed by the database at INSERT, on
         # its clock); recomputed at flush from the row's final args and queue.
-        options = type(self).__sa_jobs_options__
+        options = type(self).kind_options()
         unique = options.unique
+        assert unique is not None, "only unique kinds have a unique key"
         self.unique_key = unique.base_key(options.kind, self.__dict__.get("queue") or options.queue, self.args)
         self.unique_states = list(unique.states)
 
@@ -253,7 +254,7 @@ class Job(Base):
         """
         if queue is not None:
             self.queue = _validate.queue_name(queue)
-            if type(self).__sa_jobs_options__.unique is not None:
+            if type(self).kind_options().unique is not None:
                 self._set_unique_key()
         if priority is not None:
             self.priority = _check_priority(priority)
@@ -308,6 +309,11 @@ class Job(Base):
         # columns a flush leaves to the database.
         d = self.__dict__
         return f"<{type(self).__name__} id={d.get('id')} state={d.get('state', '?')} attempt={d.get('attempt', '?')}>"
+
+
+def job_table() -> Table:
+    """The jobs ``Table`` (``Job.__table__``, typed as such) for Core statements."""
+    return cast(Table, Job.__table__)
 
 
 def registered_kinds() -> dict[str, type[Job]]:

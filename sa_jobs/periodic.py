@@ -173,6 +173,7 @@ class Periodic:
         return croniter(self.cron, now.astimezone(self._tz)).get_next(dt.datetime)
 
     def unique_key(self, slot: dt.datetime) -> str:
+        assert self.name is not None  # set or refused by __post_init__
         return "periodic:" + self.name + ":" + slot.astimezone(dt.timezone.utc).isoformat()
 
 
@@ -203,13 +204,13 @@ class PeriodicJobs:
                 raise ConfigurationError(f"two periodic jobs are named {p.name!r}; names must be unique")
             names.add(p.name)  # type: ignore[arg-type]
         self.periodics = periodics
-        self._sql: dict[str, dict[str, sql.Composed]] = {}
+        self._sql: dict[str, dict[str, sql.Composable]] = {}
         self._enqueued = hook(None, "periodic_enqueued")
 
     def bind_observer(self, observer: Any) -> None:
         self._enqueued = hook(observer, "periodic_enqueued")
 
-    def _statements(self, schema: str) -> dict[str, sql.Composed]:
+    def _statements(self, schema: str) -> dict[str, sql.Composable]:
         found = self._sql.get(schema)
         if found is None:
             jobs = sql.Identifier(schema, JOBS_TABLE)
@@ -243,7 +244,7 @@ class PeriodicJobs:
                 if ids:  # counted once committed: fire() returns after its transaction
                     self._enqueued(periodic.name, len(ids))
 
-    async def fire(self, conn: Any, statements: Mapping[str, sql.Composed], periodic: Periodic) -> list[int]:
+    async def fire(self, conn: Any, statements: Mapping[str, sql.Composable], periodic: Periodic) -> list[int]:
         """Enqueue ``periodic``'s due slots in one transaction; the new job ids."""
         async with conn.transaction():
             now = (await (await conn.execute(statements["now"])).fetchone())[0]

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from . import schema as schema_mod
 from ._url import sqlalchemy_url
 from .errors import ConfigurationError
-from .model import Job
+from .model import Job, job_table
 from .schema import DEFAULT_SCHEMA
 from .unique import ENQUEUED_INFO_KEY, note_enqueued
 
@@ -201,7 +201,7 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     url = engine.url.render_as_string(hide_password=False)
     if with_scheduled:
         with Session(engine) as session, session.begin():
-            session.execute(Job.__table__.update().where(Job.state == "scheduled").values(scheduled_at=func.now()))
+            session.execute(job_table().update().where(Job.state == "scheduled").values(scheduled_at=func.now()))
 
     def busy() -> bool:
         with Session(engine) as session:

@@ -177,7 +177,7 @@ def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
 
     # Keyed order (then add order): two transactions enqueueing the same keys lock them in
     # the same order and cannot deadlock on each other's uncommitted rows.
-    new.sort(key=lambda o: (type(o).__sa_jobs_options__.kind, o.unique_key or "", inspect(o).insert_order or 0))
+    new.sort(key=lambda o: (type(o).kind_options().kind, o.unique_key or "", inspect(o).insert_order or 0))
     for obj in new:
         _insert_unique(session, obj)
     # The rows left session.new: say so for whoever watches this transaction's commit.

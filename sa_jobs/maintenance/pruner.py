@@ -136,6 +136,11 @@ class Pruner:
         self._next_run = time.monotonic() + self.interval
 
 
+def _count(conn: Any, statement: sql.Composed, params: Mapping[str, Any]) -> int:
+    row = conn.execute(statement, params).fetchone()
+    return int(row[0]) if row else 0
+
+
 def prune(
     conninfo: str,
     schema: str,
@@ -157,7 +162,7 @@ def prune(
     delete, count = delete_statement(schema), count_statement(schema)
     result: dict[str, int] = {}
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        totals = {s: conn.execute(count, {"state": s, "age": a}).fetchone()[0] for s, a in checked.items()}
+        totals = {s: _count(conn, count, {"state": s, "age": a}) for s, a in checked.items()}
         if dry_run:
             return totals
         total, done = sum(totals.values()), 0

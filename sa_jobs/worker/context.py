@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional, cast
 
 from sqlalchemy import func, update
 
 from .. import _validate
 from ..errors import LeaseLostError
-from ..model import Job
+from ..model import job_table
 from ..schema import DEFAULT_SCHEMA
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session
 
     from ._job import ClaimedJob
     from .worker import Worker
 
-_jobs = Job.__table__
+_jobs = job_table()
 
 
 class JobContext:
@@ -142,7 +143,7 @@ class JobContext:
                 session.flush()
                 self._job.completing = True
                 try:
-                    self._check_lease(session.execute(stmt, execution_options=options).rowcount)
+                    self._check_lease(cast("CursorResult[Any]", session.execute(stmt, execution_options=options)).rowcount)
                 except BaseException:
                     self._job.completing = False
                     raise
@@ -160,7 +161,7 @@ class JobContext:
                 await session.flush()
                 self._job.completing = True
                 try:
-                    res = await session.execute(stmt, execution_options=options)
+                    res = cast("CursorResult[Any]", await session.execute(stmt, execution_options=options))
                     self._check_lease(res.rowcount)
                 except BaseException:
                     self._job.completing = False

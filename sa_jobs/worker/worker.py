@@ -672,8 +672,8 @@ class Worker:
             return Outcome(job, "release"), "released"
         if scope.cancelled_caught and not job.cancelled:
             job.cancel("timed out")
-            exc = TimeoutError(f"job {job.id} ({job.kind}) ran longer than its timeout of {runtime.options.timeout}s")
-            outcome = self._failure(job, exc, runtime.options)
+            too_long = TimeoutError(f"job {job.id} ({job.kind}) ran longer than its timeout of {runtime.options.timeout}s")
+            outcome = self._failure(job, too_long, runtime.options)
             return outcome, "dead" if outcome.dead else "timed_out"
         if error is not None:
             if isinstance(error, _Cancelled) and job.cancel_reason == "timed out":
