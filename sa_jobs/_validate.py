@@ -74,6 +74,15 @@ def _where(path: Any) -> str:
     return "".join(reversed(parts))
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text holding a lone surrogate (from a bad decode): no UTF-8 encoding exists."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _walk(value: Any, path: Any) -> int:
     """Raise InvalidArgsError unless ``value`` is plain JSON; return an upper bound on
     the size in bytes of its compact UTF-8 JSON text."""
@@ -83,12 +92,19 @@ def _walk(value: Any, path: Any) -> int:
     if t is str:
         if "\x00" in value:
             raise InvalidArgsError(f"args{_where(path)} contains a NUL character, which PostgreSQL text cannot hold")
+        if not value.isascii() and not _is_utf8(value):
+            raise InvalidArgsError(f"args{_where(path)} contains a lone surrogate, which UTF-8 (and so JSON text) cannot hold")
         return _STR_BYTES * len(value) + 2
     if value is None or t is bool:
         return 5
     if t is int:
         bits = value.bit_length()
-        return bits // 3 + 2 if bits <= _INT_BOUND_BITS else len(repr(value))
+        if bits <= _INT_BOUND_BITS:
+            return bits // 3 + 2
+        try:
+            return len(repr(value))
+        except ValueError:  # past Python's int-to-str digit limit, which json.dumps shares
+            raise InvalidArgsError(f"args{_where(path)} is an int of {bits} bits, too large to write as JSON") from None
     if t is float:
         if not math.isfinite(value):
             raise InvalidArgsError(f"args{_where(path)} is {value!r}: JSON has no NaN or Infinity")
@@ -100,6 +116,8 @@ def _walk(value: Any, path: Any) -> int:
                 raise InvalidArgsError(f"args{_where(path)} has a key {key!r} that is not a string")
             if "\x00" in key:
                 raise InvalidArgsError(f"args{_where(path)} has a key with a NUL character")
+            if not key.isascii() and not _is_utf8(key):
+                raise InvalidArgsError(f"args{_where(path)} has a key with a lone surrogate")
             # "key":item, -- quotes, colon and comma
             size += _STR_BYTES * len(key) + 4 + _walk(item, (path, key))
         return size

@@ -87,13 +87,22 @@ def _rows_of_args(
     if run_at is not None and (not isinstance(run_at, dt.datetime) or run_at.tzinfo is None):
         raise ConfigurationError("run_at must be a timezone-aware datetime")
     state = "scheduled" if run_at is not None else "available"
-    tag_list = list(tags if tags is not None else options.tags)
+    tag_list = _tag_list(tags, options)
     for item in args:
         value, text = _validate.encode_payload(item, max_bytes=options.max_args_bytes)
         yield (
             options.kind, queue, text, state,
             priority, max_attempts, tag_list, "{}", options.partition_key_of(value), run_at,
         )
+
+
+def _tag_list(tags: Optional[Sequence[str]], options: KindOptions) -> list[str]:
+    """The call's tags (or the kind's), checked as ``Job.options(tags=...)`` checks them."""
+    if tags is None:
+        return list(options.tags)
+    if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+        raise ConfigurationError("tags must be a sequence of strings")
+    return list(tags)
 
 
 _SIMPLE_TAG = re.compile(r"[A-Za-z0-9_.:-]+")
@@ -127,7 +136,7 @@ def _copy_args_as_text(
     queue = _validate.queue_name(queue) if queue is not None else options.queue
     priority = _check_priority(priority) if priority is not None else options.priority
     max_attempts = _check_attempts(max_attempts) if max_attempts is not None else options.max_attempts
-    tag_list = list(tags if tags is not None else options.tags)
+    tag_list = _tag_list(tags, options)
     if any(_SIMPLE_TAG.fullmatch(t) is None or t.upper() == "NULL" for t in tag_list):
         return None
     # (column, its text) for the columns before args, and for those after it.
@@ -198,10 +207,31 @@ def enqueue_many(
 
     ``enqueue_many(session, [SendReceipt(order_id=1), ...])`` or, faster,
     ``enqueue_many(session, SendReceipt, [{"order_id": 1}, ...], queue="bulk")``.
-    Every args dict is validated as JSON before the COPY starts streaming it; an invalid
-    one raises and, since the COPY runs in the caller's transaction, nothing is kept
-    once that transaction rolls back. Returns the number of rows written.
+    Each args dict is validated as JSON as it is streamed; an invalid one raises
+    :class:`InvalidArgsError` and nothing of the call is written: the COPYs run in a
+    savepoint of the caller's transaction, which stays usable (its other writes commit
+    if the caller goes on). Returns the number of rows written.
     """
+    driver = _driver_connection(session)
+    # A COPY that fails mid-stream aborts the transaction it runs in; without the savepoint
+    # the caller, having caught the error, would COMMIT a failed transaction, which
+    # PostgreSQL answers with a ROLLBACK of everything, silently.
+    with driver.transaction():
+        return _enqueue_many(session, jobs, args, queue=queue, priority=priority, max_attempts=max_attempts,
+                             run_at=run_at, tags=tags)
+
+
+def _enqueue_many(
+    session: Any,
+    jobs: Union[Iterable[Job], type[Job]],
+    args: Optional[Iterable[Mapping[str, Any]]],
+    *,
+    queue: Optional[str],
+    priority: Optional[int],
+    max_attempts: Optional[int],
+    run_at: Optional[dt.datetime],
+    tags: Optional[Sequence[str]],
+) -> int:
     if isinstance(session, Session):  # a COPY bypasses the unit of work: tell commit watchers
         note_enqueued(session)
     unique_rows: list[tuple[KindOptions, tuple[Any, ...]]] = []

@@ -256,6 +256,9 @@ def test_options_override_defaults(engine):
         {"obj": object()},
         {"text": "nul \x00 inside"},
         {"nested": {"key\x00": 1}},
+        {"text": "lone \ud800 surrogate"},
+        {"nested": {"key \udfff": 1}},
+        {"huge": 10**5000},
     ],
 )
 def test_unserialisable_args_fail_at_construction(engine, args):
@@ -325,6 +328,36 @@ def test_enqueue_many_bad_row_keeps_nothing(engine):
     with pytest.raises(InvalidArgsError):
         with Session(engine) as session, session.begin():
             enqueue_many(session, EnqSendReceipt, rows())
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+@pytest.mark.parametrize("lane", ["text", "general"])
+@pytest.mark.parametrize("bad", [math.nan, "lone \ud800", object()])
+def test_enqueue_many_bad_row_leaves_the_callers_transaction_usable(engine, orders, lane, bad):
+    """A bad row fails mid-COPY; the caller catches the error and commits its other writes.
+    Without a savepoint the COPY's failure aborted the transaction, and the COMMIT that
+    followed rolled everything back without a word."""
+    extra = {} if lane == "text" else {"run_at": dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)}
+    with Session(engine) as session, session.begin():
+        session.add(Order(id=1, total=42))
+        session.flush()
+        with pytest.raises(InvalidArgsError):
+            enqueue_many(session, EnqSendReceipt, [{"order_id": 1}, {"order_id": bad}], **extra)
+        session.add(Order(id=2, total=43))
+        assert enqueue_many(session, EnqSendReceipt, [{"order_id": 3}], **extra) == 1
+    with Session(engine) as session:
+        assert session.scalars(select(Order.id).order_by(Order.id)).all() == [1, 2]
+        assert [j.args for j in session.scalars(select(EnqSendReceipt))] == [{"order_id": 3}]
+
+
+def test_enqueue_many_tags_are_checked_as_options_checks_them(engine):
+    for bad in ("urgent", [5]):
+        with pytest.raises(ConfigurationError, match="tags must be a sequence of strings"):
+            with Session(engine) as session, session.begin():
+                enqueue_many(session, EnqSendReceipt, [{"order_id": 1}], tags=bad)
+        with pytest.raises(ConfigurationError, match="tags must be a sequence of strings"):
+            EnqSendReceipt(order_id=1).options(tags=bad)
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
 
