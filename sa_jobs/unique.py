@@ -18,7 +18,9 @@ itself with ``INSERT ... ON CONFLICT (kind, unique_key) WHERE <predicate> DO NOT
 RETURNING *``; on a conflict it loads the existing job into the caller's object (or
 replaces the existing job's args and schedule, with ``on_conflict="replace"``) and
 attaches it as persistent, so no INSERT is flushed for it. ``job.was_duplicate`` says
-which happened.
+which happened. The object is noted as created in the current transaction, as the unit of
+work notes the rows it INSERTs: if that transaction or savepoint rolls back, the object
+goes back to transient with the caller's values, as a plain job would, and can be re-added.
 """
 
 from __future__ import annotations
@@ -228,15 +230,68 @@ def _insert_unique(session: Any, obj: Any) -> None:
             break
     if row is None:  # pragma: no cover - the key flapped in and out of its states 8 times
         raise ConfigurationError(f"could not enqueue unique job {options.kind!r}: its key kept changing state")
+    # The caller's values, put back if this transaction (or savepoint) rolls back.
+    original = {c.key: d[c.key] for c in table.c if c.key in d}
     session.expunge(obj)
     for column in table.c:
         setattr(obj, column.key, row[column.key])
     make_transient_to_detached(obj)
+    d[_ORIGINAL] = original
     obj._sa_jobs_duplicate = duplicate
     obj._sa_jobs_replaced = replaced
     identity = session.identity_map.get(make_key(obj))
     if identity is None:
         session.add(obj)  # persistent: its row exists, nothing more to INSERT
+    _created_in_transaction(session, obj)
+
+
+def _created_in_transaction(session: Any, obj: Any) -> None:
+    """Tell the Session that ``obj`` was INSERTed in its current transaction.
+
+    The unit of work notes each state it INSERTs in the innermost transaction's ``_new``
+    (``Session._register_altered``); a released savepoint hands its ``_new`` to its parent,
+    a commit of the outermost drops it, and a rollback of the savepoint or transaction
+    (``SessionTransaction._restore_snapshot``) expunges those states to *transient*. Our
+    rows bypass the unit of work, so note ours the same way: on a rollback they become
+    transient like a plain job (``_restore_original`` then puts the caller's values
+    back), and ``session.add()`` enqueues them again. A duplicate left detached (its
+    row's object was already in the identity map) is noted too: it goes transient as
+    well, so a re-add evaluates it again rather than attaching it to a row that may be
+    gone. The transaction is read after the hook's INSERT, which autobegan one if needed.
+    """
+    from sqlalchemy import inspect
+
+    transaction = session._transaction
+    if transaction is not None:
+        transaction._new[inspect(obj)] = True
+
+
+_ORIGINAL = "_sa_jobs_original"
+
+
+def _restore_original(session: Any, obj: Any) -> None:
+    """``persistent_to_transient``: a rollback discarded a row the hook wrote for ``obj``.
+
+    Put back the column values the caller's object had before the hook loaded the row into
+    it, and forget ``was_duplicate``/``was_replaced``: the stale id, state and (for a
+    duplicate) the other job's args must not leak into a re-add, which evaluates the
+    duplicate/replace semantics again. Only fires on rollbacks, never at flush."""
+    d = getattr(obj, "__dict__", None)
+    if d is None:
+        return
+    original = d.pop(_ORIGINAL, None)
+    if original is None:
+        return
+    from .model import Job
+
+    for column in Job.__table__.c:
+        key = column.key
+        if key in original:
+            d[key] = original[key]
+        else:
+            d.pop(key, None)
+    d.pop("_sa_jobs_duplicate", None)
+    d.pop("_sa_jobs_replaced", None)
 
 
 def make_key(obj: Any) -> Any:
@@ -252,3 +307,5 @@ def register_session_hook() -> None:
 
     if not event.contains(Session, "before_flush", _before_flush):
         event.listen(Session, "before_flush", _before_flush)
+    if not event.contains(Session, "persistent_to_transient", _restore_original):
+        event.listen(Session, "persistent_to_transient", _restore_original)

@@ -7,7 +7,7 @@ import threading
 
 import anyio
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -109,6 +109,158 @@ def test_rollback_discards_the_unique_row(engine, database_url, schema):
         job = UqDigest(user_id=9)
         session.add(job)
     assert not job.was_duplicate
+
+
+# A rollback undoes the hook's INSERT. The objects the hook attached in the rolled-back
+# scope (transaction or savepoint) must become transient again, as SQLAlchemy makes a plain
+# job it inserted there, with the caller's values back: re-adding them enqueues them anew.
+
+
+def test_rollback_then_re_add_inserts_the_job(engine, database_url, schema):
+    with Session(engine) as session:
+        job = UqDigest(user_id=9, note="retry")
+        session.add(job)
+        session.flush()
+        assert job.id is not None
+        session.rollback()
+        assert inspect(job).transient
+        assert job.args == {"user_id": 9, "note": "retry"} and not job.was_duplicate
+        session.add(job)  # the usual retry after a failed commit
+        session.commit()
+        assert inspect(job).persistent and not job.was_duplicate
+        job_id = job.id
+    rows = _rows(database_url, schema, "uq_digest")
+    assert [(r[0], r[1]) for r in rows] == [(job_id, {"user_id": 9, "note": "retry"})]
+
+
+def test_savepoint_rollback_then_re_add_in_the_outer_transaction(engine, database_url, schema):
+    with Session(engine) as session:
+        with session.begin():
+            kept = UqDigest(user_id=1)
+            session.add(kept)
+            session.flush()
+            job = UqDigest(user_id=2)
+            with pytest.raises(RuntimeError):
+                with session.begin_nested():
+                    session.add(job)
+                    session.flush()
+                    raise RuntimeError("undo the savepoint")
+            assert inspect(job).transient and inspect(kept).persistent  # only the savepoint's scope
+            session.add(job)
+        assert inspect(job).persistent and not job.was_duplicate
+        ids = {kept.id, job.id}
+    rows = _rows(database_url, schema, "uq_digest")
+    assert len(rows) == 2 and {r[0] for r in rows} == ids
+    assert sorted(r[1]["user_id"] for r in rows) == [1, 2]
+
+
+def test_released_savepoint_is_undone_by_the_outer_rollback(engine, database_url, schema):
+    with Session(engine) as session:
+        job = UqDigest(user_id=3)
+        with session.begin_nested():
+            session.add(job)
+        session.rollback()
+        assert inspect(job).transient
+        session.add(job)
+        session.commit()
+        assert not job.was_duplicate
+    assert len(_rows(database_url, schema, "uq_digest")) == 1
+
+
+def test_rollback_leaves_committed_jobs_alone(engine, database_url, schema):
+    with Session(engine) as session:
+        done = UqDigest(user_id=1)
+        session.add(done)
+        session.commit()
+        done_id = done.id
+        undone = UqDigest(user_id=2)
+        session.add(undone)
+        session.flush()
+        session.rollback()
+        assert inspect(done).persistent and done.id == done_id and not done.was_duplicate
+        assert inspect(undone).transient
+        session.add_all([done, undone])  # done: already there, nothing to write
+        session.commit()
+        assert not undone.was_duplicate and undone.id != done_id
+    assert sorted(r[1]["user_id"] for r in _rows(database_url, schema, "uq_digest")) == [1, 2]
+
+
+def test_rolled_back_duplicate_is_evaluated_again(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        held = UqDigest(user_id=4, note="held")
+        session.add(held)
+        session.flush()
+        held_id = held.id
+    with Session(engine) as session:
+        dup = UqDigest(user_id=4, note="mine")
+        session.add(dup)
+        session.flush()
+        assert dup.was_duplicate and dup.id == held_id and dup.args["note"] == "held"
+        session.rollback()
+        # The caller's own job again, not the one it was a duplicate of.
+        assert inspect(dup).transient and not dup.was_duplicate
+        assert dup.args == {"user_id": 4, "note": "mine"}
+        session.add(dup)
+        session.commit()
+        assert dup.was_duplicate and dup.id == held_id and dup.args["note"] == "held"
+    rows = _rows(database_url, schema, "uq_digest")
+    assert [(r[0], r[1]) for r in rows] == [(held_id, {"user_id": 4, "note": "held"})]
+
+
+def test_rollback_of_a_duplicate_within_the_same_flush(engine, database_url, schema):
+    with Session(engine) as session:
+        a, b = UqDigest(user_id=5, note="a"), UqDigest(user_id=5, note="b")
+        session.add_all([a, b])
+        session.flush()
+        assert b.was_duplicate and b.id == a.id
+        session.rollback()
+        assert inspect(a).transient and inspect(b).transient and b.args["note"] == "b"
+        session.add(b)  # only b this time: it is no duplicate now
+        session.commit()
+        assert not b.was_duplicate
+        b_id = b.id
+    rows = _rows(database_url, schema, "uq_digest")
+    assert [(r[0], r[1]["note"]) for r in rows] == [(b_id, "b")]
+
+
+def test_rolled_back_replace_is_replayed(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        session.add(UqReplace(user_id=1, v=1))
+    with Session(engine) as session:
+        job = UqReplace(user_id=1, v=2)
+        session.add(job)
+        session.flush()
+        assert job.was_replaced
+        session.rollback()
+        assert inspect(job).transient and not job.was_replaced and not job.was_duplicate
+        assert _rows(database_url, schema, "uq_replace")[0][1] == {"user_id": 1, "v": 1}
+        session.add(job)
+        session.commit()
+        assert job.was_replaced and job.args == {"user_id": 1, "v": 2}
+    rows = _rows(database_url, schema, "uq_replace")
+    assert [r[1] for r in rows] == [{"user_id": 1, "v": 2}]
+
+
+def test_async_session_rollback_then_re_add(database_url, schema):
+    async def main() -> tuple[bool, bool, bool]:
+        engine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: schema}
+        )
+        try:
+            async with AsyncSession(engine) as session:
+                job = UqDigest(user_id=6)
+                session.add(job)
+                await session.flush()
+                await session.rollback()
+                transient = inspect(job).transient
+                session.add(job)
+                await session.commit()
+                return transient, inspect(job).persistent, job.was_duplicate
+        finally:
+            await engine.dispose()
+
+    assert anyio.run(main) == (True, True, False)
+    assert len(_rows(database_url, schema, "uq_digest")) == 1
 
 
 def test_period_bucket_uses_the_database_clock(engine, database_url, schema):
