@@ -24,7 +24,7 @@ def _parse(target: object):
         raise ConfigurationError(f"expected a PostgreSQL URL, an Engine or an AsyncEngine, got {target!r}")
     try:
         url = make_url(target.strip())
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         raise ConfigurationError(f"not a database URL: {target!r} ({exc})") from None
     return url
 

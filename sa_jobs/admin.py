@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 from sqlalchemy import case, func, literal, select, update
+from sqlalchemy.exc import IntegrityError
 
 from .errors import JobNotFoundError
 from .model import job_table
@@ -26,24 +27,75 @@ def retry(session: Any, job_id: int) -> int:
 
     A replay of a dead job grants exactly one more attempt (``max_attempts`` becomes
     ``attempt + 1``); other states keep their budget, with at least one attempt left. Returns the job's id; raises :class:`JobNotFoundError` if no job
-    with that id is in a replayable state (a running job cannot be retried).
+    with that id is in a replayable state (a running job cannot be retried), or if it is
+    a unique job whose key another job holds now (retrying it would make a duplicate).
+    The caller's transaction stays usable either way.
     """
     if type(job_id) is not int or job_id < 1:
         raise JobNotFoundError(f"job ids are positive integers, not {job_id!r}")
     ids = retry_many(session, [job_id])
     if not ids:
+        holder = _key_holder(session, job_id)
+        if holder is not None:
+            raise JobNotFoundError(
+                f"job {job_id} cannot be retried: its unique key ({holder[1]!r}) is held by job {holder[0]}"
+                f" ({holder[2]}); retrying it would make a duplicate, retry it once that job has finished"
+            )
         raise JobNotFoundError(f"no job {job_id} in a replayable state ({', '.join(REPLAYABLE_STATES)})")
     return ids[0]
 
 
 def retry_many(session: Any, job_ids: Iterable[int]) -> Sequence[int]:
-    """:func:`retry` for many ids in one statement; returns the ids that were replayed."""
-    ids = [int(i) for i in job_ids]
+    """:func:`retry` for many ids in one statement; returns the ids that were replayed.
+
+    Ids not in a replayable state, and unique jobs whose key another job holds now, are
+    skipped (not in the result), never an error for the whole batch.
+    """
+    ids = _job_ids(job_ids)
     if not ids:
         return []
+    try:
+        replayed = _retry_rows(session, ids)
+    except _KeyTaken:
+        # Another transaction took a key between the check and the UPDATE, or two of
+        # ``ids`` share one free key: go row by row, skipping those the index refuses.
+        replayed = []
+        for job_id in ids:
+            try:
+                replayed.extend(_retry_rows(session, [job_id]))
+            except _KeyTaken:
+                pass
+    if replayed:
+        # The workers only wake on INSERT; a replay makes rows claimable without one.
+        session.execute(select(func.pg_notify(literal(_channel(session)), "")))
+    return replayed
+
+
+class _KeyTaken(Exception):
+    """The UPDATE hit ``jobs_unique_idx``; its savepoint was rolled back."""
+
+
+def _retry_rows(session: Any, ids: list[int]) -> list[int]:
+    other = _jobs.alias("holder")
+    key_held = (
+        select(literal(1))
+        .select_from(other)
+        .where(
+            other.c.kind == _jobs.c.kind,
+            other.c.unique_key == _jobs.c.unique_key,
+            other.c.id != _jobs.c.id,
+            other.c.state == other.c.unique_states.any_(),
+        )
+        .exists()
+    )
+    # A unique row whose key another row holds must not enter the index again (as
+    # 'available', it is in the index if that is one of its unique_states).
+    enters_index = _jobs.c.unique_key.isnot(None) & func.coalesce(
+        literal("available") == _jobs.c.unique_states.any_(), False
+    )
     stmt = (
         update(_jobs)
-        .where(_jobs.c.id.in_(ids), _jobs.c.state.in_(REPLAYABLE_STATES))
+        .where(_jobs.c.id.in_(ids), _jobs.c.state.in_(REPLAYABLE_STATES), ~(enters_index & key_held))
         .values(
             state="available",
             scheduled_at=func.now(),
@@ -57,11 +109,65 @@ def retry_many(session: Any, job_ids: Iterable[int]) -> Sequence[int]:
         )
         .returning(_jobs.c.id)
     )
-    replayed = [row[0] for row in session.execute(stmt)]
-    if replayed:
-        # The workers only wake on INSERT; a replay makes rows claimable without one.
-        session.execute(select(func.pg_notify(literal(_channel(session)), "")))
-    return replayed
+    # A savepoint, so that a key taken concurrently leaves the caller's transaction usable.
+    # (Session.begin_nested flushes first: errors of the caller's own pending objects
+    # surface here, outside the try.)
+    savepoint = session.begin_nested()
+    try:
+        with savepoint:
+            return [row[0] for row in session.execute(stmt)]
+    except IntegrityError as exc:
+        if _unique_index_violation(exc):
+            raise _KeyTaken() from exc
+        raise
+
+
+def _unique_index_violation(exc: Exception) -> bool:
+    from .schema import UNIQUE_INDEX
+
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) != "23505":
+        return False
+    diag = getattr(orig, "diag", None)
+    return getattr(diag, "constraint_name", None) in (None, UNIQUE_INDEX)
+
+
+def _key_holder(session: Any, job_id: int) -> Optional[tuple[int, str, str]]:
+    """(id, unique key, state) of the job holding the key ``job_id`` would need to be retried."""
+    other = _jobs.alias("holder")
+    stmt = (
+        select(other.c.id, other.c.unique_key, other.c.state)
+        .select_from(_jobs.join(other, (other.c.kind == _jobs.c.kind) & (other.c.unique_key == _jobs.c.unique_key)))
+        .where(
+            _jobs.c.id == job_id,
+            _jobs.c.state.in_(REPLAYABLE_STATES),
+            literal("available") == _jobs.c.unique_states.any_(),
+            other.c.id != _jobs.c.id,
+            other.c.state == other.c.unique_states.any_(),
+        )
+        .limit(1)
+    )
+    found = session.execute(stmt).first()
+    return None if found is None else (found[0], found[1], found[2])
+
+
+_DECIMAL_ID = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+
+
+def _job_ids(job_ids: Iterable[Any]) -> list[int]:
+    """Ids for the bulk actions: ints (not bools) or decimal strings of ints, else
+    :class:`JobNotFoundError` before any SQL (``int(1.9)`` would act on job 1)."""
+    if isinstance(job_ids, (str, bytes)):
+        raise JobNotFoundError(f"expected a collection of job ids (integers), not {job_ids!r}")
+    ids = []
+    for value in job_ids:
+        if isinstance(value, str) and _DECIMAL_ID.fullmatch(value):
+            ids.append(int(value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            ids.append(int(value))
+        else:
+            raise JobNotFoundError(f"job ids are integers, not {value!r}")
+    return ids
 
 
 def _schema(session: Any) -> str:
@@ -102,7 +208,7 @@ def cancel_many(session: Any, job_ids: Iterable[int]) -> dict[int, str]:
     """:func:`cancel` for many ids in one statement; returns {id: previous state}."""
     from .queries import cancel_channel_name
 
-    ids = [int(i) for i in job_ids]
+    ids = _job_ids(job_ids)
     if not ids:
         return {}
     target = (
@@ -462,7 +568,7 @@ def delete_many(session: Any, job_ids: Iterable[int]) -> list[int]:
     """
     from sqlalchemy import delete
 
-    ids = [check_job_id(int(i)) for i in job_ids]
+    ids = [check_job_id(i) for i in _job_ids(job_ids)]
     if not ids:
         return []
     target = (

@@ -242,11 +242,18 @@ def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
         if ours(session) and any(isinstance(o, Job) for o in session.new):
             note_enqueued(session)
 
+    # Both events also fire for a savepoint (begin_nested) being released or rolled back,
+    # while that savepoint is still the session's nested transaction: only the end of the
+    # outermost transaction runs the jobs (commit) or forgets them (rollback).
     def after_commit(session: Session) -> None:
+        if session.in_nested_transaction():
+            return
         if session.info.pop(ENQUEUED_INFO_KEY, False) and ours(session):
             drain(engine, **drain_options)
 
     def after_rollback(session: Session) -> None:
+        if session.in_nested_transaction():
+            return
         session.info.pop(ENQUEUED_INFO_KEY, None)
 
     # insert=True: look at session.new before the unique hook takes its rows out of it.

@@ -153,3 +153,32 @@ def test_the_installed_command_runs(database_url, schema, seeded):
     )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == 3
+
+
+def test_retry_and_replay_skip_a_unique_job_whose_key_is_held_again(capsys, database_url, schema):
+    insert = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, attempt, finished_at, unique_key, unique_states)"
+                              " VALUES (%s, 'default', %s, 1, CASE WHEN %s <> 'available' THEN now() END, %s,"
+                              " CASE WHEN %s::text IS NOT NULL THEN '{{scheduled,available,running,retryable}}'::text[] END)"
+                              " RETURNING id")
+
+    def add(kind, state, key=None):
+        return q(database_url, insert, (kind, state, state, key, key))[0][0]
+
+    blocked = add("uq", "dead", "key-1")
+    holder = add("uq", "available", "key-1")
+    free = add("uq", "dead", "key-2")
+    plain = add("uq", "dead")
+    code, out, err = run(capsys, database_url, schema, "jobs", "retry", str(blocked), str(free))
+    assert code == 1 and "1 job(s) retried" in out and f"job {blocked}: not retried" in err and "Traceback" not in err
+    code, out, err = run(capsys, database_url, schema, "dead", "replay", "--kind", "uq", "--json")
+    assert code == 0 and json.loads(out) == {"replayed": [plain], "not_replayed": [blocked]}
+    code, out, err = run(capsys, database_url, schema, "retry", str(blocked))
+    assert code == 1 and f"job {blocked}: not found" in err and "Traceback" not in err
+    states = dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}")))
+    assert states == {blocked: "dead", holder: "available", free: "available", plain: "available"}
+
+
+@pytest.mark.parametrize("url", ["postgresql://h:notaport/db", "postgresql://h:/db"])
+def test_a_url_with_a_bad_port_is_refused_with_a_clear_error(capsys, schema, url):
+    code, _, err = run(capsys, url, schema, "jobs", "list")
+    assert code == 2 and "not a database URL" in err and "Traceback" not in err

@@ -16,11 +16,15 @@ from sa_jobs import (
     JobContext,
     JobNotFoundError,
     Snooze,
+    Unique,
     cancel,
+    cancel_many,
     constant_backoff,
     job_status,
     retry,
+    retry_many,
 )
+from sa_jobs.admin import delete_many
 
 from .helpers import jobs_sql, q, run_worker_until, states
 
@@ -127,6 +131,73 @@ def test_cancel_queued_job(engine, database_url, schema):
             cancel(session, 10**12)
         assert retry(session, job_id) == job_id  # a cancelled job can be replayed
     assert row(database_url, schema, job_id)[0] == "available"
+
+
+class CUnique(Job, kind="c_unique", queue="c", unique=Unique(by=("key",))):
+    pass
+
+
+def _finish(database_url, schema, job_id, state="dead"):
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = %s, attempt = 1, finished_at = now() WHERE id = %s"),
+      (state, job_id))
+
+
+def test_retry_skips_a_unique_job_whose_key_is_held_again(engine, database_url, schema):
+    (old,) = add(engine, CUnique(key="k"))
+    _finish(database_url, schema, old)
+    (holder,) = add(engine, CUnique(key="k"))  # the dead job no longer holds the key
+    (other,) = add(engine, CLongAsync())
+    _finish(database_url, schema, other, "cancelled")
+    assert holder != old
+    with Session(engine) as session, session.begin():
+        with pytest.raises(JobNotFoundError, match=rf"unique key.*held by job {holder}"):
+            retry(session, old)
+        # The caller's transaction is still usable, and one blocked row skips only itself.
+        assert list(retry_many(session, [old, other])) == [other]
+    assert row(database_url, schema, old)[0] == "dead"
+    assert row(database_url, schema, holder)[0] == "available"
+    assert row(database_url, schema, other)[0] == "available"
+    # Once the holder is finished, the key is free and the old job can be retried.
+    _finish(database_url, schema, holder, "completed")
+    with Session(engine) as session, session.begin():
+        assert retry(session, old) == old
+    assert row(database_url, schema, old)[0] == "available"
+
+
+def test_retry_many_of_two_finished_jobs_with_one_unique_key_retries_one(engine, database_url, schema):
+    # Neither row holds the key before the UPDATE, so the check passes for both and the
+    # index refuses the second: the savepoint turns that into a skip, not a failed transaction.
+    (first,) = add(engine, CUnique(key="twin"))
+    _finish(database_url, schema, first)
+    (second,) = add(engine, CUnique(key="twin"))
+    _finish(database_url, schema, second)
+    (other,) = add(engine, CLongAsync())
+    _finish(database_url, schema, other)
+    with Session(engine) as session, session.begin():
+        done = sorted(retry_many(session, [first, second, other]))
+        assert done == [first, other]
+        with pytest.raises(JobNotFoundError, match="unique key"):
+            retry(session, second)
+        assert cancel(session, other) == "available"  # the transaction still works
+    assert [row(database_url, schema, i)[0] for i in (first, second, other)] == ["available", "dead", "cancelled"]
+
+
+@pytest.mark.parametrize("bad", [
+    lambda i: i + 0.9, lambda i: float(i), lambda i: True, lambda i: f"{i}.5", lambda i: "one", lambda i: None,
+    lambda i: str(i).encode(), lambda i: [i],
+], ids=["fraction", "whole-float", "bool", "fraction-string", "word", "none", "bytes", "list"])
+def test_bulk_actions_refuse_ids_that_are_not_integers(engine, database_url, schema, bad):
+    job_id, other = add(engine, CLongAsync(), CLongAsync())
+    _finish(database_url, schema, other, "cancelled")
+    with Session(engine) as session, session.begin():
+        for action in (cancel_many, retry_many, delete_many):
+            with pytest.raises(JobNotFoundError, match="integer"):
+                action(session, [other, bad(job_id)])
+    assert row(database_url, schema, job_id)[0] == "available"  # nothing ran: refused before any SQL
+    assert row(database_url, schema, other)[0] == "cancelled"
+    with Session(engine) as session, session.begin():
+        assert cancel_many(session, [str(job_id)]) == {job_id: "available"}  # decimal strings are ids
+        assert list(retry_many(session, [f" {job_id} "])) == [job_id]
 
 
 @pytest.mark.parametrize("kind", [CLongAsync, CLongSync], ids=["async", "sync"])

@@ -159,3 +159,31 @@ def test_inline_sees_unique_jobs_and_bulk_enqueues(sa_jobs_engine, credits):
             with session.begin():
                 pass
             assert "sa_jobs.enqueued" not in session.info
+
+
+def test_inline_a_rolled_back_savepoint_keeps_the_outer_transactions_jobs(sa_jobs_engine, credits):
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    with inline(sa_jobs_engine, kinds=[GrantCredit]):
+        with Session(sa_jobs_engine) as session, session.begin():
+            session.add(GrantCredit(account=1, amount=10))
+            with pytest.raises(DBAPIError):
+                with session.begin_nested():  # flushes the job first, then fails and rolls back
+                    session.execute(text("SELECT 1/0"))
+        assert_ran(sa_jobs_engine, GrantCredit, [10])
+        # A released savepoint is no commit either: its jobs run when the outer one commits.
+        with Session(sa_jobs_engine) as session, session.begin():
+            with session.begin_nested():
+                session.add(GrantCredit(account=2, amount=20))
+            assert "sa_jobs.enqueued" in session.info
+        assert_ran(sa_jobs_engine, GrantCredit, [10, 20])
+        # The outermost rollback still clears the mark, also with a savepoint open.
+        with Session(sa_jobs_engine) as session:
+            session.begin()
+            session.add(GrantCredit(account=3, amount=30))
+            session.begin_nested()
+            session.flush()
+            session.rollback()
+            assert "sa_jobs.enqueued" not in session.info
+        assert_ran(sa_jobs_engine, GrantCredit, [10, 20])
