@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -40,6 +41,13 @@ from .states import ALL_STATES
 log = logging.getLogger("sa_jobs.periodic")
 
 DEFAULT_MAX_CATCH_UP = 100
+
+# Bound on the forward walk's steps beyond ``limit`` (see Periodic._slots): the slots that
+# get_prev() skips, i.e. the second occurrences of a repeated (fall-back) hour, at most
+# 3,600 for an every-second schedule; twice that for a two-hour shift, with room to spare.
+_WALK_SLACK = 10_000
+
+_UTC = dt.timezone.utc
 
 JobSpec = Union[type[Job], Job, Callable[[], Job]]
 
@@ -105,6 +113,7 @@ class Periodic:
     def __post_init__(self) -> None:
         _parse_cron(self.cron)
         object.__setattr__(self, "_tz", _zone(self.timezone))
+        self._check_fires()
         job = self.job
         if isinstance(job, type):
             if not issubclass(job, Job) or job.__sa_jobs_options__ is None:
@@ -144,27 +153,73 @@ class Periodic:
             raise ConfigurationError(f"the factory of periodic job {self.name!r} returned {built!r}, not a job row")
         return built
 
+    def _check_fires(self) -> None:
+        """Refuse an expression croniter accepts but that names no date ("0 0 31 2 *"):
+        it would fail every leader tick, forever."""
+        from croniter import CroniterBadDateError
+
+        try:
+            self.next_slot(dt.datetime.now(_UTC))
+        except CroniterBadDateError:
+            raise ConfigurationError(
+                f"cron expression {self.cron!r} never fires (no date matches it, e.g. 31 February)"
+            ) from None
+
     def due_slots(self, last_slot: dt.datetime, now: dt.datetime) -> list[dt.datetime]:
         """Slots in ``(last_slot, now]``, oldest first: all of them (at most
         ``max_catch_up``, the most recent) with catch-up, else only the most recent."""
-        from croniter import croniter
-
-        limit = self.max_catch_up if self.catch_up else 1
-        # get_prev() is strictly before its start: start a microsecond past now so a slot
-        # exactly at now is due.
-        it = croniter(self.cron, now.astimezone(self._tz) + dt.timedelta(microseconds=1))
-        slots: list[dt.datetime] = []
-        while len(slots) < limit:
-            slot = it.get_prev(dt.datetime)
-            if slot <= last_slot:
-                break
-            slots.append(slot)
-        return slots[::-1]
+        return self._slots(last_slot, now, self.max_catch_up if self.catch_up else 1)
 
     def latest_slot(self, now: dt.datetime) -> dt.datetime:
+        """The last slot at or before ``now``."""
+        return self._slots(None, now, 1)[-1]
+
+    def _slots(self, after: Optional[dt.datetime], now: dt.datetime, limit: int) -> list[dt.datetime]:
+        """The last ``limit`` slots in ``(after, now]`` (``after=None``: unbounded), oldest first.
+
+        The slots come from croniter's forward iteration, the one that is right across a
+        fall-back: get_next() yields both occurrences of a repeated wall time, while
+        get_prev() maps it to its first occurrence only (so a leader that fired 02:30 CEST
+        saw 02:00 and 02:30 CET as "at or before last_slot" and skipped them). get_prev()
+        only picks where to start walking: its k-th answer back from ``now`` is at or
+        before the k-th slot back (it can skip slots, never invent later ones), so the
+        walk from its (limit+1)-th answer, or from ``after`` when it reaches it first,
+        covers the last ``limit`` slots in at most ``limit`` + (skipped slots) steps, however
+        long the downtime. Compared in UTC: aware datetimes sharing a ZoneInfo compare by
+        wall time, which cannot tell the two occurrences of a repeated hour apart.
+        """
         from croniter import croniter
 
-        return croniter(self.cron, now.astimezone(self._tz) + dt.timedelta(microseconds=1)).get_prev(dt.datetime)
+        now_utc = now.astimezone(_UTC)
+        after_utc = None if after is None else after.astimezone(_UTC)
+        # get_prev() is strictly before its start: start a microsecond past now so a slot
+        # exactly at now is due.
+        back = croniter(self.cron, now.astimezone(self._tz) + dt.timedelta(microseconds=1))
+        start = after_utc
+        for _ in range(limit + 1):
+            slot = back.get_prev(dt.datetime).astimezone(_UTC)
+            if after_utc is not None and slot <= after_utc:
+                start = after_utc
+                break
+            start = slot
+        assert start is not None
+        forward = croniter(self.cron, start.astimezone(self._tz))  # get_next() is strictly after
+        slots: deque[dt.datetime] = deque(maxlen=limit)
+        newest = start
+        for _ in range(limit + _WALK_SLACK):
+            slot = forward.get_next(dt.datetime)
+            slot_utc = slot.astimezone(_UTC)
+            if slot_utc > now_utc:
+                break
+            if slot_utc > newest:  # strictly increasing in absolute time, whatever croniter does
+                slots.append(slot)
+                newest = slot_utc
+        else:
+            # Not reached (see _WALK_SLACK); the slots kept are then not the latest ones, and
+            # the next tick walks on from them: late, never twice.
+            log.warning("periodic %r: the slots up to %s took over %d steps; walking on next tick",
+                        self.name, now.isoformat(), limit + _WALK_SLACK)
+        return list(slots)
 
     def next_slot(self, now: dt.datetime) -> dt.datetime:
         """The first slot strictly after ``now``."""

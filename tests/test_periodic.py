@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
+from typing import Optional
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -106,9 +107,110 @@ def test_six_fields_put_the_seconds_last(caplog):
     assert [r.getMessage().split("'")[1] for r in caplog.records] == ["seconds_first", "meant_top_of_every_minute"]
 
 
-def _fire(database_url: str, schema: str, periodic: Periodic, connections: int = 1) -> list[list[int]]:
+def test_a_cron_that_never_fires_fails_at_declaration():
+    """croniter.is_valid accepts 31 February; without a check every leader tick then raised
+    CroniterBadDateError ("could not be built; retrying next tick") forever."""
+    for never in ("0 0 31 2 *", "0 0 30 2 *", "0 0 31 4,6 *", "0 0 31 2 * 5"):
+        with pytest.raises(ConfigurationError, match="never"):
+            Periodic(never, PerTick, name="never")
+    Periodic("0 0 29 2 *", PerTick, name="leap_day")  # rare, but it fires
+
+
+def _ticks(p: Periodic, start: dt.datetime, end: dt.datetime, every: dt.timedelta) -> list[dt.datetime]:
+    """A live leader registered at ``start`` and ticking every ``every`` until ``end``: the
+    slots it fires, in UTC."""
+    last, now, fired = p.latest_slot(start), start, []
+    while now <= end:
+        slots = p.due_slots(last, now)
+        if slots:
+            fired += slots
+            last = slots[-1]
+        now += every
+    return [s.astimezone(UTC) for s in fired]
+
+
+def _utc_range(start: dt.datetime, end: dt.datetime, step: dt.timedelta) -> list[dt.datetime]:
+    out = []
+    while start <= end:
+        out.append(start)
+        start += step
+    return out
+
+
+# Europe/Paris falls back on 27 October 2024: 03:00 CEST (01:00 UTC) becomes 02:00 CET, so
+# the local hour 02:00-03:00 happens twice (00:00-01:00 UTC, then 01:00-02:00 UTC).
+FALL_BACK = dt.datetime(2024, 10, 27, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("catch_up", [False, True])
+def test_a_live_leader_fires_every_slot_of_the_repeated_hour_once(catch_up):
+    """get_prev() maps a repeated wall time to its first occurrence, at or before last_slot:
+    the leader fired nothing during the second 02:00-03:00 (01:00 and 01:30 UTC skipped)."""
+    half_hourly = Periodic("*/30 * * * *", PerTick, name="half_hourly", timezone="Europe/Paris", catch_up=catch_up)
+    start, end = FALL_BACK - dt.timedelta(hours=1, minutes=50), FALL_BACK + dt.timedelta(hours=1, minutes=40)
+    assert _ticks(half_hourly, start, end, dt.timedelta(minutes=5)) == _utc_range(
+        FALL_BACK - dt.timedelta(hours=1, minutes=30), FALL_BACK + dt.timedelta(hours=1, minutes=30),
+        dt.timedelta(minutes=30))
+    # A wall time the cron names fires at both of its occurrences (croniter's forward order).
+    nightly = Periodic("30 2 * * *", PerTick, name="nightly", timezone="Europe/Paris", catch_up=catch_up)
+    assert _ticks(nightly, FALL_BACK - dt.timedelta(hours=3), FALL_BACK + dt.timedelta(hours=3),
+                  dt.timedelta(minutes=7)) == [FALL_BACK - dt.timedelta(minutes=30), FALL_BACK + dt.timedelta(minutes=30)]
+    # Every minute of the night, New York (falls back at 06:00 UTC on 3 November 2024).
+    ny_fall_back = dt.datetime(2024, 11, 3, 6, tzinfo=UTC)
+    minutely = Periodic("* * * * *", PerTick, name="minutely", timezone="America/New_York", catch_up=catch_up)
+    assert _ticks(minutely, ny_fall_back - dt.timedelta(minutes=70), ny_fall_back + dt.timedelta(minutes=70),
+                  dt.timedelta(seconds=50)) == _utc_range(ny_fall_back - dt.timedelta(minutes=69),
+                                                          ny_fall_back + dt.timedelta(minutes=70),
+                                                          dt.timedelta(minutes=1))
+    # Spring forward is unchanged: the nonexistent 02:30 fires at the next existing minute.
+    spring = dt.datetime(2024, 3, 31, 1, tzinfo=UTC)  # 02:00 CET becomes 03:00 CEST
+    assert _ticks(nightly, spring - dt.timedelta(hours=3), spring + dt.timedelta(hours=3),
+                  dt.timedelta(minutes=7)) == [spring]
+    assert _ticks(half_hourly, spring - dt.timedelta(minutes=50), spring + dt.timedelta(minutes=40),
+                  dt.timedelta(minutes=5)) == _utc_range(spring - dt.timedelta(minutes=30), spring + dt.timedelta(minutes=30),
+                                                         dt.timedelta(minutes=30))
+
+
+def test_the_latest_slot_and_catch_up_across_the_repeated_hour():
+    """Slots are local times: compared in UTC, as a slot with fold=1 (the second 02:30) is
+    never == to a datetime of another zone (PEP 495)."""
+    half_hourly = Periodic("*/30 * * * *", PerTick, name="half_hourly", timezone="Europe/Paris", catch_up=True)
+    # Registered during the second 02:00-03:00: its last slot is the one just past, not an hour earlier.
+    assert half_hourly.latest_slot(FALL_BACK + dt.timedelta(minutes=10)).astimezone(UTC) == FALL_BACK
+    assert half_hourly.latest_slot(FALL_BACK + dt.timedelta(minutes=30)).astimezone(UTC) == (
+        FALL_BACK + dt.timedelta(minutes=30))
+    down_since = FALL_BACK - dt.timedelta(hours=2)
+    back_at = FALL_BACK + dt.timedelta(hours=1, minutes=10)
+    # Back after the repeated hour: every missed slot in absolute time, none twice.
+    assert [s.astimezone(UTC) for s in half_hourly.due_slots(down_since, back_at)] == _utc_range(
+        down_since + dt.timedelta(minutes=30), FALL_BACK + dt.timedelta(hours=1), dt.timedelta(minutes=30))
+    # At most max_catch_up, the most recent.
+    bounded = Periodic("*/30 * * * *", PerTick, name="bounded", timezone="Europe/Paris", catch_up=True, max_catch_up=3)
+    assert [s.astimezone(UTC) for s in bounded.due_slots(down_since, back_at)] == _utc_range(
+        FALL_BACK, FALL_BACK + dt.timedelta(hours=1), dt.timedelta(minutes=30))
+    # Without catch-up, back during the repeated hour: only the latest slot, the one just past.
+    plain = Periodic("*/30 * * * *", PerTick, name="plain", timezone="Europe/Paris")
+    assert [s.astimezone(UTC) for s in plain.due_slots(down_since, FALL_BACK + dt.timedelta(minutes=40))] == [
+        FALL_BACK + dt.timedelta(minutes=30)]
+    # A week down on an every-second schedule, back just after the change: the walk is
+    # bounded (no 600,000 steps) and still exact.
+    every_second = Periodic("* * * * * *", PerTick, name="every_second", timezone="Europe/Paris", catch_up=True,
+                            max_catch_up=5)
+    back_at = FALL_BACK + dt.timedelta(seconds=2)
+    week = dt.timedelta(days=7)
+    assert [s.astimezone(UTC) for s in every_second.due_slots(back_at - week, back_at)] == _utc_range(
+        back_at - dt.timedelta(seconds=4), back_at, dt.timedelta(seconds=1))
+    latest_only = Periodic("* * * * * *", PerTick, name="latest_only", timezone="Europe/Paris")
+    assert [s.astimezone(UTC) for s in latest_only.due_slots(back_at - week, back_at)] == [back_at]
+
+
+def _fire(database_url: str, schema: str, periodic: Periodic, connections: int = 1,
+          now: Optional[dt.datetime] = None) -> list[list[int]]:
+    """Fire ``periodic`` once per connection; ``now`` stands in for the database clock."""
     service = PeriodicJobs([periodic])
-    statements = service._statements(schema)
+    statements = dict(service._statements(schema))
+    if now is not None:
+        statements["now"] = sql.SQL("SELECT {}::timestamptz").format(sql.Literal(now))
 
     async def main() -> list[list[int]]:
         conns = [await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) for _ in range(connections)]
@@ -150,6 +252,25 @@ def test_first_sighting_registers_then_catch_up_is_bounded(database_url, schema)
     assert _fire(database_url, schema, p) == [[]]  # nothing newly due
     kinds = q(database_url, jobs_sql(schema, "SELECT DISTINCT kind, args, unique_states FROM {jobs}"))
     assert kinds == [("per_tick", {"n": 1}, ["scheduled", "available", "running", "completed", "retryable", "dead", "cancelled"])]
+
+
+@pytest.mark.parametrize("catch_up", [False, True])
+def test_the_repeated_hour_lands_as_rows_exactly_once(database_url, schema, catch_up):
+    """The leader ticks through the Paris fall-back night (the database clock stood in by
+    ``now``): one row per half-hour slot in absolute time, the repeated hour included."""
+    p = Periodic("*/30 * * * *", PerTick, name="half_hourly", timezone="Europe/Paris", catch_up=catch_up)
+    now = FALL_BACK - dt.timedelta(hours=1, minutes=50)
+    assert _fire(database_url, schema, p, now=now) == [[]]  # registered
+    while now < FALL_BACK + dt.timedelta(hours=1, minutes=40):
+        now += dt.timedelta(minutes=10)
+        [ids] = _fire(database_url, schema, p, now=now)
+        # On time: each tick on a half hour fires its slot, the others nothing (before the
+        # fix, catch-up fired the repeated hour's slots an hour late, at 02:00 UTC).
+        assert len(ids) == (1 if now.minute % 30 == 0 else 0), now
+    assert _fire(database_url, schema, p, now=now) == [[]]  # nothing newly due
+    slots = [dt.datetime.fromisoformat(r[2]).astimezone(UTC) for r in _periodic_jobs(database_url, schema)]
+    assert slots == _utc_range(FALL_BACK - dt.timedelta(hours=1, minutes=30), FALL_BACK + dt.timedelta(hours=1, minutes=30),
+                               dt.timedelta(minutes=30))
 
 
 def test_without_catch_up_only_the_latest_missed_slot_fires(database_url, schema):
