@@ -74,6 +74,17 @@ def _where(path: Any) -> str:
     return "".join(reversed(parts))
 
 
+def pg_text(text: str) -> str:
+    """``text`` as PostgreSQL text (and jsonb) can hold it: NUL and lone surrogates, which
+    it refuses (failing the whole statement), written out as escapes. For text the library
+    stores but did not choose (error messages, tracebacks, progress messages)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii() and not _is_utf8(text):
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def _is_utf8(text: str) -> bool:
     """False for text holding a lone surrogate (from a bad decode): no UTF-8 encoding exists."""
     try:

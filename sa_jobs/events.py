@@ -61,6 +61,25 @@ def _ignore(*_args: Any) -> None:
     return None
 
 
+# The hooks of WorkerObserver above.
+CORE_HOOKS = ("claimed", "job_started", "job_finished", "slots", "rescued", "loop_error", "heartbeat_ok", "leader")
+
+
+class GuardedObserver:
+    """``observer`` with every hook called through :func:`hook`: one that raises is logged
+    and ignored. The worker calls hooks between steps that must not be torn apart (after a
+    claim committed, before its jobs reach the runners; after a handler returned, before
+    its outcome is queued): a broken metric must cost a log line, never a job or the worker."""
+
+    def __init__(self, observer: Any) -> None:
+        self.wrapped = observer
+        for name in CORE_HOOKS + MAINTENANCE_HOOKS:
+            setattr(self, name, hook(observer, name))
+
+    def __getattr__(self, name: str) -> Any:  # anything else the observer offers
+        return getattr(self.wrapped, name)
+
+
 class NullObserver:
     """Does nothing: the worker's default when metrics are off."""
 

@@ -96,7 +96,7 @@ class JobContext:
             raise ValueError(f"progress percent must be within 0..100, not {percent!r}")
         if not isinstance(message, str):
             raise TypeError("progress message must be a string")
-        self._job.progress_json = json.dumps({"percent": percent, "message": message[:200]})
+        self._job.progress_json = json.dumps({"percent": percent, "message": _validate.pg_text(message[:200])})
         self._worker.nudge_heartbeat()
 
     def raise_if_cancelled(self) -> None:
@@ -138,15 +138,17 @@ class JobContext:
 
         stmt, options = self._completion(result)
         with Session(self._worker.sync_engine()) as session:
-            with session.begin():
-                yield session
-                session.flush()
-                self._job.completing = True
-                try:
+            try:
+                with session.begin():
+                    yield session
+                    session.flush()
+                    self._job.completing = True
                     self._check_lease(cast("CursorResult[Any]", session.execute(stmt, execution_options=options)).rowcount)
-                except BaseException:
-                    self._job.completing = False
-                    raise
+            except BaseException:
+                # Also when the COMMIT fails: the job is not completing, and its heartbeat
+                # must go on (a handler may retry its transaction).
+                self._job.completing = False
+                raise
             self._job.completed_in_tx = True
 
     @asynccontextmanager
@@ -156,16 +158,16 @@ class JobContext:
 
         stmt, options = self._completion(result)
         async with AsyncSession(self._worker.async_engine()) as session:
-            async with session.begin():
-                yield session
-                await session.flush()
-                self._job.completing = True
-                try:
+            try:
+                async with session.begin():
+                    yield session
+                    await session.flush()
+                    self._job.completing = True
                     res = cast("CursorResult[Any]", await session.execute(stmt, execution_options=options))
                     self._check_lease(res.rowcount)
-                except BaseException:
-                    self._job.completing = False
-                    raise
+            except BaseException:
+                self._job.completing = False  # as in transaction(): a failed COMMIT too
+                raise
             self._job.completed_in_tx = True
 
     def __repr__(self) -> str:

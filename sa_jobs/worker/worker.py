@@ -42,7 +42,7 @@ from .._connection import ManagedConnection, describe, is_transient
 from ._job import ClaimedJob, Outcome
 from .completer import Completer
 from .context import JobContext, _Cancelled, dumps
-from ..events import NullObserver, WorkerObserver
+from ..events import GuardedObserver, NullObserver, WorkerObserver
 from ._inbox import JobInbox
 from .heartbeat import Heartbeat
 from .notifier import Notifier
@@ -190,7 +190,8 @@ class Worker:
         # Every service statement is bounded; well inside the lease so that a stuck
         # connection is replaced before the jobs it serves are presumed lost.
         self.statement_timeout = statement_timeout or max(2.0, min(30.0, self.lease / 2))
-        self._observer: WorkerObserver = observer or NullObserver()
+        # Guarded: the worker calls hooks where a raise would strand claimed jobs.
+        self._observer: WorkerObserver = NullObserver() if observer is None else GuardedObserver(observer)  # type: ignore[assignment]
         self._engine = engine
         self._async_engine = async_engine
         self._owns_engines: list[Any] = []
@@ -439,13 +440,18 @@ class Worker:
                 async with lock:
                     if self._stopping:  # decided while we waited for the lock or a slot
                         return
+                    # Not shielded: connecting claims nothing, and a stop must be able to
+                    # interrupt a reconnect loop while the database is unreachable.
+                    live = await conn.get()
+                    # Stopped or paused while we connected: no claim starts after
+                    # request_stop() or pause() returns.
+                    if self._stopping:
+                        return
+                    if q.local_pause is not None:
+                        continue
                     # Shielded: a claim the server executed must reach us, or its jobs
                     # would sit running until their lease expired.
                     with anyio.CancelScope(shield=True):
-                        live = await conn.get()
-                        # Paused while we connected: no claim starts after pause() returns.
-                        if q.local_pause is not None:
-                            continue
                         with conn.deadline():
                             jobs = await self._claim(q, live, want)
                 failures = 0
@@ -721,7 +727,8 @@ class Worker:
         if len(tb) > MAX_TRACEBACK_CHARS:
             tb = tb[: MAX_TRACEBACK_CHARS // 2] + "\n...\n" + tb[-MAX_TRACEBACK_CHARS // 2 :]
         message = f"{type(exc).__name__}: {exc}"
-        return json.dumps({"attempt": job.attempt, "error": message[:4000], "traceback": tb, "worker": self.worker_id})
+        return json.dumps({"attempt": job.attempt, "error": _validate.pg_text(message[:4000]), "traceback": _validate.pg_text(tb),
+                           "worker": self.worker_id})
 
     def cancel_local(self, job_id: int) -> None:
         """A cancel() of a job this worker runs: stop its handler (the row is already final)."""

@@ -1,0 +1,152 @@
+"""Faults inside a worker that must cost at most a log line: text PostgreSQL cannot store
+in an error or a progress message, observer hooks that raise, a COMMIT of
+``ctx.transaction()`` that fails. Each test failed before its fix (session 9's bug hunt)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from sa_jobs import Job, JobContext
+from sa_jobs.events import NullObserver
+
+from .helpers import jobs_sql, q, run_worker_until
+
+
+class FaultRaises(Job, kind="wf_raises", queue="wf", max_attempts=2):
+    pass
+
+
+# Args cannot hold NUL or a lone surrogate (refused at construction): handlers make them.
+_UNSTORABLE = {"nul": "nul \x00 inside", "surrogate": "lone \ud800 surrogate"}
+
+
+@FaultRaises.handler
+async def wf_raises(ctx: JobContext, message: str) -> None:
+    raise RuntimeError(_UNSTORABLE[message])
+
+
+class FaultProgress(Job, kind="wf_progress", queue="wf"):
+    pass
+
+
+@FaultProgress.handler
+async def wf_progress(ctx: JobContext, message: str) -> str:
+    import anyio
+
+    ctx.set_progress(50, _UNSTORABLE[message])
+
+    await anyio.sleep(1.0)  # several beats (lease 1 s: every 0.25 s) while the job runs
+    return "done"
+
+
+class FaultOk(Job, kind="wf_ok", queue="wf"):
+    pass
+
+
+@FaultOk.handler
+async def wf_ok(ctx: JobContext, n: int) -> int:
+    import anyio
+
+    await anyio.sleep(0.6)
+    return n
+
+
+class FaultRetryTx(Job, kind="wf_retry_tx", queue="wf", max_attempts=3):
+    pass
+
+
+@FaultRetryTx.handler
+def wf_retry_tx(ctx: JobContext, table: str) -> None:
+    # The first transaction's COMMIT fails (a deferred unique constraint); the handler
+    # waits longer than the lease, as a retry loop with backoff might, and tries again.
+    try:
+        with ctx.transaction() as session:
+            session.execute(text(f"INSERT INTO public.{table} VALUES (1), (1)"))
+    except Exception:  # noqa: BLE001 - the failure the test provokes
+        pass
+    time.sleep(1.6)
+    with ctx.transaction() as session:
+        session.execute(text(f"INSERT INTO public.{table} VALUES (2)"))
+
+
+KINDS = [FaultRaises, FaultProgress, FaultOk, FaultRetryTx]
+FAST = dict(lease=1.0, maintenance_interval=0.1, poll_interval=0.2, concurrency=4)
+
+
+def _add(engine, *jobs: Job) -> list[int]:
+    with Session(engine) as session, session.begin():
+        session.add_all(jobs)
+        session.flush()
+        return [j.id for j in jobs]
+
+
+def _rows(database_url: str, schema: str, what: str) -> list[tuple]:
+    return q(database_url, jobs_sql(schema, f"SELECT {what} FROM {{jobs}} ORDER BY id"))
+
+
+def _unfinished(database_url: str, schema: str) -> int:
+    return q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state NOT IN ('completed', 'dead')"))[0][0]
+
+
+@pytest.mark.parametrize("bad", sorted(_UNSTORABLE))
+def test_an_error_text_postgresql_cannot_store_is_recorded_escaped(engine, database_url, schema, bad):
+    """Before: the failure's UPDATE was refused (22P05) and dropped; the job sat running
+    until its lease expired, and its real error was lost."""
+    _add(engine, FaultRaises(message=bad))
+    run_worker_until(database_url, schema, KINDS, lambda: _unfinished(database_url, schema) == 0, **FAST)
+    ((state, attempt, errors),) = _rows(database_url, schema, "state, attempt, errors")
+    assert (state, attempt) == ("dead", 2)
+    assert [e["error"].split(":")[0] for e in errors] == ["RuntimeError", "RuntimeError"]  # no LeaseExpired
+    assert "\x00" not in errors[0]["error"] and ("\\x00" in errors[0]["error"] or "\\ud800" in errors[0]["error"])
+
+
+def test_a_progress_message_postgresql_cannot_store_breaks_no_heartbeat(engine, database_url, schema):
+    """Before: every beat of the worker failed from then on, and after one lease every job
+    it ran was cancelled as lost and run again."""
+    ids = _add(engine, FaultProgress(message="nul"), FaultOk(n=1), FaultOk(n=2))
+    run_worker_until(database_url, schema, KINDS, lambda: _unfinished(database_url, schema) == 0, **FAST)
+    rows = _rows(database_url, schema, "id, state, attempt, progress")
+    assert [(r[0], r[1], r[2]) for r in rows] == [(i, "completed", 1) for i in ids]
+    assert rows[0][3] == {"percent": 50, "message": "nul \\x00 inside"}
+
+
+class _Broken(NullObserver):
+    def claimed(self, queue: str, count: int, seconds: float) -> None:
+        raise RuntimeError("metrics backend down")
+
+    def job_finished(self, *args: object) -> None:
+        raise RuntimeError("metrics backend down")
+
+    def job_started(self, *args: object) -> None:
+        raise RuntimeError("metrics backend down")
+
+
+def test_observer_hooks_that_raise_cost_no_job(engine, database_url, schema, caplog):
+    """Before: a raise in claimed() left the claimed rows running until their lease
+    expired (every claim, so jobs went dead without running); one in job_finished()
+    tore the worker down."""
+    ids = _add(engine, *(FaultOk(n=i) for i in range(6)))
+    run_worker_until(database_url, schema, KINDS, lambda: _unfinished(database_url, schema) == 0,
+                     observer=_Broken(), **FAST)
+    assert _rows(database_url, schema, "id, state, attempt") == [(i, "completed", 1) for i in ids]
+    assert "observer hook claimed failed" in caplog.text and "observer hook job_finished failed" in caplog.text
+
+
+def test_a_failed_commit_in_ctx_transaction_keeps_the_job_heartbeating(engine, database_url, schema):
+    """Before: the failed COMMIT left the job marked as completing, so the heartbeat skipped
+    it; the handler's second transaction, one lease later, was refused (LeaseLostError)
+    and the job ran again."""
+    table = "wf_" + uuid.uuid4().hex[:12]
+    q(database_url, f"CREATE TABLE public.{table} (id int, CONSTRAINT {table}_u UNIQUE (id) DEFERRABLE INITIALLY DEFERRED)")
+    try:
+        _add(engine, FaultRetryTx(table=table))
+        run_worker_until(database_url, schema, KINDS, lambda: _unfinished(database_url, schema) == 0, **FAST)
+        assert _rows(database_url, schema, "state, attempt") == [("completed", 1)]
+        assert q(database_url, f"SELECT id FROM public.{table}") == [(2,)]
+    finally:
+        q(database_url, f"DROP TABLE IF EXISTS public.{table}")
