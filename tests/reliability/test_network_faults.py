@@ -155,3 +155,41 @@ def test_half_open_producer_connection_is_replaced(db, cluster, rel_url, rel_sch
         assert wait_for(lambda: db.states() == {"completed": 11}, 12), db.states()
     finally:
         proxy.close()
+
+
+def test_a_stop_while_the_database_is_unreachable_ends_the_worker(db, cluster, rel_schema, rel_engine):
+    """Found by a bug hunt (session 9): the producer reconnected inside the scope shielding
+    its claim, so while the server was unreachable request_stop() could not end it; the
+    worker waited for the server, however long, and then claimed a job enqueued after the
+    stop. The server is kept away for 12 s (then back, so the old code ends the test)."""
+    import threading
+
+    import anyio
+
+    from sa_jobs import Worker
+
+    from .rel_jobs import RelNoop
+
+    proxy = Proxy(cluster.port)
+    back = threading.Timer(12.0, lambda: setattr(proxy, "refuse", False))
+    try:
+        async def main() -> float:
+            async with Worker(cluster.url_via(proxy.port), kinds=[RelNoop], schema=rel_schema, lease=30,
+                              poll_interval=0.2, maintenance_interval=0.2, shutdown_grace=1.0) as worker:
+                await anyio.sleep(0.5)
+                proxy.refuse = True
+                proxy.cut_all()
+                await anyio.sleep(1.5)  # every service is in its reconnect loop
+                back.start()
+                stopped = time.monotonic()
+                worker.request_stop()
+                await anyio.to_thread.run_sync(_enqueue, rel_engine, 1)  # straight to the server
+            return time.monotonic() - stopped
+
+        took = anyio.run(main)
+        print(f"\nstop while unreachable: the worker ended {took:.1f} s after request_stop()")
+        assert took < 8.0, took
+        assert db.q("SELECT state, attempt, attempted_at IS NULL FROM {jobs}") == [("available", 0, True)]
+    finally:
+        back.cancel()
+        proxy.close()
