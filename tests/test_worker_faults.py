@@ -150,3 +150,54 @@ def test_a_failed_commit_in_ctx_transaction_keeps_the_job_heartbeating(engine, d
         assert q(database_url, f"SELECT id FROM public.{table}") == [(2,)]
     finally:
         q(database_url, f"DROP TABLE IF EXISTS public.{table}")
+
+
+class FaultResume(Job, kind="wf_resume", queue="wf_resume"):
+    pass
+
+
+RESUMED_RAN: list[int] = []
+
+
+@FaultResume.handler
+async def wf_resume(ctx: JobContext, n: int) -> None:
+    RESUMED_RAN.append(n)
+
+
+def test_a_timed_out_claim_from_the_start_keeps_the_resumed_rows(engine, database_url, schema):
+    """A claim can run two statements: resumed past the last batch, then from the start of
+    the queue. Before, one deadline bounded both, so when the second ran out of time (as it
+    may while the xmin horizon is held) the rows the first had committed never reached a
+    runner and sat running until their lease expired. The second statement is slowed here
+    (pg_sleep once any job has been claimed) past the statement deadline."""
+    import dataclasses
+
+    import anyio
+
+    from sa_jobs import Worker
+
+    RESUMED_RAN.clear()
+    _add(engine, FaultResume(n=0).options(priority=1), FaultResume(n=1).options(priority=1),
+         FaultResume(n=2).options(priority=2))
+
+    async def main() -> None:
+        worker = Worker(database_url, kinds=[FaultResume], schema=schema, concurrency=4, max_claim=2, lease=30,
+                        poll_interval=0.2, maintenance_interval=0.2, statement_timeout=1.0)
+        slow = worker._queries.claim.replace(
+            "scheduled_at <= now()",
+            "scheduled_at <= now() AND (SELECT pg_sleep(CASE WHEN EXISTS (SELECT 1 FROM \"" + schema + "\".jobs"
+            " WHERE attempted_at IS NOT NULL) THEN 3 ELSE 0 END)::text) = ''", 1)
+        # The resumed statement takes 0.6 s: a deadline over the whole claim then runs out
+        # inside the second statement, before the server's own statement_timeout does.
+        slow_after = worker._queries.claim_after.replace(
+            "scheduled_at <= now()", "scheduled_at <= now() AND (SELECT pg_sleep(0.6)::text) = ''", 1)
+        assert slow != worker._queries.claim and slow_after != worker._queries.claim_after
+        worker._queries = dataclasses.replace(worker._queries, claim=slow, claim_after=slow_after)
+        async with worker:
+            with anyio.move_on_after(8):
+                while _unfinished(database_url, schema):
+                    await anyio.sleep(0.1)
+
+    anyio.run(main)
+    assert sorted(RESUMED_RAN) == [0, 1, 2]
+    assert _rows(database_url, schema, "state, attempt") == [("completed", 1)] * 3

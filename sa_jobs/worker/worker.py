@@ -24,7 +24,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import anyio
 
@@ -452,8 +452,7 @@ class Worker:
                     # Shielded: a claim the server executed must reach us, or its jobs
                     # would sit running until their lease expired.
                     with anyio.CancelScope(shield=True):
-                        with conn.deadline():
-                            jobs = await self._claim(q, live, want)
+                        jobs = await self._claim(q, live, want, conn.deadline)
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - back off and retry; never exit the worker
                 failures += 1
@@ -478,19 +477,23 @@ class Worker:
             return min(self._poll_interval, q.rate_period - time.time() % q.rate_period + 0.001)
         return self._poll_interval
 
-    async def _claim(self, q: _Queue, conn: Any, limit: int) -> list[ClaimedJob]:
+    async def _claim(self, q: _Queue, conn: Any, limit: int, deadline: Callable[[], Any]) -> list[ClaimedJob]:
+        """Claim up to ``limit`` jobs. ``deadline()`` bounds each statement on its own: a claim
+        may run two, and a timeout of the second must not lose the rows the first committed."""
         token = uuid.uuid4()
         started = time.perf_counter()
         params: dict[str, Any] = {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id,
                                   "lease": self.lease}
         if q.limited:
             params["scan"] = max(16, PARTITION_HEAD_WINDOW * limit)
-            cur = await conn.execute(self._queries.claim_limited, params, prepare=True)
-            rows = await cur.fetchall()
+            with deadline():
+                cur = await conn.execute(self._queries.claim_limited, params, prepare=True)
+                rows = await cur.fetchall()
         else:
-            rows = await self._claim_plain(q, conn, params)
+            rows = await self._claim_plain(q, conn, params, deadline)
         if not rows:  # empty, paused, at a limit, or its limits changed since we looked
-            await self._read_settings(q, conn)
+            with deadline():
+                await self._read_settings(q, conn)
         elapsed = time.perf_counter() - started
         self._observer.claimed(q.name, len(rows), elapsed)
         now = time.monotonic()
@@ -503,7 +506,7 @@ class Worker:
             for r in rows
         ]
 
-    async def _claim_plain(self, q: _Queue, conn: Any, params: dict[str, Any]) -> list[Any]:
+    async def _claim_plain(self, q: _Queue, conn: Any, params: dict[str, Any], deadline: Callable[[], Any]) -> list[Any]:
         """The plain claim; under a backlog it resumes where this worker's last one ended.
 
         Each claimed job leaves a dead entry at the head of jobs_claim_idx until VACUUM
@@ -533,7 +536,8 @@ class Worker:
         if after is not None and now - q.scanned_from_start_at < every:
             resumed = True
             at = {**params, "after_priority": after[0], "after_scheduled": after[1], "after_id": after[2]}
-            rows = await (await conn.execute(self._queries.claim_after, at, prepare=True)).fetchall()
+            with deadline():
+                rows = await (await conn.execute(self._queries.claim_after, at, prepare=True)).fetchall()
         limit = params["limit"]
         from_start = len(rows) < limit and not (resumed and held)
         if from_start:
@@ -541,7 +545,8 @@ class Worker:
             rest = {**params, "limit": limit - len(rows)}
             started = time.monotonic()
             try:
-                rows += await (await conn.execute(self._queries.claim, rest, prepare=True)).fetchall()
+                with deadline():  # a TimeoutError here is caught below, with the resumed rows kept
+                    rows += await (await conn.execute(self._queries.claim, rest, prepare=True)).fetchall()
             except Exception as exc:  # noqa: BLE001 - the resumed rows are claimed: run them
                 # A claim from the start that times out while the horizon is held must
                 # not be retried every HELD_RESCAN_INTERVAL: its time counts too.
