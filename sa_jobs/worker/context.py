@@ -6,6 +6,7 @@ import json
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional, cast
 
+import anyio
 from sqlalchemy import func, update
 
 from .. import _validate
@@ -97,7 +98,10 @@ class JobContext:
         if not isinstance(message, str):
             raise TypeError("progress message must be a string")
         self._job.progress_json = json.dumps({"percent": percent, "message": _validate.pg_text(message[:200])})
-        self._worker.nudge_heartbeat()
+        try:  # a sync handler runs in a worker thread: wake the heartbeat on the loop's thread
+            anyio.from_thread.run_sync(self._worker.nudge_heartbeat)
+        except RuntimeError:  # on the event loop already (an async handler)
+            self._worker.nudge_heartbeat()
 
     def raise_if_cancelled(self) -> None:
         if self._job.lease_lost:

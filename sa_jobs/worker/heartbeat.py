@@ -104,8 +104,11 @@ class Heartbeat:
     async def _settle_missing(self, conn, missing: list[ClaimedJob]) -> None:  # type: ignore[no-untyped-def]
         """A job whose lease could not be extended was cancelled, or taken over."""
         try:
-            cur = await conn.execute(self._q.states_of, {"ids": [j.id for j in missing]})
-            states = dict(await cur.fetchall())
+            # Bounded as the beat is: a socket that went half-open right after the beat
+            # would otherwise hold the heartbeat here while every lease ran out.
+            with anyio.fail_after(min(self._conn.timeout, max(self._interval, 1.0))):
+                cur = await conn.execute(self._q.states_of, {"ids": [j.id for j in missing]})
+                states = dict(await cur.fetchall())
         except Exception:  # noqa: BLE001 - unknown: the safe reading is "lost"
             states = {}
         for job in missing:
