@@ -75,24 +75,23 @@ class _KeyTaken(Exception):
     """The UPDATE hit ``jobs_unique_idx``; its savepoint was rolled back."""
 
 
+# Another row (``_HOLDER``) holding the key of the row being retried: same kind and key,
+# in one of its own unique states (what puts a row in jobs_unique_idx).
+_HOLDER = _jobs.alias("holder")
+_HOLDS_ITS_KEY = (
+    _HOLDER.c.kind == _jobs.c.kind,
+    _HOLDER.c.unique_key == _jobs.c.unique_key,
+    _HOLDER.c.id != _jobs.c.id,
+    _HOLDER.c.state == _HOLDER.c.unique_states.any_(),
+)
+# A retried row enters the index again if 'available' is one of its unique states.
+_ENTERS_INDEX = literal("available") == _jobs.c.unique_states.any_()
+
+
 def _retry_rows(session: Any, ids: list[int]) -> list[int]:
-    other = _jobs.alias("holder")
-    key_held = (
-        select(literal(1))
-        .select_from(other)
-        .where(
-            other.c.kind == _jobs.c.kind,
-            other.c.unique_key == _jobs.c.unique_key,
-            other.c.id != _jobs.c.id,
-            other.c.state == other.c.unique_states.any_(),
-        )
-        .exists()
-    )
-    # A unique row whose key another row holds must not enter the index again (as
-    # 'available', it is in the index if that is one of its unique_states).
-    enters_index = _jobs.c.unique_key.isnot(None) & func.coalesce(
-        literal("available") == _jobs.c.unique_states.any_(), False
-    )
+    key_held = select(literal(1)).select_from(_HOLDER).where(*_HOLDS_ITS_KEY).exists()
+    # A unique row whose key another row holds must not enter the index again.
+    enters_index = _jobs.c.unique_key.isnot(None) & func.coalesce(_ENTERS_INDEX, False)
     stmt = (
         update(_jobs)
         .where(_jobs.c.id.in_(ids), _jobs.c.state.in_(REPLAYABLE_STATES), ~(enters_index & key_held))
@@ -134,17 +133,9 @@ def _unique_index_violation(exc: Exception) -> bool:
 
 def _key_holder(session: Any, job_id: int) -> Optional[tuple[int, str, str]]:
     """(id, unique key, state) of the job holding the key ``job_id`` would need to be retried."""
-    other = _jobs.alias("holder")
     stmt = (
-        select(other.c.id, other.c.unique_key, other.c.state)
-        .select_from(_jobs.join(other, (other.c.kind == _jobs.c.kind) & (other.c.unique_key == _jobs.c.unique_key)))
-        .where(
-            _jobs.c.id == job_id,
-            _jobs.c.state.in_(REPLAYABLE_STATES),
-            literal("available") == _jobs.c.unique_states.any_(),
-            other.c.id != _jobs.c.id,
-            other.c.state == other.c.unique_states.any_(),
-        )
+        select(_HOLDER.c.id, _HOLDER.c.unique_key, _HOLDER.c.state)
+        .where(_jobs.c.id == job_id, _jobs.c.state.in_(REPLAYABLE_STATES), _ENTERS_INDEX, *_HOLDS_ITS_KEY)
         .limit(1)
     )
     found = session.execute(stmt).first()

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from . import _validate
 from .errors import ConfigurationError
-from .model import _SERVER_DEFAULT_MAX_ATTEMPTS, Job, KindOptions, _check_attempts, _check_priority
+from .model import _SERVER_DEFAULT_MAX_ATTEMPTS, Job, KindOptions, _check_attempts, _check_priority, _check_tags
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
 from .unique import note_enqueued
 
@@ -87,22 +87,13 @@ def _rows_of_args(
     if run_at is not None and (not isinstance(run_at, dt.datetime) or run_at.tzinfo is None):
         raise ConfigurationError("run_at must be a timezone-aware datetime")
     state = "scheduled" if run_at is not None else "available"
-    tag_list = _tag_list(tags, options)
+    tag_list = _check_tags(tags) if tags is not None else list(options.tags)
     for item in args:
         value, text = _validate.encode_payload(item, max_bytes=options.max_args_bytes)
         yield (
             options.kind, queue, text, state,
             priority, max_attempts, tag_list, "{}", options.partition_key_of(value), run_at,
         )
-
-
-def _tag_list(tags: Optional[Sequence[str]], options: KindOptions) -> list[str]:
-    """The call's tags (or the kind's), checked as ``Job.options(tags=...)`` checks them."""
-    if tags is None:
-        return list(options.tags)
-    if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
-        raise ConfigurationError("tags must be a sequence of strings")
-    return list(tags)
 
 
 _SIMPLE_TAG = re.compile(r"[A-Za-z0-9_.:-]+")
@@ -136,7 +127,7 @@ def _copy_args_as_text(
     queue = _validate.queue_name(queue) if queue is not None else options.queue
     priority = _check_priority(priority) if priority is not None else options.priority
     max_attempts = _check_attempts(max_attempts) if max_attempts is not None else options.max_attempts
-    tag_list = _tag_list(tags, options)
+    tag_list = _check_tags(tags) if tags is not None else list(options.tags)
     if any(_SIMPLE_TAG.fullmatch(t) is None or t.upper() == "NULL" for t in tag_list):
         return None
     # (column, its text) for the columns before args, and for those after it.

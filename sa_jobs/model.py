@@ -88,6 +88,12 @@ def _check_priority(priority: object) -> int:
     return priority
 
 
+def _check_tags(tags: Any) -> list[str]:
+    if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+        raise ConfigurationError("tags must be a sequence of strings")
+    return list(tags)
+
+
 def _check_attempts(max_attempts: object) -> int:
     if type(max_attempts) is not int or not 1 <= max_attempts <= 1_000_000:
         raise ConfigurationError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
@@ -274,9 +280,7 @@ class Job(Base):
             self.scheduled_at = run_at
             self.state = "scheduled"
         if tags is not None:
-            if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
-                raise ConfigurationError("tags must be a sequence of strings")
-            self.tags = list(tags)
+            self.tags = _check_tags(tags)
         if meta is not None:
             self.meta = _validate.json_payload(meta, what="meta")
         if partition_key is not None:

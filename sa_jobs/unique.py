@@ -282,9 +282,9 @@ def _restore_original(session: Any, obj: Any) -> None:
     original = d.pop(_ORIGINAL, None)
     if original is None:
         return
-    from .model import Job
+    from .model import job_table
 
-    for column in Job.__table__.c:
+    for column in job_table().c:
         key = column.key
         if key in original:
             d[key] = original[key]
