@@ -237,6 +237,46 @@ def test_cancel_running_job_stops_its_handler(engine, database_url, schema, kind
         assert SYNC_SAW_CANCEL.wait(10)
 
 
+def test_a_job_cancelled_while_it_waits_in_the_inbox_never_starts(engine, database_url, schema):
+    """The cancel notice can arrive between the claim and a runner taking the job: the
+    worker then skips the job instead of starting a handler whose row is already final."""
+    STARTED.clear()  # job ids restart in each test's schema
+    finished: list[str] = []
+    worker_ref: list = []
+    ids: list[int] = []
+
+    class CancelAfterClaim:
+        def slots(self, queue: str, in_flight: int, limit: int) -> None:
+            # Called right after the claimed jobs reach the inbox, before any runner runs.
+            if in_flight and not worker_ref[1:]:
+                with Session(engine) as session, session.begin():
+                    assert cancel(session, ids[0]) == "running"
+                worker_ref[0].cancel_local(ids[0])  # what the notifier does on the notice
+                worker_ref.append("cancelled")
+
+        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
+            finished.append(outcome)
+
+    async def main() -> None:
+        from sa_jobs import Worker
+
+        from .helpers import FAST
+
+        async with Worker(database_url, kinds=ALL, schema=schema, observer=CancelAfterClaim(),
+                          **{**FAST, "lease": 30.0}) as worker:
+            worker_ref.append(worker)
+            ids.extend(add(engine, CLongAsync()))  # enqueued once the hook can see the worker
+            with anyio.fail_after(20):
+                while not finished:
+                    await anyio.sleep(0.02)
+
+    anyio.run(main)
+    assert worker_ref[1:] == ["cancelled"]
+    assert finished == ["cancelled"]
+    assert ids[0] not in STARTED  # the handler never ran
+    assert row(database_url, schema, ids[0], "state, attempt") == ("cancelled", 1)
+
+
 def _running_in(worker_ref: list) -> bool:
     return bool(worker_ref) and bool(worker_ref[0].running_jobs())
 

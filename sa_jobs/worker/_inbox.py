@@ -26,6 +26,10 @@ class JobInbox:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def waiting(self) -> list[ClaimedJob]:
+        """The jobs claimed and not yet taken by a runner."""
+        return list(self._jobs)
+
     def put_many(self, jobs: Iterable[ClaimedJob]) -> None:
         self._jobs.extend(jobs)
         if self._jobs:

@@ -648,6 +648,8 @@ class Worker:
             )
 
     async def _execute(self, q: _Queue, job: ClaimedJob) -> tuple[Optional[Outcome], str]:
+        if job.cancelled_by_user:  # cancelled while it waited in the inbox: never start it
+            return None, "cancelled"
         if self._releasing:
             return Outcome(job, "release"), "released"
         runtime = self._kinds.get(job.kind)
@@ -736,8 +738,10 @@ class Worker:
                            "worker": self.worker_id})
 
     def cancel_local(self, job_id: int) -> None:
-        """A cancel() of a job this worker runs: stop its handler (the row is already final)."""
-        for job in self.running_jobs():
+        """A cancel() of a job this worker holds: stop its handler, or keep it from starting
+        if it still waits in the inbox (the row is already final)."""
+        waiting = [j for q in self._queues.values() for j in q.inbox.waiting()]
+        for job in self.running_jobs() + waiting:
             if job.id == job_id:
                 job.cancelled_by_user = True
                 job.cancel("cancelled")
