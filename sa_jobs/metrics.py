@@ -54,7 +54,7 @@ LABEL_OUTCOMES = frozenset((*OUTCOMES, "snoozed"))
 # The worker's own loops that report errors (WorkerObserver.loop_error).
 LOOP_COMPONENTS = ("producer", "completer", "heartbeat", "notifier", "maintenance")
 # States the depth collector reports: the live ones, each served by a partial index, plus
-# dead (the dead-letter backlog), reached through jobs_kind_state_idx.
+# dead (the dead-letter backlog), reached through jobs_state_kind_idx.
 DEPTH_STATES = ("available", "scheduled", "retryable", "running", "dead")
 OTHER = "other"
 
@@ -363,8 +363,8 @@ def _le(bound: float) -> str:
 
 # ---- queue depth ---------------------------------------------------------------------
 
-# One statement, each branch bounded by a partial index of live rows or by the number of
-# kinds; none reads completed/cancelled history. See docs/metrics.md for the plan and cost.
+# One statement, each branch bounded by a partial index of live or dead rows; none reads
+# completed/cancelled history. See docs/metrics.md for the plan and cost.
 _DEPTH_SQL = """
 SELECT 'available', queue, count(*), extract(epoch FROM now() - min(scheduled_at))::float8
   FROM {jobs} WHERE state = 'available' GROUP BY queue
@@ -375,15 +375,7 @@ UNION ALL
 SELECT 'running', queue, count(*), NULL FROM {jobs}
   WHERE state = 'running' AND lease_expires_at > '-infinity' GROUP BY queue
 UNION ALL
-SELECT 'dead', d.queue, count(*), NULL FROM (
-  WITH RECURSIVE kinds(kind) AS (
-    (SELECT kind FROM {jobs} ORDER BY kind LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.kind FROM {jobs} j WHERE j.kind > k.kind ORDER BY j.kind LIMIT 1)
-      FROM kinds k WHERE k.kind IS NOT NULL
-  )
-  SELECT j.queue FROM kinds k JOIN {jobs} j ON j.kind = k.kind AND j.state = 'dead'
-) d GROUP BY d.queue
+SELECT 'dead', queue, count(*), NULL FROM {jobs} WHERE state = 'dead' GROUP BY queue
 """
 
 
@@ -408,7 +400,7 @@ class QueueDepthCollector(Collector):
     snapshot), on the scrape thread, under ``statement_timeout``. It counts only live
     states (available, scheduled, retryable, running: each has a partial index, so the
     cost is O(live rows), independent of the completed history) plus dead rows, reached
-    per kind through ``jobs_kind_state_idx``. Completed and cancelled are not counted:
+    through ``jobs_state_kind_idx``. Completed and cancelled are not counted:
     use the ``sa_jobs_jobs_finished_total`` counters. A failed query keeps the last
     snapshot; ``sa_jobs_queue_depth_snapshot_age_seconds`` shows how stale it is.
     """

@@ -16,7 +16,7 @@ from sa_jobs._url import to_conninfo
 from sa_jobs.queries import Queries
 
 from .conftest import new_schema_name, pg_bin
-from .helpers import jobs_sql, q
+from .helpers import jobs_sql, q, run_worker_until, states
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sa_jobs"
 
@@ -504,3 +504,32 @@ def test_a_rescue_batch_reads_about_its_batch_when_many_leases_expired(database_
             assert len(rescued) == 100 and tuples <= 1_000, (len(rescued), tuples)
         left = conn.execute(jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'running'")).fetchone()[0]
         assert left == 20_000 - 300
+
+
+def test_jobs_that_run_to_completion_write_no_entry_in_the_state_kind_index(database_url, schema):
+    """Since v10 jobs are indexed by state and kind only in resting states (scheduled,
+    retryable, cancelled, dead): enqueue, claim and completion never write to that index.
+    v9's (kind, state) index took an entry at each of the three."""
+    from sa_jobs import Job, JobContext
+
+    class SqlNoop(Job, kind="sql_noop", queue="sql"):
+        pass
+
+    @SqlNoop.handler
+    async def sql_noop(ctx: JobContext, n: int) -> None:
+        return None
+
+    index = sql.Identifier(schema, "jobs_state_kind_idx").as_string()
+
+    def size() -> int:
+        return q(database_url, "SELECT pg_relation_size(%s::regclass)", (index,))[0][0]
+
+    empty = size()
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, args)"
+                                     " SELECT 'sql_noop', 'sql', jsonb_build_object('n', i) FROM generate_series(1, 2000) i"))
+    run_worker_until(database_url, schema, [SqlNoop], lambda: states(database_url, schema) == {"completed": 2000})
+    assert states(database_url, schema) == {"completed": 2000}
+    assert size() == empty, (size(), empty)  # not one entry: the index is still only its metapage
+    # A job that comes to rest is indexed (so the check above can fail).
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'dead' WHERE id <= 10"))
+    assert size() > empty

@@ -114,7 +114,7 @@ def test_worker_refuses_a_newer_schema(db: str, fresh_schema: str) -> None:
 # sha256 (first 16 hex digits) of each released version's up, concurrent and down DDL.
 RELEASED_DDL = {1: "e492cd917392231c", 2: "b854f3bd5c7647c0", 3: "873901e8e7d8fc06", 4: "de5862bdcba22fca",
                 5: "f18c6ac3842f7bc4", 6: "4437b63ff3e2a494", 7: "5a6019fbe3810826",
-                8: "de414af1ca925522", 9: "a3a3eeb95fd75b50"}
+                8: "de414af1ca925522", 9: "a3a3eeb95fd75b50", 10: "a8a29dbb859a3d58"}
 
 
 @pytest.mark.parametrize("version", sorted(RELEASED_DDL))
@@ -264,6 +264,29 @@ def test_upgrade_from_v7_keeps_running_jobs_counted(db: str, fresh_schema: str) 
     # The rescuer reads the new index: the 30 expired leases are found and re-driven.
     rescued = run_sql(db, Queries.for_schema(fresh_schema).rescue_expired, {"limit": 100})
     assert len(rescued) == 30
+
+
+def test_upgrade_from_v9_indexes_resting_jobs_by_state_and_kind(db: str, fresh_schema: str) -> None:
+    """v10 replaces (kind, state) over every row with (state, kind) over resting states:
+    after the upgrade a lookup of dead jobs by kind reads the new index, and only it."""
+    schema_mod.install(db, fresh_schema, to_version=9)
+    insert_jobs(db, fresh_schema, 700)
+    before = job_rows(db, fresh_schema)
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
+    assert job_rows(db, fresh_schema) == before
+    assert check_drift(db, fresh_schema) == []
+    names = {r[0] for r in run_sql(db, "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (fresh_schema,))}
+    assert schema_mod.STATE_KIND_INDEX in names and schema_mod.KIND_STATE_INDEX not in names
+    jobs = sql.Identifier(fresh_schema, "jobs")
+    with psycopg.connect(db, autocommit=True) as conn, conn.transaction(force_rollback=True):
+        conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute(sql.SQL(
+            "EXPLAIN SELECT id FROM {} WHERE state = 'dead' AND kind = 'k1'").format(jobs)).fetchall())
+        assert schema_mod.STATE_KIND_INDEX in plan, plan
+        # Every resting row is in it: 4 of the 7 states, 100 rows each.
+        resting = conn.execute(sql.SQL(
+            "SELECT count(*) FROM {} WHERE state IN ('scheduled', 'retryable', 'cancelled', 'dead')").format(jobs)).fetchone()
+        assert resting == (400,)
 
 
 def test_migrate_sql_output_applies_to_the_same_schema(db: str, fresh_schema: str) -> None:
