@@ -12,6 +12,10 @@ from typing import Callable
 BackoffPolicy = Callable[[int], float]
 
 MAX_BACKOFF_SECONDS = 24 * 3600.0
+# The longest delay the worker schedules, whatever a policy returns (as long as a Snooze
+# may last): ``now() + delay`` must stay a timestamp both PostgreSQL and Python's datetime
+# (year 9999) can hold, or the failure could not be written at all.
+MAX_DELAY_SECONDS = 366 * 24 * 3600.0
 
 
 def exponential_backoff(

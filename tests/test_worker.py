@@ -174,6 +174,28 @@ def test_backoff_is_scheduled_on_database_clock(engine, database_url, schema):
     assert job_row(engine, job_id).attempt == 1
 
 
+class WHugeBackoff(Job, kind="w_huge_backoff", queue="w", max_attempts=3, backoff=lambda attempt: 10.0 ** 14):
+    pass
+
+
+@WHugeBackoff.handler
+async def w_huge_backoff(ctx: JobContext) -> None:
+    raise ValueError("try much later")
+
+
+def test_an_uncapped_backoff_is_capped_and_the_failure_recorded(engine, database_url, schema):
+    """A policy of 1e14 s named a time PostgreSQL refuses: the completer dropped the
+    failure, the job sat running until its lease ran out and was rescued as LeaseExpired."""
+    (job_id,) = add(engine, WHugeBackoff())
+    run_worker_until(database_url, schema, [WHugeBackoff], lambda: job_row(engine, job_id).state == "retryable",
+                     timeout=10)
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt) == ("retryable", 1)
+    assert [e["error"] for e in job.errors] == ["ValueError: try much later"]
+    (delay,) = q(database_url, jobs_sql(schema, "SELECT extract(epoch FROM scheduled_at - attempted_at) FROM {jobs} WHERE id = %s"), (job_id,))[0]
+    assert 365 * 24 * 3600 < float(delay) <= 367 * 24 * 3600
+
+
 def test_exponential_backoff_bounds():
     for attempt in (1, 2, 5, 10, 100, 10**6):
         low, high = backoff_bounds(attempt)

@@ -37,7 +37,7 @@ from ..maintenance.rescuer import Rescuer
 from ..maintenance.scheduler import Scheduler
 from ..model import Job, KindOptions, registered_kinds
 from ..queries import Queries
-from ..retry import exponential_backoff
+from ..retry import MAX_DELAY_SECONDS, exponential_backoff
 from .._connection import ManagedConnection, describe, is_transient
 from ._job import ClaimedJob, Outcome
 from .completer import Completer
@@ -723,6 +723,12 @@ class Worker:
             except Exception:  # noqa: BLE001 - a broken policy must not lose the job
                 log.exception("backoff policy of %s failed; using the default", job.kind)
                 delay = exponential_backoff(job.attempt)
+            if delay > MAX_DELAY_SECONDS:
+                # An uncapped policy (``lambda n: 10 ** n``) soon names a time PostgreSQL
+                # refuses ("timestamp out of range"): the failure was dropped, the job sat
+                # running until its lease ran out and was re-run at once as LeaseExpired.
+                log.warning("backoff policy of %s returned %.0fs; capped at %.0fs", job.kind, delay, MAX_DELAY_SECONDS)
+                delay = MAX_DELAY_SECONDS
         # Logged without the message: exception text may carry secrets; it is on the row.
         log.info("job %s (%s) attempt %d/%d failed with %s%s", job.id, job.kind, job.attempt,
                  job.max_attempts, type(exc).__name__, "; dead" if dead else "")
