@@ -142,6 +142,17 @@ def _walk(value: Any, path: Any) -> int:
     )
 
 
+def _walk_all(value: Any) -> int:
+    """:func:`_walk` from the top. A value nested deeper than Python's recursion allows
+    (json.dumps could not write it either) is refused as not JSON, like any other: as a
+    RecursionError it escaped enqueue raw, and a worker took such a handler result for a
+    retryable failure, running the handler again on every attempt."""
+    try:
+        return _walk(value, None)
+    except RecursionError:
+        raise InvalidArgsError("args: nested too deeply to write as JSON") from None
+
+
 def _over_cap(what: str, size: int, max_bytes: int) -> InvalidArgsError:
     return InvalidArgsError(f"{what} are {size} bytes of JSON, over the cap of {max_bytes}")
 
@@ -150,8 +161,11 @@ def encode_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARG
     """Prove ``value`` is plain JSON under ``max_bytes``; return it as a dict and as JSON text."""
     if type(value) is not dict:
         value = dict(value)
-    _walk(value, None)
-    text = _encode(value)
+    _walk_all(value)
+    try:
+        text = _encode(value)
+    except RecursionError:  # the walk passed a hair under the limit; the encoder did not
+        raise InvalidArgsError(f"{what}: nested too deeply to write as JSON") from None
     if len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:  # encode only when it may matter
         raise _over_cap(what, len(text.encode()), max_bytes)
     return value, text
@@ -166,7 +180,7 @@ def json_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_
     """
     if type(value) is not dict:
         value = dict(value)
-    if _walk(value, None) > max_bytes:
+    if _walk_all(value) > max_bytes:
         size = len(_encode(value).encode())
         if size > max_bytes:
             raise _over_cap(what, size, max_bytes)
@@ -176,7 +190,7 @@ def json_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_
 def json_value(value: Any, what: str = "result") -> Any:
     """Check a handler's return value (or meta) is plain JSON."""
     try:
-        _walk(value, None)
+        _walk_all(value)
     except InvalidArgsError as exc:
         raise InvalidArgsError(str(exc).replace("args", what, 1)) from None
     return value

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from sa_jobs import (
     ConfigurationError,
     Discard,
+    InvalidArgsError,
     Job,
     JobContext,
     JobNotFoundError,
@@ -224,6 +225,39 @@ def test_discard_and_bad_result_go_dead_without_retries(engine, database_url, sc
     assert discard.errors[0]["error"] == "Discard: the input can never succeed"
     assert (bad.state, bad.attempt) == ("dead", 1)
     assert "InvalidArgsError" in bad.errors[0]["error"]
+
+
+DEEP_RUNS: list[int] = []
+
+
+class WDeepResult(Job, kind="w_deep_result", queue="w", max_attempts=3, backoff=constant_backoff(0.05)):
+    pass
+
+
+@WDeepResult.handler
+async def w_deep_result(ctx: JobContext) -> object:
+    DEEP_RUNS.append(ctx.attempt)
+    return _deep(5000)  # PostgreSQL's jsonb takes it; Python's recursion limit does not
+
+
+def test_a_result_nested_too_deeply_goes_dead_without_retries(engine, database_url, schema):
+    """It raised RecursionError from the result check, which the worker took for a failure
+    around the handler: retried, running the handler (and its effects) on every attempt."""
+    DEEP_RUNS.clear()
+    (job_id,) = add(engine, WDeepResult())
+    run_worker_until(database_url, schema, [WDeepResult], finished(engine, [job_id]), timeout=10)
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt, DEEP_RUNS) == ("dead", 1, [1])
+    assert job.errors[0]["error"] == "InvalidArgsError: result: nested too deeply to write as JSON"
+    with pytest.raises(InvalidArgsError, match="nested too deeply"):  # the same at enqueue
+        WSync(a=1, b=_deep(5000))
+
+
+def _deep(levels: int) -> list:
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value
 
 
 def test_args_not_matching_signature_go_dead(engine, database_url, schema):

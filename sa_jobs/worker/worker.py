@@ -704,7 +704,10 @@ class Worker:
             outcome = self._failure(job, error, runtime.options, permanent=permanent)
             return outcome, "dead" if outcome.dead else "retried"
         try:
-            result_json = dumps(None if result is None else _validate.json_value(result))
+            try:
+                result_json = dumps(None if result is None else _validate.json_value(result))
+            except RecursionError:  # json_value passed it a hair under the limit; dumps did not
+                raise InvalidArgsError("result: nested too deeply to write as JSON") from None
         except InvalidArgsError as exc:
             return self._failure(job, exc, runtime.options, permanent=True), "dead"
         return Outcome(job, "complete", result_json=result_json), "completed"
