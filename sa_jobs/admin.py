@@ -282,19 +282,27 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
 
 
 async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
-    """:func:`wait_for` for an ``AsyncEngine``, without blocking the event loop."""
+    """:func:`wait_for` for an ``AsyncEngine``, without blocking the event loop.
+
+    As :func:`wait_for`, it reads the job at least once before the deadline counts: a
+    cancel scope around the whole wait raised a bare ``TimeoutError`` for a job that had
+    long finished when ``timeout`` was 0 or shorter than one round trip.
+    """
     import anyio
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    deadline = anyio.current_time() + timeout
     pause = 0.02
-    with anyio.fail_after(timeout):
-        while True:
-            async with AsyncSession(engine) as session:
-                status = await session.run_sync(job_status, job_id)
-            if status.status in FINAL_STATUSES:
-                return status
-            await anyio.sleep(pause)
-            pause = min(0.5, pause * 1.5)
+    while True:
+        async with AsyncSession(engine) as session:
+            status = await session.run_sync(job_status, job_id)
+        if status.status in FINAL_STATUSES:
+            return status
+        remaining = deadline - anyio.current_time()
+        if remaining <= 0:
+            raise TimeoutError(f"job {job_id} is still {status.state} after {timeout}s")
+        await anyio.sleep(min(pause, remaining))
+        pause = min(0.5, pause * 1.5)
 
 
 def _queues_table(session: Any) -> Any:

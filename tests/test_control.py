@@ -342,6 +342,34 @@ def test_wait_for_times_out_on_a_job_nobody_runs(engine):
     assert time.monotonic() - started < 2
 
 
+def test_wait_for_async_with_a_zero_timeout_returns_a_finished_job(engine, database_url, schema):
+    """Like wait_for: one look at the job before the deadline counts. A cancel scope around
+    the whole wait raised a bare TimeoutError for a job that had long completed."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs import wait_for, wait_for_async
+    from sa_jobs._url import sqlalchemy_url
+
+    done_id, queued_id = add(engine, CLongAsync(), CLongAsync().options(queue="nobody"))
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now(),"
+                                     " result = '{{\"rows\": 3}}' WHERE id = %s"), (done_id,))
+
+    async def main() -> None:
+        aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={"sa_jobs": schema})
+        try:
+            for timeout in (0, -1):
+                status = await wait_for_async(aengine, done_id, timeout=timeout)
+                assert (status.status, status.result) == ("done", {"rows": 3})
+                assert status == wait_for(engine, done_id, timeout=timeout)
+            with pytest.raises(TimeoutError, match=f"job {queued_id} is still available"):
+                await wait_for_async(aengine, queued_id, timeout=0)
+        finally:
+            await aengine.dispose()
+
+    anyio.run(main)
+
+
 def test_pause_is_cluster_wide_and_resume_wakes_workers(engine, database_url, schema):
     from sa_jobs import pause_queue, paused_queues, resume_queue
 
