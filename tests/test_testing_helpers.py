@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import Integer, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -120,6 +122,29 @@ def test_drain_runs_everything_with_a_real_worker(sa_jobs_engine, credits):
     assert counts == {"completed": 5, "dead": 1}
     with Session(sa_jobs_engine) as session:
         assert sorted(session.scalars(select(Credit.amount))) == [1, 2, 3, 4, 5]
+
+
+class Elsewhere(Job, kind="th_elsewhere", queue="th_elsewhere"):
+    pass
+
+
+@Elsewhere.handler
+def elsewhere(ctx: JobContext) -> None:
+    pass
+
+
+def test_drain_of_some_kinds_ignores_jobs_of_queues_it_does_not_serve(sa_jobs_engine, credits):
+    """busy() counted every due job of the table: one waiting in another queue (another
+    kind's) kept drain(kinds=[...]) and inline(kinds=[...]) polling until the timeout."""
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add_all([GrantCredit(account=1, amount=10), Elsewhere()])
+    started = time.monotonic()
+    assert drain(sa_jobs_engine, kinds=[GrantCredit], timeout=10) == {"completed": 1, "available": 1}
+    with inline(sa_jobs_engine, kinds=[GrantCredit], timeout=10):
+        with Session(sa_jobs_engine) as session, session.begin():
+            session.add(GrantCredit(account=2, amount=20))
+    assert time.monotonic() - started < 8
+    assert_ran(sa_jobs_engine, GrantCredit, [10, 20])
 
 
 def assert_ran(engine, kind, amounts: list[int]) -> None:
