@@ -221,9 +221,13 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
         async with Worker(url, kinds=kinds, queues=queues, schema=schema, lease=10.0, poll_interval=0.05,
                           maintenance_interval=0.05, shutdown_grace=5.0, engine=engine) as worker:
             served = list(worker.queues)
-            with anyio.fail_after(timeout):
+            # Not fail_after: raised inside the worker's block, the TimeoutError came out
+            # wrapped in an ExceptionGroup by its task group.
+            with anyio.move_on_after(timeout) as waited:
                 while await anyio.to_thread.run_sync(busy, served) or worker.running_jobs():
                     await anyio.sleep(0.02)
+        if waited.cancelled_caught:
+            raise TimeoutError(f"drain(): jobs of queues {served} were still due or running after {timeout}s")
 
     anyio.run(run)
     with Session(engine) as session:

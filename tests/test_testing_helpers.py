@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Integer, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sa_jobs import ConfigurationError, Job, JobContext, Unique, constant_backoff, enqueue_many
+from sa_jobs import ConfigurationError, Job, JobContext, Snooze, Unique, constant_backoff, enqueue_many
 from sa_jobs.schema import DEFAULT_SCHEMA
 from sa_jobs.testing import assert_enqueued, drain, enqueued, inline, perform, refute_enqueued
 
@@ -133,6 +133,15 @@ def elsewhere(ctx: JobContext) -> None:
     pass
 
 
+class SnoozeForever(Job, kind="th_snooze_forever", queue="th"):
+    pass
+
+
+@SnoozeForever.handler
+def snooze_forever(ctx: JobContext) -> None:
+    raise Snooze(0)
+
+
 def test_drain_of_some_kinds_ignores_jobs_of_queues_it_does_not_serve(sa_jobs_engine, credits):
     """busy() counted every due job of the table: one waiting in another queue (another
     kind's) kept drain(kinds=[...]) and inline(kinds=[...]) polling until the timeout."""
@@ -145,6 +154,13 @@ def test_drain_of_some_kinds_ignores_jobs_of_queues_it_does_not_serve(sa_jobs_en
             session.add(GrantCredit(account=2, amount=20))
     assert time.monotonic() - started < 8
     assert_ran(sa_jobs_engine, GrantCredit, [10, 20])
+
+
+def test_drain_times_out_with_a_plain_timeout_error(sa_jobs_engine):
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(SnoozeForever())
+    with pytest.raises(TimeoutError, match="still due or running after 1"):
+        drain(sa_jobs_engine, kinds=[SnoozeForever], timeout=1)
 
 
 def assert_ran(engine, kind, amounts: list[int]) -> None:
