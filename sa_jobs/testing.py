@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import anyio
 from sqlalchemy import event, func, select
+from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session
 
 from . import schema as schema_mod
@@ -244,11 +245,17 @@ def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
     """
 
     def ours(session: Session) -> bool:
-        bind = session.get_bind()
+        # Where the session writes jobs: a session with per-mapper ``binds`` (and no
+        # single bind) raised UnboundExecutionError from a plain get_bind(), failing the
+        # flush of every such session in the block.
+        try:
+            bind = session.get_bind(mapper=Job)
+        except UnboundExecutionError:
+            return False
         return bind is engine or getattr(bind, "engine", None) is engine.engine
 
     def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-        if ours(session) and any(isinstance(o, Job) for o in session.new):
+        if any(isinstance(o, Job) for o in session.new) and ours(session):
             note_enqueued(session)
 
     # Both events also fire for a savepoint (begin_nested) being released or rolled back,

@@ -202,6 +202,17 @@ def test_inline_sees_unique_jobs_and_bulk_enqueues(sa_jobs_engine, credits):
             assert "sa_jobs.enqueued" not in session.info
 
 
+def test_inline_works_with_sessions_bound_per_mapper(sa_jobs_engine, credits):
+    """A Session with ``binds={...}`` has no single bind: inline's plain get_bind() raised
+    UnboundExecutionError and failed every flush of such a session inside the block."""
+    with inline(sa_jobs_engine, kinds=[GrantCredit]):
+        with Session(binds={Job: sa_jobs_engine, Credit: sa_jobs_engine}) as session, session.begin():
+            session.add(Credit(account=9, amount=90))  # a flush without jobs too
+            session.flush()
+            session.add(GrantCredit(account=1, amount=10))
+        assert_ran(sa_jobs_engine, GrantCredit, [10, 90])
+
+
 def test_inline_a_rolled_back_savepoint_keeps_the_outer_transactions_jobs(sa_jobs_engine, credits):
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
