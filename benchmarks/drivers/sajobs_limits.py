@@ -13,8 +13,9 @@
 - ``partition-auto-plans``, ``concurrency-auto-plans``: partition, concurrency with the
   claim function's ``plan_cache_mode`` reset, as in schema v4 (diagnostic: what planning
   every call costs; see sa_jobs.schema._claim_function for why v5 does).
-- ``none-kind-state-nodedup``: none with B-tree deduplication off on ``jobs_kind_state_idx``
-  (diagnostic: what deduplication costs an index every claim inserts into).
+- ``none-kind-state-nodedup``: none with B-tree deduplication off on the kind index
+  (diagnostic of schema v9, when ``jobs_kind_state_idx`` took an entry on every claim;
+  since v10 it applies to ``jobs_state_kind_idx``, which drains no longer write to).
 - ``partition-window2x``: partition with the head window of v6's first measurements, twice
   the batch (``sa_jobs.worker.worker.PARTITION_HEAD_WINDOW = 2``; diagnostic).
 - ``none-v7-indexes``, ``partition-v7-indexes``, ``keys-v7-indexes``: none, partition and
@@ -32,6 +33,9 @@
 - ``keys-leaseidx``: keys-only with ``jobs_running_idx`` rebuilt as ``(queue, lease_expires_at)
   INCLUDE (partition_key)``, so that keyed claims insert at the index's right edge instead of
   at one place per key (diagnostic: whether that scatter is what keyed rows cost).
+- ``none-v9-kind-index``: none with schema v9's ``jobs_kind_state_idx`` on (kind, state) over
+  every row in place of v10's ``jobs_state_kind_idx`` over resting states (diagnostic: what
+  the index entry that v9 wrote on every claim and completion cost a drain).
 - ``partition-v8``, ``all-v8``: partition, all with schema v8's claim function put back (diagnostic: up to v8 a queue
   with both a concurrency and a partition limit read its running jobs twice per claim).
 
@@ -77,6 +81,7 @@ VARIANTS = {
     "keys-v7-indexes": QueueLimits(),
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
     "keys-leaseidx": QueueLimits(),
+    "none-v9-kind-index": QueueLimits(),
 }
 KEYED = ("partition", "keys-leaseidx", "all", "all-v8", "partition-v8", "partition-keylocks", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
          "partition-v7-indexes", "keys-v7-indexes")
@@ -160,7 +165,12 @@ def load(dsn: str, n: int, completed: int, variant: str) -> None:
         sajobs.load(dsn, n, completed)
         if variant == "none-kind-state-nodedup":
             with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("ALTER INDEX sa_jobs.jobs_kind_state_idx SET (deduplicate_items = off)")
+                conn.execute("ALTER INDEX sa_jobs.jobs_state_kind_idx SET (deduplicate_items = off)")
+        if variant == "none-v9-kind-index":
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("DROP INDEX sa_jobs.jobs_state_kind_idx")
+                conn.execute("CREATE INDEX jobs_kind_state_idx ON sa_jobs.jobs (kind, state)")
+                conn.execute(f"VACUUM ANALYZE {sajobs.JOBS}")
         return
     # Keyed rows are inserted with their key (an UPDATE afterwards would leave the heap
     # twice the size of the unkeyed variants' and skew the comparison).
