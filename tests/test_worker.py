@@ -28,7 +28,7 @@ from sa_jobs._url import to_conninfo
 from sa_jobs.queries import Queries
 from sa_jobs.retry import backoff_bounds, exponential_backoff
 
-from .helpers import jobs_sql, q, run_worker_until, states
+from .helpers import FAST, jobs_sql, q, run_worker_until, states
 
 CALLS: dict[str, list[int]] = {}
 
@@ -512,3 +512,16 @@ def test_a_failed_claim_from_the_start_keeps_the_resumed_jobs(engine, database_u
 
     with pytest.raises(psycopg.OperationalError):  # nothing claimed: the error is the caller's
         anyio.run(nothing_resumed)
+
+
+def test_an_exception_raised_in_the_worker_block_comes_out_as_raised(database_url, schema):
+    """Not wrapped in the ExceptionGroup of the worker's task group: ``except KeyError``
+    around ``async with Worker(...)`` catches the KeyError its body raised."""
+
+    async def main() -> None:
+        with pytest.raises(KeyError, match="mine") as raised:
+            async with Worker(database_url, kinds=ALL, schema=schema, **FAST):
+                raise KeyError("mine")
+        assert raised.type is KeyError
+
+    anyio.run(main)

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 import traceback
 import uuid
@@ -27,6 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import anyio
+
+if sys.version_info < (3, 11):  # anyio depends on the backport there
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 from .. import _validate, schema as schema_mod
 from .._url import database_url_from_env, sqlalchemy_url, to_conninfo
@@ -315,13 +319,21 @@ class Worker:
             raise
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> Optional[bool]:
+    async def __aexit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> Optional[bool]:
         assert self._tg is not None
         try:
             with anyio.CancelScope(shield=True):
                 await self.shutdown()
         finally:
-            return await self._tg.__aexit__(*exc_info)
+            try:
+                return await self._tg.__aexit__(exc_type, exc, tb)
+            except BaseExceptionGroup as group:
+                # The task group wraps the block's own exception in a group; when nothing
+                # else failed, give it back as raised, so ``except KeyError`` around the
+                # ``async with`` catches the KeyError its body raised.
+                if exc is None or group.split(lambda e: e is exc)[1] is not None:
+                    raise
+            raise exc
 
     async def run(self) -> None:
         """Run until :meth:`request_stop` (or a cancellation), then shut down gracefully."""
