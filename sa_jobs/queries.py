@@ -57,6 +57,15 @@ _RELEASE = (
 )
 
 
+# Another job holding the key of the row aliased ``{row}`` (what puts a row in
+# jobs_unique_idx: its state is one of its own unique states); NULL keys match nothing.
+# The predicate is the index's, so this is one probe of jobs_unique_idx.
+_HOLDER = (
+    "SELECT h.id FROM {{jobs}} AS h WHERE h.kind = {row}.kind AND h.unique_key = {row}.unique_key"
+    " AND h.id <> {row}.id AND h.state = ANY (h.unique_states) LIMIT 1"
+)
+
+
 def _claim_statement(*, after: bool) -> str:
     """Claim up to %(limit)s jobs of one queue in one statement.
 
@@ -165,25 +174,43 @@ class Queries:
             # No ORDER BY: jobs_running_idx is ordered by queue first, so ordering by lease
             # would sort every expired job under LockRows (which keeps the sort unbounded)
             # on every batch; unordered, the index scan stops after ``limit`` expired jobs.
+            # A unique job need not hold its key while running: if another job took the
+            # key meanwhile, going back to retryable would make a duplicate (and the
+            # UniqueViolation failed every rescue, and the promotion after it, on every
+            # worker, for good). Such a job ends dead instead (cancelled if dead is one of
+            # its key's states), naming the holder; the Rescuer rescues one job per
+            # statement when two of one batch share a key.
             rescue_expired=r(
                 "WITH expired AS MATERIALIZED ("
-                " SELECT id FROM {jobs} WHERE state = 'running' AND lease_expires_at < now()"
-                " LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-                " UPDATE {jobs} AS j SET"
-                " state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'retryable' END,"
-                " finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,"
+                " SELECT e.id, CASE WHEN e.attempt >= e.max_attempts THEN 'dead' ELSE 'retryable' END AS due,"
+                "  e.unique_states, (" + _HOLDER.format(row="e") + ") AS holder"
+                " FROM {jobs} AS e WHERE e.state = 'running' AND e.lease_expires_at < now()"
+                " LIMIT %(limit)s FOR UPDATE OF e SKIP LOCKED),"
+                " outcome AS (SELECT id, due, holder, CASE"
+                "  WHEN holder IS NULL OR due <> ALL (unique_states) THEN due"
+                "  WHEN 'dead' <> ALL (unique_states) THEN 'dead' ELSE 'cancelled' END AS target FROM expired)"
+                " UPDATE {jobs} AS j SET state = o.target,"
+                " finished_at = CASE WHEN o.target <> 'retryable' THEN now() END,"
                 " scheduled_at = now(), lease_expires_at = NULL,"
                 " errors = j.errors || jsonb_build_array(jsonb_build_object("
                 "  'attempt', j.attempt, 'at', now(), 'worker', j.lease_owner,"
                 "  'error', 'LeaseExpired: the worker stopped heartbeating (crashed, killed"
-                " or partitioned); the attempt is counted'))"
-                " FROM expired WHERE j.id = expired.id"
+                " or partitioned); the attempt is counted' || CASE WHEN o.target <> o.due"
+                "  THEN '; not retried: job ' || o.holder || ' holds its unique key' ELSE '' END))"
+                " FROM outcome AS o WHERE j.id = o.id"
                 " RETURNING j.id, j.state, j.queue, j.kind"
             ),
+            # A due job whose unique key another job holds, and that would hold it once
+            # available, waits (stays scheduled/retryable) until the key is free: promoting
+            # it would make a duplicate, and the UniqueViolation failed every promotion on
+            # every worker. Two due jobs of one key: see Scheduler.
             promote_due=r(
                 "WITH due AS MATERIALIZED ("
-                " SELECT id FROM {jobs} WHERE state IN ('scheduled', 'retryable')"
-                " AND scheduled_at <= now() ORDER BY scheduled_at LIMIT %(limit)s"
+                " SELECT id FROM {jobs} AS d WHERE state IN ('scheduled', 'retryable')"
+                " AND scheduled_at <= now()"
+                " AND NOT (d.unique_key IS NOT NULL AND coalesce('available' = ANY (d.unique_states), false)"
+                "  AND EXISTS (" + _HOLDER.format(row="d") + "))"
+                " ORDER BY scheduled_at LIMIT %(limit)s"
                 " FOR UPDATE SKIP LOCKED)"
                 " UPDATE {jobs} AS j SET state = 'available' FROM due WHERE j.id = due.id"
             ),

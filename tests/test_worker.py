@@ -525,3 +525,79 @@ def test_an_exception_raised_in_the_worker_block_comes_out_as_raised(database_ur
         assert raised.type is KeyError
 
     anyio.run(main)
+
+
+# ---- maintenance and unique keys ---------------------------------------------------------
+
+_UQ_ROW = ("INSERT INTO {jobs} (kind, queue, state, attempt, max_attempts, scheduled_at, claim_token,"
+           " lease_expires_at, unique_key, unique_states) VALUES (%s, 'mq', %s, %s, %s, now() - interval '1 second',"
+           " CASE WHEN %s = 'running' THEN gen_random_uuid() END,"
+           " CASE WHEN %s = 'running' THEN now() - interval '1 second' END, %s, %s) RETURNING id")
+
+
+def _uq_row(database_url, schema, state, key, unique_states, *, kind="mk", attempt=1, max_attempts=3) -> int:
+    return q(database_url, jobs_sql(schema, _UQ_ROW),
+             (kind, state, attempt, max_attempts, state, state, key, list(unique_states)))[0][0]
+
+
+def _run_service(database_url, schema, service) -> None:
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
+            with anyio.fail_after(10):
+                await service.run_once(conn, Queries.for_schema(schema))
+
+    anyio.run(main)
+
+
+def test_rescue_of_a_job_whose_unique_key_another_job_holds_does_not_wedge_maintenance(database_url, schema):
+    """A kind unique while waiting but not while running ("one pending job per key") lets a
+    new job take the key while the old one runs. When the old one's worker dies, it cannot
+    go back to retryable (that would make a duplicate). Before, the rescue UPDATE raised
+    UniqueViolation on every tick of every worker: no expired lease was rescued again, and
+    promotion (later in the same tick) stopped for every job."""
+    from sa_jobs.maintenance.rescuer import Rescuer
+    from sa_jobs.events import NullObserver
+
+    waiting = ("scheduled", "available", "retryable")
+    lost = _uq_row(database_url, schema, "running", "k1", waiting)
+    holder = _uq_row(database_url, schema, "available", "k1", waiting)
+    other = _uq_row(database_url, schema, "running", "k2", waiting)  # same batch, key free
+    # Two expired jobs of one key and nobody else holding it: only one may go back.
+    twin_a = _uq_row(database_url, schema, "running", "k3", waiting)
+    twin_b = _uq_row(database_url, schema, "running", "k3", waiting)
+    _run_service(database_url, schema, Rescuer(NullObserver()))
+    rows = {r[0]: r[1:] for r in q(database_url, jobs_sql(
+        schema, "SELECT id, state, finished_at IS NOT NULL, errors -> -1 ->> 'error' FROM {jobs}"))}
+    assert rows[holder][0] == "available"
+    assert rows[other][:2] == ("retryable", False)
+    assert rows[lost][:2] == ("dead", True)
+    assert rows[lost][2].startswith("LeaseExpired") and f"job {holder} holds its unique key" in rows[lost][2]
+    assert sorted(rows[t][0] for t in (twin_a, twin_b)) == ["dead", "retryable"]
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'running'")) == [(0,)]
+
+
+def test_promotion_of_a_job_whose_unique_key_another_job_holds_waits_and_does_not_wedge(database_url, schema):
+    """A kind unique while available or running (not while scheduled or retryable): a due
+    job whose key another job holds would make a duplicate if promoted. Before, the promote
+    UPDATE raised UniqueViolation on every tick of every worker and no job of any kind was
+    promoted again. Now it waits (stays scheduled) until the key is free."""
+    from sa_jobs.maintenance.scheduler import Scheduler
+
+    ready = ("available", "running")
+    blocked = _uq_row(database_url, schema, "scheduled", "k1", ready)
+    holder = _uq_row(database_url, schema, "available", "k1", ready)
+    free = _uq_row(database_url, schema, "retryable", "k2", ready)
+    plain = _uq_row(database_url, schema, "scheduled", None, ready)
+    twins = [_uq_row(database_url, schema, "scheduled", "k3", ready) for _ in range(2)]
+
+    def state_of() -> dict[int, str]:
+        return dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}")))
+
+    _run_service(database_url, schema, Scheduler())
+    after = state_of()
+    assert (after[blocked], after[holder], after[free], after[plain]) == ("scheduled", "available", "available", "available")
+    assert sorted(after[t] for t in twins) == ["available", "scheduled"]
+    # The holder finishes: the waiting job is promoted on the next run.
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now() WHERE id = %s"), (holder,))
+    _run_service(database_url, schema, Scheduler())
+    assert state_of()[blocked] == "available"

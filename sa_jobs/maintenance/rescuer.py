@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import psycopg
+
 from ..queries import Queries
 from ..events import WorkerObserver, hook
 
@@ -19,8 +21,18 @@ class Rescuer:
         self._batch = batch
 
     async def run_once(self, conn: Any, queries: Queries) -> None:
+        limit = self._batch
         while True:
-            cur = await conn.execute(queries.rescue_expired, {"limit": self._batch})
+            try:
+                cur = await conn.execute(queries.rescue_expired, {"limit": limit})
+            except psycopg.errors.UniqueViolation:
+                # Two jobs of one batch went back to one unique key (the statement checks
+                # each against other rows, not against the batch), or a job took the key
+                # concurrently: one job per statement from here, so each sees the last.
+                if limit == 1:
+                    raise
+                limit = 1
+                continue
             rows = await cur.fetchall()
             if rows:
                 self._observer.rescued(len(rows))
@@ -29,5 +41,5 @@ class Rescuer:
                 # workers shows in the same series as any other job that died.
                 for (queue, kind), n in Counter((r[2], r[3]) for r in rows if r[1] == "dead").items():
                     self._dead(queue, kind, n)
-            if len(rows) < self._batch:
+            if len(rows) < limit:
                 return

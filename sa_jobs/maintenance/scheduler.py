@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+
 from ..events import hook
 from ..queries import Queries
 
@@ -20,11 +22,20 @@ class Scheduler:
         self._promoted = hook(observer, "promoted")
 
     async def run_once(self, conn: Any, queries: Queries) -> None:
-        promoted = 0
+        promoted, limit = 0, self._batch
         while True:
-            cur = await conn.execute(queries.promote_due, {"limit": self._batch})
+            try:
+                cur = await conn.execute(queries.promote_due, {"limit": limit})
+            except psycopg.errors.UniqueViolation:
+                # Two due jobs of one unique key in one batch (the statement checks each
+                # against other rows, not against the batch), or a job took the key
+                # concurrently: one job per statement from here, so each sees the last.
+                if limit == 1:
+                    raise
+                limit = 1
+                continue
             promoted += cur.rowcount
-            if cur.rowcount < self._batch:
+            if cur.rowcount < limit:
                 break
         if promoted:
             self._promoted(promoted)
