@@ -438,6 +438,7 @@ def paused_queues(session: Any) -> list[str]:
 # ---- operator queries: list, show, delete, queue overview (sa-jobs jobs/queues/dead) -------
 
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_MAX_AGE_DAYS = 365 * 1000  # as the Pruner's MAX_AGE
 
 
 def parse_age(text: str) -> dt.timedelta:
@@ -448,7 +449,11 @@ def parse_age(text: str) -> dt.timedelta:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text or "")
     if match is None:
         raise ConfigurationError(f"invalid age {text!r}: use a number with a unit, such as 90s, 15m, 12h, 7d or 2w")
-    return dt.timedelta(seconds=float(match.group(1)) * _AGE_UNITS[match.group(2) or "s"])
+    seconds = float(match.group(1)) * _AGE_UNITS[match.group(2) or "s"]
+    # now() - age must stay a timestamp (and a timedelta): refused here, not by the database.
+    if seconds > _MAX_AGE_DAYS * 86400:
+        raise ConfigurationError(f"invalid age {text!r}: at most {_MAX_AGE_DAYS}d")
+    return dt.timedelta(seconds=seconds)
 
 
 def check_state(state: str) -> str:

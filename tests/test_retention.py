@@ -124,6 +124,36 @@ def test_invalid_retention_settings():
     assert Pruner.leader_only is True
 
 
+def test_ages_beyond_the_timestamp_range_are_refused_up_front(database_url, schema):
+    """An age meaning "practically forever" (timedelta.max, 10,000 years, inf) was accepted,
+    then every run failed in the database (now() - age: DatetimeFieldOverflow): the
+    leader's maintenance tick raised each second, dropping leadership, and no state (nor a
+    leader-only service after the pruner) ran again. ``sa-jobs prune --older-than`` with
+    such an age printed a traceback. Now a ConfigurationError at construction (or a usage
+    error), and the largest accepted age runs."""
+    from sa_jobs.admin import parse_age
+    from sa_jobs.maintenance.pruner import MAX_AGE
+
+    for age in (dt.timedelta.max, dt.timedelta(days=365 * 10_000), float("inf"), 1e15):
+        with pytest.raises(ConfigurationError, match="keep a state forever"):
+            Pruner(dead=age)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError):
+            prune(to_conninfo(database_url), schema, {"dead": age})
+    for text in ("9999999d", "99999999999999w", "9" * 400):
+        with pytest.raises(ConfigurationError):
+            parse_age(text)
+    _seed(database_url, schema, "dead", 3, "2 days")
+    pruner = Pruner(completed=MAX_AGE, cancelled=None, dead=dt.timedelta(days=1), interval=0)
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
+            await pruner.run_once(conn, Queries.for_schema(schema))
+
+    anyio.run(main)
+    assert pruner.deleted == {"completed": 0, "dead": 3}
+    assert prune(to_conninfo(database_url), schema, {"completed": MAX_AGE}, dry_run=True) == {"completed": 0}
+
+
 @pytest.mark.slow
 def test_prune_one_million_rows(database_url, schema):
     """Measurement for docs/queue-control.md: 1M rows (900k completed + 50k dead to prune,

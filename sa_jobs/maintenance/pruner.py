@@ -29,6 +29,9 @@ from ..states import FINISHED_STATES
 log = logging.getLogger("sa_jobs.maintenance")
 
 DEFAULT_BATCH = 5000
+# The longest retention age: ``now() - age`` must stay a timestamp (PostgreSQL's start at
+# 4713 BC), or every run fails in the database. Longer means forever: that is ``None``.
+MAX_AGE = dt.timedelta(days=365 * 1000)
 
 _DELETE = (
     "WITH doomed AS MATERIALIZED ("
@@ -77,6 +80,10 @@ def retention_ages(ages: Mapping[str, Any]) -> dict[str, float]:
             )
         seconds = _seconds(age, state)
         if seconds is not None:
+            if seconds > MAX_AGE.total_seconds():
+                raise ConfigurationError(
+                    f"{state} must be at most {MAX_AGE.days} days, not {age!r}; use None to keep a state forever"
+                )
             result[state] = seconds
     return result
 
