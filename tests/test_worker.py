@@ -601,3 +601,55 @@ def test_promotion_of_a_job_whose_unique_key_another_job_holds_waits_and_does_no
     q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now() WHERE id = %s"), (holder,))
     _run_service(database_url, schema, Scheduler())
     assert state_of()[blocked] == "available"
+
+
+def test_a_leader_whose_session_died_inside_a_service_does_not_stay_leader_on_a_new_one(database_url, schema):
+    """The leader lock lives as long as the maintainer's session. A leader-only service
+    that logs and goes on after a failed statement (best effort, as a user's cleanup may)
+    can swallow the error of a session the server ended (pg_terminate_backend, a failover);
+    the tick then ends normally. Before, the next tick reconnected and, still "leader",
+    ran leader-only services on a session without the lock, while another worker took the
+    lock too: two leaders, for good. Now leadership is tied to the session that took it."""
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.leader import Maintainer
+
+    runs: list[tuple[str, bool]] = []  # (maintainer, did its session hold the leader lock)
+
+    class BestEffort:
+        name, leader_only = "best_effort", True
+
+        def __init__(self, who: str, end_session: bool) -> None:
+            self.who, self.end_session = who, end_session
+
+        async def run_once(self, conn, queries) -> None:
+            try:
+                if self.end_session:  # the server ends this session mid-task
+                    self.end_session = False
+                    await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+                cur = await conn.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                                         " AND pid = pg_backend_pid() AND granted)")
+                runs.append((self.who, (await cur.fetchone())[0]))
+            except psycopg.Error:
+                pass  # best effort: retried next run
+
+    queries, conninfo = Queries.for_schema(schema), to_conninfo(database_url)
+    a = Maintainer(conninfo, queries, NullObserver(), [BestEffort("a", end_session=True)], interval=0.02)
+    b = Maintainer(conninfo, queries, NullObserver(), [BestEffort("b", end_session=False)], interval=0.02)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await a.tick()  # a takes the lock, and its session ends inside the service
+            assert a.is_leader and runs == []
+            tg.start_soon(b.run)
+            with anyio.fail_after(10):
+                while not b.is_leader:  # a's lock went with its session: b takes over
+                    await anyio.sleep(0.01)
+            tg.start_soon(a.run)
+            with anyio.fail_after(10):
+                while len([r for r in runs if r[0] == "b"]) < 5 or len(runs) < 10:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert all(held for _, held in runs), runs  # leader-only work only on the lock's session
+    assert {who for who, _ in runs} == {"b"}

@@ -52,6 +52,7 @@ class Maintainer:
         self._services = services
         self._interval = interval
         self.is_leader = False
+        self._lock_conn: Any = None  # the connection whose session holds the leader lock
         self._ran = hook(observer, "maintenance_ran")
         for service in services:
             bind = getattr(service, "bind_observer", None)
@@ -80,9 +81,14 @@ class Maintainer:
             await self._conn.discard()
 
     async def _tick(self, conn: Any) -> None:
+        if self.is_leader and conn is not self._lock_conn:
+            # The session that took the lock is gone (a service swallowed the error of a
+            # session the server ended) and get() opened a new one, without the lock.
+            self._set_leader(False)
         if not self.is_leader:
             cur = await conn.execute(self._q.try_leader_lock)
             self._set_leader(bool((await cur.fetchone())[0]))
+            self._lock_conn = conn if self.is_leader else None
         for service in self._services:
             if self.is_leader or not service.leader_only:
                 started = time.perf_counter()
