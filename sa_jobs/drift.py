@@ -61,12 +61,16 @@ _QUERIES: Mapping[str, str] = {
         WHERE n.nspname = %(s)s AND p.proname = ANY(%(functions)s)""",
 }
 
-_TABLES = [schema_mod.JOBS_TABLE, schema_mod.VERSION_TABLE]
+# Every table some version creates: the claim reads ``queues`` (pause, limits) and the
+# periodic service ``periodic``, so their columns and constraints drift like the jobs table's.
+# Only those the installed version creates are compared (``_expected``'s table names), so
+# an app table of the same name in a shared schema is not reported before version 3.
+_TABLES = [schema_mod.JOBS_TABLE, schema_mod.VERSION_TABLE, schema_mod.QUEUES_TABLE, schema_mod.PERIODIC_TABLE]
 
 
-def _snapshot(conn: Any, schema: str, functions: list[str]) -> Snapshot:
+def _snapshot(conn: Any, schema: str, functions: list[str], tables: list[str] = _TABLES) -> Snapshot:
     conn.execute(sql.SQL("SET LOCAL search_path TO {}, pg_catalog").format(sql.Identifier(schema)))
-    params = {"s": schema, "tables": _TABLES, "functions": functions}
+    params = {"s": schema, "tables": tables, "functions": functions}
     return {kind: dict(conn.execute(query, params).fetchall()) for kind, query in _QUERIES.items()}
 
 
@@ -144,7 +148,8 @@ def check_drift(conninfo: str, schema: str = schema_mod.DEFAULT_SCHEMA) -> list[
                     f" {schema_mod.LATEST_VERSION}; {fix}"
                 )
             expected = _expected(conn, schema, version)
-            found = _snapshot(conn, schema, sorted({n.partition("(")[0] for n in expected["function"]}))
+            found = _snapshot(conn, schema, sorted({n.partition("(")[0] for n in expected["function"]}),
+                              sorted(expected["table"]))
             return lines + _diff(expected, found)
         finally:
             conn.rollback()

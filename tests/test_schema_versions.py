@@ -340,6 +340,10 @@ HAND_CHANGES: dict[str, tuple[str, str]] = {
     "retyped column": ("ALTER TABLE {s}.jobs ALTER COLUMN priority TYPE integer", "column jobs.priority differs"),
     "dropped column": ("ALTER TABLE {s}.jobs DROP COLUMN progress", "column jobs.progress is missing"),
     "dropped check": ("ALTER TABLE {s}.jobs DROP CONSTRAINT jobs_state_check", "constraint jobs_state_check is missing"),
+    # The other tables the worker reads: the claim's queue settings, the periodic slots.
+    "dropped queue column": ("ALTER TABLE {s}.queues DROP COLUMN paused", "column queues.paused is missing"),
+    "periodic column nullable": (
+        "ALTER TABLE {s}.periodic ALTER COLUMN last_slot DROP NOT NULL", "column periodic.last_slot differs"),
     "silenced function": (
         "CREATE OR REPLACE FUNCTION {s}.notify_jobs_inserted() RETURNS trigger LANGUAGE plpgsql"
         " AS $$ BEGIN RETURN NULL; END $$",
