@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from .errors import ConfigurationError
 
@@ -25,8 +26,26 @@ def _parse(target: object):
     try:
         url = make_url(target.strip())
     except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
-        raise ConfigurationError(f"not a database URL: {target!r} ({exc})") from None
+        raise ConfigurationError(f"not a database URL: {redact(target.strip())!r} ({exc})") from None
     return url
+
+
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.I)
+
+
+def redact(text: str) -> str:
+    """``text`` (a URL or conninfo that failed to parse) with its password replaced by ``***``,
+    for error messages: they reach terminals, CI logs and log aggregators. Everything
+    between the user's ``:`` and the last ``@`` goes, so a password holding ``@``, ``/``
+    or ``:`` unescaped is hidden whole (over-redacting an odd URL is the safe side)."""
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            text = f"{scheme}://{user}:***@{host}"
+    # Keyword conninfo (``password=...``) and the query-string form (``?password=...``).
+    return _KEYWORD_PASSWORD.sub(r"\1***", text)
 
 
 def sqlalchemy_url(target: object, *, async_: bool = False) -> str:

@@ -182,3 +182,17 @@ def test_retry_and_replay_skip_a_unique_job_whose_key_is_held_again(capsys, data
 def test_a_url_with_a_bad_port_is_refused_with_a_clear_error(capsys, schema, url):
     code, _, err = run(capsys, url, schema, "jobs", "list")
     assert code == 2 and "not a database URL" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://ops:s3cr3t@h:notaport/db",
+    "postgresql://ops:s3cr3t@with@at@h:notaport/db",  # an unescaped @ in the password
+    "postgresql://ops@h:notaport/db?password=s3cr3t",
+])
+@pytest.mark.parametrize("argv", [("jobs", "list"), ("migrate",), ("prune", "--older-than", "1d")])
+def test_a_refused_url_never_prints_its_password(capsys, schema, url, argv):
+    """The error names the URL so the operator sees what was wrong, but terminals and CI
+    logs must not receive the password it carries."""
+    code, out, err = run(capsys, url, schema, *argv)
+    assert code == 2 and "not a database URL" in err and "h:notaport" in err
+    assert "s3cr3t" not in out + err and "Traceback" not in err
