@@ -67,6 +67,13 @@ def upgrade_version(version: int) -> None:
         for stmt in schema_mod.upgrade_statements(version, schema):
             _execute(stmt)
     concurrent = schema_mod.concurrent_statements(version, schema)
+    if concurrent and online:
+        # A build that died in the server left an invalid index, which IF NOT EXISTS
+        # would keep: drop it so that re-running the revision really builds it.
+        names = list(schema_mod.migration(version).concurrent_indexes)
+        invalid = [r[0] for r in op.get_bind().execute(
+            text(schema_mod.INVALID_INDEXES_SQL), {"schema": schema, "names": names})] if names else []
+        concurrent = [*schema_mod.drop_invalid_statements(invalid, schema), *concurrent]
     if concurrent:
         # CREATE INDEX CONCURRENTLY cannot run inside a transaction: this commits what ran
         # so far (the version is recorded) and builds the index without blocking writers.

@@ -693,15 +693,42 @@ def _index_missing(conn, schema: str, name: str) -> bool:  # type: ignore[no-unt
     return bool(conn.execute("SELECT to_regclass(%s) IS NULL", (index,)).fetchone()[0])
 
 
+def invalid_indexes(conn, schema: str, version: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """The indexes ``version`` builds CONCURRENTLY that exist but are invalid: what a build
+    that died in the server (terminated, statement_timeout, a restart) leaves behind.
+    ``CREATE INDEX ... IF NOT EXISTS`` skips them, so a re-run must drop them first."""
+    names = list(migration(version).concurrent_indexes)
+    if not names:
+        return []
+    rows = conn.execute(INVALID_INDEXES_SQL.replace(":schema", "%s").replace(":names", "%s"),
+                        (schema, names)).fetchall()
+    return [r[0] for r in rows]
+
+
+# Named parameters (:schema, :names) for SQLAlchemy's text(); invalid_indexes() rewrites them for psycopg.
+INVALID_INDEXES_SQL = (
+    "SELECT c.relname FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid"
+    " JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = :schema AND c.relname = ANY(:names) AND NOT x.indisvalid ORDER BY c.relname"
+)
+
+
+def drop_invalid_statements(names: Sequence[str], schema: str = DEFAULT_SCHEMA) -> list[str]:
+    """``DROP INDEX CONCURRENTLY IF EXISTS`` for each of ``names`` (see :func:`invalid_indexes`)."""
+    schema = _validate.schema_name(schema)
+    return [_drop_index(schema, n, concurrently=True).as_string() for n in names]
+
+
 def _needs_concurrent_run(conn, schema: str, m: Migration, upto: int) -> bool:  # type: ignore[no-untyped-def]
     """Whether ``m``'s CONCURRENTLY statements are unfinished: an index it builds is
-    missing (unless a later version up to ``upto`` drops it), or one it drops remains.
-    Run in version order, so that a rebuilt dropped index is dropped again after."""
+    missing (unless a later version up to ``upto`` drops it) or invalid, or one it drops
+    remains. Run in version order, so that a rebuilt dropped index is dropped again after."""
     if not m.concurrent_indexes and not m.dropped_indexes:
         return True
     dropped_later = _dropped_after(m.version, upto)
     return (any(_index_missing(conn, schema, n) for n in m.concurrent_indexes if n not in dropped_later)
-            or any(not _index_missing(conn, schema, n) for n in m.dropped_indexes))
+            or any(not _index_missing(conn, schema, n) for n in m.dropped_indexes)
+            or bool(invalid_indexes(conn, schema, m.version)))
 
 
 def _build_concurrently(conn, schema: str, upto: int) -> None:  # type: ignore[no-untyped-def]
@@ -719,7 +746,10 @@ def _build_concurrently(conn, schema: str, upto: int) -> None:  # type: ignore[n
     try:
         for m in pending:
             if _needs_concurrent_run(conn, schema, m, upto):
-                for stmt in concurrent_statements(m.version, schema, upto=upto):
+                # Under the session lock no other installer is building these: an invalid
+                # one is a dead build's leftover, which IF NOT EXISTS would keep for good.
+                for stmt in [*drop_invalid_statements(invalid_indexes(conn, schema, m.version), schema),
+                             *concurrent_statements(m.version, schema, upto=upto)]:
                     conn.execute(stmt)
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))

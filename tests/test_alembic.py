@@ -29,6 +29,7 @@ from sa_jobs.drift import check_drift
 SA_JOBS_HEAD = f"sa_jobs_{schema_mod.LATEST_VERSION:04d}"
 
 from .conftest import REPO_ROOT, pg_bin
+from .helpers import wait_for
 
 EXAMPLE_APP = REPO_ROOT / "examples" / "alembic_app"
 APP_HEAD = "a1c0ffee0001"
@@ -271,4 +272,28 @@ def test_offline_sql_applies_with_psql_and_builds_concurrently_outside_a_transac
     )
     assert result.returncode == 0, result.stderr
     assert app.heads() == {SA_JOBS_HEAD}
+    assert check_drift(app.url, "sa_jobs") == []
+
+
+def test_rerunning_the_upgrade_rebuilds_an_index_whose_concurrent_build_was_killed(app: App) -> None:
+    """A CREATE INDEX CONCURRENTLY that dies in the server leaves an invalid index, which
+    IF NOT EXISTS would skip: the re-run revision must drop and rebuild it."""
+    app.alembic("upgrade", "sa_jobs_0002")
+    with psycopg.connect(app.url) as holder:  # a snapshot every concurrent build waits for
+        holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        holder.execute("SELECT 1")
+        env = {**os.environ, "DATABASE_URL": app.url, "PYTHONPATH": str(REPO_ROOT)}
+        upgrade = subprocess.Popen([sys.executable, "-m", "alembic", "upgrade", "heads"], cwd=app.path, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        building = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND query LIKE 'CREATE UNIQUE INDEX CONCURRENTLY%' AND wait_event_type = 'Lock'")
+        assert wait_for(lambda: bool(run_sql(app.url, building)), timeout=30), upgrade.communicate()
+        run_sql(app.url, "SELECT pg_terminate_backend(pid) FROM (" + building + ") b")
+        assert upgrade.wait(timeout=30) != 0
+    invalid = "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('sa_jobs.jobs_unique_idx')"
+    assert run_sql(app.url, invalid) == [(False,)]
+
+    app.alembic("upgrade", "heads")
+
+    assert run_sql(app.url, invalid) == [(True,)]
     assert check_drift(app.url, "sa_jobs") == []

@@ -20,6 +20,7 @@ from sa_jobs.errors import InvalidIdentifierError, SchemaVersionError
 from sa_jobs.queries import Queries
 
 from .conftest import REPO_ROOT, new_schema_name, worker_command
+from .helpers import wait_for
 
 EXAMPLE_APP = REPO_ROOT / "examples" / "alembic_app"
 
@@ -185,6 +186,39 @@ def test_install_heals_a_version_whose_index_a_later_version_replaced(db: str, f
     assert check_drift(db, fresh_schema) == []
 
 
+def test_a_rerun_rebuilds_an_index_whose_concurrent_build_was_killed(db: str, fresh_schema: str) -> None:
+    """An upgrade whose CREATE INDEX CONCURRENTLY dies in the server (a terminated
+    backend, a statement_timeout, a restart) leaves an invalid index of that name, which
+    IF NOT EXISTS skips: the re-run must rebuild it, not report success while unique
+    enqueues fail for want of a valid arbiter index."""
+    schema_mod.install(db, fresh_schema, to_version=2)
+    insert_jobs(db, fresh_schema, 50)
+    # A repeatable-read snapshot: every concurrent build waits for it to end.
+    with psycopg.connect(db) as holder:
+        holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        holder.execute("SELECT 1")
+        installer = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from sa_jobs import schema; schema.install(sys.argv[1], sys.argv[2])",
+             db, fresh_schema], cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        building = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()" \
+                   " AND query LIKE 'CREATE UNIQUE INDEX CONCURRENTLY%' AND wait_event_type = 'Lock'"
+        assert wait_for(lambda: bool(run_sql(db, building)), timeout=30), installer.communicate()
+        run_sql(db, "SELECT pg_terminate_backend(pid) FROM (" + building + ") b")
+        assert installer.wait(timeout=30) != 0
+    index = f"{fresh_schema}.{schema_mod.UNIQUE_INDEX}"
+    invalid = "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)"
+    assert run_sql(db, invalid, (index,)) == [(False,)]  # what the killed build left
+
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
+
+    assert run_sql(db, invalid, (index,)) == [(True,)]
+    assert check_drift(db, fresh_schema) == []
+    run_sql(db, sql.SQL("INSERT INTO {} (kind, unique_key, unique_states) VALUES ('k', 'once', '{{available}}')"
+                        " ON CONFLICT (kind, unique_key) WHERE " + schema_mod.UNIQUE_PREDICATE + " DO NOTHING"
+                        ).format(sql.Identifier(fresh_schema, "jobs")))
+
+
 def test_an_upgrade_past_version_8_does_not_build_the_indexes_it_drops() -> None:
     """Version 4 builds jobs_running_partition_idx and version 8 drops it: an install
     that goes from below 4 to 8 must not read the table to build it for nothing."""
@@ -240,12 +274,14 @@ def test_a_failed_build_of_the_running_index_keeps_the_indexes_it_replaces(db: s
     with pytest.raises(psycopg.errors.UniqueViolation):
         run_sql(db, sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} (kind)").format(
             sql.Identifier(schema_mod.RUNNING_INDEX), jobs))
+    # The statements as `migrate --sql` and `alembic upgrade --sql` emit them: no drop first.
     with pytest.raises(psycopg.errors.RaiseException, match="missing or invalid"):
-        schema_mod.install(db, fresh_schema)
+        with psycopg.connect(db, autocommit=True) as conn:
+            for stmt in schema_mod.concurrent_statements(8, fresh_schema):
+                conn.execute(stmt)
     names = {r[0] for r in run_sql(db, "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (fresh_schema,))}
     assert {schema_mod.LEASE_INDEX, schema_mod.RUNNING_PARTITION_INDEX} <= names
-    # As the message says: drop it and run the upgrade again.
-    run_sql(db, sql.SQL("DROP INDEX {}").format(sql.Identifier(fresh_schema, schema_mod.RUNNING_INDEX)))
+    # install() drops the invalid index and builds it again before the drops.
     assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
     assert check_drift(db, fresh_schema) == []
 
