@@ -2,8 +2,9 @@
 commands: jobs list|show|retry|cancel|delete, queues [pause|resume], dead replay, prune.
 
 Operator commands print a table by default and JSON with ``--json``; bad ids, states,
-queue and kind names and ages are refused with one clear line (exit 2); ids that exist
-but are not in a state the action accepts are reported on stderr (exit 1).
+queue and kind names and ages, a schema not at this sa-jobs' version and database errors
+are refused with one clear line (exit 2); ids that exist but are not in a state the action
+accepts are reported on stderr (exit 1).
 """
 
 from __future__ import annotations
@@ -129,6 +130,16 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_schema(args: argparse.Namespace) -> None:
+    """Refuse an operator command on a queue schema that is missing, older or newer than
+    this sa-jobs (SchemaVersionError naming the fix), as the worker does at start; its
+    queries would otherwise die on an undefined table or column, with a driver traceback."""
+    from . import _validate
+    from ._url import to_conninfo
+
+    schema_mod.check_version(to_conninfo(_database_url(args)), _validate.schema_name(args.schema))
+
+
 def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from sqlalchemy import create_engine
 
@@ -136,6 +147,7 @@ def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ._url import sqlalchemy_url
 
     schema = _validate.schema_name(args.schema)
+    _require_schema(args)
     engine = create_engine(sqlalchemy_url(_database_url(args)))
     if schema != schema_mod.DEFAULT_SCHEMA:
         engine = engine.execution_options(schema_translate_map={schema_mod.DEFAULT_SCHEMA: schema})
@@ -442,6 +454,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     states = args.state or list(FINISHED_STATES)
     ages = {s: args.older_than for s in states}
+    _require_schema(args)
     progress = Progress("pruning ", args.progress)
     result = prune(to_conninfo(_database_url(args)), args.schema, ages, batch=args.batch, progress=progress,
                    dry_run=args.dry_run)
@@ -641,11 +654,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as exc:  # noqa: BLE001 - typed errors become one line and exit 2
-        error = _typed_error(exc)
+        error: Optional[object] = _typed_error(exc)
+        if error is None:
+            error = _database_error(exc)
         if error is None:
             raise
         print(f"sa-jobs: {error}", file=sys.stderr)
         return 2
+
+
+def _database_error(exc: BaseException) -> Optional[str]:
+    """One line for a driver error (server unreachable, authentication, a failed
+    statement): the operator needs the server's message, not a traceback through the
+    driver. Its first line only: later ones (SQLAlchemy's) repeat the statement and
+    its parameters."""
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
+    original = exc.orig if isinstance(exc, DBAPIError) else exc
+    if not isinstance(original, psycopg.Error):
+        return None
+    state = getattr(original.diag, "sqlstate", None)
+    message = (str(original).strip().splitlines() or [type(original).__name__])[0]
+    return f"database error: {message}" + (f" (SQLSTATE {state})" if state else "")
 
 
 def _typed_error(exc: BaseException) -> Optional[SaJobsError]:

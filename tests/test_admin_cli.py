@@ -196,3 +196,41 @@ def test_a_refused_url_never_prints_its_password(capsys, schema, url, argv):
     code, out, err = run(capsys, url, schema, *argv)
     assert code == 2 and "not a database URL" in err and "h:notaport" in err
     assert "s3cr3t" not in out + err and "Traceback" not in err
+
+
+OPERATOR_COMMANDS = [
+    ("jobs", "list"), ("jobs", "list", "--json"), ("jobs", "show", "1"), ("jobs", "retry", "1"),
+    ("jobs", "cancel", "--state", "available"), ("jobs", "delete", "1"), ("queues",), ("queues", "pause", "q"),
+    ("queues", "limit", "q", "--concurrency", "2"), ("dead", "replay", "--all-kinds"),
+    ("prune", "--older-than", "1d"), ("retry", "1"),
+]
+
+
+@pytest.mark.parametrize("argv", OPERATOR_COMMANDS, ids=" ".join)
+def test_a_schema_not_installed_or_older_is_one_line_naming_the_fix(capsys, database_url, argv):
+    """Not a traceback through the driver (undefined table or column): the operator is told
+    the version found and the command that fixes it, as the worker tells at start."""
+    from sa_jobs import schema as schema_mod
+
+    from .conftest import new_schema_name
+
+    missing = new_schema_name()
+    code, out, err = run(capsys, database_url, missing, *argv)
+    assert code == 2 and "Traceback" not in err and out == "", err
+    assert f"is at version 0 but this sa-jobs needs {schema_mod.LATEST_VERSION}" in err
+    assert f"sa-jobs migrate --schema {missing}" in err
+    older = new_schema_name()
+    schema_mod.install(database_url, older, to_version=3)
+    try:
+        code, out, err = run(capsys, database_url, older, *argv)
+        assert code == 2 and "Traceback" not in err and "is at version 3" in err, err
+    finally:
+        schema_mod.uninstall(database_url, older)
+
+
+@pytest.mark.parametrize("argv", [*OPERATOR_COMMANDS, ("migrate",), ("check",)], ids=" ".join)
+def test_an_unreachable_server_is_one_line(capsys, schema, argv):
+    code, out, err = run(capsys, "postgresql://ops:s3cr3t@127.0.0.1:1/db", schema, *argv)
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    assert err.startswith("sa-jobs: database error: connection failed") and len(err.splitlines()) == 1, err
+    assert "s3cr3t" not in err
