@@ -61,13 +61,23 @@ def sqlalchemy_url(target: object, *, async_: bool = False) -> str:
 
 
 def to_conninfo(target: object) -> str:
-    """A libpq connection string for raw psycopg connections (the worker's hot path)."""
+    """A libpq connection string for raw psycopg connections (the worker's hot path).
+
+    Keyword form (``host=... password=...``), built from the parsed URL's parts: rendering
+    the URL again would leave characters SQLAlchemy does not escape (a space) raw, and
+    libpq refuses such a URL, quoting its password in the error."""
+    from psycopg.conninfo import make_conninfo
+
     url = _parse(target)
     if url.drivername not in _POSTGRES_SCHEMES:
         raise ConfigurationError(
             f"sa-jobs needs PostgreSQL; got a {url.drivername!r} URL (use postgresql://)"
         )
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+    # A repeated query key (?host=a&host=b) is libpq's comma-separated multi-host list.
+    query = {k: ",".join(v) if isinstance(v, tuple) else v for k, v in url.query.items()}
+    parts = {"host": url.host, "port": url.port, "user": url.username, "password": url.password,
+             "dbname": url.database, **query}
+    return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
 
 
 def database_url_from_env() -> str | None:
