@@ -130,6 +130,8 @@ class Queries:
     states_of: str
     queue_settings: str
     claim_limited: str
+    unique_holder: str
+    drop_unique_key: str
 
     @classmethod
     def for_schema(cls, schema: str = DEFAULT_SCHEMA) -> "Queries":
@@ -158,6 +160,17 @@ class Queries:
                 " f AS (" + _FINISH.format(p="f_") + " RETURNING 1),"
                 " r AS (" + _RELEASE.format(p="r_") + " RETURNING 1)"
                 " SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM f), (SELECT count(*) FROM r)"
+            ),
+            # For an outcome the unique index refused (see Completer._write_superseded):
+            # the job that took this running job's key meanwhile, and the key's states.
+            unique_holder=r(
+                "SELECT h.id, me.unique_states FROM {jobs} AS me JOIN {jobs} AS h ON h.kind = me.kind"
+                " AND h.unique_key = me.unique_key AND h.id <> me.id AND h.state = ANY (h.unique_states)"
+                " WHERE me.id = %(id)s AND me.claim_token = %(token)s AND (me.state || '') = 'running' LIMIT 1"
+            ),
+            drop_unique_key=r(
+                "UPDATE {jobs} AS j SET unique_key = NULL"
+                " WHERE j.id = %(id)s AND j.claim_token = %(token)s AND {running}"
             ),
             # Progress rides along: a handler's progress report costs no round trip.
             heartbeat_many=r(

@@ -12,11 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from sa_jobs import ConfigurationError, Job, Unique, enqueue_many
+from sa_jobs import ConfigurationError, Job, JobContext, Unique, constant_backoff, enqueue_many
 from sa_jobs._url import sqlalchemy_url
 from sa_jobs.schema import DEFAULT_SCHEMA
 
-from .helpers import jobs_sql, q
+from .helpers import jobs_sql, q, run_worker_until
 
 
 class UqDigest(Job, kind="uq_digest", queue="uq", unique=Unique(by=("user_id",))):
@@ -447,3 +447,50 @@ def test_concurrent_bulk_enqueues_in_opposite_orders_do_not_deadlock(database_ur
     assert errors == []
     assert len(_rows(database_url, schema, "uq_digest")) == 300
     assert _deadlocks(database_url) == before
+
+
+# The key is free while the job runs ('running' is not one of its states).
+HOLDER_ENGINE: list = []
+
+
+class UqFreeWhileRunning(Job, kind="uq_free_while_running", queue="uq_run", max_attempts=3,
+                         backoff=constant_backoff(0.05),
+                         unique=Unique(by=("user_id",), states=("available", "scheduled", "retryable", "completed"))):
+    pass
+
+
+@UqFreeWhileRunning.handler
+def uq_free_while_running(ctx: JobContext, user_id: int, then: str) -> str:
+    # Another job takes the key meanwhile; it waits in a queue this worker does not serve.
+    with Session(HOLDER_ENGINE[0]) as session, session.begin():
+        session.add(UqFreeWhileRunning(user_id=user_id, then="wait").options(queue="uq_elsewhere"))
+    if then == "raise":
+        raise ValueError("card declined")
+    return "sent"
+
+
+@pytest.mark.parametrize("then", ["return", "raise"])
+def test_an_outcome_on_a_key_taken_while_the_job_ran_is_written(engine, database_url, schema, then):
+    """The unique index refuses the outcome's state (completed, or retryable for a retry):
+    the completer used to drop it, so the job sat running until its lease ran out, its
+    result or error lost, and was then rescued. Now a finished job keeps its outcome and
+    gives up the key; one that would run again ends dead, naming the holder."""
+    HOLDER_ENGINE[:] = [engine]
+    with Session(engine) as session, session.begin():
+        session.add(UqFreeWhileRunning(user_id=7, then=then))
+
+    def first() -> tuple:
+        return q(database_url, jobs_sql(schema, "SELECT state, result, unique_key, errors FROM {jobs} WHERE id = 1"))[0]
+
+    run_worker_until(database_url, schema, [UqFreeWhileRunning], lambda: first()[0] in ("completed", "dead"),
+                     timeout=20, lease=10.0)
+    state, result, unique_key, errors = first()
+    holder = q(database_url, jobs_sql(schema, "SELECT id, state, queue, unique_key IS NOT NULL FROM {jobs} WHERE id <> 1"))
+    assert holder == [(2, "available", "uq_elsewhere", True)]
+    if then == "return":
+        assert (state, result, unique_key) == ("completed", "sent", None)
+    else:
+        assert state == "dead", errors
+        assert unique_key is not None  # dead is not one of its states: it keeps the key
+        assert "ValueError: card declined" in errors[-1]["error"]
+        assert "not run again: job 2 holds its unique key" in errors[-1]["error"]

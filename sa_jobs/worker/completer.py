@@ -8,10 +8,12 @@ until its lease expires, when it is rescued and re-run (at-least-once, never stu
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable, Optional
 
 import anyio
+import psycopg
 
 from ..queries import Queries
 from .._connection import ManagedConnection, describe, is_transient
@@ -116,7 +118,44 @@ class Completer:
                     self._pending[:0] = batch[i:]
                     await self._conn.discard()
                     return
+                if isinstance(exc, psycopg.errors.UniqueViolation):
+                    try:
+                        if await self._write_superseded(outcome):
+                            continue
+                    except Exception as again:  # noqa: BLE001 - logged below, as any refusal
+                        exc = again
                 log.error("completer: dropping the %s outcome of job %s (%s)", outcome.action, outcome.job.id, describe(exc))
+
+    async def _write_superseded(self, outcome: Outcome) -> bool:
+        """Write an outcome the unique index refused: another job took this one's key while
+        it ran (its key's states leave out 'running'), and the state the outcome names
+        would hold the key too. Dropping it would leave the job running until its lease
+        ran out, its result or error lost. As the rescuer does, a job that would run again
+        (a retry, a snooze, a release) ends dead instead, naming the holder (cancelled if
+        dead holds the key too); a final state is kept. The job gives its key up if its
+        final state would still hold it. False if the row is no longer ours or no job
+        holds its key (then the refusal was something else)."""
+        job = outcome.job
+        conn = await self._conn.get()
+        with self._conn.deadline():
+            async with conn.transaction():
+                row = await (await conn.execute(self._q.unique_holder, {"id": job.id, "token": job.token})).fetchone()
+                if row is None:
+                    return False
+                holder, states = row[0], list(row[1] or ())
+                target = {"complete": "completed", "release": "available"}.get(outcome.action, outcome.target)
+                if target not in ("completed", "dead", "cancelled"):
+                    target = "dead" if "dead" not in states else "cancelled"
+                    note = f"not run again: job {holder} holds its unique key"
+                    error = json.loads(outcome.error_json) if outcome.error_json else {
+                        "attempt": job.attempt, "error": "Released at shutdown"}
+                    error["error"] = f"{error.get('error', '')}; {note}"
+                    outcome = Outcome(job, "finish", target=target, error_json=json.dumps(error))
+                if target in states:
+                    await conn.execute(self._q.drop_unique_key, {"id": job.id, "token": job.token})
+                log.warning("completer: job %s ends %s; job %s took its unique key while it ran", job.id, target, holder)
+                await self._write(conn, [outcome])
+        return True
 
     async def drain(self, timeout: float) -> bool:
         """Flush until nothing is pending or ``timeout`` passes; True if all landed."""
