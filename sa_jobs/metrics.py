@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from psycopg import sql
 
 from . import _validate
+from .errors import ConfigurationError
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
 from .events import OUTCOMES
 
@@ -570,7 +571,13 @@ def start_metrics_server(
     if database_url is not None:
         depth = QueueDepthCollector(database_url, schema, ttl=depth_ttl)
         reg.register(depth)
-    server, thread = start_http_server(port, addr=host, registry=reg)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=reg)
+    except OSError as exc:  # port taken, address not ours: one clear line, not a traceback
+        if depth is not None:
+            reg.unregister(depth)
+            depth.close()
+        raise ConfigurationError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
     return MetricsServer(observer, reg, host, int(server.server_port), depth, server, thread)
 
 

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sa_jobs import Periodic, PeriodicJobs, Pruner
+from sa_jobs import ConfigurationError, Periodic, PeriodicJobs, Pruner
 from sa_jobs._url import to_conninfo
 from sa_jobs.events import MAINTENANCE_HOOKS, hook
 from sa_jobs.metrics import (
@@ -38,6 +38,7 @@ from sa_jobs.metrics import (
     start_metrics_server,
 )
 
+from .conftest import REPO_ROOT, worker_command
 from .helpers import jobs_sql, q, run_worker_until
 from .metrics_jobs import QUEUE, SECRET, MetricsDoomed, MetricsFlaky, MetricsOk, MetricsSlow
 
@@ -355,6 +356,26 @@ def test_metrics_server_serves_worker_and_depth_on_loopback(database_url: str, s
         server.close()
     with pytest.raises(OSError):
         _get(server.url)
+
+
+def test_a_metrics_port_in_use_is_a_clear_error(database_url: str, schema: str) -> None:
+    """A typed error naming the address (the CLI prints it as one line), not an OSError
+    traceback; the depth collector it had registered is taken back out."""
+    taken = start_metrics_server(0)
+    registry = CollectorRegistry()
+    try:
+        with pytest.raises(ConfigurationError, match=f"cannot serve metrics on 127.0.0.1:{taken.port}"):
+            start_metrics_server(taken.port, database_url=database_url, schema=schema, registry=registry)
+        assert "sa_jobs_queue_jobs" not in generate_latest(registry).decode()
+        proc = subprocess.run(
+            [*worker_command(database_url, schema, "tests.metrics_jobs"), "--metrics-port", str(taken.port)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"sa-jobs: cannot serve metrics on 127.0.0.1:{taken.port}: Address already in use"], proc.stderr
+    finally:
+        taken.close()
 
 
 def test_user_registry_and_asgi_app(database_url: str, schema: str) -> None:
