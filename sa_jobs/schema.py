@@ -761,6 +761,9 @@ def uninstall(target: object, schema: str = DEFAULT_SCHEMA) -> None:
 
     schema = _validate.schema_name(schema)
     with psycopg.connect(_conninfo_of(target), autocommit=True) as conn, conn.transaction():
+        # The installers' lock: an install or upgrade running now finishes first, rather
+        # than dropping objects from under it (or recording a version for a dropped table).
+        conn.execute(lock_statement(schema))
         current = read_version(conn, schema)
         for m in reversed(MIGRATIONS):
             if m.version <= current:

@@ -6,6 +6,8 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from typing import Any, Iterator
 
@@ -351,6 +353,28 @@ def test_downgrade_steps_back_cleanly(db: str, fresh_schema: str) -> None:
     ]
     schema_mod.uninstall(db, fresh_schema)
     assert run_sql(db, "SELECT 1 FROM pg_namespace WHERE nspname = %s", (fresh_schema,)) == []
+
+
+def test_uninstall_waits_for_an_installer_that_holds_the_lock(db: str, fresh_schema: str) -> None:
+    """uninstall() takes the installers' lock, so it never drops objects from under an
+    install or upgrade in progress."""
+    schema_mod.install(db, fresh_schema)
+    waiting = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+               " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+    with psycopg.connect(db) as installer:  # a transaction open, as an installer's is
+        installer.execute(schema_mod.lock_statement(fresh_schema))
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (schema_mod.uninstall(db, fresh_schema), done.set()))
+        thread.start()
+        deadline = time.monotonic() + 10
+        while run_sql(db, waiting) != [(1,)] and not done.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not done.is_set(), "uninstall did not wait for the installer's lock"
+        assert run_sql(db, waiting) == [(1,)]
+        installer.rollback()
+    thread.join(10)
+    assert done.is_set()
+    assert schema_mod.installed_version(db, fresh_schema) == 0
 
 
 def test_uninstall_keeps_a_schema_shared_with_app_tables(db: str, fresh_schema: str) -> None:
