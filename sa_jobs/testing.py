@@ -27,7 +27,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session
 
-from . import schema as schema_mod
+from . import _validate, schema as schema_mod
 from ._url import sqlalchemy_url
 from .errors import ConfigurationError
 from .model import Job, job_table
@@ -111,22 +111,29 @@ class _TestContext:
 def perform(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
     """Run ``job``'s handler now, in this thread, and return its result.
 
-    No worker and no claim: a unit test of the handler's logic. Exceptions propagate.
+    No worker and no claim: a unit test of the handler's logic. Exceptions propagate,
+    and a return value a worker could not store as the job's JSON result raises
+    :class:`~sa_jobs.InvalidArgsError` (a worker would end the job dead).
     ``ctx.transaction()`` commits on ``engine`` (required only if the handler uses it).
     Async handlers run on a fresh event loop; call :func:`perform_async` from async tests.
     """
     handler, ctx, args = _prepare(job, engine, attempt)
     if inspect.iscoroutinefunction(handler):
-        return anyio.run(lambda: handler(ctx, **args))
-    return handler(ctx, **args)
+        return _storable(anyio.run(lambda: handler(ctx, **args)))
+    return _storable(handler(ctx, **args))
 
 
 async def perform_async(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
     """:func:`perform` from inside an event loop."""
     handler, ctx, args = _prepare(job, engine, attempt)
     if inspect.iscoroutinefunction(handler):
-        return await handler(ctx, **args)
-    return await anyio.to_thread.run_sync(lambda: handler(ctx, **args))
+        return _storable(await handler(ctx, **args))
+    return _storable(await anyio.to_thread.run_sync(lambda: handler(ctx, **args)))
+
+
+def _storable(result: Any) -> Any:
+    """``result`` if a worker could store it on the row; InvalidArgsError otherwise."""
+    return result if result is None else _validate.json_value(result)
 
 
 def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, Any]]:

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Integer, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sa_jobs import ConfigurationError, Job, JobContext, Snooze, Unique, constant_backoff, enqueue_many
+from sa_jobs import ConfigurationError, InvalidArgsError, Job, JobContext, Snooze, Unique, constant_backoff, enqueue_many
 from sa_jobs.schema import DEFAULT_SCHEMA
 from sa_jobs.testing import assert_enqueued, drain, enqueued, inline, perform, refute_enqueued
 
@@ -82,6 +82,21 @@ def test_perform_runs_the_handler_without_a_worker(sa_jobs_engine, credits):
         perform(GrantCredit(account=1, amount=-1), engine=sa_jobs_engine)
     with pytest.raises(ConfigurationError):
         perform(NoHandler())
+
+
+class ReturnsASet(Job, kind="th_returns_a_set", queue="th"):
+    pass
+
+
+@ReturnsASet.handler
+def returns_a_set(ctx: JobContext) -> object:
+    return {"ids": {1, 2}}
+
+
+def test_perform_refuses_a_result_a_worker_could_not_store():
+    """A worker ends such a job dead (its result is not JSON); a unit test must not pass."""
+    with pytest.raises(InvalidArgsError, match="result"):
+        perform(ReturnsASet())
 
 
 def test_assert_enqueued_and_refute(sa_jobs_engine):
