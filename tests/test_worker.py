@@ -653,3 +653,44 @@ def test_a_leader_whose_session_died_inside_a_service_does_not_stay_leader_on_a_
     anyio.run(main)
     assert all(held for _, held in runs), runs  # leader-only work only on the lock's session
     assert {who for who, _ in runs} == {"b"}
+
+
+def test_a_promotion_backlog_longer_than_a_tick_is_spread_over_ticks(database_url, schema):
+    """The maintenance tick runs under the statement deadline. A scheduler that promoted
+    a backlog in one go outlived it: the tick failed, leadership was dropped and the
+    connection discarded, every tick. Now each service stops between batches when its
+    share of the tick is spent, and the rest goes at the next tick."""
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.leader import Maintainer
+    from sa_jobs.maintenance.scheduler import Scheduler
+
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, scheduled_at)"
+                                     " SELECT 'w_backlog', 'elsewhere', 'scheduled', now() - interval '1 minute'"
+                                     " FROM generate_series(1, 100000)"))
+
+    class Errors(NullObserver):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def loop_error(self, component: str) -> None:
+            self.seen.append(component)
+
+    observer = Errors()
+    maintainer = Maintainer(to_conninfo(database_url), Queries.for_schema(schema), observer,
+                            [Scheduler(batch=200)], interval=0.01, timeout=0.5)
+
+    def waiting() -> int:
+        return q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'scheduled'"))[0][0]
+
+    async def main() -> int:
+        ticks = 0
+        with anyio.fail_after(120):
+            while await anyio.to_thread.run_sync(waiting):
+                await maintainer.tick()
+                ticks += 1
+                assert maintainer.is_leader and observer.seen == [], observer.seen
+        return ticks
+
+    ticks = anyio.run(main)
+    assert ticks > 1  # it did take several ticks: the deadline was in play
+    assert states(database_url, schema) == {"available": 100000}

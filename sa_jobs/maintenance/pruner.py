@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any, Callable, Mapping, Optional
 
+import anyio
 from psycopg import sql
 
 from .. import _validate
@@ -25,6 +26,7 @@ from ..errors import ConfigurationError
 from ..events import hook
 from ..schema import JOBS_TABLE
 from ..states import FINISHED_STATES
+from .leader import TickBudget
 
 log = logging.getLogger("sa_jobs.maintenance")
 
@@ -131,8 +133,10 @@ class Pruner:
         stmt = self._statement.get(queries.schema)
         if stmt is None:
             stmt = self._statement[queries.schema] = delete_statement(queries.schema).as_string()
+        budget = TickBudget()
         for state, age in self.ages.items():
             for _ in range(self.max_batches):
+                started = anyio.current_time()
                 cur = await conn.execute(stmt, {"state": state, "age": age, "limit": self.batch})
                 self.deleted[state] += cur.rowcount
                 if cur.rowcount:
@@ -140,6 +144,8 @@ class Pruner:
                     log.info("pruned %d %s job(s)", cur.rowcount, state)
                 if cur.rowcount < self.batch:
                     break
+                if budget.spent(anyio.current_time() - started):
+                    return  # out of this tick's time: the rest at the next tick, not in `interval`
         self._next_run = time.monotonic() + self.interval
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import anyio
 import psycopg
 
 from ..queries import Queries
 from ..events import WorkerObserver, hook
+from .leader import TickBudget
 
 
 class Rescuer:
@@ -22,7 +24,9 @@ class Rescuer:
 
     async def run_once(self, conn: Any, queries: Queries) -> None:
         limit = self._batch
+        budget = TickBudget()
         while True:
+            started = anyio.current_time()
             try:
                 cur = await conn.execute(queries.rescue_expired, {"limit": limit})
             except psycopg.errors.UniqueViolation:
@@ -41,5 +45,5 @@ class Rescuer:
                 # workers shows in the same series as any other job that died.
                 for (queue, kind), n in Counter((r[2], r[3]) for r in rows if r[1] == "dead").items():
                     self._dead(queue, kind, n)
-            if len(rows) < limit:
-                return
+            if len(rows) < limit or budget.spent(anyio.current_time() - started):
+                return  # done, or the rest at the next tick

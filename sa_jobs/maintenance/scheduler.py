@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import psycopg
 
 from ..events import hook
 from ..queries import Queries
+from .leader import TickBudget
 
 
 class Scheduler:
@@ -23,7 +25,9 @@ class Scheduler:
 
     async def run_once(self, conn: Any, queries: Queries) -> None:
         promoted, limit = 0, self._batch
+        budget = TickBudget()
         while True:
+            started = anyio.current_time()
             try:
                 cur = await conn.execute(queries.promote_due, {"limit": limit})
             except psycopg.errors.UniqueViolation:
@@ -35,8 +39,8 @@ class Scheduler:
                 limit = 1
                 continue
             promoted += cur.rowcount
-            if cur.rowcount < limit:
-                break
+            if cur.rowcount < limit or budget.spent(anyio.current_time() - started):
+                break  # done, or the rest at the next tick
         if promoted:
             self._promoted(promoted)
             await conn.execute(queries.notify)
