@@ -108,6 +108,31 @@ def test_queue_and_partition_limits_hold_together_across_worker_processes(engine
     assert q(database_url, jobs_sql(schema, "SELECT max(attempt) FROM {jobs}")) == [(1,)]
 
 
+def test_small_keys_behind_a_busy_key_are_claimed_when_a_queue_limit_narrows_the_head(engine, database_url, schema, gauge):
+    """A queue concurrency limit narrows the partitioned claim's head window to about twice
+    its room (at least 16 jobs), but the claim looked beyond the window only when more
+    than the worker's whole batch waited: a worker with 50 free slots, facing 40 waiting
+    jobs of a key at its partition limit and then 2 jobs of other keys, claimed only the
+    busy key's jobs, two at a time, and left the queue's other two slots idle until the
+    busy key's backlog shrank into the window (26 of its jobs later)."""
+    limit(engine, "limp", QueueLimits(concurrency=4, partition_concurrency=2))
+    with Session(engine) as session, session.begin():
+        enqueue_many(session, CustomerWork, [{"customer": "flood", "seconds": 0.3, "i": i} for i in range(40)])
+        enqueue_many(session, CustomerWork, [{"customer": f"small{k}", "seconds": 0.0, "i": k} for k in range(2)])
+    done = ("SELECT count(*) FILTER (WHERE state = 'completed' AND partition_key <> '\"flood\"'),"
+            " count(*) FILTER (WHERE state = 'completed' AND partition_key = '\"flood\"') FROM {jobs}")
+
+    async def main() -> int:
+        async with Worker(database_url, kinds=[CustomerWork], schema=schema, concurrency=50, **FAST):
+            assert await anyio.to_thread.run_sync(
+                lambda: wait_for(lambda: q(database_url, jobs_sql(schema, done))[0][0] == 2, 30, 0.05))
+            return q(database_url, jobs_sql(schema, done))[0][1]
+
+    flood_done = anyio.run(main)
+    assert flood_done <= 8, flood_done  # served beside the flood's first jobs, not after 26 of them
+    assert peaks(database_url, schema)["flood"] == 2
+
+
 def test_rate_limit_caps_claims_per_window(engine, database_url, schema, gauge):
     limit(engine, "limr", QueueLimits(rate=(5, dt.timedelta(seconds=1))))
     with Session(engine) as session, session.begin():
