@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -533,3 +534,38 @@ def test_jobs_that_run_to_completion_write_no_entry_in_the_state_kind_index(data
     # A job that comes to rest is indexed (so the check above can fail).
     q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'dead' WHERE id <= 10"))
     assert size() > empty
+
+
+@pytest.mark.xfail(strict=True, reason="frozen claim function (schema v4-v10): the rate window is taken from the"
+                   " claim transaction's start (now()), and a claim that sees a later window in the queue row"
+                   " starts its own window's count again at 0 and moves the row back to it; a v11 should"
+                   " never move rate_window_start back (count a late claimer against the row's window)")
+def test_a_claim_that_takes_the_queue_lock_after_a_newer_window_opened_keeps_the_rate(database_url, schema):
+    """A rate limit promises at most N claims started per window (attempted_at, the claim's
+    now(), which is its transaction's start). A claimer whose transaction began in window W0
+    but took the queue row's lock after a claim of W1 (it was descheduled, or held up
+    before its lock) saw rate_window_start = W1, counted W0 as empty, claimed N more jobs
+    stamped in W0 (2N in W0) and set the row back to W0, so the next claim in W1 counted
+    W1 as empty too (2N in W1). The explicit transaction stands for that delayed claimer."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    fn = sql.Identifier(schema, "claim_limited")
+    q(database_url, sql.SQL("INSERT INTO {} (name, rate_limit, rate_period) VALUES ('r', 3, '2 seconds')").format(queues))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue) SELECT 'k', 'r' FROM generate_series(1, 50)").format(jobs))
+    call = sql.SQL("SELECT count(*) FROM {}('r', 50, %s, 'x', 30, 16)").format(fn)
+    window = "SELECT floor(extract(epoch FROM now()) / 2)"
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as late, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as other:
+        # Start 0.2-1.0 s before a window boundary, so that the W0 claims fit before it.
+        while not 1.0 <= time.time() % 2 <= 1.8:
+            time.sleep(0.01)
+        other.execute(call, (uuid.uuid4(),))  # W0's 3 claims
+        with late.transaction():
+            w0 = late.execute(window).fetchone()[0]  # the late claimer's transaction starts in W0
+            while other.execute(window).fetchone()[0] == w0:
+                time.sleep(0.05)
+            other.execute(call, (uuid.uuid4(),))  # W1's 3 claims
+            late.execute(call, (uuid.uuid4(),))  # then the late claimer takes the lock
+        other.execute(call, (uuid.uuid4(),))  # and W1 again
+    per_window = q(database_url, jobs_sql(schema, "SELECT floor(extract(epoch FROM attempted_at) / 2), count(*)"
+                                                  " FROM {jobs} WHERE state = 'running' GROUP BY 1 ORDER BY 1"))
+    assert max(n for _, n in per_window) <= 3, per_window
