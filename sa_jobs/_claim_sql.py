@@ -270,6 +270,30 @@ CLAIM_PARTITIONED_HEAD_COUNTED = (
     + _HEAD_RANKED_CANDIDATES + _PICK_LOCKED + _CLAIM_AND_COUNT
 )
 
+# Schema version 11: the rate window never moves back. The window is taken from the
+# claim's now() (its transaction's start), and claimers take the queue row's lock in
+# their own order: one whose transaction began before a window boundary but took the
+# lock after a claim of the next window used to count its own window as empty, claim up
+# to the limit again and set the row back to its window, so the next window's claims
+# counted theirs as empty too (2N starts in each of two windows). Now a row whose window
+# is the same or later counts, and the row keeps the later window.
+_RATE_WINDOW_V11 = (
+    ("CASE WHEN q.rate_window_start = w.start THEN", "CASE WHEN q.rate_window_start >= w.start THEN"),
+    ("SET rate_window_start = qc.window_start,", "SET rate_window_start = greatest(q.rate_window_start, qc.window_start),"),
+    ("CASE WHEN q.rate_window_start = qc.window_start THEN", "CASE WHEN q.rate_window_start >= qc.window_start THEN"),
+)
+
+
+def rate_window_never_back(template: str) -> str:
+    """A claim statement's text as of schema version 11 (see ``_RATE_WINDOW_V11``)."""
+    if "rate_window_count" not in template:
+        return template
+    for old, new in _RATE_WINDOW_V11:
+        assert old in template, old
+        template = template.replace(old, new)
+    return template
+
+
 _PARAM = re.compile(r"%\((\w+)\)s")
 
 

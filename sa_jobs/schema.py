@@ -298,7 +298,11 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
 
     Version 9: when a queue has a concurrency limit as well as a partition limit, each of
     its claim statements reads the queue's running jobs once (one grouped range gives the
-    queue's count and each key's); up to v8 each read them twice."""
+    queue's count and each key's); up to v8 each read them twice.
+
+    Version 11: the rate window never moves back (``_claim_sql.rate_window_never_back``):
+    a claimer that took the lock after a claim of a later window counts against that
+    window's count; up to v10 it started its own window's count again."""
     from . import _claim_sql as c
 
     settings = {4: "", 5: " SET plan_cache_mode = force_custom_plan"}.get(
@@ -311,6 +315,8 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
     jobs, queues = sql.Identifier(schema, JOBS_TABLE), sql.Identifier(schema, QUEUES_TABLE)
 
     def body(template: str) -> sql.Composable:
+        if version >= 11:
+            template = c.rate_window_never_back(template)
         return sql.SQL(c.function_body(template)).format(jobs=jobs, queues=queues)
 
     if version >= 9:
@@ -382,6 +388,14 @@ def _v9_up(schema: str) -> list[sql.Composable]:
 
 def _v9_down(schema: str) -> list[sql.Composable]:
     return [_claim_function(schema, 7)]  # version 8 changed indexes only
+
+
+def _v11_up(schema: str) -> list[sql.Composable]:
+    return [_claim_function(schema, 11)]
+
+
+def _v11_down(schema: str) -> list[sql.Composable]:
+    return [_claim_function(schema, 9)]  # version 10 changed indexes only
 
 
 LEASE_INDEX = "jobs_lease_idx"
@@ -506,6 +520,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _no_statements, _v10_down, _v10_up_concurrently,
               concurrent_indexes=(STATE_KIND_INDEX,), dropped_indexes=(KIND_STATE_INDEX,),
               down_rebuild=_v10_down_rebuild),
+    Migration(11, "a limited claim never moves its queue's rate window back (a late claimer counts against the later window)",
+              _v11_up, _v11_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -536,13 +536,9 @@ def test_jobs_that_run_to_completion_write_no_entry_in_the_state_kind_index(data
     assert size() > empty
 
 
-@pytest.mark.xfail(strict=True, reason="frozen claim function (schema v4-v10): the rate window is taken from the"
-                   " claim transaction's start (now()), and a claim that sees a later window in the queue row"
-                   " starts its own window's count again at 0 and moves the row back to it; a v11 should"
-                   " never move rate_window_start back (count a late claimer against the row's window)")
 def test_a_claim_that_takes_the_queue_lock_after_a_newer_window_opened_keeps_the_rate(database_url, schema):
-    """A rate limit promises at most N claims started per window (attempted_at, the claim's
-    now(), which is its transaction's start). A claimer whose transaction began in window W0
+    """Schema v11. A rate limit promises at most N claims started per window (attempted_at,
+    the claim's now(), which is its transaction's start). Up to v10 a claimer whose transaction began in window W0
     but took the queue row's lock after a claim of W1 (it was descheduled, or held up
     before its lock) saw rate_window_start = W1, counted W0 as empty, claimed N more jobs
     stamped in W0 (2N in W0) and set the row back to W0, so the next claim in W1 counted
