@@ -694,3 +694,81 @@ def test_a_promotion_backlog_longer_than_a_tick_is_spread_over_ticks(database_ur
     ticks = anyio.run(main)
     assert ticks > 1  # it did take several ticks: the deadline was in play
     assert states(database_url, schema) == {"available": 100000}
+
+
+# ---- embedded in an app: cancelled from outside ---------------------------------------------
+
+class WHang(Job, kind="w_hang", queue="hang"):
+    pass
+
+
+HANG_STARTED: list[int] = []
+
+
+@WHang.handler
+async def w_hang(ctx: JobContext) -> None:
+    HANG_STARTED.append(ctx.id)
+    await anyio.sleep_forever()
+
+
+class WQuick(Job, kind="w_quick", queue="hang"):
+    pass
+
+
+@WQuick.handler
+async def w_quick(ctx: JobContext) -> str:
+    return "done"
+
+
+@pytest.mark.parametrize("how", ["async_with", "run"])
+def test_a_worker_cancelled_with_its_app_releases_running_jobs_at_once(engine, database_url, schema, how):
+    """An app's task group cancelled (asyncio.run's Ctrl-C, a lifespan torn down by
+    cancellation, a move_on_after around the worker) cancelled every task of the worker
+    at once, completer included: the running job was neither finished nor released and
+    sat 'running' until its lease expired, then was rescued with the attempt spent. Now
+    the worker is shielded from the outside cancellation and shuts down at once: running
+    jobs are released (attempt refunded), with no wait for the shutdown grace."""
+    HANG_STARTED.clear()
+    [job_id] = add(engine, WHang())
+
+    async def main() -> float:
+        worker = Worker(database_url, kinds=[WHang], schema=schema, lease=30, poll_interval=0.2, shutdown_grace=60)
+        async with anyio.create_task_group() as tg:
+            if how == "run":
+                tg.start_soon(worker.run)
+            else:
+                async def app() -> None:
+                    async with worker:
+                        await anyio.sleep_forever()
+                tg.start_soon(app)
+            with anyio.fail_after(10):
+                while not HANG_STARTED:
+                    await anyio.sleep(0.01)
+            started = time.monotonic()
+            tg.cancel_scope.cancel()
+        return time.monotonic() - started
+
+    took = anyio.run(main)
+    assert took < 10  # not the 60 s grace
+    row = q(database_url, jobs_sql(schema, "SELECT state, attempt, lease_expires_at FROM {jobs} WHERE id = %s"), (job_id,))
+    assert row == [("available", 0, None)]
+
+
+def test_a_worker_cancelled_with_its_app_writes_the_outcomes_it_holds(engine, database_url, schema):
+    """A job whose handler returned, its completion waiting in the completer's batch,
+    was left 'running' by a cancellation and later run again; it is written now."""
+    [job_id] = add(engine, WQuick())
+
+    async def main() -> None:
+        worker = Worker(database_url, kinds=[WQuick], schema=schema, lease=30, poll_interval=0.2,
+                        completion_interval=60)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(10):
+                while worker.completer is None or worker.completer.pending == 0:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    row = q(database_url, jobs_sql(schema, "SELECT state, result FROM {jobs} WHERE id = %s"), (job_id,))
+    assert row == [("completed", "done")]

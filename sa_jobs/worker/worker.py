@@ -227,6 +227,7 @@ class Worker:
         self.maintainer: Optional[Maintainer] = None
         self.notifier: Optional[Notifier] = None
         self._heartbeat: Optional[Heartbeat] = None
+        self._serve_scope: Optional[anyio.CancelScope] = None
 
     # ---- configuration -----------------------------------------------------------
 
@@ -321,6 +322,8 @@ class Worker:
         try:
             await self._tg.start(self._serve)
         except BaseException:
+            if self._serve_scope is not None:
+                self._serve_scope.cancel()
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
             raise
@@ -330,7 +333,10 @@ class Worker:
         assert self._tg is not None
         try:
             with anyio.CancelScope(shield=True):
-                await self.shutdown()
+                # Left by a cancellation (the app's task group, asyncio.run's Ctrl-C) or
+                # another BaseException: the app wants out now, so no grace period; running
+                # jobs are released at once (their attempt refunded).
+                await self.shutdown(0 if exc is not None and not isinstance(exc, Exception) else None)
         finally:
             try:
                 return await self._tg.__aexit__(exc_type, exc, tb)
@@ -379,6 +385,14 @@ class Worker:
             job.cancel("worker shutting down")
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # Shielded from a cancellation of the app around the worker: it would cancel every
+        # service at once, completer included, and leave running jobs (and outcomes not
+        # yet written) 'running' until their lease expired. __aexit__ stops the worker
+        # instead (shutdown(), which ends this scope); a failed start cancels it.
+        with anyio.CancelScope(shield=True) as self._serve_scope:
+            await self._serve_shielded(task_status)
+
+    async def _serve_shielded(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         claim_conn = ManagedConnection(self._conninfo, "producer", timeout=self.statement_timeout)
         complete_conn = ManagedConnection(self._conninfo, "completer", timeout=self.statement_timeout)
         beat_conn = ManagedConnection(self._conninfo, "heartbeat", timeout=self.statement_timeout)
