@@ -34,6 +34,25 @@ from .unique import Unique, note_unique_kind, register_session_hook
 
 Handler = Callable[..., Any]
 
+
+def is_async_handler(fn: Handler) -> bool:
+    """Whether calling ``fn`` gives a coroutine to await on the loop.
+
+    ``inspect.iscoroutinefunction`` sees ``async def`` functions, methods and partials of
+    them, but not an object whose ``__call__`` is ``async def`` (a class-based handler):
+    that one was run in a thread, its coroutine never awaited, and the job ended dead
+    ("result is a coroutine").
+    """
+    import functools
+
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    return not inspect.isroutine(fn) and not isinstance(fn, type) and inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)
+    )
+
 _SERVER_DEFAULT_MAX_ATTEMPTS = 20  # the jobs table's DEFAULT for max_attempts
 
 
@@ -298,7 +317,9 @@ class Job(Base):
             raise ConfigurationError(f"a handler must be callable, not {fn!r}")
         params = list(inspect.signature(fn).parameters.values())
         if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
-            raise ConfigurationError(f"handler {fn.__qualname__} must take the JobContext as its first argument")
+            raise ConfigurationError(  # getattr: a callable object or a partial has no __qualname__
+                f"handler {getattr(fn, '__qualname__', repr(fn))} must take the JobContext as its first argument"
+            )
         cls.__sa_jobs_handler__ = fn
         return fn
 

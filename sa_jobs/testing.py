@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import inspect
 import os
 import uuid
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -30,7 +29,7 @@ from sqlalchemy.orm import Session
 from . import _validate, schema as schema_mod
 from ._url import sqlalchemy_url
 from .errors import ConfigurationError
-from .model import Job, job_table
+from .model import Job, is_async_handler, job_table
 from .schema import DEFAULT_SCHEMA
 from .unique import ENQUEUED_INFO_KEY, note_enqueued
 
@@ -118,7 +117,7 @@ def perform(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
     Async handlers run on a fresh event loop; call :func:`perform_async` from async tests.
     """
     handler, ctx, args = _prepare(job, engine, attempt)
-    if inspect.iscoroutinefunction(handler):
+    if is_async_handler(handler):
         return _storable(anyio.run(lambda: handler(ctx, **args)))
     return _storable(handler(ctx, **args))
 
@@ -126,7 +125,7 @@ def perform(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
 async def perform_async(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
     """:func:`perform` from inside an event loop."""
     handler, ctx, args = _prepare(job, engine, attempt)
-    if inspect.iscoroutinefunction(handler):
+    if is_async_handler(handler):
         return _storable(await handler(ctx, **args))
     return _storable(await anyio.to_thread.run_sync(lambda: handler(ctx, **args)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -27,6 +28,7 @@ from sa_jobs import (
 from sa_jobs._url import to_conninfo
 from sa_jobs.queries import Queries
 from sa_jobs.retry import backoff_bounds, exponential_backoff
+from sa_jobs.testing import perform
 
 from .helpers import FAST, jobs_sql, q, run_worker_until, states
 
@@ -694,6 +696,49 @@ def test_a_promotion_backlog_longer_than_a_tick_is_spread_over_ticks(database_ur
     ticks = anyio.run(main)
     assert ticks > 1  # it did take several ticks: the deadline was in play
     assert states(database_url, schema) == {"available": 100000}
+
+
+# ---- handlers that are not plain functions -----------------------------------------------
+
+class WObjHandler(Job, kind="w_obj_handler", queue="w", max_attempts=1):
+    pass
+
+
+class WPartialObjHandler(Job, kind="w_partial_obj_handler", queue="w", max_attempts=1):
+    pass
+
+
+class _AsyncHandler:
+    """A class-based handler (e.g. one holding its dependencies) with an async __call__."""
+
+    def __init__(self, bonus: int) -> None:
+        self.bonus = bonus
+
+    async def __call__(self, ctx: JobContext, n: int, extra: int = 0) -> int:
+        await anyio.sleep(0)
+        return n + self.bonus + extra
+
+
+WObjHandler.handler(_AsyncHandler(100))
+WPartialObjHandler.handler(functools.partial(_AsyncHandler(1000), extra=5))
+
+
+def test_a_callable_object_with_an_async_call_runs_on_the_loop(engine, database_url, schema):
+    """Before, only ``async def`` functions were seen as async: the object was called in a
+    thread, its coroutine never awaited, and the job ended dead ("result is a coroutine")."""
+    ids = add(engine, WObjHandler(n=1), WPartialObjHandler(n=2))
+    run_worker_until(database_url, schema, [WObjHandler, WPartialObjHandler], finished(engine, ids), timeout=15)
+    assert [(job_row(engine, i).state, job_row(engine, i).result) for i in ids] == [("completed", 101), ("completed", 1007)]
+    assert perform(WObjHandler(n=3)) == 103
+
+
+def test_a_handler_object_without_a_context_parameter_is_a_configuration_error():
+    class NoCtx:
+        def __call__(self, **args: int) -> None: ...
+
+    for handler in (NoCtx(), functools.partial(NoCtx())):
+        with pytest.raises(ConfigurationError, match="JobContext as its first argument"):
+            WObjHandler.handler(handler)
 
 
 # ---- embedded in an app: cancelled from outside ---------------------------------------------

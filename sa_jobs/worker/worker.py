@@ -39,7 +39,7 @@ from ..maintenance.horizon import HorizonWatch
 from ..maintenance.leader import Maintainer
 from ..maintenance.rescuer import Rescuer
 from ..maintenance.scheduler import Scheduler
-from ..model import Job, KindOptions, registered_kinds
+from ..model import Job, KindOptions, is_async_handler, registered_kinds
 from ..queries import Queries
 from ..retry import MAX_DELAY_SECONDS, exponential_backoff
 from .._connection import ManagedConnection, describe, is_transient
@@ -248,7 +248,7 @@ class Worker:
                 cls=cls,
                 options=cls.__sa_jobs_options__,
                 handler=handler,
-                is_async=inspect.iscoroutinefunction(handler),
+                is_async=is_async_handler(handler),
                 signature=inspect.signature(handler),
             )
         if not resolved:
