@@ -32,14 +32,23 @@ def _schema_of(session: Any) -> str:
     return _validate.schema_name(translate.get(DEFAULT_SCHEMA, DEFAULT_SCHEMA))
 
 
+_ASYNC_ONLY = (
+    "enqueue_many needs a sync Session or Connection on psycopg; from an AsyncSession use"
+    " `await session.run_sync(lambda s: s.add_all(jobs))`"
+)
+
+
 def _driver_connection(session: Any) -> Any:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+    # Checked first: AsyncSession.connection() is a coroutine (an AttributeError on it,
+    # and a "never awaited" warning), AsyncConnection.connection raises InvalidRequestError.
+    if isinstance(session, (AsyncSession, AsyncConnection)):
+        raise ConfigurationError(_ASYNC_ONLY)
     conn = session.connection() if hasattr(session, "connection") else session
     driver = conn.connection.driver_connection
     if not hasattr(driver, "cursor") or type(driver).__name__ == "AsyncConnection":
-        raise ConfigurationError(
-            "enqueue_many needs a sync Session or Connection on psycopg; from an AsyncSession use"
-            " `await session.run_sync(lambda s: s.add_all(jobs))`"
-        )
+        raise ConfigurationError(_ASYNC_ONLY)
     return driver
 
 

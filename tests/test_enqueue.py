@@ -228,6 +228,36 @@ def test_async_session_path(database_url, schema):
     assert anyio.run(main) == [{"order_id": 1}, {"order_id": 2}]
 
 
+def test_enqueue_many_refuses_an_async_session_or_connection_with_a_configuration_error(database_url, schema):
+    """Before: an AttributeError on the unawaited coroutine of AsyncSession.connection()
+    (with a "never awaited" warning), or SQLAlchemy's InvalidRequestError for an
+    AsyncConnection, instead of the ConfigurationError that names the way that works."""
+    import warnings
+
+    import anyio
+
+    async def main() -> None:
+        engine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: schema}
+        )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no coroutine left unawaited
+                async with AsyncSession(engine) as session, session.begin():
+                    for rows in ([EnqPlain(n=1)], EnqPlain):
+                        with pytest.raises(ConfigurationError, match="run_sync"):
+                            enqueue_many(session, rows, None if isinstance(rows, list) else [{"n": 1}])
+                    session.add(EnqPlain(n=2))  # the session is still usable
+                async with engine.connect() as conn:
+                    with pytest.raises(ConfigurationError, match="run_sync"):
+                        enqueue_many(conn, EnqPlain, [{"n": 1}])
+        finally:
+            await engine.dispose()
+
+    anyio.run(main)
+    assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"n": 2},)]
+
+
 def test_delay_is_measured_on_the_database_clock(engine, database_url, schema):
     with Session(engine) as session, session.begin():
         session.add(EnqSendReceipt(order_id=1).options(delay=dt.timedelta(minutes=5)))
