@@ -516,6 +516,20 @@ def test_a_failed_claim_from_the_start_keeps_the_resumed_jobs(engine, database_u
         anyio.run(nothing_resumed)
 
 
+def test_a_worker_under_trio_is_a_configuration_error(database_url, schema):
+    """psycopg's async connections need asyncio: under trio every service's connect failed
+    with "no running event loop", logged as a lost connection and retried for ever, and
+    the worker ran nothing without saying why."""
+    pytest.importorskip("trio")
+
+    async def main() -> None:
+        with anyio.fail_after(10), pytest.raises(ConfigurationError, match="asyncio"):
+            async with Worker(database_url, kinds=[WSync], schema=schema, **FAST):
+                await anyio.sleep(0.5)
+
+    anyio.run(main, backend="trio")
+
+
 def test_an_exception_raised_in_the_worker_block_comes_out_as_raised(database_url, schema):
     """Not wrapped in the ExceptionGroup of the worker's task group: ``except KeyError``
     around ``async with Worker(...)`` catches the KeyError its body raised."""

@@ -315,6 +315,7 @@ class Worker:
     # ---- lifecycle ---------------------------------------------------------------
 
     async def __aenter__(self) -> "Worker":
+        _require_asyncio()
         if self._check_schema:
             await anyio.to_thread.run_sync(schema_mod.check_version, self._conninfo, self.schema)
         self._tg = anyio.create_task_group()
@@ -801,6 +802,21 @@ class Worker:
             if job.id == job_id:
                 job.cancelled_by_user = True
                 job.cancel("cancelled")
+
+
+def _require_asyncio() -> None:
+    """psycopg's async connections run on asyncio only. Under another anyio backend (trio)
+    every connect raised "no running event loop", which each service logged as a lost
+    connection and retried for ever: the worker ran and did nothing."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise ConfigurationError(
+            "the worker needs an asyncio event loop (psycopg's async connections run on asyncio);"
+            " run it with asyncio.run() or anyio.run(..., backend='asyncio'), not trio"
+        ) from None
 
 
 def _binds(signature: inspect.Signature, ctx: JobContext, args: Mapping[str, Any]) -> bool:
