@@ -831,3 +831,34 @@ def test_a_worker_cancelled_with_its_app_writes_the_outcomes_it_holds(engine, da
     anyio.run(main)
     row = q(database_url, jobs_sql(schema, "SELECT state, result FROM {jobs} WHERE id = %s"), (job_id,))
     assert row == [("completed", "done")]
+
+
+def test_one_worker_started_and_stopped_again_runs_jobs_each_time(engine, database_url, schema):
+    """An app whose lifespan is entered again (a test client per test) re-enters the same
+    Worker. Before, the second run kept the first one's state (stopping, its events set or
+    bound to a closed loop): it started, claimed nothing and said nothing."""
+    worker = Worker(database_url, kinds=[WQuick], schema=schema, **FAST)
+
+    async def one_run() -> None:
+        [job_id] = add(engine, WQuick())
+        async with worker:
+            with anyio.fail_after(10):
+                while job_row(engine, job_id).state != "completed":
+                    await anyio.sleep(0.02)
+
+    async def twice_in_one_loop() -> None:
+        await one_run()
+        await one_run()
+
+    anyio.run(one_run)
+    anyio.run(one_run)  # a new event loop, as a new test client's
+    anyio.run(twice_in_one_loop)
+
+    async def entered_twice_at_once() -> None:
+        async with worker:
+            with pytest.raises(ConfigurationError, match="running already"):
+                async with worker:
+                    pass
+        await one_run()  # the refused entry left the worker usable
+
+    anyio.run(entered_twice_at_once)

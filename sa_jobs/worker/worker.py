@@ -214,6 +214,17 @@ class Worker:
 
         self._kinds = self._resolve_kinds(kinds)
         self._queue_limits = self._resolve_queues(queues, concurrency)
+        self._entered = False  # started at least once
+        self._running = False  # between __aenter__ and the end of __aexit__
+        self._new_run_state()
+
+    def _new_run_state(self) -> None:
+        """What one run (one ``async with``) of the worker uses, fresh.
+
+        A second run of the same Worker (an app's lifespan entered again, as test clients
+        do) kept the first run's state: stopping, its events set (or bound to a closed
+        event loop), so it started, claimed nothing and said nothing.
+        """
         self._queues: dict[str, _Queue] = {}
         self._tg: Optional[anyio.abc.TaskGroup] = None
         self._producers_scope: Optional[anyio.CancelScope] = None
@@ -316,17 +327,29 @@ class Worker:
 
     async def __aenter__(self) -> "Worker":
         _require_asyncio()
-        if self._check_schema:
-            await anyio.to_thread.run_sync(schema_mod.check_version, self._conninfo, self.schema)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
+        if self._running:
+            raise ConfigurationError(f"worker {self.worker_id} is running already; one Worker runs once at a time")
+        if self._entered:  # a new run: nothing of the last one carries over (a stop asked
+            self._new_run_state()  # for before the first run still counts)
+        self._entered = self._running = True
+        try:
+            if self._check_schema:
+                await anyio.to_thread.run_sync(schema_mod.check_version, self._conninfo, self.schema)
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+        except BaseException:
+            self._running = False
+            raise
         try:
             await self._tg.start(self._serve)
         except BaseException:
             if self._serve_scope is not None:
                 self._serve_scope.cancel()
             self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
+            try:
+                await self._tg.__aexit__(None, None, None)
+            finally:
+                self._running = False
             raise
         return self
 
@@ -347,6 +370,8 @@ class Worker:
                 # ``async with`` catches the KeyError its body raised.
                 if exc is None or group.split(lambda e: e is exc)[1] is not None:
                     raise
+            finally:
+                self._running = False
             raise exc
 
     async def run(self) -> None:
