@@ -862,3 +862,43 @@ def test_one_worker_started_and_stopped_again_runs_jobs_each_time(engine, databa
         await one_run()  # the refused entry left the worker usable
 
     anyio.run(entered_twice_at_once)
+
+
+def test_request_stop_and_release_running_from_another_thread(engine, database_url, schema):
+    """A sync app runs the worker in a background thread and stops it from its own
+    shutdown hook. Before, request_stop() raised "no running event loop" in the calling
+    thread after marking the worker stopping, and run() never returned."""
+    import threading
+
+    HANG_STARTED.clear()
+    [job_id] = add(engine, WHang())
+    worker = Worker(database_url, kinds=[WHang], schema=schema, lease=30, poll_interval=0.2, shutdown_grace=60)
+    errors: list[BaseException] = []
+
+    def call_from_this_thread(call) -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    async def app() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(10):
+                while not HANG_STARTED:
+                    await anyio.sleep(0.01)
+            for call in (worker.request_stop, worker.release_running):
+                thread = threading.Thread(target=call_from_this_thread, args=(call,))
+                thread.start()
+                await anyio.to_thread.run_sync(thread.join)
+        # tg exits once run() has returned
+
+    # The app's loop in a thread of its own, so that a run that never ends fails the
+    # test instead of hanging it (not after the 60 s grace either).
+    app_thread = threading.Thread(target=anyio.run, args=(app,), daemon=True)
+    app_thread.start()
+    app_thread.join(20)
+    assert not app_thread.is_alive(), f"request_stop() from another thread did not stop the worker: {errors!r}"
+    assert errors == []
+    row = q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} WHERE id = %s"), (job_id,))
+    assert row == [("available", 0)]

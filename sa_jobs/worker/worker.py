@@ -13,6 +13,8 @@ completer, and only then stops the services.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import inspect
 import json
@@ -21,6 +23,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -216,6 +219,8 @@ class Worker:
         self._queue_limits = self._resolve_queues(queues, concurrency)
         self._entered = False  # started at least once
         self._running = False  # between __aenter__ and the end of __aexit__
+        self._loop: Optional[asyncio.AbstractEventLoop] = None  # the running loop, and its thread
+        self._loop_thread = 0
         self._new_run_state()
 
     def _new_run_state(self) -> None:
@@ -332,6 +337,7 @@ class Worker:
         if self._entered:  # a new run: nothing of the last one carries over (a stop asked
             self._new_run_state()  # for before the first run still counts)
         self._entered = self._running = True
+        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         try:
             if self._check_schema:
                 await anyio.to_thread.run_sync(schema_mod.check_version, self._conninfo, self.schema)
@@ -381,9 +387,44 @@ class Worker:
 
     def request_stop(self) -> None:
         """Stop claiming now (synchronously: no claim starts after this returns), then let
-        :meth:`run` drain and shut down."""
+        :meth:`run` drain and shut down. Safe from any thread (an app's shutdown hook)."""
+        self._on_loop(self._request_stop)
+
+    def _request_stop(self) -> None:
         self._stop_claiming()
         self._stop_requested.set()
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the worker's event loop and wait for it.
+
+        Called from another thread (a sync app running the worker in a background thread
+        and stopping it at exit), request_stop() raised "no running event loop" from the
+        cancel scope after marking the worker stopping, and the run never ended.
+        """
+        loop = self._loop
+        if not self._running or loop is None or threading.get_ident() == self._loop_thread:
+            fn()  # on the loop, or no run to reach (the next run starts afresh anyway)
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        try:
+            loop.call_soon_threadsafe(call)
+        except RuntimeError:  # the loop closed: the run is over
+            return
+        while True:
+            try:
+                return done.result(timeout=0.05)
+            except concurrent.futures.TimeoutError:
+                if not self._running:  # the run ended before the call could run
+                    return
 
     def _stop_claiming(self) -> None:
         if not self._stopping:
@@ -404,7 +445,11 @@ class Worker:
         await self._done.wait()
 
     def release_running(self) -> None:
-        """Cancel every running handler and give its job back to the queue at once."""
+        """Cancel every running handler and give its job back to the queue at once. Safe
+        from any thread."""
+        self._on_loop(self._release_running)
+
+    def _release_running(self) -> None:
         self._releasing = True
         for job in self.running_jobs():
             job.releasing = True
