@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import anyio
+import psycopg
 
 from ..queries import Queries
 from .._connection import ManagedConnection, describe, is_transient
@@ -39,6 +40,28 @@ class TickBudget:
     def spent(self, batch_seconds: float) -> bool:
         """Whether one more batch that takes about ``batch_seconds`` would overrun it."""
         return anyio.current_time() + batch_seconds > self._until
+
+
+async def run_batches(conn: Any, statement: str, batch: int, done: Callable[[Any], Awaitable[int]]) -> None:
+    """Run ``statement`` (at most ``%(limit)s`` rows per run) until a run comes back short
+    or the service's share of the tick is spent; ``done(cursor)`` handles a run's result
+    and returns how many rows it moved.
+
+    The rescue and the promotion check each unique job against other rows, not against
+    the rest of their batch: on a UniqueViolation (two jobs of one key in one batch, or a
+    key taken meanwhile) they go on one row per statement, so each row sees the last."""
+    limit, budget = batch, TickBudget()
+    while True:
+        started = anyio.current_time()
+        try:
+            cur = await conn.execute(statement, {"limit": limit})
+        except psycopg.errors.UniqueViolation:
+            if limit == 1:
+                raise
+            limit = 1
+            continue
+        if await done(cur) < limit or budget.spent(anyio.current_time() - started):
+            return  # done, or the rest at the next tick
 
 
 class MaintenanceService(Protocol):
