@@ -153,6 +153,15 @@ def _walk_all(value: Any) -> int:
         raise InvalidArgsError("args: nested too deeply to write as JSON") from None
 
 
+def _encode_walked(value: Any, what: str) -> str:
+    """The JSON text of a value :func:`_walk` accepted. The walk can pass a value a hair
+    under Python's recursion limit that the encoder, one frame deeper, cannot write."""
+    try:
+        return _encode(value)
+    except RecursionError:
+        raise InvalidArgsError(f"{what}: nested too deeply to write as JSON") from None
+
+
 def _over_cap(what: str, size: int, max_bytes: int) -> InvalidArgsError:
     return InvalidArgsError(f"{what} are {size} bytes of JSON, over the cap of {max_bytes}")
 
@@ -162,10 +171,7 @@ def encode_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARG
     if type(value) is not dict:
         value = dict(value)
     _walk_all(value)
-    try:
-        text = _encode(value)
-    except RecursionError:  # the walk passed a hair under the limit; the encoder did not
-        raise InvalidArgsError(f"{what}: nested too deeply to write as JSON") from None
+    text = _encode_walked(value, what)
     if len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:  # encode only when it may matter
         raise _over_cap(what, len(text.encode()), max_bytes)
     return value, text
@@ -181,7 +187,7 @@ def json_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_
     if type(value) is not dict:
         value = dict(value)
     if _walk_all(value) > max_bytes:
-        size = len(_encode(value).encode())
+        size = len(_encode_walked(value, what).encode())
         if size > max_bytes:
             raise _over_cap(what, size, max_bytes)
     return value
@@ -194,3 +200,8 @@ def json_value(value: Any, what: str = "result") -> Any:
     except InvalidArgsError as exc:
         raise InvalidArgsError(str(exc).replace("args", what, 1)) from None
     return value
+
+
+def json_text(value: Any, what: str = "result") -> str:
+    """A handler's return value checked as plain JSON (:func:`json_value`) and written."""
+    return _encode_walked(json_value(value, what), what)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional, cast
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, cast
 
 import anyio
 from sqlalchemy import func, update
@@ -180,7 +180,3 @@ class JobContext:
 
 class _Cancelled(Exception):
     """Raised by ``raise_if_cancelled`` for timeouts, shutdown and cancellation."""
-
-
-def dumps(value: Optional[Any]) -> Optional[str]:
-    return None if value is None else json.dumps(value, separators=(",", ":"))

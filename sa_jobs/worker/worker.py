@@ -48,7 +48,7 @@ from ..retry import MAX_DELAY_SECONDS, exponential_backoff
 from .._connection import ManagedConnection, describe, is_transient
 from ._job import ClaimedJob, Outcome
 from .completer import Completer
-from .context import JobContext, _Cancelled, dumps
+from .context import JobContext, _Cancelled
 from ..events import GuardedObserver, NullObserver, WorkerObserver
 from ._inbox import JobInbox
 from .heartbeat import Heartbeat
@@ -822,10 +822,7 @@ class Worker:
             outcome = self._failure(job, error, runtime.options, permanent=permanent)
             return outcome, "dead" if outcome.dead else "retried"
         try:
-            try:
-                result_json = dumps(None if result is None else _validate.json_value(result))
-            except RecursionError:  # json_value passed it a hair under the limit; dumps did not
-                raise InvalidArgsError("result: nested too deeply to write as JSON") from None
+            result_json = None if result is None else _validate.json_text(result)
         except InvalidArgsError as exc:
             return self._failure(job, exc, runtime.options, permanent=True), "dead"
         return Outcome(job, "complete", result_json=result_json), "completed"
@@ -878,8 +875,6 @@ def _require_asyncio() -> None:
     """psycopg's async connections run on asyncio only. Under another anyio backend (trio)
     every connect raised "no running event loop", which each service logged as a lost
     connection and retried for ever: the worker ran and did nothing."""
-    import asyncio
-
     try:
         asyncio.get_running_loop()
     except RuntimeError:
