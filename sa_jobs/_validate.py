@@ -80,13 +80,16 @@ def pg_text(text: str) -> str:
     stores but did not choose (error messages, tracebacks, progress messages)."""
     if "\x00" in text:
         text = text.replace("\x00", "\\x00")
-    if not text.isascii() and not _is_utf8(text):
+    if not _is_utf8(text):
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
 
 
 def _is_utf8(text: str) -> bool:
-    """False for text holding a lone surrogate (from a bad decode): no UTF-8 encoding exists."""
+    """False for text holding a lone surrogate (from a bad decode): no UTF-8 encoding exists.
+    ASCII text (the usual case) answers without encoding."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -103,7 +106,7 @@ def _walk(value: Any, path: Any) -> int:
     if t is str:
         if "\x00" in value:
             raise InvalidArgsError(f"args{_where(path)} contains a NUL character, which PostgreSQL text cannot hold")
-        if not value.isascii() and not _is_utf8(value):
+        if not _is_utf8(value):
             raise InvalidArgsError(f"args{_where(path)} contains a lone surrogate, which UTF-8 (and so JSON text) cannot hold")
         return _STR_BYTES * len(value) + 2
     if value is None or t is bool:
@@ -127,7 +130,7 @@ def _walk(value: Any, path: Any) -> int:
                 raise InvalidArgsError(f"args{_where(path)} has a key {key!r} that is not a string")
             if "\x00" in key:
                 raise InvalidArgsError(f"args{_where(path)} has a key with a NUL character")
-            if not key.isascii() and not _is_utf8(key):
+            if not _is_utf8(key):
                 raise InvalidArgsError(f"args{_where(path)} has a key with a lone surrogate")
             # "key":item, -- quotes, colon and comma
             size += _STR_BYTES * len(key) + 4 + _walk(item, (path, key))
