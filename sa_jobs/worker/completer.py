@@ -16,6 +16,7 @@ import anyio
 import psycopg
 
 from ..queries import Queries
+from ..states import FINISHED_STATES
 from .._connection import ManagedConnection, describe, is_transient
 from ._job import Outcome
 from ..events import WorkerObserver
@@ -144,7 +145,7 @@ class Completer:
                     return False
                 holder, states = row[0], list(row[1] or ())
                 target = {"complete": "completed", "release": "available"}.get(outcome.action, outcome.target)
-                if target not in ("completed", "dead", "cancelled"):
+                if target not in FINISHED_STATES:
                     target = "dead" if "dead" not in states else "cancelled"
                     note = f"not run again: job {holder} holds its unique key"
                     error = json.loads(outcome.error_json) if outcome.error_json else {
