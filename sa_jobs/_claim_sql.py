@@ -294,6 +294,18 @@ def rate_window_never_back(template: str) -> str:
     return template
 
 
+# Schema version 12: the skip scan's cue agrees with the head window. A queue concurrency
+# or rate limit narrows the head window to about twice its room (at least 16 jobs), but the
+# cue asked whether more than ``scan`` jobs waited: other keys' jobs behind a busy key's
+# backlog, past the window and within ``scan``, were never looked at while the queue's
+# room sat idle. On such a queue (``v_capped``) the cue now asks whether more than the
+# narrowest window waits. (A claim with no room left does not walk the keys: the skip
+# scan's ``chosen`` is LIMIT 0, so nothing below it is read.)
+HEAD_MIN_WINDOW = 16
+BEYOND_HEAD_V12 = BEYOND_HEAD.replace(
+    "OFFSET %(scan)s", f"OFFSET CASE WHEN v_capped THEN least(%(scan)s, {HEAD_MIN_WINDOW}) ELSE %(scan)s END")
+
+
 _PARAM = re.compile(r"%\((\w+)\)s")
 
 

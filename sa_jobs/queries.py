@@ -234,8 +234,7 @@ class Queries:
             states_of=r("SELECT id, state FROM {jobs} WHERE id = ANY(%(ids)s::bigint[])"),
             queue_settings=r(
                 "SELECT paused, " + LIMITED + ", partition_concurrency IS NOT NULL,"
-                " extract(epoch FROM rate_period)::float8, concurrency IS NOT NULL OR rate_limit IS NOT NULL"
-                " FROM {queues} WHERE name = %(queue)s"
+                " extract(epoch FROM rate_period)::float8 FROM {queues} WHERE name = %(queue)s"
             ),
             # A limited queue's claim: one call of the schema's claim function, which
             # locks the queue row, then counts and claims in a second statement (see

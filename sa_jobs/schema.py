@@ -302,7 +302,11 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
 
     Version 11: the rate window never moves back (``_claim_sql.rate_window_never_back``):
     a claimer that took the lock after a claim of a later window counts against that
-    window's count; up to v10 it started its own window's count again."""
+    window's count; up to v10 it started its own window's count again.
+
+    Version 12: on a queue whose concurrency or rate limit narrows the head window, the
+    skip scan's cue asks whether more than the narrowest window waits; up to v11, whether
+    more than ``scan`` did (``_claim_sql.BEYOND_HEAD_V12``)."""
     from . import _claim_sql as c
 
     settings = {4: "", 5: " SET plan_cache_mode = force_custom_plan"}.get(
@@ -319,7 +323,18 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
             template = c.rate_window_never_back(template)
         return sql.SQL(c.function_body(template)).format(jobs=jobs, queues=queues)
 
-    if version >= 9:
+    if version >= 12:
+        # v12's cue narrows to the head's smallest window on a queue whose concurrency or
+        # rate limit narrows the window (see _claim_sql.BEYOND_HEAD_V12).
+        declare = ("DECLARE v_limited boolean; v_partitioned boolean; v_concurrency boolean; v_capped boolean;"
+                   " v_claimed integer;")
+        settings_row = (" SELECT " + c.LIMITED + ", partition_concurrency IS NOT NULL, concurrency IS NOT NULL,"
+                        " concurrency IS NOT NULL OR rate_limit IS NOT NULL"
+                        " INTO v_limited, v_partitioned, v_concurrency, v_capped")
+        run_head = " IF v_concurrency THEN RETURN QUERY {head_counted}; ELSE RETURN QUERY {head}; END IF;"
+        run_partitioned = ("  IF v_concurrency THEN RETURN QUERY {partitioned_counted};"
+                           " ELSE RETURN QUERY {partitioned}; END IF;")
+    elif version >= 9:
         # A queue with a concurrency limit as well reads its running jobs once per
         # statement (see _claim_sql.CLAIM_PARTITIONED_HEAD_COUNTED).
         declare = "DECLARE v_limited boolean; v_partitioned boolean; v_concurrency boolean; v_claimed integer;"
@@ -353,7 +368,8 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
         " END $claim$"
     ).format(fn=sql.Identifier(schema, CLAIM_FUNCTION), queues=queues,
              partitioned=body(partitioned), limited=body(c.CLAIM_LIMITED),
-             head=body(head), beyond=body(c.BEYOND_HEAD), head_counted=body(c.CLAIM_PARTITIONED_HEAD_COUNTED),
+             head=body(head), beyond=body(c.BEYOND_HEAD_V12 if version >= 12 else c.BEYOND_HEAD),
+             head_counted=body(c.CLAIM_PARTITIONED_HEAD_COUNTED),
              partitioned_counted=body(c.CLAIM_PARTITIONED_COUNTED))
 
 
@@ -396,6 +412,14 @@ def _v11_up(schema: str) -> list[sql.Composable]:
 
 def _v11_down(schema: str) -> list[sql.Composable]:
     return [_claim_function(schema, 9)]  # version 10 changed indexes only
+
+
+def _v12_up(schema: str) -> list[sql.Composable]:
+    return [_claim_function(schema, 12)]
+
+
+def _v12_down(schema: str) -> list[sql.Composable]:
+    return [_claim_function(schema, 11)]
 
 
 LEASE_INDEX = "jobs_lease_idx"
@@ -522,6 +546,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               down_rebuild=_v10_down_rebuild),
     Migration(11, "a limited claim never moves its queue's rate window back (a late claimer counts against the later window)",
               _v11_up, _v11_down),
+    Migration(12, "a partitioned claim looks past a head window that a queue concurrency or rate limit narrowed",
+              _v12_up, _v12_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

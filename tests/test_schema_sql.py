@@ -565,3 +565,46 @@ def test_a_claim_that_takes_the_queue_lock_after_a_newer_window_opened_keeps_the
     per_window = q(database_url, jobs_sql(schema, "SELECT floor(extract(epoch FROM attempted_at) / 2), count(*)"
                                                   " FROM {jobs} WHERE state = 'running' GROUP BY 1 ORDER BY 1"))
     assert max(n for _, n in per_window) <= 3, per_window
+
+
+def test_a_claim_at_a_binding_queue_limit_does_not_walk_the_waiting_keys(database_url, schema):
+    """At a binding queue concurrency (or rate) limit the room is 0, so the head claim takes
+    nothing, the batch comes back short and more jobs wait than the window: the function
+    goes on to the skip scan. Every worker polls such a queue after each completion, so
+    walking every waiting key there (one index probe and heap visit each, 3,000 here, under
+    the queue row's lock) would cost each poll; it does not, because the skip scan's pick is
+    LIMIT 0 and nothing below it is read. A guard on that, not a fix."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency, partition_concurrency) VALUES"
+                            " ('full', 2, 5), ('free', 100, 5)").format(queues))
+    for queue in ("full", "free"):
+        q(database_url, sql.SQL(RUNNING).format(jobs), (queue, "k1", 2))
+        q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', %s, 'key' || g"
+                                " FROM generate_series(1, 3000) g").format(jobs), (queue,))
+    q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        for _ in range(3):
+            rows, read = _claim_limited(conn, schema, "full", 50, 50)
+            assert rows == [] and read <= 200, ("full", len(rows), read)
+            # With room, the head window fills the batch as before.
+            rows, read = _claim_limited(conn, schema, "free", 50, 50)
+            assert len(rows) == 50 and read <= 300, ("free", len(rows), read)
+
+
+def test_a_narrowed_head_window_is_followed_by_the_skip_scan(database_url, schema):
+    """Schema v12. A queue concurrency limit of 4 narrows the head window to 16 jobs; when
+    a key at its partition limit fills them, the other keys' jobs wait behind. Up to v11
+    the skip scan ran only when more than the worker's ``scan`` (here 50) jobs waited, so
+    the 2 jobs of other keys behind 40 of the busy key's were not claimed; now they are."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency, partition_concurrency) VALUES"
+                            " ('capped', 4, 2)").format(queues))
+    q(database_url, sql.SQL(RUNNING).format(jobs), ("capped", "busy", 2))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'capped', 'busy'"
+                            " FROM generate_series(1, 40)").format(jobs))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'capped', 'small' || g"
+                            " FROM generate_series(1, 2) g").format(jobs))
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        for _ in range(3):
+            rows, _read = _claim_limited(conn, schema, "capped", 50, 50)
+            assert [k for _, k in rows] == ["small1", "small2"], rows

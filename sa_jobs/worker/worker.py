@@ -43,6 +43,7 @@ from ..maintenance.leader import Maintainer
 from ..maintenance.rescuer import Rescuer
 from ..maintenance.scheduler import Scheduler
 from ..model import Job, KindOptions, is_async_handler, registered_kinds
+from .._claim_sql import HEAD_MIN_WINDOW
 from ..queries import Queries
 from ..retry import MAX_DELAY_SECONDS, exponential_backoff
 from .._connection import ManagedConnection, describe, is_transient
@@ -74,7 +75,7 @@ HELD_RESCAN_MAX = 30.0
 # the batch cost a non-binding drain about 6 points (benchmarks/RESULTS.md, schema v6).
 PARTITION_HEAD_WINDOW = 1
 # The smallest head window, which the claim function reads whatever the room.
-PARTITION_HEAD_MIN = 16
+PARTITION_HEAD_MIN = HEAD_MIN_WINDOW
 
 ResumeKey = tuple[int, Any, int]  # (priority, scheduled_at, id): the claim order
 
@@ -132,11 +133,6 @@ class _Queue:
     # delay a claim but never exceed a limit).
     limited: bool = False
     rate_period: Optional[float] = None
-    # The queue has a queue concurrency or rate limit, which narrows a partitioned claim's
-    # head window to its room; and whether the next claim asks for the narrowest window
-    # (after a short claim that did not: see Worker._claim).
-    capped: bool = False
-    narrow_next: bool = False
     # Set while this worker alone is told not to claim from the queue; set on resume.
     local_pause: Optional[anyio.Event] = None
     # Where the next plain claim may resume: (priority, scheduled_at, id) of the last row
@@ -586,28 +582,18 @@ class Worker:
         may run two, and a timeout of the second must not lose the rows the first committed."""
         token = uuid.uuid4()
         started = time.perf_counter()
-        narrow = False
         params: dict[str, Any] = {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id,
                                   "lease": self.lease}
         if q.limited:
-            # The claim function (frozen text, schema v7-v10) reads a head window of
-            # min(scan, max(16, 2 x room)) jobs, but runs its skip scan only when more than
-            # ``scan`` jobs wait. When a queue concurrency or rate limit leaves little room,
-            # the jobs of other keys behind a busy key's backlog (past the window, within
-            # ``scan``) were never looked at: they waited for that backlog to shrink into
-            # the window while the queue's room sat idle. With ``scan`` = 16 the window is
-            # 16 whatever the room, and the skip scan's cue agrees with it; but unkeyed
-            # jobs are looked for only in the first ``scan``. So a short claim of such a
-            # queue is followed by one with the narrow window, then the wide one again:
-            # neither kind of job waits more than one extra claim.
-            narrow = q.capped and q.narrow_next
-            params["scan"] = PARTITION_HEAD_MIN if narrow else max(PARTITION_HEAD_MIN, PARTITION_HEAD_WINDOW * limit)
+            # The function reads a head window of min(scan, max(16, 2 x room)) jobs and,
+            # when they leave the batch short and more wait, skip-scans every key (and the
+            # first ``scan`` jobs for unkeyed ones): see sa_jobs._claim_sql.
+            params["scan"] = max(PARTITION_HEAD_MIN, PARTITION_HEAD_WINDOW * limit)
             with deadline():
                 cur = await conn.execute(self._queries.claim_limited, params, prepare=True)
                 rows = await cur.fetchall()
         else:
             rows = await self._claim_plain(q, conn, params, deadline)
-        q.narrow_next = len(rows) < limit and not narrow
         if not rows:  # empty, paused, at a limit, or its limits changed since we looked
             with deadline():
                 await self._read_settings(q, conn)
@@ -692,7 +678,6 @@ class Worker:
             q.wake.set()  # claim again at once, through the other path
         q.limited = limited
         q.rate_period = row[3] if limited and row else None
-        q.capped = bool(limited and row and row[4])
 
     def _completions_written(self) -> None:
         # A limited queue's room is counted from running rows: a batch of completions
