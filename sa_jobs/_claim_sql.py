@@ -294,16 +294,67 @@ def rate_window_never_back(template: str) -> str:
     return template
 
 
-# Schema version 12: the skip scan's cue agrees with the head window. A queue concurrency
-# or rate limit narrows the head window to about twice its room (at least 16 jobs), but the
-# cue asked whether more than ``scan`` jobs waited: other keys' jobs behind a busy key's
-# backlog, past the window and within ``scan``, were never looked at while the queue's
-# room sat idle. On such a queue (``v_capped``) the cue now asks whether more than the
-# narrowest window waits. (A claim with no room left does not walk the keys: the skip
-# scan's ``chosen`` is LIMIT 0, so nothing below it is read.)
+# Schema version 12.
+# - The skip scan's cue agrees with the head window. A queue concurrency or rate limit
+#   narrows the head window to about twice its room (at least 16 jobs), but the cue asked
+#   whether more than ``scan`` jobs waited: other keys' jobs behind a busy key's backlog,
+#   past the window and within ``scan``, were never looked at while the queue's room sat
+#   idle. On such a queue (``v_capped``) the cue now asks whether more than the narrowest
+#   window waits. (A claim with no room left does not walk the keys: the skip scan's
+#   ``chosen`` is LIMIT 0, so nothing below it is read.)
+# - A limited claim can resume past a position, as the plain claim does: every claimed
+#   job leaves a dead entry at the head of jobs_claim_idx until VACUUM, and a claim from
+#   the start steps over all of them (over a long drain, a growing cost per claim; while
+#   an old snapshot pins them, every claim since the pin). Given ``after`` (priority,
+#   scheduled_at, id), the limited claim, the head window and the cue start past it, a
+#   row comparison the btree descends to; the skip scan, the rare path, still reads
+#   each key from its start. Claims return each job's scheduled_at, for the next position,
+#   and whether the job may be one (``resumable``): a partitioned claim passes over the
+#   waiting jobs of keys at their limit, and a position past one of them would leave it
+#   behind. A head claim's job is resumable when no job of its window before it was left
+#   waiting; a plain limited claim's always (it takes the first jobs, as the plain claim
+#   does); a skip scan's never.
 HEAD_MIN_WINDOW = 16
 BEYOND_HEAD_V12 = BEYOND_HEAD.replace(
     "OFFSET %(scan)s", f"OFFSET CASE WHEN v_capped THEN least(%(scan)s, {HEAD_MIN_WINDOW}) ELSE %(scan)s END")
+_WAITING = "state = 'available' AND queue = %(queue)s AND scheduled_at <= now()"
+_AFTER = (" AND (priority, scheduled_at, id) > (%(after_priority)s::smallint, %(after_scheduled)s::timestamptz,"
+          " %(after_id)s::bigint)")
+_RETURNING = ("AS created_epoch),", "AS created_epoch, j.scheduled_at),")
+
+
+def returning_scheduled_at(template: str) -> str:
+    """A claim statement's text as of schema version 12: it also returns scheduled_at."""
+    old, new = _RETURNING
+    assert template.count(old) == 1, template
+    return template.replace(old, new)
+
+
+_CLAIMED = " SELECT * FROM claimed"
+_FIRST_LEFT = (" first_left AS MATERIALIZED (SELECT priority, scheduled_at, id FROM head"
+               "  WHERE id <> ALL(ARRAY(SELECT id FROM picked)) ORDER BY priority, scheduled_at, id LIMIT 1),")
+_RESUMABLE = {
+    "head": " SELECT claimed.*, NOT EXISTS (SELECT 1 FROM first_left f WHERE (f.priority, f.scheduled_at, f.id)"
+            " < (claimed.priority, claimed.scheduled_at, claimed.id)) FROM claimed",
+    "always": " SELECT *, true FROM claimed",
+    "never": " SELECT *, false FROM claimed",
+}
+
+
+def with_resumable(template: str, which: str) -> str:
+    """A claim statement's text as of schema version 12, whose rows also say whether the
+    next claim may resume past them: ``which`` is "head", "always" or "never"."""
+    assert template.endswith(_CLAIMED) and template.count(" claimed AS (UPDATE") == 1, template
+    if which == "head":
+        template = template.replace(" claimed AS (UPDATE", _FIRST_LEFT + " claimed AS (UPDATE")
+    return template[: -len(_CLAIMED)] + _RESUMABLE[which]
+
+
+def resumed(template: str) -> str:
+    """The head-of-queue read of ``template`` (a limited claim, a head claim or the cue)
+    starting past %(after_*)s instead of at the queue's start (schema version 12)."""
+    assert template.count(_WAITING) == 1, template
+    return template.replace(_WAITING, _WAITING + _AFTER)
 
 
 _PARAM = re.compile(r"%\((\w+)\)s")

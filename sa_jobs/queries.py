@@ -143,7 +143,7 @@ class Queries:
             cancel_channel=cancel_channel_name(schema),
             claim=r(_claim_statement(after=False)),
             # The same claim, resuming after the last row of this worker's previous full
-            # batch (see Worker._claim_plain): under a backlog, the rows before it are the jobs
+            # batch (see Worker._claim_resuming): under a backlog, the rows before it are the jobs
             # claimed since the last VACUUM, whose dead entries a scan from the start of
             # jobs_claim_idx would step over one by one.
             claim_after=r(_claim_statement(after=True)),
@@ -238,8 +238,10 @@ class Queries:
             ),
             # A limited queue's claim: one call of the schema's claim function, which
             # locks the queue row, then counts and claims in a second statement (see
-            # schema._claim_function): one statement and one round trip per batch.
+            # schema._claim_function): one statement and one round trip per batch. The
+            # after_* values (all None: from the start) resume it, as claim_after does.
             claim_limited=sql.SQL(
-                "SELECT * FROM {}(%(queue)s, %(limit)s, %(token)s, %(owner)s, %(lease)s, %(scan)s)"
+                "SELECT * FROM {}(%(queue)s, %(limit)s, %(token)s, %(owner)s, %(lease)s, %(scan)s,"
+                " %(after_priority)s::smallint, %(after_scheduled)s::timestamptz, %(after_id)s::bigint)"
             ).format(sql.Identifier(schema, CLAIM_FUNCTION)).as_string(),
         )

@@ -266,6 +266,13 @@ _CLAIM_FUNCTION_RETURNS = (
 )
 
 
+_CLAIM_FUNCTION_ARGS_V12 = _CLAIM_FUNCTION_ARGS + (", p_after_priority smallint DEFAULT NULL,"
+                                                  " p_after_scheduled timestamptz DEFAULT NULL,"
+                                                  " p_after_id bigint DEFAULT NULL")
+_CLAIM_FUNCTION_RETURNS_V12 = _CLAIM_FUNCTION_RETURNS.replace(
+    "created_epoch double precision)", "created_epoch double precision, scheduled_at timestamptz, resumable boolean)")
+
+
 def _claim_function(schema: str, version: int) -> sql.Composable:
     """The claim of a limited queue, as a function so that it is one statement for the
     client: it locks the queue row (serializing that queue's claimers only), then counts
@@ -306,7 +313,8 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
 
     Version 12: on a queue whose concurrency or rate limit narrows the head window, the
     skip scan's cue asks whether more than the narrowest window waits; up to v11, whether
-    more than ``scan`` did (``_claim_sql.BEYOND_HEAD_V12``)."""
+    more than ``scan`` did (``_claim_sql.BEYOND_HEAD_V12``). And a claim can resume past a
+    position, as the plain claim does (``_claim_function_v12``)."""
     from . import _claim_sql as c
 
     settings = {4: "", 5: " SET plan_cache_mode = force_custom_plan"}.get(
@@ -324,17 +332,8 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
         return sql.SQL(c.function_body(template)).format(jobs=jobs, queues=queues)
 
     if version >= 12:
-        # v12's cue narrows to the head's smallest window on a queue whose concurrency or
-        # rate limit narrows the window (see _claim_sql.BEYOND_HEAD_V12).
-        declare = ("DECLARE v_limited boolean; v_partitioned boolean; v_concurrency boolean; v_capped boolean;"
-                   " v_claimed integer;")
-        settings_row = (" SELECT " + c.LIMITED + ", partition_concurrency IS NOT NULL, concurrency IS NOT NULL,"
-                        " concurrency IS NOT NULL OR rate_limit IS NOT NULL"
-                        " INTO v_limited, v_partitioned, v_concurrency, v_capped")
-        run_head = " IF v_concurrency THEN RETURN QUERY {head_counted}; ELSE RETURN QUERY {head}; END IF;"
-        run_partitioned = ("  IF v_concurrency THEN RETURN QUERY {partitioned_counted};"
-                           " ELSE RETURN QUERY {partitioned}; END IF;")
-    elif version >= 9:
+        return _claim_function_v12(schema, settings, body)
+    if version >= 9:
         # A queue with a concurrency limit as well reads its running jobs once per
         # statement (see _claim_sql.CLAIM_PARTITIONED_HEAD_COUNTED).
         declare = "DECLARE v_limited boolean; v_partitioned boolean; v_concurrency boolean; v_claimed integer;"
@@ -371,6 +370,53 @@ def _claim_function(schema: str, version: int) -> sql.Composable:
              head=body(head), beyond=body(c.BEYOND_HEAD_V12 if version >= 12 else c.BEYOND_HEAD),
              head_counted=body(c.CLAIM_PARTITIONED_HEAD_COUNTED),
              partitioned_counted=body(c.CLAIM_PARTITIONED_COUNTED))
+
+
+
+def _claim_function_v12(schema: str, settings: str, body: Callable[[str], sql.Composable]) -> sql.Composable:
+    """Version 12 of the claim function (see ``_claim_function``). Given ``p_after_*`` (all
+    three, or none), the claim resumes past that position: the limited claim, the head
+    window and the skip scan's cue read from there (``_claim_sql.resumed``)."""
+    from . import _claim_sql as c
+
+    def claim(template: str, resumable: str) -> sql.Composable:
+        """``IF`` resuming ``THEN`` the resumed text ``ELSE`` the text from the start."""
+        template = c.with_resumable(c.returning_scheduled_at(template), resumable)
+        if resumable == "never":
+            return sql.SQL("RETURN QUERY {};").format(body(template))
+        return sql.SQL("IF p_after_id IS NULL THEN RETURN QUERY {}; ELSE RETURN QUERY {}; END IF;").format(
+            body(template), body(c.resumed(template)))
+
+    head = sql.SQL("IF v_concurrency THEN {} ELSE {} END IF;").format(
+        claim(c.CLAIM_PARTITIONED_HEAD_COUNTED, "head"), claim(c.CLAIM_PARTITIONED_HEAD, "head"))
+    # The skip scan reads each key from its start (resuming it would need a position per key).
+    skip_scan = sql.SQL("IF v_concurrency THEN {} ELSE {} END IF;").format(
+        claim(c.CLAIM_PARTITIONED_COUNTED, "never"), claim(c.CLAIM_PARTITIONED, "never"))
+    beyond = sql.SQL("(p_after_id IS NULL AND EXISTS ({})) OR (p_after_id IS NOT NULL AND EXISTS ({}))").format(
+        body(c.BEYOND_HEAD_V12), body(c.resumed(c.BEYOND_HEAD_V12)))
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION {fn}(" + _CLAIM_FUNCTION_ARGS_V12 + ")" + _CLAIM_FUNCTION_RETURNS_V12 +
+        " LANGUAGE plpgsql VOLATILE" + settings + " AS $claim$\n"
+        "#variable_conflict use_column\n"
+        "DECLARE v_limited boolean; v_partitioned boolean; v_concurrency boolean; v_capped boolean;"
+        " v_claimed integer;"
+        " BEGIN"
+        " SELECT " + c.LIMITED + ", partition_concurrency IS NOT NULL, concurrency IS NOT NULL,"
+        " concurrency IS NOT NULL OR rate_limit IS NOT NULL"
+        " INTO v_limited, v_partitioned, v_concurrency, v_capped"
+        " FROM {queues} WHERE name = p_queue FOR NO KEY UPDATE;"
+        " IF NOT FOUND OR NOT v_limited THEN RETURN; END IF;"
+        " PERFORM set_config('synchronous_commit', 'off', true);"
+        " IF NOT v_partitioned THEN {limited} RETURN; END IF;"
+        " {head}"
+        " GET DIAGNOSTICS v_claimed = ROW_COUNT;"
+        " IF v_claimed < p_limit AND ({beyond}) THEN"
+        "  p_limit := p_limit - v_claimed;"
+        "  {skip_scan}"
+        " END IF;"
+        " END $claim$"
+    ).format(fn=sql.Identifier(schema, CLAIM_FUNCTION), queues=sql.Identifier(schema, QUEUES_TABLE),
+             limited=claim(c.CLAIM_LIMITED, "always"), head=head, beyond=beyond, skip_scan=skip_scan)
 
 
 def _v5_up(schema: str) -> list[sql.Composable]:
@@ -415,11 +461,18 @@ def _v11_down(schema: str) -> list[sql.Composable]:
 
 
 def _v12_up(schema: str) -> list[sql.Composable]:
-    return [_claim_function(schema, 12)]
+    # The function takes three more arguments: a new signature, so the old one goes.
+    return [_drop_claim_function(schema, _CLAIM_FUNCTION_ARGS), _claim_function(schema, 12)]
 
 
 def _v12_down(schema: str) -> list[sql.Composable]:
-    return [_claim_function(schema, 11)]
+    return [_drop_claim_function(schema, _CLAIM_FUNCTION_ARGS_V12), _claim_function(schema, 11)]
+
+
+def _drop_claim_function(schema: str, args: str) -> sql.Composable:
+    # A signature names types only (DEFAULT clauses are not part of it).
+    types = ", ".join(a.split(" DEFAULT ")[0] for a in args.split(", "))
+    return sql.SQL("DROP FUNCTION IF EXISTS {}(" + types + ")").format(sql.Identifier(schema, CLAIM_FUNCTION))
 
 
 LEASE_INDEX = "jobs_lease_idx"
@@ -546,7 +599,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               down_rebuild=_v10_down_rebuild),
     Migration(11, "a limited claim never moves its queue's rate window back (a late claimer counts against the later window)",
               _v11_up, _v11_down),
-    Migration(12, "a partitioned claim looks past a head window that a queue concurrency or rate limit narrowed",
+    Migration(12, "limited claims can resume past a position; a partitioned claim looks past a head window"
+                  " that a queue concurrency or rate limit narrowed",
               _v12_up, _v12_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version

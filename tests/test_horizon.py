@@ -18,7 +18,9 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sa_jobs import Job, JobContext, Worker
+from sqlalchemy.orm import Session
+
+from sa_jobs import Job, JobContext, QueueLimits, Worker, set_queue_limits
 from sa_jobs._url import to_conninfo
 from sa_jobs.events import NullObserver
 from sa_jobs.maintenance.horizon import HorizonWatch
@@ -145,13 +147,21 @@ def _claim_index_reads(database_url: str, schema: str) -> tuple[int, int]:
     return rows[0][0], rows[0][1]
 
 
-def test_claims_resume_while_the_horizon_is_held_and_nothing_waits_behind(database_url: str, schema: str) -> None:
+@pytest.mark.parametrize("limits", [QueueLimits(), QueueLimits(concurrency=10_000),
+                                    QueueLimits(partition_concurrency=10_000)], ids=["plain", "concurrency", "partition"])
+def test_claims_resume_while_the_horizon_is_held_and_nothing_waits_behind(
+        database_url: str, schema: str, engine: Any, limits: QueueLimits) -> None:
     """With a snapshot held, a steady stream is claimed through resumed claims: the claim
     index is read far less than "every claim steps over every job claimed since the pin";
     a more urgent job and an overdue one, both behind the resume point, still run within
-    one rescan interval; every job completes once."""
-    insert = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, priority, scheduled_at)"
-                              " SELECT 'horizon_noop', 'horizon', %s, now() - %s * interval '1 s' FROM generate_series(1, %s)")
+    one rescan interval; every job completes once. The same for a queue with a limit
+    (claimed through the schema's claim function, which resumes since schema v12; jobs
+    keyed for the partition limit)."""
+    insert = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, priority, scheduled_at, partition_key)"
+                              " SELECT 'horizon_noop', 'horizon', %s, now() - %s * interval '1 s',"
+                              " 'k' || (g %% 10) FROM generate_series(1, %s) g")
+    with Session(engine) as session, session.begin():
+        set_queue_limits(session, "horizon", limits)
     stop = threading.Event()
 
     def steady() -> None:  # 40 jobs every 50 ms, in their own transactions: new xids

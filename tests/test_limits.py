@@ -264,3 +264,35 @@ def test_cli_sets_shows_and_clears_limits(database_url, schema):
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     refused = run_cli(database_url, schema, "queues", "limit", "bad name", "--concurrency", "1")
     assert refused.returncode == 2, refused.stderr
+
+
+def test_a_partitioned_claim_resumes_only_before_the_first_job_it_left_waiting(engine, database_url, schema):
+    """Since schema v12 a limited queue's claims resume past their last batch under a
+    backlog, as plain claims do. A partition limit leaves the jobs of keys at their limit
+    waiting: had the worker resumed past the batch's last job, a busy key's job in the
+    middle would wait behind the resume point until the next claim from the start (0.25 s
+    or more, per job of that key). It resumes past the last job before it instead."""
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.worker.worker import _Queue
+
+    limit(engine, "keyed", QueueLimits(partition_concurrency=1))
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, partition_key, state, claim_token,"
+                                     " lease_expires_at, attempt) VALUES ('customer_work', 'keyed', 'busy',"
+                                     " 'running', gen_random_uuid(), now() + interval '1 hour', 1)"))
+    ids = [q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, partition_key) VALUES"
+                                            " ('customer_work', 'keyed', %s) RETURNING id"), (key,))[0][0]
+           for key in ["a1", "a2", "busy"] + [f"b{i}" for i in range(20)]]
+    worker = Worker(database_url, kinds=[CustomerWork], schema=schema, queues={"keyed": 10})
+
+    async def main() -> tuple[list[int], object]:
+        async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
+            queue = _Queue("keyed", 10, None, anyio.CapacityLimiter(10))  # type: ignore[arg-type]
+            await worker._read_settings(queue, conn)
+            claimed = await worker._claim(queue, conn, 10, lambda: anyio.fail_after(10))
+            return sorted(j.id for j in claimed), queue.resume_after
+
+    claimed, resume_after = anyio.run(main)
+    assert claimed == ids[:2] + ids[3:11]  # a full batch: the busy key's job left waiting
+    assert resume_after is not None and resume_after[2] == ids[1]  # resumes after a2, before it

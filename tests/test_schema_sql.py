@@ -608,3 +608,78 @@ def test_a_narrowed_head_window_is_followed_by_the_skip_scan(database_url, schem
         for _ in range(3):
             rows, _read = _claim_limited(conn, schema, "capped", 50, 50)
             assert [k for _, k in rows] == ["small1", "small2"], rows
+
+
+def _claim_index_blocks(conn: psycopg.Connection, schema: str) -> int:
+    """Blocks of jobs_claim_idx this transaction has read so far."""
+    return conn.execute("SELECT pg_stat_get_xact_blocks_fetched(%s::regclass)",
+                        (f'"{schema}".jobs_claim_idx',)).fetchone()[0]
+
+
+@pytest.mark.parametrize("limits", ["concurrency = 100000", "partition_concurrency = 10000"])
+def test_a_resumed_limited_claim_skips_the_dead_head_of_the_queue(database_url, schema, limits):
+    """Schema v12. Claimed jobs leave dead entries at the head of jobs_claim_idx until
+    VACUUM, and the claim function read from the start of the queue every time (a cost
+    that grew with every job claimed in a drain, and while an old snapshot pins the
+    entries, for good). Given the last resumable job's position it descends past them."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    fn = sql.Identifier(schema, "claim_limited")
+    q(database_url, jobs_sql(schema, "ALTER TABLE {jobs} SET (autovacuum_enabled = false)"))
+    q(database_url, sql.SQL("INSERT INTO {} (name) VALUES ('lim')").format(queues))
+    q(database_url, sql.SQL("UPDATE {} SET " + limits + " WHERE name = 'lim'").format(queues))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, args, partition_key) SELECT 'k', 'lim', '{{}}',"
+                            " CASE WHEN %s LIKE 'partition%%' THEN 'key' || (g %% 50) END"
+                            " FROM generate_series(1, 40000) g").format(jobs), (limits,))
+    q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
+    call = sql.SQL("SELECT id, priority, scheduled_at, resumable FROM {}('lim', %s, %s, 'x', 30, %s, %s, %s, %s)").format(fn)
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        for _ in range(40):  # 20,000 claimed and completed, in claim order
+            rows = conn.execute(call, (500, uuid.uuid4(), 500, None, None, None)).fetchall()
+            assert len(rows) == 500 and all(r[3] for r in rows)  # nothing left waiting behind them
+            conn.execute(jobs_sql(schema, "UPDATE {jobs} SET state = 'completed' WHERE id = ANY(%s)"),
+                         ([r[0] for r in rows],))
+        last = max((r[1], r[2], r[0]) for r in rows)
+
+        def claim(after: tuple) -> tuple[list[int], int]:
+            with conn.transaction(force_rollback=True):
+                before = _claim_index_blocks(conn, schema)
+                ids = sorted(r[0] for r in conn.execute(call, (100, uuid.uuid4(), 100, *after)).fetchall())
+                return ids, _claim_index_blocks(conn, schema) - before
+
+        resumed, resumed_blocks = claim(last)
+        from_start, from_start_blocks = claim((None, None, None))
+    # The next 100 jobs in claim order, read from a handful of pages...
+    assert resumed == from_start == list(range(last[2] + 1, last[2] + 101))
+    assert resumed_blocks <= 20, resumed_blocks
+    # ...where the claim from the start walks the 20,000 dead entries first.
+    assert from_start_blocks >= 50, from_start_blocks
+
+
+def test_a_partitioned_claim_never_offers_to_resume_past_a_job_it_left_waiting(database_url, schema):
+    """Schema v12. A partitioned claim passes over the waiting jobs of keys at their limit.
+    A claim resumed past one of them would leave it behind until the next claim from the
+    start, so the function says which rows a claim may resume past: a head claim's rows
+    before the first job it left waiting, a plain limited claim's all, a skip scan's none."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    fn = sql.Identifier(schema, "claim_limited")
+    q(database_url, sql.SQL("INSERT INTO {} (name, partition_concurrency) VALUES ('p', 1), ('s', 1)").format(queues))
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency) VALUES ('c', 100)").format(queues))
+    for queue in ("p", "s"):
+        q(database_url, sql.SQL(RUNNING).format(jobs), (queue, "busy", 1))
+    # 'p', in claim order: a1, a2, busy, a3, a4 (a job of a key at its limit in the middle).
+    for key in ("a1", "a2", "busy", "a3", "a4"):
+        q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) VALUES ('k', 'p', %s)").format(jobs), (key,))
+    # 's': 20 jobs of the busy key fill the 16-job head window; two more keys behind them.
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 's', 'busy'"
+                            " FROM generate_series(1, 20)").format(jobs))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) VALUES ('k', 's', 'b1'), ('k', 's', 'b2')").format(jobs))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue) SELECT 'k', 'c' FROM generate_series(1, 5)").format(jobs))
+    call = sql.SQL("SELECT j.partition_key, c.resumable FROM {}(%s, %s, %s, 'x', 30, 16) c"
+                   " JOIN {} j USING (id) ORDER BY c.priority, c.scheduled_at, c.id").format(fn, jobs)
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        for _ in range(3):
+            with conn.transaction(force_rollback=True):
+                assert conn.execute(call, ("p", 4, uuid.uuid4())).fetchall() == [
+                    ("a1", True), ("a2", True), ("a3", False), ("a4", False)]
+                assert conn.execute(call, ("s", 4, uuid.uuid4())).fetchall() == [("b1", False), ("b2", False)]
+                assert conn.execute(call, ("c", 3, uuid.uuid4())).fetchall() == [(None, True)] * 3

@@ -118,7 +118,7 @@ def test_worker_refuses_a_newer_schema(db: str, fresh_schema: str) -> None:
 RELEASED_DDL = {1: "e492cd917392231c", 2: "b854f3bd5c7647c0", 3: "873901e8e7d8fc06", 4: "de5862bdcba22fca",
                 5: "f18c6ac3842f7bc4", 6: "4437b63ff3e2a494", 7: "5a6019fbe3810826",
                 8: "de414af1ca925522", 9: "a3a3eeb95fd75b50", 10: "a8a29dbb859a3d58",
-                11: "b7280b6e6d9f8591", 12: "e443b9510dccb841"}
+                11: "b7280b6e6d9f8591", 12: "ef615aa0cc9f790b"}
 
 
 @pytest.mark.parametrize("version", sorted(RELEASED_DDL))
@@ -412,7 +412,8 @@ HAND_CHANGES: dict[str, tuple[str, str]] = {
     ),
     # A setting, which the function's text does not show.
     "function setting": (
-        "ALTER FUNCTION {s}.claim_limited(text, integer, uuid, text, double precision, integer)"
+        "ALTER FUNCTION {s}.claim_limited(text, integer, uuid, text, double precision, integer,"
+        " smallint, timestamptz, bigint)"
         " RESET plan_cache_mode",
         "function claim_limited(p_queue text",
     ),

@@ -500,7 +500,8 @@ def test_a_failed_claim_from_the_start_keeps_the_resumed_jobs(engine, database_u
             q = _Queue("split", 10, None, anyio.CapacityLimiter(10))  # type: ignore[arg-type]
             q.resume_after, q.scanned_from_start_at = (0, "-infinity", 0), time.monotonic()
             params = {"queue": "split", "limit": 10, "token": uuid.uuid4(), "owner": "w", "lease": 30}
-            return await worker._claim_plain(q, FailsFromTheStart(conn), params, lambda: anyio.fail_after(10))
+            return await worker._claim_resuming(q, FailsFromTheStart(conn), params, lambda: anyio.fail_after(10),
+                                                worker._queries.claim, worker._queries.claim_after, flagged=False)
 
     rows = anyio.run(main)
     assert sorted(r[0] for r in rows) == ids  # 5 of the 10 asked for: short, then the failure
@@ -510,7 +511,8 @@ def test_a_failed_claim_from_the_start_keeps_the_resumed_jobs(engine, database_u
         async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
             q = _Queue("split", 10, None, anyio.CapacityLimiter(10))  # type: ignore[arg-type]
             params = {"queue": "split", "limit": 10, "token": uuid.uuid4(), "owner": "w", "lease": 30}
-            await worker._claim_plain(q, FailsFromTheStart(conn), params, lambda: anyio.fail_after(10))
+            await worker._claim_resuming(q, FailsFromTheStart(conn), params, lambda: anyio.fail_after(10),
+                                         worker._queries.claim, worker._queries.claim_after, flagged=False)
 
     with pytest.raises(psycopg.OperationalError):  # nothing claimed: the error is the caller's
         anyio.run(nothing_resumed)

@@ -38,6 +38,12 @@
   the index entry that v9 wrote on every claim and completion cost a drain).
 - ``partition-v8``, ``all-v8``: partition, all with schema v8's claim function put back (diagnostic: up to v8 a queue
   with both a concurrency and a partition limit read its running jobs twice per claim).
+- ``concurrency-v11``, ``partition-v11``, ``all-v11``: concurrency, partition, all with schema v11's claim
+  function put back (diagnostic: up to v11 every limited claim read its queue from the start,
+  stepping over the dead entries of every job claimed since the last VACUUM; since v12 it
+  resumes past its last batch, as the plain claim does).
+
+Older functions are put back behind the current signature (``_put_back_an_older_function``).
 
 Only the limit machinery's cost is measured by the non-binding variants: the claim takes
 the queue row's lock, counts, and claims in a second statement.
@@ -47,6 +53,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from typing import Any
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,8 +89,11 @@ VARIANTS = {
     "concurrency-auto-plans": QueueLimits(concurrency=100_000),
     "keys-leaseidx": QueueLimits(),
     "none-v9-kind-index": QueueLimits(),
+    "concurrency-v11": QueueLimits(concurrency=100_000),
+    "partition-v11": QueueLimits(partition_concurrency=10_000),
+    "all-v11": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
 }
-KEYED = ("partition", "keys-leaseidx", "all", "all-v8", "partition-v8", "partition-keylocks", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
+KEYED = ("partition", "partition-v11", "all-v11", "keys-leaseidx", "all", "all-v8", "partition-v8", "partition-keylocks", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
          "partition-v7-indexes", "keys-v7-indexes")
 
 
@@ -95,16 +105,31 @@ def setup(dsn: str, variant: str) -> None:
     engine.dispose()
     if variant.endswith("-auto-plans"):
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
-                         " RESET plan_cache_mode")
+            conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer,"
+                         " smallint, timestamptz, bigint) RESET plan_cache_mode")
     if variant.endswith("-keylocks"):
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(_keylocks_function())
-    old_function = {"-v5": 5, "-v8": 7}.get(variant[-3:])  # v8 kept v7's function
+            _put_back_an_older_function(conn, _keylocks_function())
+    old_function = {"-v5": 5, "-v8": 7, "v11": 11}.get(variant[-3:])  # v8 kept v7's function
     if old_function:
         from sa_jobs.schema import _claim_function
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(_claim_function("sa_jobs", old_function))
+            _put_back_an_older_function(conn, _claim_function("sa_jobs", old_function))
+
+
+def _put_back_an_older_function(conn: psycopg.Connection, create: Any) -> None:
+    """Install a claim function with the signature of schema versions 4-11 (which cannot
+    resume) behind the current signature: the worker calls it through a wrapper whose rows
+    say that no claim may resume past them, so it claims from the start as those did."""
+    from sa_jobs.schema import _CLAIM_FUNCTION_ARGS_V12, _CLAIM_FUNCTION_RETURNS_V12
+    conn.execute(create)  # an overload beside the current function
+    conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
+                 " RENAME TO claim_limited_older")
+    conn.execute(
+        "CREATE OR REPLACE FUNCTION sa_jobs.claim_limited(" + _CLAIM_FUNCTION_ARGS_V12 + ")"
+        + _CLAIM_FUNCTION_RETURNS_V12 + " LANGUAGE sql VOLATILE AS $w$"
+        " SELECT o.*, NULL::timestamptz, false"
+        " FROM sa_jobs.claim_limited_older(p_queue, p_limit, p_token, p_owner, p_lease, p_scan) o $w$")
 
 
 def _keylocks_function() -> psycopg.sql.Composed:

@@ -60,7 +60,7 @@ log = logging.getLogger("sa_jobs.worker")
 MAX_TRACEBACK_CHARS = 16_000
 # Under a backlog, how long a plain claim may resume past its previous batch before one
 # reads the queue from its start again: the longest a job behind that point (a more
-# urgent one, a rescued one) waits for it. See Worker._claim_plain.
+# urgent one, a rescued one) waits for it. See Worker._claim_resuming.
 RESCAN_INTERVAL = 0.25
 # The same while the xmin horizon is held, when every claim also resumes (the claim from
 # the start then costs in proportion to the jobs claimed since the horizon stopped).
@@ -137,7 +137,7 @@ class _Queue:
     local_pause: Optional[anyio.Event] = None
     # Where the next plain claim may resume: (priority, scheduled_at, id) of the last row
     # of this worker's previous claim when that claim was full, and when the last claim
-    # that scanned from the start of the queue ran (monotonic). See Worker._claim_plain.
+    # that scanned from the start of the queue ran (monotonic). See Worker._claim_resuming.
     resume_after: Optional[ResumeKey] = None
     scanned_from_start_at: float = 0.0
     rescan_seconds: float = 0.0  # how long that last claim from the start took
@@ -589,11 +589,12 @@ class Worker:
             # when they leave the batch short and more wait, skip-scans every key (and the
             # first ``scan`` jobs for unkeyed ones): see sa_jobs._claim_sql.
             params["scan"] = max(PARTITION_HEAD_MIN, PARTITION_HEAD_WINDOW * limit)
-            with deadline():
-                cur = await conn.execute(self._queries.claim_limited, params, prepare=True)
-                rows = await cur.fetchall()
+            params.update(after_priority=None, after_scheduled=None, after_id=None)
+            rows = await self._claim_resuming(q, conn, params, deadline, self._queries.claim_limited,
+                                              self._queries.claim_limited, flagged=True)
         else:
-            rows = await self._claim_plain(q, conn, params, deadline)
+            rows = await self._claim_resuming(q, conn, params, deadline, self._queries.claim,
+                                              self._queries.claim_after, flagged=False)
         if not rows:  # empty, paused, at a limit, or its limits changed since we looked
             with deadline():
                 await self._read_settings(q, conn)
@@ -609,8 +610,12 @@ class Worker:
             for r in rows
         ]
 
-    async def _claim_plain(self, q: _Queue, conn: Any, params: dict[str, Any], deadline: Callable[[], Any]) -> list[Any]:
-        """The plain claim; under a backlog it resumes where this worker's last one ended.
+    async def _claim_resuming(self, q: _Queue, conn: Any, params: dict[str, Any], deadline: Callable[[], Any],
+                              from_start_sql: str, after_sql: str, *, flagged: bool) -> list[Any]:
+        """A claim (plain, or a limited queue's function); under a backlog it resumes where
+        this worker's last one ended. ``flagged``: the rows end with whether a claim may
+        resume past them (the claim function's ``resumable``: a partitioned claim leaves
+        the jobs of keys at their limit waiting, and must not resume past those).
 
         Each claimed job leaves a dead entry at the head of jobs_claim_idx until VACUUM
         (for good while an old snapshot pins them), and a claim from the start of the
@@ -640,7 +645,7 @@ class Worker:
             resumed = True
             at = {**params, "after_priority": after[0], "after_scheduled": after[1], "after_id": after[2]}
             with deadline():
-                rows = await (await conn.execute(self._queries.claim_after, at, prepare=True)).fetchall()
+                rows = await (await conn.execute(after_sql, at, prepare=True)).fetchall()
         limit = params["limit"]
         from_start = len(rows) < limit and not (resumed and held)
         if from_start:
@@ -649,7 +654,7 @@ class Worker:
             started = time.monotonic()
             try:
                 with deadline():  # a TimeoutError here is caught below, with the resumed rows kept
-                    rows += await (await conn.execute(self._queries.claim, rest, prepare=True)).fetchall()
+                    rows += await (await conn.execute(from_start_sql, rest, prepare=True)).fetchall()
             except Exception as exc:  # noqa: BLE001 - the resumed rows are claimed: run them
                 # A claim from the start that times out while the horizon is held must
                 # not be retried every HELD_RESCAN_INTERVAL: its time counts too.
@@ -665,7 +670,8 @@ class Worker:
             q.rescan_seconds = time.monotonic() - started
         # Claim order is (priority, scheduled_at, id); RETURNING's order is not.
         count = len(rows)
-        last = max((r[6], r[9], r[0]) for r in rows) if rows and (held or count == limit) else None
+        past = [r for r in rows if r[10]] if flagged else rows
+        last = max((r[6], r[9], r[0]) for r in past) if past and (held or count == limit) else None
         q.resume_after = next_resume_point(held=held, last=last, count=count, limit=limit, previous=after,
                                            from_start=from_start)
         return rows
