@@ -416,15 +416,25 @@ def set_queue_limits(session: Any, queue: str, limits: QueueLimits) -> None:
     session.execute(select(func.pg_notify(literal(_channel(session)), "")))
 
 
-def queue_limits(session: Any, queue: str) -> QueueLimits:
-    """The limits ``queue`` has now (``QueueLimits()`` when none)."""
+def queue_limits(session: Any, queue: str, *, lock: bool = False) -> QueueLimits:
+    """The limits ``queue`` has now (``QueueLimits()`` when none).
+
+    ``lock=True`` creates the queue's row if missing and locks it until the transaction
+    ends, so a read-modify-write of the limits (``sa-jobs queues limit``) can't lose a
+    change made at the same time by another one.
+    """
+    from sqlalchemy.dialects.postgresql import insert
+
     from . import _validate
 
     table = _queues_table(session)
-    row = session.execute(
-        select(table.c.concurrency, table.c.partition_concurrency, table.c.rate_limit, table.c.rate_period)
-        .where(table.c.name == _validate.queue_name(queue))
-    ).first()
+    query = select(table.c.concurrency, table.c.partition_concurrency, table.c.rate_limit, table.c.rate_period).where(
+        table.c.name == _validate.queue_name(queue))
+    if lock:
+        # A row being inserted by another transaction makes this wait for it, then find it.
+        session.execute(insert(table).values(name=queue, paused=False).on_conflict_do_nothing(index_elements=["name"]))
+        query = query.with_for_update(key_share=True)  # FOR NO KEY UPDATE, as the claim and the upsert
+    row = session.execute(query).first()
     if row is None:
         return QueueLimits()
     return QueueLimits(row[0], row[1], (row[2], row[3]) if row[2] is not None else None)

@@ -417,7 +417,7 @@ def _cmd_queue_limit(args: argparse.Namespace) -> int:
         if args.clear:
             limits = QueueLimits()
         else:
-            current = queue_limits(session, args.name)
+            current = queue_limits(session, args.name, lock=True)  # two runs at once keep both changes
             limits = QueueLimits(
                 concurrency=_keep_or_set(current.concurrency, args.concurrency),
                 partition_concurrency=_keep_or_set(current.partition_concurrency, args.partition_concurrency),

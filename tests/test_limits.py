@@ -14,10 +14,13 @@ import subprocess
 import sys
 
 import anyio
+import psycopg
 import pytest
+from psycopg import sql
 from sqlalchemy.orm import Session
 
 from sa_jobs import ConfigurationError, QueueLimits, Worker, enqueue_many, queue_limits, set_queue_limits
+from sa_jobs._url import to_conninfo
 from sa_jobs.admin import parse_rate, queue_overview
 from sa_jobs.errors import InvalidArgsError
 
@@ -296,3 +299,42 @@ def test_a_partitioned_claim_resumes_only_before_the_first_job_it_left_waiting(e
     claimed, resume_after = anyio.run(main)
     assert claimed == ids[:2] + ids[3:11]  # a full batch: the busy key's job left waiting
     assert resume_after is not None and resume_after[2] == ids[1]  # resumes after a2, before it
+
+
+@pytest.mark.parametrize("row", ["exists", "being created"])
+def test_two_cli_limit_runs_at_once_keep_both_changes(database_url, schema, row):
+    """Each ``queues limit`` run changes only its dimension: two at once must not lose one.
+
+    An open transaction of the test holds the queue's row (locked, or inserted and not yet
+    committed) until both CLI processes wait on it, so both have started before either
+    writes; a run that read the limits before taking its lock writes back a stale copy.
+    """
+    queues = sql.Identifier(schema, "queues")
+    if row == "exists":
+        assert run_cli(database_url, schema, "queues", "limit", "emails", "--rate", "10/1s").returncode == 0
+    with psycopg.connect(to_conninfo(database_url)) as holder:
+        if row == "exists":
+            holder.execute(sql.SQL("SELECT 1 FROM {} WHERE name = 'emails' FOR UPDATE").format(queues))
+        else:
+            holder.execute(sql.SQL("INSERT INTO {} (name, paused) VALUES ('emails', false)").format(queues))
+        runs = [subprocess.Popen(
+            [sys.executable, "-m", "sa_jobs", "queues", "limit", "emails", *given,
+             "--database-url", database_url, "--schema", schema],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PGAPPNAME": schema},  # to find their sessions
+        ) for given in (["--concurrency", "5"], ["--partition-concurrency", "2"])]
+        try:
+            # Waiting on the holder, or on each other's tuple lock queued behind it.
+            blocked = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND cardinality(pg_blocking_pids(pid)) > 0"
+            assert wait_for(lambda: q(database_url, blocked, (schema,)) == [(2,)], 30, 0.05)
+            holder.commit()
+            outputs = [run.communicate(timeout=60) for run in runs]
+        finally:
+            for run in runs:
+                if run.poll() is None:
+                    run.kill()
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    with psycopg.connect(to_conninfo(database_url)) as conn:
+        got = conn.execute(sql.SQL(
+            "SELECT concurrency, partition_concurrency, rate_limit FROM {} WHERE name = 'emails'").format(queues)).fetchall()
+    assert got == [(5, 2, 10 if row == "exists" else None)]
