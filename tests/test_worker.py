@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import time
 import uuid
 
@@ -904,3 +905,87 @@ def test_request_stop_and_release_running_from_another_thread(engine, database_u
     assert errors == []
     row = q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} WHERE id = %s"), (job_id,))
     assert row == [("available", 0)]
+
+
+# A sync handler that ignores ctx.cancelled: its thread outlives the attempt's timeout.
+STUCK = {"running": 0, "peak": 0, "entered": 0}
+STUCK_LOCK = threading.Lock()
+STUCK_RELEASE = threading.Event()
+
+
+class WStuckSync(Job, kind="w_stuck_sync", queue="stuck", timeout=0.2, max_attempts=1):
+    pass
+
+
+@WStuckSync.handler
+def w_stuck_sync(ctx: JobContext) -> None:
+    with STUCK_LOCK:
+        STUCK["running"] += 1
+        STUCK["entered"] += 1
+        STUCK["peak"] = max(STUCK["peak"], STUCK["running"])
+    try:
+        STUCK_RELEASE.wait(30)
+    finally:
+        with STUCK_LOCK:
+            STUCK["running"] -= 1
+
+
+def test_a_timed_out_sync_handler_holds_its_slot_until_its_thread_returns(engine, database_url, schema):
+    """A thread cannot be interrupted: the worker gives up on it at the timeout (the row
+    ends at once), but runs no more sync handlers of the queue at once than its concurrency."""
+    STUCK.update(running=0, peak=0, entered=0)
+    STUCK_RELEASE.clear()
+    ids = add(engine, *(WStuckSync() for _ in range(3)))
+
+    def first_timed_out_and_next_had_time() -> bool:
+        rows = dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}")))
+        if rows[ids[0]] != "dead":
+            return False
+        # The row ended while its thread still runs; give the worker time to start the
+        # next job, which it did at once when the slot was freed with the timeout.
+        return STUCK["entered"] > 1 or time.monotonic() > first_dead.setdefault("at", time.monotonic()) + 2
+
+    first_dead: dict[str, float] = {}
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[WStuckSync], schema=schema, queues={"stuck": 1}, **FAST):
+            with anyio.fail_after(20):
+                while not await anyio.to_thread.run_sync(first_timed_out_and_next_had_time):
+                    await anyio.sleep(0.05)
+            assert STUCK["running"] == 1 and STUCK["peak"] == 1, STUCK
+            STUCK_RELEASE.set()  # the threads return: the next jobs run, one at a time
+            with anyio.fail_after(20):
+                while not await anyio.to_thread.run_sync(finished(engine, ids)):
+                    await anyio.sleep(0.05)
+
+    try:
+        anyio.run(main)
+    finally:
+        STUCK_RELEASE.set()
+    assert STUCK["peak"] == 1 and STUCK["entered"] == 3, STUCK
+    assert [job_row(engine, i).state for i in ids] == ["dead", "completed", "completed"]
+
+
+def test_a_stop_leaves_an_abandoned_sync_handler_behind_after_the_grace(engine, database_url, schema):
+    """The slot an abandoned thread holds does not keep a stopping worker past its grace."""
+    STUCK.update(running=0, peak=0, entered=0)
+    STUCK_RELEASE.clear()
+    ids = add(engine, WStuckSync())
+
+    async def main() -> float:
+        async with Worker(database_url, kinds=[WStuckSync], schema=schema, queues={"stuck": 1},
+                          shutdown_grace=0.5, **FAST) as worker:
+            with anyio.fail_after(20):
+                while not await anyio.to_thread.run_sync(finished(engine, ids)):
+                    await anyio.sleep(0.05)
+            assert STUCK["running"] == 1, STUCK
+            stopping = time.monotonic()
+            worker.request_stop()
+        return time.monotonic() - stopping
+
+    try:
+        assert anyio.run(main) < 5
+        assert STUCK["running"] == 1  # left behind, still running
+    finally:
+        STUCK_RELEASE.set()
+    assert job_row(engine, ids[0]).state == "dead"

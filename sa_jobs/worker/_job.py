@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import anyio
 
@@ -31,6 +33,7 @@ class ClaimedJob:
     cancel_reason: Optional[str] = None
     cancelled_by_user: bool = False  # cancelled through cancel(): the row already says so
     progress_json: Optional[str] = None  # reported, not yet written by a heartbeat
+    thread: Optional["HandlerThread"] = None  # the call of a sync handler, once started
 
     @property
     def cancelled(self) -> bool:
@@ -42,6 +45,37 @@ class ClaimedJob:
             self.cancel_reason = reason
         if self.scope is not None:
             self.scope.cancel()
+
+
+class HandlerThread:
+    """A sync handler's call in a worker thread, which a timeout or cancellation abandons
+    (a thread cannot be interrupted): :meth:`returned` waits until it really returns."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, call: Callable[[], Any]) -> None:
+        self._loop, self._call = loop, call
+        self._lock = threading.Lock()
+        self.done = False
+        self._returned: Optional[anyio.Event] = None  # made only for an abandoned call
+
+    def __call__(self) -> Any:
+        try:
+            return self._call()
+        finally:
+            with self._lock:
+                self.done = True
+                event = self._returned
+            if event is not None:
+                try:
+                    self._loop.call_soon_threadsafe(event.set)
+                except RuntimeError:  # the loop closed: nobody waits any more
+                    pass
+
+    async def returned(self) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self._returned = event = anyio.Event()
+        await event.wait()
 
 
 @dataclass(eq=False)

@@ -47,7 +47,7 @@ from .._claim_sql import HEAD_MIN_WINDOW
 from ..queries import Queries
 from ..retry import MAX_DELAY_SECONDS, exponential_backoff
 from .._connection import ManagedConnection, describe, is_transient
-from ._job import ClaimedJob, Outcome
+from ._job import ClaimedJob, HandlerThread, Outcome
 from .completer import Completer
 from .context import JobContext, _Cancelled
 from ..events import GuardedObserver, NullObserver, WorkerObserver
@@ -235,6 +235,7 @@ class Worker:
         self._stop_requested = anyio.Event()
         self._stopping = False
         self._releasing = False
+        self._outliving: set[anyio.CancelScope] = set()  # runners waiting on an abandoned thread
         self.completer: Optional[Completer] = None
         self.maintainer: Optional[Maintainer] = None
         self.notifier: Optional[Notifier] = None
@@ -450,6 +451,11 @@ class Worker:
         for job in self.running_jobs():
             job.releasing = True
             job.cancel("worker shutting down")
+        if self._outliving:
+            log.warning("worker %s: stopping with %d abandoned sync handler(s) still running in their threads",
+                        self.worker_id, len(self._outliving))
+        for scope in self._outliving:
+            scope.cancel()
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         # Shielded from a cancellation of the app around the worker: it would cancel every
@@ -740,21 +746,42 @@ class Worker:
                     return
             q.running[job.id, job.token] = job
             try:
-                outcome, label = await self._execute(q, job)
-            except Exception as exc:  # noqa: BLE001 - a bug here must cost one attempt, not the worker
-                log.exception("job %s: the worker failed around its handler", job.id)
-                outcome, label = self._failure(job, exc, None), "retried"
+                try:
+                    outcome, label = await self._execute(q, job)
+                except Exception as exc:  # noqa: BLE001 - a bug here must cost one attempt, not the worker
+                    log.exception("job %s: the worker failed around its handler", job.id)
+                    outcome, label = self._failure(job, exc, None), "retried"
+                finally:
+                    q.running.pop((job.id, job.token), None)
+                if outcome is not None:
+                    assert self.completer is not None
+                    self.completer.submit(outcome)
+                self._observer.job_finished(
+                    q.name, job.kind, label, time.monotonic() - job.claimed_at,
+                    max(0.0, time.time() - job.created_epoch) if job.created_epoch else 0.0,
+                )
+                if job.thread is not None and not job.thread.done:
+                    await self._outlive(q, job, job.thread, label)
             finally:
-                q.running.pop((job.id, job.token), None)
                 q.busy -= 1
                 q.slot_freed.set()
-            if outcome is not None:
-                assert self.completer is not None
-                self.completer.submit(outcome)
-            self._observer.job_finished(
-                q.name, job.kind, label, time.monotonic() - job.claimed_at,
-                max(0.0, time.time() - job.created_epoch) if job.created_epoch else 0.0,
-            )
+
+    async def _outlive(self, q: _Queue, job: ClaimedJob, thread: HandlerThread, label: str) -> None:
+        """Keep the slot of a job whose sync handler was abandoned (timed out, cancelled,
+        lease lost) until its thread returns: the row has ended, but the thread runs on, and
+        freeing the slot let the worker run more handlers of the queue than its concurrency
+        (anyio gives the limiter's token back on abandon too). A stop past the grace period
+        leaves the thread behind."""
+        log.warning("job %s (%s): its sync handler still runs after the attempt ended (%s); its slot in"
+                    " queue %r stays taken until it returns", job.id, job.kind, label, q.name)
+        with anyio.CancelScope() as scope:
+            self._outliving.add(scope)
+            if self._releasing:
+                scope.cancel()
+            try:
+                await thread.returned()
+            finally:
+                self._outliving.discard(scope)
 
     async def _execute(self, q: _Queue, job: ClaimedJob) -> tuple[Optional[Outcome], str]:
         if job.cancelled_by_user:  # cancelled while it waited in the inbox: never start it
@@ -779,8 +806,9 @@ class Worker:
                 if runtime.is_async:
                     result = await runtime.handler(ctx, **job.args)
                 else:
-                    call = functools.partial(runtime.handler, ctx, **job.args)
-                    result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=q.limiter)
+                    assert self._loop is not None
+                    job.thread = HandlerThread(self._loop, functools.partial(runtime.handler, ctx, **job.args))
+                    result = await anyio.to_thread.run_sync(job.thread, abandon_on_cancel=True, limiter=q.limiter)
             except Exception as exc:  # noqa: BLE001 - a handler's failure is data
                 error = exc
         job.scope = None
