@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 from typing import Optional, Sequence
@@ -96,6 +97,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             tg.cancel_scope.cancel()
 
     anyio.run(main)
+    left = worker._threads_left_behind()
+    if left:
+        # Python joins every thread at exit: a sync handler that ignores ctx.cancelled kept
+        # the process alive past the grace period, and past a second signal, until it returned.
+        logging.getLogger("sa_jobs").warning("exiting with %d sync handler(s) still running in their threads", left)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

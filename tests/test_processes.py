@@ -152,6 +152,28 @@ def test_sigterm_past_grace_releases_jobs_at_once(engine, database_url, schema, 
     assert q(database_url, jobs_sql(schema, "SELECT state, attempt, lease_expires_at FROM {jobs}")) == [("available", 0, None)] * 2
 
 
+def test_sigterm_past_grace_exits_with_a_sync_handler_still_in_its_thread(engine, database_url, schema, effects):
+    """A thread cannot be interrupted; the process exit must not wait for it (Python joins
+    its threads at exit: the worker exited only when the handler returned)."""
+    with Session(engine) as session, session.begin():
+        session.add(CoreNoop(sleep=60))
+    worker = start_worker_process(
+        database_url, schema, "tests.jobs_core", "--shutdown-grace", "0.5", "--lease", "30",
+        "--maintenance-interval", "0.2", "--poll-interval", "0.2",
+    )
+    try:
+        assert wait_running(database_url, schema, 1)
+        signalled = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, output(worker)
+        assert time.monotonic() - signalled < 0.5 + 2.5
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert "exiting with 1 sync handler(s) still running" in output(worker)
+    assert q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs}")) == [("available", 0)]
+
+
 def test_second_signal_exits_now(engine, database_url, schema, effects):
     with Session(engine) as session, session.begin():
         session.add(CoreSlow(seconds=30))

@@ -981,6 +981,7 @@ def test_a_stop_leaves_an_abandoned_sync_handler_behind_after_the_grace(engine, 
             assert STUCK["running"] == 1, STUCK
             stopping = time.monotonic()
             worker.request_stop()
+        assert worker._threads_left_behind() == 1  # what `sa-jobs worker` exits past
         return time.monotonic() - stopping
 
     try:

@@ -236,6 +236,7 @@ class Worker:
         self._stopping = False
         self._releasing = False
         self._outliving: set[anyio.CancelScope] = set()  # runners waiting on an abandoned thread
+        self._left_behind: list[HandlerThread] = []  # abandoned threads a stop did not wait for
         self.completer: Optional[Completer] = None
         self.maintainer: Optional[Maintainer] = None
         self.notifier: Optional[Notifier] = None
@@ -451,9 +452,6 @@ class Worker:
         for job in self.running_jobs():
             job.releasing = True
             job.cancel("worker shutting down")
-        if self._outliving:
-            log.warning("worker %s: stopping with %d abandoned sync handler(s) still running in their threads",
-                        self.worker_id, len(self._outliving))
         for scope in self._outliving:
             scope.cancel()
 
@@ -782,6 +780,13 @@ class Worker:
                 await thread.returned()
             finally:
                 self._outliving.discard(scope)
+        if not thread.done:
+            log.warning("job %s (%s): the worker stops; its sync handler is left running in its thread", job.id, job.kind)
+            self._left_behind.append(thread)
+
+    def _threads_left_behind(self) -> int:
+        """Abandoned sync handlers of the last run, left behind by its stop, still running."""
+        return sum(not thread.done for thread in self._left_behind)
 
     async def _execute(self, q: _Queue, job: ClaimedJob) -> tuple[Optional[Outcome], str]:
         if job.cancelled_by_user:  # cancelled while it waited in the inbox: never start it
