@@ -9,9 +9,10 @@ is a no-op; Alembic revisions call :func:`upgrade_statements` for the same text.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from psycopg import sql
 
@@ -757,7 +758,7 @@ def install(target: object, schema: str = DEFAULT_SCHEMA, *, to_version: int | N
     if to_version > LATEST_VERSION:
         raise SchemaVersionError(f"sa-jobs knows schema versions up to {LATEST_VERSION}, not {to_version}")
     conninfo = _conninfo_of(target)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with psycopg.connect(conninfo, autocommit=True) as conn, _one_installer(conn, schema):
         with conn.transaction():
             conn.execute(lock_statement(schema))
             current = read_version(conn, schema)
@@ -775,6 +776,24 @@ def install(target: object, schema: str = DEFAULT_SCHEMA, *, to_version: int | N
                             conn.execute(stmt)
         _build_concurrently(conn, schema, max(current, to_version))
         return read_version(conn, schema)
+
+
+@contextlib.contextmanager
+def _one_installer(conn, schema: str) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Hold the builders' session lock for a whole install (both phases) or uninstall.
+
+    Taken only for the CONCURRENTLY phase, it let another installer's DDL transaction run
+    while an index was being built: that transaction waited for the build's table lock,
+    the build waited for that transaction to end, and PostgreSQL failed one of the two
+    installers with "deadlock detected" (an older and a newer release deploying at once).
+    """
+    key = _advisory_key(schema) + ".concurrently"
+    _wait_for_session_lock(conn, key)
+    try:
+        yield
+    finally:
+        if not conn.broken:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
 
 
 def _wait_for_session_lock(conn, key: str) -> None:  # type: ignore[no-untyped-def]
@@ -830,25 +849,18 @@ def _needs_concurrent_run(conn, schema: str, m: Migration, upto: int) -> bool:  
 def _build_concurrently(conn, schema: str, upto: int) -> None:  # type: ignore[no-untyped-def]
     """Run the CONCURRENTLY statements of versions <= ``upto`` whose indexes are missing.
 
-    Outside any transaction (CONCURRENTLY requires it) and one installer at a time, under a
-    session lock distinct from the DDL lock; every statement is IF NOT EXISTS, so this also
-    heals a crash between the version being recorded and the index being built.
+    Outside any transaction (CONCURRENTLY requires it) and one installer at a time, under
+    the session lock of :func:`_one_installer`; every statement is IF NOT EXISTS, so this
+    also heals a crash between the version being recorded and the index being built.
     """
-    pending = [m for m in MIGRATIONS if m.version <= upto and concurrent_statements(m.version, schema, upto=upto)]
-    if not pending:
-        return
-    key = _advisory_key(schema) + ".concurrently"
-    _wait_for_session_lock(conn, key)
-    try:
-        for m in pending:
-            if _needs_concurrent_run(conn, schema, m, upto):
-                # Under the session lock no other installer is building these: an invalid
-                # one is a dead build's leftover, which IF NOT EXISTS would keep for good.
-                for stmt in [*drop_invalid_statements(invalid_indexes(conn, schema, m.version), schema),
-                             *concurrent_statements(m.version, schema, upto=upto)]:
-                    conn.execute(stmt)
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+    for m in MIGRATIONS:
+        if m.version <= upto and concurrent_statements(m.version, schema, upto=upto) \
+                and _needs_concurrent_run(conn, schema, m, upto):
+            # Under the session lock no other installer is building these: an invalid
+            # one is a dead build's leftover, which IF NOT EXISTS would keep for good.
+            for stmt in [*drop_invalid_statements(invalid_indexes(conn, schema, m.version), schema),
+                         *concurrent_statements(m.version, schema, upto=upto)]:
+                conn.execute(stmt)
 
 
 def uninstall(target: object, schema: str = DEFAULT_SCHEMA) -> None:
@@ -856,9 +868,11 @@ def uninstall(target: object, schema: str = DEFAULT_SCHEMA) -> None:
     import psycopg
 
     schema = _validate.schema_name(schema)
-    with psycopg.connect(_conninfo_of(target), autocommit=True) as conn, conn.transaction():
-        # The installers' lock: an install or upgrade running now finishes first, rather
-        # than dropping objects from under it (or recording a version for a dropped table).
+    with psycopg.connect(_conninfo_of(target), autocommit=True) as conn, _one_installer(conn, schema), \
+            conn.transaction():
+        # The installers' locks: an install or upgrade running now finishes first, index
+        # builds included, rather than dropping objects from under it (or recording a
+        # version for a dropped table).
         conn.execute(lock_statement(schema))
         current = read_version(conn, schema)
         for m in reversed(MIGRATIONS):

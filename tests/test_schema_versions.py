@@ -466,3 +466,48 @@ def test_check_command_exits_1_on_drift_and_0_without(db: str, fresh_schema: str
     run_sql(db, sql.SQL("DROP INDEX {}").format(sql.Identifier(fresh_schema, "jobs_claim_idx")))
     drifted = check()
     assert drifted.returncode == 1 and "jobs_claim_idx" in drifted.stdout, drifted.stdout + drifted.stderr
+
+
+@pytest.mark.parametrize("second", ["install 4", "uninstall"])
+def test_an_installer_coming_in_during_an_index_build_waits_for_it(db: str, fresh_schema: str, second: str) -> None:
+    """While one installer builds an index CONCURRENTLY (here v3's, which a crash between
+    the phases left unbuilt), a newer release's installer upgrading to v4 alters the table
+    (or an uninstall drops it): it waited for the build's table lock, the build waited for
+    its transaction to end, and PostgreSQL failed one of the two with "deadlock detected"."""
+    schema_mod.install(db, fresh_schema, to_version=3)
+    run_sql(db, sql.SQL("DROP INDEX {}").format(sql.Identifier(fresh_schema, schema_mod.UNIQUE_INDEX)))
+
+    def installer(name: str, call: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", f"import sys; from sa_jobs import schema; schema.{call}", db, fresh_schema],
+            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PGAPPNAME": f"{fresh_schema}_{name}"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def query_of(name: str) -> str:
+        rows = run_sql(db, "SELECT coalesce(wait_event_type, '') || ' ' || query FROM pg_stat_activity"
+                           " WHERE application_name = %s", (f"{fresh_schema}_{name}",))
+        return rows[0][0] if rows else ""
+
+    calls = {"install 3": "install(sys.argv[1], sys.argv[2], to_version=3)",
+             "install 4": "install(sys.argv[1], sys.argv[2], to_version=4)", "uninstall": "uninstall(sys.argv[1], sys.argv[2])"}
+    installers: dict[str, subprocess.Popen[str]] = {}
+    try:
+        # An enqueue in flight, which the concurrent build waits for.
+        with psycopg.connect(db) as writer:
+            writer.execute(sql.SQL("INSERT INTO {} (kind) VALUES ('k')").format(sql.Identifier(fresh_schema, "jobs")))
+            installers["install 3"] = installer("3", calls["install 3"])
+            assert wait_for(lambda: query_of("3").startswith("Lock CREATE UNIQUE INDEX CONCURRENTLY"), 30), query_of("3")
+            installers[second] = installer("2nd", calls[second])
+            # Waiting in its DDL transaction, or polling for its turn outside any.
+            assert wait_for(lambda: query_of("2nd").startswith("Lock ") or "pg_try_advisory_lock" in query_of("2nd"),
+                            30), query_of("2nd")
+            writer.commit()
+        outputs = {v: p.communicate(timeout=60)[0] for v, p in installers.items()}
+    finally:
+        for p in installers.values():
+            if p.poll() is None:
+                p.kill()
+    assert {v: p.returncode for v, p in installers.items()} == {"install 3": 0, second: 0}, outputs
+    assert schema_mod.installed_version(db, fresh_schema) == (4 if second == "install 4" else 0)
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
+    assert check_drift(db, fresh_schema) == []
