@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from sa_jobs.schema import JOBS_TABLE, VERSION_TABLE
+from sa_jobs.schema import JOBS_TABLE, PERIODIC_TABLE, QUEUES_TABLE, VERSION_TABLE
 
 from ._config import configured_schema, default_schema_name
 
-QUEUE_TABLES = frozenset({JOBS_TABLE, VERSION_TABLE})
+# Every table the branch creates (version 3 added queues and periodic): in a schema shared
+# with the app, a missing one was proposed for dropping.
+QUEUE_TABLES = frozenset({JOBS_TABLE, VERSION_TABLE, QUEUES_TABLE, PERIODIC_TABLE})
 
 
 def _is_queue_schema(schema: Optional[str], queue_schema: str) -> bool:

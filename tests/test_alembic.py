@@ -297,3 +297,17 @@ def test_rerunning_the_upgrade_rebuilds_an_index_whose_concurrent_build_was_kill
 
     assert run_sql(app.url, invalid) == [(True,)]
     assert check_drift(app.url, "sa_jobs") == []
+
+
+@pytest.mark.parametrize("include_schemas", ["True", "False"])
+def test_a_queue_in_the_apps_own_schema_is_hidden_from_autogenerate(app: App, include_schemas: str) -> None:
+    """The queue installed in ``public``, next to the app's tables: autogenerate must not
+    propose dropping any of its tables (``queues`` and ``periodic`` included)."""
+    app.edit("alembic.ini", "# sa_jobs_schema = sa_jobs", "sa_jobs_schema = public")
+    app.edit("migrations/env.py", "include_schemas=True", f"include_schemas={include_schemas}")
+    app.alembic("upgrade", "heads")
+    assert {"jobs", "schema_version", "queues", "periodic", "customers"} <= table_names(app.url, "public")
+    proc = app.alembic("check", ok=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    body = app.autogenerate()
+    assert "op." not in body, body
