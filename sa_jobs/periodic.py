@@ -28,12 +28,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import anyio
 import psycopg
 from psycopg import sql
 
 from . import _validate
 from .errors import ConfigurationError
 from .events import hook
+from .maintenance.leader import TickBudget
 from .model import Job
 from .schema import JOBS_TABLE, PERIODIC_TABLE, UNIQUE_PREDICATE
 from .states import ALL_STATES
@@ -48,6 +50,9 @@ DEFAULT_MAX_CATCH_UP = 100
 _WALK_SLACK = 10_000
 
 _UTC = dt.timezone.utc
+
+# Slots inserted per pipelined statement batch of a catch-up (see PeriodicJobs.fire).
+_INSERT_BATCH = 500
 
 JobSpec = Union[type[Job], Job, Callable[[], Job]]
 
@@ -312,18 +317,34 @@ class PeriodicJobs:
                          periodic.next_slot(now).isoformat())
                 return []
             last_slot = (await (await conn.execute(statements["lock"], name)).fetchone())[0]
-            slots = periodic.due_slots(last_slot, now)
+            due = periodic.due_slots(last_slot, now)
+            # A long catch-up (up to 10,000 slots) is inserted in pipelined batches, within
+            # this declaration's share of the tick: one statement per slot outlived the
+            # tick's deadline, which rolled it all back and began it again every tick, so
+            # the schedule never fired again. last_slot moves to the last slot inserted;
+            # the rest are due at the next tick.
+            budget = TickBudget()
             ids: list[int] = []
-            for slot in slots:
-                cur = await conn.execute(statements["insert"], self._params(periodic, slot))
-                row = await cur.fetchone()
-                if row is not None:
-                    ids.append(row[0])
+            slots: list[dt.datetime] = []
+            while len(slots) < len(due):
+                started = anyio.current_time()
+                batch = due[len(slots):len(slots) + _INSERT_BATCH]
+                async with conn.cursor() as cur:
+                    await cur.executemany(statements["insert"], [self._params(periodic, s) for s in batch],
+                                          returning=True)
+                    while True:  # one result per slot: empty where the slot's key was taken
+                        ids += [row[0] for row in await cur.fetchall()]
+                        if not cur.nextset():
+                            break
+                slots += batch
+                if budget.spent(anyio.current_time() - started):
+                    break
             if slots:
                 await conn.execute(statements["advance"], {**name, "slot": slots[-1]})
                 skipped = "" if periodic.catch_up else " (missed slots before it skipped)"
-                log.info("periodic %r: enqueued %d job(s) for %d slot(s), last %s%s", periodic.name, len(ids),
-                         len(slots), slots[-1].isoformat(), skipped if len(slots) == 1 else "")
+                later = f"; {len(due) - len(slots)} more at the next tick" if len(slots) < len(due) else ""
+                log.info("periodic %r: enqueued %d job(s) for %d slot(s), last %s%s%s", periodic.name, len(ids),
+                         len(slots), slots[-1].isoformat(), skipped if len(slots) == 1 else "", later)
             return ids
 
     @staticmethod

@@ -386,3 +386,38 @@ def test_two_workers_and_a_leader_change_enqueue_every_slot_exactly_once(databas
     gaps = [(x, y) for x, y in zip(slots, slots[1:]) if y - x != dt.timedelta(seconds=1)]
     assert gaps == [], "a slot was skipped"
     assert slots[-1] - slots[0] >= dt.timedelta(seconds=4)
+
+
+def test_a_long_catch_up_fits_the_maintenance_deadline_and_makes_progress(database_url, schema):
+    """An every-second schedule back from three hours down owes max_catch_up=10,000 slots.
+    Inserted in one transaction, one statement each, they outlived the tick's deadline (the
+    worker's statement_timeout): the tick failed and rolled back, leadership dropped, and the
+    next tick began the same catch-up again, so the schedule never fired again."""
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.leader import Maintainer
+
+    p = Periodic("* * * * * *", PerTick, name="long_catch_up", catch_up=True, max_catch_up=10_000)
+    service = PeriodicJobs([p])
+    maintainer = Maintainer(to_conninfo(database_url), Queries.for_schema(schema), NullObserver(), [service],
+                            interval=0.05, timeout=4.0)
+    _fire(database_url, schema, p)  # registered
+    _set_last_slot(database_url, schema, "long_catch_up", "3 hours")
+
+    async def tick_until_caught_up() -> int:
+        try:
+            with anyio.move_on_after(60):
+                while True:
+                    await maintainer.tick()
+                    n = q(database_url, sql.SQL("SELECT count(*) FROM {} WHERE now() - last_slot < interval '10 s'").format(
+                        sql.Identifier(schema, "periodic")))[0][0]
+                    if n:
+                        break
+                    await anyio.sleep(0.05)
+        finally:
+            await maintainer._conn.close()
+        return len(_periodic_jobs(database_url, schema))
+
+    fired = anyio.run(tick_until_caught_up)
+    assert fired >= 10_000
+    rows = _periodic_jobs(database_url, schema)
+    assert len(rows) == len({r[2] for r in rows})
