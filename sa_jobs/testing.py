@@ -318,7 +318,25 @@ if pytest is not None:
         name = "t_" + uuid.uuid4().hex[:12]
         schema_mod.install(sa_jobs_database_url, name)
         yield name
+        _end_sessions_locking(sa_jobs_database_url, name)
         schema_mod.uninstall(sa_jobs_database_url, name)
+
+    def _end_sessions_locking(database_url: str, name: str) -> None:
+        """End the sessions still holding locks in the test's own schema: a failed test's
+        traceback (which pytest keeps) holds its unclosed Session and that Session's open
+        transaction, and the DROP then waited for it forever, hanging the run in teardown.
+        The schema is this test's alone, so nothing else holds locks in it."""
+        import psycopg
+
+        from ._url import to_conninfo
+
+        with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM (SELECT DISTINCT l.pid FROM pg_locks l"
+                " JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND l.pid <> pg_backend_pid()) holders",
+                (name,),
+            )
 
     @pytest.fixture
     def sa_jobs_engine(sa_jobs_database_url: str, sa_jobs_schema: str) -> Iterator[Any]:

@@ -254,3 +254,50 @@ def test_inline_a_rolled_back_savepoint_keeps_the_outer_transactions_jobs(sa_job
             session.rollback()
             assert "sa_jobs.enqueued" not in session.info
         assert_ran(sa_jobs_engine, GrantCredit, [10, 20])
+
+
+FAILING_TEST = '''
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sa_jobs import Job
+
+
+def test_fails_with_a_session_left_open(sa_jobs_engine, sa_jobs_schema):
+    with open("schema.txt", "w") as f:
+        f.write(sa_jobs_schema)
+    session = Session(sa_jobs_engine)  # not closed: the failure's traceback keeps it alive
+    session.execute(select(Job)).all()
+    assert False, "the test's own failure"
+'''
+
+
+def test_the_schema_fixture_tears_down_after_a_test_that_failed_holding_a_transaction(database_url, tmp_path):
+    """A failed test's traceback (kept by pytest) holds its open Session, whose transaction
+    holds a lock on the schema's jobs table: the fixture's DROP waited for it forever, and
+    the test run hung in teardown instead of reporting the failure."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+    from .helpers import q
+
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["sa_jobs.testing"]\n')
+    (tmp_path / "test_left_open.py").write_text(FAILING_TEST)
+    env = {**os.environ, "SA_JOBS_TEST_DATABASE_URL": database_url, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_left_open.py"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        from psycopg import sql
+
+        q(database_url, sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+            sql.Identifier((tmp_path / "schema.txt").read_text())))
+        pytest.fail("the run hung in the schema fixture's teardown")
+    assert proc.returncode == 1 and "1 failed in" in out and "at teardown" not in out, out
+    schema = (tmp_path / "schema.txt").read_text()
+    assert q(database_url, "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
