@@ -270,7 +270,9 @@ def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
     def after_commit(session: Session) -> None:
         if session.in_nested_transaction():
             return
-        if session.info.pop(ENQUEUED_INFO_KEY, False) and ours(session):
+        # ours() first: the mark is the session's, not this block's, and an outer block
+        # of another engine that took it left nothing for the inner block to drain.
+        if ours(session) and session.info.pop(ENQUEUED_INFO_KEY, False):
             drain(engine, **drain_options)
 
     def after_rollback(session: Session) -> None:

@@ -301,3 +301,21 @@ def test_the_schema_fixture_tears_down_after_a_test_that_failed_holding_a_transa
     assert proc.returncode == 1 and "1 failed in" in out and "at teardown" not in out, out
     schema = (tmp_path / "schema.txt").read_text()
     assert q(database_url, "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
+
+
+def test_nested_inline_blocks_of_two_engines_each_run_their_own_jobs(sa_jobs_engine, credits):
+    """The outer block's after_commit took the session's enqueued mark before asking
+    whether the session was its engine's, so the inner block's jobs never ran."""
+    from sqlalchemy import create_engine
+
+    other = create_engine(sa_jobs_engine.url).execution_options(**sa_jobs_engine.get_execution_options())
+    try:
+        with inline(sa_jobs_engine, kinds=[GrantCredit]), inline(other, kinds=[GrantCredit]):
+            with Session(other) as session, session.begin():
+                session.add(GrantCredit(account=1, amount=10))
+            assert_ran(sa_jobs_engine, GrantCredit, [10])
+            with Session(sa_jobs_engine) as session, session.begin():
+                session.add(GrantCredit(account=2, amount=20))
+            assert_ran(sa_jobs_engine, GrantCredit, [10, 20])
+    finally:
+        other.dispose()
