@@ -15,9 +15,12 @@ and :func:`inline` (jobs run right after each commit, by a real worker).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import os
+import sys
 import uuid
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -201,7 +204,26 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     Retries and scheduled jobs due within ``DRAIN_LOOKAHEAD`` seconds are waited for (a
     short ``backoff`` in tests), later ones stay as they are; ``with_scheduled=True``
     makes future scheduled jobs due first.
+
+    ``engine`` may be an AsyncEngine, and drain() may be called from async code (an async
+    test, or an AsyncSession's commit under :func:`inline`): the worker then runs in a
+    thread of its own, and the caller's event loop waits for it.
     """
+    if hasattr(engine, "sync_engine"):
+        # An AsyncEngine: its pool belongs to the caller's event loop, and its sync_engine
+        # works only inside that loop's greenlets. A plain engine on the same URL instead.
+        from sqlalchemy import create_engine
+
+        plain = create_engine(sqlalchemy_url(engine)).execution_options(**engine.get_execution_options())
+        try:
+            return drain(plain, kinds=kinds, queues=queues, timeout=timeout, with_scheduled=with_scheduled)
+        finally:
+            plain.dispose()
+    if _in_event_loop():
+        # anyio.run() refuses to start in a thread whose event loop is running.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sa_jobs.drain") as pool:
+            return pool.submit(drain, engine, kinds=kinds, queues=queues, timeout=timeout,
+                               with_scheduled=with_scheduled).result()
     from .worker import Worker
 
     schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
@@ -239,6 +261,23 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     anyio.run(run)
     with Session(engine) as session:
         return {state: n for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+
+def _in_event_loop() -> bool:
+    """Whether an asyncio or trio event loop runs in this thread (anyio.run() would refuse)."""
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -319,3 +319,43 @@ def test_nested_inline_blocks_of_two_engines_each_run_their_own_jobs(sa_jobs_eng
             assert_ran(sa_jobs_engine, GrantCredit, [10, 20])
     finally:
         other.dispose()
+
+
+def test_inline_and_drain_from_async_code_with_an_async_engine(sa_jobs_engine, credits):
+    """An AsyncSession's commit under inline(async_engine) ran drain() inside the caller's
+    event loop: the commit raised "Already running asyncio in this thread" (after committing),
+    and drain() itself could not be called from an async test."""
+    import anyio
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    async_engine = create_async_engine(sqlalchemy_url(sa_jobs_engine, async_=True)).execution_options(
+        **sa_jobs_engine.get_execution_options())
+
+    async def main() -> None:
+        try:
+            with inline(async_engine, kinds=[GrantCredit]):
+                async with AsyncSession(async_engine) as session, session.begin():
+                    session.add(GrantCredit(account=1, amount=10))
+                assert_ran(sa_jobs_engine, GrantCredit, [10])
+            async with AsyncSession(async_engine) as session, session.begin():
+                session.add(GrantCredit(account=2, amount=20))
+            assert drain(async_engine, kinds=[GrantCredit]) == {"completed": 2}
+            assert_ran(sa_jobs_engine, GrantCredit, [10, 20])
+        finally:
+            await async_engine.dispose()
+
+    anyio.run(main)
+
+
+def test_drain_from_a_trio_test(sa_jobs_engine, credits):
+    import trio
+
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(GrantCredit(account=3, amount=30))
+
+    async def main() -> dict[str, int]:
+        return drain(sa_jobs_engine, kinds=[GrantCredit])
+
+    assert trio.run(main) == {"completed": 1}
