@@ -130,6 +130,7 @@ class Periodic:
         elif isinstance(job, Job):
             if self.args is not None:
                 raise ConfigurationError("Periodic(args=...) goes with a job kind, not with a job row")
+            self._check_row(job, self.name or "?")
         elif callable(job):
             if self.args is not None:
                 raise ConfigurationError("Periodic(args=...) goes with a job kind, not with a factory")
@@ -156,7 +157,20 @@ class Periodic:
         built = job()
         if not isinstance(built, Job) or type(built).__sa_jobs_options__ is None:
             raise ConfigurationError(f"the factory of periodic job {self.name!r} returned {built!r}, not a job row")
+        self._check_row(built, self.name or "?")
         return built
+
+    @staticmethod
+    def _check_row(job: Job, name: str) -> None:
+        """Refuse a row with ``options(delay=...)``: its schedule is a SQL ``now() + delay``
+        that the slot's insert cannot carry, so every slot failed, each tick, with a message
+        about enqueue_many. A job row is checked at declaration, a factory's at each slot."""
+        scheduled = job.__dict__.get("scheduled_at")
+        if scheduled is not None and not isinstance(scheduled, dt.datetime):
+            raise ConfigurationError(
+                f"periodic job {name!r}: a row with options(delay=...) cannot be enqueued for a slot;"
+                " the slot is its time (move the cron expression instead)"
+            )
 
     def _check_fires(self) -> None:
         """Refuse an expression croniter accepts but that names no date ("0 0 31 2 *"):

@@ -421,3 +421,13 @@ def test_a_long_catch_up_fits_the_maintenance_deadline_and_makes_progress(databa
     assert fired >= 10_000
     rows = _periodic_jobs(database_url, schema)
     assert len(rows) == len({r[2] for r in rows})
+
+
+def test_a_delayed_job_row_is_refused_at_declaration_and_a_factorys_clearly():
+    """A row with options(delay=...) was accepted, then every slot failed at every tick with
+    "enqueue_many takes run_at= schedules, not delay=": the schedule never fired."""
+    with pytest.raises(ConfigurationError, match="delay"):
+        Periodic("* * * * *", PerTick().options(delay=dt.timedelta(minutes=5)), name="delayed_row")
+    p = Periodic("* * * * *", lambda: PerTick().options(delay=30), name="delayed_factory")
+    with pytest.raises(ConfigurationError, match="delayed_factory.*delay"):
+        p.build()
