@@ -86,7 +86,8 @@ def _zone(name: str) -> dt.tzinfo:
         raise ConfigurationError(f"invalid time zone {name!r}: use an IANA name such as 'Europe/Paris'")
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    # OSError: a directory of the zone database ("Europe"), or a name too long for a file.
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ConfigurationError(f"unknown time zone {name!r}: use an IANA name such as 'Europe/Paris'") from None
 
 

@@ -51,6 +51,10 @@ def test_invalid_declarations_fail_at_construction():
         Periodic("every day", PerTick)
     with pytest.raises(ConfigurationError, match="time zone"):
         Periodic("0 9 * * *", PerTick, timezone="Mars/Olympus")
+    # A directory of the zone database, or a name too long for a file: OSError escaped.
+    for zone in ("Europe", "America", "x" * 300):
+        with pytest.raises(ConfigurationError, match="time zone"):
+            Periodic("0 9 * * *", PerTick, timezone=zone)
     with pytest.raises(ConfigurationError, match="name"):
         Periodic("0 9 * * *", lambda: PerTick())
     with pytest.raises(InvalidArgsError):
