@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -57,6 +58,11 @@ _INSERT_BATCH = 500
 JobSpec = Union[type[Job], Job, Callable[[], Job]]
 
 
+# A field croniter fills with a random value ("R", "R(0-29)", "R/15"): drawn again for every
+# iterator, so for every computation of the slots. ("H", hashed, needs a hash_id: invalid here.)
+_RANDOM_FIELD = re.compile(r"r(\(\d+-\d+\))?(/\d+)?", re.IGNORECASE)
+
+
 def _parse_cron(expression: str) -> None:
     from croniter import croniter
 
@@ -64,6 +70,13 @@ def _parse_cron(expression: str) -> None:
         raise ConfigurationError(
             f"invalid cron expression {expression!r}: use 5 fields (minute hour day month weekday)"
             " or 6 (with seconds last)"
+        )
+    if any(_RANDOM_FIELD.fullmatch(f) for f in expression.split()):
+        # Slots would move at every leader tick (and differ between leaders): a daily
+        # "R 9 * * *" fired about a dozen times a day.
+        raise ConfigurationError(
+            f"cron expression {expression!r} has a random ('R') field, which croniter draws anew at"
+            " every evaluation: write the value itself"
         )
 
 

@@ -120,6 +120,17 @@ def test_a_cron_that_never_fires_fails_at_declaration():
     Periodic("0 0 29 2 *", PerTick, name="leap_day")  # rare, but it fires
 
 
+def test_a_random_cron_field_is_refused_at_declaration():
+    """croniter draws an "R" field anew for every iterator, i.e. at every computation of
+    the slots: "R 9 * * *" (once a day, at a random minute of 9 h) was accepted and a
+    leader ticking every minute fired it a dozen times a day."""
+    for random_field in ("R 9 * * *", "0 r * * *", "R(0-29) 9 * * *", "0 9 * * * R", "0 9 * * R(1-5)/2"):
+        with pytest.raises(ConfigurationError, match="random"):
+            Periodic(random_field, PerTick, name="random")
+    # Names that merely contain an R are fixed values.
+    Periodic("0 9 * MAR,APR FRI", PerTick, name="fridays_in_spring")
+
+
 def _ticks(p: Periodic, start: dt.datetime, end: dt.datetime, every: dt.timedelta) -> list[dt.datetime]:
     """A live leader registered at ``start`` and ticking every ``every`` until ``end``: the
     slots it fires, in UTC."""
