@@ -117,7 +117,8 @@ class Periodic:
 
     ``cron`` has 5 fields (minute hour day month weekday) or 6 with the **seconds last**
     (croniter's order): every 10 seconds is ``"* * * * * */10"``; ``"*/10 * * * * *"`` is
-    every second of every tenth minute, and is logged as a likely mistake.
+    every second of every tenth minute, and is logged as a likely mistake. A 7th field
+    (years) bounds the schedule: its first and last slots fire, then it stays quiet.
     """
 
     cron: str
@@ -204,8 +205,9 @@ class Periodic:
         return self._slots(last_slot, now, self.max_catch_up if self.catch_up else 1)
 
     def latest_slot(self, now: dt.datetime) -> dt.datetime:
-        """The last slot at or before ``now``."""
-        return self._slots(None, now, 1)[-1]
+        """The last slot at or before ``now`` (``now`` itself before a year field's first slot)."""
+        slots = self._slots(None, now, 1)
+        return slots[-1] if slots else now
 
     def _slots(self, after: Optional[dt.datetime], now: dt.datetime, limit: int) -> list[dt.datetime]:
         """The last ``limit`` slots in ``(after, now]`` (``after=None``: unbounded), oldest first.
@@ -221,7 +223,7 @@ class Periodic:
         long the downtime. Compared in UTC: aware datetimes sharing a ZoneInfo compare by
         wall time, which cannot tell the two occurrences of a repeated hour apart.
         """
-        from croniter import croniter
+        from croniter import CroniterBadDateError, croniter
 
         now_utc = now.astimezone(_UTC)
         after_utc = None if after is None else after.astimezone(_UTC)
@@ -229,18 +231,31 @@ class Periodic:
         # exactly at now is due.
         back = croniter(self.cron, now.astimezone(self._tz) + dt.timedelta(microseconds=1))
         start = after_utc
+        found = False
         for _ in range(limit + 1):
-            slot = back.get_prev(dt.datetime).astimezone(_UTC)
+            try:
+                slot = back.get_prev(dt.datetime).astimezone(_UTC)
+            except CroniterBadDateError:
+                # No earlier slot: a year field's first year. Walk from just before the
+                # earliest slot found (nothing lies before it), or from ``after``.
+                if not found:
+                    return []
+                assert start is not None
+                start = after_utc if after_utc is not None else start - dt.timedelta(seconds=1)
+                break
             if after_utc is not None and slot <= after_utc:
                 start = after_utc
                 break
-            start = slot
+            start, found = slot, True
         assert start is not None
         forward = croniter(self.cron, start.astimezone(self._tz))  # get_next() is strictly after
         slots: deque[dt.datetime] = deque(maxlen=limit)
         newest = start
         for _ in range(limit + _WALK_SLACK):
-            slot = forward.get_next(dt.datetime)
+            try:
+                slot = forward.get_next(dt.datetime)
+            except CroniterBadDateError:  # no later slot: a year field's last year has passed
+                break
             slot_utc = slot.astimezone(_UTC)
             if slot_utc > now_utc:
                 break
@@ -259,6 +274,15 @@ class Periodic:
         from croniter import croniter
 
         return croniter(self.cron, now.astimezone(self._tz)).get_next(dt.datetime)
+
+    def first_slot_after(self, now: dt.datetime) -> str:
+        """:meth:`next_slot` for a log line: "none" once a year field's last slot has passed."""
+        from croniter import CroniterBadDateError
+
+        try:
+            return self.next_slot(now).isoformat()
+        except CroniterBadDateError:
+            return "none (its last year has passed)"
 
     def unique_key(self, slot: dt.datetime) -> str:
         assert self.name is not None  # set or refused by __post_init__
@@ -341,8 +365,7 @@ class PeriodicJobs:
             if await cur.fetchone() is not None:
                 # First sighting: the schedule starts at its next slot (logged, so a slot
                 # far later than the author expected is visible at once).
-                log.info("periodic %r registered; its first slot is %s", periodic.name,
-                         periodic.next_slot(now).isoformat())
+                log.info("periodic %r registered; its first slot is %s", periodic.name, periodic.first_slot_after(now))
                 return []
             last_slot = (await (await conn.execute(statements["lock"], name)).fetchone())[0]
             due = periodic.due_slots(last_slot, now)

@@ -446,3 +446,23 @@ def test_a_delayed_job_row_is_refused_at_declaration_and_a_factorys_clearly():
     p = Periodic("* * * * *", lambda: PerTick().options(delay=30), name="delayed_factory")
     with pytest.raises(ConfigurationError, match="delayed_factory.*delay"):
         p.build()
+
+
+def test_a_schedule_bounded_by_its_year_field_fires_its_first_and_last_slots(database_url, schema):
+    """croniter's 7th field (years) bounds a schedule: get_prev()/get_next() then raise
+    CroniterBadDateError past either end. Registration (which walked two slots back) failed
+    every tick until two slots had passed, so the first slot never fired, and after the last
+    one every tick logged the error ("could not be built") forever."""
+    yearly = Periodic("0 0 1 1 * 0 2027-2029", PerTick, name="bounded_years", catch_up=True)
+    before = dt.datetime(2026, 12, 31, 23, 50, tzinfo=UTC)
+    first = dt.datetime(2027, 1, 1, tzinfo=UTC)
+    assert _ticks(yearly, before, before + dt.timedelta(minutes=20), dt.timedelta(minutes=1)) == [first]
+    assert yearly.due_slots(dt.datetime(2029, 1, 1, tzinfo=UTC), dt.datetime(2031, 6, 1, tzinfo=UTC)) == []
+    assert [s.year for s in yearly.due_slots(before, dt.datetime(2031, 6, 1, tzinfo=UTC))] == [2027, 2028, 2029]
+    # Through the database: registered before its first slot, fired at it, then quiet.
+    assert _fire(database_url, schema, yearly, now=before) == [[]]
+    assert [len(ids) for ids in _fire(database_url, schema, yearly, now=first + dt.timedelta(seconds=1))] == [1]
+    assert _fire(database_url, schema, yearly, now=dt.datetime(2035, 1, 1, tzinfo=UTC))[0] != []  # 2028, 2029
+    assert _fire(database_url, schema, yearly, now=dt.datetime(2036, 1, 1, tzinfo=UTC)) == [[]]
+    assert [r[2][:4] for r in _periodic_jobs(database_url, schema)] == ["2027", "2028", "2029"]
+
