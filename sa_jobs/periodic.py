@@ -346,6 +346,11 @@ class PeriodicJobs:
         for periodic in self.periodics:
             try:
                 ids = await self.fire(conn, statements, periodic)
+            except (psycopg.DataError, psycopg.IntegrityError):
+                # The row itself is refused (a value PostgreSQL cannot store): like a broken
+                # factory, not the connection's fault, so it must not fail the whole tick
+                # (and leadership) at every tick. Its transaction rolled back.
+                log.exception("periodic job %r: its row was refused; retrying next tick", periodic.name)
             except psycopg.Error:
                 raise  # the maintainer reconnects and retries
             except Exception:  # noqa: BLE001 - a broken factory is the user's bug

@@ -466,3 +466,30 @@ def test_a_schedule_bounded_by_its_year_field_fires_its_first_and_last_slots(dat
     assert _fire(database_url, schema, yearly, now=dt.datetime(2036, 1, 1, tzinfo=UTC)) == [[]]
     assert [r[2][:4] for r in _periodic_jobs(database_url, schema)] == ["2027", "2028", "2029"]
 
+
+
+def test_a_row_the_database_refuses_does_not_stop_other_schedules(database_url, schema, caplog):
+    """A declaration whose row the INSERT refuses (a tag holding NUL, which the kind's
+    validation let through): the DataError escaped run_once, so every tick failed, dropped
+    leadership and no other schedule (nor the leader-only services) ever ran again."""
+    bad = Periodic("* * * * *", PerTick().options(tags=["a\x00b"]), name="refused_row")
+    good = Periodic("* * * * *", PerTick, name="good")
+    service = PeriodicJobs([bad, good])
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
+            await service.run_once(conn, Queries.for_schema(schema))  # registers both
+            for name in ("refused_row", "server_refused", "good", "good_too"):
+                _set_last_slot(database_url, schema, name, "2 minutes")
+            await service.run_once(conn, Queries.for_schema(schema))
+
+    anyio.run(main)
+    assert [r[1] for r in _periodic_jobs(database_url, schema)] == ["good"]
+    assert "refused_row" in caplog.text
+    # Refused by the server, in the pipelined insert (a constraint of the app's own).
+    q(database_url, jobs_sql(schema, "ALTER TABLE {jobs} ADD CONSTRAINT no_bad_tag CHECK (NOT 'bad' = ANY (tags))"))
+    server_bad = Periodic("* * * * *", PerTick().options(tags=["bad"]), name="server_refused")
+    service = PeriodicJobs([server_bad, Periodic("* * * * *", PerTick, name="good_too")])
+    anyio.run(main)
+    assert sorted(r[1] for r in _periodic_jobs(database_url, schema)) == ["good", "good_too"]
+    assert "server_refused" in caplog.text
