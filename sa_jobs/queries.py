@@ -192,17 +192,20 @@ class Queries:
             # UniqueViolation failed every rescue, and the promotion after it, on every
             # worker, for good). Such a job ends dead instead (cancelled if dead is one of
             # its key's states), naming the holder; the Rescuer rescues one job per
-            # statement when two of one batch share a key.
+            # statement when two of one batch share a key. If cancelled holds the key too,
+            # the job gives its key up, as the completer's superseded outcome does.
             rescue_expired=r(
                 "WITH expired AS MATERIALIZED ("
                 " SELECT e.id, CASE WHEN e.attempt >= e.max_attempts THEN 'dead' ELSE 'retryable' END AS due,"
                 "  e.unique_states, (" + _HOLDER.format(row="e") + ") AS holder"
                 " FROM {jobs} AS e WHERE e.state = 'running' AND e.lease_expires_at < now()"
                 " LIMIT %(limit)s FOR UPDATE OF e SKIP LOCKED),"
-                " outcome AS (SELECT id, due, holder, CASE"
+                " outcome AS (SELECT id, due, holder, unique_states, CASE"
                 "  WHEN holder IS NULL OR due <> ALL (unique_states) THEN due"
                 "  WHEN 'dead' <> ALL (unique_states) THEN 'dead' ELSE 'cancelled' END AS target FROM expired)"
                 " UPDATE {jobs} AS j SET state = o.target,"
+                " unique_key = CASE WHEN o.target <> o.due AND o.target = ANY (o.unique_states)"
+                "  THEN NULL ELSE j.unique_key END,"
                 " finished_at = CASE WHEN o.target <> 'retryable' THEN now() END,"
                 " scheduled_at = now(), lease_expires_at = NULL,"
                 " errors = j.errors || jsonb_build_array(jsonb_build_object("

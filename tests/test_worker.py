@@ -595,6 +595,28 @@ def test_rescue_of_a_job_whose_unique_key_another_job_holds_does_not_wedge_maint
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'running'")) == [(0,)]
 
 
+def test_rescue_of_a_job_whose_key_is_held_and_whose_states_hold_dead_and_cancelled_too(database_url, schema):
+    """A kind unique in every state but running: the lost job cannot go back (retryable
+    holds the key), nor end dead or cancelled on it (both hold it too). The completer
+    gives such a job's key up (see Completer._write_superseded); the rescue wrote it
+    cancelled with its key, the unique index refused it one row per statement too, and
+    every rescue (and the promotion after it) failed on every tick of every worker."""
+    from sa_jobs.maintenance.rescuer import Rescuer
+    from sa_jobs.events import NullObserver
+
+    all_but_running = ("scheduled", "available", "retryable", "completed", "dead", "cancelled")
+    lost = _uq_row(database_url, schema, "running", "k1", all_but_running)
+    holder = _uq_row(database_url, schema, "available", "k1", all_but_running)
+    other = _uq_row(database_url, schema, "running", "k2", all_but_running)
+    _run_service(database_url, schema, Rescuer(NullObserver()))
+    rows = {r[0]: r[1:] for r in q(database_url, jobs_sql(
+        schema, "SELECT id, state, unique_key, errors -> -1 ->> 'error' FROM {jobs}"))}
+    assert rows[holder][:2] == ("available", "k1")
+    assert rows[other][:2] == ("retryable", "k2")
+    assert rows[lost][:2] == ("cancelled", None)  # ended, its key given up to the holder
+    assert f"job {holder} holds its unique key" in rows[lost][2]
+
+
 def test_promotion_of_a_job_whose_unique_key_another_job_holds_waits_and_does_not_wedge(database_url, schema):
     """A kind unique while available or running (not while scheduled or retryable): a due
     job whose key another job holds would make a duplicate if promoted. Before, the promote
