@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from sa_jobs import ConfigurationError, Job, JobContext, Unique, constant_backoff, enqueue_many
+from sa_jobs import ConfigurationError, Job, JobContext, Snooze, Unique, constant_backoff, enqueue_many
 from sa_jobs._url import sqlalchemy_url
 from sa_jobs.schema import DEFAULT_SCHEMA
 
@@ -466,10 +466,12 @@ def uq_free_while_running(ctx: JobContext, user_id: int, then: str) -> str:
         session.add(UqFreeWhileRunning(user_id=user_id, then="wait").options(queue="uq_elsewhere"))
     if then == "raise":
         raise ValueError("card declined")
+    if then == "snooze":
+        raise Snooze(60)
     return "sent"
 
 
-@pytest.mark.parametrize("then", ["return", "raise"])
+@pytest.mark.parametrize("then", ["return", "raise", "snooze"])
 def test_an_outcome_on_a_key_taken_while_the_job_ran_is_written(engine, database_url, schema, then):
     """The unique index refuses the outcome's state (completed, or retryable for a retry):
     the completer used to drop it, so the job sat running until its lease ran out, its
@@ -492,5 +494,6 @@ def test_an_outcome_on_a_key_taken_while_the_job_ran_is_written(engine, database
     else:
         assert state == "dead", errors
         assert unique_key is not None  # dead is not one of its states: it keeps the key
-        assert "ValueError: card declined" in errors[-1]["error"]
+        # Its own reason first: a snooze is not a release at shutdown.
+        assert errors[-1]["error"].startswith("ValueError: card declined" if then == "raise" else "snoozed for 60.0s")
         assert "not run again: job 2 holds its unique key" in errors[-1]["error"]

@@ -148,8 +148,10 @@ class Completer:
                 if target not in FINISHED_STATES:
                     target = "dead" if "dead" not in states else "cancelled"
                     note = f"not run again: job {holder} holds its unique key"
+                    # A release and a snooze carry no error of their own: say which it was.
                     error = json.loads(outcome.error_json) if outcome.error_json else {
-                        "attempt": job.attempt, "error": "Released at shutdown"}
+                        "attempt": job.attempt, "error": "Released at shutdown" if outcome.action == "release"
+                        else f"snoozed for {outcome.delay}s"}
                     error["error"] = f"{error.get('error', '')}; {note}"
                     outcome = Outcome(job, "finish", target=target, error_json=json.dumps(error))
                 if target in states:
