@@ -471,6 +471,55 @@ def uq_free_while_running(ctx: JobContext, user_id: int, then: str) -> str:
     return "sent"
 
 
+class UqFreeWhileRunningTx(Job, kind="uq_free_while_running_tx", queue="uq_run", max_attempts=3,
+                           backoff=constant_backoff(0.05),
+                           unique=Unique(by=("user_id",), states=("available", "scheduled", "retryable", "completed"))):
+    pass
+
+
+class UqTxNote(Job, kind="uq_tx_note", queue="uq_elsewhere"):
+    pass
+
+
+@UqFreeWhileRunningTx.handler
+async def uq_free_while_running_tx(ctx: JobContext, user_id: int, then: str) -> None:
+    def take_key() -> None:
+        with Session(HOLDER_ENGINE[0]) as session, session.begin():
+            session.add(UqFreeWhileRunningTx(user_id=user_id, then="wait").options(queue="uq_elsewhere"))
+
+    await anyio.to_thread.run_sync(take_key)
+    if then == "transaction":
+        def complete() -> None:
+            with ctx.transaction(result="sent") as session:
+                session.add(UqTxNote())
+
+        await anyio.to_thread.run_sync(complete)
+    else:
+        async with ctx.async_transaction(result="sent") as session:
+            session.add(UqTxNote())
+
+
+@pytest.mark.parametrize("then", ["transaction", "async_transaction"])
+def test_a_transactional_completion_on_a_key_taken_while_the_job_ran_is_kept(engine, database_url, schema, then):
+    """As a returned result (below), a completion through ctx.transaction() whose key
+    another job took meanwhile is kept and gives the key up. The unique index refused the
+    completion's UPDATE inside the handler's transaction: its work was rolled back, the
+    attempt failed with IntegrityError, and the retry ended the job dead."""
+    HOLDER_ENGINE[:] = [engine]
+    with Session(engine) as session, session.begin():
+        session.add(UqFreeWhileRunningTx(user_id=7, then=then))
+
+    def first() -> tuple:
+        return q(database_url, jobs_sql(schema, "SELECT state, result, unique_key, errors FROM {jobs} WHERE id = 1"))[0]
+
+    run_worker_until(database_url, schema, [UqFreeWhileRunningTx], lambda: first()[0] in ("completed", "dead"),
+                     timeout=20, lease=10.0)
+    assert first() == ("completed", "sent", None, [])
+    assert q(database_url, jobs_sql(schema, "SELECT id, state, unique_key IS NOT NULL FROM {jobs}"
+                                             " WHERE id <> 1 AND kind = 'uq_free_while_running_tx'")) == [(2, "available", True)]
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE kind = 'uq_tx_note'")) == [(1,)]
+
+
 @pytest.mark.parametrize("then", ["return", "raise", "snooze"])
 def test_an_outcome_on_a_key_taken_while_the_job_ran_is_written(engine, database_url, schema, then):
     """The unique index refuses the outcome's state (completed, or retryable for a retry):

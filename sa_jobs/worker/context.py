@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, cast
 
 import anyio
-from sqlalchemy import func, update
+from sqlalchemy import and_, any_, case, exists, func, literal, null, update
 
 from .. import _validate
 from ..errors import LeaseLostError
@@ -113,10 +113,20 @@ class JobContext:
 
     def _completion(self, result: Any):
         result_value = None if result is None else _validate.json_value(result)
+        # Another job may have taken this one's unique key while it ran (its states leave
+        # 'running' out); if 'completed' holds the key too, the unique index would refuse
+        # the handler's whole transaction. As the completer does for a returned result
+        # (Completer._write_superseded), the job keeps its outcome and gives its key up.
+        h = _jobs.alias("h")
+        held = exists().where(h.c.kind == _jobs.c.kind, h.c.unique_key == _jobs.c.unique_key,
+                              h.c.id != _jobs.c.id, h.c.state == any_(h.c.unique_states))
+        unique_key = case((and_(literal("completed") == any_(_jobs.c.unique_states), held), null()),
+                          else_=_jobs.c.unique_key)
         stmt = (
             update(_jobs)
             .where(_jobs.c.id == self._job.id, _jobs.c.claim_token == self._job.token, _jobs.c.state == "running")
-            .values(state="completed", finished_at=func.now(), lease_expires_at=None, result=result_value)
+            .values(state="completed", finished_at=func.now(), lease_expires_at=None, result=result_value,
+                    unique_key=unique_key)
         )
         options: dict[str, Any] = {}
         if self._worker.schema != DEFAULT_SCHEMA:
