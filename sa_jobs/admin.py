@@ -208,10 +208,16 @@ def cancel_many(session: Any, job_ids: Iterable[int]) -> dict[int, str]:
         .with_for_update()
         .cte("target")
     )
+    # A job whose key another took meanwhile (a running one, its states leaving 'running'
+    # out) would hold it again once cancelled if 'cancelled' is one of its states: the
+    # unique index refused the cancel. As the completer does, it gives its key up.
+    key_held = select(literal(1)).select_from(_HOLDER).where(*_HOLDS_ITS_KEY).exists()
+    gives_up_key = func.coalesce(literal("cancelled") == _jobs.c.unique_states.any_(), False) & key_held
     stmt = (
         update(_jobs)
         .where(_jobs.c.id == target.c.id)
-        .values(state="cancelled", finished_at=func.now(), lease_expires_at=None)
+        .values(state="cancelled", finished_at=func.now(), lease_expires_at=None,
+                unique_key=case((gives_up_key, None), else_=_jobs.c.unique_key))
         .returning(_jobs.c.id, target.c.state)
     )
     previous = {row[0]: row[1] for row in session.execute(stmt)}

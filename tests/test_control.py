@@ -133,6 +133,27 @@ def test_cancel_queued_job(engine, database_url, schema):
     assert row(database_url, schema, job_id)[0] == "available"
 
 
+def test_cancel_of_a_running_job_whose_key_another_job_took_gives_the_key_up(engine, database_url, schema):
+    """A kind unique while waiting and once cancelled, not while running: a new job can
+    take the key while one runs. cancel() of the running one raised IntegrityError (the
+    unique index refused 'cancelled' on the held key), so it could not be cancelled at
+    all; as the completer does for a handler's Cancel, it now ends cancelled and gives up
+    its key."""
+    insert = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, claim_token, lease_expires_at, unique_key,"
+                              " unique_states) VALUES ('c_key', 'c_none', %s, CASE WHEN %s = 'running' THEN"
+                              " gen_random_uuid() END, CASE WHEN %s = 'running' THEN now() + interval '1 hour' END,"
+                              " 'k1', ARRAY['available', 'retryable', 'cancelled']) RETURNING id")
+    running = q(database_url, insert, ("running",) * 3)[0][0]
+    holder = q(database_url, insert, ("available",) * 3)[0][0]
+    with Session(engine) as session, session.begin():
+        assert cancel(session, running) == "running"
+    rows = dict((r[0], r[1:]) for r in q(database_url, jobs_sql(schema, "SELECT id, state, unique_key FROM {jobs}")))
+    assert rows == {running: ("cancelled", None), holder: ("available", "k1")}
+    with Session(engine) as session, session.begin():  # the holder keeps its key, and its cancel its key
+        assert cancel(session, holder) == "available"
+    assert q(database_url, jobs_sql(schema, "SELECT unique_key FROM {jobs} WHERE id = %s"), (holder,)) == [("k1",)]
+
+
 class CUnique(Job, kind="c_unique", queue="c", unique=Unique(by=("key",))):
     pass
 
