@@ -88,6 +88,31 @@ def test_one_run_is_bounded_and_skips_locked_rows(database_url, schema):
     assert _counts(database_url, schema) == {"completed": 70}
 
 
+def test_a_state_behind_a_backlog_longer_than_a_tick_is_pruned_too(database_url, schema):
+    """A run that spends its share of the tick stops and goes on at the next tick. It went
+    on with the first state (completed) every time: while completed rows came in faster
+    than one share deleted them, cancelled and dead rows were never pruned. Deletes are
+    slowed here (a trigger) so that each run is cut short after a batch or two."""
+    _seed(database_url, schema, "completed", 30, "2 days")
+    _seed(database_url, schema, "dead", 1, "60 days")
+    q(database_url, jobs_sql(schema, "CREATE FUNCTION {schema_}.slow_delete() RETURNS trigger LANGUAGE plpgsql AS"
+                                     " $$ BEGIN PERFORM pg_sleep(0.2); RETURN OLD; END $$".replace("{schema_}", f'"{schema}"')))
+    q(database_url, jobs_sql(schema, "CREATE TRIGGER slow_delete BEFORE DELETE ON {jobs} FOR EACH ROW"
+                                     f' EXECUTE FUNCTION "{schema}".slow_delete()'))
+    pruner = Pruner(completed=dt.timedelta(days=1), cancelled=dt.timedelta(days=1), dead=dt.timedelta(days=30),
+                    batch=1, max_batches=100, interval=0)
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
+            for _ in range(3):
+                with anyio.fail_after(1.0):  # a tick's deadline: each run's share is about 0.5 s
+                    await pruner.run_once(conn, Queries.for_schema(schema))
+
+    anyio.run(main)
+    assert 0 < pruner.deleted["completed"] < 30  # the backlog outlived the runs
+    assert pruner.deleted["dead"] == 1 and _counts(database_url, schema).get("dead") is None
+
+
 def test_prune_function_reports_progress(database_url, schema):
     _seed(database_url, schema, "dead", 25, "40 days")
     _seed(database_url, schema, "completed", 12, "8 days")

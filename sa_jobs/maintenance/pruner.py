@@ -122,6 +122,7 @@ class Pruner:
         self._next_run = 0.0
         self.deleted: dict[str, int] = {s: 0 for s in self.ages}  # totals since start
         self._statement: dict[str, str] = {}
+        self._first = 0  # the state a run starts with: see run_once
         self._pruned = hook(None, "pruned")
 
     def bind_observer(self, observer: Any) -> None:
@@ -134,7 +135,13 @@ class Pruner:
         if stmt is None:
             stmt = self._statement[queries.schema] = delete_statement(queries.schema).as_string()
         budget = TickBudget()
-        for state, age in self.ages.items():
+        # A run cut short goes on at the next tick with the state after the one it was
+        # pruning: starting with the first each time, a backlog of that state longer than
+        # a tick's share kept every later state from being pruned at all.
+        states = list(self.ages.items())
+        for i in range(len(states)):
+            n = (self._first + i) % len(states)
+            state, age = states[n]
             for _ in range(self.max_batches):
                 started = anyio.current_time()
                 cur = await conn.execute(stmt, {"state": state, "age": age, "limit": self.batch})
@@ -145,6 +152,7 @@ class Pruner:
                 if cur.rowcount < self.batch:
                     break
                 if budget.spent(anyio.current_time() - started):
+                    self._first = (n + 1) % len(states)
                     return  # out of this tick's time: the rest at the next tick, not in `interval`
         self._next_run = time.monotonic() + self.interval
 
