@@ -110,6 +110,11 @@ def _check_priority(priority: object) -> int:
 def _check_tags(tags: Any) -> list[str]:
     if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
         raise ConfigurationError("tags must be a sequence of strings")
+    # PostgreSQL's text cannot hold NUL, and a lone surrogate has no UTF-8: refused here,
+    # not by the INSERT (which would fail the caller's whole transaction at flush).
+    bad = [t for t in tags if "\x00" in t or not _validate._is_utf8(t)]
+    if bad:
+        raise ConfigurationError(f"tags must not hold NUL or lone surrogates: {bad!r}")
     return list(tags)
 
 
@@ -201,7 +206,7 @@ class Job(Base):
             max_attempts=max_attempts,
             timeout=timeout,
             backoff=backoff,
-            tags=tuple(tags),
+            tags=tuple(_check_tags(tags)),
             max_args_bytes=max_args_bytes,
             unique=unique,
             partition_by=(partition_by,) if isinstance(partition_by, str) else tuple(partition_by),

@@ -392,6 +392,24 @@ def test_enqueue_many_tags_are_checked_as_options_checks_them(engine):
         assert session.scalar(select(func.count()).select_from(Job)) == 0
 
 
+def test_tags_postgresql_cannot_store_are_refused_at_construction(engine):
+    """A tag holding NUL (or a lone surrogate) passed construction and failed the INSERT,
+    so the caller's whole transaction failed at flush (and a periodic declaration with
+    such a tag failed at every slot); kinds declared with tags="x" split it into letters."""
+    for bad in (["ok", "a\x00b"], ["\ud800"]):
+        with pytest.raises(ConfigurationError, match="NUL or lone surrogates"):
+            EnqSendReceipt(order_id=1).options(tags=bad)
+        with pytest.raises(ConfigurationError, match="NUL or lone surrogates"):
+            with Session(engine) as session, session.begin():
+                enqueue_many(session, EnqSendReceipt, [{"order_id": 1}], tags=bad)
+    for bad in ("urgent", ["a\x00b"]):
+        with pytest.raises(ConfigurationError, match="tags must"):
+            class BadTags(Job, kind=f"bad_tags_{len(bad)}", tags=bad):  # noqa: F841
+                pass
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
 def test_enqueue_many_text_lane_round_trips_awkward_strings(engine):
     awkward = [
         {"s": 'back\\slash "quoted" \\n not a newline'},
