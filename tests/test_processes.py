@@ -191,6 +191,24 @@ def test_second_signal_exits_now(engine, database_url, schema, effects):
     assert states(database_url, schema) == {"available": 1}
 
 
+def test_second_signal_exits_now_with_a_sync_handler_still_running(engine, database_url, schema, effects):
+    """A released sync handler's thread cannot be stopped; the process must not wait for it."""
+    with Session(engine) as session, session.begin():
+        session.add(CoreNoop(sleep=60))
+    worker = start_worker_process(database_url, schema, "tests.jobs_core", "--shutdown-grace", "60", *FAST)
+    try:
+        assert wait_running(database_url, schema, 1)
+        worker.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert worker.poll() is None  # still draining
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(5) == 0, output(worker)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert states(database_url, schema) == {"available": 1}
+
+
 def test_stale_worker_cannot_complete_and_its_session_effects_roll_back(engine, database_url, schema, effects):
     """SIGSTOP a worker inside a transactional job past its lease; another completes it."""
     with Session(engine) as session, session.begin():
