@@ -683,6 +683,11 @@ def _database_error(exc: BaseException) -> Optional[str]:
 
     original = exc.orig if isinstance(exc, DBAPIError) else exc
     if not isinstance(original, psycopg.Error):
+        # The worker's start fails inside a task group, which wraps the error in a group.
+        for inner in getattr(exc, "exceptions", ()):
+            found = _database_error(inner)
+            if found is not None:
+                return found
         return None
     state = getattr(original.diag, "sqlstate", None)
     message = (str(original).strip().splitlines() or [type(original).__name__])[0]

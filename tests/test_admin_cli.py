@@ -260,3 +260,17 @@ def test_a_password_with_a_space_and_url_specials_connects(capsys, database_url,
         assert code == 0 and json.loads(out)["deleted"]["completed"] == 1, err
     finally:
         q(database_url, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_a_worker_whose_server_is_unreachable_says_so_in_one_line(schema):
+    """As the operator commands do: the worker's start raised the driver's error inside a
+    task group's exception group, which came out as a traceback of the group (exit 1)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sa_jobs", "worker", "tests.jobs_core", "--schema", schema,
+         "--database-url", "postgresql://ops:s3cr3t@127.0.0.1:1/db"],
+        cwd=REPO_ROOT, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("sa-jobs: database error: connection failed"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "s3cr3t" not in proc.stderr, proc.stderr
