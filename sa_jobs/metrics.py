@@ -426,6 +426,9 @@ class QueueDepthCollector(Collector):
         self._lock = threading.Lock()
         self._conn: Any = None
         self._snapshot = _Snapshot()
+        # After a failed query, none until then (monotonic): back off for one TTL, without
+        # touching the snapshot's own time, which its age (the staleness signal) counts from.
+        self._retry_at = float("-inf")
         self._queues: set[str] = set()  # every queue seen: a drained queue reports 0, not nothing
         self.errors = 0
         self.queries = 0
@@ -458,7 +461,7 @@ class QueueDepthCollector(Collector):
                     self._conn.close()
                 finally:
                     self._conn = None
-            self._snapshot.fetched_at = self._clock()  # back off for one TTL, do not hammer
+            self._retry_at = self._clock() + self.ttl  # do not hammer a failing server
             return self._snapshot
         snap = _Snapshot(fetched_at=self._clock(), duration=time.perf_counter() - started, ok=True)
         for state, queue, count, oldest in rows:
@@ -471,7 +474,8 @@ class QueueDepthCollector(Collector):
 
     def snapshot(self) -> _Snapshot:
         with self._lock:
-            if self._clock() - self._snapshot.fetched_at >= self.ttl:
+            now = self._clock()
+            if now - self._snapshot.fetched_at >= self.ttl and now >= self._retry_at:
                 self.refresh()
             return self._snapshot
 

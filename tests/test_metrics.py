@@ -333,6 +333,33 @@ def test_depth_scrape_answers_when_the_database_does_not(database_url: str, sche
         collector.close()
 
 
+def test_depth_snapshot_age_keeps_growing_while_the_query_fails(database_url: str, schema: str) -> None:
+    """The age is the staleness alert's signal: a failed query keeps the old snapshot, and
+    its age must count from when that snapshot was taken, not from the failed attempt."""
+    _seed_depth(database_url, schema)
+    now = [0.0]
+    collector = QueueDepthCollector(database_url, schema, ttl=5, statement_timeout=0.3, clock=lambda: now[0])
+    age = ("sa_jobs_queue_depth_snapshot_age_seconds",)
+    try:
+        assert _depth(collector)[age] == 0
+        with psycopg.connect(to_conninfo(database_url)) as locker:
+            locker.execute(jobs_sql(schema, "LOCK TABLE {jobs} IN ACCESS EXCLUSIVE MODE"))
+            now[0] += 10
+            d = _depth(collector)
+            assert d[("sa_jobs_queue_depth_query_errors_total",)] == 1 and d[age] == 10
+            now[0] += 2  # within the back-off: no new query, the age still grows
+            assert _depth(collector)[age] == 12 and collector.queries == 2
+            now[0] += 8
+            d = _depth(collector)
+            assert d[("sa_jobs_queue_depth_query_errors_total",)] == 2 and d[age] == 20
+            locker.rollback()
+        now[0] += 10
+        d = _depth(collector)
+        assert d[age] == 0 and d[("sa_jobs_queue_depth_query_errors_total",)] == 2
+    finally:
+        collector.close()
+
+
 # ---- serving -------------------------------------------------------------------------
 
 def _get(url: str) -> str:
