@@ -570,18 +570,23 @@ def start_metrics_server(
     collector is registered too.
     """
     reg = registry if registry is not None else _default_registry()
-    observer = PrometheusObserver(reg)
-    depth = None
-    if database_url is not None:
-        depth = QueueDepthCollector(database_url, schema, ttl=depth_ttl)
-        reg.register(depth)
+    # Bound first: a failed bind must leave the caller's registry as it was (with the
+    # observer's metrics left in it, the retry on another port failed as a duplicate).
     try:
         server, thread = start_http_server(port, addr=host, registry=reg)
-    except OSError as exc:  # port taken, address not ours: one clear line, not a traceback
+    except (OSError, OverflowError) as exc:  # taken, not ours, out of range: one clear line
+        raise ConfigurationError(
+            f"cannot serve metrics on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        depth = None if database_url is None else QueueDepthCollector(database_url, schema, ttl=depth_ttl)
+        observer = PrometheusObserver(reg)
         if depth is not None:
-            reg.unregister(depth)
-            depth.close()
-        raise ConfigurationError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+            reg.register(depth)
+    except BaseException:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        raise
     return MetricsServer(observer, reg, host, int(server.server_port), depth, server, thread)
 
 

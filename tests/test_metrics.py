@@ -405,6 +405,23 @@ def test_a_metrics_port_in_use_is_a_clear_error(database_url: str, schema: str) 
         taken.close()
 
 
+def test_a_failed_metrics_server_leaves_the_registry_as_it_was() -> None:
+    """A bind that fails (port taken, or no port at all) must not leave the observer's
+    metrics behind in the caller's registry: the retry on another port found them there
+    and failed with prometheus-client's "Duplicated timeseries"."""
+    taken = start_metrics_server(0)
+    registry = CollectorRegistry()
+    try:
+        for port in (taken.port, 70000):
+            with pytest.raises(ConfigurationError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+                start_metrics_server(port, registry=registry)
+            assert generate_latest(registry) == b""
+        server = start_metrics_server(0, registry=registry)
+        server.close()
+    finally:
+        taken.close()
+
+
 def test_user_registry_and_asgi_app(database_url: str, schema: str) -> None:
     reg = CollectorRegistry()
     observer = PrometheusObserver(reg)
