@@ -603,9 +603,12 @@ def _depth_ttl_from_env() -> Optional[float]:
         return 10.0
     if raw in ("0", "off", "false", "no"):
         return None
-    ttl = float(raw)
-    if not ttl > 0:
-        raise ValueError(f"{DEPTH_TTL_ENV} must be a positive number of seconds or 'off', not {raw!r}")
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = float("nan")
+    if not 0 < ttl < float("inf"):  # a ConfigurationError: the CLI prints one line, not a traceback
+        raise ConfigurationError(f"{DEPTH_TTL_ENV} must be a positive number of seconds or 'off', not {raw!r}")
     return ttl
 
 

@@ -422,6 +422,18 @@ def test_a_failed_metrics_server_leaves_the_registry_as_it_was() -> None:
         taken.close()
 
 
+@pytest.mark.parametrize("ttl", ["abc", "-1", "nan", "10s"])
+def test_a_bad_depth_ttl_in_the_environment_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                        database_url: str, schema: str, ttl: str) -> None:
+    from sa_jobs import cli
+
+    monkeypatch.setenv("SA_JOBS_METRICS_DEPTH_TTL", ttl)
+    code = cli.main(["worker", "tests.metrics_jobs", "--metrics-port", "0", "--database-url", database_url,
+                     "--schema", schema])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("sa-jobs: SA_JOBS_METRICS_DEPTH_TTL must be") and "Traceback" not in err, err
+
+
 def test_user_registry_and_asgi_app(database_url: str, schema: str) -> None:
     reg = CollectorRegistry()
     observer = PrometheusObserver(reg)
