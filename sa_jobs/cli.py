@@ -612,9 +612,18 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _log_level(value: str) -> str:
+    """A level name logging knows: basicConfig raised ValueError, a traceback, on any other."""
+    name = value.upper()
+    if not isinstance(logging.getLevelName(name), int):
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {value!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sa-jobs", description="Durable background jobs on PostgreSQL.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", type=_log_level, help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

@@ -86,6 +86,7 @@ def test_jobs_show(capsys, database_url, schema, seeded):
         (("dead", "replay",), "--kind"),
         (("queues", "pause", "no spaces"), "invalid queue name"),
         (("prune", "--older-than", "7d", "--state", "running"), "invalid choice: 'running'"),
+        (("--log-level", "verbose", "jobs", "list"), "unknown log level 'verbose'"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_error(capsys, database_url, schema, argv, message):
