@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .errors import ConfigurationError
 
+_CLEANUP_MODES = ("stop", "delete", "none")
+
 
 def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "stop") -> str:
     """Start (or reuse) an embedded server and return its SQLAlchemy/libpq URL.
@@ -22,6 +24,9 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
     """
     import warnings
 
+    if cleanup not in _CLEANUP_MODES:
+        # pgserver only asserts it; without asserts (python -O) an unknown mode deleted.
+        raise ConfigurationError(f"cleanup must be one of {', '.join(map(repr, _CLEANUP_MODES))}, not {cleanup!r}")
     # pgserver logs every initdb/pg_ctl run at INFO, and platformdirs warns about a
     # missing XDG_RUNTIME_DIR on servers: neither is news to a sa-jobs user.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
