@@ -40,7 +40,7 @@ def _parse_queues(values: Optional[Sequence[str]], default: int) -> Optional[dic
         try:
             queues[name] = int(limit) if limit else default
         except ValueError:
-            raise SystemExit(f"sa-jobs: --queue {item!r}: the concurrency after '=' must be an integer") from None
+            raise ConfigurationError(f"--queue {item!r}: the concurrency after '=' must be an integer") from None
     return queues
 
 
@@ -53,7 +53,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         try:
             modules.append(importlib.import_module(module))
         except ImportError as exc:
-            raise SystemExit(f"sa-jobs: cannot import {module!r}: {exc}") from None
+            raise ConfigurationError(f"cannot import {module!r}: {exc}") from None
     maintenance = _maintenance_of(modules)
     observer = None
     if args.metrics_port is not None:

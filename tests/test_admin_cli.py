@@ -87,6 +87,10 @@ def test_jobs_show(capsys, database_url, schema, seeded):
         (("queues", "pause", "no spaces"), "invalid queue name"),
         (("prune", "--older-than", "7d", "--state", "running"), "invalid choice: 'running'"),
         (("--log-level", "verbose", "jobs", "list"), "unknown log level 'verbose'"),
+        # The worker's own refusals exit 2 as well (a non-integer concurrency exited 1, a
+        # concurrency of 0 exited 2).
+        (("worker", "tests.jobs_core", "--queue", "core=abc"), "the concurrency after '=' must be an integer"),
+        (("worker", "tests.no_such_module"), "cannot import 'tests.no_such_module'"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_error(capsys, database_url, schema, argv, message):
