@@ -621,6 +621,14 @@ def _log_level(value: str) -> str:
     return name
 
 
+def _grace(value: str) -> float:
+    """Seconds, 0 or more (inf: wait for every job): -1 released at once, nan waited for ever."""
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {value!r}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sa-jobs", description="Durable background jobs on PostgreSQL.")
     parser.add_argument("--log-level", default="INFO", type=_log_level, help="logging level (default INFO)")
@@ -638,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--lease", type=_positive_float, default=30.0, help="seconds a claim holds a job without a heartbeat")
     w.add_argument("--poll-interval", type=_positive_float, default=1.0)
     w.add_argument("--maintenance-interval", type=_positive_float, default=1.0)
-    w.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish running jobs on SIGTERM")
+    w.add_argument("--shutdown-grace", type=_grace, default=30.0, help="seconds to finish running jobs on SIGTERM")
     w.add_argument("--statement-timeout", type=_positive_float, help="bound on every worker statement (default: lease/2, 2-30 s)")
     w.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     w.add_argument("--metrics-host", default="127.0.0.1", help="metrics bind address (0.0.0.0 to expose)")

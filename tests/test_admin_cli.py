@@ -279,3 +279,13 @@ def test_a_worker_whose_server_is_unreachable_says_so_in_one_line(schema):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("sa-jobs: database error: connection failed"), proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and "s3cr3t" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("grace", ["-1", "nan"])
+def test_a_negative_or_nan_shutdown_grace_is_refused(capsys, grace):
+    """-1 released every job at the first signal, nan waited for them for ever: both were
+    taken as given. Parsed only: with the bad value accepted a worker would start here."""
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["worker", "tests.jobs_core", "--shutdown-grace", grace])
+    assert exc.value.code == 2 and "must be 0 or more seconds" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["worker", "m", "--shutdown-grace", "0"]).shutdown_grace == 0
