@@ -201,3 +201,60 @@ def test_a_timed_out_claim_from_the_start_keeps_the_resumed_rows(engine, databas
     anyio.run(main)
     assert sorted(RESUMED_RAN) == [0, 1, 2]
     assert _rows(database_url, schema, "state, attempt") == [("completed", 1)] * 3
+
+
+class FaultHeld(Job, kind="wf_held", queue="wf_held"):
+    pass
+
+
+HELD_TOLD: dict[str, object] = {}
+
+
+@FaultHeld.handler
+async def wf_held(ctx: JobContext, seconds: float) -> None:
+    import anyio
+
+    try:
+        await anyio.sleep(seconds)
+    finally:  # cancelled when the worker presumes its lease lost
+        HELD_TOLD.setdefault("at", time.monotonic())
+        HELD_TOLD.setdefault("lease_lost", ctx.lease_lost)
+
+
+def test_a_handler_is_told_its_lease_is_lost_when_it_runs_out_not_a_beat_later(engine, database_url, schema):
+    """Beats that hang (here: on a row lock another session holds) must not let a handler
+    run on past its lease, which the rescuer may already have handed to another worker.
+
+    The loss was only noticed when a beat *failed* more than a lease after the last good
+    one: with lease 2 s (beats every 0.5 s, each bounded by 1 s) at about 3 s, a second
+    after the lease had run out on the server."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+
+    HELD_TOLD.clear()
+    lease = 2.0
+    _add(engine, FaultHeld(seconds=60))
+
+    async def main() -> float:
+        async with Worker(database_url, kinds=[FaultHeld], schema=schema, lease=lease, poll_interval=0.2,
+                          maintenance_interval=0.1, shutdown_grace=0) as worker:
+            with anyio.fail_after(10):
+                while not worker.running_jobs():
+                    await anyio.sleep(0.02)
+            job_id = worker.running_jobs()[0].id
+            with psycopg.connect(to_conninfo(database_url)) as locker:
+                locker.execute(jobs_sql(schema, "SELECT 1 FROM {jobs} WHERE id = %s FOR UPDATE"), (job_id,))
+                locked_at = time.monotonic()  # no beat lands after this
+                with anyio.fail_after(10):
+                    while "at" not in HELD_TOLD:
+                        await anyio.sleep(0.02)
+                locker.rollback()
+            return locked_at
+
+    locked_at = anyio.run(main)
+    assert HELD_TOLD["lease_lost"] is True
+    late = float(HELD_TOLD["at"]) - locked_at  # type: ignore[arg-type]
+    assert late < lease + 0.35, f"told {late:.2f}s after the last beat could land (lease {lease}s)"

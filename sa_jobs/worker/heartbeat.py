@@ -47,12 +47,27 @@ class Heartbeat:
         self._nudged.set()
 
     async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_leases)
+            while True:
+                with anyio.move_on_after(self._interval):
+                    await self._nudged.wait()
+                    await anyio.sleep(self._min_gap)  # coalesce a burst of progress reports
+                self._nudged = anyio.Event()
+                await self.beat()
+
+    async def _watch_leases(self) -> None:
+        """Presume a lease lost as it runs out, not at the next beat that fails: beats come
+        an interval apart and each may hang for its whole deadline, so that beat ended up to
+        a second or more past the lease, while the rescuer could already have handed the
+        job to another worker."""
+        every = max(0.05, min(self._interval, self._lease / 20))
         while True:
-            with anyio.move_on_after(self._interval):
-                await self._nudged.wait()
-                await anyio.sleep(self._min_gap)  # coalesce a burst of progress reports
-            self._nudged = anyio.Event()
-            await self.beat()
+            await anyio.sleep(every)
+            now = time.monotonic()
+            for job in self._running():
+                if not job.completing and now - job.last_lease_ok > self._lease:
+                    self._lose(job, "heartbeats failed for longer than the lease")
 
     async def beat(self) -> None:
         jobs = [j for j in self._running() if not j.completing and not j.lease_lost]
@@ -65,6 +80,9 @@ class Heartbeat:
             # not outlive the lease it protects: the reconnect is inside the deadline too.
             with anyio.fail_after(min(self._conn.timeout, max(self._interval, 1.0))):
                 conn = await self._conn.get()
+                # The server extends the lease from when it runs the UPDATE, which is no
+                # earlier than this: the lease is known to last until sent_at + lease.
+                sent_at = time.monotonic()
                 cur = await conn.execute(
                     self._q.heartbeat_many,
                     {
@@ -87,7 +105,6 @@ class Heartbeat:
                 if now - job.last_lease_ok > self._lease:
                     self._lose(job, "heartbeats failed for longer than the lease")
             return
-        now = time.monotonic()
         self._observer.heartbeat_ok()
         # A job that finished while the beat was in flight had its outcome written (and
         # its row leave 'running') meanwhile: only jobs still running here can be lost.
@@ -95,7 +112,7 @@ class Heartbeat:
         missing = [j for j in jobs if (j.id, j.token) not in alive and not j.completing and id(j) in still_running]
         for job, progress in zip(jobs, sent):
             if (job.id, job.token) in alive:
-                job.last_lease_ok = now
+                job.last_lease_ok = sent_at
                 if job.progress_json is progress:  # not replaced by a newer report meanwhile
                     job.progress_json = None
         if missing:
