@@ -10,6 +10,7 @@ import uuid
 
 import anyio
 import psycopg
+from psycopg import sql
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -642,6 +643,40 @@ def test_promotion_of_a_job_whose_unique_key_another_job_holds_waits_and_does_no
     q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now() WHERE id = %s"), (holder,))
     _run_service(database_url, schema, Scheduler())
     assert state_of()[blocked] == "available"
+
+
+def test_a_unique_key_taken_during_a_one_row_promotion_waits_for_the_next_tick(database_url, schema, caplog):
+    """After a UniqueViolation the promotion goes on one row per statement; a row can still
+    collide with one committed while it ran (two workers promoting two due jobs of one key
+    at once, an enqueue). That raised out of the service: the tick failed, the connection
+    was dropped and, on the leader, leadership with it, until the next tick. Now the run
+    stops there and the next tick goes on. The race is played by a trigger that refuses
+    the update of one job with the unique_violation the index would raise."""
+    from sa_jobs.maintenance.scheduler import Scheduler
+
+    early = [_uq_row(database_url, schema, "scheduled", None, ("available",)) for _ in range(3)]
+    racing = _uq_row(database_url, schema, "scheduled", None, ("available",))
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET scheduled_at = now() - interval '1 second' WHERE id = %s"),
+      (racing,))
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET scheduled_at = now() - interval '1 minute' WHERE id = ANY(%s)"),
+      (early,))
+    q(database_url, sql.SQL(
+        "CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " RAISE unique_violation USING MESSAGE = 'duplicate key (test)'; END $$").format(
+            fn=sql.Identifier(schema, "refuse")))
+    q(database_url, sql.SQL("CREATE TRIGGER refuse BEFORE UPDATE ON {jobs} FOR EACH ROW WHEN (OLD.id = {id})"
+                            " EXECUTE FUNCTION {fn}()").format(
+        jobs=sql.Identifier(schema, "jobs"), id=sql.Literal(racing), fn=sql.Identifier(schema, "refuse")))
+
+    def state_of() -> dict[int, str]:
+        return dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}")))
+
+    _run_service(database_url, schema, Scheduler())  # raised UniqueViolation before
+    assert [state_of()[i] for i in early + [racing]] == ["available"] * 3 + ["scheduled"]
+    assert "a unique key was taken while this run wrote a job of it" in caplog.text
+    q(database_url, sql.SQL("DROP TRIGGER refuse ON {}").format(sql.Identifier(schema, "jobs")))
+    _run_service(database_url, schema, Scheduler())  # the next tick
+    assert state_of()[racing] == "available"
 
 
 def test_a_leader_whose_session_died_inside_a_service_does_not_stay_leader_on_a_new_one(database_url, schema):

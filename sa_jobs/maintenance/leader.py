@@ -49,15 +49,20 @@ async def run_batches(conn: Any, statement: str, batch: int, done: Callable[[Any
 
     The rescue and the promotion check each unique job against other rows, not against
     the rest of their batch: on a UniqueViolation (two jobs of one key in one batch, or a
-    key taken meanwhile) they go on one row per statement, so each row sees the last."""
+    key taken meanwhile) they go on one row per statement, so each row sees the last. One
+    row can still collide with a row committed while it ran (another worker promoting a
+    job of the same key, an enqueue): that run waits for the next tick, which sees the
+    winner, instead of failing the tick (and, for the leader, its leadership)."""
     limit, budget = batch, TickBudget()
     while True:
         started = anyio.current_time()
         try:
             cur = await conn.execute(statement, {"limit": limit})
-        except psycopg.errors.UniqueViolation:
+        except psycopg.errors.UniqueViolation as exc:
             if limit == 1:
-                raise
+                log.warning("a unique key was taken while this run wrote a job of it; the rest waits for the"
+                            " next tick (%s)", describe(exc))
+                return
             limit = 1
             continue
         if await done(cur) < limit or budget.spent(anyio.current_time() - started):
