@@ -122,6 +122,8 @@ def _put_back_an_older_function(conn: psycopg.Connection, create: Any) -> None:
     resume) behind the current signature: the worker calls it through a wrapper whose rows
     say that no claim may resume past them, so it claims from the start as those did."""
     from sa_jobs.schema import _CLAIM_FUNCTION_ARGS_V12, _CLAIM_FUNCTION_RETURNS_V12
+    conn.execute("DROP FUNCTION IF EXISTS sa_jobs.claim_limited_older(text, integer, uuid, text, double precision,"
+                 " integer)")  # setup runs before every drain
     conn.execute(create)  # an overload beside the current function
     conn.execute("ALTER FUNCTION sa_jobs.claim_limited(text, integer, uuid, text, double precision, integer)"
                  " RENAME TO claim_limited_older")
