@@ -132,22 +132,29 @@ def test_sigterm_drains_running_jobs_and_stops_claiming(engine, database_url, sc
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {effects}"))[0][0] == 3
 
 
-def test_sigterm_past_grace_releases_jobs_at_once(engine, database_url, schema, effects):
-    with Session(engine) as session, session.begin():
-        session.add_all([CoreSlow(seconds=30) for _ in range(2)])
+def _sigterm_past_grace(database_url: str, schema: str, running: int, *, exit_within: float) -> str:
+    """Start a worker with a 0.5 s grace, SIGTERM it once ``running`` jobs run, check that
+    it exits 0 within ``exit_within`` seconds of the signal, and return its output."""
     worker = start_worker_process(
         database_url, schema, "tests.jobs_core", "--shutdown-grace", "0.5", "--lease", "30",
         "--maintenance-interval", "0.2", "--poll-interval", "0.2",
     )
     try:
-        assert wait_running(database_url, schema, 2)
+        assert wait_running(database_url, schema, running)
         signalled = time.monotonic()
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(10) == 0, output(worker)
-        assert time.monotonic() - signalled < 0.5 + 1.5
+        assert worker.wait(15) == 0, output(worker)
+        assert time.monotonic() - signalled < exit_within
     finally:
         if worker.poll() is None:
             worker.kill()
+    return output(worker)
+
+
+def test_sigterm_past_grace_releases_jobs_at_once(engine, database_url, schema, effects):
+    with Session(engine) as session, session.begin():
+        session.add_all([CoreSlow(seconds=30) for _ in range(2)])
+    _sigterm_past_grace(database_url, schema, 2, exit_within=0.5 + 1.5)
     # Released, not left running until the 30 s lease expires; the attempt is refunded.
     assert q(database_url, jobs_sql(schema, "SELECT state, attempt, lease_expires_at FROM {jobs}")) == [("available", 0, None)] * 2
 
@@ -157,20 +164,8 @@ def test_sigterm_past_grace_exits_with_a_sync_handler_still_in_its_thread(engine
     its threads at exit: the worker exited only when the handler returned)."""
     with Session(engine) as session, session.begin():
         session.add(CoreNoop(sleep=60))
-    worker = start_worker_process(
-        database_url, schema, "tests.jobs_core", "--shutdown-grace", "0.5", "--lease", "30",
-        "--maintenance-interval", "0.2", "--poll-interval", "0.2",
-    )
-    try:
-        assert wait_running(database_url, schema, 1)
-        signalled = time.monotonic()
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(15) == 0, output(worker)
-        assert time.monotonic() - signalled < 0.5 + 2.5
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-    assert "exiting with 1 sync handler(s) still running" in output(worker)
+    logged = _sigterm_past_grace(database_url, schema, 1, exit_within=0.5 + 2.5)
+    assert "exiting with 1 sync handler(s) still running" in logged
     assert q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs}")) == [("available", 0)]
 
 
