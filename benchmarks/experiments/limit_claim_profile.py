@@ -27,7 +27,8 @@ from benchmarks.runner import System, drain_once  # noqa: E402
 TOP = """
 SELECT calls, rows, round(total_exec_time::numeric, 1), round((total_exec_time / calls)::numeric, 3),
        round((total_exec_time * 1000 / %s)::numeric, 1),
-       left(regexp_replace(query, '\\s+', ' ', 'g'), 80)
+       CASE WHEN query LIKE '%%(priority, scheduled_at, id) >%%' THEN 'resumed: ' ELSE '' END
+       || left(regexp_replace(query, '\\s+', ' ', 'g'), 80)
 FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
 WHERE d.datname = current_database() AND query NOT LIKE 'VACUUM%%' AND query NOT LIKE 'INSERT INTO sa_jobs.jobs%%'
 ORDER BY total_exec_time DESC LIMIT %s
