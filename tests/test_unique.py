@@ -546,3 +546,54 @@ def test_an_outcome_on_a_key_taken_while_the_job_ran_is_written(engine, database
         # Its own reason first: a snooze is not a release at shutdown.
         assert errors[-1]["error"].startswith("ValueError: card declined" if then == "raise" else "snoozed for 60.0s")
         assert "not run again: job 2 holds its unique key" in errors[-1]["error"]
+
+
+def test_a_batch_with_one_refused_outcome_is_written_in_halves(database_url, schema):
+    """One outcome the unique index refuses (its key taken while the job ran) made the
+    completer write the rest of its batch one statement per outcome: 2,000 round trips for
+    a full batch, logged at ERROR. It now writes the refused batch by halves: here 64
+    outcomes in 14 statements (the batch, two halves at each of six levels, and the
+    refused outcome's own write), every one of them written."""
+    import time
+
+    from sa_jobs._connection import ManagedConnection
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.events import NullObserver
+    from sa_jobs.queries import Queries
+    from sa_jobs.worker._job import ClaimedJob, Outcome
+    from sa_jobs.worker.completer import Completer
+
+    running = ("INSERT INTO {jobs} (kind, queue, state, attempt, claim_token, lease_expires_at, unique_key, unique_states)"
+               " SELECT 'k', 'q', 'running', 1, gen_random_uuid(), now() + interval '1 hour', %s, %s"
+               " FROM generate_series(1, %s) RETURNING id, claim_token")
+    states = ["available", "completed"]  # leaves 'running' out: another job may take the key meanwhile
+    rows = q(database_url, jobs_sql(schema, running), (None, None, 40))
+    rows += q(database_url, jobs_sql(schema, running), ("k1", states, 1))
+    rows += q(database_url, jobs_sql(schema, running), (None, None, 23))
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, unique_key, unique_states)"
+                                     " VALUES ('k', 'q', 'k1', %s)"), (states,))  # takes the key
+    now = time.monotonic()
+    outcomes = [Outcome(ClaimedJob(id=i, token=t, kind="k", queue="q", args={}, attempt=1, max_attempts=3, priority=0,
+                                   wait_seconds=0.0, created_epoch=0.0, claimed_at=now, last_lease_ok=now),
+                        "complete", result_json='"ok"') for i, t in rows]
+
+    class Counting(Completer):
+        statements = 0
+
+        async def _write(self, conn, batch):  # type: ignore[no-untyped-def]
+            Counting.statements += 1
+            return await super()._write(conn, batch)
+
+    async def main() -> None:
+        conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=10)
+        completer = Counting(conn, Queries.for_schema(schema), NullObserver())
+        for outcome in outcomes:
+            completer.submit(outcome)
+        assert await completer.flush()
+        await conn.close()
+
+    anyio.run(main)
+    assert Counting.statements <= 1 + 2 * 6 + 1, Counting.statements  # one by one: 1 + 64 + 1
+    assert q(database_url, jobs_sql(schema, "SELECT state, count(*), count(*) FILTER (WHERE result = '\"ok\"')"
+                                            " FROM {jobs} WHERE id = ANY(%s) GROUP BY 1"), ([i for i, _ in rows],)) == [
+        ("completed", 64, 64)]
