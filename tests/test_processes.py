@@ -169,27 +169,9 @@ def test_sigterm_past_grace_exits_with_a_sync_handler_still_in_its_thread(engine
     assert q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs}")) == [("available", 0)]
 
 
-def test_second_signal_exits_now(engine, database_url, schema, effects):
-    with Session(engine) as session, session.begin():
-        session.add(CoreSlow(seconds=30))
-    worker = start_worker_process(database_url, schema, "tests.jobs_core", "--shutdown-grace", "60", *FAST)
-    try:
-        assert wait_running(database_url, schema, 1)
-        worker.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        assert worker.poll() is None  # still draining
-        worker.send_signal(signal.SIGINT)
-        assert worker.wait(5) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-    assert states(database_url, schema) == {"available": 1}
-
-
-def test_second_signal_exits_now_with_a_sync_handler_still_running(engine, database_url, schema, effects):
-    """A released sync handler's thread cannot be stopped; the process must not wait for it."""
-    with Session(engine) as session, session.begin():
-        session.add(CoreNoop(sleep=60))
+def _second_signal_exits_now(database_url: str, schema: str) -> None:
+    """SIGINT a worker (60 s grace) running one job, check it is still draining, SIGINT it
+    again and check it exits 0 within 5 s, its job released."""
     worker = start_worker_process(database_url, schema, "tests.jobs_core", "--shutdown-grace", "60", *FAST)
     try:
         assert wait_running(database_url, schema, 1)
@@ -202,6 +184,19 @@ def test_second_signal_exits_now_with_a_sync_handler_still_running(engine, datab
         if worker.poll() is None:
             worker.kill()
     assert states(database_url, schema) == {"available": 1}
+
+
+def test_second_signal_exits_now(engine, database_url, schema, effects):
+    with Session(engine) as session, session.begin():
+        session.add(CoreSlow(seconds=30))
+    _second_signal_exits_now(database_url, schema)
+
+
+def test_second_signal_exits_now_with_a_sync_handler_still_running(engine, database_url, schema, effects):
+    """A released sync handler's thread cannot be stopped; the process must not wait for it."""
+    with Session(engine) as session, session.begin():
+        session.add(CoreNoop(sleep=60))
+    _second_signal_exits_now(database_url, schema)
 
 
 def test_stale_worker_cannot_complete_and_its_session_effects_roll_back(engine, database_url, schema, effects):
