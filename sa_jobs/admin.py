@@ -88,8 +88,21 @@ _HOLDS_ITS_KEY = (
 _ENTERS_INDEX = literal("available") == _jobs.c.unique_states.any_()
 
 
+def _key_held() -> Any:
+    """EXISTS another row holding this row's unique key."""
+    return select(literal(1)).select_from(_HOLDER).where(*_HOLDS_ITS_KEY).exists()
+
+
+def gives_up_its_key(state: str) -> Any:
+    """True for a row that would hold its unique key again in ``state`` (one of its unique
+    states) while another row holds that key: the unique index would refuse the write, so
+    such a row ends without its key (a cancel, a transactional completion; the completer
+    and the rescuer do the same). False, not NULL, for a row without unique states."""
+    return func.coalesce(literal(state) == _jobs.c.unique_states.any_(), False) & _key_held()
+
+
 def _retry_rows(session: Any, ids: list[int]) -> list[int]:
-    key_held = select(literal(1)).select_from(_HOLDER).where(*_HOLDS_ITS_KEY).exists()
+    key_held = _key_held()
     # A unique row whose key another row holds must not enter the index again.
     enters_index = _jobs.c.unique_key.isnot(None) & func.coalesce(_ENTERS_INDEX, False)
     stmt = (
@@ -211,13 +224,11 @@ def cancel_many(session: Any, job_ids: Iterable[int]) -> dict[int, str]:
     # A job whose key another took meanwhile (a running one, its states leaving 'running'
     # out) would hold it again once cancelled if 'cancelled' is one of its states: the
     # unique index refused the cancel. As the completer does, it gives its key up.
-    key_held = select(literal(1)).select_from(_HOLDER).where(*_HOLDS_ITS_KEY).exists()
-    gives_up_key = func.coalesce(literal("cancelled") == _jobs.c.unique_states.any_(), False) & key_held
     stmt = (
         update(_jobs)
         .where(_jobs.c.id == target.c.id)
         .values(state="cancelled", finished_at=func.now(), lease_expires_at=None,
-                unique_key=case((gives_up_key, None), else_=_jobs.c.unique_key))
+                unique_key=case((gives_up_its_key("cancelled"), None), else_=_jobs.c.unique_key))
         .returning(_jobs.c.id, target.c.state)
     )
     previous = {row[0]: row[1] for row in session.execute(stmt)}

@@ -7,9 +7,10 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, cast
 
 import anyio
-from sqlalchemy import and_, any_, case, exists, func, literal, null, update
+from sqlalchemy import case, func, update
 
 from .. import _validate
+from ..admin import gives_up_its_key
 from ..errors import LeaseLostError
 from ..model import job_table
 from ..schema import DEFAULT_SCHEMA
@@ -117,11 +118,7 @@ class JobContext:
         # 'running' out); if 'completed' holds the key too, the unique index would refuse
         # the handler's whole transaction. As the completer does for a returned result
         # (Completer._write_superseded), the job keeps its outcome and gives its key up.
-        h = _jobs.alias("h")
-        held = exists().where(h.c.kind == _jobs.c.kind, h.c.unique_key == _jobs.c.unique_key,
-                              h.c.id != _jobs.c.id, h.c.state == any_(h.c.unique_states))
-        unique_key = case((and_(literal("completed") == any_(_jobs.c.unique_states), held), null()),
-                          else_=_jobs.c.unique_key)
+        unique_key = case((gives_up_its_key("completed"), None), else_=_jobs.c.unique_key)
         stmt = (
             update(_jobs)
             .where(_jobs.c.id == self._job.id, _jobs.c.claim_token == self._job.token, _jobs.c.state == "running")

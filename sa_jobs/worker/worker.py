@@ -74,8 +74,6 @@ HELD_RESCAN_MAX = 30.0
 # when busy keys leave the batch short, the skip scan looks at every key. A window of twice
 # the batch cost a non-binding drain about 6 points (benchmarks/RESULTS.md, schema v6).
 PARTITION_HEAD_WINDOW = 1
-# The smallest head window, which the claim function reads whatever the room.
-PARTITION_HEAD_MIN = HEAD_MIN_WINDOW
 
 ResumeKey = tuple[int, Any, int]  # (priority, scheduled_at, id): the claim order
 
@@ -592,7 +590,7 @@ class Worker:
             # The function reads a head window of min(scan, max(16, 2 x room)) jobs and,
             # when they leave the batch short and more wait, skip-scans every key (and the
             # first ``scan`` jobs for unkeyed ones): see sa_jobs._claim_sql.
-            params["scan"] = max(PARTITION_HEAD_MIN, PARTITION_HEAD_WINDOW * limit)
+            params["scan"] = max(HEAD_MIN_WINDOW, PARTITION_HEAD_WINDOW * limit)  # the function's smallest window
             params.update(after_priority=None, after_scheduled=None, after_id=None)
             rows = await self._claim_resuming(q, conn, params, deadline, self._queries.claim_limited,
                                               self._queries.claim_limited, flagged=True)
