@@ -52,6 +52,13 @@ _WALK_SLACK = 10_000
 
 _UTC = dt.timezone.utc
 
+# Bound on the on-time slots of one tick (see Periodic.due_slots): an every-second schedule
+# with a grace of almost three hours.
+_MAX_ON_TIME = 10_000
+
+# The Maintainer's defaults (interval, timeout), for a PeriodicJobs it has not bound.
+_DEFAULT_TICK = (1.0, 10.0)
+
 # Slots inserted per pipelined statement batch of a catch-up (see PeriodicJobs.fire).
 _INSERT_BATCH = 500
 
@@ -110,10 +117,12 @@ class Periodic:
 
     ``job`` is a kind (with ``args``), a job row to copy, or a callable returning a fresh
     row. ``name`` identifies the schedule (its row in ``<schema>.periodic`` and its slots'
-    unique keys); it defaults to the kind's name when ``job`` is a kind. ``catch_up``:
-    after downtime, fire every missed slot (at most ``max_catch_up``, the most recent);
-    without it only the most recent missed slot fires, late. A schedule seen for the first
-    time starts at its next slot.
+    unique keys); it defaults to the kind's name when ``job`` is a kind. Every slot of a
+    live leader fires, however many fall between two of its ticks. ``catch_up`` governs
+    slots *missed*, later than the grace (two maintenance intervals plus tick deadlines)
+    because no leader ticked: with it, they fire too (at most ``max_catch_up``, the most
+    recent); without it only the most recent missed slot fires, late, and then only if no
+    slot is on time. A schedule seen for the first time starts at its next slot.
 
     ``cron`` has 5 fields (minute hour day month weekday) or 6 with the **seconds last**
     (croniter's order): every 10 seconds is ``"* * * * * */10"``; ``"*/10 * * * * *"`` is
@@ -199,10 +208,25 @@ class Periodic:
                 f"cron expression {self.cron!r} never fires (no date matches it, e.g. 31 February)"
             ) from None
 
-    def due_slots(self, last_slot: dt.datetime, now: dt.datetime) -> list[dt.datetime]:
-        """Slots in ``(last_slot, now]``, oldest first: all of them (at most
-        ``max_catch_up``, the most recent) with catch-up, else only the most recent."""
-        return self._slots(last_slot, now, self.max_catch_up if self.catch_up else 1)
+    def due_slots(self, last_slot: dt.datetime, now: dt.datetime,
+                  grace: dt.timedelta = dt.timedelta(0)) -> list[dt.datetime]:
+        """Slots in ``(last_slot, now]``, oldest first.
+
+        Those later than ``now - grace`` are on time: a live leader's slots since its last
+        tick (a schedule can be more frequent than the tick), all due whatever ``catch_up``
+        says; before, each tick fired only its most recent slot and a healthy leader ticking
+        every 10 s dropped every other slot of an every-5-s schedule. The older ones were
+        missed (no leader ticked for longer than the grace): with catch-up, the most recent
+        ``max_catch_up`` slots are due (on-time ones included); without it, only the most
+        recent slot, late, when none is on time.
+        """
+        limit = self.max_catch_up if self.catch_up else 1
+        # In UTC: aware datetimes sharing a ZoneInfo compare by wall time (see _slots).
+        cut = max(last_slot.astimezone(_UTC), (now - grace).astimezone(_UTC))
+        on_time = self._slots(cut, now, _MAX_ON_TIME) if cut < now.astimezone(_UTC) else []
+        if len(on_time) >= limit:
+            return on_time
+        return self._slots(last_slot, now, limit)
 
     def latest_slot(self, now: dt.datetime) -> dt.datetime:
         """The last slot at or before ``now`` (``now`` itself before a year field's first slot)."""
@@ -318,9 +342,21 @@ class PeriodicJobs:
         self.periodics = periodics
         self._sql: dict[str, dict[str, sql.Composable]] = {}
         self._enqueued = hook(None, "periodic_enqueued")
+        self.grace = self._grace(*_DEFAULT_TICK)
 
     def bind_observer(self, observer: Any) -> None:
         self._enqueued = hook(observer, "periodic_enqueued")
+
+    def bind_tick(self, interval: float, timeout: float) -> None:
+        """Called by the Maintainer with its tick's interval and deadline: they set the grace."""
+        self.grace = self._grace(interval, timeout)
+
+    @staticmethod
+    def _grace(interval: float, timeout: float) -> dt.timedelta:
+        """How late a slot may be and still count as on time (see Periodic.due_slots): two
+        tick periods of a live leader, each at most ``interval`` plus a tick that ran until
+        its deadline; two because a failed tick drops leadership until the next one."""
+        return dt.timedelta(seconds=2 * (interval + timeout))
 
     def _statements(self, schema: str) -> dict[str, sql.Composable]:
         found = self._sql.get(schema)
@@ -373,7 +409,7 @@ class PeriodicJobs:
                 log.info("periodic %r registered; its first slot is %s", periodic.name, periodic.first_slot_after(now))
                 return []
             last_slot = (await (await conn.execute(statements["lock"], name)).fetchone())[0]
-            due = periodic.due_slots(last_slot, now)
+            due = periodic.due_slots(last_slot, now, self.grace)
             # A long catch-up (up to 10,000 slots) is inserted in pipelined batches, within
             # this declaration's share of the tick: one statement per slot outlived the
             # tick's deadline, which rolled it all back and began it again every tick, so
@@ -397,10 +433,11 @@ class PeriodicJobs:
                     break
             if slots:
                 await conn.execute(statements["advance"], {**name, "slot": slots[-1]})
-                skipped = "" if periodic.catch_up else " (missed slots before it skipped)"
+                late = not periodic.catch_up and slots[0].astimezone(_UTC) <= (now - self.grace).astimezone(_UTC)
+                skipped = " (late: the missed slots before it skipped)" if late else ""
                 later = f"; {len(due) - len(slots)} more at the next tick" if len(slots) < len(due) else ""
                 log.info("periodic %r: enqueued %d job(s) for %d slot(s), last %s%s%s", periodic.name, len(ids),
-                         len(slots), slots[-1].isoformat(), skipped if len(slots) == 1 else "", later)
+                         len(slots), slots[-1].isoformat(), skipped, later)
             return ids
 
     @staticmethod

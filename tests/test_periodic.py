@@ -495,3 +495,56 @@ def test_a_row_the_database_refuses_does_not_stop_other_schedules(database_url, 
     anyio.run(main)
     assert sorted(r[1] for r in _periodic_jobs(database_url, schema)) == ["good", "good_too"]
     assert "server_refused" in caplog.text
+
+
+def test_without_catch_up_a_live_leader_fires_every_slot_between_its_ticks(database_url, schema):
+    """A schedule more frequent than the leader's tick (every 5 s, ticks 10 s apart): each
+    tick fired only its most recent slot, so a live, healthy leader dropped every other
+    slot, as if they had been missed in downtime. Slots late by less than the service's
+    grace (a few ticks) all fire; catch_up only governs older ones."""
+    p = Periodic("* * * * * */5", PerTick, name="every_5s")
+    service = PeriodicJobs([p])
+    grace = service.grace
+    start = dt.datetime(2030, 1, 1, tzinfo=UTC)
+    assert _fire(database_url, schema, p, now=start) == [[]]  # registered
+    for tick in range(1, 4):
+        [ids] = _fire(database_url, schema, p, now=start + dt.timedelta(seconds=10 * tick))
+        assert len(ids) == 2, tick
+    slots = [dt.datetime.fromisoformat(r[2]) for r in _periodic_jobs(database_url, schema)]
+    assert slots == _utc_range(start + dt.timedelta(seconds=5), start + dt.timedelta(seconds=30), dt.timedelta(seconds=5))
+    # Ten minutes without a leader: the slots older than the grace are skipped, the late
+    # ones within it fire.
+    back = start + dt.timedelta(minutes=10, seconds=30)
+    [ids] = _fire(database_url, schema, p, now=back)
+    fired = [dt.datetime.fromisoformat(r[2]) for r in _periodic_jobs(database_url, schema)][len(slots):]
+    assert fired == [s for s in _utc_range(back - dt.timedelta(minutes=10), back, dt.timedelta(seconds=5))
+                     if s > back - grace]
+    # Later than the grace, only the most recent missed slot fires (a daily schedule back after a day).
+    daily = Periodic("0 9 * * *", PerTick, name="daily")
+    assert daily.due_slots(start - dt.timedelta(days=3), start + dt.timedelta(hours=10), grace=grace) == [
+        start + dt.timedelta(hours=9)]
+
+
+def test_a_maintainer_slower_than_the_schedule_fires_every_slot(database_url, schema):
+    """The same through a Maintainer ticking every 1.5 s on an every-second schedule,
+    without catch-up: each tick fired one slot, a second went missing every other tick."""
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.leader import Maintainer
+
+    p = Periodic("* * * * * *", PerTick, name="every_second_live")
+    maintainer = Maintainer(to_conninfo(database_url), Queries.for_schema(schema), NullObserver(),
+                            [PeriodicJobs([p])], interval=1.5, timeout=4.0)
+
+    async def tick(times: int) -> None:
+        try:
+            for _ in range(times):
+                await maintainer.tick()
+                assert maintainer.is_leader
+                await anyio.sleep(1.5)  # the maintainer's own interval (Maintainer.run)
+        finally:
+            await maintainer._conn.close()
+
+    anyio.run(tick, 5)  # registers, then four ticks that fire
+    slots = [dt.datetime.fromisoformat(r[2]) for r in _periodic_jobs(database_url, schema)]
+    assert len(slots) >= 5
+    assert [(a, b) for a, b in zip(slots, slots[1:]) if b - a != dt.timedelta(seconds=1)] == []

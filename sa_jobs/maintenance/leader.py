@@ -71,7 +71,9 @@ async def run_batches(conn: Any, statement: str, batch: int, done: Callable[[Any
 
 class MaintenanceService(Protocol):
     """A task of the maintenance loop. It may also define ``bind_observer(observer)``:
-    the maintainer calls it once, so the service can report what it did (metrics)."""
+    the maintainer calls it once, so the service can report what it did (metrics); and
+    ``bind_tick(interval, timeout)``, called once with the loop's pause and tick deadline
+    (periodic jobs derive from them how late a slot may fire and still count as on time)."""
 
     name: str
     leader_only: bool
@@ -102,6 +104,9 @@ class Maintainer:
             bind = getattr(service, "bind_observer", None)
             if callable(bind):
                 bind(observer)
+            bind_tick = getattr(service, "bind_tick", None)
+            if callable(bind_tick):
+                bind_tick(interval, timeout)
 
     async def run(self) -> None:
         try:
