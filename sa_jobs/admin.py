@@ -96,8 +96,8 @@ def _key_held() -> Any:
 def gives_up_its_key(state: str) -> Any:
     """True for a row that would hold its unique key again in ``state`` (one of its unique
     states) while another row holds that key: the unique index would refuse the write, so
-    such a row ends without its key (a cancel, a transactional completion; the completer
-    and the rescuer do the same). False, not NULL, for a row without unique states."""
+    such a row ends without its key (a transactional completion; cancel_many, the
+    completer and the rescuer do the same). False, not NULL, for a row without unique states."""
     return func.coalesce(literal(state) == _jobs.c.unique_states.any_(), False) & _key_held()
 
 
@@ -209,34 +209,86 @@ def cancel(session: Any, job_id: int) -> str:
 
 
 def cancel_many(session: Any, job_ids: Iterable[int]) -> dict[int, str]:
-    """:func:`cancel` for many ids in one statement; returns {id: previous state}."""
+    """:func:`cancel` for many ids in one statement; returns {id: previous state}.
+
+    Jobs of one unique key end holding it at most once between them: one that would hold
+    it again as ``cancelled`` gives it up if a job outside the statement holds it, or if
+    another job of the statement keeps it (the first one that holds it now, else the
+    lowest id)."""
     from .queries import cancel_channel_name
 
     ids = _job_ids(job_ids)
     if not ids:
         return {}
-    target = (
-        select(_jobs.c.id, _jobs.c.state)
-        .where(_jobs.c.id.in_(ids), _jobs.c.state.in_(CANCELLABLE_STATES))
-        .with_for_update()
-        .cte("target")
-    )
-    # A job whose key another took meanwhile (a running one, its states leaving 'running'
-    # out) would hold it again once cancelled if 'cancelled' is one of its states: the
-    # unique index refused the cancel. As the completer does, it gives its key up.
-    stmt = (
-        update(_jobs)
-        .where(_jobs.c.id == target.c.id)
-        .values(state="cancelled", finished_at=func.now(), lease_expires_at=None,
-                unique_key=case((gives_up_its_key("cancelled"), None), else_=_jobs.c.unique_key))
-        .returning(_jobs.c.id, target.c.state)
-    )
-    previous = {row[0]: row[1] for row in session.execute(stmt)}
+    previous: dict[int, str] = {}
+    for attempt in range(_CANCEL_ATTEMPTS):
+        try:
+            previous = _cancel_rows(session, ids)
+            break
+        except _KeyTaken as taken:
+            # Another transaction committed a job of one of these keys into a state that
+            # holds it while this UPDATE ran (a cancel of a sibling, an enqueue): the
+            # index refused the second holder. The statement again, with a new snapshot,
+            # sees it and gives the key up.
+            if attempt == _CANCEL_ATTEMPTS - 1:
+                assert taken.__cause__ is not None
+                raise taken.__cause__ from None  # the IntegrityError
     channel = cancel_channel_name(_schema(session))
     for job_id, state in previous.items():
         if state == "running":
             session.execute(select(func.pg_notify(literal(channel), literal(str(job_id)))))
     return previous
+
+
+# Each retry follows a commit of another transaction that took one of the keys: a handful
+# of keys taken one after the other at the same moment.
+_CANCEL_ATTEMPTS = 5
+
+
+def _cancel_rows(session: Any, ids: list[int]) -> dict[int, str]:
+    keeps_as_cancelled = func.coalesce(literal("cancelled") == _jobs.c.unique_states.any_(), False)
+    target = (
+        select(_jobs.c.id, _jobs.c.state, _jobs.c.kind, _jobs.c.unique_key,
+               keeps_as_cancelled.label("keeps"),
+               func.coalesce(_jobs.c.state == _jobs.c.unique_states.any_(), False).label("holds"))
+        .where(_jobs.c.id.in_(ids), _jobs.c.state.in_(CANCELLABLE_STATES))
+        .with_for_update()
+        .cte("target")
+    )
+    # Among the jobs of one key that would hold it as cancelled, the first keeps it: one
+    # that holds it now, then the lowest id. (A window function, not an EXISTS over the
+    # siblings per row: no quadratic scan of a large batch.)
+    ranked = select(
+        target.c.id, target.c.state,
+        func.row_number().over(partition_by=(target.c.kind, target.c.unique_key, target.c.keeps),
+                               order_by=(target.c.holds.desc(), target.c.id)).label("rank"),
+    ).cte("ranked")
+    # A job whose key another took meanwhile (a running one, its states leaving 'running'
+    # out) would hold it again once cancelled if 'cancelled' is one of its states: the
+    # unique index refused the cancel. As the completer does, it gives its key up. So
+    # does one whose key a sibling in this statement keeps: two waiting jobs can share a
+    # key that neither holds now (their states leave theirs out), and cancelling both
+    # made two holders. A sibling that holds the key now but not as cancelled frees it:
+    # only holders outside the statement count.
+    outside = _HOLDER.c.id.notin_(select(target.c.id).scalar_subquery())
+    held_outside = select(literal(1)).select_from(_HOLDER).where(*_HOLDS_ITS_KEY, outside).exists()
+    gives_up = keeps_as_cancelled & (held_outside | (ranked.c.rank > 1))
+    stmt = (
+        update(_jobs)
+        .where(_jobs.c.id == ranked.c.id)
+        .values(state="cancelled", finished_at=func.now(), lease_expires_at=None,
+                unique_key=case((gives_up, None), else_=_jobs.c.unique_key))
+        .returning(_jobs.c.id, ranked.c.state)
+    )
+    # A savepoint, so that a key taken concurrently leaves the caller's transaction usable.
+    savepoint = session.begin_nested()
+    try:
+        with savepoint:
+            return {row[0]: row[1] for row in session.execute(stmt)}
+    except IntegrityError as exc:
+        if _unique_index_violation(exc):
+            raise _KeyTaken() from exc
+        raise
 
 
 @dataclass(frozen=True)

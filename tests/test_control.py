@@ -26,7 +26,7 @@ from sa_jobs import (
 )
 from sa_jobs.admin import delete_many
 
-from .helpers import jobs_sql, q, run_worker_until, states
+from .helpers import jobs_sql, q, run_worker_until, states, wait_for
 
 STARTED: dict[int, float] = {}
 
@@ -152,6 +152,67 @@ def test_cancel_of_a_running_job_whose_key_another_job_took_gives_the_key_up(eng
     with Session(engine) as session, session.begin():  # the holder keeps its key, and its cancel its key
         assert cancel(session, holder) == "available"
     assert q(database_url, jobs_sql(schema, "SELECT unique_key FROM {jobs} WHERE id = %s"), (holder,)) == [("k1",)]
+
+
+def _keyed(database_url, schema, state, states, key="k2"):
+    """A row of kind c_key in ``state`` with ``key``, unique in ``states``."""
+    insert = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, scheduled_at, unique_key, unique_states)"
+                              " VALUES ('c_key', 'c_none', %s, now() + interval '1 hour', %s, %s) RETURNING id")
+    return q(database_url, insert, (state, key, list(states)))[0][0]
+
+
+def _keys(database_url, schema):
+    return dict((r[0], r[1:]) for r in q(database_url, jobs_sql(schema, "SELECT id, state, unique_key FROM {jobs}")))
+
+
+def test_cancel_many_of_two_waiting_jobs_sharing_a_free_key_keeps_it_on_one(engine, database_url, schema):
+    """Unique while available, running or cancelled: a retryable job and a scheduled one
+    can share the key (neither holds it). cancel_many of both raised IntegrityError (each
+    checked only the rows outside the statement, so both kept the key into 'cancelled');
+    now both are cancelled and all but one give the key up."""
+    states_ = ("available", "running", "cancelled")
+    retrying = _keyed(database_url, schema, "retryable", states_)
+    delayed = _keyed(database_url, schema, "scheduled", states_)
+    with Session(engine) as session, session.begin():
+        assert cancel_many(session, [delayed, retrying]) == {retrying: "retryable", delayed: "scheduled"}
+    assert _keys(database_url, schema) == {retrying: ("cancelled", "k2"), delayed: ("cancelled", None)}
+    # The row holding the key keeps it, whatever the ids' order.
+    q(database_url, jobs_sql(schema, "DELETE FROM {jobs}"))
+    waiting = _keyed(database_url, schema, "scheduled", states_)
+    holder = _keyed(database_url, schema, "available", states_)
+    other = _keyed(database_url, schema, "available", states_, key="k3")
+    with Session(engine) as session, session.begin():
+        assert set(cancel_many(session, [holder, waiting, other])) == {holder, waiting, other}
+    assert _keys(database_url, schema) == {holder: ("cancelled", "k2"), waiting: ("cancelled", None),
+                                           other: ("cancelled", "k3")}
+
+
+def test_concurrent_cancels_of_two_jobs_sharing_a_free_key_both_succeed(engine, database_url, schema):
+    """Two operators cancel one each of two jobs sharing a key neither holds: the second
+    cancel waited on the first's uncommitted key, then failed with IntegrityError when it
+    committed. It now sees the committed holder and gives its key up."""
+    states_ = ("available", "running", "cancelled")
+    first = _keyed(database_url, schema, "retryable", states_)
+    second = _keyed(database_url, schema, "scheduled", states_)
+    outcome: dict[str, object] = {}
+
+    def cancel_second() -> None:
+        try:
+            with Session(engine) as session, session.begin():
+                outcome["second"] = cancel(session, second)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["second"] = exc
+
+    with Session(engine) as session, session.begin():
+        assert cancel(session, first) == "retryable"
+        thread = threading.Thread(target=cancel_second)
+        thread.start()
+        blocked = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                   " AND cardinality(pg_blocking_pids(pid)) > 0")
+        assert wait_for(lambda: q(database_url, blocked)[0][0] > 0, 10), "the second cancel did not wait"
+    thread.join(10)
+    assert outcome == {"second": "scheduled"}
+    assert _keys(database_url, schema) == {first: ("cancelled", "k2"), second: ("cancelled", None)}
 
 
 class CUnique(Job, kind="c_unique", queue="c", unique=Unique(by=("key",))):
