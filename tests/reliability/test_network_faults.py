@@ -114,7 +114,7 @@ def test_terminate_all_worker_backends_every_5s(db, rel_url, rel_schema, rel_eng
 
 def test_added_latency(db, cluster, rel_url, rel_schema, rel_engine, workers):
     lease = 4.0
-    n = scale(200, 3000)
+    n = scale(100, 3000)  # 5 rounds of 20 slots at +500 ms RTT (was 200: 31 s of the default run)
     proxy = Proxy(cluster.port)
     proxy.latency = 0.25  # each way: +500 ms per round trip
     try:

@@ -2,7 +2,7 @@
 
 With finished rows in the table (100,000 by default, 1,000,000 under ``-m slow``) and
 two workers draining a steady stream of jobs, one session opens a REPEATABLE READ
-transaction, reads, and holds its snapshot (20 s by default, 2 minutes under
+transaction, reads, and holds its snapshot (15 s by default, 2 minutes under
 ``-m slow``). Nothing can be vacuumed or pruned meanwhile: every claimed job leaves a
 dead version behind, and the claim index keeps an entry for it that no one may remove.
 
@@ -210,7 +210,7 @@ def _check(r: dict) -> None:
 
 @pytest.fixture(scope="module")
 def r16(cluster):
-    """One default-size run shared by the two tests below (it costs ~25 s)."""
+    """One default-size run shared by the two tests below (it costs ~20 s)."""
     from sa_jobs import schema as schema_mod
 
     from .support import Db, setup_schema
@@ -222,7 +222,7 @@ def r16(cluster):
     db = Db(cluster.url, schema)
     started: list[WorkerProc] = []
     try:
-        yield _run(db, cluster.url, schema, started, finished=100_000, pin=20.0)
+        yield _run(db, cluster.url, schema, started, finished=100_000, pin=15.0)
     finally:
         for w in started:
             w.close()
