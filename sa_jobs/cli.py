@@ -44,6 +44,10 @@ def _parse_queues(values: Optional[Sequence[str]], default: int) -> Optional[dic
     return queues
 
 
+# The signals on which `sa-jobs worker` drains (a second one releases its jobs and exits).
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from .worker import Worker
 
@@ -79,7 +83,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
 
             async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                # SIGHUP too (a closed terminal or ssh session): Python's default for it
+                # ended the process at once, mid-job, its jobs left running until their
+                # lease expired. It drains like SIGTERM; a worker has no config to reload.
+                with anyio.open_signal_receiver(*_STOP_SIGNALS) as signals:
                     received = 0
                     async for signum in signals:
                         received += 1

@@ -132,6 +132,24 @@ def test_sigterm_drains_running_jobs_and_stops_claiming(engine, database_url, sc
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {effects}"))[0][0] == 3
 
 
+def test_sighup_drains_like_sigterm(engine, database_url, schema, effects):
+    """A closed terminal or ssh session sends SIGHUP; Python's default for it ends the
+    process at once, mid-job, leaving its jobs running until their lease expires."""
+    with Session(engine) as session, session.begin():
+        session.add_all([CoreSlow(seconds=1.0) for _ in range(2)])
+    worker = start_worker_process(database_url, schema, "tests.jobs_core", "--concurrency", "2", "--lease", "30",
+                                  "--maintenance-interval", "0.2", "--poll-interval", "0.2")
+    try:
+        assert wait_running(database_url, schema, 2)
+        worker.send_signal(signal.SIGHUP)
+        assert worker.wait(15) == 0, output(worker)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert states(database_url, schema) == {"completed": 2}
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {effects}"))[0][0] == 2
+
+
 def _sigterm_past_grace(database_url: str, schema: str, running: int, *, exit_within: float) -> str:
     """Start a worker with a 0.5 s grace, SIGTERM it once ``running`` jobs run, check that
     it exits 0 within ``exit_within`` seconds of the signal, and return its output."""
