@@ -36,6 +36,15 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _CONNECT_ERRORS)
 
 
+def is_stale_plan(exc: BaseException) -> bool:
+    """A statement this connection prepared whose result columns changed under it (SQLSTATE
+    0A000, "cached plan must not change result type"): a schema upgrade replaced the
+    function it calls. PostgreSQL refuses it on every run on this connection; a new
+    connection prepares it afresh. (psycopg's own cache is cleared by a DEALLOCATE ALL only
+    the first time one runs on a connection, so a new connection is the sure way.)"""
+    return isinstance(exc, psycopg.errors.FeatureNotSupported)
+
+
 class ManagedConnection:
     """``timeout`` bounds every statement a service runs (see :meth:`deadline`): a socket
     that went half-open (peer gone, no RST) would otherwise block that service forever.

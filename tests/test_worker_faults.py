@@ -258,3 +258,68 @@ def test_a_handler_is_told_its_lease_is_lost_when_it_runs_out_not_a_beat_later(e
     assert HELD_TOLD["lease_lost"] is True
     late = float(HELD_TOLD["at"]) - locked_at  # type: ignore[arg-type]
     assert late < lease + 0.35, f"told {late:.2f}s after the last beat could land (lease {lease}s)"
+
+
+class FaultPlan(Job, kind="wf_plan", queue="wf_plan"):
+    pass
+
+
+@FaultPlan.handler
+async def wf_plan(ctx: JobContext, n: int) -> int:
+    return n
+
+
+class _Errors(NullObserver):
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def loop_error(self, component: str) -> None:
+        self.errors.append(component)
+
+
+def test_a_claim_function_whose_result_type_changed_is_claimed_again_at_once(engine, database_url, schema, caplog):
+    """A schema upgrade that changes the claim function's result columns (v12 did) under a
+    running worker: its connection holds the claim prepared for the old function, and
+    PostgreSQL refuses to run it again ("cached plan must not change result type", 0A000).
+    Before, the producer logged that at WARNING with a traceback, counted a loop error and
+    backed off before reconnecting. Here the function is swapped for one returning an
+    extra column (the old one renamed, so the claim still works) between two claims."""
+    import logging
+
+    import anyio
+
+    from sa_jobs import QueueLimits, Worker, set_queue_limits
+
+    with Session(engine) as session, session.begin():
+        set_queue_limits(session, "wf_plan", QueueLimits(concurrency=10))
+    first = _add(engine, FaultPlan(n=1))
+    observer = _Errors()
+    caplog.set_level(logging.INFO, logger="sa_jobs")
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[FaultPlan], schema=schema, lease=30, poll_interval=0.1,
+                          maintenance_interval=0.2, observer=observer):
+            with anyio.fail_after(10):
+                while _unfinished(database_url, schema):
+                    await anyio.sleep(0.05)
+            args, result = q(database_url, (
+                "SELECT pg_get_function_identity_arguments(p.oid), pg_get_function_result(p.oid) FROM pg_proc p"
+                " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s AND p.proname = 'claim_limited'"
+            ), (schema,))[0]
+            count = len(args.split(","))
+            q(database_url, f'ALTER FUNCTION "{schema}".claim_limited({args}) RENAME TO claim_limited_old')
+            q(database_url, f'CREATE FUNCTION "{schema}".claim_limited({args}) RETURNS {result[:-1]}, probe integer)'
+                            f' LANGUAGE sql AS $$ SELECT f.*, 0 FROM "{schema}".claim_limited_old('
+                            + ", ".join(f"${i}" for i in range(1, count + 1)) + ") f $$")
+            _add(engine, FaultPlan(n=2))
+            with anyio.fail_after(10):
+                while _unfinished(database_url, schema):
+                    await anyio.sleep(0.05)
+
+    anyio.run(main)
+    assert _rows(database_url, schema, "id, state, attempt")[0] == (first[0], "completed", 1)
+    assert [r[1:] for r in _rows(database_url, schema, "id, state, attempt")] == [("completed", 1)] * 2
+    assert observer.errors == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "claiming again on a new connection" in caplog.text  # the old plan was met, once
+    assert caplog.text.count("claiming again") == 1

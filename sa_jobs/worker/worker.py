@@ -46,7 +46,7 @@ from ..model import Job, KindOptions, is_async_handler, registered_kinds
 from .._claim_sql import HEAD_MIN_WINDOW
 from ..queries import Queries
 from ..retry import MAX_DELAY_SECONDS, exponential_backoff
-from .._connection import ManagedConnection, describe, is_transient
+from .._connection import ManagedConnection, describe, is_stale_plan, is_transient
 from ._job import ClaimedJob, HandlerThread, Outcome
 from .completer import Completer
 from .context import JobContext, _Cancelled
@@ -557,6 +557,16 @@ class Worker:
                         jobs = await self._claim(q, live, want, conn.deadline)
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - back off and retry; never exit the worker
+                if failures == 0 and is_stale_plan(exc):
+                    # A schema upgrade changed the claim function's result columns: the
+                    # statement failed as a whole (nothing claimed). Claim again at once on
+                    # a new connection; only a second failure in a row is an error.
+                    failures += 1
+                    log.info("worker %s: the claim of queue %r was prepared for a function a schema upgrade"
+                             " replaced (%s); claiming again on a new connection", self.worker_id, q.name,
+                             describe(exc))
+                    await conn.discard()
+                    continue
                 failures += 1
                 self._observer.loop_error("producer")
                 log.warning("claim on queue %r failed (%s); reconnecting", q.name, describe(exc),
