@@ -323,3 +323,62 @@ def test_a_claim_function_whose_result_type_changed_is_claimed_again_at_once(eng
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert "claiming again on a new connection" in caplog.text  # the old plan was met, once
     assert caplog.text.count("claiming again") == 1
+
+
+class FaultSlowClaim(Job, kind="wf_slow_claim", queue="wf_slow_claim"):
+    pass
+
+
+SLOW_CLAIM_TOLD: dict[str, object] = {}
+
+
+@FaultSlowClaim.handler
+async def wf_slow_claim(ctx: JobContext, seconds: float) -> None:
+    import anyio
+
+    try:
+        await anyio.sleep(seconds)
+    finally:  # cancelled when the worker presumes its lease lost
+        SLOW_CLAIM_TOLD.setdefault("at", time.time())
+        SLOW_CLAIM_TOLD.setdefault("lease_lost", ctx.lease_lost)
+
+
+def test_a_slow_claim_does_not_stretch_the_lease_the_worker_counts_on(engine, database_url, schema):
+    """The claim sets the lease from when its statement starts (now()); the worker counted
+    it from when the rows came back. A claim that took 1 s (a long scan, a busy server)
+    let a handler whose beats then failed run on a second past its lease, which the
+    rescuer may already have handed to another worker. Here the claim sleeps 1 s and no
+    beat lands (each sleeps until the server's statement_timeout cancels it)."""
+    import dataclasses
+
+    import anyio
+
+    from sa_jobs import Worker
+
+    SLOW_CLAIM_TOLD.clear()
+    lease = 2.0
+    _add(engine, FaultSlowClaim(seconds=60))
+
+    async def main() -> float:
+        worker = Worker(database_url, kinds=[FaultSlowClaim], schema=schema, lease=lease, poll_interval=0.2,
+                        maintenance_interval=0.1, shutdown_grace=0)
+        queries = worker._queries
+        slow = queries.claim.replace("scheduled_at <= now()", "scheduled_at <= now() AND (SELECT pg_sleep(1.0)::text) = ''", 1)
+        stuck = queries.heartbeat_many.replace(" WHERE ", " WHERE (SELECT pg_sleep(30)::text) = '' AND ", 1)
+        assert slow != queries.claim and stuck != queries.heartbeat_many
+        worker._queries = dataclasses.replace(queries, claim=slow, heartbeat_many=stuck)
+        async with worker:
+            with anyio.fail_after(10):
+                while not worker.running_jobs():
+                    await anyio.sleep(0.01)
+            # No beat extends it: this is the lease the database holds the worker to.
+            expires = _rows(database_url, schema, "extract(epoch FROM lease_expires_at)::float8")[0][0]
+            with anyio.fail_after(10):
+                while "at" not in SLOW_CLAIM_TOLD:
+                    await anyio.sleep(0.02)
+        return expires
+
+    expires = anyio.run(main)
+    assert SLOW_CLAIM_TOLD["lease_lost"] is True
+    late = float(SLOW_CLAIM_TOLD["at"]) - expires  # type: ignore[arg-type]
+    assert late < 0.35, f"told {late:.2f}s after the lease ran out in the database (lease {lease}s)"

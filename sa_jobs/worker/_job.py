@@ -24,7 +24,7 @@ class ClaimedJob:
     wait_seconds: float
     created_epoch: float
     claimed_at: float  # monotonic, when the claim returned
-    last_lease_ok: float  # monotonic, last time the lease was known to be ours
+    last_lease_ok: float  # monotonic: the lease is known to last until this + lease (when the claim or last good beat was sent)
     scope: Optional[anyio.CancelScope] = None
     lease_lost: bool = False
     releasing: bool = False

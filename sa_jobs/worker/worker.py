@@ -594,6 +594,11 @@ class Worker:
         may run two, and a timeout of the second must not lose the rows the first committed."""
         token = uuid.uuid4()
         started = time.perf_counter()
+        # The claim sets each lease from when its statement starts (now()), not from when
+        # its rows come back: a slow claim (a long scan, a busy server) would otherwise
+        # let the heartbeat's watchdog count on a lease that runs out that much later than
+        # the database's, past which the rescuer may hand the job to another worker.
+        sent = time.monotonic()
         params: dict[str, Any] = {"queue": q.name, "limit": limit, "token": token, "owner": self.worker_id,
                                   "lease": self.lease}
         if q.limited:
@@ -617,7 +622,7 @@ class Worker:
             ClaimedJob(
                 id=r[0], token=token, kind=r[1], queue=r[2], args=r[3], attempt=r[4],
                 max_attempts=r[5], priority=r[6], wait_seconds=r[7] or 0.0, created_epoch=r[8] or 0.0,
-                claimed_at=now, last_lease_ok=now,
+                claimed_at=now, last_lease_ok=sent,
             )
             for r in rows
         ]
