@@ -11,7 +11,7 @@ import anyio
 import psycopg
 import pytest
 
-from sa_jobs import ConfigurationError, Job, JobContext
+from sa_jobs import ConfigurationError, Job, JobContext, Worker
 from sa_jobs._url import to_conninfo
 from sa_jobs.maintenance.pruner import Pruner, delete_statement, prune, retention_ages
 from sa_jobs.queries import Queries
@@ -234,3 +234,38 @@ def test_prune_one_million_rows(database_url, schema):
         f" concurrent claims: {len(claim_latencies)}, p50 {statistics.median(claim_latencies) * 1000:.1f} ms,"
         f" max {claim_latencies[-1] * 1000:.1f} ms"
     )
+
+
+def test_a_pruning_backlog_does_not_hold_back_promotion(database_url, schema):
+    """Maintenance services run one after another in a tick, the pruner last; on a backlog
+    it took half of what was left of the tick's deadline (the statement timeout: 7.5 s
+    of 15 s with a 30 s lease) on every tick, so a lone worker promoted a due job, and
+    rescued an expired lease, only that often. Deletes are slowed here (a trigger)."""
+    _seed(database_url, schema, "completed", 200, "2 days")
+    q(database_url, jobs_sql(schema, "CREATE FUNCTION {schema_}.slow_delete() RETURNS trigger LANGUAGE plpgsql AS"
+                                     " $$ BEGIN PERFORM pg_sleep(0.1); RETURN OLD; END $$".replace("{schema_}", f'"{schema}"')))
+    q(database_url, jobs_sql(schema, "CREATE TRIGGER slow_delete BEFORE DELETE ON {jobs} FOR EACH ROW"
+                                     f' EXECUTE FUNCTION "{schema}".slow_delete()'))
+    pruner = Pruner(completed=dt.timedelta(days=1), cancelled=None, dead=None, batch=1, max_batches=1000, interval=0)
+
+    def ran() -> bool:
+        return q(database_url, jobs_sql(
+            schema, "SELECT count(*) FROM {jobs} WHERE kind = 'ret_noop' AND state = 'completed'"))[0][0] == 1
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[RetNoop], schema=schema, lease=30, poll_interval=0.1,
+                          maintenance_interval=0.1, maintenance=[pruner]):
+            with anyio.fail_after(10):
+                while not pruner.deleted["completed"]:  # the leader is pruning
+                    await anyio.sleep(0.02)
+            q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, scheduled_at)"
+                                             " VALUES ('ret_noop', 'ret', 'scheduled', now() + interval '0.5 s')"))
+            with anyio.fail_after(15):
+                while not await anyio.to_thread.run_sync(ran):
+                    await anyio.sleep(0.05)
+
+    anyio.run(main)
+    assert 0 < pruner.deleted["completed"] < 200  # still pruning when the job came due
+    late = q(database_url, jobs_sql(schema, "SELECT extract(epoch FROM attempted_at - scheduled_at)::float8"
+                                            " FROM {jobs} WHERE kind = 'ret_noop'"))[0][0]
+    assert late < 2.0, f"a due job waited {late:.2f}s behind the pruner"

@@ -13,6 +13,7 @@ Maintenance grows by adding a :class:`MaintenanceService`, not by editing this l
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
@@ -31,11 +32,13 @@ class TickBudget:
     service starts. A service that works in batches stops starting new ones once the next
     would overrun it, and goes on at the next tick: a tick that outlived its deadline
     failed, dropped leadership and began again (a 500,000-job promotion took 9 s against
-    a 5 s deadline). Outside a deadline there is no limit."""
+    a 5 s deadline). ``cap`` (seconds) bounds the share further, for background work that
+    must not delay the next tick's rescue and promotion; outside a deadline only ``cap``
+    limits it."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: float = math.inf) -> None:
         now = anyio.current_time()
-        self._until = now + (anyio.current_effective_deadline() - now) / 2
+        self._until = now + min(cap, (anyio.current_effective_deadline() - now) / 2)
 
     def spent(self, batch_seconds: float) -> bool:
         """Whether one more batch that takes about ``batch_seconds`` would overrun it."""

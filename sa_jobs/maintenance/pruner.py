@@ -31,6 +31,11 @@ from .leader import TickBudget
 log = logging.getLogger("sa_jobs.maintenance")
 
 DEFAULT_BATCH = 5000
+# The longest a run prunes in one maintenance tick (it finishes the batch it started; the
+# rest goes on at the next tick). The pruner runs last in a tick, but the next tick's
+# rescue and promotion wait for it: on a backlog, half of the tick's deadline (7.5 s with
+# a 30 s lease) kept a lone worker from promoting due jobs for that long, every tick.
+TICK_SHARE = 0.5
 # The longest retention age: ``now() - age`` must stay a timestamp (PostgreSQL's start at
 # 4713 BC), or every run fails in the database. Longer means forever: that is ``None``.
 MAX_AGE = dt.timedelta(days=365 * 1000)
@@ -96,6 +101,8 @@ class Pruner:
     Every ``interval`` seconds it deletes, per state, rows finished longer ago than that
     state's age, in batches of ``batch``, at most ``max_batches`` per state per run (the
     rest waits for the next run, so one run never holds the maintenance loop for long).
+    A run also stops starting batches after ``TICK_SHARE`` seconds of a maintenance
+    tick and goes on at the next tick, so a backlog never delays rescue and promotion.
     """
 
     name = "pruner"
@@ -134,7 +141,7 @@ class Pruner:
         stmt = self._statement.get(queries.schema)
         if stmt is None:
             stmt = self._statement[queries.schema] = delete_statement(queries.schema).as_string()
-        budget = TickBudget()
+        budget = TickBudget(cap=TICK_SHARE)
         # A run cut short goes on at the next tick with the state after the one it was
         # pruning: starting with the first each time, a backlog of that state longer than
         # a tick's share kept every later state from being pruned at all.
