@@ -13,10 +13,13 @@ or, for ``sa-jobs worker myapp.jobs``, a module attribute ``SA_JOBS_PERIODIC = [
 A *slot* is a time the cron expression names, in the declaration's time zone (croniter
 does the calendar arithmetic, DST included). Every leader tick, in one transaction per
 declaration: lock its row of ``<schema>.periodic`` (``FOR UPDATE``), read the database
-clock, insert one job per due slot, and move ``last_slot`` forward. Two guarantees
-make a slot fire once even across leader changes and a frozen ex-leader: the row lock
-and ``last_slot`` (a slot at or before it is never due again), and the job's
-``unique_key`` (``periodic:<name>:<slot>``, unique in every state) under the unique index.
+clock, insert one job per due slot, and move ``last_slot`` forward. The row lock and
+``last_slot`` (a slot at or before it is never due again) make a slot fire at most once,
+even across leader changes and a frozen ex-leader. A kind without ``unique=`` adds a
+second guarantee, the job's ``unique_key`` ``periodic:<name>:<slot>``, unique in every
+state. A kind with ``unique=`` keeps its own key and states instead (users of Oban and
+River expect a kind declared unique to stay unique when a cron fires it): a slot whose
+key is held is skipped, logged, and not retried.
 """
 
 from __future__ import annotations
@@ -128,6 +131,14 @@ class Periodic:
     (croniter's order): every 10 seconds is ``"* * * * * */10"``; ``"*/10 * * * * *"`` is
     every second of every tenth minute, and is logged as a likely mistake. A 7th field
     (years) bounds the schedule: its first and last slots fire, then it stays quiet.
+
+    A kind declared ``unique=`` stays unique: each slot's job carries the kind's own
+    ``unique_key`` and ``unique_states`` (as ``session.add()`` computes them, a period's
+    bucket from the firing transaction's ``now()``). A slot whose key is held (an app's
+    job, or an earlier slot's still waiting or running) enqueues nothing; it is logged and
+    ``last_slot`` moves past it, so it is not retried. ``on_conflict="replace"`` is not
+    applied: the slot is skipped, the waiting job left as it is. Other kinds get the
+    key ``periodic:<name>:<slot>``, held in every state.
     """
 
     cron: str
@@ -313,14 +324,22 @@ class Periodic:
         return "periodic:" + self.name + ":" + slot.astimezone(dt.timezone.utc).isoformat()
 
 
+# The slot's key: the kind's own when it declares unique= (its base key, plus with a
+# period the bucket of now(), computed as every enqueue path computes it), else
+# ``periodic:<name>:<slot>``. A held key skips the slot, whatever the kind's on_conflict.
 _INSERT_JOB = (
     "INSERT INTO {jobs} (kind, queue, args, state, priority, max_attempts, tags, meta, partition_key,"
     " scheduled_at, unique_key, unique_states)"
     " VALUES (%(kind)s, %(queue)s, %(args)s::jsonb, %(state)s, %(priority)s, %(max_attempts)s, %(tags)s,"
-    " %(meta)s::jsonb, %(partition_key)s, coalesce(%(scheduled_at)s::timestamptz, now()), %(unique_key)s,"
+    " %(meta)s::jsonb, %(partition_key)s, coalesce(%(scheduled_at)s::timestamptz, now()),"
+    " CASE WHEN %(period)s::bigint IS NULL THEN %(unique_key)s::text"
+    "  ELSE %(unique_key)s::text || ':' || floor(extract(epoch FROM now()) / %(period)s::bigint)::bigint END,"
     " %(unique_states)s)"
     " ON CONFLICT (kind, unique_key) WHERE {predicate} DO NOTHING RETURNING id"
 )
+
+# Skipped slots named in full in the log line (a long catch-up of a unique kind skips all but one).
+_LOGGED_SKIPS = 5
 
 
 class PeriodicJobs:
@@ -418,41 +437,59 @@ class PeriodicJobs:
             budget = TickBudget()
             ids: list[int] = []
             slots: list[dt.datetime] = []
+            skipped: list[dt.datetime] = []
             while len(slots) < len(due):
                 started = anyio.current_time()
                 batch = due[len(slots):len(slots) + _INSERT_BATCH]
                 async with conn.cursor() as cur:
                     await cur.executemany(statements["insert"], [self._params(periodic, s) for s in batch],
                                           returning=True)
-                    while True:  # one result per slot: empty where the slot's key was taken
-                        ids += [row[0] for row in await cur.fetchall()]
-                        if not cur.nextset():
-                            break
+                    for slot in batch:  # one result per slot: empty where the slot's key was taken
+                        rows = await cur.fetchall()
+                        if rows:
+                            ids += [row[0] for row in rows]
+                        else:
+                            skipped.append(slot)
+                        cur.nextset()
                 slots += batch
                 if budget.spent(anyio.current_time() - started):
                     break
             if slots:
                 await conn.execute(statements["advance"], {**name, "slot": slots[-1]})
                 late = not periodic.catch_up and slots[0].astimezone(_UTC) <= (now - self.grace).astimezone(_UTC)
-                skipped = " (late: the missed slots before it skipped)" if late else ""
+                skipped_late = " (late: the missed slots before it skipped)" if late else ""
                 later = f"; {len(due) - len(slots)} more at the next tick" if len(slots) < len(due) else ""
                 log.info("periodic %r: enqueued %d job(s) for %d slot(s), last %s%s%s", periodic.name, len(ids),
-                         len(slots), slots[-1].isoformat(), skipped, later)
+                         len(slots), slots[-1].isoformat(), skipped_late, later)
+                if skipped:
+                    # Not retried (last_slot moved past them): the kind's unique key was held, by
+                    # a job still in its unique states (or, for a kind without unique=, the slot
+                    # had fired before last_slot was rewound).
+                    more = f" and {len(skipped) - _LOGGED_SKIPS} more" if len(skipped) > _LOGGED_SKIPS else ""
+                    log.info("periodic %r: skipped %d slot(s) whose unique key was held: %s%s", periodic.name,
+                             len(skipped), ", ".join(s.isoformat() for s in skipped[:_LOGGED_SKIPS]), more)
             return ids
 
     @staticmethod
     def _params(periodic: Periodic, slot: dt.datetime) -> dict[str, Any]:
-        from .enqueue import _row_of
+        from .enqueue import _kind_of_row, _row_of
 
         job = periodic.build()
         kind, queue, args, state, priority, max_attempts, tags, meta, partition_key, scheduled_at = _row_of(job)
         meta_dict = json.loads(meta)
         meta_dict.update(periodic=periodic.name, slot=slot.isoformat())
+        unique = _kind_of_row(job).unique
+        if unique is None:
+            key, period, states = periodic.unique_key(slot), None, list(ALL_STATES)
+        else:
+            # The kind's own key, as session.add and enqueue_many compute it (from the row's
+            # final queue and args; the bucket of a period is added in SQL, from now()).
+            key = unique.base_key(kind, queue, json.loads(args))
+            period, states = unique.period_seconds, list(unique.states)
         return {
             "kind": kind, "queue": queue, "args": args, "state": state, "priority": priority,
             "max_attempts": max_attempts, "tags": tags, "meta": json.dumps(meta_dict), "partition_key": partition_key,
-            "scheduled_at": scheduled_at, "unique_key": periodic.unique_key(slot),
-            "unique_states": list(ALL_STATES),
+            "scheduled_at": scheduled_at, "unique_key": key, "period": period, "unique_states": states,
         }
 
 

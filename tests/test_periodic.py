@@ -15,8 +15,9 @@ import anyio
 import psycopg
 import pytest
 from psycopg import sql
+from sqlalchemy.orm import Session
 
-from sa_jobs import ConfigurationError, InvalidArgsError, Job, JobContext
+from sa_jobs import ConfigurationError, InvalidArgsError, Job, JobContext, Unique, enqueue_many
 from sa_jobs._url import to_conninfo
 from sa_jobs.periodic import Periodic, PeriodicJobs
 from sa_jobs.queries import Queries
@@ -34,6 +35,20 @@ def per_tick(ctx: JobContext, **args: object) -> None:
 
 
 class PerCustomer(Job, kind="per_customer", queue="periodic_q", partition_by=("customer",)):
+    pass
+
+
+# Unique kinds: never two waiting or running at once; one per user and hour; a replacing one.
+class OneAtATime(Job, kind="one_at_a_time", queue="periodic_q", unique=Unique(by=())):
+    pass
+
+
+class HourlyPerUser(Job, kind="hourly_per_user", queue="periodic_q",
+                    unique=Unique(by=("user",), period=dt.timedelta(hours=1))):
+    pass
+
+
+class ReplacedReport(Job, kind="replaced_report", queue="periodic_q", unique=Unique(by=(), on_conflict="replace")):
     pass
 
 
@@ -548,3 +563,124 @@ def test_a_maintainer_slower_than_the_schedule_fires_every_slot(database_url, sc
     slots = [dt.datetime.fromisoformat(r[2]) for r in _periodic_jobs(database_url, schema)]
     assert len(slots) >= 5
     assert [(a, b) for a, b in zip(slots, slots[1:]) if b - a != dt.timedelta(seconds=1)] == []
+
+
+# ---- a kind's own unique= (Oban's Cron and River's periodic jobs insert with it) ---------
+
+_KIND_STATES = ["scheduled", "available", "running", "retryable"]
+
+
+def _last_slot(database_url: str, schema: str, name: str) -> dt.datetime:
+    return q(database_url, sql.SQL("SELECT last_slot FROM {} WHERE name = %s").format(
+        sql.Identifier(schema, "periodic")), (name,))[0][0]
+
+
+def _kind_rows(database_url: str, schema: str, kind: str) -> list[tuple[int, str, dict, str, list[str]]]:
+    return q(database_url, jobs_sql(schema, "SELECT id, state, args, unique_key, unique_states FROM {jobs}"
+                                            " WHERE kind = %s ORDER BY id"), (kind,))
+
+
+def test_a_unique_kind_fires_only_while_its_key_is_free(database_url, schema, engine, caplog):
+    """A slot whose kind's key is held (by an app's job or an earlier slot's) enqueues
+    nothing, is logged with its slot, and is not retried: last_slot moves past it. Once
+    the holder completes ('completed' is not one of the kind's states) the next slot fires.
+    Before, every slot enqueued its own job under ``periodic:<name>:<slot>``."""
+    caplog.set_level("INFO", logger="sa_jobs.periodic")
+    p = Periodic("* * * * *", OneAtATime, args={"src": "cron"}, name="one_at_a_time")
+    start = dt.datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)
+    assert _fire(database_url, schema, p, now=start) == [[]]  # registered
+    with Session(engine) as session, session.begin():
+        holder = OneAtATime(src="app")
+        session.add(holder)
+        session.flush()
+        holder_id = holder.id
+    slot = lambda minutes: dt.datetime(2030, 1, 1, 0, minutes, tzinfo=UTC)  # noqa: E731
+    # Held by a waiting job, then by the same job running: both slots skipped, not retried.
+    assert _fire(database_url, schema, p, now=slot(1) + dt.timedelta(seconds=1)) == [[]]
+    assert _last_slot(database_url, schema, "one_at_a_time") == slot(1)
+    assert f"skipped 1 slot(s) whose unique key was held: {slot(1).isoformat()}" in caplog.text
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'running', attempted_at = now(), claim_token = gen_random_uuid(),"
+                                     " lease_expires_at = now() + interval '1 hour', lease_owner = 'test' WHERE id = %s"),
+      (holder_id,))
+    assert _fire(database_url, schema, p, now=slot(2) + dt.timedelta(seconds=1)) == [[]]
+    assert _last_slot(database_url, schema, "one_at_a_time") == slot(2)
+    assert slot(2).isoformat() in caplog.text
+    assert _fire(database_url, schema, p, now=slot(2) + dt.timedelta(seconds=20)) == [[]]  # not retried
+    assert [r[0] for r in _kind_rows(database_url, schema, "one_at_a_time")] == [holder_id]
+    # The holder completes: its key is free, the next slot fires, under the kind's own key.
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now() WHERE id = %s"),
+      (holder_id,))
+    [[fired]] = _fire(database_url, schema, p, now=slot(3) + dt.timedelta(seconds=1))
+    rows = _kind_rows(database_url, schema, "one_at_a_time")
+    assert [(r[0], r[1]) for r in rows] == [(holder_id, "completed"), (fired, "available")]
+    assert rows[1][3] == rows[0][3] == OneAtATime(src="x").unique_key and rows[1][4] == _KIND_STATES
+    assert [r[2] for r in _periodic_jobs(database_url, schema)] == [slot(3).isoformat()]
+    # Now the periodic job holds the key: the next slot is skipped in turn.
+    assert _fire(database_url, schema, p, now=slot(4) + dt.timedelta(seconds=1)) == [[]]
+    assert _last_slot(database_url, schema, "one_at_a_time") == slot(4)
+    assert len(_kind_rows(database_url, schema, "one_at_a_time")) == 2
+
+
+def test_a_waiting_periodic_job_is_a_duplicate_for_the_apps_enqueue(database_url, schema, engine):
+    """The periodic row carries the kind's key and states, so the app's own enqueue of the
+    kind dedups against it (session.add returns it, enqueue_many writes nothing)."""
+    p = Periodic("* * * * *", OneAtATime, name="one_at_a_time")
+    start = dt.datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)
+    _fire(database_url, schema, p, now=start)
+    [[fired]] = _fire(database_url, schema, p, now=start + dt.timedelta(minutes=1))
+    with Session(engine) as session, session.begin():
+        again = OneAtATime(src="app")
+        session.add(again)
+        session.flush()
+        assert again.was_duplicate and again.id == fired
+        assert again.meta == {"periodic": "one_at_a_time", "slot": "2030-01-01T00:01:00+00:00"}
+        assert enqueue_many(session, OneAtATime, [{"src": "bulk"}]) == 0
+    assert [r[0] for r in _kind_rows(database_url, schema, "one_at_a_time")] == [fired]
+
+
+def test_a_catch_up_of_a_unique_kind_enqueues_one_job_per_key(database_url, schema, caplog):
+    """Five missed slots, in one transaction: the first takes the key, the other four are
+    skipped. With a period, the key's bucket is the database clock's at INSERT, as for any
+    enqueue. A kind without unique= still gets one job per slot, keyed by the slot."""
+    caplog.set_level("INFO", logger="sa_jobs.periodic")
+    once = Periodic("* * * * *", OneAtATime, name="once_caught_up", catch_up=True, max_catch_up=5)
+    hourly = Periodic("* * * * *", HourlyPerUser, args={"user": 7}, name="hourly_caught_up", catch_up=True,
+                      max_catch_up=5)
+    plain = Periodic("* * * * *", PerTick, name="plain_caught_up", catch_up=True, max_catch_up=5)
+    for p in (once, hourly, plain):
+        _fire(database_url, schema, p)
+        _set_last_slot(database_url, schema, p.name, "10 minutes")
+        [ids] = _fire(database_url, schema, p)
+        assert len(ids) == (5 if p is plain else 1), p.name
+        assert _last_slot(database_url, schema, p.name) == p.latest_slot(q(database_url, "SELECT now()")[0][0])
+    assert "skipped 4 slot(s) whose unique key was held" in caplog.text
+    [(key, states, created, slot)] = q(database_url, jobs_sql(
+        schema, "SELECT unique_key, unique_states, created_at, meta->>'slot' FROM {jobs} WHERE kind = 'hourly_per_user'"))
+    bucket = int(created.timestamp() // 3600)
+    assert key == HourlyPerUser(user=7).unique_key + f":{bucket}" and states == _KIND_STATES
+    plain_rows = q(database_url, jobs_sql(schema, "SELECT unique_key, unique_states, meta->>'slot' FROM {jobs}"
+                                                  " WHERE kind = 'per_tick' ORDER BY id"))
+    assert [r[0] for r in plain_rows] == [once.unique_key(dt.datetime.fromisoformat(r[2])).replace(
+        "once_caught_up", "plain_caught_up") for r in plain_rows]
+    assert all(len(r[1]) == 7 for r in plain_rows)
+    # Six leaders at once on a unique kind: still one job for the key.
+    q(database_url, jobs_sql(schema, "DELETE FROM {jobs}"))
+    _set_last_slot(database_url, schema, "once_caught_up", "15 minutes")
+    results = _fire(database_url, schema, once, connections=6)
+    assert sum(len(r) for r in results) == 1
+    assert len(_kind_rows(database_url, schema, "one_at_a_time")) == 1
+
+
+def test_a_replacing_unique_kind_is_skipped_not_replaced(database_url, schema, engine):
+    """on_conflict="replace" is for a caller with newer args; a schedule firing again has
+    nothing newer than the job already waiting, and rewriting it would move its schedule
+    and its slot. The slot is skipped as for any unique kind."""
+    p = Periodic("* * * * *", ReplacedReport, args={"v": "cron"}, name="replaced_report")
+    start = dt.datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)
+    _fire(database_url, schema, p, now=start)
+    with Session(engine) as session, session.begin():
+        session.add(ReplacedReport(v="app").options(run_at=dt.datetime(2031, 1, 1, tzinfo=UTC)))
+    assert _fire(database_url, schema, p, now=start + dt.timedelta(minutes=1)) == [[]]
+    assert _last_slot(database_url, schema, "replaced_report") == dt.datetime(2030, 1, 1, 0, 1, tzinfo=UTC)
+    [row] = _kind_rows(database_url, schema, "replaced_report")
+    assert row[1:3] == ("scheduled", {"v": "app"})
