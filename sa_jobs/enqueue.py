@@ -213,12 +213,31 @@ def enqueue_many(
     if the caller goes on). Returns the number of rows written.
     """
     driver = _driver_connection(session)
+    _join_callers_transaction(driver)
     # A COPY that fails mid-stream aborts the transaction it runs in; without the savepoint
     # the caller, having caught the error, would COMMIT a failed transaction, which
     # PostgreSQL answers with a ROLLBACK of everything, silently.
     with driver.transaction():
         return _enqueue_many(session, jobs, args, queue=queue, priority=priority, max_attempts=max_attempts,
                              run_at=run_at, tags=tags)
+
+
+def _join_callers_transaction(driver: Any) -> None:
+    """Make sure the caller's transaction has begun on the server, so that
+    ``driver.transaction()`` is a savepoint inside it.
+
+    The DBAPI begins a transaction lazily, at its first statement, so a Session whose
+    transaction has run nothing yet holds an idle connection; on an idle connection
+    psycopg's ``transaction()`` is an outer BEGIN ... COMMIT, and the jobs were committed
+    on the spot, whatever the caller did next (a rollback kept them). A statement run
+    the DBAPI's way begins the transaction as the caller's own first statement would,
+    with its isolation level. An autocommit connection has no transaction to join: there
+    the call is one transaction of its own.
+    """
+    from psycopg import pq
+
+    if not driver.autocommit and driver.info.transaction_status == pq.TransactionStatus.IDLE:
+        driver.execute("SELECT 1")
 
 
 def _enqueue_many(

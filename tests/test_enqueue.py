@@ -15,6 +15,7 @@ from sa_jobs import (
     InvalidArgsError,
     InvalidIdentifierError,
     Job,
+    Unique,
     enqueue_many,
     schema as _unused,  # noqa: F401 - the module must import
 )
@@ -358,6 +359,41 @@ def test_enqueue_many_bad_row_keeps_nothing(engine):
     with pytest.raises(InvalidArgsError):
         with Session(engine) as session, session.begin():
             enqueue_many(session, EnqSendReceipt, rows())
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+class EnqUnique(Job, kind="enq_unique", unique=Unique(by=("n",))):
+    pass
+
+
+class _CallerRolledBack(Exception):
+    pass
+
+
+@pytest.mark.parametrize("lane", ["text", "general", "unique", "rows"])
+def test_enqueue_many_as_the_first_statement_rolls_back_with_the_caller(engine, lane):
+    """enqueue_many as the first statement of the caller's transaction (nothing flushed
+    before it) opened its savepoint with psycopg's ``transaction()`` on a connection that
+    was not in a transaction yet: psycopg then ran BEGIN ... COMMIT around the COPY, and
+    the jobs were committed on the spot, whatever the caller did next."""
+    run_at = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    with pytest.raises(_CallerRolledBack):
+        with Session(engine) as session, session.begin():
+            if lane == "text":
+                enqueue_many(session, EnqSendReceipt, [{"order_id": 1}])
+            elif lane == "general":
+                enqueue_many(session, EnqSendReceipt, [{"order_id": 1}], run_at=run_at)
+            elif lane == "unique":
+                enqueue_many(session, EnqUnique, [{"n": 1}])
+            else:
+                enqueue_many(session, [EnqSendReceipt(order_id=1)])
+            raise _CallerRolledBack()
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+    with Session(engine) as session:  # and a plain rollback, without a session.begin() block
+        enqueue_many(session, [EnqSendReceipt(order_id=2)])
+        session.rollback()
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
 
