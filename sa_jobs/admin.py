@@ -327,11 +327,42 @@ def job_status(session: Any, job_id: int) -> JobStatus:
 
 FINAL_STATUSES = ("done", "failed", "cancelled")
 
+# The least time one read of a wait is given, however little of the timeout is left: a
+# wait reads the job at least once (a finished job is returned even with timeout=0), and
+# that read needs a moment, while a read the server does not answer must not hold the
+# wait much past its deadline.
+MIN_READ_SECONDS = 1.0
+
+
+def _status_within(session: Any, job_id: int, seconds: float, timeout: float) -> JobStatus:
+    """:func:`job_status` in ``session``'s own transaction, under a ``statement_timeout``
+    of ``seconds`` (at least :data:`MIN_READ_SECONDS`). A read the server does not answer
+    in time (the jobs table locked by a migration, VACUUM FULL or LOCK TABLE; a server
+    under a pile-up) is cancelled by the server and raises ``TimeoutError``: the deadline
+    is otherwise only checked between reads, and a wait outlasted its timeout by as long
+    as the lock was held."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    millis = max(1, int(max(seconds, MIN_READ_SECONDS) * 1000))
+    try:
+        session.execute(text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": f"{millis}ms"})
+        return job_status(session, job_id)
+    except OperationalError as exc:
+        if getattr(getattr(exc, "orig", None), "sqlstate", None) != "57014":  # query_canceled
+            raise
+        raise TimeoutError(
+            f"job {job_id}: its status could not be read within {timeout}s (the server did not answer the read"
+            f" within {millis / 1000:g}s)"
+        ) from None
+
 
 def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
     """Block until job ``job_id`` is done, failed (dead) or cancelled; its final status.
 
-    Polls with a gentle backoff (20 ms growing to 500 ms). Raises ``TimeoutError``.
+    Polls with a gentle backoff (20 ms growing to 500 ms). Raises ``TimeoutError``, also
+    when the server does not answer a read in time (each read is bounded by the time left,
+    at least :data:`MIN_READ_SECONDS`).
     """
     import time
 
@@ -341,7 +372,7 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
     pause = 0.02
     while True:
         with Session(engine) as session:
-            status = job_status(session, job_id)
+            status = _status_within(session, job_id, deadline - time.monotonic(), timeout)
         if status.status in FINAL_STATUSES:
             return status
         if time.monotonic() >= deadline:
@@ -355,7 +386,8 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
 
     As :func:`wait_for`, it reads the job at least once before the deadline counts: a
     cancel scope around the whole wait raised a bare ``TimeoutError`` for a job that had
-    long finished when ``timeout`` was 0 or shorter than one round trip.
+    long finished when ``timeout`` was 0 or shorter than one round trip. Each read is
+    bounded on the server as in :func:`wait_for`.
     """
     import anyio
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -364,7 +396,7 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
     pause = 0.02
     while True:
         async with AsyncSession(engine) as session:
-            status = await session.run_sync(job_status, job_id)
+            status = await session.run_sync(_status_within, job_id, deadline - anyio.current_time(), timeout)
         if status.status in FINAL_STATUSES:
             return status
         remaining = deadline - anyio.current_time()

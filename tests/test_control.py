@@ -427,6 +427,48 @@ def test_wait_for_times_out_on_a_job_nobody_runs(engine):
     assert time.monotonic() - started < 2
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_wait_for_timeout_holds_while_the_jobs_table_is_locked(engine, database_url, schema, flavour):
+    """A read of the job that the server does not answer (the table locked by a migration,
+    a VACUUM FULL or a LOCK TABLE; a server under a pile-up) held wait_for past its
+    timeout, for as long as the lock was held: the deadline was only checked between reads."""
+    import psycopg
+    from psycopg import sql as psql
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs import wait_for, wait_for_async
+    from sa_jobs._url import sqlalchemy_url
+
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+    locker = psycopg.connect(database_url)
+    locker.execute(psql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(psql.Identifier(schema, "jobs")))
+    # The lock goes away after 20 s whatever happens, so a failing run ends.
+    release = threading.Timer(20, locker.rollback)
+    try:
+        release.start()
+        started = time.monotonic()
+        if flavour == "sync":
+            with pytest.raises(TimeoutError, match=f"job {job_id}"):
+                wait_for(engine, job_id, timeout=0.5)
+        else:
+            async def main() -> None:
+                aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+                    schema_translate_map={"sa_jobs": schema})
+                try:
+                    with pytest.raises(TimeoutError, match=f"job {job_id}"):
+                        await wait_for_async(aengine, job_id, timeout=0.5)
+                finally:
+                    await aengine.dispose()
+
+            anyio.run(main)
+        elapsed = time.monotonic() - started
+    finally:
+        release.cancel()
+        locker.rollback()
+        locker.close()
+    assert elapsed < 3, f"wait_for(timeout=0.5) returned after {elapsed:.1f}s"
+
+
 def test_wait_for_async_with_a_zero_timeout_returns_a_finished_job(engine, database_url, schema):
     """Like wait_for: one look at the job before the deadline counts. A cancel scope around
     the whole wait raised a bare TimeoutError for a job that had long completed."""
