@@ -31,8 +31,7 @@ def retry(session: Any, job_id: int) -> int:
     a unique job whose key another job holds now (retrying it would make a duplicate).
     The caller's transaction stays usable either way.
     """
-    if type(job_id) is not int or job_id < 1:
-        raise JobNotFoundError(f"job ids are positive integers, not {job_id!r}")
+    check_job_id(job_id)
     ids = retry_many(session, [job_id])
     if not ids:
         holder = _key_holder(session, job_id)
@@ -166,11 +165,13 @@ def _job_ids(job_ids: Iterable[Any]) -> list[int]:
     ids = []
     for value in job_ids:
         if isinstance(value, str) and _DECIMAL_ID.fullmatch(value):
-            ids.append(int(value))
+            number = int(value)
         elif isinstance(value, int) and not isinstance(value, bool):
-            ids.append(int(value))
+            number = int(value)
         else:
             raise JobNotFoundError(f"job ids are integers, not {value!r}")
+        if -MAX_JOB_ID - 1 <= number <= MAX_JOB_ID:  # past bigint no job matches (nor can SQL bind it)
+            ids.append(number)
     return ids
 
 
@@ -200,8 +201,7 @@ def cancel(session: Any, job_id: int) -> str:
     cancelled, sync handlers see ``ctx.cancelled``. Raises :class:`JobNotFoundError` if
     the job does not exist or has already finished.
     """
-    if type(job_id) is not int or job_id < 1:
-        raise JobNotFoundError(f"job ids are positive integers, not {job_id!r}")
+    check_job_id(job_id)
     done = cancel_many(session, [job_id])
     if not done:
         raise JobNotFoundError(f"no job {job_id} in a cancellable state ({', '.join(CANCELLABLE_STATES)})")
@@ -307,7 +307,12 @@ class JobStatus:
 
 
 def job_status(session: Any, job_id: int) -> JobStatus:
-    """The status of job ``job_id`` in a status page's words (seed 002)."""
+    """The status of job ``job_id`` in a status page's words (seed 002).
+
+    An id no job can have (not an int, below 1 or past bigint) raises
+    :class:`JobNotFoundError` before any SQL: it reached the query as a ProgrammingError
+    or DataError that aborted the caller's transaction."""
+    check_job_id(job_id)
     row = session.execute(
         select(_jobs.c.id, _jobs.c.state, _jobs.c.attempt, _jobs.c.max_attempts, _jobs.c.errors, _jobs.c.result,
                _jobs.c.progress)
@@ -576,9 +581,14 @@ def check_state(state: str) -> str:
     return state
 
 
+# Job ids are a bigint identity: an int past it reached SQL as a DataError (bigint out of
+# range) that aborted the caller's transaction, where no job can have that id.
+MAX_JOB_ID = 2**63 - 1
+
+
 def check_job_id(value: Any) -> int:
-    if type(value) is not int or value < 1:
-        raise JobNotFoundError(f"job ids are positive integers, not {value!r}")
+    if type(value) is not int or not 1 <= value <= MAX_JOB_ID:
+        raise JobNotFoundError(f"job ids are positive integers up to {MAX_JOB_ID}, not {value!r}")
     return value
 
 

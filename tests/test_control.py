@@ -380,6 +380,33 @@ def test_job_status_speaks_the_status_page_words(engine, database_url, schema):
             job_status(session, 10**12)
 
 
+@pytest.mark.parametrize("bad", ["abc", "7", True, 1.5, 2**63, -(2**63) - 1, 10**30])
+def test_job_status_of_an_id_no_job_can_have_is_not_found_and_the_session_goes_on(engine, bad):
+    """An id no job can have (not an int, or past bigint) reached SQL: a str or a bool
+    failed to compare with bigint (ProgrammingError), an int past 2**63 raised DataError,
+    and either aborted the caller's transaction; the docs promise JobNotFoundError."""
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+    with Session(engine) as session, session.begin():
+        with pytest.raises(JobNotFoundError):
+            job_status(session, bad)
+        assert job_status(session, job_id).status == "queued"  # the transaction is still usable
+
+
+@pytest.mark.parametrize("big", [2**63, 10**30])
+def test_actions_on_ids_past_bigint_find_nothing_and_the_session_goes_on(engine, big):
+    """cancel/retry/delete of an int past bigint raised DataError (bigint out of range) and
+    aborted the caller's transaction, where an id of no job finds nothing."""
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+    with Session(engine) as session, session.begin():
+        for action in (cancel, retry):
+            with pytest.raises(JobNotFoundError):
+                action(session, big)
+        assert cancel_many(session, [big, str(big)]) == {}
+        assert list(retry_many(session, [big])) == []
+        assert list(delete_many(session, [big])) == []
+        assert cancel_many(session, [job_id, big]) == {job_id: "available"}
+
+
 def test_snooze_bounds():
     with pytest.raises(ConfigurationError):
         Snooze(-1)
