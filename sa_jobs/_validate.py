@@ -205,6 +205,18 @@ def json_value(value: Any, what: str = "result") -> Any:
     return value
 
 
-def json_text(value: Any, what: str = "result") -> str:
-    """A handler's return value checked as plain JSON (:func:`json_value`) and written."""
-    return _encode_walked(json_value(value, what), what)
+# A handler's returned result is written by the completer, within its deadline (lease/2,
+# at least 2 s) and beside other jobs' outcomes: 16 MB of JSON takes about half a second
+# to write. A larger one could not land within the deadline (the completer kept retrying
+# the batch it was in, for ever) and past 256 MB jsonb refuses it; the job ends dead
+# instead, with the reason.
+MAX_RESULT_BYTES = 16 * 1024 * 1024
+
+
+def json_text(value: Any, what: str = "result", *, max_bytes: int = MAX_RESULT_BYTES) -> str:
+    """A handler's return value checked as plain JSON (:func:`json_value`) and written,
+    at most ``max_bytes`` of UTF-8."""
+    text = _encode_walked(json_value(value, what), what)
+    if len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:  # encode only when it may matter
+        raise InvalidArgsError(f"{what} is {len(text.encode())} bytes of JSON, over the cap of {max_bytes}")
+    return text

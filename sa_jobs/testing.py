@@ -135,7 +135,9 @@ async def perform_async(job: Job, *, engine: Any = None, attempt: int = 1) -> An
 
 def _storable(result: Any) -> Any:
     """``result`` if a worker could store it on the row; InvalidArgsError otherwise."""
-    return result if result is None else _validate.json_value(result)
+    if result is not None:
+        _validate.json_text(result)  # the worker's check: plain JSON, within MAX_RESULT_BYTES
+    return result
 
 
 def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, Any]]:

@@ -1047,3 +1047,76 @@ def test_a_stop_leaves_an_abandoned_sync_handler_behind_after_the_grace(engine, 
     finally:
         STUCK_RELEASE.set()
     assert job_row(engine, ids[0]).state == "dead"
+
+
+class WHugeResult(Job, kind="w_huge_result", queue="w", max_attempts=3, backoff=constant_backoff(0.05)):
+    pass
+
+
+HUGE_RESULT_RUNS: list[int] = []
+
+
+@WHugeResult.handler
+async def w_huge_result(ctx: JobContext) -> str:
+    HUGE_RESULT_RUNS.append(ctx.attempt)
+    return "x" * (2**28)  # one byte past the longest string jsonb holds (2**28 - 1 bytes)
+
+
+def test_a_result_over_the_cap_ends_the_job_dead_with_the_reason(engine, database_url, schema):
+    """A result that is JSON but larger than one write can take (here past 256 MB, which
+    jsonb cannot hold at all) was handed to the completer: its flush outran the deadline,
+    was kept and retried with every outcome that finished meanwhile, the job ran out its
+    lease, was rescued and run again, and ended dead after its last attempt with
+    'LeaseExpired' (attempt 3, 3 runs). It now ends dead at once, saying why."""
+    with Session(engine) as session, session.begin():
+        session.add(WHugeResult())
+    HUGE_RESULT_RUNS.clear()
+
+    def finished() -> bool:
+        return q(database_url, jobs_sql(schema, "SELECT state FROM {jobs}"))[0][0] in ("dead", "completed")
+
+    run_worker_until(database_url, schema, [WHugeResult], finished, timeout=60)
+    state, attempt, errors, result = q(database_url, jobs_sql(schema, "SELECT state, attempt, errors, result FROM {jobs}"))[0]
+    assert (state, attempt, HUGE_RESULT_RUNS) == ("dead", 1, [1])
+    assert result is None
+    assert "result" in errors[-1]["error"] and "LeaseExpired" not in errors[-1]["error"], errors[-1]["error"]
+
+
+class WLargeResult(Job, kind="w_large_result", queue="w"):
+    pass
+
+
+def test_large_results_finishing_together_do_not_wedge_the_completer(engine, database_url, schema):
+    """Each result was fine alone, but a flush wrote every pending outcome in one
+    statement: eight results of 12 MB took longer than the completer's deadline (lease/2,
+    at least 2 s), and the batch was kept and retried whole, with whatever finished
+    meanwhile, for ever: no outcome of the worker landed again and every job ran out its
+    lease (run by a worker with lease=2: attempt 9 of every job after 30 s, none completed)."""
+    from sa_jobs._connection import ManagedConnection
+    from sa_jobs.events import NullObserver
+    from sa_jobs.worker._job import ClaimedJob, Outcome
+    from sa_jobs.worker.completer import Completer
+
+    with Session(engine) as session, session.begin():
+        session.add_all([WLargeResult() for _ in range(8)])
+    token = uuid.uuid4()
+    ids = [r[0] for r in q(database_url, jobs_sql(
+        schema, "UPDATE {jobs} SET state = 'running', attempt = 1, claim_token = %s,"
+                " lease_expires_at = now() + interval '1 hour' RETURNING id"), (token,))]
+    result = json.dumps(list(range(1_500_000)))  # 12 MB of JSON, slower to write than a string
+    now = time.monotonic()
+    jobs = [ClaimedJob(id=i, token=token, kind="w_large_result", queue="w", args={}, attempt=1, max_attempts=20,
+                       priority=0, wait_seconds=0, created_epoch=0, claimed_at=now, last_lease_ok=now) for i in ids]
+
+    async def main() -> bool:
+        conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=2.0)
+        completer = Completer(conn, Queries.for_schema(schema), NullObserver())
+        for job in jobs:
+            completer.submit(Outcome(job, "complete", result_json=result))
+        try:
+            return await completer.drain(timeout=40)
+        finally:
+            await conn.discard()
+
+    assert anyio.run(main)
+    assert q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1")) == [("completed", 8)]

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import anyio
 import psycopg
 
+from .. import _validate
 from ..queries import Queries
 from ..states import FINISHED_STATES
 from .._connection import ManagedConnection, describe, is_transient
@@ -22,6 +23,10 @@ from ._job import Outcome
 from ..events import WorkerObserver
 
 log = logging.getLogger("sa_jobs.worker")
+
+# The results one flush writes at most, in characters of JSON: one result at the cap
+# (_validate.MAX_RESULT_BYTES) writes in about half a second, well within the deadline.
+RESULT_CHARS_PER_FLUSH = _validate.MAX_RESULT_BYTES
 
 
 class Completer:
@@ -79,7 +84,7 @@ class Completer:
         if not self._pending:
             self._idle.set()
             return True
-        batch, self._pending = self._pending, []
+        batch, self._pending = self._take()
         try:
             conn = await self._conn.get()
             with self._conn.deadline():
@@ -107,6 +112,20 @@ class Completer:
         if not self._pending:
             self._idle.set()
         return True
+
+    def _take(self) -> tuple[list[Outcome], list[Outcome]]:
+        """(the next batch, what stays pending): every pending outcome, but results of at
+        most RESULT_CHARS_PER_FLUSH in all (at least one outcome). A flush is one statement
+        under the connection's deadline: large results finishing together made one
+        statement too slow for it, and the batch, kept and retried whole with whatever
+        finished meanwhile, never landed again."""
+        size = 0
+        for i, outcome in enumerate(self._pending):
+            if outcome.result_json is not None:
+                size += len(outcome.result_json)
+                if size > RESULT_CHARS_PER_FLUSH and i > 0:
+                    return self._pending[:i], self._pending[i:]
+        return self._pending, []
 
     async def _write_in_parts(self, batch: list[Outcome]) -> None:
         """Write a batch the database refused by halves (a flush is one statement: a refused
