@@ -349,7 +349,9 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float) ->
     from sqlalchemy import text
     from sqlalchemy.exc import OperationalError
 
-    millis = max(1, int(max(seconds, MIN_READ_SECONDS) * 1000))
+    seconds = max(seconds, MIN_READ_SECONDS)
+    # 0 is no timeout: a wait without a deadline (math.inf), or one past what the setting holds.
+    millis = int(seconds * 1000) if seconds * 1000 < 2**31 - 1 else 0
     try:
         session.execute(text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": f"{millis}ms"})
         return job_status(session, job_id)
@@ -362,17 +364,24 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float) ->
         ) from None
 
 
+def _check_timeout(timeout: float) -> None:
+    """A NaN timeout, which no clock passes, waited for ever; ``math.inf`` is the way to."""
+    if timeout != timeout:
+        raise ValueError("wait_for: timeout is NaN; give seconds, or math.inf to wait without a deadline")
+
+
 def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
     """Block until job ``job_id`` is done, failed (dead) or cancelled; its final status.
 
     Polls with a gentle backoff (20 ms growing to 500 ms). Raises ``TimeoutError``, also
     when the server does not answer a read in time (each read is bounded by the time left,
-    at least :data:`MIN_READ_SECONDS`).
+    at least :data:`MIN_READ_SECONDS`). ``timeout=math.inf`` waits without a deadline.
     """
     import time
 
     from sqlalchemy.orm import Session
 
+    _check_timeout(timeout)
     deadline = time.monotonic() + timeout
     pause = 0.02
     while True:
@@ -397,6 +406,7 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
     import anyio
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    _check_timeout(timeout)
     deadline = anyio.current_time() + timeout
     pause = 0.02
     while True:

@@ -496,6 +496,36 @@ def test_wait_for_timeout_holds_while_the_jobs_table_is_locked(engine, database_
     assert elapsed < 3, f"wait_for(timeout=0.5) returned after {elapsed:.1f}s"
 
 
+def test_wait_for_without_a_deadline_and_with_a_timeout_that_is_not_a_number(engine, database_url, schema):
+    """timeout=math.inf waits as long as it takes (each read then has no statement
+    timeout); a NaN timeout, which no clock ever passes, waited for ever: it is refused."""
+    import math
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs import wait_for, wait_for_async
+    from sa_jobs._url import sqlalchemy_url
+
+    (done_id,) = add(engine, CLongAsync())
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now() WHERE id = %s"),
+      (done_id,))
+    assert wait_for(engine, done_id, timeout=math.inf).status == "done"
+    with pytest.raises(ValueError, match="timeout"):
+        wait_for(engine, done_id, timeout=math.nan)
+
+    async def main() -> None:
+        aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={"sa_jobs": schema})
+        try:
+            assert (await wait_for_async(aengine, done_id, timeout=math.inf)).status == "done"
+            with pytest.raises(ValueError, match="timeout"):
+                await wait_for_async(aengine, done_id, timeout=math.nan)
+        finally:
+            await aengine.dispose()
+
+    anyio.run(main)
+
+
 def test_wait_for_async_with_a_zero_timeout_returns_a_finished_job(engine, database_url, schema):
     """Like wait_for: one look at the job before the deadline counts. A cancel scope around
     the whole wait raised a bare TimeoutError for a job that had long completed."""
