@@ -23,12 +23,15 @@ from .schema import CLAIM_FUNCTION, DEFAULT_SCHEMA, JOBS_TABLE, QUEUES_TABLE, ch
 RUNNING_FENCE = "(j.state || '') = 'running'"
 
 # Outcome statements, with ``{p}`` as the prefix of their parameter names so that the
-# completer can join all three into one statement (see ``flush_outcomes``).
+# completer can join all three into one statement (see ``flush_outcomes``). A completion
+# or an unsuccessful end also writes the handler's last progress report if no heartbeat
+# has yet (heartbeats write it at most about once a second: a report just before the
+# handler returned was lost).
 _COMPLETE = (
     "UPDATE {{jobs}} AS j SET state = 'completed', finished_at = now(),"
-    " lease_expires_at = NULL, result = u.result::jsonb"
-    " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[], %({p}results)s::text[])"
-    " AS u(id, token, result)"
+    " lease_expires_at = NULL, result = u.result::jsonb, progress = coalesce(u.progress::jsonb, j.progress)"
+    " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[], %({p}results)s::text[], %({p}progress)s::text[])"
+    " AS u(id, token, result, progress)"
     " WHERE j.id = u.id AND j.claim_token = u.token AND {{running}}"
 )
 # Every unsuccessful end, by target state per row: retryable (backoff), dead, cancelled
@@ -42,9 +45,11 @@ _FINISH = (
     " attempt = CASE WHEN u.target = 'scheduled' THEN greatest(j.attempt - 1, 0) ELSE j.attempt END,"
     " lease_expires_at = NULL,"
     " errors = CASE WHEN u.error IS NULL THEN j.errors"
-    "  ELSE j.errors || jsonb_build_array(u.error::jsonb || jsonb_build_object('at', now())) END"
+    "  ELSE j.errors || jsonb_build_array(u.error::jsonb || jsonb_build_object('at', now())) END,"
+    " progress = coalesce(u.progress::jsonb, j.progress)"
     " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[], %({p}targets)s::text[],"
-    "  %({p}errors)s::text[], %({p}delays)s::float8[]) AS u(id, token, target, error, delay)"
+    "  %({p}errors)s::text[], %({p}delays)s::float8[], %({p}progress)s::text[])"
+    " AS u(id, token, target, error, delay, progress)"
     " WHERE j.id = u.id AND j.claim_token = u.token AND {{running}}"
 )
 # Shutdown gives claimed-but-unfinished jobs back at once; the interrupted attempt is

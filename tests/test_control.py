@@ -444,6 +444,52 @@ def test_progress_is_visible_while_running_and_wait_for_returns_the_result(engin
     assert (final.status, final.result) == ("done", "exported")
 
 
+class CProgressLast(Job, kind="c_progress_last", queue="c"):
+    pass
+
+
+@CProgressLast.handler
+async def c_progress_last(ctx: JobContext, fail: bool) -> None:
+    ctx.set_progress(80, "uploading")
+    if fail:
+        raise RuntimeError("upload refused")
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["completed", "dead"])
+def test_a_progress_report_just_before_the_end_is_kept(engine, database_url, schema, fail):
+    """Heartbeats write progress at most about once a second: a report just before the
+    handler returned (or raised) was lost, and the finished job showed no progress (a
+    failed job's last progress is what its status page shows)."""
+    (job_id,) = add(engine, CProgressLast(fail=fail).options(max_attempts=1))
+
+    def finished() -> bool:
+        with Session(engine) as session:
+            return job_status(session, job_id).status in ("done", "failed")
+
+    run_worker_until(database_url, schema, ALL + [CProgressLast], finished, lease=30.0)
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+    assert status.status == ("failed" if fail else "done"), status
+    assert status.progress == {"percent": 80, "message": "uploading"}, status
+
+
+class CProgressBool(Job, kind="c_progress_bool", queue="c"):
+    pass
+
+
+@CProgressBool.handler
+def c_progress_bool(ctx: JobContext) -> None:
+    ctx.set_progress(True)
+
+
+def test_progress_percent_must_be_a_number_not_a_bool(engine):
+    """``True`` passed the 0..100 check (bool is an int) and was stored as "percent": true."""
+    from sa_jobs.testing import perform
+
+    with pytest.raises(ValueError, match="0..100"):
+        perform(CProgressBool(), engine=engine)
+
+
 def test_wait_for_times_out_on_a_job_nobody_runs(engine):
     from sa_jobs import wait_for
 

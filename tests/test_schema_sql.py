@@ -228,8 +228,8 @@ def test_outcome_flush_looks_jobs_up_by_primary_key_under_churn(database_url, sc
     ids, tokens = [r[0] for r in rows], [r[1] for r in rows]
     queries = Queries.for_schema(schema)
     params = {
-        "c_ids": ids, "c_tokens": tokens, "c_results": ["1"] * len(ids),
-        "f_ids": [], "f_tokens": [], "f_targets": [], "f_errors": [], "f_delays": [],
+        "c_ids": ids, "c_tokens": tokens, "c_results": ["1"] * len(ids), "c_progress": [None] * len(ids),
+        "f_ids": [], "f_tokens": [], "f_targets": [], "f_errors": [], "f_delays": [], "f_progress": [],
         "r_ids": [], "r_tokens": [],
     }
     with psycopg.connect(to_conninfo(database_url)) as conn:  # rolled back

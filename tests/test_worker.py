@@ -319,13 +319,14 @@ def test_stale_token_changes_nothing(engine, database_url, schema):
         assert len(conn.execute(queries.claim, {**claim, "token": new, "owner": "B", "lease": 30}).fetchall()) == 1
         ids_old = {"ids": [job_id], "tokens": [old]}
         assert conn.execute(queries.heartbeat_many, {**ids_old, "progress": [None], "lease": 30}).fetchall() == []
-        assert conn.execute(queries.complete_many, {**ids_old, "results": ["1"]}).fetchall() == []
+        assert conn.execute(queries.complete_many, {**ids_old, "results": ["1"], "progress": [None]}).fetchall() == []
         err = json.dumps({"error": "stale"})
         for target in ("dead", "retryable", "cancelled", "scheduled"):
-            finish = {**ids_old, "targets": [target], "errors": [err], "delays": [0.0]}
+            finish = {**ids_old, "targets": [target], "errors": [err], "delays": [0.0], "progress": [None]}
             assert conn.execute(queries.finish_many, finish).fetchall() == []
         assert conn.execute(queries.release_many, ids_old).fetchall() == []
-        assert conn.execute(queries.complete_many, {"ids": [job_id], "tokens": [new], "results": ["2"]}).fetchall() == [(job_id,)]
+        assert conn.execute(queries.complete_many, {"ids": [job_id], "tokens": [new], "results": ["2"],
+                                                   "progress": [None]}).fetchall() == [(job_id,)]
     job = job_row(engine, job_id)
     assert (job.state, job.attempt, job.result, job.lease_owner) == ("completed", 2, 2, "B")
     assert [e["error"].split(":")[0] for e in job.errors] == ["LeaseExpired"]

@@ -23,7 +23,7 @@ with Cluster() as c:
             rows = conn.execute(q.claim, {"queue": "bench", "limit": batch, "token": tok, "owner": "x", "lease": 30}).fetchall()
             ids = [r[0] for r in rows]
             args = {k: [] for k in params}
-            args.update(c_ids=ids, c_tokens=[tok]*len(ids), c_results=[None]*len(ids))
+            args.update(c_ids=ids, c_tokens=[tok]*len(ids), c_results=[None]*len(ids), c_progress=[None]*len(ids))
             for mode in ("force_custom_plan", "force_generic_plan"):
                 conn.execute(f"SET plan_cache_mode = {mode}")
                 with conn.transaction():

@@ -91,10 +91,10 @@ class JobContext:
         """Report progress (0-100 and a short message) for status pages.
 
         Cheap: it is kept in memory and written by the worker's next heartbeat (at most
-        about a second later), never one statement per call. Thread-safe enough for sync
-        handlers: the last report wins.
+        about a second later) or with the job's outcome if that comes first, never one
+        statement per call. Thread-safe enough for sync handlers: the last report wins.
         """
-        if not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
+        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
             raise ValueError(f"progress percent must be within 0..100, not {percent!r}")
         if not isinstance(message, str):
             raise TypeError("progress message must be a string")
