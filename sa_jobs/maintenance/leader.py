@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 
 import anyio
 import psycopg
@@ -27,22 +29,99 @@ from ..events import WorkerObserver, hook
 log = logging.getLogger("sa_jobs.maintenance")
 
 
+# When the running maintenance tick's planned time ends (anyio.current_time()): a tick is
+# planned to take at most the maintainer's timeout. Outside a tick, no plan.
+_TICK_ENDS: ContextVar[float] = ContextVar("sa_jobs_tick_ends", default=math.inf)
+
+
 class TickBudget:
-    """A service's share of the maintenance tick: half the time the tick has left when the
-    service starts. A service that works in batches stops starting new ones once the next
-    would overrun it, and goes on at the next tick: a tick that outlived its deadline
-    failed, dropped leadership and began again (a 500,000-job promotion took 9 s against
-    a 5 s deadline). ``cap`` (seconds) bounds the share further, for background work that
-    must not delay the next tick's rescue and promotion; outside a deadline only ``cap``
+    """A service's share of the maintenance tick: half the time the tick has left of its
+    plan (the maintainer's timeout) when the service starts, or of an enclosing deadline.
+    A service that works in batches stops starting new ones once the next would overrun
+    it, and goes on at the next tick: the next tick's rescue and promotion wait for this
+    one (a 500,000-job promotion took 9 s and, when the whole tick ran under one deadline,
+    failed it). A tick already past its plan (high latency) leaves each service one batch.
+    ``cap`` (seconds) bounds the share further, for background work that must not delay
+    the next tick's rescue and promotion; outside a tick and a deadline only ``cap``
     limits it."""
 
     def __init__(self, cap: float = math.inf) -> None:
         now = anyio.current_time()
-        self._until = now + min(cap, (anyio.current_effective_deadline() - now) / 2)
+        ends = min(_TICK_ENDS.get(), anyio.current_effective_deadline())
+        self._until = now + min(cap, (ends - now) / 2)
 
     def spent(self, batch_seconds: float) -> bool:
         """Whether one more batch that takes about ``batch_seconds`` would overrun it."""
         return anyio.current_time() + batch_seconds > self._until
+
+
+class StatementDeadlines:
+    """The maintainer's connection as a service sees it: each round trip the service makes
+    through it (a statement, an ``executemany``, a transaction's BEGIN and COMMIT) must end
+    within ``timeout`` of its start, or the service's scope fails with TimeoutError. The
+    deadline exists to find a half-open socket (peer gone, no RST), which stalls one round
+    trip for good; it bounded the whole tick before, and at +500 ms round-trip latency a
+    tick of 4-5 round trips outlived a 2 s timeout every time: every tick failed, dropped
+    leadership and its connection, and leader-only services never ran. Anything else is
+    passed to the connection as it is, bounded by the scope from the last round trip."""
+
+    def __init__(self, conn: Any, scope: anyio.CancelScope, timeout: float) -> None:
+        self._conn = conn
+        self._scope = scope
+        self._timeout = timeout
+
+    def alive(self) -> None:
+        """A round trip starts or ended: the next one has ``timeout`` from now."""
+        self._scope.deadline = anyio.current_time() + self._timeout
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        self.alive()
+        cur = await self._conn.execute(*args, **kwargs)
+        self.alive()
+        return cur
+
+    def cursor(self, *args: Any, **kwargs: Any) -> "_BoundedCursor":
+        return _BoundedCursor(self._conn.cursor(*args, **kwargs), self)
+
+    @asynccontextmanager
+    async def transaction(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        self.alive()
+        async with self._conn.transaction(*args, **kwargs) as tx:
+            self.alive()
+            yield tx
+            self.alive()  # COMMIT
+        self.alive()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+class _BoundedCursor:
+    """A cursor of :class:`StatementDeadlines`: its statements and fetches are round trips."""
+
+    def __init__(self, cur: Any, conn: StatementDeadlines) -> None:
+        self._cur = cur
+        self._conn = conn
+
+    async def __aenter__(self) -> "_BoundedCursor":
+        await self._cur.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._cur.__aexit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._cur, name)
+        if name not in ("execute", "executemany", "fetchone", "fetchmany", "fetchall", "scroll"):
+            return found
+
+        async def bounded(*args: Any, **kwargs: Any) -> Any:
+            self._conn.alive()
+            result = await found(*args, **kwargs)
+            self._conn.alive()
+            return result
+
+        return bounded
 
 
 async def run_batches(conn: Any, statement: str, batch: int, done: Callable[[Any], Awaitable[int]]) -> None:
@@ -76,7 +155,9 @@ class MaintenanceService(Protocol):
     """A task of the maintenance loop. It may also define ``bind_observer(observer)``:
     the maintainer calls it once, so the service can report what it did (metrics); and
     ``bind_tick(interval, timeout)``, called once with the loop's pause and tick deadline
-    (periodic jobs derive from them how late a slot may fire and still count as on time)."""
+    (periodic jobs derive from them how late a slot may fire and still count as on time).
+    ``run_once`` gets the maintainer's autocommit connection as a :class:`StatementDeadlines`:
+    each round trip through it has the tick's timeout, not the service as a whole."""
 
     name: str
     leader_only: bool
@@ -123,8 +204,7 @@ class Maintainer:
     async def tick(self) -> None:
         try:
             conn = await self._conn.get()
-            with self._conn.deadline():
-                await self._tick(conn)
+            await self._tick(conn)
         except Exception as exc:  # noqa: BLE001 - retried next tick on a fresh connection
             self._observer.loop_error("maintenance")
             log.warning("maintenance failed (%s); leadership dropped until reconnected", describe(exc),
@@ -133,19 +213,28 @@ class Maintainer:
             await self._conn.discard()
 
     async def _tick(self, conn: Any) -> None:
-        if self.is_leader and conn is not self._lock_conn:
-            # The session that took the lock is gone (a service swallowed the error of a
-            # session the server ended) and get() opened a new one, without the lock.
-            self._set_leader(False)
-        if not self.is_leader:
-            cur = await conn.execute(self._q.try_leader_lock)
-            self._set_leader(bool((await cur.fetchone())[0]))
-            self._lock_conn = conn if self.is_leader else None
-        for service in self._services:
-            if self.is_leader or not service.leader_only:
-                started = time.perf_counter()
-                await service.run_once(conn, self._q)
-                self._ran(service.name, time.perf_counter() - started)
+        """One pass of the services. Each round trip has its own deadline (the timeout: see
+        :class:`StatementDeadlines`); the tick as a whole is planned to take as long, which
+        only the services' :class:`TickBudget` heeds."""
+        plan = _TICK_ENDS.set(anyio.current_time() + self._conn.timeout)
+        try:
+            if self.is_leader and conn is not self._lock_conn:
+                # The session that took the lock is gone (a service swallowed the error of a
+                # session the server ended) and get() opened a new one, without the lock.
+                self._set_leader(False)
+            if not self.is_leader:
+                with self._conn.deadline():
+                    cur = await conn.execute(self._q.try_leader_lock)
+                    self._set_leader(bool((await cur.fetchone())[0]))
+                self._lock_conn = conn if self.is_leader else None
+            for service in self._services:
+                if self.is_leader or not service.leader_only:
+                    started = time.perf_counter()
+                    with self._conn.deadline() as scope:
+                        await service.run_once(StatementDeadlines(conn, scope, self._conn.timeout), self._q)
+                    self._ran(service.name, time.perf_counter() - started)
+        finally:
+            _TICK_ENDS.reset(plan)
 
     def _set_leader(self, value: bool) -> None:
         if value != self.is_leader:

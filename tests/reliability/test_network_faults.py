@@ -2,7 +2,8 @@
 
 - a half-open LISTEN connection is detected and replaced while polling keeps jobs moving;
 - ``pg_terminate_backend`` of every worker backend every 5 s during a drain;
-- 500 ms of added round-trip latency (250 ms each way) on every worker connection;
+- 500 ms of added round-trip latency (250 ms each way) on every worker connection, and
+  the maintenance ticks of a worker behind it (a crashed worker's jobs, due jobs, periodic);
 - (finding) a half-open producer connection stalls claiming on that worker for good.
 In every case: nothing lost, nothing running longer than L + R, no worker exits.
 """
@@ -132,6 +133,7 @@ def test_added_latency(db, cluster, rel_url, rel_schema, rel_engine, workers):
             samples = sampler.stop()
         elapsed = time.monotonic() - started
         assert w.alive(), w.output()
+        assert "maintenance failed" not in w.output()  # every tick completes (Finding 11)
         assert db.q("SELECT count(*), count(DISTINCT job_id) FROM {effects}")[0][1] == n
         assert max(s[0] for s in samples) == 0 and max(s[1] for s in samples) == 0, samples
         print(f"R9c: +500 ms RTT: {n} jobs in {elapsed:.1f}s ({n/elapsed:.0f} jobs/s incl. start-up),"
@@ -192,4 +194,157 @@ def test_a_stop_while_the_database_is_unreachable_ends_the_worker(db, cluster, r
         assert db.q("SELECT state, attempt, attempted_at IS NULL FROM {jobs}") == [("available", 0, True)]
     finally:
         back.cancel()
+        proxy.close()
+
+
+def test_maintenance_keeps_rescuing_and_promoting_at_added_latency(db, cluster, rel_url, rel_schema, rel_engine,
+                                                                    workers):
+    """Found by a bug hunt (hunt8): the maintainer ran a whole tick (leader lock, rescue,
+    promotion, horizon watch ...) under ONE deadline equal to the statement timeout
+    (max(2, lease/2) = 2 s with lease 4 s). At +500 ms round-trip latency a tick of 4-5
+    round trips outlived it: every tick failed, dropped leadership and its connection, and
+    the reconnect cost more round trips before the next. A worker behind that latency must
+    keep its ticks, and rescue a crashed worker's jobs and promote due ones in time."""
+    from .rel_jobs import RelLong, RelWork
+    from .support import enable_audit
+
+    lease = 4.0
+    rtt = 0.5
+    n = 4
+    proxy = Proxy(cluster.port)
+    proxy.latency = rtt / 2
+    try:
+        crashed = WorkerProc(rel_url, rel_schema, "--concurrency", str(n), "--lease", str(lease),
+                             "--maintenance-interval", str(R), "--poll-interval", "0.2")
+        workers.append(crashed)
+        with Session(rel_engine) as session, session.begin():
+            session.add_all([RelLong(seconds=60, later=0.05) for _ in range(n)])
+        assert wait_for(lambda: db.states() == {"running": n}, 20), db.states()
+        slow = WorkerProc(cluster.url_via(proxy.port), rel_schema, "--concurrency", str(n + 1), "--lease",
+                          str(lease), "--maintenance-interval", str(R), "--poll-interval", "0.2", effects_url=rel_url)
+        workers.append(slow)
+        assert wait_for(lambda: len(proxy.live("sa_jobs:maintainer")) == 1, 20)
+        crashed.kill()
+        enable_audit(rel_url, rel_schema)
+        expiry = dict(db.q("SELECT id, lease_expires_at FROM {jobs}"))  # no beats after the kill
+        # A job due in 2 s: only the slow worker's scheduler can promote it.
+        with Session(rel_engine) as session, session.begin():
+            session.add(RelWork(ms=0).options(delay=2.0))
+        assert wait_for(lambda: db.states() == {"completed": n + 1}, lease + 15), db.states()
+        rescued = dict(db.q("SELECT job_id, at FROM {audit} WHERE old_state = 'running' AND new_state = 'retryable'"))
+        assert sorted(rescued) == sorted(expiry)
+        rescue_lag = max((rescued[i] - expiry[i]).total_seconds() for i in expiry)
+        promotion_lag = max(-s for (s,) in db.q("SELECT sched_delay FROM {audit} WHERE new_state = 'available'"))
+        out = slow.output()
+        failed = out.count("maintenance failed")
+        print(f"\nhunt8: +{rtt * 1000:.0f} ms RTT, lease {lease:.0f}s: expired leases rescued after at most"
+              f" {rescue_lag:.2f}s, due jobs promoted at most {promotion_lag:.2f}s late; failed maintenance ticks:"
+              f" {failed}")
+        assert failed == 0, out[-2000:]
+        assert rescue_lag < R + SLACK and promotion_lag < R + SLACK, (rescue_lag, promotion_lag)
+        assert slow.alive(), out
+    finally:
+        proxy.close()
+
+
+def test_a_half_open_maintainer_connection_still_fails_its_tick_in_time(cluster, rel_schema):
+    """The guard kept by the fix above: every round trip of a tick has its own deadline,
+    so a maintainer connection that goes half-open mid-tick fails that tick within the
+    timeout (leadership dropped, connection discarded) and the next tick reconnects."""
+    import anyio
+
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.horizon import HorizonWatch
+    from sa_jobs.maintenance.leader import Maintainer
+    from sa_jobs.maintenance.rescuer import Rescuer
+    from sa_jobs.maintenance.scheduler import Scheduler
+    from sa_jobs.queries import Queries
+    from sa_jobs._url import to_conninfo
+
+    timeout = 1.0
+
+    class Errors(NullObserver):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def loop_error(self, component: str) -> None:
+            self.seen.append(component)
+
+    observer = Errors()
+    proxy = Proxy(cluster.port)
+    maintainer = Maintainer(to_conninfo(cluster.url_via(proxy.port)), Queries.for_schema(rel_schema), observer,
+                            [Rescuer(observer), Scheduler(), HorizonWatch()], interval=R, timeout=timeout)
+
+    async def main() -> float:
+        try:
+            await maintainer.tick()
+            assert maintainer.is_leader and observer.seen == []
+            (conn,) = proxy.live("sa_jobs:maintainer")
+            conn.blackhole()
+            started = anyio.current_time()
+            await maintainer.tick()
+            took = anyio.current_time() - started
+            assert observer.seen == ["maintenance"] and not maintainer.is_leader
+            await maintainer.tick()  # on a new connection (the old backend keeps the lock meanwhile)
+            assert observer.seen == ["maintenance"] and len(proxy.live("sa_jobs:maintainer")) == 2
+            return took
+        finally:
+            await maintainer._conn.close()
+
+    try:
+        took = anyio.run(main)
+    finally:
+        proxy.close()
+    assert took < timeout + 1.5, took  # the deadline, then at most 1 s closing the dead connection
+
+
+def test_a_leader_behind_latency_keeps_its_leadership_and_fires_periodic_jobs(cluster, rel_schema):
+    """The same at a smaller scale, for the leader-only services: +200 ms RTT against a
+    0.8 s timeout (the ratio of +500 ms to lease 4 s). A tick (leader lock, rescue,
+    promotion, horizon watch, then a periodic job's transaction of 8 round trips) takes
+    about 2 s: under one deadline every tick failed before the periodic service was
+    reached, so it never fired and leadership was dropped every tick."""
+    import anyio
+    import psycopg
+    from psycopg import sql
+
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.horizon import HorizonWatch
+    from sa_jobs.maintenance.leader import Maintainer
+    from sa_jobs.maintenance.rescuer import Rescuer
+    from sa_jobs.maintenance.scheduler import Scheduler
+    from sa_jobs.periodic import Periodic, PeriodicJobs
+    from sa_jobs.queries import Queries
+
+    from .rel_jobs import RelNoop
+
+    class Errors(NullObserver):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def loop_error(self, component: str) -> None:
+            self.seen.append(component)
+
+    observer = Errors()
+    proxy = Proxy(cluster.port)
+    proxy.latency = 0.1
+    every_second = PeriodicJobs([Periodic("* * * * * *", RelNoop, name="rel_latency_tick")])
+    maintainer = Maintainer(to_conninfo(cluster.url_via(proxy.port)), Queries.for_schema(rel_schema), observer,
+                            [Rescuer(observer), Scheduler(), HorizonWatch(), every_second], interval=R, timeout=0.8)
+    fired = sql.SQL("SELECT count(*) FROM {} WHERE kind = 'rel_noop'").format(sql.Identifier(rel_schema, "jobs"))
+
+    async def main() -> int:
+        try:
+            for _ in range(3):  # the first registers the schedule, the next ones fire it
+                await maintainer.tick()
+                assert maintainer.is_leader and observer.seen == [], observer.seen
+        finally:
+            await maintainer._conn.close()
+        async with await psycopg.AsyncConnection.connect(to_conninfo(cluster.url)) as conn:
+            return int((await (await conn.execute(fired)).fetchone())[0])
+
+    try:
+        assert anyio.run(main) >= 2
+    finally:
         proxy.close()
