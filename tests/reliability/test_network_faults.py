@@ -348,3 +348,58 @@ def test_a_leader_behind_latency_keeps_its_leadership_and_fires_periodic_jobs(cl
         assert anyio.run(main) >= 2
     finally:
         proxy.close()
+
+
+def test_a_periodic_declaration_not_due_costs_the_tick_one_round_trip(cluster, rel_schema):
+    """Found by the same hunt: once a tick is no longer cut off at its deadline, it lasts
+    as long as its round trips, and the next tick's rescue and promotion wait for it. A
+    periodic declaration cost 5 round trips every tick even when no slot was due (BEGIN,
+    now(), the registering INSERT, the locking SELECT, COMMIT): at +500 ms RTT an hourly
+    schedule added 2.5 s to every tick of the leader. It now reads ``now()`` and its last
+    slot in one statement and stops there when nothing is due."""
+    import anyio
+
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.leader import Maintainer
+    from sa_jobs.periodic import Periodic, PeriodicJobs
+    from sa_jobs.queries import Queries
+
+    from .rel_jobs import RelNoop
+
+    rtt = 0.2
+
+    class Timings(NullObserver):
+        def __init__(self) -> None:
+            self.periodic: list[float] = []
+            self.errors: list[str] = []
+
+        def maintenance_ran(self, service: str, seconds: float) -> None:
+            if service == "periodic":
+                self.periodic.append(seconds)
+
+        def loop_error(self, component: str) -> None:
+            self.errors.append(component)
+
+    observer = Timings()
+    proxy = Proxy(cluster.port)
+    proxy.latency = rtt / 2
+    hourly = PeriodicJobs([Periodic("0 * * * *", RelNoop, name="rel_hourly")])
+    maintainer = Maintainer(to_conninfo(cluster.url_via(proxy.port)), Queries.for_schema(rel_schema), observer,
+                            [hourly], interval=R, timeout=2.0)
+
+    async def main() -> None:
+        try:
+            for _ in range(3):  # the first registers the schedule
+                await maintainer.tick()
+        finally:
+            await maintainer._conn.close()
+
+    try:
+        anyio.run(main)
+    finally:
+        proxy.close()
+    assert observer.errors == [] and len(observer.periodic) == 3
+    print(f"\nhunt8: an hourly periodic declaration not due took {max(observer.periodic[1:]):.2f}s of a tick"
+          f" at +{rtt * 1000:.0f} ms RTT")
+    assert max(observer.periodic[1:]) < 1.5 * rtt, observer.periodic
