@@ -732,6 +732,47 @@ def test_a_leader_whose_session_died_inside_a_service_does_not_stay_leader_on_a_
     assert {who for who, _ in runs} == {"b"}
 
 
+def test_a_service_past_its_deadline_fails_the_tick_even_if_a_round_trip_ends_after_it(database_url, schema):
+    """Each round trip of a maintenance service moves its deadline (StatementDeadlines).
+    A deadline reached while its cancellation waits to be delivered (here behind a shield;
+    in life, a reply that lands as the timer fires) must not be moved: the scope would then
+    swallow the cancellation at the next await, and the service end early as if it had
+    finished, the tick counted as a success."""
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.leader import Maintainer
+
+    reached: list[str] = []
+
+    class Stalls:
+        name, leader_only = "stalls", False
+
+        async def run_once(self, conn, queries) -> None:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.4)  # past the 0.2 s deadline: its cancellation waits
+            await conn.execute("SELECT 1")
+            reached.append("after")
+
+    class Errors(NullObserver):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def loop_error(self, component: str) -> None:
+            self.seen.append(component)
+
+    observer = Errors()
+    maintainer = Maintainer(to_conninfo(database_url), Queries.for_schema(schema), observer, [Stalls()],
+                            interval=0.01, timeout=0.2)
+
+    async def main() -> None:
+        try:
+            await maintainer.tick()
+        finally:
+            await maintainer._conn.close()
+
+    anyio.run(main)
+    assert reached == [] and observer.seen == ["maintenance"], (reached, observer.seen)
+
+
 def test_a_promotion_backlog_longer_than_a_tick_is_spread_over_ticks(database_url, schema):
     """The maintenance tick runs under the statement deadline. A scheduler that promoted
     a backlog in one go outlived it: the tick failed, leadership was dropped and the

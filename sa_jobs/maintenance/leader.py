@@ -71,8 +71,11 @@ class StatementDeadlines:
         self._timeout = timeout
 
     def alive(self) -> None:
-        """A round trip starts or ended: the next one has ``timeout`` from now."""
-        self._scope.deadline = anyio.current_time() + self._timeout
+        """A round trip starts or ended: the next one has ``timeout`` from now. A deadline
+        already reached stays (its cancellation may be pending, delivered at the next await):
+        moved, the scope would swallow that cancellation instead of raising TimeoutError."""
+        if not self._scope.cancel_called:
+            self._scope.deadline = anyio.current_time() + self._timeout
 
     async def execute(self, *args: Any, **kwargs: Any) -> Any:
         self.alive()
@@ -232,6 +235,8 @@ class Maintainer:
                     started = time.perf_counter()
                     with self._conn.deadline() as scope:
                         await service.run_once(StatementDeadlines(conn, scope, self._conn.timeout), self._q)
+                    if scope.cancelled_caught:  # its deadline, whatever the clock says now
+                        raise TimeoutError(f"maintenance service {service.name!r} timed out")
                     self._ran(service.name, time.perf_counter() - started)
         finally:
             _TICK_ENDS.reset(plan)
