@@ -133,7 +133,7 @@ def test_added_latency(db, cluster, rel_url, rel_schema, rel_engine, workers):
             samples = sampler.stop()
         elapsed = time.monotonic() - started
         assert w.alive(), w.output()
-        assert "maintenance failed" not in w.output()  # every tick completes (Finding 11)
+        assert "maintenance failed" not in w.output()  # every tick completes (Finding 12)
         assert db.q("SELECT count(*), count(DISTINCT job_id) FROM {effects}")[0][1] == n
         assert max(s[0] for s in samples) == 0 and max(s[1] for s in samples) == 0, samples
         print(f"R9c: +500 ms RTT: {n} jobs in {elapsed:.1f}s ({n/elapsed:.0f} jobs/s incl. start-up),"
