@@ -1,8 +1,9 @@
-"""The quickstart example runs as documented: in-app worker, and `sa-jobs worker myapp.jobs`."""
+"""The examples run as documented: the quickstart (in-app worker, `sa-jobs worker myapp.jobs`), and the alembic heads the docs show."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,3 +59,15 @@ def test_quickstart_jobs_run_under_the_cli_worker(database_url):
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(20) == 0
         engine.dispose()
+
+
+def test_the_documented_alembic_heads_name_the_latest_schema_revision():
+    """`alembic heads` as docs/alembic.md and the example app's README show it: the sa_jobs
+    branch's head is the latest schema version's revision (the README still showed
+    sa_jobs_0011 after schema v12 shipped)."""
+    from sa_jobs import schema as schema_mod
+
+    head = f"sa_jobs_{schema_mod.LATEST_VERSION:04d}"
+    for doc in (REPO_ROOT / "docs" / "alembic.md", REPO_ROOT / "examples" / "alembic_app" / "README.md"):
+        shown = re.findall(r"(sa_jobs_\d{4}) \(sa_jobs\)", doc.read_text())
+        assert shown and set(shown) == {head}, f"{doc.name} shows {shown} as the sa_jobs head, not {head}"
