@@ -53,7 +53,8 @@ class Unique:
     since the Unix epoch, on the database clock at INSERT: ``now()``, the transaction's
     start). ``states``: the states in which a row holds its key. ``on_conflict``:
     ``"return"`` (the caller's object becomes the existing job) or ``"replace"`` (the
-    existing job, if still waiting, takes the new args, priority, tags, meta and schedule).
+    existing job, if still waiting, takes the new args, queue, priority, max_attempts, tags,
+    meta and schedule).
     """
 
     by: Optional[Sequence[str]] = None
