@@ -653,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--lease", type=_positive_float, default=30.0, help="seconds a claim holds a job without a heartbeat")
     w.add_argument("--poll-interval", type=_positive_float, default=1.0)
     w.add_argument("--maintenance-interval", type=_positive_float, default=1.0)
-    w.add_argument("--shutdown-grace", type=_grace, default=30.0, help="seconds to finish running jobs on SIGTERM")
+    w.add_argument("--shutdown-grace", type=_grace, default=30.0, help="seconds to finish running jobs on SIGTERM, SIGINT or SIGHUP")
     w.add_argument("--statement-timeout", type=_positive_float, help="bound on every worker statement (default: lease/2, 2-30 s)")
     w.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     w.add_argument("--metrics-host", default="127.0.0.1", help="metrics bind address (0.0.0.0 to expose)")
