@@ -118,6 +118,18 @@ def _check_tags(tags: Any) -> list[str]:
     return list(tags)
 
 
+# The latest scheduled_at a delay may reach: Python's datetime ends with the year 9999,
+# PostgreSQL's timestamp runs on to 294276. Past it, a row was written that psycopg cannot
+# read back (listing it raised "timestamp too large"), or the INSERT failed the caller's
+# transaction at flush ("timestamp out of range"), or timedelta raised OverflowError here.
+# A year short of the end: the delay is added to the database's clock, not this one.
+_LATEST_SCHEDULE = dt.datetime(9999, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _max_delay_seconds() -> float:
+    return (_LATEST_SCHEDULE - dt.datetime.now(dt.timezone.utc)).total_seconds()
+
+
 def _check_attempts(max_attempts: object) -> int:
     if type(max_attempts) is not int or not 1 <= max_attempts <= 1_000_000:
         raise ConfigurationError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
@@ -296,6 +308,8 @@ class Job(Base):
             seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
             if not seconds >= 0:
                 raise ConfigurationError(f"delay must be >= 0 seconds, not {delay!r}")
+            if seconds > _max_delay_seconds():
+                raise ConfigurationError(f"delay {delay!r} runs past the year 9999, which Python cannot read back")
             self.scheduled_at = func.now() + dt.timedelta(seconds=seconds)  # type: ignore[assignment]
             self.state = "scheduled"
         if run_at is not None:

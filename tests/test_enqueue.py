@@ -335,6 +335,20 @@ def test_bad_options():
         job.options(delay=1, run_at=dt.datetime.now(dt.timezone.utc))
 
 
+@pytest.mark.parametrize("delay", [1e12, 1e13, 1e15, math.inf, dt.timedelta.max])
+def test_a_delay_past_the_year_9999_is_refused_at_options(engine, database_url, schema, delay):
+    """Past Python's datetime range: 1e12 s wrote a row whose scheduled_at (year 33715)
+    psycopg cannot read back ("timestamp too large (after year 10K)"), 1e13 s failed the
+    caller's transaction at flush (PostgreSQL "timestamp out of range"), and 1e15 s or
+    inf raised a bare OverflowError from timedelta."""
+    with pytest.raises(ConfigurationError, match="delay"):
+        EnqSendReceipt(order_id=1).options(delay=delay)
+    with Session(engine) as session, session.begin():  # a long delay that fits still works
+        session.add(EnqSendReceipt(order_id=1).options(delay=dt.timedelta(days=365 * 1000)))
+    (year,), = q(database_url, jobs_sql(schema, "SELECT extract(year FROM scheduled_at)::int FROM {jobs}"))
+    assert year >= 3000
+
+
 def test_enqueue_many_from_plain_args_with_options(engine):
     run_at = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
     with Session(engine) as session, session.begin():
