@@ -38,6 +38,8 @@ DEFAULT_UNIQUE_STATES: tuple[str, ...] = ("scheduled", "available", "running", "
 ON_CONFLICT = ("return", "replace")
 # A replace never rewrites a job a worker holds, nor a finished one: only waiting rows.
 REPLACEABLE_STATES: tuple[str, ...] = PENDING_STATES
+# The columns a replace rewrites (partition_key too: it derives from the args).
+_REPLACED = ("args", "queue", "priority", "max_attempts", "scheduled_at", "state", "tags", "meta", "partition_key")
 # A conflicting row can leave the unique states between our INSERT and our SELECT (it
 # completed); the INSERT is then retried. Bounded, since each round sees newer data.
 _MAX_ROUNDS = 8
@@ -126,11 +128,9 @@ def insert_statement(table: Any, values: Mapping[str, Any], on_conflict: str) ->
     target = dict(index_elements=[table.c.kind, table.c.unique_key], index_where=_predicate())
     if on_conflict == "replace":
         excluded = stmt.excluded
-        # partition_key too: it derives from the args (partition_by), as in enqueue_many.
-        replaced = ("args", "queue", "priority", "max_attempts", "scheduled_at", "state", "tags", "meta", "partition_key")
         stmt = stmt.on_conflict_do_update(
             **target,
-            set_={c: excluded[c] for c in replaced},
+            set_={c: excluded[c] for c in _REPLACED},
             where=table.c.state.in_(REPLACEABLE_STATES),
         )
     else:
@@ -243,7 +243,32 @@ def _insert_unique(session: Any, obj: Any) -> None:
     identity = session.identity_map.get(make_key(obj))
     if identity is None:
         session.add(obj)  # persistent: its row exists, nothing more to INSERT
+    elif replaced:
+        _load_replaced(session, identity, row)
     _created_in_transaction(session, obj)
+
+
+def _load_replaced(session: Any, held: Any, row: Any) -> None:
+    """Load a replace's new values into ``held``, the session's object of the rewritten row.
+
+    The UPDATE bypasses the unit of work, so ``held`` (an earlier object of the same key in
+    this flush, or one a query loaded) kept the old args, and a query in the same
+    transaction returned it with them. Loaded as committed values, with no SELECT (an
+    AsyncSession could not lazy-load them); a column the caller changed on ``held`` and has
+    not flushed keeps its change, which the flush then writes over the replace. ``held`` is
+    noted as altered in the current transaction, as the unit of work notes the rows it
+    UPDATEs, so a rollback of this savepoint expires it and it reloads the restored row.
+    """
+    from sqlalchemy import inspect
+    from sqlalchemy.orm.attributes import set_committed_value
+
+    state = inspect(held)
+    for key in _REPLACED:
+        if key not in state.committed_state:  # no pending change of the caller's
+            set_committed_value(held, key, row[key])
+    transaction = session._transaction
+    if transaction is not None and state not in transaction._new:
+        transaction._dirty[state] = True
 
 
 def _created_in_transaction(session: Any, obj: Any) -> None:

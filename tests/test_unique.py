@@ -299,6 +299,34 @@ def test_replace_rewrites_a_waiting_job_but_not_a_running_one(engine, database_u
         assert job.was_duplicate and not job.was_replaced and job.args["v"] == 2 and job.state == "running"
 
 
+def test_replace_updates_the_replaced_jobs_object_already_in_the_session(engine, database_url, schema):
+    """The hook's UPDATE bypasses the unit of work: the object of the replaced row that the
+    session already held (the first of two in one flush, or one loaded by a query) kept the
+    old args, and a select in the same transaction returned it with them ({"v": 1} while the
+    row held {"v": 2})."""
+    with Session(engine) as session, session.begin():
+        first, second = UqReplace(user_id=1, v=1), UqReplace(user_id=1, v=2).options(priority=4)
+        session.add_all([first, second])
+        session.flush()
+        assert second.was_replaced and second.id == first.id
+        assert (first.args, first.priority) == ({"user_id": 1, "v": 2}, 4)
+        assert session.scalars(select(UqReplace)).one().args == {"user_id": 1, "v": 2}
+    with Session(engine) as session, session.begin():
+        loaded = session.scalars(select(UqReplace)).one()
+        loaded.max_attempts = 9  # a pending change of the caller's is kept, and flushed after
+        session.add(UqReplace(user_id=1, v=3).options(max_attempts=2, tags=["t"]))
+        session.flush()
+        assert (loaded.args, loaded.tags, loaded.max_attempts) == ({"user_id": 1, "v": 3}, ["t"], 9)
+        with session.begin_nested() as savepoint:
+            session.add(UqReplace(user_id=1, v=4))
+            session.flush()
+            assert loaded.args == {"user_id": 1, "v": 4}
+            savepoint.rollback()
+        assert loaded.args == {"user_id": 1, "v": 3}  # the savepoint's rewrite is undone
+    assert q(database_url, jobs_sql(schema, "SELECT args, tags, max_attempts FROM {jobs}")) == [
+        ({"user_id": 1, "v": 3}, ["t"], 9)]
+
+
 def test_replace_moves_the_partition_key_with_the_args(engine, database_url, schema):
     with Session(engine) as session, session.begin():
         session.add(UqReplaceByCustomer(order=1, customer="a"))
