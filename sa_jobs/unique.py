@@ -187,6 +187,28 @@ def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
     note_enqueued(session)
 
 
+def _added_during_flush(session: Any, obj: Any) -> None:
+    """``transient_to_pending``: a unique job added while a flush prepares, by a
+    ``before_flush`` listener of the app's (enqueueing jobs for the rows it changed, say).
+
+    A listener registered after ours runs after :func:`_before_flush` has looked at
+    ``session.new``, so its jobs went to the ORM's plain INSERT: a duplicate raised
+    IntegrityError in the caller's transaction, and a kind with a period wrote its key
+    without the bucket, which no job enqueued the usual way ever meets. They are inserted
+    here instead, at once, as the hook would. Jobs added while the flush executes (from a
+    mapper event, which SQLAlchemy warns against) stay pending for the next flush's hook;
+    those added after it (``after_flush``) go in at once too, in the same transaction.
+    """
+    if not _unique_kinds_declared or not session._flushing or session._warn_on_events:
+        return
+    from .model import Job
+
+    if not isinstance(obj, Job) or _unique_of(obj) is None:
+        return
+    _insert_unique(session, obj)
+    note_enqueued(session)
+
+
 def _unique_of(obj: Any) -> Optional[Unique]:
     options = type(obj).__sa_jobs_options__
     return None if options is None else options.unique
@@ -333,5 +355,7 @@ def register_session_hook() -> None:
 
     if not event.contains(Session, "before_flush", _before_flush):
         event.listen(Session, "before_flush", _before_flush)
+    if not event.contains(Session, "transient_to_pending", _added_during_flush):
+        event.listen(Session, "transient_to_pending", _added_during_flush)
     if not event.contains(Session, "persistent_to_transient", _restore_original):
         event.listen(Session, "persistent_to_transient", _restore_original)

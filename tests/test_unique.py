@@ -263,6 +263,35 @@ def test_async_session_rollback_then_re_add(database_url, schema):
     assert len(_rows(database_url, schema, "uq_digest")) == 1
 
 
+def test_unique_jobs_added_by_an_apps_own_before_flush_listener(engine, database_url, schema):
+    """A listener registered after sa-jobs' hook (an app enqueueing a job for each changed
+    row, say) adds its jobs after the hook has looked at session.new: they went to the
+    ORM's plain INSERT, with the key the object carries (no period bucket). The second
+    transaction raised IntegrityError (jobs_unique_idx) for UqDigest, and UqHourly's rows
+    held a key without its bucket, which the jobs enqueued the usual way never meet."""
+    from sqlalchemy import event
+
+    def enqueue_for_plain_rows(session, flush_context, instances):
+        if any(isinstance(o, UqPlain) for o in session.new):
+            session.add_all([UqDigest(user_id=1), UqHourly(user_id=1), UqDigest(user_id=1)])
+
+    event.listen(Session, "before_flush", enqueue_for_plain_rows)
+    try:
+        for _ in range(2):
+            with Session(engine) as session, session.begin():
+                session.add(UqPlain(n=1))
+    finally:
+        event.remove(Session, "before_flush", enqueue_for_plain_rows)
+    with Session(engine) as session, session.begin():
+        hourly = UqHourly(user_id=1)
+        session.add(hourly)
+        session.flush()
+        assert hourly.was_duplicate
+    assert len(_rows(database_url, schema, "uq_digest")) == 1
+    (_, _, _, key), = _rows(database_url, schema, "uq_hourly")
+    assert ":" in key  # the period's bucket, computed by the database
+
+
 def test_period_bucket_uses_the_database_clock(engine, database_url, schema):
     with Session(engine) as session, session.begin():
         a, b = UqHourly(user_id=1), UqHourly(user_id=1)
