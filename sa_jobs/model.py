@@ -223,6 +223,7 @@ class Job(Base):
             unique=unique,
             partition_by=(partition_by,) if isinstance(partition_by, str) else tuple(partition_by),
         )
+        _check_kind_is_free(options.kind, cls)
         cls.__sa_jobs_options__ = options
         cls.__sa_jobs_handler__ = None
         if options.unique is not None:
@@ -353,6 +354,25 @@ class Job(Base):
         # columns a flush leaves to the database.
         d = self.__dict__
         return f"<{type(self).__name__} id={d.get('id')} state={d.get('state', '?')} attempt={d.get('attempt', '?')}>"
+
+
+def _check_kind_is_free(kind: str, cls: type) -> None:
+    """Refuse a second class of an already mapped kind name, before mapping it.
+
+    SQLAlchemy only warns ("Reassigning polymorphic association") and lets the later class
+    take the identity: the first one's rows then load as the second class, and a worker
+    that finds its kinds sees the second, without the first's handler. The same class
+    declared again (its module and name unchanged: a module reload, or a class statement
+    in a function run twice) replaces it, as before.
+    """
+    held = Job.__mapper__.polymorphic_map.get(kind)
+    if held is None or held.class_ is Job:
+        return
+    old = held.class_
+    if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ConfigurationError(
+            f"job kind {kind!r} is declared twice: by {old.__module__}.{old.__qualname__} and by"
+            f" {cls.__module__}.{cls.__qualname__}; give one of them another kind= name")
 
 
 def job_table() -> Table:

@@ -323,6 +323,22 @@ def test_bad_kind_declarations():
             pass
 
 
+def test_a_kind_name_declared_twice_is_refused():
+    """Two classes of one kind name: SQLAlchemy only warned ("Reassigning polymorphic
+    association"), and the second class took the kind over in silence: the first one's
+    rows loaded as the second class, and a worker that finds its kinds (kinds=None) saw
+    the second, without the first's handler, and never ran that kind's jobs."""
+    from sa_jobs import registered_kinds
+
+    class First(Job, kind="enq_twice"):
+        pass
+
+    with pytest.raises(ConfigurationError, match="enq_twice"):
+        class Second(Job, kind="enq_twice"):  # noqa: F841
+            pass
+    assert registered_kinds()["enq_twice"] is First
+
+
 def test_bad_options():
     job = EnqSendReceipt(order_id=1)
     with pytest.raises(ConfigurationError):
