@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, cast
 
 from sqlalchemy import BigInteger, DateTime, Identity, Integer, SmallInteger, Table, Text, func, text
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -265,6 +266,25 @@ class Job(Base):
         self.unique_key = unique.base_key(options.kind, self.__dict__.get("queue") or options.queue, self.args)
         self.unique_states = list(unique.states)
 
+    def _move_unique_key(self) -> None:
+        """The key of a row whose queue ``options()`` changed.
+
+        Only a ``by_queue`` key depends on the queue, and a row not yet written has its key
+        recomputed at flush. A written row's key carries the period bucket the database
+        added at INSERT: rebuilding it as at construction dropped the bucket, and a job of
+        the same key in the same period was no longer a duplicate. So a written row keeps
+        its bucket, and its key changes only with ``by_queue``.
+        """
+        unique = type(self).kind_options().unique
+        assert unique is not None, "only unique kinds have a unique key"
+        if sa_inspect(self).key is None:
+            self._set_unique_key()
+        elif unique.by_queue:
+            bucket = self.unique_key.partition(":")[2] if unique.period is not None else ""
+            self._set_unique_key()
+            if bucket:
+                self.unique_key = f"{self.unique_key}:{bucket}"
+
     @property
     def was_duplicate(self) -> bool:
         """True once flushed if this unique job's key was already held: the object now
@@ -298,7 +318,7 @@ class Job(Base):
         if queue is not None:
             self.queue = _validate.queue_name(queue)
             if type(self).kind_options().unique is not None:
-                self._set_unique_key()
+                self._move_unique_key()
         if priority is not None:
             self.priority = _check_priority(priority)
         if max_attempts is not None:

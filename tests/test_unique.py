@@ -40,6 +40,10 @@ class UqByQueue(Job, kind="uq_by_queue", unique=Unique(by=(), by_queue=True)):
     pass
 
 
+class UqHourlyByQueue(Job, kind="uq_hourly_by_queue", unique=Unique(by=(), by_queue=True, period=dt.timedelta(hours=1))):
+    pass
+
+
 class UqPlain(Job, kind="uq_plain"):
     pass
 
@@ -376,6 +380,34 @@ def test_by_queue_keys_per_queue(engine, database_url, schema):
         jobs = [UqByQueue(x=1), UqByQueue(x=2).options(queue="b"), UqByQueue(x=3), UqByQueue(x=4).options(queue="b")]
         session.add_all(jobs)
     assert [j.was_duplicate for j in jobs] == [False, False, True, True]
+
+
+def test_options_queue_after_flush_keeps_the_period_bucket(engine, database_url, schema):
+    """options(queue=) recomputed the key as at construction, without the period's bucket
+    (which the database adds at INSERT): on a row already written, the UPDATE dropped it,
+    and a job of the same key in the same hour was no longer a duplicate."""
+    with Session(engine) as session, session.begin():
+        job = UqHourly(user_id=1)
+        session.add(job)
+        session.flush()
+        job.options(queue="elsewhere")
+        moved = UqByQueue(x=1)
+        session.add(moved)
+        session.flush()
+        moved.options(queue="b")  # by_queue: the key follows the queue
+        hourly = UqHourlyByQueue()
+        session.add(hourly)
+        session.flush()
+        hourly.options(queue="b")  # ... and keeps its bucket
+    with Session(engine) as session, session.begin():
+        again, on_b, on_default = UqHourly(user_id=1), UqByQueue(x=2).options(queue="b"), UqByQueue(x=3)
+        hourly_b, hourly_default = UqHourlyByQueue().options(queue="b"), UqHourlyByQueue()
+        session.add_all([again, on_b, on_default, hourly_b, hourly_default])
+        session.flush()
+        assert (again.was_duplicate, on_b.was_duplicate, on_default.was_duplicate) == (True, True, False)
+        assert (hourly_b.was_duplicate, hourly_default.was_duplicate) == (True, False)
+    (_, _, _, key), = _rows(database_url, schema, "uq_hourly")
+    assert ":" in key
 
 
 def test_async_session(database_url, schema):
