@@ -280,7 +280,7 @@ class Job(Base):
         if sa_inspect(self).key is None:
             self._set_unique_key()
         elif unique.by_queue:
-            bucket = self.unique_key.partition(":")[2] if unique.period is not None else ""
+            bucket = (self.unique_key or "").partition(":")[2] if unique.period is not None else ""
             self._set_unique_key()
             if bucket:
                 self.unique_key = f"{self.unique_key}:{bucket}"
