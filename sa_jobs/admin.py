@@ -737,9 +737,14 @@ def queue_overview(session: Any) -> list[dict[str, Any]]:
             "queue": name, **per_state, "paused": bool(s and s.paused),
             "concurrency": s.concurrency if s else None,
             "partition_concurrency": s.partition_concurrency if s else None,
-            "rate": f"{s.rate_limit}/{_format_period(s.rate_period)}" if s and s.rate_limit is not None else None,
+            "rate": format_rate((s.rate_limit, s.rate_period)) if s and s.rate_limit is not None else None,
         })
     return rows
+
+
+def format_rate(rate: tuple[int, dt.timedelta]) -> str:
+    """A rate as :func:`parse_rate` reads it: ``(10, timedelta(seconds=1))`` is ``"10/1s"``."""
+    return f"{rate[0]}/{_format_period(rate[1])}"
 
 
 def _format_period(period: dt.timedelta) -> str:

@@ -428,7 +428,7 @@ def _cmd_queue_pause(args: argparse.Namespace) -> int:
 def _cmd_queue_limit(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
-    from .admin import QueueLimits, parse_rate, queue_limits, set_queue_limits
+    from .admin import QueueLimits, format_rate, parse_rate, queue_limits, set_queue_limits
 
     with Session(_engine(args)) as session, session.begin():
         if args.clear:
@@ -443,7 +443,8 @@ def _cmd_queue_limit(args: argparse.Namespace) -> int:
         set_queue_limits(session, args.name, limits)
     shown = {
         "queue": args.name, "concurrency": limits.concurrency, "partition_concurrency": limits.partition_concurrency,
-        "rate": None if limits.rate is None else [limits.rate[0], limits.rate[1].total_seconds()],
+        # As `sa-jobs queues` shows it (and --rate takes it): "10/1s".
+        "rate": None if limits.rate is None else format_rate(limits.rate),
     }
     if args.json:
         _print_json(shown)

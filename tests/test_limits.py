@@ -252,7 +252,10 @@ def run_cli(database_url: str, schema: str, *args: str) -> subprocess.CompletedP
 def test_cli_sets_shows_and_clears_limits(database_url, schema):
     done = run_cli(database_url, schema, "queues", "limit", "emails", "--concurrency", "5", "--rate", "10/1s", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"queue": "emails", "concurrency": 5, "partition_concurrency": None, "rate": [10, 1.0]}
+    assert json.loads(done.stdout) == {"queue": "emails", "concurrency": 5, "partition_concurrency": None, "rate": "10/1s"}
+    shown = run_cli(database_url, schema, "queues", "limit", "emails", "--rate", "600/m")
+    assert shown.stdout.strip().endswith("rate=600/1m"), shown.stdout  # as `queues` shows it, not [600, 60.0]
+    assert run_cli(database_url, schema, "queues", "limit", "emails", "--rate", "10/1s").returncode == 0
     # Only the given limit changes.
     assert run_cli(database_url, schema, "queues", "limit", "emails", "--partition-concurrency", "2").returncode == 0
     shown = json.loads(run_cli(database_url, schema, "queues", "--json").stdout)
