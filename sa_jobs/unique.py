@@ -199,7 +199,10 @@ def _added_during_flush(session: Any, obj: Any) -> None:
     mapper event, which SQLAlchemy warns against) stay pending for the next flush's hook;
     those added after it (``after_flush``) go in at once too, in the same transaction.
     """
-    if not _unique_kinds_declared or not session._flushing or session._warn_on_events:
+    # Session._flushing / _warn_on_events are SQLAlchemy's own flags (a flush prepares /
+    # executes); read with defaults so that a release without them disables only this.
+    if (not _unique_kinds_declared or not getattr(session, "_flushing", False)
+            or getattr(session, "_warn_on_events", True)):
         return
     from .model import Job
 
