@@ -90,8 +90,19 @@ class Unique:
         return None if self.period is None else int(self.period.total_seconds())
 
     def base_key(self, kind: str, queue: str, args: Mapping[str, Any]) -> str:
-        """The key without its period bucket: sha256 of canonical JSON, 32 hex characters."""
-        chosen = dict(args) if self.by is None else {a: args[a] for a in self.by if a in args}
+        """The key without its period bucket: sha256 of canonical JSON, 32 hex characters.
+
+        Every name in ``by`` must be in ``args`` (as a kind's ``partition_by``): a name the
+        args lack (a typo, ``user`` for ``user_id``) left it out of the key, so every job
+        of the kind shared one key and all but the first were dropped as duplicates."""
+        if self.by is None:
+            chosen = dict(args)
+        else:
+            missing = [a for a in self.by if a not in args]
+            if missing:
+                raise ConfigurationError(f"kind {kind!r} is unique by {list(self.by)}, but args lack {missing}"
+                                         " (pass None for an argument that may be absent)")
+            chosen = {a: args[a] for a in self.by}
         material = {"kind": kind, "queue": queue if self.by_queue else None, "args": chosen}
         text = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()[:32]

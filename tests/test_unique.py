@@ -686,3 +686,16 @@ def test_a_batch_with_one_refused_outcome_is_written_in_halves(database_url, sch
     assert q(database_url, jobs_sql(schema, "SELECT state, count(*), count(*) FILTER (WHERE result = '\"ok\"')"
                                             " FROM {jobs} WHERE id = ANY(%s) GROUP BY 1"), ([i for i, _ in rows],)) == [
         ("completed", 64, 64)]
+
+
+def test_a_unique_by_name_the_args_lack_is_refused_before_any_row(engine, database_url, schema):
+    """``Unique(by=("user_id",))`` with args lacking ``user_id`` (a typo, ``user=``) left the
+    name out of the key: every such job shared one key, and all but the first were dropped
+    as duplicates without a word. Refused at construction, as ``partition_by`` is."""
+    with pytest.raises(ConfigurationError, match="user_id"):
+        UqDigest(user=1)
+    with Session(engine) as session, session.begin():
+        with pytest.raises(ConfigurationError, match="user_id"):
+            enqueue_many(session, UqDigest, [{"user_id": 1}, {"user": 2}])
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(0,)]
+    assert UqDigest(user_id=None).unique_key != UqDigest(user_id=1).unique_key  # None is a value
