@@ -95,7 +95,10 @@ def _claim_statement(*, after: bool) -> str:
         " UPDATE {jobs} AS j SET state = 'running', attempt = j.attempt + 1,"
         " attempted_at = now(), claim_token = %(token)s, lease_owner = %(owner)s,"
         " lease_expires_at = now() + make_interval(secs => %(lease)s)"
-        " FROM picked WHERE j.id = picked.id"
+        # An id array, as the limited claim has (_claim_sql._CLAIM_AND_COUNT), not a join
+        # with ``picked``: 10.6% more jobs/s in a 4 x 100 drain, server CPU 35 -> 31 us
+        # per job (benchmarks/RESULTS.md, variant none-array).
+        " WHERE j.id = ANY(ARRAY(SELECT id FROM picked))"
         " RETURNING " + CLAIM_COLUMNS.replace("id,", "j.id,", 1) + ", j.scheduled_at"
     )
 

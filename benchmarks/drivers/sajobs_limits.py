@@ -42,6 +42,10 @@
   function put back (diagnostic: up to v11 every limited claim read its queue from the start,
   stepping over the dead entries of every job claimed since the last VACUUM; since v12 it
   resumes past its last batch, as the plain claim does).
+- ``none-serialized`` (experiment, not in the library): none whose claimers take turns on a
+  transaction-scoped advisory lock of the queue, as limited claimers do on its row.
+- ``none-join`` (diagnostic): none with the plain claim's join on ``picked`` that the id
+  array replaced in session 12.
 
 Older functions are put back behind the current signature (``_put_back_an_older_function``).
 
@@ -73,6 +77,8 @@ VARIANTS = {
     "concurrency": QueueLimits(concurrency=100_000),
     "rate": QueueLimits(rate=(10_000_000, dt.timedelta(seconds=1))),
     "partition": QueueLimits(partition_concurrency=10_000),
+    "none-serialized": QueueLimits(),
+    "none-join": QueueLimits(),
     "all": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
     "concurrency-binding": QueueLimits(concurrency=50),
     "keys-only": QueueLimits(),
@@ -210,6 +216,42 @@ def load(dsn: str, n: int, completed: int, variant: str) -> None:
         conn.execute(f"VACUUM ANALYZE {sajobs.JOBS}")
 
 
+def _serialize_plain_claims() -> None:
+    """``none-serialized`` (an experiment, not in the library): the plain claim first takes
+    a transaction-scoped advisory lock on its queue, so claimers of one queue take turns,
+    as a concurrency- or rate-limited claim does on the queue's row. Limited claims
+    measured faster than none on a quiet host (limits-20261206T072211Z); the question is
+    whether the turns, not the limits, make them so."""
+    from sa_jobs import queries
+
+    plain = queries._claim_statement
+
+    def serialized(*, after: bool) -> str:
+        return plain(after=after).replace(
+            "  AND NOT EXISTS (SELECT 1 FROM {queues}",
+            "  AND (SELECT true FROM (SELECT pg_advisory_xact_lock(hashtext(%(queue)s))) turn)"
+            "  AND NOT EXISTS (SELECT 1 FROM {queues}", 1)
+
+    queries._claim_statement = serialized
+
+
+def _plain_claims_by_join() -> None:
+    """``none-join`` (diagnostic): the plain claim as it was up to session 12, updating
+    ``FROM picked WHERE j.id = picked.id`` (a join) where it now updates ``WHERE j.id =
+    ANY(ARRAY(SELECT id FROM picked))``; measured as variant ``none-array`` against the
+    join before the library took it (limits-20261206T073612Z)."""
+    from sa_jobs import queries
+
+    plain = queries._claim_statement
+
+    def by_join(*, after: bool) -> str:
+        text = plain(after=after)
+        assert " WHERE j.id = ANY(ARRAY(SELECT id FROM picked))" in text
+        return text.replace(" WHERE j.id = ANY(ARRAY(SELECT id FROM picked))", " FROM picked WHERE j.id = picked.id", 1)
+
+    queries._claim_statement = by_join
+
+
 def main() -> None:
     a = _proto.parser().parse_args()
     variant = a.variant or "none"
@@ -223,6 +265,10 @@ def main() -> None:
         if variant == "partition-window2x":
             from sa_jobs.worker import worker as worker_module
             worker_module.PARTITION_HEAD_WINDOW = 2
+        if variant == "none-serialized":
+            _serialize_plain_claims()
+        if variant == "none-join":
+            _plain_claims_by_join()
         sajobs.worker(a.dsn, a.concurrency, a.max_claim, a.out)
     elif a.command == "info":
         _proto.emit({**sajobs.info(), "limits": repr(VARIANTS[variant])})
