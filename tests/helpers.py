@@ -11,6 +11,7 @@ from psycopg import sql
 
 from sa_jobs import Job, Worker
 from sa_jobs._url import to_conninfo
+from sa_jobs.events import NullObserver
 
 FAST = dict(lease=2.0, poll_interval=0.2, maintenance_interval=0.1)
 
@@ -60,3 +61,13 @@ def run_worker_until(
         return worker
 
     return anyio.run(main)
+
+
+class LoopErrors(NullObserver):
+    """A worker observer that records the components whose loop failed (``.seen``)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def loop_error(self, component: str) -> None:
+        self.seen.append(component)

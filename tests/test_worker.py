@@ -32,7 +32,7 @@ from sa_jobs.queries import Queries
 from sa_jobs.retry import backoff_bounds, exponential_backoff
 from sa_jobs.testing import perform
 
-from .helpers import FAST, jobs_sql, q, run_worker_until, states
+from .helpers import FAST, LoopErrors, jobs_sql, q, run_worker_until, states
 
 CALLS: dict[str, list[int]] = {}
 
@@ -738,7 +738,6 @@ def test_a_service_past_its_deadline_fails_the_tick_even_if_a_round_trip_ends_af
     in life, a reply that lands as the timer fires) must not be moved: the scope would then
     swallow the cancellation at the next await, and the service end early as if it had
     finished, the tick counted as a success."""
-    from sa_jobs.events import NullObserver
     from sa_jobs.maintenance.leader import Maintainer
 
     reached: list[str] = []
@@ -752,14 +751,7 @@ def test_a_service_past_its_deadline_fails_the_tick_even_if_a_round_trip_ends_af
             await conn.execute("SELECT 1")
             reached.append("after")
 
-    class Errors(NullObserver):
-        def __init__(self) -> None:
-            self.seen: list[str] = []
-
-        def loop_error(self, component: str) -> None:
-            self.seen.append(component)
-
-    observer = Errors()
+    observer = LoopErrors()
     maintainer = Maintainer(to_conninfo(database_url), Queries.for_schema(schema), observer, [Stalls()],
                             interval=0.01, timeout=0.2)
 
@@ -778,7 +770,6 @@ def test_a_promotion_backlog_longer_than_a_tick_is_spread_over_ticks(database_ur
     a backlog in one go outlived it: the tick failed, leadership was dropped and the
     connection discarded, every tick. Now each service stops between batches when its
     share of the tick is spent, and the rest goes at the next tick."""
-    from sa_jobs.events import NullObserver
     from sa_jobs.maintenance.leader import Maintainer
     from sa_jobs.maintenance.scheduler import Scheduler
 
@@ -786,14 +777,7 @@ def test_a_promotion_backlog_longer_than_a_tick_is_spread_over_ticks(database_ur
                                      " SELECT 'w_backlog', 'elsewhere', 'scheduled', now() - interval '1 minute'"
                                      " FROM generate_series(1, 100000)"))
 
-    class Errors(NullObserver):
-        def __init__(self) -> None:
-            self.seen: list[str] = []
-
-        def loop_error(self, component: str) -> None:
-            self.seen.append(component)
-
-    observer = Errors()
+    observer = LoopErrors()
     maintainer = Maintainer(to_conninfo(database_url), Queries.for_schema(schema), observer,
                             [Scheduler(batch=200)], interval=0.01, timeout=0.5)
 

@@ -20,6 +20,7 @@ from sa_jobs import enqueue_many
 
 from .proxy import Proxy
 from .rel_jobs import RelWork
+from ..helpers import LoopErrors
 from .support import Sampler, WorkerProc, scale, wait_for
 
 R = 0.2
@@ -253,7 +254,6 @@ def test_a_half_open_maintainer_connection_still_fails_its_tick_in_time(cluster,
     timeout (leadership dropped, connection discarded) and the next tick reconnects."""
     import anyio
 
-    from sa_jobs.events import NullObserver
     from sa_jobs.maintenance.horizon import HorizonWatch
     from sa_jobs.maintenance.leader import Maintainer
     from sa_jobs.maintenance.rescuer import Rescuer
@@ -263,14 +263,7 @@ def test_a_half_open_maintainer_connection_still_fails_its_tick_in_time(cluster,
 
     timeout = 1.0
 
-    class Errors(NullObserver):
-        def __init__(self) -> None:
-            self.seen: list[str] = []
-
-        def loop_error(self, component: str) -> None:
-            self.seen.append(component)
-
-    observer = Errors()
+    observer = LoopErrors()
     proxy = Proxy(cluster.port)
     maintainer = Maintainer(to_conninfo(cluster.url_via(proxy.port)), Queries.for_schema(rel_schema), observer,
                             [Rescuer(observer), Scheduler(), HorizonWatch()], interval=R, timeout=timeout)
@@ -309,7 +302,6 @@ def test_a_leader_behind_latency_keeps_its_leadership_and_fires_periodic_jobs(cl
     from psycopg import sql
 
     from sa_jobs._url import to_conninfo
-    from sa_jobs.events import NullObserver
     from sa_jobs.maintenance.horizon import HorizonWatch
     from sa_jobs.maintenance.leader import Maintainer
     from sa_jobs.maintenance.rescuer import Rescuer
@@ -319,14 +311,7 @@ def test_a_leader_behind_latency_keeps_its_leadership_and_fires_periodic_jobs(cl
 
     from .rel_jobs import RelNoop
 
-    class Errors(NullObserver):
-        def __init__(self) -> None:
-            self.seen: list[str] = []
-
-        def loop_error(self, component: str) -> None:
-            self.seen.append(component)
-
-    observer = Errors()
+    observer = LoopErrors()
     proxy = Proxy(cluster.port)
     proxy.latency = 0.1
     every_second = PeriodicJobs([Periodic("* * * * * *", RelNoop, name="rel_latency_tick")])
