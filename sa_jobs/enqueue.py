@@ -21,7 +21,7 @@ from . import _validate
 from .errors import ConfigurationError
 from .model import _SERVER_DEFAULT_MAX_ATTEMPTS, Job, KindOptions, _check_attempts, _check_priority, _check_tags
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
-from .unique import note_enqueued
+from .unique import key_sql, note_enqueued
 
 _COLUMNS = ("kind", "queue", "args", "state", "priority", "max_attempts", "tags", "meta", "partition_key", "scheduled_at")
 
@@ -321,8 +321,7 @@ _UNIQUE_INSERT = (
     " SELECT u.kind, u.queue, u.args::jsonb, u.state, u.priority, u.max_attempts,"
     " ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)), u.meta::jsonb, u.partition_key,"
     " coalesce(u.scheduled_at, now()),"
-    " CASE WHEN u.period IS NULL THEN u.base"
-    "  ELSE u.base || ':' || floor(extract(epoch FROM now()) / u.period)::bigint END,"
+    " " + key_sql("u.base", "u.period") + ","
     " ARRAY(SELECT jsonb_array_elements_text(u.states::jsonb))"
     " FROM unnest(%(kind)s::text[], %(queue)s::text[], %(args)s::text[], %(state)s::text[],"
     "  %(priority)s::smallint[], %(max_attempts)s::int[], %(tags)s::text[], %(meta)s::text[],"

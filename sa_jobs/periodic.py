@@ -43,6 +43,7 @@ from .maintenance.leader import TickBudget
 from .model import Job
 from .schema import JOBS_TABLE, PERIODIC_TABLE, UNIQUE_PREDICATE
 from .states import ALL_STATES
+from .unique import key_sql
 
 log = logging.getLogger("sa_jobs.periodic")
 
@@ -336,8 +337,7 @@ _INSERT_JOB = (
     " scheduled_at, unique_key, unique_states)"
     " VALUES (%(kind)s, %(queue)s, %(args)s::jsonb, %(state)s, %(priority)s, %(max_attempts)s, %(tags)s,"
     " %(meta)s::jsonb, %(partition_key)s, coalesce(%(scheduled_at)s::timestamptz, now()),"
-    " CASE WHEN %(period)s::bigint IS NULL THEN %(unique_key)s::text"
-    "  ELSE %(unique_key)s::text || ':' || floor(extract(epoch FROM now()) / %(period)s::bigint)::bigint END,"
+    " " + key_sql("%(unique_key)s::text", "%(period)s::bigint") + ","
     " %(unique_states)s)"
     " ON CONFLICT (kind, unique_key) WHERE {predicate} DO NOTHING RETURNING id"
 )
@@ -429,6 +429,8 @@ class PeriodicJobs:
         tick lasts as long as its round trips (at +500 ms RTT an hourly schedule added
         2.5 s to every tick of the leader, and the next tick's rescue waited for it). A
         slot due by that read is checked again under the row's lock."""
+        # Composed from statements["now"], so that the clock read is the one the
+        # statements give (tests give a fixed one).
         peek = sql.SQL("SELECT ({}), last_slot FROM {} WHERE name = %(name)s").format(
             statements["now"], statements["table"])
         row = await (await conn.execute(peek, {"name": periodic.name})).fetchone()

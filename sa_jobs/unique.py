@@ -111,6 +111,14 @@ class Unique:
 # ---- SQLAlchemy: the key as an INSERT value, the ON CONFLICT statement ------------------
 
 
+def key_sql(base: str, period: str) -> str:
+    """``unique_key`` as SQL text, from the SQL expressions ``base`` and ``period`` (seconds,
+    NULL for none): the base, plus ``:<bucket>`` of ``now()`` with a period. The text
+    statements' form of :func:`key_expression`; both compute the bucket alike."""
+    return (f"CASE WHEN {period} IS NULL THEN {base}"
+            f" ELSE {base} || ':' || floor(extract(epoch FROM now()) / {period})::bigint END")
+
+
 def key_expression(base: str, period_seconds: Optional[int]) -> Any:
     """``unique_key`` as SQL: the base, plus ``:<bucket>`` of ``now()`` with a period."""
     from sqlalchemy import BigInteger, cast, func, literal
