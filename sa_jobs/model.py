@@ -11,16 +11,20 @@ A kind is declared once, with its defaults as class keywords::
 ``SendReceipt(order_id=7)`` is a row for the caller's own ``session.add()``; it commits or
 rolls back with the business rows of that transaction, and ``select(SendReceipt)`` reads
 the kind's history.
+
+A kind may subclass another kind (``class SendGift(SendReceipt, kind="send_gift")``): it
+inherits the parent's options, each keyword it gives overriding one, and its handler.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import inspect
 import json
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, cast
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union, cast
 
 from sqlalchemy import BigInteger, DateTime, Identity, Integer, SmallInteger, Table, Text, func, text
 from sqlalchemy import inspect as sa_inspect
@@ -55,6 +59,16 @@ def is_async_handler(fn: Handler) -> bool:
     )
 
 _SERVER_DEFAULT_MAX_ATTEMPTS = 20  # the jobs table's DEFAULT for max_attempts
+
+
+class _Inherited(enum.Enum):
+    """The default of a kind's option keywords: not given, so inherited from the parent
+    kind. A sentinel, not None: ``timeout=None`` and ``unique=None`` are values to give."""
+
+    INHERITED = "inherited"
+
+
+_INHERITED = _Inherited.INHERITED
 
 
 @dataclass(frozen=True)
@@ -201,32 +215,40 @@ class Job(Base):
         cls,
         *,
         kind: Optional[str] = None,
-        queue: str = "default",
-        priority: int = 0,
-        max_attempts: int = _SERVER_DEFAULT_MAX_ATTEMPTS,
-        timeout: Optional[float] = None,
-        backoff: BackoffPolicy = exponential_backoff,
-        tags: Sequence[str] = (),
-        max_args_bytes: int = _validate.DEFAULT_MAX_ARGS_BYTES,
-        unique: Optional[Unique] = None,
-        partition_by: Sequence[str] = (),
+        queue: Union[str, _Inherited] = _INHERITED,
+        priority: Union[int, _Inherited] = _INHERITED,
+        max_attempts: Union[int, _Inherited] = _INHERITED,
+        timeout: Union[float, None, _Inherited] = _INHERITED,
+        backoff: Union[BackoffPolicy, _Inherited] = _INHERITED,
+        tags: Union[Sequence[str], _Inherited] = _INHERITED,
+        max_args_bytes: Union[int, _Inherited] = _INHERITED,
+        unique: Union[Unique, None, _Inherited] = _INHERITED,
+        partition_by: Union[Sequence[str], _Inherited] = _INHERITED,
         **kw: Any,
     ) -> None:
-        options = KindOptions(
-            kind=kind or cls.__name__,
-            queue=queue,
-            priority=priority,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            backoff=backoff,
-            tags=tuple(_check_tags(tags)),
-            max_args_bytes=max_args_bytes,
-            unique=unique,
-            partition_by=(partition_by,) if isinstance(partition_by, str) else tuple(partition_by),
-        )
+        # An option not given is the parent kind's (cls.__sa_jobs_options__ is still the
+        # nearest base's here), or KindOptions' default below Job itself. Given, it
+        # replaces the parent's, None and () included (unique=None: not unique).
+        given: dict[str, Any] = {
+            name: value
+            for name, value in (("queue", queue), ("priority", priority), ("max_attempts", max_attempts),
+                                ("timeout", timeout), ("backoff", backoff), ("tags", tags),
+                                ("max_args_bytes", max_args_bytes), ("unique", unique),
+                                ("partition_by", partition_by))
+            if value is not _INHERITED
+        }
+        if "tags" in given:
+            given["tags"] = tuple(_check_tags(given["tags"]))
+        if "partition_by" in given:
+            by = given["partition_by"]
+            given["partition_by"] = (by,) if isinstance(by, str) else tuple(by)
+        parent = cls.__sa_jobs_options__
+        name = kind or cls.__name__
+        options = KindOptions(kind=name, **given) if parent is None else replace(parent, kind=name, **given)
         _check_kind_is_free(options.kind, cls)
         cls.__sa_jobs_options__ = options
-        cls.__sa_jobs_handler__ = None
+        # The handler is not reset: a kind without its own runs its parent kind's
+        # (attribute lookup), even one registered after the child was declared.
         if options.unique is not None:
             note_unique_kind()
         mapper_args = dict(cls.__dict__.get("__mapper_args__", {}))
@@ -350,7 +372,9 @@ class Job(Base):
 
     @classmethod
     def handler(cls, fn: Handler) -> Handler:
-        """Register ``fn(ctx, **args)`` as this kind's handler (async or sync); returns ``fn``."""
+        """Register ``fn(ctx, **args)`` as this kind's handler (async or sync); returns ``fn``.
+
+        A kind that subclasses this one runs ``fn`` too, unless it registers its own."""
         if cls.__sa_jobs_options__ is None:
             raise ConfigurationError("register handlers on a job kind, not on Job itself")
         if not callable(fn):
