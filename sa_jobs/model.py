@@ -32,6 +32,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from . import _validate
+from ._bulk_guard import register_bulk_guards
 from .errors import ConfigurationError
 from .retry import BackoffPolicy, exponential_backoff
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
@@ -435,4 +436,6 @@ def registered_kinds() -> dict[str, type[Job]]:
 
 # Unique kinds' rows are inserted ON CONFLICT by a before_flush hook on every Session.
 register_session_hook()
+# SQLAlchemy's bulk INSERT paths that would skip Job.__init__ or that hook are refused.
+register_bulk_guards(Job)
 

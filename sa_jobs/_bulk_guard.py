@@ -1,0 +1,129 @@
+"""Refuse SQLAlchemy's bulk INSERT paths that would write a wrong job row.
+
+A job row is right only when built by ``Job.__init__`` (args checked as JSON; the kind's
+queue, priority, max_attempts, tags, partition key and unique key filled in) and, for a
+unique kind, written by the flush hook's ``INSERT ... ON CONFLICT``. Three SQLAlchemy
+paths skip one or the other, and wrote rows no worker of the kind's queue ever ran, or
+duplicates, or failed the caller's transaction:
+
+- an ORM INSERT of a kind (``session.execute(insert(Kind), [dicts])``, ``.values()``,
+  ``.returning()``, ``select(Kind).from_statement(insert(Kind))``): refused from the
+  ``do_orm_execute`` event, before it runs;
+- ``Session.bulk_insert_mappings(Kind, ...)``: refused;
+- ``Session.bulk_save_objects`` of new jobs of a unique kind (no ON CONFLICT, no period
+  bucket) or with a ``delay=`` (SQL the bulk path sends as a parameter): refused. Other
+  jobs, built by ``Job.__init__``, are written as ``add_all`` would write them.
+
+The two legacy bulk methods run no event at all, so they are wrapped on the ``Session``
+class (once, keeping SQLAlchemy's method for everything but job kinds). A Core
+``insert(Job.__table__)`` stays the explicit low-level path: it writes exactly the
+columns it is given.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable, Optional
+
+from sqlalchemy import Insert, event, inspect
+from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.sql.elements import ClauseElement
+
+from .errors import ConfigurationError
+
+# The mapped Job class, set by register_bulk_guards (model.py imports this module).
+_job: Optional[type] = None
+
+
+def _kind_name(cls: type) -> str:
+    options = getattr(cls, "__sa_jobs_options__", None)
+    return cls.__name__ if options is None else f"{cls.__name__} (kind {options.kind!r})"
+
+
+def _refusal(cls: type, path: str, why: str) -> ConfigurationError:
+    name = "YourKind" if cls is _job else cls.__name__
+    return ConfigurationError(
+        f"{path} of {_kind_name(cls)} is not an enqueue path: {why}. Enqueue with"
+        f" session.add_all([{name}(**args), ...]) or sa_jobs.enqueue_many(session, {name}, rows);"
+        " insert(Job.__table__) is the low-level path that writes exactly the columns given")
+
+
+_BYPASSES_INIT = ("it bypasses Job.__init__, so the row would take the table's queue 'default'"
+                  " instead of the kind's, miss its priority, max_attempts, tags, partition and"
+                  " unique keys (duplicates written), and its args would not be checked")
+
+
+def _job_class(entity: Any) -> Optional[type]:
+    """The Job class that ``entity`` (a class or a Mapper) maps, else None."""
+    cls = getattr(entity, "class_", entity)
+    return cls if isinstance(cls, type) and _job is not None and issubclass(cls, _job) else None
+
+
+def _refuse_orm_insert(state: ORMExecuteState) -> None:
+    """``do_orm_execute``: refuse an ORM INSERT into a job kind. Runs for every ORM
+    statement of the app, so a non-INSERT returns after one attribute test."""
+    if not state.is_insert:
+        return
+    cls = _job_class(state.bind_mapper)
+    if cls is None:
+        return
+    statement = state.statement
+    if not isinstance(statement, Insert):
+        # select(Kind).from_statement(insert(...)): the INSERT inside decides; a Core
+        # insert(Job.__table__) whose rows load as Kind is the low-level path.
+        inner = getattr(statement, "element", None)
+        if not isinstance(inner, Insert) or _job_class(inner.entity_description.get("entity")) is None:
+            return
+    raise _refusal(cls, "An ORM INSERT (session.execute(insert(Kind), ...))", _BYPASSES_INIT)
+
+
+def _guard_bulk_insert_mappings(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def bulk_insert_mappings(self: Session, mapper: Any, mappings: Any, *args: Any, **kw: Any) -> None:
+        cls = _job_class(mapper)
+        if cls is not None:
+            raise _refusal(cls, "session.bulk_insert_mappings()", _BYPASSES_INIT)
+        return original(self, mapper, mappings, *args, **kw)
+
+    bulk_insert_mappings.__sa_jobs_guard__ = True  # type: ignore[attr-defined]
+    return bulk_insert_mappings
+
+
+def _check_saved_objects(objects: list[Any]) -> None:
+    for obj in objects:
+        cls = _job_class(type(obj))
+        if cls is None or inspect(obj).key is not None:  # not a job, or an UPDATE
+            continue
+        options = cls.__sa_jobs_options__  # type: ignore[attr-defined]
+        if options is not None and options.unique is not None:
+            raise _refusal(cls, "session.bulk_save_objects()", (
+                "a unique kind is written by the flush hook's INSERT ... ON CONFLICT (and its key"
+                " takes the period's bucket there); a bulk INSERT raised IntegrityError on a"
+                " duplicate, inside your transaction"))
+        if isinstance(obj.__dict__.get("scheduled_at"), ClauseElement):
+            raise _refusal(cls, "session.bulk_save_objects()", (
+                "a job with delay= carries SQL (now() + the delay) that a bulk INSERT cannot send"))
+
+
+def _guard_bulk_save_objects(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def bulk_save_objects(self: Session, objects: Iterable[object], *args: Any, **kw: Any) -> None:
+        objects = list(objects)  # checked in full before anything is written
+        _check_saved_objects(objects)
+        return original(self, objects, *args, **kw)
+
+    bulk_save_objects.__sa_jobs_guard__ = True  # type: ignore[attr-defined]
+    return bulk_save_objects
+
+
+def register_bulk_guards(job: type) -> None:
+    """Guard every Session (sync, and the one inside each AsyncSession), once."""
+    global _job
+    _job = job
+    if not event.contains(Session, "do_orm_execute", _refuse_orm_insert):
+        event.listen(Session, "do_orm_execute", _refuse_orm_insert)
+    for name, guard in (("bulk_insert_mappings", _guard_bulk_insert_mappings),
+                        ("bulk_save_objects", _guard_bulk_save_objects)):
+        method = getattr(Session, name)
+        if not getattr(method, "__sa_jobs_guard__", False):
+            setattr(Session, name, guard(method))

@@ -1,0 +1,224 @@
+"""SQLAlchemy's other bulk paths: each writes the row ``session.add`` would, or is refused
+with a ConfigurationError before anything is written, never a wrong row."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Callable
+
+import pytest
+from sqlalchemy import Integer, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, scoped_session, sessionmaker
+
+from sa_jobs import ConfigurationError, Job, Unique
+from sa_jobs._url import sqlalchemy_url
+from sa_jobs.schema import DEFAULT_SCHEMA
+
+from .helpers import jobs_sql, q
+
+
+class BpEmail(Job, kind="bp_email", queue="emails", priority=3, max_attempts=5, tags=("mail",),
+              partition_by=("user_id",)):
+    pass
+
+
+class BpUnique(Job, kind="bp_unique", queue="uq", unique=Unique(by=("user_id",))):
+    pass
+
+
+class BpHourly(Job, kind="bp_hourly", unique=Unique(by=("user_id",), period=dt.timedelta(hours=1))):
+    pass
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class BpOther(_Base):
+    __tablename__ = "test_bp_other"
+    __table_args__ = {"schema": DEFAULT_SCHEMA}
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+
+
+_COLUMNS = "kind, queue, priority, max_attempts, tags, args, partition_key, unique_key, state"
+
+
+def _rows(database_url: str, schema: str) -> list[tuple[Any, ...]]:
+    return q(database_url, jobs_sql(schema, f"SELECT {_COLUMNS} FROM {{jobs}} ORDER BY id"))
+
+
+def _assert_refused(error: pytest.ExceptionInfo[ConfigurationError]) -> None:
+    message = str(error.value)
+    assert "add_all" in message and "enqueue_many" in message, message
+
+
+def _still_usable(session: Session) -> None:
+    """The caller's transaction goes on after the refusal: a job added the usual way commits."""
+    session.add(BpEmail(user_id=99))
+
+
+# The row of _still_usable's job: the kind's queue, priority, attempts, tags, partition key.
+USUAL_ROW = ("bp_email", "emails", 3, 5, ["mail"], {"user_id": 99}, "99", None, "available")
+
+
+ORM_INSERTS: dict[str, Callable[[Session], Any]] = {
+    "insert(Kind), dicts": lambda s: s.execute(insert(BpEmail), [{"args": {"user_id": 1}}, {"args": {"user_id": 2}}]),
+    "insert(Kind).values()": lambda s: s.execute(insert(BpEmail).values(args={"user_id": 1})),
+    "insert(Kind).returning(Kind), dicts": lambda s: s.scalars(
+        insert(BpEmail).returning(BpEmail), [{"args": {"user_id": 1}}]).all(),
+    "insert(Job), dicts with kind": lambda s: s.execute(insert(Job), [{"kind": "bp_email", "args": {"user_id": 1}}]),
+    "insert(unique Kind), duplicate dicts": lambda s: s.execute(
+        insert(BpUnique), [{"args": {"user_id": 1}}, {"args": {"user_id": 1}}]),
+    "postgresql insert(Kind) ON CONFLICT": lambda s: s.execute(
+        pg_insert(BpUnique).on_conflict_do_nothing(), [{"args": {"user_id": 1}}]),
+    "select(Kind).from_statement(insert(Kind))": lambda s: s.scalars(
+        select(BpEmail).from_statement(insert(BpEmail).values(args={"user_id": 1}).returning(BpEmail))).all(),
+}
+
+
+@pytest.mark.parametrize("how", list(ORM_INSERTS))
+def test_an_orm_insert_of_a_kind_is_refused_before_anything_is_written(engine, database_url, schema, how):
+    # Before: rows written with the table's queue 'default' (no worker of "emails" ever
+    # ran them), no partition or unique key (duplicates written), args unchecked.
+    with Session(engine) as session, session.begin():
+        with pytest.raises(ConfigurationError) as error:
+            ORM_INSERTS[how](session)
+        _assert_refused(error)
+        _still_usable(session)
+    assert _rows(database_url, schema) == [USUAL_ROW]
+
+
+def test_an_orm_insert_through_an_async_session_is_refused(database_url, schema):
+    import anyio
+
+    async def main() -> None:
+        engine = create_async_engine(sqlalchemy_url(database_url, async_=True))
+        engine = engine.execution_options(schema_translate_map={DEFAULT_SCHEMA: schema})
+        try:
+            async with AsyncSession(engine) as session, session.begin():
+                with pytest.raises(ConfigurationError) as error:
+                    await session.execute(insert(BpEmail), [{"args": {"user_id": 1}}])
+                _assert_refused(error)
+                session.add(BpEmail(user_id=99))
+        finally:
+            await engine.dispose()
+
+    anyio.run(main)
+    assert _rows(database_url, schema) == [USUAL_ROW]
+
+
+@pytest.mark.parametrize("target", [BpEmail, BpUnique, Job, "mapper"])
+def test_bulk_insert_mappings_of_a_kind_is_refused(engine, database_url, schema, target):
+    # SQLAlchemy runs no event for it: before, it wrote queue 'default' and no keys.
+    mapper = BpEmail.__mapper__ if target == "mapper" else target
+    with Session(engine) as session, session.begin():
+        with pytest.raises(ConfigurationError) as error:
+            session.bulk_insert_mappings(mapper, [{"kind": "bp_email", "args": {"user_id": 1}}] * 2)
+        _assert_refused(error)
+        _still_usable(session)
+    assert _rows(database_url, schema) == [USUAL_ROW]
+
+
+def test_bulk_insert_mappings_through_a_scoped_session_is_refused(engine, database_url, schema):
+    session = scoped_session(sessionmaker(engine))
+    try:
+        with pytest.raises(ConfigurationError):
+            session.bulk_insert_mappings(BpEmail, [{"args": {"user_id": 1}}])
+        session.rollback()
+    finally:
+        session.remove()
+    assert _rows(database_url, schema) == []
+
+
+def test_bulk_save_objects_of_a_unique_duplicate_is_refused_not_an_integrity_error(engine, database_url, schema):
+    # Before: a plain INSERT without ON CONFLICT, so IntegrityError in the caller's transaction.
+    with Session(engine) as session, session.begin():
+        session.add(BpUnique(user_id=1))
+        session.flush()
+        with pytest.raises(ConfigurationError) as error:
+            session.bulk_save_objects([BpUnique(user_id=2), BpUnique(user_id=1)])
+        _assert_refused(error)
+        again = BpUnique(user_id=1)
+        session.add(again)
+        session.flush()
+        assert again.was_duplicate
+    assert [r[5] for r in _rows(database_url, schema)] == [{"user_id": 1}]
+
+
+def test_bulk_save_objects_of_a_period_kind_is_refused_not_a_key_without_its_bucket(engine, database_url, schema):
+    # Before: the row's key lacked the period bucket, so it met no key of the kind: a
+    # duplicate in the same hour was written silently.
+    with Session(engine) as session, session.begin():
+        session.add(BpHourly(user_id=1))
+        session.flush()
+        with pytest.raises(ConfigurationError) as error:
+            session.bulk_save_objects([BpHourly(user_id=1)])
+        _assert_refused(error)
+    rows = _rows(database_url, schema)
+    assert len(rows) == 1 and ":" in rows[0][7]
+
+
+def test_bulk_save_objects_of_a_delayed_job_is_refused_before_the_driver_sees_it(engine, database_url, schema):
+    # Before: psycopg's "cannot adapt type 'BinaryExpression'" (the delay is SQL, now() +
+    # interval, which a bulk INSERT sends as a parameter), and the transaction was lost.
+    with Session(engine) as session, session.begin():
+        with pytest.raises(ConfigurationError) as error:
+            session.bulk_save_objects([BpEmail(user_id=1), BpEmail(user_id=2).options(delay=60)])
+        _assert_refused(error)
+        _still_usable(session)
+    assert _rows(database_url, schema) == [USUAL_ROW]
+
+
+def test_bulk_save_objects_of_plain_kinds_writes_the_rows_add_all_writes(engine, database_url, schema):
+    def build() -> list[Job]:
+        return [BpEmail(user_id=1), BpEmail(user_id=2).options(queue="other", priority=-1, tags=["x"]),
+                BpEmail(user_id=3).options(run_at=dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc))]
+
+    with Session(engine) as session, session.begin():
+        session.add_all(build())
+    by_add_all = _rows(database_url, schema)
+    q(database_url, jobs_sql(schema, "DELETE FROM {jobs}"))
+    with Session(engine) as session, session.begin():
+        session.bulk_save_objects(build())
+    assert _rows(database_url, schema) == by_add_all
+    assert [r[1] for r in by_add_all] == ["emails", "other", "emails"]
+    assert by_add_all[2][8] == "scheduled"
+
+
+def test_merge_of_a_new_job_writes_the_row_add_writes(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        session.merge(BpEmail(user_id=99))
+        first = session.merge(BpUnique(user_id=1))
+        session.flush()
+        again = session.merge(BpUnique(user_id=1))
+        session.flush()
+        assert again.was_duplicate and again.id == first.id
+    rows = _rows(database_url, schema)
+    assert rows[0] == USUAL_ROW
+    assert [(r[0], r[1], r[5]) for r in rows[1:]] == [("bp_unique", "uq", {"user_id": 1})]
+
+
+def test_a_core_insert_of_the_table_is_the_escape_hatch_and_writes_only_what_it_is_given(engine, database_url, schema):
+    table = Job.__table__
+    with Session(engine) as session, session.begin():
+        session.execute(insert(table), [{"kind": "bp_email", "args": {"user_id": 1}}])
+        loaded = session.scalars(select(BpEmail).from_statement(
+            insert(table).values(kind="bp_email", queue="emails", args={"user_id": 2}).returning(*table.c))).all()
+        assert [job.args for job in loaded] == [{"user_id": 2}]
+    assert [(r[1], r[6]) for r in _rows(database_url, schema)] == [("default", None), ("emails", None)]
+
+
+def test_orm_inserts_and_bulk_methods_of_other_models_are_untouched(engine):
+    BpOther.metadata.create_all(engine)
+    try:
+        with Session(engine) as session, session.begin():
+            session.execute(insert(BpOther), [{"id": 1, "n": 1}, {"id": 2, "n": 2}])
+            session.bulk_insert_mappings(BpOther, [{"id": 3, "n": 3}])
+            session.bulk_save_objects([BpOther(id=4, n=4)])
+            session.execute(insert(BpOther).values(id=5, n=5))
+            assert session.scalars(select(BpOther.n).order_by(BpOther.id)).all() == [1, 2, 3, 4, 5]
+    finally:
+        BpOther.metadata.drop_all(engine)
