@@ -303,7 +303,28 @@ class JobStatus:
     error: Optional[str]  # the last error's first line, at most 200 characters
     can_retry: bool  # it ended dead or cancelled: what a status page offers a retry for (retry() accepts more)
     result: Any
-    progress: Any = None
+    progress: Any = None  # {"percent", "message"} reported by the current attempt (current_progress)
+
+
+def current_progress(state: str, attempt: int, progress: Any) -> Any:
+    """The stored ``progress`` if the job's current attempt reported it, else None.
+
+    A report names its attempt (``ctx.set_progress``), and the row keeps the last one
+    across retries: the claim cannot reset it (the limited claim is frozen DDL). The
+    current attempt is the row's ``attempt`` while it runs or once it has finished, and
+    the one it will run next, ``attempt + 1``, while it waits (a claim increments it). A
+    snooze refunds its attempt, so the run after it is the same attempt and the snoozed
+    run's report stays current. A report that names no attempt (from a version before
+    reports did) counts as current: hiding it would blank every such job's progress
+    after an upgrade, where showing it only keeps the old behaviour for rows in flight.
+    """
+    if not isinstance(progress, dict):
+        return progress
+    tag = progress.get("attempt")
+    if not isinstance(tag, int) or isinstance(tag, bool):
+        return progress
+    current = attempt + 1 if state in PENDING_STATES else attempt
+    return progress if tag >= current else None
 
 
 def job_status(session: Any, job_id: int) -> JobStatus:
@@ -323,10 +344,13 @@ def job_status(session: Any, job_id: int) -> JobStatus:
     error = None
     if row.errors and row.state in ("dead", "retryable", "cancelled"):
         error = str(row.errors[-1].get("error", "")).splitlines()[0][:200] if row.errors[-1].get("error") else None
+    progress = current_progress(row.state, row.attempt, row.progress)
+    if isinstance(progress, dict):  # the attempt is the status's own
+        progress = {k: v for k, v in progress.items() if k != "attempt"}
     return JobStatus(
         id=row.id, status=STATUS_WORDS[row.state], state=row.state, attempt=row.attempt,
         max_attempts=row.max_attempts, error=error, can_retry=row.state in ("dead", "cancelled"), result=row.result,
-        progress=row.progress,
+        progress=progress,
     )
 
 
@@ -677,12 +701,15 @@ def list_jobs(session: Any, where: JobFilter = JobFilter(), *, limit: int = 50) 
 
 
 def show_job(session: Any, job_id: int) -> dict[str, Any]:
-    """Every column of job ``job_id``."""
+    """Every column of job ``job_id``; ``progress`` only if the current attempt reported it
+    (:func:`current_progress`), as a status page shows it."""
     check_job_id(job_id)
     row = session.execute(select(_jobs).where(_jobs.c.id == job_id)).mappings().one_or_none()
     if row is None:
         raise JobNotFoundError(f"no job {job_id}")
-    return dict(row)
+    job = dict(row)
+    job["progress"] = current_progress(job["state"], job["attempt"], job["progress"])
+    return job
 
 
 def matching_ids(session: Any, where: JobFilter, *, limit: Optional[int] = None) -> list[int]:

@@ -194,7 +194,8 @@ class Job(Base):
     result: Mapped[Optional[Any]] = mapped_column(JSONB)
     tags: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default=text("'{}'"))
     meta: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
-    # Schema v2: the handler's last progress report, {"percent": 0-100, "message": str}.
+    # Schema v2: the handler's last progress report, {"percent": 0-100, "message": str, "attempt": n}
+    # (reports before the attempt was added have none); see admin.current_progress.
     progress: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONB)
     # Schema v3: a unique job holds its key only while its state is in unique_states.
     unique_key: Mapped[Optional[str]] = mapped_column(_omitted_when_unset(Text()))

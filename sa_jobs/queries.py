@@ -53,11 +53,15 @@ _FINISH = (
     " WHERE j.id = u.id AND j.claim_token = u.token AND {{running}}"
 )
 # Shutdown gives claimed-but-unfinished jobs back at once; the interrupted attempt is
-# not the job's fault, so it is not counted.
+# not the job's fault, so it is not counted. The next run therefore has the same attempt
+# number, and would show the interrupted run's progress as its own: a run that reported
+# (``reported``) has its report dropped; one that did not keeps what the row shows (a
+# snoozed run's report, or an earlier attempt's, which job_status hides).
 _RELEASE = (
     "UPDATE {{jobs}} AS j SET state = 'available', attempt = greatest(j.attempt - 1, 0),"
-    " scheduled_at = now(), lease_expires_at = NULL"
-    " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[]) AS u(id, token)"
+    " scheduled_at = now(), lease_expires_at = NULL,"
+    " progress = CASE WHEN u.reported THEN NULL ELSE j.progress END"
+    " FROM unnest(%({p}ids)s::bigint[], %({p}tokens)s::uuid[], %({p}reported)s::bool[]) AS u(id, token, reported)"
     " WHERE j.id = u.id AND j.claim_token = u.token AND {{running}}"
 )
 

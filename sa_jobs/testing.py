@@ -52,6 +52,7 @@ class _TestJob:
         self.lease_lost = self.completing = self.completed_in_tx = False
         self.cancel_reason: Optional[str] = None
         self.progress_json: Optional[str] = None
+        self.reported = False
         self.progress: list[str] = []
 
     @property

@@ -73,6 +73,21 @@ def test_jobs_show(capsys, database_url, schema, seeded):
     assert code == 2 and "no job 999999" in err
 
 
+def test_jobs_show_leaves_out_an_earlier_attempts_progress(capsys, database_url, schema, seeded):
+    """A job waiting for its attempt 4 showed attempt 3's progress as its own."""
+    set_progress = jobs_sql(schema, "UPDATE {jobs} SET progress = %s::jsonb WHERE id = %s")
+    q(database_url, set_progress, ('{"percent": 80, "message": "uploading", "attempt": 3}', seeded[1]))
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'retryable' WHERE id = %s"), (seeded[1],))
+    code, out, _ = run(capsys, database_url, schema, "jobs", "show", str(seeded[1]))
+    assert code == 0 and "uploading" not in out
+    code, out, _ = run(capsys, database_url, schema, "jobs", "show", str(seeded[1]), "--json")
+    assert json.loads(out)["progress"] is None
+    # The running job's own report (attempt 1) is shown.
+    q(database_url, set_progress, ('{"percent": 40, "message": "resizing", "attempt": 1}', seeded[4]))
+    code, out, _ = run(capsys, database_url, schema, "jobs", "show", str(seeded[4]))
+    assert code == 0 and "resizing" in out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -24,7 +25,7 @@ from sa_jobs import (
     retry,
     retry_many,
 )
-from sa_jobs.admin import delete_many
+from sa_jobs.admin import delete_many, show_job
 
 from .helpers import jobs_sql, q, run_worker_until, states, wait_for
 
@@ -471,6 +472,195 @@ def test_a_progress_report_just_before_the_end_is_kept(engine, database_url, sch
         status = job_status(session, job_id)
     assert status.status == ("failed" if fail else "done"), status
     assert status.progress == {"percent": 80, "message": "uploading"}, status
+
+
+# ---- progress belongs to the attempt that reported it ------------------------------
+#
+# A job retried (after a failure, a lost lease or an admin replay) or released at shutdown
+# showed the previous run's progress (80% "uploading") while it waited and while its next
+# attempt ran, until that attempt's first report.
+
+PROGRESS_GO = threading.Event()  # attempt 2 may report
+PROGRESS_END = threading.Event()  # attempt 2 may return
+
+
+class CProgressRetry(Job, kind="c_progress_retry", queue="c", max_attempts=2, backoff=constant_backoff(1.0)):
+    pass
+
+
+@CProgressRetry.handler
+async def c_progress_retry(ctx: JobContext) -> str:
+    if ctx.attempt == 1:
+        ctx.set_progress(80, "uploading")
+        raise RuntimeError("upload refused")
+    while not PROGRESS_GO.is_set():
+        await anyio.sleep(0.02)
+    ctx.set_progress(10, "uploading again")
+    while not PROGRESS_END.is_set():
+        await anyio.sleep(0.02)
+    return "uploaded"
+
+
+def test_a_retried_job_shows_no_progress_until_its_new_attempt_reports(engine, database_url, schema):
+    PROGRESS_GO.clear()
+    PROGRESS_END.clear()
+    (job_id,) = add(engine, CProgressRetry())
+    waiting: list = []  # progress seen while it waited for attempt 2
+    before_report: list = []  # progress seen while attempt 2 ran before reporting
+    after_report: list = []
+
+    def done() -> bool:
+        with Session(engine) as session:
+            status = job_status(session, job_id)
+        if status.state in ("retryable", "available") and status.attempt == 1:
+            waiting.append(status.progress)
+        elif status.state == "running" and status.attempt == 2 and not PROGRESS_GO.is_set():
+            before_report.append(status.progress)
+            if len(before_report) >= 3:
+                PROGRESS_GO.set()
+        elif status.state == "running" and status.attempt == 2 and status.progress is not None:
+            after_report.append(status.progress)
+            PROGRESS_END.set()
+        return status.status == "done"
+
+    try:
+        run_worker_until(database_url, schema, ALL + [CProgressRetry], done, lease=30.0)
+    finally:
+        PROGRESS_GO.set()
+        PROGRESS_END.set()
+    assert waiting and all(p is None for p in waiting), waiting
+    assert before_report and all(p is None for p in before_report), before_report
+    assert after_report and after_report[0] == {"percent": 10, "message": "uploading again"}, after_report
+    with Session(engine) as session:
+        final = job_status(session, job_id)
+    # A completed job keeps its last attempt's progress.
+    assert (final.status, final.attempt, final.result) == ("done", 2, "uploaded")
+    assert final.progress == {"percent": 10, "message": "uploading again"}, final
+
+
+def test_a_dead_job_replayed_by_an_admin_shows_no_progress_while_it_waits(engine, database_url, schema):
+    (job_id,) = add(engine, CProgressLast(fail=True).options(max_attempts=1))
+
+    def finished() -> bool:
+        with Session(engine) as session:
+            return job_status(session, job_id).status == "failed"
+
+    run_worker_until(database_url, schema, ALL + [CProgressLast], finished, lease=30.0)
+    with Session(engine) as session, session.begin():
+        assert job_status(session, job_id).progress == {"percent": 80, "message": "uploading"}
+        retry(session, job_id)
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+    assert (status.status, status.attempt, status.progress) == ("queued", 1, None), status
+
+
+class CProgressStuck(Job, kind="c_progress_stuck", queue="c"):
+    pass
+
+
+@CProgressStuck.handler
+async def c_progress_stuck(ctx: JobContext) -> None:
+    ctx.set_progress(80, "uploading")
+    await anyio.sleep(60)
+
+
+def test_a_job_released_at_shutdown_shows_no_progress_of_the_interrupted_run(engine, database_url, schema):
+    """A release refunds the attempt, so the next run has the same attempt number: the
+    release itself drops the interrupted run's report (its handler starts over)."""
+    (job_id,) = add(engine, CProgressStuck())
+
+    def reported() -> bool:
+        return row(database_url, schema, job_id, "progress")[0] is not None
+
+    run_worker_until(database_url, schema, ALL + [CProgressStuck], reported, lease=30.0, shutdown_grace=0.1)
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+    assert (status.state, status.attempt, status.progress) == ("available", 0, None), status
+
+
+SNOOZE_GO = threading.Event()
+SNOOZE_RUNS: dict[int, int] = {}
+
+
+class CProgressSnooze(Job, kind="c_progress_snooze", queue="c", max_attempts=1):
+    pass
+
+
+@CProgressSnooze.handler
+async def c_progress_snooze(ctx: JobContext) -> str:
+    SNOOZE_RUNS[ctx.id] = SNOOZE_RUNS.get(ctx.id, 0) + 1
+    if SNOOZE_RUNS[ctx.id] == 1:
+        ctx.set_progress(50, "half exported")
+        raise Snooze(1.0)
+    while not SNOOZE_GO.is_set():
+        await anyio.sleep(0.02)
+    return "exported"
+
+
+def test_progress_survives_a_snooze_which_spends_no_attempt(engine, database_url, schema):
+    """A snooze refunds its attempt: the run after it is the same attempt, and the
+    snoozed run's report stays on show while it waits and until the next run reports."""
+    SNOOZE_GO.clear()
+    SNOOZE_RUNS.clear()
+    (job_id,) = add(engine, CProgressSnooze())
+    snoozed: list = []
+    rerun: list = []
+
+    def done() -> bool:
+        with Session(engine) as session:
+            status = job_status(session, job_id)
+        if status.state == "scheduled":
+            snoozed.append((status.attempt, status.progress))
+        elif status.state == "running" and SNOOZE_RUNS.get(job_id) == 2 and status.attempt == 1:
+            rerun.append(status.progress)
+            if len(rerun) >= 3:
+                SNOOZE_GO.set()
+        return status.status == "done"
+
+    try:
+        run_worker_until(database_url, schema, ALL + [CProgressSnooze], done, lease=30.0)
+    finally:
+        SNOOZE_GO.set()
+    half = {"percent": 50, "message": "half exported"}
+    assert snoozed and all(s == (0, half) for s in snoozed), snoozed
+    assert rerun and all(p == half for p in rerun), rerun
+    with Session(engine) as session:
+        assert job_status(session, job_id).progress == half
+
+
+@pytest.mark.parametrize(
+    "state, attempt, tag, shown",
+    [
+        ("retryable", 1, 1, False),  # failed, or its lease was rescued: the next run is attempt 2
+        ("available", 1, 1, False),  # promoted, or replayed by an admin
+        ("scheduled", 0, 1, True),  # snoozed: the next run is attempt 1 again
+        ("available", 0, 1, True),  # snoozed, then promoted
+        ("running", 2, 1, False),  # attempt 2 has not reported yet
+        ("running", 2, 2, True),
+        ("completed", 2, 2, True),
+        ("completed", 2, 1, False),  # attempt 2 finished without a report
+        ("dead", 3, 3, True),
+        ("cancelled", 1, 1, True),  # cancelled while it waited for its retry
+        ("cancelled", 0, 1, True),  # cancelled while snoozed
+        ("retryable", 1, None, True),  # written before reports named their attempt
+        ("running", 2, None, True),
+    ],
+)
+def test_job_status_shows_the_progress_of_the_current_attempt_only(engine, database_url, schema, state, attempt, tag,
+                                                                     shown):
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+    report = {"percent": 80, "message": "uploading", **({} if tag is None else {"attempt": tag})}
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = %s, attempt = %s, progress = %s::jsonb,"
+                                     " claim_token = CASE WHEN %s = 'running' THEN gen_random_uuid() END,"
+                                     " lease_expires_at = CASE WHEN %s = 'running' THEN now() + interval '1 hour' END,"
+                                     " finished_at = CASE WHEN %s IN ('completed', 'dead', 'cancelled') THEN now() END"
+                                     " WHERE id = %s"),
+      (state, attempt, json.dumps(report), state, state, state, job_id))
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+        shown_row = show_job(session, job_id)
+    assert status.progress == ({"percent": 80, "message": "uploading"} if shown else None), status
+    assert shown_row["progress"] == (report if shown else None), shown_row
 
 
 class CProgressBool(Job, kind="c_progress_bool", queue="c"):

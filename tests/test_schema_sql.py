@@ -230,7 +230,7 @@ def test_outcome_flush_looks_jobs_up_by_primary_key_under_churn(database_url, sc
     params = {
         "c_ids": ids, "c_tokens": tokens, "c_results": ["1"] * len(ids), "c_progress": [None] * len(ids),
         "f_ids": [], "f_tokens": [], "f_targets": [], "f_errors": [], "f_delays": [], "f_progress": [],
-        "r_ids": [], "r_tokens": [],
+        "r_ids": [], "r_tokens": [], "r_reported": [],
     }
     with psycopg.connect(to_conninfo(database_url)) as conn:  # rolled back
         (plan_json,) = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queries.flush_outcomes, params).fetchone()

@@ -324,7 +324,7 @@ def test_stale_token_changes_nothing(engine, database_url, schema):
         for target in ("dead", "retryable", "cancelled", "scheduled"):
             finish = {**ids_old, "targets": [target], "errors": [err], "delays": [0.0], "progress": [None]}
             assert conn.execute(queries.finish_many, finish).fetchall() == []
-        assert conn.execute(queries.release_many, ids_old).fetchall() == []
+        assert conn.execute(queries.release_many, {**ids_old, "reported": [True]}).fetchall() == []
         assert conn.execute(queries.complete_many, {"ids": [job_id], "tokens": [new], "results": ["2"],
                                                    "progress": [None]}).fetchall() == [(job_id,)]
     job = job_row(engine, job_id)

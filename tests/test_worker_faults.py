@@ -112,7 +112,7 @@ def test_a_progress_message_postgresql_cannot_store_breaks_no_heartbeat(engine, 
     run_worker_until(database_url, schema, KINDS, lambda: _unfinished(database_url, schema) == 0, **FAST)
     rows = _rows(database_url, schema, "id, state, attempt, progress")
     assert [(r[0], r[1], r[2]) for r in rows] == [(i, "completed", 1) for i in ids]
-    assert rows[0][3] == {"percent": 50, "message": "nul \\x00 inside"}
+    assert rows[0][3] == {"percent": 50, "message": "nul \\x00 inside", "attempt": 1}
 
 
 class _Broken(NullObserver):

@@ -33,6 +33,7 @@ class ClaimedJob:
     cancel_reason: Optional[str] = None
     cancelled_by_user: bool = False  # cancelled through cancel(): the row already says so
     progress_json: Optional[str] = None  # reported, not yet written by a heartbeat
+    reported: bool = False  # this run reported progress (a release drops it from the row)
     thread: Optional["HandlerThread"] = None  # the call of a sync handler, once started
 
     @property

@@ -219,6 +219,7 @@ class Completer:
                 "f_progress": [o.job.progress_json for o in finish],
                 "r_ids": [o.job.id for o in release],
                 "r_tokens": [o.job.token for o in release],
+                "r_reported": [o.job.reported for o in release],
             },
             prepare=True,
         )

@@ -93,12 +93,17 @@ class JobContext:
         Cheap: it is kept in memory and written by the worker's next heartbeat (at most
         about a second later) or with the job's outcome if that comes first, never one
         statement per call. Thread-safe enough for sync handlers: the last report wins.
+        The report names this attempt, so that a status page shows no earlier attempt's
+        progress once the job is retried (:func:`~sa_jobs.job_status`).
         """
         if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
             raise ValueError(f"progress percent must be within 0..100, not {percent!r}")
         if not isinstance(message, str):
             raise TypeError("progress message must be a string")
-        self._job.progress_json = json.dumps({"percent": percent, "message": _validate.pg_text(message[:200])})
+        self._job.progress_json = json.dumps(
+            {"percent": percent, "message": _validate.pg_text(message[:200]), "attempt": self._job.attempt}
+        )
+        self._job.reported = True
         try:  # a sync handler runs in a worker thread: wake the heartbeat on the loop's thread
             anyio.from_thread.run_sync(self._worker.nudge_heartbeat)
         except RuntimeError:  # on the event loop already (an async handler)
