@@ -45,7 +45,7 @@ from ..maintenance.scheduler import Scheduler
 from ..model import Job, KindOptions, is_async_handler, registered_kinds
 from .._claim_sql import HEAD_MIN_WINDOW
 from ..queries import Queries
-from ..retry import MAX_DELAY_SECONDS, exponential_backoff
+from ..retry import MAX_DELAY_SECONDS, BackoffPolicy, exponential_backoff
 from .._connection import ManagedConnection, describe, is_stale_plan, is_transient
 from ._job import ClaimedJob, HandlerThread, Outcome
 from .completer import Completer
@@ -58,6 +58,12 @@ from .notifier import Notifier
 log = logging.getLogger("sa_jobs.worker")
 
 MAX_TRACEBACK_CHARS = 16_000
+# First retry delay of a job whose kind this worker has no handler for (the default policy,
+# exponential_backoff, from a longer base: 15 s, 30 s, 1 min, ...). Typically a rolling deploy:
+# newer workers know the kind; the default's 1 s, 2 s would spend a small max_attempts
+# before they come up. Oban and Sidekiq retry an unresolvable worker from about 15 s too.
+UNKNOWN_KIND_BACKOFF_BASE = 15.0
+_unknown_kind_backoff: BackoffPolicy = functools.partial(exponential_backoff, base=UNKNOWN_KIND_BACKOFF_BASE)
 # Under a backlog, how long a plain claim may resume past its previous batch before one
 # reads the queue from its start again: the longest a job behind that point (a more
 # urgent one, a rescued one) waits for it. See Worker._claim_resuming.
@@ -761,7 +767,7 @@ class Worker:
                     outcome, label = await self._execute(q, job)
                 except Exception as exc:  # noqa: BLE001 - a bug here must cost one attempt, not the worker
                     log.exception("job %s: the worker failed around its handler", job.id)
-                    outcome, label = self._failure(job, exc, None), "retried"
+                    outcome, label = self._failure(job, exc, exponential_backoff), "retried"
                 finally:
                     q.running.pop((job.id, job.token), None)
                 if outcome is not None:
@@ -808,10 +814,13 @@ class Worker:
             return Outcome(job, "release"), "released"
         runtime = self._kinds.get(job.kind)
         if runtime is None:
+            # Retried, not dead: workers claim by queue, so during a rolling deploy an older
+            # worker claims the kinds only newer code knows; a worker that knows it runs it.
             exc = UnknownKindError(
                 f"no handler for kind {job.kind!r} in worker {self.worker_id}; known kinds: {sorted(self._kinds)}"
             )
-            return self._failure(job, exc, None, permanent=True), "dead"
+            outcome = self._failure(job, exc, _unknown_kind_backoff)
+            return outcome, "dead" if outcome.dead else "retried"
         self._observer.job_started(q.name, job.kind, job.wait_seconds)
         ctx = JobContext(job, self)
         result: Any = None
@@ -841,11 +850,11 @@ class Worker:
         if scope.cancelled_caught and not job.cancelled:
             job.cancel("timed out")
             too_long = TimeoutError(f"job {job.id} ({job.kind}) ran longer than its timeout of {runtime.options.timeout}s")
-            outcome = self._failure(job, too_long, runtime.options)
+            outcome = self._failure(job, too_long, runtime.options.backoff)
             return outcome, "dead" if outcome.dead else "timed_out"
         if error is not None:
             if isinstance(error, _Cancelled) and job.cancel_reason == "timed out":
-                outcome = self._failure(job, TimeoutError(str(error)), runtime.options)
+                outcome = self._failure(job, TimeoutError(str(error)), runtime.options.backoff)
                 return outcome, "dead" if outcome.dead else "timed_out"
             if isinstance(error, Snooze):
                 return Outcome(job, "finish", target="scheduled", delay=error.seconds), "snoozed"
@@ -856,21 +865,20 @@ class Worker:
             )
             if isinstance(error, TypeError) and permanent:
                 error = TypeError(f"args {sorted(job.args)} do not match handler signature {runtime.signature}: {error}")
-            outcome = self._failure(job, error, runtime.options, permanent=permanent)
+            outcome = self._failure(job, error, runtime.options.backoff, permanent=permanent)
             return outcome, "dead" if outcome.dead else "retried"
         try:
             result_json = None if result is None else _validate.json_text(result)
         except InvalidArgsError as exc:
-            return self._failure(job, exc, runtime.options, permanent=True), "dead"
+            return self._failure(job, exc, runtime.options.backoff, permanent=True), "dead"
         return Outcome(job, "complete", result_json=result_json), "completed"
 
     def _failure(
-        self, job: ClaimedJob, exc: BaseException, options: Optional[KindOptions], *, permanent: bool = False
+        self, job: ClaimedJob, exc: BaseException, policy: BackoffPolicy, *, permanent: bool = False
     ) -> Outcome:
         dead = permanent or job.attempt >= job.max_attempts
         delay = 0.0
         if not dead:
-            policy = options.backoff if options is not None else exponential_backoff
             try:
                 delay = float(policy(job.attempt))
                 if not math.isfinite(delay) or delay < 0:
