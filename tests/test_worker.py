@@ -349,6 +349,24 @@ def test_unknown_kind_goes_dead_once_its_attempts_are_exhausted(engine, database
     assert ("os.system", "dead") in seen.seen
 
 
+def test_a_worker_fault_around_the_last_attempt_is_counted_dead(engine, database_url, schema, monkeypatch):
+    """A bug in the worker around a handler costs the job one attempt; on its last attempt
+    the job ends dead, and the outcome the metrics count must say so (it said retried)."""
+    from sa_jobs.worker.worker import Worker as WorkerClass
+
+    async def broken(self, q, job):  # noqa: ANN001 - stands in for Worker._execute
+        raise RuntimeError("injected: the worker failed around the handler")
+
+    monkeypatch.setattr(WorkerClass, "_execute", broken)
+    (last,) = add(engine, WSync(a=1, b=1).options(max_attempts=1))
+    (more,) = add(engine, WSync(a=2, b=2).options(max_attempts=3))
+    seen = Outcomes()
+    run_worker_until(database_url, schema, ALL, finished(engine, [last, more], ("dead", "retryable")),
+                     timeout=10, observer=seen)
+    assert (job_row(engine, last).state, job_row(engine, more).state) == ("dead", "retryable")
+    assert sorted(seen.seen) == [("w_sync", "dead"), ("w_sync", "retried")], seen.seen
+
+
 def test_heartbeat_keeps_a_long_job_from_being_rescued(engine, database_url, schema):
     from .jobs_core import CoreSlow, effects_ddl
 
@@ -1167,7 +1185,10 @@ def test_a_result_over_the_cap_ends_the_job_dead_with_the_reason(engine, databas
     def finished() -> bool:
         return q(database_url, jobs_sql(schema, "SELECT state FROM {jobs}"))[0][0] in ("dead", "completed")
 
-    run_worker_until(database_url, schema, [WHugeResult], finished, timeout=60)
+    # A 10 s lease: encoding 256 MB of JSON holds the event loop for a second or more, and
+    # on a loaded machine past the suite's 2 s lease, which is then (rightly) rescued and
+    # run again: a second attempt that is not what this test is about.
+    run_worker_until(database_url, schema, [WHugeResult], finished, timeout=60, lease=10.0)
     state, attempt, errors, result = q(database_url, jobs_sql(schema, "SELECT state, attempt, errors, result FROM {jobs}"))[0]
     assert (state, attempt, HUGE_RESULT_RUNS) == ("dead", 1, [1])
     assert result is None

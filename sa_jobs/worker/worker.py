@@ -767,7 +767,8 @@ class Worker:
                     outcome, label = await self._execute(q, job)
                 except Exception as exc:  # noqa: BLE001 - a bug here must cost one attempt, not the worker
                     log.exception("job %s: the worker failed around its handler", job.id)
-                    outcome, label = self._failure(job, exc, exponential_backoff), "retried"
+                    outcome = self._failure(job, exc, exponential_backoff)
+                    label = "dead" if outcome.dead else "retried"
                 finally:
                     q.running.pop((job.id, job.token), None)
                 if outcome is not None:
