@@ -76,7 +76,7 @@ def run_demo(database_url: Optional[str], *, metrics_port: int = 0, timeout: flo
     if database_url is None:
         from . import embedded
 
-        print("No SA_JOBS_DATABASE_URL given: starting an embedded PostgreSQL (pgserver)...")
+        print("No SA_JOBS_DATABASE_URL given: starting an embedded PostgreSQL...")
         database_url = embedded.start(cleanup="delete")
     print(f"Database: {database_url}")
     print(f"Schema version {schema_mod.install(database_url)} installed (sa-jobs migrate does the same).")

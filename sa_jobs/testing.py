@@ -354,7 +354,7 @@ if pytest is not None:
         from . import embedded
 
         # Not under pytest's tmp_path: that is private to this user (0700), and as root the
-        # embedded server runs as the unprivileged `pgserver` user, which must reach it.
+        # embedded server runs as an unprivileged user, which must reach it.
         yield embedded.start(tempfile.mkdtemp(prefix="sa_jobs_test_pg_"), cleanup="delete")
 
     @pytest.fixture

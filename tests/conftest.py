@@ -1,7 +1,7 @@
 """Fixtures: a real PostgreSQL for every test, never a mock.
 
 ``SA_JOBS_TEST_DATABASE_URL`` selects a server; without it the suite starts an embedded
-one from the ``pgserver`` wheel. Each test that asks for ``schema`` gets the queue
+one (``sa_jobs.embedded``: the ``pgserver`` wheel, else the machine's initdb/pg_ctl). Each test that asks for ``schema`` gets the queue
 installed in a fresh Postgres schema of its own (dropped afterwards), which also
 exercises the schema option end to end.
 """

@@ -1,10 +1,22 @@
-"""sa_jobs.embedded: the zero-setup server's argument checks."""
+"""sa_jobs.embedded: the zero-setup server, from pgserver or from the machine's PostgreSQL."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import unquote
+
+import psycopg
 import pytest
 
 from sa_jobs import ConfigurationError, embedded
+
+from .conftest import REPO_ROOT
 
 
 def test_an_unknown_cleanup_mode_is_refused_before_anything_starts(tmp_path):
@@ -13,4 +25,110 @@ def test_an_unknown_cleanup_mode_is_refused_before_anything_starts(tmp_path):
     data = tmp_path / "pg"
     with pytest.raises(ConfigurationError, match="cleanup"):
         embedded.start(data, cleanup="keep")
+    assert not data.exists()
+
+
+# ---- without pgserver: a PostgreSQL installed on the machine -------------------------------
+# pgserver has wheels for CPython 3.10-3.12 only; on 3.13+ (or without the extra) the demo and
+# the test-suite start the machine's initdb/pg_ctl instead. Each case runs in a child process,
+# because the cleanup modes act at interpreter exit.
+
+_CHILD = """
+import sys
+sys.modules["pgserver"] = None  # as on Python 3.13+: `import pgserver` raises ImportError
+import psycopg
+from sqlalchemy import create_engine, text
+from sa_jobs import embedded
+from sa_jobs._url import sqlalchemy_url
+
+url = embedded.start(sys.argv[1], cleanup=sys.argv[2])
+assert embedded.start(sys.argv[1], cleanup=sys.argv[2]) == url  # reused, not started twice
+with psycopg.connect(url) as conn:
+    print("listen_addresses=%r" % conn.execute("SHOW listen_addresses").fetchone()[0])
+with create_engine(sqlalchemy_url(url)).connect() as conn:
+    print("answer=%s" % conn.execute(text("SELECT 41 + 1")).scalar_one())
+print("url=" + url)
+"""
+
+needs_binaries = pytest.mark.skipif(embedded.find_binaries() is None, reason="no PostgreSQL binaries on this machine")
+
+
+def _run_child(data: Path, cleanup: str, *, socket_in_data: bool = True) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(data), cleanup], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "answer=42" in proc.stdout
+    assert "listen_addresses=''" in proc.stdout  # a Unix socket only, no TCP port
+    url = proc.stdout.split("url=", 1)[1].strip()
+    assert (f"host={data}&" in url) is socket_in_data  # the socket lives in the server's own directory
+    return url
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            return conn.execute("SELECT 1").fetchone() == (1,)
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Not under tmp_path (0700): as root the server runs as an unprivileged user.
+    parent = Path(tempfile.mkdtemp(prefix="sa_jobs_test_embedded_"))
+    parent.chmod(0o755)
+    yield parent / "pg"
+    bin_dir = embedded.find_binaries()
+    if bin_dir is not None and (parent / "pg" / "postmaster.pid").exists():  # a failed "none" case
+        try:
+            embedded._run(embedded._run_as(), bin_dir / "pg_ctl", "-D", parent / "pg", "-m", "immediate", "stop")
+        except RuntimeError:
+            pass
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+@needs_binaries
+def test_without_pgserver_the_machines_postgres_serves_and_stop_keeps_the_data(data_dir):
+    url = _run_child(data_dir, "stop")
+    assert not _reachable(url)
+    assert (data_dir / "PG_VERSION").exists() and not (data_dir / "postmaster.pid").exists()
+
+
+@needs_binaries
+def test_without_pgserver_delete_removes_the_data_directory(data_dir):
+    url = _run_child(data_dir, "delete")
+    assert not _reachable(url)
+    assert not data_dir.exists()
+
+
+@needs_binaries
+def test_without_pgserver_none_leaves_the_server_running(data_dir):
+    url = _run_child(data_dir, "none")
+    assert _reachable(url)
+    bin_dir = embedded.find_binaries()
+    assert bin_dir is not None
+    embedded._run(embedded._run_as(), bin_dir / "pg_ctl", "-D", data_dir, "-m", "fast", "-w", "stop")
+    assert not _reachable(url)
+
+
+@needs_binaries
+def test_without_pgserver_a_data_dir_too_long_for_a_socket_gets_a_socket_dir_of_its_own(data_dir):
+    data = data_dir.parent / ("d" * 60) / ("e" * 60)  # beyond sun_path's 108 bytes
+    url = _run_child(data, "delete", socket_in_data=False)
+    sock = Path(unquote(url.split("host=", 1)[1].split("&", 1)[0]))
+    assert sock.name.startswith("sa_jobs_pg_sock_")
+    assert not _reachable(url)
+    assert not data.exists() and not sock.exists()
+
+
+def test_without_pgserver_or_postgres_the_error_names_both_ways_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded, "find_binaries", lambda: None)
+    data = tmp_path / "pg"
+    with pytest.raises(ConfigurationError) as info:
+        embedded.start_local(data)
+    message = str(info.value)
+    assert "install PostgreSQL" in message and "SA_JOBS_DATABASE_URL" in message
+    assert "SA_JOBS_TEST_DATABASE_URL" in message
     assert not data.exists()
