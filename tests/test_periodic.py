@@ -483,11 +483,17 @@ def test_a_schedule_bounded_by_its_year_field_fires_its_first_and_last_slots(dat
 
 
 
-def test_a_row_the_database_refuses_does_not_stop_other_schedules(database_url, schema, caplog):
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_row_the_database_refuses_does_not_stop_other_schedules(database_url, schema, caplog, monkeypatch, pipeline):
     """A declaration whose row the INSERT refuses (a constraint of the app's own; before
     b2dc3ee also a tag holding NUL, which the kind's validation let through): the error
     escaped run_once, so every tick failed, dropped leadership and no other schedule (nor
-    the leader-only services) ever ran again."""
+    the leader-only services) ever ran again. Pipelined, the error surfaces at the Sync,
+    after COMMIT was sent and skipped: the failed transaction must still be rolled back
+    (the next schedule's statements would fail in it). Without pipeline mode (libpq < 14)
+    each statement is its own round trip, with the same outcome."""
+    if not pipeline:
+        monkeypatch.setattr(psycopg.AsyncPipeline, "is_supported", classmethod(lambda cls: False))
     q(database_url, jobs_sql(schema, "ALTER TABLE {jobs} ADD CONSTRAINT no_refused_tag CHECK (NOT 'refused' = ANY (tags))"))
     bad = Periodic("* * * * *", PerTick().options(tags=["refused"]), name="refused_row")
     good = Periodic("* * * * *", PerTick, name="good")

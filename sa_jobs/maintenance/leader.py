@@ -57,13 +57,14 @@ class TickBudget:
 
 class StatementDeadlines:
     """The maintainer's connection as a service sees it: each round trip the service makes
-    through it (a statement, an ``executemany``, a transaction's BEGIN and COMMIT) must end
-    within ``timeout`` of its start, or the service's scope fails with TimeoutError. The
-    deadline exists to find a half-open socket (peer gone, no RST), which stalls one round
-    trip for good; it bounded the whole tick before, and at +500 ms round-trip latency a
-    tick of 4-5 round trips outlived a 2 s timeout every time: every tick failed, dropped
-    leadership and its connection, and leader-only services never ran. Anything else is
-    passed to the connection as it is, bounded by the scope from the last round trip."""
+    through it (a statement, an ``executemany``, a transaction's BEGIN and COMMIT, a
+    pipeline's fetch or Sync) must end within ``timeout`` of its start, or the service's
+    scope fails with TimeoutError. The deadline exists to find a half-open socket (peer
+    gone, no RST), which stalls one round trip for good; it bounded the whole tick before,
+    and at +500 ms round-trip latency a tick of 4-5 round trips outlived a 2 s timeout
+    every time: every tick failed, dropped leadership and its connection, and leader-only
+    services never ran. Anything else is passed to the connection as it is, bounded by the
+    scope from the last round trip."""
 
     def __init__(self, conn: Any, scope: anyio.CancelScope, timeout: float) -> None:
         self._conn = conn
@@ -95,8 +96,31 @@ class StatementDeadlines:
             self.alive()  # COMMIT
         self.alive()
 
+    @asynccontextmanager
+    async def pipeline(self) -> AsyncIterator["_BoundedPipeline"]:
+        """Pipeline mode: statements are sent without waiting; the round trips are a
+        cursor's fetch, :meth:`_BoundedPipeline.sync` and the Sync at the block's end."""
+        self.alive()
+        async with self._conn.pipeline() as pipeline:
+            yield _BoundedPipeline(pipeline, self)
+            self.alive()  # the Sync and its results
+        self.alive()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
+
+
+class _BoundedPipeline:
+    """A pipeline of :class:`StatementDeadlines`: its ``sync()`` is a round trip."""
+
+    def __init__(self, pipeline: Any, conn: StatementDeadlines) -> None:
+        self._pipeline = pipeline
+        self._conn = conn
+
+    async def sync(self) -> None:
+        self._conn.alive()
+        await self._pipeline.sync()
+        self._conn.alive()
 
 
 class _BoundedCursor:

@@ -388,3 +388,132 @@ def test_a_periodic_declaration_not_due_costs_the_tick_one_round_trip(cluster, r
     print(f"\nhunt8: an hourly periodic declaration not due took {max(observer.periodic[1:]):.2f}s of a tick"
           f" at +{rtt * 1000:.0f} ms RTT")
     assert max(observer.periodic[1:]) < 1.5 * rtt, observer.periodic
+
+
+def test_a_periodic_firing_costs_the_tick_at_most_four_round_trips(cluster, rel_schema):
+    """Found by the same hunt (docs/reliability.md Finding 12): a firing was 9 round trips
+    (the peek, BEGIN, now(), the registering INSERT, the locking SELECT, the insert, the
+    advance, COMMIT): 4.5 s at +500 ms RTT, so a leader whose schedule was due at every
+    tick ticked every 6 s, delaying rescue and promotion that long. It now locks the row
+    and reads the clock in one statement (sent with BEGIN), then sends the insert, the
+    advance and COMMIT together: the peek, then 2 round trips. Counted as the proxy's
+    added round-trip time: each round trip costs at least ``rtt``."""
+    import anyio
+    import psycopg
+    from psycopg import sql
+
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.leader import Maintainer
+    from sa_jobs.periodic import Periodic, PeriodicJobs
+    from sa_jobs.queries import Queries
+
+    from .rel_jobs import RelNoop
+
+    rtt = 0.2
+
+    class Timings(NullObserver):
+        def __init__(self) -> None:
+            self.periodic: list[float] = []
+            self.errors: list[str] = []
+
+        def maintenance_ran(self, service: str, seconds: float) -> None:
+            if service == "periodic":
+                self.periodic.append(seconds)
+
+        def loop_error(self, component: str) -> None:
+            self.errors.append(component)
+
+    observer = Timings()
+    proxy = Proxy(cluster.port)
+    proxy.latency = rtt / 2
+    every_second = PeriodicJobs([Periodic("* * * * * *", RelNoop, name="rel_firing")])
+    maintainer = Maintainer(to_conninfo(cluster.url_via(proxy.port)), Queries.for_schema(rel_schema), observer,
+                            [every_second], interval=R, timeout=2.0)
+    # Straight to the server: the slot of the current second (at least) is due, on time, and
+    # its unique key free (a tick in the same second as the last one fired it already).
+    rewind = sql.SQL("UPDATE {} SET last_slot = date_trunc('second', now()) - interval '1 second'"
+                     " WHERE name = 'rel_firing'").format(sql.Identifier(rel_schema, "periodic"))
+    forget = sql.SQL("DELETE FROM {} WHERE kind = 'rel_noop'").format(sql.Identifier(rel_schema, "jobs"))
+    fired = sql.SQL("SELECT count(*) FROM {} WHERE kind = 'rel_noop'").format(sql.Identifier(rel_schema, "jobs"))
+
+    async def main() -> list[int]:
+        counts = []
+        async with await psycopg.AsyncConnection.connect(to_conninfo(cluster.url), autocommit=True) as direct:
+            try:
+                await maintainer.tick()  # registers the schedule
+                for _ in range(3):
+                    await direct.execute(rewind)
+                    await direct.execute(forget)
+                    await maintainer.tick()
+                    counts.append(int((await (await direct.execute(fired)).fetchone())[0]))
+            finally:
+                await maintainer._conn.close()
+        return counts
+
+    try:
+        counts = anyio.run(main)
+    finally:
+        proxy.close()
+    assert observer.errors == [] and len(observer.periodic) == 4
+    assert min(counts) >= 1, counts  # every tick fired
+    firing = max(observer.periodic[1:])
+    print(f"\nhunt periodicrt: a periodic firing took {firing:.2f}s of a tick at +{rtt * 1000:.0f} ms RTT"
+          f" ({firing / rtt:.1f} round trips)")
+    assert firing < 5 * rtt, observer.periodic
+
+
+def test_a_periodic_firing_on_a_half_open_connection_fails_its_tick_in_time(cluster, rel_schema):
+    """The guard of Finding 8 kept for the pipelined firing: the inserts, the advance and
+    COMMIT are only sent, and the Sync that ends the pipeline is the round trip that must
+    meet the deadline. The job factory makes the connection half-open between the locking
+    read and that Sync; the tick fails within the timeout and nothing is enqueued."""
+    import anyio
+    import psycopg
+    from psycopg import sql
+
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.maintenance.leader import Maintainer
+    from sa_jobs.periodic import Periodic, PeriodicJobs
+    from sa_jobs.queries import Queries
+
+    from .rel_jobs import RelNoop
+
+    timeout = 1.0
+    observer = LoopErrors()
+    proxy = Proxy(cluster.port)
+    cut_off = {"armed": False}
+
+    def build() -> RelNoop:
+        if cut_off["armed"]:
+            proxy.blackhole("sa_jobs:maintainer")
+        return RelNoop()
+
+    maintainer = Maintainer(to_conninfo(cluster.url_via(proxy.port)), Queries.for_schema(rel_schema), observer,
+                            [PeriodicJobs([Periodic("* * * * * *", build, name="rel_half_open")])],
+                            interval=R, timeout=timeout)
+    rewind = sql.SQL("UPDATE {} SET last_slot = now() - interval '2 seconds' WHERE name = 'rel_half_open'").format(
+        sql.Identifier(rel_schema, "periodic"))
+    fired = sql.SQL("SELECT count(*) FROM {} WHERE kind = 'rel_noop'").format(sql.Identifier(rel_schema, "jobs"))
+
+    async def main() -> tuple[float, int]:
+        async with await psycopg.AsyncConnection.connect(to_conninfo(cluster.url), autocommit=True) as direct:
+            try:
+                await maintainer.tick()  # registers the schedule
+                assert maintainer.is_leader and observer.seen == []
+                await direct.execute(rewind)
+                cut_off["armed"] = True
+                started = anyio.current_time()
+                await maintainer.tick()
+                took = anyio.current_time() - started
+                assert observer.seen == ["maintenance"] and not maintainer.is_leader
+            finally:
+                await maintainer._conn.close()
+            return took, int((await (await direct.execute(fired)).fetchone())[0])
+
+    try:
+        took, jobs = anyio.run(main)
+    finally:
+        proxy.close()
+    assert jobs == 0
+    assert took < timeout + 1.5, took  # the deadline, then at most 1 s closing the dead connection
