@@ -17,6 +17,7 @@ import time
 from sqlalchemy.orm import Session
 
 from sa_jobs import enqueue_many
+from sa_jobs.events import NullObserver
 
 from .proxy import Proxy
 from .rel_jobs import RelWork
@@ -335,6 +336,21 @@ def test_a_leader_behind_latency_keeps_its_leadership_and_fires_periodic_jobs(cl
         proxy.close()
 
 
+class PeriodicTimings(NullObserver):
+    """How long each tick's periodic service took, and the loops that failed."""
+
+    def __init__(self) -> None:
+        self.periodic: list[float] = []
+        self.errors: list[str] = []
+
+    def maintenance_ran(self, service: str, seconds: float) -> None:
+        if service == "periodic":
+            self.periodic.append(seconds)
+
+    def loop_error(self, component: str) -> None:
+        self.errors.append(component)
+
+
 def test_a_periodic_declaration_not_due_costs_the_tick_one_round_trip(cluster, rel_schema):
     """Found by the same hunt: once a tick is no longer cut off at its deadline, it lasts
     as long as its round trips, and the next tick's rescue and promotion wait for it. A
@@ -345,7 +361,6 @@ def test_a_periodic_declaration_not_due_costs_the_tick_one_round_trip(cluster, r
     import anyio
 
     from sa_jobs._url import to_conninfo
-    from sa_jobs.events import NullObserver
     from sa_jobs.maintenance.leader import Maintainer
     from sa_jobs.periodic import Periodic, PeriodicJobs
     from sa_jobs.queries import Queries
@@ -354,19 +369,7 @@ def test_a_periodic_declaration_not_due_costs_the_tick_one_round_trip(cluster, r
 
     rtt = 0.2
 
-    class Timings(NullObserver):
-        def __init__(self) -> None:
-            self.periodic: list[float] = []
-            self.errors: list[str] = []
-
-        def maintenance_ran(self, service: str, seconds: float) -> None:
-            if service == "periodic":
-                self.periodic.append(seconds)
-
-        def loop_error(self, component: str) -> None:
-            self.errors.append(component)
-
-    observer = Timings()
+    observer = PeriodicTimings()
     proxy = Proxy(cluster.port)
     proxy.latency = rtt / 2
     hourly = PeriodicJobs([Periodic("0 * * * *", RelNoop, name="rel_hourly")])
@@ -403,7 +406,6 @@ def test_a_periodic_firing_costs_the_tick_at_most_four_round_trips(cluster, rel_
     from psycopg import sql
 
     from sa_jobs._url import to_conninfo
-    from sa_jobs.events import NullObserver
     from sa_jobs.maintenance.leader import Maintainer
     from sa_jobs.periodic import Periodic, PeriodicJobs
     from sa_jobs.queries import Queries
@@ -412,19 +414,7 @@ def test_a_periodic_firing_costs_the_tick_at_most_four_round_trips(cluster, rel_
 
     rtt = 0.2
 
-    class Timings(NullObserver):
-        def __init__(self) -> None:
-            self.periodic: list[float] = []
-            self.errors: list[str] = []
-
-        def maintenance_ran(self, service: str, seconds: float) -> None:
-            if service == "periodic":
-                self.periodic.append(seconds)
-
-        def loop_error(self, component: str) -> None:
-            self.errors.append(component)
-
-    observer = Timings()
+    observer = PeriodicTimings()
     proxy = Proxy(cluster.port)
     proxy.latency = rtt / 2
     every_second = PeriodicJobs([Periodic("* * * * * *", RelNoop, name="rel_firing")])
