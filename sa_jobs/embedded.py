@@ -102,20 +102,30 @@ def start_local(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str 
         sock = path
         if len(str(path / f".s.PGSQL.{_PORT}")) > _MAX_SOCKET_PATH:
             sock = Path(tempfile.mkdtemp(prefix="sa_jobs_pg_sock_"))
-        if user is not None:
-            import pwd  # POSIX only, as is running as another user
+        try:
+            if user is not None:
+                import pwd  # POSIX only, as is running as another user
 
-            for d in {path, sock}:
-                shutil.chown(d, user, pwd.getpwnam(user).pw_gid)
-        if not (path / "PG_VERSION").exists():
-            _run(user, bin_dir / "initdb", "-D", path, "-U", "postgres", "--auth=trust",
-                 "-E", "UTF8", "--locale=C", "--no-sync")
-        options = f"-p {_PORT} -h '' -k {shlex.quote(str(sock))}"  # pg_ctl hands -o to /bin/sh
-        _run(user, bin_dir / "pg_ctl", "-D", path, "-w", "-t", "60", "-o", options, "start",
-             log=path / "server.log")
-        url = _running_url(path)
-        if url is None:  # pragma: no cover - pg_ctl -w returned only once the server was ready
-            raise RuntimeError(f"PostgreSQL in {path} did not come up; see {path / 'server.log'}")
+                for d in {path, sock}:
+                    shutil.chown(d, user, pwd.getpwnam(user).pw_gid)
+            if not (path / "PG_VERSION").exists():
+                _run(user, bin_dir / "initdb", "-D", path, "-U", "postgres", "--auth=trust",
+                     "-E", "UTF8", "--locale=C", "--no-sync")
+            options = f"-p {_PORT} -h '' -k {shlex.quote(str(sock))}"  # pg_ctl hands -o to /bin/sh
+            _run(user, bin_dir / "pg_ctl", "-D", path, "-w", "-t", "60", "-o", options, "start",
+                 log=path / "server.log")
+            url = _running_url(path)
+            if url is None:  # pragma: no cover - pg_ctl -w returned only once the server was ready
+                raise RuntimeError(f"PostgreSQL in {path} did not come up; see {path / 'server.log'}")
+        except BaseException:
+            # Nothing started (no postmaster.pid): the directories made for this server
+            # would be left in the temp dir at every failed attempt.
+            if not (path / "postmaster.pid").exists():
+                if sock != path:
+                    shutil.rmtree(sock, ignore_errors=True)
+                if data_dir is None:
+                    shutil.rmtree(path, ignore_errors=True)
+            raise
         _started[path] = url
         if cleanup != "none":
             atexit.register(_stop, bin_dir, path, sock, user, cleanup == "delete")

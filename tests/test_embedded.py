@@ -132,3 +132,21 @@ def test_without_pgserver_or_postgres_the_error_names_both_ways_out(tmp_path, mo
     assert "install PostgreSQL" in message and "SA_JOBS_DATABASE_URL" in message
     assert "SA_JOBS_TEST_DATABASE_URL" in message
     assert not data.exists()
+
+
+@needs_binaries
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="needs root: the server's user cannot reach a root-only directory")
+def test_a_failed_start_leaves_no_socket_directory_behind(tmp_path, monkeypatch):
+    """A data directory too long for a socket gets a temporary socket directory; when the
+    server then fails to start (here: initdb, as the server's user, cannot enter the
+    caller's 0700 directory), that directory was left in the temp dir at every attempt."""
+    temp = Path(tempfile.mkdtemp(prefix="sa_jobs_test_tmp_"))
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(temp))
+        tmp_path.chmod(0o700)
+        data = tmp_path / ("d" * 60) / ("e" * 60)
+        with pytest.raises(RuntimeError, match="initdb"):
+            embedded.start_local(data, cleanup="delete")
+        assert list(temp.iterdir()) == []
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
