@@ -146,7 +146,10 @@ def test_sighup_drains_like_sigterm(engine, database_url, schema, effects):
     finally:
         if worker.poll() is None:
             worker.kill()
-    assert states(database_url, schema) == {"completed": 2}
+    # It failed here once (2026-12-06, not reproduced since): the states and the worker's
+    # log say whether a job was released, or left running by a failed last flush.
+    found = states(database_url, schema)
+    assert found == {"completed": 2}, (found, output(worker))
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {effects}"))[0][0] == 2
 
 
