@@ -1233,3 +1233,60 @@ def test_large_results_finishing_together_do_not_wedge_the_completer(engine, dat
 
     assert anyio.run(main)
     assert q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1")) == [("completed", 8)]
+
+
+def test_completer_drain_waits_for_the_write_in_flight(engine, database_url, schema):
+    """At shutdown the worker drains the completer, then cancels it. drain() looked only at
+    the outcomes still pending: a batch the completer's own loop had taken and was writing
+    was pending no more, so drain() returned at once, the write was cancelled, and the
+    worker exited 0 with its finished jobs left running, logging nothing (SIGTERM and SIGHUP
+    drains read {'running': 3} now and then on a loaded machine)."""
+    from sa_jobs._connection import ManagedConnection
+    from sa_jobs.events import NullObserver
+    from sa_jobs.worker._job import ClaimedJob, Outcome
+    from sa_jobs.worker.completer import Completer
+
+    with Session(engine) as session, session.begin():
+        session.add_all([WLargeResult() for _ in range(3)])
+    token = uuid.uuid4()
+    ids = [r[0] for r in q(database_url, jobs_sql(
+        schema, "UPDATE {jobs} SET state = 'running', attempt = 1, claim_token = %s,"
+                " lease_expires_at = now() + interval '1 hour' RETURNING id"), (token,))]
+    now = time.monotonic()
+    jobs = [ClaimedJob(id=i, token=token, kind="w_large_result", queue="w", args={}, attempt=1, max_attempts=20,
+                       priority=0, wait_seconds=0, created_epoch=0, claimed_at=now, last_lease_ok=now) for i in ids]
+    # The rows are locked by another transaction, so the completer's write waits on them.
+    blocker = psycopg.connect(database_url, autocommit=False)
+    blocker.execute(jobs_sql(schema, "SELECT id FROM {jobs} FOR UPDATE"))
+    observed: dict[str, object] = {}
+
+    async def main() -> None:
+        conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=30.0)
+        completer = Completer(conn, Queries.for_schema(schema), NullObserver())
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(completer.run)
+                for job in jobs:
+                    completer.submit(Outcome(job, "complete"))
+
+                def writing() -> bool:
+                    return bool(q(database_url, "SELECT count(*) FROM pg_stat_activity"
+                                                " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
+                                  (schema,))[0][0])
+
+                while not await anyio.to_thread.run_sync(writing):
+                    await anyio.sleep(0.02)
+                # The loop's write is in flight and nothing is pending; end the block later.
+                tg.start_soon(anyio.to_thread.run_sync, blocker.rollback)
+                observed["drained"] = await completer.drain(timeout=10)
+                observed["states"] = await anyio.to_thread.run_sync(
+                    q, database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1"))
+                tg.cancel_scope.cancel()  # as the worker cancels its services after the drain
+        finally:
+            await conn.discard()
+
+    try:
+        anyio.run(main)
+    finally:
+        blocker.close()
+    assert observed == {"drained": True, "states": [("completed", 3)]}

@@ -192,12 +192,17 @@ class Completer:
         return True
 
     async def drain(self, timeout: float) -> bool:
-        """Flush until nothing is pending or ``timeout`` passes; True if all landed."""
+        """Flush until nothing is pending or ``timeout`` passes; True if all landed.
+
+        Each round goes through flush(), and so through its lock, even with nothing
+        pending: a batch that run() has taken is pending no more while it is written, and
+        returning then let the worker cancel that write and exit with its jobs running."""
         with anyio.move_on_after(timeout):
-            while self._pending:
+            while True:
                 await self.flush()
-            return True
-        return not self._pending
+                if not self._pending:
+                    return True
+        return not self._pending and not self._flushing.locked()
 
     async def _write(self, conn: Any, batch: list[Outcome]) -> None:
         complete = [o for o in batch if o.action == "complete"]
