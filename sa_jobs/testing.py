@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import datetime as dt
 import os
 import sys
@@ -31,7 +32,8 @@ from sqlalchemy.orm import Session
 
 from . import _validate, schema as schema_mod
 from ._url import sqlalchemy_url
-from .errors import ConfigurationError
+from .admin import paused_queues
+from .errors import ConfigurationError, UnknownKindError
 from .model import Job, is_async_handler, job_table
 from .schema import DEFAULT_SCHEMA
 from .unique import ENQUEUED_INFO_KEY, note_enqueued
@@ -199,6 +201,11 @@ def _summary(session: Any) -> dict[str, int]:
 # backoff ends a moment after its failure is written is not left behind as retryable.
 DRAIN_LOOKAHEAD = 1.0
 
+# Set while drain()'s worker runs, in its handlers too (threads and greenlets inherit it): a
+# handler's own commit of new jobs under inline() leaves them to that drain. A drain started
+# there waited for the handler's job, still running, until its timeout.
+_draining: contextvars.ContextVar[bool] = contextvars.ContextVar("sa_jobs.testing.draining", default=False)
+
 
 def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: Optional[Sequence[str]] = None,
           timeout: float = 30.0, with_scheduled: bool = False) -> dict[str, int]:
@@ -206,7 +213,11 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
 
     Retries and scheduled jobs due within ``DRAIN_LOOKAHEAD`` seconds are waited for (a
     short ``backoff`` in tests), later ones stay as they are; ``with_scheduled=True``
-    makes future scheduled jobs due first.
+    makes future scheduled jobs due first. Jobs of paused queues are left waiting.
+
+    The worker claims by queue: a job of the served queues whose kind has no handler here
+    (not in ``kinds``) fails its attempt as with any worker, and drain() then raises
+    :class:`~sa_jobs.UnknownKindError` naming those jobs.
 
     ``engine`` may be an AsyncEngine, and drain() may be called from async code (an async
     test, or an AsyncSession's commit under :func:`inline`): the worker then runs in a
@@ -240,19 +251,24 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
         # kind's, in a test that drains one kind) is never claimed, and counting it kept
         # drain() (and every commit under inline()) polling until its timeout.
         with Session(engine) as session:
+            # Paused queues too: no worker claims their jobs.
+            claimable = set(served) - set(paused_queues(session))
             return bool(session.scalar(
                 select(func.count()).select_from(Job).where(
-                    Job.queue.in_(served),
+                    Job.queue.in_(claimable),
                     (Job.state.in_(("available", "running")))
                     | ((Job.state.in_(("scheduled", "retryable")))
                        & (Job.scheduled_at <= func.now() + dt.timedelta(seconds=DRAIN_LOOKAHEAD))),
                 )
             ))
 
+    ran: dict[str, Any] = {}
+
     async def run() -> None:
         async with Worker(url, kinds=kinds, queues=queues, schema=schema, lease=10.0, poll_interval=0.05,
                           maintenance_interval=0.05, shutdown_grace=5.0, engine=engine) as worker:
             served = list(worker.queues)
+            ran.update(worker_id=worker.worker_id, kinds=sorted(worker._kinds))
             # Not fail_after: raised inside the worker's block, the TimeoutError came out
             # wrapped in an ExceptionGroup by its task group.
             with anyio.move_on_after(timeout) as waited:
@@ -261,9 +277,29 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
         if waited.cancelled_caught:
             raise TimeoutError(f"drain(): jobs of queues {served} were still due or running after {timeout}s")
 
-    anyio.run(run)
+    token = _draining.set(True)
+    try:
+        anyio.run(run)
+    finally:
+        _draining.reset(token)
     with Session(engine) as session:
+        _raise_for_unknown_kinds(session, ran["worker_id"], ran["kinds"])
         return {state: n for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+
+def _raise_for_unknown_kinds(session: Session, worker_id: str, kinds: list[str]) -> None:
+    """Raise UnknownKindError if the drain's worker failed jobs for want of their handler."""
+    rows = session.execute(
+        select(Job.id, Job.kind, Job.state)
+        .where(Job.kind.notin_(kinds), Job.errors[-1]["worker"].astext == worker_id)
+        .order_by(Job.id)
+    ).all()
+    if rows:
+        jobs = ", ".join(f"{kind} (id {id_}, now {state})" for id_, kind, state in rows)
+        raise UnknownKindError(
+            f"drain(): no handler for jobs of the queues it served: {jobs}; it ran kinds={kinds}."
+            " Pass their kinds to drain(kinds=...) (or inline()), or import the module registering their handlers"
+        )
 
 
 def _in_event_loop() -> bool:
@@ -314,7 +350,7 @@ def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
             return
         # ours() first: the mark is the session's, not this block's, and an outer block
         # of another engine that took it left nothing for the inner block to drain.
-        if ours(session) and session.info.pop(ENQUEUED_INFO_KEY, False):
+        if ours(session) and session.info.pop(ENQUEUED_INFO_KEY, False) and not _draining.get():
             drain(engine, **drain_options)
 
     def after_rollback(session: Session) -> None:

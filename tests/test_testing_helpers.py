@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy import Integer, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sa_jobs import ConfigurationError, InvalidArgsError, Job, JobContext, Snooze, Unique, constant_backoff, enqueue_many
+from sa_jobs import (ConfigurationError, InvalidArgsError, Job, JobContext, Snooze, Unique, UnknownKindError, constant_backoff,
+                     enqueue_many)
 from sa_jobs.schema import DEFAULT_SCHEMA
 from sa_jobs.testing import assert_enqueued, drain, enqueued, inline, perform, refute_enqueued
 
@@ -359,3 +360,55 @@ def test_drain_from_a_trio_test(sa_jobs_engine, credits):
         return drain(sa_jobs_engine, kinds=[GrantCredit])
 
     assert trio.run(main) == {"completed": 1}
+
+
+def test_drain_says_which_jobs_it_had_no_handler_for(sa_jobs_engine):
+    """A job of a kind without a handler, in a queue the drain served, came back as a
+    count, ``{"retryable": 1}``: the test saw neither the kind nor why it did not run."""
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add_all([NoHandler(), Double(x=1)])
+    with pytest.raises(UnknownKindError, match=r"th_no_handler.*kinds=") as raised:
+        drain(sa_jobs_engine, kinds=[Double])
+    assert "th_double" not in str(raised.value).split("no handler")[1].split(";")[0]
+    with Session(sa_jobs_engine) as session:  # as a worker left them: the attempt is spent
+        assert {k: s for k, s in session.execute(select(Job.kind, Job.state))} == {"th_no_handler": "retryable", "th_double": "completed"}
+
+
+def test_drain_returns_when_only_paused_queues_hold_jobs(sa_jobs_engine):
+    """busy() counted a paused queue's jobs as due: no worker claims them, so drain() (and
+    every commit under inline()) waited for its timeout and raised TimeoutError."""
+    from sa_jobs import pause_queue
+
+    with Session(sa_jobs_engine) as session, session.begin():
+        pause_queue(session, "th")
+        session.add(Double(x=1))
+    assert drain(sa_jobs_engine, kinds=[Double], timeout=5) == {"available": 1}
+
+
+_APP: dict[str, object] = {}
+
+
+class Fanout(Job, kind="th_fanout", queue="th"):
+    pass
+
+
+@Fanout.handler
+def fanout(ctx: JobContext, accounts: list[int]) -> int:
+    # The app's own Session, as code shared with request handlers would do; the job is
+    # still running when it commits.
+    with Session(_APP["engine"]) as session, session.begin():
+        session.add_all([GrantCredit(account=a, amount=a) for a in accounts])
+    return len(accounts)
+
+
+def test_inline_runs_the_jobs_a_handler_enqueues_without_a_drain_inside_the_drain(sa_jobs_engine, credits):
+    """A handler's own commit of new jobs started a second drain() inside the first one's
+    worker; it waited for the handler's job, still running, until its timeout, and the
+    TimeoutError failed the handler (the test's commit raised it too)."""
+    _APP["engine"] = sa_jobs_engine
+    with inline(sa_jobs_engine, kinds=[Fanout, GrantCredit], timeout=5):
+        with Session(sa_jobs_engine) as session, session.begin():
+            session.add(Fanout(accounts=[1, 2]))
+    assert_ran(sa_jobs_engine, GrantCredit, [1, 2])
+    with Session(sa_jobs_engine) as session:
+        assert session.scalars(select(Fanout.result)).all() == [2]
