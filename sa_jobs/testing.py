@@ -20,13 +20,15 @@ import concurrent.futures
 import contextlib
 import contextvars
 import datetime as dt
+import json
 import os
 import sys
 import uuid
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import anyio
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session
 
@@ -151,9 +153,11 @@ def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, A
     schema = DEFAULT_SCHEMA
     if engine is not None:
         schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
-    record = _TestJob(options.kind, job.__dict__.get("queue") or options.queue, dict(job.args), attempt,
+    # As a worker reads them back from jsonb: lists for tuples, and copies, not the caller's objects.
+    args = json.loads(json.dumps(job.args))
+    record = _TestJob(options.kind, job.__dict__.get("queue") or options.queue, args, attempt,
                       job.__dict__.get("max_attempts") or options.max_attempts, job.__dict__.get("id") or 0)
-    return cls.__sa_jobs_handler__, _TestContext(record, _TestRuntime(engine, schema)), dict(job.args)
+    return cls.__sa_jobs_handler__, _TestContext(record, _TestRuntime(engine, schema)), dict(args)
 
 
 # ---- what is in the queue ------------------------------------------------------------
@@ -161,19 +165,26 @@ def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, A
 
 def enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[Mapping[str, Any]] = None,
              queue: Optional[str] = None, states: Sequence[str] = ("available", "scheduled")) -> list[Job]:
-    """Jobs waiting in the queue, optionally of ``kind``, whose args contain ``args``."""
+    """Jobs waiting in the queue, optionally of ``kind``, with each of ``args``.
+
+    ``args`` may name some of a job's args (the others may hold anything), and each one
+    named must equal the job's whole: ``{"ids": [1]}`` does not match ids ``[1, 2]``.
+    """
     target = kind or Job
     stmt = select(target).where(target.state.in_(states)).order_by(target.id)
     if queue is not None:
         stmt = stmt.where(target.queue == queue)
     if args is not None:
-        stmt = stmt.where(target.args.contains(dict(args)))
+        # Plain JSON, as Job() requires (a datetime is refused here too, not failing the query).
+        for key, value in _validate.json_payload(args).items():
+            stmt = stmt.where(target.args[key] == type_coerce(value, JSONB))
     return list(session.scalars(stmt))
 
 
 def assert_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[Mapping[str, Any]] = None,
                     queue: Optional[str] = None, count: Optional[int] = None) -> list[Job]:
-    """Fail unless matching jobs are waiting (exactly ``count`` of them, if given)."""
+    """Fail unless matching jobs are waiting (exactly ``count`` of them, if given); the
+    failure lists the jobs that are waiting. ``args`` as in :func:`enqueued`."""
     found = enqueued(session, kind, args=args, queue=queue)
     what = f"{kind.__name__ if kind else 'job'}(args ⊇ {dict(args or {})!r}, queue={queue!r})"
     if count is None:
@@ -189,9 +200,21 @@ def refute_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Opt
     assert not found, f"expected no such job, found {[(j.kind, j.args) for j in found]}"
 
 
-def _summary(session: Any) -> dict[str, int]:
-    rows = session.execute(select(Job.kind, func.count()).where(Job.state.in_(("available", "scheduled"))).group_by(Job.kind))
-    return {kind: n for kind, n in rows}
+# How many waiting jobs a failed assert_enqueued() lists.
+SUMMARY_JOBS = 20
+
+
+def _summary(session: Any) -> str:
+    """The waiting jobs, with their args: what a failed assertion's reader compares against."""
+    waiting = Job.state.in_(("available", "scheduled"))
+    rows = session.execute(select(Job.kind, Job.queue, Job.args).where(waiting).order_by(Job.id).limit(SUMMARY_JOBS)).all()
+    if not rows:
+        return "no waiting jobs"
+    lines = [f"  {kind}({args!r}, queue={queue!r})" for kind, queue, args in rows]
+    total = session.scalar(select(func.count()).select_from(Job).where(waiting))
+    if total > len(rows):
+        lines.append(f"  ... and {total - len(rows)} more")
+    return f"{total} waiting job(s):\n" + "\n".join(lines)
 
 
 # ---- drain and inline: the real worker -------------------------------------------------

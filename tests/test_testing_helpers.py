@@ -412,3 +412,45 @@ def test_inline_runs_the_jobs_a_handler_enqueues_without_a_drain_inside_the_drai
     assert_ran(sa_jobs_engine, GrantCredit, [1, 2])
     with Session(sa_jobs_engine) as session:
         assert session.scalars(select(Fanout.result)).all() == [2]
+
+
+def test_assert_enqueued_shows_the_waiting_jobs_and_compares_each_arg_whole(sa_jobs_engine):
+    """The failure listed counts by kind only ({'th_grant_credit': 1}), not the args that
+    differed; and jsonb containment let ``args={"accounts": [1]}`` match a job for
+    accounts [1, 2, 3] (and [3, 1, 1] too): a wrong fan-out passed the test."""
+    import datetime as dt
+
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add_all([GrantCredit(account=1, amount=5), Fanout(accounts=[1, 2, 3])])
+    with Session(sa_jobs_engine) as session:
+        with pytest.raises(AssertionError, match=r"th_grant_credit\(\{.*'account': 1"):
+            assert_enqueued(session, GrantCredit, args={"account": 2})
+        refute_enqueued(session, Fanout, args={"accounts": [1]})
+        refute_enqueued(session, Fanout, args={"accounts": [3, 1, 1]})
+        assert_enqueued(session, Fanout, args={"accounts": [1, 2, 3]}, count=1)
+        assert_enqueued(session, GrantCredit, args={"account": 1}, count=1)  # other keys: any value
+        with pytest.raises(InvalidArgsError, match="datetime"):  # as Job() would: args are plain JSON
+            assert_enqueued(session, GrantCredit, args={"at": dt.datetime.now(dt.timezone.utc)})
+
+
+_SEEN: list[object] = []
+
+
+class Appends(Job, kind="th_appends", queue="th"):
+    pass
+
+
+@Appends.handler
+def appends(ctx: JobContext, accounts: list[int]) -> list[int]:
+    _SEEN.append(accounts)
+    return accounts + [4]
+
+
+def test_perform_passes_args_as_a_worker_does(sa_jobs_engine):
+    """A worker's handler gets the args back from jsonb (a tuple is a list); perform()
+    passed the objects given to the job, so ``accounts + [4]`` passed perform() and
+    failed in every worker."""
+    assert perform(Appends(accounts=(1, 2, 3))) == [1, 2, 3, 4]
+    job = Appends(accounts=[1])
+    perform(job)
+    assert _SEEN[-1] is not job.args["accounts"]
