@@ -29,6 +29,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import anyio
 from sqlalchemy import event, func, select, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session
 
@@ -348,7 +349,9 @@ def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
     followed by a :func:`drain`, so tests see the jobs' effects right after the commit.
 
     "Added jobs" covers ``session.add``, unique kinds (inserted by their own hook, outside
-    the unit of work) and :func:`~sa_jobs.enqueue_many` through the Session.
+    the unit of work) and :func:`~sa_jobs.enqueue_many` through the Session. A commit that
+    commits nothing, of a Session joined to a Connection's open transaction, raises
+    :class:`~sa_jobs.ConfigurationError`: the worker could not see those jobs.
     """
 
     def ours(session: Session) -> bool:
@@ -374,7 +377,20 @@ def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
         # ours() first: the mark is the session's, not this block's, and an outer block
         # of another engine that took it left nothing for the inner block to drain.
         if ours(session) and session.info.pop(ENQUEUED_INFO_KEY, False) and not _draining.get():
+            if _left_open(session):
+                raise ConfigurationError(
+                    "inline(): this commit left the outer transaction of the Session's Connection open"
+                    " (a test's rolled-back transaction?): a worker cannot see its jobs. Run them with"
+                    " perform(), or commit on a Session of the engine itself"
+                )
             drain(engine, **drain_options)
+
+    def _left_open(session: Session) -> bool:
+        # A Session bound to a Connection already in a transaction joins it: its commit
+        # commits nothing (or releases a savepoint), and the jobs stayed invisible to the
+        # worker, which silently ran none of them.
+        bind = session.get_bind(mapper=Job)
+        return isinstance(bind, Connection) and bind.in_transaction()
 
     def after_rollback(session: Session) -> None:
         if session.in_nested_transaction():

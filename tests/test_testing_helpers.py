@@ -454,3 +454,25 @@ def test_perform_passes_args_as_a_worker_does(sa_jobs_engine):
     job = Appends(accounts=[1])
     perform(job)
     assert _SEEN[-1] is not job.args["accounts"]
+
+
+@pytest.mark.parametrize("mode", ["create_savepoint", "conditional_savepoint"])
+def test_inline_says_so_when_a_commit_left_an_outer_transaction_open(sa_jobs_engine, mode):
+    """The common "each test in one rolled-back transaction" setup binds the Session to a
+    Connection already in a transaction: the app's commit commits nothing, the worker
+    cannot see the jobs, and inline() silently ran none of them."""
+    with sa_jobs_engine.connect() as conn:
+        outer = conn.begin()
+        with inline(sa_jobs_engine, kinds=[Double], timeout=5):
+            session = Session(bind=conn, join_transaction_mode=mode)
+            session.add(Double(x=1))
+            with pytest.raises(ConfigurationError, match="outer transaction.*perform"):
+                session.commit()
+            session.close()
+            with Session(bind=conn, join_transaction_mode=mode) as session:
+                session.add(Double(x=2))
+                session.flush()
+                session.rollback()  # no jobs committed: nothing to say
+                session.commit()
+        if outer.is_active:  # rollback_only (conditional_savepoint here) rolled it back already
+            outer.rollback()
