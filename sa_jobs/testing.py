@@ -59,10 +59,21 @@ class _TestJob:
         self.progress_json: Optional[str] = None
         self.reported = False
         self.progress: list[str] = []
+        self.tx_result: Any = None
 
     @property
     def cancelled(self) -> bool:
         return self.cancel_reason is not None
+
+    def complete_with(self, result: Any) -> None:
+        """A transaction completed the job: ``result`` is the job's, not the handler's return."""
+        self.completed_in_tx, self.tx_result = True, result
+
+
+def _check_result(result: Any) -> None:
+    """As JobContext.transaction() does before its Session opens: plain JSON only."""
+    if result is not None:
+        _validate.json_value(result)
 
 
 class _TestRuntime:
@@ -99,19 +110,23 @@ class _TestContext:
 
             @contextlib.contextmanager
             def transaction(self, result: Any = None):  # type: ignore[override]
+                _check_result(result)
                 with Session(runtime.sync_engine()) as session, session.begin():
                     yield session
+                job.complete_with(result)
 
             @contextlib.asynccontextmanager
             async def async_transaction(self, result: Any = None):  # type: ignore[override]
                 from sqlalchemy.ext.asyncio import AsyncSession
 
+                _check_result(result)
                 engine = runtime.async_engine()
                 try:
                     async with AsyncSession(engine) as session, session.begin():
                         yield session
                 finally:
                     await engine.dispose()
+                job.complete_with(result)
 
         return Context(job, runtime)  # type: ignore[arg-type]
 
@@ -121,22 +136,31 @@ def perform(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
 
     No worker and no claim: a unit test of the handler's logic. Exceptions propagate,
     and a return value a worker could not store as the job's JSON result raises
-    :class:`~sa_jobs.InvalidArgsError` (a worker would end the job dead).
+    :class:`~sa_jobs.InvalidArgsError` (a worker would end the job dead). The result is
+    the one a worker would store: ``ctx.transaction(result=...)``'s, if one committed.
     ``ctx.transaction()`` commits on ``engine`` (required only if the handler uses it).
     Async handlers run on a fresh event loop; call :func:`perform_async` from async tests.
     """
     handler, ctx, args = _prepare(job, engine, attempt)
     if is_async_handler(handler):
-        return _storable(anyio.run(lambda: handler(ctx, **args)))
-    return _storable(handler(ctx, **args))
+        return _result(ctx, anyio.run(lambda: handler(ctx, **args)))
+    return _result(ctx, handler(ctx, **args))
 
 
 async def perform_async(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
     """:func:`perform` from inside an event loop."""
     handler, ctx, args = _prepare(job, engine, attempt)
     if is_async_handler(handler):
-        return _storable(await handler(ctx, **args))
-    return _storable(await anyio.to_thread.run_sync(lambda: handler(ctx, **args)))
+        return _result(ctx, await handler(ctx, **args))
+    return _result(ctx, await anyio.to_thread.run_sync(lambda: handler(ctx, **args)))
+
+
+def _result(ctx: Any, returned: Any) -> Any:
+    """The job's result as a worker stores it: a completing transaction's ``result=``
+    (the handler's return value is then not stored), else what the handler returned."""
+    if ctx._job.completed_in_tx:
+        return ctx._job.tx_result
+    return _storable(returned)
 
 
 def _storable(result: Any) -> Any:
@@ -237,7 +261,7 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
 
     Retries and scheduled jobs due within ``DRAIN_LOOKAHEAD`` seconds are waited for (a
     short ``backoff`` in tests), later ones stay as they are; ``with_scheduled=True``
-    makes future scheduled jobs due first. Jobs of paused queues are left waiting.
+    makes the served queues' future scheduled jobs due first. Jobs of paused queues are left waiting.
 
     The worker claims by queue: a job of the served queues whose kind has no handler here
     (not in ``kinds``) fails its attempt as with any worker, and drain() then raises
@@ -266,9 +290,12 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
 
     schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
     url = engine.url.render_as_string(hide_password=False)
-    if with_scheduled:
+
+    def make_due(served: list[str]) -> None:
+        # The served queues' only: another queue's delayed job is no business of this drain.
         with Session(engine) as session, session.begin():
-            session.execute(job_table().update().where(Job.state == "scheduled").values(scheduled_at=func.now()))
+            session.execute(job_table().update().where(Job.state == "scheduled", Job.queue.in_(served))
+                            .values(scheduled_at=func.now()))
 
     def busy(served: list[str]) -> bool:
         # Only the worker's queues: a job waiting in a queue it does not serve (another
@@ -293,6 +320,8 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
                           maintenance_interval=0.05, shutdown_grace=5.0, engine=engine) as worker:
             served = list(worker.queues)
             ran.update(worker_id=worker.worker_id, kinds=sorted(worker._kinds))
+            if with_scheduled:
+                await anyio.to_thread.run_sync(make_due, served)
             # Not fail_after: raised inside the worker's block, the TimeoutError came out
             # wrapped in an ExceptionGroup by its task group.
             with anyio.move_on_after(timeout) as waited:

@@ -76,7 +76,8 @@ def test_plugin_fixtures_give_an_installed_isolated_schema(sa_jobs_engine, sa_jo
 
 def test_perform_runs_the_handler_without_a_worker(sa_jobs_engine, credits):
     assert perform(Double(x=21)) == 42
-    assert perform(GrantCredit(account=1, amount=5), engine=sa_jobs_engine) == 5
+    # Completed by ctx.transaction(): a worker stores its result= (None), not the return value.
+    assert perform(GrantCredit(account=1, amount=5), engine=sa_jobs_engine) is None
     with Session(sa_jobs_engine) as session:
         assert session.scalars(select(Credit.amount)).all() == [5]
     with pytest.raises(ValueError, match="negative credit"):
@@ -476,3 +477,36 @@ def test_inline_says_so_when_a_commit_left_an_outer_transaction_open(sa_jobs_eng
                 session.commit()
         if outer.is_active:  # rollback_only (conditional_savepoint here) rolled it back already
             outer.rollback()
+
+
+def test_drain_with_scheduled_leaves_other_queues_schedules_alone(sa_jobs_engine):
+    """with_scheduled=True made every scheduled job of the table due, also those of queues
+    the drain does not serve: a test's later look at another kind's delayed job found it
+    due now, not in an hour."""
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add_all([Double(x=1).options(delay=3600), Elsewhere().options(delay=3600)])
+    assert drain(sa_jobs_engine, kinds=[Double], with_scheduled=True) == {"completed": 1, "scheduled": 1}
+    with Session(sa_jobs_engine) as session:
+        later = session.scalar(select(Elsewhere.scheduled_at - Elsewhere.created_at))
+    assert later.total_seconds() > 3000
+
+
+class CompletesInTx(Job, kind="th_completes_in_tx", queue="th"):
+    pass
+
+
+@CompletesInTx.handler
+def completes_in_tx(ctx: JobContext, account: int) -> None:
+    with ctx.transaction(result={"granted": account}) as session:
+        session.add(Credit(account=account, amount=1))
+
+
+def test_perform_returns_the_result_a_transaction_completed_the_job_with(sa_jobs_engine, credits):
+    """A worker stores ``ctx.transaction(result=...)`` as the job's result (the handler's
+    return value is not stored); perform() returned the handler's None."""
+    assert perform(CompletesInTx(account=7), engine=sa_jobs_engine) == {"granted": 7}
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(CompletesInTx(account=8))
+    drain(sa_jobs_engine, kinds=[CompletesInTx])
+    with Session(sa_jobs_engine) as session:
+        assert session.scalars(select(CompletesInTx.result)).all() == [{"granted": 8}]
