@@ -143,6 +143,9 @@ def perform(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
     """
     handler, ctx, args = _prepare(job, engine, attempt)
     if is_async_handler(handler):
+        if _in_event_loop():  # anyio.run() would fail with a message naming neither
+            raise ConfigurationError(f"perform(): {type(job).__name__}'s handler is async and an event loop"
+                                     " runs in this thread; use await perform_async(job)")
         return _result(ctx, anyio.run(lambda: handler(ctx, **args)))
     return _result(ctx, handler(ctx, **args))
 

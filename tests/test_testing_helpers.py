@@ -510,3 +510,18 @@ def test_perform_returns_the_result_a_transaction_completed_the_job_with(sa_jobs
     drain(sa_jobs_engine, kinds=[CompletesInTx])
     with Session(sa_jobs_engine) as session:
         assert session.scalars(select(CompletesInTx.result)).all() == [{"granted": 8}]
+
+
+def test_perform_of_an_async_handler_from_async_code_says_to_await_perform_async():
+    """anyio.run() inside the test's event loop failed with "Already running asyncio in
+    this thread", which named neither perform() nor what to call instead."""
+    import anyio
+
+    from sa_jobs.testing import perform_async
+
+    async def main() -> int:
+        with pytest.raises(ConfigurationError, match="perform_async"):
+            perform(Double(x=2))
+        return await perform_async(Double(x=2))
+
+    assert anyio.run(main) == 4
