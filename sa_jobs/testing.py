@@ -27,7 +27,7 @@ import uuid
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import anyio
-from sqlalchemy import event, func, select, type_coerce
+from sqlalchemy import Boolean, Column, DateTime, Integer, Interval, MetaData, Table, Text, event, func, select, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import UnboundExecutionError
@@ -35,10 +35,9 @@ from sqlalchemy.orm import Session
 
 from . import _validate, schema as schema_mod
 from ._url import sqlalchemy_url
-from .admin import paused_queues
 from .errors import ConfigurationError, UnknownKindError
 from .model import Job, is_async_handler, job_table
-from .schema import DEFAULT_SCHEMA
+from .schema import DEFAULT_SCHEMA, QUEUES_TABLE
 from .unique import ENQUEUED_INFO_KEY, note_enqueued
 
 __all__ = ["assert_enqueued", "drain", "enqueued", "inline", "perform", "refute_enqueued"]
@@ -264,7 +263,8 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
 
     Retries and scheduled jobs due within ``DRAIN_LOOKAHEAD`` seconds are waited for (a
     short ``backoff`` in tests), later ones stay as they are; ``with_scheduled=True``
-    makes the served queues' future scheduled jobs due first. Jobs of paused queues are left waiting.
+    makes the served queues' future scheduled jobs due first. Jobs of paused queues, and of
+    queues whose rate limit allows no claim until after that lookahead, are left waiting.
 
     The worker claims by queue: a job of the served queues whose kind has no handler here
     (not in ``kinds``) fails its attempt as with any worker, and drain() then raises
@@ -305,8 +305,7 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
         # kind's, in a test that drains one kind) is never claimed, and counting it kept
         # drain() (and every commit under inline()) polling until its timeout.
         with Session(engine) as session:
-            # Paused queues too: no worker claims their jobs.
-            claimable = set(served) - set(paused_queues(session))
+            claimable = set(served) - _held_queues(session)
             return bool(session.scalar(
                 select(func.count()).select_from(Job).where(
                     Job.queue.in_(claimable),
@@ -356,6 +355,19 @@ def _raise_for_unknown_kinds(session: Session, worker_id: str, kinds: list[str])
             f"drain(): no handler for jobs of the queues it served: {jobs}; it ran kinds={kinds}."
             " Pass their kinds to drain(kinds=...) (or inline()), or import the module registering their handlers"
         )
+
+
+def _held_queues(session: Session) -> set[str]:
+    """Queues whose waiting jobs no worker claims within ``DRAIN_LOOKAHEAD``: paused, or
+    with their rate window used up until later (the limited claim's rule)."""
+    q = Table(QUEUES_TABLE, MetaData(), Column("name", Text), Column("paused", Boolean), Column("rate_limit", Integer),
+              Column("rate_period", Interval), Column("rate_window_start", DateTime(timezone=True)),
+              Column("rate_window_count", Integer), schema=DEFAULT_SCHEMA)
+    period = func.extract("epoch", q.c.rate_period)
+    window = func.to_timestamp(func.floor(func.extract("epoch", func.now()) / period) * period)
+    full = ((q.c.rate_limit.is_not(None)) & (q.c.rate_window_start == window) & (q.c.rate_window_count >= q.c.rate_limit)
+            & (window + q.c.rate_period > func.now() + dt.timedelta(seconds=DRAIN_LOOKAHEAD)))
+    return set(session.scalars(select(q.c.name).where(q.c.paused | full)))
 
 
 def _in_event_loop() -> bool:

@@ -525,3 +525,17 @@ def test_perform_of_an_async_handler_from_async_code_says_to_await_perform_async
         return await perform_async(Double(x=2))
 
     assert anyio.run(main) == 4
+
+
+def test_drain_returns_when_a_rate_limited_queue_must_wait_past_its_lookahead(sa_jobs_engine):
+    """As a paused queue's: the second job of a queue limited to one a week cannot be
+    claimed before the next window (none ends during the test), and drain() polled for
+    it until its TimeoutError."""
+    import datetime as dt
+
+    from sa_jobs import QueueLimits, set_queue_limits
+
+    with Session(sa_jobs_engine) as session, session.begin():
+        set_queue_limits(session, "th", QueueLimits(rate=(1, dt.timedelta(days=7))))
+        session.add_all([Double(x=1), Double(x=2)])
+    assert drain(sa_jobs_engine, kinds=[Double], timeout=5) == {"completed": 1, "available": 1}
