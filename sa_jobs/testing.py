@@ -304,14 +304,17 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
         # Only the worker's queues: a job waiting in a queue it does not serve (another
         # kind's, in a test that drains one kind) is never claimed, and counting it kept
         # drain() (and every commit under inline()) polling until its timeout.
+        # A held queue's running jobs still count: its waiting ones only are left behind.
         with Session(engine) as session:
             claimable = set(served) - _held_queues(session)
             return bool(session.scalar(
                 select(func.count()).select_from(Job).where(
-                    Job.queue.in_(claimable),
-                    (Job.state.in_(("available", "running")))
-                    | ((Job.state.in_(("scheduled", "retryable")))
-                       & (Job.scheduled_at <= func.now() + dt.timedelta(seconds=DRAIN_LOOKAHEAD))),
+                    Job.queue.in_(served),
+                    (Job.state == "running")
+                    | (Job.queue.in_(claimable)
+                       & ((Job.state == "available")
+                          | ((Job.state.in_(("scheduled", "retryable")))
+                             & (Job.scheduled_at <= func.now() + dt.timedelta(seconds=DRAIN_LOOKAHEAD))))),
                 )
             ))
 
