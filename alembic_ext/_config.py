@@ -11,7 +11,9 @@ from sa_jobs.schema import DEFAULT_SCHEMA
 SCHEMA_X_ARG = "sa_jobs_schema"
 # ``config.attributes["sa_jobs_schema"] = NAME`` in env.py or programmatic Config use.
 SCHEMA_ATTRIBUTE = "sa_jobs_schema"
-# ``sa_jobs_schema = NAME`` in the ``[alembic]`` section of alembic.ini.
+# ``sa_jobs_schema = NAME`` in the ``[alembic]`` section of alembic.ini, or in
+# ``[tool.alembic]`` of pyproject.toml (read there too: an app configured in pyproject.toml
+# keeps its options there, and an ignored one put the queue in ``sa_jobs`` silently).
 SCHEMA_OPTION = "sa_jobs_schema"
 
 
@@ -29,7 +31,8 @@ def _alembic_context() -> Optional[Any]:
 def configured_schema() -> str:
     """The queue's schema for this Alembic run, validated so it reaches SQL only quoted.
 
-    Order: ``-x sa_jobs_schema=``, ``config.attributes``, alembic.ini, then ``sa_jobs``.
+    Order: ``-x sa_jobs_schema=``, ``config.attributes``, alembic.ini, pyproject.toml's
+    ``[tool.alembic]``, then ``sa_jobs``.
     Outside an Alembic run it is the default schema.
     """
     ctx = _alembic_context()
@@ -39,7 +42,7 @@ def configured_schema() -> str:
     value = (
         ctx.get_x_argument(as_dictionary=True).get(SCHEMA_X_ARG)
         or config.attributes.get(SCHEMA_ATTRIBUTE)
-        or config.get_main_option(SCHEMA_OPTION)
+        or config.get_alembic_option(SCHEMA_OPTION)
         or DEFAULT_SCHEMA
     )
     return _validate.schema_name(value)

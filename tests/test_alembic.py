@@ -311,3 +311,20 @@ def test_a_queue_in_the_apps_own_schema_is_hidden_from_autogenerate(app: App, in
     assert proc.returncode == 0, proc.stdout + proc.stderr
     body = app.autogenerate()
     assert "op." not in body, body
+
+
+def test_schema_option_in_pyproject_tool_alembic_is_honoured(app: App) -> None:
+    """An app configured through ``[tool.alembic]`` in pyproject.toml (Alembic >= 1.16)
+    keeps its options there: ``sa_jobs_schema`` set next to ``version_locations`` was
+    ignored, and the queue went to ``sa_jobs`` without a word."""
+    app.edit("alembic.ini", "version_locations =\n    %(here)s/migrations/versions\n    alembic_ext:versions\n", "")
+    (app.path / "pyproject.toml").write_text(
+        '[tool.alembic]\n'
+        'version_locations = ["%(here)s/migrations/versions", "alembic_ext:versions"]\n'
+        'sa_jobs_schema = "shop_queue"\n'
+    )
+    app.alembic("upgrade", "heads")
+    assert not schema_exists(app.url, "sa_jobs")
+    assert check_drift(app.url, "shop_queue") == []
+    app.alembic("check")
+
