@@ -66,7 +66,10 @@ def upgrade_version(version: int) -> None:
     else:
         for stmt in schema_mod.upgrade_statements(version, schema):
             _execute(stmt)
-    concurrent = schema_mod.concurrent_statements(version, schema)
+    # Adopting a newer schema: leave out builds of indexes a later installed version
+    # dropped (version 4's jobs_running_partition_idx, dropped by 8), or adopting would
+    # read the whole table to build each one, only for that later revision to drop it.
+    concurrent = schema_mod.concurrent_statements(version, schema, upto=max(current, version))
     if concurrent and online:
         # A build that died in the server left an invalid index, which IF NOT EXISTS
         # would keep: drop it so that re-running the revision really builds it.

@@ -328,3 +328,31 @@ def test_schema_option_in_pyproject_tool_alembic_is_honoured(app: App) -> None:
     assert check_drift(app.url, "shop_queue") == []
     app.alembic("check")
 
+
+def _log_index_builds(url: str) -> None:
+    """Record every index PostgreSQL really builds (IF NOT EXISTS skips are not logged)."""
+    run_sql(url, """
+        CREATE TABLE public.built_indexes (name text);
+        CREATE FUNCTION public.log_index_builds() RETURNS event_trigger LANGUAGE plpgsql AS $$
+        DECLARE r record;
+        BEGIN
+          FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() WHERE command_tag = 'CREATE INDEX' LOOP
+            INSERT INTO public.built_indexes VALUES (r.object_identity);
+          END LOOP;
+        END $$;
+        CREATE EVENT TRIGGER log_index_builds ON ddl_command_end EXECUTE FUNCTION public.log_index_builds();
+    """)
+
+
+def test_adopting_a_migrated_schema_builds_no_index_a_later_version_dropped(app: App) -> None:
+    """A schema installed by ``sa-jobs migrate`` at the latest version, then adopted by the
+    branch: adopting sa_jobs_0004 re-built jobs_running_partition_idx (a read of the
+    whole jobs table) only for sa_jobs_0008 to drop it again."""
+    schema_mod.install(app.url, "sa_jobs")
+    insert_jobs(app.url, "sa_jobs", 10)
+    _log_index_builds(app.url)
+
+    app.alembic("upgrade", "heads")
+
+    assert run_sql(app.url, "SELECT name FROM public.built_indexes WHERE name LIKE 'sa_jobs.%'") == []
+    assert check_drift(app.url, "sa_jobs") == []
