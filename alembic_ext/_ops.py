@@ -91,9 +91,14 @@ def downgrade_version(version: int) -> None:
     schema = configured_schema()
     online, current = _online_version(version, schema)
     if online and current > version:
+        # A version this release knows was installed past Alembic's record (sa-jobs
+        # migrate, install() at start-up): recording it first is what unblocks the downgrade.
+        advice = (f"record it first with `alembic upgrade sa_jobs_{current:04d}`, then downgrade"
+                  if current <= schema_mod.LATEST_VERSION
+                  else "downgrade with the sa-jobs release that installed it")
         raise SchemaVersionError(
             f"schema {schema!r} is at sa-jobs version {current}, newer than revision {version}"
-            " being downgraded; downgrade with the sa-jobs release that installed it"
+            f" being downgraded; {advice}"
         )
     if online and current < version:
         log.info("sa-jobs schema %r is at version %d; nothing to remove for %d", schema, current, version)

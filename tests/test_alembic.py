@@ -356,3 +356,21 @@ def test_adopting_a_migrated_schema_builds_no_index_a_later_version_dropped(app:
 
     assert run_sql(app.url, "SELECT name FROM public.built_indexes WHERE name LIKE 'sa_jobs.%'") == []
     assert check_drift(app.url, "sa_jobs") == []
+
+
+def test_downgrading_behind_a_newer_migrate_names_the_revision_to_adopt_first(app: App) -> None:
+    """Alembic at sa_jobs_0006, then ``sa-jobs migrate`` (or ``install()`` at start-up) of
+    this release took the schema further: the downgrade refused, telling the user to
+    downgrade "with the sa-jobs release that installed it", which is this one. What
+    unblocks it is recording the installed version in Alembic first."""
+    app.alembic("upgrade", "sa_jobs_0006")
+    schema_mod.install(app.url, "sa_jobs", to_version=9)
+
+    proc = app.alembic("downgrade", "sa_jobs@-1", ok=False)
+
+    assert proc.returncode != 0 and "alembic upgrade sa_jobs_0009" in proc.stderr, proc.stderr
+    assert schema_mod.installed_version(app.url, "sa_jobs") == 9
+    app.alembic("upgrade", "sa_jobs_0009")  # what the message says, then the downgrade works
+    app.alembic("downgrade", "sa_jobs@-1")
+    assert schema_mod.installed_version(app.url, "sa_jobs") == 8
+    assert "sa_jobs_0008" in app.alembic("current").stdout
