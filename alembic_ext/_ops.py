@@ -8,7 +8,10 @@ rather than created twice, and both tools keep recording the same versions. Offl
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from typing import Iterator
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -70,20 +73,47 @@ def upgrade_version(version: int) -> None:
     # dropped (version 4's jobs_running_partition_idx, dropped by 8), or adopting would
     # read the whole table to build each one, only for that later revision to drop it.
     concurrent = schema_mod.concurrent_statements(version, schema, upto=max(current, version))
-    if concurrent and online:
-        # A build that died in the server left an invalid index, which IF NOT EXISTS
-        # would keep: drop it so that re-running the revision really builds it.
-        names = list(schema_mod.migration(version).concurrent_indexes)
-        invalid = [r[0] for r in op.get_bind().execute(
-            text(schema_mod.INVALID_INDEXES_SQL), {"schema": schema, "names": names})] if names else []
-        concurrent = [*schema_mod.drop_invalid_statements(invalid, schema), *concurrent]
     if concurrent:
         # CREATE INDEX CONCURRENTLY cannot run inside a transaction: this commits what ran
         # so far (the version is recorded) and builds the index without blocking writers.
         # The statements are IF NOT EXISTS, so re-running the revision heals a failed build.
-        with op.get_context().autocommit_block():
+        with op.get_context().autocommit_block(), _one_builder(online, schema):
+            if online:
+                # A build that died in the server left an invalid index, which IF NOT EXISTS
+                # would keep: drop it so that re-running the revision really builds it.
+                names = list(schema_mod.migration(version).concurrent_indexes)
+                invalid = [r[0] for r in op.get_bind().execute(
+                    text(schema_mod.INVALID_INDEXES_SQL), {"schema": schema, "names": names})] if names else []
+                concurrent = [*schema_mod.drop_invalid_statements(invalid, schema), *concurrent]
             for stmt in concurrent:
                 _execute(stmt)
+
+
+@contextlib.contextmanager
+def _one_builder(online: bool, schema: str) -> Iterator[None]:
+    """Build under the installers' session lock, outside any transaction.
+
+    Without it, an ``install()``/``sa-jobs migrate`` starting meanwhile (a process of the
+    app, while moving from it to Alembic) altered the table for the next version: its
+    transaction waited for the build's table lock, the build for that transaction, and
+    PostgreSQL failed the Alembic upgrade ("deadlock detected").
+    """
+    if not online:
+        yield
+        return
+    from alembic import op
+
+    bind = op.get_bind()
+    key = {"key": schema_mod.builders_lock_key(schema)}
+    # Polled, as the installers do: a session blocked in pg_advisory_lock() would hold a
+    # snapshot that the other installer's CREATE INDEX CONCURRENTLY waits out.
+    while not bind.execute(text("SELECT pg_try_advisory_lock(hashtext(:key))"), key).scalar():
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        if not bind.invalidated and not bind.closed:
+            bind.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), key)
 
 
 def downgrade_version(version: int) -> None:

@@ -721,6 +721,12 @@ def _advisory_key(schema: str) -> str:
     return f"sa_jobs.migrate.{schema}"
 
 
+def builders_lock_key(schema: str = DEFAULT_SCHEMA) -> str:
+    """The key of the session-level advisory lock under which an installer (migrate,
+    install(), uninstall, the Alembic branch's index builds) does its CONCURRENTLY work."""
+    return _advisory_key(_validate.schema_name(schema)) + ".concurrently"
+
+
 def installed_version(conninfo: str, schema: str = DEFAULT_SCHEMA) -> int:
     """The schema version recorded in the database (0 when nothing is installed)."""
     import psycopg
@@ -787,7 +793,7 @@ def _one_installer(conn, schema: str) -> Iterator[None]:  # type: ignore[no-unty
     the build waited for that transaction to end, and PostgreSQL failed one of the two
     installers with "deadlock detected" (an older and a newer release deploying at once).
     """
-    key = _advisory_key(schema) + ".concurrently"
+    key = builders_lock_key(schema)
     _wait_for_session_lock(conn, key)
     try:
         yield

@@ -374,3 +374,45 @@ def test_downgrading_behind_a_newer_migrate_names_the_revision_to_adopt_first(ap
     app.alembic("downgrade", "sa_jobs@-1")
     assert schema_mod.installed_version(app.url, "sa_jobs") == 8
     assert "sa_jobs_0008" in app.alembic("current").stdout
+
+
+def test_install_at_start_up_during_an_alembic_index_build_waits_for_it(app: App) -> None:
+    """Moving from ``install()`` at start-up to Alembic: a process starts (and installs)
+    while ``alembic upgrade`` builds sa_jobs_0002's index CONCURRENTLY. install() altered
+    the table for version 3, waited for the build's table lock, the build waited for its
+    transaction, and PostgreSQL failed the Alembic deploy with "deadlock detected"."""
+    app.alembic("upgrade", "sa_jobs_0001")
+    insert_jobs(app.url, "sa_jobs", 10)
+
+    def query_of(name: str) -> str:
+        rows = run_sql(app.url, "SELECT coalesce(wait_event_type, '') || ' ' || query FROM pg_stat_activity"
+                                " WHERE application_name = %s", (name,))
+        return rows[0][0] if rows else ""
+
+    def start(name: str, argv: list[str]) -> subprocess.Popen[str]:
+        env = {**os.environ, "DATABASE_URL": app.url, "PYTHONPATH": str(REPO_ROOT), "PGAPPNAME": name}
+        return subprocess.Popen([sys.executable, *argv], cwd=app.path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs: dict[str, subprocess.Popen[str]] = {}
+    try:
+        with psycopg.connect(app.url) as holder:  # a snapshot the build waits for
+            holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            holder.execute("SELECT 1")
+            procs["alembic"] = start("h_alembic", ["-m", "alembic", "upgrade", "heads"])
+            assert wait_for(lambda: query_of("h_alembic").startswith("Lock CREATE INDEX CONCURRENTLY"), 30), \
+                query_of("h_alembic")
+            procs["install"] = start("h_install", [
+                "-c", "import os; from sa_jobs import schema; schema.install(os.environ['DATABASE_URL'])"])
+            # Waiting in its DDL transaction, or polling for its turn outside any.
+            assert wait_for(lambda: query_of("h_install").startswith("Lock ")
+                            or "pg_try_advisory_lock" in query_of("h_install"), 30), query_of("h_install")
+            holder.commit()
+        outputs = {name: p.communicate(timeout=60)[0] for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    assert {name: p.returncode for name, p in procs.items()} == {"alembic": 0, "install": 0}, outputs
+    assert app.heads() == {APP_HEAD, SA_JOBS_HEAD}
+    assert check_drift(app.url, "sa_jobs") == []
