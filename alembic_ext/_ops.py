@@ -72,8 +72,11 @@ def upgrade_version(version: int) -> None:
     # Adopting a newer schema: leave out builds of indexes a later installed version
     # dropped (version 4's jobs_running_partition_idx, dropped by 8), or adopting would
     # read the whole table to build each one, only for that later revision to drop it.
-    concurrent = schema_mod.concurrent_statements(version, schema, upto=max(current, version))
-    if concurrent:
+    upto = max(current, version)
+    concurrent = schema_mod.concurrent_statements(version, schema, upto=upto)
+    if concurrent and online and _in_callers_transaction():
+        _build_in_callers_transaction(version, schema, upto)
+    elif concurrent:
         # CREATE INDEX CONCURRENTLY cannot run inside a transaction: this commits what ran
         # so far (the version is recorded) and builds the index without blocking writers.
         # The statements are IF NOT EXISTS, so re-running the revision heals a failed build.
@@ -81,12 +84,67 @@ def upgrade_version(version: int) -> None:
             if online:
                 # A build that died in the server left an invalid index, which IF NOT EXISTS
                 # would keep: drop it so that re-running the revision really builds it.
-                names = list(schema_mod.migration(version).concurrent_indexes)
-                invalid = [r[0] for r in op.get_bind().execute(
-                    text(schema_mod.INVALID_INDEXES_SQL), {"schema": schema, "names": names})] if names else []
+                invalid = _invalid_indexes(op.get_bind(), schema, version)
                 concurrent = [*schema_mod.drop_invalid_statements(invalid, schema), *concurrent]
             for stmt in concurrent:
                 _execute(stmt)
+
+
+def _invalid_indexes(bind: Connection, schema: str, version: int) -> list[str]:
+    names = list(schema_mod.migration(version).concurrent_indexes)
+    if not names:
+        return []
+    return [r[0] for r in bind.execute(text(schema_mod.INVALID_INDEXES_SQL), {"schema": schema, "names": names})]
+
+
+def _in_callers_transaction() -> bool:
+    """Whether Alembic runs on a connection whose transaction its caller began
+    (``engine.begin()``, Alembic's recipe for sharing a connection): nothing can be
+    committed midway, so ``autocommit_block`` is unavailable."""
+    from alembic import op
+
+    return bool(getattr(op.get_context(), "_in_external_transaction", False))
+
+
+def _build_in_callers_transaction(version: int, schema: str, upto: int) -> None:
+    """Build ``version``'s indexes in the caller's transaction, if it already holds the
+    jobs table exclusively (created or altered in it, so a plain build blocks nobody
+    more than that transaction does); otherwise say why the upgrade cannot go on."""
+    from alembic import op
+
+    bind = op.get_bind()
+    m = schema_mod.migration(version)
+    invalid = _invalid_indexes(bind, schema, version)
+    built = set(m.concurrent_indexes) - schema_mod._dropped_after(version, upto)
+    exists = {n: bind.execute(text("SELECT to_regclass(:i) IS NOT NULL"), {"i": _regclass(schema, n)}).scalar()
+              for n in {*built, *m.dropped_indexes}}
+    if not invalid and all(exists[n] for n in built) and not any(exists[n] for n in m.dropped_indexes):
+        return  # already done (an adopted schema): nothing to build or drop
+    if not bind.execute(text(_HOLDS_JOBS_SQL), {"t": _regclass(schema, schema_mod.JOBS_TABLE)}).scalar():
+        raise SchemaVersionError(
+            f"revision sa_jobs_{version:04d} builds indexes on {schema}.{schema_mod.JOBS_TABLE} CONCURRENTLY,"
+            " which cannot run inside the transaction the caller began on Alembic's connection"
+            " (engine.begin()); building them in it would block every write to the table. Run"
+            " this upgrade on a connection from engine.connect(), with no transaction begun (or with"
+            " the alembic command line, or sa-jobs migrate)"
+        )
+    for stmt in [*schema_mod.drop_invalid_statements(invalid, schema, concurrently=False),
+                 *schema_mod.concurrent_statements(version, schema, concurrently=False, upto=upto)]:
+        _execute(stmt)
+
+
+# Whether this session holds ACCESS EXCLUSIVE on the jobs table: nobody else can use it
+# until this transaction ends, whatever this transaction does to it meanwhile.
+_HOLDS_JOBS_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND granted"
+    " AND locktype = 'relation' AND relation = to_regclass(:t) AND mode = 'AccessExclusiveLock')"
+)
+
+
+def _regclass(schema: str, name: str) -> str:
+    from psycopg import sql
+
+    return sql.Identifier(schema, name).as_string()
 
 
 @contextlib.contextmanager

@@ -834,10 +834,11 @@ INVALID_INDEXES_SQL = (
 )
 
 
-def drop_invalid_statements(names: Sequence[str], schema: str = DEFAULT_SCHEMA) -> list[str]:
-    """``DROP INDEX CONCURRENTLY IF EXISTS`` for each of ``names`` (see :func:`invalid_indexes`)."""
+def drop_invalid_statements(names: Sequence[str], schema: str = DEFAULT_SCHEMA, *,
+                            concurrently: bool = True) -> list[str]:
+    """``DROP INDEX [CONCURRENTLY] IF EXISTS`` for each of ``names`` (see :func:`invalid_indexes`)."""
     schema = _validate.schema_name(schema)
-    return [_drop_index(schema, n, concurrently=True).as_string() for n in names]
+    return [_drop_index(schema, n, concurrently=concurrently).as_string() for n in names]
 
 
 def _needs_concurrent_run(conn, schema: str, m: Migration, upto: int) -> bool:  # type: ignore[no-untyped-def]

@@ -416,3 +416,67 @@ def test_install_at_start_up_during_an_alembic_index_build_waits_for_it(app: App
     assert {name: p.returncode for name, p in procs.items()} == {"alembic": 0, "install": 0}, outputs
     assert app.heads() == {APP_HEAD, SA_JOBS_HEAD}
     assert check_drift(app.url, "sa_jobs") == []
+
+
+# Alembic's cookbook recipe for running migrations on the caller's connection, inside a
+# transaction the caller began (application start-up, test fixtures).
+CALLERS_TRANSACTION = """
+import os, sys
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, make_url
+url = make_url(os.environ["DATABASE_URL"]).set(drivername="postgresql+psycopg")
+with create_engine(url).begin() as connection:
+    config = Config("alembic.ini")
+    config.attributes["connection"] = connection
+    command.upgrade(config, sys.argv[1])
+"""
+
+
+def _upgrade_in_callers_transaction(app: App, target: str) -> subprocess.CompletedProcess[str]:
+    app.edit("migrations/env.py", "def run_migrations_online() -> None:\n",
+             "def run_migrations_online() -> None:\n"
+             "    if (connection := config.attributes.get('connection')) is not None:\n"
+             "        context.configure(connection=connection, **CONFIGURE_OPTIONS)\n"
+             "        with context.begin_transaction():\n"
+             "            context.run_migrations()\n"
+             "        return\n")
+    env = {**os.environ, "DATABASE_URL": app.url, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{app.path}"}
+    return subprocess.run([sys.executable, "-c", CALLERS_TRANSACTION, target], cwd=app.path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_fresh_install_in_the_callers_transaction_builds_its_indexes_in_it(app: App) -> None:
+    """``with engine.begin() as connection: command.upgrade(config, "heads")`` failed at
+    sa_jobs_0002 with a bare AssertionError from Alembic's autocommit_block, and nothing
+    was installed. The table is new and locked by that transaction: its indexes are built
+    in it, as ``sa-jobs migrate`` builds a fresh install's."""
+    proc = _upgrade_in_callers_transaction(app, "heads")
+    assert proc.returncode == 0, proc.stderr
+    assert app.heads() == {APP_HEAD, SA_JOBS_HEAD}
+    assert check_drift(app.url, "sa_jobs") == []
+    app.alembic("check")
+
+
+def test_an_upgrade_in_the_callers_transaction_that_needs_a_concurrent_build_says_so(app: App) -> None:
+    """On a table others use, building without CONCURRENTLY would block their writes: the
+    upgrade stops with an error that says why and what to do, and changes nothing."""
+    app.alembic("upgrade", "sa_jobs_0007")
+    insert_jobs(app.url, "sa_jobs", 10)
+    proc = _upgrade_in_callers_transaction(app, "sa_jobs_0008")
+    assert proc.returncode != 0
+    assert "CONCURRENTLY" in proc.stderr and "engine.connect()" in proc.stderr, proc.stderr
+    assert "AssertionError" not in proc.stderr
+    assert schema_mod.installed_version(app.url, "sa_jobs") == 7
+    app.alembic("upgrade", "heads")  # the ordinary command line still does it online
+    assert check_drift(app.url, "sa_jobs") == []
+
+
+def test_adopting_in_the_callers_transaction_needs_no_build(app: App) -> None:
+    """A schema that ``sa-jobs migrate`` installed has every index already: adopting it in
+    the caller's transaction has nothing to build, so it must not stop for the lock."""
+    schema_mod.install(app.url, "sa_jobs")
+    proc = _upgrade_in_callers_transaction(app, "heads")
+    assert proc.returncode == 0, proc.stderr
+    assert app.heads() == {APP_HEAD, SA_JOBS_HEAD}
+    assert check_drift(app.url, "sa_jobs") == []
