@@ -64,6 +64,13 @@ def upgrade_version(version: int) -> None:
             f" {version - 1} as applied; was the queue's schema name (-x sa_jobs_schema,"
             " sa_jobs_schema in alembic.ini) changed since the last upgrade?"
         )
+    if online and current > schema_mod.LATEST_VERSION:
+        # As install() does: adopting would re-run this release's index builds, which may
+        # put back what the newer version dropped, and record a history it cannot undo.
+        raise SchemaVersionError(
+            f"schema {schema!r} is at sa-jobs version {current}, newer than this sa-jobs knows"
+            f" ({schema_mod.LATEST_VERSION}); upgrade sa-jobs instead of adopting it"
+        )
     if online and current >= version:
         log.info("sa-jobs schema %r already at version %d; adopting it", schema, current)
     else:

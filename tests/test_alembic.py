@@ -480,3 +480,20 @@ def test_adopting_in_the_callers_transaction_needs_no_build(app: App) -> None:
     assert proc.returncode == 0, proc.stderr
     assert app.heads() == {APP_HEAD, SA_JOBS_HEAD}
     assert check_drift(app.url, "sa_jobs") == []
+
+
+def test_a_schema_newer_than_this_release_is_not_adopted(app: App) -> None:
+    """``sa-jobs migrate`` of a newer release took the schema past this one's latest
+    version (here, as if that version had dropped jobs_finished_idx). ``install()`` of this
+    release refuses such a schema; the branch adopted it, re-ran its revisions' index
+    builds and put back an index the newer version had dropped."""
+    schema_mod.install(app.url, "sa_jobs")
+    newer = schema_mod.LATEST_VERSION + 1
+    run_sql(app.url, "DROP INDEX sa_jobs.jobs_finished_idx")
+    run_sql(app.url, "INSERT INTO sa_jobs.schema_version (version, description) VALUES (%s, 'newer')", (newer,))
+
+    proc = app.alembic("upgrade", "heads", ok=False)
+
+    assert proc.returncode != 0 and "newer than this sa-jobs knows" in proc.stderr, proc.stderr
+    assert run_sql(app.url, "SELECT to_regclass('sa_jobs.jobs_finished_idx')") == [(None,)]
+    assert "sa_jobs_" not in app.alembic("current").stdout
