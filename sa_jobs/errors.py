@@ -11,6 +11,10 @@ class ConfigurationError(SaJobsError, ValueError):
     """Bad option, URL, schema or queue name, given by the caller."""
 
 
+class EmbeddedServerError(SaJobsError, RuntimeError):
+    """The embedded PostgreSQL (``sa_jobs.embedded``) could not be started; the message says what to do."""
+
+
 class InvalidIdentifierError(ConfigurationError):
     """A name that would reach SQL (schema, queue, kind, channel) is not acceptable."""
 

@@ -150,3 +150,103 @@ def test_a_failed_start_leaves_no_socket_directory_behind(tmp_path, monkeypatch)
         assert list(temp.iterdir()) == []
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@needs_binaries
+def test_a_start_that_times_out_stops_the_server_it_left_starting(data_dir, monkeypatch):
+    """pg_ctl gave up waiting (-t) but the postmaster it launched went on: the caller got an
+    error while a server it knew nothing of ran on, holding the data directory."""
+    embedded.start_local(data_dir, cleanup="none")  # initdb, start
+    bin_dir = embedded.find_binaries()
+    assert bin_dir is not None
+    embedded._run(embedded._run_as(), bin_dir / "pg_ctl", "-D", data_dir, "-m", "fast", "-w", "stop")
+    # Archive recovery whose every restore_command takes 10 s: the server stays "starting",
+    # well past a 1 s timeout, with its postmaster.pid written.
+    with (data_dir / "postgresql.conf").open("a") as conf:
+        conf.write("restore_command = 'sleep 10; false'\n")
+    (data_dir / "recovery.signal").touch()
+    embedded._started.pop(data_dir.resolve(), None)
+    monkeypatch.setattr(embedded, "_START_TIMEOUT", 1)
+    with pytest.raises(RuntimeError, match="did not start in time") as info:
+        embedded.start_local(data_dir, cleanup="stop")
+    assert not (data_dir / "postmaster.pid").exists()  # stopped, not orphaned
+    assert "\n" not in str(info.value)  # one line, for the CLI to print
+
+
+@needs_binaries
+def test_a_socket_path_is_measured_in_bytes(data_dir):
+    """sun_path's limit is 107 bytes: 50 "é" are 50 characters but 100 bytes. The check counted
+    characters, so the socket went into the data directory and the server could not start."""
+    data = data_dir.parent / ("é" * 50) / "pg"
+    assert len(str(data / ".s.PGSQL.5432")) <= embedded._MAX_SOCKET_PATH < len(os.fsencode(data / ".s.PGSQL.5432"))
+    url = _run_child(data, "delete", socket_in_data=False)
+    assert not _reachable(url)
+    assert not data.exists()
+
+
+_SHARER = """
+import sys
+sys.modules["pgserver"] = None
+import psycopg
+from sa_jobs import embedded
+
+print("imported", flush=True)
+sys.stdin.readline()  # "go": both processes start at once
+try:
+    url = embedded.start(sys.argv[1], cleanup="stop")
+except Exception as exc:
+    print("error=%s" % exc, flush=True)
+    raise SystemExit(1)
+print("url=" + url, flush=True)
+if sys.stdin.readline().strip() == "query":  # EOF: exit now
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        print("answer=%s" % conn.execute("SELECT 41 + 1").fetchone()[0], flush=True)
+"""
+
+
+@needs_binaries
+def test_two_processes_starting_one_data_dir_share_one_server_until_the_last_exits(data_dir):
+    """Two processes given the same data directory at once both ran initdb (one failed: "directory
+    exists but is not empty"); and one that reused the other's server lost it when that one exited."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARER, str(data_dir)], cwd=REPO_ROOT, env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "imported"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        urls = [p.stdout.readline().strip() for p in procs if p.stdout is not None]
+        assert all(u.startswith("url=") for u in urls), urls
+        assert urls[0] == urls[1]
+        first, second = procs
+        first.communicate(timeout=60)  # EOF: it exits, its atexit runs
+        assert first.returncode == 0
+        out, _ = second.communicate("query\n", timeout=60)
+        assert "answer=42" in out, out  # the server outlived the process that exited first
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert not _reachable(urls[0][len("url="):])  # the last one out stopped it
+    assert (data_dir / "PG_VERSION").exists() and not (data_dir / "postmaster.pid").exists()
+
+
+@needs_binaries
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="needs root: the server's user cannot reach a root-only directory")
+def test_the_demo_says_in_one_line_why_the_embedded_server_could_not_start(tmp_path):
+    """A TMPDIR the server's user cannot enter (as root, a private one): the demo ended in a
+    traceback through subprocess, naming neither the cause nor the way out."""
+    tmp_path.chmod(0o700)
+    env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
+    env.update(PYTHONPATH=str(REPO_ROOT), TMPDIR=str(tmp_path))
+    code = "import sys; sys.modules['pgserver'] = None; from sa_jobs.cli import main; sys.exit(main(['demo']))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("sa-jobs: initdb failed") and "Permission denied" in line and "TMPDIR" in line
