@@ -11,7 +11,6 @@ initdb refuses root, so as root the cluster runs as the unprivileged ``pgserver`
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import psycopg
+
+from sa_jobs import embedded
 
 from ..conftest import pg_bin
 
@@ -34,16 +35,8 @@ def free_port() -> int:
 
 
 def _run_as_user() -> Optional[str]:
-    if os.geteuid() != 0:
-        return None
-    for name in _RUN_AS_CANDIDATES:
-        try:
-            pwd.getpwnam(name)
-            return name
-        except KeyError:
-            continue
-    subprocess.run(["useradd", "--system", "--no-create-home", _RUN_AS_CANDIDATES[1]], check=True)
-    return _RUN_AS_CANDIDATES[1]
+    # Not embedded's own list (which starts with "postgres"): this cluster has always run as these.
+    return embedded._run_as(_RUN_AS_CANDIDATES)
 
 
 class PrivateCluster:
