@@ -17,8 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -29,9 +28,6 @@ _PORT = 5432  # alone in its socket directory, the server never competes for a p
 # sun_path holds 108 bytes on Linux (104 on the BSDs and macOS), terminating NUL included.
 _MAX_SOCKET_PATH = 103
 _START_TIMEOUT = 60  # seconds pg_ctl waits for the server to accept connections
-# In the data directory: the cleanup mode, postmaster pid and socket directory of a server
-# sa-jobs started; every process using that server holds a shared lock on it.
-_USERS_FILE = "sa_jobs_users"
 # initdb refuses to run as root: as root the server runs as the first of these that exists.
 _RUN_AS_CANDIDATES = ("postgres", "pgserver", "sa_jobs_pg")
 
@@ -56,9 +52,17 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
     # missing XDG_RUNTIME_DIR on servers: neither is news to a sa-jobs user.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    path = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="sa_jobs_pg_"))
-    path.mkdir(parents=True, exist_ok=True)
+    path = Path(data_dir) if data_dir is not None else _mkdtemp("sa_jobs_pg_")
+    _make_dir(path)
     server = pgserver.get_server(path, cleanup_mode=None if cleanup == "none" else cleanup)
+    if data_dir is None and cleanup != "none" and os.name == "posix":
+        # pgserver's own cleanup is atexit only: a killed process left its server running.
+        # A directory of our own has no other users, so the watchdog may stop it alone.
+        from . import _pg_watchdog
+
+        bin_dir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        watchdog = _pg_watchdog.spawn("private", bin_dir, path.resolve(), cleanup)
+        atexit.register(_pg_watchdog.dismiss, watchdog)  # runs before pgserver's (registered earlier)
     return server.get_uri()
 
 
@@ -103,7 +107,10 @@ def start_local(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str 
     with _lock:
         if path in _started:
             return _started[path]
-        with _dir_locked(path):
+        from . import _pg_watchdog  # POSIX only, as is this fallback
+
+        _make_dir(path)
+        with _pg_watchdog.dir_locked(path):
             url = _running_url(path)
             if url is None:
                 url = _start_server(bin_dir, path, cleanup, made=data_dir is None)
@@ -115,6 +122,8 @@ def start_local(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str 
 
 def _start_server(bin_dir: Path, path: Path, cleanup: str, *, made: bool) -> str:
     """initdb if need be, then pg_ctl start; with the directory's lock held."""
+    from . import _pg_watchdog
+
     user = _run_as()
     sock = _socket_dir(path)
     try:
@@ -126,7 +135,7 @@ def _start_server(bin_dir: Path, path: Path, cleanup: str, *, made: bool) -> str
         if not (path / "PG_VERSION").exists():
             _run(user, bin_dir / "initdb", "-D", path, "-U", "postgres", "--auth=trust",
                  "-E", "UTF8", "--locale=C", "--no-sync")
-        before = _postmaster_pid(path)  # a live one here is not ready, and not ours to stop
+        before = _pg_watchdog.postmaster_pid(path)  # a live one here is not ready, and not ours to stop
         options = f"-p {_PORT} -h '' -k {shlex.quote(str(sock))}"  # pg_ctl hands -o to /bin/sh
         try:
             _run(user, bin_dir / "pg_ctl", "-D", path, "-w", "-t", str(_START_TIMEOUT), "-o", options, "start",
@@ -134,9 +143,9 @@ def _start_server(bin_dir: Path, path: Path, cleanup: str, *, made: bool) -> str
         except EmbeddedServerError:
             # pg_ctl gives up waiting (-t) but not the postmaster it launched: left running,
             # it would hold the data directory with nobody to stop it.
-            pid = _postmaster_pid(path)
+            pid = _pg_watchdog.postmaster_pid(path)
             if pid is not None and pid != before:
-                _run(user, bin_dir / "pg_ctl", "-D", path, "-m", "immediate", "-w", "stop")
+                _pg_watchdog.pg_ctl_stop(bin_dir, path, "immediate")
             raise
         url = _running_url(path)
         if url is None:  # pragma: no cover - pg_ctl -w returned only once the server was ready
@@ -150,11 +159,11 @@ def _start_server(bin_dir: Path, path: Path, cleanup: str, *, made: bool) -> str
             if made:
                 shutil.rmtree(path, ignore_errors=True)
         raise
-    users = path / _USERS_FILE
+    users = path / _pg_watchdog.USERS_FILE
     if cleanup == "none":
         users.unlink(missing_ok=True)  # a later process reuses it and leaves it running
     else:
-        users.write_text(f"{cleanup}\n{_postmaster_pid(path)}\n{sock}\n")
+        users.write_text(f"{cleanup}\n{_pg_watchdog.postmaster_pid(path)}\n{sock}\n")
         _join(bin_dir, path)
     return url
 
@@ -162,67 +171,37 @@ def _start_server(bin_dir: Path, path: Path, cleanup: str, *, made: bool) -> str
 def _join(bin_dir: Path, path: Path) -> None:
     """Become one of the server's users if a sa-jobs process started it to be stopped: hold a
     shared lock on its users file until exit, when the last holder stops it."""
+    import fcntl
+
+    from . import _pg_watchdog
+
     try:
-        mode, pid, sock = (path / _USERS_FILE).read_text().splitlines()[:3]
+        mode, pid = (path / _pg_watchdog.USERS_FILE).read_text().splitlines()[:2]
     except (OSError, ValueError):
         return  # not started by sa-jobs, or with cleanup="none"
-    if mode not in ("stop", "delete") or pid != str(_postmaster_pid(path)):
+    if mode not in ("stop", "delete") or pid != str(_pg_watchdog.postmaster_pid(path)):
         return  # a file left by an earlier server in this directory
-    import fcntl
-
-    fd = os.open(path / _USERS_FILE, os.O_RDONLY)
+    fd = os.open(path / _pg_watchdog.USERS_FILE, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_SH)
-    atexit.register(_leave, bin_dir, path, Path(sock), fd, mode == "delete")
+    watchdog = _pg_watchdog.spawn("shared", bin_dir, path, mode)
+    atexit.register(_leave, bin_dir, path, fd, watchdog)
 
 
-def _leave(bin_dir: Path, path: Path, sock: Path, fd: int, delete: bool) -> None:
-    """At interpreter exit: stop the server (fast: end sessions) and remove its directories,
-    unless another process still uses it (holds the users file's lock): the last one does."""
-    import fcntl
+def _leave(bin_dir: Path, path: Path, fd: int, watchdog: subprocess.Popen[bytes] | None) -> None:
+    """At interpreter exit: stop the server (fast: end sessions) and apply the cleanup mode,
+    unless another process still uses it."""
+    from . import _pg_watchdog
 
-    with _dir_locked(path):  # nobody joins while we decide
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return
-        try:
-            _run(_run_as(), bin_dir / "pg_ctl", "-D", path, "-m", "fast", "-w", "-t", "60", "stop")
-        except EmbeddedServerError:
-            pass  # already stopped, by someone else
-        finally:
-            os.close(fd)
-        (path / _USERS_FILE).unlink(missing_ok=True)
-        if delete:
-            shutil.rmtree(path, ignore_errors=True)
-    if sock != path:
-        shutil.rmtree(sock, ignore_errors=True)  # made for this server only
+    _pg_watchdog.dismiss(watchdog)
+    _pg_watchdog.release(bin_dir, path, fd)
 
 
-@contextmanager
-def _dir_locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the data directory: one process at a time starts, joins or
-    stops the server in it (the lock dies with its process, so a crash leaves none behind)."""
-    import fcntl
-
-    while True:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise EmbeddedServerError(f"cannot create the embedded server's directory {path}: {exc.strerror}:"
-                                      " pass a data directory you can write to") from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the last user removed it ("delete") while we waited: lock the new one
+def _make_dir(path: Path) -> None:
     try:
-        yield
-    finally:
-        os.close(fd)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EmbeddedServerError(f"cannot create the embedded server's directory {path}: {exc.strerror}:"
+                                  " pass a data directory you can write to") from None
 
 
 def _mkdtemp(prefix: str, parent: str | None = None) -> Path:
@@ -303,16 +282,6 @@ def _run(user: str | None, *argv: str | os.PathLike[str], log: Path | None = Non
                     " set TMPDIR (or pass a data directory) under one it can enter, such as /tmp")
         where = f" (log: {log})" if log is not None else ""
         raise EmbeddedServerError(f"{tool} failed: {reason}{where}{hint}")
-
-
-def _postmaster_pid(path: Path) -> int | None:
-    """The live process named by ``path``'s postmaster.pid, ready or not, or None."""
-    try:
-        pid = int((path / "postmaster.pid").read_text().split("\n", 1)[0])
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
 
 
 def _running_url(path: Path) -> str | None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import unquote
@@ -14,7 +16,7 @@ from urllib.parse import unquote
 import psycopg
 import pytest
 
-from sa_jobs import ConfigurationError, embedded
+from sa_jobs import ConfigurationError, _pg_watchdog, embedded
 
 from .conftest import REPO_ROOT
 
@@ -250,3 +252,53 @@ def test_the_demo_says_in_one_line_why_the_embedded_server_could_not_start(tmp_p
     assert "Traceback" not in proc.stderr
     [line] = proc.stderr.splitlines()
     assert line.startswith("sa-jobs: initdb failed") and "Permission denied" in line and "TMPDIR" in line
+
+
+_KILLED = """
+import sys, time
+if sys.argv[1] == "local":
+    sys.modules["pgserver"] = None
+from sa_jobs import embedded
+
+print("url=" + embedded.start(cleanup="delete"), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("server, signal_name", [("local", "SIGKILL"), ("local", "SIGTERM"), ("pgserver", "SIGTERM")])
+def test_a_server_whose_process_was_killed_is_stopped_and_removed(server, signal_name):
+    """``kill`` (SIGTERM, Python's default: no atexit) or ``kill -9`` of the demo left its
+    server running, and its data directory in the temp dir, for good."""
+    if server == "local" and embedded.find_binaries() is None:
+        pytest.skip("no PostgreSQL binaries on this machine")
+    if server == "pgserver":
+        pytest.importorskip("pgserver")
+    env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED, server], cwd=REPO_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("url="), line
+        url = line[len("url="):]
+        data = Path(unquote(url.split("host=", 1)[1].split("&", 1)[0]))
+        assert _reachable(url) and data.is_dir()
+    finally:
+        proc.send_signal(getattr(signal, signal_name))
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while data.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not data.exists() and not _reachable(url)
+    finally:
+        _stop_orphan(data)
+
+
+def _stop_orphan(data: Path) -> None:
+    """Stop a server a failed test left running (as the owner of its directory) and remove it."""
+    pid = _pg_watchdog.postmaster_pid(data)
+    if pid is not None:
+        os.kill(pid, signal.SIGQUIT)  # immediate shutdown
+    shutil.rmtree(data, ignore_errors=True)

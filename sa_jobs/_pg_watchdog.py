@@ -1,0 +1,155 @@
+"""Stopping an embedded server when the process that started it is gone (stdlib only).
+
+``atexit`` does not run when a process is killed (``kill -9``, or SIGTERM under Python's
+default handler): its server would run on, its data directory left in the temp dir, for
+good. So each process that holds an embedded server also starts this module as a small
+watchdog reading a pipe from it: end of file without a word first means the process died,
+and the watchdog does what its ``atexit`` would have. Run by path (``python
+_pg_watchdog.py``), it imports no sa-jobs (nor SQLAlchemy): it is up in milliseconds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# In a data directory: the cleanup mode, postmaster pid and socket directory of a server
+# sa-jobs started; every process using that server holds a shared lock on it.
+USERS_FILE = "sa_jobs_users"
+
+
+def postmaster_pid(path: Path) -> int | None:
+    """The live process named by ``path``'s postmaster.pid, ready or not, or None."""
+    try:
+        pid = int((path / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+@contextmanager
+def dir_locked(path: Path, *, create: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the data directory: one process at a time starts, joins or
+    stops the server in it (the lock dies with its process, so a crash leaves none behind)."""
+    while True:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its last user removed it ("delete") while we waited
+        if not create:
+            raise FileNotFoundError(path)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def pg_ctl_stop(bin_dir: Path, path: Path, mode: str = "fast") -> bool:
+    """``pg_ctl stop``, as the owner of the data directory when we are root (pg_ctl refuses root)."""
+    args = [str(bin_dir / "pg_ctl"), "-D", str(path), "-m", mode, "-w", "-t", "60", "stop"]
+    if os.geteuid() == 0 and path.stat().st_uid != 0:
+        import pwd
+
+        args = ["runuser", "-u", pwd.getpwuid(path.stat().st_uid).pw_name, "--", *args]
+    try:
+        return subprocess.run(args, capture_output=True, cwd="/").returncode == 0
+    except OSError:
+        return False
+
+
+def release(bin_dir: Path, path: Path, fd: int | None) -> None:
+    """Stop the server sa-jobs started in ``path`` and apply its cleanup mode, unless another
+    process still uses it (holds a shared lock on its users file): the last one out does.
+    ``fd``: this process's open users file, None for a watchdog (whose process is gone)."""
+    try:
+        with dir_locked(path, create=False):
+            sock = _release_locked(bin_dir, path, fd)
+    except FileNotFoundError:
+        return  # removed already
+    if sock is not None and sock != path:
+        shutil.rmtree(sock, ignore_errors=True)  # made for this server only
+
+
+def _release_locked(bin_dir: Path, path: Path, fd: int | None) -> Path | None:
+    users = path / USERS_FILE
+    if fd is None:
+        try:
+            fd = os.open(users, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # another process still uses it
+        try:
+            mode, pid, sock = users.read_text().splitlines()[:3]
+        except (OSError, ValueError):
+            return None
+        live = postmaster_pid(path)
+        if live is not None:
+            if str(live) != pid:
+                return None  # not the server sa-jobs started here: not ours to stop
+            pg_ctl_stop(bin_dir, path)
+        users.unlink(missing_ok=True)
+        if mode == "delete":
+            shutil.rmtree(path, ignore_errors=True)
+        return Path(sock)
+    finally:
+        os.close(fd)
+
+
+def spawn(kind: str, bin_dir: Path, path: Path, mode: str) -> subprocess.Popen[bytes] | None:
+    """Start a watchdog for this process's server; None if it cannot be (atexit still acts)."""
+    if not sys.executable:
+        return None
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-I", __file__, kind, str(bin_dir), str(path), mode],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
+            start_new_session=True,  # not in our process group: a Ctrl-C there is our atexit's business
+        )
+    except OSError:
+        return None
+
+
+def dismiss(watchdog: subprocess.Popen[bytes] | None) -> None:
+    """At a normal exit: tell the watchdog its process left cleanly (its atexit does the stop)."""
+    if watchdog is None or watchdog.stdin is None:
+        return
+    try:
+        watchdog.stdin.write(b"exit\n")
+        watchdog.stdin.close()
+        watchdog.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def main(argv: list[str]) -> None:
+    kind, bin_dir, path, mode = argv[0], Path(argv[1]), Path(argv[2]), argv[3]
+    if sys.stdin.buffer.read():
+        return  # dismissed: a normal exit
+    if kind == "shared":
+        release(bin_dir, path, None)
+    elif path.is_dir():  # "private": pgserver's server in a temporary directory of our own
+        if postmaster_pid(path) is not None:
+            pg_ctl_stop(bin_dir, path)
+        if mode == "delete":
+            shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
