@@ -471,13 +471,12 @@ if pytest is not None:
         if url:
             yield url
             return
-        import tempfile
-
         from . import embedded
 
-        # Not under pytest's tmp_path: that is private to this user (0700), and as root the
-        # embedded server runs as an unprivileged user, which must reach it.
-        yield embedded.start(tempfile.mkdtemp(prefix="sa_jobs_test_pg_"), cleanup="delete")
+        # A directory of its own in the temp dir (not pytest's tmp_path: that is private to
+        # this user, 0700, and as root the server runs as an unprivileged user, which must
+        # reach it); made by embedded, which then also stops it if the session is killed.
+        yield embedded.start(cleanup="delete")
 
     @pytest.fixture
     def sa_jobs_schema(sa_jobs_database_url: str) -> Iterator[str]:

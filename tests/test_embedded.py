@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import psycopg
 import pytest
 
-from sa_jobs import ConfigurationError, _pg_watchdog, embedded
+from sa_jobs import ConfigurationError, EmbeddedServerError, _pg_watchdog, embedded
 
 from .conftest import REPO_ROOT
 
@@ -55,9 +55,11 @@ print("url=" + url)
 needs_binaries = pytest.mark.skipif(embedded.find_binaries() is None, reason="no PostgreSQL binaries on this machine")
 
 
-def _run_child(data: Path, cleanup: str, *, socket_in_data: bool = True) -> str:
+def _run_child(data: Path, cleanup: str, *, socket_in_data: bool = True, tmpdir: Path | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
     env["PYTHONPATH"] = str(REPO_ROOT)
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(data), cleanup], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -302,3 +304,37 @@ def _stop_orphan(data: Path) -> None:
     if pid is not None:
         os.kill(pid, signal.SIGQUIT)  # immediate shutdown
     shutil.rmtree(data, ignore_errors=True)
+
+
+@needs_binaries
+def test_a_temp_dir_too_long_for_a_socket_falls_back_to_tmp(data_dir):
+    """The socket directory made for a long data directory was made in TMPDIR, whatever its
+    length: with a long TMPDIR the server could not create its socket and did not start."""
+    long_tmp = data_dir.parent / ("t" * 100)
+    long_tmp.mkdir()
+    data = data_dir.parent / ("d" * 60) / ("e" * 60)
+    url = _run_child(data, "delete", socket_in_data=False, tmpdir=long_tmp)
+    sock = Path(unquote(url.split("host=", 1)[1].split("&", 1)[0]))
+    assert sock.parent == Path("/tmp") and sock.name.startswith("sa_jobs_pg_sock_")
+    assert not data.exists() and not sock.exists()
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_an_unusable_temp_dir_is_one_line_naming_tmpdir(local, monkeypatch):
+    """mkdtemp's FileNotFoundError came out as a traceback through tempfile."""
+    if local and embedded.find_binaries() is None:
+        pytest.skip("no PostgreSQL binaries on this machine")
+    monkeypatch.setattr(tempfile, "tempdir", "/nonexistent/sa_jobs_test_tmp")
+    with pytest.raises(EmbeddedServerError, match="set TMPDIR to a writable directory") as info:
+        (embedded.start_local if local else embedded.start)(cleanup="delete")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="as root only: the server's user is looked for")
+def test_as_root_without_a_server_user_or_useradd_the_error_says_what_to_do(monkeypatch):
+    """A machine with none of the users and no useradd (Alpine has adduser): a FileNotFoundError
+    traceback from subprocess."""
+    monkeypatch.setenv("PATH", "/nonexistent")  # no useradd to run
+    with pytest.raises(EmbeddedServerError, match="useradd sa_jobs_test_absent_b") as info:
+        embedded._run_as(("sa_jobs_test_absent_a", "sa_jobs_test_absent_b"))
+    assert "create one of those users, or run as a normal user" in str(info.value)
