@@ -144,9 +144,11 @@ def _start_server(bin_dir: Path, path: Path, cleanup: str, *, made: bool) -> str
             # pg_ctl gives up waiting (-t) but not the postmaster it launched: left running,
             # it would hold the data directory with nobody to stop it.
             pid = _pg_watchdog.postmaster_pid(path)
-            if pid is not None and pid != before:
-                _pg_watchdog.pg_ctl_stop(bin_dir, path, "immediate")
-            raise
+            if pid is None or pid == before:
+                raise
+            _pg_watchdog.pg_ctl_stop(bin_dir, path, "immediate")
+            raise EmbeddedServerError(f"PostgreSQL in {path} did not start in time ({_START_TIMEOUT} s) and was"
+                                      f" stopped: its log, {path / 'server.log'}, says what it was doing") from None
         url = _running_url(path)
         if url is None:  # pragma: no cover - pg_ctl -w returned only once the server was ready
             raise EmbeddedServerError(f"PostgreSQL in {path} did not come up; see {path / 'server.log'}")
