@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,6 +31,22 @@ def postmaster_pid(path: Path) -> int | None:
         pid = int((path / "postmaster.pid").read_text().split("\n", 1)[0])
         os.kill(pid, 0)
     except (OSError, ValueError):
+        return None
+    return pid
+
+
+def serving_pid(path: Path) -> int | None:
+    """The pid of the server running in ``path`` if it answers on its socket, else None: after
+    a crash and a reboot, postmaster.pid's pid may be another process's (a signal for
+    the server would reach that one)."""
+    try:
+        lines = (path / "postmaster.pid").read_text().splitlines()
+        pid, port, sock = int(lines[0]), int(lines[3]), lines[4]
+        os.kill(pid, 0)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(os.path.join(sock, f".s.PGSQL.{port}"))
+    except (OSError, ValueError, IndexError):  # no file, a stale one, or one being written
         return None
     return pid
 
@@ -99,7 +116,7 @@ def _release_locked(bin_dir: Path, path: Path, fd: int | None) -> Path | None:
             mode, pid, sock = users.read_text().splitlines()[:3]
         except (OSError, ValueError):
             return None
-        live = postmaster_pid(path)
+        live = serving_pid(path)
         if live is not None:
             if str(live) != pid:
                 return None  # not the server sa-jobs started here: not ours to stop
@@ -145,7 +162,7 @@ def main(argv: list[str]) -> None:
     if kind == "shared":
         release(bin_dir, path, None)
     elif path.is_dir():  # "private": pgserver's server in a temporary directory of our own
-        if postmaster_pid(path) is not None:
+        if serving_pid(path) is not None:
             pg_ctl_stop(bin_dir, path)
         if mode == "delete":
             shutil.rmtree(path, ignore_errors=True)

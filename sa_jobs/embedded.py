@@ -287,13 +287,16 @@ def _run(user: str | None, *argv: str | os.PathLike[str], log: Path | None = Non
 
 
 def _running_url(path: Path) -> str | None:
-    """The URL of the server running in ``path`` (from its postmaster.pid), or None."""
+    """The URL of the server running and ready in ``path`` (from its postmaster.pid), or None."""
+    from . import _pg_watchdog
+
+    if _pg_watchdog.serving_pid(path) is None:
+        return None
     try:
         lines = (path / "postmaster.pid").read_text().splitlines()
-        pid, port, sock = int(lines[0]), int(lines[3]), lines[4]
-        os.kill(pid, 0)
-    except (OSError, ValueError, IndexError):  # no file, a stale one, or one being written
+        port, sock, status = int(lines[3]), lines[4], lines[7].strip()
+    except (OSError, ValueError, IndexError):  # stopped since
         return None
-    if len(lines) < 8 or lines[7].strip() != "ready" or not sock:
+    if status != "ready":
         return None
     return f"postgresql://postgres@/postgres?host={quote(sock, safe='/')}&port={port}"

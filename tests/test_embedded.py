@@ -338,3 +338,16 @@ def test_as_root_without_a_server_user_or_useradd_the_error_says_what_to_do(monk
     with pytest.raises(EmbeddedServerError, match="useradd sa_jobs_test_absent_b") as info:
         embedded._run_as(("sa_jobs_test_absent_a", "sa_jobs_test_absent_b"))
     assert "create one of those users, or run as a normal user" in str(info.value)
+
+
+@needs_binaries
+def test_a_stale_postmaster_pid_naming_a_live_process_is_not_taken_for_a_server(data_dir):
+    """After a crash and a reboot, postmaster.pid names a pid some other process now has (here
+    pid 1, which always exists): the check was only that the pid lived, so start_local
+    returned the URL of a server that was not there ("Connection refused")."""
+    url = _run_child(data_dir, "stop")  # initdb, start, stop: a data directory at rest
+    stale = (data_dir / "postmaster.pid")
+    lines = ["1", str(data_dir), "1700000000", "5432", str(data_dir), "", "  5432001  0", "ready   "]
+    stale.write_text("\n".join(lines) + "\n")
+    url = _run_child(data_dir, "stop")  # asserts the server answered
+    assert not _reachable(url)
