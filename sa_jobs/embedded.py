@@ -140,13 +140,15 @@ def _start_server(bin_dir: Path, path: Path, cleanup: str, *, made: bool) -> str
         try:
             _run(user, bin_dir / "pg_ctl", "-D", path, "-w", "-t", str(_START_TIMEOUT), "-o", options, "start",
                  log=path / "server.log")
-        except EmbeddedServerError:
-            # pg_ctl gives up waiting (-t) but not the postmaster it launched: left running,
-            # it would hold the data directory with nobody to stop it.
+        except BaseException as exc:
+            # pg_ctl gives up waiting (-t, or Ctrl-C) but not the postmaster it launched (in a
+            # session of its own): left running, it would hold the data directory, unowned.
             pid = _pg_watchdog.postmaster_pid(path)
             if pid is None or pid == before:
                 raise
             _pg_watchdog.pg_ctl_stop(bin_dir, path, "immediate")
+            if not isinstance(exc, EmbeddedServerError):
+                raise
             raise EmbeddedServerError(f"PostgreSQL in {path} did not start in time ({_START_TIMEOUT} s) and was"
                                       f" stopped: its log, {path / 'server.log'}, says what it was doing") from None
         url = _running_url(path)

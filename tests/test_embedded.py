@@ -156,20 +156,21 @@ def test_a_failed_start_leaves_no_socket_directory_behind(tmp_path, monkeypatch)
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def _slow_to_start(data_dir: Path) -> None:
+    """A data directory whose server stays "starting" for 10 s and more, its postmaster.pid
+    written: archive recovery whose every restore_command takes 10 s."""
+    url = _run_child(data_dir, "stop")  # initdb, start, stop
+    assert not _reachable(url)
+    with (data_dir / "postgresql.conf").open("a") as conf:
+        conf.write("restore_command = 'sleep 10; false'\n")
+    (data_dir / "recovery.signal").touch()
+
+
 @needs_binaries
 def test_a_start_that_times_out_stops_the_server_it_left_starting(data_dir, monkeypatch):
     """pg_ctl gave up waiting (-t) but the postmaster it launched went on: the caller got an
     error while a server it knew nothing of ran on, holding the data directory."""
-    embedded.start_local(data_dir, cleanup="none")  # initdb, start
-    bin_dir = embedded.find_binaries()
-    assert bin_dir is not None
-    embedded._run(embedded._run_as(), bin_dir / "pg_ctl", "-D", data_dir, "-m", "fast", "-w", "stop")
-    # Archive recovery whose every restore_command takes 10 s: the server stays "starting",
-    # well past a 1 s timeout, with its postmaster.pid written.
-    with (data_dir / "postgresql.conf").open("a") as conf:
-        conf.write("restore_command = 'sleep 10; false'\n")
-    (data_dir / "recovery.signal").touch()
-    embedded._started.pop(data_dir.resolve(), None)
+    _slow_to_start(data_dir)
     monkeypatch.setattr(embedded, "_START_TIMEOUT", 1)
     with pytest.raises(RuntimeError, match="did not start in time") as info:
         embedded.start_local(data_dir, cleanup="stop")
@@ -351,3 +352,27 @@ def test_a_stale_postmaster_pid_naming_a_live_process_is_not_taken_for_a_server(
     stale.write_text("\n".join(lines) + "\n")
     url = _run_child(data_dir, "stop")  # asserts the server answered
     assert not _reachable(url)
+
+
+@needs_binaries
+def test_a_start_interrupted_by_ctrl_c_stops_the_server_it_left_starting(data_dir):
+    """Ctrl-C while pg_ctl waited: the postmaster (in a session of its own) went on, with no
+    atexit registered yet to stop it."""
+    _slow_to_start(data_dir)
+    env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    code = "import sys; from sa_jobs import embedded; embedded.start_local(sys.argv[1], cleanup='stop')"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(data_dir)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while _pg_watchdog.postmaster_pid(data_dir) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _pg_watchdog.postmaster_pid(data_dir) is not None  # starting: in recovery for 10 s
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "KeyboardInterrupt" in err
+    assert _pg_watchdog.postmaster_pid(data_dir) is None  # stopped, not orphaned
