@@ -712,12 +712,31 @@ def show_job(session: Any, job_id: int) -> dict[str, Any]:
     return job
 
 
-def matching_ids(session: Any, where: JobFilter, *, limit: Optional[int] = None) -> list[int]:
-    """Ids of the jobs matching ``where``, oldest first."""
+def matching_ids(session: Any, where: JobFilter, *, limit: Optional[int] = None, after: Optional[int] = None,
+                 lock: bool = False, skip_locked: bool = False) -> list[int]:
+    """Ids of the jobs matching ``where``, oldest first.
+
+    ``after``: only ids above it (a long run reads one batch after another, never the
+    whole match at once). ``lock``: lock the rows (``FOR UPDATE``, ``skip_locked``: leave
+    out rows another transaction holds), so that what the caller's transaction does to
+    them next acts on rows that still match: a worker cannot claim them meanwhile, and one
+    that changed since it was listed (claimed, replayed, finished) is left out."""
     stmt = select(_jobs.c.id).where(*where.where()).order_by(_jobs.c.id)
+    if after is not None:
+        stmt = stmt.where(_jobs.c.id > after)
     if limit is not None:
         stmt = stmt.limit(limit)
+    if lock or skip_locked:
+        stmt = stmt.with_for_update(skip_locked=skip_locked)
     return list(session.scalars(stmt))
+
+
+def count_matching(session: Any, where: JobFilter, *, limit: Optional[int] = None) -> int:
+    """How many jobs match ``where`` (at most ``limit``)."""
+    matching = select(_jobs.c.id).where(*where.where())
+    if limit is not None:
+        matching = matching.limit(limit)
+    return int(session.scalar(select(func.count()).select_from(matching.subquery())))
 
 
 DELETABLE_STATES = ("scheduled", "available", "retryable", "completed", "dead", "cancelled")

@@ -10,12 +10,13 @@ accepts are reported on stderr (exit 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
 import signal
 import sys
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import anyio
 
@@ -331,31 +332,66 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
 _BULK = 1000  # ids per transaction in bulk actions
 
 
-def _bulk(args: argparse.Namespace, verb: str, action) -> int:  # type: ignore[no-untyped-def]
+def _bulk(args: argparse.Namespace, verb: str, action, *, skip_locked: bool = False) -> int:  # type: ignore[no-untyped-def]
     """Apply ``action(session, ids) -> done ids`` to the given ids or the filter's matches,
-    ``_BULK`` ids per transaction, with a progress bar; report what was not done."""
+    ``--batch`` ids per transaction, with a progress bar; report what was not done.
+
+    By filter, each batch's transaction lists its next matches under their row locks
+    (FOR UPDATE; SKIP LOCKED for ``skip_locked``) and acts on those: ids listed at the
+    start and acted on later by id alone were acted on whatever they had become meanwhile
+    (a job a worker claimed was cancelled by ``--state available``, a dead job replayed
+    and completed was replayed again by ``dead replay``). Memory stays one batch."""
     from sqlalchemy.orm import Session
 
-    from .admin import matching_ids
+    from .admin import count_matching, matching_ids
 
     where = _filter(args, args.ids)
     if where.empty:
         raise ConfigurationError(f"jobs {verb}: give job ids or at least one filter (--queue, --kind, --state, --older-than)")
     engine = _engine(args)
-    with Session(engine) as session:
-        ids = list(args.ids) if args.ids and not (args.queue or args.kind or args.state or args.older_than or args.newer_than) \
-            else matching_ids(session, where, limit=args.limit)
-    requested = list(dict.fromkeys(ids))
+    named = list(dict.fromkeys(args.ids))
+    by_filter = bool(args.queue or args.kind or args.state or args.older_than or args.newer_than)
+    if by_filter:
+        with Session(engine) as session:
+            total = count_matching(session, where, limit=args.limit)
+    else:
+        total = len(named)
+
+    def batches() -> Iterator[list[int]]:
+        if not by_filter:
+            for start in range(0, len(named), args.batch):
+                yield named[start:start + args.batch]
+            return
+        after, left = None, args.limit
+        while left is None or left > 0:
+            with Session(engine) as session:
+                chunk = matching_ids(session, where, limit=args.batch if left is None else min(args.batch, left),
+                                     after=after)
+            if not chunk:
+                return
+            yield chunk
+            after, left = chunk[-1], None if left is None else left - len(chunk)
+
     done: list[int] = []
+    missing: list[int] = []
+    listed = 0
     progress = Progress(f"{verb} ", args.progress)
-    progress(0, len(requested))
-    for start in range(0, len(requested), args.batch):
-        chunk = requested[start:start + args.batch]
+    progress(0, total)
+    for chunk in batches():
         with Session(engine) as session, session.begin():
-            done.extend(action(session, chunk))
-        progress(start + len(chunk), len(requested))
+            if by_filter:
+                chunk_where = dataclasses.replace(where, ids=tuple(chunk))
+                targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked)
+            else:
+                targets = chunk
+            acted = list(action(session, targets)) if targets else []
+        done.extend(acted)
+        missing.extend(set(chunk) - set(acted))
+        listed += len(chunk)
+        progress(listed, max(total, listed))
     progress.close()
-    missing = sorted(set(requested) - set(done))
+    # An id named with a filter it does not match is reported too.
+    missing = sorted(set(missing) | (set(named) - set(done) if by_filter else set()))
     if args.json:
         _print_json({verb: sorted(done), "not_" + verb: missing})
     else:
@@ -380,7 +416,8 @@ def _cmd_jobs_cancel(args: argparse.Namespace) -> int:
 def _cmd_jobs_delete(args: argparse.Namespace) -> int:
     from .admin import delete_many
 
-    return _bulk(args, "deleted", delete_many)
+    # As delete_many: rows another transaction holds are skipped, not waited for.
+    return _bulk(args, "deleted", delete_many, skip_locked=True)
 
 
 def _cmd_dead_replay(args: argparse.Namespace) -> int:

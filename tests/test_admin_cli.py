@@ -304,3 +304,91 @@ def test_a_negative_or_nan_shutdown_grace_is_refused(capsys, grace):
         cli.build_parser().parse_args(["worker", "tests.jobs_core", "--shutdown-grace", grace])
     assert exc.value.code == 2 and "must be 0 or more seconds" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["worker", "m", "--shutdown-grace", "0"]).shutdown_grace == 0
+
+
+def _change_after_the_count(monkeypatch, database_url, statement, params=()):
+    """Run ``statement`` on a connection of its own when the bulk action shows its progress
+    first: after it counted (and, before, listed) the matching jobs, before any batch. A
+    worker's claim, another operator's replay: what happens to rows during a long run."""
+
+    class Concurrent(cli.Progress):
+        def __call__(self, done, total):
+            if done == 0:
+                q(database_url, statement, params)
+            super().__call__(done, total)
+
+    monkeypatch.setattr(cli, "Progress", Concurrent)
+
+
+CLAIM = ("UPDATE {jobs} SET state = 'running', attempt = attempt + 1, claim_token = gen_random_uuid(),"
+         " lease_expires_at = now() + interval '1 hour' WHERE id = %s")
+
+
+@pytest.mark.parametrize("argv, verb, start, change, expected", [
+    # A worker claims a job: cancelling available jobs cancelled the running one.
+    (("jobs", "cancel", "--queue", "bulkq", "--state", "available"), "cancelled", "available", CLAIM, "running"),
+    # Another operator replays a dead job and a worker completes it: a dead replay re-ran it.
+    (("dead", "replay", "--kind", "bulk"), "replayed", "dead",
+     "UPDATE {jobs} SET state = 'completed', attempt = attempt + 1, finished_at = now() WHERE id = %s", "completed"),
+    # A dead job replayed meanwhile: deleting dead jobs deleted the waiting one.
+    (("jobs", "delete", "--state", "dead"), "deleted", "dead",
+     "UPDATE {jobs} SET state = 'available', finished_at = NULL WHERE id = %s", "available"),
+], ids=["cancel", "replay", "delete"])
+def test_a_bulk_action_by_filter_leaves_a_job_that_stopped_matching(
+        capsys, monkeypatch, database_url, schema, argv, verb, start, change, expected):
+    """The filter is checked again in each batch's transaction, under the rows' locks: the
+    ids listed at the start were acted on by id alone, whatever state they had reached."""
+    ids = [r[0] for r in q(database_url, jobs_sql(
+        schema, "INSERT INTO {jobs} (kind, queue, state, finished_at) SELECT 'bulk', 'bulkq', %s,"
+                " CASE WHEN %s = 'dead' THEN now() END FROM generate_series(1, 5) RETURNING id"), (start, start))]
+    _change_after_the_count(monkeypatch, database_url, jobs_sql(schema, change), (ids[2],))
+    code, out, err = run(capsys, database_url, schema, *argv, "--batch", "2", "--json")
+    assert code == 0 and json.loads(out)[verb] == [i for i in ids if i != ids[2]], out + err
+    rows = dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs} WHERE kind = 'bulk'")))
+    assert rows.get(ids[2]) == expected, rows
+
+
+def test_an_id_named_with_a_filter_it_does_not_match_is_reported(capsys, database_url, schema, seeded):
+    """`jobs delete 7 --kind mail` with job 7 of another kind said nothing and exited 0."""
+    available, dead1, dead2, completed, running, dead3 = seeded
+    code, out, err = run(capsys, database_url, schema, "jobs", "delete", str(completed), str(dead1), "--kind", "mail",
+                         "--json")
+    assert code == 1 and json.loads(out) == {"deleted": [dead1], "not_deleted": [completed]}, out + err
+    code, out, err = run(capsys, database_url, schema, "jobs", "delete", str(completed), "--kind", "mail")
+    assert code == 1 and "0 job(s) deleted" in out and f"job {completed}: not deleted" in err
+
+
+def test_cancel_by_state_never_cancels_a_job_a_worker_claims_meanwhile(capsys, database_url, schema):
+    """A claimer on a connection of its own takes jobs while `jobs cancel --state available`
+    runs batch by batch: every cancelled job must be one no claim took (attempt 0)."""
+    import threading
+
+    from sa_jobs._url import to_conninfo
+
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state) SELECT 'bulk', 'bulkq', 'available'"
+                                     " FROM generate_series(1, 3000)"))
+    claim = jobs_sql(schema, "UPDATE {jobs} SET state = 'running', attempt = attempt + 1, claim_token = gen_random_uuid(),"
+                             " lease_expires_at = now() + interval '1 hour' WHERE id IN (SELECT id FROM {jobs}"
+                             " WHERE state = 'available' ORDER BY id LIMIT 5 FOR UPDATE SKIP LOCKED)")
+    stop = threading.Event()
+    claims = []
+
+    def claimer():
+        import psycopg
+
+        with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+            while not stop.is_set():
+                claims.append(conn.execute(claim).rowcount)
+
+    thread = threading.Thread(target=claimer)
+    thread.start()
+    try:
+        code, out, err = run(capsys, database_url, schema, "jobs", "cancel", "--state", "available", "--batch", "50",
+                             "--json")
+    finally:
+        stop.set()
+        thread.join()
+    assert code == 0 and sum(claims) > 0, err
+    rows = dict(q(database_url, jobs_sql(schema, "SELECT state, count(*) FILTER (WHERE attempt > 0) FROM {jobs} GROUP BY state")))
+    assert rows.get("cancelled", 0) == 0 and rows["running"] == sum(claims), rows
+    assert len(json.loads(out)["cancelled"]) == 3000 - sum(claims) > 0  # both sides took jobs
