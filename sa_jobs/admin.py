@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
-from sqlalchemy import case, func, literal, select, update
+from sqlalchemy import BigInteger, any_, case, func, literal, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 
 from .errors import JobNotFoundError
@@ -70,6 +71,12 @@ def retry_many(session: Any, job_ids: Iterable[int]) -> Sequence[int]:
     return replayed
 
 
+def _id_in(ids: Iterable[int]) -> Any:
+    """``id = ANY(:ids)``: the ids as one bigint[] parameter. ``IN`` binds one parameter per
+    id, and PostgreSQL's protocol refuses a statement with more than 65535 of them."""
+    return _jobs.c.id == any_(literal(list(ids), ARRAY(BigInteger)))
+
+
 class _KeyTaken(Exception):
     """The UPDATE hit ``jobs_unique_idx``; its savepoint was rolled back."""
 
@@ -106,7 +113,7 @@ def _retry_rows(session: Any, ids: list[int]) -> list[int]:
     enters_index = _jobs.c.unique_key.isnot(None) & func.coalesce(_ENTERS_INDEX, False)
     stmt = (
         update(_jobs)
-        .where(_jobs.c.id.in_(ids), _jobs.c.state.in_(REPLAYABLE_STATES), ~(enters_index & key_held))
+        .where(_id_in(ids), _jobs.c.state.in_(REPLAYABLE_STATES), ~(enters_index & key_held))
         .values(
             state="available",
             scheduled_at=func.now(),
@@ -251,7 +258,7 @@ def _cancel_rows(session: Any, ids: list[int]) -> dict[int, str]:
         select(_jobs.c.id, _jobs.c.state, _jobs.c.kind, _jobs.c.unique_key,
                keeps_as_cancelled.label("keeps"),
                func.coalesce(_jobs.c.state == _jobs.c.unique_states.any_(), False).label("holds"))
-        .where(_jobs.c.id.in_(ids), _jobs.c.state.in_(CANCELLABLE_STATES))
+        .where(_id_in(ids), _jobs.c.state.in_(CANCELLABLE_STATES))
         .with_for_update()
         .cte("target")
     )
@@ -660,7 +667,7 @@ class JobFilter:
         c = _jobs.c
         clauses: list[Any] = []
         if self.ids:
-            clauses.append(c.id.in_(list(self.ids)))
+            clauses.append(_id_in(self.ids))
         if self.queues:
             clauses.append(c.queue.in_(list(self.queues)))
         if self.kinds:
@@ -753,7 +760,7 @@ def delete_many(session: Any, job_ids: Iterable[int]) -> list[int]:
     if not ids:
         return []
     target = (
-        select(_jobs.c.id).where(_jobs.c.id.in_(ids), _jobs.c.state.in_(DELETABLE_STATES))
+        select(_jobs.c.id).where(_id_in(ids), _jobs.c.state.in_(DELETABLE_STATES))
         .with_for_update(skip_locked=True).cte("target")
     )
     stmt = delete(_jobs).where(_jobs.c.id == target.c.id).returning(_jobs.c.id)

@@ -392,3 +392,31 @@ def test_cancel_by_state_never_cancels_a_job_a_worker_claims_meanwhile(capsys, d
     rows = dict(q(database_url, jobs_sql(schema, "SELECT state, count(*) FILTER (WHERE attempt > 0) FROM {jobs} GROUP BY state")))
     assert rows.get("cancelled", 0) == 0 and rows["running"] == sum(claims), rows
     assert len(json.loads(out)["cancelled"]) == 3000 - sum(claims) > 0  # both sides took jobs
+
+
+@pytest.mark.parametrize("argv, verb", [
+    (("jobs", "delete", "--kind", "bulk"), "deleted"),
+    (("jobs", "cancel", "--kind", "bulk"), "cancelled"),
+    (("dead", "replay", "--kind", "bulk"), "replayed"),
+], ids=["delete", "cancel", "replay"])
+def test_a_batch_past_65535_ids_is_one_statement(capsys, database_url, schema, argv, verb):
+    """Ids were bound one parameter each: `--batch 100000` failed with 'number of parameters
+    must be between 0 and 65535' (PostgreSQL's protocol limit) once that many matched."""
+    state = "dead" if verb == "replayed" else "available"
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) SELECT 'bulk', %s,"
+                                     " CASE WHEN %s = 'dead' THEN now() END FROM generate_series(1, 70000)"), (state, state))
+    code, out, err = run(capsys, database_url, schema, *argv, "--batch", "100000")
+    assert code == 0 and f"70000 job(s) {verb}" in out, err
+
+
+def test_the_admin_api_takes_more_than_65535_ids(engine, database_url, schema):
+    from sqlalchemy.orm import Session
+
+    from sa_jobs.admin import cancel_many, delete_many, retry_many
+
+    ids = [r[0] for r in q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) SELECT 'bulk',"
+                                                          " 'dead', now() FROM generate_series(1, 70000) RETURNING id"))]
+    with Session(engine) as session, session.begin():
+        assert len(retry_many(session, ids)) == 70000
+        assert len(cancel_many(session, ids)) == 70000
+        assert len(delete_many(session, ids)) == 70000
