@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Iterator, Optional, Sequence
@@ -229,6 +230,19 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, default=_json_default, indent=2, sort_keys=False))
 
 
+# Control characters (C0, DEL, C1) and the bidirectional overrides and isolates.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``, ``\\t``, ``\\u202e``).
+
+    Error messages, unique keys and args are job data (an exception's text can quote user
+    input): printed raw, an escape sequence in them cleared the operator's screen, set
+    the terminal's title or reordered the text shown."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def _cell(value: object) -> str:
     import datetime as dt
 
@@ -238,7 +252,7 @@ def _cell(value: object) -> str:
         return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value)
+    return _printable(str(value))
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -319,10 +333,12 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
     width = max(len(k) for k in row)
     for key, value in row.items():
         if isinstance(value, (dict, list)):
-            text = json.dumps(value, default=_json_default, indent=2)
+            # Non-ASCII as it is (an address, a name), not \u escapes; JSON escapes the controls.
+            text = json.dumps(value, default=_json_default, indent=2, ensure_ascii=False)
             if key == "errors" and value:
                 text = "\n".join(f"#{e.get('attempt')} {e.get('at', '')}: {e.get('error')}" for e in value)
-            text = text.replace("\n", "\n" + " " * (width + 2))
+            lines = [_printable(line) for line in text.splitlines()]
+            text = ("\n" + " " * (width + 2)).join(lines)
         else:
             text = _cell(value)
         print(f"{key.ljust(width)}  {text}")

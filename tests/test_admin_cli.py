@@ -420,3 +420,26 @@ def test_the_admin_api_takes_more_than_65535_ids(engine, database_url, schema):
         assert len(retry_many(session, ids)) == 70000
         assert len(cancel_many(session, ids)) == 70000
         assert len(delete_many(session, ids)) == 70000
+
+
+def test_job_data_cannot_drive_the_operators_terminal(capsys, database_url, schema):
+    """Error messages, keys and args are job data (an exception's text can quote user input):
+    `jobs list` and `jobs show` wrote their escape sequences raw (clear the screen, set the
+    title, reverse the text), and showed non-ASCII args as \\u escapes instead."""
+    error = "refused \x1b[2J\x1b]0;pwned\x07 by \u202eevil\ttab"
+    job = q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, args, errors, unique_key, finished_at)"
+                                           " VALUES ('mail', 'dead', %s::jsonb, %s::jsonb, %s, now()) RETURNING id"),
+            (json.dumps({"to": "jürgen@例え.jp", "note": "a\u202eb"}),
+             json.dumps([{"attempt": 1, "at": "2026-01-01T00:00:00Z", "error": error + "\nsecond line \x1b[31m"}]),
+             "key\x1b[31m"))[0][0]
+    for argv in (("jobs", "list"), ("jobs", "show", str(job)), ("queues",)):
+        code, out, err = run(capsys, database_url, schema, *argv)
+        assert code == 0, err
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\t" not in out, (argv, out)
+    code, out, _ = run(capsys, database_url, schema, "jobs", "list")
+    assert "refused \\x1b[2J\\x1b]0;pwned\\x07 by \\u202eevil\\ttab" in out
+    code, out, _ = run(capsys, database_url, schema, "jobs", "show", str(job))
+    assert "jürgen@例え.jp" in out and "key\\x1b[31m" in out and "second line \\x1b[31m" in out
+    code, out, _ = run(capsys, database_url, schema, "jobs", "show", str(job), "--json")
+    shown = json.loads(out)
+    assert shown["errors"][0]["error"] == error + "\nsecond line \x1b[31m" and shown["args"]["note"] == "a\u202eb"
