@@ -740,7 +740,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a reader gone is caught, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except Exception as exc:  # noqa: BLE001 - typed errors become one line and exit 2
         error: Optional[object] = _typed_error(exc)
         if error is None:
@@ -749,6 +753,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"sa-jobs: {error}", file=sys.stderr)
         return 2
+
+
+def _reader_gone() -> int:
+    """stdout's reader exited (``sa-jobs jobs list | head``): stop quietly, as a process a
+    SIGPIPE ends (exit 141), where a BrokenPipeError traceback followed head's output.
+    stdout now goes to /dev/null: Python's flush at exit would raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13  # SIGPIPE's number (signal.SIGPIPE does not exist on Windows)
 
 
 def _database_error(exc: BaseException) -> Optional[str]:

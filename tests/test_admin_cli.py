@@ -443,3 +443,17 @@ def test_job_data_cannot_drive_the_operators_terminal(capsys, database_url, sche
     code, out, _ = run(capsys, database_url, schema, "jobs", "show", str(job), "--json")
     shown = json.loads(out)
     assert shown["errors"][0]["error"] == error + "\nsecond line \x1b[31m" and shown["args"]["note"] == "a\u202eb"
+
+
+@pytest.mark.parametrize("argv", [("jobs", "list", "--limit", "5000"), ("jobs", "list", "--json", "--limit", "5000")])
+def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback(database_url, schema, argv):
+    """`sa-jobs jobs list | head` ended in a BrokenPipeError traceback once head exited."""
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state) SELECT 'bulk', 'available' FROM generate_series(1, 5000)"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sa_jobs", *argv, "--database-url", database_url, "--schema", schema],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout.readline()  # the reader takes a line, then goes away (1 MB is more than a pipe holds)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == "", err  # as `seq 1000000 | head -1`: 128 + SIGPIPE
