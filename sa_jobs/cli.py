@@ -29,7 +29,8 @@ from .errors import ConfigurationError, SaJobsError
 def _database_url(args: argparse.Namespace) -> str:
     url = args.database_url or database_url_from_env()
     if not url:
-        raise SystemExit(f"sa-jobs: no database URL; pass --database-url or set {ENV_VAR}")
+        # A usage error (exit 2), as every other refusal; SystemExit(message) exited 1.
+        raise ConfigurationError(f"no database URL; pass --database-url or set {ENV_VAR}")
     return url
 
 
@@ -720,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("retry", help="make dead/cancelled/completed jobs available again")
     common(r)
-    r.add_argument("ids", nargs="+", type=int, metavar="JOB_ID")
+    r.add_argument("ids", nargs="+", type=_job_id, metavar="JOB_ID")
     r.set_defaults(func=_cmd_retry)
 
     c = sub.add_parser("check", help="report drift between the installed schema and the expected one")

@@ -457,3 +457,23 @@ def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback(database
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and err == "", err  # as `seq 1000000 | head -1`: 128 + SIGPIPE
+
+
+@pytest.mark.parametrize("argv", [("jobs", "list"), ("queues",), ("prune", "--older-than", "1d"), ("retry", "1")])
+def test_no_database_url_is_a_usage_error(capsys, monkeypatch, argv):
+    """It exited 1, the code the commands use for 'some ids were not acted on', where every
+    other refusal exits 2."""
+    monkeypatch.delenv("SA_JOBS_DATABASE_URL", raising=False)
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err == "sa-jobs: no database URL; pass --database-url or set SA_JOBS_DATABASE_URL\n", err
+
+
+@pytest.mark.parametrize("job_id", ["0", "-5", "99999999999999999999"])
+def test_sa_jobs_retry_refuses_an_id_no_job_can_have(capsys, database_url, schema, job_id):
+    """As `jobs retry` does (exit 2, usage error); `sa-jobs retry` answered 'not found' (exit 1)."""
+    code, _, err = run(capsys, database_url, schema, "retry", job_id)
+    assert code == 2 and "job ids are positive integers" in err, err
