@@ -661,7 +661,9 @@ class JobFilter:
 
     @property
     def empty(self) -> bool:
-        return not (self.ids or self.queues or self.kinds or self.states or self.older_than or self.newer_than)
+        # An age of 0 is a filter too (a zero timedelta is false).
+        return not (self.ids or self.queues or self.kinds or self.states) and self.older_than is None \
+            and self.newer_than is None
 
     def where(self) -> list[Any]:
         c = _jobs.c

@@ -367,7 +367,7 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, skip_locked: bool = Fa
         raise ConfigurationError(f"jobs {verb}: give job ids or at least one filter (--queue, --kind, --state, --older-than)")
     engine = _engine(args)
     named = list(dict.fromkeys(args.ids))
-    by_filter = bool(args.queue or args.kind or args.state or args.older_than or args.newer_than)
+    by_filter = not dataclasses.replace(where, ids=()).empty
     if by_filter:
         with Session(engine) as session:
             total = count_matching(session, where, limit=args.limit)

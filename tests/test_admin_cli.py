@@ -477,3 +477,13 @@ def test_sa_jobs_retry_refuses_an_id_no_job_can_have(capsys, database_url, schem
     """As `jobs retry` does (exit 2, usage error); `sa-jobs retry` answered 'not found' (exit 1)."""
     code, _, err = run(capsys, database_url, schema, "retry", job_id)
     assert code == 2 and "job ids are positive integers" in err, err
+
+
+def test_an_age_of_zero_is_a_filter_too(capsys, database_url, schema, seeded):
+    """A zero age was taken for no filter (a zero timedelta is false): `jobs delete 7
+    --newer-than 0s` (created within no time: matches nothing) deleted job 7 by id alone."""
+    available, dead1, dead2, completed, running, dead3 = seeded
+    code, out, err = run(capsys, database_url, schema, "jobs", "delete", str(completed), "--newer-than", "0s", "--json")
+    assert code == 1 and json.loads(out) == {"deleted": [], "not_deleted": [completed]}, out + err
+    code, out, err = run(capsys, database_url, schema, "jobs", "list", "--newer-than", "0s", "--json")
+    assert json.loads(out) == []
