@@ -275,9 +275,11 @@ class Progress:
         self.label = label
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.width = width
+        self.done = 0  # the last count reported: what an interrupted run had done
         self._shown = False
 
     def __call__(self, done: int, total: int) -> None:
+        self.done = done
         if not self.enabled:
             return
         fraction = 1.0 if total <= 0 else min(1.0, done / total)
@@ -393,19 +395,26 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, skip_locked: bool = Fa
     missing: list[int] = []
     listed = 0
     progress = Progress(f"{verb} ", args.progress)
-    progress(0, total)
-    for chunk in batches():
-        with Session(engine) as session, session.begin():
-            if by_filter:
-                chunk_where = dataclasses.replace(where, ids=tuple(chunk))
-                targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked)
-            else:
-                targets = chunk
-            acted = list(action(session, targets)) if targets else []
-        done.extend(acted)
-        missing.extend(set(chunk) - set(acted))
-        listed += len(chunk)
-        progress(listed, max(total, listed))
+    interrupted = False
+    try:
+        progress(0, total)
+        for chunk in batches():
+            with Session(engine) as session, session.begin():
+                if by_filter:
+                    chunk_where = dataclasses.replace(where, ids=tuple(chunk))
+                    targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked)
+                else:
+                    targets = chunk
+                acted = list(action(session, targets)) if targets else []
+            done.extend(acted)
+            missing.extend(set(chunk) - set(acted))
+            listed += len(chunk)
+            progress(listed, max(total, listed))
+    except KeyboardInterrupt:
+        # Ctrl-C: the batches committed so far stay done (the current one rolled back); say
+        # how many, not a traceback. Ids not reached are not reported as refused.
+        interrupted = True
+        named = []
     progress.close()
     # An id named with a filter it does not match is reported too.
     missing = sorted(set(missing) | (set(named) - set(done) if by_filter else set()))
@@ -415,6 +424,9 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, skip_locked: bool = Fa
         print(f"{len(done)} job(s) {verb}")
         for job_id in missing:
             print(f"job {job_id}: not {verb} (no such job, or not in a state that allows it)", file=sys.stderr)
+    if interrupted:
+        print(f"sa-jobs: interrupted after {len(done)} job(s) {verb}; run it again to go on", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
     return 1 if missing and args.ids else 0
 
 
@@ -528,8 +540,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     ages = {s: args.older_than for s in states}
     _require_schema(args)
     progress = Progress("pruning ", args.progress)
-    result = prune(to_conninfo(_database_url(args)), args.schema, ages, batch=args.batch, progress=progress,
-                   dry_run=args.dry_run)
+    try:
+        result = prune(to_conninfo(_database_url(args)), args.schema, ages, batch=args.batch, progress=progress,
+                       dry_run=args.dry_run)
+    except KeyboardInterrupt:
+        # Each batch is its own transaction: those done stay done. Say how many, not a traceback.
+        progress.close()
+        print(f"sa-jobs: interrupted after {progress.done} job(s) deleted; run it again to go on", file=sys.stderr)
+        return 130
     progress.close()
     verb = "would delete" if args.dry_run else "deleted"
     if args.json:

@@ -487,3 +487,41 @@ def test_an_age_of_zero_is_a_filter_too(capsys, database_url, schema, seeded):
     assert code == 1 and json.loads(out) == {"deleted": [], "not_deleted": [completed]}, out + err
     code, out, err = run(capsys, database_url, schema, "jobs", "list", "--newer-than", "0s", "--json")
     assert json.loads(out) == []
+
+
+def test_an_interrupted_bulk_action_says_what_it_did(capsys, monkeypatch, database_url, schema):
+    """Ctrl-C during a long `jobs delete` printed a KeyboardInterrupt traceback and not how
+    many jobs its committed batches had deleted. (The interrupt is raised where Python's
+    SIGINT handler raises it, between two batches.)"""
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) SELECT 'bulk', 'completed', now()"
+                                     " FROM generate_series(1, 50)"))
+
+    class CtrlC(cli.Progress):
+        def __call__(self, done, total):
+            if done == 20:
+                raise KeyboardInterrupt
+            super().__call__(done, total)
+
+    monkeypatch.setattr(cli, "Progress", CtrlC)
+    code, out, err = run(capsys, database_url, schema, "jobs", "delete", "--kind", "bulk", "--batch", "10")
+    assert code == 130 and "20 job(s) deleted" in out and "Traceback" not in err, out + err
+    assert "interrupted" in err and "run it again" in err
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(30,)]
+    code, out, err = run(capsys, database_url, schema, "jobs", "delete", "--kind", "bulk", "--batch", "10", "--json")
+    assert code == 130 and len(json.loads(out)["deleted"]) == 20, out + err
+
+
+def test_an_interrupted_prune_says_what_it_did(capsys, monkeypatch, database_url, schema):
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) SELECT 'bulk', 'completed',"
+                                     " now() - interval '2 days' FROM generate_series(1, 50)"))
+
+    class CtrlC(cli.Progress):
+        def __call__(self, done, total):
+            super().__call__(done, total)
+            if done == 20:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "Progress", CtrlC)
+    code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "1d", "--batch", "10")
+    assert code == 130 and "Traceback" not in err and "interrupted after 20 job(s) deleted" in err, out + err
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(30,)]
