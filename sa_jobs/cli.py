@@ -496,6 +496,8 @@ def _cmd_queue_limit(args: argparse.Namespace) -> int:
 
     from .admin import QueueLimits, format_rate, parse_rate, queue_limits, set_queue_limits
 
+    if args.clear and (args.concurrency, args.partition_concurrency, args.rate) != (None, None, None):
+        raise ConfigurationError("queues limit: --clear removes every limit: give it alone, or set limits without it")
     with Session(_engine(args)) as session, session.begin():
         if args.clear:
             limits = QueueLimits()

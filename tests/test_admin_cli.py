@@ -100,6 +100,8 @@ def test_jobs_show_leaves_out_an_earlier_attempts_progress(capsys, database_url,
         (("jobs", "delete",), "give job ids or at least one filter"),
         (("dead", "replay",), "--kind"),
         (("queues", "pause", "no spaces"), "invalid queue name"),
+        # --clear won and the limit given with it was dropped, silently (exit 0).
+        (("queues", "limit", "q", "--concurrency", "5", "--clear"), "--clear removes every limit: give it alone"),
         (("prune", "--older-than", "7d", "--state", "running"), "invalid choice: 'running'"),
         (("--log-level", "verbose", "jobs", "list"), "unknown log level 'verbose'"),
         # The worker's own refusals exit 2 as well (a non-integer concurrency exited 1, a
