@@ -340,6 +340,10 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
             text = json.dumps(value, default=_json_default, indent=2, ensure_ascii=False)
             if key == "errors" and value:
                 text = "\n".join(f"#{e.get('attempt')} {e.get('at', '')}: {e.get('error')}" for e in value)
+                # Where the last attempt failed: the traceback the worker stored with its error.
+                last = value[-1].get("traceback") if isinstance(value[-1], dict) else None
+                if last:
+                    text += "\n" + str(last).rstrip("\n")
             lines = [_printable(line) for line in text.splitlines()]
             text = ("\n" + " " * (width + 2)).join(lines)
         else:

@@ -527,3 +527,18 @@ def test_an_interrupted_prune_says_what_it_did(capsys, monkeypatch, database_url
     code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "1d", "--batch", "10")
     assert code == 130 and "Traceback" not in err and "interrupted after 20 job(s) deleted" in err, out + err
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(30,)]
+
+
+def test_jobs_show_prints_the_last_errors_traceback(capsys, database_url, schema):
+    """The text view showed each error's first line only: the traceback the worker stores
+    with it (where it failed) was only in --json, as one escaped string."""
+    errors = [{"attempt": i, "at": f"2026-01-0{i}T00:00:00Z", "error": f"ValueError: boom {i}", "worker": "w1",
+               "traceback": f"Traceback (most recent call last):\n  File \"app.py\", line {i}, in send\nValueError: boom {i}\n"}
+              for i in (1, 2)]
+    job = q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, attempt, errors, finished_at)"
+                                           " VALUES ('mail', 'dead', 2, %s::jsonb, now()) RETURNING id"),
+            (json.dumps(errors),))[0][0]
+    code, out, err = run(capsys, database_url, schema, "jobs", "show", str(job))
+    assert code == 0, err
+    assert "#1 2026-01-01T00:00:00Z: ValueError: boom 1" in out and "#2 2026-01-02T00:00:00Z: ValueError: boom 2" in out
+    assert 'File "app.py", line 2, in send' in out and 'line 1, in send' not in out, out
