@@ -649,7 +649,13 @@ class JobFilter:
 
     def __post_init__(self) -> None:
         from . import _validate
+        from .errors import ConfigurationError
 
+        for name in ("queues", "kinds", "states"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)):
+                # Iterated, a string is its letters: queues="emails" matched queues e, m, a, ...
+                raise ConfigurationError(f"JobFilter.{name} is a sequence of names, not {value!r}: use [{value!r}]")
         for i in self.ids:
             check_job_id(i)
         for name in self.queues:

@@ -542,3 +542,20 @@ def test_jobs_show_prints_the_last_errors_traceback(capsys, database_url, schema
     assert code == 0, err
     assert "#1 2026-01-01T00:00:00Z: ValueError: boom 1" in out and "#2 2026-01-02T00:00:00Z: ValueError: boom 2" in out
     assert 'File "app.py", line 2, in send' in out and 'line 1, in send' not in out, out
+
+
+@pytest.mark.parametrize("field", ["queues", "kinds", "states"])
+def test_job_filter_refuses_one_string_for_a_list_of_names(engine, database_url, schema, seeded, field):
+    """JobFilter(queues="emails") was taken letter by letter (queues e, m, a, i, l, s):
+    list_jobs answered [] and a bulk action matched nothing, silently; states="dead"
+    failed on 'd'."""
+    from sqlalchemy.orm import Session
+
+    from sa_jobs.admin import JobFilter, list_jobs
+    from sa_jobs.errors import ConfigurationError
+
+    value = {"queues": "emails", "kinds": "mail", "states": "dead"}[field]
+    with pytest.raises(ConfigurationError, match=f"JobFilter.{field} is a sequence of names"):
+        JobFilter(**{field: value})
+    with Session(engine) as session:
+        assert len(list_jobs(session, JobFilter(**{field: [value]}))) == 3
