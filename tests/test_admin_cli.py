@@ -559,3 +559,16 @@ def test_job_filter_refuses_one_string_for_a_list_of_names(engine, database_url,
         JobFilter(**{field: value})
     with Session(engine) as session:
         assert len(list_jobs(session, JobFilter(**{field: [value]}))) == 3
+
+
+def test_output_to_a_stream_that_cannot_encode_the_text_is_escaped_not_a_traceback(database_url, schema):
+    """stdout in a legacy encoding (a file redirect on Windows, cp1252; PYTHONIOENCODING)
+    met a non-ASCII error message: a UnicodeEncodeError traceback instead of the table."""
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, errors, finished_at) VALUES ('mail', 'dead',"
+                                     " %s::jsonb, now())"), (json.dumps([{"attempt": 1, "error": "SMTPError: отказ"}]),))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sa_jobs", "jobs", "list", "--database-url", database_url, "--schema", schema],
+        cwd=REPO_ROOT, capture_output=True, timeout=60, env={**__import__("os").environ, "PYTHONIOENCODING": "ascii"},
+    )
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
+    assert b"SMTPError: \\u043e\\u0442\\u043a\\u0430\\u0437" in proc.stdout, proc.stdout
