@@ -371,9 +371,11 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, skip_locked: bool = Fa
     where = _filter(args, args.ids)
     if where.empty:
         raise ConfigurationError(f"jobs {verb}: give job ids or at least one filter (--queue, --kind, --state, --older-than)")
+    by_filter = not dataclasses.replace(where, ids=()).empty
+    if args.limit is not None and not by_filter:
+        raise ConfigurationError(f"jobs {verb}: --limit caps a filter's matches; with job ids alone, name fewer ids")
     engine = _engine(args)
     named = list(dict.fromkeys(args.ids))
-    by_filter = not dataclasses.replace(where, ids=()).empty
     if by_filter:
         with Session(engine) as session:
             total = count_matching(session, where, limit=args.limit)

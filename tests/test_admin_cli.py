@@ -99,6 +99,8 @@ def test_jobs_show_leaves_out_an_earlier_attempts_progress(capsys, database_url,
         (("jobs", "list", "--older-than", "yesterday"), "invalid age 'yesterday'"),
         (("jobs", "delete",), "give job ids or at least one filter"),
         (("dead", "replay",), "--kind"),
+        # --limit was ignored: all three jobs were deleted.
+        (("jobs", "delete", "1", "2", "3", "--limit", "1"), "--limit caps a filter's matches"),
         (("queues", "pause", "no spaces"), "invalid queue name"),
         # --clear won and the limit given with it was dropped, silently (exit 0).
         (("queues", "limit", "q", "--concurrency", "5", "--clear"), "--clear removes every limit: give it alone"),
