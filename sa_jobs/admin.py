@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
-from sqlalchemy import BigInteger, any_, case, func, literal, select, update
+from sqlalchemy import BigInteger, Text, any_, case, cast, func, literal, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 
@@ -240,10 +240,13 @@ def cancel_many(session: Any, job_ids: Iterable[int]) -> dict[int, str]:
             if attempt == _CANCEL_ATTEMPTS - 1:
                 assert taken.__cause__ is not None
                 raise taken.__cause__ from None  # the IntegrityError
-    channel = cancel_channel_name(_schema(session))
-    for job_id, state in previous.items():
-        if state == "running":
-            session.execute(select(func.pg_notify(literal(channel), literal(str(job_id)))))
+    running = [job_id for job_id, state in previous.items() if state == "running"]
+    if running:
+        # One statement for all of them: one per job was a round trip each (20,000 running
+        # jobs cancelled took 8.9 s where as many waiting ones took 2.2 s).
+        job_id = func.unnest(literal(running, ARRAY(BigInteger))).column_valued("id")
+        channel = literal(cancel_channel_name(_schema(session)))
+        session.execute(select(func.pg_notify(channel, cast(job_id, Text))))
     return previous
 
 

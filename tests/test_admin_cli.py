@@ -574,3 +574,34 @@ def test_output_to_a_stream_that_cannot_encode_the_text_is_escaped_not_a_traceba
     )
     assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
     assert b"SMTPError: \\u043e\\u0442\\u043a\\u0430\\u0437" in proc.stdout, proc.stdout
+
+
+def test_cancelling_many_running_jobs_tells_their_workers_in_one_statement(engine, database_url, schema):
+    """cancel_many sent one `SELECT pg_notify(...)` per running job: `jobs cancel` of 20,000
+    running jobs took 8.9 s where 20,000 waiting ones took 2.2 s, a round trip each (over a
+    network, minutes). Every worker still hears of every job."""
+    import psycopg
+    from psycopg import sql as pg_sql
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.admin import cancel_many
+    from sa_jobs.queries import cancel_channel_name
+
+    ids = [r[0] for r in q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, attempt, claim_token,"
+                                                          " lease_expires_at) SELECT 'bulk', 'running', 1,"
+                                                          " gen_random_uuid(), now() + interval '1 hour'"
+                                                          " FROM generate_series(1, 200) RETURNING id"))]
+    statements = []
+    listen = event.listens_for(engine, "before_cursor_execute")(lambda *args: statements.append(args[2]))
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as listener:
+        listener.execute(pg_sql.SQL("LISTEN {}").format(pg_sql.Identifier(cancel_channel_name(schema))))
+        try:
+            with Session(engine) as session, session.begin():
+                assert set(cancel_many(session, ids)) == set(ids)
+        finally:
+            event.remove(engine, "before_cursor_execute", listen)
+        heard = [n.payload for n in listener.notifies(timeout=1, stop_after=len(ids))]
+    assert sorted(map(int, heard)) == sorted(ids)
+    assert len(statements) <= 5, len(statements)
