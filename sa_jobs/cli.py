@@ -285,7 +285,8 @@ class Progress:
         fraction = 1.0 if total <= 0 else min(1.0, done / total)
         filled = int(round(fraction * self.width))
         bar = "#" * filled + "." * (self.width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} {fraction:4.0%}")
+        percent = int(fraction * 100)  # rounded down: 100% only once done
+        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} {percent:3d}%")
         sys.stderr.flush()
         self._shown = True
 

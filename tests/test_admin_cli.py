@@ -605,3 +605,12 @@ def test_cancelling_many_running_jobs_tells_their_workers_in_one_statement(engin
         heard = [n.payload for n in listener.notifies(timeout=1, stop_after=len(ids))]
     assert sorted(map(int, heard)) == sorted(ids)
     assert len(statements) <= 5, len(statements)
+
+
+def test_the_progress_bar_says_100_percent_only_when_done(capsys):
+    """It rounded: 29,910 of 30,000 showed 100% while batches were still to run."""
+    progress = cli.Progress("deleted ", enabled=True, width=10)
+    progress(29910, 30000)
+    assert capsys.readouterr().err.endswith("29910/30000  99%")
+    progress(30000, 30000)
+    assert capsys.readouterr().err.endswith("30000/30000 100%")
