@@ -249,26 +249,40 @@ def run_cli(database_url: str, schema: str, *args: str) -> subprocess.CompletedP
     )
 
 
-def test_cli_sets_shows_and_clears_limits(database_url, schema):
+def cli_in_process(capsys: pytest.CaptureFixture[str], database_url: str, schema: str,
+                   *args: str) -> subprocess.CompletedProcess[str]:
+    """As :func:`run_cli`, without a Python start per call (about 1 s each)."""
+    from sa_jobs import cli
+
+    try:
+        code = cli.main([*args, "--database-url", database_url, "--schema", schema])
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code if isinstance(exc.code, int) else 2
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def test_cli_sets_shows_and_clears_limits(capsys, database_url, schema):
+    # The first run is a real process (the installed entry point); the rest run in-process.
     done = run_cli(database_url, schema, "queues", "limit", "emails", "--concurrency", "5", "--rate", "10/1s", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"queue": "emails", "concurrency": 5, "partition_concurrency": None, "rate": "10/1s"}
-    shown = run_cli(database_url, schema, "queues", "limit", "emails", "--rate", "600/m")
+    shown = cli_in_process(capsys, database_url, schema, "queues", "limit", "emails", "--rate", "600/m")
     assert shown.stdout.strip().endswith("rate=600/1m"), shown.stdout  # as `queues` shows it, not [600, 60.0]
-    assert run_cli(database_url, schema, "queues", "limit", "emails", "--rate", "10/1s").returncode == 0
+    assert cli_in_process(capsys, database_url, schema, "queues", "limit", "emails", "--rate", "10/1s").returncode == 0
     # Only the given limit changes.
-    assert run_cli(database_url, schema, "queues", "limit", "emails", "--partition-concurrency", "2").returncode == 0
-    shown = json.loads(run_cli(database_url, schema, "queues", "--json").stdout)
+    assert cli_in_process(capsys, database_url, schema, "queues", "limit", "emails", "--partition-concurrency", "2").returncode == 0
+    shown = json.loads(cli_in_process(capsys, database_url, schema, "queues", "--json").stdout)
     row = next(r for r in shown if r["queue"] == "emails")
     assert (row["concurrency"], row["partition_concurrency"], row["rate"]) == (5, 2, "10/1s")
-    assert run_cli(database_url, schema, "queues", "limit", "emails", "--rate", "none").returncode == 0
-    assert run_cli(database_url, schema, "queues", "limit", "emails", "--clear").returncode == 0
-    row = next(r for r in json.loads(run_cli(database_url, schema, "queues", "--json").stdout) if r["queue"] == "emails")
+    assert cli_in_process(capsys, database_url, schema, "queues", "limit", "emails", "--rate", "none").returncode == 0
+    assert cli_in_process(capsys, database_url, schema, "queues", "limit", "emails", "--clear").returncode == 0
+    row = next(r for r in json.loads(cli_in_process(capsys, database_url, schema, "queues", "--json").stdout) if r["queue"] == "emails")
     assert (row["concurrency"], row["partition_concurrency"], row["rate"]) == (None, None, None)
     for bad in (["--concurrency", "0"], ["--concurrency", "many"], ["--rate", "fast"]):
-        refused = run_cli(database_url, schema, "queues", "limit", "emails", *bad)
+        refused = cli_in_process(capsys, database_url, schema, "queues", "limit", "emails", *bad)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
-    refused = run_cli(database_url, schema, "queues", "limit", "bad name", "--concurrency", "1")
+    refused = cli_in_process(capsys, database_url, schema, "queues", "limit", "bad name", "--concurrency", "1")
     assert refused.returncode == 2, refused.stderr
 
 
