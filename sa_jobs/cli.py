@@ -490,6 +490,7 @@ def _cmd_queue_pause(args: argparse.Namespace) -> int:
 
     paused = args.queue_action == "pause"
     with Session(_engine(args)) as session, session.begin():
+        _warn_if_unknown_queue(session, args.name)
         set_queue_paused(session, args.name, paused)
     if args.json:
         _print_json({"queue": args.name, "paused": paused})
@@ -506,6 +507,7 @@ def _cmd_queue_limit(args: argparse.Namespace) -> int:
     if args.clear and (args.concurrency, args.partition_concurrency, args.rate) != (None, None, None):
         raise ConfigurationError("queues limit: --clear removes every limit: give it alone, or set limits without it")
     with Session(_engine(args)) as session, session.begin():
+        _warn_if_unknown_queue(session, args.name)
         if args.clear:
             limits = QueueLimits()
         else:
@@ -527,6 +529,25 @@ def _cmd_queue_limit(args: argparse.Namespace) -> int:
         print(f"queue {args.name}: " + ", ".join(f"{k}={v if v is not None else 'unlimited'}"
                                                 for k, v in shown.items() if k != "queue"))
     return 0
+
+
+def _warn_if_unknown_queue(session, name: str) -> None:  # type: ignore[no-untyped-def]
+    """Say so when no job and no earlier setting names ``name``: a mistyped queue is paused
+    or limited without a word while the real one runs on. Not refused: a queue may be set
+    up before its first job. A typo reads the whole jobs table once (no index covers the
+    queue of every state); an admin command may pay that."""
+    from sqlalchemy import exists, select
+
+    from ._validate import queue_name
+    from .admin import _queues_table
+    from .model import Job
+
+    queue_name(name)  # the typed error first, before any SQL
+    queues = _queues_table(session)
+    if not any(session.execute(select(exists().where(queues.c.name == name),
+                                      exists().where(Job.__table__.c.queue == name))).one()):
+        print(f"sa-jobs: warning: no job and no earlier setting names queue {name!r}; set anyway"
+              " (is the name right? `sa-jobs queues` lists the queues)", file=sys.stderr)
 
 
 def _keep_or_set(current: Optional[int], given: Optional[str]) -> Optional[int]:

@@ -161,6 +161,22 @@ def test_queues_overview_pause_resume(capsys, database_url, schema, seeded):
     assert json.loads(out) == {"queue": "emails", "paused": False}
 
 
+def test_pausing_or_limiting_a_queue_nobody_knows_warns(capsys, database_url, schema, seeded):
+    """`queues pause emials` created a row for the mistyped name and said "paused": the real
+    queue ran on and nothing told the operator. It still pauses (a queue may be paused
+    before its first job), but says on stderr that no job or setting ever named it."""
+    code, out, err = run(capsys, database_url, schema, "queues", "pause", "emials")
+    assert code == 0 and "queue emials: paused" in out
+    assert "warning: no job and no earlier setting names queue 'emials'" in err, err
+    code, _, err = run(capsys, database_url, schema, "queues", "limit", "reprots", "--concurrency", "2")
+    assert code == 0 and "queue 'reprots'" in err, err
+    # A queue with jobs, or one set before, is known: no warning.
+    for argv in (["queues", "pause", "emails"], ["queues", "resume", "emials"],
+                 ["queues", "limit", "default", "--concurrency", "3"]):
+        code, _, err = run(capsys, database_url, schema, *argv)
+        assert code == 0 and "warning" not in err, (argv, err)
+
+
 def test_prune_command(capsys, database_url, schema, seeded):
     code, out, _ = run(capsys, database_url, schema, "prune", "--older-than", "7d", "--dry-run")
     assert code == 0 and "completed: would delete 1 job(s)" in out
