@@ -14,7 +14,7 @@ from sqlalchemy import BigInteger, Text, any_, case, cast, func, literal, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 
-from .errors import JobNotFoundError
+from .errors import ConfigurationError, JobNotFoundError
 from .model import job_table
 from .states import PENDING_STATES, STATUS_WORDS
 
@@ -739,6 +739,9 @@ def matching_ids(session: Any, where: JobFilter, *, limit: Optional[int] = None,
     out rows another transaction holds), so that what the caller's transaction does to
     them next acts on rows that still match: a worker cannot claim them meanwhile, and one
     that changed since it was listed (claimed, replayed, finished) is left out."""
+    _check_count("limit", limit)
+    if after is not None and (type(after) is not int):
+        raise ConfigurationError(f"after must be a job id (an int), not {after!r}")
     stmt = select(_jobs.c.id).where(*where.where()).order_by(_jobs.c.id)
     if after is not None:
         stmt = stmt.where(_jobs.c.id > after)
@@ -749,8 +752,15 @@ def matching_ids(session: Any, where: JobFilter, *, limit: Optional[int] = None,
     return list(session.scalars(stmt))
 
 
+def _check_count(name: str, value: Optional[int]) -> None:
+    """A row count given by the caller: checked here, as SQL would abort the transaction."""
+    if value is not None and (type(value) is not int or value < 0):
+        raise ConfigurationError(f"{name} must be an int >= 0, not {value!r}")
+
+
 def count_matching(session: Any, where: JobFilter, *, limit: Optional[int] = None) -> int:
     """How many jobs match ``where`` (at most ``limit``)."""
+    _check_count("limit", limit)
     matching = select(_jobs.c.id).where(*where.where())
     if limit is not None:
         matching = matching.limit(limit)

@@ -630,3 +630,23 @@ def test_the_progress_bar_says_100_percent_only_when_done(capsys):
     assert capsys.readouterr().err.endswith("29910/30000  99%")
     progress(30000, 30000)
     assert capsys.readouterr().err.endswith("30000/30000 100%")
+
+
+def test_matching_ids_refuses_a_bad_limit_before_any_sql(engine, seeded):
+    """``matching_ids(limit=-1)`` reached SQL ("LIMIT must not be negative") and aborted the
+    caller's transaction; a bad limit or cursor is now a ConfigurationError, and the
+    transaction goes on."""
+    from sqlalchemy.orm import Session
+
+    from sa_jobs import ConfigurationError
+    from sa_jobs.admin import JobFilter, count_matching, matching_ids
+
+    where = JobFilter(states=["dead"])
+    with Session(engine) as session, session.begin():
+        for bad in ({"limit": -1}, {"limit": 1.5}, {"limit": True}, {"after": "3"}):
+            with pytest.raises(ConfigurationError):
+                matching_ids(session, where, **bad)
+        with pytest.raises(ConfigurationError):
+            count_matching(session, where, limit=-1)
+        assert len(matching_ids(session, where)) == 3  # the transaction is still usable (3 dead seeded)
+        assert matching_ids(session, where, limit=0) == [] and count_matching(session, where, limit=1) == 1
