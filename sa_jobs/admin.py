@@ -777,7 +777,7 @@ def delete_many(session: Any, job_ids: Iterable[int]) -> list[int]:
     """
     from sqlalchemy import delete
 
-    ids = [check_job_id(i) for i in _job_ids(job_ids)]
+    ids = _job_ids(job_ids)  # as the other bulk actions: an id no job has finds nothing
     if not ids:
         return []
     target = (

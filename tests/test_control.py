@@ -406,6 +406,10 @@ def test_actions_on_ids_past_bigint_find_nothing_and_the_session_goes_on(engine,
         assert list(retry_many(session, [big])) == []
         assert list(delete_many(session, [big])) == []
         assert cancel_many(session, [job_id, big]) == {job_id: "available"}
+        # Ids no job can have (0, negative) find nothing in every bulk action alike:
+        # delete_many raised JobNotFoundError where cancel_many and retry_many skip them.
+        for action in (cancel_many, retry_many, delete_many):
+            assert not action(session, [0, -5]), action
 
 
 def test_snooze_bounds():
