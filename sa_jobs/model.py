@@ -228,6 +228,8 @@ class Job(Base):
         partition_by: Union[Sequence[str], _Inherited] = _INHERITED,
         **kw: Any,
     ) -> None:
+        if kw:
+            _refuse_unknown_options(cls, kw)
         # An option not given is the parent kind's (cls.__sa_jobs_options__ is still the
         # nearest base's here), or KindOptions' default below Job itself. Given, it
         # replaces the parent's, None and () included (unique=None: not unique).
@@ -400,6 +402,30 @@ class Job(Base):
         # columns a flush leaves to the database.
         d = self.__dict__
         return f"<{type(self).__name__} id={d.get('id')} state={d.get('state', '?')} attempt={d.get('attempt', '?')}>"
+
+
+_KIND_OPTIONS = ("kind", "queue", "priority", "max_attempts", "timeout", "backoff", "tags", "max_args_bytes",
+                 "unique", "partition_by")
+
+
+def _refuse_unknown_options(cls: type, kw: Mapping[str, Any]) -> None:
+    """A class keyword that is no kind option: SQLAlchemy passed it on to
+    ``object.__init_subclass__`` ("takes no keyword arguments", naming neither the keyword
+    nor the option meant) after mapping the class, so a corrected class then only warned
+    of the kind's reassignment. Refused first, unless another base class of ``cls`` (a
+    mixin of the app's) takes class keywords of its own."""
+    import difflib
+
+    for base in cls.__mro__[1:]:
+        if (base is not Job and "__init_subclass__" in vars(base)
+                and base.__module__.partition(".")[0] not in ("sqlalchemy", "typing", "builtins", "abc")):
+            return
+    hints = []
+    for key in kw:
+        close = difflib.get_close_matches(key, _KIND_OPTIONS, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    raise ConfigurationError(f"{cls.__name__}: unknown job kind option(s) {', '.join(hints)};"
+                             f" the options are {', '.join(_KIND_OPTIONS)}")
 
 
 def _check_kind_is_free(kind: str, cls: type) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 
+import warnings
+
 import pytest
 from sqlalchemy import Integer, String, event, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -321,6 +323,38 @@ def test_bad_kind_declarations():
     with pytest.raises(ConfigurationError):
         class BadAttempts(Job, kind="enq_bad_attempts", max_attempts=0):  # noqa: F841
             pass
+
+
+def test_a_mistyped_kind_option_is_named():
+    """``class K(Job, max_attempt=5)`` failed with SQLAlchemy's "K.__init_subclass__() takes
+    no keyword arguments", naming neither the keyword nor the option meant, and left K
+    mapped under its kind, so the corrected class only warned ("Reassigning polymorphic
+    association"). It is refused before anything is mapped, naming the option."""
+    from sa_jobs import registered_kinds
+
+    with pytest.raises(ConfigurationError, match=r"max_attempt\b.*max_attempts"):
+        class Typo(Job, kind="enq_typo", max_attempt=5):  # noqa: F841
+            pass
+    with pytest.raises(ConfigurationError, match="partition_by"):
+        class Typo2(Job, kind="enq_typo2", partition=["customer"]):  # noqa: F841
+            pass
+    assert "enq_typo" not in registered_kinds() and "enq_typo2" not in registered_kinds()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Reassigning polymorphic association"
+
+        class Typo(Job, kind="enq_typo", max_attempts=5):  # noqa: F811
+            pass
+    assert registered_kinds()["enq_typo"] is Typo and Typo.kind_options().max_attempts == 5
+
+    class Flavoured:  # an app's mixin with class keywords of its own still gets them
+        def __init_subclass__(cls, flavor: str = "", **kw: object) -> None:
+            cls.flavor = flavor
+            super().__init_subclass__(**kw)
+
+    class WithMixin(Job, Flavoured, kind="enq_flavoured", flavor="mint"):
+        pass
+    assert WithMixin.flavor == "mint"
 
 
 def test_a_kind_name_declared_twice_is_refused():
