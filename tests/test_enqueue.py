@@ -343,9 +343,9 @@ def test_a_mistyped_kind_option_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "Reassigning polymorphic association"
 
-        class Typo(Job, kind="enq_typo", max_attempts=5):  # noqa: F811
+        class Fixed(Job, kind="enq_typo", max_attempts=5):
             pass
-    assert registered_kinds()["enq_typo"] is Typo and Typo.kind_options().max_attempts == 5
+    assert registered_kinds()["enq_typo"] is Fixed and Fixed.kind_options().max_attempts == 5
 
     class Flavoured:  # an app's mixin with class keywords of its own still gets them
         def __init_subclass__(cls, flavor: str = "", **kw: object) -> None:
