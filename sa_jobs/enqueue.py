@@ -74,7 +74,7 @@ def _row_of(job: Job) -> tuple[Any, ...]:
         d.get("state") or ("scheduled" if scheduled is not None else "available"),
         d.get("priority", options.priority),
         d.get("max_attempts", options.max_attempts),
-        list(d.get("tags") or options.tags),
+        list(d["tags"] if d.get("tags") is not None else options.tags),  # tags=[] drops the kind's
         json.dumps(d.get("meta") or {}),
         d.get("partition_key"),
         scheduled,
