@@ -45,9 +45,10 @@ MAX_PARTITION_KEY_CHARS = 512
 
 def partition_key(value: object) -> str:
     """A partition key is a bound value, never SQL; bounded so the index entry stays small."""
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_PARTITION_KEY_CHARS or "\x00" in value:
-        raise InvalidArgsError(
-            f"invalid partition key {value!r}: use a string of 1-{MAX_PARTITION_KEY_CHARS} characters without NUL")
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_PARTITION_KEY_CHARS or "\x00" in value
+            or not _is_utf8(value)):
+        raise InvalidArgsError(f"invalid partition key {value!r}: use a string of 1-{MAX_PARTITION_KEY_CHARS}"
+                               " characters without NUL or lone surrogates")
     return value
 
 

@@ -19,7 +19,9 @@ from sqlalchemy.orm import Session
 
 from . import _validate
 from .errors import ConfigurationError
-from .model import _SERVER_DEFAULT_MAX_ATTEMPTS, Job, KindOptions, _check_attempts, _check_priority, _check_tags
+from .model import (
+    _SERVER_DEFAULT_MAX_ATTEMPTS, Job, KindOptions, _check_attempts, _check_priority, _check_run_at, _check_tags,
+)
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
 from .unique import key_sql, note_enqueued
 
@@ -93,8 +95,8 @@ def _rows_of_args(
     queue = _validate.queue_name(queue) if queue is not None else options.queue
     priority = _check_priority(priority) if priority is not None else options.priority
     max_attempts = _check_attempts(max_attempts) if max_attempts is not None else options.max_attempts
-    if run_at is not None and (not isinstance(run_at, dt.datetime) or run_at.tzinfo is None):
-        raise ConfigurationError("run_at must be a timezone-aware datetime")
+    if run_at is not None:
+        _check_run_at(run_at)
     state = "scheduled" if run_at is not None else "available"
     tag_list = _check_tags(tags) if tags is not None else list(options.tags)
     for item in args:

@@ -19,9 +19,11 @@ inherits the parent's options, each keyword it gives overriding one, and its han
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import enum
 import inspect
 import json
+import numbers
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union, cast
@@ -98,6 +100,8 @@ class KindOptions:
             raise ConfigurationError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
         if not callable(self.backoff):
             raise ConfigurationError("backoff must be a callable (attempt) -> seconds")
+        if type(self.max_args_bytes) is not int or self.max_args_bytes < 1:
+            raise ConfigurationError(f"max_args_bytes must be a positive int, not {self.max_args_bytes!r}")
         if self.unique is not None and not isinstance(self.unique, Unique):
             raise ConfigurationError(f"unique= takes a sa_jobs.Unique(...), not {self.unique!r}")
         if isinstance(self.partition_by, str) or not all(isinstance(a, str) and a for a in self.partition_by):
@@ -142,8 +146,41 @@ def _check_tags(tags: Any) -> list[str]:
 _LATEST_SCHEDULE = dt.datetime(9999, 1, 1, tzinfo=dt.timezone.utc)
 
 
+# The earliest run_at: a day into year 1, so that no session TimeZone (offsets reach
+# +-16 h) shows it as 1 BC, which psycopg cannot read back ("timestamp too small").
+_EARLIEST_SCHEDULE = dt.datetime(1, 1, 2, tzinfo=dt.timezone.utc)
+
+
 def _max_delay_seconds() -> float:
     return (_LATEST_SCHEDULE - dt.datetime.now(dt.timezone.utc)).total_seconds()
+
+
+def _check_run_at(run_at: object) -> dt.datetime:
+    """An absolute schedule every reader can load back: aware, and inside Python's years
+    wherever it is read. Past either end PostgreSQL took the row, but every listing of it
+    then failed ("timestamp too large (after year 10K)")."""
+    if not isinstance(run_at, dt.datetime) or run_at.utcoffset() is None:
+        raise ConfigurationError(f"run_at must be a timezone-aware datetime, not {run_at!r}")
+    try:
+        utc = run_at.astimezone(dt.timezone.utc)
+    except OverflowError:  # its UTC instant is before year 1 or after 9999
+        utc = None
+    if utc is None or not _EARLIEST_SCHEDULE <= utc <= _LATEST_SCHEDULE:
+        raise ConfigurationError(
+            f"run_at {run_at.isoformat()} is outside {_EARLIEST_SCHEDULE.date()}..{_LATEST_SCHEDULE.date()} UTC,"
+            " which Python cannot read back in every time zone")
+    return run_at
+
+
+def _delay_seconds(delay: object) -> float:
+    """``delay=`` as seconds: a timedelta or a real number (not a bool, a string, or a
+    datetime meant as ``run_at=``, which float() took or failed on with a bare TypeError)."""
+    if isinstance(delay, dt.timedelta):
+        return delay.total_seconds()
+    if isinstance(delay, (numbers.Real, decimal.Decimal)) and not isinstance(delay, bool):
+        return float(delay)
+    raise ConfigurationError(
+        f"delay must be a timedelta or a number of seconds, not {delay!r} (an absolute time is run_at=)")
 
 
 def _check_attempts(max_attempts: object) -> int:
@@ -352,7 +389,7 @@ class Job(Base):
         if delay is not None and run_at is not None:
             raise ConfigurationError("give delay or run_at, not both")
         if delay is not None:
-            seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
+            seconds = _delay_seconds(delay)
             if not seconds >= 0:
                 raise ConfigurationError(f"delay must be >= 0 seconds, not {delay!r}")
             if seconds > _max_delay_seconds():
@@ -360,9 +397,7 @@ class Job(Base):
             self.scheduled_at = func.now() + dt.timedelta(seconds=seconds)  # type: ignore[assignment]
             self.state = "scheduled"
         if run_at is not None:
-            if not isinstance(run_at, dt.datetime) or run_at.tzinfo is None:
-                raise ConfigurationError("run_at must be a timezone-aware datetime")
-            self.scheduled_at = run_at
+            self.scheduled_at = _check_run_at(run_at)
             self.state = "scheduled"
         if tags is not None:
             self.tags = _check_tags(tags)

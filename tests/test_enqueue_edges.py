@@ -97,3 +97,74 @@ def test_every_enqueue_path_writes_the_same_row(engine, database_url, schema, ki
 def _hashable(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for v in row)
 
+
+class _OffsetLess(dt.tzinfo):
+    """A tzinfo that knows no offset: Python counts such a datetime as naive."""
+
+    def utcoffset(self, when: Optional[dt.datetime]) -> None:
+        return None
+
+    def dst(self, when: Optional[dt.datetime]) -> None:
+        return None
+
+
+@pytest.mark.parametrize("run_at", [
+    dt.datetime.max.replace(tzinfo=dt.timezone(dt.timedelta(hours=-5))),  # year 10000 in UTC
+    dt.datetime(9999, 6, 1, tzinfo=dt.timezone.utc),
+    dt.datetime.min.replace(tzinfo=dt.timezone(dt.timedelta(hours=5))),  # 1 BC in UTC
+    dt.datetime.min.replace(tzinfo=dt.timezone.utc),
+    dt.datetime(2030, 1, 1, tzinfo=_OffsetLess()),
+], ids=["year-10000", "year-9999", "year-0", "datetime.min", "no-offset"])
+def test_a_run_at_python_cannot_read_back_is_refused(engine, database_url, schema, run_at):
+    """run_at had no bounds: datetime.max at -05:00 (year 10000 in UTC) or datetime.min at
+    +05:00 (1 BC) wrote a row no one could read back (psycopg "timestamp too large (after
+    year 10K)" / "too small (before year 1)", in every listing of the queue), and near
+    either end it depended on the reader's TimeZone. A tzinfo without an offset passed as
+    aware and was written as the server's local time."""
+    with pytest.raises(ConfigurationError, match="run_at"):
+        EdgeTagged(n=1).options(run_at=run_at)
+    with pytest.raises(ConfigurationError, match="run_at"):
+        with Session(engine) as session, session.begin():
+            enqueue_many(session, EdgeTagged, [{"n": 1}], run_at=run_at)
+    assert _rows(database_url, schema) == []
+    far = dt.datetime(9998, 12, 31, tzinfo=dt.timezone(dt.timedelta(hours=-12)))  # still fits
+    with Session(engine) as session, session.begin():
+        session.add(EdgeTagged(n=1).options(run_at=far))
+    with Session(engine) as session:
+        assert session.scalars(select(EdgeTagged.scheduled_at)).one() == far
+
+
+@pytest.mark.parametrize("delay", [dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc), dt.date(2030, 1, 1), "5", True])
+def test_a_delay_of_another_type_is_a_configuration_error(delay):
+    """A datetime given as ``delay=`` (meaning run_at) raised a bare TypeError from
+    float(); a string or a bool was taken as a number of seconds."""
+    with pytest.raises(ConfigurationError, match="delay"):
+        EdgeTagged(n=1).options(delay=delay)
+
+
+def test_a_delay_of_a_real_number_or_timedelta_is_taken(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        for delay in (60, 60.0, Decimal("60"), dt.timedelta(minutes=1)):
+            session.add(EdgeTagged(n=1).options(delay=delay))
+    seconds = q(database_url, jobs_sql(schema, "SELECT extract(epoch FROM scheduled_at - created_at)::int FROM {jobs}"))
+    assert seconds == [(60,)] * 4
+
+
+@pytest.mark.parametrize("key", ["lone \ud800", "\udfff"])
+def test_a_partition_key_utf8_cannot_hold_is_refused_at_options(engine, database_url, schema, key):
+    """A lone surrogate passed options(partition_key=...) and failed the caller's whole
+    transaction at flush with psycopg's UnicodeEncodeError."""
+    with pytest.raises(InvalidArgsError, match="partition key"):
+        EdgeTagged(n=1).options(partition_key=key)
+
+
+@pytest.mark.parametrize("cap", [0, -1, True, "big", 1.5])
+def test_a_bad_max_args_bytes_is_refused_at_declaration(cap):
+    """Was accepted: every job of the kind then failed at construction, with a TypeError
+    ('>' not supported) or 'over the cap of True'."""
+    with pytest.raises(ConfigurationError, match="max_args_bytes"):
+        class Capped(Job, kind=f"edge_capped_{type(cap).__name__}_{cap!s}".replace("-", "m").replace(".", "_"),
+                     max_args_bytes=cap):
+            pass
+
+
