@@ -168,3 +168,78 @@ def test_a_bad_max_args_bytes_is_refused_at_declaration(cap):
             pass
 
 
+_MANY = 10_000
+
+
+def _peak_bytes(fn: Any) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("form", ["args-run_at", "args-quoted-tags", "rows", "rows-run_at"])
+def test_enqueue_many_of_a_generator_holds_a_bounded_amount_in_memory(engine, database_url, schema, form):
+    """A generator of rows was streamed only by the fast lane: with run_at= every row was
+    kept for a second COPY, and job rows were listed first, so memory grew with the load
+    (300-350 bytes a row: a million rows, 300 MB and more)."""
+    pad = "p" * 100
+
+    def rows() -> Iterator[Any]:
+        for i in range(_MANY):
+            if form.startswith("rows"):
+                job = EdgeTagged(n=i, pad=pad)
+                yield job.options(run_at=_RUN_AT) if form == "rows-run_at" else job
+            else:
+                yield {"n": i, "pad": pad}
+
+    extra: dict[str, Any] = {"args-run_at": {"run_at": _RUN_AT}, "args-quoted-tags": {"tags": ["a b"]}}.get(form, {})
+
+    def load() -> None:
+        with Session(engine) as session, session.begin():
+            if form.startswith("rows"):
+                assert enqueue_many(session, rows()) == _MANY
+            else:
+                assert enqueue_many(session, EdgeTagged, rows(), **extra) == _MANY
+
+    assert _peak_bytes(load) < 1_000_000  # 3 MB before; about 120 kB now, whatever the count
+    (count, states), = q(database_url, jobs_sql(schema, "SELECT count(*), array_agg(DISTINCT state) FROM {jobs}"))
+    assert count == _MANY
+    assert states == (["scheduled"] if "run_at" in form else ["available"])
+
+
+def test_enqueue_many_rows_without_a_schedule_take_the_transactions_now(engine, database_url, schema):
+    """Scheduled and unscheduled rows in one call: the unscheduled ones are due at the
+    transaction's now(), as the table's DEFAULT would make them."""
+    with Session(engine) as session, session.begin():
+        session.execute(text("SELECT pg_sleep(0.05)"))
+        enqueue_many(session, [EdgeTagged(n=1), EdgeTagged(n=2).options(run_at=_RUN_AT), EdgeTagged(n=3)])
+    rows = q(database_url, jobs_sql(schema, "SELECT state, scheduled_at = created_at, scheduled_at FROM {jobs}"
+                                            " ORDER BY (args->>'n')::int"))
+    assert [r[:2] for r in rows] == [("available", True), ("scheduled", False), ("available", True)]
+    assert rows[1][2] == _RUN_AT
+
+
+def test_enqueue_many_in_a_rolled_back_savepoint_keeps_only_the_outer_rows(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        enqueue_many(session, EdgeTagged, [{"n": 1}])
+        with pytest.raises(_Abandon):
+            with session.begin_nested():
+                for form in ("text", "general", "rows", "unique"):
+                    if form == "rows":
+                        enqueue_many(session, [EdgeTagged(n=2)])
+                    elif form == "unique":
+                        enqueue_many(session, EdgeUnique, [{"n": 2}])
+                    else:
+                        enqueue_many(session, EdgeTagged, [{"n": 2}], **({"tags": ["a b"]} if form == "general" else {}))
+                raise _Abandon
+        enqueue_many(session, [EdgeUnique(n=3)])
+    assert q(database_url, jobs_sql(schema, "SELECT kind, args FROM {jobs} ORDER BY id")) == [
+        ("edge_tagged", {"n": 1}), ("edge_unique", {"n": 3})]
+
+
+class _Abandon(Exception):
+    pass
+
