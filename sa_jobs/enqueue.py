@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+import psycopg
 from psycopg import sql
 from sqlalchemy.orm import Session
 
@@ -215,13 +216,36 @@ def enqueue_many(
     if the caller goes on). Returns the number of rows written.
     """
     driver = _driver_connection(session)
-    _join_callers_transaction(driver)
-    # A COPY that fails mid-stream aborts the transaction it runs in; without the savepoint
-    # the caller, having caught the error, would COMMIT a failed transaction, which
-    # PostgreSQL answers with a ROLLBACK of everything, silently.
-    with driver.transaction():
-        return _enqueue_many(session, jobs, args, queue=queue, priority=priority, max_attempts=max_attempts,
-                             run_at=run_at, tags=tags)
+    try:
+        _join_callers_transaction(driver)
+        # A COPY that fails mid-stream aborts the transaction it runs in; without the savepoint
+        # the caller, having caught the error, would COMMIT a failed transaction, which
+        # PostgreSQL answers with a ROLLBACK of everything, silently.
+        with driver.transaction():
+            return _enqueue_many(session, jobs, args, queue=queue, priority=priority, max_attempts=max_attempts,
+                                 run_at=run_at, tags=tags)
+    except psycopg.Error as exc:
+        raise _as_sqlalchemy_error(session, driver, exc) from exc
+
+
+def _as_sqlalchemy_error(session: Any, driver: Any, exc: Exception) -> Exception:
+    """A driver error of the COPY as SQLAlchemy raises it for the caller's own statements.
+
+    The COPY runs on the driver connection, past SQLAlchemy: a lost connection raised
+    psycopg's OperationalError, which an app's ``except sqlalchemy.exc.OperationalError``
+    missed, and SQLAlchemy, not told the connection was gone, failed the caller's
+    ``rollback()`` too. It is invalidated here as SQLAlchemy does on a disconnect, so the
+    rollback ends the transaction cleanly and the Session goes on with a new connection.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    conn = session.connection() if hasattr(session, "connection") else session
+    dialect = conn.dialect
+    lost = bool(dialect.is_disconnect(exc, driver, None))
+    if lost and not conn.invalidated:
+        conn.invalidate(exc)
+    return DBAPIError.instance("enqueue_many (COPY)", None, exc, dialect.loaded_dbapi.Error,
+                               connection_invalidated=lost, dialect=dialect)
 
 
 def _join_callers_transaction(driver: Any) -> None:

@@ -222,6 +222,30 @@ def test_enqueue_many_rows_without_a_schedule_take_the_transactions_now(engine, 
     assert rows[1][2] == _RUN_AT
 
 
+@pytest.mark.parametrize("form", ["text", "general", "rows"])
+def test_enqueue_many_on_a_lost_connection_raises_sqlalchemys_error_and_rolls_back_cleanly(engine, database_url, form):
+    """The connection dropping mid-COPY raised psycopg's own OperationalError (which an
+    app's ``except sqlalchemy.exc.OperationalError`` retry missed), and SQLAlchemy, not
+    told, then failed the caller's rollback too ("the connection is lost")."""
+    with Session(engine) as session:
+        pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+        def rows() -> Iterator[Any]:
+            for i in range(10_000):
+                if i == 5_000:
+                    q(database_url, "SELECT pg_terminate_backend(%s)", (pid,))
+                yield EdgeTagged(n=i) if form == "rows" else {"n": i}
+
+        with pytest.raises(sqlalchemy.exc.OperationalError) as raised:
+            if form == "rows":
+                enqueue_many(session, rows())
+            else:
+                enqueue_many(session, EdgeTagged, rows(), **({"tags": ["a b"]} if form == "general" else {}))
+        assert raised.value.connection_invalidated
+        session.rollback()  # clean: the transaction is gone with its connection
+        assert session.execute(text("SELECT 1")).scalar_one() == 1  # and the session goes on
+
+
 def test_enqueue_many_in_a_rolled_back_savepoint_keeps_only_the_outer_rows(engine, database_url, schema):
     with Session(engine) as session, session.begin():
         enqueue_many(session, EdgeTagged, [{"n": 1}])
@@ -243,3 +267,23 @@ def test_enqueue_many_in_a_rolled_back_savepoint_keeps_only_the_outer_rows(engin
 class _Abandon(Exception):
     pass
 
+
+
+def test_enqueue_many_cancelled_by_the_server_leaves_the_callers_transaction_usable(engine, database_url, schema):
+    """A server-side error mid-COPY (here a cancel) is SQLAlchemy's error type as for the
+    caller's own statements; the call's rows are gone, the caller's earlier ones commit."""
+    with Session(engine) as session, session.begin():
+        enqueue_many(session, [EdgeTagged(n=-1)])
+        pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+        def rows() -> Iterator[dict[str, int]]:
+            for i in range(20_000):
+                if i == 5_000:
+                    q(database_url, "SELECT pg_cancel_backend(%s)", (pid,))
+                yield {"n": i}
+
+        with pytest.raises(sqlalchemy.exc.OperationalError, match="cancel") as raised:
+            enqueue_many(session, EdgeTagged, rows())
+        assert not raised.value.connection_invalidated
+        enqueue_many(session, EdgeTagged, [{"n": -2}])
+    assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs} ORDER BY id")) == [({"n": -1},), ({"n": -2},)]
