@@ -394,8 +394,9 @@ class Job(Base):
                 raise ConfigurationError(f"delay must be >= 0 seconds, not {delay!r}")
             if seconds > _max_delay_seconds():
                 raise ConfigurationError(f"delay {delay!r} runs past the year 9999, which Python cannot read back")
-            self.scheduled_at = func.now() + dt.timedelta(seconds=seconds)  # type: ignore[assignment]
-            self.state = "scheduled"
+            if seconds > 0:  # due now is the table's default: no worker claims a 'scheduled' job
+                self.scheduled_at = func.now() + dt.timedelta(seconds=seconds)  # type: ignore[assignment]
+                self.state = "scheduled"
         if run_at is not None:
             self.scheduled_at = _check_run_at(run_at)
             self.state = "scheduled"

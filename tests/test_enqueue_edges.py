@@ -287,3 +287,13 @@ def test_enqueue_many_cancelled_by_the_server_leaves_the_callers_transaction_usa
         assert not raised.value.connection_invalidated
         enqueue_many(session, EdgeTagged, [{"n": -2}])
     assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs} ORDER BY id")) == [({"n": -1},), ({"n": -2},)]
+
+
+@pytest.mark.parametrize("delay", [0, 0.0, dt.timedelta(0)])
+def test_a_zero_delay_enqueues_a_job_that_is_due_now(engine, database_url, schema, delay):
+    """delay=0 (say max(0, deadline - now)) made the job 'scheduled' at now(): no worker
+    claims a scheduled job, so it waited for the next maintenance tick to promote it."""
+    with Session(engine) as session, session.begin():
+        session.add(EdgeTagged(n=1).options(delay=delay))
+    assert q(database_url, jobs_sql(schema, "SELECT state, scheduled_at = created_at FROM {jobs}")) == [("available", True)]
+
