@@ -297,3 +297,27 @@ def test_a_zero_delay_enqueues_a_job_that_is_due_now(engine, database_url, schem
         session.add(EdgeTagged(n=1).options(delay=delay))
     assert q(database_url, jobs_sql(schema, "SELECT state, scheduled_at = created_at FROM {jobs}")) == [("available", True)]
 
+
+class EdgeNumbers(Job, kind="edge_numbers"):
+    pass
+
+
+@EdgeNumbers.handler
+def edge_numbers(ctx: Any, **args: Any) -> dict[str, str]:
+    return {name: repr(value) for name, value in args.items()}
+
+
+_NUMBERS = {"big": 1e16, "huge": 1.5e300, "neg_zero": -0.0, "tiny": 1e-7, "whole": 123.0, "half": 0.5,
+            "nested": [2e20, {"x": -1e17}], "int": 10**20, "sub": 5e-324}
+
+
+def test_perform_passes_numbers_as_a_worker_reads_them_from_jsonb(engine, database_url, schema):
+    """jsonb keeps numbers as numeric: 1e16 reads back as the int 10000000000000000 and
+    -0.0 as 0.0, but perform() round-tripped args through Python's json, where they stay
+    floats: a handler's unit test passed on values a worker never hands it."""
+    from sa_jobs.testing import perform
+
+    with Session(engine) as session, session.begin():
+        session.add(EdgeNumbers(**_NUMBERS))
+    (stored,), = q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}"))
+    assert perform(EdgeNumbers(**_NUMBERS)) == {name: repr(value) for name, value in stored.items()}
