@@ -1199,6 +1199,22 @@ class WLargeResult(Job, kind="w_large_result", queue="w"):
     pass
 
 
+def _claimed_by_hand(engine, database_url: str, schema: str, n: int) -> list:
+    """``n`` WLargeResult jobs marked running under one claim token, as a worker holds them:
+    what a Completer is handed, without a worker."""
+    from sa_jobs.worker._job import ClaimedJob
+
+    with Session(engine) as session, session.begin():
+        session.add_all([WLargeResult() for _ in range(n)])
+    token = uuid.uuid4()
+    ids = [r[0] for r in q(database_url, jobs_sql(
+        schema, "UPDATE {jobs} SET state = 'running', attempt = 1, claim_token = %s,"
+                " lease_expires_at = now() + interval '1 hour' RETURNING id"), (token,))]
+    now = time.monotonic()
+    return [ClaimedJob(id=i, token=token, kind="w_large_result", queue="w", args={}, attempt=1, max_attempts=20,
+                       priority=0, wait_seconds=0, created_epoch=0, claimed_at=now, last_lease_ok=now) for i in ids]
+
+
 def test_large_results_finishing_together_do_not_wedge_the_completer(engine, database_url, schema):
     """Each result was fine alone, but a flush wrote every pending outcome in one
     statement: eight results of 12 MB took longer than the completer's deadline (lease/2,
@@ -1207,19 +1223,11 @@ def test_large_results_finishing_together_do_not_wedge_the_completer(engine, dat
     lease (run by a worker with lease=2: attempt 9 of every job after 30 s, none completed)."""
     from sa_jobs._connection import ManagedConnection
     from sa_jobs.events import NullObserver
-    from sa_jobs.worker._job import ClaimedJob, Outcome
+    from sa_jobs.worker._job import Outcome
     from sa_jobs.worker.completer import Completer
 
-    with Session(engine) as session, session.begin():
-        session.add_all([WLargeResult() for _ in range(8)])
-    token = uuid.uuid4()
-    ids = [r[0] for r in q(database_url, jobs_sql(
-        schema, "UPDATE {jobs} SET state = 'running', attempt = 1, claim_token = %s,"
-                " lease_expires_at = now() + interval '1 hour' RETURNING id"), (token,))]
+    jobs = _claimed_by_hand(engine, database_url, schema, 8)
     result = json.dumps(list(range(1_500_000)))  # 12 MB of JSON, slower to write than a string
-    now = time.monotonic()
-    jobs = [ClaimedJob(id=i, token=token, kind="w_large_result", queue="w", args={}, attempt=1, max_attempts=20,
-                       priority=0, wait_seconds=0, created_epoch=0, claimed_at=now, last_lease_ok=now) for i in ids]
 
     async def main() -> bool:
         conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=2.0)
@@ -1243,18 +1251,10 @@ def test_completer_drain_waits_for_the_write_in_flight(engine, database_url, sch
     drains read {'running': 3} now and then on a loaded machine)."""
     from sa_jobs._connection import ManagedConnection
     from sa_jobs.events import NullObserver
-    from sa_jobs.worker._job import ClaimedJob, Outcome
+    from sa_jobs.worker._job import Outcome
     from sa_jobs.worker.completer import Completer
 
-    with Session(engine) as session, session.begin():
-        session.add_all([WLargeResult() for _ in range(3)])
-    token = uuid.uuid4()
-    ids = [r[0] for r in q(database_url, jobs_sql(
-        schema, "UPDATE {jobs} SET state = 'running', attempt = 1, claim_token = %s,"
-                " lease_expires_at = now() + interval '1 hour' RETURNING id"), (token,))]
-    now = time.monotonic()
-    jobs = [ClaimedJob(id=i, token=token, kind="w_large_result", queue="w", args={}, attempt=1, max_attempts=20,
-                       priority=0, wait_seconds=0, created_epoch=0, claimed_at=now, last_lease_ok=now) for i in ids]
+    jobs = _claimed_by_hand(engine, database_url, schema, 3)
     # The rows are locked by another transaction, so the completer's write waits on them.
     blocker = psycopg.connect(database_url, autocommit=False)
     blocker.execute(jobs_sql(schema, "SELECT id FROM {jobs} FOR UPDATE"))
