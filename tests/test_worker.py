@@ -1290,3 +1290,73 @@ def test_completer_drain_waits_for_the_write_in_flight(engine, database_url, sch
     finally:
         blocker.close()
     assert observed == {"drained": True, "states": [("completed", 3)]}
+
+
+# ---- the app's own engines behind ctx.transaction() ------------------------------------------
+
+class WFollowUp(Job, kind="w_follow_up", queue="engines"):
+    pass
+
+
+@WFollowUp.handler
+async def w_follow_up(ctx: JobContext, by: str) -> str:
+    return by
+
+
+class WEnqueuesSync(Job, kind="w_enqueues_sync", queue="engines"):
+    pass
+
+
+@WEnqueuesSync.handler
+def w_enqueues_sync(ctx: JobContext) -> None:
+    with ctx.transaction() as session:
+        session.add(WFollowUp(by="sync"))
+
+
+class WEnqueuesAsync(Job, kind="w_enqueues_async", queue="engines"):
+    pass
+
+
+@WEnqueuesAsync.handler
+async def w_enqueues_async(ctx: JobContext) -> None:
+    async with ctx.async_transaction() as session:
+        session.add(WFollowUp(by="async"))
+
+
+def test_the_apps_own_engines_write_to_the_workers_schema(engine, database_url, schema):
+    """``Worker(engine=..., async_engine=...)`` with the app's engines (its pool settings)
+    and a schema of its own: jobs a handler enqueued in ``ctx.transaction()`` went to the
+    default ``sa_jobs`` schema (or failed where it does not exist), since only the engines
+    the worker creates mapped the schema; a worker of ``schema`` never saw them. The
+    app's own schema_translate_map entries are kept."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    app_map = {"reports": "reports_v2"}  # the app's own mapping, for its own tables
+    app_engine = create_engine(sqlalchemy_url(database_url), pool_size=2).execution_options(schema_translate_map=app_map)
+    app_async = create_async_engine(sqlalchemy_url(database_url, async_=True), pool_size=2)
+    try:
+        worker = Worker(database_url, kinds=[WFollowUp, WEnqueuesSync, WEnqueuesAsync], schema=schema,
+                        engine=app_engine, async_engine=app_async, **FAST)
+        assert worker.sync_engine().get_execution_options()["schema_translate_map"] == {**app_map, "sa_jobs": schema}
+        add(engine, WEnqueuesSync(), WEnqueuesAsync())
+
+        def follow_ups_done() -> bool:
+            return q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE kind = 'w_follow_up'"
+                                                    " AND state = 'completed'"))[0][0] == 2
+
+        async def main() -> None:
+            async with worker:
+                with anyio.move_on_after(15):
+                    while not await anyio.to_thread.run_sync(follow_ups_done):
+                        await anyio.sleep(0.05)
+
+        anyio.run(main)
+        rows = q(database_url, jobs_sql(schema, "SELECT kind, state, result FROM {jobs} ORDER BY kind, result"))
+        assert rows == [("w_enqueues_async", "completed", None), ("w_enqueues_sync", "completed", None),
+                        ("w_follow_up", "completed", "async"), ("w_follow_up", "completed", "sync")]
+    finally:
+        app_engine.dispose()
+        anyio.run(app_async.dispose)

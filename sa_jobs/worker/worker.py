@@ -206,8 +206,10 @@ class Worker:
         self.statement_timeout = statement_timeout or max(2.0, min(30.0, self.lease / 2))
         # Guarded: the worker calls hooks where a raise would strand claimed jobs.
         self._observer: WorkerObserver = NullObserver() if observer is None else GuardedObserver(observer)  # type: ignore[assignment]
-        self._engine = engine
-        self._async_engine = async_engine
+        # The app's own engines (its pool settings) map this worker's schema too: jobs a
+        # handler enqueues in ctx.transaction() went to the default schema's table.
+        self._engine = None if engine is None else self._in_schema(engine)
+        self._async_engine = None if async_engine is None else self._in_schema(async_engine)
         self._owns_engines: list[Any] = []
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._check_schema = check_schema
@@ -322,10 +324,12 @@ class Worker:
             self._heartbeat.nudge()
 
     def _in_schema(self, engine: Any) -> Any:
-        """Map the ``sa_jobs`` schema of mapped tables to this worker's schema, as apps do."""
+        """Map the ``sa_jobs`` schema of mapped tables to this worker's schema, as apps do,
+        keeping the engine's other mappings (an app's engine may map its own tables)."""
         if self.schema == schema_mod.DEFAULT_SCHEMA:
             return engine
-        return engine.execution_options(schema_translate_map={schema_mod.DEFAULT_SCHEMA: self.schema})
+        current = engine.get_execution_options().get("schema_translate_map") or {}
+        return engine.execution_options(schema_translate_map={**current, schema_mod.DEFAULT_SCHEMA: self.schema})
 
     def running_jobs(self) -> list[ClaimedJob]:
         return [j for q in self._queues.values() for j in q.running.values()]
