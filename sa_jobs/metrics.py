@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import anyio
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import make_asgi_app as _prometheus_asgi_app
 from prometheus_client import start_http_server
@@ -639,9 +640,22 @@ def make_asgi_app(
     ``database_url`` the queue depth collector is registered into ``registry`` as well.
     """
     reg = REGISTRY if registry is None else registry
-    if database_url is not None:
-        reg.register(QueueDepthCollector(database_url, schema, ttl=depth_ttl))
-    return _prometheus_asgi_app(reg)
+    app = _prometheus_asgi_app(reg)
+    if database_url is None:
+        return app
+    depth = QueueDepthCollector(database_url, schema, ttl=depth_ttl)
+    reg.register(depth)
+
+    async def metrics_app(scope: Any, receive: Any, send: Any) -> None:
+        # prometheus-client collects on the event loop, which also runs the app and the
+        # Worker embedded in it: a due depth query (up to its 2 s timeouts, or a connect to
+        # a server that does not answer) held them all still. It runs in a thread first;
+        # the collect that follows finds the snapshot fresh.
+        if scope.get("type") == "http":
+            await anyio.to_thread.run_sync(depth.snapshot)
+        await app(scope, receive, send)
+
+    return metrics_app
 
 
 __all__ = [

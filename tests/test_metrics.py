@@ -460,6 +460,56 @@ def test_user_registry_and_asgi_app(database_url: str, schema: str) -> None:
     assert "process_cpu_seconds_total" not in body  # only what the user's registry holds
 
 
+def test_an_asgi_scrape_does_not_block_the_event_loop_on_the_depth_query(database_url: str, schema: str) -> None:
+    """The ASGI app runs on the app's event loop, which also runs the Worker embedded
+    beside it (the setup docs/metrics.md shows). prometheus-client's app collects
+    synchronously, so a due depth query ran on that loop: while a migration's lock held the
+    jobs table, every scrape past the TTL froze the loop (heartbeats, completions, the web
+    app's requests) for the 2 s lock_timeout. The query now runs in a thread."""
+    reg = CollectorRegistry()
+    PrometheusObserver(reg)
+    app = make_asgi_app(reg, database_url=database_url, schema=schema)
+    sent: list[dict[str, Any]] = []
+
+    async def scrape() -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app({"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}, receive, send)
+
+    async def main() -> float:
+        gaps = [0.0]
+        done = anyio.Event()
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while not done.is_set():
+                await anyio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            while len(gaps) < 3:  # the ticker is running
+                await anyio.sleep(0.01)
+            await scrape()
+            done.set()
+        return max(gaps)
+
+    with psycopg.connect(to_conninfo(database_url)) as locker:  # a migration holding the table
+        locker.execute(jobs_sql(schema, "LOCK TABLE {jobs} IN ACCESS EXCLUSIVE MODE"))
+        longest = anyio.run(main)
+        locker.rollback()
+    assert sent[0]["status"] == 200
+    body = b"".join(m.get("body", b"") for m in sent[1:]).decode()
+    assert "sa_jobs_queue_depth_query_errors_total 1.0" in body  # the query ran, and hit the lock
+    assert longest < 1.0, f"the event loop stood still for {longest:.2f}s during a scrape"
+
+
 def test_scrapes_are_thread_safe_under_concurrency(database_url: str, schema: str) -> None:
     """Prometheus HTTP handlers run in threads; concurrent scrapes share one query per TTL."""
     collector = QueueDepthCollector(database_url, schema, ttl=60)
