@@ -1360,3 +1360,48 @@ def test_the_apps_own_engines_write_to_the_workers_schema(engine, database_url, 
     finally:
         app_engine.dispose()
         anyio.run(app_async.dispose)
+
+
+# ---- starting inside an app: the schema check ------------------------------------------------
+
+def _in_app_thread(main, limit: float = 20) -> list:
+    """Run ``main`` on an event loop in a daemon thread: what it returned or raised, or
+    nothing if it did not end within ``limit`` (a hang fails the test instead of hanging it)."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(anyio.run(main))
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    return outcome
+
+
+def _start_within(worker: Worker, seconds: float) -> float:
+    """Enter ``worker`` under the app's own deadline; how long until the app got control back."""
+    started = time.monotonic()
+
+    async def main() -> None:
+        with anyio.move_on_after(seconds):
+            async with worker:
+                await anyio.sleep_forever()
+
+    assert _in_app_thread(main) == [None], "the app's deadline did not reach a starting worker"
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("deadline", [0, 0.02, 0.1])
+def test_a_worker_whose_start_is_cancelled_stops_instead_of_running_on(engine, database_url, schema, deadline):
+    """An app cancelled while it enters the worker (Ctrl-C during startup, a startup
+    deadline): the cancellation reached the worker's serve task after it had entered its
+    shield, and anyio's ``start()`` waits for a cancelled task to end, so the app hung for
+    good while the worker ran on and claimed jobs. A cancelled start now stops it."""
+    [job_id] = add(engine, WQuick())
+    took = _start_within(Worker(database_url, kinds=[WQuick], schema=schema, check_schema=False, **FAST), deadline)
+    assert took < 5
+    [(state,)] = q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"), (job_id,))
+    assert state in ("available", "completed")  # never left claimed

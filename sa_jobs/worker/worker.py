@@ -355,8 +355,9 @@ class Worker:
         try:
             await self._tg.start(self._serve)
         except BaseException:
-            if self._serve_scope is not None:
-                self._serve_scope.cancel()
+            if self._serve_scope is not None:  # it ran: stop it as a cancelled app's worker stops
+                with anyio.CancelScope(shield=True):
+                    await self.shutdown(0)
             self._tg.cancel_scope.cancel()
             try:
                 await self._tg.__aexit__(None, None, None)
@@ -464,11 +465,13 @@ class Worker:
             scope.cancel()
 
     async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        # Shielded from a cancellation of the app around the worker: it would cancel every
-        # service at once, completer included, and leave running jobs (and outcomes not
-        # yet written) 'running' until their lease expired. __aexit__ stops the worker
-        # instead (shutdown(), which ends this scope); a failed start cancels it.
-        with anyio.CancelScope(shield=True) as self._serve_scope:
+        # Shielded, once started, from a cancellation of the app around the worker: it
+        # would cancel every service at once, completer included, and leave running jobs
+        # (and outcomes not yet written) 'running' until their lease expired. __aexit__
+        # stops the worker instead (shutdown(), which ends this scope). Not before: anyio's
+        # start() waits for a task whose start was cancelled, and a task shielded from the
+        # start on ran on while the app that cancelled its start hung.
+        with anyio.CancelScope() as self._serve_scope:
             await self._serve_shielded(task_status)
 
     async def _serve_shielded(self, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -507,6 +510,10 @@ class Worker:
                             producers.cancel_scope.cancel()
                         for q in self._queues.values():
                             producers.start_soon(self._producer, q, claim_conn, claim_lock)
+                        # A start cancelled meanwhile ends here, before the shield goes up.
+                        await anyio.lowlevel.checkpoint_if_cancelled()
+                        assert self._serve_scope is not None
+                        self._serve_scope.shield = True  # started: see _serve
                         task_status.started()
                         self._started.set()
                     for q in self._queues.values():
