@@ -745,6 +745,16 @@ def read_version(conn, schema: str = DEFAULT_SCHEMA) -> int:  # type: ignore[no-
     return int(conn.execute(sql.SQL("SELECT coalesce(max(version), 0) FROM {}").format(table)).fetchone()[0])
 
 
+async def read_version_async(conn, schema: str = DEFAULT_SCHEMA) -> int:  # type: ignore[no-untyped-def]
+    """:func:`read_version` through an open psycopg AsyncConnection (cancellable, unlike a thread)."""
+    table = sql.Identifier(_validate.schema_name(schema), VERSION_TABLE)
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table.as_string(),))
+    if not (await cur.fetchone())[0]:
+        return 0
+    cur = await conn.execute(sql.SQL("SELECT coalesce(max(version), 0) FROM {}").format(table))
+    return int((await cur.fetchone())[0])
+
+
 def _conninfo_of(target: object) -> str:
     from ._url import to_conninfo
 
@@ -890,7 +900,11 @@ def uninstall(target: object, schema: str = DEFAULT_SCHEMA) -> None:
 
 def check_version(conninfo: str, schema: str = DEFAULT_SCHEMA, *, required: int = LATEST_VERSION) -> int:
     """Refuse to run against a schema that is older or newer than this code expects."""
-    current = installed_version(conninfo, schema)
+    return require_version(installed_version(conninfo, schema), schema, required=required)
+
+
+def require_version(current: int, schema: str = DEFAULT_SCHEMA, *, required: int = LATEST_VERSION) -> int:
+    """``current`` (the installed version), or SchemaVersionError if this code cannot run on it."""
     if current < required:
         raise SchemaVersionError(
             f"the sa-jobs schema {schema!r} is at version {current} but this sa-jobs needs {required};"

@@ -1405,3 +1405,64 @@ def test_a_worker_whose_start_is_cancelled_stops_instead_of_running_on(engine, d
     assert took < 5
     [(state,)] = q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"), (job_id,))
     assert state in ("available", "completed")  # never left claimed
+
+
+def test_a_start_waiting_on_a_locked_schema_version_yields_to_the_apps_cancellation(database_url, schema):
+    """The schema check ran in a thread that a cancellation does not interrupt: while a
+    migration held the version table, an app's startup deadline, or Ctrl-C, waited for the
+    migration's end (here 8 s) instead of returning."""
+    release = threading.Event()
+    locked = threading.Event()
+
+    def migration() -> None:
+        with psycopg.connect(to_conninfo(database_url)) as conn:
+            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(schema, "schema_version")))
+            locked.set()
+            release.wait(8)
+
+    holder = threading.Thread(target=migration)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        took = _start_within(Worker(database_url, kinds=[WQuick], schema=schema, **FAST), 0.5)
+    finally:
+        release.set()
+        holder.join()
+    assert took < 3, f"the app got control back after {took:.1f}s"
+
+
+def test_a_server_that_never_answers_fails_the_start_in_bounded_time(database_url):
+    """A server that accepts the connection and never answers (a stuck server, a pooler
+    out of backends): the schema check connected without a timeout and the app's startup
+    hung for good, past its own deadline too. Now the connect times out like the worker's
+    own connections do (5 s) and the error says so."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        try:
+            while True:
+                accepted.append(listener.accept()[0])
+        except OSError:
+            pass  # closed by the test
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"postgresql://nobody@127.0.0.1:{listener.getsockname()[1]}/nothing"
+    try:
+        took = _start_within(Worker(url, kinds=[WQuick], **FAST), 1)
+        assert took < 3, f"the app got control back after {took:.1f}s"
+
+        async def start() -> None:
+            async with Worker(url, kinds=[WQuick], **FAST):
+                pass
+
+        [error] = _in_app_thread(start) or [None]
+        assert isinstance(error, psycopg.OperationalError) and "timeout" in str(error), error
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()

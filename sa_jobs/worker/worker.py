@@ -80,6 +80,8 @@ HELD_RESCAN_MAX = 30.0
 # when busy keys leave the batch short, the skip scan looks at every key. A window of twice
 # the batch cost a non-binding drain about 6 points (benchmarks/RESULTS.md, schema v6).
 PARTITION_HEAD_WINDOW = 1
+# Seconds a connect may take before it fails (libpq's connect_timeout), as the services' do.
+CONNECT_TIMEOUT = 5
 
 ResumeKey = tuple[int, Any, int]  # (priority, scheduled_at, id): the claim order
 
@@ -346,7 +348,7 @@ class Worker:
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         try:
             if self._check_schema:
-                await anyio.to_thread.run_sync(schema_mod.check_version, self._conninfo, self.schema)
+                await self._check_schema_version()
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
         except BaseException:
@@ -365,6 +367,18 @@ class Worker:
                 self._running = False
             raise
         return self
+
+    async def _check_schema_version(self) -> None:
+        """On the loop, not in a thread: a cancellation of the app's startup (its deadline,
+        Ctrl-C) waited for that thread, for good against a server that never answers or for
+        as long as a migration held the version table. The connect is bounded as the
+        services' are."""
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(
+            self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="sa_jobs:worker",
+        ) as conn:
+            schema_mod.require_version(await schema_mod.read_version_async(conn, self.schema), self.schema)
 
     async def __aexit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> Optional[bool]:
         assert self._tg is not None
