@@ -8,7 +8,14 @@ import re
 from .errors import ConfigurationError
 
 ENV_VAR = "SA_JOBS_DATABASE_URL"
-_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg_async")
+_POSTGRES_BACKENDS = ("postgresql", "postgres")
+
+
+def _is_postgres(url) -> bool:  # type: ignore[no-untyped-def]
+    """Any PostgreSQL URL (``postgresql+asyncpg://`` in an async app's settings too): it
+    only locates the database, and sa-jobs connects to it with psycopg 3 whatever the
+    driver named."""
+    return url.drivername.partition("+")[0] in _POSTGRES_BACKENDS
 
 
 def _parse(target: object):
@@ -51,7 +58,7 @@ def redact(text: str) -> str:
 def sqlalchemy_url(target: object, *, async_: bool = False) -> str:
     """The URL for ``create_engine``/``create_async_engine`` with the psycopg 3 driver."""
     url = _parse(target)
-    if url.drivername not in _POSTGRES_SCHEMES:
+    if not _is_postgres(url):
         raise ConfigurationError(
             f"sa-jobs needs PostgreSQL through psycopg 3; got a {url.drivername!r} URL"
             " (use postgresql:// or postgresql+psycopg://)"
@@ -66,10 +73,11 @@ def to_conninfo(target: object) -> str:
     Keyword form (``host=... password=...``), built from the parsed URL's parts: rendering
     the URL again would leave characters SQLAlchemy does not escape (a space) raw, and
     libpq refuses such a URL, quoting its password in the error."""
+    import psycopg
     from psycopg.conninfo import make_conninfo
 
     url = _parse(target)
-    if url.drivername not in _POSTGRES_SCHEMES:
+    if not _is_postgres(url):
         raise ConfigurationError(
             f"sa-jobs needs PostgreSQL; got a {url.drivername!r} URL (use postgresql://)"
         )
@@ -77,7 +85,12 @@ def to_conninfo(target: object) -> str:
     query = {k: ",".join(v) if isinstance(v, tuple) else v for k, v in url.query.items()}
     parts = {"host": url.host, "port": url.port, "user": url.username, "password": url.password,
              "dbname": url.database, **query}
-    return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
+    try:
+        return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
+    except psycopg.ProgrammingError as exc:  # an option libpq does not know (asyncpg's ssl=...)
+        raise ConfigurationError(
+            f"{exc} in the database URL's query; sa-jobs connects with libpq, whose options apply"
+            " (sslmode=require, not ssl=require)") from None
 
 
 def database_url_from_env() -> str | None:

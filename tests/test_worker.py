@@ -1466,3 +1466,23 @@ def test_a_server_that_never_answers_fails_the_start_in_bounded_time(database_ur
         listener.close()
         for conn in accepted:
             conn.close()
+
+
+@pytest.mark.parametrize("driver", ["postgresql+asyncpg", "postgresql+psycopg2", "postgres", "postgresql+psycopg"])
+def test_an_apps_url_for_another_postgres_driver_runs_the_worker(engine, database_url, schema, driver):
+    """An async app's settings hold ``postgresql+asyncpg://...`` (or psycopg2's form): the
+    worker refused it with "sa-jobs needs PostgreSQL", for a PostgreSQL URL. The URL only
+    locates the database; the worker connects with psycopg 3 whatever the driver named."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url).set(drivername=driver).render_as_string(hide_password=False)
+    [job_id] = add(engine, WQuick())
+    run_worker_until(url, schema, [WQuick], lambda: job_row(engine, job_id).state == "completed", timeout=15)
+    assert job_row(engine, job_id).state == "completed"
+
+
+def test_a_url_option_libpq_does_not_know_is_a_configuration_error():
+    """asyncpg's ``?ssl=require`` (libpq's is ``sslmode``) raised psycopg's ProgrammingError
+    from ``Worker()``, not the ConfigurationError the other URL mistakes raise."""
+    with pytest.raises(ConfigurationError, match='"ssl"'):
+        Worker("postgresql+asyncpg://app:s3cr3t@db.internal/app?ssl=require", kinds=[WQuick])
