@@ -357,7 +357,7 @@ class Worker:
         try:
             await self._tg.start(self._serve)
         except BaseException:
-            if self._serve_scope is not None:  # it ran: stop it as a cancelled app's worker stops
+            if self._started.is_set():  # it runs, shielded: stop it as a cancelled app's worker stops
                 with anyio.CancelScope(shield=True):
                     await self.shutdown(0)
             self._tg.cancel_scope.cancel()
