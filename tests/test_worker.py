@@ -1486,3 +1486,41 @@ def test_a_url_option_libpq_does_not_know_is_a_configuration_error():
     from ``Worker()``, not the ConfigurationError the other URL mistakes raise."""
     with pytest.raises(ConfigurationError, match='"ssl"'):
         Worker("postgresql+asyncpg://app:s3cr3t@db.internal/app?ssl=require", kinds=[WQuick])
+
+
+_SYNC_APP = """
+import asyncio, atexit, sys, threading, time
+from sa_jobs import Job, Worker
+
+class Slow(Job, kind="w_sync_app_slow", queue="sync_app"):
+    pass
+
+@Slow.handler
+def slow(ctx):
+    print("started", flush=True)
+    time.sleep(0.5)
+
+worker = Worker(sys.argv[1], kinds=[Slow], schema=sys.argv[2], concurrency=4, poll_interval=0.1, shutdown_grace=10)
+thread = threading.Thread(target=asyncio.run, args=(worker.run(),), daemon=True)
+thread.start()
+atexit.register(lambda: (worker.request_stop(), thread.join()))
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_the_sync_app_recipe_stops_the_worker_at_exit_with_no_job_left_running(engine, database_url, schema):
+    """docs/core.md's recipe for a sync app (a daemon thread, request_stop() and join from
+    atexit): the process exits and every job it claimed is finished or given back."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue) SELECT 'w_sync_app_slow', 'sync_app'"
+                                     " FROM generate_series(1, 12)"))
+    proc = subprocess.run([sys.executable, "-c", _SYNC_APP, database_url, schema, "0.8"], cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "started" in proc.stdout
+    assert states(database_url, schema).get("running", 0) == 0, states(database_url, schema)
