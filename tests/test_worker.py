@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
@@ -1395,13 +1396,35 @@ def _start_within(worker: Worker, seconds: float) -> float:
 
 
 @pytest.mark.parametrize("deadline", [0, 0.02, 0.1])
-def test_a_worker_whose_start_is_cancelled_stops_instead_of_running_on(engine, database_url, schema, deadline):
+@pytest.mark.parametrize("cancelled_by", ["anyio", "asyncio"])
+def test_a_worker_whose_start_is_cancelled_stops_instead_of_running_on(engine, database_url, schema, deadline,
+                                                                        cancelled_by):
     """An app cancelled while it enters the worker (Ctrl-C during startup, a startup
-    deadline): the cancellation reached the worker's serve task after it had entered its
-    shield, and anyio's ``start()`` waits for a cancelled task to end, so the app hung for
-    good while the worker ran on and claimed jobs. A cancelled start now stops it."""
+    deadline; an anyio scope or asyncio's own timeout): anyio's ``TaskGroup.start()``
+    waits for a task whose start was cancelled, and the worker's serve task is shielded,
+    so the app hung for good while the worker ran on and claimed jobs. A cancelled start
+    now stops it."""
     [job_id] = add(engine, WQuick())
-    took = _start_within(Worker(database_url, kinds=[WQuick], schema=schema, check_schema=False, **FAST), deadline)
+    worker = Worker(database_url, kinds=[WQuick], schema=schema, check_schema=False, **FAST)
+    if cancelled_by == "anyio":
+        took = _start_within(worker, deadline)
+    else:
+        import asyncio
+
+        async def startup() -> None:
+            async with worker:
+                await asyncio.sleep(60)
+
+        async def app() -> None:  # asyncio's own cancellation, as its timeouts and Ctrl-C send it
+            task = asyncio.get_running_loop().create_task(startup())
+            await asyncio.sleep(deadline)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        started = time.monotonic()
+        assert _in_app_thread(app) == [None], "asyncio's timeout did not reach a starting worker"
+        took = time.monotonic() - started
     assert took < 5
     [(state,)] = q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"), (job_id,))
     assert state in ("available", "completed")  # never left claimed

@@ -250,6 +250,7 @@ class Worker:
         self.notifier: Optional[Notifier] = None
         self._heartbeat: Optional[Heartbeat] = None
         self._serve_scope: Optional[anyio.CancelScope] = None
+        self._start_abandoned = False
 
     # ---- configuration -----------------------------------------------------------
 
@@ -354,10 +355,15 @@ class Worker:
         except BaseException:
             self._running = False
             raise
+        # Not TaskGroup.start(): a start cancelled by the app (its deadline, Ctrl-C; asyncio's
+        # own cancellation included) made it wait for the serve task, which is shielded,
+        # and the app hung for good while the worker ran on and claimed jobs.
+        self._tg.start_soon(self._serve)
         try:
-            await self._tg.start(self._serve)
-        except BaseException:
-            if self._started.is_set():  # it runs, shielded: stop it as a cancelled app's worker stops
+            await self._started.wait()
+        except BaseException:  # cancelled, or the serve task failed
+            self._start_abandoned = True  # a serve task that has not begun never does
+            if self._serve_scope is not None:  # it has: stop it as a cancelled app's worker stops
                 with anyio.CancelScope(shield=True):
                     await self.shutdown(0)
             self._tg.cancel_scope.cancel()
@@ -478,17 +484,21 @@ class Worker:
         for scope in self._outliving:
             scope.cancel()
 
-    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        # Shielded, once started, from a cancellation of the app around the worker: it
-        # would cancel every service at once, completer included, and leave running jobs
-        # (and outcomes not yet written) 'running' until their lease expired. __aexit__
-        # stops the worker instead (shutdown(), which ends this scope). Not before: anyio's
-        # start() waits for a task whose start was cancelled, and a task shielded from the
-        # start on ran on while the app that cancelled its start hung.
-        with anyio.CancelScope() as self._serve_scope:
-            await self._serve_shielded(task_status)
+    async def _serve(self) -> None:
+        # Shielded from a cancellation of the app around the worker: it would cancel every
+        # service at once, completer included, and leave running jobs (and outcomes not
+        # yet written) 'running' until their lease expired. __aexit__ stops the worker
+        # instead (shutdown(), which ends this scope), as does a start the app cancelled.
+        if self._start_abandoned:
+            return
+        try:
+            with anyio.CancelScope(shield=True) as self._serve_scope:
+                await self._serve_shielded()
+        finally:  # also when it failed before its services began: shutdown() waits for this
+            self._runners_done.set()
+            self._done.set()
 
-    async def _serve_shielded(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _serve_shielded(self) -> None:
         claim_conn = ManagedConnection(self._conninfo, "producer", timeout=self.statement_timeout)
         complete_conn = ManagedConnection(self._conninfo, "completer", timeout=self.statement_timeout)
         beat_conn = ManagedConnection(self._conninfo, "heartbeat", timeout=self.statement_timeout)
@@ -524,11 +534,6 @@ class Worker:
                             producers.cancel_scope.cancel()
                         for q in self._queues.values():
                             producers.start_soon(self._producer, q, claim_conn, claim_lock)
-                        # A start cancelled meanwhile ends here, before the shield goes up.
-                        await anyio.lowlevel.checkpoint_if_cancelled()
-                        assert self._serve_scope is not None
-                        self._serve_scope.shield = True  # started: see _serve
-                        task_status.started()
                         self._started.set()
                     for q in self._queues.values():
                         q.inbox.close()
