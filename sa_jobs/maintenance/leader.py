@@ -210,6 +210,8 @@ class Maintainer:
         self._interval = interval
         self.is_leader = False
         self._lock_conn: Any = None  # the connection whose session holds the leader lock
+        self._stop = anyio.Event()
+        self.stopped = anyio.Event()
         self._ran = hook(observer, "maintenance_ran")
         for service in services:
             bind = getattr(service, "bind_observer", None)
@@ -221,12 +223,20 @@ class Maintainer:
 
     async def run(self) -> None:
         try:
-            while True:
+            while not self._stop.is_set():
                 await self.tick()
-                await anyio.sleep(self._interval)
+                with anyio.move_on_after(self._interval):
+                    await self._stop.wait()
         finally:
             self._set_leader(False)
             await self._conn.close()
+            self.stopped.set()
+
+    def request_stop(self) -> None:
+        """End the loop after the tick in flight, if any: a tick cancelled mid-statement
+        made psycopg warn, at a plain shutdown, that it closed the connection while
+        cancelling the query ("query cancellation interrupted")."""
+        self._stop.set()
 
     async def tick(self) -> None:
         try:

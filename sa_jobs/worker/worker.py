@@ -63,6 +63,9 @@ MAX_TRACEBACK_CHARS = 16_000
 # newer workers know the kind; the default's 1 s, 2 s would spend a small max_attempts
 # before they come up. Oban and Sidekiq retry an unresolvable worker from about 15 s too.
 UNKNOWN_KIND_BACKOFF_BASE = 15.0
+
+# How long a stopping worker waits for a maintenance tick in flight to end on its own.
+MAINTAINER_STOP_WAIT = 2.0
 _unknown_kind_backoff: BackoffPolicy = functools.partial(exponential_backoff, base=UNKNOWN_KIND_BACKOFF_BASE)
 # Under a backlog, how long a plain claim may resume past its previous batch before one
 # reads the queue from its start again: the longest a job behind that point (a more
@@ -542,6 +545,11 @@ class Worker:
                     if not await self.completer.drain(timeout=max(2.0, self.lease / 2)):
                         log.error("worker %s: %d outcome(s) could not be written; their jobs will be rescued after the lease",
                                   self.worker_id, self.completer.pending)
+                    # Let a maintenance tick in flight end between statements (ticks take
+                    # milliseconds; a long one is cancelled after the wait).
+                    self.maintainer.request_stop()
+                    with anyio.move_on_after(MAINTAINER_STOP_WAIT):
+                        await self.maintainer.stopped.wait()
                 services.cancel_scope.cancel()
         finally:
             self._runners_done.set()
