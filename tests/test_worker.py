@@ -224,6 +224,37 @@ def test_timeout_async_and_sync(engine, database_url, schema):
     assert sync_job.state == "dead" and sync_job.errors[0]["error"].startswith("TimeoutError")
 
 
+
+class WTimeoutConverted(Job, kind="w_timeout_converted", queue="w", timeout=0.3, max_attempts=2,
+                        backoff=constant_backoff(0.05)):
+    pass
+
+
+@WTimeoutConverted.handler
+async def w_timeout_converted(ctx: JobContext) -> None:
+    try:
+        await anyio.sleep(10)
+    except anyio.get_cancelled_exc_class():
+        # What a client library may do when cancelled mid-request: raise its own error.
+        raise ConnectionResetError("connection closed while a request was in flight") from None
+
+
+def test_a_timeout_the_handler_turns_into_another_error_is_recorded_as_a_timeout(engine, database_url, schema):
+    """A handler past its timeout is cancelled; one that answers the cancellation with an
+    error of its own (a client library closing its connection) was recorded as that error,
+    an ordinary failure (outcome retried, then dead), with no word of the timeout: the
+    operator saw 'ConnectionResetError' and looked for a network fault."""
+    (job_id,) = add(engine, WTimeoutConverted())
+    outcomes = Outcomes()
+    run_worker_until(database_url, schema, [WTimeoutConverted], finished(engine, [job_id]), observer=outcomes)
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt) == ("dead", 2)
+    assert [e["error"] for e in job.errors] == [
+        f"TimeoutError: job {job_id} (w_timeout_converted) ran longer than its timeout of 0.3s"] * 2
+    assert all("ConnectionResetError: connection closed" in e["traceback"] for e in job.errors)
+    assert outcomes.seen == [("w_timeout_converted", "timed_out"), ("w_timeout_converted", "dead")]
+
+
 def test_discard_and_bad_result_go_dead_without_retries(engine, database_url, schema):
     ids = add(engine, WDiscard(), WBadResult())
     run_worker_until(database_url, schema, ALL, finished(engine, ids))

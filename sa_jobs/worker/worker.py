@@ -37,7 +37,7 @@ if sys.version_info < (3, 11):  # anyio depends on the backport there
 
 from .. import _validate, schema as schema_mod
 from .._url import database_url_from_env, sqlalchemy_url, to_conninfo
-from ..errors import Cancel, ConfigurationError, Discard, InvalidArgsError, Snooze, UnknownKindError
+from ..errors import Cancel, ConfigurationError, Discard, InvalidArgsError, JobControl, Snooze, UnknownKindError
 from ..maintenance.horizon import HorizonWatch
 from ..maintenance.leader import Maintainer
 from ..maintenance.rescuer import Rescuer
@@ -886,9 +886,16 @@ class Worker:
             return None, "lease_lost"  # the job belongs to another attempt now
         if job.releasing:
             return Outcome(job, "release"), "released"
-        if scope.cancelled_caught and not job.cancelled:
+        # Only the deadline cancels the scope without a reason on the job. A handler may
+        # answer that cancellation with an error of its own (a client closing its
+        # connection mid-request): the attempt still timed out, and says so, with the
+        # handler's error as its cause. A control signal (Snooze, Cancel, Discard) is
+        # the handler's decision and stands.
+        deadline_hit = scope.cancel_called and not job.cancelled
+        if deadline_hit and (scope.cancelled_caught or (error is not None and not isinstance(error, JobControl))):
             job.cancel("timed out")
             too_long = TimeoutError(f"job {job.id} ({job.kind}) ran longer than its timeout of {runtime.options.timeout}s")
+            too_long.__cause__ = None if scope.cancelled_caught else error
             outcome = self._failure(job, too_long, runtime.options.backoff)
             return outcome, "dead" if outcome.dead else "timed_out"
         if error is not None:
