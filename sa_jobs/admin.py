@@ -204,7 +204,8 @@ def cancel(session: Any, job_id: int) -> str:
 
     A queued job simply becomes ``cancelled``. A running job becomes ``cancelled`` at once
     too (its worker's later writes are fenced off), and its worker is told through
-    NOTIFY (or at its next heartbeat) to cancel the handler: async handlers are
+    NOTIFY (missed while its listener was down: when it reconnects, or at its next
+    heartbeat) to cancel the handler: async handlers are
     cancelled, sync handlers see ``ctx.cancelled``. Raises :class:`JobNotFoundError` if
     the job does not exist or has already finished.
     """

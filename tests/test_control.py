@@ -811,3 +811,54 @@ def test_pause_is_cluster_wide_and_resume_wakes_workers(engine, database_url, sc
     with Session(engine) as session:
         assert paused_queues(session) == []
     assert len(ids) == 3
+
+
+def _notes(database_url: str, schema: str, job_id: int) -> list[tuple[str, object]]:
+    return q(database_url, jobs_sql(schema, "SELECT note, at FROM {effects} WHERE job_id = %s ORDER BY at"), (job_id,))
+
+
+def test_a_cancel_sent_while_the_listener_was_down_reaches_the_handler_when_it_reconnects(engine, database_url, schema):
+    """A cancel's NOTIFY reaches only the workers listening when it commits. One sent while
+    a worker's listener connection was down (terminated, a network blip) was found only by
+    the next heartbeat, lease/4 later (7.5 s with the default lease), although the listener
+    was back within 0.1 s: the handler ran on that long. On reconnecting, the listener now
+    looks up the jobs the worker holds, as it wakes the producers for missed inserts."""
+    import os
+    import signal
+
+    import psutil
+    from sqlalchemy import text
+
+    from .conftest import start_worker_process
+    from .jobs_control import CtlLong
+    from .jobs_core import effects_ddl
+
+    q(database_url, effects_ddl(schema))
+    os.environ["SA_JOBS_DATABASE_URL"] = database_url
+    worker = start_worker_process(database_url, schema, "tests.jobs_control", "--lease", "30", "--shutdown-grace", "1")
+    try:
+        (job_id,) = add(engine, CtlLong())
+        assert wait_for(lambda: bool(_notes(database_url, schema, job_id)), 30)
+        # Right after a heartbeat, so that the next one is 7.5 s away.
+        lease = row(database_url, schema, job_id, "lease_expires_at")[0]
+        assert wait_for(lambda: row(database_url, schema, job_id, "lease_expires_at")[0] != lease, 15)
+        ports = [c.laddr.port for c in psutil.Process(worker.pid).net_connections(kind="tcp") if c.laddr]
+        with Session(engine) as session, session.begin():
+            cancel_many(session, [10**12])  # compiles the statement, so that the cancel below is quick
+            # The worker's listener (other tests' workers may share the database) is told to
+            # go and the cancel commits a few ms later: the listener's backend exits without
+            # passing the NOTIFY on, and the worker reconnects 0.1 s after noticing.
+            (gone,) = session.execute(text(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = 'sa_jobs:listener' AND client_port = ANY(:ports)"), {"ports": ports}).one()
+            assert gone == 1
+            assert cancel(session, job_id) == "running"
+        sent = time.monotonic()
+        assert wait_for(lambda: len(_notes(database_url, schema, job_id)) == 2, 15)
+        seen = time.monotonic() - sent
+        assert [note for note, _ in _notes(database_url, schema, job_id)] == ["started", "cancelled"]
+        assert seen < 3, f"the handler was cancelled {seen:.1f} s after the cancel"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+    assert row(database_url, schema, job_id, "state, attempt") == ("cancelled", 1)

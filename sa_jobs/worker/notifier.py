@@ -3,13 +3,14 @@
 Polling stays the fallback, so a lost notification only costs latency. The connection is
 checked with a bounded ``SELECT 1`` between waits; a half-open socket fails that check
 and is replaced, and every (re)connect wakes the producers once, for whatever was
-inserted while nobody listened.
+inserted while nobody listened, and looks up the jobs the worker holds, for cancels
+announced meanwhile (the heartbeat would find them only a quarter of the lease later).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 import anyio
 
@@ -28,6 +29,7 @@ class Notifier:
         observer: WorkerObserver,
         wake: Callable[[], None],
         cancel: Callable[[int], None],
+        held: Callable[[], Sequence[int]] = tuple,
         *,
         health_interval: float = 5.0,
     ) -> None:
@@ -35,6 +37,7 @@ class Notifier:
         self._observer = observer
         self._wake = wake
         self._cancel = cancel
+        self._held = held
         self._health_interval = health_interval
         self._conn = ManagedConnection(conninfo, "listener", on_connect=self._listen)
         self.listening = False
@@ -50,6 +53,7 @@ class Notifier:
                     conn = await self._conn.get()
                     self.listening = True
                     self._wake()
+                    await self._catch_up_cancels(conn)
                     while True:
                         async for note in conn.notifies(timeout=self._health_interval):
                             if note.channel == self._q.cancel_channel:
@@ -68,3 +72,16 @@ class Notifier:
         finally:
             self.listening = False
             await self._conn.close()
+
+    async def _catch_up_cancels(self, conn) -> None:  # type: ignore[no-untyped-def]
+        """Cancel the held jobs whose rows were cancelled while nobody listened. Run once
+        LISTEN is in place: a cancel committed after this read is heard as a NOTIFY."""
+        ids = sorted(set(self._held()))
+        if not ids:
+            return
+        with anyio.fail_after(max(1.0, self._health_interval / 2)):
+            cur = await conn.execute(self._q.states_of, {"ids": ids})
+            rows = await cur.fetchall()
+        for job_id, state in rows:
+            if state == "cancelled":
+                self._cancel(job_id)

@@ -511,7 +511,8 @@ class Worker:
             beat_conn, self._queries, self._observer, self.running_jobs,
             lease=self.lease, interval=self._heartbeat_interval,
         )
-        self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self.cancel_local)
+        self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self.cancel_local,
+                                 self._held_ids)
         self.maintainer = Maintainer(
             self._conninfo, self._queries, self._observer,
             [Rescuer(self._observer), Scheduler(), self.horizon, *self._extra_maintenance],
@@ -951,6 +952,10 @@ class Worker:
         message = f"{type(exc).__name__}: {exc}"
         return json.dumps({"attempt": job.attempt, "error": _validate.pg_text(message[:4000]), "traceback": _validate.pg_text(tb),
                            "worker": self.worker_id})
+
+    def _held_ids(self) -> list[int]:
+        """The ids of the jobs this worker holds: running, or claimed and waiting for a runner."""
+        return [j.id for q in self._queues.values() for j in (*q.running.values(), *q.inbox.waiting())]
 
     def cancel_local(self, job_id: int) -> None:
         """A cancel() of a job this worker holds: stop its handler, or keep it from starting
