@@ -862,3 +862,35 @@ def test_a_cancel_sent_while_the_listener_was_down_reaches_the_handler_when_it_r
         worker.send_signal(signal.SIGTERM)
         worker.communicate(timeout=30)
     assert row(database_url, schema, job_id, "state, attempt") == ("cancelled", 1)
+
+
+def test_a_cancel_announced_while_the_listener_runs_a_query_is_not_lost(database_url, schema):
+    """The listener runs queries between its waits (the health check every 5 s; on every
+    connect the look-up of cancels it missed). psycopg before 3.2.4 dropped a notification
+    that arrived during a query on the connection (psycopg issue #962), which pyproject.toml
+    allowed (>=3.2.3): such a cancel reached the handler only at the next heartbeat."""
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.events import NullObserver
+    from sa_jobs.queries import Queries, cancel_channel_name
+    from sa_jobs.worker.notifier import Notifier
+
+    cancelled: list[int] = []
+
+    def held() -> list[int]:
+        # Committed before the look-up is sent: the listener's backend passes the
+        # notification on at once, so it reaches the client during the look-up.
+        q(database_url, "SELECT pg_notify(%s, '7')", (cancel_channel_name(schema),))
+        return [10**12]
+
+    async def main() -> None:
+        notifier = Notifier(to_conninfo(database_url), Queries.for_schema(schema), NullObserver(), lambda: None,
+                            cancelled.append, held)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(notifier.run)
+            with anyio.move_on_after(3):
+                while not cancelled:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert cancelled == [7]
