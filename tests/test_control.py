@@ -894,3 +894,53 @@ def test_a_cancel_announced_while_the_listener_runs_a_query_is_not_lost(database
 
     anyio.run(main)
     assert cancelled == [7]
+
+
+def test_a_local_pause_and_resume_from_another_thread(engine, database_url, schema):
+    """A sync app runs the worker's loop in one thread and pauses a queue from another (an
+    admin request). pause() and resume() touched the loop's objects from the caller's thread:
+    resume() set the producer's asyncio event there, which is not thread-safe (asyncio's
+    debug mode raises RuntimeError; otherwise the producer woke whenever the loop next
+    happened to). They now run on the worker's loop, as request_stop() does."""
+    import asyncio
+
+    from sa_jobs import Worker
+
+    from .helpers import FAST
+
+    seen: list[object] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with Worker(database_url, kinds=ALL, schema=schema, **FAST) as worker:
+            def admin() -> None:
+                try:
+                    worker.pause("c")
+                    (job_id,) = add(engine, CSnooze(times=0))
+                    time.sleep(0.5)
+                    seen.append(row(database_url, schema, job_id)[0])
+                    seen.append(worker.paused())
+                    # Debug mode checks that the loop is touched from its own thread only
+                    # (on for this call only: it slows a whole worker down to a crawl).
+                    loop.set_debug(True)
+                    try:
+                        worker.resume("c")
+                    finally:
+                        loop.set_debug(False)
+                    seen.append(worker.paused())
+                    seen.append(wait_for(lambda: row(database_url, schema, job_id)[0] == "completed", 10))
+                except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                    seen.append(exc)
+
+            thread = threading.Thread(target=admin)
+            thread.start()
+            while thread.is_alive():
+                await anyio.sleep(0.05)
+
+    # In a daemon thread: before the fix the producer's wake-up was lost with the RuntimeError,
+    # and the worker could not stop.
+    runner = threading.Thread(target=anyio.run, args=(main,), daemon=True)
+    runner.start()
+    runner.join(30)
+    assert seen == ["available", ["c"], [], True]
+    assert not runner.is_alive()

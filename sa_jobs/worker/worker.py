@@ -758,14 +758,24 @@ class Worker:
 
     def pause(self, queue: str) -> None:
         """Stop claiming from ``queue`` in this worker only (running jobs finish); see
-        :func:`sa_jobs.pause_queue` for every worker of the cluster."""
+        :func:`sa_jobs.pause_queue` for every worker of the cluster. Safe from any thread."""
+        self._local_queue(queue)
+        self._on_loop(functools.partial(self._pause, queue))
+
+    def _pause(self, queue: str) -> None:
         q = self._local_queue(queue)
         if q.local_pause is None:
             q.local_pause = anyio.Event()
             log.info("worker %s: queue %r paused locally", self.worker_id, queue)
 
     def resume(self, queue: str) -> None:
-        """Claim from ``queue`` again after :meth:`pause`."""
+        """Claim from ``queue`` again after :meth:`pause`. Safe from any thread: the event
+        the producer waits on is set on the worker's loop (setting it from another thread
+        is not thread-safe, and the producer's wake-up could be lost)."""
+        self._local_queue(queue)
+        self._on_loop(functools.partial(self._resume, queue))
+
+    def _resume(self, queue: str) -> None:
         q = self._local_queue(queue)
         event, q.local_pause = q.local_pause, None
         if event is not None:
