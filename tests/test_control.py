@@ -944,3 +944,31 @@ def test_a_local_pause_and_resume_from_another_thread(engine, database_url, sche
     runner.join(30)
     assert seen == ["available", ["c"], [], True]
     assert not runner.is_alive()
+
+
+def test_a_worker_logs_when_it_finds_its_queue_paused_and_resumed(engine, database_url, schema, caplog):
+    """A cluster-wide pause left no trace in the worker's log: it claimed nothing and said
+    nothing, while a limit on the queue is logged when the worker first sees it. An operator
+    looking at an idle worker had to think of `sa-jobs queues`."""
+    import logging
+
+    from sa_jobs import pause_queue, resume_queue
+
+    caplog.set_level(logging.INFO, logger="sa_jobs.worker")
+    with Session(engine) as session, session.begin():
+        pause_queue(session, "c")
+    add(engine, CSnooze(times=0))
+    resumed: list[float] = []
+
+    def done() -> bool:
+        if not resumed and any("cluster-wide" in r.getMessage() for r in caplog.records):
+            time.sleep(0.5)  # a few more claims of the paused queue: said once
+            with Session(engine) as session, session.begin():
+                resume_queue(session, "c")
+            resumed.append(time.monotonic())
+        return states(database_url, schema) == {"completed": 1}
+
+    run_worker_until(database_url, schema, ALL, done, timeout=10)
+    said = [r.getMessage() for r in caplog.records if "cluster-wide" in r.getMessage()]
+    assert len(said) == 2 and "queue 'c' is paused cluster-wide" in said[0], said
+    assert "queue 'c' is no longer paused" in said[1], said

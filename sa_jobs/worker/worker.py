@@ -142,6 +142,7 @@ class _Queue:
     # delay a claim but never exceed a limit).
     limited: bool = False
     rate_period: Optional[float] = None
+    paused: bool = False  # paused cluster-wide (pause_queue), as last seen: for the log
     # Set while this worker alone is told not to claim from the queue; set on resume.
     local_pause: Optional[anyio.Event] = None
     # Where the next plain claim may resume: (priority, scheduled_at, id) of the last row
@@ -660,6 +661,8 @@ class Worker:
         if not rows:  # empty, paused, at a limit, or its limits changed since we looked
             with deadline():
                 await self._read_settings(q, conn)
+        elif q.paused:  # a claim that returns jobs was not paused
+            self._note_paused(q, False)
         elapsed = time.perf_counter() - started
         self._observer.claimed(q.name, len(rows), elapsed)
         now = time.monotonic()
@@ -740,12 +743,24 @@ class Worker:
 
     async def _read_settings(self, q: _Queue, conn: Any) -> None:
         row = await (await conn.execute(self._queries.queue_settings, {"queue": q.name}, prepare=True)).fetchone()
+        self._note_paused(q, bool(row and row[0]))
         limited = bool(row and row[1])
         if limited != q.limited:
             log.info("worker %s: queue %r is %s", self.worker_id, q.name, "limited" if limited else "no longer limited")
             q.wake.set()  # claim again at once, through the other path
         q.limited = limited
         q.rate_period = row[3] if limited and row else None
+
+    def _note_paused(self, q: _Queue, paused: bool) -> None:
+        """Log a cluster-wide pause (and its end) when this worker first sees it: a paused
+        queue's worker otherwise claims nothing and says nothing."""
+        if paused != q.paused:
+            q.paused = paused
+            if paused:
+                log.info("worker %s: queue %r is paused cluster-wide; claiming nothing from it until it is resumed",
+                         self.worker_id, q.name)
+            else:
+                log.info("worker %s: queue %r is no longer paused cluster-wide", self.worker_id, q.name)
 
     def _completions_written(self) -> None:
         # A limited queue's room is counted from running rows: a batch of completions
