@@ -835,6 +835,7 @@ def test_a_cancel_sent_while_the_listener_was_down_reaches_the_handler_when_it_r
 
     q(database_url, effects_ddl(schema))
     os.environ["SA_JOBS_DATABASE_URL"] = database_url
+    since = q(database_url, "SELECT now()")[0][0]
     worker = start_worker_process(database_url, schema, "tests.jobs_control", "--lease", "30", "--shutdown-grace", "1")
     try:
         (job_id,) = add(engine, CtlLong())
@@ -843,6 +844,9 @@ def test_a_cancel_sent_while_the_listener_was_down_reaches_the_handler_when_it_r
         lease = row(database_url, schema, job_id, "lease_expires_at")[0]
         assert wait_for(lambda: row(database_url, schema, job_id, "lease_expires_at")[0] != lease, 15)
         ports = [c.laddr.port for c in psutil.Process(worker.pid).net_connections(kind="tcp") if c.laddr]
+        # Over TCP, the worker's listener is the one on its ports; over a Unix socket (the
+        # embedded server) the one started since the worker was (client_port -1).
+        mine = "client_port = ANY(:ports)" if ports else "client_port = -1 AND backend_start >= :since"
         with Session(engine) as session, session.begin():
             cancel_many(session, [10**12])  # compiles the statement, so that the cancel below is quick
             # The worker's listener (other tests' workers may share the database) is told to
@@ -850,7 +854,7 @@ def test_a_cancel_sent_while_the_listener_was_down_reaches_the_handler_when_it_r
             # passing the NOTIFY on, and the worker reconnects 0.1 s after noticing.
             (gone,) = session.execute(text(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE application_name = 'sa_jobs:listener' AND client_port = ANY(:ports)"), {"ports": ports}).one()
+                " WHERE application_name = 'sa_jobs:listener' AND " + mine), {"ports": ports, "since": since}).one()
             assert gone == 1
             assert cancel(session, job_id) == "running"
         sent = time.monotonic()
