@@ -510,8 +510,6 @@ class QueueLimits:
     rate: Optional[tuple[int, dt.timedelta]] = None
 
     def __post_init__(self) -> None:
-        from .errors import ConfigurationError
-
         for name in ("concurrency", "partition_concurrency"):
             value = getattr(self, name)
             if value is not None and (type(value) is not int or not 1 <= value <= 2**31 - 1):
@@ -532,8 +530,6 @@ class QueueLimits:
 
 def parse_rate(text: str) -> tuple[int, dt.timedelta]:
     """``"10/1s"``, ``"100/m"``, ``"5000/1h"``: a count per period (see :func:`parse_age`)."""
-    from .errors import ConfigurationError
-
     count, sep, period = (text or "").partition("/")
     if not sep or not count.strip().isdigit() or not period.strip():
         raise ConfigurationError(f"invalid rate {text!r}: use COUNT/PERIOD, such as 10/1s, 100/m or 5000/1h")
@@ -604,9 +600,6 @@ _MAX_AGE_DAYS = 365 * 1000  # as the Pruner's MAX_AGE
 
 def parse_age(text: str) -> dt.timedelta:
     """``"90s"``, ``"15m"``, ``"12h"``, ``"7d"``, ``"2w"`` (or a plain number of seconds)."""
-
-    from .errors import ConfigurationError
-
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text or "")
     if match is None:
         raise ConfigurationError(f"invalid age {text!r}: use a number with a unit, such as 90s, 15m, 12h, 7d or 2w")
@@ -618,7 +611,6 @@ def parse_age(text: str) -> dt.timedelta:
 
 
 def check_state(state: str) -> str:
-    from .errors import ConfigurationError
     from .states import ALL_STATES
 
     if state not in ALL_STATES:
@@ -653,7 +645,6 @@ class JobFilter:
 
     def __post_init__(self) -> None:
         from . import _validate
-        from .errors import ConfigurationError
 
         for name in ("queues", "kinds", "states"):
             value = getattr(self, name)
@@ -699,8 +690,6 @@ LIST_COLUMNS = ("id", "kind", "queue", "state", "attempt", "max_attempts", "prio
 
 def list_jobs(session: Any, where: JobFilter = JobFilter(), *, limit: int = 50) -> list[dict[str, Any]]:
     """Jobs matching ``where``, newest first, as plain dicts (plus ``error``: the last error's first line)."""
-    from .errors import ConfigurationError
-
     if type(limit) is not int or not 1 <= limit <= 100_000:
         raise ConfigurationError(f"limit must be an int in 1..100000, not {limit!r}")
     last_error = _jobs.c.errors[-1]["error"].astext

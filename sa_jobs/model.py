@@ -440,10 +440,6 @@ class Job(Base):
         return f"<{type(self).__name__} id={d.get('id')} state={d.get('state', '?')} attempt={d.get('attempt', '?')}>"
 
 
-_KIND_OPTIONS = ("kind", "queue", "priority", "max_attempts", "timeout", "backoff", "tags", "max_args_bytes",
-                 "unique", "partition_by")
-
-
 def _refuse_unknown_options(cls: type, kw: Mapping[str, Any]) -> None:
     """A class keyword that is no kind option: SQLAlchemy passed it on to
     ``object.__init_subclass__`` ("takes no keyword arguments", naming neither the keyword
@@ -452,16 +448,18 @@ def _refuse_unknown_options(cls: type, kw: Mapping[str, Any]) -> None:
     mixin of the app's) takes class keywords of its own."""
     import difflib
 
+    options = [name for name, p in inspect.signature(Job.__init_subclass__).parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY]
     for base in cls.__mro__[1:]:
         if (base is not Job and "__init_subclass__" in vars(base)
                 and base.__module__.partition(".")[0] not in ("sqlalchemy", "typing", "builtins", "abc")):
             return
     hints = []
     for key in kw:
-        close = difflib.get_close_matches(key, _KIND_OPTIONS, n=1)
+        close = difflib.get_close_matches(key, options, n=1)
         hints.append(f"{key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
     raise ConfigurationError(f"{cls.__name__}: unknown job kind option(s) {', '.join(hints)};"
-                             f" the options are {', '.join(_KIND_OPTIONS)}")
+                             f" the options are {', '.join(options)}")
 
 
 def _check_kind_is_free(kind: str, cls: type) -> None:

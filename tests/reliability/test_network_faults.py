@@ -351,6 +351,25 @@ class PeriodicTimings(NullObserver):
         self.errors.append(component)
 
 
+def _periodic_maintainer_behind_latency(cluster, rel_schema, rtt: float, cron: str, name: str):
+    """(proxy, observer, maintainer): a Maintainer that fires ``cron`` (a RelNoop named
+    ``name``) through a proxy adding ``rtt`` of round-trip time, its timings observed."""
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.maintenance.leader import Maintainer
+    from sa_jobs.periodic import Periodic, PeriodicJobs
+    from sa_jobs.queries import Queries
+
+    from .rel_jobs import RelNoop
+
+    observer = PeriodicTimings()
+    proxy = Proxy(cluster.port)
+    proxy.latency = rtt / 2
+    service = PeriodicJobs([Periodic(cron, RelNoop, name=name)])
+    maintainer = Maintainer(to_conninfo(cluster.url_via(proxy.port)), Queries.for_schema(rel_schema), observer,
+                            [service], interval=R, timeout=2.0)
+    return proxy, observer, maintainer
+
+
 def test_a_periodic_declaration_not_due_costs_the_tick_one_round_trip(cluster, rel_schema):
     """Found by the same hunt: once a tick is no longer cut off at its deadline, it lasts
     as long as its round trips, and the next tick's rescue and promotion wait for it. A
@@ -360,21 +379,9 @@ def test_a_periodic_declaration_not_due_costs_the_tick_one_round_trip(cluster, r
     slot in one statement and stops there when nothing is due."""
     import anyio
 
-    from sa_jobs._url import to_conninfo
-    from sa_jobs.maintenance.leader import Maintainer
-    from sa_jobs.periodic import Periodic, PeriodicJobs
-    from sa_jobs.queries import Queries
-
-    from .rel_jobs import RelNoop
-
     rtt = 0.2
-
-    observer = PeriodicTimings()
-    proxy = Proxy(cluster.port)
-    proxy.latency = rtt / 2
-    hourly = PeriodicJobs([Periodic("0 * * * *", RelNoop, name="rel_hourly")])
-    maintainer = Maintainer(to_conninfo(cluster.url_via(proxy.port)), Queries.for_schema(rel_schema), observer,
-                            [hourly], interval=R, timeout=2.0)
+    proxy, observer, maintainer = _periodic_maintainer_behind_latency(cluster, rel_schema, rtt, "0 * * * *",
+                                                                      "rel_hourly")
 
     async def main() -> None:
         try:
@@ -406,20 +413,10 @@ def test_a_periodic_firing_costs_the_tick_at_most_four_round_trips(cluster, rel_
     from psycopg import sql
 
     from sa_jobs._url import to_conninfo
-    from sa_jobs.maintenance.leader import Maintainer
-    from sa_jobs.periodic import Periodic, PeriodicJobs
-    from sa_jobs.queries import Queries
-
-    from .rel_jobs import RelNoop
 
     rtt = 0.2
-
-    observer = PeriodicTimings()
-    proxy = Proxy(cluster.port)
-    proxy.latency = rtt / 2
-    every_second = PeriodicJobs([Periodic("* * * * * *", RelNoop, name="rel_firing")])
-    maintainer = Maintainer(to_conninfo(cluster.url_via(proxy.port)), Queries.for_schema(rel_schema), observer,
-                            [every_second], interval=R, timeout=2.0)
+    proxy, observer, maintainer = _periodic_maintainer_behind_latency(cluster, rel_schema, rtt, "* * * * * *",
+                                                                      "rel_firing")
     # Straight to the server: the slot of the current second (at least) is due, on time, and
     # its unique key free (a tick in the same second as the last one fired it already).
     rewind = sql.SQL("UPDATE {} SET last_slot = date_trunc('second', now()) - interval '1 second'"
