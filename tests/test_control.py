@@ -363,6 +363,52 @@ def test_a_job_cancelled_while_it_waits_in_the_inbox_never_starts(engine, databa
     assert row(database_url, schema, ids[0], "state, attempt") == ("cancelled", 1)
 
 
+class CSwallowCancel(Job, kind="c_swallow_cancel", queue="c"):
+    pass
+
+
+@CSwallowCancel.handler
+async def c_swallow_cancel(ctx: JobContext) -> str:
+    STARTED[ctx.id] = time.monotonic()
+    try:
+        await anyio.sleep(60)
+    except BaseException:  # noqa: BLE001 - a handler that swallows its cancellation
+        return "finished anyway"
+    return "slept"
+
+
+def test_a_running_job_cancelled_by_the_user_ends_cancelled_even_if_its_handler_returns(engine, database_url, schema):
+    """cancel() of a running job whose handler catches the cancellation and returns a
+    value: the job ends cancelled, its result not stored, and the attempt counts as
+    cancelled, not completed."""
+    STARTED.clear()  # job ids restart in each test's schema
+    finished: list[str] = []
+
+    class Finished:
+        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
+            finished.append(outcome)
+
+    async def main() -> None:
+        from sa_jobs import Worker
+
+        from .helpers import FAST
+
+        async with Worker(database_url, kinds=[CSwallowCancel], schema=schema, observer=Finished(),
+                          **{**FAST, "lease": 30.0}):
+            (job_id,) = await anyio.to_thread.run_sync(add, engine, CSwallowCancel())
+            with anyio.fail_after(20):
+                while job_id not in STARTED:
+                    await anyio.sleep(0.02)
+                with Session(engine) as session, session.begin():
+                    assert cancel(session, job_id) == "running"
+                while not finished:
+                    await anyio.sleep(0.02)
+        assert row(database_url, schema, job_id, "state, result, lease_expires_at") == ("cancelled", None, None)
+
+    anyio.run(main)
+    assert finished == ["cancelled"]
+
+
 def _running_in(worker_ref: list) -> bool:
     return bool(worker_ref) and bool(worker_ref[0].running_jobs())
 

@@ -255,6 +255,35 @@ def test_a_timeout_the_handler_turns_into_another_error_is_recorded_as_a_timeout
     assert outcomes.seen == [("w_timeout_converted", "timed_out"), ("w_timeout_converted", "dead")]
 
 
+class WTimeoutSwallowed(Job, kind="w_timeout_swallowed", queue="w", timeout=0.3, max_attempts=2,
+                        backoff=constant_backoff(0.05)):
+    pass
+
+
+@WTimeoutSwallowed.handler
+async def w_timeout_swallowed(ctx: JobContext, catch_all: bool) -> str:
+    try:
+        await anyio.sleep(10)
+    except BaseException if catch_all else anyio.get_cancelled_exc_class():  # noqa: B036 - what handlers do
+        return "finished anyway"  # swallows its cancellation and returns a value
+    return "slept"
+
+
+@pytest.mark.parametrize("catch_all", [False, True], ids=["cancelled-exc", "base-exception"])
+def test_a_timed_out_handler_that_swallows_its_cancellation_is_recorded_as_a_timeout(engine, database_url, schema,
+                                                                                     catch_all):
+    """A handler past its timeout that caught the cancellation and returned a value was
+    stored as completed, its result kept: the timeout was lost, and with it the retry."""
+    (job_id,) = add(engine, WTimeoutSwallowed(catch_all=catch_all))
+    outcomes = Outcomes()
+    run_worker_until(database_url, schema, [WTimeoutSwallowed], finished(engine, [job_id]), observer=outcomes)
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt, job.result) == ("dead", 2, None)
+    assert [e["error"] for e in job.errors] == [
+        f"TimeoutError: job {job_id} (w_timeout_swallowed) ran longer than its timeout of 0.3s"] * 2
+    assert outcomes.seen == [("w_timeout_swallowed", "timed_out"), ("w_timeout_swallowed", "dead")]
+
+
 def test_discard_and_bad_result_go_dead_without_retries(engine, database_url, schema):
     ids = add(engine, WDiscard(), WBadResult())
     run_worker_until(database_url, schema, ALL, finished(engine, ids))

@@ -914,14 +914,15 @@ class Worker:
             return Outcome(job, "release"), "released"
         # Only the deadline cancels the scope without a reason on the job. A handler may
         # answer that cancellation with an error of its own (a client closing its
-        # connection mid-request): the attempt still timed out, and says so, with the
-        # handler's error as its cause. A control signal (Snooze, Cancel, Discard) is
-        # the handler's decision and stands.
+        # connection mid-request), or swallow it and return: the attempt still timed out,
+        # and says so (with the handler's error as its cause); a value returned after the
+        # cancellation is not a result. A control signal (Snooze, Cancel, Discard) is the
+        # handler's decision and stands.
         deadline_hit = scope.cancel_called and not job.cancelled
-        if deadline_hit and (scope.cancelled_caught or (error is not None and not isinstance(error, JobControl))):
+        if deadline_hit and not isinstance(error, JobControl):
             job.cancel("timed out")
             too_long = TimeoutError(f"job {job.id} ({job.kind}) ran longer than its timeout of {runtime.options.timeout}s")
-            too_long.__cause__ = None if scope.cancelled_caught else error
+            too_long.__cause__ = error
             outcome = self._failure(job, too_long, runtime.options.backoff)
             return outcome, "dead" if outcome.dead else "timed_out"
         if error is not None:
