@@ -36,9 +36,14 @@ _COMPLETE = (
 )
 # Every unsuccessful end, by target state per row: retryable (backoff), dead, cancelled
 # (by the handler), or scheduled (a snooze, which refunds the attempt). Errors are
-# appended only when given.
+# appended only when given. A snooze of no delay is available at once: 'scheduled' waited
+# for a maintenance tick to promote it. Except for a unique job whose key 'available'
+# would hold and 'scheduled' would not: the promotion waits while another job holds it.
 _FINISH = (
-    "UPDATE {{jobs}} AS j SET state = u.target,"
+    "UPDATE {{jobs}} AS j SET state = CASE WHEN u.target = 'scheduled' AND u.delay <= 0"
+    "  AND (j.unique_key IS NULL OR coalesce('scheduled' = ANY (j.unique_states)"
+    "   OR 'available' <> ALL (j.unique_states), true))"
+    "  THEN 'available' ELSE u.target END,"
     " finished_at = CASE WHEN u.target IN ('dead', 'cancelled') THEN now() END,"
     " scheduled_at = CASE WHEN u.target IN ('retryable', 'scheduled')"
     "  THEN now() + make_interval(secs => u.delay) ELSE j.scheduled_at END,"

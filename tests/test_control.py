@@ -112,6 +112,38 @@ def test_snooze_reschedules_without_spending_an_attempt(engine, database_url, sc
     assert row(database_url, schema, job_id, "state, attempt, result, errors") == ("completed", 1, 2, [])
 
 
+class CSnoozeNow(Job, kind="c_snooze_now", queue="c_now", max_attempts=1):
+    pass
+
+
+@CSnoozeNow.handler
+async def c_snooze_now(ctx: JobContext, times: int) -> int:
+    if STARTED.setdefault(ctx.id, 0) < times:
+        STARTED[ctx.id] += 1
+        raise Snooze(0)
+    return int(STARTED[ctx.id])
+
+
+def test_a_snooze_of_zero_seconds_runs_the_job_again_at_once(engine, database_url, schema):
+    """Snooze(0) left the job 'scheduled': it waited for a maintenance tick to promote it
+    (and the promotion's NOTIFY, or the next poll) before it ran again. Both are a minute
+    away here; the job must still run three times in a few seconds."""
+    STARTED.clear()  # job ids restart in each test's schema
+    (job_id,) = add(engine, CSnoozeNow(times=2))
+    outcomes: list[str] = []
+
+    class Finished:
+        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
+            outcomes.append(outcome)
+
+    started = time.monotonic()
+    run_worker_until(database_url, schema, [CSnoozeNow], lambda: row(database_url, schema, job_id)[0] == "completed",
+                     timeout=20, poll_interval=60, maintenance_interval=60, observer=Finished())
+    assert row(database_url, schema, job_id, "state, attempt, result, errors") == ("completed", 1, 2, [])
+    assert outcomes == ["snoozed", "snoozed", "completed"]
+    assert time.monotonic() - started < 10
+
+
 def test_handler_cancel_ends_cancelled_without_retry(engine, database_url, schema):
     (job_id,) = add(engine, CCancelSelf())
     run_worker_until(database_url, schema, ALL, lambda: row(database_url, schema, job_id)[0] == "cancelled")

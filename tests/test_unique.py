@@ -637,6 +637,36 @@ def test_an_outcome_on_a_key_taken_while_the_job_ran_is_written(engine, database
         assert "not run again: job 2 holds its unique key" in errors[-1]["error"]
 
 
+class UqSnoozeNow(Job, kind="uq_snooze_now", queue="uq_run", unique=Unique(by=("user_id",), states=("available",))):
+    pass
+
+
+@UqSnoozeNow.handler
+def uq_snooze_now(ctx: JobContext, user_id: int) -> None:
+    with Session(HOLDER_ENGINE[0]) as session, session.begin():
+        session.add(UqSnoozeNow(user_id=user_id).options(queue="uq_elsewhere"))
+    raise Snooze(0)
+
+
+def test_a_snooze_of_no_delay_on_a_key_taken_while_the_job_ran_waits_for_the_key(engine, database_url, schema):
+    """A snooze of no delay makes its job available at once, but not a unique job whose
+    key 'available' would hold (and 'scheduled' would not) while another job holds it: the
+    index refused the write and the job ended dead. It waits, scheduled, as the promotion
+    of a snoozed job does."""
+    HOLDER_ENGINE[:] = [engine]
+    with Session(engine) as session, session.begin():
+        session.add(UqSnoozeNow(user_id=7))
+
+    def first() -> tuple:
+        return q(database_url, jobs_sql(schema, "SELECT state, attempt, errors FROM {jobs} WHERE id = 1"))[0]
+
+    run_worker_until(database_url, schema, [UqSnoozeNow], lambda: first()[0] not in ("available", "running"),
+                     timeout=20, lease=10.0)
+    assert first() == ("scheduled", 0, [])
+    holder = q(database_url, jobs_sql(schema, "SELECT id, state, queue FROM {jobs} WHERE id <> 1"))
+    assert holder == [(2, "available", "uq_elsewhere")]
+
+
 def test_a_batch_with_one_refused_outcome_is_written_in_halves(database_url, schema):
     """One outcome the unique index refuses (its key taken while the job ran) made the
     completer write the rest of its batch one statement per outcome: 2,000 round trips for

@@ -38,7 +38,7 @@ class Completer:
         *,
         interval: float = 0.005,
         max_batch: int = 2000,
-        on_written: Optional[Callable[[], None]] = None,
+        on_written: Optional[Callable[[list[Outcome]], None]] = None,
     ) -> None:
         self._conn = conn
         self._q = queries
@@ -108,7 +108,7 @@ class Completer:
             await self._write_in_parts(batch)
         self._failures = 0
         if self._on_written is not None:
-            self._on_written()
+            self._on_written(batch)
         if not self._pending:
             self._idle.set()
         return True

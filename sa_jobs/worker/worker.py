@@ -255,6 +255,7 @@ class Worker:
         self._heartbeat: Optional[Heartbeat] = None
         self._serve_scope: Optional[anyio.CancelScope] = None
         self._start_abandoned = False
+        self._snoozed_now = 0  # Snooze(0) outcomes not yet written (see _completions_written)
 
     # ---- configuration -----------------------------------------------------------
 
@@ -762,12 +763,22 @@ class Worker:
             else:
                 log.info("worker %s: queue %r is no longer paused cluster-wide", self.worker_id, q.name)
 
-    def _completions_written(self) -> None:
+    def _completions_written(self, batch: list[Outcome]) -> None:
         # A limited queue's room is counted from running rows: a batch of completions
         # just landed, so limited producers may find room again.
         for q in self._queues.values():
             if q.limited:
                 q.wake.set()
+        # A snooze of no delay made its job available (queries._FINISH), and no NOTIFY
+        # says so: claim it again now, not at the next poll. (Counted, so that the batches
+        # without one are not read through.)
+        if self._snoozed_now:
+            for outcome in batch:
+                if outcome.target == "scheduled" and outcome.delay <= 0:
+                    self._snoozed_now -= 1
+                    q = self._queues.get(outcome.job.queue)
+                    if q is not None:
+                        q.wake.set()
 
     # ---- local pause ---------------------------------------------------------------
 
@@ -930,6 +941,8 @@ class Worker:
                 outcome = self._failure(job, TimeoutError(str(error)), runtime.options.backoff)
                 return outcome, "dead" if outcome.dead else "timed_out"
             if isinstance(error, Snooze):
+                if error.seconds <= 0:
+                    self._snoozed_now += 1
                 return Outcome(job, "finish", target="scheduled", delay=error.seconds), "snoozed"
             if isinstance(error, Cancel):
                 return Outcome(job, "finish", target="cancelled", error_json=self._error_json(job, error)), "cancelled"
