@@ -776,9 +776,9 @@ class Worker:
             for outcome in batch:
                 if outcome.target == "scheduled" and outcome.delay <= 0:
                     self._snoozed_now -= 1
-                    q = self._queues.get(outcome.job.queue)
-                    if q is not None:
-                        q.wake.set()
+                    snoozed = self._queues.get(outcome.job.queue)
+                    if snoozed is not None:
+                        snoozed.wake.set()
 
     # ---- local pause ---------------------------------------------------------------
 
