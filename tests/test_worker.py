@@ -1423,6 +1423,59 @@ def test_the_apps_own_engines_write_to_the_workers_schema(engine, database_url, 
         anyio.run(app_async.dispose)
 
 
+class WNote(Job, kind="w_note", queue="w_elsewhere"):
+    pass
+
+
+class WFencedTx(Job, kind="w_fenced_tx", queue="w_tx", max_attempts=1):
+    pass
+
+
+@WFencedTx.handler
+def w_fenced_tx(ctx: JobContext, url: str) -> None:
+    with ctx.transaction() as session:
+        session.add(WNote())
+        session.flush()
+        # Another worker takes the job over meanwhile: the completion below is refused.
+        with psycopg.connect(to_conninfo(url), autocommit=True) as conn:
+            conn.execute(jobs_sql(ctx.schema, "UPDATE {jobs} SET claim_token = gen_random_uuid() WHERE id = %s"),
+                         (ctx.id,))
+
+
+def test_a_transactional_completion_refuses_an_autocommit_engine(engine, database_url, schema):
+    """On an AUTOCOMMIT engine ctx.transaction() committed each statement on its own: a
+    handler's effects stayed although its completion was fenced off. Such an engine is a
+    ConfigurationError when the worker is built; one in autocommit by other means (the
+    driver's connect_args) fails the attempt before the handler writes anything."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    url = sqlalchemy_url(database_url)
+    refused = [("engine", create_engine(url, isolation_level="AUTOCOMMIT")),
+               ("engine", create_engine(url).execution_options(isolation_level="AUTOCOMMIT")),
+               ("async_engine", create_async_engine(sqlalchemy_url(database_url, async_=True),
+                                                    isolation_level="AUTOCOMMIT"))]
+    for param, app in refused:
+        with pytest.raises(ConfigurationError, match=f"AUTOCOMMIT.*pass {param}="):
+            Worker(database_url, kinds=[WFencedTx], schema=schema, **{param: app})
+    # Set back on the engine the app passes: accepted.
+    Worker(database_url, kinds=[WFencedTx], schema=schema,
+           engine=create_engine(url, isolation_level="AUTOCOMMIT").execution_options(isolation_level="READ COMMITTED"))
+
+    driver_autocommit = create_engine(url, connect_args={"autocommit": True})
+    try:
+        (job_id,) = add(engine, WFencedTx(url=database_url))
+        run_worker_until(database_url, schema, [WFencedTx], lambda: job_row(engine, job_id).state == "dead",
+                         timeout=15, engine=driver_autocommit)
+    finally:
+        driver_autocommit.dispose()
+    errors = job_row(engine, job_id).errors
+    assert errors[0]["error"].startswith("ConfigurationError: ctx.transaction() commits"), errors
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE kind = 'w_note'")) == [(0,)]
+
+
 # ---- starting inside an app: the schema check ------------------------------------------------
 
 def _in_app_thread(main, limit: float = 20) -> list:

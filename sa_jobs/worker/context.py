@@ -11,7 +11,7 @@ from sqlalchemy import case, func, update
 
 from .. import _validate
 from ..admin import gives_up_its_key
-from ..errors import LeaseLostError
+from ..errors import ConfigurationError, LeaseLostError
 from ..model import job_table
 from ..schema import DEFAULT_SCHEMA
 
@@ -24,6 +24,32 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 _jobs = job_table()
+
+# Why ctx.transaction() refuses an engine (or connection) that commits each statement.
+_AUTOCOMMIT = (
+    "ctx.transaction() commits a handler's effects with its job's completion, or neither; under"
+    " AUTOCOMMIT each statement commits on its own, so the effects would stay even when the"
+    " completion is refused (lease lost, job cancelled)"
+)
+
+
+def refuse_autocommit_engine(engine: Any, param: str) -> None:
+    """A worker's ``engine=`` / ``async_engine=`` set to AUTOCOMMIT, refused when the worker
+    is built (as SQLAlchemy reads it: the engine's execution option, else the level it
+    set on connect)."""
+    sync = getattr(engine, "sync_engine", engine)
+    level = engine.get_execution_options().get("isolation_level") or getattr(
+        sync.dialect, "_on_connect_isolation_level", None)
+    if level == "AUTOCOMMIT":
+        raise ConfigurationError(f"{_AUTOCOMMIT}: pass {param}= an engine without isolation_level='AUTOCOMMIT'"
+                                 " (engine.execution_options(isolation_level='READ COMMITTED') of it, say)")
+
+
+def _refuse_autocommit_connection(connection: Any) -> None:
+    """The same for a connection in autocommit some other way (the driver's own
+    ``connect_args={"autocommit": True}``): checked before the handler writes anything."""
+    if getattr(connection.connection.dbapi_connection, "autocommit", False) is True:
+        raise ConfigurationError(f"{_AUTOCOMMIT}: the worker's engine hands out connections in autocommit mode")
 
 
 class JobContext:
@@ -156,6 +182,7 @@ class JobContext:
         with Session(self._worker.sync_engine()) as session:
             try:
                 with session.begin():
+                    _refuse_autocommit_connection(session.connection())
                     yield session
                     session.flush()
                     self._job.completing = True
@@ -176,6 +203,7 @@ class JobContext:
         async with AsyncSession(self._worker.async_engine()) as session:
             try:
                 async with session.begin():
+                    _refuse_autocommit_connection((await session.connection()).sync_connection)
                     yield session
                     await session.flush()
                     self._job.completing = True
