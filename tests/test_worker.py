@@ -1476,6 +1476,60 @@ def test_a_transactional_completion_refuses_an_autocommit_engine(engine, databas
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE kind = 'w_note'")) == [(0,)]
 
 
+POOL_ENTERED = {"n": 0}
+POOL_LOCK = threading.Lock()
+
+
+def _entered_and_wait_for(n: int) -> None:
+    """Count this handler in, then wait (at most 10 s) until ``n`` handlers are in."""
+    with POOL_LOCK:
+        POOL_ENTERED["n"] += 1
+    deadline = time.monotonic() + 10
+    while POOL_ENTERED["n"] < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {POOL_ENTERED['n']} of {n} handlers got into their transaction")
+        time.sleep(0.01)
+
+
+class WPoolSync(Job, kind="w_pool_sync", queue="w_pool", max_attempts=1):
+    pass
+
+
+@WPoolSync.handler
+def w_pool_sync(ctx: JobContext, n: int) -> None:
+    with ctx.transaction() as session:
+        session.execute(select(1))
+        _entered_and_wait_for(n)
+
+
+class WPoolAsync(Job, kind="w_pool_async", queue="w_pool", max_attempts=1):
+    pass
+
+
+@WPoolAsync.handler
+async def w_pool_async(ctx: JobContext, n: int) -> None:
+    async with ctx.async_transaction() as session:
+        await session.execute(select(1))
+        with POOL_LOCK:
+            POOL_ENTERED["n"] += 1
+        with anyio.fail_after(10):
+            while POOL_ENTERED["n"] < n:
+                await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind", [WPoolSync, WPoolAsync], ids=["transaction", "async_transaction"])
+def test_every_handler_of_a_busy_worker_gets_a_transaction_at_once(engine, database_url, schema, kind):
+    """The engines the worker creates had SQLAlchemy's default pool (5 + 10 overflow): above
+    15 handlers at once, the next ctx.transaction() waited for a connection (30 s, then
+    an error) while the others held theirs. The pool is sized to the worker's concurrency."""
+    POOL_ENTERED["n"] = 0
+    n = 20
+    ids = add(engine, *[kind(n=n) for _ in range(n)])
+    run_worker_until(database_url, schema, [kind], finished(engine, ids), timeout=40, queues={"w_pool": n})
+    rows = q(database_url, jobs_sql(schema, "SELECT state, errors FROM {jobs} ORDER BY id"))
+    assert [state for state, _ in rows] == ["completed"] * n, [e[0]["error"] for _, e in rows if e][:3]
+
+
 # ---- starting inside an app: the schema check ------------------------------------------------
 
 def _in_app_thread(main, limit: float = 20) -> list:

@@ -310,12 +310,19 @@ class Worker:
     def queues(self) -> dict[str, int]:
         return dict(self._queue_limits)
 
+    def _pool_options(self) -> dict[str, Any]:
+        """Pool settings of the engines this worker creates: one connection per handler
+        that may run at once. SQLAlchemy's default (5 + 10 overflow) made the 16th
+        concurrent ctx.transaction() wait for a connection (30 s, then an error) while
+        the others held theirs. Connections open on demand, so a quiet worker opens few."""
+        return {"pool_pre_ping": True, "pool_size": max(5, sum(self._queue_limits.values())), "max_overflow": 10}
+
     def sync_engine(self) -> Any:
         """The SQLAlchemy Engine behind ``ctx.transaction()`` (created on first use)."""
         if self._engine is None:
             from sqlalchemy import create_engine
 
-            root = create_engine(sqlalchemy_url(self._url), pool_pre_ping=True)
+            root = create_engine(sqlalchemy_url(self._url), **self._pool_options())
             self._owns_engines.append(root)
             self._engine = self._in_schema(root)
         return self._engine
@@ -325,7 +332,7 @@ class Worker:
         if self._async_engine is None:
             from sqlalchemy.ext.asyncio import create_async_engine
 
-            root = create_async_engine(sqlalchemy_url(self._url, async_=True), pool_pre_ping=True)
+            root = create_async_engine(sqlalchemy_url(self._url, async_=True), **self._pool_options())
             self._owns_engines.append(root)
             self._async_engine = self._in_schema(root)
         return self._async_engine
