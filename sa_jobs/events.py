@@ -38,6 +38,13 @@ class WorkerObserver(Protocol):
 #   rescued_dead(queue, kind, count) rescued jobs whose lost attempt was their last: dead
 MAINTENANCE_HOOKS = ("promoted", "pruned", "periodic_enqueued", "maintenance_ran", "horizon_held", "rescued_dead")
 
+# Lifecycle hooks, optional as those above:
+#
+#   worker_started()       a run of the worker starts its services
+#   worker_stopped(asked)  that run ended: ``asked`` if it stopped as asked (shutdown,
+#                          request_stop, leaving ``async with``), not on an error of its own
+LIFECYCLE_HOOKS = ("worker_started", "worker_stopped")
+
 
 def hook(observer: Any, name: str) -> Callable[..., None]:
     """``observer``'s hook ``name``, or a function that does nothing if it has none.
@@ -73,7 +80,7 @@ class GuardedObserver:
 
     def __init__(self, observer: Any) -> None:
         self.wrapped = observer
-        for name in CORE_HOOKS + MAINTENANCE_HOOKS:
+        for name in CORE_HOOKS + MAINTENANCE_HOOKS + LIFECYCLE_HOOKS:
             setattr(self, name, hook(observer, name))
 
     def __getattr__(self, name: str) -> Any:  # anything else the observer offers

@@ -151,11 +151,18 @@ class PrometheusObserver:
         )
         self.heartbeat_age = Gauge(
             f"{p}_worker_heartbeat_age_seconds",
-            "Seconds since the last successful heartbeat (since start if none yet); computed at scrape.",
+            "Seconds since the last successful heartbeat (since start if none yet); computed at scrape;"
+            " 0 once the worker stopped as asked.",
             registry=reg,
         )
         self._last_beat = time.monotonic()
-        self.heartbeat_age.set_function(lambda: time.monotonic() - self._last_beat)
+        # Worker runs reporting here that are under way, and whether the last one to end
+        # stopped as asked: a stopped worker holds no lease, and its age must not grow into
+        # an alert while the process (an app embedding it) goes on serving metrics.
+        self._runs = 0
+        self._stopped = False
+        self.heartbeat_age.set_function(
+            lambda: 0.0 if self._stopped and self._runs <= 0 else time.monotonic() - self._last_beat)
 
         self._known_kinds: set[str] = set()
         self._finished: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
@@ -263,6 +270,15 @@ class PrometheusObserver:
 
     def leader(self, is_leader: bool) -> None:
         self.is_leader.set(1 if is_leader else 0)
+
+    def worker_started(self) -> None:
+        if self._runs <= 0:  # the age of a new run counts from its start
+            self._last_beat = time.monotonic()
+        self._runs += 1
+
+    def worker_stopped(self, asked: bool = True) -> None:
+        self._runs -= 1
+        self._stopped = asked  # a run that failed keeps its age growing: that is an alarm
 
     def promoted(self, count: int) -> None:
         self.jobs_promoted.inc(count)

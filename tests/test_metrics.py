@@ -39,7 +39,7 @@ from sa_jobs.metrics import (
 )
 
 from .conftest import REPO_ROOT, worker_command
-from .helpers import jobs_sql, q, run_worker_until
+from .helpers import jobs_sql, q, run_worker_until, wait_for
 from .metrics_jobs import QUEUE, SECRET, MetricsDoomed, MetricsFlaky, MetricsOk, MetricsSlow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,6 +112,32 @@ def test_worker_run_moves_each_metric_by_the_exact_amount(database_url: str, sch
     for service in ("rescuer", "scheduler"):
         assert _value(reg, "sa_jobs_maintenance_duration_seconds_count", service=service) >= 1
         assert _value(reg, "sa_jobs_maintenance_last_run_timestamp_seconds", service=service) > time.time() - 60
+
+
+def test_heartbeat_age_reads_zero_once_the_worker_stopped_on_purpose(database_url: str, schema: str) -> None:
+    """The heartbeat age is computed at scrape time: once a worker stopped gracefully in a
+    process that goes on serving metrics (an app that embeds it), it grew for good and
+    SaJobsNoHeartbeat fired, though a stopped worker holds no lease to lose. It reads 0
+    until the next run starts, which measures from its own start."""
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    age = "sa_jobs_worker_heartbeat_age_seconds"
+    beat = "sa_jobs_worker_last_heartbeat_timestamp_seconds"
+    for _ in range(2):  # a stop, then a new run of a worker on the same observer
+        before = _value(reg, beat)
+        run_worker_until(database_url, schema, KINDS, lambda: _value(reg, beat) > before,
+                         observer=observer, heartbeat_interval=0.2)
+        assert _value(reg, beat) > before
+        assert _value(reg, age) == 0.0
+
+    started = time.monotonic()
+    observer.worker_started()
+    observer.worker_started()  # a second worker on the same observer, still running after
+    observer.worker_stopped(True)  # the first stopped
+    assert wait_for(lambda: _value(reg, age) > 0.0, 5)
+    observer.worker_stopped(False)  # a run that ended on an error of its own: an alarm
+    assert wait_for(lambda: _value(reg, age) > 0.0, 5)
+    assert _value(reg, age) <= time.monotonic() - started + 0.01
 
 
 def test_labels_stay_bounded_and_error_text_never_leaks(database_url: str, schema: str, engine: Engine) -> None:

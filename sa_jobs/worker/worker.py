@@ -50,7 +50,7 @@ from .._connection import ManagedConnection, describe, is_stale_plan, is_transie
 from ._job import ClaimedJob, HandlerThread, Outcome
 from .completer import Completer
 from .context import JobContext, _Cancelled, refuse_autocommit_engine
-from ..events import GuardedObserver, NullObserver, WorkerObserver
+from ..events import GuardedObserver, NullObserver, WorkerObserver, hook
 from ._inbox import JobInbox
 from .heartbeat import Heartbeat
 from .notifier import Notifier
@@ -534,6 +534,8 @@ class Worker:
         for name, limit in self._queue_limits.items():
             self._queues[name] = _Queue(name, limit, JobInbox(), anyio.CapacityLimiter(limit))
         claim_lock = anyio.Lock()
+        hook(self._observer, "worker_started")()
+        ended_well = False
         try:
             async with anyio.create_task_group() as services:
                 services.start_soon(self.notifier.run)
@@ -564,6 +566,7 @@ class Worker:
                     with anyio.move_on_after(MAINTAINER_STOP_WAIT):
                         await self.maintainer.stopped.wait()
                 services.cancel_scope.cancel()
+            ended_well = True
         finally:
             self._runners_done.set()
             with anyio.CancelScope(shield=True):
@@ -575,6 +578,8 @@ class Worker:
                         await result
             self._done.set()
             log.info("worker %s: stopped", self.worker_id)
+            # Asked to stop, and stopped: its heartbeat age is no alarm (metrics reads 0).
+            hook(self._observer, "worker_stopped")(self._stopping and ended_well)
 
     def _wake_all(self) -> None:
         for q in self._queues.values():
