@@ -26,12 +26,77 @@ from ._url import ENV_VAR, database_url_from_env
 from .errors import ConfigurationError, SaJobsError
 
 
+# An operator command waits neither for ever on a server that accepts connections and never
+# answers (a host behind a dead proxy or a full firewall queue) nor on rows or a table a long
+# transaction holds: it fails with one line instead. 0 waits without a limit.
+CONNECT_TIMEOUT_ENV = "SA_JOBS_CONNECT_TIMEOUT"
+LOCK_TIMEOUT_ENV = "SA_JOBS_LOCK_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 10  # seconds (libpq's connect_timeout is whole seconds)
+DEFAULT_LOCK_TIMEOUT = 30.0  # seconds
+
+
 def _database_url(args: argparse.Namespace) -> str:
     url = args.database_url or database_url_from_env()
     if not url:
         # A usage error (exit 2), as every other refusal; SystemExit(message) exited 1.
         raise ConfigurationError(f"no database URL; pass --database-url or set {ENV_VAR}")
-    return url
+    return _with_timeouts(url, args)
+
+
+def _timeout_setting(args: argparse.Namespace, name: str, env: str, parse) -> Optional[float]:  # type: ignore[no-untyped-def]
+    """The option's value, else the environment variable's, else None (not given)."""
+    value = getattr(args, name, None)
+    if value is None and os.environ.get(env, "").strip():
+        try:
+            value = parse(os.environ[env])
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigurationError(f"${env}: {exc}") from None
+    return value
+
+
+def _with_timeouts(url: str, args: argparse.Namespace) -> str:
+    """``url`` with the command's connect and lock timeouts (for the commands that take the
+    options): ``--connect-timeout`` / ``$SA_JOBS_CONNECT_TIMEOUT``, else the URL's own
+    ``connect_timeout``, else 10 s; ``--lock-timeout`` / ``$SA_JOBS_LOCK_TIMEOUT``, else a
+    ``lock_timeout`` the URL's ``options`` (or PGOPTIONS) set, else 30 s. Both go into the
+    URL, so every connection of the command has them: its engine and its raw psycopg ones."""
+    from ._url import _parse
+
+    if not hasattr(args, "connect_timeout"):
+        return url  # the worker (its own connect timeouts) and the demo
+    parsed = _parse(url)
+    query = dict(parsed.query)
+    connect = _timeout_setting(args, "connect_timeout", CONNECT_TIMEOUT_ENV, _connect_timeout)
+    if connect is not None or "connect_timeout" not in query:
+        query["connect_timeout"] = str(DEFAULT_CONNECT_TIMEOUT if connect is None else connect)
+    if hasattr(args, "lock_timeout"):
+        lock = _timeout_setting(args, "lock_timeout", LOCK_TIMEOUT_ENV, _lock_timeout)
+        options = query.get("options") or ""
+        options = " ".join(options) if isinstance(options, tuple) else options
+        if lock is not None or "lock_timeout" not in options + os.environ.get("PGOPTIONS", ""):
+            seconds = DEFAULT_LOCK_TIMEOUT if lock is None else lock
+            millis = 0 if seconds == 0 else min(2**31 - 1, max(1, int(seconds * 1000)))
+            query["options"] = f"{options} -c lock_timeout={millis}".strip()
+    return parsed.set(query=query).render_as_string(hide_password=False)
+
+
+def _connect_timeout(value: str) -> int:
+    """Whole seconds, 0 or more (0: no limit), as libpq's ``connect_timeout``."""
+    value = value.strip()
+    if not value.isdigit() or not value.isascii():
+        raise argparse.ArgumentTypeError(f"invalid connect timeout {value!r}: whole seconds, 0 or more (0: no limit)")
+    return int(value)
+
+
+def _lock_timeout(value: str) -> float:
+    """Seconds, 0 or more (0: no limit)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid lock timeout {value!r}: seconds, 0 or more (0: no limit)")
+    return number
 
 
 def _parse_queues(values: Optional[Sequence[str]], default: int) -> Optional[dict[str, int]]:
@@ -422,6 +487,13 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, skip_locked: bool = Fa
         # how many, not a traceback. Ids not reached are not reported as refused.
         interrupted = True
         named = []
+    except Exception:
+        # A batch that failed (its lock timeout, a lost connection) rolled back; those
+        # before it committed: say how many, before main reports the error.
+        progress.close()
+        if done:
+            print(f"sa-jobs: stopped after {len(done)} job(s) {verb}", file=sys.stderr)
+        raise
     progress.close()
     # An id named with a filter it does not match is reported too.
     missing = sorted(set(missing) | (set(named) - set(done) if by_filter else set()))
@@ -624,7 +696,7 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _add_operator_commands(sub, common) -> None:  # type: ignore[no-untyped-def]
+def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-untyped-def]
     from . import _validate
     from .admin import check_state, parse_age
     from .states import FINISHED_STATES
@@ -634,6 +706,7 @@ def _add_operator_commands(sub, common) -> None:  # type: ignore[no-untyped-def]
 
     def output(p: argparse.ArgumentParser) -> None:
         common(p)
+        timeouts(p, lock=True)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     def filters(p: argparse.ArgumentParser, *, states: bool = True) -> None:
@@ -681,12 +754,14 @@ def _add_operator_commands(sub, common) -> None:  # type: ignore[no-untyped-def]
         p.add_argument("--database-url", default=argparse.SUPPRESS, help=f"PostgreSQL URL (default: ${ENV_VAR})")
         p.add_argument("--schema", default=argparse.SUPPRESS, help="Postgres schema of the queue")
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+        timeouts(p, lock=True, default=argparse.SUPPRESS)
         p.add_argument("name", type=queue_t, metavar="NAME")
         p.set_defaults(func=_cmd_queue_pause)
     p = qsub.add_parser("limit", help="set a queue's cluster-wide limits (given ones change; none removes one)")
     p.add_argument("--database-url", default=argparse.SUPPRESS, help=f"PostgreSQL URL (default: ${ENV_VAR})")
     p.add_argument("--schema", default=argparse.SUPPRESS, help="Postgres schema of the queue")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    timeouts(p, lock=True, default=argparse.SUPPRESS)
     p.add_argument("name", type=queue_t, metavar="NAME")
     p.add_argument("--concurrency", metavar="N|none", help="jobs of the queue running at once, cluster-wide")
     p.add_argument("--partition-concurrency", metavar="N|none", help="jobs running at once per partition key")
@@ -748,6 +823,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--database-url", help=f"PostgreSQL URL (default: ${ENV_VAR})")
         p.add_argument("--schema", default=schema_mod.DEFAULT_SCHEMA, help="Postgres schema of the queue")
 
+    def timeouts(p: argparse.ArgumentParser, *, lock: bool, default: object = None) -> None:
+        p.add_argument("--connect-timeout", type=_connect_timeout, metavar="SECONDS", default=default,
+                       help=f"give up connecting after this long (default: ${CONNECT_TIMEOUT_ENV}, the URL's"
+                            f" connect_timeout, else {DEFAULT_CONNECT_TIMEOUT}; 0: no limit)")
+        if lock:
+            p.add_argument("--lock-timeout", type=_lock_timeout, metavar="SECONDS", default=default,
+                           help=f"give up waiting for a row or table lock after this long (default:"
+                                f" ${LOCK_TIMEOUT_ENV}, else {DEFAULT_LOCK_TIMEOUT:g}; 0: no limit)")
+
     w = sub.add_parser("worker", help="run a worker for the job kinds declared in MODULES")
     w.add_argument("modules", nargs="+", metavar="MODULE", help="modules that declare job kinds and handlers")
     common(w)
@@ -764,19 +848,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("migrate", help="install or upgrade the queue schema (idempotent)")
     common(m)
+    timeouts(m, lock=False)  # a migration waits for the one running (its lock), however long
     m.add_argument("--sql", action="store_true", help="print the DDL instead of applying it")
     m.set_defaults(func=_cmd_migrate)
 
     r = sub.add_parser("retry", help="make dead/cancelled/completed jobs available again")
     common(r)
+    timeouts(r, lock=True)
     r.add_argument("ids", nargs="+", type=_job_id, metavar="JOB_ID")
     r.set_defaults(func=_cmd_retry)
 
     c = sub.add_parser("check", help="report drift between the installed schema and the expected one")
     common(c)
+    timeouts(c, lock=False)
     c.set_defaults(func=_cmd_check)
 
-    _add_operator_commands(sub, common)
+    _add_operator_commands(sub, common, timeouts)
 
     d = sub.add_parser("demo", help="enqueue in a transaction and run a worker (embedded Postgres by default)")
     d.add_argument("--database-url", help="use this server instead of an embedded one")
@@ -838,6 +925,8 @@ def _database_error(exc: BaseException) -> Optional[str]:
         return None
     state = getattr(original.diag, "sqlstate", None)
     message = (str(original).strip().splitlines() or [type(original).__name__])[0]
+    if state == "55P03":  # lock_not_available: the operator commands' lock timeout
+        message += f"; another transaction holds what this needs (--lock-timeout or ${LOCK_TIMEOUT_ENV} waits longer)"
     return f"database error: {message}" + (f" (SQLSTATE {state})" if state else "")
 
 

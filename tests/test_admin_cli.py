@@ -650,3 +650,135 @@ def test_matching_ids_refuses_a_bad_limit_before_any_sql(engine, seeded):
             count_matching(session, where, limit=-1)
         assert len(matching_ids(session, where)) == 3  # the transaction is still usable (3 dead seeded)
         assert matching_ids(session, where, limit=0) == [] and count_matching(session, where, limit=1) == 1
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts connections (the kernel's backlog) and never answers."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as server:
+        yield f"postgresql://ops@127.0.0.1:{server.getsockname()[1]}/db"
+
+
+@pytest.mark.parametrize("argv, env, query", [
+    (("queues", "--connect-timeout", "2"), {}, ""),
+    (("queues", "pause", "q", "--connect-timeout", "2"), {}, ""),
+    (("jobs", "cancel", "1"), {"SA_JOBS_CONNECT_TIMEOUT": "2"}, ""),
+    (("prune", "--older-than", "1d"), {}, "?connect_timeout=2"),
+    (("check", "--connect-timeout", "2"), {}, "?connect_timeout=0"),  # the option wins over the URL's
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
+def test_a_server_that_never_answers_fails_the_connect_in_one_line(silent_server, schema, argv, env, query):
+    """`sa-jobs queues` against a host that accepts and never answers (a dead proxy) hung for
+    ever: no command had a connect timeout. (A subprocess: a hang must not hang the suite.)"""
+    import os
+    import time
+
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sa_jobs", *argv, "--database-url", silent_server + query, "--schema", schema],
+            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
+            capture_output=True, text=True, timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(argv)} still connecting after 30 s")
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == "sa-jobs: database error: connection timeout expired\n", proc.stderr
+    assert time.monotonic() - started < 20
+
+
+def test_the_timeouts_default_to_10_s_connect_and_30_s_lock(monkeypatch):
+    """What a 10 s wait in a test would show: the URL every connection of the command uses."""
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.delenv("SA_JOBS_CONNECT_TIMEOUT", raising=False)
+    monkeypatch.delenv("SA_JOBS_LOCK_TIMEOUT", raising=False)
+
+    def url_of(*argv):
+        return make_url(cli._database_url(cli.build_parser().parse_args(argv)))
+
+    url = url_of("queues", "--database-url", "postgresql://u@h/db")
+    assert url.query == {"connect_timeout": "10", "options": "-c lock_timeout=30000"}
+    # The URL's own settings are kept; an explicit option wins over them.
+    url = url_of("jobs", "list", "--database-url", "postgresql://u@h/db?connect_timeout=3&options=-c%20lock_timeout%3D5s")
+    assert url.query == {"connect_timeout": "3", "options": "-c lock_timeout=5s"}
+    url = url_of("jobs", "list", "--lock-timeout", "1.5", "--database-url", "postgresql://u@h/db?options=-c%20search_path%3Dx")
+    assert url.query["options"] == "-c search_path=x -c lock_timeout=1500"
+    assert url_of("migrate", "--database-url", "postgresql://u@h/db").query == {"connect_timeout": "10"}  # no lock timeout
+    assert url_of("worker", "m", "--database-url", "postgresql://u@h/db").query == {}  # the worker has its own
+
+
+@pytest.mark.parametrize("argv, state", [
+    (("jobs", "cancel", "{id}"), "available"), (("jobs", "retry", "{id}"), "dead"), (("retry", "{id}"), "dead"),
+    (("dead", "replay", "--all-kinds"), "dead"), (("jobs", "cancel", "--kind", "mail"), "available"),
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else v)
+def test_a_bulk_command_on_rows_a_long_transaction_holds_gives_up_in_one_line(capsys, database_url, schema, argv, state):
+    """`jobs cancel 42` on a row another transaction held (FOR UPDATE) waited for as long as
+    that transaction lasted: for ever, for a session left idle in transaction."""
+    import threading
+    import time
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+
+    job = q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) VALUES ('mail', %s,"
+                                           " CASE WHEN %s = 'dead' THEN now() END) RETURNING id"), (state, state))[0][0]
+    holder = psycopg.connect(to_conninfo(database_url))
+    holder.execute(jobs_sql(schema, "SELECT id FROM {jobs} WHERE id = %s FOR UPDATE"), (job,))
+    # The deadline: the holder is ended after 30 s, and the command then finishes (exit 0).
+    safety = threading.Timer(30, q, (database_url, "SELECT pg_terminate_backend(%s)", (holder.info.backend_pid,)))
+    safety.start()
+    try:
+        started = time.monotonic()
+        code, out, err = run(capsys, database_url, schema, *(a.format(id=job) for a in argv), "--lock-timeout", "0.5")
+        elapsed = time.monotonic() - started
+    finally:
+        safety.cancel()
+        holder.close()
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "lock timeout" in err and "--lock-timeout" in err and elapsed < 20, err
+    assert q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"), (job,)) == [(state,)]
+
+
+@pytest.mark.parametrize("argv", [("jobs", "delete", "--kind", "mail"), ("queues",), ("jobs", "list"),
+                                  ("prune", "--older-than", "0s")], ids=" ".join)
+def test_a_command_on_a_table_a_long_transaction_locked_gives_up_in_one_line(
+        capsys, monkeypatch, database_url, schema, argv):
+    """`jobs delete` skips locked rows, but waited for ever on the table's lock (a migration,
+    LOCK TABLE, VACUUM FULL left in an open transaction), as every other command did.
+    The timeout from the environment this time."""
+    import threading
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+
+    monkeypatch.setenv("SA_JOBS_LOCK_TIMEOUT", "0.5")
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) VALUES ('mail', 'completed', now())"))
+    holder = psycopg.connect(to_conninfo(database_url))
+    holder.execute(jobs_sql(schema, "LOCK TABLE {jobs} IN ACCESS EXCLUSIVE MODE"))
+    safety = threading.Timer(30, q, (database_url, "SELECT pg_terminate_backend(%s)", (holder.info.backend_pid,)))
+    safety.start()
+    try:
+        code, out, err = run(capsys, database_url, schema, *argv)
+    finally:
+        safety.cancel()
+        holder.close()
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1 and "lock timeout" in err, err
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(1,)]
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (("queues", "--connect-timeout", "-1"), {}, "invalid connect timeout '-1'"),
+    (("queues", "--connect-timeout", "1.5"), {}, "invalid connect timeout '1.5'"),
+    (("jobs", "list", "--lock-timeout", "nan"), {}, "invalid lock timeout 'nan'"),
+    (("queues",), {"SA_JOBS_CONNECT_TIMEOUT": "soon"}, "$SA_JOBS_CONNECT_TIMEOUT: invalid connect timeout 'soon'"),
+    (("queues",), {"SA_JOBS_LOCK_TIMEOUT": "-3"}, "$SA_JOBS_LOCK_TIMEOUT: invalid lock timeout '-3'"),
+])
+def test_a_bad_timeout_is_refused_with_a_clear_error(capsys, monkeypatch, database_url, schema, argv, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = run(capsys, database_url, schema, *argv)
+    assert code == 2 and message in err and "Traceback" not in err and out == "", err
