@@ -600,7 +600,9 @@ _MAX_AGE_DAYS = 365 * 1000  # as the Pruner's MAX_AGE
 
 def parse_age(text: str) -> dt.timedelta:
     """``"90s"``, ``"15m"``, ``"12h"``, ``"7d"``, ``"2w"`` (or a plain number of seconds)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text or "")
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text or "", re.ASCII)
+    if match is None and re.fullmatch(r"\s*-\s*\.?\d.*", text or "", re.S):
+        raise ConfigurationError(f"invalid age {text!r}: an age is 0 or more (how long ago), not negative")
     if match is None:
         raise ConfigurationError(f"invalid age {text!r}: use a number with a unit, such as 90s, 15m, 12h, 7d or 2w")
     seconds = float(match.group(1)) * _AGE_UNITS[match.group(2) or "s"]
@@ -659,6 +661,12 @@ class JobFilter:
             _validate.kind_name(name)
         for state in self.states:
             check_state(state)
+        for name in ("older_than", "newer_than"):
+            age = getattr(self, name)
+            # A negative older_than matched every job (created before a moment to come); an
+            # int reached SQL as an error that aborted the caller's transaction.
+            if age is not None and (not isinstance(age, dt.timedelta) or age < dt.timedelta(0)):
+                raise ConfigurationError(f"JobFilter.{name} is a timedelta of 0 or more (see parse_age), not {age!r}")
 
     @property
     def empty(self) -> bool:

@@ -814,8 +814,34 @@ def _grace(value: str) -> float:
     return number
 
 
+# Options whose value may start with '-': argparse took `--older-than -5s` for an option
+# without its value ("expected one argument"); as `--older-than=-5s` the value reaches its
+# check, which says what is wrong with it, as for any other bad age. (A value such as -5 or
+# -1.5 argparse already passes on: it is a negative number.)
+_DASH_VALUE_OPTIONS = ("--older-than", "--newer-than", "--rate")
+_DASH_VALUE = re.compile(r"-\s*\.?\d")
+
+
+class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+        argv = list(sys.argv[1:] if args is None else args)
+        joined: list[str] = []
+        i = 0
+        while i < len(argv):
+            if argv[i] == "--":
+                joined.extend(argv[i:])
+                break
+            if argv[i] in _DASH_VALUE_OPTIONS and i + 1 < len(argv) and _DASH_VALUE.match(argv[i + 1]):
+                joined.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+            joined.append(argv[i])
+            i += 1
+        return super().parse_known_args(joined, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sa-jobs", description="Durable background jobs on PostgreSQL.")
+    parser = _Parser(prog="sa-jobs", description="Durable background jobs on PostgreSQL.")
     parser.add_argument("--log-level", default="INFO", type=_log_level, help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 

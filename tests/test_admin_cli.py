@@ -782,3 +782,32 @@ def test_a_bad_timeout_is_refused_with_a_clear_error(capsys, monkeypatch, databa
         monkeypatch.setenv(name, value)
     code, out, err = run(capsys, database_url, schema, *argv)
     assert code == 2 and message in err and "Traceback" not in err and out == "", err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("jobs", "list", "--older-than", "-5s"), "invalid age '-5s': an age is 0 or more"),
+    (("jobs", "delete", "--newer-than", "-1.5h"), "invalid age '-1.5h': an age is 0 or more"),
+    (("jobs", "list", "--older-than=-5"), "invalid age '-5': an age is 0 or more"),
+    (("prune", "--older-than", "-7d"), "invalid age '-7d': an age is 0 or more"),
+    (("queues", "limit", "q", "--rate", "-10/1s"), "invalid rate '-10/1s'"),
+])
+def test_a_negative_age_is_refused_as_a_bad_age(capsys, database_url, schema, argv, message):
+    """`--older-than -5s` got argparse's "expected one argument" (it took -5s for an option),
+    where every other bad age is named with what is wrong with it."""
+    code, out, err = run(capsys, database_url, schema, *argv)
+    assert code == 2 and message in err and "expected one argument" not in err and out == "", err
+
+
+def test_job_filter_refuses_a_negative_or_non_timedelta_age():
+    """Through the API a negative older_than matched every job (created before a moment to
+    come), and an int reached SQL as an error that aborted the caller's transaction."""
+    import datetime as dt
+
+    from sa_jobs.admin import JobFilter
+    from sa_jobs.errors import ConfigurationError
+
+    for field, value in [("older_than", dt.timedelta(seconds=-5)), ("newer_than", dt.timedelta(days=-1)),
+                         ("older_than", 60)]:
+        with pytest.raises(ConfigurationError, match=field):
+            JobFilter(**{field: value})
+    assert JobFilter(older_than=dt.timedelta(0)).older_than == dt.timedelta(0)
