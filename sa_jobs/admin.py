@@ -531,10 +531,16 @@ class QueueLimits:
 def parse_rate(text: str) -> tuple[int, dt.timedelta]:
     """``"10/1s"``, ``"100/m"``, ``"5000/1h"``: a count per period (see :func:`parse_age`)."""
     count, sep, period = (text or "").partition("/")
-    if not sep or not count.strip().isdigit() or not period.strip():
+    # ASCII digits: isdigit() passes '²', which int() refused with a ValueError.
+    if not sep or not re.fullmatch(r"[0-9]+", count.strip()) or not period.strip():
         raise ConfigurationError(f"invalid rate {text!r}: use COUNT/PERIOD, such as 10/1s, 100/m or 5000/1h")
     period = period.strip()
-    return int(count), parse_age(period if period[:1].isdigit() else "1" + period)
+    # A bare unit is one of it ("100/m"); ".5s" is half a second (it read as "1.5s").
+    if period[:1] == ".":
+        period = "0" + period
+    elif period[:1] not in "0123456789":
+        period = "1" + period
+    return int(count), parse_age(period)
 
 
 def set_queue_limits(session: Any, queue: str, limits: QueueLimits) -> None:

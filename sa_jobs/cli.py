@@ -91,12 +91,23 @@ def _connect_timeout(value: str) -> int:
 def _lock_timeout(value: str) -> float:
     """Seconds, 0 or more (0: no limit)."""
     try:
-        number = float(value)
+        number = float(value) if value.isascii() else -1.0  # float() reads full-width digits too
     except ValueError:
         number = -1.0
     if not 0 <= number < float("inf"):
         raise argparse.ArgumentTypeError(f"invalid lock timeout {value!r}: seconds, 0 or more (0: no limit)")
     return number
+
+
+# A whole number as typed: ASCII digits only. int() also reads Arabic-Indic and full-width
+# digits and underscores ('١٢٣' acted on job 123), and str.isdigit() passes '²', which
+# int() then refuses with a ValueError (a traceback).
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+
+
+def _integer(value: str) -> Optional[int]:
+    """``value`` as an int if it is a decimal integer in ASCII digits, else None."""
+    return int(value) if _INTEGER.fullmatch(value) else None
 
 
 def _parse_queues(values: Optional[Sequence[str]], default: int) -> Optional[dict[str, int]]:
@@ -105,10 +116,10 @@ def _parse_queues(values: Optional[Sequence[str]], default: int) -> Optional[dic
     queues: dict[str, int] = {}
     for item in values:
         name, _, limit = item.partition("=")
-        try:
-            queues[name] = int(limit) if limit else default
-        except ValueError:
-            raise ConfigurationError(f"--queue {item!r}: the concurrency after '=' must be an integer") from None
+        number = _integer(limit) if limit else default
+        if number is None:
+            raise ConfigurationError(f"--queue {item!r}: the concurrency after '=' must be an integer")
+        queues[name] = number
     return queues
 
 
@@ -628,9 +639,10 @@ def _keep_or_set(current: Optional[int], given: Optional[str]) -> Optional[int]:
         return current
     if given == "none":
         return None
-    if not given.isdigit() or int(given) < 1:
+    number = _integer(given)
+    if number is None or number < 1:
         raise ConfigurationError(f"invalid limit {given!r}: use a positive integer or none")
-    return int(given)
+    return number
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -676,10 +688,9 @@ def _arg_type(check):  # type: ignore[no-untyped-def]
 def _job_id(value: str) -> int:
     from .admin import check_job_id
 
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid job id {value!r}: job ids are positive integers") from None
+    number = _integer(value)
+    if number is None:
+        raise argparse.ArgumentTypeError(f"invalid job id {value!r}: job ids are positive integers")
     try:
         return check_job_id(number)
     except SaJobsError as exc:
@@ -687,10 +698,7 @@ def _job_id(value: str) -> int:
 
 
 def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
+    number = _integer(value) or 0
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {value!r}")
     return number

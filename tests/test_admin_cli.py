@@ -811,3 +811,52 @@ def test_job_filter_refuses_a_negative_or_non_timedelta_age():
         with pytest.raises(ConfigurationError, match=field):
             JobFilter(**{field: value})
     assert JobFilter(older_than=dt.timedelta(0)).older_than == dt.timedelta(0)
+
+
+@pytest.mark.parametrize("value", ["\u0661\u0662\u0663", "\uff11\uff12\uff13", "1_000", "\u00b2"])
+@pytest.mark.parametrize("argv", [("jobs", "show", "{v}"), ("jobs", "retry", "{v}"), ("jobs", "cancel", "1", "{v}"),
+                                  ("retry", "{v}")], ids=" ".join)
+def test_a_job_id_in_other_than_ascii_digits_is_refused(capsys, database_url, schema, argv, value):
+    """Python's int() reads Arabic-Indic and full-width digits and underscores: '١٢٣' acted
+    on job 123. Ids are ASCII digits only, refused as any other bad id."""
+    code, out, err = run(capsys, database_url, schema, *(a.format(v=value) for a in argv))
+    assert code == 2 and "invalid job id" in err and "Traceback" not in err and out == "", err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("jobs", "list", "--limit", "\uff15"), "must be a positive integer"),
+    (("jobs", "delete", "--state", "dead", "--batch", "\u0661\u0660"), "must be a positive integer"),
+    (("queues", "limit", "q", "--concurrency", "\u00b2"), "invalid limit"),  # int('²') raised: a traceback
+    (("queues", "limit", "q", "--concurrency", "\u0665"), "invalid limit"),
+    (("queues", "limit", "q", "--rate", "\u00b2/1s"), "invalid rate"),
+    (("jobs", "list", "--older-than", "\u0665d"), "invalid age"),
+    (("jobs", "list", "--lock-timeout", "\uff11"), "invalid lock timeout"),
+])
+def test_other_numbers_in_other_than_ascii_digits_are_refused(capsys, database_url, schema, argv, message):
+    code, out, err = run(capsys, database_url, schema, *argv)
+    assert code == 2 and message in err and "Traceback" not in err and out == "", err
+
+
+def test_the_admin_api_refuses_ids_in_other_than_ascii_digits(engine, database_url, schema):
+    """The API's string ids were already ASCII only (a regex with re.ASCII): kept so."""
+    from sqlalchemy.orm import Session
+
+    from sa_jobs.admin import cancel_many, delete_many, retry_many
+    from sa_jobs.errors import JobNotFoundError
+
+    with Session(engine) as session:
+        for action in (retry_many, cancel_many, delete_many):
+            for value in ("\u0661\u0662\u0663", "\uff11\uff12\uff13", "1_000"):
+                with pytest.raises(JobNotFoundError, match="job ids are integers"):
+                    action(session, [value])
+
+
+def test_parse_rate_reads_a_period_without_a_leading_digit():
+    """'5/.5s' read as 5 per 1.5 s (a '1' was put before any period not starting with a digit)."""
+    import datetime as dt
+
+    from sa_jobs.admin import parse_rate
+
+    assert parse_rate("5/.5s") == (5, dt.timedelta(seconds=0.5))
+    assert parse_rate("100/m") == (100, dt.timedelta(minutes=1))
+    assert parse_rate("10/2h") == (10, dt.timedelta(hours=2))
