@@ -176,3 +176,20 @@ def test_a_delay_keeps_working_for_a_child(engine, database_url, schema) -> None
     with Session(engine) as session, session.begin():
         session.add(InhWelcome(to="s@x", customer=1).options(delay=dt.timedelta(hours=1)))
     assert q(database_url, jobs_sql(schema, "SELECT state, queue FROM {jobs}")) == [("scheduled", "inh_emails")]
+
+
+def test_a_worker_for_a_parent_kind_runs_its_subkinds_too(engine, database_url, schema) -> None:
+    """``Worker(kinds=[InhEmail])`` ran InhEmail alone: it served InhEmail's queue, claimed
+    the InhWelcome jobs there (a child takes its parent's queue) and failed each attempt with
+    UnknownKindError, though it held their handler. A kind stands for its subkinds, as
+    ``select(InhEmail)`` does. (docs/core.md, "A kind that subclasses a kind")"""
+    from sa_jobs import Worker
+
+    worker = Worker(database_url, kinds=[InhEmail], schema=schema)
+    assert sorted(worker._kinds) == ["inh_digest", "inh_digest_again", "inh_email", "inh_welcome"]
+    assert sorted(Worker(database_url, kinds=[InhDigest], schema=schema)._kinds) == ["inh_digest", "inh_digest_again"]
+    with Session(engine) as session, session.begin():
+        session.add_all([InhEmail(to="p@x", customer=1), InhWelcome(to="w@x", customer=2)])
+    assert drain(engine, kinds=[InhEmail], queues=["inh_emails"]) == {"completed": 2}
+    rows = q(database_url, jobs_sql(schema, "SELECT kind, state, result->>'handler' FROM {jobs} ORDER BY id"))
+    assert rows == [("inh_email", "completed", "send_email"), ("inh_welcome", "completed", "send_email")]

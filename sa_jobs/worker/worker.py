@@ -268,10 +268,18 @@ class Worker:
             candidates = [c for c in registered_kinds().values() if c.__sa_jobs_handler__ is not None]
         else:
             candidates = list(kinds)
-        resolved: dict[str, _KindRuntime] = {}
         for cls in candidates:
             if not (isinstance(cls, type) and issubclass(cls, Job)) or cls.__sa_jobs_options__ is None:
                 raise ConfigurationError(f"{cls!r} is not a job kind (a subclass of sa_jobs.Job)")
+        if kinds is not None:
+            from sqlalchemy import inspect as sa_inspect
+
+            # A kind listed stands for its subkinds too, as select(Parent) does: a child
+            # takes its parent's queue and handler, and a worker listing the parent alone
+            # claimed the child's jobs there and failed them with UnknownKindError.
+            candidates = [m.class_ for cls in candidates for m in sa_inspect(cls).self_and_descendants]
+        resolved: dict[str, _KindRuntime] = {}
+        for cls in candidates:
             handler = cls.__sa_jobs_handler__
             if handler is None:
                 raise UnknownKindError(f"job kind {cls.__sa_jobs_options__.kind!r} has no handler; decorate one with @{cls.__name__}.handler")
