@@ -14,6 +14,12 @@ duplicates, or failed the caller's transaction:
   bucket) or with a ``delay=`` (SQL the bulk path sends as a parameter): refused. Other
   jobs, built by ``Job.__init__``, are written as ``add_all`` would write them.
 
+An ORM UPDATE of a kind (``update(Kind).values(args=...)``, or by primary key with a list
+of dicts) that sets what a row's unique key or partition key derives from (``args``,
+``kind``; ``queue`` for a ``by_queue`` key) is refused too: the keys are computed in Python
+(a hash of canonical JSON) and no UPDATE recomputes them, so the row kept the keys of its
+old args (a job of the new args was no duplicate of it; one of the old args was).
+
 The two legacy bulk methods run no event at all, so they are wrapped on the ``Session``
 class (once, keeping SQLAlchemy's method for everything but job kinds). A Core
 ``insert(Job.__table__)`` stays the explicit low-level path: it writes exactly the
@@ -77,6 +83,51 @@ def _refuse_orm_insert(state: ORMExecuteState) -> None:
     raise _refusal(cls, "An ORM INSERT (session.execute(insert(Kind), ...))", _BYPASSES_INIT)
 
 
+def _key_columns(cls: type) -> set[str]:
+    """The columns the unique and partition keys of ``cls`` and of its subkinds (an UPDATE
+    of a parent kind, or of ``Job``, reaches their rows) derive from."""
+    columns: set[str] = set()
+    for mapper in inspect(cls).self_and_descendants:
+        options = getattr(mapper.class_, "__sa_jobs_options__", None)
+        if options is None:
+            continue
+        if options.unique is not None or options.partition_by:
+            columns.update(("args", "kind"))
+        if options.unique is not None and options.unique.by_queue:
+            columns.add("queue")
+    return columns
+
+
+def _set_columns(state: ORMExecuteState) -> set[str]:
+    """The names an UPDATE sets: its ``values()`` (``ordered_values()`` too), and the keys of
+    the parameter dicts of an UPDATE by primary key."""
+    statement = state.statement
+    keys = [*(getattr(statement, "_values", None) or ()),
+            *(k for k, _ in getattr(statement, "_ordered_values", None) or ())]
+    params = state.parameters
+    for row in params if isinstance(params, (list, tuple)) else [params] if params else []:
+        keys.extend(row)
+    return {key if isinstance(key, str) else str(getattr(key, "key", key)) for key in keys}
+
+
+def _refuse_orm_key_update(state: ORMExecuteState) -> None:
+    """``do_orm_execute``: refuse an ORM UPDATE of a job kind that sets a column its keys
+    derive from. Returns after one attribute test for any statement that is not an UPDATE."""
+    if not state.is_update:
+        return
+    cls = _job_class(state.bind_mapper)
+    if cls is None:
+        return
+    stale = sorted(_set_columns(state) & _key_columns(cls))
+    if stale:
+        raise ConfigurationError(
+            f"An ORM UPDATE setting {', '.join(stale)} of {_kind_name(cls)} would leave each row's unique"
+            " or partition key computed from what it was before (the keys are hashed from the args in"
+            " Python; no UPDATE recomputes them). To run a job with other args, cancel it (sa_jobs.admin.cancel)"
+            " and enqueue a new one; update(Job.__table__) is the low-level path that writes exactly the"
+            " columns given, keys included")
+
+
 def _guard_bulk_insert_mappings(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
     def bulk_insert_mappings(self: Session, mapper: Any, mappings: Any, *args: Any, **kw: Any) -> None:
@@ -120,8 +171,9 @@ def register_bulk_guards(job: type) -> None:
     """Guard every Session (sync, and the one inside each AsyncSession), once."""
     global _job
     _job = job
-    if not event.contains(Session, "do_orm_execute", _refuse_orm_insert):
-        event.listen(Session, "do_orm_execute", _refuse_orm_insert)
+    for listener in (_refuse_orm_insert, _refuse_orm_key_update):
+        if not event.contains(Session, "do_orm_execute", listener):
+            event.listen(Session, "do_orm_execute", listener)
     for name, guard in (("bulk_insert_mappings", _guard_bulk_insert_mappings),
                         ("bulk_save_objects", _guard_bulk_save_objects)):
         method = getattr(Session, name)

@@ -7,7 +7,7 @@ import datetime as dt
 from typing import Any, Callable
 
 import pytest
-from sqlalchemy import Integer, insert, select
+from sqlalchemy import Integer, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, scoped_session, sessionmaker
@@ -222,3 +222,60 @@ def test_orm_inserts_and_bulk_methods_of_other_models_are_untouched(engine):
             assert session.scalars(select(BpOther.n).order_by(BpOther.id)).all() == [1, 2, 3, 4, 5]
     finally:
         BpOther.metadata.drop_all(engine)
+
+
+class BpByQueue(Job, kind="bp_by_queue", unique=Unique(by=("user_id",), by_queue=True)):
+    pass
+
+
+ORM_KEY_UPDATES: dict[str, Callable[[Session, int], Any]] = {
+    "update(unique Kind).values(args=)": lambda s, i: s.execute(
+        update(BpUnique).where(BpUnique.id == i).values(args={"user_id": 2})),
+    "update(partitioned Kind).values({'args': })": lambda s, i: s.execute(
+        update(BpEmail).where(BpEmail.id == i).values({"args": {"user_id": 2}})),
+    "update(Job).values(Job.args=)": lambda s, i: s.execute(update(Job).where(Job.id == i).values({Job.args: {}})),
+    "update(unique Kind), dicts by id": lambda s, i: s.execute(update(BpUnique), [{"id": i, "args": {"user_id": 2}}]),
+    "update(unique Kind).values(kind=)": lambda s, i: s.execute(
+        update(BpUnique).where(BpUnique.id == i).values(kind="bp_email")),
+    "update(by_queue Kind).values(queue=)": lambda s, i: s.execute(
+        update(BpByQueue).where(BpByQueue.id == i).values(queue="other")),
+    "update(unique Kind).ordered_values(args)": lambda s, i: s.execute(
+        update(BpUnique).where(BpUnique.id == i).ordered_values((BpUnique.args, {"user_id": 2}))),
+}
+
+
+@pytest.mark.parametrize("how", list(ORM_KEY_UPDATES))
+def test_an_orm_update_of_what_a_key_derives_from_is_refused(engine, database_url, schema, how):
+    """`update(BpUnique).values(args={"user_id": 2})` left the row's unique key (and a
+    partitioned kind's partition key) as computed from the old args: BpUnique(user_id=2)
+    was then no duplicate of it, and BpUnique(user_id=1) was refused as a duplicate of a
+    job for user 2. No SQL can recompute the keys (a hash of canonical JSON in Python)."""
+    with Session(engine) as session, session.begin():
+        job = {"update(partitioned Kind).values({'args': })": BpEmail(user_id=1),
+               "update(by_queue Kind).values(queue=)": BpByQueue(user_id=1)}.get(how, BpUnique(user_id=1))
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    before = _rows(database_url, schema)
+    with Session(engine) as session, session.begin():
+        with pytest.raises(ConfigurationError) as error:
+            ORM_KEY_UPDATES[how](session, job_id)
+        message = str(error.value)
+        assert "key" in message and "cancel" in message and "update(Job.__table__)" in message, message
+        _still_usable(session)
+    assert _rows(database_url, schema) == [*before, USUAL_ROW]
+
+
+def test_orm_updates_of_other_columns_and_core_updates_are_untouched(engine, database_url, schema):
+    """Updates that no key derives from go through, as does the low-level Core path."""
+    with Session(engine) as session, session.begin():
+        unique, plain = BpUnique(user_id=1), BpEmail(user_id=1)
+        session.add_all([unique, plain])
+        session.flush()
+        unique_id, plain_id = unique.id, plain.id
+    with Session(engine) as session, session.begin():
+        session.execute(update(BpUnique).where(BpUnique.id == unique_id).values(priority=7, queue="uq2"))
+        session.execute(update(Job).where(Job.id == plain_id).values(priority=9))
+        session.execute(update(Job.__table__).where(Job.__table__.c.id == plain_id).values(args={"user_id": 5}))
+    rows = q(database_url, jobs_sql(schema, "SELECT queue, priority, args FROM {jobs} ORDER BY id"))
+    assert rows == [("uq2", 7, {"user_id": 1}), ("emails", 9, {"user_id": 5})]
