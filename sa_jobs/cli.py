@@ -697,6 +697,14 @@ def _job_id(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _int_arg(value: str) -> int:
+    """An integer in ASCII digits (argparse's type=int took '١٠' and '1_0')."""
+    number = _integer(value)
+    if number is None:
+        raise argparse.ArgumentTypeError(f"must be an integer, not {value!r}")
+    return number
+
+
 def _positive_int(value: str) -> int:
     number = _integer(value) or 0
     if number < 1:
@@ -870,13 +878,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("modules", nargs="+", metavar="MODULE", help="modules that declare job kinds and handlers")
     common(w)
     w.add_argument("--queue", action="append", metavar="NAME[=N]", help="queue to work, with its concurrency (repeatable)")
-    w.add_argument("--concurrency", type=int, default=10, help="jobs at once per queue (default 10)")
+    w.add_argument("--concurrency", type=_int_arg, default=10, help="jobs at once per queue (default 10)")
     w.add_argument("--lease", type=_positive_float, default=30.0, help="seconds a claim holds a job without a heartbeat")
     w.add_argument("--poll-interval", type=_positive_float, default=1.0)
     w.add_argument("--maintenance-interval", type=_positive_float, default=1.0)
     w.add_argument("--shutdown-grace", type=_grace, default=30.0, help="seconds to finish running jobs on SIGTERM, SIGINT or SIGHUP")
     w.add_argument("--statement-timeout", type=_positive_float, help="bound on every worker statement (default: lease/2, 2-30 s)")
-    w.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    w.add_argument("--metrics-port", type=_int_arg, help="serve Prometheus metrics on this port")
     w.add_argument("--metrics-host", default="127.0.0.1", help="metrics bind address (0.0.0.0 to expose)")
     w.set_defaults(func=_cmd_worker)
 
@@ -901,7 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="enqueue in a transaction and run a worker (embedded Postgres by default)")
     d.add_argument("--database-url", help="use this server instead of an embedded one")
-    d.add_argument("--metrics-port", type=int, default=0, help="metrics port (0 picks a free one)")
+    d.add_argument("--metrics-port", type=_int_arg, default=0, help="metrics port (0 picks a free one)")
     d.set_defaults(func=_cmd_demo)
     return parser
 

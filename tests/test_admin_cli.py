@@ -860,3 +860,43 @@ def test_parse_rate_reads_a_period_without_a_leading_digit():
     assert parse_rate("5/.5s") == (5, dt.timedelta(seconds=0.5))
     assert parse_rate("100/m") == (100, dt.timedelta(minutes=1))
     assert parse_rate("10/2h") == (10, dt.timedelta(hours=2))
+
+
+def test_a_bulk_action_stopped_by_a_lock_timeout_says_what_it_did(capsys, database_url, schema):
+    """Batches before the one that timed out committed: the operator is told how many, as
+    after Ctrl-C, besides the one-line error."""
+    import threading
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+
+    first, second = (r[0] for r in q(database_url, jobs_sql(
+        schema, "INSERT INTO {jobs} (kind, state) VALUES ('mail', 'available'), ('mail', 'available') RETURNING id")))
+    holder = psycopg.connect(to_conninfo(database_url))
+    holder.execute(jobs_sql(schema, "SELECT id FROM {jobs} WHERE id = %s FOR UPDATE"), (second,))
+    safety = threading.Timer(30, q, (database_url, "SELECT pg_terminate_backend(%s)", (holder.info.backend_pid,)))
+    safety.start()
+    try:
+        code, out, err = run(capsys, database_url, schema, "jobs", "cancel", str(first), str(second), "--batch", "1",
+                             "--lock-timeout", "0.5")
+    finally:
+        safety.cancel()
+        holder.close()
+    lines = err.splitlines()
+    assert code == 2 and "Traceback" not in err and len(lines) == 2, err
+    assert lines[0] == "sa-jobs: stopped after 1 job(s) cancelled" and "lock timeout" in lines[1], err
+    assert dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}"))) == {
+        first: "cancelled", second: "available"}
+
+
+def test_the_workers_numbers_in_other_than_ascii_digits_are_refused(capsys):
+    """Parsed only: with the value accepted a worker would start here."""
+    from sa_jobs.errors import ConfigurationError
+
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["worker", "tests.jobs_core", "--concurrency", "\u0661\u0660"])
+    assert exc.value.code == 2 and "must be an integer, not" in capsys.readouterr().err
+    with pytest.raises(ConfigurationError, match="the concurrency after '=' must be an integer"):
+        cli._parse_queues(["core=\u0665"], 10)
+    assert cli._parse_queues(["core=5", "other"], 10) == {"core": 5, "other": 10}
