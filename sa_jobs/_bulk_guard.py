@@ -87,6 +87,7 @@ def _key_columns(cls: type) -> set[str]:
     """The columns the unique and partition keys of ``cls`` and of its subkinds (an UPDATE
     of a parent kind, or of ``Job``, reaches their rows) derive from."""
     columns: set[str] = set()
+    mapper: Any
     for mapper in inspect(cls).self_and_descendants:
         options = getattr(mapper.class_, "__sa_jobs_options__", None)
         if options is None:

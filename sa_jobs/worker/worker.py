@@ -280,12 +280,13 @@ class Worker:
             candidates = [m.class_ for cls in candidates for m in sa_inspect(cls).self_and_descendants]
         resolved: dict[str, _KindRuntime] = {}
         for cls in candidates:
-            handler = cls.__sa_jobs_handler__
+            options, handler = cls.__sa_jobs_options__, cls.__sa_jobs_handler__
+            assert options is not None, "checked above; a subkind of a kind has options"
             if handler is None:
-                raise UnknownKindError(f"job kind {cls.__sa_jobs_options__.kind!r} has no handler; decorate one with @{cls.__name__}.handler")
-            resolved[cls.__sa_jobs_options__.kind] = _KindRuntime(
+                raise UnknownKindError(f"job kind {options.kind!r} has no handler; decorate one with @{cls.__name__}.handler")
+            resolved[options.kind] = _KindRuntime(
                 cls=cls,
-                options=cls.__sa_jobs_options__,
+                options=options,
                 handler=handler,
                 is_async=is_async_handler(handler),
                 signature=inspect.signature(handler),
