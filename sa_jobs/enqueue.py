@@ -29,8 +29,23 @@ from .unique import key_sql, note_enqueued
 _COLUMNS = ("kind", "queue", "args", "state", "priority", "max_attempts", "tags", "meta", "partition_key", "scheduled_at")
 
 
+def _sa_connection(session: Any) -> Any:
+    """The SQLAlchemy Connection of ``session`` (a Session, or a Connection itself), in a
+    transaction SQLAlchemy knows of. A Connection's ``.connection`` is its DBAPI connection,
+    not a method (calling it raised TypeError); and one that had begun nothing did not
+    know the COPY, run past it on the driver, had begun a transaction: its commit() did
+    nothing and the rows were rolled back when it closed."""
+    from sqlalchemy.engine import Connection
+
+    if isinstance(session, Connection):
+        if not session.in_transaction():
+            session.begin()  # as its own first statement would (autobegin)
+        return session
+    return session.connection()
+
+
 def _schema_of(session: Any) -> str:
-    bind = session.connection() if hasattr(session, "connection") else session
+    bind = _sa_connection(session)
     translate = (bind.get_execution_options() or {}).get("schema_translate_map") or {}
     return _validate.schema_name(translate.get(DEFAULT_SCHEMA, DEFAULT_SCHEMA))
 
@@ -48,7 +63,7 @@ def _driver_connection(session: Any) -> Any:
     # and a "never awaited" warning), AsyncConnection.connection raises InvalidRequestError.
     if isinstance(session, (AsyncSession, AsyncConnection)):
         raise ConfigurationError(_ASYNC_ONLY)
-    conn = session.connection() if hasattr(session, "connection") else session
+    conn = _sa_connection(session)
     driver = conn.connection.driver_connection
     if not hasattr(driver, "cursor") or type(driver).__name__ == "AsyncConnection":
         raise ConfigurationError(_ASYNC_ONLY)
@@ -239,7 +254,7 @@ def _as_sqlalchemy_error(session: Any, driver: Any, exc: Exception) -> Exception
     """
     from sqlalchemy.exc import DBAPIError
 
-    conn = session.connection() if hasattr(session, "connection") else session
+    conn = _sa_connection(session)
     dialect = conn.dialect
     lost = bool(dialect.is_disconnect(exc, driver, None))
     if lost and not conn.invalidated:

@@ -321,3 +321,21 @@ def test_perform_passes_numbers_as_a_worker_reads_them_from_jsonb(engine, databa
         session.add(EdgeNumbers(**_NUMBERS))
     (stored,), = q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}"))
     assert perform(EdgeNumbers(**_NUMBERS)) == {name: repr(value) for name, value in stored.items()}
+
+
+def test_enqueue_many_through_a_connection_writes_in_its_transaction(engine, database_url, schema):
+    """enqueue_many's docstring takes "a sync Session or Connection": a Connection failed
+    with TypeError ('_ConnectionFairy' object is not callable, from ``session.connection()``);
+    and on a Connection that had begun nothing, SQLAlchemy did not know the COPY had begun
+    a transaction, so its commit() did nothing and the rows were rolled back at close."""
+    with engine.begin() as conn:
+        assert enqueue_many(conn, EdgeTagged, [{"n": 1}]) == 1
+        assert enqueue_many(conn, [EdgeTagged(n=2), EdgeUnique(n=2)]) == 2
+    with engine.connect() as conn:
+        assert enqueue_many(conn, EdgeTagged, [{"n": 3}]) == 1
+        conn.commit()
+    with engine.connect() as conn:
+        assert enqueue_many(conn, EdgeTagged, [{"n": 4}]) == 1
+        conn.rollback()
+    assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs} ORDER BY id")) == [
+        ({"n": 1},), ({"n": 2},), ({"n": 2},), ({"n": 3},)]
