@@ -21,6 +21,7 @@ See ``docs/metrics.md``.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 from bisect import bisect_left
@@ -501,6 +502,8 @@ class QueueDepthCollector(Collector):
         return list(self._families(None))
 
     def collect(self) -> Iterable[Metric]:
+        if _taken_in_thread.get() is self:  # make_asgi_app's collect, on the event loop
+            return list(self._families(self._snapshot))
         return list(self._families(self.snapshot()))
 
     def _families(self, snap: Optional[_Snapshot]) -> Iterator[Metric]:
@@ -643,6 +646,12 @@ def serve_worker_metrics(port: int, host: str = "127.0.0.1", *, schema: str, dat
     return server.observer
 
 
+# The collector whose snapshot make_asgi_app's request just brought up to date in a thread:
+# its collect, run on the event loop by prometheus-client's ASGI app, must not query.
+_taken_in_thread: contextvars.ContextVar[Optional[QueueDepthCollector]] = contextvars.ContextVar(
+    "sa_jobs.metrics.depth_taken_in_thread", default=None)
+
+
 def make_asgi_app(
     registry: Optional[CollectorRegistry] = None,
     *,
@@ -665,11 +674,18 @@ def make_asgi_app(
     async def metrics_app(scope: Any, receive: Any, send: Any) -> None:
         # prometheus-client collects on the event loop, which also runs the app and the
         # Worker embedded in it: a due depth query (up to its 2 s timeouts, or a connect to
-        # a server that does not answer) held them all still. It runs in a thread first;
-        # the collect that follows finds the snapshot fresh.
-        if scope.get("type") == "http":
-            await anyio.to_thread.run_sync(depth.snapshot)
-        await app(scope, receive, send)
+        # a server that does not answer) held them all still. It runs in a thread first,
+        # and the collect that follows serves that snapshot: it may have aged past the TTL
+        # meanwhile (a scrape interval equal to the TTL lands on it), and queried again.
+        if scope.get("type") != "http":
+            await app(scope, receive, send)
+            return
+        await anyio.to_thread.run_sync(depth.snapshot)
+        token = _taken_in_thread.set(depth)
+        try:
+            await app(scope, receive, send)
+        finally:
+            _taken_in_thread.reset(token)
 
     return metrics_app
 

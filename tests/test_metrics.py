@@ -536,6 +536,39 @@ def test_an_asgi_scrape_does_not_block_the_event_loop_on_the_depth_query(databas
     assert longest < 1.0, f"the event loop stood still for {longest:.2f}s during a scrape"
 
 
+def test_an_asgi_scrape_at_the_ttl_boundary_does_not_query_on_the_event_loop(database_url: str, schema: str) -> None:
+    """The thread looked at the snapshot a moment before the collect on the loop did: a
+    scrape that came just under the TTL (a scrape interval equal to the TTL, or dividing
+    it: Prometheus scrapes on the dot) found it fresh in the thread and stale in the
+    collect, which then ran the query on the event loop all the same. The clock here moves
+    by 2 ms between the thread's look and the collect's."""
+    reg = CollectorRegistry()
+    app = make_asgi_app(reg, database_url=database_url, schema=schema, depth_ttl=10.0)
+    [depth] = [c for c in reg._collector_to_names if isinstance(c, QueueDepthCollector)]
+    now = {"t": 100.0}
+    loop_thread: list[int] = []
+    depth._clock = lambda: now["t"] + (0.002 if threading.get_ident() in loop_thread else 0.0)
+    refreshed_on: list[int] = []
+    refresh = depth.refresh
+    depth.refresh = lambda: (refreshed_on.append(threading.get_ident()), refresh())[1]  # type: ignore[method-assign]
+
+    async def scrape() -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        loop_thread[:] = [threading.get_ident()]
+        await app({"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": []}, receive, send)
+
+    anyio.run(scrape)  # the first: the snapshot is taken (in a thread)
+    assert len(refreshed_on) == 1
+    now["t"] += 10.0 - 0.001  # the next scrape, a millisecond under the TTL in the thread
+    anyio.run(scrape)
+    assert loop_thread[0] not in refreshed_on, "the depth query ran on the event loop"
+
+
 def test_scrapes_are_thread_safe_under_concurrency(database_url: str, schema: str) -> None:
     """Prometheus HTTP handlers run in threads; concurrent scrapes share one query per TTL."""
     collector = QueueDepthCollector(database_url, schema, ttl=60)
