@@ -432,7 +432,8 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
 _BULK = 1000  # ids per transaction in bulk actions
 
 
-def _bulk(args: argparse.Namespace, verb: str, action, *, skip_locked: bool = False) -> int:  # type: ignore[no-untyped-def]
+def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str],  # type: ignore[no-untyped-def]
+          skip_locked: bool = False) -> int:
     """Apply ``action(session, ids) -> done ids`` to the given ids or the filter's matches,
     ``--batch`` ids per transaction, with a progress bar; report what was not done.
 
@@ -440,7 +441,10 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, skip_locked: bool = Fa
     (FOR UPDATE; SKIP LOCKED for ``skip_locked``) and acts on those: ids listed at the
     start and acted on later by id alone were acted on whatever they had become meanwhile
     (a job a worker claimed was cancelled by ``--state available``, a dead job replayed
-    and completed was replayed again by ``dead replay``). Memory stays one batch."""
+    and completed was replayed again by ``dead replay``). Only rows in the states the
+    action acts on (``acts_on``) are locked: `jobs retry --kind K` waited for every
+    transaction holding a running job of K (a handler's ctx.transaction(), a heartbeat),
+    or deadlocked with one. Memory stays one batch."""
     from sqlalchemy.orm import Session
 
     from .admin import count_matching, matching_ids
@@ -484,8 +488,9 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, skip_locked: bool = Fa
         for chunk in batches():
             with Session(engine) as session, session.begin():
                 if by_filter:
-                    chunk_where = dataclasses.replace(where, ids=tuple(chunk))
-                    targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked)
+                    states = tuple(s for s in (where.states or acts_on) if s in acts_on)
+                    chunk_where = dataclasses.replace(where, ids=tuple(chunk), states=states)
+                    targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked) if states else []
                 else:
                     targets = chunk
                 acted = list(action(session, targets)) if targets else []
@@ -521,22 +526,22 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, skip_locked: bool = Fa
 
 
 def _cmd_jobs_retry(args: argparse.Namespace) -> int:
-    from .admin import retry_many
+    from .admin import REPLAYABLE_STATES, retry_many
 
-    return _bulk(args, "retried", retry_many)
+    return _bulk(args, "retried", retry_many, acts_on=REPLAYABLE_STATES)
 
 
 def _cmd_jobs_cancel(args: argparse.Namespace) -> int:
-    from .admin import cancel_many
+    from .admin import CANCELLABLE_STATES, cancel_many
 
-    return _bulk(args, "cancelled", lambda session, ids: list(cancel_many(session, ids)))
+    return _bulk(args, "cancelled", lambda session, ids: list(cancel_many(session, ids)), acts_on=CANCELLABLE_STATES)
 
 
 def _cmd_jobs_delete(args: argparse.Namespace) -> int:
-    from .admin import delete_many
+    from .admin import DELETABLE_STATES, delete_many
 
     # As delete_many: rows another transaction holds are skipped, not waited for.
-    return _bulk(args, "deleted", delete_many, skip_locked=True)
+    return _bulk(args, "deleted", delete_many, acts_on=DELETABLE_STATES, skip_locked=True)
 
 
 def _cmd_dead_replay(args: argparse.Namespace) -> int:
@@ -544,9 +549,9 @@ def _cmd_dead_replay(args: argparse.Namespace) -> int:
         raise ConfigurationError("dead replay: give --kind KIND (repeatable) or --all-kinds")
     args.state = ["dead"]
     args.ids = []
-    from .admin import retry_many
+    from .admin import REPLAYABLE_STATES, retry_many
 
-    return _bulk(args, "replayed", retry_many)
+    return _bulk(args, "replayed", retry_many, acts_on=REPLAYABLE_STATES)
 
 
 def _cmd_queues(args: argparse.Namespace) -> int:

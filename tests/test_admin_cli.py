@@ -900,3 +900,48 @@ def test_the_workers_numbers_in_other_than_ascii_digits_are_refused(capsys):
     with pytest.raises(ConfigurationError, match="the concurrency after '=' must be an integer"):
         cli._parse_queues(["core=\u0665"], 10)
     assert cli._parse_queues(["core=5", "other"], 10) == {"core": 5, "other": 10}
+
+
+@pytest.mark.parametrize("argv, verb", [
+    (("jobs", "retry", "--kind", "held"), "retried"),
+    (("jobs", "cancel", "--kind", "held"), "cancelled"),
+], ids=["retry", "cancel"])
+def test_a_bulk_action_by_filter_does_not_wait_for_rows_it_cannot_act_on(capsys, database_url, schema, argv, verb):
+    """Each batch re-reads its matches under FOR UPDATE: `jobs retry --kind K` locked the
+    kind's running and waiting rows too, which it never retries, and so waited for any
+    transaction holding one (a handler's ctx.transaction(), a worker's claim or heartbeat;
+    a deadlock with them failed the command). Only rows the action may act on are locked."""
+    import threading
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+
+    start = "dead" if verb == "retried" else "available"
+    other = "running" if verb == "retried" else "completed"
+    target, busy = [r[0] for r in q(database_url, jobs_sql(
+        schema, "INSERT INTO {jobs} (kind, state, finished_at, claim_token, lease_expires_at) VALUES"
+                " ('held', %s, CASE WHEN %s = 'dead' THEN now() END, NULL, NULL),"
+                " ('held', %s, CASE WHEN %s = 'completed' THEN now() END,"
+                "  CASE WHEN %s = 'running' THEN gen_random_uuid() END,"
+                "  CASE WHEN %s = 'running' THEN now() + interval '1 hour' END) RETURNING id"),
+        (start, start, other, other, other, other))]
+    done = threading.Event()
+    result: list = []
+
+    def command() -> None:
+        try:
+            result.append(run(capsys, database_url, schema, *argv, "--json"))
+        finally:
+            done.set()
+
+    with psycopg.connect(to_conninfo(database_url)) as holder:  # a handler's open transaction on its row
+        holder.execute(jobs_sql(schema, "SELECT 1 FROM {jobs} WHERE id = %s FOR UPDATE"), (busy,))
+        thread = threading.Thread(target=command)
+        thread.start()
+        finished = done.wait(10)
+        holder.rollback()
+    thread.join()
+    assert finished, f"{argv[0]} {argv[1]} --kind waited for a row it does not act on"
+    code, out, err = result[0]
+    assert code == 0 and json.loads(out) == {verb: [target], "not_" + verb: [busy]}, out + err
