@@ -577,9 +577,11 @@ def _cmd_queue_pause(args: argparse.Namespace) -> int:
     from .admin import set_queue_paused
 
     paused = args.queue_action == "pause"
-    with Session(_engine(args)) as session, session.begin():
-        _warn_if_unknown_queue(session, args.name)
+    engine = _engine(args)
+    with Session(engine) as session, session.begin():
+        set_before = _queue_row_exists(session, args.name)
         set_queue_paused(session, args.name, paused)
+    _warn_if_unknown_queue(engine, args.name, set_before)
     if args.json:
         _print_json({"queue": args.name, "paused": paused})
     else:
@@ -594,8 +596,9 @@ def _cmd_queue_limit(args: argparse.Namespace) -> int:
 
     if args.clear and (args.concurrency, args.partition_concurrency, args.rate) != (None, None, None):
         raise ConfigurationError("queues limit: --clear removes every limit: give it alone, or set limits without it")
-    with Session(_engine(args)) as session, session.begin():
-        _warn_if_unknown_queue(session, args.name)
+    engine = _engine(args)
+    with Session(engine) as session, session.begin():
+        set_before = _queue_row_exists(session, args.name)
         if args.clear:
             limits = QueueLimits()
         else:
@@ -606,6 +609,7 @@ def _cmd_queue_limit(args: argparse.Namespace) -> int:
                 rate=current.rate if args.rate is None else (None if args.rate == "none" else parse_rate(args.rate)),
             )
         set_queue_limits(session, args.name, limits)
+    _warn_if_unknown_queue(engine, args.name, set_before)
     shown = {
         "queue": args.name, "concurrency": limits.concurrency, "partition_concurrency": limits.partition_concurrency,
         # As `sa-jobs queues` shows it (and --rate takes it): "10/1s".
@@ -619,23 +623,36 @@ def _cmd_queue_limit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_unknown_queue(session, name: str) -> None:  # type: ignore[no-untyped-def]
-    """Say so when no job and no earlier setting names ``name``: a mistyped queue is paused
-    or limited without a word while the real one runs on. Not refused: a queue may be set
-    up before its first job. A typo reads the whole jobs table once (no index covers the
-    queue of every state); an admin command may pay that."""
+def _queue_row_exists(session, name: str) -> bool:  # type: ignore[no-untyped-def]
+    """Whether an earlier setting (pause, limit) named ``name``: one primary-key read, made
+    in the command's transaction before it writes that row."""
     from sqlalchemy import exists, select
 
     from ._validate import queue_name
     from .admin import _queues_table
-    from .model import Job
 
     queue_name(name)  # the typed error first, before any SQL
     queues = _queues_table(session)
-    if not any(session.execute(select(exists().where(queues.c.name == name),
-                                      exists().where(Job.__table__.c.queue == name))).one()):
-        print(f"sa-jobs: warning: no job and no earlier setting names queue {name!r}; set anyway"
-              " (is the name right? `sa-jobs queues` lists the queues)", file=sys.stderr)
+    return bool(session.execute(select(exists().where(queues.c.name == name))).scalar())
+
+
+def _warn_if_unknown_queue(engine, name: str, set_before: bool) -> None:  # type: ignore[no-untyped-def]
+    """Say so when no job and no earlier setting names ``name``: a mistyped queue is paused
+    or limited without a word while the real one runs on. Not refused: a queue may be set
+    up before its first job. Run after the command committed: when no job names the queue
+    the look-up reads the whole jobs table (no index covers the queue of every state), and
+    an urgent pause must not wait for it."""
+    from sqlalchemy import exists, select
+    from sqlalchemy.orm import Session
+
+    from .model import Job
+
+    if set_before:
+        return
+    with Session(engine) as session:
+        if not session.execute(select(exists().where(Job.__table__.c.queue == name))).scalar():
+            print(f"sa-jobs: warning: no job and no earlier setting names queue {name!r}; set anyway"
+                  " (is the name right? `sa-jobs queues` lists the queues)", file=sys.stderr)
 
 
 def _keep_or_set(current: Optional[int], given: Optional[str]) -> Optional[int]:
