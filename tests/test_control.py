@@ -8,6 +8,7 @@ import time
 
 import anyio
 import pytest
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from sa_jobs import (
@@ -553,6 +554,53 @@ def test_a_progress_report_just_before_the_end_is_kept(engine, database_url, sch
     with Session(engine) as session:
         status = job_status(session, job_id)
     assert status.status == ("failed" if fail else "done"), status
+    assert status.progress == {"percent": 80, "message": "uploading"}, status
+
+
+class CProgressTx(Job, kind="c_progress_tx", queue="c"):
+    pass
+
+
+@CProgressTx.handler
+async def c_progress_tx(ctx: JobContext, in_block: bool) -> None:
+    if not in_block:
+        ctx.set_progress(80, "uploading")
+    async with ctx.async_transaction(result="uploaded") as session:
+        if in_block:
+            ctx.set_progress(80, "uploading")
+        await session.execute(text("SELECT 1"))
+
+
+class CProgressSyncTx(Job, kind="c_progress_sync_tx", queue="c"):
+    pass
+
+
+@CProgressSyncTx.handler
+def c_progress_sync_tx(ctx: JobContext, in_block: bool) -> None:
+    if not in_block:
+        ctx.set_progress(80, "uploading")
+    with ctx.transaction(result="uploaded") as session:
+        if in_block:
+            ctx.set_progress(80, "uploading")
+        session.execute(text("SELECT 1"))
+
+
+@pytest.mark.parametrize("kind", [CProgressTx, CProgressSyncTx], ids=["async", "sync"])
+@pytest.mark.parametrize("in_block", [False, True], ids=["before", "inside"])
+def test_a_progress_report_is_kept_by_a_transactional_completion(engine, database_url, schema, kind, in_block):
+    """The README says a report is written "with the job's outcome, if that comes first":
+    a job completed by ctx.transaction() / ctx.async_transaction() dropped a report the
+    next heartbeat had not written yet, and its status page showed no progress."""
+    (job_id,) = add(engine, kind(in_block=in_block))
+
+    def finished() -> bool:
+        with Session(engine) as session:
+            return job_status(session, job_id).status == "done"
+
+    run_worker_until(database_url, schema, ALL + [kind], finished, lease=30.0)
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+    assert (status.status, status.result) == ("done", "uploaded"), status
     assert status.progress == {"percent": 80, "message": "uploading"}, status
 
 

@@ -161,6 +161,13 @@ class JobContext:
             options["schema_translate_map"] = {DEFAULT_SCHEMA: self._worker.schema}
         return stmt, options
 
+    def _with_report(self, stmt: Any) -> Any:
+        """The completion, writing the progress report no heartbeat has written yet (read
+        at commit: the handler may report inside the block), as the completer writes one
+        with an outcome; without it the finished job showed no progress."""
+        report = self._job.progress_json
+        return stmt if report is None else stmt.values(progress=json.loads(report))
+
     def _check_lease(self, rowcount: int) -> None:
         if rowcount != 1:
             self._job.lease_lost = True
@@ -186,7 +193,8 @@ class JobContext:
                     yield session
                     session.flush()
                     self._job.completing = True
-                    self._check_lease(cast("CursorResult[Any]", session.execute(stmt, execution_options=options)).rowcount)
+                    completion = self._with_report(stmt)
+                    self._check_lease(cast("CursorResult[Any]", session.execute(completion, execution_options=options)).rowcount)
             except BaseException:
                 # Also when the COMMIT fails: the job is not completing, and its heartbeat
                 # must go on (a handler may retry its transaction).
@@ -207,7 +215,8 @@ class JobContext:
                     yield session
                     await session.flush()
                     self._job.completing = True
-                    res = cast("CursorResult[Any]", await session.execute(stmt, execution_options=options))
+                    completion = self._with_report(stmt)
+                    res = cast("CursorResult[Any]", await session.execute(completion, execution_options=options))
                     self._check_lease(res.rowcount)
             except BaseException:
                 self._job.completing = False  # as in transaction(): a failed COMMIT too
