@@ -540,7 +540,13 @@ def parse_rate(text: str) -> tuple[int, dt.timedelta]:
         period = "0" + period
     elif period[:1] not in "0123456789":
         period = "1" + period
-    return int(count), parse_age(period)
+    try:
+        return int(count), parse_age(period)
+    except ConfigurationError as exc:  # "invalid age '1x'" named neither the rate nor what was typed
+        reason = str(exc).partition(": ")[2]
+        if reason.startswith("use "):
+            reason = "use COUNT/PERIOD, such as 10/1s, 100/m or 5000/1h"
+        raise ConfigurationError(f"invalid rate {text!r}: {reason}") from None
 
 
 def set_queue_limits(session: Any, queue: str, limits: QueueLimits) -> None:

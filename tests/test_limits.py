@@ -218,6 +218,10 @@ def test_parse_rate():
     for bad in ("", "10", "x/1s", "10/", "10/1y", "-1/s"):
         with pytest.raises(ConfigurationError):
             parse_rate(bad)
+    # A bad period names the rate as typed, not the age it was turned into ('1x').
+    for bad in ("10/x", "10/1y", "10/s5"):
+        with pytest.raises(ConfigurationError, match=rf"^invalid rate '{bad}'"):
+            parse_rate(bad)
 
 
 def test_partition_key_from_kind_args_and_options():
