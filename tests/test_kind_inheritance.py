@@ -82,6 +82,20 @@ def test_direct_subclasses_of_job_keep_the_keyword_defaults() -> None:
     assert InhPlainChild.kind_options() == KindOptions(kind="inh_plain_child", queue="inh_other")
 
 
+class InhNamedParent(Job, kind="inh_named_parent", queue="inh_named", max_attempts=3):
+    pass
+
+
+class InhNamedByItsClass(InhNamedParent):
+    pass
+
+
+def test_a_child_without_a_kind_name_takes_its_class_name() -> None:
+    """As docs/core.md says: a child's kind name defaults to its class name, as any kind's
+    does, and it inherits the rest."""
+    assert InhNamedByItsClass.kind_options() == dataclasses.replace(InhNamedParent.kind_options(), kind="InhNamedByItsClass")
+
+
 def test_an_overriding_keyword_is_validated() -> None:
     with pytest.raises(ConfigurationError):
         class InhBadPriority(InhEmail, kind="inh_bad_priority", priority=99999):
