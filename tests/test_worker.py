@@ -1353,6 +1353,49 @@ def test_completer_drain_waits_for_the_write_in_flight(engine, database_url, sch
     assert observed == {"drained": True, "states": [("completed", 3)]}
 
 
+def test_a_drain_that_times_out_during_the_write_in_flight_counts_its_outcomes(engine, database_url, schema):
+    """Found by review14: when the shutdown drain timed out while the completer's loop was
+    writing a batch, the worker logged "0 outcome(s) could not be written": the batch was
+    pending no more while it was written. ``unwritten`` counts it."""
+    from sa_jobs._connection import ManagedConnection
+    from sa_jobs.events import NullObserver
+    from sa_jobs.worker._job import Outcome
+    from sa_jobs.worker.completer import Completer
+
+    jobs = _claimed_by_hand(engine, database_url, schema, 3)
+    blocker = psycopg.connect(database_url, autocommit=False)
+    blocker.execute(jobs_sql(schema, "SELECT id FROM {jobs} FOR UPDATE"))
+    observed: dict[str, object] = {}
+
+    async def main() -> None:
+        conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=30.0)
+        completer = Completer(conn, Queries.for_schema(schema), NullObserver())
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(completer.run)
+                for job in jobs:
+                    completer.submit(Outcome(job, "complete"))
+                with anyio.fail_after(20):
+                    while completer.pending:
+                        await anyio.sleep(0.01)
+                observed["drained"] = await completer.drain(timeout=0.5)  # the row locks outlast it
+                observed["pending"], observed["unwritten"] = completer.pending, completer.unwritten
+                await anyio.to_thread.run_sync(blocker.rollback)
+                with anyio.fail_after(20):
+                    while completer.unwritten:
+                        await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+        finally:
+            await conn.discard()
+
+    try:
+        anyio.run(main)
+    finally:
+        blocker.close()
+    assert observed == {"drained": False, "pending": 0, "unwritten": 3}
+    assert q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1")) == [("completed", 3)]
+
+
 # ---- the app's own engines behind ctx.transaction() ------------------------------------------
 
 class WFollowUp(Job, kind="w_follow_up", queue="engines"):

@@ -47,6 +47,7 @@ class Completer:
         self._max_batch = max_batch
         self._on_written = on_written
         self._pending: list[Outcome] = []
+        self._in_flight = 0  # outcomes of the batch being written
         self._wake = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
@@ -58,6 +59,12 @@ class Completer:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def unwritten(self) -> int:
+        """Outcomes not yet written: pending, and those of a write in flight (pending no
+        more while it runs; a drain that timed out during it reported 0)."""
+        return len(self._pending) + self._in_flight
 
     def submit(self, outcome: Outcome) -> None:
         self._pending.append(outcome)
@@ -85,6 +92,7 @@ class Completer:
             self._idle.set()
             return True
         batch, self._pending = self._take()
+        self._in_flight = len(batch)
         try:
             conn = await self._conn.get()
             with self._conn.deadline():
@@ -92,11 +100,13 @@ class Completer:
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled mid-write: keep the batch
                 self._pending[:0] = batch
+                self._in_flight = 0
                 raise
             self._observer.loop_error("completer")
             await self._conn.discard()
             if is_transient(exc):
                 self._pending[:0] = batch
+                self._in_flight = 0
                 self._failures += 1
                 log.warning("completer: writing %d outcome(s) failed (%s); retrying", len(batch), describe(exc))
                 await anyio.sleep(min(2.0, 0.05 * 2 ** min(self._failures, 6)))
@@ -106,6 +116,7 @@ class Completer:
             # its job stays running until its lease expires and is then rescued.
             log.warning("completer: batch of %d refused (%s); writing it in parts", len(batch), describe(exc))
             await self._write_in_parts(batch)
+        self._in_flight = 0
         self._failures = 0
         if self._on_written is not None:
             self._on_written(batch)

@@ -568,7 +568,7 @@ class Worker:
                 with anyio.CancelScope(shield=True):
                     if not await self.completer.drain(timeout=max(2.0, self.lease / 2)):
                         log.error("worker %s: %d outcome(s) could not be written; their jobs will be rescued after the lease",
-                                  self.worker_id, self.completer.pending)
+                                  self.worker_id, self.completer.unwritten)
                     # Let a maintenance tick in flight end between statements (ticks take
                     # milliseconds; a long one is cancelled after the wait).
                     self.maintainer.request_stop()
