@@ -122,9 +122,9 @@ def _refuse_orm_key_update(state: ORMExecuteState) -> None:
     stale = sorted(_set_columns(state) & _key_columns(cls))
     if stale:
         raise ConfigurationError(
-            f"An ORM UPDATE setting {', '.join(stale)} of {_kind_name(cls)} would leave each row's unique"
+            f"An ORM update(...) setting {', '.join(stale)} of {_kind_name(cls)} would leave each row's unique"
             " or partition key computed from what it was before (the keys are hashed from the args in"
-            " Python; no UPDATE recomputes them). To run a job with other args, cancel it (sa_jobs.admin.cancel)"
+            " Python; no SQL update recomputes them). To run a job with other args, cancel it (sa_jobs.admin.cancel)"
             " and enqueue a new one; update(Job.__table__) is the low-level path that writes exactly the"
             " columns given, keys included")
 
