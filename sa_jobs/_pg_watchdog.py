@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,20 +88,23 @@ def pg_ctl_stop(bin_dir: Path, path: Path, mode: str = "fast") -> bool:
         return False
 
 
-def release(bin_dir: Path, path: Path, fd: int | None) -> None:
+def release(bin_dir: Path, path: Path, fd: int | None, wait: float = 0.0) -> None:
     """Stop the server sa-jobs started in ``path`` and apply its cleanup mode, unless another
     process still uses it (holds a shared lock on its users file): the last one out does.
-    ``fd``: this process's open users file, None for a watchdog (whose process is gone)."""
+    ``fd``: this process's open users file, None for a watchdog (whose process is gone).
+    ``wait``: how long a shared lock may still be seen before it counts as another user's
+    (a watchdog reads the end of its pipe while the dying process may not have closed its
+    users file yet: the kernel closes a process's descriptors one by one)."""
     try:
         with dir_locked(path, create=False):
-            sock = _release_locked(bin_dir, path, fd)
+            sock = _release_locked(bin_dir, path, fd, wait)
     except FileNotFoundError:
         return  # removed already
     if sock is not None and sock != path:
         shutil.rmtree(sock, ignore_errors=True)  # made for this server only
 
 
-def _release_locked(bin_dir: Path, path: Path, fd: int | None) -> Path | None:
+def _release_locked(bin_dir: Path, path: Path, fd: int | None, wait: float = 0.0) -> Path | None:
     users = path / USERS_FILE
     if fd is None:
         try:
@@ -108,10 +112,15 @@ def _release_locked(bin_dir: Path, path: Path, fd: int | None) -> Path | None:
         except FileNotFoundError:
             return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None  # another process still uses it
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return None  # another process still uses it
+                time.sleep(0.05)
         try:
             mode, pid, sock = users.read_text().splitlines()[:3]
         except (OSError, ValueError):
@@ -160,7 +169,7 @@ def main(argv: list[str]) -> None:
     if sys.stdin.buffer.read():
         return  # dismissed: a normal exit
     if kind == "shared":
-        release(bin_dir, path, None)
+        release(bin_dir, path, None, wait=5.0)
     elif path.is_dir():  # "private": pgserver's server in a temporary directory of our own
         if serving_pid(path) is not None:
             pg_ctl_stop(bin_dir, path)

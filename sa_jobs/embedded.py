@@ -17,8 +17,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from .errors import ConfigurationError, EmbeddedServerError
@@ -62,7 +63,7 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
 
         bin_dir = Path(pgserver.__file__).parent / "pginstall" / "bin"
         watchdog = _pg_watchdog.spawn("private", bin_dir, path.resolve(), cleanup)
-        atexit.register(_pg_watchdog.dismiss, watchdog)  # runs before pgserver's (registered earlier)
+        atexit.register(_in_starter(_pg_watchdog.dismiss), watchdog)  # runs before pgserver's (registered earlier)
     return server.get_uri()
 
 
@@ -188,7 +189,20 @@ def _join(bin_dir: Path, path: Path) -> None:
     fd = os.open(path / _pg_watchdog.USERS_FILE, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_SH)
     watchdog = _pg_watchdog.spawn("shared", bin_dir, path, mode)
-    atexit.register(_leave, bin_dir, path, fd, watchdog)
+    atexit.register(_in_starter(_leave), bin_dir, path, fd, watchdog)
+
+
+def _in_starter(handler: Callable[..., None]) -> Callable[..., None]:
+    """``handler`` for ``atexit``, run only in the process that started the server: a child
+    the app forks (a prefork server; a fork that exits through ``sys.exit``) inherits the
+    exit handlers, and its exit dismissed the parent's watchdog and stopped its server."""
+    starter = os.getpid()
+
+    def at_exit(*args: Any) -> None:
+        if os.getpid() == starter:
+            handler(*args)
+
+    return at_exit
 
 
 def _leave(bin_dir: Path, path: Path, fd: int, watchdog: subprocess.Popen[bytes] | None) -> None:

@@ -376,3 +376,51 @@ def test_a_start_interrupted_by_ctrl_c_stops_the_server_it_left_starting(data_di
             proc.kill()
     assert "KeyboardInterrupt" in err
     assert _pg_watchdog.postmaster_pid(data_dir) is None  # stopped, not orphaned
+
+
+_FORKS = """
+import os, sys
+if sys.argv[1] == "local":
+    sys.modules["pgserver"] = None
+import psycopg
+from sa_jobs import embedded
+
+url = embedded.start(cleanup="delete")
+print("url=" + url, flush=True)
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a forked child's normal exit: atexit handlers run, in the child
+os.waitpid(child, 0)
+with psycopg.connect(url, connect_timeout=5) as conn:
+    print("after the child:", conn.execute("SELECT 1").fetchone()[0], flush=True)
+os.kill(os.getpid(), 9)  # and the watchdog is still armed: it stops the server
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("server", ["local", "pgserver"])
+def test_a_forked_childs_normal_exit_leaves_the_parents_server_running(server):
+    """Found by review14: the exit handlers were not told which process started the server.
+    A child forked by the app (a prefork server, a fork that exits through sys.exit) ran them
+    at its own exit: it dismissed the parent's watchdog (so a later kill of the parent left
+    its server running) and stopped the server of the machine's PostgreSQL under it."""
+    if server == "local" and embedded.find_binaries() is None:
+        pytest.skip("no PostgreSQL binaries on this machine")
+    if server == "pgserver":
+        pytest.importorskip("pgserver")
+    env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    proc = subprocess.run([sys.executable, "-c", _FORKS, server], cwd=REPO_ROOT, env=env, text=True,
+                          capture_output=True, timeout=120)
+    url = next((line[len("url="):] for line in proc.stdout.splitlines() if line.startswith("url=")), None)
+    assert url is not None, proc.stdout + proc.stderr
+    data = Path(unquote(url.split("host=", 1)[1].split("&", 1)[0]))
+    try:
+        assert "after the child: 1" in proc.stdout, proc.stdout + proc.stderr
+        assert proc.returncode == -9, proc.stderr
+        deadline = time.monotonic() + 30  # the child did not dismiss the parent's watchdog
+        while data.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not data.exists()
+    finally:
+        _stop_orphan(data)
