@@ -129,6 +129,59 @@ def _refuse_orm_key_update(state: ORMExecuteState) -> None:
             " columns given, keys included")
 
 
+def _stale_key_edits(obj: Any) -> list[str]:
+    """The columns a key of the stored job ``obj`` derives from that the caller changed
+    on it and the flush would write without the key: ``args`` or ``kind`` of a keyed kind
+    (or into one), ``queue`` of a ``by_queue`` kind unless ``options(queue=)`` moved the key."""
+    state: Any = inspect(obj)
+    changed = state.committed_state.keys() & {"args", "kind", "queue"}
+    if not changed:
+        return []
+    options = type(obj).__sa_jobs_options__
+    unique = options.unique if options is not None else None
+    keyed = unique is not None or bool(options is not None and options.partition_by)
+    attrs = state.attrs
+    stale = []
+    if "args" in changed and keyed and attrs.args.history.has_changes():
+        stale.append("args")
+    if "kind" in changed and attrs.kind.history.has_changes():
+        into = inspect(type(obj)).base_mapper.polymorphic_map.get(state.dict.get("kind"))
+        if keyed or (into is not None and _key_columns(into.class_)):
+            stale.append("kind")
+    if ("queue" in changed and unique is not None and unique.by_queue and attrs.queue.history.has_changes()
+            and not attrs.unique_key.history.has_changes()):
+        stale.append("queue")
+    return stale
+
+
+def _refuse_stale_key_edits(session: Session, flush_context: Any, instances: Any) -> None:
+    """``before_flush``: refuse a stored job whose args or kind (or a by_queue key's queue)
+    was changed through the ORM (``job.args = ...``, ``session.merge(...)``). Its row would
+    keep the keys of the old values, as an ORM UPDATE's would. Raised before the flush
+    begins, so the caller's transaction stays usable. Looks only at the session's modified
+    objects (a flush of new rows has none), and at a job's columns only if it is one."""
+    if _job is None:
+        return
+    for obj in session.dirty:
+        if not isinstance(obj, _job):
+            continue
+        stale = _stale_key_edits(obj)
+        if not stale:
+            continue
+        if stale == ["queue"]:
+            fix = ("move it with job.options(queue=...), which recomputes the key (and keeps its"
+                   " period's bucket)")
+        else:
+            fix = ("to run a job with other args, cancel it (sa_jobs.admin.cancel) and enqueue a new one;"
+                   " update(Job.__table__) is the low-level path that writes exactly the columns given,"
+                   " keys included")
+        raise ConfigurationError(
+            f"job {inspect(obj).identity[0]} of {_kind_name(type(obj))}: its {', '.join(stale)} changed through"
+            " the ORM, but its row would keep the unique or partition key computed from what it was before"
+            " (the keys are hashed from the args in Python when the job is built). Undo the change"
+            f" (session.expire(job), or roll back), and {fix}")
+
+
 def _guard_bulk_insert_mappings(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
     def bulk_insert_mappings(self: Session, mapper: Any, mappings: Any, *args: Any, **kw: Any) -> None:
@@ -175,6 +228,8 @@ def register_bulk_guards(job: type) -> None:
     for listener in (_refuse_orm_insert, _refuse_orm_key_update):
         if not event.contains(Session, "do_orm_execute", listener):
             event.listen(Session, "do_orm_execute", listener)
+    if not event.contains(Session, "before_flush", _refuse_stale_key_edits):
+        event.listen(Session, "before_flush", _refuse_stale_key_edits)
     for name, guard in (("bulk_insert_mappings", _guard_bulk_insert_mappings),
                         ("bulk_save_objects", _guard_bulk_save_objects)):
         method = getattr(Session, name)

@@ -38,7 +38,7 @@ from ._bulk_guard import register_bulk_guards
 from .errors import ConfigurationError
 from .retry import BackoffPolicy, exponential_backoff
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
-from .unique import Unique, note_unique_kind, register_session_hook
+from .unique import Unique, note_partitioned_kind, note_unique_kind, register_session_hook
 
 Handler = Callable[..., Any]
 
@@ -62,6 +62,9 @@ def is_async_handler(fn: Handler) -> bool:
     )
 
 _SERVER_DEFAULT_MAX_ATTEMPTS = 20  # the jobs table's DEFAULT for max_attempts
+
+# Set in a job's __dict__ by options(partition_key=): its key is not derived from its args.
+_PARTITION_GIVEN = "_sa_jobs_partition_given"
 
 
 class _Inherited(enum.Enum):
@@ -116,9 +119,27 @@ class KindOptions:
         if missing:
             raise ConfigurationError(
                 f"kind {self.kind!r} is partitioned by {list(self.partition_by)}, but args lack {missing}")
-        values = [args[a] for a in self.partition_by]
-        return _validate.partition_key(
-            json.dumps(values[0] if len(values) == 1 else values, separators=(",", ":"), sort_keys=True))
+        return _validate.partition_key(self.partition_text(args))
+
+    def partition_text(self, args: Mapping[str, Any]) -> str:
+        """The unchecked text of :meth:`partition_key_of` (KeyError for a missing arg)."""
+        by = self.partition_by
+        if len(by) > 1:
+            return _partition_json([args[a] for a in by])
+        value = args[by[0]]
+        # Fast paths for the usual keys (a customer id), with json.dumps' exact text: the
+        # key is checked again for every new row at flush.
+        if type(value) is int:
+            return int.__repr__(value)
+        if type(value) is str:
+            return _json_string(value)
+        return _partition_json(value)
+
+
+# One encoder for every partition key (json.dumps with options builds one per call); its
+# text is json.dumps(value, separators=(",", ":"), sort_keys=True).
+_partition_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+_json_string = json.encoder.encode_basestring_ascii
 
 
 def _check_priority(priority: object) -> int:
@@ -292,6 +313,8 @@ class Job(Base):
         # (attribute lookup), even one registered after the child was declared.
         if options.unique is not None:
             note_unique_kind()
+        if options.partition_by:
+            note_partitioned_kind()
         mapper_args = dict(cls.__dict__.get("__mapper_args__", {}))
         mapper_args.setdefault("polymorphic_identity", options.kind)
         cls.__mapper_args__ = mapper_args
@@ -319,6 +342,21 @@ class Job(Base):
             self.partition_key = options.partition_key_of(self.args)
         if options.unique is not None:
             self._set_unique_key()
+
+    def _derive_partition_key(self, options: KindOptions) -> None:
+        """At flush, a new row's partition key from its final args, as the unique key is:
+        args set or changed in place after construction kept the key of the first ones
+        (the job counted against another key's limit). A key given with
+        ``options(partition_key=)`` stays."""
+        d = self.__dict__
+        if _PARTITION_GIVEN in d or "args" not in d:
+            return
+        try:
+            if options.partition_text(d["args"]) == d.get("partition_key"):
+                return  # the usual case: unchanged since construction
+        except (KeyError, TypeError):
+            pass  # an arg gone, or args no mapping: partition_key_of says which
+        self.partition_key = options.partition_key_of(d["args"])
 
     def _set_unique_key(self) -> None:
         # The base key (no period bucket: that is computed by the database at INSERT, on
@@ -406,6 +444,7 @@ class Job(Base):
             self.meta = _validate.json_payload(meta, what="meta")
         if partition_key is not None:
             self.partition_key = _validate.partition_key(partition_key)
+            self.__dict__[_PARTITION_GIVEN] = True
         return self
 
     # ---- handlers ----------------------------------------------------------------

@@ -182,17 +182,34 @@ _INSERTABLE = ("queue", "args", "state", "priority", "max_attempts", "scheduled_
 _unique_kinds_declared = False
 
 
+# Likewise for kinds with partition_by=, whose new rows take their partition key at flush.
+_partitioned_kinds_declared = False
+
+
 def note_unique_kind() -> None:
     global _unique_kinds_declared
     _unique_kinds_declared = True
 
 
+def note_partitioned_kind() -> None:
+    global _partitioned_kinds_declared
+    _partitioned_kinds_declared = True
+
+
 def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
-    if not _unique_kinds_declared:
+    if not (_unique_kinds_declared or _partitioned_kinds_declared):
         return
     from .model import Job
 
-    new = [o for o in session.new if isinstance(o, Job) and _unique_of(o) is not None]
+    new = []
+    for o in session.new:
+        if isinstance(o, Job):
+            options = type(o).__sa_jobs_options__
+            if options is not None:
+                if options.partition_by:
+                    o._derive_partition_key(options)
+                if options.unique is not None:
+                    new.append(o)
     if not new:
         return
     from sqlalchemy import inspect

@@ -279,3 +279,159 @@ def test_orm_updates_of_other_columns_and_core_updates_are_untouched(engine, dat
         session.execute(update(Job.__table__).where(Job.__table__.c.id == plain_id).values(args={"user_id": 5}))
     rows = q(database_url, jobs_sql(schema, "SELECT queue, priority, args FROM {jobs} ORDER BY id"))
     assert rows == [("uq2", 7, {"user_id": 1}), ("emails", 9, {"user_id": 5})]
+
+
+# ---- the unit of work: ORM edits of job objects ------------------------------------------
+
+class BpPlain(Job, kind="bp_plain"):
+    pass
+
+
+def _stored(engine, job: Job) -> int:
+    with Session(engine) as session, session.begin():
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def _set_args(job: Job) -> None:
+    job.args = {"user_id": 2}
+
+
+def _flag_in_place(job: Job) -> None:
+    from sqlalchemy.orm.attributes import flag_modified
+
+    job.args["user_id"] = 2
+    flag_modified(job, "args")
+
+
+ORM_KEY_EDITS: dict[str, tuple[type[Job], Callable[[Job], Any]]] = {
+    "unique job.args =": (BpUnique, _set_args),
+    "partitioned job.args =": (BpEmail, _set_args),
+    "unique job.args[...] = with flag_modified": (BpUnique, _flag_in_place),
+    "unique job.kind =": (BpUnique, lambda job: setattr(job, "kind", "bp_email")),
+    "plain job.kind = a unique kind": (BpPlain, lambda job: setattr(job, "kind", "bp_unique")),
+    "by_queue job.queue =": (BpByQueue, lambda job: setattr(job, "queue", "other")),
+}
+
+
+@pytest.mark.parametrize("how", list(ORM_KEY_EDITS))
+def test_an_orm_edit_of_what_a_stored_jobs_key_derives_from_is_refused_at_flush(engine, database_url, schema, how):
+    """`job.args = {...}; session.commit()` of a loaded job kept the unique and partition keys
+    of its old args, as the ORM UPDATE did: a job of the new args was no duplicate of it,
+    one of the old args was. Refused at flush, before anything is sent; the transaction
+    goes on once the edit is undone (session.expire)."""
+    kind, edit = ORM_KEY_EDITS[how]
+    job_id = _stored(engine, kind(user_id=1))
+    before = _rows(database_url, schema)
+    with Session(engine) as session, session.begin():
+        job = session.get(kind, job_id)
+        edit(job)
+        with pytest.raises(ConfigurationError) as error:
+            session.flush()
+        message = str(error.value)
+        assert "key" in message and f"job {job_id}" in message, message
+        assert (".options(queue=" in message) if "queue" in how else ("cancel" in message), message
+        session.expire(job)
+        _still_usable(session)
+    assert _rows(database_url, schema) == [*before, USUAL_ROW]
+
+
+def test_a_merge_of_a_detached_job_with_other_args_is_refused_at_flush(engine, database_url, schema):
+    job_id = _stored(engine, BpUnique(user_id=1))
+    with Session(engine) as session:
+        detached = session.get(BpUnique, job_id)
+    detached.args = {"user_id": 2}
+    before = _rows(database_url, schema)
+    with Session(engine) as session, session.begin():
+        merged = session.merge(detached)
+        with pytest.raises(ConfigurationError):
+            session.flush()
+        session.expunge(merged)
+    assert _rows(database_url, schema) == before
+
+
+def test_options_queue_moves_a_stored_by_queue_key_and_other_edits_flush(engine, database_url, schema):
+    """The supported ways: `.options(queue=)` recomputes a by_queue key (keeping a period's
+    bucket); columns no key derives from, and args of a kind without keys, update as usual."""
+    unique_id = _stored(engine, BpByQueue(user_id=1))
+    plain_id = _stored(engine, BpPlain(user_id=1))
+    with Session(engine) as session, session.begin():
+        session.get(BpByQueue, unique_id).options(queue="other", priority=4)
+        plain = session.get(BpPlain, plain_id)
+        plain.args = {"user_id": 2}
+        plain.queue = "elsewhere"
+    with Session(engine) as session, session.begin():
+        moved, stayed = BpByQueue(user_id=1).options(queue="other"), BpByQueue(user_id=1)
+        session.add_all([moved, stayed])
+        session.flush()
+        assert moved.was_duplicate and moved.id == unique_id and moved.priority == 4
+        assert not stayed.was_duplicate
+    assert q(database_url, jobs_sql(schema, "SELECT args, queue FROM {jobs} WHERE id = %s"), (plain_id,)) == [
+        ({"user_id": 2}, "elsewhere")]
+
+
+def test_an_in_place_change_of_args_is_not_saved(engine, database_url, schema):
+    """args is plain JSONB, not a MutableDict: as for any SQLAlchemy JSON column, changing
+    the dict in place is not seen by the unit of work, so nothing is written (nor a stale key)."""
+    job_id = _stored(engine, BpUnique(user_id=1))
+    with Session(engine) as session, session.begin():
+        session.get(BpUnique, job_id).args["user_id"] = 2
+    assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"user_id": 1},)]
+
+
+@pytest.mark.parametrize("edit", ["assign", "in place"])
+def test_a_new_jobs_args_changed_before_its_flush_take_their_partition_key(engine, database_url, schema, edit):
+    """A unique key is computed at flush from the row's final args; the partition key was
+    computed only in __init__, so `job = Kind(user_id=1); job.args = {"user_id": 2}` wrote
+    partition key "1" for a job of user 2 (counted against user 1's limit)."""
+    job = BpEmail(user_id=1)
+    if edit == "assign":
+        job.args = {"user_id": 2}
+    else:
+        job.args["user_id"] = 2
+    given = BpEmail(user_id=3).options(partition_key="mine")
+    given.args = {"user_id": 4}
+    with Session(engine) as session, session.begin():
+        session.add_all([job, given])
+    assert q(database_url, jobs_sql(schema, "SELECT args, partition_key FROM {jobs} ORDER BY id")) == [
+        ({"user_id": 2}, "2"), ({"user_id": 4}, "mine")]
+
+
+def test_a_transient_copy_of_a_stored_unique_job_is_enqueued_as_a_new_job(engine, database_url, schema):
+    """make_transient(job) and re-add: a unique kind goes through the flush hook, which
+    computes the key from the copy's args (a duplicate of the stored job, or a new job)."""
+    from sqlalchemy.orm import make_transient
+
+    job_id = _stored(engine, BpUnique(user_id=1))
+    with Session(engine) as session, session.begin():
+        same, other = session.get(BpUnique, job_id), None
+        session.expunge(same)
+        make_transient(same)
+        session.add(same)
+        session.flush()
+        assert same.was_duplicate and same.id == job_id
+        other = BpUnique(user_id=3)
+        session.add(other)
+        session.flush()
+        session.expunge(other)
+        make_transient(other)
+        other.args = {"user_id": 2}
+        session.add(other)
+        session.flush()
+        assert not other.was_duplicate and other.id != job_id
+    keys = q(database_url, jobs_sql(schema, "SELECT args, unique_key FROM {jobs} ORDER BY id"))
+    assert [k[0] for k in keys] == [{"user_id": 1}, {"user_id": 3}, {"user_id": 2}]
+    assert len({k[1] for k in keys}) == 3
+
+
+def test_a_new_job_whose_args_lost_its_partition_arg_is_refused_at_flush(engine, database_url, schema):
+    job = BpEmail(user_id=1)
+    job.args = {"other": 1}
+    with Session(engine) as session, session.begin():
+        session.add(job)
+        with pytest.raises(ConfigurationError, match="partitioned by"):
+            session.flush()
+        session.expunge(job)
+        _still_usable(session)
+    assert _rows(database_url, schema) == [USUAL_ROW]
