@@ -4,7 +4,12 @@ with a ConfigurationError before anything is written, never a wrong row."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
+import time
 from typing import Any, Callable
+
+import anyio
 
 import pytest
 from sqlalchemy import Integer, insert, select, update
@@ -12,11 +17,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, scoped_session, sessionmaker
 
-from sa_jobs import ConfigurationError, Job, Unique
+from sa_jobs import ConfigurationError, Job, JobContext, Unique, Worker
 from sa_jobs._url import sqlalchemy_url
 from sa_jobs.schema import DEFAULT_SCHEMA
 
-from .helpers import jobs_sql, q
+from .helpers import FAST, LoopErrors, jobs_sql, q, wait_for
 
 
 class BpEmail(Job, kind="bp_email", queue="emails", priority=3, max_attempts=5, tags=("mail",),
@@ -92,8 +97,6 @@ def test_an_orm_insert_of_a_kind_is_refused_before_anything_is_written(engine, d
 
 
 def test_an_orm_insert_through_an_async_session_is_refused(database_url, schema):
-    import anyio
-
     async def main() -> None:
         engine = create_async_engine(sqlalchemy_url(database_url, async_=True))
         engine = engine.execution_options(schema_translate_map={DEFAULT_SCHEMA: schema})
@@ -435,3 +438,69 @@ def test_a_new_job_whose_args_lost_its_partition_arg_is_refused_at_flush(engine,
         session.expunge(job)
         _still_usable(session)
     assert _rows(database_url, schema) == [USUAL_ROW]
+
+
+# ---- session.delete() of a job a worker is running ---------------------------------------
+
+class BpSleepy(Job, kind="bp_sleepy", queue="bp_sleepy"):
+    pass
+
+
+_RELEASE = threading.Event()
+
+
+@BpSleepy.handler
+async def bp_sleepy(ctx: JobContext, n: int) -> dict:
+    if n == 0:  # the follow-up job
+        return {"n": n}
+    deadline = time.monotonic() + 30
+    while not _RELEASE.is_set() and time.monotonic() < deadline:
+        await anyio.sleep(0.02)
+    return {"n": n}
+
+
+@pytest.mark.parametrize("noticed_by", ["heartbeat", "completion"])
+def test_an_orm_delete_of_a_running_job_leaves_the_worker_running(engine, database_url, schema, caplog, noticed_by):
+    """`session.delete(job)` of a job a worker runs (the admin API refuses to delete a
+    running job; the ORM does not ask). The worker must end that attempt without writing
+    anything back (no resurrected row), without a loop error, and go on with the next job:
+    by its heartbeat (the lease cannot be extended: the handler is cancelled), or, if the
+    handler returns first, by a completion that changes no row."""
+    _RELEASE.clear()
+    job_id = _stored(engine, BpSleepy(n=1))
+    observer = LoopErrors()
+    # A long lease: the heartbeat does not beat before the completion lands.
+    lease = 2.0 if noticed_by == "heartbeat" else 120.0
+
+    def scenario() -> int:
+        assert wait_for(lambda: q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"),
+                                  (job_id,)) == [("running",)], 15)
+        with Session(engine) as session, session.begin():
+            session.delete(session.get(BpSleepy, job_id))
+        if noticed_by == "completion":
+            _RELEASE.set()
+        follow_up = _stored(engine, BpSleepy(n=0))
+        assert wait_for(lambda: q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"),
+                                  (follow_up,)) == [("completed",)], 20), "the worker did not go on"
+        return follow_up
+
+    async def main() -> int:
+        async with Worker(database_url, kinds=[BpSleepy], queues=["bp_sleepy"], schema=schema, concurrency=1,
+                          observer=observer, **{**FAST, "lease": lease}):
+            return await anyio.to_thread.run_sync(scenario)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="sa_jobs"):
+            follow_up = anyio.run(main)
+    finally:
+        _RELEASE.set()
+    assert observer.seen == []
+    assert q(database_url, jobs_sql(schema, "SELECT id FROM {jobs} ORDER BY id")) == [(follow_up,)]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], errors
+    # The heartbeat said "the lease was taken over by another worker" of a deleted row.
+    lost = [r.getMessage() for r in caplog.records if "lease lost" in r.getMessage()]
+    if noticed_by == "heartbeat":
+        assert len(lost) == 1 and "its row was deleted" in lost[0], lost
+    else:
+        assert lost == []

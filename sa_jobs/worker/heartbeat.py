@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import anyio
 
@@ -125,13 +125,16 @@ class Heartbeat:
             # would otherwise hold the heartbeat here while every lease ran out.
             with anyio.fail_after(min(self._conn.timeout, max(self._interval, 1.0))):
                 cur = await conn.execute(self._q.states_of, {"ids": [j.id for j in missing]})
-                states = dict(await cur.fetchall())
+                states: Optional[dict[int, str]] = dict(await cur.fetchall())
         except Exception:  # noqa: BLE001 - unknown: the safe reading is "lost"
-            states = {}
+            states = None
         for job in missing:
-            if states.get(job.id) == "cancelled":
+            if states is not None and states.get(job.id) == "cancelled":
                 job.cancelled_by_user = True
                 job.cancel("cancelled")
+            elif states is not None and job.id not in states:
+                # Deleted (session.delete(job), or SQL): the attempt ends, nothing is written back.
+                self._lose(job, "its row was deleted")
             else:
                 self._lose(job, "the lease was taken over by another worker")
 
