@@ -29,13 +29,14 @@ columns it is given.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from sqlalchemy import Insert, event, inspect
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.sql.elements import ClauseElement
 
-from .errors import ConfigurationError
+from . import _validate
+from .errors import ConfigurationError, InvalidArgsError
 
 # The mapped Job class, set by register_bulk_guards (model.py imports this module).
 _job: Optional[type] = None
@@ -154,6 +155,22 @@ def _stale_key_edits(obj: Any) -> list[str]:
     return stale
 
 
+def _check_edited_args(obj: Any) -> None:
+    """Args set on a stored job are checked as ``Job.__init__`` checks them (plain JSON,
+    under the kind's cap): unchecked, NaN failed the flush with DataError and lost the
+    caller's transaction. Raises InvalidArgsError before the flush begins."""
+    state: Any = inspect(obj)
+    if "args" not in state.committed_state or not state.attrs.args.history.has_changes():
+        return
+    options = type(obj).__sa_jobs_options__
+    args = state.dict.get("args")
+    checked = _validate.json_payload(args, max_bytes=options.max_args_bytes) if isinstance(args, Mapping) else None
+    if checked is None:
+        raise InvalidArgsError(f"job {state.identity[0]}: args must be a mapping of JSON values, not {type(args).__name__}")
+    if checked is not args:
+        obj.args = checked
+
+
 def _refuse_stale_key_edits(session: Session, flush_context: Any, instances: Any) -> None:
     """``before_flush``: refuse a stored job whose args or kind (or a by_queue key's queue)
     was changed through the ORM (``job.args = ...``, ``session.merge(...)``). Its row would
@@ -167,6 +184,7 @@ def _refuse_stale_key_edits(session: Session, flush_context: Any, instances: Any
             continue
         stale = _stale_key_edits(obj)
         if not stale:
+            _check_edited_args(obj)
             continue
         if stale == ["queue"]:
             fix = ("move it with job.options(queue=...), which recomputes the key (and keeps its"

@@ -340,6 +340,24 @@ def test_an_orm_edit_of_what_a_stored_jobs_key_derives_from_is_refused_at_flush(
     assert _rows(database_url, schema) == [*before, USUAL_ROW]
 
 
+def test_args_edited_on_a_stored_job_of_a_plain_kind_are_checked_at_flush(engine, database_url, schema):
+    """Args are checked as JSON at construction; set on a loaded job they reached the
+    database unchecked: NaN failed the flush with DataError and lost the caller's
+    transaction. Now InvalidArgsError, before the flush begins."""
+    from sa_jobs import InvalidArgsError
+
+    job_id = _stored(engine, BpPlain(user_id=1))
+    with Session(engine) as session, session.begin():
+        job = session.get(BpPlain, job_id)
+        job.args = {"user_id": float("nan")}
+        with pytest.raises(InvalidArgsError):
+            session.flush()
+        job.args = {"user_id": 2}
+        _still_usable(session)
+    assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs} ORDER BY id")) == [
+        ({"user_id": 2},), ({"user_id": 99},)]
+
+
 def test_a_merge_of_a_detached_job_with_other_args_is_refused_at_flush(engine, database_url, schema):
     job_id = _stored(engine, BpUnique(user_id=1))
     with Session(engine) as session:
