@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from sqlalchemy import Insert, event, inspect
 from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import ClauseElement
 
 from . import _validate
@@ -182,6 +183,9 @@ def _refuse_stale_key_edits(session: Session, flush_context: Any, instances: Any
     for obj in session.dirty:
         if not isinstance(obj, _job):
             continue
+        committed = instance_state(obj).committed_state
+        if "args" not in committed and "kind" not in committed and "queue" not in committed:
+            continue  # the usual edit: state, priority, schedule, ...
         stale = _stale_key_edits(obj)
         if not stale:
             _check_edited_args(obj)
