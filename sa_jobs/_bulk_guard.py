@@ -150,9 +150,12 @@ def _stale_key_edits(obj: Any) -> list[str]:
         into = inspect(type(obj)).base_mapper.polymorphic_map.get(state.dict.get("kind"))
         if keyed or (into is not None and _key_columns(into.class_)):
             stale.append("kind")
-    if ("queue" in changed and unique is not None and unique.by_queue and attrs.queue.history.has_changes()
-            and not attrs.unique_key.history.has_changes()):
-        stale.append("queue")
+    if "queue" in changed and unique is not None and unique.by_queue and attrs.queue.history.has_changes():
+        d = state.dict
+        moved = attrs.unique_key.history.has_changes() and "args" in d and options is not None and (
+            (d.get("unique_key") or "").partition(":")[0] == unique.base_key(options.kind, d["queue"], d["args"]))
+        if not moved:  # options(queue=) recomputes the key for the queue it sets
+            stale.append("queue")
     return stale
 
 

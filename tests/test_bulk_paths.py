@@ -315,6 +315,8 @@ ORM_KEY_EDITS: dict[str, tuple[type[Job], Callable[[Job], Any]]] = {
     "unique job.kind =": (BpUnique, lambda job: setattr(job, "kind", "bp_email")),
     "plain job.kind = a unique kind": (BpPlain, lambda job: setattr(job, "kind", "bp_unique")),
     "by_queue job.queue =": (BpByQueue, lambda job: setattr(job, "queue", "other")),
+    "by_queue job.options(queue=), then job.queue =": (
+        BpByQueue, lambda job: setattr(job.options(queue="other"), "queue", "third")),
 }
 
 
