@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -282,6 +283,45 @@ def test_a_timed_out_handler_that_swallows_its_cancellation_is_recorded_as_a_tim
     assert [e["error"] for e in job.errors] == [
         f"TimeoutError: job {job_id} (w_timeout_swallowed) ran longer than its timeout of 0.3s"] * 2
     assert outcomes.seen == [("w_timeout_swallowed", "timed_out"), ("w_timeout_swallowed", "dead")]
+
+
+class WReplyAtDeadline(Job, kind="w_reply_at_deadline", queue="w", timeout=0.5, max_attempts=1):
+    pass
+
+
+@WReplyAtDeadline.handler
+async def w_reply_at_deadline(ctx: JobContext) -> str:
+    loop = asyncio.get_running_loop()
+    reply = loop.create_future()
+    loop.call_later(0.2, reply.set_result, "replied")  # its reply comes well within the timeout,
+    loop.call_later(0.1, time.sleep, 0.7)  # while other work holds the event loop past the deadline
+    return await reply
+
+
+class WSyncReturnsAtDeadline(Job, kind="w_sync_returns_at_deadline", queue="w", timeout=0.4, max_attempts=1):
+    pass
+
+
+@WSyncReturnsAtDeadline.handler
+def w_sync_returns_at_deadline(ctx: JobContext) -> str:
+    ctx._worker._loop.call_soon_threadsafe(time.sleep, 0.7)  # the event loop is busy past the deadline
+    time.sleep(0.1)
+    return "done"  # returned well within the timeout
+
+
+@pytest.mark.parametrize("kind", [WReplyAtDeadline, WSyncReturnsAtDeadline], ids=["async", "sync"])
+def test_a_handler_that_returned_before_its_cancellation_reached_it_completes(engine, database_url, schema, kind):
+    """A handler whose last await (an async one's reply, a sync one's thread) completed
+    within its timeout, while the event loop was busy past the deadline: the loop then runs
+    both, and anyio does not cancel a task whose awaited result is in. The handler returns
+    its result, never cancelled; it was recorded as a timeout (and retried: its work done
+    twice)."""
+    (job_id,) = add(engine, kind())
+    outcomes = Outcomes()
+    run_worker_until(database_url, schema, [kind], finished(engine, [job_id]), observer=outcomes)
+    job = job_row(engine, job_id)
+    assert (job.state, job.errors) == ("completed", [])
+    assert outcomes.seen == [(kind.kind_options().kind, "completed")]
 
 
 def test_discard_and_bad_result_go_dead_without_retries(engine, database_url, schema):

@@ -925,13 +925,17 @@ class Worker:
         ctx = JobContext(job, self)
         result: Any = None
         error: Optional[BaseException] = None
+        watch: Optional[_DeadlineWatch] = None
         with anyio.CancelScope() as scope:
             job.scope = scope
             if runtime.options.timeout is not None:
                 scope.deadline = anyio.current_time() + runtime.options.timeout
             try:
                 if runtime.is_async:
-                    result = await runtime.handler(ctx, **job.args)
+                    call = runtime.handler(ctx, **job.args)
+                    if runtime.options.timeout is not None and hasattr(call, "__await__"):
+                        call = watch = _DeadlineWatch(call, scope)
+                    result = await call
                 else:
                     assert self._loop is not None
                     job.thread = HandlerThread(self._loop, functools.partial(runtime.handler, ctx, **job.args))
@@ -952,9 +956,12 @@ class Worker:
         # connection mid-request), or swallow it and return: the attempt still timed out,
         # and says so (with the handler's error as its cause); a value returned after the
         # cancellation is not a result. A control signal (Snooze, Cancel, Discard) is the
-        # handler's decision and stands.
+        # handler's decision and stands. A handler the cancellation never reached returned
+        # in time (its awaited result, or its thread's, was in when the deadline came; a
+        # busy event loop ran both at once): its result stands.
         deadline_hit = scope.cancel_called and not job.cancelled
-        if deadline_hit and not isinstance(error, JobControl):
+        reached = scope.cancelled_caught or error is not None or (watch is not None and watch.reached)
+        if deadline_hit and reached and not isinstance(error, JobControl):
             job.cancel("timed out")
             too_long = TimeoutError(f"job {job.id} ({job.kind}) ran longer than its timeout of {runtime.options.timeout}s")
             too_long.__cause__ = error
@@ -1028,6 +1035,47 @@ class Worker:
             if job.id == job_id:
                 job.cancelled_by_user = True
                 job.cancel("cancelled")
+
+
+class _DeadlineWatch:
+    """An async handler's awaitable, passed through unchanged, noting whether a cancellation
+    reached it once its scope was cancelled (``reached``). Its timeout is then told apart from
+    a handler whose last await completed before that cancellation could be delivered (the
+    event loop, busy past the deadline, ran its reply and the deadline together): anyio does
+    not cancel a task whose awaited result is in, so that handler returned its result, and
+    did not time out. Used only for kinds with a timeout (one Python call per suspension)."""
+
+    __slots__ = ("_it", "_scope", "reached")
+
+    def __init__(self, awaitable: Any, scope: anyio.CancelScope) -> None:
+        self._it = awaitable.__await__()
+        self._scope = scope
+        self.reached = False
+
+    def __await__(self) -> "_DeadlineWatch":
+        return self
+
+    def __iter__(self) -> "_DeadlineWatch":
+        return self
+
+    def __next__(self) -> Any:
+        return self._it.send(None)
+
+    def send(self, value: Any) -> Any:
+        return self._it.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        exc = typ if val is None else val
+        if self._scope.cancel_called and (
+                isinstance(exc, asyncio.CancelledError)
+                or (isinstance(exc, type) and issubclass(exc, asyncio.CancelledError))):
+            self.reached = True
+        if val is None and tb is None:
+            return self._it.throw(typ)
+        return self._it.throw(typ, val, tb)  # pragma: no cover - the legacy signature
+
+    def close(self) -> None:
+        self._it.close()
 
 
 def _require_asyncio() -> None:
