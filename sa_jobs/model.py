@@ -63,8 +63,11 @@ def is_async_handler(fn: Handler) -> bool:
 
 _SERVER_DEFAULT_MAX_ATTEMPTS = 20  # the jobs table's DEFAULT for max_attempts
 
-# Set in a job's __dict__ by options(partition_key=): its key is not derived from its args.
-_PARTITION_GIVEN = "_sa_jobs_partition_given"
+# The partition key Job.__init__ derived from the args, in the job's __dict__: the flush takes
+# the key again from the final args only while the row's key is still that one. A key given
+# (options(partition_key=), the attribute, one a merge copy or a transient copy of a stored
+# job carries) has no such record, and stays.
+_PARTITION_DERIVED = "_sa_jobs_partition_derived"
 
 
 class _Inherited(enum.Enum):
@@ -339,24 +342,25 @@ class Job(Base):
         if options.tags:
             self.tags = list(options.tags)
         if options.partition_by:
-            self.partition_key = options.partition_key_of(self.args)
+            self.partition_key = self.__dict__[_PARTITION_DERIVED] = options.partition_key_of(self.args)
         if options.unique is not None:
             self._set_unique_key()
 
     def _derive_partition_key(self, options: KindOptions) -> None:
         """At flush, a new row's partition key from its final args, as the unique key is:
         args set or changed in place after construction kept the key of the first ones
-        (the job counted against another key's limit). A key given with
-        ``options(partition_key=)`` stays."""
+        (the job counted against another key's limit). A key given (``options(partition_key=)``,
+        the attribute, a copy's) stays."""
         d = self.__dict__
-        if _PARTITION_GIVEN in d or "args" not in d:
+        derived = d.get(_PARTITION_DERIVED)
+        if derived is None or "args" not in d or d.get("partition_key") != derived:
             return
         try:
-            if options.partition_text(d["args"]) == d.get("partition_key"):
+            if options.partition_text(d["args"]) == derived:
                 return  # the usual case: unchanged since construction
         except (KeyError, TypeError):
             pass  # an arg gone, or args no mapping: partition_key_of says which
-        self.partition_key = options.partition_key_of(d["args"])
+        self.partition_key = d[_PARTITION_DERIVED] = options.partition_key_of(d["args"])
 
     def _set_unique_key(self) -> None:
         # The base key (no period bucket: that is computed by the database at INSERT, on
@@ -444,7 +448,7 @@ class Job(Base):
             self.meta = _validate.json_payload(meta, what="meta")
         if partition_key is not None:
             self.partition_key = _validate.partition_key(partition_key)
-            self.__dict__[_PARTITION_GIVEN] = True
+            self.__dict__.pop(_PARTITION_DERIVED, None)
         return self
 
     # ---- handlers ----------------------------------------------------------------

@@ -421,6 +421,30 @@ def test_a_new_jobs_args_changed_before_its_flush_take_their_partition_key(engin
         ({"user_id": 2}, "2"), ({"user_id": 4}, "mine")]
 
 
+@pytest.mark.parametrize("path", ["merge", "make_transient", "assigned"])
+def test_a_partition_key_given_stays_whatever_object_carries_it(engine, database_url, schema, path):
+    """A key given (options(partition_key=)) stays at flush, which takes the key from the
+    args only for a job whose key is still the one its args gave: the merge copy of a new
+    job, a stored job made transient and re-added (docs/core.md: "makes a new job of its
+    values"), or a key assigned to the attribute had theirs replaced by the args' key."""
+    from sqlalchemy.orm import make_transient
+
+    with Session(engine) as session, session.begin():
+        if path == "merge":
+            session.merge(BpEmail(user_id=1).options(partition_key="vip"))
+        elif path == "make_transient":
+            job = session.get(BpEmail, _stored(engine, BpEmail(user_id=1).options(partition_key="vip")))
+            session.expunge(job)
+            make_transient(job)
+            job.id = None
+            session.add(job)
+        else:
+            job = BpEmail(user_id=1)
+            job.partition_key = "vip"
+            session.add(job)
+    assert {row[0] for row in q(database_url, jobs_sql(schema, "SELECT partition_key FROM {jobs}"))} == {"vip"}
+
+
 def test_a_transient_copy_of_a_stored_unique_job_is_enqueued_as_a_new_job(engine, database_url, schema):
     """make_transient(job) and re-add: a unique kind goes through the flush hook, which
     computes the key from the copy's args (a duplicate of the stored job, or a new job)."""
