@@ -298,13 +298,13 @@ async def w_reply_at_deadline(ctx: JobContext) -> str:
     return await reply
 
 
-class WSyncReturnsAtDeadline(Job, kind="w_sync_returns_at_deadline", queue="w", timeout=0.4, max_attempts=1):
+class WSyncReturnsAtDeadline(Job, kind="w_sync_returns_at_deadline", queue="w", timeout=1.0, max_attempts=1):
     pass
 
 
 @WSyncReturnsAtDeadline.handler
 def w_sync_returns_at_deadline(ctx: JobContext) -> str:
-    ctx._worker._loop.call_soon_threadsafe(time.sleep, 0.7)  # the event loop is busy past the deadline
+    ctx._worker._loop.call_soon_threadsafe(time.sleep, 1.5)  # the event loop is busy past the deadline
     time.sleep(0.1)
     return "done"  # returned well within the timeout
 
