@@ -200,8 +200,9 @@ def _refuse_stale_key_edits(session: Session, flush_context: Any, instances: Any
             fix = ("to run a job with other args, cancel it (sa_jobs.admin.cancel) and enqueue a new one;"
                    " update(Job.__table__) is the low-level path that writes exactly the columns given,"
                    " keys included")
+        state: Any = instance_state(obj)
         raise ConfigurationError(
-            f"job {inspect(obj).identity[0]} of {_kind_name(type(obj))}: its {', '.join(stale)} changed through"
+            f"job {state.identity[0]} of {_kind_name(type(obj))}: its {', '.join(stale)} changed through"
             " the ORM, but its row would keep the unique or partition key computed from what it was before"
             " (the keys are hashed from the args in Python when the job is built). Undo the change"
             f" (session.expire(job), or roll back), and {fix}")
