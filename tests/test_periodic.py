@@ -339,8 +339,11 @@ def test_concurrent_leaders_fire_each_slot_once(database_url, schema):
     """A frozen ex-leader and the new one fire at the same time: the row lock serialises them."""
     p = Periodic("* * * * *", PerTick, name="raced", catch_up=True, max_catch_up=20)
     _fire(database_url, schema, p)
-    _set_last_slot(database_url, schema, "raced", "15 minutes")
-    results = _fire(database_url, schema, p, connections=6)
+    # The clock pinned mid-minute: a minute turning while six connections open made 16 due.
+    (now,), = q(database_url, "SELECT date_trunc('minute', now()) + interval '30 seconds'")
+    q(database_url, sql.SQL("UPDATE {} SET last_slot = %s - interval '15 minutes 30 seconds' WHERE name = 'raced'").format(
+        sql.Identifier(schema, "periodic")), (now,))
+    results = _fire(database_url, schema, p, connections=6, now=now)
     assert sorted(len(r) for r in results)[-1] == 15 and sum(len(r) for r in results) == 15
     rows = _periodic_jobs(database_url, schema)
     assert len(rows) == len({r[2] for r in rows}) == 15
