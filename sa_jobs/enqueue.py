@@ -81,6 +81,12 @@ def _row_of(job: Job) -> tuple[Any, ...]:
     options = type(job).__sa_jobs_options__
     if options is None:
         raise ConfigurationError(f"{job!r} is not an instance of a job kind")
+    # As the flush does: args assigned since construction are checked, and the partition
+    # key follows the final args (COPY wrote NaN's "invalid input syntax for type json" and
+    # the first args' key).
+    job._check_assigned_args(options)
+    if options.partition_by:
+        job._derive_partition_key(options)
     d = job.__dict__
     scheduled = d.get("scheduled_at")
     if scheduled is not None and not isinstance(scheduled, dt.datetime):

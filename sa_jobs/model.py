@@ -35,10 +35,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from . import _validate
 from ._bulk_guard import register_bulk_guards
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidArgsError
 from .retry import BackoffPolicy, exponential_backoff
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
-from .unique import Unique, note_partitioned_kind, note_unique_kind, register_session_hook
+from .unique import Unique, note_unique_kind, register_session_hook
 
 Handler = Callable[..., Any]
 
@@ -68,6 +68,10 @@ _SERVER_DEFAULT_MAX_ATTEMPTS = 20  # the jobs table's DEFAULT for max_attempts
 # (options(partition_key=), the attribute, one a merge copy or a transient copy of a stored
 # job carries) has no such record, and stays.
 _PARTITION_DERIVED = "_sa_jobs_partition_derived"
+
+# The args object Job.__init__ checked, in the job's __dict__: the flush checks a new job's
+# args again only if another object was assigned since (one identity test per new job).
+_ARGS_CHECKED = "_sa_jobs_args_checked"
 
 
 class _Inherited(enum.Enum):
@@ -316,8 +320,6 @@ class Job(Base):
         # (attribute lookup), even one registered after the child was declared.
         if options.unique is not None:
             note_unique_kind()
-        if options.partition_by:
-            note_partitioned_kind()
         mapper_args = dict(cls.__dict__.get("__mapper_args__", {}))
         mapper_args.setdefault("polymorphic_identity", options.kind)
         cls.__mapper_args__ = mapper_args
@@ -328,7 +330,7 @@ class Job(Base):
         options = type(self).__sa_jobs_options__
         if options is None:  # pragma: no cover - polymorphic_abstract already forbids this
             raise ConfigurationError("Job is abstract: subclass it once per kind")
-        self.args = _validate.json_payload(args, max_bytes=options.max_args_bytes)
+        self.args = self.__dict__[_ARGS_CHECKED] = _validate.json_payload(args, max_bytes=options.max_args_bytes)
         # Only columns that differ from the table's server defaults are set: every row of
         # a kind still shares one parameter shape (so add_all() batches into multi-row
         # INSERTs), and each row carries fewer placeholders for the driver to parse.
@@ -345,6 +347,25 @@ class Job(Base):
             self.partition_key = self.__dict__[_PARTITION_DERIVED] = options.partition_key_of(self.args)
         if options.unique is not None:
             self._set_unique_key()
+
+    def _check_assigned_args(self, options: KindOptions) -> None:
+        """Before a new row is written (at flush, or by ``enqueue_many``), args assigned
+        after construction, checked as ``Job.__init__`` checks them (plain JSON, under the
+        kind's cap): unchecked, NaN failed the INSERT with DataError (a set or a datetime
+        with TypeError) and lost the caller's transaction. Args changed in place are not
+        seen (as for a stored job's, an in-place change is the caller's own)."""
+        d = self.__dict__
+        args = d.get("args")
+        if args is d.get(_ARGS_CHECKED):
+            return  # the usual case: the args __init__ checked, or no args (the table's '{}')
+        if not isinstance(args, Mapping):
+            raise InvalidArgsError(
+                f"{type(self).__name__} (kind {options.kind!r}): args must be a mapping of JSON values,"
+                f" not {type(args).__name__}")
+        checked = _validate.json_payload(args, max_bytes=options.max_args_bytes)
+        if checked is not args:
+            self.args = checked
+        d[_ARGS_CHECKED] = checked
 
     def _derive_partition_key(self, options: KindOptions) -> None:
         """At flush, a new row's partition key from its final args, as the unique key is:

@@ -178,12 +178,8 @@ def note_enqueued(session: Any) -> None:
 _INSERTABLE = ("queue", "args", "state", "priority", "max_attempts", "scheduled_at", "tags", "meta", "partition_key")
 
 # Set once a kind with unique= is declared (see model.Job.__init_subclass__): until then
-# the hook, which runs on every flush of every Session, has nothing to look for.
+# no job added while a flush prepares needs inserting at once.
 _unique_kinds_declared = False
-
-
-# Likewise for kinds with partition_by=, whose new rows take their partition key at flush.
-_partitioned_kinds_declared = False
 
 
 def note_unique_kind() -> None:
@@ -191,21 +187,19 @@ def note_unique_kind() -> None:
     _unique_kinds_declared = True
 
 
-def note_partitioned_kind() -> None:
-    global _partitioned_kinds_declared
-    _partitioned_kinds_declared = True
-
-
 def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
-    if not (_unique_kinds_declared or _partitioned_kinds_declared):
-        return
-    from .model import Job
+    """New jobs, before anything is sent: args assigned since construction are checked,
+    keys derived from the final args, and unique kinds' rows inserted ON CONFLICT."""
+    from .model import _ARGS_CHECKED, Job
 
     new = []
     for o in session.new:
         if isinstance(o, Job):
             options = type(o).__sa_jobs_options__
             if options is not None:
+                d = o.__dict__
+                if d.get("args") is not d.get(_ARGS_CHECKED):  # assigned since __init__ checked them
+                    o._check_assigned_args(options)
                 if options.partition_by:
                     o._derive_partition_key(options)
                 if options.unique is not None:
@@ -244,6 +238,7 @@ def _added_during_flush(session: Any, obj: Any) -> None:
 
     if not isinstance(obj, Job) or _unique_of(obj) is None:
         return
+    obj._check_assigned_args(type(obj).__sa_jobs_options__)
     _insert_unique(session, obj)
     note_enqueued(session)
 

@@ -484,6 +484,98 @@ def test_a_new_job_whose_args_lost_its_partition_arg_is_refused_at_flush(engine,
     assert _rows(database_url, schema) == [USUAL_ROW]
 
 
+class BpSmall(Job, kind="bp_small", max_args_bytes=64):
+    pass
+
+
+_BAD_NEW_ARGS: dict[str, tuple[type[Job], dict[str, Any]]] = {
+    "NaN, plain kind": (BpPlain, {"user_id": float("nan")}),
+    "NaN, partitioned kind": (BpEmail, {"user_id": float("nan")}),
+    "NaN, unique kind": (BpUnique, {"user_id": float("nan")}),
+    "a datetime": (BpPlain, {"user_id": 1, "at": dt.datetime(2026, 1, 1)}),
+    "a set, unique kind": (BpUnique, {"user_id": 1, "ids": {1, 2}}),
+    "a set, partitioned kind": (BpEmail, {"user_id": {1, 2}}),
+    "over the kind's max_args_bytes": (BpSmall, {"user_id": 1, "text": "x" * 100}),
+    "None": (BpPlain, None),  # type: ignore[dict-item]
+}
+
+
+@pytest.mark.parametrize("how", list(_BAD_NEW_ARGS))
+def test_args_assigned_to_a_new_job_are_checked_at_flush(engine, database_url, schema, how):
+    """Job.__init__ checks its args; `job.args = {...}` after it reached the INSERT unchecked:
+    NaN failed the flush with DataError (a datetime or a set with TypeError, from the driver
+    or the key's hash), losing the caller's transaction, and args over the kind's cap were
+    written. Now InvalidArgsError, before the flush begins."""
+    from sa_jobs import InvalidArgsError
+
+    kind, args = _BAD_NEW_ARGS[how]
+    job = kind(user_id=1)
+    job.args = args
+    with Session(engine) as session, session.begin():
+        session.add(job)
+        with pytest.raises(InvalidArgsError):
+            session.flush()
+        session.expunge(job)
+        _still_usable(session)
+    assert _rows(database_url, schema) == [USUAL_ROW]
+
+
+def test_args_assigned_to_a_new_job_as_a_mapping_are_written_as_a_dict(engine, database_url, schema):
+    """A read-only mapping is args __init__ takes (as a dict); assigned, the driver could not
+    write it."""
+    from types import MappingProxyType
+
+    plain, unique = BpPlain(user_id=1), BpUnique(user_id=1)
+    plain.args = MappingProxyType({"user_id": 2})  # type: ignore[assignment]
+    unique.args = MappingProxyType({"user_id": 3})  # type: ignore[assignment]
+    with Session(engine) as session, session.begin():
+        session.add_all([plain, unique])
+    assert q(database_url, jobs_sql(schema, "SELECT kind, args FROM {jobs} ORDER BY kind")) == [
+        ("bp_plain", {"user_id": 2}), ("bp_unique", {"user_id": 3})]
+
+
+def test_args_of_a_unique_job_added_while_the_flush_prepares_are_checked(engine, database_url, schema):
+    """A unique job an app's before_flush listener adds is inserted at once (see
+    unique._added_during_flush): its args are checked first."""
+    from sqlalchemy import event
+
+    from sa_jobs import InvalidArgsError
+
+    with Session(engine) as session, session.begin():
+        def add_job(session: Session, flush_context: Any, instances: Any) -> None:
+            job = BpUnique(user_id=1)
+            job.args = {"user_id": float("nan")}
+            session.add(job)
+
+        event.listen(session, "before_flush", add_job)
+        session.add(BpEmail(user_id=98))
+        with pytest.raises(InvalidArgsError):
+            session.flush()
+        event.remove(session, "before_flush", add_job)
+        session.expunge_all()
+        _still_usable(session)
+    assert _rows(database_url, schema) == [USUAL_ROW]
+
+
+@pytest.mark.parametrize("kind", [BpEmail, BpUnique])
+def test_enqueue_many_of_job_objects_checks_args_assigned_after_construction(engine, database_url, schema, kind):
+    """enqueue_many(session, [jobs]) wrote args assigned after construction unchecked (NaN
+    failed the COPY with DataError, a set raised a bare TypeError), and a partitioned job
+    kept the key of its first args. Checked, and keyed, as the flush does."""
+    from sa_jobs import InvalidArgsError, enqueue_many
+
+    bad = kind(user_id=1)
+    bad.args = {"user_id": float("nan")}
+    moved = kind(user_id=1)
+    moved.args = {"user_id": 2}
+    with Session(engine) as session, session.begin():
+        with pytest.raises(InvalidArgsError):
+            enqueue_many(session, [bad])
+        assert enqueue_many(session, [moved]) == 1
+    assert q(database_url, jobs_sql(schema, "SELECT args, partition_key FROM {jobs}")) == [
+        ({"user_id": 2}, "2" if kind is BpEmail else None)]
+
+
 # ---- session.delete() of a job a worker is running ---------------------------------------
 
 class BpSleepy(Job, kind="bp_sleepy", queue="bp_sleepy"):
