@@ -238,7 +238,7 @@ def _added_during_flush(session: Any, obj: Any) -> None:
 
     if not isinstance(obj, Job) or _unique_of(obj) is None:
         return
-    obj._check_assigned_args(type(obj).__sa_jobs_options__)
+    obj._check_assigned_args(type(obj).kind_options())
     _insert_unique(session, obj)
     note_enqueued(session)
 
