@@ -152,7 +152,9 @@ def _stale_key_edits(obj: Any) -> list[str]:
             stale.append("kind")
     if "queue" in changed and unique is not None and unique.by_queue and attrs.queue.history.has_changes():
         d = state.dict
-        moved = attrs.unique_key.history.has_changes() and "args" in d and options is not None and (
+        # The key is the queue's (moved by options(queue=), or the queue set is the one the
+        # job was on: an expired queue's history says changed whatever the value).
+        moved = "args" in d and options is not None and (
             (d.get("unique_key") or "").partition(":")[0] == unique.base_key(options.kind, d["queue"], d["args"]))
         if not moved:  # options(queue=) recomputes the key for the queue it sets
             stale.append("queue")
@@ -189,6 +191,9 @@ def _refuse_stale_key_edits(session: Session, flush_context: Any, instances: Any
         committed = instance_state(obj).committed_state
         if "args" not in committed and "kind" not in committed and "queue" not in committed:
             continue  # the usual edit: state, priority, schedule, ...
+        if "queue" in committed:
+            # options(queue=) of an expired job: its key, moved here (loading it).
+            obj._move_key_at_flush()  # type: ignore[attr-defined]
         stale = _stale_key_edits(obj)
         if not stale:
             _check_edited_args(obj)

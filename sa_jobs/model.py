@@ -73,6 +73,10 @@ _PARTITION_DERIVED = "_sa_jobs_partition_derived"
 # args again only if another object was assigned since (one identity test per new job).
 _ARGS_CHECKED = "_sa_jobs_args_checked"
 
+# The queue options(queue=) moved a stored by_queue job to while its key or args were not
+# loaded (expired by a commit): the key is moved at flush, which may load them.
+_QUEUE_MOVED = "_sa_jobs_queue_moved"
+
 
 class _Inherited(enum.Enum):
     """The default of a kind's option keywords: not given, so inherited from the parent
@@ -406,10 +410,28 @@ class Job(Base):
         if sa_inspect(self).key is None:
             self._set_unique_key()
         elif unique.by_queue:
+            d = self.__dict__
+            if "unique_key" not in d or "args" not in d:
+                # Expired (by a commit): loading them here autoflushed the queue without
+                # its key, which the flush refused as a stale key, and an AsyncSession
+                # cannot load outside a flush (MissingGreenlet). Moved at flush instead.
+                d[_QUEUE_MOVED] = d["queue"]
+                return
+            d.pop(_QUEUE_MOVED, None)
             bucket = (self.unique_key or "").partition(":")[2] if unique.period is not None else ""
             self._set_unique_key()
             if bucket:
                 self.unique_key = f"{self.unique_key}:{bucket}"
+
+    def _move_key_at_flush(self) -> None:
+        """``before_flush``: the key move ``options(queue=)`` left to the flush, if the
+        queue is still the one it set (an expire or refresh since dropped the move)."""
+        d = self.__dict__
+        queue = d.pop(_QUEUE_MOVED, None)
+        if queue is not None and d.get("queue") == queue:
+            for name in ("unique_key", "args"):
+                getattr(self, name)  # loaded, if expired: a flush may load (in an AsyncSession too)
+            self._move_unique_key()
 
     @property
     def was_duplicate(self) -> bool:

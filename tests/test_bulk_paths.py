@@ -297,6 +297,13 @@ def _stored(engine, job: Job) -> int:
         return job.id
 
 
+def _expired(job: Job) -> Job:
+    from sqlalchemy import inspect
+
+    inspect(job).session.expire(job)
+    return job
+
+
 def _set_args(job: Job) -> None:
     job.args = {"user_id": 2}
 
@@ -317,6 +324,10 @@ ORM_KEY_EDITS: dict[str, tuple[type[Job], Callable[[Job], Any]]] = {
     "by_queue job.queue =": (BpByQueue, lambda job: setattr(job, "queue", "other")),
     "by_queue job.options(queue=), then job.queue =": (
         BpByQueue, lambda job: setattr(job.options(queue="other"), "queue", "third")),
+    # options(queue=) of an expired job moves its key at flush, for the queue it set only:
+    "expired by_queue job.queue =": (BpByQueue, lambda job: setattr(_expired(job), "queue", "other")),
+    "expired by_queue job.options(queue=), then job.queue =": (
+        BpByQueue, lambda job: setattr(_expired(job).options(queue="other"), "queue", "third")),
 }
 
 

@@ -431,6 +431,60 @@ def test_async_session(database_url, schema):
     assert len(_rows(database_url, schema, "uq_digest")) == 1
 
 
+def test_options_queue_of_an_expired_job_in_a_session(engine, database_url, schema):
+    """`.options(queue=)` of a stored by_queue job expired by a commit read its key and args
+    after setting the queue: the lazy load autoflushed the queue without the key, which the
+    flush refused as an edit that leaves the key stale. Moving to the queue the job is on
+    already (whose history, unloaded, looks changed) flushes too."""
+    with Session(engine) as session:
+        job, same = UqHourlyByQueue(), UqByQueue(x=1)
+        session.add_all([job, same])
+        session.commit()
+        job.options(queue="b")
+        same.options(queue="default")
+        session.commit()
+        assert (job.queue, same.queue) == ("b", "default")
+        again = UqHourlyByQueue().options(queue="b")
+        session.add(again)
+        session.flush()
+        assert again.was_duplicate and again.id == job.id and ":" in job.unique_key
+
+
+@pytest.mark.parametrize("kind, autoflush", [(UqByQueue, True), (UqHourlyByQueue, False)])
+def test_options_queue_of_an_expired_job_in_an_async_session(database_url, schema, kind, autoflush):
+    """A stored job of a by_queue kind, expired by `await session.commit()`
+    (expire_on_commit): `.options(queue=)` read its unique key and args to move the key,
+    a lazy load that an AsyncSession cannot do outside the flush (MissingGreenlet; with
+    autoflush, the load's autoflush refused the queue as a stale-key edit first). The key
+    is moved at flush instead, where the session loads what it needs."""
+    async def main() -> tuple[str, str]:
+        engine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: schema}
+        )
+        try:
+            async with AsyncSession(engine, autoflush=autoflush) as session:
+                job = kind(x=1) if kind is UqByQueue else kind()
+                session.add(job)
+                await session.commit()  # expires every attribute of job
+                job.options(queue="b", priority=2)
+                await session.commit()
+                on_b = (kind(x=1) if kind is UqByQueue else kind()).options(queue="b")
+                on_default = kind(x=1) if kind is UqByQueue else kind()
+                session.add_all([on_b, on_default])
+                await session.flush()
+                assert on_b.was_duplicate and on_b.id == inspect(job).identity[0] and on_b.priority == 2
+                assert not on_default.was_duplicate
+                await session.commit()
+                await session.refresh(job)
+                return job.queue, job.unique_key
+        finally:
+            await engine.dispose()
+
+    queue, key = anyio.run(main)
+    assert queue == "b"
+    assert (":" in key) == (kind is UqHourlyByQueue)  # a period's bucket stays
+
+
 def test_enqueue_many_skips_duplicates_in_bulk(engine, database_url, schema):
     with Session(engine) as session, session.begin():
         session.add(UqDigest(user_id=0))
