@@ -239,6 +239,12 @@ def _check_saved_objects(objects: list[Any]) -> None:
         if isinstance(obj.__dict__.get("scheduled_at"), ClauseElement):
             raise _refusal(cls, "session.bulk_save_objects()", (
                 "a job with delay= carries SQL (now() + the delay) that a bulk INSERT cannot send"))
+        if options is not None:
+            # No before_flush runs here: what it does for a new job (args assigned since
+            # construction checked, the partition key from the final args), done here.
+            obj._check_assigned_args(options)
+            if options.partition_by:
+                obj._derive_partition_key(options)
 
 
 def _guard_bulk_save_objects(original: Callable[..., None]) -> Callable[..., None]:

@@ -191,6 +191,22 @@ def test_bulk_save_objects_of_plain_kinds_writes_the_rows_add_all_writes(engine,
     assert by_add_all[2][8] == "scheduled"
 
 
+def test_bulk_save_objects_checks_args_assigned_after_construction(engine, database_url, schema):
+    """bulk_save_objects runs no before_flush: args assigned after construction were written
+    unchecked (NaN failed it with DataError, losing the transaction), with the partition key
+    of the first args. Checked, and keyed, as the flush does, before anything is written."""
+    from sa_jobs import InvalidArgsError
+
+    bad, moved = BpEmail(user_id=1), BpEmail(user_id=1)
+    bad.args = {"user_id": float("nan")}
+    moved.args = {"user_id": 2}
+    with Session(engine) as session, session.begin():
+        with pytest.raises(InvalidArgsError):
+            session.bulk_save_objects([moved, bad])
+        session.bulk_save_objects([moved])
+    assert q(database_url, jobs_sql(schema, "SELECT args, partition_key FROM {jobs}")) == [({"user_id": 2}, "2")]
+
+
 def test_merge_of_a_new_job_writes_the_row_add_writes(engine, database_url, schema):
     with Session(engine) as session, session.begin():
         session.merge(BpEmail(user_id=99))
