@@ -257,6 +257,18 @@ def test_the_demo_says_in_one_line_why_the_embedded_server_could_not_start(tmp_p
     assert line.startswith("sa-jobs: initdb failed") and "Permission denied" in line and "TMPDIR" in line
 
 
+def _script_env(server: str) -> dict[str, str]:
+    """The environment of a script starting an embedded server of kind ``server`` ("local":
+    the machine's PostgreSQL, "pgserver": the wheel's), or a skip if it has none."""
+    if server == "local" and embedded.find_binaries() is None:
+        pytest.skip("no PostgreSQL binaries on this machine")
+    if server == "pgserver":
+        pytest.importorskip("pgserver")
+    env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
 _KILLED = """
 import sys, time
 if sys.argv[1] == "local":
@@ -272,12 +284,7 @@ time.sleep(120)
 def test_a_server_whose_process_was_killed_is_stopped_and_removed(server, signal_name):
     """``kill`` (SIGTERM, Python's default: no atexit) or ``kill -9`` of the demo left its
     server running, and its data directory in the temp dir, for good."""
-    if server == "local" and embedded.find_binaries() is None:
-        pytest.skip("no PostgreSQL binaries on this machine")
-    if server == "pgserver":
-        pytest.importorskip("pgserver")
-    env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env = _script_env(server)
     proc = subprocess.Popen([sys.executable, "-c", _KILLED, server], cwd=REPO_ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -404,12 +411,7 @@ def test_a_forked_childs_normal_exit_leaves_the_parents_server_running(server):
     A child forked by the app (a prefork server, a fork that exits through sys.exit) ran them
     at its own exit: it dismissed the parent's watchdog (so a later kill of the parent left
     its server running) and stopped the server of the machine's PostgreSQL under it."""
-    if server == "local" and embedded.find_binaries() is None:
-        pytest.skip("no PostgreSQL binaries on this machine")
-    if server == "pgserver":
-        pytest.importorskip("pgserver")
-    env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env = _script_env(server)
     proc = subprocess.run([sys.executable, "-c", _FORKS, server], cwd=REPO_ROOT, env=env, text=True,
                           capture_output=True, timeout=120)
     url = next((line[len("url="):] for line in proc.stdout.splitlines() if line.startswith("url=")), None)

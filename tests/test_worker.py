@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import uuid
+from typing import Any
 
 import anyio
 import psycopg
@@ -1344,31 +1345,44 @@ def test_large_results_finishing_together_do_not_wedge_the_completer(engine, dat
     assert q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1")) == [("completed", 8)]
 
 
+def _rows_locked_by_another_transaction(engine: Any, database_url: str, schema: str, n: int) -> tuple[list[Any], Any]:
+    """``n`` jobs claimed by hand, and an open transaction holding their rows (FOR UPDATE),
+    so that a completer's write of them waits until it ends."""
+    jobs = _claimed_by_hand(engine, database_url, schema, n)
+    blocker = psycopg.connect(database_url, autocommit=False)
+    blocker.execute(jobs_sql(schema, "SELECT id FROM {jobs} FOR UPDATE"))
+    return jobs, blocker
+
+
+def _completer_with_completions(database_url: str, schema: str, jobs: list[Any]) -> tuple[Any, Any]:
+    """A completer on a connection of its own (call on the event loop), with a completion
+    submitted for each of ``jobs``; its loop is not started."""
+    from sa_jobs._connection import ManagedConnection
+    from sa_jobs.events import NullObserver
+    from sa_jobs.worker._job import Outcome
+    from sa_jobs.worker.completer import Completer
+
+    conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=30.0)
+    completer = Completer(conn, Queries.for_schema(schema), NullObserver())
+    for job in jobs:
+        completer.submit(Outcome(job, "complete"))
+    return conn, completer
+
+
 def test_completer_drain_waits_for_the_write_in_flight(engine, database_url, schema):
     """At shutdown the worker drains the completer, then cancels it. drain() looked only at
     the outcomes still pending: a batch the completer's own loop had taken and was writing
     was pending no more, so drain() returned at once, the write was cancelled, and the
     worker exited 0 with its finished jobs left running, logging nothing (SIGTERM and SIGHUP
     drains read {'running': 3} now and then on a loaded machine)."""
-    from sa_jobs._connection import ManagedConnection
-    from sa_jobs.events import NullObserver
-    from sa_jobs.worker._job import Outcome
-    from sa_jobs.worker.completer import Completer
-
-    jobs = _claimed_by_hand(engine, database_url, schema, 3)
-    # The rows are locked by another transaction, so the completer's write waits on them.
-    blocker = psycopg.connect(database_url, autocommit=False)
-    blocker.execute(jobs_sql(schema, "SELECT id FROM {jobs} FOR UPDATE"))
+    jobs, blocker = _rows_locked_by_another_transaction(engine, database_url, schema, 3)
     observed: dict[str, object] = {}
 
     async def main() -> None:
-        conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=30.0)
-        completer = Completer(conn, Queries.for_schema(schema), NullObserver())
+        conn, completer = _completer_with_completions(database_url, schema, jobs)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(completer.run)
-                for job in jobs:
-                    completer.submit(Outcome(job, "complete"))
 
                 def writing() -> bool:
                     return bool(q(database_url, "SELECT count(*) FROM pg_stat_activity"
@@ -1397,24 +1411,14 @@ def test_a_drain_that_times_out_during_the_write_in_flight_counts_its_outcomes(e
     """Found by review14: when the shutdown drain timed out while the completer's loop was
     writing a batch, the worker logged "0 outcome(s) could not be written": the batch was
     pending no more while it was written. ``unwritten`` counts it."""
-    from sa_jobs._connection import ManagedConnection
-    from sa_jobs.events import NullObserver
-    from sa_jobs.worker._job import Outcome
-    from sa_jobs.worker.completer import Completer
-
-    jobs = _claimed_by_hand(engine, database_url, schema, 3)
-    blocker = psycopg.connect(database_url, autocommit=False)
-    blocker.execute(jobs_sql(schema, "SELECT id FROM {jobs} FOR UPDATE"))
+    jobs, blocker = _rows_locked_by_another_transaction(engine, database_url, schema, 3)
     observed: dict[str, object] = {}
 
     async def main() -> None:
-        conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=30.0)
-        completer = Completer(conn, Queries.for_schema(schema), NullObserver())
+        conn, completer = _completer_with_completions(database_url, schema, jobs)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(completer.run)
-                for job in jobs:
-                    completer.submit(Outcome(job, "complete"))
                 with anyio.fail_after(20):
                     while completer.pending:
                         await anyio.sleep(0.01)
