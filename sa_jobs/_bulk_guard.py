@@ -29,15 +29,14 @@ columns it is given.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from sqlalchemy import Insert, event, inspect
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import ClauseElement
 
-from . import _validate
-from .errors import ConfigurationError, InvalidArgsError
+from .errors import ConfigurationError
 
 # The mapped Job class, set by register_bulk_guards (model.py imports this module).
 _job: Optional[type] = None
@@ -166,15 +165,8 @@ def _check_edited_args(obj: Any) -> None:
     under the kind's cap): unchecked, NaN failed the flush with DataError and lost the
     caller's transaction. Raises InvalidArgsError before the flush begins."""
     state: Any = inspect(obj)
-    if "args" not in state.committed_state or not state.attrs.args.history.has_changes():
-        return
-    options = type(obj).__sa_jobs_options__
-    args = state.dict.get("args")
-    checked = _validate.json_payload(args, max_bytes=options.max_args_bytes) if isinstance(args, Mapping) else None
-    if checked is None:
-        raise InvalidArgsError(f"job {state.identity[0]}: args must be a mapping of JSON values, not {type(args).__name__}")
-    if checked is not args:
-        obj.args = checked
+    if "args" in state.committed_state and state.attrs.args.history.has_changes():
+        obj._check_assigned_args(type(obj).__sa_jobs_options__)
 
 
 def _refuse_stale_key_edits(session: Session, flush_context: Any, instances: Any) -> None:

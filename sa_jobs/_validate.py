@@ -9,6 +9,16 @@ from typing import Any, Mapping
 
 from .errors import InvalidArgsError, InvalidIdentifierError
 
+# A whole number as typed: ASCII digits only. int() also reads Arabic-Indic and full-width
+# digits and underscores ('١٢٣' acted on job 123), and str.isdigit() passes '²', which
+# int() then refuses.
+_DECIMAL_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+
+
+def decimal_integer(text: str) -> int | None:
+    """``text`` as an int if it is a decimal integer in ASCII digits, else None."""
+    return int(text) if _DECIMAL_INTEGER.fullmatch(text) else None
+
 # Postgres identifiers are at most 63 bytes; schema names also build the NOTIFY channel
 # (``<schema>_jobs``), so they are held shorter to leave room.
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,39}")

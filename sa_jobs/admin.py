@@ -14,6 +14,7 @@ from sqlalchemy import BigInteger, Text, any_, case, cast, func, literal, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 
+from . import _validate
 from .errors import ConfigurationError, JobNotFoundError
 from .model import job_table
 from .states import PENDING_STATES, STATUS_WORDS
@@ -161,9 +162,6 @@ def _key_holder(session: Any, job_id: int) -> Optional[tuple[int, str, str]]:
     return None if found is None else (found[0], found[1], found[2])
 
 
-_DECIMAL_ID = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
-
-
 def _job_ids(job_ids: Iterable[Any]) -> list[int]:
     """Ids for the bulk actions: ints (not bools) or decimal strings of ints, else
     :class:`JobNotFoundError` before any SQL (``int(1.9)`` would act on job 1)."""
@@ -171,8 +169,8 @@ def _job_ids(job_ids: Iterable[Any]) -> list[int]:
         raise JobNotFoundError(f"expected a collection of job ids (integers), not {job_ids!r}")
     ids = []
     for value in job_ids:
-        if isinstance(value, str) and _DECIMAL_ID.fullmatch(value):
-            number = int(value)
+        if isinstance(value, str) and (parsed := _validate.decimal_integer(value)) is not None:
+            number = parsed
         elif isinstance(value, int) and not isinstance(value, bool):
             number = int(value)
         else:
@@ -476,8 +474,6 @@ def set_queue_paused(session: Any, queue: str, paused: bool) -> None:
     """
     from sqlalchemy.dialects.postgresql import insert
 
-    from . import _validate
-
     _validate.queue_name(queue)
     table = _queues_table(session)
     stmt = insert(table).values(name=queue, paused=paused, updated_at=func.now())
@@ -556,8 +552,6 @@ def set_queue_limits(session: Any, queue: str, limits: QueueLimits) -> None:
     """
     from sqlalchemy.dialects.postgresql import insert
 
-    from . import _validate
-
     _validate.queue_name(queue)
     if not isinstance(limits, QueueLimits):
         raise TypeError(f"limits must be a QueueLimits, not {limits!r}")
@@ -583,8 +577,6 @@ def queue_limits(session: Any, queue: str, *, lock: bool = False) -> QueueLimits
     change made at the same time by another one.
     """
     from sqlalchemy.dialects.postgresql import insert
-
-    from . import _validate
 
     table = _queues_table(session)
     query = select(table.c.concurrency, table.c.partition_concurrency, table.c.rate_limit, table.c.rate_period).where(
@@ -658,8 +650,6 @@ class JobFilter:
     newer_than: Optional[Any] = None  # timedelta
 
     def __post_init__(self) -> None:
-        from . import _validate
-
         for name in ("queues", "kinds", "states"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)):

@@ -99,15 +99,11 @@ def _lock_timeout(value: str) -> float:
     return number
 
 
-# A whole number as typed: ASCII digits only. int() also reads Arabic-Indic and full-width
-# digits and underscores ('١٢٣' acted on job 123), and str.isdigit() passes '²', which
-# int() then refuses with a ValueError (a traceback).
-_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
-
-
 def _integer(value: str) -> Optional[int]:
     """``value`` as an int if it is a decimal integer in ASCII digits, else None."""
-    return int(value) if _INTEGER.fullmatch(value) else None
+    from ._validate import decimal_integer
+
+    return decimal_integer(value)
 
 
 def _parse_queues(values: Optional[Sequence[str]], default: int) -> Optional[dict[str, int]]:

@@ -9,7 +9,7 @@ import json
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import anyio
 import psycopg
@@ -1354,19 +1354,33 @@ def _rows_locked_by_another_transaction(engine: Any, database_url: str, schema: 
     return jobs, blocker
 
 
-def _completer_with_completions(database_url: str, schema: str, jobs: list[Any]) -> tuple[Any, Any]:
-    """A completer on a connection of its own (call on the event loop), with a completion
-    submitted for each of ``jobs``; its loop is not started."""
+def _beside_a_running_completer(database_url: str, schema: str, jobs: list[Any], blocker: Any,
+                                body: Callable[[Any, Any], Awaitable[None]]) -> None:
+    """Submit a completion for each of ``jobs`` to a completer on a connection of its own,
+    run its loop, and run ``body(completer, task_group)`` beside it; then cancel the loop
+    (as the worker cancels its services after the drain) and close ``blocker``."""
     from sa_jobs._connection import ManagedConnection
     from sa_jobs.events import NullObserver
     from sa_jobs.worker._job import Outcome
     from sa_jobs.worker.completer import Completer
 
-    conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=30.0)
-    completer = Completer(conn, Queries.for_schema(schema), NullObserver())
-    for job in jobs:
-        completer.submit(Outcome(job, "complete"))
-    return conn, completer
+    async def main() -> None:
+        conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=30.0)
+        completer = Completer(conn, Queries.for_schema(schema), NullObserver())
+        for job in jobs:
+            completer.submit(Outcome(job, "complete"))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(completer.run)
+                await body(completer, tg)
+                tg.cancel_scope.cancel()
+        finally:
+            await conn.discard()
+
+    try:
+        anyio.run(main)
+    finally:
+        blocker.close()
 
 
 def test_completer_drain_waits_for_the_write_in_flight(engine, database_url, schema):
@@ -1378,32 +1392,21 @@ def test_completer_drain_waits_for_the_write_in_flight(engine, database_url, sch
     jobs, blocker = _rows_locked_by_another_transaction(engine, database_url, schema, 3)
     observed: dict[str, object] = {}
 
-    async def main() -> None:
-        conn, completer = _completer_with_completions(database_url, schema, jobs)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(completer.run)
+    def writing() -> bool:
+        return bool(q(database_url, "SELECT count(*) FROM pg_stat_activity"
+                                    " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
+                      (schema,))[0][0])
 
-                def writing() -> bool:
-                    return bool(q(database_url, "SELECT count(*) FROM pg_stat_activity"
-                                                " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
-                                  (schema,))[0][0])
+    async def body(completer: Any, tg: Any) -> None:
+        while not await anyio.to_thread.run_sync(writing):
+            await anyio.sleep(0.02)
+        # The loop's write is in flight and nothing is pending; end the block later.
+        tg.start_soon(anyio.to_thread.run_sync, blocker.rollback)
+        observed["drained"] = await completer.drain(timeout=10)
+        observed["states"] = await anyio.to_thread.run_sync(
+            q, database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1"))
 
-                while not await anyio.to_thread.run_sync(writing):
-                    await anyio.sleep(0.02)
-                # The loop's write is in flight and nothing is pending; end the block later.
-                tg.start_soon(anyio.to_thread.run_sync, blocker.rollback)
-                observed["drained"] = await completer.drain(timeout=10)
-                observed["states"] = await anyio.to_thread.run_sync(
-                    q, database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1"))
-                tg.cancel_scope.cancel()  # as the worker cancels its services after the drain
-        finally:
-            await conn.discard()
-
-    try:
-        anyio.run(main)
-    finally:
-        blocker.close()
+    _beside_a_running_completer(database_url, schema, jobs, blocker, body)
     assert observed == {"drained": True, "states": [("completed", 3)]}
 
 
@@ -1414,28 +1417,18 @@ def test_a_drain_that_times_out_during_the_write_in_flight_counts_its_outcomes(e
     jobs, blocker = _rows_locked_by_another_transaction(engine, database_url, schema, 3)
     observed: dict[str, object] = {}
 
-    async def main() -> None:
-        conn, completer = _completer_with_completions(database_url, schema, jobs)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(completer.run)
-                with anyio.fail_after(20):
-                    while completer.pending:
-                        await anyio.sleep(0.01)
-                observed["drained"] = await completer.drain(timeout=0.5)  # the row locks outlast it
-                observed["pending"], observed["unwritten"] = completer.pending, completer.unwritten
-                await anyio.to_thread.run_sync(blocker.rollback)
-                with anyio.fail_after(20):
-                    while completer.unwritten:
-                        await anyio.sleep(0.01)
-                tg.cancel_scope.cancel()
-        finally:
-            await conn.discard()
+    async def body(completer: Any, tg: Any) -> None:
+        with anyio.fail_after(20):
+            while completer.pending:
+                await anyio.sleep(0.01)
+        observed["drained"] = await completer.drain(timeout=0.5)  # the row locks outlast it
+        observed["pending"], observed["unwritten"] = completer.pending, completer.unwritten
+        await anyio.to_thread.run_sync(blocker.rollback)
+        with anyio.fail_after(20):
+            while completer.unwritten:
+                await anyio.sleep(0.01)
 
-    try:
-        anyio.run(main)
-    finally:
-        blocker.close()
+    _beside_a_running_completer(database_url, schema, jobs, blocker, body)
     assert observed == {"drained": False, "pending": 0, "unwritten": 3}
     assert q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1")) == [("completed", 3)]
 
