@@ -19,6 +19,15 @@ def decimal_integer(text: str) -> int | None:
     """``text`` as an int if it is a decimal integer in ASCII digits, else None."""
     return int(text) if _DECIMAL_INTEGER.fullmatch(text) else None
 
+# A number as typed, in ASCII: float() also reads full-width digits, underscores and
+# 'nan'/'inf', which a caller that wants them spells out.
+_DECIMAL_NUMBER = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*", re.ASCII)
+
+
+def decimal_number(text: str) -> float | None:
+    """``text`` as a float if it is a decimal number in ASCII digits, else None."""
+    return float(text) if _DECIMAL_NUMBER.fullmatch(text) else None
+
 # Postgres identifiers are at most 63 bytes; schema names also build the NOTIFY channel
 # (``<schema>_jobs``), so they are held shorter to leave room.
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,39}")

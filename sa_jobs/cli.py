@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence
 
 import anyio
 
-from . import schema as schema_mod
+from . import _validate, schema as schema_mod
 from ._url import ENV_VAR, database_url_from_env
 from .errors import ConfigurationError, SaJobsError
 
@@ -90,20 +90,15 @@ def _connect_timeout(value: str) -> int:
 
 def _lock_timeout(value: str) -> float:
     """Seconds, 0 or more (0: no limit)."""
-    try:
-        number = float(value) if value.isascii() else -1.0  # float() reads full-width digits too
-    except ValueError:
-        number = -1.0
-    if not 0 <= number < float("inf"):
+    number = _validate.decimal_number(value)
+    if number is None or not 0 <= number < float("inf"):
         raise argparse.ArgumentTypeError(f"invalid lock timeout {value!r}: seconds, 0 or more (0: no limit)")
     return number
 
 
 def _integer(value: str) -> Optional[int]:
     """``value`` as an int if it is a decimal integer in ASCII digits, else None."""
-    from ._validate import decimal_integer
-
-    return decimal_integer(value)
+    return _validate.decimal_integer(value)
 
 
 def _parse_queues(values: Optional[Sequence[str]], default: int) -> Optional[dict[str, int]]:
@@ -226,7 +221,6 @@ def _require_schema(args: argparse.Namespace) -> None:
     """Refuse an operator command on a queue schema that is missing, older or newer than
     this sa-jobs (SchemaVersionError naming the fix), as the worker does at start; its
     queries would otherwise die on an undefined table or column, with a driver traceback."""
-    from . import _validate
     from ._url import to_conninfo
 
     schema_mod.check_version(to_conninfo(_database_url(args)), _validate.schema_name(args.schema))
@@ -825,9 +819,10 @@ def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-un
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    """Seconds, more than 0 and finite ('inf' and full-width digits were taken)."""
+    number = _validate.decimal_number(value)
+    if number is None or not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value!r}")
     return number
 
 
@@ -842,9 +837,9 @@ def _log_level(value: str) -> str:
 
 def _grace(value: str) -> float:
     """Seconds, 0 or more (inf: wait for every job): -1 released at once, nan waited for ever."""
-    number = float(value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {value!r}")
+    number = float("inf") if value.strip().lower() in ("inf", "infinity") else _validate.decimal_number(value)
+    if number is None or not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds (or inf), not {value!r}")
     return number
 
 

@@ -324,6 +324,21 @@ def test_a_negative_or_nan_shutdown_grace_is_refused(capsys, grace):
         cli.build_parser().parse_args(["worker", "tests.jobs_core", "--shutdown-grace", grace])
     assert exc.value.code == 2 and "must be 0 or more seconds" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["worker", "m", "--shutdown-grace", "0"]).shutdown_grace == 0
+    assert cli.build_parser().parse_args(["worker", "m", "--shutdown-grace", "inf"]).shutdown_grace == float("inf")
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--lease", "\uff13\uff10"), ("--lease", "inf"), ("--poll-interval", "nan"), ("--maintenance-interval", "1_0"),
+    ("--statement-timeout", "\u0661"), ("--shutdown-grace", "\uff15"),
+])
+def test_worker_seconds_take_ascii_finite_numbers(capsys, option, value):
+    """float() read full-width and Arabic-Indic digits, underscores, 'inf' and 'nan': an
+    infinite maintenance tick (the rescuer's) or lease was accepted."""
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["worker", "m", option, value])
+    assert exc.value.code == 2 and repr(value) in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["worker", "m", option, "2.5e0"])
+    assert getattr(args, option[2:].replace("-", "_")) == 2.5
 
 
 def _change_after_the_count(monkeypatch, database_url, statement, params=()):

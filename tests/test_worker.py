@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import threading
 import time
 import uuid
@@ -554,6 +555,30 @@ def test_worker_configuration_errors(database_url):
         Worker(database_url, kinds=[WSync], schema="Robert'); DROP TABLE students;--")
     with pytest.raises(ConfigurationError):
         Worker(database_url, kinds=[object])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("lease", math.inf), ("lease", "30"), ("lease", True), ("poll_interval", math.inf),
+    ("maintenance_interval", math.inf), ("maintenance_interval", math.nan),
+    ("heartbeat_interval", math.nan), ("heartbeat_interval", -1), ("heartbeat_interval", 0),
+    ("completion_interval", -0.5), ("completion_interval", math.nan),
+    ("statement_timeout", -1), ("statement_timeout", math.nan), ("statement_timeout", math.inf),
+    ("statement_timeout", 0.0004), ("statement_timeout", 3e6),
+    ("shutdown_grace", math.nan), ("shutdown_grace", -1),
+    ("max_claim", 0), ("max_claim", -3), ("max_claim", 2.5),
+])
+def test_worker_refuses_a_duration_or_batch_it_cannot_run_with(database_url, option, value):
+    """Each was taken as given: a heartbeat every NaN seconds, a maintenance tick (the
+    rescuer's) that never came, a statement timeout under a millisecond that the server
+    read as none, max_claim=0 that claimed nothing for ever."""
+    with pytest.raises(ConfigurationError, match=option):
+        Worker(database_url, kinds=[WSync], **{option: value})
+
+
+def test_worker_duration_options_it_can_run_with(database_url):
+    worker = Worker(database_url, kinds=[WSync], lease=2, heartbeat_interval=0.5, completion_interval=0,
+                    statement_timeout=0.001, shutdown_grace=math.inf, max_claim=1)
+    assert (worker.lease, worker.statement_timeout, worker.shutdown_grace) == (2.0, 0.001, math.inf)
 
 
 class WHog(Job, kind="w_hog", queue="w"):

@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import socket
 import sys
@@ -153,6 +154,25 @@ class _Queue:
     rescan_seconds: float = 0.0  # how long that last claim from the start took
 
 
+def _seconds(name: str, value: Any, *, zero: bool = False, infinite: bool = False,
+             least: float = 0.0, most: float = math.inf) -> float:
+    """A duration option as a float, or ConfigurationError: NaN passed every comparison (a
+    heartbeat every NaN seconds), an infinite lease or tick never came round, and a
+    statement timeout under a millisecond reached the server as 0, which means none."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigurationError(f"{name} must be a number of seconds, not {value!r}")
+    seconds = float(value)
+    if seconds == math.inf and infinite:
+        return seconds
+    if not (least <= seconds <= most and seconds < math.inf and (seconds > 0 or zero)):
+        if least or most < math.inf:
+            rule = f"from {least:g} to {most:.0f} seconds"
+        else:
+            rule = ("0 or more" if zero else "more than 0") + (" seconds (or inf)" if infinite else ", finite seconds")
+        raise ConfigurationError(f"{name} must be {rule}, not {value!r}")
+    return seconds
+
+
 class Worker:
     """Runs job handlers for a set of kinds and queues.
 
@@ -193,23 +213,27 @@ class Worker:
         self._conninfo = to_conninfo(url)
         self.schema = _validate.schema_name(schema)
         self._queries = Queries.for_schema(self.schema)
-        if not lease > 0 or not poll_interval > 0 or not maintenance_interval > 0:
-            raise ConfigurationError("lease, poll_interval and maintenance_interval must be positive")
         if type(concurrency) is not int or concurrency < 1:
             raise ConfigurationError(f"concurrency must be a positive int, not {concurrency!r}")
-        self.lease = float(lease)
-        self._heartbeat_interval = heartbeat_interval or self.lease / 4
+        if type(max_claim) is not int or max_claim < 1:  # 0 claimed nothing, for ever
+            raise ConfigurationError(f"max_claim must be a positive int, not {max_claim!r}")
+        self.lease = _seconds("lease", lease)
+        self._heartbeat_interval = (self.lease / 4 if heartbeat_interval is None
+                                    else _seconds("heartbeat_interval", heartbeat_interval))
         if self._heartbeat_interval >= self.lease:
             raise ConfigurationError("heartbeat_interval must be shorter than the lease")
-        self._poll_interval = poll_interval
-        self._maintenance_interval = maintenance_interval
+        self._poll_interval = _seconds("poll_interval", poll_interval)
+        # Never infinite: the rescuer and the scheduler run on this tick.
+        self._maintenance_interval = _seconds("maintenance_interval", maintenance_interval)
         self.horizon = HorizonWatch()
-        self._completion_interval = completion_interval
+        self._completion_interval = _seconds("completion_interval", completion_interval, zero=True)
         self._max_claim = max_claim
-        self.shutdown_grace = shutdown_grace
+        self.shutdown_grace = _seconds("shutdown_grace", shutdown_grace, zero=True, infinite=True)
         # Every service statement is bounded; well inside the lease so that a stuck
         # connection is replaced before the jobs it serves are presumed lost.
-        self.statement_timeout = statement_timeout or max(2.0, min(30.0, self.lease / 2))
+        self.statement_timeout = (max(2.0, min(30.0, self.lease / 2)) if statement_timeout is None
+                                  else _seconds("statement_timeout", statement_timeout,
+                                                     least=0.001, most=2_147_483.0))  # the server's int ms
         # Guarded: the worker calls hooks where a raise would strand claimed jobs.
         self._observer: WorkerObserver = NullObserver() if observer is None else GuardedObserver(observer)  # type: ignore[assignment]
         # The app's own engines (its pool settings) map this worker's schema too: jobs a
@@ -486,7 +510,7 @@ class Worker:
 
     async def shutdown(self, grace: Optional[float] = None) -> None:
         """Stop claiming, let running jobs finish within ``grace``, release the rest."""
-        grace = self.shutdown_grace if grace is None else grace
+        grace = self.shutdown_grace if grace is None else _seconds("grace", grace, zero=True, infinite=True)
         self._stop_requested.set()
         self._stop_claiming()
         with anyio.move_on_after(grace):
