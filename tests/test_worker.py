@@ -326,6 +326,44 @@ def test_a_handler_that_returned_before_its_cancellation_reached_it_completes(en
     assert outcomes.seen == [(kind.kind_options().kind, "completed")]
 
 
+class WErrorAtDeadline(Job, kind="w_error_at_deadline", queue="w", timeout=0.5, max_attempts=1):
+    pass
+
+
+@WErrorAtDeadline.handler
+async def w_error_at_deadline(ctx: JobContext) -> str:
+    loop = asyncio.get_running_loop()
+    reply = loop.create_future()
+    loop.call_later(0.2, reply.set_exception, ConnectionResetError("the peer hung up"))  # within the timeout
+    loop.call_later(0.1, time.sleep, 0.7)  # while other work holds the event loop past the deadline
+    return await reply
+
+
+class WSyncRaisesAtDeadline(Job, kind="w_sync_raises_at_deadline", queue="w", timeout=1.0, max_attempts=1):
+    pass
+
+
+@WSyncRaisesAtDeadline.handler
+def w_sync_raises_at_deadline(ctx: JobContext) -> str:
+    ctx._worker._loop.call_soon_threadsafe(time.sleep, 1.5)  # the event loop is busy past the deadline
+    time.sleep(0.1)
+    raise ConnectionResetError("the peer hung up")  # well within the timeout
+
+
+@pytest.mark.parametrize("kind", [WErrorAtDeadline, WSyncRaisesAtDeadline], ids=["async", "sync"])
+def test_a_handler_that_failed_before_its_cancellation_reached_it_keeps_its_error(engine, database_url, schema, kind):
+    """As above, with an error of its own in time instead of a result: it was recorded as
+    a timeout (any error counted as the handler's answer to the cancellation), which hid
+    the real failure behind "ran longer than its timeout"."""
+    (job_id,) = add(engine, kind())
+    outcomes = Outcomes()
+    run_worker_until(database_url, schema, [kind], finished(engine, [job_id]), observer=outcomes)
+    job = job_row(engine, job_id)
+    assert job.state == "dead"
+    assert [e["error"] for e in job.errors] == ["ConnectionResetError: the peer hung up"]
+    assert outcomes.seen == [(kind.kind_options().kind, "dead")]
+
+
 def test_discard_and_bad_result_go_dead_without_retries(engine, database_url, schema):
     ids = add(engine, WDiscard(), WBadResult())
     run_worker_until(database_url, schema, ALL, finished(engine, ids))

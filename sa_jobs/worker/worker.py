@@ -981,10 +981,12 @@ class Worker:
         # and says so (with the handler's error as its cause); a value returned after the
         # cancellation is not a result. A control signal (Snooze, Cancel, Discard) is the
         # handler's decision and stands. A handler the cancellation never reached returned
-        # in time (its awaited result, or its thread's, was in when the deadline came; a
-        # busy event loop ran both at once): its result stands.
+        # in time (its awaited result or error, or its thread's, was in when the deadline
+        # came; a busy event loop ran both at once): its result, or its error, stands.
+        # Reached means the scope caught the cancellation, or the async handler's awaitable
+        # was thrown it (its own error in answer to it); a sync handler's thread never is.
         deadline_hit = scope.cancel_called and not job.cancelled
-        reached = scope.cancelled_caught or error is not None or (watch is not None and watch.reached)
+        reached = scope.cancelled_caught or (watch is not None and watch.reached)
         if deadline_hit and reached and not isinstance(error, JobControl):
             job.cancel("timed out")
             too_long = TimeoutError(f"job {job.id} ({job.kind}) ran longer than its timeout of {runtime.options.timeout}s")
