@@ -385,8 +385,17 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float) ->
     seconds = max(seconds, MIN_READ_SECONDS)
     # 0 is no timeout: a wait without a deadline (math.inf), or one past what the setting holds.
     millis = int(seconds * 1000) if seconds * 1000 < 2**31 - 1 else 0
+    set_timeout = text("SELECT set_config('statement_timeout', :ms, :local)")
+    # On a connection in autocommit (an AUTOCOMMIT engine, or the driver's own autocommit)
+    # each statement is its own transaction, and a transaction-local setting ended with the
+    # statement that made it: the read had no bound. There the setting is the session's,
+    # and the connection's own value is put back after the read.
+    dbapi_connection = session.connection().connection.dbapi_connection
+    previous = None
+    if getattr(dbapi_connection, "autocommit", False) is True:
+        previous = session.execute(text("SELECT current_setting('statement_timeout')")).scalar_one()
     try:
-        session.execute(text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": f"{millis}ms"})
+        session.execute(set_timeout, {"ms": f"{millis}ms", "local": previous is None})
         return job_status(session, job_id)
     except OperationalError as exc:
         if getattr(getattr(exc, "orig", None), "sqlstate", None) != "57014":  # query_canceled
@@ -395,6 +404,9 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float) ->
             f"job {job_id}: its status could not be read within {timeout}s (the server did not answer the read"
             f" within {millis / 1000:g}s)"
         ) from None
+    finally:
+        if previous is not None and not getattr(dbapi_connection, "closed", False):
+            session.execute(set_timeout, {"ms": previous, "local": False})
 
 
 def _check_timeout(timeout: float) -> None:

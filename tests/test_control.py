@@ -820,11 +820,13 @@ def test_wait_for_times_out_on_a_job_nobody_runs(engine):
     assert time.monotonic() - started < 2
 
 
-@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("flavour", ["sync", "async", "sync-autocommit", "async-autocommit"])
 def test_wait_for_timeout_holds_while_the_jobs_table_is_locked(engine, database_url, schema, flavour):
     """A read of the job that the server does not answer (the table locked by a migration,
     a VACUUM FULL or a LOCK TABLE; a server under a pile-up) held wait_for past its
-    timeout, for as long as the lock was held: the deadline was only checked between reads."""
+    timeout, for as long as the lock was held: the deadline was only checked between reads.
+    On an AUTOCOMMIT engine the read's transaction-local statement_timeout ended with the
+    statement that set it, and the wait still hung for as long as the lock was held."""
     import psycopg
     from psycopg import sql as psql
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -840,13 +842,14 @@ def test_wait_for_timeout_holds_while_the_jobs_table_is_locked(engine, database_
     try:
         release.start()
         started = time.monotonic()
-        if flavour == "sync":
+        options = {"isolation_level": "AUTOCOMMIT"} if flavour.endswith("autocommit") else {}
+        if flavour.startswith("sync"):
             with pytest.raises(TimeoutError, match=f"job {job_id}"):
-                wait_for(engine, job_id, timeout=0.5)
+                wait_for(engine.execution_options(**options), job_id, timeout=0.5)
         else:
             async def main() -> None:
                 aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
-                    schema_translate_map={"sa_jobs": schema})
+                    schema_translate_map={"sa_jobs": schema}, **options)
                 try:
                     with pytest.raises(TimeoutError, match=f"job {job_id}"):
                         await wait_for_async(aengine, job_id, timeout=0.5)
