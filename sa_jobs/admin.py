@@ -28,7 +28,8 @@ def retry(session: Any, job_id: int) -> int:
     """Make a finished (dead, cancelled, completed) or waiting job available now.
 
     A replay of a dead job grants exactly one more attempt (``max_attempts`` becomes
-    ``attempt + 1``); other states keep their budget, with at least one attempt left. Returns the job's id; raises :class:`JobNotFoundError` if no job
+    ``attempt + 1``); other states keep their budget, with at least one attempt left. A
+    completed job's result is cleared (``errors`` keeps the history). Returns the job's id; raises :class:`JobNotFoundError` if no job
     with that id is in a replayable state (a running job cannot be retried), or if it is
     a unique job whose key another job holds now (retrying it would make a duplicate).
     The caller's transaction stays usable either way.
@@ -119,6 +120,9 @@ def _retry_rows(session: Any, ids: list[int]) -> list[int]:
             state="available",
             scheduled_at=func.now(),
             finished_at=None,
+            # The replay's outcome is its own: a completed job's result stayed on show while
+            # the replay waited, and with its "failed" status once the replay ended dead.
+            result=None,
             # A dead job gets exactly one more attempt (also one discarded early); others
             # keep their budget, raised if needed so that at least one attempt is left.
             max_attempts=case(

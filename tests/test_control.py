@@ -684,6 +684,26 @@ def test_a_dead_job_replayed_by_an_admin_shows_no_progress_while_it_waits(engine
     assert (status.status, status.attempt, status.progress) == ("queued", 1, None), status
 
 
+def test_a_replayed_completed_job_shows_no_result_of_its_earlier_run(engine, database_url, schema):
+    """retry() of a completed job kept its result: the replay showed it while queued, and
+    once the replay ended dead job_status said "failed" with the earlier run's result."""
+    (job_id,) = add(engine, CLongAsync())
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', attempt = 1, finished_at = now(),"
+                                     " result = '{{\"rows\": 3}}' WHERE id = %s"), (job_id,))
+    with Session(engine) as session, session.begin():
+        assert job_status(session, job_id).result == {"rows": 3}
+        retry(session, job_id)
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+    assert (status.status, status.result) == ("queued", None), status
+    # The replay fails for good: a failed job has no result.
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'dead', attempt = 2, finished_at = now()"
+                                     " WHERE id = %s"), (job_id,))
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+    assert (status.status, status.result) == ("failed", None), status
+
+
 class CProgressStuck(Job, kind="c_progress_stuck", queue="c"):
     pass
 
