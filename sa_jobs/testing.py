@@ -288,6 +288,8 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     test, or an AsyncSession's commit under :func:`inline`): the worker then runs in a
     thread of its own, and the caller's event loop waits for it.
     """
+    if timeout != timeout:  # no clock passes NaN (anyio refused it once the worker had started)
+        raise ValueError("drain(): timeout is NaN; give seconds, or math.inf to wait without a deadline")
     if hasattr(engine, "sync_engine"):
         # An AsyncEngine: its pool belongs to the caller's event loop, and its sync_engine
         # works only inside that loop's greenlets. A plain engine on the same URL instead.
@@ -341,12 +343,17 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
             ran.update(worker_id=worker.worker_id, kinds=sorted(worker._kinds))
             if with_scheduled:
                 await anyio.to_thread.run_sync(make_due, served)
-            # Not fail_after: raised inside the worker's block, the TimeoutError came out
-            # wrapped in an ExceptionGroup by its task group.
-            with anyio.move_on_after(timeout) as waited:
-                while await anyio.to_thread.run_sync(busy, served) or worker.running_jobs():
-                    await anyio.sleep(0.02)
-        if waited.cancelled_caught:
+            # A deadline checked after each look, not a cancel scope: the scope cancelled the
+            # first look itself when ``timeout`` was 0 (or shorter than a look), and drain()
+            # of an empty queue said its jobs were still due. (Nor fail_after: raised inside
+            # the worker's block, the TimeoutError came out wrapped in an ExceptionGroup.)
+            deadline = anyio.current_time() + timeout
+            while await anyio.to_thread.run_sync(busy, served) or worker.running_jobs():
+                if anyio.current_time() >= deadline:
+                    ran["timed_out"] = True
+                    break
+                await anyio.sleep(min(0.02, max(0.0, deadline - anyio.current_time())))
+        if ran.get("timed_out"):
             raise TimeoutError(f"drain(): jobs of queues {served} were still due or running after {timeout}s")
 
     token = _draining.set(True)

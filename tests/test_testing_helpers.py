@@ -176,8 +176,23 @@ def test_drain_of_some_kinds_ignores_jobs_of_queues_it_does_not_serve(sa_jobs_en
 def test_drain_times_out_with_a_plain_timeout_error(sa_jobs_engine):
     with Session(sa_jobs_engine) as session, session.begin():
         session.add(SnoozeForever())
-    with pytest.raises(TimeoutError, match="still due or running after 1"):
+    with pytest.raises(TimeoutError, match="still due or running after 1s"):
         drain(sa_jobs_engine, kinds=[SnoozeForever], timeout=1)
+
+
+def test_drain_with_a_zero_timeout_looks_once(sa_jobs_engine):
+    """A cancel scope of 0 s cancelled drain()'s first look: an empty queue raised
+    TimeoutError saying its jobs were still due. A NaN timeout is refused up front."""
+    import math
+
+    assert drain(sa_jobs_engine, kinds=[Double], timeout=0) == {}
+    assert drain(sa_jobs_engine, kinds=[Double], timeout=-1) == {}
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(SnoozeForever())
+    with pytest.raises(TimeoutError, match="still due or running after 0s"):
+        drain(sa_jobs_engine, kinds=[SnoozeForever], timeout=0)
+    with pytest.raises(ValueError, match="timeout is NaN"):
+        drain(sa_jobs_engine, kinds=[SnoozeForever], timeout=math.nan)
 
 
 def assert_ran(engine, kind, amounts: list[int]) -> None:
