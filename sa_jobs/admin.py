@@ -341,11 +341,18 @@ def current_progress(state: str, attempt: int, progress: Any) -> Any:
 
 
 def job_status(session: Any, job_id: int) -> JobStatus:
-    """The status of job ``job_id`` in a status page's words (seed 002).
+    """The status of job ``job_id`` in a status page's words (seed 002); from an
+    AsyncSession, ``await session.run_sync(job_status, job_id)``.
 
     An id no job can have (not an int, below 1 or past bigint) raises
     :class:`JobNotFoundError` before any SQL: it reached the query as a ProgrammingError
     or DataError that aborted the caller's transaction."""
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+    if isinstance(session, (AsyncSession, AsyncConnection)):
+        # Its execute() is a coroutine: an AttributeError on it, and a "never awaited" warning.
+        raise ConfigurationError("job_status() needs a sync Session or Connection; from an AsyncSession use"
+                                 " `await session.run_sync(job_status, job_id)`")
     check_job_id(job_id)
     row = session.execute(
         select(_jobs.c.id, _jobs.c.state, _jobs.c.attempt, _jobs.c.max_attempts, _jobs.c.errors, _jobs.c.result,

@@ -211,6 +211,7 @@ def enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[M
     ``args`` may name some of a job's args (the others may hold anything), and each one
     named must equal the job's whole: ``{"ids": [1]}`` does not match ids ``[1, 2]``.
     """
+    _refuse_async_session(session, "enqueued")
     target = kind or Job
     stmt = select(target).where(target.state.in_(states)).order_by(target.id)
     if queue is not None:
@@ -226,6 +227,7 @@ def assert_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Opt
                     queue: Optional[str] = None, count: Optional[int] = None) -> list[Job]:
     """Fail unless matching jobs are waiting (exactly ``count`` of them, if given); the
     failure lists the jobs that are waiting. ``args`` as in :func:`enqueued`."""
+    _refuse_async_session(session, "assert_enqueued")
     found = enqueued(session, kind, args=args, queue=queue)
     what = f"{kind.__name__ if kind else 'job'}(args ⊇ {dict(args or {})!r}, queue={queue!r})"
     if count is None:
@@ -237,8 +239,19 @@ def assert_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Opt
 
 def refute_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[Mapping[str, Any]] = None,
                     queue: Optional[str] = None) -> None:
+    _refuse_async_session(session, "refute_enqueued")
     found = enqueued(session, kind, args=args, queue=queue)
     assert not found, f"expected no such job, found {[(j.kind, j.args) for j in found]}"
+
+
+def _refuse_async_session(session: Any, name: str) -> None:
+    """An AsyncSession's queries are coroutines: iterating one failed with a bare TypeError
+    (and a "never awaited" warning) that named neither the helper nor the way out."""
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+    if isinstance(session, (AsyncSession, AsyncConnection)):
+        raise ConfigurationError(f"{name}() needs a sync Session; from an AsyncSession use"
+                                 f" `await session.run_sync(lambda s: {name}(s, ...))`")
 
 
 # How many waiting jobs a failed assert_enqueued() lists.

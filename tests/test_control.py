@@ -460,6 +460,33 @@ def test_job_status_speaks_the_status_page_words(engine, database_url, schema):
             job_status(session, 10**12)
 
 
+def test_job_status_from_an_async_session_says_to_use_run_sync(engine, database_url, schema):
+    """Given an AsyncSession, job_status failed with an AttributeError on a coroutine (and
+    a "never awaited" warning); it says how to call it, and run_sync works."""
+    import warnings
+
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+
+    async def main() -> None:
+        aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={"sa_jobs": schema})
+        try:
+            async with AsyncSession(aengine) as session:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    with pytest.raises(ConfigurationError, match="run_sync"):
+                        job_status(session, job_id)  # type: ignore[arg-type]
+                assert (await session.run_sync(job_status, job_id)).status == "queued"
+        finally:
+            await aengine.dispose()
+
+    anyio.run(main)
+
+
 @pytest.mark.parametrize("bad", ["abc", "7", True, 1.5, 2**63, -(2**63) - 1, 10**30])
 def test_job_status_of_an_id_no_job_can_have_is_not_found_and_the_session_goes_on(engine, bad):
     """An id no job can have (not an int, or past bigint) reached SQL: a str or a bool

@@ -115,6 +115,35 @@ def test_assert_enqueued_and_refute(sa_jobs_engine):
             assert_enqueued(session, Double, count=2)
 
 
+def test_the_enqueued_helpers_from_an_async_session_say_to_use_run_sync(sa_jobs_engine):
+    """Given an AsyncSession, enqueued() and assert_enqueued() failed with "'coroutine'
+    object is not iterable" (and a "never awaited" warning)."""
+    import warnings
+
+    import anyio
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    async def main() -> None:
+        aengine = create_async_engine(sqlalchemy_url(sa_jobs_engine, async_=True)).execution_options(
+            **sa_jobs_engine.get_execution_options())
+        try:
+            async with AsyncSession(aengine) as session:
+                async with session.begin():
+                    session.add(Double(x=1))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    for helper in (enqueued, assert_enqueued, refute_enqueued):
+                        with pytest.raises(ConfigurationError, match=f"{helper.__name__}.*run_sync"):
+                            helper(session, Double)
+                assert len(await session.run_sync(lambda s: assert_enqueued(s, Double, args={"x": 1}))) == 1
+        finally:
+            await aengine.dispose()
+
+    anyio.run(main)
+
+
 class SlowRetry(Job, kind="th_slow_retry", queue="th", max_attempts=2, backoff=constant_backoff(0.3)):
     pass
 
