@@ -5,7 +5,7 @@ test the queue in a Postgres schema of its own, on ``SA_JOBS_TEST_DATABASE_URL``
 embedded server:
 
 - ``sa_jobs_database_url``: the server (session scope);
-- ``sa_jobs_schema``: a fresh installed schema, dropped after the test;
+- ``sa_jobs_schema``: a fresh installed schema, dropped after the test with all it holds;
 - ``sa_jobs_engine``: an Engine mapping ``sa_jobs`` to that schema.
 
 Helpers: :func:`perform` (run a handler now, no worker), :func:`drain` (a real worker until
@@ -519,6 +519,20 @@ if pytest is not None:
         yield name
         _end_sessions_locking(sa_jobs_database_url, name)
         schema_mod.uninstall(sa_jobs_database_url, name)
+        _drop_schema(sa_jobs_database_url, name)
+
+    def _drop_schema(database_url: str, name: str) -> None:
+        """Drop the test's schema with whatever the test left in it: uninstall() drops the
+        schema only once it is empty, and a table the test created there (beside the
+        queue's, to share its transactions) left one more schema behind per test and run.
+        The schema is this test's alone (a random name), so nothing else is in it."""
+        import psycopg
+        from psycopg import sql
+
+        from ._url import to_conninfo
+
+        with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
     def _end_sessions_locking(database_url: str, name: str) -> None:
         """End the sessions still holding locks in the test's own schema: a failed test's

@@ -349,6 +349,44 @@ def test_the_schema_fixture_tears_down_after_a_test_that_failed_holding_a_transa
     assert q(database_url, "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
 
 
+APP_TABLE_TEST = '''
+from sqlalchemy import text
+
+
+def test_keeps_an_app_table_in_the_schema(sa_jobs_engine, sa_jobs_schema):
+    with open("schema.txt", "w") as f:
+        f.write(sa_jobs_schema)
+    with sa_jobs_engine.begin() as conn:  # the test's own table beside the queue's, not dropped
+        conn.execute(text(f'CREATE TABLE "{sa_jobs_schema}".orders (id int)'))
+'''
+
+
+def test_the_schema_fixture_drops_the_schema_with_the_tables_a_test_left_in_it(database_url, tmp_path):
+    """The teardown dropped the queue's objects and then the schema only if it was empty:
+    a test that created a table of its own in its schema left the schema behind, one
+    more t_* schema in the test database per such test and run."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+    from .helpers import q
+
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["sa_jobs.testing"]\n')
+    (tmp_path / "test_app_table.py").write_text(APP_TABLE_TEST)
+    env = {**os.environ, "SA_JOBS_TEST_DATABASE_URL": database_url, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_app_table.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
+    schema = (tmp_path / "schema.txt").read_text()
+    left = q(database_url, "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,))
+    if left != [(0,)]:
+        from psycopg import sql
+
+        q(database_url, sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    assert left == [(0,)], f"schema {schema} was left behind"
+
+
 def test_nested_inline_blocks_of_two_engines_each_run_their_own_jobs(sa_jobs_engine, credits):
     """The outer block's after_commit took the session's enqueued mark before asking
     whether the session was its engine's, so the inner block's jobs never ran."""
