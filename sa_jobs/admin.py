@@ -24,6 +24,18 @@ _jobs = job_table()
 REPLAYABLE_STATES = ("dead", "cancelled", "completed", "retryable", "scheduled")
 
 
+def refuse_async_session(session: Any, name: str) -> None:
+    """ConfigurationError for an AsyncSession or AsyncConnection where a sync one is needed.
+    Its execute() is a coroutine: a read failed with a bare AttributeError or TypeError on
+    it, and a write (``pause_queue``, ``set_queue_limits``) returned having done nothing,
+    with only a "never awaited" warning to say so."""
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+    if isinstance(session, (AsyncSession, AsyncConnection)):
+        raise ConfigurationError(f"{name}() needs a sync Session or Connection; from an AsyncSession use"
+                                 f" `await session.run_sync(lambda s: {name}(s, ...))`")
+
+
 def retry(session: Any, job_id: int) -> int:
     """Make a finished (dead, cancelled, completed) or waiting job available now.
 
@@ -34,6 +46,7 @@ def retry(session: Any, job_id: int) -> int:
     a unique job whose key another job holds now (retrying it would make a duplicate).
     The caller's transaction stays usable either way.
     """
+    refuse_async_session(session, "retry")
     check_job_id(job_id)
     ids = retry_many(session, [job_id])
     if not ids:
@@ -53,6 +66,7 @@ def retry_many(session: Any, job_ids: Iterable[int]) -> Sequence[int]:
     Ids not in a replayable state, and unique jobs whose key another job holds now, are
     skipped (not in the result), never an error for the whole batch.
     """
+    refuse_async_session(session, "retry_many")
     ids = _job_ids(job_ids)
     if not ids:
         return []
@@ -211,6 +225,7 @@ def cancel(session: Any, job_id: int) -> str:
     cancelled, sync handlers see ``ctx.cancelled``. Raises :class:`JobNotFoundError` if
     the job does not exist or has already finished.
     """
+    refuse_async_session(session, "cancel")
     check_job_id(job_id)
     done = cancel_many(session, [job_id])
     if not done:
@@ -225,6 +240,7 @@ def cancel_many(session: Any, job_ids: Iterable[int]) -> dict[int, str]:
     it again as ``cancelled`` gives it up if a job outside the statement holds it, or if
     another job of the statement keeps it (the first one that holds it now, else the
     lowest id)."""
+    refuse_async_session(session, "cancel_many")
     from .queries import cancel_channel_name
 
     ids = _job_ids(job_ids)
@@ -347,12 +363,7 @@ def job_status(session: Any, job_id: int) -> JobStatus:
     An id no job can have (not an int, below 1 or past bigint) raises
     :class:`JobNotFoundError` before any SQL: it reached the query as a ProgrammingError
     or DataError that aborted the caller's transaction."""
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-
-    if isinstance(session, (AsyncSession, AsyncConnection)):
-        # Its execute() is a coroutine: an AttributeError on it, and a "never awaited" warning.
-        raise ConfigurationError("job_status() needs a sync Session or Connection; from an AsyncSession use"
-                                 " `await session.run_sync(job_status, job_id)`")
+    refuse_async_session(session, "job_status")
     check_job_id(job_id)
     row = session.execute(
         select(_jobs.c.id, _jobs.c.state, _jobs.c.attempt, _jobs.c.max_attempts, _jobs.c.errors, _jobs.c.result,
@@ -495,6 +506,7 @@ def set_queue_paused(session: Any, queue: str, paused: bool) -> None:
 
     Paused workers finish what they run and claim nothing more from it until resumed.
     """
+    refuse_async_session(session, "pause_queue" if paused else "resume_queue")
     from sqlalchemy.dialects.postgresql import insert
 
     _validate.queue_name(queue)
@@ -573,6 +585,7 @@ def set_queue_limits(session: Any, queue: str, limits: QueueLimits) -> None:
 
     Takes effect at every worker's next claim of the queue, in the caller's transaction.
     """
+    refuse_async_session(session, "set_queue_limits")
     from sqlalchemy.dialects.postgresql import insert
 
     _validate.queue_name(queue)
@@ -599,6 +612,7 @@ def queue_limits(session: Any, queue: str, *, lock: bool = False) -> QueueLimits
     ends, so a read-modify-write of the limits (``sa-jobs queues limit``) can't lose a
     change made at the same time by another one.
     """
+    refuse_async_session(session, "queue_limits")
     from sqlalchemy.dialects.postgresql import insert
 
     table = _queues_table(session)
@@ -615,6 +629,8 @@ def queue_limits(session: Any, queue: str, *, lock: bool = False) -> QueueLimits
 
 
 def paused_queues(session: Any) -> list[str]:
+    """The queues paused cluster-wide, by name."""
+    refuse_async_session(session, "paused_queues")
     table = _queues_table(session)
     return list(session.scalars(select(table.c.name).where(table.c.paused).order_by(table.c.name)))
 

@@ -245,13 +245,9 @@ def refute_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Opt
 
 
 def _refuse_async_session(session: Any, name: str) -> None:
-    """An AsyncSession's queries are coroutines: iterating one failed with a bare TypeError
-    (and a "never awaited" warning) that named neither the helper nor the way out."""
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    from .admin import refuse_async_session
 
-    if isinstance(session, (AsyncSession, AsyncConnection)):
-        raise ConfigurationError(f"{name}() needs a sync Session; from an AsyncSession use"
-                                 f" `await session.run_sync(lambda s: {name}(s, ...))`")
+    refuse_async_session(session, name)
 
 
 # How many waiting jobs a failed assert_enqueued() lists.

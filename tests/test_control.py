@@ -460,6 +460,49 @@ def test_job_status_speaks_the_status_page_words(engine, database_url, schema):
             job_status(session, 10**12)
 
 
+def test_every_admin_call_from_an_async_session_says_to_use_run_sync(engine, database_url, schema):
+    """pause_queue() and set_queue_limits() given an AsyncSession returned having done
+    nothing (their execute() was a coroutine never awaited): the queue ran on, unpaused.
+    The reads and the job actions failed with bare TypeErrors. Each now says how to call
+    it, before any statement; through run_sync the pause is made."""
+    import warnings
+
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from sa_jobs import QueueLimits, cancel, cancel_many, pause_queue, paused_queues, queue_limits, resume_queue
+    from sa_jobs import retry, retry_many, set_queue_limits
+    from sa_jobs._url import sqlalchemy_url
+
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+    calls = {
+        "pause_queue": lambda s: pause_queue(s, "nobody"), "resume_queue": lambda s: resume_queue(s, "nobody"),
+        "set_queue_limits": lambda s: set_queue_limits(s, "nobody", QueueLimits(concurrency=1)),
+        "queue_limits": lambda s: queue_limits(s, "nobody"), "paused_queues": paused_queues,
+        "cancel": lambda s: cancel(s, job_id), "cancel_many": lambda s: cancel_many(s, [job_id]),
+        "retry": lambda s: retry(s, job_id), "retry_many": lambda s: retry_many(s, [job_id]),
+    }
+
+    async def main() -> None:
+        aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={"sa_jobs": schema})
+        try:
+            async with AsyncSession(aengine) as session:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    for name, call in calls.items():
+                        with pytest.raises(ConfigurationError, match=rf"^{name}\(\) needs a sync Session.*run_sync"):
+                            call(session)
+                await session.run_sync(lambda s: pause_queue(s, "nobody"))
+                await session.commit()
+        finally:
+            await aengine.dispose()
+
+    anyio.run(main)
+    with Session(engine) as session:
+        assert paused_queues(session) == ["nobody"]
+        assert job_status(session, job_id).status == "queued"
+
+
 def test_job_status_from_an_async_session_says_to_use_run_sync(engine, database_url, schema):
     """Given an AsyncSession, job_status failed with an AttributeError on a coroutine (and
     a "never awaited" warning); it says how to call it, and run_sync works."""
