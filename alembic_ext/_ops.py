@@ -76,10 +76,11 @@ def upgrade_version(version: int) -> None:
     else:
         for stmt in schema_mod.upgrade_statements(version, schema):
             _execute(stmt)
-    # Adopting a newer schema: leave out builds of indexes a later installed version
-    # dropped (version 4's jobs_running_partition_idx, dropped by 8), or adopting would
-    # read the whole table to build each one, only for that later revision to drop it.
-    upto = max(current, version)
+    # Leave out builds of indexes that a later version drops (version 4's
+    # jobs_running_partition_idx, dropped by 8) when that version is installed already
+    # (adopting a migrated schema) or is applied by this same run, as install() does:
+    # each build reads the whole table, only for that later revision to drop the index.
+    upto = max(current, version, _destination_version())
     concurrent = schema_mod.concurrent_statements(version, schema, upto=upto)
     if concurrent and online and _in_callers_transaction():
         _build_in_callers_transaction(version, schema, upto)
@@ -95,6 +96,29 @@ def upgrade_version(version: int) -> None:
                 concurrent = [*schema_mod.drop_invalid_statements(invalid, schema), *concurrent]
             for stmt in concurrent:
                 _execute(stmt)
+
+
+def _destination_version() -> int:
+    """The highest sa-jobs version this ``alembic upgrade`` applies: the highest revision of
+    the branch among its destination and their ancestors (``depends_on`` included); Alembic
+    applies every one of them, or stops with an error. 0 when the destination does not name
+    revisions (a relative ``+2``), so nothing is left out."""
+    from alembic import op
+
+    ctx = op.get_context()
+    env = getattr(ctx, "environment_context", None)
+    destination = ctx.opts.get("destination_rev")
+    if env is None or destination is None:
+        return 0
+    try:
+        script = env.script
+        targets = tuple(rev.revision for rev in script.get_revisions(destination) if rev is not None)
+        revisions = list(script.revision_map.iterate_revisions(targets, None, implicit_base=True)) if targets else []
+    except Exception:  # noqa: BLE001 - a relative or unresolvable destination: skip nothing
+        return 0
+    versions = [getattr(getattr(rev, "module", None), "SA_JOBS_VERSION", 0) for rev in revisions
+                if rev.revision.startswith("sa_jobs_")]
+    return max((v for v in versions if isinstance(v, int)), default=0)
 
 
 def _invalid_indexes(bind: Connection, schema: str, version: int) -> list[str]:

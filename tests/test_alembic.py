@@ -497,3 +497,33 @@ def test_a_schema_newer_than_this_release_is_not_adopted(app: App) -> None:
     assert proc.returncode != 0 and "newer than this sa-jobs knows" in proc.stderr, proc.stderr
     assert run_sql(app.url, "SELECT to_regclass('sa_jobs.jobs_finished_idx')") == [(None,)]
     assert "sa_jobs_" not in app.alembic("current").stdout
+
+
+def test_an_upgrade_past_version_8_builds_no_index_version_8_drops(app: App) -> None:
+    """From version 3, sa_jobs_0004 built jobs_running_partition_idx CONCURRENTLY (a read
+    of the whole jobs table) even when the same run goes on to sa_jobs_0008, which drops
+    it: ``sa-jobs migrate`` and ``install_sql`` leave it out; the branch now does too."""
+    app.alembic("upgrade", "sa_jobs_0003")
+    insert_jobs(app.url, "sa_jobs", 10)
+    _log_index_builds(app.url)
+
+    app.alembic("upgrade", "heads")
+
+    built = {r[0] for r in run_sql(app.url, "SELECT name FROM public.built_indexes WHERE name LIKE 'sa_jobs.%'")}
+    assert built == {"sa_jobs.jobs_partition_idx", "sa_jobs.jobs_running_idx", "sa_jobs.jobs_state_kind_idx"}
+    assert check_drift(app.url, "sa_jobs") == []
+    offline = app.alembic("upgrade", "sa_jobs_0003:heads", "--sql").stdout
+    builds = re.findall(r'CREATE INDEX CONCURRENTLY IF NOT EXISTS "(\w+)"', offline)
+    assert builds == ["jobs_partition_idx", "jobs_running_idx", "jobs_state_kind_idx"], builds
+
+
+def test_an_upgrade_that_stops_before_version_8_builds_every_index_of_its_versions(app: App) -> None:
+    """The control: a run whose destination is sa_jobs_0007 needs version 4's index."""
+    app.alembic("upgrade", "sa_jobs_0003")
+    app.alembic("upgrade", "sa_jobs_0007")
+    assert run_sql(app.url, "SELECT to_regclass('sa_jobs.jobs_running_partition_idx') IS NOT NULL") == [(True,)]
+    offline = app.alembic("upgrade", "sa_jobs_0003:sa_jobs_0007", "--sql").stdout
+    builds = re.findall(r'CREATE INDEX CONCURRENTLY IF NOT EXISTS "(\w+)"', offline)
+    assert builds == ["jobs_partition_idx", "jobs_running_partition_idx"], builds
+    app.alembic("upgrade", "heads")
+    assert check_drift(app.url, "sa_jobs") == []
