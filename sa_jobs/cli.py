@@ -210,8 +210,10 @@ def _maintenance_of(modules: Sequence[object]) -> list[object]:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     if args.sql:
-        sys.stdout.write(schema_mod.install_sql(args.schema))
+        sys.stdout.write(schema_mod.install_sql(args.schema, from_version=args.from_version))
         return 0
+    if args.from_version:
+        raise ConfigurationError("--from-version goes with --sql (migrate itself reads the installed version)")
     version = schema_mod.install(_database_url(args), args.schema)
     print(f"sa-jobs schema {args.schema!r} is at version {version}")
     return 0
@@ -905,6 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(m)
     timeouts(m, lock=False)  # a migration waits for the one running (its lock), however long
     m.add_argument("--sql", action="store_true", help="print the DDL instead of applying it")
+    m.add_argument("--from-version", type=_int_arg, default=0, metavar="N",
+                   help="with --sql: upgrade a schema at version N (sa-jobs check shows it); 0, the default,"
+                        " installs")
     m.set_defaults(func=_cmd_migrate)
 
     r = sub.add_parser("retry", help="make dead/cancelled/completed jobs available again")

@@ -702,9 +702,21 @@ def downgrade_statements(version: int, schema: str = DEFAULT_SCHEMA, *, rebuild_
 
 
 def install_sql(schema: str = DEFAULT_SCHEMA, from_version: int = 0, to_version: int | None = None) -> str:
-    """The whole DDL as one script, for teams that apply SQL by hand (``sa-jobs migrate --sql``)."""
+    """The DDL as one script, for teams that apply SQL by hand (``sa-jobs migrate --sql``).
+
+    From ``from_version`` 0 it installs; from N it upgrades a schema at version N, and its
+    first statement stops the script, before any change, on a schema at another version
+    (applied there, it would skip versions or fail midway)."""
+    schema = _validate.schema_name(schema)
     to_version = LATEST_VERSION if to_version is None else to_version
+    if not 0 <= from_version <= to_version <= LATEST_VERSION:
+        raise SchemaVersionError(
+            f"sa-jobs knows schema versions up to {LATEST_VERSION}: no script from version {from_version}"
+            f" to {to_version}"
+        )
     parts = ["BEGIN;"]
+    if from_version:
+        parts.append(_require_version_statement(schema, from_version).as_string() + ";")
     concurrent: list[str] = []
     for m in MIGRATIONS:
         if from_version < m.version <= to_version:
@@ -713,6 +725,19 @@ def install_sql(schema: str = DEFAULT_SCHEMA, from_version: int = 0, to_version:
     parts.append("COMMIT;")
     parts.extend(concurrent)
     return "\n".join(parts) + "\n"
+
+
+def _require_version_statement(schema: str, version: int) -> sql.Composable:
+    """A statement that fails unless ``schema`` is at sa-jobs ``version`` (the lock first, as
+    every installer takes it, so the version read is the one the script builds on)."""
+    return sql.SQL(
+        "DO $sa_jobs$ DECLARE v integer; BEGIN PERFORM pg_advisory_xact_lock(hashtext({key}));"
+        " SELECT coalesce(max(version), 0) INTO v FROM {table};"
+        " IF v <> {version} THEN RAISE EXCEPTION USING MESSAGE = 'sa-jobs schema ' || {name} || ' is at sa-jobs version '"
+        " || v || ', not ' || {version} || ': print the script with sa-jobs migrate --sql --from-version ' || v;"
+        " END IF; END $sa_jobs$"
+    ).format(key=sql.Literal(_advisory_key(schema)), table=sql.Identifier(schema, VERSION_TABLE),
+             version=sql.Literal(version), name=sql.Literal(schema))
 
 
 # ---- applying it -------------------------------------------------------------------

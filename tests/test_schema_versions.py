@@ -21,7 +21,7 @@ from sa_jobs.drift import check_drift
 from sa_jobs.errors import InvalidIdentifierError, SchemaVersionError
 from sa_jobs.queries import Queries
 
-from .conftest import REPO_ROOT, new_schema_name, worker_command
+from .conftest import REPO_ROOT, new_schema_name, pg_bin, worker_command
 from .helpers import wait_for
 
 EXAMPLE_APP = REPO_ROOT / "examples" / "alembic_app"
@@ -339,6 +339,47 @@ def test_migrate_sql_output_applies_to_the_same_schema(db: str, fresh_schema: st
                 conn.execute(stmt)
     assert schema_mod.installed_version(db, fresh_schema) == schema_mod.LATEST_VERSION
     assert check_drift(db, fresh_schema) == []
+
+
+def _migrate_sql(schema: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sa_jobs", "migrate", "--sql", "--schema", schema, *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+
+def _psql(url: str, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([pg_bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url],
+                          input=script, capture_output=True, text=True, timeout=60)
+
+
+def test_migrate_sql_upgrades_an_installed_schema_from_its_version(db: str, fresh_schema: str) -> None:
+    """``sa-jobs migrate --sql`` printed a fresh install only: applied by hand to an
+    installed schema it failed at its CREATE TABLE (or, without ON_ERROR_STOP, changed
+    nothing while psql went on), so a team that applies SQL by hand could not upgrade.
+    ``--from-version N`` prints versions N+1 to the latest, behind a check that the
+    schema is at N: applied to one at another version it stops before any change."""
+    schema_mod.install(db, fresh_schema, to_version=3)
+    insert_jobs(db, fresh_schema, 70)
+    before = job_rows(db, fresh_schema)
+
+    wrong = _migrate_sql(fresh_schema, "--from-version", "4")
+    assert wrong.returncode == 0, wrong.stderr
+    refused = _psql(db, wrong.stdout)
+    assert refused.returncode != 0 and "is at sa-jobs version 3, not 4" in refused.stderr, refused.stderr
+    assert schema_mod.installed_version(db, fresh_schema) == 3
+
+    script = _migrate_sql(fresh_schema, "--from-version", "3")
+    assert script.returncode == 0, script.stderr
+    assert "jobs_running_partition_idx\" ON" not in script.stdout  # version 8 drops it
+    applied = _psql(db, script.stdout)
+    assert applied.returncode == 0, applied.stderr
+    assert schema_mod.installed_version(db, fresh_schema) == schema_mod.LATEST_VERSION
+    assert check_drift(db, fresh_schema) == []
+    assert job_rows(db, fresh_schema) == before
+    assert _psql(db, _migrate_sql(fresh_schema, "--from-version", str(schema_mod.LATEST_VERSION)).stdout).returncode == 0
+
+    beyond = _migrate_sql(fresh_schema, "--from-version", str(schema_mod.LATEST_VERSION + 1))
+    assert beyond.returncode == 2 and "Traceback" not in beyond.stderr, beyond.stderr
+    assert "sa-jobs knows schema versions up to" in beyond.stderr
 
 
 def test_downgrade_steps_back_cleanly(db: str, fresh_schema: str) -> None:
