@@ -44,9 +44,14 @@ def _check(kind: str, value: object, pattern: re.Pattern[str], rule: str) -> str
 
 
 def schema_name(value: object) -> str:
-    return _check(
+    name = _check(
         "schema", value, _SCHEMA_RE, "use 1-40 characters of a-z, 0-9 and _, not starting with a digit"
     )
+    # PostgreSQL refuses to create pg_* schemas (pg_temp is the session's temporary one),
+    # and pg_dump leaves information_schema out: a queue installed there is in no backup.
+    if name.startswith("pg_") or name == "information_schema":
+        raise InvalidIdentifierError(f"invalid schema name {name!r}: a system schema; pick another name")
+    return name
 
 
 def queue_name(value: object) -> str:

@@ -479,6 +479,20 @@ def test_drift_reports_a_missing_schema_and_rejects_bad_names(db: str, fresh_sch
         check_drift(db, 'x"; DROP SCHEMA public; --')
 
 
+@pytest.mark.parametrize("name", ["information_schema", "pg_jobs", "pg_temp"])
+def test_a_system_schema_name_is_refused_before_any_sql(db: str, name: str) -> None:
+    """``information_schema`` passed the name check and a superuser's migrate installed the
+    queue there, where pg_dump never looks: every job was left out of the backups without
+    a word. ``pg_*`` names failed later, as the server's error (or, for ``pg_temp``, read
+    the session's temporary schema)."""
+    with pytest.raises(InvalidIdentifierError, match="system schema"):
+        schema_mod.install(db, name)
+    with pytest.raises(InvalidIdentifierError, match="system schema"):
+        check_drift(db, name)
+    assert run_sql(db, "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                       " WHERE n.nspname = 'information_schema' AND c.relname = 'jobs'") == [(0,)]
+
+
 def test_drift_leaves_no_scratch_schema_behind(db: str, installed: str) -> None:
     check_drift(db, installed)
     assert run_sql(db, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'sa\\_jobs\\_drift\\_%'") == []
