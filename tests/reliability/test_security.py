@@ -33,7 +33,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sa_jobs"
 NOWHERE = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
 
 NASTY = ['a"b', "a;b", "a\x00b", "%s", "$1", "a'b", "DROP TABLE x", "é", "ß", "a b", "a\nb", "x" * 64,
-         "_" * 200, "", "a--b", "a/*b", "\u200b", "Ａ", "a\\b", "1abc", "A" * 129]
+         "_" * 200, "", "a--b", "a/*b", "\u200b", "Ａ", "a\\b", "1abc", "A" * 129, "pg_jobs", "information_schema"]
 names = st.one_of(st.sampled_from(NASTY), st.text(max_size=80),
                   st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=70))
 
@@ -44,6 +44,11 @@ KIND_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}")
 
 def _ascii_ok(pattern: re.Pattern[str], value: str) -> bool:
     return value.isascii() and pattern.fullmatch(value) is not None
+
+
+def _schema_ok(value: str) -> bool:
+    """A system schema's name (pg_*, information_schema) is refused too."""
+    return _ascii_ok(SCHEMA_RE, value) and not value.startswith("pg_") and value != "information_schema"
 
 
 @settings(max_examples=scale(300, 5000), deadline=None, suppress_health_check=list(HealthCheck))
@@ -57,7 +62,7 @@ def test_s1_names_are_validated_before_any_sql(name):
         lambda: Worker(NOWHERE, kinds=[RelWork], schema=name),
     ]
     for call in schema_calls:
-        if _ascii_ok(SCHEMA_RE, name):
+        if _schema_ok(name):
             if call is schema_calls[-1] or call in schema_calls[3:6]:
                 call()  # valid: builds without touching the server
         else:
