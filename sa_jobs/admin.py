@@ -329,7 +329,9 @@ class JobStatus:
     state: str  # the row's exact state
     attempt: int
     max_attempts: int
-    error: Optional[str]  # the last error's first line, at most 200 characters
+    # The last failure's first line, at most 200 characters, until the job completes: a
+    # job waiting for its retry, or running it, shows why the attempt before failed.
+    error: Optional[str]
     can_retry: bool  # it ended dead or cancelled: what a status page offers a retry for (retry() accepts more)
     result: Any
     progress: Any = None  # {"percent", "message"} reported by the current attempt (current_progress)
@@ -373,7 +375,9 @@ def job_status(session: Any, job_id: int) -> JobStatus:
     if row is None:
         raise JobNotFoundError(f"no job {job_id}")
     error = None
-    if row.errors and row.state in ("dead", "retryable", "cancelled"):
+    # Not only while 'retryable': the error vanished when the scheduler made the retry
+    # available, and came back if that retry failed (a status page's message flickered).
+    if row.errors and row.state != "completed":
         error = str(row.errors[-1].get("error", "")).splitlines()[0][:200] if row.errors[-1].get("error") else None
     progress = current_progress(row.state, row.attempt, row.progress)
     if isinstance(progress, dict):  # the attempt is the status's own
@@ -432,7 +436,10 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float) ->
 
 
 def _check_timeout(timeout: float) -> None:
-    """A NaN timeout, which no clock passes, waited for ever; ``math.inf`` is the way to."""
+    """A NaN timeout, which no clock passes, waited for ever; ``math.inf`` is the way to.
+    None (or a str) failed with a bare TypeError on the clock's arithmetic."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"wait_for: timeout must be a number of seconds (math.inf: no deadline), not {timeout!r}")
     if timeout != timeout:
         raise ValueError("wait_for: timeout is NaN; give seconds, or math.inf to wait without a deadline")
 
@@ -443,6 +450,8 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
     Polls with a gentle backoff (20 ms growing to 500 ms). Raises ``TimeoutError``, also
     when the server does not answer a read in time (each read is bounded by the time left,
     at least :data:`MIN_READ_SECONDS`). ``timeout=math.inf`` waits without a deadline.
+    Raises :class:`JobNotFoundError` if there is no such job, also when it is deleted (or
+    pruned) during the wait.
     """
     import time
 

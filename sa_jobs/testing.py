@@ -210,8 +210,13 @@ def enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[M
 
     ``args`` may name some of a job's args (the others may hold anything), and each one
     named must equal the job's whole: ``{"ids": [1]}`` does not match ids ``[1, 2]``.
+    ``states`` are job states (one may be given as a str); a misspelt one raises
+    ConfigurationError, where it matched nothing and the helper found no job.
     """
     _refuse_async_session(session, "enqueued")
+    from .admin import check_state
+
+    states = [check_state(s) for s in ((states,) if isinstance(states, str) else states)]
     target = kind or Job
     stmt = select(target).where(target.state.in_(states)).order_by(target.id)
     if queue is not None:

@@ -900,6 +900,32 @@ def test_progress_percent_must_be_a_number_not_a_bool(engine):
         perform(CProgressBool(), engine=engine)
 
 
+@pytest.mark.parametrize("state, shown", [("retryable", True), ("available", True), ("running", True),
+                                          ("scheduled", True), ("completed", False)])
+def test_job_status_keeps_the_last_error_until_the_job_completes(engine, database_url, schema, state, shown):
+    """The error was shown while the job was 'retryable' only: gone once the scheduler made
+    its retry available (or the retry ran), back if that failed too, so a status page's
+    message flickered. A completed job shows none, its earlier failures being history."""
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = %s, attempt = 1, errors = %s::jsonb"
+                             " , lease_expires_at = CASE WHEN %s = 'running' THEN now() + interval '1 hour' END"
+                             " , claim_token = CASE WHEN %s = 'running' THEN gen_random_uuid() END"
+                             " , finished_at = CASE WHEN %s = 'completed' THEN now() END WHERE id = %s"),
+      (state, '[{"attempt": 1, "error": "ValueError: card declined\\nat line 3"}]', state, state, state, job_id))
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+    assert status.state == state
+    assert status.error == ("ValueError: card declined" if shown else None)
+
+
+def test_wait_for_refuses_a_timeout_that_is_not_a_number(engine):
+    """None failed with a bare TypeError from the clock's arithmetic, naming neither."""
+    from sa_jobs import wait_for
+
+    with pytest.raises(TypeError, match="timeout must be a number of seconds"):
+        wait_for(engine, 1, timeout=None)  # type: ignore[arg-type]
+
+
 def test_wait_for_times_out_on_a_job_nobody_runs(engine):
     from sa_jobs import wait_for
 

@@ -115,6 +115,17 @@ def test_assert_enqueued_and_refute(sa_jobs_engine):
             assert_enqueued(session, Double, count=2)
 
 
+def test_enqueued_checks_its_states(sa_jobs_engine):
+    """A misspelt state matched nothing, and a str ("dead") was read letter by letter: both
+    found no job, so a refute-style check passed whatever the queue held."""
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(GrantCredit(account=1, amount=5))
+    with Session(sa_jobs_engine) as session:
+        with pytest.raises(ConfigurationError, match="invalid state 'avialable'"):
+            enqueued(session, states=("avialable",))
+        assert [j.args for j in enqueued(session, states="available")] == [{"account": 1, "amount": 5}]
+
+
 def test_the_enqueued_helpers_from_an_async_session_say_to_use_run_sync(sa_jobs_engine):
     """Given an AsyncSession, enqueued() and assert_enqueued() failed with "'coroutine'
     object is not iterable" (and a "never awaited" warning)."""
