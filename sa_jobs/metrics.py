@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import socket
 from bisect import bisect_left
 import threading
 import time
@@ -412,11 +413,17 @@ class _Snapshot:
     ok: bool = False
 
 
+# Seconds a depth query may run past its statement_timeout before the client gives up on the
+# server (which ends the statement itself at the timeout when it is there to).
+DEPTH_QUERY_GRACE = 1.0
+
+
 class QueueDepthCollector(Collector):
     """Jobs per queue and state, and the oldest available job's age, read at scrape time.
 
     The query runs at most once per ``ttl`` seconds (scrapes in between get the cached
-    snapshot), on the scrape thread, under ``statement_timeout``. It counts only live
+    snapshot), on the scrape thread, under ``statement_timeout`` (and a client deadline just
+    past it, for a server that no longer answers). It counts only live
     states (available, scheduled, retryable, running: each has a partial index, so the
     cost is O(live rows), independent of the completed history) plus dead rows, reached
     through ``jobs_state_kind_idx``. Completed and cancelled are not counted:
@@ -443,6 +450,7 @@ class QueueDepthCollector(Collector):
         self._query = depth_query(self.schema)
         self._lock = threading.Lock()
         self._conn: Any = None
+        self._configured = False  # whether _conn has its timeouts set
         self._snapshot = _Snapshot()
         # After a failed query, none until then (monotonic): back off for one TTL, without
         # touching the snapshot's own time, which its age (the staleness signal) counts from.
@@ -458,19 +466,53 @@ class QueueDepthCollector(Collector):
             self._conn = psycopg.connect(
                 self._conninfo, autocommit=True, connect_timeout=max(1, int(self.statement_timeout + 0.999)),
                 application_name="sa_jobs_metrics",
+                # As the worker's connections: keepalives find a dead peer on a real network;
+                # the client deadline (_fetch) covers what they cannot (a proxy that still ACKs).
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
             )
-            ms = int(self.statement_timeout * 1000)
-            self._conn.execute(f"SET statement_timeout = {ms}")
-            self._conn.execute(f"SET lock_timeout = {ms}")
-            self._conn.execute("SET default_transaction_read_only = on")
+            self._configured = False
         return self._conn
+
+    def _fetch(self, conn: Any) -> list[Any]:
+        """The depth query's rows (and a new connection's settings first), within
+        ``statement_timeout`` + :data:`DEPTH_QUERY_GRACE`.
+
+        The server's timeout cannot end a wait for a server that is gone (a NAT or firewall
+        dropped the connection without a reset): the scrape hung until TCP gave up, minutes
+        later, and every scrape after it on the collector's lock. Past the deadline the
+        socket is shut down under the statement, which then fails as a lost connection."""
+        fd = conn.pgconn.socket
+        guard = threading.Lock()
+        running = [True]
+
+        def abort() -> None:
+            with guard:
+                if running[0]:
+                    with socket.socket(fileno=os.dup(fd)) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.statement_timeout + DEPTH_QUERY_GRACE, abort)
+        timer.daemon = True
+        timer.start()
+        try:
+            if not self._configured:
+                ms = int(self.statement_timeout * 1000)
+                conn.execute(f"SET statement_timeout = {ms}")
+                conn.execute(f"SET lock_timeout = {ms}")
+                conn.execute("SET default_transaction_read_only = on")
+                self._configured = True
+            return list(conn.execute(self._query).fetchall())
+        finally:
+            with guard:
+                running[0] = False
+            timer.cancel()
 
     def refresh(self) -> _Snapshot:
         """Run the depth query now (callers hold no lock); keeps the old snapshot on failure."""
         started = time.perf_counter()
         self.queries += 1
         try:
-            rows = self._connect().execute(self._query).fetchall()
+            rows = self._fetch(self._connect())
         except Exception as exc:  # noqa: BLE001 - a scrape must answer even if the database does not
             self.errors += 1
             log.warning("queue depth query failed (%s); serving the previous snapshot", type(exc).__name__)
