@@ -35,6 +35,7 @@ import anyio
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import make_asgi_app as _prometheus_asgi_app
 from prometheus_client import start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg import sql
@@ -180,6 +181,10 @@ class PrometheusObserver:
         self.jobs_rescued.inc(0)
         self.jobs_promoted.inc(0)
         self.is_leader.set(0)
+
+    def collectors(self) -> list[Collector]:
+        """The metrics this observer registered, to unregister them."""
+        return [value for value in vars(self).values() if isinstance(value, (MetricWrapperBase, _LoopFamily))]
 
     # ---- bounded labels ----------------------------------------------------------
 
@@ -601,6 +606,7 @@ class MetricsServer:
     depth: Optional[QueueDepthCollector]
     _server: Any = field(repr=False)
     _thread: threading.Thread = field(repr=False)
+    _registered: list[Collector] = field(default_factory=list, repr=False)  # until close()
 
     @property
     def url(self) -> str:
@@ -608,9 +614,16 @@ class MetricsServer:
         return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
+        """Stop serving, and take what the server registered back out of its registry: a
+        caller's registry may be served elsewhere too, where the closed depth collector
+        opened a connection at each collect that nothing closed, and a new server on it
+        failed with prometheus-client's duplicated-timeseries ValueError."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+        registered, self._registered = self._registered, []  # once: close() may be called again
+        for collector in registered:
+            self.registry.unregister(collector)
         if self.depth is not None:
             self.depth.close()
 
@@ -649,7 +662,8 @@ def start_metrics_server(
         server.server_close()
         thread.join(timeout=5)
         raise
-    return MetricsServer(observer, reg, host, int(server.server_port), depth, server, thread)
+    registered = [*observer.collectors(), *([] if depth is None else [depth])]
+    return MetricsServer(observer, reg, host, int(server.server_port), depth, server, thread, registered)
 
 
 _SERVERS: list[MetricsServer] = []  # the CLI's server lives as long as the process

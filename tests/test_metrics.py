@@ -459,6 +459,26 @@ def test_metrics_server_serves_worker_and_depth_on_loopback(database_url: str, s
         _get(server.url)
 
 
+def test_a_closed_metrics_server_leaves_the_callers_registry_as_it_was(database_url: str, schema: str) -> None:
+    """close() undoes start_metrics_server in a registry the caller passed (and may serve
+    elsewhere): its depth collector, left registered, opened a new connection at the
+    next collect of that registry that nothing would close, and a new server on the
+    same registry (an app restarting its metrics) failed with prometheus-client's
+    ValueError (duplicated timeseries)."""
+    registry = CollectorRegistry()
+    for _ in range(2):
+        server = start_metrics_server(0, registry=registry, database_url=database_url, schema=schema, depth_ttl=0.01)
+        assert "sa_jobs_queue_jobs" in _get(server.url)
+        depth = server.depth
+        assert depth is not None and depth._conn is not None
+        server.close()
+        assert depth._conn is None
+        text = generate_latest(registry).decode()
+        assert depth._conn is None, "the closed collector opened a connection"
+        assert "sa_jobs_" not in text, text
+    assert generate_latest(registry) == b""
+
+
 def test_a_metrics_port_in_use_is_a_clear_error(database_url: str, schema: str) -> None:
     """A typed error naming the address (the CLI prints it as one line), not an OSError
     traceback; the depth collector it had registered is taken back out."""
