@@ -164,6 +164,7 @@ class PrometheusObserver:
         # an alert while the process (an app embedding it) goes on serving metrics.
         self._runs = 0
         self._stopped = False
+        self._leading = 0  # workers reporting here that lead (each reports its changes)
         self.heartbeat_age.set_function(
             lambda: 0.0 if self._stopped and self._runs <= 0 else time.monotonic() - self._last_beat)
 
@@ -276,7 +277,9 @@ class PrometheusObserver:
         self.last_heartbeat.set(time.time())
 
     def leader(self, is_leader: bool) -> None:
-        self.is_leader.set(1 if is_leader else 0)
+        # The worker reports changes: count the workers leading, as several may report here.
+        self._leading = max(0, self._leading + (1 if is_leader else -1))
+        self.is_leader.set(1 if self._leading else 0)
 
     def worker_started(self) -> None:
         if self._runs <= 0:  # the age of a new run counts from its start

@@ -215,6 +215,36 @@ def test_pruner_and_periodic_report_exactly_what_they_wrote(database_url: str, s
     assert _value(reg, "sa_jobs_worker_is_leader") == 0  # dropped when the worker stopped
 
 
+def test_two_workers_sharing_an_observer_report_the_leader_they_have(database_url: str, schema: str) -> None:
+    """Workers of one process may share an observer (docs/metrics.md). The one that is not
+    the leader reported "not leader" at each of its ticks: the gauge read 0 while the
+    other led, and SaJobsNoLeader fired on a healthy process. It reads 1 while any of
+    them leads, and 0 once the leader stopped."""
+    from sa_jobs import Worker
+
+    from .helpers import FAST
+
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    readings: list[float] = []
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=KINDS, schema=schema, observer=observer, **FAST) as first:
+            async with Worker(database_url, kinds=KINDS, schema=schema, observer=observer, **FAST) as second:
+                workers = (first, second)
+                with anyio.fail_after(10):
+                    while not any(w.maintainer and w.maintainer.is_leader for w in workers):
+                        await anyio.sleep(0.05)
+                for _ in range(10):  # many ticks of both maintainers (every 0.1 s)
+                    await anyio.sleep(0.1)
+                    readings.append(_value(reg, "sa_jobs_worker_is_leader"))
+                assert sum(bool(w.maintainer and w.maintainer.is_leader) for w in workers) == 1
+
+    anyio.run(main)
+    assert readings == [1.0] * 10
+    assert _value(reg, "sa_jobs_worker_is_leader") == 0
+
+
 def test_observer_without_maintenance_hooks_still_runs_maintenance(database_url: str, schema: str, engine: Engine) -> None:
     """A WorkerObserver written before the maintenance hooks existed keeps working."""
     calls: list[str] = []

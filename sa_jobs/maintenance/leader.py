@@ -276,7 +276,10 @@ class Maintainer:
             _TICK_ENDS.reset(plan)
 
     def _set_leader(self, value: bool) -> None:
-        if value != self.is_leader:
-            log.info("this worker is %s the leader", "now" if value else "no longer")
+        """Changes only reach the observer: workers of a process may share one, and the
+        one that did not lead said so at each tick, over the leader's word."""
+        if value == self.is_leader:
+            return
+        log.info("this worker is %s the leader", "now" if value else "no longer")
         self.is_leader = value
         self._observer.leader(value)
