@@ -155,15 +155,17 @@ class PrometheusObserver:
         self.heartbeat_age = Gauge(
             f"{p}_worker_heartbeat_age_seconds",
             "Seconds since the last successful heartbeat (since start if none yet); computed at scrape;"
-            " 0 once the worker stopped as asked.",
+            " 0 before the worker starts and once it stopped as asked.",
             registry=reg,
         )
         self._last_beat = time.monotonic()
         # Worker runs reporting here that are under way, and whether the last one to end
         # stopped as asked: a stopped worker holds no lease, and its age must not grow into
-        # an alert while the process (an app embedding it) goes on serving metrics.
+        # an alert while the process (an app embedding it) goes on serving metrics. Nor
+        # does a worker that has not run yet (an app that starts it later, or on some
+        # replicas only): until a run starts, it reads as stopped.
         self._runs = 0
-        self._stopped = False
+        self._stopped = True
         self._leading = 0  # workers reporting here that lead (each reports its changes)
         self.heartbeat_age.set_function(
             lambda: 0.0 if self._stopped and self._runs <= 0 else time.monotonic() - self._last_beat)

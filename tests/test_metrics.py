@@ -140,6 +140,27 @@ def test_heartbeat_age_reads_zero_once_the_worker_stopped_on_purpose(database_ur
     assert _value(reg, age) <= time.monotonic() - started + 0.01
 
 
+def test_heartbeat_age_reads_zero_before_any_worker_runs(database_url: str, schema: str) -> None:
+    """An app that creates the observer (at import, as docs/metrics.md shows) and runs its
+    worker only on some replicas, or later, held no lease, yet its age grew from the
+    observer's creation and SaJobsNoHeartbeat fired on every replica without a worker.
+    It reads 0 until a run starts, then counts from that run's start."""
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    age = "sa_jobs_worker_heartbeat_age_seconds"
+    time.sleep(0.3)
+    assert _value(reg, age) == 0.0
+    running: list[float] = []
+
+    def done() -> bool:
+        running.append(_value(reg, age))
+        return len(running) > 1 and running[-1] > 0  # the run's own age counts
+
+    run_worker_until(database_url, schema, KINDS, done, observer=observer, heartbeat_interval=5, lease=30)
+    assert 0 < running[-1] < 5, running
+    assert _value(reg, age) == 0.0  # stopped as asked
+
+
 def test_labels_stay_bounded_and_error_text_never_leaks(database_url: str, schema: str, engine: Engine) -> None:
     reg = CollectorRegistry()
     observer = PrometheusObserver(reg)
