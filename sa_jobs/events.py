@@ -35,7 +35,9 @@ class WorkerObserver(Protocol):
 #   periodic_enqueued(name, count)   jobs enqueued for a periodic declaration's slots
 #   maintenance_ran(service, seconds) one run of a maintenance service that succeeded
 #   horizon_held(seconds)            how long the xmin horizon has been held (0: moving)
-#   rescued_dead(queue, kind, count) rescued jobs whose lost attempt was their last: dead
+#   rescued_dead(queue, kind, count) jobs that ended dead past their attempt's verdict: rescued
+#                                    ones whose lost attempt was their last, and a retry the
+#                                    completer ended dead (another job took its unique key)
 MAINTENANCE_HOOKS = ("promoted", "pruned", "periodic_enqueued", "maintenance_ran", "horizon_held", "rescued_dead")
 
 # Lifecycle hooks, optional as those above:

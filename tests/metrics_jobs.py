@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import anyio
 
-from sa_jobs import Job, JobContext, constant_backoff
+from sa_jobs import Job, JobContext, Unique, constant_backoff
 
 QUEUE = "metrics"
 # Error text the handlers raise: it must never show up in a label or the exposition.
@@ -52,3 +52,15 @@ class MetricsSlow(Job, kind="metrics_slow", queue=QUEUE, max_attempts=1, timeout
 @MetricsSlow.handler
 async def metrics_slow(ctx: JobContext) -> None:
     await anyio.sleep(30)
+
+
+class MetricsUnique(Job, kind="metrics_unique", queue=QUEUE, max_attempts=3, unique=Unique(by=(), states=("scheduled", "available", "retryable"))):
+    """One waiting job of the kind at a time (a running one frees the key); ``fail_after``
+    seconds, then fails (0: completes)."""
+
+
+@MetricsUnique.handler
+async def metrics_unique(ctx: JobContext, fail_after: float = 0.0) -> None:
+    if fail_after:
+        await anyio.sleep(fail_after)
+        raise RuntimeError(f"unique attempt failed {SECRET}")

@@ -40,7 +40,7 @@ from sa_jobs.metrics import (
 
 from .conftest import REPO_ROOT, worker_command
 from .helpers import jobs_sql, q, run_worker_until, wait_for
-from .metrics_jobs import QUEUE, SECRET, MetricsDoomed, MetricsFlaky, MetricsOk, MetricsSlow
+from .metrics_jobs import QUEUE, SECRET, MetricsDoomed, MetricsFlaky, MetricsOk, MetricsSlow, MetricsUnique
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "examples" / "prometheus" / "alerts.yml"
@@ -204,6 +204,33 @@ def test_a_job_whose_last_attempt_lost_its_lease_counts_as_dead(database_url: st
     # the rescue creates no (empty) series of its own for them.
     assert reg.get_sample_value("sa_jobs_job_end_to_end_seconds_count", {"queue": QUEUE, "outcome": "dead"}) is None
     assert reg.get_sample_value("sa_jobs_job_run_duration_seconds_count", {"queue": QUEUE, "kind": "other"}) is None
+
+
+def test_a_retry_that_ends_dead_on_a_taken_unique_key_counts_as_dead(database_url: str, schema: str, engine: Engine) -> None:
+    """A unique job does not hold its key while it runs: another job of the key may be
+    enqueued meanwhile, and a failed attempt then cannot go back to retryable. The
+    completer ends it dead (Completer._write_superseded), as the rescuer would, but the
+    metrics said "retried" and no dead: SaJobsDeadJobsRising missed it."""
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    with Session(engine) as s, s.begin():
+        s.add(MetricsUnique(fail_after=1.0))
+    first = jobs_sql(schema, "SELECT state FROM {jobs} WHERE kind = 'metrics_unique' ORDER BY id LIMIT 1")
+    enqueued: list[bool] = []
+
+    def done() -> bool:
+        state = q(database_url, first)[0][0]
+        if not enqueued and state == "running":
+            with Session(engine) as s, s.begin():  # while the first runs: its key is free
+                s.add(MetricsUnique().options(delay=3600))  # holds it while scheduled
+            enqueued.append(True)
+        return bool(enqueued) and state not in ("running", "available")
+
+    run_worker_until(database_url, schema, [*KINDS, MetricsUnique], done, observer=observer)
+    states = q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} ORDER BY id"))
+    assert states == [("dead", 1), ("scheduled", 0)]
+    fin = "sa_jobs_jobs_finished_total"
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_unique", outcome="dead") == 1
 
 
 def test_pruner_and_periodic_report_exactly_what_they_wrote(database_url: str, schema: str) -> None:

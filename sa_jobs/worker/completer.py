@@ -20,7 +20,7 @@ from ..queries import Queries
 from ..states import FINISHED_STATES
 from .._connection import ManagedConnection, describe, is_transient
 from ._job import Outcome
-from ..events import WorkerObserver
+from ..events import WorkerObserver, hook
 
 log = logging.getLogger("sa_jobs.worker")
 
@@ -43,6 +43,9 @@ class Completer:
         self._conn = conn
         self._q = queries
         self._observer = observer
+        # A job that would have run again ends dead here (_write_superseded): its worker
+        # counted the attempt "retried", so it is counted dead as the rescuer counts its own.
+        self._dead = hook(observer, "rescued_dead")
         self._interval = interval
         self._max_batch = max_batch
         self._on_written = on_written
@@ -179,6 +182,7 @@ class Completer:
         final state would still hold it. False if the row is no longer ours or no job
         holds its key (then the refusal was something else)."""
         job = outcome.job
+        ended_dead = False
         conn = await self._conn.get()
         with self._conn.deadline():
             async with conn.transaction():
@@ -196,10 +200,13 @@ class Completer:
                         else f"snoozed for {outcome.delay}s"}
                     error["error"] = f"{error.get('error', '')}; {note}"
                     outcome = Outcome(job, "finish", target=target, error_json=json.dumps(error))
+                    ended_dead = target == "dead"
                 if target in states:
                     await conn.execute(self._q.drop_unique_key, {"id": job.id, "token": job.token})
                 log.warning("completer: job %s ends %s; job %s took its unique key while it ran", job.id, target, holder)
                 await self._write(conn, [outcome])
+        if ended_dead:
+            self._dead(job.queue, job.kind, 1)
         return True
 
     async def drain(self, timeout: float) -> bool:
