@@ -241,8 +241,8 @@ class PrometheusObserver:
         c[0].inc()
         if c[1] is not None:
             c[1].observe(run_seconds)
-        if c[2] is not None and since_enqueue_seconds > 0:
-            c[2].observe(since_enqueue_seconds)
+        if c[2] is not None:  # 0 or less: the worker's clock is behind the database's; still a job
+            c[2].observe(since_enqueue_seconds if since_enqueue_seconds > 0 else 0.0)
         self._set_in_flight(queue, self._in_flight_n.get(queue, 1) - 1)
 
     def slots(self, queue: str, in_flight: int, limit: int) -> None:

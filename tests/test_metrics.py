@@ -233,6 +233,21 @@ def test_a_retry_that_ends_dead_on_a_taken_unique_key_counts_as_dead(database_ur
     assert _value(reg, fin, queue=QUEUE, kind="metrics_unique", outcome="dead") == 1
 
 
+def test_end_to_end_counts_every_final_outcome_whatever_the_clocks(database_url: str, schema: str) -> None:
+    """created_at is the database's clock, the end the worker's: on a worker whose clock is
+    behind (or for a job finished within the skew, milliseconds on a fast queue) the
+    difference is negative, and the observation was dropped: the histogram's count fell
+    short of the jobs finished. It is observed as 0."""
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, created_at) VALUES"
+                                     " ('metrics_ok', %s, now() + interval '1 minute'), ('metrics_ok', %s, now())"),
+      (QUEUE, QUEUE))
+    run_worker_until(database_url, schema, KINDS, lambda: _unfinished(database_url, schema) == 0, observer=observer)
+    assert _value(reg, "sa_jobs_jobs_finished_total", queue=QUEUE, kind="metrics_ok", outcome="completed") == 2
+    assert _value(reg, "sa_jobs_job_end_to_end_seconds_count", queue=QUEUE, outcome="completed") == 2
+
+
 def test_pruner_and_periodic_report_exactly_what_they_wrote(database_url: str, schema: str) -> None:
     """Retention and cron are leader-only and silent otherwise: their counters must match
     the rows they deleted and inserted, per state and per declaration."""
