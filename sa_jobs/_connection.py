@@ -12,6 +12,7 @@ from typing import Any, Callable, ContextManager, Optional
 
 import anyio
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 log = logging.getLogger("sa_jobs.worker")
 
@@ -60,6 +61,10 @@ class ManagedConnection:
         timeout: float = 10.0,
     ) -> None:
         self._conninfo = conninfo
+        # The URL's own options (a role, a search_path, -c settings) come first: passed as
+        # a keyword, ours replaced them, and the worker ran without what the URL asked for.
+        given = conninfo_to_dict(conninfo).get("options")
+        self._options = " ".join(filter(None, (str(given or "").strip(), f"-c statement_timeout={int(timeout * 1000)}")))
         self._name = name
         self._on_connect = on_connect
         self._connect_timeout = connect_timeout
@@ -81,7 +86,7 @@ class ManagedConnection:
                         autocommit=True,
                         connect_timeout=max(1, int(self._connect_timeout)),
                         application_name=f"sa_jobs:{self._name}",
-                        options=f"-c statement_timeout={int(self.timeout * 1000)}",
+                        options=self._options,
                         # TCP keepalives find a dead peer on a real network; the client
                         # deadline covers what they cannot (a proxy that still ACKs).
                         keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,

@@ -6,8 +6,11 @@ prometheus-client. The default does nothing, so a worker without metrics pays a 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable, Protocol
+
+from .errors import ConfigurationError
 
 log = logging.getLogger("sa_jobs.worker")
 
@@ -83,6 +86,12 @@ class GuardedObserver:
     def __init__(self, observer: Any) -> None:
         self.wrapped = observer
         for name in CORE_HOOKS + MAINTENANCE_HOOKS + LIFECYCLE_HOOKS:
+            # The worker calls hooks without awaiting: an async one made a coroutine that
+            # never ran (its metrics silently missing, a "never awaited" warning per call).
+            if inspect.iscoroutinefunction(getattr(observer, name, None)):
+                raise ConfigurationError(
+                    f"observer hook {name}() is async: hooks are called, not awaited, on the worker's"
+                    " event loop; make it a plain method that returns at once")
             setattr(self, name, hook(observer, name))
 
     def __getattr__(self, name: str) -> Any:  # anything else the observer offers

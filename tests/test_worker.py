@@ -1897,3 +1897,42 @@ def test_a_stop_lets_the_maintenance_tick_in_flight_end(database_url, schema, ca
     anyio.run(main)
     assert ended == [True]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_the_worker_connections_keep_the_options_of_the_url(database_url):
+    """The service connections passed their statement_timeout as ``options=``, which
+    replaced the URL's own (a role, a search_path, -c settings): the worker ran without
+    what its URL asked for."""
+    from urllib.parse import quote
+
+    from sa_jobs._connection import ManagedConnection
+
+    sep = "&" if "?" in database_url else "?"
+    url = f"{database_url}{sep}options={quote('-c work_mem=7MB -c application_name=ignored')}"
+
+    async def main() -> tuple[str, str]:
+        conn = ManagedConnection(to_conninfo(url), "producer", timeout=3.0)
+        try:
+            live = await conn.get()
+            work_mem = (await (await live.execute("SHOW work_mem")).fetchone())[0]
+            timeout = (await (await live.execute("SHOW statement_timeout")).fetchone())[0]
+            return work_mem, timeout
+        finally:
+            await conn.close()
+
+    assert anyio.run(main) == ("7MB", "3s")
+
+
+def test_an_observer_with_an_async_hook_is_refused(database_url):
+    """The worker calls hooks without awaiting them: an async job_finished made a coroutine
+    that never ran, so its metrics were silently missing (a "never awaited" warning each)."""
+
+    class AsyncObserver:
+        def claimed(self, queue: str, count: int, seconds: float) -> None:
+            pass
+
+        async def job_finished(self, queue: str, kind: str, outcome: str, run: float, since: float) -> None:
+            pass
+
+    with pytest.raises(ConfigurationError, match=r"observer hook job_finished\(\) is async"):
+        Worker(database_url, kinds=[WSync], observer=AsyncObserver())  # type: ignore[arg-type]
