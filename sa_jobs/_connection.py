@@ -26,6 +26,16 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, TimeoutError)
 
 
+# TCP keepalive, on both ends of a service's connection (seconds idle, between probes, probes).
+# The server's own ends a session whose client vanished without a FIN or RST (its host
+# lost power, a partition): with the server's default (7200 s idle, 9 probes of 75 s) the
+# backend of a cut-off leader kept the leader's advisory lock for 2 h 11 min, and no
+# worker fired a periodic slot or pruned meanwhile. Set per session: any role may.
+_KEEPALIVE = (10, 5, 3)
+_SERVER_KEEPALIVE = ("-c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={}"
+                     .format(*_KEEPALIVE))
+
+
 def describe(exc: BaseException) -> str:
     """Log text for an error: its type and, for driver errors, the SQLSTATE, not the
     message (messages can echo job data, and logs must not carry args or secrets)."""
@@ -64,7 +74,8 @@ class ManagedConnection:
         # The URL's own options (a role, a search_path, -c settings) come first: passed as
         # a keyword, ours replaced them, and the worker ran without what the URL asked for.
         given = conninfo_to_dict(conninfo).get("options")
-        self._options = " ".join(filter(None, (str(given or "").strip(), f"-c statement_timeout={int(timeout * 1000)}")))
+        ours = f"-c statement_timeout={int(timeout * 1000)} {_SERVER_KEEPALIVE}"
+        self._options = " ".join(filter(None, (str(given or "").strip(), ours)))
         self._name = name
         self._on_connect = on_connect
         self._connect_timeout = connect_timeout
@@ -89,7 +100,8 @@ class ManagedConnection:
                         options=self._options,
                         # TCP keepalives find a dead peer on a real network; the client
                         # deadline covers what they cannot (a proxy that still ACKs).
-                        keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                        keepalives=1, keepalives_idle=_KEEPALIVE[0], keepalives_interval=_KEEPALIVE[1],
+                        keepalives_count=_KEEPALIVE[2],
                     )
                 if self._on_connect is not None:
                     await self._on_connect(conn)

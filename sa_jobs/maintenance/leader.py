@@ -6,7 +6,9 @@ that is frozen (SIGSTOP, a long GC pause, a partition that keeps its socket open
 holds its advisory lock, so nothing that re-drives jobs may depend on it. Services that
 must run once per cluster set ``leader_only`` and run on the lock holder.
 The lock lives as long as the maintainer's connection: a leader that dies or is cut off
-loses it with its backend, and the next worker to try takes over within one interval.
+loses it with its backend, and the next worker to try takes over within one interval. A
+leader cut off without a word (its host gone, a partition) loses its backend when the
+server's TCP keepalive gives up, about 25 s (set per session: see ``_connection``).
 Maintenance grows by adding a :class:`MaintenanceService`, not by editing this loop.
 """
 
