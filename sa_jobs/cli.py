@@ -190,6 +190,7 @@ def _maintenance_of(modules: Sequence[object]) -> list[object]:
     """Extra maintenance services declared by the worker's modules: ``SA_JOBS_PERIODIC``
     (Periodic declarations, fired by one PeriodicJobs service) and ``SA_JOBS_MAINTENANCE``
     (services such as ``Pruner(...)``)."""
+    from .maintenance.leader import maintenance_services
     from .periodic import PeriodicJobs, collect
 
     services: list[object] = []
@@ -198,13 +199,7 @@ def _maintenance_of(modules: Sequence[object]) -> list[object]:
         services.append(PeriodicJobs(periodics))
     for module in modules:
         extra = getattr(module, "SA_JOBS_MAINTENANCE", None) or ()
-        for service in extra:
-            if not (hasattr(service, "run_once") and hasattr(service, "name") and hasattr(service, "leader_only")):
-                raise ConfigurationError(
-                    f"{getattr(module, '__name__', module)}.SA_JOBS_MAINTENANCE holds {service!r},"
-                    " which is not a maintenance service (name, leader_only, async run_once)"
-                )
-            services.append(service)
+        services += maintenance_services(extra, f"{getattr(module, '__name__', module)}.SA_JOBS_MAINTENANCE")
     return services
 
 

@@ -768,3 +768,33 @@ def test_a_leader_cut_off_without_a_word_hands_over_and_its_schedule_fires(datab
         if pids:
             q(database_url, "SELECT pg_terminate_backend(%s)", (pids[0],))
     assert took < 40, took
+
+
+def test_a_service_that_is_not_one_is_refused_when_the_worker_is_built(database_url):
+    """``Worker(maintenance=[digest])`` (the Periodic itself, not ``PeriodicJobs([digest])``)
+    was taken as it was: every maintenance tick then failed with AttributeError after
+    taking the leader lock, dropping it and the connection each second, and the schedule
+    never fired. ``sa-jobs worker`` refused such an SA_JOBS_MAINTENANCE entry; the Worker
+    now does too, and one service not in a list is taken as a list of one (a lone
+    ``SA_JOBS_MAINTENANCE = Pruner(...)`` raised TypeError)."""
+    from sa_jobs import Worker
+    from sa_jobs.cli import _maintenance_of
+    from sa_jobs.maintenance.pruner import Pruner
+
+    digest = Periodic("0 9 * * *", PerTick, name="digest")
+    for given in ([digest], [PerTick], [object()], "pruner", 5):
+        with pytest.raises(ConfigurationError, match="maintenance service"):
+            Worker(database_url, kinds=[PerTick], maintenance=given)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="PeriodicJobs"):
+        Worker(database_url, kinds=[PerTick], maintenance=[digest])
+    service, pruner = PeriodicJobs([digest]), Pruner()
+    assert Worker(database_url, kinds=[PerTick], maintenance=service)._extra_maintenance == [service]  # type: ignore[arg-type]
+
+    class Module:
+        __name__ = "app_jobs"
+        SA_JOBS_MAINTENANCE = pruner
+
+    assert _maintenance_of([Module]) == [pruner]
+    Module.SA_JOBS_MAINTENANCE = [digest]  # type: ignore[assignment]
+    with pytest.raises(ConfigurationError, match="PeriodicJobs"):
+        _maintenance_of([Module])

@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence
 import anyio
 import psycopg
 
+from ..errors import ConfigurationError
 from ..queries import Queries
 from .._connection import ManagedConnection, describe, is_transient
 from ..events import WorkerObserver, hook
@@ -192,6 +193,28 @@ class MaintenanceService(Protocol):
     leader_only: bool
 
     async def run_once(self, conn: Any, queries: Queries) -> None: ...
+
+
+def maintenance_services(given: Any, where: str) -> list[Any]:
+    """``given`` (a list of maintenance services, or one alone) as a list, each checked to
+    be one: ``name``, ``leader_only`` and ``run_once``. Unchecked, a Periodic declaration
+    given in place of ``PeriodicJobs([...])`` failed every tick with AttributeError after
+    taking the leader lock (dropping it and the connection each second), and never fired."""
+    from ..periodic import Periodic  # it imports this module
+
+    services = [given] if hasattr(given, "run_once") else given
+    if isinstance(services, (str, bytes)) or not hasattr(services, "__iter__"):
+        raise ConfigurationError(f"{where} takes a list of maintenance services, not {given!r}")
+    checked = list(services)
+    for service in checked:
+        if not all(hasattr(service, a) for a in ("name", "leader_only", "run_once")):
+            hint = ""
+            if isinstance(service, Periodic):
+                hint = "; give Periodic declarations in PeriodicJobs([...])"
+            raise ConfigurationError(
+                f"{where} holds {service!r}, which is not a maintenance service (name, leader_only, async run_once)"
+                + hint)
+    return checked
 
 
 class Maintainer:

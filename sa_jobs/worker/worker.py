@@ -40,7 +40,7 @@ from .. import _validate, schema as schema_mod
 from .._url import database_url_from_env, sqlalchemy_url, to_conninfo
 from ..errors import Cancel, ConfigurationError, Discard, InvalidArgsError, JobControl, Snooze, UnknownKindError
 from ..maintenance.horizon import HorizonWatch
-from ..maintenance.leader import Maintainer
+from ..maintenance.leader import Maintainer, maintenance_services
 from ..maintenance.rescuer import Rescuer
 from ..maintenance.scheduler import Scheduler
 from ..model import Job, KindOptions, is_async_handler, registered_kinds
@@ -248,7 +248,7 @@ class Worker:
         self._check_schema = check_schema
         # Extra maintenance services (plugins: periodic jobs, pruning, ...), each with
         # ``name``, ``leader_only`` and ``async run_once(conn, queries)``.
-        self._extra_maintenance = list(maintenance)
+        self._extra_maintenance = maintenance_services(maintenance, "maintenance=")
 
         self._kinds = self._resolve_kinds(kinds)
         self._queue_limits = self._resolve_queues(queues, concurrency)
