@@ -39,7 +39,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from . import _validate
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidArgsError
 from .events import hook
 from .maintenance.leader import TickBudget
 from .model import Job
@@ -161,6 +161,11 @@ class Periodic:
         if isinstance(job, type):
             if not issubclass(job, Job) or job.__sa_jobs_options__ is None:
                 raise ConfigurationError(f"Periodic job= takes a job kind, a job row or a factory, not {job!r}")
+            if self.args is not None and (not isinstance(self.args, Mapping)
+                                          or not all(isinstance(k, str) for k in self.args)):
+                # dict() then **: ValueError or TypeError, not the kind's own InvalidArgsError.
+                raise InvalidArgsError(f"periodic job {self.name or job.__name__!r}: args must be a mapping of"
+                                       f" names to JSON values, not {self.args!r}")
             # Build one row now: bad args fail at declaration, not at 9 am.
             job(**dict(self.args or {}))
             if self.name is None:

@@ -798,3 +798,13 @@ def test_a_service_that_is_not_one_is_refused_when_the_worker_is_built(database_
     Module.SA_JOBS_MAINTENANCE = [digest]  # type: ignore[assignment]
     with pytest.raises(ConfigurationError, match="PeriodicJobs"):
         _maintenance_of([Module])
+
+
+def test_args_that_are_no_mapping_of_names_fail_at_declaration_with_a_typed_error():
+    """``args=`` went through dict() and then ``kind(**args)``: a string failed with
+    ValueError, a number or a key that is no string with TypeError, not the
+    InvalidArgsError a kind's own construction raises; a list of pairs was taken."""
+    for args in ("user=1", 5, [("user", 1)], {1: "x"}):
+        with pytest.raises(InvalidArgsError, match="args"):
+            Periodic("0 9 * * *", PerTick, args=args)  # type: ignore[arg-type]
+    assert Periodic("0 9 * * *", PerTick, args={"user": 1}).build().args == {"user": 1}

@@ -269,3 +269,16 @@ def test_a_pruning_backlog_does_not_hold_back_promotion(database_url, schema):
     late = q(database_url, jobs_sql(schema, "SELECT extract(epoch FROM attempted_at - scheduled_at)::float8"
                                             " FROM {jobs} WHERE kind = 'ret_noop'"))[0][0]
     assert late < 2.0, f"a due job waited {late:.2f}s behind the pruner"
+
+
+def test_a_pruner_interval_or_age_out_of_range_is_a_configuration_error():
+    """``interval=None`` failed an assert (AssertionError, or nothing under -O: then a
+    TypeError at the first run); an int age too large for a float raised OverflowError;
+    an infinite interval pruned once and never again."""
+    for kw in ({"interval": None}, {"interval": float("inf")}, {"interval": 10**400}, {"completed": 10**400},
+               {"dead": -(10**400)}):
+        with pytest.raises(ConfigurationError):
+            Pruner(**kw)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        retention_ages({"dead": 10**400})
+    assert Pruner(interval=0).interval == 0.0

@@ -63,7 +63,10 @@ def _seconds(value: Any, what: str) -> Optional[float]:
     if isinstance(value, dt.timedelta):
         seconds = value.total_seconds()
     elif type(value) in (int, float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past any float: no timestamp or interval holds it
+            raise ConfigurationError(f"{what} is out of range: {value!r}") from None
     else:
         raise ConfigurationError(f"{what} must be a timedelta (or seconds), not {value!r}")
     if not seconds >= 0:
@@ -124,7 +127,8 @@ class Pruner:
             raise ConfigurationError(f"max_batches must be a positive int, not {max_batches!r}")
         self.max_batches = max_batches
         interval_s = _seconds(interval, "interval")
-        assert interval_s is not None
+        if interval_s is None or interval_s == float("inf"):  # inf: pruned once, never again
+            raise ConfigurationError(f"interval must be a finite number of seconds, not {interval!r}")
         self.interval = interval_s
         self._next_run = 0.0
         self.deleted: dict[str, int] = {s: 0 for s in self.ages}  # totals since start
