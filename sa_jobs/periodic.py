@@ -217,15 +217,22 @@ class Periodic:
 
     def _check_fires(self) -> None:
         """Refuse an expression croniter accepts but that names no date ("0 0 31 2 *"):
-        it would fail every leader tick, forever."""
+        it would fail every leader tick, forever. One whose year field has ended has dates,
+        all past: it is declared and stays quiet (refused, it made the app's module fail
+        at import from the day after its last slot)."""
         from croniter import CroniterBadDateError
 
+        now = dt.datetime.now(_UTC)
         try:
-            self.next_slot(dt.datetime.now(_UTC))
+            self.next_slot(now)
         except CroniterBadDateError:
-            raise ConfigurationError(
-                f"cron expression {self.cron!r} never fires (no date matches it, e.g. 31 February)"
-            ) from None
+            past = self._slots(None, now, 1)
+            if not past:
+                raise ConfigurationError(
+                    f"cron expression {self.cron!r} never fires (no date matches it, e.g. 31 February)"
+                ) from None
+            log.warning("periodic cron %r: its last slot, %s, has passed; it fires no more", self.cron,
+                        past[-1].isoformat())
 
     def due_slots(self, last_slot: dt.datetime, now: dt.datetime,
                   grace: dt.timedelta = dt.timedelta(0)) -> list[dt.datetime]:

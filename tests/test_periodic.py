@@ -808,3 +808,22 @@ def test_args_that_are_no_mapping_of_names_fail_at_declaration_with_a_typed_erro
         with pytest.raises(InvalidArgsError, match="args"):
             Periodic("0 9 * * *", PerTick, args=args)  # type: ignore[arg-type]
     assert Periodic("0 9 * * *", PerTick, args={"user": 1}).build().args == {"user": 1}
+
+
+def test_a_schedule_whose_last_year_has_passed_still_declares_and_stays_quiet(database_url, schema, caplog):
+    """A 7th field bounds a schedule, which then "stays quiet". But the declaration
+    checked for a next slot, so once the last year had passed, the app's module (and
+    ``sa-jobs worker`` with it) failed at import, the day after its last slot, with
+    "never fires (no date matches it, e.g. 31 February)": a time bomb. A schedule with a
+    past slot is declared (logged as over); one that names no date at all is refused."""
+    with caplog.at_level("WARNING", logger="sa_jobs.periodic"):
+        over = Periodic("0 9 * * * 0 2020-2025", PerTick, name="campaign_2025")
+    assert "2025-12-31T09:00:00+00:00" in caplog.text
+    for never in ("0 0 31 2 * 0 2030", "0 0 31 2 *", "0 0 30 2 * 0 2020"):
+        with pytest.raises(ConfigurationError, match="never fires"):
+            Periodic(never, PerTick, name="never")
+    # Registered at its last slot; quiet from then on, without catch-up too.
+    assert _fire(database_url, schema, over) == [[]]
+    assert _last_slot(database_url, schema, "campaign_2025") == dt.datetime(2025, 12, 31, 9, tzinfo=UTC)
+    assert _fire(database_url, schema, over) == [[]]
+    assert _periodic_jobs(database_url, schema) == []
