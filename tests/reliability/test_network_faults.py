@@ -14,7 +14,10 @@ import random
 import statistics
 import threading
 import time
+from typing import Any
 
+import anyio
+import pytest
 from sqlalchemy.orm import Session
 
 from sa_jobs import enqueue_many
@@ -557,3 +560,82 @@ def test_depth_scrape_answers_when_its_connection_goes_half_open(rel_url: str, r
     finally:
         proxy.close()
         collector.close()
+
+
+# Linux's TCP_REPAIR (not in the socket module): a socket closed in repair mode goes away
+# without a FIN or an RST, as a connection does when its host loses power or is cut off.
+_TCP_REPAIR = 19
+
+
+def _vanish(conn: Any) -> None:
+    """Make ``conn``'s socket disappear without telling the server (skip where the kernel
+    refuses: not Linux, or no CAP_NET_ADMIN). Its fd then reads /dev/null."""
+    import os
+    import socket
+    import time
+
+    time.sleep(0.5)  # the server's last reply acknowledged (delayed ACK): else its retransmit meets an RST
+    fd = conn.pgconn.socket
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR, 1)
+    except OSError as exc:
+        sock.close()
+        pytest.skip(f"cannot close a socket silently here (TCP_REPAIR: {exc})")
+    sock.close()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, fd)  # the socket's last descriptor: it is gone, the server not told
+    os.close(devnull)
+
+
+def test_a_leader_cut_off_without_a_word_hands_over_and_its_schedule_fires(rel_url, rel_schema):
+    """A leader whose host vanished (power lost, a partition: no FIN, no RST) kept the
+    leader lock in its backend until the server gave up on the connection, which with a
+    server's default TCP keepalive (7200 s idle) took over two hours: no worker could lead,
+    so no periodic slot fired (and nothing was pruned) meanwhile. The maintainer asks the
+    server for keepalives as tight as its own: the next worker leads within seconds."""
+    from sa_jobs import Periodic, PeriodicJobs
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.maintenance.leader import Maintainer
+    from sa_jobs.queries import Queries
+
+    from ..helpers import q
+    from ..test_periodic import PerTick, _periodic_jobs
+
+    database_url, schema = rel_url, rel_schema  # TCP on loopback: CI's default server is a Unix socket
+    p = Periodic("* * * * * *", PerTick, name="handed_over")
+    conninfo, queries = to_conninfo(database_url), Queries.for_schema(schema)
+    a = Maintainer(conninfo, queries, NullObserver(), [PeriodicJobs([p])], interval=0.05, timeout=5.0)
+    b = Maintainer(conninfo, queries, NullObserver(), [PeriodicJobs([p])], interval=0.05, timeout=5.0)
+    pids: list[int] = []
+
+    async def main() -> float:
+        try:
+            await a.tick()
+            assert a.is_leader
+            conn = a._conn._conn
+            assert conn is not None
+            pids.append(conn.info.backend_pid)
+            _vanish(conn)
+            a._conn._conn = None  # the process of a is gone with its host: never used again
+            started = anyio.current_time()
+            with anyio.move_on_after(45):
+                while not b.is_leader:
+                    await b.tick()
+                    await anyio.sleep(0.2)
+            took = anyio.current_time() - started
+            assert b.is_leader, "the vanished leader's backend still holds the leader lock after 45 s"
+            with anyio.fail_after(10):
+                while not _periodic_jobs(database_url, schema):
+                    await b.tick()
+                    await anyio.sleep(0.2)
+            return took
+        finally:
+            await b._conn.close()
+
+    try:
+        took = anyio.run(main)
+    finally:
+        if pids:
+            q(database_url, "SELECT pg_terminate_backend(%s)", (pids[0],))
+    assert took < 40, took
