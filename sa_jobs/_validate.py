@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 from .errors import InvalidArgsError, InvalidIdentifierError
 
@@ -219,6 +220,32 @@ def json_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_
         if size > max_bytes:
             raise _over_cap(what, size, max_bytes)
     return value
+
+
+def jsonb_number(text: str) -> Union[int, float]:
+    """A JSON number with a fraction or exponent, as a worker reads it back from jsonb
+    (``json.loads``' ``parse_float``).
+
+    jsonb stores numbers as numeric, which writes them out with as many decimals as the
+    literal had after its exponent is applied: ``1e+16`` comes back as
+    ``10000000000000000`` (an int to json), ``-0.0`` as ``0.0``."""
+    mantissa, _, exponent = text.lower().partition("e")
+    if len(mantissa.partition(".")[2]) - int(exponent or 0) <= 0:
+        return int(decimal.Decimal(text))
+    return float(text) + 0.0  # numeric has no negative zero
+
+
+def as_stored(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Plain JSON ``value`` as jsonb stores it and a worker reads it back: numbers as
+    :func:`jsonb_number` reads them, tuples as lists. Args of scalars other than floats
+    (the usual ones) are returned as they are."""
+    if all(type(v) in _UNCHANGED for v in value.values()):
+        return value
+    result: Mapping[str, Any] = json.loads(_encode(value), parse_float=jsonb_number)
+    return result
+
+
+_UNCHANGED = (str, int, bool, type(None))
 
 
 def json_value(value: Any, what: str = "result") -> Any:

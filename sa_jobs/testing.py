@@ -20,12 +20,11 @@ import concurrent.futures
 import contextlib
 import contextvars
 import datetime as dt
-import decimal
 import json
 import os
 import sys
 import uuid
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import anyio
 from sqlalchemy import Boolean, Column, DateTime, Integer, Interval, MetaData, Table, Text, event, func, select, type_coerce
@@ -173,18 +172,6 @@ def _storable(result: Any) -> Any:
     return result
 
 
-def _as_jsonb_reads(text: str) -> Union[int, float]:
-    """A JSON number with a fraction or exponent, as a worker reads it back from jsonb.
-
-    jsonb stores numbers as numeric, which writes them out with as many decimals as the
-    literal had after its exponent is applied: ``1e+16`` comes back as
-    ``10000000000000000`` (an int to json), ``-0.0`` as ``0.0``."""
-    mantissa, _, exponent = text.lower().partition("e")
-    if len(mantissa.partition(".")[2]) - int(exponent or 0) <= 0:
-        return int(decimal.Decimal(text))
-    return float(text) + 0.0  # numeric has no negative zero
-
-
 def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, Any]]:
     cls = type(job)
     options = cls.__sa_jobs_options__
@@ -195,7 +182,7 @@ def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, A
         schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
     # As a worker reads them back from jsonb: lists for tuples, numbers as numeric gives
     # them back, and copies, not the caller's objects.
-    args = json.loads(json.dumps(job.args), parse_float=_as_jsonb_reads)
+    args = json.loads(json.dumps(job.args), parse_float=_validate.jsonb_number)
     record = _TestJob(options.kind, job.__dict__.get("queue") or options.queue, args, attempt,
                       job.__dict__.get("max_attempts") or options.max_attempts, job.__dict__.get("id") or 0)
     return cls.__sa_jobs_handler__, _TestContext(record, _TestRuntime(engine, schema)), dict(args)

@@ -31,6 +31,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
+from ._validate import as_stored
 from .errors import ConfigurationError
 from .states import ALL_STATES, PENDING_STATES
 
@@ -92,6 +93,10 @@ class Unique:
     def base_key(self, kind: str, queue: str, args: Mapping[str, Any]) -> str:
         """The key without its period bucket: sha256 of canonical JSON, 32 hex characters.
 
+        The args are hashed as jsonb stores them (``-0.0`` as ``0.0``, ``1e16`` as the int
+        ``10000000000000000``): hashed as given, two jobs whose stored args a worker reads
+        alike held two keys, and the key of a stored job's loaded args was not its own.
+
         Every name in ``by`` must be in ``args`` (as a kind's ``partition_by``): a name the
         args lack (a typo, ``user`` for ``user_id``) left it out of the key, so every job
         of the kind shared one key and all but the first were dropped as duplicates."""
@@ -103,7 +108,7 @@ class Unique:
                 raise ConfigurationError(f"kind {kind!r} is unique by {list(self.by)}, but args lack {missing}"
                                          " (pass None for an argument that may be absent)")
             chosen = {a: args[a] for a in self.by}
-        material = {"kind": kind, "queue": queue if self.by_queue else None, "args": chosen}
+        material = {"kind": kind, "queue": queue if self.by_queue else None, "args": as_stored(chosen)}
         text = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 

@@ -783,3 +783,34 @@ def test_a_unique_by_name_the_args_lack_is_refused_before_any_row(engine, databa
             enqueue_many(session, UqDigest, [{"user_id": 1}, {"user": 2}])
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(0,)]
     assert UqDigest(user_id=None).unique_key != UqDigest(user_id=1).unique_key  # None is a value
+
+
+class UqByPoint(Job, kind="uq_by_point", unique=Unique(by=("at",))):
+    pass
+
+
+@pytest.mark.parametrize("first, then", [
+    (-0.0, 0.0),  # numeric has no negative zero
+    (1e16, 10**16),  # 1e+16 is stored as the number 10000000000000000, read back as an int
+    ([2.5e20, {"y": -0.0}], [250000000000000000000, {"y": 0.0}]),
+])
+def test_args_stored_alike_share_one_key_on_every_path(engine, database_url, schema, first, then):
+    """jsonb stores numbers as numeric: ``-0.0`` is stored (and read by the worker) as
+    ``0.0``, ``1e16`` as the int ``10000000000000000``. The key hashed Python's JSON text
+    of the args, so two jobs whose stored args (and a worker's handler call) are the same
+    held two keys, both enqueued, by session.add and enqueue_many alike."""
+    with Session(engine) as session, session.begin():
+        session.add(UqByPoint(at=first))
+    with Session(engine) as session, session.begin():
+        again = UqByPoint(at=then)
+        session.add(again)
+        session.flush()
+        assert again.was_duplicate
+        assert enqueue_many(session, UqByPoint, [{"at": then}, {"at": first}]) == 0
+        assert enqueue_many(session, [UqByPoint(at=then), UqByPoint(at=first)]) == 0
+    rows = _rows(database_url, schema, "uq_by_point")
+    assert len(rows) == 1
+    with Session(engine) as session, session.begin():
+        stored = session.get(UqByPoint, rows[0][0])
+        assert stored.args == {"at": then}  # as a worker reads it
+        assert UqByPoint(**stored.args).unique_key == stored.unique_key
