@@ -123,9 +123,18 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _walk(value: Any, path: Any) -> int:
-    """Raise InvalidArgsError unless ``value`` is plain JSON; return an upper bound on
-    the size in bytes of its compact UTF-8 JSON text."""
+# The deepest nesting of lists and dicts a payload may have (the args dict is level 1).
+# Python's json recurses once per level, under the recursion limit (1000) less the stack
+# it runs on: a cap that was that limit less the caller's stack let args through that
+# psycopg could not encode at flush (raw RecursionError) or a worker decode at its claim
+# (the claim failed, its whole batch stuck running until the leases expired).
+MAX_DEPTH = 256
+
+
+def _walk(value: Any, path: Any, depth: int = 1) -> int:
+    """Raise InvalidArgsError unless ``value`` is plain JSON, lists and dicts nested at
+    most ``MAX_DEPTH`` deep; return an upper bound on the size in bytes of its compact
+    UTF-8 JSON text."""
     # Exact types only: subclasses (enums, numpy scalars, bool-likes) would round-trip as
     # something else, and the job would run with args its caller never wrote.
     t = type(value)
@@ -149,6 +158,8 @@ def _walk(value: Any, path: Any) -> int:
         if not math.isfinite(value):
             raise InvalidArgsError(f"args{_where(path)} is {value!r}: JSON has no NaN or Infinity")
         return _FLOAT_BYTES
+    if (t is dict or t is list or t is tuple) and depth > MAX_DEPTH:
+        raise InvalidArgsError(f"args: nested too deeply to write as JSON (over {MAX_DEPTH} levels of lists and dicts)")
     if t is dict:
         size = 2
         for key, item in value.items():
@@ -159,12 +170,12 @@ def _walk(value: Any, path: Any) -> int:
             if not _is_utf8(key):
                 raise InvalidArgsError(f"args{_where(path)} has a key with a lone surrogate")
             # "key":item, -- quotes, colon and comma
-            size += _STR_BYTES * len(key) + 4 + _walk(item, (path, key))
+            size += _STR_BYTES * len(key) + 4 + _walk(item, (path, key), depth + 1)
         return size
     if t is list or t is tuple:
         size = 2
         for i, item in enumerate(value):
-            size += _walk(item, (path, i)) + 1
+            size += _walk(item, (path, i), depth + 1) + 1
         return size
     raise InvalidArgsError(
         f"args{_where(path)} is a {t.__name__}, which is not JSON; pass str, int, float, bool, None, list or dict"

@@ -339,3 +339,80 @@ def test_enqueue_many_through_a_connection_writes_in_its_transaction(engine, dat
         conn.rollback()
     assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs} ORDER BY id")) == [
         ({"n": 1},), ({"n": 2},), ({"n": 2},), ({"n": 3},)]
+
+
+class EdgeDeep(Job, kind="edge_deep", max_attempts=1):
+    pass
+
+
+@EdgeDeep.handler
+def edge_deep(ctx: Any, d: Any) -> int:
+    depth = 0
+    while isinstance(d, list):
+        d, depth = d[0] if d else None, depth + 1
+    return depth
+
+
+def _nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def _in_a_new_thread(fn: Any) -> Any:
+    """``fn()`` on a fresh thread's stack: the shallowest an app's call can be."""
+    import threading
+
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append((fn(), None))
+        except BaseException as exc:  # re-raised on the caller's thread
+            out.append((None, exc))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    value, error = out[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def _deepest_accepted() -> int:
+    for levels in range(1000, 0, -1):
+        try:
+            EdgeDeep(d=_nested(levels))
+        except InvalidArgsError:
+            continue
+        return levels
+    raise AssertionError("no depth accepted")
+
+
+def test_args_nested_as_deep_as_accepted_are_written_and_read_back_by_a_worker(engine, database_url, schema):
+    """The nesting args may have was Python's recursion limit less the caller's stack:
+    args accepted on a shallow stack failed the flush of session.add with a raw
+    RecursionError (psycopg's json.dumps runs deeper), and enqueue_many wrote them; a
+    worker could not decode them when it claimed them (a RecursionError in the claim),
+    so the job and every other job of its claim batch sat running until their leases
+    expired, each time. A fixed cap refuses them, typed, on any stack."""
+    from .helpers import run_worker_until, states
+
+    levels = _in_a_new_thread(_deepest_accepted)
+
+    def add() -> None:
+        with Session(engine) as session, session.begin():
+            session.add(EdgeDeep(d=_nested(levels)))
+
+    _in_a_new_thread(add)
+    with Session(engine) as session, session.begin():
+        assert enqueue_many(session, EdgeDeep, [{"d": _nested(levels)}]) == 1
+        assert enqueue_many(session, EdgeDeep, [{"d": [1]}]) == 1
+    run_worker_until(database_url, schema, [EdgeDeep], lambda: states(database_url, schema).get("completed") == 3,
+                     timeout=8)
+    assert q(database_url, jobs_sql(schema, "SELECT state, result FROM {jobs} ORDER BY id")) == [
+        ("completed", levels), ("completed", levels), ("completed", 1)]
+    with pytest.raises(InvalidArgsError, match="nested"):
+        _in_a_new_thread(lambda: EdgeDeep(d=_nested(levels + 1)))

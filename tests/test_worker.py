@@ -395,7 +395,7 @@ def test_a_result_nested_too_deeply_goes_dead_without_retries(engine, database_u
     run_worker_until(database_url, schema, [WDeepResult], finished(engine, [job_id]), timeout=10)
     job = job_row(engine, job_id)
     assert (job.state, job.attempt, DEEP_RUNS) == ("dead", 1, [1])
-    assert job.errors[0]["error"] == "InvalidArgsError: result: nested too deeply to write as JSON"
+    assert job.errors[0]["error"] == "InvalidArgsError: result: nested too deeply to write as JSON (over 256 levels of lists and dicts)"
     with pytest.raises(InvalidArgsError, match="nested too deeply"):  # the same at enqueue
         WSync(a=1, b=_deep(5000))
 
