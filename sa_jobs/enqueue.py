@@ -366,6 +366,14 @@ def _split_unique(jobs: Iterable[Job], unique_rows: list[tuple[KindOptions, tupl
 # COPY cannot skip conflicts, so rows of unique kinds go in one INSERT ... SELECT FROM
 # unnest(...) ON CONFLICT on the unique index, with the key's period bucket computed on
 # the database clock as in the ORM path.
+_UNNEST = (
+    " unnest(%(kind)s::text[], %(queue)s::text[], %(args)s::text[], %(state)s::text[],"
+    "  %(priority)s::smallint[], %(max_attempts)s::int[], %(tags)s::text[], %(meta)s::text[],"
+    "  %(partition_key)s::text[], %(scheduled_at)s::timestamptz[], %(base)s::text[], %(period)s::bigint[],"
+    "  %(states)s::text[])"
+    " WITH ORDINALITY AS u(kind, queue, args, state, priority, max_attempts, tags, meta, partition_key, scheduled_at,"
+    "  base, period, states, ord)"
+)
 _UNIQUE_INSERT = (
     "INSERT INTO {jobs} (kind, queue, args, state, priority, max_attempts, tags, meta, partition_key,"
     " scheduled_at, unique_key, unique_states)"
@@ -374,28 +382,42 @@ _UNIQUE_INSERT = (
     " coalesce(u.scheduled_at, now()),"
     " " + key_sql("u.base", "u.period") + ","
     " ARRAY(SELECT jsonb_array_elements_text(u.states::jsonb))"
-    " FROM unnest(%(kind)s::text[], %(queue)s::text[], %(args)s::text[], %(state)s::text[],"
-    "  %(priority)s::smallint[], %(max_attempts)s::int[], %(tags)s::text[], %(meta)s::text[],"
-    "  %(partition_key)s::text[], %(scheduled_at)s::timestamptz[], %(base)s::text[], %(period)s::bigint[],"
-    "  %(states)s::text[])"
-    " WITH ORDINALITY AS u(kind, queue, args, state, priority, max_attempts, tags, meta, partition_key, scheduled_at,"
-    "  base, period, states, ord)"
-    " ORDER BY u.ord"
-    " ON CONFLICT (kind, unique_key) WHERE {predicate} "
+    " FROM" + _UNNEST + " ORDER BY u.ord"
+    " ON CONFLICT (kind, unique_key) WHERE {predicate} DO NOTHING"
 )
-_ON_CONFLICT_NOTHING = "DO NOTHING"
-_ON_CONFLICT_REPLACE = (
-    "DO UPDATE SET args = EXCLUDED.args, queue = EXCLUDED.queue, priority = EXCLUDED.priority,"
-    " max_attempts = EXCLUDED.max_attempts, scheduled_at = EXCLUDED.scheduled_at, state = EXCLUDED.state,"
-    " tags = EXCLUDED.tags, meta = EXCLUDED.meta, partition_key = EXCLUDED.partition_key"
-    " WHERE {jobs}.state IN ('scheduled', 'available', 'retryable')"
+# The (kind, base key) of each row an INSERT or a replace wrote: a key is its base, or the
+# base, ':' and the period's bucket (the base is hex).
+_RETURNING_KEYS = " RETURNING kind, split_part(unique_key, ':', 1)"
+# The job holding a row's key: ``j`` joined to ``u`` on the unique index (its predicate
+# spelled out, qualified: ``u`` has a state column too).
+_HELD_BY_J = (
+    " j.kind = u.kind AND j.unique_key = " + key_sql("u.base", "u.period")
+    + " AND j.unique_key IS NOT NULL AND j.state = ANY (j.unique_states)"
 )
+# A replace rewrites the waiting jobs that hold the rows' keys, locked in the batch's keyed
+# order (one bulk call waits for another instead of deadlocking). Not the INSERT's
+# ``DO UPDATE ... WHERE <waiting>``: that locks the conflicting row even where the WHERE
+# keeps it from being updated, so a replace that met a running job held the job's row
+# until the caller's transaction ended, and the worker's heartbeats and completion waited.
+_UNIQUE_REPLACE = (
+    "WITH u AS MATERIALIZED (SELECT * FROM" + _UNNEST + "),"
+    " target AS MATERIALIZED (SELECT j.id, u.ord FROM u JOIN {jobs} AS j ON" + _HELD_BY_J
+    + " WHERE j.state IN ('scheduled', 'available', 'retryable') ORDER BY u.ord FOR UPDATE OF j)"
+    " UPDATE {jobs} AS j SET args = u.args::jsonb, queue = u.queue, priority = u.priority,"
+    " max_attempts = u.max_attempts, scheduled_at = coalesce(u.scheduled_at, now()), state = u.state,"
+    " tags = ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)), meta = u.meta::jsonb,"
+    " partition_key = u.partition_key"
+    " FROM target AS t JOIN u ON u.ord = t.ord WHERE j.id = t.id"
+    + _RETURNING_KEYS.replace("kind", "j.kind").replace("unique_key", "j.unique_key")
+)
+# The rows whose key a job holds (running or finished, once neither inserted nor replaced).
+_UNIQUE_HELD = "SELECT u.kind, u.base FROM" + _UNNEST + " WHERE EXISTS (SELECT FROM {jobs} AS j WHERE" + _HELD_BY_J + ")"
+# As in the ORM path: a key can leave its states between the statements; bounded.
+_MAX_ROUNDS = 8
 
 
 def _insert_unique(driver: Any, table: sql.Identifier, unique_rows: list[tuple[KindOptions, tuple[Any, ...]]]) -> int:
     """Insert rows of unique kinds, skipping (or replacing) held keys; the rows written."""
-    from .schema import UNIQUE_PREDICATE
-
     by_mode: dict[str, dict[tuple[str, str], tuple[Any, ...]]] = {"return": {}, "replace": {}}
     for options, row in unique_rows:
         unique = options.unique
@@ -416,16 +438,47 @@ def _insert_unique(driver: Any, table: sql.Identifier, unique_rows: list[tuple[K
         # Sorted by key: concurrent loads of overlapping keys take their index locks in
         # one order, so they wait for each other instead of deadlocking.
         ordered = [keyed[k] for k in sorted(keyed)]
-        cols = list(zip(*ordered))
-        params = {
-            "kind": list(cols[0]), "queue": list(cols[1]), "args": list(cols[2]), "state": list(cols[3]),
-            "priority": list(cols[4]), "max_attempts": list(cols[5]),
-            "tags": [json.dumps(list(t)) for t in cols[6]], "meta": list(cols[7]), "partition_key": list(cols[8]),
-            "scheduled_at": list(cols[9]), "base": list(cols[10]), "period": list(cols[11]), "states": list(cols[12]),
-        }
-        tail = _ON_CONFLICT_REPLACE if mode == "replace" else _ON_CONFLICT_NOTHING
-        stmt = sql.SQL(_UNIQUE_INSERT + tail).format(jobs=table, predicate=sql.SQL(UNIQUE_PREDICATE))
-        with driver.cursor() as cur:
-            cur.execute(stmt, params)
-            written += cur.rowcount
+        if mode == "return":
+            with driver.cursor() as cur:
+                cur.execute(_statement(_UNIQUE_INSERT, table), _params(ordered))
+                written += cur.rowcount
+        else:
+            written += _insert_or_replace(driver, table, ordered)
     return written
+
+
+def _insert_or_replace(driver: Any, table: sql.Identifier, rows: list[tuple[Any, ...]]) -> int:
+    """Rows of replace kinds: inserted where their key is free, else rewriting the waiting
+    job that holds it; dropped where a running or finished job holds it. Rows whose key
+    was freed between the statements go round again. The rows written."""
+    written = 0
+    with driver.cursor() as cur:
+        for _ in range(_MAX_ROUNDS):
+            for statement in (_UNIQUE_INSERT + _RETURNING_KEYS, _UNIQUE_REPLACE):
+                done = set(map(tuple, cur.execute(_statement(statement, table), _params(rows)).fetchall()))
+                written += len(done)
+                rows = [r for r in rows if (r[0], r[10]) not in done]
+                if not rows:
+                    return written
+            held = set(map(tuple, cur.execute(_statement(_UNIQUE_HELD, table), _params(rows)).fetchall()))
+            rows = [r for r in rows if (r[0], r[10]) not in held]
+            if not rows:
+                return written
+    raise ConfigurationError(  # pragma: no cover - keys flapped in and out of their states 8 times
+        f"could not enqueue {len(rows)} unique job(s) of kind {rows[0][0]!r}: their keys kept changing state")
+
+
+def _statement(text: str, table: sql.Identifier) -> sql.Composed:
+    from .schema import UNIQUE_PREDICATE
+
+    return sql.SQL(text).format(jobs=table, predicate=sql.SQL(UNIQUE_PREDICATE))
+
+
+def _params(rows: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
+    cols = list(zip(*rows))
+    return {
+        "kind": list(cols[0]), "queue": list(cols[1]), "args": list(cols[2]), "state": list(cols[3]),
+        "priority": list(cols[4]), "max_attempts": list(cols[5]),
+        "tags": [json.dumps(list(t)) for t in cols[6]], "meta": list(cols[7]), "partition_key": list(cols[8]),
+        "scheduled_at": list(cols[9]), "base": list(cols[10]), "period": list(cols[11]), "states": list(cols[12]),
+    }

@@ -142,24 +142,33 @@ def _predicate() -> Any:
     return text(UNIQUE_PREDICATE)
 
 
-def insert_statement(table: Any, values: Mapping[str, Any], on_conflict: str) -> Any:
-    """INSERT ``values`` ON CONFLICT on the unique index; RETURNING the row and whether it
-    was inserted (``xmax = 0``) rather than replaced. No row comes back on a kept conflict."""
-    from sqlalchemy import literal_column
+def insert_statement(table: Any, values: Mapping[str, Any]) -> Any:
+    """INSERT ``values`` ON CONFLICT on the unique index DO NOTHING, RETURNING the row; no
+    row comes back on a conflict.
+
+    A replace is not ``DO UPDATE ... WHERE <waiting>``: that locks the conflicting row even
+    where the WHERE keeps it from being updated, so a replace that met a running job held
+    the job's row until the enqueuing transaction ended, and the worker's heartbeats and
+    completion waited for it. :func:`replace_statement` follows a conflict instead."""
     from sqlalchemy.dialects.postgresql import insert
 
     stmt = insert(table).values(**values)
-    target = dict(index_elements=[table.c.kind, table.c.unique_key], index_where=_predicate())
-    if on_conflict == "replace":
-        excluded = stmt.excluded
-        stmt = stmt.on_conflict_do_update(
-            **target,
-            set_={c: excluded[c] for c in _REPLACED},
-            where=table.c.state.in_(REPLACEABLE_STATES),
-        )
-    else:
-        stmt = stmt.on_conflict_do_nothing(**target)
-    return stmt.returning(*table.c, literal_column("(xmax = 0)").label("sa_jobs_inserted"))
+    stmt = stmt.on_conflict_do_nothing(index_elements=[table.c.kind, table.c.unique_key], index_where=_predicate())
+    return stmt.returning(*table.c)
+
+
+def replace_statement(table: Any, values: Mapping[str, Any], kind: str, key: Any) -> Any:
+    """UPDATE the waiting job holding ``key`` with the replaced columns of ``values``,
+    RETURNING it; no row, and no lock on it, if the holder is running or finished (a
+    claim of it in flight is waited for, and its row may stay locked: a rare window, where
+    ``DO UPDATE`` locked every running holder)."""
+    from sqlalchemy import update
+
+    return (update(table)
+            .where(table.c.kind == kind, table.c.unique_key == key, _predicate(),
+                   table.c.state.in_(REPLACEABLE_STATES))
+            .values({c: values.get(c) for c in _REPLACED})  # no partition_key given: the new job has none
+            .returning(*table.c))
 
 
 def existing_statement(table: Any, kind: str, key: Any) -> Any:
@@ -281,11 +290,14 @@ def _insert_unique(session: Any, obj: Any) -> None:
     row = None
     duplicate = replaced = False
     for _ in range(_MAX_ROUNDS):
-        row = session.execute(insert_statement(table, values, unique.on_conflict)).mappings().first()
+        row = session.execute(insert_statement(table, values)).mappings().first()
         if row is not None:
-            # Inserted, or (replace) an existing waiting job was rewritten.
-            duplicate = replaced = not row["sa_jobs_inserted"]
             break
+        if unique.on_conflict == "replace":
+            row = session.execute(replace_statement(table, values, options.kind, key)).mappings().first()
+            if row is not None:  # an existing waiting job was rewritten
+                duplicate = replaced = True
+                break
         row = session.execute(existing_statement(table, options.kind, key)).mappings().first()
         if row is not None:
             duplicate = True

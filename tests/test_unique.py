@@ -16,7 +16,7 @@ from sa_jobs import ConfigurationError, Job, JobContext, Snooze, Unique, constan
 from sa_jobs._url import sqlalchemy_url
 from sa_jobs.schema import DEFAULT_SCHEMA
 
-from .helpers import jobs_sql, q, run_worker_until
+from .helpers import jobs_sql, q, run_worker_until, wait_for
 
 
 class UqDigest(Job, kind="uq_digest", queue="uq", unique=Unique(by=("user_id",))):
@@ -562,8 +562,10 @@ def test_64_concurrent_sessions_insert_one_row(database_url, schema):
     assert _deadlocks(database_url) == before
 
 
-def test_concurrent_bulk_enqueues_in_opposite_orders_do_not_deadlock(database_url, schema):
-    """enqueue_many sorts by key, so overlapping batches lock keys in one order."""
+@pytest.mark.parametrize("kind", [UqDigest, UqReplace])
+def test_concurrent_bulk_enqueues_in_opposite_orders_do_not_deadlock(database_url, schema, kind):
+    """enqueue_many sorts by key, so overlapping batches lock keys in one order (a replace
+    kind's rewrites of the waiting jobs too)."""
     engine = create_engine(sqlalchemy_url(database_url), poolclass=NullPool).execution_options(
         schema_translate_map={DEFAULT_SCHEMA: schema}
     )
@@ -577,7 +579,7 @@ def test_concurrent_bulk_enqueues_in_opposite_orders_do_not_deadlock(database_ur
             with Session(engine) as session, session.begin():
                 session.connection()
                 barrier.wait()
-                enqueue_many(session, UqDigest, [{"user_id": k} for k in order])
+                enqueue_many(session, kind, [{"user_id": k} for k in order])
         except BaseException as exc:  # pragma: no cover
             errors.append(exc)
 
@@ -588,7 +590,7 @@ def test_concurrent_bulk_enqueues_in_opposite_orders_do_not_deadlock(database_ur
         t.join(60)
     engine.dispose()
     assert errors == []
-    assert len(_rows(database_url, schema, "uq_digest")) == 300
+    assert len(_rows(database_url, schema, kind.kind_options().kind)) == 300
     assert _deadlocks(database_url) == before
 
 
@@ -814,3 +816,62 @@ def test_args_stored_alike_share_one_key_on_every_path(engine, database_url, sch
         stored = session.get(UqByPoint, rows[0][0])
         assert stored.args == {"at": then}  # as a worker reads it
         assert UqByPoint(**stored.args).unique_key == stored.unique_key
+
+
+class UqReplaceRunning(Job, kind="uq_replace_running", queue="uq_run",
+                       unique=Unique(by=("user_id",), on_conflict="replace")):
+    pass
+
+
+REPLACE_RUNNING = threading.Event()
+
+
+@UqReplaceRunning.handler
+def uq_replace_running(ctx: JobContext, user_id: int, v: int) -> int:
+    REPLACE_RUNNING.wait(10)
+    return v
+
+
+@pytest.mark.parametrize("path", ["add", "enqueue_many"])
+def test_a_replace_that_meets_a_running_job_leaves_its_row_unlocked(engine, database_url, schema, path):
+    """``INSERT ... ON CONFLICT DO UPDATE ... WHERE <waiting>`` locks the conflicting row
+    even where the WHERE keeps it from being updated: a replace that met a running job
+    held that job's row locked until the enqueuing transaction ended, and the worker's
+    heartbeats, its completion and a rescue of the job all waited for it (past the lease,
+    the job was given up and run again)."""
+    import time
+
+    REPLACE_RUNNING.clear()
+    with Session(engine) as session, session.begin():
+        session.add(UqReplaceRunning(user_id=1, v=1))
+
+    def state() -> str:
+        return q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = 1"))[0][0]
+
+    done: list[tuple] = []
+
+    def enqueue_while_it_runs() -> None:
+        assert wait_for(lambda: state() == "running", 10)
+        with Session(engine) as session, session.begin():
+            if path == "add":
+                again = UqReplaceRunning(user_id=1, v=2)
+                session.add(again)
+                session.flush()
+                assert again.was_duplicate and not again.was_replaced and again.id == 1
+            else:
+                assert enqueue_many(session, UqReplaceRunning, [{"user_id": 1, "v": 2}]) == 0
+            REPLACE_RUNNING.set()  # the handler returns; its completion must not wait for us
+            started = time.monotonic()
+            wait_for(lambda: state() == "completed", 5)
+            done.append((state(), round(time.monotonic() - started) < 5))
+
+    thread = threading.Thread(target=enqueue_while_it_runs)
+    thread.start()
+    try:
+        run_worker_until(database_url, schema, [UqReplaceRunning], lambda: bool(done), timeout=30, lease=10.0)
+    finally:
+        REPLACE_RUNNING.set()
+        thread.join()
+    assert done == [("completed", True)]
+    assert q(database_url, jobs_sql(schema, "SELECT id, state, args, result FROM {jobs}")) == [
+        (1, "completed", {"user_id": 1, "v": 1}, 1)]
