@@ -246,14 +246,15 @@ def jsonb_number(text: str) -> Union[int, float]:
     return float(text) + 0.0  # numeric has no negative zero
 
 
-def as_stored(value: Mapping[str, Any]) -> Mapping[str, Any]:
+def as_stored(value: Any) -> Any:
     """Plain JSON ``value`` as jsonb stores it and a worker reads it back: numbers as
-    :func:`jsonb_number` reads them, tuples as lists. Args of scalars other than floats
-    (the usual ones) are returned as they are."""
-    if all(type(v) in _UNCHANGED for v in value.values()):
+    :func:`jsonb_number` reads them, tuples as lists. A str, int, bool or None (and a
+    dict or list of only those, the usual args) is returned as it is."""
+    t = type(value)
+    if t in _UNCHANGED or (t is dict and all(type(v) in _UNCHANGED for v in value.values())) or (
+            t is list and all(type(v) in _UNCHANGED for v in value)):
         return value
-    result: Mapping[str, Any] = json.loads(_encode(value), parse_float=jsonb_number)
-    return result
+    return json.loads(_encode(value), parse_float=jsonb_number)
 
 
 _UNCHANGED = (str, int, bool, type(None))

@@ -133,10 +133,14 @@ class KindOptions:
         return _validate.partition_key(self.partition_text(args))
 
     def partition_text(self, args: Mapping[str, Any]) -> str:
-        """The unchecked text of :meth:`partition_key_of` (KeyError for a missing arg)."""
+        """The unchecked text of :meth:`partition_key_of` (KeyError for a missing arg).
+
+        Of the values as jsonb stores them (``-0.0`` as ``0.0``, ``1e16`` as
+        ``10000000000000000``), as the unique key is: jobs whose stored args a worker reads
+        alike counted against two keys of a partition limit."""
         by = self.partition_by
         if len(by) > 1:
-            return _partition_json([args[a] for a in by])
+            return _partition_json(_validate.as_stored([args[a] for a in by]))
         value = args[by[0]]
         # Fast paths for the usual keys (a customer id), with json.dumps' exact text: the
         # key is checked again for every new row at flush.
@@ -144,7 +148,7 @@ class KindOptions:
             return int.__repr__(value)
         if type(value) is str:
             return _json_string(value)
-        return _partition_json(value)
+        return _partition_json(_validate.as_stored(value))
 
 
 # One encoder for every partition key (json.dumps with options builds one per call); its

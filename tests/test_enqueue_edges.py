@@ -416,3 +416,22 @@ def test_args_nested_as_deep_as_accepted_are_written_and_read_back_by_a_worker(e
         ("completed", levels), ("completed", levels), ("completed", 1)]
     with pytest.raises(InvalidArgsError, match="nested"):
         _in_a_new_thread(lambda: EdgeDeep(d=_nested(levels + 1)))
+
+
+class EdgeByPair(Job, kind="edge_by_pair", partition_by=("customer", "region")):
+    pass
+
+
+@pytest.mark.parametrize("kind", [EdgeByCustomer, EdgeByPair])
+def test_args_stored_alike_take_one_partition_key_on_every_path(engine, database_url, schema, kind):
+    """jsonb stores ``-0.0`` as ``0.0`` and ``1e16`` as the int ``10000000000000000``, and a
+    worker reads them so; the partition key was the JSON text of the values as given, so
+    jobs with the same stored args counted against two keys of a partition limit."""
+    alike = [{"customer": -0.0, "region": [1e16]}, {"customer": 0.0, "region": [10**16]}]
+    with Session(engine) as session, session.begin():
+        session.add_all([kind(**args) for args in alike])
+        enqueue_many(session, kind, alike)
+        enqueue_many(session, [kind(**args) for args in alike])
+    rows = q(database_url, jobs_sql(schema, "SELECT args, partition_key FROM {jobs}"))
+    assert len(rows) == 6 and {args["customer"] for args, _ in rows} == {0.0}
+    assert {key for _, key in rows} == {"0.0" if kind is EdgeByCustomer else "[0.0,[10000000000000000]]"}
