@@ -51,7 +51,7 @@ class Unique:
     """How a kind's jobs are made unique.
 
     ``by``: the arg names that make up the key (``None``: all args; ``()``: none, one job
-    per kind). ``by_queue``: include the row's queue. ``period``: a duration; the key
+    per kind). ``by_queue``: include the row's queue. ``period``: a duration of whole seconds; the key
     holds within one bucket of that length (buckets start at multiples of ``period``
     since the Unix epoch, on the database clock at INSERT: ``now()``, the transaction's
     start). ``states``: the states in which a row holds its key. ``on_conflict``:
@@ -72,8 +72,12 @@ class Unique:
                 raise ConfigurationError(f"Unique(by=...) takes a sequence of arg names, not {self.by!r}")
             object.__setattr__(self, "by", tuple(self.by))
         if self.period is not None:
-            if not isinstance(self.period, dt.timedelta) or self.period.total_seconds() < 1:
-                raise ConfigurationError(f"Unique(period=...) must be a timedelta of at least 1 second, not {self.period!r}")
+            # Whole seconds: the bucket's length is an integer number of seconds in SQL, and
+            # int() cut a period of 1.5 s to buckets of 1 s.
+            if (not isinstance(self.period, dt.timedelta) or self.period.total_seconds() < 1
+                    or self.period % dt.timedelta(seconds=1)):
+                raise ConfigurationError(
+                    f"Unique(period=...) must be a timedelta of whole seconds, at least 1, not {self.period!r}")
         if isinstance(self.states, str) or not self.states:
             raise ConfigurationError("Unique(states=...) takes a non-empty sequence of states")
         bad = [s for s in self.states if s not in ALL_STATES]

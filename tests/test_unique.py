@@ -515,6 +515,9 @@ def test_invalid_unique_declarations():
         Unique(on_conflict="ignore")
     with pytest.raises(ConfigurationError):
         Unique(period=dt.timedelta(milliseconds=5))
+    with pytest.raises(ConfigurationError, match="whole seconds"):  # was cut to buckets of 1 s
+        Unique(period=dt.timedelta(seconds=1.5))
+    assert Unique(period=dt.timedelta(minutes=1.5)).period_seconds == 90
 
 
 def _deadlocks(database_url: str) -> int:
