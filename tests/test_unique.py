@@ -524,8 +524,10 @@ def _deadlocks(database_url: str) -> int:
     return q(database_url, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")[0][0]
 
 
-def test_64_concurrent_sessions_insert_one_row(database_url, schema):
-    """64 threads, 64 connections, 64 transactions enqueue the same key at the same time."""
+@pytest.mark.parametrize("kind", [UqDigest, UqReplace])
+def test_64_concurrent_sessions_insert_one_row(database_url, schema, kind):
+    """64 threads, 64 connections, 64 transactions enqueue the same key at the same time
+    (for a replace kind, 63 of them rewrite the one row in turn)."""
     n = 64
     engine = create_engine(sqlalchemy_url(database_url), poolclass=NullPool).execution_options(
         schema_translate_map={DEFAULT_SCHEMA: schema}
@@ -541,7 +543,7 @@ def test_64_concurrent_sessions_insert_one_row(database_url, schema):
             with Session(engine) as session:
                 session.connection()  # connect (and BEGIN) before the race starts
                 barrier.wait()
-                job = UqDigest(user_id=42, thread=i)
+                job = kind(user_id=42, thread=i)
                 session.add(job)
                 session.flush()
                 session.commit()
@@ -561,7 +563,7 @@ def test_64_concurrent_sessions_insert_one_row(database_url, schema):
     assert len(results) == n
     assert sum(1 for dup, _ in results if not dup) == 1
     assert len({job_id for _, job_id in results}) == 1
-    assert len(_rows(database_url, schema, "uq_digest")) == 1
+    assert len(_rows(database_url, schema, kind.kind_options().kind)) == 1
     assert _deadlocks(database_url) == before
 
 
