@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import json
+from collections import abc
 import math
 import re
 from typing import Any, Mapping, Union
@@ -206,10 +207,20 @@ def _over_cap(what: str, size: int, max_bytes: int) -> InvalidArgsError:
     return InvalidArgsError(f"{what} are {size} bytes of JSON, over the cap of {max_bytes}")
 
 
+def _as_dict(value: Any, what: str) -> dict[str, Any]:
+    """``value`` as a dict, if it is a mapping. ``dict()`` of anything else raised the
+    builtins' TypeError or ValueError ("dictionary update sequence element #0 has length 1"
+    for one dict passed to enqueue_many as its list of args), or took a list of pairs."""
+    if type(value) is dict:
+        return value
+    if not isinstance(value, abc.Mapping):
+        raise InvalidArgsError(f"{what} must be a mapping of JSON values, not {type(value).__name__}")
+    return dict(value)
+
+
 def encode_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_BYTES, what: str = "args") -> tuple[dict[str, Any], str]:
     """Prove ``value`` is plain JSON under ``max_bytes``; return it as a dict and as JSON text."""
-    if type(value) is not dict:
-        value = dict(value)
+    value = _as_dict(value, what)
     _walk_all(value)
     text = _encode_walked(value, what)
     if len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:  # encode only when it may matter
@@ -224,8 +235,7 @@ def json_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_
     driver encodes the dict again when it sends it): for the usual small args, the check
     costs one walk and no encoding.
     """
-    if type(value) is not dict:
-        value = dict(value)
+    value = _as_dict(value, what)
     if _walk_all(value) > max_bytes:
         size = len(_encode_walked(value, what).encode())
         if size > max_bytes:

@@ -71,6 +71,9 @@ def _driver_connection(session: Any) -> Any:
 
 
 def _kind_of_row(job: Job) -> KindOptions:
+    if not isinstance(job, Job):  # a dict of args, None: an AttributeError on its type
+        raise ConfigurationError(f"enqueue_many takes jobs, not a {type(job).__name__}"
+                                 " (arg dicts go with enqueue_many(session, Kind, args))")
     options = type(job).__sa_jobs_options__
     if options is None:
         raise ConfigurationError(f"{job!r} is not an instance of a job kind")
@@ -78,9 +81,7 @@ def _kind_of_row(job: Job) -> KindOptions:
 
 
 def _row_of(job: Job) -> tuple[Any, ...]:
-    options = type(job).__sa_jobs_options__
-    if options is None:
-        raise ConfigurationError(f"{job!r} is not an instance of a job kind")
+    options = _kind_of_row(job)
     # As the flush does: args assigned since construction are checked, and the partition
     # key follows the final args (COPY wrote NaN's "invalid input syntax for type json" and
     # the first args' key).
@@ -298,6 +299,10 @@ def _enqueue_many(
     run_at: Optional[dt.datetime],
     tags: Optional[Sequence[str]],
 ) -> int:
+    if isinstance(jobs, Job):  # iterating it raised the builtins' TypeError
+        raise ConfigurationError("enqueue_many takes an iterable of jobs: enqueue_many(session, [job])")
+    if isinstance(args, Mapping):  # its keys were taken for arg dicts
+        raise ConfigurationError("enqueue_many(session, Kind, args): args is an iterable of arg dicts, not one")
     if isinstance(session, Session):  # a COPY bypasses the unit of work: tell commit watchers
         note_enqueued(session)
     unique_rows: list[tuple[KindOptions, tuple[Any, ...]]] = []

@@ -435,3 +435,28 @@ def test_args_stored_alike_take_one_partition_key_on_every_path(engine, database
     rows = q(database_url, jobs_sql(schema, "SELECT args, partition_key FROM {jobs}"))
     assert len(rows) == 6 and {args["customer"] for args, _ in rows} == {0.0}
     assert {key for _, key in rows} == {"0.0" if kind is EdgeByCustomer else "[0.0,[10000000000000000]]"}
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda s: enqueue_many(s, EdgeTagged, {"n": 1}), ConfigurationError),  # one dict, not a list of them
+    (lambda s: enqueue_many(s, EdgeTagged, [{"n": 1}, 5]), InvalidArgsError),
+    (lambda s: enqueue_many(s, EdgeTagged, [{"n": 1}, "n"]), InvalidArgsError),
+    (lambda s: enqueue_many(s, EdgeTagged, [[("n", 1)]]), InvalidArgsError),  # pairs, not a mapping
+    (lambda s: enqueue_many(s, EdgeUnique, [{"n": 1}, None]), InvalidArgsError),
+    (lambda s: enqueue_many(s, EdgeTagged(n=1)), ConfigurationError),  # one job, not a list of them
+    (lambda s: enqueue_many(s, [EdgeTagged(n=1), {"n": 2}]), ConfigurationError),  # a dict, not a job
+    (lambda s: enqueue_many(s, [EdgeUnique(n=1), None]), ConfigurationError),
+    (lambda s: s.add(EdgeTagged(n=1).options(meta=5)), InvalidArgsError),
+    (lambda s: s.add(EdgeTagged(n=1).options(meta=[("a", 1)])), InvalidArgsError),
+], ids=["one-dict", "int-args", "str-args", "pairs-args", "none-args-unique", "one-job", "dict-job", "none-job",
+        "int-meta", "pairs-meta"])
+def test_enqueue_many_of_what_is_no_job_or_args_is_refused_typed(engine, database_url, schema, call, error):
+    """An item that is no mapping (or no job) raised the builtins' TypeError, ValueError
+    ("dictionary update sequence element #0 has length 1" for one dict passed as the list
+    of args) or AttributeError; a list of pairs was taken as args. Refused with sa-jobs'
+    typed errors, nothing of the call written, the caller's transaction usable."""
+    with Session(engine) as session, session.begin():
+        session.add(EdgeTagged(n=0))
+        with pytest.raises(error):
+            call(session)
+    assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"n": 0},)]
