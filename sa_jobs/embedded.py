@@ -43,28 +43,58 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
     data directory) or ``"none"`` (leave it running).
     """
     _check_cleanup(cleanup)
+    import warnings
+
+    # platformdirs warns about a missing XDG_RUNTIME_DIR on servers when pgserver is
+    # imported (so the filter goes first), and pgserver logs every initdb/pg_ctl run at
+    # INFO: neither is news to a sa-jobs user.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         import pgserver
     except ImportError:
         return start_local(data_dir, cleanup=cleanup)
-    import warnings
-
-    # pgserver logs every initdb/pg_ctl run at INFO, and platformdirs warns about a
-    # missing XDG_RUNTIME_DIR on servers: neither is news to a sa-jobs user.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    path = Path(data_dir) if data_dir is not None else _mkdtemp("sa_jobs_pg_")
+    # pgserver puts the socket in the data directory, else in its runtime directory (under
+    # TMPDIR too without XDG_RUNTIME_DIR): a directory of ours is made where its socket fits.
+    path = Path(data_dir) if data_dir is not None else _socket_tmpdir("sa_jobs_pg_")
     _make_dir(path)
-    server = pgserver.get_server(path, cleanup_mode=None if cleanup == "none" else cleanup)
+    bin_dir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    server = _pgserver_start(pgserver, bin_dir, path, cleanup, made=data_dir is None)
     if data_dir is None and cleanup != "none" and os.name == "posix":
         # pgserver's own cleanup is atexit only: a killed process left its server running.
         # A directory of our own has no other users, so the watchdog may stop it alone.
         from . import _pg_watchdog
 
-        bin_dir = Path(pgserver.__file__).parent / "pginstall" / "bin"
         watchdog = _pg_watchdog.spawn("private", bin_dir, path.resolve(), cleanup)
         atexit.register(_in_starter(_pg_watchdog.dismiss), watchdog)  # runs before pgserver's (registered earlier)
     return server.get_uri()
+
+
+def _pgserver_start(pgserver: Any, bin_dir: Path, path: Path, cleanup: str, *, made: bool) -> Any:
+    """``pgserver.get_server``, its failures one :class:`EmbeddedServerError` line: it raises
+    what went wrong inside (RuntimeError, CalledProcessError, TimeoutExpired), a traceback
+    that left the directory made for it in the temp dir, and a postmaster its pg_ctl gave
+    up on (10 s, under load) running there, unowned."""
+    posix = os.name == "posix"
+    if posix:
+        from . import _pg_watchdog  # POSIX only
+    before = _pg_watchdog.postmaster_pid(path) if posix else None
+    try:
+        return pgserver.get_server(path, cleanup_mode=None if cleanup == "none" else cleanup)
+    except Exception as exc:
+        if posix and _pg_watchdog.postmaster_pid(path) not in (None, before):
+            _pg_watchdog.pg_ctl_stop(bin_dir, path.resolve(), "immediate")
+        if made:
+            shutil.rmtree(path, ignore_errors=True)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = ""
+        if "socket path" in reason:
+            hint = (f": the path of its socket is over {_MAX_SOCKET_PATH} bytes in the data directory and in"
+                    " pgserver's runtime directory: set XDG_RUNTIME_DIR or TMPDIR to a short directory,"
+                    " or pass a shorter data directory")
+        log = path / "log"
+        where = f" (log: {log})" if log.exists() and not made else ""
+        raise EmbeddedServerError(f"the embedded server (pgserver) did not start in {path}: {reason}{where}{hint}") from None
 
 
 def _check_cleanup(cleanup: str) -> None:
@@ -240,13 +270,19 @@ def _socket_dir(path: Path) -> Path:
     """``path`` if its socket's path fits in sun_path, else a new short directory."""
     if _socket_fits(path):
         return path
+    return _socket_tmpdir("sa_jobs_pg_sock_", path)
+
+
+def _socket_tmpdir(prefix: str, path: Path | None = None) -> Path:
+    """A new temporary directory in which a socket's path fits: in TMPDIR, else in /tmp."""
     for parent in (None, "/tmp"):
-        sock = _mkdtemp("sa_jobs_pg_sock_", parent).resolve()
+        sock = _mkdtemp(prefix, parent).resolve()
         if _socket_fits(sock):
             return sock
         sock.rmdir()
-    raise EmbeddedServerError(f"the path of the embedded server's socket is over {_MAX_SOCKET_PATH} bytes, in"
-                              f" {path} and in the temporary directory: set TMPDIR to a short directory")
+    where = f" in {path} and" if path is not None else ""
+    raise EmbeddedServerError(f"the path of the embedded server's socket is over {_MAX_SOCKET_PATH} bytes,{where}"
+                              " in the temporary directory: set TMPDIR to a short directory")
 
 
 def _run_as(candidates: Sequence[str] = _RUN_AS_CANDIDATES) -> str | None:

@@ -426,3 +426,73 @@ def test_a_forked_childs_normal_exit_leaves_the_parents_server_running(server):
         assert not data.exists()
     finally:
         _stop_orphan(data)
+
+
+_PGSERVER_CHILD = """
+import sys
+import psycopg
+from sa_jobs import EmbeddedServerError, embedded
+
+try:
+    url = embedded.start(sys.argv[1] if len(sys.argv) > 1 else None, cleanup="delete")
+except EmbeddedServerError as exc:
+    print("error=%s" % exc, flush=True)
+    raise SystemExit(3)
+with psycopg.connect(url, connect_timeout=10) as conn:
+    print("answer=%s" % conn.execute("SELECT 41 + 1").fetchone()[0], flush=True)
+print("url=" + url, flush=True)
+"""
+
+
+def _pgserver_child(tmpdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = _script_env("pgserver")
+    env.pop("XDG_RUNTIME_DIR", None)  # as on a server: pgserver's runtime directory is then in TMPDIR
+    env["TMPDIR"] = str(tmpdir)
+    return subprocess.run([sys.executable, "-c", _PGSERVER_CHILD, *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_with_pgserver_a_temp_dir_too_long_for_a_socket_still_starts(data_dir):
+    """pgserver puts the socket in the data directory, else in its runtime directory (in TMPDIR
+    too without XDG_RUNTIME_DIR): with a long TMPDIR `sa-jobs demo` ended in a RuntimeError
+    traceback ("Could not find a suitable socket path") and left its initdb'd data directory
+    in TMPDIR for good. The data directory is made under /tmp then, as start_local's socket."""
+    long_tmp = data_dir.parent / ("t" * 100)
+    long_tmp.mkdir()
+    long_tmp.chmod(0o755)
+    proc = _pgserver_child(long_tmp)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "answer=42" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    url = proc.stdout.split("url=", 1)[1].strip()
+    data = Path(unquote(url.split("host=", 1)[1].split("&", 1)[0]))
+    try:
+        assert data.parent == Path("/tmp") and data.name.startswith("sa_jobs_pg_")
+        assert not data.exists() and not _reachable(url)  # deleted at exit
+        assert not list(long_tmp.glob("sa_jobs_pg_*"))
+    finally:
+        _stop_orphan(data)
+
+
+def test_with_pgserver_a_start_that_fails_is_one_typed_line(data_dir):
+    """A data directory and a TMPDIR both too long for a socket: pgserver's RuntimeError came
+    out as a traceback; it is an EmbeddedServerError naming the way out."""
+    long_tmp = data_dir.parent / ("t" * 100)
+    long_tmp.mkdir()
+    long_tmp.chmod(0o755)
+    data = long_tmp / "pg"
+    proc = _pgserver_child(long_tmp, str(data))
+    try:
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        [line] = [line for line in proc.stdout.splitlines() if line.startswith("error=")]
+        assert "socket" in line and "TMPDIR" in line, line
+    finally:
+        _stop_orphan(data)
+
+
+def test_with_pgserver_a_start_prints_no_warning():
+    """The XDG_RUNTIME_DIR warning was filtered after `import pgserver`, which is where
+    platformdirs gives it: the README's first command printed it first thing."""
+    proc = _pgserver_child(Path(tempfile.gettempdir()))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == ""
