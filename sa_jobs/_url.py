@@ -55,6 +55,13 @@ def redact(text: str) -> str:
     return _KEYWORD_PASSWORD.sub(r"\1***", text)
 
 
+def display_url(target: str) -> str:
+    """``target`` (a URL) to print or log: with its password as ``***``, as :func:`redact`
+    does for a URL that failed to parse."""
+    url = _parse(target)
+    return url.render_as_string(hide_password=True) if url.password else target
+
+
 def sqlalchemy_url(target: object, *, async_: bool = False) -> str:
     """The URL for ``create_engine``/``create_async_engine`` with the psycopg 3 driver."""
     url = _parse(target)

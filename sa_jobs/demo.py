@@ -21,7 +21,7 @@ from .admin import retry
 from .model import Job, job_table
 from .retry import constant_backoff
 from .worker import JobContext, Worker
-from ._url import sqlalchemy_url
+from ._url import display_url, sqlalchemy_url
 
 
 class _DemoBase(DeclarativeBase):
@@ -78,7 +78,7 @@ def run_demo(database_url: Optional[str], *, metrics_port: int = 0, timeout: flo
 
         print("No SA_JOBS_DATABASE_URL given: starting an embedded PostgreSQL...")
         database_url = embedded.start(cleanup="delete")
-    print(f"Database: {database_url}")
+    print(f"Database: {display_url(database_url)}")  # the terminal and CI logs see no password
     print(f"Schema version {schema_mod.install(database_url)} installed (sa-jobs migrate does the same).")
     engine = create_engine(sqlalchemy_url(database_url))
     _DemoBase.metadata.drop_all(engine)

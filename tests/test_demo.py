@@ -28,3 +28,28 @@ def test_demo_runs_on_the_embedded_default_and_tells_the_story():
     assert "receipt_sent=True" in out
     assert out.rstrip().endswith("Demo finished: OK")
     assert "Traceback" not in proc.stderr
+
+
+_WITH_PASSWORD = """
+import os, sys
+from sqlalchemy.engine import make_url
+from sa_jobs import embedded
+from sa_jobs.cli import main
+
+url = make_url(embedded.start(cleanup="delete")).set(password="s3cr@t pw")  # trust: any password
+os.environ["SA_JOBS_DATABASE_URL"] = url.render_as_string(hide_password=False)
+sys.exit(main(["demo"]))
+"""
+
+
+def test_the_demo_does_not_print_the_databases_password():
+    """`sa-jobs demo` with SA_JOBS_DATABASE_URL set printed "Database: " and the URL whole,
+    its password included, to the terminal and the CI log."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    proc = subprocess.run([sys.executable, "-c", _WITH_PASSWORD], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Demo finished: OK" in proc.stdout
+    assert "s3cr" not in proc.stdout + proc.stderr
+    assert re.search(r"^Database: postgresql://postgres:\*\*\*@", proc.stdout, re.M), proc.stdout
