@@ -88,10 +88,18 @@ def to_conninfo(target: object) -> str:
         raise ConfigurationError(
             f"sa-jobs needs PostgreSQL; got a {url.drivername!r} URL (use postgresql://)"
         )
-    # A repeated query key (?host=a&host=b) is libpq's comma-separated multi-host list.
-    query = {k: ",".join(v) if isinstance(v, tuple) else v for k, v in url.query.items()}
-    parts = {"host": url.host, "port": url.port, "user": url.username, "password": url.password,
-             "dbname": url.database, **query}
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        # The psycopg dialect's own reading, so raw connections reach what the app's engine
+        # does: SQLAlchemy's multi-host form ?host=h1:p1&host=h2:p2 (or one ?host=h:p) is
+        # split into libpq's host=h1,h2 port=p1,p2 ("h1:p1" is no host name to libpq).
+        _, opts = PGDialect_psycopg().create_connect_args(url.set(drivername="postgresql+psycopg"))
+    except (ArgumentError, ValueError) as exc:  # "Can't mix 'multihost' formats together", a bad port
+        raise ConfigurationError(f"{exc} (in the database URL {redact(url.render_as_string())!r})") from None
+    # Any other repeated query key (?options=a&options=b) joins as libpq's comma-separated list.
+    parts = {k: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v for k, v in opts.items()}
     try:
         return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
     except psycopg.ProgrammingError as exc:  # an option libpq does not know (asyncpg's ssl=...)
