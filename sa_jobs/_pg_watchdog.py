@@ -166,7 +166,9 @@ def dismiss(watchdog: subprocess.Popen[bytes] | None) -> None:
 
 def main(argv: list[str]) -> None:
     kind, bin_dir, path, mode = argv[0], Path(argv[1]), Path(argv[2]), argv[3]
-    if sys.stdin.buffer.read():
+    # One line, not to the end of the pipe: a child the process forked holds a copy of its
+    # end, and would keep a dismissed watchdog (and the process's exit, waiting) until it exits.
+    if sys.stdin.buffer.readline():
         return  # dismissed: a normal exit
     if kind == "shared":
         release(bin_dir, path, None, wait=5.0)

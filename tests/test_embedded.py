@@ -496,3 +496,25 @@ def test_with_pgserver_a_start_prints_no_warning():
     proc = _pgserver_child(Path(tempfile.gettempdir()))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_dismissed_watchdog_exits_at_once_while_a_forked_child_lives(tmp_path):
+    """A child the app forked holds a copy of the pipe to the watchdog: the watchdog read to
+    the end of the pipe, so at the app's normal exit it waited for that child too, and the
+    app's exit waited 5 s (dismiss's timeout) for it in vain."""
+    watchdog = _pg_watchdog.spawn("private", tmp_path, tmp_path / "absent", "stop")
+    assert watchdog is not None
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only lives on
+        time.sleep(60)
+        os._exit(0)
+    try:
+        _pg_watchdog.dismiss(watchdog)
+        assert watchdog.returncode == 0  # it exited; before, the wait timed out with it still reading
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        if watchdog.poll() is None:
+            watchdog.kill()
+            watchdog.wait()
