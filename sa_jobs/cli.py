@@ -124,6 +124,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     sys.path.insert(0, ".")
     modules = []
     for module in args.modules:
+        if not all(part.isidentifier() for part in module.split(".")):
+            # importlib raised TypeError (a leading dot: relative) or ValueError (empty).
+            path = "/" in module or os.sep in module or module.endswith(".py")
+            raise ConfigurationError(f"{module!r} is not a module's name: give"
+                                     + (" a module's name such as myapp.jobs, not a file's path" if path
+                                        else " the dotted name of a module to import, such as myapp.jobs"))
         try:
             modules.append(importlib.import_module(module))
         except ImportError as exc:

@@ -110,6 +110,12 @@ def test_jobs_show_leaves_out_an_earlier_attempts_progress(capsys, database_url,
         # concurrency of 0 exited 2).
         (("worker", "tests.jobs_core", "--queue", "core=abc"), "the concurrency after '=' must be an integer"),
         (("worker", "tests.no_such_module"), "cannot import 'tests.no_such_module'"),
+        # A file's path for a module's name: TypeError and ValueError tracebacks from importlib
+        # ("the 'package' argument is required", "Empty module name"), or "No module named".
+        (("worker", "./tests/jobs_core.py"), "a module's name such as myapp.jobs, not a file's path"),
+        (("worker", "tests/jobs_core.py"), "a module's name such as myapp.jobs, not a file's path"),
+        (("worker", ".tests"), "'.tests' is not a module's name"),
+        (("worker", ""), "'' is not a module's name"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_error(capsys, database_url, schema, argv, message):
