@@ -28,6 +28,7 @@ _CLEANUP_MODES = ("stop", "delete", "none")
 _PORT = 5432  # alone in its socket directory, the server never competes for a port
 # sun_path holds 108 bytes on Linux (104 on the BSDs and macOS), terminating NUL included.
 _MAX_SOCKET_PATH = 103
+_SHELL_SPECIAL = frozenset(" \t\n\"'\\`$&|;<>()*?[]#~!{}")  # characters /bin/sh splits or expands on
 _START_TIMEOUT = 60  # seconds pg_ctl waits for the server to accept connections
 # initdb refuses to run as root: as root the server runs as the first of these that exists.
 _RUN_AS_CANDIDATES = ("postgres", "pgserver", "sa_jobs_pg")
@@ -56,7 +57,12 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     # pgserver puts the socket in the data directory, else in its runtime directory (under
     # TMPDIR too without XDG_RUNTIME_DIR): a directory of ours is made where its socket fits.
-    path = Path(data_dir) if data_dir is not None else _socket_tmpdir("sa_jobs_pg_")
+    # It also hands the path to /bin/sh unquoted (pg_ctl -o "-k <dir>"): a space split it.
+    if data_dir is not None and _shell_splits(Path(data_dir).resolve()):
+        raise EmbeddedServerError(f"pgserver cannot start a server in {str(data_dir)!r}: it passes the path to the"
+                                  " shell unquoted, which splits it at a space or a shell character:"
+                                  " pass a data directory without them")
+    path = Path(data_dir) if data_dir is not None else _socket_tmpdir("sa_jobs_pg_", shell_safe=True)
     _make_dir(path)
     bin_dir = Path(pgserver.__file__).parent / "pginstall" / "bin"
     server = _pgserver_start(pgserver, bin_dir, path, cleanup, made=data_dir is None)
@@ -273,11 +279,16 @@ def _socket_dir(path: Path) -> Path:
     return _socket_tmpdir("sa_jobs_pg_sock_", path)
 
 
-def _socket_tmpdir(prefix: str, path: Path | None = None) -> Path:
-    """A new temporary directory in which a socket's path fits: in TMPDIR, else in /tmp."""
+def _shell_splits(path: Path) -> bool:
+    return any(c in _SHELL_SPECIAL for c in str(path))
+
+
+def _socket_tmpdir(prefix: str, path: Path | None = None, *, shell_safe: bool = False) -> Path:
+    """A new temporary directory in which a socket's path fits (and, if ``shell_safe``, whose
+    path the shell would not split): in TMPDIR, else in /tmp."""
     for parent in (None, "/tmp"):
         sock = _mkdtemp(prefix, parent).resolve()
-        if _socket_fits(sock):
+        if _socket_fits(sock) and not (shell_safe and _shell_splits(sock)):
             return sock
         sock.rmdir()
     where = f" in {path} and" if path is not None else ""

@@ -518,3 +518,28 @@ def test_a_dismissed_watchdog_exits_at_once_while_a_forked_child_lives(tmp_path)
         if watchdog.poll() is None:
             watchdog.kill()
             watchdog.wait()
+
+
+def test_with_pgserver_a_temp_dir_with_a_space_still_starts(data_dir):
+    """pgserver hands the socket directory to /bin/sh unquoted (pg_ctl -o "-k <dir>"): with a
+    TMPDIR holding a space, postgres got "invalid argument" and the demo did not start."""
+    spaced = data_dir.parent / "my temp"
+    spaced.mkdir()
+    spaced.chmod(0o755)
+    proc = _pgserver_child(spaced)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "answer=42" in proc.stdout
+    url = proc.stdout.split("url=", 1)[1].strip()
+    data = Path(unquote(url.split("host=", 1)[1].split("&", 1)[0]))
+    try:
+        assert data.parent == Path("/tmp") and not data.exists()
+    finally:
+        _stop_orphan(data)
+
+
+def test_with_pgserver_a_data_dir_with_a_space_is_refused_before_anything_starts(data_dir):
+    spaced = data_dir.parent / "my data"
+    proc = _pgserver_child(data_dir.parent, str(spaced))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "pass a data directory without them" in proc.stdout
+    assert not spaced.exists()
