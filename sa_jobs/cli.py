@@ -948,6 +948,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return code
     except BrokenPipeError:
         return _reader_gone()
+    except KeyboardInterrupt:
+        # Ctrl-C before the worker's own handlers are in (while it imports the app's
+        # modules or connects), or during an operator command: a traceback of wherever
+        # Python was. A command's batches each commit or roll back whole.
+        print("sa-jobs: interrupted", file=sys.stderr)
+        return 128 + 2  # as a process SIGINT ends
     except Exception as exc:  # noqa: BLE001 - typed errors become one line and exit 2
         error: Optional[object] = _typed_error(exc)
         if error is None:

@@ -308,6 +308,32 @@ def test_a_password_with_a_space_and_url_specials_connects(capsys, database_url,
         q(database_url, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
+def test_ctrl_c_while_the_worker_imports_its_modules_is_one_line(tmp_path):
+    """SIGINT before the worker's own signal handlers are in (here while it imports a slow
+    module) printed a KeyboardInterrupt traceback through importlib. Nothing can have been
+    claimed yet; it exits as a process SIGINT ends, with one line."""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "slow_jobs_module.py").write_text("import time\nprint('importing', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sa_jobs", "worker", "slow_jobs_module",
+         "--database-url", "postgresql://postgres@127.0.0.1:1/unused"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{tmp_path}"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "importing"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "sa-jobs: interrupted", err
+
+
 def test_a_worker_whose_server_is_unreachable_says_so_in_one_line(schema):
     """As the operator commands do: the worker's start raised the driver's error inside a
     task group's exception group, which came out as a traceback of the group (exit 1)."""
