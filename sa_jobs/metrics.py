@@ -85,6 +85,11 @@ class PrometheusObserver:
         reg = REGISTRY if registry is None else registry
         self.registry = reg
         p = PREFIX
+        if f"{p}_jobs_claimed" in getattr(reg, "_names_to_collectors", {}):
+            # prometheus-client's own ValueError ("Duplicated timeseries") named no way out.
+            raise ConfigurationError(
+                "this registry has an sa-jobs PrometheusObserver already: share that one between the"
+                " process's workers, or give each its own CollectorRegistry")
         self.jobs_finished = _LoopFamily(
             f"{p}_jobs_finished", "Job attempts finished by this worker (or, outcome dead, whose lost last attempt its rescuer found), by outcome.",
             ["queue", "kind", "outcome"], reg,
@@ -454,6 +459,10 @@ class QueueDepthCollector(Collector):
 
         self._conninfo = to_conninfo(database_url)
         self.schema = _validate.schema_name(schema)
+        # NaN passed every comparison: a collector whose TTL never ran out never queried.
+        for name, value in (("ttl", ttl), ("statement_timeout", statement_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ConfigurationError(f"QueueDepthCollector: {name} must be a positive number of seconds, not {value!r}")
         self.ttl = ttl
         self.statement_timeout = statement_timeout
         self._clock = clock
@@ -682,13 +691,10 @@ def _depth_ttl_from_env() -> Optional[float]:
     raw = os.environ.get(DEPTH_TTL_ENV, "").strip().lower()
     if not raw:
         return 10.0
-    if raw in ("0", "off", "false", "no"):
+    ttl = _validate.decimal_number(raw)  # ASCII digits: float() also took 'nan', '1_0', full-width digits
+    if raw in ("off", "false", "no") or ttl == 0:  # 0.0 too, as 0
         return None
-    try:
-        ttl = float(raw)
-    except ValueError:
-        ttl = float("nan")
-    if not 0 < ttl < float("inf"):  # a ConfigurationError: the CLI prints one line, not a traceback
+    if ttl is None or not 0 < ttl < float("inf"):  # a ConfigurationError: the CLI prints one line, not a traceback
         raise ConfigurationError(f"{DEPTH_TTL_ENV} must be a positive number of seconds or 'off', not {raw!r}")
     return ttl
 

@@ -561,7 +561,28 @@ def test_a_failed_metrics_server_leaves_the_registry_as_it_was() -> None:
         taken.close()
 
 
-@pytest.mark.parametrize("ttl", ["abc", "-1", "nan", "10s"])
+def test_a_second_observer_on_one_registry_and_a_nan_ttl_are_configuration_errors(
+        monkeypatch: pytest.MonkeyPatch, database_url: str, schema: str) -> None:
+    """A second PrometheusObserver on a registry failed with prometheus-client's plain
+    ValueError; a collector with a NaN TTL (no clock passes it) never queried; "0.0" in
+    the environment was refused where "0" turned the depth query off."""
+    from sa_jobs.metrics import _depth_ttl_from_env
+
+    registry = CollectorRegistry()
+    PrometheusObserver(registry)
+    with pytest.raises(ConfigurationError, match="PrometheusObserver already"):
+        PrometheusObserver(registry)
+    for bad in (float("nan"), 0, -1.0, float("inf")):
+        with pytest.raises(ConfigurationError, match="ttl must be a positive number"):
+            QueueDepthCollector(database_url, schema, ttl=bad)
+    for off in ("0", "0.0", "off"):
+        monkeypatch.setenv("SA_JOBS_METRICS_DEPTH_TTL", off)
+        assert _depth_ttl_from_env() is None
+    monkeypatch.setenv("SA_JOBS_METRICS_DEPTH_TTL", "2.5")
+    assert _depth_ttl_from_env() == 2.5
+
+
+@pytest.mark.parametrize("ttl", ["abc", "-1", "nan", "10s", "\uff15", "1_0"])
 def test_a_bad_depth_ttl_in_the_environment_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                                         database_url: str, schema: str, ttl: str) -> None:
     from sa_jobs import cli
