@@ -252,8 +252,19 @@ class Queries:
             listen=sql.SQL("LISTEN {}").format(sql.Identifier(channel_name(schema))).as_string(),
             listen_cancel=sql.SQL("LISTEN {}").format(sql.Identifier(cancel_channel_name(schema))).as_string(),
             states_of=r("SELECT id, state FROM {jobs} WHERE id = ANY(%(ids)s::bigint[])"),
+            # Read after a claim that came back empty. It also brings back a rate window
+            # that lies in the future, which only a step back of the database's clock
+            # makes (a claim's window starts at or before its now()): the claim never
+            # moves the window back (schema v11), so every claim counted against that
+            # window until the clock caught up, and a spent one started nothing for as
+            # long as the step. The window becomes the current one, keeping its count
+            # (the claims made since the step count: no more than the rate in it), and
+            # the next one opens afresh. When nothing is in the future it writes nothing.
             queue_settings=r(
-                "SELECT paused, " + LIMITED + ", partition_concurrency IS NOT NULL,"
+                "WITH rewound AS (UPDATE {queues} SET rate_window_start = to_timestamp(floor(extract(epoch"
+                "  FROM now()) / extract(epoch FROM rate_period)) * extract(epoch FROM rate_period))"
+                " WHERE name = %(queue)s AND rate_window_start > now())"
+                " SELECT paused, " + LIMITED + ", partition_concurrency IS NOT NULL,"
                 " extract(epoch FROM rate_period)::float8 FROM {queues} WHERE name = %(queue)s"
             ),
             # A limited queue's claim: one call of the schema's claim function, which

@@ -359,3 +359,30 @@ def test_two_cli_limit_runs_at_once_keep_both_changes(database_url, schema, row)
         got = conn.execute(sql.SQL(
             "SELECT concurrency, partition_concurrency, rate_limit FROM {} WHERE name = 'emails'").format(queues)).fetchall()
     assert got == [(5, 2, 10 if row == "exists" else None)]
+
+
+def test_a_rate_window_left_in_the_future_by_a_clock_step_back_does_not_stall_the_queue(engine, database_url, schema, gauge):
+    """The rate window never moves back (schema v11): a claim counts against the row's
+    window when it is the claim's own window or a later one. When the database server's
+    clock steps back (an NTP correction, a VM restored or migrated), the row's window lies
+    in the future, and every claim counted against it until the clock caught up: a 5/1s
+    queue whose window was full started nothing for as long as the step (an hour here).
+    The state the step leaves is written directly: the window an hour ahead, full."""
+    limit(engine, "limr", QueueLimits(rate=(5, dt.timedelta(seconds=1))))
+    q(database_url, sql.SQL("UPDATE {} SET rate_window_start = date_trunc('second', now()) + interval '1 hour',"
+                            " rate_window_count = 5 WHERE name = 'limr'").format(sql.Identifier(schema, "queues")))
+    with Session(engine) as session, session.begin():
+        session.add_all([RatedWork(i=i) for i in range(8)])
+
+    async def main() -> bool:
+        async with Worker(database_url, kinds=[RatedWork], schema=schema, **FAST):
+            return await anyio.to_thread.run_sync(
+                lambda: wait_for(lambda: states(database_url, schema) == {"completed": 8}, 15, 0.1))
+
+    assert anyio.run(main), states(database_url, schema)
+    per_window = q(database_url, jobs_sql(
+        schema, "SELECT floor(extract(epoch FROM attempted_at))::bigint AS w, count(*) FROM {jobs} GROUP BY w"))
+    assert max(n for _, n in per_window) <= 5, per_window  # and the rate still holds
+    window = q(database_url, sql.SQL("SELECT rate_window_start <= now() FROM {} WHERE name = 'limr'").format(
+        sql.Identifier(schema, "queues")))
+    assert window == [(True,)]
