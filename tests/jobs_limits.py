@@ -70,3 +70,13 @@ class RatedWork(Job, kind="lim_rated", queue="limr"):
 @RatedWork.handler
 def rated_work(ctx: JobContext, i: int = 0) -> None:
     return None
+
+
+class TxWork(Job, kind="lim_tx", queue="limtx"):
+    """Completes through ``ctx.transaction()``: its outcome is not the completer's."""
+
+
+@TxWork.handler
+def tx_work(ctx: JobContext, i: int = 0) -> None:
+    with ctx.transaction():
+        pass

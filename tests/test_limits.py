@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import anyio
 import psycopg
@@ -26,7 +27,7 @@ from sa_jobs.errors import InvalidArgsError
 
 from .conftest import REPO_ROOT, start_worker_process
 from .helpers import FAST, jobs_sql, q, states, wait_for
-from .jobs_limits import CustomerWork, LimitedWork, RatedWork, gauge_ddl
+from .jobs_limits import CustomerWork, LimitedWork, RatedWork, TxWork, gauge_ddl
 from .test_processes import output, stop
 
 PROCESS_FAST = ["--lease", "5", "--maintenance-interval", "0.2", "--poll-interval", "0.2"]
@@ -386,3 +387,23 @@ def test_a_rate_window_left_in_the_future_by_a_clock_step_back_does_not_stall_th
     window = q(database_url, sql.SQL("SELECT rate_window_start <= now() FROM {} WHERE name = 'limr'").format(
         sql.Identifier(schema, "queues")))
     assert window == [(True,)]
+
+
+def test_a_limited_queue_claims_again_when_a_transactional_completion_frees_room(engine, database_url, schema):
+    """A limited queue's producer waits for room after a short claim; the completer's
+    writes wake it. A job completed through ``ctx.transaction()`` has no outcome for the
+    completer (its row ends in the handler's commit), so the room it freed waited for the
+    next poll: a concurrency=1 queue of such jobs ran one per ``poll_interval``."""
+    limit(engine, "limtx", QueueLimits(concurrency=1))
+    with Session(engine) as session, session.begin():
+        session.add_all([TxWork(i=i) for i in range(6)])
+
+    async def main() -> float:
+        async with Worker(database_url, kinds=[TxWork], schema=schema, **{**FAST, "poll_interval": 3.0}):
+            started = time.monotonic()
+            assert await anyio.to_thread.run_sync(
+                lambda: wait_for(lambda: states(database_url, schema) == {"completed": 6}, 40, 0.02))
+            return time.monotonic() - started
+
+    took = anyio.run(main)
+    assert took < 3.0, took  # 6 jobs one after the other, not one per 3 s poll

@@ -885,6 +885,7 @@ class Worker:
                 if job is None:
                     return
             q.running[job.id, job.token] = job
+            outcome: Optional[Outcome] = None
             try:
                 try:
                     outcome, label = await self._execute(q, job)
@@ -906,6 +907,11 @@ class Worker:
             finally:
                 q.busy -= 1
                 q.slot_freed.set()
+                if outcome is None and q.limited:
+                    # The row already ended without the completer (ctx.transaction()'s
+                    # commit, cancel(), a rescue): no write of its will wake the producer
+                    # (_completions_written), and the room it freed waited for the poll.
+                    q.wake.set()
 
     async def _outlive(self, q: _Queue, job: ClaimedJob, thread: HandlerThread, label: str) -> None:
         """Keep the slot of a job whose sync handler was abandoned (timed out, cancelled,
