@@ -80,6 +80,11 @@ _HOLDER = (
 )
 
 
+# The start of the rate window now() falls in, as the claim function computes it.
+_WINDOW_NOW = ("to_timestamp(floor(extract(epoch FROM now()) / extract(epoch FROM rate_period))"
+               " * extract(epoch FROM rate_period))")
+
+
 def _claim_statement(*, after: bool) -> str:
     """Claim up to %(limit)s jobs of one queue in one statement.
 
@@ -260,12 +265,17 @@ class Queries:
             # long as the step. The window becomes the current one, keeping its count
             # (the claims made since the step count: no more than the rate in it), and
             # the next one opens afresh. When nothing is in the future it writes nothing.
+            # Its last two columns say whether the rate stopped that claim: the queue's
+            # window is the current one (or a later one) and full, or a newer window
+            # opened since (see Worker._read_settings).
             queue_settings=r(
-                "WITH rewound AS (UPDATE {queues} SET rate_window_start = to_timestamp(floor(extract(epoch"
-                "  FROM now()) / extract(epoch FROM rate_period)) * extract(epoch FROM rate_period))"
+                "WITH rewound AS (UPDATE {queues} SET rate_window_start = " + _WINDOW_NOW +
                 " WHERE name = %(queue)s AND rate_window_start > now())"
                 " SELECT paused, " + LIMITED + ", partition_concurrency IS NOT NULL,"
-                " extract(epoch FROM rate_period)::float8 FROM {queues} WHERE name = %(queue)s"
+                " extract(epoch FROM rate_period)::float8,"
+                " coalesce(rate_window_start >= w.start AND rate_window_count >= rate_limit, false),"
+                " coalesce(rate_window_start < w.start, false)"
+                " FROM {queues} CROSS JOIN LATERAL (SELECT " + _WINDOW_NOW + " AS start) w WHERE name = %(queue)s"
             ),
             # A limited queue's claim: one call of the schema's claim function, which
             # locks the queue row, then counts and claims in a second statement (see

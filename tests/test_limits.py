@@ -407,3 +407,43 @@ def test_a_limited_queue_claims_again_when_a_transactional_completion_frees_room
 
     took = anyio.run(main)
     assert took < 3.0, took  # 6 jobs one after the other, not one per 3 s poll
+
+
+def test_an_idle_rate_limited_queue_is_polled_not_claimed_every_window(engine, database_url, schema):
+    """A producer whose claim came back short waited only until the next rate window, in
+    case the rate had cut it short, even when the claim was empty for want of jobs: on an
+    idle queue with a 1/10ms rate the worker claimed a hundred times a second (and read
+    the queue's settings as often), where the poll is 5 per second. Claims the rate does
+    stop still resume as each window opens."""
+    from sa_jobs.events import NullObserver
+
+    class Claims(NullObserver):
+        def __init__(self) -> None:
+            self.n = 0
+
+        def claimed(self, queue: str, count: int, seconds: float) -> None:
+            self.n += 1
+
+    limit(engine, "limr", QueueLimits(rate=(1, dt.timedelta(milliseconds=10))))
+    claims = Claims()
+
+    async def idle() -> None:
+        async with Worker(database_url, kinds=[RatedWork], schema=schema, observer=claims, **FAST):
+            await anyio.sleep(2.0)
+
+    anyio.run(idle)
+    assert claims.n < 40, claims.n  # about 10 polls (0.2 s) and a few wake-ups; not 200
+
+    limit(engine, "limr", QueueLimits(rate=(4, dt.timedelta(milliseconds=250))))
+    with Session(engine) as session, session.begin():
+        session.add_all([RatedWork(i=i) for i in range(12)])
+
+    async def drain() -> float:
+        async with Worker(database_url, kinds=[RatedWork], schema=schema, **{**FAST, "poll_interval": 3.0}):
+            started = time.monotonic()
+            assert await anyio.to_thread.run_sync(
+                lambda: wait_for(lambda: states(database_url, schema) == {"completed": 12}, 30, 0.02))
+            return time.monotonic() - started
+
+    drain_time = anyio.run(drain)
+    assert drain_time < 2.5, drain_time  # three windows of 4, each claimed as it opens, not per 3 s poll

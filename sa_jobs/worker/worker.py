@@ -143,6 +143,8 @@ class _Queue:
     # delay a claim but never exceed a limit).
     limited: bool = False
     rate_period: Optional[float] = None
+    # The last empty claim was stopped by the rate (the window full), as last read.
+    rate_spent: bool = False
     paused: bool = False  # paused cluster-wide (pause_queue), as last seen: for the log
     # Set while this worker alone is told not to claim from the queue; set on resume.
     local_pause: Optional[anyio.Event] = None
@@ -675,12 +677,16 @@ class Worker:
             if self._stopping:
                 return
             if len(jobs) < want:
-                with anyio.move_on_after(self._idle_wait(q)):
+                with anyio.move_on_after(self._idle_wait(q, len(jobs))):
                     await q.wake.wait()
 
-    def _idle_wait(self, q: _Queue) -> float:
-        """How long a producer that got less than it asked for waits for a wake-up."""
-        if q.rate_period:  # a rate window may be spent: look again when the next one opens
+    def _idle_wait(self, q: _Queue, claimed: int) -> float:
+        """How long a producer that got less than it asked for (``claimed`` jobs) waits for
+        a wake-up. When the rate may have cut the claim short, until the next window
+        opens. Not after an empty claim the rate did not stop (no jobs, the concurrency
+        limits, a pause): that woke an idle queue's producer every period (a thousand
+        claims a second at 1/1ms), where an enqueue's NOTIFY or a completion wakes it."""
+        if q.rate_period and (claimed or q.rate_spent):
             return min(self._poll_interval, q.rate_period - time.time() % q.rate_period + 0.001)
         return self._poll_interval
 
@@ -799,6 +805,10 @@ class Worker:
             q.wake.set()  # claim again at once, through the other path
         q.limited = limited
         q.rate_period = row[3] if limited and row else None
+        q.rate_spent = bool(limited and row and row[4])
+        if limited and row and row[5]:
+            # A newer window opened between the claim and this read: claim in it now.
+            q.wake.set()
 
     def _note_paused(self, q: _Queue, paused: bool) -> None:
         """Log a cluster-wide pause (and its end) when this worker first sees it: a paused
