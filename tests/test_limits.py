@@ -447,3 +447,48 @@ def test_an_idle_rate_limited_queue_is_polled_not_claimed_every_window(engine, d
 
     drain_time = anyio.run(drain)
     assert drain_time < 2.5, drain_time  # three windows of 4, each claimed as it opens, not per 3 s poll
+
+
+@pytest.mark.parametrize("how", ["pause", "stop"])
+def test_a_pause_or_stop_during_a_resumed_claim_starts_no_claim_from_the_start(engine, database_url, schema, how):
+    """A producer's claim can be two statements: one resuming past its last batch, then,
+    when that one comes back short, one from the queue's start. ``pause()`` and
+    ``request_stop()`` promise that no claim starts after they return; one that returned
+    while the resumed claim ran still let the claim from the start go out and take jobs."""
+    import uuid
+
+    from sa_jobs.worker.worker import _Queue
+
+    with Session(engine) as session, session.begin():
+        session.add_all([LimitedWork(i=i) for i in range(10)])
+    ids = [r[0] for r in q(database_url, jobs_sql(schema, "SELECT id FROM {jobs} ORDER BY id"))]
+    after = q(database_url, jobs_sql(schema, "SELECT priority, scheduled_at, id FROM {jobs} WHERE id = %s"), (ids[4],))[0]
+    worker = Worker(database_url, kinds=[LimitedWork], schema=schema, queues={"lim": 10})
+    queue = _Queue("lim", 10, None, anyio.CapacityLimiter(10))  # type: ignore[arg-type]
+    worker._queues = {"lim": queue}
+    sent: list[str] = []
+
+    class StoppedDuringTheFirst:
+        """The real connection; the call returns while the first statement runs."""
+
+        def __init__(self, conn: psycopg.AsyncConnection) -> None:
+            self.conn = conn
+
+        async def execute(self, statement, params=None, **kw):  # type: ignore[no-untyped-def]
+            sent.append(statement)
+            cursor = await self.conn.execute(statement, params, **kw)
+            if len(sent) == 1:
+                worker.pause("lim") if how == "pause" else worker.request_stop()
+            return cursor
+
+    async def main() -> list:
+        async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
+            queue.resume_after, queue.scanned_from_start_at = tuple(after), time.monotonic()
+            params = {"queue": "lim", "limit": 10, "token": uuid.uuid4(), "owner": "w", "lease": 30}
+            return await worker._claim_resuming(queue, StoppedDuringTheFirst(conn), params, lambda: anyio.fail_after(10),
+                                                worker._queries.claim, worker._queries.claim_after, flagged=False)
+
+    rows = anyio.run(main)
+    assert sorted(r[0] for r in rows) == ids[5:]  # the resumed claim's jobs, committed: they run
+    assert len(sent) == 1, sent
+    assert states(database_url, schema) == {"running": 5, "available": 5}

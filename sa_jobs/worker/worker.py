@@ -768,6 +768,10 @@ class Worker:
                 rows = await (await conn.execute(after_sql, at, prepare=True)).fetchall()
         limit = params["limit"]
         from_start = len(rows) < limit and not (resumed and held)
+        if from_start and resumed and (self._stopping or q.local_pause is not None):
+            # request_stop() or pause() returned while the resumed claim ran: no claim
+            # starts after they return. The resumed rows are claimed: they run.
+            from_start = False
         if from_start:
             q.scanned_from_start_at = now
             rest = {**params, "limit": limit - len(rows)}
