@@ -80,9 +80,10 @@ _HOLDER = (
 )
 
 
-# The start of the rate window now() falls in, as the claim function computes it.
-_WINDOW_NOW = ("to_timestamp(floor(extract(epoch FROM now()) / extract(epoch FROM rate_period))"
-               " * extract(epoch FROM rate_period))")
+def _window_of(time: str) -> str:
+    """The start of the rate window ``time`` falls in, as the claim function computes it."""
+    return ("to_timestamp(floor(extract(epoch FROM " + time + ") / extract(epoch FROM rate_period))"
+            " * extract(epoch FROM rate_period))")
 
 
 def _claim_statement(*, after: bool) -> str:
@@ -259,23 +260,27 @@ class Queries:
             states_of=r("SELECT id, state FROM {jobs} WHERE id = ANY(%(ids)s::bigint[])"),
             # Read after a claim that came back empty. It also brings back a rate window
             # that lies in the future, which only a step back of the database's clock
-            # makes (a claim's window starts at or before its now()): the claim never
-            # moves the window back (schema v11), so every claim counted against that
-            # window until the clock caught up, and a spent one started nothing for as
-            # long as the step. The window becomes the current one, keeping its count
-            # (the claims made since the step count: no more than the rate in it), and
-            # the next one opens afresh. When nothing is in the future it writes nothing.
+            # makes: the claim never moves the window back (schema v11), so every claim
+            # counted against that window until the clock caught up, and a spent one
+            # started nothing for as long as the step. The window becomes the current
+            # one, keeping its count (the claims made since the step count: no more than
+            # the rate in it), and the next one opens afresh. When nothing is in the
+            # future it writes nothing. "Future" is past clock_timestamp(), not now():
+            # a claim that began after this statement, in the next window, may have
+            # committed before it reads the row (its window starts at or before its own
+            # now(), which no claim committed by then can pass); rewinding that one
+            # would restart the next window's count, as v10's claims did.
             # Its last two columns say whether the rate stopped that claim: the queue's
             # window is the current one (or a later one) and full, or a newer window
             # opened since (see Worker._read_settings).
             queue_settings=r(
-                "WITH rewound AS (UPDATE {queues} SET rate_window_start = " + _WINDOW_NOW +
-                " WHERE name = %(queue)s AND rate_window_start > now())"
+                "WITH rewound AS (UPDATE {queues} SET rate_window_start = " + _window_of("clock_timestamp()") +
+                " WHERE name = %(queue)s AND rate_window_start > clock_timestamp())"
                 " SELECT paused, " + LIMITED + ", partition_concurrency IS NOT NULL,"
                 " extract(epoch FROM rate_period)::float8,"
                 " coalesce(rate_window_start >= w.start AND rate_window_count >= rate_limit, false),"
                 " coalesce(rate_window_start < w.start, false)"
-                " FROM {queues} CROSS JOIN LATERAL (SELECT " + _WINDOW_NOW + " AS start) w WHERE name = %(queue)s"
+                " FROM {queues} CROSS JOIN LATERAL (SELECT " + _window_of("now()") + " AS start) w WHERE name = %(queue)s"
             ),
             # A limited queue's claim: one call of the schema's claim function, which
             # locks the queue row, then counts and claims in a second statement (see
