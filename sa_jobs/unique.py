@@ -227,10 +227,14 @@ def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
     from sqlalchemy import inspect
 
     # Keyed order (then add order): two transactions enqueueing the same keys lock them in
-    # the same order and cannot deadlock on each other's uncommitted rows.
+    # the same order and cannot deadlock on each other's uncommitted rows. In two passes,
+    # as enqueue_many goes: every row's INSERT, then the rewrites and reads of the keys
+    # held already. Key by key (insert, else rewrite), a flush that rewrote key a's waiting
+    # holder then waited for key b, inserted by a bulk call that was about to rewrite a.
     new.sort(key=lambda o: (type(o).kind_options().kind, o.unique_key or "", inspect(o).insert_order or 0))
-    for obj in new:
-        _insert_unique(session, obj)
+    held = [plan for plan in map(_plan_unique, new) if not _try_insert(session, plan)]
+    for plan in held:
+        _settle_unique(session, plan)
     # The rows left session.new: say so for whoever watches this transaction's commit.
     note_enqueued(session)
 
@@ -257,7 +261,9 @@ def _added_during_flush(session: Any, obj: Any) -> None:
     if not isinstance(obj, Job) or _unique_of(obj) is None:
         return
     obj._check_assigned_args(type(obj).kind_options())
-    _insert_unique(session, obj)
+    plan = _plan_unique(obj)
+    if not _try_insert(session, plan):
+        _settle_unique(session, plan)
     note_enqueued(session)
 
 
@@ -266,14 +272,18 @@ def _unique_of(obj: Any) -> Optional[Unique]:
     return None if options is None else options.unique
 
 
-def _insert_unique(session: Any, obj: Any) -> None:
-    from sqlalchemy.orm import make_transient_to_detached
+@dataclass
+class _Plan:
+    """One new unique job's INSERT, as the hook writes it."""
 
-    from .model import Job
+    obj: Any
+    values: dict[str, Any]
+    key: Any  # the unique_key as SQL (a period's bucket is the database's)
 
+
+def _plan_unique(obj: Any) -> _Plan:
     options = type(obj).__sa_jobs_options__
     unique = options.unique
-    table = Job.__table__
     d = obj.__dict__
     queue = d.get("queue") or options.queue
     base = unique.base_key(options.kind, queue, d["args"])
@@ -291,23 +301,53 @@ def _insert_unique(session: Any, obj: Any) -> None:
         from sqlalchemy import func
 
         values.setdefault("scheduled_at", func.now())
-    row = None
-    duplicate = replaced = False
+    return _Plan(obj, values, key)
+
+
+def _try_insert(session: Any, plan: _Plan) -> bool:
+    """INSERT the plan's row unless its key is held; whether it was (and is attached)."""
+    from .model import Job
+
+    row = session.execute(insert_statement(Job.__table__, plan.values)).mappings().first()
+    if row is None:
+        return False
+    _attach(session, plan.obj, row, duplicate=False, replaced=False)
+    return True
+
+
+def _settle_unique(session: Any, plan: _Plan) -> None:
+    """A plan whose key was held at its INSERT: rewrite the waiting holder (replace), or
+    take the holder's row; INSERT again if the key was freed meanwhile."""
+    from .model import Job
+
+    table = Job.__table__
+    obj = plan.obj
+    options = type(obj).__sa_jobs_options__
+    replace = options.unique.on_conflict == "replace"
     for _ in range(_MAX_ROUNDS):
-        row = session.execute(insert_statement(table, values)).mappings().first()
-        if row is not None:
-            break
-        if unique.on_conflict == "replace":
-            row = session.execute(replace_statement(table, values, options.kind, key)).mappings().first()
+        if replace:
+            row = session.execute(replace_statement(table, plan.values, options.kind, plan.key)).mappings().first()
             if row is not None:  # an existing waiting job was rewritten
-                duplicate = replaced = True
-                break
-        row = session.execute(existing_statement(table, options.kind, key)).mappings().first()
+                _attach(session, obj, row, duplicate=True, replaced=True)
+                return
+        row = session.execute(existing_statement(table, options.kind, plan.key)).mappings().first()
         if row is not None:
-            duplicate = True
-            break
-    if row is None:  # pragma: no cover - the key flapped in and out of its states 8 times
-        raise ConfigurationError(f"could not enqueue unique job {options.kind!r}: its key kept changing state")
+            _attach(session, obj, row, duplicate=True, replaced=False)
+            return
+        if _try_insert(session, plan):
+            return
+    raise ConfigurationError(  # pragma: no cover - the key flapped in and out of its states 8 times
+        f"could not enqueue unique job {options.kind!r}: its key kept changing state")
+
+
+def _attach(session: Any, obj: Any, row: Any, *, duplicate: bool, replaced: bool) -> None:
+    """Load ``row`` (inserted, or the holder's) into ``obj`` and attach it as persistent."""
+    from sqlalchemy.orm import make_transient_to_detached
+
+    from .model import Job
+
+    table = Job.__table__
+    d = obj.__dict__
     # The caller's values, put back if this transaction (or savepoint) rolls back.
     original = {c.key: d[c.key] for c in table.c if c.key in d}
     session.expunge(obj)

@@ -880,3 +880,66 @@ def test_a_replace_that_meets_a_running_job_leaves_its_row_unlocked(engine, data
     assert done == [("completed", True)]
     assert q(database_url, jobs_sql(schema, "SELECT id, state, args, result FROM {jobs}")) == [
         (1, "completed", {"user_id": 1, "v": 1}, 1)]
+
+
+def test_a_flush_and_a_bulk_call_replacing_the_same_keys_do_not_deadlock(database_url, schema, monkeypatch):
+    """A flush of replace jobs and an enqueue_many of the same keys: the bulk call inserts
+    its new keys, then rewrites the waiting holders of the others; the flush took each key
+    in turn (insert, else rewrite), so with key a held by a waiting job and key b free, it
+    rewrote a and waited for the bulk call's b while the bulk call waited for its a: a
+    deadlock, one of the two transactions lost. The docs promise one flush or one bulk call
+    never deadlocks with another."""
+    from sa_jobs import enqueue as enqueue_mod
+
+    engine = create_engine(sqlalchemy_url(database_url), poolclass=NullPool).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: schema})
+    unique = UqReplace.kind_options().unique
+    # a sorts before b in both paths' keyed order; a is held by a waiting job, b is free.
+    a, b = sorted(range(2), key=lambda u: unique.base_key("uq_replace", "default", {"user_id": u}))
+    with Session(engine) as session, session.begin():
+        session.add(UqReplace(user_id=a, v=0))
+    before = _deadlocks(database_url)
+    paused, resume = threading.Event(), threading.Event()
+    statement = enqueue_mod._statement
+
+    def pausing(text, table):
+        if text == enqueue_mod._UNIQUE_REPLACE and threading.current_thread().name == "bulk":
+            paused.set()  # the bulk call has inserted b, and has yet to rewrite a's holder
+            resume.wait(30)
+        return statement(text, table)
+
+    monkeypatch.setattr(enqueue_mod, "_statement", pausing)
+    errors: list[BaseException] = []
+
+    def bulk() -> None:
+        try:
+            with Session(engine) as session, session.begin():
+                enqueue_many(session, UqReplace, [{"user_id": a, "v": 2}, {"user_id": b, "v": 2}])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def flush() -> None:
+        try:
+            with Session(engine) as session, session.begin():
+                session.connection().exec_driver_sql("SET application_name = 'uq_flush'")
+                session.add_all([UqReplace(user_id=a, v=1), UqReplace(user_id=b, v=1)])
+                session.flush()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=bulk, name="bulk")]
+    threads[0].start()
+    assert paused.wait(30)
+    threads.append(threading.Thread(target=flush, name="flush"))
+    threads[1].start()
+    # The flush waits for the bulk call's uncommitted row b.
+    assert wait_for(lambda: q(database_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'uq_flush'"
+                              " AND wait_event_type = 'Lock'")[0][0] == 1, 30)
+    resume.set()
+    for t in threads:
+        t.join(60)
+    engine.dispose()
+    assert errors == []
+    assert _deadlocks(database_url) == before
+    rows = _rows(database_url, schema, "uq_replace")
+    assert sorted(r[1]["user_id"] for r in rows) == [0, 1]
