@@ -596,7 +596,7 @@ def test_worker_configuration_errors(database_url):
 
 
 @pytest.mark.parametrize("option, value", [
-    ("lease", math.inf), ("lease", "30"), ("lease", True), ("poll_interval", math.inf),
+    ("lease", math.inf), ("lease", "30"), ("lease", True), ("lease", 1e13), ("poll_interval", math.inf),
     ("maintenance_interval", math.inf), ("maintenance_interval", math.nan),
     ("heartbeat_interval", math.nan), ("heartbeat_interval", -1), ("heartbeat_interval", 0),
     ("completion_interval", -0.5), ("completion_interval", math.nan),
@@ -611,6 +611,20 @@ def test_worker_refuses_a_duration_or_batch_it_cannot_run_with(database_url, opt
     read as none, max_claim=0 that claimed nothing for ever."""
     with pytest.raises(ConfigurationError, match=option):
         Worker(database_url, kinds=[WSync], **{option: value})
+
+
+def test_a_lease_past_the_databases_timestamps_is_refused(engine, database_url, schema):
+    """The claim writes now() + lease: with a lease of 1e13 s (past PostgreSQL's last
+    timestamp, 294276 AD) every claim failed with "timestamp out of range" and the worker
+    ran nothing. A lease is at most a year (366 days, as a retry's delay), which runs."""
+    with engine.connect() as conn, pytest.raises(Exception, match="out of range"):
+        conn.exec_driver_sql("SELECT now() + make_interval(secs => 1e13::float8)")
+    with pytest.raises(ConfigurationError, match="lease must be more than 0 and at most 31622400 seconds"):
+        Worker(database_url, kinds=[WSync], lease=1e13)
+    (job_id,) = add(engine, WSync(a=1, b=2))
+    run_worker_until(database_url, schema, [WSync], finished(engine, [job_id]), lease=366 * 24 * 3600.0,
+                     heartbeat_interval=1.0, timeout=20)
+    assert job_row(engine, job_id).state == "completed"
 
 
 def test_worker_duration_options_it_can_run_with(database_url):

@@ -167,8 +167,10 @@ def _seconds(name: str, value: Any, *, zero: bool = False, infinite: bool = Fals
     if seconds == math.inf and infinite:
         return seconds
     if not (least <= seconds <= most and seconds < math.inf and (seconds > 0 or zero)):
-        if least or most < math.inf:
+        if least:
             rule = f"from {least:g} to {most:.0f} seconds"
+        elif most < math.inf:
+            rule = ("0" if zero else "more than 0") + f" and at most {most:.0f} seconds"
         else:
             rule = ("0 or more" if zero else "more than 0") + (" seconds (or inf)" if infinite else ", finite seconds")
         raise ConfigurationError(f"{name} must be {rule}, not {value!r}")
@@ -219,7 +221,9 @@ class Worker:
             raise ConfigurationError(f"concurrency must be a positive int, not {concurrency!r}")
         if type(max_claim) is not int or max_claim < 1:  # 0 claimed nothing, for ever
             raise ConfigurationError(f"max_claim must be a positive int, not {max_claim!r}")
-        self.lease = _seconds("lease", lease)
+        # At most a year, as a retry's delay: the claim writes now() + lease, which past
+        # PostgreSQL's timestamps (a lease of 1e13 s) failed every claim, the worker idle.
+        self.lease = _seconds("lease", lease, most=MAX_DELAY_SECONDS)
         self._heartbeat_interval = (self.lease / 4 if heartbeat_interval is None
                                     else _seconds("heartbeat_interval", heartbeat_interval))
         if self._heartbeat_interval >= self.lease:
