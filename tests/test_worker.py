@@ -1828,31 +1828,6 @@ def test_an_apps_url_for_another_postgres_driver_runs_the_worker(engine, databas
     assert job_row(engine, job_id).state == "completed"
 
 
-@pytest.mark.parametrize("form", ["repeated", "single"])
-def test_a_url_with_sqlalchemys_host_port_query_form_runs_the_worker(engine, database_url, schema, form):
-    """SQLAlchemy's multi-host form, ``?host=h1:p1&host=h2:p2`` (or one ``?host=h:p``), reaches
-    the database through the app's engine, but to_conninfo handed "h:p" to libpq as a host
-    name ("failed to resolve host"): the worker, install and check could not connect."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    from sa_jobs._url import sqlalchemy_url
-
-    base = make_url(database_url)
-    if base.host is None:
-        pytest.skip("a TCP server's URL is needed")
-    live = f"{base.host}:{base.port or 5432}"
-    hosts = ("127.0.0.1:1", live) if form == "repeated" else live  # port 1: refused, libpq tries the next
-    url = base.set(host=None, port=None, query={**base.query, "host": hosts}).render_as_string(hide_password=False)
-    with create_engine(sqlalchemy_url(url)).connect() as conn:  # as the app's engine does
-        assert conn.execute(text("SELECT 1")).scalar_one() == 1
-    with psycopg.connect(to_conninfo(url), connect_timeout=10) as conn:
-        assert conn.execute("SELECT 1").fetchone() == (1,)
-    [job_id] = add(engine, WQuick())
-    run_worker_until(url, schema, [WQuick], lambda: job_row(engine, job_id).state == "completed", timeout=15)
-    assert job_row(engine, job_id).state == "completed"
-
-
 def test_mixing_sqlalchemys_two_multi_host_forms_is_a_configuration_error():
     with pytest.raises(ConfigurationError, match="multihost") as info:
         to_conninfo("postgresql://app:s3cr3t@/app?host=a:5432&host=b:5433&port=5432")
