@@ -1633,6 +1633,29 @@ def test_a_transactional_completion_refuses_an_autocommit_engine(engine, databas
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE kind = 'w_note'")) == [(0,)]
 
 
+def test_the_apps_engines_of_the_wrong_kind_are_refused_when_the_worker_is_built(database_url, schema):
+    """An AsyncEngine passed as ``engine=`` (or a sync Engine as ``async_engine=``) was
+    accepted: every attempt of a handler using ctx.transaction() then failed with
+    SQLAlchemy's AsyncContextNotStarted (and a never-awaited coroutine), retried until
+    dead; a URL string raised an AttributeError. A ConfigurationError names the swap."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    sync_app = create_engine(sqlalchemy_url(database_url))
+    async_app = create_async_engine(sqlalchemy_url(database_url, async_=True))
+    cases = [("engine", async_app, "engine= takes a SQLAlchemy Engine .*not AsyncEngine; pass it as async_engine="),
+             ("async_engine", sync_app, "async_engine= takes a SQLAlchemy AsyncEngine .*not Engine; pass it as engine="),
+             ("engine", database_url, "engine= takes a SQLAlchemy Engine .*not str"),
+             ("engine", create_engine("sqlite://"), "PostgreSQL engine, not 'sqlite'")]
+    for param, given, message in cases:
+        with pytest.raises(ConfigurationError, match=message):
+            Worker(database_url, kinds=[WFencedTx], schema=schema, **{param: given})
+    worker = Worker(database_url, kinds=[WFencedTx], schema=schema, engine=sync_app, async_engine=async_app)
+    assert worker.sync_engine().pool is sync_app.pool and worker.async_engine().sync_engine.pool is async_app.sync_engine.pool
+
+
 POOL_ENTERED = {"n": 0}
 POOL_LOCK = threading.Lock()
 

@@ -33,6 +33,30 @@ _AUTOCOMMIT = (
 )
 
 
+def check_app_engine(engine: Any, param: str) -> None:
+    """A worker's ``engine=`` (a sync ``Engine``) or ``async_engine=`` (an ``AsyncEngine``)
+    of PostgreSQL, refused when the worker is built otherwise: swapped (an AsyncEngine as
+    ``engine=``), every attempt of a handler using ``ctx.transaction()`` failed with
+    SQLAlchemy's AsyncContextNotStarted and a never-awaited coroutine (a sync Engine as
+    ``async_engine=``: ArgumentError), the jobs retried until dead; a URL string raised an
+    AttributeError."""
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    want, other, swap = ((Engine, AsyncEngine, "async_engine") if param == "engine"
+                         else (AsyncEngine, Engine, "engine"))
+    if not isinstance(engine, want):
+        hint = (f"; pass it as {swap}=" if isinstance(engine, other)
+                else "; a URL goes in the worker's first argument")
+        raise ConfigurationError(
+            f"{param}= takes a SQLAlchemy {want.__name__} (create_{'async_' if want is AsyncEngine else ''}engine()),"
+            f" not {type(engine).__name__}{hint}")
+    if engine.dialect.name != "postgresql":
+        raise ConfigurationError(f"{param}= must be a PostgreSQL engine, not {engine.dialect.name!r}:"
+                                 " ctx.transaction() completes the job in the queue's database")
+    refuse_autocommit_engine(engine, param)
+
+
 def refuse_autocommit_engine(engine: Any, param: str) -> None:
     """A worker's ``engine=`` / ``async_engine=`` set to AUTOCOMMIT, refused when the worker
     is built (as SQLAlchemy reads it: the engine's execution option, else the level it

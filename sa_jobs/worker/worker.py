@@ -50,7 +50,7 @@ from ..retry import MAX_DELAY_SECONDS, BackoffPolicy, exponential_backoff
 from .._connection import ManagedConnection, describe, is_stale_plan, is_transient
 from ._job import ClaimedJob, HandlerThread, Outcome
 from .completer import Completer
-from .context import JobContext, _Cancelled, refuse_autocommit_engine
+from .context import JobContext, _Cancelled, check_app_engine
 from ..events import GuardedObserver, NullObserver, WorkerObserver, hook
 from ._inbox import JobInbox
 from .heartbeat import Heartbeat
@@ -246,7 +246,7 @@ class Worker:
         # handler enqueues in ctx.transaction() went to the default schema's table.
         for given, param in ((engine, "engine"), (async_engine, "async_engine")):
             if given is not None:
-                refuse_autocommit_engine(given, param)
+                check_app_engine(given, param)
         self._engine = None if engine is None else self._in_schema(engine)
         self._async_engine = None if async_engine is None else self._in_schema(async_engine)
         self._owns_engines: list[Any] = []
