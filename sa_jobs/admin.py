@@ -36,6 +36,39 @@ def refuse_async_session(session: Any, name: str) -> None:
                                  f" `await session.run_sync(lambda s: {name}(s, ...))`")
 
 
+def require_asyncio(what: str) -> None:
+    """ConfigurationError unless an asyncio event loop runs this code: SQLAlchemy's
+    AsyncEngine (psycopg's or asyncpg's async connections) runs on asyncio only. Under
+    anyio's trio backend ``what`` failed with psycopg's bare "no running event loop" and
+    never-awaited coroutine warnings."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise ConfigurationError(
+            f"{what} needs an asyncio event loop (SQLAlchemy's AsyncEngine runs on asyncio);"
+            " run it with asyncio.run() or anyio.run(..., backend='asyncio'), not trio") from None
+
+
+def _refuse_engine_kind(engine: Any, name: str, *, async_: bool) -> None:
+    """ConfigurationError for an engine of the other kind (or no engine): ``wait_for`` given
+    an AsyncEngine failed with AsyncContextNotStarted and a never-awaited coroutine,
+    ``wait_for_async`` given a sync Engine with SQLAlchemy's ArgumentError, and either given
+    a URL string with an AttributeError."""
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+    if async_ and not isinstance(engine, (AsyncEngine, AsyncConnection)):
+        hint = "; call wait_for() with it" if isinstance(engine, (Engine, Connection)) else ""
+        raise ConfigurationError(f"{name}() takes an AsyncEngine (create_async_engine()), not"
+                                 f" {type(engine).__name__}{hint}")
+    if not async_ and not isinstance(engine, (Engine, Connection)):
+        hint = "; from async code, await wait_for_async() with it" if isinstance(
+            engine, (AsyncEngine, AsyncConnection)) else ""
+        raise ConfigurationError(f"{name}() takes an Engine (create_engine()), not {type(engine).__name__}{hint}")
+
+
 def retry(session: Any, job_id: int) -> int:
     """Make a finished (dead, cancelled, completed) or waiting job available now.
 
@@ -457,6 +490,7 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
 
     from sqlalchemy.orm import Session
 
+    _refuse_engine_kind(engine, "wait_for", async_=False)
     _check_timeout(timeout)
     deadline = time.monotonic() + timeout
     pause = 0.02
@@ -482,6 +516,8 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
     import anyio
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    _refuse_engine_kind(engine, "wait_for_async", async_=True)
+    require_asyncio("wait_for_async()")
     _check_timeout(timeout)
     deadline = anyio.current_time() + timeout
     pause = 0.02

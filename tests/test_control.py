@@ -1222,3 +1222,32 @@ def test_a_worker_logs_when_it_finds_its_queue_paused_and_resumed(engine, databa
     said = [r.getMessage() for r in caplog.records if "cluster-wide" in r.getMessage()]
     assert len(said) == 2 and "queue 'c' is paused cluster-wide" in said[0], said
     assert "queue 'c' is no longer paused" in said[1], said
+
+
+def test_wait_for_given_the_other_kind_of_engine_or_run_under_trio_is_a_configuration_error(engine, database_url, schema):
+    """wait_for(async_engine) failed with SQLAlchemy's AsyncContextNotStarted (and a
+    never-awaited coroutine), wait_for_async(engine) with its ArgumentError, a URL string
+    with an AttributeError, and wait_for_async under anyio's trio backend with psycopg's
+    bare "no running event loop": each is a ConfigurationError saying what to call."""
+    pytest.importorskip("trio")
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs import wait_for, wait_for_async
+    from sa_jobs._url import sqlalchemy_url
+
+    (job_id,) = add(engine, CLongAsync())
+    aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+        schema_translate_map={"sa_jobs": schema})
+    with pytest.raises(ConfigurationError, match="takes an Engine .*not AsyncEngine; from async code, await wait_for_async"):
+        wait_for(aengine, job_id, timeout=0.1)
+    with pytest.raises(ConfigurationError, match=r"wait_for\(\) takes an Engine .*not str"):
+        wait_for(database_url, job_id, timeout=0.1)
+
+    async def main() -> None:
+        with pytest.raises(ConfigurationError, match=r"takes an AsyncEngine .*not (Option)?Engine; call wait_for\(\)"):
+            await wait_for_async(engine, job_id, timeout=0.1)
+        with pytest.raises(ConfigurationError, match="needs an asyncio event loop.*not trio"):
+            await wait_for_async(aengine, job_id, timeout=0.1)
+
+    anyio.run(main, backend="trio")
+    anyio.run(aengine.dispose)
