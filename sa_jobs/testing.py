@@ -87,12 +87,7 @@ class _TestRuntime:
         return self._engine
 
     def async_engine(self) -> Any:
-        from sqlalchemy.ext.asyncio import create_async_engine
-
-        engine = self.sync_engine()
-        return create_async_engine(sqlalchemy_url(engine.url, async_=True)).execution_options(
-            **engine.get_execution_options()
-        )
+        return _async_twin(self.sync_engine())
 
     def nudge_heartbeat(self) -> None:
         pass
@@ -110,15 +105,26 @@ class _TestContext:
             @contextlib.contextmanager
             def transaction(self, result: Any = None):  # type: ignore[override]
                 _check_result(result)
-                with Session(runtime.sync_engine()) as session, session.begin():
-                    yield session
+                engine = runtime.sync_engine()
+                # perform(engine=an AsyncEngine): a plain engine on its database (a Session
+                # of the AsyncEngine failed with AsyncContextNotStarted).
+                plain = _plain_twin(engine) if hasattr(engine, "sync_engine") else engine
+                try:
+                    with Session(plain) as session, session.begin():
+                        yield session
+                finally:
+                    if plain is not engine:
+                        plain.dispose()
                 job.complete_with(result)
 
             @contextlib.asynccontextmanager
             async def async_transaction(self, result: Any = None):  # type: ignore[override]
                 from sqlalchemy.ext.asyncio import AsyncSession
 
+                from .admin import require_asyncio
+
                 _check_result(result)
+                require_asyncio("ctx.async_transaction()")
                 engine = runtime.async_engine()
                 try:
                     async with AsyncSession(engine) as session, session.begin():
@@ -294,9 +300,7 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     if hasattr(engine, "sync_engine"):
         # An AsyncEngine: its pool belongs to the caller's event loop, and its sync_engine
         # works only inside that loop's greenlets. A plain engine on the same URL instead.
-        from sqlalchemy import create_engine
-
-        plain = create_engine(sqlalchemy_url(engine)).execution_options(**engine.get_execution_options())
+        plain = _plain_twin(engine)
         try:
             return drain(plain, kinds=kinds, queues=queues, timeout=timeout, with_scheduled=with_scheduled)
         finally:
@@ -338,8 +342,20 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     ran: dict[str, Any] = {}
 
     async def run() -> None:
+        # ctx.async_transaction()'s engine, with ``engine``'s options as ctx.transaction()
+        # has them: the worker's own maps only sa_jobs, and an async handler's effects on
+        # the app's tables that the test engine maps elsewhere (schema_translate_map) went
+        # to the unmapped schema. Made here: its connections belong to this loop.
+        async_engine = _async_twin(engine)
+        try:
+            await _drain_with(async_engine)
+        finally:
+            await async_engine.dispose()
+
+    async def _drain_with(async_engine: Any) -> None:
         async with Worker(url, kinds=kinds, queues=queues, schema=schema, lease=10.0, poll_interval=0.05,
-                          maintenance_interval=0.05, shutdown_grace=5.0, engine=engine) as worker:
+                          maintenance_interval=0.05, shutdown_grace=5.0, engine=engine,
+                          async_engine=async_engine) as worker:
             served = list(worker.queues)
             ran.update(worker_id=worker.worker_id, kinds=sorted(worker._kinds))
             if with_scheduled:
@@ -365,6 +381,24 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     with Session(engine) as session:
         _raise_for_unknown_kinds(session, ran["worker_id"], ran["kinds"])
         return {state: n for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+
+def _plain_twin(engine: Any) -> Any:
+    """A sync Engine on an AsyncEngine's database with its execution options: the
+    AsyncEngine's pool belongs to its event loop, and its sync_engine works only inside
+    that loop's greenlets."""
+    from sqlalchemy import create_engine
+
+    return create_engine(sqlalchemy_url(engine)).execution_options(**engine.get_execution_options())
+
+
+def _async_twin(engine: Any) -> Any:
+    """An AsyncEngine on ``engine``'s database with its execution options (schema maps,
+    isolation level), for code that must not share ``engine``'s pool or event loop."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    return create_async_engine(sqlalchemy_url(engine, async_=True)).execution_options(
+        **engine.get_execution_options())
 
 
 def _raise_for_unknown_kinds(session: Session, worker_id: str, kinds: list[str]) -> None:

@@ -632,3 +632,106 @@ def test_drain_returns_when_a_rate_limited_queue_must_wait_past_its_lookahead(sa
         set_queue_limits(session, "th", QueueLimits(rate=(1, dt.timedelta(days=7))))
         session.add_all([Double(x=1), Double(x=2)])
     assert drain(sa_jobs_engine, kinds=[Double], timeout=5) == {"completed": 1, "available": 1}
+
+
+# ---- the test engine's own options, behind both transactions ----------------------------
+
+class _AppBase(DeclarativeBase):
+    pass
+
+
+class AppCredit(_AppBase):
+    """A table of the app's own schema, which tests map elsewhere (schema_translate_map)."""
+
+    __tablename__ = "testing_app_credits"
+    __table_args__ = {"schema": "th_app"}
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    amount: Mapped[int] = mapped_column(Integer)
+
+
+class AppGrantAsync(Job, kind="th_app_grant_async", queue="th_app", max_attempts=1):
+    pass
+
+
+@AppGrantAsync.handler
+async def app_grant_async(ctx: JobContext, amount: int) -> None:
+    async with ctx.async_transaction() as session:
+        session.add(AppCredit(amount=amount))
+
+
+class AppGrantSync(Job, kind="th_app_grant_sync", queue="th_app", max_attempts=1):
+    pass
+
+
+@AppGrantSync.handler
+def app_grant_sync(ctx: JobContext, amount: int) -> None:
+    with ctx.transaction() as session:
+        session.add(AppCredit(amount=amount))
+
+
+@pytest.fixture
+def app_engine(sa_jobs_engine, sa_jobs_schema):
+    """The test engine mapping the app's schema too, with the app's table in it."""
+    engine = sa_jobs_engine.execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema, "th_app": sa_jobs_schema})
+    _AppBase.metadata.create_all(engine)
+    yield engine
+    _AppBase.metadata.drop_all(engine)
+
+
+def app_credits(engine) -> list[int]:
+    with Session(engine) as session:
+        return sorted(session.scalars(select(AppCredit.amount)))
+
+
+def test_drain_runs_ctx_async_transaction_on_the_engines_schema_map(app_engine):
+    """drain(engine) handed ``engine`` to ctx.transaction(), but ctx.async_transaction()
+    ran on an engine made from the URL mapping only sa_jobs: an async handler's write to
+    the app's table went to the unmapped schema (relation "th_app..." does not exist,
+    or the real schema's table), and the job failed where its sync twin completed."""
+    with Session(app_engine) as session, session.begin():
+        session.add_all([AppGrantSync(amount=1), AppGrantAsync(amount=2)])
+    assert drain(app_engine, kinds=[AppGrantSync, AppGrantAsync]) == {"completed": 2}
+    assert app_credits(app_engine) == [1, 2]
+
+
+def test_perform_with_an_async_engine_runs_both_transactions(app_engine):
+    """perform(job, engine=an AsyncEngine) (an async app's tests have only that one):
+    a sync handler's ctx.transaction() opened a Session on it and failed with SQLAlchemy's
+    AsyncContextNotStarted and a never-awaited coroutine. Both transactions now run on
+    its database, with its schema map; ctx.async_transaction() under trio (whose event
+    loop no AsyncEngine runs on) is a ConfigurationError, not psycopg's "no running event
+    loop"."""
+    import anyio
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url
+    from sa_jobs.testing import perform_async
+
+    def async_app():  # type: ignore[no-untyped-def]
+        return create_async_engine(sqlalchemy_url(app_engine, async_=True)).execution_options(
+            **app_engine.get_execution_options())
+
+    engine = async_app()
+    assert perform(AppGrantSync(amount=1), engine=engine) is None
+    assert perform(AppGrantAsync(amount=2), engine=engine) is None
+
+    async def main() -> None:
+        engine = async_app()
+        try:
+            assert await perform_async(AppGrantSync(amount=3), engine=engine) is None
+            assert await perform_async(AppGrantAsync(amount=4), engine=engine) is None
+        finally:
+            await engine.dispose()
+
+    anyio.run(main)
+    assert app_credits(app_engine) == [1, 2, 3, 4]
+
+    pytest.importorskip("trio")
+
+    async def under_trio() -> None:
+        with pytest.raises(ConfigurationError, match="ctx.async_transaction.*asyncio.*not trio"):
+            await perform_async(AppGrantAsync(amount=5), engine=app_engine)
+
+    anyio.run(under_trio, backend="trio")
+    assert app_credits(app_engine) == [1, 2, 3, 4]
