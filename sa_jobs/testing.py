@@ -104,6 +104,10 @@ class _TestContext:
 
             @contextlib.contextmanager
             def transaction(self, result: Any = None):  # type: ignore[override]
+                from .worker.context import _ON_THE_LOOP
+
+                if _in_event_loop():  # as a worker refuses it, so that a test sees it too
+                    raise ConfigurationError(_ON_THE_LOOP)
                 _check_result(result)
                 engine = runtime.sync_engine()
                 # perform(engine=an AsyncEngine): a plain engine on its database (a Session

@@ -16,7 +16,7 @@ import anyio
 import psycopg
 from psycopg import sql
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from sa_jobs import (
@@ -1654,6 +1654,42 @@ def test_the_apps_engines_of_the_wrong_kind_are_refused_when_the_worker_is_built
             Worker(database_url, kinds=[WFencedTx], schema=schema, **{param: given})
     worker = Worker(database_url, kinds=[WFencedTx], schema=schema, engine=sync_app, async_engine=async_app)
     assert worker.sync_engine().pool is sync_app.pool and worker.async_engine().sync_engine.pool is async_app.sync_engine.pool
+
+
+class WSyncTxOnTheLoop(Job, kind="w_sync_tx_on_the_loop", queue="w_tx", max_attempts=1):
+    pass
+
+
+@WSyncTxOnTheLoop.handler
+async def w_sync_tx_on_the_loop(ctx: JobContext, seconds: float) -> None:
+    with ctx.transaction() as session:
+        session.add(WNote())
+        session.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
+
+
+def test_ctx_transaction_in_an_async_handler_is_refused_before_it_blocks_the_loop(engine, database_url, schema):
+    """An async handler's ``with ctx.transaction()`` ran a sync Session on the worker's event
+    loop: for the whole transaction (here 3 s of a lock wait, past the 2 s lease) no
+    heartbeat, claim, timeout or other job of the worker ran. It is refused before the
+    Session opens, naming ctx.async_transaction(); perform_async() refuses it alike, so a
+    unit test sees what the worker would do."""
+    from sa_jobs.testing import perform_async
+
+    (job_id,) = add(engine, WSyncTxOnTheLoop(seconds=3))
+    started = time.monotonic()
+    run_worker_until(database_url, schema, [WSyncTxOnTheLoop], lambda: job_row(engine, job_id).state == "dead",
+                     timeout=15)
+    assert time.monotonic() - started < 2.5
+    errors = job_row(engine, job_id).errors
+    assert errors[0]["error"].startswith("ConfigurationError: ctx.transaction() was called on the worker's event loop"), errors
+    assert "ctx.async_transaction()" in errors[0]["error"]
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE kind = 'w_note'")) == [(0,)]
+
+    async def unit_test() -> None:
+        with pytest.raises(ConfigurationError, match="async_transaction"):
+            await perform_async(WSyncTxOnTheLoop(seconds=0), engine=engine)
+
+    anyio.run(unit_test)
 
 
 POOL_ENTERED = {"n": 0}

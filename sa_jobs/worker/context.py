@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, cast
 
@@ -30,6 +31,15 @@ _AUTOCOMMIT = (
     "ctx.transaction() commits a handler's effects with its job's completion, or neither; under"
     " AUTOCOMMIT each statement commits on its own, so the effects would stay even when the"
     " completion is refused (lease lost, job cancelled)"
+)
+
+
+# Why ctx.transaction() refuses to run on the worker's event loop (an async handler).
+_ON_THE_LOOP = (
+    "ctx.transaction() was called on the worker's event loop (an async handler): its sync Session"
+    " would block the loop for the whole transaction, and with it the worker's heartbeats, claims,"
+    " timeouts and other jobs (a lock wait past the lease let another worker run them again). Use"
+    " `async with ctx.async_transaction() as session:`, or run the sync block with anyio.to_thread.run_sync"
 )
 
 
@@ -209,6 +219,8 @@ class JobContext:
         """
         from sqlalchemy.orm import Session
 
+        if threading.get_ident() == getattr(self._worker, "_loop_thread", None):
+            raise ConfigurationError(_ON_THE_LOOP)
         stmt, options = self._completion(result)
         with Session(self._worker.sync_engine()) as session:
             try:
