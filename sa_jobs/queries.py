@@ -151,6 +151,7 @@ class Queries:
     listen: str
     listen_cancel: str
     states_of: str
+    claims_of: str
     queue_settings: str
     claim_limited: str
     unique_holder: str
@@ -196,12 +197,19 @@ class Queries:
                 " WHERE j.id = %(id)s AND j.claim_token = %(token)s AND {running}"
             ),
             # Progress rides along: a handler's progress report costs no round trip.
+            # Rows another transaction has locked are skipped, not waited for: one job's
+            # row held by an app's open transaction (a cancel() it has not committed yet)
+            # kept the one beat of all the worker's jobs waiting, so none of their leases
+            # was extended and the rescuer re-ran every one. A skipped row is missing from
+            # the result; the heartbeat then reads it (claims_of) and leaves it be.
             heartbeat_many=r(
-                "UPDATE {jobs} AS j SET lease_expires_at = now() + make_interval(secs => %(lease)s),"
-                " progress = coalesce(u.progress::jsonb, j.progress)"
-                " FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(progress)s::text[])"
-                " AS u(id, token, progress)"
-                " WHERE j.id = u.id AND j.claim_token = u.token AND {running}"
+                "WITH mine AS MATERIALIZED ("
+                " SELECT j.id, u.progress FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(progress)s::text[])"
+                " AS u(id, token, progress) JOIN {jobs} AS j ON j.id = u.id AND j.claim_token = u.token AND {running}"
+                " FOR UPDATE OF j SKIP LOCKED)"
+                " UPDATE {jobs} AS j SET lease_expires_at = now() + make_interval(secs => %(lease)s),"
+                " progress = coalesce(m.progress::jsonb, j.progress)"
+                " FROM mine AS m WHERE j.id = m.id"
                 " RETURNING j.id, j.claim_token"
             ),
             # Run by every worker (SKIP LOCKED makes concurrent rescuers safe): jobs whose
@@ -258,6 +266,7 @@ class Queries:
             listen=sql.SQL("LISTEN {}").format(sql.Identifier(channel_name(schema))).as_string(),
             listen_cancel=sql.SQL("LISTEN {}").format(sql.Identifier(cancel_channel_name(schema))).as_string(),
             states_of=r("SELECT id, state FROM {jobs} WHERE id = ANY(%(ids)s::bigint[])"),
+            claims_of=r("SELECT id, state, claim_token FROM {jobs} WHERE id = ANY(%(ids)s::bigint[])"),
             # Read after a claim that came back empty. It also brings back a rate window
             # that lies in the future, which only a step back of the database's clock
             # makes: the claim never moves the window back (schema v11), so every claim

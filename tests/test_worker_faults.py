@@ -222,8 +222,9 @@ async def wf_held(ctx: JobContext, seconds: float) -> None:
 
 
 def test_a_handler_is_told_its_lease_is_lost_when_it_runs_out_not_a_beat_later(engine, database_url, schema):
-    """Beats that hang (here: on a row lock another session holds) must not let a handler
-    run on past its lease, which the rescuer may already have handed to another worker.
+    """Beats that do not extend a lease (here: its row is locked by another session, which
+    beats once waited on and now skip) must not let a handler run on past its lease, which
+    the rescuer may already have handed to another worker.
 
     The loss was only noticed when a beat *failed* more than a lease after the last good
     one: with lease 2 s (beats every 0.5 s, each bounded by 1 s) at about 3 s, a second
@@ -382,3 +383,50 @@ def test_a_slow_claim_does_not_stretch_the_lease_the_worker_counts_on(engine, da
     assert SLOW_CLAIM_TOLD["lease_lost"] is True
     late = float(SLOW_CLAIM_TOLD["at"]) - expires  # type: ignore[arg-type]
     assert late < 0.35, f"told {late:.2f}s after the lease ran out in the database (lease {lease}s)"
+
+
+class FaultNeighbour(Job, kind="wf_neighbour", queue="wf_neighbour"):
+    pass
+
+
+@FaultNeighbour.handler
+async def wf_neighbour(ctx: JobContext, seconds: float) -> int:
+    import anyio
+
+    await anyio.sleep(seconds)
+    return ctx.attempt
+
+
+def test_a_row_lock_on_one_running_job_costs_no_other_job_its_lease(engine, database_url, schema):
+    """cancel() of a running job in a transaction the caller keeps open (it goes on with
+    its own work before committing, as the docs allow) holds that job's row lock. The
+    worker's one heartbeat statement for all of its jobs waited on that lock, so no lease
+    of the worker was extended: every other job it ran was presumed lost and re-run by
+    the rescuer (attempt 2, a LeaseExpired error), though nothing was wrong with it."""
+    import anyio
+
+    from sa_jobs import Worker, cancel
+
+    lease = 2.0
+    locked_id, other_id = _add(engine, FaultNeighbour(seconds=60), FaultNeighbour(seconds=5))
+
+    def cancel_and_linger() -> None:
+        with Session(engine) as session, session.begin():
+            assert cancel(session, locked_id) == "running"
+            time.sleep(2 * lease)  # the caller's own work, before its commit
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[FaultNeighbour], schema=schema, lease=lease, poll_interval=0.2,
+                          maintenance_interval=0.1, shutdown_grace=0) as worker:
+            with anyio.fail_after(10):
+                while len(worker.running_jobs()) < 2:
+                    await anyio.sleep(0.02)
+            await anyio.to_thread.run_sync(cancel_and_linger)
+            with anyio.move_on_after(15):
+                while _unfinished(database_url, schema) > 1:  # the cancelled one counts
+                    await anyio.sleep(0.1)
+
+    anyio.run(main)
+    rows = dict((r[0], r[1:]) for r in _rows(database_url, schema, "id, state, attempt, jsonb_array_length(errors)"))
+    assert rows[locked_id] == ("cancelled", 1, 0)
+    assert rows[other_id] == ("completed", 1, 0), "the other job lost its lease to a lock on a row not its own"

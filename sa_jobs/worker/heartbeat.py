@@ -2,7 +2,8 @@
 
 One fenced UPDATE per beat covers every running job. A job missing from its result was
 taken over (its lease expired and another worker claimed it): its handler is cancelled
-and told the lease is lost. If beats fail for longer than the lease, the jobs are
+and told the lease is lost. The beat skips a row another transaction holds locked rather
+than wait for it with every other job's lease; that job's lease is not extended then. If beats fail for longer than the lease, the jobs are
 presumed lost the same way, because the rescuer may already have re-driven them.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Callable, Iterable, Optional
 
 import anyio
@@ -119,20 +121,27 @@ class Heartbeat:
             await self._settle_missing(conn, missing)
 
     async def _settle_missing(self, conn, missing: list[ClaimedJob]) -> None:  # type: ignore[no-untyped-def]
-        """A job whose lease could not be extended was cancelled, or taken over."""
+        """A job whose lease could not be extended was cancelled, or taken over; or its
+        row was locked by another transaction, which the beat skips: still this claim's,
+        it is left running with its lease as it was (the watchdog presumes it lost if
+        the lock outlasts the lease, as the rescuer would then take it)."""
         try:
             # Bounded as the beat is: a socket that went half-open right after the beat
             # would otherwise hold the heartbeat here while every lease ran out.
             with anyio.fail_after(min(self._conn.timeout, max(self._interval, 1.0))):
-                cur = await conn.execute(self._q.states_of, {"ids": [j.id for j in missing]})
-                states: Optional[dict[int, str]] = dict(await cur.fetchall())
+                cur = await conn.execute(self._q.claims_of, {"ids": [j.id for j in missing]})
+                claims: Optional[dict[int, tuple[str, uuid.UUID]]] = {
+                    row[0]: (row[1], row[2]) for row in await cur.fetchall()}
         except Exception:  # noqa: BLE001 - unknown: the safe reading is "lost"
-            states = None
+            claims = None
         for job in missing:
-            if states is not None and states.get(job.id) == "cancelled":
+            claim = None if claims is None else claims.get(job.id)
+            if claim == ("running", job.token):
+                log.warning("job %s: its row is locked by another transaction; its lease was not extended", job.id)
+            elif claim is not None and claim[0] == "cancelled":
                 job.cancelled_by_user = True
                 job.cancel("cancelled")
-            elif states is not None and job.id not in states:
+            elif claims is not None and claim is None:
                 # Deleted (session.delete(job), or SQL): the attempt ends, nothing is written back.
                 self._lose(job, "its row was deleted")
             else:
