@@ -69,12 +69,15 @@ class ManagedConnection:
         on_connect: Optional[Callable[[psycopg.AsyncConnection[Any]], Any]] = None,
         connect_timeout: float = 5.0,
         timeout: float = 10.0,
+        lock_timeout: Optional[float] = None,
     ) -> None:
         self._conninfo = conninfo
         # The URL's own options (a role, a search_path, -c settings) come first: passed as
         # a keyword, ours replaced them, and the worker ran without what the URL asked for.
         given = conninfo_to_dict(conninfo).get("options")
         ours = f"-c statement_timeout={int(timeout * 1000)} {_SERVER_KEEPALIVE}"
+        if lock_timeout is not None:  # at least 1 ms: 0 would mean no limit
+            ours += f" -c lock_timeout={max(1, int(lock_timeout * 1000))}"
         self._options = " ".join(filter(None, (str(given or "").strip(), ours)))
         self._name = name
         self._on_connect = on_connect

@@ -70,6 +70,8 @@ _RELEASE = (
     " WHERE j.id = u.id AND j.claim_token = u.token AND {{running}}"
 )
 
+# The outcome statements of flush_outcomes_around_locks touch only the rows it could lock.
+_LOCKED = " AND j.id IN (SELECT id FROM locked)"
 
 # Another job holding the key of the row aliased ``{row}`` (what puts a row in
 # jobs_unique_idx: its state is one of its own unique states); NULL keys match nothing.
@@ -143,6 +145,7 @@ class Queries:
     finish_many: str
     release_many: str
     flush_outcomes: str
+    flush_outcomes_around_locks: str
     heartbeat_many: str
     rescue_expired: str
     promote_due: str
@@ -185,6 +188,22 @@ class Queries:
                 " r AS (" + _RELEASE.format(p="r_") + " RETURNING 1)"
                 " SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM f), (SELECT count(*) FROM r)"
             ),
+            # The same flush, writing around the rows another transaction holds locked
+            # (an app's cancel() not committed yet), which the flush above waits for with
+            # the whole batch: it locks its rows first, skipping those, and names them in
+            # its last column (rows that exist but were not locked) for the completer to
+            # keep. Only run once a flush met such a lock (see Completer._write): the
+            # extra pass costs the flush about a third more.
+            flush_outcomes_around_locks=r(
+                "WITH locked AS MATERIALIZED (SELECT l.id FROM {jobs} AS l"
+                " WHERE l.id = ANY(%(ids)s::bigint[]) FOR NO KEY UPDATE SKIP LOCKED),"
+                " c AS (" + _COMPLETE.format(p="c_") + _LOCKED + " RETURNING 1),"
+                " f AS (" + _FINISH.format(p="f_") + _LOCKED + " RETURNING 1),"
+                " r AS (" + _RELEASE.format(p="r_") + _LOCKED + " RETURNING 1)"
+                " SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM f), (SELECT count(*) FROM r),"
+                " ARRAY(SELECT s.id FROM {jobs} AS s WHERE s.id = ANY(%(ids)s::bigint[])"
+                "  AND s.id NOT IN (SELECT id FROM locked))"
+            ),
             # For an outcome the unique index refused (see Completer._write_superseded):
             # the job that took this running job's key meanwhile, and the key's states.
             unique_holder=r(
@@ -206,7 +225,7 @@ class Queries:
                 "WITH mine AS MATERIALIZED ("
                 " SELECT j.id, u.progress FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(progress)s::text[])"
                 " AS u(id, token, progress) JOIN {jobs} AS j ON j.id = u.id AND j.claim_token = u.token AND {running}"
-                " FOR UPDATE OF j SKIP LOCKED)"
+                " FOR NO KEY UPDATE OF j SKIP LOCKED)"
                 " UPDATE {jobs} AS j SET lease_expires_at = now() + make_interval(secs => %(lease)s),"
                 " progress = coalesce(m.progress::jsonb, j.progress)"
                 " FROM mine AS m WHERE j.id = m.id"

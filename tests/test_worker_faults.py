@@ -430,3 +430,45 @@ def test_a_row_lock_on_one_running_job_costs_no_other_job_its_lease(engine, data
     rows = dict((r[0], r[1:]) for r in _rows(database_url, schema, "id, state, attempt, jsonb_array_length(errors)"))
     assert rows[locked_id] == ("cancelled", 1, 0)
     assert rows[other_id] == ("completed", 1, 0), "the other job lost its lease to a lock on a row not its own"
+
+
+def test_a_row_lock_on_one_finished_job_holds_back_no_other_outcome(engine, database_url, schema):
+    """The same lock (a cancel() not yet committed) on a job whose handler then returns:
+    the completer's one statement per batch waited on that row until its deadline, and was
+    retried whole, waiting again, for as long as the lock lasted. No other outcome of the
+    worker landed meanwhile, and those jobs, no longer heartbeated once finished, ran out
+    their leases and were re-run by the rescuer."""
+    import anyio
+
+    from sa_jobs import Worker, cancel
+
+    lease = 2.0
+    locked_id, other_id = _add(engine, FaultNeighbour(seconds=1.0), FaultNeighbour(seconds=1.5))
+    landed: dict[str, float] = {}
+
+    def cancel_and_linger() -> None:
+        with Session(engine) as session, session.begin():
+            assert cancel(session, locked_id) == "running"
+            deadline = time.monotonic() + 3 * lease  # the caller's own work, before its commit
+            while time.monotonic() < deadline:
+                state = q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"), (other_id,))
+                if state[0][0] == "completed":
+                    landed.setdefault("other", time.monotonic())
+                time.sleep(0.05)
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[FaultNeighbour], schema=schema, lease=lease, poll_interval=0.2,
+                          maintenance_interval=0.1, shutdown_grace=0) as worker:
+            with anyio.fail_after(10):
+                while len(worker.running_jobs()) < 2:
+                    await anyio.sleep(0.02)
+            await anyio.to_thread.run_sync(cancel_and_linger)
+            with anyio.move_on_after(15):
+                while _unfinished(database_url, schema) > 1:
+                    await anyio.sleep(0.1)
+
+    anyio.run(main)
+    rows = dict((r[0], r[1:]) for r in _rows(database_url, schema, "id, state, attempt, jsonb_array_length(errors)"))
+    assert rows[locked_id] == ("cancelled", 1, 0)  # its completion, written after the commit, is fenced off
+    assert rows[other_id] == ("completed", 1, 0), "the other job's outcome waited behind a lock on a row not its own"
+    assert "other" in landed, "the other job's outcome landed only once the lock was gone"

@@ -3,7 +3,9 @@
 Runners hand outcomes over without waiting; the completer writes whatever accumulated
 after a short interval (or at once when the batch is full). A failed write keeps the
 outcomes and retries with backoff: a completion that never lands leaves the job running
-until its lease expires, when it is rescued and re-run (at-least-once, never stuck).
+until its lease expires, when it is rescued and re-run (at-least-once, never stuck). An
+outcome whose row another transaction holds locked is kept and retried the same way,
+while the rest of its batch is written around it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ log = logging.getLogger("sa_jobs.worker")
 # The results one flush writes at most, in characters of JSON: one result at the cap
 # (_validate.MAX_RESULT_BYTES) writes in about half a second, well within the deadline.
 RESULT_CHARS_PER_FLUSH = _validate.MAX_RESULT_BYTES
+# How long a flush waits for a row lock another transaction holds (the completer
+# connection's lock_timeout) before it writes around the locked rows (see _write).
+LOCK_WAIT = 0.5
 
 
 class Completer:
@@ -55,6 +60,11 @@ class Completer:
         self._idle = anyio.Event()
         self._idle.set()
         self._failures = 0
+        # Rows of outcomes were locked by another transaction at the last write: flushes
+        # write around locks until one finds none (see _write), retrying the kept ones
+        # with backoff.
+        self._around_locks = False
+        self._lock_retries = 0
         # One flush at a time: drain() at shutdown must wait for a batch that run() is
         # writing, or it would return while that batch could still be lost.
         self._flushing = anyio.Lock()
@@ -96,10 +106,11 @@ class Completer:
             return True
         batch, self._pending = self._take()
         self._in_flight = len(batch)
+        locked: list[Outcome] = []
         try:
             conn = await self._conn.get()
             with self._conn.deadline():
-                await self._write(conn, batch)
+                locked = await self._write(conn, batch)
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled mid-write: keep the batch
                 self._pending[:0] = batch
@@ -121,10 +132,23 @@ class Completer:
             await self._write_in_parts(batch)
         self._in_flight = 0
         self._failures = 0
+        if locked:
+            # Kept, not dropped: the lock may be gone at the next try (then the outcome
+            # lands, or is fenced off if the locker changed the row). Their jobs are not
+            # heartbeated meanwhile: a lock longer than the lease ends in a rescue.
+            self._pending.extend(locked)
+            batch = [o for o in batch if all(o is not k for k in locked)]
+        else:
+            self._around_locks = False
         if self._on_written is not None:
             self._on_written(batch)
         if not self._pending:
             self._idle.set()
+        if locked:
+            self._lock_retries += 1
+            await anyio.sleep(min(1.0, 0.05 * 2 ** min(self._lock_retries, 5)))
+        else:
+            self._lock_retries = 0
         return True
 
     def _take(self) -> tuple[list[Outcome], list[Outcome]]:
@@ -152,7 +176,7 @@ class Completer:
             try:
                 conn = await self._conn.get()
                 with self._conn.deadline():
-                    await self._write(conn, part)
+                    self._pending.extend(await self._write(conn, part))  # rows locked: kept
                 continue
             except Exception as exc:  # noqa: BLE001
                 if is_transient(exc):
@@ -204,7 +228,7 @@ class Completer:
                 if target in states:
                     await conn.execute(self._q.drop_unique_key, {"id": job.id, "token": job.token})
                 log.warning("completer: job %s ends %s; job %s took its unique key while it ran", job.id, target, holder)
-                await self._write(conn, [outcome])
+                await self._write(conn, [outcome], around_locks=False)
         if ended_dead:
             self._dead(job.queue, job.kind, 1)
         return True
@@ -222,27 +246,47 @@ class Completer:
                     return True
         return not self._pending and not self._flushing.locked()
 
-    async def _write(self, conn: Any, batch: list[Outcome]) -> None:
+    async def _write(self, conn: Any, batch: list[Outcome], *, around_locks: bool = True) -> list[Outcome]:
+        """Write ``batch``; returns the outcomes whose rows another transaction held locked
+        (none were written), to be written later.
+
+        A flush waited for such a lock with the whole batch (an app's cancel() not yet
+        committed holds its job's row): it ran into its deadline and was retried whole,
+        waiting again, so no outcome of the worker landed for as long as the lock lasted,
+        and the jobs finished meanwhile, heartbeated no more, ran out their leases and ran
+        again. A flush now waits at most LOCK_WAIT (the connection's lock_timeout), then
+        writes around the locked rows, as the flushes after it do until one finds none
+        (that statement costs more, so it is not the usual one). ``around_locks=False``
+        inside a transaction, which the refused statement aborted: the error is raised."""
         complete = [o for o in batch if o.action == "complete"]
         finish = [o for o in batch if o.action == "finish"]
         release = [o for o in batch if o.action == "release"]
-        # One statement, one round trip, atomic: the batch lands or is retried as a unit.
-        await conn.execute(
-            self._q.flush_outcomes,
-            {
-                "c_ids": [o.job.id for o in complete],
-                "c_tokens": [o.job.token for o in complete],
-                "c_results": [o.result_json for o in complete],
-                "c_progress": [o.job.progress_json for o in complete],
-                "f_ids": [o.job.id for o in finish],
-                "f_tokens": [o.job.token for o in finish],
-                "f_targets": [o.target for o in finish],
-                "f_errors": [o.error_json for o in finish],
-                "f_delays": [o.delay for o in finish],
-                "f_progress": [o.job.progress_json for o in finish],
-                "r_ids": [o.job.id for o in release],
-                "r_tokens": [o.job.token for o in release],
-                "r_reported": [o.job.reported for o in release],
-            },
-            prepare=True,
-        )
+        params = {
+            "c_ids": [o.job.id for o in complete],
+            "c_tokens": [o.job.token for o in complete],
+            "c_results": [o.result_json for o in complete],
+            "c_progress": [o.job.progress_json for o in complete],
+            "f_ids": [o.job.id for o in finish],
+            "f_tokens": [o.job.token for o in finish],
+            "f_targets": [o.target for o in finish],
+            "f_errors": [o.error_json for o in finish],
+            "f_delays": [o.delay for o in finish],
+            "f_progress": [o.job.progress_json for o in finish],
+            "r_ids": [o.job.id for o in release],
+            "r_tokens": [o.job.token for o in release],
+            "r_reported": [o.job.reported for o in release],
+        }
+        if not self._around_locks or not around_locks:
+            try:
+                # One statement, one round trip, atomic: the batch lands or is retried as a unit.
+                await conn.execute(self._q.flush_outcomes, params, prepare=True)
+                return []
+            except psycopg.errors.LockNotAvailable:
+                if not around_locks:
+                    raise
+                log.warning("completer: a row of the batch is locked by another transaction; writing around it")
+                self._around_locks = True
+        row = await (await conn.execute(self._q.flush_outcomes_around_locks, {**params, "ids": [o.job.id for o in batch]},
+                                        prepare=True)).fetchone()
+        skipped = set(row[3])
+        return [o for o in batch if o.job.id in skipped]

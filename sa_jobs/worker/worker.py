@@ -49,7 +49,7 @@ from ..queries import Queries
 from ..retry import MAX_DELAY_SECONDS, BackoffPolicy, exponential_backoff
 from .._connection import ManagedConnection, describe, is_stale_plan, is_transient
 from ._job import ClaimedJob, HandlerThread, Outcome
-from .completer import Completer
+from .completer import LOCK_WAIT, Completer
 from .context import JobContext, _Cancelled, check_app_engine
 from ..events import GuardedObserver, NullObserver, WorkerObserver, hook
 from ._inbox import JobInbox
@@ -554,7 +554,9 @@ class Worker:
 
     async def _serve_shielded(self) -> None:
         claim_conn = ManagedConnection(self._conninfo, "producer", timeout=self.statement_timeout)
-        complete_conn = ManagedConnection(self._conninfo, "completer", timeout=self.statement_timeout)
+        # A flush waits for a row lock at most LOCK_WAIT, then writes around it (Completer._write).
+        complete_conn = ManagedConnection(self._conninfo, "completer", timeout=self.statement_timeout,
+                                          lock_timeout=min(LOCK_WAIT, self.statement_timeout / 2))
         beat_conn = ManagedConnection(self._conninfo, "heartbeat", timeout=self.statement_timeout)
         self.completer = Completer(complete_conn, self._queries, self._observer, interval=self._completion_interval,
                                    on_written=self._completions_written)
