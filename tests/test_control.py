@@ -1124,17 +1124,26 @@ def test_a_cancel_announced_while_the_listener_runs_a_query_is_not_lost(database
     from sa_jobs.queries import Queries, cancel_channel_name
     from sa_jobs.worker.notifier import Notifier
 
-    cancelled: list[int] = []
+    cancelled: list[tuple[int, object]] = []
+    # A job this worker holds, cancelled: the worker acts on a notice only once it has
+    # read the row cancelled under its claim.
+    ((job_id, token),) = q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, attempt, claim_token)"
+                                                          " VALUES ('k', 'cancelled', 1, gen_random_uuid())"
+                                                          " RETURNING id, claim_token"))
+    notices: list[int] = []
 
     def held() -> list[int]:
-        # Committed before the look-up is sent: the listener's backend passes the
-        # notification on at once, so it reaches the client during the look-up.
-        q(database_url, "SELECT pg_notify(%s, '7')", (cancel_channel_name(schema),))
-        return [10**12]
+        if not notices:  # at the connect's look-up of missed cancels, not at the notice's
+            notices.append(job_id)
+            # Committed before the look-up is sent: the listener's backend passes the
+            # notification on at once, so it reaches the client during the look-up.
+            q(database_url, "SELECT pg_notify(%s, %s)", (cancel_channel_name(schema), str(job_id)))
+            return [10**12]
+        return [job_id]
 
     async def main() -> None:
         notifier = Notifier(to_conninfo(database_url), Queries.for_schema(schema), NullObserver(), lambda: None,
-                            cancelled.append, held)
+                            lambda job, claim: cancelled.append((job, claim)), held)
         async with anyio.create_task_group() as tg:
             tg.start_soon(notifier.run)
             with anyio.move_on_after(3):
@@ -1143,7 +1152,7 @@ def test_a_cancel_announced_while_the_listener_runs_a_query_is_not_lost(database
             tg.cancel_scope.cancel()
 
     anyio.run(main)
-    assert cancelled == [7]
+    assert cancelled == [(job_id, token)]
 
 
 def test_a_local_pause_and_resume_from_another_thread(engine, database_url, schema):

@@ -472,3 +472,63 @@ def test_a_row_lock_on_one_finished_job_holds_back_no_other_outcome(engine, data
     assert rows[locked_id] == ("cancelled", 1, 0)  # its completion, written after the commit, is fenced off
     assert rows[other_id] == ("completed", 1, 0), "the other job's outcome waited behind a lock on a row not its own"
     assert "other" in landed, "the other job's outcome landed only once the lock was gone"
+
+
+class FaultRestart(Job, kind="wf_restart", queue="wf_restart", max_attempts=2):
+    pass
+
+
+RESTART_RUNS: dict[int, str] = {}
+
+
+@FaultRestart.handler
+async def wf_restart(ctx: JobContext) -> int:
+    import anyio
+
+    RESTART_RUNS[ctx.attempt] = "started"
+    await anyio.sleep(60 if ctx.attempt == 1 else 2.0)  # the first run is cancelled
+    RESTART_RUNS[ctx.attempt] = "returned"
+    return ctx.attempt
+
+
+def test_a_late_cancel_notice_does_not_cancel_the_retry_of_the_job_it_named(engine, database_url, schema):
+    """A job cancelled while running and retried at once ("restart"): the worker hears of
+    the cancel through a NOTIFY on its listener connection, which comes at no fixed time
+    against its claims on another connection. A notice heard once the retry was claimed
+    cancelled the retry's handler (the notice names the job, not the run), and the worker
+    wrote nothing, taking the row for final: it stayed running until its lease ran out,
+    and the rescuer ended it dead ("LeaseExpired: the worker stopped heartbeating") with
+    its one attempt left spent, without a run. Here the notice is sent again by hand, as
+    it would arrive late."""
+    import anyio
+
+    from sa_jobs import Worker, cancel, retry
+    from sa_jobs.queries import cancel_channel_name
+
+    RESTART_RUNS.clear()
+    (job_id,) = _add(engine, FaultRestart())
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[FaultRestart], schema=schema, lease=2.0, poll_interval=0.2,
+                          maintenance_interval=0.1, shutdown_grace=0) as worker:
+            with anyio.fail_after(10):
+                while 1 not in RESTART_RUNS:
+                    await anyio.sleep(0.02)
+            with Session(engine) as session, session.begin():
+                assert cancel(session, job_id) == "running"
+            with anyio.fail_after(10):
+                while worker.running_jobs():
+                    await anyio.sleep(0.02)
+            with Session(engine) as session, session.begin():
+                retry(session, job_id)
+            with anyio.fail_after(10):
+                while 2 not in RESTART_RUNS:
+                    await anyio.sleep(0.02)
+            q(database_url, "SELECT pg_notify(%s, %s)", (cancel_channel_name(schema), str(job_id)))
+            with anyio.move_on_after(10):
+                while _unfinished(database_url, schema):
+                    await anyio.sleep(0.1)
+
+    anyio.run(main)
+    assert _rows(database_url, schema, "state, attempt, jsonb_array_length(errors)") == [("completed", 2, 0)]
+    assert RESTART_RUNS == {1: "started", 2: "returned"}

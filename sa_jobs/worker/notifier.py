@@ -5,11 +5,17 @@ checked with a bounded ``SELECT 1`` between waits; a half-open socket fails that
 and is replaced, and every (re)connect wakes the producers once, for whatever was
 inserted while nobody listened, and looks up the jobs the worker holds, for cancels
 announced meanwhile (the heartbeat would find them only a quarter of the lease later).
+
+A cancel notice names a job, not a run of it, and comes at no fixed time against the
+worker's claims (another connection): a job cancelled and retried at once could be
+claimed again before the notice was heard. A held job is therefore cancelled only once
+its row is read cancelled under the claim this worker holds.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Callable, Sequence
 
 import anyio
@@ -28,7 +34,7 @@ class Notifier:
         queries: Queries,
         observer: WorkerObserver,
         wake: Callable[[], None],
-        cancel: Callable[[int], None],
+        cancel: Callable[[int, uuid.UUID], None],
         held: Callable[[], Sequence[int]] = tuple,
         *,
         health_interval: float = 5.0,
@@ -55,12 +61,22 @@ class Notifier:
                     self._wake()
                     await self._catch_up_cancels(conn)
                     while True:
-                        async for note in conn.notifies(timeout=self._health_interval):
+                        heard = False
+                        cancelled: list[int] = []
+                        # Ends after each packet of notifications (all of it: none is
+                        # lost), so that the jobs a cancel names are looked up at once:
+                        # no query runs on the connection while notifies() waits.
+                        async for note in conn.notifies(timeout=self._health_interval, stop_after=1):
+                            heard = True
                             if note.channel == self._q.cancel_channel:
                                 if note.payload.isdigit():
-                                    self._cancel(int(note.payload))
+                                    cancelled.append(int(note.payload))
                             else:
                                 self._wake()
+                        if cancelled:
+                            await self._cancel_held(conn, set(cancelled) & set(self._held()))
+                        if heard:  # the connection answers: no health check needed yet
+                            continue
                         with anyio.fail_after(max(1.0, self._health_interval / 2)):
                             await conn.execute("SELECT 1")
                 except Exception as exc:  # noqa: BLE001 - polling covers for us meanwhile
@@ -76,12 +92,16 @@ class Notifier:
     async def _catch_up_cancels(self, conn) -> None:  # type: ignore[no-untyped-def]
         """Cancel the held jobs whose rows were cancelled while nobody listened. Run once
         LISTEN is in place: a cancel committed after this read is heard as a NOTIFY."""
-        ids = sorted(set(self._held()))
+        await self._cancel_held(conn, set(self._held()))
+
+    async def _cancel_held(self, conn, ids: set[int]) -> None:  # type: ignore[no-untyped-def]
+        """Cancel the claims of held jobs (``ids``) whose rows are cancelled now, under
+        that claim (a row cancelled keeps its claim token)."""
         if not ids:
             return
         with anyio.fail_after(max(1.0, self._health_interval / 2)):
-            cur = await conn.execute(self._q.states_of, {"ids": ids})
+            cur = await conn.execute(self._q.claims_of, {"ids": sorted(ids)})
             rows = await cur.fetchall()
-        for job_id, state in rows:
+        for job_id, state, token in rows:
             if state == "cancelled":
-                self._cancel(job_id)
+                self._cancel(job_id, token)
