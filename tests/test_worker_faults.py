@@ -532,3 +532,63 @@ def test_a_late_cancel_notice_does_not_cancel_the_retry_of_the_job_it_named(engi
     anyio.run(main)
     assert _rows(database_url, schema, "state, attempt, jsonb_array_length(errors)") == [("completed", 2, 0)]
     assert RESTART_RUNS == {1: "started", 2: "returned"}
+
+
+class FaultStaggered(Job, kind="wf_staggered", queue="wf_staggered"):
+    pass
+
+
+STAGGERED_TOLD: dict[int, tuple[float, bool]] = {}
+
+
+@FaultStaggered.handler
+async def wf_staggered(ctx: JobContext) -> None:
+    import anyio
+
+    try:
+        await anyio.sleep(60)
+    finally:  # cancelled when the worker presumes its lease lost
+        STAGGERED_TOLD.setdefault(ctx.id, (time.time(), ctx.lease_lost))
+
+
+def test_each_handler_is_told_its_lease_is_lost_by_the_time_it_runs_out(engine, database_url, schema):
+    """No beat lands (each hangs until the server's statement_timeout cancels it). The
+    watchdog looked at the leases every lease/20 (1.5 s with the default 30 s lease): a
+    handler learnt of its loss up to that long after its lease had run out in the
+    database, while the rescuer could already have handed its job to another worker.
+    Jobs claimed at different moments each run out at their own time; each is told then
+    (here within 0.1 s, where the watchdog's look every 0.3 s missed most)."""
+    import dataclasses
+
+    import anyio
+
+    from sa_jobs import Worker
+
+    STAGGERED_TOLD.clear()
+    lease = 6.0
+
+    async def main() -> dict[int, float]:
+        worker = Worker(database_url, kinds=[FaultStaggered], schema=schema, lease=lease, poll_interval=0.05,
+                        maintenance_interval=0.1, shutdown_grace=0)
+        queries = worker._queries
+        stuck = queries.heartbeat_many.replace(" WHERE ", " WHERE (SELECT pg_sleep(30)::text) = '' AND ", 1)
+        assert stuck != queries.heartbeat_many
+        worker._queries = dataclasses.replace(queries, heartbeat_many=stuck)
+        async with worker:
+            for _ in range(4):  # claimed about 0.13 s apart
+                _add(engine, FaultStaggered())
+                await anyio.sleep(0.13)
+            with anyio.fail_after(5):
+                while len(worker.running_jobs()) < 4:
+                    await anyio.sleep(0.01)
+            # No beat extends them: these are the leases the database holds the worker to.
+            expires = dict(_rows(database_url, schema, "id, extract(epoch FROM lease_expires_at)::float8"))
+            with anyio.fail_after(2 * lease):
+                while len(STAGGERED_TOLD) < 4:
+                    await anyio.sleep(0.02)
+        return expires
+
+    expires = anyio.run(main)
+    assert all(lost for _, lost in STAGGERED_TOLD.values())
+    late = {job_id: round(STAGGERED_TOLD[job_id][0] - at, 3) for job_id, at in expires.items()}
+    assert max(late.values()) < 0.1, f"told this long after each lease ran out in the database: {late}"

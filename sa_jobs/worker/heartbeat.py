@@ -62,14 +62,22 @@ class Heartbeat:
         """Presume a lease lost as it runs out, not at the next beat that fails: beats come
         an interval apart and each may hang for its whole deadline, so that beat ended up to
         a second or more past the lease, while the rescuer could already have handed the
-        job to another worker."""
-        every = max(0.05, min(self._interval, self._lease / 20))
+        job to another worker. It wakes as the first lease runs out, not at a look every
+        lease/20: a handler learnt of its loss up to that long (1.5 s of a 30 s lease) after
+        the rescuer could have taken its job."""
+        every = max(0.05, min(self._interval, self._lease / 20))  # for jobs claimed meanwhile
         while True:
-            await anyio.sleep(every)
             now = time.monotonic()
+            wake = now + every
             for job in self._running():
-                if not job.completing and now - job.last_lease_ok > self._lease:
+                if job.completing or job.lease_lost:
+                    continue
+                runs_out = job.last_lease_ok + self._lease
+                if now > runs_out:
                     self._lose(job, "heartbeats failed for longer than the lease")
+                else:
+                    wake = min(wake, runs_out)
+            await anyio.sleep(wake - now + 0.001)  # just past it
 
     async def beat(self) -> None:
         jobs = [j for j in self._running() if not j.completing and not j.lease_lost]
