@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from sa_jobs import Job, JobContext
+from sa_jobs import Job, JobContext, Unique
 from sa_jobs.events import NullObserver
 
 from .helpers import jobs_sql, q, run_worker_until
@@ -592,3 +592,52 @@ def test_each_handler_is_told_its_lease_is_lost_by_the_time_it_runs_out(engine, 
     assert all(lost for _, lost in STAGGERED_TOLD.values())
     late = {job_id: round(STAGGERED_TOLD[job_id][0] - at, 3) for job_id, at in expires.items()}
     assert max(late.values()) < 0.1, f"told this long after each lease ran out in the database: {late}"
+
+
+class FaultUniqueDone(Job, kind="wf_unique_done", queue="wf_unique_done",
+                      unique=Unique(by=("n",), states=("available", "scheduled", "retryable", "completed"))):
+    pass
+
+
+@FaultUniqueDone.handler
+async def wf_unique_done(ctx: JobContext, n: int, seconds: float) -> int:
+    import anyio
+
+    await anyio.sleep(seconds)
+    return n
+
+
+def test_a_completion_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_outcome(engine, database_url, schema):
+    """A unique job whose key 'completed' holds (and 'running' does not) finishes while an
+    app's open transaction has enqueued another job of that key: its completion waits on
+    that transaction (the unique index cannot tell yet whether the key is taken). With
+    the whole batch: no other outcome of the worker landed while the transaction lasted,
+    and those jobs ran out their leases and ran again."""
+    import anyio
+
+    from sa_jobs import Worker
+
+    lease = 4.0
+    keyed_id, other_id = _add(engine, FaultUniqueDone(n=1, seconds=1.0), FaultNeighbour(seconds=1.5))
+
+    def enqueue_and_linger() -> None:
+        with Session(engine) as session, session.begin():
+            session.add(FaultUniqueDone(n=1, seconds=0.0))
+            session.flush()
+            time.sleep(2 * lease)  # the caller's own work, before its commit
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[FaultUniqueDone, FaultNeighbour], schema=schema, lease=lease,
+                          poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=0) as worker:
+            with anyio.fail_after(10):
+                while len(worker.running_jobs()) < 2:
+                    await anyio.sleep(0.02)
+            await anyio.to_thread.run_sync(enqueue_and_linger)
+            with anyio.move_on_after(15):
+                while _unfinished(database_url, schema):
+                    await anyio.sleep(0.1)
+
+    anyio.run(main)
+    rows = dict((r[0], r[1:]) for r in _rows(database_url, schema, "id, state, attempt, jsonb_array_length(errors)"))
+    assert rows[other_id] == ("completed", 1, 0), "the other job's outcome waited behind another job's unique key"
+    assert rows[keyed_id][:2] == ("completed", 1)

@@ -34,6 +34,20 @@ RESULT_CHARS_PER_FLUSH = _validate.MAX_RESULT_BYTES
 LOCK_WAIT = 0.5
 
 
+def _waited(exc: BaseException) -> bool:
+    """A write that ran out of the connection's lock_timeout (LOCK_WAIT) on another
+    transaction: one that holds a row lock the usual flush met, or, even around row locks,
+    one that inserted a unique key the outcome's state would take (the index waits for it
+    to end). The batch is split, as for a refusal, so only such outcomes wait (and are
+    kept): retried whole as a transient failure, the batch waited on it every time, and no
+    outcome of the worker landed while that transaction lasted."""
+    return isinstance(exc, psycopg.errors.LockNotAvailable)
+
+
+class _RowLocked(Exception):
+    """A superseded outcome's row was locked by another transaction: kept, written later."""
+
+
 class Completer:
     def __init__(
         self,
@@ -117,8 +131,9 @@ class Completer:
                 self._in_flight = 0
                 raise
             self._observer.loop_error("completer")
-            await self._conn.discard()
-            if is_transient(exc):
+            if not _waited(exc):  # the connection is fine after a lock wait
+                await self._conn.discard()
+            if is_transient(exc) and not _waited(exc):
                 self._pending[:0] = batch
                 self._in_flight = 0
                 self._failures += 1
@@ -127,9 +142,10 @@ class Completer:
                 return False
             # The database refused the batch itself: write it in halves, so one bad row
             # cannot hold back the rest. One that still fails alone is dropped and logged;
-            # its job stays running until its lease expires and is then rescued.
+            # its job stays running until its lease expires and is then rescued. One that
+            # still waits alone on another transaction is kept, as a locked row's is.
             log.warning("completer: batch of %d refused (%s); writing it in parts", len(batch), describe(exc))
-            await self._write_in_parts(batch)
+            locked = await self._write_in_parts(batch)
         self._in_flight = 0
         self._failures = 0
         if locked:
@@ -165,10 +181,13 @@ class Completer:
                     return self._pending[:i], self._pending[i:]
         return self._pending, []
 
-    async def _write_in_parts(self, batch: list[Outcome]) -> None:
+    async def _write_in_parts(self, batch: list[Outcome]) -> list[Outcome]:
         """Write a batch the database refused by halves (a flush is one statement: a refused
         part wrote nothing), down to the outcomes refused alone: about 2 x log2(n)
-        statements per bad outcome, where writing one by one took n (2,000 for a full batch)."""
+        statements per bad outcome, where writing one by one took n (2,000 for a full batch).
+        Returns the outcomes kept to be written later: their rows were locked, or they
+        waited alone on another transaction (see _waited)."""
+        kept: list[Outcome] = []
         half = len(batch) // 2
         parts = [batch[half:], batch[:half]] if half else [batch]  # a stack: the next part is last
         while parts:
@@ -176,25 +195,32 @@ class Completer:
             try:
                 conn = await self._conn.get()
                 with self._conn.deadline():
-                    self._pending.extend(await self._write(conn, part))  # rows locked: kept
+                    kept += await self._write(conn, part)
                 continue
             except Exception as exc:  # noqa: BLE001
-                if is_transient(exc):
+                if is_transient(exc) and not _waited(exc):
                     self._pending[:0] = part + [o for rest in reversed(parts) for o in rest]
                     await self._conn.discard()
-                    return
+                    return kept
                 if len(part) > 1:
                     half = len(part) // 2
                     parts += [part[half:], part[:half]]
                     continue
                 outcome = part[0]
+                if _waited(exc):
+                    kept.append(outcome)
+                    continue
                 if isinstance(exc, psycopg.errors.UniqueViolation):
                     try:
                         if await self._write_superseded(outcome):
                             continue
                     except Exception as again:  # noqa: BLE001 - logged below, as any refusal
+                        if isinstance(again, _RowLocked) or _waited(again):
+                            kept.append(outcome)
+                            continue
                         exc = again
                 log.error("completer: dropping the %s outcome of job %s (%s)", outcome.action, outcome.job.id, describe(exc))
+        return kept
 
     async def _write_superseded(self, outcome: Outcome) -> bool:
         """Write an outcome the unique index refused: another job took this one's key while
@@ -228,7 +254,8 @@ class Completer:
                 if target in states:
                     await conn.execute(self._q.drop_unique_key, {"id": job.id, "token": job.token})
                 log.warning("completer: job %s ends %s; job %s took its unique key while it ran", job.id, target, holder)
-                await self._write(conn, [outcome], around_locks=False)
+                if await self._write(conn, [outcome]):
+                    raise _RowLocked()  # rolled back with the key it gave up: kept, written later
         if ended_dead:
             self._dead(job.queue, job.kind, 1)
         return True
@@ -246,7 +273,7 @@ class Completer:
                     return True
         return not self._pending and not self._flushing.locked()
 
-    async def _write(self, conn: Any, batch: list[Outcome], *, around_locks: bool = True) -> list[Outcome]:
+    async def _write(self, conn: Any, batch: list[Outcome]) -> list[Outcome]:
         """Write ``batch``; returns the outcomes whose rows another transaction held locked
         (none were written), to be written later.
 
@@ -256,8 +283,8 @@ class Completer:
         and the jobs finished meanwhile, heartbeated no more, ran out their leases and ran
         again. A flush now waits at most LOCK_WAIT (the connection's lock_timeout), then
         writes around the locked rows, as the flushes after it do until one finds none
-        (that statement costs more, so it is not the usual one). ``around_locks=False``
-        inside a transaction, which the refused statement aborted: the error is raised."""
+        (that statement costs more, so it is not the usual one). Inside a transaction
+        (_write_superseded), which the lock wait aborted, the error is raised."""
         complete = [o for o in batch if o.action == "complete"]
         finish = [o for o in batch if o.action == "finish"]
         release = [o for o in batch if o.action == "release"]
@@ -276,13 +303,13 @@ class Completer:
             "r_tokens": [o.job.token for o in release],
             "r_reported": [o.job.reported for o in release],
         }
-        if not self._around_locks or not around_locks:
+        if not self._around_locks:
             try:
                 # One statement, one round trip, atomic: the batch lands or is retried as a unit.
                 await conn.execute(self._q.flush_outcomes, params, prepare=True)
                 return []
             except psycopg.errors.LockNotAvailable:
-                if not around_locks:
+                if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
                     raise
                 log.warning("completer: a row of the batch is locked by another transaction; writing around it")
                 self._around_locks = True
