@@ -120,6 +120,46 @@ def _claim_statement(*, after: bool) -> str:
     )
 
 
+# How long the rescue waits on another transaction (in the statement: one round trip).
+RESCUE_LOCK_TIMEOUT = "500ms"
+
+
+def _rescue_statement(*, only_ids: bool) -> str:
+    """Return up to %(limit)s expired jobs (``only_ids``: of %(ids)s) to retryable, or dead.
+
+    A unique job going back to a state that holds its key waits while another
+    transaction has inserted a job of that key and not committed (the unique index cannot
+    tell yet whether the key is taken). One such job held up the rescue of every expired
+    job on every worker for as long as that transaction lasted (each tick ran into its
+    deadline and dropped leadership). The statement sets its own lock_timeout (local to
+    its transaction, set before it locks anything): past it, it fails with
+    LockNotAvailable, and the Rescuer rescues the jobs one at a time."""
+    only = " AND e.id = ANY(%(ids)s::bigint[])" if only_ids else ""
+    return (
+        "WITH expired AS MATERIALIZED ("
+        " SELECT e.id, CASE WHEN e.attempt >= e.max_attempts THEN 'dead' ELSE 'retryable' END AS due,"
+        "  e.unique_states, (" + _HOLDER.format(row="e") + ") AS holder"
+        " FROM {jobs} AS e WHERE e.state = 'running' AND e.lease_expires_at < now()" + only +
+        "  AND (SELECT set_config('lock_timeout', '" + RESCUE_LOCK_TIMEOUT + "', true)) IS NOT NULL"
+        " LIMIT %(limit)s FOR UPDATE OF e SKIP LOCKED),"
+        " outcome AS (SELECT id, due, holder, unique_states, CASE"
+        "  WHEN holder IS NULL OR due <> ALL (unique_states) THEN due"
+        "  WHEN 'dead' <> ALL (unique_states) THEN 'dead' ELSE 'cancelled' END AS target FROM expired)"
+        " UPDATE {jobs} AS j SET state = o.target,"
+        " unique_key = CASE WHEN o.target <> o.due AND o.target = ANY (o.unique_states)"
+        "  THEN NULL ELSE j.unique_key END,"
+        " finished_at = CASE WHEN o.target <> 'retryable' THEN now() END,"
+        " scheduled_at = now(), lease_expires_at = NULL,"
+        " errors = j.errors || jsonb_build_array(jsonb_build_object("
+        "  'attempt', j.attempt, 'at', now(), 'worker', j.lease_owner,"
+        "  'error', 'LeaseExpired: the worker stopped heartbeating (crashed, killed"
+        " or partitioned); the attempt is counted' || CASE WHEN o.target <> o.due"
+        "  THEN '; not retried: job ' || o.holder || ' holds its unique key' ELSE '' END))"
+        " FROM outcome AS o WHERE j.id = o.id"
+        " RETURNING j.id, j.state, j.queue, j.kind"
+    )
+
+
 def cancel_channel_name(schema: str = DEFAULT_SCHEMA) -> str:
     """Channel on which cancelling a running job is announced; the payload is the job id."""
     return f"{_validate.schema_name(schema)}_jobs_cancelled"
@@ -148,6 +188,8 @@ class Queries:
     flush_outcomes_around_locks: str
     heartbeat_many: str
     rescue_expired: str
+    rescue_expired_ids: str
+    expired_ids: str
     promote_due: str
     notify: str
     try_leader_lock: str
@@ -244,28 +286,11 @@ class Queries:
             # its key's states), naming the holder; the Rescuer rescues one job per
             # statement when two of one batch share a key. If cancelled holds the key too,
             # the job gives its key up, as the completer's superseded outcome does.
-            rescue_expired=r(
-                "WITH expired AS MATERIALIZED ("
-                " SELECT e.id, CASE WHEN e.attempt >= e.max_attempts THEN 'dead' ELSE 'retryable' END AS due,"
-                "  e.unique_states, (" + _HOLDER.format(row="e") + ") AS holder"
-                " FROM {jobs} AS e WHERE e.state = 'running' AND e.lease_expires_at < now()"
-                " LIMIT %(limit)s FOR UPDATE OF e SKIP LOCKED),"
-                " outcome AS (SELECT id, due, holder, unique_states, CASE"
-                "  WHEN holder IS NULL OR due <> ALL (unique_states) THEN due"
-                "  WHEN 'dead' <> ALL (unique_states) THEN 'dead' ELSE 'cancelled' END AS target FROM expired)"
-                " UPDATE {jobs} AS j SET state = o.target,"
-                " unique_key = CASE WHEN o.target <> o.due AND o.target = ANY (o.unique_states)"
-                "  THEN NULL ELSE j.unique_key END,"
-                " finished_at = CASE WHEN o.target <> 'retryable' THEN now() END,"
-                " scheduled_at = now(), lease_expires_at = NULL,"
-                " errors = j.errors || jsonb_build_array(jsonb_build_object("
-                "  'attempt', j.attempt, 'at', now(), 'worker', j.lease_owner,"
-                "  'error', 'LeaseExpired: the worker stopped heartbeating (crashed, killed"
-                " or partitioned); the attempt is counted' || CASE WHEN o.target <> o.due"
-                "  THEN '; not retried: job ' || o.holder || ' holds its unique key' ELSE '' END))"
-                " FROM outcome AS o WHERE j.id = o.id"
-                " RETURNING j.id, j.state, j.queue, j.kind"
-            ),
+            rescue_expired=r(_rescue_statement(only_ids=False)),
+            # The same for the given expired jobs, and the expired jobs' ids: the rescue
+            # one job at a time once a batch waited on another transaction (Rescuer).
+            rescue_expired_ids=r(_rescue_statement(only_ids=True)),
+            expired_ids=r("SELECT id FROM {jobs} WHERE state = 'running' AND lease_expires_at < now() LIMIT %(limit)s"),
             # A due job whose unique key another job holds, and that would hold it once
             # available, waits (stays scheduled/retryable) until the key is free: promoting
             # it would make a duplicate, and the UniqueViolation failed every promotion on

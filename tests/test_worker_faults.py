@@ -641,3 +641,43 @@ def test_a_completion_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_out
     rows = dict((r[0], r[1:]) for r in _rows(database_url, schema, "id, state, attempt, jsonb_array_length(errors)"))
     assert rows[other_id] == ("completed", 1, 0), "the other job's outcome waited behind another job's unique key"
     assert rows[keyed_id][:2] == ("completed", 1)
+
+
+def test_a_rescue_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_rescue(engine, database_url, schema):
+    """A unique job whose worker died (its lease ran out), whose key 'retryable' holds,
+    while an app's open transaction has enqueued another job of that key: rescuing it
+    waits on that transaction (the unique index cannot tell yet whether the key is
+    taken). The rescue is one statement for every expired job, on every worker: none was
+    rescued while the transaction lasted (each tick ran into its deadline, and dropped
+    leadership), so every other job of a dead worker waited too."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+
+    states = ["available", "scheduled", "retryable", "completed"]
+    expired = ("INSERT INTO {jobs} (kind, queue, state, attempt, claim_token, lease_expires_at, args, unique_key,"
+               " unique_states) VALUES (%s, %s, 'running', 1, gen_random_uuid(), now() - interval '1 second', %s, %s, %s)"
+               " RETURNING id")
+    (keyed_id,) = q(database_url, jobs_sql(schema, expired), ("wf_unique_done", "wf_unique_done",
+                                                              '{"n": 1, "seconds": 0}', "k1", states))[0]
+    (other_id,) = q(database_url, jobs_sql(schema, expired), ("wf_neighbour", "wf_neighbour", '{"seconds": 0}',
+                                                              None, None))[0]
+    with psycopg.connect(to_conninfo(database_url)) as app:  # its transaction stays open
+        app.execute(jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, args, unique_key, unique_states)"
+                                     " VALUES ('wf_unique_done', 'wf_unique_done', %s, 'k1', %s)"),
+                    ('{"n": 1, "seconds": 0}', states))
+
+        async def main() -> None:
+            async with Worker(database_url, kinds=[FaultNeighbour], schema=schema, lease=4.0, poll_interval=0.2,
+                              maintenance_interval=0.1, shutdown_grace=0):
+                with anyio.move_on_after(6):
+                    while q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"),
+                            (other_id,))[0][0] != "completed":
+                        await anyio.sleep(0.1)
+
+        anyio.run(main)
+        other = q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} WHERE id = %s"), (other_id,))[0]
+        app.rollback()
+    assert other == ("completed", 2), "no expired job was rescued while one of them waited on a unique key"

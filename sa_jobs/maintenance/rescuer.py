@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any
+
+import psycopg
 
 from ..queries import Queries
 from ..events import WorkerObserver, hook
 from .leader import run_batches
+
+log = logging.getLogger("sa_jobs.maintenance")
 
 
 class Rescuer:
@@ -20,7 +25,25 @@ class Rescuer:
         self._batch = batch
 
     async def run_once(self, conn: Any, queries: Queries) -> None:
-        await run_batches(conn, queries.rescue_expired, self._batch, self._rescued)
+        try:
+            await run_batches(conn, queries.rescue_expired, self._batch, self._rescued)
+        except psycopg.errors.LockNotAvailable:
+            await self._one_at_a_time(conn, queries)
+
+    async def _one_at_a_time(self, conn: Any, queries: Queries) -> None:
+        """A batch waited on another transaction past the rescue's lock_timeout (a unique
+        job whose key that transaction inserted: see queries._rescue_statement). Each
+        expired job alone, so that only those that wait wait, for the next tick."""
+        cur = await conn.execute(queries.expired_ids, {"limit": self._batch})
+        waiting = 0
+        for (job_id,) in await cur.fetchall():
+            try:
+                await self._rescued(await conn.execute(queries.rescue_expired_ids, {"limit": 1, "ids": [job_id]}))
+            except psycopg.errors.LockNotAvailable:
+                waiting += 1
+        if waiting:
+            log.warning("rescuer: %d expired job(s) wait on another transaction (a unique key it has inserted"
+                        " and not committed); rescued once it ends", waiting)
 
     async def _rescued(self, cur: Any) -> int:
         rows = await cur.fetchall()
