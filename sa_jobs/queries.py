@@ -120,7 +120,8 @@ def _claim_statement(*, after: bool) -> str:
     )
 
 
-# How long the rescue waits on another transaction (in the statement: one round trip).
+# How long the rescue and the promotion wait on another transaction (set in the
+# statement: no round trip of its own).
 RESCUE_LOCK_TIMEOUT = "500ms"
 
 
@@ -160,6 +161,32 @@ def _rescue_statement(*, only_ids: bool) -> str:
     )
 
 
+# A job the promotion makes available: due, and not waiting for its unique key.
+_DUE = (
+    "state IN ('scheduled', 'retryable') AND scheduled_at <= now()"
+    " AND NOT (d.unique_key IS NOT NULL AND coalesce('available' = ANY (d.unique_states), false)"
+    "  AND EXISTS (" + _HOLDER.format(row="d") + "))"
+)
+
+
+def _promote_statement(*, only_ids: bool) -> str:
+    """Make up to %(limit)s due jobs (``only_ids``: of %(ids)s) available.
+
+    As the rescue (see _rescue_statement): a unique job whose key another transaction has
+    inserted and not committed makes its promotion wait on that transaction, which held
+    up the promotion of every due job on every worker; the statement's own lock_timeout
+    ends that wait, and the Scheduler then promotes the jobs one at a time."""
+    only = " AND d.id = ANY(%(ids)s::bigint[])" if only_ids else ""
+    return (
+        "WITH due AS MATERIALIZED ("
+        " SELECT id FROM {jobs} AS d WHERE " + _DUE + only +
+        "  AND (SELECT set_config('lock_timeout', '" + RESCUE_LOCK_TIMEOUT + "', true)) IS NOT NULL"
+        " ORDER BY scheduled_at LIMIT %(limit)s"
+        " FOR UPDATE SKIP LOCKED)"
+        " UPDATE {jobs} AS j SET state = 'available' FROM due WHERE j.id = due.id"
+    )
+
+
 def cancel_channel_name(schema: str = DEFAULT_SCHEMA) -> str:
     """Channel on which cancelling a running job is announced; the payload is the job id."""
     return f"{_validate.schema_name(schema)}_jobs_cancelled"
@@ -191,6 +218,8 @@ class Queries:
     rescue_expired_ids: str
     expired_ids: str
     promote_due: str
+    promote_due_ids: str
+    due_ids: str
     notify: str
     try_leader_lock: str
     listen: str
@@ -295,16 +324,11 @@ class Queries:
             # available, waits (stays scheduled/retryable) until the key is free: promoting
             # it would make a duplicate, and the UniqueViolation failed every promotion on
             # every worker. Two due jobs of one key: see Scheduler.
-            promote_due=r(
-                "WITH due AS MATERIALIZED ("
-                " SELECT id FROM {jobs} AS d WHERE state IN ('scheduled', 'retryable')"
-                " AND scheduled_at <= now()"
-                " AND NOT (d.unique_key IS NOT NULL AND coalesce('available' = ANY (d.unique_states), false)"
-                "  AND EXISTS (" + _HOLDER.format(row="d") + "))"
-                " ORDER BY scheduled_at LIMIT %(limit)s"
-                " FOR UPDATE SKIP LOCKED)"
-                " UPDATE {jobs} AS j SET state = 'available' FROM due WHERE j.id = due.id"
-            ),
+            promote_due=r(_promote_statement(only_ids=False)),
+            # The same for the given jobs, and the due jobs' ids: the promotion one job at
+            # a time once a batch waited on another transaction (Scheduler).
+            promote_due_ids=r(_promote_statement(only_ids=True)),
+            due_ids=r("SELECT id FROM {jobs} AS d WHERE " + _DUE + " ORDER BY scheduled_at LIMIT %(limit)s"),
             notify=r("SELECT pg_notify({channel}, '')"),
             try_leader_lock=r("SELECT pg_try_advisory_lock(hashtext('sa_jobs.leader'), hashtext({channel}))"),
             listen=sql.SQL("LISTEN {}").format(sql.Identifier(channel_name(schema))).as_string(),

@@ -681,3 +681,38 @@ def test_a_rescue_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_rescue(
         other = q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} WHERE id = %s"), (other_id,))[0]
         app.rollback()
     assert other == ("completed", 2), "no expired job was rescued while one of them waited on a unique key"
+
+
+def test_a_promotion_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_promotion(engine, database_url, schema):
+    """The same wait in the promotion: a due unique job whose key 'available' holds, while
+    an app's open transaction has enqueued another job of that key. The promotion is one
+    statement for every due job, on every worker: no job of any kind became available
+    while the transaction lasted (each tick ran into its deadline)."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+
+    states = ["available"]  # the due job does not hold its key now; once available, it would
+    due = ("INSERT INTO {jobs} (kind, queue, state, scheduled_at, args, unique_key, unique_states)"
+           " VALUES (%s, %s, 'scheduled', now(), %s, %s, %s) RETURNING id")
+    q(database_url, jobs_sql(schema, due), ("wf_unique_done", "wf_unique_done", '{"n": 1, "seconds": 0}', "k1", states))
+    (other_id,) = q(database_url, jobs_sql(schema, due), ("wf_neighbour", "wf_neighbour", '{"seconds": 0}', None, None))[0]
+    with psycopg.connect(to_conninfo(database_url)) as app:  # its transaction stays open
+        app.execute(jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, args, unique_key, unique_states)"
+                                     " VALUES ('wf_unique_done', 'wf_unique_done', %s, 'k1', %s)"),
+                    ('{"n": 1, "seconds": 0}', states))
+
+        async def main() -> None:
+            async with Worker(database_url, kinds=[FaultNeighbour], schema=schema, lease=4.0, poll_interval=0.2,
+                              maintenance_interval=0.1, shutdown_grace=0):
+                with anyio.move_on_after(6):
+                    while q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"),
+                            (other_id,))[0][0] != "completed":
+                        await anyio.sleep(0.1)
+
+        anyio.run(main)
+        other = q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} WHERE id = %s"), (other_id,))[0]
+        app.rollback()
+    assert other == ("completed", 1), "no due job was promoted while one of them waited on a unique key"

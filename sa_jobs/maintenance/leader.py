@@ -181,6 +181,27 @@ async def run_batches(conn: Any, statement: str, batch: int, done: Callable[[Any
             return  # done, or the rest at the next tick
 
 
+async def run_one_at_a_time(conn: Any, ids_statement: str, statement: str, batch: int,
+                            done: Callable[[Any], Awaitable[int]], left: set[int]) -> None:
+    """After a run of ``statement`` waited on another transaction past its own lock_timeout
+    (LockNotAvailable: a unique key that transaction inserted and has not committed, see
+    queries._rescue_statement): the rows ``ids_statement`` names (at most ``batch``), one
+    per statement, so that only those that wait (or collide) are left for a later tick,
+    within the service's share of the tick. ``left``: the rows left by the last such run,
+    tried last (each wait costs the lock_timeout), and replaced by this run's."""
+    budget = TickBudget()
+    cur = await conn.execute(ids_statement, {"limit": batch})
+    ids = sorted((row[0] for row in await cur.fetchall()), key=lambda row_id: row_id in left)  # stable
+    left.clear()
+    for row_id in ids:
+        if budget.spent(0.0):
+            break
+        try:
+            await done(await conn.execute(statement, {"limit": 1, "ids": [row_id]}))
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.UniqueViolation):
+            left.add(row_id)
+
+
 class MaintenanceService(Protocol):
     """A task of the maintenance loop. It may also define ``bind_observer(observer)``:
     the maintainer calls it once, so the service can report what it did (metrics); and

@@ -10,7 +10,7 @@ import psycopg
 
 from ..queries import Queries
 from ..events import WorkerObserver, hook
-from .leader import run_batches
+from .leader import run_batches, run_one_at_a_time
 
 log = logging.getLogger("sa_jobs.maintenance")
 
@@ -23,6 +23,7 @@ class Rescuer:
         self._observer = observer
         self._dead = hook(observer, "rescued_dead")
         self._batch = batch
+        self._left: set[int] = set()  # expired jobs left waiting on another transaction at the last try
 
     async def run_once(self, conn: Any, queries: Queries) -> None:
         try:
@@ -31,19 +32,13 @@ class Rescuer:
             await self._one_at_a_time(conn, queries)
 
     async def _one_at_a_time(self, conn: Any, queries: Queries) -> None:
-        """A batch waited on another transaction past the rescue's lock_timeout (a unique
-        job whose key that transaction inserted: see queries._rescue_statement). Each
-        expired job alone, so that only those that wait wait, for the next tick."""
-        cur = await conn.execute(queries.expired_ids, {"limit": self._batch})
-        waiting = 0
-        for (job_id,) in await cur.fetchall():
-            try:
-                await self._rescued(await conn.execute(queries.rescue_expired_ids, {"limit": 1, "ids": [job_id]}))
-            except psycopg.errors.LockNotAvailable:
-                waiting += 1
-        if waiting:
+        """A job waited on another transaction past the rescue's lock_timeout (a unique
+        job whose key that transaction inserted: see queries._rescue_statement)."""
+        await run_one_at_a_time(conn, queries.expired_ids, queries.rescue_expired_ids, self._batch, self._rescued,
+                                self._left)
+        if self._left:
             log.warning("rescuer: %d expired job(s) wait on another transaction (a unique key it has inserted"
-                        " and not committed); rescued once it ends", waiting)
+                        " and not committed); rescued once it ends", len(self._left))
 
     async def _rescued(self, cur: Any) -> int:
         rows = await cur.fetchall()

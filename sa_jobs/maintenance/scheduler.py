@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import psycopg
 
 from ..events import hook
 from ..queries import Queries
-from .leader import run_batches
+from .leader import run_batches, run_one_at_a_time
+
+log = logging.getLogger("sa_jobs.maintenance")
 
 
 class Scheduler:
@@ -16,6 +21,7 @@ class Scheduler:
     def __init__(self, *, batch: int = 5000) -> None:
         self._batch = batch
         self._promoted = hook(None, "promoted")
+        self._left: set[int] = set()  # due jobs left waiting on another transaction at the last try
 
     def bind_observer(self, observer: Any) -> None:
         self._promoted = hook(observer, "promoted")
@@ -28,7 +34,14 @@ class Scheduler:
             promoted += cur.rowcount
             return int(cur.rowcount)
 
-        await run_batches(conn, queries.promote_due, self._batch, done)
+        try:
+            await run_batches(conn, queries.promote_due, self._batch, done)
+        except psycopg.errors.LockNotAvailable:
+            # A job waited on another transaction (queries._promote_statement).
+            await run_one_at_a_time(conn, queries.due_ids, queries.promote_due_ids, self._batch, done, self._left)
+            if self._left:
+                log.warning("scheduler: %d due job(s) wait on another transaction (a unique key it has inserted"
+                            " and not committed); promoted once it ends", len(self._left))
         if promoted:
             self._promoted(promoted)
             await conn.execute(queries.notify)
