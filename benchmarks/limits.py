@@ -66,16 +66,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             s.dsn = cluster.create_database("bench_limits_" + v.replace("-", "_"))
             s.info = s.run_json("info")
         # Interleaved (none, concurrency, ..., none, concurrency, ...): a change of machine
-        # load during the run spreads over every variant instead of one. Each round starts
-        # one variant further on (round 2: concurrency, ..., none), so no variant always
-        # runs first or after the same one (background work such as a checkpoint or the
-        # autovacuum of the last drain's rows then falls on each in turn). In a fixed order
+        # load during the run spreads over every variant instead of one. The rounds follow
+        # a balanced order (round_orders), so no variant always runs first or after the
+        # same one (background work such as a checkpoint or the autovacuum of the last
+        # drain's rows then falls on each in turn). In a fixed order
         # limits-20261206T071709Z measured concurrency and rate 8% faster than none, which
         # does strictly less work.
         per_variant: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-        for round_ in range(a.runs):
-            shift = round_ % len(variants)
-            for v in variants[shift:] + variants[:shift]:
+        for order in round_orders(variants, a.runs):
+            for v in order:
                 s = systems[v]
                 r = drain_once(cluster, s, workers=a.workers, concurrency=a.concurrency, n=a.n)
                 print(f"{v:>20}: {r['jobs_per_s']:,.0f} jobs/s", file=sys.stderr)
@@ -89,6 +88,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table(result, variants, a))
     print(f"\nJSON: {out}")
     return 0
+
+
+def round_orders(variants: list[str], runs: int) -> list[list[str]]:
+    """The order of each round: rows of a Williams design (0, 1, n-1, 2, n-2, ... shifted by
+    the round). Over n rounds every variant runs once in every place and, for an even n,
+    after every other variant at most once. Starting each round one variant further on
+    (what this did before) kept each variant after the same one in every round but the
+    one it opened, so whatever a drain leaves behind always fell on the same successor."""
+    n = len(variants)
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        if len(first) % 2:
+            first.append(lo)
+            lo += 1
+        else:
+            first.append(hi)
+            hi -= 1
+    return [[variants[(i + r) % n] for i in first] for r in range(runs)]
 
 
 def round_ratios(runs: list[float], base_runs: list[float]) -> list[float]:
