@@ -142,6 +142,12 @@ class Cluster:
                 pass
         return total
 
+    def backend_cpu_seconds(self, pid: int) -> float:
+        """CPU (user+system) of one live backend so far: the harness's own connection, whose
+        queries are subtracted from the server's figure."""
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+
     def settle(self, baseline: set[int], timeout: float = 3.0) -> None:
         """Wait until backends that are not in ``baseline`` have exited and been reaped, so
         their CPU shows in the postmaster's children times (else cpu_seconds misses it)."""

@@ -21,3 +21,93 @@ def test_limits_rounds_never_keep_a_variant_after_the_same_one(n):
             assert len(before) < runs or len(set(before)) > 1, (v, orders)
             if n % 2 == 0:  # a Williams design: each ordered pair at most once in n rounds
                 assert len(set(before)) == len(before), (v, orders)
+
+
+# --- On a private cluster: drivers that misbehave in one way each, around the plain baseline.
+
+PLAIN = "benchmarks/drivers/plain.py"
+PRELUDE = '''
+import json, runpy, sys, time
+from pathlib import Path
+DRIVERS = Path(@DRIVERS@)
+sys.path.insert(0, str(DRIVERS))
+import _proto
+a = _proto.parser().parse_args()
+'''
+RUN_PLAIN = "runpy.run_path(str(DRIVERS / 'plain.py'), run_name='__main__')\n"
+
+# The checker's pending query burns about a second of server CPU per call.
+SLOW_CHECK = PRELUDE + '''
+if a.command == "info":
+    _proto.emit({"system": "plain, slow pending query", "version": "0", "driver": "psycopg",
+                 "pending_sql": "SELECT count(*) FROM plain_jobs WHERE state <> 'done'"
+                                " AND (SELECT count(*) FROM generate_series(1, 10000000)) > 0",
+                 "verify_sql": "SELECT count(*) FILTER (WHERE state = 'done'),"
+                               " count(*) FILTER (WHERE state <> 'done'), count(*) FROM plain_jobs"})
+else:
+''' + "    " + RUN_PLAIN
+
+# A worker that claims every job, spends 2 ms of CPU on each, then starts them all at once.
+BURST = PRELUDE + '''
+if a.command == "worker":
+    import psycopg
+    conn = psycopg.connect(a.dsn, autocommit=True)
+    _proto.say("ready")
+    _proto.wait_for("go")
+    _proto.start_progress()
+    rows = conn.execute("UPDATE plain_jobs SET state = 'running' RETURNING id, args").fetchall()
+    end = time.process_time() + 0.002 * len(rows)
+    while time.process_time() < end:
+        pass
+    for _id, args in rows:
+        _proto.record(args["n"])
+    conn.execute("UPDATE plain_jobs SET state = 'done'")
+    _proto.wait_for("stop")
+    _proto.finish_worker(a.out)
+else:
+''' + "    " + RUN_PLAIN
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    pytest.importorskip("psutil")
+    try:
+        from benchmarks.cluster import Cluster, find_bin_dir
+
+        find_bin_dir()
+    except (ImportError, RuntimeError) as exc:
+        pytest.skip(f"no PostgreSQL binaries for the benchmark cluster: {exc}")
+    with Cluster() as c:
+        yield c
+
+
+def _system(cluster, tmp_path, name, text):
+    import sys
+
+    from benchmarks.runner import DRIVERS, System
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(text.replace("@DRIVERS@", repr(str(DRIVERS))))
+    s = System(name, str(path.with_suffix("")), sys.executable)  # DRIVERS / an absolute path
+    s.dsn = cluster.create_database(f"bench_{name}")
+    s.info = s.run_json("info")
+    return s
+
+
+def test_drain_server_cpu_leaves_out_the_checkers_own_queries(cluster, tmp_path):
+    from benchmarks.runner import drain_once
+
+    s = _system(cluster, tmp_path, "slow_check", SLOW_CHECK)
+    r = drain_once(cluster, s, workers=1, concurrency=100, n=1000)
+    assert r["verify"]["ok"]
+    # plain costs tens of µs per job; each of the checker's polls about 1,000 µs per job here
+    assert r["server_cpu_us_per_job"] < 300, r["server_cpu_us_per_job"]
+
+
+def test_target_drain_cpu_is_per_job_run_in_the_measured_window(cluster, tmp_path):
+    from benchmarks.runner import drain_once
+
+    s = _system(cluster, tmp_path, "burst", BURST)
+    r = drain_once(cluster, s, workers=1, concurrency=10, n=200, target=20)
+    # 2 ms of client CPU per job, and all 200 ran before the harness stopped its meters
+    assert 1500 < r["client_cpu_us_per_job"] < 4000, r["client_cpu_us_per_job"]
