@@ -47,6 +47,13 @@ if a.command == "info":
 else:
 ''' + "    " + RUN_PLAIN
 
+# Enqueues one job fewer than asked (and says so in its own JSON).
+SHORT_ENQUEUE = PRELUDE + '''
+if a.command == "enqueue":
+    i = sys.argv.index("--n")
+    sys.argv[i + 1] = str(int(sys.argv[i + 1]) - 1)
+''' + RUN_PLAIN
+
 # A worker that claims every job, spends 2 ms of CPU on each, then starts them all at once.
 BURST = PRELUDE + '''
 if a.command == "worker":
@@ -102,6 +109,17 @@ def test_drain_server_cpu_leaves_out_the_checkers_own_queries(cluster, tmp_path)
     assert r["verify"]["ok"]
     # plain costs tens of µs per job; each of the checker's polls about 1,000 µs per job here
     assert r["server_cpu_us_per_job"] < 300, r["server_cpu_us_per_job"]
+
+
+def test_enqueue_that_loses_a_job_is_not_reported(cluster, tmp_path):
+    from benchmarks.runner import enqueue_once
+
+    s = _system(cluster, tmp_path, "short_enqueue", SHORT_ENQUEUE)
+    for mode in ("single", "bulk"):
+        with pytest.raises(RuntimeError, match="enqueue"):
+            enqueue_once(cluster, s, mode=mode, n=50)
+    plain = _system(cluster, tmp_path, "plain_enqueue", PRELUDE + RUN_PLAIN)
+    assert enqueue_once(cluster, plain, mode="bulk", n=50)["jobs_per_s"] > 0
 
 
 def test_target_drain_cpu_is_per_job_run_in_the_measured_window(cluster, tmp_path):
