@@ -173,6 +173,10 @@ def verify_sql(system: System, handled: list[tuple[int, float]], n_expected: int
             (n_expected,)).fetchone()
         finished, other, rows = conn.execute(system.info["verify_sql"]).fetchone()
         stuck = conn.execute(system.info["stuck_sql"]).fetchone()[0] if "stuck_sql" in system.info else 0
+        # Counts alone balance a handled job put back to wait (it would run again) against an
+        # unhandled one left 'running': where a driver can, tie each handled n to its row.
+        mismatched = (conn.execute(system.info["mismatch_sql"]).fetchone()[0]
+                      if "mismatch_sql" in system.info else 0)
         conn.execute("DROP TABLE bench_handled")
     finished -= completed_preload
     if full:
@@ -181,7 +185,8 @@ def verify_sql(system: System, handled: list[tuple[int, float]], n_expected: int
         # A partial drain stops workers mid-flight: a handled job must be finished, or (a
         # shutdown that did not flush its outcome) still 'running', to be rescued later.
         ok = total == distinct == in_range and finished + stuck == distinct
-    return {"ok": ok, "handled": total, "distinct": distinct, "in_range": in_range,
+    ok = ok and mismatched == 0
+    return {"ok": ok, "rows_not_matching_handled": mismatched, "handled": total, "distinct": distinct, "in_range": in_range,
             "finished_in_sql": finished, "not_finished_in_sql": other, "rows": rows,
             "running_after_workers_exited": stuck}
 

@@ -129,3 +129,42 @@ def test_target_drain_cpu_is_per_job_run_in_the_measured_window(cluster, tmp_pat
     r = drain_once(cluster, s, workers=1, concurrency=10, n=200, target=20)
     # 2 ms of client CPU per job, and all 200 ran before the harness stopped its meters
     assert 1500 < r["client_cpu_us_per_job"] < 4000, r["client_cpu_us_per_job"]
+
+
+# sa-jobs' own tables and info, and a worker whose graceful stop mixes up two jobs: job 0 ran
+# but is put back to 'available' (it would run again), job 10 never ran but is left 'running'.
+SWAPPED_STOP = '''
+import runpy, sys
+from pathlib import Path
+DRIVERS = Path(@DRIVERS@)
+sys.path.insert(0, str(DRIVERS))
+import _proto
+a = _proto.parser().parse_args()
+if a.command == "worker":
+    import psycopg
+    conn = psycopg.connect(a.dsn, autocommit=True)
+    _proto.say("ready")
+    _proto.wait_for("go")
+    _proto.start_progress()
+    conn.execute("UPDATE sa_jobs.jobs SET state = 'running', attempt = 1, attempted_at = now(),"
+                 " claim_token = gen_random_uuid(), lease_owner = 'x', lease_expires_at = now() + interval '1 h'"
+                 " WHERE (args->>'n')::int <= 10")
+    for n in range(10):
+        _proto.record(n)
+    conn.execute("UPDATE sa_jobs.jobs SET state = 'completed', finished_at = now()"
+                 " WHERE (args->>'n')::int BETWEEN 1 AND 9")
+    conn.execute("UPDATE sa_jobs.jobs SET state = 'available', attempt = 0, claim_token = NULL,"
+                 " lease_owner = NULL, lease_expires_at = NULL WHERE (args->>'n')::int = 0")
+    _proto.wait_for("stop")
+    _proto.finish_worker(a.out)
+else:
+    runpy.run_path(str(DRIVERS / "sajobs.py"), run_name="__main__")
+'''
+
+
+def test_partial_drain_check_ties_each_handled_job_to_its_row(cluster, tmp_path):
+    from benchmarks.runner import drain_once
+
+    s = _system(cluster, tmp_path, "swapped_stop", SWAPPED_STOP)
+    with pytest.raises(RuntimeError, match="exactly-once check failed"):
+        drain_once(cluster, s, workers=1, concurrency=10, n=50, target=10)

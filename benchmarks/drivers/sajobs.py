@@ -106,6 +106,11 @@ def info() -> dict:
         "done_sql": f"SELECT count(*) FROM {JOBS} WHERE state = 'completed'",
         "pending_sql": f"SELECT count(*) FROM {JOBS} WHERE state IN ('available', 'running', 'retryable', 'scheduled')",
         "stuck_sql": f"SELECT count(*) FROM {JOBS} WHERE state = 'running'",
+        # After a drain: benchmark rows (n >= 0) that ran but are not completed or running,
+        # or that did not run but are (bench_handled holds the handled n's).
+        "mismatch_sql": (f"SELECT count(*) FROM {JOBS} j LEFT JOIN (SELECT DISTINCT n FROM bench_handled) h"
+                         " ON h.n = (j.args->>'n')::bigint WHERE (j.args->>'n')::bigint >= 0"
+                         " AND (h.n IS NOT NULL) <> (j.state IN ('completed', 'running'))"),
         "verify_sql": (f"SELECT count(*) FILTER (WHERE state = 'completed' AND attempt = 1),"
                        f" count(*) FILTER (WHERE state <> 'completed' OR attempt <> 1), count(*) FROM {JOBS}"),
     }
