@@ -54,6 +54,14 @@ if a.command == "enqueue":
     sys.argv[i + 1] = str(int(sys.argv[i + 1]) - 1)
 ''' + RUN_PLAIN
 
+# Spends about a second of server CPU on its own start-up before enqueueing as plain does.
+SLOW_START_ENQUEUE = PRELUDE + """
+if a.command == "enqueue":
+    import psycopg
+    with psycopg.connect(a.dsn) as c:
+        c.execute("SELECT count(*) FROM generate_series(1, 10000000)").fetchone()
+""" + RUN_PLAIN
+
 # A worker that claims every job, spends 2 ms of CPU on each, then starts them all at once.
 BURST = PRELUDE + '''
 if a.command == "worker":
@@ -168,3 +176,14 @@ def test_partial_drain_check_ties_each_handled_job_to_its_row(cluster, tmp_path)
     s = _system(cluster, tmp_path, "swapped_stop", SWAPPED_STOP)
     with pytest.raises(RuntimeError, match="exactly-once check failed"):
         drain_once(cluster, s, workers=1, concurrency=10, n=50, target=10)
+
+
+def test_enqueue_server_cpu_is_that_of_the_timed_section(cluster, tmp_path):
+    """The figure is per timed job: a driver's start-up (connections, warm-up, here a slow
+    query) is not in its jobs/s and must not be in its CPU per job either (systems are
+    enqueued with different n, so a fixed cost would weigh differently on each)."""
+    from benchmarks.runner import enqueue_once
+
+    s = _system(cluster, tmp_path, "slow_start_enqueue", SLOW_START_ENQUEUE)
+    r = enqueue_once(cluster, s, mode="bulk", n=200)
+    assert r["server_cpu_us_per_job"] < 1000, r["server_cpu_us_per_job"]

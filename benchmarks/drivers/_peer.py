@@ -23,6 +23,7 @@ def reset_public_schema(dsn: str) -> None:
 async def timed_enqueue(mode: str, n: int, batch: int, single: Callable[[int], Awaitable[Any]],
                         many: Callable[[list[int]], Awaitable[Any]], api: dict[str, str]) -> dict:
     await single(-1)  # warm up connections / prepared statements
+    _proto.timed_mark("timing")
     started = time.perf_counter()
     cpu0 = time.process_time()
     if mode == "single":
@@ -35,8 +36,9 @@ async def timed_enqueue(mode: str, n: int, batch: int, single: Callable[[int], A
         await many(list(range(n)))
     else:
         raise SystemExit(f"unknown mode {mode}")
-    return {"n": n, "seconds": time.perf_counter() - started,
-            "client_cpu_seconds": time.process_time() - cpu0, "api": api[mode]}
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    _proto.timed_mark("timed")
+    return {"n": n, "seconds": seconds, "client_cpu_seconds": cpu, "api": api[mode]}
 
 
 async def paced_async(rate: float, seconds: float, single: Callable[[int], Awaitable[Any]], out: str) -> None:

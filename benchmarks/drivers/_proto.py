@@ -5,7 +5,9 @@ A driver is a script ``python DRIVER.py COMMAND --dsn DSN [...]``:
 
 ``setup``      drop and (re)install the system's schema in the database.
 ``load``       bulk-load ``--n`` no-op jobs, args ``{"n": i}`` (not timed; drains start from it).
-``enqueue``    time enqueueing ``--n`` jobs ``--mode single|batch|bulk``; prints JSON.
+``enqueue``    time enqueueing ``--n`` jobs ``--mode single|batch|bulk``; prints JSON. Around
+               the timed section it prints ``timing`` and ``timed``, each time waiting for
+               ``go`` on stdin: the parent samples the server's CPU there (``timed_mark``).
 ``produce``    enqueue one job per transaction at ``--rate``/s for ``--seconds``; writes
                ``n t_call t_committed`` lines to ``--out``.
 ``worker``     prints ``ready``, waits for ``go`` on stdin, works the queue with
@@ -96,6 +98,15 @@ def wait_for(word: str) -> None:
             return  # parent gone: behave as if told
         if line.strip() == word:
             return
+
+
+def timed_mark(word: str) -> None:
+    """Enqueue: says ``word`` (``timing`` before the timed section, ``timed`` after it) and
+    waits for the parent's ``go``, so the server's CPU is sampled at the section's edges and
+    the driver's start-up (connections, warm-up) stays out of the CPU per job as it does out
+    of the jobs/s."""
+    say(word)
+    wait_for("go")
 
 
 def stdin_watcher(word: str, on_word: Callable[[], None]) -> threading.Thread:
