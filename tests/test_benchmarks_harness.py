@@ -187,3 +187,24 @@ def test_enqueue_server_cpu_is_that_of_the_timed_section(cluster, tmp_path):
     s = _system(cluster, tmp_path, "slow_start_enqueue", SLOW_START_ENQUEUE)
     r = enqueue_once(cluster, s, mode="bulk", n=200)
     assert r["server_cpu_us_per_job"] < 1000, r["server_cpu_us_per_job"]
+
+
+# sa-jobs' own driver, with a handler that records the producer's warm-up job (n = -1) twice.
+WARMUP_TWICE = '''
+import runpy, sys
+from pathlib import Path
+DRIVERS = Path(@DRIVERS@)
+sys.path.insert(0, str(DRIVERS.parents[1]))
+from benchmarks.drivers import _proto
+record = _proto.record
+_proto.record = lambda n: [record(n) for _ in range(2 if n == -1 else 1)] and None
+runpy.run_path(str(DRIVERS / "sajobs.py"), run_name="__main__")
+'''
+
+
+def test_latency_check_counts_the_warm_up_job_too(cluster, tmp_path):
+    from benchmarks.runner import latency_once
+
+    s = _system(cluster, tmp_path, "warmup_twice", WARMUP_TWICE)
+    with pytest.raises(RuntimeError, match="lost or duplicated"):
+        latency_once(cluster, s, rate=50, seconds=1, workers=1)
