@@ -75,6 +75,17 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
+def at_least_one(text: str) -> int:
+    """A count (runs, jobs, processes): 0 would make a median of nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}")
+    return value
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {msg}", file=sys.stderr, flush=True)
 
@@ -167,7 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--peers", default="all", help="all, none, or a comma list of " + ",".join(ALL_PEERS))
     ap.add_argument("--only", default="enqueue,drain,latency,backlog,soak",
                     help="scenarios to run (comma list of enqueue,drain,latency,backlog,soak)")
-    ap.add_argument("--runs", type=int, help="runs per figure (default 3)")
+    ap.add_argument("--runs", type=at_least_one, help="runs per figure (default 3)")
     ap.add_argument("--workers", type=_positive_ints, help="drain grid: worker processes, e.g. 1,2,4,8 (default: the mode's)")
     ap.add_argument("--concurrency", type=_positive_ints,
                     help="drain grid: slots per process, for sa-jobs and peers, e.g. 10,100")
@@ -183,7 +194,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _term)
     mode = a.mode or "quick"
     cfg = dict(MODES[mode])
-    if a.runs:
+    if a.runs is not None:
         cfg["runs"] = a.runs
     if a.workers:
         cfg["workers"] = a.workers

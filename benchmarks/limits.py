@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .__main__ import fmt_rate, machine
+from .__main__ import at_least_one, fmt_rate, machine
 from .cluster import Cluster
 from .runner import System, drain_once, loadavg, summarize_runs
 
@@ -32,10 +32,10 @@ VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-bind
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.limits")
-    ap.add_argument("--n", type=int, default=20_000, help="jobs per drain")
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--concurrency", type=int, default=100)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--n", type=at_least_one, default=20_000, help="jobs per drain")
+    ap.add_argument("--workers", type=at_least_one, default=4)
+    ap.add_argument("--concurrency", type=at_least_one, default=100)
+    ap.add_argument("--runs", type=at_least_one, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", help="JSON path (default benchmarks/results/limits-<timestamp>.json)")
     ap.add_argument("--report", nargs="+", metavar="JSON",

@@ -208,3 +208,22 @@ def test_latency_check_counts_the_warm_up_job_too(cluster, tmp_path):
     s = _system(cluster, tmp_path, "warmup_twice", WARMUP_TWICE)
     with pytest.raises(RuntimeError, match="lost or duplicated"):
         latency_once(cluster, s, rate=50, seconds=1, workers=1)
+
+
+@pytest.mark.parametrize("argv", [
+    ["benchmarks", "run", "--runs", "0", "--peers", "none", "--only", "none"],
+    ["benchmarks.limits", "--runs", "0", "--variants", "none", "--n", "10"],
+    ["benchmarks.limits", "--runs", "-1", "--variants", "none", "--n", "10"],
+    ["benchmarks.limits", "--n", "0", "--runs", "1", "--variants", "none"],
+])
+def test_benchmark_commands_refuse_a_run_count_or_size_below_one(argv, tmp_path):
+    """No figure is a median of zero runs ('--runs 0' ran the default 3 without a word, or
+    failed on an empty list after starting the cluster)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", *argv, "--out", str(tmp_path / "x.json")],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "at least 1" in proc.stderr
