@@ -186,9 +186,9 @@ def verify_sql(system: System, handled: list[tuple[int, float]], n_expected: int
         # shutdown that did not flush its outcome) still 'running', to be rescued later.
         ok = total == distinct == in_range and finished + stuck == distinct
     ok = ok and mismatched == 0
-    return {"ok": ok, "rows_not_matching_handled": mismatched, "handled": total, "distinct": distinct, "in_range": in_range,
-            "finished_in_sql": finished, "not_finished_in_sql": other, "rows": rows,
-            "running_after_workers_exited": stuck}
+    return {"ok": ok, "handled": total, "distinct": distinct, "in_range": in_range,
+            "rows_not_matching_handled": mismatched, "finished_in_sql": finished, "not_finished_in_sql": other,
+            "rows": rows, "running_after_workers_exited": stuck}
 
 
 def drain_once(cluster: Cluster, system: System, *, workers: int, concurrency: int, n: int,
