@@ -293,11 +293,24 @@ class WReplyAtDeadline(Job, kind="w_reply_at_deadline", queue="w", timeout=0.5, 
 
 @WReplyAtDeadline.handler
 async def w_reply_at_deadline(ctx: JobContext) -> str:
+    return await _answer_while_the_loop_is_busy(lambda reply: reply.set_result("replied"))
+
+
+async def _answer_while_the_loop_is_busy(settle: Callable[[asyncio.Future], None]) -> Any:
+    """Await a reply that ``settle`` gives well within a 0.5 s timeout, while other work
+    holds the event loop past the deadline."""
     loop = asyncio.get_running_loop()
     reply = loop.create_future()
-    loop.call_later(0.2, reply.set_result, "replied")  # its reply comes well within the timeout,
-    loop.call_later(0.1, time.sleep, 0.7)  # while other work holds the event loop past the deadline
+    loop.call_later(0.2, settle, reply)
+    loop.call_later(0.1, time.sleep, 0.7)
     return await reply
+
+
+def _hold_the_loop_past_a_1s_deadline(ctx: JobContext) -> None:
+    """From a sync handler's thread: the event loop is busy past the deadline, while the
+    handler itself is done (returns or raises) within it."""
+    ctx._worker._loop.call_soon_threadsafe(time.sleep, 1.5)
+    time.sleep(0.1)
 
 
 class WSyncReturnsAtDeadline(Job, kind="w_sync_returns_at_deadline", queue="w", timeout=1.0, max_attempts=1):
@@ -306,8 +319,7 @@ class WSyncReturnsAtDeadline(Job, kind="w_sync_returns_at_deadline", queue="w", 
 
 @WSyncReturnsAtDeadline.handler
 def w_sync_returns_at_deadline(ctx: JobContext) -> str:
-    ctx._worker._loop.call_soon_threadsafe(time.sleep, 1.5)  # the event loop is busy past the deadline
-    time.sleep(0.1)
+    _hold_the_loop_past_a_1s_deadline(ctx)
     return "done"  # returned well within the timeout
 
 
@@ -332,11 +344,7 @@ class WErrorAtDeadline(Job, kind="w_error_at_deadline", queue="w", timeout=0.5, 
 
 @WErrorAtDeadline.handler
 async def w_error_at_deadline(ctx: JobContext) -> str:
-    loop = asyncio.get_running_loop()
-    reply = loop.create_future()
-    loop.call_later(0.2, reply.set_exception, ConnectionResetError("the peer hung up"))  # within the timeout
-    loop.call_later(0.1, time.sleep, 0.7)  # while other work holds the event loop past the deadline
-    return await reply
+    return await _answer_while_the_loop_is_busy(lambda reply: reply.set_exception(ConnectionResetError("the peer hung up")))
 
 
 class WSyncRaisesAtDeadline(Job, kind="w_sync_raises_at_deadline", queue="w", timeout=1.0, max_attempts=1):
@@ -345,8 +353,7 @@ class WSyncRaisesAtDeadline(Job, kind="w_sync_raises_at_deadline", queue="w", ti
 
 @WSyncRaisesAtDeadline.handler
 def w_sync_raises_at_deadline(ctx: JobContext) -> str:
-    ctx._worker._loop.call_soon_threadsafe(time.sleep, 1.5)  # the event loop is busy past the deadline
-    time.sleep(0.1)
+    _hold_the_loop_past_a_1s_deadline(ctx)
     raise ConnectionResetError("the peer hung up")  # well within the timeout
 
 

@@ -643,6 +643,35 @@ def test_a_completion_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_out
     assert rows[keyed_id][:2] == ("completed", 1)
 
 
+def _neighbour_beside_an_open_keyed_insert(database_url: str, schema: str, states: list[str],
+                                           other_id: int) -> tuple[str, int]:
+    """Run a worker for job ``other_id`` (up to 6 s) while an app's open transaction has
+    inserted a ``wf_unique_done`` job of key k1 (held in ``states``); its (state, attempt)."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+
+    with psycopg.connect(to_conninfo(database_url)) as app:  # its transaction stays open
+        app.execute(jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, args, unique_key, unique_states)"
+                                     " VALUES ('wf_unique_done', 'wf_unique_done', %s, 'k1', %s)"),
+                    ('{"n": 1, "seconds": 0}', states))
+
+        async def main() -> None:
+            async with Worker(database_url, kinds=[FaultNeighbour], schema=schema, lease=4.0, poll_interval=0.2,
+                              maintenance_interval=0.1, shutdown_grace=0):
+                with anyio.move_on_after(6):
+                    while q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"),
+                            (other_id,))[0][0] != "completed":
+                        await anyio.sleep(0.1)
+
+        anyio.run(main)
+        other = q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} WHERE id = %s"), (other_id,))[0]
+        app.rollback()
+    return other
+
+
 def test_a_rescue_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_rescue(engine, database_url, schema):
     """A unique job whose worker died (its lease ran out), whose key 'retryable' holds,
     while an app's open transaction has enqueued another job of that key: rescuing it
@@ -650,12 +679,6 @@ def test_a_rescue_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_rescue(
     taken). The rescue is one statement for every expired job, on every worker: none was
     rescued while the transaction lasted (each tick ran into its deadline, and dropped
     leadership), so every other job of a dead worker waited too."""
-    import anyio
-    import psycopg
-
-    from sa_jobs import Worker
-    from sa_jobs._url import to_conninfo
-
     states = ["available", "scheduled", "retryable", "completed"]
     expired = ("INSERT INTO {jobs} (kind, queue, state, attempt, claim_token, lease_expires_at, args, unique_key,"
                " unique_states) VALUES (%s, %s, 'running', 1, gen_random_uuid(), now() - interval '1 second', %s, %s, %s)"
@@ -664,22 +687,7 @@ def test_a_rescue_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_rescue(
                                                               '{"n": 1, "seconds": 0}', "k1", states))[0]
     (other_id,) = q(database_url, jobs_sql(schema, expired), ("wf_neighbour", "wf_neighbour", '{"seconds": 0}',
                                                               None, None))[0]
-    with psycopg.connect(to_conninfo(database_url)) as app:  # its transaction stays open
-        app.execute(jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, args, unique_key, unique_states)"
-                                     " VALUES ('wf_unique_done', 'wf_unique_done', %s, 'k1', %s)"),
-                    ('{"n": 1, "seconds": 0}', states))
-
-        async def main() -> None:
-            async with Worker(database_url, kinds=[FaultNeighbour], schema=schema, lease=4.0, poll_interval=0.2,
-                              maintenance_interval=0.1, shutdown_grace=0):
-                with anyio.move_on_after(6):
-                    while q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"),
-                            (other_id,))[0][0] != "completed":
-                        await anyio.sleep(0.1)
-
-        anyio.run(main)
-        other = q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} WHERE id = %s"), (other_id,))[0]
-        app.rollback()
+    other = _neighbour_beside_an_open_keyed_insert(database_url, schema, states, other_id)
     assert other == ("completed", 2), "no expired job was rescued while one of them waited on a unique key"
 
 
@@ -688,31 +696,10 @@ def test_a_promotion_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_prom
     an app's open transaction has enqueued another job of that key. The promotion is one
     statement for every due job, on every worker: no job of any kind became available
     while the transaction lasted (each tick ran into its deadline)."""
-    import anyio
-    import psycopg
-
-    from sa_jobs import Worker
-    from sa_jobs._url import to_conninfo
-
     states = ["available"]  # the due job does not hold its key now; once available, it would
     due = ("INSERT INTO {jobs} (kind, queue, state, scheduled_at, args, unique_key, unique_states)"
            " VALUES (%s, %s, 'scheduled', now(), %s, %s, %s) RETURNING id")
     q(database_url, jobs_sql(schema, due), ("wf_unique_done", "wf_unique_done", '{"n": 1, "seconds": 0}', "k1", states))
     (other_id,) = q(database_url, jobs_sql(schema, due), ("wf_neighbour", "wf_neighbour", '{"seconds": 0}', None, None))[0]
-    with psycopg.connect(to_conninfo(database_url)) as app:  # its transaction stays open
-        app.execute(jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, args, unique_key, unique_states)"
-                                     " VALUES ('wf_unique_done', 'wf_unique_done', %s, 'k1', %s)"),
-                    ('{"n": 1, "seconds": 0}', states))
-
-        async def main() -> None:
-            async with Worker(database_url, kinds=[FaultNeighbour], schema=schema, lease=4.0, poll_interval=0.2,
-                              maintenance_interval=0.1, shutdown_grace=0):
-                with anyio.move_on_after(6):
-                    while q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"),
-                            (other_id,))[0][0] != "completed":
-                        await anyio.sleep(0.1)
-
-        anyio.run(main)
-        other = q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} WHERE id = %s"), (other_id,))[0]
-        app.rollback()
+    other = _neighbour_beside_an_open_keyed_insert(database_url, schema, states, other_id)
     assert other == ("completed", 1), "no due job was promoted while one of them waited on a unique key"
