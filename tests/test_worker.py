@@ -2022,3 +2022,34 @@ def test_an_observer_with_an_async_hook_is_refused(database_url):
 
     with pytest.raises(ConfigurationError, match=r"observer hook job_finished\(\) is async"):
         Worker(database_url, kinds=[WSync], observer=AsyncObserver())  # type: ignore[arg-type]
+
+
+class WSyncExit(Job, kind="w_sync_exit", queue="w", max_attempts=2, backoff=constant_backoff(0.05)):
+    pass
+
+
+@WSyncExit.handler
+def w_sync_exit(ctx: JobContext) -> None:
+    raise SystemExit(3)  # sys.exit(3), as a CLI's main() or argparse's usage error calls it
+
+
+class WAsyncExit(Job, kind="w_async_exit", queue="w", max_attempts=2, backoff=constant_backoff(0.05)):
+    pass
+
+
+@WAsyncExit.handler
+async def w_async_exit(ctx: JobContext) -> None:
+    raise SystemExit(4)
+
+
+def test_a_handler_calling_sys_exit_fails_its_attempt_not_the_worker(engine, database_url, schema):
+    """SystemExit left the event loop: the worker was gone, its claimed jobs (the sibling
+    too) left running until their leases ran out, for the job to crash the next worker."""
+    ids = add(engine, WSyncExit(), WAsyncExit(), WSync(a=1, b=2))
+    run_worker_until(database_url, schema, [WSyncExit, WAsyncExit, WSync], finished(engine, ids), timeout=15)
+    sync_exit, async_exit, sibling = (job_row(engine, i) for i in ids)
+    assert (sync_exit.state, sync_exit.attempt) == ("dead", 2)
+    assert [e["error"] for e in sync_exit.errors] == ["SystemExit: 3"] * 2
+    assert (async_exit.state, async_exit.attempt) == ("dead", 2)
+    assert [e["error"] for e in async_exit.errors] == ["SystemExit: 4"] * 2
+    assert (sibling.state, sibling.result) == ("completed", 3)

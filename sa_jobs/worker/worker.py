@@ -990,7 +990,11 @@ class Worker:
                     assert self._loop is not None
                     job.thread = HandlerThread(self._loop, functools.partial(runtime.handler, ctx, **job.args))
                     result = await anyio.to_thread.run_sync(job.thread, abandon_on_cancel=True, limiter=q.limiter)
-            except Exception as exc:  # noqa: BLE001 - a handler's failure is data
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a handler's failure is data
+                # SystemExit too: sys.exit() in a handler (a CLI's main() it calls, argparse's
+                # usage error) left the event loop, the worker gone with its claimed jobs
+                # still running until their leases ran out, to crash the next worker; in a
+                # plain thread it ends only the thread. It fails this attempt instead.
                 error = exc
         job.scope = None
         if job.completed_in_tx:
