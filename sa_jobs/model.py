@@ -23,8 +23,10 @@ import decimal
 import enum
 import inspect
 import json
+import math
 import numbers
 import uuid
+from collections import abc
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union, cast
 
@@ -110,15 +112,16 @@ class KindOptions:
         _validate.queue_name(self.queue)
         _check_priority(self.priority)
         _check_attempts(self.max_attempts)
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigurationError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", _timeout_seconds(self.timeout))
         if not callable(self.backoff):
             raise ConfigurationError("backoff must be a callable (attempt) -> seconds")
         if type(self.max_args_bytes) is not int or self.max_args_bytes < 1:
             raise ConfigurationError(f"max_args_bytes must be a positive int, not {self.max_args_bytes!r}")
         if self.unique is not None and not isinstance(self.unique, Unique):
             raise ConfigurationError(f"unique= takes a sa_jobs.Unique(...), not {self.unique!r}")
-        if isinstance(self.partition_by, str) or not all(isinstance(a, str) and a for a in self.partition_by):
+        if (isinstance(self.partition_by, str) or not isinstance(self.partition_by, abc.Iterable)
+                or not all(isinstance(a, str) and a for a in self.partition_by)):
             raise ConfigurationError(f"partition_by must be a tuple of argument names, not {self.partition_by!r}")
 
     def partition_key_of(self, args: Mapping[str, Any]) -> Optional[str]:
@@ -164,7 +167,7 @@ def _check_priority(priority: object) -> int:
 
 
 def _check_tags(tags: Any) -> list[str]:
-    if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+    if isinstance(tags, str) or not isinstance(tags, abc.Iterable) or not all(isinstance(t, str) for t in tags):
         raise ConfigurationError("tags must be a sequence of strings")
     # PostgreSQL's text cannot hold NUL, and a lone surrogate has no UTF-8: refused here,
     # not by the INSERT (which would fail the caller's whole transaction at flush).
@@ -217,6 +220,27 @@ def _delay_seconds(delay: object) -> float:
         return float(delay)
     raise ConfigurationError(
         f"delay must be a timedelta or a number of seconds, not {delay!r} (an absolute time is run_at=)")
+
+
+def _timeout_seconds(timeout: object) -> float:
+    """A kind's ``timeout=`` as seconds: a timedelta or a finite positive real number.
+
+    A Decimal passed the old check and failed every attempt in the worker (its deadline,
+    ``float + Decimal``, raised around the handler, which never ran); ``True`` was taken
+    for one second, and a timedelta or a string raised a bare TypeError."""
+    if isinstance(timeout, dt.timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (numbers.Real, decimal.Decimal)) and not isinstance(timeout, bool):
+        try:
+            seconds = timeout if type(timeout) in (int, float) else float(timeout)  # type: ignore[assignment,arg-type]
+        except (ValueError, ArithmeticError):  # a signalling NaN
+            seconds = math.nan
+    else:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigurationError(
+            f"timeout must be a positive, finite number of seconds or a timedelta (None for no timeout), not {timeout!r}")
+    return seconds
 
 
 def _check_attempts(max_attempts: object) -> int:
@@ -293,7 +317,7 @@ class Job(Base):
         queue: Union[str, _Inherited] = _INHERITED,
         priority: Union[int, _Inherited] = _INHERITED,
         max_attempts: Union[int, _Inherited] = _INHERITED,
-        timeout: Union[float, None, _Inherited] = _INHERITED,
+        timeout: Union[float, dt.timedelta, None, _Inherited] = _INHERITED,
         backoff: Union[BackoffPolicy, _Inherited] = _INHERITED,
         tags: Union[Sequence[str], _Inherited] = _INHERITED,
         max_args_bytes: Union[int, _Inherited] = _INHERITED,
@@ -318,7 +342,7 @@ class Job(Base):
             given["tags"] = tuple(_check_tags(given["tags"]))
         if "partition_by" in given:
             by = given["partition_by"]
-            given["partition_by"] = (by,) if isinstance(by, str) else tuple(by)
+            given["partition_by"] = (by,) if isinstance(by, str) else tuple(by) if isinstance(by, abc.Iterable) else by
         parent = cls.__sa_jobs_options__
         name = kind or cls.__name__
         options = KindOptions(kind=name, **given) if parent is None else replace(parent, kind=name, **given)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import decimal
 import functools
 import json
 import math
@@ -2053,3 +2055,50 @@ def test_a_handler_calling_sys_exit_fails_its_attempt_not_the_worker(engine, dat
     assert (async_exit.state, async_exit.attempt) == ("dead", 2)
     assert [e["error"] for e in async_exit.errors] == ["SystemExit: 4"] * 2
     assert (sibling.state, sibling.result) == ("completed", 3)
+
+
+class WDecimalTimeout(Job, kind="w_decimal_timeout", queue="w", timeout=decimal.Decimal("5"),
+                      max_attempts=2, backoff=constant_backoff(0.05)):
+    pass
+
+
+@WDecimalTimeout.handler
+async def w_decimal_timeout(ctx: JobContext) -> int:
+    return 7
+
+
+class WTimedeltaTimeout(Job, kind="w_timedelta_timeout", queue="w", timeout=dt.timedelta(seconds=0.3),
+                        max_attempts=1):
+    pass
+
+
+@WTimedeltaTimeout.handler
+async def w_timedelta_timeout(ctx: JobContext) -> None:
+    await anyio.sleep(5)
+
+
+def test_a_timeout_given_as_a_decimal_or_a_timedelta_runs(engine, database_url, schema):
+    """timeout=Decimal("5") was accepted, and every attempt then failed around the handler
+    (float + Decimal: TypeError), the handler never run; timeout=timedelta(...) raised a bare
+    TypeError at the class statement, where delay= takes one."""
+    assert WDecimalTimeout.kind_options().timeout == 5.0
+    assert WTimedeltaTimeout.kind_options().timeout == 0.3
+    ids = add(engine, WDecimalTimeout(), WTimedeltaTimeout())
+    run_worker_until(database_url, schema, [WDecimalTimeout, WTimedeltaTimeout], finished(engine, ids), timeout=15)
+    decimal_job, timedelta_job = (job_row(engine, i) for i in ids)
+    assert (decimal_job.state, decimal_job.attempt, decimal_job.result) == ("completed", 1, 7)
+    assert timedelta_job.state == "dead"
+    assert "ran longer than its timeout of 0.3s" in timedelta_job.errors[0]["error"]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("timeout", "5"), ("timeout", True), ("timeout", 0), ("timeout", -1.0), ("timeout", math.nan),
+    ("timeout", math.inf), ("timeout", decimal.Decimal("NaN")),
+    ("timeout", dt.timedelta(0)),
+    ("tags", None), ("partition_by", None), ("partition_by", 5),
+])
+def test_a_kind_option_of_the_wrong_type_is_a_configuration_error(option, value):
+    """Each raised a bare TypeError (or decimal's InvalidOperation) at the class statement,
+    or (timeout=True) was taken for one second."""
+    with pytest.raises(ConfigurationError, match=option):
+        type("WBadOption", (Job,), {}, kind="w_bad_option", **{option: value})
