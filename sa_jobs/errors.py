@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
+import math
+import numbers
+from typing import Union
+
 
 class SaJobsError(Exception):
     """Root of every error sa-jobs raises."""
@@ -59,11 +65,22 @@ class Cancel(JobControl):
 
 
 class Snooze(JobControl):
-    """Run the job again after ``seconds`` without spending an attempt."""
+    """Run the job again after ``seconds`` (a number, or a timedelta as ``delay=`` takes)
+    without spending an attempt."""
 
-    def __init__(self, seconds: float) -> None:
-        seconds = float(seconds)
-        if not 0 <= seconds <= 366 * 24 * 3600:
-            raise ConfigurationError(f"snooze for 0 seconds to a year, not {seconds!r}")
-        super().__init__(f"snoozed for {seconds}s")
-        self.seconds = seconds
+    def __init__(self, seconds: Union[float, dt.timedelta]) -> None:
+        # float() of anything: "5" and True were 5 s and 1 s, a timedelta a bare TypeError
+        # in the handler (its attempt spent as a failure, not snoozed).
+        if isinstance(seconds, dt.timedelta):
+            value = seconds.total_seconds()
+        elif isinstance(seconds, (numbers.Real, decimal.Decimal)) and not isinstance(seconds, bool):
+            try:
+                value = float(seconds)
+            except (ValueError, ArithmeticError):  # a signalling NaN
+                value = math.nan
+        else:
+            value = math.nan
+        if not 0 <= value <= 366 * 24 * 3600:
+            raise ConfigurationError(f"snooze for 0 seconds to a year (a number or a timedelta), not {seconds!r}")
+        super().__init__(f"snoozed for {value}s")
+        self.seconds = value

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import json
 import threading
 import time
@@ -539,6 +541,37 @@ def test_actions_on_ids_past_bigint_find_nothing_and_the_session_goes_on(engine,
 def test_snooze_bounds():
     with pytest.raises(ConfigurationError):
         Snooze(-1)
+
+
+@pytest.mark.parametrize("bad", ["5", True, None, decimal.Decimal("sNaN"), dt.datetime(2030, 1, 1), float("nan"),
+                                 dt.timedelta(seconds=-1), dt.timedelta(days=400)])
+def test_snooze_of_no_duration_is_a_configuration_error(bad):
+    """Snooze("5") and Snooze(True) were taken for 5 s and 1 s; None or a datetime raised a
+    bare TypeError, a signalling NaN decimal's ValueError (delay= refuses them all)."""
+    with pytest.raises(ConfigurationError, match="snooze"):
+        Snooze(bad)
+
+
+class CSnoozeTimedelta(Job, kind="c_snooze_timedelta", queue="c", max_attempts=1):
+    pass
+
+
+@CSnoozeTimedelta.handler
+def c_snooze_timedelta(ctx: JobContext) -> int:
+    if STARTED.setdefault(ctx.id, 0) < 1:
+        STARTED[ctx.id] += 1
+        raise Snooze(dt.timedelta(seconds=0.2))
+    return ctx.attempt
+
+
+def test_snooze_takes_a_timedelta(engine, database_url, schema):
+    """As delay= does. Snooze(timedelta(...)) raised TypeError in the handler: the attempt
+    was spent as a failure (dead at max_attempts=1) instead of snoozed."""
+    (job_id,) = add(engine, CSnoozeTimedelta())
+    run_worker_until(database_url, schema, [CSnoozeTimedelta],
+                     lambda: row(database_url, schema, job_id)[0] in ("completed", "dead"))
+    assert row(database_url, schema, job_id, "state, attempt, result, errors") == ("completed", 1, 1, [])
+    assert Snooze(dt.timedelta(minutes=2)).seconds == 120.0
 
 
 class CProgress(Job, kind="c_progress", queue="c"):
