@@ -307,8 +307,8 @@ def _enqueue_many(
         note_enqueued(session)
     unique_rows: list[tuple[KindOptions, tuple[Any, ...]]] = []
     if isinstance(jobs, type):
-        if not issubclass(jobs, Job) or jobs.__sa_jobs_options__ is None:
-            raise ConfigurationError(f"{jobs!r} is not a job kind")
+        if not issubclass(jobs, Job) or jobs.__sa_jobs_options__ is None or jobs.__sa_jobs_abstract__:
+            raise ConfigurationError(f"{jobs!r} is not a job kind" + (" (it is abstract)" if jobs.__sa_jobs_abstract__ else ""))
         if args is None:
             raise ConfigurationError("enqueue_many(session, Kind, args): args is missing")
         options = jobs.__sa_jobs_options__

@@ -309,6 +309,8 @@ class Job(Base):
     # Set on each kind by __init_subclass__; None on Job itself.
     __sa_jobs_options__: ClassVar[Optional[KindOptions]] = None
     __sa_jobs_handler__: ClassVar[Optional[Handler]] = None
+    # True on a base of kinds declared with __mapper_args__ = {"polymorphic_abstract": True}.
+    __sa_jobs_abstract__: ClassVar[bool] = False
 
     def __init_subclass__(
         cls,
@@ -346,14 +348,20 @@ class Job(Base):
         parent = cls.__sa_jobs_options__
         name = kind or cls.__name__
         options = KindOptions(kind=name, **given) if parent is None else replace(parent, kind=name, **given)
-        _check_kind_is_free(options.kind, cls)
+        if not cls.__dict__.get("__mapper_args__", {}).get("polymorphic_abstract"):
+            _check_kind_is_free(options.kind, cls)
         cls.__sa_jobs_options__ = options
         # The handler is not reset: a kind without its own runs its parent kind's
         # (attribute lookup), even one registered after the child was declared.
         if options.unique is not None:
             note_unique_kind()
         mapper_args = dict(cls.__dict__.get("__mapper_args__", {}))
-        mapper_args.setdefault("polymorphic_identity", options.kind)
+        # A base of kinds marked as SQLAlchemy marks one (polymorphic_abstract) shares its
+        # options and handler but is no kind: given an identity, it was one after all (its
+        # rows written, listed by registered_kinds(), yet hidden from select() of itself).
+        cls.__sa_jobs_abstract__ = bool(mapper_args.get("polymorphic_abstract"))
+        if not cls.__sa_jobs_abstract__:
+            mapper_args.setdefault("polymorphic_identity", options.kind)
         cls.__mapper_args__ = mapper_args
         super().__init_subclass__(**kw)
 

@@ -12,6 +12,7 @@ import datetime as dt
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
 from sa_jobs import ConfigurationError, Job, JobContext, Unique, constant_backoff, enqueue_many
@@ -207,3 +208,50 @@ def test_a_worker_for_a_parent_kind_runs_its_subkinds_too(engine, database_url, 
     assert drain(engine, kinds=[InhEmail], queues=["inh_emails"]) == {"completed": 2}
     rows = q(database_url, jobs_sql(schema, "SELECT kind, state, result->>'handler' FROM {jobs} ORDER BY id"))
     assert rows == [("inh_email", "completed", "send_email"), ("inh_welcome", "completed", "send_email")]
+
+
+class InhAbstractMail(Job, queue="inh_abstract", max_attempts=4):
+    """A base of kinds, marked abstract as SQLAlchemy marks one: options and a handler to
+    share, no kind of its own."""
+
+    __mapper_args__ = {"polymorphic_abstract": True}
+
+
+class InhAbstractReceipt(InhAbstractMail, kind="inh_abstract_receipt"):
+    pass
+
+
+class InhAbstractInvoice(InhAbstractMail, kind="inh_abstract_invoice"):
+    pass
+
+
+@InhAbstractMail.handler
+def send_abstract(ctx: JobContext, to: str) -> str:
+    return ctx.kind
+
+
+def test_an_abstract_base_of_kinds_is_no_kind(engine, database_url, schema) -> None:
+    """The class keywords gave it an identity anyway: ``InhAbstractMail(to=...)`` was
+    written as a job of kind "InhAbstractMail", which ``select(InhAbstractMail)`` did not
+    show (SQLAlchemy leaves an abstract class's identity out) while a worker ran it, and
+    ``registered_kinds()`` listed it."""
+    from sa_jobs import Worker, registered_kinds
+
+    assert "InhAbstractMail" not in registered_kinds()
+    assert InhAbstractReceipt.kind_options().queue == "inh_abstract"
+    assert InhAbstractReceipt.kind_options().max_attempts == 4
+    with pytest.raises(InvalidRequestError, match="polymorphic_abstract"):  # SQLAlchemy's, before __init__
+        InhAbstractMail(to="a@x")
+    with Session(engine) as session, session.begin():
+        with pytest.raises(ConfigurationError, match="abstract"):
+            enqueue_many(session, InhAbstractMail, [{"to": "a@x"}])
+        session.add_all([InhAbstractReceipt(to="r@x"), InhAbstractInvoice(to="i@x")])
+    with Session(engine) as session:
+        assert sorted(j.kind for j in session.scalars(select(InhAbstractMail))) == [
+            "inh_abstract_invoice", "inh_abstract_receipt"]
+    worker = Worker(database_url, kinds=[InhAbstractMail], schema=schema)
+    assert sorted(worker._kinds) == ["inh_abstract_invoice", "inh_abstract_receipt"]
+    assert drain(engine, kinds=[InhAbstractMail]) == {"completed": 2}
+    rows = q(database_url, jobs_sql(schema, "SELECT kind, state, result, max_attempts FROM {jobs} ORDER BY id"))
+    assert rows == [("inh_abstract_receipt", "completed", "inh_abstract_receipt", 4),
+                    ("inh_abstract_invoice", "completed", "inh_abstract_invoice", 4)]

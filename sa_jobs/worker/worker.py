@@ -307,7 +307,8 @@ class Worker:
             # A kind listed stands for its subkinds too, as select(Parent) does: a child
             # takes its parent's queue and handler, and a worker listing the parent alone
             # claimed the child's jobs there and failed them with UnknownKindError.
-            candidates = [m.class_ for cls in candidates for m in sa_inspect(cls).self_and_descendants]
+            candidates = [m.class_ for cls in candidates for m in sa_inspect(cls).self_and_descendants
+                          if not m.class_.__sa_jobs_abstract__]  # a base of kinds (its own are listed)
         resolved: dict[str, _KindRuntime] = {}
         for cls in candidates:
             options, handler = cls.__sa_jobs_options__, cls.__sa_jobs_handler__
