@@ -116,6 +116,10 @@ class KindOptions:
             object.__setattr__(self, "timeout", _timeout_seconds(self.timeout))
         if not callable(self.backoff):
             raise ConfigurationError("backoff must be a callable (attempt) -> seconds")
+        if is_async_handler(self.backoff):
+            # The worker calls it on its loop without awaiting: every retry fell back to the
+            # default backoff (logged), the kind's own never applied.
+            raise ConfigurationError(f"backoff must be a plain (not async) callable (attempt) -> seconds, not {self.backoff!r}")
         if type(self.max_args_bytes) is not int or self.max_args_bytes < 1:
             raise ConfigurationError(f"max_args_bytes must be a positive int, not {self.max_args_bytes!r}")
         if self.unique is not None and not isinstance(self.unique, Unique):

@@ -209,6 +209,21 @@ def test_an_uncapped_backoff_is_capped_and_the_failure_recorded(engine, database
     assert 365 * 24 * 3600 < float(delay) <= 367 * 24 * 3600
 
 
+async def _async_policy(attempt: int) -> float:
+    return 0.05
+
+
+def test_an_async_backoff_policy_is_refused_at_the_class_statement():
+    """The worker calls a policy on its loop, never awaiting it: float(coroutine) failed at
+    every retry, logged, and the default backoff applied instead of the kind's own."""
+    with pytest.raises(ConfigurationError, match="not async"):
+        class WAsyncBackoff(Job, kind="w_async_backoff", backoff=_async_policy):  # noqa: F841
+            pass
+    with pytest.raises(ConfigurationError, match="not async"):
+        class WAsyncBackoffChild(WFlaky, kind="w_async_backoff_child", backoff=functools.partial(_async_policy)):  # noqa: F841
+            pass
+
+
 def test_exponential_backoff_bounds():
     for attempt in (1, 2, 5, 10, 100, 10**6):
         low, high = backoff_bounds(attempt)
