@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import datetime as dt
+import inspect
 import json
 import os
 import sys
@@ -156,7 +157,14 @@ def perform(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
             raise ConfigurationError(f"perform(): {type(job).__name__}'s handler is async and an event loop"
                                      " runs in this thread; use await perform_async(job)")
         return _result(ctx, anyio.run(lambda: handler(ctx, **args)))
-    return _result(ctx, handler(ctx, **args))
+    returned = handler(ctx, **args)
+    if inspect.iscoroutine(returned):  # an async handler behind a plain decorator: a worker awaits it
+        if _in_event_loop():
+            returned.close()
+            raise ConfigurationError(f"perform(): {type(job).__name__}'s handler returned a coroutine and an event"
+                                     " loop runs in this thread; use await perform_async(job)")
+        returned = anyio.run(lambda: returned)
+    return _result(ctx, returned)
 
 
 async def perform_async(job: Job, *, engine: Any = None, attempt: int = 1) -> Any:
@@ -164,7 +172,10 @@ async def perform_async(job: Job, *, engine: Any = None, attempt: int = 1) -> An
     handler, ctx, args = _prepare(job, engine, attempt)
     if is_async_handler(handler):
         return _result(ctx, await handler(ctx, **args))
-    return _result(ctx, await anyio.to_thread.run_sync(lambda: handler(ctx, **args)))
+    returned = await anyio.to_thread.run_sync(lambda: handler(ctx, **args))
+    if inspect.iscoroutine(returned):  # as in perform()
+        returned = await returned
+    return _result(ctx, returned)
 
 
 def _result(ctx: Any, returned: Any) -> Any:

@@ -38,7 +38,7 @@ from sa_jobs.queries import Queries
 from sa_jobs.events import NullObserver
 from sa_jobs.retry import backoff_bounds, exponential_backoff
 from sa_jobs.worker.worker import UNKNOWN_KIND_BACKOFF_BASE
-from sa_jobs.testing import perform
+from sa_jobs.testing import perform, perform_async
 
 from .helpers import FAST, LoopErrors, jobs_sql, q, run_worker_until, states
 
@@ -2117,3 +2117,54 @@ def test_a_kind_option_of_the_wrong_type_is_a_configuration_error(option, value)
     or (timeout=True) was taken for one second."""
     with pytest.raises(ConfigurationError, match=option):
         type("WBadOption", (Job,), {}, kind="w_bad_option", **{option: value})
+
+
+def _logged(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator as apps write them: a plain wrapper, whatever ``fn`` is."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+WRAPPED_RUNS: list[int] = []
+
+
+class WWrappedAsync(Job, kind="w_wrapped_async", queue="w", max_attempts=2, backoff=constant_backoff(0.05)):
+    pass
+
+
+@WWrappedAsync.handler
+@_logged
+async def w_wrapped_async(ctx: JobContext, n: int) -> int:
+    await anyio.sleep(0)
+    WRAPPED_RUNS.append(n)
+    return 2 * n
+
+
+class WWrappedTimeout(Job, kind="w_wrapped_timeout", queue="w", max_attempts=1, timeout=0.3):
+    pass
+
+
+@WWrappedTimeout.handler
+@_logged
+async def w_wrapped_timeout(ctx: JobContext) -> None:
+    await anyio.sleep(5)
+
+
+def test_an_async_handler_behind_a_plain_decorator_is_awaited(engine, database_url, schema):
+    """A plain wrapper is no coroutine function: the worker ran it in a thread, which gave
+    back the coroutine unstarted; the job ended dead at once ("result is a coroutine") with
+    its handler never run. The awaitable a sync handler returns is awaited on the loop, under
+    the kind's timeout."""
+    WRAPPED_RUNS.clear()
+    ids = add(engine, WWrappedAsync(n=21), WWrappedTimeout())
+    run_worker_until(database_url, schema, [WWrappedAsync, WWrappedTimeout], finished(engine, ids), timeout=15)
+    wrapped, timed = (job_row(engine, i) for i in ids)
+    assert (wrapped.state, wrapped.attempt, wrapped.result, WRAPPED_RUNS) == ("completed", 1, 42, [21])
+    assert timed.state == "dead"
+    assert "ran longer than its timeout of 0.3s" in timed.errors[0]["error"]
+    assert perform(WWrappedAsync(n=4)) == 8  # the test helper runs it as a worker does
+    assert anyio.run(perform_async, WWrappedAsync(n=5)) == 10

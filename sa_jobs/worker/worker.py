@@ -991,6 +991,14 @@ class Worker:
                     assert self._loop is not None
                     job.thread = HandlerThread(self._loop, functools.partial(runtime.handler, ctx, **job.args))
                     result = await anyio.to_thread.run_sync(job.thread, abandon_on_cancel=True, limiter=q.limiter)
+                    if inspect.iscoroutine(result):
+                        # An async handler behind a plain decorator (functools.wraps of a
+                        # sync wrapper is no coroutine function): the thread gave back its
+                        # coroutine unstarted, and the job ended dead, never run, as a
+                        # result that is not JSON. Awaited here, under the same deadline.
+                        if runtime.options.timeout is not None:
+                            result = watch = _DeadlineWatch(result, scope)
+                        result = await result
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - a handler's failure is data
                 # SystemExit too: sys.exit() in a handler (a CLI's main() it calls, argparse's
                 # usage error) left the event loop, the worker gone with its claimed jobs
