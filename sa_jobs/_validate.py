@@ -183,15 +183,20 @@ def _walk(value: Any, path: Any, depth: int = 1) -> int:
     )
 
 
-def _walk_all(value: Any) -> int:
+def _walk_all(value: Any, what: str = "args") -> int:
     """:func:`_walk` from the top. A value nested deeper than Python's recursion allows
     (json.dumps could not write it either) is refused as not JSON, like any other: as a
     RecursionError it escaped enqueue raw, and a worker took such a handler result for a
-    retryable failure, running the handler again on every attempt."""
+    retryable failure, running the handler again on every attempt. The error names
+    ``what`` is checked (a bad ``meta=`` was reported as bad args)."""
     try:
         return _walk(value, None)
     except RecursionError:
-        raise InvalidArgsError("args: nested too deeply to write as JSON") from None
+        raise InvalidArgsError(f"{what}: nested too deeply to write as JSON") from None
+    except InvalidArgsError as exc:
+        if what == "args":
+            raise
+        raise InvalidArgsError(str(exc).replace("args", what, 1)) from None
 
 
 def _encode_walked(value: Any, what: str) -> str:
@@ -221,7 +226,7 @@ def _as_dict(value: Any, what: str) -> dict[str, Any]:
 def encode_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_BYTES, what: str = "args") -> tuple[dict[str, Any], str]:
     """Prove ``value`` is plain JSON under ``max_bytes``; return it as a dict and as JSON text."""
     value = _as_dict(value, what)
-    _walk_all(value)
+    _walk_all(value, what)
     text = _encode_walked(value, what)
     if len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:  # encode only when it may matter
         raise _over_cap(what, len(text.encode()), max_bytes)
@@ -236,7 +241,7 @@ def json_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_
     costs one walk and no encoding.
     """
     value = _as_dict(value, what)
-    if _walk_all(value) > max_bytes:
+    if _walk_all(value, what) > max_bytes:
         size = len(_encode_walked(value, what).encode())
         if size > max_bytes:
             raise _over_cap(what, size, max_bytes)
@@ -272,10 +277,7 @@ _UNCHANGED = (str, int, bool, type(None))
 
 def json_value(value: Any, what: str = "result") -> Any:
     """Check a handler's return value (or meta) is plain JSON."""
-    try:
-        _walk_all(value)
-    except InvalidArgsError as exc:
-        raise InvalidArgsError(str(exc).replace("args", what, 1)) from None
+    _walk_all(value, what)
     return value
 
 

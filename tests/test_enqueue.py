@@ -591,3 +591,16 @@ def test_enqueue_many_tags_needing_quotes_take_the_general_path(engine):
         enqueue_many(session, EnqSendReceipt, [{"n": 1}], tags=["has space", "NULL", 'q"uote'])
     with Session(engine) as session:
         assert session.scalars(select(EnqSendReceipt.tags)).one() == ["has space", "NULL", 'q"uote']
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"x": {1}}, "meta['x'] is a set"),
+    ({"x": [math.nan]}, "meta['x'][0] is nan"),
+    ({1: 2}, "meta has a key 1"),
+])
+def test_a_bad_meta_is_named_meta_not_args(meta, message):
+    """The check of options(meta=) reported the fault in the args ("args['x'] is a set"),
+    sending the caller to look at arguments that were fine."""
+    with pytest.raises(InvalidArgsError) as caught:
+        EnqSendReceipt(order_id=1).options(meta=meta)
+    assert str(caught.value).startswith(message)
