@@ -6,8 +6,14 @@ follows the database clock, never the worker's.
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
+import math
+import numbers
 import random
-from typing import Callable
+from typing import Callable, Union
+
+from .errors import ConfigurationError
 
 BackoffPolicy = Callable[[int], float]
 
@@ -46,10 +52,26 @@ def backoff_bounds(attempt: int, *, base: float = 1.0, factor: float = 2.0, cap:
     return max(0.0, raw * (1 - jitter)), raw * (1 + jitter)
 
 
-def constant_backoff(seconds: float) -> BackoffPolicy:
-    """A policy that always waits ``seconds`` (handy for tests and rate-limited APIs)."""
+def constant_backoff(seconds: Union[float, dt.timedelta]) -> BackoffPolicy:
+    """A policy that always waits ``seconds`` (a number or a timedelta; handy for tests and
+    rate-limited APIs).
+
+    Checked here: a timedelta, a negative or NaN value was taken, and the worker, finding
+    no usable delay at each failure, logged it and fell back to the default backoff."""
+    if isinstance(seconds, dt.timedelta):
+        value = seconds.total_seconds()
+    elif isinstance(seconds, (numbers.Real, decimal.Decimal)) and not isinstance(seconds, bool):
+        try:
+            value = float(seconds)
+        except (ValueError, ArithmeticError):  # a signalling NaN
+            value = math.nan
+    else:
+        value = math.nan
+    if not 0 <= value <= MAX_DELAY_SECONDS:
+        raise ConfigurationError(
+            f"constant_backoff takes 0 seconds to a year (a number or a timedelta), not {seconds!r}")
 
     def policy(attempt: int) -> float:
-        return seconds
+        return value
 
     return policy

@@ -2168,3 +2168,28 @@ def test_an_async_handler_behind_a_plain_decorator_is_awaited(engine, database_u
     assert "ran longer than its timeout of 0.3s" in timed.errors[0]["error"]
     assert perform(WWrappedAsync(n=4)) == 8  # the test helper runs it as a worker does
     assert anyio.run(perform_async, WWrappedAsync(n=5)) == 10
+
+
+class WTimedeltaBackoff(Job, kind="w_timedelta_backoff", queue="w", max_attempts=3,
+                        backoff=constant_backoff(dt.timedelta(minutes=10))):
+    pass
+
+
+@WTimedeltaBackoff.handler
+async def w_timedelta_backoff(ctx: JobContext) -> None:
+    raise ValueError("later")
+
+
+def test_constant_backoff_takes_a_timedelta_and_refuses_no_duration(engine, database_url, schema):
+    """constant_backoff(timedelta(minutes=10)) was taken, and the worker, failing float() of
+    it at each retry, fell back to the default backoff (1 s, 2 s, ...); -1, NaN, a string or
+    a bool were taken the same way."""
+    (job_id,) = add(engine, WTimedeltaBackoff())
+    run_worker_until(database_url, schema, [WTimedeltaBackoff], lambda: job_row(engine, job_id).state == "retryable",
+                     timeout=10)
+    (delay,) = q(database_url, jobs_sql(schema, "SELECT extract(epoch FROM scheduled_at - attempted_at) FROM {jobs}"
+                                                " WHERE id = %s"), (job_id,))[0]
+    assert 599 < float(delay) < 601
+    for bad in (-1, math.nan, "5", True, None, dt.timedelta(days=400)):
+        with pytest.raises(ConfigurationError, match="constant_backoff"):
+            constant_backoff(bad)
