@@ -15,7 +15,8 @@ from typing import Callable, Union
 
 from .errors import ConfigurationError
 
-BackoffPolicy = Callable[[int], float]
+# Seconds, or a timedelta (as delay= and Snooze take one).
+BackoffPolicy = Callable[[int], Union[float, dt.timedelta]]
 
 MAX_BACKOFF_SECONDS = 24 * 3600.0
 # The longest delay the worker schedules, whatever a policy returns (as long as a Snooze

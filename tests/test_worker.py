@@ -2175,6 +2175,10 @@ class WTimedeltaBackoff(Job, kind="w_timedelta_backoff", queue="w", max_attempts
     pass
 
 
+class WTimedeltaPolicy(WTimedeltaBackoff, kind="w_timedelta_policy", backoff=lambda n: dt.timedelta(minutes=5 * n)):
+    """A policy of its own that gives a timedelta, as delay= and Snooze take one."""
+
+
 @WTimedeltaBackoff.handler
 async def w_timedelta_backoff(ctx: JobContext) -> None:
     raise ValueError("later")
@@ -2184,12 +2188,12 @@ def test_constant_backoff_takes_a_timedelta_and_refuses_no_duration(engine, data
     """constant_backoff(timedelta(minutes=10)) was taken, and the worker, failing float() of
     it at each retry, fell back to the default backoff (1 s, 2 s, ...); -1, NaN, a string or
     a bool were taken the same way."""
-    (job_id,) = add(engine, WTimedeltaBackoff())
-    run_worker_until(database_url, schema, [WTimedeltaBackoff], lambda: job_row(engine, job_id).state == "retryable",
-                     timeout=10)
-    (delay,) = q(database_url, jobs_sql(schema, "SELECT extract(epoch FROM scheduled_at - attempted_at) FROM {jobs}"
-                                                " WHERE id = %s"), (job_id,))[0]
-    assert 599 < float(delay) < 601
+    ids = add(engine, WTimedeltaBackoff(), WTimedeltaPolicy())
+    run_worker_until(database_url, schema, [WTimedeltaBackoff],
+                     lambda: all(job_row(engine, i).state == "retryable" for i in ids), timeout=10)
+    delays = q(database_url, jobs_sql(schema, "SELECT extract(epoch FROM scheduled_at - attempted_at) FROM {jobs}"
+                                              " ORDER BY id"))
+    assert [round(float(d)) for (d,) in delays] == [600, 300]
     for bad in (-1, math.nan, "5", True, None, dt.timedelta(days=400)):
         with pytest.raises(ConfigurationError, match="constant_backoff"):
             constant_backoff(bad)

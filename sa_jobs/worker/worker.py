@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import functools
 import inspect
 import json
@@ -1062,7 +1063,10 @@ class Worker:
         delay = 0.0
         if not dead:
             try:
-                delay = float(policy(job.attempt))
+                wait = policy(job.attempt)
+                # A timedelta as delay= and Snooze take one: float() of it failed, and
+                # every retry fell back to the default backoff.
+                delay = wait.total_seconds() if isinstance(wait, dt.timedelta) else float(wait)
                 if not math.isfinite(delay) or delay < 0:
                     raise ValueError(delay)
             except Exception:  # noqa: BLE001 - a broken policy must not lose the job
