@@ -2197,3 +2197,38 @@ def test_constant_backoff_takes_a_timedelta_and_refuses_no_duration(engine, data
     for bad in (-1, math.nan, "5", True, None, dt.timedelta(days=400)):
         with pytest.raises(ConfigurationError, match="constant_backoff"):
             constant_backoff(bad)
+
+
+class _UnprintableDiscard(Discard):
+    """An exception whose __str__ fails (its __init__ skipped the base's, as apps' do)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def __str__(self) -> str:
+        return str(self.message)  # type: ignore[attr-defined]
+
+
+UNPRINTABLE_RUNS: list[int] = []
+
+
+class WUnprintable(Job, kind="w_unprintable", queue="w", max_attempts=3, backoff=constant_backoff(0.05)):
+    pass
+
+
+@WUnprintable.handler
+async def w_unprintable(ctx: JobContext) -> None:
+    UNPRINTABLE_RUNS.append(ctx.attempt)
+    raise _UnprintableDiscard(5)
+
+
+def test_an_error_whose_str_fails_keeps_its_outcome(engine, database_url, schema):
+    """Recording it raised from its __str__: the worker "failed around the handler", so a
+    Discard (or a Cancel) was retried to its last attempt, each recorded as the __str__'s
+    AttributeError."""
+    UNPRINTABLE_RUNS.clear()
+    (job_id,) = add(engine, WUnprintable())
+    run_worker_until(database_url, schema, [WUnprintable], finished(engine, [job_id]), timeout=10)
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempt, UNPRINTABLE_RUNS) == ("dead", 1, [1])
+    assert [e["error"] for e in job.errors] == ["_UnprintableDiscard: <exception str() failed>"]

@@ -1088,7 +1088,13 @@ class Worker:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         if len(tb) > MAX_TRACEBACK_CHARS:
             tb = tb[: MAX_TRACEBACK_CHARS // 2] + "\n...\n" + tb[-MAX_TRACEBACK_CHARS // 2 :]
-        message = f"{type(exc).__name__}: {exc}"
+        try:
+            text = str(exc)
+        except Exception:  # noqa: BLE001 - as traceback words it; raised, the job's outcome
+            # was lost (the worker failed "around" it): a Discard or Cancel was retried,
+            # and the error recorded was the __str__'s own
+            text = "<exception str() failed>"
+        message = f"{type(exc).__name__}: {text}"
         return json.dumps({"attempt": job.attempt, "error": _validate.pg_text(message[:4000]), "traceback": _validate.pg_text(tb),
                            "worker": self.worker_id})
 
