@@ -249,7 +249,7 @@ def _timeout_seconds(timeout: object) -> float:
 
 def _check_attempts(max_attempts: object) -> int:
     if type(max_attempts) is not int or not 1 <= max_attempts <= 1_000_000:
-        raise ConfigurationError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
+        raise ConfigurationError(f"max_attempts must be an int in 1..1000000, not {max_attempts!r}")
     return max_attempts
 
 

@@ -604,3 +604,9 @@ def test_a_bad_meta_is_named_meta_not_args(meta, message):
     with pytest.raises(InvalidArgsError) as caught:
         EnqSendReceipt(order_id=1).options(meta=meta)
     assert str(caught.value).startswith(message)
+
+
+def test_a_max_attempts_past_its_bound_is_refused_with_the_bound():
+    """The message said "an int >= 1" of 2000000, which is one."""
+    with pytest.raises(ConfigurationError, match=r"an int in 1\.\.1000000, not 2000000"):
+        EnqSendReceipt(order_id=1).options(max_attempts=2_000_000)
