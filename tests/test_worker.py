@@ -2232,3 +2232,46 @@ def test_an_error_whose_str_fails_keeps_its_outcome(engine, database_url, schema
     job = job_row(engine, job_id)
     assert (job.state, job.attempt, UNPRINTABLE_RUNS) == ("dead", 1, [1])
     assert [e["error"] for e in job.errors] == ["_UnprintableDiscard: <exception str() failed>"]
+
+
+class WStrayCancel(Job, kind="w_stray_cancel", queue="w", max_attempts=2, backoff=constant_backoff(0.05)):
+    pass
+
+
+@WStrayCancel.handler
+async def w_stray_cancel(ctx: JobContext) -> None:
+    task = asyncio.ensure_future(asyncio.sleep(10))
+    await asyncio.sleep(0)
+    task.cancel()  # as a client library does with a request of its own
+    await task  # CancelledError, though nobody cancelled the handler
+
+
+class WSyncStrayCancel(Job, kind="w_sync_stray_cancel", queue="w", max_attempts=1):
+    pass
+
+
+@WSyncStrayCancel.handler
+def w_sync_stray_cancel(ctx: JobContext) -> None:
+    raise asyncio.CancelledError()  # a future of its own, cancelled
+
+
+class WSlowOk(Job, kind="w_slow_ok", queue="w"):
+    pass
+
+
+@WSlowOk.handler
+async def w_slow_ok(ctx: JobContext, n: int) -> int:
+    await anyio.sleep(0.3)
+    return n
+
+
+def test_a_cancelled_error_of_the_handlers_own_fails_its_attempt(engine, database_url, schema):
+    """It ended the runner as if the worker were cancelled, which stopped the whole worker
+    without a word: every claimed job (the siblings too) stayed running until its lease ran
+    out, and worker.run() went on waiting, serving nothing."""
+    ids = add(engine, WStrayCancel(), WSyncStrayCancel(), *[WSlowOk(n=i) for i in range(4)])
+    run_worker_until(database_url, schema, [WStrayCancel, WSyncStrayCancel, WSlowOk], finished(engine, ids),
+                     timeout=10)
+    rows = q(database_url, jobs_sql(schema, "SELECT kind, state, attempt, errors->0->>'error' FROM {jobs} ORDER BY id"))
+    assert rows == [("w_stray_cancel", "dead", 2, "CancelledError: "),
+                    ("w_sync_stray_cancel", "dead", 1, "CancelledError: ")] + [("w_slow_ok", "completed", 1, None)] * 4

@@ -1006,6 +1006,14 @@ class Worker:
                 # still running until their leases ran out, to crash the next worker; in a
                 # plain thread it ends only the thread. It fails this attempt instead.
                 error = exc
+            except anyio.get_cancelled_exc_class() as exc:
+                if scope.cancel_called or _cancellation_pending():
+                    raise  # ours (timeout, cancel, lease) or the worker's: the scope or its caller takes it
+                # The handler's own: a task it awaited was cancelled by someone else. Raised
+                # on, it ended this runner as if cancelled, which stopped the whole worker
+                # without a word: its claimed jobs stayed running until their leases ran
+                # out, and worker.run() went on waiting, serving nothing.
+                error = exc
         job.scope = None
         if job.completed_in_tx:
             return None, "completed"
@@ -1166,6 +1174,15 @@ def _require_asyncio() -> None:
             "the worker needs an asyncio event loop (psycopg's async connections run on asyncio);"
             " run it with asyncio.run() or anyio.run(..., backend='asyncio'), not trio"
         ) from None
+
+
+def _cancellation_pending() -> bool:
+    """Whether the current task is being cancelled: by a cancel scope around it (anyio's
+    -inf deadline), or by ``task.cancel()`` (Python 3.11+ counts the requests)."""
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() > 0
 
 
 def _binds(signature: inspect.Signature, ctx: JobContext, args: Mapping[str, Any]) -> bool:
