@@ -545,11 +545,17 @@ class Job(Base):
             raise ConfigurationError("register handlers on a job kind, not on Job itself")
         if not callable(fn):
             raise ConfigurationError(f"a handler must be callable, not {fn!r}")
-        params = list(inspect.signature(fn).parameters.values())
+        name = getattr(fn, "__qualname__", repr(fn))  # a callable object or a partial has none
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            # Calling one runs none of its body: the job ended dead ("result is a generator").
+            raise ConfigurationError(f"handler {name} is a generator function (it yields): its body would never run")
+        try:
+            signature = inspect.signature(fn)
+        except (ValueError, TypeError) as exc:  # a builtin without a signature
+            raise ConfigurationError(f"handler {name} has no signature to call it by: {exc}") from None
+        params = list(signature.parameters.values())
         if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
-            raise ConfigurationError(  # getattr: a callable object or a partial has no __qualname__
-                f"handler {getattr(fn, '__qualname__', repr(fn))} must take the JobContext as its first argument"
-            )
+            raise ConfigurationError(f"handler {name} must take the JobContext as its first argument")
         cls.__sa_jobs_handler__ = fn
         return fn
 

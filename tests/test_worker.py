@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import decimal
 import functools
+import inspect
 import json
 import math
 import threading
@@ -1126,6 +1127,24 @@ def test_a_handler_object_without_a_context_parameter_is_a_configuration_error()
     for handler in (NoCtx(), functools.partial(NoCtx())):
         with pytest.raises(ConfigurationError, match="JobContext as its first argument"):
             WObjHandler.handler(handler)
+
+
+def test_a_generator_handler_is_a_configuration_error():
+    """Calling one runs none of its body: each job ended dead at once, "result is a
+    generator", its work never done."""
+
+    def gen(ctx: JobContext, n: int) -> Any:
+        yield n
+
+    async def agen(ctx: JobContext, n: int) -> Any:
+        yield n
+
+    for handler in (gen, agen):
+        with pytest.raises(ConfigurationError, match="generator function"):
+            WObjHandler.handler(handler)
+    with pytest.raises(ConfigurationError, match="no signature"):
+        WObjHandler.handler(dict)  # a builtin type without a signature: a bare ValueError
+    assert WObjHandler.__sa_jobs_handler__ is not None and not inspect.isgeneratorfunction(WObjHandler.__sa_jobs_handler__)
 
 
 # ---- embedded in an app: cancelled from outside ---------------------------------------------
