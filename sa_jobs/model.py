@@ -236,15 +236,15 @@ def _timeout_seconds(timeout: object) -> float:
         seconds = timeout.total_seconds()
     elif isinstance(timeout, (numbers.Real, decimal.Decimal)) and not isinstance(timeout, bool):
         try:
-            seconds = timeout if type(timeout) in (int, float) else float(timeout)  # type: ignore[assignment,arg-type]
-        except (ValueError, ArithmeticError):  # a signalling NaN
+            seconds = float(timeout)  # type: ignore[arg-type]
+        except (ValueError, ArithmeticError):  # a signalling NaN, an int past float's range
             seconds = math.nan
     else:
         seconds = math.nan
     if not 0 < seconds < math.inf:
         raise ConfigurationError(
             f"timeout must be a positive, finite number of seconds or a timedelta (None for no timeout), not {timeout!r}")
-    return seconds
+    return timeout if type(timeout) is int else seconds  # an int kept: "its timeout of 60s"
 
 
 def _check_attempts(max_attempts: object) -> int:

@@ -2128,7 +2128,7 @@ def test_a_timeout_given_as_a_decimal_or_a_timedelta_runs(engine, database_url, 
 @pytest.mark.parametrize("option, value", [
     ("timeout", "5"), ("timeout", True), ("timeout", 0), ("timeout", -1.0), ("timeout", math.nan),
     ("timeout", math.inf), ("timeout", decimal.Decimal("NaN")),
-    ("timeout", dt.timedelta(0)),
+    ("timeout", dt.timedelta(0)), ("timeout", 10**400),
     ("tags", None), ("partition_by", None), ("partition_by", 5),
 ])
 def test_a_kind_option_of_the_wrong_type_is_a_configuration_error(option, value):
