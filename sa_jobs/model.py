@@ -40,6 +40,7 @@ from ._bulk_guard import register_bulk_guards
 from .errors import ConfigurationError, InvalidArgsError
 from .retry import BackoffPolicy, exponential_backoff
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
+from .states import PENDING_STATES
 from .unique import Unique, note_unique_kind, register_session_hook
 
 Handler = Callable[..., Any]
@@ -513,6 +514,8 @@ class Job(Base):
             self.max_attempts = _check_attempts(max_attempts)
         if delay is not None and run_at is not None:
             raise ConfigurationError("give delay or run_at, not both")
+        if delay is not None or run_at is not None:
+            self._check_reschedulable()
         if delay is not None:
             seconds = _delay_seconds(delay)
             if not seconds >= 0:
@@ -533,6 +536,18 @@ class Job(Base):
             self.partition_key = _validate.partition_key(partition_key)
             self.__dict__.pop(_PARTITION_DERIVED, None)
         return self
+
+    def _check_reschedulable(self) -> None:
+        """A stored job's schedule is moved only while it waits. It set ``state='scheduled'``
+        whatever the row's state: a completed or dead job ran again (a dead one with its
+        attempts spent), and a running one ran twice (its own outcome refused, the row no
+        longer running). Judged by the state as loaded: load the row with
+        ``with_for_update()`` so that no worker claims it before the commit."""
+        state = self.__dict__.get("state")
+        if sa_inspect(self).key is not None and state is not None and state not in PENDING_STATES:
+            raise ConfigurationError(
+                f"job {self.__dict__.get('id')} is {state}: options(delay=/run_at=) reschedules a new or waiting job"
+                " (replay a finished one with sa_jobs.retry())")
 
     # ---- handlers ----------------------------------------------------------------
 

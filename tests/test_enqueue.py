@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import uuid
 
 import warnings
 
 import pytest
-from sqlalchemy import Integer, String, event, func, select
+from sqlalchemy import Integer, String, event, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -610,3 +611,30 @@ def test_a_max_attempts_past_its_bound_is_refused_with_the_bound():
     """The message said "an int >= 1" of 2000000, which is one."""
     with pytest.raises(ConfigurationError, match=r"an int in 1\.\.1000000, not 2000000"):
         EnqSendReceipt(order_id=1).options(max_attempts=2_000_000)
+
+
+def test_options_reschedule_a_stored_job_only_while_it_waits(engine):
+    """options(run_at=) of a loaded job set state 'scheduled' whatever its state: a
+    completed or dead job ran again, a running one twice (its own outcome refused)."""
+    with Session(engine) as session, session.begin():
+        jobs = [EnqSendReceipt(order_id=i) for i in range(5)]
+        session.add_all(jobs)
+        session.flush()
+        ids = [j.id for j in jobs]
+    with Session(engine) as session, session.begin():
+        for job_id, state in zip(ids, ["completed", "dead", "running", "cancelled"]):
+            lease = {"claim_token": uuid.uuid4(), "lease_expires_at": func.now()} if state == "running" else {}
+            session.execute(update(Job).where(Job.id == job_id).values(state=state, **lease))
+    later = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    with Session(engine) as session, session.begin():
+        for job_id in ids[:4]:
+            job = session.get(EnqSendReceipt, job_id, with_for_update=True)
+            with pytest.raises(ConfigurationError, match=f"job {job_id} is {job.state}"):
+                job.options(run_at=later)
+            with pytest.raises(ConfigurationError, match="reschedules a new or waiting job"):
+                job.options(delay=60)
+        session.get(EnqSendReceipt, ids[4]).options(run_at=later)  # waiting: moved
+    with Session(engine) as session:
+        rows = session.execute(select(Job.state, Job.scheduled_at).where(Job.id.in_(ids)).order_by(Job.id)).all()
+        assert [r.state for r in rows] == ["completed", "dead", "running", "cancelled", "scheduled"]
+        assert rows[4].scheduled_at == later
