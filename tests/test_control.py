@@ -1268,3 +1268,48 @@ def test_wait_for_given_the_other_kind_of_engine_or_run_under_trio_is_a_configur
 
     anyio.run(main, backend="trio")
     anyio.run(aengine.dispose)
+
+
+class CProgressFromOwnThread(Job, kind="c_progress_own_thread", queue="c", max_attempts=1):
+    pass
+
+
+@CProgressFromOwnThread.handler
+def c_progress_own_thread(ctx: JobContext) -> str:
+    errors: list[str] = []
+
+    def report() -> None:  # a thread of the handler's own (a download pool, say)
+        try:
+            ctx.set_progress(50, "half")
+        except Exception as exc:  # noqa: BLE001 - handed back as the result
+            errors.append(repr(exc))
+
+    thread = threading.Thread(target=report)
+    thread.start()
+    thread.join()
+    time.sleep(0.5)  # room for the nudged heartbeat to write the report
+    return ";".join(errors) or "ok"
+
+
+def test_progress_from_a_thread_of_the_handlers_own(engine, database_url, schema):
+    """anyio refuses from_thread in a thread it did not start, and set_progress then set the
+    loop's event from that thread: under asyncio's debug mode the heartbeat's wake-up was
+    lost, its task stuck for good, and the worker never stopped."""
+    from sa_jobs import Worker
+
+    from .helpers import FAST
+
+    (job_id,) = add(engine, CProgressFromOwnThread())
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[CProgressFromOwnThread], schema=schema, **FAST):
+            with anyio.move_on_after(10):
+                while row(database_url, schema, job_id)[0] == "available" or \
+                        row(database_url, schema, job_id)[0] == "running":
+                    await anyio.sleep(0.05)
+
+    runner = threading.Thread(target=anyio.run, args=(main,), kwargs={"backend_options": {"debug": True}}, daemon=True)
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive(), "the worker did not stop"
+    assert row(database_url, schema, job_id, "state, result, progress->>'message'") == ("completed", "ok", "half")

@@ -7,7 +7,6 @@ import threading
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, cast
 
-import anyio
 from sqlalchemy import case, func, update
 
 from .. import _validate
@@ -164,10 +163,7 @@ class JobContext:
             {"percent": percent, "message": _validate.pg_text(message[:200]), "attempt": self._job.attempt}
         )
         self._job.reported = True
-        try:  # a sync handler runs in a worker thread: wake the heartbeat on the loop's thread
-            anyio.from_thread.run_sync(self._worker.nudge_heartbeat)
-        except RuntimeError:  # on the event loop already (an async handler)
-            self._worker.nudge_heartbeat()
+        self._worker.nudge_heartbeat()  # from any thread (a sync handler's, or one it started)
 
     def raise_if_cancelled(self) -> None:
         if self._job.lease_lost:

@@ -379,8 +379,20 @@ class Worker:
         return self._async_engine
 
     def nudge_heartbeat(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.nudge()
+        """Beat early: there is progress to write. From any thread: a handler's own thread
+        set the loop's event directly (from_thread.run_sync refuses threads anyio did not
+        start), which in asyncio's debug mode lost the heartbeat's wake-up, the heartbeat
+        task then stuck for good (leases lost, the worker unable to stop)."""
+        heartbeat, loop = self._heartbeat, self._loop
+        if heartbeat is None:
+            return
+        if loop is None or threading.get_ident() == self._loop_thread:
+            heartbeat.nudge()
+            return
+        try:
+            loop.call_soon_threadsafe(heartbeat.nudge)
+        except RuntimeError:  # the loop closed: the run, and this job's attempt, are over
+            pass
 
     def _in_schema(self, engine: Any) -> Any:
         """Map the ``sa_jobs`` schema of mapped tables to this worker's schema, as apps do,
