@@ -911,4 +911,8 @@ def _format_period(period: dt.timedelta) -> str:
         size = _AGE_UNITS[unit]
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
+    # Exact to the microsecond a timedelta holds: ``%g`` kept six significant digits, so
+    # 1234.5678 s was shown as 1234.57s, 1.000001 s as 1s and 1234567 s as 1.23457e+06s,
+    # which parse_rate (and ``--rate``) refuses.
+    whole, micros = divmod(period // dt.timedelta(microseconds=1), 1_000_000)
+    return f"{whole}.{micros:06d}".rstrip("0").rstrip(".") + "s"

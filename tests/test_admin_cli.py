@@ -909,6 +909,25 @@ def test_parse_rate_reads_a_period_without_a_leading_digit():
     assert parse_rate("10/2h") == (10, dt.timedelta(hours=2))
 
 
+@pytest.mark.parametrize("rate, shown", [
+    ("10/1234.5678s", "10/1234.5678s"), ("10/1234567s", "10/1234567s"), ("3/1.000001s", "3/1.000001s"),
+    ("5/.5s", "5/0.5s"), ("7/90s", "7/90s"), ("100/m", "100/1m"), ("9/0.001s", "9/0.001s"),
+])
+def test_a_rate_is_shown_exactly_and_as_rate_reads_it(capsys, database_url, schema, rate, shown):
+    """A period's seconds were written with %g, six significant digits: 10/1234.5678s was
+    shown as 10/1234.57s, 3/1.000001s as 3/1s, and 10/1234567s as 10/1.23457e+06s, which
+    --rate then refused. `queues limit` and `queues` show what is stored, as --rate takes it."""
+    from sa_jobs.admin import format_rate, parse_rate
+
+    code, out, _ = run(capsys, database_url, schema, "queues", "limit", "q", "--rate", rate, "--json")
+    assert code == 0 and json.loads(out)["rate"] == shown
+    code, out, _ = run(capsys, database_url, schema, "queues", "--json")
+    assert [r["rate"] for r in json.loads(out) if r["queue"] == "q"] == [shown]
+    assert parse_rate(shown) == parse_rate(rate) and format_rate(parse_rate(shown)) == shown
+    code, out, err = run(capsys, database_url, schema, "queues", "limit", "q", "--rate", shown)
+    assert code == 0 and f"rate={shown}" in out, err
+
+
 def test_a_bulk_action_stopped_by_a_lock_timeout_says_what_it_did(capsys, database_url, schema):
     """Batches before the one that timed out committed: the operator is told how many, as
     after Ctrl-C, besides the one-line error."""
