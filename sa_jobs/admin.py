@@ -784,6 +784,7 @@ LIST_COLUMNS = ("id", "kind", "queue", "state", "attempt", "max_attempts", "prio
 
 def list_jobs(session: Any, where: JobFilter = JobFilter(), *, limit: int = 50) -> list[dict[str, Any]]:
     """Jobs matching ``where``, newest first, as plain dicts (plus ``error``: the last error's first line)."""
+    refuse_async_session(session, "list_jobs")
     if type(limit) is not int or not 1 <= limit <= 100_000:
         raise ConfigurationError(f"limit must be an int in 1..100000, not {limit!r}")
     last_error = _jobs.c.errors[-1]["error"].astext
@@ -805,6 +806,7 @@ def list_jobs(session: Any, where: JobFilter = JobFilter(), *, limit: int = 50) 
 def show_job(session: Any, job_id: int) -> dict[str, Any]:
     """Every column of job ``job_id``; ``progress`` only if the current attempt reported it
     (:func:`current_progress`), as a status page shows it."""
+    refuse_async_session(session, "show_job")
     check_job_id(job_id)
     row = session.execute(select(_jobs).where(_jobs.c.id == job_id)).mappings().one_or_none()
     if row is None:
@@ -823,6 +825,7 @@ def matching_ids(session: Any, where: JobFilter, *, limit: Optional[int] = None,
     out rows another transaction holds), so that what the caller's transaction does to
     them next acts on rows that still match: a worker cannot claim them meanwhile, and one
     that changed since it was listed (claimed, replayed, finished) is left out."""
+    refuse_async_session(session, "matching_ids")
     _check_count("limit", limit)
     if after is not None and (type(after) is not int):
         raise ConfigurationError(f"after must be a job id (an int), not {after!r}")
@@ -844,6 +847,7 @@ def _check_count(name: str, value: Optional[int]) -> None:
 
 def count_matching(session: Any, where: JobFilter, *, limit: Optional[int] = None) -> int:
     """How many jobs match ``where`` (at most ``limit``)."""
+    refuse_async_session(session, "count_matching")
     _check_count("limit", limit)
     matching = select(_jobs.c.id).where(*where.where())
     if limit is not None:
@@ -861,6 +865,7 @@ def delete_many(session: Any, job_ids: Iterable[int]) -> list[int]:
     """
     from sqlalchemy import delete
 
+    refuse_async_session(session, "delete_many")
     ids = _job_ids(job_ids)  # as the other bulk actions: an id no job has finds nothing
     if not ids:
         return []
@@ -874,6 +879,7 @@ def delete_many(session: Any, job_ids: Iterable[int]) -> list[int]:
 
 def queue_overview(session: Any) -> list[dict[str, Any]]:
     """One row per queue (with jobs, or with settings): job count per state and paused."""
+    refuse_async_session(session, "queue_overview")
     from .states import ALL_STATES
 
     table = _queues_table(session)

@@ -1011,3 +1011,43 @@ def test_a_bulk_action_by_filter_does_not_wait_for_rows_it_cannot_act_on(capsys,
     assert finished, f"{argv[0]} {argv[1]} --kind waited for a row it does not act on"
     code, out, err = result[0]
     assert code == 0 and json.loads(out) == {verb: [target], "not_" + verb: [busy]}, out + err
+
+
+def test_the_operator_queries_from_an_async_session_say_to_use_run_sync(database_url, schema, seeded):
+    """list_jobs, show_job, matching_ids, count_matching, delete_many and queue_overview
+    given an AsyncSession failed with bare AttributeErrors and TypeErrors on a coroutine
+    never awaited (delete_many deleted nothing and said nothing of why), where the other
+    admin calls name run_sync. They now do too, before any statement."""
+    import warnings
+
+    import anyio
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url
+    from sa_jobs.admin import (JobFilter, count_matching, delete_many, list_jobs, matching_ids, queue_overview,
+                               show_job)
+    from sa_jobs.errors import ConfigurationError
+
+    calls = {
+        "list_jobs": list_jobs, "show_job": lambda s: show_job(s, seeded[0]),
+        "matching_ids": lambda s: matching_ids(s, JobFilter(queues=["emails"])),
+        "count_matching": lambda s: count_matching(s, JobFilter(queues=["emails"])),
+        "delete_many": lambda s: delete_many(s, [seeded[0]]), "queue_overview": queue_overview,
+    }
+
+    async def main() -> None:
+        aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={"sa_jobs": schema})
+        try:
+            async with AsyncSession(aengine) as session:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    for name, call in calls.items():
+                        with pytest.raises(ConfigurationError, match=rf"^{name}\(\) needs a sync Session.*run_sync"):
+                            call(session)
+                assert len(await session.run_sync(list_jobs)) == len(seeded)
+        finally:
+            await aengine.dispose()
+
+    anyio.run(main)
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(len(seeded),)]
