@@ -435,7 +435,7 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
     start and acted on later by id alone were acted on whatever they had become meanwhile
     (a job a worker claimed was cancelled by ``--state available``, a dead job replayed
     and completed was replayed again by ``dead replay``). Only rows in the states the
-    action acts on (``acts_on``) are locked: `jobs retry --kind K` waited for every
+    action acts on (``acts_on``) match, and so are locked: `jobs retry --kind K` waited for every
     transaction holding a running job of K (a handler's ctx.transaction(), a heartbeat),
     or deadlocked with one. Memory stays one batch."""
     from sqlalchemy.orm import Session
@@ -448,6 +448,15 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
     by_filter = not dataclasses.replace(where, ids=()).empty
     if args.limit is not None and not by_filter:
         raise ConfigurationError(f"jobs {verb}: --limit caps a filter's matches; with job ids alone, name fewer ids")
+    for state in where.states:
+        if state not in acts_on:
+            raise ConfigurationError(f"--state {state}: no job in that state can be {verb}"
+                                     f" (this acts on {', '.join(acts_on)})")
+    if by_filter:
+        # A filter's matches are its rows in a state the action acts on: `--limit 3` took
+        # the three oldest rows of any state (finished ones, acting on none), and every row
+        # it could not act on was read and reported as not done, a line each.
+        where = dataclasses.replace(where, states=where.states or tuple(acts_on))
     engine = _engine(args)
     named = list(dict.fromkeys(args.ids))
     if by_filter:
@@ -481,9 +490,8 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
         for chunk in batches():
             with Session(engine) as session, session.begin():
                 if by_filter:
-                    states = tuple(s for s in (where.states or acts_on) if s in acts_on)
-                    chunk_where = dataclasses.replace(where, ids=tuple(chunk), states=states)
-                    targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked) if states else []
+                    chunk_where = dataclasses.replace(where, ids=tuple(chunk))
+                    targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked)
                 else:
                     targets = chunk
                 acted = list(action(session, targets)) if targets else []
