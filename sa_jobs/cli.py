@@ -685,6 +685,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         progress.close()
         print(f"sa-jobs: interrupted after {progress.done} job(s) deleted; run it again to go on", file=sys.stderr)
         return 130
+    except Exception:
+        # A batch that failed (a lost connection, a lock timeout) rolled back; those before
+        # it committed: say how many, before main reports the error, as _bulk does.
+        progress.close()
+        if progress.done:
+            print(f"sa-jobs: stopped after {progress.done} job(s) deleted", file=sys.stderr)
+        raise
     progress.close()
     verb = "would delete" if args.dry_run else "deleted"
     if args.json:

@@ -1090,3 +1090,26 @@ def test_a_state_the_action_cannot_act_on_is_refused(capsys, database_url, schem
     cancelled, exit 0: no job in that state can be. It is a usage error now, before any SQL."""
     code, out, err = run(capsys, database_url, schema, *argv)
     assert code == 2 and message in err and "Traceback" not in err and out == "", err
+
+
+def test_a_prune_stopped_by_an_error_says_what_it_did(capsys, monkeypatch, database_url, schema):
+    """Each batch of a prune commits on its own: one lost after two batches (its connection
+    ended, a lock timeout) printed the error alone, and the operator could not tell that
+    jobs had been deleted, nor how many, where a bulk action says so (and Ctrl-C does)."""
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) SELECT 'old', 'completed',"
+                                     " now() - interval '30 days' FROM generate_series(1, 5)"))
+    kill = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+            " AND position(%s in query) > 0")
+
+    class LoseTheConnection(cli.Progress):
+        def __call__(self, done, total):
+            super().__call__(done, total)
+            if done == 4:  # two batches of 2 committed
+                q(database_url, kill, (f'"{schema}"."jobs"',))
+
+    monkeypatch.setattr(cli, "Progress", LoseTheConnection)
+    code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "7d", "--batch", "2")
+    lines = err.splitlines()
+    assert code == 2 and out == "" and "Traceback" not in err and len(lines) == 2, err
+    assert lines[0] == "sa-jobs: stopped after 4 job(s) deleted" and lines[1].startswith("sa-jobs: database error"), err
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(1,)]
