@@ -64,6 +64,19 @@ class Cancel(JobControl):
     """Stop the job for good: it goes to ``cancelled`` (not an error, not retried)."""
 
 
+def duration_seconds(value: object) -> float:
+    """``value`` (a number or a timedelta) in seconds; NaN for anything else (a bool, a
+    str, a signalling NaN), which every range check then refuses."""
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (ValueError, ArithmeticError):  # a signalling NaN
+            return math.nan
+    return math.nan
+
+
 class Snooze(JobControl):
     """Run the job again after ``seconds`` (a number, or a timedelta as ``delay=`` takes)
     without spending an attempt."""
@@ -71,15 +84,7 @@ class Snooze(JobControl):
     def __init__(self, seconds: Union[float, dt.timedelta]) -> None:
         # float() of anything: "5" and True were 5 s and 1 s, a timedelta a bare TypeError
         # in the handler (its attempt spent as a failure, not snoozed).
-        if isinstance(seconds, dt.timedelta):
-            value = seconds.total_seconds()
-        elif isinstance(seconds, (numbers.Real, decimal.Decimal)) and not isinstance(seconds, bool):
-            try:
-                value = float(seconds)
-            except (ValueError, ArithmeticError):  # a signalling NaN
-                value = math.nan
-        else:
-            value = math.nan
+        value = duration_seconds(seconds)
         if not 0 <= value <= 366 * 24 * 3600:
             raise ConfigurationError(f"snooze for 0 seconds to a year (a number or a timedelta), not {seconds!r}")
         super().__init__(f"snoozed for {value}s")

@@ -7,13 +7,10 @@ follows the database clock, never the worker's.
 from __future__ import annotations
 
 import datetime as dt
-import decimal
-import math
-import numbers
 import random
 from typing import Callable, Union
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, duration_seconds
 
 # Seconds, or a timedelta (as delay= and Snooze take one).
 BackoffPolicy = Callable[[int], Union[float, dt.timedelta]]
@@ -59,15 +56,7 @@ def constant_backoff(seconds: Union[float, dt.timedelta]) -> BackoffPolicy:
 
     Checked here: a timedelta, a negative or NaN value was taken, and the worker, finding
     no usable delay at each failure, logged it and fell back to the default backoff."""
-    if isinstance(seconds, dt.timedelta):
-        value = seconds.total_seconds()
-    elif isinstance(seconds, (numbers.Real, decimal.Decimal)) and not isinstance(seconds, bool):
-        try:
-            value = float(seconds)
-        except (ValueError, ArithmeticError):  # a signalling NaN
-            value = math.nan
-    else:
-        value = math.nan
+    value = duration_seconds(seconds)
     if not 0 <= value <= MAX_DELAY_SECONDS:
         raise ConfigurationError(
             f"constant_backoff takes 0 seconds to a year (a number or a timedelta), not {seconds!r}")

@@ -71,3 +71,33 @@ class LoopErrors(NullObserver):
 
     def loop_error(self, component: str) -> None:
         self.seen.append(component)
+
+
+def refused_in_an_async_session(database_url: str, schema: str, calls: dict[str, Callable[[Any], Any]],
+                                then: Callable[[Any], Any]) -> None:
+    """Each of ``calls`` (by the function's name) given an AsyncSession raises the
+    ConfigurationError that names run_sync, with no "never awaited" warning; then
+    ``await then(session)`` in the same session (the way that works)."""
+    import warnings
+
+    import pytest
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from sa_jobs import ConfigurationError
+    from sa_jobs._url import sqlalchemy_url
+
+    async def main() -> None:
+        aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={"sa_jobs": schema})
+        try:
+            async with AsyncSession(aengine) as session:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    for name, call in calls.items():
+                        with pytest.raises(ConfigurationError, match=rf"^{name}\(\) needs a sync Session.*run_sync"):
+                            call(session)
+                await then(session)
+        finally:
+            await aengine.dispose()
+
+    anyio.run(main)

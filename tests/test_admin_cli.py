@@ -1019,15 +1019,10 @@ def test_the_operator_queries_from_an_async_session_say_to_use_run_sync(database
     given an AsyncSession failed with bare AttributeErrors and TypeErrors on a coroutine
     never awaited (delete_many deleted nothing and said nothing of why), where the other
     admin calls name run_sync. They now do too, before any statement."""
-    import warnings
-
-    import anyio
-    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-
-    from sa_jobs._url import sqlalchemy_url
     from sa_jobs.admin import (JobFilter, count_matching, delete_many, list_jobs, matching_ids, queue_overview,
                                show_job)
-    from sa_jobs.errors import ConfigurationError
+
+    from .helpers import refused_in_an_async_session
 
     calls = {
         "list_jobs": list_jobs, "show_job": lambda s: show_job(s, seeded[0]),
@@ -1036,21 +1031,10 @@ def test_the_operator_queries_from_an_async_session_say_to_use_run_sync(database
         "delete_many": lambda s: delete_many(s, [seeded[0]]), "queue_overview": queue_overview,
     }
 
-    async def main() -> None:
-        aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
-            schema_translate_map={"sa_jobs": schema})
-        try:
-            async with AsyncSession(aengine) as session:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")
-                    for name, call in calls.items():
-                        with pytest.raises(ConfigurationError, match=rf"^{name}\(\) needs a sync Session.*run_sync"):
-                            call(session)
-                assert len(await session.run_sync(list_jobs)) == len(seeded)
-        finally:
-            await aengine.dispose()
+    async def then(session) -> None:
+        assert len(await session.run_sync(list_jobs)) == len(seeded)
 
-    anyio.run(main)
+    refused_in_an_async_session(database_url, schema, calls, then)
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(len(seeded),)]
 
 

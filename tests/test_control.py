@@ -467,13 +467,10 @@ def test_every_admin_call_from_an_async_session_says_to_use_run_sync(engine, dat
     nothing (their execute() was a coroutine never awaited): the queue ran on, unpaused.
     The reads and the job actions failed with bare TypeErrors. Each now says how to call
     it, before any statement; through run_sync the pause is made."""
-    import warnings
-
-    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-
     from sa_jobs import QueueLimits, cancel, cancel_many, pause_queue, paused_queues, queue_limits, resume_queue
     from sa_jobs import retry, retry_many, set_queue_limits
-    from sa_jobs._url import sqlalchemy_url
+
+    from .helpers import refused_in_an_async_session
 
     (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
     calls = {
@@ -485,23 +482,12 @@ def test_every_admin_call_from_an_async_session_says_to_use_run_sync(engine, dat
         "job_status": lambda s: job_status(s, job_id),
     }
 
-    async def main() -> None:
-        aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
-            schema_translate_map={"sa_jobs": schema})
-        try:
-            async with AsyncSession(aengine) as session:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")
-                    for name, call in calls.items():
-                        with pytest.raises(ConfigurationError, match=rf"^{name}\(\) needs a sync Session.*run_sync"):
-                            call(session)
-                assert (await session.run_sync(job_status, job_id)).status == "queued"
-                await session.run_sync(lambda s: pause_queue(s, "nobody"))
-                await session.commit()
-        finally:
-            await aengine.dispose()
+    async def then(session) -> None:
+        assert (await session.run_sync(job_status, job_id)).status == "queued"
+        await session.run_sync(lambda s: pause_queue(s, "nobody"))
+        await session.commit()
 
-    anyio.run(main)
+    refused_in_an_async_session(database_url, schema, calls, then)
     with Session(engine) as session:
         assert paused_queues(session) == ["nobody"]
         assert job_status(session, job_id).status == "queued"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Callable
 
 import pytest
 from sqlalchemy import text
@@ -397,15 +398,35 @@ async def wf_neighbour(ctx: JobContext, seconds: float) -> int:
     return ctx.attempt
 
 
+def _run_two_with_a_lock_taken(database_url: str, schema: str, lease: float, lock: Callable[[], None]) -> None:
+    """A worker runs two FaultNeighbour jobs; once both run, ``lock()`` (in a thread) takes
+    and holds a lock on one; then wait (15 s at most) until one job alone is unfinished
+    (the cancelled one counts as unfinished)."""
+    import anyio
+
+    from sa_jobs import Worker
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[FaultNeighbour], schema=schema, lease=lease, poll_interval=0.2,
+                          maintenance_interval=0.1, shutdown_grace=0) as worker:
+            with anyio.fail_after(10):
+                while len(worker.running_jobs()) < 2:
+                    await anyio.sleep(0.02)
+            await anyio.to_thread.run_sync(lock)
+            with anyio.move_on_after(15):
+                while _unfinished(database_url, schema) > 1:
+                    await anyio.sleep(0.1)
+
+    anyio.run(main)
+
+
 def test_a_row_lock_on_one_running_job_costs_no_other_job_its_lease(engine, database_url, schema):
     """cancel() of a running job in a transaction the caller keeps open (it goes on with
     its own work before committing, as the docs allow) holds that job's row lock. The
     worker's one heartbeat statement for all of its jobs waited on that lock, so no lease
     of the worker was extended: every other job it ran was presumed lost and re-run by
     the rescuer (attempt 2, a LeaseExpired error), though nothing was wrong with it."""
-    import anyio
-
-    from sa_jobs import Worker, cancel
+    from sa_jobs import cancel
 
     lease = 2.0
     locked_id, other_id = _add(engine, FaultNeighbour(seconds=60), FaultNeighbour(seconds=5))
@@ -415,18 +436,7 @@ def test_a_row_lock_on_one_running_job_costs_no_other_job_its_lease(engine, data
             assert cancel(session, locked_id) == "running"
             time.sleep(2 * lease)  # the caller's own work, before its commit
 
-    async def main() -> None:
-        async with Worker(database_url, kinds=[FaultNeighbour], schema=schema, lease=lease, poll_interval=0.2,
-                          maintenance_interval=0.1, shutdown_grace=0) as worker:
-            with anyio.fail_after(10):
-                while len(worker.running_jobs()) < 2:
-                    await anyio.sleep(0.02)
-            await anyio.to_thread.run_sync(cancel_and_linger)
-            with anyio.move_on_after(15):
-                while _unfinished(database_url, schema) > 1:  # the cancelled one counts
-                    await anyio.sleep(0.1)
-
-    anyio.run(main)
+    _run_two_with_a_lock_taken(database_url, schema, lease, cancel_and_linger)
     rows = dict((r[0], r[1:]) for r in _rows(database_url, schema, "id, state, attempt, jsonb_array_length(errors)"))
     assert rows[locked_id] == ("cancelled", 1, 0)
     assert rows[other_id] == ("completed", 1, 0), "the other job lost its lease to a lock on a row not its own"
@@ -438,9 +448,7 @@ def test_a_row_lock_on_one_finished_job_holds_back_no_other_outcome(engine, data
     retried whole, waiting again, for as long as the lock lasted. No other outcome of the
     worker landed meanwhile, and those jobs, no longer heartbeated once finished, ran out
     their leases and were re-run by the rescuer."""
-    import anyio
-
-    from sa_jobs import Worker, cancel
+    from sa_jobs import cancel
 
     lease = 2.0
     locked_id, other_id = _add(engine, FaultNeighbour(seconds=1.0), FaultNeighbour(seconds=1.5))
@@ -456,18 +464,7 @@ def test_a_row_lock_on_one_finished_job_holds_back_no_other_outcome(engine, data
                     landed.setdefault("other", time.monotonic())
                 time.sleep(0.05)
 
-    async def main() -> None:
-        async with Worker(database_url, kinds=[FaultNeighbour], schema=schema, lease=lease, poll_interval=0.2,
-                          maintenance_interval=0.1, shutdown_grace=0) as worker:
-            with anyio.fail_after(10):
-                while len(worker.running_jobs()) < 2:
-                    await anyio.sleep(0.02)
-            await anyio.to_thread.run_sync(cancel_and_linger)
-            with anyio.move_on_after(15):
-                while _unfinished(database_url, schema) > 1:
-                    await anyio.sleep(0.1)
-
-    anyio.run(main)
+    _run_two_with_a_lock_taken(database_url, schema, lease, cancel_and_linger)
     rows = dict((r[0], r[1:]) for r in _rows(database_url, schema, "id, state, attempt, jsonb_array_length(errors)"))
     assert rows[locked_id] == ("cancelled", 1, 0)  # its completion, written after the commit, is fenced off
     assert rows[other_id] == ("completed", 1, 0), "the other job's outcome waited behind a lock on a row not its own"
