@@ -939,6 +939,7 @@ def test_wait_for_timeout_holds_while_the_jobs_table_is_locked(engine, database_
     statement that set it, and the wait still hung for as long as the lock was held."""
     import psycopg
     from psycopg import sql as psql
+    from sqlalchemy import create_engine
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from sa_jobs import wait_for, wait_for_async
@@ -954,8 +955,14 @@ def test_wait_for_timeout_holds_while_the_jobs_table_is_locked(engine, database_
         started = time.monotonic()
         options = {"isolation_level": "AUTOCOMMIT"} if flavour.endswith("autocommit") else {}
         if flavour.startswith("sync"):
-            with pytest.raises(TimeoutError, match=f"job {job_id}"):
-                wait_for(engine.execution_options(**options), job_id, timeout=0.5)
+            # An engine of its own, not engine.execution_options(isolation_level=...): on the
+            # SQLAlchemy 2.0.30 floor that fails on an engine with options already set.
+            sync_engine = create_engine(engine.url, **options).execution_options(schema_translate_map={"sa_jobs": schema})
+            try:
+                with pytest.raises(TimeoutError, match=f"job {job_id}"):
+                    wait_for(sync_engine, job_id, timeout=0.5)
+            finally:
+                sync_engine.dispose()
         else:
             async def main() -> None:
                 aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
