@@ -96,18 +96,13 @@ def _lock_timeout(value: str) -> float:
     return number
 
 
-def _integer(value: str) -> Optional[int]:
-    """``value`` as an int if it is a decimal integer in ASCII digits, else None."""
-    return _validate.decimal_integer(value)
-
-
 def _parse_queues(values: Optional[Sequence[str]], default: int) -> Optional[dict[str, int]]:
     if not values:
         return None
     queues: dict[str, int] = {}
     for item in values:
         name, _, limit = item.partition("=")
-        number = _integer(limit) if limit else default
+        number = _validate.decimal_integer(limit) if limit else default
         if number is None:
             raise ConfigurationError(f"--queue {item!r}: the concurrency after '=' must be an integer")
         queues[name] = number
@@ -662,7 +657,7 @@ def _keep_or_set(current: Optional[int], given: Optional[str]) -> Optional[int]:
         return current
     if given == "none":
         return None
-    number = _integer(given)
+    number = _validate.decimal_integer(given)
     if number is None or number < 1:
         raise ConfigurationError(f"invalid limit {given!r}: use a positive integer or none")
     return number
@@ -718,7 +713,7 @@ def _arg_type(check):  # type: ignore[no-untyped-def]
 def _job_id(value: str) -> int:
     from .admin import check_job_id
 
-    number = _integer(value)
+    number = _validate.decimal_integer(value)
     if number is None:
         raise argparse.ArgumentTypeError(f"invalid job id {value!r}: job ids are positive integers")
     try:
@@ -729,14 +724,14 @@ def _job_id(value: str) -> int:
 
 def _int_arg(value: str) -> int:
     """An integer in ASCII digits (argparse's type=int took '١٠' and '1_0')."""
-    number = _integer(value)
+    number = _validate.decimal_integer(value)
     if number is None:
         raise argparse.ArgumentTypeError(f"must be an integer, not {value!r}")
     return number
 
 
 def _positive_int(value: str) -> int:
-    number = _integer(value) or 0
+    number = _validate.decimal_integer(value) or 0
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {value!r}")
     return number

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from . import _validate, schema as schema_mod
 from ._url import sqlalchemy_url
+from .admin import check_state, refuse_async_session
 from .errors import ConfigurationError, UnknownKindError
 from .model import Job, is_async_handler, job_table
 from .schema import DEFAULT_SCHEMA, QUEUES_TABLE
@@ -221,9 +222,7 @@ def enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[M
     ``states`` are job states (one may be given as a str); a misspelt one raises
     ConfigurationError, where it matched nothing and the helper found no job.
     """
-    _refuse_async_session(session, "enqueued")
-    from .admin import check_state
-
+    refuse_async_session(session, "enqueued")
     states = [check_state(s) for s in ((states,) if isinstance(states, str) else states)]
     target = kind or Job
     stmt = select(target).where(target.state.in_(states)).order_by(target.id)
@@ -240,7 +239,7 @@ def assert_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Opt
                     queue: Optional[str] = None, count: Optional[int] = None) -> list[Job]:
     """Fail unless matching jobs are waiting (exactly ``count`` of them, if given); the
     failure lists the jobs that are waiting. ``args`` as in :func:`enqueued`."""
-    _refuse_async_session(session, "assert_enqueued")
+    refuse_async_session(session, "assert_enqueued")
     found = enqueued(session, kind, args=args, queue=queue)
     what = f"{kind.__name__ if kind else 'job'}(args ⊇ {dict(args or {})!r}, queue={queue!r})"
     if count is None:
@@ -252,15 +251,9 @@ def assert_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Opt
 
 def refute_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[Mapping[str, Any]] = None,
                     queue: Optional[str] = None) -> None:
-    _refuse_async_session(session, "refute_enqueued")
+    refuse_async_session(session, "refute_enqueued")
     found = enqueued(session, kind, args=args, queue=queue)
     assert not found, f"expected no such job, found {[(j.kind, j.args) for j in found]}"
-
-
-def _refuse_async_session(session: Any, name: str) -> None:
-    from .admin import refuse_async_session
-
-    refuse_async_session(session, name)
 
 
 # How many waiting jobs a failed assert_enqueued() lists.

@@ -216,6 +216,20 @@ class MaintenanceService(Protocol):
     async def run_once(self, conn: Any, queries: Queries) -> None: ...
 
 
+async def run_batches_around_waits(conn: Any, statement: str, ids_statement: str, one_statement: str, batch: int,
+                                   done: Callable[[Any], Awaitable[int]], left: set[int], waiting: str) -> None:
+    """:func:`run_batches` of ``statement``; if a run waited on another transaction past
+    its lock_timeout, :func:`run_one_at_a_time` instead (``ids_statement`` names the rows,
+    ``one_statement`` moves one), logging how many rows are ``left`` waiting: ``waiting``
+    takes that number (``"rescuer: %d expired job(s) ..."``)."""
+    try:
+        await run_batches(conn, statement, batch, done)
+    except psycopg.errors.LockNotAvailable:
+        await run_one_at_a_time(conn, ids_statement, one_statement, batch, done, left)
+        if left:
+            log.warning(waiting, len(left))
+
+
 def maintenance_services(given: Any, where: str) -> list[Any]:
     """``given`` (a list of maintenance services, or one alone) as a list, each checked to
     be one: ``name``, ``leader_only`` and ``run_once``. Unchecked, a Periodic declaration

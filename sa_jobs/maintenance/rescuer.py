@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from typing import Any
 
-import psycopg
-
 from ..queries import Queries
 from ..events import WorkerObserver, hook
-from .leader import run_batches, run_one_at_a_time
-
-log = logging.getLogger("sa_jobs.maintenance")
+from .leader import run_batches_around_waits
 
 
 class Rescuer:
@@ -26,19 +21,12 @@ class Rescuer:
         self._left: set[int] = set()  # expired jobs left waiting on another transaction at the last try
 
     async def run_once(self, conn: Any, queries: Queries) -> None:
-        try:
-            await run_batches(conn, queries.rescue_expired, self._batch, self._rescued)
-        except psycopg.errors.LockNotAvailable:
-            await self._one_at_a_time(conn, queries)
-
-    async def _one_at_a_time(self, conn: Any, queries: Queries) -> None:
-        """A job waited on another transaction past the rescue's lock_timeout (a unique
-        job whose key that transaction inserted: see queries._rescue_statement)."""
-        await run_one_at_a_time(conn, queries.expired_ids, queries.rescue_expired_ids, self._batch, self._rescued,
-                                self._left)
-        if self._left:
-            log.warning("rescuer: %d expired job(s) wait on another transaction (a unique key it has inserted"
-                        " and not committed); rescued once it ends", len(self._left))
+        # A job that waits on another transaction past the rescue's lock_timeout (a unique
+        # job whose key that transaction inserted: see queries._rescue_statement).
+        await run_batches_around_waits(
+            conn, queries.rescue_expired, queries.expired_ids, queries.rescue_expired_ids, self._batch, self._rescued,
+            self._left, "rescuer: %d expired job(s) wait on another transaction (a unique key it has inserted and"
+                        " not committed); rescued once it ends")
 
     async def _rescued(self, cur: Any) -> int:
         rows = await cur.fetchall()

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-import psycopg
 
 from ..events import hook
 from ..queries import Queries
-from .leader import run_batches, run_one_at_a_time
-
-log = logging.getLogger("sa_jobs.maintenance")
+from .leader import run_batches_around_waits
 
 
 class Scheduler:
@@ -34,14 +29,11 @@ class Scheduler:
             promoted += cur.rowcount
             return int(cur.rowcount)
 
-        try:
-            await run_batches(conn, queries.promote_due, self._batch, done)
-        except psycopg.errors.LockNotAvailable:
-            # A job waited on another transaction (queries._promote_statement).
-            await run_one_at_a_time(conn, queries.due_ids, queries.promote_due_ids, self._batch, done, self._left)
-            if self._left:
-                log.warning("scheduler: %d due job(s) wait on another transaction (a unique key it has inserted"
-                            " and not committed); promoted once it ends", len(self._left))
+        # A job that waits on another transaction (queries._promote_statement).
+        await run_batches_around_waits(
+            conn, queries.promote_due, queries.due_ids, queries.promote_due_ids, self._batch, done, self._left,
+            "scheduler: %d due job(s) wait on another transaction (a unique key it has inserted and not committed);"
+            " promoted once it ends")
         if promoted:
             self._promoted(promoted)
             await conn.execute(queries.notify)
