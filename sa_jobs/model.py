@@ -37,7 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from . import _validate
 from ._bulk_guard import register_bulk_guards
-from .errors import ConfigurationError, InvalidArgsError
+from .errors import ConfigurationError, InvalidArgsError, duration_seconds
 from .retry import BackoffPolicy, exponential_backoff
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
 from .states import PENDING_STATES
@@ -233,15 +233,7 @@ def _timeout_seconds(timeout: object) -> float:
     A Decimal passed the old check and failed every attempt in the worker (its deadline,
     ``float + Decimal``, raised around the handler, which never ran); ``True`` was taken
     for one second, and a timedelta or a string raised a bare TypeError."""
-    if isinstance(timeout, dt.timedelta):
-        seconds = timeout.total_seconds()
-    elif isinstance(timeout, (numbers.Real, decimal.Decimal)) and not isinstance(timeout, bool):
-        try:
-            seconds = float(timeout)  # type: ignore[arg-type]
-        except (ValueError, ArithmeticError):  # a signalling NaN, an int past float's range
-            seconds = math.nan
-    else:
-        seconds = math.nan
+    seconds = duration_seconds(timeout)  # NaN for what is no duration, an int past float's range
     if not 0 < seconds < math.inf:
         raise ConfigurationError(
             f"timeout must be a positive, finite number of seconds or a timedelta (None for no timeout), not {timeout!r}")
