@@ -130,17 +130,25 @@ class Cluster:
         return psutil.Process(pid)
 
     def cpu_seconds(self) -> float:
-        """CPU (user+system) of the whole server so far: postmaster, live backends, reaped ones."""
+        """CPU (user+system) of the whole server so far: postmaster, live backends, reaped ones.
+
+        A backend reaped between reading the postmaster and reading the backend would be in
+        neither figure (a closed connection's whole CPU would land in the next sample), so the
+        snapshot is read again until the postmaster's reaped-children times did not move."""
         pm = self.postmaster()
-        t = pm.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in pm.children():
-            try:
-                c = child.cpu_times()
-                total += c.user + c.system
-            except psutil.Error:
-                pass
-        return total
+        for _ in range(100):
+            before = pm.cpu_times()
+            live = 0.0
+            for child in pm.children():
+                try:
+                    c = child.cpu_times()
+                    live += c.user + c.system
+                except psutil.Error:
+                    pass
+            after = pm.cpu_times()
+            if (before.children_user, before.children_system) == (after.children_user, after.children_system):
+                return after.user + after.system + after.children_user + after.children_system + live
+        raise RuntimeError("the server's backends kept exiting while its CPU was read")
 
     def backend_cpu_seconds(self, pid: int) -> float:
         """CPU (user+system) of one live backend so far: the harness's own connection, whose

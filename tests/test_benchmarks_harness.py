@@ -227,3 +227,35 @@ def test_benchmark_commands_refuse_a_run_count_or_size_below_one(argv, tmp_path)
                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "at least 1" in proc.stderr
+
+
+def test_server_cpu_never_drops_while_backends_exit(cluster):
+    """A backend reaped between the postmaster's read and its own is in neither: the server's
+    CPU would dip by that backend's whole time and come back in the next sample, which lands a
+    closed start-up connection's CPU in whichever timed section is sampled next."""
+    import threading
+
+    import psycopg
+
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(cluster.cpu_seconds())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for _ in range(40):
+            conns = [psycopg.connect(cluster.url(), autocommit=True) for _ in range(3)]
+            for c in conns:
+                c.execute("SELECT count(*) FROM generate_series(1, 300000)").fetchone()
+            for c in conns:
+                c.close()
+    finally:
+        done.set()
+        sampler.join()
+    drops = [(a, b) for a, b in zip(samples, samples[1:]) if b < a - 0.02]
+    assert len(samples) > 100
+    assert not drops, drops[:5]
