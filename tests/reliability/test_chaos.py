@@ -78,11 +78,17 @@ def _chaos(db, rel_url, rel_schema, rel_engine, workers, kind, n: int, kills_per
                 victims.remove(maintaining[0])
                 spared += 1
             for victim in victims:
+                ports = list(victim.ports())
                 victim.kill()
                 killed_pids.add(victim.pid)
                 kills += 1
                 alive.remove(victim)
-                # What the victim held is frozen now (only a rescue changes it, after L).
+                # What the victim held is frozen once its backends are gone (only a rescue
+                # changes it, after L). Counted at once, a claim the victim had sent could
+                # still commit after the count: CI once saw 19 retried jobs against 18
+                # counted, every one of them with a killed worker's error.
+                wait_for(lambda: not db.q("SELECT 1 FROM pg_stat_activity WHERE client_port = ANY(%s)",
+                                          (ports,), raw=True), 10)
                 in_flight_killed += db.one("SELECT count(*) FROM {jobs} WHERE state = 'running'"
                                            " AND lease_owner LIKE %s", (f"%:{victim.pid}:%",))
                 fresh = WorkerProc(rel_url, rel_schema, *CHAOS_ARGS)
