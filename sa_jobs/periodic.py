@@ -105,6 +105,23 @@ def _seconds_first_suspect(expression: str) -> Optional[str]:
             f" seconds is '* * * * * */N'")
 
 
+def _fall_back_near(tz: dt.tzinfo, at: dt.datetime) -> Optional[tuple[dt.datetime, dt.timedelta]]:
+    """The fall-back within three hours of ``at``, if any: the instant (UTC) its clocks go
+    back, and by how much. (No zone has moved its clocks twice within six hours.)"""
+    lo, hi = at - dt.timedelta(hours=3), at + dt.timedelta(hours=3)
+    before, after = lo.astimezone(tz).utcoffset(), hi.astimezone(tz).utcoffset()
+    assert before is not None and after is not None
+    if after >= before:
+        return None
+    while hi - lo > dt.timedelta(microseconds=1):  # the first instant with the later offset
+        mid = lo + (hi - lo) / 2
+        if mid.astimezone(tz).utcoffset() == before:
+            lo = mid
+        else:
+            hi = mid
+    return hi, before - after
+
+
 def _zone(name: str) -> dt.tzinfo:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -321,7 +338,44 @@ class Periodic:
             # the next tick walks on from them: late, never twice.
             log.warning("periodic %r: the slots up to %s took over %d steps; walking on next tick",
                         self.name, now.isoformat(), limit + _WALK_SLACK)
-        return list(slots)
+            now_utc = newest
+        by_instant = {s.astimezone(_UTC): s for s in self._second_passes(list(slots), start, now_utc)}
+        by_instant.update((s.astimezone(_UTC), s) for s in slots)
+        return [by_instant[k] for k in sorted(by_instant)[-limit:]]
+
+    def _second_passes(self, walked: list[dt.datetime], start: dt.datetime, end: dt.datetime) -> list[dt.datetime]:
+        """Slots in ``(start, end]`` that fall in the second pass of a repeated wall time
+        and that croniter's forward walk may skip.
+
+        Across a half-hour fall-back (Australia/Lord_Howe, 02:00 becomes 01:30) get_next()
+        yields 01:30-02:00 once, the first time, and get_prev() inside the second pass
+        answers the first one: a catching-up leader fired neither. Each walked slot at a
+        repeated wall time has a twin in the second pass; a walk that starts between the
+        two passes has seen neither, so that fall-back's second pass is enumerated in wall
+        time.
+        """
+        from croniter import CroniterBadDateError, croniter
+
+        tz = self._tz
+        found = []
+        for slot in walked:
+            twin = slot.replace(fold=1).astimezone(_UTC)
+            if twin.astimezone(tz).replace(tzinfo=None) == slot.replace(tzinfo=None, fold=0) and start < twin <= end:
+                found.append(twin.astimezone(tz))
+        back = _fall_back_near(tz, start)
+        if back is not None:
+            at, shift = back
+            if at - shift <= start < at + shift:
+                first_wall = at.astimezone(tz).replace(tzinfo=None)
+                walls = croniter(self.cron, first_wall - dt.timedelta(microseconds=1))
+                try:
+                    while (wall := walls.get_next(dt.datetime)) < first_wall + shift:
+                        slot = at + (wall - first_wall)
+                        if start < slot <= end:
+                            found.append(slot.astimezone(tz))
+                except CroniterBadDateError:  # a year field's last year has passed
+                    pass
+        return found
 
     def next_slot(self, now: dt.datetime) -> dt.datetime:
         """The first slot strictly after ``now``."""

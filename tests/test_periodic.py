@@ -754,3 +754,51 @@ def test_a_schedule_whose_last_year_has_passed_still_declares_and_stays_quiet(da
     assert _last_slot(database_url, schema, "campaign_2025") == dt.datetime(2025, 12, 31, 9, tzinfo=UTC)
     assert _fire(database_url, schema, over) == [[]]
     assert _periodic_jobs(database_url, schema) == []
+
+
+# Australia/Lord_Howe falls back half an hour on 5 April 2026: 02:00 (+11:00, 15:00 UTC)
+# becomes 01:30 (+10:30), so the local 01:30-02:00 happens twice (14:30-15:00, 15:00-15:30 UTC).
+LORD_HOWE_FALL_BACK = dt.datetime(2026, 4, 4, 15, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("catch_up", [False, True])
+def test_a_half_hour_fall_back_fires_both_passes(catch_up):
+    """croniter's get_next() yields a wall time of a half-hour fall-back once (the first pass),
+    and its get_prev() inside the second pass answers the first: with catch-up, a live leader
+    ticking every 10 s fired nothing at 01:35-01:56 of the second pass (15:05-15:26 UTC)."""
+    every = dt.timedelta(seconds=10)
+    grace = PeriodicJobs._grace(every.total_seconds(), 10.0)
+    every_7 = Periodic("*/7 0-3 * * *", PerTick, name="every_7", timezone="Australia/Lord_Howe", catch_up=catch_up)
+    start, end = LORD_HOWE_FALL_BACK - dt.timedelta(minutes=40), LORD_HOWE_FALL_BACK + dt.timedelta(minutes=40)
+    fired: list[tuple[dt.datetime, dt.datetime]] = []
+    last, now = every_7.latest_slot(start), start
+    while now <= end:
+        slots = every_7.due_slots(last, now, grace)
+        fired += [(s.astimezone(UTC), now) for s in slots]
+        last = slots[-1] if slots else last
+        now += every
+    # Every minute whose Lord Howe wall time the cron names, in absolute time: both passes.
+    expected = [m for m in _utc_range(start + dt.timedelta(minutes=1), end, dt.timedelta(minutes=1))
+                if m.astimezone(ZoneInfo("Australia/Lord_Howe")).minute % 7 == 0
+                and m.astimezone(ZoneInfo("Australia/Lord_Howe")).hour <= 3]
+    assert [slot for slot, _ in fired] == expected
+    assert all(dt.timedelta(0) <= at - slot < every for slot, at in fired)  # each on time, in the next tick
+    second_pass = [m for m in expected if LORD_HOWE_FALL_BACK <= m < LORD_HOWE_FALL_BACK + dt.timedelta(minutes=30)]
+    assert [m.strftime("%H:%M") for m in second_pass] == ["15:05", "15:12", "15:19", "15:26"]
+
+
+def test_catch_up_across_a_half_hour_fall_back():
+    """Down from just before the first pass until after the second: every slot of both
+    passes is due once; down from inside the first pass, the second pass is still due."""
+    every_7 = Periodic("*/7 0-3 * * *", PerTick, name="every_7", timezone="Australia/Lord_Howe", catch_up=True)
+    back_at = LORD_HOWE_FALL_BACK + dt.timedelta(minutes=40)
+    due = [s.astimezone(UTC).strftime("%H:%M") for s in every_7.due_slots(LORD_HOWE_FALL_BACK - dt.timedelta(minutes=40), back_at)]
+    assert due == ["14:21", "14:28", "14:35", "14:42", "14:49", "14:56", "15:05", "15:12", "15:19", "15:26",
+                   "15:30", "15:37"]
+    inside = LORD_HOWE_FALL_BACK - dt.timedelta(minutes=4)  # 01:56, first pass
+    due = [s.astimezone(UTC).strftime("%H:%M") for s in every_7.due_slots(inside, back_at)]
+    assert due == ["15:05", "15:12", "15:19", "15:26", "15:30", "15:37"]
+    # A nightly 01:45 fires at both of its passes, each once.
+    nightly = Periodic("45 1 * * *", PerTick, name="nightly_145", timezone="Australia/Lord_Howe", catch_up=True)
+    assert [s.astimezone(UTC).strftime("%H:%M") for s in nightly.due_slots(
+        LORD_HOWE_FALL_BACK - dt.timedelta(hours=3), back_at)] == ["14:45", "15:15"]
