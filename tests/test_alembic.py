@@ -378,9 +378,10 @@ def test_downgrading_behind_a_newer_migrate_names_the_revision_to_adopt_first(ap
 
 def test_install_at_start_up_during_an_alembic_index_build_waits_for_it(app: App) -> None:
     """Moving from ``install()`` at start-up to Alembic: a process starts (and installs)
-    while ``alembic upgrade`` builds sa_jobs_0002's index CONCURRENTLY. install() altered
-    the table for version 3, waited for the build's table lock, the build waited for its
-    transaction, and PostgreSQL failed the Alembic deploy with "deadlock detected"."""
+    while ``alembic upgrade`` builds an index CONCURRENTLY (sa_jobs_0003's: sa_jobs_0002's
+    is left out, as sa_jobs_0013 drops it). install() altered the table for the next
+    version, waited for the build's table lock, the build waited for its transaction, and
+    PostgreSQL failed the Alembic deploy with "deadlock detected"."""
     app.alembic("upgrade", "sa_jobs_0001")
     insert_jobs(app.url, "sa_jobs", 10)
 
@@ -400,7 +401,7 @@ def test_install_at_start_up_during_an_alembic_index_build_waits_for_it(app: App
             holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             holder.execute("SELECT 1")
             procs["alembic"] = start("h_alembic", ["-m", "alembic", "upgrade", "heads"])
-            assert wait_for(lambda: query_of("h_alembic").startswith("Lock CREATE INDEX CONCURRENTLY"), 30), \
+            assert wait_for(lambda: query_of("h_alembic").startswith("Lock CREATE UNIQUE INDEX CONCURRENTLY"), 30), \
                 query_of("h_alembic")
             procs["install"] = start("h_install", [
                 "-c", "import os; from sa_jobs import schema; schema.install(os.environ['DATABASE_URL'])"])
@@ -484,18 +485,18 @@ def test_adopting_in_the_callers_transaction_needs_no_build(app: App) -> None:
 
 def test_a_schema_newer_than_this_release_is_not_adopted(app: App) -> None:
     """``sa-jobs migrate`` of a newer release took the schema past this one's latest
-    version (here, as if that version had dropped jobs_finished_idx). ``install()`` of this
+    version (here, as if that version had dropped jobs_state_finished_idx). ``install()`` of this
     release refuses such a schema; the branch adopted it, re-ran its revisions' index
     builds and put back an index the newer version had dropped."""
     schema_mod.install(app.url, "sa_jobs")
     newer = schema_mod.LATEST_VERSION + 1
-    run_sql(app.url, "DROP INDEX sa_jobs.jobs_finished_idx")
+    run_sql(app.url, "DROP INDEX sa_jobs.jobs_state_finished_idx")
     run_sql(app.url, "INSERT INTO sa_jobs.schema_version (version, description) VALUES (%s, 'newer')", (newer,))
 
     proc = app.alembic("upgrade", "heads", ok=False)
 
     assert proc.returncode != 0 and "newer than this sa-jobs knows" in proc.stderr, proc.stderr
-    assert run_sql(app.url, "SELECT to_regclass('sa_jobs.jobs_finished_idx')") == [(None,)]
+    assert run_sql(app.url, "SELECT to_regclass('sa_jobs.jobs_state_finished_idx')") == [(None,)]
     assert "sa_jobs_" not in app.alembic("current").stdout
 
 
@@ -510,11 +511,12 @@ def test_an_upgrade_past_version_8_builds_no_index_version_8_drops(app: App) -> 
     app.alembic("upgrade", "heads")
 
     built = {r[0] for r in run_sql(app.url, "SELECT name FROM public.built_indexes WHERE name LIKE 'sa_jobs.%'")}
-    assert built == {"sa_jobs.jobs_partition_idx", "sa_jobs.jobs_running_idx", "sa_jobs.jobs_state_kind_idx"}
+    assert built == {"sa_jobs.jobs_partition_idx", "sa_jobs.jobs_running_idx", "sa_jobs.jobs_state_kind_idx",
+                     "sa_jobs.jobs_state_finished_idx"}
     assert check_drift(app.url, "sa_jobs") == []
     offline = app.alembic("upgrade", "sa_jobs_0003:heads", "--sql").stdout
     builds = re.findall(r'CREATE INDEX CONCURRENTLY IF NOT EXISTS "(\w+)"', offline)
-    assert builds == ["jobs_partition_idx", "jobs_running_idx", "jobs_state_kind_idx"], builds
+    assert builds == ["jobs_partition_idx", "jobs_running_idx", "jobs_state_kind_idx", "jobs_state_finished_idx"], builds
 
 
 def test_an_upgrade_that_stops_before_version_8_builds_every_index_of_its_versions(app: App) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from sa_jobs import ConfigurationError, Job, JobContext, Worker
 from sa_jobs._url import to_conninfo
-from sa_jobs.maintenance.pruner import Pruner, delete_statement, prune, retention_ages
+from sa_jobs.maintenance.pruner import Pruner, count_statement, delete_statement, prune, retention_ages
 from sa_jobs.queries import Queries
 
 from .helpers import jobs_sql, q, run_worker_until
@@ -134,7 +134,39 @@ def test_prune_uses_the_finished_index(database_url, schema):
     with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
         stmt = delete_statement(schema).as_string()
         plan = conn.execute("EXPLAIN " + stmt, {"state": "completed", "age": 86400.0, "limit": 100}).fetchall()
-    assert "jobs_finished_idx" in "\n".join(r[0] for r in plan)
+    assert "jobs_state_finished_idx" in "\n".join(r[0] for r in plan)
+
+
+def _plan(conn: psycopg.Connection, statement: str, params: dict) -> dict:
+    """The executed plan's top node (rolled back: EXPLAIN ANALYZE of the DELETE deletes)."""
+    with conn.transaction(force_rollback=True):
+        (plan_json,) = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params).fetchone()
+    return plan_json[0]["Plan"]
+
+
+def _removed_by_filter(plan: dict) -> int:
+    return plan.get("Rows Removed by Filter", 0) + sum(_removed_by_filter(p) for p in plan.get("Plans", []))
+
+
+def test_a_batch_does_not_walk_past_a_kept_states_old_rows(database_url, schema):
+    """Dead jobs kept for good (``dead=None``), or much longer than completed ones, are
+    the oldest finished rows. The pruner's batch of completed rows (and the dry run's
+    count) read the finished rows in ``finished_at`` order through jobs_finished_idx
+    (finished_at) and filtered the state: each batch walked past every old dead row, a
+    cost of O(rows kept), not O(batch). On (state, finished_at) it reads its own rows."""
+    _seed(database_url, schema, "dead", 50_000, "400 days")
+    _seed(database_url, schema, "completed", 30, "10 days")
+    _seed(database_url, schema, "completed", 30, "1 hour")
+    q(database_url, jobs_sql(schema, "VACUUM ANALYZE {jobs}"))
+    params = {"state": "completed", "age": 86400.0, "limit": 10}
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        delete = _plan(conn, delete_statement(schema).as_string(), params)
+        count = _plan(conn, count_statement(schema).as_string(), params)
+    for plan in (count, delete):
+        blocks = plan["Shared Hit Blocks"] + plan.get("Shared Read Blocks", 0)
+        assert _removed_by_filter(plan) <= 100 and blocks <= 60, (blocks, _removed_by_filter(plan), plan)
+    assert prune(to_conninfo(database_url), schema, {"completed": dt.timedelta(days=1)}, dry_run=True) \
+        == {"completed": 30}
 
 
 def test_invalid_retention_settings():

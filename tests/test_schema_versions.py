@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sa_jobs import schema as schema_mod
 from sa_jobs.drift import check_drift
 from sa_jobs.errors import InvalidIdentifierError, SchemaVersionError
+from sa_jobs.maintenance.pruner import delete_statement
 from sa_jobs.queries import Queries
 
 from .conftest import REPO_ROOT, new_schema_name, pg_bin, worker_command
@@ -118,7 +120,7 @@ def test_worker_refuses_a_newer_schema(db: str, fresh_schema: str) -> None:
 RELEASED_DDL = {1: "e492cd917392231c", 2: "b854f3bd5c7647c0", 3: "873901e8e7d8fc06", 4: "de5862bdcba22fca",
                 5: "f18c6ac3842f7bc4", 6: "4437b63ff3e2a494", 7: "5a6019fbe3810826",
                 8: "de414af1ca925522", 9: "a3a3eeb95fd75b50", 10: "a8a29dbb859a3d58",
-                11: "b7280b6e6d9f8591", 12: "ef615aa0cc9f790b"}
+                11: "b7280b6e6d9f8591", 12: "ef615aa0cc9f790b", 13: "d0992d79e9a056b8"}
 
 
 @pytest.mark.parametrize("version", sorted(RELEASED_DDL))
@@ -154,7 +156,7 @@ def test_upgrade_from_v1_with_jobs_loses_nothing(db: str, fresh_schema: str) -> 
 
     assert job_rows(db, fresh_schema) == before
     valid = run_sql(db, "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
-                    (f"{fresh_schema}.{schema_mod.FINISHED_INDEX}",))
+                    (f"{fresh_schema}.{schema_mod.STATE_FINISHED_INDEX}",))
     assert valid == [(True,)]
     assert check_drift(db, fresh_schema) == []
     # The identity sequence carried over: a new job gets the next id, not a duplicate.
@@ -164,9 +166,9 @@ def test_upgrade_from_v1_with_jobs_loses_nothing(db: str, fresh_schema: str) -> 
 
 def test_install_heals_a_crash_between_the_two_phases(db: str, fresh_schema: str) -> None:
     schema_mod.install(db, fresh_schema)
-    # Version 2 recorded, index never built: what a crash before CONCURRENTLY leaves.
-    run_sql(db, sql.SQL("DROP INDEX {}").format(sql.Identifier(fresh_schema, schema_mod.FINISHED_INDEX)))
-    assert any(schema_mod.FINISHED_INDEX in line and "missing" in line for line in check_drift(db, fresh_schema))
+    # Version 13 recorded, index never built: what a crash before CONCURRENTLY leaves.
+    run_sql(db, sql.SQL("DROP INDEX {}").format(sql.Identifier(fresh_schema, schema_mod.STATE_FINISHED_INDEX)))
+    assert any(schema_mod.STATE_FINISHED_INDEX in line and "missing" in line for line in check_drift(db, fresh_schema))
     schema_mod.install(db, fresh_schema)
     assert check_drift(db, fresh_schema) == []
 
@@ -326,6 +328,65 @@ def test_upgrade_from_v9_indexes_resting_jobs_by_state_and_kind(db: str, fresh_s
         resting = conn.execute(sql.SQL(
             "SELECT count(*) FROM {} WHERE state IN ('scheduled', 'retryable', 'cancelled', 'dead')").format(jobs)).fetchone()
         assert resting == (400,)
+
+
+def test_upgrade_from_v12_indexes_finished_jobs_by_state(db: str, fresh_schema: str) -> None:
+    """v13 replaces (finished_at) over finished rows with (state, finished_at): after the
+    upgrade a pruning batch of completed jobs reads its own range, not the older dead rows
+    first; a crash between the build and the drop (both indexes there) heals on re-run."""
+    schema_mod.install(db, fresh_schema, to_version=12)
+    jobs = sql.Identifier(fresh_schema, "jobs")
+    run_sql(db, sql.SQL("INSERT INTO {} (kind, state, finished_at) SELECT 'k', 'dead', now() - interval '400 days'"
+                        " FROM generate_series(1, 3000)").format(jobs))
+    run_sql(db, sql.SQL("INSERT INTO {} (kind, state, finished_at) SELECT 'k', 'completed', now() - interval '9 days'"
+                        " FROM generate_series(1, 20)").format(jobs))
+    before = job_rows(db, fresh_schema)
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
+    assert job_rows(db, fresh_schema) == before
+    assert check_drift(db, fresh_schema) == []
+
+    def names() -> set[str]:
+        return {r[0] for r in run_sql(db, "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (fresh_schema,))}
+
+    assert schema_mod.STATE_FINISHED_INDEX in names() and schema_mod.FINISHED_INDEX not in names()
+    run_sql(db, sql.SQL("ANALYZE {}").format(jobs))
+    with psycopg.connect(db, autocommit=True) as conn, conn.transaction(force_rollback=True):
+        (plan,) = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + delete_statement(fresh_schema).as_string(),
+                               {"state": "completed", "age": 86400.0, "limit": 5}).fetchone()
+    text = json.dumps(plan)
+    assert schema_mod.STATE_FINISHED_INDEX in text and '"Rows Removed by Filter": 3000' not in text, text
+    # A crash after the build, before the drop: the old index is back as drift, and a re-run drops it.
+    for stmt in schema_mod.downgrade_statements(13, fresh_schema)[:1]:
+        run_sql(db, stmt)
+    assert {schema_mod.STATE_FINISHED_INDEX, schema_mod.FINISHED_INDEX} <= names()
+    assert any(schema_mod.FINISHED_INDEX in line for line in check_drift(db, fresh_schema))
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
+    assert check_drift(db, fresh_schema) == [] and schema_mod.FINISHED_INDEX not in names()
+    # And back down: v12's index is rebuilt, v13's dropped.
+    with psycopg.connect(db, autocommit=True) as conn, conn.transaction():
+        for stmt in schema_mod.downgrade_statements(13, fresh_schema):
+            conn.execute(stmt)
+    assert schema_mod.FINISHED_INDEX in names() and schema_mod.STATE_FINISHED_INDEX not in names()
+    assert check_drift(db, fresh_schema)[1:] == []
+
+
+def test_a_failed_build_of_the_state_finished_index_keeps_the_finished_index(db: str, fresh_schema: str) -> None:
+    """As for v8: a killed build leaves an invalid jobs_state_finished_idx; v13's statements
+    stop before dropping jobs_finished_idx, and install() rebuilds it, then drops the old."""
+    schema_mod.install(db, fresh_schema, to_version=12)
+    jobs = sql.Identifier(fresh_schema, "jobs")
+    run_sql(db, sql.SQL("INSERT INTO {} (kind) VALUES ('k'), ('k')").format(jobs))
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        run_sql(db, sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} (kind)").format(
+            sql.Identifier(schema_mod.STATE_FINISHED_INDEX), jobs))
+    with pytest.raises(psycopg.errors.RaiseException, match="missing or invalid"):
+        with psycopg.connect(db, autocommit=True) as conn:
+            for stmt in schema_mod.concurrent_statements(13, fresh_schema):
+                conn.execute(stmt)
+    names = {r[0] for r in run_sql(db, "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (fresh_schema,))}
+    assert schema_mod.FINISHED_INDEX in names
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
+    assert check_drift(db, fresh_schema) == []
 
 
 def test_migrate_sql_output_applies_to_the_same_schema(db: str, fresh_schema: str) -> None:

@@ -6,9 +6,10 @@ maintenance service (``Worker(maintenance=[Pruner(...)])`` or ``SA_JOBS_MAINTENA
 
 Each batch is one autocommit statement that locks at most ``batch`` finished rows
 (``FOR UPDATE SKIP LOCKED``, so a row an operator is replaying is skipped, not waited
-for), found oldest first through ``jobs_finished_idx (finished_at) WHERE state IN
-('completed', 'cancelled', 'dead')``; no statement ever holds more than one batch of row
-locks, and unfinished rows are outside its predicate, so they are never touched.
+for), found oldest first through ``jobs_state_finished_idx (state, finished_at) WHERE
+state IN ('completed', 'cancelled', 'dead')`` (schema v13: a batch reads its own state's
+range, never the old rows of a state kept longer); no statement ever holds more than one
+batch of row locks, and unfinished rows are outside its predicate, so they are never touched.
 """
 
 from __future__ import annotations
