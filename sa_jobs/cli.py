@@ -678,7 +678,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # Each batch is its own transaction: those done stay done. Say how many, not a traceback.
         progress.close()
-        print(f"sa-jobs: interrupted after {progress.done} job(s) deleted; run it again to go on", file=sys.stderr)
+        if args.dry_run:  # it only counts: nothing to go on with
+            print("sa-jobs: dry run interrupted; nothing was deleted", file=sys.stderr)
+        else:
+            print(f"sa-jobs: interrupted after {progress.done} job(s) deleted; run it again to go on", file=sys.stderr)
         return 130
     except Exception:
         # A batch that failed (a lost connection, a lock timeout) rolled back; those before

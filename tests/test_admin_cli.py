@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from psycopg import sql
@@ -592,6 +593,47 @@ def test_an_interrupted_prune_says_what_it_did(capsys, monkeypatch, database_url
     code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "1d", "--batch", "10")
     assert code == 130 and "Traceback" not in err and "interrupted after 20 job(s) deleted" in err, out + err
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(30,)]
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
+def test_a_prune_interrupted_while_counting_says_what_it_did(capsys, database_url, schema, dry_run):
+    """Ctrl-C while the prune counts its rows (a long count on a big table, or one waiting
+    for a lock). A dry run said "interrupted after 0 job(s) deleted; run it again to go
+    on": it deletes nothing, whether it ran or not. A real prune deleted none yet."""
+    import signal
+    import threading
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) SELECT 'bulk', 'completed',"
+                                     " now() - interval '2 days' FROM generate_series(1, 5)"))
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+               " AND query LIKE 'SELECT count(*) FROM ' || %s || '%%'")
+    main = threading.get_ident()
+
+    def interrupt_once_waiting() -> None:
+        deadline = time.monotonic() + 20
+        while q(database_url, waiting, (f'"{schema}"."jobs"',)) != [(1,)] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    with psycopg.connect(to_conninfo(database_url)) as holder:  # the count waits for this lock
+        holder.execute(jobs_sql(schema, "LOCK TABLE {jobs} IN ACCESS EXCLUSIVE MODE"))
+        thread = threading.Thread(target=interrupt_once_waiting)
+        thread.start()
+        try:
+            code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "1d",
+                                 *(["--dry-run"] if dry_run else []))
+        finally:
+            thread.join(30)
+    assert code == 130 and out == "" and "Traceback" not in err, out + err
+    if dry_run:
+        assert err == "sa-jobs: dry run interrupted; nothing was deleted\n", err
+    else:
+        assert err == "sa-jobs: interrupted after 0 job(s) deleted; run it again to go on\n", err
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(5,)]
 
 
 def test_jobs_show_prints_the_last_errors_traceback(capsys, database_url, schema):
