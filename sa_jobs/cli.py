@@ -10,6 +10,7 @@ accepts are reported on stderr (exit 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -17,7 +18,8 @@ import os
 import re
 import signal
 import sys
-from typing import Iterator, Optional, Sequence
+import threading
+from typing import Callable, Iterator, Optional, Sequence
 
 import anyio
 
@@ -663,6 +665,39 @@ def _keep_or_set(current: Optional[int], given: Optional[str]) -> Optional[int]:
     return number
 
 
+@contextlib.contextmanager
+def _ctrl_c_between_batches(progress: Progress) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback under which the first Ctrl-C, once the batches have begun,
+    stops the run after the batch in flight (a second one stops it at once).
+
+    psycopg answers Ctrl-C by cancelling the running statement; a batch that committed
+    before the cancel reached the server was deleted, its row count lost with its result,
+    and the run said one batch fewer than it had deleted. A batch is bounded (``--batch``
+    rows, SKIP LOCKED), so waiting for its end is short. Before the first batch (counting)
+    Ctrl-C stops at once, as everywhere else."""
+    state = {"started": False, "stop": False}
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if not state["started"] or state["stop"]:
+            raise KeyboardInterrupt
+        state["stop"] = True
+
+    def on_batch(done: int, total: int) -> None:
+        progress(done, total)
+        state["started"] = True
+        if state["stop"]:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield progress
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield on_batch
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     from ._url import to_conninfo
     from .maintenance.pruner import prune
@@ -673,8 +708,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     _require_schema(args)
     progress = Progress("pruning ", args.progress)
     try:
-        result = prune(to_conninfo(_database_url(args)), args.schema, ages, batch=args.batch, progress=progress,
-                       dry_run=args.dry_run)
+        with _ctrl_c_between_batches(progress) as on_batch:
+            result = prune(to_conninfo(_database_url(args)), args.schema, ages, batch=args.batch, progress=on_batch,
+                           dry_run=args.dry_run)
     except KeyboardInterrupt:
         # Each batch is its own transaction: those done stay done. Say how many, not a traceback.
         progress.close()
