@@ -18,6 +18,18 @@ from ._config import configured_schema, default_schema_name
 # with the app, a missing one was proposed for dropping.
 QUEUE_TABLES = frozenset({JOBS_TABLE, VERSION_TABLE, QUEUES_TABLE, PERIODIC_TABLE})
 
+# Columns every version of each queue table has (a version adds, never removes): how a
+# reflected table of another sa-jobs queue (a second schema installed by ``sa-jobs
+# migrate``, not the configured one) is told from an app's table of the same name. The
+# hooks get no connection, so the table's own columns are the evidence.
+_QUEUE_COLUMNS: Mapping[str, frozenset[str]] = {
+    JOBS_TABLE: frozenset({"id", "kind", "queue", "args", "state", "priority", "attempt", "max_attempts",
+                           "scheduled_at", "lease_owner", "claim_token", "lease_expires_at", "errors", "meta"}),
+    VERSION_TABLE: frozenset({"version", "description", "installed_at"}),
+    QUEUES_TABLE: frozenset({"name", "paused", "updated_at"}),
+    PERIODIC_TABLE: frozenset({"name", "last_slot", "updated_at"}),
+}
+
 
 def _is_queue_schema(schema: Optional[str], queue_schema: str) -> bool:
     if schema is None:  # reflection's spelling of the default schema
@@ -48,4 +60,13 @@ def include_object(object_: Any, name: Optional[str], type_: str, reflected: boo
 
     if getattr(object_, "metadata", None) is Base.metadata:
         return False
+    if reflected and _has_queue_columns(object_, name):
+        return False  # any sa-jobs queue's table, in whichever schema (a second queue's too)
     return not _is_queue_table(getattr(object_, "schema", None), name, configured_schema())
+
+
+def _has_queue_columns(table: Any, name: Optional[str]) -> bool:
+    """Whether a reflected ``table`` has every column sa-jobs' table of that ``name`` has."""
+    want = _QUEUE_COLUMNS.get(name or "")
+    columns = getattr(table, "columns", None)
+    return want is not None and columns is not None and want <= {c.name for c in columns}

@@ -529,3 +529,31 @@ def test_an_upgrade_that_stops_before_version_8_builds_every_index_of_its_versio
     assert builds == ["jobs_partition_idx", "jobs_running_partition_idx"], builds
     app.alembic("upgrade", "heads")
     assert check_drift(app.url, "sa_jobs") == []
+
+
+def test_a_second_queue_schema_is_hidden_from_autogenerate(app: App) -> None:
+    """Two queues in one app: ``sa_jobs`` through the branch, ``billing_jobs`` installed by
+    ``sa-jobs migrate``. With ``include_schemas=True`` the second schema's tables were
+    reflected and proposed for dropping, as a real autogenerate compare shows."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import MetaData, create_engine
+
+    app.alembic("upgrade", "heads")
+    schema_mod.install(app.url, "billing_jobs")
+    # The control: an app's own table named like a queue table is still compared.
+    run_sql(app.url, "CREATE SCHEMA other; CREATE TABLE other.jobs (id integer, kind text)")
+    engine = create_engine(make_url(app.url).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={
+                "include_schemas": True, "include_object": alembic_ext.include_object,
+                "include_name": alembic_ext.include_name})
+            diffs = compare_metadata(ctx, MetaData())  # the app's tables (public) are left out below
+    finally:
+        engine.dispose()
+    removed = {(d[1].schema, d[1].name) for d in diffs if d[0] == "remove_table" and d[1].schema is not None}
+    assert removed == {("other", "jobs")}, diffs
+    run_sql(app.url, "DROP SCHEMA other CASCADE")
+    proc = app.alembic("check", ok=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
