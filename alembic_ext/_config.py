@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from sa_jobs import _validate
-from sa_jobs.schema import DEFAULT_SCHEMA
+from sa_jobs.schema import DEFAULT_LOCK_RETRIES, DEFAULT_LOCK_TIMEOUT, DEFAULT_SCHEMA, LockPolicy, lock_policy
 
 # ``alembic -x sa_jobs_schema=NAME``; wins so a one-off command can name the schema.
 SCHEMA_X_ARG = "sa_jobs_schema"
@@ -15,6 +15,10 @@ SCHEMA_ATTRIBUTE = "sa_jobs_schema"
 # ``[tool.alembic]`` of pyproject.toml (read there too: an app configured in pyproject.toml
 # keeps its options there, and an ignored one put the queue in ``sa_jobs`` silently).
 SCHEMA_OPTION = "sa_jobs_schema"
+# How long each attempt of a revision's DDL waits for a table lock (seconds; 0: no limit)
+# and how often it is retried: read as the schema is (``-x``, attributes, ini, pyproject).
+LOCK_TIMEOUT_OPTION = "sa_jobs_lock_timeout"
+LOCK_RETRIES_OPTION = "sa_jobs_lock_retries"
 
 
 def _alembic_context() -> Optional[Any]:
@@ -46,6 +50,23 @@ def configured_schema() -> str:
         or DEFAULT_SCHEMA
     )
     return _validate.schema_name(value)
+
+
+def _setting(ctx: Any, name: str) -> Any:
+    return (ctx.get_x_argument(as_dictionary=True).get(name) or ctx.config.attributes.get(name)
+            or ctx.config.get_alembic_option(name))
+
+
+def configured_lock_policy() -> LockPolicy:
+    """The DDL's lock wait for this Alembic run (``-x sa_jobs_lock_timeout=SECONDS``,
+    ``sa_jobs_lock_retries=N``, or those keys in config.attributes, alembic.ini or
+    pyproject.toml); sa-jobs' defaults outside a run or when not set."""
+    ctx = _alembic_context()
+    if ctx is None:
+        return lock_policy()
+    timeout, retries = _setting(ctx, LOCK_TIMEOUT_OPTION), _setting(ctx, LOCK_RETRIES_OPTION)
+    return lock_policy(DEFAULT_LOCK_TIMEOUT if timeout is None else timeout,
+                       DEFAULT_LOCK_RETRIES if retries is None else retries)
 
 
 def default_schema_name() -> Optional[str]:

@@ -17,9 +17,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from sa_jobs import schema as schema_mod
-from sa_jobs.errors import SchemaVersionError
+from sa_jobs.errors import SchemaLockTimeoutError, SchemaVersionError
 
-from ._config import configured_schema
+from ._config import configured_lock_policy, configured_schema
 
 # Under "alembic" so the logging section of a stock alembic.ini shows these lines.
 log = logging.getLogger("alembic.sa_jobs")
@@ -74,8 +74,8 @@ def upgrade_version(version: int) -> None:
     if online and current >= version:
         log.info("sa-jobs schema %r already at version %d; adopting it", schema, current)
     else:
-        for stmt in schema_mod.upgrade_statements(version, schema):
-            _execute(stmt)
+        _execute_bounded(schema_mod.upgrade_statements(version, schema), online, schema,
+                         f"revision sa_jobs_{version:04d}")
     # Leave out builds of indexes that a later version drops (version 4's
     # jobs_running_partition_idx, dropped by 8) when that version is installed already
     # (adopting a migrated schema) or is applied by this same run, as install() does:
@@ -222,5 +222,36 @@ def downgrade_version(version: int) -> None:
     if online and current < version:
         log.info("sa-jobs schema %r is at version %d; nothing to remove for %d", schema, current, version)
         return
-    for stmt in schema_mod.downgrade_statements(version, schema):
-        _execute(stmt)
+    _execute_bounded(schema_mod.downgrade_statements(version, schema), online, schema,
+                     f"the downgrade of revision sa_jobs_{version:04d}")
+
+
+def _execute_bounded(stmts: list[str], online: bool, schema: str, what: str) -> None:
+    """Run a revision's transactional statements, each lock wait bounded by the configured
+    ``lock_timeout`` and retried from a savepoint, as ``sa-jobs migrate`` does: behind a
+    long transaction on the jobs table, an ALTER waited with every claim queued behind it.
+    The setting is put back after, so the app's own revisions in this transaction keep
+    theirs. Offline (``--sql``) the statements are printed as they are."""
+    from alembic import op
+
+    policy = configured_lock_policy()
+    if not online or policy.timeout is None:
+        for stmt in stmts:
+            _execute(stmt)
+        return
+    bind = op.get_bind()
+    previous = bind.execute(text("SELECT current_setting('lock_timeout')")).scalar()
+
+    def attempt() -> None:
+        # A savepoint: a timed-out statement aborts only it, releasing its locks for the pause.
+        with bind.begin_nested():
+            bind.execute(text(policy.statement()))
+            for stmt in stmts:
+                _execute(stmt)
+
+    def give_up() -> SchemaLockTimeoutError:
+        rows = bind.execute(text(schema_mod.BLOCKERS_SQL), {"schema": schema, "waited": policy.timeout}).all()
+        return schema_mod.lock_timeout_error(schema, what, policy, [tuple(r) for r in rows])
+
+    schema_mod.with_lock_retries(policy, attempt, give_up)
+    bind.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": previous})

@@ -212,7 +212,9 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         return 0
     if args.from_version:
         raise ConfigurationError("--from-version goes with --sql (migrate itself reads the installed version)")
-    version = schema_mod.install(_database_url(args), args.schema)
+    lock_timeout = schema_mod.DEFAULT_LOCK_TIMEOUT if args.ddl_lock_timeout is None else args.ddl_lock_timeout
+    version = schema_mod.install(_database_url(args), args.schema, lock_timeout=lock_timeout,
+                                 lock_retries=args.ddl_lock_retries)
     print(f"sa-jobs schema {args.schema!r} is at version {version}")
     return 0
 
@@ -956,6 +958,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("migrate", help="install or upgrade the queue schema (idempotent)")
     common(m)
     timeouts(m, lock=False)  # a migration waits for the one running (its lock), however long
+    # Its own option (not the operator commands' --lock-timeout, a session setting): it
+    # bounds each attempt of the DDL transaction only, which is then retried.
+    m.add_argument("--lock-timeout", dest="ddl_lock_timeout", type=_lock_timeout, metavar="SECONDS",
+                   help="wait at most this long for a table lock in each attempt of the DDL, so a long"
+                        " transaction on the jobs table does not stall the workers' claims behind it"
+                        f" (default {schema_mod.DEFAULT_LOCK_TIMEOUT:g}; 0: no limit)")
+    m.add_argument("--lock-retries", dest="ddl_lock_retries", type=_int_arg, metavar="N",
+                   default=schema_mod.DEFAULT_LOCK_RETRIES,
+                   help=f"attempts after the first, with growing pauses (default {schema_mod.DEFAULT_LOCK_RETRIES})")
     m.add_argument("--sql", action="store_true", help="print the DDL instead of applying it")
     m.add_argument("--from-version", type=_int_arg, default=0, metavar="N",
                    help="with --sql: upgrade a schema at version N (sa-jobs check shows it); 0, the default,"

@@ -37,6 +37,16 @@ class SchemaVersionError(SaJobsError):
     """The installed queue schema is older or newer than this sa-jobs needs."""
 
 
+class SchemaLockTimeoutError(SaJobsError, TimeoutError):
+    """A schema upgrade gave up waiting for a table lock (its ``lock_timeout``, retried):
+    another transaction holds the table. ``blockers`` are the pids of the sessions that
+    held the queue's tables in a transaction at least that long (empty if none was seen)."""
+
+    def __init__(self, message: str, blockers: "list[int] | None" = None) -> None:
+        super().__init__(message)
+        self.blockers = list(blockers or [])
+
+
 class JobNotFoundError(SaJobsError, LookupError):
     """No job row has the given id (or it is not in a state the operation accepts)."""
 

@@ -10,14 +10,19 @@ is a no-op; Alembic revisions call :func:`upgrade_statements` for the same text.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 from psycopg import sql
 
 from . import _validate
-from .errors import SchemaVersionError
+from .errors import ConfigurationError, SchemaLockTimeoutError, SchemaVersionError
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_SCHEMA = "sa_jobs"
 JOBS_TABLE = "jobs"
@@ -773,6 +778,112 @@ def _require_version_statement(schema: str, version: int) -> sql.Composable:
              version=sql.Literal(version), name=sql.Literal(schema))
 
 
+# ---- lock waits of the DDL ------------------------------------------------------------
+
+# An upgrade's ALTER TABLE (or DROP, or a trigger change) waits for ACCESS EXCLUSIVE behind
+# any open transaction that touched the table, and every claim, enqueue and completion then
+# queues behind that waiting lock: the whole queue stalled for as long as the blocker lived.
+# Each attempt of the transactional phase waits at most ``lock_timeout``, rolls back (the
+# queue runs during the pause), and is retried; then the upgrade fails naming the blocker.
+# The CONCURRENTLY phase is left without one: its builds take no lock a claim waits for,
+# and a lock timeout there only left an invalid index behind a long transaction.
+DEFAULT_LOCK_TIMEOUT = 2.0  # seconds per attempt
+DEFAULT_LOCK_RETRIES = 5
+LOCK_RETRY_PAUSE = 0.5  # seconds before the first retry, doubling up to LOCK_RETRY_PAUSE_MAX
+LOCK_RETRY_PAUSE_MAX = 5.0
+_MAX_LOCK_TIMEOUT_MS = 2**31 - 1  # the server's int milliseconds
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """How long each attempt of an upgrade's DDL waits for a lock (``timeout`` seconds,
+    None: without a limit, as before), and how many times it is retried."""
+
+    timeout: float | None = DEFAULT_LOCK_TIMEOUT
+    retries: int = DEFAULT_LOCK_RETRIES
+
+    def statement(self) -> str:
+        """Sets ``lock_timeout`` for the rest of the transaction (or savepoint)."""
+        ms = 0 if self.timeout is None else min(_MAX_LOCK_TIMEOUT_MS, max(1, int(self.timeout * 1000)))
+        return sql.SQL("SELECT set_config('lock_timeout', {}, true)").format(sql.Literal(f"{ms}ms")).as_string()
+
+
+def lock_policy(lock_timeout: object = DEFAULT_LOCK_TIMEOUT, lock_retries: object = DEFAULT_LOCK_RETRIES) -> LockPolicy:
+    """A validated :class:`LockPolicy`: ``lock_timeout`` seconds (None or 0: no limit),
+    ``lock_retries`` a count, 0 or more."""
+    if lock_timeout is not None:
+        seconds = _validate.decimal_number(lock_timeout) if isinstance(lock_timeout, str) else (
+            float(lock_timeout) if isinstance(lock_timeout, (int, float)) and not isinstance(lock_timeout, bool)
+            else None)
+        if seconds is None or not 0 <= seconds < math.inf:
+            raise ConfigurationError(f"lock_timeout must be seconds, 0 or more (0 or None: no limit), not {lock_timeout!r}")
+        lock_timeout = seconds or None
+    retries = _validate.decimal_integer(lock_retries) if isinstance(lock_retries, str) else lock_retries
+    if type(retries) is not int or retries < 0:
+        raise ConfigurationError(f"lock_retries must be a whole number, 0 or more, not {lock_retries!r}")
+    return LockPolicy(lock_timeout, retries)  # type: ignore[arg-type]
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` (psycopg's, or SQLAlchemy's wrapping it) is a lock_timeout expiring."""
+    import psycopg
+
+    return isinstance(getattr(exc, "orig", None) or exc, psycopg.errors.LockNotAvailable)
+
+
+def with_lock_retries(policy: LockPolicy, attempt: Callable[[], _T],
+                      give_up: Callable[[], SchemaLockTimeoutError]) -> _T:
+    """``attempt()``, run again after a pause each time its lock wait timed out, at most
+    ``policy.retries`` times; then ``give_up()``'s error (called right after the last
+    failure, while the blocker is there to name)."""
+    pause = LOCK_RETRY_PAUSE
+    for tries_left in range(policy.retries, -1, -1):
+        try:
+            return attempt()
+        except Exception as exc:
+            if not is_lock_timeout(exc):
+                raise
+            if tries_left == 0:
+                raise give_up() from exc
+            log.warning("sa-jobs schema DDL waited %ss for a table lock another transaction holds;"
+                        " retrying in %ss (%d tries left)", policy.timeout, pause, tries_left)
+        time.sleep(pause)
+        pause = min(pause * 2, LOCK_RETRY_PAUSE_MAX)
+    raise AssertionError("unreachable")
+
+
+# The sessions in a transaction at least :waited seconds old that hold a lock on a table
+# of the queue's schema: the likely blockers. Named parameters for SQLAlchemy's text();
+# lock_blockers() rewrites them for psycopg.
+BLOCKERS_SQL = (
+    "SELECT a.pid, coalesce(a.state, ''), extract(epoch FROM now() - a.xact_start)::integer, left(a.query, 60)"
+    " FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid()"
+    " AND a.xact_start <= now() - make_interval(secs => :waited)"
+    " AND a.pid IN (SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+    "  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :schema AND l.granted)"
+    " ORDER BY a.xact_start LIMIT 5"
+)
+
+
+def lock_blockers(conn: Any, schema: str, policy: LockPolicy) -> list[tuple[Any, ...]]:
+    """:data:`BLOCKERS_SQL` through a psycopg connection outside a failed transaction."""
+    query = BLOCKERS_SQL.replace(":waited", "%s").replace(":schema", "%s")
+    return list(conn.execute(query, (policy.timeout or 0, schema)).fetchall())
+
+
+def lock_timeout_error(schema: str, what: str, policy: LockPolicy,
+                       blockers: Sequence[tuple[Any, ...]]) -> SchemaLockTimeoutError:
+    held = "; ".join(f"pid {pid} ({state}, in a transaction for {age}s: {query!r})"
+                     for pid, state, age, query in blockers) or "no session holds them still"
+    return SchemaLockTimeoutError(
+        f"sa-jobs schema {schema!r}: {what} gave up after {policy.retries + 1} waits of {policy.timeout}s"
+        f" (lock_timeout) for a lock on the queue's tables, which another transaction holds: {held}."
+        " Nothing was changed; end that transaction (pg_terminate_backend(pid)) and run the upgrade again,"
+        " or wait longer (lock_timeout=, sa-jobs migrate --lock-timeout, -x sa_jobs_lock_timeout=; 0: no limit)",
+        [int(row[0]) for row in blockers],
+    )
+
+
 # ---- applying it -------------------------------------------------------------------
 
 def _advisory_key(schema: str) -> str:
@@ -819,37 +930,56 @@ def _conninfo_of(target: object) -> str:
     return to_conninfo(target)
 
 
-def install(target: object, schema: str = DEFAULT_SCHEMA, *, to_version: int | None = None) -> int:
+def install(target: object, schema: str = DEFAULT_SCHEMA, *, to_version: int | None = None,
+            lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT, lock_retries: int = DEFAULT_LOCK_RETRIES) -> int:
     """Create or upgrade the queue schema; idempotent and safe to run concurrently.
 
     ``target`` is an SQLAlchemy ``Engine``/URL or a libpq URL/conninfo string.
+    Each attempt of the DDL transaction waits at most ``lock_timeout`` seconds for a table
+    lock (None or 0: no limit), so a long transaction on the jobs table does not stall the
+    workers' claims behind it; it is retried ``lock_retries`` times, then
+    :class:`~sa_jobs.errors.SchemaLockTimeoutError` names the blocker.
     Returns the version now installed.
     """
     import psycopg
 
     schema = _validate.schema_name(schema)
+    policy = lock_policy(lock_timeout, lock_retries)
     to_version = LATEST_VERSION if to_version is None else to_version
     if to_version > LATEST_VERSION:
         raise SchemaVersionError(f"sa-jobs knows schema versions up to {LATEST_VERSION}, not {to_version}")
     conninfo = _conninfo_of(target)
     with psycopg.connect(conninfo, autocommit=True) as conn, _one_installer(conn, schema):
-        with conn.transaction():
-            conn.execute(lock_statement(schema))
-            current = read_version(conn, schema)
-            if current > LATEST_VERSION:
-                raise SchemaVersionError(
-                    f"schema {schema!r} is at version {current}, newer than this sa-jobs knows"
-                    f" ({LATEST_VERSION}); upgrade sa-jobs instead of migrating down by accident"
-                )
-            for m in MIGRATIONS:
-                if current < m.version <= to_version:
-                    for stmt in upgrade_statements(m.version, schema):
-                        conn.execute(stmt)
-                    if current == 0:  # the table is new and invisible: no need to wait
-                        for stmt in concurrent_statements(m.version, schema, concurrently=False, upto=to_version):
-                            conn.execute(stmt)
+        current = with_lock_retries(
+            policy, lambda: _upgrade_transaction(conn, schema, to_version, policy),
+            lambda: lock_timeout_error(schema, f"the upgrade to version {to_version}", policy,
+                                       lock_blockers(conn, schema, policy)))
         _build_concurrently(conn, schema, max(current, to_version))
         return read_version(conn, schema)
+
+
+def _upgrade_transaction(conn, schema: str, to_version: int, policy: LockPolicy) -> int:  # type: ignore[no-untyped-def]
+    """One attempt at the transactional phase; the version found before it."""
+    with conn.transaction():
+        # The installers' lock first, waited for without a limit (it stalls no worker);
+        # the lock timeout then bounds what the DDL waits for.
+        conn.execute(lock_statement(schema))
+        if policy.timeout is not None:
+            conn.execute(policy.statement())
+        current = read_version(conn, schema)
+        if current > LATEST_VERSION:
+            raise SchemaVersionError(
+                f"schema {schema!r} is at version {current}, newer than this sa-jobs knows"
+                f" ({LATEST_VERSION}); upgrade sa-jobs instead of migrating down by accident"
+            )
+        for m in MIGRATIONS:
+            if current < m.version <= to_version:
+                for stmt in upgrade_statements(m.version, schema):
+                    conn.execute(stmt)
+                if current == 0:  # the table is new and invisible: no need to wait
+                    for stmt in concurrent_statements(m.version, schema, concurrently=False, upto=to_version):
+                        conn.execute(stmt)
+        return current
 
 
 @contextlib.contextmanager
@@ -977,8 +1107,11 @@ def require_version(current: int, schema: str = DEFAULT_SCHEMA, *, required: int
 
 
 __all__: Sequence[str] = (
+    "DEFAULT_LOCK_RETRIES",
+    "DEFAULT_LOCK_TIMEOUT",
     "DEFAULT_SCHEMA",
     "LATEST_VERSION",
+    "LockPolicy",
     "MIGRATIONS",
     "Migration",
     "channel_name",

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -557,3 +558,63 @@ def test_a_second_queue_schema_is_hidden_from_autogenerate(app: App) -> None:
     run_sql(app.url, "DROP SCHEMA other CASCADE")
     proc = app.alembic("check", ok=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---- a revision behind a long transaction: bounded lock waits ---------------------------
+
+
+def _hold_jobs(url: str) -> psycopg.Connection[Any]:
+    """An open transaction that read the jobs table: it holds ACCESS SHARE on it."""
+    conn = psycopg.connect(url)
+    conn.execute("SELECT count(*) FROM sa_jobs.jobs")
+    return conn
+
+
+def test_a_revision_behind_a_long_transaction_does_not_stall_claims(app: App) -> None:
+    """Revision 3 alters the jobs table. Behind a transaction that read it, the ALTER
+    waited, and every claim queued behind it for as long as that transaction lived. Now
+    each wait is bounded and retried (a claim waits one of them at most), and the upgrade
+    goes through once the blocker is gone."""
+    app.alembic("upgrade", "sa_jobs_0002")
+    blocker = _hold_jobs(app.url)
+    env = {**os.environ, "DATABASE_URL": app.url, "PYTHONPATH": str(REPO_ROOT)}
+    upgrade = subprocess.Popen([sys.executable, "-m", "alembic", "upgrade", "heads"], cwd=app.path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    waiting = ("SELECT 1 FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock'"
+               " AND relation = to_regclass('sa_jobs.jobs')")
+    try:
+        assert wait_for(lambda: bool(run_sql(app.url, waiting)), timeout=30)
+        with psycopg.connect(app.url, autocommit=True) as conn:
+            conn.execute("SELECT set_config('statement_timeout', '15000ms', false)")
+            started = time.monotonic()
+            try:
+                conn.execute("SELECT id FROM sa_jobs.jobs WHERE state = 'available' LIMIT 1 FOR UPDATE SKIP LOCKED")
+                stalled = time.monotonic() - started
+            except psycopg.errors.QueryCanceled:
+                stalled = float("inf")
+    finally:
+        blocker.close()
+        output = upgrade.communicate(timeout=60)[0]
+    assert stalled < 5.0, f"a claim waited {stalled:.1f}s behind the revision"
+    assert upgrade.returncode == 0, output
+    assert schema_mod.installed_version(app.url, "sa_jobs") == schema_mod.LATEST_VERSION
+
+
+def test_a_revision_that_never_gets_its_lock_fails_naming_the_blocker(app: App) -> None:
+    app.alembic("upgrade", "sa_jobs_0002")
+    blocker = _hold_jobs(app.url)
+    try:
+        started = time.monotonic()
+        proc = app.alembic("-x", "sa_jobs_lock_timeout=0.2", "-x", "sa_jobs_lock_retries=1",
+                           "upgrade", "sa_jobs_0003", ok=False)
+        elapsed = time.monotonic() - started
+        pid = blocker.info.backend_pid
+    finally:
+        blocker.close()
+    assert proc.returncode != 0
+    assert "SchemaLockTimeoutError" in proc.stderr and f"pid {pid}" in proc.stderr, proc.stderr
+    assert elapsed < 20, elapsed
+    assert schema_mod.installed_version(app.url, "sa_jobs") == 2
+    # The setting is put back after the revision: the app's own revisions keep theirs.
+    app.alembic("upgrade", "heads")
+    assert check_drift(app.url, "sa_jobs") == []

@@ -627,3 +627,126 @@ def test_an_installer_coming_in_during_an_index_build_waits_for_it(db: str, fres
     assert schema_mod.installed_version(db, fresh_schema) == (4 if second == "install 4" else 0)
     assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
     assert check_drift(db, fresh_schema) == []
+
+
+# ---- DDL behind a long transaction: bounded lock waits, not a stalled queue -----------
+
+# What a claim may wait behind an upgrade's pending ACCESS EXCLUSIVE lock: the default
+# lock_timeout (2 s) and some slack; without one it waited for as long as the blocker lived.
+CLAIM_STALL_BOUND = 5.0
+
+
+def _hold_jobs_table(url: str, schema: str) -> psycopg.Connection[Any]:
+    """A session in an open transaction that read the jobs table (a report, a long
+    handler): it holds ACCESS SHARE, which an ALTER TABLE waits for."""
+    conn = psycopg.connect(url)
+    conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, "jobs")))
+    return conn
+
+
+def _ddl_waiting(url: str, schema: str) -> bool:
+    return bool(run_sql(url, "SELECT 1 FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock'"
+                             " AND relation = to_regclass(%s)", (sql.Identifier(schema, "jobs").as_string(),)))
+
+
+def _claim_seconds(url: str, schema: str) -> float:
+    """How long a claim-like statement takes (inf: still waiting after the bound and more)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{int(CLAIM_STALL_BOUND * 3000)}ms",))
+        started = time.monotonic()
+        try:
+            conn.execute(sql.SQL("SELECT id FROM {} WHERE state = 'available' ORDER BY id LIMIT 1"
+                                 " FOR UPDATE SKIP LOCKED").format(sql.Identifier(schema, "jobs")))
+        except psycopg.errors.QueryCanceled:
+            return float("inf")
+        return time.monotonic() - started
+
+
+def test_an_upgrade_behind_a_long_transaction_does_not_stall_claims(db: str, fresh_schema: str) -> None:
+    """v3 alters the jobs table (ACCESS EXCLUSIVE). Behind an open transaction that read
+    the table, the ALTER waited, and every claim queued behind it for as long as that
+    transaction lived: the whole queue stalled. Now the upgrade's lock waits are short and
+    retried, so a claim waits at most one of them, and the upgrade gets through once the
+    blocker is gone."""
+    schema_mod.install(db, fresh_schema, to_version=2)
+    insert_jobs(db, fresh_schema, 20)
+    blocker = _hold_jobs_table(db, fresh_schema)
+    result: dict[str, Any] = {}
+
+    def upgrade() -> None:
+        try:
+            result["version"] = schema_mod.install(db, fresh_schema, to_version=3)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            result["error"] = exc
+
+    thread = threading.Thread(target=upgrade)
+    thread.start()
+    try:
+        assert wait_for(lambda: _ddl_waiting(db, fresh_schema), timeout=10)
+        stalled = _claim_seconds(db, fresh_schema)
+    finally:
+        blocker.close()
+        thread.join(timeout=60)
+    assert stalled < CLAIM_STALL_BOUND, f"a claim waited {stalled:.1f}s behind the upgrade"
+    assert result == {"version": 3}
+    assert check_drift(db, fresh_schema) == [f"schema {fresh_schema!r} is at sa-jobs version 3, this sa-jobs expects"
+                                             f" {schema_mod.LATEST_VERSION}; run `sa-jobs migrate --schema"
+                                             f" {fresh_schema}` or `alembic upgrade heads`"]
+
+
+def test_an_upgrade_that_never_gets_its_lock_fails_naming_the_blocker(db: str, fresh_schema: str) -> None:
+    from sa_jobs.errors import SchemaLockTimeoutError
+
+    schema_mod.install(db, fresh_schema, to_version=2)
+    blocker = _hold_jobs_table(db, fresh_schema)
+    try:
+        started = time.monotonic()
+        with pytest.raises(SchemaLockTimeoutError) as caught:
+            schema_mod.install(db, fresh_schema, to_version=3, lock_timeout=0.2, lock_retries=2)
+        elapsed = time.monotonic() - started
+        pid = blocker.info.backend_pid
+    finally:
+        blocker.close()
+    assert elapsed < 5, elapsed
+    assert caught.value.blockers == [pid]
+    assert f"pid {pid}" in str(caught.value) and "lock_timeout" in str(caught.value)
+    assert schema_mod.installed_version(db, fresh_schema) == 2  # nothing half-applied
+    assert schema_mod.install(db, fresh_schema) == schema_mod.LATEST_VERSION
+
+
+def test_an_upgrade_without_a_lock_timeout_waits_for_the_blocker(db: str, fresh_schema: str) -> None:
+    schema_mod.install(db, fresh_schema, to_version=2)
+    blocker = _hold_jobs_table(db, fresh_schema)
+    timer = threading.Timer(1.0, blocker.close)
+    timer.start()
+    started = time.monotonic()
+    try:
+        assert schema_mod.install(db, fresh_schema, to_version=3, lock_timeout=None) == 3
+    finally:
+        timer.join()
+    assert time.monotonic() - started >= 1.0
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "2s", True])
+def test_a_bad_lock_timeout_is_refused(db: str, fresh_schema: str, bad: Any) -> None:
+    from sa_jobs.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        schema_mod.install(db, fresh_schema, lock_timeout=bad)
+    with pytest.raises(ConfigurationError):
+        schema_mod.install(db, fresh_schema, lock_retries=-1)
+
+
+def test_migrate_command_takes_a_lock_timeout_and_names_the_blocker(db: str, fresh_schema: str) -> None:
+    schema_mod.install(db, fresh_schema, to_version=2)
+    blocker = _hold_jobs_table(db, fresh_schema)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sa_jobs", "migrate", "--database-url", db, "--schema", fresh_schema,
+             "--lock-timeout", "0.2", "--lock-retries", "1"],
+            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=60)
+        pid = blocker.info.backend_pid
+    finally:
+        blocker.close()
+    assert proc.returncode == 2 and f"pid {pid}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert schema_mod.installed_version(db, fresh_schema) == 2
