@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 from .errors import ConfigurationError
 
@@ -74,6 +75,35 @@ def sqlalchemy_url(target: object, *, async_: bool = False) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def connect_args(target: object) -> dict[str, Any]:
+    """The ``connect_args`` an Engine or AsyncEngine was made with (``{}`` for a URL): the
+    driver keywords beyond its URL's, which an engine or connection sa-jobs makes from the
+    URL alone left out (a search_path or role in ``options``, sslmode, a password).
+
+    SQLAlchemy keeps them only in its default creator's closure; an engine with a custom
+    ``creator`` has none there (its connections are the creator's business), and another
+    driver's (asyncpg's ``server_settings``) would mean nothing to psycopg."""
+    from sqlalchemy.engine import Engine
+
+    engine = getattr(target, "sync_engine", target)
+    if not isinstance(engine, Engine) or engine.dialect.driver not in ("psycopg", "psycopg_async"):
+        return {}
+    creator = getattr(engine.pool, "_creator", None)
+    code = getattr(creator, "__code__", None)
+    if code is None or "cparams" not in code.co_freevars or creator.__closure__ is None:  # type: ignore[union-attr]
+        return {}
+    given = creator.__closure__[code.co_freevars.index("cparams")].cell_contents  # type: ignore[union-attr]
+    _, from_url = engine.dialect.create_connect_args(engine.url)
+    # ``context`` is the dialect's own adapters map, made anew by each call.
+    return {k: v for k, v in given.items() if k != "context" and (k not in from_url or from_url[k] != v)}
+
+
+def _libpq_keywords() -> frozenset[str]:
+    from psycopg import pq
+
+    return frozenset(opt.keyword.decode() for opt in pq.Conninfo.get_defaults())
+
+
 def to_conninfo(target: object) -> str:
     """A libpq connection string for raw psycopg connections (the worker's hot path).
 
@@ -98,6 +128,9 @@ def to_conninfo(target: object) -> str:
         _, opts = PGDialect_psycopg().create_connect_args(url.set(drivername="postgresql+psycopg"))
     except (ArgumentError, ValueError) as exc:  # "Can't mix 'multihost' formats together", a bad port
         raise ConfigurationError(f"{exc} (in the database URL {redact(url.render_as_string())!r})") from None
+    # An engine's libpq connect_args too (not psycopg's own: autocommit, prepare_threshold).
+    libpq = _libpq_keywords()
+    opts.update({k: v for k, v in connect_args(target).items() if k in libpq and isinstance(v, (str, int, float))})
     # Any other repeated query key (?options=a&options=b) joins as libpq's comma-separated list.
     parts = {k: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v for k, v in opts.items()}
     try:

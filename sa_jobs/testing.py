@@ -35,7 +35,7 @@ from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session
 
 from . import _validate, schema as schema_mod
-from ._url import sqlalchemy_url
+from ._url import connect_args, sqlalchemy_url
 from .admin import check_state, refuse_async_session
 from .errors import ConfigurationError, UnknownKindError
 from .model import Job, is_async_handler, job_table
@@ -321,7 +321,6 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     from .worker import Worker
 
     schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
-    url = engine.url.render_as_string(hide_password=False)
 
     def make_due(served: list[str]) -> None:
         # The served queues' only: another queue's delayed job is no business of this drain.
@@ -361,7 +360,8 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
             await async_engine.dispose()
 
     async def _drain_with(async_engine: Any) -> None:
-        async with Worker(url, kinds=kinds, queues=queues, schema=schema, lease=10.0, poll_interval=0.05,
+        # The engine itself, not its URL: its connect_args reach the worker's own connections.
+        async with Worker(engine, kinds=kinds, queues=queues, schema=schema, lease=10.0, poll_interval=0.05,
                           maintenance_interval=0.05, shutdown_grace=5.0, engine=engine,
                           async_engine=async_engine) as worker:
             served = list(worker.queues)
@@ -397,7 +397,8 @@ def _plain_twin(engine: Any) -> Any:
     that loop's greenlets."""
     from sqlalchemy import create_engine
 
-    return create_engine(sqlalchemy_url(engine)).execution_options(**engine.get_execution_options())
+    return create_engine(sqlalchemy_url(engine), connect_args=connect_args(engine)).execution_options(
+        **engine.get_execution_options())
 
 
 def _async_twin(engine: Any) -> Any:
@@ -405,7 +406,7 @@ def _async_twin(engine: Any) -> Any:
     isolation level), for code that must not share ``engine``'s pool or event loop."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    return create_async_engine(sqlalchemy_url(engine, async_=True)).execution_options(
+    return create_async_engine(sqlalchemy_url(engine, async_=True), connect_args=connect_args(engine)).execution_options(
         **engine.get_execution_options())
 
 

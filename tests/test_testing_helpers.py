@@ -735,3 +735,118 @@ def test_perform_with_an_async_engine_runs_both_transactions(app_engine):
 
     anyio.run(under_trio, backend="trio")
     assert app_credits(app_engine) == [1, 2, 3, 4]
+
+
+# ---- the test engine's connect_args, kept by every engine the helpers make from it --------
+
+class SeeMarkerSync(Job, kind="th_marker_sync", queue="th_marker", max_attempts=1):
+    pass
+
+
+# What each handler's session saw (drain() runs the worker in this process).
+SEEN_MARKERS: dict[str, object] = {}
+
+
+@SeeMarkerSync.handler
+def see_marker_sync(ctx: JobContext) -> None:
+    from sqlalchemy import text
+
+    with ctx.transaction() as session:
+        SEEN_MARKERS["sync"] = session.scalar(text("SELECT current_setting('th.marker', true)"))
+
+
+class SeeMarkerAsync(Job, kind="th_marker_async", queue="th_marker", max_attempts=1):
+    pass
+
+
+@SeeMarkerAsync.handler
+async def see_marker_async(ctx: JobContext) -> None:
+    from sqlalchemy import text
+
+    async with ctx.async_transaction() as session:
+        SEEN_MARKERS["async"] = await session.scalar(text("SELECT current_setting('th.marker', true)"))
+
+
+MARKER_ARGS = {"options": "-c th.marker=kept"}
+
+
+def test_drain_keeps_the_engines_connect_args(sa_jobs_database_url, sa_jobs_schema):
+    """drain() made ctx.async_transaction()'s engine from ``engine.url`` alone: the engine's
+    ``connect_args`` (a search_path or role in ``options``, sslmode, connect_timeout, a
+    password given there) were gone, and an async handler ran on another session setup."""
+    from sqlalchemy import create_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    engine = create_engine(sqlalchemy_url(sa_jobs_database_url), connect_args=MARKER_ARGS).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
+    try:
+        with Session(engine) as session, session.begin():
+            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
+        SEEN_MARKERS.clear()
+        assert drain(engine, kinds=[SeeMarkerSync, SeeMarkerAsync]) == {"completed": 2}
+        assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+    finally:
+        engine.dispose()
+
+
+def test_drain_of_an_async_engine_keeps_its_connect_args(sa_jobs_database_url, sa_jobs_schema):
+    """drain(async_engine) runs on a plain twin of it, made from its URL alone."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    async_engine = create_async_engine(sqlalchemy_url(sa_jobs_database_url, async_=True),
+                                       connect_args=MARKER_ARGS).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
+    plain = create_engine(sqlalchemy_url(sa_jobs_database_url)).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
+    try:
+        with Session(plain) as session, session.begin():
+            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
+        SEEN_MARKERS.clear()
+        assert drain(async_engine, kinds=[SeeMarkerSync, SeeMarkerAsync]) == {"completed": 2}
+        assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+    finally:
+        plain.dispose()
+
+
+def test_raw_connections_from_an_engine_keep_its_connect_args(sa_jobs_database_url):
+    """install(engine), Worker(engine)'s own connections and drain()'s worker connect with
+    psycopg from the engine's conninfo: its libpq connect_args belong in it, its driver-only
+    ones (autocommit, prepare_threshold) do not."""
+    import psycopg
+    from sqlalchemy import create_engine
+
+    from sa_jobs._url import sqlalchemy_url, to_conninfo
+
+    engine = create_engine(sqlalchemy_url(sa_jobs_database_url),
+                           connect_args={**MARKER_ARGS, "connect_timeout": 7, "prepare_threshold": None})
+    with psycopg.connect(to_conninfo(engine), autocommit=True) as conn:
+        assert conn.execute("SELECT current_setting('th.marker', true)").fetchone() == ("kept",)
+        assert conn.info.get_parameters()["connect_timeout"] == "7"
+    engine.dispose()
+
+
+def test_drains_worker_connects_where_the_engine_does(sa_jobs_database_url, sa_jobs_schema):
+    """drain() gave its worker ``engine.url`` as text: the worker's own connections (claims,
+    completions, heartbeats) went where the URL alone points. An app whose engine names its
+    database in ``connect_args`` (a placeholder URL filled from a secrets store) had its
+    drain() connect elsewhere, and fail."""
+    from sqlalchemy import create_engine, make_url
+
+    from sa_jobs._url import sqlalchemy_url
+
+    url = make_url(sqlalchemy_url(sa_jobs_database_url))
+    engine = create_engine(url.set(database="th_no_such_database"),
+                           connect_args={"dbname": url.database, **MARKER_ARGS}).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
+    try:
+        with Session(engine) as session, session.begin():
+            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
+        SEEN_MARKERS.clear()
+        assert drain(engine, kinds=[SeeMarkerSync, SeeMarkerAsync], timeout=10) == {"completed": 2}
+        assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+    finally:
+        engine.dispose()
