@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Awaitable, Callable
 
 import anyio
+import sys
 import psycopg
 from psycopg import sql
 import pytest
@@ -42,6 +43,9 @@ from sa_jobs.worker.worker import UNKNOWN_KIND_BACKOFF_BASE
 from sa_jobs.testing import perform, perform_async
 
 from .helpers import FAST, LoopErrors, jobs_sql, q, run_worker_until, states
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 CALLS: dict[str, list[int]] = {}
 
@@ -2294,3 +2298,58 @@ def test_a_cancelled_error_of_the_handlers_own_fails_its_attempt(engine, databas
     rows = q(database_url, jobs_sql(schema, "SELECT kind, state, attempt, errors->0->>'error' FROM {jobs} ORDER BY id"))
     assert rows == [("w_stray_cancel", "dead", 2, "CancelledError: "),
                     ("w_sync_stray_cancel", "dead", 1, "CancelledError: ")] + [("w_slow_ok", "completed", 1, None)] * 4
+
+
+async def _exits(code: int) -> None:
+    await anyio.sleep(0)
+    raise SystemExit(code)
+
+
+class WGroupChildExit(Job, kind="w_group_child_exit", queue="w", max_attempts=1):
+    pass
+
+
+@WGroupChildExit.handler
+async def w_group_child_exit(ctx: JobContext) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_exits, 5)  # a task of the handler's own calls sys.exit(5)
+        await anyio.sleep(5)
+
+
+class WTaskExit(Job, kind="w_task_exit", queue="w", max_attempts=1):
+    pass
+
+
+@WTaskExit.handler
+async def w_task_exit(ctx: JobContext) -> int:
+    task = asyncio.create_task(_exits(6))  # never awaited: the handler returns without it
+    await anyio.sleep(0.2)
+    assert task.done()
+    return 1
+
+
+class WGroupExit(Job, kind="w_group_exit", queue="w", max_attempts=1):
+    pass
+
+
+@WGroupExit.handler
+async def w_group_exit(ctx: JobContext) -> None:
+    raise BaseExceptionGroup("the handler's own", [SystemExit(7), ValueError("and this")])
+
+
+def test_sys_exit_in_a_task_the_handler_started_fails_its_attempt_not_the_worker(engine, database_url, schema):
+    """asyncio re-raises SystemExit out of the event loop from the step of the task that
+    raised it: a handler's task group child (or a bare asyncio task) calling sys.exit()
+    ended the whole worker, its claimed jobs left running until their leases ran out; a
+    BaseExceptionGroup holding it, raised by the handler, ended the worker's task groups."""
+    ids = add(engine, WGroupChildExit(), WTaskExit(), WGroupExit(), *[WSync(a=i, b=1) for i in range(3)])
+    run_worker_until(database_url, schema, [WGroupChildExit, WTaskExit, WGroupExit, WSync], finished(engine, ids),
+                     timeout=15)
+    group_child, task, group = (job_row(engine, i) for i in ids[:3])
+    assert group_child.state == "dead"
+    assert "SystemExit: 5" in group_child.errors[0]["traceback"]
+    assert task.state == "dead" and task.result is None
+    assert "SystemExit: 6" in task.errors[0]["traceback"]
+    assert group.state == "dead"
+    assert "SystemExit: 7" in group.errors[0]["traceback"]
+    assert [job_row(engine, i).result for i in ids[3:]] == [1, 2, 3]

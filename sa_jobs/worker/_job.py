@@ -35,6 +35,7 @@ class ClaimedJob:
     progress_json: Optional[str] = None  # reported, not yet written by a heartbeat
     reported: bool = False  # this run reported progress (a release drops it from the row)
     thread: Optional["HandlerThread"] = None  # the call of a sync handler, once started
+    task_exit: Optional[BaseException] = None  # a task the handler started raised SystemExit (as this)
 
     @property
     def cancelled(self) -> bool:

@@ -50,6 +50,7 @@ from ..queries import Queries
 from ..retry import MAX_DELAY_SECONDS, BackoffPolicy, exponential_backoff
 from .._connection import ManagedConnection, describe, is_stale_plan, is_transient
 from ._job import ClaimedJob, HandlerThread, Outcome
+from ._task_guard import HANDLER_JOB, install as guard_tasks, uninstall as unguard_tasks
 from .completer import LOCK_WAIT, Completer
 from .context import JobContext, _Cancelled, check_app_engine
 from ..events import GuardedObserver, NullObserver, WorkerObserver, hook
@@ -591,6 +592,8 @@ class Worker:
         claim_lock = anyio.Lock()
         hook(self._observer, "worker_started")()
         ended_well = False
+        assert self._loop is not None
+        task_guard = guard_tasks(self._loop)
         try:
             async with anyio.create_task_group() as services:
                 services.start_soon(self.notifier.run)
@@ -623,6 +626,7 @@ class Worker:
                 services.cancel_scope.cancel()
             ended_well = True
         finally:
+            unguard_tasks(self._loop, task_guard)
             self._runners_done.set()
             with anyio.CancelScope(shield=True):
                 for conn in (claim_conn, complete_conn, beat_conn):
@@ -994,6 +998,7 @@ class Worker:
             job.scope = scope
             if runtime.options.timeout is not None:
                 scope.deadline = anyio.current_time() + runtime.options.timeout
+            running_as = HANDLER_JOB.set(job)  # the tasks the handler starts are guarded (_task_guard)
             try:
                 if runtime.is_async:
                     call = runtime.handler(ctx, **job.args)
@@ -1018,6 +1023,14 @@ class Worker:
                 # still running until their leases ran out, to crash the next worker; in a
                 # plain thread it ends only the thread. It fails this attempt instead.
                 error = exc
+            except BaseExceptionGroup as group:
+                # sys.exit() in a task of the handler's own task group (older anyio releases
+                # collect the SystemExit in it, _task_guard's error aside): the group, not an
+                # Exception, ended the worker. With a KeyboardInterrupt in it (a Ctrl-C's,
+                # for all the worker can tell) it still stops the worker.
+                if group.split((Exception, SystemExit))[1] is not None:
+                    raise
+                error = group
             except anyio.get_cancelled_exc_class() as exc:
                 if scope.cancel_called or _cancellation_pending():
                     raise  # ours (timeout, cancel, lease) or the worker's: the scope or its caller takes it
@@ -1026,6 +1039,8 @@ class Worker:
                 # without a word: its claimed jobs stayed running until their leases ran
                 # out, and worker.run() went on waiting, serving nothing.
                 error = exc
+            finally:
+                HANDLER_JOB.reset(running_as)
         job.scope = None
         if job.completed_in_tx:
             return None, "completed"
@@ -1053,6 +1068,8 @@ class Worker:
             too_long.__cause__ = error
             outcome = self._failure(job, too_long, runtime.options.backoff)
             return outcome, "dead" if outcome.dead else "timed_out"
+        if error is None and job.task_exit is not None:
+            error = job.task_exit  # a task it started called sys.exit(); the handler went on
         if error is not None:
             if isinstance(error, _Cancelled) and job.cancel_reason == "timed out":
                 outcome = self._failure(job, TimeoutError(str(error)), runtime.options.backoff)
