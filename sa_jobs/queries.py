@@ -73,6 +73,18 @@ _RELEASE = (
 # The outcome statements of flush_outcomes_around_locks touch only the rows it could lock.
 _LOCKED = " AND j.id IN (SELECT id FROM locked)"
 
+# The outcome statements of a flush return the claims they wrote; its last column names
+# them ("id/token") only when some outcome of the batch (%(n)s) was not written: fenced off
+# (the row is another claim's now, or was cancelled or rescued), or, writing around locks,
+# skipped. The usual flush, which wrote every one, spends nothing on it (an InitPlan runs
+# only when read).
+_WRITTEN = " RETURNING j.id, j.claim_token"
+_LANDED = (
+    " CASE WHEN (SELECT count(*) FROM c) + (SELECT count(*) FROM f) + (SELECT count(*) FROM r) < %(n)s"
+    " THEN ARRAY(SELECT w.id::text || '/' || w.claim_token::text"
+    "  FROM (SELECT * FROM c UNION ALL SELECT * FROM f UNION ALL SELECT * FROM r) AS w) END"
+)
+
 # Another job holding the key of the row aliased ``{row}`` (what puts a row in
 # jobs_unique_idx: its state is one of its own unique states); NULL keys match nothing.
 # The predicate is the index's, so this is one probe of jobs_unique_idx.
@@ -254,10 +266,10 @@ class Queries:
             # so a batch costs one round trip and lands (or fails) as a unit. A job has
             # one outcome, so no row is touched by two of them.
             flush_outcomes=r(
-                "WITH c AS (" + _COMPLETE.format(p="c_") + " RETURNING 1),"
-                " f AS (" + _FINISH.format(p="f_") + " RETURNING 1),"
-                " r AS (" + _RELEASE.format(p="r_") + " RETURNING 1)"
-                " SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM f), (SELECT count(*) FROM r)"
+                "WITH c AS (" + _COMPLETE.format(p="c_") + _WRITTEN + "),"
+                " f AS (" + _FINISH.format(p="f_") + _WRITTEN + "),"
+                " r AS (" + _RELEASE.format(p="r_") + _WRITTEN + ")"
+                " SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM f), (SELECT count(*) FROM r)," + _LANDED
             ),
             # The same flush, writing around the rows another transaction holds locked
             # (an app's cancel() not committed yet), which the flush above waits for with
@@ -268,12 +280,13 @@ class Queries:
             flush_outcomes_around_locks=r(
                 "WITH locked AS MATERIALIZED (SELECT l.id FROM {jobs} AS l"
                 " WHERE l.id = ANY(%(ids)s::bigint[]) FOR NO KEY UPDATE SKIP LOCKED),"
-                " c AS (" + _COMPLETE.format(p="c_") + _LOCKED + " RETURNING 1),"
-                " f AS (" + _FINISH.format(p="f_") + _LOCKED + " RETURNING 1),"
-                " r AS (" + _RELEASE.format(p="r_") + _LOCKED + " RETURNING 1)"
+                " c AS (" + _COMPLETE.format(p="c_") + _LOCKED + _WRITTEN + "),"
+                " f AS (" + _FINISH.format(p="f_") + _LOCKED + _WRITTEN + "),"
+                " r AS (" + _RELEASE.format(p="r_") + _LOCKED + _WRITTEN + ")"
                 " SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM f), (SELECT count(*) FROM r),"
                 " ARRAY(SELECT s.id FROM {jobs} AS s WHERE s.id = ANY(%(ids)s::bigint[])"
-                "  AND s.id NOT IN (SELECT id FROM locked))"
+                "  AND s.id NOT IN (SELECT id FROM locked)),"
+                + _LANDED
             ),
             # For an outcome the unique index refused (see Completer._write_superseded):
             # the job that took this running job's key meanwhile, and the key's states.

@@ -64,3 +64,20 @@ async def metrics_unique(ctx: JobContext, fail_after: float = 0.0) -> None:
     if fail_after:
         await anyio.sleep(fail_after)
         raise RuntimeError(f"unique attempt failed {SECRET}")
+
+
+class MetricsFenced(Job, kind="metrics_fenced", queue=QUEUE, max_attempts=1):
+    """Its row is taken over while it runs (as a worker that re-claimed it after a lost
+    lease would), then it returns: its completion is fenced off, the row left as is."""
+
+
+@MetricsFenced.handler
+def metrics_fenced(ctx: JobContext, conninfo: str) -> int:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("UPDATE {} SET claim_token = gen_random_uuid(), lease_owner = 'other:1',"
+                             " lease_expires_at = now() + interval '1 hour' WHERE id = %s")
+                     .format(sql.Identifier(ctx.schema, "jobs")), [ctx.id])
+    return 1

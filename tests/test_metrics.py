@@ -40,7 +40,7 @@ from sa_jobs.metrics import (
 
 from .conftest import REPO_ROOT, worker_command
 from .helpers import jobs_sql, q, run_worker_until, wait_for
-from .metrics_jobs import QUEUE, SECRET, MetricsDoomed, MetricsFlaky, MetricsOk, MetricsSlow, MetricsUnique
+from .metrics_jobs import QUEUE, SECRET, MetricsDoomed, MetricsFenced, MetricsFlaky, MetricsOk, MetricsSlow, MetricsUnique
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "examples" / "prometheus" / "alerts.yml"
@@ -231,6 +231,33 @@ def test_a_retry_that_ends_dead_on_a_taken_unique_key_counts_as_dead(database_ur
     assert states == [("dead", 1), ("scheduled", 0)]
     fin = "sa_jobs_jobs_finished_total"
     assert _value(reg, fin, queue=QUEUE, kind="metrics_unique", outcome="dead") == 1
+
+
+def test_a_completion_the_fence_refused_is_not_counted_completed(database_url: str, schema: str, engine: Engine) -> None:
+    """The runner counted the handler's verdict before the completer wrote it: a completion
+    that changed no row (the lease lost, the job re-claimed by another worker) still counted
+    in sa_jobs_jobs_finished_total{outcome="completed"}, a job completed twice in the sum of
+    the workers' counts. It counts as lease_lost; completed counts rows the worker completed."""
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    with Session(engine) as s, s.begin():
+        s.add_all([MetricsFenced(conninfo=to_conninfo(database_url)), MetricsOk(), MetricsOk()])
+    fin = "sa_jobs_jobs_finished_total"
+
+    def counted() -> bool:
+        return sum(_value(reg, fin, queue=QUEUE, kind=kind, outcome=outcome) for kind in ("metrics_fenced", "metrics_ok")
+                   for outcome in ("completed", "lease_lost")) >= 3
+
+    # No heartbeat during the run: it would find the row taken and cancel the handler first.
+    run_worker_until(database_url, schema, [*KINDS, MetricsFenced], counted, observer=observer, lease=30.0,
+                     heartbeat_interval=10.0)
+    assert q(database_url, jobs_sql(schema, "SELECT kind, state, lease_owner FROM {jobs} ORDER BY id"))[0] == (
+        "metrics_fenced", "running", "other:1")
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_fenced", outcome="completed") == 0
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_fenced", outcome="lease_lost") == 1
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_ok", outcome="completed") == 2
+    assert _value(reg, "sa_jobs_job_end_to_end_seconds_count", queue=QUEUE, outcome="completed") == 2
+    assert _value(reg, "sa_jobs_jobs_in_flight", queue=QUEUE) == 0
 
 
 def test_end_to_end_counts_every_final_outcome_whatever_the_clocks(database_url: str, schema: str) -> None:

@@ -90,6 +90,13 @@ class Outcome:
     target: str = ""  # for "finish": retryable | dead | cancelled | scheduled (snooze)
     error_json: Optional[str] = None
     delay: float = 0.0
+    # For the observer's job_finished, called once the completer wrote it (a completion
+    # the fence refused was no completion): the runner's label and times, and whether the
+    # write changed the row.
+    label: str = ""
+    run_seconds: float = 0.0
+    since_enqueue: float = 0.0
+    landed: bool = False
 
     @property
     def dead(self) -> bool:

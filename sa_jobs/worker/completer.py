@@ -156,6 +156,8 @@ class Completer:
             batch = [o for o in batch if all(o is not k for k in locked)]
         else:
             self._around_locks = False
+        for outcome in batch:  # written, fenced off, or dropped: it counts now, as what it did
+            self._finished(outcome)
         if self._on_written is not None:
             self._on_written(batch)
         if not self._pending:
@@ -166,6 +168,15 @@ class Completer:
         else:
             self._lock_retries = 0
         return True
+
+    def _finished(self, outcome: Outcome) -> None:
+        """Report the attempt to the observer. Counted by the runner, before the write, a
+        completion the fence refused (the lease lost, the job another worker's now) still
+        counted as completed; it counts as lease_lost, as one the runner saw lost does."""
+        if outcome.label:
+            job = outcome.job
+            self._observer.job_finished(job.queue, job.kind, outcome.label if outcome.landed else "lease_lost",
+                                        outcome.run_seconds, outcome.since_enqueue)
 
     def _take(self) -> tuple[list[Outcome], list[Outcome]]:
         """(the next batch, what stays pending): every pending outcome, but results of at
@@ -231,7 +242,7 @@ class Completer:
         dead holds the key too); a final state is kept. The job gives its key up if its
         final state would still hold it. False if the row is no longer ours or no job
         holds its key (then the refusal was something else)."""
-        job = outcome.job
+        job, original = outcome.job, outcome
         ended_dead = False
         conn = await self._conn.get()
         with self._conn.deadline():
@@ -256,6 +267,7 @@ class Completer:
                 log.warning("completer: job %s ends %s; job %s took its unique key while it ran", job.id, target, holder)
                 if await self._write(conn, [outcome]):
                     raise _RowLocked()  # rolled back with the key it gave up: kept, written later
+        original.landed = outcome.landed
         if ended_dead:
             self._dead(job.queue, job.kind, 1)
         return True
@@ -302,11 +314,13 @@ class Completer:
             "r_ids": [o.job.id for o in release],
             "r_tokens": [o.job.token for o in release],
             "r_reported": [o.job.reported for o in release],
+            "n": len(batch),
         }
         if not self._around_locks:
             try:
                 # One statement, one round trip, atomic: the batch lands or is retried as a unit.
-                await conn.execute(self._q.flush_outcomes, params, prepare=True)
+                row = await (await conn.execute(self._q.flush_outcomes, params, prepare=True)).fetchone()
+                _note_landed(batch, row[3])
                 return []
             except psycopg.errors.LockNotAvailable:
                 if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
@@ -316,4 +330,13 @@ class Completer:
         row = await (await conn.execute(self._q.flush_outcomes_around_locks, {**params, "ids": [o.job.id for o in batch]},
                                         prepare=True)).fetchone()
         skipped = set(row[3])
+        _note_landed(batch, row[4])
         return [o for o in batch if o.job.id in skipped]
+
+
+def _note_landed(batch: list[Outcome], landed: Optional[list[str]]) -> None:
+    """Mark the outcomes whose write changed their row: all of them when the flush named
+    none (``landed`` is None: it wrote every one), else those it named ("id/token")."""
+    written = None if landed is None else set(landed)
+    for o in batch:
+        o.landed = written is None or f"{o.job.id}/{o.job.token}" in written

@@ -134,6 +134,9 @@ class _Queue:
     inbox: JobInbox
     limiter: anyio.CapacityLimiter
     busy: int = 0  # claimed and not yet finished (running or waiting in the stream)
+    # Outcomes with the completer, not yet written: in flight for the observer, which
+    # hears of them once written (the count it is given after a claim includes them).
+    writing: int = 0
     # Keyed by claim, not by job id: after a lost lease the same job can be claimed again
     # by this very worker while the stale attempt is still winding down, and the two
     # records must not overwrite each other.
@@ -697,7 +700,7 @@ class Worker:
                 continue
             q.busy += len(jobs)
             q.inbox.put_many(jobs)
-            self._observer.slots(q.name, q.busy, q.limit)
+            self._observer.slots(q.name, q.busy + q.writing, q.limit)
             if self._stopping:
                 return
             if len(jobs) < want:
@@ -850,6 +853,10 @@ class Worker:
                 log.info("worker %s: queue %r is no longer paused cluster-wide", self.worker_id, q.name)
 
     def _completions_written(self, batch: list[Outcome]) -> None:
+        for outcome in batch:
+            written = self._queues.get(outcome.job.queue)
+            if written is not None:
+                written.writing -= 1
         # A limited queue's room is counted from running rows: a batch of completions
         # just landed, so limited producers may find room again.
         for q in self._queues.values():
@@ -933,13 +940,15 @@ class Worker:
                     label = "dead" if outcome.dead else "retried"
                 finally:
                     q.running.pop((job.id, job.token), None)
-                if outcome is not None:
+                run_seconds = time.monotonic() - job.claimed_at
+                since_enqueue = max(0.0, time.time() - job.created_epoch) if job.created_epoch else 0.0
+                if outcome is not None:  # reported once written (Completer._finished)
                     assert self.completer is not None
+                    outcome.label, outcome.run_seconds, outcome.since_enqueue = label, run_seconds, since_enqueue
+                    q.writing += 1
                     self.completer.submit(outcome)
-                self._observer.job_finished(
-                    q.name, job.kind, label, time.monotonic() - job.claimed_at,
-                    max(0.0, time.time() - job.created_epoch) if job.created_epoch else 0.0,
-                )
+                else:
+                    self._observer.job_finished(q.name, job.kind, label, run_seconds, since_enqueue)
                 if job.thread is not None and not job.thread.done:
                     await self._outlive(q, job, job.thread, label)
             finally:
