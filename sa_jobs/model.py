@@ -386,15 +386,17 @@ class Job(Base):
             self._set_unique_key()
 
     def _check_assigned_args(self, options: KindOptions) -> None:
-        """Before a new row is written (at flush, or by ``enqueue_many``), args assigned
-        after construction, checked as ``Job.__init__`` checks them (plain JSON, under the
-        kind's cap): unchecked, NaN failed the INSERT with DataError (a set or a datetime
-        with TypeError) and lost the caller's transaction. Args changed in place are not
-        seen (as for a stored job's, an in-place change is the caller's own)."""
+        """Before a new row is written (at flush, or by ``enqueue_many``), its args checked
+        as ``Job.__init__`` checks them (plain JSON, under the kind's cap), whether assigned
+        after construction or changed in place (``job.args["x"] = ...``, a nested list
+        appended to): unchecked, NaN failed the INSERT with DataError (a set or a datetime
+        with TypeError) and lost the caller's transaction, and an int key was written as a
+        string. Walked again even when __init__ checked them (a microsecond for usual args):
+        an in-place change cannot be seen otherwise."""
         d = self.__dict__
         args = d.get("args")
-        if args is d.get(_ARGS_CHECKED):
-            return  # the usual case: the args __init__ checked, or no args (the table's '{}')
+        if args is None and d.get(_ARGS_CHECKED) is None:
+            return  # no args (the table's '{}')
         if not isinstance(args, Mapping):
             raise InvalidArgsError(
                 f"{type(self).__name__} (kind {options.kind!r}): args must be a mapping of JSON values,"

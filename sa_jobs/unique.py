@@ -206,18 +206,17 @@ def note_unique_kind() -> None:
 
 
 def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
-    """New jobs, before anything is sent: args assigned since construction are checked,
-    keys derived from the final args, and unique kinds' rows inserted ON CONFLICT."""
-    from .model import _ARGS_CHECKED, Job
+    """New jobs, before anything is sent: their final args are checked (assigned or
+    changed in place since construction), keys derived from them, and unique kinds' rows
+    inserted ON CONFLICT."""
+    from .model import Job
 
     new = []
     for o in session.new:
         if isinstance(o, Job):
             options = type(o).__sa_jobs_options__
             if options is not None:
-                d = o.__dict__
-                if d.get("args") is not d.get(_ARGS_CHECKED):  # assigned since __init__ checked them
-                    o._check_assigned_args(options)
+                o._check_assigned_args(options)
                 if options.partition_by:
                     o._derive_partition_key(options)
                 if options.unique is not None:

@@ -667,3 +667,39 @@ def test_an_orm_delete_of_a_running_job_leaves_the_worker_running(engine, databa
         assert len(lost) == 1 and "its row was deleted" in lost[0], lost
     else:
         assert lost == []
+
+
+_IN_PLACE_EDITS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "NaN": lambda args: args.__setitem__("user_id", float("nan")),
+    "nested NaN": lambda args: args["more"].append(float("inf")),
+    "set": lambda args: args.__setitem__("tags", {"a", "b"}),
+    "datetime": lambda args: args["more"].append(dt.datetime(2026, 1, 1)),
+    "int key": lambda args: args.__setitem__("map", {1: "one"}),
+}
+
+
+@pytest.mark.parametrize("kind", [BpEmail, BpUnique])
+@pytest.mark.parametrize("edit", list(_IN_PLACE_EDITS))
+@pytest.mark.parametrize("path", ["flush", "enqueue_many"])
+def test_a_new_jobs_args_changed_in_place_are_checked_before_anything_is_sent(engine, database_url, schema, kind,
+                                                                                edit, path):
+    """Args assigned after construction were checked at flush (and by enqueue_many), args
+    changed in place not: NaN failed the INSERT (or the COPY) with DataError, a set or a
+    datetime with a bare TypeError (StatementError), and the caller's transaction was lost;
+    an int key was written as a string key, not the args that were checked. Each is the
+    InvalidArgsError construction raises, before any SQL, the transaction still usable."""
+    from sa_jobs import InvalidArgsError, enqueue_many
+
+    job = kind(user_id=1, more=[1])
+    _IN_PLACE_EDITS[edit](job.args)
+    with Session(engine) as session, session.begin():
+        with pytest.raises(InvalidArgsError):
+            if path == "flush":
+                session.add(job)
+                session.flush()
+            else:
+                enqueue_many(session, [job])
+        if path == "flush":
+            session.expunge(job)
+        _still_usable(session)
+    assert _rows(database_url, schema) == [USUAL_ROW]
