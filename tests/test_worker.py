@@ -2353,3 +2353,31 @@ def test_sys_exit_in_a_task_the_handler_started_fails_its_attempt_not_the_worker
     assert group.state == "dead"
     assert "SystemExit: 7" in group.errors[0]["traceback"]
     assert [job_row(engine, i).result for i in ids[3:]] == [1, 2, 3]
+
+
+async def _interrupts() -> None:
+    await anyio.sleep(0)
+    raise KeyboardInterrupt  # as Python raises a Ctrl-C in whatever code runs
+
+
+class WTaskInterrupt(Job, kind="w_task_interrupt", queue="w"):
+    pass
+
+
+@WTaskInterrupt.handler
+async def w_task_interrupt(ctx: JobContext) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_interrupts)
+        await anyio.sleep(5)
+
+
+def test_a_keyboard_interrupt_in_a_handlers_task_still_stops_the_worker(engine, database_url, schema):
+    """Only SystemExit is a handler's failure: a KeyboardInterrupt cannot be told from a
+    real Ctrl-C, which must stop the worker, not fail the job."""
+    (job_id,) = add(engine, WTaskInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        run_worker_until(database_url, schema, [WTaskInterrupt], lambda: False, timeout=15)
+    job = job_row(engine, job_id)
+    # Not failed. (Nor released: the interrupt tears the worker's task groups down; its
+    # lease runs out and the rescuer gives the job back, as after a crash.)
+    assert (job.state, job.errors) == ("running", [])

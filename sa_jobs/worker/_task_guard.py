@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import weakref
 from typing import Any, Coroutine, Optional
 
 from ._job import ClaimedJob
 
-HANDLER_JOB: contextvars.ContextVar[Optional[ClaimedJob]] = contextvars.ContextVar("sa_jobs_handler_job", default=None)
+# A weak reference: a task the handler started may outlive its job (a client's pool task).
+HANDLER_JOB: contextvars.ContextVar[Optional["weakref.ref[ClaimedJob]"]] = contextvars.ContextVar(
+    "sa_jobs_handler_job", default=None)
 
 
 class TaskExitError(RuntimeError):
@@ -41,13 +44,15 @@ class TaskGuard:
         return self.previous(loop, coro, **kwargs)
 
 
-async def _guarded(coro: Coroutine[Any, Any, Any], job: ClaimedJob) -> Any:
+async def _guarded(coro: Coroutine[Any, Any, Any], job_ref: "weakref.ref[ClaimedJob]") -> Any:
     try:
         return await coro
     except SystemExit as exc:
-        error = TaskExitError(f"a task started by the handler of job {job.id} ({job.kind}) raised"
-                              f" SystemExit({exc.code!r}); a worker does not exit for a handler")
-        if job.task_exit is None:
+        job = job_ref()
+        name = "a job" if job is None else f"job {job.id} ({job.kind})"
+        error = TaskExitError(f"a task started by the handler of {name} raised SystemExit({exc.code!r});"
+                              " a worker does not exit for a handler")
+        if job is not None and job.task_exit is None:
             job.task_exit = error
         raise error from exc
 

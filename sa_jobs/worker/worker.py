@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -1007,7 +1008,7 @@ class Worker:
             job.scope = scope
             if runtime.options.timeout is not None:
                 scope.deadline = anyio.current_time() + runtime.options.timeout
-            running_as = HANDLER_JOB.set(job)  # the tasks the handler starts are guarded (_task_guard)
+            running_as = HANDLER_JOB.set(weakref.ref(job))  # the tasks the handler starts are guarded (_task_guard)
             try:
                 if runtime.is_async:
                     call = runtime.handler(ctx, **job.args)
