@@ -637,7 +637,52 @@ def test_a_completion_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_out
     anyio.run(main)
     rows = dict((r[0], r[1:]) for r in _rows(database_url, schema, "id, state, attempt, jsonb_array_length(errors)"))
     assert rows[other_id] == ("completed", 1, 0), "the other job's outcome waited behind another job's unique key"
-    assert rows[keyed_id][:2] == ("completed", 1)
+    assert rows[keyed_id] == ("completed", 1, 0)
+
+
+def test_a_completion_waiting_on_another_transaction_keeps_its_lease(engine, database_url, schema):
+    """A job whose handler finished and whose outcome waits on another transaction (here an
+    app's uncommitted insert of its unique key) belongs to a live worker: its lease is kept
+    until the outcome lands. Before, the heartbeat left it out once its handler returned:
+    the lease ran out under a lock longer than it, and once the app committed the rescuer
+    could re-drive the job (LeaseExpired, "the worker stopped heartbeating") before the
+    completer's retry, backing off, wrote it: a second run (CI: attempt 2), or dead if the
+    app's job held the key by then."""
+    import anyio
+
+    from sa_jobs import Worker
+
+    lease = 2.0
+    (keyed_id,) = _add(engine, FaultUniqueDone(n=1, seconds=0.3))
+    lease_left = jobs_sql(schema, "SELECT state, extract(epoch FROM lease_expires_at - now()) FROM {jobs} WHERE id = %s")
+    seen: list[tuple[str, float]] = []
+
+    def enqueue_and_linger() -> None:
+        with Session(engine) as session, session.begin():
+            session.add(FaultUniqueDone(n=1, seconds=0.0))
+            session.flush()
+            ends = time.monotonic() + 2.5 * lease  # the caller's own work, before its commit
+            while time.monotonic() < ends:
+                seen.append(q(database_url, lease_left, (keyed_id,))[0])
+                time.sleep(0.1)
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[FaultUniqueDone], schema=schema, lease=lease,
+                          poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=0) as worker:
+            with anyio.fail_after(10):
+                while not worker.running_jobs():
+                    await anyio.sleep(0.02)
+            await anyio.to_thread.run_sync(enqueue_and_linger)
+            with anyio.move_on_after(10):
+                while _unfinished(database_url, schema):
+                    await anyio.sleep(0.1)
+
+    anyio.run(main)
+    assert {state for state, _ in seen} == {"running"}, seen  # its completion waited throughout
+    expired = [left for _, left in seen if left <= 0]
+    assert not expired, f"the live worker let the lease run out while the outcome waited: {seen}"
+    rows = dict((r[0], r[1:]) for r in _rows(database_url, schema, "id, state, attempt, jsonb_array_length(errors)"))
+    assert rows[keyed_id] == ("completed", 1, 0)
 
 
 def _neighbour_beside_an_open_keyed_insert(database_url: str, schema: str, states: list[str],

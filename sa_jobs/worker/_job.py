@@ -97,6 +97,7 @@ class Outcome:
     run_seconds: float = 0.0
     since_enqueue: float = 0.0
     landed: bool = False
+    waited: bool = False  # kept unwritten: its write waited on another transaction (its job keeps its lease)
 
     @property
     def dead(self) -> bool:

@@ -4,8 +4,10 @@ Runners hand outcomes over without waiting; the completer writes whatever accumu
 after a short interval (or at once when the batch is full). A failed write keeps the
 outcomes and retries with backoff: a completion that never lands leaves the job running
 until its lease expires, when it is rescued and re-run (at-least-once, never stuck). An
-outcome whose row another transaction holds locked is kept and retried the same way,
-while the rest of its batch is written around it.
+outcome whose row another transaction holds locked (or whose unique key another
+transaction has inserted) is kept and retried the same way, while the rest of its batch
+is written around it; while the worker lives, its job keeps its lease (see
+:meth:`Completer.awaiting`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .. import _validate
 from ..queries import Queries
 from ..states import FINISHED_STATES
 from .._connection import ManagedConnection, describe, is_transient
-from ._job import Outcome
+from ._job import ClaimedJob, Outcome
 from ..events import WorkerObserver, hook
 
 log = logging.getLogger("sa_jobs.worker")
@@ -58,8 +60,10 @@ class Completer:
         interval: float = 0.005,
         max_batch: int = 2000,
         on_written: Optional[Callable[[list[Outcome]], None]] = None,
+        lease: Optional[float] = None,
     ) -> None:
         self._conn = conn
+        self._lease = lease  # extended for the kept outcomes' jobs after each wait (_keep_leases)
         self._q = queries
         self._observer = observer
         # A job that would have run again ends dead here (_write_superseded): its worker
@@ -70,6 +74,7 @@ class Completer:
         self._on_written = on_written
         self._pending: list[Outcome] = []
         self._in_flight = 0  # outcomes of the batch being written
+        self._batch: list[Outcome] = []  # that batch
         self._wake = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
@@ -92,6 +97,19 @@ class Completer:
         """Outcomes not yet written: pending, and those of a write in flight (pending no
         more while it runs; a drain that timed out during it reported 0)."""
         return len(self._pending) + self._in_flight
+
+    def awaiting(self) -> list[ClaimedJob]:
+        """The jobs whose outcomes are kept because their writes waited on another
+        transaction (pending, or in the write in flight).
+
+        Their handlers ended, and this live worker holds their claims until the outcomes
+        land: the heartbeat keeps their leases. Left out, an outcome that waited longer
+        than the lease (on an app's open insert of the job's unique key) let the rescuer
+        re-drive the job once that transaction ended, before the retry (backing off) wrote
+        it: a second run of a job that had finished (CI: attempt 2), or dead with its result
+        lost, recorded as a worker that stopped heartbeating. An outcome whose writes fail
+        otherwise is not kept alive so: its job is rescued, as before."""
+        return [o.job for o in self._pending if o.waited] + [o.job for o in self._batch if o.waited]
 
     def submit(self, outcome: Outcome) -> None:
         self._pending.append(outcome)
@@ -119,7 +137,7 @@ class Completer:
             self._idle.set()
             return True
         batch, self._pending = self._take()
-        self._in_flight = len(batch)
+        self._in_flight, self._batch = len(batch), batch
         locked: list[Outcome] = []
         try:
             conn = await self._conn.get()
@@ -128,14 +146,14 @@ class Completer:
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled mid-write: keep the batch
                 self._pending[:0] = batch
-                self._in_flight = 0
+                self._in_flight, self._batch = 0, []
                 raise
             self._observer.loop_error("completer")
             if not _waited(exc):  # the connection is fine after a lock wait
                 await self._conn.discard()
             if is_transient(exc) and not _waited(exc):
                 self._pending[:0] = batch
-                self._in_flight = 0
+                self._in_flight, self._batch = 0, []
                 self._failures += 1
                 log.warning("completer: writing %d outcome(s) failed (%s); retrying", len(batch), describe(exc))
                 await anyio.sleep(min(2.0, 0.05 * 2 ** min(self._failures, 6)))
@@ -146,12 +164,12 @@ class Completer:
             # still waits alone on another transaction is kept, as a locked row's is.
             log.warning("completer: batch of %d refused (%s); writing it in parts", len(batch), describe(exc))
             locked = await self._write_in_parts(batch)
-        self._in_flight = 0
+        self._in_flight, self._batch = 0, []
         self._failures = 0
         if locked:
             # Kept, not dropped: the lock may be gone at the next try (then the outcome
-            # lands, or is fenced off if the locker changed the row). Their jobs are not
-            # heartbeated meanwhile: a lock longer than the lease ends in a rescue.
+            # lands, or is fenced off if the locker changed the row). Their jobs are still
+            # heartbeated (awaiting): a live worker's claim outlasts the lock, however long.
             self._pending.extend(locked)
             batch = [o for o in batch if all(o is not k for k in locked)]
         else:
@@ -163,6 +181,9 @@ class Completer:
         if not self._pending:
             self._idle.set()
         if locked:
+            for outcome in locked:
+                outcome.waited = True
+            await self._keep_leases(locked)
             self._lock_retries += 1
             await anyio.sleep(min(1.0, 0.05 * 2 ** min(self._lock_retries, 5)))
         else:
@@ -177,6 +198,24 @@ class Completer:
             job = outcome.job
             self._observer.job_finished(job.queue, job.kind, outcome.label if outcome.landed else "lease_lost",
                                         outcome.run_seconds, outcome.since_enqueue)
+
+    async def _keep_leases(self, kept: list[Outcome]) -> None:
+        """Extend the leases of the kept outcomes' jobs (fenced by claim, as a beat is), now
+        that this write's own lock on their rows has ended. The heartbeat skips a row
+        another transaction holds locked, and this write held those rows through each of
+        its waits (up to LOCK_WAIT each, the first ones back to back): its beats missed
+        them for the whole lease. Best effort: the heartbeat covers them too."""
+        if self._lease is None:
+            return
+        params = {"ids": [o.job.id for o in kept], "tokens": [o.job.token for o in kept],
+                  "progress": [None] * len(kept), "lease": self._lease}
+        try:
+            conn = await self._conn.get()
+            with self._conn.deadline():
+                await conn.execute(self._q.heartbeat_many, params, prepare=True)
+        except Exception as exc:  # noqa: BLE001 - the heartbeat extends them too
+            log.warning("completer: extending the leases of %d waiting outcome(s) failed (%s)", len(kept), describe(exc))
+            await self._conn.discard()
 
     def _take(self) -> tuple[list[Outcome], list[Outcome]]:
         """(the next batch, what stays pending): every pending outcome, but results of at

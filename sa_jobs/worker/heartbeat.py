@@ -1,5 +1,11 @@
 """Extends the leases of running jobs, and cancels the ones this worker has lost.
 
+Jobs whose handlers ended and whose outcomes the completer keeps because their writes
+waited on another transaction (``awaiting``) keep their leases too: the claim is this
+live worker's until the outcome lands, however long that transaction lasts. Nothing runs
+for them to be cancelled, and an outcome fenced off meanwhile changes nothing, so they
+are never presumed lost here.
+
 One fenced UPDATE per beat covers every running job. A job missing from its result was
 taken over (its lease expired and another worker claimed it): its handler is cancelled
 and told the lease is lost. The beat skips a row another transaction holds locked rather
@@ -34,11 +40,13 @@ class Heartbeat:
         *,
         lease: float,
         interval: float,
+        awaiting: Callable[[], Iterable[ClaimedJob]] = lambda: (),
     ) -> None:
         self._conn = conn
         self._q = queries
         self._observer = observer
         self._running = running
+        self._awaiting = awaiting
         self._lease = lease
         self._interval = interval
         self._nudged = anyio.Event()
@@ -82,6 +90,14 @@ class Heartbeat:
     async def beat(self) -> None:
         jobs = [j for j in self._running() if not j.completing and not j.lease_lost]
         sent = [j.progress_json for j in jobs]
+        # Their outcomes carry their progress. A job is named once (a batch in flight can
+        # overlap the pending outcomes after a failed part); a lost claim stays lost.
+        beating, handled = {id(j) for j in jobs}, len(jobs)
+        for job in self._awaiting():
+            if id(job) not in beating and not job.lease_lost:
+                beating.add(id(job))
+                jobs.append(job)
+                sent.append(None)
         if not jobs:
             self._observer.heartbeat_ok()
             return
@@ -111,7 +127,7 @@ class Heartbeat:
             log.warning("heartbeat failed (%s)", describe(exc), exc_info=not is_transient(exc))
             await self._conn.discard()
             now = time.monotonic()
-            for job in jobs:
+            for job in jobs[:handled]:  # those whose handlers run
                 if now - job.last_lease_ok > self._lease:
                     self._lose(job, "heartbeats failed for longer than the lease")
             return

@@ -578,10 +578,10 @@ class Worker:
                                           lock_timeout=min(LOCK_WAIT, self.statement_timeout / 2))
         beat_conn = ManagedConnection(self._conninfo, "heartbeat", timeout=self.statement_timeout)
         self.completer = Completer(complete_conn, self._queries, self._observer, interval=self._completion_interval,
-                                   on_written=self._completions_written)
+                                   on_written=self._completions_written, lease=self.lease)
         heartbeat = self._heartbeat = Heartbeat(
             beat_conn, self._queries, self._observer, self.running_jobs,
-            lease=self.lease, interval=self._heartbeat_interval,
+            lease=self.lease, interval=self._heartbeat_interval, awaiting=self.completer.awaiting,
         )
         self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self.cancel_local,
                                  self._held_ids)
