@@ -25,10 +25,11 @@ import json
 import os
 import sys
 import uuid
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import anyio
 from sqlalchemy import Boolean, Column, DateTime, Integer, Interval, MetaData, Table, Text, event, func, select, type_coerce
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import UnboundExecutionError
@@ -183,15 +184,18 @@ def _result(ctx: Any, returned: Any) -> Any:
     """The job's result as a worker stores it: a completing transaction's ``result=``
     (the handler's return value is then not stored), else what the handler returned."""
     if ctx._job.completed_in_tx:
-        return ctx._job.tx_result
+        return _storable(ctx._job.tx_result)
     return _storable(returned)
 
 
 def _storable(result: Any) -> Any:
-    """``result`` if a worker could store it on the row; InvalidArgsError otherwise."""
-    if result is not None:
-        _validate.json_text(result)  # the worker's check: plain JSON, within MAX_RESULT_BYTES
-    return result
+    """``result`` as a worker's row gives it back (InvalidArgsError if a worker could not
+    store it): jsonb has no tuple and keeps numbers as numeric, so the handler's own
+    objects compared equal where the stored result did not (a tuple for a list)."""
+    if result is None:
+        return None
+    # The worker's check: plain JSON, within MAX_RESULT_BYTES.
+    return json.loads(_validate.json_text(result), parse_float=_validate.jsonb_number)
 
 
 def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, Any]]:
@@ -199,6 +203,7 @@ def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, A
     options = cls.__sa_jobs_options__
     if options is None or cls.__sa_jobs_handler__ is None:
         raise ConfigurationError(f"{cls.__name__} has no handler registered")
+    job = _loaded(job, engine)
     schema = DEFAULT_SCHEMA
     if engine is not None:
         schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
@@ -210,13 +215,45 @@ def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, A
     return cls.__sa_jobs_handler__, _TestContext(record, _TestRuntime(engine, schema)), dict(args)
 
 
+def _loaded(job: Job, engine: Any) -> Job:
+    """``job`` with its columns readable. A job committed by a Session that is now closed
+    was expired by the commit and then detached: reading its args raised SQLAlchemy's
+    DetachedInstanceError. It is loaded again from ``engine``, the stored row (its
+    queue and max_attempts too, which the expired object no longer held)."""
+    state = sa_inspect(job)
+    if not (state.detached and state.expired_attributes and state.identity):
+        return job
+    job_id = state.identity[0]
+    if engine is None:
+        raise ConfigurationError(
+            f"perform(): {type(job).__name__} job {job_id} is detached from its closed Session,"
+            " and that Session's commit expired its args: pass engine= to load it, or perform() it before"
+            " closing the Session (or with expire_on_commit=False)")
+    plain = _plain_twin(engine) if hasattr(engine, "sync_engine") else engine
+    try:
+        with Session(plain, expire_on_commit=False) as session:
+            stored = session.get(type(job), job_id)
+    finally:
+        if plain is not engine:
+            plain.dispose()
+    if stored is None:
+        raise ConfigurationError(f"perform(): {type(job).__name__} job {job_id} is no longer stored")
+    return stored
+
+
 # ---- what is in the queue ------------------------------------------------------------
 
 
-def enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[Mapping[str, Any]] = None,
+# A kind to match: its class (its subkinds too, as select() gives them) or its name.
+KindLike = Union[type[Job], str]
+
+
+def enqueued(session: Any, kind: Optional[KindLike] = None, *, args: Optional[Mapping[str, Any]] = None,
              queue: Optional[str] = None, states: Sequence[str] = ("available", "scheduled")) -> list[Job]:
     """Jobs waiting in the queue, optionally of ``kind``, with each of ``args``.
 
+    ``kind`` is a kind's class (its subkinds' jobs included, as ``select(Kind)`` gives
+    them) or a kind's name, which matches that kind alone.
     ``args`` may name some of a job's args (the others may hold anything), and each one
     named must equal the job's whole: ``{"ids": [1]}`` does not match ids ``[1, 2]``.
     ``states`` are job states (one may be given as a str); a misspelt one raises
@@ -224,8 +261,10 @@ def enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[M
     """
     refuse_async_session(session, "enqueued")
     states = [check_state(s) for s in ((states,) if isinstance(states, str) else states)]
-    target = kind or Job
+    target = _kind_class(kind)
     stmt = select(target).where(target.state.in_(states)).order_by(target.id)
+    if isinstance(kind, str):
+        stmt = stmt.where(target.kind == kind)
     if queue is not None:
         stmt = stmt.where(target.queue == queue)
     if args is not None:
@@ -235,13 +274,28 @@ def enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[M
     return list(session.scalars(stmt))
 
 
-def assert_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[Mapping[str, Any]] = None,
+def _kind_class(kind: Optional[KindLike]) -> type[Job]:
+    """The class to select for ``kind``: Job itself for a name (selecting the name's own
+    class, where one is declared, would also match its subkinds' jobs)."""
+    if kind is None or isinstance(kind, str):
+        return Job
+    if isinstance(kind, type) and issubclass(kind, Job):
+        return kind
+    # select() of anything else failed with SQLAlchemy's "Textual column expression".
+    raise ConfigurationError(f"a job kind's class or name is needed, not {kind!r}")
+
+
+def _kind_name(kind: Optional[KindLike]) -> str:
+    return "job" if kind is None else kind if isinstance(kind, str) else kind.__name__
+
+
+def assert_enqueued(session: Any, kind: Optional[KindLike] = None, *, args: Optional[Mapping[str, Any]] = None,
                     queue: Optional[str] = None, count: Optional[int] = None) -> list[Job]:
     """Fail unless matching jobs are waiting (exactly ``count`` of them, if given); the
     failure lists the jobs that are waiting. ``args`` as in :func:`enqueued`."""
     refuse_async_session(session, "assert_enqueued")
     found = enqueued(session, kind, args=args, queue=queue)
-    what = f"{kind.__name__ if kind else 'job'}(args ⊇ {dict(args or {})!r}, queue={queue!r})"
+    what = f"{_kind_name(kind)}(args ⊇ {dict(args or {})!r}, queue={queue!r})"
     if count is None:
         assert found, f"expected {what} to be enqueued; the queue holds {_summary(session)}"
     else:
@@ -249,7 +303,7 @@ def assert_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Opt
     return found
 
 
-def refute_enqueued(session: Any, kind: Optional[type[Job]] = None, *, args: Optional[Mapping[str, Any]] = None,
+def refute_enqueued(session: Any, kind: Optional[KindLike] = None, *, args: Optional[Mapping[str, Any]] = None,
                     queue: Optional[str] = None) -> None:
     refuse_async_session(session, "refute_enqueued")
     found = enqueued(session, kind, args=args, queue=queue)
@@ -455,6 +509,15 @@ def _in_event_loop() -> bool:
     return True
 
 
+def _check_drain_options(options: Mapping[str, Any]) -> None:
+    """inline()'s options are drain()'s: a misspelt one (``kind=`` for ``kinds=``) raised
+    TypeError from drain() only at the block's first commit, after that commit."""
+    known = [name for name, p in inspect.signature(drain).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigurationError(f"inline(): unknown option(s) {', '.join(unknown)}; it takes drain()'s: {', '.join(known)}")
+
+
 @contextlib.contextmanager
 def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
     """Inside the block, every commit of a Session bound to ``engine`` that added jobs is
@@ -465,6 +528,7 @@ def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
     commits nothing, of a Session joined to a Connection's open transaction, raises
     :class:`~sa_jobs.ConfigurationError`: the worker could not see those jobs.
     """
+    _check_drain_options(drain_options)
 
     def ours(session: Session) -> bool:
         # Where the session writes jobs: a session with per-mapper ``binds`` (and no

@@ -850,3 +850,116 @@ def test_drains_worker_connects_where_the_engine_does(sa_jobs_database_url, sa_j
         assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
     finally:
         engine.dispose()
+
+
+# ---- a user's everyday calls (hunt17testing) ---------------------------------------------
+
+
+def test_perform_of_a_job_enqueued_in_a_closed_session(sa_jobs_engine):
+    """``session.add(job)``, commit, close, ``perform(job)``: the commit expired the job and
+    closing detached it, so perform() failed reading its args with SQLAlchemy's
+    DetachedInstanceError. With ``engine=`` it now loads the stored job (its own queue too);
+    without, a ConfigurationError says so."""
+    job = Appends(accounts=[1, 2]).options(queue="th_other")
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(job)
+    assert perform(job, engine=sa_jobs_engine) == [1, 2, 4]
+    with pytest.raises(ConfigurationError, match="detached.*engine="):
+        perform(job)
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.execute(Job.__table__.delete())
+    with pytest.raises(ConfigurationError, match="no longer stored"):
+        perform(job, engine=sa_jobs_engine)
+
+
+class Queue(Job, kind="th_queue_of", queue="th"):
+    pass
+
+
+@Queue.handler
+def queue_of(ctx: JobContext) -> str:
+    return ctx.queue
+
+
+def test_perform_of_a_stored_job_sees_its_stored_queue(sa_jobs_engine):
+    job = Queue().options(queue="th_other")
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(job)
+    with Session(sa_jobs_engine) as session:
+        stored = session.scalars(select(Queue)).one()
+        session.expire(stored)  # as after a commit, with the session still open
+        assert perform(stored) == "th_other"
+    assert perform(job, engine=sa_jobs_engine) == "th_other"
+
+
+def test_the_enqueued_helpers_take_a_kind_name(sa_jobs_engine):
+    """River's and Oban's users name the kind: ``assert_enqueued(session, "th_double")``
+    failed with SQLAlchemy's "Textual column expression 'th_double' should be explicitly
+    declared with text()"; anything else that is not a kind is a ConfigurationError."""
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add_all([Double(x=1), GrantCredit(account=1, amount=1)])
+    with Session(sa_jobs_engine) as session:
+        assert [j.args for j in assert_enqueued(session, "th_double", args={"x": 1}, count=1)] == [{"x": 1}]
+        refute_enqueued(session, "th_double", args={"x": 2})
+        assert [j.kind for j in enqueued(session, "th_grant_credit")] == ["th_grant_credit"]
+        with pytest.raises(AssertionError, match=r"(?s)expected th_nothing\(.*th_double\(\{'x': 1\}"):
+            assert_enqueued(session, "th_nothing")
+        for wrong in (Double(x=1), 42, Session):
+            with pytest.raises(ConfigurationError, match="kind"):
+                enqueued(session, wrong)  # type: ignore[arg-type]
+
+
+def test_inline_refuses_an_unknown_drain_option_when_the_block_starts(sa_jobs_engine):
+    """``inline(engine, kind=[...])`` (for kinds=) was accepted and raised TypeError from
+    drain() at the first commit, after that commit had written the test's data."""
+    with pytest.raises(ConfigurationError, match="kind.*kinds"):
+        with inline(sa_jobs_engine, kind=[Double]):
+            with Session(sa_jobs_engine) as session, session.begin():
+                session.add(Double(x=1))
+    with Session(sa_jobs_engine) as session:
+        refute_enqueued(session)
+
+
+class ReturnsTuples(Job, kind="th_returns_tuples", queue="th"):
+    pass
+
+
+@ReturnsTuples.handler
+def returns_tuples(ctx: JobContext, in_tx: bool) -> object:
+    result = {"pair": (1, 2), "big": 1e16, "ratio": 0.5}
+    if in_tx:
+        with ctx.transaction(result=result):
+            pass
+    return result
+
+
+@pytest.mark.parametrize("in_tx", [False, True])
+def test_perform_returns_the_result_as_a_worker_stores_it(sa_jobs_engine, in_tx):
+    """A worker stores the result as jsonb and reads it back with a list for a tuple, an
+    int for 1e16; perform() returned the handler's objects, so
+    ``perform(job) == {"pair": (1, 2), ...}`` passed where the stored result differs."""
+    expected = {"pair": [1, 2], "big": 10000000000000000, "ratio": 0.5}
+    returned = perform(ReturnsTuples(in_tx=in_tx), engine=sa_jobs_engine)
+    assert returned == expected and isinstance(returned["big"], int)
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(ReturnsTuples(in_tx=in_tx))
+    drain(sa_jobs_engine, kinds=[ReturnsTuples])
+    with Session(sa_jobs_engine) as session:
+        assert session.scalars(select(ReturnsTuples.result)).all() == [expected]
+
+
+def test_inline_leaves_a_failing_job_as_a_worker_does_and_delayed_jobs_scheduled(sa_jobs_engine, credits):
+    """What docs/core.md says of inline(): a handler's failure raises nothing in the test,
+    its attempts are spent as a worker spends them (a 10 ms backoff is within the drain's
+    lookahead); a delayed job waits unless the block has with_scheduled=True."""
+    with inline(sa_jobs_engine, kinds=[GrantCredit]):
+        with Session(sa_jobs_engine) as session, session.begin():
+            session.add_all([GrantCredit(account=1, amount=-1), GrantCredit(account=2, amount=20).options(delay=3600)])
+        with Session(sa_jobs_engine) as session:
+            failed = session.scalars(select(GrantCredit).where(GrantCredit.state == "dead")).one()
+            assert (failed.attempt, [e["error"] for e in failed.errors]) == (2, ["ValueError: negative credit"] * 2)
+            assert_enqueued(session, GrantCredit, args={"account": 2}, count=1)
+    with inline(sa_jobs_engine, kinds=[GrantCredit], with_scheduled=True):
+        with Session(sa_jobs_engine) as session, session.begin():
+            session.add(GrantCredit(account=3, amount=30).options(delay=3600))
+    assert_ran(sa_jobs_engine, GrantCredit, [20, 30])
