@@ -203,6 +203,9 @@ def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, A
     options = cls.__sa_jobs_options__
     if options is None or cls.__sa_jobs_handler__ is None:
         raise ConfigurationError(f"{cls.__name__} has no handler registered")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        # A worker's attempts count from 1; 0 or "2" reached the handler as ctx.attempt.
+        raise ConfigurationError(f"perform(): attempt is an int from 1, not {attempt!r}")
     job = _loaded(job, engine)
     schema = DEFAULT_SCHEMA
     if engine is not None:
@@ -357,8 +360,11 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     test, or an AsyncSession's commit under :func:`inline`): the worker then runs in a
     thread of its own, and the caller's event loop waits for it.
     """
-    if timeout != timeout:  # no clock passes NaN (anyio refused it once the worker had started)
-        raise ValueError("drain(): timeout is NaN; give seconds, or math.inf to wait without a deadline")
+    # No clock passes NaN (anyio refused it once the worker had started), and a str or None
+    # failed with a TypeError from inside the started worker.
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
+        shown = "NaN" if timeout != timeout else repr(timeout)
+        raise ConfigurationError(f"drain(): timeout is {shown}; give seconds, or math.inf to wait without a deadline")
     if hasattr(engine, "sync_engine"):
         # An AsyncEngine: its pool belongs to the caller's event loop, and its sync_engine
         # works only inside that loop's greenlets. A plain engine on the same URL instead.

@@ -963,3 +963,23 @@ def test_inline_leaves_a_failing_job_as_a_worker_does_and_delayed_jobs_scheduled
         with Session(sa_jobs_engine) as session, session.begin():
             session.add(GrantCredit(account=3, amount=30).options(delay=3600))
     assert_ran(sa_jobs_engine, GrantCredit, [20, 30])
+
+
+def test_drain_and_perform_refuse_bad_arguments_before_running_anything(sa_jobs_engine):
+    """``drain(engine, kinds=Double)`` (a kind, not a list) failed with "'DeclarativeAttributeIntercept'
+    object is not iterable", ``drain(timeout="5")`` with a TypeError from inside the started
+    worker, and ``perform(job, attempt=0)`` (or "2") handed the handler that attempt."""
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(Double(x=1))
+    for kinds, example in ((Double, "Double"), ("th_double", "SendEmail")):
+        with pytest.raises(ConfigurationError, match=rf"kinds is a list.*kinds=\[{example}\]"):
+            drain(sa_jobs_engine, kinds=kinds)  # type: ignore[arg-type]
+    for timeout in ("5", None, True):
+        with pytest.raises(ConfigurationError, match="timeout"):
+            drain(sa_jobs_engine, kinds=[Double], timeout=timeout)  # type: ignore[arg-type]
+    with Session(sa_jobs_engine) as session:
+        assert_enqueued(session, Double, count=1)  # nothing ran
+    for attempt in (0, -1, "2", 2.0, True):
+        with pytest.raises(ConfigurationError, match="attempt"):
+            perform(Double(x=1), attempt=attempt)  # type: ignore[arg-type]
+    assert perform(Double(x=1), attempt=3) == 2

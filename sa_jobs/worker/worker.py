@@ -302,6 +302,11 @@ class Worker:
     def _resolve_kinds(kinds: Optional[Iterable[type[Job]]]) -> dict[str, _KindRuntime]:
         if kinds is None:
             candidates = [c for c in registered_kinds().values() if c.__sa_jobs_handler__ is not None]
+        elif isinstance(kinds, (type, str)):
+            # One kind for the list: a class failed with "'DeclarativeAttributeIntercept' object
+            # is not iterable", and a name was read letter by letter ("'s' is not a job kind").
+            example = kinds.__name__ if isinstance(kinds, type) else "SendEmail"
+            raise ConfigurationError(f"kinds is a list of job kind classes: kinds=[{example}], not {kinds!r}")
         else:
             candidates = list(kinds)
         for cls in candidates:
