@@ -37,6 +37,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import ClauseElement
 
 from .errors import ConfigurationError
+from .unique import note_enqueued
 
 # The mapped Job class, set by register_bulk_guards (model.py imports this module).
 _job: Optional[type] = None
@@ -217,11 +218,14 @@ def _guard_bulk_insert_mappings(original: Callable[..., None]) -> Callable[..., 
     return bulk_insert_mappings
 
 
-def _check_saved_objects(objects: list[Any]) -> None:
+def _check_saved_objects(objects: list[Any]) -> bool:
+    """Refuse the new jobs a bulk INSERT cannot write as add_all would; whether any is new."""
+    new = False
     for obj in objects:
         cls = _job_class(type(obj))
         if cls is None or inspect(obj).key is not None:  # not a job, or an UPDATE
             continue
+        new = True
         options = cls.__sa_jobs_options__  # type: ignore[attr-defined]
         if options is not None and options.unique is not None:
             raise _refusal(cls, "session.bulk_save_objects()", (
@@ -237,14 +241,17 @@ def _check_saved_objects(objects: list[Any]) -> None:
             obj._check_assigned_args(options)
             if options.partition_by:
                 obj._derive_partition_key(options)
+    return new
 
 
 def _guard_bulk_save_objects(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
     def bulk_save_objects(self: Session, objects: Iterable[object], *args: Any, **kw: Any) -> None:
         objects = list(objects)  # checked in full before anything is written
-        _check_saved_objects(objects)
-        return original(self, objects, *args, **kw)
+        new_jobs = _check_saved_objects(objects)
+        original(self, objects, *args, **kw)
+        if new_jobs:  # past the unit of work: tell commit watchers (testing.inline) as enqueue_many does
+            note_enqueued(self)
 
     bulk_save_objects.__sa_jobs_guard__ = True  # type: ignore[attr-defined]
     return bulk_save_objects

@@ -530,7 +530,8 @@ def inline(engine: Any, **drain_options: Any) -> Iterator[None]:
     followed by a :func:`drain`, so tests see the jobs' effects right after the commit.
 
     "Added jobs" covers ``session.add``, unique kinds (inserted by their own hook, outside
-    the unit of work) and :func:`~sa_jobs.enqueue_many` through the Session. A commit that
+    the unit of work), ``session.bulk_save_objects`` and :func:`~sa_jobs.enqueue_many`
+    through the Session (not a Connection's commit, nor a Core ``insert(Job.__table__)``). A commit that
     commits nothing, of a Session joined to a Connection's open transaction, raises
     :class:`~sa_jobs.ConfigurationError`: the worker could not see those jobs.
     """

@@ -983,3 +983,13 @@ def test_drain_and_perform_refuse_bad_arguments_before_running_anything(sa_jobs_
         with pytest.raises(ConfigurationError, match="attempt"):
             perform(Double(x=1), attempt=attempt)  # type: ignore[arg-type]
     assert perform(Double(x=1), attempt=3) == 2
+
+
+def test_inline_runs_jobs_written_by_bulk_save_objects(sa_jobs_engine, credits):
+    """``session.bulk_save_objects([...])`` writes new jobs (docs/core.md: as add_all does)
+    past the unit of work and runs no flush event: inline() saw no job in that commit and
+    silently ran none of them."""
+    with inline(sa_jobs_engine, kinds=[GrantCredit]):
+        with Session(sa_jobs_engine) as session, session.begin():
+            session.bulk_save_objects([GrantCredit(account=1, amount=10), GrantCredit(account=2, amount=20)])
+    assert_ran(sa_jobs_engine, GrantCredit, [10, 20])
