@@ -297,8 +297,11 @@ def assert_enqueued(session: Any, kind: Optional[KindLike] = None, *, args: Opti
     """Fail unless matching jobs are waiting (exactly ``count`` of them, if given); the
     failure lists the jobs that are waiting. ``args`` as in :func:`enqueued`."""
     refuse_async_session(session, "assert_enqueued")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        # "1" failed as "expected 1 ×, found 1"; True counted as 1.
+        raise ConfigurationError(f"assert_enqueued(): count is an int from 0, not {count!r}")
     found = enqueued(session, kind, args=args, queue=queue)
-    what = f"{_kind_name(kind)}(args ⊇ {dict(args or {})!r}, queue={queue!r})"
+    what = _described(kind, args, queue)
     if count is None:
         assert found, f"expected {what} to be enqueued; the queue holds {_summary(session)}"
     else:
@@ -310,7 +313,14 @@ def refute_enqueued(session: Any, kind: Optional[KindLike] = None, *, args: Opti
                     queue: Optional[str] = None) -> None:
     refuse_async_session(session, "refute_enqueued")
     found = enqueued(session, kind, args=args, queue=queue)
-    assert not found, f"expected no such job, found {[(j.kind, j.args) for j in found]}"
+    if found:
+        lines = "\n".join(f"  {j.kind}({j.args!r}, queue={j.queue!r})" for j in found[:SUMMARY_JOBS])
+        more = f"\n  ... and {len(found) - SUMMARY_JOBS} more" if len(found) > SUMMARY_JOBS else ""
+        raise AssertionError(f"expected no {_described(kind, args, queue)} enqueued; found {len(found)}:\n{lines}{more}")
+
+
+def _described(kind: Optional[KindLike], args: Optional[Mapping[str, Any]], queue: Optional[str]) -> str:
+    return f"{_kind_name(kind)}(args ⊇ {dict(args or {})!r}, queue={queue!r})"
 
 
 # How many waiting jobs a failed assert_enqueued() lists.

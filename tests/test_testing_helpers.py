@@ -993,3 +993,17 @@ def test_inline_runs_jobs_written_by_bulk_save_objects(sa_jobs_engine, credits):
         with Session(sa_jobs_engine) as session, session.begin():
             session.bulk_save_objects([GrantCredit(account=1, amount=10), GrantCredit(account=2, amount=20)])
     assert_ran(sa_jobs_engine, GrantCredit, [10, 20])
+
+
+def test_refute_enqueued_says_what_it_refuted_and_assert_enqueued_checks_count(sa_jobs_engine):
+    """refute_enqueued()'s failure said "expected no such job" without naming the kind or
+    args refuted; ``assert_enqueued(count="1")`` failed saying "expected 1 ×, found 1"."""
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(Double(x=1))
+    with Session(sa_jobs_engine) as session:
+        with pytest.raises(AssertionError, match=r"(?s)expected no Double\(args ⊇ \{'x': 1\}, queue=None\).*th_double\(\{'x': 1\}"):
+            refute_enqueued(session, Double, args={"x": 1})
+        for count in ("1", -1, True, 1.0):
+            with pytest.raises(ConfigurationError, match="count"):
+                assert_enqueued(session, Double, count=count)  # type: ignore[arg-type]
+        assert_enqueued(session, Double, count=1)
