@@ -107,10 +107,11 @@ class _TestContext:
 
             @contextlib.contextmanager
             def transaction(self, result: Any = None):  # type: ignore[override]
-                from .worker.context import _ON_THE_LOOP
+                from .worker.context import _ON_THE_LOOP, refuse_second_completion
 
                 if _in_event_loop():  # as a worker refuses it, so that a test sees it too
                     raise ConfigurationError(_ON_THE_LOOP)
+                refuse_second_completion(job.completed_in_tx)  # as a worker does
                 _check_result(result)
                 engine = runtime.sync_engine()
                 # perform(engine=an AsyncEngine): a plain engine on its database (a Session
@@ -129,7 +130,9 @@ class _TestContext:
                 from sqlalchemy.ext.asyncio import AsyncSession
 
                 from .admin import require_asyncio
+                from .worker.context import refuse_second_completion
 
+                refuse_second_completion(job.completed_in_tx)
                 _check_result(result)
                 require_asyncio("ctx.async_transaction()")
                 engine = runtime.async_engine()

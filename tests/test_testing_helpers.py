@@ -1007,3 +1007,41 @@ def test_refute_enqueued_says_what_it_refuted_and_assert_enqueued_checks_count(s
             with pytest.raises(ConfigurationError, match="count"):
                 assert_enqueued(session, Double, count=count)  # type: ignore[arg-type]
         assert_enqueued(session, Double, count=1)
+
+
+class GrantInBatches(Job, kind="th_grant_in_batches", queue="th", max_attempts=1):
+    pass
+
+
+@GrantInBatches.handler
+def grant_in_batches(ctx: JobContext, amounts: list[int]) -> None:
+    for amount in amounts:  # a transaction per batch: only the first can complete the job
+        with ctx.transaction() as session:
+            session.add(Credit(account=1, amount=amount))
+
+
+class GrantInBatchesAsync(Job, kind="th_grant_in_batches_async", queue="th", max_attempts=1):
+    pass
+
+
+@GrantInBatchesAsync.handler
+async def grant_in_batches_async(ctx: JobContext, amounts: list[int]) -> None:
+    for amount in amounts:
+        async with ctx.async_transaction() as session:
+            session.add(Credit(account=1, amount=amount))
+
+
+@pytest.mark.parametrize("kind", [GrantInBatches, GrantInBatchesAsync])
+def test_a_second_completing_transaction_fails_in_perform_as_in_a_worker(sa_jobs_engine, credits, kind):
+    """The first ctx.transaction() completes the job; a worker's second one found the row no
+    longer running and rolled its effects back (LeaseLostError, "lease lost", raised into a
+    job already completed, so nothing showed). perform() committed both, and a batching
+    handler passed its unit test while a worker dropped every batch after the first. Both
+    now refuse it before the block runs, naming the cause."""
+    with pytest.raises(ConfigurationError, match="already completed.*ctx.transaction"):
+        perform(kind(amounts=[1, 2]), engine=sa_jobs_engine)
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(kind(amounts=[10, 20]))
+    assert drain(sa_jobs_engine, kinds=[kind]) == {"completed": 1}
+    with Session(sa_jobs_engine) as session:
+        assert sorted(session.scalars(select(Credit.amount))) == [1, 10]

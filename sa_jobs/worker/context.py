@@ -34,6 +34,19 @@ _AUTOCOMMIT = (
 
 
 # Why ctx.transaction() refuses to run on the worker's event loop (an async handler).
+# A second completing transaction found the row completed, not running: it rolled back
+# as "lease lost", raised into a job already finished, where nothing showed it.
+_COMPLETED_ALREADY = (
+    "this job was already completed by an earlier ctx.transaction() (or ctx.async_transaction()):"
+    " each completes the job, so only one can commit. Do the whole unit of work in one, last in the handler"
+)
+
+
+def refuse_second_completion(completed: bool) -> None:
+    if completed:
+        raise ConfigurationError(_COMPLETED_ALREADY)
+
+
 _ON_THE_LOOP = (
     "ctx.transaction() was called on the worker's event loop (an async handler): its sync Session"
     " would block the loop for the whole transaction, and with it the worker's heartbeats, claims,"
@@ -217,6 +230,7 @@ class JobContext:
 
         if threading.get_ident() == getattr(self._worker, "_loop_thread", None):
             raise ConfigurationError(_ON_THE_LOOP)
+        refuse_second_completion(self._job.completed_in_tx)
         stmt, options = self._completion(result)
         with Session(self._worker.sync_engine()) as session:
             try:
@@ -239,6 +253,7 @@ class JobContext:
         """The ``AsyncSession`` twin of :meth:`transaction`, for async handlers."""
         from sqlalchemy.ext.asyncio import AsyncSession
 
+        refuse_second_completion(self._job.completed_in_tx)
         stmt, options = self._completion(result)
         async with AsyncSession(self._worker.async_engine()) as session:
             try:
