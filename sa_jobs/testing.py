@@ -85,8 +85,12 @@ class _TestRuntime:
         self._engine, self.schema, self.worker_id = engine, schema, "sa_jobs.testing"
 
     def sync_engine(self) -> Any:
+        from .worker.context import refuse_autocommit_engine
+
         if self._engine is None:
             raise ConfigurationError("perform(..., engine=...) is needed for ctx.transaction()")
+        # As a worker refuses it when built: perform() committed through it and passed.
+        refuse_autocommit_engine(self._engine, "perform(..., engine=)")
         return self._engine
 
     def async_engine(self) -> Any:

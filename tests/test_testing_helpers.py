@@ -1045,3 +1045,16 @@ def test_a_second_completing_transaction_fails_in_perform_as_in_a_worker(sa_jobs
     assert drain(sa_jobs_engine, kinds=[kind]) == {"completed": 1}
     with Session(sa_jobs_engine) as session:
         assert sorted(session.scalars(select(Credit.amount))) == [1, 10]
+
+
+def test_perform_refuses_an_autocommit_engine_as_a_worker_does(sa_jobs_engine, credits):
+    """A worker (and so drain()) refuses an AUTOCOMMIT engine: each statement would commit
+    on its own, and the effects stay when the completion is refused. perform() committed
+    through it and passed."""
+    autocommit = sa_jobs_engine.execution_options(isolation_level="AUTOCOMMIT")
+    for job in (GrantCredit(account=1, amount=1), AppGrantAsync(amount=1)):
+        with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+            perform(job, engine=autocommit)
+    with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+        drain(autocommit, kinds=[GrantCredit])
+    assert_ran(sa_jobs_engine, GrantCredit, [])
