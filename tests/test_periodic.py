@@ -260,9 +260,17 @@ def _fire(database_url: str, schema: str, periodic: Periodic, connections: int =
     return anyio.run(main)
 
 
-def _set_last_slot(database_url: str, schema: str, name: str, ago: str) -> None:
-    q(database_url, sql.SQL("UPDATE {} SET last_slot = date_trunc('minute', now()) - %s::interval WHERE name = %s").format(
-        sql.Identifier(schema, "periodic")), (ago, name))
+def _set_last_slot(database_url: str, schema: str, name: str, ago: str, at: Optional[dt.datetime] = None) -> None:
+    """last_slot = the minute of ``at`` (the database clock) less ``ago``."""
+    q(database_url, sql.SQL("UPDATE {} SET last_slot = date_trunc('minute', coalesce(%s, now())) - %s::interval"
+                            " WHERE name = %s").format(sql.Identifier(schema, "periodic")), (at, ago, name))
+
+
+def _mid_minute(database_url: str) -> dt.datetime:
+    """A clock pinned mid-minute: a test that fires twice and expects nothing new the second
+    time saw a new slot when a minute turned between the two (CI, once)."""
+    (now,), = q(database_url, "SELECT date_trunc('minute', now()) + interval '30 seconds'")
+    return now
 
 
 def _periodic_jobs(database_url: str, schema: str) -> list[tuple[int, str, str]]:
@@ -272,14 +280,15 @@ def _periodic_jobs(database_url: str, schema: str) -> list[tuple[int, str, str]]
 
 def test_first_sighting_registers_then_catch_up_is_bounded(database_url, schema):
     p = Periodic("* * * * *", PerTick, args={"n": 1}, name="minutely", catch_up=True, max_catch_up=5)
-    assert _fire(database_url, schema, p) == [[]]  # registered; starts at the next slot
-    _set_last_slot(database_url, schema, "minutely", "10 minutes")
-    [ids] = _fire(database_url, schema, p)
+    now = _mid_minute(database_url)
+    assert _fire(database_url, schema, p, now=now) == [[]]  # registered; starts at the next slot
+    _set_last_slot(database_url, schema, "minutely", "10 minutes", at=now)
+    [ids] = _fire(database_url, schema, p, now=now)
     assert len(ids) == 5
     rows = _periodic_jobs(database_url, schema)
     slots = [dt.datetime.fromisoformat(r[2]) for r in rows]
     assert all((b - a) == dt.timedelta(minutes=1) for a, b in zip(slots, slots[1:]))
-    assert _fire(database_url, schema, p) == [[]]  # nothing newly due
+    assert _fire(database_url, schema, p, now=now) == [[]]  # nothing newly due
     kinds = q(database_url, jobs_sql(schema, "SELECT DISTINCT kind, args, unique_states FROM {jobs}"))
     assert kinds == [("per_tick", {"n": 1}, ["scheduled", "available", "running", "completed", "retryable", "dead", "cancelled"])]
 
@@ -324,14 +333,15 @@ def test_a_partitioned_kind_keeps_its_partition_key(database_url, schema):
 def test_the_unique_key_is_a_second_guarantee(database_url, schema):
     """Even if last_slot is rewound (a restored backup, a bug), a fired slot never fires again."""
     p = Periodic("* * * * *", PerTick, name="rewound", catch_up=True, max_catch_up=3)
-    _fire(database_url, schema, p)
-    _set_last_slot(database_url, schema, "rewound", "3 minutes")
-    [first] = _fire(database_url, schema, p)
+    now = _mid_minute(database_url)
+    _fire(database_url, schema, p, now=now)
+    _set_last_slot(database_url, schema, "rewound", "3 minutes", at=now)
+    [first] = _fire(database_url, schema, p, now=now)
     assert len(first) == 3
     # The jobs ran to completion meanwhile: every state keeps a periodic key.
     q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now()"))
-    _set_last_slot(database_url, schema, "rewound", "3 minutes")
-    assert _fire(database_url, schema, p) == [[]]
+    _set_last_slot(database_url, schema, "rewound", "3 minutes", at=now)
+    assert _fire(database_url, schema, p, now=now) == [[]]
     assert len(_periodic_jobs(database_url, schema)) == 3
 
 
