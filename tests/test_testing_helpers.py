@@ -1051,10 +1051,18 @@ def test_perform_refuses_an_autocommit_engine_as_a_worker_does(sa_jobs_engine, c
     """A worker (and so drain()) refuses an AUTOCOMMIT engine: each statement would commit
     on its own, and the effects stay when the completion is refused. perform() committed
     through it and passed."""
-    autocommit = sa_jobs_engine.execution_options(isolation_level="AUTOCOMMIT")
-    for job in (GrantCredit(account=1, amount=1), AppGrantAsync(amount=1)):
+    from sqlalchemy import create_engine
+
+    # An engine of its own, not sa_jobs_engine.execution_options(isolation_level=...): on the
+    # SQLAlchemy 2.0.30 floor that fails on an engine with options already set.
+    autocommit = create_engine(sa_jobs_engine.url, isolation_level="AUTOCOMMIT").execution_options(
+        schema_translate_map=sa_jobs_engine.get_execution_options()["schema_translate_map"])
+    try:
+        for job in (GrantCredit(account=1, amount=1), AppGrantAsync(amount=1)):
+            with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+                perform(job, engine=autocommit)
         with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
-            perform(job, engine=autocommit)
-    with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
-        drain(autocommit, kinds=[GrantCredit])
+            drain(autocommit, kinds=[GrantCredit])
+    finally:
+        autocommit.dispose()
     assert_ran(sa_jobs_engine, GrantCredit, [])
