@@ -311,6 +311,20 @@ class Completer:
             self._dead(job.queue, job.kind, 1)
         return True
 
+    def abandon(self) -> int:
+        """Give up the outcomes still unwritten (the worker stops; its services are cancelled,
+        and no flush runs): each counts as ``lease_lost``, since its job stays running until
+        its lease runs out and another worker's rescuer takes it over. Unreported, the
+        attempt started and never finished (an embedded worker's in-flight gauge stuck up
+        for good). Returns how many."""
+        left = self._pending + self._batch
+        self._pending, self._batch, self._in_flight = [], [], 0
+        for outcome in left:
+            outcome.landed = False
+            self._finished(outcome)
+        self._idle.set()
+        return len(left)
+
     async def drain(self, timeout: float) -> bool:
         """Flush until nothing is pending or ``timeout`` passes; True if all landed.
 

@@ -637,6 +637,7 @@ class Worker:
         finally:
             unguard_tasks(self._loop, task_guard)
             self._runners_done.set()
+            self.completer.abandon()  # what the drain could not write (the services are stopped)
             with anyio.CancelScope(shield=True):
                 for conn in (claim_conn, complete_conn, beat_conn):
                     await conn.close()
