@@ -82,3 +82,63 @@ def test_an_outcome_left_unwritten_at_the_stop_is_reported_as_lease_lost(engine,
     assert took < 10  # the drain's bound (max(2, lease / 2)) and the services' stop
     assert q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"), (job_id,)) == [("running",)]
     assert observer.finished == ["lease_lost"]
+
+
+class SdHang(Job, kind="sd_hang", queue="sd"):
+    pass
+
+
+SD_HANG_RUNS: list[int] = []
+
+
+@SdHang.handler
+async def sd_hang(ctx: JobContext) -> None:
+    SD_HANG_RUNS.append(ctx.attempt)
+    await anyio.sleep_forever()
+
+
+class Claims(NullObserver):
+    def __init__(self) -> None:
+        self.jobs_claimed = 0
+        self.finished: list[str] = []
+
+    def claimed(self, queue: str, count: int, seconds: float) -> None:
+        self.jobs_claimed += count
+
+    def job_finished(self, queue: str, kind: str, outcome: str, run_seconds: float, since_enqueue_seconds: float) -> None:
+        self.finished.append(outcome)
+
+
+def test_release_running_alone_stops_the_worker_instead_of_claiming_and_releasing_for_ever(engine, database_url,
+                                                                                           schema):
+    """release_running() without a stop first (an app's "stop now" hook) released the
+    running job and left the worker claiming: every job it claimed from then on was
+    released at once, poll after poll (10 claims of the one job in 2 s), never run here
+    and kept from the other workers. It stops the worker now: run() returns, the job is
+    available with its attempt refunded, claimed once."""
+    SD_HANG_RUNS.clear()
+    [job_id] = add(engine, SdHang())
+    observer = Claims()
+
+    async def main() -> float:
+        worker = Worker(database_url, kinds=[SdHang], schema=schema, lease=5, poll_interval=0.1,
+                        shutdown_grace=60, observer=observer)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(10):
+                while not SD_HANG_RUNS:
+                    await anyio.sleep(0.01)
+            worker.release_running()
+            released = time.monotonic()
+            with anyio.move_on_after(10):
+                await anyio.sleep(1)  # room for the claims that followed
+                while worker._running:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        return time.monotonic() - released
+
+    took = anyio.run(main)
+    assert took < 5  # run() returned, not the test's cancellation after 10 s
+    assert q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} WHERE id = %s"), (job_id,)) == [
+        ("available", 0)]
+    assert (observer.jobs_claimed, observer.finished, SD_HANG_RUNS) == (1, ["released"], [1])

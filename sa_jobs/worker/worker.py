@@ -70,6 +70,11 @@ UNKNOWN_KIND_BACKOFF_BASE = 15.0
 
 # How long a stopping worker waits for a maintenance tick in flight to end on its own.
 MAINTAINER_STOP_WAIT = 2.0
+# How long the end of a stop (writing the outcomes held, the maintenance tick) may take once
+# release_running() hurried it (sa-jobs worker's second signal). Against a database that
+# does not answer, the drain waits up to half the lease otherwise (a 60 s lease: 32 s after
+# a second SIGTERM that promised to exit now); a reachable one takes milliseconds.
+HURRIED_STOP = 2.0
 _unknown_kind_backoff: BackoffPolicy = functools.partial(exponential_backoff, base=UNKNOWN_KIND_BACKOFF_BASE)
 # Under a backlog, how long a plain claim may resume past its previous batch before one
 # reads the queue from its start again: the longest a job behind that point (a more
@@ -294,6 +299,9 @@ class Worker:
         self._heartbeat: Optional[Heartbeat] = None
         self._serve_scope: Optional[anyio.CancelScope] = None
         self._start_abandoned = False
+        self._hurried = False  # release_running() was called: the end of the stop is bounded by HURRIED_STOP
+        self._end_scope: Optional[anyio.CancelScope] = None  # the end of the stop (drain, maintenance tick)
+        self._claims: set[anyio.CancelScope] = set()  # the (shielded) claims in flight
         self._snoozed_now = 0  # Snooze(0) outcomes not yet written (see _completions_written)
 
     # ---- configuration -----------------------------------------------------------
@@ -546,13 +554,30 @@ class Worker:
         with anyio.move_on_after(grace):
             await self._runners_done.wait()
         if not self._runners_done.is_set():
-            self.release_running()
+            self._on_loop(self._release_running)
         await self._done.wait()
 
     def release_running(self) -> None:
-        """Cancel every running handler and give its job back to the queue at once. Safe
-        from any thread."""
-        self._on_loop(self._release_running)
+        """Stop at once: claim nothing more, cancel every running handler and give its job
+        back to the queue (:meth:`run` then returns). Alone, it left the worker claiming:
+        every job it claimed after was given back at once, over and over, and ran nowhere
+        else while this worker held it. The stop writes the outcomes it holds for at most
+        ``HURRIED_STOP`` seconds more (the caller wants out now: sa-jobs worker's second
+        signal), not up to half the lease, and gives up a claim that the database has not
+        answered by then. Safe from any thread."""
+        self._on_loop(self._hurry)
+
+    def _hurry(self) -> None:
+        self._hurried = True
+        self._stop_claiming()
+        self._stop_requested.set()
+        self._release_running()
+        loop = self._loop
+        if loop is None:
+            return
+        for scope in (self._end_scope, *self._claims):  # bound what is left of the stop
+            if scope is not None:
+                scope.deadline = min(scope.deadline, loop.time() + HURRIED_STOP)
 
     def _release_running(self) -> None:
         self._releasing = True
@@ -624,14 +649,18 @@ class Worker:
                         q.inbox.close()
                 self._runners_done.set()
                 with anyio.CancelScope(shield=True):
-                    if not await self.completer.drain(timeout=max(2.0, self.lease / 2)):
+                    with anyio.CancelScope() as self._end_scope:
+                        if self._hurried:
+                            self._end_scope.deadline = anyio.current_time() + HURRIED_STOP
+                        await self.completer.drain(timeout=max(2.0, self.lease / 2))
+                        # Let a maintenance tick in flight end between statements (ticks take
+                        # milliseconds; a long one is cancelled after the wait).
+                        self.maintainer.request_stop()
+                        with anyio.move_on_after(MAINTAINER_STOP_WAIT):
+                            await self.maintainer.stopped.wait()
+                    if self.completer.unwritten:
                         log.error("worker %s: %d outcome(s) could not be written; their jobs will be rescued after the lease",
                                   self.worker_id, self.completer.unwritten)
-                    # Let a maintenance tick in flight end between statements (ticks take
-                    # milliseconds; a long one is cancelled after the wait).
-                    self.maintainer.request_stop()
-                    with anyio.move_on_after(MAINTAINER_STOP_WAIT):
-                        await self.maintainer.stopped.wait()
                 services.cancel_scope.cancel()
             ended_well = True
         finally:
@@ -684,8 +713,19 @@ class Worker:
                         continue
                     # Shielded: a claim the server executed must reach us, or its jobs
                     # would sit running until their lease expired.
-                    with anyio.CancelScope(shield=True):
-                        jobs = await self._claim(q, live, want, conn.deadline)
+                    with anyio.CancelScope(shield=True) as claiming:
+                        self._claims.add(claiming)
+                        try:
+                            jobs = await self._claim(q, live, want, conn.deadline)
+                        finally:
+                            self._claims.discard(claiming)
+                    if claiming.cancelled_caught:
+                        # Given up by a hurried stop (release_running()): the database did
+                        # not answer. Jobs it claimed there are rescued after their lease.
+                        log.warning("worker %s: a claim on queue %r the database did not answer is given up",
+                                    self.worker_id, q.name)
+                        await conn.discard()
+                        return
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - back off and retry; never exit the worker
                 if failures == 0 and is_stale_plan(exc):
