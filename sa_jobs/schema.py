@@ -854,9 +854,12 @@ def with_lock_retries(policy: LockPolicy, attempt: Callable[[], _T],
 
 # The sessions in a transaction at least :waited seconds old that hold a lock on a table
 # of the queue's schema: the likely blockers. Named parameters for SQLAlchemy's text();
-# lock_blockers() rewrites them for psycopg.
+# lock_blockers() rewrites them for psycopg. Named by pid and application, not by query
+# text: an app's statement can carry job args or other secrets, which an error message
+# (logged by a deploy's migration step) must not (S4).
 BLOCKERS_SQL = (
-    "SELECT a.pid, coalesce(a.state, ''), extract(epoch FROM now() - a.xact_start)::integer, left(a.query, 60)"
+    "SELECT a.pid, coalesce(a.state, ''), extract(epoch FROM now() - a.xact_start)::integer,"
+    " coalesce(a.application_name, '')"
     " FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid()"
     " AND a.xact_start <= now() - make_interval(secs => :waited)"
     " AND a.pid IN (SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
@@ -873,8 +876,8 @@ def lock_blockers(conn: Any, schema: str, policy: LockPolicy) -> list[tuple[Any,
 
 def lock_timeout_error(schema: str, what: str, policy: LockPolicy,
                        blockers: Sequence[tuple[Any, ...]]) -> SchemaLockTimeoutError:
-    held = "; ".join(f"pid {pid} ({state}, in a transaction for {age}s: {query!r})"
-                     for pid, state, age, query in blockers) or "no session holds them still"
+    held = "; ".join(f"pid {pid} (application {application!r}, {state}, in a transaction for {age}s)"
+                     for pid, state, age, application in blockers) or "no session holds them still"
     return SchemaLockTimeoutError(
         f"sa-jobs schema {schema!r}: {what} gave up after {policy.retries + 1} waits of {policy.timeout}s"
         f" (lock_timeout) for a lock on the queue's tables, which another transaction holds: {held}."
