@@ -1557,6 +1557,55 @@ def test_a_drain_that_times_out_during_the_write_in_flight_counts_its_outcomes(e
     assert q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1")) == [("completed", 3)]
 
 
+def test_an_outcome_put_back_by_a_failed_part_is_counted_once_when_written(engine, database_url, schema):
+    """Found by review17: a batch the database refused is written in parts; a part that
+    then failed transiently (here: its row locked past the statement's deadline) was put
+    back to be written later, yet the flush counted it with the rest of the batch: its
+    job_finished (as lease_lost, being unwritten) and its on_written, then again once it
+    landed (completed). The worker's in-flight count of outcomes went one below zero."""
+    from sa_jobs._connection import ManagedConnection
+    from sa_jobs.worker._job import Outcome
+    from sa_jobs.worker.completer import Completer
+
+    refused, kept = _claimed_by_hand(engine, database_url, schema, 2)
+    blocker = psycopg.connect(database_url, autocommit=False)
+    finished: list[tuple[int, str]] = []
+    written: list[int] = []
+
+    class Observer(NullObserver):
+        def job_finished(self, queue: str, kind: str, outcome: str, run: float, since: float) -> None:
+            finished.append((len(written), outcome))
+
+        def loop_error(self, component: str) -> None:
+            # The whole batch was refused: now lock the row of the outcome that was fine,
+            # so its part waits on it (no row was locked while the batch was written).
+            blocker.execute(jobs_sql(schema, "SELECT id FROM {jobs} WHERE id = %s FOR UPDATE"), (kept.id,))
+
+    async def main() -> None:
+        conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=1.0)
+        completer = Completer(conn, Queries.for_schema(schema), Observer(),
+                              on_written=lambda batch: written.extend(o.job.id for o in batch))
+        # A JSON text jsonb cannot store: the batch is refused, and this outcome alone.
+        completer.submit(Outcome(refused, "complete", result_json='"\\u0000"', label="completed"))
+        completer.submit(Outcome(kept, "complete", result_json="1", label="completed"))
+        try:
+            await completer.flush()  # the refused one dropped; the other put back
+            assert completer.pending == 1
+            await anyio.to_thread.run_sync(blocker.rollback)
+            assert await completer.drain(timeout=10)
+        finally:
+            await conn.discard()
+
+    try:
+        anyio.run(main)
+    finally:
+        blocker.close()
+    assert q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs} ORDER BY id")) == [
+        (refused.id, "running"), (kept.id, "completed")]
+    assert sorted(written) == [refused.id, kept.id], written
+    assert [outcome for _, outcome in finished] == ["lease_lost", "completed"], finished
+
+
 # ---- the app's own engines behind ctx.transaction() ------------------------------------------
 
 class WFollowUp(Job, kind="w_follow_up", queue="engines"):

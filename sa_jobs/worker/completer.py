@@ -171,9 +171,13 @@ class Completer:
             # lands, or is fenced off if the locker changed the row). Their jobs are still
             # heartbeated (awaiting): a live worker's claim outlasts the lock, however long.
             self._pending.extend(locked)
-            batch = [o for o in batch if all(o is not k for k in locked)]
         else:
             self._around_locks = False
+        # Counted (and handed to on_written) only once written, fenced off or dropped: not
+        # the kept ones, nor a part put back after a transient failure (_write_in_parts).
+        # Counted with the batch, those were counted again when they landed.
+        back = {id(o) for o in self._pending}
+        batch = [o for o in batch if id(o) not in back]
         for outcome in batch:  # written, fenced off, or dropped: it counts now, as what it did
             self._finished(outcome)
         if self._on_written is not None:
