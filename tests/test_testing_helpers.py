@@ -1066,3 +1066,22 @@ def test_perform_refuses_an_autocommit_engine_as_a_worker_does(sa_jobs_engine, c
     finally:
         autocommit.dispose()
     assert_ran(sa_jobs_engine, GrantCredit, [])
+
+
+@pytest.mark.parametrize("kind", [GrantInBatches, GrantInBatchesAsync])
+def test_a_worker_logs_the_error_its_handler_raised_after_completing_in_a_transaction(sa_jobs_engine, credits, kind,
+                                                                                      caplog):
+    """Found by review17: in a worker the second completing transaction's ConfigurationError
+    (or any error the handler raised once its ctx.transaction() had completed the job) was
+    dropped without a word: the job reads completed, and nothing said the rest of the
+    handler failed. The worker logs it."""
+    import logging
+
+    with Session(sa_jobs_engine) as session, session.begin():
+        session.add(kind(amounts=[10, 20]))
+    with caplog.at_level(logging.WARNING, logger="sa_jobs.worker"):
+        assert drain(sa_jobs_engine, kinds=[kind]) == {"completed": 1}
+    logged = [r for r in caplog.records if r.name == "sa_jobs.worker" and "ConfigurationError" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+    assert kind.__sa_jobs_options__.kind in logged[0].getMessage()
+    assert "context.py:" in logged[0].getMessage()  # where it was raised, not its text

@@ -1099,6 +1099,14 @@ class Worker:
                 HANDLER_JOB.reset(running_as)
         job.scope = None
         if job.completed_in_tx:
+            if error is not None:
+                # Its ctx.transaction() committed the completion: the rest of the handler
+                # failed (a second completing transaction, say) with no row to record it on.
+                # Where, not the message: an error's text may carry job data (never logged).
+                where = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
+                log.warning("job %s (%s): its handler raised %s%s after ctx.transaction() completed the job;"
+                            " the job stays completed", job.id, job.kind, type(error).__name__,
+                            "".join(f" at {f.filename}:{f.lineno}" for f in where))
             return None, "completed"
         if job.cancelled_by_user:
             return None, "cancelled"  # cancel() already wrote the row's final state
