@@ -321,7 +321,9 @@ class Completer:
         its lease runs out and another worker's rescuer takes it over. Unreported, the
         attempt started and never finished (an embedded worker's in-flight gauge stuck up
         for good). Returns how many."""
-        left = self._pending + self._batch
+        # Once each: a stop that cancelled a batch being written in parts can leave a part
+        # put back in pending while the batch still holds it.
+        left = list({id(o): o for o in self._pending + self._batch}.values())
         self._pending, self._batch, self._in_flight = [], [], 0
         for outcome in left:
             outcome.landed = False
