@@ -835,7 +835,11 @@ def with_lock_retries(policy: LockPolicy, attempt: Callable[[], _T],
                       give_up: Callable[[], SchemaLockTimeoutError]) -> _T:
     """``attempt()``, run again after a pause each time its lock wait timed out, at most
     ``policy.retries`` times; then ``give_up()``'s error (called right after the last
-    failure, while the blocker is there to name)."""
+    failure, while the blocker is there to name). Without a timeout of its own (None: no
+    limit) a lock wait is the session's business (a ``lock_timeout`` in the URL's options
+    ends it as it did before): nothing to retry."""
+    if policy.timeout is None:
+        return attempt()
     pause = LOCK_RETRY_PAUSE
     for tries_left in range(policy.retries, -1, -1):
         try:

@@ -727,6 +727,27 @@ def test_an_upgrade_without_a_lock_timeout_waits_for_the_blocker(db: str, fresh_
     assert time.monotonic() - started >= 1.0
 
 
+def test_no_lock_timeout_of_its_own_leaves_the_sessions_and_does_not_retry(db: str, fresh_schema: str) -> None:
+    """lock_timeout=0 (no limit of sa-jobs' own) under a URL whose options set one: the
+    session's ended the wait and the upgrade was retried five times, then failed saying
+    it had waited "5 waits of Nones". The session's timeout now ends it, once, as before."""
+    from sa_jobs.errors import SchemaLockTimeoutError
+
+    schema_mod.install(db, fresh_schema, to_version=2)
+    blocker = _hold_jobs_table(db, fresh_schema)
+    sep = "&" if "?" in db else "?"
+    try:
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            schema_mod.install(db + sep + "options=-c%20lock_timeout%3D200", fresh_schema, to_version=3, lock_timeout=0)
+        assert time.monotonic() - started < 1.5  # one wait of 0.2 s, no retries with pauses
+    except SchemaLockTimeoutError as exc:  # pragma: no cover - the defect
+        pytest.fail(f"retried and gave up: {exc}")
+    finally:
+        blocker.close()
+    assert schema_mod.installed_version(db, fresh_schema) == 2
+
+
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "2s", True])
 def test_a_bad_lock_timeout_is_refused(db: str, fresh_schema: str, bad: Any) -> None:
     from sa_jobs.errors import ConfigurationError
