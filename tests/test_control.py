@@ -1144,7 +1144,8 @@ def test_a_cancel_announced_while_the_listener_runs_a_query_is_not_lost(database
 
     async def main() -> None:
         notifier = Notifier(to_conninfo(database_url), Queries.for_schema(schema), NullObserver(), lambda: None,
-                            lambda job, claim: cancelled.append((job, claim)), held)
+                            lambda ids, rows, read_at: cancelled.extend((r[0], r[2]) for r in rows if r[1] == "cancelled"),
+                            held)
         async with anyio.create_task_group() as tg:
             tg.start_soon(notifier.run)
             with anyio.move_on_after(3):
@@ -1306,3 +1307,149 @@ def test_progress_from_a_thread_of_the_handlers_own(engine, database_url, schema
     runner.join(30)
     assert not runner.is_alive(), "the worker did not stop"
     assert row(database_url, schema, job_id, "state, result, progress->>'message'") == ("completed", "ok", "half")
+
+
+class CRestart(Job, kind="c_restart", queue="c_restart"):
+    pass
+
+
+RESTART_RUNS: dict[int, list[str]] = {}
+
+
+@CRestart.handler
+async def c_restart(ctx: JobContext) -> None:
+    runs = RESTART_RUNS.setdefault(ctx.id, [])
+    runs.append(f"started {ctx.attempt}")
+    try:
+        await anyio.sleep(60)
+    finally:
+        runs.append(f"ended {ctx.attempt}")
+
+
+def test_a_running_job_cancelled_and_retried_in_one_transaction_stops_its_old_run(engine, database_url, schema):
+    """"Restart this job": cancel() of a running job and retry() of it in one transaction.
+    The cancel's notice reached the worker once the row was available again (the retry), so
+    the notifier, which acted only on a row it read cancelled, let the old handler run on
+    until the next heartbeat (a quarter of the lease: 30 s here), side by side with the
+    retry's run of the same job, claimed meanwhile."""
+    from sa_jobs import Worker
+
+    from .helpers import FAST
+
+    RESTART_RUNS.clear()  # job ids restart in each test's schema
+    finished: list[str] = []
+
+    class Finished:
+        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
+            finished.append(outcome)
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[CRestart], schema=schema, observer=Finished(),
+                          **{**FAST, "lease": 120.0, "shutdown_grace": 0}):
+            (job_id,) = await anyio.to_thread.run_sync(add, engine, CRestart())
+            with anyio.fail_after(20):
+                while RESTART_RUNS.get(job_id) != ["started 1"]:
+                    await anyio.sleep(0.02)
+
+            def restart() -> None:
+                with Session(engine) as session, session.begin():
+                    assert cancel(session, job_id) == "running"
+                    assert retry(session, job_id) == job_id
+
+            await anyio.to_thread.run_sync(restart)
+            with anyio.move_on_after(5):
+                while "ended 1" not in RESTART_RUNS[job_id] or "started 2" not in RESTART_RUNS[job_id]:
+                    await anyio.sleep(0.02)
+            runs = list(RESTART_RUNS[job_id])
+            assert "ended 1" in runs, f"the cancelled run still runs 5 s after the restart: {runs}"
+            assert "started 2" in runs and "ended 2" not in runs, runs  # the retry's run goes on
+            # Cancelled when its row was read available under its claim; lost when the retry
+            # was claimed first (the retry's NOTIFY wakes the producers too).
+            assert finished in (["cancelled"], ["lease_lost"])
+            assert row(database_url, schema, job_id, "state, attempt") == ("running", 2)
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize("how", ["cancelled_and_deleted", "claimed_by_another"])
+def test_a_cancel_notice_for_a_held_job_whose_row_has_moved_on_stops_its_handler(engine, database_url, schema, how):
+    """The notice of a cancel reaches the worker after the row has moved on past
+    'cancelled': deleted in the cancel's transaction (cancel, then delete), or cancelled,
+    retried and claimed by another worker before this one read it. The claim this worker
+    holds is over either way; the handler ran on until the next heartbeat (30 s here)."""
+    from sa_jobs import Worker
+    from sa_jobs.queries import cancel_channel_name
+
+    from .helpers import FAST
+
+    RESTART_RUNS.clear()  # job ids restart in each test's schema
+    finished: list[str] = []
+
+    class Finished:
+        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
+            finished.append(outcome)
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[CRestart], schema=schema, observer=Finished(),
+                          **{**FAST, "lease": 120.0}):
+            (job_id,) = await anyio.to_thread.run_sync(add, engine, CRestart())
+            with anyio.fail_after(20):
+                while RESTART_RUNS.get(job_id) != ["started 1"]:
+                    await anyio.sleep(0.02)
+
+            def move_on() -> None:
+                with Session(engine) as session, session.begin():
+                    if how == "cancelled_and_deleted":
+                        assert cancel(session, job_id) == "running"
+                        assert delete_many(session, [job_id]) == [job_id]
+                if how == "claimed_by_another":  # what another worker's claim of the retried job leaves
+                    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET claim_token = gen_random_uuid() WHERE id = %s"),
+                      (job_id,))
+                    q(database_url, "SELECT pg_notify(%s, %s)", (cancel_channel_name(schema), str(job_id)))  # the cancel's
+
+            await anyio.to_thread.run_sync(move_on)
+            with anyio.move_on_after(5):
+                while not finished:
+                    await anyio.sleep(0.02)
+            assert RESTART_RUNS[job_id] == ["started 1", "ended 1"], "the handler still runs 5 s after the notice"
+            assert finished == ["lease_lost"]
+            if how == "claimed_by_another":  # the other claim's row is left as it is
+                assert row(database_url, schema, job_id, "state, attempt") == ("running", 1)
+
+    anyio.run(main)
+
+
+def test_a_heartbeat_that_finds_its_job_cancelled_under_another_claim_presumes_its_lease_lost(engine, database_url,
+                                                                                              schema):
+    """A job this worker no longer holds (its lease ran out, another worker claimed it) and
+    that was cancelled under that other claim: the heartbeat read 'cancelled' and ended the
+    stale attempt as cancelled by the user, with ``ctx.lease_lost`` false, and counted a
+    second 'cancelled' for the job. The notifier checks the claim; the heartbeat now does."""
+    from sa_jobs import Worker
+
+    from .helpers import FAST
+
+    RESTART_RUNS.clear()  # job ids restart in each test's schema
+    finished: list[str] = []
+
+    class Finished:
+        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
+            finished.append(outcome)
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[CRestart], schema=schema, observer=Finished(), **FAST):
+            (job_id,) = await anyio.to_thread.run_sync(add, engine, CRestart())
+            with anyio.fail_after(20):
+                while RESTART_RUNS.get(job_id) != ["started 1"]:
+                    await anyio.sleep(0.02)
+            # What another worker's claim and a cancel under it leave; no notice reaches this
+            # worker (it was sent while its listener was down, say).
+            await anyio.to_thread.run_sync(q, database_url, jobs_sql(
+                schema, "UPDATE {jobs} SET claim_token = gen_random_uuid(), state = 'cancelled', lease_expires_at = NULL,"
+                " finished_at = now() WHERE id = %s"), (job_id,))
+            with anyio.fail_after(10):
+                while not finished:
+                    await anyio.sleep(0.02)
+        assert finished == ["lease_lost"]
+
+    anyio.run(main)

@@ -162,7 +162,7 @@ class Heartbeat:
             claim = None if claims is None else claims.get(job.id)
             if claim == ("running", job.token):
                 log.warning("job %s: its row is locked by another transaction; its lease was not extended", job.id)
-            elif claim is not None and claim[0] == "cancelled":
+            elif claim == ("cancelled", job.token):  # under another claim: taken over, then cancelled
                 job.cancelled_by_user = True
                 job.cancel("cancelled")
             elif claims is not None and claim is None:

@@ -8,15 +8,19 @@ announced meanwhile (the heartbeat would find them only a quarter of the lease l
 
 A cancel notice names a job, not a run of it, and comes at no fixed time against the
 worker's claims (another connection): a job cancelled and retried at once could be
-claimed again before the notice was heard. A held job is therefore cancelled only once
-its row is read cancelled under the claim this worker holds.
+claimed again before the notice was heard. The notifier therefore reads the rows of the
+held jobs it names and hands them to the worker, which judges each claim against its row
+(``settle``): one whose row is cancelled, or waiting again, under it was cancelled (a
+cancel and a retry in one transaction leave the row available, never read cancelled);
+one whose row another claim holds now has ended too; one made after the read is left be.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import anyio
 
@@ -34,7 +38,7 @@ class Notifier:
         queries: Queries,
         observer: WorkerObserver,
         wake: Callable[[], None],
-        cancel: Callable[[int, uuid.UUID], None],
+        settle: Callable[[Sequence[int], Sequence[tuple[int, str, Optional[uuid.UUID]]], float], None],
         held: Callable[[], Sequence[int]] = tuple,
         *,
         health_interval: float = 5.0,
@@ -42,7 +46,7 @@ class Notifier:
         self._q = queries
         self._observer = observer
         self._wake = wake
-        self._cancel = cancel
+        self._settle = settle
         self._held = held
         self._health_interval = health_interval
         self._conn = ManagedConnection(conninfo, "listener", on_connect=self._listen)
@@ -95,13 +99,13 @@ class Notifier:
         await self._cancel_held(conn, set(self._held()))
 
     async def _cancel_held(self, conn, ids: set[int]) -> None:  # type: ignore[no-untyped-def]
-        """Cancel the claims of held jobs (``ids``) whose rows are cancelled now, under
-        that claim (a row cancelled keeps its claim token)."""
+        """Read the rows (state, claim token) of held jobs (``ids``) and hand them to the
+        worker with the moment the read began (monotonic): only claims it made before
+        then can be judged by them."""
         if not ids:
             return
+        read_at = time.monotonic()
         with anyio.fail_after(max(1.0, self._health_interval / 2)):
             cur = await conn.execute(self._q.claims_of, {"ids": sorted(ids)})
             rows = await cur.fetchall()
-        for job_id, state, token in rows:
-            if state == "cancelled":
-                self._cancel(job_id, token)
+        self._settle(sorted(ids), [(r[0], r[1], r[2]) for r in rows], read_at)

@@ -46,6 +46,7 @@ from ..maintenance.leader import Maintainer, maintenance_services
 from ..maintenance.rescuer import Rescuer
 from ..maintenance.scheduler import Scheduler
 from ..model import Job, KindOptions, is_async_handler, registered_kinds
+from ..states import PENDING_STATES
 from .._claim_sql import HEAD_MIN_WINDOW
 from ..queries import Queries
 from ..retry import MAX_DELAY_SECONDS, BackoffPolicy, exponential_backoff
@@ -613,7 +614,7 @@ class Worker:
             beat_conn, self._queries, self._observer, self.running_jobs,
             lease=self.lease, interval=self._heartbeat_interval, awaiting=self.completer.awaiting,
         )
-        self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self.cancel_local,
+        self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self._settle_claims,
                                  self._held_ids)
         self.maintainer = Maintainer(
             self._conninfo, self._queries, self._observer,
@@ -1034,6 +1035,8 @@ class Worker:
     async def _execute(self, q: _Queue, job: ClaimedJob) -> tuple[Optional[Outcome], str]:
         if job.cancelled_by_user:  # cancelled while it waited in the inbox: never start it
             return None, "cancelled"
+        if job.lease_lost:  # its row is another claim's now (_settle_claims): never start it
+            return None, "lease_lost"
         if self._releasing:
             return Outcome(job, "release"), "released"
         runtime = self._kinds.get(job.kind)
@@ -1213,6 +1216,39 @@ class Worker:
             if job.id == job_id and (token is None or job.token == token):
                 job.cancelled_by_user = True
                 job.cancel("cancelled")
+
+    def _settle_claims(self, ids: Sequence[int], rows: Sequence[tuple[int, str, Optional[uuid.UUID]]],
+                       read_at: float) -> None:
+        """Judge the claims this worker holds of jobs ``ids`` by their rows (id, state,
+        claim token), read by the notifier after a cancel notice (or on reconnecting) in a
+        statement begun at ``read_at`` (monotonic).
+
+        A row cancelled under the claim, or waiting again under it (cancelled and retried,
+        in one transaction or before the notice was heard: a retry keeps the token until
+        the next claim), ends the claim as cancelled. A row another claim holds, or none,
+        ends it as lost. Reading only rows cancelled, the notifier let a job cancelled and
+        retried run on until the next heartbeat (a quarter of the lease), side by side with
+        the retry's run. A claim made after the read began (its row may not show it), or
+        completing in ``ctx.transaction()`` (its row completed under it), is left be."""
+        found = {job_id: (state, token) for job_id, state, token in rows}
+        wanted = set(ids)
+        running = {id(j) for j in self.running_jobs()}
+        waiting = [j for q in self._queues.values() for j in q.inbox.waiting()]
+        for job in self.running_jobs() + waiting:
+            if job.id not in wanted or job.completing or job.lease_lost or job.claimed_at >= read_at:
+                continue
+            state, token = found.get(job.id, (None, None))
+            if token == job.token and state == "running":
+                continue
+            if token == job.token and state in ("cancelled", *PENDING_STATES):
+                job.cancelled_by_user = True
+                job.cancel("cancelled")
+                continue
+            why = "its row was deleted" if state is None else "another claim holds its row now"
+            log.warning("job %s: %s; cancelling its %s", job.id, why,
+                        "handler" if id(job) in running else "claim before it starts")
+            job.lease_lost = True
+            job.cancel("lease lost: " + why)
 
 
 class _DeadlineWatch:
