@@ -1453,3 +1453,33 @@ def test_a_heartbeat_that_finds_its_job_cancelled_under_another_claim_presumes_i
         assert finished == ["lease_lost"]
 
     anyio.run(main)
+
+
+def test_a_local_pause_of_a_worker_that_is_not_running_is_refused(engine, database_url, schema):
+    """pause() of a worker whose run has ended returned as if it had paused the queue, and
+    paused() listed it, but the next run of the worker (an app's lifespan entered again)
+    claimed from it: each run starts afresh. It is refused, as before the first run."""
+    from sa_jobs import ConfigurationError, Worker
+
+    from .helpers import FAST
+
+    worker = Worker(database_url, kinds=[CSnooze], schema=schema, **FAST)
+    with pytest.raises(ConfigurationError, match="not started yet"):
+        worker.pause("c")
+    (job_id,) = add(engine, CSnooze(times=0))
+
+    async def main() -> None:
+        async with worker:
+            worker.pause("c")
+            assert worker.paused() == ["c"]
+        for action in (worker.pause, worker.resume):
+            with pytest.raises(ConfigurationError, match="not running"):
+                action("c")
+        assert worker.paused() == []
+        async with worker:  # a new run: nothing paused, and it says so
+            assert worker.paused() == []
+            with anyio.fail_after(10):
+                while row(database_url, schema, job_id)[0] != "completed":
+                    await anyio.sleep(0.05)
+
+    anyio.run(main)

@@ -466,6 +466,7 @@ def test_a_pause_or_stop_during_a_resumed_claim_starts_no_claim_from_the_start(e
     worker = Worker(database_url, kinds=[LimitedWork], schema=schema, queues={"lim": 10})
     queue = _Queue("lim", 10, None, anyio.CapacityLimiter(10))  # type: ignore[arg-type]
     worker._queues = {"lim": queue}
+    worker._running = True  # as in a run: pause() is refused outside one
     sent: list[str] = []
 
     class StoppedDuringTheFirst:

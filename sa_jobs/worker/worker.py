@@ -950,7 +950,9 @@ class Worker:
             log.info("worker %s: queue %r resumed locally", self.worker_id, queue)
 
     def paused(self) -> list[str]:
-        """The queues this worker has paused locally."""
+        """The queues this worker has paused locally (none once its run has ended)."""
+        if not self._running:
+            return []
         return sorted(name for name, q in self._queues.items() if q.local_pause is not None)
 
     def _local_queue(self, queue: str) -> _Queue:
@@ -960,6 +962,10 @@ class Worker:
         q = self._queues.get(queue)
         if q is None:
             raise ConfigurationError("the worker is not started yet: pause queues once it runs")
+        if not self._running:
+            # Its run has ended: the pause would be listed by paused() and forgotten by the
+            # next run (each run starts afresh), which claimed from the queue.
+            raise ConfigurationError(f"worker {self.worker_id} is not running: pause queues while it runs")
         return q
 
     # ---- running -----------------------------------------------------------------
