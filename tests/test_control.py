@@ -1483,3 +1483,58 @@ def test_a_local_pause_of_a_worker_that_is_not_running_is_refused(engine, databa
                     await anyio.sleep(0.05)
 
     anyio.run(main)
+
+
+def test_cancels_racing_two_worker_processes_leave_each_job_completed_once_or_cancelled_without_effects(
+        engine, database_url, schema):
+    """cancel_many() of jobs while two worker processes claim and finish them: sync handlers
+    that never look at ctx.cancelled and async ones, writing their effect in the job's own
+    transaction, and plain ones whose result the completer writes. Whatever each cancel met
+    (waiting, claimed, running, in its transaction, returned, written), a job ends completed
+    with its result and exactly one effect, or cancelled with neither; none runs twice."""
+    import os
+    import random
+    import signal
+
+    from .conftest import start_worker_process
+    from .jobs_control import CtlRaceAsync, CtlRacePlain, CtlRaceSync
+    from .jobs_core import effects_ddl
+
+    q(database_url, effects_ddl(schema))
+    os.environ["SA_JOBS_DATABASE_URL"] = database_url
+    kinds = (CtlRaceSync, CtlRaceAsync, CtlRacePlain)
+    ids = add(engine, *[kinds[i % 3]() for i in range(600)])
+    workers = [start_worker_process(database_url, schema, "tests.jobs_control", "--concurrency", "8",
+                                    "--shutdown-grace", "5") for _ in range(2)]
+    seen: dict[str, int] = {}
+    try:
+        rng = random.Random(7)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            left = q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs} WHERE state NOT IN"
+                                                    " ('completed', 'cancelled') ORDER BY id"))
+            if not left:
+                break
+            running = [i for i, state in left if state == "running"]
+            # Mostly running ones: those are the races (a waiting job's cancel is one UPDATE).
+            pool = running if running and rng.random() < 0.8 else [i for i, _ in left]
+            with Session(engine) as session, session.begin():
+                for state in cancel_many(session, rng.sample(pool, min(len(pool), rng.randint(1, 4)))).values():
+                    seen[state] = seen.get(state, 0) + 1
+            time.sleep(rng.uniform(0, 0.02))
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.communicate(timeout=30)
+    rows = q(database_url, jobs_sql(schema, "SELECT j.id, j.state, j.attempt, j.result, j.finished_at IS NOT NULL,"
+                                            " j.lease_expires_at, (SELECT count(*) FROM {effects} e WHERE e.job_id = j.id)"
+                                            " FROM {jobs} j ORDER BY j.id"))
+    assert len(rows) == len(ids)
+    assert seen.get("running", 0) > 20, seen  # the race was run: running jobs were cancelled
+    bad = [r for r in rows if not (
+        (r[1] == "completed" and r[3] == r[0] and r[6] == (0 if r[0] % 3 == 0 else 1) or
+         r[1] == "cancelled" and r[3] is None and r[6] == 0)
+        and r[2] <= 1 and r[4] and r[5] is None)]
+    # Plain jobs (kinds[i % 3] with i = id - 1: ids 3, 6, ...) write no effect of their own.
+    assert not bad, bad[:10]
