@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from . import _validate
 from .errors import ConfigurationError, JobNotFoundError
-from .model import job_table
+from .model import Job, job_table
 from .states import PENDING_STATES, STATUS_WORDS
 
 _jobs = job_table()
@@ -116,7 +116,7 @@ def retry_many(session: Any, job_ids: Iterable[int]) -> Sequence[int]:
                 pass
     if replayed:
         # The workers only wake on INSERT; a replay makes rows claimable without one.
-        session.execute(select(func.pg_notify(literal(_channel(session)), "")))
+        _execute(session, select(func.pg_notify(literal(_channel(session)), "")))
     return replayed
 
 
@@ -231,10 +231,32 @@ def _job_ids(job_ids: Iterable[Any]) -> list[int]:
     return ids
 
 
+def _jobs_bind(session: Any) -> Any:
+    """The engine or connection where ``session`` writes jobs: a Session's bind for the
+    Job mapper (a Session with per-mapper ``binds`` has no single bind, and its plain
+    ``get_bind()`` raised UnboundExecutionError), or the Connection itself."""
+    from sqlalchemy.orm import Session
+
+    return session.get_bind(mapper=Job) if isinstance(session, Session) else session
+
+
+def _execute(session: Any, statement: Any) -> Any:
+    """``session.execute(statement)`` for a statement that names no jobs table (a NOTIFY,
+    the queues table), sent where the jobs are: a Session with per-mapper ``binds`` could
+    not place it, and cancel() of a running job, pause_queue() and the other queue
+    settings failed with UnboundExecutionError (rolling back the caller's transaction)."""
+    from sqlalchemy.orm import Session
+
+    if isinstance(session, Session):
+        # The bind, not mapper=Job: an INSERT with Job's mapper reads as an ORM enqueue.
+        return session.execute(statement, bind_arguments={"bind": _jobs_bind(session)})
+    return session.execute(statement)
+
+
 def _schema(session: Any) -> str:
     from .schema import DEFAULT_SCHEMA
 
-    bind = session.get_bind() if hasattr(session, "get_bind") else session
+    bind = _jobs_bind(session)
     translate = (bind.get_execution_options() or {}).get("schema_translate_map") or {}
     return translate.get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
 
@@ -298,7 +320,7 @@ def cancel_many(session: Any, job_ids: Iterable[int]) -> dict[int, str]:
         # jobs cancelled took 8.9 s where as many waiting ones took 2.2 s).
         job_id = func.unnest(literal(running, ARRAY(BigInteger))).column_valued("id")
         channel = literal(cancel_channel_name(_schema(session)))
-        session.execute(select(func.pg_notify(channel, cast(job_id, Text))))
+        _execute(session, select(func.pg_notify(channel, cast(job_id, Text))))
     return previous
 
 
@@ -557,9 +579,9 @@ def set_queue_paused(session: Any, queue: str, paused: bool) -> None:
     _validate.queue_name(queue)
     table = _queues_table(session)
     stmt = insert(table).values(name=queue, paused=paused, updated_at=func.now())
-    session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"paused": paused, "updated_at": func.now()}))
+    _execute(session, stmt.on_conflict_do_update(index_elements=["name"], set_={"paused": paused, "updated_at": func.now()}))
     if not paused:
-        session.execute(select(func.pg_notify(literal(_channel(session)), "")))
+        _execute(session, select(func.pg_notify(literal(_channel(session)), "")))
 
 
 def pause_queue(session: Any, queue: str) -> None:
@@ -645,9 +667,9 @@ def set_queue_limits(session: Any, queue: str, limits: QueueLimits) -> None:
         "updated_at": func.now(),
     }
     stmt = insert(table).values(name=queue, paused=False, **values)
-    session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=values))
+    _execute(session, stmt.on_conflict_do_update(index_elements=["name"], set_=values))
     # Workers waiting on a queue that was limited look again at once.
-    session.execute(select(func.pg_notify(literal(_channel(session)), "")))
+    _execute(session, select(func.pg_notify(literal(_channel(session)), "")))
 
 
 def queue_limits(session: Any, queue: str, *, lock: bool = False) -> QueueLimits:
@@ -665,9 +687,9 @@ def queue_limits(session: Any, queue: str, *, lock: bool = False) -> QueueLimits
         table.c.name == _validate.queue_name(queue))
     if lock:
         # A row being inserted by another transaction makes this wait for it, then find it.
-        session.execute(insert(table).values(name=queue, paused=False).on_conflict_do_nothing(index_elements=["name"]))
+        _execute(session, insert(table).values(name=queue, paused=False).on_conflict_do_nothing(index_elements=["name"]))
         query = query.with_for_update(key_share=True)  # FOR NO KEY UPDATE, as the claim and the upsert
-    row = session.execute(query).first()
+    row = _execute(session, query).first()
     if row is None:
         return QueueLimits()
     return QueueLimits(row[0], row[1], (row[2], row[3]) if row[2] is not None else None)
@@ -677,7 +699,7 @@ def paused_queues(session: Any) -> list[str]:
     """The queues paused cluster-wide, by name."""
     refuse_async_session(session, "paused_queues")
     table = _queues_table(session)
-    return list(session.scalars(select(table.c.name).where(table.c.paused).order_by(table.c.name)))
+    return list(_execute(session, select(table.c.name).where(table.c.paused).order_by(table.c.name)).scalars())
 
 
 # ---- operator queries: list, show, delete, queue overview (sa-jobs jobs/queues/dead) -------
@@ -889,7 +911,8 @@ def queue_overview(session: Any) -> list[dict[str, Any]]:
     ):
         counts.setdefault(queue, {s: 0 for s in ALL_STATES})[state] = n
     settings = {
-        r.name: r for r in session.execute(
+        r.name: r for r in _execute(
+            session,
             select(table.c.name, table.c.paused, table.c.concurrency, table.c.partition_concurrency,
                    table.c.rate_limit, table.c.rate_period))
     }

@@ -1538,3 +1538,50 @@ def test_cancels_racing_two_worker_processes_leave_each_job_completed_once_or_ca
         and r[2] <= 1 and r[4] and r[5] is None)]
     # Plain jobs (kinds[i % 3] with i = id - 1: ids 3, 6, ...) write no effect of their own.
     assert not bad, bad[:10]
+
+
+def test_cancel_and_queue_settings_through_a_session_with_per_mapper_binds(engine, database_url, schema):
+    """An app whose Session binds its mappers to engines one by one (``binds={Job: engine,
+    ...}``, as multi-database apps do) has no single bind. cancel() of a running job sends
+    its NOTIFY, and pause_queue() and the other queue settings write a table that is not
+    Job's: each statement naming no jobs table failed with UnboundExecutionError, rolling
+    back the caller's transaction (the running job was not cancelled at all)."""
+    from sa_jobs import QueueLimits, Worker, pause_queue, paused_queues, queue_limits, resume_queue, set_queue_limits
+    from sa_jobs.admin import queue_overview
+
+    from .helpers import FAST
+
+    STARTED.clear()  # job ids restart in each test's schema
+
+    def multi_bind() -> Session:
+        return Session(binds={Job: engine})
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[CLongAsync], schema=schema, **{**FAST, "lease": 120.0}) as worker:
+            (job_id,) = await anyio.to_thread.run_sync(add, engine, CLongAsync())
+            with anyio.fail_after(20):
+                while job_id not in STARTED:
+                    await anyio.sleep(0.02)
+
+            def cancel_it() -> None:
+                with multi_bind() as session, session.begin():
+                    assert cancel(session, job_id) == "running"
+
+            await anyio.to_thread.run_sync(cancel_it)
+            with anyio.fail_after(5):  # told by the NOTIFY, not by a heartbeat 30 s later
+                while worker.running_jobs():
+                    await anyio.sleep(0.02)
+        assert row(database_url, schema, job_id)[0] == "cancelled"
+
+    anyio.run(main)
+    with multi_bind() as session, session.begin():
+        pause_queue(session, "c")
+        set_queue_limits(session, "c", QueueLimits(concurrency=2))
+    with multi_bind() as session:
+        assert paused_queues(session) == ["c"]
+        assert queue_limits(session, "c") == QueueLimits(concurrency=2)
+        assert [(r["queue"], r["paused"], r["concurrency"]) for r in queue_overview(session)] == [("c", True, 2)]
+    with multi_bind() as session, session.begin():
+        resume_queue(session, "c")
+    with Session(engine) as session:
+        assert paused_queues(session) == []
