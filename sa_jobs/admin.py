@@ -182,7 +182,7 @@ def _retry_rows(session: Any, ids: list[int]) -> list[int]:
     # A savepoint, so that a key taken concurrently leaves the caller's transaction usable.
     # (Session.begin_nested flushes first: errors of the caller's own pending objects
     # surface here, outside the try.)
-    savepoint = session.begin_nested()
+    savepoint = _savepoint(session)
     try:
         with savepoint:
             return [row[0] for row in session.execute(stmt)]
@@ -190,6 +190,25 @@ def _retry_rows(session: Any, ids: list[int]) -> list[int]:
         if _unique_index_violation(exc):
             raise _KeyTaken() from exc
         raise
+
+
+def _savepoint(session: Any) -> Any:
+    """A savepoint for one statement of the caller's transaction; none on a connection in
+    autocommit (an AUTOCOMMIT engine, or the driver's own autocommit), where the statement
+    is a transaction of its own and a failed one leaves nothing to roll back. There the
+    SAVEPOINT failed ("can only be used in transaction blocks"): cancel() and retry()
+    through an operator's AUTOCOMMIT engine raised psycopg's InternalError."""
+    from contextlib import nullcontext
+
+    from sqlalchemy.orm import Session
+
+    connection = session.connection(bind_arguments={"bind": _jobs_bind(session)}) if isinstance(
+        session, Session) else session
+    if getattr(connection.connection.dbapi_connection, "autocommit", False) is True:
+        if isinstance(session, Session):
+            session.flush()  # as begin_nested() would: the caller's pending objects first
+        return nullcontext()
+    return session.begin_nested()
 
 
 def _unique_index_violation(exc: Exception) -> bool:
@@ -365,7 +384,7 @@ def _cancel_rows(session: Any, ids: list[int]) -> dict[int, str]:
         .returning(_jobs.c.id, ranked.c.state)
     )
     # A savepoint, so that a key taken concurrently leaves the caller's transaction usable.
-    savepoint = session.begin_nested()
+    savepoint = _savepoint(session)
     try:
         with savepoint:
             return {row[0]: row[1] for row in session.execute(stmt)}

@@ -1585,3 +1585,34 @@ def test_cancel_and_queue_settings_through_a_session_with_per_mapper_binds(engin
         resume_queue(session, "c")
     with Session(engine) as session:
         assert paused_queues(session) == []
+
+
+@pytest.mark.parametrize("through", ["session", "connection"])
+def test_cancel_and_retry_through_an_autocommit_engine(engine, database_url, schema, through):
+    """An operator's script on an AUTOCOMMIT engine (each statement its own transaction):
+    cancel() and retry() wrap their UPDATE in a savepoint, and a SAVEPOINT outside a
+    transaction block failed with psycopg's InternalError. There the statement needs none;
+    a key taken concurrently fails only that statement, and the retry of one row still
+    skips only itself."""
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    (job_id,) = add(engine, CLongAsync())
+    (first,) = add(engine, CUnique(key="twin"))
+    _finish(database_url, schema, first)
+    (second,) = add(engine, CUnique(key="twin"))
+    _finish(database_url, schema, second)
+
+    def act(call):  # type: ignore[no-untyped-def]
+        if through == "session":
+            with Session(autocommit) as session:
+                return call(session)
+        with autocommit.connect() as connection:
+            return call(connection)
+
+    assert act(lambda s: cancel(s, job_id)) == "available"
+    assert row(database_url, schema, job_id)[0] == "cancelled"
+    assert act(lambda s: retry(s, job_id)) == job_id
+    assert row(database_url, schema, job_id)[0] == "available"
+    # Both finished jobs of one key: the second's UPDATE fails alone, and is skipped.
+    assert act(lambda s: sorted(retry_many(s, [first, second, job_id]))) == [first]
+    assert [row(database_url, schema, i)[0] for i in (first, second)] == ["available", "dead"]
+    assert act(lambda s: cancel_many(s, [first, second, job_id])) == {first: "available", job_id: "available"}
