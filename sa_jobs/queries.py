@@ -289,11 +289,13 @@ class Queries:
                 + _LANDED
             ),
             # For an outcome the unique index refused (see Completer._write_superseded):
-            # the job that took this running job's key meanwhile, and the key's states.
+            # the job that took this running job's key meanwhile (NULL if none holds it
+            # now: the holder left its states since), and the key's states; no row if the
+            # job is no longer this claim's.
             unique_holder=r(
-                "SELECT h.id, me.unique_states FROM {jobs} AS me JOIN {jobs} AS h ON h.kind = me.kind"
-                " AND h.unique_key = me.unique_key AND h.id <> me.id AND h.state = ANY (h.unique_states)"
-                " WHERE me.id = %(id)s AND me.claim_token = %(token)s AND (me.state || '') = 'running' LIMIT 1"
+                "SELECT h.id, me.unique_states FROM {jobs} AS me LEFT JOIN LATERAL ("
+                + _HOLDER.format(row="me") + ") AS h ON true"
+                " WHERE me.id = %(id)s AND me.claim_token = %(token)s AND (me.state || '') = 'running'"
             ),
             drop_unique_key=r(
                 "UPDATE {jobs} AS j SET unique_key = NULL"

@@ -1469,6 +1469,65 @@ def test_large_results_finishing_together_do_not_wedge_the_completer(engine, dat
     assert q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1")) == [("completed", 8)]
 
 
+def test_a_completion_refused_by_a_key_whose_holder_then_leaves_its_states_is_written_later(engine, database_url,
+                                                                                            schema):
+    """A running job whose unique states leave 'running' out finishes while another job of
+    its key waits (available, holding it); the index refuses the completion. The completer
+    then looks the holder up, to end the job without its key, but by then the holder was
+    claimed (running: holding it no more): no holder found, and the outcome was dropped
+    ("dropping the complete outcome"), the job left running until its lease ran out, and
+    the rescuer ended it dead once the other job completed and held the key again
+    (tests/test_worker_faults.py::test_a_completion_waiting_on_another_transaction_keeps_its_lease,
+    now and then). The key being free again, the outcome is kept and written."""
+    from sa_jobs._connection import ManagedConnection
+    from sa_jobs.worker._job import ClaimedJob, Outcome
+    from sa_jobs.worker.completer import Completer
+
+    queries = Queries.for_schema(schema)
+    token = uuid.uuid4()
+    insert = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, attempt, claim_token, lease_expires_at,"
+                              " attempted_at, unique_key, unique_states) VALUES ('w_key', 'w', %s, %s, %s, %s,"
+                              " now(), 'k', ARRAY['available', 'completed']) RETURNING id")
+    (mine,) = q(database_url, insert, ("running", 1, token, dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)))[0]
+    (holder,) = q(database_url, insert, ("available", 0, None, None))[0]
+    claimed = jobs_sql(schema, "UPDATE {jobs} SET state = 'running', attempt = 1, claim_token = gen_random_uuid(),"
+                               " lease_expires_at = now() + interval '1 hour' WHERE id = %s")
+
+    class ClaimedBeforeTheLookUp:
+        """The completer's connection; the holder is claimed just before the holder look-up."""
+
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        async def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+            if statement == queries.unique_holder:
+                q(database_url, claimed, (holder,))
+            return await self._conn.execute(statement, params, **kw)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
+    class Managed(ManagedConnection):
+        async def get(self) -> Any:
+            return ClaimedBeforeTheLookUp(await super().get())
+
+    async def main() -> bool:
+        conn = Managed(to_conninfo(database_url), "completer", timeout=5.0)
+        completer = Completer(conn, queries, NullObserver())
+        now = time.monotonic()
+        job = ClaimedJob(id=mine, token=token, kind="w_key", queue="w", args={}, attempt=1, max_attempts=1,
+                         priority=0, wait_seconds=0, created_epoch=0, claimed_at=now, last_lease_ok=now)
+        completer.submit(Outcome(job, "complete", result_json="7"))
+        try:
+            return await completer.drain(timeout=10)
+        finally:
+            await conn.discard()
+
+    assert anyio.run(main)
+    rows = dict((r[0], r[1:]) for r in q(database_url, jobs_sql(schema, "SELECT id, state, result, unique_key FROM {jobs}")))
+    assert rows == {mine: ("completed", 7, "k"), holder: ("running", None, "k")}
+
+
 def _rows_locked_by_another_transaction(engine: Any, database_url: str, schema: str, n: int) -> tuple[list[Any], Any]:
     """``n`` jobs claimed by hand, and an open transaction holding their rows (FOR UPDATE),
     so that a completer's write of them waits until it ends."""

@@ -50,6 +50,11 @@ class _RowLocked(Exception):
     """A superseded outcome's row was locked by another transaction: kept, written later."""
 
 
+class _KeyFreed(Exception):
+    """No job holds the key that refused an outcome any more (the holder left its states,
+    claimed say, between the refusal and the look-up): kept, written again later."""
+
+
 class Completer:
     def __init__(
         self,
@@ -269,7 +274,10 @@ class Completer:
                         if await self._write_superseded(outcome):
                             continue
                     except Exception as again:  # noqa: BLE001 - logged below, as any refusal
-                        if isinstance(again, _RowLocked) or _waited(again):
+                        # A key freed meanwhile: dropped, the outcome left its job running
+                        # until the lease ran out, to be rescued (dead once the holder
+                        # completed and held the key again), though it could now be written.
+                        if isinstance(again, (_RowLocked, _KeyFreed)) or _waited(again):
                             kept.append(outcome)
                             continue
                         exc = again
@@ -283,8 +291,8 @@ class Completer:
         ran out, its result or error lost. As the rescuer does, a job that would run again
         (a retry, a snooze, a release) ends dead instead, naming the holder (cancelled if
         dead holds the key too); a final state is kept. The job gives its key up if its
-        final state would still hold it. False if the row is no longer ours or no job
-        holds its key (then the refusal was something else)."""
+        final state would still hold it. False if the row is no longer ours; _KeyFreed
+        if no job holds its key now (the outcome is kept and written again)."""
         job, original = outcome.job, outcome
         ended_dead = False
         conn = await self._conn.get()
@@ -293,6 +301,8 @@ class Completer:
                 row = await (await conn.execute(self._q.unique_holder, {"id": job.id, "token": job.token})).fetchone()
                 if row is None:
                     return False
+                if row[0] is None:
+                    raise _KeyFreed()
                 holder, states = row[0], list(row[1] or ())
                 target = {"complete": "completed", "release": "available"}.get(outcome.action, outcome.target)
                 if target not in FINISHED_STATES:
