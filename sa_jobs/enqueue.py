@@ -41,7 +41,11 @@ def _sa_connection(session: Any) -> Any:
         if not session.in_transaction():
             session.begin()  # as its own first statement would (autobegin)
         return session
-    return session.connection()
+    from .model import Job
+
+    # Where the Session writes jobs: one with per-mapper ``binds`` has no single bind, and
+    # a plain ``connection()`` raised UnboundExecutionError where ``add_all`` worked.
+    return session.connection(bind_arguments={"mapper": Job})
 
 
 def _schema_of(session: Any) -> str:

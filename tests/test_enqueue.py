@@ -213,6 +213,19 @@ def test_enqueue_many_bulk_path(engine):
         assert session.scalar(select(func.count()).where(EnqSendReceipt.state == "available")) == 20_000
 
 
+def test_enqueue_many_through_a_session_with_per_mapper_binds(engine):
+    """A Session that binds its mappers one by one (``binds={Job: engine}``, as multi-database
+    apps do) has no single bind: enqueue_many's ``session.connection()`` raised
+    UnboundExecutionError where ``session.add_all`` worked."""
+    from sa_jobs import Job
+
+    with Session(binds={Job: engine}) as session, session.begin():
+        assert enqueue_many(session, (EnqSendReceipt(order_id=i) for i in range(3))) == 3
+        assert enqueue_many(session, EnqSendReceipt, [{"order_id": 3}]) == 1
+    with Session(engine) as session:
+        assert sorted(a["order_id"] for a in session.scalars(select(EnqSendReceipt.args))) == [0, 1, 2, 3]
+
+
 def test_async_session_path(database_url, schema):
     import anyio
 
