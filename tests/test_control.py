@@ -1588,13 +1588,19 @@ def test_cancel_and_queue_settings_through_a_session_with_per_mapper_binds(engin
 
 
 @pytest.mark.parametrize("through", ["session", "connection"])
-def test_cancel_and_retry_through_an_autocommit_engine(engine, database_url, schema, through):
+def test_cancel_and_retry_through_an_autocommit_engine(engine, database_url, schema, through, request):
     """An operator's script on an AUTOCOMMIT engine (each statement its own transaction):
     cancel() and retry() wrap their UPDATE in a savepoint, and a SAVEPOINT outside a
     transaction block failed with psycopg's InternalError. There the statement needs none;
     a key taken concurrently fails only that statement, and the retry of one row still
     skips only itself."""
-    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    from sqlalchemy import create_engine
+
+    # An engine of its own, not engine.execution_options(isolation_level=...): on the
+    # SQLAlchemy 2.0.30 floor that fails on an engine with options already set.
+    autocommit = create_engine(engine.url, isolation_level="AUTOCOMMIT").execution_options(
+        schema_translate_map=engine.get_execution_options()["schema_translate_map"])
+    request.addfinalizer(autocommit.dispose)
     (job_id,) = add(engine, CLongAsync())
     (first,) = add(engine, CUnique(key="twin"))
     _finish(database_url, schema, first)
