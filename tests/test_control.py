@@ -372,7 +372,10 @@ def test_a_job_cancelled_while_it_waits_in_the_inbox_never_starts(engine, databa
             if in_flight and not worker_ref[1:]:
                 with Session(engine) as session, session.begin():
                     assert cancel(session, ids[0]) == "running"
-                worker_ref[0].cancel_local(ids[0])  # what the notifier does on the notice
+                # What the notifier does on the notice: read the row, hand it to the worker.
+                read_at = time.monotonic()
+                worker_ref[0]._settle_claims([ids[0]], [row(database_url, schema, ids[0], "id, state, claim_token")],
+                                             read_at)
                 worker_ref.append("cancelled")
 
         def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:

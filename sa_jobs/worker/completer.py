@@ -24,6 +24,7 @@ from ..queries import Queries
 from ..states import FINISHED_STATES
 from .._connection import ManagedConnection, describe, is_transient
 from ._job import ClaimedJob, Outcome
+from .heartbeat import lease_params
 from ..events import WorkerObserver, hook
 
 log = logging.getLogger("sa_jobs.worker")
@@ -78,8 +79,7 @@ class Completer:
         self._max_batch = max_batch
         self._on_written = on_written
         self._pending: list[Outcome] = []
-        self._in_flight = 0  # outcomes of the batch being written
-        self._batch: list[Outcome] = []  # that batch
+        self._batch: list[Outcome] = []  # the batch being written
         self._wake = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
@@ -101,7 +101,7 @@ class Completer:
     def unwritten(self) -> int:
         """Outcomes not yet written: pending, and those of a write in flight (pending no
         more while it runs; a drain that timed out during it reported 0)."""
-        return len(self._pending) + self._in_flight
+        return len(self._pending) + len(self._batch)
 
     def awaiting(self) -> list[ClaimedJob]:
         """The jobs whose outcomes are kept because their writes waited on another
@@ -142,7 +142,7 @@ class Completer:
             self._idle.set()
             return True
         batch, self._pending = self._take()
-        self._in_flight, self._batch = len(batch), batch
+        self._batch = batch
         locked: list[Outcome] = []
         try:
             conn = await self._conn.get()
@@ -151,14 +151,14 @@ class Completer:
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled mid-write: keep the batch
                 self._pending[:0] = batch
-                self._in_flight, self._batch = 0, []
+                self._batch = []
                 raise
             self._observer.loop_error("completer")
             if not _waited(exc):  # the connection is fine after a lock wait
                 await self._conn.discard()
             if is_transient(exc) and not _waited(exc):
                 self._pending[:0] = batch
-                self._in_flight, self._batch = 0, []
+                self._batch = []
                 self._failures += 1
                 log.warning("completer: writing %d outcome(s) failed (%s); retrying", len(batch), describe(exc))
                 await anyio.sleep(min(2.0, 0.05 * 2 ** min(self._failures, 6)))
@@ -169,7 +169,7 @@ class Completer:
             # still waits alone on another transaction is kept, as a locked row's is.
             log.warning("completer: batch of %d refused (%s); writing it in parts", len(batch), describe(exc))
             locked = await self._write_in_parts(batch)
-        self._in_flight, self._batch = 0, []
+        self._batch = []
         self._failures = 0
         if locked:
             # Kept, not dropped: the lock may be gone at the next try (then the outcome
@@ -216,8 +216,7 @@ class Completer:
         them for the whole lease. Best effort: the heartbeat covers them too."""
         if self._lease is None:
             return
-        params = {"ids": [o.job.id for o in kept], "tokens": [o.job.token for o in kept],
-                  "progress": [None] * len(kept), "lease": self._lease}
+        params = lease_params([o.job for o in kept], [None] * len(kept), self._lease)
         try:
             conn = await self._conn.get()
             with self._conn.deadline():
@@ -334,7 +333,7 @@ class Completer:
         # Once each: a stop that cancelled a batch being written in parts can leave a part
         # put back in pending while the batch still holds it.
         left = list({id(o): o for o in self._pending + self._batch}.values())
-        self._pending, self._batch, self._in_flight = [], [], 0
+        self._pending, self._batch = [], []
         for outcome in left:
             outcome.landed = False
             self._finished(outcome)

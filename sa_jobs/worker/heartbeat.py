@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import anyio
 
@@ -28,6 +28,12 @@ from ._job import ClaimedJob
 from ..events import WorkerObserver
 
 log = logging.getLogger("sa_jobs.worker")
+
+
+def lease_params(jobs: Sequence[ClaimedJob], progress: Sequence[Optional[str]], lease: float) -> dict[str, Any]:
+    """The parameters of ``Queries.heartbeat_many``: extend ``jobs``' leases, fenced by
+    their claim tokens, writing each one's ``progress`` (None: unchanged)."""
+    return {"ids": [j.id for j in jobs], "tokens": [j.token for j in jobs], "progress": list(progress), "lease": lease}
 
 
 class Heartbeat:
@@ -111,12 +117,7 @@ class Heartbeat:
                 sent_at = time.monotonic()
                 cur = await conn.execute(
                     self._q.heartbeat_many,
-                    {
-                        "ids": [j.id for j in jobs],
-                        "tokens": [j.token for j in jobs],
-                        "progress": sent,
-                        "lease": self._lease,
-                    },
+                    lease_params(jobs, sent, self._lease),
                     prepare=True,
                 )
                 # By claim, not by id: this worker may hold a newer claim of the same job

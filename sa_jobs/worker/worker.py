@@ -1212,17 +1212,6 @@ class Worker:
         """The ids of the jobs this worker holds: running, or claimed and waiting for a runner."""
         return [j.id for q in self._queues.values() for j in (*q.running.values(), *q.inbox.waiting())]
 
-    def cancel_local(self, job_id: int, token: Optional[uuid.UUID] = None) -> None:
-        """A cancel() of a job this worker holds: stop its handler, or keep it from starting
-        if it still waits in the inbox (the row is already final). With ``token``, only
-        that claim's (the row read cancelled under it): a later claim of the job, retried
-        since, runs on, and its row is not final."""
-        waiting = [j for q in self._queues.values() for j in q.inbox.waiting()]
-        for job in self.running_jobs() + waiting:
-            if job.id == job_id and (token is None or job.token == token):
-                job.cancelled_by_user = True
-                job.cancel("cancelled")
-
     def _settle_claims(self, ids: Sequence[int], rows: Sequence[tuple[int, str, Optional[uuid.UUID]]],
                        read_at: float) -> None:
         """Judge the claims this worker holds of jobs ``ids`` by their rows (id, state,
