@@ -201,8 +201,8 @@ def _storable(result: Any) -> Any:
     objects compared equal where the stored result did not (a tuple for a list)."""
     if result is None:
         return None
-    # The worker's check: plain JSON, within MAX_RESULT_BYTES.
-    return json.loads(_validate.json_text(result), parse_float=_validate.jsonb_number)
+    _validate.json_text(result)  # the worker's check: plain JSON, within MAX_RESULT_BYTES
+    return _validate.as_stored(result)
 
 
 def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, Any]]:
