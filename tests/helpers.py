@@ -63,6 +63,16 @@ def run_worker_until(
     return anyio.run(main)
 
 
+class FinishedOutcomes(NullObserver):
+    """A worker observer that records each finished attempt's outcome (``.outcomes``)."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    def job_finished(self, queue: str, kind: str, outcome: str, run_seconds: float, since_enqueue_seconds: float) -> None:
+        self.outcomes.append(outcome)
+
+
 class LoopErrors(NullObserver):
     """A worker observer that records the components whose loop failed (``.seen``)."""
 

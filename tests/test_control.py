@@ -30,7 +30,7 @@ from sa_jobs import (
 )
 from sa_jobs.admin import delete_many, show_job
 
-from .helpers import jobs_sql, q, run_worker_until, states, wait_for
+from .helpers import FinishedOutcomes, jobs_sql, q, run_worker_until, states, wait_for
 
 STARTED: dict[int, float] = {}
 
@@ -133,15 +133,12 @@ def test_a_snooze_of_zero_seconds_runs_the_job_again_at_once(engine, database_ur
     away here; the job must still run three times in a few seconds."""
     STARTED.clear()  # job ids restart in each test's schema
     (job_id,) = add(engine, CSnoozeNow(times=2))
-    outcomes: list[str] = []
-
-    class Finished:
-        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
-            outcomes.append(outcome)
+    observer = FinishedOutcomes()
+    outcomes = observer.outcomes
 
     started = time.monotonic()
     run_worker_until(database_url, schema, [CSnoozeNow], lambda: row(database_url, schema, job_id)[0] == "completed",
-                     timeout=20, poll_interval=60, maintenance_interval=60, observer=Finished())
+                     timeout=20, poll_interval=60, maintenance_interval=60, observer=observer)
     assert row(database_url, schema, job_id, "state, attempt, result, errors") == ("completed", 1, 2, [])
     assert outcomes == ["snoozed", "snoozed", "completed"]
     assert time.monotonic() - started < 10
@@ -420,18 +417,15 @@ def test_a_running_job_cancelled_by_the_user_ends_cancelled_even_if_its_handler_
     value: the job ends cancelled, its result not stored, and the attempt counts as
     cancelled, not completed."""
     STARTED.clear()  # job ids restart in each test's schema
-    finished: list[str] = []
-
-    class Finished:
-        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
-            finished.append(outcome)
+    observer = FinishedOutcomes()
+    finished = observer.outcomes
 
     async def main() -> None:
         from sa_jobs import Worker
 
         from .helpers import FAST
 
-        async with Worker(database_url, kinds=[CSwallowCancel], schema=schema, observer=Finished(),
+        async with Worker(database_url, kinds=[CSwallowCancel], schema=schema, observer=observer,
                           **{**FAST, "lease": 30.0}):
             (job_id,) = await anyio.to_thread.run_sync(add, engine, CSwallowCancel())
             with anyio.fail_after(20):
@@ -1340,14 +1334,11 @@ def test_a_running_job_cancelled_and_retried_in_one_transaction_stops_its_old_ru
     from .helpers import FAST
 
     RESTART_RUNS.clear()  # job ids restart in each test's schema
-    finished: list[str] = []
-
-    class Finished:
-        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
-            finished.append(outcome)
+    observer = FinishedOutcomes()
+    finished = observer.outcomes
 
     async def main() -> None:
-        async with Worker(database_url, kinds=[CRestart], schema=schema, observer=Finished(),
+        async with Worker(database_url, kinds=[CRestart], schema=schema, observer=observer,
                           **{**FAST, "lease": 120.0, "shutdown_grace": 0}):
             (job_id,) = await anyio.to_thread.run_sync(add, engine, CRestart())
             with anyio.fail_after(20):
@@ -1386,14 +1377,11 @@ def test_a_cancel_notice_for_a_held_job_whose_row_has_moved_on_stops_its_handler
     from .helpers import FAST
 
     RESTART_RUNS.clear()  # job ids restart in each test's schema
-    finished: list[str] = []
-
-    class Finished:
-        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
-            finished.append(outcome)
+    observer = FinishedOutcomes()
+    finished = observer.outcomes
 
     async def main() -> None:
-        async with Worker(database_url, kinds=[CRestart], schema=schema, observer=Finished(),
+        async with Worker(database_url, kinds=[CRestart], schema=schema, observer=observer,
                           **{**FAST, "lease": 120.0}):
             (job_id,) = await anyio.to_thread.run_sync(add, engine, CRestart())
             with anyio.fail_after(20):
@@ -1433,14 +1421,11 @@ def test_a_heartbeat_that_finds_its_job_cancelled_under_another_claim_presumes_i
     from .helpers import FAST
 
     RESTART_RUNS.clear()  # job ids restart in each test's schema
-    finished: list[str] = []
-
-    class Finished:
-        def job_finished(self, queue, kind, outcome, run_seconds, since_enqueue_seconds) -> None:
-            finished.append(outcome)
+    observer = FinishedOutcomes()
+    finished = observer.outcomes
 
     async def main() -> None:
-        async with Worker(database_url, kinds=[CRestart], schema=schema, observer=Finished(), **FAST):
+        async with Worker(database_url, kinds=[CRestart], schema=schema, observer=observer, **FAST):
             (job_id,) = await anyio.to_thread.run_sync(add, engine, CRestart())
             with anyio.fail_after(20):
                 while RESTART_RUNS.get(job_id) != ["started 1"]:
