@@ -1323,6 +1323,15 @@ async def c_restart(ctx: JobContext) -> None:
         runs.append(f"ended {ctx.attempt}")
 
 
+async def _a_restart_job_running(engine) -> int:  # type: ignore[no-untyped-def]
+    """Enqueue a CRestart job and wait until its first attempt runs (under a worker)."""
+    (job_id,) = await anyio.to_thread.run_sync(add, engine, CRestart())
+    with anyio.fail_after(20):
+        while RESTART_RUNS.get(job_id) != ["started 1"]:
+            await anyio.sleep(0.02)
+    return job_id
+
+
 def test_a_running_job_cancelled_and_retried_in_one_transaction_stops_its_old_run(engine, database_url, schema):
     """"Restart this job": cancel() of a running job and retry() of it in one transaction.
     The cancel's notice reached the worker once the row was available again (the retry), so
@@ -1340,10 +1349,7 @@ def test_a_running_job_cancelled_and_retried_in_one_transaction_stops_its_old_ru
     async def main() -> None:
         async with Worker(database_url, kinds=[CRestart], schema=schema, observer=observer,
                           **{**FAST, "lease": 120.0, "shutdown_grace": 0}):
-            (job_id,) = await anyio.to_thread.run_sync(add, engine, CRestart())
-            with anyio.fail_after(20):
-                while RESTART_RUNS.get(job_id) != ["started 1"]:
-                    await anyio.sleep(0.02)
+            job_id = await _a_restart_job_running(engine)
 
             def restart() -> None:
                 with Session(engine) as session, session.begin():
@@ -1383,10 +1389,7 @@ def test_a_cancel_notice_for_a_held_job_whose_row_has_moved_on_stops_its_handler
     async def main() -> None:
         async with Worker(database_url, kinds=[CRestart], schema=schema, observer=observer,
                           **{**FAST, "lease": 120.0}):
-            (job_id,) = await anyio.to_thread.run_sync(add, engine, CRestart())
-            with anyio.fail_after(20):
-                while RESTART_RUNS.get(job_id) != ["started 1"]:
-                    await anyio.sleep(0.02)
+            job_id = await _a_restart_job_running(engine)
 
             def move_on() -> None:
                 with Session(engine) as session, session.begin():
@@ -1426,10 +1429,7 @@ def test_a_heartbeat_that_finds_its_job_cancelled_under_another_claim_presumes_i
 
     async def main() -> None:
         async with Worker(database_url, kinds=[CRestart], schema=schema, observer=observer, **FAST):
-            (job_id,) = await anyio.to_thread.run_sync(add, engine, CRestart())
-            with anyio.fail_after(20):
-                while RESTART_RUNS.get(job_id) != ["started 1"]:
-                    await anyio.sleep(0.02)
+            job_id = await _a_restart_job_running(engine)
             # What another worker's claim and a cancel under it leave; no notice reaches this
             # worker (it was sent while its listener was down, say).
             await anyio.to_thread.run_sync(q, database_url, jobs_sql(
