@@ -202,7 +202,10 @@ def _maintenance_of(modules: Sequence[object]) -> list[object]:
         services.append(PeriodicJobs(periodics))
     for module in modules:
         extra = getattr(module, "SA_JOBS_MAINTENANCE", None) or ()
-        services += maintenance_services(extra, f"{getattr(module, '__name__', module)}.SA_JOBS_MAINTENANCE")
+        for service in maintenance_services(extra, f"{getattr(module, '__name__', module)}.SA_JOBS_MAINTENANCE"):
+            # Once, if two modules show it (a star import): listed twice, it ran twice a tick.
+            if not any(service is s for s in services):
+                services.append(service)
     return services
 
 

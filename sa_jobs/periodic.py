@@ -641,7 +641,9 @@ class PeriodicJobs:
 
 
 def collect(modules: Sequence[Any]) -> list[Periodic]:
-    """The ``SA_JOBS_PERIODIC`` declarations of imported modules (for ``sa-jobs worker``)."""
+    """The ``SA_JOBS_PERIODIC`` declarations of imported modules (for ``sa-jobs worker``),
+    each once: a module that star-imports another, or one named twice, showed the worker
+    the same declaration twice, which PeriodicJobs refused as two schedules of one name."""
     found: list[Periodic] = []
     for module in modules:
         declared = getattr(module, "SA_JOBS_PERIODIC", None)
@@ -652,5 +654,6 @@ def collect(modules: Sequence[Any]) -> list[Periodic]:
         for p in declared:
             if not isinstance(p, Periodic):
                 raise ConfigurationError(f"{module.__name__}.SA_JOBS_PERIODIC holds {p!r}, not a Periodic")
-            found.append(p)
+            if p not in found:
+                found.append(p)
     return found

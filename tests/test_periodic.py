@@ -812,3 +812,29 @@ def test_catch_up_across_a_half_hour_fall_back():
     nightly = Periodic("45 1 * * *", PerTick, name="nightly_145", timezone="Australia/Lord_Howe", catch_up=True)
     assert [s.astimezone(UTC).strftime("%H:%M") for s in nightly.due_slots(
         LORD_HOWE_FALL_BACK - dt.timedelta(hours=3), back_at)] == ["14:45", "15:15"]
+
+
+def test_a_declaration_seen_through_two_modules_is_one_schedule():
+    """``sa-jobs worker myapp.jobs myapp.cron``, where ``myapp.cron`` star-imports
+    ``myapp.jobs`` (or re-exports its ``SA_JOBS_PERIODIC``), or one module named twice: the
+    same declarations and services reach the worker through two modules. The worker
+    refused to start ("two periodic jobs are named 'digest'") over one schedule, and ran
+    the same Pruner twice per tick. A declaration is taken once; two different ones of
+    one name are still refused."""
+    import types
+
+    from sa_jobs.cli import _maintenance_of
+    from sa_jobs.maintenance.pruner import Pruner
+
+    digest, pruner = Periodic("0 9 * * *", PerTick, name="digest"), Pruner()
+    jobs = types.ModuleType("app_jobs")
+    jobs.SA_JOBS_PERIODIC, jobs.SA_JOBS_MAINTENANCE = [digest], [pruner]  # type: ignore[attr-defined]
+    cron = types.ModuleType("app_cron")
+    cron.__dict__.update({k: v for k, v in vars(jobs).items() if not k.startswith("_")})  # from app_jobs import *
+    for modules in ([jobs, cron], [jobs, jobs]):
+        services = _maintenance_of(modules)
+        assert len(services) == 2 and services[1] is pruner
+        assert isinstance(services[0], PeriodicJobs) and services[0].periodics == [digest]
+    cron.SA_JOBS_PERIODIC = [Periodic("0 10 * * *", PerTick, name="digest")]  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="two periodic jobs are named 'digest'"):
+        _maintenance_of([jobs, cron])
