@@ -178,6 +178,8 @@ class Periodic:
         if isinstance(job, type):
             if not issubclass(job, Job) or job.__sa_jobs_options__ is None:
                 raise ConfigurationError(f"Periodic job= takes a job kind, a job row or a factory, not {job!r}")
+            if job.__sa_jobs_abstract__:  # else SQLAlchemy's InvalidRequestError from job(**args)
+                raise ConfigurationError(f"Periodic job= takes a job kind, not {job.__name__}, an abstract base of kinds")
             if self.args is not None and (not isinstance(self.args, Mapping)
                                           or not all(isinstance(k, str) for k in self.args)):
                 # dict() then **: ValueError or TypeError, not the kind's own InvalidArgsError.

@@ -80,6 +80,18 @@ def test_invalid_declarations_fail_at_construction():
         PeriodicJobs([Periodic("0 9 * * *", PerTick), Periodic("0 10 * * *", PerTick)])
 
 
+class AbstractPeriodicBase(Job, queue="periodic_q"):
+    __mapper_args__ = {"polymorphic_abstract": True}
+
+
+def test_an_abstract_base_of_kinds_is_refused_as_no_kind():
+    """A base of kinds (``polymorphic_abstract``) has options but is no kind: declared as
+    a schedule's job it raised SQLAlchemy's InvalidRequestError, where every other job=
+    that is not a kind raises ConfigurationError (and enqueue_many says it is abstract)."""
+    with pytest.raises(ConfigurationError, match="abstract"):
+        Periodic("0 9 * * *", AbstractPeriodicBase)
+
+
 def test_slots_in_a_time_zone_across_dst():
     p = Periodic("0 9 * * *", PerTick, timezone="Europe/Paris", catch_up=True)
     paris = ZoneInfo("Europe/Paris")
