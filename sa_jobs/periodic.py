@@ -24,6 +24,7 @@ key is held is skipped, logged, and not retried.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import logging
@@ -187,6 +188,10 @@ class Periodic:
                                        f" names to JSON values, not {self.args!r}")
             # Build one row now: bad args fail at declaration, not at 9 am.
             job(**dict(self.args or {}))
+            if self.args is not None:
+                # Its own copy of the args checked: kept by reference, a dict changed after the
+                # declaration (one dict reused by declarations built in a loop) reached every slot.
+                object.__setattr__(self, "args", copy.deepcopy(dict(self.args)))
             if self.name is None:
                 object.__setattr__(self, "name", job.__sa_jobs_options__.kind)
         elif isinstance(job, Job):

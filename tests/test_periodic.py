@@ -850,3 +850,23 @@ def test_a_declaration_seen_through_two_modules_is_one_schedule():
     cron.SA_JOBS_PERIODIC = [Periodic("0 10 * * *", PerTick, name="digest")]  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="two periodic jobs are named 'digest'"):
         _maintenance_of([jobs, cron])
+
+
+def test_args_changed_after_declaration_do_not_reach_its_jobs(database_url, schema):
+    """``args=`` was kept by reference: declarations built in a loop around one dict all
+    fired with its last value, and args made non-JSON after the declaration checked them
+    failed every slot at the leader ("could not be built; retrying next tick"). The
+    declaration keeps its own copy, as checked."""
+    args: dict[str, object] = {"tenant": "a", "opts": {"depth": 1}}
+    a = Periodic("* * * * *", PerTick, args=args, name="per_tenant_a")
+    args["tenant"] = "b"
+    args["opts"]["depth"] = 2  # type: ignore[index]
+    b = Periodic("* * * * *", PerTick, args=args, name="per_tenant_b")
+    args["when"] = dt.datetime.now()  # not JSON, and after both declarations
+    start = dt.datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)
+    for p in (a, b):
+        _fire(database_url, schema, p, now=start)
+        [[fired]] = _fire(database_url, schema, p, now=start + dt.timedelta(minutes=1))
+    rows = q(database_url, jobs_sql(schema, "SELECT meta->>'periodic', args FROM {jobs} ORDER BY id"))
+    assert rows == [("per_tenant_a", {"tenant": "a", "opts": {"depth": 1}}),
+                    ("per_tenant_b", {"tenant": "b", "opts": {"depth": 2}})]
