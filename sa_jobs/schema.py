@@ -574,6 +574,19 @@ def _v13_down(schema: str) -> list[sql.Composable]:
     return [_drop_index(schema, STATE_FINISHED_INDEX, concurrently=False)]
 
 
+def _v14_up(schema: str) -> list[sql.Composable]:
+    # The schedule each periodic row was last fired for (its cron expression and time
+    # zone): without it the leader could not tell an edited schedule from downtime, and
+    # fired the new expression's "missed" slots since the old one's last slot at once.
+    # Nullable, no default: a catalog-only change; NULL (a row from before) is adopted.
+    return [sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS schedule text").format(
+        sql.Identifier(schema, PERIODIC_TABLE))]
+
+
+def _v14_down(schema: str) -> list[sql.Composable]:
+    return [sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS schedule").format(sql.Identifier(schema, PERIODIC_TABLE))]
+
+
 def _v4_up_concurrently(schema: str, *, concurrently: bool = True,
                         skip: frozenset[str] = frozenset()) -> list[sql.Composable]:
     return _builds(schema, [
@@ -641,6 +654,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _no_statements, _v13_down, _v13_up_concurrently,
               concurrent_indexes=(STATE_FINISHED_INDEX,), dropped_indexes=(FINISHED_INDEX,),
               down_rebuild=_v13_down_rebuild),
+    Migration(14, "each periodic row records the schedule it fires, so an edited cron expression is not taken for downtime",
+              _v14_up, _v14_down),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

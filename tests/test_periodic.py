@@ -7,6 +7,7 @@ This module is also imported by the worker subprocesses of the leader-change tes
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import signal
 from typing import Optional
 from zoneinfo import ZoneInfo
@@ -870,3 +871,73 @@ def test_args_changed_after_declaration_do_not_reach_its_jobs(database_url, sche
     rows = q(database_url, jobs_sql(schema, "SELECT meta->>'periodic', args FROM {jobs} ORDER BY id"))
     assert rows == [("per_tenant_a", {"tenant": "a", "opts": {"depth": 1}}),
                     ("per_tenant_b", {"tenant": "b", "opts": {"depth": 2}})]
+
+
+def _schedule_of(database_url: str, schema: str, name: str) -> Optional[str]:
+    (found,), = q(database_url, sql.SQL("SELECT schedule FROM {} WHERE name = %s").format(
+        sql.Identifier(schema, "periodic")), (name,))
+    return found
+
+
+def test_an_edited_schedule_is_not_caught_up_as_downtime(database_url, schema, caplog):
+    """Schema v14. A daily schedule edited to every 5 minutes and deployed at noon: the
+    leader counted the new expression's slots from the old one's last slot (midnight) and,
+    with catch-up, fired the 100 most recent of 144 "missed" slots at once. An edit now
+    restarts the schedule: its slots on time fire, none from before the edit."""
+    noon = dt.datetime(2026, 12, 1, 12, 0, 5, tzinfo=UTC)  # noon's slot is on time (grace 22 s)
+    daily = Periodic("0 0 * * *", PerTick, name="report", catch_up=True)
+    assert _fire(database_url, schema, daily, now=noon - dt.timedelta(hours=13)) == [[]]  # registered
+    [ids] = _fire(database_url, schema, daily, now=noon - dt.timedelta(hours=12))  # midnight's slot
+    assert len(ids) == 1 and _schedule_of(database_url, schema, "report") == "0 0 * * * UTC"
+
+    edited = Periodic("*/5   * * * *", PerTick, name="report", catch_up=True)
+    with caplog.at_level(logging.INFO, logger="sa_jobs.periodic"):
+        [ids] = _fire(database_url, schema, edited, now=noon)
+    assert len(ids) == 1, len(ids)  # noon's slot, on time; before the fix 100
+    assert "schedule changed from '0 0 * * * UTC' to '*/5 * * * * UTC'" in caplog.text
+    assert _schedule_of(database_url, schema, "report") == "*/5 * * * * UTC"
+    assert _last_slot(database_url, schema, "report") == noon.replace(second=0)
+    # From then on it is the new schedule's own: downtime after the edit is caught up.
+    [ids] = _fire(database_url, schema, edited, now=noon + dt.timedelta(minutes=30))
+    assert len(ids) == 6
+    slots = [dt.datetime.fromisoformat(r[2]).astimezone(UTC) for r in _periodic_jobs(database_url, schema)]
+    assert slots == [noon.replace(hour=0, second=0)] + _utc_range(
+        noon.replace(second=0), noon.replace(second=0) + dt.timedelta(minutes=30), dt.timedelta(minutes=5))
+
+
+def test_an_edited_schedule_without_catch_up_waits_for_its_next_slot(database_url, schema):
+    """"0 9 * * *" edited to "0 15 * * *" and deployed at 16:00: today's 15:00 was fired
+    at once, late, as if the leader had been down since 09:00. The time zone is part of
+    the schedule; a slot of the edited one within the grace still fires."""
+    day = dt.datetime(2026, 12, 1, tzinfo=UTC)
+    morning = Periodic("0 9 * * *", PerTick, name="digest")
+    _fire(database_url, schema, morning, now=day + dt.timedelta(hours=8))  # registered
+    [ids] = _fire(database_url, schema, morning, now=day + dt.timedelta(hours=9, seconds=5))
+    assert len(ids) == 1
+
+    afternoon = Periodic("0 15 * * *", PerTick, name="digest")
+    assert _fire(database_url, schema, afternoon, now=day + dt.timedelta(hours=16)) == [[]]
+    assert _last_slot(database_url, schema, "digest") == day + dt.timedelta(hours=15)  # passed, not fired
+    assert _schedule_of(database_url, schema, "digest") == "0 15 * * * UTC"
+    [ids] = _fire(database_url, schema, afternoon, now=day + dt.timedelta(days=1, hours=15, seconds=5))
+    assert len(ids) == 1  # the next day's 15:00, as usual
+
+    # Edited again, to a zone where 15:00 came two seconds ago: on time, so it fires.
+    zoned = Periodic("0 15 * * *", PerTick, name="digest", timezone="Europe/Paris")
+    [ids] = _fire(database_url, schema, zoned, now=day + dt.timedelta(days=2, hours=14, seconds=2))
+    assert len(ids) == 1
+    assert _schedule_of(database_url, schema, "digest") == "0 15 * * * Europe/Paris"
+
+
+def test_a_row_fired_before_the_schedule_was_recorded_is_adopted(database_url, schema):
+    """A row from schema v13 (schedule NULL) is not an edit: its missed slots are caught
+    up as before, and the schedule is recorded for the next edit."""
+    p = Periodic("* * * * *", PerTick, name="older", catch_up=True, max_catch_up=5)
+    now = _mid_minute(database_url)
+    _fire(database_url, schema, p, now=now)
+    q(database_url, sql.SQL("UPDATE {} SET schedule = NULL WHERE name = 'older'").format(
+        sql.Identifier(schema, "periodic")))
+    _set_last_slot(database_url, schema, "older", "3 minutes", at=now)
+    [ids] = _fire(database_url, schema, p, now=now)
+    assert len(ids) == 3
+    assert _schedule_of(database_url, schema, "older") == "* * * * * UTC"

@@ -120,7 +120,8 @@ def test_worker_refuses_a_newer_schema(db: str, fresh_schema: str) -> None:
 RELEASED_DDL = {1: "e492cd917392231c", 2: "b854f3bd5c7647c0", 3: "873901e8e7d8fc06", 4: "de5862bdcba22fca",
                 5: "f18c6ac3842f7bc4", 6: "4437b63ff3e2a494", 7: "5a6019fbe3810826",
                 8: "de414af1ca925522", 9: "a3a3eeb95fd75b50", 10: "a8a29dbb859a3d58",
-                11: "b7280b6e6d9f8591", 12: "ef615aa0cc9f790b", 13: "d0992d79e9a056b8"}
+                11: "b7280b6e6d9f8591", 12: "ef615aa0cc9f790b", 13: "d0992d79e9a056b8",
+                14: "9a16ac80d416bfdc"}
 
 
 @pytest.mark.parametrize("version", sorted(RELEASED_DDL))
@@ -364,8 +365,9 @@ def test_upgrade_from_v12_indexes_finished_jobs_by_state(db: str, fresh_schema: 
     assert check_drift(db, fresh_schema) == [] and schema_mod.FINISHED_INDEX not in names()
     # And back down: v12's index is rebuilt, v13's dropped.
     with psycopg.connect(db, autocommit=True) as conn, conn.transaction():
-        for stmt in schema_mod.downgrade_statements(13, fresh_schema):
-            conn.execute(stmt)
+        for version in range(schema_mod.LATEST_VERSION, 12, -1):
+            for stmt in schema_mod.downgrade_statements(version, fresh_schema):
+                conn.execute(stmt)
     assert schema_mod.FINISHED_INDEX in names() and schema_mod.STATE_FINISHED_INDEX not in names()
     assert check_drift(db, fresh_schema)[1:] == []
 
