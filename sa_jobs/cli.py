@@ -734,7 +734,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     progress.close()
     verb = "would delete" if args.dry_run else "deleted"
     if args.json:
-        _print_json({"dry_run": args.dry_run, "deleted": result})
+        # A dry run's counts are not rows deleted: under "deleted" a script took them for so.
+        _print_json({"dry_run": args.dry_run, verb.replace(" ", "_"): result})
     else:
         for state, n in result.items():
             print(f"{state}: {verb} {n} job(s)")

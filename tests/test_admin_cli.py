@@ -192,6 +192,17 @@ def test_prune_command(capsys, database_url, schema, seeded):
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(5,)]
 
 
+def test_a_dry_run_prune_in_json_says_would_delete_not_deleted(capsys, database_url, schema, seeded):
+    """`prune --dry-run --json` named its counts "deleted" while it deleted nothing: a script
+    reading that key took a count for rows gone. A dry run names them "would_delete"."""
+    code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "7d", "--dry-run", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"dry_run": True, "would_delete": {"completed": 1, "cancelled": 0, "dead": 0}}
+    code, out, _ = run(capsys, database_url, schema, "prune", "--older-than", "7d", "--dry-run")
+    assert code == 0 and "completed: would delete 1 job(s)" in out and "deleted" not in out
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(6,)]
+
+
 def test_the_installed_command_runs(database_url, schema, seeded):
     """The console entry point end to end, as an operator types it."""
     proc = subprocess.run(
@@ -304,7 +315,7 @@ def test_a_password_with_a_space_and_url_specials_connects(capsys, database_url,
         code, out, err = run(capsys, url, schema, "jobs", "list", "--json")
         assert code == 0 and len(json.loads(out)) == len(seeded), err
         code, out, err = run(capsys, url, schema, "prune", "--older-than", "7d", "--dry-run", "--json")
-        assert code == 0 and json.loads(out)["deleted"]["completed"] == 1, err
+        assert code == 0 and json.loads(out)["would_delete"]["completed"] == 1, err
     finally:
         q(database_url, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
