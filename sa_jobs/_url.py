@@ -136,8 +136,9 @@ def to_conninfo(target: object) -> str:
     try:
         return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
     except psycopg.ProgrammingError as exc:  # an option libpq does not know (asyncpg's ssl=...)
+        # libpq's message ends in a newline: the refusal went out as two lines.
         raise ConfigurationError(
-            f"{exc} in the database URL's query; sa-jobs connects with libpq, whose options apply"
+            f"{str(exc).strip()} in the database URL's query; sa-jobs connects with libpq, whose options apply"
             " (sslmode=require, not ssl=require)") from None
 
 

@@ -257,6 +257,16 @@ def test_a_refused_url_never_prints_its_password(capsys, schema, url, argv):
     assert "s3cr3t" not in out + err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [("jobs", "list"), ("prune", "--older-than", "1d"), ("migrate",)], ids=" ".join)
+def test_an_option_libpq_does_not_know_is_refused_in_one_line(capsys, database_url, schema, argv):
+    """asyncpg's ``?ssl=require`` in the URL: psycopg's message ends in a newline, and the
+    refusal went out as two lines, its hint on a line of its own after a leading blank."""
+    code, out, err = run(capsys, database_url + "?ssl=require", schema, *argv)
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    assert err == ('sa-jobs: invalid connection option "ssl" in the database URL\'s query; sa-jobs connects with'
+                   " libpq, whose options apply (sslmode=require, not ssl=require)\n"), err
+
+
 OPERATOR_COMMANDS = [
     ("jobs", "list"), ("jobs", "list", "--json"), ("jobs", "show", "1"), ("jobs", "retry", "1"),
     ("jobs", "cancel", "--state", "available"), ("jobs", "delete", "1"), ("queues",), ("queues", "pause", "q"),
