@@ -239,7 +239,8 @@ def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     schema = _validate.schema_name(args.schema)
     _require_schema(args)
-    engine = create_engine(sqlalchemy_url(_database_url(args)))
+    # jsonb numbers exact (`jobs show --json`): see _json_loads_exact.
+    engine = create_engine(sqlalchemy_url(_database_url(args)), json_deserializer=_json_loads_exact)
     if schema != schema_mod.DEFAULT_SCHEMA:
         engine = engine.execution_options(schema_translate_map={schema_mod.DEFAULT_SCHEMA: schema})
     return engine
@@ -296,10 +297,36 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _print_json(value: object) -> None:
+def _json_loads_exact(text: str | bytes) -> object:
+    """jsonb as stored: a number with a fraction or an exponent as a Decimal. As a float,
+    one past its range became Infinity (which is not JSON) and a long one lost digits."""
+    import decimal
     import json
 
-    print(json.dumps(value, default=_json_default, indent=2, sort_keys=False))
+    return json.loads(text, parse_float=decimal.Decimal)
+
+
+def _dumps(value: object, *, ensure_ascii: bool = True, indent: str = "") -> str:
+    """``json.dumps(value, indent=2)`` that writes a Decimal as the number it holds: the
+    json module can only write one by way of a float."""
+    import decimal
+    import json
+
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = (f"{inner}{json.dumps(str(k), ensure_ascii=ensure_ascii)}: "
+                 f"{_dumps(v, ensure_ascii=ensure_ascii, indent=inner)}" for k, v in value.items())
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(value, (list, tuple)) and value:
+        items = (inner + _dumps(v, ensure_ascii=ensure_ascii, indent=inner) for v in value)
+        return "[\n" + ",\n".join(items) + f"\n{indent}]"
+    if isinstance(value, decimal.Decimal) and value.is_finite():
+        return str(value)  # JSON's number syntax: 12.50, -0.0, 2.5E-400
+    return json.dumps(value, default=_json_default, ensure_ascii=ensure_ascii)
+
+
+def _print_json(value: object) -> None:
+    print(_dumps(value))
 
 
 # Control characters (C0, DEL, C1) and the bidirectional overrides and isolates.
@@ -403,13 +430,11 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(row)
         return 0
-    import json
-
     width = max(len(k) for k in row)
     for key, value in row.items():
         if isinstance(value, (dict, list)):
             # Non-ASCII as it is (an address, a name), not \u escapes; JSON escapes the controls.
-            text = json.dumps(value, default=_json_default, indent=2, ensure_ascii=False)
+            text = _dumps(value, ensure_ascii=False)
             if key == "errors" and value:
                 text = "\n".join(f"#{e.get('attempt')} {e.get('at', '')}: {e.get('error')}" for e in value)
                 # Where the last attempt failed: the traceback the worker stored with its error.

@@ -74,6 +74,31 @@ def test_jobs_show(capsys, database_url, schema, seeded):
     assert code == 2 and "no job 999999" in err
 
 
+def test_jobs_show_json_is_valid_json_with_every_number_exact(capsys, database_url, schema):
+    """A number in args or result that a float does not hold (written by a producer in
+    another language, or by SQL): `jobs show --json` printed `Infinity` (no JSON parser
+    but Python's takes it), 0.0 for 2.5e-400 and 12345678901234568.0 for a 19-digit amount,
+    where --json keeps every value exact. The text view shows them as stored too."""
+    from decimal import Decimal
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    huge = "9" * 400 + ".5"
+    job = q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, args, result) VALUES ('num',"
+                                           " jsonb_build_object('huge', %s::numeric, 'amount', 12345678901234567.89,"
+                                           " 'ratio', 0.1, 'n', 7, 'list', jsonb_build_array(1.50, -0.0)),"
+                                           " '2.5e-400'::jsonb) RETURNING id"), (huge,))[0][0]
+    code, out, err = run(capsys, database_url, schema, "jobs", "show", str(job), "--json")
+    assert code == 0, err
+    shown = json.loads(out, parse_float=Decimal, parse_constant=refuse)
+    assert shown["args"] == {"huge": Decimal(huge), "amount": Decimal("12345678901234567.89"), "ratio": Decimal("0.1"),
+                             "n": 7, "list": [Decimal("1.50"), Decimal("-0.0")]}
+    assert shown["result"] == Decimal("2.5e-400") and shown["id"] == job
+    code, out, err = run(capsys, database_url, schema, "jobs", "show", str(job))
+    assert code == 0 and '"amount": 12345678901234567.89' in out and huge in out and "Infinity" not in out, out + err
+
+
 def test_jobs_show_leaves_out_an_earlier_attempts_progress(capsys, database_url, schema, seeded):
     """A job waiting for its attempt 4 showed attempt 3's progress as its own."""
     set_progress = jobs_sql(schema, "UPDATE {jobs} SET progress = %s::jsonb WHERE id = %s")
