@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import importlib
 import logging
 import os
@@ -1045,6 +1046,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return code
     except BrokenPipeError:
         return _reader_gone()
+    except OSError as exc:
+        if not _output_failed(exc):
+            raise
+        # A full disk (`> out.json`), a quota, an I/O error: one line, not a traceback.
+        print(f"sa-jobs: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        _discard_stdout()
+        return 2
     except KeyboardInterrupt:
         # Ctrl-C before the worker's own handlers are in (while it imports the app's
         # modules or connects), or during an operator command: a traceback of wherever
@@ -1063,12 +1071,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _reader_gone() -> int:
     """stdout's reader exited (``sa-jobs jobs list | head``): stop quietly, as a process a
-    SIGPIPE ends (exit 141), where a BrokenPipeError traceback followed head's output.
-    stdout now goes to /dev/null: Python's flush at exit would raise again."""
+    SIGPIPE ends (exit 141), where a BrokenPipeError traceback followed head's output."""
+    _discard_stdout()
+    return 128 + 13  # SIGPIPE's number (signal.SIGPIPE does not exist on Windows)
+
+
+def _discard_stdout() -> None:
+    """stdout to /dev/null once writing to it failed: Python's flush at exit would raise again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
-    return 128 + 13  # SIGPIPE's number (signal.SIGPIPE does not exist on Windows)
+
+
+# Errors of a write to a file or terminal: the commands write no file but stdout (the
+# database's errors are the driver's, not OSError).
+_WRITE_ERRORS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EIO") if hasattr(errno, name))
+
+
+def _output_failed(exc: OSError) -> bool:
+    """Whether ``exc`` is stdout's write failing (a full disk, a quota, a terminal gone)."""
+    return exc.errno in _WRITE_ERRORS
 
 
 def _database_error(exc: BaseException) -> Optional[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -571,6 +572,19 @@ def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback(database
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and err == "", err  # as `seq 1000000 | head -1`: 128 + SIGPIPE
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("argv", [("jobs", "list", "--json"), ("jobs", "list"), ("queues", "--json")])
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(database_url, schema, seeded, argv):
+    """`sa-jobs jobs list --json > out.json` on a full disk ended in an OSError traceback
+    (exit 1, the code for "not every id was acted on")."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "sa_jobs", *argv, "--database-url", database_url,
+                               "--schema", schema], cwd=REPO_ROOT, stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == "sa-jobs: cannot write the output: No space left on device\n", proc.stderr
 
 
 @pytest.mark.parametrize("argv", [("jobs", "list"), ("queues",), ("prune", "--older-than", "1d"), ("retry", "1")])
