@@ -436,8 +436,11 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
         if isinstance(value, (dict, list)):
             # Non-ASCII as it is (an address, a name), not \u escapes; JSON escapes the controls.
             text = _dumps(value, ensure_ascii=False)
-            if key == "errors" and value:
-                text = "\n".join(f"#{e.get('attempt')} {e.get('at', '')}: {e.get('error')}" for e in value)
+            if key == "errors" and isinstance(value, list) and value:
+                # An entry the worker did not write (SQL, another producer) as its JSON:
+                # e.get() failed on it with a traceback.
+                text = "\n".join(f"#{e.get('attempt')} {e.get('at', '')}: {e.get('error')}" if isinstance(e, dict)
+                                 else _dumps(e, ensure_ascii=False) for e in value)
                 # Where the last attempt failed: the traceback the worker stored with its error.
                 last = value[-1].get("traceback") if isinstance(value[-1], dict) else None
                 if last:

@@ -100,6 +100,23 @@ def test_jobs_show_json_is_valid_json_with_every_number_exact(capsys, database_u
     assert code == 0 and '"amount": 12345678901234567.89' in out and huge in out and "Infinity" not in out, out + err
 
 
+@pytest.mark.parametrize("errors, shown", [
+    ('["refused", 3, null]', ['"refused"', "3", "null"]),
+    ('{"error": "boom"}', ['"error": "boom"']),
+    ('[{"attempt": 1, "error": "first"}, "second"]', ["#1 : first", '"second"']),
+])
+def test_jobs_show_prints_errors_the_worker_did_not_write(capsys, database_url, schema, errors, shown):
+    """`errors` entries that are not the worker's objects (a row written by SQL or another
+    producer): the text view failed with an AttributeError traceback ('str' object has no
+    attribute 'get'), on the command an operator inspects such a row with."""
+    job = q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, errors) VALUES ('odd', %s::jsonb) RETURNING id"),
+            (errors,))[0][0]
+    code, out, err = run(capsys, database_url, schema, "jobs", "show", str(job))
+    assert code == 0 and "Traceback" not in err, err
+    for text in shown:
+        assert text in out, out
+
+
 def test_jobs_show_leaves_out_an_earlier_attempts_progress(capsys, database_url, schema, seeded):
     """A job waiting for its attempt 4 showed attempt 3's progress as its own."""
     set_progress = jobs_sql(schema, "UPDATE {jobs} SET progress = %s::jsonb WHERE id = %s")
