@@ -517,22 +517,24 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
     progress = Progress(f"{verb} ", args.progress)
     interrupted = False
     try:
-        # Ctrl-C waits for the batch in flight, as prune's: raised out of its COMMIT, a
-        # batch the server had committed was left out of the count and the ids reported.
-        with _ctrl_c_between_batches(progress) as on_batch:
-            on_batch(0, total)
-            for chunk in batches():
-                with Session(engine) as session, session.begin():
-                    if by_filter:
-                        chunk_where = dataclasses.replace(where, ids=tuple(chunk))
-                        targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked)
-                    else:
-                        targets = chunk
-                    acted = list(action(session, targets)) if targets else []
-                done.extend(acted)
-                missing.extend(set(chunk) - set(acted))
-                listed += len(chunk)
-                on_batch(listed, max(total, listed))
+        progress(0, total)
+        for chunk in batches():
+            with Session(engine) as session:
+                session.begin()
+                if by_filter:
+                    chunk_where = dataclasses.replace(where, ids=tuple(chunk))
+                    targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked)
+                else:
+                    targets = chunk
+                acted = list(action(session, targets)) if targets else []
+                # Ctrl-C waits for the COMMIT and its count: raised out of a COMMIT the server
+                # had done, the batch was left out of both. Before it, the batch rolls back.
+                with _ctrl_c_deferred():
+                    session.commit()
+                    done.extend(acted)
+                    missing.extend(set(chunk) - set(acted))
+                    listed += len(chunk)
+            progress(listed, max(total, listed))
     except KeyboardInterrupt:
         # Ctrl-C: the batches committed so far stay done (the current one rolled back); say
         # how many, not a traceback. Ids not reached are not reported as refused.
@@ -708,21 +710,16 @@ def _ctrl_c_between_batches(progress: Progress) -> Iterator[Callable[[int, int],
     stops the run after the batch in flight (a second one stops it at once).
 
     psycopg answers Ctrl-C by cancelling the running statement; a batch that committed
-    before the cancel reached the server was done, its row count lost with its result,
-    and the run said one batch fewer than it had done. A batch is bounded (``--batch``
-    rows; prune's skip locked rows, a bulk action's wait at most ``--lock-timeout`` for
-    one), so waiting for its end is short, and the first Ctrl-C says it is waiting. Before
-    the first batch (counting) Ctrl-C stops at once, as everywhere else."""
+    before the cancel reached the server was deleted, its row count lost with its result,
+    and the run said one batch fewer than it had deleted. A batch is bounded (``--batch``
+    rows, SKIP LOCKED), so waiting for its end is short. Before the first batch (counting)
+    Ctrl-C stops at once, as everywhere else."""
     state = {"started": False, "stop": False}
 
     def on_sigint(signum: int, frame: object) -> None:
         if not state["started"] or state["stop"]:
             raise KeyboardInterrupt
         state["stop"] = True
-        # A batch can wait for a row lock (up to --lock-timeout): say why nothing stops yet.
-        sys.stderr.write(("\n" if progress._shown else "")
-                         + "sa-jobs: stopping after the batch in flight (Ctrl-C again to stop at once)\n")
-        sys.stderr.flush()
 
     def on_batch(done: int, total: int) -> None:
         progress(done, total)
@@ -738,6 +735,22 @@ def _ctrl_c_between_batches(progress: Progress) -> Iterator[Callable[[int, int],
         yield on_batch
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Ctrl-C raised at the end of the block, not inside it (in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:

@@ -713,6 +713,45 @@ def test_a_prune_interrupted_while_counting_says_what_it_did(capsys, database_ur
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(5,)]
 
 
+@pytest.mark.parametrize("argv", [("jobs", "cancel", "--kind", "bulk", "--batch", "2"), ("jobs", "cancel", "{first}")],
+                         ids=["by filter", "by id"])
+def test_ctrl_c_while_a_bulk_batch_waits_for_a_row_lock_stops_at_once(capsys, database_url, schema, argv):
+    """A batch waiting for a row another transaction holds has done nothing yet: Ctrl-C
+    stops it at once (its transaction rolls back), not after the lock timeout."""
+    import signal
+    import threading
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+
+    ids = [r[0] for r in q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state) SELECT 'bulk', 'available'"
+                                                          " FROM generate_series(1, 4) RETURNING id"))]
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s"
+    main = threading.get_ident()
+
+    def interrupt_once_waiting() -> None:
+        deadline = time.monotonic() + 20
+        while q(database_url, waiting, ("%FOR UPDATE%",)) != [(1,)] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    with psycopg.connect(to_conninfo(database_url)) as holder:
+        holder.execute(jobs_sql(schema, "SELECT 1 FROM {jobs} WHERE id = %s FOR UPDATE"), (ids[0],))
+        thread = threading.Thread(target=interrupt_once_waiting)
+        thread.start()
+        started = time.monotonic()
+        try:
+            code, out, err = run(capsys, database_url, schema, *(a.format(first=ids[0]) for a in argv),
+                                 "--json", "--lock-timeout", "20")
+        finally:
+            thread.join(30)
+    assert code == 130 and time.monotonic() - started < 10 and "Traceback" not in err, out + err
+    assert json.loads(out) == {"cancelled": [], "not_cancelled": []}
+    assert err == "sa-jobs: interrupted after 0 job(s) cancelled; run it again to go on\n", err
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'available'")) == [(4,)]
+
+
 def test_jobs_show_prints_the_last_errors_traceback(capsys, database_url, schema):
     """The text view showed each error's first line only: the traceback the worker stores
     with it (where it failed) was only in --json, as one escaped string."""
