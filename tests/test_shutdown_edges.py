@@ -142,3 +142,93 @@ def test_release_running_alone_stops_the_worker_instead_of_claiming_and_releasin
     assert q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs} WHERE id = %s"), (job_id,)) == [
         ("available", 0)]
     assert (observer.jobs_claimed, observer.finished, SD_HANG_RUNS) == (1, ["released"], [1])
+
+
+class SdDone(Job, kind="sd_done", queue="sd"):
+    pass
+
+
+@SdDone.handler
+async def sd_done(ctx: JobContext) -> str:
+    return "done"
+
+
+def _state(database_url: str, schema: str, job_id: int) -> str:
+    return q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"), (job_id,))[0][0]
+
+
+def test_a_stop_requested_while_the_worker_is_not_running_ends_its_next_run_at_once(engine, database_url, schema):
+    """request_stop() between two runs of one Worker (a sync app's restart loop, its exit
+    hook come between two runs) was dropped with the ended run's state: the next run()
+    ran on, and the app's join hung for good. A stop asked for while no run is in
+    progress, before the first as between two, applies to the next run: it claims nothing
+    and run() returns at once. That run uses the stop up: the one after it runs jobs."""
+    worker = Worker(database_url, kinds=[SdDone], schema=schema, lease=5, poll_interval=0.1, maintenance_interval=0.1)
+
+    async def run_until_done(job_id: int) -> None:
+        async with worker:
+            with anyio.fail_after(10):
+                while _state(database_url, schema, job_id) != "completed":
+                    await anyio.sleep(0.02)
+
+    async def run_asked_to_stop() -> None:
+        with anyio.fail_after(5):
+            await worker.run()
+
+    [first] = add(engine, SdDone())
+    anyio.run(run_until_done, first)
+    for _ in range(2):  # asked twice: still one stop, for one run
+        worker.request_stop()
+    [waiting] = add(engine, SdDone())
+    anyio.run(run_asked_to_stop)
+    assert _state(database_url, schema, waiting) == "available"  # claimed nothing
+    anyio.run(run_until_done, waiting)  # the stop was used up
+
+    fresh = Worker(database_url, kinds=[SdDone], schema=schema, lease=5, poll_interval=0.1)
+    fresh.request_stop()  # before its first run: the same
+    anyio.run(lambda: _run_within(fresh, 5))
+
+
+async def _run_within(worker: Worker, seconds: float) -> None:
+    with anyio.fail_after(seconds):
+        await worker.run()
+
+
+def test_shutdown_of_a_worker_that_is_not_running_returns_at_once(engine, database_url, schema):
+    """await worker.shutdown() on a Worker whose run had not begun waited out the grace
+    period (30 s), then for good, for a run that never came. It returns at once, and the
+    stop applies to the next run, as request_stop()'s does."""
+    worker = Worker(database_url, kinds=[SdDone], schema=schema, lease=5, poll_interval=0.1)
+
+    async def main() -> None:
+        with anyio.fail_after(5):
+            await worker.shutdown()
+            await worker.run()
+
+    anyio.run(main)
+
+
+def test_a_shutdown_during_a_start_that_fails_returns(engine, database_url, schema):
+    """shutdown() called while the worker starts, and the start then fails (its schema is
+    not installed): it waited for runners and a serve task that never began, the grace
+    period and then for good. It returns once the start has failed."""
+    worker = Worker(database_url, kinds=[SdDone], schema=schema + "_missing", lease=5, shutdown_grace=60)
+    failed: list[BaseException] = []
+
+    async def start() -> None:
+        try:
+            async with worker:
+                pass
+        except Exception as exc:  # noqa: BLE001 - the schema check's refusal
+            failed.append(exc)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start)
+            with anyio.fail_after(5):
+                while not worker._running:
+                    await anyio.sleep(0)
+                await worker.shutdown()
+        assert failed and "schema" in str(failed[0]).lower()
+
+    anyio.run(main)

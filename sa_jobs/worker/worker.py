@@ -270,8 +270,11 @@ class Worker:
 
         self._kinds = self._resolve_kinds(kinds)
         self._queue_limits = self._resolve_queues(queues, concurrency)
-        self._entered = False  # started at least once
         self._running = False  # between __aenter__ and the end of __aexit__
+        # A stop asked for while no run was in progress (before the first, between two):
+        # the next run starts stopped (see request_stop). Kept apart from the run state,
+        # which each run makes afresh.
+        self._stop_pending = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # the running loop, and its thread
         self._loop_thread = 0
         self._new_run_state()
@@ -430,17 +433,20 @@ class Worker:
         _require_asyncio()
         if self._running:
             raise ConfigurationError(f"worker {self.worker_id} is running already; one Worker runs once at a time")
-        if self._entered:  # a new run: nothing of the last one carries over (a stop asked
-            self._new_run_state()  # for before the first run still counts)
-        self._entered = self._running = True
+        self._new_run_state()  # nothing of the last run carries over, but a stop asked for since
+        self._running = True
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        if self._stop_pending:
+            self._stop_pending = False
+            log.info("worker %s: a stop was asked for before this run began", self.worker_id)
+            self._request_stop()
         try:
             if self._check_schema:
                 await self._check_schema_version()
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
         except BaseException:
-            self._running = False
+            self._end_unstarted_run()
             raise
         # Not TaskGroup.start(): a start cancelled by the app (its deadline, Ctrl-C; asyncio's
         # own cancellation included) made it wait for the serve task, which is shielded,
@@ -457,9 +463,16 @@ class Worker:
             try:
                 await self._tg.__aexit__(None, None, None)
             finally:
-                self._running = False
+                self._end_unstarted_run()
             raise
         return self
+
+    def _end_unstarted_run(self) -> None:
+        """End a run whose start failed or was cancelled. A shutdown() called meanwhile
+        waited for runners and a serve task that never began: the grace period, then for good."""
+        self._runners_done.set()
+        self._done.set()
+        self._running = False
 
     async def _check_schema_version(self) -> None:
         """On the loop, not in a thread: a cancellation of the app's startup (its deadline,
@@ -495,33 +508,53 @@ class Worker:
             raise exc
 
     async def run(self) -> None:
-        """Run until :meth:`request_stop` (or a cancellation), then shut down gracefully."""
+        """Run until :meth:`request_stop` (or a cancellation), then shut down gracefully.
+
+        A Worker runs again after a run ended (one run at a time). A stop asked for while
+        no run is in progress applies to the next one, which then claims nothing and returns."""
         async with self:
             await self._stop_requested.wait()
 
     def request_stop(self) -> None:
         """Stop claiming now (synchronously: no claim starts after this returns), then let
-        :meth:`run` drain and shut down. Safe from any thread (an app's shutdown hook)."""
-        self._on_loop(self._request_stop)
+        :meth:`run` drain and shut down. Safe from any thread (an app's shutdown hook).
+
+        Asked while no run is in progress (before the first, between two: a sync app's exit
+        hook come before its thread's run began, or between two runs of a restart loop), the
+        stop applies to the next run, which claims nothing and ends at once (run() returns;
+        ``async with`` runs its block with a worker already stopping). One run uses it up.
+        Dropped with the ended run's state, it let the next run() run on, the app's join
+        waiting for good."""
+        self._stop(self._request_stop)
 
     def _request_stop(self) -> None:
         self._stop_claiming()
         self._stop_requested.set()
 
-    def _on_loop(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the worker's event loop and wait for it.
+    def _stop(self, fn: Callable[[], None]) -> None:
+        """Stop the run in progress with ``fn``; with none to reach, stop the next one."""
+        if not self._on_loop(fn):
+            self._stop_pending = True
+
+    def _on_loop(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` on the worker's event loop, in the run in progress, and wait for it;
+        False (``fn`` not run) if there is no run to reach, or it ended before ``fn`` ran.
 
         Called from another thread (a sync app running the worker in a background thread
         and stopping it at exit), request_stop() raised "no running event loop" from the
         cancel scope after marking the worker stopping, and the run never ended.
         """
         loop = self._loop
-        if not self._running or loop is None or threading.get_ident() == self._loop_thread:
-            fn()  # on the loop, or no run to reach (the next run starts afresh anyway)
-            return
+        if not self._running or loop is None:
+            return False  # the next run starts afresh: fn would change nothing of it
+        if threading.get_ident() == self._loop_thread:
+            fn()
+            return True
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def call() -> None:
+            if not done.set_running_or_notify_cancel():  # given up: the run had ended
+                return
             try:
                 fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
@@ -532,13 +565,15 @@ class Worker:
         try:
             loop.call_soon_threadsafe(call)
         except RuntimeError:  # the loop closed: the run is over
-            return
+            return False
         while True:
             try:
-                return done.result(timeout=0.05)
+                done.result(timeout=0.05)
+                return True
             except concurrent.futures.TimeoutError:
-                if not self._running:  # the run ended before the call could run
-                    return
+                # The run ended before the call could run: given up, unless it runs now.
+                if not self._running and done.cancel():
+                    return False
 
     def _stop_claiming(self) -> None:
         if not self._stopping:
@@ -550,6 +585,9 @@ class Worker:
     async def shutdown(self, grace: Optional[float] = None) -> None:
         """Stop claiming, let running jobs finish within ``grace``, release the rest."""
         grace = self.shutdown_grace if grace is None else _seconds("grace", grace, zero=True, infinite=True)
+        if not self._running:  # waited for a run that never came (the grace, then for good)
+            self._stop_pending = True  # the next run's, as request_stop()'s
+            return
         self._stop_requested.set()
         self._stop_claiming()
         with anyio.move_on_after(grace):
@@ -565,8 +603,9 @@ class Worker:
         else while this worker held it. The stop writes the outcomes it holds for at most
         ``HURRIED_STOP`` seconds more (the caller wants out now: sa-jobs worker's second
         signal), not up to half the lease, and gives up a claim that the database has not
-        answered by then. Safe from any thread."""
-        self._on_loop(self._hurry)
+        answered by then. Safe from any thread; with no run in progress, the next run is
+        stopped, as by :meth:`request_stop`."""
+        self._stop(self._hurry)
 
     def _hurry(self) -> None:
         self._hurried = True
