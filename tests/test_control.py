@@ -1610,3 +1610,56 @@ def test_cancel_and_retry_through_an_autocommit_engine(engine, database_url, sch
     assert act(lambda s: sorted(retry_many(s, [first, second, job_id]))) == [first]
     assert [row(database_url, schema, i)[0] for i in (first, second)] == ["available", "dead"]
     assert act(lambda s: cancel_many(s, [first, second, job_id])) == {first: "available", job_id: "available"}
+
+
+def test_a_cancel_heard_between_the_claim_and_the_inbox_stops_the_job_at_once(engine, database_url, schema):
+    """A cancel committed right after the claim committed, its notice heard before the
+    claimed jobs reached the worker's inbox: the listener looked the job up among the jobs
+    the worker held, did not find it, and dropped the notice. The handler ran on until
+    the next heartbeat (30 s here). The claim now checks the notices heard while it ran."""
+    from sa_jobs import Worker
+
+    STARTED.clear()  # job ids restart in each test's schema
+    observer = FinishedOutcomes()
+    cancelled_at: list[float] = []
+
+    def cancel_now(job_id: int) -> None:
+        with Session(engine) as session, session.begin():
+            assert cancel(session, job_id) == "running"
+
+    async def main() -> None:
+        worker = Worker(database_url, kinds=ALL, schema=schema, observer=observer, lease=120,
+                        poll_interval=0.2, maintenance_interval=0.1)
+        heard = anyio.Event()
+        claim, held = worker._claim, worker._held_ids
+
+        def held_ids() -> list[int]:
+            if cancelled_at:  # the listener looks up the jobs held as it takes the notice
+                heard.set()
+            return held()
+
+        async def claim_then_cancel(*args):  # type: ignore[no-untyped-def]
+            jobs = await claim(*args)
+            if jobs and not cancelled_at:
+                # The claim committed; its jobs are not in the inbox yet.
+                cancelled_at.append(time.monotonic())
+                await anyio.to_thread.run_sync(cancel_now, jobs[0].id)
+                with anyio.fail_after(10):
+                    await heard.wait()  # the listener has taken the notice
+            return jobs
+
+        worker._claim, worker._held_ids = claim_then_cancel, held_ids  # type: ignore[method-assign]
+        async with worker:
+            with anyio.fail_after(10):
+                while worker.notifier is None or not worker.notifier.listening:
+                    await anyio.sleep(0.01)
+            await anyio.to_thread.run_sync(add, engine, CLongAsync())
+            with anyio.fail_after(20):
+                while not observer.outcomes:
+                    await anyio.sleep(0.02)
+            ended = time.monotonic()
+        assert ended - cancelled_at[0] < 3, f"the job ended {ended - cancelled_at[0]:.1f} s after its cancel"
+
+    anyio.run(main)
+    assert observer.outcomes == ["cancelled"]
+    assert states(database_url, schema) == {"cancelled": 1}

@@ -13,6 +13,11 @@ held jobs it names and hands them to the worker, which judges each claim against
 (``settle``): one whose row is cancelled, or waiting again, under it was cancelled (a
 cancel and a retry in one transaction leave the row available, never read cancelled);
 one whose row another claim holds now has ended too; one made after the read is left be.
+
+A notice can also come while a claim is in flight, its jobs not held yet: the notifier
+tells the worker of every cancel notice as it takes it (``heard``), and of every connect
+(``heard(None)``: notices may have been missed meanwhile), and the worker checks the jobs
+of a claim that was in flight then (Worker._recheck_claimed).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Notifier:
         wake: Callable[[], None],
         settle: Callable[[Sequence[int], Sequence[tuple[int, str, Optional[uuid.UUID]]], float], None],
         held: Callable[[], Sequence[int]] = tuple,
+        heard: Callable[[Optional[int]], None] = lambda job_id: None,
         *,
         health_interval: float = 5.0,
     ) -> None:
@@ -48,6 +54,7 @@ class Notifier:
         self._wake = wake
         self._settle = settle
         self._held = held
+        self._heard = heard
         self._health_interval = health_interval
         self._conn = ManagedConnection(conninfo, "listener", on_connect=self._listen)
         self.listening = False
@@ -62,6 +69,7 @@ class Notifier:
                 try:
                     conn = await self._conn.get()
                     self.listening = True
+                    self._heard(None)  # a claim in flight may hold jobs of cancels not heard
                     self._wake()
                     await self._catch_up_cancels(conn)
                     while True:
@@ -75,6 +83,7 @@ class Notifier:
                             if note.channel == self._q.cancel_channel:
                                 if note.payload.isdigit():
                                     cancelled.append(int(note.payload))
+                                    self._heard(cancelled[-1])
                             else:
                                 self._wake()
                         if cancelled:

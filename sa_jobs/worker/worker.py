@@ -125,6 +125,15 @@ def next_resume_point(
     return last
 
 
+@dataclass(eq=False)
+class _CancelWatch:
+    """The cancel notices the listener took while one claim was in flight: ``ids``, or
+    ``everything`` when it (re)connected meanwhile (notices may have been missed)."""
+
+    ids: set[int] = field(default_factory=set)
+    everything: bool = False
+
+
 @dataclass(frozen=True)
 class _KindRuntime:
     cls: type[Job]
@@ -306,6 +315,7 @@ class Worker:
         self._hurried = False  # release_running() was called: the end of the stop is bounded by HURRIED_STOP
         self._end_scope: Optional[anyio.CancelScope] = None  # the end of the stop (drain, maintenance tick)
         self._claims: set[anyio.CancelScope] = set()  # the (shielded) claims in flight
+        self._cancel_watches: set[_CancelWatch] = set()  # one per claim in flight, until its jobs are held
         self._snoozed_now = 0  # Snooze(0) outcomes not yet written (see _completions_written)
 
     # ---- configuration -----------------------------------------------------------
@@ -654,7 +664,7 @@ class Worker:
             lease=self.lease, interval=self._heartbeat_interval, awaiting=self.completer.awaiting,
         )
         self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self._settle_claims,
-                                 self._held_ids)
+                                 self._held_ids, self._heard_cancel)
         self.maintainer = Maintainer(
             self._conninfo, self._queries, self._observer,
             [Rescuer(self._observer), Scheduler(), self.horizon, *self._extra_maintenance],
@@ -751,21 +761,32 @@ class Worker:
                         return
                     if q.local_pause is not None:
                         continue
-                    # Shielded: a claim the server executed must reach us, or its jobs
-                    # would sit running until their lease expired.
-                    with anyio.CancelScope(shield=True) as claiming:
-                        self._claims.add(claiming)
-                        try:
-                            jobs = await self._claim(q, live, want, conn.deadline)
-                        finally:
-                            self._claims.discard(claiming)
-                    if claiming.cancelled_caught:
-                        # Given up by a hurried stop (release_running()): the database did
-                        # not answer. Jobs it claimed there are rescued after their lease.
-                        log.warning("worker %s: a claim on queue %r the database did not answer is given up",
-                                    self.worker_id, q.name)
-                        await conn.discard()
-                        return
+                    watch = _CancelWatch()  # the cancel notices taken until its jobs are held
+                    self._cancel_watches.add(watch)
+                    try:
+                        # Shielded: a claim the server executed must reach us, or its jobs
+                        # would sit running until their lease expired.
+                        with anyio.CancelScope(shield=True) as claiming:
+                            self._claims.add(claiming)
+                            try:
+                                jobs = await self._claim(q, live, want, conn.deadline)
+                            finally:
+                                self._claims.discard(claiming)
+                        if claiming.cancelled_caught:
+                            # Given up by a hurried stop (release_running()): the database did
+                            # not answer. Jobs it claimed there are rescued after their lease.
+                            log.warning("worker %s: a claim on queue %r the database did not answer is given up",
+                                        self.worker_id, q.name)
+                            await conn.discard()
+                            return
+                        # Held from here (no await between): a cancel notice taken from now
+                        # on finds the jobs; one taken before is in the watch.
+                        q.busy += len(jobs)
+                        q.inbox.put_many(jobs)
+                        self._observer.slots(q.name, q.busy + q.writing, q.limit)
+                    finally:
+                        self._cancel_watches.discard(watch)
+                    await self._recheck_claimed(live, conn, jobs, watch)
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - back off and retry; never exit the worker
                 if failures == 0 and is_stale_plan(exc):
@@ -785,14 +806,50 @@ class Worker:
                 await conn.discard()
                 await anyio.sleep(min(5.0, 0.05 * 2 ** min(failures, 7)))
                 continue
-            q.busy += len(jobs)
-            q.inbox.put_many(jobs)
-            self._observer.slots(q.name, q.busy + q.writing, q.limit)
             if self._stopping:
                 return
             if len(jobs) < want:
                 with anyio.move_on_after(self._idle_wait(q, len(jobs))):
                     await q.wake.wait()
+
+    def _heard_cancel(self, job_id: Optional[int]) -> None:
+        """The listener took a cancel notice of ``job_id`` (None: it connected, and may have
+        missed some): noted for the claims in flight, whose jobs it cannot find yet."""
+        for watch in self._cancel_watches:
+            if job_id is None:
+                watch.everything = True
+            else:
+                watch.ids.add(job_id)
+
+    async def _recheck_claimed(self, live: Any, conn: ManagedConnection, jobs: list[ClaimedJob],
+                               watch: _CancelWatch) -> None:
+        """Judge the jobs of a claim by their rows, as the listener does on a notice, if a
+        cancel notice of theirs was taken while the claim was in flight (the commit of the
+        claim and the notice race): the listener, not finding them held, dropped it, and the
+        handler ran until the next heartbeat (a quarter of the lease). Read once the jobs
+        are held, so that their claim is older than the read; a notice taken since finds
+        them. Failing, the heartbeat is asked to beat soon: it finds a cancelled job too."""
+        ids = sorted({j.id for j in jobs if watch.everything or j.id in watch.ids})
+        if not ids:
+            return
+        read_at = time.monotonic()
+        try:
+            with anyio.CancelScope(shield=True) as reading:  # bounded by the deadline and a hurried stop
+                self._claims.add(reading)
+                try:
+                    with conn.deadline():
+                        rows = await (await live.execute(self._queries.claims_of, {"ids": ids})).fetchall()
+                finally:
+                    self._claims.discard(reading)
+            if reading.cancelled_caught:
+                raise TimeoutError("given up by the stop")
+        except Exception as exc:  # noqa: BLE001 - the claim stands; the heartbeat checks the rows
+            log.warning("claim on queue %r: reading the rows of %d job(s) cancelled meanwhile failed (%s)",
+                        jobs[0].queue, len(ids), describe(exc))
+            await conn.discard()
+            self.nudge_heartbeat()
+            return
+        self._settle_claims(ids, [(r[0], r[1], r[2]) for r in rows], read_at)
 
     def _idle_wait(self, q: _Queue, claimed: int) -> float:
         """How long a producer that got less than it asked for (``claimed`` jobs) waits for
