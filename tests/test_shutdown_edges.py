@@ -232,3 +232,39 @@ def test_a_shutdown_during_a_start_that_fails_returns(engine, database_url, sche
         assert failed and "schema" in str(failed[0]).lower()
 
     anyio.run(main)
+
+
+def test_an_outcome_that_waited_on_a_cancel_and_was_fenced_off_counts_as_cancelled(engine, database_url, schema):
+    """The handler returned while an app's cancel() of its job was not yet committed (it
+    holds the row): the completion waited, was kept, and was fenced off once the cancel
+    committed. The attempt was counted lease_lost, as if another worker had taken the job;
+    it was cancelled under this claim, and counts as cancelled, as a cancel heard while the
+    handler ran does."""
+    from sa_jobs import cancel
+
+    SD_GO.clear()
+    [job_id] = add(engine, SdQuick())
+    observer = Finished()
+
+    async def main() -> None:
+        worker = Worker(database_url, kinds=[SdQuick], schema=schema, lease=30, poll_interval=0.2,
+                        maintenance_interval=0.1, observer=observer)
+        async with worker:
+            with anyio.fail_after(10):
+                while observer.started == 0:
+                    await anyio.sleep(0.01)
+            with Session(engine) as session:
+                session.begin()
+                assert cancel(session, job_id) == "running"  # not committed: it holds the row
+                SD_GO.append(True)
+                with anyio.fail_after(10):
+                    while worker.completer is None or not worker.completer.awaiting():
+                        await anyio.sleep(0.01)
+                session.commit()
+            with anyio.fail_after(10):
+                while not observer.finished:
+                    await anyio.sleep(0.01)
+
+    anyio.run(main)
+    assert observer.finished == ["cancelled"]
+    assert _state(database_url, schema, job_id) == "cancelled"

@@ -183,10 +183,13 @@ class Completer:
         # Counted with the batch, those were counted again when they landed.
         back = {id(o) for o in self._pending}
         batch = [o for o in batch if id(o) not in back]
-        for outcome in batch:  # written, fenced off, or dropped: it counts now, as what it did
-            self._finished(outcome)
-        if self._on_written is not None:
-            self._on_written(batch)
+        try:
+            await self._note_cancelled([o for o in batch if o.label and not o.landed])
+        finally:  # counted even if a stop cancels the look-up (then as lease_lost)
+            for outcome in batch:  # written, fenced off, or dropped: it counts now, as what it did
+                self._finished(outcome)
+            if self._on_written is not None:
+                self._on_written(batch)
         if not self._pending:
             self._idle.set()
         if locked:
@@ -202,11 +205,34 @@ class Completer:
     def _finished(self, outcome: Outcome) -> None:
         """Report the attempt to the observer. Counted by the runner, before the write, a
         completion the fence refused (the lease lost, the job another worker's now) still
-        counted as completed; it counts as lease_lost, as one the runner saw lost does."""
+        counted as completed; it counts as lease_lost, as one the runner saw lost does, or
+        as cancelled if cancel() ended it under this claim (see _note_cancelled)."""
         if outcome.label:
             job = outcome.job
-            self._observer.job_finished(job.queue, job.kind, outcome.label if outcome.landed else "lease_lost",
-                                        outcome.run_seconds, outcome.since_enqueue)
+            label = outcome.label if outcome.landed else "cancelled" if job.cancelled_by_user else "lease_lost"
+            self._observer.job_finished(job.queue, job.kind, label, outcome.run_seconds, outcome.since_enqueue)
+
+    async def _note_cancelled(self, fenced: list[Outcome]) -> None:
+        """Mark the jobs of outcomes the fence refused whose rows cancel() ended under their
+        claim (read 'cancelled' under its token, as the heartbeat judges a row it cannot
+        extend). Typically an outcome that waited on the app's cancel() transaction, which
+        held the row: its attempt counted lease_lost, as if another worker had taken the
+        job. The notifier, told of that cancel, did not look for a job whose handler had
+        ended. Unread (the look-up failed), they count as lost."""
+        if not fenced:
+            return
+        try:
+            conn = await self._conn.get()
+            with self._conn.deadline():
+                cur = await conn.execute(self._q.claims_of, {"ids": sorted({o.job.id for o in fenced})})
+                rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
+        except Exception as exc:  # noqa: BLE001 - only the label depends on it
+            log.warning("completer: reading the rows of %d fenced outcome(s) failed (%s)", len(fenced), describe(exc))
+            await self._conn.discard()
+            return
+        for outcome in fenced:
+            if rows.get(outcome.job.id) == ("cancelled", outcome.job.token):
+                outcome.job.cancelled_by_user = True
 
     async def _keep_leases(self, kept: list[Outcome]) -> None:
         """Extend the leases of the kept outcomes' jobs (fenced by claim, as a beat is), now
