@@ -284,6 +284,7 @@ class Worker:
         # the next run starts stopped (see request_stop). Kept apart from the run state,
         # which each run makes afresh.
         self._stop_pending = False
+        self._pending_lock = threading.Lock()  # a stop from another thread as a run begins
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # the running loop, and its thread
         self._loop_thread = 0
         self._new_run_state()
@@ -443,11 +444,12 @@ class Worker:
         _require_asyncio()
         if self._running:
             raise ConfigurationError(f"worker {self.worker_id} is running already; one Worker runs once at a time")
-        self._new_run_state()  # nothing of the last run carries over, but a stop asked for since
-        self._running = True
-        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        if self._stop_pending:
-            self._stop_pending = False
+        with self._pending_lock:
+            self._new_run_state()  # nothing of the last run carries over, but a stop asked for since
+            self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+            self._running = True
+            pending, self._stop_pending = self._stop_pending, False
+        if pending:
             log.info("worker %s: a stop was asked for before this run began", self.worker_id)
             self._request_stop()
         try:
@@ -542,9 +544,14 @@ class Worker:
         self._stop_requested.set()
 
     def _stop(self, fn: Callable[[], None]) -> None:
-        """Stop the run in progress with ``fn``; with none to reach, stop the next one."""
-        if not self._on_loop(fn):
-            self._stop_pending = True
+        """Stop the run in progress with ``fn``; with none to reach, stop the next one (also
+        when a run begins, in another thread, as this finds none: it stops that one)."""
+        while not self._on_loop(fn):
+            with self._pending_lock:
+                loop = self._loop
+                if not self._running or loop is None or loop.is_closed():
+                    self._stop_pending = True
+                    return
 
     def _on_loop(self, fn: Callable[[], None]) -> bool:
         """Run ``fn`` on the worker's event loop, in the run in progress, and wait for it;
