@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from typing import Any
@@ -75,6 +76,28 @@ def sqlalchemy_url(target: object, *, async_: bool = False) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def _psycopg_engine(target: object) -> Any:
+    """``target``'s sync Engine if it connects with psycopg 3, else None: another driver's
+    connect_args, creator and connect listeners (asyncpg's ``server_settings``, its type
+    codecs) would mean nothing to psycopg, which sa-jobs' own engines use."""
+    from sqlalchemy.engine import Engine
+
+    engine = getattr(target, "sync_engine", target)
+    if not isinstance(engine, Engine) or engine.dialect.driver not in ("psycopg", "psycopg_async"):
+        return None
+    return engine
+
+
+def _default_creator_params(engine: Any) -> dict[str, Any] | None:
+    """The keywords SQLAlchemy's default creator passes the driver, or None when the pool
+    has a custom ``creator`` (or ``async_creator``): it keeps them only in its closure."""
+    creator = getattr(engine.pool, "_creator", None)
+    code = getattr(creator, "__code__", None)
+    if code is None or "cparams" not in code.co_freevars or creator.__closure__ is None:  # type: ignore[union-attr]
+        return None
+    return creator.__closure__[code.co_freevars.index("cparams")].cell_contents  # type: ignore[union-attr,no-any-return]
+
+
 def connect_args(target: object) -> dict[str, Any]:
     """The ``connect_args`` an Engine or AsyncEngine was made with (``{}`` for a URL): the
     driver keywords beyond its URL's, which an engine or connection sa-jobs makes from the
@@ -83,19 +106,119 @@ def connect_args(target: object) -> dict[str, Any]:
     SQLAlchemy keeps them only in its default creator's closure; an engine with a custom
     ``creator`` has none there (its connections are the creator's business), and another
     driver's (asyncpg's ``server_settings``) would mean nothing to psycopg."""
-    from sqlalchemy.engine import Engine
-
-    engine = getattr(target, "sync_engine", target)
-    if not isinstance(engine, Engine) or engine.dialect.driver not in ("psycopg", "psycopg_async"):
+    engine = _psycopg_engine(target)
+    given = None if engine is None else _default_creator_params(engine)
+    if given is None:
         return {}
-    creator = getattr(engine.pool, "_creator", None)
-    code = getattr(creator, "__code__", None)
-    if code is None or "cparams" not in code.co_freevars or creator.__closure__ is None:  # type: ignore[union-attr]
-        return {}
-    given = creator.__closure__[code.co_freevars.index("cparams")].cell_contents  # type: ignore[union-attr]
     _, from_url = engine.dialect.create_connect_args(engine.url)
     # ``context`` is the dialect's own adapters map, made anew by each call.
     return {k: v for k, v in given.items() if k != "context" and (k not in from_url or from_url[k] != v)}
+
+
+# Events whose stored listeners return their arguments (SQLAlchemy wraps a listener given
+# without retval=True so that it does): copied as retval=True, not wrapped a second time.
+_RETVAL_EVENTS = frozenset({"before_execute", "before_cursor_execute"})
+
+
+def twin_engine(target: object, *, async_: bool = False, **engine_options: Any) -> Any:
+    """A new Engine (an AsyncEngine with ``async_``) on ``target``'s database that connects
+    as ``target`` does, for code that cannot share its pool (another event loop, the other
+    kind): with its connect_args, its isolation level, its creator, and its own event
+    listeners (connect, checkout, do_connect, before_cursor_execute, ...). Made from the URL
+    alone, the twin skipped them and talked to the database as someone else (no SET ROLE,
+    another search_path). Execution options are the caller's to add.
+
+    A creator serves its own kind only: a sync ``creator`` gives no asyncio connection, and
+    an ``async_creator``'s none usable outside an event loop. A twin of the other kind
+    raises :class:`~sa_jobs.errors.ConfigurationError` when it connects, rather than
+    connect some other way; a ``do_connect`` listener serves both kinds."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = sqlalchemy_url(target, async_=async_)
+    source = _psycopg_engine(target)
+    options: dict[str, Any] = {}
+    if source is not None:
+        level = getattr(source.dialect, "_on_connect_isolation_level", None)
+        if level is not None:
+            options["isolation_level"] = level
+        if _default_creator_params(source) is not None:
+            options["connect_args"] = connect_args(source)
+        elif source.dialect.is_async == async_:
+            options["creator"] = source.pool._creator
+        else:
+            options["creator"] = _creator_of_the_other_kind(async_)
+    twin = (create_async_engine if async_ else create_engine)(url, **{**options, **engine_options})
+    if source is not None:
+        _copy_listeners(source, getattr(twin, "sync_engine", twin))
+    return twin
+
+
+def _creator_of_the_other_kind(async_: bool) -> Any:
+    kinds = ("a sync Engine's creator=", "an AsyncEngine") if async_ else ("an AsyncEngine's async_creator=", "an Engine")
+
+    def refuse() -> Any:
+        raise ConfigurationError(
+            f"{kinds[0]} cannot make the connections of {kinds[1]} on its database, which sa-jobs needs"
+            " here; set the connections up in a do_connect listener (event.listens_for(engine, 'do_connect')"
+            " setting cparams), in connect_args or in the URL instead, which serve both kinds")
+
+    return refuse
+
+
+def _copy_listeners(source: Any, twin: Any) -> None:
+    """Listen on ``twin`` (a sync Engine) with the listeners set on ``source``, its option
+    engines' included: its own, not those of the Engine class (which reach ``twin``
+    anyway) nor the ones create_engine() set up for its dialect."""
+    from sqlalchemy import event
+
+    for dispatch, target in ((source.dispatch, twin), (source.pool.dispatch, twin.pool),
+                             (source.dialect.dispatch, twin.dialect)):
+        for name, fn in _own_listeners(dispatch):
+            event.listen(target, name, fn, **({"retval": True} if name in _RETVAL_EVENTS else {}))
+
+
+def _own_listeners(dispatch: Any) -> list[tuple[str, Any]]:
+    """(event name, stored listener) of an instance's dispatch, in the order they run: an
+    option engine's (a joined dispatch) are its parent's, then those set on it, which
+    SQLAlchemy keeps in the joined dispatch's own listener objects."""
+    collections: list[tuple[str, Any]] = []
+
+    def gather(dispatch: Any) -> None:
+        if hasattr(dispatch, "parent") and hasattr(dispatch, "local"):
+            gather(dispatch.parent)
+            gather(dispatch.local)
+            collections.extend((name, getattr(dispatch, name).local) for name in dispatch.local._event_names)
+        else:
+            collections.extend((name, getattr(dispatch, name)) for name in dispatch._event_names)
+
+    gather(dispatch)
+    seen: set[int] = set()
+    found: list[tuple[str, Any]] = []
+    for name, collection in collections:
+        if id(collection) in seen:
+            continue
+        seen.add(id(collection))
+        found.extend((name, fn) for fn in getattr(collection, "listeners", ()) if not _sqlalchemys_own(fn))
+    return found
+
+
+def _sqlalchemys_own(fn: Any, depth: int = 0) -> bool:
+    """Whether a stored listener is SQLAlchemy's own (the dialect's on_connect that
+    create_engine() set up), not an app's that SQLAlchemy wrapped (``named=True``,
+    ``once=True``, without ``retval=True``): a wrapper holds the app's function in its
+    closure."""
+    if not getattr(fn, "__module__", "").startswith("sqlalchemy."):
+        return False
+    inner = [f for f in map(_cell, getattr(fn, "__closure__", None) or ()) if inspect.isroutine(f)]
+    return depth > 3 or all(_sqlalchemys_own(f, depth + 1) for f in inner)
+
+
+def _cell(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def _libpq_keywords() -> frozenset[str]:

@@ -36,7 +36,7 @@ from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session
 
 from . import _validate, schema as schema_mod
-from ._url import connect_args, sqlalchemy_url
+from ._url import sqlalchemy_url, twin_engine
 from .admin import check_state, refuse_async_session
 from .errors import ConfigurationError, UnknownKindError
 from .model import Job, is_async_handler, job_table
@@ -469,22 +469,17 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
 
 
 def _plain_twin(engine: Any) -> Any:
-    """A sync Engine on an AsyncEngine's database with its execution options: the
-    AsyncEngine's pool belongs to its event loop, and its sync_engine works only inside
-    that loop's greenlets."""
-    from sqlalchemy import create_engine
-
-    return create_engine(sqlalchemy_url(engine), connect_args=connect_args(engine)).execution_options(
-        **engine.get_execution_options())
+    """A sync Engine on an AsyncEngine's database with its execution options, connecting
+    as it does (:func:`~sa_jobs._url.twin_engine`): the AsyncEngine's pool belongs to its
+    event loop, and its sync_engine works only inside that loop's greenlets."""
+    return twin_engine(engine).execution_options(**engine.get_execution_options())
 
 
 def _async_twin(engine: Any) -> Any:
     """An AsyncEngine on ``engine``'s database with its execution options (schema maps,
-    isolation level), for code that must not share ``engine``'s pool or event loop."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    return create_async_engine(sqlalchemy_url(engine, async_=True), connect_args=connect_args(engine)).execution_options(
-        **engine.get_execution_options())
+    isolation level), connecting as it does, for code that must not share ``engine``'s
+    pool or event loop."""
+    return twin_engine(engine, async_=True).execution_options(**engine.get_execution_options())
 
 
 def _raise_for_unknown_kinds(session: Session, worker_id: str, kinds: list[str]) -> None:

@@ -852,6 +852,208 @@ def test_drains_worker_connects_where_the_engine_does(sa_jobs_database_url, sa_j
         engine.dispose()
 
 
+# ---- the test engine's creator and event listeners, kept by its twins (hunt18twins) ------
+
+
+def _marker_event(engine, event_name: str) -> None:
+    """A listener setting ``th.marker`` on each new connection of ``engine``, as an app's
+    does (a role, a search_path): on the connection ("connect") or in its parameters
+    ("do_connect", which SQLAlchemy recommends over a creator)."""
+    from sqlalchemy import event
+
+    target = getattr(engine, "sync_engine", engine)
+    if event_name == "connect":
+        def on_connect(dbapi_connection, connection_record):  # type: ignore[no-untyped-def]
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET th.marker = 'kept'")
+            cursor.close()
+        event.listen(target, "connect", on_connect)
+    else:
+        def on_do_connect(dialect, conn_rec, cargs, cparams):  # type: ignore[no-untyped-def]
+            cparams["options"] = "-c th.marker=kept"
+        event.listen(target, "do_connect", on_do_connect)
+
+
+@pytest.mark.parametrize("event_name", ["connect", "do_connect"])
+def test_drain_keeps_the_engines_connect_events(sa_jobs_database_url, sa_jobs_schema, event_name):
+    """drain()'s engine for ctx.async_transaction() was made from the engine's URL and
+    connect_args only: a listener the app set up each connection with (SET ROLE, a
+    search_path, a GUC) did not run there, and an async handler ran as someone else."""
+    from sqlalchemy import create_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    base = create_engine(sqlalchemy_url(sa_jobs_database_url))
+    engine = base.execution_options(schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
+    _marker_event(engine, event_name)
+    try:
+        with Session(engine) as session, session.begin():
+            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
+        SEEN_MARKERS.clear()
+        assert drain(engine, kinds=[SeeMarkerSync, SeeMarkerAsync]) == {"completed": 2}
+        assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+    finally:
+        base.dispose()
+
+
+@pytest.mark.parametrize("event_name", ["connect", "do_connect"])
+def test_drain_of_an_async_engine_keeps_its_connect_events(sa_jobs_database_url, sa_jobs_schema, event_name):
+    """drain(async_engine)'s plain twin, and the async twin made from that, lost them too."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    async_engine = create_async_engine(sqlalchemy_url(sa_jobs_database_url, async_=True)).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
+    _marker_event(async_engine, event_name)
+    job_engine = _plain_engine(sa_jobs_database_url, sa_jobs_schema)
+    try:
+        with Session(job_engine) as session, session.begin():
+            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
+        SEEN_MARKERS.clear()
+        assert drain(async_engine, kinds=[SeeMarkerSync, SeeMarkerAsync]) == {"completed": 2}
+        assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+    finally:
+        job_engine.dispose()
+
+
+def _plain_engine(database_url: str, schema: str):  # type: ignore[no-untyped-def]
+    from sqlalchemy import create_engine
+
+    from sa_jobs._url import sqlalchemy_url
+
+    return create_engine(sqlalchemy_url(database_url)).execution_options(schema_translate_map={DEFAULT_SCHEMA: schema})
+
+
+def test_perform_with_an_async_creator_keeps_it(sa_jobs_database_url, sa_jobs_schema):
+    """perform(job, engine=an AsyncEngine made with ``async_creator=``): the AsyncEngine
+    ctx.async_transaction() runs on was made from the URL alone, so the creator's
+    connection setup was skipped; a sync handler's plain twin cannot call an async
+    creator, and now says so instead of connecting some other way."""
+    import psycopg
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs._url import sqlalchemy_url, to_conninfo
+
+    conninfo = to_conninfo(sa_jobs_database_url)
+
+    async def async_creator():  # type: ignore[no-untyped-def]
+        return await psycopg.AsyncConnection.connect(conninfo, options="-c th.marker=kept")
+
+    engine = create_async_engine(sqlalchemy_url(sa_jobs_database_url, async_=True),
+                                 async_creator=async_creator).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
+    SEEN_MARKERS.clear()
+    assert perform(SeeMarkerAsync(), engine=engine) is None
+    assert SEEN_MARKERS == {"async": "kept"}
+    with pytest.raises(ConfigurationError, match="creator.*do_connect"):
+        perform(SeeMarkerSync(), engine=engine)
+    assert "sync" not in SEEN_MARKERS
+
+
+def test_perform_with_a_creator_an_async_twin_cannot_use(sa_jobs_database_url, sa_jobs_schema):
+    """perform(async handler, engine=an Engine made with ``creator=``): its async twin was
+    made from the URL and ran the handler's transaction on a connection the creator never
+    set up. A sync creator gives no async connection: a ConfigurationError now says so,
+    and the sync handler runs on the engine itself, creator and all."""
+    import psycopg
+    from sqlalchemy import create_engine
+
+    from sa_jobs._url import sqlalchemy_url, to_conninfo
+
+    conninfo = to_conninfo(sa_jobs_database_url)
+    engine = create_engine(sqlalchemy_url(sa_jobs_database_url),
+                           creator=lambda: psycopg.connect(conninfo, options="-c th.marker=kept")).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
+    try:
+        SEEN_MARKERS.clear()
+        assert perform(SeeMarkerSync(), engine=engine) is None
+        with pytest.raises(ConfigurationError, match="creator.*do_connect"):
+            perform(SeeMarkerAsync(), engine=engine)
+        assert SEEN_MARKERS == {"sync": "kept"}
+    finally:
+        engine.dispose()
+
+
+def test_worker_of_an_engine_keeps_its_connect_args_and_events(sa_jobs_database_url, sa_jobs_schema):
+    """Worker(engine) without ``engine=``: the engines behind ctx.transaction() and
+    ctx.async_transaction() were made from ``engine.url`` alone, without its connect_args
+    or listeners (its own psycopg connections keep the connect_args, see above)."""
+    from sqlalchemy import create_engine
+
+    from .helpers import run_worker_until
+
+    url = make_url_of(sa_jobs_database_url)
+    engine = create_engine(url.set(database="th_no_such_database"), connect_args={"dbname": url.database})
+    _marker_event(engine, "connect")
+    job_engine = _plain_engine(sa_jobs_database_url, sa_jobs_schema)
+    try:
+        with Session(job_engine) as session, session.begin():
+            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
+        SEEN_MARKERS.clear()
+        run_worker_until(engine, sa_jobs_schema, [SeeMarkerSync, SeeMarkerAsync], lambda: len(SEEN_MARKERS) == 2,
+                         timeout=15)
+        assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+    finally:
+        job_engine.dispose()
+        engine.dispose()
+
+
+def test_twin_engine_connects_as_its_engine(sa_jobs_database_url):
+    """twin_engine() keeps what an engine's connections are set up with beyond its URL: its
+    isolation level, listeners set on it or on an option engine of it (``named=True``,
+    ``retval=True`` ones too, each once), and none of SQLAlchemy's own per-dialect ones."""
+    import anyio
+    from sqlalchemy import create_engine, event, text
+
+    from sa_jobs._url import sqlalchemy_url, twin_engine
+
+    base = create_engine(sqlalchemy_url(sa_jobs_database_url), isolation_level="REPEATABLE READ")
+    engine = base.execution_options(schema_translate_map={DEFAULT_SCHEMA: "elsewhere"})
+    calls: list[str] = []
+
+    @event.listens_for(engine, "connect", named=True)
+    def named_connect(**kw):  # type: ignore[no-untyped-def]
+        calls.append("connect")
+
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def rewrite(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        return statement.replace("41", "42"), parameters
+
+    @event.listens_for(base, "before_cursor_execute")
+    def seen(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        calls.append("execute")
+
+    fresh = create_engine(sqlalchemy_url(sa_jobs_database_url), isolation_level="REPEATABLE READ")
+    plain = twin_engine(engine)
+    assert len(list(plain.pool.dispatch.connect)) == len(list(fresh.pool.dispatch.connect)) + 1
+    with plain.connect() as conn:
+        assert conn.scalar(text("SELECT 41")) == 42
+        assert conn.scalar(text("SHOW transaction_isolation")) == "repeatable read"
+    assert calls == ["connect", "execute", "execute"]
+
+    async def on_async_twin() -> tuple[object, object]:
+        twin = twin_engine(engine, async_=True)
+        try:
+            async with twin.connect() as conn:
+                return await conn.scalar(text("SELECT 41")), await conn.scalar(text("SHOW transaction_isolation"))
+        finally:
+            await twin.dispose()
+
+    assert anyio.run(on_async_twin) == (42, "repeatable read")
+    assert calls == ["connect", "execute", "execute"] * 2
+    for made in (plain, fresh, base):
+        made.dispose()
+
+
+def make_url_of(database_url: str):  # type: ignore[no-untyped-def]
+    from sqlalchemy import make_url
+
+    from sa_jobs._url import sqlalchemy_url
+
+    return make_url(sqlalchemy_url(database_url))
+
+
 # ---- a user's everyday calls (hunt17testing) ---------------------------------------------
 
 

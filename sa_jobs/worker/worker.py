@@ -39,7 +39,7 @@ if sys.version_info < (3, 11):  # anyio depends on the backport there
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 from .. import _validate, schema as schema_mod
-from .._url import database_url_from_env, sqlalchemy_url, to_conninfo
+from .._url import database_url_from_env, to_conninfo, twin_engine
 from ..errors import Cancel, ConfigurationError, Discard, InvalidArgsError, JobControl, Snooze, UnknownKindError
 from ..maintenance.horizon import HorizonWatch
 from ..maintenance.leader import Maintainer, maintenance_services
@@ -394,9 +394,9 @@ class Worker:
     def sync_engine(self) -> Any:
         """The SQLAlchemy Engine behind ``ctx.transaction()`` (created on first use)."""
         if self._engine is None:
-            from sqlalchemy import create_engine
-
-            root = create_engine(sqlalchemy_url(self._url), **self._pool_options())
+            # Worker(engine): connecting as that engine does (its connect_args, creator,
+            # listeners); made from its URL alone, handlers ran as someone else.
+            root = twin_engine(self._url, **self._pool_options())
             self._owns_engines.append(root)
             self._engine = self._in_schema(root)
         return self._engine
@@ -404,9 +404,7 @@ class Worker:
     def async_engine(self) -> Any:
         """The AsyncEngine behind ``ctx.async_transaction()`` (created on first use)."""
         if self._async_engine is None:
-            from sqlalchemy.ext.asyncio import create_async_engine
-
-            root = create_async_engine(sqlalchemy_url(self._url, async_=True), **self._pool_options())
+            root = twin_engine(self._url, async_=True, **self._pool_options())
             self._owns_engines.append(root)
             self._async_engine = self._in_schema(root)
         return self._async_engine
