@@ -18,17 +18,13 @@ from ._config import configured_schema, default_schema_name
 # with the app, a missing one was proposed for dropping.
 QUEUE_TABLES = frozenset({JOBS_TABLE, VERSION_TABLE, QUEUES_TABLE, PERIODIC_TABLE})
 
-# Columns every version of each queue table has (a version adds, never removes): how a
-# reflected table of another sa-jobs queue (a second schema installed by ``sa-jobs
-# migrate``, not the configured one) is told from an app's table of the same name. The
-# hooks get no connection, so the table's own columns are the evidence.
-_QUEUE_COLUMNS: Mapping[str, frozenset[str]] = {
-    JOBS_TABLE: frozenset({"id", "kind", "queue", "args", "state", "priority", "attempt", "max_attempts",
-                           "scheduled_at", "lease_owner", "claim_token", "lease_expires_at", "errors", "meta"}),
-    VERSION_TABLE: frozenset({"version", "description", "installed_at"}),
-    QUEUES_TABLE: frozenset({"name", "paused", "updated_at"}),
-    PERIODIC_TABLE: frozenset({"name", "last_slot", "updated_at"}),
-}
+# Tables every queue schema has (version 1 on): a schema whose reflected table names include
+# them is another sa-jobs queue (a second schema installed by ``sa-jobs migrate``, not the
+# configured one). The hooks get no connection; include_name() is told, first, each schema
+# an autogenerate run reflects and then each of its table names, before any include_object()
+# of a reflected table, so it notes them for the run.
+_QUEUE_SCHEMA_EVIDENCE = frozenset({JOBS_TABLE, VERSION_TABLE})
+_reflected_tables: dict[Optional[str], set[str]] = {}
 
 
 def _is_queue_schema(schema: Optional[str], queue_schema: str) -> bool:
@@ -45,28 +41,30 @@ def include_name(name: Optional[str], type_: str, parent_names: Mapping[str, Opt
     """``include_name`` hook: skip reflecting the queue's schema (or its tables in a shared one)."""
     queue_schema = configured_schema()
     if type_ == "schema":
+        _reflected_tables[name] = set()  # a new run's reflection of it: forget the last one's
         # A dedicated queue schema is skipped whole; a shared/default one only by table.
         return name is None or name != queue_schema or _is_queue_schema(None, queue_schema)
     if type_ == "table":
-        return not _is_queue_table(parent_names.get("schema_name"), name, queue_schema)
+        schema = parent_names.get("schema_name")
+        if name is not None:
+            _reflected_tables.setdefault(schema, set()).add(name)
+        return not _is_queue_table(schema, name, queue_schema)
     return True
 
 
 def include_object(object_: Any, name: Optional[str], type_: str, reflected: bool, compare_to: Any) -> bool:
-    """``include_object`` hook: no autogenerate operations for any sa-jobs table."""
+    """``include_object`` hook: no autogenerate operations for any sa-jobs table: the
+    configured queue's, and a reflected one of a schema :func:`include_name` saw holding
+    a queue's tables (another queue's)."""
     if type_ != "table":
         return True  # columns, indexes, constraints follow their table's verdict
     from sa_jobs.model import Base
 
     if getattr(object_, "metadata", None) is Base.metadata:
         return False
-    if reflected and _has_queue_columns(object_, name):
-        return False  # any sa-jobs queue's table, in whichever schema (a second queue's too)
-    return not _is_queue_table(getattr(object_, "schema", None), name, configured_schema())
-
-
-def _has_queue_columns(table: Any, name: Optional[str]) -> bool:
-    """Whether a reflected ``table`` has every column sa-jobs' table of that ``name`` has."""
-    want = _QUEUE_COLUMNS.get(name or "")
-    columns = getattr(table, "columns", None)
-    return want is not None and columns is not None and want <= {c.name for c in columns}
+    schema = getattr(object_, "schema", None)
+    if reflected and name in QUEUE_TABLES and _QUEUE_SCHEMA_EVIDENCE <= _reflected_tables.get(schema, set()):
+        # Another queue's table, told by its schema and name: by its columns alone, an app's
+        # own table (a ``queues`` of names and pause flags) was hidden in any schema.
+        return False
+    return not _is_queue_table(schema, name, configured_schema())

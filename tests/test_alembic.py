@@ -560,6 +560,53 @@ def test_a_second_queue_schema_is_hidden_from_autogenerate(app: App) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _compare(url: str, metadata: Any) -> list[Any]:
+    """Alembic's autogenerate comparison of ``metadata`` with the database, through the
+    filters, as ``alembic check`` runs it with ``include_schemas=True``."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    engine = create_engine(make_url(url).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={
+                "include_schemas": True, "include_object": alembic_ext.include_object,
+                "include_name": alembic_ext.include_name})
+            return compare_metadata(ctx, metadata)
+    finally:
+        engine.dispose()
+
+
+def test_an_apps_own_objects_shaped_like_the_queues_are_compared(app: App) -> None:
+    """The filters told a second queue schema's tables by their columns alone: an app's
+    own table named like a queue table, with those columns (a ``queues`` table of names,
+    pause flags and update times), was hidden in whichever schema it was, and autogenerate
+    never proposed dropping it once the app's models let it go. Indexes shaped like the
+    queue's (same columns) on the app's tables are compared too."""
+    from sqlalchemy import Column, DateTime, Index, Integer, MetaData, Table, Text
+
+    app.alembic("upgrade", "heads")
+    schema_mod.install(app.url, "billing_jobs")
+    run_sql(app.url, "CREATE SCHEMA crm;"
+            " CREATE TABLE crm.queues (name text PRIMARY KEY, paused boolean, updated_at timestamptz, agents int);"
+            " CREATE TABLE crm.periodic (name text PRIMARY KEY, last_slot timestamptz, updated_at timestamptz);"
+            " CREATE TABLE crm.tasks (id int PRIMARY KEY, kind text, state text, queue text, priority int,"
+            "  scheduled_at timestamptz);"
+            " CREATE INDEX tasks_claim_idx ON crm.tasks (queue, priority, scheduled_at, id)")
+    metadata = MetaData()
+    Table("tasks", metadata, Column("id", Integer, primary_key=True), Column("kind", Text), Column("state", Text),
+          Column("queue", Text), Column("priority", Integer), Column("scheduled_at", DateTime(timezone=True)),
+          Index("tasks_kind_state_idx", "kind", "state"), schema="crm")
+    diffs = _compare(app.url, metadata)
+    removed = {(d[1].schema, d[1].name) for d in diffs if d[0] == "remove_table" and d[1].schema is not None}
+    assert removed == {("crm", "queues"), ("crm", "periodic")}, diffs
+    indexes = {(d[0], d[1].name) for d in diffs if d[0] in ("add_index", "remove_index") and d[1].table.schema == "crm"}
+    assert indexes == {("add_index", "tasks_kind_state_idx"), ("remove_index", "tasks_claim_idx")}, diffs
+    # The queue's own objects, in both queue schemas, stay hidden.
+    assert not [d for d in diffs if getattr(d[1], "schema", None) in ("sa_jobs", "billing_jobs")], diffs
+
+
 # ---- a revision behind a long transaction: bounded lock waits ---------------------------
 
 
