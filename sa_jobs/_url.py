@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import re
 from typing import Any
@@ -11,6 +12,8 @@ from .errors import ConfigurationError
 
 ENV_VAR = "SA_JOBS_DATABASE_URL"
 _POSTGRES_BACKENDS = ("postgresql", "postgres")
+
+log = logging.getLogger("sa_jobs")
 
 
 def _is_postgres(url) -> bool:  # type: ignore[no-untyped-def]
@@ -172,9 +175,17 @@ def _copy_listeners(source: Any, twin: Any) -> None:
     anyway) nor the ones create_engine() set up for its dialect."""
     from sqlalchemy import event
 
-    for dispatch, target in ((source.dispatch, twin), (source.pool.dispatch, twin.pool),
-                             (source.dialect.dispatch, twin.dialect)):
-        for name, fn in _own_listeners(dispatch):
+    pairs = ((source.dispatch, twin), (source.pool.dispatch, twin.pool), (source.dialect.dispatch, twin.dialect))
+    try:
+        found = [(target, _own_listeners(dispatch)) for dispatch, target in pairs]
+    except (AttributeError, TypeError) as exc:
+        # SQLAlchemy has no public way to list an engine's listeners; this reads its event
+        # registry (2.0.30 to 2.1). A release that reshapes it must not stop every twin.
+        log.warning("the listeners of %r could not be read (%s): an engine sa-jobs makes from it connects"
+                    " without them; pass sa-jobs an engine or URL that needs none", source, exc)
+        return
+    for target, listeners in found:
+        for name, fn in listeners:
             event.listen(target, name, fn, **({"retval": True} if name in _RETVAL_EVENTS else {}))
 
 

@@ -1046,6 +1046,31 @@ def test_twin_engine_connects_as_its_engine(sa_jobs_database_url):
         made.dispose()
 
 
+def test_a_twin_of_an_engine_whose_listeners_cannot_be_read_connects_and_says_so(
+        sa_jobs_database_url, monkeypatch, caplog):
+    """Listing an engine's listeners reads SQLAlchemy's event registry (there is no public
+    call for it): a release that reshapes it costs the twin the listeners, with a warning,
+    not every twin (drain, perform, ctx.transaction of Worker(engine))."""
+    from sqlalchemy import create_engine, event, text
+
+    from sa_jobs import _url
+
+    engine = create_engine(_url.sqlalchemy_url(sa_jobs_database_url))
+    event.listen(engine, "connect", lambda dbapi_conn, record: None)
+
+    def reshaped(dispatch):  # type: ignore[no-untyped-def]
+        raise AttributeError("'_Dispatch' object has no attribute '_event_names'")
+
+    monkeypatch.setattr(_url, "_own_listeners", reshaped)
+    with caplog.at_level("WARNING", logger="sa_jobs"):
+        twin = _url.twin_engine(engine)
+    with twin.connect() as conn:
+        assert conn.scalar(text("SELECT 1")) == 1
+    assert "could not be read" in caplog.text and "_event_names" in caplog.text
+    for made in (twin, engine):
+        made.dispose()
+
+
 def make_url_of(database_url: str):  # type: ignore[no-untyped-def]
     from sqlalchemy import make_url
 
