@@ -480,7 +480,7 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float) ->
     is otherwise only checked between reads, and a wait outlasted its timeout by as long
     as the lock was held."""
     from sqlalchemy import text
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DBAPIError
 
     seconds = max(seconds, MIN_READ_SECONDS)
     # 0 is no timeout: a wait without a deadline (math.inf), or one past what the setting holds.
@@ -497,7 +497,9 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float) ->
     try:
         session.execute(set_timeout, {"ms": f"{millis}ms", "local": previous is None})
         return job_status(session, job_id)
-    except OperationalError as exc:
+    except DBAPIError as exc:
+        # Any DBAPIError: psycopg's query_canceled is an OperationalError, asyncpg's (an
+        # async app's AsyncEngine) a plain DBAPIError, which once escaped the wait.
         if getattr(getattr(exc, "orig", None), "sqlstate", None) != "57014":  # query_canceled
             raise
         raise TimeoutError(

@@ -1,0 +1,87 @@
+"""An async app whose engine is ``create_async_engine("postgresql+asyncpg://...")``.
+
+docs/core.md says such an app may enqueue, administer and test its jobs through its own
+asyncpg engine and sessions; sa-jobs' own connections are psycopg's whatever the URL
+names. Each test here goes through asyncpg's dialect (its errors, its codecs), on a real
+server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from typing import Any, Awaitable, Callable
+
+import anyio
+import pytest
+
+pytest.importorskip("asyncpg")
+
+from sqlalchemy import Integer, String, select, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine  # noqa: E402
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column  # noqa: E402
+
+from sa_jobs import (  # noqa: E402
+    Job, wait_for_async,
+)
+from sa_jobs._url import to_conninfo  # noqa: E402
+from sa_jobs.schema import DEFAULT_SCHEMA  # noqa: E402
+
+from .helpers import jobs_sql, q  # noqa: E402
+
+
+def asyncpg_url(database_url: str) -> str:
+    return make_url(database_url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+def with_engine(database_url: str, schema: str, body: Callable[[AsyncEngine], Awaitable[Any]], **options: Any) -> Any:
+    """``await body(engine)`` with an asyncpg AsyncEngine mapping the queue to ``schema``."""
+
+    async def main() -> Any:
+        engine = create_async_engine(asyncpg_url(database_url)).execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: schema}, **options)
+        try:
+            return await body(engine)
+        finally:
+            await engine.dispose()
+
+    return anyio.run(main)
+
+
+class ApgPlain(Job, kind="apg_plain"):
+    pass
+
+
+async def add(engine: AsyncEngine, *jobs: Job) -> list[int]:
+    async with AsyncSession(engine) as session, session.begin():
+        session.add_all(jobs)
+        await session.flush()
+        return [j.id for j in jobs]
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_wait_for_async_on_asyncpg_times_out_while_the_jobs_table_is_locked(database_url, schema, autocommit):
+    """Before: asyncpg reports the read's statement_timeout as SQLAlchemy's plain DBAPIError
+    (its dialect maps query_canceled to no OperationalError), which wait_for_async let out
+    instead of the TimeoutError it promises."""
+    import psycopg
+    from psycopg import sql as psql
+
+    async def body(engine: AsyncEngine) -> float:
+        (job_id,) = await add(engine, ApgPlain(n=1).options(queue="nobody"))
+        locker = await psycopg.AsyncConnection.connect(to_conninfo(database_url))
+        try:
+            await locker.execute(psql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                psql.Identifier(schema, "jobs")))
+            started = time.monotonic()
+            with anyio.fail_after(20), pytest.raises(TimeoutError, match=f"job {job_id}"):
+                await wait_for_async(engine, job_id, timeout=0.3)
+            return time.monotonic() - started
+        finally:
+            await locker.rollback()
+            await locker.close()
+
+    options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
+    assert with_engine(database_url, schema, body, **options) < 3
