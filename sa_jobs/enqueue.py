@@ -69,8 +69,14 @@ def _driver_connection(session: Any) -> Any:
         raise ConfigurationError(_ASYNC_ONLY)
     conn = _sa_connection(session)
     driver = conn.connection.driver_connection
-    if not hasattr(driver, "cursor") or type(driver).__name__ == "AsyncConnection":
+    if isinstance(driver, psycopg.AsyncConnection):
         raise ConfigurationError(_ASYNC_ONLY)
+    if not isinstance(driver, psycopg.Connection):
+        # Another driver's (asyncpg's, in an AsyncSession's run_sync): the COPY and its
+        # savepoint are psycopg's, and they failed with an AttributeError on its connection.
+        raise ConfigurationError(
+            f"enqueue_many streams a COPY through psycopg 3, not {conn.dialect.driver}: add the jobs with"
+            " session.add_all(jobs) (or [Kind(**a) for a in args]) instead, which batches them too")
     return driver
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column  # noqa: E402
 
 from sa_jobs import (  # noqa: E402
-    Job, wait_for_async,
+    ConfigurationError, Job, JobContext, Unique, enqueue_many, wait_for_async,
 )
 from sa_jobs._url import to_conninfo  # noqa: E402
 from sa_jobs.schema import DEFAULT_SCHEMA  # noqa: E402
@@ -85,3 +85,22 @@ def test_wait_for_async_on_asyncpg_times_out_while_the_jobs_table_is_locked(data
 
     options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     assert with_engine(database_url, schema, body, **options) < 3
+
+
+def test_enqueue_many_in_an_asyncpg_sessions_run_sync_is_refused_with_a_configuration_error(database_url, schema):
+    """Before: an AttributeError ('Connection' object has no attribute 'autocommit'): the
+    COPY needs psycopg's connection, and asyncpg's passed for one. Now the ConfigurationError
+    that names the way that works, and the caller's transaction goes on."""
+
+    async def body(engine: AsyncEngine) -> None:
+        async with AsyncSession(engine) as session, session.begin():
+            for jobs, args in (([ApgPlain(n=1)], None), (ApgPlain, [{"n": 1}])):
+                with pytest.raises(ConfigurationError, match="add_all"):
+                    await session.run_sync(lambda s: enqueue_many(s, jobs, args))  # noqa: B023
+            async with engine.connect() as conn:
+                with pytest.raises(ConfigurationError, match="add_all"):
+                    await conn.run_sync(lambda c: enqueue_many(c, ApgPlain, [{"n": 1}]))
+            await session.run_sync(lambda s: s.add_all([ApgPlain(n=2)]))
+
+    with_engine(database_url, schema, body)
+    assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"n": 2},)]
