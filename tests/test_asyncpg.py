@@ -104,3 +104,34 @@ def test_enqueue_many_in_an_asyncpg_sessions_run_sync_is_refused_with_a_configur
 
     with_engine(database_url, schema, body)
     assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"n": 2},)]
+
+
+class ApgSyncTx(Job, kind="apg_sync_tx"):
+    pass
+
+
+@ApgSyncTx.handler
+def apg_sync_tx(ctx: JobContext, n: int) -> None:
+    with ctx.transaction(result=n) as session:
+        session.execute(text("SELECT 1"))
+
+
+def test_a_worker_refuses_an_async_dialects_sync_engine_as_engine(database_url, schema):
+    """Before: ``engine=app_engine.sync_engine`` (an asyncpg AsyncEngine's) or
+    ``create_engine("postgresql+asyncpg://...")`` was taken as a sync Engine, and every
+    ctx.transaction() failed with SQLAlchemy's MissingGreenlet (the driver runs only inside
+    an AsyncEngine's greenlets), the jobs retried until dead. Refused when the worker is
+    built, naming async_engine=."""
+    from sqlalchemy import create_engine
+
+    from sa_jobs import Worker
+
+    app = create_async_engine(asyncpg_url(database_url))
+    plain = create_engine(asyncpg_url(database_url))
+    try:
+        for given in (app.sync_engine, plain):
+            with pytest.raises(ConfigurationError, match="engine= .*asyncpg.*async_engine="):
+                Worker(database_url, kinds=[ApgSyncTx], schema=schema, engine=given)
+        Worker(database_url, kinds=[ApgSyncTx], schema=schema, async_engine=app)  # its place
+    finally:
+        plain.dispose()

@@ -76,6 +76,13 @@ def check_app_engine(engine: Any, param: str) -> None:
     if engine.dialect.name != "postgresql":
         raise ConfigurationError(f"{param}= must be a PostgreSQL engine, not {engine.dialect.name!r}:"
                                  " ctx.transaction() completes the job in the queue's database")
+    if want is Engine and engine.dialect.is_async:
+        # An AsyncEngine's sync_engine, or create_engine() of an async driver: its driver
+        # runs only in an AsyncEngine's greenlets, and every ctx.transaction() failed
+        # with MissingGreenlet, the jobs retried until dead.
+        raise ConfigurationError(
+            f"engine= takes a sync driver's Engine, not one of {engine.dialect.driver} (an async driver): pass"
+            " the AsyncEngine as async_engine=, and a postgresql+psycopg:// Engine (or none) as engine=")
     refuse_autocommit_engine(engine, param)
 
 
