@@ -120,7 +120,7 @@ class _TestContext:
                 engine = runtime.sync_engine()
                 # perform(engine=an AsyncEngine): a plain engine on its database (a Session
                 # of the AsyncEngine failed with AsyncContextNotStarted).
-                plain = _plain_twin(engine) if hasattr(engine, "sync_engine") else engine
+                plain = _plain_twin(engine) if _loop_bound(engine) else engine
                 try:
                     with Session(plain) as session, session.begin():
                         yield session
@@ -239,7 +239,7 @@ def _loaded(job: Job, engine: Any) -> Job:
             f"perform(): {type(job).__name__} job {job_id} is detached from its closed Session,"
             " and that Session's commit expired its args: pass engine= to load it, or perform() it before"
             " closing the Session (or with expire_on_commit=False)")
-    plain = _plain_twin(engine) if hasattr(engine, "sync_engine") else engine
+    plain = _plain_twin(engine) if _loop_bound(engine) else engine
     try:
         with Session(plain, expire_on_commit=False) as session:
             stored = session.get(type(job), job_id)
@@ -382,7 +382,7 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
         shown = "NaN" if timeout != timeout else repr(timeout)
         raise ConfigurationError(f"drain(): timeout is {shown}; give seconds, or math.inf to wait without a deadline")
-    if hasattr(engine, "sync_engine"):
+    if _loop_bound(engine):
         # An AsyncEngine: its pool belongs to the caller's event loop, and its sync_engine
         # works only inside that loop's greenlets. A plain engine on the same URL instead.
         plain = _plain_twin(engine)
@@ -466,6 +466,13 @@ def drain(engine: Any, *, kinds: Optional[Sequence[type[Job]]] = None, queues: O
     with Session(engine) as session:
         _raise_for_unknown_kinds(session, ran["worker_id"], ran["kinds"])
         return {state: n for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+
+def _loop_bound(engine: Any) -> bool:
+    """Whether ``engine`` works only inside an AsyncEngine's greenlets: an AsyncEngine, or
+    an Engine of an async driver (an asyncpg AsyncEngine's ``sync_engine``), whose
+    Sessions failed with MissingGreenlet in perform(), drain() and inline()."""
+    return hasattr(engine, "sync_engine") or bool(getattr(getattr(engine, "dialect", None), "is_async", False))
 
 
 def _plain_twin(engine: Any) -> Any:

@@ -135,3 +135,27 @@ def test_a_worker_refuses_an_async_dialects_sync_engine_as_engine(database_url, 
         Worker(database_url, kinds=[ApgSyncTx], schema=schema, async_engine=app)  # its place
     finally:
         plain.dispose()
+
+
+def test_the_testing_helpers_take_an_asyncpg_engines_sync_engine(database_url, schema):
+    """Before: perform(engine=app_engine.sync_engine) (of an asyncpg AsyncEngine) failed in
+    ctx.transaction() with SQLAlchemy's MissingGreenlet, and drain() or a commit under
+    inline() of it with the same from their own queries (the driver runs only inside an
+    AsyncEngine's greenlets). They now use a plain engine on its database, as for the
+    AsyncEngine itself."""
+    from sa_jobs import testing
+
+    async def body(engine: AsyncEngine) -> None:
+        sync = engine.sync_engine
+        assert await testing.perform_async(ApgSyncTx(n=3), engine=sync) == 3
+        (job_id,) = await add(engine, ApgSyncTx(n=4))
+        assert testing.drain(sync, kinds=[ApgSyncTx]) == {"completed": 1}
+        with testing.inline(sync, kinds=[ApgSyncTx]):
+            async with AsyncSession(engine) as session, session.begin():
+                session.add(ApgSyncTx(n=5))
+        async with AsyncSession(engine) as session:
+            rows = (await session.execute(select(ApgSyncTx.state, ApgSyncTx.result).order_by(ApgSyncTx.id))).all()
+        assert [tuple(r) for r in rows] == [("completed", 4), ("completed", 5)]
+
+    with_engine(database_url, schema, body)
+    assert testing.perform(ApgSyncTx(n=6), engine=create_async_engine(asyncpg_url(database_url)).sync_engine) == 6
