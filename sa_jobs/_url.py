@@ -107,15 +107,63 @@ def connect_args(target: object) -> dict[str, Any]:
     URL alone left out (a search_path or role in ``options``, sslmode, a password).
 
     SQLAlchemy keeps them only in its default creator's closure; an engine with a custom
-    ``creator`` has none there (its connections are the creator's business), and another
-    driver's (asyncpg's ``server_settings``) would mean nothing to psycopg."""
-    engine = _psycopg_engine(target)
-    given = None if engine is None else _default_creator_params(engine)
+    ``creator`` has none there (its connections are the creator's business). asyncpg's
+    are given in libpq's words (:func:`_libpq_of_asyncpg`); another driver's mean nothing
+    to psycopg."""
+    from sqlalchemy.engine import Engine
+
+    engine = getattr(target, "sync_engine", target)
+    if not isinstance(engine, Engine) or engine.dialect.driver not in ("psycopg", "psycopg_async", "asyncpg"):
+        return {}
+    given = _default_creator_params(engine)
     if given is None:
         return {}
     _, from_url = engine.dialect.create_connect_args(engine.url)
     # ``context`` is the dialect's own adapters map, made anew by each call.
-    return {k: v for k, v in given.items() if k != "context" and (k not in from_url or from_url[k] != v)}
+    args = {k: v for k, v in given.items() if k != "context" and (k not in from_url or from_url[k] != v)}
+    return _libpq_of_asyncpg(args) if engine.dialect.driver == "asyncpg" else args
+
+
+# asyncpg.connect()'s keywords that libpq has too, by their libpq names.
+_ASYNCPG_LIBPQ = {
+    "host": "host", "port": "port", "user": "user", "password": "password", "passfile": "passfile",
+    "database": "dbname", "service": "service", "servicefile": "servicefile",
+    "target_session_attrs": "target_session_attrs", "krbsrvname": "krbsrvname", "gsslib": "gsslib",
+}
+
+
+def _libpq_of_asyncpg(args: dict[str, Any]) -> dict[str, Any]:
+    """An asyncpg engine's connect_args as libpq keywords, for sa-jobs' psycopg connections
+    to its database: dropped, an app naming its database or password there had the worker
+    and drain() connect elsewhere, and its ``server_settings`` (a search_path) were lost.
+    ``server_settings`` become ``options`` (``-c name=value``, libpq's escapes), ``timeout``
+    ``connect_timeout``, and ``ssl`` given as a mode (or True: asyncpg's verify-full
+    against the system's CAs) ``sslmode``. An SSLContext has no libpq form and is left out, with asyncpg's own
+    settings (statement caches, command_timeout)."""
+    import math
+
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        if key in _ASYNCPG_LIBPQ and isinstance(value, (str, int)) and not isinstance(value, bool):
+            out[_ASYNCPG_LIBPQ[key]] = value
+        elif key == "server_settings" and isinstance(value, dict) and value:
+            out["options"] = " ".join(f"-c {_options_escape(str(k))}={_options_escape(str(v))}" for k, v in value.items())
+        elif key == "timeout" and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            out["connect_timeout"] = max(1, math.ceil(value))
+        elif key == "ssl" and isinstance(value, str):
+            out["sslmode"] = value
+        elif key == "ssl" and value is True:  # asyncpg's default context: the system's CAs
+            from psycopg import pq
+
+            out["sslmode"] = "verify-full"
+            if pq.version() >= 160000:  # libpq's name for them since 16
+                out["sslrootcert"] = "system"
+    return out
+
+
+def _options_escape(text: str) -> str:
+    """``text`` as one word of libpq's ``options``: spaces separate words unless escaped."""
+    return text.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
 # Events whose stored listeners return their arguments (SQLAlchemy wraps a listener given
@@ -141,12 +189,15 @@ def twin_engine(target: object, *, async_: bool = False, **engine_options: Any) 
     url = sqlalchemy_url(target, async_=async_)
     source = _psycopg_engine(target)
     options: dict[str, Any] = {}
+    given = connect_args(target)  # psycopg's, or an asyncpg engine's in libpq's words
+    if given:
+        options["connect_args"] = given
     if source is not None:
         level = getattr(source.dialect, "_on_connect_isolation_level", None)
         if level is not None:
             options["isolation_level"] = level
         if _default_creator_params(source) is not None:
-            options["connect_args"] = connect_args(source)
+            pass  # connect_args above
         elif source.dialect.is_async == async_:
             options["creator"] = source.pool._creator
         else:

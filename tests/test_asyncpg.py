@@ -159,3 +159,51 @@ def test_the_testing_helpers_take_an_asyncpg_engines_sync_engine(database_url, s
 
     with_engine(database_url, schema, body)
     assert testing.perform(ApgSyncTx(n=6), engine=create_async_engine(asyncpg_url(database_url)).sync_engine) == 6
+
+
+class ApgSeeSetting(Job, kind="apg_see_setting"):
+    pass
+
+
+@ApgSeeSetting.handler
+async def apg_see_setting(ctx: JobContext) -> None:
+    async with ctx.async_transaction() as session:
+        SEEN["async"] = await session.scalar(text("SELECT current_setting('apg.marker', true)"))
+
+
+SEEN: dict[str, Any] = {}
+
+
+def test_sa_jobs_connections_keep_an_asyncpg_engines_connect_args(database_url, schema):
+    """Before: an asyncpg engine's ``connect_args`` (its database, password, server_settings,
+    ssl mode) were dropped from every connection sa-jobs made from the engine (the worker's
+    own, drain()'s twins, install(engine)), as asyncpg's names mean nothing to psycopg: an
+    app whose engine names its database there had Worker(engine) and drain() connect to the
+    URL's alone. They are translated to libpq's (database to dbname, server_settings to
+    options, ssl's mode to sslmode)."""
+    import psycopg
+
+    from sa_jobs import Worker, testing
+    from sa_jobs._url import connect_args
+
+    url = make_url(asyncpg_url(database_url))
+
+    async def body() -> None:
+        engine = create_async_engine(
+            url.set(database="apg_no_such_database"),
+            connect_args={"database": url.database, "server_settings": {"apg.marker": "kept it\\ all"},
+                          "timeout": 4.5, "ssl": "prefer", "command_timeout": 30}).execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: schema})
+        try:
+            assert connect_args(engine) == {"dbname": url.database, "options": r"-c apg.marker=kept\ it\\\ all",
+                                            "connect_timeout": 5, "sslmode": "prefer"}
+            with psycopg.connect(to_conninfo(engine), autocommit=True) as conn:
+                assert conn.execute("SELECT current_setting('apg.marker', true)").fetchone() == ("kept it\\ all",)
+            await add(engine, ApgSeeSetting())
+            SEEN.clear()
+            assert testing.drain(engine, kinds=[ApgSeeSetting], timeout=10) == {"completed": 1}
+            assert SEEN == {"async": "kept it\\ all"}
+        finally:
+            await engine.dispose()
+
+    anyio.run(body)
