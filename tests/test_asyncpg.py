@@ -207,3 +207,34 @@ def test_sa_jobs_connections_keep_an_asyncpg_engines_connect_args(database_url, 
             await engine.dispose()
 
     anyio.run(body)
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg_async"])
+def test_a_worker_built_from_an_engine_gives_handlers_its_connect_args(database_url, schema, driver):
+    """Before: Worker(app_engine) connected its own connections with the engine's
+    connect_args, but made ctx.transaction()'s and ctx.async_transaction()'s engines from
+    its URL alone: with the database named in connect_args, every handler's transaction
+    went to the URL's (here none), and the jobs were retried until dead."""
+    from sa_jobs import Worker
+
+    url = make_url(database_url).set(drivername=f"postgresql+{driver}")
+    database = {"asyncpg": "database", "psycopg_async": "dbname"}[driver]
+
+    async def body() -> None:
+        engine = create_async_engine(url.set(database="apg_no_such_database"), connect_args={
+            database: url.database, "server_settings" if driver == "asyncpg" else "options":
+            {"apg.marker": "kept"} if driver == "asyncpg" else "-c apg.marker=kept"}).execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: schema})
+        try:
+            ids = await add(engine, ApgSeeSetting(), ApgSyncTx(n=1))
+            SEEN.clear()
+            async with Worker(engine, kinds=[ApgSeeSetting, ApgSyncTx], schema=schema, poll_interval=0.05,
+                              shutdown_grace=2):
+                for job_id in ids:
+                    with anyio.fail_after(10):
+                        assert (await wait_for_async(engine, job_id, timeout=5)).status == "done"
+            assert SEEN == {"async": "kept"}
+        finally:
+            await engine.dispose()
+
+    anyio.run(body)
