@@ -9,7 +9,6 @@ server.
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from typing import Any, Awaitable, Callable
 
@@ -18,10 +17,9 @@ import pytest
 
 pytest.importorskip("asyncpg")
 
-from sqlalchemy import Integer, String, select, text  # noqa: E402
+from sqlalchemy import select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine  # noqa: E402
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column  # noqa: E402
 
 from sa_jobs import (  # noqa: E402
     ConfigurationError, Job, JobContext, Unique, enqueue_many, wait_for_async,
@@ -106,7 +104,7 @@ def test_enqueue_many_in_an_asyncpg_sessions_run_sync_is_refused_with_a_configur
     assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"n": 2},)]
 
 
-class ApgSyncTx(Job, kind="apg_sync_tx"):
+class ApgSyncTx(Job, kind="apg_sync_tx", queue="apg_sync"):
     pass
 
 
@@ -148,7 +146,7 @@ def test_the_testing_helpers_take_an_asyncpg_engines_sync_engine(database_url, s
     async def body(engine: AsyncEngine) -> None:
         sync = engine.sync_engine
         assert await testing.perform_async(ApgSyncTx(n=3), engine=sync) == 3
-        (job_id,) = await add(engine, ApgSyncTx(n=4))
+        await add(engine, ApgSyncTx(n=4))
         assert testing.drain(sync, kinds=[ApgSyncTx]) == {"completed": 1}
         with testing.inline(sync, kinds=[ApgSyncTx]):
             async with AsyncSession(engine) as session, session.begin():
@@ -161,6 +159,10 @@ def test_the_testing_helpers_take_an_asyncpg_engines_sync_engine(database_url, s
     assert testing.perform(ApgSyncTx(n=6), engine=create_async_engine(asyncpg_url(database_url)).sync_engine) == 6
 
 
+# What ApgSeeSetting's handler saw of the session setting apg.marker.
+SEEN: dict[str, Any] = {}
+
+
 class ApgSeeSetting(Job, kind="apg_see_setting"):
     pass
 
@@ -169,9 +171,6 @@ class ApgSeeSetting(Job, kind="apg_see_setting"):
 async def apg_see_setting(ctx: JobContext) -> None:
     async with ctx.async_transaction() as session:
         SEEN["async"] = await session.scalar(text("SELECT current_setting('apg.marker', true)"))
-
-
-SEEN: dict[str, Any] = {}
 
 
 def test_sa_jobs_connections_keep_an_asyncpg_engines_connect_args(database_url, schema):
@@ -183,7 +182,7 @@ def test_sa_jobs_connections_keep_an_asyncpg_engines_connect_args(database_url, 
     options, ssl's mode to sslmode)."""
     import psycopg
 
-    from sa_jobs import Worker, testing
+    from sa_jobs import testing
     from sa_jobs._url import connect_args
 
     url = make_url(asyncpg_url(database_url))
@@ -218,12 +217,11 @@ def test_a_worker_built_from_an_engine_gives_handlers_its_connect_args(database_
     from sa_jobs import Worker
 
     url = make_url(database_url).set(drivername=f"postgresql+{driver}")
-    database = {"asyncpg": "database", "psycopg_async": "dbname"}[driver]
+    given = ({"database": url.database, "server_settings": {"apg.marker": "kept"}} if driver == "asyncpg"
+             else {"dbname": url.database, "options": "-c apg.marker=kept"})
 
     async def body() -> None:
-        engine = create_async_engine(url.set(database="apg_no_such_database"), connect_args={
-            database: url.database, "server_settings" if driver == "asyncpg" else "options":
-            {"apg.marker": "kept"} if driver == "asyncpg" else "-c apg.marker=kept"}).execution_options(
+        engine = create_async_engine(url.set(database="apg_no_such_database"), connect_args=given).execution_options(
             schema_translate_map={DEFAULT_SCHEMA: schema})
         try:
             ids = await add(engine, ApgSeeSetting(), ApgSyncTx(n=1))
@@ -238,3 +236,176 @@ def test_a_worker_built_from_an_engine_gives_handlers_its_connect_args(database_
             await engine.dispose()
 
     anyio.run(body)
+
+
+# ---- what already worked through asyncpg, kept so ------------------------------------------
+
+
+class ApgUnique(Job, kind="apg_unique", unique=Unique(by=("k",), period=dt.timedelta(hours=1))):
+    pass
+
+
+class ApgReplace(Job, kind="apg_replace", unique=Unique(by=("k",), on_conflict="replace")):
+    pass
+
+
+ROUND_TRIP = {"n": 1, "big": 10**30, "neg": -2**63, "u": "héllo ☃ \u2028", "nested": {"a": [1, {"b": None}], "f": 0.1},
+              "e": 1e16, "empty": {"": []}, "t": True}
+
+
+def test_enqueue_through_an_asyncpg_session(database_url, schema):
+    """add/add_all with options, JSON round trips, unique kinds (return, period, replace,
+    two of one key in a flush) in a non-default schema, read back through asyncpg."""
+
+    async def body(engine: AsyncEngine) -> None:
+        run_at = dt.datetime(2100, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+        async with AsyncSession(engine) as session, session.begin():
+            plain = ApgPlain(**ROUND_TRIP)
+            session.add(plain)
+            session.add_all([ApgPlain(n=2).options(queue="q2", priority=5, tags=["a"], max_attempts=3,
+                                                   delay=dt.timedelta(seconds=30), meta={"m": 1}),
+                             ApgPlain(n=3).options(run_at=run_at)])
+            first, twin = ApgUnique(k=1, x=1), ApgUnique(k=1, x=2)
+            session.add_all([first, twin])
+            await session.flush()
+            assert (first.was_duplicate, twin.was_duplicate, twin.id) == (False, True, first.id)
+            assert ":" in first.unique_key  # the period's bucket, on the database clock
+            first_id = first.id
+        async with AsyncSession(engine) as session, session.begin():
+            again = ApgUnique(k=1, x=3)
+            session.add(again)
+            await session.flush()
+            assert (again.was_duplicate, again.id, again.args) == (True, first_id, {"k": 1, "x": 1})
+        for x in (1, 2):
+            async with AsyncSession(engine) as session, session.begin():
+                replaced = ApgReplace(k=1, x=x)
+                session.add(replaced)
+                await session.flush()
+                replace_seen = (replaced.was_replaced, replaced.args)
+        assert replace_seen == (True, {"k": 1, "x": 2})
+        async with AsyncSession(engine) as session:
+            rows = (await session.execute(select(ApgPlain.args, ApgPlain.queue, ApgPlain.priority, ApgPlain.tags,
+                                                 ApgPlain.max_attempts, ApgPlain.state, ApgPlain.meta,
+                                                 ApgPlain.scheduled_at).order_by(ApgPlain.id))).all()
+        stored = {**ROUND_TRIP, "e": 10**16}  # jsonb's numeric: an integral float of 1e16 comes back an int
+        assert rows[0].args == stored and rows[0].state == "available"
+        assert rows[1][1:7] == ("q2", 5, ["a"], 3, "scheduled", {"m": 1})
+        assert rows[2].scheduled_at == run_at and rows[2].state == "scheduled"
+
+    with_engine(database_url, schema, body)
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(5,)]
+
+
+def test_admin_calls_through_an_asyncpg_session_and_connection(database_url, schema):
+    """job_status, cancel/retry (one and many, a unique key held by another job), the queue
+    settings, through run_sync of an asyncpg AsyncSession, AsyncConnection and an
+    AUTOCOMMIT engine's session."""
+    from sa_jobs import (
+        JobNotFoundError, QueueLimits, cancel, cancel_many, job_status, pause_queue, paused_queues, queue_limits,
+        resume_queue, retry, retry_many, set_queue_limits,
+    )
+
+    async def body(engine: AsyncEngine) -> None:
+        a, b = await add(engine, ApgPlain(n=1), ApgPlain(n=2))
+        (held,) = await add(engine, ApgUnique(k=9))
+        async with AsyncSession(engine) as session, session.begin():
+            assert (await session.run_sync(job_status, a)).status == "queued"
+            assert await session.run_sync(lambda s: cancel(s, a)) == "available"
+            assert await session.run_sync(lambda s: cancel_many(s, [b, held, 10**6])) == {b: "available",
+                                                                                       held: "available"}
+            assert await session.run_sync(lambda s: retry(s, a)) == a
+            await session.run_sync(lambda s: pause_queue(s, "q2"))
+            await session.run_sync(lambda s: set_queue_limits(s, "q2", QueueLimits(concurrency=3)))
+        (holder,) = await add(engine, ApgUnique(k=9))  # the cancelled job gave its key up
+        async with engine.connect() as conn:
+            assert await conn.run_sync(paused_queues) == ["q2"]
+            assert (await conn.run_sync(lambda c: queue_limits(c, "q2"))).concurrency == 3
+            with pytest.raises(JobNotFoundError, match=f"held by job {holder}"):
+                await conn.run_sync(lambda c: retry(c, held))
+            assert await conn.run_sync(lambda c: retry_many(c, [b, held])) == [b]
+            await conn.run_sync(lambda c: resume_queue(c, "q2"))
+            await conn.commit()
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        async with AsyncSession(autocommit) as session:
+            assert await session.run_sync(lambda s: cancel(s, b)) == "available"
+            assert await session.run_sync(paused_queues) == []
+        assert (await wait_for_async(engine, b, timeout=1)).status == "cancelled"
+
+    with_engine(database_url, schema, body)
+
+
+class ApgCtx(Job, kind="apg_ctx", queue="apg_ctx", max_attempts=1):
+    pass
+
+
+@ApgCtx.handler
+async def apg_ctx(ctx: JobContext, n: int, fail: bool = False) -> None:
+    async with ctx.async_transaction(result={"n": n, "u": "☃"}) as session:
+        session.add_all([ApgPlain(by=n), ApgUnique(k=n), ApgUnique(k=n)])
+        ctx.set_progress(50, "half")
+        if fail:
+            raise RuntimeError("rolled back")
+
+
+class ApgLong(Job, kind="apg_long", max_attempts=1):
+    pass
+
+
+@ApgLong.handler
+async def apg_long(ctx: JobContext) -> None:
+    await anyio.sleep(30)
+
+
+def test_a_worker_from_an_asyncpg_url_with_the_apps_asyncpg_engine(database_url, schema):
+    """A worker whose URL names asyncpg, handing its handlers the app's asyncpg AsyncEngine:
+    ctx.async_transaction() commits the handler's jobs (unique ones too) with the completion,
+    or none of them; a cancel through an asyncpg session reaches a running handler."""
+    from sa_jobs import Worker, cancel, job_status
+
+    async def body(engine: AsyncEngine) -> None:
+        done, failed, long = await add(engine, ApgCtx(n=1), ApgCtx(n=2, fail=True), ApgLong())
+        async with Worker(asyncpg_url(database_url), kinds=[ApgCtx, ApgLong], schema=schema, async_engine=engine,
+                          poll_interval=0.05, shutdown_grace=2):
+            with anyio.fail_after(10):
+                status = await wait_for_async(engine, done, timeout=8)
+                assert (status.status, status.result, status.progress) == ("done", {"n": 1, "u": "☃"},
+                                                                            {"percent": 50, "message": "half"})
+                assert (await wait_for_async(engine, failed, timeout=8)).error == "RuntimeError: rolled back"
+                while True:
+                    async with AsyncSession(engine) as session:
+                        if (await session.run_sync(job_status, long)).state == "running":
+                            break
+                    await anyio.sleep(0.02)
+                async with AsyncSession(engine) as session, session.begin():
+                    assert await session.run_sync(lambda s: cancel(s, long)) == "running"
+                assert (await wait_for_async(engine, long, timeout=8)).status == "cancelled"
+        async with AsyncSession(engine) as session:
+            rows = (await session.execute(select(Job.kind, Job.args).where(Job.kind != "apg_ctx")
+                                          .where(Job.kind != "apg_long").order_by(Job.id))).all()
+        assert sorted(tuple(r) for r in rows) == [("apg_plain", {"by": 1}), ("apg_unique", {"k": 1})]
+
+    with_engine(database_url, schema, body)
+
+
+def test_the_testing_helpers_with_an_asyncpg_engine(database_url, schema):
+    """perform_async, drain, inline (an AsyncSession's commit) and assert_enqueued through
+    run_sync, given the app's asyncpg AsyncEngine."""
+    from sa_jobs import testing
+
+    async def body(engine: AsyncEngine) -> None:
+        assert await testing.perform_async(ApgCtx(n=5), engine=engine) == {"n": 5, "u": "☃"}
+        async with AsyncSession(engine) as session, session.begin():
+            session.add(ApgSyncTx(n=7))
+            await session.flush()
+            found = await session.run_sync(lambda s: testing.assert_enqueued(s, ApgSyncTx, args={"n": 7}, count=1))
+            assert found[0].args == {"n": 7}
+            await session.run_sync(lambda s: testing.refute_enqueued(s, ApgSyncTx, args={"n": 8}))
+        assert testing.drain(engine, kinds=[ApgSyncTx]) == {"available": 2, "completed": 1}  # perform's jobs wait
+        with testing.inline(engine, kinds=[ApgSyncTx, ApgCtx]):
+            async with AsyncSession(engine) as session, session.begin():
+                session.add(ApgCtx(n=6))
+        async with AsyncSession(engine) as session:
+            states = dict((await session.execute(select(Job.kind, Job.state).where(Job.kind == "apg_ctx"))).all())
+        assert states == {"apg_ctx": "completed"}
+
+    with_engine(database_url, schema, body)
