@@ -840,10 +840,13 @@ def lock_policy(lock_timeout: object = DEFAULT_LOCK_TIMEOUT, lock_retries: objec
 
 
 def is_lock_timeout(exc: BaseException) -> bool:
-    """Whether ``exc`` (psycopg's, or SQLAlchemy's wrapping it) is a lock_timeout expiring."""
+    """Whether ``exc`` (psycopg's, or SQLAlchemy's wrapping a driver's) is a lock_timeout
+    expiring. By SQLSTATE too: through asyncpg (an Alembic env.py on an async engine)
+    SQLAlchemy wraps no psycopg error, and a lock wait failed the upgrade unretried."""
     import psycopg
 
-    return isinstance(getattr(exc, "orig", None) or exc, psycopg.errors.LockNotAvailable)
+    orig = getattr(exc, "orig", None) or exc
+    return isinstance(orig, psycopg.errors.LockNotAvailable) or getattr(orig, "sqlstate", None) == "55P03"
 
 
 def with_lock_retries(policy: LockPolicy, attempt: Callable[[], _T],

@@ -9,6 +9,7 @@ server.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import time
 from typing import Any, Awaitable, Callable
 
@@ -409,3 +410,79 @@ def test_the_testing_helpers_with_an_asyncpg_engine(database_url, schema):
         assert states == {"apg_ctx": "completed"}
 
     with_engine(database_url, schema, body)
+
+
+# ---- Alembic with an async env.py on asyncpg (alembic's "async" template) --------------------
+
+
+ASYNC_ENV = '''def run_migrations_online() -> None:
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    def run(connection) -> None:
+        context.configure(connection=connection, **CONFIGURE_OPTIONS)
+        with context.begin_transaction():
+            context.run_migrations()
+
+    async def main() -> None:
+        engine = create_async_engine(os.environ["DATABASE_URL"], poolclass=pool.NullPool)
+        async with engine.connect() as connection:
+            await connection.run_sync(run)
+        await engine.dispose()
+
+    asyncio.run(main())
+'''
+
+
+@pytest.fixture
+def async_app(tmp_path, database_url):
+    """The example Alembic app with an async env.py, its DATABASE_URL an asyncpg one of a
+    database of its own."""
+    import uuid
+
+    from psycopg import sql
+
+    from .test_alembic import EXAMPLE_APP, App, run_sql
+
+    dest = tmp_path / "alembic_app"
+    shutil.copytree(EXAMPLE_APP, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    env = dest / "migrations" / "env.py"
+    source = env.read_text()
+    start = source.index("def run_migrations_online")
+    end = source.index("\n\nif context.is_offline_mode()")
+    env.write_text(source[:start] + ASYNC_ENV + source[end:])
+    name = "sa_jobs_apg_" + uuid.uuid4().hex[:12]
+    run_sql(database_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield App(dest, asyncpg_url(make_url(database_url).set(database=name).render_as_string(hide_password=False)))
+    finally:
+        run_sql(database_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_alembic_on_asyncpg_retries_a_lock_wait_then_names_the_blocker(async_app):
+    """Before: on asyncpg a revision's lock_timeout arrived as SQLAlchemy's plain DBAPIError,
+    which the retry loop did not know for a lock timeout (it looked for psycopg's
+    LockNotAvailable): the upgrade failed at the first wait, with no retry and no
+    SchemaLockTimeoutError naming the blocking session."""
+    import psycopg
+
+    from sa_jobs import schema as schema_mod
+    from sa_jobs.drift import check_drift
+
+    plain = make_url(async_app.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    async_app.alembic("upgrade", "sa_jobs_0002")
+    blocker = psycopg.connect(plain)
+    blocker.execute("SELECT count(*) FROM sa_jobs.jobs")
+    try:
+        proc = async_app.alembic("-x", "sa_jobs_lock_timeout=0.2", "-x", "sa_jobs_lock_retries=1",
+                                 "upgrade", "sa_jobs_0003", ok=False)
+        pid = blocker.info.backend_pid
+    finally:
+        blocker.close()
+    assert proc.returncode != 0
+    assert "SchemaLockTimeoutError" in proc.stderr and f"pid {pid}" in proc.stderr, proc.stderr
+    assert "gave up after 2 waits" in proc.stderr, proc.stderr  # the first one retried
+    assert schema_mod.installed_version(plain, "sa_jobs") == 2
+    async_app.alembic("upgrade", "heads")
+    assert check_drift(plain, "sa_jobs") == []
