@@ -207,6 +207,15 @@ def test_sa_jobs_connections_keep_an_asyncpg_engines_connect_args(database_url, 
             await engine.dispose()
 
     anyio.run(body)
+    # asyncpg's ssl=True is its verify-full against the system's CAs; an SSLContext has no libpq form.
+    import ssl
+
+    from psycopg import pq
+
+    system = {"sslrootcert": "system"} if pq.version() >= 160000 else {}
+    for given, expected in ((True, {"sslmode": "verify-full", **system}), (ssl.create_default_context(), {})):
+        engine = create_async_engine(url, connect_args={"ssl": given, "server_settings": {}})
+        assert connect_args(engine) == expected
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg_async"])
