@@ -196,12 +196,9 @@ def twin_engine(target: object, *, async_: bool = False, **engine_options: Any) 
         level = getattr(source.dialect, "_on_connect_isolation_level", None)
         if level is not None:
             options["isolation_level"] = level
-        if _default_creator_params(source) is not None:
-            pass  # connect_args above
-        elif source.dialect.is_async == async_:
-            options["creator"] = source.pool._creator
-        else:
-            options["creator"] = _creator_of_the_other_kind(async_)
+        if _default_creator_params(source) is None:  # a creator of the app's own
+            same_kind = source.dialect.is_async == async_
+            options["creator"] = source.pool._creator if same_kind else _creator_of_the_other_kind(async_)
     twin = (create_async_engine if async_ else create_engine)(url, **{**options, **engine_options})
     if source is not None:
         _copy_listeners(source, getattr(twin, "sync_engine", twin))

@@ -867,6 +867,10 @@ def _marker_event(engine, event_name: str) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("SET th.marker = 'kept'")
             cursor.close()
+            # Committed, as SQLAlchemy's docs have it: else the SET is in the transaction
+            # the pool's reset (or the dialect's first-connect rollback) rolls back, and
+            # whether a handler saw it hung on which connection of the pool it was given.
+            dbapi_connection.commit()
         event.listen(target, "connect", on_connect)
     else:
         def on_do_connect(dialect, conn_rec, cargs, cparams):  # type: ignore[no-untyped-def]
