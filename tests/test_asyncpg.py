@@ -335,10 +335,15 @@ def test_admin_calls_through_an_asyncpg_session_and_connection(database_url, sch
             assert await conn.run_sync(lambda c: retry_many(c, [b, held])) == [b]
             await conn.run_sync(lambda c: resume_queue(c, "q2"))
             await conn.commit()
-        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        async with AsyncSession(autocommit) as session:
-            assert await session.run_sync(lambda s: cancel(s, b)) == "available"
-            assert await session.run_sync(paused_queues) == []
+        # A new engine: SQLAlchemy 2.0.30 refuses isolation_level on an optioned engine.
+        autocommit = create_async_engine(asyncpg_url(database_url), isolation_level="AUTOCOMMIT").execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: schema})
+        try:
+            async with AsyncSession(autocommit) as session:
+                assert await session.run_sync(lambda s: cancel(s, b)) == "available"
+                assert await session.run_sync(paused_queues) == []
+        finally:
+            await autocommit.dispose()
         assert (await wait_for_async(engine, b, timeout=1)).status == "cancelled"
 
     with_engine(database_url, schema, body)
