@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import anyio
@@ -36,6 +36,9 @@ class ClaimedJob:
     reported: bool = False  # this run reported progress (a release drops it from the row)
     thread: Optional["HandlerThread"] = None  # the call of a sync handler, once started
     task_exit: Optional[BaseException] = None  # a task the handler started raised SystemExit (as this)
+    # Called on cancel: each cancels on the server the statement of a sync ctx.transaction()
+    # open in the handler's thread (context._ServerStatement), which nothing else interrupts.
+    stop_statements: set[Callable[[], None]] = field(default_factory=set)
 
     @property
     def cancelled(self) -> bool:
@@ -47,6 +50,8 @@ class ClaimedJob:
             self.cancel_reason = reason
         if self.scope is not None:
             self.scope.cancel()
+        for stop in tuple(self.stop_statements):
+            stop()
 
 
 class HandlerThread:

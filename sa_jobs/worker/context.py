@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import math
 import threading
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, cast
 
+import anyio
 from sqlalchemy import case, func, update
 
 from .. import _validate
@@ -23,7 +27,13 @@ if TYPE_CHECKING:
     from ._job import ClaimedJob
     from .worker import Worker
 
+log = logging.getLogger("sa_jobs.worker")
+
 _jobs = job_table()
+
+# How long a cancelled handler's transaction waits for its cancel request to be sent (over a
+# connection of its own: milliseconds, unless the server cannot be reached).
+CANCEL_REQUEST_WAIT = 2.0
 
 # Why ctx.transaction() refuses an engine (or connection) that commits each statement.
 _AUTOCOMMIT = (
@@ -103,6 +113,63 @@ def _refuse_autocommit_connection(connection: Any) -> None:
     ``connect_args={"autocommit": True}``): checked before the handler writes anything."""
     if getattr(connection.connection.dbapi_connection, "autocommit", False) is True:
         raise ConfigurationError(f"{_AUTOCOMMIT}: the worker's engine hands out connections in autocommit mode")
+
+
+def cancellation_pending() -> bool:
+    """Whether the current task is being cancelled: by a cancel scope around it (anyio's
+    -inf deadline), or by ``task.cancel()`` (Python 3.11+ counts the requests)."""
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() > 0
+
+
+class _ServerStatement:
+    """Cancels on the server the statement a job's transaction has running there.
+
+    psycopg answers a cancelled await with a cancel request, but anyio cancels every await
+    in a cancelled scope, that request's too: psycopg then closed the connection, and the
+    server ran the statement to its end (``SELECT pg_sleep(30)``: 30 s, an UPDATE's row
+    locks held all along) after its job was cancelled, timed out, lost its lease or was
+    given back. A sync handler's statement, in a thread nothing interrupts, ran on alike.
+    The cancel key is taken as the transaction begins: it outlives the closed connection.
+    Drivers other than psycopg 3 (no ``pgconn``) are left as they are.
+    """
+
+    __slots__ = ("_pgconn", "_key")
+
+    def __init__(self, connection: Any) -> None:  # the transaction's (sync) SQLAlchemy Connection
+        self._pgconn: Any = getattr(connection.connection.driver_connection, "pgconn", None)
+        self._key: Any = None if self._pgconn is None else self._pgconn.get_cancel()
+
+    def _running(self, *, closed_too: bool) -> bool:
+        """A statement is in flight, or (``closed_too``) may be: psycopg gave the connection up."""
+        if self._key is None:
+            return False
+        from psycopg import pq
+
+        if self._pgconn.status != pq.ConnStatus.OK:
+            return closed_too
+        return bool(self._pgconn.transaction_status == pq.TransactionStatus.ACTIVE)
+
+    def _cancel(self) -> None:
+        try:
+            self._key.cancel()  # blocking: it connects to the server
+        except Exception as exc:  # noqa: BLE001 - unreachable: nothing more to do from here
+            log.warning("could not cancel a cancelled handler's statement on the server: %s", type(exc).__name__)
+
+    async def stop(self) -> None:
+        """After the handler's block raised: cancel what is left running (the block's own
+        cancellation does not cancel this). A connection closed for another reason (the
+        server or the network gone) had no statement left running."""
+        if self._running(closed_too=cancellation_pending()):
+            with anyio.move_on_after(CANCEL_REQUEST_WAIT, shield=True):
+                await anyio.to_thread.run_sync(self._cancel, abandon_on_cancel=True)
+
+    def stop_in_background(self) -> None:
+        """From the event loop, when a sync handler's job is cancelled: a thread sends it."""
+        if self._running(closed_too=False):
+            threading.Thread(target=self._cancel, name="sa_jobs-cancel-statement", daemon=True).start()
 
 
 class JobContext:
@@ -239,21 +306,32 @@ class JobContext:
             raise ConfigurationError(_ON_THE_LOOP)
         refuse_second_completion(self._job.completed_in_tx)
         stmt, options = self._completion(result)
+        job = self._job
+
+        def stop_statement() -> None:  # on cancel; the completion, once begun, is the fence's to judge
+            if not job.completing:
+                statement.stop_in_background()
+
         with Session(self._worker.sync_engine()) as session:
             try:
                 with session.begin():
-                    _refuse_autocommit_connection(session.connection())
+                    connection = session.connection()
+                    _refuse_autocommit_connection(connection)
+                    statement = _ServerStatement(connection)
+                    job.stop_statements.add(stop_statement)
                     yield session
                     session.flush()
-                    self._job.completing = True
+                    job.completing = True
                     completion = self._with_report(stmt)
                     self._check_lease(cast("CursorResult[Any]", session.execute(completion, execution_options=options)).rowcount)
             except BaseException:
                 # Also when the COMMIT fails: the job is not completing, and its heartbeat
                 # must go on (a handler may retry its transaction).
-                self._job.completing = False
+                job.completing = False
                 raise
-            self._job.completed_in_tx = True
+            finally:
+                job.stop_statements.discard(stop_statement)
+            job.completed_in_tx = True
 
     @asynccontextmanager
     async def async_transaction(self, result: Any = None) -> AsyncIterator["AsyncSession"]:
@@ -265,13 +343,19 @@ class JobContext:
         async with AsyncSession(self._worker.async_engine()) as session:
             try:
                 async with session.begin():
-                    _refuse_autocommit_connection((await session.connection()).sync_connection)
-                    yield session
-                    await session.flush()
-                    self._job.completing = True
-                    completion = self._with_report(stmt)
-                    res = cast("CursorResult[Any]", await session.execute(completion, execution_options=options))
-                    self._check_lease(res.rowcount)
+                    connection = (await session.connection()).sync_connection
+                    _refuse_autocommit_connection(connection)
+                    statement = _ServerStatement(connection)
+                    try:
+                        yield session
+                        await session.flush()
+                        self._job.completing = True
+                        completion = self._with_report(stmt)
+                        res = cast("CursorResult[Any]", await session.execute(completion, execution_options=options))
+                        self._check_lease(res.rowcount)
+                    except BaseException:
+                        await statement.stop()  # before the rollback, which psycopg may not get to send
+                        raise
             except BaseException:
                 self._job.completing = False  # as in transaction(): a failed COMMIT too
                 raise

@@ -54,7 +54,7 @@ from .._connection import ManagedConnection, describe, is_stale_plan, is_transie
 from ._job import ClaimedJob, HandlerThread, Outcome
 from ._task_guard import HANDLER_JOB, install as guard_tasks, uninstall as unguard_tasks
 from .completer import LOCK_WAIT, Completer
-from .context import JobContext, _Cancelled, check_app_engine
+from .context import JobContext, _Cancelled, cancellation_pending as _cancellation_pending, check_app_engine
 from ..events import GuardedObserver, NullObserver, WorkerObserver, hook
 from ._inbox import JobInbox
 from .heartbeat import Heartbeat
@@ -1399,15 +1399,6 @@ def _require_asyncio() -> None:
             "the worker needs an asyncio event loop (psycopg's async connections run on asyncio);"
             " run it with asyncio.run() or anyio.run(..., backend='asyncio'), not trio"
         ) from None
-
-
-def _cancellation_pending() -> bool:
-    """Whether the current task is being cancelled: by a cancel scope around it (anyio's
-    -inf deadline), or by ``task.cancel()`` (Python 3.11+ counts the requests)."""
-    if anyio.current_effective_deadline() == -math.inf:
-        return True
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is not None and cancelling() > 0
 
 
 def _binds(signature: inspect.Signature, ctx: JobContext, args: Mapping[str, Any]) -> bool:

@@ -1,0 +1,244 @@
+"""A handler cancelled while its transaction's statement runs: the statement ends too.
+
+An async handler is cancelled through its anyio scope: psycopg answers with a cancel
+request, which anyio cancelled in turn, so psycopg closed the connection and the server ran
+the statement on (``SELECT pg_sleep(30)``: 30 s, the rows an UPDATE locked held all along).
+A sync handler's statement, in a thread nothing interrupts, ran on alike. Cancelled by
+cancel(), its timeout, a lost lease or a stop past the grace period, the statement must
+end on the server at once, and the transaction's effects must not commit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import anyio
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from sa_jobs import Job, JobContext, Worker, cancel
+from sa_jobs._url import to_conninfo
+
+from .helpers import FAST, jobs_sql, q, wait_for
+
+TAG = "sa_jobs_test_query_cancel"
+STARTED: dict[int, float] = {}
+ENDED_WITH: dict[int, str] = {}
+
+
+def _marks(schema: str) -> str:
+    return sql.Identifier(schema, "marks").as_string()
+
+
+def _statements(schema: str, write: bool) -> list[str]:
+    update = [f"UPDATE {_marks(schema)} SET note = 'handler' WHERE id = 1"] if write else []
+    return [*update, f"SELECT pg_sleep(30) /* {TAG} {schema} */"]
+
+
+class QAsync(Job, kind="q_async", queue="q", max_attempts=1):
+    pass
+
+
+class QAsyncTimed(Job, kind="q_async_timed", queue="q", max_attempts=1, timeout=1.0):
+    pass
+
+
+class QSync(Job, kind="q_sync", queue="q", max_attempts=1):
+    pass
+
+
+class QSyncTimed(Job, kind="q_sync_timed", queue="q", max_attempts=1, timeout=1.0):
+    pass
+
+
+class QAfter(Job, kind="q_after", queue="q", max_attempts=1):
+    pass
+
+
+async def q_async(ctx: JobContext, write: bool) -> None:
+    async with ctx.async_transaction() as session:
+        for statement in _statements(ctx.schema, write):
+            STARTED[ctx.id] = time.monotonic()
+            await session.execute(text(statement))
+
+
+def q_sync(ctx: JobContext, write: bool) -> None:
+    try:
+        with ctx.transaction() as session:
+            for statement in _statements(ctx.schema, write):
+                STARTED[ctx.id] = time.monotonic()
+                session.execute(text(statement))
+    except BaseException as exc:
+        ENDED_WITH[ctx.id] = type(exc).__name__
+        raise
+
+
+QAsync.handler(q_async)
+QAsyncTimed.handler(q_async)
+QSync.handler(q_sync)
+QSyncTimed.handler(q_sync)
+
+
+@QAfter.handler
+async def q_after(ctx: JobContext) -> str:
+    async with ctx.async_transaction(result="after") as session:
+        await session.execute(text(f"UPDATE {_marks(ctx.schema)} SET note = 'after' WHERE id = 2"))
+    return "after"
+
+
+KINDS = [QAsync, QAsyncTimed, QSync, QSyncTimed, QAfter]
+
+
+def _sleeping(database_url: str, schema: str) -> int:
+    """Backends running this test's pg_sleep (or idle in its transaction)."""
+    return q(database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND state <> 'idle'"
+             " AND pid <> pg_backend_pid()", (f"%pg_sleep(30) /* {TAG} {schema} */%",))[0][0]
+
+
+def _row_is_free(database_url: str, schema: str) -> bool:
+    """Row 1 of marks can be locked at once: no transaction of a handler holds it."""
+    with psycopg.connect(to_conninfo(database_url)) as conn:
+        conn.execute("SET lock_timeout = '100ms'")
+        try:
+            conn.execute(f"SELECT 1 FROM {_marks(schema)} WHERE id = 1 FOR UPDATE")
+        except psycopg.errors.LockNotAvailable:
+            return False
+        return True
+
+
+def _setup(engine: Any, database_url: str, schema: str, job: Job) -> int:
+    STARTED.clear()
+    ENDED_WITH.clear()
+    q(database_url, f"CREATE TABLE {_marks(schema)} (id int PRIMARY KEY, note text)")
+    q(database_url, f"INSERT INTO {_marks(schema)} VALUES (1, 'before'), (2, 'before')")
+    with Session(engine) as session, session.begin():
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def _run(database_url: str, schema: str, job_id: int, interrupt: Callable[[Worker], Any], *,
+         inside: bool = True, **options: Any) -> tuple[float, Worker]:
+    """Run a worker until ``job_id``'s pg_sleep runs; ``interrupt`` it (in a thread, given the
+    worker, or after the worker's stop when ``inside`` is false); return how long the
+    sleeping statement then ran on, and the worker."""
+    took: list[float] = []
+
+    def sleeping() -> bool:
+        return job_id in STARTED and bool(_sleeping(database_url, schema))
+
+    def ends() -> None:
+        assert wait_for(lambda: not _sleeping(database_url, schema), 10), "the handler's statement still runs on the server"
+        took.append(time.monotonic() - took.pop())
+
+    async def main() -> Worker:
+        settings = {**FAST, "lease": 30.0, **options}
+        async with Worker(database_url, kinds=KINDS, schema=schema, **settings) as worker:
+            with anyio.fail_after(10):
+                while not await anyio.to_thread.run_sync(sleeping):
+                    await anyio.sleep(0.05)
+            await anyio.to_thread.run_sync(interrupt, worker)
+            took.append(time.monotonic())
+            if inside:
+                await anyio.to_thread.run_sync(ends)
+        if not inside:
+            await anyio.to_thread.run_sync(ends)
+        return worker
+
+    worker = anyio.run(main)
+    return took[0], worker
+
+
+def _cancel(engine: Any, job_id: int) -> Callable[[Worker], None]:
+    def interrupt(worker: Worker) -> None:
+        with Session(engine) as session, session.begin():
+            assert cancel(session, job_id) == "running"
+    return interrupt
+
+
+def _state(database_url: str, schema: str, job_id: int) -> str:
+    return q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"), (job_id,))[0][0]
+
+
+def _note(database_url: str, schema: str) -> str:
+    return q(database_url, f"SELECT note FROM {_marks(schema)} WHERE id = 1")[0][0]
+
+
+@pytest.mark.parametrize("kind", [QAsync, QSync], ids=["async", "sync"])
+@pytest.mark.parametrize("write", [False, True], ids=["sleep", "update-then-sleep"])
+def test_cancel_of_a_running_job_cancels_its_transactions_statement_on_the_server(engine, database_url, schema,
+                                                                                  kind, write):
+    """cancel() of a job whose handler waits on ``SELECT pg_sleep(30)`` in its transaction:
+    the statement ended only after its 30 s, the UPDATE's row lock held all along."""
+    job_id = _setup(engine, database_url, schema, kind(write=write))
+    ran_on, _ = _run(database_url, schema, job_id, _cancel(engine, job_id))
+    assert ran_on < 2.0
+    assert _row_is_free(database_url, schema)
+    assert _note(database_url, schema) == "before"  # the transaction did not commit
+    assert _state(database_url, schema, job_id) == "cancelled"
+    if kind is QSync:  # the abandoned thread's statement failed: it returns, its transaction rolled back
+        assert wait_for(lambda: job_id in ENDED_WITH, 5) and ENDED_WITH[job_id] == "OperationalError", ENDED_WITH
+
+
+@pytest.mark.parametrize("kind", [QAsyncTimed, QSyncTimed], ids=["async", "sync"])
+def test_a_timed_out_handlers_statement_ends_with_its_timeout(engine, database_url, schema, kind):
+    job_id = _setup(engine, database_url, schema, kind(write=True))
+    ran_on, _ = _run(database_url, schema, job_id, lambda worker: None)
+    assert ran_on < 1.0 + 2.0  # the timeout of 1 s, then at once
+    assert _row_is_free(database_url, schema)
+    assert _note(database_url, schema) == "before"
+    assert wait_for(lambda: _state(database_url, schema, job_id) == "dead", 5)
+
+
+@pytest.mark.parametrize("kind", [QAsync, QSync], ids=["async", "sync"])
+def test_a_statement_of_a_job_whose_lease_is_lost_ends_and_rolls_back(engine, database_url, schema, kind):
+    """Fencing: the handler's effects in its own transaction roll back when its claim is
+    lost, and the statement it was running does not hold the row for the new claim."""
+    job_id = _setup(engine, database_url, schema, kind(write=True))
+
+    def steal(worker: Worker) -> None:
+        q(database_url, jobs_sql(schema, "UPDATE {jobs} SET claim_token = gen_random_uuid() WHERE id = %s"), (job_id,))
+
+    ran_on, _ = _run(database_url, schema, job_id, steal, lease=2.0)
+    assert ran_on < 0.5 + 2.0  # the next heartbeat (a quarter of the lease), then at once
+    assert _row_is_free(database_url, schema)
+    assert _note(database_url, schema) == "before"
+    assert _state(database_url, schema, job_id) == "running"  # the other claim's
+
+
+@pytest.mark.parametrize("kind", [QAsync, QSync], ids=["async", "sync"])
+def test_a_stop_past_the_grace_period_ends_the_handlers_statement(engine, database_url, schema, kind):
+    job_id = _setup(engine, database_url, schema, kind(write=True))
+    ran_on, _ = _run(database_url, schema, job_id, lambda worker: worker.request_stop(), inside=False,
+                     shutdown_grace=0.2)
+    assert ran_on < 0.2 + 2.5
+    assert _row_is_free(database_url, schema)
+    assert _note(database_url, schema) == "before"
+    assert _state(database_url, schema, job_id) == "available"  # given back
+
+
+def test_the_pool_gives_the_next_transaction_a_clean_connection(engine, database_url, schema):
+    """After a cancelled statement the worker's next ctx.async_transaction() works, and the
+    connection of the cancelled one went back to the pool clean, or was discarded."""
+    job_id = _setup(engine, database_url, schema, QAsync(write=True))
+    seen: dict[str, Any] = {}
+
+    def cancel_then_more(worker: Worker) -> None:
+        _cancel(engine, job_id)(worker)
+        with Session(engine) as session, session.begin():
+            after = QAfter()
+            session.add(after)
+            session.flush()
+            seen["after"] = after.id
+        assert wait_for(lambda: _state(database_url, schema, seen["after"]) == "completed", 10)
+        seen["checked_out"] = worker.async_engine().sync_engine.pool.checkedout()
+
+    _run(database_url, schema, job_id, cancel_then_more)
+    assert seen["checked_out"] == 0
+    assert q(database_url, f"SELECT id, note FROM {_marks(schema)} ORDER BY id") == [(1, "before"), (2, "after")]
+    assert q(database_url, "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%'"
+             " AND query LIKE %s", (f"%{TAG} {schema}%",)) == [(0,)]
