@@ -242,3 +242,80 @@ def test_the_pool_gives_the_next_transaction_a_clean_connection(engine, database
     assert q(database_url, f"SELECT id, note FROM {_marks(schema)} ORDER BY id") == [(1, "before"), (2, "after")]
     assert q(database_url, "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%'"
              " AND query LIKE %s", (f"%{TAG} {schema}%",)) == [(0,)]
+
+
+class QAsyncIdle(Job, kind="q_async_idle", queue="q_idle", max_attempts=1):
+    pass
+
+
+@QAsyncIdle.handler
+async def q_async_idle(ctx: JobContext) -> None:
+    async with ctx.async_transaction() as session:
+        await session.execute(text(_statements(ctx.schema, True)[0]))
+        STARTED[ctx.id] = time.monotonic()
+        await anyio.sleep(30)
+
+
+def test_a_cancelled_async_handler_idle_in_its_transaction_releases_its_locks(engine, database_url, schema):
+    """No statement in flight: the transaction ends at once all the same (no cancel is sent)."""
+    job_id = _setup(engine, database_url, schema, QAsyncIdle())
+    took: list[float] = []
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[QAsyncIdle], schema=schema, **{**FAST, "lease": 30.0}):
+            with anyio.fail_after(10):
+                while job_id not in STARTED:
+                    await anyio.sleep(0.05)
+            assert not await anyio.to_thread.run_sync(_row_is_free, database_url, schema)
+            await anyio.to_thread.run_sync(lambda: _cancel(engine, job_id)(None))  # type: ignore[arg-type]
+            started = time.monotonic()
+            assert await anyio.to_thread.run_sync(lambda: wait_for(lambda: _row_is_free(database_url, schema), 5))
+            took.append(time.monotonic() - started)
+
+    anyio.run(main)
+    assert took[0] < 2.0
+    assert _note(database_url, schema) == "before"
+    assert _state(database_url, schema, job_id) == "cancelled"
+
+
+class QSyncBetween(Job, kind="q_sync_between", queue="q_between", max_attempts=1):
+    pass
+
+
+@QSyncBetween.handler
+def q_sync_between(ctx: JobContext) -> None:
+    """Between its statements the handler is busy in Python, not polling ctx.cancelled."""
+    first, sleep = _statements(ctx.schema, True)
+    try:
+        with ctx.transaction() as session:
+            session.execute(text(first))
+            STARTED[ctx.id] = time.monotonic()
+            time.sleep(1.0)
+            session.execute(text(sleep))
+    except BaseException as exc:
+        ENDED_WITH[ctx.id] = type(exc).__name__
+        raise
+
+
+def test_a_sync_handler_cancelled_between_statements_starts_no_more_of_them(engine, database_url, schema):
+    """A sync handler cancelled while busy in Python between two statements of its
+    transaction then ran the next one, ``pg_sleep(30)``, to its end: its row locks held
+    30 s more for a transaction whose completion would be refused."""
+    job_id = _setup(engine, database_url, schema, QSyncBetween())
+    took: list[float] = []
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[QSyncBetween], schema=schema, **{**FAST, "lease": 30.0}):
+            with anyio.fail_after(10):
+                while job_id not in STARTED:
+                    await anyio.sleep(0.05)
+            await anyio.to_thread.run_sync(lambda: _cancel(engine, job_id)(None))  # type: ignore[arg-type]
+            started = time.monotonic()
+            assert await anyio.to_thread.run_sync(lambda: wait_for(lambda: _row_is_free(database_url, schema), 10))
+            took.append(time.monotonic() - started)
+
+    anyio.run(main)
+    assert took[0] < 1.0 + 2.0  # the rest of its Python work, then no statement
+    assert _note(database_url, schema) == "before"
+    assert _state(database_url, schema, job_id) == "cancelled"
+    assert wait_for(lambda: job_id in ENDED_WITH, 5) and ENDED_WITH[job_id] == "_Cancelled", ENDED_WITH

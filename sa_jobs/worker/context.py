@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, cast
 
 import anyio
-from sqlalchemy import case, func, update
+from sqlalchemy import case, event, func, update
 
 from .. import _validate
 from ..admin import gives_up_its_key
@@ -312,6 +312,13 @@ class JobContext:
             if not job.completing:
                 statement.stop_in_background()
 
+        def refuse_once_cancelled(*_: Any) -> None:
+            """No statement starts once the job is cancelled (its completion would be refused):
+            a handler busy in Python when the cancel came ran its next one (a lock wait, a long
+            query) to its end, holding the transaction's locks all along."""
+            if job.cancelled and not job.completing:
+                self.raise_if_cancelled()
+
         with Session(self._worker.sync_engine()) as session:
             try:
                 with session.begin():
@@ -319,6 +326,7 @@ class JobContext:
                     _refuse_autocommit_connection(connection)
                     statement = _ServerStatement(connection)
                     job.stop_statements.add(stop_statement)
+                    event.listen(connection, "before_cursor_execute", refuse_once_cancelled)
                     yield session
                     session.flush()
                     job.completing = True
