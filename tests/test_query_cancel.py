@@ -319,3 +319,41 @@ def test_a_sync_handler_cancelled_between_statements_starts_no_more_of_them(engi
     assert _note(database_url, schema) == "before"
     assert _state(database_url, schema, job_id) == "cancelled"
     assert wait_for(lambda: job_id in ENDED_WITH, 5) and ENDED_WITH[job_id] == "_Cancelled", ENDED_WITH
+
+
+class QAsyncOwnDeadline(Job, kind="q_async_own_deadline", queue="q_own", max_attempts=1):
+    pass
+
+
+@QAsyncOwnDeadline.handler
+async def q_async_own_deadline(ctx: JobContext) -> None:
+    """A deadline of the handler's own around its statement (its TimeoutError fails the attempt)."""
+    async with ctx.async_transaction() as session:
+        first, sleep = _statements(ctx.schema, True)
+        await session.execute(text(first))
+        STARTED[ctx.id] = time.monotonic()
+        with anyio.fail_after(0.5):
+            await session.execute(text(sleep))
+
+
+def test_a_handlers_own_deadline_around_its_statement_ends_the_statement(engine, database_url, schema):
+    """``anyio.fail_after()`` of the handler's own around a statement of its transaction:
+    the attempt failed with TimeoutError, but the statement ran on to its end on the server,
+    the transaction's row locks held all along."""
+    job_id = _setup(engine, database_url, schema, QAsyncOwnDeadline())
+    took: list[float] = []
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[QAsyncOwnDeadline], schema=schema, **{**FAST, "lease": 30.0}):
+            with anyio.fail_after(10):
+                while job_id not in STARTED:
+                    await anyio.sleep(0.05)
+            started = time.monotonic()
+            assert await anyio.to_thread.run_sync(lambda: wait_for(lambda: _state(database_url, schema, job_id) == "dead", 10))
+            assert await anyio.to_thread.run_sync(lambda: wait_for(lambda: not _sleeping(database_url, schema), 10))
+            took.append(time.monotonic() - started)
+
+    anyio.run(main)
+    assert took[0] < 0.5 + 2.0
+    assert _row_is_free(database_url, schema)
+    assert _note(database_url, schema) == "before"

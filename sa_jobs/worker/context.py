@@ -8,7 +8,7 @@ import logging
 import math
 import threading
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, cast
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional, cast
 
 import anyio
 from sqlalchemy import case, event, func, update
@@ -124,6 +124,18 @@ def cancellation_pending() -> bool:
     return cancelling is not None and cancelling() > 0
 
 
+def _from_cancellation(exc: BaseException) -> bool:
+    """``exc`` was raised by (or while handling) a cancellation: a CancelledError in its chain."""
+    seen: Optional[BaseException] = exc
+    for _ in range(16):  # a chain is short; a cycle is not followed for ever
+        if seen is None:
+            return False
+        if isinstance(seen, asyncio.CancelledError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class _ServerStatement:
     """Cancels on the server the statement a job's transaction has running there.
 
@@ -158,11 +170,13 @@ class _ServerStatement:
         except Exception as exc:  # noqa: BLE001 - unreachable: nothing more to do from here
             log.warning("could not cancel a cancelled handler's statement on the server: %s", type(exc).__name__)
 
-    async def stop(self) -> None:
-        """After the handler's block raised: cancel what is left running (the block's own
-        cancellation does not cancel this). A connection closed for another reason (the
-        server or the network gone) had no statement left running."""
-        if self._running(closed_too=cancellation_pending()):
+    async def stop(self, exc: BaseException) -> None:
+        """After the handler's block raised ``exc``: cancel what is left running (the block's
+        own cancellation does not cancel this). psycopg gives a connection up when a
+        cancellation, the worker's or the handler's own (``anyio.fail_after()`` around a
+        statement: its TimeoutError), interrupts its cancel request; a connection closed
+        for another reason (the server or the network gone) had no statement left running."""
+        if self._running(closed_too=cancellation_pending() or _from_cancellation(exc)):
             with anyio.move_on_after(CANCEL_REQUEST_WAIT, shield=True):
                 await anyio.to_thread.run_sync(self._cancel, abandon_on_cancel=True)
 
@@ -361,8 +375,8 @@ class JobContext:
                         completion = self._with_report(stmt)
                         res = cast("CursorResult[Any]", await session.execute(completion, execution_options=options))
                         self._check_lease(res.rowcount)
-                    except BaseException:
-                        await statement.stop()  # before the rollback, which psycopg may not get to send
+                    except BaseException as exc:
+                        await statement.stop(exc)  # before the rollback, which psycopg may not get to send
                         raise
             except BaseException:
                 self._job.completing = False  # as in transaction(): a failed COMMIT too
