@@ -177,8 +177,9 @@ class _ServerStatement:
         statement: its TimeoutError), interrupts its cancel request; a connection closed
         for another reason (the server or the network gone) had no statement left running."""
         if self._running(closed_too=cancellation_pending() or _from_cancellation(exc)):
-            with anyio.move_on_after(CANCEL_REQUEST_WAIT, shield=True):
-                await anyio.to_thread.run_sync(self._cancel, abandon_on_cancel=True)
+            with anyio.move_on_after(CANCEL_REQUEST_WAIT, shield=True):  # its own thread: the app's
+                await anyio.to_thread.run_sync(  # use of the default limiter cannot delay it
+                    self._cancel, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
 
     def stop_in_background(self) -> None:
         """From the event loop, when a sync handler's job is cancelled: a thread sends it."""
