@@ -39,23 +39,23 @@ def _statements(schema: str, write: bool) -> list[str]:
     return [*update, f"SELECT pg_sleep(30) /* {TAG} {schema} */"]
 
 
-class QAsync(Job, kind="q_async", queue="q", max_attempts=1):
+class QAsync(Job, kind="qc_async", queue="qc", max_attempts=1):
     pass
 
 
-class QAsyncTimed(Job, kind="q_async_timed", queue="q", max_attempts=1, timeout=1.0):
+class QAsyncTimed(Job, kind="qc_async_timed", queue="qc", max_attempts=1, timeout=1.0):
     pass
 
 
-class QSync(Job, kind="q_sync", queue="q", max_attempts=1):
+class QSync(Job, kind="qc_sync", queue="qc", max_attempts=1):
     pass
 
 
-class QSyncTimed(Job, kind="q_sync_timed", queue="q", max_attempts=1, timeout=1.0):
+class QSyncTimed(Job, kind="qc_sync_timed", queue="qc", max_attempts=1, timeout=1.0):
     pass
 
 
-class QAfter(Job, kind="q_after", queue="q", max_attempts=1):
+class QAfter(Job, kind="qc_after", queue="qc", max_attempts=1):
     pass
 
 
@@ -244,7 +244,7 @@ def test_the_pool_gives_the_next_transaction_a_clean_connection(engine, database
              " AND query LIKE %s", (f"%{TAG} {schema}%",)) == [(0,)]
 
 
-class QAsyncIdle(Job, kind="q_async_idle", queue="q_idle", max_attempts=1):
+class QAsyncIdle(Job, kind="qc_async_idle", queue="qc_idle", max_attempts=1):
     pass
 
 
@@ -278,7 +278,7 @@ def test_a_cancelled_async_handler_idle_in_its_transaction_releases_its_locks(en
     assert _state(database_url, schema, job_id) == "cancelled"
 
 
-class QSyncBetween(Job, kind="q_sync_between", queue="q_between", max_attempts=1):
+class QSyncBetween(Job, kind="qc_sync_between", queue="qc_between", max_attempts=1):
     pass
 
 
@@ -321,7 +321,7 @@ def test_a_sync_handler_cancelled_between_statements_starts_no_more_of_them(engi
     assert wait_for(lambda: job_id in ENDED_WITH, 5) and ENDED_WITH[job_id] == "_Cancelled", ENDED_WITH
 
 
-class QAsyncOwnDeadline(Job, kind="q_async_own_deadline", queue="q_own", max_attempts=1):
+class QAsyncOwnDeadline(Job, kind="qc_async_own_deadline", queue="qc_own", max_attempts=1):
     pass
 
 
