@@ -327,7 +327,7 @@ class JobContext:
             if not job.completing:
                 statement.stop_in_background()
 
-        def refuse_once_cancelled(*_: Any) -> None:
+        def refuse_once_cancelled() -> None:
             """No statement starts once the job is cancelled (its completion would be refused):
             a handler busy in Python when the cancel came ran its next one (a lock wait, a long
             query) to its end, holding the transaction's locks all along."""
@@ -341,7 +341,11 @@ class JobContext:
                     _refuse_autocommit_connection(connection)
                     statement = _ServerStatement(connection)
                     job.stop_statements.add(stop_statement)
-                    event.listen(connection, "before_cursor_execute", refuse_once_cancelled)
+                    # The Session's own events, not the connection's: SQLAlchemy 2.0.30 refuses
+                    # a listener on a Connection of an option engine (the worker's, mapping its
+                    # schema). Statements of session.execute() and of a flush are checked.
+                    event.listen(session, "do_orm_execute", lambda _: refuse_once_cancelled())
+                    event.listen(session, "before_flush", lambda *_: refuse_once_cancelled())
                     yield session
                     session.flush()
                     job.completing = True
