@@ -7,11 +7,13 @@ peaks checked here are what really ran concurrently across processes.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import anyio
@@ -483,6 +485,9 @@ def test_a_pause_or_stop_during_a_resumed_claim_starts_no_claim_from_the_start(e
             return cursor
 
     async def main() -> list:
+        # As in a run: pause() and request_stop() reach the run on its loop (without one,
+        # a stop is kept for the next run).
+        worker._loop, worker._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         async with await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) as conn:
             queue.resume_after, queue.scanned_from_start_at = tuple(after), time.monotonic()
             params = {"queue": "lim", "limit": 10, "token": uuid.uuid4(), "owner": "w", "lease": 30}
