@@ -1054,7 +1054,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
+    if sys.stderr is None:
+        # Started with stderr closed (`2>&-`): print(..., file=None) wrote the error lines
+        # to stdout, into the JSON a script reads. They go nowhere instead.
+        sys.stderr = open(os.devnull, "w")
     args = build_parser().parse_args(argv)
+    if sys.stdout is None:
+        # Started with stdout closed (`>&-`): Python's sys.stdout is None, and the command
+        # acted and then failed on it with a traceback. The worker writes no output (its log
+        # is stderr's) and runs; every other command refuses before doing anything.
+        if args.func is not _cmd_worker:
+            print("sa-jobs: stdout is closed, nothing done (redirect it to /dev/null to discard the output)",
+                  file=sys.stderr)
+            return 2
+        sys.stdout = open(os.devnull, "w")  # its final flush (and a handler's print) need a stream
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = int(args.func(args) or 0)

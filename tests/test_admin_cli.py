@@ -653,7 +653,7 @@ def test_an_interrupted_bulk_action_says_what_it_did(capsys, monkeypatch, databa
     assert "interrupted" in err and "run it again" in err
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(30,)]
     code, out, err = run(capsys, database_url, schema, "jobs", "delete", "--kind", "bulk", "--batch", "10", "--json")
-    assert code == 130 and len(json.loads(out)["deleted"]) == 20, out + err
+    assert code == 130 and len(json.loads(out)["deleted"]) == 20 and json.loads(out)["interrupted"] is True, out + err
 
 
 def test_an_interrupted_prune_says_what_it_did(capsys, monkeypatch, database_url, schema):
@@ -670,10 +670,16 @@ def test_an_interrupted_prune_says_what_it_did(capsys, monkeypatch, database_url
     code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "1d", "--batch", "10")
     assert code == 130 and "Traceback" not in err and "interrupted after 20 job(s) deleted" in err, out + err
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(30,)]
+    # --json prints what it did, as an interrupted bulk action does (it printed nothing).
+    code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "1d", "--batch", "10", "--json")
+    assert code == 130 and "interrupted after 20 job(s) deleted" in err, out + err
+    assert json.loads(out) == {"dry_run": False, "deleted": {"completed": 20, "cancelled": 0, "dead": 0},
+                               "interrupted": True}, out
 
 
+@pytest.mark.parametrize("json_out", [False, True], ids=["table", "json"])
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
-def test_a_prune_interrupted_while_counting_says_what_it_did(capsys, database_url, schema, dry_run):
+def test_a_prune_interrupted_while_counting_says_what_it_did(capsys, database_url, schema, dry_run, json_out):
     """Ctrl-C while the prune counts its rows (a long count on a big table, or one waiting
     for a lock). A dry run said "interrupted after 0 job(s) deleted; run it again to go
     on": it deletes nothing, whether it ran or not. A real prune deleted none yet."""
@@ -702,9 +708,14 @@ def test_a_prune_interrupted_while_counting_says_what_it_did(capsys, database_ur
         thread.start()
         try:
             code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "1d",
-                                 *(["--dry-run"] if dry_run else []))
+                                 *(["--dry-run"] if dry_run else []), *(["--json"] if json_out else []))
         finally:
             thread.join(30)
+    if json_out:  # nothing counted in full (dry run), nothing deleted yet (real)
+        assert json.loads(out) == ({"dry_run": True, "would_delete": {}, "interrupted": True} if dry_run else
+                                   {"dry_run": False, "deleted": {"completed": 0, "cancelled": 0, "dead": 0},
+                                    "interrupted": True}), out
+        out = ""
     assert code == 130 and out == "" and "Traceback" not in err, out + err
     if dry_run:
         assert err == "sa-jobs: dry run interrupted; nothing was deleted\n", err
@@ -747,7 +758,7 @@ def test_ctrl_c_while_a_bulk_batch_waits_for_a_row_lock_stops_at_once(capsys, da
         finally:
             thread.join(30)
     assert code == 130 and time.monotonic() - started < 10 and "Traceback" not in err, out + err
-    assert json.loads(out) == {"cancelled": [], "not_cancelled": []}
+    assert json.loads(out) == {"cancelled": [], "not_cancelled": [], "interrupted": True}
     assert err == "sa-jobs: interrupted after 0 job(s) cancelled; run it again to go on\n", err
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'available'")) == [(4,)]
 
@@ -1255,3 +1266,77 @@ def test_a_prune_stopped_by_an_error_says_what_it_did(capsys, monkeypatch, datab
     assert code == 2 and out == "" and "Traceback" not in err and len(lines) == 2, err
     assert lines[0] == "sa-jobs: stopped after 4 job(s) deleted" and lines[1].startswith("sa-jobs: database error"), err
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(1,)]
+
+
+def _run_with_closed(stream: str, database_url, schema, *argv):
+    """The CLI as a shell runs it with ``>&-`` (``stream`` "1") or ``2>&-`` ("2")."""
+    return subprocess.run(["sh", "-c", f'"$@" {stream}>&-', "sh", sys.executable, "-m", "sa_jobs", *argv,
+                           "--database-url", database_url, "--schema", schema],
+                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("argv", [("jobs", "list"), ("queues",), ("jobs", "list", "--json"),
+                                  ("migrate", "--sql"), ("jobs", "delete", "{completed}")])
+def test_a_closed_stdout_is_one_line_and_nothing_done(database_url, schema, seeded, argv):
+    """`sa-jobs jobs list >&-` (stdout closed, so Python's sys.stdout is None) ended in an
+    AttributeError traceback ('NoneType' object has no attribute 'flush'), after the
+    command had acted: a `jobs delete` deleted and then failed."""
+    completed = seeded[3]
+    proc = _run_with_closed("1", database_url, schema, *(a.format(completed=completed) for a in argv))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == ("sa-jobs: stdout is closed, nothing done (redirect it to /dev/null to discard"
+                           " the output)\n"), proc.stderr
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE id = %s"), (completed,)) == [(1,)]
+
+
+def test_a_worker_runs_with_its_stdout_closed(schema):
+    """The worker prints nothing to stdout (its log goes to stderr): a daemon started with
+    `>&-` runs; here it gets as far as connecting to a server that is not there."""
+    proc = _run_with_closed("1", "postgresql://postgres@127.0.0.1:1/db", schema, "worker", "tests.jobs_core")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("sa-jobs: database error:"), proc.stderr
+
+
+def test_a_closed_stderr_does_not_send_errors_to_stdout(database_url, schema):
+    """With `2>&-` (sys.stderr None) print(..., file=sys.stderr) printed to stdout: the
+    error line of `jobs show 999999 --json` came out where a script reads the JSON."""
+    proc = _run_with_closed("2", database_url, schema, "jobs", "show", "999999", "--json")
+    assert proc.returncode != 0 and proc.stdout == "", proc.stdout
+
+
+def test_jobs_list_limit_above_the_cap_names_the_option_and_range(capsys, database_url, schema):
+    """`jobs list --limit 200000` said "limit must be an int in 1..100000, not 200000": the
+    Python API's words, not the option's."""
+    code, out, err = run(capsys, database_url, schema, "jobs", "list", "--limit", "200000")
+    assert code == 2 and out == "", out
+    assert "argument --limit: must be an integer from 1 to 100000, not '200000'" in err, err
+    code, _, err = run(capsys, database_url, schema, "jobs", "list", "--limit", "100000")
+    assert code == 0, err
+
+
+def test_a_missing_job_id_exits_1_in_every_command(capsys, database_url, schema):
+    """The documented convention: 2 = refused (usage, a malformed id, a database error;
+    nothing done), 1 = it ran but a named job was not there. `jobs show 999999` exited 2
+    where `jobs retry 999999` and `retry 999999` exit 1."""
+    for argv in (("jobs", "show", "999999"), ("jobs", "show", "999999", "--json"), ("jobs", "retry", "999999"),
+                 ("jobs", "cancel", "999999"), ("jobs", "delete", "999999"), ("retry", "999999")):
+        code, _, err = run(capsys, database_url, schema, *argv)
+        assert code == 1 and "999999" in err, (argv, code, err)
+
+
+def test_queues_table_right_aligns_numeric_columns_with_unset_limits(capsys, database_url, schema, seeded):
+    """A limit column mixing a number and '-' (a queue without that limit) was left-aligned,
+    where a column of numbers alone is right-aligned: the digits did not line up."""
+    code, _, err = run(capsys, database_url, schema, "queues", "limit", "emails", "--concurrency", "12",
+                       "--partition-concurrency", "3")
+    assert code == 0, err
+    code, out, _ = run(capsys, database_url, schema, "queues")
+    lines = out.splitlines()
+    header = lines[0]
+    for column in ("CONCURRENCY", "PARTITION_CONCURRENCY", "DEAD"):
+        end = header.index(column) + len(column)  # right-aligned: every cell ends where its header does
+        for line in lines[1:]:
+            assert line[end - 1] != " " and line[end:end + 1] in ("", " "), (column, out)
+    assert cli.format_table([{"n": 5}, {"n": None}], ("n",)).splitlines() == ["N", "5", "-"]
+    assert cli.format_table([{"n": None}], ("n",), numeric=("n",)).splitlines() == ["N", "-"]
+    assert cli.format_table([{"n": 10}, {"n": None}], ("n",)).splitlines() == [" N", "10", " -"]
