@@ -825,11 +825,14 @@ LIST_COLUMNS = ("id", "kind", "queue", "state", "attempt", "max_attempts", "prio
                 "scheduled_at", "finished_at")
 
 
+MAX_LIST_LIMIT = 100_000  # rows list_jobs returns at most (they are held in memory)
+
+
 def list_jobs(session: Any, where: JobFilter = JobFilter(), *, limit: int = 50) -> list[dict[str, Any]]:
     """Jobs matching ``where``, newest first, as plain dicts (plus ``error``: the last error's first line)."""
     refuse_async_session(session, "list_jobs")
-    if type(limit) is not int or not 1 <= limit <= 100_000:
-        raise ConfigurationError(f"limit must be an int in 1..100000, not {limit!r}")
+    if type(limit) is not int or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ConfigurationError(f"limit must be an int in 1..{MAX_LIST_LIMIT}, not {limit!r}")
     last_error = _jobs.c.errors[-1]["error"].astext
     stmt = (
         select(*(_jobs.c[name] for name in LIST_COLUMNS), last_error.label("error"))
