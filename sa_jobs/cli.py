@@ -1,10 +1,10 @@
 """The ``sa-jobs`` command line: worker, migrate, retry, check, demo, and the operator's
 commands: jobs list|show|retry|cancel|delete, queues [pause|resume], dead replay, prune.
 
-Operator commands print a table by default and JSON with ``--json``; bad ids, states,
+Operator commands print a table by default and JSON with ``--json``; malformed ids, states,
 queue and kind names and ages, a schema not at this sa-jobs' version and database errors
-are refused with one clear line (exit 2); ids that exist but are not in a state the action
-accepts are reported on stderr (exit 1).
+are refused with one clear line (exit 2: nothing done); ids named that no job has, or no job
+in a state the action accepts, are reported on stderr (exit 1: the command ran).
 """
 
 from __future__ import annotations
@@ -425,9 +425,16 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
     from .admin import show_job
+    from .errors import JobNotFoundError
 
     with Session(_engine(args)) as session:
-        row = show_job(session, args.id)
+        try:
+            row = show_job(session, args.id)
+        except JobNotFoundError as exc:
+            # Exit 1, as `jobs retry|cancel|delete 999999`: the command ran and the job named
+            # is not there; 2 is for a command refused (a malformed id, a database error).
+            print(f"sa-jobs: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         _print_json(row)
         return 0

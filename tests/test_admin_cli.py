@@ -72,7 +72,7 @@ def test_jobs_show(capsys, database_url, schema, seeded):
     job = json.loads(out)
     assert job["id"] == seeded[1] and job["state"] == "dead" and job["errors"][0]["attempt"] == 3
     code, _, err = run(capsys, database_url, schema, "jobs", "show", "999999")
-    assert code == 2 and "no job 999999" in err
+    assert code == 1 and err == "sa-jobs: no job 999999\n", err  # ran, found nothing: as `jobs retry 999999`
 
 
 def test_jobs_show_json_is_valid_json_with_every_number_exact(capsys, database_url, schema):
@@ -1301,7 +1301,7 @@ def test_a_closed_stderr_does_not_send_errors_to_stdout(database_url, schema):
     """With `2>&-` (sys.stderr None) print(..., file=sys.stderr) printed to stdout: the
     error line of `jobs show 999999 --json` came out where a script reads the JSON."""
     proc = _run_with_closed("2", database_url, schema, "jobs", "show", "999999", "--json")
-    assert proc.returncode != 0 and proc.stdout == "", proc.stdout
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
 
 
 def test_jobs_list_limit_above_the_cap_names_the_option_and_range(capsys, database_url, schema):
