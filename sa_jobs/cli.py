@@ -558,7 +558,7 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
     # An id named with a filter it does not match is reported too.
     missing = sorted(set(missing) | (set(named) - set(done) if by_filter else set()))
     if args.json:
-        _print_json({verb: sorted(done), "not_" + verb: missing})
+        _print_json({verb: sorted(done), "not_" + verb: missing, **({"interrupted": True} if interrupted else {})})
     else:
         print(f"{len(done)} job(s) {verb}")
         for job_id in missing:
@@ -769,13 +769,20 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     ages = {s: args.older_than for s in states}
     _require_schema(args)
     progress = Progress("pruning ", args.progress)
+    verb = "would delete" if args.dry_run else "deleted"
+    deleted: dict[str, int] = {}
     try:
         with _ctrl_c_between_batches(progress) as on_batch:
             result = prune(to_conninfo(_database_url(args)), args.schema, ages, batch=args.batch, progress=on_batch,
-                           dry_run=args.dry_run)
+                           dry_run=args.dry_run, counts=deleted)
     except KeyboardInterrupt:
         # Each batch is its own transaction: those done stay done. Say how many, not a traceback.
         progress.close()
+        if args.json:
+            # What it did, as an interrupted bulk action prints: --json printed nothing at all.
+            # A dry run's counts are all or nothing (it stopped while counting).
+            done = {} if args.dry_run else {s: deleted.get(s, 0) for s in ages}
+            _print_json({"dry_run": args.dry_run, verb.replace(" ", "_"): done, "interrupted": True})
         if args.dry_run:  # it only counts: nothing to go on with
             print("sa-jobs: dry run interrupted; nothing was deleted", file=sys.stderr)
         else:
@@ -789,7 +796,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             print(f"sa-jobs: stopped after {progress.done} job(s) deleted", file=sys.stderr)
         raise
     progress.close()
-    verb = "would delete" if args.dry_run else "deleted"
     if args.json:
         # A dry run's counts are not rows deleted: under "deleted" a script took them for so.
         _print_json({"dry_run": args.dry_run, verb.replace(" ", "_"): result})

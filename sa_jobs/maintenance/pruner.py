@@ -182,18 +182,21 @@ def prune(
     batch: int = DEFAULT_BATCH,
     progress: Optional[Callable[[int, int], None]] = None,
     dry_run: bool = False,
+    counts: Optional[dict[str, int]] = None,
 ) -> dict[str, int]:
     """Delete finished jobs older than ``ages[state]`` now, batch by batch (each batch its
     own transaction); returns {state: rows deleted} (or, with ``dry_run``, rows that would be).
 
-    ``progress(done, total)`` is called after each batch.
+    ``progress(done, total)`` is called after each batch. ``counts``, if given, is the dict
+    the deletions are counted in as each batch commits (and is returned): a caller whose
+    run was cut short (Ctrl-C raised from ``progress``) can still say what each state lost.
     """
     import psycopg
 
     checked = retention_ages(ages)
     _check_batch(batch)
     delete, count = delete_statement(schema), count_statement(schema)
-    result: dict[str, int] = {}
+    result: dict[str, int] = {} if counts is None else counts
     with psycopg.connect(conninfo, autocommit=True) as conn:
         totals = {s: _count(conn, count, {"state": s, "age": a}) for s, a in checked.items()}
         if dry_run:
