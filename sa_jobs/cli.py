@@ -355,14 +355,23 @@ def _cell(value: object) -> str:
     return _printable(str(value))
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """Rows as an aligned text table; numbers right-aligned."""
+def format_table(rows: Sequence[dict], columns: Sequence[str], numeric: Sequence[str] = ()) -> str:
+    """Rows as an aligned text table; numbers right-aligned.
+
+    A column is numeric when it is named in ``numeric`` or its values are ints, none
+    counting (``-``): a limit column mixing ``12`` and ``-`` was left-aligned, and one
+    all ``-`` would flip alignment with the data."""
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(r.get(c), int) and not isinstance(r.get(c), bool) for r in rows) and rows for c in columns]
+    right = [c in numeric or (any(is_int(r.get(c)) for r in rows)
+                              and all(r.get(c) is None or is_int(r.get(c)) for r in rows)) for c in columns]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, right)).rstrip()
 
     return "\n".join([line([c.upper() for c in columns]), *(line(row) for row in cells)])
 
@@ -609,7 +618,8 @@ def _cmd_queues(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     elif rows:
-        print(format_table(rows, ("queue", *ALL_STATES, "paused", "concurrency", "partition_concurrency", "rate")))
+        limits = ("concurrency", "partition_concurrency")  # right-aligned also when every queue has none
+        print(format_table(rows, ("queue", *ALL_STATES, "paused", *limits, "rate"), numeric=(*ALL_STATES, *limits)))
     else:
         print("no queues yet", file=sys.stderr)
     return 0

@@ -1040,7 +1040,7 @@ def test_a_job_id_in_other_than_ascii_digits_is_refused(capsys, database_url, sc
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("jobs", "list", "--limit", "\uff15"), "must be a positive integer"),
+    (("jobs", "list", "--limit", "\uff15"), "must be an integer from 1 to 100000"),
     (("jobs", "delete", "--state", "dead", "--batch", "\u0661\u0660"), "must be a positive integer"),
     (("queues", "limit", "q", "--concurrency", "\u00b2"), "invalid limit"),  # int('²') raised: a traceback
     (("queues", "limit", "q", "--concurrency", "\u0665"), "invalid limit"),
