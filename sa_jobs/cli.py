@@ -869,6 +869,7 @@ def _list_limit(value: str) -> int:
 def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-untyped-def]
     from . import _validate
     from .admin import MAX_LIST_LIMIT, check_state, parse_age
+    from .maintenance.pruner import DEFAULT_BATCH
     from .states import FINISHED_STATES
 
     state_t, queue_t, kind_t, age_t = (_arg_type(check_state), _arg_type(_validate.queue_name),
@@ -888,8 +889,10 @@ def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-un
         p.add_argument("--newer-than", type=age_t, metavar="AGE", help="created within AGE")
 
     def bulk(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--limit", type=_positive_int, help="act on at most N matching jobs (oldest first)")
-        p.add_argument("--batch", type=_positive_int, default=_BULK, help=f"jobs per transaction (default {_BULK})")
+        p.add_argument("--limit", type=_positive_int, metavar="N",
+                       help="act on at most N matching jobs (oldest first; default all)")
+        p.add_argument("--batch", type=_positive_int, default=_BULK, metavar="N",
+                       help=f"jobs per transaction (default {_BULK})")
         p.add_argument("--progress", action="store_true", default=None, help="show a progress bar even off a terminal")
 
     jobs = sub.add_parser("jobs", help="list, show, retry, cancel or delete jobs")
@@ -901,7 +904,7 @@ def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-un
     ls.set_defaults(func=_cmd_jobs_list)
     show = jsub.add_parser("show", help="every column of one job")
     output(show)
-    show.add_argument("id", type=_job_id, metavar="JOB_ID")
+    show.add_argument("id", type=_job_id, metavar="JOB_ID", help="the job's id")
     show.set_defaults(func=_cmd_jobs_show)
     for name, func, text in (
         ("retry", _cmd_jobs_retry, "make jobs available now (dead, cancelled, completed, retryable, scheduled)"),
@@ -910,29 +913,30 @@ def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-un
     ):
         p = jsub.add_parser(name, help=text)
         output(p)
-        p.add_argument("ids", nargs="*", type=_job_id, metavar="JOB_ID")
+        p.add_argument("ids", nargs="*", type=_job_id, metavar="JOB_ID",
+                       help="jobs to act on (with filters: those of them that match)")
         filters(p)
         bulk(p)
         p.set_defaults(func=func)
 
-    queues = sub.add_parser("queues", help="jobs per state and paused, per queue; pause or resume a queue")
+    queues = sub.add_parser("queues", help="jobs per state, paused and limits, per queue; pause, resume or limit a queue")
     output(queues)
     qsub = queues.add_subparsers(dest="queue_action")
     for action in ("pause", "resume"):
         p = qsub.add_parser(action, help=f"{action} a queue for every worker")
         # SUPPRESS: options given before the action (`queues --json pause X`) must survive.
-        p.add_argument("--database-url", default=argparse.SUPPRESS, help=f"PostgreSQL URL (default: ${ENV_VAR})")
-        p.add_argument("--schema", default=argparse.SUPPRESS, help="Postgres schema of the queue")
+        p.add_argument("--database-url", default=argparse.SUPPRESS, metavar="URL", help=f"PostgreSQL URL (default: ${ENV_VAR})")
+        p.add_argument("--schema", default=argparse.SUPPRESS, metavar="NAME", help=_SCHEMA_HELP)
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
         timeouts(p, lock=True, default=argparse.SUPPRESS)
-        p.add_argument("name", type=queue_t, metavar="NAME")
+        p.add_argument("name", type=queue_t, metavar="NAME", help="the queue's name")
         p.set_defaults(func=_cmd_queue_pause)
     p = qsub.add_parser("limit", help="set a queue's cluster-wide limits (given ones change; none removes one)")
-    p.add_argument("--database-url", default=argparse.SUPPRESS, help=f"PostgreSQL URL (default: ${ENV_VAR})")
-    p.add_argument("--schema", default=argparse.SUPPRESS, help="Postgres schema of the queue")
+    p.add_argument("--database-url", default=argparse.SUPPRESS, metavar="URL", help=f"PostgreSQL URL (default: ${ENV_VAR})")
+    p.add_argument("--schema", default=argparse.SUPPRESS, metavar="NAME", help=_SCHEMA_HELP)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     timeouts(p, lock=True, default=argparse.SUPPRESS)
-    p.add_argument("name", type=queue_t, metavar="NAME")
+    p.add_argument("name", type=queue_t, metavar="NAME", help="the queue's name")
     p.add_argument("--concurrency", metavar="N|none", help="jobs of the queue running at once, cluster-wide")
     p.add_argument("--partition-concurrency", metavar="N|none", help="jobs running at once per partition key")
     p.add_argument("--rate", metavar="COUNT/PERIOD|none", help="jobs started per period, e.g. 10/1s, 600/m")
@@ -951,10 +955,12 @@ def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-un
 
     prune = sub.add_parser("prune", help="delete finished jobs older than an age, in batches")
     output(prune)
-    prune.add_argument("--older-than", type=age_t, required=True, metavar="AGE", help="finished longer ago than AGE")
+    prune.add_argument("--older-than", type=age_t, required=True, metavar="AGE",
+                       help="finished longer ago than AGE (90s, 15m, 12h, 7d, 2w)")
     prune.add_argument("--state", action="append", choices=FINISHED_STATES,
                        help="completed, cancelled or dead (repeatable; default all three)")
-    prune.add_argument("--batch", type=_positive_int, default=5000, help="rows per DELETE (default 5000)")
+    prune.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
+                       help=f"rows per DELETE (default {DEFAULT_BATCH})")
     prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     prune.add_argument("--progress", action="store_true", default=None, help="show a progress bar even off a terminal")
     prune.set_defaults(func=_cmd_prune)
@@ -1011,14 +1017,22 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(joined, namespace)
 
 
+_SCHEMA_HELP = f"Postgres schema of the queue (default {schema_mod.DEFAULT_SCHEMA})"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="sa-jobs", description="Durable background jobs on PostgreSQL.")
-    parser.add_argument("--log-level", default="INFO", type=_log_level, help="logging level (default INFO)")
+    parser.add_argument("--version", action="version",
+                        version=f"sa-jobs {__version__} (queue schema version {schema_mod.LATEST_VERSION})")
+    parser.add_argument("--log-level", default="INFO", type=_log_level, metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--database-url", help=f"PostgreSQL URL (default: ${ENV_VAR})")
-        p.add_argument("--schema", default=schema_mod.DEFAULT_SCHEMA, help="Postgres schema of the queue")
+        p.add_argument("--database-url", metavar="URL", help=f"PostgreSQL URL (default: ${ENV_VAR})")
+        p.add_argument("--schema", default=schema_mod.DEFAULT_SCHEMA, metavar="NAME", help=_SCHEMA_HELP)
 
     def timeouts(p: argparse.ArgumentParser, *, lock: bool, default: object = None) -> None:
         p.add_argument("--connect-timeout", type=_connect_timeout, metavar="SECONDS", default=default,
@@ -1032,15 +1046,23 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run a worker for the job kinds declared in MODULES")
     w.add_argument("modules", nargs="+", metavar="MODULE", help="modules that declare job kinds and handlers")
     common(w)
-    w.add_argument("--queue", action="append", metavar="NAME[=N]", help="queue to work, with its concurrency (repeatable)")
-    w.add_argument("--concurrency", type=_int_arg, default=10, help="jobs at once per queue (default 10)")
-    w.add_argument("--lease", type=_positive_float, default=30.0, help="seconds a claim holds a job without a heartbeat")
-    w.add_argument("--poll-interval", type=_positive_float, default=1.0)
-    w.add_argument("--maintenance-interval", type=_positive_float, default=1.0)
-    w.add_argument("--shutdown-grace", type=_grace, default=30.0, help="seconds to finish running jobs on SIGTERM, SIGINT or SIGHUP")
-    w.add_argument("--statement-timeout", type=_positive_float, help="bound on every worker statement (default: lease/2, 2-30 s)")
-    w.add_argument("--metrics-port", type=_int_arg, help="serve Prometheus metrics on this port")
-    w.add_argument("--metrics-host", default="127.0.0.1", help="metrics bind address (0.0.0.0 to expose)")
+    w.add_argument("--queue", action="append", metavar="NAME[=N]",
+                   help="queue to work, with its concurrency (repeatable; default: every queue of the modules'"
+                        " kinds, at --concurrency)")
+    w.add_argument("--concurrency", type=_int_arg, default=10, metavar="N", help="jobs at once per queue (default 10)")
+    w.add_argument("--lease", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="how long a claim holds a job without a heartbeat (default 30)")
+    w.add_argument("--poll-interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                   help="look for jobs this often when no insert notification comes (default 1)")
+    w.add_argument("--maintenance-interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                   help="promote due scheduled and retryable jobs and rescue expired leases this often (default 1)")
+    w.add_argument("--shutdown-grace", type=_grace, default=30.0, metavar="SECONDS",
+                   help="time running jobs get to finish on SIGTERM, SIGINT or SIGHUP (default 30; inf: all they need)")
+    w.add_argument("--statement-timeout", type=_positive_float, metavar="SECONDS",
+                   help="bound on every worker statement (default: lease/2, 2-30 s)")
+    w.add_argument("--metrics-port", type=_int_arg, metavar="PORT", help="serve Prometheus metrics on this port (default: none)")
+    w.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="metrics bind address (default 127.0.0.1; 0.0.0.0 to expose)")
     w.set_defaults(func=_cmd_worker)
 
     m = sub.add_parser("migrate", help="install or upgrade the queue schema (idempotent)")
@@ -1064,7 +1086,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("retry", help="make dead/cancelled/completed jobs available again")
     common(r)
     timeouts(r, lock=True)
-    r.add_argument("ids", nargs="+", type=_job_id, metavar="JOB_ID")
+    r.add_argument("ids", nargs="+", type=_job_id, metavar="JOB_ID", help="jobs to make available")
     r.set_defaults(func=_cmd_retry)
 
     c = sub.add_parser("check", help="report drift between the installed schema and the expected one")
@@ -1075,8 +1097,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operator_commands(sub, common, timeouts)
 
     d = sub.add_parser("demo", help="enqueue in a transaction and run a worker (embedded Postgres by default)")
-    d.add_argument("--database-url", help="use this server instead of an embedded one")
-    d.add_argument("--metrics-port", type=_int_arg, default=0, help="metrics port (0 picks a free one)")
+    d.add_argument("--database-url", metavar="URL",
+                   help=f"use this server instead of an embedded one (default: ${ENV_VAR}, else an embedded one)")
+    d.add_argument("--metrics-port", type=_int_arg, default=0, metavar="PORT",
+                   help="metrics port (default 0: a free one)")
     d.set_defaults(func=_cmd_demo)
     return parser
 

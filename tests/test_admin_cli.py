@@ -1340,3 +1340,48 @@ def test_queues_table_right_aligns_numeric_columns_with_unset_limits(capsys, dat
     assert cli.format_table([{"n": 5}, {"n": None}], ("n",)).splitlines() == ["N", "5", "-"]
     assert cli.format_table([{"n": None}], ("n",), numeric=("n",)).splitlines() == ["N", "-"]
     assert cli.format_table([{"n": 10}, {"n": None}], ("n",)).splitlines() == [" N", "10", " -"]
+
+
+def _every_parser(parser, path=("sa-jobs",)):
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _every_parser(sub, (*path, name))
+
+
+def test_every_option_of_every_command_is_documented_with_its_default():
+    """`--help` left options without a word (`worker --poll-interval`,
+    `--maintenance-interval`), positionals bare (`JOB_ID`, `NAME`), defaults unsaid
+    (`--schema`, `--lease`, `--shutdown-grace`, `--metrics-host`) and value names argparse
+    made up (`--limit LIMIT`, `--batch BATCH`, `--database-url DATABASE_URL`)."""
+    import argparse
+
+    problems = []
+    for path, parser in _every_parser(cli.build_parser()):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            name = " ".join(path) + " " + (action.option_strings[-1] if action.option_strings else action.dest)
+            if not action.help:
+                problems.append(f"{name}: no help")
+                continue
+            takes_value = action.nargs != 0
+            if takes_value and action.option_strings and action.metavar is None and action.choices is None:
+                problems.append(f"{name}: metavar made up from its name")
+            if (takes_value and action.default not in (None, argparse.SUPPRESS, [], ())
+                    and "default" not in action.help):
+                problems.append(f"{name}: default {action.default!r} not shown")
+    assert problems == []
+
+
+def test_version():
+    from sa_jobs import __version__
+    from sa_jobs.schema import LATEST_VERSION
+
+    proc = subprocess.run([sys.executable, "-m", "sa_jobs", "--version"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout == f"sa-jobs {__version__} (queue schema version {LATEST_VERSION})\n", proc.stdout
