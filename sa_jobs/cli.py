@@ -106,8 +106,8 @@ def _parse_queues(values: Optional[Sequence[str]], default: int) -> Optional[dic
     for item in values:
         name, _, limit = item.partition("=")
         number = _validate.decimal_integer(limit) if limit else default
-        if number is None:
-            raise ConfigurationError(f"--queue {item!r}: the concurrency after '=' must be an integer")
+        if number is None or number < 1:
+            raise ConfigurationError(f"--queue {item!r}: the concurrency after '=' must be an integer, 1 or more")
         queues[name] = number
     return queues
 
@@ -840,36 +840,32 @@ def _job_id(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _int_arg(value: str) -> int:
-    """An integer in ASCII digits (argparse's type=int took '١٠' and '1_0')."""
-    number = _validate.decimal_integer(value)
-    if number is None:
-        raise argparse.ArgumentTypeError(f"must be an integer, not {value!r}")
-    return number
+_BIGINT_MAX = 2**63 - 1  # past it a LIMIT failed in the database: "bigint out of range"
+_PORT_MAX = 65535
 
 
-def _positive_int(value: str) -> int:
-    number = _validate.decimal_integer(value) or 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value!r}")
-    return number
+def _int_in(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``, in ASCII digits (argparse's
+    type=int took '١٠' and '1_0'). Out of range
+    it is the option's error, naming it and the range (`jobs list --limit 200000` was
+    refused in the Python API's words, a bulk `--limit` past a bigint by the database,
+    a `--metrics-port` of -1 by getaddrinfo)."""
 
+    def convert(value: str) -> int:
+        number = _validate.decimal_integer(value)
+        if number is None or number < low or (high is not None and number > high):
+            allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"must be an integer{',' if high is None else ''} {allowed}, not {value!r}")
+        return number
 
-def _list_limit(value: str) -> int:
-    """`jobs list --limit`: 1 to list_jobs' cap, refused as the option's error (the cap
-    was refused after connecting, in the Python API's words, not naming --limit)."""
-    from .admin import MAX_LIST_LIMIT
-
-    number = _validate.decimal_integer(value)
-    if number is None or not 1 <= number <= MAX_LIST_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {MAX_LIST_LIMIT}, not {value!r}")
-    return number
+    convert.__name__ = "integer"
+    return convert
 
 
 def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-untyped-def]
     from . import _validate
     from .admin import MAX_LIST_LIMIT, check_state, parse_age
-    from .maintenance.pruner import DEFAULT_BATCH
+    from .maintenance.pruner import DEFAULT_BATCH, MAX_BATCH
     from .states import FINISHED_STATES
 
     state_t, queue_t, kind_t, age_t = (_arg_type(check_state), _arg_type(_validate.queue_name),
@@ -889,9 +885,9 @@ def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-un
         p.add_argument("--newer-than", type=age_t, metavar="AGE", help="created within AGE")
 
     def bulk(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--limit", type=_positive_int, metavar="N",
+        p.add_argument("--limit", type=_int_in(1, _BIGINT_MAX), metavar="N",
                        help="act on at most N matching jobs (oldest first; default all)")
-        p.add_argument("--batch", type=_positive_int, default=_BULK, metavar="N",
+        p.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=_BULK, metavar="N",
                        help=f"jobs per transaction (default {_BULK})")
         p.add_argument("--progress", action="store_true", default=None, help="show a progress bar even off a terminal")
 
@@ -900,7 +896,7 @@ def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-un
     ls = jsub.add_parser("list", help="jobs matching the filters, newest first")
     output(ls)
     filters(ls)
-    ls.add_argument("--limit", type=_list_limit, default=50, metavar="N", help=f"at most N rows, 1 to {MAX_LIST_LIMIT} (default 50)")
+    ls.add_argument("--limit", type=_int_in(1, MAX_LIST_LIMIT), default=50, metavar="N", help=f"at most N rows, 1 to {MAX_LIST_LIMIT} (default 50)")
     ls.set_defaults(func=_cmd_jobs_list)
     show = jsub.add_parser("show", help="every column of one job")
     output(show)
@@ -959,7 +955,7 @@ def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-un
                        help="finished longer ago than AGE (90s, 15m, 12h, 7d, 2w)")
     prune.add_argument("--state", action="append", choices=FINISHED_STATES,
                        help="completed, cancelled or dead (repeatable; default all three)")
-    prune.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
+    prune.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=DEFAULT_BATCH, metavar="N",
                        help=f"rows per DELETE (default {DEFAULT_BATCH})")
     prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     prune.add_argument("--progress", action="store_true", default=None, help="show a progress bar even off a terminal")
@@ -1049,7 +1045,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--queue", action="append", metavar="NAME[=N]",
                    help="queue to work, with its concurrency (repeatable; default: every queue of the modules'"
                         " kinds, at --concurrency)")
-    w.add_argument("--concurrency", type=_int_arg, default=10, metavar="N", help="jobs at once per queue (default 10)")
+    w.add_argument("--concurrency", type=_int_in(1), default=10, metavar="N", help="jobs at once per queue (default 10)")
     w.add_argument("--lease", type=_positive_float, default=30.0, metavar="SECONDS",
                    help="how long a claim holds a job without a heartbeat (default 30)")
     w.add_argument("--poll-interval", type=_positive_float, default=1.0, metavar="SECONDS",
@@ -1060,7 +1056,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time running jobs get to finish on SIGTERM, SIGINT or SIGHUP (default 30; inf: all they need)")
     w.add_argument("--statement-timeout", type=_positive_float, metavar="SECONDS",
                    help="bound on every worker statement (default: lease/2, 2-30 s)")
-    w.add_argument("--metrics-port", type=_int_arg, metavar="PORT", help="serve Prometheus metrics on this port (default: none)")
+    w.add_argument("--metrics-port", type=_int_in(0, _PORT_MAX), metavar="PORT", help="serve Prometheus metrics on this port (default: none)")
     w.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                    help="metrics bind address (default 127.0.0.1; 0.0.0.0 to expose)")
     w.set_defaults(func=_cmd_worker)
@@ -1074,11 +1070,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait at most this long for a table lock in each attempt of the DDL, so a long"
                         " transaction on the jobs table does not stall the workers' claims behind it"
                         f" (default {schema_mod.DEFAULT_LOCK_TIMEOUT:g}; 0: no limit)")
-    m.add_argument("--lock-retries", dest="ddl_lock_retries", type=_int_arg, metavar="N",
+    m.add_argument("--lock-retries", dest="ddl_lock_retries", type=_int_in(0), metavar="N",
                    default=schema_mod.DEFAULT_LOCK_RETRIES,
                    help=f"attempts after the first, with growing pauses (default {schema_mod.DEFAULT_LOCK_RETRIES})")
     m.add_argument("--sql", action="store_true", help="print the DDL instead of applying it")
-    m.add_argument("--from-version", type=_int_arg, default=0, metavar="N",
+    m.add_argument("--from-version", type=_int_in(0), default=0, metavar="N",
                    help="with --sql: upgrade a schema at version N (sa-jobs check shows it); 0, the default,"
                         " installs")
     m.set_defaults(func=_cmd_migrate)
@@ -1099,7 +1095,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="enqueue in a transaction and run a worker (embedded Postgres by default)")
     d.add_argument("--database-url", metavar="URL",
                    help=f"use this server instead of an embedded one (default: ${ENV_VAR}, else an embedded one)")
-    d.add_argument("--metrics-port", type=_int_arg, default=0, metavar="PORT",
+    d.add_argument("--metrics-port", type=_int_in(0, _PORT_MAX), default=0, metavar="PORT",
                    help="metrics port (default 0: a free one)")
     d.set_defaults(func=_cmd_demo)
     return parser

@@ -1041,7 +1041,7 @@ def test_a_job_id_in_other_than_ascii_digits_is_refused(capsys, database_url, sc
 
 @pytest.mark.parametrize("argv, message", [
     (("jobs", "list", "--limit", "\uff15"), "must be an integer from 1 to 100000"),
-    (("jobs", "delete", "--state", "dead", "--batch", "\u0661\u0660"), "must be a positive integer"),
+    (("jobs", "delete", "--state", "dead", "--batch", "\u0661\u0660"), "must be an integer from 1 to 1000000"),
     (("queues", "limit", "q", "--concurrency", "\u00b2"), "invalid limit"),  # int('²') raised: a traceback
     (("queues", "limit", "q", "--concurrency", "\u0665"), "invalid limit"),
     (("queues", "limit", "q", "--rate", "\u00b2/1s"), "invalid rate"),
@@ -1131,7 +1131,7 @@ def test_the_workers_numbers_in_other_than_ascii_digits_are_refused(capsys):
 
     with pytest.raises(SystemExit) as exc:
         cli.build_parser().parse_args(["worker", "tests.jobs_core", "--concurrency", "\u0661\u0660"])
-    assert exc.value.code == 2 and "must be an integer, not" in capsys.readouterr().err
+    assert exc.value.code == 2 and "must be an integer, 1 or more, not" in capsys.readouterr().err
     with pytest.raises(ConfigurationError, match="the concurrency after '=' must be an integer"):
         cli._parse_queues(["core=\u0665"], 10)
     assert cli._parse_queues(["core=5", "other"], 10) == {"core": 5, "other": 10}
@@ -1385,3 +1385,32 @@ def test_version():
                           text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout == f"sa-jobs {__version__} (queue schema version {LATEST_VERSION})\n", proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("jobs", "delete", "--kind", "x", "--limit", "99999999999999999999"),
+     "argument --limit: must be an integer from 1 to 9223372036854775807, not '99999999999999999999'"),
+    (("jobs", "delete", "--kind", "x", "--batch", "99999999999999999999"),
+     "argument --batch: must be an integer from 1 to 1000000, not '99999999999999999999'"),
+    (("dead", "replay", "--all-kinds", "--batch", "1000001"), "argument --batch: must be an integer from 1 to 1000000"),
+    (("prune", "--older-than", "1d", "--batch", "1000001"), "argument --batch: must be an integer from 1 to 1000000"),
+    (("worker", "tests.jobs_core", "--concurrency", "0"), "argument --concurrency: must be an integer, 1 or more, not '0'"),
+    (("worker", "tests.jobs_core", "--metrics-port", "70000"), "argument --metrics-port: must be an integer from 0 to 65535"),
+    (("demo", "--metrics-port", "-1"), "argument --metrics-port: must be an integer from 0 to 65535, not '-1'"),
+    (("migrate", "--lock-retries", "-3"), "argument --lock-retries: must be an integer, 0 or more, not '-3'"),
+    (("worker", "tests.jobs_core", "--queue", "q=0"), "--queue 'q=0': the concurrency after '=' must be an integer,"
+                                                      " 1 or more"),
+])
+def test_an_integer_option_out_of_range_names_the_option_and_range(capsys, monkeypatch, database_url, schema, argv,
+                                                                   message):
+    """As `jobs list --limit`: a bulk --limit or --batch past a bigint failed in the
+    database ('bigint out of range'), prune's --batch past its cap said 'batch must be an
+    int in 1..1000000', a worker's --concurrency 0 'concurrency must be a positive int', a
+    --metrics-port past 65535 bind()'s words and a port of -1 'Servname not supported'."""
+    monkeypatch.setenv("SA_JOBS_DATABASE_URL", database_url)
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and message in err and "database error" not in err, err

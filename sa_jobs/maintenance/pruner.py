@@ -75,9 +75,12 @@ def _seconds(value: Any, what: str) -> Optional[float]:
     return seconds
 
 
+MAX_BATCH = 1_000_000  # rows per DELETE at most: each batch's row locks last its transaction
+
+
 def _check_batch(batch: object) -> int:
-    if type(batch) is not int or not 1 <= batch <= 1_000_000:
-        raise ConfigurationError(f"batch must be an int in 1..1000000, not {batch!r}")
+    if type(batch) is not int or not 1 <= batch <= MAX_BATCH:
+        raise ConfigurationError(f"batch must be an int in 1..{MAX_BATCH}, not {batch!r}")
     return batch
 
 
