@@ -956,7 +956,7 @@ def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-un
     prune.add_argument("--state", action="append", choices=FINISHED_STATES,
                        help="completed, cancelled or dead (repeatable; default all three)")
     prune.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=DEFAULT_BATCH, metavar="N",
-                       help=f"rows per DELETE (default {DEFAULT_BATCH})")
+                       help=f"rows deleted per transaction (default {DEFAULT_BATCH})")
     prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     prune.add_argument("--progress", action="store_true", default=None, help="show a progress bar even off a terminal")
     prune.set_defaults(func=_cmd_prune)
