@@ -197,13 +197,16 @@ class PrometheusObserver:
     # ---- bounded labels ----------------------------------------------------------
 
     def _kind_label(self, kind: str) -> str:
-        """A declared kind, or ``other``: a row's kind column must not mint series."""
+        """A declared kind, or ``other``: a row's kind column must not mint series. A kind
+        declared after the observer was made counts as itself from then on."""
         if kind in self._known_kinds:
             return kind
-        from .model import registered_kinds
+        from .model import is_registered_kind
 
-        self._known_kinds = set(registered_kinds())
-        return kind if kind in self._known_kinds else OTHER
+        if not is_registered_kind(kind):
+            return OTHER
+        self._known_kinds.add(kind)
+        return kind
 
     def _finished_children(self, queue: str, kind: str, outcome: str) -> tuple[Any, Any, Any]:
         label = self._kind_label(kind)

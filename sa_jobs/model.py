@@ -636,6 +636,14 @@ def registered_kinds() -> dict[str, type[Job]]:
     }
 
 
+def is_registered_kind(kind: str) -> bool:
+    """Whether ``kind`` is mapped in this process: one dict lookup, where
+    :func:`registered_kinds` builds the whole mapping (per job, it cost the metrics' hot path
+    O(declared kinds) for every job of a kind this process does not declare)."""
+    mapper = Job.__mapper__.polymorphic_map.get(kind)
+    return mapper is not None and mapper.class_ is not Job
+
+
 # Unique kinds' rows are inserted ON CONFLICT by a before_flush hook on every Session.
 register_session_hook()
 # SQLAlchemy's bulk INSERT paths that would skip Job.__init__ or that hook are refused.
