@@ -612,6 +612,16 @@ def _default_registry() -> CollectorRegistry:
     return reg
 
 
+def _register_depth(registry: CollectorRegistry, depth: QueueDepthCollector) -> None:
+    """Register ``depth``; a second one fails with a way out, not prometheus-client's bare
+    "Duplicated timeseries" (two collectors' series have the same names and labels)."""
+    if f"{PREFIX}_queue_jobs" in getattr(registry, "_names_to_collectors", {}):
+        raise ConfigurationError(
+            "this registry has an sa-jobs queue depth collector already: one per registry (the series of two"
+            " would collide); serve another schema's depth from its own CollectorRegistry")
+    registry.register(depth)
+
+
 @dataclass
 class MetricsServer:
     """A running ``/metrics`` endpoint: ``observer`` goes to ``Worker(observer=...)``."""
@@ -669,12 +679,15 @@ def start_metrics_server(
     except (OSError, OverflowError) as exc:  # taken, not ours, out of range: one clear line
         raise ConfigurationError(
             f"cannot serve metrics on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
+    observer: Optional[PrometheusObserver] = None
     try:
         depth = None if database_url is None else QueueDepthCollector(database_url, schema, ttl=depth_ttl)
         observer = PrometheusObserver(reg)
         if depth is not None:
-            reg.register(depth)
+            _register_depth(reg, depth)
     except BaseException:
+        for collector in [] if observer is None else observer.collectors():  # the retry must find none
+            reg.unregister(collector)
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
@@ -739,7 +752,7 @@ def make_asgi_app(
     if database_url is None:
         return app
     depth = QueueDepthCollector(database_url, schema, ttl=depth_ttl)
-    reg.register(depth)
+    _register_depth(reg, depth)
 
     async def metrics_app(scope: Any, receive: Any, send: Any) -> None:
         # prometheus-client collects on the event loop, which also runs the app and the

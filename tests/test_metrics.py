@@ -621,6 +621,28 @@ def test_a_failed_metrics_server_leaves_the_registry_as_it_was() -> None:
         taken.close()
 
 
+def test_a_second_depth_collector_on_one_registry_is_a_clear_error_that_leaves_it_as_it_was(
+        database_url: str, schema: str) -> None:
+    """A registry with a depth collector already (a second schema's, an app factory run
+    twice on one registry): make_asgi_app and start_metrics_server failed with
+    prometheus-client's bare "Duplicated timeseries", and start_metrics_server left its
+    observer behind in the caller's registry, so the retry failed on that instead."""
+    registry = CollectorRegistry()
+    mine = QueueDepthCollector(database_url, schema)
+    registry.register(mine)
+    try:
+        with pytest.raises(ConfigurationError, match="queue depth collector already"):
+            start_metrics_server(0, registry=registry, database_url=database_url, schema=schema)
+        with pytest.raises(ConfigurationError, match="queue depth collector already"):
+            make_asgi_app(registry, database_url=database_url, schema=schema)
+        registry.unregister(mine)
+        assert generate_latest(registry) == b"", "a failed server left metrics in the registry"
+        server = start_metrics_server(0, registry=registry, database_url=database_url, schema=schema)
+        server.close()
+    finally:
+        mine.close()
+
+
 def test_a_second_observer_on_one_registry_and_a_nan_ttl_are_configuration_errors(
         monkeypatch: pytest.MonkeyPatch, database_url: str, schema: str) -> None:
     """A second PrometheusObserver on a registry failed with prometheus-client's plain
