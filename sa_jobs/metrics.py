@@ -473,6 +473,7 @@ class QueueDepthCollector(Collector):
         self._lock = threading.Lock()
         self._conn: Any = None
         self._configured = False  # whether _conn has its timeouts set
+        self._aborted = False  # whether the last _fetch was given up on past its deadline
         self._snapshot = _Snapshot()
         # After a failed query, none until then (monotonic): back off for one TTL, without
         # touching the snapshot's own time, which its age (the staleness signal) counts from.
@@ -510,6 +511,7 @@ class QueueDepthCollector(Collector):
         def abort() -> None:
             with guard:
                 if running[0]:
+                    self._aborted = True
                     with socket.socket(fileno=os.dup(fd)) as sock:
                         sock.shutdown(socket.SHUT_RDWR)
 
@@ -529,20 +531,42 @@ class QueueDepthCollector(Collector):
                 running[0] = False
             timer.cancel()
 
+    def _rows(self) -> list[Any]:
+        """The depth query's rows, on a new connection once more if the one kept idle since
+        the last query was found closed: the server ended it meanwhile (a restart or
+        failover, idle_session_timeout, a pooler), which says nothing of the server now.
+        Not after a timeout, nor on a new connection: those are the server's answer."""
+        import psycopg
+
+        reused = self._conn is not None and not self._conn.closed
+        conn = self._connect()
+        self._aborted = False
+        try:
+            return self._fetch(conn)
+        except psycopg.OperationalError:
+            if not (reused and conn.broken and not self._aborted):
+                raise
+            log.info("queue depth connection was closed by the server; reconnecting")
+        self._drop_connection()
+        return self._fetch(self._connect())
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
     def refresh(self) -> _Snapshot:
         """Run the depth query now (callers hold no lock); keeps the old snapshot on failure."""
         started = time.perf_counter()
         self.queries += 1
         try:
-            rows = self._fetch(self._connect())
+            rows = self._rows()
         except Exception as exc:  # noqa: BLE001 - a scrape must answer even if the database does not
             self.errors += 1
             log.warning("queue depth query failed (%s); serving the previous snapshot", type(exc).__name__)
-            if self._conn is not None:
-                try:
-                    self._conn.close()
-                finally:
-                    self._conn = None
+            self._drop_connection()
             self._retry_at = self._clock() + self.ttl  # do not hammer a failing server
             return self._snapshot
         snap = _Snapshot(fetched_at=self._clock(), duration=time.perf_counter() - started, ok=True)

@@ -512,6 +512,29 @@ def test_depth_scrape_answers_when_the_database_does_not(database_url: str, sche
         collector.close()
 
 
+def test_depth_query_reconnects_at_once_when_the_server_closed_its_idle_connection(database_url: str, schema: str) -> None:
+    """The collector keeps one connection idle between queries. One the server ended
+    meanwhile (a restart or failover, idle_session_timeout, a pooler or an operator
+    closing idle sessions) failed the next scrape's query: an error counted, a stale
+    snapshot served for another TTL, though the database answered all along."""
+    _seed_depth(database_url, schema)
+    now = [0.0]
+    collector = QueueDepthCollector(database_url, schema, ttl=5, clock=lambda: now[0])
+    try:
+        assert _depth(collector)[("sa_jobs_queue_jobs", "q1", "available")] == 3
+        pid = collector._conn.info.backend_pid
+        q(database_url, "SELECT pg_terminate_backend(%s)", (pid,))
+        assert wait_for(lambda: not q(database_url, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)), 10)
+        q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue) VALUES ('k1', 'q1')"))
+        now[0] += 10
+        d = _depth(collector)
+        assert d[("sa_jobs_queue_depth_query_errors_total",)] == 0
+        assert d[("sa_jobs_queue_jobs", "q1", "available")] == 4
+        assert d[("sa_jobs_queue_depth_snapshot_age_seconds",)] == 0
+    finally:
+        collector.close()
+
+
 def test_depth_snapshot_age_keeps_growing_while_the_query_fails(database_url: str, schema: str) -> None:
     """The age is the staleness alert's signal: a failed query keeps the old snapshot, and
     its age must count from when that snapshot was taken, not from the failed attempt."""
