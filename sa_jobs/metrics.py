@@ -42,7 +42,7 @@ from psycopg import sql
 
 from . import _validate
 from .errors import ConfigurationError
-from .schema import DEFAULT_SCHEMA, JOBS_TABLE
+from .schema import DEFAULT_SCHEMA, JOBS_TABLE, QUEUES_TABLE
 from .events import OUTCOMES
 
 log = logging.getLogger("sa_jobs.metrics")
@@ -414,18 +414,23 @@ SELECT 'running', queue, count(*), NULL FROM {jobs}
   WHERE state = 'running' AND lease_expires_at > '-infinity' GROUP BY queue
 UNION ALL
 SELECT 'dead', queue, count(*), NULL FROM {jobs} WHERE state = 'dead' GROUP BY queue
+UNION ALL
+SELECT 'paused', name, 1, NULL FROM {queues} WHERE paused
 """
 
 
 def depth_query(schema: str = DEFAULT_SCHEMA) -> str:
     """The SQL the depth collector runs (exposed for EXPLAIN and the benchmark)."""
-    return sql.SQL(_DEPTH_SQL).format(jobs=sql.Identifier(_validate.schema_name(schema), JOBS_TABLE)).as_string()
+    name = _validate.schema_name(schema)
+    return sql.SQL(_DEPTH_SQL).format(
+        jobs=sql.Identifier(name, JOBS_TABLE), queues=sql.Identifier(name, QUEUES_TABLE)).as_string()
 
 
 @dataclass
 class _Snapshot:
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     oldest: dict[str, float] = field(default_factory=dict)
+    paused: set[str] = field(default_factory=set)
     fetched_at: float = float("-inf")  # monotonic
     duration: float = 0.0
     ok: bool = False
@@ -572,6 +577,9 @@ class QueueDepthCollector(Collector):
         snap = _Snapshot(fetched_at=self._clock(), duration=time.perf_counter() - started, ok=True)
         for state, queue, count, oldest in rows:
             self._queues.add(queue)
+            if state == "paused":
+                snap.paused.add(queue)
+                continue
             snap.counts[(queue, state)] = int(count)
             if oldest is not None:
                 snap.oldest[queue] = max(0.0, float(oldest))
@@ -601,6 +609,8 @@ class QueueDepthCollector(Collector):
         oldest = GaugeMetricFamily(f"{p}_queue_oldest_available_age_seconds",
                                    "Age of the oldest available job per queue (since it became due); 0 when none.",
                                    labels=["queue"])
+        paused = GaugeMetricFamily(f"{p}_queue_paused", "1 while the queue is paused cluster-wide (its due jobs wait).",
+                                   labels=["queue"])
         age = GaugeMetricFamily(f"{p}_queue_depth_snapshot_age_seconds",
                                 "Seconds since the depth snapshot was taken successfully.")
         took = GaugeMetricFamily(f"{p}_queue_depth_query_duration_seconds", "Duration of the last depth query.")
@@ -610,11 +620,12 @@ class QueueDepthCollector(Collector):
                 for state in DEPTH_STATES:
                     depth.add_metric([queue, state], snap.counts.get((queue, state), 0))
                 oldest.add_metric([queue], snap.oldest.get(queue, 0.0))
+                paused.add_metric([queue], 1.0 if queue in snap.paused else 0.0)
             if snap.ok:
                 age.add_metric([], max(0.0, self._clock() - snap.fetched_at))
             took.add_metric([], snap.duration)
             errors.add_metric([], self.errors)
-        yield from (depth, oldest, age, took, errors)
+        yield from (depth, oldest, paused, age, took, errors)
 
     def close(self) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import anyio
 import psycopg
 import pytest
+from psycopg import sql
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
@@ -468,6 +469,29 @@ def test_depth_counts_live_states_and_oldest_age_with_ttl(database_url: str, sch
         collector.close()
 
 
+def test_depth_reports_paused_queues_so_the_waiting_alert_can_leave_them_out(database_url: str, schema: str) -> None:
+    """A queue paused on purpose (``sa-jobs queues pause``) keeps its due jobs waiting, and
+    SaJobsOldestAvailableJobTooOld paged for it ("workers down, saturated or stuck"): no
+    metric said the queue was paused. ``sa_jobs_queue_paused`` does, per known queue."""
+    _seed_depth(database_url, schema)
+    queues = sql.Identifier(schema, "queues")
+    q(database_url, sql.SQL("INSERT INTO {} (name, paused) VALUES ('q1', true), ('q3', true), ('q4', false)").format(queues))
+    now = [0.0]
+    collector = QueueDepthCollector(database_url, schema, ttl=5, clock=lambda: now[0])
+    try:
+        d = _depth(collector)
+        assert d[("sa_jobs_queue_paused", "q1")] == 1
+        assert d[("sa_jobs_queue_paused", "q2")] == 0
+        assert d[("sa_jobs_queue_paused", "q3")] == 1  # paused before its first job
+        assert d[("sa_jobs_queue_jobs", "q1", "available")] == 3  # the jobs still count
+        q(database_url, sql.SQL("UPDATE {} SET paused = false WHERE name = 'q1'").format(queues))
+        now[0] += 10
+        d = _depth(collector)
+        assert d[("sa_jobs_queue_paused", "q1")] == 0 and d[("sa_jobs_queue_paused", "q3")] == 1
+    finally:
+        collector.close()
+
+
 def test_depth_query_reads_indexes_not_history(database_url: str, schema: str) -> None:
     """50k completed rows must not be visited: no sequential scan, few buffers."""
     q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, finished_at)"
@@ -482,7 +506,9 @@ def test_depth_query_reads_indexes_not_history(database_url: str, schema: str) -
             yield from nodes(child)
 
     all_nodes = list(nodes(plan["Plan"]))
-    assert not [n for n in all_nodes if n["Node Type"] == "Seq Scan"], json.dumps(plan)[:2000]
+    # The queues table holds a row per queue given a pause or limits: reading it all is fine.
+    assert not [n for n in all_nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") != "queues"], \
+        json.dumps(plan)[:2000]
     table_pages = q(database_url, "SELECT relpages FROM pg_class WHERE oid = %s::regclass",
                     (f'"{schema}".jobs',))[0][0]
     touched = plan["Plan"]["Shared Hit Blocks"] + plan["Plan"]["Shared Read Blocks"]
@@ -875,6 +901,11 @@ def test_alert_rules_fire_on_the_conditions_they_describe(tmp_path: Path) -> Non
                  "values": "0 0 0 0 0 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20"},
                 {"series": 'sa_jobs_queue_oldest_available_age_seconds{job="w",instance="a",queue="q"}',
                  "values": "0x10 900x20"},
+                # Paused on purpose: its jobs wait, and that is no alert.
+                {"series": 'sa_jobs_queue_oldest_available_age_seconds{job="w",instance="a",queue="paused"}',
+                 "values": "0x10 900x20"},
+                {"series": 'sa_jobs_queue_paused{job="w",instance="a",queue="paused"}', "values": "1x30"},
+                {"series": 'sa_jobs_queue_paused{job="w",instance="a",queue="q"}', "values": "0x30"},
                 {"series": 'sa_jobs_worker_heartbeat_age_seconds{job="w",instance="a"}', "values": "1x10 200x20"},
                 {"series": 'sa_jobs_worker_is_leader{job="w",instance="a"}', "values": "1x10 0x20"},
                 {"series": 'sa_jobs_queue_jobs{job="w",instance="a",queue="q",state="dead"}',
