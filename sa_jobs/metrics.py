@@ -28,6 +28,7 @@ import socket
 from bisect import bisect_left
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -189,6 +190,7 @@ class PrometheusObserver:
         self.jobs_rescued.inc(0)
         self.jobs_promoted.inc(0)
         self.is_leader.set(0)
+        _OBSERVERS[reg] = self
 
     def collectors(self) -> list[Collector]:
         """The metrics this observer registered, to unregister them."""
@@ -321,6 +323,19 @@ class PrometheusObserver:
     def maintenance_ran(self, service: str, seconds: float) -> None:
         self.maintenance_duration.labels(service).observe(seconds)
         self.maintenance_last_run.labels(service).set(time.time())
+
+
+# The observer made on each registry: start_metrics_server serves it rather than refuse it.
+_OBSERVERS: "weakref.WeakKeyDictionary[CollectorRegistry, PrometheusObserver]" = weakref.WeakKeyDictionary()
+
+
+def _observer_in(registry: CollectorRegistry) -> Optional[PrometheusObserver]:
+    """The PrometheusObserver whose metrics ``registry`` holds, if any (none once unregistered)."""
+    observer = _OBSERVERS.get(registry)
+    names = getattr(registry, "_names_to_collectors", {})
+    if observer is None or names.get(f"{PREFIX}_jobs_claimed") is not observer.jobs_claimed:
+        return None
+    return observer
 
 
 # ---- per-job families without locks ----------------------------------------------------
@@ -703,8 +718,9 @@ def start_metrics_server(
 
     Binds loopback unless told otherwise: metrics reveal queue names and load, so
     exposing them (``host="0.0.0.0"``) is a deliberate choice. Without ``registry`` a
-    private one (with process metrics) is created; with ``database_url`` the queue depth
-    collector is registered too.
+    private one (with process metrics) is created; a ``registry`` that has a
+    :class:`PrometheusObserver` already is served with that one. With ``database_url`` the
+    queue depth collector is registered too.
     """
     reg = registry if registry is not None else _default_registry()
     # Bound first: a failed bind must leave the caller's registry as it was (with the
@@ -714,20 +730,24 @@ def start_metrics_server(
     except (OSError, OverflowError) as exc:  # taken, not ours, out of range: one clear line
         raise ConfigurationError(
             f"cannot serve metrics on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
-    observer: Optional[PrometheusObserver] = None
+    # A caller's registry may hold the observer its workers report to already: serve that
+    # one, and leave it registered on close(), as it is the caller's.
+    observer = _observer_in(reg)
+    made = observer is None
     try:
         depth = None if database_url is None else QueueDepthCollector(database_url, schema, ttl=depth_ttl)
-        observer = PrometheusObserver(reg)
+        if observer is None:
+            observer = PrometheusObserver(reg)
         if depth is not None:
             _register_depth(reg, depth)
     except BaseException:
-        for collector in [] if observer is None else observer.collectors():  # the retry must find none
+        for collector in observer.collectors() if made and observer is not None else []:  # the retry must find none
             reg.unregister(collector)
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
         raise
-    registered = [*observer.collectors(), *([] if depth is None else [depth])]
+    registered = [*(observer.collectors() if made else []), *([] if depth is None else [depth])]
     return MetricsServer(observer, reg, host, int(server.server_port), depth, server, thread, registered)
 
 

@@ -670,6 +670,26 @@ def test_a_failed_metrics_server_leaves_the_registry_as_it_was() -> None:
         taken.close()
 
 
+def test_a_metrics_server_serves_the_observer_already_in_the_callers_registry(database_url: str, schema: str) -> None:
+    """An app that made its PrometheusObserver(registry) first (as docs/metrics.md shows)
+    and then served that registry with start_metrics_server got "this registry has an
+    sa-jobs PrometheusObserver already: share that one", which it was doing. The server
+    serves that observer, and close() leaves it registered: it is the caller's."""
+    registry = CollectorRegistry()
+    observer = PrometheusObserver(registry)
+    for _ in range(2):
+        server = start_metrics_server(0, registry=registry, database_url=database_url, schema=schema)
+        try:
+            assert server.observer is observer
+            observer.claimed("q", 1, 0.01)
+            assert 'sa_jobs_jobs_claimed_total{queue="q"}' in _get(server.url)
+        finally:
+            server.close()
+        text = generate_latest(registry).decode()
+        assert "sa_jobs_jobs_claimed_total" in text and "sa_jobs_queue_jobs" not in text
+    assert _value(registry, "sa_jobs_jobs_claimed_total", queue="q") == 2
+
+
 def test_a_second_depth_collector_on_one_registry_is_a_clear_error_that_leaves_it_as_it_was(
         database_url: str, schema: str) -> None:
     """A registry with a depth collector already (a second schema's, an app factory run
