@@ -210,6 +210,17 @@ class PrometheusObserver:
         self._known_kinds.add(kind)
         return kind
 
+    def _zero_dead(self, queue: str) -> None:
+        """The dead series of the kinds declared for ``queue``, at 0 from its first claim:
+        ``increase()`` cannot see a series' first sample, so one first scraped at 1 (a job
+        dies in milliseconds) never fired the dead-jobs alert. Dead only, and only the
+        kinds of the queues this worker serves: no more series than that."""
+        from .model import registered_kinds
+
+        for kind, cls in registered_kinds().items():
+            if cls.kind_options().queue == queue:
+                self.jobs_finished.labels(queue, kind, "dead")
+
     def _finished_children(self, queue: str, kind: str, outcome: str) -> tuple[Any, Any, Any]:
         label = self._kind_label(kind)
         out = outcome if outcome in LABEL_OUTCOMES else OTHER
@@ -231,6 +242,7 @@ class PrometheusObserver:
                 self.claims.labels(queue), self.jobs_claimed.labels(queue),
                 self.claim_duration.labels(queue), self.claim_batch.labels(queue),
             )
+            self._zero_dead(queue)
         c[0].inc()
         if count:
             c[1].inc(count)

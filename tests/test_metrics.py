@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from sa_jobs import ConfigurationError, Periodic, PeriodicJobs, Pruner
 from sa_jobs._url import to_conninfo
 from sa_jobs.events import MAINTENANCE_HOOKS, hook
+from sa_jobs.model import registered_kinds
 from sa_jobs.metrics import (
     DEPTH_STATES,
     PrometheusObserver,
@@ -115,6 +116,34 @@ def test_worker_run_moves_each_metric_by_the_exact_amount(database_url: str, sch
         assert _value(reg, "sa_jobs_maintenance_last_run_timestamp_seconds", service=service) > time.time() - 60
 
 
+def test_the_dead_series_of_a_served_queues_kinds_exist_before_the_first_dead_job(
+        database_url: str, schema: str, engine: Engine) -> None:
+    """``increase()`` cannot see a series' first sample: one that first appears at 1 never
+    fired SaJobsDeadJobsRising, so the first job of a kind to die after each worker start
+    went unalerted (a doomed job fails in milliseconds, between two scrapes). The dead
+    series of the kinds whose queue a worker serves exist at 0 from its first claim."""
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    fin = "sa_jobs_jobs_finished_total"
+    seen: list[float | None] = []
+
+    def first_scrape_then_doom() -> bool:
+        if not seen:
+            if reg.get_sample_value("sa_jobs_claims_total", {"queue": QUEUE}) is None:
+                return False  # no claim yet
+            seen.append(reg.get_sample_value(fin, {"queue": QUEUE, "kind": "metrics_doomed", "outcome": "dead"}))
+            with Session(engine) as s, s.begin():
+                s.add(MetricsDoomed())
+        return _unfinished(database_url, schema) == 0 and _value(reg, fin, queue=QUEUE, kind="metrics_doomed", outcome="dead") == 1
+
+    run_worker_until(database_url, schema, KINDS, first_scrape_then_doom, observer=observer, concurrency=2)
+    assert seen == [0.0], seen
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_doomed", outcome="dead") == 1
+    # Only the dead outcome, only for kinds of the queues served: no other series is minted.
+    assert reg.get_sample_value(fin, {"queue": QUEUE, "kind": "metrics_ok", "outcome": "completed"}) is None
+    assert reg.get_sample_value(fin, {"queue": "q", "kind": "metrics_doomed", "outcome": "dead"}) is None
+
+
 def test_heartbeat_age_reads_zero_once_the_worker_stopped_on_purpose(database_url: str, schema: str) -> None:
     """The heartbeat age is computed at scrape time: once a worker stopped gracefully in a
     process that goes on serving metrics (an app that embeds it), it grew for good and
@@ -175,7 +204,11 @@ def test_labels_stay_bounded_and_error_text_never_leaks(database_url: str, schem
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             assert set(sample.labels) <= {"queue", "kind", "outcome", "component", "service", "le"}, sample
-            assert sample.labels.get("kind", "other") in {"other", "metrics_ok", "metrics_flaky", "metrics_doomed", "metrics_slow"}
+            # Declared kinds only (the dead series of its queue's kinds start at 0), and
+            # counts only for the kinds this worker ran.
+            assert sample.labels.get("kind", "other") in {"other", *registered_kinds()}
+            if sample.value and sample.name == "sa_jobs_jobs_finished_total":
+                assert sample.labels["kind"] in {"other", "metrics_ok", "metrics_flaky", "metrics_doomed", "metrics_slow"}
             assert not ids & set(sample.labels.values())
 
 
