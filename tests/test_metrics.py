@@ -144,6 +144,55 @@ def test_the_dead_series_of_a_served_queues_kinds_exist_before_the_first_dead_jo
     assert reg.get_sample_value(fin, {"queue": "q", "kind": "metrics_doomed", "outcome": "dead"}) is None
 
 
+def test_counters_go_on_across_a_restart_and_match_the_table(database_url: str, schema: str, engine: Engine) -> None:
+    """One observer, two worker runs in one process (as an app restarting its worker): the
+    counters go on from where they were, and equal what the table says happened: retries,
+    dead jobs, and running jobs cancelled (a job cancelled while it waits ran no attempt:
+    in no counter)."""
+    from sa_jobs import cancel
+
+    reg = CollectorRegistry()
+    observer = PrometheusObserver(reg)
+    with Session(engine) as s, s.begin():
+        s.add_all([MetricsOk() for _ in range(5)] + [MetricsFlaky(fail_times=2) for _ in range(3)]
+                  + [MetricsDoomed() for _ in range(2)] + [MetricsOk(sleep=30) for _ in range(2)]
+                  + [MetricsOk().options(delay=3600)])
+    count = "SELECT count(*) FROM {jobs} WHERE state = %s"
+
+    def cancel_when_running() -> bool:
+        running = [r[0] for r in q(database_url, jobs_sql(schema, "SELECT id FROM {jobs} WHERE state IN ('running', 'scheduled')"))]
+        if len(running) == 3 and _unfinished(database_url, schema) == 3:
+            with Session(engine) as s, s.begin():
+                for job_id in running:
+                    cancel(s, job_id)
+        return (q(database_url, jobs_sql(schema, count), ("cancelled",))[0][0] == 3
+                and _value(reg, "sa_jobs_jobs_finished_total", queue=QUEUE, kind="metrics_ok", outcome="cancelled") == 2)
+
+    run_worker_until(database_url, schema, KINDS, cancel_when_running, observer=observer, concurrency=4)
+    first = _value(reg, "sa_jobs_jobs_finished_total", queue=QUEUE, kind="metrics_ok", outcome="completed")
+    assert first == 5
+    with Session(engine) as s, s.begin():
+        s.add_all([MetricsOk() for _ in range(3)])
+    run_worker_until(database_url, schema, KINDS, lambda: _unfinished(database_url, schema) == 3,
+                     observer=observer, concurrency=4)
+
+    def truth(sql_text: str, *params: Any) -> int:
+        return int(q(database_url, jobs_sql(schema, sql_text), params)[0][0] or 0)
+
+    fin = "sa_jobs_jobs_finished_total"
+    for kind in ("metrics_ok", "metrics_flaky"):
+        assert _value(reg, fin, queue=QUEUE, kind=kind, outcome="completed") == truth(
+            "SELECT count(*) FROM {jobs} WHERE state = 'completed' AND kind = %s", kind)
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_ok", outcome="completed") == 8
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_flaky", outcome="retried") == truth(
+        "SELECT sum(attempt - 1) FROM {jobs} WHERE kind = 'metrics_flaky'") == 6
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_doomed", outcome="dead") == truth(count, "dead") == 2
+    assert _value(reg, fin, queue=QUEUE, kind="metrics_ok", outcome="cancelled") == truth(
+        "SELECT count(*) FROM {jobs} WHERE state = 'cancelled' AND attempt > 0") == 2
+    assert _value(reg, "sa_jobs_jobs_claimed_total", queue=QUEUE) == truth("SELECT sum(attempt) FROM {jobs}")
+    assert _value(reg, "sa_jobs_jobs_in_flight", queue=QUEUE) == 0
+
+
 def test_heartbeat_age_reads_zero_once_the_worker_stopped_on_purpose(database_url: str, schema: str) -> None:
     """The heartbeat age is computed at scrape time: once a worker stopped gracefully in a
     process that goes on serving metrics (an app that embeds it), it grew for good and
