@@ -66,7 +66,7 @@ def _with_timeouts(url: str, args: argparse.Namespace) -> str:
     from ._url import _parse
 
     if not hasattr(args, "connect_timeout"):
-        return url  # the worker (its own connect timeouts) and the demo
+        return url  # the worker: its own connect timeouts
     parsed = _parse(url)
     query = dict(parsed.query)
     connect = _timeout_setting(args, "connect_timeout", CONNECT_TIMEOUT_ENV, _connect_timeout)
@@ -281,7 +281,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.log_level.upper() == "INFO":
         logging.getLogger("sa_jobs").setLevel(logging.WARNING)
 
-    return run_demo(args.database_url or database_url_from_env(), metrics_port=args.metrics_port)
+    # A given server gets the commands' connect timeout: one that never answers (a dead proxy,
+    # a silent service on that port) held the demo for ever. The embedded one is local.
+    url = args.database_url or database_url_from_env()
+    return run_demo(_with_timeouts(url, args) if url else None, metrics_port=args.metrics_port)
 
 
 # ---- operator commands ---------------------------------------------------------------
@@ -1097,6 +1100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"use this server instead of an embedded one (default: ${ENV_VAR}, else an embedded one)")
     d.add_argument("--metrics-port", type=_int_in(0, _PORT_MAX), default=0, metavar="PORT",
                    help="metrics port (default 0: a free one)")
+    timeouts(d, lock=False)
     d.set_defaults(func=_cmd_demo)
     return parser
 

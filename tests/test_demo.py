@@ -53,3 +53,44 @@ def test_the_demo_does_not_print_the_databases_password():
     assert "Demo finished: OK" in proc.stdout
     assert "s3cr" not in proc.stdout + proc.stderr
     assert re.search(r"^Database: postgresql://postgres:\*\*\*@", proc.stdout, re.M), proc.stdout
+
+
+def test_the_demo_gives_up_on_a_server_that_never_answers():
+    """SA_JOBS_DATABASE_URL naming a host that accepts connections and never answers (a dead
+    proxy, a full firewall queue, a wrong port with a silent service): every other command
+    fails after 10 s (--connect-timeout); the demo, which took none, waited for ever with
+    nothing on screen past "Database: ..."."""
+    import socket
+    import time
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # the kernel accepts; nobody ever answers
+        port = listener.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "sa_jobs", "demo", "--connect-timeout", "1",
+                               "--database-url", f"postgresql://postgres@127.0.0.1:{port}/test"],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert time.monotonic() - started < 20
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("sa-jobs: database error:"), line
+
+
+def test_the_demo_connects_with_the_default_connect_timeout(monkeypatch):
+    """Without --connect-timeout, the demo's URL gets the commands' 10 s, as they do."""
+    from sqlalchemy.engine import make_url
+
+    from sa_jobs import cli, demo
+
+    seen: list[str] = []
+    monkeypatch.setattr(demo, "run_demo", lambda url, **kw: seen.append(url) or 0)
+    monkeypatch.delenv("SA_JOBS_CONNECT_TIMEOUT", raising=False)
+    assert cli.main(["demo", "--database-url", "postgresql://u@h/db"]) == 0
+    assert make_url(seen[0]).query == {"connect_timeout": "10"}
+    seen.clear()
+    monkeypatch.delenv("SA_JOBS_DATABASE_URL", raising=False)
+    assert cli.main(["demo"]) == 0
+    assert seen == [None]  # no URL: the embedded server, started by the demo
