@@ -80,18 +80,21 @@ def _pgserver_start(pgserver: Any, bin_dir: Path, path: Path, cleanup: str, *, m
     """``pgserver.get_server``, its failures one :class:`EmbeddedServerError` line: it raises
     what went wrong inside (RuntimeError, CalledProcessError, TimeoutExpired), a traceback
     that left the directory made for it in the temp dir, and a postmaster its pg_ctl gave
-    up on (10 s, under load) running there, unowned."""
+    up on (10 s, under load) running there, unowned. A Ctrl-C there is cleaned up alike,
+    and raised as it came."""
     posix = os.name == "posix"
     if posix:
         from . import _pg_watchdog  # POSIX only
     before = _pg_watchdog.postmaster_pid(path) if posix else None
     try:
         return pgserver.get_server(path, cleanup_mode=None if cleanup == "none" else cleanup)
-    except Exception as exc:
+    except BaseException as exc:
         if posix and _pg_watchdog.postmaster_pid(path) not in (None, before):
             _pg_watchdog.pg_ctl_stop(bin_dir, path.resolve(), "immediate")
         if made:
             shutil.rmtree(path, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         hint = ""
         if "socket path" in reason:

@@ -543,3 +543,45 @@ def test_with_pgserver_a_data_dir_with_a_space_is_refused_before_anything_starts
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "pass a data directory without them" in proc.stdout
     assert not spaced.exists()
+
+
+_PGSERVER_INTERRUPTED = """
+import os, signal, sys, time
+import pgserver.postgres_server as pgs
+
+real = getattr(pgs, sys.argv[1])
+
+def interrupted(*args, **kwargs):
+    out = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the tool returns
+    time.sleep(5)
+    return out
+
+setattr(pgs, sys.argv[1], interrupted)
+from sa_jobs import embedded
+try:
+    embedded.start(cleanup="delete")
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.parametrize("tool", ["initdb", "pg_ctl"])
+def test_with_pgserver_ctrl_c_during_the_start_leaves_nothing_behind(tool, data_dir):
+    """Ctrl-C while pgserver ran initdb or pg_ctl start: the cleanup caught Exception only, so
+    KeyboardInterrupt passed it by, leaving the initdb'd directory in the temp dir (and after
+    pg_ctl, its server running there, unowned), at every interrupted demo."""
+    tmp = data_dir.parent
+    env = _script_env("pgserver")
+    env["TMPDIR"] = str(tmp)
+    proc = subprocess.run([sys.executable, "-c", _PGSERVER_INTERRUPTED, tool], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    left = sorted(tmp.glob("sa_jobs_pg_*"))
+    try:
+        assert proc.stdout.strip() == "interrupted", proc.stdout + proc.stderr
+        assert left == []
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert str(tmp) not in ps
+    finally:
+        for d in left:
+            _stop_orphan(d)
