@@ -172,11 +172,47 @@ def main(argv: list[str]) -> None:
         return  # dismissed: a normal exit
     if kind == "shared":
         release(bin_dir, path, None, wait=5.0)
-    elif path.is_dir():  # "private": pgserver's server in a temporary directory of our own
-        if serving_pid(path) is not None:
-            pg_ctl_stop(bin_dir, path)
+    elif path.is_dir():  # "private": a server in a temporary directory of our own
+        stop_private(bin_dir, path)
         if mode == "delete":
             shutil.rmtree(path, ignore_errors=True)
+
+
+def stop_private(bin_dir: Path, path: Path, settle: float = 90.0) -> None:
+    """Stop the server in a directory only its dead process knew, waiting out the initdb or
+    ``pg_ctl start`` it died in (they go on without it): removed under a running initdb, the
+    directory came back; a postmaster still starting has no socket to be seen by."""
+    deadline = time.monotonic() + settle
+    while True:
+        at_work = _processes_naming(path)
+        pid = postmaster_pid(path)
+        if pid is not None and (pid in at_work or serving_pid(path) == pid):
+            pg_ctl_stop(bin_dir, path)
+        elif not at_work or time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
+
+
+def _processes_naming(path: Path) -> set[int]:
+    """The pids of the processes (bar this one) with ``path`` in their command line: initdb,
+    pg_ctl and the postmaster name their data directory there."""
+    needle = os.fsencode(path)
+    found: set[int] = set()
+    if os.path.isdir("/proc"):
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and needle in Path("/proc", entry, "cmdline").read_bytes():
+                    found.add(int(entry))
+            except OSError:
+                continue  # exited, or not ours to read
+    else:  # macOS, the BSDs
+        try:
+            out = subprocess.run(["ps", "-axww", "-o", "pid=,command="], capture_output=True).stdout
+        except OSError:
+            return found
+        found = {int(line.split(None, 1)[0]) for line in out.splitlines() if needle in line}
+    found.discard(os.getpid())
+    return found
 
 
 if __name__ == "__main__":

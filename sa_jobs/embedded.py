@@ -65,15 +65,36 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
     path = Path(data_dir) if data_dir is not None else _socket_tmpdir("sa_jobs_pg_", shell_safe=True)
     _make_dir(path)
     bin_dir = Path(pgserver.__file__).parent / "pginstall" / "bin"
-    server = _pgserver_start(pgserver, bin_dir, path, cleanup, made=data_dir is None)
-    if data_dir is None and cleanup != "none" and os.name == "posix":
-        # pgserver's own cleanup is atexit only: a killed process left its server running.
-        # A directory of our own has no other users, so the watchdog may stop it alone.
+    # pgserver's own cleanup is atexit only: a killed process left its server running. A
+    # directory of our own has no other users, so the watchdog may stop it alone; it is up
+    # before initdb, for a process killed while its server starts.
+    watchdog = _private_watchdog(bin_dir, path, cleanup) if data_dir is None else None
+    try:
+        server = _pgserver_start(pgserver, bin_dir, path, cleanup, made=data_dir is None)
+    except BaseException:
+        _dismiss(watchdog)  # cleaned up here
+        raise
+    if watchdog is not None:
         from . import _pg_watchdog
 
-        watchdog = _pg_watchdog.spawn("private", bin_dir, path.resolve(), cleanup)
         atexit.register(_in_starter(_pg_watchdog.dismiss), watchdog)  # runs before pgserver's (registered earlier)
     return server.get_uri()
+
+
+def _private_watchdog(bin_dir: Path, path: Path, cleanup: str) -> subprocess.Popen[bytes] | None:
+    """A watchdog for a server in a directory this process made (POSIX; not for ``none``)."""
+    if cleanup == "none" or os.name != "posix":
+        return None
+    from . import _pg_watchdog
+
+    return _pg_watchdog.spawn("private", bin_dir, path.resolve(), cleanup)
+
+
+def _dismiss(watchdog: subprocess.Popen[bytes] | None) -> None:
+    if watchdog is not None:
+        from . import _pg_watchdog
+
+        _pg_watchdog.dismiss(watchdog)
 
 
 def _pgserver_start(pgserver: Any, bin_dir: Path, path: Path, cleanup: str, *, made: bool) -> Any:
@@ -150,12 +171,18 @@ def start_local(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str 
         from . import _pg_watchdog  # POSIX only, as is this fallback
 
         _make_dir(path)
-        with _pg_watchdog.dir_locked(path):
-            url = _running_url(path)
-            if url is None:
-                url = _start_server(bin_dir, path, cleanup, made=data_dir is None)
-            else:
-                _join(bin_dir, path)
+        # A directory of our own: watched from before initdb, for a process killed while its
+        # server starts; once started, the server's users (and their watchdogs) see to it.
+        watchdog = _private_watchdog(bin_dir, path, cleanup) if data_dir is None else None
+        try:
+            with _pg_watchdog.dir_locked(path):
+                url = _running_url(path)
+                if url is None:
+                    url = _start_server(bin_dir, path, cleanup, made=data_dir is None)
+                else:
+                    _join(bin_dir, path)
+        finally:
+            _dismiss(watchdog)
         _started[path] = url
         return url
 
@@ -335,9 +362,10 @@ def _run(user: str | None, *argv: str | os.PathLike[str], log: Path | None = Non
         proc = subprocess.run(args, capture_output=True, text=True, cwd="/")
     except OSError as exc:
         raise EmbeddedServerError(f"cannot run {args[0]}: {exc.strerror}") from None
+    stderr = proc.stderr
     if proc.returncode != 0:
         tool = Path(argv[0]).name
-        said = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        said = [line.strip() for line in stderr.splitlines() if line.strip()]
         reason = said[0] if said else f"exit status {proc.returncode}"
         if log is not None and log.exists():
             # pg_ctl says "could not start server" or "did not start in time"; the log says why.
@@ -345,7 +373,7 @@ def _run(user: str | None, *argv: str | os.PathLike[str], log: Path | None = Non
                      if "FATAL:" in line]
             reason = "; ".join([*said[:1], *fatal[-1:]])
         hint = ""
-        if user is not None and "Permission denied" in proc.stderr:
+        if user is not None and "Permission denied" in stderr:
             hint = (f": as root the server runs as {user!r}, which must reach its directory:"
                     " set TMPDIR (or pass a data directory) under one it can enter, such as /tmp")
         where = f" (log: {log})" if log is not None else ""

@@ -585,3 +585,76 @@ def test_with_pgserver_ctrl_c_during_the_start_leaves_nothing_behind(tool, data_
     finally:
         for d in left:
             _stop_orphan(d)
+
+
+_KILLED_MID_START = """
+import os, signal, sys, threading, time
+server, tool, signame = sys.argv[1], sys.argv[2], sys.argv[3]
+
+
+def dies_during(run, name_of):
+    def wrapper(*args, **kwargs):
+        if name_of(args) == tool:
+            def kill():
+                time.sleep(0.3 if tool == "initdb" else 0.05)
+                os.kill(os.getpid(), getattr(signal, signame))
+            threading.Thread(target=kill, daemon=True).start()
+        return run(*args, **kwargs)
+    return wrapper
+
+
+if server == "local":
+    sys.modules["pgserver"] = None
+    from sa_jobs import embedded
+    embedded._run = dies_during(embedded._run, lambda args: os.path.basename(str(args[1])))
+else:
+    import warnings
+    warnings.filterwarnings("ignore")
+    import pgserver.postgres_server as pgs
+    for name in ("initdb", "pg_ctl"):
+        setattr(pgs, name, dies_during(getattr(pgs, name), lambda args, name=name: name))
+    from sa_jobs import embedded
+print("starting", flush=True)
+try:
+    embedded.start(cleanup="delete")
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+else:
+    print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("server", ["local", "pgserver"])
+@pytest.mark.parametrize("tool", ["initdb", "pg_ctl"])
+def test_a_process_killed_while_its_server_starts_leaves_nothing_behind(server, tool, data_dir):
+    """The watchdog that stops the server of a killed process was started once the server
+    was up: a demo killed (``kill -9``, the OOM killer, a CI timeout) during initdb or
+    pg_ctl start left the directory in the temp dir, and after pg_ctl (which goes on
+    without it) a server running there, for good."""
+    _start_cut_short(server, tool, "SIGKILL", data_dir.parent)
+
+
+def _start_cut_short(server: str, tool: str, signame: str, tmp: Path) -> None:
+    env = _script_env(server)
+    env["TMPDIR"] = str(tmp)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_START, server, tool, signame], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    if signame == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+        assert proc.stdout.strip() == "starting"
+    else:
+        assert proc.stdout.split() == ["starting", "interrupted"], proc.stdout + proc.stderr
+
+    def leftovers() -> tuple[list[Path], list[str]]:
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        return sorted(tmp.glob("sa_jobs_pg_*")), [line for line in ps.splitlines() if str(tmp) in line]
+
+    deadline = time.monotonic() + 60
+    while any(leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    dirs, procs = leftovers()
+    try:
+        assert (dirs, procs) == ([], [])
+    finally:
+        for d in dirs:
+            _stop_orphan(d)
