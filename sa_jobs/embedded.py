@@ -359,10 +359,23 @@ def _run(user: str | None, *argv: str | os.PathLike[str], log: Path | None = Non
         args = ["runuser", "-u", user, "--", *args]
     try:
         # cwd="/": the tool may run as a user who cannot enter the caller's directory.
-        proc = subprocess.run(args, capture_output=True, text=True, cwd="/")
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     except OSError as exc:
         raise EmbeddedServerError(f"cannot run {args[0]}: {exc.strerror}") from None
-    stderr = proc.stderr
+    with proc:
+        try:
+            _, stderr = proc.communicate()
+        except BaseException:
+            # Interrupted (Ctrl-C): end the tool and wait for it. subprocess.run's SIGKILL
+            # cannot be passed on by runuser, and its initdb went on, orphaned, writing the
+            # directory anew after the caller's cleanup had removed it. SIGTERM is passed on,
+            # and initdb removes what it wrote.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if proc.returncode != 0:
         tool = Path(argv[0]).name
         said = [line.strip() for line in stderr.splitlines() if line.strip()]

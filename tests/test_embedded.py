@@ -634,6 +634,15 @@ def test_a_process_killed_while_its_server_starts_leaves_nothing_behind(server, 
     _start_cut_short(server, tool, "SIGKILL", data_dir.parent)
 
 
+@pytest.mark.parametrize("tool", ["initdb", "pg_ctl"])
+def test_a_start_interrupted_in_its_process_alone_leaves_nothing_behind(tool, data_dir):
+    """A SIGINT to the process alone (``kill -INT``, a supervisor; not the terminal's, which
+    reaches the whole group): subprocess.run killed runuser with SIGKILL, which it cannot
+    pass on, so initdb went on as root's orphan and wrote the directory anew after the
+    cleanup had removed it."""
+    _start_cut_short("local", tool, "SIGINT", data_dir.parent)
+
+
 def _start_cut_short(server: str, tool: str, signame: str, tmp: Path) -> None:
     env = _script_env(server)
     env["TMPDIR"] = str(tmp)
