@@ -62,9 +62,29 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
         raise EmbeddedServerError(f"pgserver cannot start a server in {str(data_dir)!r}: it passes the path to the"
                                   " shell unquoted, which splits it at a space or a shell character:"
                                   " pass a data directory without them")
-    path = Path(data_dir) if data_dir is not None else _socket_tmpdir("sa_jobs_pg_", shell_safe=True)
-    _make_dir(path)
     bin_dir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    # As root pgserver runs its server as the user "pgserver", and first chmods every
+    # directory above its install and the data directory to g+rx,o+rx, whatever they were:
+    # /root itself, for a virtualenv or a TMPDIR under it. Only open ones are given to it.
+    as_root = os.name == "posix" and os.geteuid() == 0
+    closed = _closed_parent(bin_dir) if as_root else None
+    if closed is not None:
+        if find_binaries() is not None:
+            return start_local(data_dir, cleanup=cleanup)
+        raise EmbeddedServerError(f"as root, pgserver runs its server as the user 'pgserver', and its install"
+                                  f" {bin_dir} is in {closed}, which not every user may enter: pgserver would"
+                                  " open it to every user of the machine (chmod). Install PostgreSQL (initdb"
+                                  " and pg_ctl then serve), install sa-jobs where every user can read,"
+                                  " or run as a normal user")
+    closed = _closed_parent(Path(data_dir).resolve()) if as_root and data_dir is not None else None
+    if closed is not None:
+        raise EmbeddedServerError(f"as root, pgserver runs its server as the user 'pgserver', which cannot enter"
+                                  f" {closed}: pgserver would open it to every user of the machine (chmod):"
+                                  " pass a data directory under one every user can enter, such as /tmp,"
+                                  " or run as a normal user")
+    path = (Path(data_dir) if data_dir is not None
+            else _socket_tmpdir("sa_jobs_pg_", shell_safe=True, open_to_all=as_root))
+    _make_dir(path)
     # pgserver's own cleanup is atexit only: a killed process left its server running. A
     # directory of our own has no other users, so the watchdog may stop it alone; it is up
     # before initdb, for a process killed while its server starts.
@@ -313,17 +333,34 @@ def _shell_splits(path: Path) -> bool:
     return any(c in _SHELL_SPECIAL for c in str(path))
 
 
-def _socket_tmpdir(prefix: str, path: Path | None = None, *, shell_safe: bool = False) -> Path:
+def _socket_tmpdir(prefix: str, path: Path | None = None, *, shell_safe: bool = False,
+                   open_to_all: bool = False) -> Path:
     """A new temporary directory in which a socket's path fits (and, if ``shell_safe``, whose
-    path the shell would not split): in TMPDIR, else in /tmp."""
+    path the shell would not split; if ``open_to_all``, under directories every user may
+    enter): in TMPDIR, else in /tmp."""
     for parent in (None, "/tmp"):
         sock = _mkdtemp(prefix, parent).resolve()
-        if _socket_fits(sock) and not (shell_safe and _shell_splits(sock)):
+        if (_socket_fits(sock) and not (shell_safe and _shell_splits(sock))
+                and not (open_to_all and _closed_parent(sock))):
             return sock
         sock.rmdir()
+    if open_to_all and _closed_parent(Path(tempfile.gettempdir()).resolve() / prefix):
+        raise EmbeddedServerError("as root the embedded server runs as an unprivileged user, which cannot enter"
+                                  " the temporary directory: set TMPDIR to one every user can enter, such as /tmp")
     where = f" in {path} and" if path is not None else ""
     raise EmbeddedServerError(f"the path of the embedded server's socket is over {_MAX_SOCKET_PATH} bytes,{where}"
                               " in the temporary directory: set TMPDIR to a short directory")
+
+
+def _closed_parent(path: Path) -> Path | None:
+    """The first existing directory above ``path`` that not every user may list and enter."""
+    for parent in path.parents:
+        try:
+            if parent.stat().st_mode & 0o055 != 0o055:
+                return parent
+        except FileNotFoundError:
+            continue  # made later, by us: open under the usual umask
+    return None
 
 
 def _run_as(candidates: Sequence[str] = _RUN_AS_CANDIDATES) -> str | None:

@@ -667,3 +667,81 @@ def _start_cut_short(server: str, tool: str, signame: str, tmp: Path) -> None:
     finally:
         for d in dirs:
             _stop_orphan(d)
+
+
+_as_root = pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="as root only: the server runs as another user")
+
+
+def _closed_dir(parent: Path) -> Path:
+    closed = parent / "private"
+    closed.mkdir(mode=0o700)
+    closed.chmod(0o700)
+    return closed
+
+
+@_as_root
+def test_with_pgserver_as_root_a_private_temp_dir_is_not_opened_to_everyone(data_dir):
+    """As root, pgserver chmods every directory above the data directory to g+rx,o+rx so that
+    its server's user can reach it: a TMPDIR of root's own (0700, under /root) was opened to
+    every user of the machine, silently, by the README's first command."""
+    closed = _closed_dir(data_dir.parent)
+    inner = closed / "tmp"
+    inner.mkdir(mode=0o700)
+    proc = _pgserver_child(inner)
+    url = proc.stdout.split("url=", 1)[1].strip() if "url=" in proc.stdout else ""
+    data = Path(unquote(url.split("host=", 1)[1].split("&", 1)[0])) if url else None
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "answer=42" in proc.stdout
+        assert (closed.stat().st_mode & 0o777, inner.stat().st_mode & 0o777) == (0o700, 0o700)
+        assert data is not None and data.parent == Path("/tmp")  # made where its user can reach it
+    finally:
+        if data is not None:
+            _stop_orphan(data)
+
+
+@_as_root
+def test_with_pgserver_as_root_a_data_dir_its_user_cannot_reach_is_refused(data_dir):
+    closed = _closed_dir(data_dir.parent)
+    proc = _pgserver_child(data_dir.parent, str(closed / "pg"))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("error=")]
+    assert str(closed) in line and "every user" in line, line
+    assert closed.stat().st_mode & 0o777 == 0o700
+    assert not (closed / "pg").exists()
+
+
+_PGSERVER_CLOSED_INSTALL = """
+import sys
+from pathlib import Path
+import pgserver
+pgserver.__file__ = str(Path(sys.argv[1]) / "pgserver" / "__init__.py")  # as in a venv under /root
+from sa_jobs import EmbeddedServerError, embedded
+if sys.argv[2] == "none":
+    embedded.find_binaries = lambda: None
+try:
+    print("url=" + embedded.start(cleanup="delete"), flush=True)
+except EmbeddedServerError as exc:
+    print("error=%s" % exc, flush=True)
+"""
+
+
+@_as_root
+@pytest.mark.parametrize("machine", ["postgres", "none"])
+def test_with_pgserver_as_root_an_install_its_user_cannot_reach_is_not_opened(machine, data_dir):
+    """pgserver installed where its server's user cannot reach (a virtualenv under /root):
+    pgserver chmodded every directory above it, /root included. The machine's PostgreSQL
+    serves instead; without one, the error says why and what to do."""
+    if machine == "postgres" and embedded.find_binaries() is None:
+        pytest.skip("no PostgreSQL binaries on this machine")
+    closed = _closed_dir(data_dir.parent)
+    env = _script_env("pgserver")
+    env["TMPDIR"] = str(data_dir.parent)
+    proc = subprocess.run([sys.executable, "-c", _PGSERVER_CLOSED_INSTALL, str(closed), machine], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert closed.stat().st_mode & 0o777 == 0o700
+    if machine == "postgres":
+        assert proc.stdout.startswith("url=") and "&port=5432" in proc.stdout, proc.stdout  # start_local's URL
+    else:
+        assert proc.stdout.startswith("error=") and str(closed) in proc.stdout and "every user" in proc.stdout
