@@ -127,6 +127,10 @@ def _pgserver_start(pgserver: Any, bin_dir: Path, path: Path, cleanup: str, *, m
     if posix:
         from . import _pg_watchdog  # POSIX only
     before = _pg_watchdog.postmaster_pid(path) if posix else None
+    said = _Said()
+    pg_log = logging.getLogger("pgserver")
+    pg_log.addHandler(said)
+    pg_log.propagate = False
     try:
         return pgserver.get_server(path, cleanup_mode=None if cleanup == "none" else cleanup)
     except BaseException as exc:
@@ -137,6 +141,10 @@ def _pgserver_start(pgserver: Any, bin_dir: Path, path: Path, cleanup: str, *, m
         if not isinstance(exc, Exception):
             raise
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = said.reason()
+        if isinstance(exc, (subprocess.CalledProcessError, subprocess.TimeoutExpired)) and why is not None:
+            tool = Path(str(exc.cmd[0] if isinstance(exc.cmd, (list, tuple)) else exc.cmd)).name
+            reason = f"{tool} failed: {why.removeprefix(f'{tool}: ')}"
         hint = ""
         if "socket path" in reason:
             hint = (f": the path of its socket is over {_MAX_SOCKET_PATH} bytes in the data directory and in"
@@ -145,6 +153,32 @@ def _pgserver_start(pgserver: Any, bin_dir: Path, path: Path, cleanup: str, *, m
         log = path / "log"
         where = f" (log: {log})" if log.exists() and not made else ""
         raise EmbeddedServerError(f"the embedded server (pgserver) did not start in {path}: {reason}{where}{hint}") from None
+    finally:
+        pg_log.removeHandler(said)
+        pg_log.propagate = True
+
+
+class _Said(logging.Handler):
+    """What pgserver logs of a failed tool: its whole output, the reason among 30 lines of
+    progress, an ERROR dump on stderr ahead of the caller's own error. Kept for the
+    error's one line instead."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def reason(self) -> str | None:
+        """The server's last FATAL line, else the first line the tool wrote to stderr."""
+        lines: list[str] = []
+        for message in self.messages:
+            # "...stderr:\n<its stderr>\n---" of a tool; "...log (<path>) below:\n<the log>" of pg_ctl start
+            text = message.rsplit("stderr:\n", 1)[1] if "stderr:\n" in message else message.partition(" below:\n")[2]
+            lines += [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "---"]
+        fatal = [line.split("FATAL:", 1)[1].strip() for line in lines if "FATAL:" in line]
+        return fatal[-1] if fatal else (lines[0] if lines else None)
 
 
 def _check_cleanup(cleanup: str) -> None:

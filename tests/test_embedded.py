@@ -745,3 +745,17 @@ def test_with_pgserver_as_root_an_install_its_user_cannot_reach_is_not_opened(ma
         assert proc.stdout.startswith("url=") and "&port=5432" in proc.stdout, proc.stdout  # start_local's URL
     else:
         assert proc.stdout.startswith("error=") and str(closed) in proc.stdout and "every user" in proc.stdout
+
+
+def test_with_pgserver_a_failed_initdb_says_why_in_one_line(data_dir):
+    """pgserver's CalledProcessError says only "returned non-zero exit status 1": the reason
+    (a data directory that is not empty, a full disk) was in a 30-line ERROR dump pgserver
+    logged to stderr before the error line, which named none of it."""
+    data_dir.mkdir()
+    (data_dir / "notes.txt").write_text("not a data directory")
+    proc = _pgserver_child(data_dir.parent, str(data_dir))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("error=")]
+    assert "initdb" in line and "exists but is not empty" in line, line
+    assert proc.stderr == ""
+    assert (data_dir / "notes.txt").exists()
