@@ -62,8 +62,12 @@ def redact(text: str) -> str:
 
 def display_url(target: str) -> str:
     """``target`` (a URL) to print or log: with its password as ``***``, as :func:`redact`
-    does for a URL that failed to parse."""
+    does for a URL that failed to parse; an empty one (pgserver's ``postgres:@``) left out."""
     url = _parse(target)
+    if url.password == "":
+        scheme, _, rest = target.strip().partition("://")
+        userinfo, _, host = rest.partition("@")  # an empty password: the userinfo ends in ":"
+        return f"{scheme}://{userinfo.removesuffix(':')}@{host}"
     return url.render_as_string(hide_password=True) if url.password else target
 
 

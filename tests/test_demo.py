@@ -94,3 +94,15 @@ def test_the_demo_connects_with_the_default_connect_timeout(monkeypatch):
     monkeypatch.delenv("SA_JOBS_DATABASE_URL", raising=False)
     assert cli.main(["demo"]) == 0
     assert seen == [None]  # no URL: the embedded server, started by the demo
+
+
+def test_the_demo_prints_pgservers_url_without_an_empty_password():
+    """pgserver's URL carries an empty password (``postgres:@``): the demo's first line of
+    output, "Database: postgresql://postgres:@/postgres?host=...", looked like a URL with a
+    password gone missing."""
+    from sa_jobs._url import display_url
+
+    assert display_url("postgresql://postgres:@/postgres?host=/tmp/sa_jobs_pg_x") == \
+        "postgresql://postgres@/postgres?host=/tmp/sa_jobs_pg_x"
+    assert display_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert display_url("postgresql://u@h/db") == "postgresql://u@h/db"
