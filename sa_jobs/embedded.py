@@ -29,6 +29,7 @@ _PORT = 5432  # alone in its socket directory, the server never competes for a p
 # sun_path holds 108 bytes on Linux (104 on the BSDs and macOS), terminating NUL included.
 _MAX_SOCKET_PATH = 103
 _SHELL_SPECIAL = frozenset(" \t\n\"'\\`$&|;<>()*?[]#~!{}")  # characters /bin/sh splits or expands on
+_DQUOTE_SPECIAL = frozenset("\"\\`$")  # characters /bin/sh still expands between double quotes
 _START_TIMEOUT = 60  # seconds pg_ctl waits for the server to accept connections
 # initdb refuses to run as root: as root the server runs as the first of these that exists.
 _RUN_AS_CANDIDATES = ("postgres", "pgserver", "sa_jobs_pg")
@@ -83,7 +84,7 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
                                   " pass a data directory under one every user can enter, such as /tmp,"
                                   " or run as a normal user")
     path = (Path(data_dir) if data_dir is not None
-            else _socket_tmpdir("sa_jobs_pg_", shell_safe=True, open_to_all=as_root))
+            else _socket_tmpdir("sa_jobs_pg_", avoid=_SHELL_SPECIAL, open_to_all=as_root))
     _make_dir(path)
     # pgserver's own cleanup is atexit only: a killed process left its server running. A
     # directory of our own has no other users, so the watchdog may stop it alone; it is up
@@ -218,7 +219,12 @@ def start_local(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str 
             " or pip install 'sa-jobs[embedded]' (pgserver, Python < 3.13),"
             " or set SA_JOBS_DATABASE_URL (SA_JOBS_TEST_DATABASE_URL for the test suite) to a server's URL"
         )
-    path = (Path(data_dir) if data_dir is not None else _mkdtemp("sa_jobs_pg_")).resolve()
+    # pg_ctl hands the data directory and log file to /bin/sh between double quotes, where
+    # `$` and backquotes still expand: such a path is not given to it.
+    if data_dir is not None and _shell_splits(Path(data_dir).resolve(), _DQUOTE_SPECIAL):
+        raise EmbeddedServerError(f"pg_ctl cannot start a server in {str(data_dir)!r}: it passes the path to the"
+                                  " shell, which expands a $, ` or \\ in it: pass a data directory without them")
+    path = (Path(data_dir) if data_dir is not None else _socket_tmpdir("sa_jobs_pg_", avoid=_DQUOTE_SPECIAL)).resolve()
     with _lock:
         if path in _started:
             return _started[path]
@@ -363,18 +369,18 @@ def _socket_dir(path: Path) -> Path:
     return _socket_tmpdir("sa_jobs_pg_sock_", path)
 
 
-def _shell_splits(path: Path) -> bool:
-    return any(c in _SHELL_SPECIAL for c in str(path))
+def _shell_splits(path: Path, special: frozenset[str] = _SHELL_SPECIAL) -> bool:
+    return any(c in special for c in str(path))
 
 
-def _socket_tmpdir(prefix: str, path: Path | None = None, *, shell_safe: bool = False,
+def _socket_tmpdir(prefix: str, path: Path | None = None, *, avoid: frozenset[str] = frozenset(),
                    open_to_all: bool = False) -> Path:
-    """A new temporary directory in which a socket's path fits (and, if ``shell_safe``, whose
-    path the shell would not split; if ``open_to_all``, under directories every user may
-    enter): in TMPDIR, else in /tmp."""
+    """A new temporary directory in which a socket's path fits, whose path holds none of
+    ``avoid`` (characters a shell would split or expand on) and, if ``open_to_all``, which
+    is under directories every user may enter: in TMPDIR, else in /tmp."""
     for parent in (None, "/tmp"):
         sock = _mkdtemp(prefix, parent).resolve()
-        if (_socket_fits(sock) and not (shell_safe and _shell_splits(sock))
+        if (_socket_fits(sock) and not _shell_splits(sock, avoid)
                 and not (open_to_all and _closed_parent(sock))):
             return sock
         sock.rmdir()

@@ -759,3 +759,29 @@ def test_with_pgserver_a_failed_initdb_says_why_in_one_line(data_dir):
     assert "initdb" in line and "exists but is not empty" in line, line
     assert proc.stderr == ""
     assert (data_dir / "notes.txt").exists()
+
+
+@needs_binaries
+def test_without_pgserver_a_temp_dir_with_a_dollar_still_starts(data_dir):
+    """pg_ctl hands the data directory and log file to /bin/sh in double quotes, where `$`
+    still expands: with TMPDIR=/tmp/a$b;c the server's log went to "/tmp/a;c/..." and the
+    start failed ("cannot create ... Directory nonexistent")."""
+    odd = data_dir.parent / "a$HOME`x`"
+    odd.mkdir()
+    odd.chmod(0o755)
+    env = _script_env("local")
+    env["TMPDIR"] = str(odd)
+    code = "import sys; sys.modules['pgserver'] = None; from sa_jobs import embedded; print(embedded.start(cleanup='delete'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    host = Path(unquote(proc.stdout.split("host=", 1)[1].split("&", 1)[0]))
+    assert host.parent == Path("/tmp") and not host.exists()
+    assert list(odd.iterdir()) == []
+
+
+@needs_binaries
+def test_without_pgserver_a_data_dir_the_shell_would_expand_is_refused(data_dir):
+    odd = data_dir.parent / "a$HOME"
+    with pytest.raises(EmbeddedServerError, match="pass a data directory without"):
+        embedded.start_local(odd, cleanup="delete")
+    assert not odd.exists()
