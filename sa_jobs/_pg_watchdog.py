@@ -183,12 +183,12 @@ def stop_private(bin_dir: Path, path: Path, settle: float = 90.0) -> None:
     ``pg_ctl start`` it died in (they go on without it): removed under a running initdb, the
     directory came back; a postmaster still starting has no socket to be seen by."""
     deadline = time.monotonic() + settle
-    while True:
+    while time.monotonic() < deadline:
         at_work = _processes_naming(path)
         pid = postmaster_pid(path)
         if pid is not None and (pid in at_work or serving_pid(path) == pid):
             pg_ctl_stop(bin_dir, path)
-        elif not at_work or time.monotonic() >= deadline:
+        elif not at_work:
             return
         time.sleep(0.1)
 
