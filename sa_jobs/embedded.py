@@ -172,14 +172,22 @@ class _Said(logging.Handler):
         self.messages.append(record.getMessage())
 
     def reason(self) -> str | None:
-        """The server's last FATAL line, else the first line the tool wrote to stderr."""
-        lines: list[str] = []
+        """The server's last FATAL line, else the last line of its log, else the first line
+        the tool wrote to stderr."""
+        said: list[str] = []
+        log: list[str] = []
         for message in self.messages:
             # "...stderr:\n<its stderr>\n---" of a tool; "...log (<path>) below:\n<the log>" of pg_ctl start
-            text = message.rsplit("stderr:\n", 1)[1] if "stderr:\n" in message else message.partition(" below:\n")[2]
-            lines += [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "---"]
-        fatal = [line.split("FATAL:", 1)[1].strip() for line in lines if "FATAL:" in line]
-        return fatal[-1] if fatal else (lines[0] if lines else None)
+            if "stderr:\n" in message:
+                said += _lines(message.rsplit("stderr:\n", 1)[1])
+            else:
+                log += _lines(message.partition(" below:\n")[2])
+        fatal = [line.split("FATAL:", 1)[1].strip() for line in said + log if "FATAL:" in line]
+        return next(iter([*fatal[-1:], *log[-1:], *said[:1]]), None)
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "---"]
 
 
 def _check_cleanup(cleanup: str) -> None:

@@ -785,3 +785,17 @@ def test_without_pgserver_a_data_dir_the_shell_would_expand_is_refused(data_dir)
     with pytest.raises(EmbeddedServerError, match="pass a data directory without"):
         embedded.start_local(odd, cleanup="delete")
     assert not odd.exists()
+
+
+def test_with_pgserver_a_failed_server_start_says_why_from_its_log(data_dir):
+    """pg_ctl's own stderr says only "could not start server": the reason is in the log."""
+    data_dir.mkdir()
+    (data_dir / "PG_VERSION").write_text("15\n")  # a data directory gone bad: no postgresql.conf
+    proc = _pgserver_child(data_dir.parent, str(data_dir))
+    try:
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        [line] = [line for line in proc.stdout.splitlines() if line.startswith("error=")]
+        assert "pg_ctl failed" in line and "postgresql.conf" in line, line
+        assert proc.stderr == ""
+    finally:
+        _stop_orphan(data_dir)
