@@ -10,6 +10,7 @@ directory and listens on a Unix socket in a directory of its own, never on a TCP
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import shlex
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -133,7 +134,8 @@ def _pgserver_start(pgserver: Any, bin_dir: Path, path: Path, cleanup: str, *, m
     pg_log.addHandler(said)
     pg_log.propagate = False
     try:
-        return pgserver.get_server(path, cleanup_mode=None if cleanup == "none" else cleanup)
+        with _c_locale():
+            return pgserver.get_server(path, cleanup_mode=None if cleanup == "none" else cleanup)
     except BaseException as exc:
         if posix and _pg_watchdog.postmaster_pid(path) not in (None, before):
             _pg_watchdog.pg_ctl_stop(bin_dir, path.resolve(), "immediate")
@@ -157,6 +159,23 @@ def _pgserver_start(pgserver: Any, bin_dir: Path, path: Path, cleanup: str, *, m
     finally:
         pg_log.removeHandler(said)
         pg_log.propagate = True
+
+
+@contextlib.contextmanager
+def _c_locale() -> Iterator[None]:
+    """LC_ALL=C for the tools pgserver runs (they inherit the environment, and it takes no
+    other): its initdb took the caller's locale, and one the machine lacks (LC_ALL or LANG
+    naming a locale never generated, as in many images, or passed on by ssh) failed the
+    start. start_local gives initdb --locale=C; the server is alike either way."""
+    before = os.environ.get("LC_ALL")
+    os.environ["LC_ALL"] = "C"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LC_ALL", None)
+        else:
+            os.environ["LC_ALL"] = before
 
 
 class _Said(logging.Handler):

@@ -444,10 +444,11 @@ print("url=" + url, flush=True)
 """
 
 
-def _pgserver_child(tmpdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _pgserver_child(tmpdir: Path, *args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = _script_env("pgserver")
     env.pop("XDG_RUNTIME_DIR", None)  # as on a server: pgserver's runtime directory is then in TMPDIR
     env["TMPDIR"] = str(tmpdir)
+    env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", _PGSERVER_CHILD, *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
 
@@ -799,3 +800,12 @@ def test_with_pgserver_a_failed_server_start_says_why_from_its_log(data_dir):
         assert proc.stderr == ""
     finally:
         _stop_orphan(data_dir)
+
+
+def test_with_pgserver_a_locale_the_machine_lacks_still_starts(data_dir):
+    """pgserver's initdb takes its locale from the environment: a locale the machine does not
+    have (an image with LC_ALL=en_US.UTF-8 and no locales generated, a locale passed on by
+    ssh) failed the demo ("invalid locale settings"). start_local gives initdb --locale=C."""
+    proc = _pgserver_child(data_dir.parent, env_extra={"LC_ALL": "en_XX.UTF-8"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "answer=42" in proc.stdout
