@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -53,7 +54,8 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
     # INFO: neither is news to a sa-jobs user.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
-        import pgserver
+        with _runtime_dir_for_pgserver():
+            import pgserver
     except ImportError:
         return start_local(data_dir, cleanup=cleanup)
     logging.getLogger("pgserver").setLevel(logging.WARNING)
@@ -159,6 +161,23 @@ def _pgserver_start(pgserver: Any, bin_dir: Path, path: Path, cleanup: str, *, m
     finally:
         pg_log.removeHandler(said)
         pg_log.propagate = True
+
+
+@contextlib.contextmanager
+def _runtime_dir_for_pgserver() -> Iterator[None]:
+    """pgserver fixes its lock's directory when imported, in XDG_RUNTIME_DIR: one that does
+    not exist (and, in a container with no session to make it, cannot be made) failed
+    every start and then pgserver's exit handler, which takes the lock too. Such a value is
+    hidden while it is imported, so that platformdirs falls back as when it is unset."""
+    value = os.environ.get("XDG_RUNTIME_DIR")
+    hide = value is not None and "pgserver" not in sys.modules and not os.path.isdir(value)
+    if hide:
+        del os.environ["XDG_RUNTIME_DIR"]
+    try:
+        yield
+    finally:
+        if hide:
+            os.environ["XDG_RUNTIME_DIR"] = value  # type: ignore[assignment]
 
 
 @contextlib.contextmanager

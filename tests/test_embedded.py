@@ -809,3 +809,16 @@ def test_with_pgserver_a_locale_the_machine_lacks_still_starts(data_dir):
     proc = _pgserver_child(data_dir.parent, env_extra={"LC_ALL": "en_XX.UTF-8"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "answer=42" in proc.stdout
+
+
+def test_with_pgserver_an_unusable_runtime_dir_still_starts(data_dir):
+    """pgserver keeps its lock in XDG_RUNTIME_DIR: one that does not exist and cannot be made
+    (a container given XDG_RUNTIME_DIR=/run/user/1000 with no session to make it, where
+    /run/user is root's) failed the demo with "No such file or directory" naming neither
+    the variable nor the way out, then a 15-line traceback from pgserver's exit handler,
+    which tried the lock again. (platformdirs itself passes over one that exists and is
+    not the user's.)"""
+    proc = _pgserver_child(data_dir.parent, env_extra={"XDG_RUNTIME_DIR": "/proc/sa_jobs_test_absent/run"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "answer=42" in proc.stdout
+    assert proc.stderr == ""
