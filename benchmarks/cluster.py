@@ -37,7 +37,11 @@ def find_bin_dir() -> Path:
     env = os.environ.get("SA_JOBS_BENCH_PG_BIN")
     if env:
         return Path(env)
-    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
+    # Newest first by number: Debian's names go 9.6, 10, ..., 15 (int("9.6") failed, and a
+    # string sort put 9.6 after 15).
+    debian = sorted((p for p in glob.glob("/usr/lib/postgresql/*/bin")
+                     if all(part.isdigit() for part in Path(p).parent.name.split("."))),
+                    key=lambda p: tuple(int(part) for part in Path(p).parent.name.split(".")))
     for d in reversed(debian):
         if Path(d, "initdb").exists():
             return Path(d)

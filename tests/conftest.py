@@ -66,7 +66,11 @@ def start_worker_process(database_url: str, schema: str, module: str, *extra: st
 
 def pg_bin(name: str) -> str:
     """A PostgreSQL server binary for private clusters: Debian's when present, else pgserver's."""
-    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+    def version(path: Path) -> tuple[int, ...]:  # 9.6 < 10 < 15, which a string sort got wrong
+        parts = path.parent.parent.name.split(".")
+        return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else ()
+
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=version, reverse=True):
         return str(candidate)
     found = shutil.which(name)
     if found:
