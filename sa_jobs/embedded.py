@@ -26,6 +26,8 @@ from urllib.parse import quote
 
 from .errors import ConfigurationError, EmbeddedServerError
 
+log = logging.getLogger("sa_jobs.embedded")
+
 _CLEANUP_MODES = ("stop", "delete", "none")
 _PORT = 5432  # alone in its socket directory, the server never competes for a port
 # sun_path holds 108 bytes on Linux (104 on the BSDs and macOS), terminating NUL included.
@@ -69,17 +71,16 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
     bin_dir = Path(pgserver.__file__).parent / "pginstall" / "bin"
     # As root pgserver runs its server as the user "pgserver", and first chmods every
     # directory above its install and the data directory to g+rx,o+rx, whatever they were:
-    # /root itself, for a virtualenv or a TMPDIR under it. Only open ones are given to it.
+    # /root itself, for a virtualenv or a TMPDIR under it. The data directory is only ever
+    # put under open ones (below). Its install is where pip put it: refusing it (or passing
+    # to the machine's PostgreSQL) broke the README's first command for root in a
+    # virtualenv under /root, so it is said, once, with the way to avoid it.
     as_root = os.name == "posix" and os.geteuid() == 0
     closed = _closed_parent(bin_dir) if as_root else None
     if closed is not None:
-        if find_binaries() is not None:
-            return start_local(data_dir, cleanup=cleanup)
-        raise EmbeddedServerError(f"as root, pgserver runs its server as the user 'pgserver', and its install"
-                                  f" {bin_dir} is in {closed}, which not every user may enter: pgserver would"
-                                  " open it to every user of the machine (chmod). Install PostgreSQL (initdb"
-                                  " and pg_ctl then serve), install sa-jobs where every user can read,"
-                                  " or run as a normal user")
+        log.warning("as root, pgserver runs its server as the user 'pgserver' and makes the directories above"
+                    " its install, %s among them, enterable by every user (chmod g+rx,o+rx); install sa-jobs in a"
+                    " virtualenv outside private directories to avoid it", closed)
     closed = _closed_parent(Path(data_dir).resolve()) if as_root and data_dir is not None else None
     if closed is not None:
         raise EmbeddedServerError(f"as root, pgserver runs its server as the user 'pgserver', which cannot enter"

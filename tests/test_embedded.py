@@ -713,13 +713,13 @@ def test_with_pgserver_as_root_a_data_dir_its_user_cannot_reach_is_refused(data_
 
 
 _PGSERVER_CLOSED_INSTALL = """
+import logging
 import sys
 from pathlib import Path
 import pgserver
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="log=%(message)s")
 pgserver.__file__ = str(Path(sys.argv[1]) / "pgserver" / "__init__.py")  # as in a venv under /root
 from sa_jobs import EmbeddedServerError, embedded
-if sys.argv[2] == "none":
-    embedded.find_binaries = lambda: None
 try:
     print("url=" + embedded.start(cleanup="delete"), flush=True)
 except EmbeddedServerError as exc:
@@ -728,24 +728,24 @@ except EmbeddedServerError as exc:
 
 
 @_as_root
-@pytest.mark.parametrize("machine", ["postgres", "none"])
-def test_with_pgserver_as_root_an_install_its_user_cannot_reach_is_not_opened(machine, data_dir):
+def test_with_pgserver_as_root_an_install_its_user_cannot_reach_is_said(data_dir):
     """pgserver installed where its server's user cannot reach (a virtualenv under /root):
-    pgserver chmodded every directory above it, /root included. The machine's PostgreSQL
-    serves instead; without one, the error says why and what to do."""
-    if machine == "postgres" and embedded.find_binaries() is None:
-        pytest.skip("no PostgreSQL binaries on this machine")
+    pgserver makes every directory above it enterable by every user. Refusing the install
+    (or passing to the machine's PostgreSQL, a first version of this fix) failed the README's
+    first command for root in a virtualenv under /root; pgserver still serves, and the log
+    says what it opens and how to avoid it. (This stands in for the install's location:
+    what pgserver actually opens is the real install's, here an open one.)"""
     closed = _closed_dir(data_dir.parent)
     env = _script_env("pgserver")
     env["TMPDIR"] = str(data_dir.parent)
-    proc = subprocess.run([sys.executable, "-c", _PGSERVER_CLOSED_INSTALL, str(closed), machine], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-c", _PGSERVER_CLOSED_INSTALL, str(closed)], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert closed.stat().st_mode & 0o777 == 0o700
-    if machine == "postgres":
-        assert proc.stdout.startswith("url=") and "&port=5432" in proc.stdout, proc.stdout  # start_local's URL
-    else:
-        assert proc.stdout.startswith("error=") and str(closed) in proc.stdout and "every user" in proc.stdout
+    lines = proc.stdout.splitlines()
+    [warning] = [line for line in lines if line.startswith("log=")]
+    assert str(closed) in warning and "every user" in warning and "virtualenv" in warning, warning
+    [url] = [line for line in lines if line.startswith("url=")]
+    assert "&port=5432" not in url, url  # pgserver's own server, not start_local's
 
 
 def test_with_pgserver_a_failed_initdb_says_why_in_one_line(data_dir):
