@@ -1133,13 +1133,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return code
     except BrokenPipeError:
         return _reader_gone()
-    except OSError as exc:
-        if not _output_failed(exc):
-            raise
-        # A full disk (`> out.json`), a quota, an I/O error: one line, not a traceback.
-        print(f"sa-jobs: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
-        _discard_stdout()
-        return 2
     except KeyboardInterrupt:
         # Ctrl-C before the worker's own handlers are in (while it imports the app's
         # modules or connects), or during an operator command: a traceback of wherever
@@ -1147,6 +1140,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("sa-jobs: interrupted", file=sys.stderr)
         return 128 + 2  # as a process SIGINT ends
     except Exception as exc:  # noqa: BLE001 - typed errors become one line and exit 2
+        if isinstance(exc, OSError) and _output_failed(exc):
+            # A full disk (`> out.json`), a quota, an I/O error: one line, not a traceback.
+            # (Tested here, not in an OSError clause: SchemaLockTimeoutError is a
+            # TimeoutError, an OSError, and such a clause re-raised it as a traceback.)
+            print(f"sa-jobs: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+            _discard_stdout()
+            return 2
         error: Optional[object] = _typed_error(exc)
         if error is None:
             error = _database_error(exc)
