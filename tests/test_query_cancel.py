@@ -10,8 +10,10 @@ end on the server at once, and the transaction's effects must not commit.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import anyio
 import psycopg
@@ -357,3 +359,94 @@ def test_a_handlers_own_deadline_around_its_statement_ends_the_statement(engine,
     assert took[0] < 0.5 + 2.0
     assert _row_is_free(database_url, schema)
     assert _note(database_url, schema) == "before"
+
+
+# A TCP proxy to PostgreSQL, in a process of its own, whose cancel requests reach the server
+# DELAY seconds late (a cancel request is a connection of its own: a TCP handshake and a
+# backend's fork more than the statement's own path, more on a remote server, up to the
+# connect timeout when the server cannot be reached). The other bytes pass at once.
+_SLOW_CANCEL_PROXY = """
+import socket, struct, sys, threading, time
+host, port, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+print(listener.getsockname()[1], flush=True)
+def pump(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+def serve(client):
+    with client, socket.create_connection((host, port)) as server:
+        first = client.recv(65536)
+        if len(first) >= 8 and struct.unpack("!II", first[:8]) == (16, 80877102):  # CancelRequest
+            time.sleep(delay)
+        server.sendall(first)
+        back = threading.Thread(target=pump, args=(server, client), daemon=True)
+        back.start()
+        pump(client, server)
+        back.join()
+while True:
+    client, _ = listener.accept()
+    threading.Thread(target=serve, args=(client,), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def slow_cancel_url(database_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """``database_url`` through a proxy whose cancel requests arrive ``request.param`` s late."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    proxy = subprocess.Popen([sys.executable, "-c", _SLOW_CANCEL_PROXY, url.host or "127.0.0.1", str(url.port or 5432),
+                              str(request.param)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proxy.stdout is not None
+        port = int(proxy.stdout.readline())
+        # Plain text, so that the proxy reads the request (libpq 17's cancel connection
+        # negotiates encryption first, as the connection it cancels did).
+        yield url.set(host="127.0.0.1", port=port, query={**url.query, "sslmode": "disable", "gssencmode": "disable"}
+                      ).render_as_string(hide_password=False)
+    finally:
+        proxy.kill()
+        proxy.wait()
+
+
+@pytest.mark.parametrize("slow_cancel_url", [1.5], indirect=True)
+def test_a_slow_cancel_request_does_not_stall_the_worker(slow_cancel_url, database_url, schema, engine):
+    """The cancel request of a cancelled sync handler's statement held the GIL until the
+    server answered it (psycopg's C implementation of PQcancel): the worker's event loop,
+    its heartbeats and every handler stood still for as long, up to the connect timeout
+    (minutes) against a server that cannot be reached."""
+    job_id = _setup(engine, database_url, schema, QSync(write=False))
+    gaps: list[float] = []
+
+    async def main() -> None:
+        async with Worker(slow_cancel_url, kinds=KINDS, schema=schema, **{**FAST, "lease": 30.0}):
+            with anyio.fail_after(10):
+                while not await anyio.to_thread.run_sync(lambda: job_id in STARTED and bool(_sleeping(database_url, schema))):
+                    await anyio.sleep(0.05)
+            async with anyio.create_task_group() as tg:
+                async def tick() -> None:
+                    last = anyio.current_time()
+                    while True:
+                        await anyio.sleep(0.01)
+                        now = anyio.current_time()
+                        gaps.append(now - last)
+                        last = now
+
+                tg.start_soon(tick)
+                await anyio.to_thread.run_sync(lambda: _cancel(engine, job_id)(None))  # type: ignore[arg-type]
+                assert await anyio.to_thread.run_sync(lambda: wait_for(lambda: not _sleeping(database_url, schema), 10))
+                tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert _state(database_url, schema, job_id) == "cancelled"
+    assert max(gaps) < 0.5, f"the event loop stood still for {max(gaps):.2f} s"
+

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
+import selectors
 import threading
+import time
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional, cast
 
@@ -136,6 +139,55 @@ def _from_cancellation(exc: BaseException) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def _nonblocking_cancel() -> bool:
+    import psycopg
+
+    return bool(psycopg.capabilities.has_cancel_safe())  # libpq 17 or later
+
+
+def _cancel_key(pgconn: Any) -> Any:
+    """What cancels ``pgconn``'s statement, even once it is closed: a cancel connection
+    (libpq 17+), else the cancel key of an older libpq."""
+    return pgconn.cancel_conn() if _nonblocking_cancel() else pgconn.get_cancel()
+
+
+def _send_cancel(key: Any, timeout: float) -> None:
+    """Send the cancel request of ``key`` (:func:`_cancel_key`) and wait for the server to
+    take it, for at most ``timeout`` seconds. A cancel connection is polled, its socket
+    waited on without the GIL: the blocking PQcancel() of psycopg's C implementation held
+    the GIL until the server answered, and the worker's event loop, its heartbeats and
+    every handler stood still meanwhile (a remote server's round trips; against one that
+    cannot be reached, the connect timeout). An older libpq has only that one."""
+    from psycopg import OperationalError, pq
+
+    if not hasattr(key, "poll"):
+        key.cancel()
+        return
+    deadline = time.monotonic() + timeout
+    key.start()
+    try:
+        with selectors.DefaultSelector() as selector:
+            while True:
+                status = key.poll()
+                if status == pq.PollingStatus.OK:
+                    return
+                if status == pq.PollingStatus.FAILED:
+                    raise OperationalError(key.get_error_message())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the cancel request was not answered within {timeout} s")
+                sock = key.socket
+                selector.register(sock, selectors.EVENT_READ if status == pq.PollingStatus.READING
+                                  else selectors.EVENT_WRITE)
+                try:
+                    selector.select(left)
+                finally:
+                    selector.unregister(sock)
+    finally:
+        key.finish()
+
+
 class _ServerStatement:
     """Cancels on the server the statement a job's transaction has running there.
 
@@ -152,7 +204,7 @@ class _ServerStatement:
 
     def __init__(self, connection: Any) -> None:  # the transaction's (sync) SQLAlchemy Connection
         self._pgconn: Any = getattr(connection.connection.driver_connection, "pgconn", None)
-        self._key: Any = None if self._pgconn is None else self._pgconn.get_cancel()
+        self._key: Any = None if self._pgconn is None else _cancel_key(self._pgconn)
 
     def _running(self, *, closed_too: bool) -> bool:
         """A statement is in flight, or (``closed_too``) may be: psycopg gave the connection up."""
@@ -164,9 +216,15 @@ class _ServerStatement:
             return closed_too
         return bool(self._pgconn.transaction_status == pq.TransactionStatus.ACTIVE)
 
-    def _cancel(self) -> None:
+    def _take_key(self) -> Any:
+        """The cancel key, for one request: none other is sent (a cancel connection serves once)."""
+        key, self._key = self._key, None
+        return key
+
+    @staticmethod
+    def _cancel(key: Any) -> None:
         try:
-            self._key.cancel()  # blocking: it connects to the server
+            _send_cancel(key, CANCEL_REQUEST_WAIT)
         except Exception as exc:  # noqa: BLE001 - unreachable: nothing more to do from here
             log.warning("could not cancel a cancelled handler's statement on the server: %s", type(exc).__name__)
 
@@ -179,12 +237,13 @@ class _ServerStatement:
         if self._running(closed_too=cancellation_pending() or _from_cancellation(exc)):
             with anyio.move_on_after(CANCEL_REQUEST_WAIT, shield=True):  # its own thread: the app's
                 await anyio.to_thread.run_sync(  # use of the default limiter cannot delay it
-                    self._cancel, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
+                    self._cancel, self._take_key(), abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
 
     def stop_in_background(self) -> None:
         """From the event loop, when a sync handler's job is cancelled: a thread sends it."""
         if self._running(closed_too=False):
-            threading.Thread(target=self._cancel, name="sa_jobs-cancel-statement", daemon=True).start()
+            threading.Thread(target=self._cancel, args=(self._take_key(),), name="sa_jobs-cancel-statement",
+                             daemon=True).start()
 
 
 class JobContext:
