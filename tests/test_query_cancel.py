@@ -450,3 +450,73 @@ def test_a_slow_cancel_request_does_not_stall_the_worker(slow_cancel_url, databa
     assert _state(database_url, schema, job_id) == "cancelled"
     assert max(gaps) < 0.5, f"the event loop stood still for {max(gaps):.2f} s"
 
+
+class QRaceFirst(Job, kind="qc_race_first", queue="qc_race", max_attempts=1):
+    pass
+
+
+class QRaceNext(Job, kind="qc_race_next", queue="qc_race", max_attempts=1):
+    pass
+
+
+@QRaceFirst.handler
+def q_race_first(ctx: JobContext) -> None:
+    with ctx.transaction() as session:
+        STARTED[ctx.id] = time.monotonic()
+        session.execute(text(f"SELECT pg_sleep(0.5) /* {TAG} {ctx.schema} race */"))  # ends before the cancel lands
+        session.execute(text("SELECT 1"))  # refused: the job is cancelled
+
+
+@QRaceNext.handler
+def q_race_next(ctx: JobContext, first: int) -> str:
+    assert wait_for(lambda: first in STARTED, 10)  # the first job's transaction has the pool's connection
+    try:
+        with ctx.transaction(result="next") as session:
+            session.execute(text("SELECT pg_sleep(1.5)"))
+    except BaseException as exc:
+        ENDED_WITH[ctx.id] = type(exc).__name__
+        raise
+    return "next"
+
+
+@pytest.mark.parametrize("slow_cancel_url", [0.8], indirect=True)
+def test_a_late_cancel_request_does_not_cancel_the_next_transaction_on_the_connection(slow_cancel_url, database_url,
+                                                                                      schema, engine):
+    """A cancelled sync handler's statement that ended on its own before the cancel request
+    reached the server: its transaction gave the connection back to the pool at once, the
+    next job's transaction took it, and the cancel request, landing then, cancelled that
+    job's statement (QueryCanceled: an innocent job failed, its attempt spent)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    STARTED.clear()
+    ENDED_WITH.clear()
+    app_engine = create_engine(make_url(slow_cancel_url).set(drivername="postgresql+psycopg"), pool_size=1, max_overflow=0)
+    with Session(engine) as session, session.begin():
+        first = QRaceFirst()
+        session.add(first)
+        session.flush()
+        following = QRaceNext(first=first.id)
+        session.add(following)
+        session.flush()
+        first_id, next_id = first.id, following.id
+
+    def racing() -> bool:
+        return first_id in STARTED and bool(q(database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s"
+                                              " AND state = 'active' AND pid <> pg_backend_pid()",
+                                              (f"%{TAG} {schema} race%",))[0][0])
+
+    async def main() -> None:
+        async with Worker(slow_cancel_url, kinds=[QRaceFirst, QRaceNext], schema=schema, concurrency=2,
+                          engine=app_engine, **{**FAST, "lease": 30.0}):
+            assert await anyio.to_thread.run_sync(lambda: wait_for(racing, 10))
+            await anyio.to_thread.run_sync(lambda: _cancel(engine, first_id)(None))  # type: ignore[arg-type]
+            assert await anyio.to_thread.run_sync(
+                lambda: wait_for(lambda: _state(database_url, schema, next_id) in ("completed", "dead"), 10))
+
+    try:
+        anyio.run(main)
+    finally:
+        app_engine.dispose()
+    assert _state(database_url, schema, first_id) == "cancelled"
+    assert _state(database_url, schema, next_id) == "completed", ENDED_WITH

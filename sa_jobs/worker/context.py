@@ -200,11 +200,13 @@ class _ServerStatement:
     Drivers other than psycopg 3 (no ``pgconn``) are left as they are.
     """
 
-    __slots__ = ("_pgconn", "_key")
+    __slots__ = ("_pgconn", "_key", "_sender", "_lock")
 
     def __init__(self, connection: Any) -> None:  # the transaction's (sync) SQLAlchemy Connection
         self._pgconn: Any = getattr(connection.connection.driver_connection, "pgconn", None)
         self._key: Any = None if self._pgconn is None else _cancel_key(self._pgconn)
+        self._sender: Optional[threading.Thread] = None  # stop_in_background()'s
+        self._lock = threading.Lock()  # stop_in_background() (the loop) against settle() (the handler's thread)
 
     def _running(self, *, closed_too: bool) -> bool:
         """A statement is in flight, or (``closed_too``) may be: psycopg gave the connection up."""
@@ -241,9 +243,23 @@ class _ServerStatement:
 
     def stop_in_background(self) -> None:
         """From the event loop, when a sync handler's job is cancelled: a thread sends it."""
-        if self._running(closed_too=False):
-            threading.Thread(target=self._cancel, args=(self._take_key(),), name="sa_jobs-cancel-statement",
-                             daemon=True).start()
+        with self._lock:
+            if self._running(closed_too=False):
+                self._sender = threading.Thread(target=self._cancel, args=(self._take_key(),),
+                                                name="sa_jobs-cancel-statement", daemon=True)
+                self._sender.start()
+
+    def settle(self) -> None:
+        """In the handler's thread, once its transaction ended and before its connection goes
+        back to the pool: no cancel request starts from now, and one on its way is waited
+        for (at most CANCEL_REQUEST_WAIT). A statement that ended on its own as the request
+        was sent left the request to land on the connection's next user, the transaction of
+        another job, whose statement it cancelled."""
+        with self._lock:
+            self._take_key()  # the loop's stop_in_background() sends nothing from now
+            sender = self._sender
+        if sender is not None:
+            sender.join(CANCEL_REQUEST_WAIT)
 
 
 class JobContext:
@@ -400,23 +416,26 @@ class JobContext:
                     _refuse_autocommit_connection(connection)
                     statement = _ServerStatement(connection)
                     job.stop_statements.add(stop_statement)
-                    # The Session's own events, not the connection's: SQLAlchemy 2.0.30 refuses
-                    # a listener on a Connection of an option engine (the worker's, mapping its
-                    # schema). Statements of session.execute() and of a flush are checked.
-                    event.listen(session, "do_orm_execute", lambda _: refuse_once_cancelled())
-                    event.listen(session, "before_flush", lambda *_: refuse_once_cancelled())
-                    yield session
-                    session.flush()
-                    job.completing = True
-                    completion = self._with_report(stmt)
-                    self._check_lease(cast("CursorResult[Any]", session.execute(completion, execution_options=options)).rowcount)
+                    try:
+                        # The Session's own events, not the connection's: SQLAlchemy 2.0.30 refuses
+                        # a listener on a Connection of an option engine (the worker's, mapping its
+                        # schema). Statements of session.execute() and of a flush are checked.
+                        event.listen(session, "do_orm_execute", lambda _: refuse_once_cancelled())
+                        event.listen(session, "before_flush", lambda *_: refuse_once_cancelled())
+                        yield session
+                        session.flush()
+                        job.completing = True
+                        completion = self._with_report(stmt)
+                        self._check_lease(cast("CursorResult[Any]", session.execute(completion, execution_options=options)).rowcount)
+                    finally:
+                        # Before the COMMIT or ROLLBACK, which gives the connection back to the pool.
+                        job.stop_statements.discard(stop_statement)
+                        statement.settle()
             except BaseException:
                 # Also when the COMMIT fails: the job is not completing, and its heartbeat
                 # must go on (a handler may retry its transaction).
                 job.completing = False
                 raise
-            finally:
-                job.stop_statements.discard(stop_statement)
             job.completed_in_tx = True
 
     @asynccontextmanager
