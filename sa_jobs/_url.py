@@ -175,7 +175,7 @@ def _options_escape(text: str) -> str:
 _RETVAL_EVENTS = frozenset({"before_execute", "before_cursor_execute"})
 
 
-def twin_engine(target: object, *, async_: bool = False, **engine_options: Any) -> Any:
+def twin_engine(target: object, *, async_: bool = False, transactions: bool = False, **engine_options: Any) -> Any:
     """A new Engine (an AsyncEngine with ``async_``) on ``target``'s database that connects
     as ``target`` does, for code that cannot share its pool (another event loop, the other
     kind): with its connect_args, its isolation level, its creator, and its own event
@@ -186,7 +186,11 @@ def twin_engine(target: object, *, async_: bool = False, **engine_options: Any) 
     A creator serves its own kind only: a sync ``creator`` gives no asyncio connection, and
     an ``async_creator``'s none usable outside an event loop. A twin of the other kind
     raises :class:`~sa_jobs.errors.ConfigurationError` when it connects, rather than
-    connect some other way; a ``do_connect`` listener serves both kinds."""
+    connect some other way; a ``do_connect`` listener serves both kinds.
+
+    ``transactions``: the twin runs transactions (a worker's ctx.transaction()), so an
+    ``AUTOCOMMIT`` level of ``target``'s is not copied (the app's own reads' setting):
+    copied, every attempt failed on a connection in autocommit mode."""
     from sqlalchemy import create_engine
     from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -198,7 +202,7 @@ def twin_engine(target: object, *, async_: bool = False, **engine_options: Any) 
         options["connect_args"] = given
     if source is not None:
         level = getattr(source.dialect, "_on_connect_isolation_level", None)
-        if level is not None:
+        if level is not None and not (transactions and level == "AUTOCOMMIT"):
             options["isolation_level"] = level
         if _default_creator_params(source) is None:  # a creator of the app's own
             same_kind = source.dialect.is_async == async_

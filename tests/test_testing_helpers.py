@@ -1003,6 +1003,30 @@ def test_worker_of_an_engine_keeps_its_connect_args_and_events(sa_jobs_database_
         engine.dispose()
 
 
+def test_worker_of_an_autocommit_engine_still_runs_transactions(sa_jobs_database_url, sa_jobs_schema):
+    """Worker(engine) of an app engine made with ``isolation_level="AUTOCOMMIT"`` (its own
+    reads), no ``engine=``: the engines behind ctx.transaction() and ctx.async_transaction()
+    took that level with the engine's other settings, and every attempt failed with
+    ConfigurationError (a connection in autocommit mode), where they ran before."""
+    from sqlalchemy import create_engine
+
+    from .helpers import run_worker_until, states
+
+    engine = create_engine(make_url_of(sa_jobs_database_url), isolation_level="AUTOCOMMIT")
+    job_engine = _plain_engine(sa_jobs_database_url, sa_jobs_schema)
+    try:
+        with Session(job_engine) as session, session.begin():
+            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
+        SEEN_MARKERS.clear()
+        run_worker_until(engine, sa_jobs_schema, [SeeMarkerSync, SeeMarkerAsync],
+                         lambda: states(sa_jobs_database_url, sa_jobs_schema).get("completed") == 2
+                         or "dead" in states(sa_jobs_database_url, sa_jobs_schema), timeout=15)
+        assert states(sa_jobs_database_url, sa_jobs_schema) == {"completed": 2}
+    finally:
+        job_engine.dispose()
+        engine.dispose()
+
+
 def test_twin_engine_connects_as_its_engine(sa_jobs_database_url):
     """twin_engine() keeps what an engine's connections are set up with beyond its URL: its
     isolation level, listeners set on it or on an option engine of it (``named=True``,

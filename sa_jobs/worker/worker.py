@@ -396,7 +396,7 @@ class Worker:
         if self._engine is None:
             # Worker(engine): connecting as that engine does (its connect_args, creator,
             # listeners); made from its URL alone, handlers ran as someone else.
-            root = twin_engine(self._url, **self._pool_options())
+            root = twin_engine(self._url, transactions=True, **self._pool_options())
             self._owns_engines.append(root)
             self._engine = self._in_schema(root)
         return self._engine
@@ -404,7 +404,7 @@ class Worker:
     def async_engine(self) -> Any:
         """The AsyncEngine behind ``ctx.async_transaction()`` (created on first use)."""
         if self._async_engine is None:
-            root = twin_engine(self._url, async_=True, **self._pool_options())
+            root = twin_engine(self._url, async_=True, transactions=True, **self._pool_options())
             self._owns_engines.append(root)
             self._async_engine = self._in_schema(root)
         return self._async_engine
