@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import anyio
@@ -38,7 +38,8 @@ class ClaimedJob:
     task_exit: Optional[BaseException] = None  # a task the handler started raised SystemExit (as this)
     # Called on cancel: each cancels on the server the statement of a sync ctx.transaction()
     # open in the handler's thread (context._ServerStatement), which nothing else interrupts.
-    stop_statements: set[Callable[[], None]] = field(default_factory=set)
+    # (Made by the first such transaction: most jobs open none.)
+    stop_statements: Optional[set[Callable[[], None]]] = None
 
     @property
     def cancelled(self) -> bool:
@@ -50,7 +51,7 @@ class ClaimedJob:
             self.cancel_reason = reason
         if self.scope is not None:
             self.scope.cancel()
-        for stop in tuple(self.stop_statements):
+        for stop in tuple(self.stop_statements or ()):
             stop()
 
 
