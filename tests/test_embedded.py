@@ -243,14 +243,23 @@ def test_two_processes_starting_one_data_dir_share_one_server_until_the_last_exi
 
 @needs_binaries
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="needs root: the server's user cannot reach a root-only directory")
-def test_the_demo_says_in_one_line_why_the_embedded_server_could_not_start(tmp_path):
+def test_the_demo_says_in_one_line_why_the_embedded_server_could_not_start():
     """A TMPDIR the server's user cannot enter (as root, a private one): the demo ended in a
-    traceback through subprocess, naming neither the cause nor the way out."""
-    tmp_path.chmod(0o700)
+    traceback through subprocess, naming neither the cause nor the way out. The TMPDIR is
+    short: under a long one (pytest's, in a worker process of xdist) the socket's path does
+    not fit and the server is made in /tmp instead, which it can enter (CI, once)."""
+    import shutil
+    import tempfile
+
+    private = Path(tempfile.mkdtemp(prefix="sajp_", dir="/tmp"))  # mode 0700
     env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
-    env.update(PYTHONPATH=str(REPO_ROOT), TMPDIR=str(tmp_path))
+    env.update(PYTHONPATH=str(REPO_ROOT), TMPDIR=str(private))
     code = "import sys; sys.modules['pgserver'] = None; from sa_jobs.cli import main; sys.exit(main(['demo']))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     [line] = proc.stderr.splitlines()
