@@ -382,8 +382,14 @@ def pump(src, dst):
         dst.shutdown(socket.SHUT_WR)
     except OSError:
         pass
+def upstream():
+    if host.startswith("/"):  # a Unix socket directory (the embedded server's)
+        server = socket.socket(socket.AF_UNIX)
+        server.connect("%s/.s.PGSQL.%d" % (host, port))
+        return server
+    return socket.create_connection((host, port))
 def serve(client):
-    with client, socket.create_connection((host, port)) as server:
+    with client, upstream() as server:
         first = client.recv(65536)
         if len(first) >= 8 and struct.unpack("!II", first[:8]) == (16, 80877102):  # CancelRequest
             time.sleep(delay)
@@ -404,14 +410,19 @@ def slow_cancel_url(database_url: str, request: pytest.FixtureRequest) -> Iterat
     from sqlalchemy.engine import make_url
 
     url = make_url(database_url)
-    proxy = subprocess.Popen([sys.executable, "-c", _SLOW_CANCEL_PROXY, url.host or "127.0.0.1", str(url.port or 5432),
+    # The embedded server listens on a Unix socket only, named in the query (?host=/dir).
+    query = dict(url.query)
+    socket_dir, socket_port = query.pop("host", None), query.pop("port", None)
+    host = socket_dir if isinstance(socket_dir, str) and socket_dir.startswith("/") else (url.host or "127.0.0.1")
+    upstream_port = int(socket_port) if isinstance(socket_port, str) else (url.port or 5432)
+    proxy = subprocess.Popen([sys.executable, "-c", _SLOW_CANCEL_PROXY, host, str(upstream_port),
                               str(request.param)], stdout=subprocess.PIPE, text=True)
     try:
         assert proxy.stdout is not None
         port = int(proxy.stdout.readline())
         # Plain text, so that the proxy reads the request (libpq 17's cancel connection
         # negotiates encryption first, as the connection it cancels did).
-        yield url.set(host="127.0.0.1", port=port, query={**url.query, "sslmode": "disable", "gssencmode": "disable"}
+        yield url.set(host="127.0.0.1", port=port, query={**query, "sslmode": "disable", "gssencmode": "disable"}
                       ).render_as_string(hide_password=False)
     finally:
         proxy.kill()
