@@ -83,19 +83,29 @@ def _with_timeouts(url: str, args: argparse.Namespace) -> str:
     return parsed.set(query=query).render_as_string(hide_password=False)
 
 
+# Upper bounds of the seconds options: past them a value is a slip (1e300, a number of
+# milliseconds), not a wish; 0, where taken, means no limit, and --shutdown-grace takes inf.
+_HOUR = 3600
+_DAY = 86400
+MAX_CONNECT_TIMEOUT = _HOUR
+MAX_LOCK_TIMEOUT = _DAY
+
+
 def _connect_timeout(value: str) -> int:
-    """Whole seconds, 0 or more (0: no limit), as libpq's ``connect_timeout``."""
+    """Whole seconds, 0 to MAX_CONNECT_TIMEOUT (0: no limit), as libpq's ``connect_timeout``."""
     value = value.strip()
-    if not value.isdigit() or not value.isascii():
-        raise argparse.ArgumentTypeError(f"invalid connect timeout {value!r}: whole seconds, 0 or more (0: no limit)")
+    if not value.isdigit() or not value.isascii() or int(value) > MAX_CONNECT_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"invalid connect timeout {value!r}: whole seconds, 0 (no limit)"
+                                         f" or more, at most {MAX_CONNECT_TIMEOUT}")
     return int(value)
 
 
 def _lock_timeout(value: str) -> float:
-    """Seconds, 0 or more (0: no limit)."""
+    """Seconds, 0 to MAX_LOCK_TIMEOUT (0: no limit)."""
     number = _validate.decimal_number(value)
-    if number is None or not 0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid lock timeout {value!r}: seconds, 0 or more (0: no limit)")
+    if number is None or not 0 <= number <= MAX_LOCK_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"invalid lock timeout {value!r}: seconds, 0 (no limit)"
+                                         f" or more, at most {MAX_LOCK_TIMEOUT}")
     return number
 
 
@@ -212,6 +222,8 @@ def _maintenance_of(modules: Sequence[object]) -> list[object]:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     if args.sql:
+        if args.json:
+            raise ConfigurationError("--json does not go with --sql (it prints the DDL itself)")
         sys.stdout.write(schema_mod.install_sql(args.schema, from_version=args.from_version))
         return 0
     if args.from_version:
@@ -219,7 +231,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     lock_timeout = schema_mod.DEFAULT_LOCK_TIMEOUT if args.ddl_lock_timeout is None else args.ddl_lock_timeout
     version = schema_mod.install(_database_url(args), args.schema, lock_timeout=lock_timeout,
                                  lock_retries=args.ddl_lock_retries)
-    print(f"sa-jobs schema {args.schema!r} is at version {version}")
+    if args.json:
+        _print_json({"schema": args.schema, "version": version})
+    else:
+        print(f"sa-jobs schema {args.schema!r} is at version {version}")
     return 0
 
 
@@ -256,6 +271,9 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     with Session(engine) as session, session.begin():
         done = retry_many(session, args.ids)
     missing = sorted(set(args.ids) - set(done))
+    if args.json:  # the shape of `jobs retry --json`
+        _print_json({"retried": sorted(done), "not_retried": missing})
+        return 1 if missing else 0
     for job_id in done:
         print(f"job {job_id}: available")
     for job_id in missing:
@@ -267,6 +285,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .drift import check_drift
 
     differences = check_drift(_database_url(args), args.schema)
+    if args.json:
+        _print_json({"schema": args.schema, "drift": differences})
+        return 1 if differences else 0
     for line in differences:
         print(line)
     if not differences:
@@ -965,12 +986,24 @@ def _add_operator_commands(sub, common, timeouts) -> None:  # type: ignore[no-un
     prune.set_defaults(func=_cmd_prune)
 
 
-def _positive_float(value: str) -> float:
-    """Seconds, more than 0 and finite ('inf' and full-width digits were taken)."""
-    number = _validate.decimal_number(value)
-    if number is None or not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value!r}")
-    return number
+def _seconds_in(most: float, *, least: float = 0.0, zero: bool = False, infinite: bool = False) -> Callable[[str], float]:
+    """An argparse type, as _int_in: seconds in ASCII, finite ('inf', full-width digits and
+    '1_0' were taken) unless ``infinite``, more than 0 (or from ``least``; 0 too if ``zero``),
+    at most ``most``: `worker --poll-interval 1e300` was taken (the worker never polled),
+    a --lease past the Worker's bound refused in the Python API's words, not the option's."""
+    lowest = f"{least:g} or more seconds" if least else "0 or more seconds" if zero else "a positive number of seconds"
+    rule = f"{lowest}, at most {most:g}" + (" (or inf)" if infinite else "")
+
+    def convert(value: str) -> float:
+        if infinite and value.strip().lower() in ("inf", "infinity"):
+            return float("inf")
+        number = _validate.decimal_number(value)
+        if number is None or not (least <= number <= most and (number > 0 or zero)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {value!r}")
+        return number
+
+    convert.__name__ = "seconds"
+    return convert
 
 
 def _log_level(value: str) -> str:
@@ -980,14 +1013,6 @@ def _log_level(value: str) -> str:
         raise argparse.ArgumentTypeError(
             f"unknown log level {value!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return name
-
-
-def _grace(value: str) -> float:
-    """Seconds, 0 or more (inf: wait for every job): -1 released at once, nan waited for ever."""
-    number = float("inf") if value.strip().lower() in ("inf", "infinity") else _validate.decimal_number(value)
-    if number is None or not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds (or inf), not {value!r}")
-    return number
 
 
 # Options whose value may start with '-': argparse took `--older-than -5s` for an option
@@ -1036,11 +1061,11 @@ def build_parser() -> argparse.ArgumentParser:
     def timeouts(p: argparse.ArgumentParser, *, lock: bool, default: object = None) -> None:
         p.add_argument("--connect-timeout", type=_connect_timeout, metavar="SECONDS", default=default,
                        help=f"give up connecting after this long (default: ${CONNECT_TIMEOUT_ENV}, the URL's"
-                            f" connect_timeout, else {DEFAULT_CONNECT_TIMEOUT}; 0: no limit)")
+                            f" connect_timeout, else {DEFAULT_CONNECT_TIMEOUT}; 0: no limit; at most {MAX_CONNECT_TIMEOUT})")
         if lock:
             p.add_argument("--lock-timeout", type=_lock_timeout, metavar="SECONDS", default=default,
                            help=f"give up waiting for a row or table lock after this long (default:"
-                                f" ${LOCK_TIMEOUT_ENV}, else {DEFAULT_LOCK_TIMEOUT:g}; 0: no limit)")
+                                f" ${LOCK_TIMEOUT_ENV}, else {DEFAULT_LOCK_TIMEOUT:g}; 0: no limit; at most {MAX_LOCK_TIMEOUT})")
 
     w = sub.add_parser("worker", help="run a worker for the job kinds declared in MODULES")
     w.add_argument("modules", nargs="+", metavar="MODULE", help="modules that declare job kinds and handlers")
@@ -1049,16 +1074,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queue to work, with its concurrency (repeatable; default: every queue of the modules'"
                         " kinds, at --concurrency)")
     w.add_argument("--concurrency", type=_int_in(1), default=10, metavar="N", help="jobs at once per queue (default 10)")
-    w.add_argument("--lease", type=_positive_float, default=30.0, metavar="SECONDS",
-                   help="how long a claim holds a job without a heartbeat (default 30)")
-    w.add_argument("--poll-interval", type=_positive_float, default=1.0, metavar="SECONDS",
-                   help="look for jobs this often when no insert notification comes (default 1)")
-    w.add_argument("--maintenance-interval", type=_positive_float, default=1.0, metavar="SECONDS",
-                   help="promote due scheduled and retryable jobs and rescue expired leases this often (default 1)")
-    w.add_argument("--shutdown-grace", type=_grace, default=30.0, metavar="SECONDS",
-                   help="time running jobs get to finish on SIGTERM, SIGINT or SIGHUP (default 30; inf: all they need)")
-    w.add_argument("--statement-timeout", type=_positive_float, metavar="SECONDS",
-                   help="bound on every worker statement (default: lease/2, 2-30 s)")
+    # -1 grace released every job at once, nan waited for ever; inf waits for every job.
+    w.add_argument("--lease", type=_seconds_in(_DAY), default=30.0, metavar="SECONDS",
+                   help=f"how long a claim holds a job without a heartbeat (default 30, at most {_DAY})")
+    w.add_argument("--poll-interval", type=_seconds_in(_HOUR), default=1.0, metavar="SECONDS",
+                   help=f"look for jobs this often when no insert notification comes (default 1, at most {_HOUR})")
+    w.add_argument("--maintenance-interval", type=_seconds_in(_HOUR), default=1.0, metavar="SECONDS",
+                   help="promote due scheduled and retryable jobs and rescue expired leases this often"
+                        f" (default 1, at most {_HOUR})")
+    w.add_argument("--shutdown-grace", type=_seconds_in(_DAY, zero=True, infinite=True), default=30.0,
+                   metavar="SECONDS", help="time running jobs get to finish on SIGTERM, SIGINT or SIGHUP"
+                                           f" (default 30, at most {_DAY}; inf: all they need)")
+    w.add_argument("--statement-timeout", type=_seconds_in(_DAY, least=0.001), metavar="SECONDS",
+                   help=f"bound on every worker statement (default: lease/2, 2-30 s; 0.001 or more, at most {_DAY})")
     w.add_argument("--metrics-port", type=_int_in(0, _PORT_MAX), metavar="PORT", help="serve Prometheus metrics on this port (default: none)")
     w.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                    help="metrics bind address (default 127.0.0.1; 0.0.0.0 to expose)")
@@ -1072,11 +1100,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lock-timeout", dest="ddl_lock_timeout", type=_lock_timeout, metavar="SECONDS",
                    help="wait at most this long for a table lock in each attempt of the DDL, so a long"
                         " transaction on the jobs table does not stall the workers' claims behind it"
-                        f" (default {schema_mod.DEFAULT_LOCK_TIMEOUT:g}; 0: no limit)")
+                        f" (default {schema_mod.DEFAULT_LOCK_TIMEOUT:g}; 0: no limit; at most {MAX_LOCK_TIMEOUT})")
     m.add_argument("--lock-retries", dest="ddl_lock_retries", type=_int_in(0), metavar="N",
                    default=schema_mod.DEFAULT_LOCK_RETRIES,
                    help=f"attempts after the first, with growing pauses (default {schema_mod.DEFAULT_LOCK_RETRIES})")
     m.add_argument("--sql", action="store_true", help="print the DDL instead of applying it")
+    m.add_argument("--json", action="store_true", help="print JSON (the schema and its version) instead of a line")
     m.add_argument("--from-version", type=_int_in(0), default=0, metavar="N",
                    help="with --sql: upgrade a schema at version N (sa-jobs check shows it); 0, the default,"
                         " installs")
@@ -1086,11 +1115,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     timeouts(r, lock=True)
     r.add_argument("ids", nargs="+", type=_job_id, metavar="JOB_ID", help="jobs to make available")
+    r.add_argument("--json", action="store_true", help="print JSON (as jobs retry --json) instead of lines")
     r.set_defaults(func=_cmd_retry)
 
     c = sub.add_parser("check", help="report drift between the installed schema and the expected one")
     common(c)
     timeouts(c, lock=False)
+    c.add_argument("--json", action="store_true", help="print JSON (the schema and its drift, a list) instead of lines")
     c.set_defaults(func=_cmd_check)
 
     _add_operator_commands(sub, common, timeouts)

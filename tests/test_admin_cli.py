@@ -1418,3 +1418,52 @@ def test_an_integer_option_out_of_range_names_the_option_and_range(capsys, monke
         code = exc.code
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and message in err and "database error" not in err, err
+
+
+@pytest.mark.parametrize("argv, option, most", [
+    (("worker", "m"), "--poll-interval", "3600"), (("worker", "m"), "--maintenance-interval", "3600"),
+    (("worker", "m"), "--lease", "86400"), (("worker", "m"), "--statement-timeout", "86400"),
+    (("worker", "m"), "--shutdown-grace", "86400"), (("queues",), "--connect-timeout", "3600"),
+    (("jobs", "list"), "--lock-timeout", "86400"), (("migrate",), "--lock-timeout", "86400"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_seconds_options_have_an_upper_bound_named_with_the_option(capsys, argv, option, most):
+    """`worker --poll-interval 1e300` was taken (the worker never polled, nor with
+    --maintenance-interval rescued a lease), a --lease or --statement-timeout past the
+    Worker's bound was refused in the Python API's words ("lease must be ..."), not the
+    option's, and a --connect-timeout of 99999999999 went to libpq. The bound is in --help."""
+    for value in ("1e300", str(int(most) + 1), "99999999999"):
+        with pytest.raises(SystemExit) as exc:
+            cli.build_parser().parse_args([*argv, option, value])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"argument {option}: " in err and f"at most {most}" in err, err
+    args = cli.build_parser().parse_args([*argv, option, most])
+    dest = "ddl_lock_timeout" if argv == ("migrate",) else option[2:].replace("-", "_")
+    assert getattr(args, dest) == float(most)
+    parser = cli.build_parser()
+    for name in argv[:2] if argv[0] == "jobs" else argv[:1]:
+        parser = next(a for a in parser._actions if a.choices and name in a.choices).choices[name]
+    help_text = next(a.help for a in parser._actions if option in a.option_strings)
+    assert f"at most {most}" in help_text, help_text
+
+
+@pytest.mark.parametrize("argv", [("retry", "{dead}", "999999"), ("check",), ("migrate",)], ids=" ".join)
+def test_retry_check_and_migrate_print_json_with_json(capsys, database_url, schema, seeded, argv):
+    """The docs say every command prints JSON with --json; `retry`, `check` and `migrate`
+    had no such option (argparse: unrecognized arguments)."""
+    from sa_jobs.schema import LATEST_VERSION
+
+    code, out, err = run(capsys, database_url, schema, *(a.format(dead=seeded[1]) for a in argv), "--json")
+    assert "unrecognized" not in err, err
+    result = json.loads(out)
+    if argv[0] == "retry":  # as `jobs retry --json`
+        assert code == 1 and result == {"retried": [seeded[1]], "not_retried": [999999]}, (out, err)
+    elif argv[0] == "check":
+        assert code == 0 and result == {"schema": schema, "drift": []}, out
+    else:
+        assert code == 0 and result == {"schema": schema, "version": LATEST_VERSION}, out
+
+
+def test_migrate_json_does_not_go_with_sql(capsys, database_url, schema):
+    """--sql prints the DDL itself: JSON around it, or the DDL under --json, would mislead."""
+    code, out, err = run(capsys, database_url, schema, "migrate", "--sql", "--json")
+    assert code == 2 and out == "" and "--json does not go with --sql" in err, err
