@@ -235,14 +235,24 @@ def _check_cleanup(cleanup: str) -> None:
         raise ConfigurationError(f"cleanup must be one of {', '.join(map(repr, _CLEANUP_MODES))}, not {cleanup!r}")
 
 
-def find_binaries() -> Path | None:
-    """The directory holding this machine's ``initdb`` and ``pg_ctl``, or None."""
+def _version(text: str) -> tuple[int, ...] | None:
+    """'15' or '9.6' as numbers (sorted as text, 9.6 came after 15), else None."""
+    parts = text.split(".")
+    return tuple(map(int, parts)) if all(p.isdigit() and p.isascii() for p in parts) else None
+
+
+def find_binaries(*, root: Path = Path("/")) -> Path | None:
+    """The directory holding this machine's ``initdb`` and ``pg_ctl``, or None: PATH's, else
+    the newest of Debian's ``/usr/lib/postgresql/<version>/bin`` and Red Hat's (PGDG)
+    ``/usr/pgsql-<version>/bin``, both off PATH. ``root`` is for tests."""
     candidates: list[Path] = []
     on_path = shutil.which("initdb")
     if on_path:
         candidates.append(Path(on_path).resolve().parent)  # initdb finds `postgres` beside itself
-    debian = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if p.parent.name.isdigit()]
-    candidates += sorted(debian, key=lambda p: int(p.parent.name), reverse=True)
+    versioned = [(v, p) for p in (root / "usr/lib/postgresql").glob("*/bin") if (v := _version(p.parent.name))]
+    versioned += [(v, p) for p in (root / "usr").glob("pgsql-*/bin")
+                  if (v := _version(p.parent.name.removeprefix("pgsql-")))]
+    candidates += [p for _, p in sorted(versioned, key=lambda vp: vp[0], reverse=True)]
     for d in candidates:
         if (d / "initdb").is_file() and (d / "pg_ctl").is_file():
             return d
@@ -262,7 +272,7 @@ def start_local(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str 
     if bin_dir is None:
         raise ConfigurationError(
             "no database URL was given, and there is no PostgreSQL to start an embedded server from:"
-            " install PostgreSQL (initdb and pg_ctl on PATH, or Debian's postgresql package),"
+            " install PostgreSQL (initdb and pg_ctl on PATH, Debian's postgresql package or Red Hat's postgresqlNN-server),"
             " or pip install 'sa-jobs[embedded]' (pgserver, Python < 3.13),"
             " or set SA_JOBS_DATABASE_URL (SA_JOBS_TEST_DATABASE_URL for the test suite) to a server's URL"
         )

@@ -127,6 +127,27 @@ def test_without_pgserver_a_data_dir_too_long_for_a_socket_gets_a_socket_dir_of_
     assert not data.exists() and not sock.exists()
 
 
+def test_find_binaries_looks_in_red_hats_pgsql_directories_newest_first(tmp_path, monkeypatch):
+    """Red Hat's PGDG packages install to /usr/pgsql-<version>/bin, off PATH: only Debian's
+    /usr/lib/postgresql/<version>/bin was looked in, so the embedded server could not start
+    there. Newest first by number (16 before 9.6), across both layouts; a directory without
+    both programs is passed over."""
+    monkeypatch.setattr(embedded.shutil, "which", lambda name, *a, **k: None)
+    for rel, programs in (("usr/pgsql-9.6/bin", ("initdb", "pg_ctl")), ("usr/pgsql-15/bin", ("initdb", "pg_ctl")),
+                          ("usr/pgsql-17/bin", ("initdb",)), ("usr/pgsql-x/bin", ("initdb", "pg_ctl")),
+                          ("usr/lib/postgresql/14/bin", ("initdb", "pg_ctl"))):
+        (tmp_path / rel).mkdir(parents=True)
+        for program in programs:
+            (tmp_path / rel / program).touch()
+    assert embedded.find_binaries(root=tmp_path) == tmp_path / "usr/pgsql-15/bin"
+    shutil.rmtree(tmp_path / "usr/pgsql-15")
+    assert embedded.find_binaries(root=tmp_path) == tmp_path / "usr/lib/postgresql/14/bin"
+    shutil.rmtree(tmp_path / "usr/lib/postgresql")
+    assert embedded.find_binaries(root=tmp_path) == tmp_path / "usr/pgsql-9.6/bin"
+    shutil.rmtree(tmp_path / "usr/pgsql-9.6")
+    assert embedded.find_binaries(root=tmp_path) is None
+
+
 def test_without_pgserver_or_postgres_the_error_names_both_ways_out(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "find_binaries", lambda: None)
     data = tmp_path / "pg"
