@@ -463,6 +463,12 @@ class _Snapshot:
     ok: bool = False
 
 
+# The depth query's timeouts and read-only mode, for its own transaction only (is_local).
+_DEPTH_SETTINGS_SQL = (
+    "SELECT set_config('statement_timeout', %(ms)s, true), set_config('lock_timeout', %(ms)s, true),"
+    " set_config('transaction_read_only', 'on', true)"
+)
+
 # Seconds a depth query may run past its statement_timeout before the client gives up on the
 # server (which ends the statement itself at the timeout when it is there to).
 DEPTH_QUERY_GRACE = 1.0
@@ -504,7 +510,6 @@ class QueueDepthCollector(Collector):
         self._query = depth_query(self.schema)
         self._lock = threading.Lock()
         self._conn: Any = None
-        self._configured = False  # whether _conn has its timeouts set
         self._aborted = False  # whether the last _fetch was given up on past its deadline
         self._snapshot = _Snapshot()
         # After a failed query, none until then (monotonic): back off for one TTL, without
@@ -525,12 +530,15 @@ class QueueDepthCollector(Collector):
                 # the client deadline (_fetch) covers what they cannot (a proxy that still ACKs).
                 keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
             )
-            self._configured = False
         return self._conn
 
     def _fetch(self, conn: Any) -> list[Any]:
-        """The depth query's rows (and a new connection's settings first), within
-        ``statement_timeout`` + :data:`DEPTH_QUERY_GRACE`.
+        """The depth query's rows, in a read-only transaction of its own under
+        ``statement_timeout`` and ``lock_timeout``, within ``statement_timeout`` +
+        :data:`DEPTH_QUERY_GRACE`.
+
+        The settings are transaction-local: behind a transaction-mode pooler (PgBouncer) a
+        session ``SET`` stayed on the server connection the pooler then gave other clients.
 
         The server's timeout cannot end a wait for a server that is gone (a NAT or firewall
         dropped the connection without a reset): the scrape hung until TCP gave up, minutes
@@ -551,13 +559,9 @@ class QueueDepthCollector(Collector):
         timer.daemon = True
         timer.start()
         try:
-            if not self._configured:
-                ms = int(self.statement_timeout * 1000)
-                conn.execute(f"SET statement_timeout = {ms}")
-                conn.execute(f"SET lock_timeout = {ms}")
-                conn.execute("SET default_transaction_read_only = on")
-                self._configured = True
-            return list(conn.execute(self._query).fetchall())
+            with conn.transaction():
+                conn.execute(_DEPTH_SETTINGS_SQL, {"ms": f"{int(self.statement_timeout * 1000)}ms"})
+                return list(conn.execute(self._query).fetchall())
         finally:
             with guard:
                 running[0] = False

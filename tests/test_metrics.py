@@ -661,6 +661,44 @@ def test_depth_scrape_answers_when_the_database_does_not(database_url: str, sche
         collector.close()
 
 
+def test_depth_settings_are_scoped_to_the_query_s_transaction(database_url: str, schema: str) -> None:
+    """Behind a transaction-mode pooler (PgBouncer) a session-level ``SET`` stays on the
+    server connection after the pooler hands it to another client: the collector's 2 s
+    timeouts and read-only mode leaked into the application's sessions. The settings
+    must hold inside the depth query's transaction, and the session be left at defaults."""
+    _seed_depth(database_url, schema)
+    now = [0.0]
+    collector = QueueDepthCollector(database_url, schema, ttl=5, statement_timeout=0.3, clock=lambda: now[0])
+    try:
+        assert _depth(collector)[("sa_jobs_queue_jobs", "q1", "available")] == 3
+        conn = collector._conn
+        defaults = q(database_url, "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'),"
+                                   " current_setting('default_transaction_read_only')")[0]
+        after = conn.execute("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'),"
+                             " current_setting('default_transaction_read_only'),"
+                             " current_setting('transaction_read_only')").fetchone()
+        assert after == (*defaults, "off")
+        # Inside the query's own transaction the settings apply: read-only, 300 ms.
+        collector._query = ("SELECT current_setting('statement_timeout'), current_setting('lock_timeout'),"
+                            " current_setting('transaction_read_only'), 0")
+        assert collector._rows() == [("300ms", "300ms", "on", 0)]
+        collector._query = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue) VALUES ('k1', 'q1')")
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            collector._rows()
+        collector._query = depth_query(schema)
+        # The server's timeout (not the client's deadline, 1 s later) ends a wait on a lock.
+        with psycopg.connect(to_conninfo(database_url)) as locker:
+            locker.execute(jobs_sql(schema, "LOCK TABLE {jobs} IN ACCESS EXCLUSIVE MODE"))
+            now[0] += 10
+            started = time.monotonic()
+            d = _depth(collector)
+            assert time.monotonic() - started < 1.0 and not collector._aborted
+            locker.rollback()
+        assert d[("sa_jobs_queue_depth_query_errors_total",)] == 1
+    finally:
+        collector.close()
+
+
 def test_depth_query_reconnects_at_once_when_the_server_closed_its_idle_connection(database_url: str, schema: str) -> None:
     """The collector keeps one connection idle between queries. One the server ended
     meanwhile (a restart or failover, idle_session_timeout, a pooler or an operator
