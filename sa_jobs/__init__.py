@@ -42,6 +42,7 @@ from .errors import (
     SchemaLockTimeoutError,
     SchemaVersionError,
     Snooze,
+    StatementInterruptedError,
     UnknownKindError,
 )
 from .model import Job, KindOptions, registered_kinds
@@ -77,6 +78,7 @@ __all__ = [
     "SchemaLockTimeoutError",
     "SchemaVersionError",
     "Snooze",
+    "StatementInterruptedError",
     "UnknownKindError",
     "Unique",
     "Worker",

@@ -59,6 +59,14 @@ class LeaseLostError(SaJobsError):
     """
 
 
+class StatementInterruptedError(SaJobsError):
+    """A statement of ``ctx.async_transaction()`` was interrupted by a cancel scope of the
+    handler's own that it caught (``anyio.move_on_after()``) and carried on: the driver gave
+    the connection up, so the transaction is lost and nothing of it commits. The attempt
+    fails with this error; the statement is cancelled on the server.
+    """
+
+
 # ---- control flow a handler may raise -------------------------------------------
 
 

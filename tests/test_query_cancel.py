@@ -367,7 +367,7 @@ def test_a_handlers_own_deadline_around_its_statement_ends_the_statement(engine,
 # connect timeout when the server cannot be reached). The other bytes pass at once.
 _SLOW_CANCEL_PROXY = """
 import socket, struct, sys, threading, time
-host, port, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+host, port, delay, drop_abandoned = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(64)
@@ -393,6 +393,14 @@ def serve(client):
         first = client.recv(65536)
         if len(first) >= 8 and struct.unpack("!II", first[:8]) == (16, 80877102):  # CancelRequest
             time.sleep(delay)
+            if drop_abandoned:
+                client.setblocking(False)
+                try:
+                    if client.recv(1, socket.MSG_PEEK) == b"":
+                        return  # its sender hung up first: as if its connect had not completed
+                except BlockingIOError:
+                    pass
+                client.setblocking(True)
         server.sendall(first)
         back = threading.Thread(target=pump, args=(server, client), daemon=True)
         back.start()
@@ -406,7 +414,8 @@ while True:
 
 @pytest.fixture
 def slow_cancel_url(database_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
-    """``database_url`` through a proxy whose cancel requests arrive ``request.param`` s late."""
+    """``database_url`` through a proxy whose cancel requests arrive ``request.param`` s late
+    (or ``(seconds, True)``: late, and not at all when their sender hung up meanwhile)."""
     from sqlalchemy.engine import make_url
 
     url = make_url(database_url)
@@ -415,8 +424,9 @@ def slow_cancel_url(database_url: str, request: pytest.FixtureRequest) -> Iterat
     socket_dir, socket_port = query.pop("host", None), query.pop("port", None)
     host = socket_dir if isinstance(socket_dir, str) and socket_dir.startswith("/") else (url.host or "127.0.0.1")
     upstream_port = int(socket_port) if isinstance(socket_port, str) else (url.port or 5432)
+    delay_and_drop = (request.param[0], int(request.param[1])) if isinstance(request.param, tuple) else (request.param, 0)
     proxy = subprocess.Popen([sys.executable, "-c", _SLOW_CANCEL_PROXY, host, str(upstream_port),
-                              str(request.param)], stdout=subprocess.PIPE, text=True)
+                              *map(str, delay_and_drop)], stdout=subprocess.PIPE, text=True)
     try:
         assert proxy.stdout is not None
         port = int(proxy.stdout.readline())
@@ -427,6 +437,60 @@ def slow_cancel_url(database_url: str, request: pytest.FixtureRequest) -> Iterat
     finally:
         proxy.kill()
         proxy.wait()
+
+
+class QAsyncOwnMoveOn(Job, kind="qc_async_own_move_on", queue="qc_own", max_attempts=1):
+    pass
+
+
+@QAsyncOwnMoveOn.handler
+async def q_async_own_move_on(ctx: JobContext, then_query: bool) -> str:
+    """A deadline of the handler's own that it catches (``move_on_after``), inside its
+    transaction, and then carries on as if nothing happened (another statement, or none)."""
+    try:
+        async with ctx.async_transaction(result="done") as session:
+            first, sleep = _statements(ctx.schema, True)
+            await session.execute(text(first))
+            STARTED[ctx.id] = time.monotonic()
+            with anyio.move_on_after(0.5):
+                await session.execute(text(sleep))
+            if then_query:
+                await session.execute(text("SELECT 1"))
+    except BaseException as exc:
+        ENDED_WITH[ctx.id] = f"{type(exc).__name__}: {exc}"
+        raise
+    return "done"
+
+
+@pytest.mark.parametrize("slow_cancel_url", [(1.0, True)], indirect=True)
+@pytest.mark.parametrize("then_query", [False, True], ids=["returns", "queries-on"])
+def test_a_handlers_own_caught_deadline_around_its_statement_ends_the_statement_and_fails(
+        slow_cancel_url, engine, database_url, schema, then_query):
+    """``anyio.move_on_after()`` of the handler's own around a statement of its transaction,
+    the handler carrying on: psycopg closed the connection when its cancel request was
+    cancelled, and no cancellation reached the block's exit, so the statement ran on to its
+    end on the server, its row locks held. The attempt must fail clearly (its effects did
+    not commit) and the statement end at once. psycopg's own cancel request, interrupted, got
+    out only when its connect was quick enough (on localhost, often): the proxy drops it, as a
+    remote server's slower connect would."""
+    job_id = _setup(engine, database_url, schema, QAsyncOwnMoveOn(then_query=then_query))
+    took: list[float] = []
+
+    async def main() -> None:
+        async with Worker(slow_cancel_url, kinds=[QAsyncOwnMoveOn], schema=schema, **{**FAST, "lease": 30.0}):
+            with anyio.fail_after(10):
+                while job_id not in STARTED:
+                    await anyio.sleep(0.05)
+            started = time.monotonic()
+            assert await anyio.to_thread.run_sync(lambda: wait_for(lambda: _state(database_url, schema, job_id) == "dead", 10))
+            assert await anyio.to_thread.run_sync(lambda: wait_for(lambda: not _sleeping(database_url, schema), 10))
+            took.append(time.monotonic() - started)
+
+    anyio.run(main)
+    assert ENDED_WITH[job_id].startswith("StatementInterruptedError: "), ENDED_WITH
+    assert took[0] < 0.5 + 1.0 + 2.0, took  # the proxy's delay
+    assert _row_is_free(database_url, schema)
+    assert _note(database_url, schema) == "before"
 
 
 @pytest.mark.parametrize("slow_cancel_url", [1.5], indirect=True)

@@ -10,6 +10,7 @@ import math
 import selectors
 import threading
 import time
+import weakref
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional, cast
 
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from .. import _validate
 from ..admin import gives_up_its_key
-from ..errors import ConfigurationError, LeaseLostError
+from ..errors import ConfigurationError, LeaseLostError, StatementInterruptedError
 from ..model import job_table
 from ..schema import DEFAULT_SCHEMA
 
@@ -210,6 +211,32 @@ event.listen(_JobSession, "do_orm_execute", lambda state: _check_cancel(state.se
 event.listen(_JobSession, "before_flush", lambda session, context, instances: _check_cancel(session))
 
 
+# SQLAlchemy Connections whose statement a cancellation interrupted (SQLAlchemy then
+# invalidated them): a handler that caught its own deadline (``anyio.move_on_after()``)
+# left no cancellation for its block's exit to see, and its statement ran on.
+_INTERRUPTED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _note_interrupted(context: Any) -> None:
+    """``handle_error`` of the worker's async engine: an exit exception (a cancellation) out
+    of a statement, as SQLAlchemy sees it (it invalidates the connection for it)."""
+    if context.connection is not None and not isinstance(context.original_exception, Exception):
+        _INTERRUPTED.add(context.connection)
+
+
+def watch_interrupted_statements(engine: Any) -> None:
+    """Note, on ``engine`` (the worker's async one), the statements a cancellation interrupted."""
+    event.listen(getattr(engine, "sync_engine", engine), "handle_error", _note_interrupted)
+
+
+_INTERRUPTED_MESSAGE = (
+    "a statement of ctx.async_transaction() was interrupted by a cancel scope inside the block"
+    " (anyio.move_on_after() or the like, caught by the handler): the driver closed the connection,"
+    " so the transaction is lost and nothing of it commits (its statement is cancelled on the server)."
+    " Put such a deadline around the whole transaction, or let its error propagate"
+)
+
+
 class _ServerStatement:
     """Cancels on the server the statement a job's transaction has running there.
 
@@ -222,13 +249,20 @@ class _ServerStatement:
     Drivers other than psycopg 3 (no ``pgconn``) are left as they are.
     """
 
-    __slots__ = ("_pgconn", "_key", "_sender", "_lock")
+    __slots__ = ("_connection", "_pgconn", "_key", "_sender", "_lock")
 
     def __init__(self, connection: Any) -> None:  # the transaction's (sync) SQLAlchemy Connection
+        self._connection = connection
+        _INTERRUPTED.discard(connection)
         self._pgconn: Any = getattr(connection.connection.driver_connection, "pgconn", None)
         self._key: Any = None if self._pgconn is None else _cancel_key(self._pgconn)
         self._sender: Optional[threading.Thread] = None  # stop_in_background()'s
         self._lock = threading.Lock()  # stop_in_background() (the loop) against settle() (the handler's thread)
+
+    @property
+    def interrupted(self) -> bool:
+        """A cancellation interrupted a statement of this transaction (caught or not)."""
+        return self._connection in _INTERRUPTED
 
     def _running(self, *, closed_too: bool) -> bool:
         """A statement is in flight, or (``closed_too``) may be: psycopg gave the connection up."""
@@ -257,8 +291,9 @@ class _ServerStatement:
         own cancellation does not cancel this). psycopg gives a connection up when a
         cancellation, the worker's or the handler's own (``anyio.fail_after()`` around a
         statement: its TimeoutError), interrupts its cancel request; a connection closed
-        for another reason (the server or the network gone) had no statement left running."""
-        if self._running(closed_too=cancellation_pending() or _from_cancellation(exc)):
+        for another reason (the server or the network gone) had no statement left running.
+        A cancellation the handler caught was seen by :func:`_note_interrupted`."""
+        if self._running(closed_too=cancellation_pending() or _from_cancellation(exc) or self.interrupted):
             with anyio.move_on_after(CANCEL_REQUEST_WAIT, shield=True):  # its own thread: the app's
                 await anyio.to_thread.run_sync(  # use of the default limiter cannot delay it
                     self._cancel, self._take_key(), abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
@@ -472,6 +507,8 @@ class JobContext:
                     statement = _ServerStatement(connection)
                     try:
                         yield session
+                        if statement.interrupted:  # the handler caught it: its completion cannot commit
+                            raise StatementInterruptedError(_INTERRUPTED_MESSAGE)
                         await session.flush()
                         self._job.completing = True
                         completion = self._with_report(stmt)
@@ -479,6 +516,10 @@ class JobContext:
                         self._check_lease(res.rowcount)
                     except BaseException as exc:
                         await statement.stop(exc)  # before the rollback, which psycopg may not get to send
+                        if (statement.interrupted and isinstance(exc, Exception) and not _from_cancellation(exc)
+                                and not isinstance(exc, StatementInterruptedError) and not cancellation_pending()):
+                            # The next statement's PendingRollbackError says nothing of why.
+                            raise StatementInterruptedError(_INTERRUPTED_MESSAGE) from exc
                         raise
             except BaseException:
                 self._job.completing = False  # as in transaction(): a failed COMMIT too

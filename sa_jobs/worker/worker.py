@@ -54,7 +54,8 @@ from .._connection import ManagedConnection, describe, is_stale_plan, is_transie
 from ._job import ClaimedJob, HandlerThread, Outcome
 from ._task_guard import HANDLER_JOB, install as guard_tasks, uninstall as unguard_tasks
 from .completer import LOCK_WAIT, Completer
-from .context import JobContext, _Cancelled, cancellation_pending as _cancellation_pending, check_app_engine
+from .context import (JobContext, _Cancelled, cancellation_pending as _cancellation_pending, check_app_engine,
+                      watch_interrupted_statements)
 from ..events import GuardedObserver, NullObserver, WorkerObserver, hook
 from ._inbox import JobInbox
 from .heartbeat import Heartbeat
@@ -405,6 +406,7 @@ class Worker:
         """The AsyncEngine behind ``ctx.async_transaction()`` (created on first use)."""
         if self._async_engine is None:
             root = twin_engine(self._url, async_=True, transactions=True, **self._pool_options())
+            watch_interrupted_statements(root)
             self._owns_engines.append(root)
             self._async_engine = self._in_schema(root)
         return self._async_engine
