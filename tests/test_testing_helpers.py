@@ -770,6 +770,16 @@ async def see_marker_async(ctx: JobContext) -> None:
 MARKER_ARGS = {"options": "-c th.marker=kept"}
 
 
+def _drain_sees_the_marker(job_engine, drain_engine) -> None:  # type: ignore[no-untyped-def]
+    """Enqueue one sync and one async marker job through ``job_engine``, drain them through
+    ``drain_engine``: both handlers saw the session setting ``th.marker = 'kept'``."""
+    with Session(job_engine) as session, session.begin():
+        session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
+    SEEN_MARKERS.clear()
+    assert drain(drain_engine, kinds=[SeeMarkerSync, SeeMarkerAsync]) == {"completed": 2}
+    assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+
+
 def test_drain_keeps_the_engines_connect_args(sa_jobs_database_url, sa_jobs_schema):
     """drain() made ctx.async_transaction()'s engine from ``engine.url`` alone: the engine's
     ``connect_args`` (a search_path or role in ``options``, sslmode, connect_timeout, a
@@ -781,11 +791,7 @@ def test_drain_keeps_the_engines_connect_args(sa_jobs_database_url, sa_jobs_sche
     engine = create_engine(sqlalchemy_url(sa_jobs_database_url), connect_args=MARKER_ARGS).execution_options(
         schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
     try:
-        with Session(engine) as session, session.begin():
-            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
-        SEEN_MARKERS.clear()
-        assert drain(engine, kinds=[SeeMarkerSync, SeeMarkerAsync]) == {"completed": 2}
-        assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+        _drain_sees_the_marker(engine, engine)
     finally:
         engine.dispose()
 
@@ -803,11 +809,7 @@ def test_drain_of_an_async_engine_keeps_its_connect_args(sa_jobs_database_url, s
     plain = create_engine(sqlalchemy_url(sa_jobs_database_url)).execution_options(
         schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
     try:
-        with Session(plain) as session, session.begin():
-            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
-        SEEN_MARKERS.clear()
-        assert drain(async_engine, kinds=[SeeMarkerSync, SeeMarkerAsync]) == {"completed": 2}
-        assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+        _drain_sees_the_marker(plain, async_engine)
     finally:
         plain.dispose()
 
@@ -891,11 +893,7 @@ def test_drain_keeps_the_engines_connect_events(sa_jobs_database_url, sa_jobs_sc
     engine = base.execution_options(schema_translate_map={DEFAULT_SCHEMA: sa_jobs_schema})
     _marker_event(engine, event_name)
     try:
-        with Session(engine) as session, session.begin():
-            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
-        SEEN_MARKERS.clear()
-        assert drain(engine, kinds=[SeeMarkerSync, SeeMarkerAsync]) == {"completed": 2}
-        assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+        _drain_sees_the_marker(engine, engine)
     finally:
         base.dispose()
 
@@ -912,11 +910,7 @@ def test_drain_of_an_async_engine_keeps_its_connect_events(sa_jobs_database_url,
     _marker_event(async_engine, event_name)
     job_engine = _plain_engine(sa_jobs_database_url, sa_jobs_schema)
     try:
-        with Session(job_engine) as session, session.begin():
-            session.add_all([SeeMarkerSync(), SeeMarkerAsync()])
-        SEEN_MARKERS.clear()
-        assert drain(async_engine, kinds=[SeeMarkerSync, SeeMarkerAsync]) == {"completed": 2}
-        assert SEEN_MARKERS == {"sync": "kept", "async": "kept"}
+        _drain_sees_the_marker(job_engine, async_engine)
     finally:
         job_engine.dispose()
 
