@@ -15,6 +15,8 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional, cast
 
 import anyio
+import psycopg
+from psycopg import pq
 from sqlalchemy import case, event, func, update
 from sqlalchemy.orm import Session
 
@@ -142,8 +144,6 @@ def _from_cancellation(exc: BaseException) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _nonblocking_cancel() -> bool:
-    import psycopg
-
     return bool(psycopg.capabilities.has_cancel_safe())  # libpq 17 or later
 
 
@@ -160,8 +160,6 @@ def _send_cancel(key: Any, timeout: float) -> None:
     the GIL until the server answered, and the worker's event loop, its heartbeats and
     every handler stood still meanwhile (a remote server's round trips; against one that
     cannot be reached, the connect timeout). An older libpq has only that one."""
-    from psycopg import OperationalError, pq
-
     if not hasattr(key, "poll"):
         key.cancel()
         return
@@ -174,7 +172,7 @@ def _send_cancel(key: Any, timeout: float) -> None:
                 if status == pq.PollingStatus.OK:
                     return
                 if status == pq.PollingStatus.FAILED:
-                    raise OperationalError(key.get_error_message())
+                    raise psycopg.OperationalError(key.get_error_message())
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"the cancel request was not answered within {timeout} s")
@@ -268,8 +266,6 @@ class _ServerStatement:
         """A statement is in flight, or (``closed_too``) may be: psycopg gave the connection up."""
         if self._key is None:
             return False
-        from psycopg import pq
-
         if self._pgconn.status != pq.ConnStatus.OK:
             return closed_too
         return bool(self._pgconn.transaction_status == pq.TransactionStatus.ACTIVE)

@@ -603,7 +603,7 @@ class Worker:
         """Stop claiming, let running jobs finish within ``grace``, release the rest."""
         grace = self.shutdown_grace if grace is None else _seconds("grace", grace, zero=True, infinite=True)
         if not self._running:  # waited for a run that never came (the grace, then for good)
-            self._stop_pending = True  # the next run's, as request_stop()'s
+            self._stop(self._request_stop)  # kept for the next run, as request_stop() keeps it
             return
         self._stop_requested.set()
         self._stop_claiming()
