@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only",
             "none-kind-state-nodedup", "partition-auto-plans", "partition-v5", "partition-v8", "partition-keylocks", "all-v8", "partition-window2x",
             "concurrency-auto-plans", "none-v7-indexes", "partition-v7-indexes", "keys-v7-indexes", "keys-leaseidx",
-            "none-v9-kind-index", "concurrency-v11", "partition-v11", "all-v11", "none-serialized", "none-join")
+            "none-v9-kind-index", "concurrency-v11", "partition-v11", "all-v11", "none-serialized", "none-join", "none-noav", "keys-noav", "partition-noav")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -82,12 +82,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         for v in variants:
             result["variants"][v] = {"limits": systems[v].info["limits"],
                                      **summarize_runs(per_variant[v], ("jobs_per_s", "server_cpu_us_per_job",
-                                                                       "client_cpu_us_per_job"))}
+                                                                       "client_cpu_us_per_job", *WAL_KEYS))}
     result["meta"]["loadavg_end"] = loadavg()
     out.write_text(json.dumps(result, indent=1, default=str))
     print(table(result, variants, a))
     print(f"\nJSON: {out}")
     return 0
+
+
+# Cluster-wide WAL per job (runner.wal_counters): steady where the host's load is not.
+WAL_KEYS = ("wal_records_per_job", "wal_fpi_per_job", "wal_bytes_per_job")
 
 
 def round_orders(variants: list[str], runs: int) -> list[list[str]]:
@@ -135,16 +139,26 @@ def pooled_report(results: list[dict[str, Any]]) -> str:
 def table(result: dict[str, Any], variants: list[str], a: argparse.Namespace) -> str:
     none = result["variants"].get("none", {}).get("jobs_per_s", {})
     lines = [f"| limits ({a.workers} procs x {a.concurrency}, {a.n:,} jobs) | jobs/s median (min-max)"
-             " | vs none (medians) | vs none (median of rounds) | server / client CPU µs per job |",
-             "|---|---|---|---|---|"]
+             " | vs none (medians) | vs none (median of rounds) | server / client CPU µs per job"
+             " | WAL per job: records / full pages / bytes |",
+             "|---|---|---|---|---|---|"]
     for v in variants:
         r = result["variants"][v]
         rel = f"{r['jobs_per_s']['median'] / none['median'] - 1:+.1%}" if none else "-"
         ratios = round_ratios(r["jobs_per_s"]["runs"], none["runs"]) if none and v != "none" else []
         paired = statistics.median(ratios) if ratios else None
         lines.append(f"| {v} | {fmt_rate(r['jobs_per_s'])} | {rel} | {'-' if paired is None else f'{paired:+.1%}'} |"
-                     f" {r['server_cpu_us_per_job']['median']:.0f} / {r['client_cpu_us_per_job']['median']:.0f} |")
+                     f" {r['server_cpu_us_per_job']['median']:.0f} / {r['client_cpu_us_per_job']['median']:.0f} |"
+                     f" {wal_cell(r)} |")
     return "\n".join(lines)
+
+
+def wal_cell(r: dict[str, Any]) -> str:
+    """Median WAL records / full-page images / bytes per job, or '-' where not measured."""
+    if not all(k in r for k in WAL_KEYS):
+        return "-"
+    rec, fpi, size = (r[k]["median"] for k in WAL_KEYS)
+    return f"{rec:.2f} / {fpi:.3f} / {size:,.0f}"
 
 
 if __name__ == "__main__":

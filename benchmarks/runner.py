@@ -216,6 +216,7 @@ def drain_once(cluster: Cluster, system: System, *, workers: int, concurrency: i
         la0 = loadavg()
         checker0 = cluster.backend_cpu_seconds(checker)
         server0 = cluster.cpu_seconds()
+        wal0 = wal_counters(conn)
         client0 = sum(_proc_cpu(p.ps) for p in procs)
         rss_start = [_proc_rss(p.ps) for p in procs]
         rss_samples: list[tuple[float, int, int]] = []
@@ -255,6 +256,10 @@ def drain_once(cluster: Cluster, system: System, *, workers: int, concurrency: i
         for p in procs:
             p.finish()
         handled = read_handled([p.out for p in procs])
+        # Read once the workers have gone: a backend reports its WAL counters when it
+        # exits or goes idle for a second, so a read at the drain's end would miss some.
+        with psycopg.connect(system.dsn, autocommit=True) as after:
+            wal1 = wal_counters(after)
     finally:
         if conn is not None:
             conn.close()
@@ -281,6 +286,10 @@ def drain_once(cluster: Cluster, system: System, *, workers: int, concurrency: i
         "server_cpu_us_per_job": ((server1 - server0) - (checker1 - checker0)) / cpu_jobs * 1e6,
         "client_cpu_us_per_job": (client1 - client0) / cpu_jobs * 1e6,
         "cpu_jobs": cpu_jobs,
+        # Cluster-wide WAL per job (autovacuum included): unlike CPU time or throughput,
+        # it does not move with the host's load, so small differences in the work each
+        # job's statements do show through a noisy machine.
+        **({f"{k}_per_job": (wal1[k] - wal0[k]) / cpu_jobs for k in wal0} if wal0 and wal1 else {}),
         "rss_start_mb": [round(r / 2**20, 1) for r in rss_start],
         "rss_end_mb": [round(r / 2**20, 1) for r in rss_end],
         "rss_samples": rss_samples if len(rss_samples) <= 50 else rss_samples[:: max(1, len(rss_samples) // 50)],
@@ -293,6 +302,14 @@ def drain_once(cluster: Cluster, system: System, *, workers: int, concurrency: i
         result["first_tenth_jobs_per_s"] = k / max(1e-9, starts[k - 1] - t0_wall)
         result["last_tenth_jobs_per_s"] = k / max(1e-9, starts[-1] - starts[-k - 1])
     return result
+
+
+def wal_counters(conn: psycopg.Connection) -> dict[str, float]:
+    """The server's WAL counters (pg_stat_wal, PostgreSQL 14+; empty before)."""
+    if conn.info.server_version < 140000:
+        return {}
+    row = conn.execute("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal").fetchone()
+    return {"wal_records": float(row[0]), "wal_fpi": float(row[1]), "wal_bytes": float(row[2])}
 
 
 def latency_once(cluster: Cluster, system: System, *, rate: float, seconds: float, workers: int = 2,

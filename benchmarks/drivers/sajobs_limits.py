@@ -46,6 +46,9 @@
   transaction-scoped advisory lock of the queue, as limited claimers do on its row.
 - ``none-join`` (diagnostic): none with the plain claim's join on ``picked`` that the id
   array replaced in session 12.
+- ``none-noav``, ``keys-noav``, ``partition-noav`` (diagnostic): none, keys-only and partition
+  with autovacuum off on the jobs table after the load, so that no vacuum (of the keyed
+  rows' extra index entries, say) runs during the drain or the next variant's.
 
 Older functions are put back behind the current signature (``_put_back_an_older_function``).
 
@@ -98,8 +101,11 @@ VARIANTS = {
     "concurrency-v11": QueueLimits(concurrency=100_000),
     "partition-v11": QueueLimits(partition_concurrency=10_000),
     "all-v11": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
+    "none-noav": QueueLimits(),
+    "keys-noav": QueueLimits(),
+    "partition-noav": QueueLimits(partition_concurrency=10_000),
 }
-KEYED = ("partition", "partition-v11", "all-v11", "keys-leaseidx", "all", "all-v8", "partition-v8", "partition-keylocks", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
+KEYED = ("keys-noav", "partition-noav", "partition", "partition-v11", "all-v11", "keys-leaseidx", "all", "all-v8", "partition-v8", "partition-keylocks", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
          "partition-v7-indexes", "keys-v7-indexes")
 
 
@@ -183,6 +189,13 @@ def _keylocks_function() -> psycopg.sql.Composed:
 
 
 def load(dsn: str, n: int, completed: int, variant: str) -> None:
+    _load(dsn, n, completed, variant)
+    if variant.endswith("-noav"):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE {sajobs.JOBS} SET (autovacuum_enabled = off)")
+
+
+def _load(dsn: str, n: int, completed: int, variant: str) -> None:
     if variant.endswith("-leaseidx"):
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("DROP INDEX IF EXISTS sa_jobs.jobs_running_idx")

@@ -5,10 +5,12 @@ pg_stat_statements (track = all, so the claim function's inner statements show t
 
 On a private cluster (benchmarks/cluster.py) started with pg_stat_statements preloaded,
 runs the limits benchmark's drain (4 worker processes x 100 slots) once per variant and
-prints the statements by total server time: calls, rows, total ms and ms per call. For
-the claim function, the queue-row lock's statement shows how long claimers waited for
-each other, and the claim statement how long one held the lock; "us per job" is the
-statement's total time over the drain's jobs (wall time: waits count). One run: for where
+prints the statements by total server time: calls, rows, total ms and ms per call, and
+per job the buffers each statement read and dirtied and the WAL it wrote (which, unlike
+its time, do not move with the host's load). For the claim function, the queue-row
+lock's statement shows how long claimers waited for each other, and the claim statement
+how long one held the lock; "us per job" is the statement's total time over the drain's
+jobs (wall time: waits count). One run: for where
 the time goes, not for throughput (that is ``python -m benchmarks.limits``).
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ from benchmarks.runner import System, drain_once  # noqa: E402
 TOP = """
 SELECT calls, rows, round(total_exec_time::numeric, 1), round((total_exec_time / calls)::numeric, 3),
        round((total_exec_time * 1000 / %s)::numeric, 1),
+       round((shared_blks_hit + shared_blks_read)::numeric / %s, 2), round(shared_blks_dirtied::numeric / %s, 3),
+       round(wal_bytes / %s, 0),
        CASE WHEN query LIKE '%%(priority, scheduled_at, id) >%%' THEN 'resumed: ' ELSE '' END
        || left(regexp_replace(query, '\\s+', ' ', 'g'), 80)
 FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
@@ -52,12 +56,13 @@ def main() -> None:
             system.info = system.run_json("info")
             r = drain_once(cluster, system, workers=4, concurrency=100, n=a.n, completed=a.completed)
             with psycopg.connect(system.dsn, autocommit=True) as conn:
-                rows = conn.execute(TOP, (a.n, a.top)).fetchall()
+                rows = conn.execute(TOP, (a.n, a.n, a.n, a.n, a.top)).fetchall()
                 vac = conn.execute("SELECT autovacuum_count, n_tup_hot_upd, n_tup_upd FROM pg_stat_user_tables"
                                    " WHERE relid = 'sa_jobs.jobs'::regclass").fetchone()
             print(f"\n{v}: {r['jobs_per_s']:,.0f} jobs/s, server / client CPU {r['server_cpu_us_per_job']:.0f} /"
                   f" {r['client_cpu_us_per_job']:.0f} us/job; autovacuums {vac[0]}, HOT updates {vac[1]:,} of {vac[2]:,}")
-            print("calls | rows | total ms | ms/call | us per job | statement")
+            print("calls | rows | total ms | ms/call | us per job | buffers per job | dirtied per job | WAL bytes per job"
+                  " | statement")
             for row in rows:
                 print(" | ".join(str(x) for x in row))
 
