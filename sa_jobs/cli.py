@@ -812,11 +812,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # Each batch is its own transaction: those done stay done. Say how many, not a traceback.
         progress.close()
+        # What it did, as an interrupted bulk action prints ("20 job(s) deleted"): each
+        # state's lines, as a whole run says them. A dry run's counts are all or nothing
+        # (it stopped while counting).
+        done = {} if args.dry_run else {s: deleted.get(s, 0) for s in ages}
         if args.json:
-            # What it did, as an interrupted bulk action prints: --json printed nothing at all.
-            # A dry run's counts are all or nothing (it stopped while counting).
-            done = {} if args.dry_run else {s: deleted.get(s, 0) for s in ages}
             _print_json({"dry_run": args.dry_run, verb.replace(" ", "_"): done, "interrupted": True})
+        else:
+            for state, n in done.items():
+                print(f"{state}: {verb} {n} job(s)")
         if args.dry_run:  # it only counts: nothing to go on with
             print("sa-jobs: dry run interrupted; nothing was deleted", file=sys.stderr)
         else:

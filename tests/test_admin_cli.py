@@ -673,6 +673,9 @@ def test_an_interrupted_prune_says_what_it_did(capsys, monkeypatch, database_url
     monkeypatch.setattr(cli, "Progress", CtrlC)
     code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "1d", "--batch", "10")
     assert code == 130 and "Traceback" not in err and "interrupted after 20 job(s) deleted" in err, out + err
+    # What each state lost, as an uninterrupted prune says it (and --json, and an interrupted
+    # bulk action's "20 job(s) deleted"): stdout said nothing at all.
+    assert out == "completed: deleted 20 job(s)\ndead: deleted 0 job(s)\ncancelled: deleted 0 job(s)\n", out
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(30,)]
     # --json prints what it did, as an interrupted bulk action does (it printed nothing).
     code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "1d", "--batch", "10", "--json")
@@ -719,6 +722,9 @@ def test_a_prune_interrupted_while_counting_says_what_it_did(capsys, database_ur
         assert json.loads(out) == ({"dry_run": True, "would_delete": {}, "interrupted": True} if dry_run else
                                    {"dry_run": False, "deleted": {"completed": 0, "cancelled": 0, "dead": 0},
                                     "interrupted": True}), out
+        out = ""
+    elif not dry_run:  # a real prune says what each state lost: nothing yet
+        assert out == "completed: deleted 0 job(s)\ndead: deleted 0 job(s)\ncancelled: deleted 0 job(s)\n", out
         out = ""
     assert code == 130 and out == "" and "Traceback" not in err, out + err
     if dry_run:
