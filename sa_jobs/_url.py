@@ -6,6 +6,7 @@ import inspect
 import logging
 import os
 import re
+import types
 from typing import Any
 
 from .errors import ConfigurationError
@@ -242,7 +243,46 @@ def _copy_listeners(source: Any, twin: Any) -> None:
         return
     for target, listeners in found:
         for name, fn in listeners:
-            event.listen(target, name, fn, **({"retval": True} if name in _RETVAL_EVENTS else {}))
+            event.listen(target, name, _fresh_once(fn), **({"retval": True} if name in _RETVAL_EVENTS else {}))
+
+
+def _fresh_once(fn: Any, depth: int = 0) -> Any:
+    """``fn``, with a ``once=True`` (or ``_once_unless_exception``) listener's "fired" state
+    new: SQLAlchemy stores such a listener as a wrapper (``util.only_once``, possibly under
+    its retval adapter) around one shared flag. Copied as it was, the twin's first event
+    used the flag up and the app's own engine never ran the listener (nor did a later
+    twin); the twin runs it once for itself instead, as if it had been set on the twin."""
+    code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not closure or depth > 3 or not getattr(fn, "__module__", "").startswith("sqlalchemy."):
+        return fn
+    cells = list(closure)
+    if code is _only_once_code():
+        names = code.co_freevars
+        if "fn" not in names or "once" not in names:
+            return fn
+        cells[names.index("once")] = types.CellType([_cell(cells[names.index("fn")])])
+    else:  # a wrapper of SQLAlchemy's (the retval adapter): its wrapped listener, renewed
+        renewed = [_fresh_once(value, depth + 1) if inspect.isroutine(value := _cell(c)) else value for c in cells]
+        if all(new is _cell(old) for new, old in zip(renewed, cells)):
+            return fn
+        cells = [c if new is _cell(c) else types.CellType(new) for new, c in zip(renewed, cells)]
+    clone = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
+    clone.__kwdefaults__ = fn.__kwdefaults__
+    clone.__qualname__ = fn.__qualname__
+    clone.__dict__.update(fn.__dict__)
+    return clone
+
+
+_ONLY_ONCE_CODE: list[Any] = []
+
+
+def _only_once_code() -> Any:
+    """The code of the wrapper ``util.only_once`` returns (the same for every wrapper)."""
+    if not _ONLY_ONCE_CODE:
+        from sqlalchemy import util
+
+        _ONLY_ONCE_CODE.append(util.only_once(lambda: None, False).__code__)
+    return _ONLY_ONCE_CODE[0]
 
 
 def _own_listeners(dispatch: Any) -> list[tuple[str, Any]]:

@@ -1068,6 +1068,46 @@ def test_twin_engine_connects_as_its_engine(sa_jobs_database_url):
         made.dispose()
 
 
+def test_a_twin_fires_a_once_listener_once_for_itself_and_leaves_the_engines_own(sa_jobs_database_url):
+    """A ``once=True`` listener was copied to a twin as SQLAlchemy stores it, a wrapper
+    holding one "fired" flag: the twin's first connect used it up, and the app's own engine
+    (a Worker(engine)'s twin connected first) never ran it, nor did later twins. Each engine
+    now runs it once, as if it had been set on that engine; retval-wrapped and
+    ``_once_unless_exception`` ones too."""
+    import anyio
+    from sqlalchemy import create_engine, event, text
+
+    from sa_jobs._url import sqlalchemy_url, twin_engine
+
+    engine = create_engine(sqlalchemy_url(sa_jobs_database_url))
+    calls: list[str] = []
+    event.listen(engine, "connect", lambda dbapi_conn, record: calls.append("connect"), once=True)
+    event.listen(engine, "before_cursor_execute", lambda *args: calls.append("execute"), once=True)
+    event.listen(engine, "connect", lambda dbapi_conn, record: calls.append("flaky"), _once_unless_exception=True)
+    engines = [twin_engine(engine), engine, twin_engine(engine)]
+    for made in engines:
+        for _ in range(2):
+            with made.connect() as conn:
+                conn.scalar(text("SELECT 1"))
+            made.dispose()  # a new connection next time: "connect" may fire again
+    assert calls == ["connect", "flaky", "execute"] * 3, calls
+
+    async def on_async_twin() -> None:
+        twin = twin_engine(engine, async_=True)
+        try:
+            for _ in range(2):
+                async with twin.connect() as conn:
+                    await conn.scalar(text("SELECT 1"))
+                await twin.dispose()
+        finally:
+            await twin.dispose()
+
+    anyio.run(on_async_twin)
+    assert calls == ["connect", "flaky", "execute"] * 4, calls
+    for made in engines:
+        made.dispose()
+
+
 def test_a_twin_of_an_engine_whose_listeners_cannot_be_read_connects_and_says_so(
         sa_jobs_database_url, monkeypatch, caplog):
     """Listing an engine's listeners reads SQLAlchemy's event registry (there is no public
