@@ -442,7 +442,7 @@ SELECT 'running', queue, count(*), NULL FROM {jobs}
 UNION ALL
 SELECT 'dead', queue, count(*), NULL FROM {jobs} WHERE state = 'dead' GROUP BY queue
 UNION ALL
-SELECT 'paused', name, 1, NULL FROM {queues} WHERE paused
+SELECT CASE WHEN paused THEN 'paused' ELSE 'known' END, name, 1, NULL FROM {queues}
 """
 
 
@@ -458,6 +458,7 @@ class _Snapshot:
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     oldest: dict[str, float] = field(default_factory=dict)
     paused: set[str] = field(default_factory=set)
+    queues: tuple[str, ...] = ()  # those reported, sorted: seen now or within forget_after
     fetched_at: float = float("-inf")  # monotonic
     duration: float = 0.0
     ok: bool = False
@@ -468,6 +469,11 @@ _DEPTH_SETTINGS_SQL = (
     "SELECT set_config('statement_timeout', %(ms)s, true), set_config('lock_timeout', %(ms)s, true),"
     " set_config('transaction_read_only', 'on', true)"
 )
+
+# Seconds a queue with no live or dead rows and no queues-table row goes on being reported
+# (at 0) before its series are dropped: longer than an alert's window (15 min), so the
+# drain to 0 is seen, and a bursty queue's dashboard line has no gaps between bursts.
+DEPTH_FORGET_AFTER = 3600.0
 
 # Seconds a depth query may run past its statement_timeout before the client gives up on the
 # server (which ends the statement itself at the timeout when it is there to).
@@ -485,6 +491,10 @@ class QueueDepthCollector(Collector):
     through ``jobs_state_kind_idx``. Completed and cancelled are not counted:
     use the ``sa_jobs_jobs_finished_total`` counters. A failed query keeps the last
     snapshot; ``sa_jobs_queue_depth_snapshot_age_seconds`` shows how stale it is.
+
+    A queue is reported while it has live or dead rows or a row in the queues table (a
+    pause or limits), and with zeros for ``forget_after`` seconds after it had neither:
+    then its series go, or queues named per tenant or per run grew /metrics for ever.
     """
 
     def __init__(
@@ -494,6 +504,7 @@ class QueueDepthCollector(Collector):
         *,
         ttl: float = 10.0,
         statement_timeout: float = 2.0,
+        forget_after: float = DEPTH_FORGET_AFTER,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from ._url import to_conninfo
@@ -501,11 +512,12 @@ class QueueDepthCollector(Collector):
         self._conninfo = to_conninfo(database_url)
         self.schema = _validate.schema_name(schema)
         # NaN passed every comparison: a collector whose TTL never ran out never queried.
-        for name, value in (("ttl", ttl), ("statement_timeout", statement_timeout)):
+        for name, value in (("ttl", ttl), ("statement_timeout", statement_timeout), ("forget_after", forget_after)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ConfigurationError(f"QueueDepthCollector: {name} must be a positive number of seconds, not {value!r}")
         self.ttl = ttl
         self.statement_timeout = statement_timeout
+        self.forget_after = forget_after
         self._clock = clock
         self._query = depth_query(self.schema)
         self._lock = threading.Lock()
@@ -515,7 +527,9 @@ class QueueDepthCollector(Collector):
         # After a failed query, none until then (monotonic): back off for one TTL, without
         # touching the snapshot's own time, which its age (the staleness signal) counts from.
         self._retry_at = float("-inf")
-        self._queues: set[str] = set()  # every queue seen: a drained queue reports 0, not nothing
+        # Queues reported, each with when (clock) a query last found it: a drained queue
+        # reports 0, not nothing, until forget_after has passed.
+        self._queues: dict[str, float] = {}
         self.errors = 0
         self.queries = 0
 
@@ -607,13 +621,18 @@ class QueueDepthCollector(Collector):
             return self._snapshot
         snap = _Snapshot(fetched_at=self._clock(), duration=time.perf_counter() - started, ok=True)
         for state, queue, count, oldest in rows:
-            self._queues.add(queue)
-            if state == "paused":
-                snap.paused.add(queue)
+            self._queues[queue] = snap.fetched_at
+            if state in ("paused", "known"):
+                if state == "paused":
+                    snap.paused.add(queue)
                 continue
             snap.counts[(queue, state)] = int(count)
             if oldest is not None:
                 snap.oldest[queue] = max(0.0, float(oldest))
+        for queue, seen in list(self._queues.items()):
+            if snap.fetched_at - seen > self.forget_after:
+                del self._queues[queue]
+        snap.queues = tuple(sorted(self._queues))
         self._snapshot = snap
         return snap
 
@@ -647,7 +666,7 @@ class QueueDepthCollector(Collector):
         took = GaugeMetricFamily(f"{p}_queue_depth_query_duration_seconds", "Duration of the last depth query.")
         errors = CounterMetricFamily(f"{p}_queue_depth_query_errors", "Depth queries that failed or timed out.")
         if snap is not None:
-            for queue in sorted(self._queues):
+            for queue in snap.queues:
                 for state in DEPTH_STATES:
                     depth.add_metric([queue, state], snap.counts.get((queue, state), 0))
                 oldest.add_metric([queue], snap.oldest.get(queue, 0.0))

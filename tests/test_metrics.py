@@ -574,6 +574,47 @@ def test_depth_reports_paused_queues_so_the_waiting_alert_can_leave_them_out(dat
         collector.close()
 
 
+def test_depth_forgets_a_queue_with_no_rows_and_no_settings_row(database_url: str, schema: str) -> None:
+    """A queue once seen reported zeros for ever, after its last row was pruned or deleted
+    too: an app that names queues per tenant or per run grew /metrics (five series a queue)
+    without bound. A queue with no live or dead row and no queues-table row keeps reporting
+    zeros for ``forget_after`` (dashboards and delta() see it drain to 0), then its series
+    go. A queue with a settings row (paused or not: limits, a resume) is known: it stays."""
+    _seed_depth(database_url, schema)
+    queues = sql.Identifier(schema, "queues")
+    q(database_url, sql.SQL("INSERT INTO {} (name, paused) VALUES ('q1', false), ('q4', false)").format(queues))
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue) SELECT 'k1', 'tenant-' || i"
+                                     " FROM generate_series(1, 3) i"))
+    now = [0.0]
+    collector = QueueDepthCollector(database_url, schema, ttl=5, forget_after=60, clock=lambda: now[0])
+
+    def queues_reported() -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for family in collector.collect():
+            for s in family.samples:
+                if "queue" in s.labels:
+                    found.setdefault(s.name, set()).add(s.labels["queue"])
+        return found
+
+    tenants = {"tenant-1", "tenant-2", "tenant-3"}
+    try:
+        assert all(names == {"q1", "q2", "q4"} | tenants for names in queues_reported().values()), queues_reported()
+        # Every row of q1, q2 (dead ones too) and the tenants' goes: q1 and q4 have settings rows.
+        q(database_url, jobs_sql(schema, "DELETE FROM {jobs}"))
+        now[0] += 10
+        d = _depth(collector)
+        assert all(d[("sa_jobs_queue_jobs", name, state)] == 0 for name in tenants | {"q2"} for state in DEPTH_STATES)
+        now[0] += 55  # 65 s since the tenants' rows were last seen
+        assert all(names == {"q1", "q4"} for names in queues_reported().values()), queues_reported()
+        # A forgotten queue that gets a job again is reported again.
+        q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue) VALUES ('k1', 'tenant-2')"))
+        now[0] += 10
+        assert all(names == {"q1", "q4", "tenant-2"} for names in queues_reported().values()), queues_reported()
+        assert _depth(collector)[("sa_jobs_queue_jobs", "tenant-2", "available")] == 1
+    finally:
+        collector.close()
+
+
 def test_depth_query_reads_indexes_not_history(database_url: str, schema: str) -> None:
     """50k completed rows must not be visited: no sequential scan, few buffers."""
     q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, finished_at)"
