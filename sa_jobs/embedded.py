@@ -95,7 +95,8 @@ def start(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str = "sto
     # before initdb, for a process killed while its server starts.
     watchdog = _private_watchdog(bin_dir, path, cleanup) if data_dir is None else None
     try:
-        server = _pgserver_start(pgserver, bin_dir, path, cleanup, made=data_dir is None)
+        with _kept_if_foreign(path, given=data_dir is not None):
+            server = _pgserver_start(pgserver, bin_dir, path, cleanup, made=data_dir is None)
     except BaseException:
         _dismiss(watchdog)  # cleaned up here
         raise
@@ -162,6 +163,28 @@ def _pgserver_start(pgserver: Any, bin_dir: Path, path: Path, cleanup: str, *, m
     finally:
         pg_log.removeHandler(said)
         pg_log.propagate = True
+
+
+@contextlib.contextmanager
+def _kept_if_foreign(path: Path, *, given: bool) -> Iterator[None]:
+    """A given directory that holds files but no data directory (no PG_VERSION) gets its
+    owner and mode back if the start fails: as root, pgserver and start_local give the
+    directory to the server's user (chown) before initdb, which then refuses a directory
+    that is not empty: the caller's own directory was left writable by that user. Undone
+    only while it still has no PG_VERSION (not the initdb of another process sharing it)."""
+    try:
+        foreign = given and os.name == "posix" and not (path / "PG_VERSION").exists() and any(path.iterdir())
+        before = path.stat() if foreign else None
+    except OSError:  # none yet (made for the server), or not ours to read: initdb says
+        before = None
+    try:
+        yield
+    except BaseException:
+        if before is not None and not (path / "PG_VERSION").exists():
+            with contextlib.suppress(OSError):
+                os.chown(path, before.st_uid, before.st_gid)
+                os.chmod(path, before.st_mode & 0o7777)
+        raise
 
 
 @contextlib.contextmanager
@@ -295,7 +318,8 @@ def start_local(data_dir: str | os.PathLike[str] | None = None, *, cleanup: str 
             with _pg_watchdog.dir_locked(path):
                 url = _running_url(path)
                 if url is None:
-                    url = _start_server(bin_dir, path, cleanup, made=data_dir is None)
+                    with _kept_if_foreign(path, given=data_dir is not None):
+                        url = _start_server(bin_dir, path, cleanup, made=data_dir is None)
                 else:
                     _join(bin_dir, path)
         finally:

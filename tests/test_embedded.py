@@ -790,6 +790,24 @@ def test_with_pgserver_a_failed_initdb_says_why_in_one_line(data_dir):
     assert "initdb" in line and "exists but is not empty" in line, line
     assert proc.stderr == ""
     assert (data_dir / "notes.txt").exists()
+    # As root pgserver gave the directory to its server's user (chown) before initdb refused
+    # it: someone's own directory was left writable by that user. It is given back.
+    assert (data_dir.stat().st_uid, data_dir.stat().st_gid) == (os.geteuid(), os.getegid())
+
+
+@needs_binaries
+def test_without_pgserver_a_data_dir_that_is_no_server_s_is_left_as_it_was(data_dir):
+    """As root the server runs as an unprivileged user, so start_local gives the data
+    directory to it (chown) before initdb: a directory of the caller's own that initdb then
+    refused (not empty, and no data directory) was left owned by that user."""
+    data_dir.mkdir()
+    (data_dir / "notes.txt").write_text("not a data directory")
+    mode = data_dir.stat().st_mode
+    with pytest.raises(EmbeddedServerError, match="exists but is not empty"):
+        embedded.start_local(data_dir)
+    assert (data_dir / "notes.txt").read_text() == "not a data directory"
+    assert (data_dir.stat().st_uid, data_dir.stat().st_gid, data_dir.stat().st_mode) == (
+        os.geteuid(), os.getegid(), mode)
 
 
 @needs_binaries
