@@ -590,3 +590,46 @@ def test_a_late_cancel_request_does_not_cancel_the_next_transaction_on_the_conne
         app_engine.dispose()
     assert _state(database_url, schema, first_id) == "cancelled"
     assert _state(database_url, schema, next_id) == "completed", ENDED_WITH
+
+
+class QSyncLateCompletion(Job, kind="qc_sync_late_completion", queue="qc_late", max_attempts=1, timeout=0.5):
+    pass
+
+
+@QSyncLateCompletion.handler
+def q_sync_late_completion(ctx: JobContext) -> None:
+    """Writes, then stays busy in Python past its timeout (seeing it, not raising), then
+    leaves its block: the completion is the transaction's only statement after the cancel."""
+    first, _ = _statements(ctx.schema, True)
+    try:
+        with ctx.transaction(result="late") as session:
+            session.execute(text(first))
+            STARTED[ctx.id] = time.monotonic()
+            assert wait_for(lambda: ctx.cancelled, 10)
+    except BaseException as exc:
+        ENDED_WITH[ctx.id] = type(exc).__name__
+        raise
+    ENDED_WITH[ctx.id] = "returned"
+
+
+def test_a_timed_out_sync_handler_cannot_commit_its_completion_after_the_timeout(engine, database_url, schema):
+    """The attempt of a sync handler past its timeout has failed (counted timed_out, its
+    failure handed to the completer), but its thread ran on and left its ctx.transaction()
+    block: the completion, the only statement after the cancel (the session held nothing
+    to flush), was exempt from the cancel check, found the row still 'running' under its
+    token (the completer had not written the failure yet) and committed the handler's
+    effects and 'completed'; the failure was then fenced off."""
+    job_id = _setup(engine, database_url, schema, QSyncLateCompletion())
+
+    async def main() -> None:
+        # The completer writes the timeout's failure after 1.5 s: the thread is done by then.
+        async with Worker(database_url, kinds=[QSyncLateCompletion], schema=schema, completion_interval=1.5,
+                          **{**FAST, "lease": 30.0}):
+            assert await anyio.to_thread.run_sync(lambda: wait_for(lambda: job_id in ENDED_WITH, 10))
+            assert await anyio.to_thread.run_sync(
+                lambda: wait_for(lambda: _state(database_url, schema, job_id) != "running", 10))
+
+    anyio.run(main)
+    assert ENDED_WITH[job_id] == "_Cancelled"
+    assert _note(database_url, schema) == "before"
+    assert _state(database_url, schema, job_id) == "dead"

@@ -473,6 +473,13 @@ class JobContext:
                         session.info[_CANCEL_CHECK] = refuse_once_cancelled
                         yield session
                         session.flush()
+                        # The completion is exempt from the check (once begun, the fence
+                        # judges it), so it is made here: a handler's thread that left its
+                        # block after its timeout (or a release) found its row still
+                        # 'running' under its token until the completer wrote the failure,
+                        # and committed its effects and 'completed' over an attempt that
+                        # had failed. (A clean session's flush runs no check.)
+                        refuse_once_cancelled()
                         job.completing = True
                         completion = self._with_report(stmt)
                         self._check_lease(cast("CursorResult[Any]", session.execute(completion, execution_options=options)).rowcount)
