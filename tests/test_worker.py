@@ -1385,6 +1385,47 @@ def test_a_stop_leaves_an_abandoned_sync_handler_behind_after_the_grace(engine, 
     assert job_row(engine, ids[0]).state == "dead"
 
 
+
+def test_the_in_flight_gauge_counts_the_slot_an_abandoned_sync_handler_keeps(engine, database_url, schema):
+    """The slot a timed-out sync handler's thread keeps is no free slot: once its failure
+    was written the gauges read 0 in flight and 1 slot free, while the worker claimed
+    nothing (its only slot taken) until the thread returned."""
+    from prometheus_client import CollectorRegistry
+
+    from sa_jobs.metrics import PrometheusObserver
+
+    STUCK.update(running=0, peak=0, entered=0)
+    STUCK_RELEASE.clear()
+    ids = add(engine, *(WStuckSync() for _ in range(2)))
+    reg = CollectorRegistry()
+
+    def gauge(name: str) -> float | None:
+        return reg.get_sample_value(name, {"queue": "stuck"})
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[WStuckSync], schema=schema, queues={"stuck": 1},
+                          observer=PrometheusObserver(reg), shutdown_grace=1, **FAST):
+            with anyio.fail_after(20):  # read on the loop: never between the observer's calls
+                while reg.get_sample_value("sa_jobs_jobs_finished_total",
+                                           {"queue": "stuck", "kind": "w_stuck_sync", "outcome": "dead"}) != 1:
+                    await anyio.sleep(0.02)
+            assert STUCK["running"] == 1, STUCK
+            assert (gauge("sa_jobs_jobs_in_flight"), gauge("sa_jobs_worker_slots_free")) == (1, 0)
+            STUCK_RELEASE.set()
+            with anyio.fail_after(20):
+                while not await anyio.to_thread.run_sync(finished(engine, ids)):
+                    await anyio.sleep(0.05)
+                while gauge("sa_jobs_jobs_in_flight") != 0:
+                    await anyio.sleep(0.02)
+            assert gauge("sa_jobs_worker_slots_free") == 1
+
+    try:
+        anyio.run(main)
+    finally:
+        STUCK_RELEASE.set()
+    assert STUCK["peak"] == 1 and STUCK["entered"] == 2, STUCK
+
+
 class WHugeResult(Job, kind="w_huge_result", queue="w", max_attempts=3, backoff=constant_backoff(0.05)):
     pass
 

@@ -154,6 +154,9 @@ class _Queue:
     # Outcomes with the completer, not yet written: in flight for the observer, which
     # hears of them once written (the count it is given after a claim includes them).
     writing: int = 0
+    # Jobs whose abandoned sync handler's thread still runs (Worker._outlive) and whose
+    # outcome is not written yet: counted in busy (the slot) and in writing alike, once in flight.
+    outliving_unwritten: set[ClaimedJob] = field(default_factory=set)
     # Keyed by claim, not by job id: after a lost lease the same job can be claimed again
     # by this very worker while the stale attempt is still winding down, and the two
     # records must not overwrite each other.
@@ -790,7 +793,7 @@ class Worker:
                         # on finds the jobs; one taken before is in the watch.
                         q.busy += len(jobs)
                         q.inbox.put_many(jobs)
-                        self._observer.slots(q.name, q.busy + q.writing, q.limit)
+                        self._report_slots(q)
                     finally:
                         self._cancel_watches.discard(watch)
                     await self._recheck_claimed(live, conn, jobs, watch)
@@ -1003,11 +1006,20 @@ class Worker:
             else:
                 log.info("worker %s: queue %r is no longer paused cluster-wide", self.worker_id, q.name)
 
+    def _report_slots(self, q: _Queue) -> None:
+        """The observer's in-flight count, from the worker's own: claimed jobs not yet
+        finished, and the slots abandoned sync handlers' threads keep (Worker._outlive)."""
+        self._observer.slots(q.name, q.busy + q.writing - len(q.outliving_unwritten), q.limit)
+
     def _completions_written(self, batch: list[Outcome]) -> None:
         for outcome in batch:
             written = self._queues.get(outcome.job.queue)
             if written is not None:
                 written.writing -= 1
+                if outcome.job in written.outliving_unwritten:
+                    # Counted finished (job_finished): its thread still keeps the slot.
+                    written.outliving_unwritten.discard(outcome.job)
+                    self._report_slots(written)
         # A limited queue's room is counted from running rows: a batch of completions
         # just landed, so limited producers may find room again.
         for q in self._queues.values():
@@ -1088,6 +1100,7 @@ class Worker:
                     return
             q.running[job.id, job.token] = job
             outcome: Optional[Outcome] = None
+            outlived = False
             try:
                 try:
                     outcome, label = await self._execute(q, job)
@@ -1107,22 +1120,29 @@ class Worker:
                 else:
                     self._observer.job_finished(q.name, job.kind, label, run_seconds, since_enqueue)
                 if job.thread is not None and not job.thread.done:
-                    await self._outlive(q, job, job.thread, label)
+                    outlived = True
+                    await self._outlive(q, job, job.thread, label, unwritten=outcome is not None)
             finally:
                 q.busy -= 1
                 q.slot_freed.set()
+                if outlived:
+                    self._report_slots(q)  # the slot is free at last
                 if outcome is None and q.limited:
                     # The row already ended without the completer (ctx.transaction()'s
                     # commit, cancel(), a rescue): no write of its will wake the producer
                     # (_completions_written), and the room it freed waited for the poll.
                     q.wake.set()
 
-    async def _outlive(self, q: _Queue, job: ClaimedJob, thread: HandlerThread, label: str) -> None:
+    async def _outlive(self, q: _Queue, job: ClaimedJob, thread: HandlerThread, label: str, *, unwritten: bool) -> None:
         """Keep the slot of a job whose sync handler was abandoned (timed out, cancelled,
         lease lost) until its thread returns: the row has ended, but the thread runs on, and
         freeing the slot let the worker run more handlers of the queue than its concurrency
         (anyio gives the limiter's token back on abandon too). A stop past the grace period
-        leaves the thread behind."""
+        leaves the thread behind. The slot counts as in flight meanwhile: once its outcome
+        was written (counted finished), the gauges read a free slot the worker did not have."""
+        if unwritten:  # its outcome, just handed to the completer
+            q.outliving_unwritten.add(job)
+        self._report_slots(q)
         log.warning("job %s (%s): its sync handler still runs after the attempt ended (%s); its slot in"
                     " queue %r stays taken until it returns", job.id, job.kind, label, q.name)
         with anyio.CancelScope() as scope:
@@ -1133,6 +1153,7 @@ class Worker:
                 await thread.returned()
             finally:
                 self._outliving.discard(scope)
+                q.outliving_unwritten.discard(job)
         if not thread.done:
             log.warning("job %s (%s): the worker stops; its sync handler is left running in its thread", job.id, job.kind)
             self._left_behind.append(thread)
