@@ -278,3 +278,31 @@ def test_terminated_backends_are_replaced_and_nothing_is_lost(engine, database_u
         assert stop([worker]) == [0]
     distinct = q(database_url, jobs_sql(schema, "SELECT count(DISTINCT job_id) FROM {effects}"))[0][0]
     assert distinct == 3000
+
+
+def test_a_timed_out_sync_handlers_thread_holds_a_stop_within_the_grace_and_a_second_signal_exits(
+        engine, database_url, schema):
+    """The job of a sync handler past its timeout has ended (dead), but its thread sleeps on:
+    a SIGTERM'd `sa-jobs worker` waits for it within its grace (60 s here), and a second
+    signal exits at once, saying it left the thread behind (Python would join it at exit)."""
+    from .jobs_zombie import ZombieSleep
+
+    with Session(engine) as session, session.begin():
+        session.add(ZombieSleep(seconds=60))
+    worker = start_worker_process(database_url, schema, "tests.jobs_zombie", "--shutdown-grace", "60",
+                                  "--lease", "30", "--poll-interval", "0.2", "--maintenance-interval", "0.2")
+    try:
+        assert wait_for(lambda: states(database_url, schema) == {"dead": 1}, 20), states(database_url, schema)
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert worker.poll() is None  # within the grace: the thread may yet return
+        signalled = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0, output(worker)
+        assert time.monotonic() - signalled < 5
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    logged = output(worker)
+    assert "exiting with 1 sync handler(s) still running" in logged, logged
+    assert states(database_url, schema) == {"dead": 1}
