@@ -1386,6 +1386,52 @@ def test_a_stop_leaves_an_abandoned_sync_handler_behind_after_the_grace(engine, 
 
 
 
+@pytest.mark.parametrize("new_loop", [False, True], ids=["same-loop", "new-loop"])
+def test_the_next_run_keeps_the_slot_of_a_thread_the_last_stop_left_behind(engine, database_url, schema, new_loop):
+    """A stop past the grace leaves a timed-out sync handler's thread running; the same
+    Worker run again (an app's restart loop) started afresh, every slot free, and ran a
+    second handler of its one-slot queue beside the thread."""
+    STUCK.update(running=0, peak=0, entered=0)
+    STUCK_RELEASE.clear()
+    first = add(engine, WStuckSync())
+    worker = Worker(database_url, kinds=[WStuckSync], schema=schema, queues={"stuck": 1}, shutdown_grace=0.2, **FAST)
+
+    async def first_run() -> None:
+        async with worker:
+            with anyio.fail_after(20):
+                while not await anyio.to_thread.run_sync(finished(engine, first)):
+                    await anyio.sleep(0.05)
+        assert worker._threads_left_behind() == 1
+
+    async def second_run() -> None:
+        ids = add(engine, WStuckSync())
+        async with worker:
+            waited = time.monotonic()
+            with anyio.fail_after(20):  # the next job had time to start, or (wrongly) did
+                while STUCK["entered"] == 1 and time.monotonic() < waited + 2:
+                    await anyio.sleep(0.05)
+            assert (STUCK["entered"], STUCK["running"]) == (1, 1), STUCK
+            STUCK_RELEASE.set()  # the old thread returns: its slot is free, the job runs
+            with anyio.fail_after(20):
+                while not await anyio.to_thread.run_sync(finished(engine, ids)):
+                    await anyio.sleep(0.05)
+        assert job_row(engine, ids[0]).state == "completed"
+
+    async def both() -> None:
+        await first_run()
+        await second_run()
+
+    try:
+        if new_loop:
+            anyio.run(first_run)
+            anyio.run(second_run)
+        else:
+            anyio.run(both)
+    finally:
+        STUCK_RELEASE.set()
+    assert STUCK["peak"] == 1 and STUCK["entered"] == 2, STUCK
+
+
 def test_the_in_flight_gauge_counts_the_slot_an_abandoned_sync_handler_keeps(engine, database_url, schema):
     """The slot a timed-out sync handler's thread keeps is no free slot: once its failure
     was written the gauges read 0 in flight and 1 slot free, while the worker claimed

@@ -71,10 +71,10 @@ class HandlerThread:
         finally:
             with self._lock:
                 self.done = True
-                event = self._returned
+                event, loop = self._returned, self._loop
             if event is not None:
                 try:
-                    self._loop.call_soon_threadsafe(event.set)
+                    loop.call_soon_threadsafe(event.set)
                 except RuntimeError:  # the loop closed: nobody waits any more
                     pass
 
@@ -82,6 +82,9 @@ class HandlerThread:
         with self._lock:
             if self.done:
                 return
+            # The loop of this wait: a later run of the worker (on a new loop) waits for a
+            # thread an earlier run left behind.
+            self._loop = asyncio.get_running_loop()
             self._returned = event = anyio.Event()
         await event.wait()
 

@@ -310,7 +310,10 @@ class Worker:
         self._stopping = False
         self._releasing = False
         self._outliving: set[anyio.CancelScope] = set()  # runners waiting on an abandoned thread
-        self._left_behind: list[HandlerThread] = []  # abandoned threads a stop did not wait for
+        # Abandoned threads (and their queues) a stop did not wait for: kept while they run,
+        # since the next run of this Worker keeps their slots (Worker._hold_left_behind).
+        self._left_behind: list[tuple[str, HandlerThread]] = [
+            (queue, thread) for queue, thread in getattr(self, "_left_behind", ()) if not thread.done]
         self.completer: Optional[Completer] = None
         self.maintainer: Optional[Maintainer] = None
         self.notifier: Optional[Notifier] = None
@@ -698,6 +701,11 @@ class Worker:
                     for q in self._queues.values():
                         for _ in range(q.limit):
                             runners.start_soon(self._runner, q)
+                    for name, thread in self._left_behind:
+                        held = self._queues.get(name)
+                        if held is not None and not thread.done:
+                            held.busy += 1  # before the producers' first claim
+                            runners.start_soon(self._hold_left_behind, held, thread)
                     async with anyio.create_task_group() as producers:
                         self._producers_scope = producers.cancel_scope
                         if self._stopping:
@@ -1145,6 +1153,17 @@ class Worker:
         self._report_slots(q)
         log.warning("job %s (%s): its sync handler still runs after the attempt ended (%s); its slot in"
                     " queue %r stays taken until it returns", job.id, job.kind, label, q.name)
+        try:
+            await self._thread_returned(thread)
+        finally:
+            q.outliving_unwritten.discard(job)
+        if not thread.done:
+            log.warning("job %s (%s): the worker stops; its sync handler is left running in its thread", job.id, job.kind)
+            self._left_behind.append((q.name, thread))
+
+    async def _thread_returned(self, thread: HandlerThread) -> None:
+        """Wait for an abandoned thread to return, until a stop past the grace (or a hurried
+        one) gives up on it (_release_running)."""
         with anyio.CancelScope() as scope:
             self._outliving.add(scope)
             if self._releasing:
@@ -1153,14 +1172,24 @@ class Worker:
                 await thread.returned()
             finally:
                 self._outliving.discard(scope)
-                q.outliving_unwritten.discard(job)
-        if not thread.done:
-            log.warning("job %s (%s): the worker stops; its sync handler is left running in its thread", job.id, job.kind)
-            self._left_behind.append(thread)
+
+    async def _hold_left_behind(self, q: _Queue, thread: HandlerThread) -> None:
+        """Keep, in this run, the slot of a thread an earlier run's stop left behind (its
+        ``busy`` taken as the run began): a run started afresh ran a queue's full
+        concurrency of handlers beside it. Given up on as :meth:`_outlive` is."""
+        log.warning("worker %s: a sync handler an earlier run left behind still runs; its slot in queue %r"
+                    " stays taken until it returns", self.worker_id, q.name)
+        try:
+            self._report_slots(q)
+            await self._thread_returned(thread)
+        finally:
+            q.busy -= 1
+            q.slot_freed.set()
+            self._report_slots(q)
 
     def _threads_left_behind(self) -> int:
-        """Abandoned sync handlers of the last run, left behind by its stop, still running."""
-        return sum(not thread.done for thread in self._left_behind)
+        """Abandoned sync handlers left behind by stops (this run's or earlier ones'), still running."""
+        return sum(not thread.done for _, thread in self._left_behind)
 
     async def _execute(self, q: _Queue, job: ClaimedJob) -> tuple[Optional[Outcome], str]:
         if job.cancelled_by_user:  # cancelled while it waited in the inbox: never start it
