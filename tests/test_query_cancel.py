@@ -633,3 +633,45 @@ def test_a_timed_out_sync_handler_cannot_commit_its_completion_after_the_timeout
     assert ENDED_WITH[job_id] == "_Cancelled"
     assert _note(database_url, schema) == "before"
     assert _state(database_url, schema, job_id) == "dead"
+
+
+class QSyncLateAsyncCompletion(Job, kind="qc_sync_late_async_completion", queue="qc_late", max_attempts=1, timeout=0.5):
+    pass
+
+
+@QSyncLateAsyncCompletion.handler
+def q_sync_late_async_completion(ctx: JobContext) -> None:
+    """Past its timeout, the thread runs its unit of work as ctx.async_transaction() on the
+    worker's loop (anyio.from_thread.run: the thread is anyio's)."""
+    first, _ = _statements(ctx.schema, True)
+
+    async def unit() -> None:
+        async with ctx.async_transaction(result="late") as session:
+            await session.execute(text(first))
+
+    STARTED[ctx.id] = time.monotonic()
+    assert wait_for(lambda: ctx.cancelled, 10)
+    try:
+        anyio.from_thread.run(unit)
+    except BaseException as exc:
+        ENDED_WITH[ctx.id] = type(exc).__name__
+        raise
+    ENDED_WITH[ctx.id] = "returned"
+
+
+def test_a_timed_out_sync_handler_cannot_commit_a_completion_through_the_loop(engine, database_url, schema):
+    """As above, through ctx.async_transaction() run on the worker's loop from the thread:
+    no cancel scope of the job is around it there, and nothing checked the job."""
+    job_id = _setup(engine, database_url, schema, QSyncLateAsyncCompletion())
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[QSyncLateAsyncCompletion], schema=schema, completion_interval=1.5,
+                          **{**FAST, "lease": 30.0}):
+            assert await anyio.to_thread.run_sync(lambda: wait_for(lambda: job_id in ENDED_WITH, 10))
+            assert await anyio.to_thread.run_sync(
+                lambda: wait_for(lambda: _state(database_url, schema, job_id) != "running", 10))
+
+    anyio.run(main)
+    assert _note(database_url, schema) == "before"
+    assert _state(database_url, schema, job_id) == "dead"
+    assert ENDED_WITH[job_id] == "_Cancelled"

@@ -35,6 +35,7 @@ class ClaimedJob:
     progress_json: Optional[str] = None  # reported, not yet written by a heartbeat
     reported: bool = False  # this run reported progress (a release drops it from the row)
     thread: Optional["HandlerThread"] = None  # the call of a sync handler, once started
+    ended: bool = False  # the runner has its outcome: what the handler (or its thread) does now is no part of it
     task_exit: Optional[BaseException] = None  # a task the handler started raised SystemExit (as this)
     # Called on cancel: each cancels on the server the statement of a sync ctx.transaction()
     # open in the handler's thread (context._ServerStatement), which nothing else interrupts.

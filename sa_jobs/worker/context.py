@@ -403,6 +403,14 @@ class JobContext:
 
     # ---- transactional completion ------------------------------------------------
 
+    def _refuse_once_ended(self) -> None:
+        """No ctx.async_transaction() of an attempt that has ended cut short: no cancel scope
+        of the job is around one an abandoned sync handler's thread runs on the loop
+        (anyio.from_thread.run()), and its completion found the row still 'running' under
+        its token until the completer wrote the attempt's failure, and committed over it."""
+        if self._job.ended:
+            self.raise_if_cancelled()
+
     def _completion(self, result: Any):
         result_value = None if result is None else _validate.json_value(result)
         # Another job may have taken this one's unique key while it ran (its states leave
@@ -501,6 +509,7 @@ class JobContext:
         from sqlalchemy.ext.asyncio import AsyncSession
 
         refuse_second_completion(self._job.completed_in_tx)
+        self._refuse_once_ended()
         stmt, options = self._completion(result)
         async with AsyncSession(self._worker.async_engine()) as session:
             try:
@@ -513,6 +522,7 @@ class JobContext:
                         if statement.interrupted:  # the handler caught it: its completion cannot commit
                             raise StatementInterruptedError(_INTERRUPTED_MESSAGE)
                         await session.flush()
+                        self._refuse_once_ended()
                         self._job.completing = True
                         completion = self._with_report(stmt)
                         res = cast("CursorResult[Any]", await session.execute(completion, execution_options=options))

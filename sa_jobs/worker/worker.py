@@ -1118,6 +1118,7 @@ class Worker:
                     label = "dead" if outcome.dead else "retried"
                 finally:
                     q.running.pop((job.id, job.token), None)
+                    job.ended = True
                 run_seconds = time.monotonic() - job.claimed_at
                 since_enqueue = max(0.0, time.time() - job.created_epoch) if job.created_epoch else 0.0
                 if outcome is not None:  # reported once written (Completer._finished)
