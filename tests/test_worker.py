@@ -1432,6 +1432,34 @@ def test_the_next_run_keeps_the_slot_of_a_thread_the_last_stop_left_behind(engin
     assert STUCK["peak"] == 1 and STUCK["entered"] == 2, STUCK
 
 
+def test_a_run_stopped_before_it_began_does_not_wait_for_a_thread_an_earlier_run_left_behind(engine, database_url,
+                                                                                              schema):
+    """The slot a left-behind thread keeps is held while the run claims: a run stopped before
+    it began still ends at once (docs/core.md), not after its grace (30 s here)."""
+    STUCK.update(running=0, peak=0, entered=0)
+    STUCK_RELEASE.clear()
+    ids = add(engine, WStuckSync())
+    worker = Worker(database_url, kinds=[WStuckSync], schema=schema, queues={"stuck": 1}, shutdown_grace=30, **FAST)
+
+    async def first_run() -> None:
+        async with worker:
+            with anyio.fail_after(20):
+                while not await anyio.to_thread.run_sync(finished(engine, ids)):
+                    await anyio.sleep(0.05)
+            worker.release_running()  # a hurried stop: the thread is left behind at once
+
+    try:
+        anyio.run(first_run)
+        assert worker._threads_left_behind() == 1
+        worker.request_stop()  # before the next run: it claims nothing and ends at once
+        began = time.monotonic()
+        anyio.run(worker.run)
+        assert time.monotonic() - began < 5
+        assert STUCK["running"] == 1 and worker._threads_left_behind() == 1
+    finally:
+        STUCK_RELEASE.set()
+
+
 def test_the_in_flight_gauge_counts_the_slot_an_abandoned_sync_handler_keeps(engine, database_url, schema):
     """The slot a timed-out sync handler's thread keeps is no free slot: once its failure
     was written the gauges read 0 in flight and 1 slot free, while the worker claimed

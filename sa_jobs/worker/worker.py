@@ -701,15 +701,15 @@ class Worker:
                     for q in self._queues.values():
                         for _ in range(q.limit):
                             runners.start_soon(self._runner, q)
-                    for name, thread in self._left_behind:
-                        held = self._queues.get(name)
-                        if held is not None and not thread.done:
-                            held.busy += 1  # before the producers' first claim
-                            runners.start_soon(self._hold_left_behind, held, thread)
                     async with anyio.create_task_group() as producers:
                         self._producers_scope = producers.cancel_scope
                         if self._stopping:
                             producers.cancel_scope.cancel()
+                        for name, thread in self._left_behind:
+                            held = self._queues.get(name)
+                            if held is not None and not thread.done:
+                                held.busy += 1  # before the producers' first claim
+                                producers.start_soon(self._hold_left_behind, held, thread)
                         for q in self._queues.values():
                             producers.start_soon(self._producer, q, claim_conn, claim_lock)
                         self._started.set()
@@ -1177,7 +1177,8 @@ class Worker:
     async def _hold_left_behind(self, q: _Queue, thread: HandlerThread) -> None:
         """Keep, in this run, the slot of a thread an earlier run's stop left behind (its
         ``busy`` taken as the run began): a run started afresh ran a queue's full
-        concurrency of handlers beside it. Given up on as :meth:`_outlive` is."""
+        concurrency of handlers beside it. Held while the run claims: among the producers,
+        it ends with them at a stop (the earlier run waited out its grace for the thread)."""
         log.warning("worker %s: a sync handler an earlier run left behind still runs; its slot in queue %r"
                     " stays taken until it returns", self.worker_id, q.name)
         try:
