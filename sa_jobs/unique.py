@@ -85,6 +85,15 @@ class Unique:
             raise ConfigurationError(f"Unique(states=...): unknown state(s) {bad}; use {', '.join(ALL_STATES)}")
         # Canonical order, so equal sets give equal rows.
         object.__setattr__(self, "states", tuple(s for s in ALL_STATES if s in self.states))
+        if "running" in self.states and "available" not in self.states:
+            # The claim moves available jobs to running without looking at their keys (it
+            # cannot skip a row in the index's place): two jobs of one key waited
+            # available, outside the index, and the claim that took the second failed on
+            # jobs_unique_idx, and with it every claim of the queue, for good.
+            raise ConfigurationError(
+                f"Unique(states={self.states!r}): a key held while running must be held while available too"
+                " (the claim cannot wait for a running job's key); add 'available', or run one job at a time"
+                " per key with partition_by= and a queue's partition_concurrency=1")
         if self.on_conflict not in ON_CONFLICT:
             raise ConfigurationError(f"Unique(on_conflict=...) must be one of {ON_CONFLICT}, not {self.on_conflict!r}")
         if type(self.by_queue) is not bool:

@@ -520,6 +520,19 @@ def test_invalid_unique_declarations():
     assert Unique(period=dt.timedelta(minutes=1.5)).period_seconds == 90
 
 
+@pytest.mark.parametrize("states", [("running",), ("scheduled", "running"), ("running", "retryable", "completed")])
+def test_states_that_hold_the_key_running_but_not_available_are_refused(states):
+    """A claim moves a job from available to running with no look at its key: with
+    running among its states and available not, two jobs of one key both waited
+    available (not in the unique index), and the claim that took them (or one of them
+    while the other ran) failed on jobs_unique_idx. It failed every claim of the queue,
+    for good: no job of that queue, of any kind, ran again. Refused at declaration; one
+    job at a time per key is a partition limit (partition_by=, partition_concurrency=1)."""
+    with pytest.raises(ConfigurationError, match="available.*partition_by"):
+        Unique(by=("user_id",), states=states)
+    assert Unique(states=("available", "running")).states == ("available", "running")
+
+
 def _deadlocks(database_url: str) -> int:
     return q(database_url, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")[0][0]
 
