@@ -472,13 +472,14 @@ FINAL_STATUSES = ("done", "failed", "cancelled")
 MIN_READ_SECONDS = 1.0
 
 
-def _status_within(session: Any, job_id: int, seconds: float, timeout: float) -> JobStatus:
+def _status_within(session: Any, job_id: int, seconds: float, timeout: float, *, joined: bool = False) -> JobStatus:
     """:func:`job_status` in ``session``'s own transaction, under a ``statement_timeout``
     of ``seconds`` (at least :data:`MIN_READ_SECONDS`). A read the server does not answer
     in time (the jobs table locked by a migration, VACUUM FULL or LOCK TABLE; a server
     under a pile-up) is cancelled by the server and raises ``TimeoutError``: the deadline
     is otherwise only checked between reads, and a wait outlasted its timeout by as long
-    as the lock was held."""
+    as the lock was held. ``joined``: the transaction is the caller's (a Connection given
+    in a transaction), which gets its own setting back after the read."""
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
@@ -489,15 +490,20 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float) ->
     # On a connection in autocommit (an AUTOCOMMIT engine, or the driver's own autocommit)
     # each statement is its own transaction, and a transaction-local setting ended with the
     # statement that made it: the read had no bound. There the setting is the session's,
-    # and the connection's own value is put back after the read.
+    # and the connection's own value is put back after the read. In the caller's own
+    # transaction the local setting outlived the wait, and cancelled the caller's next
+    # statements after the wait's last bound: its value is put back too.
     dbapi_connection = session.connection().connection.dbapi_connection
+    autocommit = getattr(dbapi_connection, "autocommit", False) is True
     previous = None
-    if getattr(dbapi_connection, "autocommit", False) is True:
+    if autocommit or joined:
         previous = session.execute(text("SELECT current_setting('statement_timeout')")).scalar_one()
+    failed = False  # the read failed on the server: a transaction it aborted runs nothing more
     try:
-        session.execute(set_timeout, {"ms": f"{millis}ms", "local": previous is None})
+        session.execute(set_timeout, {"ms": f"{millis}ms", "local": not autocommit})
         return job_status(session, job_id)
     except DBAPIError as exc:
+        failed = True
         # Any DBAPIError: psycopg's query_canceled is an OperationalError, asyncpg's (an
         # async app's AsyncEngine) a plain DBAPIError, which once escaped the wait.
         if getattr(getattr(exc, "orig", None), "sqlstate", None) != "57014":  # query_canceled
@@ -507,8 +513,8 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float) ->
             f" within {millis / 1000:g}s)"
         ) from None
     finally:
-        if previous is not None and not getattr(dbapi_connection, "closed", False):
-            session.execute(set_timeout, {"ms": previous, "local": False})
+        if previous is not None and (autocommit or not failed) and not getattr(dbapi_connection, "closed", False):
+            session.execute(set_timeout, {"ms": previous, "local": not autocommit})
 
 
 def _check_timeout(timeout: float) -> None:
@@ -520,14 +526,46 @@ def _check_timeout(timeout: float) -> None:
         raise ValueError("wait_for: timeout is NaN; give seconds, or math.inf to wait without a deadline")
 
 
+def _read_again(exc: BaseException, seen: bool) -> bool:
+    """Whether a wait's failed read is tried again (within its timeout): its connection was
+    lost (SQLAlchemy invalidated it, and the pool reconnects at the next checkout), or,
+    once a read has found the job, the database could not be reached (a restart, a
+    failover). A wait's pooled connection cut between two reads (pg_terminate_backend, a
+    proxy's idle timeout) raised OperationalError out of a wait whose job completed a
+    moment later. The first read's connection errors (a wrong URL, a refused login) are
+    raised as they are."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if not isinstance(exc, DBAPIError):
+        return False
+    return bool(exc.connection_invalidated) or (seen and isinstance(exc, (OperationalError, InterfaceError)))
+
+
+def _unreachable(job_id: int, timeout: float, exc: BaseException) -> TimeoutError:
+    """The wait's TimeoutError when its deadline passed while its reads failed (``exc``)."""
+    from ._connection import describe
+
+    return TimeoutError(f"job {job_id}: the database could not be read within {timeout}s"
+                        f" ({describe(getattr(exc, 'orig', None) or exc)})")
+
+
+def _joined(engine: Any) -> bool:
+    """A Connection (or AsyncConnection) given in a transaction: the wait reads in the caller's."""
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    return isinstance(engine, (Connection, AsyncConnection)) and engine.in_transaction()
+
+
 def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
     """Block until job ``job_id`` is done, failed (dead) or cancelled; its final status.
 
     Polls with a gentle backoff (20 ms growing to 500 ms). Raises ``TimeoutError``, also
     when the server does not answer a read in time (each read is bounded by the time left,
     at least :data:`MIN_READ_SECONDS`). ``timeout=math.inf`` waits without a deadline.
-    Raises :class:`JobNotFoundError` if there is no such job, also when it is deleted (or
-    pruned) during the wait.
+    A read whose connection was lost, or, once the job has been found, that cannot reach
+    the database, is tried again within the timeout. Raises :class:`JobNotFoundError` if
+    there is no such job, also when it is deleted (or pruned) during the wait.
     """
     import time
 
@@ -537,13 +575,22 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
     _check_timeout(timeout)
     deadline = time.monotonic() + timeout
     pause = 0.02
+    seen = False
     while True:
-        with Session(engine) as session:
-            status = _status_within(session, job_id, deadline - time.monotonic(), timeout)
-        if status.status in FINAL_STATUSES:
-            return status
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"job {job_id} is still {status.state} after {timeout}s")
+        try:
+            with Session(engine) as session:
+                status = _status_within(session, job_id, deadline - time.monotonic(), timeout, joined=_joined(engine))
+        except Exception as exc:
+            if not _read_again(exc, seen):
+                raise
+            if time.monotonic() >= deadline:
+                raise _unreachable(job_id, timeout, exc) from exc
+        else:
+            seen = True
+            if status.status in FINAL_STATUSES:
+                return status
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {status.state} after {timeout}s")
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(0.5, pause * 1.5)
 
@@ -554,7 +601,7 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
     As :func:`wait_for`, it reads the job at least once before the deadline counts: a
     cancel scope around the whole wait raised a bare ``TimeoutError`` for a job that had
     long finished when ``timeout`` was 0 or shorter than one round trip. Each read is
-    bounded on the server as in :func:`wait_for`.
+    bounded on the server, and a lost connection read through again, as in :func:`wait_for`.
     """
     import anyio
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -564,15 +611,24 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
     _check_timeout(timeout)
     deadline = anyio.current_time() + timeout
     pause = 0.02
+    seen = False
     while True:
-        async with AsyncSession(engine) as session:
-            status = await session.run_sync(_status_within, job_id, deadline - anyio.current_time(), timeout)
-        if status.status in FINAL_STATUSES:
-            return status
-        remaining = deadline - anyio.current_time()
-        if remaining <= 0:
-            raise TimeoutError(f"job {job_id} is still {status.state} after {timeout}s")
-        await anyio.sleep(min(pause, remaining))
+        try:
+            async with AsyncSession(engine) as session:
+                status = await session.run_sync(_status_within, job_id, deadline - anyio.current_time(), timeout,
+                                                joined=_joined(engine))
+        except Exception as exc:
+            if not _read_again(exc, seen):
+                raise
+            if anyio.current_time() >= deadline:
+                raise _unreachable(job_id, timeout, exc) from exc
+        else:
+            seen = True
+            if status.status in FINAL_STATUSES:
+                return status
+            if anyio.current_time() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {status.state} after {timeout}s")
+        await anyio.sleep(min(pause, max(0.0, deadline - anyio.current_time())))
         pause = min(0.5, pause * 1.5)
 
 

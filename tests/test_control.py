@@ -1037,6 +1037,113 @@ def test_wait_for_async_with_a_zero_timeout_returns_a_finished_job(engine, datab
     anyio.run(main)
 
 
+def _terminate_then_complete(database_url: str, schema: str, app: str, job_id: int) -> threading.Thread:
+    """A thread that ends the server session of the wait's idle pooled connection (named
+    ``app``) between two of its reads, then completes the job once that session is gone."""
+    from sa_jobs._url import to_conninfo
+
+    def run() -> None:
+        import psycopg
+
+        deadline = time.monotonic() + 10
+        with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                pids = [r[0] for r in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = 'idle'", (app,))]
+                if pids:
+                    conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+                    while conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchall():
+                        time.sleep(0.01)
+                    break
+                time.sleep(0.01)
+            conn.execute(jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now(),"
+                                          " result = '7' WHERE id = %s"), (job_id,))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_wait_for_goes_on_when_its_connection_is_lost_between_reads(engine, database_url, schema, flavour):
+    """The wait reads the job every 20-500 ms through the engine's pool, for as long as its
+    timeout. The pooled connection it read through was cut between two reads (a server
+    restart, a failover, pg_terminate_backend, an idle timeout of a proxy): the next read
+    raised OperationalError out of the wait, though the job completed a moment later and
+    the pool reconnects at the next checkout. A lost connection is read through again,
+    within the wait's timeout."""
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs import wait_for, wait_for_async
+    from sa_jobs._url import sqlalchemy_url
+
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+    app = "sa_jobs_wait_" + uuid.uuid4().hex[:8]
+    thread = _terminate_then_complete(database_url, schema, app, job_id)
+    if flavour == "sync":
+        waiting = create_engine(engine.url, connect_args={"application_name": app}).execution_options(
+            schema_translate_map={"sa_jobs": schema})
+        try:
+            status = wait_for(waiting, job_id, timeout=15)
+        finally:
+            waiting.dispose()
+    else:
+        async def main():
+            aengine = create_async_engine(sqlalchemy_url(database_url, async_=True),
+                                          connect_args={"application_name": app}).execution_options(
+                schema_translate_map={"sa_jobs": schema})
+            try:
+                return await wait_for_async(aengine, job_id, timeout=15)
+            finally:
+                await aengine.dispose()
+
+        status = anyio.run(main)
+    thread.join(10)
+    assert (status.status, status.result) == ("done", 7)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_wait_for_on_a_connection_in_a_transaction_leaves_its_statement_timeout_be(engine, database_url, schema,
+                                                                                    flavour):
+    """Each read sets a transaction-local statement_timeout of the time left (at least
+    1 s). Given a Connection in a transaction (the caller's), the wait joined that
+    transaction, and the setting outlived the wait: the caller's next statements in it
+    were cancelled after a second or so (QueryCanceled), as if the wait's deadline were
+    theirs."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs import wait_for, wait_for_async
+    from sa_jobs._url import sqlalchemy_url
+
+    (job_id,) = add(engine, CLongAsync())
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now() WHERE id = %s"),
+      (job_id,))
+    show = text("SELECT current_setting('statement_timeout')")
+    if flavour == "sync":
+        with engine.connect() as conn:
+            conn.execute(text("SET LOCAL statement_timeout = '45s'"))
+            assert wait_for(conn, job_id, timeout=2).status == "done"
+            assert conn.in_transaction() and conn.execute(show).scalar_one() == "45s"
+            conn.execute(text("SELECT pg_sleep(1.1)"))  # a statement of the caller's, longer than a read's bound
+    else:
+        async def main() -> None:
+            aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+                schema_translate_map={"sa_jobs": schema})
+            try:
+                async with aengine.connect() as conn:
+                    await conn.execute(text("SET LOCAL statement_timeout = '45s'"))
+                    assert (await wait_for_async(conn, job_id, timeout=2)).status == "done"
+                    assert conn.in_transaction() and (await conn.execute(show)).scalar_one() == "45s"
+                    await conn.execute(text("SELECT pg_sleep(1.1)"))
+            finally:
+                await aengine.dispose()
+
+        anyio.run(main)
+
+
 def test_pause_is_cluster_wide_and_resume_wakes_workers(engine, database_url, schema):
     from sa_jobs import pause_queue, paused_queues, resume_queue
 
