@@ -76,7 +76,8 @@ def retry(session: Any, job_id: int) -> int:
     ``attempt + 1``); other states keep their budget, with at least one attempt left. A
     completed job's result is cleared (``errors`` keeps the history). Returns the job's id; raises :class:`JobNotFoundError` if no job
     with that id is in a replayable state (a running job cannot be retried), or if it is
-    a unique job whose key another job holds now (retrying it would make a duplicate).
+    a unique job whose key another job holds now (retrying it would make a duplicate), or
+    one that gave its key up when it ended (the key is no longer known).
     The caller's transaction stays usable either way.
     """
     refuse_async_session(session, "retry")
@@ -88,6 +89,12 @@ def retry(session: Any, job_id: int) -> int:
             raise JobNotFoundError(
                 f"job {job_id} cannot be retried: its unique key ({holder[1]!r}) is held by job {holder[0]}"
                 f" ({holder[2]}); retrying it would make a duplicate, retry it once that job has finished"
+            )
+        gave_up = select(_jobs.c.id).where(_jobs.c.id == job_id, _jobs.c.state.in_(REPLAYABLE_STATES), _GAVE_UP_ITS_KEY)
+        if session.execute(gave_up).first() is not None:
+            raise JobNotFoundError(
+                f"job {job_id} cannot be retried: it gave up its unique key (it ended while another job held"
+                " it), so a retry could not tell a duplicate; enqueue the job again instead"
             )
         raise JobNotFoundError(f"no job {job_id} in a replayable state ({', '.join(REPLAYABLE_STATES)})")
     return ids[0]
@@ -156,13 +163,21 @@ def gives_up_its_key(state: str) -> Any:
     return func.coalesce(literal(state) == _jobs.c.unique_states.any_(), False) & _key_held()
 
 
+# A row of a unique kind that gave its key up (unique_key NULL, its states kept): it ended
+# while another job held the key (cancel_many, the completer, the rescuer, a transactional
+# completion). Available again it would hold that key, which is no longer known: a retry
+# made it a keyless duplicate of the job holding it, which no unique check saw again.
+_GAVE_UP_ITS_KEY = _jobs.c.unique_key.is_(None) & _jobs.c.unique_states.isnot(None) & func.coalesce(
+    _ENTERS_INDEX, False)
+
+
 def _retry_rows(session: Any, ids: list[int]) -> list[int]:
     key_held = _key_held()
     # A unique row whose key another row holds must not enter the index again.
     enters_index = _jobs.c.unique_key.isnot(None) & func.coalesce(_ENTERS_INDEX, False)
     stmt = (
         update(_jobs)
-        .where(_id_in(ids), _jobs.c.state.in_(REPLAYABLE_STATES), ~(enters_index & key_held))
+        .where(_id_in(ids), _jobs.c.state.in_(REPLAYABLE_STATES), ~(enters_index & key_held), ~_GAVE_UP_ITS_KEY)
         .values(
             state="available",
             scheduled_at=func.now(),

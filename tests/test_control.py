@@ -187,6 +187,32 @@ def test_cancel_of_a_running_job_whose_key_another_job_took_gives_the_key_up(eng
     assert q(database_url, jobs_sql(schema, "SELECT unique_key FROM {jobs} WHERE id = %s"), (holder,)) == [("k1",)]
 
 
+def test_retry_refuses_a_unique_job_that_gave_its_key_up(engine, database_url, schema):
+    """A job that ended while another job held its key gives the key up (unique_key NULL:
+    a cancel, as here, or a completion through the completer or ctx.transaction()). retry()
+    then checked no key at all: the job went back to available without one, beside the
+    job holding its key, a duplicate the unique index could no longer see (and another
+    enqueue of the key was let in beside it). Its key is not known any more: it is refused
+    as a job whose key is held (retry() names why, retry_many() skips it)."""
+    insert = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, claim_token, lease_expires_at, unique_key,"
+                              " unique_states) VALUES ('c_key', 'c_none', %s, CASE WHEN %s = 'running' THEN"
+                              " gen_random_uuid() END, CASE WHEN %s = 'running' THEN now() + interval '1 hour' END,"
+                              " 'k1', ARRAY['available', 'retryable', 'cancelled']) RETURNING id")
+    running = q(database_url, insert, ("running",) * 3)[0][0]
+    holder = q(database_url, insert, ("available",) * 3)[0][0]
+    (other,) = add(engine, CLongAsync())
+    _finish(database_url, schema, other, "cancelled")
+    with Session(engine) as session, session.begin():
+        assert cancel(session, running) == "running"
+    assert _keys(database_url, schema)[running] == ("cancelled", None)
+    with Session(engine) as session, session.begin():
+        with pytest.raises(JobNotFoundError, match=rf"job {running} cannot be retried: it gave up its unique key"):
+            retry(session, running)
+        assert list(retry_many(session, [running, other])) == [other]
+    assert _keys(database_url, schema)[running] == ("cancelled", None)
+    assert row(database_url, schema, holder)[0] == "available"
+
+
 def _keyed(database_url, schema, state, states, key="k2"):
     """A row of kind c_key in ``state`` with ``key``, unique in ``states``."""
     insert = jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, scheduled_at, unique_key, unique_states)"
