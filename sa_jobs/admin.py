@@ -447,6 +447,19 @@ def current_progress(state: str, attempt: int, progress: Any) -> Any:
     return progress if tag >= current else None
 
 
+def _last_attempt_failed(state: str, attempt: int, last: Any) -> bool:
+    """Whether the last error recorded (``last``) is that of the attempt a status shows it
+    for: a waiting job's last attempt (``attempt``; a snooze refunds its own), a running
+    one's attempt before. A job replayed after it completed, or after an operator's
+    cancel() (which records no error), showed the failure of an attempt before those, as if
+    its last attempt had failed. An error that names no attempt (or a finished job's) is
+    shown, as before."""
+    tag = last.get("attempt") if isinstance(last, dict) else None
+    if state not in (*PENDING_STATES, "running") or not isinstance(tag, int) or isinstance(tag, bool):
+        return True
+    return tag >= (attempt - 1 if state == "running" else attempt)
+
+
 def job_status(session: Any, job_id: int) -> JobStatus:
     """The status of job ``job_id`` in a status page's words (seed 002); from an
     AsyncSession, ``await session.run_sync(job_status, job_id)``.
@@ -466,7 +479,7 @@ def job_status(session: Any, job_id: int) -> JobStatus:
     error = None
     # Not only while 'retryable': the error vanished when the scheduler made the retry
     # available, and came back if that retry failed (a status page's message flickered).
-    if row.errors and row.state != "completed":
+    if row.errors and row.state != "completed" and _last_attempt_failed(row.state, row.attempt, row.errors[-1]):
         error = str(row.errors[-1].get("error", "")).splitlines()[0][:200] if row.errors[-1].get("error") else None
     progress = current_progress(row.state, row.attempt, row.progress)
     if isinstance(progress, dict):  # the attempt is the status's own

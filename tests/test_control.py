@@ -935,6 +935,32 @@ def test_job_status_keeps_the_last_error_until_the_job_completes(engine, databas
     assert status.error == ("ValueError: card declined" if shown else None)
 
 
+@pytest.mark.parametrize("ended, shown", [("completed", False), ("cancelled", False), ("dead", True)])
+def test_a_replayed_job_shows_the_error_of_its_last_attempt_only(engine, database_url, schema, ended, shown):
+    """Attempt 1 failed, attempt 2 completed (or was cancelled by an operator, which
+    records no error) and the job was replayed with retry(): its status showed "queued"
+    with attempt 1's error, the failure of an attempt two runs back, as if the last one
+    had failed. A waiting job shows the error of its last attempt, a running one that of
+    the attempt before it; a replayed dead job still shows why it died."""
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+    errors = [{"attempt": 1, "error": "ValueError: card declined"}]
+    if ended == "dead":
+        errors.append({"attempt": 2, "error": "ValueError: card expired"})
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = %s, attempt = 2, errors = %s::jsonb,"
+                                     " finished_at = now() WHERE id = %s"), (ended, json.dumps(errors), job_id))
+    with Session(engine) as session, session.begin():
+        assert retry(session, job_id) == job_id
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+    assert (status.status, status.error) == ("queued", "ValueError: card expired" if shown else None)
+    # Its run is attempt 3, and the attempt before it (2) did not fail.
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'running', attempt = 3, claim_token = gen_random_uuid(),"
+                                     " lease_expires_at = now() + interval '1 hour' WHERE id = %s"), (job_id,))
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+    assert (status.status, status.error) == ("running", "ValueError: card expired" if shown else None)
+
+
 def test_wait_for_refuses_a_timeout_that_is_not_a_number(engine):
     """None failed with a bare TypeError from the clock's arithmetic, naming neither."""
     from sa_jobs import wait_for
