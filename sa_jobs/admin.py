@@ -171,13 +171,17 @@ _GAVE_UP_ITS_KEY = _jobs.c.unique_key.is_(None) & _jobs.c.unique_states.isnot(No
     _ENTERS_INDEX, False)
 
 
-def _retry_rows(session: Any, ids: list[int]) -> list[int]:
-    key_held = _key_held()
-    # A unique row whose key another row holds must not enter the index again.
+def _retry_refused() -> Any:
+    """True for a row that retry() refuses whatever its state: a unique row whose key
+    another row holds (it must not enter the index again), or one that gave its key up."""
     enters_index = _jobs.c.unique_key.isnot(None) & func.coalesce(_ENTERS_INDEX, False)
+    return (enters_index & _key_held()) | _GAVE_UP_ITS_KEY
+
+
+def _retry_rows(session: Any, ids: list[int]) -> list[int]:
     stmt = (
         update(_jobs)
-        .where(_id_in(ids), _jobs.c.state.in_(REPLAYABLE_STATES), ~(enters_index & key_held), ~_GAVE_UP_ITS_KEY)
+        .where(_id_in(ids), _jobs.c.state.in_(REPLAYABLE_STATES), ~_retry_refused())
         .values(
             state="available",
             scheduled_at=func.now(),
@@ -421,7 +425,10 @@ class JobStatus:
     # The last failure's first line, at most 200 characters, until the job completes: a
     # job waiting for its retry, or running it, shows why the attempt before failed.
     error: Optional[str]
-    can_retry: bool  # it ended dead or cancelled: what a status page offers a retry for (retry() accepts more)
+    # It ended dead or cancelled, and retry() would take it now (not a unique job whose key
+    # another job holds, or that gave its key up): what a status page offers a retry for
+    # (retry() accepts more states).
+    can_retry: bool
     result: Any
     progress: Any = None  # {"percent", "message"} reported by the current attempt (current_progress)
 
@@ -471,7 +478,7 @@ def job_status(session: Any, job_id: int) -> JobStatus:
     check_job_id(job_id)
     row = session.execute(
         select(_jobs.c.id, _jobs.c.state, _jobs.c.attempt, _jobs.c.max_attempts, _jobs.c.errors, _jobs.c.result,
-               _jobs.c.progress)
+               _jobs.c.progress, _retry_refused().label("retry_refused"))
         .where(_jobs.c.id == job_id)
     ).one_or_none()
     if row is None:
@@ -486,7 +493,7 @@ def job_status(session: Any, job_id: int) -> JobStatus:
         progress = {k: v for k, v in progress.items() if k != "attempt"}
     return JobStatus(
         id=row.id, status=STATUS_WORDS[row.state], state=row.state, attempt=row.attempt,
-        max_attempts=row.max_attempts, error=error, can_retry=row.state in ("dead", "cancelled"), result=row.result,
+        max_attempts=row.max_attempts, error=error, can_retry=row.state in ("dead", "cancelled") and not row.retry_refused, result=row.result,
         progress=progress,
     )
 

@@ -305,6 +305,25 @@ def test_retry_skips_a_unique_job_whose_key_is_held_again(engine, database_url, 
     assert row(database_url, schema, old)[0] == "available"
 
 
+def test_can_retry_is_false_while_retry_would_refuse_the_job(engine, database_url, schema):
+    """can_retry is what a status page offers a retry button for: it was True for a dead
+    unique job whose key another job holds (and for one that gave its key up), whose
+    retry() raises JobNotFoundError, so the button failed every time it was pressed."""
+    (old,) = add(engine, CUnique(key="k"))
+    _finish(database_url, schema, old)
+    (holder,) = add(engine, CUnique(key="k"))
+    with Session(engine) as session:
+        assert job_status(session, old).can_retry is False
+    _finish(database_url, schema, holder, "completed")  # the key is free again
+    with Session(engine) as session:
+        assert job_status(session, old).can_retry is True
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET unique_key = NULL WHERE id = %s"), (old,))  # gave it up
+    with Session(engine) as session:
+        assert job_status(session, old).can_retry is False
+        with pytest.raises(JobNotFoundError):
+            retry(session, old)
+
+
 def test_retry_many_of_two_finished_jobs_with_one_unique_key_retries_one(engine, database_url, schema):
     # Neither row holds the key before the UPDATE, so the check passes for both and the
     # index refuses the second: the savepoint turns that into a skip, not a failed transaction.
