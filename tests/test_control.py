@@ -835,7 +835,7 @@ def test_a_job_released_at_shutdown_shows_no_progress_of_the_interrupted_run(eng
 
 
 SNOOZE_GO = threading.Event()
-SNOOZE_RUNS: dict[int, int] = {}
+SNOOZE_RUNS: dict[str, int] = {}
 
 
 class CProgressSnooze(Job, kind="c_progress_snooze", queue="c", max_attempts=1):
@@ -978,6 +978,46 @@ def test_a_replayed_job_shows_the_error_of_its_last_attempt_only(engine, databas
     with Session(engine) as session:
         status = job_status(session, job_id)
     assert (status.status, status.error) == ("running", "ValueError: card expired" if shown else None)
+
+
+RUNS: dict[str, int] = {}
+
+
+class CBadTxResult(Job, kind="c_bad_tx_result", queue="c", max_attempts=3, backoff=constant_backoff(0.01)):
+    pass
+
+
+@CBadTxResult.handler
+def c_bad_tx_result(ctx: JobContext, how: str) -> None:
+    RUNS[ctx.idempotency_key] = RUNS.get(ctx.idempotency_key, 0) + 1  # an effect outside the database (an email sent)
+    with ctx.transaction(result={"score": float("nan")} if how == "nan" else {"at": dt.date(2024, 1, 1)}):
+        pass
+
+
+class CBadAsyncTxResult(Job, kind="c_bad_async_tx_result", queue="c", max_attempts=3, backoff=constant_backoff(0.01)):
+    pass
+
+
+@CBadAsyncTxResult.handler
+async def c_bad_async_tx_result(ctx: JobContext, how: str) -> None:
+    RUNS[ctx.idempotency_key] = RUNS.get(ctx.idempotency_key, 0) + 1
+    async with ctx.async_transaction(result={"score": float("nan")} if how == "nan" else {"at": dt.date(2024, 1, 1)}):
+        pass
+
+
+@pytest.mark.parametrize("kind", [CBadTxResult, CBadAsyncTxResult], ids=["sync", "async"])
+@pytest.mark.parametrize("how", ["nan", "date"])
+def test_a_result_given_to_a_transaction_that_is_not_json_ends_the_job_dead(engine, database_url, schema, kind, how):
+    """A returned result that is not JSON ends the job dead (retrying returns the same
+    value). The same result given as ctx.transaction(result=...) failed the attempt as
+    an error of the handler's, retried up to max_attempts (20 by default, over days),
+    running the handler's work before the transaction again each time."""
+    (job_id,) = add(engine, kind(how=how))
+    run_worker_until(database_url, schema, [kind], lambda: row(database_url, schema, job_id)[0] in ("dead", "completed"),
+                     timeout=20)
+    state, attempt, errors = row(database_url, schema, job_id, "state, attempt, errors")
+    assert (state, attempt, RUNS[f"sa_jobs:{schema}:{job_id}"]) == ("dead", 1, 1), errors
+    assert errors[-1]["error"].startswith("InvalidArgsError: result"), errors
 
 
 def test_wait_for_refuses_a_timeout_that_is_not_a_number(engine):

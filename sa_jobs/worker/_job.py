@@ -37,6 +37,7 @@ class ClaimedJob:
     thread: Optional["HandlerThread"] = None  # the call of a sync handler, once started
     ended: bool = False  # the runner has its outcome: what the handler (or its thread) does now is no part of it
     task_exit: Optional[BaseException] = None  # a task the handler started raised SystemExit (as this)
+    bad_result: Optional[BaseException] = None  # ctx.transaction(result=...) refused its result (as this)
     # Called on cancel: each cancels on the server the statement of a sync ctx.transaction()
     # open in the handler's thread (context._ServerStatement), which nothing else interrupts.
     # (Made by the first such transaction: most jobs open none.)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from .. import _validate
 from ..admin import gives_up_its_key
-from ..errors import ConfigurationError, LeaseLostError, StatementInterruptedError
+from ..errors import ConfigurationError, InvalidArgsError, LeaseLostError, StatementInterruptedError
 from ..model import job_table
 from ..schema import DEFAULT_SCHEMA
 
@@ -412,7 +412,14 @@ class JobContext:
             self.raise_if_cancelled()
 
     def _completion(self, result: Any):
-        result_value = None if result is None else _validate.json_value(result)
+        try:
+            result_value = None if result is None else _validate.json_value(result)
+        except InvalidArgsError as exc:
+            # Permanent, as a returned result that is not JSON: retried as the handler's
+            # error, the attempt ran again with the same result up to max_attempts, the
+            # handler's work before its transaction (an email sent) each time.
+            self._job.bad_result = exc
+            raise
         # Another job may have taken this one's unique key while it ran (its states leave
         # 'running' out); if 'completed' holds the key too, the unique index would refuse
         # the handler's whole transaction. As the completer does for a returned result

@@ -1308,10 +1308,10 @@ class Worker:
                 return Outcome(job, "finish", target="scheduled", delay=error.seconds), "snoozed"
             if isinstance(error, Cancel):
                 return Outcome(job, "finish", target="cancelled", error_json=self._error_json(job, error)), "cancelled"
-            permanent = isinstance(error, Discard) or (
-                isinstance(error, TypeError) and not _binds(runtime.signature, ctx, job.args)
-            )
-            if isinstance(error, TypeError) and permanent:
+            mismatch = isinstance(error, TypeError) and error is not job.bad_result and not _binds(
+                runtime.signature, ctx, job.args)
+            permanent = isinstance(error, Discard) or error is job.bad_result or mismatch
+            if mismatch:
                 error = TypeError(f"args {sorted(job.args)} do not match handler signature {runtime.signature}: {error}")
             outcome = self._failure(job, error, runtime.options.backoff, permanent=permanent)
             return outcome, "dead" if outcome.dead else "retried"
