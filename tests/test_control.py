@@ -980,6 +980,32 @@ def test_a_replayed_job_shows_the_error_of_its_last_attempt_only(engine, databas
     assert (status.status, status.error) == ("running", "ValueError: card expired" if shown else None)
 
 
+
+class CSecretDefault(Job, kind="c_secret_default", queue="c"):
+    pass
+
+
+@CSecretDefault.handler
+def c_secret_default(ctx: JobContext, report_id: int, *, api_key: str = "sk_live_hunt19_secret") -> None:
+    pass
+
+
+def test_an_args_mismatch_error_names_the_parameters_not_their_defaults(engine, database_url, schema):
+    """Args that do not match the handler end the job dead with the handler's signature
+    in the error, which job_status shows a user as the short error: it carried the
+    parameters' default values (an API key a handler took as a default, say) and their
+    annotations. It names the parameters only."""
+    (job_id,) = add(engine, CSecretDefault(report=1))
+    run_worker_until(database_url, schema, [CSecretDefault], lambda: row(database_url, schema, job_id)[0] == "dead",
+                     timeout=20)
+    errors = row(database_url, schema, job_id, "errors")[0]
+    with Session(engine) as session:
+        status = job_status(session, job_id)
+    assert status.error is not None and "sk_live" not in json.dumps(errors), errors
+    assert status.error.startswith("TypeError: args ['report'] do not match handler signature"
+                                   " (ctx, report_id, *, api_key=...)"), status.error
+
+
 RUNS: dict[str, int] = {}
 
 

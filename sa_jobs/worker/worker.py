@@ -1312,7 +1312,8 @@ class Worker:
                 runtime.signature, ctx, job.args)
             permanent = isinstance(error, Discard) or error is job.bad_result or mismatch
             if mismatch:
-                error = TypeError(f"args {sorted(job.args)} do not match handler signature {runtime.signature}: {error}")
+                error = TypeError(f"args {sorted(job.args)} do not match handler signature"
+                                  f" {_parameters_of(runtime.signature)}: {error}")
             outcome = self._failure(job, error, runtime.options.backoff, permanent=permanent)
             return outcome, "dead" if outcome.dead else "retried"
         try:
@@ -1453,6 +1454,26 @@ def _require_asyncio() -> None:
             "the worker needs an asyncio event loop (psycopg's async connections run on asyncio);"
             " run it with asyncio.run() or anyio.run(..., backend='asyncio'), not trio"
         ) from None
+
+
+def _parameters_of(signature: inspect.Signature) -> str:
+    """The handler's parameters as an args mismatch names them: names and kinds, without
+    defaults or annotations. The signature as Python prints it carried the defaults' values
+    (an API key taken as a default) into the job's errors, whose first line job_status
+    shows a user."""
+    parts: list[str] = []
+    keyword_only = False
+    for p in signature.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            keyword_only = True
+            parts.append("*" + p.name)
+            continue
+        if p.kind is p.KEYWORD_ONLY and not keyword_only:
+            keyword_only = True
+            parts.append("*")
+        prefix = "**" if p.kind is p.VAR_KEYWORD else ""
+        parts.append(prefix + p.name + ("=..." if p.default is not p.empty else ""))
+    return "(" + ", ".join(parts) + ")"
 
 
 def _binds(signature: inspect.Signature, ctx: JobContext, args: Mapping[str, Any]) -> bool:
