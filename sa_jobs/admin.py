@@ -610,7 +610,7 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
     _check_timeout(timeout)
     deadline = time.monotonic() + timeout
     pause = 0.02
-    seen = False
+    seen = lost = False
     while True:
         try:
             with Session(engine) as session:
@@ -618,8 +618,11 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
         except Exception as exc:
             if not _read_again(exc, seen):
                 raise
-            if time.monotonic() >= deadline:
+            # Past the deadline, a wait that has read nothing yet tries once more: its first
+            # read may have met a connection the pool held from before (a restart).
+            if time.monotonic() >= deadline and (seen or lost):
                 raise _unreachable(job_id, timeout, exc) from exc
+            lost = True
         else:
             seen = True
             if status.status in FINAL_STATUSES:
@@ -646,7 +649,7 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
     _check_timeout(timeout)
     deadline = anyio.current_time() + timeout
     pause = 0.02
-    seen = False
+    seen = lost = False
     while True:
         try:
             async with AsyncSession(engine) as session:
@@ -655,8 +658,11 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
         except Exception as exc:
             if not _read_again(exc, seen):
                 raise
-            if anyio.current_time() >= deadline:
+            # Past the deadline, a wait that has read nothing yet tries once more: its first
+            # read may have met a connection the pool held from before (a restart).
+            if anyio.current_time() >= deadline and (seen or lost):
                 raise _unreachable(job_id, timeout, exc) from exc
+            lost = True
         else:
             seen = True
             if status.status in FINAL_STATUSES:

@@ -1242,6 +1242,36 @@ def test_wait_for_goes_on_when_its_connection_is_lost_between_reads(engine, data
     assert (status.status, status.result) == ("done", 7)
 
 
+def test_wait_for_with_no_time_left_reads_through_a_connection_lost_before_it(engine, database_url, schema):
+    """A wait reads the job at least once, even with timeout=0: when that read met a
+    pooled connection the server had ended meanwhile, it is read once more."""
+    import uuid
+
+    import psycopg
+    from sqlalchemy import create_engine
+
+    from sa_jobs import wait_for as wait_for_job
+    from sa_jobs._url import to_conninfo
+
+    (job_id,) = add(engine, CLongAsync())
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now() WHERE id = %s"),
+      (job_id,))
+    app = "sa_jobs_wait_" + uuid.uuid4().hex[:8]
+    waiting = create_engine(engine.url, connect_args={"application_name": app}).execution_options(
+        schema_translate_map={"sa_jobs": schema})
+    try:
+        assert wait_for_job(waiting, job_id, timeout=0).status == "done"  # the pool keeps its connection
+        with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+            pids = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (app,))]
+            assert pids
+            conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+            assert wait_for(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)",
+                                                     (pids,)).fetchall(), 10)
+        assert wait_for_job(waiting, job_id, timeout=0).status == "done"
+    finally:
+        waiting.dispose()
+
+
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_wait_for_on_a_connection_in_a_transaction_leaves_its_statement_timeout_be(engine, database_url, schema,
                                                                                     flavour):
