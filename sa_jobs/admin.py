@@ -493,8 +493,8 @@ def job_status(session: Any, job_id: int) -> JobStatus:
         progress = {k: v for k, v in progress.items() if k != "attempt"}
     return JobStatus(
         id=row.id, status=STATUS_WORDS[row.state], state=row.state, attempt=row.attempt,
-        max_attempts=row.max_attempts, error=error, can_retry=row.state in ("dead", "cancelled") and not row.retry_refused, result=row.result,
-        progress=progress,
+        max_attempts=row.max_attempts, error=error,
+        can_retry=row.state in ("dead", "cancelled") and not row.retry_refused, result=row.result, progress=progress,
     )
 
 
