@@ -226,6 +226,7 @@ class Queries:
     flush_outcomes: str
     flush_outcomes_around_locks: str
     heartbeat_many: str
+    extend_lease_waiting: str
     rescue_expired: str
     rescue_expired_ids: str
     expired_ids: str
@@ -316,6 +317,13 @@ class Queries:
                 " progress = coalesce(m.progress::jsonb, j.progress)"
                 " FROM mine AS m WHERE j.id = m.id"
                 " RETURNING j.id, j.claim_token"
+            ),
+            # One job's lease, waiting for its row lock (see Heartbeat._keep_awaiting): a
+            # waiter holds the row's tuple lock, so the rescuer (SKIP LOCKED) cannot take
+            # the row between the locker's end and this update.
+            extend_lease_waiting=r(
+                "UPDATE {jobs} AS j SET lease_expires_at = now() + make_interval(secs => %(lease)s)"
+                " WHERE j.id = %(id)s AND j.claim_token = %(token)s AND {running}"
             ),
             # Run by every worker (SKIP LOCKED makes concurrent rescuers safe): jobs whose
             # lease ran out belong to a worker presumed dead.

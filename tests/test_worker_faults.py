@@ -745,3 +745,72 @@ def test_a_promotion_waiting_on_a_uniquely_keyed_insert_holds_back_no_other_prom
     (other_id,) = q(database_url, jobs_sql(schema, due), ("wf_neighbour", "wf_neighbour", '{"seconds": 0}', None, None))[0]
     other = _neighbour_beside_an_open_keyed_insert(database_url, schema, states, other_id)
     assert other == ("completed", 1), "no due job was promoted while one of them waited on a unique key"
+
+
+class FaultLockedOutcome(Job, kind="wf_locked_outcome", queue="wf_locked_outcome"):
+    pass
+
+
+LOCKED_OUTCOME_RUNS: list[int] = []
+LOCKED_OUTCOME_GO: list[bool] = []
+
+
+@FaultLockedOutcome.handler
+async def wf_locked_outcome(ctx: JobContext) -> int:
+    import anyio
+
+    LOCKED_OUTCOME_RUNS.append(ctx.attempt)
+    while ctx.attempt == 1 and not LOCKED_OUTCOME_GO:  # returns once the test holds its row locked
+        await anyio.sleep(0.01)
+    return ctx.attempt
+
+
+def test_an_outcome_kept_behind_a_row_lock_longer_than_the_lease_is_not_run_again(engine, database_url, schema):
+    """A job's handler returned while an app's transaction held its row locked (a cancel()
+    it then rolled back, a SELECT ... FOR UPDATE) for longer than the lease. The worker
+    keeps the outcome and, as documented, the job its lease "however long that transaction
+    lasts"; but neither the heartbeat nor the completer can extend a lease through the lock
+    (they skip locked rows), so the lease ran out under it, and when the lock went the
+    rescuer (SKIP LOCKED, any worker's tick) found the row free and expired before the
+    completer's retry (backing off up to 1 s): the finished job ran again. Here the test
+    runs the rescue itself the moment the lock goes, as a tick of any worker may."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.queries import Queries
+
+    LOCKED_OUTCOME_RUNS.clear()
+    LOCKED_OUTCOME_GO.clear()
+    lease = 2.0
+    [job_id] = _add(engine, FaultLockedOutcome())
+    lock = jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s FOR UPDATE")
+    rescue = Queries.for_schema(schema).rescue_expired
+    rescued: list[tuple] = []
+
+    with psycopg.connect(to_conninfo(database_url)) as locker, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as rescuer:
+
+        async def main() -> None:
+            async with Worker(database_url, kinds=[FaultLockedOutcome], schema=schema, lease=lease,
+                              poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=5) as worker:
+                with anyio.fail_after(10):
+                    while not LOCKED_OUTCOME_RUNS:
+                        await anyio.sleep(0.01)
+                assert locker.execute(lock, (job_id,)).fetchone() == ("running",)
+                LOCKED_OUTCOME_GO.append(True)
+                with anyio.fail_after(10):
+                    while worker.completer is None or not worker.completer.awaiting():
+                        await anyio.sleep(0.01)
+                await anyio.sleep(1.5 * lease)  # the app's transaction outlasts the lease
+                locker.rollback()  # ... and ends without changing the row
+                rescued.extend(rescuer.execute(rescue, {"limit": 100}).fetchall())
+                with anyio.fail_after(15):
+                    while _unfinished(database_url, schema):
+                        await anyio.sleep(0.05)
+
+        anyio.run(main)
+    assert rescued == [], "the rescuer re-drove a job whose live worker held its outcome"
+    assert _rows(database_url, schema, "state, attempt, jsonb_array_length(errors)") == [("completed", 1, 0)]
+    assert LOCKED_OUTCOME_RUNS == [1]

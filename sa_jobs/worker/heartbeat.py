@@ -4,7 +4,11 @@ Jobs whose handlers ended and whose outcomes the completer keeps because their w
 waited on another transaction (``awaiting``) keep their leases too: the claim is this
 live worker's until the outcome lands, however long that transaction lasts. Nothing runs
 for them to be cancelled, and an outcome fenced off meanwhile changes nothing, so they
-are never presumed lost here.
+are never presumed lost here. Neither the beat nor the completer can extend a lease through
+another transaction's row lock, so a lock held past the lease let the rescuer take the row
+the moment it was released, before the kept outcome's retry: the finished job ran again.
+The keeper therefore waits for such a lock (``_keep_awaiting``): queued on the row, it
+extends the lease as the lock goes, before any SKIP LOCKED rescuer can take the row.
 
 One fenced UPDATE per beat covers every running job. A job missing from its result was
 taken over (its lease expired and another worker claimed it): its handler is cancelled
@@ -21,6 +25,7 @@ import uuid
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import anyio
+import psycopg
 
 from ..queries import Queries
 from .._connection import ManagedConnection, describe, is_transient
@@ -47,8 +52,10 @@ class Heartbeat:
         lease: float,
         interval: float,
         awaiting: Callable[[], Iterable[ClaimedJob]] = lambda: (),
+        keeper: Optional[ManagedConnection] = None,
     ) -> None:
         self._conn = conn
+        self._keeper = keeper  # its own: it waits on row locks (connects only when an outcome waits)
         self._q = queries
         self._observer = observer
         self._running = running
@@ -65,6 +72,8 @@ class Heartbeat:
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_leases)
+            if self._keeper is not None:
+                tg.start_soon(self._keep_awaiting)
             while True:
                 with anyio.move_on_after(self._interval):
                     await self._nudged.wait()
@@ -92,6 +101,37 @@ class Heartbeat:
                 else:
                     wake = min(wake, runs_out)
             await anyio.sleep(wake - now + 0.001)  # just past it
+
+    async def _keep_awaiting(self) -> None:
+        """Extend the leases of the jobs whose outcomes the completer keeps (``awaiting``),
+        one job per statement, each waiting for its row where another transaction holds
+        it locked. The waiter holds the row's tuple lock, so when the locker ends, this
+        update goes first and a rescuer's SKIP LOCKED passes the row by; then the lease is
+        fresh again for the outcome's retry. One row at a time: a statement waiting on
+        one row while holding another's lock could deadlock with the app's transaction."""
+        while True:
+            for job in [j for j in self._awaiting() if not j.lease_lost]:
+                await self._wait_out_lock(job)
+            await anyio.sleep(self._interval)
+
+    async def _wait_out_lock(self, job: ClaimedJob) -> None:
+        assert self._keeper is not None
+        params = {"id": job.id, "token": job.token, "lease": self._lease}
+        while True:
+            try:
+                # The server's statement_timeout ends a long wait first (then it queues
+                # again at once); this deadline finds a connection gone half-open.
+                with anyio.fail_after(self._keeper.timeout + 2.0):
+                    conn = await self._keeper.get()
+                    await conn.execute(self._q.extend_lease_waiting, params)
+                return
+            except psycopg.errors.QueryCanceled:
+                if job.lease_lost or not any(j is job for j in self._awaiting()):
+                    return
+            except Exception as exc:  # noqa: BLE001 - the beats go on extending it meanwhile
+                log.warning("heartbeat: waiting for the row lock of job %s failed (%s)", job.id, describe(exc))
+                await self._keeper.discard()
+                return
 
     async def beat(self) -> None:
         jobs = [j for j in self._running() if not j.completing and not j.lease_lost]

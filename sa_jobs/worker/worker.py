@@ -670,11 +670,13 @@ class Worker:
         complete_conn = ManagedConnection(self._conninfo, "completer", timeout=self.statement_timeout,
                                           lock_timeout=min(LOCK_WAIT, self.statement_timeout / 2))
         beat_conn = ManagedConnection(self._conninfo, "heartbeat", timeout=self.statement_timeout)
+        # Opened only once an outcome waits on another transaction (Heartbeat._keep_awaiting).
+        keep_conn = ManagedConnection(self._conninfo, "lease-keeper", timeout=self.statement_timeout)
         self.completer = Completer(complete_conn, self._queries, self._observer, interval=self._completion_interval,
                                    on_written=self._completions_written, lease=self.lease)
         heartbeat = self._heartbeat = Heartbeat(
             beat_conn, self._queries, self._observer, self.running_jobs,
-            lease=self.lease, interval=self._heartbeat_interval, awaiting=self.completer.awaiting,
+            lease=self.lease, interval=self._heartbeat_interval, awaiting=self.completer.awaiting, keeper=keep_conn,
         )
         self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self._settle_claims,
                                  self._held_ids, self._heard_cancel)
@@ -736,7 +738,7 @@ class Worker:
             self._runners_done.set()
             self.completer.abandon()  # what the drain could not write (the services are stopped)
             with anyio.CancelScope(shield=True):
-                for conn in (claim_conn, complete_conn, beat_conn):
+                for conn in (claim_conn, complete_conn, beat_conn, keep_conn):
                     await conn.close()
                 for engine in self._owns_engines:  # the root engines this worker created
                     result = engine.dispose()
