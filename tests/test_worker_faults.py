@@ -814,3 +814,68 @@ def test_an_outcome_kept_behind_a_row_lock_longer_than_the_lease_is_not_run_agai
     assert rescued == [], "the rescuer re-drove a job whose live worker held its outcome"
     assert _rows(database_url, schema, "state, attempt, jsonb_array_length(errors)") == [("completed", 1, 0)]
     assert LOCKED_OUTCOME_RUNS == [1]
+
+
+class FaultCancelInTx(Job, kind="wf_cancel_in_tx", queue="wf_cancel_in_tx"):
+    pass
+
+
+CANCEL_IN_TX: dict[str, object] = {}
+
+
+@FaultCancelInTx.handler
+def wf_cancel_in_tx(ctx: JobContext) -> None:
+    from sa_jobs import cancel
+
+    try:
+        with ctx.transaction(result="done") as session:
+            session.execute(text("SELECT 1"))
+            # The app cancels the job, committed, as the block ends: its notice not yet heard.
+            with Session(CANCEL_IN_TX["engine"]) as other, other.begin():  # type: ignore[arg-type]
+                assert cancel(other, ctx.id) == "running"
+    except BaseException as exc:
+        CANCEL_IN_TX["raised"] = type(exc).__name__
+        raise
+
+
+def test_a_transactional_completion_refused_by_a_cancel_counts_as_cancelled(engine, database_url, schema):
+    """cancel() committed while a sync handler's ctx.transaction() was open, before the
+    worker heard its notice: the completion's fence refused the commit, and the worker
+    took that for a lost lease (LeaseLostError into the handler, the attempt counted
+    lease_lost, as if another worker had taken the job over), where the completer counts
+    an outcome fenced off by a cancel under its own claim as cancelled, and the notifier
+    would have. Here the notifier's look-up is slowed so that the handler always ends first."""
+    import dataclasses
+
+    import anyio
+
+    from sa_jobs import Worker
+
+    class Labels(NullObserver):
+        def __init__(self) -> None:
+            self.labels: list[str] = []
+
+        def job_finished(self, queue: str, kind: str, outcome: str, run_seconds: float, since: float) -> None:
+            self.labels.append(outcome)
+
+    CANCEL_IN_TX.clear()
+    CANCEL_IN_TX["engine"] = engine
+    [job_id] = _add(engine, FaultCancelInTx())
+    observer = Labels()
+
+    async def main() -> None:
+        worker = Worker(database_url, kinds=[FaultCancelInTx], schema=schema, lease=5, poll_interval=0.2,
+                        maintenance_interval=0.1, shutdown_grace=5, observer=observer)
+        queries = worker._queries
+        slow = queries.claims_of.replace(" WHERE ", " WHERE (SELECT pg_sleep(2)::text) = '' AND ", 1)
+        assert slow != queries.claims_of
+        worker._queries = dataclasses.replace(queries, claims_of=slow)
+        async with worker:
+            with anyio.fail_after(15):
+                while not observer.labels:
+                    await anyio.sleep(0.02)
+
+    anyio.run(main)
+    assert _rows(database_url, schema, "id, state") == [(job_id, "cancelled")]
+    assert observer.labels == ["cancelled"]
+    assert CANCEL_IN_TX["raised"] != "LeaseLostError"

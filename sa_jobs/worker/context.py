@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional, cast
 import anyio
 import psycopg
 from psycopg import pq
-from sqlalchemy import case, event, func, update
+from sqlalchemy import case, event, func, select, update
 from sqlalchemy.orm import Session
 
 from .. import _validate
@@ -443,12 +443,26 @@ class JobContext:
         report = self._job.progress_json
         return stmt if report is None else stmt.values(progress=json.loads(report))
 
-    def _check_lease(self, rowcount: int) -> None:
-        if rowcount != 1:
-            self._job.lease_lost = True
-            raise LeaseLostError(
-                f"job {self.id}: lease lost before commit; the transaction was rolled back"
-            )
+    def _claim_of(self) -> Any:
+        """The row's (state, claim token), read when the completion's fence refused it."""
+        return select(_jobs.c.state, _jobs.c.claim_token).where(_jobs.c.id == self._job.id)
+
+    def _refused(self, claim: Any) -> None:
+        """The completion's fence refused the row, whose (state, claim token) is ``claim``.
+        Cancelled under this claim (a cancel() whose notice the worker has not heard yet),
+        the attempt ends cancelled, as the notifier and the completer judge such a row; it
+        was taken for a lost lease (LeaseLostError, counted lease_lost) as if another worker
+        had taken the job over. Set from the handler's thread: the attempt's own fields."""
+        job = self._job
+        if claim is not None and tuple(claim) == ("cancelled", job.token):
+            job.cancelled_by_user = True
+            if job.cancel_reason is None:
+                job.cancel_reason = "cancelled"
+            raise _Cancelled(f"job {self.id}: cancelled before commit; the transaction was rolled back")
+        job.lease_lost = True
+        raise LeaseLostError(
+            f"job {self.id}: lease lost before commit; the transaction was rolled back"
+        )
 
     @contextmanager
     def transaction(self, result: Any = None) -> Iterator["Session"]:
@@ -497,7 +511,8 @@ class JobContext:
                         refuse_once_cancelled()
                         job.completing = True
                         completion = self._with_report(stmt)
-                        self._check_lease(cast("CursorResult[Any]", session.execute(completion, execution_options=options)).rowcount)
+                        if cast("CursorResult[Any]", session.execute(completion, execution_options=options)).rowcount != 1:
+                            self._refused(session.execute(self._claim_of(), execution_options=options).first())
                     finally:
                         # Before the COMMIT or ROLLBACK, which gives the connection back to the pool.
                         job.stop_statements.discard(stop_statement)
@@ -533,7 +548,8 @@ class JobContext:
                         self._job.completing = True
                         completion = self._with_report(stmt)
                         res = cast("CursorResult[Any]", await session.execute(completion, execution_options=options))
-                        self._check_lease(res.rowcount)
+                        if res.rowcount != 1:
+                            self._refused((await session.execute(self._claim_of(), execution_options=options)).first())
                     except BaseException as exc:
                         await statement.stop(exc)  # before the rollback, which psycopg may not get to send
                         if (statement.interrupted and isinstance(exc, Exception) and not _from_cancellation(exc)
