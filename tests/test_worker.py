@@ -2604,3 +2604,60 @@ def test_a_keyboard_interrupt_in_a_handlers_task_still_stops_the_worker(engine, 
     # Not failed. (Nor released: the interrupt tears the worker's task groups down; its
     # lease runs out and the rescuer gives the job back, as after a crash.)
     assert (job.state, job.errors) == ("running", [])
+
+
+def test_outcomes_written_before_a_stop_cut_a_split_batch_short_count_as_written(engine, database_url, schema):
+    """The database refused a batch (one bad outcome), and the completer wrote it in parts;
+    the stop's drain ran out while a later part was being written. The outcomes of the
+    parts already written had landed (their rows completed), but the stop reported every
+    outcome of the batch as lease_lost, as if none had been written."""
+    from sa_jobs._connection import ManagedConnection
+    from sa_jobs.worker._job import Outcome
+    from sa_jobs.worker.completer import Completer
+
+    queries = Queries.for_schema(schema)
+    good, bad = _claimed_by_hand(engine, database_url, schema, 2)
+
+    class SlowOnTheBadPart:
+        """The completer's connection; the part holding the bad outcome is slow (pg_sleep)."""
+
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        async def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+            if statement == queries.flush_outcomes and params["c_ids"] == [bad.id]:
+                await self._conn.execute("SELECT pg_sleep(30)")
+            return await self._conn.execute(statement, params, **kw)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
+    class Managed(ManagedConnection):
+        async def get(self) -> Any:
+            return SlowOnTheBadPart(await super().get())
+
+    class Labels(NullObserver):
+        def __init__(self) -> None:
+            self.labels: dict[int, str] = {}
+
+        def job_finished(self, queue: str, kind: str, outcome: str, run_seconds: float, since: float) -> None:
+            self.labels[len(self.labels)] = outcome
+
+    observer = Labels()
+
+    async def main() -> None:
+        conn = Managed(to_conninfo(database_url), "completer", timeout=60.0)
+        completer = Completer(conn, queries, observer)
+        completer.submit(Outcome(good, "complete", result_json="1", label="completed"))
+        completer.submit(Outcome(bad, "complete", result_json="not json", label="completed"))  # refused: 22P02
+        try:
+            assert await completer.drain(timeout=3) is False  # True, with an outcome unwritten
+            assert completer.unwritten == 1  # the bad outcome; the good one landed
+            completer.abandon()
+        finally:
+            await conn.discard()
+
+    anyio.run(main)
+    rows = dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}")))
+    assert rows == {good.id: "completed", bad.id: "running"}
+    assert sorted(observer.labels.values()) == ["completed", "lease_lost"]

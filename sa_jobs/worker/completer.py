@@ -100,8 +100,11 @@ class Completer:
     @property
     def unwritten(self) -> int:
         """Outcomes not yet written: pending, and those of a write in flight (pending no
-        more while it runs; a drain that timed out during it reported 0)."""
-        return len(self._pending) + len(self._batch)
+        more while it runs; a drain that timed out during it reported 0), but not those of a
+        batch written in parts whose parts landed before a stop cut it short."""
+        if not self._batch:
+            return len(self._pending)
+        return len({id(o) for o in self._pending} | {id(o) for o in self._batch if not o.landed})
 
     def awaiting(self) -> list[ClaimedJob]:
         """The jobs whose outcomes are kept because their writes waited on another
@@ -357,11 +360,12 @@ class Completer:
         attempt started and never finished (an embedded worker's in-flight gauge stuck up
         for good). Returns how many."""
         # Once each: a stop that cancelled a batch being written in parts can leave a part
-        # put back in pending while the batch still holds it.
+        # put back in pending while the batch still holds it. That batch also holds the
+        # outcomes of the parts written before the stop: those landed (their rows ended),
+        # and count as written; reported lease_lost, a completed job counted as lost.
         left = list({id(o): o for o in self._pending + self._batch}.values())
         self._pending, self._batch = [], []
         for outcome in left:
-            outcome.landed = False
             self._finished(outcome)
         self._idle.set()
         return len(left)
@@ -377,7 +381,9 @@ class Completer:
                 await self.flush()
                 if not self._pending:
                     return True
-        return not self._pending and not self._flushing.locked()
+        # unwritten, not pending: a flush cancelled while it wrote a refused batch in parts
+        # leaves the parts not yet written in the batch, and none pending.
+        return not self.unwritten and not self._flushing.locked()
 
     async def _write(self, conn: Any, batch: list[Outcome]) -> list[Outcome]:
         """Write ``batch``; returns the outcomes whose rows another transaction held locked
