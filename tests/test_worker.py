@@ -2661,3 +2661,64 @@ def test_outcomes_written_before_a_stop_cut_a_split_batch_short_count_as_written
     rows = dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}")))
     assert rows == {good.id: "completed", bad.id: "running"}
     assert sorted(observer.labels.values()) == ["completed", "lease_lost"]
+
+
+def test_an_outcome_whose_write_landed_but_whose_reply_was_lost_counts_as_written(engine, database_url, schema):
+    """A flush committed, then its connection failed before the reply came (a reset, a
+    deadline): the completer retried the batch, as it must, and the fence refused each
+    outcome, its row no longer running: the first try had written it. Each completed job
+    was counted lease_lost, as if another worker had taken it over. Only this claim's own
+    write completes its row under its token: read so, the outcome counts as written."""
+    from sa_jobs._connection import ManagedConnection
+    from sa_jobs.worker._job import Outcome
+    from sa_jobs.worker.completer import Completer
+
+    queries = Queries.for_schema(schema)
+    jobs = _claimed_by_hand(engine, database_url, schema, 2)
+    lost: list[bool] = []
+
+    class ReplyLostOnce:
+        """The completer's connection: the first flush is written, and its reply lost."""
+
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        async def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+            cur = await self._conn.execute(statement, params, **kw)
+            if statement == queries.flush_outcomes and not lost:
+                lost.append(True)
+                await self._conn.close()
+                raise psycopg.OperationalError("the connection was lost before the reply")
+            return cur
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
+    class Managed(ManagedConnection):
+        async def get(self) -> Any:
+            return ReplyLostOnce(await super().get())
+
+    class Labels(NullObserver):
+        def __init__(self) -> None:
+            self.labels: list[str] = []
+
+        def job_finished(self, queue: str, kind: str, outcome: str, run_seconds: float, since: float) -> None:
+            self.labels.append(outcome)
+
+    observer = Labels()
+
+    async def main() -> bool:
+        conn = Managed(to_conninfo(database_url), "completer", timeout=10.0)
+        completer = Completer(conn, queries, observer)
+        completer.submit(Outcome(jobs[0], "complete", result_json="1", label="completed"))
+        completer.submit(Outcome(jobs[1], "complete", result_json="2", label="completed"))
+        try:
+            return await completer.drain(timeout=10)
+        finally:
+            await conn.discard()
+
+    assert anyio.run(main)
+    assert lost == [True]
+    assert dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}"))) == {
+        jobs[0].id: "completed", jobs[1].id: "completed"}
+    assert observer.labels == ["completed", "completed"]

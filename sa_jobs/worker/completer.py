@@ -221,7 +221,9 @@ class Completer:
         extend). Typically an outcome that waited on the app's cancel() transaction, which
         held the row: its attempt counted lease_lost, as if another worker had taken the
         job. The notifier, told of that cancel, did not look for a job whose handler had
-        ended. Unread (the look-up failed), they count as lost."""
+        ended. A completion whose row is completed under its claim landed at an earlier try
+        whose reply was lost (counted lease_lost, a completed job as lost): it counts as
+        written. Unread (the look-up failed), they count as lost."""
         if not fenced:
             return
         try:
@@ -234,8 +236,13 @@ class Completer:
             await self._conn.discard()
             return
         for outcome in fenced:
-            if rows.get(outcome.job.id) == ("cancelled", outcome.job.token):
+            row = rows.get(outcome.job.id)
+            if row == ("cancelled", outcome.job.token):
                 outcome.job.cancelled_by_user = True
+            elif row == ("completed", outcome.job.token) and outcome.action == "complete":
+                # Only this claim's completion completes its row under its token: an earlier
+                # try of this write landed, and its reply was lost (the batch was retried).
+                outcome.landed = True
 
     async def _keep_leases(self, kept: list[Outcome]) -> None:
         """Extend the leases of the kept outcomes' jobs (fenced by claim, as a beat is), now
