@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 from sqlalchemy import text
@@ -879,3 +879,68 @@ def test_a_transactional_completion_refused_by_a_cancel_counts_as_cancelled(engi
     assert _rows(database_url, schema, "id, state") == [(job_id, "cancelled")]
     assert observer.labels == ["cancelled"]
     assert CANCEL_IN_TX["raised"] != "LeaseLostError"
+
+
+class FaultCommitAfterRelease(Job, kind="wf_commit_after_release", queue="wf_commit_after_release"):
+    pass
+
+
+COMMIT_AFTER_RELEASE: dict[str, object] = {}
+
+
+@FaultCommitAfterRelease.handler
+def wf_commit_after_release(ctx: JobContext) -> None:
+    with ctx.transaction(result="done") as session:
+        session.execute(text("SELECT 1"))
+
+
+def test_a_transactional_completion_committed_after_the_release_counts_as_completed(engine, database_url, schema):
+    """The worker was told to stop at once (release_running()) while a sync handler's
+    ctx.transaction() had written its completion and not yet committed it. The release,
+    written after the commit, was fenced off (the row completed under this claim), and
+    the attempt counted lease_lost, as if another worker had taken the job over, though
+    this attempt completed it. The handler's COMMIT is held here until the release."""
+    import threading
+
+    import anyio
+    from sqlalchemy import event
+
+    from sa_jobs import Worker
+
+    class Labels(NullObserver):
+        def __init__(self) -> None:
+            self.labels: list[str] = []
+
+        def job_finished(self, queue: str, kind: str, outcome: str, run_seconds: float, since: float) -> None:
+            self.labels.append(outcome)
+
+    committing, released = threading.Event(), threading.Event()
+
+    def hold_commit(conn: Any) -> None:
+        committing.set()
+        released.wait(10)
+
+    [job_id] = _add(engine, FaultCommitAfterRelease())
+    observer = Labels()
+    event.listen(engine, "commit", hold_commit)
+    try:
+        async def main() -> None:
+            worker = Worker(database_url, kinds=[FaultCommitAfterRelease], schema=schema, lease=5,
+                            poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=5, observer=observer,
+                            engine=engine)
+            async with worker:
+                with anyio.fail_after(10):
+                    while not committing.is_set():
+                        await anyio.sleep(0.01)
+                worker.release_running()
+                released.set()
+                with anyio.fail_after(10):
+                    while not observer.labels:
+                        await anyio.sleep(0.01)
+
+        anyio.run(main)
+    finally:
+        event.remove(engine, "commit", hold_commit)
+        released.set()
+    assert _rows(database_url, schema, "id, state, attempt") == [(job_id, "completed", 1)]
+    assert observer.labels == ["completed"]

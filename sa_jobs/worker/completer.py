@@ -221,9 +221,11 @@ class Completer:
         extend). Typically an outcome that waited on the app's cancel() transaction, which
         held the row: its attempt counted lease_lost, as if another worker had taken the
         job. The notifier, told of that cancel, did not look for a job whose handler had
-        ended. A completion whose row is completed under its claim landed at an earlier try
-        whose reply was lost (counted lease_lost, a completed job as lost): it counts as
-        written. Unread (the look-up failed), they count as lost."""
+        ended. An outcome whose row is completed under its claim was completed by this
+        attempt (an earlier try of the write whose reply was lost, or the handler's own
+        ctx.transaction() committing after a release or timeout): it counts as completed,
+        where it counted a completed job as lost. Unread (the look-up failed), they count
+        as lost."""
         if not fenced:
             return
         try:
@@ -239,10 +241,12 @@ class Completer:
             row = rows.get(outcome.job.id)
             if row == ("cancelled", outcome.job.token):
                 outcome.job.cancelled_by_user = True
-            elif row == ("completed", outcome.job.token) and outcome.action == "complete":
-                # Only this claim's completion completes its row under its token: an earlier
-                # try of this write landed, and its reply was lost (the batch was retried).
-                outcome.landed = True
+            elif row == ("completed", outcome.job.token):
+                # Only this claim completes its row under its token: an earlier try of this
+                # write, whose reply was lost (the batch was retried), or the handler's
+                # ctx.transaction() committing after its attempt was given up (released at a
+                # stop, timed out): the attempt completed the job.
+                outcome.landed, outcome.label = True, "completed"
 
     async def _keep_leases(self, kept: list[Outcome]) -> None:
         """Extend the leases of the kept outcomes' jobs (fenced by claim, as a beat is), now
