@@ -107,7 +107,13 @@ class ManagedConnection:
                         keepalives_count=_KEEPALIVE[2],
                     )
                 if self._on_connect is not None:
-                    await self._on_connect(conn)
+                    try:
+                        await self._on_connect(conn)
+                    except BaseException:
+                        # Not kept: closed here, not left to the garbage collector.
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                            await conn.close()
+                        raise
                 self._conn = conn
                 if self._failures:
                     log.info("%s: reconnected after %d failed attempt(s)", self._name, self._failures)

@@ -444,6 +444,79 @@ def test_two_workers_and_a_leader_change_enqueue_every_slot_exactly_once(databas
     assert slots[-1] - slots[0] >= dt.timedelta(seconds=4)
 
 
+def test_a_frozen_leader_hands_over_and_its_schedule_fires(database_url, schema):
+    """The leader is SIGSTOPped (docker pause, a debugger, a VM frozen): its kernel keeps the
+    socket up and its backend kept the leader lock, so no worker fired a periodic slot or
+    pruned for as long as it stayed frozen. The maintainer's session now ends after a
+    bounded idle time (idle_session_timeout): the other worker takes over, and no slot
+    fires twice when the frozen one wakes."""
+    from .conftest import start_worker_process
+
+    extra = ("--maintenance-interval", "0.2", "--poll-interval", "0.2", "--lease", "4", "--shutdown-grace", "2")
+    env = {"SA_JOBS_DATABASE_URL": database_url}
+    a = start_worker_process(database_url, schema, "tests.test_periodic", *extra, env=env)
+    b = None
+    try:
+        assert wait_for(lambda: len(_periodic_jobs(database_url, schema)) >= 3, 30), "the leader fired nothing"
+        b_started = q(database_url, "SELECT now()")[0][0]
+        b = start_worker_process(database_url, schema, "tests.test_periodic", *extra, env=env)
+        assert wait_for(lambda: _maintainer_connected_since(database_url, b_started), 30)
+        a.send_signal(signal.SIGSTOP)
+        stopped_at = q(database_url, "SELECT now()")[0][0]
+
+        def fired_after_stop() -> bool:
+            rows = _periodic_jobs(database_url, schema)
+            return bool(rows) and dt.datetime.fromisoformat(rows[-1][2]) > stopped_at + dt.timedelta(seconds=2)
+
+        took_over = wait_for(fired_after_stop, 40)
+        a.send_signal(signal.SIGCONT)
+        if not took_over:
+            for proc in (a, b):
+                proc.kill()
+            logs = [proc.communicate(timeout=10)[0].decode(errors="replace")[-2000:] for proc in (a, b)]
+            raise AssertionError(f"no worker fired the schedule while the leader was frozen; logs: {logs}")
+        fired = len(_periodic_jobs(database_url, schema))
+        assert wait_for(lambda: len(_periodic_jobs(database_url, schema)) >= fired + 3, 30), "firing stopped"
+        for proc in (a, b):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (a, b):
+            proc.wait(20)
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait(10)
+    rows = _periodic_jobs(database_url, schema)
+    slots = [dt.datetime.fromisoformat(r[2]) for r in rows]
+    assert len(slots) == len(set(slots)), "a slot was enqueued twice"
+    gaps = [(x, y) for x, y in zip(slots, slots[1:]) if y - x != dt.timedelta(seconds=1)]
+    assert gaps == [], "a slot was skipped"
+
+
+def test_the_maintainer_session_bounds_its_idle_time_even_for_a_long_interval(database_url, schema):
+    """The bound that frees a frozen leader's lock is set on the maintainer's session; an
+    interval longer than the setting holds (24.8 days) is clamped, not refused by the
+    server at every connect (which would have stopped maintenance for good)."""
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.leader import Maintainer
+
+    async def settings(interval: float) -> tuple[bool, list[str]]:
+        maintainer = Maintainer(to_conninfo(database_url), Queries.for_schema(schema), NullObserver(), [],
+                                interval=interval, timeout=2.0)
+        try:
+            await maintainer.tick()
+            conn = await maintainer._conn.get()
+            cur = await conn.execute("SELECT setting FROM pg_settings WHERE name IN"
+                                     " ('idle_in_transaction_session_timeout', 'idle_session_timeout') ORDER BY name")
+            return maintainer.is_leader, [row[0] for row in await cur.fetchall()]
+        finally:
+            await maintainer._conn.close()
+
+    assert anyio.run(settings, 0.5) == (True, ["10000", "10000"])
+    assert anyio.run(settings, 10.0 ** 9) == (True, [str(2**31 - 1), str(2**31 - 1)])
+
+
 def test_a_long_catch_up_fits_the_maintenance_deadline_and_makes_progress(database_url, schema):
     """An every-second schedule back from three hours down owes max_catch_up=10,000 slots.
     Inserted in one transaction, one statement each, they outlived the tick's deadline (the

@@ -8,7 +8,11 @@ must run once per cluster set ``leader_only`` and run on the lock holder.
 The lock lives as long as the maintainer's connection: a leader that dies or is cut off
 loses it with its backend, and the next worker to try takes over within one interval. A
 leader cut off without a word (its host gone, a partition) loses its backend when the
-server's TCP keepalive gives up, about 25 s (set per session: see ``_connection``).
+server's TCP keepalive gives up, about 25 s (set per session: see ``_connection``). A
+leader that is frozen (SIGSTOP, ``docker pause``, a debugger) keeps its socket alive, so
+the maintainer's session also ends once idle for longer than a live maintainer ever
+leaves it (:func:`idle_limit`): before, a frozen leader kept the lock for as long as it
+stayed frozen, and no worker fired a periodic slot or pruned meanwhile.
 Maintenance grows by adding a :class:`MaintenanceService`, not by editing this loop.
 """
 
@@ -252,6 +256,27 @@ def maintenance_services(given: Any, where: str) -> list[Any]:
     return checked
 
 
+# The least idle time after which the server ends a maintainer's session (see idle_limit).
+MIN_IDLE_LIMIT = 10.0
+
+# Set on each maintainer session (both are settable by any role). idle_session_timeout
+# exists since PostgreSQL 14; before it only a session frozen inside a transaction ends.
+_IDLE_LIMITS = ("SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, false),"
+                " set_config('idle_session_timeout', %(ms)s, false)")
+_IDLE_IN_TRANSACTION_LIMIT = "SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, false)"
+
+
+def idle_limit(interval: float, timeout: float) -> float:
+    """How long the maintainer's session may stay idle before the server ends it (and with
+    it the leader lock). A live maintainer sends a statement at least every ``interval``
+    (the pause between ticks) plus a tick's own work between round trips; ``timeout`` is
+    what a round trip itself may take, kept as room for a slow event loop, and the floor
+    keeps a short interval from costing a busy leader its leadership. A frozen leader's
+    lock then passes within this limit plus the next worker's interval: 16 s with the
+    defaults, within the periodic grace (two ticks), so no on-time slot is missed."""
+    return max(MIN_IDLE_LIMIT, interval + timeout)
+
+
 class Maintainer:
     def __init__(
         self,
@@ -263,7 +288,8 @@ class Maintainer:
         interval: float = 1.0,
         timeout: float = 10.0,
     ) -> None:
-        self._conn = ManagedConnection(conninfo, "maintainer", timeout=timeout)
+        self._conn = ManagedConnection(conninfo, "maintainer", timeout=timeout, on_connect=self._limit_idle)
+        self.idle_limit = idle_limit(interval, timeout)
         self._q = queries
         self._observer = observer
         self._services = services
@@ -280,6 +306,24 @@ class Maintainer:
             bind_tick = getattr(service, "bind_tick", None)
             if callable(bind_tick):
                 bind_tick(interval, timeout)
+
+    async def _limit_idle(self, conn: Any) -> None:
+        """Have the server end this session once idle past :attr:`idle_limit`: a frozen
+        leader's socket stays up (its kernel answers TCP keepalives), so only the server's
+        idle timeout frees the leader lock it holds."""
+        statement = _IDLE_LIMITS if conn.info.server_version >= 140000 else _IDLE_IN_TRANSACTION_LIMIT
+        with anyio.fail_after(self._conn.timeout):
+            # At most the setting's own maximum (INT_MAX ms, 24.8 days): an interval that
+            # long would otherwise fail every connection with InvalidParameterValue.
+            ms = min(2**31 - 1, max(1, int(self.idle_limit * 1000)))
+            try:
+                await conn.execute(statement, {"ms": str(ms)})
+            except (psycopg.errors.UndefinedObject, psycopg.errors.CantChangeRuntimeParam,
+                    psycopg.errors.InsufficientPrivilege) as exc:
+                # A server (or a PostgreSQL look-alike) without these settings: maintenance
+                # goes on without the bound; failing here would stop it on every connect.
+                log.warning("maintainer: cannot bound its idle session (%s); a frozen leader keeps the leader"
+                            " lock for as long as it stays frozen", describe(exc))
 
     async def run(self) -> None:
         try:
