@@ -44,6 +44,7 @@ from .errors import ConfigurationError, InvalidArgsError
 from .events import hook
 from .maintenance.leader import TickBudget
 from .model import Job
+from .queries import RESCUE_LOCK_TIMEOUT
 from .schema import JOBS_TABLE, PERIODIC_TABLE, UNIQUE_PREDICATE
 from .states import ALL_STATES
 from .unique import key_sql
@@ -437,6 +438,12 @@ _LOGGED_SKIPS = 5
 # A firing's transaction, sent as statements: psycopg's transaction() in pipeline mode
 # syncs after BEGIN and before COMMIT (a round trip each), so that errors surface inside it.
 _BEGIN = sql.SQL("BEGIN")
+# Sent with the inserts, after the row lock is held (waiting on a racing leader's firing
+# is the guarantee): an insert of a unique kind whose key an app's transaction has
+# inserted and not committed waits on that transaction, which failed the whole tick at
+# its statement deadline, every tick, dropping leadership while the transaction lasted.
+_INSERT_LOCK_TIMEOUT = sql.SQL("SELECT set_config('lock_timeout', {}, true)").format(
+    sql.Literal(RESCUE_LOCK_TIMEOUT))
 _COMMIT = sql.SQL("COMMIT")
 _ROLLBACK = sql.SQL("ROLLBACK")
 
@@ -524,6 +531,11 @@ class PeriodicJobs:
         for periodic in self.periodics:
             try:
                 ids = await self.fire(conn, statements, periodic)
+            except psycopg.errors.LockNotAvailable:
+                # A slot's insert waited on an app's transaction past _INSERT_LOCK_TIMEOUT:
+                # it rolled back, so the slot stays due; the other schedules go on.
+                log.warning("periodic %r: a transaction not yet committed holds a job of its unique key; its"
+                            " slot waits for the next tick", periodic.name)
             except (psycopg.DataError, psycopg.IntegrityError):
                 # The row itself is refused (a value PostgreSQL cannot store): like a broken
                 # factory, not the connection's fault, so it must not fail the whole tick
@@ -601,6 +613,8 @@ class PeriodicJobs:
         # the rest are due at the next tick. The last batch goes with the advance and COMMIT.
         budget = TickBudget()
         inserted: list[tuple[dt.datetime, Any]] = []
+        if due:
+            await conn.execute(_INSERT_LOCK_TIMEOUT)
         while len(inserted) < len(due):
             started = anyio.current_time()
             for slot in due[len(inserted):len(inserted) + _INSERT_BATCH]:

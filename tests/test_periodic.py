@@ -1014,3 +1014,59 @@ def test_a_row_fired_before_the_schedule_was_recorded_is_adopted(database_url, s
     [ids] = _fire(database_url, schema, p, now=now)
     assert len(ids) == 3
     assert _schedule_of(database_url, schema, "older") == "* * * * * UTC"
+
+
+def test_an_apps_uncommitted_job_of_a_unique_kind_holds_up_no_other_schedule(database_url, schema, engine, caplog):
+    """An app's transaction has enqueued a job of a unique kind and not committed: the
+    slot's INSERT of that kind waits on it (the unique index cannot yet tell whether the
+    key is taken). It waited for the whole statement deadline, failing the tick: the
+    leader dropped its leadership at every tick for as long as the transaction lasted, and
+    no other schedule fired (nor did the pruner run). Now only that schedule waits: its
+    slot stays due and fires, or is skipped as held, once the transaction has ended."""
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance.leader import Maintainer
+
+    class Errors(NullObserver):
+        def __init__(self) -> None:
+            self.errors = 0
+
+        def loop_error(self, loop: str) -> None:
+            self.errors += 1
+
+    blocked = Periodic("* * * * * *", OneAtATime, args={"src": "cron"}, name="blocked_unique")
+    free = Periodic("* * * * * *", PerTick, name="free_schedule")
+    observer = Errors()
+    maintainer = Maintainer(to_conninfo(database_url), Queries.for_schema(schema), observer,
+                            [PeriodicJobs([blocked, free])], interval=0.05, timeout=2.0)
+
+    def fired(name: str) -> int:
+        return sum(1 for row in _periodic_jobs(database_url, schema) if row[1] == name)
+
+    async def tick_while(done: object, seconds: float) -> bool:
+        with anyio.move_on_after(seconds):
+            while True:
+                await maintainer.tick()
+                if done():  # type: ignore[operator]
+                    return True
+                await anyio.sleep(0.05)
+        return False
+
+    async def main() -> None:
+        try:
+            await maintainer.tick()  # registers both
+            with Session(engine) as session, session.begin():
+                session.add(OneAtATime(src="app"))
+                session.flush()  # the key is inserted, not committed
+                assert await tick_while(lambda: fired("free_schedule") >= 3, 15), "the other schedule did not fire"
+                assert observer.errors == 0 and maintainer.is_leader
+                assert fired("blocked_unique") == 0
+                assert "'blocked_unique': a transaction not yet committed holds a job of its unique key" in caplog.text
+            # Committed: the app's job holds the key, and the waiting slots are skipped.
+            assert await tick_while(lambda: q(database_url, sql.SQL(
+                "SELECT now() - last_slot < interval '2 s' FROM {} WHERE name = 'blocked_unique'").format(
+                    sql.Identifier(schema, "periodic")))[0][0], 10)
+            assert observer.errors == 0 and fired("blocked_unique") == 0
+        finally:
+            await maintainer._conn.close()
+
+    anyio.run(main)
