@@ -445,6 +445,11 @@ _BEGIN = sql.SQL("BEGIN")
 _INSERT_LOCK_TIMEOUT = sql.SQL("SELECT set_config('lock_timeout', {}, true)").format(
     sql.Literal(RESCUE_LOCK_TIMEOUT))
 _COMMIT = sql.SQL("COMMIT")
+# A plain statement after the tick's firings. psycopg ends a pipeline with a Sync and then
+# a Flush request, and a backend that reads a message after its Sync's ReadyForQuery
+# disarms its idle timeouts until the next Sync: a maintainer frozen after a firing (until
+# its next tick) kept its session, and the leader lock, past its idle limit for good.
+_REARM = sql.SQL("SELECT 1")
 _ROLLBACK = sql.SQL("ROLLBACK")
 
 
@@ -464,10 +469,18 @@ async def _pipeline(conn: Any) -> AsyncIterator[Any]:
         yield _NoPipeline()
 
 
-async def _fetchone(conn: Any, statement: sql.Composable, params: Optional[Mapping[str, Any]] = None) -> Any:
-    """One row of ``statement``; in a pipeline, a round trip for everything sent so far."""
+async def _fetchone(conn: Any, pipeline: Any, statement: sql.Composable,
+                    params: Optional[Mapping[str, Any]] = None) -> Any:
+    """One row of ``statement``; in a pipeline, a round trip (a Sync) for everything sent so far.
+
+    A Sync, not a cursor's flush: between a pipeline's statements until its Sync a backend
+    arms none of its timeouts (it reads 'active'), so a maintainer frozen there (SIGSTOP
+    while it builds a slot's job) kept its session, the leader lock and the periodic row
+    locked for good. After a Sync it is idle in a transaction, which the maintainer's
+    session bounds (leader.idle_limit)."""
     cur = conn.cursor()
     await cur.execute(statement, params)
+    await pipeline.sync()
     return await cur.fetchone()
 
 
@@ -491,6 +504,7 @@ class PeriodicJobs:
         self._sql: dict[str, dict[str, sql.Composable]] = {}
         self._enqueued = hook(None, "periodic_enqueued")
         self.grace = self._grace(*_DEFAULT_TICK)
+        self._pipelined = False  # whether this run's firings ended a pipeline (see _REARM)
 
     def bind_observer(self, observer: Any) -> None:
         self._enqueued = hook(observer, "periodic_enqueued")
@@ -528,6 +542,12 @@ class PeriodicJobs:
 
     async def run_once(self, conn: Any, queries: Any) -> None:
         statements = self._statements(queries.schema)
+        self._pipelined = False
+        await self._fire_all(conn, statements)
+        if self._pipelined:
+            await conn.execute(_REARM)
+
+    async def _fire_all(self, conn: Any, statements: Mapping[str, sql.Composable]) -> None:
         for periodic in self.periodics:
             try:
                 ids = await self.fire(conn, statements, periodic)
@@ -568,6 +588,7 @@ class PeriodicJobs:
         row = await (await conn.execute(peek, {"name": periodic.name})).fetchone()
         if row is not None and row[2] == periodic.schedule and not periodic.is_due(row[1], row[0]):
             return []
+        self._pipelined = self._pipelined or psycopg.AsyncPipeline.is_supported()
         try:
             async with _pipeline(conn) as pipeline:
                 firing = await self._fire_locked(conn, pipeline, statements, periodic, row is not None,
@@ -589,16 +610,17 @@ class PeriodicJobs:
         cursor, whose result is there once the pipeline has ended (committed)."""
         name = {"name": periodic.name, "schedule": periodic.schedule}
         await conn.execute(_BEGIN)
-        row = await _fetchone(conn, lock, name) if seen else None
+        row = await _fetchone(conn, pipeline, lock, name) if seen else None
         if row is None:
-            now = (await _fetchone(conn, statements["now"]))[0]
-            if await _fetchone(conn, statements["register"], {**name, "slot": periodic.latest_slot(now)}) is not None:
+            now = (await _fetchone(conn, pipeline, statements["now"]))[0]
+            if await _fetchone(conn, pipeline, statements["register"],
+                               {**name, "slot": periodic.latest_slot(now)}) is not None:
                 # First sighting: the schedule starts at its next slot (logged, so a slot
                 # far later than the author expected is visible at once).
                 log.info("periodic %r registered; its first slot is %s", periodic.name, periodic.first_slot_after(now))
                 await conn.execute(_COMMIT)
                 return None
-            row = await _fetchone(conn, lock, name)  # registered meanwhile by another leader
+            row = await _fetchone(conn, pipeline, lock, name)  # registered meanwhile by another leader
         now, last_slot, schedule = row
         edited = schedule != periodic.schedule
         if edited and schedule is not None:  # NULL: fired before the column existed; adopted
@@ -611,15 +633,19 @@ class PeriodicJobs:
         # tick's deadline, which rolled it all back and began it again every tick, so
         # the schedule never fired again. last_slot moves to the last slot inserted;
         # the rest are due at the next tick. The last batch goes with the advance and COMMIT.
+        # Each batch's rows (the factory's work) are built before any of its statements is
+        # sent, so the backend waits between a Sync and the next statements, where its
+        # idle limit holds (see _fetchone), not between two statements of the pipeline.
         budget = TickBudget()
         inserted: list[tuple[dt.datetime, Any]] = []
-        if due:
-            await conn.execute(_INSERT_LOCK_TIMEOUT)
         while len(inserted) < len(due):
             started = anyio.current_time()
-            for slot in due[len(inserted):len(inserted) + _INSERT_BATCH]:
+            batch = [(slot, self._params(periodic, slot)) for slot in due[len(inserted):len(inserted) + _INSERT_BATCH]]
+            if not inserted:
+                await conn.execute(_INSERT_LOCK_TIMEOUT)
+            for slot, params in batch:
                 cur = conn.cursor()  # one per slot: a cursor keeps one pipelined result
-                await cur.execute(statements["insert"], self._params(periodic, slot))
+                await cur.execute(statements["insert"], params)
                 inserted.append((slot, cur))
             if len(inserted) == len(due):
                 break

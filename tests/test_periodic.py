@@ -473,8 +473,11 @@ def test_a_frozen_leader_hands_over_and_its_schedule_fires(database_url, schema)
         if not took_over:
             for proc in (a, b):
                 proc.kill()
+            holders = q(database_url, "SELECT a.pid, a.state, a.query, now() - a.state_change, a.backend_start, l.objid"
+                                      " FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                                      " WHERE l.locktype = 'advisory' AND l.classid = hashtext('sa_jobs.leader')::oid")
             logs = [proc.communicate(timeout=10)[0].decode(errors="replace")[-2000:] for proc in (a, b)]
-            raise AssertionError(f"no worker fired the schedule while the leader was frozen; logs: {logs}")
+            raise AssertionError(f"no worker fired the schedule while the leader was frozen; logs: {logs}; {holders}")
         fired = len(_periodic_jobs(database_url, schema))
         assert wait_for(lambda: len(_periodic_jobs(database_url, schema)) >= fired + 3, 30), "firing stopped"
         for proc in (a, b):
@@ -492,6 +495,51 @@ def test_a_frozen_leader_hands_over_and_its_schedule_fires(database_url, schema)
     assert len(slots) == len(set(slots)), "a slot was enqueued twice"
     gaps = [(x, y) for x, y in zip(slots, slots[1:]) if y - x != dt.timedelta(seconds=1)]
     assert gaps == [], "a slot was skipped"
+
+
+def test_a_leader_frozen_in_the_middle_of_a_firing_hands_over(database_url, schema, tmp_path):
+    """The leader is frozen while it builds a slot's job (its factory, between the firing's
+    statements): the firing was one pipeline whose Sync came only with COMMIT, and a
+    backend between a pipeline's statements arms none of the server's timeouts (it reads
+    'active'), so its session, the leader lock and the periodic row's lock outlived any
+    idle limit. The firing now syncs before it builds the jobs: the session is then idle
+    in a transaction, which the server ends."""
+    from .conftest import start_worker_process
+
+    marker = tmp_path / "freeze"
+    extra = ("--maintenance-interval", "0.2", "--poll-interval", "0.2", "--lease", "4", "--shutdown-grace", "2")
+    env = {"SA_JOBS_DATABASE_URL": database_url}
+    a = start_worker_process(database_url, schema, "tests.jobs_periodic_freeze", *extra,
+                             env={**env, "SA_JOBS_TEST_FREEZE_AT": str(marker)})
+    b = None
+    try:
+        assert wait_for(lambda: len(_periodic_jobs(database_url, schema)) >= 3, 30), "the leader fired nothing"
+        b_started = q(database_url, "SELECT now()")[0][0]
+        b = start_worker_process(database_url, schema, "tests.jobs_periodic_freeze", *extra, env=env)
+        assert wait_for(lambda: _maintainer_connected_since(database_url, b_started), 30)
+        marker.touch()
+        assert wait_for(lambda: not marker.exists(), 10), "the leader did not build a job"
+        frozen_at = q(database_url, "SELECT now()")[0][0]
+
+        def fired_after_freeze() -> bool:
+            rows = _periodic_jobs(database_url, schema)
+            return bool(rows) and dt.datetime.fromisoformat(rows[-1][2]) > frozen_at + dt.timedelta(seconds=2)
+
+        took_over = wait_for(fired_after_freeze, 40)
+        a.send_signal(signal.SIGCONT)
+        assert took_over, "no worker fired the schedule while the leader was frozen mid-firing"
+        for proc in (a, b):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (a, b):
+            proc.wait(20)
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait(10)
+    slots = [r[2] for r in _periodic_jobs(database_url, schema)]
+    assert len(slots) == len(set(slots)), "a slot was enqueued twice"
 
 
 def test_the_maintainer_session_bounds_its_idle_time_even_for_a_long_interval(database_url, schema):
@@ -1066,6 +1114,46 @@ def test_an_apps_uncommitted_job_of_a_unique_kind_holds_up_no_other_schedule(dat
                 "SELECT now() - last_slot < interval '2 s' FROM {} WHERE name = 'blocked_unique'").format(
                     sql.Identifier(schema, "periodic")))[0][0], 10)
             assert observer.errors == 0 and fired("blocked_unique") == 0
+        finally:
+            await maintainer._conn.close()
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize("fires", [False, True])
+def test_a_maintainer_that_stops_after_a_tick_loses_its_session_within_its_idle_limit(database_url, schema,
+                                                                                      monkeypatch, fires):
+    """What the server sees of a frozen leader: a tick, then nothing. After a tick that
+    fired a slot, psycopg had ended the firing's pipeline with a Sync and then a Flush
+    request, and a backend reading a message after its Sync's ReadyForQuery disarms its
+    idle timeouts: the session (and the leader lock) outlived the idle limit for good
+    (1 frozen leader in 5 kept it, in the worker-process test). The tick now ends with a
+    plain statement."""
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance import leader
+
+    monkeypatch.setattr(leader, "MIN_IDLE_LIMIT", 1.0)
+    p = Periodic("* * * * * *", PerTick, name="idle_after_firing")
+    maintainer = leader.Maintainer(to_conninfo(database_url), Queries.for_schema(schema), NullObserver(),
+                                   [PeriodicJobs([p] if fires else [])], interval=0.05, timeout=0.5)
+    assert maintainer.idle_limit == 1.0
+
+    def alive(pid: int) -> bool:
+        return bool(q(database_url, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)))
+
+    async def main() -> None:
+        try:
+            await maintainer.tick()  # registers it
+            assert maintainer.is_leader
+            with anyio.fail_after(10):
+                while fires and not _periodic_jobs(database_url, schema):
+                    await anyio.sleep(0.05)
+                    await maintainer.tick()
+            pid = (await maintainer._conn.get()).info.backend_pid
+            with anyio.move_on_after(6):  # the maintainer is "frozen": it sends nothing
+                while alive(pid):
+                    await anyio.sleep(0.1)
+            assert not alive(pid), "the maintainer's session outlived its idle limit"
         finally:
             await maintainer._conn.close()
 
