@@ -568,12 +568,17 @@ def _read_again(exc: BaseException, seen: bool) -> bool:
     failover). A wait's pooled connection cut between two reads (pg_terminate_backend, a
     proxy's idle timeout) raised OperationalError out of a wait whose job completed a
     moment later. The first read's connection errors (a wrong URL, a refused login) are
-    raised as they are."""
+    raised as they are, but not the server's own word that it ended or cannot yet take the
+    session (SQLSTATE class 57P: an administrator's command, a crash, a start-up): a new
+    connection ended that way during SQLAlchemy's first-connect set-up is not flagged
+    invalidated, and such a wait failed before its first read."""
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
     if not isinstance(exc, DBAPIError):
         return False
-    return bool(exc.connection_invalidated) or (seen and isinstance(exc, (OperationalError, InterfaceError)))
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    return (bool(exc.connection_invalidated) or sqlstate.startswith("57P")
+            or (seen and isinstance(exc, (OperationalError, InterfaceError))))
 
 
 def _unreachable(job_id: int, timeout: float, exc: BaseException) -> TimeoutError:

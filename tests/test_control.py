@@ -7,6 +7,7 @@ import decimal
 import json
 import threading
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -1239,6 +1240,73 @@ def test_wait_for_goes_on_when_its_connection_is_lost_between_reads(engine, data
 
         status = anyio.run(main)
     thread.join(10)
+    assert (status.status, status.result) == ("done", 7)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_wait_for_goes_on_when_its_first_connection_ends_during_its_set_up(engine, database_url, schema, flavour):
+    """The server ends the wait's first session at its first statement (an administrator's
+    command, a restart), before anything was read: the wait reads through another. (CI
+    once saw this end the wait with AdminShutdown: the session ended during an async
+    engine's first-connect set-up, where SQLAlchemy does not flag the error as a lost
+    connection. This test's timing gets the flagged path; the 57P01 rule in
+    admin._read_again covers the other.)"""
+    import psycopg
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs import wait_for as wait_for_job, wait_for_async
+    from sa_jobs._url import sqlalchemy_url, to_conninfo
+
+    conninfo = to_conninfo(database_url)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, args, state, finished_at, result)"
+                                      " VALUES ('c_long_async', 'nobody', jsonb_build_object(), 'completed', now(), '7')"))
+        (job_id,) = conn.execute(jobs_sql(schema, "SELECT max(id) FROM {jobs}")).fetchone()
+    ended: list[int] = []
+
+    def end_the_first_session(pid: int) -> None:
+        """The server ends the first session made, as its first statement is sent."""
+        if ended:
+            return
+        ended.append(pid)
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+                time.sleep(0.01)
+
+    class EndedAtFirstStatement(psycopg.Cursor):
+        def execute(self, *args: Any, **kwargs: Any) -> Any:
+            end_the_first_session(self.connection.info.backend_pid)
+            return super().execute(*args, **kwargs)
+
+    class AsyncEndedAtFirstStatement(psycopg.AsyncCursor):
+        async def execute(self, *args: Any, **kwargs: Any) -> Any:
+            await anyio.to_thread.run_sync(end_the_first_session, self.connection.info.backend_pid)
+            return await super().execute(*args, **kwargs)
+
+    if flavour == "sync":
+        waiting = create_engine(
+            sqlalchemy_url(database_url),
+            creator=lambda: psycopg.connect(conninfo, cursor_factory=EndedAtFirstStatement),
+        ).execution_options(schema_translate_map={"sa_jobs": schema})
+        try:
+            status = wait_for_job(waiting, job_id, timeout=10)
+        finally:
+            waiting.dispose()
+    else:
+        async def main() -> Any:
+            aengine = create_async_engine(
+                sqlalchemy_url(database_url, async_=True),
+                async_creator=lambda: psycopg.AsyncConnection.connect(conninfo, cursor_factory=AsyncEndedAtFirstStatement),
+            ).execution_options(schema_translate_map={"sa_jobs": schema})
+            try:
+                return await wait_for_async(aengine, job_id, timeout=10)
+            finally:
+                await aengine.dispose()
+
+        status = anyio.run(main)
+    assert len(ended) == 1  # the first session was ended, and the wait read through another
     assert (status.status, status.result) == ("done", 7)
 
 
