@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -23,6 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # The plugin users load; its fixtures (sa_jobs_schema, sa_jobs_engine) are tested here too.
 pytest_plugins = ["sa_jobs.testing"]
+
+# A suite started as a background job of a shell without job control (``bash .ci/run &``
+# in a script) inherits SIGINT ignored, and so would every process it starts: the tests of
+# Ctrl-C (the CLI's, the embedded server's) then waited out their timeouts (9 failed, one
+# CI run here). Python's own handler is put back, so the children get the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # The suite dogfoods the plugin's fixtures under the short names its tests use.
