@@ -944,3 +944,134 @@ def test_a_transactional_completion_committed_after_the_release_counts_as_comple
         released.set()
     assert _rows(database_url, schema, "id, state, attempt") == [(job_id, "completed", 1)]
     assert observer.labels == ["completed"]
+
+
+class FaultLockedPair(Job, kind="wf_locked_pair", queue="wf_locked_pair"):
+    pass
+
+
+LOCKED_PAIR_RUNS: list[tuple[int, int]] = []
+LOCKED_PAIR_GO: set[int] = set()
+
+
+@FaultLockedPair.handler
+async def wf_locked_pair(ctx: JobContext, n: int) -> int:
+    import anyio
+
+    LOCKED_PAIR_RUNS.append((n, ctx.attempt))
+    while ctx.attempt == 1 and n not in LOCKED_PAIR_GO:  # returns once the test says so
+        await anyio.sleep(0.01)
+    return n
+
+
+def _keepers(database_url: str, schema: str, waiting: bool = False) -> int:
+    """The lease keepers' sessions whose last statement named ``schema``'s jobs (waiting on a lock)."""
+    return q(database_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sa_jobs:lease-keeper'"
+                           " AND position(%s in query) > 0 AND (NOT %s OR wait_event_type = 'Lock')",
+             (f'"{schema}"', waiting))[0][0]
+
+
+def test_two_outcomes_kept_behind_row_locks_longer_than_the_lease_are_not_run_again(engine, database_url, schema):
+    """Two jobs' handlers returned while two app transactions held their rows locked, the
+    first for longer than the second, both past the lease. The lease keeper waited on one
+    row at a time, its statement queued on the first for as long as that lock lasted
+    (re-queued at each statement_timeout), so the second job's lease was never extended
+    through its lock: when that lock went, the rescuer took the row and the finished job
+    ran again."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.queries import Queries
+
+    LOCKED_PAIR_RUNS.clear()
+    LOCKED_PAIR_GO.clear()
+    lease = 2.0
+    first, second = _add(engine, FaultLockedPair(n=1), FaultLockedPair(n=2))
+    lock = jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s FOR UPDATE")
+    rescue = Queries.for_schema(schema).rescue_expired
+    rescued: list[tuple] = []
+
+    with psycopg.connect(to_conninfo(database_url)) as locker1, psycopg.connect(to_conninfo(database_url)) as locker2, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as rescuer:
+
+        async def until(check: Callable[[], bool], within: float = 10) -> None:
+            with anyio.fail_after(within):
+                while not check():
+                    await anyio.sleep(0.01)
+
+        async def main() -> None:
+            async with Worker(database_url, kinds=[FaultLockedPair], schema=schema, lease=lease, concurrency=2,
+                              poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=5) as worker:
+                await until(lambda: len(LOCKED_PAIR_RUNS) == 2)
+                assert locker1.execute(lock, (first,)).fetchone() == ("running",)
+                assert locker2.execute(lock, (second,)).fetchone() == ("running",)
+
+                def waiting() -> set[int]:
+                    return {j.id for j in worker.completer.awaiting()} if worker.completer else set()
+
+                LOCKED_PAIR_GO.add(1)
+                await until(lambda: waiting() == {first})
+                await until(lambda: _keepers(database_url, schema, waiting=True) > 0)  # the keeper waits on the first row
+                LOCKED_PAIR_GO.add(2)
+                await until(lambda: waiting() == {first, second})
+                await anyio.sleep(1.5 * lease)  # both app transactions outlast the lease
+                locker2.rollback()  # the second ends first, without changing the row
+                rescued.extend(rescuer.execute(rescue, {"limit": 100}).fetchall())
+                await anyio.sleep(0.5 * lease)
+                locker1.rollback()
+                rescued.extend(rescuer.execute(rescue, {"limit": 100}).fetchall())
+                await until(lambda: not _unfinished(database_url, schema), 15)
+
+        anyio.run(main)
+    assert rescued == [], "the rescuer re-drove a job whose live worker held its outcome"
+    assert _rows(database_url, schema, "state, attempt, result") == [("completed", 1, 1), ("completed", 1, 2)]
+    assert sorted(LOCKED_PAIR_RUNS) == [(1, 1), (2, 1)]
+
+
+def test_a_stop_while_the_lease_keeper_waits_on_a_row_lock_is_prompt_and_leaves_no_waiter(engine, database_url, schema):
+    """A worker stopped while its lease keeper's statement waited on an app's row lock:
+    the stop must not wait for that lock, and no statement of the gone worker may stay
+    queued on the row (it would extend the lease once the lock goes, and hold off the
+    rescue of a job no worker holds any more)."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+
+    LOCKED_PAIR_RUNS.clear()
+    LOCKED_PAIR_GO.clear()
+    lease = 2.0
+    [job_id] = _add(engine, FaultLockedPair(n=1))
+    lock = jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s FOR UPDATE")
+    lease_of = jobs_sql(schema, "SELECT lease_expires_at FROM {jobs} WHERE id = %s")
+    stopped: list[float] = []
+
+    with psycopg.connect(to_conninfo(database_url)) as locker:
+
+        async def main() -> None:
+            async with Worker(database_url, kinds=[FaultLockedPair], schema=schema, lease=lease,
+                              poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=1) as worker:
+                with anyio.fail_after(10):
+                    while not LOCKED_PAIR_RUNS:
+                        await anyio.sleep(0.01)
+                assert locker.execute(lock, (job_id,)).fetchone() == ("running",)
+                LOCKED_PAIR_GO.add(1)
+                with anyio.fail_after(10):
+                    while not _keepers(database_url, schema, waiting=True):
+                        await anyio.sleep(0.01)
+                assert {j.id for j in worker.completer.awaiting()} == {job_id}
+                stopped.append(time.monotonic())
+            stopped.append(time.monotonic())
+
+        anyio.run(main)
+        assert stopped[1] - stopped[0] < 5, "the stop waited for the lock"
+        deadline = time.monotonic() + 5
+        while _keepers(database_url, schema):
+            assert time.monotonic() < deadline, "a lease keeper's statement outlived its worker"
+            time.sleep(0.05)
+        before = q(database_url, lease_of, (job_id,))[0][0]
+        locker.rollback()
+    assert q(database_url, lease_of, (job_id,))[0][0] == before

@@ -8,7 +8,9 @@ are never presumed lost here. Neither the beat nor the completer can extend a le
 another transaction's row lock, so a lock held past the lease let the rescuer take the row
 the moment it was released, before the kept outcome's retry: the finished job ran again.
 The keeper therefore waits for such a lock (``_keep_awaiting``): queued on the row, it
-extends the lease as the lock goes, before any SKIP LOCKED rescuer can take the row.
+extends the lease as the lock goes, before any SKIP LOCKED rescuer can take the row. One
+statement per session waits, so each kept outcome's job is waited for on a connection of
+its own (up to MAX_KEEPERS at once), opened while its outcome waits.
 
 One fenced UPDATE per beat covers every running job. A job missing from its result was
 taken over (its lease expired and another worker claimed it): its handler is cancelled
@@ -34,6 +36,10 @@ from ..events import WorkerObserver
 
 log = logging.getLogger("sa_jobs.worker")
 
+# Kept outcomes' jobs whose row locks the lease keeper waits for at once, each on its own
+# connection (a session waits for one lock at a time). Beyond these, a job waits its turn.
+MAX_KEEPERS = 8
+
 
 def lease_params(jobs: Sequence[ClaimedJob], progress: Sequence[Optional[str]], lease: float) -> dict[str, Any]:
     """The parameters of ``Queries.heartbeat_many``: extend ``jobs``' leases, fenced by
@@ -52,10 +58,14 @@ class Heartbeat:
         lease: float,
         interval: float,
         awaiting: Callable[[], Iterable[ClaimedJob]] = lambda: (),
-        keeper: Optional[ManagedConnection] = None,
+        keeper: Optional[Callable[[], ManagedConnection]] = None,
+        max_keepers: int = MAX_KEEPERS,
     ) -> None:
         self._conn = conn
-        self._keeper = keeper  # its own: it waits on row locks (connects only when an outcome waits)
+        # Makes a lease keeper's connection: one per kept outcome's job, opened while it waits.
+        self._new_keeper = keeper
+        self._max_keepers = max_keepers
+        self._keeping: dict[int, ManagedConnection] = {}  # id(job): the connection waiting for it
         self._q = queries
         self._observer = observer
         self._running = running
@@ -72,7 +82,7 @@ class Heartbeat:
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_leases)
-            if self._keeper is not None:
+            if self._new_keeper is not None:
                 tg.start_soon(self._keep_awaiting)
             while True:
                 with anyio.move_on_after(self._interval):
@@ -104,34 +114,62 @@ class Heartbeat:
 
     async def _keep_awaiting(self) -> None:
         """Extend the leases of the jobs whose outcomes the completer keeps (``awaiting``),
-        one job per statement, each waiting for its row where another transaction holds
-        it locked. The waiter holds the row's tuple lock, so when the locker ends, this
-        update goes first and a rescuer's SKIP LOCKED passes the row by; then the lease is
-        fresh again for the outcome's retry. One row at a time: a statement waiting on
-        one row while holding another's lock could deadlock with the app's transaction."""
-        while True:
-            for job in [j for j in self._awaiting() if not j.lease_lost]:
-                await self._wait_out_lock(job)
-            await anyio.sleep(self._interval)
+        each waiting for its row where another transaction holds it locked. The waiter
+        holds the row's tuple lock, so when the locker ends, this update goes first and a
+        rescuer's SKIP LOCKED passes the row by; then the lease is fresh again for the
+        outcome's retry. One row per statement: a statement waiting on one row while
+        holding another's lock could deadlock with the app's transaction. One job per
+        connection: with one connection, a job whose lock outlasted another's was waited
+        for all along (again at each statement_timeout), the other's lease ran out under
+        its lock, and when that lock went the rescuer took the row: the job ran again."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                for job in self._awaiting():
+                    if len(self._keeping) >= self._max_keepers:
+                        break
+                    if not job.lease_lost and id(job) not in self._keeping:
+                        assert self._new_keeper is not None
+                        self._keeping[id(job)] = self._new_keeper()
+                        tg.start_soon(self._keep, job)
+                await anyio.sleep(self._interval)
 
-    async def _wait_out_lock(self, job: ClaimedJob) -> None:
-        assert self._keeper is not None
+    def _waits(self, job: ClaimedJob) -> bool:
+        return not job.lease_lost and any(j is job for j in self._awaiting())
+
+    async def _keep(self, job: ClaimedJob) -> None:
+        """Keep ``job``'s lease while its outcome waits, on a connection of its own, closed
+        (the wait ended, or cancelled at a stop) once it waits no more."""
+        keeper = self._keeping[id(job)]
+        try:
+            while self._waits(job):
+                await self._wait_out_lock(job, keeper)
+                await anyio.sleep(self._interval)
+        finally:
+            del self._keeping[id(job)]
+            await keeper.close()  # shielded
+
+    async def _wait_out_lock(self, job: ClaimedJob, keeper: ManagedConnection) -> None:
         params = {"id": job.id, "token": job.token, "lease": self._lease}
         while True:
             try:
                 # The server's statement_timeout ends a long wait first (then it queues
                 # again at once); this deadline finds a connection gone half-open.
-                with anyio.fail_after(self._keeper.timeout + 2.0):
-                    conn = await self._keeper.get()
+                with anyio.fail_after(keeper.timeout + 2.0):
+                    conn = await keeper.get()
                     await conn.execute(self._q.extend_lease_waiting, params)
                 return
             except psycopg.errors.QueryCanceled:
-                if job.lease_lost or not any(j is job for j in self._awaiting()):
+                if not self._waits(job):
                     return
             except Exception as exc:  # noqa: BLE001 - the beats go on extending it meanwhile
                 log.warning("heartbeat: waiting for the row lock of job %s failed (%s)", job.id, describe(exc))
-                await self._keeper.discard()
+                await keeper.discard()
                 return
+
+    async def close(self) -> None:
+        """Close the lease keepers' connections (a stop cancels their waits)."""
+        for keeper in list(self._keeping.values()):
+            await keeper.close()
 
     async def beat(self) -> None:
         jobs = [j for j in self._running() if not j.completing and not j.lease_lost]

@@ -670,8 +670,11 @@ class Worker:
         complete_conn = ManagedConnection(self._conninfo, "completer", timeout=self.statement_timeout,
                                           lock_timeout=min(LOCK_WAIT, self.statement_timeout / 2))
         beat_conn = ManagedConnection(self._conninfo, "heartbeat", timeout=self.statement_timeout)
-        # Opened only once an outcome waits on another transaction (Heartbeat._keep_awaiting).
-        keep_conn = ManagedConnection(self._conninfo, "lease-keeper", timeout=self.statement_timeout)
+        def keep_conn() -> ManagedConnection:
+            """A lease keeper's: one per outcome waiting on another transaction, while it waits
+            (Heartbeat._keep_awaiting)."""
+            return ManagedConnection(self._conninfo, "lease-keeper", timeout=self.statement_timeout)
+
         self.completer = Completer(complete_conn, self._queries, self._observer, interval=self._completion_interval,
                                    on_written=self._completions_written, lease=self.lease)
         heartbeat = self._heartbeat = Heartbeat(
@@ -738,8 +741,9 @@ class Worker:
             self._runners_done.set()
             self.completer.abandon()  # what the drain could not write (the services are stopped)
             with anyio.CancelScope(shield=True):
-                for conn in (claim_conn, complete_conn, beat_conn, keep_conn):
+                for conn in (claim_conn, complete_conn, beat_conn):
                     await conn.close()
+                await heartbeat.close()
                 for engine in self._owns_engines:  # the root engines this worker created
                     result = engine.dispose()
                     if inspect.isawaitable(result):
