@@ -1158,3 +1158,42 @@ def test_a_maintainer_that_stops_after_a_tick_loses_its_session_within_its_idle_
             await maintainer._conn.close()
 
     anyio.run(main)
+
+
+def test_a_catch_up_whose_factory_is_slow_keeps_the_leaders_session_and_makes_progress(database_url, schema,
+                                                                                         monkeypatch):
+    """A firing builds a batch's rows (up to 500 calls of the factory) inside its
+    transaction, after a Sync, where the backend sits idle in transaction, bounded by the
+    maintainer's idle limit. A catch-up whose factory took a few milliseconds a call
+    (building args, reading a config) outlived that limit at every tick: the server ended
+    the leader's session, the firing rolled back, and the next tick (any leader) began the
+    same batch again, so the schedule never fired again and every tick lost leadership."""
+    import time
+
+    from sa_jobs.events import NullObserver
+    from sa_jobs.maintenance import leader
+
+    monkeypatch.setattr(leader, "MIN_IDLE_LIMIT", 1.0)
+
+    def slow() -> PerTick:
+        time.sleep(0.005)  # 500 slots: 2.5 s, past the 1 s idle limit
+        return PerTick()
+
+    p = Periodic("* * * * * *", slow, name="slow_catch_up", catch_up=True, max_catch_up=10_000)
+    _fire(database_url, schema, p)  # registered
+    _set_last_slot(database_url, schema, "slow_catch_up", "10 minutes")
+    maintainer = leader.Maintainer(to_conninfo(database_url), Queries.for_schema(schema), NullObserver(),
+                                   [PeriodicJobs([p])], interval=0.05, timeout=0.5)
+    assert maintainer.idle_limit == 1.0
+
+    async def main() -> None:
+        try:
+            with anyio.move_on_after(20):
+                while len(_periodic_jobs(database_url, schema)) < 200:
+                    await maintainer.tick()
+                    await anyio.sleep(0.05)
+        finally:
+            await maintainer._conn.close()
+
+    anyio.run(main)
+    assert len(_periodic_jobs(database_url, schema)) >= 200, "the catch-up made no progress"
