@@ -1023,6 +1023,8 @@ def test_two_outcomes_kept_behind_row_locks_longer_than_the_lease_are_not_run_ag
                 locker1.rollback()
                 rescued.extend(rescuer.execute(rescue, {"limit": 100}).fetchall())
                 await until(lambda: not _unfinished(database_url, schema), 15)
+                # The keepers' connections close once their outcomes landed (the worker runs on).
+                await until(lambda: _keepers(database_url, schema) == 0, 5)
 
         anyio.run(main)
     assert rescued == [], "the rescuer re-drove a job whose live worker held its outcome"
