@@ -702,7 +702,7 @@ class PeriodicJobs:
         ended the leader's session, and every tick began the same batch again: the schedule
         never fired again."""
         started = time.monotonic()
-        rows = []
+        rows: list[tuple[dt.datetime, dict[str, Any]]] = []
         for slot in slots:
             rows.append((slot, self._params(periodic, slot)))
             if time.monotonic() - started >= self._build_seconds:
