@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import signal
-from typing import Optional
+from typing import Any, Optional
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -444,6 +444,23 @@ def test_two_workers_and_a_leader_change_enqueue_every_slot_exactly_once(databas
     assert slots[-1] - slots[0] >= dt.timedelta(seconds=4)
 
 
+def _stop_workers(*procs: Any) -> None:
+    """SIGTERM each worker process, then wait for all of them to exit."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait(20)
+
+
+def _kill_workers(*procs: Any) -> None:
+    """Kill what is still running of ``procs`` (None: never started), frozen ones too."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait(10)
+
+
 def test_a_frozen_leader_hands_over_and_its_schedule_fires(database_url, schema):
     """The leader is SIGSTOPped (docker pause, a debugger, a VM frozen): its kernel keeps the
     socket up and its backend kept the leader lock, so no worker fired a periodic slot or
@@ -480,16 +497,9 @@ def test_a_frozen_leader_hands_over_and_its_schedule_fires(database_url, schema)
             raise AssertionError(f"no worker fired the schedule while the leader was frozen; logs: {logs}; {holders}")
         fired = len(_periodic_jobs(database_url, schema))
         assert wait_for(lambda: len(_periodic_jobs(database_url, schema)) >= fired + 3, 30), "firing stopped"
-        for proc in (a, b):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (a, b):
-            proc.wait(20)
+        _stop_workers(a, b)
     finally:
-        for proc in (a, b):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.kill()
-                proc.wait(10)
+        _kill_workers(a, b)
     rows = _periodic_jobs(database_url, schema)
     slots = [dt.datetime.fromisoformat(r[2]) for r in rows]
     assert len(slots) == len(set(slots)), "a slot was enqueued twice"
@@ -528,16 +538,9 @@ def test_a_leader_frozen_in_the_middle_of_a_firing_hands_over(database_url, sche
         took_over = wait_for(fired_after_freeze, 40)
         a.send_signal(signal.SIGCONT)
         assert took_over, "no worker fired the schedule while the leader was frozen mid-firing"
-        for proc in (a, b):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (a, b):
-            proc.wait(20)
+        _stop_workers(a, b)
     finally:
-        for proc in (a, b):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.kill()
-                proc.wait(10)
+        _kill_workers(a, b)
     slots = [r[2] for r in _periodic_jobs(database_url, schema)]
     assert len(slots) == len(set(slots)), "a slot was enqueued twice"
 
