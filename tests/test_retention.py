@@ -10,13 +10,14 @@ import time
 import anyio
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from sa_jobs import ConfigurationError, Job, JobContext, Worker
 from sa_jobs._url import to_conninfo
 from sa_jobs.maintenance.pruner import Pruner, count_statement, delete_statement, prune, retention_ages
 from sa_jobs.queries import Queries
 
-from .helpers import jobs_sql, q, run_worker_until
+from .helpers import LoopErrors, jobs_sql, q, run_worker_until
 
 
 class RetNoop(Job, kind="ret_noop", queue="ret"):
@@ -314,3 +315,47 @@ def test_a_pruner_interval_or_age_out_of_range_is_a_configuration_error():
     with pytest.raises(ConfigurationError):
         retention_ages({"dead": 10**400})
     assert Pruner(interval=0).interval == 0.0
+
+
+def _slow_deletes(database_url: str, schema: str, seconds: float) -> None:
+    """Each deleted row costs ``seconds`` (a trigger): a batch's time is its size times that."""
+    q(database_url, jobs_sql(schema, "CREATE FUNCTION {schema_}.slow_delete() RETURNS trigger LANGUAGE plpgsql AS"
+                                     f" $$ BEGIN PERFORM pg_sleep({seconds}); RETURN OLD; END $$"
+                                     .replace("{schema_}", f'"{schema}"')))
+    q(database_url, jobs_sql(schema, "CREATE TRIGGER slow_delete BEFORE DELETE ON {jobs} FOR EACH ROW"
+                                     f' EXECUTE FUNCTION "{schema}".slow_delete()'))
+
+
+class _Leadership(LoopErrors):
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes: list[bool] = []
+
+    def leader(self, is_leader: bool) -> None:
+        self.changes.append(is_leader)
+
+
+def test_a_batch_slower_than_the_statement_timeout_is_halved_until_it_fits(database_url, schema):
+    """A batch that ran past the maintainer's deadline (the statement timeout: 2 s here)
+    failed the tick, dropped leadership and the connection, and the next tick tried the
+    same batch size again: pruning never progressed. Each deleted row costs 50 ms here,
+    so a batch of 100 takes 5 s; the pruner must shrink its batch and keep leading."""
+    _seed(database_url, schema, "completed", 200, "2 days")
+    _slow_deletes(database_url, schema, 0.05)
+    observer = _Leadership()
+    pruner = Pruner(completed=dt.timedelta(days=1), cancelled=None, dead=None, batch=100, interval=0)
+    run_worker_until(database_url, schema, [RetNoop], lambda: pruner.deleted["completed"] >= 30, timeout=30,
+                     maintenance=[pruner], observer=observer, lease=4.0)
+    assert pruner.deleted["completed"] >= 30
+    # Led from the first tick until the worker stopped (its last change), never failing a tick.
+    assert "maintenance" not in observer.seen and observer.changes == [True, False]
+
+
+def test_prune_command_halves_a_batch_that_outlives_the_statement_timeout(database_url, schema):
+    """``sa-jobs prune`` under a statement_timeout (a role's setting, the URL's options)
+    failed at its first batch slower than that, every time it was run."""
+    _seed(database_url, schema, "completed", 40, "2 days")
+    _slow_deletes(database_url, schema, 0.05)  # a batch of 40: 2 s
+    conninfo = make_conninfo(to_conninfo(database_url), options="-c statement_timeout=500")
+    result = prune(conninfo, schema, {"completed": dt.timedelta(days=1)}, batch=40)
+    assert result == {"completed": 40} and _counts(database_url, schema) == {}

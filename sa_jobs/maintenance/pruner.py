@@ -10,6 +10,11 @@ for), found oldest first through ``jobs_state_finished_idx (state, finished_at) 
 state IN ('completed', 'cancelled', 'dead')`` (schema v13: a batch reads its own state's
 range, never the old rows of a state kept longer); no statement ever holds more than one
 batch of row locks, and unfinished rows are outside its predicate, so they are never touched.
+
+A batch's size adapts to how long it takes (slow disks, many indexes, TOASTed args, an
+app's ``ON DELETE`` foreign key): one that hits its statement timeout is retried at half
+the size, and sizes grow back after quick batches. At a fixed size, a batch slower than
+the maintainer's deadline failed every tick (and leadership), and pruning never progressed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 import anyio
+import psycopg
 from psycopg import sql
 
 from .. import _validate
@@ -47,6 +53,12 @@ _DELETE = (
     " ORDER BY finished_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
     " DELETE FROM {jobs} AS j USING doomed WHERE j.id = doomed.id AND j.state = %(state)s"
 )
+# A Pruner's own batches end on the server after half the maintainer's statement deadline
+# (see Pruner.bind_tick): a batch cancelled by the client's deadline instead failed the
+# tick, and psycopg closed the connection (and with it the leader lock) cancelling it.
+_LIMIT_BATCH_TIME = "SELECT set_config('statement_timeout', %(ms)s, false)"
+_UNLIMIT_BATCH_TIME = "RESET statement_timeout"  # back to the session's own (the maintainer's)
+_STATEMENT_TIMEOUT = "SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'"
 _COUNT = "SELECT count(*) FROM {jobs} WHERE state = %(state)s AND finished_at < now() - make_interval(secs => %(age)s)"
 
 
@@ -84,6 +96,23 @@ def _check_batch(batch: object) -> int:
     return batch
 
 
+def smaller(batch: int) -> int:
+    """The size to retry a batch at after it ran out of time."""
+    return max(1, batch // 2)
+
+
+def resized(size: int, batch: int, seconds: float, rows: int, target: float = TICK_SHARE) -> int:
+    """The next batch's size after a batch of ``size`` deleted ``rows`` in ``seconds``:
+    half after one slower than ``target`` (the Pruner's: :data:`TICK_SHARE`, as a batch
+    ties up the tick it runs in), double (up to the configured ``batch``) after a full one
+    under a quarter of that."""
+    if seconds > target:
+        return smaller(size)
+    if rows >= size and seconds < target / 4:
+        return min(batch, size * 2)
+    return size
+
+
 def retention_ages(ages: Mapping[str, Any]) -> dict[str, float]:
     """Validate {state: age}; only finished states can be pruned."""
     result: dict[str, float] = {}
@@ -110,6 +139,9 @@ class Pruner:
     rest waits for the next run, so one run never holds the maintenance loop for long).
     A run also stops starting batches after ``TICK_SHARE`` seconds of a maintenance
     tick and goes on at the next tick, so a backlog never delays rescue and promotion.
+    ``batch`` is the largest size: a state's batches shrink while they run long (see
+    :func:`resized`) or past half the maintainer's statement timeout (then cancelled by
+    the server and retried at half the size at the next tick), and grow back after.
     """
 
     name = "pruner"
@@ -138,10 +170,18 @@ class Pruner:
         self.deleted: dict[str, int] = {s: 0 for s in self.ages}  # totals since start
         self._statement: dict[str, str] = {}
         self._first = 0  # the state a run starts with: see run_once
+        self.sizes: dict[str, int] = {s: self.batch for s in self.ages}  # each state's next batch size
+        self._time_limit: Optional[float] = None  # seconds a batch may run: see bind_tick
         self._pruned = hook(None, "pruned")
 
     def bind_observer(self, observer: Any) -> None:
         self._pruned = hook(observer, "pruned")
+
+    def bind_tick(self, interval: float, timeout: float) -> None:
+        """The maintainer's deadline per round trip (its statement timeout): a batch may run
+        half of it, ended by the server, which leaves the connection (and the leader lock)
+        usable; the other half is room for the round trip itself."""
+        self._time_limit = timeout / 2
 
     async def run_once(self, conn: Any, queries: Any) -> None:
         if time.monotonic() < self._next_run:
@@ -149,6 +189,17 @@ class Pruner:
         stmt = self._statement.get(queries.schema)
         if stmt is None:
             stmt = self._statement[queries.schema] = delete_statement(queries.schema).as_string()
+        if self._time_limit is not None:
+            await conn.execute(_LIMIT_BATCH_TIME, {"ms": str(max(1, int(self._time_limit * 1000)))})
+        done = await self._run(conn, stmt)
+        if self._time_limit is not None:
+            await conn.execute(_UNLIMIT_BATCH_TIME)  # the services after this one: their own
+        if done:
+            self._next_run = time.monotonic() + self.interval
+
+    async def _run(self, conn: Any, stmt: str) -> bool:
+        """One run's batches; whether it got through every state (else it goes on at the
+        next tick, not in ``interval``)."""
         budget = TickBudget(cap=TICK_SHARE)
         # A run cut short goes on at the next tick with the state after the one it was
         # pruning: starting with the first each time, a backlog of that state longer than
@@ -158,18 +209,31 @@ class Pruner:
             n = (self._first + i) % len(states)
             state, age = states[n]
             for _ in range(self.max_batches):
+                size = self.sizes[state]
                 started = anyio.current_time()
-                cur = await conn.execute(stmt, {"state": state, "age": age, "limit": self.batch})
+                try:
+                    cur = await conn.execute(stmt, {"state": state, "age": age, "limit": size})
+                except psycopg.errors.QueryCanceled:  # its statement timeout: nothing was deleted
+                    self.sizes[state] = smaller(size)
+                    log.warning("pruner: a batch of %d %s job(s) ran out of time; the next is of %d",
+                                size, state, self.sizes[state])
+                    # The same state first at the next tick, at the smaller size; one that
+                    # cannot delete even one row (a lock an ON DELETE cascade waits for) the
+                    # last, so that it holds back no other state.
+                    self._first = n if size > 1 else (n + 1) % len(states)
+                    return False
+                seconds = anyio.current_time() - started
                 self.deleted[state] += cur.rowcount
                 if cur.rowcount:
                     self._pruned(state, cur.rowcount)
                     log.info("pruned %d %s job(s)", cur.rowcount, state)
-                if cur.rowcount < self.batch:
+                self.sizes[state] = resized(size, self.batch, seconds, cur.rowcount)
+                if cur.rowcount < size:
                     break
-                if budget.spent(anyio.current_time() - started):
+                if budget.spent(seconds):
                     self._first = (n + 1) % len(states)
-                    return  # out of this tick's time: the rest at the next tick, not in `interval`
-        self._next_run = time.monotonic() + self.interval
+                    return False  # out of this tick's time
+        return True
 
 
 def _count(conn: Any, statement: sql.Composed, params: Mapping[str, Any]) -> int:
@@ -193,6 +257,9 @@ def prune(
     ``progress(done, total)`` is called after each batch. ``counts``, if given, is the dict
     the deletions are counted in as each batch commits (and is returned): a caller whose
     run was cut short (Ctrl-C raised from ``progress``) can still say what each state lost.
+    Under a ``statement_timeout`` (the role's, the URL's options), a batch that runs out
+    of it is retried at half the size, and later batches keep to half the timeout; before,
+    the run failed at the first such batch, and so did every run after it.
     """
     import psycopg
 
@@ -205,16 +272,28 @@ def prune(
         if dry_run:
             return totals
         total, done = sum(totals.values()), 0
+        limit = _count(conn, sql.SQL(_STATEMENT_TIMEOUT), {}) / 1000  # seconds; 0: none
         if progress is not None:
             progress(0, total)
         for state, age in checked.items():
             result[state] = 0
+            size = batch
             while True:
-                cur = conn.execute(delete, {"state": state, "age": age, "limit": batch})
+                started = time.monotonic()
+                try:
+                    cur = conn.execute(delete, {"state": state, "age": age, "limit": size})
+                except psycopg.errors.QueryCanceled:
+                    # Rolled back. Its statement timeout (not an operator's cancel): again, smaller.
+                    if not limit or size == 1 or time.monotonic() - started < limit * 0.9:
+                        raise
+                    size = smaller(size)
+                    continue
                 result[state] += cur.rowcount
                 done += cur.rowcount
                 if progress is not None:
                     progress(done, max(total, done))
-                if cur.rowcount < batch:
+                if cur.rowcount < size:
                     break
+                if limit:
+                    size = resized(size, batch, time.monotonic() - started, cur.rowcount, target=limit / 2)
     return result
