@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -552,6 +553,49 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float, *,
             session.execute(set_timeout, {"ms": previous, "local": not autocommit})
 
 
+# When a running wait's deadline passes (time.monotonic()): connections the engine opens
+# meanwhile get a connect timeout of the time left. See _bound_connects.
+_CONNECT_DEADLINE: ContextVar[Optional[float]] = ContextVar("sa_jobs_wait_connect_deadline", default=None)
+
+
+def _connect_within(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    """``do_connect``: inside a wait, a new connection gives up once the wait's time is
+    left (at least :data:`MIN_READ_SECONDS`), or sooner if the engine says so."""
+    import math
+    import time
+
+    deadline = _CONNECT_DEADLINE.get()
+    if deadline is None or deadline == math.inf:
+        return
+    left = max(MIN_READ_SECONDS, deadline - time.monotonic())
+    if dialect.driver == "asyncpg":  # float seconds, its connect()'s own keyword
+        given = cparams.get("timeout")
+        cparams["timeout"] = left if given is None else min(float(given), left)
+        return
+    # libpq's (psycopg, psycopg2): whole seconds in the connection string; 0 or none: no limit.
+    given = cparams.get("connect_timeout")
+    try:
+        given_s = int(given) if given is not None else 0
+    except (TypeError, ValueError):  # the driver's to refuse, as it would without the wait
+        return
+    ours = max(1, math.ceil(left))
+    cparams["connect_timeout"] = ours if given_s <= 0 else min(given_s, ours)
+
+
+def _bound_connects(engine: Any) -> None:
+    """Have ``engine`` bound the connections it opens during a wait (once per engine):
+    the wait's reads were bounded on the server, but connecting was not, and a wait on a
+    host that takes connections and never answers (packets dropped, a hung proxy) ran for
+    the driver's default connect timeout (psycopg: 130 s) past its deadline. The listener
+    does nothing outside a wait."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    target = getattr(engine, "sync_engine", engine)  # an AsyncEngine's
+    if isinstance(target, Engine) and not event.contains(target, "do_connect", _connect_within):
+        event.listen(target, "do_connect", _connect_within)
+
+
 def _check_timeout(timeout: float) -> None:
     """A NaN timeout, which no clock passes, waited for ever; ``math.inf`` is the way to.
     None (or a str) failed with a bare TypeError on the clock's arithmetic."""
@@ -602,18 +646,30 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
 
     Polls with a gentle backoff (20 ms growing to 500 ms). Raises ``TimeoutError``, also
     when the server does not answer a read in time (each read is bounded by the time left,
-    at least :data:`MIN_READ_SECONDS`). ``timeout=math.inf`` waits without a deadline.
+    at least :data:`MIN_READ_SECONDS`; so is each new connection the engine opens for it, by
+    a connect timeout). ``timeout=math.inf`` waits without a deadline.
     A read whose connection was lost, or, once the job has been found, that cannot reach
     the database, is tried again within the timeout. Raises :class:`JobNotFoundError` if
     there is no such job, also when it is deleted (or pruned) during the wait.
     """
     import time
 
-    from sqlalchemy.orm import Session
-
     _refuse_engine_kind(engine, "wait_for", async_=False)
     _check_timeout(timeout)
     deadline = time.monotonic() + timeout
+    _bound_connects(engine)
+    token = _CONNECT_DEADLINE.set(deadline)
+    try:
+        return _wait(engine, job_id, timeout, deadline)
+    finally:
+        _CONNECT_DEADLINE.reset(token)
+
+
+def _wait(engine: Any, job_id: int, timeout: float, deadline: float) -> JobStatus:
+    import time
+
+    from sqlalchemy.orm import Session
+
     pause = 0.02
     seen = lost = False
     while True:
@@ -646,13 +702,27 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
     long finished when ``timeout`` was 0 or shorter than one round trip. Each read is
     bounded on the server, and a lost connection read through again, as in :func:`wait_for`.
     """
+    import time
+
     import anyio
-    from sqlalchemy.ext.asyncio import AsyncSession
 
     _refuse_engine_kind(engine, "wait_for_async", async_=True)
     require_asyncio("wait_for_async()")
     _check_timeout(timeout)
     deadline = anyio.current_time() + timeout
+    _bound_connects(engine)
+    # The connect deadline is on time.monotonic(), which anyio's clock is not bound to be.
+    token = _CONNECT_DEADLINE.set(time.monotonic() + timeout)
+    try:
+        return await _wait_async(engine, job_id, timeout, deadline)
+    finally:
+        _CONNECT_DEADLINE.reset(token)
+
+
+async def _wait_async(engine: Any, job_id: int, timeout: float, deadline: float) -> JobStatus:
+    import anyio
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     pause = 0.02
     seen = lost = False
     while True:

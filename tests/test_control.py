@@ -2005,3 +2005,58 @@ def test_a_cancel_heard_between_the_claim_and_the_inbox_stops_the_job_at_once(en
     anyio.run(main)
     assert observer.outcomes == ["cancelled"]
     assert states(database_url, schema) == {"cancelled": 1}
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_wait_for_on_a_server_that_never_answers_ends_near_its_deadline(engine, flavour):
+    """The wait's reads were bounded on the server (statement_timeout), but connecting was
+    not: on a host that takes the connection and never answers (packets dropped after
+    the handshake, a hung proxy), a wait of 1 s connected for as long as the driver's
+    default connect timeout (psycopg: 130 s). Here the kernel completes the handshake of
+    a listener that never accepts, so nothing ever answers."""
+    import socket
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs import wait_for, wait_for_async
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+    port = listener.getsockname()[1]
+    url = make_url(engine.url).set(host="127.0.0.1", port=port, query={})
+    outcome: list[BaseException | None] = []
+    started = time.monotonic()
+    try:
+        if flavour == "sync":
+            silent = create_engine(url)
+
+            def run() -> None:
+                try:
+                    wait_for(silent, 1, timeout=1)
+                    outcome.append(None)
+                except BaseException as exc:  # noqa: BLE001 - looked at below
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            thread.join(15)
+        else:
+            async def main() -> None:
+                silent = create_async_engine(url.set(drivername="postgresql+psycopg_async"))
+                try:
+                    with anyio.move_on_after(15):
+                        try:
+                            await wait_for_async(silent, 1, timeout=1)
+                            outcome.append(None)
+                        except Exception as exc:  # noqa: BLE001 - looked at below
+                            outcome.append(exc)
+                finally:
+                    await silent.dispose()
+
+            anyio.run(main)
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+    assert outcome and outcome[0] is not None, f"the wait was still connecting after {time.monotonic() - started:.0f}s"
+    assert elapsed < 5, f"a wait of 1 s ended after {elapsed:.1f}s"
