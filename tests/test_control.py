@@ -2060,3 +2060,48 @@ def test_wait_for_on_a_server_that_never_answers_ends_near_its_deadline(engine, 
         listener.close()
     assert outcome and outcome[0] is not None, f"the wait was still connecting after {time.monotonic() - started:.0f}s"
     assert elapsed < 5, f"a wait of 1 s ended after {elapsed:.1f}s"
+
+
+PROGRESS_SEEN = threading.Event()
+
+
+class CProgressBurst(Job, kind="c_progress_burst", queue="c"):
+    pass
+
+
+@CProgressBurst.handler
+def c_progress_burst(ctx: JobContext, calls: int) -> None:
+    for i in range(1, calls + 1):
+        ctx.set_progress(100 * i / calls, f"row {i}")
+    # The last report reaches the row while the job runs (by a heartbeat, not the outcome).
+    PROGRESS_SEEN.wait(20)
+
+
+def test_progress_reports_of_a_sync_handler_wake_the_loop_once_per_beat(engine, database_url, schema, monkeypatch):
+    """Each ctx.set_progress() of a sync handler scheduled a wake-up of the event loop
+    (call_soon_threadsafe, about 35 µs each), though one already on its way, or a beat
+    already due, writes the latest report anyway. Counted: the heartbeat's nudges."""
+    from sa_jobs.worker.heartbeat import Heartbeat
+
+    nudges: list[int] = []
+    nudge = Heartbeat.nudge
+
+    def counted(self: Heartbeat) -> None:
+        nudges.append(1)
+        nudge(self)
+
+    monkeypatch.setattr(Heartbeat, "nudge", counted)
+    PROGRESS_SEEN.clear()
+    (job_id,) = add(engine, CProgressBurst(calls=2000))
+
+    def last_report_written() -> bool:
+        progress = row(database_url, schema, job_id, "progress")[0]
+        if progress and progress["message"] == "row 2000":
+            PROGRESS_SEEN.set()
+        return row(database_url, schema, job_id)[0] == "completed"
+
+    run_worker_until(database_url, schema, [CProgressBurst], last_report_written, lease=30.0)
+    assert PROGRESS_SEEN.is_set() and row(database_url, schema, job_id)[0] == "completed"
+    assert row(database_url, schema, job_id, "progress")[0]["percent"] == 100
+    # One per beat the burst met (a beat waits for its nudge's gap, then writes): a few, not 2000.
+    assert 1 <= len(nudges) <= 20, len(nudges)

@@ -79,6 +79,12 @@ class Heartbeat:
         """Beat early (within ~1 s) because there is progress to write."""
         self._nudged.set()
 
+    @property
+    def nudged(self) -> bool:
+        """A nudge the loop has yet to take: a beat follows that reads every report made
+        before it was taken. Read from handler threads (one attribute read, then a flag's)."""
+        return self._nudged.is_set()
+
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_leases)

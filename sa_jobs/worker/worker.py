@@ -291,6 +291,7 @@ class Worker:
         self._pending_lock = threading.Lock()  # a stop from another thread as a run begins
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # the running loop, and its thread
         self._loop_thread = 0
+        self._nudge_pending = False  # a handler thread's heartbeat nudge is on its way to the loop
         self._new_run_state()
 
     def _new_run_state(self) -> None:
@@ -428,10 +429,20 @@ class Worker:
         if loop is None or threading.get_ident() == self._loop_thread:
             heartbeat.nudge()
             return
+        # A nudge on its way, or one the heartbeat has yet to act on, is followed by a beat
+        # that writes the latest report (it reads the reports after it takes the nudge): a
+        # sync handler reporting in a loop woke the event loop at each call (~35 µs each).
+        if self._nudge_pending or heartbeat.nudged:
+            return
+        self._nudge_pending = True
         try:
-            loop.call_soon_threadsafe(heartbeat.nudge)
+            loop.call_soon_threadsafe(self._nudge_on_loop, heartbeat)
         except RuntimeError:  # the loop closed: the run, and this job's attempt, are over
-            pass
+            self._nudge_pending = False
+
+    def _nudge_on_loop(self, heartbeat: Heartbeat) -> None:
+        heartbeat.nudge()
+        self._nudge_pending = False  # after: a report meanwhile is the nudged beat's to write
 
     def _in_schema(self, engine: Any) -> Any:
         """Map the ``sa_jobs`` schema of mapped tables to this worker's schema, as apps do,
@@ -453,6 +464,7 @@ class Worker:
         with self._pending_lock:
             self._new_run_state()  # nothing of the last run carries over, but a stop asked for since
             self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+            self._nudge_pending = False  # one the last run's loop closed on never ran
             self._running = True
             pending, self._stop_pending = self._stop_pending, False
         if pending:
