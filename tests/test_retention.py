@@ -389,3 +389,70 @@ def test_a_batch_reads_the_finished_index_in_a_generic_plan_too(database_url, sc
         for state in ("completed", "cancelled", "dead"):  # the last two have no rows here
             plan = _generic_plan(conn, delete_statement(schema, state, 100).as_string(conn))
             assert "Seq Scan" not in plan and (state != "completed" or "jobs_state_finished_idx" in plan), plan
+
+
+@pytest.mark.slow
+def test_the_pruner_service_on_one_million_rows_under_concurrent_completions(database_url, schema):
+    """Measurement: the Pruner itself (its statements, prepared by psycopg after 5 runs, its
+    adaptive sizes, its tick share) on 1M rows (900k completed + 50k dead to prune, 50k
+    available), while a thread completes available jobs (fresh finished rows, kept) every
+    10 ms, under ``plan_cache_mode = force_generic_plan`` (the worst plan cache choice)."""
+    _seed(database_url, schema, "completed", 900_000, "10 days")
+    _seed(database_url, schema, "dead", 50_000, "40 days")
+    _seed(database_url, schema, "available", 50_000, None)
+    q(database_url, jobs_sql(schema, "VACUUM ANALYZE {jobs}"))
+    conninfo = to_conninfo(database_url)
+    stop = threading.Event()
+    completed_fresh: list[int] = []
+
+    def completer() -> None:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            stmt = jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now() WHERE id IN"
+                                    " (SELECT id FROM {jobs} WHERE state = 'available' LIMIT 20 FOR UPDATE SKIP LOCKED)")
+            while not stop.is_set():
+                completed_fresh.append(conn.execute(stmt).rowcount)
+                time.sleep(0.01)
+
+    class Timed:
+        def __init__(self, conn: psycopg.AsyncConnection) -> None:
+            self.conn, self.times = conn, []
+
+        async def execute(self, *args, **kwargs):
+            started = time.perf_counter()
+            cur = await self.conn.execute(*args, **kwargs)
+            self.times.append(time.perf_counter() - started)
+            return cur
+
+    pruner = Pruner(completed=dt.timedelta(days=7), cancelled=None, dead=dt.timedelta(days=30), interval=0)
+    pruner.bind_tick(0.1, 15.0)
+    thread = threading.Thread(target=completer)
+    thread.start()
+    runs = 0
+    started = time.monotonic()
+
+    async def main() -> Timed:
+        nonlocal runs
+        options = "-c plan_cache_mode=force_generic_plan"
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, options=options) as conn:
+            timed = Timed(conn)
+            with anyio.fail_after(300):
+                while sum(pruner.deleted.values()) < 950_000:
+                    with anyio.fail_after(15):  # a tick's deadline
+                        await pruner.run_once(timed, Queries.for_schema(schema))
+                    runs += 1
+            return timed
+
+    try:
+        timed = anyio.run(main)
+    finally:
+        total = time.monotonic() - started
+        stop.set()
+        thread.join(30)
+    assert pruner.deleted == {"completed": 900_000, "dead": 50_000}
+    assert _counts(database_url, schema) == {"available": 50_000 - sum(completed_fresh),
+                                             "completed": sum(completed_fresh)}
+    batches = sorted(t for t in timed.times if t > 0.002)  # not the set_config/RESET round trips
+    print(f"\npruner: 950000 rows in {runs} runs, {len(timed.times)} statements, total {total:.1f}s;"
+          f" batch p50 {statistics.median(batches) * 1000:.0f} ms, max {batches[-1] * 1000:.0f} ms;"
+          f" {sum(completed_fresh)} jobs completed meanwhile (kept); sizes {pruner.sizes}")
+    assert batches[-1] < 2.0  # no batch near a seq scan of the table
