@@ -250,7 +250,7 @@ class Pruner:
         return True
 
 
-def _count(conn: Any, statement: sql.Composed, params: Mapping[str, Any]) -> int:
+def _count(conn: Any, statement: sql.Composable, params: Mapping[str, Any]) -> int:
     row = conn.execute(statement, params).fetchone()
     return int(row[0]) if row else 0
 
