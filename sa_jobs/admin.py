@@ -665,33 +665,58 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
         _CONNECT_DEADLINE.reset(token)
 
 
+class _Polls:
+    """What :func:`wait_for` and :func:`wait_for_async` decide after each read of the job,
+    on their own clocks: return its final status, raise, or read again after a pause (20 ms
+    growing to 500 ms)."""
+
+    def __init__(self, job_id: int, timeout: float, deadline: float) -> None:
+        self.job_id, self.timeout, self.deadline = job_id, timeout, deadline
+        self.pause = 0.02
+        self.seen = self.lost = False
+
+    def failed(self, exc: Exception, now: float) -> None:
+        """A read raised ``exc``: returns if it is read again, else raises."""
+        if not _read_again(exc, self.seen):
+            raise exc
+        # Past the deadline, a wait that has read nothing yet tries once more: its first
+        # read may have met a connection the pool held from before (a restart).
+        if now >= self.deadline and (self.seen or self.lost):
+            raise _unreachable(self.job_id, self.timeout, exc) from exc
+        self.lost = True
+
+    def read(self, status: JobStatus, now: float) -> Optional[JobStatus]:
+        """A read found ``status``: the final one, or None to read again; TimeoutError past the deadline."""
+        self.seen = True
+        if status.status in FINAL_STATUSES:
+            return status
+        if now >= self.deadline:
+            raise TimeoutError(f"job {self.job_id} is still {status.state} after {self.timeout}s")
+        return None
+
+    def next_pause(self, now: float) -> float:
+        pause = min(self.pause, max(0.0, self.deadline - now))
+        self.pause = min(0.5, self.pause * 1.5)
+        return pause
+
+
 def _wait(engine: Any, job_id: int, timeout: float, deadline: float) -> JobStatus:
     import time
 
     from sqlalchemy.orm import Session
 
-    pause = 0.02
-    seen = lost = False
+    polls = _Polls(job_id, timeout, deadline)
     while True:
         try:
             with Session(engine) as session:
                 status = _status_within(session, job_id, deadline - time.monotonic(), timeout, joined=_joined(engine))
         except Exception as exc:
-            if not _read_again(exc, seen):
-                raise
-            # Past the deadline, a wait that has read nothing yet tries once more: its first
-            # read may have met a connection the pool held from before (a restart).
-            if time.monotonic() >= deadline and (seen or lost):
-                raise _unreachable(job_id, timeout, exc) from exc
-            lost = True
+            polls.failed(exc, time.monotonic())
         else:
-            seen = True
-            if status.status in FINAL_STATUSES:
-                return status
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} is still {status.state} after {timeout}s")
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(0.5, pause * 1.5)
+            final = polls.read(status, time.monotonic())
+            if final is not None:
+                return final
+        time.sleep(polls.next_pause(time.monotonic()))
 
 
 async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
@@ -723,29 +748,19 @@ async def _wait_async(engine: Any, job_id: int, timeout: float, deadline: float)
     import anyio
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    pause = 0.02
-    seen = lost = False
+    polls = _Polls(job_id, timeout, deadline)
     while True:
         try:
             async with AsyncSession(engine) as session:
                 status = await session.run_sync(_status_within, job_id, deadline - anyio.current_time(), timeout,
                                                 joined=_joined(engine))
         except Exception as exc:
-            if not _read_again(exc, seen):
-                raise
-            # Past the deadline, a wait that has read nothing yet tries once more: its first
-            # read may have met a connection the pool held from before (a restart).
-            if anyio.current_time() >= deadline and (seen or lost):
-                raise _unreachable(job_id, timeout, exc) from exc
-            lost = True
+            polls.failed(exc, anyio.current_time())
         else:
-            seen = True
-            if status.status in FINAL_STATUSES:
-                return status
-            if anyio.current_time() >= deadline:
-                raise TimeoutError(f"job {job_id} is still {status.state} after {timeout}s")
-        await anyio.sleep(min(pause, max(0.0, deadline - anyio.current_time())))
-        pause = min(0.5, pause * 1.5)
+            final = polls.read(status, anyio.current_time())
+            if final is not None:
+                return final
+        await anyio.sleep(polls.next_pause(anyio.current_time()))
 
 
 def _queues_table(session: Any) -> Any:
