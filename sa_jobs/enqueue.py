@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import psycopg
 from psycopg import sql
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import instance_state
 
 from . import _validate
 from .errors import ConfigurationError
@@ -87,6 +88,15 @@ def _kind_of_row(job: Job) -> KindOptions:
     options = type(job).__sa_jobs_options__
     if options is None:
         raise ConfigurationError(f"{job!r} is not an instance of a job kind")
+    state = instance_state(job)
+    if state.key is not None or state.session is not None:
+        # A stored job was copied, state and all (a completed one's copy never ran), or
+        # once expired raised KeyError; one added to a session was written twice, by the
+        # COPY and again at its flush.
+        raise ConfigurationError(
+            f"enqueue_many writes new jobs, and {job!r} is " + ("stored already" if state.key is not None
+                                                                  else "added to a session, which writes it at flush")
+            + ": pass jobs no session holds (retry() replays a finished job)")
     return options
 
 

@@ -460,3 +460,30 @@ def test_enqueue_many_of_what_is_no_job_or_args_is_refused_typed(engine, databas
         with pytest.raises(error):
             call(session)
     assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"n": 0},)]
+
+
+@pytest.mark.parametrize("how", ["loaded", "expired", "pending", "detached"])
+def test_enqueue_many_of_a_job_a_session_holds_is_refused(engine, database_url, schema, how):
+    """``enqueue_many`` writes new jobs. A stored one was copied, state and all (a completed
+    job's copy was written completed, and never ran), or once expired by a commit raised
+    "args must be a mapping ..., not NoneType"; one added to the session was written twice,
+    by the COPY and again at flush. Refused, typed, nothing of the call written."""
+    with Session(engine) as session, session.begin():
+        session.add(EdgeTagged(n=1))
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now()"))
+    with Session(engine) as session:
+        if how == "pending":
+            job = EdgeTagged(n=2)
+            session.add(job)
+        else:
+            job = session.scalars(select(EdgeTagged)).one()
+            if how == "expired":
+                session.commit()
+            elif how == "detached":
+                session.expunge(job)
+        with pytest.raises(ConfigurationError, match="enqueue_many"):
+            enqueue_many(session, [EdgeTagged(n=3), job])
+        session.commit()
+    expected = [("edge_tagged", {"n": 1}, "completed")] + ([("edge_tagged", {"n": 2}, "available")] if how == "pending" else [])
+    assert q(database_url, jobs_sql(schema, "SELECT kind, args, state FROM {jobs} ORDER BY id")) == expected
+
