@@ -360,6 +360,7 @@ class Job(Base):
         if not cls.__sa_jobs_abstract__:
             mapper_args.setdefault("polymorphic_identity", options.kind)
         cls.__mapper_args__ = mapper_args
+        _check_own_init(cls)
         super().__init_subclass__(**kw)
 
     def __init__(self, **args: Any) -> None:
@@ -579,6 +580,33 @@ class Job(Base):
         # columns a flush leaves to the database.
         d = self.__dict__
         return f"<{type(self).__name__} id={d.get('id')} state={d.get('state', '?')} attempt={d.get('attempt', '?')}>"
+
+
+def _check_own_init(cls: type) -> None:
+    """Wrap a kind's own ``__init__`` (or a mixin's ahead of Job) so that one which never
+    ran ``Job.__init__`` is refused where the job is built. Such a job lacked its kind's
+    queue, priority, max_attempts, tags and partition key: ``session.add`` wrote it to the
+    table's queue 'default', which no worker of the kind's queue looks at. Called before
+    SQLAlchemy instruments the class, so its constructor calls the wrapper."""
+    import functools
+
+    owner = next(c for c in cls.__mro__ if "__init__" in vars(c))
+    if owner is not cls and issubclass(owner, Job):
+        return  # a parent kind's (checked there) or Job's own
+    init = vars(owner)["__init__"]
+    if getattr(init, "__sa_jobs_checked_init__", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self: Job, *args: Any, **kw: Any) -> None:
+        init(self, *args, **kw)
+        if _ARGS_CHECKED not in self.__dict__:
+            raise ConfigurationError(
+                f"{type(self).__name__}.__init__ did not call super().__init__(**args): the job would lack its"
+                " kind's queue, priority, max_attempts, tags and keys (and its args their check)")
+
+    __init__.__sa_jobs_checked_init__ = True  # type: ignore[attr-defined]
+    setattr(cls, "__init__", __init__)
 
 
 def _refuse_unknown_options(cls: type, kw: Mapping[str, Any]) -> None:

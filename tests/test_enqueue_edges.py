@@ -487,3 +487,41 @@ def test_enqueue_many_of_a_job_a_session_holds_is_refused(engine, database_url, 
     expected = [("edge_tagged", {"n": 1}, "completed")] + ([("edge_tagged", {"n": 2}, "available")] if how == "pending" else [])
     assert q(database_url, jobs_sql(schema, "SELECT kind, args, state FROM {jobs} ORDER BY id")) == expected
 
+
+class EdgeCustomInit(Job, kind="edge_custom_init", queue="edges", priority=2, partition_by=("customer",)):
+    def __init__(self, customer: str) -> None:
+        super().__init__(customer=customer.lower())
+
+
+class _NoSuperMixin:
+    def __init__(self, customer: str) -> None:
+        self.args = {"customer": customer}  # type: ignore[attr-defined]
+
+
+def test_a_kind_whose_init_skips_jobs_is_refused_at_construction(engine, database_url, schema):
+    """A kind's own ``__init__`` (or a mixin's before Job) that set ``self.args`` without
+    ``super().__init__(**args)`` built a job without its kind's queue, priority or partition
+    key: ``session.add`` wrote it to the table's queue 'default', where no worker of the
+    kind's queue looks, and ``enqueue_many`` without its partition key. Refused where it is
+    built; one that calls ``super().__init__`` writes the kind's row on every path."""
+
+    class EdgeNoSuper(Job, kind="edge_no_super", queue="edges", priority=2, partition_by=("customer",)):
+        def __init__(self, customer: str) -> None:
+            self.args = {"customer": customer}
+
+    class EdgeNoSuperMixin(_NoSuperMixin, Job, kind="edge_no_super_mixin", queue="edges"):
+        pass
+
+    class EdgeNoSuperChild(EdgeNoSuper, kind="edge_no_super_child"):
+        pass
+
+    for kind in (EdgeNoSuper, EdgeNoSuperMixin, EdgeNoSuperChild):
+        with pytest.raises(ConfigurationError, match=r"super\(\).__init__"):
+            kind("ACME")
+    with Session(engine) as session, session.begin():
+        session.add(EdgeCustomInit("ACME"))
+        enqueue_many(session, [EdgeCustomInit("Beta")])
+    assert q(database_url, jobs_sql(schema, "SELECT kind, queue, priority, args, partition_key FROM {jobs} ORDER BY partition_key")) == [
+        ("edge_custom_init", "edges", 2, {"customer": "acme"}, '"acme"'),
+        ("edge_custom_init", "edges", 2, {"customer": "beta"}, '"beta"'),
+    ]
