@@ -395,6 +395,14 @@ class Job(Base):
         string. Walked again even when __init__ checked them (a microsecond for usual args):
         an in-place change cannot be seen otherwise."""
         d = self.__dict__
+        meta = d.get("meta")
+        if meta is not None:
+            # Meta too (options(meta=) checked it, but not one assigned to the attribute or
+            # changed in place since): NaN failed the flush with DataError, losing the
+            # caller's transaction. Most jobs have none, and pay nothing.
+            checked_meta = _validate.json_payload(meta, what="meta")
+            if checked_meta is not meta:
+                self.meta = checked_meta
         args = d.get("args")
         if args is None and d.get(_ARGS_CHECKED) is None:
             return  # no args (the table's '{}')

@@ -525,3 +525,34 @@ def test_a_kind_whose_init_skips_jobs_is_refused_at_construction(engine, databas
         ("edge_custom_init", "edges", 2, {"customer": "acme"}, '"acme"'),
         ("edge_custom_init", "edges", 2, {"customer": "beta"}, '"beta"'),
     ]
+
+
+@pytest.mark.parametrize("how", ["assigned", "changed-in-place"])
+@pytest.mark.parametrize("path", ["add", "enqueue_many", "bulk_save_objects"])
+def test_meta_assigned_or_changed_on_a_new_job_is_checked_before_anything_is_sent(engine, database_url, schema,
+                                                                                  how, path):
+    """``options(meta=)`` checks meta as JSON, but meta set on the attribute, or changed in
+    place after ``options()``, reached the INSERT unchecked: NaN failed the flush with
+    DataError and lost the caller's whole transaction. Checked where args are, before
+    anything is sent: InvalidArgsError, the transaction usable."""
+    job = EdgeTagged(n=1)
+    if how == "assigned":
+        job.meta = {"a": float("nan")}
+    else:
+        meta: dict[str, Any] = {"a": 1}
+        job.options(meta=meta)
+        meta["a"] = float("nan")
+    with Session(engine) as session, session.begin():
+        session.add(EdgeTagged(n=0))
+        session.flush()
+        with pytest.raises(InvalidArgsError, match="meta"):
+            if path == "add":
+                session.add(job)
+                session.flush()
+            elif path == "enqueue_many":
+                enqueue_many(session, [job])
+            else:
+                session.bulk_save_objects([job])
+        if path == "add":
+            session.expunge(job)
+    assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"n": 0},)]
