@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from contextlib import nullcontext
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import psycopg
 from psycopg import sql
@@ -206,9 +207,8 @@ def _copy_args_as_text(
     table = sql.Identifier(_schema_of(session), JOBS_TABLE)
     encode = _validate.encode_payload
     max_bytes = options.max_args_bytes
-    count = 0
-    chunk: list[str] = []
-    with _driver_connection(session).cursor() as cur, cur.copy(_copy_statement(table, columns)) as copy:
+
+    def lines() -> Iterator[str]:
         for item in args:
             value, text = encode(item, max_bytes=max_bytes)
             if "\\" in text:
@@ -216,17 +216,43 @@ def _copy_args_as_text(
             if partitioned:
                 key = options.partition_key_of(value)
                 assert key is not None  # partitioned: the kind names its partition_by args
-                chunk.append(prefix + text + suffix + "\t" + _copy_text(key) + "\n")
+                yield prefix + text + suffix + "\t" + _copy_text(key) + "\n"
             else:
-                chunk.append(prefix + text + suffix)
-            if len(chunk) == 2000:
-                copy.write("".join(chunk))
-                count += len(chunk)
-                chunk.clear()
-        if chunk:
-            copy.write("".join(chunk))
-            count += len(chunk)
+                yield prefix + text + suffix
+
+    statement = _copy_statement(table, columns)
+    count = 0
+    with _driver_connection(session).cursor() as cur:
+        for batch in _batches(lines(), len):
+            with cur.copy(statement) as copy:
+                copy.write("".join(batch))
+            count += len(batch)
     return count
+
+
+# Rows go in COPYs of bounded batches, the caller's iterable pulled between them, never
+# inside one: a COPY holds the connection's lock, so a generator reading through the
+# session (rows streamed with yield_per, a lazy load, a query per row) waited for that
+# lock for ever, in the same thread. A new COPY per batch costs a round trip.
+_BATCH_ROWS = 1000
+_BATCH_BYTES = 1 << 20
+
+_T = TypeVar("_T")
+
+
+def _batches(items: Iterable[_T], size_of: Callable[[_T], int]) -> Iterator[list[_T]]:
+    """``items`` in lists of at most ``_BATCH_ROWS``, or about ``_BATCH_BYTES`` by ``size_of``."""
+    batch: list[_T] = []
+    size = 0
+    for item in items:
+        batch.append(item)
+        size += size_of(item)
+        if len(batch) >= _BATCH_ROWS or size >= _BATCH_BYTES:
+            yield batch
+            batch = []
+            size = 0
+    if batch:
+        yield batch
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -263,7 +289,10 @@ def enqueue_many(
         # A COPY that fails mid-stream aborts the transaction it runs in; without the savepoint
         # the caller, having caught the error, would COMMIT a failed transaction, which
         # PostgreSQL answers with a ROLLBACK of everything, silently.
-        with driver.transaction():
+        # Autoflush off while the caller's iterable runs: a query of its would flush the
+        # Session's pending rows inside the savepoint, whose rollback (a bad row later)
+        # discarded them while the Session took them for written.
+        with driver.transaction(), (session.no_autoflush if isinstance(session, Session) else nullcontext()):
             return _enqueue_many(session, jobs, args, queue=queue, priority=priority, max_attempts=max_attempts,
                                  run_at=run_at, tags=tags)
     except psycopg.Error as exc:
@@ -364,12 +393,14 @@ def _copy_rows(driver: Any, table: sql.Identifier, rows: Iterable[tuple[Any, ...
     them in memory until the first COPY ended: a million rows given ``run_at=``, 300 MB.
     """
     count = 0
+    statement = _copy_statement(table, _COLUMNS)
     with driver.cursor() as cur:
         now = None if scheduled else cur.execute("SELECT now()").fetchone()[0]
-        with cur.copy(_copy_statement(table, _COLUMNS)) as copy:
-            for row in rows:
-                copy.write_row(row if row[-1] is not None else (*row[:-1], now))
-                count += 1
+        for batch in _batches(rows, lambda row: len(row[2])):  # the args' JSON text
+            with cur.copy(statement) as copy:
+                for row in batch:
+                    copy.write_row(row if row[-1] is not None else (*row[:-1], now))
+            count += len(batch)
     return count
 
 

@@ -272,18 +272,34 @@ class _Abandon(Exception):
 def test_enqueue_many_cancelled_by_the_server_leaves_the_callers_transaction_usable(engine, database_url, schema):
     """A server-side error mid-COPY (here a cancel) is SQLAlchemy's error type as for the
     caller's own statements; the call's rows are gone, the caller's earlier ones commit."""
+    import threading
+
     with Session(engine) as session, session.begin():
         enqueue_many(session, [EdgeTagged(n=-1)])
         pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        started, done = threading.Event(), threading.Event()
 
         def rows() -> Iterator[dict[str, int]]:
-            for i in range(20_000):
+            for i in range(2_000_000):
                 if i == 5_000:
-                    q(database_url, "SELECT pg_cancel_backend(%s)", (pid,))
+                    started.set()
                 yield {"n": i}
 
-        with pytest.raises(sqlalchemy.exc.OperationalError, match="cancel") as raised:
-            enqueue_many(session, EdgeTagged, rows())
+        def cancel() -> None:
+            # The rows go in COPYs of batches: a cancel that lands between two, on an idle
+            # backend, does nothing, so it is sent until one lands in a COPY.
+            started.wait(30)
+            while not done.wait(0.02):
+                q(database_url, "SELECT pg_cancel_backend(%s)", (pid,))
+
+        canceller = threading.Thread(target=cancel, daemon=True)
+        canceller.start()
+        try:
+            with pytest.raises(sqlalchemy.exc.OperationalError, match="cancel") as raised:
+                enqueue_many(session, EdgeTagged, rows())
+        finally:
+            done.set()
+            canceller.join(10)
         assert not raised.value.connection_invalidated
         enqueue_many(session, EdgeTagged, [{"n": -2}])
     assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs} ORDER BY id")) == [({"n": -1},), ({"n": -2},)]
@@ -556,3 +572,84 @@ def test_meta_assigned_or_changed_on_a_new_job_is_checked_before_anything_is_sen
         if path == "add":
             session.expunge(job)
     assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"n": 0},)]
+
+
+
+def _in_a_session_within(seconds: float, engine: Any, database_url: str, body: Any) -> Any:
+    """``body(session)`` in a transaction of its own, in a daemon thread, failed if it has
+    not returned within ``seconds``. A client-side deadlock cannot be interrupted: its
+    backend is terminated (its locks held up the schema's teardown), and the thread, which
+    nothing else touches, left behind."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            with Session(engine) as session, session.begin():
+                box["pid"] = session.connection().connection.driver_connection.info.backend_pid
+                box["value"] = body(session)
+        except BaseException as exc:  # handed to the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        q(database_url, "SELECT pg_terminate_backend(%s)", (box["pid"],))
+        pytest.fail(f"enqueue_many did not return within {seconds} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@pytest.mark.parametrize("form", ["args", "args-run_at", "args-unique", "jobs", "jobs-unique"])
+@pytest.mark.parametrize("source", ["streamed", "query-per-row"])
+def test_enqueue_many_of_a_generator_that_reads_through_the_session(engine, database_url, schema, form, source):
+    """The 100k-row use: jobs for rows streamed from a table (``yield_per``), or a query
+    (a lazy load) per row. The generator was pulled inside the COPY, which holds the
+    connection's lock: its first statement on the session waited for that lock, for ever
+    (the whole process hung in enqueue_many). Pulled between COPYs of bounded batches."""
+    with Session(engine) as session, session.begin():
+        session.add_all([EdgeTagged(n=i) for i in range(5)])
+    kind: type[Job] = EdgeUnique if form.endswith("unique") else EdgeByCustomer
+
+    def body(session: Session) -> int:
+        def gen() -> Iterator[Any]:
+            if source == "streamed":
+                stored = session.scalars(select(EdgeTagged).order_by(EdgeTagged.id).execution_options(yield_per=2))
+                numbers: Iterator[Any] = (job.args["n"] for job in stored)
+            else:
+                numbers = (session.scalar(select(text(str(i)))) for i in range(5))
+            for n in numbers:
+                args = {"n": n, "customer": f"c{n}"}
+                yield kind(**args) if form.startswith("jobs") else args
+
+        if form.startswith("jobs"):
+            return enqueue_many(session, gen())
+        return enqueue_many(session, kind, gen(), **({"run_at": _RUN_AT} if form == "args-run_at" else {}))
+
+    assert _in_a_session_within(20, engine, database_url, body) == 5
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE kind = %s"),
+             (kind.kind_options().kind,)) == [(5,)]
+
+
+def test_enqueue_many_whose_generator_queries_does_not_autoflush_rows_its_rollback_would_lose(engine, database_url, schema):
+    """Jobs the caller added but had not flushed were autoflushed by a query of the
+    generator, inside enqueue_many's savepoint: a bad row later rolled the savepoint back
+    and their rows with it, while the Session took them for written, so the caller's
+    commit wrote nothing of them. The generator runs with autoflush off."""
+    def body(session: Session) -> None:
+        session.add(EdgeTagged(n=100))  # pending, not flushed
+
+        def gen() -> Iterator[dict[str, Any]]:
+            for i in range(3):
+                session.scalar(select(text("1")))
+                yield {"n": i}
+            yield {"n": float("nan")}
+
+        with pytest.raises(InvalidArgsError):
+            enqueue_many(session, EdgeTagged, gen())
+
+    _in_a_session_within(20, engine, database_url, body)
+    assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"n": 100},)]
