@@ -233,8 +233,11 @@ def _copy_args_as_text(
 # Rows go in COPYs of bounded batches, the caller's iterable pulled between them, never
 # inside one: a COPY holds the connection's lock, so a generator reading through the
 # session (rows streamed with yield_per, a lazy load, a query per row) waited for that
-# lock for ever, in the same thread. A new COPY per batch costs a round trip.
-_BATCH_ROWS = 1000
+# lock for ever, in the same thread. A new COPY per batch costs a round trip and a
+# statement: batches of 1,000 rows cost a 50,000-job enqueue_many about a quarter of its
+# rate (53k/s against 72k/s with 10,000 and 69k/s in one COPY, same run), so batches are
+# large, and bounded in bytes for the memory they hold.
+_BATCH_ROWS = 10_000
 _BATCH_BYTES = 1 << 20
 
 _T = TypeVar("_T")
@@ -249,7 +252,9 @@ def _batches(items: Iterable[_T], size_of: Callable[[_T], int]) -> Iterator[list
         size += size_of(item)
         if len(batch) >= _BATCH_ROWS or size >= _BATCH_BYTES:
             yield batch
-            batch = []
+            # Emptied, not replaced: the caller's loop still holds it (written by now) while
+            # the next batch is built, and two batches were held at once.
+            batch.clear()
             size = 0
     if batch:
         yield batch
