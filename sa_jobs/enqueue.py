@@ -208,26 +208,37 @@ def _copy_args_as_text(
     encode = _validate.encode_payload
     max_bytes = options.max_args_bytes
 
-    def lines() -> Iterator[str]:
-        for item in args:
-            value, text = encode(item, max_bytes=max_bytes)
-            if "\\" in text:
-                text = text.replace("\\", "\\\\")
-            if partitioned:
-                key = options.partition_key_of(value)
-                assert key is not None  # partitioned: the kind names its partition_by args
-                yield prefix + text + suffix + "\t" + _copy_text(key) + "\n"
-            else:
-                yield prefix + text + suffix
+    def line(item: Any) -> str:
+        value, text = encode(item, max_bytes=max_bytes)
+        if "\\" in text:
+            text = text.replace("\\", "\\\\")
+        if partitioned:
+            key = options.partition_key_of(value)
+            assert key is not None  # partitioned: the kind names its partition_by args
+            return prefix + text + suffix + "\t" + _copy_text(key) + "\n"
+        return prefix + text + suffix
 
     statement = _copy_statement(table, columns)
     count = 0
     with _driver_connection(session).cursor() as cur:
-        for batch in _batches(lines(), len):
+        # The caller's items are read between COPYs (see _batches), and encoded inside one,
+        # in chunks the server inserts while the next is encoded: encoded before the COPY,
+        # the client's work and the server's took turns (a third of the rate lost).
+        for batch in _batches(args, _unsized):
             with cur.copy(statement) as copy:
-                copy.write("".join(batch))
+                for lo in range(0, len(batch), _CHUNK_ROWS):
+                    copy.write("".join([line(item) for item in batch[lo:lo + _CHUNK_ROWS]]))
             count += len(batch)
     return count
+
+
+def _unsized(item: Any) -> int:
+    """An args mapping, not yet encoded, counts only as a row (see _BATCH_ROWS)."""
+    return 0
+
+
+# Lines encoded and sent to a COPY at a time.
+_CHUNK_ROWS = 2000
 
 
 # Rows go in COPYs of bounded batches, the caller's iterable pulled between them, never
