@@ -414,11 +414,7 @@ def test_two_workers_and_a_leader_change_enqueue_every_slot_exactly_once(databas
     a = start_worker_process(database_url, schema, "tests.test_periodic", *extra, env=env)
     b = None
     try:
-        assert wait_for(lambda: len(_periodic_jobs(database_url, schema)) >= 3, 30), "the leader fired nothing"
-        b_started = q(database_url, "SELECT now()")[0][0]
-        b = start_worker_process(database_url, schema, "tests.test_periodic", *extra, env=env)
-        # b's maintainer is connected: it is running and can take over.
-        assert wait_for(lambda: _maintainer_connected_since(database_url, b_started), 30)
+        b = _start_standby(database_url, schema, "tests.test_periodic", extra, env)
         before_kill = len(_periodic_jobs(database_url, schema))
         a.send_signal(signal.SIGKILL)
         a.wait(10)
@@ -442,6 +438,20 @@ def test_two_workers_and_a_leader_change_enqueue_every_slot_exactly_once(databas
     gaps = [(x, y) for x, y in zip(slots, slots[1:]) if y - x != dt.timedelta(seconds=1)]
     assert gaps == [], "a slot was skipped"
     assert slots[-1] - slots[0] >= dt.timedelta(seconds=4)
+
+
+def _start_standby(database_url: str, schema: str, module: str, extra: Any, env: Any) -> Any:
+    """Once the leader has fired three slots, a second worker process whose maintainer is
+    connected (running, and able to take over)."""
+    from .conftest import start_worker_process
+
+    assert wait_for(lambda: len(_periodic_jobs(database_url, schema)) >= 3, 30), "the leader fired nothing"
+    started = q(database_url, "SELECT now()")[0][0]
+    standby = start_worker_process(database_url, schema, module, *extra, env=env)
+    if not wait_for(lambda: _maintainer_connected_since(database_url, started), 30):
+        _kill_workers(standby)
+        raise AssertionError("the second worker's maintainer never connected")
+    return standby
 
 
 def _stop_workers(*procs: Any) -> None:
@@ -474,10 +484,7 @@ def test_a_frozen_leader_hands_over_and_its_schedule_fires(database_url, schema)
     a = start_worker_process(database_url, schema, "tests.test_periodic", *extra, env=env)
     b = None
     try:
-        assert wait_for(lambda: len(_periodic_jobs(database_url, schema)) >= 3, 30), "the leader fired nothing"
-        b_started = q(database_url, "SELECT now()")[0][0]
-        b = start_worker_process(database_url, schema, "tests.test_periodic", *extra, env=env)
-        assert wait_for(lambda: _maintainer_connected_since(database_url, b_started), 30)
+        b = _start_standby(database_url, schema, "tests.test_periodic", extra, env)
         a.send_signal(signal.SIGSTOP)
         stopped_at = q(database_url, "SELECT now()")[0][0]
 
@@ -523,10 +530,7 @@ def test_a_leader_frozen_in_the_middle_of_a_firing_hands_over(database_url, sche
                              env={**env, "SA_JOBS_TEST_FREEZE_AT": str(marker)})
     b = None
     try:
-        assert wait_for(lambda: len(_periodic_jobs(database_url, schema)) >= 3, 30), "the leader fired nothing"
-        b_started = q(database_url, "SELECT now()")[0][0]
-        b = start_worker_process(database_url, schema, "tests.jobs_periodic_freeze", *extra, env=env)
-        assert wait_for(lambda: _maintainer_connected_since(database_url, b_started), 30)
+        b = _start_standby(database_url, schema, "tests.jobs_periodic_freeze", extra, env)
         marker.touch()
         assert wait_for(lambda: not marker.exists(), 10), "the leader did not build a job"
         frozen_at = q(database_url, "SELECT now()")[0][0]
