@@ -17,9 +17,15 @@ from psycopg.conninfo import conninfo_to_dict
 log = logging.getLogger("sa_jobs.worker")
 
 # Errors that mean "the connection or server is gone or going": reconnect and retry.
+# A server that refuses writes (SQLSTATE 25006: a primary demoted to a standby in a
+# failover, or default_transaction_read_only set) is one too: a new connection may reach
+# the new primary (a multi-host URL, target_session_attrs=read-write), or the same server
+# once it takes writes again. Taken for the data's fault, the completer dropped the
+# outcomes it could not write, and their finished jobs ran again after their leases.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
     psycopg.InterfaceError,
+    psycopg.errors.ReadOnlySqlTransaction,
     OSError,
 )
 # ... and what a connection attempt may also raise: its own deadline.

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy.orm import Session
 
 from sa_jobs import enqueue_many
@@ -94,3 +96,44 @@ def test_half_open_completer_connection_is_replaced(db, cluster, rel_url, rel_sc
         assert done, (db.states(), db.q("SELECT max(attempt) FROM {jobs}"))
     finally:
         proxy.close()
+
+
+def _set_read_only(cluster, on: bool) -> None:
+    """The whole cluster refuses writes (``default_transaction_read_only``, reloaded: it
+    reaches the sessions already open), as a primary demoted to a standby does (SQLSTATE
+    25006). This connection sets it off for itself, so it can set it back."""
+    import psycopg
+
+    with psycopg.connect(cluster.url, autocommit=True, options="-c default_transaction_read_only=off") as conn:
+        if on:
+            conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        else:
+            conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def test_completion_refused_by_a_read_only_server_is_kept_until_it_lands(db, cluster, rel_url, rel_schema,
+                                                                         rel_engine, workers):
+    # The handlers' side effects go on a connection that ignores the read-only window.
+    effects = rel_url + "?options=-c%20default_transaction_read_only%3Doff"
+    w = WorkerProc(rel_url, rel_schema, "--concurrency", "4", "--lease", "30", "--maintenance-interval", str(R),
+                   "--poll-interval", "0.2", effects_url=effects)
+    workers.append(w)
+    with Session(rel_engine) as session, session.begin():
+        session.add_all([RelWork(ms=800) for _ in range(4)])
+    assert wait_for(lambda: db.states() == {"running": 4}, 30), db.states()
+    try:
+        _set_read_only(cluster, True)
+        # The handlers return while the server refuses every write: their completions fail.
+        assert wait_for(lambda: db.one("SELECT count(*) FROM {effects}") == 4, 10)
+        time.sleep(1.5)  # a few completer retries meet the read-only server
+        assert db.states() == {"running": 4}
+    finally:
+        _set_read_only(cluster, False)
+    # Kept and retried, they land on attempt 1 well inside the 30 s lease: dropped, the
+    # jobs sat running until it ran out and ran again.
+    assert wait_for(lambda: db.states() == {"completed": 4}, 10), (db.states(), w.output()[-3000:])
+    assert db.q("SELECT max(attempt) FROM {jobs}") == [(1,)]
+    assert db.q("SELECT count(*) FROM {effects}") == [(4,)]
+    assert w.alive(), w.output()
+    assert "dropping" not in w.output(), w.output()
