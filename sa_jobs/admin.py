@@ -506,16 +506,94 @@ FINAL_STATUSES = ("done", "failed", "cancelled")
 # that read needs a moment, while a read the server does not answer must not hold the
 # wait much past its deadline.
 MIN_READ_SECONDS = 1.0
+# How long past its server-side bound a read waits for the server's own word (a cancelled
+# statement) before the wait gives its connection up as silent (see _SilentHostGuard).
+SILENT_HOST_GRACE = 0.5
 
 
-def _status_within(session: Any, job_id: int, seconds: float, timeout: float, *, joined: bool = False) -> JobStatus:
+class _SilentHostGuard:
+    """Ends a wait's read whose server went silent: past its bound, the read's socket is
+    shut down (a duplicate of its descriptor, so a socket the driver closed and the
+    system reused meanwhile is never touched), and the blocked driver call fails at once.
+
+    The read's bound was the server's ``statement_timeout`` alone, which a server that
+    never receives the read cannot enforce: a wait whose pooled connection's host stopped
+    answering (packets dropped: a partition, a failed-over address, a hung proxy) waited
+    for the operating system to give the connection up, 15 minutes or for ever, however
+    short its timeout. A thread timer, so the same guard bounds a sync wait blocked in the
+    driver and an async one whose event loop waits on the socket."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.fired = False
+        self._lock = threading.Lock()
+        self._sock: Any = None
+        self._timer: Any = None
+
+    def arm(self, driver_connection: Any, seconds: float) -> None:
+        import math
+        import os
+        import socket
+        import threading
+
+        fileno = _socket_fileno(driver_connection)
+        if fileno is None or not math.isfinite(seconds) or self._sock is not None:
+            return
+        try:
+            sock = socket.socket(fileno=os.dup(fileno))
+        except OSError:
+            return
+        with self._lock:
+            self._sock = sock
+            self._timer = threading.Timer(seconds + SILENT_HOST_GRACE, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        import socket
+
+        with self._lock:
+            if self._sock is None:
+                return
+            self.fired = True
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def disarm(self) -> None:
+        with self._lock:
+            sock, self._sock = self._sock, None
+            if self._timer is not None:
+                self._timer.cancel()
+            if sock is not None:
+                sock.close()  # the duplicate only: the driver's socket stays as it is
+
+
+def _socket_fileno(driver_connection: Any) -> Optional[int]:
+    """The descriptor of a driver connection's socket (psycopg, psycopg2, asyncpg), or None."""
+    try:
+        if hasattr(driver_connection, "fileno"):  # psycopg 3 (sync and async), psycopg2
+            return int(driver_connection.fileno())
+        transport = getattr(driver_connection, "_transport", None)  # asyncpg
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        return int(sock.fileno()) if sock is not None else None
+    except Exception:  # noqa: BLE001 - closed, or a driver without one: no client-side bound
+        return None
+
+
+def _status_within(session: Any, job_id: int, seconds: float, timeout: float, *, joined: bool = False,
+                   guard: Optional[_SilentHostGuard] = None) -> JobStatus:
     """:func:`job_status` in ``session``'s own transaction, under a ``statement_timeout``
     of ``seconds`` (at least :data:`MIN_READ_SECONDS`). A read the server does not answer
     in time (the jobs table locked by a migration, VACUUM FULL or LOCK TABLE; a server
     under a pile-up) is cancelled by the server and raises ``TimeoutError``: the deadline
     is otherwise only checked between reads, and a wait outlasted its timeout by as long
     as the lock was held. ``joined``: the transaction is the caller's (a Connection given
-    in a transaction), which gets its own setting back after the read."""
+    in a transaction), which gets its own setting back after the read. ``guard``: armed
+    with the connection, it ends the read on the client side if the server stays silent
+    (its caller disarms it once the session is closed)."""
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
@@ -529,7 +607,10 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float, *,
     # and the connection's own value is put back after the read. In the caller's own
     # transaction the local setting outlived the wait, and cancelled the caller's next
     # statements after the wait's last bound: its value is put back too.
-    dbapi_connection = session.connection().connection.dbapi_connection
+    pooled = session.connection().connection
+    dbapi_connection = pooled.dbapi_connection
+    if guard is not None and millis:
+        guard.arm(pooled.driver_connection, seconds)
     autocommit = getattr(dbapi_connection, "autocommit", False) is True
     previous = None
     if autocommit or joined:
@@ -540,6 +621,8 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float, *,
         return job_status(session, job_id)
     except DBAPIError as exc:
         failed = True
+        if guard is not None and guard.fired:
+            raise _silent(job_id, timeout, seconds) from None
         # Any DBAPIError: psycopg's query_canceled is an OperationalError, asyncpg's (an
         # async app's AsyncEngine) a plain DBAPIError, which once escaped the wait.
         if getattr(getattr(exc, "orig", None), "sqlstate", None) != "57014":  # query_canceled
@@ -551,6 +634,11 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float, *,
     finally:
         if previous is not None and (autocommit or not failed) and not getattr(dbapi_connection, "closed", False):
             session.execute(set_timeout, {"ms": previous, "local": not autocommit})
+
+
+def _silent(job_id: int, timeout: float, seconds: float) -> TimeoutError:
+    return TimeoutError(f"job {job_id}: its status could not be read within {timeout}s (the server did not answer"
+                        f" the read within {seconds + SILENT_HOST_GRACE:g}s; its connection was given up)")
 
 
 # When a running wait's deadline passes (time.monotonic()): connections the engine opens
@@ -647,7 +735,9 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
     Polls with a gentle backoff (20 ms growing to 500 ms). Raises ``TimeoutError``, also
     when the server does not answer a read in time (each read is bounded by the time left,
     at least :data:`MIN_READ_SECONDS`; so is each new connection the engine opens for it, by
-    a connect timeout). ``timeout=math.inf`` waits without a deadline.
+    a connect timeout). A read the server does not answer is cancelled by the server, or,
+    if its host went silent, its connection is given up :data:`SILENT_HOST_GRACE` later.
+    ``timeout=math.inf`` waits without a deadline.
     A read whose connection was lost, or, once the job has been found, that cannot reach
     the database, is tried again within the timeout. Raises :class:`JobNotFoundError` if
     there is no such job, also when it is deleted (or pruned) during the wait.
@@ -707,10 +797,17 @@ def _wait(engine: Any, job_id: int, timeout: float, deadline: float) -> JobStatu
 
     polls = _Polls(job_id, timeout, deadline)
     while True:
+        guard = _SilentHostGuard()
+        left = deadline - time.monotonic()
         try:
-            with Session(engine) as session:
-                status = _status_within(session, job_id, deadline - time.monotonic(), timeout, joined=_joined(engine))
+            try:
+                with Session(engine) as session:
+                    status = _status_within(session, job_id, left, timeout, joined=_joined(engine), guard=guard)
+            finally:
+                guard.disarm()
         except Exception as exc:
+            if guard.fired and not isinstance(exc, TimeoutError):
+                raise _silent(job_id, timeout, max(left, MIN_READ_SECONDS)) from exc
             polls.failed(exc, time.monotonic())
         else:
             final = polls.read(status, time.monotonic())
@@ -750,11 +847,18 @@ async def _wait_async(engine: Any, job_id: int, timeout: float, deadline: float)
 
     polls = _Polls(job_id, timeout, deadline)
     while True:
+        guard = _SilentHostGuard()
+        left = deadline - anyio.current_time()
         try:
-            async with AsyncSession(engine) as session:
-                status = await session.run_sync(_status_within, job_id, deadline - anyio.current_time(), timeout,
-                                                joined=_joined(engine))
+            try:
+                async with AsyncSession(engine) as session:
+                    status = await session.run_sync(_status_within, job_id, left, timeout, joined=_joined(engine),
+                                                    guard=guard)
+            finally:
+                guard.disarm()
         except Exception as exc:
+            if guard.fired and not isinstance(exc, TimeoutError):
+                raise _silent(job_id, timeout, max(left, MIN_READ_SECONDS)) from exc
             polls.failed(exc, anyio.current_time())
         else:
             final = polls.read(status, anyio.current_time())

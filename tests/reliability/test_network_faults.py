@@ -639,3 +639,101 @@ def test_a_leader_cut_off_without_a_word_hands_over_and_its_schedule_fires(rel_u
         if pids:
             q(database_url, "SELECT pg_terminate_backend(%s)", (pids[0],))
     assert took < 40, took
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async", "asyncpg"])
+def test_wait_for_on_a_pooled_connection_gone_silent_times_out_in_time(cluster, rel_schema, rel_engine, flavour):
+    """``wait_for`` reads through the engine's pool. When the host of a pooled connection
+    stops answering (packets dropped: a partition, a failed-over address, a hung proxy),
+    the wait's server-side bound (statement_timeout) is never enforced, since the server
+    never sees the read: the wait must still end within its timeout and a small margin
+    (it waited until the proxy closed, 13 s later), and the engine's next wait must not
+    meet that connection again."""
+    from sqlalchemy import create_engine, func, update
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs import wait_for as wait_for_job, wait_for_async
+    from sa_jobs._url import sqlalchemy_url
+
+    _enqueue(rel_engine, 1)
+    with Session(rel_engine) as session:
+        job_id = session.query(RelWork.id).scalar()
+    app = "sa_jobs_waiter"
+    proxy = Proxy(cluster.port)
+    url = cluster.url_via(proxy.port) + f"&application_name={app}"
+    timeout, margin = 1.0, 2.0
+    outcome: list[Any] = []
+
+    def go_silent() -> None:
+        assert proxy.blackhole(app)  # the pooled connection, established, goes silent
+        proxy.blackhole_new = lambda c: c.app == app  # and so does any new one
+
+    def heal() -> None:
+        """New connections pass again (the silent one stays silent); the job completes."""
+        proxy.blackhole_new = None
+        with Session(rel_engine) as session, session.begin():
+            session.execute(update(RelWork).where(RelWork.id == job_id).values(state="completed",
+                                                                               finished_at=func.now()))
+
+    def timed(call: Any) -> None:
+        started = time.monotonic()
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # noqa: BLE001 - judged below
+            outcome.append(exc)
+        outcome.append(time.monotonic() - started)
+
+    if flavour == "sync":
+        engine = create_engine(sqlalchemy_url(url)).execution_options(schema_translate_map={"sa_jobs": rel_schema})
+
+        def wait() -> Any:
+            with pytest.raises(TimeoutError):  # nobody runs the job: the pool now holds a connection
+                wait_for_job(engine, job_id, timeout=0.1)
+            go_silent()
+            timed(lambda: wait_for_job(engine, job_id, timeout=timeout))
+            heal()
+            timed(lambda: wait_for_job(engine, job_id, timeout=5).status)
+    else:
+        async def main() -> Any:
+            if flavour == "asyncpg":
+                aengine = create_async_engine(
+                    f"postgresql+asyncpg://postgres@127.0.0.1:{proxy.port}/postgres?ssl=disable",
+                    connect_args={"server_settings": {"application_name": app}})
+            else:
+                aengine = create_async_engine(sqlalchemy_url(url, async_=True))
+            aengine = aengine.execution_options(schema_translate_map={"sa_jobs": rel_schema})
+            try:
+                with pytest.raises(TimeoutError):
+                    await wait_for_async(aengine, job_id, timeout=0.1)
+                go_silent()
+                started = time.monotonic()
+                try:
+                    outcome.append(await wait_for_async(aengine, job_id, timeout=timeout))
+                except Exception as exc:  # noqa: BLE001 - judged below
+                    outcome.append(exc)
+                outcome.append(time.monotonic() - started)
+                heal()
+                started = time.monotonic()
+                outcome.append((await wait_for_async(aengine, job_id, timeout=5)).status)
+                outcome.append(time.monotonic() - started)
+            finally:
+                proxy.close()  # else the engine's disposal waits on the silent connection
+                await aengine.dispose()
+
+        def wait() -> Any:
+            anyio.run(main)
+    thread = threading.Thread(target=wait, daemon=True)
+    try:
+        thread.start()
+        thread.join(timeout + margin + 15)
+    finally:
+        proxy.close()  # ends a wait still stuck on the silent socket
+        thread.join(10)
+        if flavour == "sync":
+            engine.dispose()
+    assert len(outcome) >= 2, outcome
+    result, took = outcome[:2]
+    assert took <= timeout + margin, f"wait_for(timeout={timeout}) took {took:.1f}s: {result!r}"
+    assert isinstance(result, TimeoutError), result
+    # Read through a new connection: the silent one was given up, not put back in the pool.
+    assert outcome[2:3] == ["done"] and outcome[3] < 3, outcome
