@@ -737,7 +737,9 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
     at least :data:`MIN_READ_SECONDS`; so is each new connection the engine opens for it, by
     a connect timeout). A read the server does not answer is cancelled by the server, or,
     if its host went silent, its connection is given up :data:`SILENT_HOST_GRACE` later.
-    ``timeout=math.inf`` waits without a deadline.
+    ``timeout=math.inf`` waits without a deadline. A read that finds every connection of
+    the engine's pool checked out waits for one up to the pool's ``pool_timeout`` (which
+    the wait cannot shorten), then is tried again within the timeout.
     A read whose connection was lost, or, once the job has been found, that cannot reach
     the database, is tried again within the timeout. Raises :class:`JobNotFoundError` if
     there is no such job, also when it is deleted (or pruned) during the wait.
@@ -767,6 +769,16 @@ class _Polls:
 
     def failed(self, exc: Exception, now: float) -> None:
         """A read raised ``exc``: returns if it is read again, else raises."""
+        from sqlalchemy.exc import TimeoutError as NoPooledConnection
+
+        if isinstance(exc, NoPooledConnection):
+            # Every connection of the engine's pool was checked out for its pool_timeout:
+            # read again while the wait has time (one may be free by then). Raised as it
+            # was, SQLAlchemy's own TimeoutError escaped an ``except TimeoutError``.
+            if now >= self.deadline:
+                raise TimeoutError(f"job {self.job_id}: no connection of the engine's pool was free"
+                                   f" within {self.timeout}s") from exc
+            return
         if not _read_again(exc, self.seen):
             raise exc
         # Past the deadline, a wait that has read nothing yet tries once more: its first

@@ -1065,6 +1065,51 @@ def test_wait_for_times_out_on_a_job_nobody_runs(engine):
     assert time.monotonic() - started < 2
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_wait_for_on_an_engine_whose_pool_has_no_free_connection_raises_its_timeout(engine, database_url, schema,
+                                                                                   flavour):
+    """Every pooled connection is checked out (the app's other threads or tasks hold
+    them): the wait's read waits for one up to the pool's timeout. That raised
+    SQLAlchemy's own TimeoutError, which an ``except TimeoutError`` does not catch, after
+    the pool's timeout however short the wait's. Within the wait's time a read that got
+    no connection is tried again; past it, the wait raises TimeoutError."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sa_jobs import wait_for as wait_for_job, wait_for_async
+    from sa_jobs._url import sqlalchemy_url
+
+    (job_id,) = add(engine, CLongAsync().options(queue="nobody"))
+    pool = dict(pool_size=1, max_overflow=0, pool_timeout=0.2)
+    if flavour == "sync":
+        waiting = create_engine(engine.url, **pool).execution_options(schema_translate_map={"sa_jobs": schema})
+        held = waiting.connect()
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match="no connection"):
+                wait_for_job(waiting, job_id, timeout=1.0)
+            took = time.monotonic() - started
+        finally:
+            held.close()
+            waiting.dispose()
+    else:
+        async def main() -> float:
+            aengine = create_async_engine(sqlalchemy_url(database_url, async_=True), **pool).execution_options(
+                schema_translate_map={"sa_jobs": schema})
+            aheld = await aengine.connect()
+            try:
+                started = time.monotonic()
+                with pytest.raises(TimeoutError, match="no connection"):
+                    await wait_for_async(aengine, job_id, timeout=1.0)
+                return time.monotonic() - started
+            finally:
+                await aheld.close()
+                await aengine.dispose()
+
+        took = anyio.run(main)
+    assert 1.0 <= took < 2.0, took  # read again until the deadline, then raised
+
+
 @pytest.mark.parametrize("flavour", ["sync", "async", "sync-autocommit", "async-autocommit"])
 def test_wait_for_timeout_holds_while_the_jobs_table_is_locked(engine, database_url, schema, flavour):
     """A read of the job that the server does not answer (the table locked by a migration,
