@@ -774,3 +774,38 @@ def test_a_worker_whose_host_goes_silent_then_answers_again_keeps_jobs_moving(db
         assert w.alive(), w.output()
     finally:
         proxy.close()
+
+
+def test_a_worker_on_a_standby_backs_off_instead_of_reconnecting_at_once(cluster, rel_schema):
+    """A worker whose URL reaches a standby (a failover that left the old address on a
+    replica, target_session_attrs not set): every write fails with SQLSTATE 25006, and so
+    does the listener's LISTEN, run as its connection is set up. That error escaped the
+    connection's reconnect loop, and the listener reconnected every 0.1 s for as long
+    as the standby stayed one, a logged traceback each time. It backs off as any failed
+    connect does, and the worker stays up."""
+    from .cluster import PrivateCluster, pg_bin
+
+    standby = PrivateCluster()
+    proxy = None
+    w = None
+    try:
+        standby._cmd([pg_bin("pg_basebackup"), "-D", str(standby.data), "-h", "127.0.0.1", "-p", str(cluster.port),
+                      "-U", "postgres", "-R", "-X", "stream", "--no-sync", "-c", "fast"])
+        standby.start()
+        proxy = Proxy(standby.port)
+        w = WorkerProc(standby.url_via(proxy.port), rel_schema, "--maintenance-interval", "1",
+                       "--poll-interval", "0.5")
+        assert wait_for(lambda: any(c.app == "sa_jobs:listener" for c in proxy.conns), 20), w.output()
+        first = time.monotonic()
+        time.sleep(3.0)
+        with proxy._lock:
+            opened = [c.opened for c in proxy.conns if c.app == "sa_jobs:listener" and c.opened <= first + 3.0]
+        assert w.alive(), w.output()
+        # Backing off from 0.1 s: about 5 connections in 3 s (it opened 25-30 at 0.1 s apart).
+        assert len(opened) <= 8, (len(opened), w.output()[-2000:])
+    finally:
+        if w is not None:
+            w.close()
+        if proxy is not None:
+            proxy.close()
+        standby.stop()
