@@ -541,8 +541,13 @@ class _SilentHostGuard:
         if fileno is None or not math.isfinite(seconds) or self._sock is not None:
             return
         try:
-            sock = socket.socket(fileno=os.dup(fileno))
+            duplicate = os.dup(fileno)
         except OSError:
+            return
+        try:
+            sock = socket.socket(fileno=duplicate)
+        except OSError:
+            os.close(duplicate)
             return
         with self._lock:
             self._sock = sock
