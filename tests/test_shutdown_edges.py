@@ -3,13 +3,16 @@ cannot be written before the stop, the app cancelling the worker, connections le
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from typing import Callable
 
 import anyio
 import psycopg
 from sqlalchemy.orm import Session
 
-from sa_jobs import Job, JobContext, Worker
+from sa_jobs import Discard, Job, JobContext, Worker
 from sa_jobs._url import to_conninfo
 from sa_jobs.events import NullObserver
 
@@ -268,3 +271,107 @@ def test_an_outcome_that_waited_on_a_cancel_and_was_fenced_off_counts_as_cancell
     anyio.run(main)
     assert observer.finished == ["cancelled"]
     assert _state(database_url, schema, job_id) == "cancelled"
+
+
+# ---- a handler that ended in the same event-loop step as the release --------------------
+
+SD_GATES: list[asyncio.Future[None]] = []  # one per run of an async gated handler
+SD_THREAD_GATES: list[threading.Event] = []  # one per run of the sync gated handler
+
+
+async def _gated() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    SD_GATES.append(gate)
+    await gate
+
+
+class SdGatedReturns(Job, kind="sd_gated_returns", queue="sd"):
+    pass
+
+
+@SdGatedReturns.handler
+async def sd_gated_returns(ctx: JobContext) -> str:
+    await _gated()
+    return "done"
+
+
+class SdGatedDiscards(Job, kind="sd_gated_discards", queue="sd"):
+    pass
+
+
+@SdGatedDiscards.handler
+async def sd_gated_discards(ctx: JobContext) -> None:
+    await _gated()
+    raise Discard("bad input")
+
+
+class SdGatedSync(Job, kind="sd_gated_sync", queue="sd"):
+    pass
+
+
+@SdGatedSync.handler
+def sd_gated_sync(ctx: JobContext) -> str:
+    gate = threading.Event()
+    SD_THREAD_GATES.append(gate)
+    gate.wait(10)
+    return "done"
+
+
+def _released_as_it_ended(database_url: str, schema: str, kind: type[Job], open_gate: Callable[[Worker], None]) -> None:
+    """Run one job of ``kind`` until its handler waits at its gate, then, in one step of
+    the event loop (nothing else runs between), let the handler end (``open_gate``) and
+    release the running jobs; wait for the run to end."""
+
+    async def main() -> None:
+        worker = Worker(database_url, kinds=[kind], schema=schema, lease=5, poll_interval=0.1, shutdown_grace=60)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(10):
+                while not (SD_GATES or SD_THREAD_GATES):
+                    await anyio.sleep(0.01)
+            open_gate(worker)
+            worker.release_running()
+            with anyio.fail_after(10):
+                while worker._running:
+                    await anyio.sleep(0.01)
+
+    SD_GATES.clear()
+    SD_THREAD_GATES.clear()
+    anyio.run(main)
+
+
+def _row(database_url: str, schema: str, job_id: int) -> tuple:
+    return q(database_url, jobs_sql(schema, "SELECT state, attempt, result FROM {jobs} WHERE id = %s"), (job_id,))[0]
+
+
+def test_an_async_handler_that_returned_as_the_release_came_has_its_result_written(engine, database_url, schema):
+    """The handler's await completed and the release came in the same loop step: anyio
+    delivers no cancellation to a task whose awaited result is in, so the handler
+    returned its result, and the runner, seeing the job marked releasing, gave the job
+    back (available, attempt refunded): it ran again elsewhere though it had finished."""
+    [job_id] = add(engine, SdGatedReturns())
+    _released_as_it_ended(database_url, schema, SdGatedReturns, lambda worker: SD_GATES[0].set_result(None))
+    assert _row(database_url, schema, job_id) == ("completed", 1, "done")
+
+
+def test_an_async_handler_that_raised_as_the_release_came_has_its_failure_written(engine, database_url, schema):
+    """As above, with a handler that discards its job: released, the job ran again."""
+    [job_id] = add(engine, SdGatedDiscards())
+    _released_as_it_ended(database_url, schema, SdGatedDiscards, lambda worker: SD_GATES[0].set_result(None))
+    assert _row(database_url, schema, job_id)[:2] == ("dead", 1)
+
+
+def test_a_sync_handler_whose_thread_returned_before_the_release_has_its_result_written(engine, database_url, schema):
+    """The handler's thread returned, and the release came before the loop took its
+    result: the release cancelled the wait for it, and the finished job was given back."""
+    [job_id] = add(engine, SdGatedSync())
+
+    def let_the_thread_return(worker: Worker) -> None:
+        [job] = worker.running_jobs()
+        SD_THREAD_GATES[0].set()
+        deadline = time.monotonic() + 10
+        while not (job.thread is not None and job.thread.done) and time.monotonic() < deadline:
+            time.sleep(0.001)  # blocks the loop: its result waits for the loop's next step
+
+    _released_as_it_ended(database_url, schema, SdGatedSync, let_the_thread_return)
+    assert _row(database_url, schema, job_id) == ("completed", 1, "done")

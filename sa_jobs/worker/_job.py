@@ -65,6 +65,7 @@ class HandlerThread:
         self._loop, self._call = loop, call
         self._lock = threading.Lock()
         self.done = False
+        self.taken = False  # the runner has the call's outcome (it may await a coroutine the call returned)
         self._returned: Optional[anyio.Event] = None  # made only for an abandoned call
 
     def __call__(self) -> Any:

@@ -54,8 +54,8 @@ from .._connection import ManagedConnection, describe, is_stale_plan, is_transie
 from ._job import ClaimedJob, HandlerThread, Outcome
 from ._task_guard import HANDLER_JOB, install as guard_tasks, uninstall as unguard_tasks
 from .completer import LOCK_WAIT, Completer
-from .context import (JobContext, _Cancelled, cancellation_pending as _cancellation_pending, check_app_engine,
-                      watch_interrupted_statements)
+from .context import (JobContext, _Cancelled, _from_cancellation, cancellation_pending as _cancellation_pending,
+                      check_app_engine, watch_interrupted_statements)
 from ..events import GuardedObserver, NullObserver, WorkerObserver, hook
 from ._inbox import JobInbox
 from .heartbeat import Heartbeat
@@ -657,6 +657,11 @@ class Worker:
     def _release_running(self) -> None:
         self._releasing = True
         for job in self.running_jobs():
+            if job.thread is not None and job.thread.done and not job.thread.taken:
+                # Its sync handler's thread has returned; the runner takes its outcome at
+                # the loop's next step. Cancelling that wait dropped the outcome, and the
+                # finished job was given back to run again.
+                continue
             job.releasing = True
             job.cancel("worker shutting down")
         for scope in self._outliving:
@@ -1232,11 +1237,13 @@ class Worker:
         result: Any = None
         error: Optional[BaseException] = None
         watch: Optional[_DeadlineWatch] = None
+        interrupted = True  # unless the handler ended with no cancellation raised out of it (below)
         with anyio.CancelScope() as scope:
             job.scope = scope
             if runtime.options.timeout is not None:
                 scope.deadline = anyio.current_time() + runtime.options.timeout
             running_as = HANDLER_JOB.set(weakref.ref(job))  # the tasks the handler starts are guarded (_task_guard)
+            requests = _cancel_requests()
             try:
                 if runtime.is_async:
                     call = runtime.handler(ctx, **job.args)
@@ -1247,6 +1254,7 @@ class Worker:
                     assert self._loop is not None
                     job.thread = HandlerThread(self._loop, functools.partial(runtime.handler, ctx, **job.args))
                     result = await anyio.to_thread.run_sync(job.thread, abandon_on_cancel=True, limiter=q.limiter)
+                    job.thread.taken = True
                     if inspect.iscoroutine(result):
                         # An async handler behind a plain decorator (functools.wraps of a
                         # sync wrapper is no coroutine function): the thread gave back its
@@ -1279,6 +1287,15 @@ class Worker:
                 error = exc
             finally:
                 HANDLER_JOB.reset(running_as)
+            # A cancellation reached the handler: it was thrown into the handler (which
+            # answered it with an error of its own, or swallowed it), counted by the task.
+            # A handler whose await completed in the loop step that cancelled the scope is
+            # sent no cancellation (anyio does not cancel a task whose result is in): it
+            # ran to its end, and its return (or raise) stands, a release's too.
+            # ctx.raise_if_cancelled() answers the release as well.
+            interrupted = (scope.cancelled_caught or (watch is not None and watch.reached)
+                           or _cancel_requests() > requests or isinstance(error, _Cancelled)
+                           or (error is not None and _from_cancellation(error)))
         job.scope = None
         if job.completed_in_tx:
             if error is not None:
@@ -1294,7 +1311,7 @@ class Worker:
             return None, "cancelled"  # cancel() already wrote the row's final state
         if job.lease_lost:
             return None, "lease_lost"  # the job belongs to another attempt now
-        if job.releasing:
+        if job.releasing and interrupted:
             return Outcome(job, "release"), "released"
         # Only the deadline cancels the scope without a reason on the job. A handler may
         # answer that cancellation with an error of its own (a client closing its
@@ -1459,6 +1476,13 @@ class _DeadlineWatch:
 
     def close(self) -> None:
         self._it.close()
+
+
+def _cancel_requests() -> int:
+    """The cancellations requested of the current task and not yet taken back (0 before
+    Python 3.11, which does not count them)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return 0 if cancelling is None else cancelling()
 
 
 def _require_asyncio() -> None:
