@@ -137,6 +137,23 @@ def _claim_statement(*, after: bool) -> str:
 RESCUE_LOCK_TIMEOUT = "500ms"
 
 
+def _kept_key(job_id: str) -> str:
+    """The advisory lock (two int4 keys) by which a live worker says it holds the outcome
+    of job ``job_id`` (an SQL expression): the schema's, then the id modulo 2**31. Ids
+    that share a key only make the rescue pass over an expired job while the other is kept."""
+    return "hashtext('sa_jobs.kept.' || {channel}), mod(" + job_id + ", 2147483648)::int"
+
+
+# Passes over an expired job whose outcome a live worker keeps (Heartbeat._guard_kept): its
+# advisory lock is taken, and let go again at once, only if no session holds it. The CASE
+# keeps the lock functions to the running, expired rows the rescue is about to lock.
+_NOT_KEPT = (
+    "CASE WHEN e.state = 'running' AND e.lease_expires_at < now() THEN"
+    " CASE WHEN pg_try_advisory_lock(" + _kept_key("e.id") + ") THEN pg_advisory_unlock(" + _kept_key("e.id") + ")"
+    " ELSE false END ELSE false END"
+)
+
+
 def _rescue_statement(*, only_ids: bool) -> str:
     """Return up to %(limit)s expired jobs (``only_ids``: of %(ids)s) to retryable, or dead.
 
@@ -154,6 +171,7 @@ def _rescue_statement(*, only_ids: bool) -> str:
         "  e.unique_states, (" + _HOLDER.format(row="e") + ") AS holder"
         " FROM {jobs} AS e WHERE e.state = 'running' AND e.lease_expires_at < now()" + only +
         "  AND (SELECT set_config('lock_timeout', '" + RESCUE_LOCK_TIMEOUT + "', true)) IS NOT NULL"
+        "  AND " + _NOT_KEPT +
         " LIMIT %(limit)s FOR UPDATE OF e SKIP LOCKED),"
         " outcome AS (SELECT id, due, holder, unique_states, CASE"
         "  WHEN holder IS NULL OR due <> ALL (unique_states) THEN due"
@@ -227,6 +245,8 @@ class Queries:
     flush_outcomes_around_locks: str
     heartbeat_many: str
     extend_lease_waiting: str
+    keep_claims: str
+    unkeep_claims: str
     rescue_expired: str
     rescue_expired_ids: str
     expired_ids: str
@@ -324,6 +344,19 @@ class Queries:
             extend_lease_waiting=r(
                 "UPDATE {jobs} AS j SET lease_expires_at = now() + make_interval(secs => %(lease)s)"
                 " WHERE j.id = %(id)s AND j.claim_token = %(token)s AND {running}"
+            ),
+            # A live worker's claim of jobs whose outcomes it keeps (their writes wait on
+            # another transaction's lock): the rescue passes over them however long their
+            # leases have run out (see _NOT_KEPT), until the worker lets go (unkeep_claims)
+            # or its session ends. Returns the ids it holds now (not one another session
+            # holds: the rescue, for an instant, or a kept job whose id shares its key).
+            keep_claims=r(
+                "SELECT k.id FROM unnest(%(ids)s::bigint[]) AS k(id)"
+                " WHERE pg_try_advisory_lock(" + _kept_key("k.id") + ")"
+            ),
+            unkeep_claims=r(
+                "SELECT count(*) FILTER (WHERE pg_advisory_unlock(" + _kept_key("k.id") + "))"
+                " FROM unnest(%(ids)s::bigint[]) AS k(id)"
             ),
             # Run by every worker (SKIP LOCKED makes concurrent rescuers safe): jobs whose
             # lease ran out belong to a worker presumed dead.

@@ -1032,6 +1032,57 @@ def test_two_outcomes_kept_behind_row_locks_longer_than_the_lease_are_not_run_ag
     assert sorted(LOCKED_PAIR_RUNS) == [(1, 1), (2, 1)]
 
 
+def test_more_outcomes_kept_behind_row_locks_than_lease_keepers_are_not_run_again(engine, database_url, schema):
+    """MAX_KEEPERS + 1 jobs' handlers returned while one app transaction held their rows
+    locked past the lease. The lease keeper waits for each kept outcome's row lock on a
+    connection of its own, at most MAX_KEEPERS at once: the job beyond them had nothing
+    queued on its row, and when the transaction ended the rescuer took it at once (its
+    lease long run out), before the completer's retry: the finished job ran again."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.queries import Queries
+    from sa_jobs.worker.heartbeat import MAX_KEEPERS
+
+    LOCKED_PAIR_RUNS.clear()
+    LOCKED_PAIR_GO.clear()
+    lease, many = 2.0, MAX_KEEPERS + 1
+    ids = _add(engine, *(FaultLockedPair(n=n) for n in range(1, many + 1)))
+    lock = jobs_sql(schema, "SELECT id FROM {jobs} WHERE id = ANY(%s) AND state = 'running' FOR UPDATE")
+    rescue = Queries.for_schema(schema).rescue_expired
+    rescued: list[tuple] = []
+
+    with psycopg.connect(to_conninfo(database_url)) as locker, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as rescuer:
+
+        async def until(check: Callable[[], bool], within: float = 10) -> None:
+            with anyio.fail_after(within):
+                while not check():
+                    await anyio.sleep(0.01)
+
+        async def main() -> None:
+            async with Worker(database_url, kinds=[FaultLockedPair], schema=schema, lease=lease, concurrency=many,
+                              poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=5) as worker:
+                await until(lambda: len(LOCKED_PAIR_RUNS) == many)
+                assert len(locker.execute(lock, (ids,)).fetchall()) == many
+                LOCKED_PAIR_GO.update(range(1, many + 1))
+                await until(lambda: worker.completer is not None and len(worker.completer.awaiting()) == many)
+                await anyio.sleep(1.5 * lease)  # the app's transaction outlasts the lease
+                locker.rollback()  # ... and ends without changing the rows
+                rescued.extend(rescuer.execute(rescue, {"limit": 100}).fetchall())
+                await until(lambda: not _unfinished(database_url, schema), 15)
+                # Nothing kept any more: the claims are let go, their connection closed.
+                await until(lambda: not q(database_url, "SELECT count(*) FROM pg_stat_activity"
+                                                        " WHERE application_name = 'sa_jobs:lease-guard'")[0][0], 5)
+
+        anyio.run(main)
+    assert rescued == [], "the rescuer re-drove a job whose live worker held its outcome"
+    assert _rows(database_url, schema, "state, attempt") == [("completed", 1)] * many
+    assert sorted(LOCKED_PAIR_RUNS) == [(n, 1) for n in range(1, many + 1)]
+
+
 def test_a_stop_while_the_lease_keeper_waits_on_a_row_lock_is_prompt_and_leaves_no_waiter(engine, database_url, schema):
     """A worker stopped while its lease keeper's statement waited on an app's row lock:
     the stop must not wait for that lock, and no statement of the gone worker may stay

@@ -10,7 +10,10 @@ the moment it was released, before the kept outcome's retry: the finished job ra
 The keeper therefore waits for such a lock (``_keep_awaiting``): queued on the row, it
 extends the lease as the lock goes, before any SKIP LOCKED rescuer can take the row. One
 statement per session waits, so each kept outcome's job is waited for on a connection of
-its own (up to MAX_KEEPERS at once), opened while its outcome waits.
+its own (up to MAX_KEEPERS at once), opened while its outcome waits. Beyond those, and in
+the moment a keeper queues again after its statement_timeout, the rescue itself passes
+over a kept outcome's job: the worker holds an advisory lock per such job on one
+connection (``_guard_kept``), for as long as the outcome is kept and the worker lives.
 
 One fenced UPDATE per beat covers every running job. A job missing from its result was
 taken over (its lease expired and another worker claimed it): its handler is cancelled
@@ -41,6 +44,25 @@ log = logging.getLogger("sa_jobs.worker")
 MAX_KEEPERS = 8
 
 
+def guard_idle_limit(lease: float) -> Callable[[psycopg.AsyncConnection[Any]], Any]:
+    """An ``on_connect`` that has the server end the kept claims' session (the rescue then
+    takes their jobs) once it sits idle for a lease: a frozen worker's socket stays up
+    (its kernel answers TCP keepalives), and its claims would outlive it for good. A live
+    one sends a statement every heartbeat interval while it holds claims (_guard_kept)."""
+
+    async def limit(conn: psycopg.AsyncConnection[Any]) -> None:
+        if conn.info.server_version < 140000:  # no idle_session_timeout before PostgreSQL 14
+            return
+        try:
+            await conn.execute("SELECT set_config('idle_session_timeout', %(ms)s, false)",
+                               {"ms": str(min(2**31 - 1, max(1, int(lease * 1000))))})
+        except (psycopg.errors.UndefinedObject, psycopg.errors.CantChangeRuntimeParam,
+                psycopg.errors.InsufficientPrivilege) as exc:
+            log.warning("heartbeat: cannot bound the idle session of the kept claims (%s)", describe(exc))
+
+    return limit
+
+
 def lease_params(jobs: Sequence[ClaimedJob], progress: Sequence[Optional[str]], lease: float) -> dict[str, Any]:
     """The parameters of ``Queries.heartbeat_many``: extend ``jobs``' leases, fenced by
     their claim tokens, writing each one's ``progress`` (None: unchanged)."""
@@ -60,8 +82,11 @@ class Heartbeat:
         awaiting: Callable[[], Iterable[ClaimedJob]] = lambda: (),
         keeper: Optional[Callable[[], ManagedConnection]] = None,
         max_keepers: int = MAX_KEEPERS,
+        guard: Optional[ManagedConnection] = None,
     ) -> None:
         self._conn = conn
+        # Holds the kept outcomes' claims (_guard_kept): connected only while there are some.
+        self._guard = guard
         # Makes a lease keeper's connection: one per kept outcome's job, opened while it waits.
         self._new_keeper = keeper
         self._max_keepers = max_keepers
@@ -90,6 +115,8 @@ class Heartbeat:
             tg.start_soon(self._watch_leases)
             if self._new_keeper is not None:
                 tg.start_soon(self._keep_awaiting)
+            if self._guard is not None:
+                tg.start_soon(self._guard_kept, self._guard)
             while True:
                 with anyio.move_on_after(self._interval):
                     await self._nudged.wait()
@@ -139,6 +166,55 @@ class Heartbeat:
                         tg.start_soon(self._keep, job)
                 await anyio.sleep(self._interval)
 
+    async def _guard_kept(self, guard: ManagedConnection) -> None:
+        """Hold, on one connection, an advisory lock per job whose outcome the completer
+        keeps (``awaiting``), which the rescue passes over while it is held (queries.
+        keep_claims). What let the rescuer re-drive a finished job is that its lease ran
+        out under another transaction's row lock, where nothing extends it: the keepers
+        queue on the locked rows, but one connection each, MAX_KEEPERS at most, and a job
+        beyond them had nothing queued on its row; when the lock went, the rescuer took it
+        before the completer's retry. The lock tells the rescue that a live worker holds the
+        claim, for any number of jobs on one session; a worker that dies lets go with it."""
+        held: set[int] = set()
+        every = min(self._interval, 0.05)  # an outcome is kept well inside its lease: take it soon
+        last_sent = 0.0
+        # Ids another session held at the last try (the rescue's own instant, or a kept job
+        # whose id shares the key): tried again after an interval, not at every round.
+        refused: set[int] = set()
+        retry_at = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                wanted = {j.id for j in self._awaiting() if not j.lease_lost}
+                gone, new = held - wanted, wanted - held
+                take = bool(new) and (new != refused or now >= retry_at)
+                alive_due = bool(held) and now - last_sent >= min(self._interval, self._lease / 4)
+                if gone or take or alive_due:
+                    try:
+                        with anyio.fail_after(guard.timeout + 2.0):
+                            conn = await guard.get()
+                            last_sent = time.monotonic()
+                            if not (gone or take):  # its session's idle limit is the lease
+                                await conn.execute("SELECT 1")
+                            if gone:
+                                await conn.execute(self._q.unkeep_claims, {"ids": sorted(gone)})
+                                held.difference_update(gone)
+                            if take:
+                                cur = await conn.execute(self._q.keep_claims, {"ids": sorted(new)})
+                                taken = {row[0] for row in await cur.fetchall()}
+                                held.update(taken)
+                                refused, retry_at = new - taken, now + min(self._interval, 1.0)
+                    except Exception as exc:  # noqa: BLE001 - its session's locks went with it
+                        log.warning("heartbeat: holding the claims of %d kept outcome(s) failed (%s)",
+                                    len(wanted), describe(exc))
+                        held.clear()
+                        await guard.discard()
+                if not held and guard.connected:
+                    await guard.close()  # no connection kept for an idle worker
+                await anyio.sleep(every)
+        finally:
+            await guard.close()  # shielded: its locks go with its session
+
     def _waits(self, job: ClaimedJob) -> bool:
         return not job.lease_lost and any(j is job for j in self._awaiting())
 
@@ -173,9 +249,12 @@ class Heartbeat:
                 return
 
     async def close(self) -> None:
-        """Close the lease keepers' connections (a stop cancels their waits)."""
+        """Close the lease keepers' connections (a stop cancels their waits), and let go of
+        the kept outcomes' claims: a stopped worker's jobs are rescued after their leases."""
         for keeper in list(self._keeping.values()):
             await keeper.close()
+        if self._guard is not None:
+            await self._guard.close()
 
     async def beat(self) -> None:
         jobs = [j for j in self._running() if not j.completing and not j.lease_lost]

@@ -58,7 +58,7 @@ from .context import (JobContext, _Cancelled, _from_cancellation, cancellation_p
                       check_app_engine, watch_interrupted_statements)
 from ..events import GuardedObserver, NullObserver, WorkerObserver, hook
 from ._inbox import JobInbox
-from .heartbeat import Heartbeat
+from .heartbeat import Heartbeat, guard_idle_limit
 from .notifier import Notifier
 
 log = logging.getLogger("sa_jobs.worker")
@@ -697,6 +697,8 @@ class Worker:
         heartbeat = self._heartbeat = Heartbeat(
             beat_conn, self._queries, self._observer, self.running_jobs,
             lease=self.lease, interval=self._heartbeat_interval, awaiting=self.completer.awaiting, keeper=keep_conn,
+            guard=ManagedConnection(self._conninfo, "lease-guard", timeout=self.statement_timeout,
+                                    on_connect=guard_idle_limit(self.lease)),
         )
         self.notifier = Notifier(self._conninfo, self._queries, self._observer, self._wake_all, self._settle_claims,
                                  self._held_ids, self._heard_cancel)
