@@ -1083,6 +1083,52 @@ def test_more_outcomes_kept_behind_row_locks_than_lease_keepers_are_not_run_agai
     assert sorted(LOCKED_PAIR_RUNS) == [(n, 1) for n in range(1, many + 1)]
 
 
+def test_a_frozen_workers_kept_outcome_is_rescued_once_its_claim_lapses(engine, database_url, schema):
+    """The other side of the kept claims (Heartbeat._guard_kept): the rescue passes over a
+    kept outcome's job only while its worker lives. A frozen worker (its event loop held
+    here, as SIGSTOP holds a process: its socket stays up) sends nothing; its claims'
+    session ends once idle for a lease, and the job is rescued as a dead worker's is."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.queries import Queries
+
+    if int(q(database_url, "SHOW server_version_num")[0][0]) < 140000:
+        pytest.skip("idle_session_timeout came with PostgreSQL 14")
+    LOCKED_PAIR_RUNS.clear()
+    LOCKED_PAIR_GO.clear()
+    lease = 2.0
+    [job_id] = _add(engine, FaultLockedPair(n=1))
+    lock = jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s FOR UPDATE")
+    rescue = Queries.for_schema(schema).rescue_expired
+    claims_held = ("SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid"
+                   " WHERE l.locktype = 'advisory' AND a.application_name = 'sa_jobs:lease-guard'")
+    rescued: list[tuple] = []
+
+    with psycopg.connect(to_conninfo(database_url)) as locker, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as rescuer:
+
+        async def main() -> None:
+            async with Worker(database_url, kinds=[FaultLockedPair], schema=schema, lease=lease,
+                              poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=1):
+                with anyio.fail_after(10):
+                    while not LOCKED_PAIR_RUNS:
+                        await anyio.sleep(0.01)
+                assert locker.execute(lock, (job_id,)).fetchone() == ("running",)
+                LOCKED_PAIR_GO.add(1)
+                with anyio.fail_after(10):
+                    while not q(database_url, claims_held)[0][0]:
+                        await anyio.sleep(0.01)
+                time.sleep(2.5 * lease)  # frozen: past the lease, and its claims' idle limit
+                locker.rollback()
+                rescued.extend(rescuer.execute(rescue, {"limit": 100}).fetchall())
+
+        anyio.run(main)
+    assert [row[:2] for row in rescued] == [(job_id, "retryable")]
+
+
 def test_a_stop_while_the_lease_keeper_waits_on_a_row_lock_is_prompt_and_leaves_no_waiter(engine, database_url, schema):
     """A worker stopped while its lease keeper's statement waited on an app's row lock:
     the stop must not wait for that lock, and no statement of the gone worker may stay
