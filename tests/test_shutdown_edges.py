@@ -4,9 +4,10 @@ cannot be written before the stop, the app cancelling the worker, connections le
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import anyio
 import psycopg
@@ -375,3 +376,46 @@ def test_a_sync_handler_whose_thread_returned_before_the_release_has_its_result_
 
     _released_as_it_ended(database_url, schema, SdGatedSync, let_the_thread_return)
     assert _row(database_url, schema, job_id) == ("completed", 1, "done")
+
+
+def _wrapped_behind_gate(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A plain (sync) decorator around an async handler, whose wrapper waits at a gate: the
+    worker runs it in a thread, which returns the handler's coroutine for the loop to run."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        gate = threading.Event()
+        SD_THREAD_GATES.append(gate)
+        gate.wait(10)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class SdWrappedLong(Job, kind="sd_wrapped_long", queue="sd"):
+    pass
+
+
+@SdWrappedLong.handler
+@_wrapped_behind_gate
+async def sd_wrapped_long(ctx: JobContext) -> str:
+    await anyio.sleep(30)
+    return "done"
+
+
+def test_a_coroutine_a_sync_wrapper_returned_as_the_release_came_is_released(engine, database_url, schema):
+    """The release passes over a sync handler whose thread has returned (its outcome is on
+    its way to the loop). A plain decorator's thread returns the async handler's coroutine,
+    which the runner then awaits: passed over, it ran on uncancelled, and the stop waited
+    for it (30 s here), the job held all along."""
+    [job_id] = add(engine, SdWrappedLong())
+
+    def let_the_thread_return(worker: Worker) -> None:
+        [job] = worker.running_jobs()
+        SD_THREAD_GATES[0].set()
+        deadline = time.monotonic() + 10
+        while not (job.thread is not None and job.thread.done) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    _released_as_it_ended(database_url, schema, SdWrappedLong, let_the_thread_return)
+    assert _row(database_url, schema, job_id) == ("available", 0, None)

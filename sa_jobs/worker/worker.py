@@ -1257,6 +1257,11 @@ class Worker:
                     job.thread = HandlerThread(self._loop, functools.partial(runtime.handler, ctx, **job.args))
                     result = await anyio.to_thread.run_sync(job.thread, abandon_on_cancel=True, limiter=q.limiter)
                     job.thread.taken = True
+                    if inspect.iscoroutine(result) and self._releasing and not job.releasing:
+                        # The release passed the job over as its thread returned (see
+                        # _release_running): this coroutine is no outcome, and is not started.
+                        job.releasing = True
+                        job.cancel("worker shutting down")
                     if inspect.iscoroutine(result):
                         # An async handler behind a plain decorator (functools.wraps of a
                         # sync wrapper is no coroutine function): the thread gave back its
