@@ -1584,6 +1584,41 @@ def test_large_results_finishing_together_do_not_wedge_the_completer(engine, dat
     assert q(database_url, jobs_sql(schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1")) == [("completed", 8)]
 
 
+def test_a_write_slower_than_the_completers_deadline_lands_on_a_later_try(engine, database_url, schema):
+    """A server that takes 3 s to write an outcome, under a completer whose deadline is 2 s
+    (a short lease, or a loaded host writing a large result): every try was cut off at the
+    same deadline and retried with it, so the outcome never landed and the finished job ran
+    out its lease and ran again (this test's own slow result write failed so under a load
+    average of 6). A try after a timed-out one gets twice the time, up to four times."""
+    from sa_jobs._connection import ManagedConnection
+    from sa_jobs.worker._job import Outcome
+    from sa_jobs.worker.completer import Completer
+
+    (job,) = _claimed_by_hand(engine, database_url, schema, 1)
+    q(database_url, sql.SQL(
+        "CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS"
+        " 'BEGIN PERFORM pg_sleep(3); RETURN NEW; END';"
+        " CREATE TRIGGER slow_write BEFORE UPDATE ON {jobs} FOR EACH ROW"
+        " WHEN (NEW.state = 'completed') EXECUTE FUNCTION {fn}()").format(
+        fn=sql.Identifier(schema, "slow_write"), jobs=sql.Identifier(schema, "jobs")))
+
+    async def main() -> bool:
+        conn = ManagedConnection(to_conninfo(database_url), "completer", timeout=2.0)
+        completer = Completer(conn, Queries.for_schema(schema), NullObserver())
+        completer.submit(Outcome(job, "complete", result_json="1"))
+        try:
+            landed = await completer.drain(timeout=20)
+            # Once it landed, the connection's statement_timeout is the deadline's again.
+            cur = await (await conn.get()).execute("SHOW statement_timeout")
+            assert await cur.fetchone() == ("2s",)
+            return landed
+        finally:
+            await conn.discard()
+
+    assert anyio.run(main)
+    assert q(database_url, jobs_sql(schema, "SELECT state, result FROM {jobs}")) == [("completed", 1)]
+
+
 def test_a_completion_refused_by_a_key_whose_holder_then_leaves_its_states_is_written_later(engine, database_url,
                                                                                             schema):
     """A running job whose unique states leave 'running' out finishes while another job of

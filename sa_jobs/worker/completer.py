@@ -84,6 +84,13 @@ class Completer:
         self._idle = anyio.Event()
         self._idle.set()
         self._failures = 0
+        # Flushes cut off by the deadline in a row: the next try gets twice the time, up to
+        # four times (the server's statement_timeout too, for that statement). Retried
+        # under the same deadline, a write the server needed longer for (a large result on
+        # a loaded host, a slow trigger) never landed, and its finished job ran again once
+        # its lease ran out. The connection was replaced after each cut, so a half-open one
+        # is not what the longer wait is spent on.
+        self._timeouts = 0
         # Rows of outcomes were locked by another transaction at the last write: flushes
         # write around locks until one finds none (see _write), retrying the kept ones
         # with backoff.
@@ -147,22 +154,29 @@ class Completer:
         batch, self._pending = self._take()
         self._batch = batch
         locked: list[Outcome] = []
+        stretch = 2 ** min(self._timeouts, 2)
         try:
             conn = await self._conn.get()
-            with self._conn.deadline():
+            with anyio.fail_after(self._conn.timeout * stretch):
+                if stretch > 1:
+                    await self._set_statement_timeout(conn, self._conn.timeout * stretch)
                 locked = await self._write(conn, batch)
+                if stretch > 1:
+                    await self._set_statement_timeout(conn, self._conn.timeout)
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled mid-write: keep the batch
                 self._pending[:0] = batch
                 self._batch = []
                 raise
             self._observer.loop_error("completer")
-            if not _waited(exc):  # the connection is fine after a lock wait
+            if not _waited(exc) or stretch > 1:  # fine after a lock wait, but not left stretched
                 await self._conn.discard()
             if is_transient(exc) and not _waited(exc):
                 self._pending[:0] = batch
                 self._batch = []
                 self._failures += 1
+                if isinstance(exc, (TimeoutError, psycopg.errors.QueryCanceled)):
+                    self._timeouts += 1
                 log.warning("completer: writing %d outcome(s) failed (%s); retrying", len(batch), describe(exc))
                 await anyio.sleep(min(2.0, 0.05 * 2 ** min(self._failures, 6)))
                 return False
@@ -173,7 +187,7 @@ class Completer:
             log.warning("completer: batch of %d refused (%s); writing it in parts", len(batch), describe(exc))
             locked = await self._write_in_parts(batch)
         self._batch = []
-        self._failures = 0
+        self._failures = self._timeouts = 0
         if locked:
             # Kept, not dropped: the lock may be gone at the next try (then the outcome
             # lands, or is fenced off if the locker changed the row). Their jobs are still
@@ -204,6 +218,11 @@ class Completer:
         else:
             self._lock_retries = 0
         return True
+
+    @staticmethod
+    async def _set_statement_timeout(conn: Any, seconds: float) -> None:
+        await conn.execute("SELECT set_config('statement_timeout', %(ms)s, false)",
+                           {"ms": f"{max(1, int(seconds * 1000))}ms"})
 
     def _finished(self, outcome: Outcome) -> None:
         """Report the attempt to the observer. Counted by the runner, before the write, a
