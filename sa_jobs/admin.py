@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 
 from . import _validate
-from .errors import ConfigurationError, JobNotFoundError
+from .errors import ConfigurationError, JobNotFoundError, real_seconds
 from .model import Job, job_table
 from .states import PENDING_STATES, STATUS_WORDS
 
@@ -689,13 +689,15 @@ def _bound_connects(engine: Any) -> None:
         event.listen(target, "do_connect", _connect_within)
 
 
-def _check_timeout(timeout: float) -> None:
-    """A NaN timeout, which no clock passes, waited for ever; ``math.inf`` is the way to.
-    None (or a str) failed with a bare TypeError on the clock's arithmetic."""
+def _check_timeout(timeout: float) -> float:
+    """``timeout`` as float seconds. A NaN timeout, which no clock passes, waited for ever;
+    ``math.inf`` is the way to. None (or a str) failed with a bare TypeError on the clock's
+    arithmetic, an int past float's range with OverflowError (it is infinite here)."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"wait_for: timeout must be a number of seconds (math.inf: no deadline), not {timeout!r}")
     if timeout != timeout:
         raise ValueError("wait_for: timeout is NaN; give seconds, or math.inf to wait without a deadline")
+    return real_seconds(timeout)
 
 
 def _read_again(exc: BaseException, seen: bool) -> bool:
@@ -752,7 +754,7 @@ def wait_for(engine: Any, job_id: int, timeout: float = 30.0) -> JobStatus:
     import time
 
     _refuse_engine_kind(engine, "wait_for", async_=False)
-    _check_timeout(timeout)
+    timeout = _check_timeout(timeout)
     deadline = time.monotonic() + timeout
     _bound_connects(engine)
     token = _CONNECT_DEADLINE.set(deadline)
@@ -847,7 +849,7 @@ async def wait_for_async(engine: Any, job_id: int, timeout: float = 30.0) -> Job
 
     _refuse_engine_kind(engine, "wait_for_async", async_=True)
     require_asyncio("wait_for_async()")
-    _check_timeout(timeout)
+    timeout = _check_timeout(timeout)
     deadline = anyio.current_time() + timeout
     _bound_connects(engine)
     # The connect deadline is on time.monotonic(), which anyio's clock is not bound to be.

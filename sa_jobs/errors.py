@@ -6,7 +6,7 @@ import datetime as dt
 import decimal
 import math
 import numbers
-from typing import Union
+from typing import Any, Union
 
 
 class SaJobsError(Exception):
@@ -80,6 +80,18 @@ class Discard(JobControl):
 
 class Cancel(JobControl):
     """Stop the job for good: it goes to ``cancelled`` (not an error, not retried)."""
+
+
+def real_seconds(value: Any) -> float:
+    """``float(value)`` of a real number that always gives a float: an int or Fraction past
+    float's range (OverflowError) is that infinity, a signalling NaN (ValueError) NaN. The
+    range checks after it then refuse them as ConfigurationError, where they escaped raw."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+    except ValueError:  # Decimal('sNaN')
+        return math.nan
 
 
 def duration_seconds(value: object) -> float:

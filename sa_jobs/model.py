@@ -37,7 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from . import _validate
 from ._bulk_guard import register_bulk_guards
-from .errors import ConfigurationError, InvalidArgsError, duration_seconds
+from .errors import ConfigurationError, InvalidArgsError, duration_seconds, real_seconds
 from .retry import BackoffPolicy, exponential_backoff
 from .schema import DEFAULT_SCHEMA, JOBS_TABLE
 from .states import PENDING_STATES
@@ -222,7 +222,7 @@ def _delay_seconds(delay: object) -> float:
     if isinstance(delay, dt.timedelta):
         return delay.total_seconds()
     if isinstance(delay, (numbers.Real, decimal.Decimal)) and not isinstance(delay, bool):
-        return float(delay)
+        return real_seconds(delay)
     raise ConfigurationError(
         f"delay must be a timedelta or a number of seconds, not {delay!r} (an absolute time is run_at=)")
 

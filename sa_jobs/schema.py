@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 from psycopg import sql
 
 from . import _validate
-from .errors import ConfigurationError, SchemaLockTimeoutError, SchemaVersionError
+from .errors import ConfigurationError, SchemaLockTimeoutError, SchemaVersionError, real_seconds
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -828,7 +828,7 @@ def lock_policy(lock_timeout: object = DEFAULT_LOCK_TIMEOUT, lock_retries: objec
     ``lock_retries`` a count, 0 or more."""
     if lock_timeout is not None:
         seconds = _validate.decimal_number(lock_timeout) if isinstance(lock_timeout, str) else (
-            float(lock_timeout) if isinstance(lock_timeout, (int, float)) and not isinstance(lock_timeout, bool)
+            real_seconds(lock_timeout) if isinstance(lock_timeout, (int, float)) and not isinstance(lock_timeout, bool)
             else None)
         if seconds is None or not 0 <= seconds < math.inf:
             raise ConfigurationError(f"lock_timeout must be seconds, 0 or more (0 or None: no limit), not {lock_timeout!r}")

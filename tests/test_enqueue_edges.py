@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import tracemalloc
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Iterator, Optional
 
 import anyio
@@ -16,7 +17,8 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from sa_jobs import ConfigurationError, InvalidArgsError, Job, Unique, enqueue_many
+from sa_jobs import (ConfigurationError, InvalidArgsError, Job, Unique, Worker, enqueue_many, install, wait_for,
+                     wait_for_async)
 from sa_jobs._url import sqlalchemy_url
 from sa_jobs.schema import DEFAULT_SCHEMA
 
@@ -655,3 +657,44 @@ def test_enqueue_many_whose_generator_queries_does_not_autoflush_rows_its_rollba
 
     _in_a_session_within(20, engine, database_url, body)
     assert q(database_url, jobs_sql(schema, "SELECT args FROM {jobs}")) == [({"n": 100},)]
+
+
+_PAST_FLOAT = [10**400, -10**400, Fraction(10**400), Decimal("sNaN")]
+
+
+@pytest.mark.parametrize("seconds", _PAST_FLOAT, ids=["int", "negative-int", "fraction", "signalling-nan"])
+def test_a_duration_no_float_holds_is_a_configuration_error_at_every_entry(database_url, schema, seconds):
+    """float() of an int past its range raises OverflowError, of a signalling NaN
+    ValueError: ``options(delay=10**400)``, ``Worker(lease=10**400)`` and
+    ``install(lock_timeout=10**400)`` let them out raw, where every other bad duration is
+    a ConfigurationError naming the option."""
+    with pytest.raises(ConfigurationError, match="delay"):
+        EdgeTagged(n=1).options(delay=seconds)
+    if not isinstance(seconds, Decimal):  # the worker's options take real numbers only
+        for option in ("lease", "poll_interval", "maintenance_interval"):
+            with pytest.raises(ConfigurationError, match=option):
+                Worker(database_url, kinds=[EdgeTagged], schema=schema, **{option: seconds})
+    with pytest.raises(ConfigurationError, match="lock_timeout"):
+        install(database_url, schema=schema, lock_timeout=seconds)
+
+
+def test_a_wait_longer_than_any_float_waits_without_a_deadline(engine, database_url, schema):
+    """``wait_for(timeout=10**400)`` failed with OverflowError adding it to the clock; it
+    is as good as ``math.inf``, which the docs give for no deadline."""
+    with Session(engine) as session, session.begin():
+        job = EdgeTagged(n=1)
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now()"))
+    assert wait_for(engine, job_id, timeout=10**400).state == "completed"
+    anyio.run(_wait_async, database_url, schema, job_id)
+
+
+async def _wait_async(database_url: str, schema: str, job_id: int) -> None:
+    aengine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+        schema_translate_map={DEFAULT_SCHEMA: schema})
+    try:
+        assert (await wait_for_async(aengine, job_id, timeout=10**400)).state == "completed"
+    finally:
+        await aengine.dispose()

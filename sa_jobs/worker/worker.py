@@ -40,7 +40,8 @@ if sys.version_info < (3, 11):  # anyio depends on the backport there
 
 from .. import _validate, schema as schema_mod
 from .._url import database_url_from_env, to_conninfo, twin_engine
-from ..errors import Cancel, ConfigurationError, Discard, InvalidArgsError, JobControl, Snooze, UnknownKindError
+from ..errors import (Cancel, ConfigurationError, Discard, InvalidArgsError, JobControl, Snooze, UnknownKindError,
+                      real_seconds)
 from ..maintenance.horizon import HorizonWatch
 from ..maintenance.leader import Maintainer, maintenance_services
 from ..maintenance.rescuer import Rescuer
@@ -188,7 +189,7 @@ def _seconds(name: str, value: Any, *, zero: bool = False, infinite: bool = Fals
     statement timeout under a millisecond reached the server as 0, which means none."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigurationError(f"{name} must be a number of seconds, not {value!r}")
-    seconds = float(value)
+    seconds = real_seconds(value)
     if seconds == math.inf and infinite:
         return seconds
     if not (least <= seconds <= most and seconds < math.inf and (seconds > 0 or zero)):
