@@ -84,12 +84,47 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 # A JSON string's text is at most 6 bytes per character (``\u001f``; UTF-8 needs at most 4).
 _STR_BYTES = 6
-# float.__repr__ is at most 24 characters ("-2.2250738585072014e-308").
+# float.__repr__ is at most 24 characters ("-2.2250738585072014e-308"); for floats it
+# writes without an exponent (1e-4 <= |x| < 1e16), jsonb writes the same digits.
 _FLOAT_BYTES = 24
 # Ints up to this many bits are bounded by bits // 3 + 2 characters (log10(2) < 1/3, plus a
 # sign); larger ones are measured (repr raises past Python's int-to-str digit limit, as
 # json.dumps would).
 _INT_BOUND_BITS = 4096
+
+
+def _jsonb_float_bytes(value: float) -> int:
+    """Bytes of a float in jsonb's text: numeric has no exponent, so ``1e308`` is written
+    as its 309 digits and ``5e-324`` as 326 characters (of Python's 6)."""
+    text = float.__repr__(value)
+    return len(format(decimal.Decimal(text), "f")) if "e" in text else len(text)
+
+
+def _jsonb_excess(value: Any) -> int:
+    """Bytes the JSON jsonb stores for plain JSON ``value`` (compact) has over Python's:
+    its floats with an exponent, written out in full. A loop, not a recursion: only
+    reached for payloads near their cap."""
+    excess = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        t = type(item)
+        if t is float:
+            text = float.__repr__(item)
+            if "e" in text:
+                excess += len(format(decimal.Decimal(text), "f")) - len(text)
+        elif t is dict:
+            stack.extend(item.values())
+        elif t is list or t is tuple:
+            stack.extend(item)
+    return excess
+
+
+def _stored_bytes(value: Any, text: str) -> int:
+    """Size of ``value`` (whose compact JSON is ``text``) as jsonb writes it back to every
+    reader (a worker's claim, a listing), which is what a cap must bound: as Python's JSON,
+    args of ``1e308``s passed a 256 KiB cap and were read back as 11 MB."""
+    return len(text.encode()) + _jsonb_excess(value)
 
 
 def _where(path: Any) -> str:
@@ -135,7 +170,7 @@ MAX_DEPTH = 256
 def _walk(value: Any, path: Any, depth: int = 1) -> int:
     """Raise InvalidArgsError unless ``value`` is plain JSON, lists and dicts nested at
     most ``MAX_DEPTH`` deep; return an upper bound on the size in bytes of its compact
-    UTF-8 JSON text."""
+    UTF-8 JSON text as jsonb writes it (:func:`_stored_bytes`)."""
     # Exact types only: subclasses (enums, numpy scalars, bool-likes) would round-trip as
     # something else, and the job would run with args its caller never wrote.
     t = type(value)
@@ -158,7 +193,9 @@ def _walk(value: Any, path: Any, depth: int = 1) -> int:
     if t is float:
         if not math.isfinite(value):
             raise InvalidArgsError(f"args{_where(path)} is {value!r}: JSON has no NaN or Infinity")
-        return _FLOAT_BYTES
+        if 1e-4 <= value < 1e16 or -1e16 < value <= -1e-4 or value == 0:
+            return _FLOAT_BYTES
+        return _jsonb_float_bytes(value)
     if (t is dict or t is list or t is tuple) and depth > MAX_DEPTH:
         raise InvalidArgsError(f"args: nested too deeply to write as JSON (over {MAX_DEPTH} levels of lists and dicts)")
     if t is dict:
@@ -209,7 +246,8 @@ def _encode_walked(value: Any, what: str) -> str:
 
 
 def _over_cap(what: str, size: int, max_bytes: int) -> InvalidArgsError:
-    return InvalidArgsError(f"{what} are {size} bytes of JSON, over the cap of {max_bytes}")
+    return InvalidArgsError(f"{what} are {size} bytes of JSON, over the cap of {max_bytes}"
+                            " (numbers counted as jsonb writes them: 1e308 is 309 digits)")
 
 
 def _as_dict(value: Any, what: str) -> dict[str, Any]:
@@ -226,10 +264,12 @@ def _as_dict(value: Any, what: str) -> dict[str, Any]:
 def encode_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_BYTES, what: str = "args") -> tuple[dict[str, Any], str]:
     """Prove ``value`` is plain JSON under ``max_bytes``; return it as a dict and as JSON text."""
     value = _as_dict(value, what)
-    _walk_all(value, what)
+    bound = _walk_all(value, what)
     text = _encode_walked(value, what)
-    if len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:  # encode only when it may matter
-        raise _over_cap(what, len(text.encode()), max_bytes)
+    if bound > max_bytes:  # measured only when it may matter
+        size = _stored_bytes(value, text)
+        if size > max_bytes:
+            raise _over_cap(what, size, max_bytes)
     return value, text
 
 
@@ -242,7 +282,7 @@ def json_payload(value: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_ARGS_
     """
     value = _as_dict(value, what)
     if _walk_all(value, what) > max_bytes:
-        size = len(_encode_walked(value, what).encode())
+        size = _stored_bytes(value, _encode_walked(value, what))
         if size > max_bytes:
             raise _over_cap(what, size, max_bytes)
     return value
@@ -292,7 +332,12 @@ MAX_RESULT_BYTES = 16 * 1024 * 1024
 def json_text(value: Any, what: str = "result", *, max_bytes: int = MAX_RESULT_BYTES) -> str:
     """A handler's return value checked as plain JSON (:func:`json_value`) and written,
     at most ``max_bytes`` of UTF-8."""
-    text = _encode_walked(json_value(value, what), what)
-    if len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:  # encode only when it may matter
-        raise InvalidArgsError(f"{what} is {len(text.encode())} bytes of JSON, over the cap of {max_bytes}")
+    bound = _walk_all(value, what)
+    text = _encode_walked(value, what)
+    if bound > max_bytes:  # measured only when it may matter
+        size = _stored_bytes(value, text)
+        if size > max_bytes:
+            raise InvalidArgsError(
+                f"{what} is {size} bytes of JSON, over the cap of {max_bytes}"
+                " (numbers counted as jsonb writes them: 1e308 is 309 digits)")
     return text

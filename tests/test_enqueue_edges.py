@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from sa_jobs import (ConfigurationError, InvalidArgsError, Job, Unique, Worker, enqueue_many, install, wait_for,
                      wait_for_async)
+from sa_jobs import _validate
 from sa_jobs._url import sqlalchemy_url
 from sa_jobs.schema import DEFAULT_SCHEMA
 
@@ -698,3 +699,51 @@ async def _wait_async(database_url: str, schema: str, job_id: int) -> None:
         assert (await wait_for_async(aengine, job_id, timeout=10**400)).state == "completed"
     finally:
         await aengine.dispose()
+
+
+class EdgeCapped(Job, kind="edge_capped", max_args_bytes=2000):
+    pass
+
+
+def _stored_bytes(database_url: str, schema: str) -> list[int]:
+    """Each row's args as jsonb writes them, compact: PostgreSQL puts a space after every
+    ', ' and ': ' of its own, and these args hold no strings that could contain one."""
+    return [n for (n,) in q(database_url, jobs_sql(
+        schema, "SELECT octet_length(replace(replace(args::text, ', ', ','), ': ', ':')) FROM {jobs} ORDER BY id"))]
+
+
+def test_the_args_cap_counts_numbers_as_jsonb_writes_them(engine, database_url, schema):
+    """The cap measured Python's JSON, where ``1e308`` is 6 bytes; jsonb keeps it as numeric
+    and writes all 309 digits, so a kind's 256 KiB cap let through args that every claim,
+    listing and ``jobs show`` read back as 11 MB (44 times the cap: 5e-324 writes 326
+    characters). Numbers now count as jsonb writes them, on every enqueue path."""
+    over = {"x": [1e308] * 10}  # 70 bytes as Python writes it, 3,100 as stored
+    assert len(json.dumps(over, separators=(",", ":"))) < 2000
+    with pytest.raises(InvalidArgsError, match="over the cap of 2000"):
+        EdgeCapped(**over)
+    for small in ({"x": [5e-324] * 10}, {"x": {"a": -1.5e300, "b": [1e-300] * 6}}):
+        with pytest.raises(InvalidArgsError, match="over the cap"):
+            EdgeCapped(**small)
+    with Session(engine) as session, session.begin():
+        job = EdgeCapped(x=[])
+        session.add(job)
+        job.args = over
+        with pytest.raises(InvalidArgsError, match="over the cap of 2000"):
+            session.flush()
+        session.rollback()
+    with pytest.raises(InvalidArgsError, match="over the cap of 2000"):
+        with Session(engine) as session, session.begin():
+            enqueue_many(session, EdgeCapped, [over])
+    with pytest.raises(InvalidArgsError, match="over the cap of 2000"):
+        with Session(engine) as session, session.begin():
+            enqueue_many(session, EdgeCapped, ({"x": [1e308] * n} for n in (1, 10)))
+    assert _rows(database_url, schema) == []
+
+    fits = {"x": [1e308] * 6, "y": [1e-5, 123.25, 1e16]}  # 1,909 bytes as stored
+    with Session(engine) as session, session.begin():
+        session.add(EdgeCapped(**fits))
+        enqueue_many(session, EdgeCapped, [fits])
+    # What the cap measured is what PostgreSQL stored.
+    measured = _validate._stored_bytes(fits, json.dumps(fits, separators=(",", ":")))
+    assert _stored_bytes(database_url, schema) == [measured] * 2
+    assert measured <= 2000

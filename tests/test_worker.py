@@ -1536,6 +1536,32 @@ def test_a_result_over_the_cap_ends_the_job_dead_with_the_reason(engine, databas
     assert "result" in errors[-1]["error"] and "LeaseExpired" not in errors[-1]["error"], errors[-1]["error"]
 
 
+class WWideResult(Job, kind="w_wide_result", queue="w", max_attempts=3, backoff=constant_backoff(0.05)):
+    pass
+
+
+@WWideResult.handler
+async def w_wide_result(ctx: JobContext) -> list[float]:
+    return [1e308] * 55_000  # 385 KB as Python writes it; 17 MB as jsonb writes it back
+
+
+def test_a_result_over_the_cap_as_jsonb_writes_it_ends_the_job_dead(engine, database_url, schema):
+    """The 16 MB result cap measured Python's JSON, where 1e308 is 6 bytes: jsonb stores
+    numeric and writes it back as 309 digits, so a result 44 times the cap was stored, for
+    every ``job_status()`` and ``jobs show`` to read. Numbers count as jsonb writes them."""
+    with Session(engine) as session, session.begin():
+        session.add(WWideResult())
+
+    def finished() -> bool:
+        return q(database_url, jobs_sql(schema, "SELECT state FROM {jobs}"))[0][0] in ("dead", "completed")
+
+    run_worker_until(database_url, schema, [WWideResult], finished, timeout=30)
+    state, attempt, stored, error = q(database_url, jobs_sql(
+        schema, "SELECT state, attempt, octet_length(result::text), errors->-1->>'error' FROM {jobs}"))[0]
+    assert (state, attempt, stored) == ("dead", 1, None), (state, attempt, stored)
+    assert "result is 17050" in error and "over the cap of 16777216" in error, error
+
+
 class WLargeResult(Job, kind="w_large_result", queue="w"):
     pass
 
