@@ -29,17 +29,34 @@ def _parse(target: object):
     from sqlalchemy.exc import ArgumentError
 
     if isinstance(target, Engine):
-        return target.url
+        return _refuse_nul(target.url)
     if hasattr(target, "sync_engine"):  # AsyncEngine
-        return target.sync_engine.url  # type: ignore[attr-defined]
+        return _refuse_nul(target.sync_engine.url)  # type: ignore[attr-defined]
     if isinstance(target, URL):
-        return target
+        return _refuse_nul(target)
     if not isinstance(target, str) or not target.strip():
         raise ConfigurationError(f"expected a PostgreSQL URL, an Engine or an AsyncEngine, got {target!r}")
     try:
         url = make_url(target.strip())
     except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         raise ConfigurationError(f"not a database URL: {redact(target.strip())!r} ({exc})") from None
+    return _refuse_nul(url)
+
+
+def _refuse_nul(url):  # type: ignore[no-untyped-def]
+    """``url``, unless a part holds a NUL (``%00``): libpq reads each keyword only up to
+    it, so ``/mydb%00staging`` connected to ``mydb``, and sa-jobs acted on another
+    database's queue without a word (a password was cut short too)."""
+    parts = {"user": url.username, "password": url.password, "host": url.host, "database": url.database}
+    for key, value in url.query.items():
+        parts[f"query {key!r}"] = ",".join(value) if isinstance(value, tuple) else value
+        if "\x00" in key:
+            parts["query"] = key
+    bad = [name for name, value in parts.items() if value is not None and "\x00" in str(value)]
+    if bad:
+        raise ConfigurationError(
+            f"the database URL's {', '.join(bad)} holds a NUL character (%00), which libpq would read only up to:"
+            " it would reach another database, or log in as another user")
     return url
 
 

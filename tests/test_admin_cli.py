@@ -1473,3 +1473,30 @@ def test_migrate_json_does_not_go_with_sql(capsys, database_url, schema):
     """--sql prints the DDL itself: JSON around it, or the DDL under --json, would mislead."""
     code, out, err = run(capsys, database_url, schema, "migrate", "--sql", "--json")
     assert code == 2 and out == "" and "--json does not go with --sql" in err, err
+
+
+@pytest.mark.parametrize("where", ["database", "user", "query"])
+def test_a_url_with_a_percent_encoded_nul_is_refused_not_cut_short(capsys, database_url, schema, where):
+    """libpq reads each connection keyword as a C string, up to its first NUL: a ``%00`` in
+    the URL's database name (``/mydb%00staging``) connected to ``mydb`` and the command
+    acted there, listing (or deleting) another database's jobs without a word. Refused
+    with the URL's part named, before connecting."""
+    from sqlalchemy.engine import make_url
+
+    from sa_jobs import ConfigurationError, Worker
+    from sa_jobs._url import to_conninfo
+
+    url = make_url(database_url)
+    bad = {
+        "database": url.set(database=f"{url.database}\x00staging"),
+        "user": url.set(username=f"{url.username}\x00admin"),
+        "query": url.update_query_dict({"application_name": "a\x00b"}),
+    }[where].render_as_string(hide_password=False)
+    assert "%00" in bad
+    code, out, err = run(capsys, bad, schema, "jobs", "list")
+    assert (code, out) == (2, ""), (code, out, err)
+    assert "NUL" in err and err.count("\n") == 1, err
+    with pytest.raises(ConfigurationError, match="NUL"):
+        to_conninfo(bad)
+    with pytest.raises(ConfigurationError, match="NUL"):
+        Worker(bad, kinds=[], schema=schema)
