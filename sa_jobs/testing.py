@@ -217,9 +217,12 @@ def _prepare(job: Job, engine: Any, attempt: int) -> tuple[Any, Any, dict[str, A
     schema = DEFAULT_SCHEMA
     if engine is not None:
         schema = (engine.get_execution_options().get("schema_translate_map") or {}).get(DEFAULT_SCHEMA, DEFAULT_SCHEMA)
-    # As a worker reads them back from jsonb: lists for tuples, numbers as numeric gives
-    # them back, and copies, not the caller's objects.
-    args = json.loads(json.dumps(job.args), parse_float=_validate.jsonb_number)
+    # Checked as a flush checks them: changed in place since construction, a NaN reached
+    # the handler (no worker ever sees one), an int key came as a str, a set raised a bare
+    # TypeError. Then as a worker reads them back from jsonb: lists for tuples, numbers as
+    # numeric gives them back, and copies, not the caller's objects.
+    checked = _validate.json_payload(job.args if job.args is not None else {}, max_bytes=options.max_args_bytes)
+    args = json.loads(json.dumps(checked), parse_float=_validate.jsonb_number)
     record = _TestJob(options.kind, job.__dict__.get("queue") or options.queue, args, attempt,
                       job.__dict__.get("max_attempts") or options.max_attempts, job.__dict__.get("id") or 0)
     return cls.__sa_jobs_handler__, _TestContext(record, _TestRuntime(engine, schema)), dict(args)

@@ -550,6 +550,30 @@ def test_perform_passes_args_as_a_worker_does(sa_jobs_engine):
     assert _SEEN[-1] is not job.args["accounts"]
 
 
+@pytest.mark.parametrize("change", ["nan", "set", "int-key", "over-the-cap"])
+def test_perform_refuses_args_changed_in_place_as_the_flush_does(sa_jobs_engine, change):
+    """perform() passed a job's args through json.dumps() unchecked: changed in place
+    after construction, a NaN reached the handler (no worker ever sees one: the flush
+    refuses the job), an int key came in as the string "1", a set failed with a bare
+    TypeError, and args over the kind's cap ran. Checked as a flush checks them."""
+    job = Appends(accounts=[1])
+    if change == "nan":
+        job.args["accounts"].append(float("nan"))
+    elif change == "set":
+        job.args["accounts"] = {1}
+    elif change == "int-key":
+        job.args[1] = 2
+    else:
+        job.args["accounts"] = [1e308] * 1000  # 7 KB as Python writes it, 310 KB as jsonb does
+    _SEEN.clear()
+    with pytest.raises(InvalidArgsError):
+        perform(job)
+    assert _SEEN == []
+    with pytest.raises(InvalidArgsError):  # what enqueueing it does
+        with Session(sa_jobs_engine) as session, session.begin():
+            session.add(job)
+
+
 @pytest.mark.parametrize("mode", ["create_savepoint", "conditional_savepoint"])
 def test_inline_says_so_when_a_commit_left_an_outer_transaction_open(sa_jobs_engine, mode):
     """The common "each test in one rolled-back transaction" setup binds the Session to a
