@@ -143,7 +143,9 @@ def key_expression(base: str, period_seconds: Optional[int]) -> Any:
 
     if period_seconds is None:
         return literal(base)
-    bucket = cast(func.floor(func.extract("epoch", func.now()) / period_seconds), BigInteger)
+    # Bound as bigint, as the other paths do: a bare int is bound as an INTEGER, and a
+    # period past 2**31 - 1 seconds (68 years) failed the caller's flush, "integer out of range".
+    bucket = cast(func.floor(func.extract("epoch", func.now()) / literal(period_seconds, BigInteger)), BigInteger)
     return func.concat(literal(base), literal(":"), bucket)
 
 

@@ -956,3 +956,30 @@ def test_a_flush_and_a_bulk_call_replacing_the_same_keys_do_not_deadlock(databas
     assert _deadlocks(database_url) == before
     rows = _rows(database_url, schema, "uq_replace")
     assert sorted(r[1]["user_id"] for r in rows) == [0, 1]
+
+
+class UqCentury(Job, kind="uq_century", unique=Unique(by=("user_id",), period=dt.timedelta(days=36525))):
+    pass
+
+
+class UqPlainNote(Job, kind="uq_plain_note"):
+    pass
+
+
+def test_a_period_past_a_32_bit_count_of_seconds_is_enqueued_on_every_path(engine, database_url, schema):
+    """A period over 2**31 - 1 seconds (68 years) passed Unique() but its seconds were bound
+    as an INTEGER at flush: session.add() failed with DataError "integer out of range",
+    losing the caller's whole transaction, where enqueue_many (bigint) wrote the job. Both
+    bind it as bigint now, and give one key."""
+    with Session(engine) as session, session.begin():
+        session.add(UqPlainNote())
+        session.add(UqCentury(user_id=1))
+    with Session(engine) as session, session.begin():
+        duplicate = UqCentury(user_id=1)
+        session.add(duplicate)
+        session.flush()
+        assert duplicate.was_duplicate
+        enqueue_many(session, UqCentury, [{"user_id": 1}, {"user_id": 2}])
+    rows = q(database_url, jobs_sql(schema, "SELECT kind, args->>'user_id', unique_key FROM {jobs} ORDER BY kind, 2"))
+    assert [r[:2] for r in rows] == [("uq_century", "1"), ("uq_century", "2"), ("uq_plain_note", None)], rows
+    assert rows[0][2].endswith(":0") and rows[1][2].endswith(":0"), rows
