@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from collections import abc
 from contextlib import nullcontext
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
@@ -368,6 +369,11 @@ def _enqueue_many(
         raise ConfigurationError("enqueue_many takes an iterable of jobs: enqueue_many(session, [job])")
     if isinstance(args, Mapping):  # its keys were taken for arg dicts
         raise ConfigurationError("enqueue_many(session, Kind, args): args is an iterable of arg dicts, not one")
+    # Iterating them raised the builtins' TypeError ("'NoneType' object is not iterable").
+    if not isinstance(jobs, (type, abc.Iterable)):
+        raise ConfigurationError(f"enqueue_many takes a job kind or an iterable of jobs, not {jobs!r}")
+    if args is not None and not isinstance(args, abc.Iterable):
+        raise ConfigurationError(f"enqueue_many(session, Kind, args): args is an iterable of arg dicts, not {args!r}")
     if isinstance(session, Session):  # a COPY bypasses the unit of work: tell commit watchers
         note_enqueued(session)
     unique_rows: list[tuple[KindOptions, tuple[Any, ...]]] = []

@@ -469,8 +469,12 @@ def test_args_stored_alike_take_one_partition_key_on_every_path(engine, database
     (lambda s: enqueue_many(s, [EdgeUnique(n=1), None]), ConfigurationError),
     (lambda s: s.add(EdgeTagged(n=1).options(meta=5)), InvalidArgsError),
     (lambda s: s.add(EdgeTagged(n=1).options(meta=[("a", 1)])), InvalidArgsError),
+    (lambda s: enqueue_many(s, None), ConfigurationError),  # no iterable: the builtins' TypeError
+    (lambda s: enqueue_many(s, 5), ConfigurationError),
+    (lambda s: enqueue_many(s, EdgeTagged, 5), ConfigurationError),
+    (lambda s: enqueue_many(s, EdgeUnique, 5), ConfigurationError),
 ], ids=["one-dict", "int-args", "str-args", "pairs-args", "none-args-unique", "one-job", "dict-job", "none-job",
-        "int-meta", "pairs-meta"])
+        "int-meta", "pairs-meta", "none-jobs", "int-jobs", "int-args-list", "int-args-list-unique"])
 def test_enqueue_many_of_what_is_no_job_or_args_is_refused_typed(engine, database_url, schema, call, error):
     """An item that is no mapping (or no job) raised the builtins' TypeError, ValueError
     ("dictionary update sequence element #0 has length 1" for one dict passed as the list
