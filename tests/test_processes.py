@@ -253,6 +253,7 @@ def test_stale_worker_cannot_complete_and_its_session_effects_roll_back(engine, 
     assert q(database_url, jobs_sql(schema, "SELECT state, attempt FROM {jobs}")) == [("completed", 2)]
 
 
+@pytest.mark.slow  # the default run has R9's version: tests/reliability/test_network_faults.py
 def test_terminated_backends_are_replaced_and_nothing_is_lost(engine, database_url, schema, effects):
     with Session(engine) as session, session.begin():
         # 3000 x 50 ms over 20 slots: at least 7.5 s of work, so the four rounds of kills
