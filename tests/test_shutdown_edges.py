@@ -419,3 +419,81 @@ def test_a_coroutine_a_sync_wrapper_returned_as_the_release_came_is_released(eng
 
     _released_as_it_ended(database_url, schema, SdWrappedLong, let_the_thread_return)
     assert _row(database_url, schema, job_id) == ("available", 0, None)
+
+
+# ---- a handler the release's cancellation reached, which swallowed it ---------------------
+
+SD_SWALLOWED: list[str] = []
+
+
+class SdSwallowsReturns(Job, kind="sd_swallows_returns", queue="sd"):
+    pass
+
+
+@SdSwallowsReturns.handler
+async def sd_swallows_returns(ctx: JobContext) -> str:
+    SD_HANG_RUNS.append(1)
+    try:
+        await anyio.sleep(30)
+    except anyio.get_cancelled_exc_class():
+        SD_SWALLOWED.append("returned")
+        return "partial"  # the cancellation swallowed: no error carries it out
+    return "done"
+
+
+class SdSwallowsRaisesLater(Job, kind="sd_swallows_raises_later", queue="sd"):
+    pass
+
+
+@SdSwallowsRaisesLater.handler
+async def sd_swallows_raises_later(ctx: JobContext) -> None:
+    SD_HANG_RUNS.append(1)
+    stopped = False
+    try:
+        await anyio.sleep(30)
+    except anyio.get_cancelled_exc_class():
+        stopped = True
+    if stopped:  # raised outside the except block: no CancelledError in its chain
+        SD_SWALLOWED.append("raised")
+        raise RuntimeError("interrupted")
+
+
+def _released_while_waiting(database_url: str, schema: str, kind: type[Job]) -> None:
+    async def main() -> None:
+        worker = Worker(database_url, kinds=[kind], schema=schema, lease=5, poll_interval=0.1, shutdown_grace=60)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(10):
+                while not SD_HANG_RUNS:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.05)  # the handler waits in its sleep
+            worker.release_running()
+            with anyio.fail_after(10):
+                while worker._running:
+                    await anyio.sleep(0.01)
+
+    SD_HANG_RUNS.clear()
+    SD_SWALLOWED.clear()
+    anyio.run(main)
+
+
+def test_a_handler_that_swallows_the_release_and_returns_is_released(engine, database_url, schema):
+    """The release's cancellation reached the handler, which caught it and returned a value:
+    that value is no result (the handler was stopped part way), and the job is given back,
+    as on Python 3.11+. On 3.10 (no Task.cancelling()) the runner saw no sign of the
+    cancellation and wrote the partial value as the job's result: completed, never run
+    to its end."""
+    [job_id] = add(engine, SdSwallowsReturns())
+    _released_while_waiting(database_url, schema, SdSwallowsReturns)
+    assert SD_SWALLOWED == ["returned"]
+    assert _row(database_url, schema, job_id) == ("available", 0, None)
+
+
+def test_a_handler_that_swallows_the_release_and_raises_after_is_released(engine, database_url, schema):
+    """As above, with a handler that raises its own error once out of the except block (no
+    CancelledError in the error's chain): on 3.10 the attempt counted as failed (retryable,
+    attempt 1), not released."""
+    [job_id] = add(engine, SdSwallowsRaisesLater())
+    _released_while_waiting(database_url, schema, SdSwallowsRaisesLater)
+    assert SD_SWALLOWED == ["raised"]
+    assert _row(database_url, schema, job_id)[:2] == ("available", 0)

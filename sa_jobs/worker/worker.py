@@ -1250,7 +1250,7 @@ class Worker:
             try:
                 if runtime.is_async:
                     call = runtime.handler(ctx, **job.args)
-                    if runtime.options.timeout is not None and hasattr(call, "__await__"):
+                    if (runtime.options.timeout is not None or _UNCOUNTED_CANCELS) and hasattr(call, "__await__"):
                         call = watch = _DeadlineWatch(call, scope)
                     result = await call
                 else:
@@ -1268,7 +1268,7 @@ class Worker:
                         # sync wrapper is no coroutine function): the thread gave back its
                         # coroutine unstarted, and the job ended dead, never run, as a
                         # result that is not JSON. Awaited here, under the same deadline.
-                        if runtime.options.timeout is not None:
+                        if runtime.options.timeout is not None or _UNCOUNTED_CANCELS:
                             result = watch = _DeadlineWatch(result, scope)
                         result = await result
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - a handler's failure is data
@@ -1451,7 +1451,12 @@ class _DeadlineWatch:
     a handler whose last await completed before that cancellation could be delivered (the
     event loop, busy past the deadline, ran its reply and the deadline together): anyio does
     not cancel a task whose awaited result is in, so that handler returned its result, and
-    did not time out. Used only for kinds with a timeout (one Python call per suspension)."""
+    did not time out. Used only for kinds with a timeout (one Python call per suspension),
+    and on Python 3.10 for every async handler: with no ``Task.cancelling()`` to count the
+    requests, it alone tells a handler the release's cancellation reached (which swallowed
+    it and returned, or raised an error of its own outside the ``except``) from one that
+    ended in the loop step of the release; a swallowed release wrote the handler's partial
+    return as the job's result."""
 
     __slots__ = ("_it", "_scope", "reached")
 
@@ -1484,6 +1489,10 @@ class _DeadlineWatch:
 
     def close(self) -> None:
         self._it.close()
+
+
+# Python 3.10: a task does not count the cancellations requested of it (_cancel_requests).
+_UNCOUNTED_CANCELS = not hasattr(asyncio.Task, "cancelling")
 
 
 def _cancel_requests() -> int:
