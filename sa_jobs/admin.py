@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
@@ -521,7 +522,14 @@ class _SilentHostGuard:
     answering (packets dropped: a partition, a failed-over address, a hung proxy) waited
     for the operating system to give the connection up, 15 minutes or for ever, however
     short its timeout. A thread timer, so the same guard bounds a sync wait blocked in the
-    driver and an async one whose event loop waits on the socket."""
+    driver and an async one whose event loop waits on the socket.
+
+    The bound holds for each statement of the read (:meth:`step`; the first with the BEGIN
+    the driver sends before it), as the server's does, not for the read as a whole: a read
+    is four round trips (the BEGIN, the setting, the read, the ROLLBACK; a joined wait's
+    own four), and over a link of 0.6 s round trips, every statement answered in time, the
+    guard shut the healthy connection down mid-read (a caller's own, given in a
+    transaction, with it) and a finished job's wait failed."""
 
     def __init__(self) -> None:
         import threading
@@ -530,6 +538,8 @@ class _SilentHostGuard:
         self._lock = threading.Lock()
         self._sock: Any = None
         self._timer: Any = None
+        self._bound = 0.0  # seconds the server has for each statement, and the grace past it
+        self._due = 0.0  # time.monotonic() past which the statement in flight is given up
 
     def arm(self, driver_connection: Any, seconds: float) -> None:
         import math
@@ -551,15 +561,33 @@ class _SilentHostGuard:
             return
         with self._lock:
             self._sock = sock
-            self._timer = threading.Timer(seconds + SILENT_HOST_GRACE, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
+            self._bound = seconds + SILENT_HOST_GRACE
+            self._due = time.monotonic() + self._bound
+            self._start_timer(self._bound)
+
+    def step(self) -> None:
+        """A statement of the read is about to be sent: the server has its whole bound
+        for it (the timer, set for an earlier due time, waits on when it comes)."""
+        with self._lock:
+            if self._sock is not None:
+                self._due = time.monotonic() + self._bound
+
+    def _start_timer(self, seconds: float) -> None:
+        import threading
+
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
 
     def _fire(self) -> None:
         import socket
 
         with self._lock:
             if self._sock is None:
+                return
+            left = self._due - time.monotonic()
+            if left > 0:  # a later statement's bound
+                self._start_timer(left)
                 return
             self.fired = True
             try:
@@ -616,13 +644,20 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float, *,
     dbapi_connection = pooled.dbapi_connection
     if guard is not None and millis:
         guard.arm(pooled.driver_connection, seconds)
+
+    def step() -> None:  # each statement has the guard's whole bound, as it has the server's
+        if guard is not None:
+            guard.step()
+
     autocommit = getattr(dbapi_connection, "autocommit", False) is True
     previous = None
     if autocommit or joined:
         previous = session.execute(text("SELECT current_setting('statement_timeout')")).scalar_one()
     failed = False  # the read failed on the server: a transaction it aborted runs nothing more
     try:
+        step()
         session.execute(set_timeout, {"ms": f"{millis}ms", "local": not autocommit})
+        step()
         return job_status(session, job_id)
     except DBAPIError as exc:
         failed = True
@@ -638,7 +673,9 @@ def _status_within(session: Any, job_id: int, seconds: float, timeout: float, *,
         ) from None
     finally:
         if previous is not None and (autocommit or not failed) and not getattr(dbapi_connection, "closed", False):
+            step()
             session.execute(set_timeout, {"ms": previous, "local": not autocommit})
+        step()  # the session's close (a ROLLBACK) is one more statement
 
 
 def _silent(job_id: int, timeout: float, seconds: float) -> TimeoutError:
