@@ -4,7 +4,8 @@ Use it from a conftest: ``pytest_plugins = ["sa_jobs.testing"]``. The fixtures g
 test the queue in a Postgres schema of its own, on ``SA_JOBS_TEST_DATABASE_URL`` or an
 embedded server:
 
-- ``sa_jobs_database_url``: the server (session scope);
+- ``sa_jobs_database_url``: the server (session scope; an embedded one runs with
+  ``fsync`` and ``full_page_writes`` off, as its data is deleted after the session);
 - ``sa_jobs_schema``: a fresh installed schema, dropped after the test with all it holds;
 - ``sa_jobs_engine``: an Engine mapping ``sa_jobs`` to that schema.
 
@@ -634,7 +635,24 @@ if pytest is not None:
         # A directory of its own in the temp dir (not pytest's tmp_path: that is private to
         # this user, 0700, and as root the server runs as an unprivileged user, which must
         # reach it); made by embedded, which then also stops it if the session is killed.
-        yield embedded.start(cleanup="delete")
+        url = embedded.start(cleanup="delete")
+        _for_tests_only(url)
+        yield url
+
+    def _for_tests_only(url: str) -> None:
+        """The test server of its own runs without ``fsync`` and full-page writes: its data
+        is deleted at the end of the session and need not survive an OS crash, and a
+        suite's commits then wait for no disk flush (a process killed, the server's own
+        immediate restart, still lose nothing committed). A server given by URL is left
+        as it is."""
+        import psycopg
+
+        from ._url import to_conninfo
+
+        with psycopg.connect(to_conninfo(url), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET fsync = off")
+            conn.execute("ALTER SYSTEM SET full_page_writes = off")
+            conn.execute("SELECT pg_reload_conf()")
 
     @pytest.fixture
     def sa_jobs_schema(sa_jobs_database_url: str) -> Iterator[str]:

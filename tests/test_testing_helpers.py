@@ -74,6 +74,23 @@ def test_plugin_fixtures_give_an_installed_isolated_schema(sa_jobs_engine, sa_jo
         assert session.scalars(select(Job)).all() == []
 
 
+def test_the_plugins_own_server_skips_disk_flushes_and_a_given_one_is_left_alone(sa_jobs_database_url):
+    """The embedded server the plugin starts is the session's alone and deleted after it:
+    fsync and full-page writes off. A server given by URL keeps its settings."""
+    import os
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+
+    with psycopg.connect(to_conninfo(sa_jobs_database_url)) as conn:
+        settings = conn.execute("SELECT current_setting('fsync'), current_setting('full_page_writes'),"
+                                " (SELECT source FROM pg_settings WHERE name = 'fsync')").fetchone()
+    if os.environ.get("SA_JOBS_TEST_DATABASE_URL", "").strip():
+        pytest.skip("a server given by URL: its settings are its own")
+    assert settings == ("off", "off", "configuration file")
+
+
 def test_perform_runs_the_handler_without_a_worker(sa_jobs_engine, credits):
     assert perform(Double(x=21)) == 42
     # Completed by ctx.transaction(): a worker stores its result= (None), not the return value.
