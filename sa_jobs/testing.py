@@ -659,29 +659,19 @@ if pytest is not None:
         name = "t_" + uuid.uuid4().hex[:12]
         schema_mod.install(sa_jobs_database_url, name)
         yield name
-        _end_sessions_locking(sa_jobs_database_url, name)
-        schema_mod.uninstall(sa_jobs_database_url, name)
         _drop_schema(sa_jobs_database_url, name)
 
     def _drop_schema(database_url: str, name: str) -> None:
-        """Drop the test's schema with whatever the test left in it: uninstall() drops the
-        schema only once it is empty, and a table the test created there (beside the
-        queue's, to share its transactions) left one more schema behind per test and run.
-        The schema is this test's alone (a random name), so nothing else is in it."""
+        """Drop the test's schema with whatever the test left in it (a table it created
+        there, beside the queue's, to share its transactions). The schema is this test's
+        alone (a random name), so nothing else is in it or holds locks in it: the sessions
+        still holding locks there are ended first. A failed test's traceback (which pytest
+        keeps) holds its unclosed Session and that Session's open transaction, and the DROP
+        then waited for it for ever, hanging the run in teardown. One DROP ... CASCADE, not
+        uninstall() first (a statement per object of every version): the suite's tests of
+        uninstall() call it themselves."""
         import psycopg
         from psycopg import sql
-
-        from ._url import to_conninfo
-
-        with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-
-    def _end_sessions_locking(database_url: str, name: str) -> None:
-        """End the sessions still holding locks in the test's own schema: a failed test's
-        traceback (which pytest keeps) holds its unclosed Session and that Session's open
-        transaction, and the DROP then waited for it forever, hanging the run in teardown.
-        The schema is this test's alone, so nothing else holds locks in it."""
-        import psycopg
 
         from ._url import to_conninfo
 
@@ -692,6 +682,7 @@ if pytest is not None:
                 " WHERE n.nspname = %s AND l.pid <> pg_backend_pid()) holders",
                 (name,),
             )
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
     @pytest.fixture
     def sa_jobs_engine(sa_jobs_database_url: str, sa_jobs_schema: str) -> Iterator[Any]:
