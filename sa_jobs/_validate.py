@@ -93,11 +93,16 @@ _FLOAT_BYTES = 24
 _INT_BOUND_BITS = 4096
 
 
-def _jsonb_float_bytes(value: float) -> int:
-    """Bytes of a float in jsonb's text: numeric has no exponent, so ``1e308`` is written
-    as its 309 digits and ``5e-324`` as 326 characters (of Python's 6)."""
-    text = float.__repr__(value)
-    return len(format(decimal.Decimal(text), "f")) if "e" in text else len(text)
+def _jsonb_float_bound(value: float) -> int:
+    """At least the bytes of a nonzero float in jsonb's text, which has no exponent:
+    ``1e308`` is written as its 309 digits and ``5e-324`` as 326 characters (of Python's
+    6). Counted from its power of ten (about 0.1 µs), not by writing it (2 µs through
+    Decimal: a payload of small floats such as 1e-5 took three times as long to check);
+    the exact size is measured only for a payload this bound puts over its cap."""
+    power = math.floor(math.log10(abs(value)))  # may be one off either way near a power of ten
+    if power >= 0:
+        return power + 3  # an integer of power + 1 digits (+1 for the rounding), a sign
+    return 20 - power  # "0.", -power - 1 zeros (+1), at most 17 significant digits, a sign
 
 
 def _jsonb_excess(value: Any) -> int:
@@ -195,7 +200,7 @@ def _walk(value: Any, path: Any, depth: int = 1) -> int:
             raise InvalidArgsError(f"args{_where(path)} is {value!r}: JSON has no NaN or Infinity")
         if 1e-4 <= value < 1e16 or -1e16 < value <= -1e-4 or value == 0:
             return _FLOAT_BYTES
-        return _jsonb_float_bytes(value)
+        return _jsonb_float_bound(value)
     if (t is dict or t is list or t is tuple) and depth > MAX_DEPTH:
         raise InvalidArgsError(f"args: nested too deeply to write as JSON (over {MAX_DEPTH} levels of lists and dicts)")
     if t is dict:

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Optional
 import anyio
 import pytest
 import sqlalchemy.exc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -751,3 +753,19 @@ def test_the_args_cap_counts_numbers_as_jsonb_writes_them(engine, database_url, 
     measured = _validate._stored_bytes(fits, json.dumps(fits, separators=(",", ":")))
     assert _stored_bytes(database_url, schema) == [measured] * 2
     assert measured <= 2000
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: x != 0 and not 1e-4 <= abs(x) < 1e16))
+@settings(max_examples=3000, deadline=None)
+def test_the_walks_bound_on_a_float_is_never_below_what_jsonb_writes(x):
+    """The walk bounds a float's stored size from its power of ten (the exact size, written
+    through Decimal, cost 2 µs a float); a bound below it would let args over the cap in."""
+    written = len(format(Decimal(float.__repr__(x)), "f"))
+    assert written <= _validate._jsonb_float_bound(x) <= written + 20  # over it, the size is measured
+
+
+@pytest.mark.parametrize("x", [1e16, -1e16, 9.999999999999999e22, -1e23, 1e23, 1e308, -1.7976931348623157e308,
+                               5e-324, -5e-324, 9.99999999999e-5, -1e-5, 2.2250738585072014e-308])
+def test_the_walks_bound_holds_at_powers_of_ten(x):
+    written = len(format(Decimal(float.__repr__(x)), "f"))
+    assert written <= _validate._jsonb_float_bound(x) <= written + 20  # over it, the size is measured
