@@ -338,13 +338,15 @@ async def q_async_own_deadline(ctx: JobContext) -> None:
             await session.execute(text(sleep))
 
 
-def _seconds_to_dead_and_ended(worker_url: str, database_url: str, schema: str, kind: type[Job], job_id: int) -> float:
-    """Run a worker (on ``worker_url``) until ``job_id``'s handler started: how long from
-    then until the job is dead and its statement no longer runs on the server."""
+def _seconds_to_dead_and_ended(worker_url: str, database_url: str, schema: str, kind: type[Job], job_id: int,
+                               engines: Callable[[], dict[str, Any]] = dict) -> float:
+    """Run a worker (on ``worker_url``, with the engines ``engines()`` makes on its loop) until
+    ``job_id``'s handler started: how long from then until the job is dead and its
+    statement no longer runs on the server."""
     took: list[float] = []
 
     async def main() -> None:
-        async with Worker(worker_url, kinds=[kind], schema=schema, **{**FAST, "lease": 30.0}):
+        async with Worker(worker_url, kinds=[kind], schema=schema, **{**FAST, "lease": 30.0}, **engines()):
             with anyio.fail_after(10):
                 while job_id not in STARTED:
                     await anyio.sleep(0.05)
@@ -482,6 +484,26 @@ def test_a_handlers_own_caught_deadline_around_its_statement_ends_the_statement_
     remote server's slower connect would."""
     job_id = _setup(engine, database_url, schema, QAsyncOwnMoveOn(then_query=then_query))
     took = _seconds_to_dead_and_ended(slow_cancel_url, database_url, schema, QAsyncOwnMoveOn, job_id)
+    assert ENDED_WITH[job_id].startswith("StatementInterruptedError: "), ENDED_WITH
+    assert took < 0.5 + 1.0 + 2.0, took  # the proxy's delay
+    assert _row_is_free(database_url, schema)
+    assert _note(database_url, schema) == "before"
+
+
+@pytest.mark.parametrize("slow_cancel_url", [(1.0, True)], indirect=True)
+def test_a_handlers_own_caught_deadline_ends_the_statement_on_the_apps_psycopg_async_engine(
+        slow_cancel_url, engine, database_url, schema):
+    """As above, through ``Worker(async_engine=)`` of the app's own psycopg engine, which
+    core.md says is served alike (only another driver's statements are left to it): the
+    worker noted interrupted statements on the engines it made only, so the block went on to
+    its completion, failed with an unexplained error, and the statement ran on to its end."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    app_url = make_url(slow_cancel_url).set(drivername="postgresql+psycopg")
+    job_id = _setup(engine, database_url, schema, QAsyncOwnMoveOn(then_query=False))
+    took = _seconds_to_dead_and_ended(database_url, database_url, schema, QAsyncOwnMoveOn, job_id,
+                                      lambda: {"async_engine": create_async_engine(app_url)})
     assert ENDED_WITH[job_id].startswith("StatementInterruptedError: "), ENDED_WITH
     assert took < 0.5 + 1.0 + 2.0, took  # the proxy's delay
     assert _row_is_free(database_url, schema)

@@ -223,8 +223,12 @@ def _note_interrupted(context: Any) -> None:
 
 
 def watch_interrupted_statements(engine: Any) -> None:
-    """Note, on ``engine`` (the worker's async one), the statements a cancellation interrupted."""
-    event.listen(getattr(engine, "sync_engine", engine), "handle_error", _note_interrupted)
+    """Note, on ``engine`` (the worker's async one: made from its URL, or the app's own
+    ``async_engine=``), the statements a cancellation interrupted. Once per engine: an
+    app's engine may serve several workers, or runs of one."""
+    target = getattr(engine, "sync_engine", engine)
+    if not event.contains(target, "handle_error", _note_interrupted):
+        event.listen(target, "handle_error", _note_interrupted)
 
 
 _INTERRUPTED_MESSAGE = (

@@ -275,6 +275,12 @@ class Worker:
                 check_app_engine(given, param)
         self._engine = None if engine is None else self._in_schema(engine)
         self._async_engine = None if async_engine is None else self._in_schema(async_engine)
+        if self._async_engine is not None:
+            # As on the engine the worker makes: a statement of ctx.async_transaction() that a
+            # handler's own caught cancel scope interrupted was not seen on the app's engine,
+            # so its block went on to commit, failed with an unexplained error, and the
+            # statement ran on to its end on the server, its locks held.
+            watch_interrupted_statements(self._async_engine)
         self._owns_engines: list[Any] = []
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._check_schema = check_schema
