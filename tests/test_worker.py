@@ -1209,6 +1209,46 @@ def test_a_worker_cancelled_with_its_app_releases_running_jobs_at_once(engine, d
     assert row == [("available", 0, None)]
 
 
+@pytest.mark.parametrize("how", ["async_with", "run"])
+def test_a_worker_cancelled_with_its_app_during_its_graceful_stop_releases_running_jobs_at_once(
+        engine, database_url, schema, how):
+    """The app leaves the block (or asks run() to stop) and the worker waits for its running
+    jobs, up to its grace period; then the app is cancelled (a second Ctrl-C, a shutdown
+    deadline of its own). The graceful stop ran shielded, so the cancellation waited the
+    whole grace (for ever with ``shutdown_grace=math.inf``), where core.md says a cancelled
+    app's worker shuts down at once, releasing its running jobs."""
+    HANG_STARTED.clear()
+    [job_id] = add(engine, WHang())
+
+    async def main() -> float:
+        worker = Worker(database_url, kinds=[WHang], schema=schema, lease=30, poll_interval=0.2, shutdown_grace=60)
+        stopping = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            async def app() -> None:
+                if how == "run":
+                    await worker.run()
+                else:
+                    async with worker:
+                        await stopping.wait()
+            tg.start_soon(app)
+            with anyio.fail_after(10):
+                while not HANG_STARTED:
+                    await anyio.sleep(0.01)
+            if how == "run":
+                worker.request_stop()
+            stopping.set()
+            await anyio.sleep(0.3)  # the graceful stop waits for the hanging handler
+            assert q(database_url, jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s"), (job_id,)) == [("running",)]
+            started = time.monotonic()
+            tg.cancel_scope.cancel()
+        return time.monotonic() - started
+
+    took = anyio.run(main)
+    assert took < 10  # not the 60 s grace
+    row = q(database_url, jobs_sql(schema, "SELECT state, attempt, lease_expires_at FROM {jobs} WHERE id = %s"), (job_id,))
+    assert row == [("available", 0, None)]
+
+
 def test_a_worker_cancelled_with_its_app_writes_the_outcomes_it_holds(engine, database_url, schema):
     """A job whose handler returned, its completion waiting in the completer's batch,
     was left 'running' by a cancellation and later run again; it is written now."""

@@ -525,24 +525,44 @@ class Worker:
 
     async def __aexit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> Optional[bool]:
         assert self._tg is not None
+        cancelled: Optional[BaseException] = None  # the app's cancellation, come during the grace period
+        unwrapped = False  # the block's own exception, taken out of the task group's
+        suppressed: Optional[bool] = None
         try:
-            with anyio.CancelScope(shield=True):
+            if exc is not None and not isinstance(exc, Exception):
                 # Left by a cancellation (the app's task group, asyncio.run's Ctrl-C) or
                 # another BaseException: the app wants out now, so no grace period; running
                 # jobs are released at once (their attempt refunded).
-                await self.shutdown(0 if exc is not None and not isinstance(exc, Exception) else None)
+                with anyio.CancelScope(shield=True):
+                    await self.shutdown(0)
+            else:
+                try:
+                    # Not shielded: the app cancelled during the grace period (a second
+                    # Ctrl-C, a shutdown deadline of its own) wants out now too. Shielded,
+                    # its cancellation waited the whole grace, for ever with an infinite one.
+                    await self.shutdown()
+                except BaseException as exc_in_grace:
+                    cancelled = exc_in_grace
+                    with anyio.CancelScope(shield=True):
+                        await self.shutdown(0)
+                    # The task group sees it as if the block had raised it.
+                    exc_type, exc, tb = type(cancelled), cancelled, cancelled.__traceback__
         finally:
             try:
-                return await self._tg.__aexit__(exc_type, exc, tb)
+                suppressed = await self._tg.__aexit__(exc_type, exc, tb)
             except BaseExceptionGroup as group:
                 # The task group wraps the block's own exception in a group; when nothing
                 # else failed, give it back as raised, so ``except KeyError`` around the
                 # ``async with`` catches the KeyError its body raised.
                 if exc is None or group.split(lambda e: e is exc)[1] is not None:
                     raise
+                unwrapped = True
             finally:
                 self._running = False
+        if unwrapped or (cancelled is not None and not suppressed):  # the block's own is the caller's to re-raise
+            assert exc is not None
             raise exc
+        return suppressed
 
     async def run(self) -> None:
         """Run until :meth:`request_stop` (or a cancellation), then shut down gracefully.
