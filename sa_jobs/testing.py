@@ -57,7 +57,7 @@ class _TestJob:
         self.id, self.kind, self.queue, self.args = job_id, kind, queue, args
         self.attempt, self.max_attempts = attempt, max_attempts
         self.token = uuid.uuid4()
-        self.lease_lost = self.completing = self.completed_in_tx = False
+        self.lease_lost = self.completing = self.completed_in_tx = self.in_transaction = False
         self.cancel_reason: Optional[str] = None
         self.progress_json: Optional[str] = None
         self.reported = False
@@ -112,7 +112,7 @@ class _TestContext:
 
             @contextlib.contextmanager
             def transaction(self, result: Any = None):  # type: ignore[override]
-                from .worker.context import _ON_THE_LOOP, refuse_second_completion
+                from .worker.context import _ON_THE_LOOP, one_completing_transaction, refuse_second_completion
 
                 if _in_event_loop():  # as a worker refuses it, so that a test sees it too
                     raise ConfigurationError(_ON_THE_LOOP)
@@ -123,30 +123,32 @@ class _TestContext:
                 # of the AsyncEngine failed with AsyncContextNotStarted).
                 plain = _plain_twin(engine) if _loop_bound(engine) else engine
                 try:
-                    with Session(plain) as session, session.begin():
-                        yield session
+                    with one_completing_transaction(job):
+                        with Session(plain) as session, session.begin():
+                            yield session
+                        job.complete_with(result)  # before another may open
                 finally:
                     if plain is not engine:
                         plain.dispose()
-                job.complete_with(result)
 
             @contextlib.asynccontextmanager
             async def async_transaction(self, result: Any = None):  # type: ignore[override]
                 from sqlalchemy.ext.asyncio import AsyncSession
 
                 from .admin import require_asyncio
-                from .worker.context import refuse_second_completion
+                from .worker.context import one_completing_transaction, refuse_second_completion
 
                 refuse_second_completion(job.completed_in_tx)
                 _check_result(result)
                 require_asyncio("ctx.async_transaction()")
-                engine = runtime.async_engine()
-                try:
-                    async with AsyncSession(engine) as session, session.begin():
-                        yield session
-                finally:
-                    await engine.dispose()
-                job.complete_with(result)
+                with one_completing_transaction(job):
+                    engine = runtime.async_engine()
+                    try:
+                        async with AsyncSession(engine) as session, session.begin():
+                            yield session
+                    finally:
+                        await engine.dispose()
+                    job.complete_with(result)  # before another may open
 
         return Context(job, runtime)  # type: ignore[arg-type]
 

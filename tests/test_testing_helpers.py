@@ -1377,6 +1377,96 @@ def test_a_second_completing_transaction_fails_in_perform_as_in_a_worker(sa_jobs
         assert sorted(session.scalars(select(Credit.amount))) == [1, 10]
 
 
+class GrantConcurrently(Job, kind="th_grant_concurrently", queue="th", max_attempts=1):
+    pass
+
+
+class GrantConcurrentlyAsync(Job, kind="th_grant_concurrently_async", queue="th", max_attempts=1):
+    pass
+
+
+BLOCKS_RAN: list[int] = []
+REFUSED: list[int] = []
+
+
+@GrantConcurrently.handler
+def grant_concurrently(ctx: JobContext, amounts: list[int]) -> None:
+    """A transaction per batch, in threads of the handler's own, open at the same time."""
+    import threading
+
+    both_in = threading.Event()
+
+    def batch(first: bool, amount: int) -> None:
+        try:
+            with ctx.transaction() as session:
+                BLOCKS_RAN.append(amount)
+                session.add(Credit(account=1, amount=amount))
+                session.flush()
+                if first:
+                    both_in.wait(2)
+                else:
+                    both_in.set()
+        except ConfigurationError:
+            REFUSED.append(amount)
+            both_in.set()
+
+    threads = [threading.Thread(target=batch, args=(i == 0, a)) for i, a in enumerate(amounts)]
+    threads[0].start()
+    time.sleep(0.3)  # the first is in its block
+    threads[1].start()
+    for t in threads:
+        t.join()
+
+
+@GrantConcurrentlyAsync.handler
+async def grant_concurrently_async(ctx: JobContext, amounts: list[int]) -> None:
+    """A transaction per batch, in tasks of the handler's own, open at the same time."""
+    import anyio
+
+    both_in = anyio.Event()
+
+    async def batch(first: bool, amount: int) -> None:
+        try:
+            async with ctx.async_transaction() as session:
+                BLOCKS_RAN.append(amount)
+                session.add(Credit(account=1, amount=amount))
+                await session.flush()
+                if first:
+                    with anyio.move_on_after(2):
+                        await both_in.wait()
+                else:
+                    both_in.set()
+        except ConfigurationError:
+            REFUSED.append(amount)
+            both_in.set()
+
+    async with anyio.create_task_group() as tg:
+        for i, amount in enumerate(amounts):
+            tg.start_soon(batch, i == 0, amount)
+
+
+@pytest.mark.parametrize("kind", [GrantConcurrently, GrantConcurrentlyAsync], ids=["threads", "tasks"])
+@pytest.mark.parametrize("runner", ["perform", "drain"])
+def test_a_completing_transaction_opened_while_another_is_open_is_refused_before_its_block(
+        sa_jobs_engine, credits, kind, runner):
+    """A handler whose tasks (or threads) each open a ctx.transaction() at once: the second is
+    refused before its block runs, as one after the first is (docs/core.md). It passed the
+    check (nothing had completed yet), ran its block, and then one of the two committed and
+    the other's effects rolled back as a "lease lost" in a worker (perform() committed both),
+    so a batch was silently dropped."""
+    BLOCKS_RAN.clear()
+    REFUSED.clear()
+    if runner == "perform":
+        perform(kind(amounts=[10, 20]), engine=sa_jobs_engine)
+    else:
+        with Session(sa_jobs_engine) as session, session.begin():
+            session.add(kind(amounts=[10, 20]))
+        assert drain(sa_jobs_engine, kinds=[kind]) == {"completed": 1}
+    assert (BLOCKS_RAN, REFUSED) == ([10], [20])
+    with Session(sa_jobs_engine) as session:
+        assert sorted(session.scalars(select(Credit.amount))) == [10]
+
+
 def test_perform_refuses_an_autocommit_engine_as_a_worker_does(sa_jobs_engine, credits):
     """A worker (and so drain()) refuses an AUTOCOMMIT engine: each statement would commit
     on its own, and the effects stay when the completion is refused. perform() committed

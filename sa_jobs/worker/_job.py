@@ -30,6 +30,7 @@ class ClaimedJob:
     releasing: bool = False
     completing: bool = False  # a transactional completion is writing (or wrote) the row
     completed_in_tx: bool = False
+    in_transaction: bool = False  # a ctx.transaction() (or async one) of the handler's is open
     cancel_reason: Optional[str] = None
     cancelled_by_user: bool = False  # cancelled through cancel(): the row already says so
     progress_json: Optional[str] = None  # reported, not yet written by a heartbeat

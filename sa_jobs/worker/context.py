@@ -58,9 +58,36 @@ _COMPLETED_ALREADY = (
 )
 
 
+_OPEN_ALREADY = (
+    "another ctx.transaction() (or ctx.async_transaction()) of this job is open (in a task or thread"
+    " of the handler's): each completes the job, so only one can commit. Do the whole unit of work in one"
+)
+
+# Test-and-set of a job's open completing transaction: a sync handler's threads may race.
+_OPENING = threading.Lock()
+
+
 def refuse_second_completion(completed: bool) -> None:
     if completed:
         raise ConfigurationError(_COMPLETED_ALREADY)
+
+
+@contextmanager
+def one_completing_transaction(job: Any) -> Iterator[None]:
+    """Hold ``job``'s one completing transaction for the block, or raise ConfigurationError
+    before it runs. Refused only once the first had completed, a second opened while the
+    first was open (the handler's tasks or threads, a batch each) ran its block; then one
+    committed the completion, and the other's effects rolled back as a lost lease (perform()
+    committed both): a batch silently dropped. A failed one frees it (a handler may retry)."""
+    with _OPENING:
+        refuse_second_completion(job.completed_in_tx)
+        if job.in_transaction:
+            raise ConfigurationError(_OPEN_ALREADY)
+        job.in_transaction = True
+    try:
+        yield
+    finally:
+        job.in_transaction = False
 
 
 _ON_THE_LOOP = (
@@ -481,6 +508,11 @@ class JobContext:
         refuse_second_completion(self._job.completed_in_tx)
         stmt, options = self._completion(result)
         job = self._job
+        with one_completing_transaction(job):
+            yield from self._transaction(job, stmt, options)
+
+    def _transaction(self, job: "ClaimedJob", stmt: Any, options: dict[str, Any]) -> Iterator["Session"]:
+        """The body of :meth:`transaction`, once it holds the job's one completing transaction."""
 
         def stop_statement() -> None:  # on cancel; the completion, once begun, is the fence's to judge
             if not job.completing:
@@ -532,11 +564,18 @@ class JobContext:
     @asynccontextmanager
     async def async_transaction(self, result: Any = None) -> AsyncIterator["AsyncSession"]:
         """The ``AsyncSession`` twin of :meth:`transaction`, for async handlers."""
-        from sqlalchemy.ext.asyncio import AsyncSession
-
         refuse_second_completion(self._job.completed_in_tx)
         self._refuse_once_ended()
         stmt, options = self._completion(result)
+        with one_completing_transaction(self._job):
+            async with self._async_transaction(stmt, options) as session:
+                yield session
+
+    @asynccontextmanager
+    async def _async_transaction(self, stmt: Any, options: dict[str, Any]) -> AsyncIterator["AsyncSession"]:
+        """The body of :meth:`async_transaction`, once it holds the job's one completing transaction."""
+        from sqlalchemy.ext.asyncio import AsyncSession
+
         async with AsyncSession(self._worker.async_engine()) as session:
             try:
                 async with session.begin():
