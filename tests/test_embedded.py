@@ -93,11 +93,36 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(parent, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def rested_data_dir() -> Iterator[tuple[Path, str]]:
+    """A data directory the machine's PostgreSQL served and stopped (initdb, start, stop, by
+    ``cleanup="stop"``) and its server's URL, made once: the tests that need a data directory
+    at rest get a copy of it (see _rested_copy)."""
+    if embedded.find_binaries() is None:
+        pytest.skip("no PostgreSQL binaries on this machine")
+    parent = Path(tempfile.mkdtemp(prefix="sa_jobs_test_embedded_"))
+    parent.chmod(0o755)  # as in data_dir: the server's user must reach it
+    data = parent / "pg"
+    try:
+        yield data, _run_child(data, "stop")
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def _rested_copy(rested: Path, data_dir: Path) -> None:
+    """``data_dir`` as a copy of the rested one, with its owner (as root: the server's user)."""
+    shutil.copytree(rested, data_dir, symlinks=True)
+    owner = rested.stat()
+    for root, dirs, files in os.walk(data_dir):
+        for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+            os.chown(name, owner.st_uid, owner.st_gid, follow_symlinks=False)
+
+
 @needs_binaries
-def test_without_pgserver_the_machines_postgres_serves_and_stop_keeps_the_data(data_dir):
-    url = _run_child(data_dir, "stop")
+def test_without_pgserver_the_machines_postgres_serves_and_stop_keeps_the_data(rested_data_dir):
+    data, url = rested_data_dir  # _run_child(data, "stop") checked that it served
     assert not _reachable(url)
-    assert (data_dir / "PG_VERSION").exists() and not (data_dir / "postmaster.pid").exists()
+    assert (data / "PG_VERSION").exists() and not (data / "postmaster.pid").exists()
 
 
 @needs_binaries
@@ -177,21 +202,20 @@ def test_a_failed_start_leaves_no_socket_directory_behind(tmp_path, monkeypatch)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _slow_to_start(data_dir: Path) -> None:
+def _slow_to_start(rested: tuple[Path, str], data_dir: Path) -> None:
     """A data directory whose server stays "starting" for 10 s and more, its postmaster.pid
     written: archive recovery whose every restore_command takes 10 s."""
-    url = _run_child(data_dir, "stop")  # initdb, start, stop
-    assert not _reachable(url)
+    _rested_copy(rested[0], data_dir)  # initdb, start, stop
     with (data_dir / "postgresql.conf").open("a") as conf:
         conf.write("restore_command = 'sleep 10; false'\n")
     (data_dir / "recovery.signal").touch()
 
 
 @needs_binaries
-def test_a_start_that_times_out_stops_the_server_it_left_starting(data_dir, monkeypatch):
+def test_a_start_that_times_out_stops_the_server_it_left_starting(rested_data_dir, data_dir, monkeypatch):
     """pg_ctl gave up waiting (-t) but the postmaster it launched went on: the caller got an
     error while a server it knew nothing of ran on, holding the data directory."""
-    _slow_to_start(data_dir)
+    _slow_to_start(rested_data_dir, data_dir)
     monkeypatch.setattr(embedded, "_START_TIMEOUT", 1)
     with pytest.raises(RuntimeError, match="did not start in time") as info:
         embedded.start_local(data_dir, cleanup="stop")
@@ -379,11 +403,11 @@ def test_as_root_without_a_server_user_or_useradd_the_error_says_what_to_do(monk
 
 
 @needs_binaries
-def test_a_stale_postmaster_pid_naming_a_live_process_is_not_taken_for_a_server(data_dir):
+def test_a_stale_postmaster_pid_naming_a_live_process_is_not_taken_for_a_server(rested_data_dir, data_dir):
     """After a crash and a reboot, postmaster.pid names a pid some other process now has (here
     pid 1, which always exists): the check was only that the pid lived, so start_local
     returned the URL of a server that was not there ("Connection refused")."""
-    url = _run_child(data_dir, "stop")  # initdb, start, stop: a data directory at rest
+    _rested_copy(rested_data_dir[0], data_dir)  # initdb, start, stop: a data directory at rest
     stale = (data_dir / "postmaster.pid")
     lines = ["1", str(data_dir), "1700000000", "5432", str(data_dir), "", "  5432001  0", "ready   "]
     stale.write_text("\n".join(lines) + "\n")
@@ -392,10 +416,10 @@ def test_a_stale_postmaster_pid_naming_a_live_process_is_not_taken_for_a_server(
 
 
 @needs_binaries
-def test_a_start_interrupted_by_ctrl_c_stops_the_server_it_left_starting(data_dir):
+def test_a_start_interrupted_by_ctrl_c_stops_the_server_it_left_starting(rested_data_dir, data_dir):
     """Ctrl-C while pg_ctl waited: the postmaster (in a session of its own) went on, with no
     atexit registered yet to stop it."""
-    _slow_to_start(data_dir)
+    _slow_to_start(rested_data_dir, data_dir)
     env = {k: v for k, v in os.environ.items() if k not in ("SA_JOBS_DATABASE_URL", "SA_JOBS_TEST_DATABASE_URL")}
     env["PYTHONPATH"] = str(REPO_ROOT)
     code = "import sys; from sa_jobs import embedded; embedded.start_local(sys.argv[1], cleanup='stop')"
@@ -519,14 +543,6 @@ def test_with_pgserver_a_start_that_fails_is_one_typed_line(data_dir):
         assert "socket" in line and "TMPDIR" in line, line
     finally:
         _stop_orphan(data)
-
-
-def test_with_pgserver_a_start_prints_no_warning():
-    """The XDG_RUNTIME_DIR warning was filtered after `import pgserver`, which is where
-    platformdirs gives it: the README's first command printed it first thing."""
-    proc = _pgserver_child(Path(tempfile.gettempdir()))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stderr == ""
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -850,13 +866,19 @@ def test_with_pgserver_a_failed_server_start_says_why_from_its_log(data_dir):
         _stop_orphan(data_dir)
 
 
-def test_with_pgserver_a_locale_the_machine_lacks_still_starts(data_dir):
-    """pgserver's initdb takes its locale from the environment: a locale the machine does not
-    have (an image with LC_ALL=en_US.UTF-8 and no locales generated, a locale passed on by
-    ssh) failed the demo ("invalid locale settings"). start_local gives initdb --locale=C."""
+def test_with_pgserver_a_start_prints_no_warning_even_in_a_locale_the_machine_lacks(data_dir):
+    """Two checks of one start (each started a server of its own before):
+
+    - pgserver's initdb takes its locale from the environment: a locale the machine does not
+      have (an image with LC_ALL=en_US.UTF-8 and no locales generated, a locale passed on by
+      ssh) failed the demo ("invalid locale settings"). start_local gives initdb --locale=C.
+    - The XDG_RUNTIME_DIR warning (XDG_RUNTIME_DIR unset, as _pgserver_child leaves it) was
+      filtered after `import pgserver`, which is where platformdirs gives it: the README's
+      first command printed it first thing."""
     proc = _pgserver_child(data_dir.parent, env_extra={"LC_ALL": "en_XX.UTF-8"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "answer=42" in proc.stdout
+    assert proc.stderr == ""
 
 
 def test_with_pgserver_an_unusable_runtime_dir_still_starts(data_dir):
