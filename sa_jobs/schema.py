@@ -880,10 +880,10 @@ def with_lock_retries(policy: LockPolicy, attempt: Callable[[], _T],
 # text: an app's statement can carry job args or other secrets, which an error message
 # (logged by a deploy's migration step) must not (S4).
 BLOCKERS_SQL = (
-    "SELECT a.pid, coalesce(a.state, ''), extract(epoch FROM now() - a.xact_start)::integer,"
+    "SELECT a.pid, coalesce(a.state, ''), extract(epoch FROM statement_timestamp() - a.xact_start)::integer,"
     " coalesce(a.application_name, '')"
     " FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid()"
-    " AND a.xact_start <= now() - make_interval(secs => :waited)"
+    " AND a.xact_start <= statement_timestamp() - make_interval(secs => :waited)"
     " AND a.pid IN (SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
     "  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :schema AND l.granted)"
     " ORDER BY a.xact_start LIMIT 5"
