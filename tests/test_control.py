@@ -1425,47 +1425,6 @@ def test_wait_for_on_a_connection_in_a_transaction_leaves_its_statement_timeout_
 
 
 
-@pytest.mark.parametrize("joined", [False, True], ids=["engine", "connection_in_a_transaction"])
-def test_wait_for_over_a_slow_link_reads_a_finished_job_through_a_healthy_connection(engine, database_url, schema,
-                                                                                      joined):
-    """Each statement of a read is bounded on the server (statement_timeout, at least 1 s),
-    and its connection is given up as silent once SILENT_HOST_GRACE (0.5 s) past that bound.
-    The client's guard bounded the read's whole span, though (the transaction's BEGIN, the
-    setting, the read, its ROLLBACK; a joined wait's own four): over a link of 0.6 s round
-    trips, where the server answers every statement in time, it shut down the healthy
-    pooled connection mid-read, and the wait raised TimeoutError for a job that had long
-    finished; given a Connection in a transaction, the caller's connection went with it."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    from sa_jobs import wait_for
-    from sa_jobs._url import sqlalchemy_url
-
-    from .reliability.proxy import Proxy
-
-    (job_id,) = add(engine, CLongAsync())
-    q(database_url, jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now() WHERE id = %s"),
-      (job_id,))
-    direct = make_url(sqlalchemy_url(database_url))
-    proxy = Proxy(direct.port or 5432, direct.host or "127.0.0.1")
-    slow = create_engine(direct.set(host="127.0.0.1", port=proxy.port).update_query_dict(
-        {"sslmode": "disable", "gssencmode": "disable"})).execution_options(schema_translate_map={"sa_jobs": schema})
-    try:
-        assert wait_for(slow, job_id, timeout=5).status == "done"  # the pool holds its connection now
-        proxy.latency = 0.3  # each way: every statement is answered 0.6 s after it is sent
-        if joined:
-            with slow.connect() as conn:
-                assert conn.execute(text("SELECT 1")).scalar_one() == 1  # the caller's transaction
-                assert wait_for(conn, job_id, timeout=0).status == "done"
-                assert conn.in_transaction() and conn.execute(text("SELECT 2")).scalar_one() == 2
-        else:
-            assert wait_for(slow, job_id, timeout=0).status == "done"
-    finally:
-        proxy.latency = 0.0
-        slow.dispose()
-        proxy.close()
-
-
 def test_pause_is_cluster_wide_and_resume_wakes_workers(engine, database_url, schema):
     from sa_jobs import pause_queue, paused_queues, resume_queue
 

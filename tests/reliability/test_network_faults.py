@@ -809,3 +809,42 @@ def test_a_worker_on_a_standby_backs_off_instead_of_reconnecting_at_once(cluster
         if proxy is not None:
             proxy.close()
         standby.stop()
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["engine", "connection_in_a_transaction"])
+def test_wait_for_over_a_slow_link_reads_a_finished_job_through_a_healthy_connection(cluster, rel_schema, rel_engine,
+                                                                                      joined):
+    """Each statement of a read is bounded on the server (statement_timeout, at least 1 s),
+    and its connection is given up as silent once SILENT_HOST_GRACE (0.5 s) past that bound.
+    The client's guard bounded the read's whole span, though (the transaction's BEGIN, the
+    setting, the read, its ROLLBACK; a joined wait's own four): over a link of 0.6 s round
+    trips, where the server answers every statement in time, it shut down the healthy
+    pooled connection mid-read, and the wait raised TimeoutError for a job that had long
+    finished; given a Connection in a transaction, the caller's connection went with it.
+    (On the private cluster, which listens on TCP: the suite's embedded server may not.)"""
+    from sqlalchemy import create_engine, func, text, update
+
+    from sa_jobs import wait_for
+    from sa_jobs._url import sqlalchemy_url
+
+    _enqueue(rel_engine, 1)
+    with Session(rel_engine) as session, session.begin():
+        job_id = session.query(RelWork.id).scalar()
+        session.execute(update(RelWork).where(RelWork.id == job_id).values(state="completed", finished_at=func.now()))
+    proxy = Proxy(cluster.port)
+    slow = create_engine(sqlalchemy_url(cluster.url_via(proxy.port))).execution_options(
+        schema_translate_map={"sa_jobs": rel_schema})
+    try:
+        assert wait_for(slow, job_id, timeout=5).status == "done"  # the pool holds its connection now
+        proxy.latency = 0.3  # each way: every statement is answered 0.6 s after it is sent
+        if joined:
+            with slow.connect() as conn:
+                assert conn.execute(text("SELECT 1")).scalar_one() == 1  # the caller's transaction
+                assert wait_for(conn, job_id, timeout=0).status == "done"
+                assert conn.in_transaction() and conn.execute(text("SELECT 2")).scalar_one() == 2
+        else:
+            assert wait_for(slow, job_id, timeout=0).status == "done"
+    finally:
+        proxy.latency = 0.0
+        slow.dispose()
+        proxy.close()
