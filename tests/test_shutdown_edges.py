@@ -129,9 +129,7 @@ def test_release_running_alone_stops_the_worker_instead_of_claiming_and_releasin
                         shutdown_grace=60, observer=observer)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
-            with anyio.fail_after(10):
-                while not SD_HANG_RUNS:
-                    await anyio.sleep(0.01)
+            await _until(lambda: SD_HANG_RUNS)
             worker.release_running()
             released = time.monotonic()
             with anyio.move_on_after(10):
@@ -327,18 +325,22 @@ def _released_as_it_ended(database_url: str, schema: str, kind: type[Job], open_
         worker = Worker(database_url, kinds=[kind], schema=schema, lease=5, poll_interval=0.1, shutdown_grace=60)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
-            with anyio.fail_after(10):
-                while not (SD_GATES or SD_THREAD_GATES):
-                    await anyio.sleep(0.01)
+            await _until(lambda: SD_GATES or SD_THREAD_GATES)
             open_gate(worker)
             worker.release_running()
-            with anyio.fail_after(10):
-                while worker._running:
-                    await anyio.sleep(0.01)
+            await _until(lambda: not worker._running)
 
     SD_GATES.clear()
     SD_THREAD_GATES.clear()
     anyio.run(main)
+
+
+
+async def _until(ready: Callable[[], Any]) -> None:
+    """Wait (polling every 10 ms, at most 10 s) until ``ready()`` is true."""
+    with anyio.fail_after(10):
+        while not ready():
+            await anyio.sleep(0.01)
 
 
 def _row(database_url: str, schema: str, job_id: int) -> tuple:
@@ -463,14 +465,10 @@ def _released_while_waiting(database_url: str, schema: str, kind: type[Job]) -> 
         worker = Worker(database_url, kinds=[kind], schema=schema, lease=5, poll_interval=0.1, shutdown_grace=60)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
-            with anyio.fail_after(10):
-                while not SD_HANG_RUNS:
-                    await anyio.sleep(0.01)
+            await _until(lambda: SD_HANG_RUNS)
             await anyio.sleep(0.05)  # the handler waits in its sleep
             worker.release_running()
-            with anyio.fail_after(10):
-                while worker._running:
-                    await anyio.sleep(0.01)
+            await _until(lambda: not worker._running)
 
     SD_HANG_RUNS.clear()
     SD_SWALLOWED.clear()
