@@ -545,7 +545,6 @@ class _SilentHostGuard:
         import math
         import os
         import socket
-        import threading
 
         fileno = _socket_fileno(driver_connection)
         if fileno is None or not math.isfinite(seconds) or self._sock is not None:
