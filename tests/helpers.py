@@ -32,6 +32,14 @@ def states(database_url: str, schema: str) -> dict[str, int]:
     return {state: n for state, n in rows}
 
 
+async def until(check: Callable[[], Any], within: float = 10) -> None:
+    """In async code: wait (polling every 10 ms, at most ``within`` seconds, then
+    TimeoutError) until ``check()`` is true."""
+    with anyio.fail_after(within):
+        while not check():
+            await anyio.sleep(0.01)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

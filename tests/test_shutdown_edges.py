@@ -17,7 +17,7 @@ from sa_jobs import Discard, Job, JobContext, Worker
 from sa_jobs._url import to_conninfo
 from sa_jobs.events import NullObserver
 
-from .helpers import jobs_sql, q
+from .helpers import jobs_sql, q, until
 
 
 class SdQuick(Job, kind="sd_quick", queue="sd"):
@@ -129,7 +129,7 @@ def test_release_running_alone_stops_the_worker_instead_of_claiming_and_releasin
                         shutdown_grace=60, observer=observer)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
-            await _until(lambda: SD_HANG_RUNS)
+            await until(lambda: SD_HANG_RUNS)
             worker.release_running()
             released = time.monotonic()
             with anyio.move_on_after(10):
@@ -325,22 +325,15 @@ def _released_as_it_ended(database_url: str, schema: str, kind: type[Job], open_
         worker = Worker(database_url, kinds=[kind], schema=schema, lease=5, poll_interval=0.1, shutdown_grace=60)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
-            await _until(lambda: SD_GATES or SD_THREAD_GATES)
+            await until(lambda: SD_GATES or SD_THREAD_GATES)
             open_gate(worker)
             worker.release_running()
-            await _until(lambda: not worker._running)
+            await until(lambda: not worker._running)
 
     SD_GATES.clear()
     SD_THREAD_GATES.clear()
     anyio.run(main)
 
-
-
-async def _until(ready: Callable[[], Any]) -> None:
-    """Wait (polling every 10 ms, at most 10 s) until ``ready()`` is true."""
-    with anyio.fail_after(10):
-        while not ready():
-            await anyio.sleep(0.01)
 
 
 def _row(database_url: str, schema: str, job_id: int) -> tuple:
@@ -465,10 +458,10 @@ def _released_while_waiting(database_url: str, schema: str, kind: type[Job]) -> 
         worker = Worker(database_url, kinds=[kind], schema=schema, lease=5, poll_interval=0.1, shutdown_grace=60)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
-            await _until(lambda: SD_HANG_RUNS)
+            await until(lambda: SD_HANG_RUNS)
             await anyio.sleep(0.05)  # the handler waits in its sleep
             worker.release_running()
-            await _until(lambda: not worker._running)
+            await until(lambda: not worker._running)
 
     SD_HANG_RUNS.clear()
     SD_SWALLOWED.clear()

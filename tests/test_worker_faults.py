@@ -8,7 +8,6 @@ import time
 import uuid
 from typing import Any, Callable
 
-import anyio
 import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -16,7 +15,7 @@ from sqlalchemy.orm import Session
 from sa_jobs import Job, JobContext, Unique
 from sa_jobs.events import NullObserver
 
-from .helpers import jobs_sql, q, run_worker_until
+from .helpers import jobs_sql, q, run_worker_until, until
 
 
 class FaultRaises(Job, kind="wf_raises", queue="wf", max_attempts=2):
@@ -78,13 +77,6 @@ def wf_retry_tx(ctx: JobContext, table: str) -> None:
 
 KINDS = [FaultRaises, FaultProgress, FaultOk, FaultRetryTx]
 FAST = dict(lease=1.0, maintenance_interval=0.1, poll_interval=0.2, concurrency=4)
-
-
-async def _until(check: Callable[[], bool], within: float = 10) -> None:
-    """Wait (polling every 10 ms, at most ``within`` seconds) until ``check()`` is true."""
-    with anyio.fail_after(within):
-        while not check():
-            await anyio.sleep(0.01)
 
 
 def _add(engine, *jobs: Job) -> list[int]:
@@ -1007,7 +999,7 @@ def test_two_outcomes_kept_behind_row_locks_longer_than_the_lease_are_not_run_ag
         async def main() -> None:
             async with Worker(database_url, kinds=[FaultLockedPair], schema=schema, lease=lease, concurrency=2,
                               poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=5) as worker:
-                await _until(lambda: len(LOCKED_PAIR_RUNS) == 2)
+                await until(lambda: len(LOCKED_PAIR_RUNS) == 2)
                 assert locker1.execute(lock, (first,)).fetchone() == ("running",)
                 assert locker2.execute(lock, (second,)).fetchone() == ("running",)
 
@@ -1015,19 +1007,19 @@ def test_two_outcomes_kept_behind_row_locks_longer_than_the_lease_are_not_run_ag
                     return {j.id for j in worker.completer.awaiting()} if worker.completer else set()
 
                 LOCKED_PAIR_GO.add(1)
-                await _until(lambda: waiting() == {first})
-                await _until(lambda: _keepers(database_url, schema, waiting=True) > 0)  # the keeper waits on the first row
+                await until(lambda: waiting() == {first})
+                await until(lambda: _keepers(database_url, schema, waiting=True) > 0)  # the keeper waits on the first row
                 LOCKED_PAIR_GO.add(2)
-                await _until(lambda: waiting() == {first, second})
+                await until(lambda: waiting() == {first, second})
                 await anyio.sleep(1.5 * lease)  # both app transactions outlast the lease
                 locker2.rollback()  # the second ends first, without changing the row
                 rescued.extend(rescuer.execute(rescue, {"limit": 100}).fetchall())
                 await anyio.sleep(0.5 * lease)
                 locker1.rollback()
                 rescued.extend(rescuer.execute(rescue, {"limit": 100}).fetchall())
-                await _until(lambda: not _unfinished(database_url, schema), 15)
+                await until(lambda: not _unfinished(database_url, schema), 15)
                 # The keepers' connections close once their outcomes landed (the worker runs on).
-                await _until(lambda: _keepers(database_url, schema) == 0, 5)
+                await until(lambda: _keepers(database_url, schema) == 0, 5)
 
         anyio.run(main)
     assert rescued == [], "the rescuer re-drove a job whose live worker held its outcome"
@@ -1063,16 +1055,16 @@ def test_more_outcomes_kept_behind_row_locks_than_lease_keepers_are_not_run_agai
         async def main() -> None:
             async with Worker(database_url, kinds=[FaultLockedPair], schema=schema, lease=lease, concurrency=many,
                               poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=5) as worker:
-                await _until(lambda: len(LOCKED_PAIR_RUNS) == many)
+                await until(lambda: len(LOCKED_PAIR_RUNS) == many)
                 assert len(locker.execute(lock, (ids,)).fetchall()) == many
                 LOCKED_PAIR_GO.update(range(1, many + 1))
-                await _until(lambda: worker.completer is not None and len(worker.completer.awaiting()) == many)
+                await until(lambda: worker.completer is not None and len(worker.completer.awaiting()) == many)
                 await anyio.sleep(1.5 * lease)  # the app's transaction outlasts the lease
                 locker.rollback()  # ... and ends without changing the rows
                 rescued.extend(rescuer.execute(rescue, {"limit": 100}).fetchall())
-                await _until(lambda: not _unfinished(database_url, schema), 15)
+                await until(lambda: not _unfinished(database_url, schema), 15)
                 # Nothing kept any more: the claims are let go, their connection closed.
-                await _until(lambda: not q(database_url, "SELECT count(*) FROM pg_stat_activity"
+                await until(lambda: not q(database_url, "SELECT count(*) FROM pg_stat_activity"
                                                         " WHERE application_name = 'sa_jobs:lease-guard'")[0][0], 5)
 
         anyio.run(main)
