@@ -202,6 +202,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg["concurrency"] = cfg["peer_concurrency"] = a.concurrency
     only = set(a.only.split(","))
     peers = [] if a.peers == "none" else list(ALL_PEERS) if a.peers == "all" else a.peers.split(",")
+    unknown = [p for p in peers if p not in ALL_PEERS]
+    if unknown:  # e.g. "none,plain": a KeyError deep in the peers' venv set-up before
+        ap.error(f"--peers: unknown {', '.join(map(repr, unknown))}; use all, none, or a comma list of "
+                 + ",".join(ALL_PEERS))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(a.out) if a.out else HERE / "results" / f"{mode}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

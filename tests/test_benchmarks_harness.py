@@ -229,6 +229,21 @@ def test_benchmark_commands_refuse_a_run_count_or_size_below_one(argv, tmp_path)
     assert "at least 1" in proc.stderr
 
 
+def test_benchmark_run_refuses_an_unknown_peer_before_starting_anything(tmp_path):
+    """'--peers none,plain' read 'none' as a peer's name and failed with a KeyError while
+    setting up the peers' virtualenv."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--tiny", "--peers", "none,plain",
+                           "--out", str(tmp_path / "x.json")],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "--peers: unknown 'none'" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_server_cpu_never_drops_while_backends_exit(cluster):
     """A backend reaped between the postmaster's read and its own is in neither: the server's
     CPU would dip by that backend's whole time and come back in the next sample, which lands a
