@@ -540,6 +540,10 @@ class QueueDepthCollector(Collector):
             self._conn = psycopg.connect(
                 self._conninfo, autocommit=True, connect_timeout=max(1, int(self.statement_timeout + 0.999)),
                 application_name="sa_jobs_metrics",
+                # Nothing prepared on the server (psycopg would from a statement's fifth run):
+                # behind a transaction-mode pooler the scrape may land on a server connection
+                # that never saw the PREPARE. One query per scrape gains nothing from it.
+                prepare_threshold=None,
                 # As the worker's connections: keepalives find a dead peer on a real network;
                 # the client deadline (_fetch) covers what they cannot (a proxy that still ACKs).
                 keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,

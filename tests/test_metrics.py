@@ -702,6 +702,24 @@ def test_depth_scrape_answers_when_the_database_does_not(database_url: str, sche
         collector.close()
 
 
+def test_depth_query_is_never_prepared_on_the_server(database_url: str, schema: str) -> None:
+    """psycopg prepares a statement on the server from its fifth run on a connection. Behind a
+    transaction-mode pooler without prepared-statement support (PgBouncer before 1.21, or
+    ``max_prepared_statements = 0``) the sixth scrape then ran on a server connection that
+    never saw the PREPARE and failed every scrape after it."""
+    _seed_depth(database_url, schema)
+    now = [0.0]
+    collector = QueueDepthCollector(database_url, schema, ttl=5, clock=lambda: now[0])
+    try:
+        for _ in range(8):
+            now[0] += 10
+            assert _depth(collector)[("sa_jobs_queue_jobs", "q1", "available")] == 3
+        assert collector.queries == 8
+        assert collector._conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone() == (0,)
+    finally:
+        collector.close()
+
+
 def test_depth_settings_are_scoped_to_the_query_s_transaction(database_url: str, schema: str) -> None:
     """Behind a transaction-mode pooler (PgBouncer) a session-level ``SET`` stays on the
     server connection after the pooler hands it to another client: the collector's 2 s
