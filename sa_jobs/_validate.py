@@ -37,6 +37,8 @@ _QUEUE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}")
 _KIND_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,127}")
 
 DEFAULT_MAX_ARGS_BYTES = 256 * 1024
+# The largest jsonb value PostgreSQL stores (2**28 - 1 bytes; larger ones are refused).
+JSONB_MAX_BYTES = 2**28 - 1
 
 
 def _check(kind: str, value: object, pattern: re.Pattern[str], rule: str) -> str:

@@ -121,8 +121,10 @@ class KindOptions:
             # The worker calls it on its loop without awaiting: every retry fell back to the
             # default backoff (logged), the kind's own never applied.
             raise ConfigurationError(f"backoff must be a plain (not async) callable (attempt) -> seconds, not {self.backoff!r}")
-        if type(self.max_args_bytes) is not int or self.max_args_bytes < 1:
-            raise ConfigurationError(f"max_args_bytes must be a positive int, not {self.max_args_bytes!r}")
+        if type(self.max_args_bytes) is not int or not 1 <= self.max_args_bytes <= _validate.JSONB_MAX_BYTES:
+            # Above jsonb's own ceiling the cap promises args the server refuses, at flush.
+            raise ConfigurationError(f"max_args_bytes must be an int from 1 to {_validate.JSONB_MAX_BYTES:,}"
+                                     f" (jsonb's limit), not {self.max_args_bytes!r}")
         if self.unique is not None and not isinstance(self.unique, Unique):
             raise ConfigurationError(f"unique= takes a sa_jobs.Unique(...), not {self.unique!r}")
         if (isinstance(self.partition_by, str) or not isinstance(self.partition_by, abc.Iterable)

@@ -163,7 +163,7 @@ def test_a_partition_key_utf8_cannot_hold_is_refused_at_options(engine, database
         EdgeTagged(n=1).options(partition_key=key)
 
 
-@pytest.mark.parametrize("cap", [0, -1, True, "big", 1.5])
+@pytest.mark.parametrize("cap", [0, -1, True, "big", 1.5, 2**28, 10**12])
 def test_a_bad_max_args_bytes_is_refused_at_declaration(cap):
     """Was accepted: every job of the kind then failed at construction, with a TypeError
     ('>' not supported) or 'over the cap of True'."""
