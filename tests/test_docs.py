@@ -51,3 +51,14 @@ def test_every_repository_file_the_docs_cite_exists():
             ):
                 missing.append(f"{doc.name}: {path}")
     assert not missing, missing
+
+
+def test_the_public_api_section_names_every_export():
+    """docs/core.md's "public API at a glance" says it lists everything sa_jobs/__init__.py
+    exports: each name of ``__all__`` appears there (EmbeddedServerError did not)."""
+    import sa_jobs
+
+    text = (REPO_ROOT / "docs" / "core.md").read_text()
+    section = text.split("## The public API at a glance", 1)[1].split("\n## ", 1)[0]
+    unnamed = [name for name in sa_jobs.__all__ if not re.search(rf"\b{name}\b", section)]
+    assert not unnamed, f"exported but not in docs/core.md's public API section: {unnamed}"
