@@ -13,6 +13,7 @@ import os
 import sys
 
 from sqlalchemy import create_engine, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -22,13 +23,12 @@ from myapp.models import Base, Order  # noqa: E402
 
 import sa_jobs  # noqa: E402
 from sa_jobs import embedded  # noqa: E402
-from sa_jobs._url import sqlalchemy_url  # noqa: E402
 
 
 def main() -> int:
     url = os.environ.get("SA_JOBS_DATABASE_URL") or embedded.start(cleanup="delete")
     sa_jobs.install(url)  # idempotent; apps with Alembic use alembic_ext instead
-    engine = create_engine(sqlalchemy_url(url))
+    engine = create_engine(make_url(url).set(drivername="postgresql+psycopg"))  # psycopg 3, as sa-jobs
     Base.metadata.create_all(engine)
 
     # The user story: the order and its receipt job commit together, or neither does.
