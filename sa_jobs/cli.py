@@ -1069,7 +1069,8 @@ def build_parser() -> argparse.ArgumentParser:
         if lock:
             p.add_argument("--lock-timeout", type=_lock_timeout, metavar="SECONDS", default=default,
                            help=f"give up waiting for a row or table lock after this long (default:"
-                                f" ${LOCK_TIMEOUT_ENV}, else {DEFAULT_LOCK_TIMEOUT:g}; 0: no limit; at most {MAX_LOCK_TIMEOUT})")
+                                f" ${LOCK_TIMEOUT_ENV}, else a lock_timeout the URL's options or PGOPTIONS set, else"
+                                f" {DEFAULT_LOCK_TIMEOUT:g}; 0: no limit; at most {MAX_LOCK_TIMEOUT})")
 
     w = sub.add_parser("worker", help="run a worker for the job kinds declared in MODULES")
     w.add_argument("modules", nargs="+", metavar="MODULE", help="modules that declare job kinds and handlers")
