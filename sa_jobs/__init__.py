@@ -48,7 +48,7 @@ from .errors import (
 from .model import Job, KindOptions, registered_kinds
 from .periodic import Periodic, PeriodicJobs
 from .retry import constant_backoff, exponential_backoff
-from .schema import install
+from .schema import install, uninstall
 from .states import JobState
 from .unique import Unique
 from .worker import JobContext, Worker, WorkerObserver
@@ -98,6 +98,7 @@ __all__ = [
     "retry",
     "retry_many",
     "set_queue_limits",
+    "uninstall",
     "wait_for",
     "wait_for_async",
 ]
