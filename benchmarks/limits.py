@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-binding", "keys-only",
             "none-kind-state-nodedup", "partition-auto-plans", "partition-v5", "partition-v8", "partition-keylocks", "all-v8", "partition-window2x",
             "concurrency-auto-plans", "none-v7-indexes", "partition-v7-indexes", "keys-v7-indexes", "keys-leaseidx",
-            "none-v9-kind-index", "concurrency-v11", "partition-v11", "all-v11", "none-serialized", "none-join", "none-noav", "keys-noav", "partition-noav")
+            "none-v9-kind-index", "concurrency-v11", "partition-v11", "all-v11", "none-serialized", "none-join", "none-noav", "keys-noav", "partition-noav",
+            "keys-collate-c", "partition-collate-c", "all-collate-c")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

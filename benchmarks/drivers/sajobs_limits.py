@@ -46,6 +46,11 @@
   transaction-scoped advisory lock of the queue, as limited claimers do on its row.
 - ``none-join`` (diagnostic): none with the plain claim's join on ``picked`` that the id
   array replaced in session 12.
+- ``keys-collate-c``, ``partition-collate-c``, ``all-collate-c`` (diagnostic): keys-only,
+  partition, all with ``partition_key`` declared ``COLLATE "C"`` (its indexes rebuilt), so
+  that the keyed index entries compare bytes instead of going through the database's
+  collation (C.UTF-8 in the benchmark's cluster; a profile of keys-only showed the text
+  comparisons of ``jobs_running_idx`` inserts among its extra server work).
 - ``none-noav``, ``keys-noav``, ``partition-noav`` (diagnostic): none, keys-only and partition
   with autovacuum off on the jobs table after the load, so that no vacuum (of the keyed
   rows' extra index entries, say) runs during the drain or the next variant's.
@@ -101,11 +106,14 @@ VARIANTS = {
     "concurrency-v11": QueueLimits(concurrency=100_000),
     "partition-v11": QueueLimits(partition_concurrency=10_000),
     "all-v11": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
+    "keys-collate-c": QueueLimits(),
+    "partition-collate-c": QueueLimits(partition_concurrency=10_000),
+    "all-collate-c": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
     "none-noav": QueueLimits(),
     "keys-noav": QueueLimits(),
     "partition-noav": QueueLimits(partition_concurrency=10_000),
 }
-KEYED = ("keys-noav", "partition-noav", "partition", "partition-v11", "all-v11", "keys-leaseidx", "all", "all-v8", "partition-v8", "partition-keylocks", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
+KEYED = ("keys-collate-c", "partition-collate-c", "all-collate-c", "keys-noav", "partition-noav", "partition", "partition-v11", "all-v11", "keys-leaseidx", "all", "all-v8", "partition-v8", "partition-keylocks", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
          "partition-v7-indexes", "keys-v7-indexes")
 
 
@@ -196,6 +204,9 @@ def load(dsn: str, n: int, completed: int, variant: str) -> None:
 
 
 def _load(dsn: str, n: int, completed: int, variant: str) -> None:
+    if variant.endswith("-collate-c"):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute('ALTER TABLE sa_jobs.jobs ALTER COLUMN partition_key TYPE text COLLATE "C"')
     if variant.endswith("-leaseidx"):
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("DROP INDEX IF EXISTS sa_jobs.jobs_running_idx")
