@@ -7,16 +7,20 @@ what a user would have.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
@@ -42,12 +46,100 @@ def run_sql(url: str, query: str | sql.Composable, params: Any = None) -> list[t
         return cur.fetchall() if cur.description else []
 
 
+@contextlib.contextmanager
+def _new_database(database_url: str, template: str = "template1") -> Iterator[str]:
+    name = "sa_jobs_alembic_" + uuid.uuid4().hex[:12]
+    run_sql(database_url, sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+    try:
+        yield make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        run_sql(database_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture
 def db_url(database_url: str) -> Iterator[str]:
-    name = "sa_jobs_alembic_" + uuid.uuid4().hex[:12]
-    run_sql(database_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    run_sql(database_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with _new_database(database_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def upgraded_template(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database the example app took to ``heads`` once, for the tests that only start there
+    (their own database is a copy of it); the upgrade itself is tested on fresh databases."""
+    with _new_database(database_url) as url:
+        app = _copy_app(tmp_path_factory.mktemp("template"), url)
+        app.alembic("upgrade", "heads")
+        yield make_url(url).database
+
+
+def alembic_main(argv: list[str]) -> None:
+    """What ``python -m alembic ARGV`` runs, with its output on this moment's sys.stdout
+    (a Config's default stdout is the one alembic was imported with)."""
+    from alembic.config import CommandLine, Config
+
+    command_line = CommandLine(prog="alembic")
+    options = command_line.parser.parse_args(argv)
+    toml, ini = command_line._inis_from_config(options)
+    config = Config(file_=ini, toml_file=toml, ini_section=options.name, cmd_opts=options, stdout=sys.stdout)
+    command_line.run_cmd(config, options)
+
+
+@contextlib.contextmanager
+def _logging_put_back() -> Iterator[None]:
+    """The logging set-up as it was: env.py's fileConfig() replaces the root handlers,
+    disables every other logger and sets levels, which would reach later tests here."""
+    manager = logging.Logger.manager
+    known = {name: lg for name, lg in manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    saved = {name: (lg.level, list(lg.handlers), lg.propagate, lg.disabled) for name, lg in known.items()}
+    root = logging.getLogger()
+    saved_root = (root.level, list(root.handlers))
+    try:
+        yield
+    finally:
+        root.setLevel(saved_root[0])
+        root.handlers[:] = saved_root[1]
+        for name, lg in manager.loggerDict.items():
+            if not isinstance(lg, logging.Logger):
+                continue
+            level, handlers, propagate, disabled = saved.get(name, (logging.NOTSET, [], True, False))
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate, lg.disabled = propagate, disabled
+
+
+def run_in_process(cwd: Path, env: dict[str, str], main: Callable[[list[str]], Any],
+                   argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``main(argv)`` run as a child process in ``cwd`` with ``env`` would run it, in this
+    process: its stdout, its stderr (an uncaught exception's traceback included) and its
+    exit status, as subprocess.run() reports them. The working directory, environment,
+    sys.path and the logging set-up are put back afterwards."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_cwd, saved_env, saved_path = os.getcwd(), {k: os.environ.get(k) for k in env}, list(sys.path)
+    code: Any = 0
+    os.chdir(cwd)
+    os.environ.update(env)
+    try:
+        with _logging_put_back(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(argv)
+            except SystemExit as exc:
+                code = exc.code % 256 if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if exc.code is not None and not isinstance(exc.code, int):
+                    print(exc.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        # The app's modules (``shop``) stay imported: every copy of the app has the same ones,
+        # and importing them again would map its job kind a second time.
+        sys.path[:] = saved_path
+    return subprocess.CompletedProcess(["alembic", *argv], code, out.getvalue(), err.getvalue())
 
 
 @dataclass
@@ -57,12 +149,18 @@ class App:
     path: Path
     url: str
 
-    def alembic(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "DATABASE_URL": self.url, "PYTHONPATH": str(REPO_ROOT)}
-        proc = subprocess.run(
-            [sys.executable, "-m", "alembic", *args], cwd=self.path, env=env,
-            capture_output=True, text=True, timeout=60,
-        )
+    def alembic(self, *args: str, ok: bool = True, cli: bool = False) -> subprocess.CompletedProcess[str]:
+        """``alembic ARGS`` in the app's directory: with ``cli``, the real command line in a
+        child process; else the same command line run in this process (see run_in_process),
+        which saves a Python start-up per call where the test is not about the CLI itself."""
+        if cli:
+            env = {**os.environ, "DATABASE_URL": self.url, "PYTHONPATH": str(REPO_ROOT)}
+            proc = subprocess.run(
+                [sys.executable, "-m", "alembic", *args], cwd=self.path, env=env,
+                capture_output=True, text=True, timeout=60,
+            )
+        else:
+            proc = run_in_process(self.path, {"DATABASE_URL": self.url}, alembic_main, list(args))
         if ok:
             assert proc.returncode == 0, f"alembic {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
         return proc
@@ -73,23 +171,34 @@ class App:
         assert old in text, f"{relpath} no longer contains {old!r}"
         file.write_text(text.replace(old, new))
 
-    def heads(self) -> set[str]:
-        return set(re.findall(r"^(\S+) \(head\)", self.alembic("current").stdout, re.M))
+    def heads(self, cli: bool = False) -> set[str]:
+        return set(re.findall(r"^(\S+) \(head\)", self.alembic("current", cli=cli).stdout, re.M))
 
-    def autogenerate(self) -> str:
+    def autogenerate(self, cli: bool = False) -> str:
         """The body of an autogenerated revision on the app's branch (then deleted)."""
-        self.alembic("revision", "--autogenerate", "-m", "probe", "--head", "shop@head")
+        self.alembic("revision", "--autogenerate", "-m", "probe", "--head", "shop@head", cli=cli)
         (script,) = (self.path / "migrations" / "versions").glob("*_probe.py")
         body = script.read_text()
         script.unlink()
         return body[body.index("def upgrade"):]
 
 
+def _copy_app(parent: Path, url: str) -> App:
+    dest = parent / "alembic_app"
+    shutil.copytree(EXAMPLE_APP, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return App(dest, url)
+
+
 @pytest.fixture
 def app(tmp_path: Path, db_url: str) -> App:
-    dest = tmp_path / "alembic_app"
-    shutil.copytree(EXAMPLE_APP, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    return App(dest, db_url)
+    return _copy_app(tmp_path, db_url)
+
+
+@pytest.fixture
+def upgraded_app(tmp_path: Path, database_url: str, upgraded_template: str) -> Iterator[App]:
+    """The app with its database already at ``heads`` (both branches)."""
+    with _new_database(database_url, upgraded_template) as url:
+        yield _copy_app(tmp_path, url)
 
 
 def table_names(url: str, schema: str) -> set[str]:
@@ -154,43 +263,44 @@ def test_filters_outside_an_alembic_run_hide_only_queue_tables() -> None:
 
 
 def test_upgrade_heads_installs_the_branch_and_autogenerate_stays_silent(app: App) -> None:
-    heads = app.alembic("heads").stdout
+    """The whole path as a user runs it, each command a real ``alembic`` process."""
+    heads = app.alembic("heads", cli=True).stdout
     assert f"{APP_HEAD} (shop) (head)" in heads and f"{SA_JOBS_HEAD} (sa_jobs) (head)" in heads
 
-    app.alembic("upgrade", "heads")
+    app.alembic("upgrade", "heads", cli=True)
 
-    assert app.heads() == {APP_HEAD, SA_JOBS_HEAD}
+    assert app.heads(cli=True) == {APP_HEAD, SA_JOBS_HEAD}
     assert schema_mod.installed_version(app.url, "sa_jobs") == schema_mod.LATEST_VERSION
     assert check_drift(app.url, "sa_jobs") == []
     assert {"customers", "orders", "alembic_version"} <= table_names(app.url, "public")
-    assert "No new upgrade operations detected" in app.alembic("check").stdout
-    body = app.autogenerate()
+    assert "No new upgrade operations detected" in app.alembic("check", cli=True).stdout
+    body = app.autogenerate(cli=True)
     assert "op." not in body and "pass" in body
 
 
 @pytest.mark.parametrize("include_schemas", ["True", "False"])
-def test_autogenerate_ignores_the_queue_even_in_target_metadata(app: App, include_schemas: str) -> None:
+def test_autogenerate_ignores_the_queue_even_in_target_metadata(upgraded_app: App, include_schemas: str) -> None:
+    app = upgraded_app  # at heads already: not what this test is about
     app.edit("migrations/env.py", "target_metadata = Base.metadata",
              "import sa_jobs.model\ntarget_metadata = [Base.metadata, sa_jobs.model.Base.metadata]")
     app.edit("migrations/env.py", "include_schemas=True", f"include_schemas={include_schemas}")
-    app.alembic("upgrade", "heads")
     app.alembic("check")
     body = app.autogenerate()
     assert "op." not in body, body
 
 
-def test_without_the_filters_autogenerate_would_drop_the_queue(app: App) -> None:
+def test_without_the_filters_autogenerate_would_drop_the_queue(upgraded_app: App) -> None:
     """The control for the two tests above: their ``check`` can fail."""
+    app = upgraded_app  # at heads already: not what this test is about
     app.edit("migrations/env.py", "    include_object=alembic_ext.include_object,\n", "")
     app.edit("migrations/env.py", "    include_name=alembic_ext.include_name,\n", "")
-    app.alembic("upgrade", "heads")
     proc = app.alembic("check", ok=False)
     assert proc.returncode != 0
     assert "sa_jobs.jobs" in proc.stdout + proc.stderr
 
 
-def test_downgrade_branch_base_removes_the_queue_and_keeps_the_app(app: App) -> None:
-    app.alembic("upgrade", "heads")
+def test_downgrade_branch_base_removes_the_queue_and_keeps_the_app(upgraded_app: App) -> None:
+    app = upgraded_app  # at heads already: not what this test is about
     run_sql(app.url, "INSERT INTO customers (email) VALUES ('a@example.com')")
 
     app.alembic("downgrade", "sa_jobs@base")
@@ -233,7 +343,7 @@ def test_schema_option_reaches_sql_validated_and_quoted(app: App) -> None:
     app.alembic("downgrade", "sa_jobs@base")
     assert not schema_exists(app.url, "shop_queue")
 
-    bad = app.alembic("-x", 'sa_jobs_schema=q"; DROP TABLE customers; --', "upgrade", "heads", ok=False)
+    bad = app.alembic("-x", 'sa_jobs_schema=q"; DROP TABLE customers; --', "upgrade", "heads", ok=False, cli=True)
     assert bad.returncode != 0 and "invalid schema name" in bad.stderr
     assert "customers" in table_names(app.url, "public")
 
@@ -253,7 +363,7 @@ def test_sa_jobs_migrate_first_then_alembic_adopts_it(app: App) -> None:
     insert_jobs(app.url, "sa_jobs", 10)
     before = job_rows(app.url, "sa_jobs")
 
-    proc = app.alembic("upgrade", "heads")
+    proc = app.alembic("upgrade", "heads", cli=True)  # its log, through alembic.ini's logging set-up
 
     assert "already at version 1; adopting it" in proc.stderr
     assert schema_mod.installed_version(app.url, "sa_jobs") == schema_mod.LATEST_VERSION
@@ -435,7 +545,16 @@ with create_engine(url).begin() as connection:
 """
 
 
-def _upgrade_in_callers_transaction(app: App, target: str) -> subprocess.CompletedProcess[str]:
+def _run_callers_transaction(argv: list[str]) -> None:
+    saved_argv = sys.argv
+    sys.argv = ["-c", *argv]
+    try:
+        exec(compile(CALLERS_TRANSACTION, "<string>", "exec"), {"__name__": "__main__"})
+    finally:
+        sys.argv = saved_argv
+
+
+def _upgrade_in_callers_transaction(app: App, target: str, cli: bool = False) -> subprocess.CompletedProcess[str]:
     app.edit("migrations/env.py", "def run_migrations_online() -> None:\n",
              "def run_migrations_online() -> None:\n"
              "    if (connection := config.attributes.get('connection')) is not None:\n"
@@ -443,6 +562,8 @@ def _upgrade_in_callers_transaction(app: App, target: str) -> subprocess.Complet
              "        with context.begin_transaction():\n"
              "            context.run_migrations()\n"
              "        return\n")
+    if not cli:
+        return run_in_process(app.path, {"DATABASE_URL": app.url}, _run_callers_transaction, [target])
     env = {**os.environ, "DATABASE_URL": app.url, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{app.path}"}
     return subprocess.run([sys.executable, "-c", CALLERS_TRANSACTION, target], cwd=app.path, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -453,7 +574,7 @@ def test_a_fresh_install_in_the_callers_transaction_builds_its_indexes_in_it(app
     sa_jobs_0002 with a bare AssertionError from Alembic's autocommit_block, and nothing
     was installed. The table is new and locked by that transaction: its indexes are built
     in it, as ``sa-jobs migrate`` builds a fresh install's."""
-    proc = _upgrade_in_callers_transaction(app, "heads")
+    proc = _upgrade_in_callers_transaction(app, "heads", cli=True)
     assert proc.returncode == 0, proc.stderr
     assert app.heads() == {APP_HEAD, SA_JOBS_HEAD}
     assert check_drift(app.url, "sa_jobs") == []
@@ -532,7 +653,7 @@ def test_an_upgrade_that_stops_before_version_8_builds_every_index_of_its_versio
     assert check_drift(app.url, "sa_jobs") == []
 
 
-def test_a_second_queue_schema_is_hidden_from_autogenerate(app: App) -> None:
+def test_a_second_queue_schema_is_hidden_from_autogenerate(upgraded_app: App) -> None:
     """Two queues in one app: ``sa_jobs`` through the branch, ``billing_jobs`` installed by
     ``sa-jobs migrate``. With ``include_schemas=True`` the second schema's tables were
     reflected and proposed for dropping, as a real autogenerate compare shows."""
@@ -540,7 +661,7 @@ def test_a_second_queue_schema_is_hidden_from_autogenerate(app: App) -> None:
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import MetaData, create_engine
 
-    app.alembic("upgrade", "heads")
+    app = upgraded_app  # at heads already: not what this test is about
     schema_mod.install(app.url, "billing_jobs")
     # The control: an app's own table named like a queue table is still compared.
     run_sql(app.url, "CREATE SCHEMA other; CREATE TABLE other.jobs (id integer, kind text)")
@@ -578,7 +699,7 @@ def _compare(url: str, metadata: Any) -> list[Any]:
         engine.dispose()
 
 
-def test_an_apps_own_objects_shaped_like_the_queues_are_compared(app: App) -> None:
+def test_an_apps_own_objects_shaped_like_the_queues_are_compared(upgraded_app: App) -> None:
     """The filters told a second queue schema's tables by their columns alone: an app's
     own table named like a queue table, with those columns (a ``queues`` table of names,
     pause flags and update times), was hidden in whichever schema it was, and autogenerate
@@ -586,7 +707,7 @@ def test_an_apps_own_objects_shaped_like_the_queues_are_compared(app: App) -> No
     queue's (same columns) on the app's tables are compared too."""
     from sqlalchemy import Column, DateTime, Index, Integer, MetaData, Table, Text
 
-    app.alembic("upgrade", "heads")
+    app = upgraded_app  # at heads already: not what this test is about
     schema_mod.install(app.url, "billing_jobs")
     run_sql(app.url, "CREATE SCHEMA crm;"
             " CREATE TABLE crm.queues (name text PRIMARY KEY, paused boolean, updated_at timestamptz, agents int);"
@@ -652,8 +773,11 @@ def test_a_revision_that_never_gets_its_lock_fails_naming_the_blocker(app: App) 
     blocker = _hold_jobs(app.url)
     try:
         started = time.monotonic()
+        # A real process, as the test was written: BLOCKERS_SQL names a session whose transaction
+        # is a lock wait older than now() (the revision's transaction start), which in-process
+        # begins within 0.2 s of the blocker's.
         proc = app.alembic("-x", "sa_jobs_lock_timeout=0.2", "-x", "sa_jobs_lock_retries=1",
-                           "upgrade", "sa_jobs_0003", ok=False)
+                           "upgrade", "sa_jobs_0003", ok=False, cli=True)
         elapsed = time.monotonic() - started
         pid = blocker.info.backend_pid
     finally:
