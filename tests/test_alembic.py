@@ -1,8 +1,11 @@
 """The ``sa_jobs`` Alembic branch, driven through the real ``alembic`` command line.
 
-Each test copies examples/alembic_app into a temp dir and runs ``python -m alembic``
+Each test copies examples/alembic_app into a temp dir and runs alembic's command line
 against a throwaway database, so the app's history, env.py and alembic.ini are exactly
-what a user would have.
+what a user would have. Where a test is about the process (the headline upgrade, an
+error's exit and output, a race with another session) that is ``python -m alembic``;
+elsewhere the same command line runs in this process (``App.alembic(cli=False)``), which
+spares a Python start-up per command.
 """
 
 from __future__ import annotations
