@@ -110,19 +110,47 @@ def _logging_put_back() -> Iterator[None]:
             lg.propagate, lg.disabled = propagate, disabled
 
 
+@contextlib.contextmanager
+def _import_paths_put_back() -> Iterator[None]:
+    """sys.path, and no importer cached for a relative entry while inside: a child process
+    starts with neither. alembic.ini's ``prepend_sys_path = .`` puts ``.`` on sys.path for
+    env.py's ``import shop``, but importlib caches one finder per entry *string*, fixed to
+    the working directory at its creation. An in-process ``sa-jobs worker`` (test_admin_cli,
+    in the same xdist process under ``--dist loadfile``) leaves ``.`` on sys.path with its
+    finder fixed to the repository root: every later ``.`` looked there, and ``shop`` was not
+    found (CI only, where those files shared a process). Outside, the caller's cache is as it
+    was, not one fixed to an app's directory.
+
+    The app's modules (``shop``) stay imported: every copy of the app has the same ones, and
+    importing them again would map its job kind a second time."""
+    def relative_importers() -> dict[str, Any]:
+        return {entry: sys.path_importer_cache.pop(entry)
+                for entry in [e for e in sys.path_importer_cache if not os.path.isabs(e)]}
+
+    saved_path, saved_importers = list(sys.path), relative_importers()
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        relative_importers()
+        sys.path_importer_cache.update(saved_importers)
+
+
 def run_in_process(cwd: Path, env: dict[str, str], main: Callable[[list[str]], Any],
                    argv: list[str]) -> subprocess.CompletedProcess[str]:
     """``main(argv)`` run as a child process in ``cwd`` with ``env`` would run it, in this
     process: its stdout, its stderr (an uncaught exception's traceback included) and its
     exit status, as subprocess.run() reports them. The working directory, environment,
-    sys.path and the logging set-up are put back afterwards."""
+    sys.path, the importers of its relative entries and the logging set-up are put back
+    afterwards."""
     out, err = io.StringIO(), io.StringIO()
-    saved_cwd, saved_env, saved_path = os.getcwd(), {k: os.environ.get(k) for k in env}, list(sys.path)
+    saved_cwd, saved_env = os.getcwd(), {k: os.environ.get(k) for k in env}
     code: Any = 0
     os.chdir(cwd)
     os.environ.update(env)
     try:
-        with _logging_put_back(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with _import_paths_put_back(), _logging_put_back(), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 main(argv)
             except SystemExit as exc:
@@ -139,9 +167,6 @@ def run_in_process(cwd: Path, env: dict[str, str], main: Callable[[list[str]], A
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        # The app's modules (``shop``) stay imported: every copy of the app has the same ones,
-        # and importing them again would map its job kind a second time.
-        sys.path[:] = saved_path
     return subprocess.CompletedProcess(["alembic", *argv], code, out.getvalue(), err.getvalue())
 
 
@@ -260,6 +285,44 @@ def test_filters_outside_an_alembic_run_hide_only_queue_tables() -> None:
     assert alembic_ext.include_name("app", "schema", {}) is True
     assert alembic_ext.include_name("jobs", "table", {"schema_name": "sa_jobs"}) is False
     assert alembic_ext.include_name("jobs", "table", {"schema_name": "app"}) is True
+
+
+def test_in_process_runs_import_from_their_own_directory_after_a_worker_ran_elsewhere(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CI-only "No module named 'shop'" of every in-process alembic run: an in-process
+    ``sa-jobs worker`` (test_admin_cli, earlier in the same xdist process) leaves ``.`` on
+    sys.path, its importer fixed to the directory it ran in; the app's ``.`` looked there."""
+    import importlib
+
+    from sa_jobs import cli
+
+    elsewhere, app_dir = tmp_path / "elsewhere", tmp_path / "app"
+    elsewhere.mkdir()
+    app_dir.mkdir()
+    module = "probe_" + uuid.uuid4().hex[:12]
+    (app_dir / f"{module}.py").write_text("")
+
+    def import_from_dot(argv: list[str]) -> None:  # alembic.ini's prepend_sys_path = ., then env.py
+        sys.path.insert(0, ".")
+        importlib.import_module(module)
+
+    saved_cwd = os.getcwd()
+    with _import_paths_put_back():
+        os.chdir(elsewhere)
+        try:
+            code = cli.main(["worker", module, "--database-url", "postgresql://nobody@127.0.0.1:1/none"])
+            assert code == 2 and f"cannot import {module!r}" in capsys.readouterr().err
+            stale = sys.path_importer_cache["."]
+            assert sys.path[0] == "." and getattr(stale, "path", None) == os.getcwd()
+
+            proc = run_in_process(app_dir, {}, import_from_dot, [])
+
+            assert proc.returncode == 0, proc.stderr
+            assert Path(sys.modules[module].__file__ or "").resolve() == (app_dir / f"{module}.py").resolve()
+            assert sys.path_importer_cache["."] is stale  # the caller's, put back
+        finally:
+            os.chdir(saved_cwd)
+            sys.modules.pop(module, None)
 
 
 # ---- the real command line -------------------------------------------------------------
