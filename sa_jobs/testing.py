@@ -512,13 +512,15 @@ def _raise_for_unknown_kinds(session: Session, worker_id: str, kinds: list[str])
 
 def _held_queues(session: Session) -> set[str]:
     """Queues whose waiting jobs no worker claims within ``DRAIN_LOOKAHEAD``: paused, or
-    with their rate window used up until later (the limited claim's rule)."""
+    with their rate window used up until later (the limited claim's rule: since schema v11
+    a row whose window is later than now()'s counts too, as after a rate made 1/7d from
+    1/1s, whose last second's claims count against the week)."""
     q = Table(QUEUES_TABLE, MetaData(), Column("name", Text), Column("paused", Boolean), Column("rate_limit", Integer),
               Column("rate_period", Interval), Column("rate_window_start", DateTime(timezone=True)),
               Column("rate_window_count", Integer), schema=DEFAULT_SCHEMA)
     period = func.extract("epoch", q.c.rate_period)
     window = func.to_timestamp(func.floor(func.extract("epoch", func.now()) / period) * period)
-    full = ((q.c.rate_limit.is_not(None)) & (q.c.rate_window_start == window) & (q.c.rate_window_count >= q.c.rate_limit)
+    full = ((q.c.rate_limit.is_not(None)) & (q.c.rate_window_start >= window) & (q.c.rate_window_count >= q.c.rate_limit)
             & (window + q.c.rate_period > func.now() + dt.timedelta(seconds=DRAIN_LOOKAHEAD)))
     return set(session.scalars(select(q.c.name).where(q.c.paused | full)))
 

@@ -675,6 +675,26 @@ def test_drain_returns_when_a_rate_limited_queue_must_wait_past_its_lookahead(sa
     assert drain(sa_jobs_engine, kinds=[Double], timeout=5) == {"completed": 1, "available": 1}
 
 
+def test_drain_returns_when_a_rate_limit_lengthened_mid_window_holds_the_queue(sa_jobs_engine):
+    """A rate of 1/1s made 1/7d: the claim counts the 1-s window's claim against the week
+    (the row's window is later than the week's start: schema v11 counts a row whose window
+    is the same or later), so the second job waits for the next week. drain() took the queue
+    as held only when the row's window was exactly the week's, and polled for that job
+    until its TimeoutError."""
+    import datetime as dt
+
+    from sa_jobs import QueueLimits, set_queue_limits
+
+    with Session(sa_jobs_engine) as session, session.begin():
+        set_queue_limits(session, "th", QueueLimits(rate=(1, dt.timedelta(seconds=1))))
+        session.add(Double(x=1))
+    assert drain(sa_jobs_engine, kinds=[Double], timeout=5) == {"completed": 1}
+    with Session(sa_jobs_engine) as session, session.begin():
+        set_queue_limits(session, "th", QueueLimits(rate=(1, dt.timedelta(days=7))))
+        session.add(Double(x=2))
+    assert drain(sa_jobs_engine, kinds=[Double], timeout=5) == {"completed": 1, "available": 1}
+
+
 # ---- the test engine's own options, behind both transactions ----------------------------
 
 class _AppBase(DeclarativeBase):
