@@ -39,6 +39,7 @@ from sa_jobs._url import to_conninfo
 from sa_jobs.queries import Queries
 from sa_jobs.events import NullObserver
 from sa_jobs.retry import backoff_bounds, exponential_backoff
+from sa_jobs.worker._job import HandlerThread
 from sa_jobs.worker.worker import UNKNOWN_KIND_BACKOFF_BASE
 from sa_jobs.testing import perform, perform_async
 
@@ -1399,6 +1400,62 @@ def test_a_timed_out_sync_handler_holds_its_slot_until_its_thread_returns(engine
         STUCK_RELEASE.set()
     assert STUCK["peak"] == 1 and STUCK["entered"] == 3, STUCK
     assert [job_row(engine, i).state for i in ids] == ["dead", "completed", "completed"]
+
+
+class WUnstartedSync(Job, kind="w_unstarted_sync", queue="unstarted", timeout=1e-6, max_attempts=1):
+    """Times out before its thread can begin the call."""
+
+
+@WUnstartedSync.handler
+def w_unstarted_sync(ctx: JobContext) -> None:
+    return None
+
+
+def test_a_sync_handler_cut_short_before_its_thread_began_frees_its_slot(engine, database_url, schema):
+    """A sync handler's attempt that ends before a thread begins the call (a timeout shorter
+    than the thread's start; a cancel or a release in that instant) is never run, and its
+    slot is free at once. The runner waited for that thread to return, which never came:
+    the one-slot queue ran nothing more (1 job dead, 2 left available), and the stop left a
+    'running' thread behind that the Worker's next run would have kept a slot for."""
+    ids = add(engine, *(WUnstartedSync() for _ in range(3)))
+
+    async def main() -> tuple[int, int]:
+        async with Worker(database_url, kinds=[WUnstartedSync], schema=schema, queues={"unstarted": 1},
+                          shutdown_grace=0.5, **FAST) as worker:
+            with anyio.move_on_after(10):
+                while not await anyio.to_thread.run_sync(finished(engine, ids)):
+                    await anyio.sleep(0.05)
+            busy = worker._queues["unstarted"].busy
+        return busy, worker._threads_left_behind()
+
+    busy, left_behind = anyio.run(main)
+    assert [job_row(engine, i).state for i in ids] == ["dead"] * 3
+    assert (busy, left_behind) == (0, 0)
+    assert all("ran longer than its timeout" in job_row(engine, i).errors[-1]["error"] for i in ids)
+
+
+def test_a_handler_thread_given_up_before_it_began_never_runs_the_call():
+    """The race behind the test above, without timing: anyio may still hand a call it
+    abandoned to a thread that had taken it up; a call given up before it began returns at
+    once, and one already begun is waited for."""
+    calls: list[str] = []
+    loop = asyncio.new_event_loop()
+    try:
+        unstarted = HandlerThread(loop, lambda: calls.append("unstarted"))
+        assert unstarted.give_up_if_unstarted() and unstarted.done
+        assert unstarted() is None and calls == []
+
+        began, release = threading.Event(), threading.Event()
+        started = HandlerThread(loop, lambda: (began.set(), release.wait(5), calls.append("started")))
+        thread = threading.Thread(target=started)
+        thread.start()
+        assert began.wait(5)
+        assert not started.give_up_if_unstarted() and not started.done
+        release.set()
+        thread.join(5)
+        assert started.done and calls == ["started"]
+    finally:
+        loop.close()
 
 
 def test_a_stop_leaves_an_abandoned_sync_handler_behind_after_the_grace(engine, database_url, schema):

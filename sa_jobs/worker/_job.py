@@ -65,11 +65,27 @@ class HandlerThread:
     def __init__(self, loop: asyncio.AbstractEventLoop, call: Callable[[], Any]) -> None:
         self._loop, self._call = loop, call
         self._lock = threading.Lock()
+        self.started = False  # a thread has begun the call
         self.done = False
         self.taken = False  # the runner has the call's outcome (it may await a coroutine the call returned)
         self._returned: Optional[anyio.Event] = None  # made only for an abandoned call
 
+    def give_up_if_unstarted(self) -> bool:
+        """For a call abandoned before a thread began it: it never runs (True), and counts
+        as returned. Abandoned that early (a timeout shorter than the thread's start, a
+        cancel or release in that instant), anyio never calls it, or calls it later if a
+        thread took it up as it was abandoned; either way the runner waited for a return
+        that never came, its slot lost for the run (and the next run of the Worker)."""
+        with self._lock:
+            if not self.started:
+                self.done = True
+            return not self.started
+
     def __call__(self) -> Any:
+        with self._lock:
+            if self.done:  # given up before it began (give_up_if_unstarted): the attempt is over
+                return None
+            self.started = True
         try:
             return self._call()
         finally:

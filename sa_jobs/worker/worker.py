@@ -1180,7 +1180,7 @@ class Worker:
                     self.completer.submit(outcome)
                 else:
                     self._observer.job_finished(q.name, job.kind, label, run_seconds, since_enqueue)
-                if job.thread is not None and not job.thread.done:
+                if job.thread is not None and not job.thread.done and not job.thread.give_up_if_unstarted():
                     outlived = True
                     await self._outlive(q, job, job.thread, label, unwritten=outcome is not None)
             finally:
