@@ -1,0 +1,107 @@
+"""Job kinds for tests/test_rolling_upgrade.py, run by two releases at once: the previous
+release's workers and this one's import this file (a copy, outside the repository, so that
+``sa_jobs`` comes from each release's own tree). Handlers record each execution in
+``<schema>.effects`` with the release that ran it, so the test counts from the database."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from sa_jobs import Job, JobContext, constant_backoff
+from sa_jobs import schema as _schema
+from sa_jobs._url import to_conninfo
+from sa_jobs.periodic import Periodic
+
+RELEASE = _schema.LATEST_VERSION  # the schema version this release's code knows
+_conn: Any = None
+
+
+def effects_ddl(schema: str) -> sql.Composed:
+    return sql.SQL("CREATE TABLE {} (job_id bigint NOT NULL, kind text NOT NULL, attempt int NOT NULL,"
+                   " pid int NOT NULL, release int NOT NULL, note text NOT NULL,"
+                   " at timestamptz NOT NULL DEFAULT clock_timestamp())").format(sql.Identifier(schema, "effects"))
+
+
+def record(ctx: JobContext, note: str) -> None:
+    global _conn
+    if _conn is None or _conn.closed:
+        _conn = psycopg.connect(to_conninfo(os.environ["SA_JOBS_DATABASE_URL"]), autocommit=True)
+    _conn.execute(sql.SQL("INSERT INTO {} (job_id, kind, attempt, pid, release, note) VALUES (%s, %s, %s, %s, %s, %s)")
+                  .format(sql.Identifier(ctx.schema, "effects")),
+                  (ctx.id, ctx.kind, ctx.attempt, os.getpid(), RELEASE, note))
+
+
+class UpgNoop(Job, kind="upg_noop", queue="upg"):
+    """One effect per execution; ``sleep`` longer than the lease needs heartbeats."""
+
+
+@UpgNoop.handler
+def upg_noop(ctx: JobContext, n: int = 0, sleep: float = 0.0) -> None:
+    if sleep:
+        time.sleep(sleep)
+    record(ctx, "done")
+
+
+class UpgFlaky(Job, kind="upg_flaky", queue="upg", max_attempts=3, backoff=constant_backoff(0.3)):
+    """Fails its first attempt: a retry to schedule, across the upgrade."""
+
+
+@UpgFlaky.handler
+def upg_flaky(ctx: JobContext, n: int = 0) -> None:
+    record(ctx, "try")
+    if ctx.attempt == 1:
+        raise RuntimeError("the first attempt fails on purpose")
+
+
+class UpgLimited(Job, kind="upg_limited", queue="upg_limited"):
+    """Runs in a queue with a concurrency limit (the test sets 2): its start and end are recorded."""
+
+
+@UpgLimited.handler
+def upg_limited(ctx: JobContext, n: int = 0) -> None:
+    record(ctx, "start")
+    time.sleep(0.1)
+    record(ctx, "end")
+
+
+class UpgTick(Job, kind="upg_tick", queue="upg"):
+    """Fired every second by the maintenance leader, whichever release it runs."""
+
+
+@UpgTick.handler
+def upg_tick(ctx: JobContext, **args: Any) -> None:
+    record(ctx, "done")
+
+
+SA_JOBS_PERIODIC = [Periodic("* * * * * *", UpgTick, name="upg_every_second")]
+
+
+def produce(url: str, schema: str) -> None:
+    """Enqueue about 20 jobs a second until killed (``python jobs_upgrade.py URL SCHEMA``):
+    an app of one release, enqueueing with its own code throughout the upgrade."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from sa_jobs._url import sqlalchemy_url
+
+    engine = create_engine(sqlalchemy_url(url)).execution_options(schema_translate_map={"sa_jobs": schema})
+    n = 0
+    while True:
+        with Session(engine) as session, session.begin():
+            for _ in range(4):
+                n += 1
+                kind = UpgFlaky if n % 10 == 0 else UpgLimited if n % 5 == 0 else UpgNoop
+                session.add(kind(n=n))
+        print(f"enqueued {n}", flush=True)
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    import sys
+
+    produce(sys.argv[1], sys.argv[2])

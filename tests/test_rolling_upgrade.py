@@ -1,0 +1,253 @@
+"""A rolling upgrade with real processes: the previous release's workers and app keep running
+while this release migrates the schema under them, then this release's workers take over.
+
+The previous release is the parent of the commit that added this release's latest Alembic
+revision, taken from git (``git archive``, nothing checked out): the test skips without git
+history. Its processes run from a directory outside the repository, so that ``sa_jobs``
+comes from that release's tree, not this one (``python -m`` puts the working directory first).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from sa_jobs import schema as schema_mod
+from sa_jobs._url import sqlalchemy_url, to_conninfo
+
+from . import jobs_upgrade
+from .conftest import REPO_ROOT
+from .helpers import wait_for
+
+pytestmark = pytest.mark.slow
+
+LATEST = schema_mod.LATEST_VERSION
+WORKER_OPTIONS = ["--lease", "2", "--poll-interval", "0.5", "--maintenance-interval", "0.5",
+                  "--shutdown-grace", "10", "--queue", "upg=4", "--queue", "upg_limited=4"]
+
+
+def run_sql(url: str, query: sql.Composable | str, params: object = None) -> list[tuple]:
+    with psycopg.connect(to_conninfo(url), autocommit=True) as conn:
+        cur = conn.execute(query, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture
+def previous_release(tmp_path: Path) -> Path:
+    """The code of the release before this schema version: sa_jobs, alembic_ext and the example app."""
+    git = shutil.which("git")
+    if git is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("needs the repository's git history")
+    added = subprocess.run(
+        [git, "log", "--diff-filter=A", "--format=%H", "-1", "--", f"alembic_ext/versions/sa_jobs_{LATEST:04d}_*"],
+        cwd=REPO_ROOT, capture_output=True, text=True)
+    if added.returncode != 0 or not added.stdout.strip():
+        pytest.skip(f"no commit in the history adds schema version {LATEST}")
+    tree = tmp_path / "previous"
+    tree.mkdir()
+    archive = subprocess.run([git, "archive", f"{added.stdout.strip()}^", "sa_jobs", "alembic_ext", "examples/alembic_app"],
+                             cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+@pytest.fixture
+def private_db(database_url: str) -> Iterator[str]:
+    """A database of its own: the example app's ``alembic_version`` table lives in ``public``."""
+    name = "sa_jobs_upgrade_" + uuid.uuid4().hex[:12]
+    run_sql(database_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    run_sql(database_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+class Releases:
+    """Runs the old or the new release's commands, each from its own tree."""
+
+    def __init__(self, old: Path, url: str, schema: str, work: Path) -> None:
+        self.trees = {"old": old, "new": REPO_ROOT}
+        self.url, self.schema, self.work = url, schema, work
+        self.app = work / "alembic_app"
+        shutil.copytree(old / "examples" / "alembic_app", self.app)
+        shutil.copy(Path(jobs_upgrade.__file__), work / "jobs_upgrade.py")
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def env(self, release: str) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": f"{self.trees[release]}{os.pathsep}{self.work}",
+                "SA_JOBS_DATABASE_URL": self.url, "DATABASE_URL": self.url}
+
+    def run(self, release: str, *argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, *argv], cwd=cwd or self.work, env=self.env(release),
+                              capture_output=True, text=True, timeout=120)
+
+    def migrate(self, release: str, tool: str) -> subprocess.CompletedProcess[str]:
+        if tool == "alembic":
+            return self.run(release, "-m", "alembic", "-x", f"sa_jobs_schema={self.schema}", "upgrade", "sa_jobs@head",
+                            cwd=self.app)
+        return self.run(release, "-m", "sa_jobs", "migrate", "--schema", self.schema)
+
+    def start(self, name: str, release: str, *argv: str) -> subprocess.Popen[str]:
+        log = open(self.work / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen([sys.executable, *argv], cwd=self.work, env=self.env(release),
+                                            stdout=log, stderr=subprocess.STDOUT, text=True)
+        log.close()
+        return self.procs[name]
+
+    def worker(self, name: str, release: str) -> subprocess.Popen[str]:
+        return self.start(name, release, "-m", "sa_jobs", "--log-level", "INFO", "worker", "jobs_upgrade",
+                          "--schema", self.schema, *WORKER_OPTIONS)
+
+    def producer(self, name: str, release: str) -> subprocess.Popen[str]:
+        return self.start(name, release, str(self.work / "jobs_upgrade.py"), self.url, self.schema)
+
+    def log(self, name: str) -> str:
+        return (self.work / f"{name}.log").read_text()
+
+    def kill_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def count(db: str, schema: str, rest: str, params: object = None) -> list[tuple]:
+    return run_sql(db, sql.SQL(rest).format(jobs=sql.Identifier(schema, "jobs"), effects=sql.Identifier(schema, "effects")),
+                   params)
+
+
+@pytest.mark.parametrize("tool", ["migrate", "alembic"])
+def test_a_schema_upgrade_under_running_workers_loses_nothing(previous_release: Path, private_db: str,
+                                                              tmp_path: Path, tool: str) -> None:
+    db, schema = private_db, "upg"
+    rel = Releases(previous_release, db, schema, tmp_path)
+
+    def states() -> dict[str, int]:
+        return dict(count(db, schema, "SELECT state, count(*) FROM {jobs} GROUP BY 1"))
+
+    def version() -> int:
+        return schema_mod.installed_version(to_conninfo(db), schema)
+
+    try:
+        installed = rel.migrate("old", tool)
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert version() == LATEST - 1
+        run_sql(db, jobs_upgrade.effects_ddl(schema))
+        limit = rel.run("old", "-m", "sa_jobs", "queues", "limit", "upg_limited", "--concurrency", "2", "--schema", schema)
+        assert limit.returncode == 0, limit.stderr
+
+        rel.producer("producer-old", "old")
+        old = {name: rel.worker(name, "old") for name in ("old-a", "old-b")}
+        assert wait_for(lambda: states().get("completed", 0) >= 30, 30, 0.2), states()
+
+        upgrade = rel.migrate("new", tool)
+        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+        assert version() == LATEST
+        # Long jobs (heartbeats past the lease) for the old workers to hold on the new schema.
+        engine = create_engine(sqlalchemy_url(db)).execution_options(schema_translate_map={"sa_jobs": schema})
+        with Session(engine) as session, session.begin():
+            session.add_all([jobs_upgrade.UpgNoop(n=-i, sleep=3.0) for i in range(1, 7)])
+        engine.dispose()
+
+        # The old leader dies holding a job: the other old worker, on the new schema, takes
+        # the lead, rescues it and fires the schedule.
+        leader = wait_until_one(lambda: [n for n in old if leads(rel.log(n))])
+        leader_pid = old[leader].pid
+        assert wait_for(lambda: holding(db, schema, leader_pid) > 0, 20, 0.1), states()
+        held = holding(db, schema, leader_pid)
+        old[leader].send_signal(signal.SIGKILL)
+        old[leader].wait()
+        survivor = next(n for n in old if n != leader)
+        assert wait_for(lambda: leads(rel.log(survivor)), 10, 0.1)
+        assert wait_for(lambda: count(db, schema, "SELECT count(*) FROM {jobs} WHERE attempt = 2 AND kind = 'upg_noop'"
+                                      " AND state = 'completed'")[0][0] >= held, 30, 0.2), states()
+
+        rel.producer("producer-new", "new")
+        new = [rel.worker(name, "new") for name in ("new-a", "new-b")]
+        assert wait_for(lambda: count(db, schema, "SELECT count(*) FROM {effects} WHERE release = %s", (LATEST,))[0][0] >= 30,
+                        30, 0.2)
+        old[survivor].send_signal(signal.SIGTERM)
+        assert old[survivor].wait(30) == 0, rel.log(survivor)
+
+        # An old worker started after the upgrade refuses, with one line, and exits 2.
+        late = rel.run("old", "-m", "sa_jobs", "worker", "jobs_upgrade", "--schema", schema)
+        assert late.returncode == 2
+        assert late.stderr.strip().splitlines()[-1] == (
+            f"sa-jobs: the sa-jobs schema {schema!r} is at version {LATEST}, newer than this sa-jobs knows"
+            f" ({LATEST - 1}); refusing to start so an older deploy cannot corrupt newer tables")
+        assert "Traceback" not in late.stderr
+
+        for name in ("producer-old", "producer-new"):
+            assert rel.procs[name].poll() is None, rel.log(name)  # the old app enqueued throughout
+            rel.procs[name].send_signal(signal.SIGTERM)
+            rel.procs[name].wait()
+        assert wait_for(lambda: set(states()) == {"completed"}, 60, 0.2), states()
+        for p in new:
+            p.send_signal(signal.SIGTERM)
+        assert [p.wait(30) for p in new] == [0, 0]
+    finally:
+        rel.kill_all()
+
+    # Every job ran to completion once; the jobs the killed leader held ran twice (at least once).
+    wrong = count(db, schema,
+                  "SELECT j.id, j.kind, j.attempt, array_agg(e.release || ':' || e.note ORDER BY e.at)"
+                  " FROM {jobs} j LEFT JOIN {effects} e ON e.job_id = j.id GROUP BY j.id"
+                  " HAVING (j.kind = 'upg_flaky' AND (j.attempt, count(e.*)) <> (2, 2))"
+                  "  OR (j.kind <> 'upg_flaky' AND count(e.*) FILTER (WHERE e.note IN ('done', 'end')) <> 1)")
+    assert wrong == []
+    # Both releases ran every kind, retries included.
+    ran = count(db, schema, "SELECT release, count(DISTINCT kind) FROM {effects} GROUP BY 1 ORDER BY 1")
+    assert ran == [(LATEST - 1, 4), (LATEST, 4)]
+    # The schedule fired every slot (every second) once, on time, whichever release led.
+    fired = count(db, schema, "SELECT substr(unique_key, length('periodic:upg_every_second:') + 1)::timestamptz,"
+                              " created_at FROM {jobs} WHERE kind = 'upg_tick' ORDER BY 1")
+    slots = [slot for slot, _ in fired]
+    assert len(set(slots)) == len(slots) >= 10
+    assert (slots[-1] - slots[0]).total_seconds() == len(slots) - 1, slots
+    assert max((at - slot).total_seconds() for slot, at in fired) < 3
+    # The queue's concurrency limit held throughout.
+    running = peak = 0
+    for (note,) in count(db, schema, "SELECT note FROM {effects} WHERE kind = 'upg_limited' ORDER BY at"):
+        running += 1 if note == "start" else -1
+        peak = max(peak, running)
+    assert peak <= 2
+    # Nothing but the flaky jobs' first attempts went wrong in any process's log.
+    for name in rel.procs:
+        noise = [line for line in rel.log(name).splitlines()
+                 if any(word in line for word in (" WARNING ", " ERROR ", "Traceback"))]
+        assert noise == [], name
+
+
+def holding(db: str, schema: str, pid: int) -> int:
+    """Running jobs leased by the worker process ``pid`` (worker ids are host:pid:random)."""
+    return count(db, schema, "SELECT count(*) FROM {jobs} WHERE state = 'running' AND lease_owner LIKE %s",
+                 (f"%:{pid}:%",))[0][0]
+
+
+def leads(log: str) -> bool:
+    """Whether a worker's log says it is the maintenance leader now (its last word on it)."""
+    return log.rfind("this worker is now the leader") > log.rfind("this worker is no longer the leader")
+
+
+def wait_until_one(found: Callable[[], list[str]]) -> str:
+    """The one name ``found()`` returns (the leader), within 20 s."""
+    result: list[str] = []
+
+    def check() -> bool:
+        nonlocal result
+        result = found()
+        return len(result) == 1
+
+    assert wait_for(check, 20, 0.1), result
+    return result[0]
