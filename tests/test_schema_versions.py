@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,19 +13,22 @@ import time
 import uuid
 from typing import Any, Iterator
 
+import anyio
 import psycopg
 import pytest
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from sa_jobs import Job, Worker
 from sa_jobs import schema as schema_mod
 from sa_jobs.drift import check_drift
 from sa_jobs.errors import InvalidIdentifierError, SchemaVersionError
 from sa_jobs.maintenance.pruner import delete_statement
+from sa_jobs.periodic import Periodic, PeriodicJobs
 from sa_jobs.queries import Queries
 
 from .conftest import REPO_ROOT, new_schema_name, pg_bin, worker_command
-from .helpers import wait_for
+from .helpers import LoopErrors, until, wait_for
 
 EXAMPLE_APP = REPO_ROOT / "examples" / "alembic_app"
 
@@ -111,6 +115,60 @@ def test_worker_refuses_a_newer_schema(db: str, fresh_schema: str) -> None:
     with pytest.raises(SchemaVersionError, match="newer"):
         schema_mod.install(db, fresh_schema)
     assert "newer than this sa-jobs knows" in check_drift(db, fresh_schema)[0]
+
+
+class DowngradedTick(Job, kind="downgraded_tick", queue="downgraded_q"):
+    """Fired by a worker whose schema is then downgraded under it (never claimed here)."""
+
+
+@DowngradedTick.handler
+def downgraded_tick(ctx: Any) -> None:
+    return None
+
+
+def test_a_worker_whose_schema_is_downgraded_under_it_says_why_once(db: str, fresh_schema: str,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A rollback run with this release's workers still up (``alembic downgrade sa_jobs@-1``):
+    each maintenance tick then fails on what the older schema lacks. The first failure
+    names the versions, once, at ERROR; the next ones are one line each. Each tick logged
+    a WARNING with a traceback that named only the missing column (reproduced with two
+    worker processes: 31 tracebacks in 10 s at a 0.5 s interval)."""
+    schema_mod.install(db, fresh_schema)
+    below = schema_mod.LATEST_VERSION - 1
+    errors = LoopErrors()
+    fired = sql.SQL("SELECT count(*) FROM {} WHERE kind = 'downgraded_tick'").format(sql.Identifier(fresh_schema, "jobs"))
+
+    def downgrade() -> None:
+        with psycopg.connect(db, autocommit=True) as conn, conn.transaction():
+            for stmt in schema_mod.downgrade_statements(schema_mod.LATEST_VERSION, fresh_schema):
+                conn.execute(stmt)
+
+    async def main() -> None:
+        periodic = PeriodicJobs([Periodic("* * * * * *", DowngradedTick, name="downgraded_tick")])
+        async with Worker(db, kinds=[DowngradedTick], queues={"other": 1}, schema=fresh_schema, observer=errors,
+                          maintenance=[periodic], lease=2.0, poll_interval=0.2, maintenance_interval=0.1):
+            await until_in_thread(lambda: run_sql(db, fired)[0][0] >= 1)
+            await anyio.to_thread.run_sync(downgrade)
+            await until(lambda: errors.seen.count("maintenance") >= 5)
+
+    with caplog.at_level(logging.INFO, logger="sa_jobs"):
+        anyio.run(main)
+    failures = [r for r in caplog.records if r.name == "sa_jobs.maintenance" and r.levelno >= logging.WARNING]
+    assert len(failures) >= 5
+    assert [r.levelno for r in failures] == [logging.ERROR] + [logging.WARNING] * (len(failures) - 1)
+    assert failures[0].getMessage() == (
+        f"maintenance failed (UndefinedColumn (SQLSTATE 42703)): the sa-jobs schema {fresh_schema!r} is now at"
+        f" version {below} and this sa-jobs runs on version {schema_mod.LATEST_VERSION}; it was migrated while"
+        f" this worker ran, and this worker's maintenance fails until the schema and the release match again"
+        f" (restart it with the release of version {below}, or migrate back to {schema_mod.LATEST_VERSION})")
+    assert [r for r in failures if r.exc_info] == []
+
+
+async def until_in_thread(check: Any, within: float = 10) -> None:
+    """:func:`until` for a check that blocks (a query): polled in a thread."""
+    with anyio.fail_after(within):
+        while not await anyio.to_thread.run_sync(check):
+            await anyio.sleep(0.05)
 
 
 # ---- upgrades ----------------------------------------------------------------------

@@ -30,10 +30,14 @@ import psycopg
 
 from ..errors import ConfigurationError
 from ..queries import Queries
+from ..schema import LATEST_VERSION, read_version_async
 from .._connection import ManagedConnection, describe, is_transient
 from ..events import WorkerObserver, hook
 
 log = logging.getLogger("sa_jobs.maintenance")
+
+# What a statement meets on a schema of another version than the one it was written for.
+_MISSING_OBJECT = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction)
 
 
 # When the running maintenance tick's planned time ends (anyio.current_time()): a tick is
@@ -295,6 +299,7 @@ class Maintainer:
         self._services = services
         self._interval = interval
         self.is_leader = False
+        self._reported_version: int | None = None  # a schema version met mid-run, logged once
         self._lock_conn: Any = None  # the connection whose session holds the leader lock
         self._stop = anyio.Event()
         self.stopped = anyio.Event()
@@ -348,10 +353,34 @@ class Maintainer:
             await self._tick(conn)
         except Exception as exc:  # noqa: BLE001 - retried next tick on a fresh connection
             self._observer.loop_error("maintenance")
-            log.warning("maintenance failed (%s); leadership dropped until reconnected", describe(exc),
-                        exc_info=not is_transient(exc))
             self._set_leader(False)
             await self._conn.discard()
+            moved = await self._schema_moved(exc)
+            if moved is not None and moved != self._reported_version:
+                self._reported_version = moved
+                log.error("maintenance failed (%s): the sa-jobs schema %r is now at version %d and this sa-jobs"
+                          " runs on version %d; it was migrated while this worker ran, and this worker's"
+                          " maintenance fails until the schema and the release match again (restart it with"
+                          " the release of version %d, or migrate back to %d)", describe(exc), self._q.schema,
+                          moved, LATEST_VERSION, moved, LATEST_VERSION)
+            else:
+                log.warning("maintenance failed (%s); leadership dropped until reconnected", describe(exc),
+                            exc_info=moved is None and not is_transient(exc))
+
+    async def _schema_moved(self, exc: Exception) -> int | None:
+        """The installed schema version, when ``exc`` is a missing table, column or function
+        and the version is not this release's: a schema migrated under the running worker
+        (a rollback's downgrade, a newer release's upgrade). The worker checks the version
+        only at start; each tick then failed with a traceback naming only the missing object."""
+        if not isinstance(exc, _MISSING_OBJECT):
+            return None
+        try:
+            with anyio.fail_after(self._conn.timeout):
+                version = await read_version_async(await self._conn.get(), self._q.schema)
+        except Exception:  # noqa: BLE001 - the failure itself is logged by the caller
+            await self._conn.discard()
+            return None
+        return None if version == LATEST_VERSION else version
 
     async def _tick(self, conn: Any) -> None:
         """One pass of the services. Each round trip has its own deadline (the timeout: see
