@@ -131,6 +131,27 @@ class ManagedConnection:
                 await anyio.sleep(delay)
         return self._conn
 
+    async def heard_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the idle connection's socket to turn readable: True
+        if it did. A server that ends a session (pg_terminate_backend, a shutdown, its
+        idle limit) says so and closes it, and a proxy or peer that cuts it closes it,
+        which a service sending nothing learnt only at its next statement. Readable says
+        only that something came (a notice, a parameter change too): the caller's next
+        statement finds out which. Without a connection, it waits the time out."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            await anyio.sleep(seconds)
+            return False
+        # anyio.wait_readable came with anyio 4.7; before, wait_socket_readable takes an fd on asyncio.
+        wait = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
+        with anyio.move_on_after(seconds):
+            try:
+                await wait(conn.fileno())
+            except (anyio.ClosedResourceError, anyio.BusyResourceError, OSError, psycopg.Error):
+                pass  # closed or broken meanwhile: the next statement says so
+            return True
+        return False
+
     def deadline(self) -> ContextManager[anyio.CancelScope]:
         """``with conn.deadline():`` around a statement: TimeoutError past ``timeout``."""
         return anyio.fail_after(self.timeout)

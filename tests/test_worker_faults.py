@@ -1164,3 +1164,75 @@ def test_a_stop_while_the_lease_keeper_waits_on_a_row_lock_is_prompt_and_leaves_
         before = q(database_url, lease_of, (job_id,))[0][0]
         locker.rollback()
     assert q(database_url, lease_of, (job_id,))[0][0] == before
+
+
+def _claim_holder(database_url: str, schema: str, job_id: int) -> Any:
+    """The (pid, query_start) of the session holding ``job_id``'s kept claim (queries._kept_key), or None."""
+    rows = q(database_url, "SELECT l.pid, a.query_start FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid"
+                           " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+                           " AND l.classid = hashtext('sa_jobs.kept.' || %s)::oid AND l.objid = %s::oid",
+             (f"{schema}_jobs_inserted", job_id))
+    return rows[0] if rows else None
+
+
+def test_a_kept_claim_whose_session_was_ended_is_taken_again_at_once(engine, database_url, schema):
+    """The session holding the kept outcomes' claims (Heartbeat._guard_kept) was ended by
+    the server (pg_terminate_backend here; a restart, a failover, a pooler or an admin
+    alike) while an app's transaction held the job's row locked past its lease. Its locks
+    went with it, but the worker learnt of it only at its next statement on that session,
+    an alive check up to a heartbeat interval (a quarter of the lease) later: all that
+    while, the rescue of any worker could re-drive the finished job the moment the row
+    lock went. The lease keeper queued on the row is ended too (it queues again only an
+    interval later), and the app's transaction lets the lease run out under its lock."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.queries import Queries
+
+    LOCKED_PAIR_RUNS.clear()
+    LOCKED_PAIR_GO.clear()
+    lease = 8.0  # a heartbeat interval of 2 s
+    [job_id] = _add(engine, FaultLockedPair(n=1))
+    lock = jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s FOR UPDATE")
+    run_out = jobs_sql(schema, "UPDATE {jobs} SET lease_expires_at = now() - interval '1 second' WHERE id = %s")
+    rescue = Queries.for_schema(schema).rescue_expired
+    rescued: list[tuple] = []
+
+    with psycopg.connect(to_conninfo(database_url)) as locker, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as admin:
+
+        def end_keepers_and_guard(guard_pid: int) -> None:
+            """End the guard's session, and the lease keepers' queued behind the locker."""
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s"
+                          " OR (application_name = 'sa_jobs:lease-keeper' AND %s = ANY(pg_blocking_pids(pid)))",
+                          (guard_pid, locker.info.backend_pid))
+
+        async def main() -> None:
+            async with Worker(database_url, kinds=[FaultLockedPair], schema=schema, lease=lease,
+                              poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=5) as worker:
+                await until(lambda: LOCKED_PAIR_RUNS)
+                assert locker.execute(lock, (job_id,)).fetchone() == ("running",)
+                LOCKED_PAIR_GO.add(1)
+                await until(lambda: worker.completer is not None and worker.completer.awaiting())
+                await until(lambda: _claim_holder(database_url, schema, job_id) is not None)
+                await until(lambda: _keepers(database_url, schema, waiting=True) > 0)
+                # Just after the guard's alive check: the next one is an interval away.
+                pid, sent = _claim_holder(database_url, schema, job_id)
+                await until(lambda: _claim_holder(database_url, schema, job_id)[1] != sent, 5)
+                end_keepers_and_guard(pid)
+                try:
+                    await until(lambda: (_claim_holder(database_url, schema, job_id) or (pid,))[0] != pid, 1.0)
+                except TimeoutError:
+                    raise AssertionError("the kept claim was not taken again within 1 s of its session's end")
+                locker.execute(run_out, (job_id,))  # the lease ran out under the app's lock ...
+                locker.commit()  # ... which goes
+                rescued.extend(rescuer_rows := admin.execute(rescue, {"limit": 100}).fetchall())
+                assert not rescuer_rows
+                await until(lambda: not _unfinished(database_url, schema), 15)
+
+        anyio.run(main)
+    assert rescued == [], "the rescuer re-drove a job whose live worker held its outcome"
+    assert _rows(database_url, schema, "state, attempt, result") == [("completed", 1, 1)]
+    assert LOCKED_PAIR_RUNS == [(1, 1)]

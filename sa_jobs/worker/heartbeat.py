@@ -211,7 +211,13 @@ class Heartbeat:
                         await guard.discard()
                 if not held and guard.connected:
                     await guard.close()  # no connection kept for an idle worker
-                await anyio.sleep(every)
+                # A session the server ended (or a cut) took the claims with it at once: an
+                # alive check found that out up to an interval later, and the rescue could
+                # re-drive a kept job all that while. Its socket tells, so the check is now.
+                if held and await guard.heard_within(every):
+                    last_sent = 0.0
+                elif not held:
+                    await anyio.sleep(every)
         finally:
             await guard.close()  # shielded: its locks go with its session
 
