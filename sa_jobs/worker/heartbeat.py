@@ -177,11 +177,18 @@ class Heartbeat:
         claim, for any number of jobs on one session; a worker that dies lets go with it."""
         held: set[int] = set()
         every = min(self._interval, 0.05)  # an outcome is kept well inside its lease: take it soon
+        # A round trip's deadline, as a beat's: a session gone half-open is given up on well
+        # inside the lease. With the statement timeout's (half the lease, plus 2 s), the
+        # server's side of it, idle, ended at its idle limit (the lease) before the worker
+        # gave up on it, and the claims were nobody's until the worker took them again.
+        round_trip = min(guard.timeout, max(self._interval, 1.0))
         last_sent = 0.0
         # Ids another session held at the last try (the rescue's own instant, or a kept job
         # whose id shares the key): tried again after an interval, not at every round.
         refused: set[int] = set()
         retry_at = 0.0
+        session: Optional[tuple[int, Any]] = None  # the guard session's (pid, backend_start)
+        given_up: Optional[tuple[int, Any]] = None  # one dropped after a failure: it may live on
         try:
             while True:
                 now = time.monotonic()
@@ -191,8 +198,12 @@ class Heartbeat:
                 alive_due = bool(held) and now - last_sent >= min(self._interval, self._lease / 4)
                 if gone or take or alive_due:
                     try:
-                        with anyio.fail_after(guard.timeout + 2.0):
+                        with anyio.fail_after(guard.timeout + 2.0):  # a reconnect, with its backoff
                             conn = await guard.get()
+                        with anyio.fail_after(round_trip):
+                            if session is None:
+                                session = await self._begin_guard_session(conn, given_up)
+                                given_up = None
                             last_sent = time.monotonic()
                             if not (gone or take):  # its session's idle limit is the lease
                                 await conn.execute("SELECT 1")
@@ -208,9 +219,11 @@ class Heartbeat:
                         log.warning("heartbeat: holding the claims of %d kept outcome(s) failed (%s)",
                                     len(wanted), describe(exc))
                         held.clear()
+                        given_up, session = session or given_up, None
                         await guard.discard()
                 if not held and guard.connected:
                     await guard.close()  # no connection kept for an idle worker
+                    session = None
                 # A session the server ended (or a cut) took the claims with it at once: an
                 # alive check found that out up to an interval later, and the rescue could
                 # re-drive a kept job all that while. Its socket tells, so the check is now.
@@ -220,6 +233,28 @@ class Heartbeat:
                     await anyio.sleep(every)
         finally:
             await guard.close()  # shielded: its locks go with its session
+
+    async def _begin_guard_session(self, conn: psycopg.AsyncConnection[Any],
+                                   given_up: Optional[tuple[int, Any]]) -> tuple[int, Any]:
+        """Learn who the new guard session is, and end the one given up on before it (its
+        socket went half-open, or a round trip ran out), if it lives on: the server's side
+        of a half-open session holds its claims until its idle limit, and the new session
+        could take none of them meanwhile; then they were nobody's until its next try (up
+        to a second), and the rescue could re-drive a kept job. Ended here, they pass to
+        the new session at once. Matched by pid and start, so a reused pid is left alone."""
+        cur = await conn.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        me = await cur.fetchone()
+        assert me is not None
+        if given_up is not None:
+            # From PostgreSQL 14 it waits (up to 500 ms) for the session to end, and its locks with it.
+            wait = ", 500" if conn.info.server_version >= 140000 else ""
+            try:
+                await conn.execute("SELECT pg_terminate_backend(pid" + wait + ") FROM pg_stat_activity"
+                                   " WHERE pid = %(pid)s AND backend_start = %(start)s",
+                                   {"pid": given_up[0], "start": given_up[1]})
+            except psycopg.errors.InsufficientPrivilege as exc:
+                log.warning("heartbeat: cannot end the kept claims' former session (%s)", describe(exc))
+        return me[0], me[1]
 
     def _waits(self, job: ClaimedJob) -> bool:
         return not job.lease_lost and any(j is job for j in self._awaiting())
