@@ -1236,3 +1236,55 @@ def test_a_kept_claim_whose_session_was_ended_is_taken_again_at_once(engine, dat
     assert rescued == [], "the rescuer re-drove a job whose live worker held its outcome"
     assert _rows(database_url, schema, "state, attempt, result") == [("completed", 1, 1)]
     assert LOCKED_PAIR_RUNS == [(1, 1)]
+
+
+@pytest.mark.parametrize("stop", ["graceful", "cancelled"])
+def test_a_worker_stopped_while_it_keeps_an_outcome_lets_its_claim_go(engine, database_url, schema, stop):
+    """A worker stopped (its block left, or cancelled by the app) while an outcome waited
+    behind an app's row lock: the kept claim must go with the worker, or the rescue would
+    pass over the job, its lease long run out, for as long as something held it. The lease
+    keeper's statement queued on the row stayed queued (psycopg's cancel of it, on the
+    task's cancellation, was itself cancelled: "query cancellation interrupted", and the
+    connection closed under it) until the server's statement_timeout; when the app's lock
+    went meanwhile, it extended the lease of a job no worker held, and the rescue passed
+    over the job for a lease more."""
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.queries import Queries
+
+    LOCKED_PAIR_RUNS.clear()
+    LOCKED_PAIR_GO.clear()
+    [job_id] = _add(engine, FaultLockedPair(n=1))
+    lock = jobs_sql(schema, "SELECT state FROM {jobs} WHERE id = %s FOR UPDATE")
+    run_out = jobs_sql(schema, "UPDATE {jobs} SET lease_expires_at = now() - interval '1 second' WHERE id = %s")
+    rescue = Queries.for_schema(schema).rescue_expired
+
+    with psycopg.connect(to_conninfo(database_url)) as locker, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as rescuer:
+
+        async def main() -> None:
+            with anyio.CancelScope() as app:
+                async with Worker(database_url, kinds=[FaultLockedPair], schema=schema, lease=2.0,
+                                  poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=5) as worker:
+                    await until(lambda: LOCKED_PAIR_RUNS)
+                    assert locker.execute(lock, (job_id,)).fetchone() == ("running",)
+                    LOCKED_PAIR_GO.add(1)
+                    await until(lambda: worker.completer is not None and worker.completer.awaiting())
+                    await until(lambda: _claim_holder(database_url, schema, job_id) is not None)
+                    if stop == "cancelled":
+                        app.cancel()
+                        await anyio.sleep(1)  # cancelled here
+
+        anyio.run(main)
+        assert _claim_holder(database_url, schema, job_id) is None, "the stopped worker's claim lives on"
+        # Nor may a lease keeper's statement stay queued on the row: it would extend the
+        # lease of a job no worker holds once the lock goes, and hold off its rescue.
+        assert _keepers(database_url, schema, waiting=True) == 0, "a lease keeper's statement outlived its worker"
+        locker.execute(run_out, (job_id,))
+        locker.commit()
+        rescued = rescuer.execute(rescue, {"limit": 100}).fetchall()
+    assert [row[:2] for row in rescued] == [(job_id, "retryable")]
+    assert LOCKED_PAIR_RUNS == [(1, 1)]

@@ -35,6 +35,7 @@ import psycopg
 from ..queries import Queries
 from .._connection import ManagedConnection, describe, is_transient
 from ._job import ClaimedJob
+from .context import CANCEL_REQUEST_WAIT, _cancel_key, _send_cancel
 from ..events import WorkerObserver
 
 log = logging.getLogger("sa_jobs.worker")
@@ -61,6 +62,24 @@ def guard_idle_limit(lease: float) -> Callable[[psycopg.AsyncConnection[Any]], A
             log.warning("heartbeat: cannot bound the idle session of the kept claims (%s)", describe(exc))
 
     return limit
+
+
+async def _cancel_on_server(key: Any) -> None:
+    """Cancel a lease keeper's statement the stop (or its deadline) cancelled, on the
+    server. psycopg's own cancel request, on the task's cancellation, was cancelled in its
+    turn ("query cancellation interrupted") and the connection closed under it: the
+    statement stayed queued on the row until the server's statement_timeout, and when the
+    app's lock went meanwhile it extended the lease of a job no worker held any more (the
+    rescue passed over it for a lease more). Its own thread, shielded, bounded."""
+
+    def send() -> None:
+        try:
+            _send_cancel(key, CANCEL_REQUEST_WAIT)
+        except Exception as exc:  # noqa: BLE001 - the server's statement_timeout ends it still
+            log.warning("heartbeat: could not cancel a lease keeper's statement (%s)", describe(exc))
+
+    with anyio.move_on_after(CANCEL_REQUEST_WAIT, shield=True):
+        await anyio.to_thread.run_sync(send, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
 
 
 def lease_params(jobs: Sequence[ClaimedJob], progress: Sequence[Optional[str]], lease: float) -> dict[str, Any]:
@@ -279,7 +298,12 @@ class Heartbeat:
                 # again at once); this deadline finds a connection gone half-open.
                 with anyio.fail_after(keeper.timeout + 2.0):
                     conn = await keeper.get()
-                    await conn.execute(self._q.extend_lease_waiting, params)
+                    key = _cancel_key(conn.pgconn)
+                    try:
+                        await conn.execute(self._q.extend_lease_waiting, params)
+                    except anyio.get_cancelled_exc_class():
+                        await _cancel_on_server(key)
+                        raise
                 return
             except psycopg.errors.QueryCanceled:
                 if not self._waits(job):
