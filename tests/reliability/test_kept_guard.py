@@ -134,3 +134,56 @@ def test_a_kept_claim_survives_the_loss_of_its_session(db, cluster, rel_url, rel
     assert RUNS == [(job_id, 1)]
     # A claim a live worker holds is never let go for longer than it takes to reconnect.
     assert watch.longest_gap < 0.5, watch.longest_gap
+
+
+def test_a_kept_outcome_whose_claim_could_not_be_held_is_fenced_off_after_the_rescue(db, cluster, rel_url,
+                                                                                     rel_schema):
+    """The other side: the worker cannot open the claims' session at all (every new
+    lease-guard and lease-keeper connection is blackholed, as a server at max_connections
+    or a firewall would refuse them), so nothing holds the kept job once its lease ran out
+    under the app's lock: the rescue re-drives it, as designed for a worker that cannot
+    say it lives. The kept outcome of the first attempt, written once the lock went, must
+    change nothing (fenced by its claim token): the job ends with the second attempt's
+    result, never the first's over it."""
+    RUNS.clear()
+    GO.clear()
+    lease = 2.0
+    [(job_id,)] = db.q("INSERT INTO {jobs} (kind, queue, args) VALUES ('rel_kept', 'rel_kept', %s) RETURNING id",
+                       ("{}",))
+    rescue = Queries.for_schema(rel_schema).rescue_expired
+    proxy = Proxy(cluster.port)
+    proxy.blackhole_new = lambda c: c.app in ("sa_jobs:lease-guard", "sa_jobs:lease-keeper")
+    rescued: list[tuple[Any, ...]] = []
+    try:
+        with psycopg.connect(rel_url) as locker, psycopg.connect(rel_url, autocommit=True) as admin:
+
+            async def main() -> None:
+                async with Worker(cluster.url_via(proxy.port), kinds=[RelKept], schema=rel_schema, lease=lease,
+                                  poll_interval=0.2, maintenance_interval=0.2, shutdown_grace=5) as worker:
+                    with anyio.fail_after(10):
+                        while not RUNS:
+                            await anyio.sleep(0.01)
+                    assert locker.execute(db._sql("SELECT state FROM {jobs} WHERE id = %s FOR UPDATE"),
+                                          (job_id,)).fetchone() == ("running",)
+                    GO.append(True)
+                    with anyio.fail_after(10):
+                        while not (worker.completer and worker.completer.awaiting()):
+                            await anyio.sleep(0.01)
+                    with anyio.fail_after(10):  # the worker tries to hold its claim, and cannot
+                        while not proxy.live("sa_jobs:lease-guard"):
+                            await anyio.sleep(0.01)
+                    assert not ClaimWatch(rel_url, rel_schema, job_id).sample()
+                    locker.execute(db._sql("UPDATE {jobs} SET lease_expires_at = now() - interval '1 second'"
+                                           " WHERE id = %s"), (job_id,))
+                    locker.commit()
+                    rescued.extend(admin.execute(rescue, {"limit": 100}).fetchall())
+                    with anyio.fail_after(20):
+                        while db.states() != {"completed": 1} or worker.completer.awaiting():
+                            await anyio.sleep(0.05)
+
+            anyio.run(main)
+    finally:
+        proxy.close()
+    assert [row[:2] for row in rescued] == [(job_id, "retryable")]
+    assert RUNS == [(job_id, 1), (job_id, 2)]
+    assert db.q("SELECT state, attempt, result FROM {jobs}") == [("completed", 2, 2)]
