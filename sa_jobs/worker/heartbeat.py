@@ -208,6 +208,11 @@ class Heartbeat:
         retry_at = 0.0
         session: Optional[tuple[int, Any]] = None  # the guard session's (pid, backend_start)
         given_up: Optional[tuple[int, Any]] = None  # one dropped after a failure: it may live on
+        # Failed tries in a row: the first is tried again at once (a session lost to a
+        # restart or a cut), the next ones after a backoff. A failure that lasts (every
+        # statement refused, a full lock table) had the guard open a new connection, and
+        # log a warning, 20 times a second for as long as an outcome was kept.
+        failures, next_try = 0, 0.0
         try:
             while True:
                 now = time.monotonic()
@@ -215,7 +220,7 @@ class Heartbeat:
                 gone, new = held - wanted, wanted - held
                 take = bool(new) and (new != refused or now >= retry_at)
                 alive_due = bool(held) and now - last_sent >= min(self._interval, self._lease / 4)
-                if gone or take or alive_due:
+                if (gone or take or alive_due) and now >= next_try:
                     try:
                         with anyio.fail_after(guard.timeout + 2.0):  # a reconnect, with its backoff
                             conn = await guard.get()
@@ -234,9 +239,13 @@ class Heartbeat:
                                 taken = {row[0] for row in await cur.fetchall()}
                                 held.update(taken)
                                 refused, retry_at = new - taken, now + min(self._interval, 1.0)
+                        failures = 0
                     except Exception as exc:  # noqa: BLE001 - its session's locks went with it
                         log.warning("heartbeat: holding the claims of %d kept outcome(s) failed (%s)",
                                     len(wanted), describe(exc))
+                        failures += 1
+                        next_try = time.monotonic() + (0.0 if failures == 1 else
+                                                       min(self._interval, 1.0, every * 2 ** min(failures, 10)))
                         held.clear()
                         given_up, session = session or given_up, None
                         await guard.discard()

@@ -187,3 +187,61 @@ def test_a_kept_outcome_whose_claim_could_not_be_held_is_fenced_off_after_the_re
     assert [row[:2] for row in rescued] == [(job_id, "retryable")]
     assert RUNS == [(job_id, 1), (job_id, 2)]
     assert db.q("SELECT state, attempt, result FROM {jobs}") == [("completed", 2, 2)]
+
+
+def test_a_guard_whose_statements_keep_failing_backs_off(db, cluster, rel_schema, caplog):
+    """Every statement of the claims' session fails (here EXECUTE on pg_try_advisory_lock is
+    revoked from the worker's role; a lock table that is full, "out of shared memory",
+    alike) while an outcome is kept: the guard dropped its connection and opened a new
+    one at every round, 20 times a second, each with its failed statement and a warning,
+    for as long as the outcome was kept. It retries at once, then backs off."""
+    import logging
+    import uuid
+
+    from psycopg import sql
+
+    RUNS.clear()
+    GO.clear()
+    role = "kg_" + uuid.uuid4().hex[:8]
+    ident = {"schema": sql.Identifier(rel_schema), "role": sql.Identifier(role)}
+    try_lock = "pg_try_advisory_lock(integer, integer)"
+    [(job_id,)] = db.q("INSERT INTO {jobs} (kind, queue, args) VALUES ('rel_kept', 'rel_kept', %s) RETURNING id",
+                       ("{}",))
+    failures: list[float] = []
+    with psycopg.connect(cluster.url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {role} LOGIN").format(**ident))
+        admin.execute(sql.SQL("GRANT USAGE ON SCHEMA {schema} TO {role}").format(**ident))
+        admin.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}")
+                      .format(**ident))
+        admin.execute(f"REVOKE EXECUTE ON FUNCTION {try_lock} FROM PUBLIC")
+        try:
+            with psycopg.connect(cluster.url) as locker:
+
+                async def main() -> None:
+                    async with Worker(f"postgresql://{role}@127.0.0.1:{cluster.port}/postgres", kinds=[RelKept],
+                                      schema=rel_schema, lease=4.0, poll_interval=0.2, maintenance_interval=0.2,
+                                      shutdown_grace=0) as worker:
+                        with anyio.fail_after(10):
+                            while not RUNS:
+                                await anyio.sleep(0.01)
+                        assert locker.execute(db._sql("SELECT state FROM {jobs} WHERE id = %s FOR UPDATE"),
+                                              (job_id,)).fetchone() == ("running",)
+                        GO.append(True)
+                        with anyio.fail_after(10):
+                            while not (worker.completer and worker.completer.awaiting()):
+                                await anyio.sleep(0.01)
+                        with caplog.at_level(logging.WARNING, logger="sa_jobs.worker"):
+                            caplog.clear()
+                            await anyio.sleep(3.0)  # the window the failed tries are counted in
+                            failures.extend(r.created for r in caplog.records
+                                            if "kept outcome(s) failed" in r.getMessage())
+                    locker.rollback()
+
+                anyio.run(main)
+        finally:
+            admin.execute(f"GRANT EXECUTE ON FUNCTION {try_lock} TO PUBLIC")
+            admin.execute(sql.SQL("DROP OWNED BY {role}").format(**ident))
+            admin.execute(sql.SQL("DROP ROLE {role}").format(**ident))
+    print(f"\nguard failures in 3 s: {len(failures)}")
+    assert failures, "the guard's statement did not fail: the test is void"
+    assert len(failures) <= 10, f"{len(failures)} failed tries (a new connection each) in 3 s"
