@@ -8,7 +8,7 @@ capped exponential backoff; the service retries its own work.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Awaitable, Callable, ContextManager, Optional
 
 import anyio
 import psycopg
@@ -143,7 +143,8 @@ class ManagedConnection:
             await anyio.sleep(seconds)
             return False
         # anyio.wait_readable came with anyio 4.7; before, wait_socket_readable takes an fd on asyncio.
-        wait = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
+        wait: Callable[[int], Awaitable[None]] = (
+            getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable)  # type: ignore[assignment]
         with anyio.move_on_after(seconds):
             try:
                 await wait(conn.fileno())
