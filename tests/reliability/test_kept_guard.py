@@ -204,7 +204,8 @@ def test_a_guard_whose_statements_keep_failing_backs_off(db, cluster, rel_schema
     GO.clear()
     role = "kg_" + uuid.uuid4().hex[:8]
     ident = {"schema": sql.Identifier(rel_schema), "role": sql.Identifier(role)}
-    try_lock = "pg_try_advisory_lock(integer, integer)"
+    revoke = sql.SQL("REVOKE EXECUTE ON FUNCTION pg_try_advisory_lock(integer, integer) FROM PUBLIC")
+    grant = sql.SQL("GRANT EXECUTE ON FUNCTION pg_try_advisory_lock(integer, integer) TO PUBLIC")
     [(job_id,)] = db.q("INSERT INTO {jobs} (kind, queue, args) VALUES ('rel_kept', 'rel_kept', %s) RETURNING id",
                        ("{}",))
     failures: list[float] = []
@@ -213,7 +214,7 @@ def test_a_guard_whose_statements_keep_failing_backs_off(db, cluster, rel_schema
         admin.execute(sql.SQL("GRANT USAGE ON SCHEMA {schema} TO {role}").format(**ident))
         admin.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}")
                       .format(**ident))
-        admin.execute(f"REVOKE EXECUTE ON FUNCTION {try_lock} FROM PUBLIC")
+        admin.execute(revoke)
         try:
             with psycopg.connect(cluster.url) as locker:
 
@@ -239,7 +240,7 @@ def test_a_guard_whose_statements_keep_failing_backs_off(db, cluster, rel_schema
 
                 anyio.run(main)
         finally:
-            admin.execute(f"GRANT EXECUTE ON FUNCTION {try_lock} TO PUBLIC")
+            admin.execute(grant)
             admin.execute(sql.SQL("DROP OWNED BY {role}").format(**ident))
             admin.execute(sql.SQL("DROP ROLE {role}").format(**ident))
     print(f"\nguard failures in 3 s: {len(failures)}")
