@@ -1288,3 +1288,50 @@ def test_a_worker_stopped_while_it_keeps_an_outcome_lets_its_claim_go(engine, da
         rescued = rescuer.execute(rescue, {"limit": 100}).fetchall()
     assert [row[:2] for row in rescued] == [(job_id, "retryable")]
     assert LOCKED_PAIR_RUNS == [(1, 1)]
+
+
+def test_the_guard_holds_at_most_max_kept_claims_and_says_so(engine, database_url, schema, monkeypatch, caplog):
+    """Every kept outcome's claim was an advisory lock of the guard's session, with no cap:
+    thousands of kept outcomes (a worker of many slots behind an app's locks) would take
+    thousands of entries of the server's shared lock table (about 6,400 with the defaults),
+    and other sessions' locks would fail with "out of shared memory". The guard holds at
+    most MAX_KEPT_CLAIMS, warns once, and every outcome still lands."""
+    import logging
+
+    import anyio
+    import psycopg
+
+    from sa_jobs import Worker
+    from sa_jobs._url import to_conninfo
+    from sa_jobs.worker import heartbeat
+
+    monkeypatch.setattr(heartbeat, "MAX_KEPT_CLAIMS", 3)
+    caplog.set_level(logging.WARNING, logger="sa_jobs.worker")
+    LOCKED_PAIR_RUNS.clear()
+    LOCKED_PAIR_GO.clear()
+    many = 5
+    ids = _add(engine, *(FaultLockedPair(n=n) for n in range(1, many + 1)))
+    lock = jobs_sql(schema, "SELECT id FROM {jobs} WHERE id = ANY(%s) AND state = 'running' FOR UPDATE")
+    guard_locks = ("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                   " WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = 'sa_jobs:lease-guard'")
+
+    with psycopg.connect(to_conninfo(database_url)) as locker:
+
+        async def main() -> None:
+            async with Worker(database_url, kinds=[FaultLockedPair], schema=schema, lease=5.0, concurrency=many,
+                              poll_interval=0.2, maintenance_interval=0.1, shutdown_grace=5) as worker:
+                await until(lambda: len(LOCKED_PAIR_RUNS) == many)
+                assert len(locker.execute(lock, (ids,)).fetchall()) == many
+                LOCKED_PAIR_GO.update(range(1, many + 1))
+                await until(lambda: worker.completer is not None and len(worker.completer.awaiting()) == many)
+                await until(lambda: q(database_url, guard_locks)[0][0] == 3)
+                await anyio.sleep(0.5)  # and no more are taken
+                assert q(database_url, guard_locks)[0][0] == 3
+                locker.rollback()
+                await until(lambda: not _unfinished(database_url, schema), 15)
+
+        anyio.run(main)
+    assert _rows(database_url, schema, "state, attempt") == [("completed", 1)] * many
+    warned = [r.getMessage() for r in caplog.records if "outcomes kept at once" in r.getMessage()]
+    assert warned == ["heartbeat: 5 outcomes kept at once; the claims of 3 are held, the others' jobs may run"
+                      " again once their leases end (at-least-once)"]

@@ -44,6 +44,12 @@ log = logging.getLogger("sa_jobs.worker")
 # connection (a session waits for one lock at a time). Beyond these, a job waits its turn.
 MAX_KEEPERS = 8
 
+# Kept outcomes whose claims the lease guard holds at once (an advisory lock each, in the
+# server's shared lock table: about 6,400 entries with the defaults, for every session of
+# the server). Beyond these a kept outcome is at-least-once as any other: the rescue may
+# re-drive its job after its lease, and the outcome's late write is fenced off.
+MAX_KEPT_CLAIMS = 1000
+
 
 def guard_idle_limit(lease: float) -> Callable[[psycopg.AsyncConnection[Any]], Any]:
     """An ``on_connect`` that has the server end the kept claims' session (the rescue then
@@ -110,6 +116,7 @@ class Heartbeat:
         self._new_keeper = keeper
         self._max_keepers = max_keepers
         self._keeping: dict[int, ManagedConnection] = {}  # id(job): the connection waiting for it
+        self._over_kept_cap = False  # more outcomes kept than MAX_KEPT_CLAIMS (warned once per crossing)
         self._q = queries
         self._observer = observer
         self._running = running
@@ -216,7 +223,7 @@ class Heartbeat:
         try:
             while True:
                 now = time.monotonic()
-                wanted = {j.id for j in self._awaiting() if not j.lease_lost}
+                wanted = self._kept_claims_wanted(held)
                 gone, new = held - wanted, wanted - held
                 take = bool(new) and (new != refused or now >= retry_at)
                 alive_due = bool(held) and now - last_sent >= min(self._interval, self._lease / 4)
@@ -261,6 +268,22 @@ class Heartbeat:
                     await anyio.sleep(every)
         finally:
             await guard.close()  # shielded: its locks go with its session
+
+    def _kept_claims_wanted(self, held: set[int]) -> set[int]:
+        """The kept outcomes' jobs whose claims the guard should hold: all of them, up to
+        MAX_KEPT_CLAIMS (those held already first, so the set does not churn). Past the
+        cap, a warning once per crossing: thousands of locks would fill the server's lock
+        table, failing other sessions' locks with "out of shared memory"."""
+        kept = {j.id for j in self._awaiting() if not j.lease_lost}
+        if len(kept) <= MAX_KEPT_CLAIMS:
+            self._over_kept_cap = False
+            return kept
+        if not self._over_kept_cap:
+            self._over_kept_cap = True
+            log.warning("heartbeat: %d outcomes kept at once; the claims of %d are held, the others' jobs may run"
+                        " again once their leases end (at-least-once)", len(kept), MAX_KEPT_CLAIMS)
+        still = sorted(held & kept)[:MAX_KEPT_CLAIMS]
+        return set(still) | set(sorted(kept - held)[: MAX_KEPT_CLAIMS - len(still)])
 
     async def _begin_guard_session(self, conn: psycopg.AsyncConnection[Any],
                                    given_up: Optional[tuple[int, Any]]) -> tuple[int, Any]:
