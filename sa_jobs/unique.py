@@ -232,6 +232,11 @@ def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
                     o._derive_partition_key(options)
                 if options.unique is not None:
                     new.append(o)
+    session.info.pop(_DEFERRED_INFO_KEY, None)  # left by a flush that failed: those went transient
+    if not new:
+        return
+    if instances is None:  # flush(objects) may leave the freeing change out of this flush
+        new = _defer_keys_this_flush_frees(session, new)
     if not new:
         return
     from sqlalchemy import inspect
@@ -247,6 +252,76 @@ def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
         _settle_unique(session, plan)
     # The rows left session.new: say so for whoever watches this transaction's commit.
     note_enqueued(session)
+
+
+# Set in ``Session.info`` by the hook: new unique jobs whose key a deleted or changed job
+# of the same flush may free, inserted once the flush has written that change.
+_DEFERRED_INFO_KEY = "sa_jobs.unique_deferred"
+# The columns whose change can take a stored job out of jobs_unique_idx.
+_KEY_HOLDING = ("state", "unique_key", "unique_states")
+_NOT_LOADED = object()
+
+
+def _defer_keys_this_flush_frees(session: Any, new: list[Any]) -> list[Any]:
+    """The new unique jobs to insert now; those whose key this flush may free, put aside.
+
+    The hook inserts before the unit of work writes anything, so a job deleted
+    (``session.delete(old)``) or moved out of its unique states (``old.state =
+    "cancelled"``) in the same flush still held its key: the new job was taken for a
+    duplicate of ``old``, which the flush then deleted or finished, and no job was left.
+    Such a job (same kind, same base key, or a key not loaded) is expunged here and
+    added back from ``after_flush`` (:func:`_insert_deferred`), once the change is
+    written; it is then inserted, or settled against the key's holder, as usual. Jobs of
+    a kind with no such change in the flush, the usual case, are untouched."""
+    from sqlalchemy import inspect
+
+    from .model import Job
+
+    freed: dict[Optional[str], set[Optional[str]]] = {}  # kind -> base keys; None: unknown, any
+    changed = [(o, True) for o in session.deleted if isinstance(o, Job)]
+    changed += [(o, False) for o in session.dirty if isinstance(o, Job)]
+    for obj, deleted in changed:
+        state = inspect(obj)
+        if not deleted and not any(
+                key in state.committed_state and state.attrs[key].history.has_changes() for key in _KEY_HOLDING):
+            continue
+        # The key the row holds in the database: the committed one if the flush changes it.
+        key = state.committed_state.get("unique_key", state.dict.get("unique_key", _NOT_LOADED))
+        if key is None:
+            continue  # the row holds no key
+        base = key.partition(":")[0] if isinstance(key, str) else None
+        options = type(obj).__sa_jobs_options__
+        kind = state.dict.get("kind") or (options.kind if options is not None else None)
+        freed.setdefault(kind, set()).add(base)
+    if not freed:
+        return new
+    now, later = [], []
+    for obj in new:
+        options = type(obj).kind_options()
+        bases = freed.get(options.kind, set()) | freed.get(None, set())
+        if None in bases or (bases and _base_of(obj) in bases):
+            later.append(obj)
+        else:
+            now.append(obj)
+    if later:
+        for obj in later:
+            session.expunge(obj)
+        session.info[_DEFERRED_INFO_KEY] = later
+    return now
+
+
+def _base_of(obj: Any) -> str:
+    options = type(obj).kind_options()
+    d = obj.__dict__
+    return options.unique.base_key(options.kind, d.get("queue") or options.queue, d["args"])
+
+
+def _insert_deferred(session: Any, flush_context: Any) -> None:
+    """``after_flush``: add back the jobs :func:`_defer_keys_this_flush_frees` put aside;
+    :func:`_added_during_flush` inserts each at once, in the flush's transaction. (Were
+    that listener off, they would stay pending, and the commit's next flush insert them.)"""
+    for obj in session.info.pop(_DEFERRED_INFO_KEY, ()):
+        session.add(obj)
 
 
 def _added_during_flush(session: Any, obj: Any) -> None:
@@ -462,5 +537,7 @@ def register_session_hook() -> None:
         event.listen(Session, "before_flush", _before_flush)
     if not event.contains(Session, "transient_to_pending", _added_during_flush):
         event.listen(Session, "transient_to_pending", _added_during_flush)
+    if not event.contains(Session, "after_flush", _insert_deferred):
+        event.listen(Session, "after_flush", _insert_deferred)
     if not event.contains(Session, "persistent_to_transient", _restore_original):
         event.listen(Session, "persistent_to_transient", _restore_original)

@@ -983,3 +983,104 @@ def test_a_period_past_a_32_bit_count_of_seconds_is_enqueued_on_every_path(engin
     rows = q(database_url, jobs_sql(schema, "SELECT kind, args->>'user_id', unique_key FROM {jobs} ORDER BY kind, 2"))
     assert [r[:2] for r in rows] == [("uq_century", "1"), ("uq_century", "2"), ("uq_plain_note", None)], rows
     assert rows[0][2].endswith(":0") and rows[1][2].endswith(":0"), rows
+
+
+def _hold_key_then(engine, kind, change):
+    """Commit a job of user 1, then in one transaction ``change`` it and add another job of
+    the same key; the (v, state) of the kind's rows, and the new object's flags."""
+    with Session(engine) as session, session.begin():
+        session.add(kind(user_id=1, v="old"))
+    with Session(engine) as session, session.begin():
+        old = session.scalars(select(kind)).one()
+        change(session, old)
+        new = kind(user_id=1, v="new")
+        session.add(new)
+        session.flush()
+        flags = (new.was_duplicate, new.was_replaced, inspect(new).persistent)
+    return flags
+
+
+def _delete(session, old):
+    session.delete(old)
+
+
+def _cancel(session, old):
+    old.state = "cancelled"
+
+
+def _complete(session, old):
+    old.state = "completed"
+
+
+@pytest.mark.parametrize("kind", [UqDigest, UqReplace])
+@pytest.mark.parametrize("change", [_delete, _cancel, _complete])
+def test_a_job_added_in_the_flush_that_frees_its_key_is_enqueued(engine, database_url, schema, kind, change):
+    """session.delete(old) (or old.state = 'cancelled') and session.add(new) of the same
+    key, flushed together: the hook inserted before the unit of work wrote anything, so
+    old still held the key, new was taken for its duplicate, and the flush then deleted
+    (or finished) old. No job was left to run: the rows were [] (or only old's)."""
+    flags = _hold_key_then(engine, kind, change)
+    rows = sorted((r[1]["v"], r[2]) for r in _rows(database_url, schema, kind.kind_options().kind))
+    expected = [("new", "available")] + ([] if change is _delete else [("old", "cancelled" if change is _cancel else "completed")])
+    assert rows == sorted(expected)
+    assert flags == (False, False, True)
+
+
+def _reprioritize(session, old):
+    old.priority = 5
+
+
+def _postpone(session, old):
+    old.state = "scheduled"
+
+
+@pytest.mark.parametrize("change", [_reprioritize, _postpone])
+def test_a_job_added_in_the_flush_that_changes_its_keys_holder_but_keeps_it_is_a_duplicate(engine, database_url,
+                                                                                             schema, change):
+    """The other side: a change of the holder that keeps it in its states (scheduled is
+    one) leaves the new job a duplicate of it, flushed in the same transaction."""
+    flags = _hold_key_then(engine, UqDigest, change)
+    rows = _rows(database_url, schema, "uq_digest")
+    assert [r[1]["v"] for r in rows] == ["old"]
+    assert flags[0] is True
+
+
+def test_a_job_put_aside_for_its_freed_key_rolls_back_and_re_adds(engine, database_url, schema):
+    with Session(engine) as session, session.begin():
+        session.add(UqDigest(user_id=1, v="old"))
+    with Session(engine) as session:
+        old = session.scalars(select(UqDigest)).one()
+        session.delete(old)
+        new = UqDigest(user_id=1, v="new")
+        session.add(new)
+        session.flush()
+        assert new.id is not None and not new.was_duplicate
+        session.rollback()
+        assert inspect(new).transient and new.args == {"user_id": 1, "v": "new"}
+        session.add(new)
+        session.commit()
+        assert new.was_duplicate  # old is back, and holds the key
+    assert [r[1]["v"] for r in _rows(database_url, schema, "uq_digest")] == ["old"]
+
+
+def test_a_job_added_in_the_flush_that_frees_its_key_in_an_async_session(database_url, schema):
+    async def main() -> tuple[bool, int]:
+        engine = create_async_engine(sqlalchemy_url(database_url, async_=True)).execution_options(
+            schema_translate_map={DEFAULT_SCHEMA: schema})
+        try:
+            async with AsyncSession(engine) as session, session.begin():
+                session.add(UqDigest(user_id=1, v="old"))
+            async with AsyncSession(engine) as session, session.begin():
+                old = (await session.scalars(select(UqDigest))).one()
+                await session.delete(old)
+                new = UqDigest(user_id=1, v="new")
+                session.add(new)
+                await session.flush()
+                return new.was_duplicate, new.id
+        finally:
+            await engine.dispose()
+
+    duplicate, new_id = anyio.run(main)
+    assert not duplicate
+    assert [(r[0], r[1]["v"]) for r in _rows(database_url, schema, "uq_digest")] == [(new_id, "new")]
+
