@@ -497,12 +497,21 @@ _MAX_ROUNDS = 8
 def _insert_unique(driver: Any, table: sql.Identifier, unique_rows: list[tuple[KindOptions, tuple[Any, ...]]]) -> int:
     """Insert rows of unique kinds, skipping (or replacing) held keys; the rows written."""
     by_mode: dict[str, dict[tuple[str, str], tuple[Any, ...]]] = {"return": {}, "replace": {}}
+    # Rows in a state outside their kind's unique states (a scheduled row of a kind whose
+    # key is held only while available or running): the index does not cover them, so
+    # they hold no key, meet none, and are no duplicate of a row of the batch. Deduplicated
+    # by key with the rest, the batch's available row of that key was dropped (or it was
+    # the scheduled one): enqueued one by one (session.add), both went in.
+    outside: list[tuple[Any, ...]] = []
     for options, row in unique_rows:
         unique = options.unique
         assert unique is not None
         args = json.loads(row[2])
         base = unique.base_key(options.kind, row[1], args)
         full = (*row, base, unique.period_seconds, json.dumps(list(unique.states)))
+        if row[3] not in unique.states:
+            outside.append(full)
+            continue
         slot = by_mode[unique.on_conflict]
         key = (options.kind, base)
         if unique.on_conflict == "replace":
@@ -510,6 +519,10 @@ def _insert_unique(driver: Any, table: sql.Identifier, unique_rows: list[tuple[K
         else:
             slot.setdefault(key, full)  # the first one wins, as in the ORM path
     written = 0
+    if outside:
+        with driver.cursor() as cur:
+            cur.execute(_statement(_UNIQUE_INSERT, table), _params(outside))
+            written += cur.rowcount
     for mode, keyed in by_mode.items():
         if not keyed:
             continue

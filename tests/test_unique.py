@@ -1084,3 +1084,46 @@ def test_a_job_added_in_the_flush_that_frees_its_key_in_an_async_session(databas
     assert not duplicate
     assert [(r[0], r[1]["v"]) for r in _rows(database_url, schema, "uq_digest")] == [(new_id, "new")]
 
+
+class UqHeldWhileAvailable(Job, kind="uq_held_while_available", queue="uq",
+                           unique=Unique(by=("user_id",), states=("available", "running"))):
+    pass
+
+
+class UqReplaceHeldWhileAvailable(Job, kind="uq_replace_held_while_available", queue="uq",
+                                  unique=Unique(by=("user_id",), states=("available", "running"),
+                                                on_conflict="replace")):
+    pass
+
+
+@pytest.mark.parametrize("kind", [UqHeldWhileAvailable, UqReplaceHeldWhileAvailable])
+@pytest.mark.parametrize("scheduled_first", [True, False])
+def test_a_batch_row_outside_its_unique_states_is_no_duplicate_on_every_path(engine, database_url, schema, kind,
+                                                                             scheduled_first):
+    """A row scheduled for later holds no key when its kind's states leave 'scheduled' out
+    (the index does not cover it): session.add of it and of an available row of the same
+    key wrote both, but enqueue_many deduplicated the batch by key first and dropped one
+    of them (the available job, with the scheduled row first: nothing ran until later)."""
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+
+    def batch():
+        jobs = [kind(user_id=1, v="scheduled").options(run_at=later), kind(user_id=1, v="available")]
+        return jobs if scheduled_first else jobs[::-1]
+
+    name = kind.kind_options().kind
+    with Session(engine) as session, session.begin():
+        session.add_all(batch())
+    by_add = sorted((r[1]["v"], r[2]) for r in _rows(database_url, schema, name))
+    assert by_add == [("available", "available"), ("scheduled", "scheduled")]
+    q(database_url, jobs_sql(schema, "DELETE FROM {jobs}"))
+    with Session(engine) as session, session.begin():
+        written = enqueue_many(session, batch())
+    assert sorted((r[1]["v"], r[2]) for r in _rows(database_url, schema, name)) == by_add
+    assert written == 2
+    # Against a held key: the available row meets the holder, the scheduled one goes in.
+    with Session(engine) as session, session.begin():
+        written = enqueue_many(session, batch())
+    rows = sorted((r[1]["v"], r[2]) for r in _rows(database_url, schema, name))
+    assert rows == [("available", "available"), ("scheduled", "scheduled"), ("scheduled", "scheduled")]
+    # The scheduled row, and (replace) the holder rewritten with the available row's values.
+    assert written == (2 if kind is UqReplaceHeldWhileAvailable else 1)
