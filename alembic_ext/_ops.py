@@ -33,23 +33,24 @@ def _execute(stmt: str) -> None:
     op.execute(text(stmt.replace(":", "\\:")))
 
 
-def _recorded_version(bind: Connection, schema: str) -> int:
+def _recorded(bind: Connection, schema: str) -> schema_mod.VersionRecord:
+    """The recorded version and its floor (see sa_jobs.schema.VersionRecord)."""
     from psycopg import sql
 
     table = sql.Identifier(schema, schema_mod.VERSION_TABLE).as_string()
     if not bind.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}).scalar():
-        return 0
-    return int(bind.execute(text(f"SELECT coalesce(max(version), 0) FROM {table}")).scalar() or 0)
+        return schema_mod.VersionRecord(0, 0)
+    return schema_mod.record_of(bind.execute(text(schema_mod.version_record_query(schema))).first())
 
 
-def _online_version(version: int, schema: str) -> tuple[bool, int]:
-    """(is_online, recorded version) after taking the installer lock when online."""
+def _online_version(version: int, schema: str) -> tuple[bool, schema_mod.VersionRecord]:
+    """(is_online, recorded version and floor) after taking the installer lock when online."""
     from alembic import op
 
     if op.get_context().as_sql:
-        return False, 0
+        return False, schema_mod.VersionRecord(0, 0)
     _execute(schema_mod.lock_statement(schema))
-    return True, _recorded_version(op.get_bind(), schema)
+    return True, _recorded(op.get_bind(), schema)
 
 
 def upgrade_version(version: int) -> None:
@@ -57,7 +58,15 @@ def upgrade_version(version: int) -> None:
     from alembic import op
 
     schema = configured_schema()
-    online, current = _online_version(version, schema)
+    online, record = _online_version(version, schema)
+    current = record.version
+    if online and schema_mod.admits_this_release(record):
+        # A newer release migrated it, additively enough to let this one run: record the
+        # revision and change nothing (this release's index builds could put back an
+        # index the newer version dropped).
+        log.info("sa-jobs schema %r is at version %d, which lets releases of version %d and later run on it;"
+                 " adopting it unchanged", schema, current, record.runs_from)
+        return
     if online and current < version - 1:
         raise SchemaVersionError(
             f"schema {schema!r} is at sa-jobs version {current}, but Alembic records version"
@@ -208,7 +217,8 @@ def _one_builder(online: bool, schema: str) -> Iterator[None]:
 def downgrade_version(version: int) -> None:
     """Revert schema ``version`` in the configured schema (version 1 removes the queue)."""
     schema = configured_schema()
-    online, current = _online_version(version, schema)
+    online, record = _online_version(version, schema)
+    current = record.version
     if online and current > version:
         # A version this release knows was installed past Alembic's record (sa-jobs
         # migrate, install() at start-up): recording it first is what unblocks the downgrade.

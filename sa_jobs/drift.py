@@ -124,7 +124,8 @@ def check_drift(conninfo: str, schema: str = schema_mod.DEFAULT_SCHEMA) -> list[
     """Human-readable differences between the installed queue schema and the expected one.
 
     The expected schema is the one for the *installed* version, so hand-made changes show
-    as drift, and a version behind or ahead of this sa-jobs is reported on its own line.
+    as drift, and a version behind or ahead of this sa-jobs is reported on its own line (a
+    newer one is not compared: only its release knows what it should hold).
     Nothing is written: the scratch install is rolled back.
     """
     import psycopg
@@ -133,9 +134,19 @@ def check_drift(conninfo: str, schema: str = schema_mod.DEFAULT_SCHEMA) -> list[
     fix = f"run `sa-jobs migrate --schema {schema}` or `alembic upgrade heads`"
     with psycopg.connect(schema_mod._conninfo_of(conninfo)) as conn:
         try:
-            version = schema_mod.read_version(conn, schema)
+            record = schema_mod.read_record(conn, schema)
+            version = record.version
             if version == 0:
                 return [f"schema {schema!r} has no sa-jobs schema installed; {fix}"]
+            if schema_mod.admits_this_release(record):
+                # Its objects are the newer release's to check: this one would report each
+                # of them (an added column, a dropped index) as a hand-made change.
+                return [
+                    f"schema {schema!r} is at sa-jobs version {version}, newer than this sa-jobs knows"
+                    f" ({schema_mod.LATEST_VERSION}); it lets this release run on it (releases of version"
+                    f" {record.runs_from} and later), but only a release that knows version {version}"
+                    " can check it for drift"
+                ]
             if version > schema_mod.LATEST_VERSION:
                 return [
                     f"schema {schema!r} is at sa-jobs version {version}, newer than this sa-jobs"

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 from psycopg import sql
 
@@ -71,6 +71,17 @@ class Migration:
     # The rebuilds of the indexes ``up_concurrently`` dropped: a downgrade runs them, then
     # ``down``; uninstall() leaves them out, since the table is dropped a few steps later.
     down_rebuild: Callable[[str], list[sql.Composable]] = lambda schema: []
+    # The oldest schema version whose releases may still run on a schema at this version,
+    # recorded with it (version 15 on) so that such a release runs during a rolling deploy
+    # instead of refusing. None: this version's own (its change breaks older code). An
+    # additive change that older code never notices (a nullable column, a table or an index
+    # it does not use) declares the previous version's floor; floors never fall.
+    runs_from: int | None = None
+
+    @property
+    def floor(self) -> int:
+        """The oldest release (by its latest schema version) that may run on this version."""
+        return self.version if self.runs_from is None else self.runs_from
 
 
 def _v1_up(schema: str) -> list[sql.Composable]:
@@ -587,6 +598,19 @@ def _v14_down(schema: str) -> list[sql.Composable]:
     return [sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS schedule").format(sql.Identifier(schema, PERIODIC_TABLE))]
 
 
+def _v15_up(schema: str) -> list[sql.Composable]:
+    # Each version from 15 on records its floor (Migration.runs_from); nullable, no default:
+    # a catalog-only change, and the rows before it have none (their floor is themselves).
+    return [sql.SQL(
+        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS runs_from integer,"
+        " ADD CONSTRAINT schema_version_runs_from_check CHECK (runs_from > 0 AND runs_from <= version)"
+    ).format(sql.Identifier(schema, VERSION_TABLE))]
+
+
+def _v15_down(schema: str) -> list[sql.Composable]:
+    return [sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS runs_from").format(sql.Identifier(schema, VERSION_TABLE))]
+
+
 def _v4_up_concurrently(schema: str, *, concurrently: bool = True,
                         skip: frozenset[str] = frozenset()) -> list[sql.Composable]:
     return _builds(schema, [
@@ -656,8 +680,13 @@ MIGRATIONS: tuple[Migration, ...] = (
               down_rebuild=_v13_down_rebuild),
     Migration(14, "each periodic row records the schedule it fires, so an edited cron expression is not taken for downtime",
               _v14_up, _v14_down),
+    Migration(15, "each version records the oldest release that may run on it, so that release keeps running"
+                  " on an additive upgrade",
+              _v15_up, _v15_down, runs_from=14),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
+# The first version that records its floor (schema_version.runs_from).
+FLOOR_RECORDED_FROM = 15
 
 
 def _version_table_ddl(schema: str) -> list[sql.Composable]:
@@ -671,6 +700,11 @@ def _version_table_ddl(schema: str) -> list[sql.Composable]:
 
 
 def _record_version(schema: str, migration: Migration) -> sql.Composable:
+    if migration.version >= FLOOR_RECORDED_FROM:
+        return sql.SQL("INSERT INTO {} (version, description, runs_from) VALUES ({}, {}, {})"
+                       " ON CONFLICT (version) DO NOTHING").format(
+            sql.Identifier(schema, VERSION_TABLE), sql.Literal(migration.version), sql.Literal(migration.description),
+            sql.Literal(migration.floor))
     return sql.SQL("INSERT INTO {} (version, description) VALUES ({}, {}) ON CONFLICT (version) DO NOTHING").format(
         sql.Identifier(schema, VERSION_TABLE), sql.Literal(migration.version), sql.Literal(migration.description)
     )
@@ -923,30 +957,85 @@ def builders_lock_key(schema: str = DEFAULT_SCHEMA) -> str:
 
 def installed_version(conninfo: str, schema: str = DEFAULT_SCHEMA) -> int:
     """The schema version recorded in the database (0 when nothing is installed)."""
+    return installed_record(conninfo, schema).version
+
+
+def installed_record(conninfo: str, schema: str = DEFAULT_SCHEMA) -> VersionRecord:
+    """The recorded version and its floor (see :class:`VersionRecord`)."""
     import psycopg
 
     schema = _validate.schema_name(schema)
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        return read_version(conn, schema)
+        return read_record(conn, schema)
+
+
+class VersionRecord(NamedTuple):
+    """The installed schema version and the oldest release (by its latest schema version)
+    that may run on it: recorded from version 15 on; before that (or on a row a release
+    wrote without one) the version itself. ``(0, 0)``: nothing installed."""
+
+    version: int
+    runs_from: int
+
+
+def version_record_query(schema: str) -> str:
+    """The newest row of the version table: its version and recorded floor (NULL if none).
+    Read as JSON, so that the same query works before version 15 added the column."""
+    return sql.SQL(
+        "SELECT v.version, CAST(to_jsonb(v) ->> 'runs_from' AS integer) FROM {} v ORDER BY v.version DESC LIMIT 1"
+    ).format(sql.Identifier(_validate.schema_name(schema), VERSION_TABLE)).as_string()
+
+
+def _version_table_name(schema: str) -> str:
+    return sql.Identifier(_validate.schema_name(schema), VERSION_TABLE).as_string()
+
+
+def record_of(row: Sequence[Any] | None) -> VersionRecord:
+    """A :class:`VersionRecord` from a row of :func:`version_record_query` (None: no row)."""
+    if row is None:
+        return VersionRecord(0, 0)
+    version = int(row[0])
+    return VersionRecord(version, version if row[1] is None else int(row[1]))
 
 
 def read_version(conn, schema: str = DEFAULT_SCHEMA) -> int:  # type: ignore[no-untyped-def]
     """The recorded version, read through an open psycopg (sync) connection."""
-    table = sql.Identifier(_validate.schema_name(schema), VERSION_TABLE)
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table.as_string(),)).fetchone()[0]
+    return read_record(conn, schema).version
+
+
+def read_record(conn, schema: str = DEFAULT_SCHEMA) -> VersionRecord:  # type: ignore[no-untyped-def]
+    """The recorded version and its floor, read through an open psycopg (sync) connection."""
+    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_version_table_name(schema),)).fetchone()[0]
     if not exists:
-        return 0
-    return int(conn.execute(sql.SQL("SELECT coalesce(max(version), 0) FROM {}").format(table)).fetchone()[0])
+        return VersionRecord(0, 0)
+    return record_of(conn.execute(version_record_query(schema)).fetchone())
 
 
 async def read_version_async(conn, schema: str = DEFAULT_SCHEMA) -> int:  # type: ignore[no-untyped-def]
     """:func:`read_version` through an open psycopg AsyncConnection (cancellable, unlike a thread)."""
-    table = sql.Identifier(_validate.schema_name(schema), VERSION_TABLE)
-    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table.as_string(),))
+    return (await read_record_async(conn, schema)).version
+
+
+async def read_record_async(conn, schema: str = DEFAULT_SCHEMA) -> VersionRecord:  # type: ignore[no-untyped-def]
+    """:func:`read_record` through an open psycopg AsyncConnection."""
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_version_table_name(schema),))
     if not (await cur.fetchone())[0]:
-        return 0
-    cur = await conn.execute(sql.SQL("SELECT coalesce(max(version), 0) FROM {}").format(table))
-    return int((await cur.fetchone())[0])
+        return VersionRecord(0, 0)
+    cur = await conn.execute(version_record_query(schema))
+    return record_of(await cur.fetchone())
+
+
+def admits_this_release(record: VersionRecord) -> bool:
+    """Whether a schema newer than this release lets it run: its recorded floor is at or
+    below this release's latest version (a newer release's additive migration)."""
+    return record.version > LATEST_VERSION and record.runs_from <= LATEST_VERSION
+
+
+def log_running_on_newer(schema: str, record: VersionRecord) -> None:
+    """The one line a release logs when it runs on (or leaves alone) a newer schema that admits it."""
+    log.warning("the sa-jobs schema %r is at version %d, newer than this sa-jobs knows (%d), and lets releases"
+                " of version %d and later run on it: running on it (a newer release migrated it; finish rolling"
+                " that release out)", schema, record.version, LATEST_VERSION, record.runs_from)
 
 
 def _conninfo_of(target: object) -> str:
@@ -979,6 +1068,11 @@ def install(target: object, schema: str = DEFAULT_SCHEMA, *, to_version: int | N
             policy, lambda: _upgrade_transaction(conn, schema, to_version, policy),
             lambda: lock_timeout_error(schema, f"the upgrade to version {to_version}", policy,
                                        lock_blockers(conn, schema, policy)))
+        if current > LATEST_VERSION:
+            # A newer schema that admits this release (else the transaction refused it):
+            # nothing of this release's to apply, and its index builds could put back an
+            # index the newer version dropped.
+            return current
         _build_concurrently(conn, schema, max(current, to_version))
         return read_version(conn, schema)
 
@@ -991,7 +1085,11 @@ def _upgrade_transaction(conn, schema: str, to_version: int, policy: LockPolicy)
         conn.execute(lock_statement(schema))
         if policy.timeout is not None:
             conn.execute(policy.statement())
-        current = read_version(conn, schema)
+        record = read_record(conn, schema)
+        current = record.version
+        if admits_this_release(record):
+            log_running_on_newer(schema, record)
+            return current
         if current > LATEST_VERSION:
             raise SchemaVersionError(
                 f"schema {schema!r} is at version {current}, newer than this sa-jobs knows"
@@ -1112,18 +1210,28 @@ def uninstall(target: object, schema: str = DEFAULT_SCHEMA) -> None:
 
 
 def check_version(conninfo: str, schema: str = DEFAULT_SCHEMA, *, required: int = LATEST_VERSION) -> int:
-    """Refuse to run against a schema that is older or newer than this code expects."""
-    return require_version(installed_version(conninfo, schema), schema, required=required)
+    """Refuse to run against a schema that is older than this code expects, or newer
+    without admitting it; the installed version."""
+    record = installed_record(conninfo, schema)
+    return require_version(record.version, schema, required=required, runs_from=record.runs_from)
 
 
-def require_version(current: int, schema: str = DEFAULT_SCHEMA, *, required: int = LATEST_VERSION) -> int:
-    """``current`` (the installed version), or SchemaVersionError if this code cannot run on it."""
+def require_version(current: int, schema: str = DEFAULT_SCHEMA, *, required: int = LATEST_VERSION,
+                    runs_from: int | None = None) -> int:
+    """``current`` (the installed version), or SchemaVersionError if this code cannot run on it.
+
+    A newer version runs this code when its recorded floor ``runs_from`` admits it (with
+    one WARNING line); None (nothing recorded) admits no older release."""
     if current < required:
         raise SchemaVersionError(
             f"the sa-jobs schema {schema!r} is at version {current} but this sa-jobs needs {required};"
             f" run `sa-jobs migrate --schema {schema}` or `alembic upgrade heads`"
         )
     if current > LATEST_VERSION:
+        record = VersionRecord(current, current if runs_from is None else runs_from)
+        if admits_this_release(record):
+            log_running_on_newer(schema, record)
+            return current
         raise SchemaVersionError(
             f"the sa-jobs schema {schema!r} is at version {current}, newer than this sa-jobs knows"
             f" ({LATEST_VERSION}); refusing to start so an older deploy cannot corrupt newer tables"
@@ -1139,12 +1247,14 @@ __all__: Sequence[str] = (
     "LockPolicy",
     "MIGRATIONS",
     "Migration",
+    "VersionRecord",
     "channel_name",
     "check_version",
     "concurrent_statements",
     "downgrade_statements",
     "install",
     "install_sql",
+    "installed_record",
     "installed_version",
     "lock_statement",
     "uninstall",

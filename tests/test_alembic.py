@@ -688,6 +688,54 @@ def test_a_schema_newer_than_this_release_is_not_adopted(app: App) -> None:
     assert "sa_jobs_" not in app.alembic("current").stdout
 
 
+def test_a_newer_schema_that_admits_this_release_is_adopted_unchanged(app: App) -> None:
+    """The previous release's ``alembic upgrade heads`` (an app's deploy, mid-roll) on a
+    schema a newer release migrated additively, recording that releases of this one's
+    latest version may run on it: it succeeds, records the branch's revisions and changes
+    nothing in the queue's schema (this release's index builds would put back the index
+    the newer version dropped)."""
+    app.alembic("upgrade", "sa_jobs_0003")
+    schema_mod.install(app.url, "sa_jobs")  # then sa-jobs migrate of this release, then of a newer one
+    newer = schema_mod.LATEST_VERSION + 1
+    run_sql(app.url, "DROP INDEX sa_jobs.jobs_state_finished_idx")
+    run_sql(app.url, "INSERT INTO sa_jobs.schema_version (version, description, runs_from) VALUES (%s, 'newer', %s)",
+            (newer, schema_mod.LATEST_VERSION))
+    _log_index_builds(app.url)
+
+    proc = app.alembic("upgrade", "heads", cli=True)
+
+    assert (f"sa-jobs schema 'sa_jobs' is at version {newer}, which lets releases of version"
+            f" {schema_mod.LATEST_VERSION} and later run on it; adopting it unchanged") in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert app.heads() == {APP_HEAD, SA_JOBS_HEAD}
+    assert run_sql(app.url, "SELECT to_regclass('sa_jobs.jobs_state_finished_idx')") == [(None,)]
+    assert run_sql(app.url, "SELECT name FROM public.built_indexes WHERE name LIKE 'sa_jobs.%'") == []
+    assert schema_mod.installed_record(app.url, "sa_jobs") == (newer, schema_mod.LATEST_VERSION)
+
+
+def test_the_version_floor_revision_upgrades_and_downgrades(app: App) -> None:
+    """sa_jobs_0015 adds ``schema_version.runs_from`` and records its floor; its downgrade
+    takes the column away again, and the previous version reads as before."""
+    floor_from = schema_mod.FLOOR_RECORDED_FROM
+    app.alembic("upgrade", f"sa_jobs_{floor_from - 1:04d}")
+    insert_jobs(app.url, "sa_jobs", 20)
+    before = job_rows(app.url, "sa_jobs")
+    app.alembic("upgrade", "heads")
+    assert run_sql(app.url, "SELECT version, runs_from FROM sa_jobs.schema_version WHERE version >= %s ORDER BY 1",
+                   (floor_from - 1,)) == [(floor_from - 1, None), *((m.version, m.floor)
+                                                                   for m in schema_mod.MIGRATIONS[floor_from - 1:])]
+    assert check_drift(app.url, "sa_jobs") == []
+
+    app.alembic("downgrade", f"sa_jobs_{floor_from - 1:04d}")
+    assert schema_mod.installed_record(app.url, "sa_jobs") == (floor_from - 1, floor_from - 1)
+    assert "runs_from" not in {r[0] for r in run_sql(
+        app.url, "SELECT column_name FROM information_schema.columns WHERE table_schema = 'sa_jobs'"
+                 " AND table_name = 'schema_version'")}
+    assert job_rows(app.url, "sa_jobs") == before
+    app.alembic("upgrade", "heads")
+    assert check_drift(app.url, "sa_jobs") == []
+
+
 def test_an_upgrade_past_version_8_builds_no_index_version_8_drops(app: App) -> None:
     """From version 3, sa_jobs_0004 built jobs_running_partition_idx CONCURRENTLY (a read
     of the whole jobs table) even when the same run goes on to sa_jobs_0008, which drops

@@ -266,9 +266,10 @@ def test_a_rollback_downgrades_under_running_workers_then_the_previous_release_t
         previous_release: Path, private_db: str, tmp_path: Path) -> None:
     """The way back (Alembic only: ``sa-jobs migrate`` has no downgrade). The previous
     release refuses this release's schema, so the schema goes back first, under this
-    release's running workers: they claim and complete on, their maintenance fails (one
-    ERROR each naming the versions, no traceback) and the schedule pauses until a worker
-    of the previous release leads."""
+    release's running workers: they claim and complete on. When the downgrade takes away
+    what their maintenance uses (13 -> 14's periodic.schedule did; 14 -> 15's version
+    floor does not), it fails (at most one ERROR each naming the versions, no traceback)
+    and the schedule pauses until a worker of the previous release leads."""
     db, schema = private_db, "upg"
     rel = Releases(previous_release, db, schema, tmp_path)
 
@@ -287,7 +288,6 @@ def test_a_rollback_downgrades_under_running_workers_then_the_previous_release_t
         assert down.returncode == 0, down.stdout + down.stderr
         assert schema_mod.installed_version(to_conninfo(db), schema) == LATEST - 1
         downgraded = run_sql(db, "SELECT clock_timestamp()")[0][0]
-        assert wait_for(lambda: any(" ERROR sa_jobs.maintenance: " in rel.log(n) for n in ("new-a", "new-b")), 20, 0.2)
         # This release's workers still claim and complete on the older schema.
         assert wait_for(lambda: count(db, schema, "SELECT count(*) FROM {effects} WHERE release = %s AND at > %s",
                                       (LATEST, downgraded))[0][0] >= 20, 20, 0.2)

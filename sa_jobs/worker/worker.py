@@ -521,7 +521,8 @@ class Worker:
         async with await psycopg.AsyncConnection.connect(
             self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="sa_jobs:worker",
         ) as conn:
-            schema_mod.require_version(await schema_mod.read_version_async(conn, self.schema), self.schema)
+            record = await schema_mod.read_record_async(conn, self.schema)
+            schema_mod.require_version(record.version, self.schema, runs_from=record.runs_from)
 
     async def __aexit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> Optional[bool]:
         assert self._tg is not None
