@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import threading
+from array import array
 from typing import Callable, Iterator, Optional, Sequence
 
 import anyio
@@ -508,10 +509,11 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
     and completed was replayed again by ``dead replay``). Only rows in the states the
     action acts on (``acts_on``) match, and so are locked: `jobs retry --kind K` waited for every
     transaction holding a running job of K (a handler's ctx.transaction(), a heartbeat),
-    or deadlocked with one. Memory stays one batch."""
+    or deadlocked with one. The matches are those of the run's start (see _list_matches):
+    memory is 8 bytes a match, and one batch of rows."""
     from sqlalchemy.orm import Session
 
-    from .admin import count_matching, matching_ids
+    from .admin import matching_ids
 
     where = _filter(args, args.ids)
     if where.empty:
@@ -530,26 +532,18 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
         where = dataclasses.replace(where, states=where.states or tuple(acts_on))
     engine = _engine(args)
     named = list(dict.fromkeys(args.ids))
-    if by_filter:
-        with Session(engine) as session:
-            total = count_matching(session, where, limit=args.limit)
-    else:
-        total = len(named)
+    # By filter, the matches are listed once, when the run begins (8 bytes an id): listed
+    # anew batch by batch, a job that came to match while the run went on was acted on too,
+    # past the total announced: a waiting job a worker completed meanwhile was replayed by
+    # `jobs retry --kind K` (run twice), and `jobs cancel --queue Q` chased the jobs the app
+    # went on enqueueing, for as long as it did. Each batch still acts only on those of its
+    # ids that match then (under their row locks).
+    matches = _list_matches(engine, where, args.limit) if by_filter else array("q", named)
+    total = len(matches)
 
     def batches() -> Iterator[list[int]]:
-        if not by_filter:
-            for start in range(0, len(named), args.batch):
-                yield named[start:start + args.batch]
-            return
-        after, left = None, args.limit
-        while left is None or left > 0:
-            with Session(engine) as session:
-                chunk = matching_ids(session, where, limit=args.batch if left is None else min(args.batch, left),
-                                     after=after)
-            if not chunk:
-                return
-            yield chunk
-            after, left = chunk[-1], None if left is None else left - len(chunk)
+        for start in range(0, len(matches), args.batch):
+            yield matches[start:start + args.batch].tolist()
 
     done: list[int] = []
     missing: list[int] = []
@@ -600,6 +594,29 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
         print(f"sa-jobs: interrupted after {len(done)} job(s) {verb}; run it again to go on", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
     return 1 if missing and args.ids else 0
+
+
+_LIST_PAGE = 50_000  # ids per statement when a bulk action lists its matches
+
+
+def _list_matches(engine, where, limit: Optional[int]) -> array[int]:  # type: ignore[no-untyped-def]
+    """The ids matching ``where`` now (at most ``limit``), oldest first, as a compact array:
+    read a page at a time, each its own short statement (no transaction held open, no lock)."""
+    from sqlalchemy.orm import Session
+
+    from .admin import matching_ids
+
+    ids: array[int] = array("q")
+    after: Optional[int] = None
+    while limit is None or len(ids) < limit:
+        page = _LIST_PAGE if limit is None else min(_LIST_PAGE, limit - len(ids))
+        with Session(engine) as session:
+            chunk = matching_ids(session, where, limit=page, after=after)
+        ids.extend(chunk)
+        if len(chunk) < page:
+            break
+        after = chunk[-1]
+    return ids
 
 
 def _cmd_jobs_retry(args: argparse.Namespace) -> int:

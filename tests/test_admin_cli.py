@@ -504,6 +504,47 @@ def test_a_bulk_action_by_filter_leaves_a_job_that_stopped_matching(
     assert rows.get(ids[2]) == expected, rows
 
 
+@pytest.mark.parametrize("argv, verb, start, change", [
+    # A worker completes a job that was waiting when the run began: a retry by kind ran it again.
+    (("jobs", "retry", "--kind", "bulk"), "retried", "dead",
+     "UPDATE {jobs} SET state = 'completed', finished_at = now(), claim_token = NULL, lease_expires_at = NULL"
+     " WHERE id = %(waiting)s"),
+    # The app enqueues a job while the run goes on: a cancel by queue cancelled it too (and
+    # under a steady stream of enqueues, chased them for as long as it lasted).
+    (("jobs", "cancel", "--queue", "bulkq"), "cancelled", "available",
+     "INSERT INTO {jobs} (kind, queue, state) SELECT 'bulk', 'bulkq', 'available' WHERE %(waiting)s > 0"),
+    # A job a worker completes meanwhile, deleted by a run that began before it was done.
+    (("jobs", "delete", "--kind", "bulk", "--state", "completed"), "deleted", "completed",
+     "UPDATE {jobs} SET state = 'completed', finished_at = now(), claim_token = NULL, lease_expires_at = NULL"
+     " WHERE id = %(waiting)s"),
+], ids=["retry", "cancel", "delete"])
+def test_a_bulk_action_by_filter_leaves_a_job_that_began_to_match_during_the_run(
+        capsys, monkeypatch, database_url, schema, argv, verb, start, change):
+    """A filter's matches are its jobs when the run begins (that still match when their
+    batch comes), as its count and progress bar say: each batch listed the next matches
+    anew, so a job that came to match while the run went on (completed, enqueued) was
+    acted on too, and the command did more than the total it announced."""
+    ids = [r[0] for r in q(database_url, jobs_sql(
+        schema, "INSERT INTO {jobs} (kind, queue, state, finished_at) SELECT 'bulk', 'bulkq', %s,"
+                " CASE WHEN %s IN ('dead', 'completed') THEN now() END FROM generate_series(1, 4) RETURNING id"),
+        (start, start))]
+    # A waiting job among them, that a worker will complete while the run goes on.
+    waiting = q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, queue, state, attempt, claim_token,"
+                                                " lease_expires_at) VALUES ('bulk', 'other', 'running', 1,"
+                                                " gen_random_uuid(), now() + interval '1 hour') RETURNING id"))[0][0]
+    ids += [r[0] for r in q(database_url, jobs_sql(
+        schema, "INSERT INTO {jobs} (kind, queue, state, finished_at) SELECT 'bulk', 'bulkq', %s,"
+                " CASE WHEN %s IN ('dead', 'completed') THEN now() END FROM generate_series(1, 4) RETURNING id"),
+        (start, start))]
+    _change_after_the_count(monkeypatch, database_url, jobs_sql(schema, change), {"waiting": waiting})
+    code, out, err = run(capsys, database_url, schema, *argv, "--batch", "2", "--json", "--progress")
+    assert code == 0 and json.loads(out) == {verb: ids, "not_" + verb: []}, out + err
+    assert "8/8 100%" in err, err
+    after = dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}")))
+    # The job that began to match is as the worker or the app left it.
+    late = waiting if "UPDATE" in change else max(after)
+    assert after[late] == ("completed" if "UPDATE" in change else "available"), after
+
 def test_an_id_named_with_a_filter_it_does_not_match_is_reported(capsys, database_url, schema, seeded):
     """`jobs delete 7 --kind mail` with job 7 of another kind said nothing and exited 0."""
     available, dead1, dead2, completed, running, dead3 = seeded
