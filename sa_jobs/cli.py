@@ -532,27 +532,25 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
         where = dataclasses.replace(where, states=where.states or tuple(acts_on))
     engine = _engine(args)
     named = list(dict.fromkeys(args.ids))
-    # By filter, the matches are listed once, when the run begins (8 bytes an id): listed
-    # anew batch by batch, a job that came to match while the run went on was acted on too,
-    # past the total announced: a waiting job a worker completed meanwhile was replayed by
-    # `jobs retry --kind K` (run twice), and `jobs cancel --queue Q` chased the jobs the app
-    # went on enqueueing, for as long as it did. Each batch still acts only on those of its
-    # ids that match then (under their row locks).
-    matches = _list_matches(engine, where, args.limit) if by_filter else array("q", named)
-    total = len(matches)
-
-    def batches() -> Iterator[list[int]]:
-        for start in range(0, len(matches), args.batch):
-            yield matches[start:start + args.batch].tolist()
-
     done: list[int] = []
     missing: list[int] = []
     listed = 0
     progress = Progress(f"{verb} ", args.progress)
     interrupted = False
     try:
+        # By filter, the matches are listed once, when the run begins (8 bytes an id): listed
+        # anew batch by batch, a job that came to match while the run went on was acted on
+        # too, past the total announced: a waiting job a worker completed meanwhile was
+        # replayed by `jobs retry --kind K` (run twice), and `jobs cancel --queue Q` chased
+        # the jobs the app went on enqueueing, for as long as it did. Each batch still acts
+        # only on those of its ids that match then (under their row locks). Inside the try:
+        # Ctrl-C while a long listing runs (or waits for a lock) says that nothing was done
+        # and prints the --json result, as it does a moment later.
+        matches = _list_matches(engine, where, args.limit) if by_filter else array("q", named)
+        total = len(matches)
         progress(0, total)
-        for chunk in batches():
+        for start in range(0, total, args.batch):
+            chunk = matches[start:start + args.batch].tolist()
             with Session(engine) as session:
                 session.begin()
                 if by_filter:

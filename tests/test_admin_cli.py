@@ -803,6 +803,48 @@ def test_a_prune_interrupted_while_counting_says_what_it_did(capsys, database_ur
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(5,)]
 
 
+@pytest.mark.parametrize("json_out", [False, True], ids=["table", "json"])
+def test_a_bulk_action_interrupted_while_listing_its_matches_says_what_it_did(capsys, database_url, schema, json_out):
+    """Ctrl-C while a bulk action by filter lists its matches (a long read of a big table,
+    or one waiting for a lock): "sa-jobs: interrupted" and, with --json, nothing on stdout
+    (no JSON for a script to read), where Ctrl-C a moment later, between batches, printed
+    the result and "interrupted after 0 job(s) ...", as the docs promise and prune does."""
+    import signal
+    import threading
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state) SELECT 'bulk', 'available'"
+                                     " FROM generate_series(1, 5)"))
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s")
+    main = threading.get_ident()
+
+    def interrupt_once_waiting() -> None:
+        deadline = time.monotonic() + 20
+        while q(database_url, waiting, (f"%FROM {schema}.jobs%",)) != [(1,)] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    with psycopg.connect(to_conninfo(database_url)) as holder:  # the listing waits for this lock
+        holder.execute(jobs_sql(schema, "LOCK TABLE {jobs} IN ACCESS EXCLUSIVE MODE"))
+        thread = threading.Thread(target=interrupt_once_waiting)
+        thread.start()
+        try:
+            code, out, err = run(capsys, database_url, schema, "jobs", "cancel", "--kind", "bulk",
+                                 *(["--json"] if json_out else []))
+        finally:
+            thread.join(30)
+    assert code == 130 and "Traceback" not in err, out + err
+    if json_out:
+        assert json.loads(out) == {"cancelled": [], "not_cancelled": [], "interrupted": True}, out
+    else:
+        assert out == "0 job(s) cancelled\n", out
+    assert err == "sa-jobs: interrupted after 0 job(s) cancelled; run it again to go on\n", err
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'available'")) == [(5,)]
+
+
 @pytest.mark.parametrize("argv", [("jobs", "cancel", "--kind", "bulk", "--batch", "2"), ("jobs", "cancel", "{first}")],
                          ids=["by filter", "by id"])
 def test_ctrl_c_while_a_bulk_batch_waits_for_a_row_lock_stops_at_once(capsys, database_url, schema, argv):
