@@ -572,12 +572,17 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
         # how many, not a traceback. Ids not reached are not reported as refused.
         interrupted = True
         named = []
-    except Exception:
+    except Exception as exc:
         # A batch that failed (its lock timeout, a lost connection) rolled back; those
-        # before it committed: say how many, before main reports the error.
+        # before it committed: say how many, before main reports the error. With --json,
+        # the result so far and the error's line: stdout was empty, and a script could not
+        # tell which jobs had been done.
         progress.close()
         if done:
             print(f"sa-jobs: stopped after {len(done)} job(s) {verb}", file=sys.stderr)
+        message = _error_line(exc)
+        if args.json and message is not None:
+            _print_json({verb: sorted(done), "not_" + verb: sorted(set(missing)), "error": message})
         raise
     progress.close()
     # An id named with a filter it does not match is reported too.
@@ -841,12 +846,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         else:
             print(f"sa-jobs: interrupted after {progress.done} job(s) deleted; run it again to go on", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as exc:
         # A batch that failed (a lost connection, a lock timeout) rolled back; those before
-        # it committed: say how many, before main reports the error, as _bulk does.
+        # it committed: say how many, before main reports the error, as _bulk does (and
+        # with --json, print what each state lost, and the error's line).
         progress.close()
         if progress.done:
             print(f"sa-jobs: stopped after {progress.done} job(s) deleted", file=sys.stderr)
+        message = _error_line(exc)
+        if args.json and message is not None:
+            done = {} if args.dry_run else {s: deleted.get(s, 0) for s in ages}
+            _print_json({"dry_run": args.dry_run, verb.replace(" ", "_"): done, "error": message})
         raise
     progress.close()
     if args.json:
@@ -1198,13 +1208,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"sa-jobs: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
             _discard_stdout()
             return 2
-        error: Optional[object] = _typed_error(exc)
-        if error is None:
-            error = _database_error(exc)
+        error = _error_line(exc)
         if error is None:
             raise
         print(f"sa-jobs: {error}", file=sys.stderr)
         return 2
+
+
+def _error_line(exc: BaseException) -> Optional[str]:
+    """The one line (without "sa-jobs: ") main prints for ``exc``, or None for an error it
+    lets through as a traceback (a bug, not an operator's problem)."""
+    typed = _typed_error(exc)
+    return str(typed) if typed is not None else _database_error(exc)
 
 
 def _reader_gone() -> int:

@@ -1263,6 +1263,53 @@ def test_a_bulk_action_stopped_by_a_lock_timeout_says_what_it_did(capsys, databa
         first: "cancelled", second: "available"}
 
 
+def test_a_bulk_action_or_prune_stopped_by_an_error_prints_its_json_result(capsys, monkeypatch, database_url, schema):
+    """With --json, a run whose batches had committed when one failed (a lock timeout, a
+    lost connection) printed nothing on stdout: a script could not tell which jobs were
+    done, where Ctrl-C at that moment printed them. The result comes with the error's line
+    (also on stderr, exit 2 as before)."""
+    import threading
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+
+    first, second = (r[0] for r in q(database_url, jobs_sql(
+        schema, "INSERT INTO {jobs} (kind, state) VALUES ('mail', 'available'), ('mail', 'available') RETURNING id")))
+    holder = psycopg.connect(to_conninfo(database_url))
+    holder.execute(jobs_sql(schema, "SELECT id FROM {jobs} WHERE id = %s FOR UPDATE"), (second,))
+    safety = threading.Timer(30, q, (database_url, "SELECT pg_terminate_backend(%s)", (holder.info.backend_pid,)))
+    safety.start()
+    try:
+        code, out, err = run(capsys, database_url, schema, "jobs", "cancel", "--kind", "mail", "--batch", "1",
+                             "--lock-timeout", "0.5", "--json")
+    finally:
+        safety.cancel()
+        holder.close()
+    assert code == 2 and "Traceback" not in err and "lock timeout" in err, out + err
+    result = json.loads(out)
+    assert result["cancelled"] == [first] and result["not_cancelled"] == [], result
+    assert result["error"] == err.splitlines()[-1].removeprefix("sa-jobs: "), (result, err)
+
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) SELECT 'old', 'completed',"
+                                     " now() - interval '30 days' FROM generate_series(1, 5)"))
+    kill = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+            " AND position(%s in query) > 0")
+
+    class LoseTheConnection(cli.Progress):
+        def __call__(self, done, total):
+            super().__call__(done, total)
+            if done == 4:  # two batches of 2 committed
+                q(database_url, kill, (f'"{schema}"."jobs"',))
+
+    monkeypatch.setattr(cli, "Progress", LoseTheConnection)
+    code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "7d", "--batch", "2", "--json")
+    assert code == 2 and "Traceback" not in err, out + err
+    result = json.loads(out)
+    assert result["dry_run"] is False and result["deleted"] == {"completed": 4, "cancelled": 0, "dead": 0}, result
+    assert result["error"].startswith("database error"), result
+
+
 def test_the_workers_numbers_in_other_than_ascii_digits_are_refused(capsys):
     """Parsed only: with the value accepted a worker would start here."""
     from sa_jobs.errors import ConfigurationError
