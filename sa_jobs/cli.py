@@ -551,21 +551,28 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
         progress(0, total)
         for start in range(0, total, args.batch):
             chunk = matches[start:start + args.batch].tolist()
-            with Session(engine) as session:
-                session.begin()
-                if by_filter:
-                    chunk_where = dataclasses.replace(where, ids=tuple(chunk))
-                    targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked)
-                else:
-                    targets = chunk
-                acted = list(action(session, targets)) if targets else []
-                # Ctrl-C waits for the COMMIT and its count: raised out of a COMMIT the server
-                # had done, the batch was left out of both. Before it, the batch rolls back.
-                with _ctrl_c_deferred():
-                    session.commit()
-                    done.extend(acted)
-                    missing.extend(set(chunk) - set(acted))
-                    listed += len(chunk)
+            for attempt in range(1, _BATCH_ATTEMPTS + 1):
+                try:
+                    with Session(engine) as session:
+                        session.begin()
+                        if by_filter:
+                            chunk_where = dataclasses.replace(where, ids=tuple(chunk))
+                            targets = matching_ids(session, chunk_where, lock=True, skip_locked=skip_locked)
+                        else:
+                            targets = chunk
+                        acted = list(action(session, targets)) if targets else []
+                        # Ctrl-C waits for the COMMIT and its count: raised out of a COMMIT the
+                        # server had done, the batch was left out of both. Before it, the batch
+                        # rolls back.
+                        with _ctrl_c_deferred():
+                            session.commit()
+                            done.extend(acted)
+                            missing.extend(set(chunk) - set(acted))
+                            listed += len(chunk)
+                    break
+                except Exception as exc:
+                    if attempt == _BATCH_ATTEMPTS or not _deadlocked(exc):
+                        raise
             progress(listed, max(total, listed))
     except KeyboardInterrupt:
         # Ctrl-C: the batches committed so far stay done (the current one rolled back); say
@@ -597,6 +604,20 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
         print(f"sa-jobs: interrupted after {len(done)} job(s) {verb}; run it again to go on", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
     return 1 if missing and args.ids else 0
+
+
+# A batch the server aborted to end a deadlock (or a serialization failure) rolled back,
+# having done nothing: it is tried again, up to this many times in all. A worker's completer
+# writes a batch of outcomes row by row in the order its jobs ended, where a bulk batch
+# locks its rows in id order: a completion holding a later row and waiting for an earlier
+# one the batch holds made the whole command fail with "deadlock detected".
+_BATCH_ATTEMPTS = 5
+_DEADLOCK_STATES = ("40P01", "40001")  # deadlock_detected, serialization_failure
+
+
+def _deadlocked(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server's abort of a transaction to end a deadlock (it rolled back)."""
+    return getattr(getattr(exc, "orig", exc), "sqlstate", None) in _DEADLOCK_STATES
 
 
 _LIST_PAGE = 50_000  # ids per statement when a bulk action lists its matches

@@ -1310,6 +1310,54 @@ def test_a_bulk_action_or_prune_stopped_by_an_error_prints_its_json_result(capsy
     assert result["error"].startswith("database error"), result
 
 
+@pytest.mark.parametrize("argv", [("jobs", "cancel", "--kind", "bulk"), ("jobs", "cancel", "{a}", "{b}", "{c}")],
+                         ids=["by filter", "by id"])
+def test_a_bulk_batch_that_deadlocks_with_a_workers_completion_is_tried_again(capsys, database_url, schema, argv):
+    """A worker's completer writes a batch of outcomes in one UPDATE, row by row in the
+    order its jobs ended; a bulk batch locks its rows in id order. A completion holding a
+    later row and waiting for an earlier one the batch holds is a deadlock, which the
+    server ends by aborting one of them (here the batch, which waited first): the whole
+    command failed with "deadlock detected", exit 2, the batches after it never run. The
+    batch rolled back; it is tried again, and acts on the rows as the completion left them."""
+    import threading
+
+    import psycopg
+
+    from sa_jobs._url import to_conninfo
+
+    a, b, c = (r[0] for r in q(database_url, jobs_sql(
+        schema, "INSERT INTO {jobs} (kind, state, attempt, claim_token, lease_expires_at) SELECT 'bulk', 'running', 1,"
+                " gen_random_uuid(), now() + interval '1 hour' FROM generate_series(1, 3) RETURNING id")))
+    complete = jobs_sql(schema, "UPDATE {jobs} SET state = 'completed', finished_at = now(), claim_token = NULL,"
+                                " lease_expires_at = NULL WHERE id = %s")
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s"
+    completer = psycopg.connect(to_conninfo(database_url))
+    completer.execute(complete, (b,))  # the later job ended first: its row is locked
+
+    def complete_the_earlier_once_the_batch_waits() -> None:
+        deadline = time.monotonic() + 20
+        # This schema's (the server is shared with other tests).
+        while q(database_url, waiting, (f"%{schema}.jobs%FOR UPDATE%",)) != [(1,)] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            completer.execute(complete, (a,))  # waits for the batch's lock on a: the cycle
+            completer.commit()
+        except psycopg.errors.DeadlockDetected:  # the server chose the completion: not this test's case
+            completer.rollback()
+
+    thread = threading.Thread(target=complete_the_earlier_once_the_batch_waits)
+    thread.start()
+    try:
+        code, out, err = run(capsys, database_url, schema, *(x.format(a=a, b=b, c=c) for x in argv), "--json")
+    finally:
+        thread.join(30)
+        completer.close()
+    assert "deadlock" not in err and code == (0 if "--kind" in argv else 1), out + err
+    assert json.loads(out) == {"cancelled": [c], "not_cancelled": [a, b]}, out + err
+    assert dict(q(database_url, jobs_sql(schema, "SELECT id, state FROM {jobs}"))) == {
+        a: "completed", b: "completed", c: "cancelled"}
+
+
 def test_the_workers_numbers_in_other_than_ascii_digits_are_refused(capsys):
     """Parsed only: with the value accepted a worker would start here."""
     from sa_jobs.errors import ConfigurationError
