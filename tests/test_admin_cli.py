@@ -1501,6 +1501,20 @@ def test_a_prune_stopped_by_an_error_says_what_it_did(capsys, monkeypatch, datab
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs}")) == [(1,)]
 
 
+def test_a_prune_raced_by_the_leaders_pruner_ends_its_progress_bar_at_100_percent(capsys, monkeypatch, database_url,
+                                                                                 schema):
+    """The leader's Pruner deleting some of the rows counted (its own batches, SKIP LOCKED
+    between the two) left `prune --progress` at "6/10 60%" once it was done: as if it had
+    stopped short. Its count stays what it deleted."""
+    q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) SELECT 'old', 'completed',"
+                                     " now() - interval '30 days' FROM generate_series(1, 10)"))
+    _change_after_the_count(monkeypatch, database_url, jobs_sql(
+        schema, "DELETE FROM {jobs} WHERE id IN (SELECT id FROM {jobs} ORDER BY id LIMIT 4)"))
+    code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "7d", "--batch", "4", "--progress")
+    assert code == 0 and out.startswith("completed: deleted 6 job(s)\n"), out + err
+    assert err.rstrip("\n").endswith("6/6 100%"), repr(err)
+
+
 def _run_with_closed(stream: str, database_url, schema, *argv):
     """The CLI as a shell runs it with ``>&-`` (``stream`` "1") or ``2>&-`` ("2")."""
     return subprocess.run(["sh", "-c", f'"$@" {stream}>&-', "sh", sys.executable, "-m", "sa_jobs", *argv,

@@ -310,4 +310,8 @@ def prune(
                     break
                 if limit:
                     size = resized(size, batch, time.monotonic() - started, cur.rowcount, target=limit / 2)
+    if progress is not None and done < total:
+        # Done, with fewer rows than counted: another pruner (the leader's) deleted the
+        # rest meanwhile. The bar stayed at "6/10 60%", as if the run had stopped short.
+        progress(done, done)
     return result
