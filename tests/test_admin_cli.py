@@ -1730,13 +1730,23 @@ def test_a_url_with_a_percent_encoded_nul_is_refused_not_cut_short(capsys, datab
     from sa_jobs._url import to_conninfo
 
     url = make_url(database_url)
-    bad = {
-        "database": url.set(database=f"{url.database}\x00staging"),
-        "user": url.set(username=f"{url.username}\x00admin"),
-        "query": url.update_query_dict({"application_name": "a\x00b"}),
-    }[where].render_as_string(hide_password=False)
+    if where == "database":
+        # By hand: SQLAlchemy 2.0 renders a database name unescaped (2.1 escapes it).
+        before, mark, query = url.render_as_string(hide_password=False).partition("?")
+        path, _, name = before.rpartition("/")
+        bad = f"{path}/{name}%00staging{mark}{query}"
+    else:
+        bad = {
+            "user": url.set(username=f"{url.username}\x00admin"),
+            "query": url.update_query_dict({"application_name": "a\x00b"}),
+        }[where].render_as_string(hide_password=False)
     assert "%00" in bad
     code, out, err = run(capsys, bad, shared_schema, "jobs", "list")
+    if where == "database" and "\x00" not in (make_url(bad).database or ""):
+        # SQLAlchemy 2.0 leaves a database name's %00 encoded: no NUL reaches libpq, and the
+        # command looks for a database of that literal name, not the one before the NUL.
+        assert (code, out) == (2, "") and "does not exist" in err and "%00staging" in err, (code, out, err)
+        return
     assert (code, out) == (2, ""), (code, out, err)
     assert "NUL" in err and err.count("\n") == 1, err
     with pytest.raises(ConfigurationError, match="NUL"):
