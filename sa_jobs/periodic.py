@@ -125,6 +125,13 @@ def _fall_back_near(tz: dt.tzinfo, at: dt.datetime) -> Optional[tuple[dt.datetim
     return hi, before - after
 
 
+def _before(now: dt.datetime, grace: dt.timedelta) -> dt.datetime:
+    """``grace`` before ``now``, in UTC. Subtracted from ``now`` as given, it is wall-clock
+    arithmetic in ``now``'s zone (PEP 495): the database clock comes back in the session's
+    TimeZone, and during a fall-back's repeated hour there it landed an hour early."""
+    return now.astimezone(_UTC) - grace
+
+
 def _zone(name: str) -> dt.tzinfo:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -274,7 +281,7 @@ class Periodic:
         """
         limit = self.max_catch_up if self.catch_up else 1
         # In UTC: aware datetimes sharing a ZoneInfo compare by wall time (see _slots).
-        cut = max(last_slot.astimezone(_UTC), (now - grace).astimezone(_UTC))
+        cut = max(last_slot.astimezone(_UTC), _before(now, grace))
         on_time = self._slots(cut, now, _MAX_ON_TIME) if cut < now.astimezone(_UTC) else []
         if len(on_time) >= limit:
             return on_time
@@ -291,7 +298,7 @@ class Periodic:
         time (within ``grace`` of ``now``) are due, none from before, whatever ``catch_up``
         says. The edit is not downtime; counted from the old ``last_slot``, changing
         "0 0 * * *" to "*/5 * * * *" at noon fired the 100 most recent of 144 "missed" slots."""
-        restart = self.latest_slot(now - grace)
+        restart = self.latest_slot(_before(now, grace))
         return max(last_slot, restart, key=lambda t: t.astimezone(_UTC))
 
     def is_due(self, last_slot: dt.datetime, now: dt.datetime) -> bool:
@@ -637,7 +644,7 @@ class PeriodicJobs:
         if edited and schedule is not None:  # NULL: fired before the column existed; adopted
             last_slot = periodic.restart_point(last_slot, now, self.grace)
             log.info("periodic %r: schedule changed from %r to %r; slots before %s are not caught up",
-                     periodic.name, schedule, periodic.schedule, (now - self.grace).isoformat())
+                     periodic.name, schedule, periodic.schedule, _before(now, self.grace).isoformat())
         due = periodic.due_slots(last_slot, now, self.grace)
         # A long catch-up (up to 10,000 slots) is inserted in pipelined batches, within
         # this declaration's share of the tick: one statement per slot outlived the
@@ -681,7 +688,7 @@ class PeriodicJobs:
                 skipped.append(slot)
         if inserted:
             slots = [slot for slot, _ in inserted]
-            late = not periodic.catch_up and slots[0].astimezone(_UTC) <= (now - self.grace).astimezone(_UTC)
+            late = not periodic.catch_up and slots[0].astimezone(_UTC) <= _before(now, self.grace)
             skipped_late = " (late: the missed slots before it skipped)" if late else ""
             later = f"; {len(due) - len(slots)} more at the next tick" if len(slots) < len(due) else ""
             log.info("periodic %r: enqueued %d job(s) for %d slot(s), last %s%s%s", periodic.name, len(ids),

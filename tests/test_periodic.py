@@ -248,8 +248,9 @@ def test_the_latest_slot_and_catch_up_across_the_repeated_hour():
 
 
 def _fire(database_url: str, schema: str, periodic: Periodic, connections: int = 1,
-          now: Optional[dt.datetime] = None) -> list[list[int]]:
-    """Fire ``periodic`` once per connection; ``now`` stands in for the database clock."""
+          now: Optional[dt.datetime] = None, session_timezone: Optional[str] = None) -> list[list[int]]:
+    """Fire ``periodic`` once per connection; ``now`` stands in for the database clock,
+    ``session_timezone`` for the server's TimeZone (the zone its timestamps come back in)."""
     service = PeriodicJobs([periodic])
     statements = dict(service._statements(schema))
     if now is not None:
@@ -257,6 +258,9 @@ def _fire(database_url: str, schema: str, periodic: Periodic, connections: int =
 
     async def main() -> list[list[int]]:
         conns = [await psycopg.AsyncConnection.connect(to_conninfo(database_url), autocommit=True) for _ in range(connections)]
+        if session_timezone is not None:
+            for c in conns:
+                await c.execute("select set_config('TimeZone', %s, false)", (session_timezone,))
         results: list[list[int]] = [[] for _ in conns]
         try:
             async def one(i: int) -> None:
@@ -1055,6 +1059,32 @@ def test_an_edited_schedule_without_catch_up_waits_for_its_next_slot(database_ur
     [ids] = _fire(database_url, schema, zoned, now=day + dt.timedelta(days=2, hours=14, seconds=2))
     assert len(ids) == 1
     assert _schedule_of(database_url, schema, "digest") == "0 15 * * * Europe/Paris"
+
+
+@pytest.mark.parametrize("catch_up", [False, True])
+def test_the_servers_time_zone_does_not_stretch_the_grace_across_its_fall_back(database_url, schema, catch_up):
+    """The database clock comes back in the session's TimeZone (a server set up with
+    ``timezone = 'Europe/Paris'``, initdb's default on a Paris host). ``now - grace`` was
+    computed on that wall clock: during the repeated hour it landed an hour early, so an
+    hour of downtime counted as on time and fired in full, whatever catch_up and
+    max_catch_up said; an edit fired the new schedule's slots of the past hour."""
+    paris_second_pass = FALL_BACK + dt.timedelta(minutes=30, seconds=10)  # 02:30:10 CET, the second one
+    minutely = Periodic("* * * * *", PerTick, name="minutely", catch_up=catch_up, max_catch_up=5)
+    assert _fire(database_url, schema, minutely, now=paris_second_pass - dt.timedelta(hours=2)) == [[]]
+    q(database_url, sql.SQL("UPDATE {} SET last_slot = %s WHERE name = 'minutely'").format(
+        sql.Identifier(schema, "periodic")), (paris_second_pass - dt.timedelta(hours=1, seconds=10),))
+    # Down for an hour: the latest missed slot, or the 5 latest with catch-up (before: 60).
+    [ids] = _fire(database_url, schema, minutely, now=paris_second_pass, session_timezone="Europe/Paris")
+    assert len(ids) == (5 if catch_up else 1), len(ids)
+
+    # Edited from a daily schedule: its slot on time fires, none from before (before: 13).
+    daily = Periodic("0 0 * * *", PerTick, name="report")
+    assert _fire(database_url, schema, daily, now=paris_second_pass - dt.timedelta(hours=1)) == [[]]  # registered
+    five = Periodic("*/5 * * * *", PerTick, name="report", catch_up=catch_up, max_catch_up=5)
+    later = paris_second_pass + dt.timedelta(minutes=5)
+    [ids] = _fire(database_url, schema, five, now=later, session_timezone="Europe/Paris")
+    assert len(ids) == 1, len(ids)
+    assert _last_slot(database_url, schema, "report") == later.replace(second=0)
 
 
 def test_a_row_fired_before_the_schedule_was_recorded_is_adopted(database_url, schema):
