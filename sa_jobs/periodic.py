@@ -132,11 +132,21 @@ def _before(now: dt.datetime, grace: dt.timedelta) -> dt.datetime:
     return now.astimezone(_UTC) - grace
 
 
+# Files of the zone directory that zoneinfo loads but that name no zone of their own:
+# "localtime" links to the host's /etc/localtime, so every worker fired the schedule in
+# its own host's zone; "posixrules" is whichever zone the data's build chose (and absent
+# from the tzdata package), so a declaration loaded on one host and failed on another.
+_HOST_ALIASES = frozenset({"localtime", "posixrules"})
+
+
 def _zone(name: str) -> dt.tzinfo:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"invalid time zone {name!r}: use an IANA name such as 'Europe/Paris'")
+    if name in _HOST_ALIASES:
+        raise ConfigurationError(f"time zone {name!r} is the host's, not an IANA name: every worker would read its"
+                                 " own; name the zone, such as 'Europe/Paris'")
     try:
         return ZoneInfo(name)
     # OSError: a directory of the zone database ("Europe"), or a name too long for a file.

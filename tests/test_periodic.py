@@ -81,6 +81,18 @@ def test_invalid_declarations_fail_at_construction():
         PeriodicJobs([Periodic("0 9 * * *", PerTick), Periodic("0 10 * * *", PerTick)])
 
 
+def test_a_time_zone_that_names_the_hosts_own_is_refused():
+    """zoneinfo reads "localtime" from the zone directory, a link to the host's
+    /etc/localtime: each worker fired the schedule in its own host's zone (a leader change
+    from a UTC host to a Paris one moved every slot by an hour or two, and the schedule
+    text, unchanged, hid it), and a host without that file refused the declaration at
+    import. "posixrules" is the same kind of alias, chosen when the zone data was built."""
+    for host_alias in ("localtime", "posixrules"):
+        with pytest.raises(ConfigurationError, match="time zone"):
+            Periodic("0 9 * * *", PerTick, timezone=host_alias)
+    Periodic("0 9 * * *", PerTick, timezone="Etc/UTC")
+
+
 class AbstractPeriodicBase(Job, queue="periodic_q"):
     __mapper_args__ = {"polymorphic_abstract": True}
 
