@@ -642,10 +642,10 @@ def _list_matches(engine, where, limit: Optional[int]) -> array[int]:  # type: i
     with engine.connect() as connection:
         while limit is None or len(ids) < limit:
             size = _LIST_PAGE if limit is None else min(_LIST_PAGE, limit - len(ids))
-            page = select(_jobs.c.id).where(*where.where()).order_by(_jobs.c.id).limit(size)
+            query = select(_jobs.c.id).where(*where.where()).order_by(_jobs.c.id).limit(size)
             if after is not None:
-                page = page.where(_jobs.c.id > after)
-            page = page.subquery()
+                query = query.where(_jobs.c.id > after)
+            page = query.subquery()
             chunk = connection.execute(select(func.array_agg(aggregate_order_by(page.c.id, page.c.id)))).scalar() or []
             connection.rollback()  # each page its own short transaction
             ids.extend(chunk)
