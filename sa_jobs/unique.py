@@ -282,8 +282,8 @@ def _defer_keys_this_flush_frees(session: Any, new: list[Any]) -> list[Any]:
     changed += [(o, False) for o in session.dirty if isinstance(o, Job)]
     for obj, deleted in changed:
         state = inspect(obj)
-        if not deleted and not any(
-                key in state.committed_state and state.attrs[key].history.has_changes() for key in _KEY_HOLDING):
+        if not deleted and (not any(key in state.committed_state and state.attrs[key].history.has_changes()
+                                    for key in _KEY_HOLDING) or _keeps_its_key(state)):
             continue
         # The key the row holds in the database: the committed one if the flush changes it.
         key = state.committed_state.get("unique_key", state.dict.get("unique_key", _NOT_LOADED))
@@ -308,6 +308,24 @@ def _defer_keys_this_flush_frees(session: Any, new: list[Any]) -> list[Any]:
             session.expunge(obj)
         session.info[_DEFERRED_INFO_KEY] = later
     return now
+
+
+def _keeps_its_key(state: Any) -> bool:
+    """Whether a stored job's change leaves it holding the same key, before and after (a
+    move between two of its unique states: available to scheduled). Such a job is no
+    freed key: put aside, a replace then rewrote the row after the flush had written the
+    change, where it used to be the other way round (the job postponed, with the new args):
+    the row ended 'available' while the object said 'scheduled'. Unknown (a column not
+    loaded): False, and the new job is put aside."""
+    committed, now = state.committed_state, state.dict
+
+    def holds(values: Any) -> bool:
+        job_state, states = values.get("state", _NOT_LOADED), values.get("unique_states", _NOT_LOADED)
+        return isinstance(job_state, str) and isinstance(states, (list, tuple)) and job_state in states
+
+    before = {k: committed.get(k, now.get(k, _NOT_LOADED)) for k in _KEY_HOLDING}
+    return (holds(before) and holds(now) and isinstance(before["unique_key"], str)
+            and before["unique_key"] == now.get("unique_key"))
 
 
 def _base_of(obj: Any) -> str:

@@ -1127,3 +1127,25 @@ def test_a_batch_row_outside_its_unique_states_is_no_duplicate_on_every_path(eng
     assert rows == [("available", "available"), ("scheduled", "scheduled"), ("scheduled", "scheduled")]
     # The scheduled row, and (replace) the holder rewritten with the available row's values.
     assert written == (2 if kind is UqReplaceHeldWhileAvailable else 1)
+
+
+def test_a_replace_in_the_flush_that_moves_its_keys_holder_within_its_states_sees_the_row_it_wrote(
+        engine, database_url, schema):
+    """old.state = 'scheduled' (still one of its unique states: it keeps its key) and a
+    replace of the same key, flushed together: the replace rewrites old's row, then the
+    flush writes the postponement, and the session's object is the row. Put aside for
+    after the flush as if the key were freed, the replace came last: the row went back to
+    'available' while the object said 'scheduled'."""
+    with Session(engine) as session, session.begin():
+        session.add(UqReplace(user_id=1, v="old"))
+    with Session(engine) as session, session.begin():
+        old = session.scalars(select(UqReplace)).one()
+        old.state = "scheduled"
+        new = UqReplace(user_id=1, v="new")
+        session.add(new)
+        session.flush()
+        assert (new.was_duplicate, new.was_replaced, new.id) == (True, True, old.id)
+        table = UqReplace.__table__
+        row = session.execute(select(table.c.state, table.c.args).where(table.c.id == old.id)).one()
+        assert (old.state, old.args) == tuple(row) == ("scheduled", {"user_id": 1, "v": "new"})
+    assert [(r[1]["v"], r[2]) for r in _rows(database_url, schema, "uq_replace")] == [("new", "scheduled")]
