@@ -167,6 +167,35 @@ def test_a_worker_whose_schema_is_downgraded_under_it_says_why_once(db: str, fre
     assert [r for r in failures if r.exc_info] == []
 
 
+def test_a_worker_whose_schema_is_uninstalled_under_it_says_so_once(db: str, fresh_schema: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """``sa-jobs uninstall`` with a worker still up: the version read after the failed
+    tick is 0, which the message gave as a version to run ("restart it with the release of
+    version 0"). It says the schema is gone, once at ERROR, then one line per tick."""
+    schema_mod.install(db, fresh_schema)
+    errors = LoopErrors()
+    fired = sql.SQL("SELECT count(*) FROM {} WHERE kind = 'downgraded_tick'").format(sql.Identifier(fresh_schema, "jobs"))
+
+    async def main() -> None:
+        periodic = PeriodicJobs([Periodic("* * * * * *", DowngradedTick, name="downgraded_tick")])
+        async with Worker(db, kinds=[DowngradedTick], queues={"other": 1}, schema=fresh_schema, observer=errors,
+                          maintenance=[periodic], lease=2.0, poll_interval=0.2, maintenance_interval=0.1):
+            await until_in_thread(lambda: run_sql(db, fired)[0][0] >= 1)
+            await anyio.to_thread.run_sync(schema_mod.uninstall, db, fresh_schema)
+            await until(lambda: errors.seen.count("maintenance") >= 3)
+
+    with caplog.at_level(logging.INFO, logger="sa_jobs"):
+        anyio.run(main)
+    failures = [r for r in caplog.records if r.name == "sa_jobs.maintenance" and r.levelno >= logging.WARNING]
+    assert len(failures) >= 3
+    assert [r.levelno for r in failures] == [logging.ERROR] + [logging.WARNING] * (len(failures) - 1)
+    assert failures[0].getMessage() == (
+        f"maintenance failed (UndefinedTable (SQLSTATE 42P01)): the sa-jobs schema {fresh_schema!r} is no longer"
+        f" installed; it was removed while this worker ran, and this worker's maintenance fails until it is"
+        f" installed again (stop this worker, or install version {schema_mod.LATEST_VERSION})")
+    assert [r for r in failures if r.exc_info] == []
+
+
 async def until_in_thread(check: Any, within: float = 10) -> None:
     """:func:`until` for a check that blocks (a query): polled in a thread."""
     with anyio.fail_after(within):

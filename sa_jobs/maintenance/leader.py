@@ -356,7 +356,14 @@ class Maintainer:
             self._set_leader(False)
             await self._conn.discard()
             moved = await self._schema_moved(exc)
-            if moved is not None and moved != self._reported_version:
+            if moved == 0 and moved != self._reported_version:
+                # Uninstalled (sa-jobs uninstall, a downgrade past version 1): no release runs on it.
+                self._reported_version = moved
+                log.error("maintenance failed (%s): the sa-jobs schema %r is no longer installed; it was removed"
+                          " while this worker ran, and this worker's maintenance fails until it is installed"
+                          " again (stop this worker, or install version %d)", describe(exc), self._q.schema,
+                          LATEST_VERSION)
+            elif moved is not None and moved != self._reported_version:
                 self._reported_version = moved
                 log.error("maintenance failed (%s): the sa-jobs schema %r is now at version %d and this sa-jobs"
                           " runs on version %d; it was migrated while this worker ran, and this worker's"
