@@ -338,8 +338,20 @@ def _insert_deferred(session: Any, flush_context: Any) -> None:
     """``after_flush``: add back the jobs :func:`_defer_keys_this_flush_frees` put aside;
     :func:`_added_during_flush` inserts each at once, in the flush's transaction. (Were
     that listener off, they would stay pending, and the commit's next flush insert them.)"""
-    for obj in session.info.pop(_DEFERRED_INFO_KEY, ()):
-        session.add(obj)
+    deferred = session.info.pop(_DEFERRED_INFO_KEY, ())
+    if not deferred:
+        return
+    session.info[_AFTER_FLUSH_INFO_KEY] = True
+    try:
+        for obj in deferred:
+            session.add(obj)
+    finally:
+        session.info.pop(_AFTER_FLUSH_INFO_KEY, None)
+
+
+# Set in ``Session.info`` while :func:`_insert_deferred` adds its jobs: the flush has written
+# every change of the session's objects (see :func:`_load_replaced`).
+_AFTER_FLUSH_INFO_KEY = "sa_jobs.inserting_after_flush"
 
 
 def _added_during_flush(session: Any, obj: Any) -> None:
@@ -483,8 +495,12 @@ def _load_replaced(session: Any, held: Any, row: Any) -> None:
     from sqlalchemy.orm.attributes import set_committed_value
 
     state = inspect(held)
+    # After the flush (a job put aside for a freed key), a change of the caller's to
+    # ``held`` is written already, under the replace: keeping it left the object saying
+    # what the row no longer held ('scheduled', the row 'available').
+    flushed = session.info.get(_AFTER_FLUSH_INFO_KEY, False)
     for key in _REPLACED:
-        if key not in state.committed_state:  # no pending change of the caller's
+        if flushed or key not in state.committed_state:  # no pending change of the caller's
             set_committed_value(held, key, row[key])
     transaction = session._transaction
     if transaction is not None and state not in transaction._new:

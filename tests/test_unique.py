@@ -1149,3 +1149,26 @@ def test_a_replace_in_the_flush_that_moves_its_keys_holder_within_its_states_see
         row = session.execute(select(table.c.state, table.c.args).where(table.c.id == old.id)).one()
         assert (old.state, old.args) == tuple(row) == ("scheduled", {"user_id": 1, "v": "new"})
     assert [(r[1]["v"], r[2]) for r in _rows(database_url, schema, "uq_replace")] == [("new", "scheduled")]
+
+
+def test_a_replace_put_aside_for_after_the_flush_leaves_its_holders_object_as_the_row(engine, database_url, schema):
+    """The same change of an expired holder (its old state unknown, so the new job is put
+    aside for after the flush): the replace rewrites the row after the flush wrote the
+    change, and the object is loaded with what the replace wrote; it kept the caller's
+    flushed change instead, 'scheduled' where the row said 'available'."""
+    with Session(engine) as session, session.begin():
+        session.add(UqReplace(user_id=1, v="old"))
+    with Session(engine) as session:
+        old = session.scalars(select(UqReplace)).one()
+        session.commit()  # expires it
+        old.state = "scheduled"
+        new = UqReplace(user_id=1, v="new")
+        session.add(new)
+        session.flush()
+        assert (new.was_duplicate, new.was_replaced, new.id) == (True, True, old.id)
+        table = UqReplace.__table__
+        row = session.execute(select(table.c.state, table.c.args).where(table.c.id == old.id)).one()
+        assert (old.state, old.args) == tuple(row)
+        assert row.args == {"user_id": 1, "v": "new"}
+        session.commit()
+    assert [r[1]["v"] for r in _rows(database_url, schema, "uq_replace")] == ["new"]
