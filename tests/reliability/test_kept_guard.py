@@ -41,6 +41,26 @@ async def rel_kept(ctx: JobContext) -> int:
     return ctx.attempt
 
 
+def _add_kept_job(db: Any) -> int:
+    [(job_id,)] = db.q("INSERT INTO {jobs} (kind, queue, args) VALUES ('rel_kept', 'rel_kept', %s) RETURNING id",
+                       ("{}",))
+    return job_id
+
+
+async def _keep_behind_lock(db: Any, worker: Any, locker: Any, job_id: int) -> None:
+    """Once the handler runs, lock its row in ``locker``'s transaction and let the handler
+    return: its outcome is then kept (the completer waits for the row)."""
+    with anyio.fail_after(10):
+        while not RUNS:
+            await anyio.sleep(0.01)
+    assert locker.execute(db._sql("SELECT state FROM {jobs} WHERE id = %s FOR UPDATE"),
+                          (job_id,)).fetchone() == ("running",)
+    GO.append(True)
+    with anyio.fail_after(10):
+        while not (worker.completer and worker.completer.awaiting()):
+            await anyio.sleep(0.01)
+
+
 class ClaimWatch(threading.Thread):
     """Samples, every 20 ms on a straight connection, which session holds the job's claim:
     the longest stretch no session held it once the fault began."""
@@ -82,8 +102,7 @@ def test_a_kept_claim_survives_the_loss_of_its_session(db, cluster, rel_url, rel
     RUNS.clear()
     GO.clear()
     lease = 4.0
-    [(job_id,)] = db.q("INSERT INTO {jobs} (kind, queue, args) VALUES ('rel_kept', 'rel_kept', %s) RETURNING id",
-                         ("{}",))
+    job_id = _add_kept_job(db)
     rescue = Queries.for_schema(rel_schema).rescue_expired
     proxy = Proxy(cluster.port)
     watch = ClaimWatch(rel_url, rel_schema, job_id)
@@ -94,14 +113,9 @@ def test_a_kept_claim_survives_the_loss_of_its_session(db, cluster, rel_url, rel
             async def main() -> None:
                 async with Worker(cluster.url_via(proxy.port), kinds=[RelKept], schema=rel_schema, lease=lease,
                                   poll_interval=0.2, maintenance_interval=0.2, shutdown_grace=5) as worker:
+                    await _keep_behind_lock(db, worker, locker, job_id)
                     with anyio.fail_after(10):
-                        while not RUNS:
-                            await anyio.sleep(0.01)
-                    assert locker.execute(db._sql("SELECT state FROM {jobs} WHERE id = %s FOR UPDATE"),
-                                          (job_id,)).fetchone() == ("running",)
-                    GO.append(True)
-                    with anyio.fail_after(10):
-                        while not (worker.completer and worker.completer.awaiting() and watch.sample()):
+                        while not watch.sample():
                             await anyio.sleep(0.01)
                     # The lease keepers queued on the row would extend the lease as the lock goes.
                     admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -148,8 +162,7 @@ def test_a_kept_outcome_whose_claim_could_not_be_held_is_fenced_off_after_the_re
     RUNS.clear()
     GO.clear()
     lease = 2.0
-    [(job_id,)] = db.q("INSERT INTO {jobs} (kind, queue, args) VALUES ('rel_kept', 'rel_kept', %s) RETURNING id",
-                       ("{}",))
+    job_id = _add_kept_job(db)
     rescue = Queries.for_schema(rel_schema).rescue_expired
     proxy = Proxy(cluster.port)
     proxy.blackhole_new = lambda c: c.app in ("sa_jobs:lease-guard", "sa_jobs:lease-keeper")
@@ -160,15 +173,7 @@ def test_a_kept_outcome_whose_claim_could_not_be_held_is_fenced_off_after_the_re
             async def main() -> None:
                 async with Worker(cluster.url_via(proxy.port), kinds=[RelKept], schema=rel_schema, lease=lease,
                                   poll_interval=0.2, maintenance_interval=0.2, shutdown_grace=5) as worker:
-                    with anyio.fail_after(10):
-                        while not RUNS:
-                            await anyio.sleep(0.01)
-                    assert locker.execute(db._sql("SELECT state FROM {jobs} WHERE id = %s FOR UPDATE"),
-                                          (job_id,)).fetchone() == ("running",)
-                    GO.append(True)
-                    with anyio.fail_after(10):
-                        while not (worker.completer and worker.completer.awaiting()):
-                            await anyio.sleep(0.01)
+                    await _keep_behind_lock(db, worker, locker, job_id)
                     with anyio.fail_after(10):  # the worker tries to hold its claim, and cannot
                         while not proxy.live("sa_jobs:lease-guard"):
                             await anyio.sleep(0.01)
@@ -206,8 +211,7 @@ def test_a_guard_whose_statements_keep_failing_backs_off(db, cluster, rel_schema
     ident = {"schema": sql.Identifier(rel_schema), "role": sql.Identifier(role)}
     revoke = sql.SQL("REVOKE EXECUTE ON FUNCTION pg_try_advisory_lock(integer, integer) FROM PUBLIC")
     grant = sql.SQL("GRANT EXECUTE ON FUNCTION pg_try_advisory_lock(integer, integer) TO PUBLIC")
-    [(job_id,)] = db.q("INSERT INTO {jobs} (kind, queue, args) VALUES ('rel_kept', 'rel_kept', %s) RETURNING id",
-                       ("{}",))
+    job_id = _add_kept_job(db)
     failures: list[float] = []
     with psycopg.connect(cluster.url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE ROLE {role} LOGIN").format(**ident))
@@ -222,15 +226,7 @@ def test_a_guard_whose_statements_keep_failing_backs_off(db, cluster, rel_schema
                     async with Worker(f"postgresql://{role}@127.0.0.1:{cluster.port}/postgres", kinds=[RelKept],
                                       schema=rel_schema, lease=4.0, poll_interval=0.2, maintenance_interval=0.2,
                                       shutdown_grace=0) as worker:
-                        with anyio.fail_after(10):
-                            while not RUNS:
-                                await anyio.sleep(0.01)
-                        assert locker.execute(db._sql("SELECT state FROM {jobs} WHERE id = %s FOR UPDATE"),
-                                              (job_id,)).fetchone() == ("running",)
-                        GO.append(True)
-                        with anyio.fail_after(10):
-                            while not (worker.completer and worker.completer.awaiting()):
-                                await anyio.sleep(0.01)
+                        await _keep_behind_lock(db, worker, locker, job_id)
                         with caplog.at_level(logging.WARNING, logger="sa_jobs.worker"):
                             caplog.clear()
                             await anyio.sleep(3.0)  # the window the failed tries are counted in
