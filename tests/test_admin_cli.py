@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import psycopg
 import pytest
@@ -753,40 +755,47 @@ def test_an_interrupted_prune_says_what_it_did(capsys, monkeypatch, database_url
                                "interrupted": True}, out
 
 
+@contextlib.contextmanager
+def _ctrl_c_once_waiting(database_url: str, query_like: str) -> Iterator[None]:
+    """Inside: this thread gets SIGINT (Ctrl-C) once a session waits for a lock in a
+    statement ``LIKE query_like`` (or after 20 s)."""
+    import signal
+    import threading
+
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s"
+    main = threading.get_ident()
+
+    def interrupt_once_waiting() -> None:
+        deadline = time.monotonic() + 20
+        while q(database_url, waiting, (query_like,)) != [(1,)] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt_once_waiting)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(30)
+
+
 @pytest.mark.parametrize("json_out", [False, True], ids=["table", "json"])
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
 def test_a_prune_interrupted_while_counting_says_what_it_did(capsys, database_url, schema, dry_run, json_out):
     """Ctrl-C while the prune counts its rows (a long count on a big table, or one waiting
     for a lock). A dry run said "interrupted after 0 job(s) deleted; run it again to go
     on": it deletes nothing, whether it ran or not. A real prune deleted none yet."""
-    import signal
-    import threading
-
     import psycopg
 
     from sa_jobs._url import to_conninfo
 
     q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state, finished_at) SELECT 'bulk', 'completed',"
                                      " now() - interval '2 days' FROM generate_series(1, 5)"))
-    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-               " AND query LIKE 'SELECT count(*) FROM ' || %s || '%%'")
-    main = threading.get_ident()
-
-    def interrupt_once_waiting() -> None:
-        deadline = time.monotonic() + 20
-        while q(database_url, waiting, (f'"{schema}"."jobs"',)) != [(1,)] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        signal.pthread_kill(main, signal.SIGINT)
-
     with psycopg.connect(to_conninfo(database_url)) as holder:  # the count waits for this lock
         holder.execute(jobs_sql(schema, "LOCK TABLE {jobs} IN ACCESS EXCLUSIVE MODE"))
-        thread = threading.Thread(target=interrupt_once_waiting)
-        thread.start()
-        try:
+        with _ctrl_c_once_waiting(database_url, f'SELECT count(*) FROM "{schema}"."jobs"%'):
             code, out, err = run(capsys, database_url, schema, "prune", "--older-than", "1d",
                                  *(["--dry-run"] if dry_run else []), *(["--json"] if json_out else []))
-        finally:
-            thread.join(30)
     if json_out:  # nothing counted in full (dry run), nothing deleted yet (real)
         assert json.loads(out) == ({"dry_run": True, "would_delete": {}, "interrupted": True} if dry_run else
                                    {"dry_run": False, "deleted": {"completed": 0, "cancelled": 0, "dead": 0},
@@ -809,33 +818,17 @@ def test_a_bulk_action_interrupted_while_listing_its_matches_says_what_it_did(ca
     or one waiting for a lock): "sa-jobs: interrupted" and, with --json, nothing on stdout
     (no JSON for a script to read), where Ctrl-C a moment later, between batches, printed
     the result and "interrupted after 0 job(s) ...", as the docs promise and prune does."""
-    import signal
-    import threading
-
     import psycopg
 
     from sa_jobs._url import to_conninfo
 
     q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state) SELECT 'bulk', 'available'"
                                      " FROM generate_series(1, 5)"))
-    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s")
-    main = threading.get_ident()
-
-    def interrupt_once_waiting() -> None:
-        deadline = time.monotonic() + 20
-        while q(database_url, waiting, (f"%FROM {schema}.jobs%",)) != [(1,)] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        signal.pthread_kill(main, signal.SIGINT)
-
     with psycopg.connect(to_conninfo(database_url)) as holder:  # the listing waits for this lock
         holder.execute(jobs_sql(schema, "LOCK TABLE {jobs} IN ACCESS EXCLUSIVE MODE"))
-        thread = threading.Thread(target=interrupt_once_waiting)
-        thread.start()
-        try:
+        with _ctrl_c_once_waiting(database_url, f"%FROM {schema}.jobs%"):
             code, out, err = run(capsys, database_url, schema, "jobs", "cancel", "--kind", "bulk",
                                  *(["--json"] if json_out else []))
-        finally:
-            thread.join(30)
     assert code == 130 and "Traceback" not in err, out + err
     if json_out:
         assert json.loads(out) == {"cancelled": [], "not_cancelled": [], "interrupted": True}, out
@@ -850,34 +843,18 @@ def test_a_bulk_action_interrupted_while_listing_its_matches_says_what_it_did(ca
 def test_ctrl_c_while_a_bulk_batch_waits_for_a_row_lock_stops_at_once(capsys, database_url, schema, argv):
     """A batch waiting for a row another transaction holds has done nothing yet: Ctrl-C
     stops it at once (its transaction rolls back), not after the lock timeout."""
-    import signal
-    import threading
-
     import psycopg
 
     from sa_jobs._url import to_conninfo
 
     ids = [r[0] for r in q(database_url, jobs_sql(schema, "INSERT INTO {jobs} (kind, state) SELECT 'bulk', 'available'"
                                                           " FROM generate_series(1, 4) RETURNING id"))]
-    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s"
-    main = threading.get_ident()
-
-    def interrupt_once_waiting() -> None:
-        deadline = time.monotonic() + 20
-        while q(database_url, waiting, ("%FOR UPDATE%",)) != [(1,)] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        signal.pthread_kill(main, signal.SIGINT)
-
     with psycopg.connect(to_conninfo(database_url)) as holder:
         holder.execute(jobs_sql(schema, "SELECT 1 FROM {jobs} WHERE id = %s FOR UPDATE"), (ids[0],))
-        thread = threading.Thread(target=interrupt_once_waiting)
-        thread.start()
-        started = time.monotonic()
-        try:
+        with _ctrl_c_once_waiting(database_url, "%FOR UPDATE%"):
+            started = time.monotonic()
             code, out, err = run(capsys, database_url, schema, *(a.format(first=ids[0]) for a in argv),
                                  "--json", "--lock-timeout", "20")
-        finally:
-            thread.join(30)
     assert code == 130 and time.monotonic() - started < 10 and "Traceback" not in err, out + err
     assert json.loads(out) == {"cancelled": [], "not_cancelled": [], "interrupted": True}
     assert err == "sa-jobs: interrupted after 0 job(s) cancelled; run it again to go on\n", err
