@@ -241,14 +241,17 @@ def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
         return
     from sqlalchemy import inspect
 
-    # Keyed order (then add order): two transactions enqueueing the same keys lock them in
-    # the same order and cannot deadlock on each other's uncommitted rows. In two passes,
-    # as enqueue_many goes: every row's INSERT, then the rewrites and reads of the keys
-    # held already. Key by key (insert, else rewrite), a flush that rewrote key a's waiting
-    # holder then waited for key b, inserted by a bulk call that was about to rewrite a.
+    # Keyed order (then add order): two transactions enqueueing the same keys wait for
+    # each other's uncommitted rows in the same order, and cannot deadlock. Every wait
+    # for a key is taken in that order: a held key is read at once (a read waits for
+    # nothing), and a key freed meanwhile is inserted then, before any higher key. Only
+    # the rewrite of a waiting holder (a replace kind) locks a row, so those come in a
+    # second pass, after every INSERT, as in enqueue_many: key by key, a flush that
+    # rewrote key a's holder then waited for key b, inserted by a bulk call that was
+    # about to rewrite a.
     new.sort(key=lambda o: (type(o).kind_options().kind, o.unique_key or "", inspect(o).insert_order or 0))
-    held = [plan for plan in map(_plan_unique, new) if not _try_insert(session, plan)]
-    for plan in held:
+    to_rewrite = [plan for plan in map(_plan_unique, new) if not _settle_in_order(session, plan)]
+    for plan in to_rewrite:
         _settle_unique(session, plan)
     # The rows left session.new: say so for whoever watches this transaction's commit.
     note_enqueued(session)
@@ -377,7 +380,7 @@ def _added_during_flush(session: Any, obj: Any) -> None:
         return
     obj._check_assigned_args(type(obj).kind_options())
     plan = _plan_unique(obj)
-    if not _try_insert(session, plan):
+    if not _settle_in_order(session, plan):
         _settle_unique(session, plan)
     note_enqueued(session)
 
@@ -428,6 +431,33 @@ def _try_insert(session: Any, plan: _Plan) -> bool:
         return False
     _attach(session, plan.obj, row, duplicate=False, replaced=False)
     return True
+
+
+def _settle_in_order(session: Any, plan: _Plan) -> bool:
+    """The plan's INSERT, and if its key is held, what can be settled without a lock:
+    whether the plan is settled (else a waiting holder awaits a replace's rewrite).
+
+    A key found held is read at once; one freed meanwhile (its holder finished) is
+    inserted now, in the flush's keyed order. Read in a later pass, as it used to be,
+    a freed key was inserted after the flush's higher keys: two flushes of two keys
+    could each wait for the other's uncommitted row, and PostgreSQL ended one with a
+    deadlock. A replace kind's holder that is not waiting (running) is not rewritten:
+    the job is its duplicate, as the second pass would find."""
+    from .model import Job
+
+    options = type(plan.obj).__sa_jobs_options__
+    replace = options.unique.on_conflict == "replace"
+    for _ in range(_MAX_ROUNDS):
+        if _try_insert(session, plan):
+            return True
+        row = session.execute(existing_statement(Job.__table__, options.kind, plan.key)).mappings().first()
+        if row is not None:
+            if replace and row["state"] in REPLACEABLE_STATES:
+                return False
+            _attach(session, plan.obj, row, duplicate=True, replaced=False)
+            return True
+    raise ConfigurationError(  # pragma: no cover - the key flapped in and out of its states 8 times
+        f"could not enqueue unique job {options.kind!r}: its key kept changing state")
 
 
 def _settle_unique(session: Any, plan: _Plan) -> None:
