@@ -28,7 +28,8 @@ VARIANTS = ("none", "concurrency", "rate", "partition", "all", "concurrency-bind
             "none-kind-state-nodedup", "partition-auto-plans", "partition-v5", "partition-v8", "partition-keylocks", "all-v8", "partition-window2x",
             "concurrency-auto-plans", "none-v7-indexes", "partition-v7-indexes", "keys-v7-indexes", "keys-leaseidx",
             "none-v9-kind-index", "concurrency-v11", "partition-v11", "all-v11", "none-serialized", "none-join", "none-noav", "keys-noav", "partition-noav",
-            "keys-collate-c", "partition-collate-c", "all-collate-c")
+            "keys-collate-c", "partition-collate-c", "all-collate-c",
+            "concurrency-v15", "partition-v15", "all-v15")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -76,6 +76,13 @@ CLAIM_LIMITED = (
     + _CLAIM_AND_COUNT
 )
 
+# Schema version 16: the limited claim of a queue whose running bound leaves every limit
+# slack (see schema._claim_function_v12): the bound, a variable of the function, stands
+# for the running jobs, which are not counted.
+CLAIM_LIMITED_WITHIN_BOUND = CLAIM_LIMITED.replace(_COUNT_RUNNING, "v_bound")
+assert CLAIM_LIMITED_WITHIN_BOUND != CLAIM_LIMITED
+
+
 def _head_window(*, limit: str = "%(scan)s", lock: str = "") -> str:
     """The queue's next ``limit`` waiting jobs in claim order (one index range)."""
     return (" head AS MATERIALIZED (SELECT id, partition_key, priority, scheduled_at FROM {jobs}"

@@ -931,6 +931,7 @@ def _queues_table(session: Any) -> Any:
         QUEUES_TABLE, MetaData(), Column("name", Text, primary_key=True), Column("paused", Boolean),
         Column("updated_at", DateTime(timezone=True)), Column("concurrency", Integer),
         Column("partition_concurrency", Integer), Column("rate_limit", Integer), Column("rate_period", Interval),
+        Column("running_bound", Integer),
         schema=DEFAULT_SCHEMA,
     )
 
@@ -1031,6 +1032,8 @@ def set_queue_limits(session: Any, queue: str, limits: QueueLimits) -> None:
         "partition_concurrency": limits.partition_concurrency,
         "rate_limit": limits.rate[0] if limits.rate else None,
         "rate_period": limits.rate[1] if limits.rate else None,
+        # Unknown: the next claim counts the running jobs (plain claims kept no bound).
+        "running_bound": None,
         "updated_at": func.now(),
     }
     stmt = insert(table).values(name=queue, paused=False, **values)

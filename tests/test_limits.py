@@ -71,6 +71,31 @@ def test_queue_concurrency_holds_across_worker_processes(engine, database_url, s
     assert q(database_url, jobs_sql(schema, "SELECT max(attempt) FROM {jobs}")) == [(1,)]
 
 
+def test_a_queue_limit_above_each_batch_holds_while_claims_go_by_the_running_bound(engine, database_url, schema, gauge):
+    """Schema v16: a claim whose queue's running bound plus its batch fits under the limit
+    takes its batch without counting the running jobs. With a limit of 10 and three
+    processes of 4 slots, the first claims go by the bound (0, then 4, ...) and the later
+    ones count: the queue never runs more than 10 jobs, and runs 10."""
+    limit(engine, "lim", QueueLimits(concurrency=10))
+    with Session(engine) as session, session.begin():
+        session.add_all([LimitedWork(seconds=0.15, i=i) for i in range(60)])
+    drain_with_processes(database_url, schema, 60, processes=3, concurrency=4)  # 12 local slots
+    assert peaks(database_url, schema)["*"] == 10
+    assert q(database_url, jobs_sql(schema, "SELECT max(attempt) FROM {jobs}")) == [(1,)]
+
+
+def test_setting_limits_forgets_the_queues_running_bound(engine, database_url, schema):
+    """The bound (v16) is kept only by limited claims: a queue's plain claims, before it
+    was limited, kept none, so a new limit makes the next claim count."""
+    limit(engine, "bounded", QueueLimits(concurrency=5))
+    bound = sql.SQL("SELECT running_bound FROM {} WHERE name = 'bounded'").format(sql.Identifier(schema, "queues"))
+    q(database_url, sql.SQL("UPDATE {} SET running_bound = 3, running_counted_at = now()").format(
+        sql.Identifier(schema, "queues")))
+    assert q(database_url, bound) == [(3,)]
+    limit(engine, "bounded", QueueLimits(concurrency=6))
+    assert q(database_url, bound) == [(None,)]
+
+
 def test_partition_concurrency_limits_each_key_and_does_not_starve_other_keys(engine, database_url, schema, gauge):
     limit(engine, "limp", QueueLimits(partition_concurrency=2))
     with Session(engine) as session, session.begin():

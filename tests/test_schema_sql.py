@@ -475,6 +475,8 @@ def test_a_queue_with_both_limits_reads_its_running_jobs_once_per_statement(data
                                 " FROM generate_series(0, 44) g").format(jobs), (queue,))
     q(database_url, sql.SQL(RUNNING).format(jobs), ("keyed", None, 1_000))
     q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
+    # Each queue's running bound (v16) known and fresh: these claims count as they must.
+    _set_bound(database_url, schema, None, "now() + interval '1 hour'")
     with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
         for _ in range(3):
             rows, read = _claim_limited(conn, schema, "head", 50, 50)
@@ -487,6 +489,87 @@ def test_a_queue_with_both_limits_reads_its_running_jobs_once_per_statement(data
             # The same without the 1,000 unkeyed running jobs (946; counting them: ~1,950).
             rows, read = _claim_limited(conn, schema, "keyed", 50, 50)
             assert len(rows) == 45 and read <= 1_100, ("keyed", len(rows), read)
+
+
+def _set_bound(database_url: str, schema: str, bound: int | None, counted_at: str, queue: str | None = None) -> None:
+    """Set the running bound (schema v16) of ``queue`` (or every queue) to ``bound`` (None:
+    the queue's running jobs, counted), as counted at ``counted_at`` (SQL)."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    q(database_url, sql.SQL("UPDATE {queues} AS u SET running_bound = coalesce(%(bound)s::int, (SELECT count(*) FROM {jobs}"
+                            " WHERE state = 'running' AND queue = u.name)), running_counted_at = " + counted_at
+                            + " WHERE %(queue)s::text IS NULL OR name = %(queue)s").format(queues=queues, jobs=jobs),
+      {"queue": queue, "bound": bound})
+
+
+def _claim_and_keep(conn: psycopg.Connection, schema: str, queue: str, limit: int) -> tuple[int, int]:
+    """Claim through the schema's function and commit (the running bound is kept): the
+    jobs claimed and the jobs table tuples the claim read from the heap."""
+    fn = sql.Identifier(schema, "claim_limited")
+    with conn.transaction():
+        before = tuples_read(conn, schema)
+        got = len(conn.execute(sql.SQL("SELECT id FROM {}(%s, %s, %s, 'x', 30, %s)").format(fn),
+                               (queue, limit, uuid.uuid4(), 2 * limit)).fetchall())
+        return got, tuples_read(conn, schema) - before
+
+
+def _bound(database_url: str, schema: str, queue: str) -> int | None:
+    return q(database_url, sql.SQL("SELECT running_bound FROM {} WHERE name = %s").format(
+        sql.Identifier(schema, "queues")), (queue,))[0][0]
+
+
+@pytest.mark.parametrize("limits", ["partition_concurrency", "concurrency", "both"])
+def test_a_claim_under_slack_limits_does_not_count_the_running_jobs(database_url, schema, limits):
+    """Schema v16: a limited queue keeps an upper bound of its running jobs on its row.
+    While the bound plus the batch fits under its limits, no limit can bind, and the claim
+    reads neither the queue's running jobs nor each key's (1,000 here, a heap visit each:
+    v15 read them on every claim). The first claim counts them, to learn the bound; each
+    claim adds what it took."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    values = {"partition_concurrency": "NULL, 10000", "concurrency": "100000, NULL", "both": "100000, 10000"}[limits]
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency, partition_concurrency) VALUES ('slack', " + values + ")"
+                            ).format(queues))
+    for key in range(10):
+        q(database_url, sql.SQL(RUNNING).format(jobs), ("slack", f"k{key}", 100))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'slack', 'k' || (g % 10)"
+                            " FROM generate_series(1, 300) g").format(jobs))
+    q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
+    assert _bound(database_url, schema, "slack") is None
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        got, read = _claim_and_keep(conn, schema, "slack", 50)
+        assert got == 50 and read >= 1_000, read  # counted: the bound was unknown
+        assert _bound(database_url, schema, "slack") == 1_050
+        for i in range(2, 5):
+            got, read = _claim_and_keep(conn, schema, "slack", 50)
+            assert got == 50 and read <= 150, (i, read)  # the window and the claimed jobs only
+            assert _bound(database_url, schema, "slack") == 1_000 + 50 * i
+
+
+def test_the_running_bound_is_counted_again_when_old_or_past_the_limits(database_url, schema):
+    """The bound holds only jobs claimed through the function; one that started running
+    another way (a plain claim that raced a new limit) is in it once it is counted again,
+    at least every second. A bound grown past the limits (its jobs finished meanwhile) is
+    counted again too, after 100 ms, rather than leaving every claim to count."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency) VALUES ('c', 40)").format(queues))
+    q(database_url, sql.SQL(RUNNING).format(jobs), ("c", None, 35))
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue) SELECT 'k', 'c' FROM generate_series(1, 100)").format(jobs))
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        # A bound of 0 counted 2 s ago: counted again (35), so 5 of the 10 asked for.
+        _set_bound(database_url, schema, 0, "clock_timestamp() - interval '2 seconds'", "c")
+        assert _claim_and_keep(conn, schema, "c", 10)[0] == 5
+        assert _bound(database_url, schema, "c") == 40
+        # Four of those finish. A bound of 40 (past the limit) counted 200 ms ago is
+        # counted again (36): 4 more.
+        q(database_url, sql.SQL("UPDATE {} SET state = 'completed', finished_at = now()"
+                                " WHERE id IN (SELECT id FROM {} WHERE state = 'running' LIMIT 4)").format(jobs, jobs))
+        q(database_url, sql.SQL("UPDATE {} SET running_counted_at = clock_timestamp() - interval '200 milliseconds'"
+                                ).format(queues))
+        assert _claim_and_keep(conn, schema, "c", 10)[0] == 4
+        # At the limit, counted just now: nothing, and the bound stays an upper bound.
+        assert _claim_and_keep(conn, schema, "c", 10)[0] == 0
+        assert _bound(database_url, schema, "c") == 40
+    assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'running' AND queue = 'c'")
+             ) == [(40,)]
 
 
 def test_a_rescue_batch_reads_about_its_batch_when_many_leases_expired(database_url, schema):

@@ -42,6 +42,9 @@
   function put back (diagnostic: up to v11 every limited claim read its queue from the start,
   stepping over the dead entries of every job claimed since the last VACUUM; since v12 it
   resumes past its last batch, as the plain claim does).
+- ``concurrency-v15``, ``partition-v15``, ``all-v15``: concurrency, partition, all with the claim
+  function of schema versions 12-15 put back (diagnostic: since v16 a claim whose queue's
+  running bound leaves every limit slack does not count the running jobs).
 - ``none-serialized`` (experiment, not in the library): none whose claimers take turns on a
   transaction-scoped advisory lock of the queue, as limited claimers do on its row.
 - ``none-join`` (diagnostic): none with the plain claim's join on ``picked`` that the id
@@ -106,6 +109,9 @@ VARIANTS = {
     "concurrency-v11": QueueLimits(concurrency=100_000),
     "partition-v11": QueueLimits(partition_concurrency=10_000),
     "all-v11": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
+    "concurrency-v15": QueueLimits(concurrency=100_000),
+    "partition-v15": QueueLimits(partition_concurrency=10_000),
+    "all-v15": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
     "keys-collate-c": QueueLimits(),
     "partition-collate-c": QueueLimits(partition_concurrency=10_000),
     "all-collate-c": QueueLimits(concurrency=100_000, partition_concurrency=10_000, rate=(10_000_000, dt.timedelta(seconds=1))),
@@ -113,7 +119,7 @@ VARIANTS = {
     "keys-noav": QueueLimits(),
     "partition-noav": QueueLimits(partition_concurrency=10_000),
 }
-KEYED = ("keys-collate-c", "partition-collate-c", "all-collate-c", "keys-noav", "partition-noav", "partition", "partition-v11", "all-v11", "keys-leaseidx", "all", "all-v8", "partition-v8", "partition-keylocks", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
+KEYED = ("partition-v15", "all-v15", "keys-collate-c", "partition-collate-c", "all-collate-c", "keys-noav", "partition-noav", "partition", "partition-v11", "all-v11", "keys-leaseidx", "all", "all-v8", "partition-v8", "partition-keylocks", "keys-only", "partition-auto-plans", "partition-v5", "partition-window2x",
          "partition-v7-indexes", "keys-v7-indexes")
 
 
@@ -130,8 +136,12 @@ def setup(dsn: str, variant: str) -> None:
     if variant.endswith("-keylocks"):
         with psycopg.connect(dsn, autocommit=True) as conn:
             _put_back_an_older_function(conn, _keylocks_function())
-    old_function = {"-v5": 5, "-v8": 7, "v11": 11}.get(variant[-3:])  # v8 kept v7's function
-    if old_function:
+    old_function = {"-v5": 5, "-v8": 7, "v11": 11, "v15": 12}.get(variant[-3:])  # v8 kept v7's, v15 v12's
+    if old_function == 12:  # the current signature: no wrapper needed
+        from sa_jobs.schema import _claim_function
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(_claim_function("sa_jobs", 12))
+    elif old_function:
         from sa_jobs.schema import _claim_function
         with psycopg.connect(dsn, autocommit=True) as conn:
             _put_back_an_older_function(conn, _claim_function("sa_jobs", old_function))
