@@ -568,6 +568,12 @@ def test_the_running_bound_is_counted_again_when_old_or_past_the_limits(database
         # At the limit, counted just now: nothing, and the bound stays an upper bound.
         assert _claim_and_keep(conn, schema, "c", 10)[0] == 0
         assert _bound(database_url, schema, "c") == 40
+        # An empty claim that did not count (an idle queue's poll) writes no row version.
+        q(database_url, sql.SQL("UPDATE {} SET running_counted_at = now() + interval '1 hour'").format(queues))
+        version = sql.SQL("SELECT xmin::text FROM {} WHERE name = 'c'").format(queues)
+        before = q(database_url, version)
+        assert _claim_and_keep(conn, schema, "c", 10)[0] == 0
+        assert q(database_url, version) == before
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'running' AND queue = 'c'")
              ) == [(40,)]
 
