@@ -404,8 +404,7 @@ def _plan_unique(obj: Any) -> _Plan:
     unique = options.unique
     d = obj.__dict__
     queue = d.get("queue") or options.queue
-    base = unique.base_key(options.kind, queue, d["args"])
-    key = key_expression(base, unique.period_seconds)
+    key = key_expression(_base_of(obj), unique.period_seconds)
     values: dict[str, Any] = {c: d[c] for c in _INSERTABLE if c in d and d[c] is not None}
     values.update(kind=options.kind, unique_key=key, unique_states=list(unique.states))
     if unique.on_conflict == "replace":
