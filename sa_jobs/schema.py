@@ -404,9 +404,10 @@ def _claim_function_v12(schema: str, settings: str, body: Callable[[str], sql.Co
     takes the queue's first jobs as an unkeyed limited claim does, without counting the
     running jobs, per key or in all (about 400 heap visits per claim of 50 in a 4 x 100
     drain). Otherwise it counts as before. The bound is recounted exactly when unknown
-    (NULL: a new limit), at least once a second (``BOUND_RECOUNT``), so that jobs that
-    started running by another way (a plain claim that raced a new limit) are in it
-    within that time, and when it has grown past the limits (``BOUND_RECOUNT_NEAR_CAP``)."""
+    (NULL: a new limit; counted before a change of the queue's settings, or within a
+    second after it), at least once a second (``BOUND_RECOUNT``), so that jobs that started
+    running by another way (a plain claim that raced a new limit) are in it within that
+    time, and when it has grown past the limits (``BOUND_RECOUNT_NEAR_CAP``)."""
     from . import _claim_sql as c
 
     def claim(template: str, resumable: str) -> sql.Composable:
@@ -459,6 +460,9 @@ BOUND_RECOUNT = "1 second"
 # a second while the jobs it counts have long finished). At most ten extra counts a
 # second on a queue whose limits do bind.
 BOUND_RECOUNT_NEAR_CAP = "100 milliseconds"
+# A count dated this far ahead of the clock (a step back of the server's clock) is
+# counted again rather than trusted until the clock catches up.
+BOUND_CLOCK_STEP = "1 minute"
 
 
 def _claim_function_v16(schema: str, settings: str, body: Callable[[str], sql.Composable],
@@ -474,17 +478,23 @@ def _claim_function_v16(schema: str, settings: str, body: Callable[[str], sql.Co
         "#variable_conflict use_column\n"
         "DECLARE v_limited boolean; v_partitioned boolean; v_concurrency boolean; v_capped boolean;"
         " v_claimed integer; v_cap integer; v_bound integer; v_counted timestamptz; v_taken integer := 0;"
-        " v_recounted boolean := false;"
+        " v_recounted boolean := false; v_changed timestamptz;"
         " BEGIN"
         " SELECT " + c.LIMITED + ", partition_concurrency IS NOT NULL, concurrency IS NOT NULL,"
         " concurrency IS NOT NULL OR rate_limit IS NOT NULL, least(concurrency, partition_concurrency),"
-        " running_bound, running_counted_at"
-        " INTO v_limited, v_partitioned, v_concurrency, v_capped, v_cap, v_bound, v_counted"
+        " running_bound, running_counted_at, updated_at"
+        " INTO v_limited, v_partitioned, v_concurrency, v_capped, v_cap, v_bound, v_counted, v_changed"
         " FROM {queues} WHERE name = p_queue FOR NO KEY UPDATE;"
         " IF NOT FOUND OR NOT v_limited THEN RETURN; END IF;"
         " PERFORM set_config('synchronous_commit', 'off', true);"
         " IF v_cap IS NOT NULL AND (v_bound IS NULL OR v_counted IS NULL"
         "  OR v_counted < clock_timestamp() - interval '" + BOUND_RECOUNT + "'"
+        # Counted before, or within a second after, a change of the queue's settings (any
+        # release's set_queue_limits and pause write updated_at; an older release's does not
+        # clear the bound): a plain claim that raced the change is counted once it commits.
+        "  OR v_counted < v_changed + interval '" + BOUND_RECOUNT + "'"
+        # The server's clock stepped back: the count's time is in its future.
+        "  OR v_counted > clock_timestamp() + interval '" + BOUND_CLOCK_STEP + "'"
         "  OR (v_bound + p_limit > v_cap AND v_counted < clock_timestamp() - interval '" + BOUND_RECOUNT_NEAR_CAP + "'))"
         " THEN"
         "  SELECT count(*) INTO v_bound FROM {jobs} WHERE state = 'running' AND queue = p_queue;"

@@ -77,6 +77,9 @@ def test_a_queue_limit_above_each_batch_holds_while_claims_go_by_the_running_bou
     processes of 4 slots, the first claims go by the bound (0, then 4, ...) and the later
     ones count: the queue never runs more than 10 jobs, and runs 10."""
     limit(engine, "lim", QueueLimits(concurrency=10))
+    # Set a minute ago: claims within a second of a change count (a raced plain claim).
+    q(database_url, sql.SQL("UPDATE {} SET updated_at = now() - interval '1 minute'").format(
+        sql.Identifier(schema, "queues")))
     with Session(engine) as session, session.begin():
         session.add_all([LimitedWork(seconds=0.15, i=i) for i in range(60)])
     drain_with_processes(database_url, schema, 60, processes=3, concurrency=4)  # 12 local slots

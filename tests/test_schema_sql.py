@@ -476,7 +476,7 @@ def test_a_queue_with_both_limits_reads_its_running_jobs_once_per_statement(data
     q(database_url, sql.SQL(RUNNING).format(jobs), ("keyed", None, 1_000))
     q(database_url, jobs_sql(schema, "ANALYZE {jobs}"))
     # Each queue's running bound (v16) known and fresh: these claims count as they must.
-    _set_bound(database_url, schema, None, "now() + interval '1 hour'")
+    _set_bound(database_url, schema, None, "now() + interval '30 seconds'")
     with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
         for _ in range(3):
             rows, read = _claim_limited(conn, schema, "head", 50, 50)
@@ -496,7 +496,8 @@ def _set_bound(database_url: str, schema: str, bound: int | None, counted_at: st
     the queue's running jobs, counted), as counted at ``counted_at`` (SQL)."""
     queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
     q(database_url, sql.SQL("UPDATE {queues} AS u SET running_bound = coalesce(%(bound)s::int, (SELECT count(*) FROM {jobs}"
-                            " WHERE state = 'running' AND queue = u.name)), running_counted_at = " + counted_at
+                            " WHERE state = 'running' AND queue = u.name)), updated_at = now() - interval '1 minute',"
+                            " running_counted_at = " + counted_at
                             + " WHERE %(queue)s::text IS NULL OR name = %(queue)s").format(queues=queues, jobs=jobs),
       {"queue": queue, "bound": bound})
 
@@ -526,8 +527,9 @@ def test_a_claim_under_slack_limits_does_not_count_the_running_jobs(database_url
     claim adds what it took."""
     queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
     values = {"partition_concurrency": "NULL, 10000", "concurrency": "100000, NULL", "both": "100000, 10000"}[limits]
-    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency, partition_concurrency) VALUES ('slack', " + values + ")"
-                            ).format(queues))
+    # Limits set a minute ago: a claim within a second of a change counts (see below).
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency, partition_concurrency, updated_at) VALUES ('slack', "
+                            + values + ", now() - interval '1 minute')").format(queues))
     for key in range(10):
         q(database_url, sql.SQL(RUNNING).format(jobs), ("slack", f"k{key}", 100))
     q(database_url, sql.SQL("INSERT INTO {} (kind, queue, partition_key) SELECT 'k', 'slack', 'k' || (g % 10)"
@@ -550,7 +552,8 @@ def test_the_running_bound_is_counted_again_when_old_or_past_the_limits(database
     at least every second. A bound grown past the limits (its jobs finished meanwhile) is
     counted again too, after 100 ms, rather than leaving every claim to count."""
     queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
-    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency) VALUES ('c', 40)").format(queues))
+    q(database_url, sql.SQL("INSERT INTO {} (name, concurrency, updated_at) VALUES ('c', 40, now() - interval '1 minute')"
+                            ).format(queues))
     q(database_url, sql.SQL(RUNNING).format(jobs), ("c", None, 35))
     q(database_url, sql.SQL("INSERT INTO {} (kind, queue) SELECT 'k', 'c' FROM generate_series(1, 100)").format(jobs))
     with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
@@ -569,13 +572,69 @@ def test_the_running_bound_is_counted_again_when_old_or_past_the_limits(database
         assert _claim_and_keep(conn, schema, "c", 10)[0] == 0
         assert _bound(database_url, schema, "c") == 40
         # An empty claim that did not count (an idle queue's poll) writes no row version.
-        q(database_url, sql.SQL("UPDATE {} SET running_counted_at = now() + interval '1 hour'").format(queues))
+        q(database_url, sql.SQL("UPDATE {} SET running_counted_at = now() + interval '30 seconds'").format(queues))
         version = sql.SQL("SELECT xmin::text FROM {} WHERE name = 'c'").format(queues)
         before = q(database_url, version)
         assert _claim_and_keep(conn, schema, "c", 10)[0] == 0
         assert q(database_url, version) == before
     assert q(database_url, jobs_sql(schema, "SELECT count(*) FROM {jobs} WHERE state = 'running' AND queue = 'c'")
              ) == [(40,)]
+
+
+def _count_running(database_url: str, schema: str, queue: str) -> int:
+    return q(database_url, sql.SQL("SELECT count(*) FROM {} WHERE state = 'running' AND queue = %s").format(
+        sql.Identifier(schema, "jobs")), (queue,))[0][0]
+
+
+def test_a_plain_claim_that_raced_a_new_limit_is_counted_by_the_next_limited_claim(database_url, schema):
+    """A worker that has not yet seen a new limit runs a plain claim; its statement's
+    snapshot predates the limit, so it claims, and it commits after the first limited
+    claim counted. The next claim must count those jobs (v15 counted at every claim), not
+    go by the bound (found by review: 10 more jobs past the limit of 60). Since a claim
+    within a second of a settings change counts, it does."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue) SELECT 'k', 'race' FROM generate_series(1, 200)").format(jobs))
+    plain = Queries.for_schema(schema).claim
+    with psycopg.connect(to_conninfo(database_url)) as racer, \
+            psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        # The plain claim's statement runs (its snapshot: no limit yet) ...
+        assert len(racer.execute(plain, {"queue": "race", "limit": 50, "token": uuid.uuid4(), "owner": "plain",
+                                         "lease": 30}).fetchall()) == 50
+        # ... the limit is set ...
+        q(database_url, sql.SQL("INSERT INTO {} (name, concurrency) VALUES ('race', 60)").format(queues))
+        assert _claim_and_keep(conn, schema, "race", 10)[0] == 10  # the racer's 50 not seen yet
+        racer.commit()  # ... and the plain claim commits: 60 running
+        assert _count_running(database_url, schema, "race") == 60
+        assert _claim_and_keep(conn, schema, "race", 10)[0] == 0
+    assert _count_running(database_url, schema, "race") == 60
+
+
+def test_a_limit_an_older_release_sets_again_is_not_exceeded(database_url, schema):
+    """A release of version 15 runs on v16 (floor 14), and its set_queue_limits does not
+    clear running_bound. A limit it removes and sets again within a second of the last
+    count left the bound of before, while the queue's plain claims had started jobs
+    (found by review: 10 more past a limit of 20). A bound counted before the queue's
+    last settings change (updated_at, which every release writes) is counted again."""
+    queues, jobs = sql.Identifier(schema, "queues"), sql.Identifier(schema, "jobs")
+    q(database_url, sql.SQL("INSERT INTO {} (kind, queue) SELECT 'k', 'old' FROM generate_series(1, 200)").format(jobs))
+    plain = Queries.for_schema(schema).claim
+
+    def older_release_sets(concurrency: int | None) -> None:  # version 15's upsert, exactly
+        q(database_url, sql.SQL(
+            "INSERT INTO {} (name, paused, concurrency, partition_concurrency, rate_limit, rate_period, updated_at)"
+            " VALUES ('old', false, %(c)s, NULL, NULL, NULL, now()) ON CONFLICT (name) DO UPDATE SET"
+            " concurrency = %(c)s, partition_concurrency = NULL, rate_limit = NULL, rate_period = NULL,"
+            " updated_at = now()").format(queues), {"c": concurrency})
+
+    with psycopg.connect(to_conninfo(database_url), autocommit=True) as conn:
+        older_release_sets(20)
+        assert _claim_and_keep(conn, schema, "old", 10)[0] == 10  # counted (no bound): bound 10
+        older_release_sets(None)  # unlimited: plain claims
+        assert len(conn.execute(plain, {"queue": "old", "limit": 50, "token": uuid.uuid4(), "owner": "plain",
+                                        "lease": 30}).fetchall()) == 50
+        older_release_sets(20)  # 60 running, limit 20
+        assert _claim_and_keep(conn, schema, "old", 10)[0] == 0
+    assert _count_running(database_url, schema, "old") == 60
 
 
 def test_a_rescue_batch_reads_about_its_batch_when_many_leases_expired(database_url, schema):
