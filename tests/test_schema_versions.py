@@ -167,6 +167,48 @@ def test_a_worker_whose_schema_is_downgraded_under_it_says_why_once(db: str, fre
     assert [r for r in failures if r.exc_info] == []
 
 
+def test_a_worker_on_a_newer_schema_that_admits_it_does_not_blame_a_migration_for_a_missing_object(
+        db: str, fresh_schema: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker of this release on a newer schema whose floor admits it (it started there
+    with one WARNING): such a version keeps everything this release uses, so a missing
+    object there is not the migration's doing. The ERROR said the schema "was migrated
+    while this worker ran" and that maintenance fails "until the schema and the release
+    match again (restart it with the release of version N+1, or migrate back to N)":
+    neither true (it started on that version, and the version admits it). It says the
+    schema lacks something the version promised, and how to check it, once."""
+    schema_mod.install(db, fresh_schema)
+    newer = schema_mod.LATEST_VERSION + 1
+    run_sql(db, sql.SQL("INSERT INTO {} (version, description, runs_from) VALUES (%s, 'a newer release', %s)").format(
+        sql.Identifier(fresh_schema, "schema_version")), (newer, schema_mod.LATEST_VERSION))
+    errors = LoopErrors()
+    fired = sql.SQL("SELECT count(*) FROM {} WHERE kind = 'downgraded_tick'").format(sql.Identifier(fresh_schema, "jobs"))
+
+    async def main() -> None:
+        periodic = PeriodicJobs([Periodic("* * * * * *", DowngradedTick, name="downgraded_tick")])
+        async with Worker(db, kinds=[DowngradedTick], queues={"other": 1}, schema=fresh_schema, observer=errors,
+                          maintenance=[periodic], lease=2.0, poll_interval=0.2, maintenance_interval=0.1):
+            await until_in_thread(lambda: run_sql(db, fired)[0][0] >= 1)
+            # A hand change (or a faulty newer migration): what the leader's firing writes.
+            await anyio.to_thread.run_sync(run_sql, db, sql.SQL("ALTER TABLE {} DROP COLUMN schedule").format(
+                sql.Identifier(fresh_schema, "periodic")))
+            await until(lambda: errors.seen.count("maintenance") >= 3)
+
+    with caplog.at_level(logging.INFO, logger="sa_jobs"):
+        anyio.run(main)
+    failures = [r for r in caplog.records if r.name == "sa_jobs.maintenance" and r.levelno >= logging.WARNING]
+    assert len(failures) >= 3
+    assert [r.levelno for r in failures] == [logging.ERROR] + [logging.WARNING] * (len(failures) - 1)
+    assert failures[0].getMessage() == (
+        f"maintenance failed (UndefinedColumn (SQLSTATE 42703)): the sa-jobs schema {fresh_schema!r} is at version"
+        f" {newer}, which lets releases of version {schema_mod.LATEST_VERSION} and later run on it, but it lacks"
+        f" something this release's maintenance uses (see the traceback), which that version promises to keep:"
+        f" it was changed by hand or by a faulty migration, and this worker's maintenance fails until it is"
+        f" repaired (a release that knows version {newer} can check it: `sa-jobs check --schema {fresh_schema}`)")
+    # The missing object is named once, in the first failure's traceback.
+    assert failures[0].exc_info and 'column "schedule"' in str(failures[0].exc_info[1])
+    assert [r for r in failures[1:] if r.exc_info] == []
+
+
 def test_a_worker_whose_schema_is_uninstalled_under_it_says_so_once(db: str, fresh_schema: str,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """``sa-jobs uninstall`` with a worker still up: the version read after the failed

@@ -30,7 +30,7 @@ import psycopg
 
 from ..errors import ConfigurationError
 from ..queries import Queries
-from ..schema import LATEST_VERSION, read_version_async
+from ..schema import LATEST_VERSION, VersionRecord, admits_this_release, read_record_async
 from .._connection import ManagedConnection, describe, is_transient
 from ..events import WorkerObserver, hook
 
@@ -355,8 +355,20 @@ class Maintainer:
             self._observer.loop_error("maintenance")
             self._set_leader(False)
             await self._conn.discard()
-            moved = await self._schema_moved(exc)
-            if moved == 0 and moved != self._reported_version:
+            record = await self._schema_moved(exc)
+            moved = None if record is None else record.version
+            if record is not None and admits_this_release(record) and moved != self._reported_version:
+                # A newer version that admits this release keeps all it uses: what is missing
+                # was taken away otherwise, and only the traceback names it.
+                self._reported_version = moved
+                log.error("maintenance failed (%s): the sa-jobs schema %r is at version %d, which lets releases"
+                          " of version %d and later run on it, but it lacks something this release's"
+                          " maintenance uses (see the traceback), which that version promises to keep: it was"
+                          " changed by hand or by a faulty migration, and this worker's maintenance fails until"
+                          " it is repaired (a release that knows version %d can check it: `sa-jobs check"
+                          " --schema %s`)", describe(exc), self._q.schema, record.version, record.runs_from,
+                          record.version, self._q.schema, exc_info=True)
+            elif moved == 0 and moved != self._reported_version:
                 # Uninstalled (sa-jobs uninstall, a downgrade past version 1): no release runs on it.
                 self._reported_version = moved
                 log.error("maintenance failed (%s): the sa-jobs schema %r is no longer installed; it was removed"
@@ -374,20 +386,21 @@ class Maintainer:
                 log.warning("maintenance failed (%s); leadership dropped until reconnected", describe(exc),
                             exc_info=moved is None and not is_transient(exc))
 
-    async def _schema_moved(self, exc: Exception) -> int | None:
-        """The installed schema version, when ``exc`` is a missing table, column or function
-        and the version is not this release's: a schema migrated under the running worker
-        (a rollback's downgrade, a newer release's upgrade). The worker checks the version
-        only at start; each tick then failed with a traceback naming only the missing object."""
+    async def _schema_moved(self, exc: Exception) -> VersionRecord | None:
+        """The installed schema version and its floor, when ``exc`` is a missing table, column
+        or function and the version is not this release's: a schema migrated under the running
+        worker (a rollback's downgrade, a newer release's upgrade), or a newer one this release
+        runs on (its floor admits it). The worker checks the version only at start; each tick
+        then failed with a traceback naming only the missing object."""
         if not isinstance(exc, _MISSING_OBJECT):
             return None
         try:
             with anyio.fail_after(self._conn.timeout):
-                version = await read_version_async(await self._conn.get(), self._q.schema)
+                record = await read_record_async(await self._conn.get(), self._q.schema)
         except Exception:  # noqa: BLE001 - the failure itself is logged by the caller
             await self._conn.discard()
             return None
-        return None if version == LATEST_VERSION else version
+        return None if record.version == LATEST_VERSION else record
 
     async def _tick(self, conn: Any) -> None:
         """One pass of the services. Each round trip has its own deadline (the timeout: see
