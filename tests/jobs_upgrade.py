@@ -69,6 +69,17 @@ def upg_limited(ctx: JobContext, n: int = 0) -> None:
     record(ctx, "end")
 
 
+class UpgPartitioned(Job, kind="upg_partitioned", queue="upg_part", partition_by=("key",)):
+    """Runs in a queue with a concurrency and a partition limit (by ``key``): its start and end are recorded."""
+
+
+@UpgPartitioned.handler
+def upg_partitioned(ctx: JobContext, key: str = "", sleep: float = 0.2) -> None:
+    record(ctx, "start")
+    time.sleep(sleep)
+    record(ctx, "end")
+
+
 class UpgTick(Job, kind="upg_tick", queue="upg"):
     """Fired every second by the maintenance leader, whichever release it runs."""
 
@@ -99,6 +110,44 @@ def produce(url: str, schema: str) -> None:
                 session.add(kind(n=n))
         print(f"enqueued {n}", flush=True)
         time.sleep(0.2)
+
+
+def relimit(url: str, schema: str) -> int:
+    """A queue's limit removed and set again within a second, with this release's
+    set_queue_limits, while a plain claim started jobs in between (the queue unlimited),
+    then a limited claim: the jobs of queue ``relimit`` running after it (the limit is 3)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from sa_jobs._url import sqlalchemy_url
+    from sa_jobs.admin import QueueLimits, set_queue_limits
+
+    engine = create_engine(sqlalchemy_url(url)).execution_options(schema_translate_map={"sa_jobs": schema})
+    jobs = sql.Identifier(schema, "jobs")
+    claim = sql.SQL("SELECT count(*) FROM {}('relimit', %s, gen_random_uuid(), 'relimit', 60.0, 50)").format(
+        sql.Identifier(schema, "claim_limited"))
+
+    def limit(limits: QueueLimits) -> None:
+        with Session(engine) as session, session.begin():
+            set_queue_limits(session, "relimit", limits)
+
+    with psycopg.connect(to_conninfo(url), autocommit=True) as conn:
+        conn.execute(sql.SQL("INSERT INTO {} (kind, queue, args) SELECT 'upg_noop', 'relimit', '{{}}'"
+                             " FROM generate_series(1, 20)").format(jobs))
+        limit(QueueLimits(concurrency=3))
+        assert conn.execute(claim, (1,)).fetchone()[0] == 1  # counted: 0 running, 1 taken
+        limit(QueueLimits())
+        # What a plain claim does while the queue has no limit.
+        conn.execute(sql.SQL("UPDATE {0} SET state = 'running', attempt = 1, claim_token = gen_random_uuid(),"
+                             " lease_owner = 'plain', lease_expires_at = now() + interval '60 s'"
+                             " WHERE id IN (SELECT id FROM {0} WHERE queue = 'relimit' AND state = 'available'"
+                             " ORDER BY id LIMIT 5)").format(jobs))
+        limit(QueueLimits(concurrency=3))
+        conn.execute(claim, (2,))
+        running = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE queue = 'relimit' AND state = 'running'")
+                               .format(jobs)).fetchone()[0]
+    engine.dispose()
+    return int(running)
 
 
 if __name__ == "__main__":
