@@ -290,3 +290,54 @@ def test_version_15_upgrades_and_downgrades_with_jobs_in_place(db: str, fresh_sc
     assert run_sql(db, jobs) == before
     assert schema_mod.install(db, fresh_schema) == LATEST
     assert check_drift(db, fresh_schema) == []
+
+
+# ---- version 16 down, with limited queues in use ------------------------------------------
+
+
+def test_version_16_downgrades_to_exactly_version_15_with_limited_queues_in_use(db: str, fresh_schema: str) -> None:
+    """Queues with concurrency and partition limits whose claims kept a running bound: the
+    downgrade puts back version 15's claim function and columns exactly (as a fresh version
+    15 has them), keeps the jobs and the limits, and the previous version's check is clean."""
+    from sa_jobs.admin import QueueLimits, set_queue_limits
+
+    schema_mod.install(db, fresh_schema, to_version=16)
+    engine = create_engine(sqlalchemy_url(db)).execution_options(schema_translate_map={"sa_jobs": fresh_schema})
+    with Session(engine) as session, session.begin():
+        set_queue_limits(session, "compat", QueueLimits(concurrency=5, partition_concurrency=2))
+        set_queue_limits(session, "compat_c", QueueLimits(concurrency=3))
+        session.add_all([CompatJob(n=i).options(partition_key=f"k{i % 4}") for i in range(20)])
+        session.add_all([CompatJob(n=i).options(queue="compat_c") for i in range(10)])
+    engine.dispose()
+    claim = sql.SQL("SELECT count(*) FROM {}(%s, 2, gen_random_uuid(), 'w', 60.0, 50)").format(
+        sql.Identifier(fresh_schema, schema_mod.CLAIM_FUNCTION))
+    assert [run_sql(db, claim, (q,))[0][0] for q in ("compat", "compat_c")] == [2, 2]
+    queues = sql.SQL("SELECT name, concurrency, partition_concurrency FROM {} ORDER BY 1").format(
+        sql.Identifier(fresh_schema, "queues"))
+    assert run_sql(db, sql.SQL("SELECT count(*) FROM {} WHERE running_bound = 2").format(
+        sql.Identifier(fresh_schema, "queues"))) == [(2,)]
+    jobs = sql.SQL("SELECT to_jsonb(j) FROM {} j ORDER BY id").format(sql.Identifier(fresh_schema, "jobs"))
+    before, limits = run_sql(db, jobs), run_sql(db, queues)
+
+    with psycopg.connect(db, autocommit=True) as conn, conn.transaction():
+        for stmt in schema_mod.downgrade_statements(16, fresh_schema):
+            conn.execute(stmt)
+
+    reference = new_schema_name()
+    try:
+        schema_mod.install(db, reference, to_version=15)
+
+        def shape(schema: str) -> dict[str, list[tuple[Any, ...]]]:
+            found = catalog(db, schema)
+            found["versions"] = [row[:2] + row[3:] for row in found["versions"]]  # installed_at aside
+            found["relations"] = [row[1:] for row in found["relations"]]  # oids aside
+            found["functions"] = [(name, src.replace(schema, "S"), config) for _, name, src, config in found["functions"]]
+            return found
+
+        assert shape(fresh_schema) == shape(reference)
+    finally:
+        run_sql(db, sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(reference)))
+    assert schema_mod.installed_record(db, fresh_schema) == (15, 14)
+    assert run_sql(db, jobs) == before and run_sql(db, queues) == limits
+    # The function version 15 had claims under the limits still (it counts the 2 running).
+    assert run_sql(db, claim, ("compat_c",)) == [(1,)]
