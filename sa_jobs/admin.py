@@ -81,6 +81,10 @@ def retry(session: Any, job_id: int) -> int:
     a unique job whose key another job holds now (retrying it would make a duplicate), or
     one that gave its key up when it ended (the key is no longer known).
     The caller's transaction stays usable either way.
+
+    A job cancelled while its sync handler ran, which ignores ``ctx.cancelled``, may still
+    run in its thread: its worker starts the retry once that call has returned, but another
+    worker may run it at once, beside it (docs/core.md, "A thread cannot be interrupted").
     """
     refuse_async_session(session, "retry")
     check_job_id(job_id)

@@ -2151,3 +2151,240 @@ def test_progress_reports_of_a_sync_handler_wake_the_loop_once_per_beat(engine, 
     assert row(database_url, schema, job_id, "progress")[0]["percent"] == 100
     # One per beat the burst met (a beat waits for its nudge's gap, then writes): a few, not 2000.
     assert 1 <= len(nudges) <= 20, len(nudges)
+
+
+class CDeafSync(Job, kind="c_deaf_sync", queue="c_deaf"):
+    """A sync handler that never polls ctx.cancelled: it runs until the test lets it go."""
+
+
+DEAF_RUNS: dict[int, list[str]] = {}
+DEAF_GO = threading.Event()
+
+
+@CDeafSync.handler
+def c_deaf_sync(ctx: JobContext) -> None:
+    runs = DEAF_RUNS.setdefault(ctx.id, [])
+    runs.append(f"started {ctx.attempt}")
+    try:
+        DEAF_GO.wait(30)
+    finally:
+        runs.append(f"ended {ctx.attempt}")
+
+
+@pytest.mark.parametrize("how", ["two_transactions", "one_transaction", "retry_many"])
+def test_a_retry_of_a_cancelled_sync_job_does_not_run_beside_its_abandoned_thread(engine, database_url, schema, how):
+    """cancel() of a running job whose sync handler ignores ctx.cancelled, then retry() of it:
+    the row was cancelled at once, so the retry made it available and a second slot of the
+    same worker claimed it and ran the handler again while the first call still ran in its
+    thread: two copies of the job at once."""
+    from sa_jobs import Worker
+
+    from .helpers import FAST
+
+    DEAF_RUNS.clear()
+    DEAF_GO.clear()
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[CDeafSync], schema=schema, queues={"c_deaf": 2},
+                          **{**FAST, "lease": 120.0, "shutdown_grace": 5}):
+            try:
+                (job_id,) = await anyio.to_thread.run_sync(add, engine, CDeafSync())
+                with anyio.fail_after(20):
+                    while DEAF_RUNS.get(job_id) != ["started 1"]:
+                        await anyio.sleep(0.02)
+
+                def cancel_then_retry() -> None:
+                    if how == "one_transaction":
+                        with Session(engine) as session, session.begin():
+                            assert cancel(session, job_id) == "running"
+                            assert retry(session, job_id) == job_id
+                        return
+                    with Session(engine) as session, session.begin():
+                        assert cancel(session, job_id) == "running"
+                    with Session(engine) as session, session.begin():
+                        if how == "retry_many":
+                            assert list(retry_many(session, [job_id])) == [job_id]
+                        else:
+                            assert retry(session, job_id) == job_id
+
+                await anyio.to_thread.run_sync(cancel_then_retry)
+                # The retry's attempt is claimed (the row running under a new claim) ...
+                with anyio.fail_after(10):
+                    while row(database_url, schema, job_id, "state, attempt") != ("running", 2):
+                        await anyio.sleep(0.02)
+                # ... and must not start while the first call still runs.
+                with anyio.move_on_after(1.5):
+                    while len(DEAF_RUNS[job_id]) == 1:
+                        await anyio.sleep(0.02)
+                assert DEAF_RUNS[job_id] == ["started 1"], f"two copies of the job ran at once: {DEAF_RUNS[job_id]}"
+                DEAF_GO.set()  # the first call returns: the retry's attempt runs now
+                with anyio.fail_after(10):
+                    while row(database_url, schema, job_id, "state, attempt")[0] != "completed":
+                        await anyio.sleep(0.02)
+                assert DEAF_RUNS[job_id] == ["started 1", "ended 1", "started 2", "ended 2"]
+            finally:
+                DEAF_GO.set()
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize("how", ["cancelled_again", "worker_stops"])
+def test_a_retry_waiting_for_its_abandoned_thread_can_be_cancelled_or_released(engine, database_url, schema, how):
+    """The retry's attempt that waits for the abandoned call of its job (above) is a claim
+    like any other: a cancel() ends it without starting the handler, and a stop releases it
+    to run later; neither waits for the old thread."""
+    from sa_jobs import Worker
+
+    from .helpers import FAST
+
+    DEAF_RUNS.clear()
+    DEAF_GO.clear()
+    observer = FinishedOutcomes()
+
+    async def main() -> None:
+        try:
+            async with Worker(database_url, kinds=[CDeafSync], schema=schema, queues={"c_deaf": 2}, observer=observer,
+                              **{**FAST, "lease": 120.0, "shutdown_grace": 0.2}):
+                (job_id,) = await anyio.to_thread.run_sync(add, engine, CDeafSync())
+                with anyio.fail_after(20):
+                    while DEAF_RUNS.get(job_id) != ["started 1"]:
+                        await anyio.sleep(0.02)
+
+                def cancel_then_retry() -> None:
+                    with Session(engine) as session, session.begin():
+                        assert cancel(session, job_id) == "running"
+                    with Session(engine) as session, session.begin():
+                        assert retry(session, job_id) == job_id
+
+                await anyio.to_thread.run_sync(cancel_then_retry)
+                with anyio.fail_after(10):
+                    while row(database_url, schema, job_id, "state, attempt") != ("running", 2):
+                        await anyio.sleep(0.02)
+                if how == "cancelled_again":
+                    def cancel_it() -> None:
+                        with Session(engine) as session, session.begin():
+                            assert cancel(session, job_id) == "running"
+
+                    await anyio.to_thread.run_sync(cancel_it)
+                    with anyio.fail_after(10):
+                        while observer.outcomes != ["cancelled", "cancelled"]:
+                            await anyio.sleep(0.02)
+            # The stop did not wait for the old thread (grace 0.2 s) nor start the retry's run.
+            assert DEAF_RUNS[job_id] == ["started 1"]
+            expected = ("cancelled", 2) if how == "cancelled_again" else ("available", 1)
+            assert row(database_url, schema, job_id, "state, attempt") == expected
+        finally:
+            DEAF_GO.set()
+
+    anyio.run(main)
+
+
+class CSlowUnwind(Job, kind="c_slow_unwind", queue="c_deaf"):
+    """An async handler whose cleanup, shielded from the cancellation, takes until the test lets it go."""
+
+
+class CDeafTimeout(Job, kind="c_deaf_timeout", queue="c_deaf", timeout=0.3, max_attempts=2,
+                   backoff=constant_backoff(0)):
+    """A sync handler past its timeout, retried at once, that never polls ctx.cancelled."""
+
+
+@CSlowUnwind.handler
+async def c_slow_unwind(ctx: JobContext) -> None:
+    runs = DEAF_RUNS.setdefault(ctx.id, [])
+    runs.append(f"started {ctx.attempt}")
+    try:
+        await anyio.sleep(30 if not DEAF_GO.is_set() else 0)
+    finally:
+        with anyio.CancelScope(shield=True):
+            while not DEAF_GO.is_set():
+                await anyio.sleep(0.02)
+        runs.append(f"ended {ctx.attempt}")
+
+
+CDeafTimeout.handler(c_deaf_sync)
+
+
+@pytest.mark.parametrize("kind", [CSlowUnwind, CDeafTimeout], ids=["async_unwinding", "sync_timed_out"])
+def test_an_attempt_cut_short_still_running_keeps_its_next_attempt_waiting(engine, database_url, schema, kind):
+    """Neighbours of the cancel-then-retry case: an async handler cancelled (and retried)
+    while its shielded cleanup runs, and a sync handler past its timeout whose retry is due
+    at once. The row ended at once both times and a second slot of the worker ran the next
+    attempt beside the first."""
+    from sa_jobs import Worker
+
+    from .helpers import FAST
+
+    DEAF_RUNS.clear()
+    DEAF_GO.clear()
+
+    async def main() -> None:
+        async with Worker(database_url, kinds=[kind], schema=schema, queues={"c_deaf": 2},
+                          **{**FAST, "lease": 120.0, "shutdown_grace": 5}):
+            try:
+                (job_id,) = await anyio.to_thread.run_sync(add, engine, kind())
+                with anyio.fail_after(20):
+                    while DEAF_RUNS.get(job_id) != ["started 1"]:
+                        await anyio.sleep(0.02)
+                if kind is CSlowUnwind:
+                    def cancel_then_retry() -> None:
+                        with Session(engine) as session, session.begin():
+                            assert cancel(session, job_id) == "running"
+                        with Session(engine) as session, session.begin():
+                            assert retry(session, job_id) == job_id
+
+                    await anyio.to_thread.run_sync(cancel_then_retry)
+                with anyio.fail_after(10):
+                    while row(database_url, schema, job_id, "state, attempt") != ("running", 2):
+                        await anyio.sleep(0.02)
+                with anyio.move_on_after(1.5):
+                    while len(DEAF_RUNS[job_id]) == 1:
+                        await anyio.sleep(0.02)
+                assert DEAF_RUNS[job_id] == ["started 1"], f"two copies of the job ran at once: {DEAF_RUNS[job_id]}"
+                DEAF_GO.set()
+                with anyio.fail_after(10):
+                    while row(database_url, schema, job_id, "state")[0] not in ("completed", "dead"):
+                        await anyio.sleep(0.02)
+                assert DEAF_RUNS[job_id][:3] == ["started 1", "ended 1", "started 2"]
+            finally:
+                DEAF_GO.set()
+
+    anyio.run(main)
+
+
+@pytest.mark.xfail(strict=True, reason="known limit (docs/core.md): a thread another worker abandoned is not"
+                                       " visible in the row, so another worker runs the retry beside it")
+def test_a_retry_of_a_cancelled_sync_job_on_another_worker_runs_beside_its_abandoned_thread(engine, database_url,
+                                                                                          schema):
+    """The same cancel() then retry() with two workers of one slot each: the worker whose
+    thread runs on has no free slot, and the other claims and runs the retry at once."""
+    from sa_jobs import Worker
+
+    from .helpers import FAST
+
+    DEAF_RUNS.clear()
+    DEAF_GO.clear()
+    options = dict(kinds=[CDeafSync], schema=schema, queues={"c_deaf": 1}, **{**FAST, "lease": 120.0,
+                                                                               "shutdown_grace": 5})
+
+    async def main() -> None:
+        async with Worker(database_url, **options), Worker(database_url, **options):  # type: ignore[arg-type]
+            try:
+                (job_id,) = await anyio.to_thread.run_sync(add, engine, CDeafSync())
+                with anyio.fail_after(20):
+                    while DEAF_RUNS.get(job_id) != ["started 1"]:
+                        await anyio.sleep(0.02)
+
+                def cancel_then_retry() -> None:
+                    with Session(engine) as session, session.begin():
+                        assert cancel(session, job_id) == "running"
+                        assert retry(session, job_id) == job_id
+
+                await anyio.to_thread.run_sync(cancel_then_retry)
+                with anyio.move_on_after(3):
+                    while len(DEAF_RUNS[job_id]) == 1:
+                        await anyio.sleep(0.02)
+                assert DEAF_RUNS[job_id] == ["started 1"], f"two copies of the job ran at once: {DEAF_RUNS[job_id]}"
+            finally:
+                DEAF_GO.set()
+
+    anyio.run(main)

@@ -318,6 +318,10 @@ class Worker:
         self._stopping = False
         self._releasing = False
         self._outliving: set[anyio.CancelScope] = set()  # runners waiting on an abandoned thread
+        # The runs of each job id in this run's runners, oldest first, each set once its
+        # runner is done with it (its abandoned thread returned too): a later claim of the
+        # job waits for the earlier ones before its handler starts (Worker._after_earlier_runs).
+        self._runs_of: dict[int, list[anyio.Event]] = {}
         # Abandoned threads (and their queues) a stop did not wait for: kept while they run,
         # since the next run of this Worker keeps their slots (Worker._hold_left_behind).
         self._left_behind: list[tuple[str, HandlerThread]] = [
@@ -1162,9 +1166,12 @@ class Worker:
             q.running[job.id, job.token] = job
             outcome: Optional[Outcome] = None
             outlived = False
+            runs = self._runs_of.setdefault(job.id, [])
+            earlier, this_run = tuple(runs), anyio.Event()
+            runs.append(this_run)
             try:
                 try:
-                    outcome, label = await self._execute(q, job)
+                    outcome, label = await self._execute(q, job, earlier)
                 except Exception as exc:  # noqa: BLE001 - a bug here must cost one attempt, not the worker
                     log.exception("job %s: the worker failed around its handler", job.id)
                     outcome = self._failure(job, exc, exponential_backoff)
@@ -1185,6 +1192,10 @@ class Worker:
                     outlived = True
                     await self._outlive(q, job, job.thread, label, unwritten=outcome is not None)
             finally:
+                this_run.set()
+                runs.remove(this_run)
+                if not runs:
+                    del self._runs_of[job.id]
                 q.busy -= 1
                 q.slot_freed.set()
                 if outlived:
@@ -1246,13 +1257,36 @@ class Worker:
         """Abandoned sync handlers left behind by stops (this run's or earlier ones'), still running."""
         return sum(not thread.done for _, thread in self._left_behind)
 
-    async def _execute(self, q: _Queue, job: ClaimedJob) -> tuple[Optional[Outcome], str]:
-        if job.cancelled_by_user:  # cancelled while it waited in the inbox: never start it
-            return None, "cancelled"
-        if job.lease_lost:  # its row is another claim's now (_settle_claims): never start it
-            return None, "lease_lost"
-        if self._releasing:
-            return Outcome(job, "release"), "released"
+    async def _after_earlier_runs(self, job: ClaimedJob, earlier: Sequence[anyio.Event]) -> None:
+        """Wait until this worker's earlier runs of ``job`` have ended: a run cut short whose
+        sync handler's thread runs on (cancel() then retry(), a timeout, a lost lease), or
+        whose async handler is still unwinding, while its row, ended at once, was made
+        available and claimed again here. Started at once, the job ran twice side by side
+        in one worker. A cancel, a lost lease or a release ends the wait (_execute's
+        checks follow); the lease is kept meanwhile (the job is running here)."""
+        if all(event.is_set() for event in earlier):
+            return
+        log.warning("job %s (%s): an earlier run of it in this worker has not returned yet (its sync handler's"
+                    " thread runs on); this attempt starts once it has", job.id, job.kind)
+        with anyio.CancelScope() as scope:
+            job.scope = scope
+            if job.cancelled:
+                scope.cancel()
+            for event in earlier:
+                await event.wait()
+        job.scope = None
+
+    async def _execute(self, q: _Queue, job: ClaimedJob,
+                       earlier: Sequence[anyio.Event] = ()) -> tuple[Optional[Outcome], str]:
+        for check in range(2):  # before and after waiting for earlier runs of the job
+            if check:
+                await self._after_earlier_runs(job, earlier)
+            if job.cancelled_by_user:  # cancelled while it waited in the inbox: never start it
+                return None, "cancelled"
+            if job.lease_lost:  # its row is another claim's now (_settle_claims): never start it
+                return None, "lease_lost"
+            if self._releasing or job.releasing:
+                return Outcome(job, "release"), "released"
         runtime = self._kinds.get(job.kind)
         if runtime is None:
             # Retried, not dead: workers claim by queue, so during a rolling deploy an older
