@@ -37,6 +37,7 @@ class ClaimedJob:
     reported: bool = False  # this run reported progress (a release drops it from the row)
     thread: Optional["HandlerThread"] = None  # the call of a sync handler, once started
     ended: bool = False  # the runner has its outcome: what the handler (or its thread) does now is no part of it
+    run_over: Optional[anyio.Event] = None  # set once its runner is done with it, for a later claim that waits (made by it)
     task_exit: Optional[BaseException] = None  # a task the handler started raised SystemExit (as this)
     bad_result: Optional[BaseException] = None  # ctx.transaction(result=...) refused its result (as this)
     # Called on cancel: each cancels on the server the statement of a sync ctx.transaction()

@@ -318,10 +318,10 @@ class Worker:
         self._stopping = False
         self._releasing = False
         self._outliving: set[anyio.CancelScope] = set()  # runners waiting on an abandoned thread
-        # The runs of each job id in this run's runners, oldest first, each set once its
+        # The claims of each job id this run's runners hold, oldest first, each until its
         # runner is done with it (its abandoned thread returned too): a later claim of the
         # job waits for the earlier ones before its handler starts (Worker._after_earlier_runs).
-        self._runs_of: dict[int, list[anyio.Event]] = {}
+        self._runs_of: dict[int, list[ClaimedJob]] = {}
         # Abandoned threads (and their queues) a stop did not wait for: kept while they run,
         # since the next run of this Worker keeps their slots (Worker._hold_left_behind).
         self._left_behind: list[tuple[str, HandlerThread]] = [
@@ -1166,9 +1166,13 @@ class Worker:
             q.running[job.id, job.token] = job
             outcome: Optional[Outcome] = None
             outlived = False
-            runs = self._runs_of.setdefault(job.id, [])
-            earlier, this_run = tuple(runs), anyio.Event()
-            runs.append(this_run)
+            runs = self._runs_of.get(job.id)
+            if runs is None:  # the common case: no other claim of the job here (no Event made per job)
+                runs = self._runs_of[job.id] = [job]
+                earlier: tuple[ClaimedJob, ...] = ()
+            else:
+                earlier = tuple(runs)
+                runs.append(job)
             try:
                 try:
                     outcome, label = await self._execute(q, job, earlier)
@@ -1192,10 +1196,11 @@ class Worker:
                     outlived = True
                     await self._outlive(q, job, job.thread, label, unwritten=outcome is not None)
             finally:
-                this_run.set()
-                runs.remove(this_run)
+                runs.remove(job)
                 if not runs:
                     del self._runs_of[job.id]
+                if job.run_over is not None:
+                    job.run_over.set()
                 q.busy -= 1
                 q.slot_freed.set()
                 if outlived:
@@ -1257,14 +1262,16 @@ class Worker:
         """Abandoned sync handlers left behind by stops (this run's or earlier ones'), still running."""
         return sum(not thread.done for _, thread in self._left_behind)
 
-    async def _after_earlier_runs(self, job: ClaimedJob, earlier: Sequence[anyio.Event]) -> None:
+    async def _after_earlier_runs(self, job: ClaimedJob, earlier: Sequence[ClaimedJob]) -> None:
         """Wait until this worker's earlier runs of ``job`` have ended: a run cut short whose
         sync handler's thread runs on (cancel() then retry(), a timeout, a lost lease), or
         whose async handler is still unwinding, while its row, ended at once, was made
         available and claimed again here. Started at once, the job ran twice side by side
         in one worker. A cancel, a lost lease or a release ends the wait (_execute's
         checks follow); the lease is kept meanwhile (the job is running here)."""
-        if all(event.is_set() for event in earlier):
+        runs = self._runs_of.get(job.id, ())
+        earlier = [run for run in earlier if run in runs]
+        if not earlier:
             return
         log.warning("job %s (%s): an earlier run of it in this worker has not returned yet (its sync handler's"
                     " thread runs on); this attempt starts once it has", job.id, job.kind)
@@ -1272,12 +1279,15 @@ class Worker:
             job.scope = scope
             if job.cancelled:
                 scope.cancel()
-            for event in earlier:
-                await event.wait()
+            for run in earlier:
+                if run.run_over is None:
+                    run.run_over = anyio.Event()
+                if run in self._runs_of.get(job.id, ()):
+                    await run.run_over.wait()
         job.scope = None
 
     async def _execute(self, q: _Queue, job: ClaimedJob,
-                       earlier: Sequence[anyio.Event] = ()) -> tuple[Optional[Outcome], str]:
+                       earlier: Sequence[ClaimedJob] = ()) -> tuple[Optional[Outcome], str]:
         for check in range(2):  # before and after waiting for earlier runs of the job
             if check:
                 await self._after_earlier_runs(job, earlier)
