@@ -447,7 +447,8 @@ def _cmd_jobs_list(args: argparse.Namespace) -> int:
 
     from .admin import list_jobs
 
-    with Session(_engine(args)) as session:
+    engine = _engine(args)
+    with Session(engine) as session:
         rows = list_jobs(session, _filter(args), limit=args.limit)
     if args.json:
         _print_json(rows)
@@ -456,7 +457,62 @@ def _cmd_jobs_list(args: argparse.Namespace) -> int:
                                   "finished_at", "error")))
     else:
         print("no jobs match", file=sys.stderr)
+    _warn_if_unknown_names(engine, args, matched=bool(rows))
     return 0
+
+
+_NAMES_SHOWN = 20  # existing kinds or queues a warning names at most
+
+
+def _warn_if_unknown_names(engine, args: argparse.Namespace, *, matched: bool) -> None:  # type: ignore[no-untyped-def]
+    """Say on stderr which ``--kind`` / ``--queue`` given no job has (nor, for a queue, a
+    setting), naming those there are: a mistyped name matched nothing, and `jobs cancel
+    --kind mial` said "0 job(s) cancelled", exit 0, as of a kind with nothing to cancel.
+    Not refused (the command ran as given; its exit code and --json are unchanged).
+
+    Run after the command's output. A name some match had cannot be unknown: with one name
+    and a match, nothing is read. Else one EXISTS a name (which reads the whole table only
+    for a name no job has: the case warned of), and for a warning the names there are
+    (one scan). Best effort: a database error or Ctrl-C here leaves the command's result
+    and exit code as they were, without the hint."""
+    from sqlalchemy import exists, select
+    from sqlalchemy.orm import Session
+
+    from .admin import _jobs, _queues_table
+
+    given = [("kind", _jobs.c.kind, list(dict.fromkeys(getattr(args, "kind", None) or ()))),
+             ("queue", _jobs.c.queue, list(dict.fromkeys(getattr(args, "queue", None) or ())))]
+    if not any(names and not (matched and len(names) == 1) for _, _, names in given):
+        return
+    try:
+        with Session(engine) as session:
+            for what, column, names in given:
+                if not names or (matched and len(names) == 1):
+                    continue
+                unknown = [n for n in names if not session.execute(select(exists().where(column == n))).scalar()]
+                settings: list[str] = []
+                if unknown and what == "queue":
+                    queues = _queues_table(session)
+                    settings = list(session.scalars(select(queues.c.name)))
+                    unknown = [n for n in unknown if n not in settings]
+                if not unknown:
+                    continue
+                there = sorted(set(session.scalars(select(column).distinct().order_by(column)
+                                                   .limit(_NAMES_SHOWN + 1))) | set(settings))
+                shown = ", ".join(_printable(n) for n in there[:_NAMES_SHOWN])
+                if len(there) > _NAMES_SHOWN:
+                    shown += ", ..."
+                for name in unknown:
+                    if what == "kind":
+                        print(f"sa-jobs: warning: no job has kind {name!r}"
+                              f" ({'kinds with jobs: ' + shown if shown else 'no job has any kind: there are no jobs'})",
+                              file=sys.stderr)
+                    else:
+                        print(f"sa-jobs: warning: no job and no queue setting names queue {name!r}"
+                              f" ({'queues: ' + shown if shown else 'there are no jobs and no queue settings'})",
+                              file=sys.stderr)
+    except (Exception, KeyboardInterrupt):  # noqa: BLE001 - a hint, not the command
+        return
 
 
 def _cmd_jobs_show(args: argparse.Namespace) -> int:
@@ -604,6 +660,8 @@ def _bulk(args: argparse.Namespace, verb: str, action, *, acts_on: Sequence[str]
         print(f"{len(done)} job(s) {verb}")
         for job_id in missing:
             print(f"job {job_id}: not {verb} (no such job, or not in a state that allows it)", file=sys.stderr)
+    if by_filter and not interrupted:
+        _warn_if_unknown_names(engine, args, matched=total > 0)
     if interrupted:
         print(f"sa-jobs: interrupted after {len(done)} job(s) {verb}; run it again to go on", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended

@@ -249,6 +249,57 @@ def test_pausing_or_limiting_a_queue_nobody_knows_warns(capsys, database_url, sc
         assert code == 0 and "warning" not in err, (argv, err)
 
 
+@pytest.mark.parametrize(
+    "argv, shape",
+    [
+        (("jobs", "list", "--kind", "mial"), None),
+        (("jobs", "list", "--json", "--kind", "mial"), []),
+        (("jobs", "retry", "--kind", "mial", "--json"), {"retried": [], "not_retried": []}),
+        (("jobs", "cancel", "--kind", "mial"), None),
+        (("jobs", "delete", "--kind", "mial", "--state", "dead"), None),
+        (("dead", "replay", "--kind", "mial", "--json"), {"replayed": [], "not_replayed": []}),
+    ],
+)
+def test_a_kind_no_job_has_is_named_on_stderr_with_the_kinds_there_are(capsys, database_url, schema, seeded, argv,
+                                                                         shape):
+    """A mistyped --kind matched nothing and the command said only "0 job(s) cancelled" (or
+    "no jobs match"), exit 0: the operator took the queue to be clean. It still runs as
+    given (exit and --json unchanged), and says on stderr that no job has that kind,
+    naming the kinds that do."""
+    code, out, err = run(capsys, database_url, schema, *argv)
+    assert code == 0, err
+    if shape is not None:
+        assert json.loads(out) == shape
+    assert "sa-jobs: warning: no job has kind 'mial' (kinds with jobs: mail, report, resize)" in err, err
+    assert len(q(database_url, jobs_sql(schema, "SELECT id FROM {jobs}"))) == len(seeded)
+
+
+def test_a_queue_no_job_or_setting_names_is_named_on_stderr_with_the_queues_there_are(capsys, database_url, schema,
+                                                                                       seeded):
+    code, out, err = run(capsys, database_url, schema, "jobs", "cancel", "--queue", "emials", "--json")
+    assert code == 0 and json.loads(out) == {"cancelled": [], "not_cancelled": []}, err
+    assert ("sa-jobs: warning: no job and no queue setting names queue 'emials'"
+            " (queues: default, emails, media)") in err, err
+    # One mistyped name among good ones: the others are acted on, the mistyped one named.
+    code, out, err = run(capsys, database_url, schema, "jobs", "list", "--queue", "emails", "--queue", "meida")
+    assert code == 0 and "mail" in out and "queue 'meida'" in err and "'emails'" not in err, err
+    code, out, err = run(capsys, database_url, schema, "jobs", "delete", "--kind", "report", "--kind", "reprot")
+    assert code == 0 and "1 job(s) deleted" in out and "kind 'reprot'" in err and "'report'" not in err, err
+
+
+def test_a_known_kind_or_queue_without_matches_is_no_warning(capsys, database_url, schema, seeded):
+    """No hint for a name that some job (or a queue setting) has: its filter matched nothing
+    for another reason (a state, an age)."""
+    run(capsys, database_url, schema, "queues", "pause", "later")  # set up before its first job
+    for argv in (("jobs", "list", "--kind", "report", "--state", "dead"),
+                 ("jobs", "list", "--queue", "later"),
+                 ("jobs", "cancel", "--queue", "media", "--kind", "resize"),  # dead: nothing to cancel
+                 ("dead", "replay", "--kind", "mail", "--older-than", "30d"),
+                 ("jobs", "list", "--kind", "mail", "--kind", "resize")):
+        code, _, err = run(capsys, database_url, schema, *argv)
+        assert code == 0 and "warning" not in err, (argv, err)
+
+
 def test_prune_command(capsys, database_url, schema, seeded):
     code, out, _ = run(capsys, database_url, schema, "prune", "--older-than", "7d", "--dry-run")
     assert code == 0 and "completed: would delete 1 job(s)" in out
