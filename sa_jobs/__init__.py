@@ -12,6 +12,12 @@ Declare a kind, enqueue it in your own transaction, run a worker::
         session.add(SendReceipt(order_id=42))
 """
 
+# First: Ctrl-C while the sa-jobs command imports what follows is one line, not a traceback
+# (in that command's process only; see _cli_start).
+from . import _cli_start
+
+_cli_start.guard()
+
 from .admin import (
     JobStatus,
     QueueLimits,

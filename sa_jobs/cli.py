@@ -1258,6 +1258,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import _cli_start
+
+    try:
+        # Until here, Ctrl-C (while Python imported sa_jobs) was _cli_start's to answer.
+        _cli_start.end()
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Before a command runs (parsing the arguments): nothing done; one line, as ever.
+        if sys.stderr is not None:
+            print(_cli_start.INTERRUPTED_LINE, file=sys.stderr)
+        return _cli_start.INTERRUPTED_EXIT
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     for stream in (sys.stdout, sys.stderr):
         # Job data is any text: a stream in a legacy encoding (a file redirect on Windows,
         # PYTHONIOENCODING) writes what it cannot encode as escapes, not a UnicodeEncodeError.

@@ -476,6 +476,83 @@ def test_ctrl_c_while_the_worker_imports_its_modules_is_one_line(tmp_path):
     assert err.strip().splitlines()[-1] == "sa-jobs: interrupted", err
 
 
+# Loaded by `site` at start-up (PYTHONPATH): importing sa_jobs (its sa_jobs.admin) stops
+# here for a minute, after saying so, as a slow disk or a cold cache makes it (0.5 s).
+_SLOW_SA_JOBS_IMPORT = """
+import sys, time
+
+class _SlowImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sa_jobs.admin":
+            sys.meta_path.remove(self)
+            print("importing", flush=True)
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, _SlowImport())
+"""
+
+# The console script pip writes for `sa-jobs = "sa_jobs.cli:main"` (as in the venv's bin/).
+_CONSOLE_SCRIPT = """import re
+import sys
+from sa_jobs.cli import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("entry", ["console script", "python -m sa_jobs"])
+def test_ctrl_c_while_sa_jobs_itself_imports_is_one_line(tmp_path, entry):
+    """Ctrl-C while `sa-jobs ...` still imports sa_jobs (half a second of SQLAlchemy,
+    psycopg, anyio, before main() and its handlers run) printed a KeyboardInterrupt
+    traceback through the import machinery, and the process died of SIGINT (-2). Nothing
+    has been done yet: one line and exit 130, as everywhere else in the CLI."""
+    import os
+    import signal
+
+    (tmp_path / "sitecustomize.py").write_text(_SLOW_SA_JOBS_IMPORT)
+    (tmp_path / "sa-jobs").write_text(_CONSOLE_SCRIPT)
+    start = [str(tmp_path / "sa-jobs")] if entry == "console script" else ["-m", "sa_jobs"]
+    proc = subprocess.Popen(
+        [sys.executable, *start, "jobs", "list", "--database-url", "postgresql://postgres@127.0.0.1:1/unused"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "importing"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err)
+    assert err.strip().splitlines() == ["sa-jobs: interrupted"] and out == "", err
+
+
+def test_ctrl_c_while_main_parses_its_arguments_is_one_line(capsys, monkeypatch):
+    """Between the import and a command's own handling, main() parsed its arguments outside
+    any: Ctrl-C there came out of main() as KeyboardInterrupt (a traceback)."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["jobs", "list"]) == 130
+    assert capsys.readouterr().err == "sa-jobs: interrupted\n"
+
+
+def test_importing_sa_jobs_in_an_app_leaves_ctrl_c_alone():
+    """What the CLI does at start-up to Ctrl-C is the CLI's only: an app (or a script
+    named otherwise) that imports sa_jobs keeps Python's KeyboardInterrupt."""
+    import os
+
+    check = ("import signal, sys; import sa_jobs, sa_jobs.cli;"
+             " print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    proc = subprocess.run([sys.executable, "-c", check], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.stdout.strip() == "True", proc.stderr
+
+
 def test_a_worker_whose_server_is_unreachable_says_so_in_one_line(shared_schema):
     """As the operator commands do: the worker's start raised the driver's error inside a
     task group's exception group, which came out as a traceback of the group (exit 1)."""
