@@ -964,6 +964,9 @@ def resume_queue(session: Any, queue: str) -> None:
     set_queue_paused(session, queue, False)
 
 
+MAX_LIMIT = 2**31 - 1  # a queue's limits and rate count are integer columns
+
+
 @dataclass(frozen=True)
 class QueueLimits:
     """Cluster-wide limits of one queue, enforced by every worker's claim.
@@ -982,14 +985,14 @@ class QueueLimits:
     def __post_init__(self) -> None:
         for name in ("concurrency", "partition_concurrency"):
             value = getattr(self, name)
-            if value is not None and (type(value) is not int or not 1 <= value <= 2**31 - 1):
-                raise ConfigurationError(f"{name} must be a positive int or None, not {value!r}")
+            if value is not None and (type(value) is not int or not 1 <= value <= MAX_LIMIT):
+                raise ConfigurationError(f"{name} must be an int from 1 to {MAX_LIMIT}, or None, not {value!r}")
         if self.rate is not None:
             if not isinstance(self.rate, tuple) or len(self.rate) != 2:
                 raise ConfigurationError(f"rate must be (count, period), not {self.rate!r}")
             count, period = self.rate
-            if type(count) is not int or not 1 <= count <= 2**31 - 1:
-                raise ConfigurationError(f"rate count must be a positive int, not {count!r}")
+            if type(count) is not int or not 1 <= count <= MAX_LIMIT:
+                raise ConfigurationError(f"rate count must be an int from 1 to {MAX_LIMIT}, not {count!r}")
             if not isinstance(period, dt.timedelta) or period.total_seconds() < 0.001:
                 raise ConfigurationError(f"rate period must be a timedelta of at least 1 ms, not {period!r}")
 
@@ -1011,12 +1014,19 @@ def parse_rate(text: str) -> tuple[int, dt.timedelta]:
     elif period[:1] not in "0123456789":
         period = "1" + period
     try:
-        return int(count), parse_age(period)
+        age = parse_age(period)
     except ConfigurationError as exc:  # "invalid age '1x'" named neither the rate nor what was typed
         reason = str(exc).partition(": ")[2]
         if reason.startswith("use "):
             reason = "use COUNT/PERIOD, such as 10/1s, 100/m or 5000/1h"
         raise ConfigurationError(f"invalid rate {text!r}: {reason}") from None
+    # The bounds QueueLimits holds a rate to, said of the text typed: `--rate 1/0s` was
+    # refused as "rate period must be a timedelta of at least 1 ms, not datetime.timedelta(0)".
+    if not 1 <= int(count) <= MAX_LIMIT:
+        raise ConfigurationError(f"invalid rate {text!r}: the count is an integer from 1 to {MAX_LIMIT}")
+    if age < dt.timedelta(milliseconds=1):
+        raise ConfigurationError(f"invalid rate {text!r}: the period is at least 1 ms")
+    return int(count), age
 
 
 def set_queue_limits(session: Any, queue: str, limits: QueueLimits) -> None:

@@ -793,8 +793,9 @@ def _cmd_queue_limit(args: argparse.Namespace) -> int:
         else:
             current = queue_limits(session, args.name, lock=True)  # two runs at once keep both changes
             limits = QueueLimits(
-                concurrency=_keep_or_set(current.concurrency, args.concurrency),
-                partition_concurrency=_keep_or_set(current.partition_concurrency, args.partition_concurrency),
+                concurrency=_keep_or_set(current.concurrency, args.concurrency, "--concurrency"),
+                partition_concurrency=_keep_or_set(current.partition_concurrency, args.partition_concurrency,
+                                                   "--partition-concurrency"),
                 rate=current.rate if args.rate is None else (None if args.rate == "none" else parse_rate(args.rate)),
             )
         set_queue_limits(session, args.name, limits)
@@ -844,15 +845,19 @@ def _warn_if_unknown_queue(engine, name: str, set_before: bool) -> None:  # type
                   " (is the name right? `sa-jobs queues` lists the queues)", file=sys.stderr)
 
 
-def _keep_or_set(current: Optional[int], given: Optional[str]) -> Optional[int]:
-    """CLI limit values: absent keeps the current one, ``none`` removes it, else a positive int."""
+def _keep_or_set(current: Optional[int], given: Optional[str], option: str) -> Optional[int]:
+    """CLI limit values: absent keeps the current one, ``none`` removes it, else an int in
+    1..MAX_LIMIT (past it QueueLimits refused it in the API's words: "must be a positive
+    int or None, not 99999999999")."""
+    from .admin import MAX_LIMIT
+
     if given is None:
         return current
     if given == "none":
         return None
     number = _validate.decimal_integer(given)
-    if number is None or number < 1:
-        raise ConfigurationError(f"invalid limit {given!r}: use a positive integer or none")
+    if number is None or not 1 <= number <= MAX_LIMIT:
+        raise ConfigurationError(f"invalid limit {given!r} for {option}: use an integer from 1 to {MAX_LIMIT}, or none")
     return number
 
 

@@ -1296,6 +1296,27 @@ def test_other_numbers_in_other_than_ascii_digits_are_refused(capsys, database_u
     assert code == 2 and message in err and "Traceback" not in err and out == "", err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (("--concurrency", "99999999999"), "invalid limit '99999999999' for --concurrency: use an integer from 1 to"
+                                       " 2147483647, or none"),
+    (("--partition-concurrency", "0"), "invalid limit '0' for --partition-concurrency: use an integer from 1 to"
+                                       " 2147483647, or none"),
+    (("--rate", "99999999999/1s"), "invalid rate '99999999999/1s': the count is an integer from 1 to 2147483647"),
+    (("--rate", "0/1s"), "invalid rate '0/1s': the count is an integer from 1 to 2147483647"),
+    (("--rate", "5/0s"), "invalid rate '5/0s': the period is at least 1 ms"),
+    (("--rate", "5/0.0001s"), "invalid rate '5/0.0001s': the period is at least 1 ms"),
+])
+def test_a_queue_limit_out_of_range_names_the_option_the_value_and_the_range(capsys, database_url, shared_schema,
+                                                                               argv, message):
+    """`queues limit q --concurrency 99999999999` said "concurrency must be a positive int or
+    None, not 99999999999" (it is positive; the bound unsaid, and None is not how --concurrency
+    is spelt); `--rate 1/0s` "rate period must be a timedelta of at least 1 ms, not
+    datetime.timedelta(0)": the Python API's words, and a Python repr, for an option's value."""
+    code, out, err = run(capsys, database_url, shared_schema, "queues", "limit", "q", *argv)
+    assert code == 2 and out == "" and message in err, err
+    assert "timedelta" not in err and "None" not in err, err
+
+
 def test_the_admin_api_refuses_ids_in_other_than_ascii_digits(engine, database_url, schema):
     """The API's string ids were already ASCII only (a regex with re.ASCII): kept so."""
     from sqlalchemy.orm import Session
