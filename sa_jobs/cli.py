@@ -90,6 +90,9 @@ _HOUR = 3600
 _DAY = 86400
 MAX_CONNECT_TIMEOUT = _HOUR
 MAX_LOCK_TIMEOUT = _DAY
+# A worker's slots per queue: it starts a task a slot, and `--concurrency 99999999999` (a
+# slip) grew it to 24 GB until the kernel's OOM killer ended it.
+MAX_WORKER_CONCURRENCY = 10_000
 
 
 def _connect_timeout(value: str) -> int:
@@ -117,8 +120,9 @@ def _parse_queues(values: Optional[Sequence[str]], default: int) -> Optional[dic
     for item in values:
         name, _, limit = item.partition("=")
         number = _validate.decimal_integer(limit) if limit else default
-        if number is None or number < 1:
-            raise ConfigurationError(f"--queue {item!r}: the concurrency after '=' must be an integer, 1 or more")
+        if number is None or not 1 <= number <= MAX_WORKER_CONCURRENCY:
+            raise ConfigurationError(f"--queue {item!r}: the concurrency after '=' must be an integer"
+                                     f" from 1 to {MAX_WORKER_CONCURRENCY}")
         queues[name] = number
     return queues
 
@@ -1198,8 +1202,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(w)
     w.add_argument("--queue", action="append", metavar="NAME[=N]",
                    help="queue to work, with its concurrency (repeatable; default: every queue of the modules'"
-                        " kinds, at --concurrency)")
-    w.add_argument("--concurrency", type=_int_in(1), default=10, metavar="N", help="jobs at once per queue (default 10)")
+                        f" kinds, at --concurrency; N at most {MAX_WORKER_CONCURRENCY})")
+    w.add_argument("--concurrency", type=_int_in(1, MAX_WORKER_CONCURRENCY), default=10, metavar="N",
+                   help=f"jobs at once per queue (default 10, at most {MAX_WORKER_CONCURRENCY})")
     # -1 grace released every job at once, nan waited for ever; inf waits for every job.
     w.add_argument("--lease", type=_seconds_in(_DAY), default=30.0, metavar="SECONDS",
                    help=f"how long a claim holds a job without a heartbeat (default 30, at most {_DAY})")

@@ -1490,10 +1490,30 @@ def test_the_workers_numbers_in_other_than_ascii_digits_are_refused(capsys):
 
     with pytest.raises(SystemExit) as exc:
         cli.build_parser().parse_args(["worker", "tests.jobs_core", "--concurrency", "\u0661\u0660"])
-    assert exc.value.code == 2 and "must be an integer, 1 or more, not" in capsys.readouterr().err
+    assert exc.value.code == 2 and "must be an integer from 1 to 10000, not" in capsys.readouterr().err
     with pytest.raises(ConfigurationError, match="the concurrency after '=' must be an integer"):
         cli._parse_queues(["core=\u0665"], 10)
     assert cli._parse_queues(["core=5", "other"], 10) == {"core": 5, "other": 10}
+
+
+def test_a_workers_concurrency_has_an_upper_bound_named_with_the_option(capsys):
+    """`worker M --concurrency 99999999999` (or `--queue core=99999999999`, a slip for a
+    milliseconds or a cluster-wide limit) was taken: the worker starts a task a slot, and
+    grew to 24 GB until the kernel's OOM killer ended it (and whatever else it chose).
+    Parsed only, never run: with the value accepted a worker would start here."""
+    from sa_jobs.errors import ConfigurationError
+
+    most = cli.MAX_WORKER_CONCURRENCY
+    for value in ("99999999999", str(most + 1)):
+        with pytest.raises(SystemExit) as exc:
+            cli.build_parser().parse_args(["worker", "tests.jobs_core", "--concurrency", value])
+        assert exc.value.code == 2
+        assert f"argument --concurrency: must be an integer from 1 to {most}, not '{value}'" in capsys.readouterr().err
+        with pytest.raises(ConfigurationError, match=rf"--queue 'core={value}': the concurrency after '=' must be an"
+                                                     rf" integer from 1 to {most}"):
+            cli._parse_queues([f"core={value}"], 10)
+    assert cli.build_parser().parse_args(["worker", "m", "--concurrency", str(most)]).concurrency == most
+    assert cli._parse_queues([f"core={most}"], 10) == {"core": most}
 
 
 @pytest.mark.parametrize("argv, verb", [
@@ -1774,12 +1794,12 @@ def test_version():
      "argument --batch: must be an integer from 1 to 1000000, not '99999999999999999999'"),
     (("dead", "replay", "--all-kinds", "--batch", "1000001"), "argument --batch: must be an integer from 1 to 1000000"),
     (("prune", "--older-than", "1d", "--batch", "1000001"), "argument --batch: must be an integer from 1 to 1000000"),
-    (("worker", "tests.jobs_core", "--concurrency", "0"), "argument --concurrency: must be an integer, 1 or more, not '0'"),
+    (("worker", "tests.jobs_core", "--concurrency", "0"), "argument --concurrency: must be an integer from 1 to 10000, not '0'"),
     (("worker", "tests.jobs_core", "--metrics-port", "70000"), "argument --metrics-port: must be an integer from 0 to 65535"),
     (("demo", "--metrics-port", "-1"), "argument --metrics-port: must be an integer from 0 to 65535, not '-1'"),
     (("migrate", "--lock-retries", "-3"), "argument --lock-retries: must be an integer, 0 or more, not '-3'"),
-    (("worker", "tests.jobs_core", "--queue", "q=0"), "--queue 'q=0': the concurrency after '=' must be an integer,"
-                                                      " 1 or more"),
+    (("worker", "tests.jobs_core", "--queue", "q=0"), "--queue 'q=0': the concurrency after '=' must be an integer"
+                                                      " from 1 to 10000"),
 ])
 def test_an_integer_option_out_of_range_names_the_option_and_range(capsys, monkeypatch, database_url, argv, message):
     """As `jobs list --limit`: a bulk --limit or --batch past a bigint failed in the
