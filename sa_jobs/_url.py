@@ -57,7 +57,27 @@ def _refuse_nul(url):  # type: ignore[no-untyped-def]
         raise ConfigurationError(
             f"the database URL's {', '.join(bad)} holds a NUL character (%00), which libpq would read only up to:"
             " it would reach another database, or log in as another user")
+    # A byte that is not UTF-8 (a Latin-1 password typed in a shell, or in an env file, of
+    # that locale) reaches Python as a lone surrogate ('\udcff'): SQLAlchemy's rendering of
+    # the URL and psycopg's conninfo failed on it with a UnicodeEncodeError traceback.
+    for key in url.query:
+        if _not_utf8(key):
+            parts["query"] = key
+    bad = [name for name, value in parts.items() if value is not None and _not_utf8(str(value))]
+    if bad or _not_utf8(url.drivername):
+        raise ConfigurationError(
+            f"the database URL's {', '.join(bad) or 'scheme'} holds bytes that are not UTF-8 (the shell's or"
+            " the environment's encoding?): libpq takes UTF-8 text; write it in UTF-8")
     return url
+
+
+def _not_utf8(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate: a byte that was not UTF-8, as os and sys pass it on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.I)

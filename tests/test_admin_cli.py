@@ -1912,3 +1912,30 @@ def test_the_json_of_a_million_ids_is_written_at_once_and_the_same_text():
     assert json.loads(text) == {"deleted": ids, "not_deleted": []}
     small = {"deleted": [3, 1], "not_deleted": [], "nested": {"ids": [2], "flags": [True, 1], "n": [1.5, 2]}}
     assert cli._dumps(small) == json.dumps(small, indent=2)
+
+
+@pytest.mark.parametrize("where", ["password", "user", "database", "query"])
+@pytest.mark.parametrize("argv", [("jobs", "list"), ("migrate",), ("check",), ("worker", "tests.jobs_core")],
+                         ids=" ".join)
+def test_a_url_with_bytes_that_are_not_utf8_is_one_line(capsys, database_url, shared_schema, where, argv):
+    """A byte that is not UTF-8 in the URL (a Latin-1 password in a shell or an env file of
+    that locale: Python passes it on as a lone surrogate, '\\udcff') failed every command
+    with a UnicodeEncodeError traceback, from SQLAlchemy's or psycopg's encoding of the URL.
+    Refused in one line naming the URL's part, never its value."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    secret = "s3cr\udcffet"  # built by hand: SQLAlchemy cannot render a surrogate either
+    user, password = (f"ops{secret}", url.password) if where == "user" else (url.username, url.password)
+    if where == "password":
+        password = secret
+    auth = user + (f":{password}" if password else "")
+    name = f"db{secret}" if where == "database" else url.database
+    query = f"?application_name={secret}" if where == "query" else ""
+    bad = f"postgresql://{auth}@{url.host}:{url.port or 5432}/{name}{query}"
+    assert "\udcff" in bad
+    code, out, err = run(capsys, bad, shared_schema, *argv)
+    assert (code, out) == (2, ""), (code, out, err)
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert f"the database URL's {where}" in err and "not UTF-8" in err and "s3cr" not in err, err
+
