@@ -766,7 +766,9 @@ def start_metrics_server(
     # observer's metrics left in it, the retry on another port failed as a duplicate).
     try:
         server, thread = start_http_server(port, addr=host, registry=reg)
-    except (OSError, OverflowError) as exc:  # taken, not ours, out of range: one clear line
+    except (OSError, OverflowError, UnicodeError) as exc:  # taken, not ours, out of range: one clear line
+        # UnicodeError: no host name the idna codec can write (a label past 63 characters,
+        # an empty one, a byte that is not UTF-8): it was a traceback.
         raise ConfigurationError(
             f"cannot serve metrics on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
     # A caller's registry may hold the observer its workers report to already: serve that

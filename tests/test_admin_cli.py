@@ -1939,3 +1939,21 @@ def test_a_url_with_bytes_that_are_not_utf8_is_one_line(capsys, database_url, sh
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert f"the database URL's {where}" in err and "not UTF-8" in err and "s3cr" not in err, err
 
+
+
+@pytest.mark.parametrize("host, reason", [("a" * 64, "label too long"), ("a..b", "label empty or too long"),
+                                          ("h\udcff", "Invalid character")])
+def test_a_metrics_host_that_is_no_host_name_is_one_line(capsys, database_url, shared_schema, host, reason):
+    """`worker M --metrics-host` of a label past 63 characters, an empty label (a doubled
+    dot) or a byte that is not UTF-8 failed with a UnicodeError traceback from the idna
+    codec (exit 1); a host that does not resolve was already one line. Refused before the
+    worker starts, as a port in use is; start_metrics_server raises ConfigurationError."""
+    from sa_jobs import ConfigurationError
+    from sa_jobs.metrics import start_metrics_server
+
+    code, out, err = run(capsys, database_url, shared_schema, "worker", "tests.jobs_core",
+                         "--metrics-port", "0", "--metrics-host", host)
+    assert (code, out) == (2, "") and "Traceback" not in err, (code, err)
+    assert err.startswith("sa-jobs: cannot serve metrics on ") and reason in err and err.count("\n") == 1, err
+    with pytest.raises(ConfigurationError, match="cannot serve metrics on"):
+        start_metrics_server(0, host)
