@@ -470,7 +470,7 @@ _NAMES_SHOWN = 20  # existing kinds or queues a warning names at most
 
 def _warn_if_unknown_names(engine, args: argparse.Namespace, *, matched: bool) -> None:  # type: ignore[no-untyped-def]
     """Say on stderr which ``--kind`` / ``--queue`` given no job has (nor, for a queue, a
-    setting), naming those there are: a mistyped name matched nothing, and `jobs cancel
+    setting; nor a kind this process declares), naming those there are: a mistyped name matched nothing, and `jobs cancel
     --kind mial` said "0 job(s) cancelled", exit 0, as of a kind with nothing to cancel.
     Not refused (the command ran as given; its exit code and --json are unchanged).
 
@@ -483,17 +483,23 @@ def _warn_if_unknown_names(engine, args: argparse.Namespace, *, matched: bool) -
     from sqlalchemy.orm import Session
 
     from .admin import _jobs, _queues_table
+    from .model import registered_kinds
 
     given = [("kind", _jobs.c.kind, list(dict.fromkeys(getattr(args, "kind", None) or ()))),
              ("queue", _jobs.c.queue, list(dict.fromkeys(getattr(args, "queue", None) or ())))]
     if not any(names and not (matched and len(names) == 1) for _, _, names in given):
         return
+    kinds = registered_kinds()
     try:
         with Session(engine) as session:
             for what, column, names in given:
                 if not names or (matched and len(names) == 1):
                     continue
-                unknown = [n for n in names if not session.execute(select(exists().where(column == n))).scalar()]
+                # A kind (or a kind's queue) this process declares is known before its first
+                # job: an app or a test that runs main() with its kinds imported.
+                declared = set(kinds) if what == "kind" else {k.kind_options().queue for k in kinds.values()}
+                unknown = [n for n in names if n not in declared
+                           and not session.execute(select(exists().where(column == n))).scalar()]
                 settings: list[str] = []
                 if unknown and what == "queue":
                     queues = _queues_table(session)

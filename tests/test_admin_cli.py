@@ -290,8 +290,12 @@ def test_a_queue_no_job_or_setting_names_is_named_on_stderr_with_the_queues_ther
 def test_a_known_kind_or_queue_without_matches_is_no_warning(capsys, database_url, schema, seeded):
     """No hint for a name that some job (or a queue setting) has: its filter matched nothing
     for another reason (a state, an age)."""
+    __import__("tests.jobs_core")  # declares core_noop (queue core): none of its jobs here
+
     run(capsys, database_url, schema, "queues", "pause", "later")  # set up before its first job
-    for argv in (("jobs", "list", "--kind", "report", "--state", "dead"),
+    for argv in (("jobs", "list", "--kind", "core_noop"),
+                 ("jobs", "cancel", "--queue", "core"),
+("jobs", "list", "--kind", "report", "--state", "dead"),
                  ("jobs", "list", "--queue", "later"),
                  ("jobs", "cancel", "--queue", "media", "--kind", "resize"),  # dead: nothing to cancel
                  ("dead", "replay", "--kind", "mail", "--older-than", "30d"),
