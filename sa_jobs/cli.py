@@ -470,9 +470,10 @@ _NAMES_SHOWN = 20  # existing kinds or queues a warning names at most
 
 def _warn_if_unknown_names(engine, args: argparse.Namespace, *, matched: bool) -> None:  # type: ignore[no-untyped-def]
     """Say on stderr which ``--kind`` / ``--queue`` given no job has (nor, for a queue, a
-    setting; nor a kind this process declares), naming those there are: a mistyped name matched nothing, and `jobs cancel
-    --kind mial` said "0 job(s) cancelled", exit 0, as of a kind with nothing to cancel.
-    Not refused (the command ran as given; its exit code and --json are unchanged).
+    setting; nor a kind this process declares), naming those there are: a mistyped name
+    matched nothing, and `jobs cancel --kind mial` said "0 job(s) cancelled", exit 0, as of
+    a kind with nothing to cancel. Not refused (the command ran as given; its exit code
+    and --json are unchanged).
 
     Run after the command's output. A name some match had cannot be unknown: with one name
     and a match, nothing is read. Else one EXISTS a name (which reads the whole table only
