@@ -2161,6 +2161,18 @@ DEAF_RUNS: dict[int, list[str]] = {}
 DEAF_GO = threading.Event()
 
 
+async def _second_attempt_claimed_not_started(database_url: str, schema: str, job_id: int) -> None:
+    """The job's second attempt is claimed (its row running under a new claim), and does
+    not start within 1.5 s while the first call still runs."""
+    with anyio.fail_after(10):
+        while row(database_url, schema, job_id, "state, attempt") != ("running", 2):
+            await anyio.sleep(0.02)
+    with anyio.move_on_after(1.5):
+        while len(DEAF_RUNS[job_id]) == 1:
+            await anyio.sleep(0.02)
+    assert DEAF_RUNS[job_id] == ["started 1"], f"two copies of the job ran at once: {DEAF_RUNS[job_id]}"
+
+
 @CDeafSync.handler
 def c_deaf_sync(ctx: JobContext) -> None:
     runs = DEAF_RUNS.setdefault(ctx.id, [])
@@ -2208,15 +2220,7 @@ def test_a_retry_of_a_cancelled_sync_job_does_not_run_beside_its_abandoned_threa
                             assert retry(session, job_id) == job_id
 
                 await anyio.to_thread.run_sync(cancel_then_retry)
-                # The retry's attempt is claimed (the row running under a new claim) ...
-                with anyio.fail_after(10):
-                    while row(database_url, schema, job_id, "state, attempt") != ("running", 2):
-                        await anyio.sleep(0.02)
-                # ... and must not start while the first call still runs.
-                with anyio.move_on_after(1.5):
-                    while len(DEAF_RUNS[job_id]) == 1:
-                        await anyio.sleep(0.02)
-                assert DEAF_RUNS[job_id] == ["started 1"], f"two copies of the job ran at once: {DEAF_RUNS[job_id]}"
+                await _second_attempt_claimed_not_started(database_url, schema, job_id)
                 DEAF_GO.set()  # the first call returns: the retry's attempt runs now
                 with anyio.fail_after(10):
                     while row(database_url, schema, job_id, "state, attempt")[0] != "completed":
@@ -2333,13 +2337,7 @@ def test_an_attempt_cut_short_still_running_keeps_its_next_attempt_waiting(engin
                             assert retry(session, job_id) == job_id
 
                     await anyio.to_thread.run_sync(cancel_then_retry)
-                with anyio.fail_after(10):
-                    while row(database_url, schema, job_id, "state, attempt") != ("running", 2):
-                        await anyio.sleep(0.02)
-                with anyio.move_on_after(1.5):
-                    while len(DEAF_RUNS[job_id]) == 1:
-                        await anyio.sleep(0.02)
-                assert DEAF_RUNS[job_id] == ["started 1"], f"two copies of the job ran at once: {DEAF_RUNS[job_id]}"
+                await _second_attempt_claimed_not_started(database_url, schema, job_id)
                 DEAF_GO.set()
                 with anyio.fail_after(10):
                     while row(database_url, schema, job_id, "state")[0] not in ("completed", "dead"):
