@@ -252,7 +252,7 @@ def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
     new.sort(key=lambda o: (type(o).kind_options().kind, o.unique_key or "", inspect(o).insert_order or 0))
     to_rewrite = [plan for plan in map(_plan_unique, new) if not _settle_in_order(session, plan)]
     for plan in to_rewrite:
-        _settle_unique(session, plan)
+        _settle_replace(session, plan)
     # The rows left session.new: say so for whoever watches this transaction's commit.
     note_enqueued(session)
 
@@ -381,7 +381,7 @@ def _added_during_flush(session: Any, obj: Any) -> None:
     obj._check_assigned_args(type(obj).kind_options())
     plan = _plan_unique(obj)
     if not _settle_in_order(session, plan):
-        _settle_unique(session, plan)
+        _settle_replace(session, plan)
     note_enqueued(session)
 
 
@@ -459,29 +459,28 @@ def _settle_in_order(session: Any, plan: _Plan) -> bool:
         f"could not enqueue unique job {options.kind!r}: its key kept changing state")
 
 
-def _settle_unique(session: Any, plan: _Plan) -> None:
-    """A plan whose key was held at its INSERT: rewrite the waiting holder (replace), or
-    take the holder's row; INSERT again if the key was freed meanwhile."""
+def _settle_replace(session: Any, plan: _Plan) -> None:
+    """A replace kind's plan whose key a waiting job held (:func:`_settle_in_order`, the
+    second pass): rewrite that holder, or take the holder's row if it no longer waits;
+    INSERT again if the key was freed meanwhile."""
     from .model import Job
 
     table = Job.__table__
     obj = plan.obj
-    options = type(obj).__sa_jobs_options__
-    replace = options.unique.on_conflict == "replace"
+    kind = type(obj).__sa_jobs_options__.kind
     for _ in range(_MAX_ROUNDS):
-        if replace:
-            row = session.execute(replace_statement(table, plan.values, options.kind, plan.key)).mappings().first()
-            if row is not None:  # an existing waiting job was rewritten
-                _attach(session, obj, row, duplicate=True, replaced=True)
-                return
-        row = session.execute(existing_statement(table, options.kind, plan.key)).mappings().first()
+        row = session.execute(replace_statement(table, plan.values, kind, plan.key)).mappings().first()
+        if row is not None:  # an existing waiting job was rewritten
+            _attach(session, obj, row, duplicate=True, replaced=True)
+            return
+        row = session.execute(existing_statement(table, kind, plan.key)).mappings().first()
         if row is not None:
             _attach(session, obj, row, duplicate=True, replaced=False)
             return
         if _try_insert(session, plan):
             return
     raise ConfigurationError(  # pragma: no cover - the key flapped in and out of its states 8 times
-        f"could not enqueue unique job {options.kind!r}: its key kept changing state")
+        f"could not enqueue unique job {kind!r}: its key kept changing state")
 
 
 def _attach(session: Any, obj: Any, row: Any, *, duplicate: bool, replaced: bool) -> None:

@@ -2161,6 +2161,15 @@ DEAF_RUNS: dict[int, list[str]] = {}
 DEAF_GO = threading.Event()
 
 
+async def _first_call_started(engine, kind) -> int:  # type: ignore[no-untyped-def]
+    """Enqueue a job of ``kind``; its id once its handler's first call has started."""
+    (job_id,) = await anyio.to_thread.run_sync(add, engine, kind())
+    with anyio.fail_after(20):
+        while DEAF_RUNS.get(job_id) != ["started 1"]:
+            await anyio.sleep(0.02)
+    return job_id
+
+
 async def _second_attempt_claimed_not_started(database_url: str, schema: str, job_id: int) -> None:
     """The job's second attempt is claimed (its row running under a new claim), and does
     not start within 1.5 s while the first call still runs."""
@@ -2200,10 +2209,7 @@ def test_a_retry_of_a_cancelled_sync_job_does_not_run_beside_its_abandoned_threa
         async with Worker(database_url, kinds=[CDeafSync], schema=schema, queues={"c_deaf": 2},
                           **{**FAST, "lease": 120.0, "shutdown_grace": 5}):
             try:
-                (job_id,) = await anyio.to_thread.run_sync(add, engine, CDeafSync())
-                with anyio.fail_after(20):
-                    while DEAF_RUNS.get(job_id) != ["started 1"]:
-                        await anyio.sleep(0.02)
+                job_id = await _first_call_started(engine, CDeafSync)
 
                 def cancel_then_retry() -> None:
                     if how == "one_transaction":
@@ -2249,10 +2255,7 @@ def test_a_retry_waiting_for_its_abandoned_thread_can_be_cancelled_or_released(e
         try:
             async with Worker(database_url, kinds=[CDeafSync], schema=schema, queues={"c_deaf": 2}, observer=observer,
                               **{**FAST, "lease": 120.0, "shutdown_grace": 0.2}):
-                (job_id,) = await anyio.to_thread.run_sync(add, engine, CDeafSync())
-                with anyio.fail_after(20):
-                    while DEAF_RUNS.get(job_id) != ["started 1"]:
-                        await anyio.sleep(0.02)
+                job_id = await _first_call_started(engine, CDeafSync)
 
                 def cancel_then_retry() -> None:
                     with Session(engine) as session, session.begin():
@@ -2325,10 +2328,7 @@ def test_an_attempt_cut_short_still_running_keeps_its_next_attempt_waiting(engin
         async with Worker(database_url, kinds=[kind], schema=schema, queues={"c_deaf": 2},
                           **{**FAST, "lease": 120.0, "shutdown_grace": 5}):
             try:
-                (job_id,) = await anyio.to_thread.run_sync(add, engine, kind())
-                with anyio.fail_after(20):
-                    while DEAF_RUNS.get(job_id) != ["started 1"]:
-                        await anyio.sleep(0.02)
+                job_id = await _first_call_started(engine, kind)
                 if kind is CSlowUnwind:
                     def cancel_then_retry() -> None:
                         with Session(engine) as session, session.begin():
@@ -2367,10 +2367,7 @@ def test_a_retry_of_a_cancelled_sync_job_on_another_worker_runs_beside_its_aband
     async def main() -> None:
         async with Worker(database_url, **options), Worker(database_url, **options):  # type: ignore[arg-type]
             try:
-                (job_id,) = await anyio.to_thread.run_sync(add, engine, CDeafSync())
-                with anyio.fail_after(20):
-                    while DEAF_RUNS.get(job_id) != ["started 1"]:
-                        await anyio.sleep(0.02)
+                job_id = await _first_call_started(engine, CDeafSync)
 
                 def cancel_then_retry() -> None:
                     with Session(engine) as session, session.begin():

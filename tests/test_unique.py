@@ -49,6 +49,12 @@ class UqPlain(Job, kind="uq_plain"):
     pass
 
 
+def _state_and_args(session, job_id):
+    """The job's row as the session's transaction reads it (not its object)."""
+    table = UqReplace.__table__
+    return session.execute(select(table.c.state, table.c.args).where(table.c.id == job_id)).one()
+
+
 def _rows(database_url, schema, kind):
     return q(database_url, jobs_sql(schema, "SELECT id, args, state, unique_key FROM {jobs} WHERE kind = %s ORDER BY id"), (kind,))
 
@@ -1146,8 +1152,7 @@ def test_a_replace_in_the_flush_that_moves_its_keys_holder_within_its_states_see
         session.add(new)
         session.flush()
         assert (new.was_duplicate, new.was_replaced, new.id) == (True, True, old.id)
-        table = UqReplace.__table__
-        row = session.execute(select(table.c.state, table.c.args).where(table.c.id == old.id)).one()
+        row = _state_and_args(session, old.id)
         assert (old.state, old.args) == tuple(row) == ("scheduled", {"user_id": 1, "v": "new"})
     assert [(r[1]["v"], r[2]) for r in _rows(database_url, schema, "uq_replace")] == [("new", "scheduled")]
 
@@ -1167,8 +1172,7 @@ def test_a_replace_put_aside_for_after_the_flush_leaves_its_holders_object_as_th
         session.add(new)
         session.flush()
         assert (new.was_duplicate, new.was_replaced, new.id) == (True, True, old.id)
-        table = UqReplace.__table__
-        row = session.execute(select(table.c.state, table.c.args).where(table.c.id == old.id)).one()
+        row = _state_and_args(session, old.id)
         assert (old.state, old.args) == tuple(row)
         assert row.args == {"user_id": 1, "v": "new"}
         session.commit()
